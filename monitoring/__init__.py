@@ -1,0 +1,4 @@
+"""Prometheus metrics and exporter; Grafana dashboard and alert rules as files.
+
+Imported as ``gateway.monitoring``.
+"""
