@@ -1,0 +1,197 @@
+"""The site: builds ports from config, runs the clock, reloads, and shuts down safely.
+
+Whatever way the gateway stops (Ctrl-C, SIGTERM, a bug in a tick), every
+transmitter is unkeyed and every port closed on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from gateway.clock import MediaClock
+from gateway.config import ConfigError, PortConfig, SiteConfig, load_config
+from gateway.engine import Engine, Event
+from gateway.ports import Port, build_port
+
+log = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    """Something that runs beside the engine: web console, SIP stack, MQTT, metrics."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+ServiceFactory = Callable[["Gateway"], "Service | None"]
+SERVICES: list[ServiceFactory] = []
+
+
+def register_service(factory: ServiceFactory) -> ServiceFactory:
+    """Add a service builder; it returns None when the site config does not ask for it."""
+    SERVICES.append(factory)
+    return factory
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    error: str = ""
+
+
+class Gateway:
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.timing)
+        self.clock = MediaClock(config.timing.frame, self.engine.tick)
+        self.ports: dict[str, Port] = {}
+        self.services: list[Service] = []
+        self._stop = asyncio.Event()
+        self.engine.listeners.append(_log_event)
+        for name, port_config in config.ports.items():
+            if port_config.enabled:
+                self.ports[name] = self._open_port(name, port_config)
+        self.engine.configure(self.ports.values(), config.talkgroups, config.patches)
+
+    def _open_port(self, name: str, port_config: PortConfig) -> Port:
+        port = build_port(name, port_config, self.config.timing)
+        try:
+            port.open()
+        except Exception as exc:  # the engine isolates and retries it like any faulty port
+            log.error("port %s did not open: %s", name, exc)
+        return port
+
+    # --- reload -------------------------------------------------------------------
+
+    def reload(self, path: str | Path | None = None) -> ReloadResult:
+        """Re-read the config and apply the difference between two ticks.
+
+        A config that fails validation is refused and the running one stays.
+        """
+        path = path or self.config.source
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays in force:\n%s", exc)
+            return ReloadResult(False, [], [], [], str(exc))
+        if new.timing != self.config.timing:
+            message = f"{path}: timing (frame, rate) cannot change live; restart the gateway"
+            log.error("reload refused: %s", message)
+            return ReloadResult(False, [], [], [], message)
+        return self.apply(new)
+
+    def apply(self, new: SiteConfig) -> ReloadResult:
+        old_cfg = self.config.ports
+        wanted = {n: c for n, c in new.ports.items() if c.enabled}
+        removed = [n for n in self.ports if n not in wanted]
+        changed = [n for n in self.ports if n in wanted and wanted[n] != old_cfg.get(n)]
+        added = [n for n in wanted if n not in self.ports]
+        ports = dict(self.ports)
+        retired = [ports.pop(n) for n in removed + changed]
+        for name in changed + added:
+            ports[name] = self._open_port(name, wanted[name])
+        ports = {n: ports[n] for n in wanted}
+        # Calls and consoles attached at run time stay, unless their talkgroup is gone.
+        engine = self.engine
+        dynamic = [p for p in engine.ports if p.name in engine.attached]
+        for port in dynamic:
+            if engine.attached[port.name][0] not in new.talkgroups:
+                engine.attached.pop(port.name)
+                retired.append(port)
+        dynamic = [p for p in dynamic if p.name in engine.attached]
+        engine.configure([*ports.values(), *dynamic], new.talkgroups, new.patches)
+        for port in retired:
+            _close(port)
+        self.ports = ports
+        self.config = new
+        log.info(
+            "config applied: %d added, %d removed, %d changed",
+            len(added),
+            len(removed),
+            len(changed),
+        )
+        return ReloadResult(True, added, removed, changed)
+
+    # --- run ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, seconds: float | None = None, watch: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        tasks: list[asyncio.Task] = []
+        try:
+            for factory in SERVICES:
+                service = factory(self)
+                if service is not None:
+                    await service.start()
+                    self.services.append(service)
+            clock = asyncio.create_task(self.clock.run(), name="media-clock")
+            tasks.append(clock)
+            if watch and self.config.source:
+                tasks.append(asyncio.create_task(self._watch(self.config.source)))
+            stop = asyncio.create_task(self._stop.wait())
+            tasks.append(stop)
+            await asyncio.wait([clock, stop], timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            if clock.done() and clock.exception():
+                raise clock.exception()  # type: ignore[misc]
+        finally:
+            self.clock.stop()
+            self.shutdown()
+            for task in tasks:
+                task.cancel()
+            for service in reversed(self.services):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(service.stop(), timeout=0.5)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def shutdown(self) -> None:
+        """Unkey every transmitter, then close every port. Safe to call twice."""
+        keyed = [p.name for p in self.engine.ports if p.keyed]
+        self.engine.unkey_all()
+        for port in self.engine.ports:
+            _close(port)
+        log.info("shutdown: unkeyed %s; closed %d ports", ", ".join(keyed) or "nothing",
+                 len(self.engine.ports))  # fmt: skip
+
+    async def _watch(self, path: Path, interval: float = 1.0) -> None:
+        """``run --watch``: reload when the file's modification time changes."""
+        last = path.stat().st_mtime_ns
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                now = path.stat().st_mtime_ns
+            except OSError:
+                continue
+            if now != last:
+                last = now
+                self.reload(path)
+
+
+def _close(port: Port) -> None:
+    try:
+        port.close()
+    except Exception:
+        log.exception("port %s: close failed", port.name)
+
+
+def _log_event(event: Event) -> None:
+    if event.kind in ("fault", "tot", "preempted"):
+        log.warning("%s %s %s %s", event.kind, event.port or "", event.group or "", event.detail)
+    else:
+        log.info("%s %s %s %s", event.kind, event.port or "", event.group or "", event.detail)

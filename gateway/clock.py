@@ -1,0 +1,91 @@
+"""The media clock: ticks on absolute deadlines so the schedule never drifts.
+
+Tick k is due at ``start + k * period``. A late wake-up makes that one tick late,
+not every tick after it (as ``sleep(period)`` in a loop would). When the loop
+falls more than ``max_catch_up`` ticks behind (a stalled machine), it skips
+ahead instead of bursting, and counts what it skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class LatenessLog:
+    """The last ``size`` tick latenesses (seconds), for p50/p99 without unbounded memory."""
+
+    def __init__(self, size: int = 3000) -> None:
+        self.values = np.zeros(size, np.float64)
+        self.count = 0
+
+    def add(self, lateness: float) -> None:
+        self.values[self.count % len(self.values)] = lateness
+        self.count += 1
+
+    def recent(self) -> np.ndarray:
+        return self.values[: min(self.count, len(self.values))]
+
+    def percentile(self, q: float) -> float:
+        recent = self.recent()
+        return float(np.percentile(recent, q)) if recent.size else 0.0
+
+
+class MediaClock:
+    def __init__(
+        self,
+        period: float,
+        on_tick: Callable[[], None],
+        *,
+        now: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        max_catch_up: int = 5,
+    ) -> None:
+        self.period = period
+        self.on_tick = on_tick
+        self.now = now
+        self.sleep = sleep
+        self.max_catch_up = max_catch_up
+        self.ticks = 0
+        self.late_ticks = 0  # started more than one period after their deadline
+        self.skipped_ticks = 0
+        self.lateness = LatenessLog()
+        self.start: float | None = None
+        self._running = False
+
+    def deadline(self, k: int) -> float:
+        assert self.start is not None
+        return self.start + k * self.period
+
+    async def run(self, ticks: int | None = None) -> None:
+        """Tick until :meth:`stop` (or ``ticks`` ticks). Tick errors propagate."""
+        self._running = True
+        self.start = self.now()
+        k = 0
+        while self._running and (ticks is None or self.ticks < ticks):
+            due = self.deadline(k)
+            wait = due - self.now()
+            if wait > 0:
+                await self.sleep(wait)
+            late = self.now() - due
+            if late > self.max_catch_up * self.period:
+                behind = int(late // self.period)
+                self.skipped_ticks += behind
+                k += behind
+                late -= behind * self.period
+            self.lateness.add(late)
+            if late > self.period:
+                self.late_ticks += 1
+            self.on_tick()
+            self.ticks += 1
+            k += 1
+            if wait <= 0:
+                await asyncio.sleep(0)  # let sockets and timers run even when behind
+
+    def stop(self) -> None:
+        self._running = False

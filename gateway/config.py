@@ -1,0 +1,457 @@
+"""Site configuration: one TOML file → typed, validated models.
+
+A dispatcher edits this file under pressure, so every problem is reported at once,
+each with the file, the key path, the line where it can be found, and the fix.
+Unknown keys are errors: a misspelt ``hangtime`` must not silently fall back to a
+default. Port kinds are a registry so that later endpoint types (sound cards, SIP,
+WebRTC) add their own models without touching this module.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.units import Duration
+
+FloorMode = Literal["mix", "single"]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteInfo(Model):
+    name: str = Field(min_length=1)
+    country: str
+    description: str = ""
+
+    @field_validator("country")
+    @classmethod
+    def _iso_country(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Z]{2}", value):
+            raise ValueError(f"use the two-letter ISO 3166 code, e.g. 'CA' or 'US', not {value!r}")
+        return value
+
+
+class Timing(Model):
+    frame: Duration = 0.020
+    rate: Literal[8000, 16000, 32000, 48000] = 16000
+
+    @field_validator("frame")
+    @classmethod
+    def _frame_is_10_or_20_ms(cls, value: float) -> float:
+        if round(value * 1000) not in (10, 20):
+            raise ValueError("the engine frame must be '10ms' or '20ms'")
+        return round(value * 1000) / 1000
+
+    @property
+    def frame_samples(self) -> int:
+        return round(self.rate * self.frame)
+
+
+class PortConfig(Model):
+    """What every port has, whatever its kind. Kinds subclass and register."""
+
+    kind: str
+    agency: str = ""
+    description: str = ""
+    enabled: bool = True
+    rx_gain_db: float = Field(0.0, ge=-60, le=40)
+    tx_gain_db: float = Field(0.0, ge=-60, le=40)
+    duplex: Literal["half", "full"] | None = None
+    ptt_hang_time: Duration = 0.5
+    tot: Duration = 180.0
+    anti_kerchunk: Duration = 0.0
+
+    default_duplex: ClassVar[str] = "full"
+
+    @property
+    def half_duplex(self) -> bool:
+        return (self.duplex or self.default_duplex) == "half"
+
+
+PORT_KINDS: dict[str, type[PortConfig]] = {}
+
+
+def register_port_kind(kind: str) -> Callable[[type[PortConfig]], type[PortConfig]]:
+    """Class decorator: make ``kind = "<kind>"`` in a config file build this model."""
+
+    def add(cls: type[PortConfig]) -> type[PortConfig]:
+        PORT_KINDS[kind] = cls
+        return cls
+
+    return add
+
+
+class TalkSchedule(Model):
+    """Scripted talk bursts for simulated sources: talk `talk_for` every `talk_every`."""
+
+    talk_every: Duration = 0.0
+    talk_for: Duration = 0.0
+    talk_offset: Duration = 0.0
+
+
+@register_port_kind("simulated_radio")
+class SimulatedRadioConfig(PortConfig, TalkSchedule):
+    """A radio that needs no hardware: talks on a schedule, half duplex like a real one."""
+
+    default_duplex: ClassVar[str] = "half"
+    audio: Literal["tone", "speech"] = "tone"
+    tone_hz: float = Field(1000.0, gt=0, le=4000)
+    level_dbfs: float = Field(-12.0, le=0)
+
+
+@register_port_kind("tone")
+class ToneSourceConfig(PortConfig, TalkSchedule):
+    tone_hz: float = Field(1000.0, gt=0, le=20000)
+    level_dbfs: float = Field(-12.0, le=0)
+
+
+@register_port_kind("file")
+class FileSourceConfig(PortConfig, TalkSchedule):
+    path: Path
+    loop: bool = True
+
+
+@register_port_kind("recorder")
+class RecorderConfig(PortConfig):
+    path: Path
+    continuous: bool = True
+
+
+class TalkgroupConfig(Model):
+    members: list[str] = Field(min_length=1)
+    floor: FloorMode = "mix"
+    priority: dict[str, int] = {}
+    description: str = ""
+
+
+class PatchConfig(Model):
+    talkgroups: list[str] = Field(min_length=2)
+    floor: FloorMode | None = None
+    enabled: bool = True
+    description: str = ""
+
+
+SECTIONS: dict[str, type[Model]] = {}
+
+
+def register_section(name: str) -> Callable[[type[Model]], type[Model]]:
+    """Class decorator: validate the optional top-level ``[name]`` table with this model.
+
+    Endpoints and services (web console, SIP, MQTT) own their sections this way.
+    """
+
+    def add(cls: type[Model]) -> type[Model]:
+        SECTIONS[name] = cls
+        return cls
+
+    return add
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site: SiteInfo
+    timing: Timing
+    ports: dict[str, PortConfig]
+    talkgroups: dict[str, TalkgroupConfig]
+    patches: dict[str, PatchConfig]
+    sections: dict[str, Model] = field(default_factory=dict)
+    source: Path | None = None
+
+    def section(self, name: str) -> Any:
+        """A registered optional section's model, or None when the file has none."""
+        return self.sections.get(name)
+
+    def talkgroup_of(self, port: str) -> str | None:
+        for name, tg in self.talkgroups.items():
+            if port in tg.members:
+                return name
+        return None
+
+
+@dataclass
+class Problem:
+    path: str
+    message: str
+    line: int | None = None
+
+    def render(self, file: str) -> str:
+        where = f"{file}:{self.line}" if self.line else file
+        key = f" {self.path}:" if self.path else ""
+        return f"{where}:{key} {self.message}"
+
+
+@dataclass
+class ConfigError(Exception):
+    file: str
+    problems: list[Problem] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        count = len(self.problems)
+        head = f"{self.file}: {count} problem{'s' if count != 1 else ''} in the site config"
+        return "\n".join([head, *("  " + p.render(self.file) for p in self.problems)])
+
+
+def load_config(path: str | Path) -> SiteConfig:
+    """Read and validate a site file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            str(path), [Problem("", f"cannot read the file: {exc.strerror}")]
+        ) from exc
+    config = parse_config(text, str(path))
+    return SiteConfig(**{**config.__dict__, "source": path})
+
+
+def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = _line_of_decode_error(str(exc))
+        raise ConfigError(
+            filename, [Problem("", f"not valid TOML: {exc}. Check quotes and brackets.", line)]
+        ) from exc
+    lines = _key_lines(text)
+    problems: list[Problem] = []
+    known = ["site", "timing", "ports", "talkgroups", "patches", *SECTIONS]
+    for key in raw:
+        if key not in known:
+            hint = _did_you_mean(key, known) or f" (top-level tables: {', '.join(known)})"
+            problems.append(_problem((key,), f"unknown table{hint}", lines))
+
+    def check(model: type[Model], value: Any, where: tuple[str, ...]) -> Any:
+        """Validate one part; a bad part is reported and the rest still checked."""
+        try:
+            return model.model_validate(value)
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, where, model, lines))
+            return None
+
+    if "site" not in raw:
+        problems.append(
+            Problem("site", "required table is missing: add [site] with name and country")
+        )
+    site = check(SiteInfo, raw.get("site", {}), ("site",))
+    timing = check(Timing, raw.get("timing", {}), ("timing",))
+    sections = {}
+    for name, model in SECTIONS.items():
+        if name in raw:
+            sections[name] = check(model, raw[name], (name,))
+    tables = {}
+    for table in ("ports", "talkgroups", "patches"):
+        value = raw.get(table, {})
+        if not isinstance(value, dict):
+            problems.append(_problem((table,), f"must be tables: [{table}.NAME]", lines))
+            value = {}
+        tables[table] = value
+    ports: dict[str, PortConfig] = {}
+    for name, table in tables["ports"].items():
+        port = _validate_port(name, table, lines, problems)
+        if port is not None:
+            ports[name] = port
+    talkgroups = {
+        n: check(TalkgroupConfig, t, ("talkgroups", n)) for n, t in tables["talkgroups"].items()
+    }
+    patches = {n: check(PatchConfig, p, ("patches", n)) for n, p in tables["patches"].items()}
+    problems.extend(_cross_check(
+        set(tables["ports"]),
+        {n: t for n, t in talkgroups.items() if t is not None},
+        set(tables["talkgroups"]),
+        {n: p for n, p in patches.items() if p is not None},
+        ports,
+        lines,
+    ))  # fmt: skip
+    if problems:
+        raise ConfigError(filename, problems)
+    return SiteConfig(site, timing, ports, talkgroups, patches, sections)
+
+
+def _validate_port(
+    name: str, table: Any, lines: dict[tuple[str, ...], int], problems: list[Problem]
+) -> PortConfig | None:
+    where = ("ports", name)
+    if not isinstance(table, dict):
+        problems.append(_problem(where, "must be a table: [ports.NAME]", lines))
+        return None
+    kind = table.get("kind")
+    model = PORT_KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        known = ", ".join(sorted(PORT_KINDS))
+        what = "missing" if kind is None else f"unknown port kind {kind!r}"
+        hint = _did_you_mean(kind, PORT_KINDS) if isinstance(kind, str) else ""
+        problems.append(_problem((*where, "kind"), f"{what}; known kinds: {known}{hint}", lines))
+        return None
+    try:
+        return model.model_validate(table)
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc, where, model, lines))
+        return None
+
+
+def _cross_check(
+    port_names: set[str],
+    talkgroups: dict[str, TalkgroupConfig],
+    talkgroup_names: set[str],
+    patches: dict[str, PatchConfig],
+    ports: dict[str, PortConfig],
+    lines: dict[tuple[str, ...], int],
+) -> list[Problem]:
+    problems: list[Problem] = []
+    home: dict[str, str] = {}
+    for tg_name, tg in talkgroups.items():
+        at = ("talkgroups", tg_name, "members")
+        for member in tg.members:
+            if member not in port_names:
+                names = ", ".join(sorted(port_names))
+                hint = _did_you_mean(member, port_names) or f" (ports: {names})"
+                problems.append(_problem(at, f"no port named {member!r}{hint}", lines))
+            elif member in home:
+                problems.append(
+                    _problem(
+                        at,
+                        (
+                            f"port {member!r} is already a member of talkgroup {home[member]!r}; "
+                            "a port carries one talkgroup. To let two talkgroups hear each other, "
+                            "patch them."
+                        ),
+                        lines,
+                    )
+                )
+            else:
+                home[member] = tg_name
+        for member in tg.priority:
+            if member not in tg.members:
+                problems.append(
+                    _problem(
+                        ("talkgroups", tg_name, "priority"),
+                        f"{member!r} has a priority but is not in members; add it or remove it",
+                        lines,
+                    )
+                )
+    for patch_name, patch in patches.items():
+        at = ("patches", patch_name, "talkgroups")
+        for tg in patch.talkgroups:
+            if tg not in talkgroup_names:
+                names = ", ".join(sorted(talkgroup_names))
+                hint = _did_you_mean(tg, talkgroup_names) or f" (talkgroups: {names})"
+                problems.append(_problem(at, f"no talkgroup named {tg!r}{hint}", lines))
+        if len(set(patch.talkgroups)) != len(patch.talkgroups):
+            problems.append(_problem(at, "names a talkgroup twice", lines))
+    for name, port in ports.items():
+        if port.tot and port.ptt_hang_time >= port.tot:
+            problems.append(
+                _problem(
+                    ("ports", name, "ptt_hang_time"),
+                    "is longer than the port's tot; a transmitter would time out in its hang time",
+                    lines,
+                )
+            )
+    return problems
+
+
+# --- error reporting -------------------------------------------------------------
+
+
+def _problems_from(
+    exc: ValidationError, prefix: tuple[str, ...], model: type[BaseModel], lines: dict
+) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = (*prefix, *(str(part) for part in error["loc"]))
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            known = _fields_at(model, [str(p) for p in error["loc"][:-1]])
+            hint = _did_you_mean(str(error["loc"][-1]), known)
+            if not hint and known:
+                hint = f" (allowed here: {', '.join(sorted(known))})"
+            message = f"unknown key{hint}"
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if error.get("input") is not None and kind != "model_type":
+                message += f" (got {error['input']!r})"
+        problems.append(_problem(loc, message, lines))
+    return problems
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """The keys a model accepts at a nested location, for 'did you mean' hints."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None:
+            continue
+        if part in fields:
+            current = fields[part].annotation
+        else:
+            args = getattr(current, "__args__", ())
+            current = args[-1] if args else None
+        current = _unwrap(current)
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def _did_you_mean(word: str | None, choices: Any) -> str:
+    if not word:
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _problem(loc: tuple[str, ...], message: str, lines: dict[tuple[str, ...], int]) -> Problem:
+    line = None
+    for depth in range(len(loc), 0, -1):
+        line = lines.get(tuple(loc[:depth]))
+        if line:
+            break
+    return Problem(".".join(loc), message, line)
+
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'. ]+?)\s*=")
+
+
+def _split_key(key: str) -> tuple[str, ...]:
+    return tuple(part.strip().strip("\"'") for part in key.split("."))
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map key paths to the line they are written on (tomllib does not keep lines)."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            table = _split_key(header.group(1))
+            lines.setdefault(table, number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            lines.setdefault((*table, *_split_key(key.group(1))), number)
+    return lines
+
+
+def _line_of_decode_error(message: str) -> int | None:
+    match = re.search(r"line (\d+)", message)
+    return int(match.group(1)) if match else None

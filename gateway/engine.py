@@ -1,0 +1,416 @@
+"""The engine: one tick pulls a frame from every port, mixes, and pushes one back.
+
+Nothing else paces audio. The engine does not know endpoint types; it knows
+ports, the mix groups the talkgroups and patches make of them, and the floor.
+A port that raises or hands over garbage is isolated (silenced, unkeyed, retried
+with backoff) and every other port carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.codecs.tones import busy_tone
+from gateway.config import PatchConfig, TalkgroupConfig, Timing
+from gateway.floor import FloorControl, FloorEvents, Keying
+from gateway.mixer import Mixer
+from gateway.ports import Port
+from gateway.talkgroups import MixGroup, plan_mix_groups
+from gateway.units import db_to_gain
+
+log = logging.getLogger(__name__)
+
+OUT_OF_RANGE = 2.0  # a frame peaking above this is broken (wrong scale), not just hot
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
+SILENCE_DB = -120.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something an operator or an auditor wants to know about."""
+
+    kind: str  # talk_start, talk_stop, ptt_on, ptt_off, floor_granted, preempted, tot, fault, patch
+    port: str | None = None
+    group: str | None = None
+    detail: str = ""
+    seconds: float = 0.0  # duration, for *_stop / ptt_off
+    tick: int = 0
+
+
+@dataclass
+class PortHealth:
+    faults: int = 0
+    bad_frames: int = 0
+    down_until_tick: int = 0
+    consecutive: int = 0
+    last_fault: str = ""
+
+
+@dataclass
+class Layout:
+    """Per-port parameters as arrays, rebuilt when ports, talkgroups or patches change."""
+
+    ports: list[Port]
+    groups: list[MixGroup]
+    group_of: np.ndarray
+    single: np.ndarray
+    half: np.ndarray
+    can_talk: np.ndarray
+    can_transmit: np.ndarray
+    priority: np.ndarray
+    rx_gain: np.ndarray
+    tx_gain: np.ndarray
+    kerchunk_ticks: np.ndarray
+    tot_ticks: np.ndarray
+    hang_ticks: np.ndarray
+    talkgroup: list[str | None] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, timing: Timing) -> None:
+        self.timing = timing
+        self.rate = timing.rate
+        self.frame_samples = timing.frame_samples
+        self.frame_seconds = timing.frame
+        self.tick_count = 0
+        self.mixer = Mixer(self.frame_samples, self.rate)
+        self.floor = FloorControl()
+        self.keying = Keying()
+        self.busy = busy_tone(self.rate)
+        self.health: dict[str, PortHealth] = {}
+        self.listeners: list[Callable[[Event], None]] = []
+        self.talkgroups: dict[str, TalkgroupConfig] = {}
+        self.patches: dict[str, PatchConfig] = {}
+        self.active_patches: set[str] = set()
+        self.attached: dict[str, tuple[str, int]] = {}  # dynamic port → (talkgroup, priority)
+        self.tx_inhibit: set[str] = set()
+        self.last_tick_seconds = 0.0
+        self._set_layout([], [])
+
+    # --- layout -------------------------------------------------------------
+
+    @property
+    def ports(self) -> list[Port]:
+        return self.layout.ports
+
+    @property
+    def mix_groups(self) -> list[MixGroup]:
+        return self.layout.groups
+
+    def configure(
+        self,
+        ports: Iterable[Port],
+        talkgroups: Mapping[str, TalkgroupConfig],
+        patches: Mapping[str, PatchConfig],
+        active_patches: Iterable[str] | None = None,
+    ) -> None:
+        """Apply a new set of ports, talkgroups and patches between two ticks.
+
+        Ports that are the same objects as before keep their floor, TOT and PTT
+        state, so a reload does not drop a keyed radio or a talker mid-word.
+        """
+        self.talkgroups = dict(talkgroups)
+        self.patches = dict(patches)
+        if active_patches is None:
+            active_patches = [n for n, p in self.patches.items() if p.enabled]
+        self.active_patches = {p for p in active_patches if p in self.patches}
+        groups = plan_mix_groups(self.talkgroups, self.patches, self.active_patches)
+        self._set_layout(list(ports), groups)
+
+    def set_patch(self, name: str, active: bool) -> None:
+        """Join (or split) a configured patch live."""
+        if name not in self.patches:
+            raise KeyError(f"no patch named {name!r}; configured: {', '.join(self.patches)}")
+        if (name in self.active_patches) == active:
+            return
+        self.active_patches = (
+            (self.active_patches | {name}) if active else (self.active_patches - {name})
+        )
+        self.configure(self.ports, self.talkgroups, self.patches, self.active_patches)
+        self._emit(
+            Event("patch", detail=f"{name} {'on' if active else 'off'}", tick=self.tick_count)
+        )
+
+    def attach(self, port: Port, talkgroup: str, priority: int = 0) -> None:
+        """Add a port that is not in the config file (a SIP call, a console) to a talkgroup."""
+        if talkgroup not in self.talkgroups:
+            raise KeyError(f"no talkgroup named {talkgroup!r}")
+        if any(p.name == port.name for p in self.ports):
+            raise ValueError(f"a port named {port.name!r} is already on the engine")
+        self.attached[port.name] = (talkgroup, priority)
+        self._set_layout([*self.ports, port], self.layout.groups)
+
+    def detach(self, port: Port) -> None:
+        """Remove an attached port (call ended); it is unkeyed first."""
+        if port not in self.ports:
+            return
+        i = self.ports.index(port)
+        if self.keying.keyed[i]:
+            self._unkey(i)
+        self.attached.pop(port.name, None)
+        self._set_layout([p for p in self.ports if p is not port], self.layout.groups)
+
+    def set_tx_inhibit(self, name: str, inhibit: bool) -> None:
+        """TX inhibit: drop this port's PTT now and keep it down until released."""
+        self._index_of(name)
+        if inhibit:
+            self.tx_inhibit.add(name)
+        else:
+            self.tx_inhibit.discard(name)
+        self._set_layout(self.ports, self.layout.groups)
+
+    def set_floor_mode(self, talkgroup: str, floor: str) -> None:
+        """Switch a talkgroup between ``mix`` and ``single`` live."""
+        if talkgroup not in self.talkgroups:
+            raise KeyError(f"no talkgroup named {talkgroup!r}")
+        if floor not in ("mix", "single"):
+            raise ValueError("floor must be 'mix' or 'single'")
+        self.talkgroups[talkgroup] = self.talkgroups[talkgroup].model_copy(update={"floor": floor})
+        self.configure(self.ports, self.talkgroups, self.patches, self.active_patches)
+
+    def _index_of(self, name: str) -> int:
+        for i, port in enumerate(self.ports):
+            if port.name == name:
+                return i
+        raise KeyError(f"no port named {name!r}")
+
+    def _set_layout(self, ports: list[Port], groups: list[MixGroup]) -> None:
+        old = getattr(self, "layout", None)
+        old_index = {id(p): i for i, p in enumerate(old.ports)} if old else {}
+        keep = np.array([old_index.get(id(p), -1) for p in ports], np.int64)
+        tg_group = {tg: gi for gi, g in enumerate(groups) for tg in g.talkgroups}
+        home = {m: tg for tg, cfg in self.talkgroups.items() for m in cfg.members}
+        n = len(ports)
+        attached = {name: tg for name, (tg, _) in self.attached.items()}
+        group_of = np.full(n, len(groups), np.int64)
+        priority = np.zeros(n, np.int64)
+        talkgroup: list[str | None] = []
+        for i, port in enumerate(ports):
+            tg = home.get(port.name) or attached.get(port.name)
+            talkgroup.append(tg)
+            if tg is not None and tg in tg_group:
+                group_of[i] = tg_group[tg]
+                priority[i] = self.talkgroups[tg].priority.get(port.name, 0)
+                if port.name in self.attached:
+                    priority[i] = self.attached[port.name][1]
+
+        def ticks(seconds: Iterable[float]) -> np.ndarray:
+            return np.array([round(s / self.frame_seconds) for s in seconds], np.int64)
+
+        cfgs = [p.config for p in ports]
+        self.layout = Layout(
+            ports=ports,
+            groups=groups,
+            group_of=group_of,
+            single=np.array([g.floor == "single" for g in groups], bool),
+            half=np.array([p.half_duplex for p in ports], bool),
+            can_talk=np.array([p.can_talk for p in ports], bool),
+            can_transmit=np.array(
+                [p.can_transmit and p.name not in self.tx_inhibit for p in ports], bool
+            ),
+            priority=priority,
+            rx_gain=np.array([db_to_gain(c.rx_gain_db) for c in cfgs], np.float32),
+            tx_gain=np.array([db_to_gain(c.tx_gain_db) for c in cfgs], np.float32),
+            kerchunk_ticks=ticks(c.anti_kerchunk for c in cfgs),
+            tot_ticks=ticks(c.tot for c in cfgs),
+            hang_ticks=ticks(c.ptt_hang_time for c in cfgs),
+            talkgroup=talkgroup,
+        )
+        self.mixer.resize(n, keep)
+        self.floor.resize(n, len(groups), keep)
+        self.keying.resize(n, keep)
+        self.frames = np.zeros((n, self.frame_samples), np.float32)
+        self.admitted = self._carry(getattr(self, "admitted", None), keep, bool)
+        self.talk_since = self._carry(getattr(self, "talk_since", None), keep, np.int64)
+        self.key_since = self._carry(getattr(self, "key_since", None), keep, np.int64)
+        self.rx_dbfs = np.full(n, SILENCE_DB, np.float32)
+        self.tx_dbfs = np.full(n, SILENCE_DB, np.float32)
+        self.denied = np.zeros(n, bool)
+        for port in ports:
+            self.health.setdefault(port.name, PortHealth())
+
+    @staticmethod
+    def _carry(old: np.ndarray | None, keep: np.ndarray, dtype: type) -> np.ndarray:
+        new = np.zeros(len(keep), dtype)
+        if old is not None and old.size:
+            has_old = keep >= 0
+            new[has_old] = old[keep[has_old]]
+        return new
+
+    # --- the tick -------------------------------------------------------------
+
+    def tick(self) -> None:
+        started = time.perf_counter()
+        lay = self.layout
+        tick = self.tick_count
+        frames = self.frames
+        frames.fill(0.0)
+        raw_talk = np.zeros(len(lay.ports), bool)
+        has_frame = np.zeros(len(lay.ports), bool)
+        for i, port in enumerate(lay.ports):
+            health = self.health[port.name]
+            if health.down_until_tick > tick:
+                continue
+            try:
+                frame = port.read()
+                raw_talk[i] = port.talking
+                if frame is not None:
+                    frames[i] = frame
+                    has_frame[i] = True
+            except Exception as exc:  # one port's bug must not stop the site
+                self._fault(i, f"read failed: {exc!r}")
+                raw_talk[i] = False
+                frames[i] = 0.0
+        self._check_frames(has_frame, raw_talk)
+        raw_talk &= lay.can_talk
+
+        decision = self.floor.update(
+            raw_talk, self.keying.keyed, lay.half, lay.group_of, lay.single,
+            lay.priority, lay.kerchunk_ticks, lay.tot_ticks,
+        )  # fmt: skip
+        weights = np.where(decision.admitted, lay.rx_gain, np.float32(0.0)).astype(np.float32)
+        mix = self.mixer.mix(frames, weights, lay.group_of, len(lay.groups), lay.tx_gain)
+        receiving = lay.half & decision.talk
+        # A full-duplex port asking for a floor it cannot have hears the busy tone instead.
+        busy = decision.denied & ~lay.half & lay.can_transmit
+        busy_frame = self.busy.read(self.frame_samples) if busy.any() else None
+        has_audio = (mix.audible & lay.can_transmit & ~receiving) | busy
+        was_keyed = self.keying.keyed
+        keyed = self.keying.update(has_audio, ~lay.can_transmit | receiving, lay.hang_ticks)
+        self._apply_keying(was_keyed, keyed)
+        self.denied = decision.denied
+
+        for i, (port, audio, gets_busy) in enumerate(
+            zip(lay.ports, has_audio.tolist(), busy.tolist(), strict=True)
+        ):
+            if self.health[port.name].down_until_tick > tick:
+                continue
+            frame = busy_frame if gets_busy else mix.out[i] if audio else None
+            try:
+                port.write(frame)
+            except Exception as exc:
+                self._fault(i, f"write failed: {exc!r}")
+
+        self._meter(frames, has_frame, mix.out, has_audio)
+        self._talk_events(decision.admitted)
+        if decision.events:
+            self._floor_events(decision.events)
+        self.tick_count += 1
+        self.last_tick_seconds = time.perf_counter() - started
+
+    def _check_frames(self, has_frame: np.ndarray, raw_talk: np.ndarray) -> None:
+        rows = np.flatnonzero(has_frame)
+        if rows.size == 0:
+            return
+        block = self.frames[rows]
+        broken = ~np.isfinite(block).all(axis=1) | (
+            np.abs(np.nan_to_num(block)).max(axis=1) > OUT_OF_RANGE
+        )
+        for i in rows[broken].tolist():
+            self.health[self.ports[i].name].bad_frames += 1
+            self._fault(i, "frame has NaN/Inf or is far out of range (|x| > 2)")
+            self.frames[i] = 0.0
+            raw_talk[i] = False
+            has_frame[i] = False
+        np.clip(self.frames, -1.0, 1.0, out=self.frames)
+
+    def _apply_keying(self, was: np.ndarray, now: np.ndarray) -> None:
+        for i in np.flatnonzero(was != now).tolist():
+            port = self.ports[i]
+            on = bool(now[i])
+            try:
+                port.key(on)
+            except Exception as exc:
+                self._fault(i, f"PTT {'key' if on else 'unkey'} failed: {exc!r}")
+                continue
+            if on:
+                self.key_since[i] = self.tick_count
+                self._emit(Event("ptt_on", port.name, self._group_name(i), tick=self.tick_count))
+            else:
+                held = (self.tick_count - self.key_since[i]) * self.frame_seconds
+                self._emit(Event("ptt_off", port.name, self._group_name(i), seconds=held,
+                                 tick=self.tick_count))  # fmt: skip
+
+    def _unkey(self, i: int) -> None:
+        self.keying.keyed[i] = False
+        try:
+            self.ports[i].key(False)
+        except Exception:
+            log.exception("port %s: unkey failed", self.ports[i].name)
+
+    def _fault(self, i: int, reason: str) -> None:
+        port = self.ports[i]
+        health = self.health[port.name]
+        since_last = self.tick_count - health.down_until_tick
+        health.consecutive = 1 if since_last * self.frame_seconds > 60 else health.consecutive + 1
+        backoff = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (health.consecutive - 1))
+        health.faults += 1
+        health.last_fault = reason
+        health.down_until_tick = self.tick_count + max(1, round(backoff / self.frame_seconds))
+        log.warning("port %s isolated for %.0fs: %s", port.name, backoff, reason)
+        if self.keying.keyed[i]:
+            self._unkey(i)
+        self._emit(
+            Event("fault", port.name, self._group_name(i), detail=reason, tick=self.tick_count)
+        )
+
+    def _meter(
+        self, frames: np.ndarray, has_frame: np.ndarray, out: np.ndarray, tx: np.ndarray
+    ) -> None:
+        self.rx_dbfs.fill(SILENCE_DB)
+        self.tx_dbfs.fill(SILENCE_DB)
+        for rows, source, target in ((np.flatnonzero(has_frame), frames, self.rx_dbfs),
+                                     (np.flatnonzero(tx), out, self.tx_dbfs)):  # fmt: skip
+            if rows.size:
+                rms = np.sqrt(np.mean(np.square(source[rows]), axis=1))
+                target[rows] = np.maximum(SILENCE_DB, 20 * np.log10(np.maximum(rms, 1e-7)))
+
+    def _talk_events(self, admitted: np.ndarray) -> None:
+        changed = np.flatnonzero(admitted != self.admitted)
+        for i in changed.tolist():
+            name, group = self.ports[i].name, self._group_name(i)
+            if admitted[i]:
+                self.talk_since[i] = self.tick_count
+                self._emit(Event("talk_start", name, group, tick=self.tick_count))
+            else:
+                held = (self.tick_count - self.talk_since[i]) * self.frame_seconds
+                self._emit(Event("talk_stop", name, group, seconds=held, tick=self.tick_count))
+        self.admitted = admitted
+
+    def _floor_events(self, events: FloorEvents) -> None:
+        groups = self.layout.groups
+        for group, port in events.granted:
+            self._emit(Event("floor_granted", self.ports[port].name, groups[group].name,
+                             tick=self.tick_count))  # fmt: skip
+        for group, old, new in events.preempted:
+            by = f"by {self.ports[new].name}"
+            self._emit(Event("preempted", self.ports[old].name, groups[group].name, by,
+                             tick=self.tick_count))  # fmt: skip
+        for port in events.tot_trips:
+            self._emit(
+                Event("tot", self.ports[port].name, self._group_name(port), tick=self.tick_count)
+            )
+
+    def _group_name(self, i: int) -> str | None:
+        g = int(self.layout.group_of[i])
+        return self.layout.groups[g].name if g < len(self.layout.groups) else None
+
+    def _emit(self, event: Event) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed on %s", event)
+
+    # --- shutdown -------------------------------------------------------------
+
+    def unkey_all(self) -> None:
+        """Drop every PTT now; used on stop and on fatal errors."""
+        for i in range(len(self.ports)):
+            self._unkey(i)

@@ -1,0 +1,115 @@
+"""The N-1 mix: one vectorised step per tick over every mix group at once.
+
+Each listener hears the sum of its group's admitted talkers minus its own
+signal. Work is done on (ports × samples) arrays so the cost grows with the
+number of samples actually mixed, not with Python work per sample; the only
+per-port Python work in a tick is the engine calling each port's read/write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class MixResult:
+    out: np.ndarray  # (ports, samples); rows valid only where audible
+    audible: np.ndarray  # (ports,) bool: someone else in the group is heard
+    group_sum: np.ndarray  # (groups, samples): the mix every non-talking listener hears
+    talkers: np.ndarray  # (groups,) admitted talkers per group
+
+
+class Limiter:
+    """Per-listener peak limiter: sums of several talkers never wrap or clip harshly.
+
+    The gain drops within ~1 ms when a frame would exceed ``threshold`` and
+    recovers at ``release_db_per_s``; a final clip at full scale only ever
+    touches the few samples of that first millisecond.
+    """
+
+    def __init__(
+        self, frame_samples: int, rate: int, threshold: float = 0.89, release_db_per_s: float = 20.0
+    ) -> None:
+        self.threshold = threshold
+        frame_s = frame_samples / rate
+        self.release = 10 ** (release_db_per_s * frame_s / 20)
+        attack = max(1, int(0.001 * rate))
+        t = np.arange(frame_samples, dtype=np.float32)
+        self.attack_ramp = np.minimum(1.0, (t + 1) / attack).astype(np.float32)
+        self.release_ramp = ((t + 1) / frame_samples).astype(np.float32)
+        self.gain = np.ones(0, np.float32)
+
+    def resize(self, ports: int, keep: np.ndarray | None = None) -> None:
+        """Start a new port layout; ``keep[i]`` is the old row of new port i, or -1."""
+        gain = np.ones(ports, np.float32)
+        if keep is not None and self.gain.size:
+            has_old = keep >= 0
+            gain[has_old] = self.gain[keep[has_old]]
+        self.gain = gain
+
+    def apply(self, out: np.ndarray, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        block = out[rows]
+        peak = np.abs(block).max(axis=1)
+        target = np.minimum(1.0, self.threshold / np.maximum(peak, 1e-9)).astype(np.float32)
+        before = self.gain[rows]
+        attack = target < before
+        after = np.where(attack, target, np.minimum(target, before * self.release))
+        ramp = np.where(attack[:, None], self.attack_ramp, self.release_ramp)
+        block *= before[:, None] + (after - before)[:, None] * ramp
+        np.clip(block, -1.0, 1.0, out=block)
+        out[rows] = block
+        self.gain[rows] = after
+
+
+class Mixer:
+    def __init__(self, frame_samples: int, rate: int) -> None:
+        self.frame_samples = frame_samples
+        self.limiter = Limiter(frame_samples, rate)
+        self._out = np.zeros((0, frame_samples), np.float32)
+
+    def resize(self, ports: int, keep: np.ndarray | None = None) -> None:
+        self._out = np.zeros((ports, self.frame_samples), np.float32)
+        self.limiter.resize(ports, keep)
+
+    def mix(
+        self,
+        frames: np.ndarray,
+        weights: np.ndarray,
+        groups: np.ndarray,
+        n_groups: int,
+        out_gain: np.ndarray,
+    ) -> MixResult:
+        """Mix one tick.
+
+        frames:   (P, N) float32 received audio, one row per port
+        weights:  (P,) float32 input gain of admitted talkers, 0 for everyone else
+        groups:   (P,) int mix group of each port; ``n_groups`` means "in none"
+        out_gain: (P,) float32 gain applied to what each port hears
+        """
+        talker_rows = np.flatnonzero(weights)
+        group_sum = np.zeros((n_groups + 1, self.frame_samples), np.float32)
+        talker_groups = groups[talker_rows]
+        contrib = frames[talker_rows] * weights[talker_rows, None]
+        if talker_rows.size:
+            order = np.argsort(talker_groups, kind="stable")
+            sorted_groups = talker_groups[order]
+            starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+            group_sum[sorted_groups[starts]] = np.add.reduceat(contrib[order], starts, axis=0)
+        group_sum[n_groups] = 0.0
+        talkers = np.bincount(talker_groups, minlength=n_groups + 1)
+        talkers[n_groups] = 0
+        is_talker = weights != 0
+        audible = (talkers[groups] - is_talker) > 0
+
+        out = self._out
+        rows = np.flatnonzero(audible)
+        out[rows] = group_sum[groups[rows]]
+        own = audible[talker_rows]
+        out[talker_rows[own]] -= contrib[own]
+        out[rows] *= out_gain[rows, None]
+        self.limiter.apply(out, rows)
+        return MixResult(out, audible, group_sum[:n_groups], talkers[:n_groups])

@@ -1,0 +1,265 @@
+"""The Port: the one thing every endpoint is to the engine.
+
+A radio, a SIP call, a browser, a trunk, a test file: each yields one frame (or
+nothing) per tick, takes one frame (or nothing) per tick, says whether it is
+*talking* (squelch open, VOX, PTT pressed) and can be *keyed* (transmit). The
+engine knows no endpoint type, so every kind plugs in here.
+
+Frames are float32 mono at the engine's internal rate, ``frame_samples`` long.
+The frame handed to :meth:`Port.write` is a view into the engine's output buffer:
+copy it if you keep it past the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import wave
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from gateway.codecs.pcm import float_to_int16, int16_to_float
+from gateway.codecs.resample import StreamResampler
+from gateway.codecs.tones import ToneGenerator, speech_like
+from gateway.config import (
+    FileSourceConfig,
+    PortConfig,
+    RecorderConfig,
+    SimulatedRadioConfig,
+    TalkSchedule,
+    Timing,
+    ToneSourceConfig,
+)
+
+log = logging.getLogger(__name__)
+
+Frame = np.ndarray
+
+
+class Port:
+    """Base class: a silent, never-talking port that accepts and drops audio."""
+
+    kind = "port"
+    can_talk = True
+    can_transmit = True
+
+    def __init__(self, name: str, config: PortConfig, timing: Timing) -> None:
+        self.name = name
+        self.config = config
+        self.rate = timing.rate
+        self.frame_samples = timing.frame_samples
+        self.keyed = False
+        self.talking = False
+
+    @property
+    def half_duplex(self) -> bool:
+        return self.config.half_duplex
+
+    def open(self) -> None:
+        """Acquire the device or socket. Called once before the first tick."""
+
+    def close(self) -> None:
+        """Release everything. Must leave a transmitter unkeyed, even after errors."""
+        self.key(False)
+
+    def read(self) -> Frame | None:
+        """This tick's received audio, or None for silence. Sets ``talking``."""
+        return None
+
+    def write(self, frame: Frame | None) -> None:
+        """This tick's audio to send (None: nothing to send, silence)."""
+
+    def key(self, on: bool) -> None:
+        """Key or unkey the transmitter (PTT)."""
+        self.keyed = on
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for metrics, by well-known key (all optional):
+
+        network legs: packets_in, packets_out, bytes_in, bytes_out, packets_lost,
+        packets_late, packets_malformed, jitter_seconds, concealed_samples,
+        jitter_buffer_seconds; radios: squelch_open, device_up, device_errors,
+        tx_seconds. Counters only ever grow over the port's life.
+        """
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+PortFactory = Callable[[str, PortConfig, Timing], Port]
+PORT_TYPES: dict[str, PortFactory] = {}
+
+
+def register_port_type(kind: str) -> Callable[[type[Port]], type[Port]]:
+    """Class decorator: build this Port for ``kind = "<kind>"`` ports."""
+
+    def add(cls: type[Port]) -> type[Port]:
+        PORT_TYPES[kind] = cls
+        cls.kind = kind
+        return cls
+
+    return add
+
+
+def build_port(name: str, config: PortConfig, timing: Timing) -> Port:
+    try:
+        factory = PORT_TYPES[config.kind]
+    except KeyError:
+        raise ValueError(f"port {name!r}: no implementation for kind {config.kind!r}") from None
+    return factory(name, config, timing)
+
+
+class Scheduler:
+    """Talk bursts on a sample-count schedule, so simulated talkers are deterministic."""
+
+    def __init__(self, schedule: TalkSchedule, rate: int) -> None:
+        self.every = round(schedule.talk_every * rate)
+        self.length = round(schedule.talk_for * rate)
+        self.offset = round(schedule.talk_offset * rate)
+        self.position = 0
+
+    def advance(self, samples: int) -> bool:
+        """True while this block falls inside a burst."""
+        start = self.position
+        self.position += samples
+        if self.every == 0 and self.length == 0:
+            return start >= self.offset
+        if start < self.offset:
+            return False
+        phase = (start - self.offset) % self.every if self.every else start - self.offset
+        return phase < self.length
+
+
+@register_port_type("tone")
+class ToneSource(Port):
+    """A test tone that talks on a schedule (or always)."""
+
+    can_transmit = False
+
+    def __init__(self, name: str, config: ToneSourceConfig, timing: Timing) -> None:
+        super().__init__(name, config, timing)
+        self.schedule = Scheduler(config, self.rate)
+        self.tone = ToneGenerator([config.tone_hz], self.rate, config.level_dbfs)
+
+    def read(self) -> Frame | None:
+        self.talking = self.schedule.advance(self.frame_samples)
+        return self.tone.read(self.frame_samples) if self.talking else None
+
+
+@register_port_type("simulated_radio")
+class SimulatedRadio(Port):
+    """A radio with no hardware: a tone or speech-like voice on a schedule.
+
+    Like a real half-duplex set it cannot hear while it talks, and what the gateway
+    transmits to it is kept so a demo or test can show it (``last_heard``).
+    """
+
+    def __init__(self, name: str, config: SimulatedRadioConfig, timing: Timing) -> None:
+        super().__init__(name, config, timing)
+        self.schedule = Scheduler(config, self.rate)
+        if config.audio == "speech":
+            self.voice: np.ndarray | None = speech_like(self.rate, 8.0, seed=hash(name) & 0xFFFF)
+            peak = float(np.max(np.abs(self.voice))) or 1.0
+            self.voice *= 10 ** (config.level_dbfs / 20) / peak
+            self.tone = None
+        else:
+            self.voice = None
+            self.tone = ToneGenerator([config.tone_hz], self.rate, config.level_dbfs)
+        self.voice_pos = 0
+        self.last_heard: Frame | None = None
+
+    def read(self) -> Frame | None:
+        self.talking = self.schedule.advance(self.frame_samples)
+        if not self.talking:
+            return None
+        if self.tone is not None:
+            return self.tone.read(self.frame_samples)
+        assert self.voice is not None
+        idx = (self.voice_pos + np.arange(self.frame_samples)) % len(self.voice)
+        self.voice_pos = int(idx[-1]) + 1
+        return self.voice[idx]
+
+    def write(self, frame: Frame | None) -> None:
+        self.last_heard = None if frame is None else frame.copy()
+
+
+@register_port_type("file")
+class FileSource(Port):
+    """A WAV file played into the talkgroup (announcements, test recordings)."""
+
+    can_transmit = False
+
+    def __init__(self, name: str, config: FileSourceConfig, timing: Timing) -> None:
+        super().__init__(name, config, timing)
+        self.schedule = Scheduler(config, self.rate)
+        self.audio = read_wav(config.path, self.rate)
+        self.position = 0
+
+    def read(self) -> Frame | None:
+        on = self.schedule.advance(self.frame_samples)
+        n = self.frame_samples
+        if not on or (self.position >= len(self.audio) and not self.config.loop):
+            self.talking = False
+            return None
+        if self.config.loop:
+            idx = (self.position + np.arange(n)) % len(self.audio)
+            frame = self.audio[idx]
+        else:
+            frame = np.zeros(n, np.float32)
+            chunk = self.audio[self.position : self.position + n]
+            frame[: len(chunk)] = chunk
+        self.position += n
+        self.talking = True
+        return frame
+
+
+@register_port_type("recorder")
+class Recorder(Port):
+    """Writes what the talkgroup carries to a 16-bit WAV file at the internal rate."""
+
+    can_talk = False
+
+    def __init__(self, name: str, config: RecorderConfig, timing: Timing) -> None:
+        super().__init__(name, config, timing)
+        self._wav: wave.Wave_write | None = None
+        self._silence = np.zeros(self.frame_samples, np.float32)
+
+    def open(self) -> None:
+        path = Path(self.config.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._wav = wave.open(str(path), "wb")  # noqa: SIM115  (held open while recording)
+        self._wav.setnchannels(1)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(self.rate)
+
+    def write(self, frame: Frame | None) -> None:
+        if self._wav is None:
+            return
+        if frame is None:
+            if not self.config.continuous:
+                return
+            frame = self._silence
+        self._wav.writeframes(float_to_int16(frame).astype("<i2").tobytes())
+
+    def close(self) -> None:
+        super().close()
+        if self._wav is not None:
+            self._wav.close()
+            self._wav = None
+
+
+def read_wav(path: str | Path, rate: int) -> np.ndarray:
+    """Load a 16-bit PCM WAV as float32 mono at ``rate`` (first channel)."""
+    with wave.open(str(path), "rb") as wav:
+        if wav.getsampwidth() != 2:
+            raise ValueError(f"{path}: only 16-bit PCM WAV is supported")
+        channels = wav.getnchannels()
+        source_rate = wav.getframerate()
+        data = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    audio = int16_to_float(data[::channels])
+    if source_rate != rate:
+        resampler = StreamResampler(source_rate, rate)
+        audio = np.concatenate([resampler.process(audio), resampler.flush()])
+    return audio.astype(np.float32)

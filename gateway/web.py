@@ -1,0 +1,82 @@
+"""The gateway's one web server (aiohttp): console, APIs, /metrics, /healthz.
+
+Endpoints register their routes here, so the console and the metrics exporter
+share one listening socket, one TLS set-up and one access log.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from pydantic import Field
+
+from gateway.app import register_service
+from gateway.config import Model, register_section
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+
+
+@register_section("web")
+class WebConfig(Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+
+
+RouteInstaller = Callable[[web.Application, "Gateway"], None]
+ROUTES: list[RouteInstaller] = []
+
+
+def register_routes(installer: RouteInstaller) -> RouteInstaller:
+    """Add routes to the gateway's web app (called once when the server starts)."""
+    ROUTES.append(installer)
+    return installer
+
+
+class WebServer:
+    def __init__(self, gateway: Gateway, config: WebConfig) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.app = web.Application()
+        self.app["gateway"] = gateway
+        for installer in ROUTES:
+            installer(self.app, gateway)
+        self.runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        ssl_context = None
+        if self.config.tls_certificate:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(self.config.tls_certificate, self.config.tls_key)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.config.host, self.config.port, ssl_context=ssl_context)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # port 0 → the one the OS chose
+        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        scheme = "https" if ssl_context else "http"
+        log.info("web server on %s://%s:%s/", scheme, self.config.host, self.port)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@register_service
+def _web_service(gateway: Gateway) -> WebServer | None:
+    config = gateway.config.section("web")
+    if config is None:
+        return None
+    server = WebServer(gateway, config)
+    gateway.web = server  # type: ignore[attr-defined]
+    return server

@@ -1,0 +1,104 @@
+"""The command line as an operator uses it: check, run, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BORDERLINK = [sys.executable, "-m", "gateway.cli"]
+
+SITE = """
+[site]
+name = "CLI test"
+country = "CA"
+
+[ports.source]
+kind = "tone"
+tone_hz = 700
+
+[ports.radio]
+kind = "simulated_radio"
+talk_offset = "1h"
+
+[talkgroups.tg]
+members = ["source", "radio"]
+"""
+
+
+def borderlink(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*BORDERLINK, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_version_and_help() -> None:
+    assert borderlink("--version").stdout.startswith("borderlink ")
+    help_text = borderlink("--help").stdout
+    for sub in ("run", "check", "demo"):
+        assert sub in help_text
+
+
+def test_check_prints_summary_or_every_error(tmp_path: Path) -> None:
+    good = borderlink("check", str(REPO / "config" / "demo.toml"))
+    assert good.returncode == 0 and "config OK" in good.stdout and "shiprider" in good.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SITE.replace('talk_offset = "1h"', 'talk_ofset = "1h"').replace("700", '"x"'))
+    result = borderlink("check", str(bad))
+    assert result.returncode == 2
+    assert "2 problems" in result.stderr
+    assert "ports.radio.talk_ofset: unknown key; did you mean 'talk_offset'?" in result.stderr
+    assert "ports.source.tone_hz" in result.stderr
+
+
+class Running:
+    """``borderlink run`` in a child process, read line by line."""
+
+    def __init__(self, config: Path) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [*BORDERLINK, "run", str(config)], stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.lines: list[str] = []
+
+    def wait_for(self, text: str, timeout: float = 20.0) -> str:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not seen; got:\n{''.join(self.lines)}")
+
+
+def test_sigterm_unkeys_and_exits_cleanly(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text(SITE)
+    run = Running(config)
+    run.wait_for("ptt_on radio")
+    run.proc.send_signal(signal.SIGTERM)
+    line = run.wait_for("shutdown:")
+    assert "unkeyed radio" in line and "closed 2 ports" in line
+    assert run.proc.wait(timeout=10) == 0
+
+
+def test_sighup_reload_refuses_bad_config_and_keeps_running(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text(SITE)
+    run = Running(config)
+    run.wait_for("ptt_on radio")
+    config.write_text(SITE.replace("[talkgroups.tg]", "[talkgroups.tg]\nflor = 'mix'"))
+    run.proc.send_signal(signal.SIGHUP)
+    run.wait_for("reload refused")
+    run.wait_for("talkgroups.tg.flor: unknown key; did you mean 'floor'?")
+    config.write_text(SITE.replace('"source", "radio"', '"source"'))
+    run.proc.send_signal(signal.SIGHUP)
+    run.wait_for("config applied")
+    run.proc.send_signal(signal.SIGINT)
+    run.wait_for("shutdown:")
+    assert run.proc.wait(timeout=10) == 0

@@ -1,0 +1,101 @@
+"""Config errors must name the file, key, line and fix — every problem at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config, parse_config
+from gateway.site import summary
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """
+[site]
+name = "Test"
+country = "CA"
+
+[ports.a]
+kind = "simulated_radio"
+ptt_hang_time = "800ms"
+
+[ports.b]
+kind = "tone"
+tone_hz = 440
+
+[talkgroups.tg]
+members = ["a", "b"]
+floor = "single"
+priority = { a = 5 }
+"""
+
+
+def test_good_config_parses_with_units() -> None:
+    config = parse_config(GOOD)
+    assert config.ports["a"].ptt_hang_time == pytest.approx(0.8)
+    assert config.ports["a"].half_duplex and not config.ports["b"].half_duplex
+    assert config.timing.frame_samples == 320
+    assert config.talkgroups["tg"].priority == {"a": 5}
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "example-site.toml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    config = load_config(REPO / "config" / name)
+    text = summary(config)
+    assert "config OK" in text
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "site.toml")
+    return [p.render("site.toml") for p in info.value.problems]
+
+
+def test_misspelt_key_is_an_error_with_line_and_suggestion() -> None:
+    text = GOOD.replace('ptt_hang_time = "800ms"', 'ptt_hangtime = "800ms"')
+    (only,) = problems(text)
+    assert only.startswith("site.toml:8: ports.a.ptt_hangtime: unknown key")
+    assert "did you mean 'ptt_hang_time'" in only
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    text = (
+        GOOD.replace('country = "CA"', 'country = "Canada"')
+        .replace('ptt_hang_time = "800ms"', "ptt_hang_time = 2")
+        .replace('members = ["a", "b"]', 'members = ["a", "c"]')
+        + '\n[patches.p]\ntalkgroups = ["tg", "nope"]\n'
+    )
+    found = problems(text)
+    joined = "\n".join(found)
+    assert "site.country" in joined
+    assert (
+        "ports.a.ptt_hang_time" in joined and "needs a unit" in joined and "'2ms' or '2s'" in joined
+    )
+    assert "no port named 'c'" in joined
+    assert "no talkgroup named 'nope'" in joined
+    assert len(found) == 4
+
+
+def test_unknown_kind_lists_known_kinds() -> None:
+    (only,) = problems(GOOD.replace('kind = "tone"', 'kind = "tonee"'))
+    assert "unknown port kind 'tonee'" in only and "did you mean 'tone'" in only
+    assert "simulated_radio" in only
+
+
+def test_port_in_two_talkgroups_explains_patches() -> None:
+    text = GOOD + '\n[talkgroups.other]\nmembers = ["a"]\n'
+    (only,) = problems(text)
+    assert "already a member of talkgroup 'tg'" in only and "patch" in only
+
+
+def test_frame_must_be_10_or_20_ms_and_syntax_errors_have_lines() -> None:
+    (only,) = problems(GOOD + '\n[timing]\nframe = "15ms"\n')
+    assert "timing.frame" in only and "'10ms' or '20ms'" in only
+    (syntax,) = problems(GOOD + "\n[ports.x\n")
+    assert syntax.startswith("site.toml:") and "not valid TOML" in syntax
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")

@@ -1,0 +1,94 @@
+"""Live reload applies the difference between ticks and refuses bad configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import load_config
+
+SITE = """
+[site]
+name = "Reload test"
+country = "US"
+
+[ports.a]
+kind = "tone"
+tone_hz = 500
+
+[ports.radio]
+kind = "simulated_radio"
+ptt_hang_time = "1s"
+talk_offset = "1h"
+
+[ports.c]
+kind = "simulated_radio"
+talk_offset = "1h"
+
+[talkgroups.tg]
+members = ["a", "radio", "c"]
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> tuple[Gateway, Path]:
+    path = tmp_path / "site.toml"
+    path.write_text(SITE)
+    return Gateway(load_config(path)), path
+
+
+def test_reload_keeps_unchanged_ports_and_their_ptt(site: tuple[Gateway, Path]) -> None:
+    gw, path = site
+    for _ in range(5):
+        gw.engine.tick()
+    radio = gw.ports["radio"]
+    assert radio.keyed  # a's tone keys it
+    old_c = gw.ports["c"]
+    path.write_text(
+        SITE.replace(
+            'talk_offset = "1h"\n\n[talkgroups',
+            'talk_offset = "1h"\ntx_gain_db = -3\n\n[talkgroups',
+        )
+        + '\n[ports.d]\nkind = "simulated_radio"\n'
+    )
+    result = gw.reload()
+    assert result.ok and result.changed == ["c"] and result.added == ["d"] and not result.removed
+    assert gw.ports["radio"] is radio and radio.keyed  # untouched, still keyed
+    assert gw.ports["c"] is not old_c
+    gw.engine.tick()
+    assert radio.keyed
+
+
+def test_removed_port_is_unkeyed_and_closed(site: tuple[Gateway, Path]) -> None:
+    gw, path = site
+    for _ in range(5):
+        gw.engine.tick()
+    radio = gw.ports["radio"]
+    assert radio.keyed
+    path.write_text(
+        SITE.replace('"a", "radio", "c"', '"a", "c"').replace(
+            '[ports.radio]\nkind = "simulated_radio"\nptt_hang_time = "1s"\ntalk_offset = "1h"\n',
+            "",
+        )
+    )
+    result = gw.reload()
+    assert result.ok and result.removed == ["radio"]
+    assert not radio.keyed and "radio" not in gw.ports
+    assert [p.name for p in gw.engine.ports] == ["a", "c"]
+
+
+def test_bad_reload_is_refused_and_the_old_config_keeps_running(site: tuple[Gateway, Path]) -> None:
+    gw, path = site
+    ports_before = dict(gw.ports)
+    path.write_text(SITE.replace("ptt_hang_time", "hangtime"))
+    result = gw.reload()
+    assert not result.ok and "unknown key" in result.error and "site.toml:" in result.error
+    assert gw.ports == ports_before
+    path.write_text(SITE.replace("[timing]", "") + '\n[timing]\nframe = "10ms"\n')
+    result = gw.reload()
+    assert not result.ok and "restart" in result.error
+    for _ in range(3):
+        gw.engine.tick()
+    assert gw.ports["radio"].keyed
