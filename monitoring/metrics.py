@@ -1,0 +1,565 @@
+"""Prometheus metrics for a running site, read from the engine at scrape time.
+
+The engine already keeps every per-port fact in NumPy arrays (who is admitted,
+who is keyed, levels, floor locks) and per-port health, so nothing here runs
+per port per tick: a scrape copies those arrays once (:meth:`SiteMetrics.snapshot`,
+on the loop thread, so the copy is consistent) and the text is rendered from the
+copy. The only per-tick cost is one histogram observation of the tick duration.
+Counters that the engine does not keep (talk and transmit seconds, TOT trips,
+floor grants) are counted from engine events, which are rare.
+
+Endpoints plug in without this module knowing them:
+
+- a port's ``stats()`` dict is mapped by well-known key (:data:`PORT_STATS`), so a
+  SIP leg's packet counters or a sound card's device state appear as soon as the
+  port reports them;
+- a service (SIP stack, console, MQTT, audit) may have ``stats()`` returning the
+  keys in :data:`SERVICE_STATS` (numbers, or ``{label: number}`` for per-account
+  values such as SIP registrations).
+
+Labels are bounded by the config: port, kind, talkgroup, patch, account, event kind.
+Never a caller number or free text.
+"""
+
+from __future__ import annotations
+
+import bisect
+import platform
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+
+if TYPE_CHECKING:  # the gateway imports us, never the other way round at run time
+    from gateway.app import Gateway
+    from gateway.engine import Event
+
+PREFIX = "borderlink_"
+PORT_LABELS = ["port", "kind", "talkgroup"]
+
+# Tick durations: a 20 ms tick should cost well under a millisecond; the top
+# buckets show ticks that ate the whole frame.
+TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+
+# port.stats() key → (metric name without prefix, type, help). See Port.stats().
+PORT_STATS: dict[str, tuple[str, str, str]] = {
+    "packets_in": ("leg_packets_in_total", "counter", "RTP/network packets received"),
+    "packets_out": ("leg_packets_out_total", "counter", "RTP/network packets sent"),
+    "bytes_in": ("leg_bytes_in_total", "counter", "Payload bytes received"),
+    "bytes_out": ("leg_bytes_out_total", "counter", "Payload bytes sent"),
+    "packets_lost": ("leg_packets_lost_total", "counter", "Packets never received (sequence gaps)"),
+    "packets_late": (
+        "leg_packets_late_total",
+        "counter",
+        "Packets that came after their playout time",
+    ),
+    "packets_malformed": ("leg_packets_malformed_total", "counter", "Packets dropped as malformed"),
+    "jitter_seconds": ("leg_jitter_seconds", "gauge", "Interarrival jitter (RFC 3550)"),
+    "concealed_samples": (
+        "leg_concealed_samples_total",
+        "counter",
+        "Samples made up by loss concealment",
+    ),
+    "jitter_buffer_seconds": ("leg_jitter_buffer_seconds", "gauge", "Current jitter-buffer delay"),
+    "device_up": ("radio_device_up", "gauge", "1 while the radio's sound card / PTT device works"),
+    "device_errors": ("radio_device_errors_total", "counter", "Sound card or PTT device errors"),
+    "tx_seconds": (
+        "radio_device_transmit_seconds_total",
+        "counter",
+        "Seconds the device was keyed",
+    ),
+}
+
+# service.stats() key → (metric name without prefix, type, help, label or None).
+SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
+    "sip_registered": (
+        "sip_registered",
+        "gauge",
+        "1 while the SIP account is registered",
+        "account",
+    ),
+    "sip_registration_failures": (
+        "sip_registration_failures_total",
+        "counter",
+        "Failed SIP REGISTER attempts",
+        "account",
+    ),
+    "console_sessions": ("console_sessions", "gauge", "Open dispatcher console sessions", None),
+    "console_logins": ("console_logins_total", "counter", "Console logins accepted", None),
+    "console_login_failures": ("console_login_failures_total", "counter", "Logins refused", None),
+    "mqtt_connected": ("mqtt_connected", "gauge", "1 while connected to the MQTT broker", None),
+    "mqtt_reconnects": (
+        "mqtt_reconnects_total",
+        "counter",
+        "Broker connections after the first",
+        None,
+    ),
+    "mqtt_events_published": ("mqtt_events_published_total", "counter", "Events published", None),
+    "mqtt_events_buffered": (
+        "mqtt_events_buffered",
+        "gauge",
+        "Events waiting for the broker",
+        None,
+    ),
+    "mqtt_events_dropped": (
+        "mqtt_events_dropped_total",
+        "counter",
+        "Events lost: buffer full",
+        None,
+    ),
+    "mqtt_commands": ("mqtt_commands_total", "counter", "MQTT commands by result", "result"),
+    "audit_records": ("audit_records_total", "counter", "Records written to the audit log", None),
+    "audit_write_errors": (
+        "audit_write_errors_total",
+        "counter",
+        "Audit records not written",
+        None,
+    ),
+}
+
+# Per-port series read from the snapshot: (name, type, help, Snapshot attribute).
+PORT_SERIES_UP = "1 when the port works (not isolated by the engine, device up)"
+PORT_SERIES: list[tuple[str, str, str, str]] = [
+    ("port_receive_level_dbfs", "gauge",
+     "Level received this tick (RMS dBFS; -120 = nothing)", "rx_dbfs"),
+    ("port_transmit_level_dbfs", "gauge",
+     "Level sent to the port this tick (RMS dBFS; -120 = nothing)", "tx_dbfs"),
+    ("port_squelch_open", "gauge", "1 while the port has audio in (COR/VOX/PTT)", "squelch"),
+    ("port_talking", "gauge", "1 while the port is heard in its talkgroup's mix", "admitted"),
+    ("port_ptt_keyed", "gauge", "1 while the gateway keys this port's transmitter", "keyed"),
+    ("port_ptt_keyed_seconds", "gauge", "How long the current transmission has lasted",
+     "keyed_seconds"),
+    ("port_tot_seconds", "gauge", "The port's time-out timer (0 = off)", "tot_seconds"),
+    ("port_talk_seconds", "counter", "Seconds the port was heard in its mix", "talk_total"),
+    ("port_transmit_seconds", "counter", "Seconds the port's transmitter was keyed", "tx_total"),
+    ("port_tot_trips", "counter", "Talkers cut off by the time-out timer", "tot_trips"),
+    ("port_faults", "counter", "Times the engine isolated the port (errors, bad audio)", "faults"),
+    ("port_bad_frames", "counter", "Frames dropped as NaN/Inf or out of range", "bad_frames"),
+]  # fmt: skip
+
+# Families that are always present (with no samples when nothing reports them),
+# so dashboards and alert rules always find their names.
+ALWAYS_SERVICE_KEYS = (
+    "sip_registered",
+    "sip_registration_failures",
+    "console_sessions",
+    "mqtt_connected",
+)
+
+
+class TickHistogram:
+    """A histogram of tick durations that costs one bisect per tick, no lock."""
+
+    def __init__(self, bounds: tuple[float, ...] = TICK_BUCKETS) -> None:
+        self.bounds = list(bounds)
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative = np.cumsum(self.counts).tolist()
+        labels = [repr(float(b)) for b in self.bounds] + ["+Inf"]
+        return list(zip(labels, cumulative, strict=True))
+
+
+@dataclass
+class Snapshot:
+    """Everything a scrape needs, copied on the loop thread in one go."""
+
+    site: str
+    country: str
+    version: str
+    ports: list[tuple[str, str, str]]  # (name, kind, talkgroup)
+    agency: list[str]
+    up: np.ndarray
+    admitted: np.ndarray
+    keyed: np.ndarray
+    squelch: np.ndarray
+    rx_dbfs: np.ndarray
+    tx_dbfs: np.ndarray
+    keyed_seconds: np.ndarray
+    tot_seconds: np.ndarray
+    talk_total: np.ndarray
+    tx_total: np.ndarray
+    tot_trips: np.ndarray
+    faults: np.ndarray
+    bad_frames: np.ndarray
+    port_stats: list[dict[str, float]]
+    talkgroups: list[str]
+    tg_patched: list[bool]
+    tg_single: list[bool]
+    floor_grants: dict[str, int]
+    preemptions: dict[str, int]
+    patches: dict[str, tuple[bool, tuple[str, ...]]]
+    mix_groups: int
+    ticks: int
+    late_ticks: int
+    skipped_ticks: int
+    lateness_p50: float
+    lateness_p99: float
+    frame_seconds: float
+    tick_buckets: list[tuple[str, float]]
+    tick_sum: float
+    events: dict[str, int]
+    service_stats: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SiteMetrics:
+    """Counts engine events and takes snapshots for the exporter; one per gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.talk_seconds: dict[str, float] = defaultdict(float)
+        self.tx_seconds: dict[str, float] = defaultdict(float)
+        self.tot_trips: dict[str, int] = defaultdict(int)
+        self.floor_grants: dict[str, int] = defaultdict(int)
+        self.preemptions: dict[str, int] = defaultdict(int)
+        self.events: dict[str, int] = defaultdict(int)
+        self._reported: dict[tuple[str, str], float] = {}
+        self.tick_histogram = TickHistogram()
+        gateway.engine.listeners.append(self.on_event)
+        self._hook_clock()
+
+    @classmethod
+    def of(cls, gateway: Gateway) -> SiteMetrics:
+        """The gateway's metrics, created on first use (by the exporter or a test)."""
+        existing = getattr(gateway, "metrics", None)
+        if isinstance(existing, cls):
+            return existing
+        metrics = cls(gateway)
+        gateway.metrics = metrics  # type: ignore[attr-defined]
+        return metrics
+
+    def _hook_clock(self) -> None:
+        """Observe every tick's duration: one call per tick, wrapped around engine.tick."""
+        clock, engine, histogram = self.gateway.clock, self.gateway.engine, self.tick_histogram
+        inner = clock.on_tick
+
+        def tick() -> None:
+            inner()
+            histogram.observe(engine.last_tick_seconds)
+
+        clock.on_tick = tick
+
+    # --- events (rare: a few per second at most) -----------------------------------
+
+    def on_event(self, event: Event) -> None:
+        self.events[event.kind] += 1
+        if event.port is None:
+            return
+        if event.kind == "talk_stop":
+            self.talk_seconds[event.port] += event.seconds
+        elif event.kind == "ptt_off":
+            self.tx_seconds[event.port] += event.seconds
+        elif event.kind == "tot":
+            self.tot_trips[event.port] += 1
+        elif event.kind == "floor_granted":
+            self.floor_grants[self._talkgroup_of(event.port)] += 1
+        elif event.kind == "preempted":
+            self.preemptions[self._talkgroup_of(event.port)] += 1
+
+    def _talkgroup_of(self, port: str) -> str:
+        layout = self.gateway.engine.layout
+        for p, tg in zip(layout.ports, layout.talkgroup, strict=False):
+            if p.name == port:
+                return tg or ""
+        return ""
+
+    # --- scrape ---------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """Copy the engine's state; call on the loop thread (the engine's thread)."""
+        from gateway import __version__
+
+        gw = self.gateway
+        engine, clock = gw.engine, gw.clock
+        layout = engine.layout
+        ports = layout.ports
+        tick = engine.tick_count
+        frame = engine.frame_seconds
+        names = [p.name for p in ports]
+        port_stats = []
+        for port in ports:
+            try:
+                port_stats.append(dict(port.stats()))
+            except Exception:  # a broken stats() must not break the scrape
+                port_stats.append({})
+        health = [engine.health.get(name) for name in names]
+        down = np.array([h is not None and h.down_until_tick > tick for h in health], bool)
+        device_down = np.array([s.get("device_up", 1) == 0 for s in port_stats], bool)
+        squelch = np.array(
+            [
+                float(s.get("squelch_open", p.talking))
+                for s, p in zip(port_stats, ports, strict=True)
+            ],
+            np.float64,
+        )
+        keyed = engine.keying.keyed.copy()
+        admitted = engine.admitted.copy()
+        keyed_seconds = np.where(keyed, (tick - engine.key_since) * frame, 0.0)
+        talking_seconds = np.where(admitted, (tick - engine.talk_since) * frame, 0.0)
+        talk_total = self._monotonic("talk", names, self.talk_seconds, talking_seconds)
+        tx_total = self._monotonic("tx", names, self.tx_seconds, keyed_seconds)
+        self._forget_gone(set(names))
+        tg_names = list(engine.talkgroups)
+        tg_group = {tg: g for g in layout.groups for tg in g.talkgroups}
+        lateness = clock.lateness
+        buckets = self.tick_histogram.buckets()
+        services = []
+        for service in gw.services:
+            stats = getattr(service, "stats", None)
+            if callable(stats):
+                try:
+                    services.append(dict(stats()))
+                except Exception:
+                    continue
+        return Snapshot(
+            site=gw.config.site.name,
+            country=gw.config.site.country,
+            version=__version__,
+            ports=[
+                (name, p.kind, tg or "")
+                for name, p, tg in zip(names, ports, layout.talkgroup, strict=True)
+            ],
+            agency=[getattr(p.config, "agency", "") for p in ports],
+            up=~(down | device_down),
+            admitted=admitted,
+            keyed=keyed,
+            squelch=squelch,
+            rx_dbfs=engine.rx_dbfs.copy(),
+            tx_dbfs=engine.tx_dbfs.copy(),
+            keyed_seconds=keyed_seconds,
+            tot_seconds=np.array([p.config.tot for p in ports], np.float64),
+            talk_total=talk_total,
+            tx_total=tx_total,
+            tot_trips=np.array([self.tot_trips.get(name, 0) for name in names], np.float64),
+            faults=np.array([h.faults if h else 0 for h in health], np.float64),
+            bad_frames=np.array([h.bad_frames if h else 0 for h in health], np.float64),
+            port_stats=port_stats,
+            talkgroups=tg_names,
+            tg_patched=[bool(tg_group.get(tg) and tg_group[tg].patched) for tg in tg_names],
+            tg_single=[
+                bool(tg_group.get(tg) and tg_group[tg].floor == "single") for tg in tg_names
+            ],
+            floor_grants=dict(self.floor_grants),
+            preemptions=dict(self.preemptions),
+            patches={
+                name: (name in engine.active_patches, tuple(p.talkgroups))
+                for name, p in engine.patches.items()
+            },
+            mix_groups=len(layout.groups),
+            ticks=clock.ticks,
+            late_ticks=clock.late_ticks,
+            skipped_ticks=clock.skipped_ticks,
+            lateness_p50=lateness.percentile(50),
+            lateness_p99=lateness.percentile(99),
+            frame_seconds=frame,
+            tick_buckets=buckets,
+            tick_sum=self.tick_histogram.sum,
+            events=dict(self.events),
+            service_stats=services,
+        )
+
+    def _monotonic(
+        self, what: str, names: list[str], done: dict[str, float], ongoing: np.ndarray
+    ) -> np.ndarray:
+        """Completed + ongoing seconds, never going backwards.
+
+        The engine drops a PTT without a ``ptt_off`` event when it isolates a faulty
+        port; the ongoing stretch seen at the last scrape is then kept as completed.
+        """
+        total = np.array([done.get(name, 0.0) for name in names], np.float64) + ongoing
+        for i, name in enumerate(names):
+            last = self._reported.get((what, name), 0.0)
+            if total[i] < last:
+                done[name] = done.get(name, 0.0) + (last - total[i])
+                total[i] = last
+            self._reported[(what, name)] = float(total[i])
+        return total
+
+    def _forget_gone(self, names: set[str]) -> None:
+        """Drop counters of ports that left (ended calls), so label sets stay bounded."""
+        for table in (self.talk_seconds, self.tx_seconds, self.tot_trips):
+            for gone in [k for k in table if k not in names]:
+                del table[gone]
+        for key in [k for k in self._reported if k[1] not in names]:
+            del self._reported[key]
+
+    def render(self, snapshot: Snapshot | None = None) -> bytes:
+        """The Prometheus text exposition for a snapshot (safe to run off the loop)."""
+        return generate_latest(_Families(snapshot or self.snapshot()))  # type: ignore[arg-type]
+
+
+class _Families:
+    """Adapter so prometheus_client's renderer can walk one snapshot."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self.snapshot)
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+
+
+def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, doc, labels=labels)
+
+
+def _per_port(family: Metric, snap: Snapshot, values: np.ndarray) -> Metric:
+    for labels, value in zip(snap.ports, values.astype(np.float64).tolist(), strict=True):
+        family.add_metric(list(labels), float(value))
+    return family
+
+
+def families(snap: Snapshot) -> Iterator[Metric]:
+    """Every metric family the gateway exports, built from one snapshot."""
+    build = _gauge(
+        "build_info", "BorderLink version and Python running this gateway", ["version", "python"]
+    )
+    build.add_metric([snap.version, platform.python_version()], 1)
+    yield build
+    site = _gauge("site_info", "The site this gateway serves", ["site", "country"])
+    site.add_metric([snap.site, snap.country], 1)
+    yield site
+
+    # --- ports ---
+    info = _gauge(
+        "port_info", "One per port on the engine, with its agency", [*PORT_LABELS, "agency"]
+    )
+    for labels, agency in zip(snap.ports, snap.agency, strict=True):
+        info.add_metric([*labels, agency], 1)
+    yield info
+    yield _per_port(_gauge("port_up", PORT_SERIES_UP, PORT_LABELS), snap, snap.up)
+    by_kind: dict[tuple[str, str], int] = defaultdict(int)
+    for (_, kind, _), up in zip(snap.ports, snap.up.tolist(), strict=True):
+        by_kind[(kind, "up" if up else "down")] += 1
+    ports = _gauge("ports", "Ports on the engine by kind and state", ["kind", "state"])
+    for kind in sorted({k for k, _ in by_kind}):
+        for state in ("up", "down"):
+            ports.add_metric([kind, state], by_kind.get((kind, state), 0))
+    yield ports
+    for name, kind, doc, attribute in PORT_SERIES:
+        family = (_counter if kind == "counter" else _gauge)(name, doc, PORT_LABELS)
+        yield _per_port(family, snap, getattr(snap, attribute))
+    yield from _port_stats(snap)
+
+    # --- talkgroups and patches ---
+    talkers = np.zeros(len(snap.talkgroups))
+    tg_index = {tg: i for i, tg in enumerate(snap.talkgroups)}
+    for (_, _, tg), on in zip(snap.ports, snap.admitted.tolist(), strict=True):
+        if on and tg in tg_index:
+            talkers[tg_index[tg]] += 1
+    tg_metrics = [
+        (_gauge("talkgroup_talkers", "Ports heard in the talkgroup right now", ["talkgroup"]),
+         talkers.tolist()),
+        (_gauge("talkgroup_patched", "1 while the talkgroup is patched to another", ["talkgroup"]),
+         [float(x) for x in snap.tg_patched]),
+        (_gauge("talkgroup_floor_single",
+                "1 when one talker holds the floor (single), 0 for a full mix", ["talkgroup"]),
+         [float(x) for x in snap.tg_single]),
+        (_counter("talkgroup_floor_grants", "Floor grants in single-floor mode", ["talkgroup"]),
+         [snap.floor_grants.get(tg, 0) for tg in snap.talkgroups]),
+        (_counter("talkgroup_preemptions", "Floor holders pre-empted by a higher priority",
+                  ["talkgroup"]), [snap.preemptions.get(tg, 0) for tg in snap.talkgroups]),
+    ]  # fmt: skip
+    for family, values in tg_metrics:
+        for tg, value in zip(snap.talkgroups, values, strict=True):
+            family.add_metric([tg], float(value))
+        yield family
+    active = _gauge("patch_active", "1 while the patch joins its talkgroups", ["patch"])
+    member = _gauge(
+        "patch_member", "Talkgroups a patch joins (1 per member)", ["patch", "talkgroup"]
+    )
+    for name, (on, tgs) in snap.patches.items():
+        active.add_metric([name], float(on))
+        for tg in tgs:
+            member.add_metric([name, tg], 1)
+    yield active
+    yield member
+    mix = _gauge("mix_groups", "Mix groups the talkgroups and active patches make")
+    mix.add_metric([], snap.mix_groups)
+    yield mix
+
+    # --- engine ---
+    yield HistogramMetricFamily(PREFIX + "engine_tick_duration_seconds",
+                                "CPU time of one engine tick (read, mix, write)",
+                                buckets=snap.tick_buckets, sum_value=snap.tick_sum)  # fmt: skip
+    for name, doc, value in (
+        ("engine_ticks", "Engine ticks run", snap.ticks),
+        (
+            "engine_late_ticks",
+            "Ticks that started more than a frame after their deadline",
+            snap.late_ticks,
+        ),
+        (
+            "engine_skipped_ticks",
+            "Ticks skipped because the loop fell too far behind",
+            snap.skipped_ticks,
+        ),
+    ):
+        family = _counter(name, doc)
+        family.add_metric([], value)
+        yield family
+    late = _gauge("engine_tick_lateness_seconds", "Recent tick start lateness, by percentile",
+                  ["percentile"])  # fmt: skip
+    late.add_metric(["50"], snap.lateness_p50)
+    late.add_metric(["99"], snap.lateness_p99)
+    yield late
+    frame = _gauge("engine_frame_seconds", "The engine frame (tick period)")
+    frame.add_metric([], snap.frame_seconds)
+    yield frame
+    events = _counter(
+        "events", "Engine events by kind (PTT, talk, floor, TOT, faults, patches)", ["kind"]
+    )
+    for kind in sorted(snap.events):
+        events.add_metric([kind], snap.events[kind])
+    yield events
+    yield from _service_stats(snap)
+
+
+def _port_stats(snap: Snapshot) -> Iterator[Metric]:
+    for key, (name, kind, doc) in PORT_STATS.items():
+        rows = [
+            (labels, s[key])
+            for labels, s in zip(snap.ports, snap.port_stats, strict=True)
+            if key in s
+        ]
+        if not rows:
+            continue
+        family = (_counter if kind == "counter" else _gauge)(
+            name.removesuffix("_total"), doc, PORT_LABELS
+        )
+        for labels, value in rows:
+            family.add_metric(list(labels), float(value))
+        yield family
+
+
+def _service_stats(snap: Snapshot) -> Iterator[Metric]:
+    for key, (name, kind, doc, label) in SERVICE_STATS.items():
+        reports = [s[key] for s in snap.service_stats if key in s]
+        if not reports and key not in ALWAYS_SERVICE_KEYS:
+            continue
+        make = _counter if kind == "counter" else _gauge
+        family = make(name.removesuffix("_total"), doc, [label] if label else None)
+        for value in reports:
+            if label:
+                for label_value, v in dict(value).items():
+                    family.add_metric([str(label_value)], float(v))
+            else:
+                family.add_metric([], float(value))
+        yield family
