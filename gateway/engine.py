@@ -90,6 +90,7 @@ class Engine:
         self.active_patches: set[str] = set()
         self.attached: dict[str, tuple[str, int]] = {}  # dynamic port → (talkgroup, priority)
         self.tx_inhibit: set[str] = set()
+        self.isolated: dict[str, int] = {}  # port → tick its retry is due
         self.last_tick_seconds = 0.0
         self._set_layout([], [])
 
@@ -251,22 +252,23 @@ class Engine:
         tick = self.tick_count
         frames = self.frames
         frames.fill(0.0)
-        raw_talk = np.zeros(len(lay.ports), bool)
+        isolated = self._expire_isolation(tick)
+        talk_list = [False] * len(lay.ports)
         has_frame = np.zeros(len(lay.ports), bool)
         for i, port in enumerate(lay.ports):
-            health = self.health[port.name]
-            if health.down_until_tick > tick:
+            if isolated and port.name in isolated:
                 continue
             try:
                 frame = port.read()
-                raw_talk[i] = port.talking
+                talk_list[i] = port.talking
                 if frame is not None:
                     frames[i] = frame
                     has_frame[i] = True
             except Exception as exc:  # one port's bug must not stop the site
                 self._fault(i, f"read failed: {exc!r}")
-                raw_talk[i] = False
+                talk_list[i] = False
                 frames[i] = 0.0
+        raw_talk = np.array(talk_list, bool)
         self._check_frames(has_frame, raw_talk)
         raw_talk &= lay.can_talk
 
@@ -289,7 +291,7 @@ class Engine:
         for i, (port, audio, gets_busy) in enumerate(
             zip(lay.ports, has_audio.tolist(), busy.tolist(), strict=True)
         ):
-            if self.health[port.name].down_until_tick > tick:
+            if isolated and port.name in isolated:
                 continue
             frame = busy_frame if gets_busy else mix.out[i] if audio else None
             try:
@@ -303,6 +305,13 @@ class Engine:
             self._floor_events(decision.events)
         self.tick_count += 1
         self.last_tick_seconds = time.perf_counter() - started
+
+    def _expire_isolation(self, tick: int) -> dict[str, int]:
+        """Ports whose retry time has come are read again (retry after backoff)."""
+        if self.isolated:
+            for name in [n for n, until in self.isolated.items() if until <= tick]:
+                del self.isolated[name]
+        return self.isolated
 
     def _check_frames(self, has_frame: np.ndarray, raw_talk: np.ndarray) -> None:
         rows = np.flatnonzero(has_frame)
@@ -353,6 +362,7 @@ class Engine:
         health.faults += 1
         health.last_fault = reason
         health.down_until_tick = self.tick_count + max(1, round(backoff / self.frame_seconds))
+        self.isolated[port.name] = health.down_until_tick
         log.warning("port %s isolated for %.0fs: %s", port.name, backoff, reason)
         if self.keying.keyed[i]:
             self._unkey(i)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 
 @dataclass
@@ -53,9 +54,14 @@ class Limiter:
         if rows.size == 0:
             return
         block = out[rows]
-        peak = np.abs(block).max(axis=1)
-        target = np.minimum(1.0, self.threshold / np.maximum(peak, 1e-9)).astype(np.float32)
+        peak = np.maximum(block.max(axis=1), -block.min(axis=1))
         before = self.gain[rows]
+        # Most listeners are below threshold at unity gain: leave those rows alone.
+        act = (peak > self.threshold) | (before < 1.0)
+        if not act.any():
+            return
+        rows, block, peak, before = rows[act], block[act], peak[act], before[act]
+        target = np.minimum(1.0, self.threshold / np.maximum(peak, 1e-9)).astype(np.float32)
         attack = target < before
         after = np.where(attack, target, np.minimum(target, before * self.release))
         ramp = np.where(attack[:, None], self.attack_ramp, self.release_ramp)
@@ -63,6 +69,9 @@ class Limiter:
         np.clip(block, -1.0, 1.0, out=block)
         out[rows] = block
         self.gain[rows] = after
+
+
+DENSE_LIMIT = 4096  # groups × talkers up to which a dense product beats building a sparse one
 
 
 class Mixer:
@@ -91,25 +100,48 @@ class Mixer:
         out_gain: (P,) float32 gain applied to what each port hears
         """
         talker_rows = np.flatnonzero(weights)
-        group_sum = np.zeros((n_groups + 1, self.frame_samples), np.float32)
         talker_groups = groups[talker_rows]
-        contrib = frames[talker_rows] * weights[talker_rows, None]
-        if talker_rows.size:
-            order = np.argsort(talker_groups, kind="stable")
-            sorted_groups = talker_groups[order]
-            starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-            group_sum[sorted_groups[starts]] = np.add.reduceat(contrib[order], starts, axis=0)
-        group_sum[n_groups] = 0.0
         talkers = np.bincount(talker_groups, minlength=n_groups + 1)
         talkers[n_groups] = 0
+        group_sum = self._group_sums(frames, weights, talker_rows, talker_groups, n_groups + 1)
+        group_sum[n_groups] = 0.0
         is_talker = weights != 0
         audible = (talkers[groups] - is_talker) > 0
 
         out = self._out
         rows = np.flatnonzero(audible)
-        out[rows] = group_sum[groups[rows]]
-        own = audible[talker_rows]
-        out[talker_rows[own]] -= contrib[own]
-        out[rows] *= out_gain[rows, None]
+        if rows.size == len(out):
+            np.take(group_sum, groups, axis=0, out=out)
+        else:
+            out[rows] = group_sum[groups[rows]]
+        own = talker_rows[audible[talker_rows]]  # N-1: never hear yourself
+        if own.size == len(out) and (weights == 1.0).all():
+            out -= frames
+        elif own.size:
+            out[own] -= frames[own] * weights[own, None]
+        listener_gain = out_gain[rows]
+        if (listener_gain != 1.0).any():
+            out[rows] *= listener_gain[:, None]
         self.limiter.apply(out, rows)
         return MixResult(out, audible, group_sum[:n_groups], talkers[:n_groups])
+
+    @staticmethod
+    def _group_sums(
+        frames: np.ndarray, weights: np.ndarray, rows: np.ndarray, groups: np.ndarray, n: int
+    ) -> np.ndarray:
+        """Sum each group's talkers: a (groups × talkers) matrix times their frames.
+
+        Small sites use a dense matrix (tens of µs); large ones a sparse matrix,
+        whose cost follows the number of talkers and not groups × talkers.
+        """
+        if n * rows.size <= DENSE_LIMIT:
+            selector = np.zeros((n, rows.size), np.float32)
+            selector[groups, np.arange(rows.size)] = weights[rows]
+            return selector @ frames[rows]
+        order = np.argsort(groups, kind="stable")
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(groups, minlength=n), out=indptr[1:])
+        selector = sparse.csr_matrix(
+            (weights[rows[order]], rows[order], indptr), shape=(n, len(weights))
+        )
+        return np.asarray(selector @ frames, dtype=np.float32)

@@ -95,3 +95,26 @@ def test_nobody_hears_anything_when_nobody_talks() -> None:
     run(engine, 10)
     assert all(f is None for f in a.heard + b.heard)
     assert not any(a.key_calls + b.key_calls)
+
+
+@pytest.mark.parametrize("ports,groups,talking", [(5, 2, 0.6), (60, 7, 0.5), (400, 30, 0.9)])
+def test_vectorised_mix_matches_per_port_reference(ports: int, groups: int, talking: float) -> None:
+    """Both the small-site (dense) and large-site (sparse) paths against plain loops."""
+    from gateway.mixer import Mixer
+
+    rng = np.random.default_rng(ports)
+    frames = (rng.standard_normal((ports, 320)) * 0.01).astype(np.float32)
+    group_of = rng.integers(0, groups + 1, ports)  # == groups: in no group
+    gains = rng.uniform(0.5, 2, ports)
+    weights = np.where(rng.random(ports) < talking, gains, 0).astype(np.float32)
+    out_gain = rng.uniform(0.5, 1.5, ports).astype(np.float32)
+    mixer = Mixer(320, 16000)
+    mixer.resize(ports)
+    result = mixer.mix(frames, weights, group_of, groups, out_gain)
+    for i in range(ports):
+        others = [j for j in range(ports) if j != i and group_of[j] == group_of[i] < groups]
+        expected = sum((frames[j] * weights[j] for j in others if weights[j]), np.zeros(320))
+        heard = any(weights[j] for j in others)
+        assert result.audible[i] == heard
+        if heard:
+            np.testing.assert_allclose(result.out[i], expected * out_gain[i], atol=1e-5)
