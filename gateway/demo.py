@@ -13,10 +13,11 @@ from pathlib import Path
 import gateway
 from gateway.app import Gateway
 from gateway.config import ConfigError
-from gateway.engine import SILENCE_DB, Engine
+from gateway.engine import Engine
 from gateway.site import load_site, run_async
 
 PATCH_EVERY = 20.0
+QUIET_DB = -90.0  # below this the meter shows no signal
 DEMO_CONFIG = Path(gateway.__file__).resolve().parent.parent / "config" / "demo.toml"
 
 
@@ -81,8 +82,8 @@ def render(engine: Engine, title: str) -> str:
                      else "TX   " if engine.keying.keyed[i] else "     ")  # fmt: skip
             agency = getattr(port.config, "agency", "")
             rx, tx = float(engine.rx_dbfs[i]), float(engine.tx_dbfs[i])
-            rx_txt = f"{rx:6.1f}" if rx > SILENCE_DB else "   -∞ "
-            tx_txt = f"{tx:6.1f}" if tx > SILENCE_DB else "   -∞ "
+            rx_txt = f"{rx:6.1f}" if rx > QUIET_DB else "   -∞ "
+            tx_txt = f"{tx:6.1f}" if tx > QUIET_DB else "   -∞ "
             lines.append(f"   {state} {port.name:<14} {agency:<6} rx {_bar(rx)} {rx_txt} dBFS"
                          f"   tx {_bar(tx)} {tx_txt} dBFS")  # fmt: skip
         lines.append("")

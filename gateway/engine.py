@@ -29,6 +29,7 @@ OUT_OF_RANGE = 2.0  # a frame peaking above this is broken (wrong scale), not ju
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
 SILENCE_DB = -120.0
+METER_FALL_DB_PER_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -230,15 +231,17 @@ class Engine:
         self.admitted = self._carry(getattr(self, "admitted", None), keep, bool)
         self.talk_since = self._carry(getattr(self, "talk_since", None), keep, np.int64)
         self.key_since = self._carry(getattr(self, "key_since", None), keep, np.int64)
-        self.rx_dbfs = np.full(n, SILENCE_DB, np.float32)
-        self.tx_dbfs = np.full(n, SILENCE_DB, np.float32)
+        self.rx_dbfs = self._carry(getattr(self, "rx_dbfs", None), keep, np.float32, SILENCE_DB)
+        self.tx_dbfs = self._carry(getattr(self, "tx_dbfs", None), keep, np.float32, SILENCE_DB)
         self.denied = np.zeros(n, bool)
         for port in ports:
             self.health.setdefault(port.name, PortHealth())
 
     @staticmethod
-    def _carry(old: np.ndarray | None, keep: np.ndarray, dtype: type) -> np.ndarray:
-        new = np.zeros(len(keep), dtype)
+    def _carry(
+        old: np.ndarray | None, keep: np.ndarray, dtype: type, fill: float = 0
+    ) -> np.ndarray:
+        new = np.full(len(keep), fill, dtype)
         if old is not None and old.size:
             has_old = keep >= 0
             new[has_old] = old[keep[has_old]]
@@ -373,13 +376,20 @@ class Engine:
     def _meter(
         self, frames: np.ndarray, has_frame: np.ndarray, out: np.ndarray, tx: np.ndarray
     ) -> None:
-        self.rx_dbfs.fill(SILENCE_DB)
-        self.tx_dbfs.fill(SILENCE_DB)
-        for rows, source, target in ((np.flatnonzero(has_frame), frames, self.rx_dbfs),
-                                     (np.flatnonzero(tx), out, self.tx_dbfs)):  # fmt: skip
+        """Level meters (RMS dBFS per frame) that fall back at METER_FALL_DB_PER_S.
+
+        Like a radio's level meter, a word stays visible for a moment, so a display
+        refreshed a few times a second or a scrape every 15 s sees speech, not the
+        pause between two syllables.
+        """
+        fall = METER_FALL_DB_PER_S * self.frame_seconds
+        for rows, source, meter in ((np.flatnonzero(has_frame), frames, self.rx_dbfs),
+                                    (np.flatnonzero(tx), out, self.tx_dbfs)):  # fmt: skip
+            np.maximum(meter - fall, SILENCE_DB, out=meter)
             if rows.size:
                 rms = np.sqrt(np.mean(np.square(source[rows]), axis=1))
-                target[rows] = np.maximum(SILENCE_DB, 20 * np.log10(np.maximum(rms, 1e-7)))
+                level = 20 * np.log10(np.maximum(rms, 1e-6))
+                meter[rows] = np.maximum(meter[rows], level)
 
     def _talk_events(self, admitted: np.ndarray) -> None:
         changed = np.flatnonzero(admitted != self.admitted)

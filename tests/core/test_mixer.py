@@ -118,3 +118,16 @@ def test_vectorised_mix_matches_per_port_reference(ports: int, groups: int, talk
         assert result.audible[i] == heard
         if heard:
             np.testing.assert_allclose(result.out[i], expected * out_gain[i], atol=1e-5)
+
+
+def test_level_meters_read_rms_dbfs_and_fall_back_slowly() -> None:
+    a, b = ScriptedPort("a", 1000, level=0.25), ScriptedPort("b")
+    engine = site([a, b], {"tg": ["a", "b"]})
+    a.talk = True
+    run(engine, 10)
+    rms_db = db(0.25 / np.sqrt(2))
+    assert engine.rx_dbfs[0] == pytest.approx(rms_db, abs=0.1)
+    assert engine.tx_dbfs[1] == pytest.approx(rms_db, abs=0.1)
+    a.talk = False
+    run(engine, 25)  # half a second: the meter has fallen 10 dB, not to nothing
+    assert engine.rx_dbfs[0] == pytest.approx(rms_db - 10, abs=0.5)
