@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import gateway.audit  # noqa: F401  ([audit]: the audit log of PTT, patches, calls, logins)
 import gateway.monitoring.exporter  # noqa: F401  (/metrics, /healthz, /readyz on [web])
 import gateway.ports  # noqa: F401  (simulated radio, tone, file, recorder)
 import gateway.web  # noqa: F401  ([web]: the console and /metrics share it)

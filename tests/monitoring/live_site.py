@@ -102,6 +102,7 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 class Probe(Port):
     """A listen-only port the test attaches to a talkgroup; it keeps what it was sent."""
 
+    kind = "probe"
     can_talk = False
 
     def __init__(self, name: str, timing: Timing) -> None:
