@@ -158,6 +158,21 @@ class Engine:
         self.attached.pop(port.name, None)
         self._set_layout([p for p in self.ports if p is not port], self.layout.groups)
 
+    def set_priority(self, name: str, priority: int) -> None:
+        """Change an attached port's floor priority live (a console's emergency call).
+
+        Only the priority array changes, so the floor holder is kept and a higher
+        priority talker pre-empts it on the next tick (a ``preempted`` event).
+        """
+        if name not in self.attached:
+            raise KeyError(f"{name!r} is not an attached port; configured ports take priority "
+                           "from their talkgroup's config")  # fmt: skip
+        talkgroup, _ = self.attached[name]
+        self.attached[name] = (talkgroup, priority)
+        i = self._index_of(name)
+        if int(self.layout.group_of[i]) < len(self.layout.groups):
+            self.layout.priority[i] = priority
+
     def set_tx_inhibit(self, name: str, inhibit: bool) -> None:
         """TX inhibit: drop this port's PTT now and keep it down until released."""
         self._index_of(name)

@@ -1,0 +1,130 @@
+"""Operator sessions, login throttling and the console's audit trail.
+
+Sessions live in memory: a gateway restart logs everyone out, which is what a
+dispatcher expects after a restart anyway. The cookie is HttpOnly (page scripts
+cannot read it) and SameSite=Strict (another site cannot ride on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.webrtc.config import ConsoleConfig, OperatorConfig
+from gateway.webrtc.passwords import hash_password, verify_password
+
+COOKIE = "borderlink_session"
+audit = logging.getLogger("gateway.audit")
+
+# Verifying against this when the user does not exist keeps the timing the same,
+# so response time does not reveal which operator names exist.
+_DUMMY_HASH = hash_password(secrets.token_hex(8))
+
+
+@dataclass
+class Session:
+    token: str
+    operator: str
+    config: OperatorConfig
+    address: str
+    expires: float
+    created: float = field(default_factory=time.monotonic)
+
+
+class LoginThrottle:
+    """At most ``attempts`` failures per ``window`` per user and per address."""
+
+    def __init__(self, attempts: int, window: float, lockout: float) -> None:
+        self.attempts = attempts
+        self.window = window
+        self.lockout = lockout
+        self.failures: dict[str, deque[float]] = defaultdict(deque)
+        self.locked_until: dict[str, float] = {}
+
+    def retry_after(self, keys: list[str], now: float) -> float:
+        """Seconds until these keys may try again (0: now)."""
+        return max((self.locked_until.get(k, 0.0) - now for k in keys), default=0.0)
+
+    def failed(self, keys: list[str], now: float) -> bool:
+        """Count a failure; True when this failure locked a key out."""
+        locked = False
+        for key in keys:
+            times = self.failures[key]
+            times.append(now)
+            while times and times[0] < now - self.window:
+                times.popleft()
+            if len(times) >= self.attempts:
+                self.locked_until[key] = now + self.lockout
+                times.clear()
+                locked = True
+        return locked
+
+    def succeeded(self, keys: list[str]) -> None:
+        for key in keys:
+            self.failures.pop(key, None)
+
+
+class Sessions:
+    """Logged-in operators. ``config`` is read on every use, so a reload that removes
+    an operator ends their session at their next request."""
+
+    def __init__(self, config: Callable[[], ConsoleConfig]) -> None:
+        self._config = config
+        self.by_token: dict[str, Session] = {}
+        first = config()
+        self.throttle = LoginThrottle(first.login_attempts, first.login_window, first.login_lockout)
+
+    @property
+    def config(self) -> ConsoleConfig:
+        return self._config()
+
+    def login(self, operator: str, password: str, address: str) -> tuple[Session | None, float]:
+        """(session, 0) on success; (None, retry_after_seconds) when refused."""
+        now = time.monotonic()
+        keys = [f"user:{operator.lower()}", f"addr:{address}"]
+        wait = self.throttle.retry_after(keys, now)
+        if wait > 0:
+            audit.warning("console login refused (locked out) operator=%r from %s",
+                          operator, address)  # fmt: skip
+            return None, wait
+        account = self.config.operators.get(operator)
+        ok = verify_password(password, account.password_hash if account else _DUMMY_HASH)
+        if not (ok and account):
+            locked = self.throttle.failed(keys, now)
+            audit.warning("console login failed operator=%r from %s%s", operator, address,
+                          " — locked out" if locked else "")  # fmt: skip
+            return None, self.throttle.retry_after(keys, now) if locked else 0.0
+        self.throttle.succeeded(keys)
+        session = Session(secrets.token_urlsafe(32), operator, account, address,
+                          now + self.config.session_lifetime)  # fmt: skip
+        self.by_token[session.token] = session
+        audit.info("console login operator=%s from %s", operator, address)
+        return session, 0.0
+
+    def get(self, token: str | None) -> Session | None:
+        if not token:
+            return None
+        session = self.by_token.get(token)
+        if session is None:
+            return None
+        if session.expires < time.monotonic():
+            self.by_token.pop(token, None)
+            audit.info("console session expired operator=%s", session.operator)
+            return None
+        current = self.config.operators.get(session.operator)
+        if current is None:  # account removed from the config
+            self.by_token.pop(token, None)
+            audit.info("console session ended: operator %s no longer configured", session.operator)
+            return None
+        session.config = current  # permissions follow a reload
+        return session
+
+    def logout(self, token: str) -> Session | None:
+        session = self.by_token.pop(token, None)
+        if session:
+            audit.info("console logout operator=%s", session.operator)
+        return session

@@ -1,0 +1,87 @@
+"""Password hashes for console operators (stdlib scrypt, no extra dependency).
+
+The site file holds only ``scrypt$N$r$p$salt$hash`` strings, so a leaked config
+does not leak passwords. Verification is constant-time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import getpass
+import hashlib
+import hmac
+import os
+import sys
+
+from gateway.cli import command
+
+SCHEME = "scrypt"
+N, R, P = 2**14, 8, 1
+MIN_LENGTH = 8
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password: str, *, n: int = N, r: int = R, p: int = P) -> str:
+    """A self-describing scrypt hash with a random salt."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    return f"{SCHEME}${n}${r}${p}${_b64(salt)}${_b64(digest)}"
+
+
+def check_hash_format(stored: str) -> str:
+    """'' when ``stored`` looks like one of our hashes, else what is wrong with it."""
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != SCHEME:
+        return "not a password hash"
+    try:
+        n, r, p = (int(x) for x in parts[1:4])
+        _unb64(parts[4])
+        _unb64(parts[5])
+    except ValueError:
+        return "a damaged password hash"
+    if n < 2 or n & (n - 1) or r < 1 or p < 1:
+        return "a password hash with impossible scrypt parameters"
+    return ""
+
+
+def verify_password(password: str, stored: str) -> bool:
+    if check_hash_format(stored):
+        return False
+    _, n, r, p, salt, digest = stored.split("$")
+    expected = _unb64(digest)
+    actual = hashlib.scrypt(
+        password.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p),
+        maxmem=256 * 1024 * 1024, dklen=len(expected),
+    )  # fmt: skip
+    return hmac.compare_digest(actual, expected)
+
+
+def _passwd_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stdin", action="store_true", help="read the password from standard input (scripts)"
+    )
+
+
+@command("passwd", "print a password hash for a console operator ([console.operators.NAME])",
+         _passwd_args)  # fmt: skip
+def passwd(args: argparse.Namespace) -> int:
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("New console password: ")
+        if getpass.getpass("Again: ") != password:
+            print("the two passwords differ; nothing printed", file=sys.stderr)
+            return 2
+    if len(password) < MIN_LENGTH:
+        print(f"password too short: use at least {MIN_LENGTH} characters", file=sys.stderr)
+        return 2
+    print(f'password_hash = "{hash_password(password)}"')
+    return 0

@@ -1,0 +1,170 @@
+"""A console in a talkgroup: one engine Port per (console, talkgroup) it joins.
+
+Each joined talkgroup is its own WebRTC peer connection and its own Port, so the
+engine's floor, N-1 mix, TOT and audit work for a console exactly as for a radio,
+and the page can set each talkgroup's volume on its own audio track. The
+console's PTT arrives on the event WebSocket and only sets :attr:`ptt`; the
+engine reads it on the next tick, so releasing PTT frees the floor within one
+tick plus network time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import av
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+from gateway.config import PortConfig, Timing
+from gateway.ports import Frame, Port
+from gateway.webrtc.audio import OPUS_TIME_BASE, Inbound, OpusStream, SharedEncoders
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_PACKETS = 10  # 200 ms: a stalled sender drops old audio instead of lagging
+
+
+class OutboundTrack(MediaStreamTrack):
+    """Pre-encoded Opus packets to the browser; aiortc's sender only packetises them."""
+
+    kind = "audio"
+
+    def __init__(self, samples_per_packet: int) -> None:
+        super().__init__()
+        self.samples = samples_per_packet
+        self.queue: deque[bytes] = deque(maxlen=MAX_QUEUED_PACKETS)
+        self.ready = asyncio.Event()
+        self.pts = 0
+        self.packets = 0
+        self.bytes = 0
+
+    def push(self, payload: bytes) -> None:
+        self.queue.append(payload)
+        self.ready.set()
+
+    async def recv(self) -> av.Packet:
+        while not self.queue:
+            if self.readyState != "live":
+                raise MediaStreamError
+            self.ready.clear()
+            await self.ready.wait()
+        payload = self.queue.popleft()
+        packet = av.Packet(payload)
+        packet.pts = self.pts
+        packet.time_base = OPUS_TIME_BASE
+        self.pts += self.samples
+        self.packets += 1
+        self.bytes += len(payload)
+        return packet
+
+    def stop(self) -> None:
+        super().stop()
+        self.ready.set()
+
+
+class ConsolePort(Port):
+    """A dispatcher's seat in one talkgroup."""
+
+    kind = "console"
+    can_transmit = True
+
+    def __init__(
+        self,
+        name: str,
+        timing: Timing,
+        *,
+        operator: str,
+        display: str,
+        agency: str,
+        talkgroup: str,
+        may_talk: bool,
+        priority: int,
+        encoders: SharedEncoders,
+        silence: bytes,
+        tick: Callable[[], int],
+        shared_encode: bool = True,
+    ) -> None:
+        config = PortConfig(kind="console", agency=agency, duplex="full", ptt_hang_time=0.0,
+                            description=f"dispatcher console of {operator}")  # fmt: skip
+        super().__init__(name, config, timing)
+        self.operator = operator
+        self.display = display
+        self.talkgroup = talkgroup
+        self.can_talk = may_talk
+        self.priority = priority
+        self.emergency = False
+        self.ptt = False
+        self.encoders = encoders
+        self.shared_encode = shared_encode
+        self.silence = silence
+        self.tick = tick
+        self.frame_seconds = timing.frame
+        self.inbound = Inbound(self.rate, self.frame_samples)
+        self.track = OutboundTrack(round(48000 * timing.frame))
+        self.own: OpusStream | None = None
+        self.reader: asyncio.Task | None = None
+        self.frames_in = 0
+        self.own_encodes = 0
+
+    # --- browser side --------------------------------------------------------
+
+    def start_reading(self, track: MediaStreamTrack) -> None:
+        """Drain the browser's audio track for as long as the call lasts."""
+        self.reader = asyncio.ensure_future(self._read(track))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
+            while True:
+                frame = await track.recv()
+                self.frames_in += 1
+                if self.ptt:  # audio while PTT is up goes nowhere: do not spend on it
+                    self.inbound.push(frame)
+
+    def set_ptt(self, on: bool) -> None:
+        if on and not self.ptt:
+            self.inbound.clear()  # start the over with fresh audio, not what was queued
+        self.ptt = on and self.can_talk
+
+    # --- engine side ---------------------------------------------------------
+
+    def read(self) -> Frame | None:
+        self.talking = self.ptt
+        if not self.talking:
+            return None
+        return self.inbound.pop()
+
+    def write(self, frame: Frame | None) -> None:
+        if self.track.readyState != "live":
+            return
+        if frame is None:
+            self.track.push(self.silence)
+            return
+        packets = None
+        if self.shared_encode and not self.talking:
+            packets = self.encoders.packets(self.talkgroup, self.tick(), frame)
+        if packets is None:
+            if self.own is None:
+                self.own = OpusStream(self.rate, self.frame_seconds, self.encoders.bitrate)
+            packets = self.own.encode(frame)
+            self.own_encodes += 1
+        for payload in packets:
+            self.track.push(payload)
+
+    def close(self) -> None:
+        super().close()
+        self.ptt = False
+        self.track.stop()
+        if self.reader is not None:
+            self.reader.cancel()
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "packets_in": float(self.frames_in),
+            "packets_out": float(self.track.packets),
+            "bytes_out": float(self.track.bytes),
+        }

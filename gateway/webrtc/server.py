@@ -1,0 +1,584 @@
+"""The console's web side: login, static page, state/event WebSocket, WebRTC signalling.
+
+Design: a console is *one peer connection and one engine Port per talkgroup it
+joins* (see :mod:`gateway.webrtc.port`). PTT, emergency and who-is-talking travel
+on one WebSocket per open page; state is pushed on every floor/talk event (so the
+page shows a new talker within a tick plus network time) and ten times a second
+for level meters.
+
+Every route except the page's static files answers 401 without a valid session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import secrets
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aioice.ice
+import numpy as np
+from aiohttp import WSMsgType, web
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcrtpsender import RTCRtpSender
+
+from gateway.engine import Event
+from gateway.web import register_routes
+from gateway.webrtc.audio import SharedEncoders, silence_packet
+from gateway.webrtc.auth import COOKIE, Session, Sessions, audit
+from gateway.webrtc.config import ConsoleConfig
+from gateway.webrtc.port import ConsolePort
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+HUB: web.AppKey[ConsoleHub] = web.AppKey("console", "ConsoleHub")
+STATE_INTERVAL = 0.1  # level meters: ten updates a second
+PUSH_EVENTS = {"talk_start", "talk_stop", "floor_granted", "preempted", "tot", "patch", "fault"}
+
+
+@dataclass
+class Console:
+    """One open console page (a browser tab), owned by a session."""
+
+    id: str
+    session: Session
+    sockets: set[Socket] = field(default_factory=set)
+    ports: dict[str, ConsolePort] = field(default_factory=dict)
+    pcs: dict[str, RTCPeerConnection] = field(default_factory=dict)
+    grace: asyncio.TimerHandle | None = None
+
+
+class Socket:
+    """A WebSocket with a coalescing sender: a slow page gets the latest state, not a backlog."""
+
+    def __init__(self, ws: web.WebSocketResponse, session: Session) -> None:
+        self.ws = ws
+        self.session = session
+        self.console: Console | None = None
+        self.control: deque[str] = deque(maxlen=100)
+        self.state: str | None = None
+        self.wake = asyncio.Event()
+        self.task = asyncio.ensure_future(self._send())
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.control.append(json.dumps(message))
+        self.wake.set()
+
+    def send_state(self, text: str) -> None:
+        self.state = text
+        self.wake.set()
+
+    async def _send(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError, asyncio.CancelledError):
+            while not self.ws.closed:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.control:
+                    await self.ws.send_str(self.control.popleft())
+                if self.state is not None:
+                    text, self.state = self.state, None
+                    await self.ws.send_str(text)
+
+
+def _loopback_only(addresses: list[str]) -> bool:
+    try:
+        return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+    except ValueError:
+        return False
+
+
+def filter_remote_candidates(sdp: str, loopback_only: bool) -> str:
+    """Drop remote ICE candidates the gateway must not probe (mDNS names; off-host
+    addresses on a loopback-only site), so it never sends to an unintended host."""
+    if not loopback_only:
+        return sdp
+    kept = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            parts = line.split()
+            address = parts[4] if len(parts) > 4 else ""
+            try:
+                if not ipaddress.ip_address(address).is_loopback:
+                    continue
+            except ValueError:
+                continue  # a hostname (mDNS .local): resolving it would multicast
+        kept.append(line)
+    return "\r\n".join(kept) + "\r\n"
+
+
+class ConsoleHub:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.engine = gateway.engine
+        self._first_config: ConsoleConfig = gateway.config.section("console")
+        self.sessions = Sessions(lambda: self.config)
+        self.consoles: dict[str, Console] = {}
+        self.sockets: set[Socket] = set()
+        timing = gateway.config.timing
+        self.encoders = SharedEncoders(timing.rate, timing.frame, self.config.opus_bitrate)
+        self.silence = silence_packet(timing.frame)
+        self._push_pending = False
+        self._loop_task: asyncio.Task | None = None
+        addresses = self.config.ice_addresses
+        if addresses:  # aioice's host-address discovery is process-wide; so is this setting
+            aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)
+        self.loopback_only = _loopback_only(addresses)
+        self.engine.listeners.append(self._on_event)
+
+    @property
+    def config(self) -> ConsoleConfig:
+        return self.gateway.config.section("console") or self._first_config
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def on_startup(self, app: web.Application) -> None:
+        self._loop_task = asyncio.ensure_future(self._state_loop())
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        for console in list(self.consoles.values()):
+            await self.close_console(console, "gateway stopping")
+        for sock in list(self.sockets):
+            await sock.ws.close(code=1001, message=b"gateway stopping")
+        with contextlib.suppress(ValueError):
+            self.engine.listeners.remove(self._on_event)
+
+    # --- state to the pages ----------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind in PUSH_EVENTS and not self._push_pending and self.sockets:
+            self._push_pending = True
+            # After the tick finishes, so engine.admitted is this tick's.
+            asyncio.get_event_loop().call_soon(self._push_now)
+
+    def _push_now(self) -> None:
+        self._push_pending = False
+        self.push_state()
+
+    async def _state_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATE_INTERVAL)
+            if self.sockets:
+                try:
+                    self.push_state()
+                except Exception:
+                    log.exception("console state push failed")
+
+    def push_state(self) -> None:
+        common = self.common_state()
+        for sock in list(self.sockets):
+            sock.send_state(json.dumps(self.personal_state(common, sock.session, sock.console)))
+
+    def common_state(self) -> dict[str, Any]:
+        eng = self.engine
+        lay = eng.layout
+        talkers: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        level: dict[int, float] = {}
+        admitted = eng.admitted if len(eng.admitted) == len(lay.ports) else np.zeros(0, bool)
+        for i in np.flatnonzero(admitted).tolist():
+            g = int(lay.group_of[i])
+            port = lay.ports[i]
+            talkers[g].append({
+                "port": port.name,
+                "who": getattr(port, "display", port.name),
+                "agency": port.config.agency,
+                "kind": port.kind,
+                "talkgroup": lay.talkgroup[i],
+                "emergency": bool(getattr(port, "emergency", False)),
+            })  # fmt: skip
+            level[g] = max(level.get(g, -120.0), float(eng.rx_dbfs[i]))
+        groups = lay.groups
+        tg_group = {tg: gi for gi, g in enumerate(groups) for tg in g.talkgroups}
+        out: dict[str, Any] = {}
+        for name, cfg in eng.talkgroups.items():
+            gi = tg_group.get(name)
+            group = groups[gi] if gi is not None else None
+            out[name] = {
+                "name": name,
+                "description": cfg.description,
+                "floor": group.floor if group else cfg.floor,
+                "patched_with": [t for t in group.talkgroups if t != name] if group else [],
+                "patches": list(group.patches) if group else [],
+                "talkers": talkers.get(gi, []) if gi is not None else [],
+                "level_dbfs": round(level.get(gi, -120.0), 1) if gi is not None else -120.0,
+            }
+        return {"talkgroups": out, "index": {id(p): i for i, p in enumerate(lay.ports)}}
+
+    def personal_state(
+        self, common: dict[str, Any], session: Session, console: Console | None
+    ) -> dict[str, Any]:
+        eng = self.engine
+        op = session.config
+        tiles = []
+        for name, tile in common["talkgroups"].items():
+            if not op.may_monitor(name):
+                continue
+            port = console.ports.get(name) if console else None
+            me = "off"
+            if port is not None:
+                i = common["index"].get(id(port))
+                if port.ptt and i is not None and i < len(eng.admitted) and eng.admitted[i]:
+                    me = "talking"
+                elif port.ptt and i is not None and i < len(eng.denied) and eng.denied[i]:
+                    me = "busy"
+                elif port.ptt:
+                    me = "requesting"
+                else:
+                    me = "listening"
+            may_talk = op.may_talk(name)
+            tiles.append({**tile, "may_talk": may_talk,
+                          "may_emergency": op.emergency and may_talk, "me": me})  # fmt: skip
+        return {
+            "type": "state",
+            "site": self.gateway.config.site.name,
+            "server_time": time.time(),
+            "talkgroups": tiles,
+        }
+
+    # --- consoles, ports and peer connections ------------------------------------
+
+    def console_for(self, session: Session, console_id: str) -> Console:
+        console = self.consoles.get(console_id)
+        if console is not None and console.session.token != session.token:
+            raise web.HTTPForbidden(text="that console id belongs to another session")
+        if console is None:
+            console = self.consoles[console_id] = Console(console_id, session)
+        return console
+
+    async def join(self, session: Session, console: Console, talkgroup: str, offer: dict) -> dict:
+        op = session.config
+        if talkgroup not in self.engine.talkgroups:
+            raise web.HTTPNotFound(text=f"no talkgroup named {talkgroup!r}")
+        if not op.may_monitor(talkgroup):
+            audit.warning("console join refused operator=%s talkgroup=%s (no permission)",
+                          session.operator, talkgroup)  # fmt: skip
+            raise web.HTTPForbidden(text=f"operator {session.operator} may not use {talkgroup}")
+        if offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
+            raise web.HTTPBadRequest(text='expected {"type": "offer", "sdp": "..."}')
+        await self.leave(console, talkgroup, "re-joined")
+        name = f"{session.operator}@{talkgroup}"
+        for other in list(self.consoles.values()):  # the same operator on another tab: take over
+            if talkgroup in other.ports and other.ports[talkgroup].name == name:
+                await self.leave(other, talkgroup, "taken over by another console")
+                for sock in other.sockets:
+                    sock.send({"type": "left", "talkgroup": talkgroup,
+                               "reason": "opened on another console"})  # fmt: skip
+        cfg = self.config
+        timing = self.gateway.config.timing
+        port = ConsolePort(
+            name, timing, operator=session.operator,
+            display=op.display_name or session.operator, agency=op.agency,
+            talkgroup=talkgroup, may_talk=op.may_talk(talkgroup), priority=op.priority,
+            encoders=self.encoders, silence=self.silence,
+            tick=lambda: self.engine.tick_count, shared_encode=cfg.shared_encode,
+        )  # fmt: skip
+        servers = [RTCIceServer(urls=u) for u in cfg.ice_servers]
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+
+        @pc.on("track")
+        def _on_track(track: Any) -> None:
+            if track.kind == "audio":
+                port.start_reading(track)
+
+        @pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and console.pcs.get(talkgroup) is pc:
+                await self.leave(console, talkgroup, f"connection {pc.connectionState}")
+                for sock in console.sockets:
+                    sock.send({"type": "left", "talkgroup": talkgroup, "reason": "connection lost"})
+
+        try:
+            sdp = filter_remote_candidates(offer["sdp"], self.loopback_only)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            pc.addTrack(port.track)
+            codecs = RTCRtpSender.getCapabilities("audio").codecs
+            opus = [c for c in codecs if c.mimeType == "audio/opus"]
+            for transceiver in pc.getTransceivers():
+                if transceiver.kind == "audio":
+                    transceiver.setCodecPreferences(opus)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:
+            await pc.close()
+            raise web.HTTPBadRequest(text=f"cannot answer this offer: {exc}") from exc
+        console.ports[talkgroup] = port
+        console.pcs[talkgroup] = pc
+        self.engine.attach(port, talkgroup, op.priority)
+        audit.info("console join operator=%s talkgroup=%s mode=%s", session.operator, talkgroup,
+                   "talk" if port.can_talk else "monitor")  # fmt: skip
+        self.push_state()
+        return {"type": pc.localDescription.type, "sdp": pc.localDescription.sdp}
+
+    async def leave(self, console: Console, talkgroup: str, reason: str) -> None:
+        port = console.ports.pop(talkgroup, None)
+        pc = console.pcs.pop(talkgroup, None)
+        if port is not None:
+            self.engine.detach(port)
+            port.close()
+            audit.info("console leave operator=%s talkgroup=%s (%s)",
+                       port.operator, talkgroup, reason)  # fmt: skip
+        if pc is not None:
+            await pc.close()
+        if port is not None:
+            self.push_state()
+
+    async def close_console(self, console: Console, reason: str) -> None:
+        if console.grace:
+            console.grace.cancel()
+        for talkgroup in list(console.ports):
+            await self.leave(console, talkgroup, reason)
+        self.consoles.pop(console.id, None)
+
+    def set_ptt(self, sock: Socket, talkgroup: str, on: bool, emergency: bool = False) -> None:
+        console = sock.console
+        port = console.ports.get(talkgroup) if console else None
+        op = sock.session.config
+        if port is None:
+            sock.send({"type": "refused", "talkgroup": talkgroup, "reason": "not joined"})
+            return
+        if on and not port.can_talk:
+            audit.warning("console PTT refused operator=%s talkgroup=%s (monitor only)",
+                          sock.session.operator, talkgroup)  # fmt: skip
+            sock.send({"type": "refused", "talkgroup": talkgroup, "reason": "monitor only"})
+            return
+        if on and emergency and not op.emergency:
+            audit.warning("console emergency refused operator=%s talkgroup=%s",
+                          sock.session.operator, talkgroup)  # fmt: skip
+            sock.send({"type": "refused", "talkgroup": talkgroup,
+                       "reason": "emergency not permitted for this operator"})  # fmt: skip
+            emergency = False
+        want_emergency = on and emergency
+        if want_emergency != port.emergency:
+            port.emergency = want_emergency
+            self._set_priority(port, op.emergency_priority if want_emergency else op.priority)
+            audit.warning("console EMERGENCY %s operator=%s talkgroup=%s",
+                          "on" if want_emergency else "off", sock.session.operator, talkgroup)
+        if on != port.ptt:
+            audit.info("console PTT %s operator=%s talkgroup=%s", "on" if on else "off",
+                       sock.session.operator, talkgroup)  # fmt: skip
+        port.set_ptt(on)
+
+    def _set_priority(self, port: ConsolePort, priority: int) -> None:
+        """Emergency pre-emption: raise a console's floor priority live, keeping the
+        floor holder so the engine reports a pre-emption."""
+        if port.name in self.engine.attached:
+            port.priority = priority
+            self.engine.set_priority(port.name, priority)
+
+    def release_console(self, console: Console, reason: str) -> None:
+        """The page went away: drop its PTT now, hang up its audio after a grace period."""
+        for talkgroup, port in console.ports.items():
+            if port.ptt or port.emergency:
+                audit.info("console PTT released operator=%s talkgroup=%s (%s)",
+                           console.session.operator, talkgroup, reason)  # fmt: skip
+            port.set_ptt(False)
+            if port.emergency:
+                port.emergency = False
+                self._set_priority(port, console.session.config.priority)
+        if console.sockets:
+            return
+        if console.grace:
+            console.grace.cancel()
+        loop = asyncio.get_event_loop()
+        console.grace = loop.call_later(
+            self.config.disconnect_grace,
+            lambda: asyncio.ensure_future(self._expire(console)),
+        )
+
+    async def _expire(self, console: Console) -> None:
+        if not console.sockets:
+            await self.close_console(console, "page gone")
+
+
+# --- routes -----------------------------------------------------------------------
+
+
+def _session(request: web.Request) -> Session:
+    hub: ConsoleHub = request.app[HUB]
+    session = hub.sessions.get(request.cookies.get(COOKIE))
+    if session is None:
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": "log in first"}), content_type="application/json"
+        )
+    return session
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(text=f"expected a JSON body: {exc}") from exc
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="expected a JSON object")
+    return body
+
+
+def _console_id(body: dict[str, Any]) -> str:
+    cid = body.get("console")
+    if not isinstance(cid, str) or not 8 <= len(cid) <= 64 or not cid.isalnum():
+        raise web.HTTPBadRequest(text="'console' must be the page's id (8-64 letters/digits)")
+    return cid
+
+
+async def to_console(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/console/")
+
+
+async def page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def login(request: web.Request) -> web.Response:
+    hub: ConsoleHub = request.app[HUB]
+    body = await _json(request)
+    operator, password = body.get("operator"), body.get("password")
+    if not isinstance(operator, str) or not isinstance(password, str):
+        raise web.HTTPBadRequest(text='expected {"operator": "...", "password": "..."}')
+    session, retry = hub.sessions.login(operator, password, request.remote or "?")
+    if session is None:
+        if retry > 0:
+            return web.json_response(
+                {"error": f"too many failed logins; try again in {retry:.0f} s"},
+                status=429, headers={"Retry-After": str(int(retry) + 1)},
+            )  # fmt: skip
+        return web.json_response({"error": "wrong operator name or password"}, status=401)
+    response = web.json_response({"operator": session.operator})
+    response.set_cookie(COOKIE, session.token, httponly=True, samesite="Strict",
+                        secure=request.secure, path="/",
+                        max_age=int(hub.config.session_lifetime))  # fmt: skip
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    hub: ConsoleHub = request.app[HUB]
+    session = _session(request)
+    for console in [c for c in hub.consoles.values() if c.session.token == session.token]:
+        await hub.close_console(console, "logged out")
+    hub.sessions.logout(session.token)
+    response = web.json_response({"ok": True})
+    response.del_cookie(COOKIE, path="/")
+    return response
+
+
+async def me(request: web.Request) -> web.Response:
+    hub: ConsoleHub = request.app[HUB]
+    session = _session(request)
+    op = session.config
+    return web.json_response({
+        "operator": session.operator,
+        "display": op.display_name or session.operator,
+        "agency": op.agency,
+        "site": hub.gateway.config.site.name,
+        "emergency": op.emergency,
+    })  # fmt: skip
+
+
+async def state(request: web.Request) -> web.Response:
+    hub: ConsoleHub = request.app[HUB]
+    session = _session(request)
+    return web.json_response(hub.personal_state(hub.common_state(), session, None))
+
+
+async def join(request: web.Request) -> web.Response:
+    hub: ConsoleHub = request.app[HUB]
+    session = _session(request)
+    body = await _json(request)
+    console = hub.console_for(session, _console_id(body))
+    talkgroup = body.get("talkgroup")
+    if not isinstance(talkgroup, str):
+        raise web.HTTPBadRequest(text="'talkgroup' is required")
+    return web.json_response(await hub.join(session, console, talkgroup, body))
+
+
+async def leave(request: web.Request) -> web.Response:
+    hub: ConsoleHub = request.app[HUB]
+    session = _session(request)
+    body = await _json(request)
+    console = hub.console_for(session, _console_id(body))
+    await hub.leave(console, str(body.get("talkgroup")), "left")
+    return web.json_response({"ok": True})
+
+
+async def events(request: web.Request) -> web.WebSocketResponse:
+    hub: ConsoleHub = request.app[HUB]
+    session = _session(request)  # 401 before the upgrade
+    ws = web.WebSocketResponse(heartbeat=5.0)
+    await ws.prepare(request)
+    sock = Socket(ws, session)
+    hub.sockets.add(sock)
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            try:
+                data = json.loads(msg.data)
+                kind = data["type"]
+            except (ValueError, KeyError, TypeError):
+                sock.send({"type": "error", "message": "messages are JSON objects with a 'type'"})
+                continue
+            if hub.sessions.get(session.token) is None:
+                sock.send({"type": "error", "message": "session ended; log in again"})
+                break
+            if kind == "hello":
+                try:
+                    console = hub.console_for(session, _console_id(data))
+                except web.HTTPException as exc:
+                    sock.send({"type": "error", "message": exc.text})
+                    continue
+                if console.grace:
+                    console.grace.cancel()
+                    console.grace = None
+                console.sockets.add(sock)
+                sock.console = console
+                sock.send({"type": "hello", "joined": list(console.ports)})
+                hub.push_state()
+            elif kind == "ptt" and isinstance(data.get("talkgroup"), str):
+                on, emergency = bool(data.get("on")), bool(data.get("emergency"))
+                hub.set_ptt(sock, data["talkgroup"], on, emergency)
+                hub.push_state()
+            else:
+                sock.send({"type": "error", "message": f"unknown message {kind!r}"})
+    finally:
+        hub.sockets.discard(sock)
+        sock.task.cancel()
+        if sock.console is not None:
+            sock.console.sockets.discard(sock)
+            hub.release_console(sock.console, "event socket closed")
+    return ws
+
+
+@register_routes
+def install(app: web.Application, gateway: Gateway) -> None:
+    """Serve the console when the site has a ``[console]`` section."""
+    if gateway.config.section("console") is None:
+        return
+    hub = ConsoleHub(gateway)
+    app[HUB] = hub
+    gateway.console = hub  # type: ignore[attr-defined]
+    app.on_startup.append(hub.on_startup)
+    app.on_shutdown.append(hub.on_shutdown)
+    app.router.add_get("/console", to_console)
+    app.router.add_get("/console/", page)
+    app.router.add_static("/console/static/", STATIC)
+    app.router.add_post("/api/console/login", login)
+    app.router.add_post("/api/console/logout", logout)
+    app.router.add_get("/api/console/me", me)
+    app.router.add_get("/api/console/state", state)
+    app.router.add_post("/api/console/join", join)
+    app.router.add_post("/api/console/leave", leave)
+    app.router.add_get("/api/console/events", events)
+
+
+def new_console_id() -> str:
+    return secrets.token_hex(8)

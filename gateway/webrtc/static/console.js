@@ -1,0 +1,378 @@
+// BorderLink dispatcher console: plain ES module, no build step.
+// One RTCPeerConnection per monitored talkgroup (the gateway makes each one a port);
+// PTT and who-is-talking travel on one WebSocket.
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const consoleId = Array.from(crypto.getRandomValues(new Uint8Array(8)), b => b.toString(16).padStart(2, "0")).join("");
+
+const ui = {
+  site: $("#site"), who: $("#who"), link: $("#link"), banner: $("#banner"), logout: $("#logout"),
+  login: $("#login"), loginError: $("#login-error"), main: $("#console"), tiles: $("#tiles"),
+};
+
+const tiles = new Map();        // talkgroup → {el, pc, sender, gain, analyser, audio, monitor, info}
+let ws = null, wsBackoff = 500, me = null, mic = null, micError = "", audioCtx = null;
+let selected = null, pttHeld = null, running = false;
+
+// Diagnostics for tests and field troubleshooting (no secrets here).
+const diag = { log: [], talkerSeen: {}, consoleId };
+window.borderlink = diag;
+
+function banner(text) { ui.banner.textContent = text || ""; ui.banner.hidden = !text; }
+function setLink(text, cls) { ui.link.textContent = text; ui.link.className = "link " + (cls || ""); }
+
+async function api(path, body) {
+  const opts = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  const r = await fetch(path, { credentials: "same-origin", ...opts });
+  let data = null;
+  try { data = await r.json(); } catch { data = { error: await r.text().catch(() => "") }; }
+  return { status: r.status, ok: r.ok, data };
+}
+
+// --- login -----------------------------------------------------------------------
+
+ui.login.addEventListener("submit", async (e) => {
+  e.preventDefault();
+  ui.loginError.textContent = "";
+  let r;
+  try {
+    r = await api("/api/console/login", { operator: $("#operator").value, password: $("#password").value });
+  } catch {
+    ui.loginError.textContent = "Gateway unreachable. Check the address and your network.";
+    return;
+  }
+  if (!r.ok) {
+    ui.loginError.textContent = (r.data && r.data.error) || `login failed (${r.status})`;
+    return;
+  }
+  $("#password").value = "";
+  await start();
+});
+
+ui.logout.addEventListener("click", async () => {
+  pttRelease();
+  await api("/api/console/logout", {}).catch(() => {});
+  location.reload();
+});
+
+function showLogin(message) {
+  running = false;
+  ui.main.hidden = true; ui.logout.hidden = true; ui.login.hidden = false;
+  ui.loginError.textContent = message || "";
+  setLink("logged out", "");
+  $("#operator").focus();
+}
+
+// --- start-up ----------------------------------------------------------------------
+
+async function boot() {
+  let r;
+  try { r = await api("/api/console/me"); } catch {
+    setLink("unreachable", "down");
+    banner("Gateway unreachable — retrying…");
+    setTimeout(boot, 2000);
+    return;
+  }
+  if (r.status === 401) { showLogin(); return; }
+  await start(r.data);
+}
+
+async function start(profile) {
+  if (!profile) {
+    const r = await api("/api/console/me");
+    if (!r.ok) { showLogin("session not accepted"); return; }
+    profile = r.data;
+  }
+  me = profile;
+  running = true;
+  ui.site.textContent = "— " + me.site;
+  ui.who.textContent = `${me.display}${me.agency ? " (" + me.agency + ")" : ""}`;
+  ui.login.hidden = true; ui.main.hidden = false; ui.logout.hidden = false;
+  audioCtx = audioCtx || new AudioContext();
+  if (audioCtx.state === "suspended") audioCtx.resume().catch(() => {});
+  await openMic();
+  connect();
+}
+
+async function openMic() {
+  if (mic) return;
+  if (!navigator.mediaDevices || !window.isSecureContext) {
+    micError = "No microphone: the console needs HTTPS (or localhost) for audio input. Monitor only.";
+    banner(micError);
+    return;
+  }
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+    });
+    mic = stream.getAudioTracks()[0];
+    micError = "";
+  } catch (err) {
+    micError = err && err.name === "NotAllowedError"
+      ? "Microphone access was denied: you can monitor, but PTT needs the microphone. Allow it in the browser's site settings and reload."
+      : `No microphone available (${err && err.name}): monitor only.`;
+    banner(micError);
+  }
+}
+
+// --- event socket --------------------------------------------------------------------
+
+function connect() {
+  if (!running) return;
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  setLink("connecting…", "");
+  const sock = new WebSocket(`${proto}//${location.host}/api/console/events`);
+  ws = sock;
+  let opened = false;
+  sock.onopen = () => {
+    opened = true; wsBackoff = 500;
+    setLink("connected", "up");
+    if (!micError) banner("");
+    sock.send(JSON.stringify({ type: "hello", console: consoleId }));
+  };
+  sock.onmessage = (e) => onMessage(JSON.parse(e.data));
+  sock.onclose = async () => {
+    if (ws !== sock) return;
+    ws = null;
+    pttRelease(false);
+    if (!running) return;
+    if (!opened) {  // refused before the upgrade: logged out, or gateway down?
+      try {
+        const r = await api("/api/console/me");
+        if (r.status === 401) { showLogin("Your session ended; log in again."); return; }
+      } catch { /* unreachable: retry below */ }
+    }
+    setLink("reconnecting…", "down");
+    banner("Gateway unreachable — reconnecting…");
+    setTimeout(connect, wsBackoff);
+    wsBackoff = Math.min(wsBackoff * 2, 5000);
+  };
+}
+
+function send(msg) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(msg)); }
+
+function onMessage(msg) {
+  if (msg.type === "state") { render(msg); return; }
+  if (msg.type === "hello") {
+    // After a reconnect the gateway may have lost our calls (restart): join again.
+    for (const [tg, t] of tiles) if (t.monitor && !msg.joined.includes(tg)) rejoin(tg);
+    return;
+  }
+  if (msg.type === "refused") {
+    const t = tiles.get(msg.talkgroup);
+    if (t) $(".state", t.el).textContent = `PTT refused: ${msg.reason}`;
+    diag.log.push({ t: Date.now(), refused: msg.talkgroup, reason: msg.reason });
+    if (pttHeld && pttHeld.tg === msg.talkgroup) pttRelease(false);
+    return;
+  }
+  if (msg.type === "left") {
+    const t = tiles.get(msg.talkgroup);
+    if (t) { hangUp(t); $(".state", t.el).textContent = msg.reason; if (t.monitor && msg.reason === "connection lost") rejoin(msg.talkgroup); }
+    return;
+  }
+  if (msg.type === "error") banner(msg.message);
+}
+
+// --- tiles -----------------------------------------------------------------------------
+
+function tileFor(info) {
+  let t = tiles.get(info.name);
+  if (t) return t;
+  const el = $("#tile").content.firstElementChild.cloneNode(true);
+  el.dataset.talkgroup = info.name;
+  $(".name", el).textContent = info.name;
+  el.title = info.description || info.name;
+  t = { el, pc: null, sender: null, gain: null, analyser: null, audio: null, monitor: true, info };
+  tiles.set(info.name, t);
+  ui.tiles.appendChild(el);
+  const ptt = $(".ptt", el), emer = $(".emergency", el);
+  const down = (emergency) => (e) => { e.preventDefault(); select(info.name); pttPress(info.name, emergency); };
+  const up = (e) => { e.preventDefault(); pttRelease(); };
+  for (const [btn, em] of [[ptt, false], [emer, true]]) {
+    btn.addEventListener("pointerdown", down(em));
+    btn.addEventListener("pointerup", up);
+    btn.addEventListener("pointercancel", up);
+    btn.addEventListener("pointerleave", (e) => { if (pttHeld) up(e); });
+    btn.addEventListener("keydown", (e) => { if (e.key === "Enter") e.preventDefault(); });
+  }
+  el.addEventListener("focus", () => select(info.name));
+  el.addEventListener("click", () => select(info.name));
+  $(".monitor-toggle", el).checked = true;
+  $(".monitor-toggle", el).addEventListener("change", (e) => setMonitor(info.name, e.target.checked));
+  $(".volume-slider", el).addEventListener("input", (e) => { if (t.gain) t.gain.gain.value = Number(e.target.value); });
+  if (!selected) select(info.name);
+  join(info.name);
+  return t;
+}
+
+function render(state) {
+  diag.lastState = state;
+  const now = Date.now();
+  for (const info of state.talkgroups) {
+    const t = tileFor(info);
+    t.info = info;
+    const el = t.el;
+    $(".floor", el).textContent = info.floor === "single" ? "single floor" : "mix";
+    const patch = $(".patch", el);
+    patch.hidden = info.patched_with.length === 0;
+    patch.textContent = `patched: ${info.patched_with.join(", ")}`;
+    const talkers = info.talkers;
+    const text = talkers.length
+      ? talkers.map(x => `${x.emergency ? "⚠ " : ""}${x.who}${x.agency ? " (" + x.agency + ")" : ""}`).join(", ")
+      : "—";
+    const talker = $(".talker", el);
+    if (talker.textContent !== text) {
+      talker.textContent = text;
+      diag.log.push({ t: now, talkgroup: info.name, talkers: talkers.map(x => x.port) });
+    }
+    for (const x of talkers) {
+      const key = `${info.name}|${x.port}`;
+      if (!(key in diag.talkerSeen)) diag.talkerSeen[key] = now;
+    }
+    for (const key of Object.keys(diag.talkerSeen)) {
+      const [tg, port] = key.split("|");
+      if (tg === info.name && !talkers.some(x => x.port === port)) delete diag.talkerSeen[key];
+    }
+    el.classList.toggle("active", talkers.length > 0);
+    el.classList.toggle("emergency-on", talkers.some(x => x.emergency));
+    $(".level", el).value = Math.max(-60, info.level_dbfs);
+    const ptt = $(".ptt", el);
+    ptt.setAttribute("aria-disabled", String(!info.may_talk || !mic));
+    ptt.title = !info.may_talk ? "monitor only" : (!mic ? "no microphone" : "hold to talk");
+    ptt.classList.toggle("busy", info.me === "busy");
+    $(".emergency", el).hidden = !info.may_emergency;
+    const words = { off: t.monitor ? "connecting…" : "not monitoring", listening: "monitoring",
+                    talking: "TRANSMITTING", busy: "BUSY — floor held by another talker",
+                    requesting: "requesting floor…" };
+    const stateEl = $(".state", el);
+    if (!stateEl.textContent.startsWith("PTT refused") || info.me === "talking")
+      stateEl.textContent = (info.may_talk ? "" : "monitor only · ") + (words[info.me] || info.me);
+  }
+}
+
+function select(tg) {
+  selected = tg;
+  for (const [name, t] of tiles) t.el.classList.toggle("selected", name === tg);
+}
+
+// --- audio: one peer connection per monitored talkgroup ------------------------------------
+
+async function join(tg) {
+  const t = tiles.get(tg);
+  if (!t || t.pc || !t.monitor) return;
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  t.pc = pc;
+  const transceiver = pc.addTransceiver("audio", { direction: mic ? "sendrecv" : "recvonly" });
+  t.sender = mic ? transceiver.sender : null;
+  pc.ontrack = (e) => attachAudio(t, e.streams[0] || new MediaStream([e.track]));
+  pc.onconnectionstatechange = () => {
+    if (t.pc !== pc) return;
+    if (pc.connectionState === "failed") { hangUp(t); if (t.monitor) rejoin(tg); }
+  };
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    await iceGathered(pc);
+    const r = await api("/api/console/join", { console: consoleId, talkgroup: tg, type: "offer", sdp: pc.localDescription.sdp });
+    if (!r.ok) throw new Error((r.data && r.data.error) || `join refused (${r.status})`);
+    if (t.pc !== pc) return;
+    await pc.setRemoteDescription(r.data);
+  } catch (err) {
+    if (t.pc === pc) { hangUp(t); $(".state", t.el).textContent = `cannot join: ${err.message}`; if (t.monitor) rejoin(tg, 3000); }
+  }
+}
+
+function rejoin(tg, delay = 1000) { setTimeout(() => { const t = tiles.get(tg); if (t && t.monitor && !t.pc && running) join(tg); }, delay); }
+
+function iceGathered(pc) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { if (pc.iceGatheringState === "complete") { pc.removeEventListener("icegatheringstatechange", done); resolve(); } };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, 2000);  // host candidates are enough on a dispatch LAN
+  });
+}
+
+function attachAudio(t, stream) {
+  // Chromium only feeds a remote WebRTC stream into Web Audio while a media element plays it.
+  t.audio = new Audio(); t.audio.muted = true; t.audio.srcObject = stream; t.audio.play().catch(() => {});
+  const source = audioCtx.createMediaStreamSource(stream);
+  t.analyser = audioCtx.createAnalyser(); t.analyser.fftSize = 8192; t.analyser.smoothingTimeConstant = 0;
+  t.gain = audioCtx.createGain(); t.gain.gain.value = Number($(".volume-slider", t.el).value);
+  source.connect(t.analyser); source.connect(t.gain); t.gain.connect(audioCtx.destination);
+}
+
+function hangUp(t) {
+  if (pttHeld && tiles.get(pttHeld.tg) === t) pttRelease();
+  if (t.pc) t.pc.close();
+  if (t.audio) t.audio.srcObject = null;
+  if (t.gain) t.gain.disconnect();
+  t.pc = t.sender = t.gain = t.analyser = t.audio = null;
+}
+
+async function setMonitor(tg, on) {
+  const t = tiles.get(tg);
+  t.monitor = on;
+  if (on) { join(tg); return; }
+  hangUp(t);
+  await api("/api/console/leave", { console: consoleId, talkgroup: tg }).catch(() => {});
+}
+
+// --- PTT ---------------------------------------------------------------------------------
+
+function pttPress(tg, emergency = false) {
+  const t = tiles.get(tg);
+  if (!t || pttHeld) return;
+  if (!mic) { $(".state", t.el).textContent = micError || "no microphone"; return; }
+  if (!t.pc) { $(".state", t.el).textContent = "turn Monitor on to talk here"; return; }
+  pttHeld = { tg, emergency };
+  diag.log.push({ t: Date.now(), ptt: tg, on: true, emergency });
+  $(".ptt", t.el).setAttribute("aria-pressed", "true");
+  if (t.sender) t.sender.replaceTrack(mic);
+  send({ type: "ptt", talkgroup: tg, on: true, emergency });
+}
+
+function pttRelease(notify = true) {
+  if (!pttHeld) return;
+  const { tg } = pttHeld;
+  pttHeld = null;
+  diag.log.push({ t: Date.now(), ptt: tg, on: false });
+  if (notify) send({ type: "ptt", talkgroup: tg, on: false });
+  const t = tiles.get(tg);
+  if (!t) return;
+  $(".ptt", t.el).setAttribute("aria-pressed", "false");
+  if (t.sender) t.sender.replaceTrack(null);
+}
+
+const typing = (e) => e.target instanceof HTMLInputElement && e.target.type !== "checkbox" && e.target.type !== "range";
+document.addEventListener("keydown", (e) => {
+  if (ui.main.hidden || typing(e)) return;
+  if (e.code === "Space") { e.preventDefault(); if (!e.repeat && selected) pttPress(selected); }
+  else if (e.key === "m" || e.key === "M") {
+    const t = tiles.get(selected); if (!t) return;
+    const box = $(".monitor-toggle", t.el); box.checked = !box.checked; setMonitor(selected, box.checked);
+  } else if (e.key === "ArrowRight" || e.key === "ArrowLeft") {
+    const names = [...tiles.keys()]; if (!names.length) return;
+    const i = (names.indexOf(selected) + (e.key === "ArrowRight" ? 1 : names.length - 1)) % names.length;
+    tiles.get(names[i]).el.focus();
+  }
+});
+document.addEventListener("keyup", (e) => { if (e.code === "Space" && !typing(e)) { e.preventDefault(); pttRelease(); } });
+window.addEventListener("blur", () => pttRelease());           // never leave a PTT stuck
+document.addEventListener("visibilitychange", () => { if (document.hidden) pttRelease(); });
+
+// What this console hears on a talkgroup, measured on the received track.
+diag.measure = (tg) => {
+  const t = tiles.get(tg);
+  if (!t || !t.analyser) return null;
+  const a = t.analyser, spec = new Float32Array(a.frequencyBinCount), wave = new Float32Array(a.fftSize);
+  a.getFloatFrequencyData(spec); a.getFloatTimeDomainData(wave);
+  let peak = 0;
+  for (let i = 1; i < spec.length; i++) if (spec[i] > spec[peak]) peak = i;
+  const rms = Math.sqrt(wave.reduce((s, x) => s + x * x, 0) / wave.length);
+  return { peakHz: peak * audioCtx.sampleRate / a.fftSize, peakDb: spec[peak], rmsDbfs: 20 * Math.log10(Math.max(rms, 1e-9)) };
+};
+diag.tiles = tiles;
+
+boot();

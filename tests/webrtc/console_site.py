@@ -1,0 +1,279 @@
+"""A real gateway with the console, and a real Chromium driven by Playwright.
+
+Each test runs one asyncio loop (``run``) holding the gateway (its real web
+server on 127.0.0.1, port 0) and Playwright's async API. Chromium's microphone is
+a WAV this fixture writes (a known tone), so what reaches a radio can be checked
+by frequency. The radio here is a ``test_radio`` port: squelch set by the test,
+a known tone out, and every frame the gateway sends it kept with its arrival time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import time
+import wave
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from gateway.codecs.pcm import float_to_int16
+from gateway.codecs.tones import ToneGenerator
+from pydantic import Field
+
+from gateway.config import PortConfig, register_port_kind
+from gateway.ports import Port, register_port_type
+from gateway.webrtc.passwords import hash_password
+
+
+def _shared_helpers():
+    """tests/conftest.py by path: 'conftest' as a module name is ambiguous across suites."""
+    spec = importlib.util.spec_from_file_location(
+        "borderlink_shared_conftest_webrtc", Path(__file__).resolve().parents[1] / "conftest.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+require_binary = _shared_helpers().require_binary
+
+CONSOLE_TONE_HZ = 1200.0  # what the fake microphone says
+RADIO_TONE_HZ = 700.0  # what the test radio says
+PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22"}
+CHROMIUM_FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--autoplay-policy=no-user-gesture-required",
+]  # fmt: skip
+
+_HASHES: dict[str, str] = {}
+
+
+def password_hash(operator: str) -> str:
+    if operator not in _HASHES:  # scrypt is slow on purpose; hash once per session
+        _HASHES[operator] = hash_password(PASSWORDS[operator])
+    return _HASHES[operator]
+
+
+@register_port_kind("console_test_radio")
+class TestRadioConfig(PortConfig):
+    default_duplex: ClassVar[str] = "half"
+    tone_hz: float = Field(RADIO_TONE_HZ, gt=0)
+    level_dbfs: float = -12.0
+
+
+@register_port_type("console_test_radio")
+class TestRadio(Port):
+    """A radio the test keys by hand; records what the gateway transmits to it."""
+
+    def __init__(self, name: str, config: TestRadioConfig, timing: Any) -> None:
+        super().__init__(name, config, timing)
+        self.tone = ToneGenerator([config.tone_hz], self.rate, config.level_dbfs)
+        self.squelch = False
+        self.opened_at: float | None = None
+        self.heard: list[tuple[float, np.ndarray]] = []
+
+    def open_squelch(self, on: bool) -> None:
+        self.squelch = on
+        self.opened_at = None
+
+    def read(self) -> np.ndarray | None:
+        if self.squelch and self.opened_at is None:
+            self.opened_at = time.time()
+        self.talking = self.squelch
+        return self.tone.read(self.frame_samples) if self.squelch else None
+
+    def write(self, frame: np.ndarray | None) -> None:
+        if frame is not None and len(self.heard) < 3000:
+            self.heard.append((time.time(), frame.copy()))
+
+    def audio_since(self, t: float) -> np.ndarray:
+        frames = [f for when, f in self.heard if when >= t]
+        return np.concatenate(frames) if frames else np.zeros(0, np.float32)
+
+
+def write_tone_wav(path: Path, hz: float, seconds: float = 20.0, rate: int = 48000) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    audio = (10 ** (-12 / 20) * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(float_to_int16(audio).astype("<i2").tobytes())
+    return path
+
+
+def site_toml(floor: str = "mix", extra: str = "") -> str:
+    return f"""
+[site]
+name = "Test station"
+country = "US"
+
+[web]
+host = "127.0.0.1"
+port = 0
+
+[console]
+ice_addresses = ["127.0.0.1"]
+login_attempts = 3
+login_lockout = "30s"
+disconnect_grace = "1s"
+
+[console.operators.alice]
+password_hash = "{password_hash('alice')}"
+agency = "USCG"
+display_name = "Alice (dispatch)"
+talk = ["*"]
+emergency = true
+
+[console.operators.bob]
+password_hash = "{password_hash('bob')}"
+agency = "RCMP"
+monitor = ["marine"]
+
+[ports.uscg_vhf]
+kind = "console_test_radio"
+agency = "USCG"
+ptt_hang_time = "0ms"
+
+[ports.cbsa_land]
+kind = "console_test_radio"
+agency = "CBSA"
+tone_hz = 500
+ptt_hang_time = "0ms"
+
+[talkgroups.marine]
+members = ["uscg_vhf"]
+floor = "{floor}"
+description = "Shiprider working channel"
+{extra}
+
+[talkgroups.land]
+members = ["cbsa_land"]
+floor = "single"
+"""
+
+
+def fft_peak_hz(x: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spectrum) * rate / len(x))
+
+
+def png_is_blank(png: bytes) -> bool:
+    """True for a PNG whose pixels are (nearly) all one colour, or that is not a PNG."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n":
+        return True
+    pos, idat = 8, b""
+    while pos < len(png):
+        length = int.from_bytes(png[pos : pos + 4], "big")
+        kind = png[pos + 4 : pos + 8]
+        if kind == b"IDAT":
+            idat += png[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    pixels = np.frombuffer(zlib.decompress(idat), np.uint8)
+    return len(np.unique(pixels)) < 16 or float(pixels.std()) < 5.0
+
+
+def rms_dbfs(x: np.ndarray) -> float:
+    return 20 * float(np.log10(max(float(np.sqrt(np.mean(np.square(x)))), 1e-9)))
+
+
+async def until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.01) -> Any:
+    """Poll ``predicate`` (sync or async) until truthy, or fail saying what did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for: {what}")
+        await asyncio.sleep(step)
+
+
+@dataclass
+class Site:
+    gateway: Any
+    url: str
+    browser: Any
+    tmp: Path
+    pages: list[Any] = field(default_factory=list)
+
+    def radio(self, name: str = "uscg_vhf") -> TestRadio:
+        return self.gateway.ports[name]
+
+    async def console(self, operator: str = "alice", password: str | None = None) -> Any:
+        """A new browser tab, logged in, with every permitted talkgroup joined."""
+        context = await self.browser.new_context(viewport={"width": 1100, "height": 700})
+        page = await context.new_page()
+        page.on("console", lambda m: print("[page]", m.text))
+        self.pages.append(page)
+        await page.goto(self.url)
+        await page.fill("#operator", operator)
+        await page.fill("#password", password or PASSWORDS[operator])
+        await page.click("#login button[type=submit]")
+        return page
+
+    async def wait_joined(self, page: Any, talkgroup: str, timeout: float = 15.0) -> None:
+        """Until the page's peer connection for the talkgroup is connected and audio flows."""
+        await page.wait_for_function(
+            """tg => { const t = window.borderlink && window.borderlink.tiles.get(tg);
+                       return t && t.pc && t.pc.connectionState === 'connected' && t.analyser; }""",
+            arg=talkgroup, timeout=timeout * 1000,
+        )  # fmt: skip
+
+    def console_port(self, operator: str, talkgroup: str) -> Any:
+        name = f"{operator}@{talkgroup}"
+        return next((p for p in self.gateway.engine.ports if p.name == name), None)
+
+
+@contextlib.asynccontextmanager
+async def console_site(
+    tmp: Path, floor: str = "mix", extra: str = "", browser: bool = True
+) -> AsyncIterator[Site]:
+    from playwright.async_api import async_playwright
+
+    from gateway.app import Gateway
+    from gateway.site import load_site
+
+    chromium = require_binary("chromium") if browser else ""
+    config_path = tmp / "site.toml"
+    config_path.write_text(site_toml(floor, extra))
+    wav = write_tone_wav(tmp / "mic.wav", CONSOLE_TONE_HZ)
+    gateway = Gateway(load_site(config_path))
+    run = asyncio.ensure_future(gateway.run())
+    try:
+        await until(lambda: getattr(getattr(gateway, "web", None), "port", None) or run.done(),
+                    10, "the web server to listen")  # fmt: skip
+        if run.done():
+            run.result()
+        url = f"http://127.0.0.1:{gateway.web.port}/console/"
+        if not browser:
+            yield Site(gateway, url, None, tmp)
+            return
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(
+                executable_path=chromium,
+                args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}"],
+            )
+            try:
+                yield Site(gateway, url, browser, tmp)
+            finally:
+                await browser.close()
+    finally:
+        gateway.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(run, 10)
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    """Run one scenario on a fresh loop (the gateway and Playwright share it)."""
+    return asyncio.run(coro)

@@ -1,0 +1,137 @@
+"""Operator login over HTTP against the real gateway web server: 401s, cookies, throttling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from console_site import PASSWORDS, console_site, run, site_toml
+
+from gateway.config import ConfigError, parse_config
+from gateway.webrtc.passwords import hash_password, verify_password
+
+OFFER = {"console": "0123456789abcdef", "talkgroup": "marine", "type": "offer", "sdp": "v=0"}
+
+
+async def login(http: aiohttp.ClientSession, base: str, operator: str, password: str):
+    return await http.post(f"{base}/api/console/login",
+                           json={"operator": operator, "password": password})  # fmt: skip
+
+
+# The installed console script, as operators run it.
+BORDERLINK = str(Path(sys.executable).parent / "borderlink")
+
+
+def test_every_console_api_needs_a_session(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path, browser=False) as site:
+            base = site.url.removesuffix("/console/")
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                page = await http.get(f"{base}/console/")
+                assert page.status == 200 and "PTT" in await page.text()  # the page is public
+                for method, path in [("GET", "/api/console/me"), ("GET", "/api/console/state"),
+                                     ("POST", "/api/console/join"), ("POST", "/api/console/leave"),
+                                     ("GET", "/api/console/events")]:  # fmt: skip
+                    r = await http.request(method, base + path, json=OFFER)
+                    assert r.status == 401, (path, r.status)
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(f"{base}/api/console/events")
+                assert refused.value.status == 401
+
+    run(scenario())
+
+
+def test_login_sets_a_safe_cookie_and_wrong_password_is_refused(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path, browser=False) as site:
+            base = site.url.removesuffix("/console/")
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                bad = await http.post(f"{base}/api/console/login",
+                                      json={"operator": "alice", "password": "wrong"})  # fmt: skip
+                assert bad.status == 401
+                assert "wrong operator name or password" in (await bad.json())["error"]
+                assert "borderlink_session" not in bad.cookies
+                unknown = await login(http, base, "mallory", "x")
+                assert unknown.status == 401
+                good = await http.post(f"{base}/api/console/login",
+                                       json={"operator": "alice", "password": PASSWORDS["alice"]})
+                assert good.status == 200
+                cookie = good.headers["Set-Cookie"]
+                assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+                me = await (await http.get(f"{base}/api/console/me")).json()
+                assert me["operator"] == "alice" and me["agency"] == "USCG"
+                state = await (await http.get(f"{base}/api/console/state")).json()
+                assert {t["name"] for t in state["talkgroups"]} == {"marine", "land"}
+                out = await http.post(f"{base}/api/console/logout", json={})
+                assert out.status == 200
+                assert (await http.get(f"{base}/api/console/me")).status == 401
+
+    run(scenario())
+
+
+def test_monitor_only_operator_sees_only_permitted_talkgroups(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path, browser=False) as site:
+            base = site.url.removesuffix("/console/")
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                await http.post(f"{base}/api/console/login",
+                                json={"operator": "bob", "password": PASSWORDS["bob"]})  # fmt: skip
+                state = await (await http.get(f"{base}/api/console/state")).json()
+                tiles = [(t["name"], t["may_talk"]) for t in state["talkgroups"]]
+                assert tiles == [("marine", False)]
+                r = await http.post(f"{base}/api/console/join", json={**OFFER, "talkgroup": "land"})
+                assert r.status == 403
+
+    run(scenario())
+
+
+def test_failed_logins_are_rate_limited_and_audited(tmp_path, caplog):
+    async def scenario():
+        async with console_site(tmp_path, browser=False) as site:
+            base = site.url.removesuffix("/console/")
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                codes = []
+                for _ in range(4):  # the site allows 3 failures
+                    r = await login(http, base, "alice", "guess")
+                    codes.append(r.status)
+                assert codes == [401, 401, 429, 429]
+                assert int(r.headers["Retry-After"]) > 0
+                # Even the right password waits out the lock-out.
+                r = await http.post(f"{base}/api/console/login",
+                                    json={"operator": "alice", "password": PASSWORDS["alice"]})
+                assert r.status == 429
+
+    caplog.set_level("INFO", logger="gateway.audit")
+    run(scenario())
+    audit = [r.getMessage() for r in caplog.records if r.name == "gateway.audit"]
+    assert sum("login failed" in m for m in audit) == 3
+    assert any("locked out" in m for m in audit)
+
+
+def test_passwd_prints_a_hash_that_verifies():
+    out = subprocess.run(
+        [BORDERLINK, "passwd", "--stdin"],
+        input="correct horse battery\n", capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert out.startswith('password_hash = "scrypt$')
+    stored = out.split('"')[1]
+    assert verify_password("correct horse battery", stored)
+    assert not verify_password("correct horse batterY", stored)
+    short = subprocess.run([BORDERLINK, "passwd", "--stdin"],
+                           input="short\n", capture_output=True, text=True)  # fmt: skip
+    assert short.returncode == 2 and "at least 8" in short.stderr
+
+
+def test_plain_password_in_config_is_refused_with_the_fix():
+    import gateway.site  # noqa: F401  (registers [console])
+
+    text = site_toml().replace(hash_password(PASSWORDS["alice"])[:0] + "password_hash = \"scrypt",
+                               'password_hash = "hunter2" # "scrypt', 1)  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "site.toml")
+    message = str(err.value)
+    assert "console.operators.alice.password_hash" in message
+    assert "borderlink passwd" in message

@@ -1,0 +1,192 @@
+"""The dispatcher console in a real Chromium: login, talk, listen, who-is-talking, floor.
+
+Audio is checked by content: the browser's fake microphone plays a 1200 Hz tone
+and the test radio must receive 1200 Hz; the radio sends 700 Hz and the page must
+measure 700 Hz on the track it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from console_site import (
+    CONSOLE_TONE_HZ,
+    RADIO_TONE_HZ,
+    console_site,
+    fft_peak_hz,
+    png_is_blank,
+    rms_dbfs,
+    run,
+    until,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+RATE = 16000
+
+
+async def hold_ptt(page, talkgroup: str) -> None:
+    button = page.locator(f'[data-talkgroup="{talkgroup}"] .ptt')
+    await button.hover()
+    await page.mouse.down()
+
+
+def talk_events(gateway, port_name: str) -> list[tuple[float, str]]:
+    log: list[tuple[float, str]] = []
+    gateway.engine.listeners.append(
+        lambda e: log.append((time.time(), e.kind)) if e.port == port_name else None
+    )
+    return log
+
+
+def test_wrong_password_is_refused_in_the_browser(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            page = await site.console("alice", password="not-the-password")
+            error = page.locator("#login-error")
+            await error.filter(has_text="wrong operator name or password").wait_for(timeout=5000)
+            assert await page.locator("#console").is_hidden()
+            await page.fill("#password", "alice-secret-1")
+            await page.click("#login button[type=submit]")
+            await page.locator('[data-talkgroup="marine"]').wait_for(timeout=5000)
+            assert await page.locator("#login").is_hidden()
+
+    run(scenario())
+
+
+def test_console_ptt_reaches_the_radio_with_its_tone(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            radio = site.radio()
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            events = talk_events(site.gateway, "alice@marine")
+            pressed = time.time()
+            await hold_ptt(page, "marine")
+            await until(lambda: len(radio.audio_since(pressed)) >= RATE * 1.5, 10,
+                        "1.5 s of console audio at the radio")  # fmt: skip
+            await page.mouse.up()
+            heard = radio.audio_since(pressed)[-RATE:]  # the last second of the over
+            peak = fft_peak_hz(heard, RATE)
+            assert abs(peak - CONSOLE_TONE_HZ) < 10, f"radio heard {peak:.0f} Hz"
+            assert rms_dbfs(heard) > -20, f"radio heard only {rms_dbfs(heard):.1f} dBFS"
+            # Releasing PTT frees the floor: the engine reports the talker gone.
+            await until(lambda: any(k == "talk_stop" for _, k in events), 2, "talk_stop")
+            log = await page.evaluate("borderlink.log")
+            released = max(e["t"] for e in log if e.get("ptt") == "marine" and not e["on"]) / 1000
+            stopped = next(t for t, k in events if k == "talk_stop")
+            print(f"PTT release → floor free: {(stopped - released) * 1000:.0f} ms")
+            assert not site.console_port("alice", "marine").talking
+
+    run(scenario())
+
+
+def test_console_hears_the_radio_and_sees_who_is_talking(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            radio = site.radio()
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            radio.open_squelch(True)
+            seen = await page.wait_for_function(
+                "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=5000)
+            delay = (await seen.json_value()) / 1000 - radio.opened_at
+            print(f"radio keyed → talker on the page: {delay * 1000:.0f} ms")
+            assert delay < 0.200, f"who-is-talking took {delay * 1000:.0f} ms"
+            tile = page.locator('[data-talkgroup="marine"]')
+            assert "uscg_vhf (USCG)" in await tile.locator(".talker").inner_text()
+
+            async def hears_radio():
+                m = await page.evaluate("borderlink.measure('marine')")
+                return m and abs(m["peakHz"] - RADIO_TONE_HZ) < 12 and m["rmsDbfs"] > -30 and m
+            measured = await until(hears_radio, 8, "the page to hear the radio's 700 Hz")
+            print(f"console hears {measured['peakHz']:.0f} Hz at {measured['rmsDbfs']:.1f} dBFS")
+            shot = await page.screenshot(path=str(DOCS / "console.png"))
+            assert not png_is_blank(shot)
+            radio.open_squelch(False)
+            await page.wait_for_function(
+                "() => !window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=2000)
+            assert (await tile.locator(".talker").inner_text()).strip() == "—"
+
+    DOCS.mkdir(exist_ok=True)
+    run(scenario())
+
+
+def test_monitor_only_operator_cannot_take_the_floor(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            radio = site.radio()
+            page = await site.console("bob")
+            await site.wait_joined(page, "marine")
+            assert await page.locator('[data-talkgroup="land"]').count() == 0
+            pressed = time.time()
+            await hold_ptt(page, "marine")
+            await page.locator('[data-talkgroup="marine"] .state').filter(
+                has_text="PTT refused: monitor only").wait_for(timeout=3000)
+            port = site.console_port("bob", "marine")
+            for _ in range(50):  # one second of ticks while the button is held
+                assert not port.talking and not port.ptt
+                await asyncio.sleep(0.02)
+            await page.mouse.up()
+            assert radio.audio_since(pressed).size == 0, "the radio heard a monitor-only console"
+
+    run(scenario())
+
+
+def test_closing_the_tab_releases_the_floor_and_hangs_up(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            radio = site.radio()
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            pressed = time.time()
+            await hold_ptt(page, "marine")
+            await until(lambda: len(radio.audio_since(pressed)) >= RATE // 2, 10,
+                        "the console's audio at the radio")  # fmt: skip
+            port = site.console_port("alice", "marine")
+            closed = time.time()
+            await page.close()  # PTT still held down
+            await until(lambda: not port.talking, 2, "the floor to be released")
+            print(f"tab closed → floor free: {(time.time() - closed) * 1000:.0f} ms")
+            await until(lambda: site.console_port("alice", "marine") is None, 5,
+                        "the console port to leave the engine")  # fmt: skip
+            assert not site.gateway.engine.keying.keyed.any() or not radio.keyed
+
+    run(scenario())
+
+
+def test_single_floor_busy_then_emergency_preempts(tmp_path):
+    async def scenario():
+        extra = 'priority = { uscg_vhf = 50 }'
+        async with console_site(tmp_path, floor="single", extra=extra) as site:
+            radio = site.radio()
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            radio.open_squelch(True)  # the radio (priority 50) holds the floor
+            await page.wait_for_function("() => window.borderlink.talkerSeen['marine|uscg_vhf']")
+            await hold_ptt(page, "marine")  # alice (priority 10) is refused the floor
+            tile = page.locator('[data-talkgroup="marine"]')
+            await tile.locator(".ptt.busy").wait_for(timeout=3000)
+            assert "BUSY" in await tile.locator(".state").inner_text()
+
+            async def hears_busy_tone():
+                m = await page.evaluate("borderlink.measure('marine')")
+                return m and m["rmsDbfs"] > -40 and (abs(m["peakHz"] - 480) < 12
+                                                     or abs(m["peakHz"] - 620) < 12)
+            await until(hears_busy_tone, 5, "the busy tone in the console")
+            await page.mouse.up()
+            events = talk_events(site.gateway, "uscg_vhf")
+            emergency = tile.locator(".emergency")
+            await emergency.hover()
+            await page.mouse.down()
+            await until(lambda: any(k == "preempted" for _, k in events), 3,
+                        "the emergency call to pre-empt the radio")  # fmt: skip
+            talker = tile.locator(".talker").filter(has_text="⚠ Alice (dispatch)")
+            await talker.wait_for(timeout=2000)
+            assert site.console_port("alice", "marine").emergency
+            await page.mouse.up()
+            await until(lambda: not site.console_port("alice", "marine").emergency, 2,
+                        "emergency priority to end with the PTT")  # fmt: skip
+
+    run(scenario())
