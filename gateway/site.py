@@ -15,6 +15,7 @@ import gateway.audit  # noqa: F401  ([audit]: the audit log of PTT, patches, cal
 import gateway.monitoring.exporter  # noqa: F401  (/metrics, /healthz, /readyz on [web])
 import gateway.ports  # noqa: F401  (simulated radio, tone, file, recorder)
 import gateway.web  # noqa: F401  ([web]: the console and /metrics share it)
+import gateway.webrtc  # noqa: F401  ([console]: browser dispatcher console, passwd)
 from gateway.config import SiteConfig, load_config
 from gateway.talkgroups import plan_mix_groups
 from gateway.units import format_duration
