@@ -13,12 +13,13 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.webrtc.config import ConsoleConfig, OperatorConfig
 from gateway.webrtc.passwords import hash_password, verify_password
 
 COOKIE = "borderlink_session"
-audit = logging.getLogger("gateway.audit")
+log = logging.getLogger(__name__)
 
 # Verifying against this when the user does not exist keeps the timing the same,
 # so response time does not reveal which operator names exist.
@@ -68,12 +69,32 @@ class LoginThrottle:
             self.failures.pop(key, None)
 
 
+class ConsoleAudit:
+    """Console records for the site's audit log (``[audit]``), and the process log.
+
+    Fields are only config-named identities (operators, talkgroups) and the
+    client's address; a name typed at a failed login is not echoed unless it is
+    a configured operator.
+    """
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+
+    def __call__(self, event: str, *, warn: bool = False, **fields: Any) -> None:
+        text = " ".join(f"{k}={v}" for k, v in fields.items() if v not in (None, ""))
+        log.log(logging.WARNING if warn else logging.INFO, "%s %s", event, text)
+        sink = getattr(self.gateway, "audit", None)
+        if sink is not None and hasattr(sink, "record"):
+            sink.record(event, **fields)
+
+
 class Sessions:
     """Logged-in operators. ``config`` is read on every use, so a reload that removes
     an operator ends their session at their next request."""
 
-    def __init__(self, config: Callable[[], ConsoleConfig]) -> None:
+    def __init__(self, config: Callable[[], ConsoleConfig], audit: ConsoleAudit) -> None:
         self._config = config
+        self.audit = audit
         self.by_token: dict[str, Session] = {}
         first = config()
         self.throttle = LoginThrottle(first.login_attempts, first.login_window, first.login_lockout)
@@ -88,21 +109,21 @@ class Sessions:
         keys = [f"user:{operator.lower()}", f"addr:{address}"]
         wait = self.throttle.retry_after(keys, now)
         if wait > 0:
-            audit.warning("console login refused (locked out) operator=%r from %s",
-                          operator, address)  # fmt: skip
+            self.audit("console_login_locked", warn=True, operator=self._known(operator),
+                       address=address)  # fmt: skip
             return None, wait
         account = self.config.operators.get(operator)
         ok = verify_password(password, account.password_hash if account else _DUMMY_HASH)
         if not (ok and account):
             locked = self.throttle.failed(keys, now)
-            audit.warning("console login failed operator=%r from %s%s", operator, address,
-                          " — locked out" if locked else "")  # fmt: skip
+            self.audit("console_login_failed", warn=True, operator=self._known(operator),
+                       address=address, locked_out=locked)  # fmt: skip
             return None, self.throttle.retry_after(keys, now) if locked else 0.0
         self.throttle.succeeded(keys)
         session = Session(secrets.token_urlsafe(32), operator, account, address,
                           now + self.config.session_lifetime)  # fmt: skip
         self.by_token[session.token] = session
-        audit.info("console login operator=%s from %s", operator, address)
+        self.audit("console_login", operator=operator, address=address)
         return session, 0.0
 
     def get(self, token: str | None) -> Session | None:
@@ -113,18 +134,22 @@ class Sessions:
             return None
         if session.expires < time.monotonic():
             self.by_token.pop(token, None)
-            audit.info("console session expired operator=%s", session.operator)
+            self.audit("console_session_expired", operator=session.operator)
             return None
         current = self.config.operators.get(session.operator)
         if current is None:  # account removed from the config
             self.by_token.pop(token, None)
-            audit.info("console session ended: operator %s no longer configured", session.operator)
+            self.audit("console_session_ended", operator=session.operator,
+                       reason="operator removed from config")  # fmt: skip
             return None
         session.config = current  # permissions follow a reload
         return session
 
+    def _known(self, operator: str) -> str:
+        return operator if operator in self.config.operators else "(unknown)"
+
     def logout(self, token: str) -> Session | None:
         session = self.by_token.pop(token, None)
         if session:
-            audit.info("console logout operator=%s", session.operator)
+            self.audit("console_logout", operator=session.operator)
         return session

@@ -32,7 +32,7 @@ from aiortc.rtcrtpsender import RTCRtpSender
 from gateway.engine import Event
 from gateway.web import register_routes
 from gateway.webrtc.audio import SharedEncoders, silence_packet
-from gateway.webrtc.auth import COOKIE, Session, Sessions, audit
+from gateway.webrtc.auth import COOKIE, ConsoleAudit, Session, Sessions
 from gateway.webrtc.config import ConsoleConfig
 from gateway.webrtc.port import ConsolePort
 
@@ -122,7 +122,8 @@ class ConsoleHub:
         self.gateway = gateway
         self.engine = gateway.engine
         self._first_config: ConsoleConfig = gateway.config.section("console")
-        self.sessions = Sessions(lambda: self.config)
+        self.audit = ConsoleAudit(gateway)
+        self.sessions = Sessions(lambda: self.config, self.audit)
         self.consoles: dict[str, Console] = {}
         self.sockets: set[Socket] = set()
         timing = gateway.config.timing
@@ -262,8 +263,8 @@ class ConsoleHub:
         if talkgroup not in self.engine.talkgroups:
             raise web.HTTPNotFound(text=f"no talkgroup named {talkgroup!r}")
         if not op.may_monitor(talkgroup):
-            audit.warning("console join refused operator=%s talkgroup=%s (no permission)",
-                          session.operator, talkgroup)  # fmt: skip
+            self.audit("console_join_refused", warn=True, operator=session.operator,
+                       talkgroup=talkgroup, reason="no permission")  # fmt: skip
             raise web.HTTPForbidden(text=f"operator {session.operator} may not use {talkgroup}")
         if offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
             raise web.HTTPBadRequest(text='expected {"type": "offer", "sdp": "..."}')
@@ -315,8 +316,8 @@ class ConsoleHub:
         console.ports[talkgroup] = port
         console.pcs[talkgroup] = pc
         self.engine.attach(port, talkgroup, op.priority)
-        audit.info("console join operator=%s talkgroup=%s mode=%s", session.operator, talkgroup,
-                   "talk" if port.can_talk else "monitor")  # fmt: skip
+        self.audit("console_join", operator=session.operator, talkgroup=talkgroup,
+                   port=port.name, mode="talk" if port.can_talk else "monitor")  # fmt: skip
         self.push_state()
         return {"type": pc.localDescription.type, "sdp": pc.localDescription.sdp}
 
@@ -326,8 +327,8 @@ class ConsoleHub:
         if port is not None:
             self.engine.detach(port)
             port.close()
-            audit.info("console leave operator=%s talkgroup=%s (%s)",
-                       port.operator, talkgroup, reason)  # fmt: skip
+            self.audit("console_leave", operator=port.operator, talkgroup=talkgroup,
+                       port=port.name, reason=reason)  # fmt: skip
         if pc is not None:
             await pc.close()
         if port is not None:
@@ -348,13 +349,13 @@ class ConsoleHub:
             sock.send({"type": "refused", "talkgroup": talkgroup, "reason": "not joined"})
             return
         if on and not port.can_talk:
-            audit.warning("console PTT refused operator=%s talkgroup=%s (monitor only)",
-                          sock.session.operator, talkgroup)  # fmt: skip
+            self.audit("console_ptt_refused", warn=True, operator=sock.session.operator,
+                       talkgroup=talkgroup, reason="monitor only")  # fmt: skip
             sock.send({"type": "refused", "talkgroup": talkgroup, "reason": "monitor only"})
             return
         if on and emergency and not op.emergency:
-            audit.warning("console emergency refused operator=%s talkgroup=%s",
-                          sock.session.operator, talkgroup)  # fmt: skip
+            self.audit("console_emergency_refused", warn=True, operator=sock.session.operator,
+                       talkgroup=talkgroup)  # fmt: skip
             sock.send({"type": "refused", "talkgroup": talkgroup,
                        "reason": "emergency not permitted for this operator"})  # fmt: skip
             emergency = False
@@ -362,11 +363,11 @@ class ConsoleHub:
         if want_emergency != port.emergency:
             port.emergency = want_emergency
             self._set_priority(port, op.emergency_priority if want_emergency else op.priority)
-            audit.warning("console EMERGENCY %s operator=%s talkgroup=%s",
-                          "on" if want_emergency else "off", sock.session.operator, talkgroup)
+            self.audit("console_emergency", warn=True, operator=sock.session.operator,
+                       talkgroup=talkgroup, on=want_emergency)  # fmt: skip
         if on != port.ptt:
-            audit.info("console PTT %s operator=%s talkgroup=%s", "on" if on else "off",
-                       sock.session.operator, talkgroup)  # fmt: skip
+            self.audit("console_ptt", operator=sock.session.operator, talkgroup=talkgroup,
+                       port=port.name, on=on)  # fmt: skip
         port.set_ptt(on)
 
     def _set_priority(self, port: ConsolePort, priority: int) -> None:
@@ -380,8 +381,8 @@ class ConsoleHub:
         """The page went away: drop its PTT now, hang up its audio after a grace period."""
         for talkgroup, port in console.ports.items():
             if port.ptt or port.emergency:
-                audit.info("console PTT released operator=%s talkgroup=%s (%s)",
-                           console.session.operator, talkgroup, reason)  # fmt: skip
+                self.audit("console_ptt", operator=console.session.operator, on=False,
+                           talkgroup=talkgroup, port=port.name, reason=reason)  # fmt: skip
             port.set_ptt(False)
             if port.emergency:
                 port.emergency = False

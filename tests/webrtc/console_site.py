@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import time
 import wave
 import zlib
@@ -110,11 +111,14 @@ def write_tone_wav(path: Path, hz: float, seconds: float = 20.0, rate: int = 480
     return path
 
 
-def site_toml(floor: str = "mix", extra: str = "") -> str:
+def site_toml(floor: str = "mix", extra: str = "", audit: Path | None = None) -> str:
+    audit_section = f'[audit]\npath = "{audit}"\nsync_every = "100ms"' if audit else ""
     return f"""
 [site]
 name = "Test station"
 country = "US"
+
+{audit_section}
 
 [web]
 host = "127.0.0.1"
@@ -207,6 +211,12 @@ class Site:
     tmp: Path
     pages: list[Any] = field(default_factory=list)
 
+    def audit_records(self, prefix: str = "console_") -> list[dict[str, Any]]:
+        """The site's real audit file, console records only."""
+        path = self.tmp / "audit.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [r for r in map(json.loads, lines) if r["event"].startswith(prefix)]
+
     def radio(self, name: str = "uscg_vhf") -> TestRadio:
         return self.gateway.ports[name]
 
@@ -246,7 +256,7 @@ async def console_site(
 
     chromium = require_binary("chromium") if browser else ""
     config_path = tmp / "site.toml"
-    config_path.write_text(site_toml(floor, extra))
+    config_path.write_text(site_toml(floor, extra, audit=tmp / "audit.jsonl"))
     wav = write_tone_wav(tmp / "mic.wav", CONSOLE_TONE_HZ)
     gateway = Gateway(load_site(config_path))
     run = asyncio.ensure_future(gateway.run())

@@ -130,6 +130,8 @@ def test_monitor_only_operator_cannot_take_the_floor(tmp_path):
                 await asyncio.sleep(0.02)
             await page.mouse.up()
             assert radio.audio_since(pressed).size == 0, "the radio heard a monitor-only console"
+            await until(lambda: any(r["event"] == "console_ptt_refused" and r["operator"] == "bob"
+                                    for r in site.audit_records()), 2, "the refusal audited")
 
     run(scenario())
 
@@ -151,7 +153,10 @@ def test_closing_the_tab_releases_the_floor_and_hangs_up(tmp_path):
             print(f"tab closed → floor free: {(time.time() - closed) * 1000:.0f} ms")
             await until(lambda: site.console_port("alice", "marine") is None, 5,
                         "the console port to leave the engine")  # fmt: skip
-            assert not site.gateway.engine.keying.keyed.any() or not radio.keyed
+            # Released by the page's pagehide handler or, failing that, by the socket closing.
+            await until(lambda: any(r["event"] == "console_ptt" and r.get("on") is False
+                                    and r["operator"] == "alice"
+                                    for r in site.audit_records()), 2, "the release audited")
 
     run(scenario())
 
