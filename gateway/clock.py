@@ -9,12 +9,15 @@ ahead instead of bursting, and counts what it skipped.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
 
 Sleep = Callable[[float], Awaitable[None]]
+log = logging.getLogger(__name__)
+LATE_LOG_EVERY_S = 10.0
 
 
 class LatenessLog:
@@ -81,11 +84,22 @@ class MediaClock:
             self.lateness.add(late)
             if late > self.period:
                 self.late_ticks += 1
+                self._log_late(late)
             self.on_tick()
             self.ticks += 1
             k += 1
             if wait <= 0:
                 await asyncio.sleep(0)  # let sockets and timers run even when behind
+
+    def _log_late(self, late: float) -> None:
+        """Say so when ticks run late, at most every LATE_LOG_EVERY_S (a stall is many)."""
+        now = self.now()
+        if now - getattr(self, "_last_late_log", -LATE_LOG_EVERY_S) >= LATE_LOG_EVERY_S:
+            self._last_late_log = now
+            log.warning(
+                "media tick %.1f ms late (%d late, %d skipped so far); the machine is overloaded",
+                late * 1000, self.late_ticks, self.skipped_ticks,
+            )  # fmt: skip
 
     def stop(self) -> None:
         self._running = False

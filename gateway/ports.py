@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import wave
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,7 +161,8 @@ class SimulatedRadio(Port):
         super().__init__(name, config, timing)
         self.schedule = Scheduler(config, self.rate)
         if config.audio == "speech":
-            self.voice: np.ndarray | None = speech_like(self.rate, 8.0, seed=hash(name) & 0xFFFF)
+            seed = zlib.crc32(name.encode())
+            self.voice: np.ndarray | None = speech_like(self.rate, 8.0, seed=seed)
             peak = float(np.max(np.abs(self.voice))) or 1.0
             self.voice *= 10 ** (config.level_dbfs / 20) / peak
             self.tone = None

@@ -63,7 +63,7 @@ class Running:
         )
         self.lines: list[str] = []
 
-    def wait_for(self, text: str, timeout: float = 20.0) -> str:
+    def wait_for(self, text: str, timeout: float = 90.0) -> str:
         assert self.proc.stderr is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -101,4 +101,21 @@ def test_sighup_reload_refuses_bad_config_and_keeps_running(tmp_path: Path) -> N
     run.wait_for("config applied")
     run.proc.send_signal(signal.SIGINT)
     run.wait_for("shutdown:")
+    assert run.proc.wait(timeout=10) == 0
+
+
+def test_run_watch_applies_an_edited_file(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text(SITE)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = Running.__new__(Running)
+    run.lines = []
+    run.proc = subprocess.Popen(
+        [*BORDERLINK, "run", "--watch", str(config)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    run.wait_for("ptt_on radio")
+    config.write_text(SITE + '\n[ports.extra]\nkind = "simulated_radio"\n')
+    run.wait_for("config applied: 1 added, 0 removed, 0 changed")
+    run.proc.send_signal(signal.SIGTERM)
+    assert "closed 3 ports" in run.wait_for("shutdown:")
     assert run.proc.wait(timeout=10) == 0
