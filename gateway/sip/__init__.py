@@ -1,0 +1,13 @@
+"""SIP: phones and PBXs join talkgroups.
+
+Signalling goes through pyVoIP's parser and REGISTER/digest builders
+(:mod:`.pyvoip`, the one seam) over the gateway's own UDP socket
+(:mod:`.transport`); calls (:mod:`.calls`) become ports (:mod:`.leg`) whose
+media — RTP (:mod:`.rtp`), jitter buffers (:mod:`.jitter`), G.711 and
+resampling — is handled for all legs at once by the leg bank (:mod:`.bank`) on
+the engine's clock. Importing this package registers the ``[sip]`` section and
+the service.
+"""
+
+from gateway.sip import config as config  # noqa: F401  ([sip] section)
+from gateway.sip import service as service  # noqa: F401  (the SIP stack starts with the gateway)

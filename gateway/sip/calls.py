@@ -1,0 +1,447 @@
+"""Calls: dialled number → talkgroup, answer at once, attach the leg; BYE either way.
+
+Routing is the config's ``[sip.routes]``: the Request-URI user (or the To user)
+picks the route; a caller not on its allow-list is refused with 403, an unknown
+number with 404, an offer without G.711 with 488 — never a silent hang. Calls
+are answered straight away with 200 OK (no ringing delay) and become a
+:class:`~gateway.sip.leg.SipLeg` attached to the engine; they end on BYE from
+either side, and the gateway sends BYE to every call when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass, field
+
+from gateway.config import Timing
+from gateway.engine import Engine
+from gateway.sip.bank import LegBank, LegMedia, open_rtp_socket
+from gateway.sip.config import DialOutConfig, RouteConfig, SipConfig
+from gateway.sip.leg import SipLeg, leg_config
+from gateway.sip.pyvoip import SIPMessage
+from gateway.sip.rtp import CODEC_NAMES
+from gateway.sip.sdp import DTMF_TYPE, NAMES, choose_codec, describe, read_offer
+from gateway.sip.transport import (
+    T1,
+    Address,
+    SipTransport,
+    new_branch,
+    new_call_id,
+    new_tag,
+    raw_headers,
+)
+
+log = logging.getLogger(__name__)
+
+_URI = re.compile(r"^sips?:(?:(?P<user>[^@;>]+)@)?(?P<host>[^:;>]+)(?::(?P<port>\d+))?")
+_ANGLE = re.compile(r"<([^>]+)>")
+
+
+def uri_user(uri: str) -> str:
+    match = _URI.match(uri.strip("<> "))
+    return match["user"] or "" if match else ""
+
+
+def uri_address(uri: str) -> Address:
+    match = _URI.match(uri.strip("<> "))
+    if not match:
+        raise ValueError(f"not a SIP URI: {uri!r}")
+    return match["host"], int(match["port"] or 5060)
+
+
+def contact_uri(value: str) -> str:
+    match = _ANGLE.search(value)
+    return (match.group(1) if match else value.split(";")[0]).strip()
+
+
+@dataclass
+class Dialog:
+    call_id: str
+    local_tag: str
+    remote_tag: str
+    local_uri: str  # our From/To value, without tag
+    remote_uri: str
+    target: str  # the peer's Contact: where in-dialog requests go (Request-URI)
+    peer: Address  # the next hop (the proxy, or the phone itself)
+    incoming: bool
+    leg: SipLeg | None = None
+    cseq: int = 1
+    answer: bytes = b""  # our 200 OK, resent on INVITE retransmissions until ACK
+    acked: bool = False
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class CallManager:
+    """All dialogs of the gateway, and the one place legs join and leave the engine."""
+
+    def __init__(
+        self,
+        config: SipConfig,
+        transport: SipTransport,
+        engine: Engine,
+        timing: Timing,
+        bank: LegBank,
+        address: str,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.engine = engine
+        self.timing = timing
+        self.bank = bank
+        self.address = address
+        self.dialogs: dict[str, Dialog] = {}
+        self.rejected: dict[int, int] = {}
+        self.calls_total = 0
+        self._names = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def contact(self) -> str:
+        return f"<sip:{self.config.user}@{self.address}:{self.transport.port}>"
+
+    # --- requests from the network ---------------------------------------------------
+
+    def on_request(self, message: SIPMessage, raw: bytes, source: Address) -> None:
+        method = message.method
+        if method == "INVITE":
+            self._invite(message, raw, source)
+        elif method == "ACK":
+            dialog = self.dialogs.get(message.headers["Call-ID"])
+            if dialog is not None:
+                dialog.acked = True
+        elif method == "BYE":
+            dialog = self.dialogs.get(message.headers["Call-ID"])
+            if dialog is None:
+                self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
+                return
+            self.transport.respond(raw, source, 200, "OK")
+            log.info(
+                "call %s ended by the far end", dialog.leg.name if dialog.leg else dialog.call_id
+            )
+            self._end(dialog)
+        elif method == "CANCEL":
+            # We answer INVITEs at once, so there is never a pending one to cancel.
+            known = message.headers["Call-ID"] in self.dialogs
+            if known:
+                self.transport.respond(raw, source, 200, "OK")
+            else:
+                self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
+        elif method == "OPTIONS":
+            self.transport.respond(
+                raw,
+                source,
+                200,
+                "OK",
+                headers=[
+                    "Allow: INVITE, ACK, BYE, CANCEL, OPTIONS",
+                    "Accept: application/sdp",
+                ],
+            )
+
+    def _reject(self, raw: bytes, source: Address, code: int, reason: str, why: str) -> None:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+        log.warning("call refused with %d %s: %s", code, reason, why)
+        self.transport.respond(raw, source, code, reason, to_tag=new_tag())
+
+    def _invite(self, message: SIPMessage, raw: bytes, source: Address) -> None:
+        call_id = message.headers["Call-ID"]
+        existing = self.dialogs.get(call_id)
+        if existing is not None:  # retransmission or re-INVITE: same answer (no media change)
+            if existing.answer:
+                self.transport.send(existing.answer, source)
+            return
+        request_uri = message.heading.split(b" ")[1].decode("utf-8", "replace")
+        number = uri_user(request_uri) or (message.headers["To"].get("number") or "")
+        found = self.config.route_for(number)
+        if found is None and message.headers["To"].get("number"):
+            found = self.config.route_for(message.headers["To"]["number"])
+        if found is None:
+            self._reject(raw, source, 404, "Not Found", f"no route for number {number!r}")
+            return
+        name, route = found
+        caller = message.headers["From"].get("number") or ""
+        caller_host = message.headers["From"].get("host") or ""
+        if route.allow and not any(
+            fnmatch.fnmatchcase(caller, pattern)
+            or fnmatch.fnmatchcase(f"{caller}@{caller_host}", pattern)
+            for pattern in route.allow
+        ):
+            self._reject(
+                raw, source, 403, "Forbidden", f"{caller}@{caller_host} not allowed on {name}"
+            )
+            return
+        offer = read_offer(message)
+        codec = choose_codec(offer, self.config.codecs) if offer else None
+        if offer is None or codec is None:
+            self._reject(raw, source, 488, "Not Acceptable Here", "no G.711 in the offer")
+            return
+        if route.talkgroup not in self.engine.talkgroups:
+            self._reject(
+                raw,
+                source,
+                480,
+                "Temporarily Unavailable",
+                f"talkgroup {route.talkgroup!r} is not running",
+            )
+            return
+        try:
+            sock = open_rtp_socket(self.transport.host, self.config.rtp_range)
+        except OSError as exc:
+            self._reject(raw, source, 503, "Service Unavailable", str(exc))
+            return
+        headers = dict(raw_headers(raw))
+        tag = new_tag()
+        dialog = Dialog(
+            call_id=call_id,
+            local_tag=tag,
+            remote_tag=message.headers["From"]["tag"],
+            local_uri=headers.get("To", ""),
+            remote_uri=headers.get("From", "").split(";tag=")[0],
+            target=contact_uri(headers.get("Contact", "")) or request_uri,
+            peer=source,
+            incoming=True,
+        )
+        dtmf = DTMF_TYPE if offer.dtmf_type is not None else None
+        dtmf_in = offer.dtmf_type
+        leg = self._start_leg(
+            f"sip-{name}-{caller or 'anonymous'}",
+            sock,
+            codec,
+            dtmf_in,
+            dtmf,
+            (offer.address, offer.port),
+            route.talkgroup,
+            route.priority,
+            route,
+        )
+        dialog.leg = leg
+        self.dialogs[call_id] = dialog
+        body = describe(self.address, sock.getsockname()[1], [codec], dtmf_in)
+        dialog.answer = self.transport.respond(
+            raw, source, 200, "OK", to_tag=tag, headers=[f"Contact: {self.contact}"], body=body
+        )
+        self._spawn(self._resend_until_ack(dialog, source))
+        log.info("call %s answered: %s on %s", leg.name, CODEC_NAMES[codec], route.talkgroup)
+
+    async def _resend_until_ack(self, dialog: Dialog, source: Address) -> None:
+        interval = T1
+        for _ in range(7):
+            await asyncio.sleep(interval)
+            if dialog.acked or dialog.ended.is_set():
+                return
+            self.transport.send(dialog.answer, source)
+            interval = min(interval * 2, 4.0)
+
+    # --- legs -------------------------------------------------------------------------
+
+    def _start_leg(
+        self,
+        base: str,
+        sock,
+        codec: int,
+        dtmf_in: int | None,
+        dtmf_out: int | None,
+        remote: Address,
+        talkgroup: str,
+        priority: int,
+        route: RouteConfig | DialOutConfig,
+    ) -> SipLeg:
+        """Put a call's media in the bank and its Port on the engine (loop thread only)."""
+        self._names += 1
+        self.calls_total += 1
+        name = f"{base}#{self._names}"
+        media = LegMedia(sock=sock, payload_type=codec, dtmf_type=dtmf_in, remote=remote)
+        media.dtmf_type = dtmf_in if dtmf_in is not None else dtmf_out
+        row = self.bank.add(media)
+        bank = self.bank
+        bank.vox[row] = route.ptt == "vox"
+        bank.vox_threshold[row] = route.vox_threshold_dbfs
+        bank.vox_hang[row] = round(route.vox_hang / self.timing.frame)
+        pin = getattr(route, "pin", "")
+        bank.muted[row] = bool(pin)
+        talk_key = getattr(route, "dtmf_talk", "*")
+        release_key = getattr(route, "dtmf_release", "#")
+        entered: list[str] = []
+
+        def on_dtmf(digit: str, pressed: bool) -> None:
+            if not pressed:
+                return
+            if bank.muted[row]:
+                entered.append(digit)
+                if "".join(entered).endswith(pin):
+                    bank.muted[row] = False
+                    log.info("call %s: PIN accepted", name)
+                return
+            if route.ptt == "dtmf":
+                if digit == talk_key:
+                    bank.ptt[row] = True
+                elif digit == release_key:
+                    bank.ptt[row] = False
+
+        media.on_dtmf = on_dtmf
+        leg = SipLeg(
+            name,
+            leg_config(getattr(route, "tot", 180.0), f"SIP call on {talkgroup}"),
+            self.timing,
+            bank,
+            row,
+        )
+        self.engine.attach(leg, talkgroup, priority)
+        return leg
+
+    def _end(self, dialog: Dialog) -> None:
+        self.dialogs.pop(dialog.call_id, None)
+        if dialog.leg is not None:
+            self.engine.detach(dialog.leg)
+            self.bank.remove(dialog.leg.row)
+        dialog.ended.set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- requests we send -------------------------------------------------------------
+
+    def _in_dialog(self, dialog: Dialog, method: str, cseq: int | None = None) -> str:
+        """An in-dialog request; a new CSeq unless given (an ACK to 2xx reuses the INVITE's)."""
+        if cseq is None:
+            dialog.cseq += 1
+            cseq = dialog.cseq
+        lines = [
+            f"{method} {dialog.target} SIP/2.0",
+            f"Via: SIP/2.0/UDP {self.address}:{self.transport.port};branch={new_branch()};rport",
+            "Max-Forwards: 70",
+            f"From: {dialog.local_uri};tag={dialog.local_tag}",
+            f"To: {dialog.remote_uri};tag={dialog.remote_tag}",
+            f"Call-ID: {dialog.call_id}",
+            f"CSeq: {cseq} {method}",
+            f"Contact: {self.contact}",
+            "User-Agent: BorderLink",
+            "Content-Length: 0",
+        ]
+        return "\r\n".join(lines) + "\r\n\r\n"
+
+    async def hangup(self, dialog: Dialog, wait: float = 2.0) -> None:
+        """Send BYE and end the leg now (the media stops even if the BYE gets no answer)."""
+        if dialog.call_id not in self.dialogs:
+            return
+        bye = self._in_dialog(dialog, "BYE")
+        self._end(dialog)
+        await self.transport.request(bye, dialog.peer, wait)
+
+    async def hangup_all(self, wait: float = 0.4) -> None:
+        dialogs = list(self.dialogs.values())
+        if dialogs:
+            await asyncio.gather(*(self.hangup(d, wait) for d in dialogs), return_exceptions=True)
+
+    async def dial(
+        self, uri: str, talkgroup: str, entry: DialOutConfig, proxy: Address | None = None
+    ) -> Dialog | None:
+        """Call out (a dial-out patch); the answered call's Dialog, or None."""
+        destination = proxy or uri_address(uri)
+        sock = open_rtp_socket(self.transport.host, self.config.rtp_range)
+        codecs = [NAMES[c] for c in self.config.codecs]
+        body = describe(self.address, sock.getsockname()[1], codecs, DTMF_TYPE)
+        call_id = new_call_id(self.address)
+        tag = new_tag()
+        local_uri = f"<sip:{self.config.user}@{self.address}>"
+        invite_lines = [
+            f"INVITE {uri} SIP/2.0",
+            f"Via: SIP/2.0/UDP {self.address}:{self.transport.port};branch={new_branch()};rport",
+            "Max-Forwards: 70",
+            f"From: {local_uri};tag={tag}",
+            f"To: <{uri}>",
+            f"Call-ID: {call_id}",
+            "CSeq: 1 INVITE",
+            f"Contact: {self.contact}",
+            "Content-Type: application/sdp",
+            "User-Agent: BorderLink",
+            f"Content-Length: {len(body)}",
+        ]
+        invite = "\r\n".join(invite_lines) + "\r\n\r\n" + body
+        response = await self.transport.request(
+            invite, destination, self.config.transaction_timeout
+        )
+        if response is None or int(response.status) >= 300:
+            sock.close()
+            if response is not None:
+                self._ack(response, uri, destination, call_id, tag, local_uri, invite_lines[1])
+            log.warning(
+                "dial-out to %s failed: %s",
+                uri,
+                "no answer" if response is None else f"{int(response.status)}",
+            )
+            return None
+        headers = dict(raw_headers(response.raw))
+        offer = read_offer(response)
+        codec = choose_codec(offer, self.config.codecs) if offer else None
+        dialog = Dialog(
+            call_id=call_id,
+            local_tag=tag,
+            remote_tag=response.headers["To"]["tag"],
+            local_uri=local_uri,
+            remote_uri=f"<{uri}>",
+            target=contact_uri(headers.get("Contact", "")) or uri,
+            peer=destination,
+            incoming=False,
+        )
+        self.dialogs[call_id] = dialog
+        self.transport.send(self._in_dialog(dialog, "ACK", cseq=1), destination)
+        dialog.acked = True
+        if offer is None or codec is None:
+            log.warning("dial-out to %s: answer has no usable G.711; hanging up", uri)
+            sock.close()
+            await self.hangup(dialog)
+            return None
+        dialog.leg = self._start_leg(
+            f"dialout-{talkgroup}",
+            sock,
+            codec,
+            offer.dtmf_type,
+            DTMF_TYPE,
+            (offer.address, offer.port),
+            talkgroup,
+            entry.priority,
+            entry,
+        )
+        log.info("dial-out %s connected on %s", uri, talkgroup)
+        return dialog
+
+    def _ack(
+        self,
+        response: SIPMessage,
+        uri: str,
+        destination: Address,
+        call_id: str,
+        tag: str,
+        local_uri: str,
+        via: str,
+    ) -> None:
+        """ACK a failed INVITE (same branch: it belongs to the INVITE transaction)."""
+        to = dict(raw_headers(response.raw)).get("To", f"<{uri}>")
+        lines = [
+            f"ACK {uri} SIP/2.0",
+            via,
+            "Max-Forwards: 70",
+            f"From: {local_uri};tag={tag}",
+            f"To: {to}",
+            f"Call-ID: {call_id}",
+            "CSeq: 1 ACK",
+            "Content-Length: 0",
+        ]
+        self.transport.send("\r\n".join(lines) + "\r\n\r\n", destination)
+
+    async def close(self) -> None:
+        await self.hangup_all()
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    def by_leg(self) -> dict[str, Dialog]:
+        return {d.leg.name: d for d in self.dialogs.values() if d.leg is not None}

@@ -1,0 +1,142 @@
+"""The ``[sip]`` section: where the gateway listens, which PBX it registers with,
+which dialled numbers reach which talkgroup, and which talkgroups dial out.
+
+Written for the person wiring a site: numbers are the keys of ``[sip.routes]``
+(quote them: ``[sip.routes."6001"]``), durations carry units, and an address is
+``host:port``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config import Model, register_section
+from gateway.units import Duration
+
+_HOSTPORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
+
+
+def split_hostport(value: str, default_port: int = 5060) -> tuple[str, int]:
+    match = _HOSTPORT.match(value)
+    if match:
+        return match["host"], int(match["port"])
+    return value, default_port
+
+
+def _check_hostport(value: str, what: str) -> str:
+    host, port = split_hostport(value)
+    if not host or not 0 <= port <= 65535 or not re.match(r"^[A-Za-z0-9.\-]+$", host):
+        raise ValueError(f"{what} must be 'host:port' such as '127.0.0.1:5060', got {value!r}")
+    return value
+
+
+class AccountConfig(Model):
+    """One extension the gateway registers on a PBX/registrar (digest auth, UDP)."""
+
+    registrar: str = Field(description="host:port of the registrar")
+    username: str = Field(min_length=1)
+    password: str = ""
+    expires: Duration = 300.0
+    keepalive: Duration = 30.0
+
+    @field_validator("registrar")
+    @classmethod
+    def _registrar_hostport(cls, value: str) -> str:
+        return _check_hostport(value, "registrar")
+
+    @field_validator("expires")
+    @classmethod
+    def _expires_sane(cls, value: float) -> float:
+        if not 10 <= value <= 86400:
+            raise ValueError("expires must be between '10s' and '24h'")
+        return value
+
+
+class RouteConfig(Model):
+    """What happens when a number is dialled: which talkgroup, who may call, how they talk."""
+
+    talkgroup: str
+    priority: int = 0
+    aliases: list[str] = []
+    allow: list[str] = Field(default=[], description="caller users or user@host; * wildcards")
+    pin: str = Field("", pattern=r"^[0-9]*$")
+    ptt: Literal["vox", "dtmf"] = "vox"
+    vox_threshold_dbfs: float = Field(-40.0, ge=-90, le=0)
+    vox_hang: Duration = 0.8
+    dtmf_talk: str = Field("*", pattern=r"^[0-9*#A-D]$")
+    dtmf_release: str = Field("#", pattern=r"^[0-9*#A-D]$")
+    tot: Duration = 180.0
+
+
+class DialOutConfig(Model):
+    """A talkgroup that calls out (a dial-out patch), redialling with backoff when dropped."""
+
+    talkgroup: str
+    uri: str = Field(pattern=r"^sips?:[^@\s]+@[^\s]+$", description="sip:user@host[:port]")
+    when: Literal["always", "active"] = "always"
+    idle_hangup: Duration = 30.0
+    retry_min: Duration = 1.0
+    retry_max: Duration = 60.0
+    priority: int = 0
+    ptt: Literal["vox", "dtmf"] = "vox"
+    vox_threshold_dbfs: float = Field(-40.0, ge=-90, le=0)
+    vox_hang: Duration = 0.8
+
+
+@register_section("sip")
+class SipConfig(Model):
+    listen: str = "127.0.0.1:5060"
+    public_address: str = ""
+    user: str = "borderlink"
+    rtp_ports: str = Field("", pattern=r"^$|^\d{1,5}-\d{1,5}$")
+    codecs: list[Literal["pcmu", "pcma"]] = Field(["pcmu", "pcma"], min_length=1)
+    accounts: dict[str, AccountConfig] = {}
+    routes: dict[str, RouteConfig] = {}
+    dial_out: dict[str, DialOutConfig] = {}
+    transaction_timeout: Duration = 8.0
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_hostport(cls, value: str) -> str:
+        return _check_hostport(value, "listen")
+
+    @model_validator(mode="after")
+    def _numbers_unique(self) -> SipConfig:
+        seen: dict[str, str] = {}
+        for name, route in self.routes.items():
+            for number in (name, *route.aliases):
+                if number in seen:
+                    raise ValueError(
+                        f"number {number!r} routes twice (routes {seen[number]!r} "
+                        f"and {name!r}); give each number one route"
+                    )
+                seen[number] = name
+        return self
+
+    @property
+    def rtp_range(self) -> tuple[int, int] | None:
+        if not self.rtp_ports:
+            return None
+        low, high = (int(p) for p in self.rtp_ports.split("-"))
+        return low, high
+
+    def route_for(self, number: str) -> tuple[str, RouteConfig] | None:
+        for name, route in self.routes.items():
+            if number == name or number in route.aliases:
+                return name, route
+        return None
+
+    def check_talkgroups(self, talkgroups: list[str]) -> list[str]:
+        """Problems with talkgroup names (the section cannot see the rest of the file)."""
+        problems = []
+        for kind, entries in (("routes", self.routes), ("dial_out", self.dial_out)):
+            for name, entry in entries.items():
+                if entry.talkgroup not in talkgroups:
+                    problems.append(
+                        f"[sip.{kind}.{name}] talkgroup {entry.talkgroup!r} is not "
+                        f"configured (talkgroups: {', '.join(talkgroups)})"
+                    )
+        return problems

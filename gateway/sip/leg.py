@@ -1,0 +1,58 @@
+"""A SIP call as the engine sees it: a Port whose audio lives in a row of the leg bank.
+
+The engine calls ``read()``/``talking``/``write()`` once per tick; all of that is a
+row lookup, because the bank already received, decoded and VOX-checked every leg
+before the tick and encodes and sends them all after it.
+"""
+
+from __future__ import annotations
+
+from gateway.config import PortConfig, Timing
+from gateway.ports import Frame, Port
+from gateway.sip.bank import LegBank
+from gateway.units import format_duration
+
+
+def leg_config(tot: float, description: str = "") -> PortConfig:
+    """A phone is full duplex and has no transmitter to hold keyed: no hang time."""
+    return PortConfig.model_validate(
+        {
+            "kind": "sip",
+            "ptt_hang_time": 0,
+            "tot": format_duration(tot),
+            "description": description,
+        }
+    )
+
+
+class SipLeg(Port):
+    """One call (incoming or dial-out). ``keyed`` just means there is audio for the phone."""
+
+    kind = "sip"
+
+    def __init__(
+        self, name: str, config: PortConfig, timing: Timing, bank: LegBank, row: int
+    ) -> None:
+        super().__init__(name, config, timing)
+        self.bank = bank
+        self.row = row
+
+    def read(self) -> Frame | None:
+        row = self.row
+        talking = bool(self.bank.talking[row])
+        self.talking = talking
+        return self.bank.rx[row] if talking else None
+
+    def write(self, frame: Frame | None) -> None:
+        if frame is not None:
+            self.bank.tx[self.row] = frame
+            self.bank.tx_has[self.row] = True
+
+    def send_dtmf(self, digits: str) -> None:
+        """Queue RFC 4733 digits toward the phone (sent on the next ticks)."""
+        media = self.bank.media[self.row]
+        if media is not None:
+            media.dtmf_out.extend(d for d in digits if d in "0123456789*#ABCD")
+
+    def stats(self) -> dict[str, float]:
+        return self.bank.stats(self.row)

@@ -1,0 +1,138 @@
+"""The one seam to pyVoIP 1.6.8: its SIP parser, REGISTER builder and MD5 digest.
+
+pyVoIP is the design card's choice for SIP signalling, but its threads must stay
+out of the audio and its transport out of the event loop. So it is used as a
+*message library* only — :class:`Dialect` subclasses ``SIPClient`` and is never
+``start()``-ed — and the gateway owns the UDP socket, transactions and media.
+Each pyVoIP shortcoming is worked around here or where noted:
+
+* Circular import: ``pyVoIP.VoIP`` must be imported before ``pyVoIP.SIP``.
+* Its receive thread polls with 10 ms sleeps and its ``register()`` blocks for
+  up to 30 s holding the socket lock, then stops the client for good after three
+  failures (so a registrar restart would end registration): not used; the
+  registration loop in :mod:`gateway.sip.registration` retries with backoff.
+* Responses are sent to the configured server, not per Via: the stack answers
+  to the source of each request (RFC 3261 §18.2.2 with rport).
+* The built-in 1 s answer delay (``threading.Timer`` after 180 Ringing) and its
+  RTP threads (sleep-paced, 8-bit audio API, PCMA encoded with µ-law) are not
+  used: calls are answered at once and media is :mod:`gateway.sip.bank`.
+* Its parser needs every header as ``Name: value``: an empty header (baresip
+  sends ``Supported:``) raises, compact names (``i:``, ``v:``) and several Vias
+  on one line are not understood. :func:`parse` rewrites the header block into
+  that form first.
+* Its parser knows only INVITE/ACK/BYE/CANCEL: OPTIONS is added to the list it
+  accepts (keepalives from PBXs); other methods are answered 501 before parsing.
+* Call-IDs come from a per-client counter (two accounts collide): replaced.
+* Still missing and not worked around: TCP/TLS, digest ``qop=auth``, 407 proxy
+  challenges, multiple headers of one name (only the first Contact/Record-Route
+  is kept), IPv6.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import pyVoIP
+import pyVoIP.VoIP  # noqa: F401  (must come before pyVoIP.SIP: circular import in 1.6.8)
+from pyVoIP.SIP import SIPClient, SIPMessage, SIPMessageType
+
+if "OPTIONS" not in pyVoIP.SIPCompatibleMethods:
+    pyVoIP.SIPCompatibleMethods.append("OPTIONS")
+
+PARSED_METHODS = frozenset(pyVoIP.SIPCompatibleMethods)
+
+
+class _NoPhone:
+    """SIPClient writes a status on its phone; the gateway has no VoIPPhone."""
+
+    _status = None
+
+
+class Dialect(SIPClient):
+    """pyVoIP's message builders for one account, without its socket or threads."""
+
+    def __init__(
+        self,
+        server: str,
+        port: int,
+        username: str,
+        password: str,
+        my_ip: str,
+        my_port: int,
+        expires: int,
+    ) -> None:
+        super().__init__(
+            server, port, username, password, phone=_NoPhone(), myIP=my_ip, myPort=my_port
+        )
+        self.default_expires = expires
+
+    def gen_call_id(self) -> str:
+        """pyVoIP hashes a per-client counter, so two accounts send the same Call-ID and
+        their transactions collide; a random one is unique across accounts."""
+        return f"{secrets.token_hex(16)}@{self.myIP}:{self.myPort}"
+
+    def first_register(self, deregister: bool = False) -> str:
+        return self.gen_first_response(deregister=deregister)
+
+    def answer_challenge(self, challenge: SIPMessage, deregister: bool = False) -> str:
+        """REGISTER with an Authorization built from a 401's WWW-Authenticate (MD5, no qop)."""
+        return self.gen_register(challenge, deregister=deregister)
+
+    def start(self) -> None:  # pragma: no cover - guard
+        raise RuntimeError("Dialect is a message builder; the gateway owns the socket")
+
+
+_COMPACT = {
+    b"i": b"Call-ID",
+    b"f": b"From",
+    b"t": b"To",
+    b"v": b"Via",
+    b"m": b"Contact",
+    b"l": b"Content-Length",
+    b"c": b"Content-Type",
+    b"k": b"Supported",
+}
+
+
+def normalise(data: bytes) -> bytes | None:
+    """Headers as pyVoIP can read them: ``Name: value``, full names, one Via per line."""
+    head, separator, body = data.partition(b"\r\n\r\n")
+    if not separator:
+        return None
+    lines = head.split(b"\r\n")
+    out = [lines[0]]
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        name, value = name.strip(), value.strip()
+        if not colon or not name:
+            return None
+        if not value:
+            continue
+        name = _COMPACT.get(name.lower(), name) if len(name) == 1 else name
+        if name.lower() == b"via":
+            out.extend(b"Via: " + via.strip() for via in value.split(b","))
+        else:
+            out.append(name + b": " + value)
+    return b"\r\n".join(out) + b"\r\n\r\n" + body
+
+
+def parse(data: bytes) -> SIPMessage | None:
+    """A parsed SIP message, or None when pyVoIP cannot make sense of it."""
+    clean = normalise(data)
+    if clean is None:
+        return None
+    try:
+        message = SIPMessage(clean)
+    except Exception:
+        return None
+    needed = ("Call-ID", "CSeq", "From", "To")
+    if any(name not in message.headers for name in needed) or not message.headers["Via"]:
+        return None
+    return message
+
+
+def is_response(message: SIPMessage) -> bool:
+    return message.type == SIPMessageType.RESPONSE
+
+
+__all__ = ["PARSED_METHODS", "Dialect", "SIPMessage", "is_response", "parse"]

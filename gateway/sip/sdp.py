@@ -1,0 +1,80 @@
+"""SDP offer/answer (RFC 3264) for one G.711 audio stream plus telephone-events.
+
+Only what a voice leg needs: pick the first codec of the offer we also speak,
+find the telephone-event payload type at 8 kHz, and describe our RTP socket.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from gateway.sip.pyvoip import SIPMessage
+from gateway.sip.rtp import CODEC_NAMES, PCMA, PCMU
+
+NAMES = {"pcmu": PCMU, "pcma": PCMA}
+DTMF_TYPE = 101
+
+
+@dataclass(frozen=True)
+class MediaOffer:
+    address: str
+    port: int
+    payload_types: list[int]
+    dtmf_type: int | None
+
+
+def read_offer(message: SIPMessage) -> MediaOffer | None:
+    """The audio stream of an SDP body parsed by pyVoIP, or None when there is none."""
+    body = message.body
+    try:
+        audio = next(m for m in body.get("m", []) if m["type"] == "audio")
+    except StopIteration:
+        return None
+    connections = body.get("c") or []
+    if not connections:
+        return None
+    payload_types: list[int] = []
+    dtmf = None
+    for pt_text in audio["methods"]:
+        try:
+            pt = int(pt_text)
+        except ValueError:
+            continue
+        rtpmap = audio["attributes"].get(pt_text, {}).get("rtpmap")
+        name = rtpmap["name"].lower() if rtpmap else CODEC_NAMES.get(pt, "").lower()
+        if name == "telephone-event" and (not rtpmap or rtpmap["frequency"] == "8000"):
+            dtmf = pt
+        elif name in NAMES and (pt < 96 or rtpmap):
+            payload_types.append(NAMES[name] if pt >= 96 else pt)
+    return MediaOffer(connections[0]["address"], int(audio["port"]), payload_types, dtmf)
+
+
+def choose_codec(offer: MediaOffer, ours: list[str]) -> int | None:
+    """The first codec of the offer that the site allows (the offerer's preference wins)."""
+    allowed = {NAMES[c] for c in ours}
+    return next((pt for pt in offer.payload_types if pt in allowed), None)
+
+
+def describe(
+    address: str,
+    port: int,
+    payload_types: list[int],
+    dtmf_type: int | None,
+    session_id: int | None = None,
+) -> str:
+    session = session_id if session_id is not None else random.getrandbits(31)
+    formats = [*payload_types, *([dtmf_type] if dtmf_type is not None else [])]
+    lines = [
+        "v=0",
+        f"o=borderlink {session} {session} IN IP4 {address}",
+        "s=BorderLink",
+        f"c=IN IP4 {address}",
+        "t=0 0",
+        f"m=audio {port} RTP/AVP {' '.join(str(f) for f in formats)}",
+    ]
+    lines += [f"a=rtpmap:{pt} {CODEC_NAMES[pt]}/8000" for pt in payload_types]
+    if dtmf_type is not None:
+        lines += [f"a=rtpmap:{dtmf_type} telephone-event/8000", f"a=fmtp:{dtmf_type} 0-15"]
+    lines += ["a=ptime:20", "a=sendrecv"]
+    return "\r\n".join(lines) + "\r\n"

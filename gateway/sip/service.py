@@ -1,0 +1,171 @@
+"""The SIP service: starts with the gateway, stops with it (BYE to every call, unregister).
+
+It owns the pieces and wires them to the engine's clock: the leg bank receives
+every call's audio just before each tick and sends it just after, so SIP media
+runs on the engine's clock and nothing else paces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from gateway.app import register_service
+from gateway.sip.bank import LegBank
+from gateway.sip.calls import CallManager
+from gateway.sip.config import SipConfig, split_hostport
+from gateway.sip.dialout import DialOut
+from gateway.sip.registration import Registration
+from gateway.sip.transport import SipTransport
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+
+
+def install_tick_hooks(
+    gateway: Gateway, before: Callable[[], None], after: Callable[[], None]
+) -> Callable[[], None]:
+    """Run ``before``/``after`` around every engine tick; returns the uninstaller.
+
+    Uses ``engine.before_tick``/``after_tick`` lists when the engine has them;
+    otherwise wraps the media clock's tick callback (the one seam that exists).
+    """
+    engine = gateway.engine
+    hooks_before = getattr(engine, "before_tick", None)
+    hooks_after = getattr(engine, "after_tick", None)
+    if isinstance(hooks_before, list) and isinstance(hooks_after, list):
+        hooks_before.append(before)
+        hooks_after.append(after)
+
+        def uninstall_lists() -> None:
+            with contextlib.suppress(ValueError):
+                hooks_before.remove(before)
+                hooks_after.remove(after)
+
+        return uninstall_lists
+    clock = gateway.clock
+    inner = clock.on_tick
+
+    def tick() -> None:
+        before()
+        try:
+            inner()
+        finally:
+            after()
+
+    clock.on_tick = tick
+
+    def uninstall_wrapper() -> None:
+        clock.on_tick = inner
+
+    return uninstall_wrapper
+
+
+def _guarded(name: str, step: Callable[[], None]) -> Callable[[], None]:
+    """A media step that fails must not stop the engine's tick; log it (once a second at most)."""
+    last = [0.0]
+
+    def run() -> None:
+        try:
+            step()
+        except Exception:
+            loop_time = asyncio.get_event_loop().time()
+            if loop_time - last[0] > 1.0:
+                last[0] = loop_time
+                log.exception("SIP media %s failed", name)
+
+    return run
+
+
+class SipService:
+    def __init__(self, gateway: Gateway, config: SipConfig) -> None:
+        self.gateway = gateway
+        self.config = config
+        timing = gateway.config.timing
+        self.bank = LegBank(timing.rate, timing.frame_samples, timing.frame)
+        self.transport = SipTransport(self._on_request)
+        self.calls: CallManager | None = None
+        self.registrations: dict[str, Registration] = {}
+        self.dial_outs: dict[str, DialOut] = {}
+        self._uninstall: Callable[[], None] | None = None
+        self._blas_limit = None
+
+    def _on_request(self, message, raw, source) -> None:  # noqa: ANN001 - pass-through
+        if self.calls is not None:
+            self.calls.on_request(message, raw, source)
+
+    @property
+    def port(self) -> int:
+        return self.transport.port
+
+    async def start(self) -> None:
+        problems = self.config.check_talkgroups(list(self.gateway.config.talkgroups))
+        if problems:
+            raise ValueError("[sip] refers to missing talkgroups:\n  " + "\n  ".join(problems))
+        self._limit_blas()
+        host, port = split_hostport(self.config.listen)
+        await self.transport.open(host, port)
+        address = self.config.public_address or self.transport.host
+        timing = self.gateway.config.timing
+        self.calls = CallManager(
+            self.config, self.transport, self.gateway.engine, timing, self.bank, address
+        )
+        self._uninstall = install_tick_hooks(
+            self.gateway, _guarded("receive", self.bank.receive), _guarded("send", self.bank.send)
+        )
+        for name, account in self.config.accounts.items():
+            registration = Registration(
+                name, account, self.transport, address, self.config.transaction_timeout
+            )
+            registration.start()
+            self.registrations[name] = registration
+        for name, entry in self.config.dial_out.items():
+            dial_out = DialOut(name, entry, self.calls, self.gateway.engine)
+            dial_out.start()
+            self.dial_outs[name] = dial_out
+        log.info(
+            "SIP on udp:%s:%s (%d accounts, %d routes, %d dial-outs)",
+            address,
+            self.port,
+            len(self.registrations),
+            len(self.config.routes),
+            len(self.dial_outs),
+        )
+
+    def _limit_blas(self) -> None:
+        """One BLAS thread: the bank's matrix products are small, and a 2-core box running
+        the media clock loses ticks when OpenBLAS spins up threads for them."""
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - a dependency, but the gateway still runs
+            return
+        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+
+    async def stop(self) -> None:
+        for dial_out in self.dial_outs.values():
+            await dial_out.stop()
+        if self.calls is not None:
+            await self.calls.close()
+        for registration in self.registrations.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(registration.stop(), 0.15)
+        if self._uninstall is not None:
+            self._uninstall()
+            self._uninstall = None
+        self.transport.close()
+        self.bank.close()
+
+
+@register_service
+def _sip_service(gateway: Gateway) -> SipService | None:
+    config = gateway.config.section("sip")
+    if config is None:
+        return None
+    service = SipService(gateway, config)
+    gateway.sip = service  # type: ignore[attr-defined]
+    return service

@@ -1,0 +1,322 @@
+"""Real SIP peers on 127.0.0.1 for the SIP suite: kamailio (registrar) and baresip (phones).
+
+Every process is started here on free ports, checked to be answering before a
+test uses it, and stopped by its PID at the end. In CI a missing binary is a
+failure (``require_binary``), never a skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import wave
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+from gateway.codecs.pcm import float_to_int16, int16_to_float
+
+from gateway.app import Gateway
+from gateway.config import parse_config
+from tests.conftest import free_port, require_binary
+
+HERE = Path(__file__).parent
+PASSWORD = "s3cret"
+
+
+# --- waiting without sleeps-as-synchronisation ---------------------------------------
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def until(condition: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sip_ping(port: int, timeout: float = 0.3) -> bool:
+    """True when something answers a SIP OPTIONS on 127.0.0.1:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(timeout)
+        me = s.getsockname()[1]
+        s.sendto(
+            (
+                f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bKping{time.monotonic_ns()}\r\n"
+                "Max-Forwards: 70\r\nFrom: <sip:ping@127.0.0.1>;tag=p\r\n"
+                f"To: <sip:127.0.0.1:{port}>\r\nCall-ID: ping{time.monotonic_ns()}@127.0.0.1\r\n"
+                "CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+            ).encode(),
+            ("127.0.0.1", port),
+        )
+        try:
+            return s.recv(4096).startswith(b"SIP/2.0")
+        except OSError:
+            return False
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Stop a process we started (and its own process group) by PID."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+
+
+# --- kamailio ----------------------------------------------------------------------------
+
+
+class Kamailio:
+    """A registrar on 127.0.0.1 with digest auth (password ``PASSWORD`` for every user)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = require_binary("kamailio")
+        self.directory = directory
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        cfg = (HERE / "kamailio.cfg.in").read_text()
+        cfg = cfg.replace("@PORT@", str(self.port)).replace("@PASSWORD@", PASSWORD)
+        self.cfg = directory / "kamailio.cfg"
+        self.cfg.write_text(cfg)
+
+    def start(self) -> None:
+        log = open(self.directory / "kamailio.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "-f",
+                str(self.cfg),
+                "-DD",
+                "-E",
+                "-m",
+                "32",
+                "-M",
+                "4",
+                "-Y",
+                str(self.directory),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_for(lambda: sip_ping(self.port) or self.proc.poll() is not None, 15, "kamailio")
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"kamailio exited: {(self.directory / 'kamailio.log').read_text()}"
+            )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+# --- baresip -----------------------------------------------------------------------------
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 8000) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(float_to_int16(samples).astype("<i2").tobytes())
+    return path
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as w:
+        data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+        return int16_to_float(data[:: w.getnchannels()]), w.getframerate()
+
+
+def tone(hz: float, seconds: float, rate: int = 8000, level: float = 0.3) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (level * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+class Phone:
+    """A baresip phone on 127.0.0.1 playing a WAV as its microphone and recording what it hears."""
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        source: np.ndarray,
+        codec: str = "PCMU",
+        registrar_port: int | None = None,
+    ) -> None:
+        self.binary = require_binary("baresip")
+        self.name = name
+        self.dir = directory / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.records = self.dir / "rec"
+        self.records.mkdir(exist_ok=True)
+        self.port = self._even_free_pair()
+        self.console = free_port()
+        self.source = write_wav(self.dir / "source.wav", source)
+        (self.dir / "config").write_text(
+            "\n".join(
+                [
+                    "poll_method epoll",
+                    f"sip_listen 127.0.0.1:{self.port}",
+                    "net_interface 127.0.0.1",
+                    "dns_server 127.0.0.1:53",
+                    f"audio_source aufile,{self.source}",
+                    "audio_player alsa,null",
+                    "audio_alert aufile,/dev/null",
+                    "module_path /usr/lib/baresip/modules",
+                    "module g711.so",
+                    "module aufile.so",
+                    "module alsa.so",
+                    "module sndfile.so",
+                    "module account.so",
+                    "module menu.so",
+                    "module cons.so",
+                    f"cons_listen 127.0.0.1:{self.console}",
+                    f"snd_path {self.records}",
+                    "rtp_timeout 0",
+                    "",
+                ]
+            )
+        )
+        domain = f"127.0.0.1:{registrar_port}" if registrar_port else f"127.0.0.1:{self.port}"
+        (self.dir / "accounts").write_text(
+            f"<sip:{name}@{domain};transport=udp>;regint=0;audio_codecs={codec};answermode=auto\n"
+        )
+        self.proc: subprocess.Popen | None = None
+        self.log = self.dir / "baresip.log"
+
+    @staticmethod
+    def _even_free_pair() -> int:
+        """baresip also binds sip_listen + 1: pick a port whose neighbour is free too."""
+        for _ in range(50):
+            port = free_port()
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+                    a.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+        raise RuntimeError("no free port pair for baresip")
+
+    @property
+    def uri(self) -> str:
+        return f"sip:{self.name}@127.0.0.1:{self.port}"
+
+    def start(self, dial: str | None = None, seconds: float = 10.0) -> None:
+        args = [self.binary, "-f", str(self.dir), "-t", str(int(seconds))]
+        if dial:
+            args += ["-e", f"/dial {dial}"]
+        out = open(self.log, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        out.close()
+
+    def key(self, keys: str) -> None:
+        """Press keys on the phone (digits in a call are sent as RFC 4733 DTMF)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for k in keys:
+                s.sendto(k.encode(), ("127.0.0.1", self.console))
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def heard(self) -> np.ndarray:
+        """What the phone received (baresip's sndfile '-dec' recording)."""
+        files = sorted(self.records.glob("*dec*.wav"))
+        assert files, f"{self.name} recorded nothing: {self.output()[-2000:]}"
+        return read_wav(files[-1])[0]
+
+    def sent(self) -> np.ndarray:
+        files = sorted(self.records.glob("*enc*.wav"))
+        assert files, f"{self.name} recorded nothing it sent"
+        return read_wav(files[-1])[0]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=3)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+# --- the gateway under test ----------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(toml: str) -> AsyncIterator[Gateway]:
+    """The real Gateway (engine, clock, SIP service) on this event loop."""
+    gateway = Gateway(parse_config(toml))
+    task = asyncio.ensure_future(gateway.run())
+    try:
+
+        def started() -> bool:
+            sip = getattr(gateway, "sip", None)
+            return task.done() or (sip is not None and sip.calls is not None)
+
+        await until(started, 5, "the SIP service to start")
+        if task.done():
+            task.result()
+        yield gateway
+    finally:
+        gateway.stop()
+        await asyncio.wait_for(task, 10)
+
+
+def run(coro) -> None:
+    from gateway.site import run_async
+
+    run_async(coro)
+
+
+# --- audio checks ---------------------------------------------------------------------
+
+
+def band_db(x: np.ndarray, rate: int, hz: float, width: float = 40.0) -> float:
+    """Level (dBFS, RMS-equivalent) of the part of ``x`` within ±width of ``hz``."""
+    if len(x) == 0:
+        return -120.0
+    spectrum = np.fft.rfft(x * np.hanning(len(x)))
+    freqs = np.fft.rfftfreq(len(x), 1 / rate)
+    power = np.abs(spectrum) ** 2
+    band = power[(freqs > hz - width) & (freqs < hz + width)].sum()
+    norm = (np.hanning(len(x)) ** 2).sum() / 2
+    return float(10 * np.log10(max(band / norm / len(x), 1e-12)))
+
+
+def dominant_hz(x: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    freqs = np.fft.rfftfreq(len(x), 1 / rate)
+    spectrum[freqs < 100] = 0
+    return float(freqs[int(np.argmax(spectrum))])
