@@ -1,0 +1,488 @@
+"""MQTT: live state and events out, patch and PTT commands in, for CAD and C2 systems.
+
+Topics, under ``borderlink/<site_id>/``:
+
+- ``status``: retained ``online``; the broker publishes ``offline`` (our will) if we vanish.
+- ``state/ports/<port>``, ``state/talkgroups/<tg>``, ``state/patches/<patch>``:
+  retained JSON, republished whenever it changes and after every reconnect
+  (a restarted broker has forgotten it). A port that leaves (a call ends) has its
+  retained state cleared.
+- ``event/<kind>``: one JSON message per engine event (talk_start/stop with the
+  talker, ptt_on/off, floor_granted, preempted, tot, fault, patch) and for ports
+  that join or leave at run time (calls, console sessions).
+- ``command/<sender>``: JSON commands; the reply goes to ``reply/<sender>``.
+  ``sender`` must be in ``[mqtt.commanders]`` with the action allowed. Pair it
+  with a broker ACL (mosquitto: ``pattern write borderlink/+/command/%u``) so a
+  client can only speak as itself.
+
+Commands: ``{"id": "42", "action": "patch", "patch": "pursuit"}``, ``unpatch``
+(same), ``unkey`` / ``release`` with ``"port"`` (force a transmitter down and
+hold it down / let it key again), ``floor`` with ``"talkgroup"`` and
+``"mode": "mix" | "single"``. Every command gets a reply, ``{"id", "ok": true}``
+or ``{"id", "ok": false, "error": "<reason>"}``.
+
+The broker is optional and may come and go: the gateway never waits for it.
+While it is away, events are kept in a bounded buffer (``buffer``) and sent on
+reconnect; what overflows is counted in ``borderlink_mqtt_events_dropped_total``.
+Reconnects back off exponentially between ``reconnect_min`` and ``reconnect_max``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiomqtt
+from pydantic import Field, field_validator
+
+from gateway.app import register_service
+from gateway.config import Model, register_section
+from gateway.units import Duration
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.engine import Event
+
+log = logging.getLogger(__name__)
+
+Action = Literal["patch", "unpatch", "unkey", "release", "floor"]
+ACTIONS: tuple[str, ...] = Action.__args__  # type: ignore[attr-defined]
+MAX_COMMAND_BYTES = 4096
+STATE_POLL_S = 1.0  # state that changes without an event (a port recovers) is seen this fast
+TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@register_section("mqtt")
+class MqttConfig(Model):
+    """``[mqtt]``: the broker, credentials, topics and who may command the gateway."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    site_id: str | None = Field(None, description="topic segment; default: the site name, slugged")
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive: Duration = 30.0
+    reconnect_min: Duration = 1.0
+    reconnect_max: Duration = 60.0
+    buffer: int = Field(1000, ge=1, description="events kept while the broker is away")
+    qos: Literal[0, 1, 2] = 1
+    commanders: dict[str, list[Action]] = {}
+
+    @field_validator("site_id")
+    @classmethod
+    def _site_id_is_a_topic_segment(cls, value: str | None) -> str | None:
+        if value is not None and not TOPIC_SAFE.match(value):
+            raise ValueError(
+                "site_id must be letters, digits, '.', '_' or '-' (it is an MQTT topic level)"
+            )
+        return value
+
+    @field_validator("commanders")
+    @classmethod
+    def _commanders_are_topic_segments(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for sender in value:
+            if not TOPIC_SAFE.match(sender):
+                raise ValueError(f"commander {sender!r}: use letters, digits, '.', '_' or '-' only")
+        return value
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "site"
+
+
+class CommandError(Exception):
+    """A command that is refused; the message is the reason sent back."""
+
+
+class MqttService:
+    def __init__(self, gateway: Gateway, config: MqttConfig) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.site_id = config.site_id or slug(gateway.config.site.name)
+        self.prefix = f"borderlink/{self.site_id}"
+        self.events: deque[dict[str, Any]] = deque(maxlen=config.buffer)
+        self.seq = 0
+        self.connected = False
+        self.connections = 0
+        self.published_events = 0
+        self.dropped = 0
+        self.commands = {"accepted": 0, "rejected": 0, "unauthorised": 0}
+        self._published: dict[str, bytes] = {}  # retained topic → what the broker holds
+        self._ports: set[str] | None = None  # for joined/left events
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._client: aiomqtt.Client | None = None
+        self._stopping = False
+
+    # --- service ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin connecting in the background: the gateway never waits for the broker."""
+        self._password = self._read_password()
+        self.gateway.engine.listeners.append(self.on_event)
+        self._task = asyncio.create_task(self._run(), name="mqtt")
+        log.info(
+            "MQTT: publishing under %s/ via %s:%d", self.prefix, self.config.host, self.config.port
+        )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(ValueError):
+            self.gateway.engine.listeners.remove(self.on_event)
+        if self._client is not None and self.connected:
+            with contextlib.suppress(Exception):
+                await self._client.publish(f"{self.prefix}/status", b"offline", qos=1, retain=True,
+                                           timeout=0.3)  # fmt: skip
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "mqtt_connected": float(self.connected),
+            "mqtt_reconnects": max(0, self.connections - 1),
+            "mqtt_events_published": self.published_events,
+            "mqtt_events_buffered": len(self.events),
+            "mqtt_events_dropped": self.dropped,
+            "mqtt_commands": dict(self.commands),
+        }
+
+    def _read_password(self) -> str | None:
+        cfg = self.config
+        if cfg.password_file is not None:
+            try:
+                return cfg.password_file.read_text().strip()
+            except OSError as exc:
+                raise RuntimeError(
+                    f"[mqtt] password_file {cfg.password_file}: {exc.strerror}; "
+                    "create it (one line, the broker password) or remove the key"
+                ) from exc
+        if cfg.password_env is not None:
+            if cfg.password_env not in os.environ:
+                raise RuntimeError(f"[mqtt] password_env: ${cfg.password_env} is not set")
+            return os.environ[cfg.password_env]
+        return None
+
+    # --- events (called inside the tick: append and return) ----------------------------
+
+    def on_event(self, event: Event) -> None:
+        message: dict[str, Any] = {"event": event.kind}
+        if event.port is not None:
+            message["port"] = event.port
+            message["talkgroup"] = self._talkgroup(event.port)
+        if event.group:
+            message["mix_group"] = event.group
+        if event.kind in ("talk_start", "talk_stop"):
+            message["talker"] = event.port
+        if event.kind == "ptt_on":
+            # Who is heard is settled later in the same tick: fill it in right after,
+            # before the publisher wakes.
+            message["talkers"] = []
+            stored = self._queue(message, wake=False)
+            try:
+                asyncio.get_running_loop().call_soon(self._fill_talkers, stored, event.group)
+            except RuntimeError:  # ticked outside a loop (tools, tests): do it now
+                self._fill_talkers(stored, event.group)
+            return
+        if event.kind in ("talk_stop", "ptt_off"):
+            message["seconds"] = round(event.seconds, 3)
+        if event.kind == "patch":
+            patch, _, state = event.detail.partition(" ")
+            message.update(patch=patch, active=state == "on")
+        elif event.detail:
+            message["detail"] = event.detail
+        self._queue(message)
+
+    def _queue(self, message: dict[str, Any], wake: bool = True) -> dict[str, Any]:
+        self.seq += 1
+        message = {"seq": self.seq, "ts": round(time.time(), 3), **message}
+        if len(self.events) == self.events.maxlen:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("MQTT event buffer full (%d): %d events dropped so far",
+                            self.events.maxlen, self.dropped)  # fmt: skip
+        self.events.append(message)
+        if wake:
+            self._wake.set()
+        return message
+
+    def _fill_talkers(self, message: dict[str, Any], group: str | None) -> None:
+        message["talkers"] = self._talkers(group)
+        self._wake.set()
+
+    def _talkgroup(self, port: str) -> str | None:
+        engine = self.gateway.engine
+        if port in engine.attached:
+            return engine.attached[port][0]
+        return self.gateway.config.talkgroup_of(port)
+
+    def _talkers(self, group: str | None) -> list[str]:
+        layout = self.gateway.engine.layout
+        admitted = self.gateway.engine.admitted
+        names = [g.name for g in layout.groups]
+        if group not in names:
+            return []
+        g = names.index(group)
+        return [layout.ports[i].name for i in range(len(layout.ports))
+                if admitted[i] and layout.group_of[i] == g]  # fmt: skip
+
+    # --- state ---------------------------------------------------------------------------
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Retained topic → JSON-able state, for ports, talkgroups and patches."""
+        engine = self.gateway.engine
+        layout = engine.layout
+        tick = engine.tick_count
+        out: dict[str, dict[str, Any]] = {}
+        talkers: dict[str, list[str]] = {}
+        members: dict[str, list[str]] = {}
+        for i, port in enumerate(layout.ports):
+            tg = layout.talkgroup[i]
+            health = engine.health.get(port.name)
+            up = not (health is not None and health.down_until_tick > tick)
+            talking, keyed = bool(engine.admitted[i]), bool(engine.keying.keyed[i])
+            out[f"state/ports/{port.name}"] = {
+                "kind": port.kind, "talkgroup": tg, "agency": getattr(port.config, "agency", ""),
+                "up": up, "talking": talking, "keyed": keyed,
+                "tx_inhibit": port.name in engine.tx_inhibit,
+            }  # fmt: skip
+            if tg is not None:
+                members.setdefault(tg, []).append(port.name)
+                if talking:
+                    talkers.setdefault(tg, []).append(port.name)
+        group_of_tg = {tg: g for g in layout.groups for tg in g.talkgroups}
+        for name, tg in engine.talkgroups.items():
+            group = group_of_tg.get(name)
+            out[f"state/talkgroups/{name}"] = {
+                "members": members.get(name, []),
+                "floor": group.floor if group else tg.floor,
+                "mix_group": group.name if group else name,
+                "patched": bool(group and group.patched),
+                "talkers": talkers.get(name, []),
+            }
+        for name, patch in engine.patches.items():
+            out[f"state/patches/{name}"] = {
+                "talkgroups": list(patch.talkgroups), "active": name in engine.active_patches,
+            }  # fmt: skip
+        return out
+
+    async def _publish_state(self, client: aiomqtt.Client) -> None:
+        """Publish retained state that changed; clear topics of ports that left."""
+        state = self.state()
+        self._track_ports(state)
+        current = {
+            f"{self.prefix}/{topic}": json.dumps(value, separators=(",", ":")).encode()
+            for topic, value in state.items()
+        }
+        for topic in [t for t in self._published if t not in current]:
+            await client.publish(topic, b"", qos=self.config.qos, retain=True)  # clears it
+            del self._published[topic]
+        for topic, payload in current.items():
+            if self._published.get(topic) != payload:
+                await client.publish(topic, payload, qos=self.config.qos, retain=True)
+                self._published[topic] = payload
+
+    def _track_ports(self, state: dict[str, dict[str, Any]]) -> None:
+        """Calls and console sessions joining or leaving become events."""
+        ports = {t.removeprefix("state/ports/") for t in state if t.startswith("state/ports/")}
+        if self._ports is not None:
+            for port in sorted(ports - self._ports):
+                self._queue({"event": "joined", "port": port, "talkgroup": self._talkgroup(port),
+                             "kind": state[f"state/ports/{port}"]["kind"]})  # fmt: skip
+            for port in sorted(self._ports - ports):
+                self._queue({"event": "left", "port": port})
+        self._ports = ports
+
+    # --- connection ---------------------------------------------------------------------
+
+    def _client_for(self) -> aiomqtt.Client:
+        cfg = self.config
+        tls = None
+        if cfg.tls or cfg.ca_file:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                keyfile=str(cfg.key_file) if cfg.key_file else None,
+            )
+        return aiomqtt.Client(
+            cfg.host, cfg.port, username=cfg.username, password=self._password,
+            identifier=cfg.client_id or f"borderlink-{self.site_id}",
+            keepalive=max(5, round(cfg.keepalive)), tls_params=tls, timeout=5,
+            will=aiomqtt.Will(f"{self.prefix}/status", b"offline", qos=1, retain=True),
+        )  # fmt: skip
+
+    async def _run(self) -> None:
+        backoff = self.config.reconnect_min
+        while not self._stopping:
+            try:
+                async with self._client_for() as client:
+                    self._client = client
+                    self.connected = True
+                    self.connections += 1
+                    backoff = self.config.reconnect_min
+                    log.info("MQTT connected to %s:%d", self.config.host, self.config.port)
+                    await self._session(client)
+            except (aiomqtt.MqttError, OSError) as exc:
+                if self.connected:
+                    log.warning("MQTT connection lost: %s", exc)
+                else:
+                    log.warning("MQTT broker %s:%d unreachable: %s (retry in %.1fs)",
+                                self.config.host, self.config.port, exc, backoff)  # fmt: skip
+            finally:
+                self.connected = False
+                self._client = None
+            if self._stopping:
+                break
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.config.reconnect_max)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
+        # A restarted broker has lost our retained state: send all of it again
+        # (and clear what it may still hold for ports that left meanwhile).
+        self._published = dict.fromkeys(self._published, b"?")
+        await client.subscribe(f"{self.prefix}/command/+", qos=self.config.qos)
+        tasks = {
+            asyncio.create_task(self._read_commands(client), name="mqtt-commands"),
+            asyncio.create_task(self._write(client), name="mqtt-publish"),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:  # the connection error that ended the session, if any
+            if isinstance(result, Exception):
+                raise result
+
+    async def _write(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._publish_state(client)
+            while self.events:
+                message = self.events[0]  # removed only once the broker has it
+                topic = f"{self.prefix}/event/{message['event']}"
+                payload = json.dumps(message, separators=(",", ":")).encode()
+                await client.publish(topic, payload, qos=self.config.qos)
+                if self.events and self.events[0] is message:
+                    self.events.popleft()
+                self.published_events += 1
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), STATE_POLL_S)
+
+    # --- commands -------------------------------------------------------------------------
+
+    async def _read_commands(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            sender = message.topic.value.rsplit("/", 1)[-1]
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            reply = self.handle_command(sender, payload)
+            await client.publish(f"{self.prefix}/reply/{sender}",
+                                 json.dumps(reply, separators=(",", ":")).encode(),
+                                 qos=self.config.qos)  # fmt: skip
+            self._wake.set()
+
+    def handle_command(self, sender: str, payload: bytes) -> dict[str, Any]:
+        """Authorise, check and carry out one command; the reply says what happened."""
+        command_id: Any = None
+        action: Any = None
+        allowed = self.config.commanders.get(sender)
+        try:
+            command = self._parse(payload)
+            command_id, action = command.get("id"), command.get("action")
+            if allowed is None or action not in allowed:
+                if allowed is None:
+                    why = f"sender {sender!r} is not in [mqtt.commanders]"
+                else:
+                    why = f"sender {sender!r} may not {action!r} (allowed: {', '.join(allowed)})"
+                self.commands["unauthorised"] += 1
+                self._audit(sender, action, False, why)
+                return {"id": command_id, "ok": False, "action": action,
+                        "error": f"not authorised: {why}"}  # fmt: skip
+            result = self._execute(action, command)
+        except CommandError as exc:
+            self.commands["rejected"] += 1
+            self._audit(sender, action, False, str(exc))
+            return {"id": command_id, "ok": False, "action": action, "error": str(exc)}
+        self.commands["accepted"] += 1
+        self._audit(sender, action, True, "")
+        return {"id": command_id, "ok": True, "action": action, **result}
+
+    @staticmethod
+    def _parse(payload: bytes) -> dict[str, Any]:
+        if len(payload) > MAX_COMMAND_BYTES:
+            raise CommandError(f"command is {len(payload)} bytes; the limit is {MAX_COMMAND_BYTES}")
+        try:
+            command = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            example = '{"id": "1", "action": "patch", "patch": "NAME"}'
+            raise CommandError(
+                f"not valid JSON ({exc}); send an object such as {example}"
+            ) from None
+        if not isinstance(command, dict):
+            raise CommandError("a command must be a JSON object with an 'action'")
+        action = command.get("action")
+        if action not in ACTIONS:
+            raise CommandError(f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}")
+        return command
+
+    def _execute(self, action: str, command: dict[str, Any]) -> dict[str, Any]:
+        engine = self.gateway.engine
+
+        def field(name: str, choices: Any) -> str:
+            value = command.get(name)
+            if not isinstance(value, str) or not value:
+                raise CommandError(f"{action!r} needs {name!r} (one of: {', '.join(choices)})")
+            if value not in choices:
+                raise CommandError(f"no {name} named {value!r}; configured: {', '.join(choices)}")
+            return value
+
+        try:
+            if action in ("patch", "unpatch"):
+                patch = field("patch", engine.patches)
+                engine.set_patch(patch, action == "patch")
+                return {"patch": patch, "active": patch in engine.active_patches}
+            if action in ("unkey", "release"):
+                port = field("port", [p.name for p in engine.ports])
+                engine.set_tx_inhibit(port, action == "unkey")
+                return {"port": port, "tx_inhibit": port in engine.tx_inhibit}
+            talkgroup = field("talkgroup", engine.talkgroups)
+            mode = field("mode", ("mix", "single"))
+            engine.set_floor_mode(talkgroup, mode)
+            return {"talkgroup": talkgroup, "mode": mode}
+        except (KeyError, ValueError) as exc:  # the engine refused it
+            raise CommandError(str(exc).strip("'\"")) from None
+
+    def _audit(self, sender: str, action: Any, ok: bool, reason: str) -> None:
+        audit = getattr(self.gateway, "audit", None)
+        if audit is not None:
+            what = str(action)[:32] if action else None
+            audit.record(
+                "command", via="mqtt", sender=sender[:64], action=what, ok=ok, reason=reason
+            )
+
+
+@register_service
+def _mqtt_service(gateway: Gateway) -> MqttService | None:
+    config = gateway.config.section("mqtt")
+    if config is None:
+        return None
+    service = MqttService(gateway, config)
+    gateway.mqtt = service  # type: ignore[attr-defined]
+    return service

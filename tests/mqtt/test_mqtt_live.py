@@ -1,0 +1,372 @@
+"""MQTT against a real mosquitto: events, retained state, commands checked by audio, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mqtt_support import (
+    Broker,
+    Probe,
+    Subscriber,
+    dominant_hz,
+    http_get,
+    live_site,
+    rms_dbfs,
+    until,
+)
+
+from gateway.config import ConfigError, parse_config
+
+PREFIX = "borderlink/test-site"
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.kill()
+
+
+def site(broker_port: int, body: str, mqtt_extra: str = "", audit: Path | None = None) -> str:
+    audit_section = f'[audit]\npath = "{audit}"\n' if audit else ""
+    return f"""
+[site]
+name = "MQTT test"
+country = "CA"
+
+[web]
+port = 0
+
+{audit_section}
+[mqtt]
+port = {broker_port}
+site_id = "test-site"
+reconnect_min = "200ms"
+reconnect_max = "2s"
+{mqtt_extra}
+
+{body}
+"""
+
+
+RADIOS = """
+[ports.boat]
+kind = "simulated_radio"
+agency = "USCG"
+tone_hz = 1000
+talk_every = "10s"
+talk_for = "800ms"
+talk_offset = "500ms"
+ptt_hang_time = "200ms"
+
+[ports.shore]
+kind = "simulated_radio"
+agency = "RCMP"
+talk_offset = "1h"
+ptt_hang_time = "200ms"
+
+[talkgroups.marine]
+members = ["boat", "shore"]
+"""
+
+
+def metric(text: str, line_start: str) -> float:
+    rows = [line for line in text.splitlines() if line.startswith(line_start)]
+    assert len(rows) == 1, f"{line_start}: {rows}"
+    return float(rows[0].rsplit(" ", 1)[1])
+
+
+def test_a_keying_radio_shows_in_metrics_mqtt_and_the_audit_log(
+    tmp_path: Path, broker: Broker
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+
+    async def scenario() -> None:
+        async with (
+            Subscriber(broker.port, f"{PREFIX}/#") as sub,
+            live_site(tmp_path, site(broker.port, RADIOS, audit=audit)) as gw,
+        ):
+            await until(lambda: sub.on("/event/ptt_on") and sub.on("/event/talk_start"),
+                        "MQTT ptt_on and talk_start events")  # fmt: skip
+            ptt = sub.on("/event/ptt_on")[0]
+            assert (ptt["port"], ptt["talkgroup"], ptt["talkers"]) == ("shore", "marine", ["boat"])
+            talk = sub.on("/event/talk_start")[0]
+            assert (talk["talker"], talk["talkgroup"]) == ("boat", "marine")
+            # The metric moved with it (the over lasts 800 ms: read while it is on the air).
+            text = (await http_get(gw, "/metrics"))[1]
+            assert metric(text, 'borderlink_port_talking{kind="simulated_radio",port="boat"') == 1
+            # Retained port state followed the over.
+            await until(lambda: any(p and p["talking"] for p in sub.on("/state/ports/boat")),
+                        "retained state showing boat talking")  # fmt: skip
+            await until(lambda: sub.on("/event/ptt_off"), "the ptt_off event")
+            off = sub.on("/event/ptt_off")[0]
+            assert off["port"] == "shore" and off["seconds"] == pytest.approx(1.0, abs=0.021)
+            text = (await http_get(gw, "/metrics"))[1]
+            sent = metric(
+                text, 'borderlink_port_transmit_seconds_total{kind="simulated_radio",port="shore"'
+            )
+            assert sent == pytest.approx(off["seconds"], abs=1e-6)  # the same over, counted once
+            assert metric(text, "borderlink_mqtt_connected") == 1
+            assert metric(text, "borderlink_mqtt_events_published_total") >= 4
+            records = [json.loads(x) for x in audit.read_text().splitlines()]
+            transmit = [r for r in records if r["event"] == "transmit"]
+            assert transmit and transmit[0]["port"] == "shore"
+            assert transmit[0]["duration_seconds"] == pytest.approx(off["seconds"], abs=1e-6)
+            assert sub.on("/status")[-1] == "online"
+
+    asyncio.run(scenario())
+
+
+PATCHABLE = """
+[ports.boat]
+kind = "tone"
+tone_hz = 1000
+level_dbfs = -12
+
+[ports.beacon]
+kind = "tone"
+tone_hz = 400
+level_dbfs = -70
+talk_offset = "1h"
+
+[talkgroups.marine]
+members = ["boat"]
+
+[talkgroups.land]
+members = ["beacon"]
+
+[patches.pursuit]
+talkgroups = ["marine", "land"]
+enabled = false
+"""
+COMMANDERS = """
+[mqtt.commanders]
+cad1 = ["patch", "unpatch", "unkey", "release", "floor"]
+viewer = ["floor"]
+"""
+
+
+def test_patch_commands_change_what_the_other_talkgroup_hears(
+    tmp_path: Path, broker: Broker
+) -> None:
+    async def scenario() -> None:
+        async with (
+            Subscriber(broker.port, f"{PREFIX}/#") as sub,
+            live_site(tmp_path, site(broker.port, PATCHABLE, COMMANDERS)) as gw,
+        ):
+            probe = Probe("land-listener", gw.config.timing)
+            gw.engine.attach(probe, "land")
+            await until(lambda: len(probe.heard) >= 25, "half a second of land audio")
+            assert rms_dbfs(probe.recent(25)) < -100  # unpatched: land hears nothing
+
+            async def command(body: dict, sender: str = "cad1") -> dict:
+                before = len(sub.on(f"/reply/{sender}"))
+                await sub.publish(f"{PREFIX}/command/{sender}", json.dumps(body))
+                await until(lambda: len(sub.on(f"/reply/{sender}")) > before, f"a reply to {body}")
+                return sub.on(f"/reply/{sender}")[-1]
+
+            reply = await command({"id": "p1", "action": "patch", "patch": "pursuit"})
+            assert reply == {
+                "id": "p1",
+                "ok": True,
+                "action": "patch",
+                "patch": "pursuit",
+                "active": True,
+            }
+            mark = len(probe.heard)
+            await until(lambda: len(probe.heard) >= mark + 25, "land audio after the patch")
+            heard = probe.recent(25)
+            assert dominant_hz(heard, gw.engine.rate) == pytest.approx(1000, abs=20)
+            assert rms_dbfs(heard) == pytest.approx(-12, abs=1.0)
+            await until(lambda: any(p and p["active"] for p in sub.on("/state/patches/pursuit")),
+                        "retained patch state")  # fmt: skip
+            assert sub.on("/event/patch")[-1]["patch"] == "pursuit"
+
+            # Force-unkey the listener: it is sent nothing until released.
+            reply = await command({"id": 2, "action": "unkey", "port": "land-listener"})
+            assert reply["ok"] and reply["tx_inhibit"] is True
+            mark = len(probe.heard)
+            await until(lambda: len(probe.heard) >= mark + 10, "audio after the unkey")
+            assert rms_dbfs(probe.recent(10)) < -100
+            assert (await command({"id": 3, "action": "release", "port": "land-listener"}))["ok"]
+            mark = len(probe.heard)
+            await until(lambda: len(probe.heard) >= mark + 10, "audio after the release")
+            assert dominant_hz(probe.recent(10), gw.engine.rate) == pytest.approx(1000, abs=20)
+
+            reply = await command(
+                {"id": 4, "action": "floor", "talkgroup": "land", "mode": "single"}
+            )
+            assert reply["ok"] and gw.engine.talkgroups["land"].floor == "single"
+
+            reply = await command({"id": "p5", "action": "unpatch", "patch": "pursuit"})
+            assert reply["ok"] and reply["active"] is False
+            mark = len(probe.heard)
+            await until(lambda: len(probe.heard) >= mark + 25, "land audio after the unpatch")
+            assert rms_dbfs(probe.recent(25)) < -100
+
+    asyncio.run(scenario())
+
+
+def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
+    tmp_path: Path, broker: Broker
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    cases = [
+        ("cad1", b"patch pursuit please", "not valid JSON"),
+        ("cad1", b"[1, 2]", "must be a JSON object"),
+        ("cad1", b'{"id": 1, "action": "explode"}', "unknown action 'explode'; use one of: patch"),
+        ("cad1", b'{"id": 2, "action": "patch"}', "'patch' needs 'patch' (one of: pursuit)"),
+        ("cad1", b'{"id": 3, "action": "patch", "patch": "invasion"}',
+         "no patch named 'invasion'; configured: pursuit"),
+        ("cad1", b'{"id": 4, "action": "unkey", "port": "nobody"}', "no port named 'nobody'"),
+        ("cad1", b'{"id": 5, "action": "floor", "talkgroup": "land", "mode": "loud"}',
+         "no mode named 'loud'; configured: mix, single"),
+        ("cad1", b"x" * 5000, "the limit is 4096"),
+        ("mallory", b'{"id": 6, "action": "patch", "patch": "pursuit"}',
+         "not authorised: sender 'mallory' is not in [mqtt.commanders]"),
+        ("viewer", b'{"id": 7, "action": "patch", "patch": "pursuit"}',
+         "not authorised: sender 'viewer' may not 'patch' (allowed: floor)"),
+    ]  # fmt: skip
+
+    async def scenario() -> None:
+        async with (
+            Subscriber(broker.port, f"{PREFIX}/#") as sub,
+            live_site(tmp_path, site(broker.port, PATCHABLE, COMMANDERS, audit=audit)) as gw,
+        ):
+            for sender, payload, reason in cases:
+                before = len(sub.on(f"/reply/{sender}"))
+                await sub.publish(f"{PREFIX}/command/{sender}", payload)
+                await until(lambda s=sender, b=before: len(sub.on(f"/reply/{s}")) > b,
+                            f"a reply to {payload[:40]!r}")  # fmt: skip
+                reply = sub.on(f"/reply/{sender}")[-1]
+                assert reply["ok"] is False, reply
+                assert reason in reply["error"], (reason, reply)
+            assert "pursuit" not in gw.engine.active_patches  # nothing refused was done
+            # The command path still works after all that.
+            await sub.publish(
+                f"{PREFIX}/command/cad1", b'{"id": 9, "action": "patch", "patch": "pursuit"}'
+            )
+            await until(lambda: "pursuit" in gw.engine.active_patches, "the valid patch command")
+            text = (await http_get(gw, "/metrics"))[1]
+            assert metric(text, 'borderlink_mqtt_commands_total{result="rejected"}') == 8
+            assert metric(text, 'borderlink_mqtt_commands_total{result="unauthorised"}') == 2
+            assert metric(text, 'borderlink_mqtt_commands_total{result="accepted"}') == 1
+        records = [json.loads(x) for x in audit.read_text().splitlines()]
+        commands = [r for r in records if r["event"] == "command"]
+        assert len(commands) == 11 and [c["ok"] for c in commands].count(True) == 1
+        assert any(c["sender"] == "mallory" and not c["ok"] for c in commands)
+
+    asyncio.run(scenario())
+
+
+TONES_ONLY = """
+[ports.a]
+kind = "tone"
+
+[ports.b]
+kind = "tone"
+
+[talkgroups.marine]
+members = ["a"]
+
+[talkgroups.land]
+members = ["b"]
+
+[patches.pursuit]
+talkgroups = ["marine", "land"]
+enabled = false
+"""
+
+
+def test_broker_restart_reconnects_republishes_and_delivers_the_bounded_buffer(
+    tmp_path: Path, broker: Broker
+) -> None:
+    # reconnect_min 3 s: after the broker comes back, the test's subscriber is in
+    # place well before the gateway's next attempt, so it sees what is re-sent.
+    extra = 'buffer = 4\nreconnect_min = "3s"\nreconnect_max = "6s"\n'
+    body = site(broker.port, TONES_ONLY, extra).replace(
+        'reconnect_min = "200ms"\nreconnect_max = "2s"\n', ""
+    )
+
+    async def scenario() -> None:
+        async with live_site(tmp_path, body) as gw:
+            mqtt = gw.mqtt
+            await until(lambda: mqtt.connected and not mqtt.events, "the first connection")
+            broker.kill()
+            await until(lambda: not mqtt.connected, "the gateway to notice the broker is gone")
+            status, _ = await http_get(gw, "/healthz")
+            assert status == 200  # audio goes on without the broker
+            for on in (True, False, True, False, True, True):
+                if on != ("pursuit" in gw.engine.active_patches):
+                    gw.engine.set_patch("pursuit", on)
+            gw.engine.set_tx_inhibit("b", True)  # a state change that makes no event
+            assert mqtt.stats()["mqtt_events_buffered"] == 4  # 5 patch events, buffer of 4
+            assert mqtt.stats()["mqtt_events_dropped"] == 1
+            broker.start()  # a fresh broker: no retained messages, no sessions
+            async with Subscriber(broker.port, f"{PREFIX}/#") as sub:
+                assert not mqtt.connected
+                await until(lambda: mqtt.connected, "the gateway to reconnect", timeout=15)
+                await until(lambda: len(sub.on("/event/patch")) == 4, "the 4 buffered events")
+                patches = sub.on("/event/patch")
+                seqs = [p["seq"] for p in patches]
+                assert seqs == list(range(seqs[0], seqs[0] + 4))  # the newest four, in order
+                assert [p["active"] for p in patches] == [False, True, False, True]
+                # Retained state goes out ports, talkgroups, patches: the patch comes last.
+                await until(lambda: sub.on("/state/patches/pursuit"), "republished state")
+                land = sub.on("/state/talkgroups/land")[-1]
+                assert land["patched"] is True and land["mix_group"] == "marine+land"
+                assert sub.on("/state/ports/b")[-1]["tx_inhibit"] is True
+                assert sub.on("/state/patches/pursuit")[-1]["active"] is True
+                assert sub.on("/status")[-1] == "online"
+            text = (await http_get(gw, "/metrics"))[1]
+            assert metric(text, "borderlink_mqtt_reconnects_total") == 1
+            assert metric(text, "borderlink_mqtt_events_dropped_total") == 1
+            assert metric(text, "borderlink_mqtt_connected") == 1
+
+    asyncio.run(scenario())
+
+
+def test_the_gateway_runs_with_the_broker_down_and_connects_when_it_appears(
+    tmp_path: Path,
+) -> None:
+    broker = Broker(tmp_path)  # not started yet
+
+    async def scenario() -> None:
+        async with live_site(tmp_path, site(broker.port, TONES_ONLY)) as gw:
+            ticks = gw.clock.ticks
+            await until(lambda: gw.clock.ticks > ticks + 25, "the media clock to keep ticking")
+            text = (await http_get(gw, "/metrics"))[1]
+            assert metric(text, "borderlink_mqtt_connected") == 0
+            broker.start()
+            try:
+                async with Subscriber(broker.port, f"{PREFIX}/status") as sub:
+                    await until(
+                        lambda: "online" in sub.on("/status"), "the gateway's online status"
+                    )
+            finally:
+                broker.kill()
+
+    asyncio.run(scenario())
+
+
+def test_mqtt_section_errors_name_the_fix() -> None:
+    text = (
+        '[site]\nname="x"\ncountry="US"\n[mqtt]\nsite_id="a/b"\n[mqtt.commanders]\ncad=["launch"]\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    message = str(err.value)
+    assert "mqtt.site_id" in message and "MQTT topic level" in message
+    assert "mqtt.commanders.cad" in message and "'patch'" in message
+
+
+def test_tone_checks_can_fail() -> None:
+    """The audio measures used above tell a 1 kHz tone from silence and from 400 Hz."""
+    t = np.arange(1600) / 16000
+    assert dominant_hz(np.sin(2 * np.pi * 400 * t), 16000) == pytest.approx(400, abs=20)
+    assert rms_dbfs(np.zeros(100)) < -100
