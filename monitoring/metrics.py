@@ -24,6 +24,7 @@ Never a caller number or free text.
 from __future__ import annotations
 
 import bisect
+import logging
 import platform
 from collections import defaultdict
 from collections.abc import Iterator
@@ -42,6 +43,8 @@ from prometheus_client.exposition import generate_latest
 if TYPE_CHECKING:  # the gateway imports us, never the other way round at run time
     from gateway.app import Gateway
     from gateway.engine import Event
+
+log = logging.getLogger(__name__)
 
 PREFIX = "borderlink_"
 PORT_LABELS = ["port", "kind", "talkgroup"]
@@ -130,9 +133,9 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
 PORT_SERIES_UP = "1 when the port works (not isolated by the engine, device up)"
 PORT_SERIES: list[tuple[str, str, str, str]] = [
     ("port_receive_level_dbfs", "gauge",
-     "Level received this tick (RMS dBFS; -120 = nothing)", "rx_dbfs"),
+     "Receive level meter (RMS dBFS, falls back 20 dB/s; -120 = nothing)", "rx_dbfs"),
     ("port_transmit_level_dbfs", "gauge",
-     "Level sent to the port this tick (RMS dBFS; -120 = nothing)", "tx_dbfs"),
+     "Transmit level meter (RMS dBFS, falls back 20 dB/s; -120 = nothing)", "tx_dbfs"),
     ("port_squelch_open", "gauge", "1 while the port has audio in (COR/VOX/PTT)", "squelch"),
     ("port_talking", "gauge", "1 while the port is heard in its talkgroup's mix", "admitted"),
     ("port_ptt_keyed", "gauge", "1 while the gateway keys this port's transmitter", "keyed"),
@@ -317,14 +320,7 @@ class SiteMetrics:
         tg_group = {tg: g for g in layout.groups for tg in g.talkgroups}
         lateness = clock.lateness
         buckets = self.tick_histogram.buckets()
-        services = []
-        for service in gw.services:
-            stats = getattr(service, "stats", None)
-            if callable(stats):
-                try:
-                    services.append(dict(stats()))
-                except Exception:
-                    continue
+        services = service_reports(gw)
         return Snapshot(
             site=gw.config.site.name,
             country=gw.config.site.country,
@@ -400,6 +396,52 @@ class SiteMetrics:
     def render(self, snapshot: Snapshot | None = None) -> bytes:
         """The Prometheus text exposition for a snapshot (safe to run off the loop)."""
         return generate_latest(_Families(snapshot or self.snapshot()))  # type: ignore[arg-type]
+
+
+def service_reports(gateway: Gateway) -> list[dict[str, Any]]:
+    """``stats()`` of every service (and the SIP/console objects the gateway carries).
+
+    Services without ``stats()`` are read through :func:`_adapt` at this seam.
+    """
+    reports: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    names = ("sip", "console", "mqtt", "audit")
+    for obj in [*gateway.services, *(getattr(gateway, n, None) for n in names)]:
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        try:
+            stats = getattr(obj, "stats", None)
+            report = dict(stats()) if callable(stats) else _adapt(obj)
+        except Exception:  # a broken stats() must not break the scrape
+            log.exception("stats() of %r failed", obj)
+            continue
+        if report:
+            reports.append(report)
+    return reports
+
+
+def _adapt(obj: Any) -> dict[str, Any]:
+    """Well-known keys from the SIP service and console hub as they are today.
+
+    They keep their state as ``registrations`` ({account: Registration with a
+    ``registered`` asyncio.Event and ``failures``}) and ``sessions.by_token``; a
+    ``stats()`` method on them, when it comes, takes precedence.
+    """
+    report: dict[str, Any] = {}
+    registrations = getattr(obj, "registrations", None)
+    if isinstance(registrations, dict):
+        report["sip_registered"] = {
+            name: float(reg.registered.is_set()) for name, reg in registrations.items()
+            if hasattr(getattr(reg, "registered", None), "is_set")
+        }  # fmt: skip
+        report["sip_registration_failures"] = {
+            name: float(getattr(reg, "failures", 0)) for name, reg in registrations.items()
+        }
+    sessions = getattr(getattr(obj, "sessions", None), "by_token", None)
+    if isinstance(sessions, dict):
+        report["console_sessions"] = len(sessions)
+    return report
 
 
 class _Families:

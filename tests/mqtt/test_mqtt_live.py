@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gateway.monitoring.metrics import SERVICE_STATS
 from mqtt_support import (
     Broker,
     Probe,
@@ -113,6 +114,10 @@ def test_a_keying_radio_shows_in_metrics_mqtt_and_the_audit_log(
             assert sent == pytest.approx(off["seconds"], abs=1e-6)  # the same over, counted once
             assert metric(text, "borderlink_mqtt_connected") == 1
             assert metric(text, "borderlink_mqtt_events_published_total") >= 4
+            exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
+            for key, (name, *_) in SERVICE_STATS.items():  # what dashboards may name, live
+                if key.startswith(("mqtt_", "audit_")):
+                    assert "borderlink_" + name in exported, name
             records = [json.loads(x) for x in audit.read_text().splitlines()]
             transmit = [r for r in records if r["event"] == "transmit"]
             assert transmit and transmit[0]["port"] == "shore"
