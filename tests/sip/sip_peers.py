@@ -252,11 +252,11 @@ class Phone:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def heard(self) -> np.ndarray:
-        """What the phone received (baresip's sndfile '-dec' recording)."""
+    def heard(self, call: int = -1) -> np.ndarray:
+        """What the phone received in a call (baresip's sndfile '-dec' recording)."""
         files = sorted(self.records.glob("*dec*.wav"))
         assert files, f"{self.name} recorded nothing: {self.output()[-2000:]}"
-        return read_wav(files[-1])[0]
+        return read_wav(files[call])[0]
 
     def sent(self) -> np.ndarray:
         files = sorted(self.records.glob("*enc*.wav"))

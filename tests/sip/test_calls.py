@@ -18,8 +18,13 @@ from tests.conftest import free_port
 RATE = 8000
 
 
-def site(tmp: Path, registrar_port: int | None, extra: str = "", radio_hz: float = 1000.0,
-         route: str = "") -> str:  # fmt: skip
+def site(
+    tmp: Path,
+    registrar_port: int | None,
+    extra: str = "",
+    radio_hz: float = 1000.0,
+    route: str = "",
+) -> str:
     account = (
         f"""
 [sip.accounts.marine]
@@ -144,8 +149,11 @@ def test_unknown_number_404_and_disallowed_caller_403(phones, tmp_path):
             stranger.start(dial=f"sip:6001@127.0.0.1:{port}", seconds=4)
             nobody = phones("nobody", tone(600, 6))
             nobody.start(dial=f"sip:9999@127.0.0.1:{port}", seconds=4)
-            await until(lambda: "403" in stranger.output() and "404" in nobody.output(), 8,
-                        "both calls to be refused")  # fmt: skip
+            await until(
+                lambda: "403" in stranger.output() and "404" in nobody.output(),
+                8,
+                "both calls to be refused",
+            )
             assert not legs(gw)
             assert gw.sip.calls.rejected == {403: 1, 404: 1}
 

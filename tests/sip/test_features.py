@@ -1,0 +1,159 @@
+"""DTMF PTT, dial-out patches, registrar restarts and junk on the wire, with real peers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+from sip_peers import band_db, dominant_hz, run, running_gateway, tone, until
+from test_calls import RATE, legs, recorded, site
+
+FRAME = 320  # engine samples per tick at 16 kHz / 20 ms
+
+
+def test_dtmf_ptt_star_talks_hash_releases(phones, tmp_path):
+    phone = phones("ptt", tone(600, 12))
+    route = 'ptt = "dtmf"'
+    seen: dict[str, int] = {}
+
+    async def scenario() -> None:
+        async with running_gateway(site(tmp_path, None, route=route)) as gw:
+            events: list[tuple[str, str, int]] = []
+            gw.engine.listeners.append(lambda e: events.append((e.kind, e.port or "", e.tick)))
+            phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=9)
+            leg = (await until(lambda: legs(gw), 5, "the call"))[0]
+            await until(lambda: leg.stats()["packets_in"] > 50, 5, "a second of the phone's audio")
+            assert ("talk_start", leg.name) not in [(k, p) for k, p, _ in events], "talked before *"
+            phone.key("*")
+            await until(
+                lambda: ("talk_start", leg.name) in [(k, p) for k, p, _ in events],
+                3,
+                "* to key the phone's talk",
+            )
+            await until(lambda: gw.engine.tick_count > events[-1][2] + 75, 3, "1.5 s of talk")
+            phone.key("#")
+            await until(
+                lambda: ("talk_stop", leg.name) in [(k, p) for k, p, _ in events], 3, "# to release"
+            )
+            for kind in ("talk_start", "talk_stop"):
+                seen[kind] = next(t for k, p, t in events if (k, p) == (kind, leg.name))
+            await until(lambda: gw.engine.tick_count > seen["talk_stop"] + 50, 3, "1 s after #")
+
+    run(scenario())
+    start, stop = seen["talk_start"], seen["talk_stop"]
+    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    during = talkgroup[(start + 5) * FRAME : (stop - 2) * FRAME]
+    before = talkgroup[max(0, start - 60) * FRAME : (start - 5) * FRAME]
+    after = talkgroup[(stop + 5) * FRAME : (stop + 45) * FRAME]
+    assert band_db(during, 16000, 600) > -25, "the phone's tone is not heard while * is held"
+    assert band_db(before, 16000, 600) < -60, "the phone was heard before pressing *"
+    assert band_db(after, 16000, 600) < -60, "the phone is still heard after #"
+
+
+def test_dial_out_patch_reaches_a_phone_and_redials_when_dropped(phones, tmp_path):
+    far = phones("duty", np.concatenate([np.zeros(RATE // 2), tone(700, 20)]))
+    far.start(seconds=30)  # waits for the gateway's call, answers it automatically
+
+    async def scenario() -> None:
+        dial = f"""
+[sip.dial_out.duty_officer]
+talkgroup = "marine"
+uri = "{far.uri}"
+retry_min = "1s"
+retry_max = "2s"
+"""
+        async with running_gateway(site(tmp_path, None, extra=dial)) as gw:
+            dial_out = gw.sip.dial_outs["duty_officer"]
+            leg = (await until(lambda: legs(gw), 8, "the dial-out call"))[0]
+            await until(lambda: leg.stats()["packets_in"] > 150, 6, "3 s of the far end")
+            far.stop()  # hangs up (BYE) and goes away
+            await until(lambda: not legs(gw), 5, "the dropped call to end")
+            far.start(seconds=30)
+            await until(lambda: dial_out.connects >= 2, 10, "the gateway to redial")
+            assert dial_out.attempts >= 2
+
+    run(scenario())
+    heard = far.heard(call=0)
+    middle = heard[RATE : 2 * RATE]
+    assert abs(dominant_hz(middle, RATE) - 1000) < 15, "the far end does not hear the radio"
+    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    assert band_db(talkgroup, 16000, 700) > -30, "the talkgroup does not hear the far end"
+
+
+def test_registrar_restart_gateway_registers_again_by_itself(kamailio, phones, tmp_path):
+    async def scenario() -> None:
+        async with running_gateway(site(tmp_path, kamailio.port)) as gw:
+            account = gw.sip.registrations["marine"]
+            await asyncio.wait_for(account.registered.wait(), 5)
+            first = account.registrations
+            kamailio.stop()
+            await until(lambda: not account.registered.is_set(), 10, "the outage to be noticed")
+            kamailio.start()  # same port, empty location table
+            await until(
+                lambda: account.registrations > first and account.registered.is_set(),
+                15,
+                "registration after the restart",
+            )
+            # The restarted registrar knows us again: a call through it reaches the talkgroup.
+            phone = phones("after", tone(600, 8), registrar_port=kamailio.port)
+            phone.start(dial=f"sip:6001@127.0.0.1:{kamailio.port}", seconds=3)
+            await until(lambda: legs(gw), 5, "a call through the restarted registrar")
+
+    run(scenario())
+
+
+def test_malformed_sip_and_rtp_are_dropped_and_counted_call_goes_on(phones, tmp_path):
+    phone = phones("victim", np.concatenate([np.zeros(RATE // 2), tone(600, 12)]))
+    junk_sip = [
+        b"INVITE sip:6001@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;bra",  # truncated
+        b"INVITE sip:6001@127.0.0.1 SIP/3.0\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n\r\n",  # version
+        b"INVITE sip:6001@127.0.0.1 SIP/2.0\r\n" + b"X-Pad: " + b"A" * 20000 + b"\r\n\r\n",
+        bytes(range(256)) * 4,  # garbage
+        b"INVITE sip:6001@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9\r\n\r\n",  # no Call-ID
+        b"SIP/2.0 200 OK\r\nCall-ID: nobody\r\n\r\n",  # response to nothing, unparseable
+    ]
+    good_header = bytes([0x80, 0x00, 0x00, 0x01, 0, 0, 0, 160, 1, 2, 3, 4])
+    junk_rtp = [
+        good_header[:7],  # truncated header
+        bytes([0x40]) + good_header[1:] + bytes(160),  # RTP version 1
+        good_header + bytes(1600),  # huge
+        bytes(range(200)),  # garbage (version 0)
+        bytes([0xA0]) + good_header[1:] + bytes([0, 0, 0, 200]),  # padding longer than payload
+        bytes([0x80, 0x63]) + good_header[2:] + bytes(160),  # payload type nobody agreed
+    ]
+
+    async def scenario() -> None:
+        async with running_gateway(site(tmp_path, None)) as gw:
+            phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=7)
+            leg = (await until(lambda: legs(gw), 5, "the call"))[0]
+            await until(lambda: leg.stats()["packets_in"] > 100, 5, "2 s of the call")
+            rtp_port = leg.bank.media[leg.row].sock.getsockname()[1]
+            before_sip = gw.sip.transport.stats.malformed
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for packet in junk_sip:
+                    s.sendto(packet, ("127.0.0.1", gw.sip.port))
+                for packet in junk_rtp:
+                    s.sendto(packet, ("127.0.0.1", rtp_port))
+            await until(
+                lambda: leg.stats()["packets_malformed"] >= len(junk_rtp),
+                3,
+                "every bad RTP packet to be counted",
+            )
+            await until(
+                lambda: gw.sip.transport.stats.malformed - before_sip >= len(junk_sip),
+                3,
+                "every bad SIP message to be counted",
+            )
+            assert leg.stats()["packets_malformed"] == len(junk_rtp)
+            assert len(legs(gw)) == 1, "junk must not start or end calls"
+            flowing = leg.stats()["packets_in"]
+            await until(lambda: leg.stats()["packets_in"] > flowing + 50, 3, "audio after junk")
+            await until(lambda: not phone.running(), 10, "the phone to finish")
+
+    run(scenario())
+    heard = phone.heard()
+    tail = heard[-2 * RATE : -RATE // 2]
+    assert abs(dominant_hz(tail, RATE) - 1000) < 15, "the phone stopped hearing the radio"
+    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    assert band_db(talkgroup[-3 * 16000 :], 16000, 600) > -30, "the talkgroup stopped hearing"

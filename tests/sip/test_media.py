@@ -1,0 +1,236 @@
+"""The SIP media path's parts on their own: RTP checks, loss/jitter stats, the jitter bank,
+the batched resampler, SDP and the [sip] section. Network timing is simulated here
+(arrival times computed from a delay model), so each case is exact and repeatable;
+the live path is covered with real phones in test_calls/test_features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gateway.codecs.g711 import alaw_encode, ulaw_encode
+from pydantic import ValidationError
+
+from gateway.config import ConfigError, parse_config
+from gateway.sip.bank import DECODE, ENCODE
+from gateway.sip.config import SipConfig
+from gateway.sip.jitter import JitterBank
+from gateway.sip.pyvoip import normalise, parse
+from gateway.sip.resample import BlockResampler
+from gateway.sip.rtp import ReceiveStats, build_event, build_header, parse_event, parse_rtp
+from gateway.sip.sdp import choose_codec, read_offer
+
+F = 160  # 20 ms of G.711
+
+
+# --- RTP ---------------------------------------------------------------------------------
+
+
+def test_rtp_header_round_trip_and_every_malformed_shape_is_refused():
+    packet = build_header(8, True, 65535, 0xFFFFFFFF, 0x1234) + bytes(range(160))
+    parsed = parse_rtp(packet)
+    assert parsed and parsed.payload_type == 8 and parsed.marker
+    assert (parsed.sequence, parsed.timestamp, parsed.ssrc) == (65535, 0xFFFFFFFF, 0x1234)
+    assert bytes(parsed.payload) == bytes(range(160))
+    header = build_header(0, False, 1, 160, 7)
+    csrc_beyond_end = bytes([0x8F]) + header[1:] + bytes(8)  # says 15 CSRCs, carries 2
+    extension_beyond_end = bytes([0x90]) + header[1:] + bytes([0, 0, 0, 50])
+    for bad in (
+        header[:11],
+        bytes([0x40]) + header[1:] + bytes(160),
+        header + bytes(1600),
+        csrc_beyond_end,
+        extension_beyond_end,
+        bytes([0xA0]) + header[1:] + bytes([1, 2, 0]),  # padding length 0
+        bytes([0xA0]) + header[1:] + bytes([1, 2, 9]),  # padding longer than payload
+        header,  # no payload
+    ):
+        assert parse_rtp(bad) is None, bad[:16]
+
+
+def test_dtmf_events_round_trip():
+    for digit in "0123456789*#ABCD":
+        event = parse_event(memoryview(build_event(digit, True, 800)))
+        assert event and (event.digit, event.end, event.duration) == (digit, True, 800)
+    assert parse_event(memoryview(bytes([16, 0, 0, 0]))) is None  # not a DTMF key
+    assert parse_event(memoryview(bytes([1, 0]))) is None
+
+
+def test_receive_stats_count_loss_across_sequence_wrap_and_ssrc_change():
+    stats = ReceiveStats()
+    sequences = [65530, 65531, 65533, 65534, 65535, 0, 2, 3]  # 65532 and 1 lost
+    for i, seq in enumerate(sequences):
+        stats.update(1, seq, i * F, i * F)
+    assert stats.lost == 2 and stats.expected == 10
+    assert stats.jitter == pytest.approx(0.0)
+    assert stats.update(2, 100, 0, 50 * F)  # new SSRC: the caller resyncs
+    stats.update(2, 102, 2 * F, 52 * F)
+    assert stats.lost + stats.lost_before == 3
+
+
+# --- jitter bank -------------------------------------------------------------------------
+
+
+def simulate(
+    jitter_ms: float = 0.0,
+    loss: float = 0.0,
+    seconds: float = 10.0,
+    seed: int = 1,
+    burst: tuple[int, int, float] | None = None,
+    reorder: bool = False,
+):
+    """Play a 1 kHz µ-law stream through one row: returns audio, delays (ms), the bank."""
+    rng = np.random.default_rng(seed)
+    bank = JitterBank(2, F)
+    n = int(seconds * 50)
+    t = np.arange(n * F)
+    codes = ulaw_encode((0.3 * np.sin(2 * np.pi * 1000 * t / 8000) * 32767).astype(np.int16))
+    delay = 8 * (7.3 + rng.uniform(-jitter_ms, jitter_ms, n))  # 7.3 ms off the tick phase
+    if burst:
+        first, last, extra_ms = burst
+        delay[first:last] += 8 * extra_ms
+    if reorder:
+        delay[1::10] += 8 * 25  # every tenth packet overtaken by the next one
+    arrival = np.arange(n) * F + F + delay + 1000
+    lost = rng.random(n) < loss
+    order = np.argsort(arrival, kind="stable")
+    out, delays, i = [], [], 0
+    for k in range(n):
+        now = 1000 + k * F
+        while i < n and arrival[order[i]] <= now:
+            p = order[i]
+            i += 1
+            if not lost[p]:
+                payload = memoryview(codes[p * F : (p + 1) * F].tobytes())
+                bank.put(0, (4_000_000_000 + p * F) & 0xFFFFFFFF, payload, float(arrival[p]))
+        frame = bank.playout(
+            np.array([0]), float(now), np.array([True]), DECODE, np.zeros(2, np.int64)
+        )
+        out.append(frame[0])
+        delays.append(bank.delay[0] / 8)
+    return np.concatenate(out), np.array(delays), bank, int(lost.sum())
+
+
+def test_no_jitter_adds_less_than_one_packet_and_conceals_nothing():
+    audio, delays, bank, _ = simulate()
+    assert bank.packets_late[0] == 0
+    assert bank.concealed[0] <= F  # only the very first frame, before audio starts
+    assert np.median(delays[50:]) < 22.0
+    spectrum = np.abs(np.fft.rfft(audio[8000:]))
+    assert np.argmax(spectrum) * 8000 / len(audio[8000:]) == pytest.approx(1000, abs=2)
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.01, 0.05])
+def test_30_plus_minus_10ms_jitter_is_absorbed_and_loss_concealed(loss):
+    audio, delays, bank, lost = simulate(jitter_ms=10.0, loss=loss)
+    assert bank.packets_late[0] <= 2
+    assert np.median(delays[100:]) <= 50.0
+    assert bank.concealed[0] >= lost * F  # every lost packet was concealed
+    assert bank.concealed[0] <= (lost + 3) * F
+
+
+def test_a_delay_burst_raises_the_buffer_then_it_comes_back_down():
+    _, delays, bank, _ = simulate(burst=(100, 110, 60.0))
+    before = np.median(delays[50:95])
+    assert delays[100:200].max() > before + 50, "the buffer did not follow the burst"
+    assert np.median(delays[350:]) < before + 5, "the burst left lasting delay"
+
+
+def test_reordered_packets_are_put_back_in_order():
+    audio, _, bank, _ = simulate(jitter_ms=2.0, reorder=True)
+    assert bank.packets_late[0] <= 1  # the first surprise costs a packet, then the buffer adapts
+    assert bank.concealed[0] <= 3 * F
+    reference = 0.3 * np.sin(2 * np.pi * 1000 * np.arange(len(audio)) / 8000)
+    corr = np.abs(np.fft.rfft(audio[4000:]))
+    assert np.argmax(corr) == np.argmax(np.abs(np.fft.rfft(reference[4000:])))
+
+
+def test_g711_tables_agree_with_the_codec_module():
+    pcm = (np.arange(-32768, 32768, 7)).astype(np.int16)
+    assert (ENCODE[0][pcm.view(np.uint16)] == ulaw_encode(pcm)).all()
+    assert (ENCODE[1][pcm.view(np.uint16)] == alaw_encode(pcm)).all()
+    assert DECODE.shape == (2, 256) and np.abs(DECODE).max() <= 1.0
+
+
+# --- resampling ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [2, 6])
+def test_block_resampler_keeps_a_tone_and_its_delay_is_the_half_width(factor):
+    up = BlockResampler(factor, F, up=True)
+    down = BlockResampler(factor, F, up=False)
+    legs = 3
+    x = (0.5 * np.sin(2 * np.pi * 1000 * np.arange(50 * F) / 8000)).astype(np.float32)
+    hist_up = np.zeros((legs, up.history_length), np.float32)
+    hist_down = np.zeros((legs, down.history_length), np.float32)
+    highs, lows = [], []
+    for k in range(50):
+        frame = np.tile(x[k * F : (k + 1) * F], (legs, 1))
+        high, hist_up = up.process(frame, hist_up)
+        low, hist_down = down.process(high.astype(np.float32), hist_down)
+        highs.append(high[1])
+        lows.append(low[2])
+    rate = 8000 * factor
+    high = np.concatenate(highs)
+    t = np.arange(len(high)) / rate - up.delay_8k / 8000
+    assert (
+        np.abs(high[rate // 10 :] - 0.5 * np.sin(2 * np.pi * 1000 * t[rate // 10 :])).max() < 0.01
+    )
+    low = np.concatenate(lows)
+    t = np.arange(len(low)) / 8000 - 2 * up.delay_8k / 8000
+    assert np.abs(low[800:] - 0.5 * np.sin(2 * np.pi * 1000 * t[800:])).max() < 0.01
+
+
+# --- SDP and signalling parse --------------------------------------------------------------
+
+BARESIP_INVITE = (
+    b"INVITE sip:6001@127.0.0.1:5080;transport=udp SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1;rport\r\n"
+    b"Contact: <sip:phone1@127.0.0.1:5070>\r\nMax-Forwards: 70\r\n"
+    b"To: <sip:6001@127.0.0.1:5080>\r\nFrom: <sip:phone1@127.0.0.1>;tag=abc\r\n"
+    b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nSupported:\r\nContent-Type: application/sdp\r\n"
+    b"Content-Length: 140\r\n\r\n"
+    b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    b"m=audio 17160 RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n"
+    b"a=rtpmap:101 telephone-event/8000\r\na=ptime:20"
+)
+
+
+def test_an_empty_header_does_not_break_pyvoip_and_the_offer_is_read():
+    assert parse(BARESIP_INVITE) is not None  # pyVoIP alone raises on "Supported:"
+    offer = read_offer(parse(BARESIP_INVITE))
+    assert offer.address == "127.0.0.1" and offer.port == 17160
+    assert offer.payload_types == [8, 0] and offer.dtmf_type == 101
+    assert choose_codec(offer, ["pcmu", "pcma"]) == 8  # the offerer's preference
+    assert choose_codec(offer, ["pcmu"]) == 0
+    compact = normalise(b"OPTIONS sip:a SIP/2.0\r\ni: x\r\nv: SIP/2.0/UDP a, SIP/2.0/UDP b\r\n\r\n")
+    assert b"Call-ID: x" in compact and compact.count(b"Via: ") == 2
+
+
+# --- config ------------------------------------------------------------------------------
+
+SITE = """
+[site]
+name = "t"
+country = "US"
+[ports.r]
+kind = "simulated_radio"
+[talkgroups.tg]
+members = ["r"]
+"""
+
+
+def test_sip_section_errors_name_the_key_and_the_fix():
+    with pytest.raises(ConfigError) as error:
+        parse_config(
+            SITE + '[sip]\nlisten = "127.0.0.1:99999"\n[sip.routes."6001"]\ntalkgroup = "tg"\n'
+            "vox_hang = 800\n"
+        )
+    text = str(error.value)
+    assert "sip.listen" in text and "host:port" in text
+    assert "sip.routes.6001.vox_hang" in text and "800ms" in text
+    with pytest.raises(ValidationError, match="routes twice"):
+        SipConfig.model_validate(
+            {"routes": {"1": {"talkgroup": "a"}, "2": {"talkgroup": "a", "aliases": ["1"]}}}
+        )
+    config = SipConfig.model_validate({"routes": {"6001": {"talkgroup": "nope"}}})
+    assert "talkgroup 'nope' is not configured" in config.check_talkgroups(["tg"])[0]
