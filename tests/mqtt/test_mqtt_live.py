@@ -214,6 +214,15 @@ def test_patch_commands_change_what_the_other_talkgroup_hears(
             await until(lambda: len(probe.heard) >= mark + 25, "land audio after the unpatch")
             assert rms_dbfs(probe.recent(25)) < -100
 
+            # A run-time port (a call, a console) joining and leaving is published too.
+            joined = [e for e in sub.on("/event/joined") if e["port"] == "land-listener"]
+            assert joined and joined[0]["kind"] == "probe" and joined[0]["talkgroup"] == "land"
+            gw.engine.detach(probe)
+            await until(lambda: any(e["port"] == "land-listener" for e in sub.on("/event/left")),
+                        "the left event")  # fmt: skip
+            await until(lambda: sub.on("/state/ports/land-listener")[-1] is None,
+                        "the retained state of the departed port to be cleared")  # fmt: skip
+
     asyncio.run(scenario())
 
 
