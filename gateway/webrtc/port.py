@@ -27,6 +27,7 @@ from gateway.webrtc.audio import OPUS_TIME_BASE, Inbound, OpusStream, SharedEnco
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_PACKETS = 10  # 200 ms: a stalled sender drops old audio instead of lagging
+STALE_GAP_S = 0.1
 
 
 class OutboundTrack(MediaStreamTrack):
@@ -109,6 +110,7 @@ class ConsolePort(Port):
         self.own: OpusStream | None = None
         self.reader: asyncio.Task | None = None
         self.frames_in = 0
+        self.stale_frames = 0
         self.own_encodes = 0
 
     # --- browser side --------------------------------------------------------
@@ -118,11 +120,23 @@ class ConsolePort(Port):
         self.reader = asyncio.ensure_future(self._read(track))
 
     async def _read(self, track: MediaStreamTrack) -> None:
+        loop = asyncio.get_running_loop()
+        last_pts: int | None = None
+        last_arrival = 0.0
         with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
             while True:
                 frame = await track.recv()
+                now = loop.time()
                 self.frames_in += 1
-                if self.ptt:  # audio while PTT is up goes nowhere: do not spend on it
+                # The page stops sending between overs; the first packet of the next
+                # over releases the previous over's tail from aiortc's jitter buffer.
+                # That tail (contiguous timestamps after a long silence) is stale.
+                stale = (last_pts is not None and frame.pts == last_pts + frame.samples
+                         and now - last_arrival > STALE_GAP_S)  # fmt: skip
+                last_pts, last_arrival = frame.pts, now
+                if stale:
+                    self.stale_frames += 1
+                elif self.ptt:  # audio while PTT is up goes nowhere: do not spend on it
                     self.inbound.push(frame)
 
     def set_ptt(self, on: bool) -> None:

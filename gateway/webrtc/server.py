@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import json
 import logging
 import secrets
@@ -27,6 +28,7 @@ import aioice.ice
 import numpy as np
 from aiohttp import WSMsgType, web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from gateway.engine import Event
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 HUB: web.AppKey[ConsoleHub] = web.AppKey("console", "ConsoleHub")
 STATE_INTERVAL = 0.1  # level meters: ten updates a second
+RECEIVE_PREFETCH = 1  # packets aiortc holds before decoding (its default is 4)
 PUSH_EVENTS = {"talk_start", "talk_stop", "floor_granted", "preempted", "tot", "patch", "fault"}
 
 
@@ -117,6 +120,16 @@ def filter_remote_candidates(sdp: str, loopback_only: bool) -> str:
     return "\r\n".join(kept) + "\r\n"
 
 
+def shorten_receive_buffer(receiver: Any, prefetch: int = RECEIVE_PREFETCH) -> None:
+    """aiortc holds 4 packets (80 ms) before decoding the first; on a dispatch LAN one
+    is enough, and a shorter hold also clips less of an over when PTT is let go."""
+    name = "_RTCRtpReceiver__jitter_buffer"
+    if isinstance(getattr(receiver, name, None), JitterBuffer):
+        setattr(receiver, name, JitterBuffer(capacity=16, prefetch=prefetch))
+    else:  # a future aiortc: keep its default rather than break
+        log.debug("aiortc receiver has no jitter buffer attribute; keeping its default")
+
+
 class ConsoleHub:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -130,6 +143,8 @@ class ConsoleHub:
         self.encoders = SharedEncoders(timing.rate, timing.frame, self.config.opus_bitrate)
         self.silence = silence_packet(timing.frame)
         self._push_pending = False
+        self._seats = itertools.count(1)
+        self._last_common = ""
         self._loop_task: asyncio.Task | None = None
         addresses = self.config.ice_addresses
         if addresses:  # aioice's host-address discovery is process-wide; so is this setting
@@ -173,12 +188,20 @@ class ConsoleHub:
             await asyncio.sleep(STATE_INTERVAL)
             if self.sockets:
                 try:
-                    self.push_state()
+                    self.push_state(only_if_changed=True)
                 except Exception:
                     log.exception("console state push failed")
 
-    def push_state(self) -> None:
+    def push_state(self, only_if_changed: bool = False) -> None:
+        """Send every page its view. The periodic push skips when nothing moved
+        (no talker, level or floor change), so idle consoles cost nothing."""
         common = self.common_state()
+        denied = self.engine.denied
+        busy = np.flatnonzero(denied).tolist() if len(denied) == len(self.engine.ports) else []
+        digest = json.dumps([common["talkgroups"], busy])
+        if only_if_changed and digest == self._last_common:
+            return
+        self._last_common = digest
         for sock in list(self.sockets):
             sock.send_state(json.dumps(self.personal_state(common, sock.session, sock.console)))
 
@@ -269,13 +292,9 @@ class ConsoleHub:
         if offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
             raise web.HTTPBadRequest(text='expected {"type": "offer", "sdp": "..."}')
         await self.leave(console, talkgroup, "re-joined")
-        name = f"{session.operator}@{talkgroup}"
-        for other in list(self.consoles.values()):  # the same operator on another tab: take over
-            if talkgroup in other.ports and other.ports[talkgroup].name == name:
-                await self.leave(other, talkgroup, "taken over by another console")
-                for sock in other.sockets:
-                    sock.send({"type": "left", "talkgroup": talkgroup,
-                               "reason": "opened on another console"})  # fmt: skip
+        # One operator may sit at several positions (or reload the page): each console
+        # is its own port, named so the audit log tells them apart.
+        name = f"{session.operator}@{talkgroup}/{next(self._seats)}"
         cfg = self.config
         timing = self.gateway.config.timing
         port = ConsolePort(
@@ -309,6 +328,7 @@ class ConsoleHub:
             for transceiver in pc.getTransceivers():
                 if transceiver.kind == "audio":
                     transceiver.setCodecPreferences(opus)
+                    shorten_receive_buffer(transceiver.receiver)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             await pc.close()
@@ -514,7 +534,9 @@ async def leave(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.WebSocketResponse:
     hub: ConsoleHub = request.app[HUB]
     session = _session(request)  # 401 before the upgrade
-    ws = web.WebSocketResponse(heartbeat=5.0)
+    # No permessage-deflate: state messages are small, and deflating each one for
+    # every console costs more CPU than the bytes it saves on a LAN.
+    ws = web.WebSocketResponse(heartbeat=5.0, compress=False)
     await ws.prepare(request)
     sock = Socket(ws, session)
     hub.sockets.add(sock)

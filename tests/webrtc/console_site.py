@@ -241,8 +241,8 @@ class Site:
         )  # fmt: skip
 
     def console_port(self, operator: str, talkgroup: str) -> Any:
-        name = f"{operator}@{talkgroup}"
-        return next((p for p in self.gateway.engine.ports if p.name == name), None)
+        prefix = f"{operator}@{talkgroup}/"
+        return next((p for p in self.gateway.engine.ports if p.name.startswith(prefix)), None)
 
 
 @contextlib.asynccontextmanager

@@ -61,7 +61,7 @@ def test_console_ptt_reaches_the_radio_with_its_tone(tmp_path):
             radio = site.radio()
             page = await site.console("alice")
             await site.wait_joined(page, "marine")
-            events = talk_events(site.gateway, "alice@marine")
+            events = talk_events(site.gateway, site.console_port("alice", "marine").name)
             pressed = time.time()
             await hold_ptt(page, "marine")
             await until(lambda: len(radio.audio_since(pressed)) >= RATE * 1.5, 10,
