@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+from gateway.monitoring.metrics import SiteMetrics
 from live_site import (
     free_tcp_port,
     http_get,
@@ -18,6 +19,7 @@ from live_site import (
     stop_process,
     until,
 )
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 SITE = """
@@ -195,5 +197,30 @@ def test_a_real_prometheus_scrapes_the_gateway(tmp_path: Path) -> None:
                 assert result[0]["metric"]["talkgroup"] == "land"
             finally:
                 stop_process(proc)
+
+    asyncio.run(scenario())
+
+
+def test_fast_text_matches_prometheus_client_rendering(tmp_path: Path) -> None:
+    """The exporter's own writer and prometheus_client's, fed one snapshot, say the same."""
+
+    async def scenario() -> None:
+        async with live_site(
+            tmp_path,
+            SITE.replace('name = "Monitoring test"', 'name = "Quote \\" and \\\\ test"'),
+        ) as gw:
+            metrics = SiteMetrics.of(gw)
+            await until(lambda: gw.engine.keying.keyed.any(), "a keyed port")
+            snap = metrics.snapshot()
+            ours = metrics.render(snap).decode()
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(metrics.collector(snap))
+            theirs = generate_latest(registry).decode()
+            assert samples(ours) == samples(theirs)
+            assert len(samples(ours)) > 60
+            assert value(ours, "borderlink_site_info") == 1
+            assert ("site", 'Quote " and \\ test') in next(
+                lab for (n, lab) in samples(ours) if n == "borderlink_site_info"
+            )
 
     asyncio.run(scenario())
