@@ -161,6 +161,9 @@ def test_dashboard_and_alerts_name_only_exported_metrics(tmp_path: Path) -> None
         assert not unknown, (
             f"dashboard panel {where!r} uses metrics the gateway does not export: {unknown}"
         )
+    documented = (MONITORING / "README.md").read_text()
+    missing = sorted(n for n in exported if f"`{n}`" not in documented)
+    assert not missing, f"monitoring/README.md does not list: {missing}"
     for where, expr in alert_exprs():
         unknown = {base_name(n) for n in metric_names(expr)} - exported - {"up"}
         assert not unknown, f"alert {where} uses metrics the gateway does not export: {unknown}"
