@@ -118,6 +118,8 @@ class MqttService:
         self.seq = 0
         self.connected = False
         self.connections = 0
+        self.attempts = 0
+        self.last_error = ""
         self.published_events = 0
         self.dropped = 0
         self.commands = {"accepted": 0, "rejected": 0, "unauthorised": 0}
@@ -329,6 +331,7 @@ class MqttService:
     async def _run(self) -> None:
         backoff = self.config.reconnect_min
         while not self._stopping:
+            self.attempts += 1
             try:
                 async with self._client_for() as client:
                     self._client = client
@@ -338,6 +341,7 @@ class MqttService:
                     log.info("MQTT connected to %s:%d", self.config.host, self.config.port)
                     await self._session(client)
             except (aiomqtt.MqttError, OSError) as exc:
+                self.last_error = str(exc)
                 if self.connected:
                     log.warning("MQTT connection lost: %s", exc)
                 else:

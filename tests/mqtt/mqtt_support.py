@@ -79,9 +79,10 @@ class Broker:
 class Subscriber:
     """Collects every message under a topic filter, with retained flags."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, **client: Any) -> None:
         self.port = port
         self.topic = topic
+        self.client_options = client  # TLS, credentials
         self.messages: list[tuple[str, Any, bool]] = []
         self._task: asyncio.Task | None = None
         self._ready = asyncio.Event()
@@ -99,9 +100,9 @@ class Subscriber:
             await self._task
 
     async def _run(self) -> None:
-        async with aiomqtt.Client(
-            "127.0.0.1", self.port, identifier=f"test-{os.getpid()}-{id(self)}"
-        ) as client:
+        name = f"test-{os.getpid()}-{id(self)}"
+        options = self.client_options
+        async with aiomqtt.Client("127.0.0.1", self.port, identifier=name, **options) as client:
             self.client = client
             await client.subscribe(self.topic, qos=1)
             self._ready.set()
