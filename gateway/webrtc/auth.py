@@ -95,6 +95,8 @@ class Sessions:
     def __init__(self, config: Callable[[], ConsoleConfig], audit: ConsoleAudit) -> None:
         self._config = config
         self.audit = audit
+        self.logins = 0
+        self.failures = 0
         self.by_token: dict[str, Session] = {}
         first = config()
         self.throttle = LoginThrottle(first.login_attempts, first.login_window, first.login_lockout)
@@ -109,17 +111,20 @@ class Sessions:
         keys = [f"user:{operator.lower()}", f"addr:{address}"]
         wait = self.throttle.retry_after(keys, now)
         if wait > 0:
+            self.failures += 1
             self.audit("console_login_locked", warn=True, operator=self._known(operator),
                        address=address)  # fmt: skip
             return None, wait
         account = self.config.operators.get(operator)
         ok = verify_password(password, account.password_hash if account else _DUMMY_HASH)
         if not (ok and account):
+            self.failures += 1
             locked = self.throttle.failed(keys, now)
             self.audit("console_login_failed", warn=True, operator=self._known(operator),
                        address=address, locked_out=locked)  # fmt: skip
             return None, self.throttle.retry_after(keys, now) if locked else 0.0
         self.throttle.succeeded(keys)
+        self.logins += 1
         session = Session(secrets.token_urlsafe(32), operator, account, address,
                           now + self.config.session_lifetime)  # fmt: skip
         self.by_token[session.token] = session

@@ -156,6 +156,18 @@ class ConsoleHub:
     def config(self) -> ConsoleConfig:
         return self.gateway.config.section("console") or self._first_config
 
+    def stats(self) -> dict[str, float]:
+        """For /metrics: sessions, logins, and how much Opus encoding was shared."""
+        seats = sum(len(c.ports) for c in self.consoles.values())
+        return {
+            "console_sessions": float(len(self.sessions.by_token)),
+            "console_logins": float(self.sessions.logins),
+            "console_login_failures": float(self.sessions.failures),
+            "console_seats": float(seats),
+            "console_shared_encodes": float(self.encoders.encodes),
+            "console_shared_reuses": float(self.encoders.shares),
+        }
+
     # --- lifecycle -------------------------------------------------------------
 
     async def on_startup(self, app: web.Application) -> None:

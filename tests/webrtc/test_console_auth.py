@@ -66,6 +66,11 @@ def test_login_sets_a_safe_cookie_and_wrong_password_is_refused(tmp_path):
                 assert me["operator"] == "alice" and me["agency"] == "USCG"
                 state = await (await http.get(f"{base}/api/console/state")).json()
                 assert {t["name"] for t in state["talkgroups"]} == {"marine", "land"}
+                metrics = await (await http.get(f"{base}/metrics")).text()
+                counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                          if "console_log" in line and not line.startswith("#")}  # fmt: skip
+                assert counts == {"borderlink_console_logins_total": 1.0,
+                                  "borderlink_console_login_failures_total": 2.0}, counts
                 out = await http.post(f"{base}/api/console/logout", json={})
                 assert out.status == 200
                 assert (await http.get(f"{base}/api/console/me")).status == 401
