@@ -19,6 +19,7 @@ The only per-packet Python is header parsing and the socket calls.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -52,6 +53,7 @@ _TIMESPEC = struct.Struct("@qq")
 ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 COMFORT_NOISE = 13  # RFC 3389: accepted and ignored, not counted as malformed
 DTMF_SEND_SECONDS = 0.1
+HEADER_SIZE = 12
 SILENCE_DB = -120.0
 
 _LAWS = {PCMU: 0, PCMA: 1}
@@ -78,21 +80,16 @@ class LegMedia:
     remote: tuple[str, int] | None
     on_dtmf: Callable[[str, bool], None] | None = None
     latched: bool = False
-    ssrc: int = field(default_factory=lambda: random.getrandbits(32))
-    sequence: int = field(default_factory=lambda: random.getrandbits(16))
-    timestamp: int = field(default_factory=lambda: random.getrandbits(32))
-    first: bool = True
     rx: ReceiveStats = field(default_factory=ReceiveStats)
     packets_in: int = 0
-    packets_out: int = 0
     bytes_in: int = 0
-    bytes_out: int = 0
     malformed: int = 0
     send_errors: int = 0
     event_ts: int | None = None  # RTP timestamp of the DTMF event being received
     event_ended: bool = True
     dtmf_out: list[str] = field(default_factory=list)
     dtmf_sending: tuple[str, int, int] | None = None  # digit, start ts, samples sent
+    loop: asyncio.AbstractEventLoop | None = None  # whose reader serves the socket
 
 
 class LegBank:
@@ -146,6 +143,14 @@ class LegBank:
         self.vox_hang = np.zeros(capacity, np.int64)
         self.vox_hold = np.zeros(capacity, np.int64)
         self.level_db = np.full(capacity, SILENCE_DB, np.float32)
+        # What we send, per row: RTP header fields and counters, updated in batches.
+        self.tx_seq = np.zeros(capacity, np.int64)
+        self.tx_ts = np.zeros(capacity, np.int64)
+        self.tx_ssrc = np.zeros(capacity, np.int64)
+        self.tx_pt = np.zeros(capacity, np.uint8)
+        self.tx_first = np.zeros(capacity, bool)
+        self.packets_out = np.zeros(capacity, np.int64)
+        self.bytes_out = np.zeros(capacity, np.int64)
         if old is not None:
             n = old["capacity"]
             for name in (
@@ -163,6 +168,13 @@ class LegBank:
                 "vox_hang",
                 "vox_hold",
                 "level_db",
+                "tx_seq",
+                "tx_ts",
+                "tx_ssrc",
+                "tx_pt",
+                "tx_first",
+                "packets_out",
+                "bytes_out",
             ):
                 getattr(self, name)[:n] = old[name]
 
@@ -186,11 +198,25 @@ class LegBank:
         self.vox_hold[row] = 0
         self.level_db[row] = SILENCE_DB
         self.law[row] = _LAWS[media.payload_type]
+        self.tx_seq[row] = random.getrandbits(16)
+        self.tx_ts[row] = random.getrandbits(32)
+        self.tx_ssrc[row] = random.getrandbits(32)
+        self.tx_pt[row] = media.payload_type
+        self.tx_first[row] = True
+        self.packets_out[row] = self.bytes_out[row] = 0
         media.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         media.sock.setblocking(False)
         fd = media.sock.fileno()
         self.fd_row[fd] = row
-        self.poller.register(fd, select.EPOLLIN)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:  # read as packets come (uvloop): arrival times stay exact
+            loop.add_reader(fd, self._readable, row)
+            media.loop = loop
+        else:  # no loop (tools, unit use): drained before each tick instead
+            self.poller.register(fd, select.EPOLLIN)
         self._update_active()
         return row
 
@@ -201,8 +227,12 @@ class LegBank:
         fd = media.sock.fileno()
         if fd >= 0:
             self.fd_row.pop(fd, None)
-            with contextlib.suppress(OSError, ValueError):
-                self.poller.unregister(fd)
+            if media.loop is not None:
+                with contextlib.suppress(Exception):
+                    media.loop.remove_reader(fd)
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    self.poller.unregister(fd)
         media.sock.close()
         self.media[row] = None
         self.free.append(row)
@@ -255,6 +285,25 @@ class LegBank:
             self.rx[rows] = out
         else:
             self.rx[rows] = pcm
+
+    def _readable(self, row: int) -> None:
+        """The loop's reader for one leg: one datagram per call (level-triggered, so a
+        second queued datagram calls again) — no failing read, no exception per tick."""
+        media = self.media[row]
+        if media is None:
+            return
+        try:
+            data, ancillary, _, source = media.sock.recvmsg(2048, ANCILLARY)
+        except OSError:  # nothing after all, or ICMP unreachable from a phone that left
+            return
+        arrival = None
+        for level, kind, blob in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(blob)
+                arrival = sec + nsec * 1e-9
+        if arrival is None:
+            arrival = time.time()
+        self._packet(row, media, data, source, (arrival - self.epoch) * CODEC_RATE)
 
     def drain(self) -> None:
         """Read every queued datagram of every leg (one pass; nothing waits on a socket)."""
@@ -345,6 +394,7 @@ class LegBank:
     # --- send (after the tick) --------------------------------------------------------
 
     def send(self) -> None:
+        """Encode every leg's frame and send one packet per leg (headers built in one go)."""
         rows = self.active
         if rows.size == 0:
             return
@@ -353,47 +403,68 @@ class LegBank:
         if self.down is not None:
             frames, self.down_hist[rows] = self.down.process(frames, self.down_hist[rows])
         pcm = np.clip(np.rint(frames * 32768.0), -32768, 32767).astype(np.int16)
-        codes = ENCODE[self.law[rows][:, None], pcm.view(np.uint16)]
         n = self.codec_frame
+        count = len(rows)
+        packets = np.empty((count, HEADER_SIZE + n), np.uint8)
+        laws = self.law[rows]
+        if (laws == laws[0]).all():
+            packets[:, HEADER_SIZE:] = ENCODE[laws[0]].take(pcm.view(np.uint16))
+        else:
+            packets[:, HEADER_SIZE:] = ENCODE.reshape(-1).take(
+                pcm.view(np.uint16).astype(np.int64) + (laws * 65536)[:, None]
+            )
+        packets[:, 0] = 0x80
+        packets[:, 1] = self.tx_pt[rows] | (self.tx_first[rows].astype(np.uint8) << 7)
+        packets[:, 2:4] = self.tx_seq[rows].astype(">u2").view(np.uint8).reshape(count, 2)
+        packets[:, 4:8] = self.tx_ts[rows].astype(">u4").view(np.uint8).reshape(count, 4)
+        packets[:, 8:12] = self.tx_ssrc[rows].astype(">u4").view(np.uint8).reshape(count, 4)
+        view = memoryview(packets.reshape(-1))
+        size = HEADER_SIZE + n
+        sent = np.zeros(count, bool)
+        media_of = self.media
         for i, row in enumerate(rows.tolist()):
-            media = self.media[row]
+            media = media_of[row]
             if media is None or media.remote is None:
                 continue
             if media.dtmf_out or media.dtmf_sending:
-                self._send_dtmf(media)
-            else:
-                header = build_header(
-                    media.payload_type, media.first, media.sequence, media.timestamp, media.ssrc
-                )
-                self._sendto(media, header + codes[i].tobytes())
-                media.first = False
-            media.timestamp = (media.timestamp + n) & 0xFFFFFFFF
+                self._send_dtmf(row, media)
+                continue
+            try:
+                media.sock.sendto(view[i * size : (i + 1) * size], media.remote)
+                sent[i] = True
+            except OSError:
+                media.send_errors += 1
+        done = rows[sent]
+        self.tx_seq[done] = (self.tx_seq[done] + 1) & 0xFFFF
+        self.tx_first[done] = False
+        self.packets_out[done] += 1
+        self.bytes_out[done] += HEADER_SIZE + n
+        self.tx_ts[rows] = (self.tx_ts[rows] + n) & 0xFFFFFFFF
 
-    def _sendto(self, media: LegMedia, packet: bytes) -> None:
-        try:
-            media.sock.sendto(packet, media.remote)
-        except OSError:
-            media.send_errors += 1
-            return
-        media.sequence = (media.sequence + 1) & 0xFFFF
-        media.packets_out += 1
-        media.bytes_out += len(packet)
-
-    def _send_dtmf(self, media: LegMedia) -> None:
+    def _send_dtmf(self, row: int, media: LegMedia) -> None:
         """RFC 4733 send: one event per digit, 100 ms, then three end packets."""
         if media.dtmf_type is None:
             media.dtmf_out.clear()
             return
         if media.dtmf_sending is None:
-            media.dtmf_sending = (media.dtmf_out.pop(0), media.timestamp, 0)
+            media.dtmf_sending = (media.dtmf_out.pop(0), int(self.tx_ts[row]), 0)
         digit, start, sent = media.dtmf_sending
         sent += self.codec_frame
         end = sent >= DTMF_SEND_SECONDS * CODEC_RATE
         for _ in range(3 if end else 1):
+            seq = int(self.tx_seq[row])
             header = build_header(
-                media.dtmf_type, sent == self.codec_frame, media.sequence, start, media.ssrc
+                media.dtmf_type, sent == self.codec_frame, seq, start, int(self.tx_ssrc[row])
             )
-            self._sendto(media, header + build_event(digit, end, sent))
+            packet = header + build_event(digit, end, sent)
+            try:
+                media.sock.sendto(packet, media.remote)
+            except OSError:
+                media.send_errors += 1
+                continue
+            self.tx_seq[row] = (seq + 1) & 0xFFFF
+            self.packets_out[row] += 1
+            self.bytes_out[row] += len(packet)
         media.dtmf_sending = None if end else (digit, start, sent)
 
     # --- per leg ---------------------------------------------------------------------
@@ -404,9 +475,9 @@ class LegBank:
             return {}
         return {
             "packets_in": media.packets_in,
-            "packets_out": media.packets_out,
+            "packets_out": int(self.packets_out[row]),
             "bytes_in": media.bytes_in,
-            "bytes_out": media.bytes_out,
+            "bytes_out": int(self.bytes_out[row]),
             "packets_lost": media.rx.lost + media.rx.lost_before,
             "packets_late": int(self.jitter.packets_late[row]),
             "packets_malformed": media.malformed,

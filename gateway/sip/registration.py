@@ -87,8 +87,12 @@ class Registration:
                 continue
             backoff = RETRY_FIRST
             if not self.registered.is_set():
-                log.info("SIP account %s registered at %s:%s for %.0fs", self.name,
-                         *self.registrar, granted)
+                log.info(
+                    "SIP account %s registered at %s:%s for %.0fs",
+                    self.name,
+                    *self.registrar,
+                    granted,
+                )
             self.registered.set()
             self.registrations += 1
             await self._hold(granted)

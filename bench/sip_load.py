@@ -1,0 +1,420 @@
+"""SIP media load and delay on loopback: how many G.711 legs one core mixes in real time.
+
+    .venv/bin/python bench/sip_load.py                 # the tables (about 2 minutes)
+    .venv/bin/python bench/sip_load.py --legs 250 500  # other load sizes
+    .venv/bin/python bench/sip_load.py --quick         # a smoke run
+
+The gateway runs in its own process (the real Gateway: media clock, engine, SIP
+service); this process is a bounded load generator on 127.0.0.1, like sipp with
+an RTP stream: it sets every leg up with a real INVITE/200/ACK, then streams
+G.711 into all of them on a 20 ms absolute schedule (every leg sending audio, all
+in one conference talkgroup) for a fixed time, and tears them down with BYE.
+
+Figures, per run:
+* CPU per leg: the gateway process's CPU time (all threads) over the window,
+  divided by legs × frames — everything: receive, jitter buffer, decode,
+  resample, mix, encode, send, SIP idle;
+* late ticks (started more than a frame after their deadline) and tick p99;
+* added delay phone→radio: a probe leg sends a click every 500 ms into its own
+  talkgroup with a tap port; delay = when the click's frame is handed to the
+  radio (plus its offset in the frame) minus when the packet reached the
+  gateway's socket (its send time on loopback, plus the emulated network delay);
+* the same under emulated 30±10 ms jitter with 0/1/5 % loss, with the leg's own
+  jitter-buffer gauge (jitter_buffer_seconds) alongside.
+
+The machine is shared: numbers are medians of what one run sees; rerun to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import random
+import re
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CLICK_EVERY = 25  # packets (500 ms)
+FRAME_S = 0.020
+
+SITE = """
+[site]
+name = "sip-bench"
+country = "CA"
+
+[ports.radio]
+kind = "simulated_radio"
+talk_every = "0s"
+talk_for = "0s"
+
+[ports.tap]
+kind = "bench_tap"
+
+[talkgroups.load]
+members = ["radio"]
+
+[talkgroups.probe]
+members = ["tap"]
+
+[sip]
+listen = "127.0.0.1:0"
+
+[sip.routes."6001"]
+talkgroup = "load"
+vox_threshold_dbfs = -50.0
+
+[sip.routes."6002"]
+talkgroup = "probe"
+vox_threshold_dbfs = -50.0
+vox_hang = "0s"
+"""
+
+
+# --- the gateway process ------------------------------------------------------------------
+
+
+def gateway_process(conn) -> None:  # noqa: ANN001 - a multiprocessing Connection
+    import asyncio
+
+    from gateway.app import Gateway
+    from gateway.config import PortConfig, parse_config, register_port_kind
+    from gateway.ports import Port, register_port_type
+    from gateway.site import run_async
+
+    clicks: list[float] = []
+
+    @register_port_kind("bench_tap")
+    class TapConfig(PortConfig):
+        pass
+
+    @register_port_type("bench_tap")
+    class Tap(Port):
+        """A radio that notes when a click reaches it (wall time of its first sample)."""
+
+        can_talk = False
+
+        def write(self, frame) -> None:  # noqa: ANN001
+            if frame is not None:
+                hot = np.flatnonzero(np.abs(frame) > 0.3)
+                if hot.size:
+                    clicks.append(time.time() + hot[0] / self.rate)
+
+    gateway = Gateway(parse_config(SITE))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(gateway.run())
+        while getattr(gateway, "sip", None) is None or gateway.sip.calls is None:
+            await asyncio.sleep(0.01)
+        durations = np.zeros(100_000)
+        count = [0]
+        inner = gateway.clock.on_tick
+
+        def timed_tick() -> None:
+            started = time.perf_counter()
+            inner()
+            durations[count[0] % len(durations)] = time.perf_counter() - started
+            count[0] += 1
+
+        gateway.clock.on_tick = timed_tick
+        conn.send(("ready", gateway.sip.port))
+        marks = {}
+        while True:
+            while not conn.poll():
+                await asyncio.sleep(0.01)
+            message = conn.recv()
+            if message == "start":
+                clicks.clear()
+                marks = {
+                    "cpu": time.process_time(),
+                    "late": gateway.clock.late_ticks,
+                    "ticks": gateway.clock.ticks,
+                    "n": count[0],
+                }
+                conn.send("started")
+            elif message == "stop":
+                ticks = gateway.clock.ticks - marks["ticks"]
+                window = durations[marks["n"] % len(durations) : count[0] % len(durations)]
+                legs = [d.leg for d in gateway.sip.calls.dialogs.values() if d.leg]
+                probe = [leg.stats() for leg in legs if "6002" in leg.name]
+                conn.send(
+                    {
+                        "cpu": time.process_time() - marks["cpu"],
+                        "ticks": ticks,
+                        "late": gateway.clock.late_ticks - marks["late"],
+                        "tick_p50": float(np.median(window)) if window.size else 0.0,
+                        "tick_p99": float(np.percentile(window, 99)) if window.size else 0.0,
+                        "legs": len(legs),
+                        "clicks": list(clicks),
+                        "probe": probe[0] if probe else {},
+                    }
+                )
+            elif message == "quit":
+                break
+        gateway.stop()
+        await task
+
+    if os.environ.get("SIP_BENCH_PROFILE"):
+        import cProfile
+
+        cProfile.runctx("run_async(main())", globals(), locals(), os.environ["SIP_BENCH_PROFILE"])
+    else:
+        run_async(main())
+
+
+# --- the load generator ---------------------------------------------------------------------
+
+
+class Caller:
+    """A minimal UAC on one SIP socket: INVITE/ACK/BYE per leg, no retransmission (loopback)."""
+
+    def __init__(self, gateway_port: int) -> None:
+        self.gateway = ("127.0.0.1", gateway_port)
+        self.sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sip.bind(("127.0.0.1", 0))
+        self.sip.settimeout(5)
+        self.port = self.sip.getsockname()[1]
+        self.calls: list[dict] = []
+
+    def invite(self, number: str, rtp: socket.socket) -> dict:
+        n = len(self.calls)
+        call_id = f"bench{n}-{random.getrandbits(32)}@127.0.0.1"
+        rtp_port = rtp.getsockname()[1]
+        body = (
+            f"v=0\r\no=bench {n} 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            f"m=audio {rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\n"
+        )
+        head = (
+            f"INVITE sip:{number}@127.0.0.1:{self.gateway[1]} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{n}x{random.getrandbits(32)}\r\n"
+            f"From: <sip:load{n}@127.0.0.1>;tag=t{n}\r\nTo: <sip:{number}@127.0.0.1>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:load{n}@127.0.0.1:{self.port}>\r\n"
+            f"Max-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self.sip.sendto((head + body).encode(), self.gateway)
+        while True:
+            data = self.sip.recv(65535).decode()
+            if call_id in data and " INVITE" in data:
+                break
+        status = int(data.split(" ", 2)[1])
+        if status != 200:
+            raise RuntimeError(f"gateway refused leg {n}: {data.splitlines()[0]}")
+        to = re.search(r"^To: (.+)$", data, re.M).group(1).strip()
+        port = int(re.search(r"^m=audio (\d+)", data, re.M).group(1))
+        call = {"call_id": call_id, "to": to, "n": n, "port": port}
+        self._send_in_dialog("ACK", call, 1)
+        self.calls.append(call)
+        return call
+
+    def _send_in_dialog(self, method: str, call: dict, cseq: int) -> None:
+        n = call["n"]
+        self.sip.sendto(
+            (
+                f"{method} sip:borderlink@127.0.0.1:{self.gateway[1]} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{method}{n}x{random.getrandbits(32)}\r\n"
+                f"From: <sip:load{n}@127.0.0.1>;tag=t{n}\r\nTo: {call['to']}\r\n"
+                f"Call-ID: {call['call_id']}\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\n"
+                "Content-Length: 0\r\n\r\n"
+            ).encode(),
+            self.gateway,
+        )
+
+    def hangup_all(self) -> None:
+        self.sip.settimeout(0.5)
+        for call in self.calls:
+            self._send_in_dialog("BYE", call, 2)
+        with __import__("contextlib").suppress(OSError):
+            while True:
+                self.sip.recv(65535)
+        self.calls.clear()
+
+
+def ulaw_frames() -> tuple[bytes, bytes, bytes]:
+    from gateway.codecs.g711 import ulaw_encode
+
+    t = np.arange(160) / 8000
+    tone = ulaw_encode((0.1 * 32767 * np.sin(2 * np.pi * 500 * t)).astype(np.int16)).tobytes()
+    silence = ulaw_encode(np.zeros(160, np.int16)).tobytes()
+    click = np.zeros(160, np.int16)
+    click[:4] = 30000
+    return tone, silence, ulaw_encode(click).tobytes()
+
+
+def run_window(
+    conn,
+    legs: list[tuple[socket.socket, tuple[str, int]]],
+    probe: tuple[socket.socket, tuple[str, int]] | None,
+    seconds: float,
+    jitter_ms: float = 0.0,
+    loss: float = 0.0,
+    seed: int = 1,
+) -> dict:
+    """Stream for ``seconds``; returns the gateway's figures and the probe's click delays."""
+    tone, silence, click = ulaw_frames()
+    rng = np.random.default_rng(seed)
+    header = struct.Struct("!BBHII")
+    n_frames = int(seconds / FRAME_S)
+    seqs = [random.getrandbits(16) for _ in legs]
+    ssrcs = [random.getrandbits(32) for _ in legs]
+    packet = bytearray(12 + 160)
+    packet[12:] = tone
+    conn.send("start")
+    assert conn.recv() == "started"
+    start = time.time() + 0.05
+    pending: list[tuple[float, float, bytes]] = []  # (due, nominal, packet) for the probe
+    arrivals: dict[float, float] = {}  # click nominal time → when it reached the gateway
+    probe_seq = 0
+    for k in range(n_frames):
+        due = start + k * FRAME_S
+        if probe is not None:
+            is_click = k % CLICK_EVERY == 0
+            payload = click if is_click else silence
+            data = header.pack(0x80, 0, probe_seq & 0xFFFF, (k * 160) & 0xFFFFFFFF, 0xB0B) + payload
+            probe_seq += 1
+            delay = rng.uniform(-jitter_ms, jitter_ms) / 1000 + (0.030 if jitter_ms else 0.0)
+            if rng.random() >= loss:
+                pending.append((due + delay, due if is_click else -1.0, data))
+        while True:  # send what the emulated network delivers before this tick's deadline
+            pending.sort()
+            while pending and pending[0][0] <= time.time():
+                when, nominal, data = pending.pop(0)
+                probe[0].sendto(data, probe[1])
+                if nominal >= 0:
+                    arrivals[nominal] = time.time()
+            wait = due - time.time()
+            if wait <= 0:
+                break
+            next_probe = pending[0][0] - time.time() if pending else wait
+            time.sleep(max(0.0, min(wait, next_probe, 0.002)))
+        ts = (k * 160) & 0xFFFFFFFF
+        for i, (sock, address) in enumerate(legs):
+            header.pack_into(packet, 0, 0x80, 0, (seqs[i] + k) & 0xFFFF, ts, ssrcs[i])
+            sock.sendto(packet, address)
+    flush_until = time.time() + 0.3
+    while pending and time.time() < flush_until:
+        when, nominal, data = pending.pop(0)
+        time.sleep(max(0.0, when - time.time()))
+        probe[0].sendto(data, probe[1])
+        if nominal >= 0:
+            arrivals[nominal] = time.time()
+    time.sleep(0.3)  # the last clicks leave the jitter buffer
+    conn.send("stop")
+    result = conn.recv()
+    delays = []
+    sent = sorted(arrivals.values())
+    for heard in result["clicks"]:
+        before = [s for s in sent if heard - 0.4 < s <= heard + 0.001]
+        if before:
+            delays.append(heard - before[-1])
+    result["delays_ms"] = np.array(delays) * 1000
+    result["clicks_sent"] = len(sent)
+    return result
+
+
+def open_legs(
+    caller: Caller, number: str, count: int
+) -> list[tuple[socket.socket, tuple[str, int]]]:
+    legs = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # we never read it back
+        call = caller.invite(number, sock)
+        legs.append((sock, ("127.0.0.1", call["port"])))
+    return legs
+
+
+def pct(values: np.ndarray, q: float) -> str:
+    return f"{np.percentile(values, q):6.1f}" if len(values) else "   n/a"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--legs", type=int, nargs="*", default=[250, 500, 750, 1000])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.legs, args.seconds = [100], 3.0
+    ctx = mp.get_context("spawn")
+    print(
+        f"SIP media bench on {os.cpu_count()} cores, {args.seconds:g} s windows, 20 ms frames, "
+        "gateway in its own process (uvloop), generator here"
+    )
+
+    print(
+        "\nAdded delay phone→radio (probe leg, click every 500 ms; arrival at the gateway → "
+        "frame handed to the radio)"
+    )
+    print(
+        f"{'network':<24}{'clicks':>7}{'p50 ms':>8}{'p99 ms':>8}{'jb gauge ms':>13}"
+        f"{'late':>6}{'concealed':>11}"
+    )
+    cases = [
+        ("no jitter", 0.0, 0.0),
+        ("30±10 ms, 0% loss", 10.0, 0.0),
+        ("30±10 ms, 1% loss", 10.0, 0.01),
+        ("30±10 ms, 5% loss", 10.0, 0.05),
+    ]
+    for label, jitter, loss in cases:
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=gateway_process, args=(child,), daemon=True)
+        proc.start()
+        _, port = conn.recv()
+        caller = Caller(port)
+        probe = open_legs(caller, "6002", 1)[0]
+        result = run_window(conn, [], probe, max(args.seconds, 6.0), jitter, loss)
+        stats = result["probe"]
+        d = result["delays_ms"]
+        print(
+            f"{label:<24}{len(d):>7}{pct(d, 50):>8}{pct(d, 99):>8}"
+            f"{stats.get('jitter_buffer_seconds', 0) * 1000:>13.1f}"
+            f"{stats.get('packets_late', 0):>6}{stats.get('concealed_samples', 0):>11}"
+        )
+        caller.hangup_all()
+        conn.send("quit")
+        proc.join(10)
+
+    print(
+        "\nConcurrent legs, every leg sending G.711 into one conference talkgroup "
+        "(goal: ≥ 750 legs per core, zero late ticks, ≤ 25 µs CPU per leg per frame)"
+    )
+    print(
+        f"{'legs':>6}{'CPU % core':>11}{'µs/leg/frame':>14}{'late ticks':>12}{'tick p50 ms':>13}"
+        f"{'tick p99 ms':>13}{'probe p50 ms':>14}"
+    )
+    for count in args.legs:
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=gateway_process, args=(child,), daemon=True)
+        proc.start()
+        _, port = conn.recv()
+        caller = Caller(port)
+        probe = open_legs(caller, "6002", 1)[0]
+        legs = open_legs(caller, "6001", count)
+        time.sleep(1.0)  # let the calls settle (answer retransmission timers, ACKs)
+        result = run_window(conn, legs, probe, args.seconds)
+        frames = result["ticks"] * (count + 1)
+        cpu_share = result["cpu"] / (result["ticks"] * FRAME_S) * 100
+        per_leg = result["cpu"] / frames * 1e6
+        d = result["delays_ms"]
+        print(
+            f"{count:>6}{cpu_share:>10.0f}%{per_leg:>14.1f}{result['late']:>12}"
+            f"{result['tick_p50'] * 1000:>13.2f}{result['tick_p99'] * 1000:>13.2f}{pct(d, 50):>14}"
+        )
+        caller.hangup_all()
+        for sock, _ in legs:
+            sock.close()
+        conn.send("quit")
+        proc.join(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
