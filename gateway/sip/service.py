@@ -137,6 +137,22 @@ class SipService:
             len(self.dial_outs),
         )
 
+    def stats(self) -> dict[str, object]:
+        """For metrics: per-account registration state, and the signalling counters."""
+        calls = self.calls
+        return {
+            "sip_registered": {
+                n: float(r.registered.is_set()) for n, r in self.registrations.items()
+            },
+            "sip_registration_failures": {
+                n: float(r.failures) for n, r in self.registrations.items()
+            },
+            "sip_calls_active": len(calls.dialogs) if calls else 0,
+            "sip_calls_total": calls.calls_total if calls else 0,
+            "sip_calls_rejected": sum(calls.rejected.values()) if calls else 0,
+            "sip_messages_malformed": self.transport.stats.malformed,
+        }
+
     def _limit_blas(self) -> None:
         """One BLAS thread: the bank's matrix products are small, and a 2-core box running
         the media clock loses ticks when OpenBLAS spins up threads for them."""

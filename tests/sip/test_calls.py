@@ -105,6 +105,9 @@ password = "not-the-password"
             await until(lambda: wrong.failures >= 1, 5, "the wrong password to fail")
             assert not wrong.registered.is_set()
             assert "wrong username or password" in wrong.last_error
+            stats = gw.sip.stats()  # what the metrics exporter reads
+            assert stats["sip_registered"] == {"marine": 1.0, "wrong": 0.0}
+            assert stats["sip_registration_failures"]["wrong"] >= 1
 
     run(scenario())
 
