@@ -15,6 +15,7 @@ import gateway.audit  # noqa: F401  ([audit]: the audit log of PTT, patches, cal
 import gateway.monitoring.exporter  # noqa: F401  (/metrics, /healthz, /readyz on [web])
 import gateway.mqtt  # noqa: F401  ([mqtt]: state, events and commands for CAD systems)
 import gateway.ports  # noqa: F401  (simulated radio, tone, file, recorder)
+import gateway.radio  # noqa: F401  (soundcard radios; 'devices' and 'levels' commands)
 import gateway.sip  # noqa: F401  ([sip]: phones and PBXs join talkgroups)
 import gateway.web  # noqa: F401  ([web]: the console and /metrics share it)
 import gateway.webrtc  # noqa: F401  ([console]: browser dispatcher console, passwd)

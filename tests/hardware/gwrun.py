@@ -1,0 +1,45 @@
+"""Run a real Gateway (its own media clock, under asyncio) while a test scenario runs beside it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import gateway.site  # noqa: F401  (registers the soundcard kind)
+from gateway.app import Gateway
+from gateway.config import load_config
+from gateway.engine import Event
+
+T = TypeVar("T")
+
+
+def build(tmp_path: Path, toml: str) -> Gateway:
+    path = tmp_path / "site.toml"
+    path.write_text(toml)
+    return Gateway(load_config(path))
+
+
+def drive(gw: Gateway, scenario: Callable[[], T], timeout: float = 30.0) -> T:
+    """Run ``gw`` on its real clock while ``scenario`` runs on a worker thread; then stop it."""
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        run = asyncio.create_task(gw.run(seconds=timeout))
+        try:
+            return await loop.run_in_executor(None, scenario)
+        finally:
+            gw.stop()
+            await run
+
+    return asyncio.run(main())
+
+
+class EventLog:
+    def __init__(self, gw: Gateway) -> None:
+        self.events: list[Event] = []
+        gw.engine.listeners.append(self.events.append)
+
+    def of(self, kind: str, port: str | None = None) -> list[Event]:
+        return [e for e in self.events if e.kind == kind and (port is None or e.port == port)]

@@ -1,0 +1,248 @@
+"""A real audio path for radio tests: a uniquely named JACK server (dummy backend) and a
+JACK client that plays the radios — it feeds known audio into each radio port's capture
+side and records what the gateway sends to its playback side, sample-locked to JACK's
+frame counter so delays can be measured by cross-correlation.
+
+jackd must be up before PortAudio scans devices, so the server is started (and
+PortAudio re-initialised if something imported sounddevice earlier) before any
+stream opens. The server is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import require_binary
+
+RATE = 48000
+PERIOD = 256
+CLIENT = "blgw"  # the gateway's PortAudio client name in JACK
+_CLIENT_NAME = ctypes.create_string_buffer(CLIENT.encode())
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.01):
+    """Poll ``condition`` until it is truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def start_jackd(name: str, rate: int = RATE, period: int = PERIOD) -> subprocess.Popen:
+    jackd = require_binary("jackd")
+    env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1"}
+    for realtime in (["-R"], ["--no-realtime"]):
+        proc = subprocess.Popen(
+            [jackd, "-n", name, *realtime, "-d", "dummy", "-r", str(rate), "-p", str(period)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+        )
+        lsp_env = {**os.environ, "JACK_DEFAULT_SERVER": name}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            out = subprocess.run(["jack_lsp"], env=lsp_env, capture_output=True, text=True)
+            if "system:playback_1" in out.stdout:
+                return proc
+            time.sleep(0.05)
+        stop_jackd(proc)
+    raise RuntimeError(f"jackd -n {name} did not start")
+
+
+def stop_jackd(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def portaudio_on(server: str) -> None:
+    """Point PortAudio at ``server`` under our client name (rescans the device list)."""
+    os.environ["JACK_DEFAULT_SERVER"] = server
+    import sounddevice as sd
+
+    sd._terminate()
+    # PortAudio keeps the pointer, not a copy: the buffer must live as long as the process.
+    ctypes.CDLL(sd._libname).PaJack_SetClientName(_CLIENT_NAME)
+    sd._initialize()
+
+
+def portaudio_off() -> None:
+    """Terminate PortAudio before its JACK server goes (it asserts if the server left first)."""
+    import sounddevice as sd
+
+    while sd._initialized:
+        sd._terminate()
+
+
+class RadioSim:
+    """The radios' side of the sound cards: per radio, a signal to play and a recording."""
+
+    def __init__(self, server: str, radios: int, seconds: float = 20.0) -> None:
+        import jack
+
+        os.environ["JACK_DEFAULT_SERVER"] = server
+        self.client = jack.Client(f"radiosim{os.getpid()}", no_start_server=True)
+        self.rate = self.client.samplerate
+        size = int(seconds * self.rate)
+        self.outs = [self.client.outports.register(f"speaker_{i}") for i in range(radios)]
+        self.ins = [self.client.inports.register(f"mic_{i}") for i in range(radios)]
+        self.play = [np.zeros(0, np.float32) for _ in range(radios)]
+        self.play_at = [0] * radios
+        self.loop = [False] * radios
+        self.record = np.zeros((radios, size), np.float32)
+        self.frame = 0  # frames since activation, advanced in the process callback
+        self.lock = threading.Lock()
+        self.client.set_process_callback(self._process)
+        self.client.activate()
+
+    def connect(self, radio: int, index: int) -> None:
+        """Wire radio ``radio`` to the gateway's ``index``-th stream (in_N / out_N)."""
+        c = self.client
+        for port in c.get_all_connections(f"{CLIENT}:in_{index}"):
+            c.disconnect(port, f"{CLIENT}:in_{index}")
+        for port in c.get_all_connections(f"{CLIENT}:out_{index}"):
+            c.disconnect(f"{CLIENT}:out_{index}", port)
+        c.connect(self.outs[radio], f"{CLIENT}:in_{index}")
+        c.connect(f"{CLIENT}:out_{index}", self.ins[radio])
+
+    def start(self, radio: int, signal: np.ndarray, delay: float = 0.0, loop: bool = False) -> int:
+        """Play ``signal`` into the radio's receiver; returns the JACK frame it starts at."""
+        with self.lock:
+            at = self.frame + int(delay * self.rate) + 2 * self.client.blocksize
+            self.play[radio] = signal.astype(np.float32)
+            self.play_at[radio] = at
+            self.loop[radio] = loop
+        return at
+
+    def silence(self, radio: int) -> None:
+        with self.lock:
+            self.play[radio] = np.zeros(0, np.float32)
+
+    def _process(self, frames: int) -> None:
+        start = self.frame
+        for i, (out, inp) in enumerate(zip(self.outs, self.ins, strict=True)):
+            buf = out.get_array()
+            buf.fill(0.0)
+            sig, at = self.play[i], self.play_at[i]
+            if len(sig):
+                idx = np.arange(start, start + frames) - at
+                if self.loop[i]:
+                    ok = idx >= 0
+                    buf[ok] = sig[idx[ok] % len(sig)]
+                else:
+                    ok = (idx >= 0) & (idx < len(sig))
+                    buf[ok] = sig[idx[ok]]
+            if start + frames <= self.record.shape[1]:
+                self.record[i, start : start + frames] = inp.get_array()
+        self.frame = start + frames
+
+    def recorded(self, radio: int, since: int = 0) -> np.ndarray:
+        return self.record[radio, since : self.frame].copy()
+
+    def close(self) -> None:
+        self.client.deactivate()
+        self.client.close()
+
+
+def site_toml(radios: dict[str, str], extra: str = "", members: list[str] | None = None) -> str:
+    """A site config with the given ``[ports.NAME]`` bodies in one talkgroup."""
+    parts = ['[site]\nname = "radio test"\ncountry = "US"\n']
+    for name, body in radios.items():
+        parts.append(f"[ports.{name}]\n{body.strip()}\n")
+    names = members or list(radios)
+    parts.append(f"[talkgroups.tg]\nmembers = {names!r}\n".replace("'", '"'))
+    parts.append(extra)
+    return "\n".join(parts)
+
+
+def hid_reports(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    return [data[i : i + 5] for i in range(0, len(data) - len(data) % 5, 5)]
+
+
+def hid_keyed(path: Path, gpio: int = 3) -> bool | None:
+    """PTT state from the last output report written to a file standing in for /dev/hidrawN."""
+    reports = hid_reports(path)
+    if not reports:
+        return None
+    bit = 1 << (gpio - 1)
+    return bool(reports[-1][2] & bit)
+
+
+
+
+def gateway_streams(server: str) -> list[int]:
+    """Indexes N of the gateway's JACK ports in_N, oldest stream first."""
+    import jack
+
+    os.environ["JACK_DEFAULT_SERVER"] = server
+    client = jack.Client(f"lsp{os.getpid()}", no_start_server=True)
+    try:
+        names = [p.name for p in client.get_ports(f"^{CLIENT}:in_[0-9]+$")]
+    finally:
+        client.close()
+    return sorted(int(n.rsplit("_", 1)[1]) for n in names)
+
+
+def tone(hz: float, seconds: float, dbfs: float, rate: int = RATE) -> np.ndarray:
+    """A sine whose RMS is ``dbfs`` (the codecs' convention: sine at L dBFS has rms 10^(L/20))."""
+    t = np.arange(int(seconds * rate)) / rate
+    return (np.sqrt(2) * 10 ** (dbfs / 20) * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def chirp(f0: float, f1: float, seconds: float, dbfs: float, rate: int = RATE) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t * t / (2 * seconds))
+    return (np.sqrt(2) * 10 ** (dbfs / 20) * np.sin(phase)).astype(np.float32)
+
+
+def peak_hz(x: np.ndarray, rate: int = RATE) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spectrum) * rate / len(x))
+
+
+def rms_db(x: np.ndarray) -> float:
+    return float(20 * np.log10(max(float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))), 1e-9)))
+
+
+def band_db(x: np.ndarray, hz: float, rate: int = RATE, width: float = 20.0) -> float:
+    """Level (dB rel. full-scale sine rms convention) of the part of ``x`` within ±width of hz."""
+    spectrum = np.fft.rfft(x)
+    freqs = np.fft.rfftfreq(len(x), 1 / rate)
+    band = np.abs(freqs - hz) <= width
+    power = np.sum(np.abs(spectrum[band]) ** 2) * 2 / len(x) ** 2
+    return float(10 * np.log10(max(power, 1e-18)))
+
+
+def delay_of(reference: np.ndarray, recording: np.ndarray) -> tuple[int, float]:
+    """Lag (samples) of ``reference`` inside ``recording`` by FFT cross-correlation, and the
+    correlation coefficient there (1.0: an exact, clean copy; glitches and noise lower it)."""
+    n = len(recording) + len(reference)
+    size = 1 << (n - 1).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(recording, size) * np.conj(np.fft.rfft(reference, size)), size)
+    lag = int(np.argmax(np.abs(corr[: len(recording)])))
+    segment = recording[lag : lag + len(reference)].astype(np.float64)
+    ref = reference[: len(segment)].astype(np.float64)
+    norms = np.linalg.norm(segment) * np.linalg.norm(ref)
+    coefficient = float(np.dot(segment, ref) / max(norms, 1e-12))
+    return lag, coefficient
+
+
+def steady_db(x: np.ndarray, step: int = RATE // 100) -> float:
+    """Median 10 ms RMS level: the level of a steady tone, not fooled by a rare dropout."""
+    blocks = x[: len(x) - len(x) % step].reshape(-1, step)
+    return float(np.median(20 * np.log10(np.maximum(np.sqrt(np.mean(np.square(
+        blocks, dtype=np.float64), axis=1)), 1e-9))))  # fmt: skip

@@ -1,0 +1,307 @@
+"""PTT keyers and COR detectors through their OS interfaces.
+
+CM108: a regular file stands in for /dev/hidrawN (the keyer writes its 5-byte output
+reports to it) and a FIFO for the fob's input reports. Serial: a real pty; Linux ptys
+have no modem lines, so only the TIOCM* ioctls are faked (a fake of the OS call, not
+of our code). GPIO: no gpiochip here, so gpiod's request object is faked likewise.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pty
+import struct
+import sys
+import termios
+import time
+import types
+
+import numpy as np
+import pytest
+import serial.serialposix
+from gateway.hardware import ptt as ptt_mod
+from gateway.hardware import squelch as sq
+from gateway.hardware.lines import Cm108, LineError
+
+from tests.hardware.jackradio import hid_keyed, hid_reports, wait_for
+
+
+class FakeModem:
+    """The TIOCM* ioctls of a serial port: RTS/DTR out, CTS/DSR/CD/RI in; can be unplugged."""
+
+    def __init__(self, real_fcntl: types.ModuleType) -> None:
+        self.real = real_fcntl
+        self.bits = 0
+        self.history: list[tuple[float, int]] = []
+        self.unplugged = False
+
+    def ioctl(self, fd, request, arg=0, *rest):
+        if request in (termios.TIOCMBIS, termios.TIOCMBIC, termios.TIOCMGET, termios.TIOCMSET):
+            if self.unplugged:
+                raise OSError(errno.EIO, "Input/output error")
+            if request == termios.TIOCMGET:
+                return struct.pack("I", self.bits)
+            (value,) = struct.unpack("I", arg)
+            if request == termios.TIOCMBIS:
+                self.bits |= value
+            elif request == termios.TIOCMBIC:
+                self.bits &= ~value
+            else:
+                self.bits = value
+            self.history.append((time.monotonic(), self.bits))
+            return arg
+        return self.real.ioctl(fd, request, arg, *rest)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def has(self, bit: int) -> bool:
+        return bool(self.bits & bit)
+
+
+@pytest.fixture
+def modem(monkeypatch):
+    fake = FakeModem(serial.serialposix.fcntl)
+    monkeypatch.setattr(serial.serialposix, "fcntl", fake)
+    return fake
+
+
+@pytest.fixture
+def tty():
+    master, slave = pty.openpty()
+    yield os.ttyname(slave)
+    os.close(master)
+    os.close(slave)
+
+
+def test_serial_rts_keyer_keys_and_never_raises_rts_on_open(modem, tty):
+    keyer = ptt_mod.SerialKeyer(tty, "rts")
+    keyer.open()
+    assert not modem.has(termios.TIOCM_RTS)
+    assert all(not bits & termios.TIOCM_RTS for _, bits in modem.history), "RTS rose on open"
+    keyer.set(True)
+    assert modem.has(termios.TIOCM_RTS) and not modem.has(termios.TIOCM_DTR)
+    keyer.set(False)
+    assert not modem.has(termios.TIOCM_RTS)
+    keyer.close()
+
+
+def test_serial_dtr_inverted_keyer_idles_high(modem, tty):
+    keyer = ptt_mod.SerialKeyer(tty, "dtr", invert=True)
+    keyer.open()
+    assert modem.has(termios.TIOCM_DTR)  # inverted: idle is the line asserted
+    keyer.set(True)
+    assert not modem.has(termios.TIOCM_DTR)
+    keyer.close()
+    assert modem.has(termios.TIOCM_DTR), "close must leave the line unkeyed (high when inverted)"
+
+
+@pytest.mark.parametrize("line, bit", [("cts", termios.TIOCM_CTS), ("dsr", termios.TIOCM_DSR),
+                                       ("dcd", termios.TIOCM_CAR), ("ri", termios.TIOCM_RNG)])
+def test_serial_cor_reads_its_line(modem, tty, line, bit):
+    cor = sq.SerialCor(tty, line)
+    cor.open()
+    assert cor.sample(None) is False
+    modem.bits |= bit
+    assert cor.sample(None) is True
+    inverted = sq.SerialCor(tty, line, invert=True)
+    inverted.open()  # shares the open port
+    assert inverted.sample(None) is False
+    inverted.close()
+    cor.close()
+
+
+def test_ptt_and_cor_share_one_serial_port(modem, tty):
+    keyer = ptt_mod.SerialKeyer(tty, "rts")
+    cor = sq.SerialCor(tty, "cts")
+    keyer.open()
+    cor.open()
+    assert keyer.lines.port is cor.lines.port
+    keyer.close()
+    modem.bits |= termios.TIOCM_CTS
+    assert cor.sample(None) is True, "closing the keyer closed the COR's port"
+    cor.close()
+
+
+def test_cm108_keyer_writes_output_reports_to_hidraw(tmp_path):
+    hid = tmp_path / "hidraw0"
+    hid.touch()
+    keyer = ptt_mod.Cm108Keyer(str(hid), gpio=3)
+    keyer.open()
+    keyer.set(True)
+    keyer.set(False)
+    keyer.close()
+    assert hid_reports(hid) == [bytes([0, 0, 0, 4, 0]), bytes([0, 0, 4, 4, 0]),
+                                bytes([0, 0, 0, 4, 0]), bytes([0, 0, 0, 4, 0])]  # fmt: skip
+
+
+def test_cm108_gpio_numbers_are_checked():
+    with pytest.raises(ValueError, match="1..8"):
+        ptt_mod.Cm108Keyer("/dev/hidraw0", gpio=9)
+
+
+def test_cm108_cor_reads_the_fobs_input_reports(tmp_path):
+    fifo = tmp_path / "hidraw1"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # keeps the FIFO open like a device
+    cor = sq.Cm108Cor(str(fifo), "vol_dn")
+    cor.open()
+    assert cor.sample(None) is False
+    os.write(writer, bytes([0x02, 0, 0, 0]))  # VOL_DN pressed
+    assert cor.sample(None) is True
+    assert cor.sample(None) is True, "the state holds between reports"
+    os.write(writer, bytes([0x01, 0, 0, 0]) + bytes([0x00, 0, 0, 0]))  # VOL_UP, then released
+    assert cor.sample(None) is False, "only the last report counts"
+    cor.close()
+    os.close(writer)
+
+
+def test_gpio_keyer_through_gpiod(monkeypatch, tmp_path):
+    chip = tmp_path / "gpiochip0"
+    chip.touch()
+    values: dict[int, object] = {}
+
+    class Request:
+        def set_value(self, line, value):
+            values[line] = value
+
+        def get_value(self, line):
+            return values.get(line)
+
+        def release(self):
+            values["released"] = True
+
+    value = types.SimpleNamespace(ACTIVE="active", INACTIVE="inactive")
+    line_mod = types.SimpleNamespace(Direction=types.SimpleNamespace(OUTPUT="out", INPUT="in"),
+                                     Value=value)  # fmt: skip
+    gpiod = types.ModuleType("gpiod")
+    gpiod.LineSettings = lambda **kw: kw
+    gpiod.request_lines = lambda path, consumer, config: Request()
+    gpiod.line = line_mod
+    monkeypatch.setitem(sys.modules, "gpiod", gpiod)
+    monkeypatch.setitem(sys.modules, "gpiod.line", line_mod)
+    keyer = ptt_mod.GpioKeyer(str(chip), 17)
+    keyer.open()
+    assert values[17] == "inactive"
+    keyer.set(True)
+    assert values[17] == "active"
+    keyer.close()
+    assert values[17] == "inactive" and values["released"]
+
+
+def test_vox_opens_at_its_threshold():
+    vox = sq.Vox(-30.0)
+    t = np.arange(320) / 16000
+    assert vox.sample(0.05 * np.sin(2 * np.pi * 1000 * t)) is True  # about -29 dBFS
+    assert vox.sample(0.03 * np.sin(2 * np.pi * 1000 * t)) is False  # about -33 dBFS
+    assert vox.sample(None) is False
+
+
+def test_ctcss_and_cor_combined():
+    rate = 16000
+    t = np.arange(rate * 2) / rate
+    with_tone = (0.1 * np.sin(2 * np.pi * 100.0 * t) + 0.3 * np.sin(2 * np.pi * 1000 * t))
+    other_tone = (0.1 * np.sin(2 * np.pi * 110.9 * t) + 0.3 * np.sin(2 * np.pi * 1000 * t))
+
+    class Line(sq.Detector):
+        state = True
+
+        def sample(self, frame):
+            return self.state
+
+    line = Line()
+    both = sq.Combined([line, sq.Ctcss(rate, 100.0)], "and")
+    frames = with_tone.astype(np.float32).reshape(-1, 320)
+    results = [both.sample(f) for f in frames]
+    assert results[-1] is True and results[0] is False  # the decoder needs its window first
+    line.state = False
+    assert both.sample(frames[-1]) is False
+    line.state = True
+    wrong = sq.Combined([line, sq.Ctcss(rate, 100.0)], "and")
+    assert not any(wrong.sample(f) for f in other_tone.astype(np.float32).reshape(-1, 320))
+
+
+def test_subaudible_filter_takes_out_ctcss_and_keeps_voice():
+    from gateway.hardware.ctcss import SubAudibleFilter
+
+    rate = 16000
+    t = np.arange(rate) / rate
+    filt = SubAudibleFilter(rate)
+    tone = np.sin(2 * np.pi * 100 * t).astype(np.float32)
+    voice = np.sin(2 * np.pi * 1000 * t).astype(np.float32)
+    out_tone = np.concatenate([filt.process(f) for f in tone.reshape(-1, 320)])
+    filt = SubAudibleFilter(rate)
+    out_voice = np.concatenate([filt.process(f) for f in voice.reshape(-1, 320)])
+    assert np.std(out_tone[rate // 2 :]) < 0.01 * np.std(tone)  # ≥ 40 dB down
+    assert abs(np.std(out_voice[rate // 2 :]) / np.std(voice) - 1) < 0.05
+
+
+def test_squelch_open_delay_and_hang():
+    s = sq.Squelch(0.02, open_delay=0.06, hang=0.1)
+    pattern = [True] * 2 + [False] + [True] * 10 + [False] * 10
+    states = [s.update(x) for x in pattern]
+    assert states[:3] == [False, False, False], "a 40 ms kerchunk must not open"
+    assert states[3:6] == [False, False, False] and states[6] is True  # open after 60 ms
+    assert all(states[6:13]) and all(states[13:18]) and not any(states[18:])  # 100 ms hang
+
+
+def test_ptt_controller_transmit_tot_runs_without_the_audio_path(tmp_path):
+    hid = tmp_path / "hidraw0"
+    hid.touch()
+    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(hid)), "r", tot=0.3, stall=0)
+    controller.open()
+    try:
+        controller.key(True)
+        assert hid_keyed(hid) is True
+        start = time.monotonic()
+        wait_for(lambda: hid_keyed(hid) is False, 2, "the transmit TOT")
+        assert 0.28 < time.monotonic() - start < 0.5
+        assert controller.tot_tripped and controller.counts["tot_trips"] == 1
+        controller.key(True)  # the engine still wants it: stays down until a new over
+        assert hid_keyed(hid) is False
+        controller.key(False)
+        controller.key(True)
+        assert hid_keyed(hid) is True
+    finally:
+        controller.close()
+    assert hid_keyed(hid) is False
+
+
+def test_ptt_watchdog_drops_a_transmitter_nobody_feeds(tmp_path):
+    hid = tmp_path / "hidraw0"
+    hid.touch()
+    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(hid)), "r", tot=0, stall=0.2)
+    controller.open()
+    try:
+        controller.key(True)
+        wait_for(lambda: hid_keyed(hid) is False, 2, "the PTT watchdog")
+        assert controller.counts["watchdog_trips"] == 1
+        controller.fed()  # the engine is back and still wants to transmit
+        assert hid_keyed(hid) is True
+    finally:
+        controller.close()
+
+
+def test_unplugged_serial_ptt_is_marked_down_and_resumes(modem, tty):
+    controller = ptt_mod.PttController(ptt_mod.SerialKeyer(tty, "rts"), "r", tot=0, stall=0)
+    controller.open()
+    try:
+        controller.key(True)
+        assert modem.has(termios.TIOCM_RTS)
+        modem.unplugged = True
+        controller.key(False)
+        controller.key(True)  # fails on the dead device
+        assert not controller.device_up and controller.counts["device_errors"] >= 1
+        modem.unplugged = False
+        modem.bits = 0  # a replugged adapter starts with its lines down
+        wait_for(lambda: controller.device_up, 5, "the serial PTT to be reopened")
+        wait_for(lambda: modem.has(termios.TIOCM_RTS), 2, "PTT to resume (still wanted)")
+    finally:
+        controller.close()
+    assert not modem.has(termios.TIOCM_RTS)
+
+
+def test_missing_hidraw_is_a_clear_error(tmp_path):
+    with pytest.raises(LineError, match="no such device"):
+        Cm108(str(tmp_path / "hidraw9")).open()
