@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import fractions
+import functools
 import os
 import shutil
 import socket
@@ -42,6 +43,7 @@ from gateway.webrtc.passwords import hash_password
 from gateway.webrtc.server import shorten_receive_buffer
 
 aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+print = functools.partial(print, flush=True)  # noqa: A001  (tables appear as they are measured)
 PASSWORD = "bench-password"
 BORDERLINK = str(Path(sys.executable).parent / "borderlink")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -151,7 +153,8 @@ class Client:
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
         r = await self.http.post(f"{self.base}/api/console/join", json={
-            "console": self.console, "talkgroup": talkgroup, **self._sdp()})  # fmt: skip
+            "console": self.console, "talkgroup": talkgroup, **self._sdp()},
+            timeout=aiohttp.ClientTimeout(total=30))  # fmt: skip
         r.raise_for_status()
         await self.pc.setRemoteDescription(RTCSessionDescription(**await r.json()))
         await asyncio.wait_for(connected, 20)
@@ -208,10 +211,13 @@ async def measure_gateway(listeners: int, talkers: int, shared: bool, window: fl
     clients: list[Client] = []
     http = None
     try:
-        for _ in range(200):
+        deadline = time.monotonic() + 120  # imports alone take seconds on a loaded machine
+        while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
                 break
-            await asyncio.sleep(0.05)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"'borderlink run {config}' did not start listening")
+            await asyncio.sleep(0.1)
         http = await login(base)
         for i in range(listeners + talkers):
             client = Client(http, base, i)
@@ -243,9 +249,9 @@ async def measure_gateway(listeners: int, talkers: int, shared: bool, window: fl
             proc.wait()
 
 
-async def cpu_tables(quick: bool) -> None:
+async def cpu_tables(quick: bool, sizes: list[int]) -> None:
     window = 4.0 if quick else 8.0
-    sizes = [1, 10] if quick else [1, 10, 50, 100]
+    sizes = [1, 10] if quick else sizes
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         idle = await measure_gateway(0, 0, True, window, workdir)
@@ -388,12 +394,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, one latency run")
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50, 100],
+                        help="listener counts for the CPU table")
     args = parser.parse_args()
     if not shutil.which(BORDERLINK) and not Path(BORDERLINK).exists():
         sys.exit(f"{BORDERLINK} not found: run 'bash .ci/bootstrap setup' first")
-    asyncio.run(latency(3 if args.quick else 10))
+    if not args.skip_latency:
+        asyncio.run(latency(3 if args.quick else 10))
     if not args.skip_cpu:
-        asyncio.run(cpu_tables(args.quick))
+        asyncio.run(cpu_tables(args.quick, args.sizes))
 
 
 if __name__ == "__main__":

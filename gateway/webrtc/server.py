@@ -17,6 +17,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import re
 import secrets
 import time
 from collections import defaultdict, deque
@@ -36,7 +37,7 @@ from gateway.web import register_routes
 from gateway.webrtc.audio import SharedEncoders, silence_packet
 from gateway.webrtc.auth import COOKIE, ConsoleAudit, Session, Sessions
 from gateway.webrtc.config import ConsoleConfig
-from gateway.webrtc.port import ConsolePort
+from gateway.webrtc.port import ConsolePort, DirectRtp
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -118,6 +119,16 @@ def filter_remote_candidates(sdp: str, loopback_only: bool) -> str:
                 continue  # a hostname (mDNS .local): resolving it would multicast
         kept.append(line)
     return "\r\n".join(kept) + "\r\n"
+
+
+def direct_sender(pc: RTCPeerConnection, port: ConsolePort) -> DirectRtp | None:
+    """The batch-friendly send path for this call, or None to keep aiortc's own."""
+    match = re.search(r"^a=rtpmap:(\d+) opus/48000", pc.localDescription.sdp, re.M | re.I)
+    senders = [t.sender for t in pc.getTransceivers() if t.kind == "audio"]
+    if not match or not senders or not DirectRtp.available(senders[0]):
+        log.info("console %s: aiortc's sender path (direct RTP not available)", port.name)
+        return None
+    return DirectRtp(senders[0], int(match.group(1)), port.track.samples)
 
 
 def shorten_receive_buffer(receiver: Any, prefetch: int = RECEIVE_PREFETCH) -> None:
@@ -342,6 +353,8 @@ class ConsoleHub:
                     transceiver.setCodecPreferences(opus)
                     shorten_receive_buffer(transceiver.receiver)
             await pc.setLocalDescription(await pc.createAnswer())
+            if cfg.direct_rtp:
+                port.direct = direct_sender(pc, port)
         except Exception as exc:
             await pc.close()
             raise web.HTTPBadRequest(text=f"cannot answer this offer: {exc}") from exc

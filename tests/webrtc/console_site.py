@@ -111,7 +111,9 @@ def write_tone_wav(path: Path, hz: float, seconds: float = 20.0, rate: int = 480
     return path
 
 
-def site_toml(floor: str = "mix", extra: str = "", audit: Path | None = None) -> str:
+def site_toml(
+    floor: str = "mix", extra: str = "", audit: Path | None = None, console: str = ""
+) -> str:
     audit_section = f'[audit]\npath = "{audit}"\nsync_every = "100ms"' if audit else ""
     return f"""
 [site]
@@ -129,6 +131,7 @@ ice_addresses = ["127.0.0.1"]
 login_attempts = 3
 login_lockout = "30s"
 disconnect_grace = "1s"
+{console}
 
 [console.operators.alice]
 password_hash = "{password_hash('alice')}"
@@ -247,7 +250,7 @@ class Site:
 
 @contextlib.asynccontextmanager
 async def console_site(
-    tmp: Path, floor: str = "mix", extra: str = "", browser: bool = True
+    tmp: Path, floor: str = "mix", extra: str = "", browser: bool = True, console: str = ""
 ) -> AsyncIterator[Site]:
     from playwright.async_api import async_playwright
 
@@ -256,7 +259,7 @@ async def console_site(
 
     chromium = require_binary("chromium") if browser else ""
     config_path = tmp / "site.toml"
-    config_path.write_text(site_toml(floor, extra, audit=tmp / "audit.jsonl"))
+    config_path.write_text(site_toml(floor, extra, audit=tmp / "audit.jsonl", console=console))
     wav = write_tone_wav(tmp / "mic.wav", CONSOLE_TONE_HZ)
     gateway = Gateway(load_site(config_path))
     run = asyncio.ensure_future(gateway.run())

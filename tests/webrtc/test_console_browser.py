@@ -11,6 +11,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 from console_site import (
     CONSOLE_TONE_HZ,
     RADIO_TONE_HZ,
@@ -82,9 +83,11 @@ def test_console_ptt_reaches_the_radio_with_its_tone(tmp_path):
     run(scenario())
 
 
-def test_console_hears_the_radio_and_sees_who_is_talking(tmp_path):
+@pytest.mark.parametrize("direct_rtp", [True, False], ids=["direct-rtp", "aiortc-sender"])
+def test_console_hears_the_radio_and_sees_who_is_talking(tmp_path, direct_rtp):
     async def scenario():
-        async with console_site(tmp_path) as site:
+        console = f"direct_rtp = {str(direct_rtp).lower()}"
+        async with console_site(tmp_path, console=console) as site:
             radio = site.radio()
             page = await site.console("alice")
             await site.wait_joined(page, "marine")
@@ -102,7 +105,10 @@ def test_console_hears_the_radio_and_sees_who_is_talking(tmp_path):
                 return m and abs(m["peakHz"] - RADIO_TONE_HZ) < 12 and m["rmsDbfs"] > -30 and m
             measured = await until(hears_radio, 8, "the page to hear the radio's 700 Hz")
             print(f"console hears {measured['peakHz']:.0f} Hz at {measured['rmsDbfs']:.1f} dBFS")
-            shot = await page.screenshot(path=str(DOCS / "console.png"))
+            port = site.console_port("alice", "marine")
+            assert (port.direct is not None) == direct_rtp
+            assert port.stats()["packets_out"] > 0
+            shot = await page.screenshot(path=str(DOCS / "console.png") if direct_rtp else None)
             assert not png_is_blank(shot)
             radio.open_squelch(False)
             await page.wait_for_function(
@@ -193,5 +199,55 @@ def test_single_floor_busy_then_emergency_preempts(tmp_path):
             await page.mouse.up()
             await until(lambda: not site.console_port("alice", "marine").emergency, 2,
                         "emergency priority to end with the PTT")  # fmt: skip
+
+    run(scenario())
+
+
+def test_denied_microphone_still_monitors_and_says_why(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            context = await site.browser.new_context()
+            # The browser's permission prompt answering "Block".
+            await context.add_init_script("""navigator.mediaDevices.getUserMedia =
+                () => Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));""")
+            page = await context.new_page()
+            await page.goto(site.url)
+            await page.fill("#operator", "alice")
+            await page.fill("#password", "alice-secret-1")
+            await page.click("#login button[type=submit]")
+            await page.locator("#banner").filter(has_text="Microphone access was denied").wait_for(
+                timeout=5000)
+            await site.wait_joined(page, "marine")
+            site.radio().open_squelch(True)
+
+            async def hears_radio():
+                m = await page.evaluate("borderlink.measure('marine')")
+                return m and abs(m["peakHz"] - RADIO_TONE_HZ) < 12 and m["rmsDbfs"] > -30
+            await until(hears_radio, 8, "a console without microphone to still hear the radio")
+            await hold_ptt(page, "marine")
+            state = page.locator('[data-talkgroup="marine"] .state')
+            await state.filter(has_text="Microphone access was denied").wait_for(timeout=2000)
+
+    run(scenario())
+
+
+def test_lost_event_socket_is_shown_and_reconnected(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            link = page.locator("#link")
+            await link.filter(has_text="connected").wait_for(timeout=5000)
+            hub = site.gateway.console
+            for sock in list(hub.sockets):  # the network drops the socket
+                await sock.ws.close()
+            await page.locator("#banner").filter(has_text="Gateway unreachable").wait_for(
+                timeout=3000)
+            await until(lambda: hub.sockets, 5, "the page to reconnect its event socket")
+            await link.filter(has_text="connected").wait_for(timeout=5000)
+            await page.locator("#banner").wait_for(state="hidden", timeout=3000)
+            site.radio().open_squelch(True)  # and who-is-talking flows again
+            await page.wait_for_function(
+                "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=3000)
 
     run(scenario())
