@@ -54,6 +54,8 @@ ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 COMFORT_NOISE = 13  # RFC 3389: accepted and ignored, not counted as malformed
 DTMF_SEND_SECONDS = 0.1
 HEADER_SIZE = 12
+MAX_PAYLOAD = 1200  # 150 ms of G.711, our a=maxptime
+_RTP_HEADER = struct.Struct("!BBHII")
 SILENCE_DB = -120.0
 
 _LAWS = {PCMU: 0, PCMA: 1}
@@ -90,6 +92,7 @@ class LegMedia:
     dtmf_out: list[str] = field(default_factory=list)
     dtmf_sending: tuple[str, int, int] | None = None  # digit, start ts, samples sent
     loop: asyncio.AbstractEventLoop | None = None  # whose reader serves the socket
+    peer: tuple[str, int] | None = None  # the latched source (None until the first packet)
 
 
 class LegBank:
@@ -117,7 +120,7 @@ class LegBank:
         self.free: list[int] = []
         self.fd_row: dict[int, int] = {}
         self.poller = select.epoll()
-        self.epoch = time.time()
+        self.epoch_seconds = int(time.time())  # whole seconds: arrivals keep ns precision
         self._t0: float | None = None
         self._k = 0
         self._allocate(capacity)
@@ -261,7 +264,7 @@ class LegBank:
             self._t0 = now - self._k * period
         ideal = self._t0 + self._k * period
         self._k += 1
-        return (ideal - self.epoch) * CODEC_RATE
+        return (ideal - self.epoch_seconds) * CODEC_RATE
 
     # --- receive (before the tick) --------------------------------------------------
 
@@ -288,7 +291,11 @@ class LegBank:
 
     def _readable(self, row: int) -> None:
         """The loop's reader for one leg: one datagram per call (level-triggered, so a
-        second queued datagram calls again) — no failing read, no exception per tick."""
+        second queued datagram calls again) — no failing read, no exception per tick.
+
+        The common packet (plain RTP header, the agreed codec, from the latched
+        peer) takes a short path; anything else goes through the full checks.
+        """
         media = self.media[row]
         if media is None:
             return
@@ -296,14 +303,25 @@ class LegBank:
             data, ancillary, _, source = media.sock.recvmsg(2048, ANCILLARY)
         except OSError:  # nothing after all, or ICMP unreachable from a phone that left
             return
-        arrival = None
-        for level, kind, blob in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                sec, nsec = _TIMESPEC.unpack_from(blob)
-                arrival = sec + nsec * 1e-9
-        if arrival is None:
-            arrival = time.time()
-        self._packet(row, media, data, source, (arrival - self.epoch) * CODEC_RATE)
+        if ancillary and ancillary[0][1] == SO_TIMESTAMPNS:
+            sec, nsec = _TIMESPEC.unpack_from(ancillary[0][2])
+            arrival = ((sec - self.epoch_seconds) + nsec * 1e-9) * CODEC_RATE
+        else:
+            arrival = (time.time() - self.epoch_seconds) * CODEC_RATE
+        size = len(data)
+        if HEADER_SIZE < size <= HEADER_SIZE + MAX_PAYLOAD and source == media.peer:
+            b0, b1, sequence, timestamp, ssrc = _RTP_HEADER.unpack_from(data)
+            if b0 == 0x80 and b1 & 0x7F == media.payload_type:
+                media.packets_in += 1
+                media.bytes_in += size
+                if media.rx.update(ssrc, sequence, timestamp, arrival):
+                    self.jitter.resync(row)
+                payload = memoryview(data)[HEADER_SIZE:]
+                if not self.jitter.put(row, timestamp, payload, arrival) and b1 & 0x80:
+                    self.jitter.resync(row)  # a talkspurt restarting its clock: follow it
+                    self.jitter.put(row, timestamp, payload, arrival)
+                return
+        self._packet(row, media, data, source, arrival)
 
     def drain(self) -> None:
         """Read every queued datagram of every leg (one pass; nothing waits on a socket)."""
@@ -332,7 +350,7 @@ class LegBank:
                         arrival = sec + nsec * 1e-9
                 if arrival is None:
                     arrival = time.time()
-                self._packet(row, media, data, source, (arrival - self.epoch) * CODEC_RATE)
+                self._packet(row, media, data, source, (arrival - self.epoch_seconds) * CODEC_RATE)
 
     def _packet(
         self, row: int, media: LegMedia, data: bytes, source: tuple, arrival: float
@@ -346,11 +364,11 @@ class LegBank:
             return
         pt = packet.payload_type
         if pt == media.payload_type:
-            if len(packet.payload) > 1200:
+            if len(packet.payload) > MAX_PAYLOAD:
                 media.malformed += 1
                 return
             if not media.latched:  # symmetric RTP (RFC 4961): answer where it comes from
-                media.remote = source
+                media.remote = media.peer = source
                 media.latched = True
             media.packets_in += 1
             media.bytes_in += len(data)
