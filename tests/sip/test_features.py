@@ -157,3 +157,33 @@ def test_malformed_sip_and_rtp_are_dropped_and_counted_call_goes_on(phones, tmp_
     assert abs(dominant_hz(tail, RATE) - 1000) < 15, "the phone stopped hearing the radio"
     talkgroup = recorded(tmp_path / "talkgroup.wav")
     assert band_db(talkgroup[-3 * 16000 :], 16000, 600) > -30, "the talkgroup stopped hearing"
+
+
+def test_single_floor_busy_tone_and_bye_to_the_phone_on_shutdown(phones, tmp_path):
+    """The radio holds the floor; a phone that talks hears busy (480+620 Hz), not the radio.
+    When the gateway stops, it sends BYE and the phone's call ends."""
+    phone = phones("late", np.concatenate([np.zeros(RATE // 2), tone(800, 20)]))
+    single = site(tmp_path, None).replace(
+        'members = ["radio1", "rec"]', 'members = ["radio1", "rec"]\nfloor = "single"'
+    )
+
+    async def scenario() -> None:
+        async with running_gateway(single) as gw:
+            phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=20)
+            leg = (await until(lambda: legs(gw), 5, "the call"))[0]
+            await until(lambda: gw.engine.denied[gw.engine.ports.index(leg)], 5, "floor denial")
+            await until(lambda: leg.stats()["packets_out"] > 150, 5, "3 s of what the phone hears")
+        # The gateway has stopped: its BYE ends the phone's call (libre reports a BYE
+        # received as "Connection reset by peer") while the phone itself keeps running.
+        await until(lambda: "Connection reset by peer" in phone.output(), 5, "the phone's BYE")
+        assert phone.running()
+        phone.stop()  # its recording is complete once it exits
+
+    run(scenario())
+    heard = phone.heard()[RATE:]
+    assert band_db(heard, RATE, 480, 20) > -35 and band_db(heard, RATE, 620, 20) > -35, (
+        "the phone does not hear a busy tone"
+    )
+    assert band_db(heard, RATE, 1000, 20) < band_db(heard, RATE, 480, 20) - 20, (
+        "a denied phone must not hear the floor holder"
+    )
