@@ -290,12 +290,21 @@ class CallManager:
             bank,
             row,
         )
+        leg.on_close = self._closed_by_site
         self.engine.attach(leg, talkgroup, priority)
         return leg
+
+    def _closed_by_site(self, leg: SipLeg) -> None:
+        """A reload removed the leg's talkgroup: say goodbye to the caller."""
+        for dialog in list(self.dialogs.values()):
+            if dialog.leg is leg:
+                log.info("call %s: its talkgroup was removed; hanging up", leg.name)
+                self._spawn(self.hangup(dialog))
 
     def _end(self, dialog: Dialog) -> None:
         self.dialogs.pop(dialog.call_id, None)
         if dialog.leg is not None:
+            dialog.leg.on_close = None
             self.engine.detach(dialog.leg)
             self.bank.remove(dialog.leg.row)
         dialog.ended.set()

@@ -7,6 +7,8 @@ before the tick and encodes and sends them all after it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.config import PortConfig, Timing
 from gateway.ports import Frame, Port
 from gateway.sip.bank import LegBank
@@ -36,6 +38,14 @@ class SipLeg(Port):
         super().__init__(name, config, timing)
         self.bank = bank
         self.row = row
+        self.on_close: Callable[[SipLeg], None] | None = None
+
+    def close(self) -> None:
+        """The site dropped this port (its talkgroup left the config): end the call."""
+        super().close()
+        if self.on_close is not None:
+            callback, self.on_close = self.on_close, None
+            callback(self)
 
     def read(self) -> Frame | None:
         row = self.row

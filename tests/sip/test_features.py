@@ -187,3 +187,27 @@ def test_single_floor_busy_tone_and_bye_to_the_phone_on_shutdown(phones, tmp_pat
     assert band_db(heard, RATE, 1000, 20) < band_db(heard, RATE, 480, 20) - 20, (
         "a denied phone must not hear the floor holder"
     )
+
+
+def test_pin_gates_the_caller_and_a_reload_removing_the_talkgroup_hangs_up(phones, tmp_path):
+    phone = phones("pin", tone(600, 15))
+    toml = site(tmp_path, None, extra='pin = "12"')  # lands in [sip.routes."7001"]
+
+    async def scenario() -> None:
+        async with running_gateway(toml) as gw:
+            talk: list[str] = []
+            gw.engine.listeners.append(lambda e: talk.append(f"{e.kind} {e.port}"))
+            phone.start(dial=f"sip:7001@127.0.0.1:{gw.sip.port}", seconds=15)
+            leg = (await until(lambda: legs(gw), 5, "the call"))[0]
+            await until(lambda: leg.stats()["packets_in"] > 50, 5, "a second of the caller")
+            assert f"talk_start {leg.name}" not in talk, "heard before entering the PIN"
+            phone.key("12")
+            await until(lambda: f"talk_start {leg.name}" in talk, 5, "the PIN to let VOX through")
+            from gateway.config import parse_config
+
+            without = toml.replace('[talkgroups.quiet]\nmembers = ["rec2"]\n', "")
+            assert gw.apply(parse_config(without)).ok
+            await until(lambda: not legs(gw), 5, "the call on a removed talkgroup to end")
+            await until(lambda: "Connection reset by peer" in phone.output(), 5, "BYE at the phone")
+
+    run(scenario())
