@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
+import numpy as np
 from pydantic import Field, field_validator
 
 from gateway.app import register_service
@@ -57,6 +58,7 @@ Action = Literal["patch", "unpatch", "unkey", "release", "floor"]
 ACTIONS: tuple[str, ...] = Action.__args__  # type: ignore[attr-defined]
 MAX_COMMAND_BYTES = 4096
 STATE_POLL_S = 1.0  # state that changes without an event (a port recovers) is seen this fast
+STATE_MIN_S = 0.2  # and retained state is rebuilt at most this often
 TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -237,11 +239,10 @@ class MqttService:
         layout = self.gateway.engine.layout
         admitted = self.gateway.engine.admitted
         names = [g.name for g in layout.groups]
-        if group not in names:
+        if group not in names or len(admitted) != len(layout.ports):
             return []
-        g = names.index(group)
-        return [layout.ports[i].name for i in range(len(layout.ports))
-                if admitted[i] and layout.group_of[i] == g]  # fmt: skip
+        rows = np.flatnonzero(admitted & (layout.group_of == names.index(group)))
+        return [layout.ports[i].name for i in rows.tolist()]
 
     # --- state ---------------------------------------------------------------------------
 
@@ -376,19 +377,32 @@ class MqttService:
                 raise result
 
     async def _write(self, client: aiomqtt.Client) -> None:
+        """Events as they come; retained state at most every STATE_MIN_S, at least every
+        STATE_POLL_S (building it walks every port, so a burst of events does not
+        rebuild it each time)."""
+        loop = asyncio.get_running_loop()
+        next_state = 0.0
         while True:
-            await self._publish_state(client)
-            while self.events:
-                message = self.events[0]  # removed only once the broker has it
-                topic = f"{self.prefix}/event/{message['event']}"
-                payload = json.dumps(message, separators=(",", ":")).encode()
-                await client.publish(topic, payload, qos=self.config.qos)
-                if self.events and self.events[0] is message:
-                    self.events.popleft()
-                self.published_events += 1
+            await self._send_events(client)
+            state_due = loop.time() >= next_state
+            if state_due:
+                await self._publish_state(client)
+                next_state = loop.time() + STATE_MIN_S
+                await self._send_events(client)  # joined/left found by the state
             self._wake.clear()
+            wait = STATE_POLL_S if state_due else max(0.0, next_state - loop.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), STATE_POLL_S)
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _send_events(self, client: aiomqtt.Client) -> None:
+        while self.events:
+            message = self.events[0]  # removed only once the broker has it
+            topic = f"{self.prefix}/event/{message['event']}"
+            payload = json.dumps(message, separators=(",", ":")).encode()
+            await client.publish(topic, payload, qos=self.config.qos)
+            if self.events and self.events[0] is message:
+                self.events.popleft()
+            self.published_events += 1
 
     # --- commands -------------------------------------------------------------------------
 
