@@ -234,8 +234,8 @@ class SoundcardPort(Port):
         self._open_detector()
         try:
             self.card.open()
-        except OSError:
-            self.card._lost("did not open")  # keep retrying in the background
+        except (OSError, LookupError) as exc:
+            self.card._lost(f"did not open: {exc}")  # keep retrying in the background
             raise
 
     def close(self) -> None:
@@ -263,10 +263,10 @@ class SoundcardPort(Port):
         self.detector_retry_at = time.monotonic() + DETECTOR_RETRY_S
 
     def _card_state(self, up: bool, reason: str) -> None:
-        if not up:
-            self.ptt.force_off(f"sound card lost: {reason}")
-        elif self.wanted:
-            self.ptt.key(True)
+        if up:
+            self.ptt.allow()
+        else:
+            self.ptt.inhibit(f"sound card lost: {reason}")
 
     # --- the tick ----------------------------------------------------------------
 
@@ -306,11 +306,10 @@ class SoundcardPort(Port):
         self.keyed = on
         self.wanted = on
         if on:
-            if self.card.up:
-                was = self.ptt.keyed
-                self.ptt.key(True)
-                if not was and self.ptt.keyed:
-                    self.card.hold_tx(self.cfg.tx_delay)
+            was = self.ptt.keyed
+            self.ptt.key(True)
+            if not was and self.ptt.keyed:
+                self.card.hold_tx(self.cfg.tx_delay)
         else:
             self.ptt.key(False, release_after=self.card.queued_seconds() if self.card.up else 0.0)
 

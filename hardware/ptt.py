@@ -186,6 +186,7 @@ class PttController:
         self.line = False  # what we last drove the line to
         self.device_up = False
         self.tot_tripped = False
+        self.inhibited = ""  # why the line must stay down (sound card lost), or ""
         self.release_at: float | None = None
         self.keyed_at = 0.0
         self.last_fed = time.monotonic()
@@ -239,7 +240,7 @@ class PttController:
                     self.tot_tripped = False  # a new over
                 self.wanted = True
                 self.last_fed = time.monotonic()
-                if not self.line and not self.tot_tripped:
+                if self._may_key():
                     self._drive(True, "key")
             else:
                 self.wanted = False
@@ -253,10 +254,28 @@ class PttController:
     def fed(self) -> None:
         """The engine handed this transmitter a frame: it is alive."""
         self.last_fed = time.monotonic()
-        if self.wanted and not self.line and not self.tot_tripped and self.device_up:
+        if self.wanted and not self.line and self.device_up and self._may_key():
             with self._cond:  # back from a watchdog trip
-                if self.wanted and not self.line and not self.tot_tripped:
+                if self.wanted and self._may_key():
                     self._drive(True, "engine alive again")
+
+    def inhibit(self, why: str) -> None:
+        """Hold PTT down whatever the engine wants, until :meth:`allow` (no audio path)."""
+        with self._cond:
+            self.inhibited = why
+            self.release_at = None
+            self._drive(False, why)
+            self._cond.notify_all()
+
+    def allow(self) -> None:
+        """Lift :meth:`inhibit`; keys again if the engine still wants to transmit."""
+        with self._cond:
+            self.inhibited = ""
+            if self.wanted and self._may_key():
+                self._drive(True, "inhibit lifted")
+
+    def _may_key(self) -> bool:
+        return not self.line and not self.tot_tripped and not self.inhibited
 
     def force_off(self, why: str) -> None:
         """Drop PTT now, whatever the engine wants (sound card lost, exit)."""
@@ -356,7 +375,7 @@ class PttController:
         log.warning("%s: PTT device is back", self.name)
         self.device_up = True
         self.retry_wait = RETRY_FIRST_S
-        if self.wanted and not self.tot_tripped:
+        if self.wanted and self._may_key():
             self._drive(True, "device back")
 
 

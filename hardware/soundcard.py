@@ -19,6 +19,7 @@ own, and resumes when the device is back.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import sys
@@ -209,6 +210,8 @@ class SoundCard:
 
     def _start_stream(self) -> None:
         import sounddevice as sd
+
+        _hook_exit()
 
         spec = self.spec
         index = spec.resolve()
@@ -411,11 +414,18 @@ class SoundCard:
             self._retry.start()
 
     def _reopen(self, dead: Any) -> None:
-        if dead is not None:
-            _close_stream(dead)
         wait = RETRY_FIRST_S
+        if dead is not None:
+            closing = _close_stream(dead, wait)
+            while closing.is_alive():
+                log.warning("%s: the audio system has not let go of the old stream", self.name)
+                if self._closing.is_set():
+                    return
+                closing.join(timeout=1.0)
         while not self._closing.wait(wait):
             try:
+                if _WEDGED:
+                    raise OSError("another stream is still wedged in PortAudio")
                 _rescan_if_alone(self)
                 self._start_stream()
             except Exception as exc:
@@ -443,11 +453,13 @@ class SoundCard:
 
 
 _CARDS_LOCK = threading.Lock()
+_WEDGED: set[int] = set()  # streams whose close is stuck in PortAudio
 _REGISTRY: weakref.WeakSet[SoundCard] = weakref.WeakSet()
 
 
-def _close_stream(stream: Any) -> None:
-    """Stop and close, on a helper thread: a dead server can make PortAudio block."""
+def _close_stream(stream: Any, wait: float = 2.0) -> threading.Thread:
+    """Stop and close on a helper thread: PortAudio can block for good when the audio
+    server died under the stream. The thread is still alive if the close is stuck."""
 
     def close() -> None:
         try:
@@ -455,10 +467,32 @@ def _close_stream(stream: Any) -> None:
             stream.close(ignore_errors=True)
         except Exception:
             pass
+        _WEDGED.discard(id(stream))
 
-    thread = threading.Thread(target=close, daemon=True)
+    _WEDGED.add(id(stream))
+    thread = threading.Thread(target=close, daemon=True, name="close-stream")
     thread.start()
-    thread.join(timeout=2.0)
+    thread.join(timeout=wait)
+    return thread
+
+
+_EXIT_HOOKED: list[bool] = []
+
+
+def _hook_exit() -> None:
+    """Register after sounddevice's own exit handler, so this one runs first."""
+    if not _EXIT_HOOKED:
+        _EXIT_HOOKED.append(True)
+        atexit.register(_skip_portaudio_exit_if_wedged)
+
+
+def _skip_portaudio_exit_if_wedged() -> None:
+    """At exit, PortAudio's terminate waits for every stream; a wedged one would hang the
+    process after the transmitters are already down. Then leave PortAudio to the OS."""
+    if _WEDGED:
+        import sounddevice as sd
+
+        sd._initialized = 0
 
 
 def _rescan_if_alone(card: SoundCard) -> None:

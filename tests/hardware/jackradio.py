@@ -104,6 +104,7 @@ class RadioSim:
         self.loop = [False] * radios
         self.record = np.zeros((radios, size), np.float32)
         self.frame = 0  # frames since activation, advanced in the process callback
+        self.clock: list[tuple[int, float]] = []  # (first frame of a cycle, monotonic time)
         self.lock = threading.Lock()
         self.client.set_process_callback(self._process)
         self.client.activate()
@@ -148,6 +149,14 @@ class RadioSim:
             if start + frames <= self.record.shape[1]:
                 self.record[i, start : start + frames] = inp.get_array()
         self.frame = start + frames
+        if len(self.clock) < 100000:
+            self.clock.append((start, time.monotonic()))
+
+    def monotonic_at(self, frame: int) -> float:
+        """When (time.monotonic) the JACK cycle holding ``frame`` was processed here."""
+        starts = np.array([c[0] for c in self.clock])
+        i = max(0, int(np.searchsorted(starts, frame, side="right")) - 1)
+        return self.clock[i][1]
 
     def recorded(self, radio: int, since: int = 0) -> np.ndarray:
         return self.record[radio, since : self.frame].copy()

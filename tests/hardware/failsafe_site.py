@@ -1,0 +1,62 @@
+"""A gateway process for fail-safe tests: runs a site and reports its radios' state as JSON lines.
+
+    python failsafe_site.py SITE.toml run      run on the real clock until a signal
+    python failsafe_site.py SITE.toml raise    tick until radio_b is keyed, then die of an
+                                               unhandled exception (only atexit is left)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import gateway.site  # noqa: F401
+from gateway.app import Gateway
+from gateway.config import load_config
+
+
+def status(gw: Gateway) -> None:
+    radio = gw.ports["radio_b"]
+    other = gw.ports.get("other")
+    print(json.dumps({
+        "tick": gw.engine.tick_count,
+        "keyed": radio.ptt.keyed,
+        "device_up": radio.card.up,
+        "device_errors": radio.stats()["device_errors"],
+        "reopens": radio.card.counts["reopens"],
+        "other_heard": other is not None and other.last_heard is not None,
+    }), flush=True)  # fmt: skip
+
+
+async def report(gw: Gateway) -> None:
+    while True:
+        status(gw)
+        await asyncio.sleep(0.1)
+
+
+async def run(gw: Gateway) -> None:
+    task = asyncio.create_task(report(gw))
+    try:
+        await gw.run()
+    finally:
+        task.cancel()
+        print(json.dumps({"stopped": True}), flush=True)
+
+
+def main() -> None:
+    gw = Gateway(load_config(sys.argv[1]))
+    if sys.argv[2] == "run":
+        asyncio.run(run(gw))
+        return
+    deadline = time.monotonic() + 10
+    while not gw.ports["radio_b"].ptt.keyed and time.monotonic() < deadline:
+        gw.engine.tick()
+        time.sleep(0.02)
+    status(gw)
+    raise RuntimeError("a bug nobody caught")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""End to end on a real audio server: radio A → talkgroup → radio B through sound-card ports.
+
+A JACK client plays both radios. What B's transmitter would send is checked by
+content: frequency (FFT), level (within 1 dB), delay (cross-correlation of a chirp).
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+
+import numpy as np
+import pytest
+import serial.serialposix
+
+from tests.hardware.gwrun import EventLog, build, drive
+from tests.hardware.jackradio import (
+    RATE,
+    band_db,
+    chirp,
+    delay_of,
+    gateway_streams,
+    hid_keyed,
+    peak_hz,
+    rms_db,
+    site_toml,
+    steady_db,
+    tone,
+    wait_for,
+)
+
+pytestmark = pytest.mark.jack
+
+
+def radio(hid: str = "", extra: str = "") -> str:
+    ptt = f'ptt = {{ type = "cm108", device = "{hid}", gpio = 3 }}' if hid else ""
+    return f"""
+kind = "soundcard"
+device = "system"
+host_api = "JACK"
+ptt_hang_time = "200ms"
+squelch = {{ type = "vox", threshold_dbfs = -45, hang = "200ms" }}
+{ptt}
+{extra}
+"""
+
+
+def connect(sim, server, count):
+    streams = gateway_streams(server)[-count:]
+    assert len(streams) == count, f"expected {count} gateway streams in JACK, got {streams}"
+    for radio_index, stream in enumerate(streams):
+        sim.connect(radio_index, stream)
+
+
+def test_tone_and_chirp_cross_from_a_to_b(jack_server, radio_sim, tmp_path):
+    hid_b = tmp_path / "hidraw_b"
+    hid_b.touch()
+    gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio(str(hid_b))}))
+    sim = radio_sim(2)
+    connect(sim, jack_server, 2)
+    level = -12.0
+    # A short chirp: its correlation peak is sharp, and a drift correction (a few hundred
+    # ppm) cannot smear it over 100 ms.
+    probe = chirp(500, 3000, 0.1, level)
+    signal = np.concatenate([tone(1000, 1.5, level), probe, np.zeros(RATE // 2, np.float32)])
+
+    def scenario():
+        wait_for(lambda: gw.ports["radio_a"].card.stats()["rx_buffer_seconds"] > 0 or
+                 gw.engine.tick_count > 25, 5, "the gateway to tick")  # fmt: skip
+        start = sim.start(0, signal)
+        wait_for(lambda: hid_keyed(hid_b) is True, 3, "radio B's PTT to key")
+        wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 10, "the over to end")
+        wait_for(lambda: hid_keyed(hid_b) is False, 3, "radio B's PTT to drop after the over")
+        return start
+
+    start = drive(gw, scenario)
+    heard = sim.recorded(1, since=start)
+    lag, sharp = delay_of(probe, heard)
+    lag -= int(1.5 * RATE)  # the chirp starts 1.5 s into the signal
+    assert sharp > 0.7, f"the chirp came out distorted (correlation {sharp:.3f})"
+    # The delay itself is the bench's business (bench/radio_latency.py); here it must only be
+    # a real, causal path: more than one period, and not a second's worth of buffering.
+    assert 0.005 * RATE < lag < 0.2 * RATE, f"radio→radio delay {lag / RATE * 1000:.1f} ms"
+    steady = heard[lag + RATE // 4 : lag + RATE]  # well inside the tone
+    assert abs(peak_hz(steady) - 1000) < 3
+    assert abs(steady_db(steady) - level) < 1.0, f"tone level {steady_db(steady):.2f} dBFS"
+    assert band_db(steady, 1000) - rms_db(steady) > -0.5  # nothing but the tone
+    a = gw.ports["radio_a"].stats()
+    assert a["device_up"] == 1 or a["device_errors"] == 0
+
+
+def onset(x: np.ndarray, threshold_db: float = -30.0, step: int = RATE // 200) -> int | None:
+    """First sample of the first 5 ms block above ``threshold_db``."""
+    for i in range(0, len(x) - step, step):
+        if rms_db(x[i : i + step]) > threshold_db:
+            return i
+    return None
+
+
+def audible_seconds(x: np.ndarray, threshold_db: float = -30.0, step: int = RATE // 200) -> float:
+    blocks = x[: len(x) - len(x) % step].reshape(-1, step)
+    rms = np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1))
+    return float(np.sum(20 * np.log10(np.maximum(rms, 1e-9)) > threshold_db) * step / RATE)
+
+
+def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, radio_sim, tmp_path):
+    squelch = 'squelch = { type = "vox", threshold_dbfs = -40, hang = "300ms" }'
+    a = radio().replace('squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }', squelch)
+    gw = build(tmp_path, site_toml({"radio_a": a, "radio_b": radio()}))
+    events = EventLog(gw)
+    sim = radio_sim(2)
+    connect(sim, jack_server, 2)
+    quiet = tone(1000, 0.6, -50)  # under the threshold: squelch stays shut
+    burst = tone(1000, 1.0, -12)
+
+    def scenario():
+        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        sim.start(0, quiet)
+        wait_for(lambda: sim.frame > sim.play_at[0] + len(quiet) + RATE // 4, 5, "the quiet tone")
+        assert not events.of("talk_start", "radio_a"), "VOX opened below its threshold"
+        start = sim.start(0, burst)
+        wait_for(lambda: events.of("talk_stop", "radio_a"), 5, "radio A's squelch to close")
+        return start
+
+    start = drive(gw, scenario)
+    (stop,) = events.of("talk_stop", "radio_a")
+    # Open for the burst plus the hang time (one frame of detection either side).
+    assert 1.3 - 0.1 <= stop.seconds <= 1.3 + 0.1, f"squelch open {stop.seconds:.3f}s"
+    heard = sim.recorded(1, since=start)
+    first = onset(heard)
+    assert first is not None and first < 0.2 * RATE, "radio B never got the burst"
+    # The whole burst went through — the squelch opened on its first frame, so no
+    # syllable was lost — and during the hang the gateway passed what A heard (silence).
+    assert 0.95 < audible_seconds(heard) < 1.03
+
+
+def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, monkeypatch):
+    import termios
+
+    from tests.hardware.test_radio_lines import FakeModem
+
+    modem = FakeModem(serial.serialposix.fcntl)
+    monkeypatch.setattr(serial.serialposix, "fcntl", modem)
+    master, slave = pty.openpty()
+    tty = os.ttyname(slave)
+    serial_ptt = f'ptt = {{ type = "serial", device = "{tty}", line = "rts" }}'
+    gw = build(tmp_path, site_toml({
+        "radio_a": radio(),
+        "radio_b": radio(extra=f'tx_delay = "200ms"\n{serial_ptt}'),
+        "radio_c": radio(),
+    }))  # fmt: skip
+    sim = radio_sim(3)
+    connect(sim, jack_server, 3)
+    signal = tone(1000, 0.6, -12)
+
+    def scenario():
+        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        start = sim.start(0, signal)
+        wait_for(lambda: modem.has(termios.TIOCM_RTS), 3, "radio B's PTT")
+        wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 5, "the over to end")
+        return start
+
+    try:
+        start = drive(gw, scenario)
+    finally:
+        os.close(master)
+        os.close(slave)
+    keyed_at = next(t for t, bits in modem.history if bits & termios.TIOCM_RTS)
+    heard_b = sim.recorded(1, since=start)
+    heard_c = sim.recorded(2, since=start)
+    on_b, on_c = onset(heard_b), onset(heard_c)
+    assert on_b is not None and on_c is not None, "the over did not reach both radios"
+    # PTT up, then the first audio into B's transmitter no sooner than the TX delay
+    # (one JACK period of timing resolution); later by the path's own buffering only.
+    ptt_to_audio = sim.monotonic_at(start + on_b) - keyed_at
+    period = sim.client.blocksize / RATE
+    assert 0.2 - period <= ptt_to_audio < 0.2 + 0.15, f"PTT→audio {ptt_to_audio * 1000:.0f} ms"
+    # Radio C has no TX delay: it gets the over about 200 ms sooner.
+    extra = (on_b - on_c) / RATE
+    assert 0.15 < extra < 0.25, f"TX delay measured {extra * 1000:.1f} ms, set 200 ms"
+    # The audio was held, not cut: B carries the whole over.
+    assert abs(audible_seconds(heard_b) - audible_seconds(heard_c)) < 0.06
+
+
+def test_half_duplex_radio_never_hears_itself_or_talks_while_keyed(jack_server, radio_sim,
+                                                                    tmp_path):  # fmt: skip
+    gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio()}))
+    sim = radio_sim(2)
+    connect(sim, jack_server, 2)
+
+    def scenario():
+        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        start = sim.start(0, tone(1000, 2.0, -12))
+        wait_for(lambda: gw.ports["radio_b"].keyed, 3, "radio B to be keyed")
+        sim.start(1, tone(700, 1.0, -12))  # B's receiver hears something while it transmits
+        wait_for(lambda: sim.frame > start + int(2.5 * RATE), 5, "the over to end")
+        return start
+
+    start = drive(gw, scenario)
+    to_a = sim.recorded(0, since=start)
+    to_b = sim.recorded(1, since=start)
+    assert band_db(to_b, 1000) > -20, "radio B did not get A's audio"
+    # B's receiver got a -12 dBFS tone; even 30 dB of it coming back would show.
+    assert band_db(to_b, 700) < -42, "radio B's own audio came back to it"
+    assert band_db(to_a, 700) < -60, "radio B's receiver was passed on while it was transmitting"
+
+
+def test_transmit_tot_drops_ptt_and_audio_while_the_talker_goes_on(jack_server, radio_sim,
+                                                                   tmp_path):  # fmt: skip
+    hid = tmp_path / "hidraw_b"
+    hid.touch()
+    b = radio(str(hid), 'tx_tot = "1s"')
+    gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": b}))
+    sim = radio_sim(2)
+    connect(sim, jack_server, 2)
+    signal = tone(1000, 2.5, -12)
+
+    def scenario():
+        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        start = sim.start(0, signal)
+        wait_for(lambda: hid_keyed(hid) is True, 3, "radio B's PTT")
+        wait_for(lambda: hid_keyed(hid) is False, 3, "the transmit TOT")
+        assert sim.frame < start + len(signal), "PTT dropped only when the talker stopped"
+        wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 5, "the over to end")
+        return start
+
+    start = drive(gw, scenario)
+    stats = gw.ports["radio_b"].stats()
+    assert stats["tot_trips"] == 1
+    assert abs(stats["tx_seconds"] - 1.0) < 0.05
+    heard = sim.recorded(1, since=start)
+    # Keyed at t, audio through the card a few ms later, muted at the trip: about 1 s.
+    assert 0.8 < audible_seconds(heard) < 1.05, "audio went on after the TOT"
