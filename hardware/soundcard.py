@@ -42,6 +42,7 @@ DEADBAND_S = 0.0015
 WIDEN_STEP_S = 0.001
 WIDEN_MAX_S = 0.020
 TRIM_S = 0.010  # a low-water mark this far above target (a stall, a burst) is cut at once
+STALE_S = 0.1  # received audio older than this after a stall is dropped at once
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 30.0
 
@@ -310,6 +311,11 @@ class SoundCard:
         n = self.n
         target = round(self.rx_control.target * self.rate)
         level = len(self.rx_buf)
+        if level > n + target + STALE_S * self.rate:  # the engine stalled: drop stale audio now
+            cut = level - n - target
+            self.rx_buf = self.rx_buf[cut:]
+            self.counts["dropped_samples"] += cut
+            level -= cut
         if self.rx_priming:
             if level < n + target:
                 return None

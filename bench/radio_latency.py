@@ -1,0 +1,234 @@
+"""Radio→radio latency, squelch-open → audio, and clock drift, through real sound-card ports.
+
+    .venv/bin/python bench/radio_latency.py                     # both periods, 10-minute drift run
+    .venv/bin/python bench/radio_latency.py --drift-minutes 2   # shorter drift run
+    .venv/bin/python bench/radio_latency.py --periods 256 --bursts 10
+
+For each JACK dummy period (48 kHz) this starts its own uniquely named jackd, then:
+
+1. *server baseline*: a PortAudio pass-through stream (input copied to output in the
+   callback) — the audio server's own buffering, which the budget excludes;
+2. *radio→radio*: a real Gateway with two soundcard ports on its real clock; a JACK
+   client plays radio A a tone burst ending in a 100 ms chirp, records radio B, and
+   finds the chirp by cross-correlation. Added = measured − baseline (p50, p99);
+3. *squelch-open → audio*: in the same bursts, the VOX squelch is shut before each;
+   the burst's onset at B minus its onset at A, minus the steady (chirp) delay, is what
+   opening the squelch costs beyond the path;
+4. *drift*: the gateway runs ``--drift-minutes`` with a steady tone; reported are the
+   drift-control ratios, FIFO levels, underruns, samples dropped and the chirp delay
+   at the start and the end (a FIFO that grows shows as a delay that grows).
+
+Figures on a shared 2-core machine are noisy: look at medians, and at xruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.hardware.jackradio import (  # noqa: E402
+    RATE,
+    RadioSim,
+    chirp,
+    delay_of,
+    gateway_streams,
+    portaudio_off,
+    portaudio_on,
+    site_toml,
+    start_jackd,
+    stop_jackd,
+    tone,
+)
+
+RADIO = """
+kind = "soundcard"
+device = "system"
+host_api = "JACK"
+ptt_hang_time = "100ms"
+squelch = { type = "vox", threshold_dbfs = -45, hang = "100ms" }
+"""
+
+
+def onset(x: np.ndarray, threshold_db: float = -30.0, step: int = 48) -> int | None:
+    """First 1 ms block above the threshold."""
+    blocks = x[: len(x) - len(x) % step].reshape(-1, step)
+    rms = np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1))
+    loud = np.flatnonzero(20 * np.log10(np.maximum(rms, 1e-9)) > threshold_db)
+    return int(loud[0]) * step if loud.size else None
+
+
+def baseline(server: str, bursts: int) -> list[float]:
+    """Delay of a PortAudio callback pass-through: the audio server's own buffering."""
+    import sounddevice as sd
+
+    def copy(indata, outdata, frames, t, status):
+        outdata[:] = indata
+
+    stream = sd.Stream(device=0, samplerate=RATE, channels=1, blocksize=0, latency="low",
+                       callback=copy, dtype="float32")  # fmt: skip
+    stream.start()
+    sim = RadioSim(server, 1, seconds=bursts * 0.5 + 5)
+    sim.connect(0, gateway_streams(server)[-1])
+    probe = chirp(500, 3000, 0.1, -12)
+    delays = []
+    try:
+        for _ in range(bursts):
+            at = sim.start(0, probe)
+            while sim.frame < at + len(probe) + RATE // 5:
+                time.sleep(0.01)
+            lag, coef = delay_of(probe, sim.recorded(0, since=at))
+            if coef > 0.7:
+                delays.append(lag / RATE)
+    finally:
+        sim.close()
+        stream.close()
+    return delays
+
+
+def through_gateway(server: str, bursts: int, drift_seconds: float, tmp: Path) -> dict:
+    import gateway.site  # noqa: F401
+    from gateway.app import Gateway
+    from gateway.config import load_config
+
+    path = tmp / "site.toml"
+    path.write_text(site_toml({"radio_a": RADIO, "radio_b": RADIO}))
+    gw = Gateway(load_config(path))
+    sim = RadioSim(server, 2, seconds=bursts * 1.2 + drift_seconds + 30)
+    for radio, stream in enumerate(gateway_streams(server)[-2:]):
+        sim.connect(radio, stream)
+    probe = chirp(500, 3000, 0.1, -12)
+    burst = np.concatenate([tone(1000, 0.3, -12), probe])
+    out: dict = {"delay": [], "squelch": [], "bad": 0}
+
+    def measure_burst() -> tuple[float, float] | None:
+        at = sim.start(0, burst)
+        while sim.frame < at + len(burst) + RATE // 3:
+            time.sleep(0.01)
+        heard = sim.recorded(1, since=at)
+        lag, coef = delay_of(probe, heard)
+        first = onset(heard)
+        if coef < 0.7 or first is None:
+            out["bad"] += 1
+            return None
+        steady = (lag - (len(burst) - len(probe))) / RATE
+        return steady, first / RATE - steady
+
+    def scenario() -> None:
+        t0 = time.monotonic()
+        while gw.engine.tick_count < 100 and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        time.sleep(1.0)  # let the drift control settle its first windows
+        for _ in range(bursts):
+            got = measure_burst()
+            if got:
+                out["delay"].append(got[0])
+                out["squelch"].append(got[1])
+            time.sleep(0.3)  # squelch closes (hang 100 ms) before the next burst
+        if drift_seconds:
+            first = measure_burst()
+            start = time.monotonic()
+            sim.start(0, tone(1000, 1.0, -12), loop=True)
+            samples = []
+            while time.monotonic() - start < drift_seconds:
+                time.sleep(1.0)
+                a, b = gw.ports["radio_a"].card.stats(), gw.ports["radio_b"].card.stats()
+                samples.append((a["rx_ratio_ppm"], b["tx_ratio_ppm"], a["rx_buffer_seconds"],
+                                b["tx_buffer_seconds"]))  # fmt: skip
+            sim.silence(0)
+            time.sleep(0.5)
+            last = measure_burst()
+            out["drift"] = {"seconds": time.monotonic() - start, "samples": samples,
+                            "first": first, "last": last}  # fmt: skip
+        out["stats_a"] = gw.ports["radio_a"].card.stats()
+        out["stats_b"] = gw.ports["radio_b"].card.stats()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        run = asyncio.create_task(gw.run())
+        try:
+            await loop.run_in_executor(None, scenario)
+        finally:
+            gw.stop()
+            await run
+
+    try:
+        asyncio.run(main())
+    finally:
+        sim.close()
+    return out
+
+
+def dropped(res: dict) -> float:
+    return res["stats_a"]["dropped_samples"] + res["stats_b"]["dropped_samples"]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000 if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--periods", type=int, nargs="+", default=[256, 960])
+    parser.add_argument("--bursts", type=int, default=20)
+    parser.add_argument("--drift-minutes", type=float, default=10.0)
+    args = parser.parse_args()
+    rows = []
+    drift_rows = []
+    for period in args.periods:
+        server = f"blbench{os.getpid()}p{period}"
+        jackd = start_jackd(server, period=period)
+        try:
+            portaudio_on(server)
+            base = baseline(server, args.bursts)
+            with tempfile.TemporaryDirectory() as tmp:
+                res = through_gateway(server, args.bursts, args.drift_minutes * 60, Path(tmp))
+        finally:
+            portaudio_off()
+            stop_jackd(jackd)
+        b = statistics.median(base) if base else float("nan")
+        added = [d - b for d in res["delay"]]
+        rows.append((period, b * 1000, pct(res["delay"], 50), pct(added, 50), pct(added, 99),
+                     pct(res["squelch"], 50), pct(res["squelch"], 99), len(res["delay"]),
+                     res["bad"], res["stats_a"]["xruns"] + res["stats_b"]["xruns"],
+                     res["stats_a"]["rx_underruns"] + res["stats_b"]["tx_underruns"]))  # fmt: skip
+        if "drift" in res:
+            d = res["drift"]
+            s = np.array(d["samples"]) if d["samples"] else np.zeros((1, 4))
+            drift_rows.append((period, d["seconds"] / 60, np.median(s[:, 0]), np.median(s[:, 1]),
+                               s[:, 2].min() * 1000, s[:, 2].max() * 1000, s[:, 3].min() * 1000,
+                               s[:, 3].max() * 1000,
+                               (d["first"] or (float("nan"),))[0] * 1000,
+                               (d["last"] or (float("nan"),))[0] * 1000,
+                               dropped(res)))  # fmt: skip
+    print("\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine 20 ms frames, 16 kHz)")
+    print(f"{'period':>6} {'server ms':>9} {'total p50':>9} {'added p50':>9} {'added p99':>9} "
+          f"{'sq→audio p50':>12} {'p99':>6} {'bursts':>6} {'bad':>4} {'xruns':>5} {'underruns':>9}")
+    for r in rows:
+        print(f"{r[0]:>6} {r[1]:>9.1f} {r[2]:>9.1f} {r[3]:>9.1f} {r[4]:>9.1f} {r[5]:>12.1f} "
+              f"{r[6]:>6.1f} {r[7]:>6} {r[8]:>4} {r[9]:>5.0f} {r[10]:>9.0f}")
+    print("  added = total − server baseline (a PortAudio pass-through on the same server);")
+    print("  sq→audio = onset delay of a burst after a shut squelch, beyond the steady delay.")
+    if drift_rows:
+        print("\nClock drift (steady tone through A→B)")
+        print(f"{'period':>6} {'minutes':>7} {'rx ppm':>7} {'tx ppm':>7} {'rx buf ms':>11} "
+              f"{'tx buf ms':>11} {'delay start':>11} {'delay end':>9} {'dropped':>8}")
+        for r in drift_rows:
+            print(f"{r[0]:>6} {r[1]:>7.1f} {r[2]:>7.1f} {r[3]:>7.1f} {r[4]:>5.1f}–{r[5]:<5.1f} "
+                  f"{r[6]:>5.1f}–{r[7]:<5.1f} {r[8]:>11.1f} {r[9]:>9.1f} {r[10]:>8.0f}")
+        print("  ppm = median drift-control ratio; buffers = min–max over the run (1 s samples).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
