@@ -212,8 +212,14 @@ class SoundcardPort(Port):
     def _card_spec(self) -> CardSpec:
         cfg = self.cfg
         needs_in, needs_out = cfg.input_channel, cfg.output_channel
-        first = find_card(cfg.device, cfg.host_api, needs_in, needs_out)
-        rate = cfg.sample_rate or int(first.default_rate)
+        try:
+            rate = cfg.sample_rate or int(find_card(cfg.device, cfg.host_api, needs_in,
+                                                    needs_out).default_rate)  # fmt: skip
+        except LookupError as exc:
+            if cfg.sample_rate is None:
+                raise  # nothing to go on: name the cards that exist
+            log.error("%s: %s", self.name, exc)  # start down; reopened when the card appears
+            rate = cfg.sample_rate
         return CardSpec(
             resolve=lambda: find_card(cfg.device, cfg.host_api, needs_in, needs_out).index,
             device_rate=rate,
