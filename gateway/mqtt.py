@@ -137,6 +137,7 @@ class MqttService:
     async def start(self) -> None:
         """Begin connecting in the background: the gateway never waits for the broker."""
         self._password = self._read_password()
+        self._ports = {p.name for p in self.gateway.engine.ports}  # later arrivals are "joined"
         self.gateway.engine.listeners.append(self.on_event)
         self._task = asyncio.create_task(self._run(), name="mqtt")
         log.info(
