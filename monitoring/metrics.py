@@ -96,7 +96,29 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "Failed SIP REGISTER attempts",
         "account",
     ),
+    "sip_calls_active": ("sip_calls_active", "gauge", "SIP calls up now", None),
+    "sip_calls_total": ("sip_calls_total", "counter", "SIP calls answered or placed", None),
+    "sip_calls_rejected": ("sip_calls_rejected_total", "counter", "SIP calls refused", None),
+    "sip_messages_malformed": (
+        "sip_messages_malformed_total",
+        "counter",
+        "Malformed SIP messages dropped",
+        None,
+    ),
     "console_sessions": ("console_sessions", "gauge", "Open dispatcher console sessions", None),
+    "console_seats": ("console_seats", "gauge", "Console positions joined to talkgroups", None),
+    "console_shared_encodes": (
+        "console_opus_encodes_total",
+        "counter",
+        "Opus encodes for console listeners",
+        None,
+    ),
+    "console_shared_reuses": (
+        "console_opus_shared_total",
+        "counter",
+        "Console listeners served a shared encode",
+        None,
+    ),
     "console_logins": ("console_logins_total", "counter", "Console logins accepted", None),
     "console_login_failures": ("console_login_failures_total", "counter", "Logins refused", None),
     "mqtt_connected": ("mqtt_connected", "gauge", "1 while connected to the MQTT broker", None),
@@ -405,10 +427,7 @@ class SiteMetrics:
 
 
 def service_reports(gateway: Gateway) -> list[dict[str, Any]]:
-    """``stats()`` of every service (and the SIP/console objects the gateway carries).
-
-    Services without ``stats()`` are read through :func:`_adapt` at this seam.
-    """
+    """``stats()`` of every service and of the SIP/console objects the gateway carries."""
     reports: list[dict[str, Any]] = []
     seen: set[int] = set()
     names = ("sip", "console", "mqtt", "audit")
@@ -418,36 +437,13 @@ def service_reports(gateway: Gateway) -> list[dict[str, Any]]:
         seen.add(id(obj))
         try:
             stats = getattr(obj, "stats", None)
-            report = dict(stats()) if callable(stats) else _adapt(obj)
+            report = dict(stats()) if callable(stats) else {}
         except Exception:  # a broken stats() must not break the scrape
             log.exception("stats() of %r failed", obj)
             continue
         if report:
             reports.append(report)
     return reports
-
-
-def _adapt(obj: Any) -> dict[str, Any]:
-    """Well-known keys from the SIP service and console hub as they are today.
-
-    They keep their state as ``registrations`` ({account: Registration with a
-    ``registered`` asyncio.Event and ``failures``}) and ``sessions.by_token``; a
-    ``stats()`` method on them, when it comes, takes precedence.
-    """
-    report: dict[str, Any] = {}
-    registrations = getattr(obj, "registrations", None)
-    if isinstance(registrations, dict):
-        report["sip_registered"] = {
-            name: float(reg.registered.is_set()) for name, reg in registrations.items()
-            if hasattr(getattr(reg, "registered", None), "is_set")
-        }  # fmt: skip
-        report["sip_registration_failures"] = {
-            name: float(getattr(reg, "failures", 0)) for name, reg in registrations.items()
-        }
-    sessions = getattr(getattr(obj, "sessions", None), "by_token", None)
-    if isinstance(sessions, dict):
-        report["console_sessions"] = len(sessions)
-    return report
 
 
 class Family:
