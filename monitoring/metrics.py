@@ -80,6 +80,24 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
         "counter",
         "Seconds the device was keyed",
     ),
+    # sound-card radios (hardware/): the card, the keyer and the squelch detector
+    "squelch_openings": ("radio_squelch_openings_total", "counter", "Times the squelch opened"),
+    "ptt_keyups": ("radio_ptt_keyups_total", "counter", "Times the keyer keyed the radio"),
+    "tot_trips": ("radio_transmit_tot_trips_total", "counter", "Keyer transmit TOT trips"),
+    "watchdog_trips": ("radio_ptt_watchdog_trips_total", "counter", "Keyer watchdog trips"),
+    "xruns": ("radio_xruns_total", "counter", "Sound card over/underruns seen by PortAudio"),
+    "rx_underruns": ("radio_rx_underruns_total", "counter", "Ticks the card had no audio ready"),
+    "tx_underruns": ("radio_tx_underruns_total", "counter", "Times the card ran out of TX audio"),
+    "dropped_samples": (
+        "radio_dropped_samples_total",
+        "counter",
+        "Samples dropped by drift control",
+    ),
+    "reopens": ("radio_device_reopens_total", "counter", "Times a lost sound card came back"),
+    "rx_ratio_ppm": ("radio_rx_drift_ppm", "gauge", "Receive resampling correction (card drift)"),
+    "tx_ratio_ppm": ("radio_tx_drift_ppm", "gauge", "Transmit resampling correction (card drift)"),
+    "rx_buffer_seconds": ("radio_rx_buffer_seconds", "gauge", "Audio waiting in the receive FIFO"),
+    "tx_buffer_seconds": ("radio_tx_buffer_seconds", "gauge", "Audio waiting in the transmit FIFO"),
 }
 
 # service.stats() key → (metric name without prefix, type, help, label or None).

@@ -69,6 +69,10 @@ def exported_names(tmp_path: Path) -> set[str]:
             return (await http_get(gw, "/metrics"))[1]
 
     text = asyncio.run(scrape())
+    promtool = require_binary("promtool")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stderr
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
     # Service families appear when their service runs (MQTT, SIP, console): by contract.
     names |= {PREFIX_NAME(name) for name, *_ in SERVICE_STATS.values()}
