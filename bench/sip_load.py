@@ -396,6 +396,62 @@ def jitter_buffer_alone(jitter_ms: float, loss: float, seconds: float = 60.0, se
     return waited, beyond, bank.packets_late[0], int(bank.concealed[0]), int(lost.sum())
 
 
+def components(count: int, frames: int = 250) -> dict[str, float]:
+    """CPU µs per leg per frame of each SIP media step, in this process, real sockets.
+
+    Packets are sent from here first (not timed), then each step of the bank is
+    timed with the process CPU clock: reading (recvmsg + checks + jitter queue),
+    playout (jitter buffer + decode + 8→16 kHz + VOX), send (16→8 kHz + encode +
+    headers + sendto). The engine's own per-port cost is in bench/run.py.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from gateway.sip.bank import LegBank, LegMedia
+
+    threadpool_limits(limits=1, user_api="blas")  # as the SIP service does in the gateway
+    bank = LegBank(16000, 320, FRAME_S, capacity=count)
+    peers = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        bank.add(LegMedia(sock=sock, payload_type=0, dtmf_type=101, remote=peer.getsockname()))
+        peers.append((peer, sock.getsockname()))
+    tone, _, _ = ulaw_frames()
+    header = struct.Struct("!BBHII")
+    packet = bytearray(12 + 160)
+    packet[12:] = tone
+    spent = {"read": 0.0, "playout": 0.0, "send": 0.0}
+    start = time.monotonic()
+    for k in range(frames):
+        for i, (peer, address) in enumerate(peers):
+            header.pack_into(packet, 0, 0x80, 0, k & 0xFFFF, k * 160, i)
+            peer.sendto(packet, address)
+        t0 = time.process_time()
+        for row in range(count):
+            bank._readable(row)
+        t1 = time.process_time()
+        bank._t0 = None  # ticks here are not paced: keep the ideal clock on the wall clock
+        bank.receive()
+        bank.tx[bank.active] = 0.1
+        bank.tx_has[bank.active] = True
+        t2 = time.process_time()
+        bank.send()
+        t3 = time.process_time()
+        if k >= 20:
+            spent["read"] += t1 - t0
+            spent["playout"] += t2 - t1
+            spent["send"] += t3 - t2
+        next_tick = start + (k + 1) * FRAME_S
+        time.sleep(max(0.0, next_tick - time.monotonic()))
+    bank.close()
+    for peer, _ in peers:
+        peer.close()
+    return {name: value / ((frames - 20) * count) * 1e6 for name, value in spent.items()}
+
+
 def pct(values: np.ndarray, q: float) -> str:
     return f"{np.percentile(values, q):6.1f}" if len(values) else "   n/a"
 
@@ -405,14 +461,28 @@ def main() -> int:
     parser.add_argument("--legs", type=int, nargs="*", default=[250, 500, 750, 1000])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--components", type=int, nargs="*", default=[100, 300, 750])
     args = parser.parse_args()
     if args.quick:
-        args.legs, args.seconds = [100], 3.0
+        args.legs, args.seconds, args.components = [100], 3.0, [100]
     ctx = mp.get_context("spawn")
     print(
         f"SIP media bench on {os.cpu_count()} cores, {args.seconds:g} s windows, 20 ms frames, "
         "gateway in its own process (uvloop), generator here"
     )
+
+    if args.components:
+        print(
+            "\nSIP media steps alone, CPU µs per leg per frame (this process, real sockets; "
+            "the engine's per-port cost is in bench/run.py)"
+        )
+        print(f"{'legs':>6}{'read':>8}{'playout':>9}{'send':>8}{'total':>8}{'load avg':>10}")
+        for count in args.components:
+            cost = components(count)
+            print(
+                f"{count:>6}{cost['read']:>8.1f}{cost['playout']:>9.1f}{cost['send']:>8.1f}"
+                f"{sum(cost.values()):>8.1f}{os.getloadavg()[0]:>10.1f}"
+            )
 
     print(
         "\nJitter buffer alone: the real JitterBank fed simulated arrivals, 8 tick phases × 12 s "
