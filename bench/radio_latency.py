@@ -56,6 +56,8 @@ kind = "soundcard"
 device = "system"
 host_api = "JACK"
 ptt_hang_time = "100ms"
+tot = 0      # the drift run is one long over: no talker time-out
+tx_tot = 0   # …and no transmit time-out
 squelch = { type = "vox", threshold_dbfs = -45, hang = "100ms" }
 """
 

@@ -112,7 +112,7 @@ class DriftControl:
     the margin allowed for), and the extra melts away at 1 ms a minute.
     """
 
-    def __init__(self, target: float, tau: float = 8.0, ti: float = 60.0, max_ppm: float = 500.0):
+    def __init__(self, target: float, tau: float = 8.0, ti: float = 15.0, max_ppm: float = 500.0):
         self.target, self.tau, self.ti = target, tau, ti
         self.base = target
         self.limit = max_ppm * 1e-6
@@ -130,11 +130,13 @@ class DriftControl:
     def update(self, low_water: float, dt: float) -> float:
         """New output/input ratio from this window's low-water mark (seconds)."""
         error = low_water - self.target
-        # Within the deadband the low-water mark is jitter, not drift: leave the ratio alone
-        # (every change of ratio bends the audio's timing a little).
-        error = float(np.sign(error)) * max(0.0, abs(error) - DEADBAND_S)
+        # The integral learns the steady drift from the raw error; the proportional part
+        # ignores errors within the deadband, which are jitter, not drift (every change of
+        # ratio bends the audio's timing a little).
         self.integral = float(np.clip(self.integral + error * dt / self.ti, -self.limit * self.tau,
                                       self.limit * self.tau))  # fmt: skip
+        deadband = min(DEADBAND_S, self.target / 2)  # never let jitter eat the whole margin
+        error = float(np.sign(error)) * max(0.0, abs(error) - deadband)
         step = float(np.clip((error + self.integral) / self.tau, -self.limit, self.limit))
         self.ratio = 1.0 - step
         return self.ratio
