@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .goertzel import BinBank
 from .tones import DTMF_COLS, DTMF_KEYS, DTMF_ROWS
 
 _BLOCK_S = 0.01325
@@ -44,6 +45,7 @@ _BLOCKS_DOWN = 4
 _BLOCKS_UP = 4
 # Only 2 x 941 Hz = 1882 Hz is clear of the column tones (see module docstring).
 _ROW_HARMONIC_RESOLVABLE = np.array([False, False, False, True])
+_KEY_GRID = np.array([list(keys) for keys in DTMF_KEYS])
 
 
 class DtmfDetector:
@@ -67,8 +69,8 @@ class DtmfDetector:
         self._n = 2 * self._hop
         freqs = np.array(DTMF_ROWS + DTMF_COLS)
         freqs = np.concatenate([freqs, 2 * freqs])
-        n = np.arange(self._n)[:, None]
-        self._basis = np.exp(-2j * np.pi * freqs[None, :] * n / self.rate)
+        self._bank = BinBank(freqs, self._hop, self.rate)
+        self._shift = np.exp(-2j * np.pi * freqs * self._hop / self.rate)
         self._min_power = 10 ** (min_level_dbfs / 10)  # mean square of a tone at that RMS
         self._normal_twist = 10 ** (normal_twist_db / 10)
         self._reverse_twist = 10 ** (reverse_twist_db / 10)
@@ -95,32 +97,41 @@ class DtmfDetector:
 
     def feed(self, frame: np.ndarray) -> list[str]:
         """Consume a frame; return keys whose press was confirmed within it, in order."""
-        self._buf = np.concatenate((self._buf, np.asarray(frame, dtype=np.float32).ravel()))
-        count = (len(self._buf) - self._n) // self._hop + 1
+        buf = np.concatenate((self._buf, np.asarray(frame, dtype=np.float32).ravel()))
+        count = (len(buf) - self._n) // self._hop + 1
         if count <= 0:
+            self._buf = buf
             return []
-        windows = np.lib.stride_tricks.sliding_window_view(self._buf, self._n)[:: self._hop]
-        blocks = windows[:count].astype(np.float64)
-        self._buf = self._buf[count * self._hop :]
-        keys, powers = self._classify(blocks)
+        # Blocks overlap by half, so analyse half-blocks once and combine neighbours.
+        halves = buf[: (count + 1) * self._hop].reshape(count + 1, self._hop).astype(np.float64)
+        self._buf = buf[count * self._hop :]
+        energy = np.einsum("ij,ij->i", halves, halves)
+        total = (energy[:-1] + energy[1:]) / self._n
+        if 2.0 * float(total.max()) < self._min_power:
+            # No tone can reach the threshold (single-bin power ≤ 2 × mean square): idle leg.
+            keys, ok, powers = [""] * count, np.zeros(count, bool), np.zeros(count)
+        else:
+            h = self._bank(halves)
+            keys, ok, powers = self._classify(h[:-1] + h[1:] * self._shift, total)
         events: list[str] = []
-        for key, power in zip(keys, powers, strict=True):  # a few blocks per frame
-            pressed = self._step(key or None, float(power))
+        for key, good, power in zip(keys, ok, powers, strict=True):  # a few blocks per frame
+            pressed = self._step(str(key) if good else None, float(power))
             if pressed:
                 events.append(pressed)
         return events
 
-    def _classify(self, blocks: np.ndarray) -> tuple[list[str], np.ndarray]:
-        """Per block: the candidate key ('' if none) and its tone power (row + column)."""
-        spec = np.abs(blocks @ self._basis) ** 2 * (2.0 / self._n**2)
+    def _classify(
+        self, values: np.ndarray, total: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per block: strongest key, whether it passes every check, and its tone power."""
+        spec = self._bank.power(values) / 4.0  # values span two half-blocks: (2·hop)² norm
         rows, cols, harm = spec[:, :4], spec[:, 4:8], spec[:, 8:]
         r = np.argmax(rows, axis=1)
         c = np.argmax(cols, axis=1)
-        idx = np.arange(len(blocks))
+        idx = np.arange(len(spec))
         pr, pc = rows[idx, r], cols[idx, c]
         other_r = np.sort(rows, axis=1)[:, -2]
         other_c = np.sort(cols, axis=1)[:, -2]
-        total = np.mean(blocks**2, axis=1)
         ok = (
             (pr >= self._min_power)
             & (pc >= self._min_power)
@@ -132,8 +143,7 @@ class DtmfDetector:
             & (harm[idx, 4 + c] <= pc * self._harmonic)
             & ((pr + pc) >= self._energy_ratio * total)
         )
-        keys = [DTMF_KEYS[ri][ci] if good else "" for ri, ci, good in zip(r, c, ok, strict=True)]
-        return keys, pr + pc
+        return _KEY_GRID[r, c], ok, pr + pc
 
     def _step(self, key: str | None, power: float) -> str | None:
         """Advance the Q.24 timing state by one block; return a key on confirmed key-down."""
