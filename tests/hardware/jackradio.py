@@ -109,15 +109,15 @@ class RadioSim:
         self.client.set_process_callback(self._process)
         self.client.activate()
 
-    def connect(self, radio: int, index: int) -> None:
+    def connect(self, radio: int, index: int, client: str = CLIENT) -> None:
         """Wire radio ``radio`` to the gateway's ``index``-th stream (in_N / out_N)."""
         c = self.client
-        for port in c.get_all_connections(f"{CLIENT}:in_{index}"):
-            c.disconnect(port, f"{CLIENT}:in_{index}")
-        for port in c.get_all_connections(f"{CLIENT}:out_{index}"):
-            c.disconnect(f"{CLIENT}:out_{index}", port)
-        c.connect(self.outs[radio], f"{CLIENT}:in_{index}")
-        c.connect(f"{CLIENT}:out_{index}", self.ins[radio])
+        for port in c.get_all_connections(f"{client}:in_{index}"):
+            c.disconnect(port, f"{client}:in_{index}")
+        for port in c.get_all_connections(f"{client}:out_{index}"):
+            c.disconnect(f"{client}:out_{index}", port)
+        c.connect(self.outs[radio], f"{client}:in_{index}")
+        c.connect(f"{client}:out_{index}", self.ins[radio])
 
     def start(self, radio: int, signal: np.ndarray, delay: float = 0.0, loop: bool = False) -> int:
         """Play ``signal`` into the radio's receiver; returns the JACK frame it starts at."""
@@ -193,14 +193,14 @@ def hid_keyed(path: Path, gpio: int = 3) -> bool | None:
 
 
 
-def gateway_streams(server: str) -> list[int]:
+def gateway_streams(server: str, client_name: str = CLIENT) -> list[int]:
     """Indexes N of the gateway's JACK ports in_N, oldest stream first."""
     import jack
 
     os.environ["JACK_DEFAULT_SERVER"] = server
     client = jack.Client(f"lsp{os.getpid()}", no_start_server=True)
     try:
-        names = [p.name for p in client.get_ports(f"^{CLIENT}:in_[0-9]+$")]
+        names = [p.name for p in client.get_ports(f"^{client_name}:in_[0-9]+$")]
     finally:
         client.close()
     return sorted(int(n.rsplit("_", 1)[1]) for n in names)

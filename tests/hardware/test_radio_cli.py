@@ -1,0 +1,71 @@
+"""The installer's commands against a real audio server: `devices` and `levels`."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from gateway.cli import main
+from tests.hardware.jackradio import (
+    RATE,
+    band_db,
+    gateway_streams,
+    hid_keyed,
+    site_toml,
+    steady_db,
+    tone,
+    wait_for,
+)
+
+pytestmark = pytest.mark.jack
+
+
+def test_devices_lists_the_cards_and_the_lines(jack_server, capsys):
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert "system" in out and "JACK Audio Connection Kit" in out
+    assert "48000 Hz" in out
+    assert "PTT / COR lines" in out and "udev" in out
+
+
+def test_levels_meters_the_input_and_sends_a_test_tone(jack_server, radio_sim, tmp_path, capsys):
+    hid = tmp_path / "hidraw0"
+    hid.touch()
+    site = tmp_path / "site.toml"
+    site.write_text(site_toml({"radio": f'''
+kind = "soundcard"
+device = "system"
+host_api = "JACK"
+ptt = {{ type = "cm108", device = "{hid}" }}
+squelch = {{ type = "vox", threshold_dbfs = -30 }}
+'''}))
+    result: dict = {}
+    before = set(gateway_streams(jack_server))
+
+    def run_levels():
+        result["code"] = main(["levels", str(site), "radio", "--seconds", "4", "--plain",
+                               "--tone", "1000", "--tone-level", "-12"])  # fmt: skip
+
+    worker = threading.Thread(target=run_levels)
+    worker.start()
+    try:
+        streams = wait_for(lambda: set(gateway_streams(jack_server)) - before, 15,
+                           "the levels command's stream")  # fmt: skip
+        sim = radio_sim(1)
+        sim.connect(0, max(streams))
+        start = sim.start(0, tone(440, 10.0, -20))
+    finally:
+        worker.join(30)
+    out = capsys.readouterr().out
+    assert result["code"] == 0
+    lines = [line for line in out.splitlines() if line.startswith("in ")]
+    assert lines, out
+    level_in = float(lines[-1].split()[1])
+    assert abs(level_in - (-20.0)) < 1.0, lines[-1]
+    assert "squelch OPEN" in lines[-1] and "PTT ON" in lines[-1]
+    assert "out  -12.0 dBFS" in lines[-1]
+    sent = sim.recorded(0, since=start)
+    sent = sent[RATE // 2 : RATE * 2]
+    assert abs(steady_db(sent) - (-12.0)) < 1.0 and band_db(sent, 1000) > -13
+    assert hid_keyed(hid) is False, "levels left the radio keyed"
