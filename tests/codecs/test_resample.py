@@ -152,3 +152,13 @@ def test_delay_stays_truthful_when_odd_chunks_make_soxr_lag() -> None:
     peak = k + 0.5 * (a - c) / (a - 2 * b + c)
     assert peak - centre * out_rate / in_rate == pytest.approx(delays[call], abs=0.6)
     assert delays[call] > delays[0]  # tiny chunks did make soxr lag past the probe
+
+
+@pytest.mark.parametrize("freq", [300.0, 1000.0, 3400.0])
+def test_low_latency_passes_the_telephone_band(freq: float) -> None:
+    # G.711 audio (300-3400 Hz) upsampled for the 16 kHz engine keeps its level.
+    t = np.arange(8000) / 8000
+    x = (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    rs = StreamResampler(8000, 16000, "LL")
+    y = np.concatenate([rs.process(f) for f in _frames(x, 160)])[1000:-200]
+    assert abs(20 * np.log10(np.sqrt(2 * np.mean(y.astype(np.float64) ** 2)) / 0.5)) < 1.0
