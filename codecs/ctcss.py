@@ -133,8 +133,8 @@ class CtcssDetector:
         hysteresis_db: float = 6.0,
         harmonic_db: float = 10.0,
     ) -> None:
-        if not 60.0 <= tone_hz <= 260.0:
-            raise ValueError("CTCSS tones lie between 67 and 254.1 Hz")
+        if not 30.0 <= tone_hz <= 300.0:  # EIA is 67-254.1 Hz; some fleets use others
+            raise ValueError(f"CTCSS tone must be 30–300 Hz, not {tone_hz:g}")
         self.tone_hz = float(tone_hz)
         lo, hi = _neighbours(self.tone_hz)
         related = self.tone_hz * np.array(_RELATED)

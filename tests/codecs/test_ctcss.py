@@ -142,3 +142,12 @@ def test_subaudible_filter_is_seamless_across_frames() -> None:
     parts = np.concatenate([filt.process(x[i : i + 137]) for i in range(0, len(x), 137)])
     assert parts.dtype == np.float32
     assert np.max(np.abs(whole - parts)) < 1e-6
+
+
+def test_non_eia_tone_is_decoded_too() -> None:
+    # 150.0 Hz is common in some fleets though not in EIA/TIA-603.
+    rate = 8000
+    assert run(CtcssDetector(rate, 150.0), tone(150.0, rate, 1.0), rate)[-1]
+    assert not run(CtcssDetector(rate, 150.0), tone(151.4, rate, 1.0), rate).any()
+    with pytest.raises(ValueError):
+        CtcssDetector(rate, 400.0)
