@@ -229,8 +229,15 @@ class Phone:
     def uri(self) -> str:
         return f"sip:{self.name}@127.0.0.1:{self.port}"
 
-    def start(self, dial: str | None = None, seconds: float = 10.0) -> None:
-        args = [self.binary, "-f", str(self.dir), "-t", str(int(seconds))]
+    def start(self, dial: str | None = None, seconds: float = 10.0, verbose: bool = False) -> None:
+        args = [
+            self.binary,
+            "-f",
+            str(self.dir),
+            "-t",
+            str(int(seconds)),
+            *(["-v"] if verbose else []),
+        ]
         if dial:
             args += ["-e", f"/dial {dial}"]
         out = open(self.log, "ab")  # noqa: SIM115 - closed with the process

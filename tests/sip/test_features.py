@@ -12,7 +12,7 @@ from test_calls import RATE, legs, recorded, site
 FRAME = 320  # engine samples per tick at 16 kHz / 20 ms
 
 
-def test_dtmf_ptt_star_talks_hash_releases(phones, tmp_path):
+def test_dtmf_ptt_star_talks_hash_releases_and_dtmf_is_sent_back(phones, tmp_path):
     phone = phones("ptt", tone(600, 12))
     route = 'ptt = "dtmf"'
     seen: dict[str, int] = {}
@@ -21,7 +21,7 @@ def test_dtmf_ptt_star_talks_hash_releases(phones, tmp_path):
         async with running_gateway(site(tmp_path, None, route=route)) as gw:
             events: list[tuple[str, str, int]] = []
             gw.engine.listeners.append(lambda e: events.append((e.kind, e.port or "", e.tick)))
-            phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=9)
+            phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=9, verbose=True)
             leg = (await until(lambda: legs(gw), 5, "the call"))[0]
             await until(lambda: leg.stats()["packets_in"] > 50, 5, "a second of the phone's audio")
             assert ("talk_start", leg.name) not in [(k, p) for k, p, _ in events], "talked before *"
@@ -38,6 +38,8 @@ def test_dtmf_ptt_star_talks_hash_releases(phones, tmp_path):
             )
             for kind in ("talk_start", "talk_stop"):
                 seen[kind] = next(t for k, p, t in events if (k, p) == (kind, leg.name))
+            leg.send_dtmf("5")  # RFC 4733 the other way: the phone must report the key
+            await until(lambda: "received event: '5' (end=1)" in phone.output(), 3, "phone gets 5")
             await until(lambda: gw.engine.tick_count > seen["talk_stop"] + 50, 3, "1 s after #")
 
     run(scenario())
