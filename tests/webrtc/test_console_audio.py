@@ -1,0 +1,89 @@
+"""The console's audio edge on its own: Opus at 48 kHz both ways, shared encodes, FIFO bounds."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import av
+import numpy as np
+from console_site import fft_peak_hz, rms_dbfs
+from gateway.codecs.tones import ToneGenerator
+
+from gateway.webrtc.audio import Inbound, OpusStream, SharedEncoders, silence_packet
+from gateway.webrtc.server import filter_remote_candidates
+
+RATE, FRAME = 16000, 320
+
+
+def decode(packets: list[bytes]) -> np.ndarray:
+    """A plain libopus decoder, as a browser would run it (48 kHz)."""
+    codec = av.CodecContext.create("libopus", "r")
+    codec.sample_rate = 48000
+    out = []
+    for i, payload in enumerate(packets):
+        packet = av.Packet(payload)
+        packet.pts, packet.time_base = i * 960, Fraction(1, 48000)
+        for frame in codec.decode(packet):
+            data = frame.to_ndarray().reshape(-1)
+            channels = len(frame.layout.channels)
+            mono = data[::channels] if not frame.format.is_planar else frame.to_ndarray()[0]
+            out.append(mono.astype(np.float32) / (32768.0 if mono.dtype == np.int16 else 1.0))
+    return np.concatenate(out)
+
+
+def test_opus_stream_carries_a_tone_at_48k():
+    tone = ToneGenerator([1000.0], RATE, -12.0)
+    stream = OpusStream(RATE, 0.020)
+    packets = [p for _ in range(50) for p in stream.encode(tone.read(FRAME))]
+    assert 48 <= len(packets) <= 50  # one Opus packet per engine frame
+    audio = decode(packets)[4800:]  # skip the codec's start-up
+    assert abs(fft_peak_hz(audio, 48000) - 1000) < 5
+    assert abs(rms_dbfs(audio) - (-12.0)) < 1.5  # the tone generator sets RMS level
+
+
+def test_shared_encode_is_reused_only_for_the_identical_frame():
+    shared = SharedEncoders(RATE, 0.020, 32000)
+    tone = ToneGenerator([700.0], RATE, -12.0)
+    frame = tone.read(FRAME)
+    first = shared.packets("marine", 1, frame)
+    assert shared.packets("marine", 1, frame.copy()) is first  # same mix, same tick: shared
+    assert shared.packets("marine", 1, frame * 0.5) is None  # different mix: own encoder
+    assert shared.packets("marine", 2, frame) is not first  # next tick: encoded again
+    assert (shared.encodes, shared.shares) == (2, 1)
+
+
+def test_silence_packet_decodes_to_silence():
+    packet = silence_packet(0.020)
+    assert len(packet) < 40
+    assert rms_dbfs(decode([packet] * 10)) < -80
+
+
+def test_inbound_resamples_and_never_builds_up_delay():
+    inbound = Inbound(RATE, FRAME, max_frames=3)
+    t = np.arange(960 * 20) / 48000
+    pcm = (0.25 * np.sin(2 * np.pi * 1200 * t) * 32767).astype(np.int16)
+    for i in range(20):  # 400 ms arrive in a burst, nobody reads
+        chunk = np.repeat(pcm[i * 960 : (i + 1) * 960], 2).reshape(1, -1)  # stereo, interleaved
+        frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="stereo")
+        frame.sample_rate = 48000
+        inbound.push(frame)
+    frames = []
+    while (f := inbound.pop()) is not None:
+        frames.append(f)
+    assert len(frames) == 3  # only the newest 60 ms are kept
+    audio = np.concatenate(frames)
+    assert abs(fft_peak_hz(audio, RATE) - 1200) < 30
+    assert inbound.dropped_samples == 20 * FRAME - 3 * FRAME
+
+
+def test_loopback_site_drops_candidates_it_must_not_probe():
+    sdp = "\r\n".join([
+        "v=0",
+        "a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host",
+        "a=candidate:2 1 udp 2122194687 10.1.2.3 50001 typ host",
+        "a=candidate:3 1 udp 2122129151 4f2a.local 50002 typ host",
+        "a=end-of-candidates",
+    ])  # fmt: skip
+    kept = filter_remote_candidates(sdp, loopback_only=True)
+    assert "127.0.0.1" in kept and "10.1.2.3" not in kept and ".local" not in kept
+    assert filter_remote_candidates(sdp, loopback_only=False) == sdp
