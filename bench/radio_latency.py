@@ -204,6 +204,8 @@ def main() -> int:
                      pct(res["squelch"], 50), pct(res["squelch"], 99), len(res["delay"]),
                      res["bad"], res["stats_a"]["xruns"] + res["stats_b"]["xruns"],
                      res["stats_a"]["rx_underruns"] + res["stats_b"]["tx_underruns"]))  # fmt: skip
+        print(f"period {period}: baseline {b * 1000:.1f} ms, delays (ms) "
+              f"{[round(d * 1000, 1) for d in res['delay']]}", flush=True)
         if "drift" in res:
             d = res["drift"]
             s = np.array(d["samples"]) if d["samples"] else np.zeros((1, 4))

@@ -73,7 +73,8 @@ def portaudio_on(server: str) -> None:
     os.environ["JACK_DEFAULT_SERVER"] = server
     import sounddevice as sd
 
-    sd._terminate()
+    while sd._initialized:
+        sd._terminate()
     # PortAudio keeps the pointer, not a copy: the buffer must live as long as the process.
     ctypes.CDLL(sd._libname).PaJack_SetClientName(_CLIENT_NAME)
     sd._initialize()
