@@ -143,7 +143,9 @@ class Gateway:
             clock = asyncio.create_task(self.clock.run(), name="media-clock")
             tasks.append(clock)
             if watch and self.config.source:
-                tasks.append(asyncio.create_task(self._watch(self.config.source)))
+                # Read the file's time now: an edit before the task first runs still counts.
+                since = self.config.source.stat().st_mtime_ns
+                tasks.append(asyncio.create_task(self._watch(self.config.source, since)))
             stop = asyncio.create_task(self._stop.wait())
             tasks.append(stop)
             await asyncio.wait([clock, stop], timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -169,9 +171,8 @@ class Gateway:
         log.info("shutdown: unkeyed %s; closed %d ports", ", ".join(keyed) or "nothing",
                  len(self.engine.ports))  # fmt: skip
 
-    async def _watch(self, path: Path, interval: float = 1.0) -> None:
+    async def _watch(self, path: Path, last: int, interval: float = 1.0) -> None:
         """``run --watch``: reload when the file's modification time changes."""
-        last = path.stat().st_mtime_ns
         while True:
             await asyncio.sleep(interval)
             try:

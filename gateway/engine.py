@@ -86,6 +86,10 @@ class Engine:
         self.busy = busy_tone(self.rate)
         self.health: dict[str, PortHealth] = {}
         self.listeners: list[Callable[[Event], None]] = []
+        # Batch work for whole banks of ports (all SIP legs' decode before the reads,
+        # all their encodes after the writes), so no port pays per-leg overhead.
+        self.before_tick: list[Callable[[], None]] = []
+        self.after_tick: list[Callable[[], None]] = []
         self.talkgroups: dict[str, TalkgroupConfig] = {}
         self.patches: dict[str, PatchConfig] = {}
         self.active_patches: set[str] = set()
@@ -266,6 +270,7 @@ class Engine:
 
     def tick(self) -> None:
         started = time.perf_counter()
+        self._run_hooks(self.before_tick)
         lay = self.layout
         tick = self.tick_count
         frames = self.frames
@@ -321,8 +326,17 @@ class Engine:
         self._talk_events(decision.admitted)
         if decision.events:
             self._floor_events(decision.events)
+        self._run_hooks(self.after_tick)
         self.tick_count += 1
         self.last_tick_seconds = time.perf_counter() - started
+
+    @staticmethod
+    def _run_hooks(hooks: list[Callable[[], None]]) -> None:
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("tick hook %r failed", hook)
 
     def _expire_isolation(self, tick: int) -> dict[str, int]:
         """Ports whose retry time has come are read again (retry after backoff)."""

@@ -139,3 +139,24 @@ def test_faulty_port_is_isolated_and_retried() -> None:
     assert engine.health["bad"].bad_frames == 1
     assert tone_level(b.recent_audio(2), 500) > 0.2
     assert [e.kind for e in events if e.port == "bad"].count("fault") == 2
+
+
+def test_tick_hooks_run_around_the_ports_and_a_failing_one_is_contained() -> None:
+    order: list[str] = []
+
+    class Recording(ScriptedPort):
+        def read(self):
+            order.append("read")
+            return super().read()
+
+    port = Recording("a")
+    engine, _ = site([port, ScriptedPort("b")])
+
+    def broken() -> None:
+        raise RuntimeError("bank decode failed")
+
+    engine.before_tick += [lambda: order.append("before"), broken]
+    engine.after_tick.append(lambda: order.append("after"))
+    run(engine, 2)
+    assert order == ["before", "read", "after"] * 2
+    assert engine.tick_count == 2
