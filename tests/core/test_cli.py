@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 BORDERLINK = [sys.executable, "-m", "gateway.cli"]
 
@@ -54,13 +56,16 @@ def test_check_prints_summary_or_every_error(tmp_path: Path) -> None:
 
 
 class Running:
-    """``borderlink run`` in a child process, read line by line."""
+    """``borderlink run`` in a child process, read line by line; killed if a test fails."""
 
-    def __init__(self, config: Path) -> None:
+    started: list[subprocess.Popen] = []
+
+    def __init__(self, config: Path, *options: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [*BORDERLINK, "run", str(config)], stderr=subprocess.PIPE, text=True, env=env
+            [*BORDERLINK, "run", *options, str(config)], stderr=subprocess.PIPE, text=True, env=env
         )
+        Running.started.append(self.proc)
         self.lines: list[str] = []
 
     def wait_for(self, text: str, timeout: float = 90.0) -> str:
@@ -74,6 +79,16 @@ class Running:
             if text in line:
                 return line
         raise AssertionError(f"{text!r} not seen; got:\n{''.join(self.lines)}")
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans():
+    yield
+    while Running.started:
+        proc = Running.started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def test_sigterm_unkeys_and_exits_cleanly(tmp_path: Path) -> None:
@@ -107,12 +122,7 @@ def test_sighup_reload_refuses_bad_config_and_keeps_running(tmp_path: Path) -> N
 def test_run_watch_applies_an_edited_file(tmp_path: Path) -> None:
     config = tmp_path / "site.toml"
     config.write_text(SITE)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    run = Running.__new__(Running)
-    run.lines = []
-    run.proc = subprocess.Popen(
-        [*BORDERLINK, "run", "--watch", str(config)], stderr=subprocess.PIPE, text=True, env=env
-    )
+    run = Running(config, "--watch")
     run.wait_for("ptt_on radio")
     config.write_text(SITE + '\n[ports.extra]\nkind = "simulated_radio"\n')
     run.wait_for("config applied: 1 added, 0 removed, 0 changed")
