@@ -21,9 +21,16 @@ from gateway.webrtc.passwords import hash_password, verify_password
 COOKIE = "borderlink_session"
 log = logging.getLogger(__name__)
 
-# Verifying against this when the user does not exist keeps the timing the same,
-# so response time does not reveal which operator names exist.
-_DUMMY_HASH = hash_password(secrets.token_hex(8))
+_dummy_hash = ""
+
+
+def _dummy() -> str:
+    """Verified against when the operator does not exist, so the response time does
+    not reveal which operator names exist. Made on first use: scrypt is slow on purpose."""
+    global _dummy_hash
+    if not _dummy_hash:
+        _dummy_hash = hash_password(secrets.token_hex(8))
+    return _dummy_hash
 
 
 @dataclass
@@ -116,7 +123,7 @@ class Sessions:
                        address=address)  # fmt: skip
             return None, wait
         account = self.config.operators.get(operator)
-        ok = verify_password(password, account.password_hash if account else _DUMMY_HASH)
+        ok = verify_password(password, account.password_hash if account else _dummy())
         if not (ok and account):
             self.failures += 1
             locked = self.throttle.failed(keys, now)

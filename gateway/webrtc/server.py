@@ -33,7 +33,6 @@ from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from gateway.engine import Event
-from gateway.web import register_routes
 from gateway.webrtc.audio import SharedEncoders, silence_packet
 from gateway.webrtc.auth import COOKIE, ConsoleAudit, Session, Sessions
 from gateway.webrtc.config import ConsoleConfig
@@ -606,11 +605,8 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-@register_routes
 def install(app: web.Application, gateway: Gateway) -> None:
-    """Serve the console when the site has a ``[console]`` section."""
-    if gateway.config.section("console") is None:
-        return
+    """Serve the console (the site has a ``[console]`` section)."""
     hub = ConsoleHub(gateway)
     app[HUB] = hub
     gateway.console = hub  # type: ignore[attr-defined]
