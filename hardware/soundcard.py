@@ -42,7 +42,8 @@ DEADBAND_S = 0.0015
 WIDEN_STEP_S = 0.001
 WIDEN_MAX_S = 0.020
 TRIM_S = 0.010  # a low-water mark this far above target (a stall, a burst) is cut at once
-STALE_S = 0.1  # received audio older than this after a stall is dropped at once
+STALE_S = 0.03  # received audio this far beyond target after a stall is dropped at once
+STALE_TX_S = 0.03  # likewise for audio queued to the card
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 30.0
 
@@ -313,8 +314,9 @@ class SoundCard:
         n = self.n
         target = round(self.rx_control.target * self.rate)
         level = len(self.rx_buf)
-        if level > n + target + STALE_S * self.rate:  # the engine stalled: drop stale audio now
-            cut = level - n - target
+        period = (self.spec.blocksize or self._period_guess()) * self.rate // dev
+        if level > n + target + period + STALE_S * self.rate:  # engine stalled: drop stale audio
+            cut = level - n - target - period
             self.rx_buf = self.rx_buf[cut:]
             self.counts["dropped_samples"] += cut
             level -= cut
@@ -350,6 +352,13 @@ class SoundCard:
             self.tx.push(np.zeros(max(0, want - self.tx.level), np.float32))
             self.tx_low = math.inf
             self.tx_primed = True
+        else:
+            # Frames bunched up after an engine stall would sit in the FIFO as latency for
+            # seconds: anything 30 ms beyond target + one period is dropped now.
+            period = self.spec.blocksize or self._period_guess()
+            limit = round((self.tx_control.target + self.tx_extra + STALE_TX_S) * dev) + period
+            if self.tx.level > limit:
+                self.counts["dropped_samples"] += self.tx.discard(self.tx.level - limit)
         step = (self.rate / dev) / self.tx_control.ratio
         self.counts["dropped_samples"] += self.tx.push(self.tx_resampler.process(frame, step))
 

@@ -54,8 +54,9 @@ def start_jackd(name: str, rate: int = RATE, period: int = PERIOD) -> subprocess
             if "system:playback_1" in out.stdout:
                 return proc
             time.sleep(0.05)
+        errors = proc.stderr.read().decode(errors="replace")[-600:] if proc.stderr else ""
         stop_jackd(proc)
-    raise RuntimeError(f"jackd -n {name} did not start")
+    raise RuntimeError(f"jackd -n {name} did not start: {errors}")
 
 
 def stop_jackd(proc: subprocess.Popen) -> None:
