@@ -111,4 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m gateway.cli``: this file is then __main__, while other modules
+    # register their commands on ``gateway.cli``; use that one.
+    from gateway.cli import main as registered_main
+
+    sys.exit(registered_main())

@@ -244,7 +244,7 @@ class Engine:
             talkgroup=talkgroup,
         )
         self.mixer.resize(n, keep)
-        self.floor.resize(n, len(groups), keep)
+        self.floor.resize(n, len(groups), keep, group_of)
         self.keying.resize(n, keep)
         self.frames = np.zeros((n, self.frame_samples), np.float32)
         self.admitted = self._carry(getattr(self, "admitted", None), keep, bool)

@@ -49,9 +49,20 @@ class FloorControl:
     def __init__(self) -> None:
         self.resize(0, 0)
 
-    def resize(self, ports: int, groups: int, keep: np.ndarray | None = None) -> None:
-        """New layout; ``keep[i]`` is the old index of new port i (or -1)."""
+    def resize(
+        self,
+        ports: int,
+        groups: int,
+        keep: np.ndarray | None = None,
+        group_of: np.ndarray | None = None,
+    ) -> None:
+        """New layout; ``keep[i]`` is the old index of new port i (or -1).
+
+        A floor holder that is still there keeps the floor in its (possibly new)
+        group, so a call joining or a patch changing does not re-arbitrate.
+        """
         old_run, old_locked = getattr(self, "run", None), getattr(self, "locked", None)
+        old_holder = getattr(self, "holder", np.zeros(0, np.int64))
         self.run = np.zeros(ports, np.int64)
         self.locked = np.zeros(ports, bool)
         if keep is not None and old_run is not None and old_run.size:
@@ -59,6 +70,12 @@ class FloorControl:
             self.run[has_old] = old_run[keep[has_old]]
             self.locked[has_old] = old_locked[keep[has_old]]
         self.holder = np.full(groups, -1, np.int64)
+        if keep is not None and group_of is not None:
+            new_index = {int(old): new for new, old in enumerate(keep.tolist()) if old >= 0}
+            for old in old_holder[old_holder >= 0].tolist():
+                new = new_index.get(old)
+                if new is not None and group_of[new] < groups and self.holder[group_of[new]] < 0:
+                    self.holder[group_of[new]] = new
 
     def update(
         self,

@@ -53,22 +53,31 @@ class Limiter:
     def apply(self, out: np.ndarray, rows: np.ndarray) -> None:
         if rows.size == 0:
             return
-        block = out[rows]
+        every_row = rows.size == len(out)
+        block = out if every_row else out[rows]
         peak = np.maximum(block.max(axis=1), -block.min(axis=1))
         before = self.gain[rows]
         # Most listeners are below threshold at unity gain: leave those rows alone.
-        act = (peak > self.threshold) | (before < 1.0)
-        if not act.any():
+        act = np.flatnonzero((peak > self.threshold) | (before < 1.0))
+        if act.size == 0:
             return
-        rows, block, peak, before = rows[act], block[act], peak[act], before[act]
-        target = np.minimum(1.0, self.threshold / np.maximum(peak, 1e-9)).astype(np.float32)
-        attack = target < before
-        after = np.where(attack, target, np.minimum(target, before * self.release))
-        ramp = np.where(attack[:, None], self.attack_ramp, self.release_ramp)
-        block *= before[:, None] + (after - before)[:, None] * ramp
-        np.clip(block, -1.0, 1.0, out=block)
-        out[rows] = block
-        self.gain[rows] = after
+        target = np.minimum(1.0, self.threshold / np.maximum(peak[act], 1e-9)).astype(np.float32)
+        was = before[act]
+        attack = target < was
+        now = np.where(attack, target, np.minimum(target, was * self.release))
+        self.gain[rows[act]] = now
+        if act.size == len(block) and (attack.all() or not attack.any()):
+            ramp = self.attack_ramp if attack.all() else self.release_ramp
+            block *= was[:, None] + (now - was)[:, None] * ramp  # in place, no gathers
+            np.clip(block, -1.0, 1.0, out=block)
+        else:
+            for sel, ramp in ((attack, self.attack_ramp), (~attack, self.release_ramp)):
+                if sel.any():
+                    at = act[sel]
+                    gains = was[sel, None] + (now - was)[sel, None] * ramp
+                    block[at] = np.clip(block[at] * gains, -1.0, 1.0)
+        if not every_row:
+            out[rows[act]] = block[act]
 
 
 DENSE_LIMIT = 4096  # groups × talkers up to which a dense product beats building a sparse one

@@ -32,6 +32,9 @@ class WebConfig(Model):
     tls_key: Path | None = None
 
 
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
+"""The running Gateway, for route handlers: ``request.app[GATEWAY]``."""
+
 RouteInstaller = Callable[[web.Application, "Gateway"], None]
 ROUTES: list[RouteInstaller] = []
 
@@ -47,7 +50,7 @@ class WebServer:
         self.gateway = gateway
         self.config = config
         self.app = web.Application()
-        self.app["gateway"] = gateway
+        self.app[GATEWAY] = gateway
         for installer in ROUTES:
             installer(self.app, gateway)
         self.runner: web.AppRunner | None = None

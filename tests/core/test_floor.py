@@ -160,3 +160,17 @@ def test_tick_hooks_run_around_the_ports_and_a_failing_one_is_contained() -> Non
     run(engine, 2)
     assert order == ["before", "read", "after"] * 2
     assert engine.tick_count == 2
+
+
+def test_floor_holder_keeps_the_floor_when_a_port_joins() -> None:
+    low, listener = ScriptedPort("low", 500), ScriptedPort("l")
+    engine, events = site([low, listener], floor="single")
+    low.talk = True
+    run(engine, 5)
+    joiner = ScriptedPort("joiner", 700)
+    joiner.talk = True
+    engine.attach(joiner, "tg")  # a call joins, asking for the floor at once
+    run(engine, 10)
+    heard = listener.recent_audio(5)
+    assert tone_level(heard, 500) > 0.2 and tone_level(heard, 700) < 1e-4
+    assert [e.port for e in events if e.kind == "floor_granted"] == ["low"]
