@@ -57,8 +57,18 @@ def summary(config: SiteConfig) -> str:
     return "\n".join(lines)
 
 
+def single_thread_blas() -> None:
+    """Keep BLAS to one thread: the engine's small per-tick matrix products ran 2–10×
+    slower when OpenBLAS woke its thread pool on a 2-core machine shared with the
+    sound-card and network threads."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def run_async(main: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop where available: a third of the timer lateness of asyncio's loop."""
+    single_thread_blas()
     try:
         import uvloop
     except ImportError:
