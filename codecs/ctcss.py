@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from scipy import signal
 
 from .goertzel import BinBank
 
@@ -265,10 +264,13 @@ class SubAudibleFilter:
     """
 
     def __init__(self, rate: int, cutoff_hz: float = 300.0) -> None:
+        from scipy import signal  # imported here: a second of start-up most sites never use
+
+        self._sosfilt = signal.sosfilt
         self._sos = signal.ellip(6, 0.5, 40, cutoff_hz, "highpass", fs=rate, output="sos")
         self._zi = np.zeros((self._sos.shape[0], 2))
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """Filter one frame; state carries over so frame joints are seamless."""
-        y, self._zi = signal.sosfilt(self._sos, np.asarray(x, dtype=np.float64), zi=self._zi)
+        y, self._zi = self._sosfilt(self._sos, np.asarray(x, dtype=np.float64), zi=self._zi)
         return y.astype(np.float32)
