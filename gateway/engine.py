@@ -350,16 +350,18 @@ class Engine:
         if rows.size == 0:
             return
         block = self.frames[rows]
-        broken = ~np.isfinite(block).all(axis=1) | (
-            np.abs(np.nan_to_num(block)).max(axis=1) > OUT_OF_RANGE
-        )
+        # max of |x| is NaN for a row holding NaN, and NaN > 1 is False: test finiteness first.
+        peak = np.maximum(block.max(axis=1), -block.min(axis=1))
+        broken = ~np.isfinite(peak) | (peak > OUT_OF_RANGE)
         for i in rows[broken].tolist():
             self.health[self.ports[i].name].bad_frames += 1
             self._fault(i, "frame has NaN/Inf or is far out of range (|x| > 2)")
             self.frames[i] = 0.0
             raw_talk[i] = False
             has_frame[i] = False
-        np.clip(self.frames, -1.0, 1.0, out=self.frames)
+        hot = rows[(peak > 1.0) & ~broken]  # a little over full scale: clip, keep the port
+        if hot.size:
+            self.frames[hot] = np.clip(self.frames[hot], -1.0, 1.0)
 
     def _apply_keying(self, was: np.ndarray, now: np.ndarray) -> None:
         for i in np.flatnonzero(was != now).tolist():
@@ -415,10 +417,16 @@ class Engine:
         for rows, source, meter in ((np.flatnonzero(has_frame), frames, self.rx_dbfs),
                                     (np.flatnonzero(tx), out, self.tx_dbfs)):  # fmt: skip
             np.maximum(meter - fall, SILENCE_DB, out=meter)
-            if rows.size:
-                rms = np.sqrt(np.mean(np.square(source[rows]), axis=1))
-                level = 20 * np.log10(np.maximum(rms, 1e-6))
-                meter[rows] = np.maximum(meter[rows], level)
+            if rows.size == 0:
+                continue
+            # Energy per row without temporaries; skip the gather when most rows count.
+            if rows.size * 4 > len(source):
+                energy = np.einsum("ij,ij->i", source, source)[rows]
+            else:
+                block = source[rows]
+                energy = np.einsum("ij,ij->i", block, block)
+            level = 10 * np.log10(np.maximum(energy / source.shape[1], 1e-12))
+            meter[rows] = np.maximum(meter[rows], level)
 
     def _talk_events(self, admitted: np.ndarray) -> None:
         changed = np.flatnonzero(admitted != self.admitted)

@@ -174,3 +174,17 @@ def test_floor_holder_keeps_the_floor_when_a_port_joins() -> None:
     heard = listener.recent_audio(5)
     assert tone_level(heard, 500) > 0.2 and tone_level(heard, 700) < 1e-4
     assert [e.port for e in events if e.kind == "floor_granted"] == ["low"]
+
+
+def test_out_of_range_frame_isolates_but_a_hot_one_is_only_clipped() -> None:
+    import numpy as np
+
+    src, listener = ScriptedPort("src", 500), ScriptedPort("l")
+    engine, _ = site([src, listener])
+    src.talk = True
+    src.next_frame = np.full(320, 1.2, np.float32)  # a little hot: clipped to full scale
+    run(engine, 1)
+    assert engine.health["src"].bad_frames == 0 and listener.heard[-1].max() <= 1.0
+    src.next_frame = np.full(320, 3.0, np.float32)  # int16 scale mistakes look like this
+    run(engine, 1)
+    assert engine.health["src"].bad_frames == 1 and "src" in engine.isolated
