@@ -98,13 +98,16 @@ def baseline(server: str, bursts: int) -> list[float]:
     return delays
 
 
-def through_gateway(server: str, bursts: int, drift_seconds: float, tmp: Path) -> dict:
+def through_gateway(
+    server: str, bursts: int, drift_seconds: float, tmp: Path, frame: str = "20ms"
+) -> dict:
     import gateway.site  # noqa: F401
     from gateway.app import Gateway
     from gateway.config import load_config
 
     path = tmp / "site.toml"
-    path.write_text(site_toml({"radio_a": RADIO, "radio_b": RADIO}))
+    timing = f'[timing]\nframe = "{frame}"\n'
+    path.write_text(site_toml({"radio_a": RADIO, "radio_b": RADIO}, extra=timing))
     gw = Gateway(load_config(path))
     sim = RadioSim(server, 2, seconds=bursts * 1.2 + drift_seconds + 30)
     for radio, stream in enumerate(gateway_streams(server)[-2:]):
@@ -184,6 +187,7 @@ def main() -> int:
     parser.add_argument("--periods", type=int, nargs="+", default=[256, 960])
     parser.add_argument("--bursts", type=int, default=20)
     parser.add_argument("--drift-minutes", type=float, default=10.0)
+    parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
     args = parser.parse_args()
     rows = []
     drift_rows = []
@@ -194,7 +198,8 @@ def main() -> int:
             portaudio_on(server)
             base = baseline(server, args.bursts)
             with tempfile.TemporaryDirectory() as tmp:
-                res = through_gateway(server, args.bursts, args.drift_minutes * 60, Path(tmp))
+                res = through_gateway(server, args.bursts, args.drift_minutes * 60, Path(tmp),
+                                      args.frame)  # fmt: skip
         finally:
             portaudio_off()
             stop_jackd(jackd)
@@ -215,7 +220,8 @@ def main() -> int:
                                (d["first"] or (float("nan"),))[0] * 1000,
                                (d["last"] or (float("nan"),))[0] * 1000,
                                dropped(res)))  # fmt: skip
-    print("\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine 20 ms frames, 16 kHz)")
+    print(f"\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine {args.frame} frames, "
+          "16 kHz)")  # fmt: skip
     print(f"{'period':>6} {'server ms':>9} {'total p50':>9} {'added p50':>9} {'added p99':>9} "
           f"{'sq→audio p50':>12} {'p99':>6} {'bursts':>6} {'bad':>4} {'xruns':>5} {'underruns':>9}")
     for r in rows:
