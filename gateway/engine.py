@@ -322,7 +322,7 @@ class Engine:
             except Exception as exc:
                 self._fault(i, f"write failed: {exc!r}")
 
-        self._meter(frames, has_frame, mix.out, has_audio)
+        self._meter(frames, has_frame, mix.out, has_audio & ~busy)  # out rows hold mixes only
         self._talk_events(decision.admitted)
         if decision.events:
             self._floor_events(decision.events)
