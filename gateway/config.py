@@ -131,6 +131,8 @@ class TalkgroupConfig(Model):
     members: list[str] = Field(min_length=1)
     floor: FloorMode = "mix"
     priority: dict[str, int] = {}
+    courtesy_tone: bool = False
+    talk_permit_tone: bool = False
     description: str = ""
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.codecs.tones import busy_tone
+from gateway.codecs.tones import busy_tone, courtesy_tone, talk_permit_tone
 from gateway.config import PatchConfig, TalkgroupConfig, Timing
 from gateway.floor import FloorControl, FloorEvents, Keying
 from gateway.mixer import Mixer
@@ -61,6 +61,8 @@ class Layout:
     groups: list[MixGroup]
     group_of: np.ndarray
     single: np.ndarray
+    courtesy: np.ndarray  # per group: roger beep when a talker lets go
+    talk_permit: np.ndarray  # per port: beeps when this port is given the floor
     half: np.ndarray
     can_talk: np.ndarray
     can_transmit: np.ndarray
@@ -230,6 +232,12 @@ class Engine:
             groups=groups,
             group_of=group_of,
             single=np.array([g.floor == "single" for g in groups], bool),
+            courtesy=np.array(
+                [any(self.talkgroups[t].courtesy_tone for t in g.talkgroups) for g in groups], bool
+            ),
+            talk_permit=np.array(
+                [tg is not None and self.talkgroups[tg].talk_permit_tone for tg in talkgroup], bool
+            ),
             half=np.array([p.half_duplex for p in ports], bool),
             can_talk=np.array([p.can_talk for p in ports], bool),
             can_transmit=np.array(
@@ -253,6 +261,8 @@ class Engine:
         self.rx_dbfs = self._carry(getattr(self, "rx_dbfs", None), keep, np.float32, SILENCE_DB)
         self.tx_dbfs = self._carry(getattr(self, "tx_dbfs", None), keep, np.float32, SILENCE_DB)
         self.denied = np.zeros(n, bool)
+        self.group_tones: dict[int, object] = {}  # group → courtesy tone playing
+        self.port_tones: dict[int, object] = {}  # port → talk-permit tone playing
         for port in ports:
             self.health.setdefault(port.name, PortHealth())
 
@@ -306,6 +316,8 @@ class Engine:
         busy = decision.denied & ~lay.half & lay.can_transmit
         busy_frame = self.busy.read(self.frame_samples) if busy.any() else None
         has_audio = (mix.audible & lay.can_transmit & ~receiving) | busy
+        if self.group_tones or self.port_tones:
+            self._add_tones(mix.out, has_audio, lay.can_transmit & ~receiving & ~busy)
         was_keyed = self.keying.keyed
         keyed = self.keying.update(has_audio, ~lay.can_transmit | receiving, lay.hang_ticks)
         self._apply_keying(was_keyed, keyed)
@@ -329,6 +341,29 @@ class Engine:
         self._run_hooks(self.after_tick)
         self.tick_count += 1
         self.last_tick_seconds = time.perf_counter() - started
+
+    def _add_tones(self, out: np.ndarray, has_audio: np.ndarray, may_hear: np.ndarray) -> None:
+        """Courtesy and talk-permit tones, added on top of what each listener hears."""
+        n = self.frame_samples
+        for group, tone in list(self.group_tones.items()):
+            rows = np.flatnonzero((self.layout.group_of == group) & may_hear)
+            self._add_tone(out, has_audio, rows, tone.read(n))
+            if tone.done:
+                del self.group_tones[group]
+        for port, tone in list(self.port_tones.items()):
+            if may_hear[port]:
+                self._add_tone(out, has_audio, np.array([port]), tone.read(n))
+            if tone.done or not may_hear[port]:
+                del self.port_tones[port]
+
+    @staticmethod
+    def _add_tone(
+        out: np.ndarray, has_audio: np.ndarray, rows: np.ndarray, tone: np.ndarray
+    ) -> None:
+        silent = rows[~has_audio[rows]]
+        out[silent] = 0.0  # rows nobody mixed into this tick hold stale audio
+        out[rows] = np.clip(out[rows] + tone, -1.0, 1.0)
+        has_audio[rows] = True
 
     @staticmethod
     def _run_hooks(hooks: list[Callable[[], None]]) -> None:
@@ -432,11 +467,17 @@ class Engine:
         changed = np.flatnonzero(admitted != self.admitted)
         for i in changed.tolist():
             name, group = self.ports[i].name, self._group_name(i)
+            g = int(self.layout.group_of[i])
             if admitted[i]:
                 self.talk_since[i] = self.tick_count
+                if self.layout.talk_permit[i] and not self.layout.half[i]:
+                    self.port_tones[i] = talk_permit_tone(self.rate)
                 self._emit(Event("talk_start", name, group, tick=self.tick_count))
             else:
                 held = (self.tick_count - self.talk_since[i]) * self.frame_seconds
+                others = admitted & (self.layout.group_of == g)
+                if g < len(self.layout.groups) and self.layout.courtesy[g] and not others.any():
+                    self.group_tones[g] = courtesy_tone(self.rate)
                 self._emit(Event("talk_stop", name, group, seconds=held, tick=self.tick_count))
         self.admitted = admitted
 

@@ -188,3 +188,43 @@ def test_out_of_range_frame_isolates_but_a_hot_one_is_only_clipped() -> None:
     src.next_frame = np.full(320, 3.0, np.float32)  # int16 scale mistakes look like this
     run(engine, 1)
     assert engine.health["src"].bad_frames == 1 and "src" in engine.isolated
+
+
+def test_courtesy_tone_follows_an_over_and_keys_the_listeners() -> None:
+    talker, radio = ScriptedPort("talker", 500), ScriptedPort("radio", duplex="half")
+    engine = Engine(TIMING)
+    tg = TalkgroupConfig(members=["talker", "radio"], courtesy_tone=True)
+    engine.configure([talker, radio], {"tg": tg}, {})
+    talker.talk = True
+    run(engine, 10)
+    talker.talk = False
+    run(engine, 10)
+    beep = radio.recent_audio(10)
+    assert tone_level(beep[:960], 800) > 0.05  # 800 Hz then 1200 Hz, 60 ms each
+    assert tone_level(beep[960:1920], 1200) > 0.05
+    assert tone_level(beep[:1920], 500) < 1e-3  # the talker's audio is over
+    assert radio.keyed  # the beep went out on the air, then hang time
+
+
+def test_talk_permit_tone_tells_a_phone_it_has_the_floor() -> None:
+    phone, radio = ScriptedPort("phone", 500), ScriptedPort("radio", 900, duplex="half")
+    engine = Engine(TIMING)
+    tg = TalkgroupConfig(members=["phone", "radio"], floor="single", talk_permit_tone=True)
+    engine.configure([phone, radio], {"tg": tg}, {})
+    phone.talk = True
+    run(engine, 30)
+    heard = phone.recent_audio(30)
+    assert tone_level(heard[:5120], 1000) > 0.05  # three beeps in the first 300 ms
+    assert tone_level(heard[6400:], 1000) < 1e-3
+    to_radio = radio.recent_audio(30)
+    assert tone_level(to_radio, 500) > 0.2 and tone_level(to_radio, 1000) < 1e-3  # talker only
+
+
+def test_no_tones_unless_configured() -> None:
+    talker, other = ScriptedPort("talker", 500), ScriptedPort("other")
+    engine, _ = site([talker, other])
+    talker.talk = True
+    run(engine, 10)
+    talker.talk = False
+    run(engine, 10)
+    assert all(f is None for f in other.heard[-10:])
