@@ -41,6 +41,31 @@ def register_service(factory: ServiceFactory) -> ServiceFactory:
     return factory
 
 
+def section_service(section: str, missing: str = "") -> Callable[[type], type]:
+    """Class decorator: run ``cls(gateway, config)`` when the site has a ``[section]``.
+
+    The service is kept as ``gateway.<section>`` (None when the section is absent),
+    so other parts find the web server, SIP stack, MQTT client or audit log there.
+    ``missing`` is logged when the section is absent and that deserves a warning.
+    """
+
+    def add(cls: type) -> type:
+        def factory(gateway: Gateway) -> Service | None:
+            config = gateway.config.section(section)
+            if config is None:
+                if missing:
+                    log.warning(missing)
+                return None
+            service = cls(gateway, config)
+            setattr(gateway, section, service)
+            return service
+
+        register_service(factory)
+        return cls
+
+    return add
+
+
 @dataclass
 class ReloadResult:
     ok: bool
@@ -57,6 +82,8 @@ class Gateway:
         self.clock = MediaClock(config.timing.frame, self.engine.tick)
         self.ports: dict[str, Port] = {}
         self.services: list[Service] = []
+        # Set by their services when the config has the section (see section_service).
+        self.web = self.sip = self.mqtt = self.audit = None
         self._stop = asyncio.Event()
         self.engine.listeners.append(_log_event)
         for name, port_config in config.ports.items():

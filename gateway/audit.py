@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from gateway.app import register_service
+from gateway.app import section_service
 from gateway.config import Model, register_section
 from gateway.units import Duration
 
@@ -155,6 +155,9 @@ class AuditFile:
         return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d")
 
 
+@section_service(
+    "audit", missing="no [audit] section: PTT, patch, call and login records are not kept"
+)
 class AuditLog:
     """The service: engine events and run-time ports → audit records."""
 
@@ -297,13 +300,3 @@ def _version() -> str:
 
     return __version__
 
-
-@register_service
-def _audit_service(gateway: Gateway) -> AuditLog | None:
-    config = gateway.config.section("audit")
-    if config is None:
-        log.warning("no [audit] section: PTT, patch, call and login records are not kept")
-        return None
-    audit = AuditLog(gateway, config)
-    gateway.audit = audit  # type: ignore[attr-defined]
-    return audit

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from gateway.app import register_service
+from gateway.app import section_service
 from gateway.config import Model, register_section
 from gateway.units import Duration
 
@@ -111,6 +111,7 @@ class CommandError(Exception):
     """A command that is refused; the message is the reason sent back."""
 
 
+@section_service("mqtt")
 class MqttService:
     def __init__(self, gateway: Gateway, config: MqttConfig) -> None:
         self.gateway = gateway
@@ -501,12 +502,3 @@ class MqttService:
                 "command", via="mqtt", sender=sender[:64], action=what, ok=ok, reason=reason
             )
 
-
-@register_service
-def _mqtt_service(gateway: Gateway) -> MqttService | None:
-    config = gateway.config.section("mqtt")
-    if config is None:
-        return None
-    service = MqttService(gateway, config)
-    gateway.mqtt = service  # type: ignore[attr-defined]
-    return service

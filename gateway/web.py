@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from pydantic import Field
 
-from gateway.app import register_service
+from gateway.app import section_service
 from gateway.config import Model, register_section
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ def register_routes(installer: RouteInstaller) -> RouteInstaller:
     return installer
 
 
+@section_service("web")
 class WebServer:
     def __init__(self, gateway: Gateway, config: WebConfig) -> None:
         self.gateway = gateway
@@ -74,12 +75,3 @@ class WebServer:
         if self.runner is not None:
             await self.runner.cleanup()
 
-
-@register_service
-def _web_service(gateway: Gateway) -> WebServer | None:
-    config = gateway.config.section("web")
-    if config is None:
-        return None
-    server = WebServer(gateway, config)
-    gateway.web = server  # type: ignore[attr-defined]
-    return server

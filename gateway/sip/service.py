@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.app import register_service
+from gateway.app import section_service
 from gateway.sip.bank import LegBank
 from gateway.sip.calls import CallManager
 from gateway.sip.config import SipConfig, split_hostport
@@ -82,6 +82,7 @@ def _guarded(name: str, step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+@section_service("sip")
 class SipService:
     def __init__(self, gateway: Gateway, config: SipConfig) -> None:
         self.gateway = gateway
@@ -176,12 +177,3 @@ class SipService:
         self.transport.close()
         self.bank.close()
 
-
-@register_service
-def _sip_service(gateway: Gateway) -> SipService | None:
-    config = gateway.config.section("sip")
-    if config is None:
-        return None
-    service = SipService(gateway, config)
-    gateway.sip = service  # type: ignore[attr-defined]
-    return service
