@@ -274,6 +274,7 @@ def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
         ports,
         lines,
     ))  # fmt: skip
+    problems.extend(_section_references(sections, set(tables["talkgroups"]), lines))
     if problems:
         raise ConfigError(filename, problems)
     return SiteConfig(site, timing, ports, talkgroups, patches, sections)
@@ -359,6 +360,32 @@ def _cross_check(
                     lines,
                 )
             )
+    return problems
+
+
+def _section_references(
+    sections: dict[str, Model | None],
+    talkgroup_names: set[str],
+    lines: dict[tuple[str, ...], int],
+) -> list[Problem]:
+    """Talkgroup names used by other sections (SIP routes, console operators) must exist.
+
+    A section model opts in with ``talkgroup_references()``, returning (key path inside
+    the section, talkgroup name) pairs. Checking them here means ``borderlink check``
+    and a reload refuse a typo before a service starts and rejects calls with it.
+    """
+    problems: list[Problem] = []
+    for section_name, model in sections.items():
+        references = getattr(model, "talkgroup_references", None)
+        if model is None or references is None:
+            continue
+        for path, name in references():
+            if name not in talkgroup_names:
+                known = ", ".join(sorted(talkgroup_names)) or "none configured"
+                hint = _did_you_mean(name, talkgroup_names) or f" (talkgroups: {known})"
+                problems.append(
+                    _problem((section_name, *path), f"no talkgroup named {name!r}{hint}", lines)
+                )
     return problems
 
 

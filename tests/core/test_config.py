@@ -99,3 +99,22 @@ def test_frame_must_be_10_or_20_ms_and_syntax_errors_have_lines() -> None:
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_sections_name_only_configured_talkgroups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section's talkgroup names are checked like patches', with line and suggestion."""
+    from gateway.config import SECTIONS, Model
+
+    class Routes(Model):
+        numbers: dict[str, str] = {}
+
+        def talkgroup_references(self) -> list[tuple[tuple[str, ...], str]]:
+            return [(("numbers", number), tg) for number, tg in self.numbers.items()]
+
+    monkeypatch.setitem(SECTIONS, "routes", Routes)
+    good = GOOD + '\n[routes]\nnumbers = { "100" = "tg" }\n'
+    assert parse_config(good).section("routes").numbers == {"100": "tg"}
+    (only,) = problems(good.replace('"100" = "tg"', '"100" = "tgg"'))
+    assert "routes.numbers.100" in only and "no talkgroup named 'tgg'" in only
+    line = good.splitlines().index('numbers = { "100" = "tg" }') + 1
+    assert "did you mean 'tg'" in only and only.startswith(f"site.toml:{line}:")
