@@ -129,6 +129,19 @@ class SipConfig(Model):
                 return name, route
         return None
 
+    def talkgroup_references(self) -> list[tuple[tuple[str, ...], str]]:
+        """Every talkgroup this section names, with its key path, for ``parse_config``.
+
+        Why here: the section cannot see the rest of the file, but the config loader
+        can; it reports each unknown name with file:line and a did-you-mean, so
+        ``borderlink check`` and a reload refuse a typo before any call is routed.
+        """
+        references: list[tuple[tuple[str, ...], str]] = []
+        for kind, entries in (("routes", self.routes), ("dial_out", self.dial_out)):
+            for name, entry in entries.items():
+                references.append(((kind, name, "talkgroup"), entry.talkgroup))
+        return references
+
     def check_talkgroups(self, talkgroups: list[str]) -> list[str]:
         """Problems with talkgroup names (the section cannot see the rest of the file)."""
         problems = []
