@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WATCH_ATTACHED_S = 0.25  # how often run-time ports (calls, consoles) are looked for
 
 
 @register_section("audit")
@@ -192,18 +191,21 @@ class AuditLog:
         if all(state == "off" for state in recording.values()):
             log.info("audit log at %s; audio recording is off for every talkgroup", self.file.path)
         self.gateway.engine.listeners.append(self.on_event)
-        self._attached = self._attached_now()
-        self._tasks = [
-            asyncio.create_task(self._watch_attached(), name="audit-attached"),
-            asyncio.create_task(self._sync_loop(), name="audit-sync"),
-        ]
+        engine = self.gateway.engine
+        kinds = {p.name: p.kind for p in engine.ports}
+        self._attached = {  # already on the engine before the audit log started
+            name: (self.now(), kinds.get(name, "port"), tg)
+            for name, (tg, _) in engine.attached.items()
+        }
+        self._tasks = [asyncio.create_task(self._sync_loop(), name="audit-sync")]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(ValueError):
             self.gateway.engine.listeners.remove(self.on_event)
-        self._diff_attached()
+        for name in list(self._attached):  # still on at shutdown: close their records
+            self._left(name)
         self.record("audit_stop")
         self.file.close()
 
@@ -243,6 +245,11 @@ class AuditLog:
             self.record(kind, **fields, by=event.detail.removeprefix("by "))
         elif kind == "fault":
             self.record(kind, **fields, reason=event.detail)
+        elif kind == "joined":
+            self._attached[port] = (now, event.detail or "port", event.talkgroup or "")
+            self.record("joined", port=port, kind=event.detail, talkgroup=event.talkgroup)
+        elif kind == "left":
+            self._left(port)
         else:  # talk_start, ptt_on, floor_granted, tot, and endpoint events
             self.record(kind, **fields)
 
@@ -258,31 +265,10 @@ class AuditLog:
 
     # --- run-time ports (calls, console sessions) --------------------------------------
 
-    def _attached_now(self) -> dict[str, tuple[float, str, str]]:
-        engine = self.gateway.engine
-        kinds = {p.name: p.kind for p in engine.ports}
-        old = self._attached
-        return {
-            name: old.get(name, (self.now(), kinds.get(name, "port"), tg))
-            for name, (tg, _) in engine.attached.items()
-        }
-
-    def _diff_attached(self) -> None:
-        now = self._attached_now()
-        for name, (_, kind, tg) in now.items():
-            if name not in self._attached:
-                self.record("joined", port=name, kind=kind, talkgroup=tg)
-        for name, (since, kind, tg) in self._attached.items():
-            if name not in now:
-                held = round(self.now() - since, 3)
-                self.record("left", port=name, kind=kind, talkgroup=tg,
-                            start=utc_iso(since), duration_seconds=held)  # fmt: skip
-        self._attached = now
-
-    async def _watch_attached(self) -> None:
-        while True:
-            await asyncio.sleep(WATCH_ATTACHED_S)
-            self._diff_attached()
+    def _left(self, name: str) -> None:
+        since, kind, tg = self._attached.pop(name, (self.now(), "port", ""))
+        self.record("left", port=name, kind=kind, talkgroup=tg, start=utc_iso(since),
+                    duration_seconds=round(self.now() - since, 3))  # fmt: skip
 
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -36,12 +36,15 @@ METER_FALL_DB_PER_S = 20.0
 class Event:
     """Something an operator or an auditor wants to know about."""
 
-    kind: str  # talk_start, talk_stop, ptt_on, ptt_off, floor_granted, preempted, tot, fault, patch
+    # talk_start, talk_stop, ptt_on, ptt_off, floor_granted, preempted, tot, fault, patch,
+    # joined, left (a run-time port: a call or a console, attached or detached)
+    kind: str
     port: str | None = None
     group: str | None = None
-    detail: str = ""
-    seconds: float = 0.0  # duration, for *_stop / ptt_off
+    detail: str = ""  # joined/left: the port's kind
+    seconds: float = 0.0  # duration, for *_stop / ptt_off / left
     tick: int = 0
+    talkgroup: str | None = None  # joined/left: the talkgroup, which a left port no longer has
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Engine:
         self.patches: dict[str, PatchConfig] = {}
         self.active_patches: set[str] = set()
         self.attached: dict[str, tuple[str, int]] = {}  # dynamic port → (talkgroup, priority)
+        self._joined_at: dict[str, int] = {}  # dynamic port → tick it joined
         self.tx_inhibit: set[str] = set()
         self.isolated: dict[str, int] = {}  # port → tick its retry is due
         self.last_tick_seconds = 0.0
@@ -152,7 +156,10 @@ class Engine:
         if any(p.name == port.name for p in self.ports):
             raise ValueError(f"a port named {port.name!r} is already on the engine")
         self.attached[port.name] = (talkgroup, priority)
+        self._joined_at[port.name] = self.tick_count
         self._set_layout([*self.ports, port], self.layout.groups)
+        self._emit(Event("joined", port.name, self._group_name(len(self.ports) - 1),
+                         detail=port.kind, tick=self.tick_count, talkgroup=talkgroup))  # fmt: skip
 
     def detach(self, port: Port) -> None:
         """Remove an attached port (call ended); it is unkeyed first."""
@@ -161,8 +168,13 @@ class Engine:
         i = self.ports.index(port)
         if self.keying.keyed[i]:
             self._unkey(i)
-        self.attached.pop(port.name, None)
+        group = self._group_name(i)
+        talkgroup, _ = self.attached.pop(port.name, (None, 0))
+        since = self._joined_at.pop(port.name, self.tick_count)
         self._set_layout([p for p in self.ports if p is not port], self.layout.groups)
+        self._emit(Event("left", port.name, group, detail=port.kind, tick=self.tick_count,
+                         seconds=(self.tick_count - since) * self.frame_seconds,
+                         talkgroup=talkgroup))  # fmt: skip
 
     def set_priority(self, name: str, priority: int) -> None:
         """Change an attached port's floor priority live (a console's emergency call).

@@ -128,7 +128,6 @@ class MqttService:
         self.dropped = 0
         self.commands = {"accepted": 0, "rejected": 0, "unauthorised": 0}
         self._published: dict[str, bytes] = {}  # retained topic → what the broker holds
-        self._ports: set[str] | None = None  # for joined/left events
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._client: aiomqtt.Client | None = None
@@ -139,7 +138,6 @@ class MqttService:
     async def start(self) -> None:
         """Begin connecting in the background: the gateway never waits for the broker."""
         self._password = self._read_password()
-        self._ports = {p.name for p in self.gateway.engine.ports}  # later arrivals are "joined"
         self.gateway.engine.listeners.append(self.on_event)
         self._task = asyncio.create_task(self._run(), name="mqtt")
         log.info(
@@ -206,9 +204,11 @@ class MqttService:
             except RuntimeError:  # ticked outside a loop (tools, tests): do it now
                 self._fill_talkers(stored, event.group)
             return
-        if event.kind in ("talk_stop", "ptt_off"):
+        if event.kind in ("talk_stop", "ptt_off", "left"):
             message["seconds"] = round(event.seconds, 3)
-        if event.kind == "patch":
+        if event.kind in ("joined", "left"):  # a left port's talkgroup is only in the event
+            message.update(talkgroup=event.talkgroup, kind=event.detail)
+        elif event.kind == "patch":
             patch, _, state = event.detail.partition(" ")
             message.update(patch=patch, active=state == "on")
         elif event.detail:
@@ -290,7 +290,6 @@ class MqttService:
     async def _publish_state(self, client: aiomqtt.Client) -> None:
         """Publish retained state that changed; clear topics of ports that left."""
         state = self.state()
-        self._track_ports(state)
         current = {
             f"{self.prefix}/{topic}": json.dumps(value, separators=(",", ":")).encode()
             for topic, value in state.items()
@@ -302,17 +301,6 @@ class MqttService:
             if self._published.get(topic) != payload:
                 await client.publish(topic, payload, qos=self.config.qos, retain=True)
                 self._published[topic] = payload
-
-    def _track_ports(self, state: dict[str, dict[str, Any]]) -> None:
-        """Calls and console sessions joining or leaving become events."""
-        ports = {t.removeprefix("state/ports/") for t in state if t.startswith("state/ports/")}
-        if self._ports is not None:
-            for port in sorted(ports - self._ports):
-                self._queue({"event": "joined", "port": port, "talkgroup": self._talkgroup(port),
-                             "kind": state[f"state/ports/{port}"]["kind"]})  # fmt: skip
-            for port in sorted(self._ports - ports):
-                self._queue({"event": "left", "port": port})
-        self._ports = ports
 
     # --- connection ---------------------------------------------------------------------
 

@@ -176,6 +176,30 @@ def test_floor_holder_keeps_the_floor_when_a_port_joins() -> None:
     assert [e.port for e in events if e.kind == "floor_granted"] == ["low"]
 
 
+def test_joining_and_leaving_ports_are_events_with_talkgroup_and_time() -> None:
+    """Audit and MQTT learn of calls and consoles from these, not by polling the engine."""
+    engine, events = site([ScriptedPort("radio", 500)])
+    run(engine, 3)
+    call = ScriptedPort("call")
+    engine.attach(call, "tg")
+    run(engine, 25)
+    talking = ScriptedPort("console", 700)
+    talking.talk = True
+    engine.attach(talking, "tg")
+    run(engine, 5)
+    engine.detach(call)
+    engine.detach(talking)
+    engine.detach(call)  # a second detach is a no-op, not a second event
+    moves = [(e.kind, e.port, e.talkgroup, e.group) for e in events if e.kind in ("joined", "left")]
+    assert moves == [
+        ("joined", "call", "tg", "tg"), ("joined", "console", "tg", "tg"),
+        ("left", "call", "tg", "tg"), ("left", "console", "tg", "tg"),
+    ]  # fmt: skip
+    left = {e.port: e.seconds for e in events if e.kind == "left"}
+    assert left["call"] == 30 * TICK and left["console"] == 5 * TICK
+    assert all(p.name == "radio" for p in engine.ports) and not engine.attached
+
+
 def test_out_of_range_frame_isolates_but_a_hot_one_is_only_clipped() -> None:
     import numpy as np
 
