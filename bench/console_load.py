@@ -293,14 +293,17 @@ async def measure_gateway(listeners: int, talkers: int, shared: bool, window: fl
             proc.wait()
 
 
-async def cpu_tables(quick: bool, sizes: list[int]) -> None:
+PATHS = {  # label: (shared encode, direct RTP)
+    "direct+shared": (True, True),
+    "aiortc+shared": (True, False),
+    "aiortc+own": (False, False),
+}
+
+
+async def cpu_tables(quick: bool, sizes: list[int], labels: list[str]) -> None:
     window = 4.0 if quick else 8.0
     sizes = [1, 10] if quick else sizes
-    paths = [  # (label, shared encode, direct RTP)
-        ("direct+shared", True, True),
-        ("aiortc+shared", True, False),
-        ("aiortc+own", False, False),
-    ]
+    paths = [(label, *PATHS[label]) for label in labels]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         idle, _ = await measure_gateway(0, 0, True, window, workdir)
@@ -451,13 +454,15 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50, 100],
                         help="listener counts for the CPU table")
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
+                        help="send paths for the CPU table (default: all three)")
     args = parser.parse_args()
     if not shutil.which(BORDERLINK) and not Path(BORDERLINK).exists():
         sys.exit(f"{BORDERLINK} not found: run 'bash .ci/bootstrap setup' first")
     if not args.skip_latency:
         asyncio.run(latency(3 if args.quick else 10))
     if not args.skip_cpu:
-        asyncio.run(cpu_tables(args.quick, args.sizes))
+        asyncio.run(cpu_tables(args.quick, args.sizes, args.paths))
 
 
 if __name__ == "__main__":

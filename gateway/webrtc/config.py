@@ -74,3 +74,14 @@ class ConsoleConfig(Model):
                     f"operator name {name!r}: use letters, digits, '-', '_' or '.' only"
                 )
         return value
+
+    def talkgroup_references(self) -> list[tuple[tuple[str, ...], str]]:
+        """Every talkgroup an operator's permissions name ("*" aside), so ``borderlink
+        check`` and a reload refuse a typo that would silently deny a dispatcher."""
+        return [
+            (("operators", name, kind), talkgroup)
+            for name, op in self.operators.items()
+            for kind in ("talk", "monitor")
+            for talkgroup in getattr(op, kind)
+            if talkgroup != ALL
+        ]
