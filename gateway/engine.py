@@ -335,14 +335,14 @@ class Engine:
         self._apply_keying(was_keyed, keyed)
         self.denied = decision.denied
 
+        rows = list(mix.out)  # row views made in one C loop, not one index per port
         for i, (port, audio, gets_busy) in enumerate(
             zip(lay.ports, has_audio.tolist(), busy.tolist(), strict=True)
         ):
             if isolated and port.name in isolated:
                 continue
-            frame = busy_frame if gets_busy else mix.out[i] if audio else None
             try:
-                port.write(frame)
+                port.write(busy_frame if gets_busy else rows[i] if audio else None)
             except Exception as exc:
                 self._fault(i, f"write failed: {exc!r}")
 
