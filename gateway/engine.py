@@ -19,7 +19,7 @@ from gateway.codecs.tones import busy_tone, courtesy_tone, talk_permit_tone
 from gateway.config import PatchConfig, TalkgroupConfig, Timing
 from gateway.floor import FloorControl, FloorEvents, Keying
 from gateway.mixer import Mixer
-from gateway.ports import Port
+from gateway.ports import Port, PortBank
 from gateway.talkgroups import MixGroup, plan_mix_groups
 from gateway.units import db_to_gain
 
@@ -277,6 +277,16 @@ class Engine:
         self.port_tones: dict[int, object] = {}  # port → talk-permit tone playing
         for port in ports:
             self.health.setdefault(port.name, PortHealth())
+        self._solo = [(i, p) for i, p in enumerate(ports) if p.bank is None]
+        self._solo_rows = np.array([i for i, _ in self._solo], np.int64)
+        members: dict[int, tuple[PortBank, list[int], list[Port]]] = {}
+        for i, port in enumerate(ports):
+            if port.bank is not None:
+                entry = members.setdefault(id(port.bank), (port.bank, [], []))
+                entry[1].append(i)
+                entry[2].append(port)
+        self._banks = [(bank, np.array(rows, np.int64), group)
+                       for bank, rows, group in members.values()]  # fmt: skip
 
     @staticmethod
     def _carry(
@@ -298,22 +308,26 @@ class Engine:
         frames = self.frames
         frames.fill(0.0)
         isolated = self._expire_isolation(tick)
-        talk_list = [False] * len(lay.ports)
-        has_frame = np.zeros(len(lay.ports), bool)
-        for i, port in enumerate(lay.ports):
+        n = len(lay.ports)
+        talk_list = [False] * len(self._solo)
+        has_frame = np.zeros(n, bool)
+        for k, (i, port) in enumerate(self._solo):
             if isolated and port.name in isolated:
                 continue
             try:
                 frame = port.read()
-                talk_list[i] = port.talking
+                talk_list[k] = port.talking
                 if frame is not None:
                     frames[i] = frame
                     has_frame[i] = True
             except Exception as exc:  # one port's bug must not stop the site
                 self._fault(i, f"read failed: {exc!r}")
-                talk_list[i] = False
+                talk_list[k] = False
                 frames[i] = 0.0
-        raw_talk = np.array(talk_list, bool)
+        raw_talk = np.zeros(n, bool)
+        raw_talk[self._solo_rows] = talk_list
+        if self._banks:
+            self._read_banks(frames, has_frame, raw_talk, isolated)
         self._check_frames(has_frame, raw_talk)
         raw_talk &= lay.can_talk
 
@@ -336,15 +350,16 @@ class Engine:
         self.denied = decision.denied
 
         rows = list(mix.out)  # row views made in one C loop, not one index per port
-        for i, (port, audio, gets_busy) in enumerate(
-            zip(lay.ports, has_audio.tolist(), busy.tolist(), strict=True)
-        ):
+        audio_list, busy_list = has_audio.tolist(), busy.tolist()
+        for i, port in self._solo:
             if isolated and port.name in isolated:
                 continue
             try:
-                port.write(busy_frame if gets_busy else rows[i] if audio else None)
+                port.write(busy_frame if busy_list[i] else rows[i] if audio_list[i] else None)
             except Exception as exc:
                 self._fault(i, f"write failed: {exc!r}")
+        if self._banks:
+            self._write_banks(mix.out, has_audio, busy, busy_frame, isolated)
 
         self._meter(frames, has_frame, mix.out, has_audio & ~busy)  # out rows hold mixes only
         self._talk_events(decision.admitted)
@@ -353,6 +368,45 @@ class Engine:
         self._run_hooks(self.after_tick)
         self.tick_count += 1
         self.last_tick_seconds = time.perf_counter() - started
+
+    def _read_banks(
+        self, frames: np.ndarray, has_frame: np.ndarray, talk: np.ndarray, isolated: Mapping
+    ) -> None:
+        for bank, rows, members in self._banks:
+            try:
+                has, talking = bank.read_frames(members, frames, rows)
+                has_frame[rows] = has
+                talk[rows] = talking
+            except Exception as exc:  # the bank's bug isolates its ports, not the site
+                for i in rows.tolist():
+                    self._fault(i, f"bank read failed: {exc!r}")
+                frames[rows] = 0.0
+            if isolated:
+                for k, port in enumerate(members):
+                    if port.name in isolated:
+                        frames[rows[k]] = 0.0
+                        has_frame[rows[k]] = talk[rows[k]] = False
+
+    def _write_banks(
+        self,
+        out: np.ndarray,
+        has_audio: np.ndarray,
+        busy: np.ndarray,
+        busy_frame: np.ndarray | None,
+        isolated: Mapping,
+    ) -> None:
+        for bank, rows, members in self._banks:
+            audible = has_audio[rows]
+            if busy_frame is not None:
+                denied = rows[busy[rows]]
+                out[denied] = busy_frame  # those rows carry no mix (the meter skips them)
+            if isolated:
+                audible &= np.array([p.name not in isolated for p in members], bool)
+            try:
+                bank.write_frames(members, out, rows, audible)
+            except Exception as exc:
+                for i in rows.tolist():
+                    self._fault(i, f"bank write failed: {exc!r}")
 
     def _add_tones(self, out: np.ndarray, has_audio: np.ndarray, may_hear: np.ndarray) -> None:
         """Courtesy and talk-permit tones, added on top of what each listener hears."""
@@ -396,7 +450,7 @@ class Engine:
         rows = np.flatnonzero(has_frame)
         if rows.size == 0:
             return
-        block = self.frames[rows]
+        block = self.frames if rows.size == len(self.frames) else self.frames[rows]
         # max of |x| is NaN for a row holding NaN, and NaN > 1 is False: test finiteness first.
         peak = np.maximum(block.max(axis=1), -block.min(axis=1))
         broken = ~np.isfinite(peak) | (peak > OUT_OF_RANGE)

@@ -154,7 +154,8 @@ class Mixer:
         if n * rows.size <= DENSE_LIMIT:
             selector = np.zeros((n, rows.size), np.float32)
             selector[groups, np.arange(rows.size)] = weights[rows]
-            return selector @ frames[rows]
+            talking = frames if rows.size == len(frames) else frames[rows]  # no copy if all talk
+            return selector @ talking
         order = np.argsort(groups, kind="stable")
         indptr = np.zeros(n + 1, np.int64)
         np.cumsum(np.bincount(groups, minlength=n), out=indptr[1:])
