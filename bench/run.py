@@ -20,7 +20,7 @@ from gateway.clock import MediaClock
 from gateway.config import PortConfig, TalkgroupConfig, Timing
 from gateway.engine import Engine
 from gateway.mixer import Mixer
-from gateway.ports import Port
+from gateway.ports import Port, PortBank
 from gateway.site import single_thread_blas
 
 TIMING = Timing()
@@ -71,6 +71,38 @@ def bench_tick(ports: int, groups: int, talking: float, ticks: int, repeats: int
     }
     engine = Engine(TIMING)
     engine.configure(port_list, talkgroups, {})
+    for _ in range(5):
+        engine.tick()
+    return time_calls(engine.tick, ticks, repeats)
+
+
+class BenchBank(PortBank):
+    """Conference callers as a bank: every row talks a tone, moved in one copy each way."""
+
+    def __init__(self, ports: int) -> None:
+        phase = np.random.default_rng(3).random((ports, 1)) * 2 * np.pi
+        t = np.arange(N) / TIMING.rate
+        self.audio = (0.1 * np.sin(2 * np.pi * 500 * t + phase)).astype(np.float32)
+        self.talking = np.ones(ports, bool)
+        self.heard = np.zeros_like(self.audio)
+
+    def read_frames(self, ports, frames, rows):  # noqa: ANN001, ANN201 - the PortBank API
+        frames[rows] = self.audio
+        return self.talking, self.talking
+
+    def write_frames(self, ports, out, rows, audible):  # noqa: ANN001, ANN201
+        np.take(out, rows, axis=0, out=self.heard)
+
+
+def bench_conference(ports: int, banked: bool, ticks: int, repeats: int) -> float:
+    """Every port talking in one talkgroup, as in a SIP load test: the engine's worst case."""
+    bank = BenchBank(ports)
+    port_list = [BenchPort(f"p{i}", True, bank.audio[i]) for i in range(ports)]
+    if banked:
+        for port in port_list:
+            port.bank = bank
+    engine = Engine(TIMING)
+    engine.configure(port_list, {"conf": TalkgroupConfig(members=[p.name for p in port_list])}, {})
     for _ in range(5):
         engine.tick()
     return time_calls(engine.tick, ticks, repeats)
@@ -128,6 +160,15 @@ def main() -> None:
                 continue
             s = bench_tick(ports, groups, 0.1, ticks, repeats)
             print(f"{ports:>6} {groups:>6} {s * 1e6:>10.1f} {s * 1e6 / ports:>9.3f} "
+                  f"{s / TIMING.frame * 100:>9.2f}%")  # fmt: skip
+
+    print("\nWhole tick, one conference with every port talking (N-1 for each, limiter on)")
+    print(f"{'ports':>6} {'read/write':>11} {'µs/tick':>10} {'µs/port':>9} {'% of 20 ms':>10}")
+    for ports in (250, 750):
+        for banked in (False, True):
+            s = bench_conference(ports, banked, ticks, repeats)
+            how = "bank" if banked else "per port"
+            print(f"{ports:>6} {how:>11} {s * 1e6:>10.1f} {s * 1e6 / ports:>9.3f} "
                   f"{s / TIMING.frame * 100:>9.2f}%")  # fmt: skip
 
     print(f"\nMedia clock lateness over {args.clock_ticks} ticks of 20 ms (idle engine)")
