@@ -100,7 +100,7 @@ def bench_conference(ports: int, banked: bool, ticks: int, repeats: int) -> floa
     port_list = [BenchPort(f"p{i}", True, bank.audio[i]) for i in range(ports)]
     if banked:
         for port in port_list:
-            port.bank = bank
+            port.port_bank = bank
     engine = Engine(TIMING)
     engine.configure(port_list, {"conf": TalkgroupConfig(members=[p.name for p in port_list])}, {})
     for _ in range(5):

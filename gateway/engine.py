@@ -277,12 +277,12 @@ class Engine:
         self.port_tones: dict[int, object] = {}  # port → talk-permit tone playing
         for port in ports:
             self.health.setdefault(port.name, PortHealth())
-        self._solo = [(i, p) for i, p in enumerate(ports) if p.bank is None]
+        self._solo = [(i, p) for i, p in enumerate(ports) if p.port_bank is None]
         self._solo_rows = np.array([i for i, _ in self._solo], np.int64)
         members: dict[int, tuple[PortBank, list[int], list[Port]]] = {}
         for i, port in enumerate(ports):
-            if port.bank is not None:
-                entry = members.setdefault(id(port.bank), (port.bank, [], []))
+            if port.port_bank is not None:
+                entry = members.setdefault(id(port.port_bank), (port.port_bank, [], []))
                 entry[1].append(i)
                 entry[2].append(port)
         self._banks = [(bank, np.array(rows, np.int64), group)

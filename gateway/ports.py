@@ -44,7 +44,7 @@ class PortBank:
     Calling ``read()`` and ``write()`` on each of 750 call ports is about 1 µs of
     Python apiece per tick, a tenth of a network leg's whole budget. A bank fills
     all its rows of the engine's frame matrix, and takes all its listeners' mixes,
-    in one NumPy step each. A port joins a bank by setting ``port.bank``; the
+    in one NumPy step each. A port joins a bank by setting ``port.port_bank``; the
     engine then never calls its ``read()``/``write()`` (``key()``, ``stats()``,
     ``open()`` and ``close()`` stay per port).
     """
@@ -75,7 +75,7 @@ class Port:
     kind = "port"
     can_talk = True
     can_transmit = True
-    bank: PortBank | None = None  # set by endpoints that move audio in batches
+    port_bank: PortBank | None = None  # set by endpoints that move audio in batches
 
     def __init__(self, name: str, config: PortConfig, timing: Timing) -> None:
         self.name = name

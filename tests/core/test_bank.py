@@ -48,7 +48,7 @@ class BankPort(Port):
 
     def __init__(self, name: str, bank: ToneBank, index: int) -> None:
         super().__init__(name, PortConfig(kind="bank_caller"), TIMING)
-        self.bank = bank
+        self.port_bank = bank
         self.index = index
 
     def read(self):  # the engine must never call these for a bank's ports
