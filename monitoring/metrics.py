@@ -673,19 +673,19 @@ def families(snap: Snapshot) -> Iterator[Family]:
 
 
 def _port_stats(snap: Snapshot) -> Iterator[Family]:
+    """Endpoint counters (per call, per radio): label text built once per port, not per key."""
     for key, (name, kind, doc) in PORT_STATS.items():
-        rows = [
-            (labels, s[key])
-            for labels, s in zip(snap.ports, snap.port_stats, strict=True)
-            if key in s
-        ]
+        rows = [i for i, s in enumerate(snap.port_stats) if key in s]
         if not rows:
             continue
         family = (_counter if kind == "counter" else _gauge)(
             name.removesuffix("_total"), doc, PORT_LABELS
         )
-        for labels, value in rows:
-            family.add_metric(labels, float(value))
+        family.add_prebuilt(
+            [snap.port_label_text[i] for i in rows],
+            [snap.ports[i] for i in rows],
+            [snap.port_stats[i][key] for i in rows],
+        )
         yield family
 
 
