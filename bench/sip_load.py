@@ -128,7 +128,7 @@ def gateway_process(conn) -> None:  # noqa: ANN001 - a multiprocessing Connectio
 
         def packets_in() -> int:
             bank = gateway.sip.bank
-            return sum(m.packets_in for m in bank.media if m is not None)
+            return int(bank.packets_in[bank.active].sum())
 
         conn.send(("ready", gateway.sip.port))
         marks = {}
@@ -400,9 +400,9 @@ def components(count: int, frames: int = 250) -> dict[str, float]:
     """CPU µs per leg per frame of each SIP media step, in this process, real sockets.
 
     Packets are sent from here first (not timed), then each step of the bank is
-    timed with the process CPU clock: reading (recvmsg + checks + jitter queue),
+    timed with the process CPU clock: reading (recvmmsg + checks + jitter bank writes),
     playout (jitter buffer + decode + 8→16 kHz + VOX), send (16→8 kHz + encode +
-    headers + sendto). The engine's own per-port cost is in bench/run.py.
+    headers + sendmmsg). The engine's own per-port cost is in bench/run.py.
     """
     from threadpoolctl import threadpool_limits
 
@@ -412,13 +412,11 @@ def components(count: int, frames: int = 250) -> dict[str, float]:
     bank = LegBank(16000, 320, FRAME_S, capacity=count)
     peers = []
     for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
         peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         peer.bind(("127.0.0.1", 0))
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        bank.add(LegMedia(sock=sock, payload_type=0, dtmf_type=101, remote=peer.getsockname()))
-        peers.append((peer, sock.getsockname()))
+        bank.add(LegMedia(payload_type=0, dtmf_type=101, remote=peer.getsockname()))
+        peers.append((peer, ("127.0.0.1", bank.port)))
     tone, _, _ = ulaw_frames()
     header = struct.Struct("!BBHII")
     packet = bytearray(12 + 160)
@@ -430,8 +428,7 @@ def components(count: int, frames: int = 250) -> dict[str, float]:
             header.pack_into(packet, 0, 0x80, 0, k & 0xFFFF, k * 160, i)
             peer.sendto(packet, address)
         t0 = time.process_time()
-        for row in range(count):
-            bank._readable(row)
+        bank.drain()
         t1 = time.process_time()
         bank._t0 = None  # ticks here are not paced: keep the ideal clock on the wall clock
         bank.receive()
@@ -461,6 +458,13 @@ def main() -> int:
     parser.add_argument("--legs", type=int, nargs="*", default=[250, 500, 750, 1000])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--parts",
+        nargs="*",
+        choices=["components", "jitter", "delay", "load"],
+        default=["components", "jitter", "delay", "load"],
+        help="which tables to print (default: all)",
+    )
     parser.add_argument("--components", type=int, nargs="*", default=[100, 300, 750])
     args = parser.parse_args()
     if args.quick:
@@ -471,7 +475,7 @@ def main() -> int:
         "gateway in its own process (uvloop), generator here"
     )
 
-    if args.components:
+    if args.components and "components" in args.parts:
         print(
             "\nSIP media steps alone, CPU µs per leg per frame (this process, real sockets; "
             "the engine's per-port cost is in bench/run.py)"
@@ -484,6 +488,16 @@ def main() -> int:
                 f"{sum(cost.values()):>8.1f}{os.getloadavg()[0]:>10.1f}"
             )
 
+    if "jitter" in args.parts:
+        jitter_table()
+    if "delay" in args.parts:
+        delay_table(ctx, args.seconds)
+    if "load" in args.parts:
+        load_table(ctx, args.legs, args.seconds)
+    return 0
+
+
+def jitter_table() -> None:
     print(
         "\nJitter buffer alone: the real JitterBank fed simulated arrivals, 8 tick phases × 12 s "
         "(goal at 30±10 ms: ≤ 50/55/60 ms at 0/1/5 % loss)"
@@ -511,6 +525,8 @@ def main() -> int:
             f"{pct(beyond, 99):>6}{late:>6}{lost:>6}{concealed:>11}"
         )
 
+
+def delay_table(ctx, seconds: float) -> None:  # noqa: ANN001 - a multiprocessing context
     print(
         "\nAdded delay phone→radio (probe leg, click every 500 ms; arrival at the gateway → "
         "frame handed to the radio)"
@@ -532,7 +548,7 @@ def main() -> int:
         _, port = conn.recv()
         caller = Caller(port)
         probe = open_legs(caller, "6002", 1)[0]
-        result = run_window(conn, [], probe, max(args.seconds, 6.0), jitter, loss)
+        result = run_window(conn, [], probe, max(seconds, 6.0), jitter, loss)
         stats = result["probe"]
         d = result["delays_ms"]
         print(
@@ -544,6 +560,8 @@ def main() -> int:
         conn.send("quit")
         proc.join(10)
 
+
+def load_table(ctx, counts: list[int], seconds: float) -> None:  # noqa: ANN001
     print(
         "\nConcurrent legs, every leg sending G.711 into one conference talkgroup "
         "(goal: ≥ 750 legs per core, zero late ticks, ≤ 25 µs CPU per leg per frame)"
@@ -557,7 +575,7 @@ def main() -> int:
         f"{'legs':>6}{'CPU % core':>11}{'µs/leg/frame':>14}{'ticks run':>11}{'pkts in':>9}"
         f"{'late':>6}{'tick p50 ms':>12}{'tick p99 ms':>12}{'probe p50 ms':>13}{'load avg':>9}"
     )
-    for count in args.legs:
+    for count in counts:
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=gateway_process, args=(child,), daemon=True)
         proc.start()
@@ -566,7 +584,7 @@ def main() -> int:
         probe = open_legs(caller, "6002", 1)[0]
         legs = open_legs(caller, "6001", count)
         time.sleep(1.0)  # let the calls settle (answer retransmission timers, ACKs)
-        result = run_window(conn, legs, probe, args.seconds)
+        result = run_window(conn, legs, probe, seconds)
         expected = result["wall"] / FRAME_S
         cpu_share = result["cpu"] / result["wall"] * 100
         per_leg = result["cpu"] / max(result["packets"], 1) * 1e6
@@ -583,7 +601,6 @@ def main() -> int:
             sock.close()
         conn.send("quit")
         proc.join(10)
-    return 0
 
 
 if __name__ == "__main__":

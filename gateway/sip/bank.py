@@ -2,30 +2,33 @@
 
 Why a bank: the budget is ≤ 25 µs of CPU per leg per 20 ms frame, everything
 included. Per-call threads pacing RTP with sleeps (pyVoIP's way) cost more than
-that and drift off the engine's clock. Here every call is a row in shared arrays:
+that and drift off the engine's clock, and so does one socket per call with one
+``recvmsg``/``sendto`` per packet from Python. Here every call is a row in shared
+arrays, and all calls share **one RTP socket** (every SDP gives the same media
+port, as session border controllers do); packets are demultiplexed by source
+address, which symmetric RTP makes the peer's identity:
 
-* before the tick, every RTP socket with data is drained in one pass (one
-  ``epoll`` poll, one ``recvmsg`` per packet with the kernel's arrival time, so
-  draining once per tick does not blur the jitter measurement); each packet is
-  checked, counted and written into its row of the jitter bank;
+* before the tick, ``recvmmsg`` drains every queued packet of every leg in one
+  system call per 1024 packets, each with the kernel's arrival time
+  (``SO_TIMESTAMPNS``), so draining once per tick does not blur the jitter
+  measurement; the headers of the whole batch are read as NumPy columns,
+  checked, counted and put in the jitter bank row by row-distinct rounds;
 * then one gather + one table lookup decodes G.711 for all legs, one matrix
   product resamples them to the engine rate, and VOX is one vector compare;
 * after the tick, the engine's frames for all legs are resampled and encoded in
-  one go, and each leg's packet is sent from its own socket (symmetric RTP:
-  to the address the phone sends from, once it has sent).
+  one go, the RTP headers built as columns, and ``sendmmsg`` sends every leg's
+  packet in one call (to the address the phone sends from, once it has sent).
 
-The only per-packet Python is header parsing and the socket calls.
+Per-packet Python runs only for the rare packets: RFC 4733 events, comfort
+noise, RTCP multiplexed on the RTP port, RTP with header extensions/CSRCs/
+padding, and the first packet from a phone behind NAT (latching).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import random
-import select
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,30 +36,42 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gateway.codecs.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
+from gateway.ports import PortBank
 from gateway.sip.jitter import JitterBank
+from gateway.sip.mmsg import BatchReceiver, BatchSender, address_key, key_address
 from gateway.sip.resample import BlockResampler
 from gateway.sip.rtp import (
     PCMA,
     PCMU,
-    ReceiveStats,
     build_event,
     build_header,
     parse_event,
     parse_rtp,
 )
+from gateway.sip.streams import StreamBank
 
 log = logging.getLogger(__name__)
 
 CODEC_RATE = 8000
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-_TIMESPEC = struct.Struct("@qq")
-ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 COMFORT_NOISE = 13  # RFC 3389: accepted and ignored, not counted as malformed
 DTMF_SEND_SECONDS = 0.1
 HEADER_SIZE = 12
 MAX_PAYLOAD = 1200  # 150 ms of G.711, our a=maxptime
-_RTP_HEADER = struct.Struct("!BBHII")
+MAX_PACKET = 1500
 SILENCE_DB = -120.0
+RECEIVE_BUFFER = 4 << 20  # a tick (or two late ones) of 1000 legs' packets, with headroom
+NO_PEER = -1
+
+# Why a packet was dropped (bank-wide counters, and per leg when the sender is known).
+MALFORMED_KINDS = (
+    "truncated",  # shorter than an RTP header
+    "huge",  # longer than any voice packet we agreed to
+    "version",  # not RTP version 2 (garbage usually lands here)
+    "layout",  # CSRC list, extension or padding pointing past the end; no payload
+    "payload_type",  # a payload type the call did not agree on
+    "event",  # a telephone-event that is not a DTMF key
+    "source",  # from an address that is no call's peer (stray or spoofed)
+)
 
 _LAWS = {PCMU: 0, PCMA: 1}
 
@@ -74,32 +89,75 @@ DECODE, ENCODE = _tables()
 
 @dataclass
 class LegMedia:
-    """One leg's RTP state that is not a per-tick array: sockets, addresses, counters."""
+    """One leg's RTP state that is not a per-tick array: addresses, DTMF, rare counters."""
 
-    sock: socket.socket
     payload_type: int
     dtmf_type: int | None
-    remote: tuple[str, int] | None
+    remote: tuple[str, int] | None  # where the SDP says the peer's RTP is
     on_dtmf: Callable[[str, bool], None] | None = None
-    latched: bool = False
-    rx: ReceiveStats = field(default_factory=ReceiveStats)
-    packets_in: int = 0
-    bytes_in: int = 0
     malformed: int = 0
     send_errors: int = 0
     event_ts: int | None = None  # RTP timestamp of the DTMF event being received
     event_ended: bool = True
     dtmf_out: list[str] = field(default_factory=list)
     dtmf_sending: tuple[str, int, int] | None = None  # digit, start ts, samples sent
-    loop: asyncio.AbstractEventLoop | None = None  # whose reader serves the socket
-    peer: tuple[str, int] | None = None  # the latched source (None until the first packet)
 
 
-class LegBank:
-    """Rows of SIP media; the service calls :meth:`receive` before and :meth:`send` after a tick."""
+def _open_udp(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for option in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
+            break
+        except OSError:  # FORCE needs CAP_NET_ADMIN; the plain one is capped by rmem_max
+            continue
+    sock.bind((host, port))
+    return sock
+
+
+def open_media_sockets(
+    host: str, port_range: tuple[int, int] | None = None
+) -> tuple[socket.socket, socket.socket]:
+    """The shared RTP socket on an even port and its RTCP socket on the next (RFC 3550 §11)."""
+    if port_range is None:
+        candidates = [0] * 50
+    else:
+        low, high = port_range
+        candidates = list(range(low + (low & 1), high - 1, 2))
+        random.shuffle(candidates)
+        candidates = candidates[:200]
+    for port in candidates:
+        try:
+            rtp = _open_udp(host, port)
+        except OSError:
+            continue
+        number = rtp.getsockname()[1]
+        if number & 1:
+            rtp.close()
+            continue
+        try:
+            return rtp, _open_udp(host, number + 1)
+        except OSError:
+            rtp.close()
+    where = f"{port_range[0]}-{port_range[1]}" if port_range else "any port"
+    raise OSError(f"no free RTP/RTCP port pair in {where} on {host}; widen [sip] rtp_ports")
+
+
+class LegBank(PortBank):
+    """Rows of SIP media; the service calls :meth:`receive` before and :meth:`send` after a tick.
+
+    The engine moves every leg's audio in and out with :meth:`read_frames` and
+    :meth:`write_frames` (one NumPy step for all legs, no per-leg Python).
+    """
 
     def __init__(
-        self, rate: int, frame_samples: int, frame_seconds: float, capacity: int = 64
+        self,
+        rate: int,
+        frame_samples: int,
+        frame_seconds: float,
+        capacity: int = 64,
+        host: str = "127.0.0.1",
+        port_range: tuple[int, int] | None = None,
     ) -> None:
         if rate % CODEC_RATE:
             raise ValueError(f"SIP needs an engine rate that is a multiple of 8000 Hz, not {rate}")
@@ -109,6 +167,7 @@ class LegBank:
         self.codec_frame = round(CODEC_RATE * frame_seconds)
         self.factor = rate // CODEC_RATE
         self.jitter = JitterBank(capacity, self.codec_frame, CODEC_RATE)
+        self.streams = StreamBank(capacity)
         if self.factor > 1:
             self.up: BlockResampler | None = BlockResampler(self.factor, self.codec_frame, up=True)
             self.down: BlockResampler | None = BlockResampler(
@@ -116,13 +175,22 @@ class LegBank:
             )
         else:
             self.up = self.down = None
+        self.sock, self.rtcp_sock = open_media_sockets(host, port_range)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.receiver = BatchReceiver(self.sock)
+        self.sender = BatchSender(self.sock)
         self.media: list[LegMedia | None] = []
         self.free: list[int] = []
-        self.fd_row: dict[int, int] = {}
-        self.poller = select.epoll()
+        self.by_source: dict[int, int] = {}  # peer address key → row
+        self._keys = np.zeros(0, np.int64)  # the same, sorted, for vectorised lookup
+        self._key_rows = np.zeros(0, np.int64)
+        self.malformed = dict.fromkeys(MALFORMED_KINDS, 0)
         self.epoch_seconds = int(time.time())  # whole seconds: arrivals keep ns precision
+        self._epoch_ns = self.epoch_seconds * 1_000_000_000
         self._t0: float | None = None
         self._k = 0
+        self._members: tuple[list, np.ndarray] | None = None  # the engine's port list → rows
         self._allocate(capacity)
         self.active = np.zeros(0, np.int64)
 
@@ -130,6 +198,7 @@ class LegBank:
         old = self.__dict__.copy() if hasattr(self, "rx") else None
         self.capacity = capacity
         self.jitter.grow(capacity)
+        self.streams.grow(capacity)
         hist_up = self.up.history_length if self.up else 0
         hist_down = self.down.history_length if self.down else 0
         self.rx = np.zeros((capacity, self.frame), np.float32)
@@ -146,7 +215,14 @@ class LegBank:
         self.vox_hang = np.zeros(capacity, np.int64)
         self.vox_hold = np.zeros(capacity, np.int64)
         self.level_db = np.full(capacity, SILENCE_DB, np.float32)
+        # What we receive, per row (the rest is in `streams` and `jitter`).
+        self.rx_pt = np.full(capacity, -1, np.int64)
+        self.latched = np.zeros(capacity, bool)  # the peer has sent: `dest` is where it sends from
+        self.packets_in = np.zeros(capacity, np.int64)
+        self.bytes_in = np.zeros(capacity, np.int64)
         # What we send, per row: RTP header fields and counters, updated in batches.
+        self.dest = np.full(capacity, NO_PEER, np.int64)  # address key, or NO_PEER
+        self.busy = np.zeros(capacity, bool)  # sending RFC 4733 events instead of audio
         self.tx_seq = np.zeros(capacity, np.int64)
         self.tx_ts = np.zeros(capacity, np.int64)
         self.tx_ssrc = np.zeros(capacity, np.int64)
@@ -154,37 +230,17 @@ class LegBank:
         self.tx_first = np.zeros(capacity, bool)
         self.packets_out = np.zeros(capacity, np.int64)
         self.bytes_out = np.zeros(capacity, np.int64)
+        self.payload_out = np.zeros(capacity, np.int64)  # octets of payload (RTCP SR)
         if old is not None:
             n = old["capacity"]
-            for name in (
-                "rx",
-                "tx",
-                "tx_has",
-                "up_hist",
-                "down_hist",
-                "law",
-                "talking",
-                "vox",
-                "ptt",
-                "muted",
-                "vox_threshold",
-                "vox_hang",
-                "vox_hold",
-                "level_db",
-                "tx_seq",
-                "tx_ts",
-                "tx_ssrc",
-                "tx_pt",
-                "tx_first",
-                "packets_out",
-                "bytes_out",
-            ):
-                getattr(self, name)[:n] = old[name]
+            for name, value in old.items():
+                if isinstance(value, np.ndarray) and value.shape[:1] == (n,):
+                    getattr(self, name)[:n] = value
 
     # --- rows -------------------------------------------------------------------------
 
     def add(self, media: LegMedia) -> int:
-        """Give a leg a row; its socket must be bound and non-blocking."""
+        """Give a leg a row; its packets are recognised by the SDP address until it latches."""
         if self.free:
             row = self.free.pop()
             self.media[row] = media
@@ -194,6 +250,7 @@ class LegBank:
             if row >= self.capacity:
                 self._allocate(self.capacity * 2)
         self.jitter.reset(row)
+        self.streams.reset(row)
         for name in ("rx", "tx", "up_hist", "down_hist"):
             getattr(self, name)[row] = 0.0
         self.tx_has[row] = False
@@ -201,54 +258,59 @@ class LegBank:
         self.vox_hold[row] = 0
         self.level_db[row] = SILENCE_DB
         self.law[row] = _LAWS[media.payload_type]
+        self.rx_pt[row] = media.payload_type
+        self.packets_in[row] = self.bytes_in[row] = 0
         self.tx_seq[row] = random.getrandbits(16)
         self.tx_ts[row] = random.getrandbits(32)
         self.tx_ssrc[row] = random.getrandbits(32)
         self.tx_pt[row] = media.payload_type
         self.tx_first[row] = True
-        self.packets_out[row] = self.bytes_out[row] = 0
-        media.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        media.sock.setblocking(False)
-        fd = media.sock.fileno()
-        self.fd_row[fd] = row
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None:  # read as packets come (uvloop): arrival times stay exact
-            loop.add_reader(fd, self._readable, row)
-            media.loop = loop
-        else:  # no loop (tools, unit use): drained before each tick instead
-            self.poller.register(fd, select.EPOLLIN)
-        self._update_active()
+        self.busy[row] = False
+        self.packets_out[row] = self.bytes_out[row] = self.payload_out[row] = 0
+        self.dest[row] = NO_PEER
+        self.latched[row] = False
+        if media.remote is not None:
+            key = address_key(*media.remote)
+            self.dest[row] = key
+            self.by_source[key] = row
+        self._update_tables()
         return row
 
     def remove(self, row: int) -> None:
         media = self.media[row]
         if media is None:
             return
-        fd = media.sock.fileno()
-        if fd >= 0:
-            self.fd_row.pop(fd, None)
-            if media.loop is not None:
-                with contextlib.suppress(Exception):
-                    media.loop.remove_reader(fd)
-            else:
-                with contextlib.suppress(OSError, ValueError):
-                    self.poller.unregister(fd)
-        media.sock.close()
+        for key in [k for k, r in self.by_source.items() if r == row]:
+            del self.by_source[key]
+        self.dest[row] = NO_PEER
         self.media[row] = None
         self.free.append(row)
-        self._update_active()
+        self._update_tables()
 
-    def _update_active(self) -> None:
+    def _update_tables(self) -> None:
         self.active = np.array([i for i, m in enumerate(self.media) if m is not None], np.int64)
+        keys = np.array(sorted(self.by_source), np.int64)
+        self._keys = keys
+        self._key_rows = np.array([self.by_source[k] for k in keys.tolist()], np.int64)
+
+    def _latch(self, row: int, key: int) -> None:
+        """Symmetric RTP (RFC 4961): answer where the phone really sends from."""
+        media = self.media[row]
+        assert media is not None
+        for old in [k for k, r in self.by_source.items() if r == row]:
+            del self.by_source[old]
+        self.by_source[key] = row
+        self.dest[row] = key
+        self.latched[row] = True
+        media.remote = key_address(key)
+        self._update_tables()
 
     def close(self) -> None:
         for row, media in enumerate(self.media):
             if media is not None:
                 self.remove(row)
-        self.poller.close()
+        self.sock.close()
+        self.rtcp_sock.close()
 
     # --- clock --------------------------------------------------------------------
 
@@ -265,6 +327,39 @@ class LegBank:
         ideal = self._t0 + self._k * period
         self._k += 1
         return (ideal - self.epoch_seconds) * CODEC_RATE
+
+    # --- the engine's side (during the tick) ------------------------------------------
+
+    def _rows_of(self, ports: list) -> np.ndarray:
+        """Bank rows of the engine's port list (the list lives as long as the layout)."""
+        cached = self._members
+        if cached is None or cached[0] is not ports:
+            cached = (ports, np.array([port.row for port in ports], np.int64))
+            self._members = cached
+        return cached[1]
+
+    def read_frames(
+        self, ports: list, frames: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every talking leg's frame into the engine's matrix; (has_frame, talking)."""
+        legs = self._rows_of(ports)
+        talking = self.talking[legs]
+        if talking.all():
+            frames[rows] = self.rx[legs]
+        elif talking.any():
+            frames[rows[talking]] = self.rx[legs[talking]]
+        return talking, talking.copy()
+
+    def write_frames(
+        self, ports: list, out: np.ndarray, rows: np.ndarray, audible: np.ndarray
+    ) -> None:
+        """What each leg hears, copied for :meth:`send` after the tick (silence if not audible)."""
+        legs = self._rows_of(ports)
+        if audible.all():
+            self.tx[legs] = out[rows]
+        elif audible.any():
+            self.tx[legs[audible]] = out[rows[audible]]
+        self.tx_has[legs] = audible
 
     # --- receive (before the tick) --------------------------------------------------
 
@@ -289,110 +384,182 @@ class LegBank:
         else:
             self.rx[rows] = pcm
 
-    def _readable(self, row: int) -> None:
-        """The loop's reader for one leg: one datagram per call (level-triggered, so a
-        second queued datagram calls again) — no failing read, no exception per tick.
-
-        The common packet (plain RTP header, the agreed codec, from the latched
-        peer) takes a short path; anything else goes through the full checks.
-        """
-        media = self.media[row]
-        if media is None:
-            return
-        try:
-            data, ancillary, _, source = media.sock.recvmsg(2048, ANCILLARY)
-        except OSError:  # nothing after all, or ICMP unreachable from a phone that left
-            return
-        if ancillary and ancillary[0][1] == SO_TIMESTAMPNS:
-            sec, nsec = _TIMESPEC.unpack_from(ancillary[0][2])
-            arrival = ((sec - self.epoch_seconds) + nsec * 1e-9) * CODEC_RATE
-        else:
-            arrival = (time.time() - self.epoch_seconds) * CODEC_RATE
-        size = len(data)
-        if HEADER_SIZE < size <= HEADER_SIZE + MAX_PAYLOAD and source == media.peer:
-            b0, b1, sequence, timestamp, ssrc = _RTP_HEADER.unpack_from(data)
-            if b0 == 0x80 and b1 & 0x7F == media.payload_type:
-                media.packets_in += 1
-                media.bytes_in += size
-                if media.rx.update(ssrc, sequence, timestamp, arrival):
-                    self.jitter.resync(row)
-                payload = memoryview(data)[HEADER_SIZE:]
-                if not self.jitter.put(row, timestamp, payload, arrival) and b1 & 0x80:
-                    self.jitter.resync(row)  # a talkspurt restarting its clock: follow it
-                    self.jitter.put(row, timestamp, payload, arrival)
-                return
-        self._packet(row, media, data, source, arrival)
-
     def drain(self) -> None:
-        """Read every queued datagram of every leg (one pass; nothing waits on a socket)."""
-        poll = self.poller.poll
-        fd_row = self.fd_row
-        media_of = self.media
+        """Read every queued datagram on the shared socket (never waits)."""
+        receiver = self.receiver
         while True:
-            events = poll(0)
-            if not events:
+            n = receiver.receive()
+            if n:
+                self._batch(n)
+            if n < receiver.slots:
                 return
-            for fd, _ in events:
-                row = fd_row.get(fd)
-                if row is None:
-                    continue
-                media = media_of[row]
-                try:
-                    data, ancillary, _, source = media.sock.recvmsg(2048, ANCILLARY)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:  # ICMP port unreachable from a phone that went away
-                    continue
-                arrival = None
-                for level, kind, blob in ancillary:
-                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                        sec, nsec = _TIMESPEC.unpack_from(blob)
-                        arrival = sec + nsec * 1e-9
-                if arrival is None:
-                    arrival = time.time()
-                self._packet(row, media, data, source, (arrival - self.epoch_seconds) * CODEC_RATE)
 
-    def _packet(
-        self, row: int, media: LegMedia, data: bytes, source: tuple, arrival: float
+    def _count(self, kind: str, rows: np.ndarray | None = None, amount: int = 1) -> None:
+        self.malformed[kind] += amount
+        if rows is not None:
+            for row in rows.tolist():
+                media = self.media[row]
+                if media is not None:
+                    media.malformed += 1
+
+    def _batch(self, n: int) -> None:
+        """Check, demultiplex and account ``n`` received datagrams, all as columns."""
+        length, truncated, source, arrival_ns = self.receiver.columns(n)
+        data = self.receiver.data[:n]
+        arrival = (arrival_ns - self._epoch_ns) * (CODEC_RATE * 1e-9)
+        b0 = data[:, 0]
+        b1 = data[:, 1]
+        huge = truncated | (length > MAX_PACKET)
+        short = (length < HEADER_SIZE) & ~huge
+        wrong_version = ((b0 >> 6) != 2) & ~huge & ~short
+        good = ~(huge | short | wrong_version)
+        # Which leg: the row whose peer address is the source (or -1).
+        rows = np.full(n, -1, np.int64)
+        if self._keys.size:
+            at = np.searchsorted(self._keys, source)
+            at_ok = at < self._keys.size
+            found = at_ok.copy()
+            found[at_ok] = self._keys[at[at_ok]] == source[at_ok]
+            rows[found] = self._key_rows[at[found]]
+        known = rows >= 0
+        for kind, mask in (("huge", huge), ("truncated", short), ("version", wrong_version)):
+            if mask.any():
+                self._count(kind, rows[mask & known], int(mask.sum()))
+        # The common packet: plain header, the agreed codec, from a known peer.
+        pt = (b1 & 0x7F).astype(np.int64)
+        fast = (
+            good
+            & known
+            & (b0 == 0x80)
+            & (length > HEADER_SIZE)
+            & (length <= HEADER_SIZE + MAX_PAYLOAD)
+            & (pt == self.rx_pt[rows])
+        )
+        if fast.any():
+            self._audio(np.flatnonzero(fast), rows, length, arrival, data)
+        rest = np.flatnonzero(good & ~fast)
+        for i in rest.tolist():
+            self._packet(int(rows[i]), int(source[i]), bytes(data[i, : length[i]]), arrival[i])
+
+    def _audio(
+        self,
+        idx: np.ndarray,
+        rows_of: np.ndarray,
+        length: np.ndarray,
+        arrival: np.ndarray,
+        data: np.ndarray,
     ) -> None:
+        """Audio packets ``idx`` of a batch into their rows, in rounds of distinct rows."""
+        rows = rows_of[idx]
+        self.latched[rows] = True  # from the SDP address: symmetric RTP already holds
+        np.add.at(self.packets_in, rows, 1)
+        np.add.at(self.bytes_in, rows, length[idx])
+        header = data[idx, :HEADER_SIZE].astype(np.int64)
+        seq = (header[:, 2] << 8) | header[:, 3]
+        ts = (header[:, 4] << 24) | (header[:, 5] << 16) | (header[:, 6] << 8) | header[:, 7]
+        ssrc = (header[:, 8] << 24) | (header[:, 9] << 16) | (header[:, 10] << 8) | header[:, 11]
+        marker = (header[:, 1] & 0x80) != 0
+        order = np.argsort(rows, kind="stable")  # per row, arrival order is kept
+        sorted_rows = rows[order]
+        first = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+        rank = np.empty(len(idx), np.int64)
+        rank[order] = np.arange(len(idx)) - np.repeat(first, np.diff(np.r_[first, len(idx)]))
+        size = length[idx] - HEADER_SIZE
+        rounds = int(rank.max()) + 1
+        for k in range(rounds):
+            pick = np.flatnonzero(rank == k) if rounds > 1 else np.arange(len(idx))
+            self._put(
+                rows[pick], ssrc[pick], seq[pick], ts[pick], arrival[idx[pick]],
+                marker[pick], data, idx[pick], size[pick],
+            )  # fmt: skip
+
+    def _put(
+        self,
+        rows: np.ndarray,
+        ssrc: np.ndarray,
+        seq: np.ndarray,
+        ts: np.ndarray,
+        arrival: np.ndarray,
+        marker: np.ndarray,
+        data: np.ndarray,
+        idx: np.ndarray,
+        size: np.ndarray,
+    ) -> None:
+        """One packet for each of ``rows`` (distinct): receive stats, then the jitter bank."""
+        changed = self.streams.update(rows, ssrc, seq, ts, arrival)
+        if changed.size:
+            self.jitter.resync(changed)
+        n = int(size[0])
+        if (size == n).all():
+            self.jitter.put_batch(
+                rows, ts, data[idx, HEADER_SIZE : HEADER_SIZE + n], arrival, marker
+            )
+            return
+        for s in np.unique(size).tolist():  # mixed packet times in one tick: rare
+            m = size == s
+            self.jitter.put_batch(
+                rows[m], ts[m], data[idx[m], HEADER_SIZE : HEADER_SIZE + s], arrival[m], marker[m]
+            )
+
+    def _packet(self, row: int, key: int, data: bytes, arrival: float) -> None:
+        """A packet off the common path: checked in full by the one-packet parser."""
         packet = parse_rtp(data)
         if packet is None:
-            media.malformed += 1
+            self._count("layout", np.array([row]) if row >= 0 else None)
             return
-        if media.latched and source != media.remote:
-            media.malformed += 1  # not our peer: a stray or spoofed stream
-            return
+        if row < 0:
+            row = self._match_unlatched(key)
+            if row < 0:
+                self._count("source")
+                return
+        media = self.media[row]
+        assert media is not None
         pt = packet.payload_type
         if pt == media.payload_type:
             if len(packet.payload) > MAX_PAYLOAD:
-                media.malformed += 1
+                self._count("huge", np.array([row]))
                 return
-            if not media.latched:  # symmetric RTP (RFC 4961): answer where it comes from
-                media.remote = media.peer = source
-                media.latched = True
-            media.packets_in += 1
-            media.bytes_in += len(data)
-            if media.rx.update(packet.ssrc, packet.sequence, packet.timestamp, arrival):
-                self.jitter.resync(row)
-            if (
-                not self.jitter.put(row, packet.timestamp, packet.payload, arrival)
-                and packet.marker
-            ):
-                self.jitter.resync(row)
-                self.jitter.put(row, packet.timestamp, packet.payload, arrival)
+            if key != self.dest[row]:
+                self._latch(row, key)
+            self.latched[row] = True
+            self.packets_in[row] += 1
+            self.bytes_in[row] += len(data)
+            self._put(
+                np.array([row]), np.array([packet.ssrc]), np.array([packet.sequence]),
+                np.array([packet.timestamp]), np.array([arrival]), np.array([packet.marker]),
+                np.frombuffer(bytes(12) + bytes(packet.payload), np.uint8).reshape(1, -1),
+                np.array([0]), np.array([len(packet.payload)]),
+            )  # fmt: skip
         elif pt == media.dtmf_type:
             event = parse_event(packet.payload)
             if event is None:
-                media.malformed += 1
+                self._count("event", np.array([row]))
                 return
-            media.packets_in += 1
-            media.bytes_in += len(data)
+            self.packets_in[row] += 1
+            self.bytes_in[row] += len(data)
             self._dtmf(media, packet.timestamp, event.digit, event.end)
         elif pt == COMFORT_NOISE:
-            media.packets_in += 1
-            media.bytes_in += len(data)
+            self.packets_in[row] += 1
+            self.bytes_in[row] += len(data)
         else:
-            media.malformed += 1
+            self._count("payload_type", np.array([row]))
+
+    def _match_unlatched(self, key: int) -> int:
+        """A packet from an address no leg knows: the one unlatched leg expecting its host.
+
+        A phone behind NAT sends from another port than its SDP says; if exactly one
+        call from that host has not latched yet, the packet is that call's.
+        """
+        host = key >> 16
+        waiting = [
+            row
+            for row, media in enumerate(self.media)
+            if media is not None and not self.latched[row] and int(self.dest[row]) >> 16 == host
+        ]
+        if len(waiting) != 1:
+            return -1
+        self._latch(waiting[0], key)
+        return waiting[0]
 
     @staticmethod
     def _dtmf(media: LegMedia, timestamp: int, digit: str, end: bool) -> None:
@@ -412,7 +579,7 @@ class LegBank:
     # --- send (after the tick) --------------------------------------------------------
 
     def send(self) -> None:
-        """Encode every leg's frame and send one packet per leg (headers built in one go)."""
+        """Encode every leg's frame; headers as columns; one ``sendmmsg`` for all legs."""
         rows = self.active
         if rows.size == 0:
             return
@@ -423,7 +590,8 @@ class LegBank:
         pcm = np.clip(np.rint(frames * 32768.0), -32768, 32767).astype(np.int16)
         n = self.codec_frame
         count = len(rows)
-        packets = np.empty((count, HEADER_SIZE + n), np.uint8)
+        size = HEADER_SIZE + n
+        packets = np.empty((count, size), np.uint8)
         laws = self.law[rows]
         if (laws == laws[0]).all():
             packets[:, HEADER_SIZE:] = ENCODE[laws[0]].take(pcm.view(np.uint16))
@@ -436,33 +604,46 @@ class LegBank:
         packets[:, 2:4] = self.tx_seq[rows].astype(">u2").view(np.uint8).reshape(count, 2)
         packets[:, 4:8] = self.tx_ts[rows].astype(">u4").view(np.uint8).reshape(count, 4)
         packets[:, 8:12] = self.tx_ssrc[rows].astype(">u4").view(np.uint8).reshape(count, 4)
-        view = memoryview(packets.reshape(-1))
-        size = HEADER_SIZE + n
-        sent = np.zeros(count, bool)
-        media_of = self.media
-        for i, row in enumerate(rows.tolist()):
-            media = media_of[row]
-            if media is None or media.remote is None:
-                continue
-            if media.dtmf_out or media.dtmf_sending:
+        dest = self.dest[rows]
+        busy = self.busy[rows]
+        audio = (dest != NO_PEER) & ~busy
+        if audio.all():
+            ok = self.sender.send(packets, dest)
+            done = rows[ok]
+        else:
+            pick = np.flatnonzero(audio)
+            ok = self.sender.send(np.ascontiguousarray(packets[pick]), dest[pick])
+            done = rows[pick[ok]]
+        if not ok.all():
+            for row in rows[audio][~ok].tolist():
+                media = self.media[row]
+                if media is not None:
+                    media.send_errors += 1
+        for row in rows[busy].tolist():
+            media = self.media[row]
+            if media is not None and media.remote is not None:
                 self._send_dtmf(row, media)
-                continue
-            try:
-                media.sock.sendto(view[i * size : (i + 1) * size], media.remote)
-                sent[i] = True
-            except OSError:
-                media.send_errors += 1
-        done = rows[sent]
         self.tx_seq[done] = (self.tx_seq[done] + 1) & 0xFFFF
         self.tx_first[done] = False
         self.packets_out[done] += 1
-        self.bytes_out[done] += HEADER_SIZE + n
+        self.bytes_out[done] += size
+        self.payload_out[done] += n
         self.tx_ts[rows] = (self.tx_ts[rows] + n) & 0xFFFFFFFF
+
+    def queue_dtmf(self, row: int, digits: str) -> None:
+        """RFC 4733 digits toward the phone; sent instead of audio on the next ticks."""
+        media = self.media[row]
+        if media is None:
+            return
+        media.dtmf_out.extend(d for d in digits if d in "0123456789*#ABCD")
+        self.busy[row] = bool(media.dtmf_out or media.dtmf_sending)
 
     def _send_dtmf(self, row: int, media: LegMedia) -> None:
         """RFC 4733 send: one event per digit, 100 ms, then three end packets."""
-        if media.dtmf_type is None:
+        if media.dtmf_type is None or media.remote is None:
             media.dtmf_out.clear()
+            media.dtmf_sending = None
+            self.busy[row] = False
             return
         if media.dtmf_sending is None:
             media.dtmf_sending = (media.dtmf_out.pop(0), int(self.tx_ts[row]), 0)
@@ -476,14 +657,16 @@ class LegBank:
             )
             packet = header + build_event(digit, end, sent)
             try:
-                media.sock.sendto(packet, media.remote)
+                self.sock.sendto(packet, media.remote)
             except OSError:
                 media.send_errors += 1
                 continue
             self.tx_seq[row] = (seq + 1) & 0xFFFF
             self.packets_out[row] += 1
             self.bytes_out[row] += len(packet)
+            self.payload_out[row] += len(packet) - HEADER_SIZE
         media.dtmf_sending = None if end else (digit, start, sent)
+        self.busy[row] = bool(media.dtmf_out or media.dtmf_sending)
 
     # --- per leg ---------------------------------------------------------------------
 
@@ -491,35 +674,16 @@ class LegBank:
         media = self.media[row]
         if media is None:
             return {}
+        streams = self.streams
         return {
-            "packets_in": media.packets_in,
+            "packets_in": int(self.packets_in[row]),
             "packets_out": int(self.packets_out[row]),
-            "bytes_in": media.bytes_in,
+            "bytes_in": int(self.bytes_in[row]),
             "bytes_out": int(self.bytes_out[row]),
-            "packets_lost": media.rx.lost + media.rx.lost_before,
+            "packets_lost": int(streams.lost_of(row) + streams.lost_before[row]),
             "packets_late": int(self.jitter.packets_late[row]),
             "packets_malformed": media.malformed,
-            "jitter_seconds": media.rx.jitter / CODEC_RATE,
+            "jitter_seconds": float(streams.jitter[row]) / CODEC_RATE,
             "concealed_samples": int(self.jitter.concealed[row]) * self.factor,
             "jitter_buffer_seconds": max(0.0, float(self.jitter.delay[row]) / CODEC_RATE),
         }
-
-
-def open_rtp_socket(host: str, port_range: tuple[int, int] | None = None) -> socket.socket:
-    """A UDP socket for one leg's RTP: an even port in the range, or any free port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-    if port_range is None:
-        sock.bind((host, 0))
-        return sock
-    low, high = port_range
-    ports = list(range(low + (low & 1), high, 2))
-    random.shuffle(ports)
-    for port in ports[:200]:
-        try:
-            sock.bind((host, port))
-            return sock
-        except OSError:
-            continue
-    sock.close()
-    raise OSError(f"no free RTP port in {low}-{high} on {host}; widen [sip] rtp_ports")

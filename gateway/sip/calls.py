@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from gateway.config import Timing
 from gateway.engine import Engine
-from gateway.sip.bank import LegBank, LegMedia, open_rtp_socket
+from gateway.sip.bank import LegBank, LegMedia
 from gateway.sip.config import DialOutConfig, RouteConfig, SipConfig
 from gateway.sip.leg import SipLeg, leg_config
 from gateway.sip.pyvoip import SIPMessage
@@ -188,11 +188,6 @@ class CallManager:
                 f"talkgroup {route.talkgroup!r} is not running",
             )
             return
-        try:
-            sock = open_rtp_socket(self.transport.host, self.config.rtp_range)
-        except OSError as exc:
-            self._reject(raw, source, 503, "Service Unavailable", str(exc))
-            return
         headers = dict(raw_headers(raw))
         tag = new_tag()
         dialog = Dialog(
@@ -209,7 +204,6 @@ class CallManager:
         dtmf_in = offer.dtmf_type
         leg = self._start_leg(
             f"sip-{name}-{caller or 'anonymous'}",
-            sock,
             codec,
             dtmf_in,
             dtmf,
@@ -220,7 +214,7 @@ class CallManager:
         )
         dialog.leg = leg
         self.dialogs[call_id] = dialog
-        body = describe(self.address, sock.getsockname()[1], [codec], dtmf_in)
+        body = describe(self.address, self.bank.port, [codec], dtmf_in)
         dialog.answer = self.transport.respond(
             raw, source, 200, "OK", to_tag=tag, headers=[f"Contact: {self.contact}"], body=body
         )
@@ -241,7 +235,6 @@ class CallManager:
     def _start_leg(
         self,
         base: str,
-        sock,
         codec: int,
         dtmf_in: int | None,
         dtmf_out: int | None,
@@ -254,7 +247,7 @@ class CallManager:
         self._names += 1
         self.calls_total += 1
         name = f"{base}#{self._names}"
-        media = LegMedia(sock=sock, payload_type=codec, dtmf_type=dtmf_in, remote=remote)
+        media = LegMedia(payload_type=codec, dtmf_type=dtmf_in, remote=remote)
         media.dtmf_type = dtmf_in if dtmf_in is not None else dtmf_out
         row = self.bank.add(media)
         bank = self.bank
@@ -353,9 +346,8 @@ class CallManager:
     ) -> Dialog | None:
         """Call out (a dial-out patch); the answered call's Dialog, or None."""
         destination = proxy or uri_address(uri)
-        sock = open_rtp_socket(self.transport.host, self.config.rtp_range)
         codecs = [NAMES[c] for c in self.config.codecs]
-        body = describe(self.address, sock.getsockname()[1], codecs, DTMF_TYPE)
+        body = describe(self.address, self.bank.port, codecs, DTMF_TYPE)
         call_id = new_call_id(self.address)
         tag = new_tag()
         local_uri = f"<sip:{self.config.user}@{self.address}>"
@@ -377,7 +369,6 @@ class CallManager:
             invite, destination, self.config.transaction_timeout
         )
         if response is None or int(response.status) >= 300:
-            sock.close()
             if response is not None:
                 self._ack(response, uri, destination, call_id, tag, local_uri, invite_lines[1])
             log.warning(
@@ -404,12 +395,10 @@ class CallManager:
         dialog.acked = True
         if offer is None or codec is None:
             log.warning("dial-out to %s: answer has no usable G.711; hanging up", uri)
-            sock.close()
             await self.hangup(dialog)
             return None
         dialog.leg = self._start_leg(
             f"dialout-{talkgroup}",
-            sock,
             codec,
             offer.dtmf_type,
             DTMF_TYPE,

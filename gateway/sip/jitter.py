@@ -6,9 +6,10 @@ written into its row's ring (codec bytes addressed by RTP timestamp, so reorderi
 and duplicates need no bookkeeping); once per tick every leg's next frame is
 gathered, decoded and concealed in a handful of NumPy calls.
 
-Per packet only plain Python arithmetic runs (timestamp unwrapping, lateness,
-the transit sample); the packet's bytes and transit are queued and written into
-the arrays for all legs at once when the tick plays out.
+Packets arrive in batches (one ``recvmmsg`` per tick for every leg): a batch
+whose rows are all different is put in one pass of array operations —
+timestamp unwrapping, lateness, the transit sample and the ring write — so no
+Python runs per packet. :meth:`JitterBank.put` is the one-packet form of it.
 
 How the delay adapts: every packet's transit (arrival, on the local clock, minus
 the time its last sample was captured, on the sender's clock) goes into a short
@@ -23,6 +24,7 @@ leaves no lasting delay. Times are in codec samples (8 kHz for G.711).
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 RING = 4096  # codec samples per leg (512 ms at 8 kHz): the most a buffer can hold
 HISTORY = 64  # transits remembered per leg (≈1.3 s at 20 ms packets)
@@ -31,6 +33,10 @@ CREEP_TALKING = 16  # samples the playout point may jump forward per frame mid-s
 FORWARD_HYSTERESIS = 24  # do not chase less excess delay than this (3 ms)
 PLC_FADE = 0.6  # each further lost frame is repeated at this gain
 LATE_RESYNC = 12  # this many late packets in a row: the sender's clock jumped, resync
+# Each ring row carries a copy of its first TAIL samples after its end, so any block of
+# up to TAIL samples starting anywhere in the ring is contiguous in memory: packets
+# and frames move as whole blocks (one strided copy per row), not sample by sample.
+TAIL = 320
 
 
 class JitterBank:
@@ -41,62 +47,41 @@ class JitterBank:
         self.rate = rate
         self._arange = np.arange(frame, dtype=np.int32)  # int32 indices: half the memory traffic
         self.capacity = 0
-        # Per-row scalars touched per packet live in Python lists (a NumPy scalar
-        # access costs more than the arithmetic); the tick converts what it needs.
-        self.started: list[bool] = []
-        self.fresh: list[bool] = []
-        self.base: list[float] = []  # local units minus RTP time at sync
-        self.play_at: list[int] = []  # mirror of `play` for packets between ticks
-        self.count: list[int] = []  # transits recorded (position in the history)
-        self.late_run: list[int] = []
-        self.packet: list[int] = []  # samples per packet (ptime)
-        self.align: list[int] = []  # where packets end, modulo their size
-        self.last_arrival: list[float] = []
-        self.packets_late: list[int] = []
-        self._queue_rows: list[int] = []
-        self._queue_starts: list[int] = []
-        self._queue_data: list[bytes] = []
-        self._transit_rows: list[int] = []
-        self._transit_pos: list[int] = []
-        self._transit_val: list[float] = []
         self.grow(capacity)
 
     def grow(self, capacity: int) -> None:
         if capacity <= self.capacity:
             return
-        old, n = self.capacity, self.capacity
-        extra = capacity - old
+        n = self.capacity
 
-        def widen(array: np.ndarray | None, shape: tuple, dtype, fill=0) -> np.ndarray:  # noqa: ANN001
+        def widen(name: str, shape: tuple, dtype, fill=0) -> None:  # noqa: ANN001
             new = np.full(shape, fill, dtype)
-            if array is not None:
-                new[:n] = array
-            return new
+            old = self.__dict__.get(name)
+            if old is not None:
+                new[:n] = old
+            setattr(self, name, new)
 
-        get = self.__dict__.get
-        self.ring = widen(get("ring"), (capacity, RING), np.uint8)
-        self.have = widen(get("have"), (capacity, RING), bool, False)
-        self.play = widen(get("play"), (capacity,), np.int64)
-        self.transit = widen(get("transit"), (capacity, HISTORY), np.float64)
-        self.last_frame = widen(get("last_frame"), (capacity, self.frame), np.float32)
-        self.fade = widen(get("fade"), (capacity,), np.float32, 1.0)
-        self.delay = widen(get("delay"), (capacity,), np.float64)
-        self.concealed = widen(get("concealed"), (capacity,), np.int64)
-        self.started += [False] * extra
-        self.fresh += [False] * extra
-        self.base += [0.0] * extra
-        self.play_at += [0] * extra
-        self.count += [0] * extra
-        self.late_run += [0] * extra
-        self.packet += [160] * extra
-        self.align += [0] * extra
-        self.last_arrival += [-1e18] * extra
-        self.packets_late += [0] * extra
+        widen("ring", (capacity, RING + TAIL), np.uint8)
+        widen("have", (capacity, RING + TAIL), bool, False)
+        widen("play", (capacity,), np.int64)  # next sample to play, in extended RTP time
+        widen("transit", (capacity, HISTORY), np.float64)
+        widen("last_frame", (capacity, self.frame), np.float32)
+        widen("fade", (capacity,), np.float32, 1.0)
+        widen("delay", (capacity,), np.float64)
+        widen("concealed", (capacity,), np.int64)
+        widen("started", (capacity,), bool, False)
+        widen("fresh", (capacity,), bool, False)  # started, not yet played: place the playout
+        widen("base", (capacity,), np.float64)  # local units minus RTP time at sync
+        widen("count", (capacity,), np.int64)  # transits recorded (position in the history)
+        widen("late_run", (capacity,), np.int64)
+        widen("packet", (capacity,), np.int64, 160)  # samples per packet (ptime)
+        widen("align", (capacity,), np.int64)  # where packets end, modulo their size
+        widen("last_arrival", (capacity,), np.float64, -1e18)
+        widen("packets_late", (capacity,), np.int64)
         self.capacity = capacity
 
     def reset(self, row: int) -> None:
         """A new leg takes this row: forget everything the previous one left."""
-        self._drop_queued(row)
         self.have[row] = False
         self.started[row] = self.fresh[row] = False
         self.count[row] = self.late_run[row] = self.packets_late[row] = 0
@@ -106,89 +91,129 @@ class JitterBank:
         self.concealed[row] = 0
         self.last_arrival[row] = -1e18
 
-    def resync(self, row: int) -> None:
+    def resync(self, rows: int | np.ndarray) -> None:
         """New SSRC or a timestamp jump: take the next packet as the new reference."""
-        self._drop_queued(row)
-        self.started[row] = False
-        self.have[row] = False
+        self.started[rows] = False
+        self.have[rows] = False
 
-    def _drop_queued(self, row: int) -> None:
-        if row in self._queue_rows:
-            keep = [i for i, r in enumerate(self._queue_rows) if r != row]
-            self._queue_rows = [self._queue_rows[i] for i in keep]
-            self._queue_starts = [self._queue_starts[i] for i in keep]
-            self._queue_data = [self._queue_data[i] for i in keep]
+    # --- blocks of the rings ------------------------------------------------------
 
-    # --- per packet -----------------------------------------------------------------
+    @staticmethod
+    def _blocks(buffer: np.ndarray, width: int) -> np.ndarray:
+        """View (rows, start, width) of a ring buffer: ``view[r, s]`` is samples s..s+width."""
+        rows, length = buffer.shape
+        step_row, step = buffer.strides
+        return as_strided(buffer, (rows, length - width + 1, width), (step_row, step, step))
 
-    def put(self, row: int, timestamp: int, payload: memoryview, arrival: float) -> bool:
-        """Queue one packet's codec bytes. ``arrival`` is local time in codec samples.
+    def _write(self, buffer: np.ndarray, rows: np.ndarray, starts: np.ndarray, values) -> None:
+        """Write blocks (width ≤ TAIL) at ring positions ``starts`` of ``rows`` (distinct),
+        keeping each row's tail copy of its head."""
+        width = values.shape[1] if isinstance(values, np.ndarray) and values.ndim == 2 else None
+        if width is None:
+            raise ValueError("values must be (rows, width)")
+        self._blocks(buffer, width)[rows, starts] = values
+        wrapped = starts > RING - width
+        head = starts < TAIL
+        if wrapped.any() or head.any():
+            tail = self._blocks(buffer, TAIL)
+            if wrapped.any():  # the block ran past the end: its logical place is the head
+                w = rows[wrapped]
+                tail[w, 0] = tail[w, RING]
+            if head.any():
+                h = rows[head]
+                tail[h, RING] = tail[h, 0]
 
-        Returns False when the packet came too late to be played (counted).
+    def _read(self, buffer: np.ndarray, rows: np.ndarray, starts: np.ndarray, width: int):
+        return self._blocks(buffer, width)[rows, starts]
+
+    # --- per packet batch ---------------------------------------------------------
+
+    def put(
+        self, row: int, timestamp: int, payload: memoryview | bytes, arrival: float,
+        marker: bool = False,
+    ) -> bool:  # fmt: skip
+        """One packet (``arrival`` in local codec samples); False when it came too late."""
+        codes = np.frombuffer(payload, np.uint8).reshape(1, -1)
+        return bool(
+            self.put_batch(
+                np.array([row]), np.array([timestamp], np.int64), codes,
+                np.array([arrival], np.float64), np.array([marker]),
+            )[0]
+        )  # fmt: skip
+
+    def put_batch(
+        self,
+        rows: np.ndarray,
+        timestamps: np.ndarray,
+        codes: np.ndarray,
+        arrival: np.ndarray,
+        marker: np.ndarray,
+    ) -> np.ndarray:
+        """Put one packet per row (rows all distinct, every payload ``codes.shape[1]`` long).
+
+        Returns which were kept; a packet too late to be played is counted. A late
+        packet with the marker bit is a talkspurt restarting the sender's clock:
+        the row resyncs to it. So does one far ahead of the playout point.
         """
-        n = len(payload)
-        if not self.started[row]:
-            self.started[row] = True
-            self.fresh[row] = True
-            self.base[row] = arrival - (timestamp + n)
-            self.play_at[row] = timestamp
-            self.transit[row] = 0.0
-            self.count[row] = 0
-        play = self.play_at[row]
-        ext = play + ((timestamp - play + 0x80000000) & 0xFFFFFFFF) - 0x80000000
-        if ext + n > play + RING - self.frame:  # far ahead: the sender's clock jumped
-            self.resync(row)
-            return self.put(row, timestamp, payload, arrival)
-        count = self.count[row]
-        self._transit_rows.append(row)
-        self._transit_pos.append(count % HISTORY)
-        self._transit_val.append(arrival - self.base[row] - (ext + n))
-        self.count[row] = count + 1
-        self.last_arrival[row] = arrival
-        self.packet[row] = n
-        self.align[row] = (ext + n) % n
-        skip = 0 if self.fresh[row] else play - ext
-        if skip >= n:
-            self.packets_late[row] += 1
-            self.late_run[row] += 1
-            if self.late_run[row] >= LATE_RESYNC:
-                self.resync(row)
-            return False
-        self.late_run[row] = 0
-        if skip > 0:
-            payload = payload[skip:]
-            ext += skip
-        self._queue_rows.append(row)
-        self._queue_starts.append(ext)
-        self._queue_data.append(payload)
-        return True
-
-    def _commit(self) -> None:
-        """Write every queued packet and transit into the arrays (a few NumPy calls)."""
-        if self._transit_rows:
-            self.transit[self._transit_rows, self._transit_pos] = self._transit_val
-            self._transit_rows, self._transit_pos, self._transit_val = [], [], []
-        if not self._queue_rows:
-            return
-        rows, starts, data = self._queue_rows, self._queue_starts, self._queue_data
-        self._queue_rows, self._queue_starts, self._queue_data = [], [], []
-        sizes = [len(d) for d in data]
-        n = sizes[0]
-        ring, have = self.ring.reshape(-1), self.have.reshape(-1)
-        if all(size == n for size in sizes):
-            codes = np.frombuffer(b"".join(data), np.uint8)
-            starts_mod = np.array(starts, np.int64) & (RING - 1)  # RTP time is 64-bit here
-            offsets = (starts_mod.astype(np.int32)[:, None] + np.arange(n, dtype=np.int32)) & (
-                RING - 1
-            )
-            flat = (offsets + np.array(rows, np.int32)[:, None] * RING).reshape(-1)
-            ring[flat] = codes
-            have[flat] = True
-            return
-        for row, start, chunk in zip(rows, starts, data, strict=True):
-            flat = row * RING + ((start + np.arange(len(chunk))) & (RING - 1))
-            ring[flat] = np.frombuffer(chunk, np.uint8)
-            have[flat] = True
+        k, n = codes.shape
+        frame = self.frame
+        play = self.play[rows]
+        ext = play + ((timestamps - play + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+        started = self.started[rows]
+        fresh = self.fresh[rows]
+        skip = np.where(fresh, 0, play - ext)
+        restart = (
+            ~started
+            | (ext + n > play + RING - frame)  # far ahead: the sender's clock jumped
+            | ((skip >= n) & marker)
+        )
+        if restart.any():
+            r = rows[restart]
+            again = r[self.started[r]]
+            if again.size:
+                self.have[again] = False
+            ts = timestamps[restart]
+            self.started[r] = self.fresh[r] = True
+            self.base[r] = arrival[restart] - (ts + n)
+            self.play[r] = ts
+            self.transit[r] = 0.0
+            self.count[r] = 0
+            ext = np.where(restart, timestamps, ext)
+            skip = np.where(restart, 0, skip)
+        count = self.count[rows]
+        end = ext + n
+        self.transit[rows, count % HISTORY] = arrival - self.base[rows] - end
+        self.count[rows] = count + 1
+        self.last_arrival[rows] = arrival
+        self.packet[rows] = n
+        self.align[rows] = end % n
+        late = skip >= n
+        if late.any():
+            r = rows[late]
+            self.packets_late[r] += 1
+            self.late_run[r] += 1
+            gone = r[self.late_run[r] >= LATE_RESYNC]
+            if gone.size:
+                self.resync(gone)
+            keep = ~late
+            rows, ext, codes, skip = rows[keep], ext[keep], codes[keep], skip[keep]
+        else:
+            keep = np.ones(k, bool)
+        self.late_run[rows] = 0
+        starts = ext & (RING - 1)
+        if (skip > 0).any():  # partly late: keep what was there before the playout point
+            old = self._read(self.ring, rows, starts, n)
+            ahead = np.arange(n) >= skip[:, None]
+            codes = np.where(ahead, codes, old)
+            present = ahead | self._read(self.have, rows, starts, n)
+        else:
+            present = np.ones((len(rows), n), bool)
+        for offset in range(0, n, TAIL):  # packets longer than TAIL go in TAIL-sized pieces
+            piece = slice(offset, min(n, offset + TAIL))
+            at = (starts + offset) & (RING - 1)
+            self._write(self.ring, rows, at, np.ascontiguousarray(codes[:, piece]))
+            self._write(self.have, rows, at, np.ascontiguousarray(present[:, piece]))
+        return keep
 
     # --- per tick, all rows -------------------------------------------------------------
 
@@ -201,47 +226,39 @@ class JitterBank:
         (laws × 256) decode table and ``law`` each row's index into it. Rows that
         have never received audio give silence and are not counted as concealed.
         """
-        self._commit()
         frame = self.frame
         out = np.zeros((len(rows), frame), np.float32)
-        row_list = rows.tolist()
-        live = np.array([self.started[i] for i in row_list], bool)
+        live = self.started[rows]
         if not live.any():
             return out
         r = rows[live]
-        r_list = r.tolist()
         history = self.transit[r]
         slowest = history.max(axis=1)
         fastest = history.min(axis=1)
-        local = now - np.array([self.base[i] for i in r_list])
+        local = now - self.base[r]
         # Everything up to `ready` has surely arrived by now; a frame may only use whole
         # packets, so round down to where a packet ends.
         ready = np.floor(local - slowest - MARGIN).astype(np.int64)
-        packet = np.array([self.packet[i] for i in r_list], np.int64)
-        ready -= (ready - np.array([self.align[i] for i in r_list], np.int64)) % packet
+        ready -= (ready - self.align[r]) % self.packet[r]
         target = ready - frame
-        fresh = np.array([self.fresh[i] for i in r_list], bool)
+        fresh = self.fresh[r]
         play = np.where(fresh, target, self.play[r])
         diff = target - play
         back = diff < 0
         creep = np.where(talking[live], CREEP_TALKING, frame)
         forward = (diff > FORWARD_HYSTERESIS) & ~back
         step = np.where(back, diff, np.where(forward, np.minimum(diff, creep), 0))
-        have = self.have.reshape(-1)
-        row_base = r.astype(np.int32)[:, None] * RING
-        play_mod = (play & (RING - 1)).astype(np.int32)  # positions in the ring, before stepping
+        play_mod = play & (RING - 1)  # positions in the ring, before stepping
         if forward.any():  # forget what is skipped, so the ring cannot replay it a lap later
             f = np.flatnonzero(forward)
-            skipped = row_base[f] + ((play_mod[f, None] + self._arange) & (RING - 1))
-            have[skipped[self._arange < step[f, None]]] = False
+            kept = self._read(self.have, r[f], play_mod[f], frame) & (self._arange >= step[f, None])
+            self._write(self.have, r[f], play_mod[f], kept)
         play = play + step
-        for i in np.flatnonzero(fresh).tolist():
-            self.fresh[r_list[i]] = False
-        start = (play & (RING - 1)).astype(np.int32)
-        flat = row_base + ((start[:, None] + self._arange) & (RING - 1))
-        codes = self.ring.reshape(-1).take(flat)
-        present = have.take(flat)
-        have[flat] = False
+        self.fresh[r] = False
+        start = play & (RING - 1)
+        codes = self._read(self.ring, r, start, frame)
+        present = self._read(self.have, r, start, frame)
+        self._write(self.have, r, start, np.zeros((len(r), frame), bool))
         laws = law[r]
         if (laws == laws[0]).all():  # the usual case: one codec for every leg
             pcm = table[laws[0]].take(codes)
@@ -250,7 +267,7 @@ class JitterBank:
         missing = ~present
         if missing.any():
             lost_rows = missing.any(axis=1)
-            arrived = np.array([self.last_arrival[i] for i in r_list])
+            arrived = self.last_arrival[r]
             recent = (now - arrived) < 10 * frame  # still sending: real loss
             fade = self.fade[r]
             pcm = np.where(present, pcm, self.last_frame[r] * fade[:, None])
@@ -261,8 +278,6 @@ class JitterBank:
             self.fade[r] = 1.0
         self.last_frame[r] = pcm
         self.play[r] = play + frame
-        for i, value in zip(r_list, (play + frame).tolist(), strict=True):
-            self.play_at[i] = value
         self.delay[r] = local - frame - play - fastest
         out[live] = pcm
         return out

@@ -37,6 +37,7 @@ class SipLeg(Port):
     ) -> None:
         super().__init__(name, config, timing)
         self.bank = bank
+        self.port_bank = bank  # the engine moves every leg's audio in one step (PortBank)
         self.row = row
         self.on_close: Callable[[SipLeg], None] | None = None
 
@@ -47,7 +48,7 @@ class SipLeg(Port):
             callback, self.on_close = self.on_close, None
             callback(self)
 
-    def read(self) -> Frame | None:
+    def read(self) -> Frame | None:  # one port at a time (an engine without port banks)
         row = self.row
         talking = bool(self.bank.talking[row])
         self.talking = talking
@@ -60,9 +61,7 @@ class SipLeg(Port):
 
     def send_dtmf(self, digits: str) -> None:
         """Queue RFC 4733 digits toward the phone (sent on the next ticks)."""
-        media = self.bank.media[self.row]
-        if media is not None:
-            media.dtmf_out.extend(d for d in digits if d in "0123456789*#ABCD")
+        self.bank.queue_dtmf(self.row, digits)
 
     def stats(self) -> dict[str, float]:
         return self.bank.stats(self.row)

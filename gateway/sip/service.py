@@ -87,8 +87,7 @@ class SipService:
     def __init__(self, gateway: Gateway, config: SipConfig) -> None:
         self.gateway = gateway
         self.config = config
-        timing = gateway.config.timing
-        self.bank = LegBank(timing.rate, timing.frame_samples, timing.frame)
+        self.bank: LegBank | None = None  # opened in start(): it binds the media sockets
         self.transport = SipTransport(self._on_request)
         self.calls: CallManager | None = None
         self.registrations: dict[str, Registration] = {}
@@ -113,6 +112,13 @@ class SipService:
         await self.transport.open(host, port)
         address = self.config.public_address or self.transport.host
         timing = self.gateway.config.timing
+        self.bank = LegBank(
+            timing.rate,
+            timing.frame_samples,
+            timing.frame,
+            host=self.transport.host,
+            port_range=self.config.rtp_range,
+        )
         self.calls = CallManager(
             self.config, self.transport, self.gateway.engine, timing, self.bank, address
         )
@@ -175,5 +181,5 @@ class SipService:
             self._uninstall()
             self._uninstall = None
         self.transport.close()
-        self.bank.close()
-
+        if self.bank is not None:
+            self.bank.close()
