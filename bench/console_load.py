@@ -339,7 +339,7 @@ async def latency(runs: int) -> None:
     from gateway.app import Gateway
     from gateway.config import parse_config
     from gateway.ports import Port
-    from gateway.webrtc import port as console_port
+    from gateway.webrtc import rtp as console_rtp
 
     class Ear(Port):
         """A full-duplex radio: records arrival times of what the gateway sends it."""
@@ -380,14 +380,14 @@ async def latency(runs: int) -> None:
     await client.ptt("tg0", True)
     up, down, wire = [], [], []
     sent_at: list[float] = []  # when each non-silent packet left for the wire
-    original = console_port.DirectRtp.send
+    original = console_rtp.RtpOut.send
 
     def timed_send(self, payload: bytes) -> None:
         original(self, payload)
         if payload != gateway.console.silence:
             sent_at.append(time.time())
 
-    console_port.DirectRtp.send = timed_send
+    console_rtp.RtpOut.send = timed_send
     try:
         for _ in range(runs):
             # console → radio: the client's tone burst onset at the radio
@@ -431,7 +431,7 @@ async def latency(runs: int) -> None:
             sent_at.clear()
             await client.ptt("tg0", True)
     finally:
-        console_port.DirectRtp.send = original
+        console_rtp.RtpOut.send = original
         await client.close()
         await http.close()
         gateway.stop()

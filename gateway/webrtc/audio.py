@@ -89,21 +89,37 @@ class SharedEncoders:
         self.encodes = 0
         self.shares = 0
 
+    def encode(self, key: str, tick: int, frame: np.ndarray, listeners: int = 1) -> list[bytes]:
+        """This tick's packets of ``key``'s mix, encoded on the first call of the tick.
+
+        The caller has checked that ``listeners`` consoles hear exactly ``frame``.
+        """
+        shared = self._stream(key)
+        if shared.tick != tick:
+            shared.tick = tick
+            shared.frame = frame.tobytes()
+            shared.packets = shared.stream.encode(frame)
+            self.encodes += 1
+            listeners -= 1
+        self.shares += listeners
+        return shared.packets
+
     def packets(self, key: str, tick: int, frame: np.ndarray) -> list[bytes] | None:
+        """One console's share of this tick's encode, or None if its frame differs."""
+        shared = self._stream(key)
+        if shared.tick != tick:
+            return self.encode(key, tick, frame)
+        if frame.tobytes() == shared.frame:  # a memcmp: cheaper than np.array_equal
+            self.shares += 1
+            return shared.packets
+        return None
+
+    def _stream(self, key: str) -> _Shared:
         shared = self.streams.get(key)
         if shared is None:
             stream = OpusStream(self.rate, self.frame_seconds, self.bitrate)
             shared = self.streams[key] = _Shared(stream)
-        if shared.tick != tick:
-            shared.tick = tick
-            shared.frame = frame.copy()
-            shared.packets = shared.stream.encode(frame)
-            self.encodes += 1
-            return shared.packets
-        if shared.frame is not None and np.array_equal(shared.frame, frame):
-            self.shares += 1
-            return shared.packets
-        return None
+        return shared
 
     def forget(self, key: str) -> None:
         self.streams.pop(key, None)
@@ -113,7 +129,7 @@ class _Shared:
     def __init__(self, stream: OpusStream) -> None:
         self.stream = stream
         self.tick = -1
-        self.frame: np.ndarray | None = None
+        self.frame = b""  # the encoded frame's bytes, to check that another frame is identical
         self.packets: list[bytes] = []
 
 

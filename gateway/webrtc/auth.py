@@ -148,13 +148,29 @@ class Sessions:
             self.by_token.pop(token, None)
             self.audit("console_session_expired", operator=session.operator)
             return None
-        current = self.config.operators.get(session.operator)
-        if current is None:  # account removed from the config
-            self.by_token.pop(token, None)
-            self.audit("console_session_ended", operator=session.operator,
-                       reason="operator removed from config")  # fmt: skip
+        reason = self.invalid_reason(session)
+        if reason:
+            self.end(token, reason)
             return None
-        session.config = current  # permissions follow a reload
+        session.config = self.config.operators[session.operator]  # permissions follow a reload
+        return session
+
+    def invalid_reason(self, session: Session) -> str:
+        """Why the running config no longer accepts this session ('' when it does): the
+        account was removed, or its password changed (whoever knew the old one is out)."""
+        current = self.config.operators.get(session.operator)
+        if current is None:
+            return "operator removed from config"
+        if current.password_hash != session.config.password_hash:
+            return "password changed"
+        return ""
+
+    def end(self, token: str, reason: str) -> Session | None:
+        """End a session for a reason other than logout (audited)."""
+        session = self.by_token.pop(token, None)
+        if session:
+            self.audit("console_session_ended", warn=True, operator=session.operator,
+                       reason=reason)  # fmt: skip
         return session
 
     def _known(self, operator: str) -> str:

@@ -13,19 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import av
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from gateway.config import PortConfig, Timing
-from gateway.ports import Frame, Port
+from gateway.ports import Frame, Port, PortBank
 from gateway.webrtc.audio import OPUS_TIME_BASE, Inbound, OpusStream, SharedEncoders
+from gateway.webrtc.rtp import RtpOut
 
 log = logging.getLogger(__name__)
 
@@ -71,58 +69,6 @@ class OutboundTrack(MediaStreamTrack):
         self.ready.set()
 
 
-class DirectRtp:
-    """Sends this console's Opus packets straight to the wire: RTP header, SRTP, UDP.
-
-    aiortc's sender spends ~100 µs of Python per packet (a task wake-up, packet
-    objects, header extensions, three awaits down to the socket); with one shared
-    encode per talkgroup that path is the whole per-listener cost. This writes the
-    12-byte header itself and calls the same SRTP session and socket aiortc set up.
-
-    It reaches into aiortc (1.x) for the SRTP session and the nominated ICE pair;
-    :meth:`available` says whether those exist, and the console falls back to the
-    ordinary track when they do not. Packets sent before DTLS is up are dropped,
-    as aiortc would.
-    """
-
-    def __init__(self, sender: Any, payload_type: int, samples_per_packet: int) -> None:
-        self.sender = sender
-        self.payload_type = payload_type & 0x7F
-        self.samples = samples_per_packet
-        self.sequence = secrets.randbelow(1 << 16)
-        self.timestamp = secrets.randbelow(1 << 32)
-        self.packets = 0
-        self.bytes = 0
-        self.dropped = 0
-
-    @staticmethod
-    def available(sender: Any) -> bool:
-        dtls = getattr(sender, "transport", None)
-        ice = getattr(dtls, "transport", None)
-        return (
-            hasattr(type(dtls), "_send_rtp")  # the method that uses _tx_srtp
-            and hasattr(getattr(ice, "_connection", None), "_nominated")
-            and isinstance(getattr(sender, "_ssrc", None), int)
-        )
-
-    def send(self, payload: bytes) -> None:
-        dtls = self.sender.transport
-        pair = None
-        if dtls.state == "connected" and getattr(dtls, "_tx_srtp", None) is not None:
-            pair = dtls.transport._connection._nominated.get(1)
-        if pair is None or pair.protocol.transport is None:
-            self.dropped += 1
-            return
-        header = struct.pack("!BBHII", 0x80, self.payload_type, self.sequence, self.timestamp,
-                             self.sender._ssrc)  # fmt: skip
-        self.sequence = (self.sequence + 1) & 0xFFFF
-        self.timestamp = (self.timestamp + self.samples) & 0xFFFFFFFF
-        data = dtls._tx_srtp.protect(header + payload)
-        pair.protocol.transport.sendto(data, pair.remote_addr)
-        self.packets += 1
-        self.bytes += len(payload)
-
-
 class ConsolePort(Port):
     """A dispatcher's seat in one talkgroup."""
 
@@ -144,6 +90,7 @@ class ConsolePort(Port):
         silence: bytes,
         tick: Callable[[], int],
         shared_encode: bool = True,
+        bank: PortBank | None = None,
     ) -> None:
         config = PortConfig(kind="console", agency=agency, duplex="full", ptt_hang_time=0.0,
                             description=f"dispatcher console of {operator}")  # fmt: skip
@@ -163,11 +110,18 @@ class ConsolePort(Port):
         self.inbound = Inbound(self.rate, self.frame_samples)
         self.track = OutboundTrack(round(48000 * timing.frame))
         self.own: OpusStream | None = None
-        self.direct: DirectRtp | None = None  # set once the call is answered
+        self.direct: RtpOut | None = None  # set by use_direct() once the call is answered
+        self.emit: Callable[[bytes], None] = self.track.push  # one Opus packet to the browser
+        self.port_bank = bank  # the bank moves every console's audio in one step per tick
         self.reader: asyncio.Task | None = None
         self.frames_in = 0
         self.stale_frames = 0
         self.own_encodes = 0
+
+    def use_direct(self, rtp: RtpOut | None) -> None:
+        """Send through ``rtp`` (our own RTP/SRTP path) instead of aiortc's sender."""
+        self.direct = rtp
+        self.emit = rtp.send if rtp is not None else self.track.push
 
     # --- browser side --------------------------------------------------------
 
@@ -209,27 +163,34 @@ class ConsolePort(Port):
         return self.inbound.pop()
 
     def write(self, frame: Frame | None) -> None:
-        if self.track.readyState != "live":
-            return
-        send = self.direct.send if self.direct is not None else self.track.push
+        """One port at a time (no bank): the same packets the bank would send."""
         if frame is None:
-            send(self.silence)
+            self.emit(self.silence)
             return
         packets = None
         if self.shared_encode and not self.talking:
             packets = self.encoders.packets(self.talkgroup, self.tick(), frame)
         if packets is None:
-            if self.own is None:
-                self.own = OpusStream(self.rate, self.frame_seconds, self.encoders.bitrate)
-            packets = self.own.encode(frame)
-            self.own_encodes += 1
+            self.write_own(frame)
+            return
         for payload in packets:
-            send(payload)
+            self.emit(payload)
+
+    def write_own(self, frame: Frame) -> None:
+        """Encode a frame only this console hears (its N-1 mix, the busy tone)."""
+        if self.own is None:
+            self.own = OpusStream(self.rate, self.frame_seconds, self.encoders.bitrate)
+        self.own_encodes += 1
+        for payload in self.own.encode(frame):
+            self.emit(payload)
 
     def close(self) -> None:
         super().close()
         self.ptt = False
+        self.emit = _closed
         self.track.stop()
+        if self.direct is not None:
+            self.direct.close()
         if self.reader is not None:
             self.reader.cancel()
 
@@ -240,3 +201,7 @@ class ConsolePort(Port):
             "packets_out": float(out.packets),
             "bytes_out": float(out.bytes),
         }
+
+
+def _closed(payload: bytes) -> None:
+    """A closed console sends nothing."""

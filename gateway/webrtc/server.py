@@ -35,8 +35,10 @@ from aiortc.rtcrtpsender import RTCRtpSender
 from gateway.engine import Event
 from gateway.webrtc.audio import SharedEncoders, silence_packet
 from gateway.webrtc.auth import COOKIE, ConsoleAudit, Session, Sessions
-from gateway.webrtc.config import ConsoleConfig
-from gateway.webrtc.port import ConsolePort, DirectRtp
+from gateway.webrtc.bank import ConsoleBank
+from gateway.webrtc.config import ConsoleConfig, OperatorConfig
+from gateway.webrtc.port import ConsolePort
+from gateway.webrtc.rtp import RtpOut
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -72,10 +74,16 @@ class Socket:
         self.control: deque[str] = deque(maxlen=100)
         self.state: str | None = None
         self.wake = asyncio.Event()
+        self.closing: tuple[int, str] | None = None
         self.task = asyncio.ensure_future(self._send())
 
     def send(self, message: dict[str, Any]) -> None:
         self.control.append(json.dumps(message))
+        self.wake.set()
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close after what is queued has been sent (a last 'logged_out' message)."""
+        self.closing = (code, reason)
         self.wake.set()
 
     def send_state(self, text: str) -> None:
@@ -89,6 +97,10 @@ class Socket:
                 self.wake.clear()
                 while self.control:
                     await self.ws.send_str(self.control.popleft())
+                if self.closing is not None:
+                    code, reason = self.closing
+                    await self.ws.close(code=code, message=reason.encode()[:120])
+                    return
                 if self.state is not None:
                     text, self.state = self.state, None
                     await self.ws.send_str(text)
@@ -120,14 +132,14 @@ def filter_remote_candidates(sdp: str, loopback_only: bool) -> str:
     return "\r\n".join(kept) + "\r\n"
 
 
-def direct_sender(pc: RTCPeerConnection, port: ConsolePort) -> DirectRtp | None:
+def direct_sender(pc: RTCPeerConnection, port: ConsolePort) -> RtpOut | None:
     """The batch-friendly send path for this call, or None to keep aiortc's own."""
     match = re.search(r"^a=rtpmap:(\d+) opus/48000", pc.localDescription.sdp, re.M | re.I)
     senders = [t.sender for t in pc.getTransceivers() if t.kind == "audio"]
-    if not match or not senders or not DirectRtp.available(senders[0]):
+    if not match or not senders or not RtpOut.available(senders[0]):
         log.info("console %s: aiortc's sender path (direct RTP not available)", port.name)
         return None
-    return DirectRtp(senders[0], int(match.group(1)), port.track.samples)
+    return RtpOut(senders[0], int(match.group(1)), port.track.samples)
 
 
 def shorten_receive_buffer(receiver: Any, prefetch: int = RECEIVE_PREFETCH) -> None:
@@ -152,19 +164,26 @@ class ConsoleHub:
         timing = gateway.config.timing
         self.encoders = SharedEncoders(timing.rate, timing.frame, self.config.opus_bitrate)
         self.silence = silence_packet(timing.frame)
+        self.bank = ConsoleBank(self.encoders, self.silence, self.engine)
         self._push_pending = False
         self._seats = itertools.count(1)
         self._last_common = ""
         self._loop_task: asyncio.Task | None = None
+        # A reload swaps the [console] model; the next tick notices and applies it.
+        self._applied = gateway.config.section("console")
+        self._apply_pending = False
+        self._closed_section = self._first_config.model_copy(update={"operators": {}})
         addresses = self.config.ice_addresses
         if addresses:  # aioice's host-address discovery is process-wide; so is this setting
             aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)
         self.loopback_only = _loopback_only(addresses)
         self.engine.listeners.append(self._on_event)
+        self.engine.before_tick.append(self._check_reload)
 
     @property
     def config(self) -> ConsoleConfig:
-        return self.gateway.config.section("console") or self._first_config
+        """The running [console] section; a reload that deletes it leaves no operators."""
+        return self.gateway.config.section("console") or self._closed_section
 
     def stats(self) -> dict[str, float]:
         """For /metrics: sessions, logins, and how much Opus encoding was shared."""
@@ -192,6 +211,95 @@ class ConsoleHub:
             await sock.ws.close(code=1001, message=b"gateway stopping")
         with contextlib.suppress(ValueError):
             self.engine.listeners.remove(self._on_event)
+        with contextlib.suppress(ValueError):
+            self.engine.before_tick.remove(self._check_reload)
+
+    # --- reload: permissions apply live ------------------------------------------
+
+    def _check_reload(self) -> None:
+        """Per tick, one identity check; the work runs right after the tick."""
+        if self._apply_pending or self.gateway.config.section("console") is self._applied:
+            return
+        self._apply_pending = True
+        asyncio.get_event_loop().call_soon(self.apply_permissions)
+
+    def apply_permissions(self) -> None:
+        """Make every session and console seat match the running config, at once.
+
+        A removed operator, or one whose password changed, is logged out and every
+        seat of theirs detached; a talkgroup no longer permitted is left; a seat
+        turned monitor-only drops PTT (and with it the floor, next tick) and refuses
+        PTT from then on. Seats are compared with the config itself, not with the
+        previous config, so this is idempotent and a request racing the reload
+        cannot leave a seat with rights it lost.
+        """
+        self._apply_pending = False
+        self._applied = self.gateway.config.section("console")
+        cfg = self.config
+        for token, session in list(self.sessions.by_token.items()):
+            consoles = [c for c in self.consoles.values() if c.session.token == token]
+            reason = self.sessions.invalid_reason(session)
+            if reason:
+                self.sessions.end(token, reason)
+                for console in consoles:
+                    self._close_console_now(console, reason)
+                for sock in [k for k in self.sockets if k.session.token == token]:
+                    sock.send({"type": "logged_out", "reason": reason})
+                    sock.close_soon(4001, reason)
+                continue
+            op = session.config = cfg.operators[session.operator]
+            for console in consoles:
+                for talkgroup, port in list(console.ports.items()):
+                    self._apply_seat(console, session.operator, op, talkgroup, port)
+        self.push_state()
+
+    def _apply_seat(
+        self, console: Console, operator: str, op: OperatorConfig, talkgroup: str,
+        port: ConsolePort,
+    ) -> None:  # fmt: skip
+        if port.name not in self.engine.attached:  # the reload removed the talkgroup
+            reason = "talkgroup removed from config"
+        elif not op.may_monitor(talkgroup):
+            reason = "permission withdrawn"
+        else:
+            reason = ""
+        if reason:
+            self.audit("console_permission_changed", warn=True, operator=operator,
+                       talkgroup=talkgroup, port=port.name, mode="none")  # fmt: skip
+            pc = self._drop(console, talkgroup, reason)
+            if pc is not None:
+                asyncio.ensure_future(pc.close())
+            for sock in console.sockets:
+                sock.send({"type": "left", "talkgroup": talkgroup, "reason": reason})
+            return
+        may_talk = op.may_talk(talkgroup)
+        if may_talk != port.can_talk:
+            self.audit("console_permission_changed", warn=not may_talk, operator=operator,
+                       talkgroup=talkgroup, port=port.name,
+                       mode="talk" if may_talk else "monitor")  # fmt: skip
+            if not may_talk and port.ptt:
+                self.audit("console_ptt", operator=operator, talkgroup=talkgroup, on=False,
+                           port=port.name, reason="talk permission withdrawn")  # fmt: skip
+                for sock in console.sockets:
+                    sock.send({"type": "refused", "talkgroup": talkgroup,
+                               "reason": "talk permission withdrawn"})  # fmt: skip
+            port.can_talk = may_talk
+            port.set_ptt(port.ptt)  # PTT held without the right to talk is dropped now
+        if port.emergency and not (op.emergency and may_talk):
+            port.emergency = False
+        wanted = op.emergency_priority if port.emergency else op.priority
+        if port.priority != wanted:
+            self._set_priority(port, wanted)
+
+    def _close_console_now(self, console: Console, reason: str) -> None:
+        """Detach every seat of a console in this call; peer connections close after."""
+        if console.grace:
+            console.grace.cancel()
+        for talkgroup in list(console.ports):
+            pc = self._drop(console, talkgroup, reason)
+            if pc is not None:
+                asyncio.ensure_future(pc.close())
+        self.consoles.pop(console.id, None)
 
     # --- state to the pages ----------------------------------------------------
 
@@ -325,6 +433,7 @@ class ConsoleHub:
             talkgroup=talkgroup, may_talk=op.may_talk(talkgroup), priority=op.priority,
             encoders=self.encoders, silence=self.silence,
             tick=lambda: self.engine.tick_count, shared_encode=cfg.shared_encode,
+            bank=self.bank,
         )  # fmt: skip
         servers = [RTCIceServer(urls=u) for u in cfg.ice_servers]
         pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
@@ -353,7 +462,7 @@ class ConsoleHub:
                     shorten_receive_buffer(transceiver.receiver)
             await pc.setLocalDescription(await pc.createAnswer())
             if cfg.direct_rtp:
-                port.direct = direct_sender(pc, port)
+                port.use_direct(direct_sender(pc, port))
         except Exception as exc:
             await pc.close()
             raise web.HTTPBadRequest(text=f"cannot answer this offer: {exc}") from exc
@@ -366,6 +475,12 @@ class ConsoleHub:
         return {"type": pc.localDescription.type, "sdp": pc.localDescription.sdp}
 
     async def leave(self, console: Console, talkgroup: str, reason: str) -> None:
+        pc = self._drop(console, talkgroup, reason)
+        if pc is not None:
+            await pc.close()
+
+    def _drop(self, console: Console, talkgroup: str, reason: str) -> RTCPeerConnection | None:
+        """Detach a seat from the engine now; returns its peer connection to close."""
         port = console.ports.pop(talkgroup, None)
         pc = console.pcs.pop(talkgroup, None)
         if port is not None:
@@ -373,10 +488,8 @@ class ConsoleHub:
             port.close()
             self.audit("console_leave", operator=port.operator, talkgroup=talkgroup,
                        port=port.name, reason=reason)  # fmt: skip
-        if pc is not None:
-            await pc.close()
-        if port is not None:
             self.push_state()
+        return pc
 
     async def close_console(self, console: Console, reason: str) -> None:
         if console.grace:

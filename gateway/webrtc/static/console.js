@@ -172,7 +172,22 @@ function onMessage(msg) {
     if (t) { hangUp(t); $(".state", t.el).textContent = msg.reason; if (t.monitor && msg.reason === "connection lost") rejoin(msg.talkgroup); }
     return;
   }
+  if (msg.type === "logged_out") {  // the operator was removed or their password changed
+    diag.log.push({ t: Date.now(), loggedOut: msg.reason });
+    running = false;
+    pttRelease(false);
+    for (const [name, t] of tiles) dropTile(name, t);
+    showLogin(`Logged out by the gateway: ${msg.reason}.`);
+    return;
+  }
   if (msg.type === "error") banner(msg.message);
+}
+
+function dropTile(name, t) {
+  hangUp(t);
+  t.el.remove();
+  tiles.delete(name);
+  if (selected === name) selected = null;
 }
 
 // --- tiles -----------------------------------------------------------------------------
@@ -210,6 +225,9 @@ function tileFor(info) {
 function render(state) {
   diag.lastState = state;
   const now = Date.now();
+  // A talkgroup no longer permitted (or removed by a reload) loses its tile.
+  const shown = new Set(state.talkgroups.map(x => x.name));
+  for (const [name, t] of tiles) if (!shown.has(name)) dropTile(name, t);
   for (const info of state.talkgroups) {
     const t = tileFor(info);
     t.info = info;

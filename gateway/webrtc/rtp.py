@@ -1,0 +1,110 @@
+"""A console's outgoing RTP, sent without aiortc's per-packet sender task.
+
+aiortc's sender spends ~100 µs of Python per packet (a task wake-up, packet
+objects, header extensions, three awaits down to the socket). With one shared
+Opus encode per talkgroup that path was the whole per-listener cost, so the
+console bank sends each listener's packet itself: a 12-byte header, the SRTP
+session aiortc negotiated, and a plain non-blocking ``sendto`` on the nominated
+ICE pair's socket. SRTP protection stays per listener (keys differ); everything
+else that can be looked up once is looked up once per call, not per packet.
+
+It reaches into aiortc 1.x (the DTLS transport's SRTP session, aioice's
+nominated pair); :meth:`RtpOut.available` says whether those exist, and the
+console falls back to aiortc's own sender when they do not.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import struct
+from typing import Any
+
+from aiortc.rtcdtlstransport import State as DtlsState
+
+HEADER = struct.Struct("!BBHII")  # V=2 P=0 X=0 CC=0 | M PT | sequence | timestamp | SSRC
+
+
+class RtpOut:
+    """One console's RTP stream to the browser: sequence, timestamp, SSRC and the wire."""
+
+    def __init__(self, sender: Any, payload_type: int, samples_per_packet: int) -> None:
+        self.sender = sender
+        self.dtls = sender.transport
+        self.payload_type = payload_type & 0x7F
+        self.samples = samples_per_packet
+        self.ssrc = int(sender._ssrc)
+        self.sequence = secrets.randbelow(1 << 16)
+        self.timestamp = secrets.randbelow(1 << 32)
+        self.packets = 0
+        self.bytes = 0
+        self.dropped = 0  # before DTLS was up, or the socket refused (full, closed)
+        # Resolved once DTLS is connected (see _resolve).
+        self._protect: Any = None
+        self._sendto: Any = None
+        self._addr: tuple[str, int] | None = None
+        self._pair: Any = None
+        self._sock: socket.socket | None = None
+        self.closed = False
+
+    @staticmethod
+    def available(sender: Any) -> bool:
+        dtls = getattr(sender, "transport", None)
+        ice = getattr(dtls, "transport", None)
+        return (
+            hasattr(dtls, "_tx_srtp")
+            and hasattr(dtls, "_state")
+            and isinstance(getattr(getattr(ice, "_connection", None), "_nominated", None), dict)
+            and isinstance(getattr(sender, "_ssrc", None), int)
+        )
+
+    def _resolve(self) -> bool:
+        """Find the SRTP session and the nominated pair's socket, once DTLS is up."""
+        dtls = self.dtls
+        srtp = getattr(dtls, "_tx_srtp", None)
+        pair = dtls.transport._connection._nominated.get(1)
+        transport = getattr(getattr(pair, "protocol", None), "transport", None)
+        if dtls._state is not DtlsState.CONNECTED or srtp is None or transport is None:
+            return False
+        raw = transport.get_extra_info("socket")
+        if raw is None:
+            return False
+        # Our own descriptor for the same socket: a plain non-blocking sendto, no
+        # transport object in between. Closed with the console (close()).
+        self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+        self._sock.setblocking(False)
+        self._protect = srtp.protect
+        self._sendto = self._sock.sendto
+        self._addr = pair.remote_addr
+        self._pair = pair
+        return True
+
+    def send(self, payload: bytes) -> None:
+        """Packetise, protect and send one Opus packet (or drop it and count)."""
+        if self._sendto is None and (self.closed or not self._resolve()):
+            self.dropped += 1
+            return
+        if self.dtls._state is not DtlsState.CONNECTED:
+            self.dropped += 1
+            return
+        data = self._protect(
+            HEADER.pack(0x80, self.payload_type, self.sequence, self.timestamp, self.ssrc)
+            + payload
+        )
+        self.sequence = (self.sequence + 1) & 0xFFFF
+        self.timestamp = (self.timestamp + self.samples) & 0xFFFFFFFF
+        try:
+            self._sendto(data, self._addr)
+        except OSError:  # socket buffer full (drop, as UDP would) or closed under us
+            self.dropped += 1
+            return
+        self.packets += 1
+        self.bytes += len(payload)
+
+    def close(self) -> None:
+        self.closed = True
+        self._sendto = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
