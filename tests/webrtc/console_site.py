@@ -112,8 +112,9 @@ def write_tone_wav(path: Path, hz: float, seconds: float = 20.0, rate: int = 480
 
 
 def site_toml(
-    floor: str = "mix", extra: str = "", audit: Path | None = None, console: str = ""
-) -> str:
+    floor: str = "mix", extra: str = "", audit: Path | None = None, console: str = "",
+    web: str = "",
+) -> str:  # fmt: skip
     audit_section = f'[audit]\npath = "{audit}"\nsync_every = "100ms"' if audit else ""
     return f"""
 [site]
@@ -125,6 +126,7 @@ country = "US"
 [web]
 host = "127.0.0.1"
 port = 0
+{web}
 
 [console]
 ice_addresses = ["127.0.0.1"]
@@ -250,8 +252,9 @@ class Site:
 
 @contextlib.asynccontextmanager
 async def console_site(
-    tmp: Path, floor: str = "mix", extra: str = "", browser: bool = True, console: str = ""
-) -> AsyncIterator[Site]:
+    tmp: Path, floor: str = "mix", extra: str = "", browser: bool = True, console: str = "",
+    web: str = "", browser_args: tuple[str, ...] = (),
+) -> AsyncIterator[Site]:  # fmt: skip
     from playwright.async_api import async_playwright
 
     from gateway.app import Gateway
@@ -259,7 +262,8 @@ async def console_site(
 
     chromium = require_binary("chromium") if browser else ""
     config_path = tmp / "site.toml"
-    config_path.write_text(site_toml(floor, extra, audit=tmp / "audit.jsonl", console=console))
+    config_path.write_text(site_toml(floor, extra, audit=tmp / "audit.jsonl", console=console,
+                                     web=web))  # fmt: skip
     wav = write_tone_wav(tmp / "mic.wav", CONSOLE_TONE_HZ)
     gateway = Gateway(load_site(config_path))
     run = asyncio.ensure_future(gateway.run())
@@ -268,14 +272,16 @@ async def console_site(
                     10, "the web server to listen")  # fmt: skip
         if run.done():
             run.result()
-        url = f"http://127.0.0.1:{gateway.web.port}/console/"
+        scheme = "https" if "tls_certificate" in web else "http"
+        url = f"{scheme}://127.0.0.1:{gateway.web.port}/console/"
         if not browser:
             yield Site(gateway, url, None, tmp)
             return
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(
                 executable_path=chromium,
-                args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}"],
+                args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}",
+                      *browser_args],
             )
             try:
                 yield Site(gateway, url, browser, tmp)
