@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,8 +39,22 @@ import numpy as np
 from gateway.codecs.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from gateway.ports import PortBank
 from gateway.sip.jitter import JitterBank
-from gateway.sip.mmsg import BatchReceiver, BatchSender, address_key, key_address
+from gateway.sip.mmsg import (
+    SO_TIMESTAMPNS,
+    BatchReceiver,
+    BatchSender,
+    address_key,
+    key_address,
+)
 from gateway.sip.resample import BlockResampler
+from gateway.sip.rtcp import (
+    ReportBlock,
+    RtcpState,
+    build_report,
+    is_rtcp,
+    ntp_now,
+    parse_compound,
+)
 from gateway.sip.rtp import (
     PCMA,
     PCMU,
@@ -71,7 +86,10 @@ MALFORMED_KINDS = (
     "payload_type",  # a payload type the call did not agree on
     "event",  # a telephone-event that is not a DTMF key
     "source",  # from an address that is no call's peer (stray or spoofed)
+    "rtcp",  # RTCP that does not parse (lengths past the end, not SR/RR first)
 )
+_STAMP_SPACE = socket.CMSG_SPACE(16)
+RTCP_INTERVAL = 5.0  # seconds between one leg's reports (RFC 3550 §6.2: 5 s minimum)
 
 _LAWS = {PCMU: 0, PCMA: 1}
 
@@ -95,6 +113,7 @@ class LegMedia:
     dtmf_type: int | None
     remote: tuple[str, int] | None  # where the SDP says the peer's RTP is
     on_dtmf: Callable[[str, bool], None] | None = None
+    rtcp: RtcpState = field(default_factory=lambda: RtcpState(None))
     malformed: int = 0
     send_errors: int = 0
     event_ts: int | None = None  # RTP timestamp of the DTMF event being received
@@ -158,6 +177,7 @@ class LegBank(PortBank):
         capacity: int = 64,
         host: str = "127.0.0.1",
         port_range: tuple[int, int] | None = None,
+        rtcp_interval: float = RTCP_INTERVAL,
     ) -> None:
         if rate % CODEC_RATE:
             raise ValueError(f"SIP needs an engine rate that is a multiple of 8000 Hz, not {rate}")
@@ -180,9 +200,14 @@ class LegBank(PortBank):
         self.port = self.sock.getsockname()[1]
         self.receiver = BatchReceiver(self.sock)
         self.sender = BatchSender(self.sock)
+        self.rtcp_sock.setblocking(False)
+        self.rtcp_sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.rtcp_ticks = max(1, round(rtcp_interval / frame_seconds))
+        self.cname = f"borderlink@{host}"
         self.media: list[LegMedia | None] = []
         self.free: list[int] = []
         self.by_source: dict[int, int] = {}  # peer address key → row
+        self.rtcp_source: dict[int, int] = {}  # peer RTCP address key → row
         self._keys = np.zeros(0, np.int64)  # the same, sorted, for vectorised lookup
         self._key_rows = np.zeros(0, np.int64)
         self.malformed = dict.fromkeys(MALFORMED_KINDS, 0)
@@ -269,6 +294,11 @@ class LegBank(PortBank):
         self.packets_out[row] = self.bytes_out[row] = self.payload_out[row] = 0
         self.dest[row] = NO_PEER
         self.latched[row] = False
+        rtcp_remote = media.rtcp.remote
+        if rtcp_remote is None and media.remote is not None:  # RFC 3550: RTP port + 1
+            rtcp_remote = (media.remote[0], media.remote[1] + 1)
+        media.rtcp.remote = None
+        self.set_rtcp_remote(row, rtcp_remote)
         if media.remote is not None:
             key = address_key(*media.remote)
             self.dest[row] = key
@@ -282,6 +312,7 @@ class LegBank(PortBank):
             return
         for key in [k for k, r in self.by_source.items() if r == row]:
             del self.by_source[key]
+        self.set_rtcp_remote(row, None)
         self.dest[row] = NO_PEER
         self.media[row] = None
         self.free.append(row)
@@ -366,6 +397,7 @@ class LegBank(PortBank):
     def receive(self) -> None:
         now = self._tick_time()
         self.drain()
+        self.drain_rtcp()
         rows = self.active
         if rows.size == 0:
             return
@@ -503,6 +535,9 @@ class LegBank(PortBank):
 
     def _packet(self, row: int, key: int, data: bytes, arrival: float) -> None:
         """A packet off the common path: checked in full by the one-packet parser."""
+        if is_rtcp(data[1]):  # RTCP multiplexed on the RTP port (RFC 5761)
+            self._rtcp(data, key, row, self.epoch_seconds + arrival / CODEC_RATE)
+            return
         packet = parse_rtp(data)
         if packet is None:
             self._count("layout", np.array([row]) if row >= 0 else None)
@@ -576,6 +611,120 @@ class LegBank(PortBank):
             if media.on_dtmf:
                 media.on_dtmf(digit, False)
 
+    # --- RTCP -------------------------------------------------------------------------
+
+    def drain_rtcp(self) -> None:
+        """Reports on the RTCP port: a few per second per hundred legs, read one by one,
+        each with its kernel arrival time (the round trip must not include our tick)."""
+        while True:
+            try:
+                data, ancillary, _, source = self.rtcp_sock.recvmsg(2048, _STAMP_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP unreachable from a phone that went away
+                continue
+            arrival = None
+            for level, kind, blob in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(blob) >= 16:
+                    sec, nsec = struct.unpack_from("@qq", blob)
+                    arrival = sec + nsec * 1e-9
+            self._rtcp(data, address_key(*source[:2]), None, arrival)
+
+    def set_rtcp_remote(self, row: int, address: tuple[str, int] | None) -> None:
+        """Where the leg's reports go (and whose reports are the leg's)."""
+        media = self.media[row]
+        assert media is not None
+        old = media.rtcp.remote
+        if old is not None:
+            self.rtcp_source.pop(address_key(*old), None)
+        media.rtcp.remote = address
+        if address is not None:
+            self.rtcp_source[address_key(*address)] = row
+
+    def _rtcp(self, data: bytes, key: int, row: int | None, arrival: float | None = None) -> None:
+        """One compound RTCP packet from ``key`` (``row`` known when it came on the RTP port)."""
+        reports = parse_compound(data)
+        if reports is None:
+            self._count("rtcp", np.array([row]) if row is not None and row >= 0 else None)
+            return
+        if row is None or row < 0:
+            row = self._rtcp_row(key, reports[0].ssrc)
+            if row < 0:
+                self._count("source")
+                return
+        media = self.media[row]
+        assert media is not None
+        state = media.rtcp
+        if not state.mux and not state.latched:  # symmetric RTCP: answer where it came from
+            self.set_rtcp_remote(row, key_address(key))
+            state.latched = True
+        now = time.time() if arrival is None else arrival
+        for report in reports:
+            state.heard(report, int(self.tx_ssrc[row]), now)
+
+    def _rtcp_row(self, key: int, ssrc: int) -> int:
+        """Which leg an RTCP packet on the RTCP port belongs to: by its source, else by SSRC."""
+        row = self.rtcp_source.get(key, -1)
+        if row < 0:
+            row = self.by_source.get(key - 1, -1)  # RTP port + 1, the usual pairing
+        if row >= 0:
+            return row
+        rows = self.active[self.streams.ssrc[self.active] == ssrc]
+        hosts = [r for r in rows.tolist() if int(self.dest[r]) >> 16 == key >> 16]
+        return hosts[0] if len(hosts) == 1 else -1
+
+    def _send_reports(self) -> None:
+        """SR (we always send) per leg every ``rtcp_ticks``, spread evenly over the ticks."""
+        rows = self.active
+        due = rows[(rows + self._k) % self.rtcp_ticks == 0]
+        if due.size == 0:
+            return
+        now = time.time()
+        ntp = ntp_now(now)
+        streams = self.streams
+        for row in due.tolist():
+            media = self.media[row]
+            if media is None or self.packets_out[row] == 0:
+                continue
+            state = media.rtcp
+            target = media.remote if state.mux else state.remote
+            if target is None:
+                continue
+            block = None
+            if streams.ssrc[row] != -1:
+                expected = int(streams.expected_of(row))
+                received = int(streams.received[row])
+                expected_interval = expected - int(streams.expected_prior[row])
+                lost_interval = expected_interval - (received - int(streams.received_prior[row]))
+                streams.expected_prior[row] = expected
+                streams.received_prior[row] = received
+                fraction = (
+                    (lost_interval << 8) // expected_interval
+                    if expected_interval > 0 and lost_interval > 0
+                    else 0
+                )
+                block = ReportBlock(
+                    ssrc=int(streams.ssrc[row]),
+                    fraction_lost=min(fraction, 255),
+                    cumulative_lost=expected - received,
+                    highest_seq=streams.extended_max(row),
+                    jitter=int(streams.jitter[row]),
+                    lsr=state.last_sr,
+                    dlsr=state.dlsr(now),
+                )
+            sender = (
+                ntp,
+                int(self.tx_ts[row]),
+                int(self.packets_out[row]),
+                int(self.payload_out[row]),
+            )
+            packet = build_report(int(self.tx_ssrc[row]), self.cname, sender, block)
+            try:
+                (self.sock if state.mux else self.rtcp_sock).sendto(packet, target)
+                state.reports_out += 1
+            except OSError:
+                media.send_errors += 1
+
     # --- send (after the tick) --------------------------------------------------------
 
     def send(self) -> None:
@@ -629,6 +778,7 @@ class LegBank(PortBank):
         self.bytes_out[done] += size
         self.payload_out[done] += n
         self.tx_ts[rows] = (self.tx_ts[rows] + n) & 0xFFFFFFFF
+        self._send_reports()
 
     def queue_dtmf(self, row: int, digits: str) -> None:
         """RFC 4733 digits toward the phone; sent instead of audio on the next ticks."""
@@ -686,4 +836,10 @@ class LegBank(PortBank):
             "jitter_seconds": float(streams.jitter[row]) / CODEC_RATE,
             "concealed_samples": int(self.jitter.concealed[row]) * self.factor,
             "jitter_buffer_seconds": max(0.0, float(self.jitter.delay[row]) / CODEC_RATE),
+            "rtcp_reports_in": media.rtcp.reports_in,
+            "rtcp_reports_out": media.rtcp.reports_out,
+            # What the far end reports of our stream, and the round trip (once it echoed an SR).
+            "remote_packets_lost": media.rtcp.remote_lost,
+            "remote_jitter_seconds": media.rtcp.remote_jitter / CODEC_RATE,
+            **({"rtt_seconds": media.rtcp.rtt} if media.rtcp.rtt is not None else {}),
         }

@@ -15,7 +15,7 @@ import contextlib
 import fnmatch
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gateway.config import Timing
 from gateway.engine import Engine
@@ -23,8 +23,9 @@ from gateway.sip.bank import LegBank, LegMedia
 from gateway.sip.config import DialOutConfig, RouteConfig, SipConfig
 from gateway.sip.leg import SipLeg, leg_config
 from gateway.sip.pyvoip import SIPMessage
+from gateway.sip.rtcp import RtcpState
 from gateway.sip.rtp import CODEC_NAMES
-from gateway.sip.sdp import DTMF_TYPE, NAMES, choose_codec, describe, read_offer
+from gateway.sip.sdp import DTMF_TYPE, NAMES, MediaOffer, choose_codec, describe, read_offer
 from gateway.sip.transport import (
     T1,
     Address,
@@ -207,14 +208,14 @@ class CallManager:
             codec,
             dtmf_in,
             dtmf,
-            (offer.address, offer.port),
+            offer,
             route.talkgroup,
             route.priority,
             route,
         )
         dialog.leg = leg
         self.dialogs[call_id] = dialog
-        body = describe(self.address, self.bank.port, [codec], dtmf_in)
+        body = describe(self.address, self.bank.port, [codec], dtmf_in, rtcp_mux=offer.rtcp_mux)
         dialog.answer = self.transport.respond(
             raw, source, 200, "OK", to_tag=tag, headers=[f"Contact: {self.contact}"], body=body
         )
@@ -238,7 +239,7 @@ class CallManager:
         codec: int,
         dtmf_in: int | None,
         dtmf_out: int | None,
-        remote: Address,
+        offer: MediaOffer,
         talkgroup: str,
         priority: int,
         route: RouteConfig | DialOutConfig,
@@ -247,7 +248,13 @@ class CallManager:
         self._names += 1
         self.calls_total += 1
         name = f"{base}#{self._names}"
-        media = LegMedia(payload_type=codec, dtmf_type=dtmf_in, remote=remote)
+        rtcp_port = offer.rtcp_port if offer.rtcp_port is not None else offer.port + 1
+        media = LegMedia(
+            payload_type=codec,
+            dtmf_type=dtmf_in,
+            remote=(offer.address, offer.port),
+            rtcp=RtcpState((offer.address, rtcp_port), mux=offer.rtcp_mux),
+        )
         media.dtmf_type = dtmf_in if dtmf_in is not None else dtmf_out
         row = self.bank.add(media)
         bank = self.bank
@@ -402,7 +409,7 @@ class CallManager:
             codec,
             offer.dtmf_type,
             DTMF_TYPE,
-            (offer.address, offer.port),
+            replace(offer, rtcp_mux=False),  # we did not offer rtcp-mux
             talkgroup,
             entry.priority,
             entry,

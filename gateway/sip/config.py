@@ -97,6 +97,16 @@ class SipConfig(Model):
     routes: dict[str, RouteConfig] = {}
     dial_out: dict[str, DialOutConfig] = {}
     transaction_timeout: Duration = 8.0
+    rtcp_interval: Duration = Field(
+        5.0, description="time between one call's RTCP reports (RFC 3550: 5s minimum on WANs)"
+    )
+
+    @field_validator("rtcp_interval")
+    @classmethod
+    def _rtcp_interval_sane(cls, value: float) -> float:
+        if not 0.5 <= value <= 60:
+            raise ValueError("rtcp_interval must be between '500ms' and '60s' (5s is usual)")
+        return value
 
     @field_validator("listen")
     @classmethod

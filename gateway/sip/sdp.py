@@ -7,6 +7,7 @@ find the telephone-event payload type at 8 kHz, and describe our RTP socket.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from gateway.sip.pyvoip import SIPMessage
@@ -14,6 +15,8 @@ from gateway.sip.rtp import CODEC_NAMES, PCMA, PCMU
 
 NAMES = {"pcmu": PCMU, "pcma": PCMA}
 DTMF_TYPE = 101
+_RTCP_PORT = re.compile(r"^a=rtcp:(\d{1,5})", re.M)
+_RTCP_MUX = re.compile(r"^a=rtcp-mux\s*$", re.M)
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,8 @@ class MediaOffer:
     port: int
     payload_types: list[int]
     dtmf_type: int | None
+    rtcp_port: int | None = None  # a=rtcp (RFC 3605); None: RTP port + 1
+    rtcp_mux: bool = False  # a=rtcp-mux (RFC 5761): RTCP on the RTP port
 
 
 def read_offer(message: SIPMessage) -> MediaOffer | None:
@@ -47,7 +52,16 @@ def read_offer(message: SIPMessage) -> MediaOffer | None:
             dtmf = pt
         elif name in NAMES and (pt < 96 or rtpmap):
             payload_types.append(NAMES[name] if pt >= 96 else pt)
-    return MediaOffer(connections[0]["address"], int(audio["port"]), payload_types, dtmf)
+    text = bytes(getattr(message, "raw", b"")).split(b"\r\n\r\n", 1)[-1].decode("utf-8", "replace")
+    rtcp = _RTCP_PORT.search(text)
+    return MediaOffer(
+        connections[0]["address"],
+        int(audio["port"]),
+        payload_types,
+        dtmf,
+        int(rtcp.group(1)) if rtcp else None,
+        bool(_RTCP_MUX.search(text)),
+    )
 
 
 def choose_codec(offer: MediaOffer, ours: list[str]) -> int | None:
@@ -62,6 +76,7 @@ def describe(
     payload_types: list[int],
     dtmf_type: int | None,
     session_id: int | None = None,
+    rtcp_mux: bool = False,
 ) -> str:
     session = session_id if session_id is not None else random.getrandbits(31)
     formats = [*payload_types, *([dtmf_type] if dtmf_type is not None else [])]
@@ -77,4 +92,6 @@ def describe(
     if dtmf_type is not None:
         lines += [f"a=rtpmap:{dtmf_type} telephone-event/8000", f"a=fmtp:{dtmf_type} 0-15"]
     lines += ["a=ptime:20", "a=sendrecv"]
+    if rtcp_mux:  # only in an answer to an offer that asked for it
+        lines.append("a=rtcp-mux")
     return "\r\n".join(lines) + "\r\n"

@@ -118,6 +118,7 @@ class SipService:
             timing.frame,
             host=self.transport.host,
             port_range=self.config.rtp_range,
+            rtcp_interval=self.config.rtcp_interval,
         )
         self.calls = CallManager(
             self.config, self.transport, self.gateway.engine, timing, self.bank, address

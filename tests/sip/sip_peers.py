@@ -195,6 +195,7 @@ class Phone:
                     "module aufile.so",
                     "module alsa.so",
                     "module sndfile.so",
+                    "module rtcpsummary.so",  # prints what our RTCP reports told it
                     "module account.so",
                     "module menu.so",
                     "module cons.so",

@@ -30,7 +30,7 @@ class RawPhone:
         self.name = name
         self.hz = hz
         self.sip = self._socket()
-        self.rtp = self._socket()
+        self.rtp, self.rtcp = self._pair()
         # Behind NAT the SDP names a port the packets do not come from.
         self.announced = self._socket() if behind_nat else self.rtp
         self.remote: tuple[str, int] | None = None
@@ -39,6 +39,23 @@ class RawPhone:
         self.ts = secrets.randbits(32)
         self.phase = 0
         self.heard: list[bytes] = []
+
+    @classmethod
+    def _pair(cls) -> tuple[socket.socket, socket.socket]:
+        """An RTP socket on an even port and its RTCP socket on the next one."""
+        for _ in range(50):
+            rtp = cls._socket()
+            port = rtp.getsockname()[1]
+            if port % 2 == 0:
+                try:
+                    rtcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    rtcp.bind(("127.0.0.1", port + 1))
+                    rtcp.setblocking(False)
+                    return rtp, rtcp
+                except OSError:
+                    rtcp.close()
+            rtp.close()
+        raise RuntimeError("no free RTP/RTCP port pair")
 
     @staticmethod
     def _socket() -> socket.socket:
@@ -89,12 +106,14 @@ class RawPhone:
             gateway,
         )
 
-    def send_frame(self) -> None:
+    def send_frame(self, skip: bool = False) -> None:
+        """The next 20 ms; ``skip`` loses it on the way (sequence and time still advance)."""
         t = (self.phase + np.arange(160)) / RATE
         self.phase += 160
         pcm = (0.3 * 32767 * np.sin(2 * np.pi * self.hz * t)).astype(np.int16)
         header = HEADER.pack(0x80, 0, self.seq & 0xFFFF, self.ts & 0xFFFFFFFF, self.ssrc)
-        self.rtp.sendto(header + ulaw_encode(pcm).tobytes(), self.remote)
+        if not skip:
+            self.rtp.sendto(header + ulaw_encode(pcm).tobytes(), self.remote)
         self.seq += 1
         self.ts += 160
 
@@ -112,7 +131,7 @@ class RawPhone:
         return ulaw_decode(codes[-int(last_seconds * RATE) :]).astype(np.float32) / 32768
 
     def close(self) -> None:
-        for sock in {self.sip, self.rtp, self.announced}:
+        for sock in {self.sip, self.rtp, self.rtcp, self.announced}:
             sock.close()
 
 
