@@ -118,9 +118,13 @@ def gateway_process(conn) -> None:  # noqa: ANN001 - a multiprocessing Connectio
         count = [0]
         inner = gateway.clock.on_tick
 
+        tick_cpu = [0.0]
+
         def timed_tick() -> None:
             started = time.perf_counter()
+            cpu = time.thread_time()
             inner()
+            tick_cpu[0] += time.thread_time() - cpu
             durations[count[0] % len(durations)] = time.perf_counter() - started
             count[0] += 1
 
@@ -129,6 +133,14 @@ def gateway_process(conn) -> None:  # noqa: ANN001 - a multiprocessing Connectio
         def packets_in() -> int:
             bank = gateway.sip.bank
             return int(bank.packets_in[bank.active].sum())
+
+        def bank_cpu() -> dict[str, float]:
+            bank = gateway.sip.bank
+            return {
+                **bank.cpu_seconds,
+                "recvmmsg": bank.receiver.syscall_seconds,
+                "sendmmsg": bank.sender.syscall_seconds,
+            }
 
         conn.send(("ready", gateway.sip.port))
         marks = {}
@@ -149,6 +161,8 @@ def gateway_process(conn) -> None:  # noqa: ANN001 - a multiprocessing Connectio
                     "wall": time.monotonic(),
                     "skipped": gateway.clock.skipped_ticks,
                     "cpu": time.process_time(),
+                    "tick_cpu": tick_cpu[0],
+                    "bank_cpu": bank_cpu(),
                     "late": gateway.clock.late_ticks,
                     "ticks": gateway.clock.ticks,
                     "n": count[0],
@@ -165,6 +179,8 @@ def gateway_process(conn) -> None:  # noqa: ANN001 - a multiprocessing Connectio
                 conn.send(
                     {
                         "cpu": time.process_time() - marks["cpu"],
+                        "tick_cpu": tick_cpu[0] - marks["tick_cpu"],
+                        "bank_cpu": {k: v - marks["bank_cpu"][k] for k, v in bank_cpu().items()},
                         "wall": time.monotonic() - marks["wall"],
                         "packets": packets_in() - marks["packets"],
                         "skipped": gateway.clock.skipped_ticks - marks["skipped"],
@@ -459,6 +475,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per load size; the median row is printed too"
+    )
+    parser.add_argument(
         "--parts",
         nargs="*",
         choices=["components", "jitter", "delay", "load"],
@@ -493,7 +512,7 @@ def main() -> int:
     if "delay" in args.parts:
         delay_table(ctx, args.seconds)
     if "load" in args.parts:
-        load_table(ctx, args.legs, args.seconds)
+        load_table(ctx, args.legs, args.seconds, args.repeat)
     return 0
 
 
@@ -561,7 +580,7 @@ def delay_table(ctx, seconds: float) -> None:  # noqa: ANN001 - a multiprocessin
         proc.join(10)
 
 
-def load_table(ctx, counts: list[int], seconds: float) -> None:  # noqa: ANN001
+def load_table(ctx, counts: list[int], seconds: float, repeat: int = 1) -> None:  # noqa: ANN001
     print(
         "\nConcurrent legs, every leg sending G.711 into one conference talkgroup "
         "(goal: ≥ 750 legs per core, zero late ticks, ≤ 25 µs CPU per leg per frame)"
@@ -572,35 +591,71 @@ def load_table(ctx, counts: list[int], seconds: float) -> None:  # noqa: ANN001
         " only the gateway, was short of CPU — see the load average)"
     )
     print(
+        "(split, µs per leg per tick run: SIP receive | engine | SIP send | outside the tick"
+        " (event loop, SIP signalling, timers); 'in syscalls': the part of rx+tx spent inside"
+        " recvmmsg/sendmmsg — on loopback sendmmsg also delivers into the peer's socket)"
+    )
+    print(
         f"{'legs':>6}{'CPU % core':>11}{'µs/leg/frame':>14}{'ticks run':>11}{'pkts in':>9}"
         f"{'late':>6}{'tick p50 ms':>12}{'tick p99 ms':>12}{'probe p50 ms':>13}{'load avg':>9}"
+        f"   {'rx':>5}{'engine':>7}{'tx':>5}{'other':>6}{'in syscalls':>12}"
     )
     for count in counts:
-        conn, child = ctx.Pipe()
-        proc = ctx.Process(target=gateway_process, args=(child,), daemon=True)
-        proc.start()
-        _, port = conn.recv()
-        caller = Caller(port)
-        probe = open_legs(caller, "6002", 1)[0]
-        legs = open_legs(caller, "6001", count)
-        time.sleep(1.0)  # let the calls settle (answer retransmission timers, ACKs)
-        result = run_window(conn, legs, probe, seconds)
-        expected = result["wall"] / FRAME_S
-        cpu_share = result["cpu"] / result["wall"] * 100
-        per_leg = result["cpu"] / max(result["packets"], 1) * 1e6
-        ticks_run = result["ticks"] / expected * 100
-        packets = result["packets"] / (expected * (count + 1)) * 100
-        d = result["delays_ms"]
-        print(
-            f"{count:>6}{cpu_share:>10.0f}%{per_leg:>14.1f}{ticks_run:>10.0f}%{packets:>8.0f}%"
-            f"{result['late']:>6}{result['tick_p50'] * 1e3:>12.2f}{result['tick_p99'] * 1e3:>12.2f}"
-            f"{pct(d, 50):>13}{os.getloadavg()[0]:>9.1f}"
-        )
-        caller.hangup_all()
-        for sock, _ in legs:
-            sock.close()
-        conn.send("quit")
-        proc.join(10)
+        rows = [load_run(ctx, count, seconds) for _ in range(repeat)]
+        for row in rows:
+            print_load_row(count, row, "")
+        if repeat > 1:
+            median = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+            print_load_row(count, median, "median")
+
+
+def load_run(ctx, count: int, seconds: float) -> dict[str, float]:  # noqa: ANN001
+    """One window at ``count`` legs in a fresh gateway process; the row's figures."""
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=gateway_process, args=(child,), daemon=True)
+    proc.start()
+    _, port = conn.recv()
+    caller = Caller(port)
+    probe = open_legs(caller, "6002", 1)[0]
+    legs = open_legs(caller, "6001", count)
+    time.sleep(1.0)  # let the calls settle (answer retransmission timers, ACKs)
+    result = run_window(conn, legs, probe, seconds)
+    expected = result["wall"] / FRAME_S
+    per_tick = 1e6 / max(result["ticks"] * (count + 1), 1)
+    rx, tx = (result["bank_cpu"][k] * per_tick for k in ("receive", "send"))
+    d = result["delays_ms"]
+    row = {
+        "cpu_share": result["cpu"] / result["wall"] * 100,
+        "per_leg": result["cpu"] / max(result["packets"], 1) * 1e6,
+        "ticks_run": result["ticks"] / expected * 100,
+        "packets": result["packets"] / (expected * (count + 1)) * 100,
+        "late": result["late"],
+        "tick_p50": result["tick_p50"] * 1e3,
+        "tick_p99": result["tick_p99"] * 1e3,
+        "probe_p50": float(np.percentile(d, 50)) if len(d) else float("nan"),
+        "load": os.getloadavg()[0],
+        "rx": rx,
+        "engine": result["tick_cpu"] * per_tick - rx - tx,
+        "tx": tx,
+        "other": (result["cpu"] - result["tick_cpu"]) * per_tick,
+        "syscalls": (result["bank_cpu"]["recvmmsg"] + result["bank_cpu"]["sendmmsg"]) * per_tick,
+    }
+    caller.hangup_all()
+    for sock, _ in legs:
+        sock.close()
+    conn.send("quit")
+    proc.join(10)
+    return row
+
+
+def print_load_row(count: int, r: dict[str, float], label: str) -> None:
+    print(
+        f"{count:>6}{r['cpu_share']:>10.0f}%{r['per_leg']:>14.1f}{r['ticks_run']:>10.0f}%"
+        f"{r['packets']:>8.0f}%{r['late']:>6.0f}{r['tick_p50']:>12.2f}{r['tick_p99']:>12.2f}"
+        f"{r['probe_p50']:>13.1f}{r['load']:>9.1f}"
+        f"   {r['rx']:>5.1f}{r['engine']:>7.1f}{r['tx']:>5.1f}{r['other']:>6.1f}"
+        f"{r['syscalls']:>12.1f}  {label}"
+    )
 
 
 if __name__ == "__main__":

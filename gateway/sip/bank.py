@@ -38,7 +38,7 @@ import numpy as np
 
 from gateway.codecs.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from gateway.ports import PortBank
-from gateway.sip.jitter import JitterBank
+from gateway.sip.jitter import JitterBank, dense
 from gateway.sip.mmsg import (
     SO_TIMESTAMPNS,
     BatchReceiver,
@@ -211,6 +211,7 @@ class LegBank(PortBank):
         self._keys = np.zeros(0, np.int64)  # the same, sorted, for vectorised lookup
         self._key_rows = np.zeros(0, np.int64)
         self.malformed = dict.fromkeys(MALFORMED_KINDS, 0)
+        self.cpu_seconds = {"receive": 0.0, "send": 0.0}  # media CPU (this thread), for benches
         self.epoch_seconds = int(time.time())  # whole seconds: arrivals keep ns precision
         self._epoch_ns = self.epoch_seconds * 1_000_000_000
         self._t0: float | None = None
@@ -395,26 +396,34 @@ class LegBank(PortBank):
     # --- receive (before the tick) --------------------------------------------------
 
     def receive(self) -> None:
+        started = time.thread_time()
+        try:
+            self._receive()
+        finally:
+            self.cpu_seconds["receive"] += time.thread_time() - started
+
+    def _receive(self) -> None:
         now = self._tick_time()
         self.drain()
         self.drain_rtcp()
         rows = self.active
         if rows.size == 0:
             return
-        pcm = self.jitter.playout(rows, now, self.talking[rows], DECODE, self.law)
-        rms = np.sqrt(np.mean(np.square(pcm), axis=1))
+        sel = dense(rows)
+        pcm = self.jitter.playout(rows, now, self.talking[sel], DECODE, self.law)
+        rms = np.sqrt(np.einsum("ij,ij->i", pcm, pcm) / pcm.shape[1])
         level = 20.0 * np.log10(np.maximum(rms, 1e-6))
-        self.level_db[rows] = level
-        voice = level > self.vox_threshold[rows]
-        hold = np.where(voice, self.vox_hang[rows] + 1, np.maximum(self.vox_hold[rows] - 1, 0))
-        self.vox_hold[rows] = hold
-        talking = np.where(self.vox[rows], hold > 0, self.ptt[rows]) & ~self.muted[rows]
-        self.talking[rows] = talking
+        self.level_db[sel] = level
+        voice = level > self.vox_threshold[sel]
+        hold = np.where(voice, self.vox_hang[sel] + 1, np.maximum(self.vox_hold[sel] - 1, 0))
+        self.vox_hold[sel] = hold
+        talking = np.where(self.vox[sel], hold > 0, self.ptt[sel]) & ~self.muted[sel]
+        self.talking[sel] = talking
         if self.up is not None:
-            out, self.up_hist[rows] = self.up.process(pcm, self.up_hist[rows])
-            self.rx[rows] = out
+            out, self.up_hist[sel] = self.up.process(pcm, self.up_hist[sel])
+            self.rx[sel] = out
         else:
-            self.rx[rows] = pcm
+            self.rx[sel] = pcm
 
     def drain(self) -> None:
         """Read every queued datagram on the shared socket (never waits)."""
@@ -729,19 +738,32 @@ class LegBank(PortBank):
 
     def send(self) -> None:
         """Encode every leg's frame; headers as columns; one ``sendmmsg`` for all legs."""
+        started = time.thread_time()
+        try:
+            self._send()
+        finally:
+            self.cpu_seconds["send"] += time.thread_time() - started
+
+    def _send(self) -> None:
         rows = self.active
         if rows.size == 0:
             return
-        frames = np.where(self.tx_has[rows, None], self.tx[rows], np.float32(0.0))
-        self.tx_has[rows] = False
+        sel = dense(rows)
+        has = self.tx_has[sel]
+        frames = self.tx[sel]
+        if not has.all():
+            frames = np.where(has[:, None], frames, np.float32(0.0))
+        self.tx_has[sel] = False
         if self.down is not None:
-            frames, self.down_hist[rows] = self.down.process(frames, self.down_hist[rows])
-        pcm = np.clip(np.rint(frames * 32768.0), -32768, 32767).astype(np.int16)
+            frames, self.down_hist[sel] = self.down.process(frames, self.down_hist[sel])
+        # To 16-bit (truncating: G.711's coarsest step hides the half-LSB) in place.
+        scaled = np.multiply(frames, np.float32(32768.0), dtype=np.float32)
+        pcm = np.clip(scaled, -32768, 32767, out=scaled).astype(np.int16)
         n = self.codec_frame
         count = len(rows)
         size = HEADER_SIZE + n
         packets = np.empty((count, size), np.uint8)
-        laws = self.law[rows]
+        laws = self.law[sel]
         if (laws == laws[0]).all():
             packets[:, HEADER_SIZE:] = ENCODE[laws[0]].take(pcm.view(np.uint16))
         else:
@@ -749,12 +771,12 @@ class LegBank(PortBank):
                 pcm.view(np.uint16).astype(np.int64) + (laws * 65536)[:, None]
             )
         packets[:, 0] = 0x80
-        packets[:, 1] = self.tx_pt[rows] | (self.tx_first[rows].astype(np.uint8) << 7)
-        packets[:, 2:4] = self.tx_seq[rows].astype(">u2").view(np.uint8).reshape(count, 2)
-        packets[:, 4:8] = self.tx_ts[rows].astype(">u4").view(np.uint8).reshape(count, 4)
-        packets[:, 8:12] = self.tx_ssrc[rows].astype(">u4").view(np.uint8).reshape(count, 4)
-        dest = self.dest[rows]
-        busy = self.busy[rows]
+        packets[:, 1] = self.tx_pt[sel] | (self.tx_first[sel].astype(np.uint8) << 7)
+        packets[:, 2:4] = self.tx_seq[sel].astype(">u2").view(np.uint8).reshape(count, 2)
+        packets[:, 4:8] = self.tx_ts[sel].astype(">u4").view(np.uint8).reshape(count, 4)
+        packets[:, 8:12] = self.tx_ssrc[sel].astype(">u4").view(np.uint8).reshape(count, 4)
+        dest = self.dest[sel]
+        busy = self.busy[sel]
         audio = (dest != NO_PEER) & ~busy
         if audio.all():
             ok = self.sender.send(packets, dest)

@@ -39,6 +39,15 @@ LATE_RESYNC = 12  # this many late packets in a row: the sender's clock jumped, 
 TAIL = 320
 
 
+def dense(rows: np.ndarray) -> np.ndarray | slice:
+    """``rows`` as a slice when they are 0..n-1 in order (the usual case: no call has ended
+    out of order), so gathers and scatters become views instead of copies."""
+    n = len(rows)
+    if n and rows[0] == 0 and rows[n - 1] == n - 1:
+        return slice(0, n)
+    return rows
+
+
 class JitterBank:
     """Rows of jitter buffers. Row management (which row is which leg) is the caller's."""
 
@@ -232,17 +241,18 @@ class JitterBank:
         if not live.any():
             return out
         r = rows[live]
-        history = self.transit[r]
+        sel = dense(r)  # sorted, distinct rows: 0..n-1 means a slice does
+        history = self.transit[sel]
         slowest = history.max(axis=1)
         fastest = history.min(axis=1)
-        local = now - self.base[r]
+        local = now - self.base[sel]
         # Everything up to `ready` has surely arrived by now; a frame may only use whole
         # packets, so round down to where a packet ends.
         ready = np.floor(local - slowest - MARGIN).astype(np.int64)
-        ready -= (ready - self.align[r]) % self.packet[r]
+        ready -= (ready - self.align[sel]) % self.packet[sel]
         target = ready - frame
-        fresh = self.fresh[r]
-        play = np.where(fresh, target, self.play[r])
+        fresh = self.fresh[sel]
+        play = np.where(fresh, target, self.play[sel])
         diff = target - play
         back = diff < 0
         creep = np.where(talking[live], CREEP_TALKING, frame)
@@ -254,12 +264,12 @@ class JitterBank:
             kept = self._read(self.have, r[f], play_mod[f], frame) & (self._arange >= step[f, None])
             self._write(self.have, r[f], play_mod[f], kept)
         play = play + step
-        self.fresh[r] = False
+        self.fresh[sel] = False
         start = play & (RING - 1)
         codes = self._read(self.ring, r, start, frame)
         present = self._read(self.have, r, start, frame)
         self._write(self.have, r, start, np.zeros((len(r), frame), bool))
-        laws = law[r]
+        laws = law[sel]
         if (laws == laws[0]).all():  # the usual case: one codec for every leg
             pcm = table[laws[0]].take(codes)
         else:
@@ -267,17 +277,19 @@ class JitterBank:
         missing = ~present
         if missing.any():
             lost_rows = missing.any(axis=1)
-            arrived = self.last_arrival[r]
+            arrived = self.last_arrival[sel]
             recent = (now - arrived) < 10 * frame  # still sending: real loss
-            fade = self.fade[r]
-            pcm = np.where(present, pcm, self.last_frame[r] * fade[:, None])
+            fade = self.fade[sel]
+            pcm = np.where(present, pcm, self.last_frame[sel] * fade[:, None])
             whole = missing.all(axis=1)
-            self.fade[r] = np.where(whole, fade * PLC_FADE, np.where(lost_rows, fade, 1.0))
-            self.concealed[r] += missing.sum(axis=1) * recent
+            self.fade[sel] = np.where(whole, fade * PLC_FADE, np.where(lost_rows, fade, 1.0))
+            self.concealed[sel] += missing.sum(axis=1) * recent
         else:
-            self.fade[r] = 1.0
-        self.last_frame[r] = pcm
-        self.play[r] = play + frame
-        self.delay[r] = local - frame - play - fastest
+            self.fade[sel] = 1.0
+        self.last_frame[sel] = pcm
+        self.play[sel] = play + frame
+        self.delay[sel] = local - frame - play - fastest
+        if isinstance(sel, slice) and len(r) == len(rows):
+            return pcm
         out[live] = pcm
         return out
