@@ -10,7 +10,9 @@ of Python per listener per frame. The bank instead, once per tick:
   one's in one NumPy comparison, and gives them all the talkgroup's single
   shared Opus packet (as Asterisk's softmix does); a listener that talks (N-1
   mix), hears the busy tone or has another gain gets its own encoder;
-* sends every packet in one pass (header, SRTP, ``sendto``; see :mod:`.rtp`).
+* sends every packet in one pass (header, SRTP, ``sendto``; see :mod:`.rtp`),
+  and a slice of the consoles' RTCP sender reports, so each gets one a second
+  without a timer task per console.
 
 The plan (which ports share which encode) is cached per engine layout, so a
 tick does no per-port dictionary work.
@@ -24,6 +26,7 @@ import numpy as np
 
 from gateway.ports import Port, PortBank
 from gateway.webrtc.audio import SharedEncoders
+from gateway.webrtc.rtp import REPORT_SECONDS
 
 if TYPE_CHECKING:
     from gateway.webrtc.port import ConsolePort
@@ -50,6 +53,8 @@ class ConsoleBank(PortBank):
         self._plan: _Plan | None = None
         self._talking = np.zeros(0, bool)
         self._was_talking: list[ConsolePort] = []
+        # Each console's RTCP sender report once a second, spread over the ticks.
+        self.report_ticks = max(1, round(REPORT_SECONDS / engine.frame_seconds))
 
     def _plan_for(self, ports: list[Port]) -> _Plan:
         plan = self._plan
@@ -102,3 +107,7 @@ class ConsoleBank(PortBank):
             ports[k].write_own(out[rows[k]])  # type: ignore[attr-defined]
         for k in np.flatnonzero(~audible).tolist():
             ports[k].emit(self.silence)  # type: ignore[attr-defined]
+        for k in range(tick % self.report_ticks, len(ports), self.report_ticks):
+            rtp = ports[k].direct  # type: ignore[attr-defined]
+            if rtp is not None:
+                rtp.report()

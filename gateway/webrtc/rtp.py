@@ -21,7 +21,15 @@ import socket
 import struct
 from typing import Any
 
+from aiortc.clock import current_ntp_time
 from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtp import (
+    RtcpByePacket,
+    RtcpSdesPacket,
+    RtcpSenderInfo,
+    RtcpSourceInfo,
+    RtcpSrPacket,
+)
 
 try:  # the C library under pylibsrtp: protect in place, no Python wrapper per packet
     from pylibsrtp._binding import ffi as _ffi
@@ -31,6 +39,7 @@ except ImportError:  # pragma: no cover - a pylibsrtp without the cffi binding
 
 HEADER = struct.Struct("!BBHII")  # V=2 P=0 X=0 CC=0 | M PT | sequence | timestamp | SSRC
 MAX_PACKET = 1200  # bytes before SRTP's tag; Opus at 32 kbit/s is ~80
+REPORT_SECONDS = 1.0  # RTCP sender report interval (aiortc's is 0.5-1.5 s)
 
 
 class _InPlaceProtect:
@@ -67,11 +76,15 @@ class RtpOut:
         self.dropped = 0  # before DTLS was up, or the socket refused (full, closed)
         # Resolved once DTLS is connected (see _resolve).
         self._protect: Any = None
+        self._srtp: Any = None
         self._inplace: _InPlaceProtect | None = None
         self._sendto: Any = None
         self._addr: tuple[str, int] | None = None
         self._pair: Any = None
         self._sock: socket.socket | None = None
+        self._cname: str | None = None
+        self._reports = False  # True once we send the RTCP reports instead of aiortc
+        self.reports = 0
         self.closed = False
 
     @staticmethod
@@ -100,11 +113,40 @@ class RtpOut:
         # transport object in between. Closed with the console (close()).
         self._sock = socket.socket(fileno=os.dup(raw.fileno()))
         self._sock.setblocking(False)
+        self._srtp = srtp
         self._protect = srtp.protect
         self._inplace = _InPlaceProtect(srtp) if _InPlaceProtect.usable(srtp) else None
         self._sendto = self._sock.sendto
         self._addr = pair.remote_addr
         self._pair = pair
+        self._cname = getattr(self.sender, "_RTCRtpSender__cname", None)
+        self._reports = self._take_over_reports()
+        return True
+
+    def _take_over_reports(self) -> bool:
+        """Stop aiortc's per-sender RTCP task; the bank sends our reports instead.
+
+        Its reports would be wrong anyway (it never sees our packets: counts and
+        RTP timestamp stay 0), and its task wake-up, packet objects and send path
+        cost about as much per console as the media itself. Cancelling it makes
+        it send an RTCP BYE, which would tell the browser the stream ended; that
+        one call is swallowed, and we send the BYE when the console closes.
+        """
+        task = getattr(self.sender, "_RTCRtpSender__rtcp_task", None)
+        if task is None or task.done() or not hasattr(self.sender, "_send_rtcp"):
+            return False
+        sender = self.sender
+
+        async def no_bye(packets: list[Any]) -> None:
+            return None
+
+        def restore(_: Any) -> None:
+            if sender.__dict__.get("_send_rtcp") is no_bye:
+                del sender._send_rtcp
+
+        sender._send_rtcp = no_bye  # an instance attribute shadows the method
+        task.add_done_callback(restore)
+        task.cancel()
         return True
 
     def send(self, payload: bytes) -> None:
@@ -142,7 +184,37 @@ class RtpOut:
         self.packets += 1
         self.bytes += len(payload)
 
+    def report(self) -> None:
+        """An RTCP sender report (and CNAME) for this stream, if we took over RTCP.
+
+        The RTP timestamp is the last packet's: reports are sent right after a
+        tick's packets, so it is within a millisecond of the NTP time beside it.
+        """
+        if self._reports and self._sendto is not None:
+            info = RtcpSenderInfo(
+                ntp_timestamp=current_ntp_time(),
+                rtp_timestamp=(self.timestamp - self.samples) & 0xFFFFFFFF,
+                packet_count=self.packets & 0xFFFFFFFF,
+                octet_count=self.bytes & 0xFFFFFFFF,
+            )
+            packets: list[Any] = [RtcpSrPacket(ssrc=self.ssrc, sender_info=info)]
+            if self._cname:
+                chunk = RtcpSourceInfo(ssrc=self.ssrc, items=[(1, self._cname.encode())])
+                packets.append(RtcpSdesPacket(chunks=[chunk]))
+            self._send_rtcp(b"".join(bytes(p) for p in packets))
+            self.reports += 1
+
+    def _send_rtcp(self, data: bytes) -> None:
+        if self.dtls._state is not DtlsState.CONNECTED:
+            return
+        try:
+            self._sendto(self._srtp.protect_rtcp(data), self._addr)
+        except OSError:
+            self.dropped += 1
+
     def close(self) -> None:
+        if self._reports and self._sendto is not None:  # the goodbye aiortc would have sent
+            self._send_rtcp(bytes(RtcpByePacket(sources=[self.ssrc])))
         self.closed = True
         self._sendto = None
         if self._sock is not None:

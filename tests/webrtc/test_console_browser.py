@@ -108,6 +108,20 @@ def test_console_hears_the_radio_and_sees_who_is_talking(tmp_path, direct_rtp):
             port = site.console_port("alice", "marine")
             assert (port.direct is not None) == direct_rtp
             assert port.stats()["packets_out"] > 0
+
+            async def sender_reports():  # the browser's view of our RTCP sender reports
+                return await page.evaluate("""async () => {
+                    const s = await borderlink.tiles.get('marine').pc.getStats();
+                    let out = null, got = null;
+                    s.forEach(r => { if (r.type === 'remote-outbound-rtp') out = r;
+                                     if (r.type === 'inbound-rtp') got = r; });
+                    return out && out.reportsSent >= 2 && got
+                        && {sent: out.packetsSent, received: got.packetsReceived};
+                }""")
+            reports = await until(sender_reports, 6, "two RTCP sender reports at the browser")
+            # The report's packet count is the stream's (0 would mean a report that
+            # never saw our packets; counts a second apart differ by ≤ 50).
+            assert abs(reports["sent"] - reports["received"]) <= 60, reports
             shot = await page.screenshot(path=str(DOCS / "console.png") if direct_rtp else None)
             assert not png_is_blank(shot)
             radio.open_squelch(False)
