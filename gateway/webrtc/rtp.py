@@ -23,13 +23,7 @@ from typing import Any
 
 from aiortc.clock import current_ntp_time
 from aiortc.rtcdtlstransport import State as DtlsState
-from aiortc.rtp import (
-    RtcpByePacket,
-    RtcpSdesPacket,
-    RtcpSenderInfo,
-    RtcpSourceInfo,
-    RtcpSrPacket,
-)
+from aiortc.rtp import RtcpByePacket
 
 try:  # the C library under pylibsrtp: protect in place, no Python wrapper per packet
     from pylibsrtp._binding import ffi as _ffi
@@ -40,6 +34,17 @@ except ImportError:  # pragma: no cover - a pylibsrtp without the cffi binding
 HEADER = struct.Struct("!BBHII")  # V=2 P=0 X=0 CC=0 | M PT | sequence | timestamp | SSRC
 MAX_PACKET = 1200  # bytes before SRTP's tag; Opus at 32 kbit/s is ~80
 REPORT_SECONDS = 1.0  # RTCP sender report interval (aiortc's is 0.5-1.5 s)
+# RFC 3550 6.4.1 sender report without report blocks: V=2 RC=0 | PT=200 | length 6 |
+# SSRC | NTP seconds | NTP fraction | RTP timestamp | packet count | octet count
+SENDER_REPORT = struct.Struct("!BBHIQIII")
+
+
+def sdes_cname(ssrc: int, cname: str) -> bytes:
+    """RFC 3550 6.5 SDES packet with one chunk holding the CNAME (built once per stream)."""
+    text = cname.encode()[:255]
+    chunk = struct.pack("!IBB", ssrc, 1, len(text)) + text + b"\0"
+    chunk += b"\0" * (-len(chunk) % 4)
+    return struct.pack("!BBH", 0x81, 202, len(chunk) // 4) + chunk
 
 
 class _InPlaceProtect:
@@ -82,7 +87,7 @@ class RtpOut:
         self._addr: tuple[str, int] | None = None
         self._pair: Any = None
         self._sock: socket.socket | None = None
-        self._cname: str | None = None
+        self._sdes = b""
         self._reports = False  # True once we send the RTCP reports instead of aiortc
         self.reports = 0
         self.closed = False
@@ -119,7 +124,8 @@ class RtpOut:
         self._sendto = self._sock.sendto
         self._addr = pair.remote_addr
         self._pair = pair
-        self._cname = getattr(self.sender, "_RTCRtpSender__cname", None)
+        cname = getattr(self.sender, "_RTCRtpSender__cname", None)
+        self._sdes = sdes_cname(self.ssrc, cname) if isinstance(cname, str) else b""
         self._reports = self._take_over_reports()
         return True
 
@@ -191,17 +197,12 @@ class RtpOut:
         tick's packets, so it is within a millisecond of the NTP time beside it.
         """
         if self._reports and self._sendto is not None:
-            info = RtcpSenderInfo(
-                ntp_timestamp=current_ntp_time(),
-                rtp_timestamp=(self.timestamp - self.samples) & 0xFFFFFFFF,
-                packet_count=self.packets & 0xFFFFFFFF,
-                octet_count=self.bytes & 0xFFFFFFFF,
-            )
-            packets: list[Any] = [RtcpSrPacket(ssrc=self.ssrc, sender_info=info)]
-            if self._cname:
-                chunk = RtcpSourceInfo(ssrc=self.ssrc, items=[(1, self._cname.encode())])
-                packets.append(RtcpSdesPacket(chunks=[chunk]))
-            self._send_rtcp(b"".join(bytes(p) for p in packets))
+            report = SENDER_REPORT.pack(
+                0x80, 200, 6, self.ssrc, current_ntp_time(),
+                (self.timestamp - self.samples) & 0xFFFFFFFF,
+                self.packets & 0xFFFFFFFF, self.bytes & 0xFFFFFFFF,
+            )  # fmt: skip
+            self._send_rtcp(report + self._sdes)
             self.reports += 1
 
     def _send_rtcp(self, data: bytes) -> None:

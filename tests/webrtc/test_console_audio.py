@@ -87,3 +87,20 @@ def test_loopback_site_drops_candidates_it_must_not_probe():
     kept = filter_remote_candidates(sdp, loopback_only=True)
     assert "127.0.0.1" in kept and "10.1.2.3" not in kept and ".local" not in kept
     assert filter_remote_candidates(sdp, loopback_only=False) == sdp
+
+
+def test_sender_report_and_cname_parse_as_rtcp():
+    """Our hand-packed RTCP (the bank's once-a-second report) reads back field by field."""
+    from aiortc.rtp import RtcpPacket, RtcpSdesPacket, RtcpSrPacket
+
+    from gateway.webrtc.rtp import SENDER_REPORT, sdes_cname
+
+    ntp = (3_900_000_000 << 32) | 0x8000_0000
+    data = SENDER_REPORT.pack(0x80, 200, 6, 0xCAFE, ntp, 96000, 50, 4000)
+    for cname in ("a", "{5c1e0f5a-8f1b-4d7e-9a43-0d7e6c1c2b3a}"):
+        sr, sdes = RtcpPacket.parse(data + sdes_cname(0xCAFE, cname))
+        assert isinstance(sr, RtcpSrPacket) and isinstance(sdes, RtcpSdesPacket)
+        info = sr.sender_info
+        assert (sr.ssrc, info.ntp_timestamp, info.rtp_timestamp) == (0xCAFE, ntp, 96000)
+        assert (info.packet_count, info.octet_count) == (50, 4000)
+        assert sdes.chunks[0].ssrc == 0xCAFE and sdes.chunks[0].items == [(1, cname.encode())]
