@@ -208,6 +208,7 @@ class LegBank(PortBank):
         self.free: list[int] = []
         self.by_source: dict[int, int] = {}  # peer address key → row
         self.rtcp_source: dict[int, int] = {}  # peer RTCP address key → row
+        self.waiting: dict[int, set[int]] = {}  # host → rows whose peer has not sent yet
         self._keys = np.zeros(0, np.int64)  # the same, sorted, for vectorised lookup
         self._key_rows = np.zeros(0, np.int64)
         self.malformed = dict.fromkeys(MALFORMED_KINDS, 0)
@@ -304,8 +305,17 @@ class LegBank(PortBank):
             key = address_key(*media.remote)
             self.dest[row] = key
             self.by_source[key] = row
+            self.waiting.setdefault(key >> 16, set()).add(row)
         self._update_tables()
         return row
+
+    def _not_waiting(self, row: int) -> None:
+        host = int(self.dest[row]) >> 16
+        rows = self.waiting.get(host)
+        if rows is not None:
+            rows.discard(row)
+            if not rows:
+                del self.waiting[host]
 
     def remove(self, row: int) -> None:
         media = self.media[row]
@@ -314,6 +324,7 @@ class LegBank(PortBank):
         for key in [k for k, r in self.by_source.items() if r == row]:
             del self.by_source[key]
         self.set_rtcp_remote(row, None)
+        self._not_waiting(row)
         self.dest[row] = NO_PEER
         self.media[row] = None
         self.free.append(row)
@@ -331,6 +342,7 @@ class LegBank(PortBank):
         assert media is not None
         for old in [k for k, r in self.by_source.items() if r == row]:
             del self.by_source[old]
+        self._not_waiting(row)
         self.by_source[key] = row
         self.dest[row] = key
         self.latched[row] = True
@@ -478,8 +490,16 @@ class LegBank(PortBank):
         )
         if fast.any():
             self._audio(np.flatnonzero(fast), rows, length, arrival, data)
-        rest = np.flatnonzero(good & ~fast)
-        for i in rest.tolist():
+        rest = good & ~fast
+        stray = rest & ~known
+        if stray.any():  # from nobody's address: only a host with a call waiting may latch
+            waiting = np.array(list(self.waiting), np.int64)
+            hopeless = stray & ~np.isin(source >> 16, waiting)
+            hopeless &= ~((b1 >= 192) & (b1 <= 223))  # RTCP on the RTP port: checked below
+            if hopeless.any():
+                self._count("source", None, int(hopeless.sum()))
+                rest &= ~hopeless
+        for i in np.flatnonzero(rest).tolist():
             self._packet(int(rows[i]), int(source[i]), bytes(data[i, : length[i]]), arrival[i])
 
     def _audio(
@@ -492,7 +512,11 @@ class LegBank(PortBank):
     ) -> None:
         """Audio packets ``idx`` of a batch into their rows, in rounds of distinct rows."""
         rows = rows_of[idx]
-        self.latched[rows] = True  # from the SDP address: symmetric RTP already holds
+        new = rows[~self.latched[rows]]
+        if new.size:  # from the SDP address: symmetric RTP already holds
+            for row in np.unique(new).tolist():
+                self._not_waiting(row)
+            self.latched[new] = True
         np.add.at(self.packets_in, rows, 1)
         np.add.at(self.bytes_in, rows, length[idx])
         header = data[idx, :HEADER_SIZE].astype(np.int64)
@@ -565,6 +589,8 @@ class LegBank(PortBank):
                 return
             if key != self.dest[row]:
                 self._latch(row, key)
+            elif not self.latched[row]:
+                self._not_waiting(row)
             self.latched[row] = True
             self.packets_in[row] += 1
             self.bytes_in[row] += len(data)
@@ -594,16 +620,12 @@ class LegBank(PortBank):
         A phone behind NAT sends from another port than its SDP says; if exactly one
         call from that host has not latched yet, the packet is that call's.
         """
-        host = key >> 16
-        waiting = [
-            row
-            for row, media in enumerate(self.media)
-            if media is not None and not self.latched[row] and int(self.dest[row]) >> 16 == host
-        ]
-        if len(waiting) != 1:
+        waiting = self.waiting.get(key >> 16)
+        if not waiting or len(waiting) != 1:
             return -1
-        self._latch(waiting[0], key)
-        return waiting[0]
+        (row,) = waiting
+        self._latch(row, key)
+        return row
 
     @staticmethod
     def _dtmf(media: LegMedia, timestamp: int, digit: str, end: bool) -> None:
@@ -624,8 +646,11 @@ class LegBank(PortBank):
 
     def drain_rtcp(self) -> None:
         """Reports on the RTCP port: a few per second per hundred legs, read one by one,
-        each with its kernel arrival time (the round trip must not include our tick)."""
-        while True:
+        each with its kernel arrival time (the round trip must not include our tick).
+
+        At most a few per call per tick: a flood on this port waits in (and overflows)
+        the socket buffer instead of stretching the tick."""
+        for _ in range(64 + 2 * len(self.active)):
             try:
                 data, ancillary, _, source = self.rtcp_sock.recvmsg(2048, _STAMP_SPACE)
             except (BlockingIOError, InterruptedError):

@@ -159,6 +159,8 @@ class SipService:
             "sip_calls_total": calls.calls_total if calls else 0,
             "sip_calls_rejected": sum(calls.rejected.values()) if calls else 0,
             "sip_messages_malformed": self.transport.stats.malformed,
+            # RTP/RTCP dropped, by kind (truncated, huge, version, layout, payload_type, ...)
+            "sip_rtp_malformed": dict(self.bank.malformed) if self.bank else {},
         }
 
     def _limit_blas(self) -> None:

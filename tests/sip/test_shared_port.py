@@ -180,13 +180,14 @@ def test_calls_share_one_port_are_told_apart_latched_and_junk_lands_on_its_call(
                 bytes([0x80, 99]) + good[2:] + bytes(160),  # a payload type never agreed
                 bytes([0x40]) + good[1:] + bytes(160),  # RTP version 1
                 good[:8],  # truncated
+                bytes([0xA0]) + good[1:] + bytes([0, 0, 0, 200]),  # padding past the end
             ):
                 alpha.rtp.sendto(junk, alpha.remote)
             await until(
-                lambda: by_name["alpha"].stats()["packets_malformed"] == 3, 3, "junk counted"
+                lambda: by_name["alpha"].stats()["packets_malformed"] == 4, 3, "junk counted"
             )
             counted = {k: v - before[k] for k, v in bank.malformed.items() if v != before[k]}
-            assert counted == {"payload_type": 1, "version": 1, "truncated": 1}
+            assert counted == {"payload_type": 1, "version": 1, "truncated": 1, "layout": 1}
             assert by_name["bravo"].stats()["packets_malformed"] == 0
             # alpha restarts its stream with a new SSRC and sequence: followed at once.
             lost_before = by_name["alpha"].stats()["packets_lost"]
