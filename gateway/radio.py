@@ -222,6 +222,7 @@ class SoundcardPort(Port):
             rate = cfg.sample_rate
         return CardSpec(
             resolve=lambda: find_card(cfg.device, cfg.host_api, needs_in, needs_out).index,
+            find=lambda cards: find_card(cfg.device, cfg.host_api, needs_in, needs_out, cards),
             device_rate=rate,
             input_channels=needs_in,
             output_channels=needs_out,

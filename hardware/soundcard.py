@@ -14,12 +14,15 @@ Gross errors are corrected at once and counted: an underrun re-primes the FIFO
 
 A card that stops calling back (unplugged, audio server gone) is reported by
 :attr:`SoundCard.up` going False; it is reopened with backoff on a thread of its
-own, and resumes when the device is back.
+own, and resumes when the device is back — if PortAudio must be renewed to see it
+(a replugged card, a restarted JACK server), every card in the process reopens on
+the renewed PortAudio and rides through the gap on its FIFOs (see ``portaudio``).
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import math
 import sys
@@ -32,6 +35,9 @@ from typing import Any
 
 import numpy as np
 from gateway.codecs.interp import SincInterpolator
+
+from . import portaudio as pa
+from .devices import Card
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,8 @@ STALE_S = 0.03  # received audio this far beyond target after a stall is dropped
 STALE_TX_S = 0.03  # likewise for audio queued to the card
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 30.0
+PROBE_MAX_S = 10.0  # a vanished device is looked for at least this often
+CLOSE_WAIT_S = 2.0  # a stream that takes longer to stop is stuck in PortAudio: abandoned
 # Rate conversion kernel: 8 zero crossings of the narrower band, pass band to 75 % of its
 # Nyquist (flat to 4 kHz at 16 kHz, −6 dB at 6 kHz; ≥ 72 dB alias/image rejection). A radio's
 # own audio is 300–3000 Hz, so a 24-crossing, 90 % kernel (1.5 ms each way) bought nothing
@@ -159,6 +167,8 @@ class CardSpec:
 
     resolve: Callable[[], int]
     device_rate: int
+    # Is the device in this list (a child process's scan)? None: any non-empty list will do.
+    find: Callable[[list[Card]], object] | None = None
     input_channels: int = 1  # opened on the device (the radio's channel is one of them)
     output_channels: int = 1
     input_channel: int = 0  # 0-based
@@ -179,6 +189,8 @@ class SoundCard:
         self.up = False
         self.error = ""
         self.stream: Any = None
+        self.generation = pa.generation  # the PortAudio instance the stream belongs to
+        self.renewing = False  # PortAudio is being renewed under this card: a gap, not a loss
         self.rx = Fifo(dev)  # one second of room
         self.tx = Fifo(dev)
         self.rx_control = DriftControl(spec.margin, max_ppm=spec.max_ppm)
@@ -204,6 +216,7 @@ class SoundCard:
         self._closing = threading.Event()
         self._out_scratch = np.zeros(0, np.float32)
         self.on_state: Callable[[bool, str], None] | None = None
+        self.serial = next(_SERIALS)  # streams reopen in the order the cards were made
         _REGISTRY.add(self)
 
     # --- open / close ---------------------------------------------------------
@@ -224,6 +237,10 @@ class SoundCard:
         _hook_exit()
 
         spec = self.spec
+        with pa.LOCK:  # PortAudio is not thread-safe: one open at a time (and never mid-renewal)
+            self._open_locked(sd, spec)
+
+    def _open_locked(self, sd: Any, spec: CardSpec) -> None:
         index = spec.resolve()
         try:
             stream = sd.Stream(
@@ -242,9 +259,11 @@ class SoundCard:
         self._reset_paths()
         self.last_callback = time.monotonic()
         stream.start()
+        self.generation = pa.generation
         self.stream = stream
         self.up = True
         self.error = ""
+        pa.remember_client_name()
 
     def _reset_paths(self) -> None:
         self.rx.clear()
@@ -259,7 +278,7 @@ class SoundCard:
         self.up = False
         stream, self.stream = self.stream, None
         if stream is not None:
-            _close_stream(stream)
+            _close_stream(stream, self.generation)
         if self._retry is not None and self._retry is not threading.current_thread():
             self._retry.join(timeout=2.0)
 
@@ -298,10 +317,11 @@ class SoundCard:
 
     def check(self) -> bool:
         """Is the card alive? Detects a vanished device and starts reopening it."""
-        if not self.up:
+        if not self.up or self.renewing:
             return False
+        stream = self.stream
         stalled = time.monotonic() - self.last_callback > STALL_S
-        if stalled or (self.stream is not None and not self.stream.active) or self.error:
+        if stalled or (stream is not None and not stream.active) or self.error:
             silent = f"no audio callbacks for {STALL_S:.1f}s"
             reason = self.error or (silent if stalled else "stream stopped")
             self._lost(reason)
@@ -343,7 +363,7 @@ class SoundCard:
 
     def write(self, frame: np.ndarray | None) -> None:
         """One engine frame to transmit (None: silence). Always call once per tick."""
-        if not self.up:
+        if not self.up or self.renewing:
             return
         dev = self.spec.device_rate
         if frame is None:
@@ -437,30 +457,50 @@ class SoundCard:
             self._retry.start()
 
     def _reopen(self, dead: Any) -> None:
-        wait = RETRY_FIRST_S
         if dead is not None:
-            closing = _close_stream(dead, wait)
-            while closing.is_alive():
-                log.warning("%s: the audio system has not let go of the old stream", self.name)
-                if self._closing.is_set():
-                    return
-                closing.join(timeout=1.0)
+            _close_stream(dead, self.generation, CLOSE_WAIT_S)
+        wait = RETRY_FIRST_S
         while not self._closing.wait(wait):
             try:
-                if _WEDGED:
-                    raise OSError("another stream is still wedged in PortAudio")
-                _rescan_if_alone(self)
-                self._start_stream()
+                self._resume()
             except Exception as exc:
                 self.error = ""
                 log.info("%s: sound card not back yet: %s", self.name, exc)
-                wait = min(RETRY_MAX_S, wait * 2)
+                wait = min(RETRY_MAX_S, PROBE_MAX_S, wait * 2)
                 continue
             self.counts["reopens"] += 1
             log.warning("%s: sound card is back", self.name)
             if self.on_state:
                 self.on_state(True, "reopened")
             return
+
+    def _resume(self) -> None:
+        """Reopen; if this PortAudio cannot (stale device list, dead JACK client), renew it
+        once the device shows up in a child process's scan."""
+        if self.stream is not None and self.up:
+            return  # a renewal (another card's) has reopened this one already
+        seen = pa.generation
+        if not pa.broken(seen):
+            try:
+                self._start_stream()
+                return
+            except (OSError, LookupError):
+                pass  # maybe only a rescan finds it: ask a child process
+        cards = pa.probe()
+        if cards is None or not self._listed(cards):
+            raise OSError("the device is not there yet (no fresh scan lists it)")
+        _renew(seen)
+        if self.stream is None:
+            self._start_stream()
+
+    def _listed(self, cards: list[Card]) -> bool:
+        if self.spec.find is None:
+            return bool(cards)
+        try:
+            self.spec.find(cards)
+        except LookupError:
+            return False
+        return True
 
     def stats(self) -> dict[str, float]:
         return {
@@ -472,31 +512,65 @@ class SoundCard:
             "tx_buffer_seconds": self.tx.level / self.spec.device_rate,
             "rx_margin_seconds": self.rx_control.target,
             "tx_margin_seconds": self.tx_control.target,
+            "portaudio_renewals": float(pa.counts["renewals"]),
         }
 
 
-_CARDS_LOCK = threading.Lock()
-_WEDGED: set[int] = set()  # streams whose close is stuck in PortAudio
 _REGISTRY: weakref.WeakSet[SoundCard] = weakref.WeakSet()
+_SERIALS = itertools.count()
 
 
-def _close_stream(stream: Any, wait: float = 2.0) -> threading.Thread:
-    """Stop and close on a helper thread: PortAudio can block for good when the audio
-    server died under the stream. The thread is still alive if the close is stuck."""
+def _close_stream(stream: Any, generation: int, wait: float = CLOSE_WAIT_S) -> bool:
+    """Stop and close on a helper thread: PortAudio can block for minutes when the audio
+    server died under the stream. False: it did not stop in time and is abandoned."""
+    done = threading.Event()
+    abandoned = threading.Event()
 
     def close() -> None:
         try:
             stream.abort(ignore_errors=True)
-            stream.close(ignore_errors=True)
+            if not abandoned.is_set():  # a late return must not free what is abandoned
+                stream.close(ignore_errors=True)
         except Exception:
             pass
-        _WEDGED.discard(id(stream))
+        done.set()
 
-    _WEDGED.add(id(stream))
-    thread = threading.Thread(target=close, daemon=True, name="close-stream")
-    thread.start()
-    thread.join(timeout=wait)
-    return thread
+    threading.Thread(target=close, daemon=True, name="close-stream").start()
+    if done.wait(wait):
+        return True
+    abandoned.set()
+    pa.abandon(stream, generation)
+    log.warning("a sound card stream is stuck in PortAudio; abandoned (PortAudio will be renewed)")
+    return False
+
+
+def _renew(seen: int) -> None:
+    """Renew PortAudio once for the process, if nobody did since ``seen``: every card whose
+    stream belongs to the old instance is stopped, and every card is (re)opened on the new
+    one at once, in the order the cards were made — so with JACK, ``in_0, in_1, …`` name
+    the same radios as before."""
+    with pa.LOCK:
+        if pa.generation != seen:
+            return  # another card's thread did it already
+        cards = sorted((c for c in list(_REGISTRY) if not c._closing.is_set()),
+                       key=lambda c: c.serial)  # fmt: skip
+        for card in cards:
+            card.renewing = True
+            stream, card.stream = card.stream, None
+            if stream is not None and card.generation == seen:
+                _close_stream(stream, seen)
+        try:
+            pa.reinitialise()
+        finally:
+            for card in cards:
+                was_up = card.up
+                try:
+                    card._start_stream()
+                except Exception as exc:
+                    card.renewing = False
+                    if was_up:
+                        card._lost(f"did not reopen after PortAudio was renewed: {exc}")
+                card.renewing = False
 
 
 _EXIT_HOOKED: list[bool] = []
@@ -506,34 +580,7 @@ def _hook_exit() -> None:
     """Register after sounddevice's own exit handler, so this one runs first."""
     if not _EXIT_HOOKED:
         _EXIT_HOOKED.append(True)
-        atexit.register(_skip_portaudio_exit_if_wedged)
-
-
-def _skip_portaudio_exit_if_wedged() -> None:
-    """At exit, PortAudio's terminate waits for every stream; a wedged one would hang the
-    process after the transmitters are already down. Then leave PortAudio to the OS."""
-    if _WEDGED:
-        import sounddevice as sd
-
-        sd._initialized = 0
-
-
-def _rescan_if_alone(card: SoundCard) -> None:
-    """Re-read PortAudio's device list so a replugged card (or restarted server) is seen.
-
-    PortAudio can only rescan by re-initialising, which would stop every other
-    open stream; so this is done only when no other stream is open in the process.
-    """
-    import sounddevice as sd
-
-    with _CARDS_LOCK:
-        if sd._initialized and _open_stream_count() == 0:
-            sd._terminate()
-            sd._initialize()
-
-
-def _open_stream_count() -> int:
-    return sum(1 for card in list(_REGISTRY) if card.stream is not None)
+        atexit.register(pa.skip_terminate_at_exit)
 
 
 def _reason(exc: Exception, spec: CardSpec) -> str:

@@ -305,3 +305,65 @@ def test_unplugged_serial_ptt_is_marked_down_and_resumes(modem, tty):
 def test_missing_hidraw_is_a_clear_error(tmp_path):
     with pytest.raises(LineError, match="no such device"):
         Cm108(str(tmp_path / "hidraw9")).open()
+
+
+class Fob:
+    """A pty standing in for a CM108 fob's /dev/hidrawN: the keyer writes its output reports
+    to the slave (raw mode: bytes pass unchanged) and the test reads them from the master.
+    Unplugging closes the master, so writes fail with EIO as on a vanished USB device, and
+    removes the node; plugging in again makes a new pty behind the same name."""
+
+    def __init__(self, link) -> None:
+        self.link = link
+        self.master = self.slave = -1
+        self.last: bool | None = None
+        self.plug()
+
+    def plug(self) -> None:
+        import tty
+
+        self.master, self.slave = pty.openpty()
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        os.symlink(os.ttyname(self.slave), self.link)
+
+    def unplug(self) -> None:
+        os.unlink(self.link)
+        os.close(self.master)
+        os.close(self.slave)
+
+    def keyed(self, gpio: int = 3) -> bool | None:
+        """PTT state from the last output report the fob received (None: none yet)."""
+        data = b""
+        while True:
+            try:
+                chunk = os.read(self.master, 1024)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        if len(data) >= 5:
+            self.last = bool(data[len(data) - len(data) % 5 - 5 + 2] & (1 << (gpio - 1)))
+        return self.last
+
+
+def test_unplugged_cm108_ptt_is_marked_down_and_resumes_when_plugged_back(tmp_path):
+    fob = Fob(tmp_path / "hidraw_b")
+    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(fob.link), 3), "r", tot=0, stall=0)
+    controller.open()
+    try:
+        controller.key(True)
+        assert fob.keyed() is True
+        fob.unplug()  # pulled out while transmitting
+        controller.key(False)  # the unkey report fails on the dead device (EIO)
+        controller.key(True)  # the engine still wants to transmit
+        assert not controller.device_up and controller.counts["device_errors"] >= 1
+        assert not controller.keyed
+        fob.plug()  # a new device node behind the same name
+        wait_for(lambda: controller.device_up, 5, "the fob's PTT to be reopened")
+        wait_for(lambda: fob.keyed() is True, 2, "PTT to key again (still wanted)")
+    finally:
+        controller.close()
+    assert fob.keyed() is False  # closing unkeys the replugged fob
+    fob.unplug()

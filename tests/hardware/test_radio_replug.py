@@ -1,0 +1,126 @@
+"""A card that vanishes entirely comes back by itself: the JACK server is killed and started
+again under the same name while the gateway runs.
+
+PortAudio cannot stop a stream whose server died (it waits ten minutes) nor rescan
+without being re-initialised, so this is the path where the gateway abandons the dead
+stream, probes for the server in a child process, renews PortAudio and reopens every
+card. Checked by content: a 1 kHz tone into radio A comes out of radio B at its level,
+and B's PTT (a CM108 keyer writing to a file standing in for /dev/hidrawN) keys again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from tests.hardware.jackradio import (
+    RATE,
+    RadioSim,
+    gateway_streams,
+    hid_keyed,
+    peak_hz,
+    portaudio_off,
+    portaudio_on,
+    site_toml,
+    start_jackd,
+    steady_db,
+    stop_jackd,
+    tone,
+    wait_for,
+)
+from tests.hardware.test_radio_failsafe import gateway_process, statuses
+
+pytestmark = pytest.mark.jack
+LEVEL = -12.0
+
+
+def site(tmp_path, hid) -> str:
+    radio = """
+kind = "soundcard"
+device = "system"
+host_api = "JACK"
+ptt_hang_time = "100ms"
+squelch = { type = "vox", threshold_dbfs = -45, hang = "100ms" }
+"""
+    other = '\n[ports.other]\nkind = "simulated_radio"\ntalk_offset = "1h"\n' \
+        '[ports.beacon]\nkind = "tone"\n[talkgroups.elsewhere]\nmembers = ["beacon", "other"]\n'
+    b = radio + f'ptt = {{ type = "cm108", device = "{hid}" }}\n'
+    return site_toml({"radio_a": radio, "radio_b": b}) + other
+
+
+def over_a_to_b(server: str, hid) -> np.ndarray:
+    """Radio A hears a tone; returns what radio B's transmitter got while keyed."""
+    sim = RadioSim(server, 2, seconds=10)
+    try:
+        streams = wait_for(lambda: (s := gateway_streams(server)[-2:]) and len(s) == 2 and s,
+                           5, "the gateway's two streams in JACK")  # fmt: skip
+        for radio, stream in enumerate(streams):
+            sim.connect(radio, stream)
+        signal_a = tone(1000, 1.5, LEVEL)
+        start = sim.start(0, signal_a)
+        wait_for(lambda: hid_keyed(hid) is True, 5, "radio B's PTT to key")
+        wait_for(lambda: sim.frame > start + len(signal_a) + RATE // 4, 5, "the over to end")
+        return sim.recorded(1, since=start)
+    finally:
+        sim.close()
+
+
+def check_tone(heard: np.ndarray) -> None:
+    loud = np.flatnonzero(np.abs(heard) > 0.05)
+    assert loud.size, "radio B got no audio"
+    steady = heard[loud[0] + RATE // 4 : loud[0] + RATE]  # well inside the 1.5 s tone
+    assert abs(peak_hz(steady) - 1000) < 3, f"radio B got {peak_hz(steady):.0f} Hz"
+    assert abs(steady_db(steady) - LEVEL) < 1.0, f"tone level {steady_db(steady):.2f} dBFS"
+
+
+@pytest.fixture
+def no_other_jack_client():
+    """libjack serves one server per process: this process's own PortAudio client on the
+    session's server (other tests') must be gone while this test plays radios on its own."""
+    import sounddevice as sd
+
+    was = os.environ.get("JACK_DEFAULT_SERVER") if sd._initialized else None
+    portaudio_off()
+    yield
+    if was:
+        portaudio_on(was)
+
+
+def test_killed_and_restarted_audio_server_resumes_audio_and_ptt(tmp_path, monkeypatch,
+                                                                  no_other_jack_client):
+    server = f"radio-replug{os.getpid()}"
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", server)  # restored after (RadioSim sets it)
+    monkeypatch.setenv("BLTEST_CLIENT", "1")
+    hid = tmp_path / "hidraw_b"
+    hid.touch()
+    (tmp_path / "site.toml").write_text(site(tmp_path, hid))
+    jackd = start_jackd(server)
+    proc = gateway_process(server, tmp_path / "site.toml", "run")
+    try:
+        statuses(proc, lambda s: all(s.get("up", {"-": False}).values()))
+        check_tone(over_a_to_b(server, hid))  # the path works before the crash
+        wait_for(lambda: hid_keyed(hid) is False, 3, "radio B's PTT to drop after the over")
+
+        jackd.kill()  # the audio server crashes: no goodbye to its clients
+        jackd.wait()
+        down = statuses(proc, lambda s: not s.get("up", {}).get("radio_b", True))
+        assert hid_keyed(hid) is False
+        later = statuses(proc, lambda s: s.get("tick", 0) > down["tick"] + 25)
+        assert later["other_heard"], "the other talkgroup stopped when the cards went"
+
+        jackd = start_jackd(server)  # back, under the same name
+        back = statuses(proc, lambda s: all(s.get("up", {"-": False}).values())
+                        and s.get("renewals", 0) >= 1, 40)  # fmt: skip
+        assert back["reopens"] >= 1
+        check_tone(over_a_to_b(server, hid))  # audio flows A→B again and B keys again
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        stop_jackd(jackd)
+        log = proc.stderr.read()
+        print(log[-3000:])  # shown when the test fails
+    assert code == 0, log[-2000:]
+    assert hid_keyed(hid) is False
