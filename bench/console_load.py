@@ -388,6 +388,9 @@ async def latency(runs: int) -> None:
             sent_at.append(time.time())
 
     console_rtp.RtpOut.send = timed_send
+    for seat in gateway.engine.ports:  # re-bind: a seat keeps the bound method it was given
+        if getattr(seat, "direct", None) is not None:
+            seat.use_direct(seat.direct)
     try:
         for _ in range(runs):
             # console → radio: the client's tone burst onset at the radio

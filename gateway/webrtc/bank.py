@@ -42,10 +42,11 @@ class _Plan:
             if port.shared_encode:
                 groups.setdefault(port.talkgroup, []).append(k)
         self.groups = [(tg, np.array(ks, np.int64)) for tg, ks in groups.items()]
-        self.shares = np.array([p.shared_encode for p in ports], bool)
 
 
 class ConsoleBank(PortBank):
+    """Every console seat of the site; the engine reads and writes them all at once."""
+
     def __init__(self, encoders: SharedEncoders, silence: bytes, engine: Any) -> None:
         self.encoders = encoders
         self.silence = silence
@@ -96,7 +97,7 @@ class ConsoleBank(PortBank):
                 continue
             block = out[rows[listening]]
             same = (block == block[0]).all(axis=1)
-            packets = self.encoders.encode(talkgroup, tick, block[0])
+            packets = self.encoders.encode(talkgroup, tick, block[0], int(np.count_nonzero(same)))
             sharing = listening[same]
             done[sharing] = True
             cons: list[ConsolePort] = [ports[k] for k in sharing.tolist()]  # type: ignore[misc]

@@ -104,3 +104,49 @@ def test_sender_report_and_cname_parse_as_rtcp():
         assert (sr.ssrc, info.ntp_timestamp, info.rtp_timestamp) == (0xCAFE, ntp, 96000)
         assert (info.packet_count, info.octet_count) == (50, 4000)
         assert sdes.chunks[0].ssrc == 0xCAFE and sdes.chunks[0].items == [(1, cname.encode())]
+
+
+def test_bank_shares_one_encode_only_with_listeners_hearing_the_same_mix():
+    """Through the real engine: five console seats in one talkgroup with a tone talking.
+
+    Three only listen (one shared encode), one talks (its own N-1 encode), one has
+    another transmit gain (a different mix: its own encode). What each seat is sent
+    decodes to the tone, at its own level.
+    """
+
+    from gateway.config import TalkgroupConfig, Timing, ToneSourceConfig
+    from gateway.engine import Engine
+    from gateway.ports import ToneSource
+    from gateway.webrtc.bank import ConsoleBank
+    from gateway.webrtc.port import ConsolePort
+
+    timing = Timing()
+    engine = Engine(timing)
+    tone = ToneSource("tone", ToneSourceConfig(kind="tone", tone_hz=700.0), timing)
+    engine.configure([tone], {"tg": TalkgroupConfig(members=["tone"])}, {})
+    encoders = SharedEncoders(RATE, 0.020, 32000)
+    bank = ConsoleBank(encoders, silence_packet(0.020), engine)
+    seats = [
+        ConsolePort(f"op{k}@tg/{k}", timing, operator=f"op{k}", display="", agency="",
+                    talkgroup="tg", may_talk=True, priority=10, encoders=encoders,
+                    silence=bank.silence, tick=lambda: engine.tick_count, bank=bank)
+        for k in range(5)
+    ]  # fmt: skip
+    sent: list[list[bytes]] = [[] for _ in seats]
+    for seat, out in zip(seats, sent, strict=True):
+        seat.emit = out.append
+        engine.attach(seat, "tg", 10)
+    seats[3].ptt = True  # talks (no audio arrives: it still hears the N-1 mix)
+    engine.layout.tx_gain[engine.ports.index(seats[4])] = 0.5  # another mix
+    for _ in range(50):
+        engine.tick()
+    assert encoders.encodes == 50 and encoders.shares == 100  # 1 encode, 2 reuses a tick
+    assert all(a is b for a, b in zip(sent[0], sent[1], strict=True))  # the same packets
+    assert seats[3].own_encodes == 50 and seats[4].own_encodes == 50
+    assert seats[0].own_encodes == seats[1].own_encodes == seats[2].own_encodes == 0
+    levels = []
+    for out in sent:
+        audio = decode(out)[4800:]
+        assert abs(fft_peak_hz(audio, 48000) - 700) < 5
+        levels.append(rms_dbfs(audio))
+    assert abs(levels[0] - levels[3]) < 1.0 and abs(levels[0] - levels[4] - 6.0) < 1.5
