@@ -229,10 +229,11 @@ class LegBank(PortBank):
         hist_up = self.up.history_length if self.up else 0
         hist_down = self.down.history_length if self.down else 0
         self.rx = np.zeros((capacity, self.frame), np.float32)
-        self.tx = np.zeros((capacity, self.frame), np.float32)
+        # What each leg hears, just after its resampling history (one buffer: no joining copy).
+        self.tx_ext = np.zeros((capacity, hist_down + self.frame), np.float32)
+        self.tx = self.tx_ext[:, hist_down:]
         self.tx_has = np.zeros(capacity, bool)
         self.up_hist = np.zeros((capacity, hist_up), np.float32)
-        self.down_hist = np.zeros((capacity, hist_down), np.float32)
         self.law = np.zeros(capacity, np.int64)
         self.talking = np.zeros(capacity, bool)
         self.vox = np.ones(capacity, bool)  # VOX keying (False: DTMF PTT)
@@ -278,7 +279,7 @@ class LegBank(PortBank):
                 self._allocate(self.capacity * 2)
         self.jitter.reset(row)
         self.streams.reset(row)
-        for name in ("rx", "tx", "up_hist", "down_hist"):
+        for name in ("rx", "tx_ext", "up_hist"):
             getattr(self, name)[row] = 0.0
         self.tx_has[row] = False
         self.talking[row] = self.ptt[row] = self.muted[row] = False
@@ -460,8 +461,11 @@ class LegBank(PortBank):
         length, truncated, source, arrival_ns = self.receiver.columns(n)
         data = self.receiver.data[:n]
         arrival = (arrival_ns - self._epoch_ns) * (CODEC_RATE * 1e-9)
-        b0 = data[:, 0]
-        b1 = data[:, 1]
+        # One gather of the headers: the slots are 2 KiB apart, so every pass over a
+        # column of `data` itself would miss the cache once per packet.
+        head = np.ascontiguousarray(data[:, :HEADER_SIZE])
+        b0 = head[:, 0]
+        b1 = head[:, 1]
         huge = truncated | (length > MAX_PACKET)
         short = (length < HEADER_SIZE) & ~huge
         wrong_version = ((b0 >> 6) != 2) & ~huge & ~short
@@ -489,7 +493,7 @@ class LegBank(PortBank):
             & (pt == self.rx_pt[rows])
         )
         if fast.any():
-            self._audio(np.flatnonzero(fast), rows, length, arrival, data)
+            self._audio(np.flatnonzero(fast), rows, length, arrival, data, head)
         rest = good & ~fast
         stray = rest & ~known
         if stray.any():  # from nobody's address: only a host with a call waiting may latch
@@ -509,6 +513,7 @@ class LegBank(PortBank):
         length: np.ndarray,
         arrival: np.ndarray,
         data: np.ndarray,
+        head: np.ndarray,
     ) -> None:
         """Audio packets ``idx`` of a batch into their rows, in rounds of distinct rows."""
         rows = rows_of[idx]
@@ -519,7 +524,7 @@ class LegBank(PortBank):
             self.latched[new] = True
         np.add.at(self.packets_in, rows, 1)
         np.add.at(self.bytes_in, rows, length[idx])
-        header = data[idx, :HEADER_SIZE].astype(np.int64)
+        header = head[idx].astype(np.int64)
         seq = (header[:, 2] << 8) | header[:, 3]
         ts = (header[:, 4] << 24) | (header[:, 5] << 16) | (header[:, 6] << 8) | header[:, 7]
         ssrc = (header[:, 8] << 24) | (header[:, 9] << 16) | (header[:, 10] << 8) | header[:, 11]
@@ -775,12 +780,19 @@ class LegBank(PortBank):
             return
         sel = dense(rows)
         has = self.tx_has[sel]
-        frames = self.tx[sel]
-        if not has.all():
-            frames = np.where(has[:, None], frames, np.float32(0.0))
+        if not has.all():  # no audio for these: silence (and silence in their history)
+            self.tx[rows[~has]] = 0.0
         self.tx_has[sel] = False
         if self.down is not None:
-            frames, self.down_hist[sel] = self.down.process(frames, self.down_hist[sel])
+            ext = self.tx_ext[sel]  # a view when the rows are dense
+            frames = self.down.process_ext(ext)
+            h = self.down.history_length
+            if isinstance(sel, slice):
+                self.tx_ext[sel, :h] = self.tx_ext[sel, -h:]
+            else:
+                self.tx_ext[rows, :h] = ext[:, -h:]
+        else:
+            frames = self.tx[sel]
         # To 16-bit (truncating: G.711's coarsest step hides the half-LSB) in place.
         scaled = np.multiply(frames, np.float32(32768.0), dtype=np.float32)
         pcm = np.clip(scaled, -32768, 32767, out=scaled).astype(np.int16)

@@ -53,6 +53,7 @@ class JitterBank:
 
     def __init__(self, capacity: int, frame: int, rate: int = 8000) -> None:
         self.frame = frame
+        self._last = np.zeros((0, frame), np.float32)  # last tick's frames
         self.rate = rate
         self._arange = np.arange(frame, dtype=np.int32)  # int32 indices: half the memory traffic
         self.capacity = 0
@@ -74,7 +75,7 @@ class JitterBank:
         widen("have", (capacity, RING + TAIL), bool, False)
         widen("play", (capacity,), np.int64)  # next sample to play, in extended RTP time
         widen("transit", (capacity, HISTORY), np.float64)
-        widen("last_frame", (capacity, self.frame), np.float32)
+        widen("last_pos", (capacity,), np.int64, -1)  # row's place in the last tick's frames
         widen("fade", (capacity,), np.float32, 1.0)
         widen("delay", (capacity,), np.float64)
         widen("concealed", (capacity,), np.int64)
@@ -94,7 +95,7 @@ class JitterBank:
         self.have[row] = False
         self.started[row] = self.fresh[row] = False
         self.count[row] = self.late_run[row] = self.packets_late[row] = 0
-        self.last_frame[row] = 0.0
+        self.last_pos[row] = -1
         self.fade[row] = 1.0
         self.delay[row] = 0.0
         self.concealed[row] = 0
@@ -280,13 +281,21 @@ class JitterBank:
             arrived = self.last_arrival[sel]
             recent = (now - arrived) < 10 * frame  # still sending: real loss
             fade = self.fade[sel]
-            pcm = np.where(present, pcm, self.last_frame[sel] * fade[:, None])
+            k = np.flatnonzero(lost_rows)  # only rows with a gap need last tick's frame
+            pos = self.last_pos[r[k]]
+            last = self._last[np.maximum(pos, 0)] if len(self._last) else 0.0 * pcm[k]
+            last *= ((pos >= 0) * fade[k])[:, None]  # no previous frame: silence
+            pcm[k] = np.where(present[k], pcm[k], last)
             whole = missing.all(axis=1)
             self.fade[sel] = np.where(whole, fade * PLC_FADE, np.where(lost_rows, fade, 1.0))
             self.concealed[sel] += missing.sum(axis=1) * recent
         else:
             self.fade[sel] = 1.0
-        self.last_frame[sel] = pcm
+        # What concealment repeats next time: this tick's frames, kept by reference (the
+        # caller must not write into them).
+        self.last_pos[:] = -1
+        self.last_pos[sel] = np.arange(len(r))
+        self._last = pcm
         self.play[sel] = play + frame
         self.delay[sel] = local - frame - play - fastest
         if isinstance(sel, slice) and len(r) == len(rows):

@@ -78,9 +78,16 @@ class BlockResampler:
         ext = np.empty((rows, self.history_length + self.n_in), np.float32)
         ext[:, : self.history_length] = history
         ext[:, self.history_length :] = x
+        return self.process_ext(ext), ext[:, -self.history_length :]
+
+    def process_ext(self, ext: np.ndarray) -> np.ndarray:
+        """Rows laid out as history then frame (rows × (history_length + n_in)) → frames.
+
+        For callers that keep each row's history just before its frame in one buffer
+        (no copy to join them); moving the new history into place is theirs."""
+        rows = ext.shape[0]
         s_row, s_col = ext.strides
         windows = as_strided(
             ext, (rows, self.blocks, self.window), (s_row, s_col * self.step, s_col)
         )
-        out = (windows.reshape(rows * self.blocks, self.window) @ self.weights).reshape(rows, -1)
-        return out, ext[:, -self.history_length :]
+        return (windows.reshape(rows * self.blocks, self.window) @ self.weights).reshape(rows, -1)
