@@ -119,7 +119,7 @@ class SoundcardConfig(PortConfig):
     output_channel: int = Field(1, ge=1, le=32)
     blocksize: int = Field(0, ge=0, le=8192)
     latency: str = "low"
-    buffer_margin: Duration = 0.002
+    buffer_margin: Duration = 0.001
     max_drift_ppm: float = Field(500.0, gt=0, le=5000)
     tx_delay: Duration = 0.0
     tx_tot: Duration = 180.0

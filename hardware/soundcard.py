@@ -48,6 +48,11 @@ DEADBAND_S = 0.0015
 WIDEN_STEP_S = 0.001
 WIDEN_MAX_S = 0.020
 TRIM_S = 0.010  # a low-water mark this far above target (a stall, a burst) is cut at once
+# …and only this far while what would be cut is silence (between overs, at start): the
+# PI control moves at most max_ppm (0.5 ms a second at 500 ppm), so a few ms of excess
+# would otherwise sit as latency for seconds; cutting silence is inaudible.
+TRIM_QUIET_S = 0.0005
+QUIET = 10 ** (-50 / 20)  # peak level below which audio counts as silence
 STALE_S = 0.03  # received audio this far beyond target after a stall is dropped at once
 STALE_TX_S = 0.03  # likewise for audio queued to the card
 RETRY_FIRST_S = 0.5
@@ -175,7 +180,7 @@ class CardSpec:
     output_channel: int = 0
     blocksize: int = 0  # 0: whatever the audio server's period is (lowest latency)
     latency: float | str = "low"
-    margin: float = 0.002  # seconds of low-water each FIFO keeps for jitter
+    margin: float = 0.001  # seconds of low-water each FIFO keeps for jitter
     max_ppm: float = 500.0
 
 
@@ -206,6 +211,7 @@ class SoundCard:
         self.tx_underruns_seen = 0
         self.tx_low = math.inf  # written by the callback
         self.tx_extra = 0.0  # TX delay held in the FIFO while keyed (seconds)
+        self.tx_quiet = 0  # samples at the FIFO's tail, written since the last non-silent frame
         self.window_ticks = max(1, round(WINDOW_S / self.frame_seconds))
         self.ticks = 0
         self.last_callback = 0.0
@@ -386,7 +392,9 @@ class SoundCard:
             if self.tx.level > limit:
                 self.counts["dropped_samples"] += self.tx.discard(self.tx.level - limit)
         step = (self.rate / dev) / self.tx_control.ratio
-        self.counts["dropped_samples"] += self.tx.push(self.tx_resampler.process(frame, step))
+        out = self.tx_resampler.process(frame, step)
+        self.counts["dropped_samples"] += self.tx.push(out)
+        self.tx_quiet = self.tx_quiet + len(out) if float(np.max(np.abs(frame))) < QUIET else 0
 
     def _period_guess(self) -> int:
         latency = getattr(self.stream, "latency", (0.0, 0.0))
@@ -402,9 +410,11 @@ class SoundCard:
         self.tx_control.relax(dt)
         if math.isfinite(self.rx_low):
             low = self.rx_low / self.rate
-            if low > self.rx_control.target + TRIM_S:  # engine stalled: trim at once
-                cut = round((low - self.rx_control.target) * self.rate)
-                self.rx_buf = self.rx_buf[cut:]
+            excess = low - self.rx_control.target
+            cut = round(excess * self.rate)
+            if excess > TRIM_S or (excess > TRIM_QUIET_S
+                                   and float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET):
+                self.rx_buf = self.rx_buf[cut:]  # a stall, or silence: cut at once
                 self.counts["dropped_samples"] += cut
             else:
                 self.rx_control.update(low, dt)
@@ -412,8 +422,10 @@ class SoundCard:
         self.tx_low = math.inf
         if math.isfinite(tx_low) and self.tx_primed:
             low = tx_low / self.spec.device_rate - self.tx_extra
-            if low > self.tx_control.target + TRIM_S:
-                cut = round((low - self.tx_control.target) * self.spec.device_rate)
+            excess = low - self.tx_control.target
+            quiet = not self.tx_extra and self.tx_quiet >= self.tx.level
+            if excess > TRIM_S or (excess > TRIM_QUIET_S and quiet):
+                cut = round(excess * self.spec.device_rate)
                 self.counts["dropped_samples"] += self.tx.discard(cut)
             else:
                 self.tx_control.update(low, dt)
