@@ -15,6 +15,7 @@ console falls back to aiortc's own sender when they do not.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -126,7 +127,6 @@ class RtpOut:
         self._pair = pair
         cname = getattr(self.sender, "_RTCRtpSender__cname", None)
         self._sdes = sdes_cname(self.ssrc, cname) if isinstance(cname, str) else b""
-        self._reports = self._take_over_reports()
         return True
 
     def _take_over_reports(self) -> bool:
@@ -137,9 +137,14 @@ class RtpOut:
         cost about as much per console as the media itself. Cancelling it makes
         it send an RTCP BYE, which would tell the browser the stream ended; that
         one call is swallowed, and we send the BYE when the console closes.
+
+        Only a task that has started is cancelled: one cancelled before its first
+        step would never signal its exit, and closing the call would wait forever.
         """
         task = getattr(self.sender, "_RTCRtpSender__rtcp_task", None)
-        if task is None or task.done() or not hasattr(self.sender, "_send_rtcp"):
+        started = getattr(self.sender, "_RTCRtpSender__rtcp_started", None)
+        if (task is None or task.done() or not hasattr(self.sender, "_send_rtcp")
+                or not isinstance(started, asyncio.Event) or not started.is_set()):  # fmt: skip
             return False
         sender = self.sender
 
@@ -196,14 +201,18 @@ class RtpOut:
         The RTP timestamp is the last packet's: reports are sent right after a
         tick's packets, so it is within a millisecond of the NTP time beside it.
         """
-        if self._reports and self._sendto is not None:
-            report = SENDER_REPORT.pack(
-                0x80, 200, 6, self.ssrc, current_ntp_time(),
-                (self.timestamp - self.samples) & 0xFFFFFFFF,
-                self.packets & 0xFFFFFFFF, self.bytes & 0xFFFFFFFF,
-            )  # fmt: skip
-            self._send_rtcp(report + self._sdes)
-            self.reports += 1
+        if self._sendto is None:
+            return
+        if not self._reports:
+            self._reports = self._take_over_reports()  # aiortc reports until then
+            return
+        report = SENDER_REPORT.pack(
+            0x80, 200, 6, self.ssrc, current_ntp_time(),
+            (self.timestamp - self.samples) & 0xFFFFFFFF,
+            self.packets & 0xFFFFFFFF, self.bytes & 0xFFFFFFFF,
+        )  # fmt: skip
+        self._send_rtcp(report + self._sdes)
+        self.reports += 1
 
     def _send_rtcp(self, data: bytes) -> None:
         if self.dtls._state is not DtlsState.CONNECTED:
