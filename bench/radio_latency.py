@@ -3,6 +3,7 @@
     .venv/bin/python bench/radio_latency.py                     # both periods, 10-minute drift run
     .venv/bin/python bench/radio_latency.py --drift-minutes 2   # shorter drift run
     .venv/bin/python bench/radio_latency.py --periods 256 --bursts 10
+    .venv/bin/python bench/radio_latency.py --periods 256 --drift-minutes 0 --frame 10ms --realtime
 
 For each JACK dummy period (48 kHz) this starts its own uniquely named jackd, then:
 
@@ -18,7 +19,15 @@ For each JACK dummy period (48 kHz) this starts its own uniquely named jackd, th
    drift-control ratios, FIFO levels, underruns, samples dropped and the chirp delay
    at the start and the end (a FIFO that grows shows as a delay that grows).
 
-Figures on a shared 2-core machine are noisy: look at medians, and at xruns.
+Figures on a shared 2-core machine are noisy: look at medians, and at xruns; the load
+average is printed with them. ``--realtime`` runs the gateway at SCHED_FIFO priority 20,
+as a production gateway runs beside ``jackd -R`` (systemd ``CPUSchedulingPolicy=fifo``).
+
+The floor by construction is printed too: one engine frame (a frame must be whole before
+the tick can mix it), plus one card period (the tick's phase against the card's callbacks
+is arbitrary, so over time either the capture FIFO or the playback FIFO must hold up to
+a period), plus the two rate converters' half-kernels (0.5 ms each). The FIFOs' margins
+and the jitter of ticks and callbacks come on top of that.
 """
 
 from __future__ import annotations
@@ -182,13 +191,27 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
+def floor_ms(frame: str, period: int) -> float:
+    """Frame + period + both half-kernels: the least a radio hop can add (see the docstring)."""
+    from gateway.hardware.soundcard import ZERO_CROSSINGS
+
+    from gateway.units import parse_duration
+
+    return (parse_duration(frame) + period / RATE + 2 * ZERO_CROSSINGS / 16000) * 1000
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--periods", type=int, nargs="+", default=[256, 960])
     parser.add_argument("--bursts", type=int, default=20)
     parser.add_argument("--drift-minutes", type=float, default=10.0)
     parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
+    parser.add_argument("--realtime", action="store_true",
+                        help="run at SCHED_FIFO priority 20 (needs root or CAP_SYS_NICE)")
     args = parser.parse_args()
+    if args.realtime:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(20))  # threads made later inherit
+    load_before = os.getloadavg()[0]
     rows = []
     drift_rows = []
     for period in args.periods:
@@ -206,6 +229,7 @@ def main() -> int:
         b = statistics.median(base) if base else float("nan")
         added = [d - b for d in res["delay"]]
         rows.append((period, b * 1000, pct(res["delay"], 50), pct(added, 50), pct(added, 99),
+                     floor_ms(args.frame, period),
                      pct(res["squelch"], 50), pct(res["squelch"], 99), len(res["delay"]),
                      res["bad"], res["stats_a"]["xruns"] + res["stats_b"]["xruns"],
                      res["stats_a"]["rx_underruns"] + res["stats_b"]["tx_underruns"]))  # fmt: skip
@@ -214,29 +238,39 @@ def main() -> int:
         if "drift" in res:
             d = res["drift"]
             s = np.array(d["samples"]) if d["samples"] else np.zeros((1, 4))
-            drift_rows.append((period, d["seconds"] / 60, np.median(s[:, 0]), np.median(s[:, 1]),
+            drift_rows.append((period, d["seconds"] / 60, s[:, 0].min(), np.median(s[:, 0]),
+                               s[:, 0].max(), s[:, 1].min(), np.median(s[:, 1]), s[:, 1].max(),
                                s[:, 2].min() * 1000, s[:, 2].max() * 1000, s[:, 3].min() * 1000,
                                s[:, 3].max() * 1000,
                                (d["first"] or (float("nan"),))[0] * 1000,
                                (d["last"] or (float("nan"),))[0] * 1000,
-                               dropped(res)))  # fmt: skip
+                               dropped(res), res["stats_a"]["rx_underruns"],
+                               res["stats_b"]["tx_underruns"],
+                               res["stats_a"]["xruns"] + res["stats_b"]["xruns"]))  # fmt: skip
     print(f"\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine {args.frame} frames, "
-          "16 kHz)")  # fmt: skip
+          f"16 kHz; {'SCHED_FIFO 20' if args.realtime else 'normal priority'}; load average "
+          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after)")  # fmt: skip
     print(f"{'period':>6} {'server ms':>9} {'total p50':>9} {'added p50':>9} {'added p99':>9} "
-          f"{'sq→audio p50':>12} {'p99':>6} {'bursts':>6} {'bad':>4} {'xruns':>5} {'underruns':>9}")
+          f"{'floor':>6} {'sq→audio p50':>12} {'p99':>6} {'bursts':>6} {'bad':>4} {'xruns':>5} "
+          f"{'underruns':>9}")
     for r in rows:
-        print(f"{r[0]:>6} {r[1]:>9.1f} {r[2]:>9.1f} {r[3]:>9.1f} {r[4]:>9.1f} {r[5]:>12.1f} "
-              f"{r[6]:>6.1f} {r[7]:>6} {r[8]:>4} {r[9]:>5.0f} {r[10]:>9.0f}")
+        print(f"{r[0]:>6} {r[1]:>9.1f} {r[2]:>9.1f} {r[3]:>9.1f} {r[4]:>9.1f} {r[5]:>6.1f} "
+              f"{r[6]:>12.1f} {r[7]:>6.1f} {r[8]:>6} {r[9]:>4} {r[10]:>5.0f} {r[11]:>9.0f}")
     print("  added = total − server baseline (a PortAudio pass-through on the same server);")
+    print("  floor = engine frame + card period + both rate converters' half-kernels;")
     print("  sq→audio = onset delay of a burst after a shut squelch, beyond the steady delay.")
     if drift_rows:
         print("\nClock drift (steady tone through A→B)")
-        print(f"{'period':>6} {'minutes':>7} {'rx ppm':>7} {'tx ppm':>7} {'rx buf ms':>11} "
-              f"{'tx buf ms':>11} {'delay start':>11} {'delay end':>9} {'dropped':>8}")
+        print(f"{'period':>6} {'minutes':>7} {'rx ppm min/med/max':>20} {'tx ppm min/med/max':>20} "
+              f"{'rx buf ms':>11} {'tx buf ms':>11} {'delay start':>11} {'delay end':>9} "
+              f"{'dropped':>8} {'rx under':>8} {'tx under':>8} {'xruns':>5}")
         for r in drift_rows:
-            print(f"{r[0]:>6} {r[1]:>7.1f} {r[2]:>7.1f} {r[3]:>7.1f} {r[4]:>5.1f}–{r[5]:<5.1f} "
-                  f"{r[6]:>5.1f}–{r[7]:<5.1f} {r[8]:>11.1f} {r[9]:>9.1f} {r[10]:>8.0f}")
-        print("  ppm = median drift-control ratio; buffers = min–max over the run (1 s samples).")
+            print(f"{r[0]:>6} {r[1]:>7.1f} {r[2]:>6.0f}/{r[3]:>5.0f}/{r[4]:<6.0f} "
+                  f"{r[5]:>6.0f}/{r[6]:>5.0f}/{r[7]:<6.0f} {r[8]:>5.1f}–{r[9]:<5.1f} "
+                  f"{r[10]:>5.1f}–{r[11]:<5.1f} {r[12]:>11.1f} {r[13]:>9.1f} {r[14]:>8.0f} "
+                  f"{r[15]:>8.0f} {r[16]:>8.0f} {r[17]:>5.0f}")
+        print("  ppm = drift-control ratio (1 s samples); buffers = min–max over the run; "
+              "underruns and samples dropped count the whole run, bursts included.")
     return 0
 
 
