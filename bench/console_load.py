@@ -5,7 +5,9 @@
 
 Consoles are aiortc peers in this process, speaking the same HTTP offer/answer and
 WebSocket protocol as the page. The gateway runs as ``borderlink run`` in its own
-process, so its CPU (from /proc, user+system) is measured apart from the clients'.
+process, so its CPU (from /proc, user+system) is measured apart from the clients';
+like any ``borderlink run`` it runs on uvloop (``gateway.site.run_async``; seen in
+py-spy stacks), while the client process here uses asyncio's own loop.
 Every talkgroup has a tone port talking all the time, so every listener is sent
 real encoded audio, never silence packets.
 
