@@ -439,9 +439,12 @@ class LegBank(PortBank):
             self.rx[sel] = pcm
 
     def drain(self) -> None:
-        """Read every queued datagram on the shared socket (never waits)."""
+        """Read the queued datagrams on the shared socket (never waits).
+
+        At most a few ticks' worth for the calls up: a flood waits in (and overflows)
+        the socket buffer instead of stretching this tick without end."""
         receiver = self.receiver
-        while True:
+        for _ in range(2 + 4 * len(self.active) // receiver.slots):
             n = receiver.receive()
             if n:
                 self._batch(n)
