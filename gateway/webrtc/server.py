@@ -466,6 +466,16 @@ class ConsoleHub:
         except Exception as exc:
             await pc.close()
             raise web.HTTPBadRequest(text=f"cannot answer this offer: {exc}") from exc
+        # A reload or a logout may have landed while the answer was being made.
+        op = session.config
+        if (self.sessions.by_token.get(session.token) is not session
+                or self.consoles.get(console.id) is not console
+                or talkgroup not in self.engine.talkgroups or not op.may_monitor(talkgroup)):
+            port.close()
+            await pc.close()
+            raise web.HTTPForbidden(text=f"operator {session.operator} may no longer use "
+                                         f"{talkgroup}")  # fmt: skip
+        port.can_talk, port.priority = op.may_talk(talkgroup), op.priority
         console.ports[talkgroup] = port
         console.pcs[talkgroup] = pc
         self.engine.attach(port, talkgroup, op.priority)
