@@ -124,3 +124,54 @@ def test_killed_and_restarted_audio_server_resumes_audio_and_ptt(tmp_path, monke
         print(log[-3000:])  # shown when the test fails
     assert code == 0, log[-2000:]
     assert hid_keyed(hid) is False
+
+
+def test_card_missing_at_start_comes_up_when_its_server_starts(tmp_path, monkeypatch,
+                                                               no_other_jack_client):  # fmt: skip
+    """No JACK server when the gateway starts: the radio is down, the rest runs; when the
+    server appears PortAudio is renewed in place (nothing is wedged in it) and the radio
+    transmits what its talkgroup carries — a 1 kHz tone, checked at the radio's mic input."""
+    server = f"radio-late{os.getpid()}"
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", server)
+    hid = tmp_path / "hidraw_b"
+    hid.touch()
+    radio = f"""
+kind = "soundcard"
+device = "system"
+host_api = "JACK"
+sample_rate = 48000   # nothing to ask the rate of yet
+squelch = {{ type = "none" }}
+ptt = {{ type = "cm108", device = "{hid}" }}
+"""
+    source = f'kind = "tone"\ntone_hz = 1000\nlevel_dbfs = {LEVEL}'
+    (tmp_path / "site.toml").write_text(site_toml({"source": source, "radio_b": radio}))
+    proc = gateway_process(server, tmp_path / "site.toml", "run")
+    jackd = None
+    try:
+        statuses(proc, lambda s: s.get("tick", 0) > 25 and s.get("up") == {"radio_b": False})
+        assert hid_keyed(hid) is not True, "keyed a radio whose card is not there"
+        jackd = start_jackd(server)
+        back = statuses(proc, lambda s: s.get("up") == {"radio_b": True}, 40)
+        assert back["renewals"] >= 1
+        wait_for(lambda: hid_keyed(hid) is True, 5, "radio B's PTT once its card is up")
+        sim = RadioSim(server, 1, seconds=5)
+        try:
+            (stream,) = wait_for(lambda: gateway_streams(server, "PortAudio"), 5,
+                                 "the gateway's stream in JACK")  # fmt: skip
+            sim.connect(0, stream, "PortAudio")
+            at = sim.frame
+            wait_for(lambda: sim.frame > at + RATE, 5, "a second of B's transmit audio")
+            heard = sim.recorded(0, since=at + RATE // 4)
+        finally:
+            sim.close()
+        assert abs(peak_hz(heard) - 1000) < 3, f"radio B sent {peak_hz(heard):.0f} Hz"
+        assert abs(steady_db(heard) - LEVEL) < 1.0, f"tone level {steady_db(heard):.2f} dBFS"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        if jackd is not None:
+            stop_jackd(jackd)
+        log = proc.stderr.read()
+        print(log[-3000:])
+    assert code == 0, log[-2000:]
+    assert hid_keyed(hid) is False
