@@ -298,7 +298,9 @@ class LegBank(PortBank):
         self.dest[row] = NO_PEER
         self.latched[row] = False
         rtcp_remote = media.rtcp.remote
-        if rtcp_remote is None and media.remote is not None:  # RFC 3550: RTP port + 1
+        if media.rtcp.mux:  # RFC 5761: reports travel with the RTP
+            rtcp_remote = media.remote
+        elif rtcp_remote is None and media.remote is not None:  # RFC 3550: RTP port + 1
             rtcp_remote = (media.remote[0], media.remote[1] + 1)
         media.rtcp.remote = None
         self.set_rtcp_remote(row, rtcp_remote)
@@ -348,6 +350,8 @@ class LegBank(PortBank):
         self.dest[row] = key
         self.latched[row] = True
         media.remote = key_address(key)
+        if media.rtcp.mux:
+            self.set_rtcp_remote(row, media.remote)
         self._update_tables()
 
     def close(self) -> None:

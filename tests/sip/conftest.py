@@ -22,9 +22,13 @@ def phones(tmp_path: Path):
     made: list[Phone] = []
 
     def make(
-        name: str, source: np.ndarray, codec: str = "PCMU", registrar_port: int | None = None
+        name: str,
+        source: np.ndarray,
+        codec: str = "PCMU",
+        registrar_port: int | None = None,
+        rtcp_mux: bool = False,
     ) -> Phone:
-        phone = Phone(tmp_path, name, source, codec, registrar_port)
+        phone = Phone(tmp_path, name, source, codec, registrar_port, rtcp_mux)
         made.append(phone)
         return phone
 

@@ -170,6 +170,7 @@ class Phone:
         source: np.ndarray,
         codec: str = "PCMU",
         registrar_port: int | None = None,
+        rtcp_mux: bool = False,
     ) -> None:
         self.binary = require_binary("baresip")
         self.name = name
@@ -202,6 +203,7 @@ class Phone:
                     f"cons_listen 127.0.0.1:{self.console}",
                     f"snd_path {self.records}",
                     "rtp_timeout 0",
+                    f"rtcp_mux {'yes' if rtcp_mux else 'no'}",
                     "",
                 ]
             )

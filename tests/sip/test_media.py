@@ -234,3 +234,40 @@ def test_sip_section_errors_name_the_key_and_the_fix():
         )
     config = SipConfig.model_validate({"routes": {"6001": {"talkgroup": "nope"}}})
     assert "talkgroup 'nope' is not configured" in config.check_talkgroups(["tg"])[0]
+
+
+def test_stream_bank_columns_agree_with_the_one_stream_reference():
+    """The vectorised receive stats (all legs per call) against ReceiveStats, packet by
+    packet: loss, reordering, duplicates, a sequence wrap, jitter and an SSRC change."""
+    from gateway.sip.streams import StreamBank
+
+    rng = np.random.default_rng(5)
+    legs = 3
+    bank = StreamBank(4)
+    refs = [ReceiveStats() for _ in range(legs)]
+    seqs = [65000, 10, 40000]
+    for k in range(600):
+        rows, ssrc, seq, ts, arrival = [], [], [], [], []
+        for leg in range(legs):
+            if rng.random() < 0.05:
+                continue  # lost
+            s = (seqs[leg] + k + (1 if rng.random() < 0.05 else 0)) & 0xFFFF  # reordered
+            if rng.random() < 0.02:
+                s = (s - 3) & 0xFFFF  # a late duplicate
+            new_ssrc = 1000 + leg + (7 if k >= 400 and leg == 1 else 0)  # leg 1 restarts
+            rows.append(leg)
+            ssrc.append(new_ssrc)
+            seq.append(s)
+            ts.append(k * F)
+            arrival.append(k * F + rng.uniform(0, 80))
+        if not rows:
+            continue
+        columns = [np.array(v, np.int64) for v in (rows, ssrc, seq, ts)]
+        changed = bank.update(*columns, np.array(arrival, np.float64))
+        for i, leg in enumerate(rows):
+            assert refs[leg].update(ssrc[i], seq[i], ts[i], arrival[i]) == (leg in changed)
+    for leg, ref in enumerate(refs):
+        assert int(bank.lost_of(leg)) == ref.lost, leg
+        assert int(bank.lost_before[leg]) == ref.lost_before, leg
+        assert int(bank.expected_of(leg)) == ref.expected, leg
+        assert bank.jitter[leg] == pytest.approx(ref.jitter), leg

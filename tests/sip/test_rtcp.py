@@ -151,20 +151,25 @@ def test_reports_tell_the_phone_its_loss_and_we_measure_the_round_trip(tmp_path)
         phone.close()
 
 
-@pytest.mark.parametrize("codec", ["PCMU"])
-def test_baresip_reads_our_reports_and_its_reports_give_us_a_round_trip(phones, tmp_path, codec):
-    phone = phones("rtcp", np.concatenate([np.zeros(RATE // 2), tone(600, 12)]), codec=codec)
+@pytest.mark.parametrize("mux", [False, True], ids=["rtcp-port", "rtcp-mux"])
+def test_baresip_reads_our_reports_and_its_reports_give_us_a_round_trip(phones, tmp_path, mux):
+    """Both ways RTCP can travel: on the RTCP port (RTP + 1), or multiplexed on the RTP
+    port when the phone offers a=rtcp-mux (RFC 5761)."""
+    phone = phones("rtcp", np.concatenate([np.zeros(RATE // 2), tone(600, 25)]), rtcp_mux=mux)
     stats: dict = {}
 
     async def scenario() -> None:
         async with running_gateway(fast_reports(tmp_path)) as gw:
             phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=25)
             leg = (await until(lambda: legs(gw), 5, "the call"))[0]
+            assert leg.bank.media[leg.row].rtcp.mux is mux
             # baresip reports every ~5 s (randomised); the first one that echoes our SR
             # can take two of its intervals on a busy machine.
             await until(lambda: "rtt_seconds" in leg.stats(), 16, "baresip echoing our SR")
             await until(lambda: leg.stats()["rtcp_reports_out"] >= 3, 5, "our reports")
             stats.update(leg.stats())
+            if mux:  # nothing of this call on the RTCP port: ours went to its RTP port
+                assert leg.bank.media[leg.row].rtcp.remote == leg.bank.media[leg.row].remote
             # Our BYE: baresip prints its RTCP summary when a call is closed (not on exit).
             await gw.sip.calls.hangup(gw.sip.calls.by_leg()[leg.name])
             await until(lambda: "EX=BareSip" in phone.output(), 5, "baresip's RTCP summary")
