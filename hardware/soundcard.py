@@ -196,6 +196,7 @@ class SoundCard:
         self.stream: Any = None
         self.generation = pa.generation  # the PortAudio instance the stream belongs to
         self.renewing = False  # PortAudio is being renewed under this card: a gap, not a loss
+        self.lost = False  # down since a loss; cleared (and the port told) when it is back
         self.rx = Fifo(dev)  # one second of room
         self.tx = Fifo(dev)
         self.rx_control = DriftControl(spec.margin, max_ppm=spec.max_ppm)
@@ -458,6 +459,7 @@ class SoundCard:
 
     def _lost(self, reason: str) -> None:
         self.up = False
+        self.lost = True
         self.counts["device_errors"] += 1
         log.warning("%s: sound card lost (%s); reopening with backoff", self.name, reason)
         if self.on_state:
@@ -480,11 +482,19 @@ class SoundCard:
                 log.info("%s: sound card not back yet: %s", self.name, exc)
                 wait = min(RETRY_MAX_S, PROBE_MAX_S, wait * 2)
                 continue
-            self.counts["reopens"] += 1
-            log.warning("%s: sound card is back", self.name)
-            if self.on_state:
-                self.on_state(True, "reopened")
+            self._back()
             return
+
+    def _back(self) -> None:
+        """The card is open again after a loss: count, log and tell the port, once per loss."""
+        with self._lock:
+            if not self.lost:
+                return
+            self.lost = False
+        self.counts["reopens"] += 1
+        log.warning("%s: sound card is back", self.name)
+        if self.on_state:
+            self.on_state(True, "reopened")
 
     def _resume(self) -> None:
         """Reopen; if this PortAudio cannot (stale device list, dead JACK client), renew it
@@ -582,7 +592,9 @@ def _renew(seen: int) -> None:
                     card.renewing = False
                     if was_up:
                         card._lost(f"did not reopen after PortAudio was renewed: {exc}")
+                    continue
                 card.renewing = False
+                card._back()  # a card that was down is back now, not when its thread wakes
 
 
 _EXIT_HOOKED: list[bool] = []
