@@ -57,11 +57,13 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def site(port: int, shared: bool, direct: bool = True, talkgroups: int = 1) -> str:
+def site(port: int, shared: bool, direct: bool = True, talkgroups: int = 1,
+         silent: bool = False) -> str:  # fmt: skip
     tgs = "\n".join(f"""
 [ports.tone{i}]
 kind = "tone"
 tone_hz = {500 + 100 * i}
+enabled = {str(not silent).lower()}
 
 [talkgroups.tg{i}]
 members = ["tone{i}"]
@@ -237,12 +239,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure_gateway(listeners: int, talkers: int, shared: bool, window: float,
-                          workdir: Path, direct: bool = True) -> tuple[float, float]:  # fmt: skip
+                          workdir: Path, direct: bool = True,
+                          silent: bool = False) -> tuple[float, float]:  # fmt: skip
     """Gateway CPU (% of one core) with this many consoles on one talkgroup, and the
     share of the packets due that it really sent (a starved machine skips ticks)."""
     port = free_tcp_port()
     config = workdir / f"site-{port}.toml"
-    config.write_text(site(port, shared, direct))
+    config.write_text(site(port, shared, direct, silent=silent))
     proc = subprocess.Popen([BORDERLINK, "run", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -279,7 +282,7 @@ async def measure_gateway(listeners: int, talkers: int, shared: bool, window: fl
             return float("nan"), float("nan")
         got = sum(c.frames for c in clients) - frames0
         expected = (listeners + talkers) * (t1 - t0) / 0.02
-        if clients and got < 0.9 * sent:
+        if clients and got < 0.9 * sent and not silent:
             print(f"  (note: the clients received {got / sent:.0%} of what the gateway sent)")
         return 100.0 * (c1 - c0) / (t1 - t0), (sent / expected if expected else 1.0)
     finally:
@@ -331,6 +334,11 @@ async def cpu_tables(quick: bool, sizes: list[int], labels: list[str]) -> None:
         talk, _ = await measure_gateway(0, 1, True, window, workdir)
         print(f"\nOne console (default paths): listening {listen - idle:.2f} % of a core, "
               f"talking (PTT held, tone sent) {talk - idle:.2f} %")  # fmt: skip
+        n = max(sizes)
+        quiet, _ = await measure_gateway(n, 0, True, window, workdir, silent=True)
+        print(f"{n} consoles on a silent talkgroup (DTX: a packet per 400 ms): {quiet:.1f} % "
+              f"of a core, {(quiet - idle) / 100 / (n * 50) * 1e6:.0f} µs per console per "
+              "20 ms frame")  # fmt: skip
 
 
 # --- latency (in-process) ----------------------------------------------------------------

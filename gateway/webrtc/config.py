@@ -62,6 +62,7 @@ class ConsoleConfig(Model):
     ice_servers: list[str] = []  # STUN/TURN URLs, e.g. "stun:stun.example.org:3478"
     shared_encode: bool = True  # one Opus encode per talkgroup mix for listeners
     direct_rtp: bool = True  # send packets without aiortc's per-packet sender task
+    dtx: bool = True  # in silence, one packet per 400 ms instead of one per frame (direct_rtp)
     opus_bitrate: int = Field(32000, ge=6000, le=128000)
     disconnect_grace: Duration = 10.0  # keep a console's audio this long after its socket drops
 

@@ -91,6 +91,7 @@ class ConsolePort(Port):
         tick: Callable[[], int],
         shared_encode: bool = True,
         bank: PortBank | None = None,
+        dtx: bool = True,
     ) -> None:
         config = PortConfig(kind="console", agency=agency, duplex="full", ptt_hang_time=0.0,
                             description=f"dispatcher console of {operator}")  # fmt: skip
@@ -104,6 +105,7 @@ class ConsolePort(Port):
         self.ptt = False
         self.encoders = encoders
         self.shared_encode = shared_encode
+        self.dtx = dtx  # may pause during silence (only with our own RTP path)
         self.silence = silence
         self.tick = tick
         self.frame_seconds = timing.frame

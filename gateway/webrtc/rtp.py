@@ -80,6 +80,8 @@ class RtpOut:
         self.packets = 0
         self.bytes = 0
         self.dropped = 0  # before DTLS was up, or the socket refused (full, closed)
+        self.skipped = 0  # frames of silence not sent (DTX)
+        self._marker = 0  # 0x80 on the first packet after a DTX gap (RFC 3551 4.1)
         # Resolved once DTLS is connected (see _resolve).
         self._protect: Any = None
         self._srtp: Any = None
@@ -172,8 +174,8 @@ class RtpOut:
         size = 12 + len(payload)
         if inplace is not None and size <= MAX_PACKET:
             buffer, length = inplace.buffer, inplace.length
-            HEADER.pack_into(buffer, 0, 0x80, self.payload_type, self.sequence, self.timestamp,
-                             self.ssrc)  # fmt: skip
+            HEADER.pack_into(buffer, 0, 0x80, self._marker | self.payload_type, self.sequence,
+                             self.timestamp, self.ssrc)  # fmt: skip
             buffer[12:size] = payload
             length[0] = size
             if _lib.srtp_protect(inplace.ctx, inplace.cdata, length) != 0:
@@ -182,11 +184,12 @@ class RtpOut:
             data: Any = inplace.view[: length[0]]
         else:
             data = self._protect(
-                HEADER.pack(0x80, self.payload_type, self.sequence, self.timestamp, self.ssrc)
-                + payload
-            )
+                HEADER.pack(0x80, self._marker | self.payload_type, self.sequence,
+                            self.timestamp, self.ssrc) + payload
+            )  # fmt: skip
         self.sequence = (self.sequence + 1) & 0xFFFF
         self.timestamp = (self.timestamp + self.samples) & 0xFFFFFFFF
+        self._marker = 0
         try:
             self._sendto(data, self._addr)
         except OSError:  # socket buffer full (drop, as UDP would) or closed under us
@@ -194,6 +197,13 @@ class RtpOut:
             return
         self.packets += 1
         self.bytes += len(payload)
+
+    def skip(self) -> None:
+        """A frame of silence not sent (DTX): time moves on, the sequence does not, so
+        the browser sees a pause, not a loss; the next packet carries the marker bit."""
+        self.timestamp = (self.timestamp + self.samples) & 0xFFFFFFFF
+        self._marker = 0x80
+        self.skipped += 1
 
     def report(self) -> None:
         """An RTCP sender report (and CNAME) for this stream, if we took over RTCP.

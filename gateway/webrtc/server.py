@@ -433,7 +433,7 @@ class ConsoleHub:
             talkgroup=talkgroup, may_talk=op.may_talk(talkgroup), priority=op.priority,
             encoders=self.encoders, silence=self.silence,
             tick=lambda: self.engine.tick_count, shared_encode=cfg.shared_encode,
-            bank=self.bank,
+            bank=self.bank, dtx=cfg.dtx,
         )  # fmt: skip
         servers = [RTCIceServer(urls=u) for u in cfg.ice_servers]
         pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))

@@ -265,3 +265,43 @@ def test_lost_event_socket_is_shown_and_reconnected(tmp_path):
                 "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=3000)
 
     run(scenario())
+
+
+def test_idle_talkgroup_pauses_the_stream_and_audio_resumes_at_once(tmp_path):
+    """DTX: a silent talkgroup sends a console one packet per 400 ms, not 50 a second;
+    the browser counts no loss, and the radio's next over is heard as before."""
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            radio = site.radio()
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            port = site.console_port("alice", "marine")
+            rtp = port.direct
+
+            async def rate(seconds: float = 2.0) -> float:
+                sent, t0 = rtp.packets, time.monotonic()
+                await asyncio.sleep(seconds)
+                return (rtp.packets - sent) / (time.monotonic() - t0)
+
+            await until(lambda: rtp.skipped > 50, 5, "the stream to pause in silence")
+            idle = await rate()
+            assert 1.5 <= idle <= 4.0, f"{idle:.1f} packets/s while the talkgroup is silent"
+            radio.open_squelch(True)
+
+            async def hears_radio():
+                m = await page.evaluate("borderlink.measure('marine')")
+                return m and abs(m["peakHz"] - RADIO_TONE_HZ) < 12 and m["rmsDbfs"] > -30
+            await until(hears_radio, 5, "the page to hear the radio after the pause")
+            busy = await rate(1.0)
+            assert busy > 45, f"{busy:.1f} packets/s while the radio talks"
+            radio.open_squelch(False)
+            await until(lambda: rtp.skipped > 100, 5, "the stream to pause again")
+            lost = await page.evaluate("""async () => {
+                const s = await borderlink.tiles.get('marine').pc.getStats();
+                let lost = null;
+                s.forEach(r => { if (r.type === 'inbound-rtp') lost = r.packetsLost; });
+                return lost; }""")
+            assert lost == 0, f"the browser counted {lost} packets lost"
+            print(f"DTX: {idle:.1f} packets/s idle, {busy:.1f} talking")
+
+    run(scenario())
