@@ -56,6 +56,7 @@ class JitterBank:
         self._last = np.zeros((0, frame), np.float32)  # last tick's frames
         self.rate = rate
         self._arange = np.arange(frame, dtype=np.int32)  # int32 indices: half the memory traffic
+        self._views: dict[tuple[int, int], np.ndarray] = {}
         self.capacity = 0
         self.grow(capacity)
 
@@ -71,6 +72,7 @@ class JitterBank:
                 new[:n] = old
             setattr(self, name, new)
 
+        self._views = {}
         widen("ring", (capacity, RING + TAIL), np.uint8)
         widen("have", (capacity, RING + TAIL), bool, False)
         widen("play", (capacity,), np.int64)  # next sample to play, in extended RTP time
@@ -108,12 +110,19 @@ class JitterBank:
 
     # --- blocks of the rings ------------------------------------------------------
 
-    @staticmethod
-    def _blocks(buffer: np.ndarray, width: int) -> np.ndarray:
-        """View (rows, start, width) of a ring buffer: ``view[r, s]`` is samples s..s+width."""
-        rows, length = buffer.shape
-        step_row, step = buffer.strides
-        return as_strided(buffer, (rows, length - width + 1, width), (step_row, step, step))
+    def _blocks(self, buffer: np.ndarray, width: int) -> np.ndarray:
+        """View (rows, start, width) of a ring buffer: ``view[r, s]`` is samples s..s+width.
+
+        Kept per buffer and width (``as_strided`` costs more than the copy it enables
+        when only a few calls are up); ``grow`` makes new buffers, so new views."""
+        key = (id(buffer), width)  # the cached view holds the buffer: its id stays unique
+        view = self._views.get(key)
+        if view is None:
+            rows, length = buffer.shape
+            step_row, step = buffer.strides
+            view = as_strided(buffer, (rows, length - width + 1, width), (step_row, step, step))
+            self._views[key] = view
+        return view
 
     def _write(self, buffer: np.ndarray, rows: np.ndarray, starts: np.ndarray, values) -> None:
         """Write blocks (width ≤ TAIL) at ring positions ``starts`` of ``rows`` (distinct),
