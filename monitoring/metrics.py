@@ -73,6 +73,20 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
         "Samples made up by loss concealment",
     ),
     "jitter_buffer_seconds": ("leg_jitter_buffer_seconds", "gauge", "Current jitter-buffer delay"),
+    # RTCP: what the far end says of the audio we send it, and the round trip
+    "rtcp_reports_in": ("leg_rtcp_reports_in_total", "counter", "RTCP reports received"),
+    "rtcp_reports_out": ("leg_rtcp_reports_out_total", "counter", "RTCP reports sent"),
+    "remote_packets_lost": (
+        "leg_remote_packets_lost",
+        "gauge",
+        "Packets of ours the far end reports lost (RTCP cumulative lost)",
+    ),
+    "remote_jitter_seconds": (
+        "leg_remote_jitter_seconds",
+        "gauge",
+        "Jitter of our stream as the far end measures it (RTCP)",
+    ),
+    "rtt_seconds": ("leg_round_trip_seconds", "gauge", "Network round trip from RTCP (LSR/DLSR)"),
     "device_up": ("radio_device_up", "gauge", "1 while the radio's sound card / PTT device works"),
     "device_errors": ("radio_device_errors_total", "counter", "Sound card or PTT device errors"),
     "tx_seconds": (
@@ -122,6 +136,12 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "counter",
         "Malformed SIP messages dropped",
         None,
+    ),
+    "sip_rtp_malformed": (
+        "sip_rtp_malformed_total",
+        "counter",
+        "RTP/RTCP packets dropped on the shared media port, by kind",
+        "kind",
     ),
     "console_sessions": ("console_sessions", "gauge", "Open dispatcher console sessions", None),
     "console_seats": ("console_seats", "gauge", "Console positions joined to talkgroups", None),
