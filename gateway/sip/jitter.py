@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from gateway.sip.columns import Columns
+
 RING = 4096  # codec samples per leg (512 ms at 8 kHz): the most a buffer can hold
 HISTORY = 64  # transits remembered per leg (≈1.3 s at 20 ms packets)
 MARGIN = 16  # samples (2 ms) kept in hand beyond the slowest recent packet
@@ -48,8 +50,28 @@ def dense(rows: np.ndarray) -> np.ndarray | slice:
     return rows
 
 
-class JitterBank:
+class JitterBank(Columns):
     """Rows of jitter buffers. Row management (which row is which leg) is the caller's."""
+
+    COLUMNS = (
+        ("ring", (RING + TAIL,), np.uint8, 0),
+        ("have", (RING + TAIL,), bool, False),
+        ("play", (), np.int64, 0),  # next sample to play, in extended RTP time
+        ("transit", (HISTORY,), np.float64, 0.0),
+        ("last_pos", (), np.int64, -1),  # row's place in the last tick's frames
+        ("fade", (), np.float32, 1.0),
+        ("delay", (), np.float64, 0.0),
+        ("concealed", (), np.int64, 0),
+        ("started", (), bool, False),
+        ("fresh", (), bool, False),  # started, not yet played: place the playout
+        ("base", (), np.float64, 0.0),  # local units minus RTP time at sync
+        ("count", (), np.int64, 0),  # transits recorded (position in the history)
+        ("late_run", (), np.int64, 0),
+        ("packet", (), np.int64, 160),  # samples per packet (ptime)
+        ("align", (), np.int64, 0),  # where packets end, modulo their size
+        ("last_arrival", (), np.float64, -1e18),
+        ("packets_late", (), np.int64, 0),
+    )
 
     def __init__(self, capacity: int, frame: int, rate: int = 8000) -> None:
         self.frame = frame
@@ -57,51 +79,12 @@ class JitterBank:
         self.rate = rate
         self._arange = np.arange(frame, dtype=np.int32)  # int32 indices: half the memory traffic
         self._views: dict[tuple[int, int], np.ndarray] = {}
-        self.capacity = 0
         self.grow(capacity)
 
     def grow(self, capacity: int) -> None:
-        if capacity <= self.capacity:
-            return
-        n = self.capacity
-
-        def widen(name: str, shape: tuple, dtype, fill=0) -> None:  # noqa: ANN001
-            new = np.full(shape, fill, dtype)
-            old = self.__dict__.get(name)
-            if old is not None:
-                new[:n] = old
-            setattr(self, name, new)
-
-        self._views = {}
-        widen("ring", (capacity, RING + TAIL), np.uint8)
-        widen("have", (capacity, RING + TAIL), bool, False)
-        widen("play", (capacity,), np.int64)  # next sample to play, in extended RTP time
-        widen("transit", (capacity, HISTORY), np.float64)
-        widen("last_pos", (capacity,), np.int64, -1)  # row's place in the last tick's frames
-        widen("fade", (capacity,), np.float32, 1.0)
-        widen("delay", (capacity,), np.float64)
-        widen("concealed", (capacity,), np.int64)
-        widen("started", (capacity,), bool, False)
-        widen("fresh", (capacity,), bool, False)  # started, not yet played: place the playout
-        widen("base", (capacity,), np.float64)  # local units minus RTP time at sync
-        widen("count", (capacity,), np.int64)  # transits recorded (position in the history)
-        widen("late_run", (capacity,), np.int64)
-        widen("packet", (capacity,), np.int64, 160)  # samples per packet (ptime)
-        widen("align", (capacity,), np.int64)  # where packets end, modulo their size
-        widen("last_arrival", (capacity,), np.float64, -1e18)
-        widen("packets_late", (capacity,), np.int64)
-        self.capacity = capacity
-
-    def reset(self, row: int) -> None:
-        """A new leg takes this row: forget everything the previous one left."""
-        self.have[row] = False
-        self.started[row] = self.fresh[row] = False
-        self.count[row] = self.late_run[row] = self.packets_late[row] = 0
-        self.last_pos[row] = -1
-        self.fade[row] = 1.0
-        self.delay[row] = 0.0
-        self.concealed[row] = 0
-        self.last_arrival[row] = -1e18
+        if capacity > self.capacity:
+            self._views = {}  # block views of the old rings must not outlive them
+        super().grow(capacity)
 
     def resync(self, rows: int | np.ndarray) -> None:
         """New SSRC or a timestamp jump: take the next packet as the new reference."""

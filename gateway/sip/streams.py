@@ -11,47 +11,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from gateway.sip.columns import Columns
+
 NO_SSRC = -1
 
 
-class StreamBank:
+class StreamBank(Columns):
     """Per-row receive state; rows are managed by the caller (the leg bank)."""
 
+    COLUMNS = (
+        ("ssrc", (), np.int64, NO_SSRC),
+        ("base_seq", (), np.int64, 0),
+        ("max_seq", (), np.int64, 0),
+        ("cycles", (), np.int64, 0),
+        ("received", (), np.int64, 0),
+        ("lost_before", (), np.int64, 0),
+        ("jitter", (), np.float64, 0.0),
+        ("transit", (), np.float64, np.nan),
+        # RTCP: what the last report covered (for "fraction lost" since then)
+        ("expected_prior", (), np.int64, 0),
+        ("received_prior", (), np.int64, 0),
+    )
+
     def __init__(self, capacity: int) -> None:
-        self.capacity = 0
         self.grow(capacity)
-
-    def grow(self, capacity: int) -> None:
-        if capacity <= self.capacity:
-            return
-        n = self.capacity
-        for name, dtype, fill in (
-            ("ssrc", np.int64, NO_SSRC),
-            ("base_seq", np.int64, 0),
-            ("max_seq", np.int64, 0),
-            ("cycles", np.int64, 0),
-            ("received", np.int64, 0),
-            ("lost_before", np.int64, 0),
-            ("jitter", np.float64, 0.0),
-            ("transit", np.float64, np.nan),
-            # RTCP: what the last report covered (for "fraction lost" since then)
-            ("expected_prior", np.int64, 0),
-            ("received_prior", np.int64, 0),
-        ):
-            new = np.full(capacity, fill, dtype)
-            old = getattr(self, name, None)
-            if old is not None:
-                new[:n] = old
-            setattr(self, name, new)
-        self.capacity = capacity
-
-    def reset(self, row: int) -> None:
-        self.ssrc[row] = NO_SSRC
-        self.base_seq[row] = self.max_seq[row] = self.cycles[row] = 0
-        self.received[row] = self.lost_before[row] = 0
-        self.expected_prior[row] = self.received_prior[row] = 0
-        self.jitter[row] = 0.0
-        self.transit[row] = np.nan
 
     def update(
         self,
