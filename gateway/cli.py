@@ -41,29 +41,18 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 
 @command("check", "validate a site config without starting anything", _config_arg)
 def check(args: argparse.Namespace) -> int:
-    from gateway.config import ConfigError
     from gateway.site import load_site, summary
 
-    try:
-        config = load_site(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    print(summary(config))
+    print(summary(load_site(args.config)))
     return 0
 
 
 @command("run", "run the gateway for a site config (SIGHUP reloads it)", _run_args)
 def run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
-    from gateway.config import ConfigError
     from gateway.site import load_site, run_async
 
-    try:
-        config = load_site(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    config = load_site(args.config)
 
     async def main() -> None:
         await Gateway(config).run(seconds=args.seconds, watch=args.watch)
@@ -107,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return args.handler(args)
+    from gateway.config import ConfigError
+
+    try:
+        return args.handler(args)
+    except ConfigError as exc:  # any command reading a site file reports it the same way
+        print(exc, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -72,15 +72,10 @@ def meter(db: float, width: int = 30) -> str:
 def levels(args: argparse.Namespace) -> int:
     from gateway.codecs.pcm import dbfs, peak_dbfs
     from gateway.codecs.tones import ToneGenerator
-    from gateway.config import ConfigError
     from gateway.radio import SoundcardConfig, SoundcardPort
     from gateway.site import load_site
 
-    try:
-        config = load_site(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    config = load_site(args.config)
     port_cfg = config.ports.get(args.port)
     if not isinstance(port_cfg, SoundcardConfig):
         radios = [n for n, p in config.ports.items() if isinstance(p, SoundcardConfig)]

@@ -91,6 +91,23 @@ def _no_orphans():
             proc.wait(timeout=10)
 
 
+@pytest.mark.parametrize(
+    "command", [["check"], ["run"], ["levels", "__FILE__", "radio"], ["demo", "--config"]]
+)
+def test_every_command_reading_a_site_reports_its_errors_the_same_way(
+    tmp_path: Path, command: list[str]
+) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text(SITE.replace('country = "CA"', 'country = "Canada"'))
+    args = [str(site) if a == "__FILE__" else a for a in command]
+    if "__FILE__" not in command:
+        args.append(str(site))
+    result = borderlink(*args)
+    assert result.returncode == 2, result.stderr
+    assert f"{site}:4: site.country: use the two-letter ISO 3166 code" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_sigterm_unkeys_and_exits_cleanly(tmp_path: Path) -> None:
     config = tmp_path / "site.toml"
     config.write_text(SITE)
