@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import wave
+from pathlib import Path
 
+import numpy as np
 import pytest
+from gateway.codecs.pcm import float_to_int16
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -29,3 +33,13 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    """A mono 16-bit WAV that a peer (baresip, Chromium's fake microphone) plays."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(float_to_int16(samples).astype("<i2").tobytes())
+    return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import signal
 import socket
@@ -24,19 +23,7 @@ import gateway.site  # noqa: F401  (registers every kind, section, service)
 from gateway.app import Gateway
 from gateway.config import PortConfig, Timing, load_config
 from gateway.ports import Port
-
-
-def _shared_helpers():
-    """tests/conftest.py by path: 'conftest' as a module name is ambiguous across suites."""
-    spec = importlib.util.spec_from_file_location(
-        "borderlink_shared_conftest", Path(__file__).resolve().parents[1] / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-require_binary = _shared_helpers().require_binary
+from tests.conftest import free_port, require_binary  # noqa: F401  (re-exported)
 
 
 async def until(
@@ -83,9 +70,7 @@ async def http_get(gw: Gateway, path: str) -> tuple[int, str]:
 
 
 def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port(socket.SOCK_STREAM)
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

@@ -19,11 +19,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
-from gateway.codecs.pcm import float_to_int16, int16_to_float
+from gateway.codecs.pcm import int16_to_float
 
 from gateway.app import Gateway
 from gateway.config import parse_config
-from tests.conftest import free_port, require_binary
+from tests.conftest import free_port, require_binary, write_wav
 
 HERE = Path(__file__).parent
 PASSWORD = "s3cret"
@@ -140,15 +140,6 @@ class Kamailio:
 # --- baresip -----------------------------------------------------------------------------
 
 
-def write_wav(path: Path, samples: np.ndarray, rate: int = 8000) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(float_to_int16(samples).astype("<i2").tobytes())
-    return path
-
-
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
     with wave.open(str(path), "rb") as w:
         data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
@@ -180,7 +171,7 @@ class Phone:
         self.records.mkdir(exist_ok=True)
         self.port = self._even_free_pair()
         self.console = free_port()
-        self.source = write_wav(self.dir / "source.wav", source)
+        self.source = write_wav(self.dir / "source.wav", source, 8000)
         (self.dir / "config").write_text(
             "\n".join(
                 [

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import time
-import wave
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,26 +20,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from gateway.codecs.pcm import float_to_int16
 from gateway.codecs.tones import ToneGenerator
 from pydantic import Field
 
 from gateway.config import PortConfig, register_port_kind
 from gateway.ports import Port, register_port_type
 from gateway.webrtc.passwords import hash_password
-
-
-def _shared_helpers():
-    """tests/conftest.py by path: 'conftest' as a module name is ambiguous across suites."""
-    spec = importlib.util.spec_from_file_location(
-        "borderlink_shared_conftest_webrtc", Path(__file__).resolve().parents[1] / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-require_binary = _shared_helpers().require_binary
+from tests.conftest import require_binary, write_wav
 
 CONSOLE_TONE_HZ = 1200.0  # what the fake microphone says
 RADIO_TONE_HZ = 700.0  # what the test radio says
@@ -103,12 +88,7 @@ class TestRadio(Port):
 def write_tone_wav(path: Path, hz: float, seconds: float = 20.0, rate: int = 48000) -> Path:
     t = np.arange(int(seconds * rate)) / rate
     audio = (10 ** (-12 / 20) * np.sin(2 * np.pi * hz * t)).astype(np.float32)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(float_to_int16(audio).astype("<i2").tobytes())
-    return path
+    return write_wav(path, audio, rate)
 
 
 def site_toml(
