@@ -46,7 +46,9 @@ class PortBank:
     all its rows of the engine's frame matrix, and takes all its listeners' mixes,
     in one NumPy step each. A port joins a bank by setting ``port.port_bank``; the
     engine then never calls its ``read()``/``write()`` (``key()``, ``stats()``,
-    ``open()`` and ``close()`` stay per port).
+    ``open()`` and ``close()`` stay per port). The ``ports`` list passed to both
+    methods is the same object for as long as the engine's layout holds, so a bank
+    may cache per-layout work (its own row of each port) keyed on that list.
     """
 
     def read_frames(

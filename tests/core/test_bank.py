@@ -20,12 +20,14 @@ class ToneBank(PortBank):
         self.heard: list[np.ndarray] = []  # (ports, N) per tick, zero where not audible
         self.audible: list[np.ndarray] = []
         self.fail_next_read = False
+        self.lists: list[list] = []  # the ports list of each read: one object per layout
         self.ports = [BankPort(f"caller{k}", self, k) for k in range(len(tones))]
 
     def read_frames(self, ports, frames, rows):
         if self.fail_next_read:
             self.fail_next_read = False
             raise OSError("socket gone")
+        self.lists.append(ports)
         t = (self.sample + np.arange(N)) / RATE
         self.sample += N
         index = [p.index for p in ports]
@@ -82,6 +84,11 @@ def test_bank_ports_get_n_minus_1_and_are_heard_by_solo_ports() -> None:
     assert tone_level(first, 700) < 1e-4, "a caller hears itself"
     assert tone_level(first, 500) > 0.2 and tone_level(first, 900) > 0.2
     assert all(tone_level(listener, hz) > 0.2 for hz in (500, 700, 900))
+    # Banks may cache per layout on the list's identity: same list until the layout changes.
+    assert all(seen is bank.lists[0] for seen in bank.lists)
+    engine.detach(bank.ports[2])
+    engine.tick()
+    assert bank.lists[-1] is not bank.lists[0] and len(bank.lists[-1]) == 2
 
 
 def test_bank_failure_isolates_its_ports_and_the_site_carries_on() -> None:
