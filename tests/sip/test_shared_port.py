@@ -165,14 +165,18 @@ def test_calls_share_one_port_are_told_apart_latched_and_junk_lands_on_its_call(
             for name in ("alpha", "bravo", "natted"):
                 assert by_name[name].stats()["packets_in"] >= 80, name
             # Each hears the other two, never itself; the NAT phone hears at its real port.
+            # "Never itself" is judged against what it does hear: its own tone sent back would
+            # be as loud as the others (0 dB), while a late packet concealed under CI load
+            # splashes a little of the others' energy into every band (measured -42 dBFS
+            # against -14 dBFS, so an absolute floor was flaky).
             for phone in phones:
                 heard = phone.audio(1.0)
-                assert band_db(heard, RATE, phone.hz) < -45, f"{phone.name} hears itself"
+                own = band_db(heard, RATE, phone.hz)
                 for other in phones:
                     if other is not phone:
-                        assert band_db(heard, RATE, other.hz) > -25, (
-                            f"{phone.name} does not hear {other.name}"
-                        )
+                        level = band_db(heard, RATE, other.hz)
+                        assert level > -25, f"{phone.name} does not hear {other.name}"
+                        assert own < level - 20, f"{phone.name} hears itself ({own:.1f} dBFS)"
             # Junk from alpha's own address is alpha's: counted on its leg, by kind.
             before = dict(bank.malformed)
             good = HEADER.pack(0x80, 0, 1, 160, alpha.ssrc)
