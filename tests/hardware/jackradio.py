@@ -11,10 +11,12 @@ stream opens. The server is stopped by PID at the end.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import subprocess
 import threading
 import time
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -90,49 +92,101 @@ def portaudio_off() -> None:
 
 
 class RadioSim:
-    """The radios' side of the sound cards: per radio, a signal to play and a recording."""
+    """The radios' side of the sound cards: per radio, a signal to play and a recording.
+
+    The JACK client runs in a process of its own: its process callback is Python, and in
+    the process under test it would wait for that process's GIL (the gateway's tick, its
+    own card callbacks), come late, and make the server report xruns that are the
+    simulator's, not the gateway's. The recording and the frame counter are in shared
+    memory; commands (play, connect) go over a pipe.
+    """
 
     def __init__(self, server: str, radios: int, seconds: float = 20.0) -> None:
+        size = int(seconds * RATE)
+        self.radios, self.size = radios, size
+        self._shm = shared_memory.SharedMemory(create=True, size=(radios * size + 2) * 4 + 16)
+        self._counter = np.ndarray(2, np.int64, self._shm.buf)  # frames done, blocksize
+        self._record = np.ndarray((radios, size), np.float32, self._shm.buf, offset=16)
+        ctx = multiprocessing.get_context("spawn")
+        self._pipe, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_sim_main, args=(server, radios, size, self._shm.name,
+                                                         child), daemon=True)  # fmt: skip
+        self._proc.start()
+        child.close()
+        if not self._pipe.poll(20):
+            self.close()
+            raise RuntimeError(f"the radio simulator did not start on JACK server {server}")
+        self.rate, self.blocksize = self._pipe.recv()
+
+    def _ask(self, *command):
+        self._pipe.send(command)
+        if not self._pipe.poll(10):
+            raise RuntimeError(f"the radio simulator did not answer {command[0]}")
+        answer = self._pipe.recv()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    @property
+    def frame(self) -> int:
+        """Frames since activation, advanced by the simulator's process callback."""
+        return int(self._counter[0])
+
+    def connect(self, radio: int, index: int, client: str = CLIENT) -> None:
+        """Wire radio ``radio`` to the gateway's ``index``-th stream (in_N / out_N)."""
+        self._ask("connect", radio, index, client)
+
+    def start(self, radio: int, signal: np.ndarray, delay: float = 0.0, loop: bool = False) -> int:
+        """Play ``signal`` into the radio's receiver; returns the JACK frame it starts at."""
+        return self._ask("start", radio, signal.astype(np.float32), delay, loop)
+
+    def silence(self, radio: int) -> None:
+        self._ask("silence", radio)
+
+    def monotonic_at(self, frame: int) -> float:
+        """When (time.monotonic) the JACK cycle holding ``frame`` was processed."""
+        return self._ask("monotonic_at", frame)
+
+    def recorded(self, radio: int, since: int = 0) -> np.ndarray:
+        return self._record[radio, since : min(self.frame, self.size)].copy()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._pipe.send(("close",))
+                self._proc.join(5)
+            except OSError:
+                pass
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._pipe.close()
+        del self._counter, self._record
+        self._shm.close()
+        self._shm.unlink()
+
+
+class _SimClient:
+    """The simulator's JACK client, in its own process (see :class:`RadioSim`)."""
+
+    def __init__(self, server: str, radios: int, size: int, shm: shared_memory.SharedMemory):
         import jack
 
         os.environ["JACK_DEFAULT_SERVER"] = server
         self.client = jack.Client(f"radiosim{os.getpid()}", no_start_server=True)
-        self.rate = self.client.samplerate
-        size = int(seconds * self.rate)
         self.outs = [self.client.outports.register(f"speaker_{i}") for i in range(radios)]
         self.ins = [self.client.inports.register(f"mic_{i}") for i in range(radios)]
         self.play = [np.zeros(0, np.float32) for _ in range(radios)]
         self.play_at = [0] * radios
         self.loop = [False] * radios
-        self.record = np.zeros((radios, size), np.float32)
-        self.frame = 0  # frames since activation, advanced in the process callback
+        self.counter = np.ndarray(2, np.int64, shm.buf)
+        self.record = np.ndarray((radios, size), np.float32, shm.buf, offset=16)
+        self.counter[:] = (0, self.client.blocksize)
+        self.frame = 0
         self.clock: list[tuple[int, float]] = []  # (first frame of a cycle, monotonic time)
         self.lock = threading.Lock()
         self.client.set_process_callback(self._process)
         self.client.activate()
-
-    def connect(self, radio: int, index: int, client: str = CLIENT) -> None:
-        """Wire radio ``radio`` to the gateway's ``index``-th stream (in_N / out_N)."""
-        c = self.client
-        for port in c.get_all_connections(f"{client}:in_{index}"):
-            c.disconnect(port, f"{client}:in_{index}")
-        for port in c.get_all_connections(f"{client}:out_{index}"):
-            c.disconnect(f"{client}:out_{index}", port)
-        c.connect(self.outs[radio], f"{client}:in_{index}")
-        c.connect(f"{client}:out_{index}", self.ins[radio])
-
-    def start(self, radio: int, signal: np.ndarray, delay: float = 0.0, loop: bool = False) -> int:
-        """Play ``signal`` into the radio's receiver; returns the JACK frame it starts at."""
-        with self.lock:
-            at = self.frame + int(delay * self.rate) + 2 * self.client.blocksize
-            self.play[radio] = signal.astype(np.float32)
-            self.play_at[radio] = at
-            self.loop[radio] = loop
-        return at
-
-    def silence(self, radio: int) -> None:
-        with self.lock:
-            self.play[radio] = np.zeros(0, np.float32)
 
     def _process(self, frames: int) -> None:
         start = self.frame
@@ -151,21 +205,57 @@ class RadioSim:
             if start + frames <= self.record.shape[1]:
                 self.record[i, start : start + frames] = inp.get_array()
         self.frame = start + frames
+        self.counter[0] = self.frame  # after the recording: a reader never sees unwritten audio
         if len(self.clock) < 100000:
             self.clock.append((start, time.monotonic()))
 
+    def connect(self, radio: int, index: int, client: str) -> None:
+        c = self.client
+        for port in c.get_all_connections(f"{client}:in_{index}"):
+            c.disconnect(port, f"{client}:in_{index}")
+        for port in c.get_all_connections(f"{client}:out_{index}"):
+            c.disconnect(f"{client}:out_{index}", port)
+        c.connect(self.outs[radio], f"{client}:in_{index}")
+        c.connect(f"{client}:out_{index}", self.ins[radio])
+
+    def start(self, radio: int, signal: np.ndarray, delay: float, loop: bool) -> int:
+        with self.lock:
+            at = self.frame + int(delay * self.client.samplerate) + 2 * self.client.blocksize
+            self.play[radio], self.play_at[radio], self.loop[radio] = signal, at, loop
+        return at
+
+    def silence(self, radio: int) -> None:
+        self.play[radio] = np.zeros(0, np.float32)
+
     def monotonic_at(self, frame: int) -> float:
-        """When (time.monotonic) the JACK cycle holding ``frame`` was processed here."""
         starts = np.array([c[0] for c in self.clock])
         i = max(0, int(np.searchsorted(starts, frame, side="right")) - 1)
         return self.clock[i][1]
 
-    def recorded(self, radio: int, since: int = 0) -> np.ndarray:
-        return self.record[radio, since : self.frame].copy()
-
     def close(self) -> None:
         self.client.deactivate()
         self.client.close()
+
+
+def _sim_main(server: str, radios: int, size: int, shm_name: str, pipe) -> None:
+    shm = shared_memory.SharedMemory(name=shm_name)
+    sim = _SimClient(server, radios, size, shm)
+    pipe.send((sim.client.samplerate, sim.client.blocksize))
+    try:
+        while True:
+            name, *args = pipe.recv()
+            if name == "close":
+                break
+            try:
+                pipe.send(getattr(sim, name)(*args))
+            except Exception as exc:  # the test sees it raised by the call that caused it
+                pipe.send(exc)
+    except EOFError:
+        pass  # the test process is gone
+    finally:
+        sim.close()
+        del sim.counter, sim.record  # views of the shared block: gone before it closes
+        shm.close()
 
 
 def site_toml(radios: dict[str, str], extra: str = "", members: list[str] | None = None) -> str:

@@ -115,8 +115,8 @@ def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, rad
 
     def scenario():
         wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
-        sim.start(0, quiet)
-        wait_for(lambda: sim.frame > sim.play_at[0] + len(quiet) + RATE // 4, 5, "the quiet tone")
+        at = sim.start(0, quiet)
+        wait_for(lambda: sim.frame > at + len(quiet) + RATE // 4, 5, "the quiet tone")
         assert not events.of("talk_start", "radio_a"), "VOX opened below its threshold"
         start = sim.start(0, burst)
         wait_for(lambda: events.of("talk_stop", "radio_a"), 5, "radio A's squelch to close")
@@ -173,7 +173,7 @@ def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, mon
     # PTT up, then the first audio into B's transmitter no sooner than the TX delay
     # (one JACK period of timing resolution); later by the path's own buffering only.
     ptt_to_audio = sim.monotonic_at(start + on_b) - keyed_at
-    period = sim.client.blocksize / RATE
+    period = sim.blocksize / RATE
     assert 0.2 - period <= ptt_to_audio < 0.2 + 0.15, f"PTT→audio {ptt_to_audio * 1000:.0f} ms"
     # Radio C has no TX delay: it gets the over about 200 ms sooner.
     extra = (on_b - on_c) / RATE
