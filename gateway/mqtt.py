@@ -37,6 +37,7 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -60,6 +61,7 @@ ACTIONS: tuple[str, ...] = Action.__args__  # type: ignore[attr-defined]
 MAX_COMMAND_BYTES = 4096
 STATE_POLL_S = 1.0  # state that changes without an event (a port recovers) is seen this fast
 STATE_MIN_S = 0.2  # and retained state is rebuilt at most this often
+CONNECT_GRACE_S = 0.4  # a stop lets a connect in progress finish (the gateway allows 0.5 s)
 TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -101,6 +103,17 @@ class MqttConfig(Model):
             if not TOPIC_SAFE.match(sender):
                 raise ValueError(f"commander {sender!r}: use letters, digits, '.', '_' or '-' only")
         return value
+
+
+def _close_socket(client: aiomqtt.Client) -> None:
+    """Close the client's TCP connection now, while the event loop still runs.
+
+    aiomqtt has no close of its own; paho's socket close also tells aiomqtt to stop
+    watching the socket and to end its housekeeping task, so nothing of the client
+    is left for the garbage collector to do."""
+    paho = client._client
+    if paho.socket() is not None:
+        paho._sock_close()
 
 
 def slug(text: str) -> str:
@@ -329,7 +342,7 @@ class MqttService:
         while not self._stopping:
             self.attempts += 1
             try:
-                async with self._client_for() as client:
+                async with self._connection() as client:
                     self._client = client
                     self.connected = True
                     self.connections += 1
@@ -350,6 +363,44 @@ class MqttService:
                 break
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.reconnect_max)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[aiomqtt.Client]:
+        """One connection to the broker, its socket closed on the way out whatever happens.
+
+        aiomqtt closes nothing when its connect fails after the TCP connection is up
+        (no CONNACK in time, cancelled by a stop): a socket left open keeps the broker's
+        session alive, and the garbage collector closing it later calls into an event
+        loop that may be gone (``Exception ignored in Client.__del__ ... Event loop is
+        closed``). A clean end sends DISCONNECT first (so the broker drops our will)."""
+        import aiomqtt
+
+        client = self._client_for()
+        try:
+            await self._connect(client)
+            try:
+                yield client
+            finally:
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.__aexit__(None, None, None)
+        finally:
+            _close_socket(client)
+
+    @staticmethod
+    async def _connect(client: aiomqtt.Client) -> None:
+        """aiomqtt's connect, safe to stop in the middle.
+
+        aiomqtt runs the blocking TCP/TLS connect in a worker thread. Cancelled, it
+        abandons that thread, whose socket then opens after the stop and is nobody's
+        to close. A thread cannot be interrupted, so a stop lets it finish (for up to
+        CONNECT_GRACE_S) and the caller then closes what it opened."""
+        connecting = asyncio.ensure_future(client.__aenter__())
+        try:
+            await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(connecting, CONNECT_GRACE_S)
+            raise
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
@@ -489,4 +540,3 @@ class MqttService:
             audit.record(
                 "command", via="mqtt", sender=sender[:64], action=what, ok=ok, reason=reason
             )
-
