@@ -32,7 +32,6 @@ from gateway.config import Model, PortConfig, Timing, register_port_kind
 from gateway.hardware import ptt as ptt_mod
 from gateway.hardware import squelch as sq
 from gateway.hardware.ctcss import make_filter
-from gateway.hardware.devices import find_card
 from gateway.hardware.soundcard import CardSpec, SoundCard
 from gateway.ports import Frame, Port, register_port_type
 from gateway.units import Duration, parse_duration
@@ -211,23 +210,14 @@ class SoundcardPort(Port):
 
     def _card_spec(self) -> CardSpec:
         cfg = self.cfg
-        needs_in, needs_out = cfg.input_channel, cfg.output_channel
-        try:
-            rate = cfg.sample_rate or int(find_card(cfg.device, cfg.host_api, needs_in,
-                                                    needs_out).default_rate)  # fmt: skip
-        except LookupError as exc:
-            if cfg.sample_rate is None:
-                raise  # nothing to go on: name the cards that exist
-            log.error("%s: %s", self.name, exc)  # start down; reopened when the card appears
-            rate = cfg.sample_rate
         return CardSpec(
-            resolve=lambda: find_card(cfg.device, cfg.host_api, needs_in, needs_out).index,
-            find=lambda cards: find_card(cfg.device, cfg.host_api, needs_in, needs_out, cards),
-            device_rate=rate,
-            input_channels=needs_in,
-            output_channels=needs_out,
-            input_channel=needs_in - 1,
-            output_channel=needs_out - 1,
+            device=cfg.device,
+            host_api=cfg.host_api,
+            sample_rate=cfg.sample_rate,
+            input_channels=cfg.input_channel,
+            output_channels=cfg.output_channel,
+            input_channel=cfg.input_channel - 1,
+            output_channel=cfg.output_channel - 1,
             blocksize=cfg.blocksize,
             latency=cfg.latency_setting,
             margin=cfg.buffer_margin,

@@ -1,49 +1,56 @@
-"""A radio's sound card: PortAudio callback stream ↔ engine frames, with the card's clock absorbed.
+"""A radio's sound card: its stream's rings ↔ engine frames, with the card's clock absorbed.
 
-The card runs on its own crystal and its own callback thread; the engine ticks on
-its own clock. Between them sits one small FIFO per direction, and no fixed
-large buffer. Each direction's *low-water mark* (the least audio the FIFO held
-over the last half second, i.e. how close it came to running dry) is steered to
-a small margin by a PI control of a fine resampling ratio (± ``max_ppm``), so
-over hours the FIFO neither underruns nor grows, and latency stays at what the
-jitter actually seen needs. Rate conversion and drift correction are one
-windowed-sinc stage per direction (1.5 ms each), from ``codecs.interp``.
+The card runs on its own crystal, and its stream in a process of its own
+(``card_process``: the callback must never wait for the gateway's GIL); the engine
+ticks on its own clock. Between them sits one small ring per direction, and no
+fixed large buffer. Each direction's *low-water mark* (the least audio it held over
+the last half second, i.e. how close it came to running dry) is steered to a small
+margin by a PI control of a fine resampling ratio (± ``max_ppm``), so over hours
+the ring neither underruns nor grows, and latency stays at what the jitter actually
+seen needs. Rate conversion and drift correction are one windowed-sinc stage per
+direction (0.5 ms each), from ``codecs.interp``.
 
-Gross errors are corrected at once and counted: an underrun re-primes the FIFO
-(silence), a FIFO far above target (the engine stalled) is trimmed.
+Gross errors are corrected at once and counted: an underrun re-primes the ring
+(silence), a ring far above target (the engine stalled) is trimmed.
 
 A card that stops calling back (unplugged, audio server gone) is reported by
-:attr:`SoundCard.up` going False; it is reopened with backoff on a thread of its
-own, and resumes when the device is back — if PortAudio must be renewed to see it
-(a replugged card, a restarted JACK server), every card in the process reopens on
-the renewed PortAudio and rides through the gap on its FIFOs (see ``portaudio``).
+:attr:`SoundCard.up` going False; its process is killed, and a new one is started
+with backoff on a thread of the card's own until the device is back.
 """
 
 from __future__ import annotations
 
-import atexit
-import itertools
 import logging
 import math
-import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from gateway.codecs.interp import SincInterpolator
 
-from . import portaudio as pa
-from .devices import Card
+from .card_process import (
+    FINISHED,
+    FRAMES,
+    RX_DROPPED,
+    TX_LOW,
+    TX_LOW_WINDOW,
+    TX_UNDERRUNS,
+    WINDOW,
+    XRUNS,
+    CardBlock,
+    CardProcess,
+    Opened,
+    OpenRequest,
+    jack_client_name,
+)
+from .ring import SharedRing
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 0.5  # low-water marks are taken over this long
 STALL_S = 0.3  # no callback for this long (≫ any period): the card is gone
-SWITCH_INTERVAL_S = 0.0005
 DEADBAND_S = 0.0015
 WIDEN_STEP_S = 0.001
 WIDEN_MAX_S = 0.020
@@ -56,71 +63,15 @@ QUIET = 10 ** (-50 / 20)  # peak level below which audio counts as silence
 STALE_S = 0.03  # received audio this far beyond target after a stall is dropped at once
 STALE_TX_S = 0.03  # likewise for audio queued to the card
 RETRY_FIRST_S = 0.5
-RETRY_MAX_S = 30.0
-PROBE_MAX_S = 10.0  # a vanished device is looked for at least this often
-CLOSE_WAIT_S = 2.0  # a stream that takes longer to stop is stuck in PortAudio: abandoned
+RETRY_MAX_S = 10.0  # a vanished device is looked for at least this often
+DEFAULT_RATE = 48000  # until the card has told its own
+DEFAULT_PERIOD = 256  # until the card has called back
 # Rate conversion kernel: 8 zero crossings of the narrower band, pass band to 75 % of its
 # Nyquist (flat to 4 kHz at 16 kHz, −6 dB at 6 kHz; ≥ 72 dB alias/image rejection). A radio's
 # own audio is 300–3000 Hz, so a 24-crossing, 90 % kernel (1.5 ms each way) bought nothing
 # but 2 ms of radio→radio latency; this one holds 0.5 ms each way.
 ZERO_CROSSINGS = 8
 PASSBAND = 0.75
-
-
-class Fifo:
-    """Float32 ring shared by the PortAudio callback and the tick; short lock, no allocation."""
-
-    def __init__(self, capacity: int) -> None:
-        self.buf = np.zeros(capacity, np.float32)
-        self.read_at = 0
-        self.level = 0
-        self.lock = threading.Lock()
-
-    def push(self, x: np.ndarray) -> int:
-        """Append; returns how many of the oldest samples had to be dropped to make room."""
-        with self.lock:
-            n, cap = len(x), len(self.buf)
-            dropped = max(0, self.level + n - cap)
-            if dropped:
-                self.read_at = (self.read_at + dropped) % cap
-                self.level -= dropped
-                if n > cap:
-                    x = x[-cap:]
-                    n = cap
-            start = (self.read_at + self.level) % cap
-            first = min(n, cap - start)
-            self.buf[start : start + first] = x[:first]
-            self.buf[: n - first] = x[first:]
-            self.level += n
-            return dropped
-
-    def pop_into(self, out: np.ndarray) -> int:
-        """Fill ``out`` from the front; returns how many samples were there."""
-        with self.lock:
-            n = min(len(out), self.level)
-            cap = len(self.buf)
-            first = min(n, cap - self.read_at)
-            out[:first] = self.buf[self.read_at : self.read_at + first]
-            out[first:n] = self.buf[: n - first]
-            self.read_at = (self.read_at + n) % cap
-            self.level -= n
-            return n
-
-    def pop_all(self) -> np.ndarray:
-        out = np.empty(self.level, np.float32)
-        got = self.pop_into(out)
-        return out[:got]
-
-    def discard(self, n: int) -> int:
-        with self.lock:
-            n = max(0, min(n, self.level))
-            self.read_at = (self.read_at + n) % len(self.buf)
-            self.level -= n
-            return n
-
-    def clear(self) -> None:
-        with self.lock:
-            self.read_at = self.level = 0
 
 
 class DriftControl:
@@ -168,169 +119,137 @@ class DriftControl:
 
 @dataclass
 class CardSpec:
-    """Which device and how to open it; ``resolve`` finds the PortAudio index each (re)open."""
+    """Which device and how to open it; the card's process finds it afresh at each (re)open."""
 
-    resolve: Callable[[], int]
-    device_rate: int
-    # Is the device in this list (a child process's scan)? None: any non-empty list will do.
-    find: Callable[[list[Card]], object] | None = None
+    device: str | int  # index, or a piece of the name
+    host_api: str | None = None
+    sample_rate: int | None = None  # None: the card's default
     input_channels: int = 1  # opened on the device (the radio's channel is one of them)
     output_channels: int = 1
     input_channel: int = 0  # 0-based
     output_channel: int = 0
     blocksize: int = 0  # 0: whatever the audio server's period is (lowest latency)
     latency: float | str = "low"
-    margin: float = 0.001  # seconds of low-water each FIFO keeps for jitter
+    margin: float = 0.001  # seconds of low-water each ring keeps for jitter
     max_ppm: float = 500.0
+
+    def request(self, port: str) -> OpenRequest:
+        return OpenRequest(self.device, self.host_api, self.input_channels, self.output_channels,
+                           self.input_channel, self.output_channel, self.sample_rate,
+                           self.blocksize, self.latency, jack_client_name(port))  # fmt: skip
 
 
 class SoundCard:
-    """Duplex callback stream for one radio, read and written one engine frame at a time."""
+    """One radio's card, read and written one engine frame at a time on the tick."""
 
     def __init__(self, spec: CardSpec, rate: int, frame_samples: int, name: str = "card") -> None:
         self.spec, self.rate, self.n, self.name = spec, rate, frame_samples, name
         self.frame_seconds = frame_samples / rate
-        dev = spec.device_rate
         self.up = False
         self.error = ""
-        self.stream: Any = None
-        self.generation = pa.generation  # the PortAudio instance the stream belongs to
-        self.renewing = False  # PortAudio is being renewed under this card: a gap, not a loss
         self.lost = False  # down since a loss; cleared (and the port told) when it is back
-        self.rx = Fifo(dev)  # one second of room
-        self.tx = Fifo(dev)
+        self.block = CardBlock()
+        self.process = CardProcess(self.block)
+        self.device_rate = spec.sample_rate or DEFAULT_RATE
         self.rx_control = DriftControl(spec.margin, max_ppm=spec.max_ppm)
         self.tx_control = DriftControl(spec.margin, max_ppm=spec.max_ppm)
-        down = min(1.0, rate / dev)
-        self.rx_resampler = SincInterpolator(PASSBAND * down, math.ceil(ZERO_CROSSINGS / down))
-        up = min(1.0, dev / rate)
-        self.tx_resampler = SincInterpolator(PASSBAND * up, math.ceil(ZERO_CROSSINGS / up))
+        self._converters(self.device_rate)
         self.rx_buf = np.zeros(0, np.float32)
         self.rx_priming = True
         self.rx_low = math.inf
         self.tx_primed = False
         self.tx_underruns_seen = 0
-        self.tx_low = math.inf  # written by the callback
-        self.tx_extra = 0.0  # TX delay held in the FIFO while keyed (seconds)
-        self.tx_quiet = 0  # samples at the FIFO's tail, written since the last non-silent frame
+        self.tx_extra = 0.0  # TX delay held in the ring while keyed (seconds)
+        self.tx_quiet = 0  # samples at the ring's tail, written since the last non-silent frame
         self.window_ticks = max(1, round(WINDOW_S / self.frame_seconds))
         self.ticks = 0
-        self.last_callback = 0.0
+        # Counts of streams past (the callback's own counters restart with each process).
         self.counts = {"rx_underruns": 0, "tx_underruns": 0, "dropped_samples": 0, "xruns": 0,
                        "device_errors": 0, "reopens": 0}  # fmt: skip
         self._lock = threading.Lock()
         self._retry: threading.Thread | None = None
         self._closing = threading.Event()
-        self._out_scratch = np.zeros(0, np.float32)
         self.on_state: Callable[[bool, str], None] | None = None
-        self.serial = next(_SERIALS)  # streams reopen in the order the cards were made
-        _REGISTRY.add(self)
+
+    @property
+    def rx(self) -> SharedRing:
+        return self.block.rx
+
+    @property
+    def tx(self) -> SharedRing:
+        return self.block.tx
+
+    @property
+    def status(self) -> np.ndarray:
+        return self.block.status
+
+    @property
+    def period(self) -> int:
+        """Frames per callback, as the card last called back with."""
+        return int(self.status[FRAMES]) or self.spec.blocksize or DEFAULT_PERIOD
+
+    def _converters(self, device_rate: int) -> None:
+        down = min(1.0, self.rate / device_rate)
+        self.rx_resampler = SincInterpolator(PASSBAND * down, math.ceil(ZERO_CROSSINGS / down))
+        up = min(1.0, device_rate / self.rate)
+        self.tx_resampler = SincInterpolator(PASSBAND * up, math.ceil(ZERO_CROSSINGS / up))
 
     # --- open / close ---------------------------------------------------------
 
     def open(self) -> None:
-        """Open and start the stream; raises with a clear reason if the device cannot open."""
-        # PortAudio calls back on the audio server's realtime thread, which must take the
-        # GIL within a fraction of a period; Python's default 5 ms switch interval is a
-        # whole period at 256 frames and makes the server drop cycles (xruns).
-        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        """Start the card's process and stream; raises naming why if the device cannot open."""
         self._closing.clear()
-        self._start_stream()
+        if self.block.closed:
+            self.block = CardBlock()
+            self.process = CardProcess(self.block)
+        self._started(self.process.start(self.spec.request(self.name)))
 
-    def _start_stream(self) -> None:
-        import sounddevice as sd
-
-        _hook_exit()
-
-        spec = self.spec
-        with pa.LOCK:  # PortAudio is not thread-safe: one open at a time (and never mid-renewal)
-            self._open_locked(sd, spec)
-
-    def _open_locked(self, sd: Any, spec: CardSpec) -> None:
-        index = spec.resolve()
-        try:
-            stream = sd.Stream(
-                device=(index, index),
-                samplerate=spec.device_rate,
-                channels=(spec.input_channels, spec.output_channels),
-                dtype="float32",
-                blocksize=spec.blocksize,
-                latency=spec.latency,
-                callback=self._callback,
-                finished_callback=self._finished,
-            )
-        except sd.PortAudioError as exc:
-            why = _reason(exc, spec)
-            raise OSError(f"sound card {index} ({self.name}): cannot open: {why}") from exc
-        self._reset_paths()
-        self.last_callback = time.monotonic()
-        stream.start()
-        self.generation = pa.generation
-        self.stream = stream
-        self.up = True
-        self.error = ""
-        pa.remember_client_name()
-
-    def _reset_paths(self) -> None:
-        self.rx.clear()
-        self.tx.clear()
+    def _started(self, opened: Opened) -> None:
+        """The stream runs (on fresh, empty rings): the tick's side starts afresh too."""
+        if opened.rate != self.device_rate:
+            self.device_rate = opened.rate
+            self._converters(opened.rate)
         self.rx_buf = np.zeros(0, np.float32)
         self.rx_priming = True
         self.tx_primed = False
-        self.rx_low = self.tx_low = math.inf
+        self.tx_underruns_seen = 0
+        self.tx_extra = 0.0
+        self.rx_low = math.inf
+        self.error = ""
+        self.up = True
+        log.info("%s: sound card open: %s, %d Hz", self.name, opened.card, opened.rate)
 
     def close(self) -> None:
         self._closing.set()
         self.up = False
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            _close_stream(stream, self.generation)
         if self._retry is not None and self._retry is not threading.current_thread():
-            self._retry.join(timeout=2.0)
+            self._retry.join(timeout=RETRY_MAX_S)
+        self.process.stop()
+        self._keep_counts()
+        self.block.close()
 
-    # --- the callback (PortAudio's thread) -------------------------------------
-
-    def _callback(
-        self, indata: np.ndarray, outdata: np.ndarray, frames: int, _t: Any, status: Any
-    ) -> None:
-        self.last_callback = time.monotonic()
-        if status:
-            self.counts["xruns"] += 1
-        try:
-            self.rx.push(indata[:, self.spec.input_channel])
-            if len(self._out_scratch) != frames:
-                self._out_scratch = np.zeros(frames, np.float32)
-            out = self._out_scratch
-            got = self.tx.pop_into(out)
-            if got < frames:
-                out[got:] = 0.0
-                if self.tx_primed:
-                    self.counts["tx_underruns"] += 1
-                    self.tx_primed = False
-            else:
-                self.tx_low = min(self.tx_low, self.tx.level)
-            outdata.fill(0.0)
-            outdata[:, self.spec.output_channel] = out
-        except Exception as exc:  # never let PortAudio abort the stream on our bug
-            outdata.fill(0.0)
-            self.error = f"callback error: {exc!r}"
-
-    def _finished(self) -> None:
-        if not self._closing.is_set():
-            self.error = self.error or "stream stopped by the audio system"
+    def _keep_counts(self) -> None:
+        """Add an ended stream's counters to the card's, before a new one restarts them."""
+        s = self.status
+        self.counts["xruns"] += int(s[XRUNS])
+        self.counts["tx_underruns"] += int(s[TX_UNDERRUNS])
+        self.counts["dropped_samples"] += int(s[RX_DROPPED])
+        s[XRUNS] = s[TX_UNDERRUNS] = s[RX_DROPPED] = 0
 
     # --- the tick (engine's thread) ---------------------------------------------
 
     def check(self) -> bool:
         """Is the card alive? Detects a vanished device and starts reopening it."""
-        if not self.up or self.renewing:
+        if not self.up:
             return False
-        stream = self.stream
-        stalled = time.monotonic() - self.last_callback > STALL_S
-        if stalled or (stream is not None and not stream.active) or self.error:
-            silent = f"no audio callbacks for {STALL_S:.1f}s"
-            reason = self.error or (silent if stalled else "stream stopped")
+        silent = time.monotonic() - float(self.block.clock[0])
+        if silent > STALL_S or self.status[FINISHED] or not self.process.alive:
+            if not self.process.alive:
+                reason = "the card's process ended"
+            elif self.status[FINISHED]:
+                reason = "stream stopped by the audio system"
+            else:
+                reason = f"no audio callbacks for {STALL_S:.1f}s"
             self._lost(reason)
             return False
         return True
@@ -339,7 +258,7 @@ class SoundCard:
         """One engine frame of received audio, or None (priming, underrun, card down)."""
         if not self.check():
             return None
-        dev = self.spec.device_rate
+        dev = self.device_rate
         raw = self.rx.pop_all()
         step = (dev / self.rate) / self.rx_control.ratio
         if len(raw):
@@ -347,7 +266,7 @@ class SoundCard:
         n = self.n
         target = round(self.rx_control.target * self.rate)
         level = len(self.rx_buf)
-        period = (self.spec.blocksize or self._period_guess()) * self.rate // dev
+        period = self.period * self.rate // dev
         if level > n + target + period + STALE_S * self.rate:  # engine stalled: drop stale audio
             cut = level - n - target - period
             self.rx_buf = self.rx_buf[cut:]
@@ -370,37 +289,42 @@ class SoundCard:
 
     def write(self, frame: np.ndarray | None) -> None:
         """One engine frame to transmit (None: silence). Always call once per tick."""
-        if not self.up or self.renewing:
+        if not self.up:
             return
-        dev = self.spec.device_rate
+        dev = self.device_rate
         if frame is None:
             frame = np.zeros(self.n, np.float32)
+        underruns = int(self.status[TX_UNDERRUNS])
+        if underruns > self.tx_underruns_seen:  # the card ran dry: prime again, wider
+            self.tx_underruns_seen = underruns
+            self.tx_control.widen()
+            self.tx_primed = False
         if not self.tx_primed:
-            if self.counts["tx_underruns"] > self.tx_underruns_seen:
-                self.tx_underruns_seen = self.counts["tx_underruns"]
-                self.tx_control.widen()
-            # Start (or restart after an underrun) at the target level plus one period.
-            period = self.spec.blocksize or self._period_guess()
-            want = round((self.tx_control.target + self.tx_extra) * dev) + period
-            self.tx.push(np.zeros(max(0, want - self.tx.level), np.float32))
-            self.tx_low = math.inf
+            # Start (or restart after an underrun) so that the level is at the target just
+            # before a frame arrives, when the card has taken the most whole periods it can
+            # between two frames: ceil(frame / period) periods, i.e. this slack more.
+            slack = -round(self.n * dev / self.rate) % self.period
+            want = round((self.tx_control.target + self.tx_extra) * dev) + slack
+            self._push(np.zeros(max(0, want - self.tx.queued), np.float32))
             self.tx_primed = True
         else:
-            # Frames bunched up after an engine stall would sit in the FIFO as latency for
+            # Frames bunched up after an engine stall would sit in the ring as latency for
             # seconds: anything 30 ms beyond target + one period is dropped now.
-            period = self.spec.blocksize or self._period_guess()
-            limit = round((self.tx_control.target + self.tx_extra + STALE_TX_S) * dev) + period
-            if self.tx.level > limit:
-                self.counts["dropped_samples"] += self.tx.discard(self.tx.level - limit)
+            limit = round((self.tx_control.target + self.tx_extra + STALE_TX_S) * dev) \
+                + self.period
+            if self.tx.queued > limit:
+                self._skip_tx(self.tx.queued - limit)
         step = (self.rate / dev) / self.tx_control.ratio
         out = self.tx_resampler.process(frame, step)
-        self.counts["dropped_samples"] += self.tx.push(out)
+        self._push(out)
         self.tx_quiet = self.tx_quiet + len(out) if float(np.max(np.abs(frame))) < QUIET else 0
 
-    def _period_guess(self) -> int:
-        latency = getattr(self.stream, "latency", (0.0, 0.0))
-        out_latency = latency[1] if isinstance(latency, tuple) else float(latency)
-        return max(64, round(out_latency * self.spec.device_rate))
+    def _push(self, x: np.ndarray) -> None:
+        self.counts["dropped_samples"] += self.tx.push(x)
+
+    def _skip_tx(self, n: int) -> None:
+        self.tx.ask_skip(n)
+        self.counts["dropped_samples"] += n
 
     def _end_of_tick(self) -> None:
         self.ticks += 1
@@ -419,18 +343,20 @@ class SoundCard:
                 self.counts["dropped_samples"] += cut
             else:
                 self.rx_control.update(low, dt)
-        tx_low = self.tx_low
-        self.tx_low = math.inf
-        if math.isfinite(tx_low) and self.tx_primed:
-            low = tx_low / self.spec.device_rate - self.tx_extra
+        self.rx_low = math.inf
+        # The callback's least playback level over this window, if it played in it.
+        s = self.status
+        window = int(s[WINDOW])
+        s[WINDOW] = window + 1
+        if s[TX_LOW_WINDOW] == window and self.tx_primed and s[TX_UNDERRUNS] == \
+                self.tx_underruns_seen:
+            low = int(s[TX_LOW]) / self.device_rate - self.tx_extra
             excess = low - self.tx_control.target
-            quiet = not self.tx_extra and self.tx_quiet >= self.tx.level
+            quiet = not self.tx_extra and self.tx_quiet >= self.tx.queued
             if excess > TRIM_S or (excess > TRIM_QUIET_S and quiet):
-                cut = round(excess * self.spec.device_rate)
-                self.counts["dropped_samples"] += self.tx.discard(cut)
+                self._skip_tx(round(excess * self.device_rate))
             else:
                 self.tx_control.update(low, dt)
-        self.rx_low = math.inf
 
     # --- TX delay --------------------------------------------------------------
 
@@ -438,50 +364,50 @@ class SoundCard:
         """TX delay: put ``seconds`` of silence ahead of the audio (PTT is already up)."""
         if seconds <= 0 or not self.up:
             return
-        self._insert_front_silence(seconds)
-        self.tx_extra = seconds
-
-    def _insert_front_silence(self, seconds: float) -> None:
         # Silence after what is queued (the tail of the previous, unkeyed, silence).
-        self.tx.push(np.zeros(round(seconds * self.spec.device_rate), np.float32))
+        self._push(np.zeros(round(seconds * self.device_rate), np.float32))
+        self.tx_extra = seconds
 
     def release_tx(self) -> None:
         """PTT is down: drop the TX-delay silence still queued, back to the normal level."""
         extra, self.tx_extra = self.tx_extra, 0.0
         if extra > 0:
-            self.tx.discard(round(extra * self.spec.device_rate))
+            self.tx.ask_skip(min(self.tx.queued, round(extra * self.device_rate)))
 
     def queued_seconds(self) -> float:
         """How long until the audio written last has left the card."""
-        return self.tx.level / self.spec.device_rate
+        return self.tx.queued / self.device_rate
 
     # --- health ---------------------------------------------------------------
 
     def _lost(self, reason: str) -> None:
         self.up = False
         self.lost = True
+        self.error = reason
         self.counts["device_errors"] += 1
         log.warning("%s: sound card lost (%s); reopening with backoff", self.name, reason)
         if self.on_state:
             self.on_state(False, reason)
-        stream, self.stream = self.stream, None
         if self._retry is None or not self._retry.is_alive():
-            self._retry = threading.Thread(target=self._reopen, args=(stream,), daemon=True,
+            self._retry = threading.Thread(target=self._reopen, daemon=True,
                                            name=f"reopen-{self.name}")  # fmt: skip
             self._retry.start()
 
-    def _reopen(self, dead: Any) -> None:
-        if dead is not None:
-            _close_stream(dead, self.generation, CLOSE_WAIT_S)
+    def _reopen(self) -> None:
+        self.process.kill()  # a stream stuck in a dead server is never waited for
+        self._keep_counts()
         wait = RETRY_FIRST_S
         while not self._closing.wait(wait):
             try:
-                self._resume()
-            except Exception as exc:
-                self.error = ""
+                opened = self.process.start(self.spec.request(self.name))
+            except (OSError, LookupError) as exc:
                 log.info("%s: sound card not back yet: %s", self.name, exc)
-                wait = min(RETRY_MAX_S, PROBE_MAX_S, wait * 2)
+                wait = min(RETRY_MAX_S, wait * 2)
                 continue
+            if self._closing.is_set():
+                self.process.stop()  # close() came while this one was starting
+                return
+            self._started(opened)
             self._back()
             return
 
@@ -496,126 +422,22 @@ class SoundCard:
         if self.on_state:
             self.on_state(True, "reopened")
 
-    def _resume(self) -> None:
-        """Reopen; if this PortAudio cannot (stale device list, dead JACK client), renew it
-        once the device shows up in a child process's scan."""
-        if self.stream is not None and self.up:
-            return  # a renewal (another card's) has reopened this one already
-        seen = pa.generation
-        if not pa.broken(seen):
-            try:
-                self._start_stream()
-                return
-            except (OSError, LookupError):
-                pass  # maybe only a rescan finds it: ask a child process
-        cards = pa.probe()
-        if cards is None or not self._listed(cards):
-            raise OSError("the device is not there yet (no fresh scan lists it)")
-        _renew(seen)
-        if self.stream is None:
-            self._start_stream()
-
-    def _listed(self, cards: list[Card]) -> bool:
-        if self.spec.find is None:
-            return bool(cards)
-        try:
-            self.spec.find(cards)
-        except LookupError:
-            return False
-        return True
-
     def stats(self) -> dict[str, float]:
+        counts = dict(self.counts)
+        queued = 0
+        if not self.block.closed:  # the running stream's own counts, not yet kept
+            s = self.status
+            counts["xruns"] += int(s[XRUNS])
+            counts["tx_underruns"] += int(s[TX_UNDERRUNS])
+            counts["dropped_samples"] += int(s[RX_DROPPED])
+            queued = self.tx.queued
         return {
-            **{k: float(v) for k, v in self.counts.items()},
+            **{k: float(v) for k, v in counts.items()},
             "device_up": float(self.up),
             "rx_ratio_ppm": self.rx_control.ppm,
             "tx_ratio_ppm": self.tx_control.ppm,
             "rx_buffer_seconds": len(self.rx_buf) / self.rate,
-            "tx_buffer_seconds": self.tx.level / self.spec.device_rate,
+            "tx_buffer_seconds": queued / self.device_rate,
             "rx_margin_seconds": self.rx_control.target,
             "tx_margin_seconds": self.tx_control.target,
-            "portaudio_renewals": float(pa.counts["renewals"]),
         }
-
-
-_REGISTRY: weakref.WeakSet[SoundCard] = weakref.WeakSet()
-_SERIALS = itertools.count()
-
-
-def _close_stream(stream: Any, generation: int, wait: float = CLOSE_WAIT_S) -> bool:
-    """Stop and close on a helper thread: PortAudio can block for minutes when the audio
-    server died under the stream. False: it did not stop in time and is abandoned."""
-    done = threading.Event()
-    abandoned = threading.Event()
-
-    def close() -> None:
-        try:
-            stream.abort(ignore_errors=True)
-            if not abandoned.is_set():  # a late return must not free what is abandoned
-                stream.close(ignore_errors=True)
-        except Exception:
-            pass
-        done.set()
-
-    threading.Thread(target=close, daemon=True, name="close-stream").start()
-    if done.wait(wait):
-        return True
-    abandoned.set()
-    pa.abandon(stream, generation)
-    log.warning("a sound card stream is stuck in PortAudio; abandoned (PortAudio will be renewed)")
-    return False
-
-
-def _renew(seen: int) -> None:
-    """Renew PortAudio once for the process, if nobody did since ``seen``: every card whose
-    stream belongs to the old instance is stopped, and every card is (re)opened on the new
-    one at once, in the order the cards were made — so with JACK, ``in_0, in_1, …`` name
-    the same radios as before."""
-    with pa.LOCK:
-        if pa.generation != seen:
-            return  # another card's thread did it already
-        cards = sorted((c for c in list(_REGISTRY) if not c._closing.is_set()),
-                       key=lambda c: c.serial)  # fmt: skip
-        for card in cards:
-            card.renewing = True
-            stream, card.stream = card.stream, None
-            if stream is not None and card.generation == seen:
-                _close_stream(stream, seen)
-        try:
-            pa.reinitialise()
-        finally:
-            for card in cards:
-                was_up = card.up
-                try:
-                    card._start_stream()
-                except Exception as exc:
-                    card.renewing = False
-                    if was_up:
-                        card._lost(f"did not reopen after PortAudio was renewed: {exc}")
-                    continue
-                card.renewing = False
-                card._back()  # a card that was down is back now, not when its thread wakes
-
-
-_EXIT_HOOKED: list[bool] = []
-
-
-def _hook_exit() -> None:
-    """Register after sounddevice's own exit handler, so this one runs first."""
-    if not _EXIT_HOOKED:
-        _EXIT_HOOKED.append(True)
-        atexit.register(pa.skip_terminate_at_exit)
-
-
-def _reason(exc: Exception, spec: CardSpec) -> str:
-    text = str(exc)
-    if "-9997" in text or "Invalid sample rate" in text:
-        return (f"{spec.device_rate} Hz is not a rate this device runs at (with JACK the rate is "
-                f"the server's); set sample_rate to one it supports")  # fmt: skip
-    if "-9985" in text or "busy" in text.lower() or "unavailable" in text.lower():
-        return "the device is busy (another program has it open); close it or pick another card"
-    if "-9998" in text or "Invalid number of channels" in text:
-        return (f"the device has fewer channels than asked for "
-                f"(in {spec.input_channels}, out {spec.output_channels})")  # fmt: skip
-    return text
-

@@ -3,20 +3,14 @@
     python failsafe_site.py SITE.toml run      run on the real clock until a signal
     python failsafe_site.py SITE.toml raise    tick until radio_b is keyed, then die of an
                                                unhandled exception (only atexit is left)
-
-With ``BLTEST_CLIENT=1`` in the environment the gateway's JACK client is named as in the
-in-process tests (``blgw``), so a test can find its streams by name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
-
-from gateway.hardware import portaudio
 
 import gateway.site  # noqa: F401
 from gateway.app import Gateway
@@ -34,7 +28,6 @@ def status(gw: Gateway) -> None:
         "reopens": radio.card.counts["reopens"],
         "other_heard": other is not None and other.last_heard is not None,
         "up": {name: port.card.up for name, port in gw.ports.items() if hasattr(port, "card")},
-        "renewals": portaudio.counts["renewals"],
     }), flush=True)  # fmt: skip
 
 
@@ -54,10 +47,6 @@ async def run(gw: Gateway) -> None:
 
 
 def main() -> None:
-    if os.environ.get("BLTEST_CLIENT"):
-        from tests.hardware.jackradio import portaudio_on
-
-        portaudio_on(os.environ["JACK_DEFAULT_SERVER"])
     gw = Gateway(load_config(sys.argv[1]))
     if sys.argv[2] == "run":
         asyncio.run(run(gw))

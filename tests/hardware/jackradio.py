@@ -10,7 +10,6 @@ stream opens. The server is stopped by PID at the end.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import subprocess
@@ -25,8 +24,14 @@ from tests.conftest import require_binary
 
 RATE = 48000
 PERIOD = 256
-CLIENT = "blgw"  # the gateway's PortAudio client name in JACK
-_CLIENT_NAME = ctypes.create_string_buffer(CLIENT.encode())
+PASS_THROUGH = "PortAudio"  # the JACK client of a stream opened in a test's own process
+
+
+def card_client(port: str) -> str:
+    """The JACK client of a radio port's sound card (each card streams in its own process)."""
+    from gateway.hardware.card_process import jack_client_name
+
+    return jack_client_name(port)
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.01):
@@ -72,14 +77,12 @@ def stop_jackd(proc: subprocess.Popen) -> None:
 
 
 def portaudio_on(server: str) -> None:
-    """Point PortAudio at ``server`` under our client name (rescans the device list)."""
+    """Point this process's PortAudio at ``server`` (rescans the device list)."""
     os.environ["JACK_DEFAULT_SERVER"] = server
     import sounddevice as sd
 
     while sd._initialized:
         sd._terminate()
-    # PortAudio keeps the pointer, not a copy: the buffer must live as long as the process.
-    ctypes.CDLL(sd._libname).PaJack_SetClientName(_CLIENT_NAME)
     sd._initialize()
 
 
@@ -118,9 +121,9 @@ class RadioSim:
             raise RuntimeError(f"the radio simulator did not start on JACK server {server}")
         self.rate, self.blocksize = self._pipe.recv()
 
-    def _ask(self, *command):
+    def _ask(self, *command, timeout: float = 10.0):
         self._pipe.send(command)
-        if not self._pipe.poll(10):
+        if not self._pipe.poll(timeout):
             raise RuntimeError(f"the radio simulator did not answer {command[0]}")
         answer = self._pipe.recv()
         if isinstance(answer, Exception):
@@ -132,9 +135,10 @@ class RadioSim:
         """Frames since activation, advanced by the simulator's process callback."""
         return int(self._counter[0])
 
-    def connect(self, radio: int, index: int, client: str = CLIENT) -> None:
-        """Wire radio ``radio`` to the gateway's ``index``-th stream (in_N / out_N)."""
-        self._ask("connect", radio, index, client)
+    def connect(self, radio: int, client: str, timeout: float = 15.0) -> None:
+        """Wire radio ``radio`` to a sound card's JACK ``client`` (in_0 / out_0), once it
+        shows up (a card's process may still be starting)."""
+        self._ask("connect", radio, client, timeout, timeout=timeout + 5)
 
     def start(self, radio: int, signal: np.ndarray, delay: float = 0.0, loop: bool = False) -> int:
         """Play ``signal`` into the radio's receiver; returns the JACK frame it starts at."""
@@ -209,14 +213,20 @@ class _SimClient:
         if len(self.clock) < 100000:
             self.clock.append((start, time.monotonic()))
 
-    def connect(self, radio: int, index: int, client: str) -> None:
+    def connect(self, radio: int, client: str, timeout: float) -> None:
         c = self.client
-        for port in c.get_all_connections(f"{client}:in_{index}"):
-            c.disconnect(port, f"{client}:in_{index}")
-        for port in c.get_all_connections(f"{client}:out_{index}"):
-            c.disconnect(f"{client}:out_{index}", port)
-        c.connect(self.outs[radio], f"{client}:in_{index}")
-        c.connect(f"{client}:out_{index}", self.ins[radio])
+        mic, speaker = f"{client}:in_0", f"{client}:out_0"
+        deadline = time.monotonic() + timeout
+        while not (c.get_ports(f"^{client}:in_0$") and c.get_ports(f"^{client}:out_0$")):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no JACK client {client} after {timeout}s")
+            time.sleep(0.02)
+        for port in c.get_all_connections(mic):
+            c.disconnect(port, mic)
+        for port in c.get_all_connections(speaker):
+            c.disconnect(speaker, port)
+        c.connect(self.outs[radio], mic)
+        c.connect(speaker, self.ins[radio])
 
     def start(self, radio: int, signal: np.ndarray, delay: float, loop: bool) -> int:
         with self.lock:
@@ -283,19 +293,6 @@ def hid_keyed(path: Path, gpio: int = 3) -> bool | None:
     return bool(reports[-1][2] & bit)
 
 
-
-
-def gateway_streams(server: str, client_name: str = CLIENT) -> list[int]:
-    """Indexes N of the gateway's JACK ports in_N, oldest stream first."""
-    import jack
-
-    os.environ["JACK_DEFAULT_SERVER"] = server
-    client = jack.Client(f"lsp{os.getpid()}", no_start_server=True)
-    try:
-        names = [p.name for p in client.get_ports(f"^{client_name}:in_[0-9]+$")]
-    finally:
-        client.close()
-    return sorted(int(n.rsplit("_", 1)[1]) for n in names)
 
 
 def tone(hz: float, seconds: float, dbfs: float, rate: int = RATE) -> np.ndarray:

@@ -10,12 +10,11 @@ from gateway.cli import main
 from tests.hardware.jackradio import (
     RATE,
     band_db,
-    gateway_streams,
+    card_client,
     hid_keyed,
     site_toml,
     steady_db,
     tone,
-    wait_for,
 )
 
 pytestmark = pytest.mark.jack
@@ -41,7 +40,6 @@ ptt = {{ type = "cm108", device = "{hid}" }}
 squelch = {{ type = "vox", threshold_dbfs = -30 }}
 '''}))
     result: dict = {}
-    before = set(gateway_streams(jack_server))
 
     def run_levels():
         result["code"] = main(["levels", str(site), "radio", "--seconds", "4", "--plain",
@@ -50,10 +48,8 @@ squelch = {{ type = "vox", threshold_dbfs = -30 }}
     worker = threading.Thread(target=run_levels)
     worker.start()
     try:
-        streams = wait_for(lambda: set(gateway_streams(jack_server)) - before, 15,
-                           "the levels command's stream")  # fmt: skip
         sim = radio_sim(1)
-        sim.connect(0, max(streams))
+        sim.connect(0, card_client("radio"))  # once the levels command's card is up
         start = sim.start(0, tone(440, 10.0, -20))
     finally:
         worker.join(30)

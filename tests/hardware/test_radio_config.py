@@ -51,10 +51,18 @@ def test_unknown_device_lists_the_cards_that_exist(jack_server):
     assert "system" in message and "JACK" in message  # the card that does exist
 
 
-def test_unknown_device_without_a_rate_stops_the_port_with_the_list(jack_server):
+def test_unknown_device_names_the_cards_and_the_port_stays_down(jack_server):
+    """The card's own process looks the name up (with the server's device list) and the
+    reason reaches the port's open; the port is down, counted, and retried."""
     config = parse_config(site_toml({"r": RADIO.replace('"system"', '"Nonexistent"')}))
-    with pytest.raises(DeviceNotFound, match="the cards are"):
-        SoundcardPort("r", config.ports["r"], Timing())
+    port = SoundcardPort("r", config.ports["r"], Timing())
+    try:
+        with pytest.raises(DeviceNotFound, match="the cards are") as info:
+            port.open()
+        assert "system" in str(info.value) and "JACK" in str(info.value)
+        assert not port.card.up and port.stats()["device_errors"] >= 1
+    finally:
+        port.close()
 
 
 def test_a_rate_the_card_cannot_run_at_is_explained(jack_server):

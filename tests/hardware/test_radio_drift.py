@@ -1,15 +1,17 @@
 """The card's crystal against the engine's clock: the drift control follows it for hours.
 
 A real JACK dummy server runs on the host's clock, so it cannot drift. Here the card
-side is played by calling the stream callback exactly as PortAudio would, in 256-frame
-periods, at a rate 300 ppm off the engine's (a cheap card's crystal is within ±100 ppm);
-the engine side ticks every 20 ms. Time is simulated, so three minutes take seconds.
+side is played by calling the card process's stream callback exactly as PortAudio would
+(on the same shared rings), in 256-frame periods, at a rate 300 ppm off the engine's (a
+cheap card's crystal is within ±100 ppm); the engine side ticks every 20 ms. Time is
+simulated, so three minutes take seconds.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from gateway.hardware.card_process import StreamCallback
 from gateway.hardware.soundcard import CardSpec, SoundCard
 
 DEV = 48000
@@ -17,10 +19,21 @@ PERIOD = 256
 N = 320  # 20 ms at 16 kHz
 
 
+class InThisProcess:
+    """The card's process, played here: the callback is called in simulated time below."""
+
+    alive = True
+
+    def stop(self) -> None:
+        pass
+
+
 @pytest.mark.parametrize("ppm", [300.0, -300.0])
 def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
-    card = SoundCard(CardSpec(resolve=lambda: 0, device_rate=DEV, margin=0.002), 16000, N, "sim")
+    card = SoundCard(CardSpec(device=0, sample_rate=DEV, margin=0.002), 16000, N, "sim")
     card.up = True
+    card.process = InThisProcess()
+    callback = StreamCallback(card.block, 0, 0)
     card_rate = DEV * (1 + ppm * 1e-6)
     period_s = PERIOD / card_rate
     t = np.arange(PERIOD) / DEV
@@ -35,16 +48,16 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
         now = tick * 0.02
         while next_callback <= now:
             indata[:, 0] = tone_in
-            card._callback(indata, outdata, PERIOD, None, None)
+            callback(indata, outdata, PERIOD, None, None)
             next_callback += period_s
-        card.last_callback = 1e18  # simulated time: the stall check must not fire
+        card.block.clock[0] = 1e18  # simulated time: the stall check must not fire
         card.read()
         card.write(frame)
         if tick == settle:
             settled = dict(card.stats())
         if tick > settle:  # after a minute to learn the drift
             levels_rx.append(len(card.rx_buf) / 16000)
-            levels_tx.append(card.tx.level / DEV)
+            levels_tx.append(card.tx.queued / DEV)
             ratios.append((card.rx_control.ppm, card.tx_control.ppm))
     stats = card.stats()
     for key in ("rx_underruns", "tx_underruns", "dropped_samples"):

@@ -17,9 +17,9 @@ from tests.hardware.gwrun import EventLog, build, drive
 from tests.hardware.jackradio import (
     RATE,
     band_db,
+    card_client,
     chirp,
     delay_of,
-    gateway_streams,
     hid_keyed,
     peak_hz,
     rms_db,
@@ -45,11 +45,10 @@ squelch = {{ type = "vox", threshold_dbfs = -45, hang = "200ms" }}
 """
 
 
-def connect(sim, server, count):
-    streams = gateway_streams(server)[-count:]
-    assert len(streams) == count, f"expected {count} gateway streams in JACK, got {streams}"
-    for radio_index, stream in enumerate(streams):
-        sim.connect(radio_index, stream)
+def connect(sim, count):
+    """Simulated radio i plays the radio of port radio_a, radio_b, … in that order."""
+    for radio_index in range(count):
+        sim.connect(radio_index, card_client(f"radio_{'abc'[radio_index]}"))
 
 
 def test_tone_and_chirp_cross_from_a_to_b(jack_server, radio_sim, tmp_path):
@@ -57,7 +56,7 @@ def test_tone_and_chirp_cross_from_a_to_b(jack_server, radio_sim, tmp_path):
     hid_b.touch()
     gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio(str(hid_b))}))
     sim = radio_sim(2)
-    connect(sim, jack_server, 2)
+    connect(sim, 2)
     level = -12.0
     # A short chirp: its correlation peak is sharp, and a drift correction (a few hundred
     # ppm) cannot smear it over 100 ms.
@@ -109,7 +108,7 @@ def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, rad
     gw = build(tmp_path, site_toml({"radio_a": a, "radio_b": radio()}))
     events = EventLog(gw)
     sim = radio_sim(2)
-    connect(sim, jack_server, 2)
+    connect(sim, 2)
     quiet = tone(1000, 0.6, -50)  # under the threshold: squelch stays shut
     burst = tone(1000, 1.0, -12)
 
@@ -150,7 +149,7 @@ def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, mon
         "radio_c": radio(),
     }))  # fmt: skip
     sim = radio_sim(3)
-    connect(sim, jack_server, 3)
+    connect(sim, 3)
     signal = tone(1000, 0.6, -12)
 
     def scenario():
@@ -186,7 +185,7 @@ def test_half_duplex_radio_never_hears_itself_or_talks_while_keyed(jack_server, 
                                                                     tmp_path):  # fmt: skip
     gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio()}))
     sim = radio_sim(2)
-    connect(sim, jack_server, 2)
+    connect(sim, 2)
 
     def scenario():
         wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
@@ -212,7 +211,7 @@ def test_transmit_tot_drops_ptt_and_audio_while_the_talker_goes_on(jack_server, 
     b = radio(str(hid), 'tx_tot = "1s"')
     gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": b}))
     sim = radio_sim(2)
-    connect(sim, jack_server, 2)
+    connect(sim, 2)
     signal = tone(1000, 2.5, -12)
 
     def scenario():
