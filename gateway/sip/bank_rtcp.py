@@ -1,0 +1,176 @@
+"""The leg bank's RTCP (RFC 3550 §6): each leg's sender reports out, the far end's reports in.
+
+Reports are rare — one per leg every ``rtcp_interval`` (5 s), spread evenly over the
+ticks — so they are built and parsed one at a time (:mod:`gateway.sip.rtcp` holds the
+packet format). They travel on the RTCP socket (RTP port + 1), or on the RTP port
+itself when the call agreed to ``a=rtcp-mux`` (RFC 5761; the receive path hands
+those over). Reports read off the RTCP port keep their kernel arrival time, so the
+round trip measured from the far end's LSR/DLSR echo does not include our tick.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gateway.sip.mmsg import SO_TIMESTAMPNS, address_key, key_address
+from gateway.sip.rtcp import ReportBlock, build_report, ntp_now, parse_compound
+from gateway.sip.streams import NO_SSRC
+
+if TYPE_CHECKING:
+    from gateway.sip.bank import LegMedia
+    from gateway.sip.streams import StreamBank
+
+RTCP_INTERVAL = 5.0  # seconds between one leg's reports (RFC 3550 §6.2: 5 s minimum)
+_STAMP_SPACE = socket.CMSG_SPACE(16)
+
+
+class RtcpReports:
+    """Mixin of :class:`gateway.sip.bank.LegBank`: every leg's RTCP.
+
+    Its own state is set by :meth:`_rtcp_open`; per leg it lives in ``LegMedia.rtcp``.
+    Of the rest of the bank it uses the attributes declared below and ``lookup(keys)``
+    (RTP address → row), ``_count()`` (dropped packets) from the receive path."""
+
+    # The bank's rows and addresses, and the parts it composes (see gateway.sip.bank).
+    media: list[LegMedia | None]
+    active: np.ndarray
+    dest: np.ndarray
+    streams: StreamBank
+    sock: socket.socket
+    tx_ssrc: np.ndarray
+    tx_ts: np.ndarray
+    packets_out: np.ndarray
+    payload_out: np.ndarray
+    _k: int  # ticks since the bank started (spreads the legs' reports)
+
+    def _rtcp_open(self, sock: socket.socket, ticks: int, cname: str) -> None:
+        """The RTCP socket (non-blocking, kernel timestamps); a report every ``ticks``."""
+        self.rtcp_sock = sock
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.rtcp_ticks = ticks
+        self.cname = cname
+        self.rtcp_source: dict[int, int] = {}  # peer RTCP address key → row
+
+    def set_rtcp_remote(self, row: int, address: tuple[str, int] | None) -> None:
+        """Where the leg's reports go (and whose reports are the leg's)."""
+        media = self.media[row]
+        assert media is not None
+        old = media.rtcp.remote
+        if old is not None:
+            self.rtcp_source.pop(address_key(*old), None)
+        media.rtcp.remote = address
+        if address is not None:
+            self.rtcp_source[address_key(*address)] = row
+
+    # --- in ---------------------------------------------------------------------------
+
+    def drain_rtcp(self) -> None:
+        """Reports on the RTCP port: a few per second per hundred legs, read one by one,
+        each with its kernel arrival time (the round trip must not include our tick).
+
+        At most a few per call per tick: a flood on this port waits in (and overflows)
+        the socket buffer instead of stretching the tick."""
+        for _ in range(64 + 2 * len(self.active)):
+            try:
+                data, ancillary, _, source = self.rtcp_sock.recvmsg(2048, _STAMP_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP unreachable from a phone that went away
+                continue
+            arrival = None
+            for level, kind, blob in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(blob) >= 16:
+                    sec, nsec = struct.unpack_from("@qq", blob)
+                    arrival = sec + nsec * 1e-9
+            self._rtcp(data, address_key(*source[:2]), None, arrival)
+
+    def _rtcp(self, data: bytes, key: int, row: int | None, arrival: float | None = None) -> None:
+        """One compound RTCP packet from ``key`` (``row`` known when it came on the RTP port)."""
+        reports = parse_compound(data)
+        if reports is None:
+            self._count("rtcp", np.array([row]) if row is not None and row >= 0 else None)
+            return
+        if row is None or row < 0:
+            row = self._rtcp_row(key, reports[0].ssrc)
+            if row < 0:
+                self._count("source")
+                return
+        media = self.media[row]
+        assert media is not None
+        state = media.rtcp
+        if not state.mux and not state.latched:  # symmetric RTCP: answer where it came from
+            self.set_rtcp_remote(row, key_address(key))
+            state.latched = True
+        now = time.time() if arrival is None else arrival
+        for report in reports:
+            state.heard(report, int(self.tx_ssrc[row]), now)
+
+    def _rtcp_row(self, key: int, ssrc: int) -> int:
+        """Which leg an RTCP packet on the RTCP port belongs to: by its source, else by SSRC."""
+        row = self.rtcp_source.get(key, -1)
+        if row < 0:
+            row = int(self.lookup(np.array([key - 1]))[0])  # RTP port + 1, the usual pairing
+        if row >= 0:
+            return row
+        rows = self.active[self.streams.ssrc[self.active] == ssrc]
+        hosts = [r for r in rows.tolist() if int(self.dest[r]) >> 16 == key >> 16]
+        return hosts[0] if len(hosts) == 1 else -1
+
+    # --- out --------------------------------------------------------------------------
+
+    def _send_reports(self) -> None:
+        """SR (we always send) per leg every ``rtcp_ticks``, spread evenly over the ticks."""
+        rows = self.active
+        due = rows[(rows + self._k) % self.rtcp_ticks == 0]
+        if due.size == 0:
+            return
+        now = time.time()
+        ntp = ntp_now(now)
+        for row in due.tolist():
+            media = self.media[row]
+            if media is None or self.packets_out[row] == 0:
+                continue
+            state = media.rtcp
+            if state.remote is None:  # with rtcp-mux, the leg's RTP address
+                continue
+            block = self._report_block(row, state.last_sr, state.dlsr(now))
+            sender = (ntp, int(self.tx_ts[row]), int(self.packets_out[row]),
+                      int(self.payload_out[row]))  # fmt: skip
+            packet = build_report(int(self.tx_ssrc[row]), self.cname, sender, block)
+            try:
+                (self.sock if state.mux else self.rtcp_sock).sendto(packet, state.remote)
+                state.reports_out += 1
+            except OSError:
+                media.send_errors += 1
+
+    def _report_block(self, row: int, lsr: int, dlsr: int) -> ReportBlock | None:
+        """What we received of the leg's stream since its last report (None: nothing yet)."""
+        streams = self.streams
+        if streams.ssrc[row] == NO_SSRC:
+            return None
+        expected = int(streams.expected_of(row))
+        received = int(streams.received[row])
+        expected_interval = expected - int(streams.expected_prior[row])
+        lost_interval = expected_interval - (received - int(streams.received_prior[row]))
+        streams.expected_prior[row] = expected
+        streams.received_prior[row] = received
+        fraction = (
+            (lost_interval << 8) // expected_interval
+            if expected_interval > 0 and lost_interval > 0
+            else 0
+        )
+        return ReportBlock(
+            ssrc=int(streams.ssrc[row]),
+            fraction_lost=min(fraction, 255),
+            cumulative_lost=expected - received,
+            highest_seq=streams.extended_max(row),
+            jitter=int(streams.jitter[row]),
+            lsr=lsr,
+            dlsr=dlsr,
+        )
