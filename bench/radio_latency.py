@@ -20,7 +20,8 @@ For each JACK dummy period (48 kHz) this starts its own uniquely named jackd, th
    at the start and the end (a FIFO that grows shows as a delay that grows).
 
 Figures on a shared 2-core machine are noisy: look at medians, and at xruns; the load
-average is printed with them. ``--realtime`` runs the gateway at SCHED_FIFO priority 20,
+average is printed with them. ``--realtime [PRIO]`` runs the gateway at SCHED_FIFO (5 by
+default: above every normal task, below the audio server and its clients' process threads),
 as a production gateway runs beside ``jackd -R`` (systemd ``CPUSchedulingPolicy=fifo``).
 
 The floor by construction is printed too: one engine frame (a frame must be whole before
@@ -163,6 +164,7 @@ def through_gateway(
             samples = []
             before = events()
             xrun_times = []
+            late_before, worst_tick = gw.clock.late_ticks, 0.0
             while time.monotonic() - start < drift_seconds:
                 time.sleep(1.0)
                 a, b = gw.ports["radio_a"].card.stats(), gw.ports["radio_b"].card.stats()
@@ -170,13 +172,15 @@ def through_gateway(
                                 b["tx_buffer_seconds"]))  # fmt: skip
                 if events()[3] > (before[3] + len(xrun_times)):
                     xrun_times.append(round(time.monotonic() - start))
+                worst_tick = max(worst_tick, float(gw.clock.lateness.recent().max()))
             during = [now - was for now, was in zip(events(), before, strict=True)]
             sim.silence(0)
             time.sleep(0.5)
             last = measure_burst()
             out["drift"] = {"seconds": time.monotonic() - start, "samples": samples,
                             "first": first, "last": last, "during": during,
-                            "xrun_times": xrun_times}  # fmt: skip
+                            "xrun_times": xrun_times, "worst_tick": worst_tick,
+                            "late_ticks": gw.clock.late_ticks - late_before}  # fmt: skip
         out["stats_a"] = gw.ports["radio_a"].card.stats()
         out["stats_b"] = gw.ports["radio_b"].card.stats()
 
@@ -215,11 +219,13 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, default=20)
     parser.add_argument("--drift-minutes", type=float, default=10.0)
     parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
-    parser.add_argument("--realtime", action="store_true",
-                        help="run at SCHED_FIFO priority 20 (needs root or CAP_SYS_NICE)")
+    parser.add_argument("--realtime", type=int, nargs="?", const=5, default=0, metavar="PRIO",
+                        help="run the gateway at SCHED_FIFO priority PRIO (default 5: above "
+                             "every normal task, below the audio server's threads; needs root "
+                             "or CAP_SYS_NICE)")  # fmt: skip
     args = parser.parse_args()
     if args.realtime:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(20))  # threads made later inherit
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime))  # threads inherit
     load_before = os.getloadavg()[0]
     rows = []
     drift_rows = []
@@ -254,12 +260,15 @@ def main() -> int:
                                (d["first"] or (float("nan"),))[0] * 1000,
                                (d["last"] or (float("nan"),))[0] * 1000,
                                *d["during"]))  # fmt: skip
+            print(f"period {period}: engine ticks in the drift run: {d['late_ticks']} more than a "
+                  f"frame late, the latest {d['worst_tick'] * 1000:.1f} ms", flush=True)
             if d["xrun_times"]:
                 print(f"period {period}: xruns in the drift run at seconds "
                       f"{d['xrun_times'][:20]}", flush=True)
+    priority = f"SCHED_FIFO {args.realtime}" if args.realtime else "normal priority"
     print(f"\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine {args.frame} frames, "
-          f"16 kHz; {'SCHED_FIFO 20' if args.realtime else 'normal priority'}; load average "
-          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after)")  # fmt: skip
+          f"16 kHz; {priority}; load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after)")  # fmt: skip
     print(f"{'period':>6} {'server ms':>9} {'total p50':>9} {'added p50':>9} {'added p99':>9} "
           f"{'floor':>6} {'sq→audio p50':>12} {'p99':>6} {'bursts':>6} {'bad':>4} {'xruns':>5} "
           f"{'underruns':>9}")

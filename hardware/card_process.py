@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import multiprocessing
 import signal
 import time
@@ -83,6 +84,9 @@ class CardBlock:
         self.rx = SharedRing(buf, RING_SAMPLES, _STATUS_BYTES)
         self.tx = SharedRing(buf, RING_SAMPLES, _STATUS_BYTES + SharedRing.nbytes(RING_SAMPLES))
         self.owner = name is None
+        if self.owner:
+            self.rx.buf.fill(0.0)  # every page mapped now, not by a page fault in a callback
+            self.tx.buf.fill(0.0)
 
     @property
     def name(self) -> str:
@@ -220,6 +224,9 @@ class CardProcess:
 def _serve(request: OpenRequest, block_name: str, pipe: Connection) -> None:
     # Ctrl-C reaches the whole process group: the gateway stops its cards in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A full cyclic-GC pass walks every object the imports made (milliseconds) and would
+    # run inside a callback; the callback makes no cycles, so reference counting is enough.
+    gc.disable()
     block = CardBlock(block_name)
     try:
         stream = _open(request, block, pipe)

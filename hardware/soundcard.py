@@ -54,6 +54,10 @@ STALL_S = 0.3  # no callback for this long (≫ any period): the card is gone
 DEADBAND_S = 0.0015
 WIDEN_STEP_S = 0.001
 WIDEN_MAX_S = 0.020
+# The extra margin an underrun bought melts away this slowly: the jitter that caused it
+# (a late tick on a busy machine) comes back every minute or two, and at 1 ms a minute the
+# margin was back at its base, and underran again, by then.
+MELT_PER_MINUTE_S = 0.0001
 TRIM_S = 0.010  # a low-water mark this far above target (a stall, a burst) is cut at once
 # …and only this far while what would be cut is silence (between overs, at start): the
 # PI control moves at most max_ppm (0.5 ms a second at 500 ppm), so a few ms of excess
@@ -80,7 +84,7 @@ class DriftControl:
     ``tau``: seconds to correct an error at the proportional rate (a 1 ms error at
     tau 8 s is 125 ppm); ``ti``: integral time, which learns the steady drift.
     The target itself adapts: each underrun adds 1 ms (the jitter is worse than
-    the margin allowed for), and the extra melts away at 1 ms a minute.
+    the margin allowed for), and the extra melts away at 0.1 ms a minute.
     """
 
     def __init__(self, target: float, tau: float = 8.0, ti: float = 15.0, max_ppm: float = 500.0):
@@ -95,8 +99,8 @@ class DriftControl:
         self.target = min(self.base + WIDEN_MAX_S, self.target + WIDEN_STEP_S)
 
     def relax(self, dt: float) -> None:
-        """Without underruns the extra margin melts away, 1 ms a minute."""
-        self.target = max(self.base, self.target - WIDEN_STEP_S * dt / 60.0)
+        """Without underruns the extra margin melts away, 0.1 ms a minute."""
+        self.target = max(self.base, self.target - MELT_PER_MINUTE_S * dt / 60.0)
 
     def update(self, low_water: float, dt: float) -> float:
         """New output/input ratio from this window's low-water mark (seconds)."""

@@ -10,6 +10,7 @@ stream opens. The server is stopped by PID at the end.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -110,6 +111,7 @@ class RadioSim:
         self._shm = shared_memory.SharedMemory(create=True, size=(radios * size + 2) * 4 + 16)
         self._counter = np.ndarray(2, np.int64, self._shm.buf)  # frames done, blocksize
         self._record = np.ndarray((radios, size), np.float32, self._shm.buf, offset=16)
+        self._record.fill(0.0)  # every page mapped now, not by a page fault in the callback
         ctx = multiprocessing.get_context("spawn")
         self._pipe, child = ctx.Pipe()
         self._proc = ctx.Process(target=_sim_main, args=(server, radios, size, self._shm.name,
@@ -248,6 +250,7 @@ class _SimClient:
 
 
 def _sim_main(server: str, radios: int, size: int, shm_name: str, pipe) -> None:
+    gc.disable()  # a full collection would pause the process callback (an xrun), as for cards
     shm = shared_memory.SharedMemory(name=shm_name)
     sim = _SimClient(server, radios, size, shm)
     pipe.send((sim.client.samplerate, sim.client.blocksize))
