@@ -229,8 +229,9 @@ class SoundCard:
         if self._retry is not None and self._retry is not threading.current_thread():
             self._retry.join(timeout=RETRY_MAX_S)
         self.process.stop()
-        self._keep_counts()
-        self.block.close()
+        if not self.block.closed:
+            self._keep_counts()
+            self.block.close()
 
     def _keep_counts(self) -> None:
         """Add an ended stream's counters to the card's, before a new one restarts them."""
