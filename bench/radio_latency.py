@@ -226,6 +226,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.realtime:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime))  # threads inherit
+        from gateway.hardware.card_process import lock_memory
+
+        lock_memory()  # as a realtime service would (systemd LimitMEMLOCK=infinity)
     load_before = os.getloadavg()[0]
     rows = []
     drift_rows = []

@@ -4,8 +4,8 @@ PortAudio calls back once per period (5.3 ms at 256 frames, 48 kHz) on the audio
 server's realtime thread, and a Python callback needs its process's GIL. In the
 gateway's process the GIL is busy with the tick, calls and consoles, so the callback
 waited, came late, and the server dropped cycles (xruns). Here each card's stream
-runs in a small process whose only other thread sleeps on a pipe: the callback gets
-the GIL at once. It only copies: capture into one :class:`~.ring.SharedRing`,
+runs in a small process whose only other thread sleeps reading its stdin, so the
+callback gets the GIL at once. It only copies: capture into one :class:`~.ring.SharedRing`,
 playback out of another. Rate conversion, drift control, gains and squelch stay in
 the gateway (``soundcard``), on the tick.
 
@@ -22,12 +22,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import multiprocessing
+import json
+import mmap
+import os
+import select
 import signal
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import shared_memory
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -69,28 +73,38 @@ class Opened:
 
 
 class CardBlock:
-    """The shared memory of one card: status, capture ring, playback ring."""
+    """The shared memory of one card: status, capture ring, playback ring.
+
+    The gateway creates it; the card's process attaches by name with a plain ``mmap``
+    of ``/dev/shm/NAME`` (``SharedMemory`` would register it with a resource tracker of
+    the child's own, which unlinks it when the child exits).
+    """
+
+    SIZE = _STATUS_BYTES + 2 * SharedRing.nbytes(RING_SAMPLES)
 
     def __init__(self, name: str | None = None) -> None:
-        size = _STATUS_BYTES + 2 * SharedRing.nbytes(RING_SAMPLES)
+        self.shm: shared_memory.SharedMemory | None = None
+        self.map: mmap.mmap | None = None
         if name is None:
-            self.shm = shared_memory.SharedMemory(create=True, size=size)
+            self.shm = shared_memory.SharedMemory(create=True, size=self.SIZE)
+            self.name = self.shm.name
+            buf = self.shm.buf
         else:
-            self.shm = shared_memory.SharedMemory(name=name)
-        buf = self.shm.buf
+            fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+            try:
+                self.map = mmap.mmap(fd, self.SIZE)
+            finally:
+                os.close(fd)
+            self.name = name
+            buf = memoryview(self.map)
         self.status = np.ndarray(_COUNTERS, np.int64, buf)
         # time.monotonic() of the last callback
         self.clock = np.ndarray(1, np.float64, buf, _COUNTERS * 8)
         self.rx = SharedRing(buf, RING_SAMPLES, _STATUS_BYTES)
         self.tx = SharedRing(buf, RING_SAMPLES, _STATUS_BYTES + SharedRing.nbytes(RING_SAMPLES))
-        self.owner = name is None
-        if self.owner:
+        if self.shm is not None:
             self.rx.buf.fill(0.0)  # every page mapped now, not by a page fault in a callback
             self.tx.buf.fill(0.0)
-
-    @property
-    def name(self) -> str:
-        return self.shm.name
 
     def reset(self) -> None:
         """Fresh counters and empty rings; only while no process streams into it."""
@@ -104,11 +118,12 @@ class CardBlock:
         return not hasattr(self, "status")
 
     def close(self) -> None:
+        """Unmap (and, in the gateway, remove) the block."""
         if self.closed:
             return
         del self.status, self.clock, self.rx, self.tx  # views first, or the block cannot close
-        self.shm.close()
-        if self.owner:
+        if self.shm is not None:
+            self.shm.close()
             with contextlib.suppress(FileNotFoundError):
                 self.shm.unlink()
 
@@ -158,90 +173,127 @@ class StreamCallback:
 
 
 class CardProcess:
-    """The process that streams one card: started, asked to stop, or killed."""
+    """The process that streams one card: started, asked to stop, or killed.
+
+    It is ``python -m gateway.hardware.card_process BLOCK`` rather than a
+    ``multiprocessing`` child, which would import the gateway's main script again
+    in the child. The request goes in as one JSON line on its stdin, the answer
+    comes back as one JSON line on its stdout; closing its stdin stops it.
+    """
 
     def __init__(self, block: CardBlock) -> None:
         self.block = block
-        self.process: Any = None
-        self.pipe: Connection | None = None
+        self.process: subprocess.Popen[str] | None = None
 
     def start(self, request: OpenRequest, timeout: float = START_TIMEOUT_S) -> Opened:
         """Open the card in a new process; raises ``DeviceNotFound`` or ``OSError`` naming why."""
         self.stop()
         self.block.reset()
-        ctx = multiprocessing.get_context("spawn")  # never fork the gateway's threads
-        self.pipe, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(request, self.block.name, child),
-                                   name=f"card {request.client_name}", daemon=True)  # fmt: skip
-        self.process.start()
-        child.close()
+        process = self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.hardware.card_process", self.block.name],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )  # fmt: skip
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(json.dumps(asdict(request)) + "\n")
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], timeout)
+        line = process.stdout.readline() if ready else ""
         try:
-            answer = self.pipe.recv() if self.pipe.poll(timeout) else ("timeout", "")
-        except EOFError:
-            answer = ("died", "")
-        kind, detail = answer[0], answer[1]
+            kind, *detail = json.loads(line) if line else ["died" if ready else "timeout"]
+        except ValueError:
+            kind, detail = "died", [line.strip()]
         if kind == "open":
-            return Opened(*answer[1:])
+            return Opened(*detail)
         self.kill()
         if kind == "not_found":
-            raise DeviceNotFound(detail)
+            raise DeviceNotFound(detail[0])
         if kind == "timeout":
             raise OSError(f"the card's process did not answer within {timeout:.0f} s")
         if kind == "died":
             raise OSError("the card's process died while opening the device")
-        raise OSError(detail)
+        raise OSError(detail[0])
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+        return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Close the stream and end the process; killed if it does not end in ``timeout``."""
         if self.process is None:
             return
         with contextlib.suppress(OSError, ValueError):
-            self.pipe.send("close")
-        self.process.join(timeout)
+            self.process.stdin.close()  # type: ignore[union-attr]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
         self.kill()
 
     def kill(self) -> None:
         """End the process now: a stream stuck in PortAudio is never touched again."""
         if self.process is None:
             return
-        if self.process.is_alive():
+        if self.process.poll() is None:
             self.process.kill()
-        self.process.join()
-        self.process.close()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()  # type: ignore[union-attr]
         self.process = None
-        if self.pipe is not None:
-            self.pipe.close()
-            self.pipe = None
 
 
 # --- the card's process ---------------------------------------------------------------
 
 
-def _serve(request: OpenRequest, block_name: str, pipe: Connection) -> None:
+_ANSWERS: list[Any] = []  # the gateway's end of our stdout, once fd 1 is pointed at stderr
+
+
+def main() -> None:
+    # Whatever a library prints (JACK, ALSA) must not be taken for our answer.
+    _ANSWERS.append(os.fdopen(os.dup(1), "w"))
+    os.dup2(2, 1)
+    request = OpenRequest(**json.loads(sys.stdin.readline()))
+    _serve(request, sys.argv[1])
+
+
+def _answer(*message: object) -> None:
+    print(json.dumps(message), file=_ANSWERS[0], flush=True)
+
+
+def _serve(request: OpenRequest, block_name: str) -> None:
     # Ctrl-C reaches the whole process group: the gateway stops its cards in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A full cyclic-GC pass walks every object the imports made (milliseconds) and would
     # run inside a callback; the callback makes no cycles, so reference counting is enough.
     gc.disable()
+    lock_memory()
     block = CardBlock(block_name)
     try:
-        stream = _open(request, block, pipe)
+        stream = _open(request, block)
     except Exception as exc:  # the gateway gets the reason, not a silent death
-        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        _answer("error", f"{type(exc).__name__}: {exc}")
         return
     if stream is None:
         return
-    with contextlib.suppress(EOFError):  # EOF: the gateway is gone
-        pipe.recv()  # "close"
+    for line in sys.stdin:  # until the gateway closes our stdin (or is gone)
+        if line.strip() == "close":
+            break
     stream.abort(ignore_errors=True)
     stream.close(ignore_errors=True)
 
 
-def _open(request: OpenRequest, block: CardBlock, pipe: Connection) -> Any:
+def lock_memory() -> bool:
+    """Keep every page of this process in RAM (``mlockall``), as audio servers do.
+
+    A page the kernel evicted (code not run for a while, under memory pressure or a
+    proactive reclaimer such as DAMON) is read back from disk by a fault the next time
+    it is touched: in a callback that is a stall of milliseconds, and an xrun. Needs
+    CAP_IPC_LOCK or a large enough ``ulimit -l``; without it the process runs unlocked.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    mcl_current, mcl_future = 1, 2
+    return libc.mlockall(mcl_current | mcl_future) == 0
+
+
+def _open(request: OpenRequest, block: CardBlock) -> Any:
     import sounddevice as sd
 
     _name_jack_client(sd, request.client_name)
@@ -249,7 +301,7 @@ def _open(request: OpenRequest, block: CardBlock, pipe: Connection) -> Any:
         card = find_card(request.device, request.host_api, request.input_channels,
                          request.output_channels, sound_cards())  # fmt: skip
     except DeviceNotFound as exc:
-        pipe.send(("not_found", str(exc)))
+        _answer("not_found", str(exc))
         return None
     rate = request.sample_rate or int(card.default_rate)
 
@@ -269,10 +321,10 @@ def _open(request: OpenRequest, block: CardBlock, pipe: Connection) -> Any:
         )
         stream.start()
     except sd.PortAudioError as exc:
-        pipe.send(("cannot_open", f"sound card {card.index} ({card.name}): cannot open: "
-                   f"{explain(exc, request, rate)}"))  # fmt: skip
+        _answer("cannot_open", f"sound card {card.index} ({card.name}): cannot open: "
+                f"{explain(exc, request, rate)}")  # fmt: skip
         return None
-    pipe.send(("open", rate, card.line().strip()))
+    _answer("open", rate, card.line().strip())
     return stream
 
 
@@ -309,3 +361,7 @@ def explain(exc: Exception, request: OpenRequest, rate: int) -> str:
 def jack_client_name(port: str) -> str:
     """The JACK client a radio port's card shows as: ``borderlink-<port>``."""
     return f"borderlink-{port}"
+
+
+if __name__ == "__main__":
+    main()
