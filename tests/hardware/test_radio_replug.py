@@ -16,6 +16,7 @@ import signal
 import numpy as np
 import pytest
 
+from tests.hardware.gwrun import build, drive
 from tests.hardware.jackradio import (
     RATE,
     RadioSim,
@@ -151,3 +152,37 @@ ptt = {{ type = "cm108", device = "{hid}" }}
         print(log[-3000:])
     assert code == 0, log[-2000:]
     assert hid_keyed(hid) is False
+
+
+def test_a_card_process_killed_mid_over_drops_ptt_and_comes_back_alone(jack_server, radio_sim,
+                                                                        tmp_path):  # fmt: skip
+    """Each card streams in a process of its own: if radio B's dies (a crash in the audio
+    driver), B's PTT drops at once, a new process opens the card, and B carries the next
+    over — while radio A's process is never touched."""
+    hid = tmp_path / "hidraw_b"
+    hid.touch()
+    gw = build(tmp_path, site(tmp_path, hid))
+    sim = radio_sim(2)
+    sim.connect(0, card_client("radio_a"))
+    sim.connect(1, card_client("radio_b"))
+    card_a, card_b = gw.ports["radio_a"].card, gw.ports["radio_b"].card
+    pid_a = card_a.process.process.pid
+
+    def scenario():
+        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        first = sim.start(0, tone(1000, 3.0, LEVEL))
+        wait_for(lambda: hid_keyed(hid) is True, 3, "radio B's PTT to key")
+        os.kill(card_b.process.process.pid, signal.SIGKILL)
+        wait_for(lambda: hid_keyed(hid) is False, 1, "radio B's PTT to drop with its card")
+        wait_for(lambda: card_b.up and card_b.counts["reopens"] == 1, 10, "radio B's card back")
+        sim.connect(1, card_client("radio_b"))  # a new JACK client: wire the radio again
+        wait_for(lambda: sim.frame > first + int(3.5 * RATE), 5, "the first over to end")
+        start = sim.start(0, tone(1000, 1.5, LEVEL))
+        wait_for(lambda: sim.frame > start + int(1.75 * RATE), 5, "the second over to end")
+        return start, card_a.process.process.pid
+
+    start, pid_a_after = drive(gw, scenario)
+    check_tone(sim.recorded(1, since=start))
+    assert pid_a_after == pid_a, "radio A's card process was restarted"
+    assert card_a.stats()["device_errors"] == 0 and card_a.counts["reopens"] == 0
+    assert card_b.stats()["device_errors"] == 1
