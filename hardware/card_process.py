@@ -264,7 +264,10 @@ def _serve(request: OpenRequest, block_name: str) -> None:
     # A full cyclic-GC pass walks every object the imports made (milliseconds) and would
     # run inside a callback; the callback makes no cycles, so reference counting is enough.
     gc.disable()
-    lock_memory()
+    if not lock_memory():
+        print(f"{request.client_name}: cannot lock the card's process in memory (needs "
+              "CAP_IPC_LOCK or a larger 'ulimit -l'); a page fault in its callback is an "
+              "xrun", file=sys.stderr, flush=True)  # fmt: skip
     block = CardBlock(block_name)
     try:
         stream = _open(request, block)
