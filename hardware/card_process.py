@@ -19,6 +19,7 @@ list, tries again. No other card notices.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import gc
@@ -29,6 +30,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing import shared_memory
@@ -175,10 +177,10 @@ class StreamCallback:
 class CardProcess:
     """The process that streams one card: started, asked to stop, or killed.
 
-    It is ``python -m gateway.hardware.card_process BLOCK`` rather than a
-    ``multiprocessing`` child, which would import the gateway's main script again
-    in the child. The request goes in as one JSON line on its stdin, the answer
-    comes back as one JSON line on its stdout; closing its stdin stops it.
+    It is ``python -m gateway.hardware.card_process`` rather than a ``multiprocessing``
+    child, which would import the gateway's main script again in the child. The request
+    goes in as one JSON line on its stdin, the answer comes back as one JSON line on its
+    stdout; closing its stdin stops it.
     """
 
     def __init__(self, block: CardBlock) -> None:
@@ -189,13 +191,13 @@ class CardProcess:
         """Open the card in a new process; raises ``DeviceNotFound`` or ``OSError`` naming why."""
         self.stop()
         self.block.reset()
-        process = self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.hardware.card_process", self.block.name],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-        )  # fmt: skip
+        process = self.process = _SPARE.take()
         assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(json.dumps(asdict(request)) + "\n")
-        process.stdin.flush()
+        try:
+            process.stdin.write(json.dumps({"block": self.block.name, **asdict(request)}) + "\n")
+            process.stdin.flush()
+        except OSError:
+            pass  # it died waiting: read below finds EOF and says so
         ready, _, _ = select.select([process.stdout], [], [], timeout)
         line = process.stdout.readline() if ready else ""
         try:
@@ -240,6 +242,64 @@ class CardProcess:
         self.process = None
 
 
+class _Spare:
+    """One card process started ahead, waiting for its request.
+
+    Starting Python and importing NumPy takes about 0.4 s, and a reload that adds a
+    radio opens its card between two ticks: with a process already waiting, opening is
+    PortAudio's own time. The spare does not load PortAudio until its request comes, so
+    it sees the devices as they are then.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.process: subprocess.Popen[str] | None = None
+        atexit.register(self.close)
+
+    def take(self) -> subprocess.Popen[str]:
+        with self.lock:
+            process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            process = _spawn()
+        threading.Thread(target=self._refill, daemon=True, name="spare card process").start()
+        return process
+
+    def _refill(self) -> None:
+        process = _spawn()
+        with self.lock:
+            if self.process is None:
+                self.process, process = process, None
+        if process is not None:  # another refill was first
+            _end(process)
+
+    def close(self) -> None:
+        with self.lock:
+            process, self.process = self.process, None
+        if process is not None:
+            _end(process)
+
+
+def _spawn() -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "gateway.hardware.card_process"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            bufsize=1)  # fmt: skip
+
+
+def _end(process: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        process.stdin.close()  # type: ignore[union-attr]
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(CLOSE_TIMEOUT_S)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    with contextlib.suppress(OSError, ValueError):
+        process.stdout.close()  # type: ignore[union-attr]
+
+
+_SPARE = _Spare()
+
+
 # --- the card's process ---------------------------------------------------------------
 
 
@@ -250,8 +310,12 @@ def main() -> None:
     # Whatever a library prints (JACK, ALSA) must not be taken for our answer.
     _ANSWERS.append(os.fdopen(os.dup(1), "w"))
     os.dup2(2, 1)
-    request = OpenRequest(**json.loads(sys.stdin.readline()))
-    _serve(request, sys.argv[1])
+    line = sys.stdin.readline()
+    if not line:
+        return  # a spare the gateway did not need
+    fields = json.loads(line)
+    block = fields.pop("block")
+    _serve(OpenRequest(**fields), block)
 
 
 def _answer(*message: object) -> None:
