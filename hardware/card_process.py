@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing import shared_memory
 from typing import Any
@@ -46,9 +47,8 @@ START_TIMEOUT_S = 20.0  # a new Python process, numpy and PortAudio, on a loaded
 CLOSE_TIMEOUT_S = 2.0  # a stream that takes longer to close is stuck: the process is killed
 
 # The callback's counters (int64), shared with the tick.
-(XRUNS, TX_UNDERRUNS, RX_DROPPED, WINDOW, TX_LOW, TX_LOW_WINDOW, FINISHED, CALLBACKS,
- FRAMES) = range(9)
-_COUNTERS = 9
+XRUNS, TX_UNDERRUNS, RX_DROPPED, WINDOW, TX_LOW, TX_LOW_WINDOW, FINISHED, FRAMES = range(8)
+_COUNTERS = 8
 _STATUS_BYTES = _COUNTERS * 8 + 8  # the counters, then the last callback's time (float64)
 
 
@@ -143,22 +143,18 @@ class StreamCallback:
         self.serving = False
         self.window = -1
         self.low = 0
-        self.out = np.zeros(0, np.float32)
 
     def __call__(self, indata: np.ndarray, outdata: np.ndarray, frames: int, _t: Any,
                  status: Any) -> None:  # fmt: skip
         s, block = self.block.status, self.block
         block.clock[0] = time.monotonic()
-        s[CALLBACKS] += 1
         s[FRAMES] = frames
         if status:
             s[XRUNS] += 1
         s[RX_DROPPED] += block.rx.push(indata[:, self.input_channel])
-        if len(self.out) != frames:
-            self.out = np.zeros(frames, np.float32)
-        got = block.tx.pop_into(self.out)
+        outdata.fill(0.0)  # the radio's channel is filled straight from the ring below
+        got = block.tx.pop_into(outdata[:, self.output_channel])
         if got < frames:
-            self.out[got:] = 0.0
             if self.serving:
                 s[TX_UNDERRUNS] += 1
                 self.serving = False
@@ -170,8 +166,6 @@ class StreamCallback:
             self.window = window
             s[TX_LOW] = self.low
             s[TX_LOW_WINDOW] = window
-        outdata.fill(0.0)
-        outdata[:, self.output_channel] = self.out
 
 
 class CardProcess:
@@ -303,26 +297,24 @@ _SPARE = _Spare()
 # --- the card's process ---------------------------------------------------------------
 
 
-_ANSWERS: list[Any] = []  # the gateway's end of our stdout, once fd 1 is pointed at stderr
-
-
 def main() -> None:
-    # Whatever a library prints (JACK, ALSA) must not be taken for our answer.
-    _ANSWERS.append(os.fdopen(os.dup(1), "w"))
+    # The answer goes out on our stdout as it was given to us; fd 1 itself is pointed at
+    # stderr, so whatever a library prints (JACK, ALSA) is not taken for the answer.
+    answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     line = sys.stdin.readline()
     if not line:
         return  # a spare the gateway did not need
     fields = json.loads(line)
     block = fields.pop("block")
-    _serve(OpenRequest(**fields), block)
+
+    def answer(*message: object) -> None:
+        print(json.dumps(message), file=answers, flush=True)
+
+    _serve(OpenRequest(**fields), block, answer)
 
 
-def _answer(*message: object) -> None:
-    print(json.dumps(message), file=_ANSWERS[0], flush=True)
-
-
-def _serve(request: OpenRequest, block_name: str) -> None:
+def _serve(request: OpenRequest, block_name: str, answer: Callable[..., None]) -> None:
     # Ctrl-C reaches the whole process group: the gateway stops its cards in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A full cyclic-GC pass walks every object the imports made (milliseconds) and would
@@ -334,9 +326,9 @@ def _serve(request: OpenRequest, block_name: str) -> None:
               "xrun", file=sys.stderr, flush=True)  # fmt: skip
     block = CardBlock(block_name)
     try:
-        stream = _open(request, block)
+        stream = _open(request, block, answer)
     except Exception as exc:  # the gateway gets the reason, not a silent death
-        _answer("error", f"{type(exc).__name__}: {exc}")
+        answer("error", f"{type(exc).__name__}: {exc}")
         return
     if stream is None:
         return
@@ -360,7 +352,7 @@ def lock_memory() -> bool:
     return libc.mlockall(mcl_current | mcl_future) == 0
 
 
-def _open(request: OpenRequest, block: CardBlock) -> Any:
+def _open(request: OpenRequest, block: CardBlock, answer: Callable[..., None]) -> Any:
     import sounddevice as sd
 
     _name_jack_client(sd, request.client_name)
@@ -368,7 +360,7 @@ def _open(request: OpenRequest, block: CardBlock) -> Any:
         card = find_card(request.device, request.host_api, request.input_channels,
                          request.output_channels, sound_cards())  # fmt: skip
     except DeviceNotFound as exc:
-        _answer("not_found", str(exc))
+        answer("not_found", str(exc))
         return None
     rate = request.sample_rate or int(card.default_rate)
 
@@ -388,10 +380,10 @@ def _open(request: OpenRequest, block: CardBlock) -> Any:
         )
         stream.start()
     except sd.PortAudioError as exc:
-        _answer("cannot_open", f"sound card {card.index} ({card.name}): cannot open: "
-                f"{explain(exc, request, rate)}")  # fmt: skip
+        answer("cannot_open", f"sound card {card.index} ({card.name}): cannot open: "
+               f"{explain(exc, request, rate)}")  # fmt: skip
         return None
-    _answer("open", rate, card.line().strip())
+    answer("open", rate, card.line().strip())
     return stream
 
 

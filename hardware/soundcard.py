@@ -247,12 +247,14 @@ class SoundCard:
         """Is the card alive? Detects a vanished device and starts reopening it."""
         if not self.up:
             return False
+        # Shared memory only, no system call per tick: a process that died stops calling
+        # back too, and is asked after only once the callbacks have stopped.
         silent = time.monotonic() - float(self.block.clock[0])
-        if silent > STALL_S or self.status[FINISHED] or not self.process.alive:
-            if not self.process.alive:
-                reason = "the card's process ended"
-            elif self.status[FINISHED]:
+        if silent > STALL_S or self.status[FINISHED]:
+            if self.status[FINISHED]:
                 reason = "stream stopped by the audio system"
+            elif not self.process.alive:
+                reason = "the card's process ended"
             else:
                 reason = f"no audio callbacks for {STALL_S:.1f}s"
             self._lost(reason)
