@@ -179,7 +179,12 @@ def test_baresip_reads_our_reports_and_its_reports_give_us_a_round_trip(phones, 
             assert leg.bank.media[leg.row].rtcp.mux is mux
             # baresip reports every ~5 s (randomised); the first one that echoes our SR
             # can take three or four of its intervals on a busy machine (the phone runs 25 s).
-            await until(lambda: "rtt_seconds" in leg.stats(), 22, "baresip echoing our SR")
+            try:
+                await until(lambda: "rtt_seconds" in leg.stats(), 22, "baresip echoing our SR")
+            except AssertionError as exc:  # rare under a full CI run: say what was seen
+                seen = {k: leg.stats()[k] for k in ("rtcp_reports_in", "rtcp_reports_out")}
+                said = phone.output()[-800:]
+                raise AssertionError(f"{exc}; {seen}; baresip said: {said}") from exc
             await until(lambda: leg.stats()["rtcp_reports_out"] >= 3, 5, "our reports")
             stats.update(leg.stats())
             if mux:  # nothing of this call on the RTCP port: ours went to its RTP port
