@@ -158,7 +158,7 @@ def test_unknown_number_404_and_disallowed_caller_403(phones, tmp_path):
             await until(
                 # The reason phrases: a bare "404" can be part of a port number in the log.
                 lambda: "403 Forbidden" in stranger.output() and "404 Not Found" in nobody.output(),
-                8,
+                15,  # two baresip processes starting on a loaded CI machine
                 "both calls to be refused",
             )
             assert not legs(gw)
@@ -184,7 +184,10 @@ def test_two_phones_hear_each_other_not_themselves(phones, tmp_path):
         heard = phone.heard()
         middle = heard[RATE : -RATE // 2]
         assert abs(dominant_hz(middle, RATE) - other) < 15, f"{phone.name} does not hear {other} Hz"
-        assert band_db(middle, RATE, own) < band_db(middle, RATE, other) - 30, (
+        # An echo of its own tone would be as loud as the other's (0 dB); a late packet
+        # concealed under CI load splashes the other's tone into every band (measured 28 dB
+        # down), so 20 dB is the margin that tells the two apart (as in test_shared_port).
+        assert band_db(middle, RATE, own) < band_db(middle, RATE, other) - 20, (
             f"{phone.name} hears its own {own} Hz"
         )
 
