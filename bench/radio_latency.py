@@ -82,15 +82,22 @@ def onset(x: np.ndarray, threshold_db: float = -30.0, step: int = 48) -> int | N
 
 
 def baseline(server: str, bursts: int) -> list[float]:
-    """Delay of a PortAudio callback pass-through: the audio server's own buffering."""
+    """Delay of a pass-through stream: the audio server's own buffering.
+
+    The stream is served by the cards' C callback with one lane whose capture ring is
+    its playback ring: each period's input is played in the same callback.
+    """
     import sounddevice as sd
+    from gateway.hardware.card_process import COUNTERS, Lane, StreamCallback, open_stream
+    from gateway.hardware.ring import SharedRing
 
-    def copy(indata, outdata, frames, t, status):
-        outdata[:] = indata
+    loop = SharedRing(memoryview(bytearray(SharedRing.nbytes(1 << 14))), 1 << 14)
+    status = np.zeros(COUNTERS, np.int64)
+    callback = StreamCallback(status, np.zeros(1), 1, 1, [Lane.between(loop, loop, status, 0, 0)])
+    from gateway.hardware.devices import find_card
 
-    stream = sd.Stream(device=0, samplerate=RATE, channels=1, blocksize=0, latency="low",
-                       callback=copy, dtype="float32")  # fmt: skip
-    stream.start()
+    card = find_card("system", "JACK")
+    stream = open_stream(sd, card.index, RATE, 1, 1, 0, "low", callback, lambda: None)
     sim = RadioSim(server, 1, seconds=bursts * 0.5 + 5)
     sim.connect(0, PASS_THROUGH)
     probe = chirp(500, 3000, 0.1, -12)
@@ -180,7 +187,8 @@ def through_gateway(
             out["drift"] = {"seconds": time.monotonic() - start, "samples": samples,
                             "first": first, "last": last, "during": during,
                             "xrun_times": xrun_times, "worst_tick": worst_tick,
-                            "late_ticks": gw.clock.late_ticks - late_before}  # fmt: skip
+                            "late_ticks": gw.clock.late_ticks - late_before,
+                            "sim_underruns": sim.underruns}  # fmt: skip
         out["stats_a"] = gw.ports["radio_a"].card.stats()
         out["stats_b"] = gw.ports["radio_b"].card.stats()
 
@@ -264,7 +272,8 @@ def main() -> int:
                                (d["last"] or (float("nan"),))[0] * 1000,
                                *d["during"]))  # fmt: skip
             print(f"period {period}: engine ticks in the drift run: {d['late_ticks']} more than a "
-                  f"frame late, the latest {d['worst_tick'] * 1000:.1f} ms", flush=True)
+                  f"frame late, the latest {d['worst_tick'] * 1000:.1f} ms; the simulator's "
+                  f"own underruns: {d['sim_underruns']}", flush=True)
             if d["xrun_times"]:
                 print(f"period {period}: xruns in the drift run at seconds "
                       f"{d['xrun_times'][:20]}", flush=True)

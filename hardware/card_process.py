@@ -1,13 +1,12 @@
 """A sound card's stream in a process of its own.
 
 PortAudio calls back once per period (5.3 ms at 256 frames, 48 kHz) on the audio
-server's realtime thread, and a Python callback needs its process's GIL. In the
-gateway's process the GIL is busy with the tick, calls and consoles, so the callback
-waited, came late, and the server dropped cycles (xruns). Here each card's stream
-runs in a small process whose only other thread sleeps reading its stdin, so the
-callback gets the GIL at once. It only copies: capture into one :class:`~.ring.SharedRing`,
-playback out of another. Rate conversion, drift control, gains and squelch stay in
-the gateway (``soundcard``), on the tick.
+server's realtime thread, and the callback must never wait. Its data is shared memory:
+capture goes into one :class:`~.ring.SharedRing`, playback comes out of another, and
+the callback itself is C (``_callback.c``), so it needs no GIL and no interpreter.
+Rate conversion, drift control, gains and squelch stay in the gateway
+(``soundcard``), on the tick. A Python callback, even in a process of its own with
+the GC off, missed its deadline about once in three minutes.
 
 A card that vanishes is simple to handle this way. PortAudio 19.6's JACK host waits
 ten minutes for a stream whose server died, and aborts the process if terminated
@@ -22,7 +21,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import gc
 import json
 import mmap
 import os
@@ -39,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _callback
 from .devices import DeviceNotFound, find_card, sound_cards
 from .ring import SharedRing
 
@@ -46,10 +45,11 @@ RING_SAMPLES = 1 << 18  # 5.4 s at 48 kHz, 1.4 s at 192 kHz: room for any stall 
 START_TIMEOUT_S = 20.0  # a new Python process, numpy and PortAudio, on a loaded machine
 CLOSE_TIMEOUT_S = 2.0  # a stream that takes longer to close is stuck: the process is killed
 
-# The callback's counters (int64), shared with the tick.
-XRUNS, TX_UNDERRUNS, RX_DROPPED, WINDOW, TX_LOW, TX_LOW_WINDOW, FINISHED, FRAMES = range(8)
-_COUNTERS = 8
-_STATUS_BYTES = _COUNTERS * 8 + 8  # the counters, then the last callback's time (float64)
+# The callback's counters (int64), shared with the tick; _callback.c has the same list.
+(XRUNS, TX_UNDERRUNS, RX_DROPPED, WINDOW, TX_LOW, TX_LOW_WINDOW, FINISHED, FRAMES, TOTAL,
+ STAMP, STAMP_FRAME) = range(11)  # fmt: skip
+COUNTERS = 11
+_STATUS_BYTES = COUNTERS * 8 + 8  # the counters, then the last callback's time (float64)
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,9 @@ class CardBlock:
                 os.close(fd)
             self.name = name
             buf = memoryview(self.map)
-        self.status = np.ndarray(_COUNTERS, np.int64, buf)
+        self.status = np.ndarray(COUNTERS, np.int64, buf)
         # time.monotonic() of the last callback
-        self.clock = np.ndarray(1, np.float64, buf, _COUNTERS * 8)
+        self.clock = np.ndarray(1, np.float64, buf, COUNTERS * 8)
         self.rx = SharedRing(buf, RING_SAMPLES, _STATUS_BYTES)
         self.tx = SharedRing(buf, RING_SAMPLES, _STATUS_BYTES + SharedRing.nbytes(RING_SAMPLES))
         if self.shm is not None:
@@ -130,42 +130,88 @@ class CardBlock:
                 self.shm.unlink()
 
 
-class StreamCallback:
-    """The PortAudio callback: capture → ring, ring → playback, and the counts the tick needs.
+class Lane(ctypes.Structure):
+    """One channel each way between a stream and its rings (``lane_t`` in ``_callback.c``)."""
 
-    A playback underrun is counted once per run dry (not again until it has played a
-    whole period again); the least playback level over the tick's window is kept for
-    its drift control.
+    _fields_ = [
+        ("rx_counters", ctypes.c_void_p), ("rx_samples", ctypes.c_void_p),
+        ("rx_capacity", ctypes.c_int64),
+        ("tx_counters", ctypes.c_void_p), ("tx_samples", ctypes.c_void_p),
+        ("tx_capacity", ctypes.c_int64),
+        ("status", ctypes.c_void_p),
+        ("input_channel", ctypes.c_int32), ("output_channel", ctypes.c_int32),
+        ("serving", ctypes.c_int32), ("unused", ctypes.c_int32),
+        ("window", ctypes.c_int64), ("low", ctypes.c_int64),
+    ]  # fmt: skip
+
+    @classmethod
+    def between(cls, rx: SharedRing, tx: SharedRing, status: np.ndarray, input_channel: int,
+                output_channel: int) -> Lane:  # fmt: skip
+        """Capture channel ``input_channel`` into ``rx``; play ``tx`` into ``output_channel``."""
+        return cls(rx.counters.ctypes.data, rx.buf.ctypes.data, rx.capacity,
+                   tx.counters.ctypes.data, tx.buf.ctypes.data, tx.capacity,
+                   status.ctypes.data, input_channel, output_channel, 0, 0, -1, 0)  # fmt: skip
+
+
+class _Stream(ctypes.Structure):
+    _fields_ = [
+        ("status", ctypes.c_void_p), ("clock", ctypes.c_void_p),
+        ("input_channels", ctypes.c_int32), ("output_channels", ctypes.c_int32),
+        ("lanes", ctypes.c_int32), ("unused", ctypes.c_int32),
+        ("lane", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+if (ctypes.sizeof(_Stream), ctypes.sizeof(Lane)) != (_callback.STREAM_SIZE, _callback.LANE_SIZE):
+    raise ImportError("gateway.hardware._callback was built from another _callback.c; "
+                      "reinstall BorderLink (pip install -e .) to rebuild it")  # fmt: skip
+
+_CALL = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong,
+                         ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p)(_callback.CALLBACK)
+
+
+class StreamCallback:
+    """PortAudio's callback for a stream, and what it serves: capture → rings → playback.
+
+    The callback itself is C (``_callback.c``): it copies each lane's input channel into
+    its capture ring and its playback ring into its output channel, and keeps the counts
+    the tick needs (xruns, underruns once per run dry, the least playback level over the
+    tick's window, frames per call and in all). PortAudio is given :attr:`address` and
+    :attr:`userdata`; this object must outlive the stream.
     """
 
-    def __init__(self, block: CardBlock, input_channel: int, output_channel: int) -> None:
-        self.block, self.input_channel, self.output_channel = block, input_channel, output_channel
-        self.serving = False
-        self.window = -1
-        self.low = 0
+    def __init__(self, status: np.ndarray, clock: np.ndarray, input_channels: int,
+                 output_channels: int, lanes: list[Lane]) -> None:  # fmt: skip
+        self._views = (status, clock)  # the C side holds pointers into these
+        self._lanes = (Lane * len(lanes))(*lanes)
+        self._stream = _Stream(status.ctypes.data, clock.ctypes.data, input_channels,
+                               output_channels, len(lanes), 0,
+                               ctypes.addressof(self._lanes))  # fmt: skip
+        self.address: int = _callback.CALLBACK
+        self.userdata: int = ctypes.addressof(self._stream)
 
-    def __call__(self, indata: np.ndarray, outdata: np.ndarray, frames: int, _t: Any,
-                 status: Any) -> None:  # fmt: skip
-        s, block = self.block.status, self.block
-        block.clock[0] = time.monotonic()
-        s[FRAMES] = frames
-        if status:
-            s[XRUNS] += 1
-        s[RX_DROPPED] += block.rx.push(indata[:, self.input_channel])
-        outdata.fill(0.0)  # the radio's channel is filled straight from the ring below
-        got = block.tx.pop_into(outdata[:, self.output_channel])
-        if got < frames:
-            if self.serving:
-                s[TX_UNDERRUNS] += 1
-                self.serving = False
-        else:
-            self.serving = True
-            level = block.tx.level
-            window = int(s[WINDOW])
-            self.low = level if window != self.window else min(self.low, level)
-            self.window = window
-            s[TX_LOW] = self.low
-            s[TX_LOW_WINDOW] = window
+    @classmethod
+    def for_card(cls, block: CardBlock, request: OpenRequest) -> StreamCallback:
+        lane = Lane.between(block.rx, block.tx, block.status, request.input_channel,
+                            request.output_channel)  # fmt: skip
+        return cls(block.status, block.clock, request.input_channels, request.output_channels,
+                   [lane])  # fmt: skip
+
+    def __call__(self, indata: np.ndarray, outdata: np.ndarray, status_flags: int = 0) -> None:
+        """Call it as PortAudio would, on C-contiguous float32 (frames, channels) arrays."""
+        assert indata.dtype == outdata.dtype == np.float32
+        assert indata.flags.c_contiguous and outdata.flags.c_contiguous
+        _CALL(indata.ctypes.data, outdata.ctypes.data, len(outdata), None, status_flags,
+              self.userdata)  # fmt: skip
+
+
+def stamp(status: np.ndarray, clock: np.ndarray) -> tuple[int, float]:
+    """The last callback's (first frame, time.monotonic()), read as one consistent pair."""
+    while True:
+        seq = int(status[STAMP])
+        frame, when = int(status[STAMP_FRAME]), float(clock[0])
+        if seq % 2 == 0 and int(status[STAMP]) == seq:
+            return frame, when
 
 
 class CardProcess:
@@ -317,9 +363,6 @@ def main() -> None:
 def _serve(request: OpenRequest, block_name: str, answer: Callable[..., None]) -> None:
     # Ctrl-C reaches the whole process group: the gateway stops its cards in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A full cyclic-GC pass walks every object the imports made (milliseconds) and would
-    # run inside a callback; the callback makes no cycles, so reference counting is enough.
-    gc.disable()
     if not lock_memory():
         print(f"{request.client_name}: cannot lock the card's process in memory (needs "
               "CAP_IPC_LOCK or a larger 'ulimit -l'); a page fault in its callback is an "
@@ -368,22 +411,39 @@ def _open(request: OpenRequest, block: CardBlock, answer: Callable[..., None]) -
         block.status[FINISHED] = 1
 
     try:
-        stream = sd.Stream(
-            device=(card.index, card.index),
-            samplerate=rate,
-            channels=(request.input_channels, request.output_channels),
-            dtype="float32",
-            blocksize=request.blocksize,
-            latency=request.latency,
-            callback=StreamCallback(block, request.input_channel, request.output_channel),
-            finished_callback=finished,
-        )
-        stream.start()
+        stream = open_stream(sd, card.index, rate, request.input_channels,
+                             request.output_channels, request.blocksize, request.latency,
+                             StreamCallback.for_card(block, request), finished)  # fmt: skip
     except sd.PortAudioError as exc:
         answer("cannot_open", f"sound card {card.index} ({card.name}): cannot open: "
                f"{explain(exc, request, rate)}")  # fmt: skip
         return None
     answer("open", rate, card.line().strip())
+    return stream
+
+
+def open_stream(sd: Any, device: int, rate: int, input_channels: int, output_channels: int,
+                blocksize: int, latency: float | str, callback: StreamCallback,
+                finished: Callable[[], None]) -> Any:  # fmt: skip
+    """Open and start a float32 duplex stream served by the C callback.
+
+    ``sounddevice._StreamBase`` is the class sounddevice keeps for a callback given as a
+    C function pointer (rtmixer uses it the same way).
+    """
+    stream = sd._StreamBase(
+        kind="duplex",
+        device=(device, device),
+        samplerate=rate,
+        channels=(input_channels, output_channels),
+        dtype="float32",
+        blocksize=blocksize,
+        latency=latency,
+        callback=sd._ffi.cast("PaStreamCallback *", callback.address),
+        userdata=sd._ffi.cast("void *", callback.userdata),
+        finished_callback=finished,
+    )
+    stream._borderlink_callback = callback  # the C side's data lives as long as the stream
+    stream.start()
     return stream
 
 

@@ -10,7 +10,6 @@ stream opens. The server is stopped by PID at the end.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import subprocess
@@ -21,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 from gateway.hardware.card_process import lock_memory
+from gateway.hardware.ring import SharedRing
 
 from tests.conftest import require_binary
 
 RATE = 48000
 PERIOD = 256
+SYSTEM_PORTS = 4  # the radio simulator is one stream with a channel per radio (up to this many)
 PASS_THROUGH = "PortAudio"  # the JACK client of a stream opened in a test's own process
 
 
@@ -53,7 +54,8 @@ def start_jackd(name: str, rate: int = RATE, period: int = PERIOD) -> subprocess
     env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1"}
     for realtime in (["-R"], ["--no-realtime"]):
         proc = subprocess.Popen(
-            [jackd, "-n", name, *realtime, "-d", "dummy", "-r", str(rate), "-p", str(period)],
+            [jackd, "-n", name, *realtime, "-d", "dummy", "-r", str(rate), "-p", str(period),
+             "-C", str(SYSTEM_PORTS), "-P", str(SYSTEM_PORTS)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
         )
         lsp_env = {**os.environ, "JACK_DEFAULT_SERVER": name}
@@ -99,20 +101,23 @@ def portaudio_off() -> None:
 class RadioSim:
     """The radios' side of the sound cards: per radio, a signal to play and a recording.
 
-    The JACK client runs in a process of its own: its process callback is Python, and in
-    the process under test it would wait for that process's GIL (the gateway's tick, its
-    own card callbacks), come late, and make the server report xruns that are the
-    simulator's, not the gateway's. The recording and the frame counter are in shared
-    memory; commands (play, connect) go over a pipe.
+    It is a sound card itself: a PortAudio stream on the JACK server, served by the
+    gateway's own C callback (one lane per radio: ``speaker`` = its output channel,
+    ``mic`` = its input channel), in a process of its own. A thread there keeps each
+    radio's playback ring a few periods ahead of the stream with the signal due at
+    those frames, and drains the capture rings into the recording. Nothing in Python
+    runs on the audio server's deadline, so an xrun the bench counts is the gateway's.
+    The recording and the frame counter are in shared memory; commands (play,
+    connect) go over a pipe.
     """
 
     def __init__(self, server: str, radios: int, seconds: float = 20.0) -> None:
         size = int(seconds * RATE)
         self.radios, self.size = radios, size
         self._shm = shared_memory.SharedMemory(create=True, size=(radios * size + 2) * 4 + 16)
-        self._counter = np.ndarray(2, np.int64, self._shm.buf)  # frames done, blocksize
+        self._counter = np.ndarray(2, np.int64, self._shm.buf)  # frames recorded, underruns
         self._record = np.ndarray((radios, size), np.float32, self._shm.buf, offset=16)
-        self._record.fill(0.0)  # every page mapped now, not by a page fault in the callback
+        self._record.fill(0.0)  # every page mapped now
         ctx = multiprocessing.get_context("spawn")
         self._pipe, child = ctx.Pipe()
         self._proc = ctx.Process(target=_sim_main, args=(server, radios, size, self._shm.name,
@@ -122,7 +127,11 @@ class RadioSim:
         if not self._pipe.poll(20):
             self.close()
             raise RuntimeError(f"the radio simulator did not start on JACK server {server}")
-        self.rate, self.blocksize = self._pipe.recv()
+        answer = self._pipe.recv()
+        if isinstance(answer, Exception):
+            self.close()
+            raise answer
+        self.rate, self.blocksize = answer
 
     def _ask(self, *command, timeout: float = 10.0):
         self._pipe.send(command)
@@ -135,8 +144,13 @@ class RadioSim:
 
     @property
     def frame(self) -> int:
-        """Frames since activation, advanced by the simulator's process callback."""
+        """Frames recorded on every radio since the stream started."""
         return int(self._counter[0])
+
+    @property
+    def underruns(self) -> int:
+        """Times a radio's playback ring ran dry: the simulator's own fault, never expected."""
+        return int(self._counter[1])
 
     def connect(self, radio: int, client: str, timeout: float = 15.0) -> None:
         """Wire radio ``radio`` to a sound card's JACK ``client`` (in_0 / out_0), once it
@@ -144,14 +158,14 @@ class RadioSim:
         self._ask("connect", radio, client, timeout, timeout=timeout + 5)
 
     def start(self, radio: int, signal: np.ndarray, delay: float = 0.0, loop: bool = False) -> int:
-        """Play ``signal`` into the radio's receiver; returns the JACK frame it starts at."""
+        """Play ``signal`` into the radio's receiver; returns the frame it starts at."""
         return self._ask("start", radio, signal.astype(np.float32), delay, loop)
 
     def silence(self, radio: int) -> None:
         self._ask("silence", radio)
 
     def monotonic_at(self, frame: int) -> float:
-        """When (time.monotonic) the JACK cycle holding ``frame`` was processed."""
+        """When (time.monotonic) the stream's cycle holding ``frame`` was processed."""
         return self._ask("monotonic_at", frame)
 
     def recorded(self, radio: int, since: int = 0) -> np.ndarray:
@@ -173,53 +187,100 @@ class RadioSim:
         self._shm.unlink()
 
 
-class _SimClient:
-    """The simulator's JACK client, in its own process (see :class:`RadioSim`)."""
+LEAD_PERIODS = 6  # the playback rings are kept this far ahead of the stream (32 ms)
+FEED_S = 0.001
+
+
+class _SimStream:
+    """The simulator's stream and its feeder thread, in its own process (see :class:`RadioSim`)."""
 
     def __init__(self, server: str, radios: int, size: int, shm: shared_memory.SharedMemory):
         import jack
+        import sounddevice as sd
+        from gateway.hardware import card_process as cp
+        from gateway.hardware.devices import find_card, sound_cards
 
         os.environ["JACK_DEFAULT_SERVER"] = server
-        self.client = jack.Client(f"radiosim{os.getpid()}", no_start_server=True)
-        self.outs = [self.client.outports.register(f"speaker_{i}") for i in range(radios)]
-        self.ins = [self.client.inports.register(f"mic_{i}") for i in range(radios)]
+        self.name = f"radiosim{os.getpid()}"
+        cp._name_jack_client(sd, self.name)
+        self.control = jack.Client(f"{self.name}-wiring", no_start_server=True)
+        card = find_card("system", "JACK", radios, radios, sound_cards())
+        self.radios, self.size = radios, size
+        self.counter = np.ndarray(2, np.int64, shm.buf)
+        self.record = np.ndarray((radios, size), np.float32, shm.buf, offset=16)
+        self.status = np.zeros(cp.COUNTERS, np.int64)
+        self.clock = np.zeros(1, np.float64)
+        ring_bytes = SharedRing.nbytes(1 << 16)
+        self._memory = bytearray(2 * radios * ring_bytes)
+        view = memoryview(self._memory)
+        self.rx = [SharedRing(view, 1 << 16, 2 * i * ring_bytes) for i in range(radios)]
+        self.tx = [SharedRing(view, 1 << 16, (2 * i + 1) * ring_bytes) for i in range(radios)]
+        self.lane_status = np.zeros((radios, cp.COUNTERS), np.int64)
+        lanes = [cp.Lane.between(self.rx[i], self.tx[i], self.lane_status[i], i, i)
+                 for i in range(radios)]  # fmt: skip
+        self.callback = cp.StreamCallback(self.status, self.clock, radios, radios, lanes)
+        self.rate = self.control.samplerate
+        self.blocksize = self.control.blocksize
         self.play = [np.zeros(0, np.float32) for _ in range(radios)]
         self.play_at = [0] * radios
         self.loop = [False] * radios
-        self.counter = np.ndarray(2, np.int64, shm.buf)
-        self.record = np.ndarray((radios, size), np.float32, shm.buf, offset=16)
-        self.counter[:] = (0, self.client.blocksize)
-        self.frame = 0
-        self.clock: list[tuple[int, float]] = []  # (first frame of a cycle, monotonic time)
+        self.stamps: list[tuple[int, float]] = []  # (first frame of a cycle, monotonic time)
         self.lock = threading.Lock()
-        self.client.set_process_callback(self._process)
-        self.client.activate()
+        self.running = True
+        for ring in self.tx:  # primed with silence: ring position == stream frame from here on
+            ring.push(np.zeros(LEAD_PERIODS * self.blocksize, np.float32))
+        self.stream = cp.open_stream(sd, card.index, self.rate, radios, radios, 0, "low",
+                                     self.callback, lambda: None)  # fmt: skip
+        self.feeder = threading.Thread(target=self._feed, daemon=True, name="sim feeder")
+        self.feeder.start()
 
-    def _process(self, frames: int) -> None:
-        start = self.frame
-        for i, (out, inp) in enumerate(zip(self.outs, self.ins, strict=True)):
-            buf = out.get_array()
-            buf.fill(0.0)
-            sig, at = self.play[i], self.play_at[i]
-            if len(sig):  # slices only: the lighter this callback, the fewer xruns it causes
-                first = max(at, start)  # first frame of this cycle that plays the signal
-                offset = first - at
-                while first < start + frames and (self.loop[i] or offset < len(sig)):
-                    if self.loop[i]:
-                        offset %= len(sig)
-                    n = min(start + frames - first, len(sig) - offset)
-                    buf[first - start : first - start + n] = sig[offset : offset + n]
-                    first, offset = first + n, offset + n
-            if start + frames <= self.record.shape[1]:
-                self.record[i, start : start + frames] = inp.get_array()
-        self.frame = start + frames
-        self.counter[0] = self.frame  # after the recording: a reader never sees unwritten audio
-        if len(self.clock) < 100000:
-            self.clock.append((start, time.monotonic()))
+    def _feed(self) -> None:
+        """Playback rings a lead ahead of the stream; capture rings into the recording."""
+        from gateway.hardware.card_process import TX_UNDERRUNS, stamp
+
+        lead = LEAD_PERIODS * self.blocksize
+        while self.running:
+            with self.lock:
+                for i, ring in enumerate(self.tx):
+                    fed = int(ring.counters[0])
+                    want = ring.level < lead and lead - ring.level
+                    if want:
+                        ring.push(self._render(i, fed, want))
+            recorded = []
+            for i, ring in enumerate(self.rx):
+                at = int(ring.counters[1])
+                n = min(ring.level, max(0, self.size - at))
+                got = ring.pop_into(self.record[i, at : at + n]) if n else 0
+                if at + got >= self.size:
+                    ring.pop_all()  # past the end of the recording: dropped
+                recorded.append(at + got)
+            self.counter[1] = int(self.lane_status[:, TX_UNDERRUNS].sum())
+            self.counter[0] = min(recorded)  # after the samples: never unwritten audio
+            frame, when = stamp(self.status, self.clock)
+            if when and (not self.stamps or self.stamps[-1][0] != frame) and \
+                    len(self.stamps) < 200000:  # fmt: skip
+                self.stamps.append((frame, when))
+            time.sleep(FEED_S)
+
+    def _render(self, radio: int, start: int, frames: int) -> np.ndarray:
+        """The radio's signal for stream frames [start, start + frames)."""
+        buf = np.zeros(frames, np.float32)
+        sig, at, loop = self.play[radio], self.play_at[radio], self.loop[radio]
+        if len(sig):
+            first = max(at, start)  # first frame of this span that plays the signal
+            offset = first - at
+            while first < start + frames and (loop or offset < len(sig)):
+                if loop:
+                    offset %= len(sig)
+                n = min(start + frames - first, len(sig) - offset)
+                buf[first - start : first - start + n] = sig[offset : offset + n]
+                first, offset = first + n, offset + n
+        return buf
 
     def connect(self, radio: int, client: str, timeout: float) -> None:
-        c = self.client
+        c = self.control
         mic, speaker = f"{client}:in_0", f"{client}:out_0"
+        ours_out, ours_in = f"{self.name}:out_{radio}", f"{self.name}:in_{radio}"
         deadline = time.monotonic() + timeout
         while not (c.get_ports(f"^{client}:in_0$") and c.get_ports(f"^{client}:out_0$")):
             if time.monotonic() > deadline:
@@ -229,34 +290,54 @@ class _SimClient:
             c.disconnect(port, mic)
         for port in c.get_all_connections(speaker):
             c.disconnect(speaker, port)
-        c.connect(self.outs[radio], mic)
-        c.connect(speaker, self.ins[radio])
+        for port in c.get_all_connections(ours_out):  # PortAudio wired us to the system ports
+            c.disconnect(ours_out, port)
+        for port in c.get_all_connections(ours_in):
+            c.disconnect(port, ours_in)
+        c.connect(ours_out, mic)
+        c.connect(speaker, ours_in)
 
     def start(self, radio: int, signal: np.ndarray, delay: float, loop: bool) -> int:
-        with self.lock:
-            at = self.frame + int(delay * self.client.samplerate) + 2 * self.client.blocksize
+        with self.lock:  # the feeder renders from frame tx.written on: start no sooner
+            at = max(int(self.tx[radio].counters[0]),
+                     self.frame_now() + int(delay * self.rate) + 2 * self.blocksize)  # fmt: skip
             self.play[radio], self.play_at[radio], self.loop[radio] = signal, at, loop
         return at
 
+    def frame_now(self) -> int:
+        from gateway.hardware.card_process import TOTAL
+
+        return int(self.status[TOTAL])
+
     def silence(self, radio: int) -> None:
-        self.play[radio] = np.zeros(0, np.float32)
+        with self.lock:
+            self.play[radio] = np.zeros(0, np.float32)
 
     def monotonic_at(self, frame: int) -> float:
-        starts = np.array([c[0] for c in self.clock])
+        starts = np.array([s[0] for s in self.stamps])
         i = max(0, int(np.searchsorted(starts, frame, side="right")) - 1)
-        return self.clock[i][1]
+        first, when = self.stamps[i]
+        # cycles the feeder did not see stamped are a whole number of periods later
+        cycles = max(0, frame - first) // self.blocksize
+        return when + cycles * self.blocksize / self.rate
 
     def close(self) -> None:
-        self.client.deactivate()
-        self.client.close()
+        self.running = False
+        self.feeder.join(2)
+        self.stream.abort(ignore_errors=True)
+        self.stream.close(ignore_errors=True)
+        self.control.close()
 
 
 def _sim_main(server: str, radios: int, size: int, shm_name: str, pipe) -> None:
-    gc.disable()  # a full collection would pause the process callback (an xrun), as for cards
-    lock_memory()  # …and so would a page fault on evicted code
+    lock_memory()  # a page fault on evicted memory in the callback would be an xrun
     shm = shared_memory.SharedMemory(name=shm_name)
-    sim = _SimClient(server, radios, size, shm)
-    pipe.send((sim.client.samplerate, sim.client.blocksize))
+    try:
+        sim = _SimStream(server, radios, size, shm)
+    except Exception as exc:  # the test sees why, not a timeout
+        pipe.send(exc)
+        return
+    pipe.send((sim.rate, sim.blocksize))
     try:
         while True:
             name, *args = pipe.recv()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gateway.hardware.card_process import StreamCallback
+from gateway.hardware.card_process import OpenRequest, StreamCallback
 from gateway.hardware.soundcard import CardSpec, SoundCard
 
 DEV = 48000
@@ -33,7 +33,8 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
     card = SoundCard(CardSpec(device=0, sample_rate=DEV, margin=0.002), 16000, N, "sim")
     card.up = True
     card.process = InThisProcess()
-    callback = StreamCallback(card.block, 0, 0)
+    mono = OpenRequest(0, None, 1, 1, 0, 0, DEV, PERIOD, "low", "")
+    callback = StreamCallback.for_card(card.block, mono)  # the C callback, called from here
     card_rate = DEV * (1 + ppm * 1e-6)
     period_s = PERIOD / card_rate
     t = np.arange(PERIOD) / DEV
@@ -48,7 +49,7 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
         now = tick * 0.02
         while next_callback <= now:
             indata[:, 0] = tone_in
-            callback(indata, outdata, PERIOD, None, None)
+            callback(indata, outdata)
             next_callback += period_s
         card.block.clock[0] = 1e18  # simulated time: the stall check must not fire
         card.read()
