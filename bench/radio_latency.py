@@ -134,11 +134,13 @@ def through_gateway(
     burst = np.concatenate([tone(1000, 0.3, -12), probe])
     out: dict = {"delay": [], "squelch": [], "bad": 0}
 
-    def events() -> tuple[float, float, float, float]:
-        """Samples dropped, rx underruns (A), tx underruns (B), xruns (both) so far."""
+    def events() -> tuple[float, float, float, float, float]:
+        """Samples dropped, rx underruns (A), tx underruns (B), xruns (both), and underruns
+        next to an xrun (both) so far."""
         a, b = gw.ports["radio_a"].card.stats(), gw.ports["radio_b"].card.stats()
         return (a["dropped_samples"] + b["dropped_samples"], a["rx_underruns"],
-                b["tx_underruns"], a["xruns"] + b["xruns"])  # fmt: skip
+                b["tx_underruns"], a["xruns"] + b["xruns"],
+                a["underruns_after_xruns"] + b["underruns_after_xruns"])  # fmt: skip
 
     def measure_burst() -> tuple[float, float] | None:
         at = sim.start(0, burst)
@@ -294,15 +296,16 @@ def main() -> int:
         print("\nClock drift (steady tone through A→B)")
         print(f"{'period':>6} {'minutes':>7} {'rx ppm min/med/max':>20} {'tx ppm min/med/max':>20} "
               f"{'rx buf ms':>11} {'tx buf ms':>11} {'delay start':>11} {'delay end':>9} "
-              f"{'dropped':>8} {'rx under':>8} {'tx under':>8} {'xruns':>5}")
+              f"{'dropped':>8} {'rx under':>8} {'tx under':>8} {'xruns':>5} {'by xrun':>7}")
         for r in drift_rows:
             print(f"{r[0]:>6} {r[1]:>7.1f} {r[2]:>6.0f}/{r[3]:>5.0f}/{r[4]:<6.0f} "
                   f"{r[5]:>6.0f}/{r[6]:>5.0f}/{r[7]:<6.0f} {r[8]:>5.1f}–{r[9]:<5.1f} "
                   f"{r[10]:>5.1f}–{r[11]:<5.1f} {r[12]:>11.1f} {r[13]:>9.1f} {r[14]:>8.0f} "
-                  f"{r[15]:>8.0f} {r[16]:>8.0f} {r[17]:>5.0f}")
+                  f"{r[15]:>8.0f} {r[16]:>8.0f} {r[17]:>5.0f} {r[18]:>7.0f}")
         print("  ppm = drift-control ratio (1 s samples); buffers = min–max over the run; "
               "dropped, underruns and xruns count the drift run only (the latency table's "
-              "columns count from the start).")
+              "columns count from the start); xruns add both cards' (one server xrun counts "
+              "2); 'by xrun' = underruns within 0.5 s of one, the audio server's loss.")
     return 0
 
 

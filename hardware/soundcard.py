@@ -66,6 +66,12 @@ TRIM_QUIET_S = 0.0005
 QUIET = 10 ** (-50 / 20)  # peak level below which audio counts as silence
 STALE_S = 0.03  # received audio this far beyond target after a stall is dropped at once
 STALE_TX_S = 0.03  # likewise for audio queued to the card
+# An underrun this close (before or after) to an xrun the audio server reported is the
+# server's loss (it skipped cycles: the card neither recorded nor played for that long),
+# not jitter the margin should have covered: it is counted apart and does not widen the
+# margin, which could not ride a stall of the server's anyway. The tick may see the FIFO
+# dry before the callback after the stall reports the xrun, so the decision waits this long.
+XRUN_SHADOW_S = 0.5
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0  # a vanished device is looked for at least this often
 DEFAULT_RATE = 48000  # until the card has told its own
@@ -84,7 +90,8 @@ class DriftControl:
     ``tau``: seconds to correct an error at the proportional rate (a 1 ms error at
     tau 8 s is 125 ppm); ``ti``: integral time, which learns the steady drift.
     The target itself adapts: each underrun adds 1 ms (the jitter is worse than
-    the margin allowed for), and the extra melts away at 0.1 ms a minute.
+    the margin allowed for), and the extra melts away at 0.1 ms a minute. The card
+    does not widen for an underrun next to an audio-server xrun (``XRUN_SHADOW_S``).
     """
 
     def __init__(self, target: float, tau: float = 8.0, ti: float = 15.0, max_ppm: float = 500.0):
@@ -163,13 +170,18 @@ class SoundCard:
         self.rx_low = math.inf
         self.tx_primed = False
         self.tx_underruns_seen = 0
+        self.xruns_seen = 0
+        self.last_xrun = -math.inf  # when the tick last saw the xrun count move
+        self.underruns: list[tuple[float, DriftControl]] = []  # not yet blamed: when, which FIFO
+        self.now: Callable[[], float] = time.monotonic  # (the drift tests run simulated time)
         self.tx_extra = 0.0  # TX delay held in the ring while keyed (seconds)
         self.tx_quiet = 0  # samples at the ring's tail, written since the last non-silent frame
         self.window_ticks = max(1, round(WINDOW_S / self.frame_seconds))
         self.ticks = 0
         # Counts of streams past (the callback's own counters restart with each process).
-        self.counts = {"rx_underruns": 0, "tx_underruns": 0, "dropped_samples": 0, "xruns": 0,
-                       "device_errors": 0, "reopens": 0}  # fmt: skip
+        self.counts = {"rx_underruns": 0, "tx_underruns": 0, "underruns_after_xruns": 0,
+                       "dropped_samples": 0, "xruns": 0, "device_errors": 0,
+                       "reopens": 0}  # fmt: skip
         self._lock = threading.Lock()
         self._retry: threading.Thread | None = None
         self._closing = threading.Event()
@@ -217,6 +229,7 @@ class SoundCard:
         self.rx_priming = True
         self.tx_primed = False
         self.tx_underruns_seen = 0
+        self.xruns_seen = 0
         self.tx_extra = 0.0
         self.rx_low = math.inf
         self.error = ""
@@ -249,7 +262,8 @@ class SoundCard:
             return False
         # Shared memory only, no system call per tick: a process that died stops calling
         # back too, and is asked after only once the callbacks have stopped.
-        silent = time.monotonic() - float(self.block.clock[0])
+        now = self.now()
+        silent = now - float(self.block.clock[0])
         if silent > STALL_S or self.status[FINISHED]:
             if self.status[FINISHED]:
                 reason = "stream stopped by the audio system"
@@ -259,7 +273,23 @@ class SoundCard:
                 reason = f"no audio callbacks for {STALL_S:.1f}s"
             self._lost(reason)
             return False
+        xruns = int(self.status[XRUNS])
+        if xruns != self.xruns_seen:
+            self.xruns_seen, self.last_xrun = xruns, now
+        if self.underruns:
+            self._blame_underruns(now)
         return True
+
+    def _blame_underruns(self, now: float) -> None:
+        """Widen the margin of a FIFO that ran dry, unless the audio server lost the time."""
+        for when, control in list(self.underruns):
+            if self.last_xrun >= when - XRUN_SHADOW_S:
+                self.counts["underruns_after_xruns"] += 1
+            elif now - when > XRUN_SHADOW_S:
+                control.widen()
+            else:
+                continue
+            self.underruns.remove((when, control))
 
     def read(self) -> np.ndarray | None:
         """One engine frame of received audio, or None (priming, underrun, card down)."""
@@ -285,7 +315,7 @@ class SoundCard:
             self.rx_priming = False
         if level < n:
             self.counts["rx_underruns"] += 1
-            self.rx_control.widen()
+            self.underruns.append((self.now(), self.rx_control))
             self.rx_priming = True
             return None
         frame = self.rx_buf[:n]
@@ -302,9 +332,9 @@ class SoundCard:
         if frame is None:
             frame = np.zeros(self.n, np.float32)
         underruns = int(self.status[TX_UNDERRUNS])
-        if underruns > self.tx_underruns_seen:  # the card ran dry: prime again, wider
+        if underruns > self.tx_underruns_seen:  # the card ran dry: prime again
             self.tx_underruns_seen = underruns
-            self.tx_control.widen()
+            self.underruns.append((self.now(), self.tx_control))
             self.tx_primed = False
         if not self.tx_primed:
             # Start (or restart after an underrun) so that the level is at the target just

@@ -102,6 +102,9 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
     "xruns": ("radio_xruns_total", "counter", "Sound card over/underruns seen by PortAudio"),
     "rx_underruns": ("radio_rx_underruns_total", "counter", "Ticks the card had no audio ready"),
     "tx_underruns": ("radio_tx_underruns_total", "counter", "Times the card ran out of TX audio"),
+    "underruns_after_xruns": ("radio_underruns_after_xruns_total", "counter",
+                              "Underruns (either way) within 0.5 s of an xrun: audio the "
+                              "audio server lost, not a margin too small"),
     "dropped_samples": (
         "radio_dropped_samples_total",
         "counter",

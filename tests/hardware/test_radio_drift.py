@@ -73,3 +73,46 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
     for levels in (levels_rx, levels_tx):
         first, last = np.mean(levels[:1500]), np.mean(levels[-1500:])
         assert abs(last - first) < 0.002, (first, last)
+
+
+@pytest.mark.parametrize("xrun", [True, False])
+def test_an_underrun_the_audio_server_caused_does_not_widen_the_margin(xrun):
+    """The server stops calling back for 40 ms. With an xrun reported (as JACK and
+    PortAudio do after a lost cycle) the underrun is the server's: counted apart, margin
+    kept. Without one it was jitter the margin did not cover: the margin widens."""
+    card = SoundCard(CardSpec(device=0, sample_rate=DEV, margin=0.002), 16000, N, "sim")
+    card.up = True
+    card.process = InThisProcess()
+    mono = OpenRequest(0, None, 1, 1, 0, 0, DEV, PERIOD, "low", "")
+    callback = StreamCallback.for_card(card.block, mono)
+    now = [0.0]
+    card.now = lambda: now[0]  # simulated time, as the callbacks below are
+    indata = np.full((PERIOD, 1), 0.1, np.float32)
+    outdata = np.zeros((PERIOD, 1), np.float32)
+    frame = np.full(N, 0.1, np.float32)
+    next_callback, flags = 0.0, 0
+    stall = (20.0, 20.04)
+    for tick in range(30 * 50):
+        now[0] = tick * 0.02
+        while next_callback <= now[0]:
+            if not stall[0] <= next_callback < stall[1]:
+                callback(indata, outdata, flags)
+                flags = 0
+            elif xrun:
+                flags = 0x2 | 0x4  # paInputOverflow | paOutputUnderflow, on the next call
+            next_callback += PERIOD / DEV
+        card.block.clock[0] = 1e18  # the stall check must not fire
+        card.read()
+        card.write(frame)
+        if tick == int(stall[0] / 0.02) - 1:
+            before = dict(card.stats())
+    stats = card.stats()
+    assert stats["rx_underruns"] > before["rx_underruns"], "a 40 ms stall empties a 2 ms margin"
+    after_xruns = stats["underruns_after_xruns"] - before["underruns_after_xruns"]
+    if xrun:
+        assert stats["xruns"] == before["xruns"] + 1
+        assert after_xruns == stats["rx_underruns"] - before["rx_underruns"]
+        assert card.rx_control.target == pytest.approx(0.002), "the margin was kept"
+    else:
+        assert after_xruns == 0
+        assert card.rx_control.target > 0.0025, "the margin widened by 1 ms"
