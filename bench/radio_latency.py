@@ -20,8 +20,9 @@ For each JACK dummy period (48 kHz) this starts its own uniquely named jackd, th
    at the start and the end (a FIFO that grows shows as a delay that grows).
 
 Figures on a shared 2-core machine are noisy: look at medians, and at xruns; the load
-average is printed with them. ``--realtime [PRIO]`` runs the gateway at SCHED_FIFO (5 by
-default: above every normal task, below the audio server and its clients' process threads),
+average is printed with them. ``--realtime [PRIO]`` runs the gateway at SCHED_FIFO (3 by
+default: above every normal task, below ``jackd -R`` (10) and its clients' process threads,
+which JACK runs at 5; at 5 the tick held a card's thread off its CPU and JACK counted xruns),
 as a production gateway runs beside ``jackd -R`` (systemd ``CPUSchedulingPolicy=fifo``).
 
 The floor by construction is printed too: one engine frame (a frame must be whole before
@@ -229,10 +230,10 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, default=20)
     parser.add_argument("--drift-minutes", type=float, default=10.0)
     parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
-    parser.add_argument("--realtime", type=int, nargs="?", const=5, default=0, metavar="PRIO",
-                        help="run the gateway at SCHED_FIFO priority PRIO (default 5: above "
-                             "every normal task, below the audio server's threads; needs root "
-                             "or CAP_SYS_NICE)")  # fmt: skip
+    parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
+                        help="run the gateway at SCHED_FIFO priority PRIO (default 3: above "
+                             "every normal task, below the audio server (10) and its clients' "
+                             "process threads (5); needs root or CAP_SYS_NICE)")  # fmt: skip
     args = parser.parse_args()
     if args.realtime:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime))  # threads inherit

@@ -54,9 +54,10 @@ STALL_S = 0.3  # no callback for this long (≫ any period): the card is gone
 DEADBAND_S = 0.0015
 WIDEN_STEP_S = 0.001
 WIDEN_MAX_S = 0.020
-# The extra margin an underrun bought melts away this slowly: the jitter that caused it
-# (a late tick on a busy machine) comes back every minute or two, and at 1 ms a minute the
-# margin was back at its base, and underran again, by then.
+# The extra margin an underrun bought is kept an hour, then melts away slowly: the jitter
+# that caused it (a late callback or tick on a busy machine) comes back every few minutes,
+# and a margin that melted on a timer was back at its base, and underran again, by then.
+HOLD_S = 3600.0
 MELT_PER_MINUTE_S = 0.0001
 TRIM_S = 0.010  # a low-water mark this far above target (a stall, a burst) is cut at once
 # …and only this far while what would be cut is silence (between overs, at start): the
@@ -90,7 +91,8 @@ class DriftControl:
     ``tau``: seconds to correct an error at the proportional rate (a 1 ms error at
     tau 8 s is 125 ppm); ``ti``: integral time, which learns the steady drift.
     The target itself adapts: each underrun adds 1 ms (the jitter is worse than
-    the margin allowed for), and the extra melts away at 0.1 ms a minute. The card
+    the margin allowed for), kept an hour after the last such underrun, then melted
+    away at 0.1 ms a minute. The card
     does not widen for an underrun next to an audio-server xrun (``XRUN_SHADOW_S``).
     """
 
@@ -100,14 +102,19 @@ class DriftControl:
         self.limit = max_ppm * 1e-6
         self.integral = 0.0
         self.ratio = 1.0
+        self.hold = 0.0  # seconds the widened margin is still kept
 
     def widen(self) -> None:
         """An underrun: the jitter seen is more than the margin; keep 1 ms more (≤ +20 ms)."""
         self.target = min(self.base + WIDEN_MAX_S, self.target + WIDEN_STEP_S)
+        self.hold = HOLD_S
 
     def relax(self, dt: float) -> None:
-        """Without underruns the extra margin melts away, 0.1 ms a minute."""
-        self.target = max(self.base, self.target - MELT_PER_MINUTE_S * dt / 60.0)
+        """An hour without underruns, and the extra margin melts away, 0.1 ms a minute."""
+        if self.hold > 0:
+            self.hold -= dt
+        else:
+            self.target = max(self.base, self.target - MELT_PER_MINUTE_S * dt / 60.0)
 
     def update(self, low_water: float, dt: float) -> float:
         """New output/input ratio from this window's low-water mark (seconds)."""

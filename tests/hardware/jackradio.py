@@ -1,7 +1,7 @@
 """A real audio path for radio tests: a uniquely named JACK server (dummy backend) and a
-JACK client that plays the radios — it feeds known audio into each radio port's capture
-side and records what the gateway sends to its playback side, sample-locked to JACK's
-frame counter so delays can be measured by cross-correlation.
+simulator that plays the radios — it feeds known audio into each radio port's capture
+side and records what the gateway sends to its playback side, sample-locked to its
+stream's frame counter so delays can be measured by cross-correlation.
 
 jackd must be up before PortAudio scans devices, so the server is started (and
 PortAudio re-initialised if something imported sounddevice earlier) before any

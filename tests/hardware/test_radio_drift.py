@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gateway.hardware.card_process import OpenRequest, StreamCallback
-from gateway.hardware.soundcard import CardSpec, SoundCard
+from gateway.hardware.soundcard import CardSpec, DriftControl, SoundCard
 
 DEV = 48000
 PERIOD = 256
@@ -116,3 +116,19 @@ def test_an_underrun_the_audio_server_caused_does_not_widen_the_margin(xrun):
     else:
         assert after_xruns == 0
         assert card.rx_control.target > 0.0025, "the margin widened by 1 ms"
+
+
+def test_a_widened_margin_is_held_an_hour_then_melts():
+    control = DriftControl(0.001)
+    control.widen()
+    control.widen()
+    for _ in range(59 * 120):  # 59 minutes of half-second windows, no underrun
+        control.relax(0.5)
+    assert control.target == pytest.approx(0.003), "held while the jitter may come back"
+    control.widen()  # it did come back: held an hour from now
+    for _ in range(59 * 120):
+        control.relax(0.5)
+    assert control.target == pytest.approx(0.004)
+    for _ in range(11 * 120):  # an hour and ten minutes since: ten minutes of melting
+        control.relax(0.5)
+    assert control.target == pytest.approx(0.004 - 10 * 0.0001)
