@@ -85,6 +85,8 @@ class Gateway:
         # Set by their services when the config has the section (see section_service).
         self.web = self.sip = self.mqtt = self.audit = None
         self._stop = asyncio.Event()
+        self._reloading = asyncio.Lock()  # one live reload at a time
+        self._reloads: set[asyncio.Task] = set()
         self.engine.listeners.append(_log_event)
         for name, port_config in config.ports.items():
             if port_config.enabled:
@@ -104,8 +106,41 @@ class Gateway:
     def reload(self, path: str | Path | None = None) -> ReloadResult:
         """Re-read the config and apply the difference between two ticks.
 
-        A config that fails validation is refused and the running one stays.
+        A config that fails validation is refused and the running one stays. This
+        blocks while new ports open; the running gateway reloads with
+        :meth:`reload_live`, which does not.
         """
+        new = self._read(path)
+        return new if isinstance(new, ReloadResult) else self.apply(new)
+
+    async def reload_live(self, path: str | Path | None = None) -> ReloadResult:
+        """:meth:`reload` without stalling the tick (SIGHUP, ``run --watch``).
+
+        Opening a sound card takes its process about 0.2 s and closing one as long,
+        which on the event loop would stall every call, console and radio that long.
+        So ports open and close on a worker thread while the tick goes on, and only
+        the swap into the engine runs on the loop, between two ticks.
+        """
+        async with self._reloading:
+            new = self._read(path)
+            if isinstance(new, ReloadResult):
+                return new
+            loop = asyncio.get_running_loop()
+            plan = self._plan(new)
+            opened = await loop.run_in_executor(None, self._open_ports, plan)
+            result, retired = self._swap(new, plan, opened)
+            await loop.run_in_executor(None, _close_all, retired)
+            return result
+
+    def apply(self, new: SiteConfig) -> ReloadResult:
+        """Apply an already validated config (blocking, like :meth:`reload`)."""
+        plan = self._plan(new)
+        result, retired = self._swap(new, plan, self._open_ports(plan))
+        _close_all(retired)
+        return result
+
+    def _read(self, path: str | Path | None) -> SiteConfig | ReloadResult:
+        """The new config, or the refusal (logged) that keeps the running one."""
         path = path or self.config.source
         try:
             new = load_config(path)
@@ -116,19 +151,29 @@ class Gateway:
             message = f"{path}: timing (frame, rate) cannot change live; restart the gateway"
             log.error("reload refused: %s", message)
             return ReloadResult(False, [], [], [], message)
-        return self.apply(new)
+        return new
 
-    def apply(self, new: SiteConfig) -> ReloadResult:
-        old_cfg = self.config.ports
+    def _plan(self, new: SiteConfig) -> _Plan:
+        old = self.config.ports
         wanted = {n: c for n, c in new.ports.items() if c.enabled}
-        removed = [n for n in self.ports if n not in wanted]
-        changed = [n for n in self.ports if n in wanted and wanted[n] != old_cfg.get(n)]
-        added = [n for n in wanted if n not in self.ports]
+        return _Plan(
+            wanted=wanted,
+            removed=[n for n in self.ports if n not in wanted],
+            changed=[n for n in self.ports if n in wanted and wanted[n] != old.get(n)],
+            added=[n for n in wanted if n not in self.ports],
+        )
+
+    def _open_ports(self, plan: _Plan) -> dict[str, Port]:
+        """The changed and added ports, built and opened (not yet in the engine)."""
+        return {n: self._open_port(n, plan.wanted[n]) for n in plan.changed + plan.added}
+
+    def _swap(self, new: SiteConfig, plan: _Plan, opened: dict[str, Port]
+              ) -> tuple[ReloadResult, list[Port]]:  # fmt: skip
+        """Put the new ports and talkgroups into the engine; returns the ports to close."""
         ports = dict(self.ports)
-        retired = [ports.pop(n) for n in removed + changed]
-        for name in changed + added:
-            ports[name] = self._open_port(name, wanted[name])
-        ports = {n: ports[n] for n in wanted}
+        retired = [ports.pop(n) for n in plan.removed + plan.changed]
+        ports.update(opened)
+        ports = {n: ports[n] for n in plan.wanted}
         # Calls and consoles attached at run time stay, unless their talkgroup is gone.
         engine = self.engine
         dynamic = [p for p in engine.ports if p.name in engine.attached]
@@ -138,17 +183,11 @@ class Gateway:
                 retired.append(port)
         dynamic = [p for p in dynamic if p.name in engine.attached]
         engine.configure([*ports.values(), *dynamic], new.talkgroups, new.patches)
-        for port in retired:
-            _close(port)
         self.ports = ports
         self.config = new
-        log.info(
-            "config applied: %d added, %d removed, %d changed",
-            len(added),
-            len(removed),
-            len(changed),
-        )
-        return ReloadResult(True, added, removed, changed)
+        log.info("config applied: %d added, %d removed, %d changed", len(plan.added),
+                 len(plan.removed), len(plan.changed))  # fmt: skip
+        return ReloadResult(True, plan.added, plan.removed, plan.changed), retired
 
     # --- run ------------------------------------------------------------------------
 
@@ -159,7 +198,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         tasks: list[asyncio.Task] = []
         try:
             for factory in SERVICES:
@@ -189,6 +228,11 @@ class Gateway:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
+    def _reload_on_signal(self) -> None:
+        task = asyncio.ensure_future(self.reload_live())
+        self._reloads.add(task)  # kept until done, or the loop may drop it
+        task.add_done_callback(self._reloads.discard)
+
     def shutdown(self) -> None:
         """Unkey every transmitter, then close every port. Safe to call twice."""
         keyed = [p.name for p in self.engine.ports if p.keyed]
@@ -208,7 +252,22 @@ class Gateway:
                 continue
             if now != last:
                 last = now
-                self.reload(path)
+                await self.reload_live(path)
+
+
+@dataclass
+class _Plan:
+    """What a reload changes: port names to remove, to rebuild, and to add."""
+
+    wanted: dict[str, PortConfig]
+    removed: list[str]
+    changed: list[str]
+    added: list[str]
+
+
+def _close_all(ports: list[Port]) -> None:
+    for port in ports:
+        _close(port)
 
 
 def _close(port: Port) -> None:

@@ -242,10 +242,9 @@ class _SimStream:
         while self.running:
             with self.lock:
                 for i, ring in enumerate(self.tx):
-                    fed = int(ring.counters[0])
-                    want = ring.level < lead and lead - ring.level
-                    if want:
-                        ring.push(self._render(i, fed, want))
+                    want = lead - ring.level
+                    if want > 0:  # ring position == stream frame: render from what was fed
+                        ring.push(self._render(i, int(ring.counters[0]), want))
             recorded = []
             for i, ring in enumerate(self.rx):
                 at = int(ring.counters[1])

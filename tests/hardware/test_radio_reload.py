@@ -1,0 +1,71 @@
+"""A live reload opens and closes sound cards off the tick: an over in progress goes on.
+
+Opening a card means starting its process and PortAudio (about 0.2 s), closing one
+waiting for its process to end. Done on the event loop, that stalls the tick, and
+every radio, call and console with it: radio B's transmitter would carry a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tests.hardware.gwrun import build, drive
+from tests.hardware.jackradio import RATE, card_client, site_toml, tone, wait_for
+from tests.hardware.test_radio_path import onset, radio
+
+pytestmark = pytest.mark.jack
+
+
+def longest_gap(x: np.ndarray, threshold_db: float = -40.0, step: int = RATE // 100) -> float:
+    """Seconds of the longest run of 10 ms blocks below ``threshold_db``."""
+    blocks = x[: len(x) - len(x) % step].reshape(-1, step)
+    quiet = 20 * np.log10(np.maximum(np.sqrt(np.mean(np.square(blocks, dtype=np.float64),
+                                                     axis=1)), 1e-9)) < threshold_db  # fmt: skip
+    longest = run = 0
+    for q in quiet:
+        run = run + 1 if q else 0
+        longest = max(longest, run)
+    return longest * step / RATE
+
+
+def test_a_live_reload_adding_and_removing_radios_leaves_no_gap_in_an_over(
+    jack_server, radio_sim, tmp_path
+):
+    gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio(),
+                                    "radio_old": radio()}))  # fmt: skip
+    sim = radio_sim(2)
+    sim.connect(0, card_client("radio_a"))
+    sim.connect(1, card_client("radio_b"))
+    over = tone(1000, 4.0, -12)
+    loop: dict = {}
+
+    def scenario():
+        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        start = sim.start(0, over)
+        wait_for(lambda: sim.frame > start + RATE, 5, "a second of the over")
+        # radio_old goes, radio_new comes: one card process closed, one started
+        text = (tmp_path / "site.toml").read_text().replace("radio_old", "radio_new")
+        (tmp_path / "site.toml").write_text(text)
+        result = asyncio.run_coroutine_threadsafe(gw.reload_live(), loop["loop"]).result(20)
+        assert result.ok and result.added == ["radio_new"] and result.removed == ["radio_old"]
+        wait_for(lambda: sim.frame > start + len(over) + RATE // 2, 10, "the over to end")
+        return start, gw.ports["radio_new"].card.up
+
+    original = gw.run
+
+    async def run(seconds=None, watch=False):
+        loop["loop"] = asyncio.get_running_loop()
+        await original(seconds, watch)
+
+    gw.run = run
+    start, new_card_up = drive(gw, scenario)
+    assert new_card_up, "radio_new's card opened"
+    heard = sim.recorded(1, since=start)
+    first = onset(heard)
+    assert first is not None, "B never carried the over"
+    # The over as B carried it, less the ends (squelch attack, hang): no gap within.
+    body = heard[first + RATE // 10 : first + len(over) - RATE // 10]
+    assert longest_gap(body) < 0.05, f"a {longest_gap(body) * 1000:.0f} ms gap in B's over"
