@@ -259,9 +259,12 @@ class Phone:
         assert files, f"{self.name} recorded nothing: {self.output()[-2000:]}"
         return read_wav(files[call])[0]
 
+    def recorded_a_call(self) -> bool:
+        return any(self.records.glob("*enc*.wav"))
+
     def sent(self) -> np.ndarray:
         files = sorted(self.records.glob("*enc*.wav"))
-        assert files, f"{self.name} recorded nothing it sent"
+        assert files, f"{self.name} recorded nothing it sent: {self.output()[-2000:]}"
         return read_wav(files[-1])[0]
 
     def stop(self) -> None:
