@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import wave
@@ -28,11 +29,33 @@ def require_binary(name: str) -> str:
     pytest.skip(message)
 
 
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    """A port on 127.0.0.1 that is free right now (UDP by default)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Test servers and phones listen on ports from here: below baresip's RTP range
+# (10000-20000), the gateway's in tests (20000-31999) and the kernel's ephemeral range
+# (32768-60999). A port taken from the ephemeral range (bind to port 0) can be handed
+# to an outgoing TCP connection before the server that was to use it binds it: baresip
+# then failed with "Address already in use" on its SIP/TCP socket.
+TEST_PORTS = range(3000, 10000)
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, pair: bool = False) -> int:
+    """A port on 127.0.0.1 free right now for both UDP and TCP (and its neighbour, with
+    ``pair``: baresip binds sip_listen + 1 too). ``kind`` is kept for callers' clarity."""
+    del kind
+    for _ in range(200):
+        port = random.choice(TEST_PORTS[:-1])
+        if all(_bindable(p) for p in ((port, port + 1) if pair else (port,))):
+            return port
+    raise RuntimeError(f"no free port in {TEST_PORTS}")
+
+
+def _bindable(port: int) -> bool:
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:

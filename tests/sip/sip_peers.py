@@ -209,15 +209,7 @@ class Phone:
     @staticmethod
     def _even_free_pair() -> int:
         """baresip also binds sip_listen + 1: pick a port whose neighbour is free too."""
-        for _ in range(50):
-            port = free_port()
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
-                    a.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-        raise RuntimeError("no free port pair for baresip")
+        return free_port(pair=True)
 
     @property
     def uri(self) -> str:
@@ -258,9 +250,6 @@ class Phone:
         files = sorted(self.records.glob("*dec*.wav"))
         assert files, f"{self.name} recorded nothing: {self.output()[-2000:]}"
         return read_wav(files[call])[0]
-
-    def recorded_a_call(self) -> bool:
-        return any(self.records.glob("*enc*.wav"))
 
     def sent(self) -> np.ndarray:
         files = sorted(self.records.glob("*enc*.wav"))

@@ -239,16 +239,8 @@ vox_hang = "0s"
 
     async def scenario() -> None:
         async with running_gateway(site(tmp_path, None, extra=parrot)) as gw:
-            for attempt in range(2):
-                phone.start(dial=f"sip:8001@127.0.0.1:{gw.sip.port}", seconds=8)
-                await until(lambda: not phone.running(), 12, "the phone to finish")
-                if phone.recorded_a_call():
-                    return
-                # Twice in CI (never in 30 loaded runs here) baresip ended its 8 s without
-                # recording a call. What it printed is kept; the delay is measured on a
-                # second call. A gateway that does not answer fails both.
-                print(f"attempt {attempt + 1}: no call recorded; baresip said:\n"
-                      f"{phone.output()[-3000:]}")
+            phone.start(dial=f"sip:8001@127.0.0.1:{gw.sip.port}", seconds=8)
+            await until(lambda: not phone.running(), 12, "the phone to finish")
 
     run(scenario())
     sent, heard = phone.sent(), phone.heard()
