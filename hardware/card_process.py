@@ -398,7 +398,7 @@ def lock_memory() -> bool:
 def _open(request: OpenRequest, block: CardBlock, answer: Callable[..., None]) -> Any:
     import sounddevice as sd
 
-    _name_jack_client(sd, request.client_name)
+    name_jack_client(sd, request.client_name)
     try:
         card = find_card(request.device, request.host_api, request.input_channels,
                          request.output_channels, sound_cards())  # fmt: skip
@@ -450,7 +450,7 @@ def open_stream(sd: Any, device: int, rate: int, input_channels: int, output_cha
 _CLIENT_NAME: list[ctypes.Array[ctypes.c_char]] = []  # PortAudio keeps the pointer
 
 
-def _name_jack_client(sd: Any, name: str) -> None:
+def name_jack_client(sd: Any, name: str) -> None:
     """Name this process's JACK client (PortAudio reads it when initialised)."""
     if not name:
         return

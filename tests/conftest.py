@@ -37,10 +37,9 @@ def require_binary(name: str) -> str:
 TEST_PORTS = range(3000, 10000)
 
 
-def free_port(kind: int = socket.SOCK_DGRAM, pair: bool = False) -> int:
+def free_port(pair: bool = False) -> int:
     """A port on 127.0.0.1 free right now for both UDP and TCP (and its neighbour, with
-    ``pair``: baresip binds sip_listen + 1 too). ``kind`` is kept for callers' clarity."""
-    del kind
+    ``pair``: baresip binds sip_listen + 1 too)."""
     for _ in range(200):
         port = random.choice(TEST_PORTS[:-1])
         if all(_bindable(p) for p in ((port, port + 1) if pair else (port,))):

@@ -202,7 +202,7 @@ class _SimStream:
 
         os.environ["JACK_DEFAULT_SERVER"] = server
         self.name = f"radiosim{os.getpid()}"
-        cp._name_jack_client(sd, self.name)
+        cp.name_jack_client(sd, self.name)
         self.control = jack.Client(f"{self.name}-wiring", no_start_server=True)
         card = find_card("system", "JACK", radios, radios, sound_cards())
         self.radios, self.size = radios, size

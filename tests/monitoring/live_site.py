@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,7 +69,7 @@ async def http_get(gw: Gateway, path: str) -> tuple[int, str]:
 
 
 def free_tcp_port() -> int:
-    return free_port(socket.SOCK_STREAM)
+    return free_port()
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

@@ -65,7 +65,7 @@ def run_and_stop(port: int, scenario: Callable[[], Awaitable[None]]) -> None:
 
 
 def test_stop_while_the_broker_refuses_connections(tmp_path: Path) -> None:
-    port = free_port(socket.SOCK_STREAM)  # nothing listens there
+    port = free_port()  # nothing listens there
 
     async def scenario() -> None:
         async with live_site(tmp_path, site(port, TONES_ONLY)) as gw:

@@ -66,8 +66,8 @@ path = "{tmp / "quiet.wav"}"
 
 [sip]
 listen = "127.0.0.1:{free_port()}"
-# Media ports below the kernel's ephemeral range: the phones' ports (free_port) come
-# from that range, and a port just released there is soon handed out again.
+# Media ports apart from the phones' and servers' ports (free_port: 3000-9999) and from
+# the kernel's ephemeral range, where a port just released is soon handed out again.
 rtp_ports = "20000-31999"
 {account}
 [sip.routes."6001"]
