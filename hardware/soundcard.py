@@ -6,7 +6,9 @@ ticks on its own clock. Between them sits one small ring per direction, and no
 fixed large buffer. Each direction's *low-water mark* (the least audio it held over
 the last half second, i.e. how close it came to running dry) is steered to a small
 margin by a PI control of a fine resampling ratio (± ``max_ppm``), so over hours
-the ring neither underruns nor grows, and latency stays at what the jitter actually
+the ring neither underruns nor grows. The margin itself is learnt: it widens to
+cover each dip of the level below its usual (a late callback or tick) before one
+runs the ring dry, and is held an hour, so latency stays at what the jitter actually
 seen needs. Rate conversion and drift correction are one windowed-sinc stage per
 direction (0.5 ms each), from ``codecs.interp``.
 
@@ -24,6 +26,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +76,14 @@ STALE_TX_S = 0.03  # likewise for audio queued to the card
 # margin, which could not ride a stall of the server's anyway. The tick may see the FIFO
 # dry before the callback after the stall reports the xrun, so the decision waits this long.
 XRUN_SHADOW_S = 0.5
+# A *dip* is a window whose low-water mark fell below the margin and at least 0.5 ms below
+# both the FIFO's usual level before it (the median of the 3 windows before) and the
+# window after it: a late callback or tick that did not quite run the FIFO dry, not the
+# slow move of the level as the control steers it. If the dip is more than the margin
+# holds above its base, the margin widens to base + dip at once, as an underrun would have
+# made it, but without the lost audio.
+USUAL_WINDOWS = 3
+DIP_MIN_S = 0.0005
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0  # a vanished device is looked for at least this often
 DEFAULT_RATE = 48000  # until the card has told its own
@@ -85,15 +96,27 @@ ZERO_CROSSINGS = 8
 PASSBAND = 0.75
 
 
+@dataclass
+class Alarm:
+    """A FIFO ran dry at ``when`` (``dip`` None), or dipped ``dip`` seconds below its usual
+    level some time in the ``span`` seconds before: not yet blamed on the server or the margin."""
+
+    when: float
+    control: DriftControl
+    dip: float | None = None
+    span: float = 0.0
+
+
 class DriftControl:
     """PI control of a resampling ratio that holds a FIFO's low-water mark at ``target``.
 
     ``tau``: seconds to correct an error at the proportional rate (a 1 ms error at
     tau 8 s is 125 ppm); ``ti``: integral time, which learns the steady drift.
-    The target itself adapts: each underrun adds 1 ms (the jitter is worse than
-    the margin allowed for), kept an hour after the last such underrun, then melted
-    away at 0.1 ms a minute. The card
-    does not widen for an underrun next to an audio-server xrun (``XRUN_SHADOW_S``).
+    The target itself adapts: a dip of the level below its usual (``USUAL_WINDOWS``)
+    widens it to base + dip, and each underrun adds 1 ms (the jitter was worse than
+    the margin allowed for); a widened margin is kept an hour after the last such
+    event, then melted away at 0.1 ms a minute. The card does not widen for a dip
+    or an underrun next to an audio-server xrun (``XRUN_SHADOW_S``).
     """
 
     def __init__(self, target: float, tau: float = 8.0, ti: float = 15.0, max_ppm: float = 500.0):
@@ -109,8 +132,14 @@ class DriftControl:
         self.target = min(self.base + WIDEN_MAX_S, self.target + WIDEN_STEP_S)
         self.hold = HOLD_S
 
+    def cover(self, dip: float) -> None:
+        """A dip of the level ``dip`` seconds below its usual: keep that much above the base."""
+        if self.base + dip > self.target:
+            self.target = min(self.base + WIDEN_MAX_S, self.base + dip)
+            self.hold = HOLD_S
+
     def relax(self, dt: float) -> None:
-        """An hour without underruns, and the extra margin melts away, 0.1 ms a minute."""
+        """An hour without a widening, and the extra margin melts away, 0.1 ms a minute."""
         if self.hold > 0:
             self.hold -= dt
         else:
@@ -120,12 +149,13 @@ class DriftControl:
         """New output/input ratio from this window's low-water mark (seconds)."""
         error = low_water - self.target
         # The integral learns the steady drift from the raw error; the proportional part
-        # ignores errors within the deadband, which are jitter, not drift (every change of
-        # ratio bends the audio's timing a little).
+        # ignores a level up to the deadband above the target, which is jitter, not drift
+        # (every change of ratio bends the audio's timing a little), but never one below
+        # it: that is the margin being eaten, and the next late callback runs it dry.
         self.integral = float(np.clip(self.integral + error * dt / self.ti, -self.limit * self.tau,
                                       self.limit * self.tau))  # fmt: skip
-        deadband = min(DEADBAND_S, self.target / 2)  # never let jitter eat the whole margin
-        error = float(np.sign(error)) * max(0.0, abs(error) - deadband)
+        if error > 0:
+            error = max(0.0, error - DEADBAND_S)
         step = float(np.clip((error + self.integral) / self.tau, -self.limit, self.limit))
         self.ratio = 1.0 - step
         return self.ratio
@@ -179,7 +209,9 @@ class SoundCard:
         self.tx_underruns_seen = 0
         self.xruns_seen = 0
         self.last_xrun = -math.inf  # when the tick last saw the xrun count move
-        self.underruns: list[tuple[float, DriftControl]] = []  # not yet blamed: when, which FIFO
+        self.alarms: list[Alarm] = []  # underruns and dips not yet blamed
+        self.rx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)  # the last windows' marks
+        self.tx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)
         self.now: Callable[[], float] = time.monotonic  # (the drift tests run simulated time)
         self.tx_extra = 0.0  # TX delay held in the ring while keyed (seconds)
         self.tx_quiet = 0  # samples at the ring's tail, written since the last non-silent frame
@@ -187,8 +219,8 @@ class SoundCard:
         self.ticks = 0
         # Counts of streams past (the callback's own counters restart with each process).
         self.counts = {"rx_underruns": 0, "tx_underruns": 0, "underruns_after_xruns": 0,
-                       "dropped_samples": 0, "xruns": 0, "device_errors": 0,
-                       "reopens": 0}  # fmt: skip
+                       "margin_widenings": 0, "dropped_samples": 0, "xruns": 0,
+                       "device_errors": 0, "reopens": 0}  # fmt: skip
         self._lock = threading.Lock()
         self._retry: threading.Thread | None = None
         self._closing = threading.Event()
@@ -239,6 +271,8 @@ class SoundCard:
         self.xruns_seen = 0
         self.tx_extra = 0.0
         self.rx_low = math.inf
+        self.rx_lows.clear()
+        self.tx_lows.clear()
         self.error = ""
         self.up = True
         log.info("%s: sound card open: %s, %d Hz", self.name, opened.card, opened.rate)
@@ -283,20 +317,37 @@ class SoundCard:
         xruns = int(self.status[XRUNS])
         if xruns != self.xruns_seen:
             self.xruns_seen, self.last_xrun = xruns, now
-        if self.underruns:
-            self._blame_underruns(now)
+        if self.alarms:
+            self._blame(now)
         return True
 
-    def _blame_underruns(self, now: float) -> None:
-        """Widen the margin of a FIFO that ran dry, unless the audio server lost the time."""
-        for when, control in list(self.underruns):
-            if self.last_xrun >= when - XRUN_SHADOW_S:
-                self.counts["underruns_after_xruns"] += 1
-            elif now - when > XRUN_SHADOW_S:
-                control.widen()
+    def _blame(self, now: float) -> None:
+        """Widen the margin of a FIFO that ran dry or dipped, unless the audio server lost
+        the time."""
+        waiting = []
+        for alarm in self.alarms:
+            if self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S:
+                if alarm.dip is None:
+                    self.counts["underruns_after_xruns"] += 1
+            elif now - alarm.when > XRUN_SHADOW_S:
+                self.counts["margin_widenings"] += 1
+                if alarm.dip is None:
+                    alarm.control.widen()
+                else:
+                    alarm.control.cover(alarm.dip)
             else:
-                continue
-            self.underruns.remove((when, control))
+                waiting.append(alarm)
+        self.alarms = waiting
+
+    def _watch(self, control: DriftControl, lows: deque[float], low: float, dt: float) -> None:
+        """Was the window before this one a dip (see ``DIP_MIN_S``)?"""
+        lows.append(low)
+        if len(lows) < USUAL_WINDOWS + 2:
+            return
+        *before, dipped, after = lows
+        dip = min(float(np.median(before)), after) - dipped
+        if dipped < control.target and dip >= DIP_MIN_S and control.base + dip > control.target:
+            self.alarms.append(Alarm(self.now() - dt, control, dip, span=dt))
 
     def read(self) -> np.ndarray | None:
         """One engine frame of received audio, or None (priming, underrun, card down)."""
@@ -322,7 +373,7 @@ class SoundCard:
             self.rx_priming = False
         if level < n:
             self.counts["rx_underruns"] += 1
-            self.underruns.append((self.now(), self.rx_control))
+            self.alarms.append(Alarm(self.now(), self.rx_control))
             self.rx_priming = True
             return None
         frame = self.rx_buf[:n]
@@ -341,7 +392,7 @@ class SoundCard:
         underruns = int(self.status[TX_UNDERRUNS])
         if underruns > self.tx_underruns_seen:  # the card ran dry: prime again
             self.tx_underruns_seen = underruns
-            self.underruns.append((self.now(), self.tx_control))
+            self.alarms.append(Alarm(self.now(), self.tx_control))
             self.tx_primed = False
         if not self.tx_primed:
             # Start (or restart after an underrun) so that the level is at the target just
@@ -387,6 +438,7 @@ class SoundCard:
                 self.counts["dropped_samples"] += cut
             else:
                 self.rx_control.update(low, dt)
+                self._watch(self.rx_control, self.rx_lows, low, dt)
         self.rx_low = math.inf
         # The callback's least playback level over this window, if it played in it.
         s = self.status
@@ -401,6 +453,7 @@ class SoundCard:
                 self._skip_tx(round(excess * self.device_rate))
             else:
                 self.tx_control.update(low, dt)
+                self._watch(self.tx_control, self.tx_lows, low, dt)
 
     # --- TX delay --------------------------------------------------------------
 

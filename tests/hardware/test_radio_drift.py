@@ -28,13 +28,21 @@ class InThisProcess:
         pass
 
 
-@pytest.mark.parametrize("ppm", [300.0, -300.0])
-def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
+def card_in_simulated_time(period: int = PERIOD) -> tuple[SoundCard, StreamCallback, list[float]]:
+    """A card with a 2 ms margin whose process is played here: the test calls its C
+    callback, and its clock reads the test's simulated time, ``now[0]``."""
     card = SoundCard(CardSpec(device=0, sample_rate=DEV, margin=0.002), 16000, N, "sim")
     card.up = True
     card.process = InThisProcess()
-    mono = OpenRequest(0, None, 1, 1, 0, 0, DEV, PERIOD, "low", "")
-    callback = StreamCallback.for_card(card.block, mono)  # the C callback, called from here
+    mono = OpenRequest(0, None, 1, 1, 0, 0, DEV, period, "low", "")
+    now = [0.0]
+    card.now = lambda: now[0]
+    return card, StreamCallback.for_card(card.block, mono), now
+
+
+@pytest.mark.parametrize("ppm", [300.0, -300.0])
+def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
+    card, callback, now = card_in_simulated_time()  # the C callback, called from here
     card_rate = DEV * (1 + ppm * 1e-6)
     period_s = PERIOD / card_rate
     t = np.arange(PERIOD) / DEV
@@ -45,10 +53,9 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
     next_callback = 0.0
     minutes, settle = 3, 50 * 60  # ticks
     levels_rx, levels_tx, ratios = [], [], []
-    card.now = lambda: tick * 0.02  # simulated time, as the callbacks below are
     for tick in range(minutes * 60 * 50):
-        now = tick * 0.02
-        while next_callback <= now:
+        now[0] = tick * 0.02
+        while next_callback <= now[0]:
             indata[:, 0] = tone_in
             callback(indata, outdata)
             next_callback += period_s
@@ -81,13 +88,7 @@ def test_an_underrun_the_audio_server_caused_does_not_widen_the_margin(xrun):
     """The server stops calling back for 40 ms. With an xrun reported (as JACK and
     PortAudio do after a lost cycle) the underrun is the server's: counted apart, margin
     kept. Without one it was jitter the margin did not cover: the margin widens."""
-    card = SoundCard(CardSpec(device=0, sample_rate=DEV, margin=0.002), 16000, N, "sim")
-    card.up = True
-    card.process = InThisProcess()
-    mono = OpenRequest(0, None, 1, 1, 0, 0, DEV, PERIOD, "low", "")
-    callback = StreamCallback.for_card(card.block, mono)
-    now = [0.0]
-    card.now = lambda: now[0]  # simulated time, as the callbacks below are
+    card, callback, now = card_in_simulated_time()
     indata = np.full((PERIOD, 1), 0.1, np.float32)
     outdata = np.zeros((PERIOD, 1), np.float32)
     frame = np.full(N, 0.1, np.float32)
@@ -133,3 +134,51 @@ def test_a_widened_margin_is_held_an_hour_then_melts():
     for _ in range(11 * 120):  # an hour and ten minutes since: ten minutes of melting
         control.relax(0.5)
     assert control.target == pytest.approx(0.004 - 10 * 0.0001)
+
+
+def test_the_margin_grows_with_the_dips_it_sees_before_a_fifo_runs_dry():
+    """Now and then a card's callbacks (receive) or the engine's tick (transmit) come late,
+    each time a little later. The margin must grow with each dip of the level it sees, so
+    the FIFOs never run dry: learning the jitter one underrun at a time loses audio."""
+    period = 64  # 1.3 ms callbacks: dips come in small steps
+    card, callback, now = card_in_simulated_time(period)
+    indata = np.full((period, 1), 0.1, np.float32)
+    outdata = np.zeros((period, 1), np.float32)
+    frame = np.full(N, 0.1, np.float32)
+    # Every 10 s from 20 s on, one lateness event, receive and transmit in turn, each 0.5 ms
+    # later than the last of its direction: up to 4 ms.
+    events = {(20 + 10 * k) * 50: (k % 2 == 0, 0.0005 * (k // 2 + 1)) for k in range(16)}
+    next_callback = 0.0
+
+    def callbacks_until(t: float) -> None:
+        nonlocal next_callback
+        while next_callback <= t:
+            callback(indata, outdata)
+            next_callback += period / DEV
+
+    for tick in range(190 * 50):
+        now[0] = tick * 0.02
+        receive, late = events.get(tick, (False, 0.0))
+        # A late callback: those due in the last `late` seconds come after this tick.
+        # A late tick: the callbacks due in the `late` seconds after it come before it.
+        callbacks_until(now[0] - late if receive else now[0] + late)
+        card.block.clock[0] = 1e18  # the stall check must not fire
+        card.read()
+        card.write(frame)
+    stats = card.stats()
+    assert stats["rx_underruns"] == 0 and stats["tx_underruns"] == 0
+    assert stats["xruns"] == 0 and stats["margin_widenings"] >= 2
+    # Each margin covers its deepest dip (4 ms late: 3 periods) above its 2 ms base.
+    for control in (card.rx_control, card.tx_control):
+        assert 0.0055 < control.target < 0.0075, control.target
+
+
+def test_a_level_below_the_margin_is_steered_back_at_once_one_above_it_is_left():
+    """Errors above the target, within the deadband, are jitter: left alone, no bending of
+    the audio's timing. One below the target is the margin eaten away: corrected at the
+    full proportional rate (1 ms at tau 8 s: 125 ppm), not left for the integral."""
+    below, above = DriftControl(0.004), DriftControl(0.004)
+    below.update(0.003, 0.5)
+    above.update(0.005, 0.5)
+    assert below.ppm > 100, below.ppm
+    assert abs(above.ppm) < 10, above.ppm
