@@ -105,6 +105,9 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
     "underruns_after_xruns": ("radio_underruns_after_xruns_total", "counter",
                               "Underruns (either way) within 0.5 s of an xrun: audio the "
                               "audio server lost, not a margin too small"),
+    "margin_widenings": ("radio_margin_widenings_total", "counter",
+                         "Times a FIFO's jitter margin widened, for a dip of its level or an "
+                         "underrun not next to an xrun"),
     "dropped_samples": (
         "radio_dropped_samples_total",
         "counter",
@@ -115,6 +118,10 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
     "tx_ratio_ppm": ("radio_tx_drift_ppm", "gauge", "Transmit resampling correction (card drift)"),
     "rx_buffer_seconds": ("radio_rx_buffer_seconds", "gauge", "Audio waiting in the receive FIFO"),
     "tx_buffer_seconds": ("radio_tx_buffer_seconds", "gauge", "Audio waiting in the transmit FIFO"),
+    "rx_margin_seconds": ("radio_rx_margin_seconds", "gauge",
+                          "Jitter margin the receive FIFO is steered to keep (learnt)"),
+    "tx_margin_seconds": ("radio_tx_margin_seconds", "gauge",
+                          "Jitter margin the transmit FIFO is steered to keep (learnt)"),
 }
 
 # service.stats() key → (metric name without prefix, type, help, label or None).
