@@ -137,12 +137,13 @@ def through_gateway(
 
     def events() -> tuple[float, ...]:
         """So far: samples dropped, rx underruns (A), tx underruns (B), xruns (both cards),
-        underruns in all four FIFOs, and those of them next to an xrun."""
+        underruns in all four FIFOs, those of them next to an xrun, and margin widenings."""
         a, b = gw.ports["radio_a"].card.stats(), gw.ports["radio_b"].card.stats()
         return (a["dropped_samples"] + b["dropped_samples"], a["rx_underruns"],
                 b["tx_underruns"], a["xruns"] + b["xruns"],
                 sum(c["rx_underruns"] + c["tx_underruns"] for c in (a, b)),
-                a["underruns_after_xruns"] + b["underruns_after_xruns"])  # fmt: skip
+                a["underruns_after_xruns"] + b["underruns_after_xruns"],
+                a["margin_widenings"] + b["margin_widenings"])  # fmt: skip
 
     def measure_burst() -> tuple[float, float] | None:
         at = sim.start(0, burst)
@@ -174,7 +175,7 @@ def through_gateway(
             sim.start(0, tone(1000, 1.0, -12), loop=True)
             samples = []
             before = events()
-            xrun_times, other_times, seen = [], [], before
+            xrun_times, other_times, widen_times, seen = [], [], [], before
             late_before, worst_tick = gw.clock.late_ticks, 0.0
             while time.monotonic() - start < drift_seconds:
                 time.sleep(1.0)
@@ -186,6 +187,8 @@ def through_gateway(
                     xrun_times.append(second)
                 if now[4] - now[5] > seen[4] - seen[5]:  # (blamed up to 0.5 s late)
                     other_times.append(second)
+                if now[6] > seen[6]:
+                    widen_times.append(second)
                 seen = now
                 worst_tick = max(worst_tick, float(gw.clock.lateness.recent().max()))
             during = [now - was for now, was in zip(events(), before, strict=True)]
@@ -195,6 +198,7 @@ def through_gateway(
             out["drift"] = {"seconds": time.monotonic() - start, "samples": samples,
                             "first": first, "last": last, "during": during,
                             "xrun_times": xrun_times, "other_times": other_times,
+                            "widen_times": widen_times,
                             "worst_tick": worst_tick,
                             "margins": (gw.ports["radio_a"].card.rx_control.target,
                                         gw.ports["radio_b"].card.tx_control.target),
@@ -286,7 +290,8 @@ def main() -> int:
                   f"frame late, the latest {d['worst_tick'] * 1000:.1f} ms; the simulator's "
                   f"own underruns: {d['sim_underruns']}", flush=True)
             print(f"period {period}: xruns in the drift run at seconds {d['xrun_times'][:30]}; "
-                  f"underruns not next to one at seconds {d['other_times'][:30]}; margins at "
+                  f"underruns not next to one at seconds {d['other_times'][:30]}; margins "
+                  f"widened at seconds {d['widen_times'][:30]}; margins at "
                   f"the end: A rx {d['margins'][0] * 1000:.1f} ms, B tx "
                   f"{d['margins'][1] * 1000:.1f} ms", flush=True)
     priority = f"SCHED_FIFO {args.realtime}" if args.realtime else "normal priority"
@@ -307,17 +312,19 @@ def main() -> int:
         print(f"{'period':>6} {'minutes':>7} {'rx ppm min/med/max':>20} {'tx ppm min/med/max':>20} "
               f"{'rx buf ms':>11} {'tx buf ms':>11} {'delay start':>11} {'delay end':>9} "
               f"{'dropped':>8} {'rx under':>8} {'tx under':>8} {'xruns':>5} {'all under':>9} "
-              f"{'by xrun':>7}")
+              f"{'by xrun':>7} {'widened':>7}")
         for r in drift_rows:
             print(f"{r[0]:>6} {r[1]:>7.1f} {r[2]:>6.0f}/{r[3]:>5.0f}/{r[4]:<6.0f} "
                   f"{r[5]:>6.0f}/{r[6]:>5.0f}/{r[7]:<6.0f} {r[8]:>5.1f}–{r[9]:<5.1f} "
                   f"{r[10]:>5.1f}–{r[11]:<5.1f} {r[12]:>11.1f} {r[13]:>9.1f} {r[14]:>8.0f} "
-                  f"{r[15]:>8.0f} {r[16]:>8.0f} {r[17]:>5.0f} {r[18]:>9.0f} {r[19]:>7.0f}")
+                  f"{r[15]:>8.0f} {r[16]:>8.0f} {r[17]:>5.0f} {r[18]:>9.0f} {r[19]:>7.0f} "
+                  f"{r[20]:>7.0f}")
         print("  ppm = drift-control ratio (1 s samples); buffers = min–max over the run; "
               "dropped, underruns and xruns count the drift run only (the latency table's "
               "columns count from the start); xruns add both cards' (one server xrun counts "
               "2); 'all under' = underruns in all four FIFOs (both ways on both cards), 'by "
-              "xrun' = those within 0.5 s of an xrun, the audio server's loss.")
+              "xrun' = those within 0.5 s of an xrun, the audio server's loss; 'widened' = "
+              "times a margin widened (all four FIFOs), for a dip or an underrun.")
     return 0
 
 
