@@ -428,12 +428,16 @@ class SoundCard:
         dt = self.window_ticks * self.frame_seconds
         self.rx_control.relax(dt)
         self.tx_control.relax(dt)
+        # Audio left queued behind an audio-server stall (an xrun in this window or the
+        # last) is cut at once even mid-over: the audio glitched there already, and the
+        # control would take seconds to steer it away (0.5 ms a second at most).
+        after_xrun = self.now() - self.last_xrun < 2 * dt
         if math.isfinite(self.rx_low):
             low = self.rx_low / self.rate
             excess = low - self.rx_control.target
             cut = round(excess * self.rate)
-            if excess > TRIM_S or (excess > TRIM_QUIET_S
-                                   and float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET):
+            if excess > TRIM_S or (excess > TRIM_QUIET_S and (
+                    after_xrun or float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET)):
                 self.rx_buf = self.rx_buf[cut:]  # a stall, or silence: cut at once
                 self.counts["dropped_samples"] += cut
             else:
@@ -448,8 +452,9 @@ class SoundCard:
                 self.tx_underruns_seen:
             low = int(s[TX_LOW]) / self.device_rate - self.tx_extra
             excess = low - self.tx_control.target
-            quiet = not self.tx_extra and self.tx_quiet >= self.tx.queued
-            if excess > TRIM_S or (excess > TRIM_QUIET_S and quiet):
+            quiet = self.tx_quiet >= self.tx.queued
+            if excess > TRIM_S or (excess > TRIM_QUIET_S and not self.tx_extra
+                                   and (quiet or after_xrun)):
                 self._skip_tx(round(excess * self.device_rate))
             else:
                 self.tx_control.update(low, dt)

@@ -182,3 +182,32 @@ def test_a_level_below_the_margin_is_steered_back_at_once_one_above_it_is_left()
     above.update(0.005, 0.5)
     assert below.ppm > 100, below.ppm
     assert abs(above.ppm) < 10, above.ppm
+
+
+def test_audio_queued_behind_an_audio_server_stall_is_cut_at_once():
+    """The server skips one cycle and reports an xrun: the card did not take a period of
+    transmit audio, which now waits in the FIFO as 5 ms more latency, under the 10 ms at
+    which any excess is cut. The audio glitched there already, so it is cut at once, even
+    mid-over; not steered away at 0.5 ms a second, as latency the rest of the over."""
+    card, callback, now = card_in_simulated_time()
+    indata = np.full((PERIOD, 1), 0.1, np.float32)
+    outdata = np.zeros((PERIOD, 1), np.float32)
+    frame = np.full(N, 0.1, np.float32)  # one long over: never quiet
+    next_callback, flags, levels = 0.0, 0, {}
+    for tick in range(22 * 50):
+        now[0] = tick * 0.02
+        while next_callback <= now[0]:
+            if 20.001 <= next_callback < 20.001 + PERIOD / DEV:  # the one cycle skipped
+                flags = 0x2 | 0x4  # paInputOverflow | paOutputUnderflow, on the next call
+            else:
+                callback(indata, outdata, flags)
+                flags = 0
+            next_callback += PERIOD / DEV
+        card.block.clock[0] = 1e18  # the stall check must not fire
+        card.read()
+        card.write(frame)
+        levels[tick] = card.tx.queued / DEV  # just after the tick's write
+    before = min(levels[t] for t in range(19 * 50, 20 * 50))
+    after = min(levels[t] for t in range(21 * 50, 22 * 50))  # 1–2 s after the stall
+    assert card.stats()["xruns"] == 1
+    assert after - before < 0.001, f"{(after - before) * 1000:.1f} ms more latency"
