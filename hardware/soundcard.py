@@ -330,11 +330,12 @@ class SoundCard:
                 if alarm.dip is None:
                     self.counts["underruns_after_xruns"] += 1
             elif now - alarm.when > XRUN_SHADOW_S:
-                self.counts["margin_widenings"] += 1
+                was = alarm.control.target
                 if alarm.dip is None:
                     alarm.control.widen()
                 else:
                     alarm.control.cover(alarm.dip)
+                self.counts["margin_widenings"] += alarm.control.target > was
             else:
                 waiting.append(alarm)
         self.alarms = waiting
