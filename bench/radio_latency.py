@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -207,20 +208,34 @@ def through_gateway(
         out["stats_a"] = gw.ports["radio_a"].card.stats()
         out["stats_b"] = gw.ports["radio_b"].card.stats()
 
+    try:
+        run_beside(gw, scenario)
+    finally:
+        sim.close()
+    return out
+
+
+def run_beside(gw, work: Callable[[], None]) -> None:
+    """Run the gateway on its own loop while ``work`` runs on a thread; then stop it."""
+
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         run = asyncio.create_task(gw.run())
         try:
-            await loop.run_in_executor(None, scenario)
+            await asyncio.get_running_loop().run_in_executor(None, work)
         finally:
             gw.stop()
             await run
 
-    try:
-        asyncio.run(main())
-    finally:
-        sim.close()
-    return out
+    asyncio.run(main())
+
+
+def go_realtime(priority: int) -> None:
+    """SCHED_FIFO ``priority`` for this process (its threads inherit it), memory locked: as
+    a realtime service runs (systemd CPUSchedulingPolicy=fifo, LimitMEMLOCK=infinity)."""
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    from gateway.hardware.card_process import lock_memory
+
+    lock_memory()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -248,10 +263,7 @@ def main() -> int:
                              "process threads (5); needs root or CAP_SYS_NICE)")  # fmt: skip
     args = parser.parse_args()
     if args.realtime:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime))  # threads inherit
-        from gateway.hardware.card_process import lock_memory
-
-        lock_memory()  # as a realtime service would (systemd LimitMEMLOCK=infinity)
+        go_realtime(args.realtime)
     load_before = os.getloadavg()[0]
     rows = []
     drift_rows = []
