@@ -347,7 +347,7 @@ class SoundCard:
             return
         *before, dipped, after = lows
         dip = min(float(np.median(before)), after) - dipped
-        if dipped < control.target and dip >= DIP_MIN_S and control.base + dip > control.target:
+        if dipped < control.target and dip >= DIP_MIN_S:  # (cover() judges if it is news)
             self.alarms.append(Alarm(self.now() - dt, control, dip, span=dt))
 
     def read(self) -> np.ndarray | None:
