@@ -159,6 +159,12 @@ def parse_compound(data: bytes) -> list[Report] | None:
     return reports
 
 
+# Peers count DLSR coarsely: libre (baresip) in whole milliseconds of its timer, so on a
+# short path A - LSR - DLSR comes out up to 1 ms below zero about half the time. Such a
+# round trip is 0 (as libre itself clamps it); only a larger negative is a clock step.
+DLSR_SLACK = int(0.005 * 65536)
+
+
 @dataclass
 class RtcpState:
     """One leg's RTCP: where reports go, the last SR heard, and what the far end told us."""
@@ -192,5 +198,8 @@ class RtcpState:
             self.remote_jitter = block.jitter
             if block.lsr:
                 rtt = (middle32(ntp_now(now)) - block.lsr - block.dlsr) & 0xFFFFFFFF
-                if rtt < 1 << 31:  # a negative round trip is a clock step, not a measurement
-                    self.rtt = rtt / 65536.0
+                if rtt >= 1 << 31:
+                    rtt -= 1 << 32
+                if rtt >= -DLSR_SLACK:  # slightly below zero: the peer's coarse DLSR
+                    self.rtt = max(rtt, 0) / 65536.0
+                # further below is a clock step, not a measurement: keep the last one

@@ -16,7 +16,15 @@ from sip_peers import run, running_gateway, tone, until
 from test_calls import RATE, legs, site
 from test_shared_port import RawPhone
 
-from gateway.sip.rtcp import ReportBlock, build_report, middle32, ntp_now, parse_compound
+from gateway.sip.rtcp import (
+    Report,
+    ReportBlock,
+    RtcpState,
+    build_report,
+    middle32,
+    ntp_now,
+    parse_compound,
+)
 
 NTP_OFFSET = 2208988800
 
@@ -71,6 +79,24 @@ def test_report_round_trip_and_malformed_shapes():
         b"\x80\xc8\xff\xff" + packet[4:],  # length far past the end
     ):
         assert parse_compound(bad) is None, bad[:8].hex()
+
+
+def test_a_round_trip_just_below_zero_is_zero_and_a_clock_step_is_not_a_measurement():
+    """baresip counts DLSR in whole milliseconds: on loopback it may say it held our SR up to
+    1 ms longer than it did. That is a round trip of 0, not one to throw away."""
+    sent = 1_800_000_000.0  # when our SR left (wall time)
+
+    def rtt_after(held: float, dlsr: float, state: RtcpState | None = None) -> float | None:
+        state = state or RtcpState(None)
+        block = ReportBlock(42, 0, 0, 0, 0, middle32(ntp_now(sent)), int(dlsr * 65536))
+        state.heard(Report(201, 7, None, None, None, None, (block,)), 42, sent + held)
+        return state.rtt
+
+    assert rtt_after(0.0302, 0.030) == pytest.approx(0.0002, abs=1 / 65536)
+    assert rtt_after(0.0302, 0.031) == 0.0  # libre's ms truncation, not a negative path
+    state = RtcpState(None)
+    rtt_after(0.100, 0.080, state)
+    assert rtt_after(0.100, 2.0, state) == pytest.approx(0.020, abs=1 / 65536)  # step: kept
 
 
 def test_reports_tell_the_phone_its_loss_and_we_measure_the_round_trip(tmp_path):
