@@ -119,7 +119,8 @@ def baseline(server: str, bursts: int) -> list[float]:
 
 
 def through_gateway(
-    server: str, bursts: int, drift_seconds: float, tmp: Path, frame: str = "20ms"
+    server: str, bursts: int, drift_seconds: float, tmp: Path, frame: str = "20ms",
+    margin: str = "1ms",
 ) -> dict:
     import gateway.site  # noqa: F401
     from gateway.app import Gateway
@@ -127,7 +128,8 @@ def through_gateway(
 
     path = tmp / "site.toml"
     timing = f'[timing]\nframe = "{frame}"\n'
-    path.write_text(site_toml({"radio_a": RADIO, "radio_b": RADIO}, extra=timing))
+    radio = RADIO + f'buffer_margin = "{margin}"\n'
+    path.write_text(site_toml({"radio_a": radio, "radio_b": radio}, extra=timing))
     gw = Gateway(load_config(path))
     sim = RadioSim(server, 2, seconds=bursts * 1.2 + drift_seconds + 30)
     sim.connect(0, card_client("radio_a"))
@@ -257,6 +259,8 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, default=20)
     parser.add_argument("--drift-minutes", type=float, default=10.0)
     parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
+    parser.add_argument("--margin", default="1ms",
+                        help="the radios' buffer_margin (the base the learnt margin grows from)")
     parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
                         help="run the gateway at SCHED_FIFO priority PRIO (default 3: above "
                              "every normal task, below the audio server (10) and its clients' "
@@ -275,7 +279,7 @@ def main() -> int:
             base = baseline(server, args.bursts)
             with tempfile.TemporaryDirectory() as tmp:
                 res = through_gateway(server, args.bursts, args.drift_minutes * 60, Path(tmp),
-                                      args.frame)  # fmt: skip
+                                      args.frame, args.margin)  # fmt: skip
         finally:
             portaudio_off()
             stop_jackd(jackd)

@@ -26,7 +26,7 @@
 enum { WRITTEN, READ, SKIP_ASKED, SKIP_DONE };
 /* card_process.py's counters */
 enum { XRUNS, TX_UNDERRUNS, RX_DROPPED, WINDOW, TX_LOW, TX_LOW_WINDOW, FINISHED, FRAMES, TOTAL,
-       STAMP, STAMP_FRAME };
+       STAMP, STAMP_FRAME, TX_MISSING };
 
 typedef struct {
     int64_t *counters;
@@ -36,7 +36,7 @@ typedef struct {
 
 typedef struct {
     ring_t rx, tx;
-    int64_t *status;          /* this lane's counts: TX_UNDERRUNS, RX_DROPPED, TX_LOW… */
+    int64_t *status;          /* this lane's counts: TX_UNDERRUNS, TX_MISSING, TX_LOW… */
     int32_t input_channel, output_channel;
     int32_t serving;          /* played a whole period since it last ran dry */
     int32_t unused;
@@ -107,9 +107,11 @@ static void serve_lane(lane_t *lane, const float *in, int in_channels, float *ou
         return;
     int64_t got = ring_pop(&lane->tx, out + lane->output_channel, out_channels, frames);
     if (got < frames) {
-        /* an underrun is counted once per run dry, not again until a whole period played */
+        /* an underrun is counted once per run dry, not again until a whole period played;
+         * the frames it lacked are all counted: how far the FIFO fell short */
         if (lane->serving)
             s[TX_UNDERRUNS] += 1;
+        s[TX_MISSING] += frames - got;
         lane->serving = 0;
         return;
     }

@@ -47,8 +47,8 @@ CLOSE_TIMEOUT_S = 2.0  # a stream that takes longer to close is stuck: the proce
 
 # The callback's counters (int64), shared with the tick; _callback.c has the same list.
 (XRUNS, TX_UNDERRUNS, RX_DROPPED, WINDOW, TX_LOW, TX_LOW_WINDOW, FINISHED, FRAMES, TOTAL,
- STAMP, STAMP_FRAME) = range(11)  # fmt: skip
-COUNTERS = 11
+ STAMP, STAMP_FRAME, TX_MISSING) = range(12)  # fmt: skip
+COUNTERS = 12
 _STATUS_BYTES = COUNTERS * 8 + 8  # the counters, then the last callback's time (float64)
 
 

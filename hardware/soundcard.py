@@ -7,10 +7,11 @@ fixed large buffer. Each direction's *low-water mark* (the least audio it held o
 the last half second, i.e. how close it came to running dry) is steered to a small
 margin by a PI control of a fine resampling ratio (± ``max_ppm``), so over hours
 the ring neither underruns nor grows. The margin itself is learnt: it widens to
-cover each dip of the level below its usual (a late callback or tick) before one
-runs the ring dry, and is held an hour, so latency stays at what the jitter actually
-seen needs. Rate conversion and drift correction are one windowed-sinc stage per
-direction (0.5 ms each), from ``codecs.interp``.
+cover each dip of the level below its usual (a late callback or tick), whether it
+ran the ring dry or not (then by how much audio was missing, too), and is held an
+hour, so latency stays at what the jitter actually seen needs. Rate conversion and
+drift correction are one windowed-sinc stage per direction (0.5 ms each), from
+``codecs.interp``.
 
 Gross errors are corrected at once and counted: an underrun re-primes the ring
 (silence), a ring far above target (the engine stalled) is trimmed.
@@ -39,6 +40,7 @@ from .card_process import (
     RX_DROPPED,
     TX_LOW,
     TX_LOW_WINDOW,
+    TX_MISSING,
     TX_UNDERRUNS,
     WINDOW,
     XRUNS,
@@ -80,8 +82,8 @@ XRUN_SHADOW_S = 0.5
 # both the FIFO's usual level before it (the median of the 3 windows before) and the
 # window after it: a late callback or tick that did not quite run the FIFO dry, not the
 # slow move of the level as the control steers it. If the dip is more than the margin
-# holds above its base, the margin widens to base + dip at once, as an underrun would have
-# made it, but without the lost audio.
+# holds above its base, the margin widens to base + dip at once, as an underrun of that
+# depth (the usual level plus what was missing) makes it, but without the lost audio.
 USUAL_WINDOWS = 3
 DIP_MIN_S = 0.0005
 RETRY_FIRST_S = 0.5
@@ -98,12 +100,14 @@ PASSBAND = 0.75
 
 @dataclass
 class Alarm:
-    """A FIFO ran dry at ``when`` (``dip`` None), or dipped ``dip`` seconds below its usual
-    level some time in the ``span`` seconds before: not yet blamed on the server or the margin."""
+    """A FIFO fell ``dip`` seconds below its usual level at ``when`` (or some time in the
+    ``span`` seconds before), and ran ``dry`` or not: not yet blamed on the server or the
+    margin. For an underrun the dip is the usual level plus what was missing."""
 
     when: float
     control: DriftControl
-    dip: float | None = None
+    dip: float
+    dry: bool = False
     span: float = 0.0
 
 
@@ -113,8 +117,8 @@ class DriftControl:
     ``tau``: seconds to correct an error at the proportional rate (a 1 ms error at
     tau 8 s is 125 ppm); ``ti``: integral time, which learns the steady drift.
     The target itself adapts: a dip of the level below its usual (``USUAL_WINDOWS``)
-    widens it to base + dip, and each underrun adds 1 ms (the jitter was worse than
-    the margin allowed for); a widened margin is kept an hour after the last such
+    widens it to base + dip, and so does an underrun, by at least 1 ms (the jitter was
+    worse than the margin allowed for); a widened margin is kept an hour after the last such
     event, then melted away at 0.1 ms a minute. The card does not widen for a dip
     or an underrun next to an audio-server xrun (``XRUN_SHADOW_S``).
     """
@@ -127,9 +131,12 @@ class DriftControl:
         self.ratio = 1.0
         self.hold = 0.0  # seconds the widened margin is still kept
 
-    def widen(self) -> None:
-        """An underrun: the jitter seen is more than the margin; keep 1 ms more (≤ +20 ms)."""
-        self.target = min(self.base + WIDEN_MAX_S, self.target + WIDEN_STEP_S)
+    def widen(self, dip: float = 0.0) -> None:
+        """An underrun ``dip`` seconds below the usual level: the jitter seen is more than
+        the margin; cover all of it at once, and at least 1 ms more (≤ +20 ms). One ms per
+        underrun learnt a 5 ms jitter with five lost pieces of audio."""
+        wider = max(self.target + WIDEN_STEP_S, self.base + dip)
+        self.target = min(self.base + WIDEN_MAX_S, wider)
         self.hold = HOLD_S
 
     def cover(self, dip: float) -> None:
@@ -207,6 +214,7 @@ class SoundCard:
         self.rx_low = math.inf
         self.tx_primed = False
         self.tx_underruns_seen = 0
+        self.tx_missing_seen = 0  # TX_MISSING when the FIFO was last primed
         self.xruns_seen = 0
         self.last_xrun = -math.inf  # when the tick last saw the xrun count move
         self.alarms: list[Alarm] = []  # underruns and dips not yet blamed
@@ -268,6 +276,7 @@ class SoundCard:
         self.rx_priming = True
         self.tx_primed = False
         self.tx_underruns_seen = 0
+        self.tx_missing_seen = 0
         self.xruns_seen = 0
         self.tx_extra = 0.0
         self.rx_low = math.inf
@@ -327,18 +336,24 @@ class SoundCard:
         waiting = []
         for alarm in self.alarms:
             if self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S:
-                if alarm.dip is None:
+                if alarm.dry:
                     self.counts["underruns_after_xruns"] += 1
             elif now - alarm.when > XRUN_SHADOW_S:
                 was = alarm.control.target
-                if alarm.dip is None:
-                    alarm.control.widen()
+                if alarm.dry:
+                    alarm.control.widen(alarm.dip)
                 else:
                     alarm.control.cover(alarm.dip)
                 self.counts["margin_widenings"] += alarm.control.target > was
             else:
                 waiting.append(alarm)
         self.alarms = waiting
+
+    @staticmethod
+    def _usual(control: DriftControl, lows: deque[float]) -> float:
+        """The FIFO's usual low-water level: the median of the last windows' marks."""
+        recent = list(lows)[-USUAL_WINDOWS:]
+        return float(np.median(recent)) if recent else control.target
 
     def _watch(self, control: DriftControl, lows: deque[float], low: float, dt: float) -> None:
         """Was the window before this one a dip (see ``DIP_MIN_S``)?"""
@@ -374,7 +389,8 @@ class SoundCard:
             self.rx_priming = False
         if level < n:
             self.counts["rx_underruns"] += 1
-            self.alarms.append(Alarm(self.now(), self.rx_control))
+            dip = self._usual(self.rx_control, self.rx_lows) + (n - level) / self.rate
+            self.alarms.append(Alarm(self.now(), self.rx_control, dip, dry=True))
             self.rx_priming = True
             return None
         frame = self.rx_buf[:n]
@@ -393,7 +409,9 @@ class SoundCard:
         underruns = int(self.status[TX_UNDERRUNS])
         if underruns > self.tx_underruns_seen:  # the card ran dry: prime again
             self.tx_underruns_seen = underruns
-            self.alarms.append(Alarm(self.now(), self.tx_control))
+            missing = int(self.status[TX_MISSING]) - self.tx_missing_seen  # silence it played
+            dip = self._usual(self.tx_control, self.tx_lows) + missing / dev
+            self.alarms.append(Alarm(self.now(), self.tx_control, dip, dry=True))
             self.tx_primed = False
         if not self.tx_primed:
             # Start (or restart after an underrun) so that the level is at the target just
@@ -403,6 +421,7 @@ class SoundCard:
             want = round((self.tx_control.target + self.tx_extra) * dev) + slack
             self._push(np.zeros(max(0, want - self.tx.queued), np.float32))
             self.tx_primed = True
+            self.tx_missing_seen = int(self.status[TX_MISSING])
         else:
             # Frames bunched up after an engine stall would sit in the ring as latency for
             # seconds: anything 30 ms beyond target + one period is dropped now.

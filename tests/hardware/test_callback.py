@@ -17,6 +17,7 @@ from gateway.hardware.card_process import (
     TOTAL,
     TX_LOW,
     TX_LOW_WINDOW,
+    TX_MISSING,
     TX_UNDERRUNS,
     WINDOW,
     XRUNS,
@@ -99,6 +100,8 @@ def test_an_underrun_is_counted_once_per_run_dry_and_plays_what_there_was_then_s
         s.run(silence)
     assert s.lane_status[0][TX_UNDERRUNS] == 1
     assert s.lane_status[1][TX_UNDERRUNS] == 0, "lane 1 never played, so it never ran dry"
+    # Every frame it lacked is counted: how far the FIFO fell short (the margin learns it).
+    assert s.lane_status[0][TX_MISSING] == PERIOD - 10 + 5 * PERIOD
     s.tx[0].push(np.ones(2 * PERIOD, np.float32))
     s.run(silence)
     s.run(silence)

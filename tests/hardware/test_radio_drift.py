@@ -173,6 +173,37 @@ def test_the_margin_grows_with_the_dips_it_sees_before_a_fifo_runs_dry():
         assert 0.0055 < control.target < 0.0075, control.target
 
 
+def test_an_underrun_widens_the_margin_by_what_was_missing_so_it_does_not_recur():
+    """Every 10 s the same lateness, 7 ms, with no warning dip before it: a card's callbacks
+    (receive) or the engine's tick (transmit), in turn. The first of each runs its FIFO dry:
+    nothing could have told it. From what was missing the margin learns the whole dip, so
+    the same lateness does not run it dry again; one more ms per underrun took five."""
+    card, callback, now = card_in_simulated_time()
+    indata = np.full((PERIOD, 1), 0.1, np.float32)
+    outdata = np.zeros((PERIOD, 1), np.float32)
+    frame = np.full(N, 0.1, np.float32)
+    late = 0.007
+    events = {(20 + 10 * k) * 50: k % 2 == 0 for k in range(16)}  # 8 each way
+    next_callback = 0.0
+    for tick in range(180 * 50):
+        now[0] = tick * 0.02
+        receive = events.get(tick)
+        until = now[0] + {True: -late, False: late, None: 0.0}[receive]
+        while next_callback <= until:
+            callback(indata, outdata)
+            next_callback += PERIOD / DEV
+        card.block.clock[0] = 1e18  # the stall check must not fire
+        card.read()
+        card.write(frame)
+    stats = card.stats()
+    assert 1 <= stats["rx_underruns"] <= 2 and 1 <= stats["tx_underruns"] <= 2, stats
+    assert stats["xruns"] == 0 and stats["underruns_after_xruns"] == 0
+    # …and no wider than the lateness, a period (what a late callback costs at a tick is
+    # whole periods) and the 2 ms base.
+    for control in (card.rx_control, card.tx_control):
+        assert control.target < 0.002 + late + PERIOD / DEV, control.target
+
+
 def test_a_level_below_the_margin_is_steered_back_at_once_one_above_it_is_left():
     """Errors above the target, within the deadband, are jitter: left alone, no bending of
     the audio's timing. One below the target is the margin eaten away: corrected at the
