@@ -67,7 +67,10 @@ MELT_PER_MINUTE_S = 0.0001
 TRIM_S = 0.010  # a low-water mark this far above target (a stall, a burst) is cut at once
 # …and only this far while what would be cut is silence (between overs, at start): the
 # PI control moves at most max_ppm (0.5 ms a second at 500 ppm), so a few ms of excess
-# would otherwise sit as latency for seconds; cutting silence is inaudible.
+# would otherwise sit as latency for seconds; cutting silence is inaudible. Likewise a
+# level this far *below* target (a margin just widened) is filled with silence at once
+# while all the FIFO holds is silence: the wider margin is there before the next late
+# callback, not after the ten seconds or more the control takes.
 TRIM_QUIET_S = 0.0005
 QUIET = 10 ** (-50 / 20)  # peak level below which audio counts as silence
 STALE_S = 0.03  # received audio this far beyond target after a stall is dropped at once
@@ -460,6 +463,8 @@ class SoundCard:
                     after_xrun or float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET)):
                 self.rx_buf = self.rx_buf[cut:]  # a stall, or silence: cut at once
                 self.counts["dropped_samples"] += cut
+            elif excess < -TRIM_QUIET_S and float(np.max(np.abs(self.rx_buf), initial=0)) < QUIET:
+                self.rx_buf = np.concatenate((np.zeros(-cut, np.float32), self.rx_buf))
             else:
                 self.rx_control.update(low, dt)
                 self._watch(self.rx_control, self.rx_lows, low, dt)
@@ -476,6 +481,10 @@ class SoundCard:
             if excess > TRIM_S or (excess > TRIM_QUIET_S and not self.tx_extra
                                    and (quiet or after_xrun)):
                 self._skip_tx(round(excess * self.device_rate))
+            elif excess < -TRIM_QUIET_S and not self.tx_extra and quiet:
+                pad = round(-excess * self.device_rate)
+                self._push(np.zeros(pad, np.float32))
+                self.tx_quiet += pad
             else:
                 self.tx_control.update(low, dt)
                 self._watch(self.tx_control, self.tx_lows, low, dt)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gateway.hardware.card_process import OpenRequest, StreamCallback
+from gateway.hardware.card_process import TX_LOW, OpenRequest, StreamCallback
 from gateway.hardware.soundcard import CardSpec, DriftControl, SoundCard
 
 DEV = 48000
@@ -202,6 +202,40 @@ def test_an_underrun_widens_the_margin_by_what_was_missing_so_it_does_not_recur(
     # whole periods) and the 2 ms base.
     for control in (card.rx_control, card.tx_control):
         assert control.target < 0.002 + late + PERIOD / DEV, control.target
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["between-overs", "mid-over"])
+def test_a_widened_margin_is_filled_at_once_between_overs_and_slowly_mid_over(quiet):
+    """Both margins widen by 5 ms. Between overs the FIFOs are filled with silence at once,
+    so the margin is there for the next late callback; mid-over nothing is inserted into
+    the audio, and the control raises the level by bending its timing (≤ 0.5 ms a second)."""
+    card, callback, now = card_in_simulated_time()
+    level = 0.0 if quiet else 0.1
+    indata = np.full((PERIOD, 1), level, np.float32)
+    outdata = np.zeros((PERIOD, 1), np.float32)
+    frame = np.full(N, level, np.float32)
+    next_callback, rx_lows = 0.0, []
+    for tick in range(22 * 50):
+        now[0] = tick * 0.02
+        while next_callback <= now[0]:
+            callback(indata, outdata)
+            next_callback += PERIOD / DEV
+        card.block.clock[0] = 1e18  # the stall check must not fire
+        if tick == 20 * 50:
+            for control in (card.rx_control, card.tx_control):
+                control.cover(0.005)  # as a 5 ms dip would
+        card.read()
+        card.write(frame)
+        if tick >= 21 * 50:  # the second after the widening's first
+            rx_lows.append(len(card.rx_buf) / 16000)
+    rx_low = min(rx_lows)
+    tx_low = card.status[TX_LOW] / DEV  # the callback's least level over the last window
+    if quiet:
+        assert abs(rx_low - 0.007) < 0.001 and abs(tx_low - 0.007) < 0.001, (rx_low, tx_low)
+    else:
+        assert rx_low < 0.005 and tx_low < 0.005, (rx_low, tx_low)
+    stats = card.stats()
+    assert stats["rx_underruns"] == 0 and stats["tx_underruns"] == 0
 
 
 def test_a_level_below_the_margin_is_steered_back_at_once_one_above_it_is_left():
