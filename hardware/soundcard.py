@@ -68,9 +68,10 @@ TRIM_S = 0.010  # a low-water mark this far above target (a stall, a burst) is c
 # …and only this far while what would be cut is silence (between overs, at start): the
 # PI control moves at most max_ppm (0.5 ms a second at 500 ppm), so a few ms of excess
 # would otherwise sit as latency for seconds; cutting silence is inaudible. Likewise a
-# level this far *below* target (a margin just widened) is filled with silence at once
-# while all the FIFO holds is silence: the wider margin is there before the next late
-# callback, not after the ten seconds or more the control takes.
+# level this far *below* target for a second window running (a margin just widened; one
+# window is a dip, which the margin must learn from) is filled with silence at once while
+# all the FIFO holds is silence: the wider margin is there before the next late callback,
+# not after the ten seconds or more the control takes.
 TRIM_QUIET_S = 0.0005
 QUIET = 10 ** (-50 / 20)  # peak level below which audio counts as silence
 STALE_S = 0.03  # received audio this far beyond target after a stall is dropped at once
@@ -358,6 +359,12 @@ class SoundCard:
         recent = list(lows)[-USUAL_WINDOWS:]
         return float(np.median(recent)) if recent else control.target
 
+    @staticmethod
+    def _short(control: DriftControl, lows: deque[float], low: float) -> bool:
+        """Below the margin this window and the last: a margin that widened, not a dip."""
+        floor = control.target - TRIM_QUIET_S
+        return low < floor and bool(lows) and lows[-1] < floor
+
     def _watch(self, control: DriftControl, lows: deque[float], low: float, dt: float) -> None:
         """Was the window before this one a dip (see ``DIP_MIN_S``)?"""
         lows.append(low)
@@ -463,7 +470,9 @@ class SoundCard:
                     after_xrun or float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET)):
                 self.rx_buf = self.rx_buf[cut:]  # a stall, or silence: cut at once
                 self.counts["dropped_samples"] += cut
-            elif excess < -TRIM_QUIET_S and float(np.max(np.abs(self.rx_buf), initial=0)) < QUIET:
+            elif self._short(self.rx_control, self.rx_lows, low) and \
+                    float(np.max(np.abs(self.rx_buf), initial=0)) < QUIET:
+                self._watch(self.rx_control, self.rx_lows, low, dt)
                 self.rx_buf = np.concatenate((np.zeros(-cut, np.float32), self.rx_buf))
             else:
                 self.rx_control.update(low, dt)
@@ -481,7 +490,9 @@ class SoundCard:
             if excess > TRIM_S or (excess > TRIM_QUIET_S and not self.tx_extra
                                    and (quiet or after_xrun)):
                 self._skip_tx(round(excess * self.device_rate))
-            elif excess < -TRIM_QUIET_S and not self.tx_extra and quiet:
+            elif self._short(self.tx_control, self.tx_lows, low) and not self.tx_extra \
+                    and quiet:
+                self._watch(self.tx_control, self.tx_lows, low, dt)
                 pad = round(-excess * self.device_rate)
                 self._push(np.zeros(pad, np.float32))
                 self.tx_quiet += pad
