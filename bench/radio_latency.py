@@ -120,7 +120,7 @@ def baseline(server: str, bursts: int) -> list[float]:
 
 def through_gateway(
     server: str, bursts: int, drift_seconds: float, tmp: Path, frame: str = "20ms",
-    margin: str = "1ms",
+    margin: str = "1ms", overs: bool = False,
 ) -> dict:
     import gateway.site  # noqa: F401
     from gateway.app import Gateway
@@ -175,7 +175,11 @@ def through_gateway(
         if drift_seconds:
             first = measure_burst()
             start = time.monotonic()
-            sim.start(0, tone(1000, 1.0, -12), loop=True)
+            if overs:  # a conversation: 4 s overs, 2 s pauses (squelch and PTT drop)
+                sim.start(0, np.concatenate([tone(1000, 4.0, -12), np.zeros(2 * RATE)]),
+                          loop=True)  # fmt: skip
+            else:
+                sim.start(0, tone(1000, 1.0, -12), loop=True)
             samples = []
             before = events()
             xrun_times, other_times, widen_times, seen = [], [], [], before
@@ -259,6 +263,8 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, default=20)
     parser.add_argument("--drift-minutes", type=float, default=10.0)
     parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
+    parser.add_argument("--overs", action="store_true",
+                        help="drift run as a conversation (4 s overs, 2 s pauses), not one over")
     parser.add_argument("--margin", default="1ms",
                         help="the radios' buffer_margin (the base the learnt margin grows from)")
     parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
@@ -279,7 +285,7 @@ def main() -> int:
             base = baseline(server, args.bursts)
             with tempfile.TemporaryDirectory() as tmp:
                 res = through_gateway(server, args.bursts, args.drift_minutes * 60, Path(tmp),
-                                      args.frame, args.margin)  # fmt: skip
+                                      args.frame, args.margin, args.overs)  # fmt: skip
         finally:
             portaudio_off()
             stop_jackd(jackd)
@@ -324,7 +330,8 @@ def main() -> int:
     print("  floor = engine frame + card period + both rate converters' half-kernels;")
     print("  sq→audio = onset delay of a burst after a shut squelch, beyond the steady delay.")
     if drift_rows:
-        print("\nClock drift (steady tone through A→B)")
+        what = "4 s overs, 2 s pauses" if args.overs else "steady tone"
+        print(f"\nClock drift ({what} through A→B)")
         print(f"{'period':>6} {'minutes':>7} {'rx ppm min/med/max':>20} {'tx ppm min/med/max':>20} "
               f"{'rx buf ms':>11} {'tx buf ms':>11} {'delay start':>11} {'delay end':>9} "
               f"{'dropped':>8} {'rx under':>8} {'tx under':>8} {'xruns':>5} {'all under':>9} "
