@@ -78,6 +78,11 @@ def stop_jackd(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    # A server stopped under its clients (as the vanished-server tests do) leaves their
+    # semaphores in /dev/shm: remove what belonged to this server name, nothing else.
+    name = proc.args[proc.args.index("-n") + 1]
+    for left in Path("/dev/shm").glob(f"jack_sem.*_{name}_*"):
+        left.unlink(missing_ok=True)
 
 
 def portaudio_on(server: str) -> None:
