@@ -17,7 +17,10 @@ For each JACK dummy period (48 kHz) this starts its own uniquely named jackd, th
    opening the squelch costs beyond the path;
 4. *drift*: the gateway runs ``--drift-minutes`` with a steady tone; reported are the
    drift-control ratios, FIFO levels, underruns, samples dropped and the chirp delay
-   at the start and the end (a FIFO that grows shows as a delay that grows).
+   at the start and the end (a FIFO that grows shows as a delay that grows);
+5. *the machine's stalls* during the drift run (``bench/stalls.py``: cyclictest at
+   SCHED_FIFO 95 beside it), and how many of the underruns not blamed on an xrun came
+   just after one (and how many would by chance), so an underrun is the machine's or ours.
 
 Figures on a shared 2-core machine are noisy: look at medians, and at xruns; the load
 average is printed with them. ``--realtime [PRIO]`` runs the gateway at SCHED_FIFO (3 by
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,6 +53,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stalls import AFTER_S, BEFORE_S, Stalls, table  # noqa: E402
 from tests.hardware.jackradio import (  # noqa: E402
     PASS_THROUGH,
     RATE,
@@ -181,6 +186,7 @@ def through_gateway(
             else:
                 sim.start(0, tone(1000, 1.0, -12), loop=True)
             samples = []
+            stalls = Stalls(drift_seconds).start() if shutil.which("cyclictest") else None
             before = events()
             xrun_times, other_times, widen_times, seen = [], [], [], before
             late_before, worst_tick = gw.clock.late_ticks, 0.0
@@ -199,6 +205,10 @@ def through_gateway(
                 seen = now
                 worst_tick = max(worst_tick, float(gw.clock.lateness.recent().max()))
             during = [now - was for now, was in zip(events(), before, strict=True)]
+            if stalls:
+                stalls.stop()
+            underruns = [u for p in ("radio_a", "radio_b") for u in gw.ports[p].card.underruns
+                         if u.when >= start]  # fmt: skip
             sim.silence(0)
             time.sleep(0.5)
             last = measure_burst()
@@ -210,6 +220,7 @@ def through_gateway(
                             "margins": (gw.ports["radio_a"].card.rx_control.target,
                                         gw.ports["radio_b"].card.tx_control.target),
                             "late_ticks": gw.clock.late_ticks - late_before,
+                            "stalls": stalls, "underruns": underruns,
                             "sim_underruns": sim.underruns}  # fmt: skip
         out["stats_a"] = gw.ports["radio_a"].card.stats()
         out["stats_b"] = gw.ports["radio_b"].card.stats()
@@ -277,6 +288,7 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     rows = []
     drift_rows = []
+    stall_reports = []
     for period in args.periods:
         server = f"blbench{os.getpid()}p{period}"
         jackd = start_jackd(server, period=period)
@@ -316,6 +328,7 @@ def main() -> int:
                   f"widened at seconds {d['widen_times'][:30]}; margins at "
                   f"the end: A rx {d['margins'][0] * 1000:.1f} ms, B tx "
                   f"{d['margins'][1] * 1000:.1f} ms", flush=True)
+            stall_reports.append((period, d["stalls"], d["underruns"]))
     priority = f"SCHED_FIFO {args.realtime}" if args.realtime else "normal priority"
     print(f"\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine {args.frame} frames, "
           f"16 kHz; {priority}; load average {load_before:.2f} before, "
@@ -348,6 +361,29 @@ def main() -> int:
               "2); 'all under' = underruns in all four FIFOs (both ways on both cards), 'by "
               "xrun' = those within 0.5 s of an xrun, the audio server's loss; 'widened' = "
               "times a margin widened (all four FIFOs), for a dip or an underrun.")
+    for period, stalls, underruns in stall_reports:
+        print(f"\nThe machine's stalls in the drift run (period {period})")
+        if stalls is None:
+            print("  cyclictest not found: apt-get install rt-tests to see them")
+            continue
+        print(table(stalls))
+        ours = [u for u in underruns if not u.server]
+        print(f"underruns not blamed on an xrun: {len(ours)} "
+              f"(rx {sum(u.way == 'rx' for u in ours)}, tx {sum(u.way == 'tx' for u in ours)}) "
+              f"of {len(underruns)}; each underrun (both cards): second, way, blamed on, how "
+              "late its feeder came (rx: the card, tx: the media tick), stream time the "
+              "server lost around it, the machine's worst stall just before")
+        for u in underruns:
+            print(f"  {u.when - stalls.started:6.1f} s  {u.way}  "
+                  f"{'xrun  ' if u.server else 'margin'}  late {u.late * 1000:5.1f} ms  "
+                  f"lost {u.lost * 1000:5.1f} ms  stall {stalls.worst_near(u.when) * 1000:5.1f} ms")
+        print(f"{'stall ≥':>8} {'underruns just after one':>24} {'by chance':>9}")
+        for ms in (2, 5, 10):
+            hit = sum(stalls.explains(u.when, ms / 1000) for u in ours)
+            print(f"{ms:>5} ms {hit:>24} {stalls.cover(ms / 1000) * len(ours):>9.1f}")
+        print(f"  'just after' = a realtime wake-up that late ended {BEFORE_S * 1000:.0f} ms "
+              f"before the underrun or {AFTER_S * 1000:.0f} ms after; 'by chance' = how many "
+              "would, if underruns fell at random times (the share of the run so covered).")
     return 0
 
 

@@ -49,6 +49,7 @@ from .card_process import (
     Opened,
     OpenRequest,
     jack_client_name,
+    stamp,
 )
 from .ring import SharedRing
 
@@ -89,6 +90,8 @@ XRUN_SHADOW_S = 0.5
 # holds above its base, the margin widens to base + dip at once, as an underrun of that
 # depth (the usual level plus what was missing) makes it, but without the lost audio.
 USUAL_WINDOWS = 3
+LOSS_BEFORE_S = 1.5  # stream time lost is judged against the callbacks this long before
+LAG_KEPT_S = 3.0  # the stream's lag is kept this long, for ``stream_lost``
 DIP_MIN_S = 0.0005
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0  # a vanished device is looked for at least this often
@@ -113,6 +116,27 @@ class Alarm:
     dip: float
     dry: bool = False
     span: float = 0.0
+    late: float = 0.0  # how late the side that feeds the FIFO came (see ``Underrun``)
+    lost: float = 0.0  # stream time the audio server lost around it (see ``Underrun``)
+
+
+@dataclass(frozen=True)
+class Underrun:
+    """A FIFO ran dry at ``when`` (monotonic seconds): ``way`` "rx" or "tx"; ``server``:
+    blamed on an audio-server xrun next to it, else on the margin (which then widened).
+
+    ``late``: how late the side that fills the FIFO came, beyond its own rhythm, so an
+    installer can tell a busy machine from a short margin: for receive, the card (time
+    since its last callback beyond one period); for transmit, the media tick (time since
+    the tick before it beyond one frame). ``lost``: stream time the audio server lost
+    around it (its stream clock against the wall clock; ``SoundCard.stream_lost``), which
+    drains a receive FIFO for good: the card neither recorded nor played that long."""
+
+    when: float
+    way: str
+    server: bool
+    late: float = 0.0
+    lost: float = 0.0
 
 
 class DriftControl:
@@ -219,9 +243,14 @@ class SoundCard:
         self.tx_primed = False
         self.tx_underruns_seen = 0
         self.tx_missing_seen = 0  # TX_MISSING when the FIFO was last primed
+        self.last_write = math.inf  # when the tick last wrote (its rhythm shows a late tick)
         self.xruns_seen = 0
         self.last_xrun = -math.inf  # when the tick last saw the xrun count move
         self.alarms: list[Alarm] = []  # underruns and dips not yet blamed
+        self.underruns: deque[Underrun] = deque(maxlen=1000)  # the latest, once blamed
+        # (tick time, last callback's time − its frame / rate): the stream against the wall
+        self.lags: deque[tuple[float, float]] = deque(
+            maxlen=round(LAG_KEPT_S / self.frame_seconds))
         self.rx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)  # the last windows' marks
         self.tx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)
         self.now: Callable[[], float] = time.monotonic  # (the drift tests run simulated time)
@@ -281,11 +310,13 @@ class SoundCard:
         self.tx_primed = False
         self.tx_underruns_seen = 0
         self.tx_missing_seen = 0
+        self.last_write = math.inf
         self.xruns_seen = 0
         self.tx_extra = 0.0
         self.rx_low = math.inf
         self.rx_lows.clear()
         self.tx_lows.clear()
+        self.lags.clear()
         self.error = ""
         self.up = True
         log.info("%s: sound card open: %s, %d Hz", self.name, opened.card, opened.rate)
@@ -327,6 +358,9 @@ class SoundCard:
                 reason = f"no audio callbacks for {STALL_S:.1f}s"
             self._lost(reason)
             return False
+        frame, when = stamp(self.status, self.block.clock)
+        if frame:
+            self.lags.append((now, when - frame / self.device_rate))
         xruns = int(self.status[XRUNS])
         if xruns != self.xruns_seen:
             self.xruns_seen, self.last_xrun = xruns, now
@@ -339,19 +373,37 @@ class SoundCard:
         the time."""
         waiting = []
         for alarm in self.alarms:
+            way = "rx" if alarm.control is self.rx_control else "tx"
             if self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S:
                 if alarm.dry:
                     self.counts["underruns_after_xruns"] += 1
+                    lost = self.stream_lost(alarm.when)
+                    self.underruns.append(Underrun(alarm.when, way, True, alarm.late, lost))
             elif now - alarm.when > XRUN_SHADOW_S:
                 was = alarm.control.target
                 if alarm.dry:
                     alarm.control.widen(alarm.dip)
+                    lost = self.stream_lost(alarm.when)
+                    self.underruns.append(Underrun(alarm.when, way, False, alarm.late, lost))
+                    late = "the card's callback" if way == "rx" else "the media tick"
+                    log.info("%s: %s underrun, %s came %.1f ms late; margin now %.1f ms",
+                             self.name, way, late, alarm.late * 1000,
+                             alarm.control.target * 1000)  # fmt: skip
                 else:
                     alarm.control.cover(alarm.dip)
                 self.counts["margin_widenings"] += alarm.control.target > was
             else:
                 waiting.append(alarm)
         self.alarms = waiting
+
+    def stream_lost(self, when: float) -> float:
+        """Stream time the audio server lost around ``when``: how much further behind the
+        wall clock its punctual callbacks ran after than before (a late callback that caught
+        up lost nothing; one the server gave up on did). The least lag of each side is its
+        punctual callbacks'; a drift of 500 ppm moves it 1 ms in the 2 s compared."""
+        before = [lag for t, lag in self.lags if when - LOSS_BEFORE_S <= t < when]
+        after = [lag for t, lag in self.lags if when < t <= when + XRUN_SHADOW_S]
+        return max(0.0, min(after) - min(before)) if before and after else 0.0
 
     @staticmethod
     def _usual(control: DriftControl, lows: deque[float]) -> float:
@@ -400,7 +452,9 @@ class SoundCard:
         if level < n:
             self.counts["rx_underruns"] += 1
             dip = self._usual(self.rx_control, self.rx_lows) + (n - level) / self.rate
-            self.alarms.append(Alarm(self.now(), self.rx_control, dip, dry=True))
+            now = self.now()
+            late = now - float(self.block.clock[0]) - self.period / dev  # the card's
+            self.alarms.append(Alarm(now, self.rx_control, dip, dry=True, late=max(0.0, late)))
             self.rx_priming = True
             return None
         frame = self.rx_buf[:n]
@@ -416,12 +470,15 @@ class SoundCard:
         dev = self.device_rate
         if frame is None:
             frame = np.zeros(self.n, np.float32)
+        now = self.now()
+        gap, self.last_write = now - self.last_write, now
         underruns = int(self.status[TX_UNDERRUNS])
         if underruns > self.tx_underruns_seen:  # the card ran dry: prime again
             self.tx_underruns_seen = underruns
             missing = int(self.status[TX_MISSING]) - self.tx_missing_seen  # silence it played
             dip = self._usual(self.tx_control, self.tx_lows) + missing / dev
-            self.alarms.append(Alarm(self.now(), self.tx_control, dip, dry=True))
+            late = max(0.0, gap - self.frame_seconds)  # the tick's, against the one before
+            self.alarms.append(Alarm(now, self.tx_control, dip, dry=True, late=late))
             self.tx_primed = False
         if not self.tx_primed:
             # Start (or restart after an underrun) so that the level is at the target just

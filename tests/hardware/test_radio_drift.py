@@ -207,6 +207,39 @@ def test_an_underrun_widens_the_margin_by_what_was_missing_so_it_does_not_recur(
         assert control.target < 0.002 + late + PERIOD / DEV, control.target
 
 
+def test_an_underrun_says_who_came_late_the_tick_or_the_card_and_what_the_server_lost():
+    """An installer reading the log must tell a busy machine's late media tick from a card's
+    late callbacks, and both from time the audio server lost. At 30 s the tick comes 12 ms
+    late (transmit runs dry); at 40 s the card's callbacks come 12 ms late and then catch
+    up (receive runs dry, nothing is lost); at 50 s the server loses 30 ms of stream time,
+    more than the margin learnt at 40 s (receive runs dry; the callbacks then come on a
+    schedule 30 ms later)."""
+    card, callback, now = card_in_simulated_time()
+    indata = np.full((PERIOD, 1), 0.1, np.float32)
+    outdata = np.zeros((PERIOD, 1), np.float32)
+    frame = np.full(N, 0.1, np.float32)
+    next_callback, last = 0.0, 0.0
+    for tick in range(55 * 50):
+        now[0] = tick * 0.02 + (0.012 if tick == 30 * 50 else 0.0)
+        card_late = 0.012 if tick == 40 * 50 else 0.0
+        if tick == 50 * 50:
+            next_callback += 0.030  # the server skips that long: no callback, no frames
+        while next_callback <= now[0] - card_late:
+            callback(indata, outdata)
+            last, next_callback = next_callback, next_callback + PERIOD / DEV
+        card.block.clock[0] = last  # the callback stamps its (simulated) time
+        card.read()
+        card.write(frame)
+    seen = {(round(u.when), u.way): u for u in card.underruns}
+    assert set(seen) == {(30, "tx"), (40, "rx"), (50, "rx")}, card.underruns
+    tick_late, card_late, server_lost = seen[30, "tx"], seen[40, "rx"], seen[50, "rx"]
+    assert abs(tick_late.late - 0.012) < 0.0005 and tick_late.lost < 0.0005, tick_late
+    # (a card late by 12 ms is overdue by 12 ms less the part of a period since its last)
+    assert 0.012 - PERIOD / DEV <= card_late.late <= 0.012 and card_late.lost < 0.0005
+    assert abs(server_lost.lost - 0.030) < 0.0005, server_lost  # (and its callback was late)
+    assert not any(u.server for u in card.underruns)  # no xrun was reported
+
+
 @pytest.mark.parametrize("quiet", [True, False], ids=["between-overs", "mid-over"])
 def test_a_widened_margin_is_filled_at_once_between_overs_and_slowly_mid_over(quiet):
     """Both margins widen by 5 ms. Between overs the FIFOs are filled with silence at once,
