@@ -288,27 +288,35 @@ class _Spare:
     Starting Python and importing NumPy takes about 0.4 s, and a reload that adds a
     radio opens its card between two ticks: with a process already waiting, opening is
     PortAudio's own time. The spare does not load PortAudio until its request comes, so
-    it sees the devices as they are then.
+    it sees the devices as they are then. Nor is it used if this process's environment
+    changed since it started (``JACK_DEFAULT_SERVER`` names another audio server).
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.process: subprocess.Popen[str] | None = None
+        self.environ: dict[str, str] = {}  # the spare's, as it was started
         atexit.register(self.close)
 
     def take(self) -> subprocess.Popen[str]:
         with self.lock:
             process, self.process = self.process, None
+            stale = self.environ != dict(os.environ)
+        if process is not None and stale:
+            _end(process)
+            process = None
         if process is None or process.poll() is not None:
             process = _spawn()
         threading.Thread(target=self._refill, daemon=True, name="spare card process").start()
         return process
 
     def _refill(self) -> None:
+        environ = dict(os.environ)
         process = _spawn()
         with self.lock:
             if self.process is None:
                 self.process, process = process, None
+                self.environ = environ
         if process is not None:  # another refill was first
             _end(process)
 
