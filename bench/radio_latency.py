@@ -221,6 +221,8 @@ def through_gateway(
                                         gw.ports["radio_b"].card.tx_control.target),
                             "late_ticks": gw.clock.late_ticks - late_before,
                             "stalls": stalls, "underruns": underruns,
+                            "phase_moves": gw.phase_lock.moves,
+                            "phase_moved": gw.phase_lock.moved,
                             "sim_underruns": sim.underruns}  # fmt: skip
         out["stats_a"] = gw.ports["radio_a"].card.stats()
         out["stats_b"] = gw.ports["radio_b"].card.stats()
@@ -320,6 +322,8 @@ def main() -> int:
                                (d["first"] or (float("nan"),))[0] * 1000,
                                (d["last"] or (float("nan"),))[0] * 1000,
                                *d["during"]))  # fmt: skip
+            print(f"period {period}: ticks moved to mid-cycle of the cards' period "
+                  f"{d['phase_moves']} times, {d['phase_moved'] * 1000:+.1f} ms in all", flush=True)
             print(f"period {period}: engine ticks in the drift run: {d['late_ticks']} more than a "
                   f"frame late, the latest {d['worst_tick'] * 1000:.1f} ms; the simulator's "
                   f"own underruns: {d['sim_underruns']}", flush=True)
@@ -367,15 +371,15 @@ def main() -> int:
             print("  cyclictest not found: apt-get install rt-tests to see them")
             continue
         print(table(stalls))
-        ours = [u for u in underruns if not u.server]
-        print(f"underruns not blamed on an xrun: {len(ours)} "
+        ours = [u for u in underruns if u.cause == "margin"]
+        print(f"underruns blamed on the margin (not an xrun, not the first 3 s): {len(ours)} "
               f"(rx {sum(u.way == 'rx' for u in ours)}, tx {sum(u.way == 'tx' for u in ours)}) "
               f"of {len(underruns)}; each underrun (both cards): second, way, blamed on, how "
               "late its feeder came (rx: the card, tx: the media tick), stream time the "
               "server lost around it, the machine's worst stall just before")
         for u in underruns:
             print(f"  {u.when - stalls.started:6.1f} s  {u.way}  "
-                  f"{'xrun  ' if u.server else 'margin'}  late {u.late * 1000:5.1f} ms  "
+                  f"{u.cause:<6}  late {u.late * 1000:5.1f} ms  "
                   f"lost {u.lost * 1000:5.1f} ms  stall {stalls.worst_near(u.when) * 1000:5.1f} ms")
         print(f"{'stall ≥':>8} {'underruns just after one':>24} {'by chance':>9}")
         for ms in (2, 5, 10):

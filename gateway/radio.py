@@ -267,6 +267,15 @@ class SoundcardPort(Port):
 
     # --- the tick ----------------------------------------------------------------
 
+    def tick_phase(self) -> float | None:
+        return self.card.tick_phase() if self.card.up else None
+
+    def silent(self) -> bool:
+        return not self.card.up or self.card.quiet()
+
+    def ticks_moved(self, seconds: float) -> None:
+        self.card.ticks_moved(seconds)
+
     def read(self) -> Frame | None:
         frame = self.card.read()
         if not self.detector_up and time.monotonic() >= self.detector_retry_at \

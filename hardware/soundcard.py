@@ -83,6 +83,11 @@ STALE_TX_S = 0.03  # likewise for audio queued to the card
 # margin, which could not ride a stall of the server's anyway. The tick may see the FIFO
 # dry before the callback after the stall reports the xrun, so the decision waits this long.
 XRUN_SHADOW_S = 0.5
+# Nor is an underrun in a stream's first seconds learnt: the audio server's graph and the
+# card settle, and where the ticks fall in the card's cycle is set by chance until the
+# phase lock (``gateway.clock.PhaseLock``) has moved them; a margin widened for that would
+# be kept an hour for a cause that is gone.
+START_GRACE_S = 3.0
 # A *dip* is a window whose low-water mark fell below the margin and at least 0.5 ms below
 # both the FIFO's usual level before it (the median of the 3 windows before) and the
 # window after it: a late callback or tick that did not quite run the FIFO dry, not the
@@ -90,6 +95,8 @@ XRUN_SHADOW_S = 0.5
 # holds above its base, the margin widens to base + dip at once, as an underrun of that
 # depth (the usual level plus what was missing) makes it, but without the lost audio.
 USUAL_WINDOWS = 3
+# Where in the card's cycle the ticks fall is judged over this many ticks (``tick_phase``).
+PHASE_TICKS = 25
 LOSS_BEFORE_S = 1.5  # stream time lost is judged against the callbacks this long before
 LAG_KEPT_S = 3.0  # the stream's lag is kept this long, for ``stream_lost``
 DIP_MIN_S = 0.0005
@@ -122,8 +129,9 @@ class Alarm:
 
 @dataclass(frozen=True)
 class Underrun:
-    """A FIFO ran dry at ``when`` (monotonic seconds): ``way`` "rx" or "tx"; ``server``:
-    blamed on an audio-server xrun next to it, else on the margin (which then widened).
+    """A FIFO ran dry at ``when`` (monotonic seconds): ``way`` "rx" or "tx"; ``cause``:
+    "xrun" (an audio-server xrun next to it), "start" (in the stream's first seconds), or
+    "margin" (which then widened).
 
     ``late``: how late the side that fills the FIFO came, beyond its own rhythm, so an
     installer can tell a busy machine from a short margin: for receive, the card (time
@@ -134,7 +142,7 @@ class Underrun:
 
     when: float
     way: str
-    server: bool
+    cause: str
     late: float = 0.0
     lost: float = 0.0
 
@@ -244,6 +252,7 @@ class SoundCard:
         self.tx_underruns_seen = 0
         self.tx_missing_seen = 0  # TX_MISSING when the FIFO was last primed
         self.last_write = math.inf  # when the tick last wrote (its rhythm shows a late tick)
+        self.started_at = -math.inf  # when the stream last started (``START_GRACE_S``)
         self.xruns_seen = 0
         self.last_xrun = -math.inf  # when the tick last saw the xrun count move
         self.alarms: list[Alarm] = []  # underruns and dips not yet blamed
@@ -251,6 +260,7 @@ class SoundCard:
         # (tick time, last callback's time − its frame / rate): the stream against the wall
         self.lags: deque[tuple[float, float]] = deque(
             maxlen=round(LAG_KEPT_S / self.frame_seconds))
+        self.phases: deque[float] = deque(maxlen=PHASE_TICKS)  # tick time − last callback's
         self.rx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)  # the last windows' marks
         self.tx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)
         self.now: Callable[[], float] = time.monotonic  # (the drift tests run simulated time)
@@ -311,12 +321,14 @@ class SoundCard:
         self.tx_underruns_seen = 0
         self.tx_missing_seen = 0
         self.last_write = math.inf
+        self.started_at = self.now()
         self.xruns_seen = 0
         self.tx_extra = 0.0
         self.rx_low = math.inf
         self.rx_lows.clear()
         self.tx_lows.clear()
         self.lags.clear()
+        self.phases.clear()
         self.error = ""
         self.up = True
         log.info("%s: sound card open: %s, %d Hz", self.name, opened.card, opened.rate)
@@ -361,6 +373,7 @@ class SoundCard:
         frame, when = stamp(self.status, self.block.clock)
         if frame:
             self.lags.append((now, when - frame / self.device_rate))
+            self.phases.append(now - when)
         xruns = int(self.status[XRUNS])
         if xruns != self.xruns_seen:
             self.xruns_seen, self.last_xrun = xruns, now
@@ -370,30 +383,34 @@ class SoundCard:
 
     def _blame(self, now: float) -> None:
         """Widen the margin of a FIFO that ran dry or dipped, unless the audio server lost
-        the time."""
+        the time or the stream has just started."""
         waiting = []
         for alarm in self.alarms:
-            way = "rx" if alarm.control is self.rx_control else "tx"
-            if self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S:
-                if alarm.dry:
-                    self.counts["underruns_after_xruns"] += 1
-                    lost = self.stream_lost(alarm.when)
-                    self.underruns.append(Underrun(alarm.when, way, True, alarm.late, lost))
-            elif now - alarm.when > XRUN_SHADOW_S:
-                was = alarm.control.target
-                if alarm.dry:
-                    alarm.control.widen(alarm.dip)
-                    lost = self.stream_lost(alarm.when)
-                    self.underruns.append(Underrun(alarm.when, way, False, alarm.late, lost))
-                    late = "the card's callback" if way == "rx" else "the media tick"
-                    log.info("%s: %s underrun, %s came %.1f ms late; margin now %.1f ms",
-                             self.name, way, late, alarm.late * 1000,
-                             alarm.control.target * 1000)  # fmt: skip
-                else:
-                    alarm.control.cover(alarm.dip)
-                self.counts["margin_widenings"] += alarm.control.target > was
-            else:
+            if now - alarm.when <= XRUN_SHADOW_S:  # an xrun may yet be reported
                 waiting.append(alarm)
+                continue
+            if self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S:
+                cause = "xrun"
+            elif alarm.when - self.started_at < START_GRACE_S:
+                cause = "start"
+            else:
+                cause = "margin"
+            if cause == "xrun" and alarm.dry:
+                self.counts["underruns_after_xruns"] += 1
+            if cause == "margin":
+                was = alarm.control.target
+                alarm.control.widen(alarm.dip) if alarm.dry else alarm.control.cover(alarm.dip)
+                self.counts["margin_widenings"] += alarm.control.target > was
+            if not alarm.dry:
+                continue
+            way = "rx" if alarm.control is self.rx_control else "tx"
+            lost = self.stream_lost(alarm.when)
+            self.underruns.append(Underrun(alarm.when, way, cause, alarm.late, lost))
+            if cause == "margin":
+                late = "the card's callback" if way == "rx" else "the media tick"
+                log.info("%s: %s underrun, %s came %.1f ms late; margin now %.1f ms",
+                         self.name, way, late, alarm.late * 1000,
+                         alarm.control.target * 1000)  # fmt: skip
         self.alarms = waiting
 
     def stream_lost(self, when: float) -> float:
@@ -404,6 +421,48 @@ class SoundCard:
         before = [lag for t, lag in self.lags if when - LOSS_BEFORE_S <= t < when]
         after = [lag for t, lag in self.lags if when < t <= when + XRUN_SHADOW_S]
         return max(0.0, min(after) - min(before)) if before and after else 0.0
+
+    def tick_phase(self) -> float | None:
+        """How far past the middle of the card's cycle the ticks fall (seconds, −period/2 to
+        +period/2), or None when that means nothing: the card's period does not divide the
+        engine frame (then ticks fall at every point of its cycle in turn), or too few
+        ticks were seen.
+
+        With a whole number of periods to a frame every tick falls at the same point of the
+        card's cycle, set by chance when the two started. Just after a callback, a callback
+        a little late runs receive dry; just before one, a tick a little late runs transmit
+        dry; either way the margin must then learn a whole period (20 ms at period 960).
+        The middle leaves half a period of lateness either way. The mean is circular: a
+        phase that jitters across the cycle's end is one phase, not two that average to
+        the middle."""
+        cycle = self.period / self.device_rate
+        if len(self.phases) < PHASE_TICKS or (self.n * self.device_rate / self.rate) % self.period:
+            return None
+        angles = np.asarray(self.phases) * (2 * math.pi / cycle)
+        mean = math.atan2(float(np.mean(np.sin(angles))), float(np.mean(np.cos(angles))))
+        return (mean % (2 * math.pi) - math.pi) * cycle / (2 * math.pi)
+
+    def quiet(self) -> bool:
+        """Is all the audio in both FIFOs silence (between overs)?"""
+        return float(np.max(np.abs(self.rx_buf), initial=0)) < QUIET and \
+            (not self.tx_primed or self.tx_quiet >= self.tx.queued)
+
+    def ticks_moved(self, seconds: float) -> None:
+        """The engine's ticks now fall ``seconds`` later (negative: earlier). Between overs
+        the FIFO the move leaves short is topped up with that much silence at once (the
+        other's excess silence is cut at the window's end, as ever): earlier ticks find
+        less received, later ones let the card play more before the next frame. Mid-over
+        nothing is inserted: the move is a step of 0.2 ms, which the drift control follows
+        as it follows a crystal."""
+        if not self.up or not self.quiet():
+            return
+        if seconds < 0 and not self.rx_priming:
+            pad = np.zeros(round(-seconds * self.rate), np.float32)
+            self.rx_buf = np.concatenate((pad, self.rx_buf))
+        elif seconds > 0 and self.tx_primed:
+            pad = np.zeros(round(seconds * self.device_rate), np.float32)
+            self._push(pad)
+            self.tx_quiet += len(pad)
 
     @staticmethod
     def _usual(control: DriftControl, lows: deque[float]) -> float:

@@ -22,9 +22,12 @@ from tests.hardware.jackradio import (
     delay_of,
     hid_keyed,
     peak_hz,
+    portaudio_on,
     rms_db,
     site_toml,
+    start_jackd,
     steady_db,
+    stop_jackd,
     tone,
     wait_for,
 )
@@ -230,3 +233,47 @@ def test_transmit_tot_drops_ptt_and_audio_while_the_talker_goes_on(jack_server, 
     heard = sim.recorded(1, since=start)
     # Keyed at t, audio through the card a few ms later, muted at the trip: about 1 s.
     assert 0.8 < audible_seconds(heard) < 1.05, "audio went on after the TOT"
+
+
+def test_ticks_settle_mid_cycle_when_the_card_calls_back_once_a_frame(jack_server, tmp_path):
+    """A server at period 960 calls back once per 20 ms frame, so every tick falls at one
+    point of the card's cycle. Knocked to 1 ms before a callback (a tick a little late
+    would then run transmit dry), the ticks are moved back to the middle of the cycle
+    within seconds (the audio is silence: at once), half a period from a race either way,
+    and held there. Both cards are clients of one server, so one lock serves both."""
+    server = f"blphase{os.getpid()}"
+    jackd = start_jackd(server, period=960)
+    try:
+        portaudio_on(server)
+        gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio()}))
+        cards = [gw.ports[name] for name in ("radio_a", "radio_b")]
+
+        def phases() -> list[float | None]:
+            return [port.tick_phase() for port in cards]
+
+        def mid_cycle() -> bool:
+            return all(p is not None and abs(p) < 0.0025 for p in phases())
+
+        def scenario() -> list[list[float | None]]:
+            wait_for(lambda: gw.engine.tick_count > 50 and mid_cycle(), 10,
+                     "the ticks to settle mid-cycle")  # fmt: skip
+            knock = 0.009 - phases()[0]
+            moved = gw.phase_lock.moved
+            gw.clock.shift(knock)  # to 1 ms before a callback
+            until = gw.engine.tick_count + 50  # (a tick_phase is the mean of 25 ticks)
+            wait_for(lambda: gw.engine.tick_count > until, 3, "50 ticks")
+            wait_for(mid_cycle, 10, f"the ticks to come back mid-cycle (now {phases()})")
+            held = []
+            for _ in range(4):  # …and stay there
+                until = gw.engine.tick_count + 25
+                wait_for(lambda t=until: gw.engine.tick_count >= t, 3, "25 more ticks")
+                held.append(phases())
+            return knock, gw.phase_lock.moved - moved, held
+
+        knock, undone, held = drive(gw, scenario)
+    finally:
+        portaudio_on(jack_server)  # (this process's PortAudio back on the session's server)
+        stop_jackd(jackd)
+    # the lock moved them back (or on, the rest of the way round: the cycle is 20 ms)
+    assert abs((knock + undone + 0.010) % 0.020 - 0.010) < 0.0025, (knock, undone)
+    assert all(abs(p) < 0.0025 for row in held for p in row), held
