@@ -31,8 +31,10 @@ as a production gateway runs beside ``jackd -R`` (systemd ``CPUSchedulingPolicy=
 The floor by construction is printed too: one engine frame (a frame must be whole before
 the tick can mix it), plus one card period (the tick's phase against the card's callbacks
 is arbitrary, so over time either the capture FIFO or the playback FIFO must hold up to
-a period), plus the two rate converters' half-kernels (0.5 ms each). The FIFOs' margins
-and the jitter of ticks and callbacks come on top of that.
+a period), plus the two rate converters' half-kernels (0.5 ms each). When the period is
+the frame (960 at 20 ms) the period term goes: each callback brings one whole frame, the
+tick mixes it before the next, and the server's own period (the baseline) covers the
+wait for that. The FIFOs' margins and the jitter of ticks and callbacks come on top.
 """
 
 from __future__ import annotations
@@ -267,7 +269,9 @@ def floor_ms(frame: str, period: int) -> float:
 
     from gateway.units import parse_duration
 
-    return (parse_duration(frame) + period / RATE + 2 * ZERO_CROSSINGS / 16000) * 1000
+    seconds = parse_duration(frame)
+    phase = 0.0 if period == round(seconds * RATE) else period / RATE
+    return (seconds + phase + 2 * ZERO_CROSSINGS / 16000) * 1000
 
 
 def main() -> int:
@@ -344,7 +348,8 @@ def main() -> int:
         print(f"{r[0]:>6} {r[1]:>9.1f} {r[2]:>9.1f} {r[3]:>9.1f} {r[4]:>9.1f} {r[5]:>6.1f} "
               f"{r[6]:>12.1f} {r[7]:>6.1f} {r[8]:>6} {r[9]:>4} {r[10]:>5.0f} {r[11]:>9.0f}")
     print("  added = total − server baseline (a PortAudio pass-through on the same server);")
-    print("  floor = engine frame + card period + both rate converters' half-kernels;")
+    print("  floor = engine frame + card period (none when it is the frame) + both rate "
+          "converters' half-kernels;")
     print("  sq→audio = onset delay of a burst after a shut squelch, beyond the steady delay.")
     if drift_rows:
         what = "4 s overs, 2 s pauses" if args.overs else "steady tone"
