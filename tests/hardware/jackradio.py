@@ -79,9 +79,11 @@ def stop_jackd(proc: subprocess.Popen) -> None:
             proc.kill()
             proc.wait()
     # A server stopped under its clients (as the vanished-server tests do) leaves their
-    # semaphores in /dev/shm: remove what belonged to this server name, nothing else.
+    # semaphores in /dev/shm, and one killed leaves its own segment (jack_NAME_0_0):
+    # remove what belonged to this server name, nothing else.
     name = proc.args[proc.args.index("-n") + 1]
-    for left in Path("/dev/shm").glob(f"jack_sem.*_{name}_*"):
+    shm = Path("/dev/shm")
+    for left in [*shm.glob(f"jack_sem.*_{name}_*"), *shm.glob(f"jack_{name}_*")]:
         left.unlink(missing_ok=True)
 
 
