@@ -95,7 +95,7 @@ START_GRACE_S = 3.0
 # holds above its base, the margin widens to base + dip at once, as an underrun of that
 # depth (the usual level plus what was missing) makes it, but without the lost audio.
 USUAL_WINDOWS = 3
-# Where in the card's cycle the ticks fall is judged over this many ticks (``tick_phase``).
+# Where in the card's cycle the ticks fall is judged over the last this many (``tick_phase``).
 PHASE_TICKS = 25
 LOSS_BEFORE_S = 1.5  # stream time lost is judged against the callbacks this long before
 LAG_KEPT_S = 3.0  # the stream's lag is kept this long, for ``stream_lost``
@@ -124,7 +124,6 @@ class Alarm:
     dry: bool = False
     span: float = 0.0
     late: float = 0.0  # how late the side that feeds the FIFO came (see ``Underrun``)
-    lost: float = 0.0  # stream time the audio server lost around it (see ``Underrun``)
 
 
 @dataclass(frozen=True)
@@ -257,10 +256,10 @@ class SoundCard:
         self.last_xrun = -math.inf  # when the tick last saw the xrun count move
         self.alarms: list[Alarm] = []  # underruns and dips not yet blamed
         self.underruns: deque[Underrun] = deque(maxlen=1000)  # the latest, once blamed
-        # (tick time, last callback's time − its frame / rate): the stream against the wall
-        self.lags: deque[tuple[float, float]] = deque(
-            maxlen=round(LAG_KEPT_S / self.frame_seconds))
-        self.phases: deque[float] = deque(maxlen=PHASE_TICKS)  # tick time − last callback's
+        # (tick time, last callback's time, its first frame), one a tick: where the ticks
+        # fall in the card's cycle, and the stream against the wall clock
+        self.stamps: deque[tuple[float, float, int]] = deque(
+            maxlen=max(PHASE_TICKS, round(LAG_KEPT_S / self.frame_seconds)))
         self.rx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)  # the last windows' marks
         self.tx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)
         self.now: Callable[[], float] = time.monotonic  # (the drift tests run simulated time)
@@ -327,8 +326,7 @@ class SoundCard:
         self.rx_low = math.inf
         self.rx_lows.clear()
         self.tx_lows.clear()
-        self.lags.clear()
-        self.phases.clear()
+        self.stamps.clear()
         self.error = ""
         self.up = True
         log.info("%s: sound card open: %s, %d Hz", self.name, opened.card, opened.rate)
@@ -372,8 +370,7 @@ class SoundCard:
             return False
         frame, when = stamp(self.status, self.block.clock)
         if frame:
-            self.lags.append((now, when - frame / self.device_rate))
-            self.phases.append(now - when)
+            self.stamps.append((now, when, frame))
         xruns = int(self.status[XRUNS])
         if xruns != self.xruns_seen:
             self.xruns_seen, self.last_xrun = xruns, now
@@ -399,7 +396,10 @@ class SoundCard:
                 self.counts["underruns_after_xruns"] += 1
             if cause == "margin":
                 was = alarm.control.target
-                alarm.control.widen(alarm.dip) if alarm.dry else alarm.control.cover(alarm.dip)
+                if alarm.dry:
+                    alarm.control.widen(alarm.dip)
+                else:
+                    alarm.control.cover(alarm.dip)
                 self.counts["margin_widenings"] += alarm.control.target > was
             if not alarm.dry:
                 continue
@@ -418,8 +418,9 @@ class SoundCard:
         wall clock its punctual callbacks ran after than before (a late callback that caught
         up lost nothing; one the server gave up on did). The least lag of each side is its
         punctual callbacks'; a drift of 500 ppm moves it 1 ms in the 2 s compared."""
-        before = [lag for t, lag in self.lags if when - LOSS_BEFORE_S <= t < when]
-        after = [lag for t, lag in self.lags if when < t <= when + XRUN_SHADOW_S]
+        dev = self.device_rate
+        before = [at - f / dev for t, at, f in self.stamps if when - LOSS_BEFORE_S <= t < when]
+        after = [at - f / dev for t, at, f in self.stamps if when < t <= when + XRUN_SHADOW_S]
         return max(0.0, min(after) - min(before)) if before and after else 0.0
 
     def tick_phase(self) -> float | None:
@@ -436,16 +437,31 @@ class SoundCard:
         phase that jitters across the cycle's end is one phase, not two that average to
         the middle."""
         cycle = self.period / self.device_rate
-        if len(self.phases) < PHASE_TICKS or (self.n * self.device_rate / self.rate) % self.period:
+        if len(self.stamps) < PHASE_TICKS or (self.n * self.device_rate / self.rate) % self.period:
             return None
-        angles = np.asarray(self.phases) * (2 * math.pi / cycle)
+        recent = list(self.stamps)[-PHASE_TICKS:]
+        angles = np.array([t - at for t, at, _ in recent]) * (2 * math.pi / cycle)
         mean = math.atan2(float(np.mean(np.sin(angles))), float(np.mean(np.cos(angles))))
         return (mean % (2 * math.pi) - math.pi) * cycle / (2 * math.pi)
 
     def quiet(self) -> bool:
         """Is all the audio in both FIFOs silence (between overs)?"""
-        return float(np.max(np.abs(self.rx_buf), initial=0)) < QUIET and \
-            (not self.tx_primed or self.tx_quiet >= self.tx.queued)
+        return self._rx_quiet() and (not self.tx_primed or self._tx_quiet())
+
+    def _rx_quiet(self) -> bool:
+        return float(np.max(np.abs(self.rx_buf), initial=0)) < QUIET
+
+    def _tx_quiet(self) -> bool:
+        return self.tx_quiet >= self.tx.queued
+
+    def _pad_rx(self, samples: int) -> None:
+        """Silence ahead of the received audio (its FIFO is short between overs)."""
+        self.rx_buf = np.concatenate((np.zeros(samples, np.float32), self.rx_buf))
+
+    def _pad_tx(self, samples: int) -> None:
+        """Silence after the queued audio (its FIFO is short between overs)."""
+        self._push(np.zeros(samples, np.float32))
+        self.tx_quiet += samples
 
     def ticks_moved(self, seconds: float) -> None:
         """The engine's ticks now fall ``seconds`` later (negative: earlier). Between overs
@@ -457,12 +473,9 @@ class SoundCard:
         if not self.up or not self.quiet():
             return
         if seconds < 0 and not self.rx_priming:
-            pad = np.zeros(round(-seconds * self.rate), np.float32)
-            self.rx_buf = np.concatenate((pad, self.rx_buf))
+            self._pad_rx(round(-seconds * self.rate))
         elif seconds > 0 and self.tx_primed:
-            pad = np.zeros(round(seconds * self.device_rate), np.float32)
-            self._push(pad)
-            self.tx_quiet += len(pad)
+            self._pad_tx(round(seconds * self.device_rate))
 
     @staticmethod
     def _usual(control: DriftControl, lows: deque[float]) -> float:
@@ -586,10 +599,9 @@ class SoundCard:
                     after_xrun or float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET)):
                 self.rx_buf = self.rx_buf[cut:]  # a stall, or silence: cut at once
                 self.counts["dropped_samples"] += cut
-            elif self._short(self.rx_control, self.rx_lows, low) and \
-                    float(np.max(np.abs(self.rx_buf), initial=0)) < QUIET:
+            elif self._short(self.rx_control, self.rx_lows, low) and self._rx_quiet():
                 self._watch(self.rx_control, self.rx_lows, low, dt)
-                self.rx_buf = np.concatenate((np.zeros(-cut, np.float32), self.rx_buf))
+                self._pad_rx(-cut)
             else:
                 self.rx_control.update(low, dt)
                 self._watch(self.rx_control, self.rx_lows, low, dt)
@@ -602,16 +614,14 @@ class SoundCard:
                 self.tx_underruns_seen:
             low = int(s[TX_LOW]) / self.device_rate - self.tx_extra
             excess = low - self.tx_control.target
-            quiet = self.tx_quiet >= self.tx.queued
+            quiet = self._tx_quiet()
             if excess > TRIM_S or (excess > TRIM_QUIET_S and not self.tx_extra
                                    and (quiet or after_xrun)):
                 self._skip_tx(round(excess * self.device_rate))
             elif self._short(self.tx_control, self.tx_lows, low) and not self.tx_extra \
                     and quiet:
                 self._watch(self.tx_control, self.tx_lows, low, dt)
-                pad = round(-excess * self.device_rate)
-                self._push(np.zeros(pad, np.float32))
-                self.tx_quiet += pad
+                self._pad_tx(round(-excess * self.device_rate))
             else:
                 self.tx_control.update(low, dt)
                 self._watch(self.tx_control, self.tx_lows, low, dt)
