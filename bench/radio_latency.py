@@ -195,8 +195,9 @@ def through_gateway(
             while time.monotonic() - start < drift_seconds:
                 time.sleep(1.0)
                 a, b = gw.ports["radio_a"].card.stats(), gw.ports["radio_b"].card.stats()
-                samples.append((a["rx_ratio_ppm"], b["tx_ratio_ppm"], a["rx_buffer_seconds"],
-                                b["tx_buffer_seconds"]))  # fmt: skip
+                samples.append((a["rx_ratio_ppm"], b["tx_ratio_ppm"], a["rx_low_water_seconds"],
+                                b["tx_low_water_seconds"], a["rx_margin_seconds"],
+                                b["tx_margin_seconds"], time.monotonic()))  # fmt: skip
                 now, second = events(), round(time.monotonic() - start)
                 if now[3] > seen[3]:
                     xrun_times.append(second)
@@ -272,6 +273,39 @@ def floor_ms(frame: str, period: int) -> float:
     return (seconds + phase + 2 * ZERO_CROSSINGS / 16000) * 1000
 
 
+def slices(samples: list[tuple], underruns: list, stalls: Stalls | None,
+           width: float) -> str:
+    """One row per ``width`` seconds of the drift run: underruns by cause, the margins and
+    buffers at its end, the control's median ratio, and the machine's stalls in it. A run
+    whose margins stop widening and whose buffers stay put row after row neither underruns
+    (for want of margin) nor grows."""
+    if not samples:
+        return "  (no samples)"
+    s = np.array(samples)
+    t0 = s[0, 6] - 1.0
+    lines = [f"{'minutes':>11} {'margin':>6} {'xrun':>4} {'start':>5} {'rx/tx margin ms':>15} "
+             f"{'rx/tx low-water ms':>21} {'rx/tx ppm':>11} {'stalls ≥5 ms':>12}"]
+    lo = t0
+    while lo < s[-1, 6]:
+        hi = lo + width
+        row = s[(s[:, 6] > lo) & (s[:, 6] <= hi)]
+        if len(row):
+            causes = [u.cause for u in underruns if lo < u.when <= hi]
+            late = len([x for x, _ in stalls.late(0.005) if lo < x <= hi]) if stalls else "–"
+            lines.append(
+                f"{(lo - t0) / 60:>5.1f}–{(hi - t0) / 60:<5.1f} {causes.count('margin'):>6} "
+                f"{causes.count('xrun'):>4} {causes.count('start'):>5} "
+                f"{row[-1, 4] * 1000:>7.1f}/{row[-1, 5] * 1000:<7.1f} "
+                f"{np.median(row[:, 2]) * 1000:>10.1f}/{np.median(row[:, 3]) * 1000:<10.1f} "
+                f"{np.median(row[:, 0]):>5.0f}/{np.median(row[:, 1]):<5.0f} {late:>12}")
+        lo = hi
+    lines.append("  underruns (all four FIFOs) by cause: 'margin' = the margin was short (it then "
+                 "widens), 'xrun' = next to the audio server's own xrun, 'start' = a stream's "
+                 "first 3 s; margins: A's rx and B's tx at the row's end; low-water: their "
+                 "median over the row, the level the control holds at the margin.")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--periods", type=int, nargs="+", default=[256, 960])
@@ -280,6 +314,8 @@ def main() -> int:
     parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
     parser.add_argument("--overs", action="store_true",
                         help="drift run as a conversation (4 s overs, 2 s pauses), not one over")
+    parser.add_argument("--slice-minutes", type=float, default=10.0,
+                        help="the drift run's time table: one row per this many minutes")
     parser.add_argument("--margin", default="1ms",
                         help="the radios' buffer_margin (the base the learnt margin grows from)")
     parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
@@ -293,6 +329,7 @@ def main() -> int:
     rows = []
     drift_rows = []
     stall_reports = []
+    slice_reports = []
     for period in args.periods:
         server = f"blbench{os.getpid()}p{period}"
         jackd = start_jackd(server, period=period)
@@ -316,7 +353,7 @@ def main() -> int:
               f"{[round(d * 1000, 1) for d in res['delay']]}", flush=True)
         if "drift" in res:
             d = res["drift"]
-            s = np.array(d["samples"]) if d["samples"] else np.zeros((1, 4))
+            s = np.array(d["samples"]) if d["samples"] else np.zeros((1, 7))
             drift_rows.append((period, d["seconds"] / 60, s[:, 0].min(), np.median(s[:, 0]),
                                s[:, 0].max(), s[:, 1].min(), np.median(s[:, 1]), s[:, 1].max(),
                                s[:, 2].min() * 1000, s[:, 2].max() * 1000, s[:, 3].min() * 1000,
@@ -334,6 +371,7 @@ def main() -> int:
                   f"the end: A rx {d['margins'][0] * 1000:.1f} ms, B tx "
                   f"{d['margins'][1] * 1000:.1f} ms", flush=True)
             stall_reports.append((period, d["stalls"], d["underruns"]))
+            slice_reports.append((period, d["samples"], d["underruns"], d["stalls"]))
     priority = f"SCHED_FIFO {args.realtime}" if args.realtime else "normal priority"
     print(f"\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine {args.frame} frames, "
           f"16 kHz; {priority}; load average {load_before:.2f} before, "
@@ -352,7 +390,7 @@ def main() -> int:
         what = "4 s overs, 2 s pauses" if args.overs else "steady tone"
         print(f"\nClock drift ({what} through A→B)")
         print(f"{'period':>6} {'minutes':>7} {'rx ppm min/med/max':>20} {'tx ppm min/med/max':>20} "
-              f"{'rx buf ms':>11} {'tx buf ms':>11} {'delay start':>11} {'delay end':>9} "
+              f"{'rx low ms':>11} {'tx low ms':>11} {'delay start':>11} {'delay end':>9} "
               f"{'dropped':>8} {'rx under':>8} {'tx under':>8} {'xruns':>5} {'all under':>9} "
               f"{'by xrun':>7} {'widened':>7}")
         for r in drift_rows:
@@ -367,6 +405,10 @@ def main() -> int:
               "2); 'all under' = underruns in all four FIFOs (both ways on both cards), 'by "
               "xrun' = those within 0.5 s of an xrun, the audio server's loss; 'widened' = "
               "times a margin widened (all four FIFOs), for a dip or an underrun.")
+    for period, samples, underruns, stalls in slice_reports:
+        print(f"\nThe drift run slice by slice (period {period}): does anything underrun or "
+              "grow as the hours pass?")
+        print(slices(samples, underruns, stalls, args.slice_minutes * 60))
     for period, stalls, underruns in stall_reports:
         print(f"\nThe machine's stalls in the drift run (period {period})")
         if stalls is None:

@@ -260,6 +260,7 @@ class SoundCard:
         # fall in the card's cycle, and the stream against the wall clock
         self.stamps: deque[tuple[float, float, int]] = deque(
             maxlen=max(PHASE_TICKS, round(LAG_KEPT_S / self.frame_seconds)))
+        self.rx_low_water = self.tx_low_water = 0.0  # the last window's marks (seconds)
         self.rx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)  # the last windows' marks
         self.tx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)
         self.now: Callable[[], float] = time.monotonic  # (the drift tests run simulated time)
@@ -592,7 +593,7 @@ class SoundCard:
         # control would take seconds to steer it away (0.5 ms a second at most).
         after_xrun = self.now() - self.last_xrun < 2 * dt
         if math.isfinite(self.rx_low):
-            low = self.rx_low / self.rate
+            low = self.rx_low_water = self.rx_low / self.rate
             excess = low - self.rx_control.target
             cut = round(excess * self.rate)
             if excess > TRIM_S or (excess > TRIM_QUIET_S and (
@@ -612,7 +613,7 @@ class SoundCard:
         s[WINDOW] = window + 1
         if s[TX_LOW_WINDOW] == window and self.tx_primed and s[TX_UNDERRUNS] == \
                 self.tx_underruns_seen:
-            low = int(s[TX_LOW]) / self.device_rate - self.tx_extra
+            low = self.tx_low_water = int(s[TX_LOW]) / self.device_rate - self.tx_extra
             excess = low - self.tx_control.target
             quiet = self._tx_quiet()
             if excess > TRIM_S or (excess > TRIM_QUIET_S and not self.tx_extra
@@ -706,6 +707,8 @@ class SoundCard:
             "tx_ratio_ppm": self.tx_control.ppm,
             "rx_buffer_seconds": len(self.rx_buf) / self.rate,
             "tx_buffer_seconds": queued / self.device_rate,
+            "rx_low_water_seconds": self.rx_low_water,
+            "tx_low_water_seconds": self.tx_low_water,
             "rx_margin_seconds": self.rx_control.target,
             "tx_margin_seconds": self.tx_control.target,
         }

@@ -118,6 +118,12 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
     "tx_ratio_ppm": ("radio_tx_drift_ppm", "gauge", "Transmit resampling correction (card drift)"),
     "rx_buffer_seconds": ("radio_rx_buffer_seconds", "gauge", "Audio waiting in the receive FIFO"),
     "tx_buffer_seconds": ("radio_tx_buffer_seconds", "gauge", "Audio waiting in the transmit FIFO"),
+    "rx_low_water_seconds": ("radio_rx_low_water_seconds", "gauge",
+                             "Least audio the receive FIFO held over its last half second: "
+                             "what was left between the card and running dry"),
+    "tx_low_water_seconds": ("radio_tx_low_water_seconds", "gauge",
+                             "Least audio the transmit FIFO held over its last half second: "
+                             "what was left between the media tick and running dry"),
     "rx_margin_seconds": ("radio_rx_margin_seconds", "gauge",
                           "Jitter margin the receive FIFO is steered to keep (learnt)"),
     "tx_margin_seconds": ("radio_tx_margin_seconds", "gauge",

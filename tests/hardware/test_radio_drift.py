@@ -57,7 +57,7 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
     frame = (0.25 * np.sin(2 * np.pi * 1000 * np.arange(N) / 16000)).astype(np.float32)
     next_callback = 0.0
     minutes, settle = 3, 50 * 60  # ticks
-    levels_rx, levels_tx, ratios = [], [], []
+    levels_rx, levels_tx, ratios, lows = [], [], [], []
     for tick in range(minutes * 60 * 50):
         now[0] = tick * 0.02
         while next_callback <= now[0]:
@@ -73,6 +73,8 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
             levels_rx.append(len(card.rx_buf) / 16000)
             levels_tx.append(card.tx.queued / DEV)
             ratios.append((card.rx_control.ppm, card.tx_control.ppm))
+            got = card.stats()
+            lows.append((got["rx_low_water_seconds"], got["tx_low_water_seconds"]))
     stats = card.stats()
     for key in ("rx_underruns", "tx_underruns", "dropped_samples"):
         assert stats[key] == settled[key], f"{key} after the first minute"
@@ -86,6 +88,12 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
     for levels in (levels_rx, levels_tx):
         first, last = np.mean(levels[:1500]), np.mean(levels[-1500:])
         assert abs(last - first) < 0.002, (first, last)
+    # What an operator's gauge shows is the level the control holds: the 2 ms margin (up
+    # to its 1.5 ms deadband above), a window's least level, not the level at whatever
+    # moment it was read (which swings by a period and a frame).
+    for low in np.median(lows, axis=0):
+        assert 0.0015 < low < 0.002 + 0.0015 + 0.0003, low
+    assert min(min(pair) for pair in lows) > 0.0
 
 
 @pytest.mark.parametrize("xrun", [True, False])
