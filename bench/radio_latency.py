@@ -15,7 +15,8 @@ For each JACK dummy period (48 kHz) this starts its own uniquely named jackd, th
 3. *squelch-open → audio*: in the same bursts, the VOX squelch is shut before each;
    the burst's onset at B minus its onset at A, minus the steady (chirp) delay, is what
    opening the squelch costs beyond the path;
-4. *drift*: the gateway runs ``--drift-minutes`` with a steady tone; reported are the
+4. *drift*: the gateway runs ``--drift-minutes`` with a steady tone (``--overs``: a
+   conversation), its cards ``--card-ppm`` off its clock; reported are the
    drift-control ratios, FIFO levels, underruns, samples dropped and the chirp delay
    at the start and the end (a FIFO that grows shows as a delay that grows);
 5. *the machine's stalls* during the drift run (``bench/stalls.py``: cyclictest at
@@ -127,7 +128,7 @@ def baseline(server: str, bursts: int) -> list[float]:
 
 def through_gateway(
     server: str, bursts: int, drift_seconds: float, tmp: Path, frame: str = "20ms",
-    margin: str = "1ms", overs: bool = False,
+    margin: str = "1ms", overs: bool = False, card_ppm: float = 0.0,
 ) -> dict:
     import gateway.site  # noqa: F401
     from gateway.app import Gateway
@@ -138,6 +139,10 @@ def through_gateway(
     radio = RADIO + f'buffer_margin = "{margin}"\n'
     path.write_text(site_toml({"radio_a": radio, "radio_b": radio}, extra=timing))
     gw = Gateway(load_config(path))
+    # JACK's dummy backend keeps the host's clock, so its "cards" cannot drift. A card whose
+    # crystal runs card_ppm fast is, to the drift control, the same as an engine whose
+    # ticks come card_ppm slow against the cards: that is what is set here.
+    gw.clock.period *= 1 + card_ppm * 1e-6
     sim = RadioSim(server, 2, seconds=bursts * 1.2 + drift_seconds + 30)
     sim.connect(0, card_client("radio_a"))
     sim.connect(1, card_client("radio_b"))
@@ -314,6 +319,10 @@ def main() -> int:
     parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
     parser.add_argument("--overs", action="store_true",
                         help="drift run as a conversation (4 s overs, 2 s pauses), not one over")
+    parser.add_argument("--card-ppm", type=float, default=0.0,
+                        help="the cards run this many ppm fast against the engine (negative: "
+                             "slow), as a cheap card's crystal does (±100 ppm); JACK's dummy "
+                             "server cannot drift, so the engine's ticks are slowed instead")
     parser.add_argument("--slice-minutes", type=float, default=10.0,
                         help="the drift run's time table: one row per this many minutes")
     parser.add_argument("--margin", default="1ms",
@@ -338,7 +347,8 @@ def main() -> int:
             base = baseline(server, args.bursts)
             with tempfile.TemporaryDirectory() as tmp:
                 res = through_gateway(server, args.bursts, args.drift_minutes * 60, Path(tmp),
-                                      args.frame, args.margin, args.overs)  # fmt: skip
+                                      args.frame, args.margin, args.overs,
+                                      args.card_ppm)  # fmt: skip
         finally:
             portaudio_off()
             stop_jackd(jackd)
@@ -388,7 +398,8 @@ def main() -> int:
     print("  sq→audio = onset delay of a burst after a shut squelch, beyond the steady delay.")
     if drift_rows:
         what = "4 s overs, 2 s pauses" if args.overs else "steady tone"
-        print(f"\nClock drift ({what} through A→B)")
+        print(f"\nClock drift ({what} through A→B; the cards {args.card_ppm:+.0f} ppm against "
+              "the engine)")
         print(f"{'period':>6} {'minutes':>7} {'rx ppm min/med/max':>20} {'tx ppm min/med/max':>20} "
               f"{'rx low ms':>11} {'tx low ms':>11} {'delay start':>11} {'delay end':>9} "
               f"{'dropped':>8} {'rx under':>8} {'tx under':>8} {'xruns':>5} {'all under':>9} "
@@ -399,7 +410,9 @@ def main() -> int:
                   f"{r[10]:>5.1f}–{r[11]:<5.1f} {r[12]:>11.1f} {r[13]:>9.1f} {r[14]:>8.0f} "
                   f"{r[15]:>8.0f} {r[16]:>8.0f} {r[17]:>5.0f} {r[18]:>9.0f} {r[19]:>7.0f} "
                   f"{r[20]:>7.0f}")
-        print("  ppm = drift-control ratio (1 s samples); buffers = min–max over the run; "
+        print("  ppm = drift-control ratio (1 s samples); low = the FIFO's low-water mark (its "
+              "least level over a half-second window, which the control holds at the margin), "
+              "min–max over the run; "
               "dropped, underruns and xruns count the drift run only (the latency table's "
               "columns count from the start); xruns add both cards' (one server xrun counts "
               "2); 'all under' = underruns in all four FIFOs (both ways on both cards), 'by "
