@@ -1,15 +1,18 @@
 """The card's crystal against the engine's clock: the drift control follows it for hours.
 
-A real JACK dummy server runs on the host's clock, so it cannot drift. Here the card
-side is played by calling the card process's stream callback exactly as PortAudio would
-(on the same shared rings), in 256-frame periods, at a rate 300 ppm off the engine's (a
-cheap card's crystal is within ±100 ppm); the engine side ticks every 20 ms. Time is
-simulated, so three minutes take seconds.
+A real JACK dummy server runs on the host's clock, so it cannot drift. Most tests here
+play the card side by calling the card process's stream callback exactly as PortAudio
+would (on the same shared rings), in 256-frame periods, at a rate 300 ppm off the
+engine's (a cheap card's crystal is within ±100 ppm); the engine side ticks every 20 ms.
+Time is simulated, so three minutes take seconds. The last runs the real path on a JACK
+server, with the engine's ticks 300 ppm slow instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +20,20 @@ from gateway.hardware.card_process import TX_LOW, OpenRequest, StreamCallback
 from gateway.hardware.soundcard import CardSpec, DriftControl, SoundCard
 
 from gateway.clock import MediaClock, PhaseLock
+from tests.hardware.gwrun import build, drive
+from tests.hardware.jackradio import (
+    RATE,
+    RadioSim,
+    card_client,
+    peak_hz,
+    portaudio_on,
+    site_toml,
+    start_jackd,
+    steady_db,
+    stop_jackd,
+    tone,
+    wait_for,
+)
 
 DEV = 48000
 PERIOD = 256
@@ -377,3 +394,71 @@ def test_audio_queued_behind_an_audio_server_stall_is_cut_at_once():
     after = min(levels[t] for t in range(21 * 50, 22 * 50))  # 1–2 s after the stall
     assert card.stats()["xruns"] == 1
     assert after - before < 0.001, f"{(after - before) * 1000:.1f} ms more latency"
+
+
+@pytest.mark.jack
+def test_ticks_follow_cards_300_ppm_fast_on_a_real_audio_server(jack_server, tmp_path):
+    """A drifting card on the real path: PortAudio on a JACK server, the cards' processes,
+    the gateway's own clock. JACK's dummy server keeps the host's clock, so the engine's
+    ticks are slowed by 300 ppm instead: to the gateway that is a card crystal 300 ppm
+    fast. One long over (a steady tone): no pause to reset anything in.
+
+    At period 960 (its own server) the cards' cycle holds the ticks (``PhaseLock``), so
+    the engine's clock follows the cards' crystal and the FIFOs see no drift at all: each
+    tick still falls mid-cycle, exchanging exactly one callback's audio. Left alone the
+    ticks would slide 0.3 ms a second through the cycle, onto a callback within 33 s.
+    (At 256 the drift is the resampler's, shown above in simulated time: this shared VM
+    xruns there every few seconds, and each lost cycle moves the levels by more than the
+    drift does. FIFO levels and underruns are not judged here for the same reason: a
+    stall of half a period, a few times an hour here, widens a margin mid-over.)"""
+    server = f"blppm{os.getpid()}"
+    jackd = start_jackd(server, period=960)
+    sim = None
+    try:
+        portaudio_on(server)
+        radio = """
+kind = "soundcard"
+device = "system"
+host_api = "JACK"
+squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
+"""
+        gw = build(tmp_path, site_toml({"radio_a": radio, "radio_b": radio}))
+        gw.clock.period *= 1 + 300e-6
+        sim = RadioSim(server, 2, seconds=70.0)
+        sim.connect(0, card_client("radio_a"))
+        sim.connect(1, card_client("radio_b"))
+        cards = [gw.ports[name] for name in ("radio_a", "radio_b")]
+
+        def scenario() -> tuple[list[list[float | None]], float, float, int]:
+            wait_for(lambda: gw.engine.tick_count > 25, 10, "the gateway to tick")
+            sim.start(0, tone(1000, 1.0, -12), loop=True)
+            phases, start = [], gw.engine.tick_count
+            settle, measure = start + 10 * 50, start + 50 * 50
+            while gw.engine.tick_count < measure:
+                due = gw.engine.tick_count + 25  # (a tick_phase is the mean of 25 ticks)
+                wait_for(lambda d=due: gw.engine.tick_count >= d, 5, "25 ticks")
+                if gw.engine.tick_count >= settle:
+                    if not phases:
+                        moved, began = gw.phase_lock.moved, time.monotonic()
+                    phases.append([port.tick_phase() for port in cards])
+            return phases, gw.phase_lock.moved - moved, time.monotonic() - began, sim.frame
+
+        phases, moved, seconds, end = drive(gw, scenario, timeout=90)
+        heard = sim.recorded(1, since=end - 5 * RATE)
+    finally:
+        if sim is not None:
+            sim.close()
+        portaudio_on(jack_server)  # (this process's PortAudio back on the session's server)
+        stop_jackd(jackd)
+    # Mid-cycle all through the 40 s, where the drift alone would have slid them 12 ms.
+    # (Within the lock's 1 ms deadband of the first card's middle; the second card's
+    # callbacks run about 1 ms from the first's in the server's cycle, and a stall moves
+    # a 25-tick mean by up to a millisecond more.)
+    worst = max(abs(p) if p is not None else 1.0 for row in phases for p in row)
+    assert worst < 0.005, f"ticks {worst * 1000:.1f} ms from mid-cycle"
+    # …because the lock pulled them 300 ppm earlier, second by second (give or take where
+    # in its ±1 ms deadband the 40 s began and ended: 50 ppm).
+    assert abs(moved / seconds + 300e-6) < 100e-6, f"{moved / seconds * 1e6:+.0f} ppm"
+    # …and B still sends the tone A heard, at its level.
+    assert abs(peak_hz(heard) - 1000) < 2
+    assert abs(steady_db(heard) - steady_db(tone(1000, 1.0, -12))) < 1.0
