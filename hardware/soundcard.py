@@ -424,6 +424,11 @@ class SoundCard:
         after = [at - f / dev for t, at, f in self.stamps if when < t <= when + XRUN_SHADOW_S]
         return max(0.0, min(after) - min(before)) if before and after else 0.0
 
+    def _xrun_lost(self) -> float:
+        """Stream time lost at the last xrun, once 0.2 s of callbacks after it show it."""
+        after = sum(1 for t, _, _ in self.stamps if t > self.last_xrun)
+        return self.stream_lost(self.last_xrun) if after * self.frame_seconds >= 0.2 else 0.0
+
     def tick_phase(self) -> float | None:
         """How far past the middle of the card's cycle the ticks fall (seconds, −period/2 to
         +period/2), or None when that means nothing: the card's period does not divide the
@@ -590,7 +595,10 @@ class SoundCard:
         self.tx_control.relax(dt)
         # Audio left queued behind an audio-server stall (an xrun in this window or the
         # last) is cut at once even mid-over: the audio glitched there already, and the
-        # control would take seconds to steer it away (0.5 ms a second at most).
+        # control would take seconds to steer it away (0.5 ms a second at most). Likewise
+        # received audio the server never recorded (it skipped cycles): the FIFO is that
+        # much short of its margin, and is made up with silence at once, not with the
+        # margin eaten for the ten seconds the control would take.
         after_xrun = self.now() - self.last_xrun < 2 * dt
         if math.isfinite(self.rx_low):
             low = self.rx_low_water = self.rx_low / self.rate
@@ -600,6 +608,11 @@ class SoundCard:
                     after_xrun or float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET)):
                 self.rx_buf = self.rx_buf[cut:]  # a stall, or silence: cut at once
                 self.counts["dropped_samples"] += cut
+            elif after_xrun and excess < -TRIM_QUIET_S and self._xrun_lost() > TRIM_QUIET_S:
+                # stream time the server lost: made up at once (not what it did not lose:
+                # a late callback that caught up leaves a dip, and silence put in for it
+                # would be cut again next window, two glitches where there was none)
+                self._pad_rx(round(min(-excess, self._xrun_lost()) * self.rate))
             elif self._short(self.rx_control, self.rx_lows, low) and self._rx_quiet():
                 self._watch(self.rx_control, self.rx_lows, low, dt)
                 self._pad_rx(-cut)

@@ -49,10 +49,11 @@ class InThisProcess:
         pass
 
 
-def card_in_simulated_time(period: int = PERIOD) -> tuple[SoundCard, StreamCallback, list[float]]:
+def card_in_simulated_time(period: int = PERIOD, margin: float = 0.002,
+                           ) -> tuple[SoundCard, StreamCallback, list[float]]:  # fmt: skip
     """A card with a 2 ms margin whose process is played here: the test calls its C
     callback, and its clock reads the test's simulated time, ``now[0]``."""
-    card = SoundCard(CardSpec(device=0, sample_rate=DEV, margin=0.002), 16000, N, "sim")
+    card = SoundCard(CardSpec(device=0, sample_rate=DEV, margin=margin), 16000, N, "sim")
     card.up = True
     card.process = InThisProcess()
     mono = OpenRequest(0, None, 1, 1, 0, 0, DEV, period, "low", "")
@@ -394,6 +395,45 @@ def test_audio_queued_behind_an_audio_server_stall_is_cut_at_once():
     after = min(levels[t] for t in range(21 * 50, 22 * 50))  # 1–2 s after the stall
     assert card.stats()["xruns"] == 1
     assert after - before < 0.001, f"{(after - before) * 1000:.1f} ms more latency"
+
+
+
+@pytest.mark.parametrize("lost", [True, False], ids=["cycles-lost", "late-caught-up"])
+def test_received_audio_an_audio_server_stall_lost_is_made_up_at_once(lost):
+    """The server stalls 6 ms and reports an xrun. If it gave up those cycles, the card
+    recorded nothing for them, so the receive FIFO holds 6 ms less than its 8 ms margin,
+    and the next late callback would run it dry. The audio glitched there already, so the
+    6 ms are made up with silence at once, even mid-over; not over the ten seconds the
+    control takes at 0.5 ms a second, with the margin eaten meanwhile. If its callbacks
+    came late but caught up, nothing was lost, and nothing may be put in: the dip passes
+    by itself, and silence put in would be a glitch where there was none."""
+    card, callback, now = card_in_simulated_time(margin=0.008)
+    indata = np.full((PERIOD, 1), 0.1, np.float32)
+    outdata = np.zeros((PERIOD, 1), np.float32)
+    next_callback, flags, last, levels = 0.0, 0, 0.0, {}
+    for tick in range(22 * 50):
+        now[0] = tick * 0.02
+        late = 0.006 if tick == 20 * 50 and not lost else 0.0
+        if tick == 20 * 50:
+            flags = 0x2 | 0x4  # paInputOverflow | paOutputUnderflow, on the next call
+            if lost:
+                next_callback += 0.006  # no callback, no frames for that long
+        while next_callback <= now[0] - late:
+            callback(indata, outdata, flags)
+            flags, last, next_callback = 0, next_callback, next_callback + PERIOD / DEV
+        card.block.clock[0] = last  # the callback stamps its (simulated) time
+        card.read()  # one long over: the radio's audio is never quiet
+        card.write(None)
+        levels[tick] = len(card.rx_buf) / 16000  # just after the tick's read
+        if tick == 20 * 50 - 1:
+            dropped = card.stats()["dropped_samples"]
+    before = min(levels[t] for t in range(19 * 50, 20 * 50))
+    after = min(levels[t] for t in range(21 * 50, 22 * 50))  # 1–2 s after the stall
+    stats = card.stats()
+    assert stats["xruns"] == 1 and stats["rx_underruns"] == 0
+    assert abs(after - before) < 0.001, f"{(after - before) * 1000:+.1f} ms of margin"
+    if not lost:  # nothing put in, so nothing cut again (≤ 1 ms: the deadband's excess)
+        assert stats["dropped_samples"] - dropped <= 16, stats["dropped_samples"] - dropped
 
 
 @pytest.mark.jack
