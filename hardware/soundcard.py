@@ -593,26 +593,25 @@ class SoundCard:
         dt = self.window_ticks * self.frame_seconds
         self.rx_control.relax(dt)
         self.tx_control.relax(dt)
-        # Audio left queued behind an audio-server stall (an xrun in this window or the
-        # last) is cut at once even mid-over: the audio glitched there already, and the
-        # control would take seconds to steer it away (0.5 ms a second at most). Likewise
-        # received audio the server never recorded (it skipped cycles): the FIFO is that
-        # much short of its margin, and is made up with silence at once, not with the
-        # margin eaten for the ten seconds the control would take.
-        after_xrun = self.now() - self.last_xrun < 2 * dt
+        # An audio-server xrun (in this window or the last) that skipped cycles left the
+        # FIFOs off by the stream time lost: transmit audio the card never played waits as
+        # that much more latency, and receive audio it never recorded is missing from the
+        # margin. The audio glitched there already, so both are put right at once, even
+        # mid-over, not over the seconds the control takes (0.5 ms a second at most), with
+        # the margin eaten meanwhile. Only what the stream clock shows lost: a late callback
+        # that caught up lost nothing, and a cut or silence for it would be a glitch where
+        # there was none.
+        lost = self._xrun_lost() if self.now() - self.last_xrun < 2 * dt else 0.0
         if math.isfinite(self.rx_low):
             low = self.rx_low_water = self.rx_low / self.rate
             excess = low - self.rx_control.target
             cut = round(excess * self.rate)
-            if excess > TRIM_S or (excess > TRIM_QUIET_S and (
-                    after_xrun or float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET)):
+            if excess > TRIM_S or (excess > TRIM_QUIET_S
+                                   and float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET):
                 self.rx_buf = self.rx_buf[cut:]  # a stall, or silence: cut at once
                 self.counts["dropped_samples"] += cut
-            elif after_xrun and excess < -TRIM_QUIET_S and self._xrun_lost() > TRIM_QUIET_S:
-                # stream time the server lost: made up at once (not what it did not lose:
-                # a late callback that caught up leaves a dip, and silence put in for it
-                # would be cut again next window, two glitches where there was none)
-                self._pad_rx(round(min(-excess, self._xrun_lost()) * self.rate))
+            elif excess < -TRIM_QUIET_S and lost > TRIM_QUIET_S:
+                self._pad_rx(round(min(-excess, lost) * self.rate))
             elif self._short(self.rx_control, self.rx_lows, low) and self._rx_quiet():
                 self._watch(self.rx_control, self.rx_lows, low, dt)
                 self._pad_rx(-cut)
@@ -629,9 +628,10 @@ class SoundCard:
             low = self.tx_low_water = int(s[TX_LOW]) / self.device_rate - self.tx_extra
             excess = low - self.tx_control.target
             quiet = self._tx_quiet()
-            if excess > TRIM_S or (excess > TRIM_QUIET_S and not self.tx_extra
-                                   and (quiet or after_xrun)):
+            if excess > TRIM_S or (excess > TRIM_QUIET_S and not self.tx_extra and quiet):
                 self._skip_tx(round(excess * self.device_rate))
+            elif excess > TRIM_QUIET_S and not self.tx_extra and lost > TRIM_QUIET_S:
+                self._skip_tx(round(min(excess, lost) * self.device_rate))
             elif self._short(self.tx_control, self.tx_lows, low) and not self.tx_extra \
                     and quiet:
                 self._watch(self.tx_control, self.tx_lows, low, dt)
