@@ -416,7 +416,8 @@ def main() -> int:
               "dropped, underruns and xruns count the drift run only (the latency table's "
               "columns count from the start); xruns add both cards' (one server xrun counts "
               "2); 'all under' = underruns in all four FIFOs (both ways on both cards), 'by "
-              "xrun' = those within 0.5 s of an xrun, the audio server's loss; 'widened' = "
+              "xrun' = those within 0.5 s of an xrun that skipped stream time, the audio "
+              "server's loss; 'widened' = "
               "times a margin widened (all four FIFOs), for a dip or an underrun.")
     for period, samples, underruns, stalls in slice_reports:
         print(f"\nThe drift run slice by slice (period {period}): does anything underrun or "

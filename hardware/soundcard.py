@@ -77,11 +77,11 @@ TRIM_QUIET_S = 0.0005
 QUIET = 10 ** (-50 / 20)  # peak level below which audio counts as silence
 STALE_S = 0.03  # received audio this far beyond target after a stall is dropped at once
 STALE_TX_S = 0.03  # likewise for audio queued to the card
-# An underrun this close (before or after) to an xrun the audio server reported is the
-# server's loss (it skipped cycles: the card neither recorded nor played for that long),
-# not jitter the margin should have covered: it is counted apart and does not widen the
-# margin, which could not ride a stall of the server's anyway. The tick may see the FIFO
-# dry before the callback after the stall reports the xrun, so the decision waits this long.
+# An underrun this close (before or after) to an xrun the audio server reported, where the
+# stream lost time (it skipped cycles: the card neither recorded nor played for that long),
+# is the server's loss, not jitter the margin should have covered: it is counted apart and
+# does not widen the margin, which could not ride it anyway. The tick may see the FIFO dry
+# before the callback after the stall reports the xrun, so the decision waits this long.
 XRUN_SHADOW_S = 0.5
 # Nor is an underrun in a stream's first seconds learnt: the audio server's graph and the
 # card settle, and where the ticks fall in the card's cycle is set by chance until the
@@ -381,13 +381,18 @@ class SoundCard:
 
     def _blame(self, now: float) -> None:
         """Widen the margin of a FIFO that ran dry or dipped, unless the audio server lost
-        the time or the stream has just started."""
+        the time or the stream has just started. An xrun alone does not excuse it: one
+        whose callbacks came late and caught up lost nothing, and a wider margin rides
+        that next time; only stream time lost (half a period or more: a skipped cycle)
+        is beyond any margin."""
         waiting = []
         for alarm in self.alarms:
             if now - alarm.when <= XRUN_SHADOW_S:  # an xrun may yet be reported
                 waiting.append(alarm)
                 continue
-            if self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S:
+            lost = self.stream_lost(alarm.when)
+            if self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S and \
+                    lost >= self.period / self.device_rate / 2:
                 cause = "xrun"
             elif alarm.when - self.started_at < START_GRACE_S:
                 cause = "start"
@@ -405,7 +410,6 @@ class SoundCard:
             if not alarm.dry:
                 continue
             way = "rx" if alarm.control is self.rx_control else "tx"
-            lost = self.stream_lost(alarm.when)
             self.underruns.append(Underrun(alarm.when, way, cause, alarm.late, lost))
             if cause == "margin":
                 late = "the card's callback" if way == "rx" else "the media tick"
@@ -419,15 +423,17 @@ class SoundCard:
         wall clock its punctual callbacks ran after than before (a late callback that caught
         up lost nothing; one the server gave up on did). The least lag of each side is its
         punctual callbacks'; a drift of 500 ppm moves it 1 ms in the 2 s compared."""
-        dev = self.device_rate
-        before = [at - f / dev for t, at, f in self.stamps if when - LOSS_BEFORE_S <= t < when]
-        after = [at - f / dev for t, at, f in self.stamps if when < t <= when + XRUN_SHADOW_S]
+        dev = self.device_rate  # (by when each callback ran: a tick in a stall stamps the last)
+        before = [at - f / dev for _, at, f in self.stamps if when - LOSS_BEFORE_S <= at < when]
+        after = [at - f / dev for _, at, f in self.stamps if when < at <= when + XRUN_SHADOW_S]
         return max(0.0, min(after) - min(before)) if before and after else 0.0
 
     def _xrun_lost(self) -> float:
-        """Stream time lost at the last xrun, once 0.2 s of callbacks after it show it."""
+        """Stream time lost at the last xrun (half a period or more: a skipped cycle), once
+        0.2 s of callbacks after it show it."""
         after = sum(1 for t, _, _ in self.stamps if t > self.last_xrun)
-        return self.stream_lost(self.last_xrun) if after * self.frame_seconds >= 0.2 else 0.0
+        lost = self.stream_lost(self.last_xrun) if after * self.frame_seconds >= 0.2 else 0.0
+        return lost if lost >= self.period / self.device_rate / 2 else 0.0
 
     def tick_phase(self) -> float | None:
         """How far past the middle of the card's cycle the ticks fall (seconds, −period/2 to
@@ -610,7 +616,7 @@ class SoundCard:
                                    and float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET):
                 self.rx_buf = self.rx_buf[cut:]  # a stall, or silence: cut at once
                 self.counts["dropped_samples"] += cut
-            elif excess < -TRIM_QUIET_S and lost > TRIM_QUIET_S:
+            elif excess < -TRIM_QUIET_S and lost:
                 self._pad_rx(round(min(-excess, lost) * self.rate))
             elif self._short(self.rx_control, self.rx_lows, low) and self._rx_quiet():
                 self._watch(self.rx_control, self.rx_lows, low, dt)
@@ -630,7 +636,7 @@ class SoundCard:
             quiet = self._tx_quiet()
             if excess > TRIM_S or (excess > TRIM_QUIET_S and not self.tx_extra and quiet):
                 self._skip_tx(round(excess * self.device_rate))
-            elif excess > TRIM_QUIET_S and not self.tx_extra and lost > TRIM_QUIET_S:
+            elif excess > TRIM_QUIET_S and not self.tx_extra and lost:
                 self._skip_tx(round(min(excess, lost) * self.device_rate))
             elif self._short(self.tx_control, self.tx_lows, low) and not self.tx_extra \
                     and quiet:

@@ -103,8 +103,9 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
     "rx_underruns": ("radio_rx_underruns_total", "counter", "Ticks the card had no audio ready"),
     "tx_underruns": ("radio_tx_underruns_total", "counter", "Times the card ran out of TX audio"),
     "underruns_after_xruns": ("radio_underruns_after_xruns_total", "counter",
-                              "Underruns (either way) within 0.5 s of an xrun: audio the "
-                              "audio server lost, not a margin too small"),
+                              "Underruns (either way) within 0.5 s of an xrun that "
+                              "skipped stream time: audio the audio server lost, not a "
+                              "margin too small"),
     "margin_widenings": ("radio_margin_widenings_total", "counter",
                          "Times a FIFO's jitter margin widened, for a dip of its level or an "
                          "underrun not next to an xrun"),
