@@ -392,7 +392,7 @@ class SoundCard:
                 continue
             lost = self.stream_lost(alarm.when)
             if self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S and \
-                    lost >= self.period / self.device_rate / 2:
+                    lost >= self.half_period:
                 cause = "xrun"
             elif alarm.when - self.started_at < START_GRACE_S:
                 cause = "start"
@@ -433,7 +433,12 @@ class SoundCard:
         0.2 s of callbacks after it show it."""
         after = sum(1 for t, _, _ in self.stamps if t > self.last_xrun)
         lost = self.stream_lost(self.last_xrun) if after * self.frame_seconds >= 0.2 else 0.0
-        return lost if lost >= self.period / self.device_rate / 2 else 0.0
+        return lost if lost >= self.half_period else 0.0
+
+    @property
+    def half_period(self) -> float:
+        """Stream time lost this long or more is a skipped cycle, not a clock's wobble."""
+        return self.period / self.device_rate / 2
 
     def tick_phase(self) -> float | None:
         """How far past the middle of the card's cycle the ticks fall (seconds, −period/2 to
