@@ -180,12 +180,17 @@ class DriftControl:
             self.target = min(self.base + WIDEN_MAX_S, self.base + dip)
             self.hold = HOLD_S
 
-    def relax(self, dt: float) -> None:
-        """An hour without a widening, and the extra margin melts away, 0.1 ms a minute."""
+    def relax(self, dt: float, whole: float = 0.0) -> None:
+        """An hour without a widening, and the extra margin melts away, 0.1 ms a minute.
+        For a card that calls back once a frame, ``whole`` is its period: its audio comes
+        a period at a time, so a margin short of a whole period above the base rides no
+        missed callback and is only latency; it goes back to the base at once."""
         if self.hold > 0:
             self.hold -= dt
         else:
             self.target = max(self.base, self.target - MELT_PER_MINUTE_S * dt / 60.0)
+            if self.target < self.base + whole:
+                self.target = self.base
 
     def update(self, low_water: float, dt: float) -> float:
         """New output/input ratio from this window's low-water mark (seconds)."""
@@ -454,12 +459,16 @@ class SoundCard:
         phase that jitters across the cycle's end is one phase, not two that average to
         the middle."""
         cycle = self.period / self.device_rate
-        if len(self.stamps) < PHASE_TICKS or (self.n * self.device_rate / self.rate) % self.period:
+        if len(self.stamps) < PHASE_TICKS or not self._frame_is_whole_periods():
             return None
         recent = list(self.stamps)[-PHASE_TICKS:]
         angles = np.array([t - at for t, at, _ in recent]) * (2 * math.pi / cycle)
         mean = math.atan2(float(np.mean(np.sin(angles))), float(np.mean(np.cos(angles))))
         return (mean % (2 * math.pi) - math.pi) * cycle / (2 * math.pi)
+
+    def _frame_is_whole_periods(self) -> bool:
+        """Does the card call back a whole number of times per engine frame (960 at 20 ms)?"""
+        return bool(self.period) and not (self.n * self.device_rate / self.rate) % self.period
 
     def quiet(self) -> bool:
         """Is all the audio in both FIFOs silence (between overs)?"""
@@ -602,8 +611,9 @@ class SoundCard:
         if self.ticks % self.window_ticks:
             return
         dt = self.window_ticks * self.frame_seconds
-        self.rx_control.relax(dt)
-        self.tx_control.relax(dt)
+        whole = self.period / self.device_rate if self._frame_is_whole_periods() else 0.0
+        self.rx_control.relax(dt, whole)
+        self.tx_control.relax(dt, whole)
         # An audio-server xrun (in this window or the last) that skipped cycles left the
         # FIFOs off by the stream time lost: transmit audio the card never played waits as
         # that much more latency, and receive audio it never recorded is missing from the

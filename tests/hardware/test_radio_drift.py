@@ -174,6 +174,36 @@ def test_a_widened_margin_is_held_an_hour_then_melts():
     assert control.target == pytest.approx(0.004 - 10 * 0.0001)
 
 
+
+@pytest.mark.parametrize("period", [960, 256])
+def test_a_whole_period_margin_goes_at_once_when_the_card_calls_back_once_a_frame(period):
+    """At period 960 the card's audio comes a whole 20 ms frame at a time, so a margin
+    learnt there is a period (21 ms): less than that rides no missed callback, and
+    melting 0.1 ms a minute would leave 20 ms of useless latency for over three hours.
+    When its hour's hold ends it goes back to the base at once. At 256 a margin between
+    rides a callback that much late, so there it melts as before."""
+    card, callback, now = card_in_simulated_time(period=period)
+    indata = np.full((period, 1), 0.1, np.float32)
+    outdata = np.zeros((period, 1), np.float32)
+    next_callback, last = 0.0, 0.0
+    for tick in range(10 * 50):
+        now[0] = tick * 0.02 + 0.01  # mid-cycle (at 960)
+        if tick == 2 * 50:  # as an underrun left it, its hour's hold nearly over
+            card.rx_control.target = card.rx_control.base + 0.020
+            card.rx_control.hold = 1.0
+        while next_callback <= now[0]:
+            callback(indata, outdata)
+            last, next_callback = next_callback, next_callback + period / DEV
+        card.block.clock[0] = last
+        card.read()
+        card.write(None)
+    extra = card.rx_control.target - card.rx_control.base
+    if period == 960:
+        assert extra == 0.0, f"{extra * 1000:.2f} ms of margin left"
+    else:
+        assert 0.0199 < extra < 0.020, f"{extra * 1000:.2f} ms of margin left"
+
+
 @pytest.mark.parametrize("quiet", [False, True], ids=["mid-over", "between-overs"])
 def test_the_margin_grows_with_the_dips_it_sees_before_a_fifo_runs_dry(quiet):
     """Now and then a card's callbacks (receive) or the engine's tick (transmit) come late,
