@@ -15,6 +15,8 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -68,6 +70,23 @@ def start_jackd(name: str, rate: int = RATE, period: int = PERIOD) -> subprocess
         errors = proc.stderr.read().decode(errors="replace")[-600:] if proc.stderr else ""
         stop_jackd(proc)
     raise RuntimeError(f"jackd -n {name} did not start: {errors}")
+
+
+@contextmanager
+def own_jackd(name: str, period: int, back_to: str | None = None) -> Iterator[str]:
+    """A JACK dummy server of its own (another period than the session's), with this
+    process's PortAudio on it; afterwards PortAudio goes back to ``back_to`` (None: to its
+    default) and the server stops."""
+    jackd = start_jackd(name, period=period)
+    try:
+        portaudio_on(name)
+        yield name
+    finally:
+        if back_to:
+            portaudio_on(back_to)
+        else:
+            portaudio_off()
+        stop_jackd(jackd)
 
 
 def stop_jackd(proc: subprocess.Popen) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -25,12 +26,10 @@ from tests.hardware.jackradio import (
     RATE,
     RadioSim,
     card_client,
+    own_jackd,
     peak_hz,
-    portaudio_on,
     site_toml,
-    start_jackd,
     steady_db,
-    stop_jackd,
     tone,
     wait_for,
 )
@@ -495,10 +494,7 @@ def test_ticks_follow_cards_300_ppm_fast_on_a_real_audio_server(jack_server, tmp
     drift does. FIFO levels and underruns are not judged here for the same reason: a
     stall of half a period, a few times an hour here, widens a margin mid-over.)"""
     server = f"blppm{os.getpid()}"
-    jackd = start_jackd(server, period=960)
-    sim = None
-    try:
-        portaudio_on(server)
+    with own_jackd(server, 960, back_to=jack_server):
         radio = """
 kind = "soundcard"
 device = "system"
@@ -507,32 +503,27 @@ squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
 """
         gw = build(tmp_path, site_toml({"radio_a": radio, "radio_b": radio}))
         gw.clock.period *= 1 + 300e-6
-        sim = RadioSim(server, 2, seconds=70.0)
-        sim.connect(0, card_client("radio_a"))
-        sim.connect(1, card_client("radio_b"))
-        cards = [gw.ports[name] for name in ("radio_a", "radio_b")]
+        with closing(RadioSim(server, 2, seconds=70.0)) as sim:
+            sim.connect(0, card_client("radio_a"))
+            sim.connect(1, card_client("radio_b"))
+            cards = [gw.ports[name] for name in ("radio_a", "radio_b")]
 
-        def scenario() -> tuple[list[list[float | None]], float, float, int]:
-            wait_for(lambda: gw.engine.tick_count > 25, 10, "the gateway to tick")
-            sim.start(0, tone(1000, 1.0, -12), loop=True)
-            phases, start = [], gw.engine.tick_count
-            settle, measure = start + 10 * 50, start + 50 * 50
-            while gw.engine.tick_count < measure:
-                due = gw.engine.tick_count + 25  # (a tick_phase is the mean of 25 ticks)
-                wait_for(lambda d=due: gw.engine.tick_count >= d, 5, "25 ticks")
-                if gw.engine.tick_count >= settle:
-                    if not phases:
-                        moved, began = gw.phase_lock.moved, time.monotonic()
-                    phases.append([port.tick_phase() for port in cards])
-            return phases, gw.phase_lock.moved - moved, time.monotonic() - began, sim.frame
+            def scenario() -> tuple[list[list[float | None]], float, float, int]:
+                wait_for(lambda: gw.engine.tick_count > 25, 10, "the gateway to tick")
+                sim.start(0, tone(1000, 1.0, -12), loop=True)
+                phases, start = [], gw.engine.tick_count
+                settle, measure = start + 10 * 50, start + 50 * 50
+                while gw.engine.tick_count < measure:
+                    due = gw.engine.tick_count + 25  # (a tick_phase is the mean of 25 ticks)
+                    wait_for(lambda d=due: gw.engine.tick_count >= d, 5, "25 ticks")
+                    if gw.engine.tick_count >= settle:
+                        if not phases:
+                            moved, began = gw.phase_lock.moved, time.monotonic()
+                        phases.append([port.tick_phase() for port in cards])
+                return phases, gw.phase_lock.moved - moved, time.monotonic() - began, sim.frame
 
-        phases, moved, seconds, end = drive(gw, scenario, timeout=90)
-        heard = sim.recorded(1, since=end - 5 * RATE)
-    finally:
-        if sim is not None:
-            sim.close()
-        portaudio_on(jack_server)  # (this process's PortAudio back on the session's server)
-        stop_jackd(jackd)
+            phases, moved, seconds, end = drive(gw, scenario, timeout=90)
+            heard = sim.recorded(1, since=end - 5 * RATE)
     # Mid-cycle all through the 40 s, where the drift alone would have slid them 12 ms.
     # (Within the lock's 1 ms deadband of the first card's middle; the second card's
     # callbacks run about 1 ms from the first's in the server's cycle, and a stall moves

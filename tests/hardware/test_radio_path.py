@@ -21,13 +21,11 @@ from tests.hardware.jackradio import (
     chirp,
     delay_of,
     hid_keyed,
+    own_jackd,
     peak_hz,
-    portaudio_on,
     rms_db,
     site_toml,
-    start_jackd,
     steady_db,
-    stop_jackd,
     tone,
     wait_for,
 )
@@ -241,10 +239,7 @@ def test_ticks_settle_mid_cycle_when_the_card_calls_back_once_a_frame(jack_serve
     would then run transmit dry), the ticks are moved back to the middle of the cycle
     within seconds (the audio is silence: at once), half a period from a race either way,
     and held there. Both cards are clients of one server, so one lock serves both."""
-    server = f"blphase{os.getpid()}"
-    jackd = start_jackd(server, period=960)
-    try:
-        portaudio_on(server)
+    with own_jackd(f"blphase{os.getpid()}", 960, back_to=jack_server):
         gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio()}))
         cards = [gw.ports[name] for name in ("radio_a", "radio_b")]
 
@@ -271,9 +266,6 @@ def test_ticks_settle_mid_cycle_when_the_card_calls_back_once_a_frame(jack_serve
             return knock, gw.phase_lock.moved - moved, held
 
         knock, undone, held = drive(gw, scenario)
-    finally:
-        portaudio_on(jack_server)  # (this process's PortAudio back on the session's server)
-        stop_jackd(jackd)
     # the lock moved them back (or on, the rest of the way round: the cycle is 20 ms)
     assert abs((knock + undone + 0.010) % 0.020 - 0.010) < 0.0025, (knock, undone)
     assert all(abs(p) < 0.0025 for row in held for p in row), held
