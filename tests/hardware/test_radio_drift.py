@@ -528,8 +528,9 @@ squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
     # (Within the lock's 1 ms deadband of the first card's middle; the second card's
     # callbacks run about 1 ms from the first's in the server's cycle, and a stall moves
     # a 25-tick mean by up to a millisecond more.)
-    worst = max(abs(p) if p is not None else 1.0 for row in phases for p in row)
-    assert worst < 0.005, f"ticks {worst * 1000:.1f} ms from mid-cycle"
+    # The median of each card's readings: one stall can throw a 25-tick mean several ms.
+    away = np.median(np.abs(np.array(phases, dtype=float)), axis=0)  # (None → nan: fails)
+    assert all(a < 0.004 for a in away), f"ticks {away * 1000} ms from mid-cycle"
     # …because the lock pulled them 300 ppm earlier, second by second (give or take where
     # in its ±1 ms deadband the 40 s began and ended: 50 ppm).
     assert abs(moved / seconds + 300e-6) < 100e-6, f"{moved / seconds * 1e6:+.0f} ppm"
