@@ -30,6 +30,8 @@ from gateway.sip.transport import (
     T1,
     Address,
     SipTransport,
+    Source,
+    as_source,
     new_branch,
     new_call_id,
     new_tag,
@@ -67,7 +69,7 @@ class Dialog:
     local_uri: str  # our From/To value, without tag
     remote_uri: str
     target: str  # the peer's Contact: where in-dialog requests go (Request-URI)
-    peer: Address  # the next hop (the proxy, or the phone itself)
+    peer: Source  # the next hop (the proxy, or the phone itself), and over which transport
     incoming: bool
     leg: SipLeg | None = None
     cseq: int = 1
@@ -106,7 +108,7 @@ class CallManager:
 
     # --- requests from the network ---------------------------------------------------
 
-    def on_request(self, message: SIPMessage, raw: bytes, source: Address) -> None:
+    def on_request(self, message: SIPMessage, raw: bytes, source: Source) -> None:
         method = message.method
         if method == "INVITE":
             self._invite(message, raw, source)
@@ -143,12 +145,12 @@ class CallManager:
                 ],
             )
 
-    def _reject(self, raw: bytes, source: Address, code: int, reason: str, why: str) -> None:
+    def _reject(self, raw: bytes, source: Source, code: int, reason: str, why: str) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
         log.warning("call refused with %d %s: %s", code, reason, why)
         self.transport.respond(raw, source, code, reason, to_tag=new_tag())
 
-    def _invite(self, message: SIPMessage, raw: bytes, source: Address) -> None:
+    def _invite(self, message: SIPMessage, raw: bytes, source: Source) -> None:
         call_id = message.headers["Call-ID"]
         existing = self.dialogs.get(call_id)
         if existing is not None:  # retransmission or re-INVITE: same answer (no media change)
@@ -222,7 +224,7 @@ class CallManager:
         self._spawn(self._resend_until_ack(dialog, source))
         log.info("call %s answered: %s on %s", leg.name, CODEC_NAMES[codec], route.talkgroup)
 
-    async def _resend_until_ack(self, dialog: Dialog, source: Address) -> None:
+    async def _resend_until_ack(self, dialog: Dialog, source: Source) -> None:
         interval = T1
         for _ in range(7):
             await asyncio.sleep(interval)
@@ -352,7 +354,7 @@ class CallManager:
         self, uri: str, talkgroup: str, entry: DialOutConfig, proxy: Address | None = None
     ) -> Dialog | None:
         """Call out (a dial-out patch); the answered call's Dialog, or None."""
-        destination = proxy or uri_address(uri)
+        destination = as_source(proxy or uri_address(uri))
         codecs = [NAMES[c] for c in self.config.codecs]
         body = describe(self.address, self.bank.port, codecs, DTMF_TYPE)
         call_id = new_call_id(self.address)
@@ -421,7 +423,7 @@ class CallManager:
         self,
         response: SIPMessage,
         uri: str,
-        destination: Address,
+        destination: Source,
         call_id: str,
         tag: str,
         local_uri: str,

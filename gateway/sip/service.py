@@ -19,7 +19,7 @@ from gateway.sip.calls import CallManager
 from gateway.sip.config import SipConfig, split_hostport
 from gateway.sip.dialout import DialOut
 from gateway.sip.registration import Registration
-from gateway.sip.transport import SipTransport
+from gateway.sip.transport import SipTransport, Source
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -95,7 +95,7 @@ class SipService:
         self._uninstall: Callable[[], None] | None = None
         self._blas_limit = None
 
-    def _on_request(self, message, raw, source) -> None:  # noqa: ANN001 - pass-through
+    def _on_request(self, message, raw, source: Source) -> None:  # noqa: ANN001 - pass-through
         if self.calls is not None:
             self.calls.on_request(message, raw, source)
 

@@ -31,6 +31,31 @@ _COPIED = ("via", "from", "to", "call-id", "cseq", "v", "f", "t", "i")
 Address = tuple[str, int]
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a SIP message came from (or goes to), and what its transport proved.
+
+    ``identity`` is set only by a transport that authenticated the peer (a TLS
+    certificate that verified); nothing the peer wrote in a header ever lands here.
+    Responses go back over the same transport, to ``address``.
+    """
+
+    address: Address
+    transport: str = "udp"  # "udp" | "tcp" | "tls"
+    identity: str = ""  # verified TLS peer identity (certificate name or pin), else ""
+
+    @property
+    def secure(self) -> bool:
+        return self.transport == "tls"
+
+    def __str__(self) -> str:
+        return f"{self.transport}:{self.address[0]}:{self.address[1]}"
+
+
+def as_source(where: Address | Source) -> Source:
+    return where if isinstance(where, Source) else Source(where)
+
+
 def new_tag() -> str:
     return secrets.token_hex(6)
 
@@ -78,7 +103,7 @@ class TransportStats:
 class SipTransport(asyncio.DatagramProtocol):
     """The gateway's SIP socket. ``on_request(message, raw, source)`` handles requests."""
 
-    def __init__(self, on_request: Callable[[SIPMessage, bytes, Address], None]) -> None:
+    def __init__(self, on_request: Callable[[SIPMessage, bytes, Source], None]) -> None:
         self.on_request = on_request
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: dict[tuple[str, int, str], asyncio.Queue[SIPMessage]] = {}
@@ -103,11 +128,11 @@ class SipTransport(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:  # ICMP unreachable etc.: not fatal
         log.debug("SIP socket error: %s", exc)
 
-    def send(self, data: bytes | str, address: Address) -> None:
+    def send(self, data: bytes | str, to: Address | Source) -> None:
         if isinstance(data, str):
             data = data.encode("utf-8")
         if self.transport is not None:
-            self.transport.sendto(data, address)
+            self.transport.sendto(data, as_source(to).address)
             self.stats.sent += 1
 
     # --- receive ---------------------------------------------------------------------
@@ -146,28 +171,29 @@ class SipTransport(asyncio.DatagramProtocol):
                 self.stats.malformed += 1
                 return
             if method != "ACK":
-                self.respond(data, addr, 501, "Not Implemented")
+                self.respond(data, Source(addr), 501, "Not Implemented")
             return
         message = parse(data)
         if message is None:
             self.stats.malformed += 1
             if transaction_key(data) is not None and method != "ACK":
-                self.respond(data, addr, 400, "Bad Request")
+                self.respond(data, Source(addr), 400, "Bad Request")
             return
-        self.on_request(message, data, addr)
+        self.on_request(message, data, Source(addr))
 
     # --- responses ---------------------------------------------------------------------
 
     def response(
         self,
         request: bytes,
-        source: Address,
+        source: Source,
         code: int,
         reason: str,
         to_tag: str = "",
         headers: list[str] | None = None,
         body: str = "",
     ) -> bytes:
+        host, port = source.address
         lines = [f"SIP/2.0 {code} {reason}"]
         top_via = True
         for name, value in raw_headers(request):
@@ -178,9 +204,9 @@ class SipTransport(asyncio.DatagramProtocol):
                 for via in value.split(","):
                     via = via.strip()
                     if top_via:  # RFC 3581: say where it really came from
-                        via = re.sub(r";rport(?=;|$)", f";rport={source[1]}", via)
+                        via = re.sub(r";rport(?=;|$)", f";rport={port}", via)
                         if ";received=" not in via:
-                            via += f";received={source[0]}"
+                            via += f";received={host}"
                         top_via = False
                     lines.append(f"Via: {via}")
             elif low in ("to", "t") and to_tag and ";tag=" not in value:
@@ -197,7 +223,7 @@ class SipTransport(asyncio.DatagramProtocol):
     def respond(
         self,
         request: bytes,
-        source: Address,
+        source: Source,
         code: int,
         reason: str,
         to_tag: str = "",
@@ -211,7 +237,7 @@ class SipTransport(asyncio.DatagramProtocol):
     # --- client transactions ----------------------------------------------------------
 
     async def request(
-        self, data: str, address: Address, timeout: float, ringing_timeout: float = 60.0
+        self, data: str, address: Address | Source, timeout: float, ringing_timeout: float = 60.0
     ) -> SIPMessage | None:
         """Send a request; the final response, or None on timeout.
 
