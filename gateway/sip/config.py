@@ -62,6 +62,7 @@ class RouteConfig(Model):
     priority: int = 0
     aliases: list[str] = []
     allow: list[str] = Field(default=[], description="caller users or user@host; * wildcards")
+    public: bool = Field(False, description="anyone who can reach the gateway may call")
     pin: str = Field("", pattern=r"^[0-9]*$")
     ptt: Literal["vox", "dtmf"] = "vox"
     vox_threshold_dbfs: float = Field(-40.0, ge=-90, le=0)
