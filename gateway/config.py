@@ -12,10 +12,12 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -416,28 +418,40 @@ def _problems_from(
 
 
 def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
-    """The keys a model accepts at a nested location, for 'did you mean' hints."""
+    """The keys a model accepts at a nested location, for 'did you mean' hints.
+
+    Walks models by field, tables of named tables (``dict[str, Model]``, or a model's
+    typed extra keys such as ``[links.NAME]``) by their value type, and
+    ``X | None`` to ``X``; keys are given as written in the file (aliases).
+    """
     current: Any = model
     for part in loc:
         fields = getattr(current, "model_fields", None)
-        if fields is None:
-            continue
-        if part in fields:
-            current = fields[part].annotation
+        if fields is not None:
+            current = fields[part].annotation if part in fields else _extra_type(current)
         else:
             args = getattr(current, "__args__", ())
             current = args[-1] if args else None
         current = _unwrap(current)
     fields = getattr(current, "model_fields", None)
-    return list(fields) if fields else []
+    return [info.alias or name for name, info in fields.items()] if fields else []
+
+
+def _extra_type(model: type[BaseModel]) -> Any:
+    """The type of a model's typed extra keys (``__pydantic_extra__: dict[str, X]``), or None."""
+    try:
+        extra = typing.get_type_hints(model).get("__pydantic_extra__")
+    except (NameError, TypeError):
+        return None
+    return get_args(extra)[-1] if get_args(extra) else None
 
 
 def _unwrap(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
+    """``Model | None`` → ``Model``; anything else as it is."""
+    if isinstance(annotation, types.UnionType) or get_origin(annotation) is Union:
+        for arg in get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
     return annotation
 
 

@@ -59,6 +59,16 @@ def test_misspelt_key_is_an_error_with_line_and_suggestion() -> None:
     assert "did you mean 'ptt_hang_time'" in only
 
 
+def test_misspelt_key_inside_a_named_table_gets_a_suggestion() -> None:
+    """Keys of [sip.routes."NUMBER"] and [console.operators.NAME] tables, not only ports'."""
+    import gateway.site  # noqa: F401  (registers [sip] and [console])
+
+    text = GOOD + '\n[sip.routes."6001"]\ntalkgroup = "tg"\ntalkgrop = "tg"\n'
+    (only,) = problems(text)
+    assert only.startswith(f"site.toml:{len(text.splitlines())}: sip.routes.6001.talkgrop:")
+    assert "did you mean 'talkgroup'" in only
+
+
 def test_all_problems_are_reported_at_once() -> None:
     text = (
         GOOD.replace('country = "CA"', 'country = "Canada"')
