@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import gateway.audit  # noqa: F401  ([audit]: the audit log of PTT, patches, calls, logins)
+import gateway.links  # noqa: F401  ([links]: cross-border links, checked by 'borderlink check')
 import gateway.monitoring.exporter  # noqa: F401  (/metrics, /healthz, /readyz on [web])
 import gateway.mqtt  # noqa: F401  ([mqtt]: state, events and commands for CAD systems)
 import gateway.ports  # noqa: F401  (simulated radio, tone, file, recorder)

@@ -2,4 +2,7 @@
 
 Shares (mutual consent per shared name), who is talking across the border (talker
 IDs in an RTP header extension), one floor on both sides, and the sovereign cut.
+Importing this package registers the ``[links]`` section (``borderlink check``).
 """
+
+from gateway.links import config as config  # noqa: F401  ([links] section)

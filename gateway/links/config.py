@@ -1,0 +1,306 @@
+"""The ``[links]`` section: the other country's gateways and what this side shares with them.
+
+One table per link, ``[links.NAME]``: where the peer is, who we are on the link
+(our certificate and key) and how we recognise the peer (its agency CA, pinned
+certificate fingerprints, or both — a link is never unauthenticated), and
+``[links.NAME.share]``: which local talkgroups this side offers, under which
+shared name, in which direction::
+
+    [links]
+    site_id = "ca-bc"                      # optional: floor tie-break (default: site name)
+
+    [links.us]
+    peer = "gw.wa.example.us:5061"
+    backup = "gw2.wa.example.us:5061"
+    certificate = "/etc/borderlink/link.pem"
+    key = "/etc/borderlink/link.key"
+    peer_ca = "/etc/borderlink/us-agency-ca.pem"
+
+    [links.us.share]
+    shiprider = { as = "marine", direction = "both" }
+    harbour = "port-ops"                   # short for { as = "port-ops", direction = "both" }
+
+Keys of ``share`` are *local* talkgroup names (they never leave this site); ``as``
+is the name the other side sees. Certificates are loaded here, so ``borderlink
+check`` and a reload refuse a missing file, a key that does not match, or an
+expired certificate with the file and line, before a link is ever dialled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from gateway.config import Model, SiteConfig, register_section
+from gateway.links.consent import SHARED_NAME, Direction, Shares
+
+_HOSTPORT = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})$"
+)
+_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_FINGERPRINT = re.compile(r"^(?:sha-?256:)?([0-9a-f]{2}(?::?[0-9a-f]{2}){31})$")
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); ValueError says how to write it."""
+    match = _HOSTPORT.match(value.strip())
+    if not match or not 1 <= int(match["port"]) <= 65535:
+        raise ValueError(
+            "write the address as 'host:port', e.g. 'gw.example.org:5061' or '[2001:db8::1]:5061'"
+        )
+    return match["v6"] or match["host"], int(match["port"])
+
+
+def normalise_fingerprint(value: str) -> str:
+    """A SHA-256 fingerprint as lower-case hex without colons; ValueError says the fix."""
+    match = _FINGERPRINT.match(value.strip().lower())
+    if not match:
+        raise ValueError(
+            "not a SHA-256 fingerprint: 64 hex digits, colons allowed "
+            "(print one with 'openssl x509 -in peer.pem -noout -fingerprint -sha256')"
+        )
+    return match[1].replace(":", "")
+
+
+def certificate_fingerprint(certificate: x509.Certificate) -> str:
+    """The SHA-256 of a certificate's DER form, as pinned in ``peer_fingerprints``."""
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def load_certificates(path: Path, what: str) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, each in its validity period; ValueError says why not."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what}: {exc.strerror}") from exc
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ValueError(
+            f"no PEM certificate in the file ('-----BEGIN CERTIFICATE-----'); "
+            f"give the {what} in PEM form"
+        ) from exc
+    now = datetime.now(UTC)
+    for certificate in certificates:
+        subject = certificate.subject.rfc4514_string() or "(no subject)"
+        if certificate.not_valid_after_utc < now:
+            raise ValueError(
+                f"the {what} ({subject}) expired on "
+                f"{certificate.not_valid_after_utc:%Y-%m-%d}; renew it"
+            )
+        if certificate.not_valid_before_utc > now:
+            raise ValueError(
+                f"the {what} ({subject}) is not valid before "
+                f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this "
+                "machine's clock or the certificate"
+            )
+    return certificates
+
+
+def _public_der(key: Any) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+Fingerprint = Annotated[str, AfterValidator(normalise_fingerprint)]
+
+
+class ShareConfig(Model):
+    """How one local talkgroup is offered on a link."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    shared: str = Field(alias="as", description="the name the other side sees")
+    direction: Direction = "both"
+    enabled: bool = True
+
+    @field_validator("shared")
+    @classmethod
+    def _shared_name(cls, value: str) -> str:
+        if not SHARED_NAME.match(value):
+            raise ValueError(
+                "a shared name is 1-32 lower-case letters, digits, '_', '.' or '-' "
+                "(a peer dials it), e.g. 'marine'"
+            )
+        return value
+
+
+class LinkConfig(Model):
+    """One peer gateway: its address, both sides' TLS identities, and what we share."""
+
+    peer: str = Field(description="host:port of the peer's SIP over TLS")
+    backup: str | None = None
+    peer_name: str | None = Field(
+        None, description="name the peer's certificate must carry; default: peer's host"
+    )
+    certificate: Path
+    key: Path
+    peer_ca: Path | None = None
+    peer_fingerprints: list[Fingerprint] = []
+    share: dict[str, ShareConfig] = {}
+    enabled: bool = True
+    description: str = ""
+
+    @field_validator("peer", "backup")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_address(value)
+        return value
+
+    @field_validator("certificate")
+    @classmethod
+    def _certificate_loads(cls, value: Path) -> Path:
+        load_certificates(value, "certificate")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key_loads_and_matches(cls, value: Path, info: ValidationInfo) -> Path:
+        try:
+            data = value.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read the key: {exc.strerror}") from exc
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError as exc:  # the key is encrypted
+            raise ValueError(
+                "the key is protected by a passphrase; the gateway starts "
+                "unattended: store it unencrypted, readable only by the gateway's user"
+            ) from exc
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise ValueError(
+                "no PEM private key in the file ('-----BEGIN ... PRIVATE KEY-----')"
+            ) from exc
+        certificate_path = info.data.get("certificate")
+        if certificate_path is not None:  # else its own problem is already reported
+            leaf = load_certificates(certificate_path, "certificate")[0]
+            if _public_der(leaf.public_key()) != _public_der(key.public_key()):
+                raise ValueError(
+                    f"this key does not belong to the certificate {str(certificate_path)!r}; "
+                    "give the key the certificate was issued for"
+                )
+        return value
+
+    @field_validator("peer_ca")
+    @classmethod
+    def _ca_loads(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            load_certificates(value, "peer CA bundle")
+        return value
+
+    @field_validator("share", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """``shiprider = "marine"`` is short for ``{ as = "marine", direction = "both" }``."""
+        if isinstance(value, dict):
+            return {tg: {"as": v} if isinstance(v, str) else v for tg, v in value.items()}
+        return value
+
+    @field_validator("share")
+    @classmethod
+    def _shared_names_unique(cls, value: dict[str, ShareConfig]) -> dict[str, ShareConfig]:
+        seen: dict[str, str] = {}
+        for talkgroup, entry in value.items():
+            if entry.shared in seen:
+                raise ValueError(
+                    f"shared name {entry.shared!r} is used twice (talkgroups "
+                    f"{seen[entry.shared]!r} and {talkgroup!r}); give each its own 'as'"
+                )
+            seen[entry.shared] = talkgroup
+        return value
+
+    @model_validator(mode="after")
+    def _peer_is_authenticated(self) -> LinkConfig:
+        if self.peer_ca is None and not self.peer_fingerprints:
+            raise ValueError(
+                "a link is never unauthenticated: set peer_ca (the peer agency's CA "
+                "bundle) or peer_fingerprints (SHA-256 of the peer's certificate), or both"
+            )
+        return self
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where to dial, in order: the peer, then the backup."""
+        return [split_address(a) for a in (self.peer, self.backup) if a]
+
+    @property
+    def expected_peer_name(self) -> str:
+        return self.peer_name or split_address(self.peer)[0]
+
+    def shares(self) -> Shares:
+        """What this side offers on the link now (disabled entries left out)."""
+        return Shares({e.shared: (tg, e.direction) for tg, e in self.share.items() if e.enabled})
+
+
+@register_section("links")
+class LinksConfig(Model):
+    """``[links]``: this site's ID for the floor tie-break, and one ``[links.NAME]`` per peer."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, LinkConfig]  # type: ignore[assignment]  (each link)
+
+    site_id: str | None = Field(
+        None, description="this site on every link (floor tie-break); default: the site name"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _links_are_tables(cls, value: Any) -> Any:
+        """A plain key under ``[links]`` is a typo of a link table or of ``site_id``."""
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key not in cls.model_fields and not isinstance(item, dict):
+                    raise ValueError(
+                        f"{key!r} is neither 'site_id' nor a link: a link is a table, "
+                        f"[links.{key}] with peer, certificate, key, ..."
+                    )
+        return value
+
+    @field_validator("site_id")
+    @classmethod
+    def _site_id(cls, value: str | None) -> str | None:
+        if value is not None and not _SITE_ID.match(value):
+            raise ValueError("site_id is 1-32 letters, digits, '_', '.' or '-'")
+        return value
+
+    @property
+    def links(self) -> dict[str, LinkConfig]:
+        return dict(self.model_extra or {})
+
+    def talkgroup_references(self) -> list[tuple[tuple[str, ...], str]]:
+        """Every local talkgroup a link shares, for the config loader to check.
+
+        Why here: the section cannot see the rest of the file; the loader can, and
+        reports an unknown name with file:line and a did-you-mean (see
+        ``gateway.config._section_references``).
+        """
+        return [
+            ((name, "share", talkgroup), talkgroup)
+            for name, link in self.links.items()
+            for talkgroup in link.share
+        ]
+
+
+def site_id(config: SiteConfig) -> str:
+    """This site's ID on its links: ``[links] site_id``, else the site name made safe."""
+    links = config.section("links")
+    if links is not None and links.site_id:
+        return links.site_id
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", config.site.name).strip("-")[:32] or "site"
