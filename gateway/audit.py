@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 @register_section("audit")
 class AuditConfig(Model):
     """``[audit]``: where the audit log goes and how it rotates."""
@@ -285,4 +284,3 @@ def _version() -> str:
     from gateway import __version__
 
     return __version__
-

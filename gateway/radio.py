@@ -278,8 +278,11 @@ class SoundcardPort(Port):
 
     def read(self) -> Frame | None:
         frame = self.card.read()
-        if not self.detector_up and time.monotonic() >= self.detector_retry_at \
-                and self.detector.present():
+        if (
+            not self.detector_up
+            and time.monotonic() >= self.detector_retry_at
+            and self.detector.present()
+        ):
             self._open_detector()
         detected = False
         if self.detector_up:

@@ -51,10 +51,19 @@ def devices(args: argparse.Namespace) -> int:
 def _levels_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="the site's TOML file")
     parser.add_argument("port", help="the soundcard port to meter")
-    parser.add_argument("--tone", type=float, metavar="HZ",
-                        help="key the radio and send this test tone (sets TX deviation)")
-    parser.add_argument("--tone-level", type=float, default=-12.0, metavar="DBFS",
-                        help="test tone level, dBFS (default -12)")
+    parser.add_argument(
+        "--tone",
+        type=float,
+        metavar="HZ",
+        help="key the radio and send this test tone (sets TX deviation)",
+    )
+    parser.add_argument(
+        "--tone-level",
+        type=float,
+        default=-12.0,
+        metavar="DBFS",
+        help="test tone level, dBFS (default -12)",
+    )
     parser.add_argument("--seconds", type=float, help="stop after this many seconds")
     parser.add_argument("--plain", action="store_true", help="one line per update (logs, scripts)")
 

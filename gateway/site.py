@@ -53,8 +53,11 @@ def summary(config: SiteConfig) -> str:
             lines.append(f"    {name:<20} {' + '.join(patch.talkgroups)}  [{state}]")
     groups = plan_mix_groups(config.talkgroups, config.patches)
     lines.append(f"  mix groups now: {', '.join(g.name for g in groups) or 'none'}")
-    for name in config.sections:
+    for name, section in config.sections.items():
         lines.append(f"  [{name}] configured")
+        describe = getattr(section, "summary_lines", None)
+        if describe is not None:  # a section may say more (links: peers, shares, fingerprint)
+            lines.extend(f"    {line}" for line in describe())
     return "\n".join(lines)
 
 

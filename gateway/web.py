@@ -74,4 +74,3 @@ class WebServer:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
-

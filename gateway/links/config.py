@@ -53,7 +53,7 @@ _HOSTPORT = re.compile(
     r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})$"
 )
 _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_FINGERPRINT = re.compile(r"^(?:sha-?256:)?([0-9a-f]{2}(?::?[0-9a-f]{2}){31})$")
+_FINGERPRINT = re.compile(r"^(?:sha-?256(?::| fingerprint=))?([0-9a-f]{2}(?::?[0-9a-f]{2}){31})$")
 
 
 def split_address(value: str) -> tuple[str, int]:
@@ -283,6 +283,27 @@ class LinksConfig(Model):
     @property
     def links(self) -> dict[str, LinkConfig]:
         return dict(self.model_extra or {})
+
+    def summary_lines(self) -> list[str]:
+        """What ``borderlink check`` prints: each peer, what we share, and the fingerprint
+        of our certificate — what the other side pins."""
+        lines = []
+        for name, link in self.links.items():
+            backup = f" (backup {link.backup})" if link.backup else ""
+            state = "" if link.enabled else " CUT (enabled = false)"
+            lines.append(f"{name:<12} peer {link.peer}{backup}{state}")
+            for talkgroup, entry in link.share.items():
+                off = "" if entry.enabled else " (not offered: enabled = false)"
+                lines.append(f"  shares {talkgroup} as {entry.shared!r} ({entry.direction}){off}")
+            try:
+                leaf = load_certificates(link.certificate, "certificate")[0]
+            except ValueError as exc:  # changed on disk since it was checked
+                lines.append(f"  our certificate: {exc}")
+                continue
+            pin = certificate_fingerprint(leaf).upper()
+            pairs = ":".join(pin[i : i + 2] for i in range(0, 64, 2))
+            lines.append(f"  our certificate SHA-256 {pairs} (the peer pins this)")
+        return lines
 
     def talkgroup_references(self) -> list[tuple[tuple[str, ...], str]]:
         """Every local talkgroup a link shares, for the config loader to check.

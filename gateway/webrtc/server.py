@@ -468,9 +468,12 @@ class ConsoleHub:
             raise web.HTTPBadRequest(text=f"cannot answer this offer: {exc}") from exc
         # A reload or a logout may have landed while the answer was being made.
         op = session.config
-        if (self.sessions.by_token.get(session.token) is not session
-                or self.consoles.get(console.id) is not console
-                or talkgroup not in self.engine.talkgroups or not op.may_monitor(talkgroup)):
+        if (
+            self.sessions.by_token.get(session.token) is not session
+            or self.consoles.get(console.id) is not console
+            or talkgroup not in self.engine.talkgroups
+            or not op.may_monitor(talkgroup)
+        ):
             port.close()
             await pc.close()
             raise web.HTTPForbidden(text=f"operator {session.operator} may no longer use "

@@ -199,6 +199,8 @@ def test_address_and_fingerprint_helpers() -> None:
     hexdigits = "AB" * 32
     assert normalise_fingerprint(f"SHA256:{':'.join(['AB'] * 32)}") == hexdigits.lower()
     assert normalise_fingerprint(hexdigits) == hexdigits.lower()
+    pasted = f"sha256 Fingerprint={':'.join(['AB'] * 32)}"  # openssl's own output line
+    assert normalise_fingerprint(pasted) == hexdigits.lower()
     with pytest.raises(ValueError):
         normalise_fingerprint("AB" * 31)
 
@@ -221,3 +223,6 @@ def test_borderlink_check_names_the_problems_and_passes_once_fixed(
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "[links] configured" in result.stdout
+    pin = certificate_fingerprint(pki["mine"].cert).upper()
+    assert f"SHA-256 {':'.join(pin[i : i + 2] for i in range(0, 64, 2))}" in result.stdout
+    assert "shares shiprider as 'marine' (both)" in result.stdout
