@@ -124,8 +124,6 @@ Fingerprint = Annotated[str, AfterValidator(normalise_fingerprint)]
 class ShareConfig(Model):
     """How one local talkgroup is offered on a link."""
 
-    model_config = ConfigDict(populate_by_name=True)
-
     shared: str = Field(alias="as", description="the name the other side sees")
     direction: Direction = "both"
     enabled: bool = True
