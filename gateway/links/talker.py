@@ -301,8 +301,25 @@ class Announcer:
 class Listener:
     """The receiving side of one link dialog: the current over and its label, once known."""
 
-    def __init__(self) -> None:
+    def __init__(self, ext_id: int = DEFAULT_ID) -> None:
+        self.ext_id = ext_id
         self.talker: Talker | None = None
+        self._last: tuple[bytes, Talker | Rejected] | None = None
+
+    def read(self, block: bytes) -> Talker | Rejected:
+        """:func:`decode` and :meth:`heard` for one packet's extension block.
+
+        Within an over the sender repeats the same bytes on every packet but the few
+        that carry the label, so an unchanged block costs one comparison, not a
+        decode (about 10 µs in Python; 100 talking dialogs send 5000 packets/s).
+        """
+        if self._last is not None and self._last[0] == block:
+            return self._last[1]
+        result = decode(block, self.ext_id)
+        if isinstance(result, Talker):
+            result = self.heard(result)
+        self._last = (block, result)
+        return result
 
     def heard(self, talker: Talker) -> Talker:
         """Account one packet's talker; returns it with the over's label filled in."""

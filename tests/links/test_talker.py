@@ -164,6 +164,19 @@ def test_the_listener_knows_the_label_of_the_current_over_only() -> None:
     assert later.talker_id == 2 and later.label is None
 
 
+def test_the_listener_decodes_only_when_the_bytes_change() -> None:
+    announcer, listener = Announcer(), Listener(ext_id=3)
+    blocks = [encode(announcer.stamp(True, 20 * i, "RCMP · Marine 7"), 3) for i in range(6)]
+    assert blocks[3] == blocks[4] == blocks[5] != blocks[2]  # label only on the first three
+    heard = [listener.read(block) for block in blocks]
+    assert all(isinstance(t, Talker) and t.label == "RCMP · Marine 7" for t in heard)
+    assert heard[4] is heard[3]  # reused, not decoded again
+    bad = two_byte((3, bytes(6) + b"\xff"))
+    assert listener.read(bad) == listener.read(bad) == Rejected("label_text")  # counted twice
+    released = listener.read(encode(announcer.stamp(False, 200), 3))
+    assert isinstance(released, Talker) and not released.keyed
+
+
 talkers = st.builds(
     Talker,
     keyed=st.booleans(),
