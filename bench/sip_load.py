@@ -67,13 +67,19 @@ members = ["tap"]
 
 [sip]
 listen = "127.0.0.1:0"
+# One load generator on one address sets up every leg, as fast as it can.
+max_calls = 5000
+max_calls_per_source = 5000
+invite_rate = 100000.0
 
 [sip.routes."6001"]
 talkgroup = "load"
+public = true
 vox_threshold_dbfs = -50.0
 
 [sip.routes."6002"]
 talkgroup = "probe"
+public = true
 vox_threshold_dbfs = -50.0
 vox_hang = "0s"
 """

@@ -411,7 +411,10 @@ def _problems_from(
             message = "required key is missing"
         else:
             message = error["msg"].removeprefix("Value error, ")
-            if error.get("input") is not None and kind != "model_type":
+            value = error.get("input")
+            # A whole table is not echoed: it says nothing the key path does not, and may
+            # hold secrets (hashes).
+            if value is not None and kind != "model_type" and not isinstance(value, dict):
                 message += f" (got {error['input']!r})"
         problems.append(_problem(loc, message, lines))
     return problems

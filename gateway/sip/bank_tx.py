@@ -1,6 +1,7 @@
 """The leg bank's send path: what every leg hears, encoded and sent in one go after the tick.
 
-The engine leaves each leg's frame in ``tx`` (silence where nothing is audible).
+The engine leaves each leg's frame in ``tx`` (silence where nothing is audible, and
+for a leg still ``muted`` waiting for its PIN).
 After the tick all legs are resampled to 8 kHz with one matrix product (each leg's
 resampling history sits just before its frame in ``tx_ext``: no joining copy),
 quantised and G.711-encoded with one table lookup, the RTP headers written as
@@ -61,6 +62,7 @@ class SendPath:
     tx_ext: np.ndarray
     tx: np.ndarray  # view: the frame part of tx_ext
     tx_has: np.ndarray
+    muted: np.ndarray  # PIN not yet entered (a receive-path column): send silence
     busy: np.ndarray
     tx_seq: np.ndarray
     tx_ts: np.ndarray
@@ -107,7 +109,7 @@ class SendPath:
         if rows.size == 0:
             return
         sel = dense(rows)
-        has = self.tx_has[sel]
+        has = self.tx_has[sel] & ~self.muted[sel]  # a PIN not yet entered hears nothing
         if not has.all():  # no audio for these: silence (and silence in their history)
             self.tx[rows[~has]] = 0.0
         self.tx_has[sel] = False

@@ -1,8 +1,11 @@
 """Calls: dialled number → talkgroup, answer at once, attach the leg; BYE either way.
 
 Routing is the config's ``[sip.routes]``: the Request-URI user (or the To user)
-picks the route; a caller not on its allow-list is refused with 403, an unknown
-number with 404, an offer without G.711 with 488 — never a silent hang. Calls
+picks the route; :mod:`gateway.sip.admission` decides who may call it (digest
+challenge 401, refusal 403, caps 503) and a PIN route's caller is gated by
+:mod:`gateway.sip.pin`; an unknown number is refused with 404, an offer without
+G.711 with 488 — never a silent hang. Leg names carry the route, never the caller
+(``sip-6001#3``); the audit log says who called. Calls
 are answered straight away with 200 OK (no ringing delay) and become a
 :class:`~gateway.sip.leg.SipLeg` attached to the engine; they end on BYE from
 either side, and the gateway sends BYE to every call when it stops.
@@ -12,16 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gateway.config import Timing
 from gateway.engine import Engine
+from gateway.sip.admission import Admission, Refusal
 from gateway.sip.bank import LegBank, LegMedia
 from gateway.sip.config import DialOutConfig, RouteConfig, SipConfig
 from gateway.sip.leg import SipLeg, leg_config
+from gateway.sip.pin import PinGate
 from gateway.sip.pyvoip import SIPMessage
 from gateway.sip.rtcp import RtcpState
 from gateway.sip.rtp import CODEC_NAMES
@@ -101,6 +107,12 @@ class CallManager:
         self.calls_total = 0
         self._names = 0
         self._tasks: set[asyncio.Task] = set()
+        self.admission = Admission(config, lambda: len(self.dialogs), self._calls_from)
+        # The site's audit log (set by the service): record(event, **fields).
+        self.audit: Callable[..., Any] = lambda event, **fields: None
+
+    def _calls_from(self, host: str) -> int:
+        return sum(1 for d in self.dialogs.values() if d.incoming and d.peer.address[0] == host)
 
     @property
     def contact(self) -> str:
@@ -145,10 +157,23 @@ class CallManager:
                 ],
             )
 
-    def _reject(self, raw: bytes, source: Source, code: int, reason: str, why: str) -> None:
+    def _reject(
+        self,
+        raw: bytes,
+        source: Source,
+        code: int,
+        reason: str,
+        why: str,
+        headers: tuple[str, ...] = (),
+    ) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
-        log.warning("call refused with %d %s: %s", code, reason, why)
-        self.transport.respond(raw, source, code, reason, to_tag=new_tag())
+        self.admission.refusals(source.address[0], code, reason, why)
+        self.transport.respond(raw, source, code, reason, to_tag=new_tag(), headers=[*headers])
+
+    def _refuse(self, raw: bytes, source: Source, refusal: Refusal, route: str = "") -> None:
+        if refusal.audit:
+            self.audit(refusal.audit, route=route, source=source.address[0], reason=refusal.why)
+        self._reject(raw, source, refusal.code, refusal.reason, refusal.why, refusal.headers)
 
     def _invite(self, message: SIPMessage, raw: bytes, source: Source) -> None:
         call_id = message.headers["Call-ID"]
@@ -156,6 +181,10 @@ class CallManager:
         if existing is not None:  # retransmission or re-INVITE: same answer (no media change)
             if existing.answer:
                 self.transport.send(existing.answer, source)
+            return
+        limited = self.admission.limit(source)
+        if limited is not None:
+            self._refuse(raw, source, limited)
             return
         request_uri = message.heading.split(b" ")[1].decode("utf-8", "replace")
         number = uri_user(request_uri) or (message.headers["To"].get("number") or "")
@@ -166,16 +195,9 @@ class CallManager:
             self._reject(raw, source, 404, "Not Found", f"no route for number {number!r}")
             return
         name, route = found
-        caller = message.headers["From"].get("number") or ""
-        caller_host = message.headers["From"].get("host") or ""
-        if route.allow and not any(
-            fnmatch.fnmatchcase(caller, pattern)
-            or fnmatch.fnmatchcase(f"{caller}@{caller_host}", pattern)
-            for pattern in route.allow
-        ):
-            self._reject(
-                raw, source, 403, "Forbidden", f"{caller}@{caller_host} not allowed on {name}"
-            )
+        admitted = self.admission.identify(name, route, source, "INVITE", call_id, raw_headers(raw))
+        if isinstance(admitted, Refusal):
+            self._refuse(raw, source, admitted, name)
             return
         offer = read_offer(message)
         codec = choose_codec(offer, self.config.codecs) if offer else None
@@ -205,16 +227,11 @@ class CallManager:
         )
         dtmf = DTMF_TYPE if offer.dtmf_type is not None else None
         dtmf_in = offer.dtmf_type
+        pin = self._pin_gate(dialog, name, route) if route.pin else None
         leg = self._start_leg(
-            f"sip-{name}-{caller or 'anonymous'}",
-            codec,
-            dtmf_in,
-            dtmf,
-            offer,
-            route.talkgroup,
-            route.priority,
-            route,
-        )
+            f"sip-{name}", codec, dtmf_in, dtmf, offer, route.talkgroup, route.priority, route,
+            on_pin=pin.press if pin else None,
+        )  # fmt: skip
         dialog.leg = leg
         self.dialogs[call_id] = dialog
         body = describe(self.address, self.bank.port, [codec], dtmf_in, rtcp_mux=offer.rtcp_mux)
@@ -223,6 +240,44 @@ class CallManager:
         )
         self._spawn(self._resend_until_ack(dialog, source))
         log.info("call %s answered: %s on %s", leg.name, CODEC_NAMES[codec], route.talkgroup)
+        self.audit(
+            "sip_call", port=leg.name, route=name, talkgroup=route.talkgroup,
+            caller=admitted.identity, auth=admitted.how, source=source.address[0],
+            pin="required" if pin else None,
+        )  # fmt: skip
+        if pin is not None:
+            asyncio.get_running_loop().call_later(route.pin_timeout, self._pin_expired, dialog, pin)
+
+    # --- PIN routes -------------------------------------------------------------------
+
+    def _pin_gate(self, dialog: Dialog, route_name: str, route: RouteConfig) -> PinGate:
+        """The PIN entry of a new call: audited, backed off and hung up as pin.py says."""
+
+        def accepted() -> None:
+            if dialog.leg is not None:
+                self.bank.muted[dialog.leg.row] = False
+                log.info("call %s: PIN accepted", dialog.leg.name)
+                self.audit("sip_pin_accepted", port=dialog.leg.name, route=route_name)
+
+        def failed(tries: int, final: bool) -> None:
+            port = dialog.leg.name if dialog.leg else None
+            self.audit("sip_pin_failed", port=port, route=route_name, tries=tries,
+                       source=dialog.peer.address[0], hangup=final)  # fmt: skip
+            self.admission.back_off(dialog.peer)
+            if final:
+                log.info("call %s: %d wrong PINs; hanging up", port, tries)
+                self._spawn(self.hangup(dialog))
+
+        return PinGate(route.pin, accepted, failed)
+
+    def _pin_expired(self, dialog: Dialog, pin: PinGate) -> None:
+        if dialog.ended.is_set() or not pin.expire():
+            return
+        port = dialog.leg.name if dialog.leg else None
+        log.info("call %s: no PIN in time; hanging up", port)
+        self.audit("sip_pin_timeout", port=port, source=dialog.peer.address[0])
+        self.admission.back_off(dialog.peer)
+        self._spawn(self.hangup(dialog))
 
     async def _resend_until_ack(self, dialog: Dialog, source: Source) -> None:
         interval = T1
@@ -245,8 +300,12 @@ class CallManager:
         talkgroup: str,
         priority: int,
         route: RouteConfig | DialOutConfig,
+        on_pin: Callable[[str], None] | None = None,
     ) -> SipLeg:
-        """Put a call's media in the bank and its Port on the engine (loop thread only)."""
+        """Put a call's media in the bank and its Port on the engine (loop thread only).
+
+        With ``on_pin`` the leg starts muted both ways (the bank's ``muted`` column)
+        and its key presses go to ``on_pin`` until that unmutes it."""
         self._names += 1
         self.calls_total += 1
         name = f"{base}#{self._names}"
@@ -263,20 +322,16 @@ class CallManager:
         bank.vox[row] = route.ptt == "vox"
         bank.vox_threshold[row] = route.vox_threshold_dbfs
         bank.vox_hang[row] = round(route.vox_hang / self.timing.frame)
-        pin = getattr(route, "pin", "")
-        bank.muted[row] = bool(pin)
+        bank.muted[row] = on_pin is not None
         talk_key = getattr(route, "dtmf_talk", "*")
         release_key = getattr(route, "dtmf_release", "#")
-        entered: list[str] = []
 
         def on_dtmf(digit: str, pressed: bool) -> None:
             if not pressed:
                 return
             if bank.muted[row]:
-                entered.append(digit)
-                if "".join(entered).endswith(pin):
-                    bank.muted[row] = False
-                    log.info("call %s: PIN accepted", name)
+                if on_pin is not None:
+                    on_pin(digit)
                 return
             if route.ptt == "dtmf":
                 if digit == talk_key:

@@ -8,6 +8,7 @@ Written for the person wiring a site: numbers are the keys of ``[sip.routes]``
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
@@ -55,21 +56,99 @@ class AccountConfig(Model):
         return value
 
 
+_HA1 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def trusted_entry(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
+    """A ``trusted`` entry: an address or CIDR network, or ``tls:NAME`` (a verified peer)."""
+    if value.startswith("tls:"):
+        return value
+    return ipaddress.ip_network(value, strict=False)
+
+
 class RouteConfig(Model):
-    """What happens when a number is dialled: which talkgroup, who may call, how they talk."""
+    """What happens when a number is dialled: which talkgroup, who may call, how they talk.
+
+    Who may call is said explicitly (``borderlink check`` refuses a route that does
+    not): ``auth = "digest"`` with ``users`` (the gateway challenges every INVITE),
+    ``trusted`` (the proxies or TLS peers that authenticated the caller for us), or
+    ``public = true``. ``allow`` narrows it to identities that were proven, never a
+    name the caller wrote in a header.
+    """
 
     talkgroup: str
     priority: int = 0
     aliases: list[str] = []
-    allow: list[str] = Field(default=[], description="caller users or user@host; * wildcards")
+    auth: Literal["digest"] | None = Field(None, description="challenge callers (RFC 3261 digest)")
+    users: dict[str, str] = Field(
+        default={}, description="digest user → HA1 (from `borderlink passwd --sip USER`)"
+    )
+    trusted: list[str] = Field(
+        default=[], description="addresses/CIDRs or tls:NAME of proxies that authenticate callers"
+    )
+    allow: list[str] = Field(default=[], description="authenticated identities; * wildcards")
     public: bool = Field(False, description="anyone who can reach the gateway may call")
     pin: str = Field("", pattern=r"^[0-9]*$")
+    pin_timeout: Duration = 20.0
     ptt: Literal["vox", "dtmf"] = "vox"
     vox_threshold_dbfs: float = Field(-40.0, ge=-90, le=0)
     vox_hang: Duration = 0.8
     dtmf_talk: str = Field("*", pattern=r"^[0-9*#A-D]$")
     dtmf_release: str = Field("#", pattern=r"^[0-9*#A-D]$")
     tot: Duration = 180.0
+
+    @field_validator("users")
+    @classmethod
+    def _users_hashed(cls, value: dict[str, str]) -> dict[str, str]:
+        for user, ha1 in value.items():
+            if not _HA1.match(ha1):
+                raise ValueError(
+                    f"user {user!r}: give the HA1 hash that `borderlink passwd --sip {user}` "
+                    "prints (32 hex digits), never the password itself"
+                )
+        return value
+
+    @field_validator("trusted")
+    @classmethod
+    def _trusted_parse(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                trusted_entry(entry)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an address or CIDR such as '192.0.2.20' or "
+                    "'192.0.2.0/24'; a TLS peer is written 'tls:NAME' (its certificate's name)"
+                ) from None
+        return value
+
+    @field_validator("pin_timeout")
+    @classmethod
+    def _pin_timeout_sane(cls, value: float) -> float:
+        if not 1 <= value <= 300:
+            raise ValueError("pin_timeout must be between '1s' and '5min'")
+        return value
+
+    @model_validator(mode="after")
+    def _who_may_call(self) -> RouteConfig:
+        if self.auth is None and not self.trusted and not self.public:
+            raise ValueError(
+                'this route does not say who may call: add auth = "digest" with users '
+                "(`borderlink passwd --sip USER` prints each line), trusted = [the "
+                "proxy's address], or public = true for a route anyone may call"
+            )
+        if self.auth == "digest" and not self.users:
+            raise ValueError(
+                'auth = "digest" needs users: add a users table with one line per caller '
+                "from `borderlink passwd --sip USER`"
+            )
+        if self.users and self.auth != "digest":
+            raise ValueError('users are only checked with auth = "digest"; add it')
+        if self.public and (self.auth or self.trusted or self.allow):
+            raise ValueError(
+                "public = true lets anyone call without an identity, so auth, trusted and "
+                "allow mean nothing here: remove public, or remove them"
+            )
+        return self
 
 
 class DialOutConfig(Model):
@@ -100,6 +179,19 @@ class SipConfig(Model):
     transaction_timeout: Duration = 8.0
     rtcp_interval: Duration = Field(
         5.0, description="time between one call's RTCP reports (RFC 3550: 5s minimum on WANs)"
+    )
+    realm: str = Field(
+        "borderlink", min_length=1, pattern=r'^[^"\\]+$', description="digest realm (in HA1)"
+    )
+    max_calls: int = Field(500, ge=1, description="calls up at once, all sources")
+    max_calls_per_source: int = Field(
+        10, ge=1, description="calls up at once from one address (trusted proxies: max_calls)"
+    )
+    invite_rate: float = Field(
+        5.0, gt=0, description="new INVITEs per second from one address (bursts of twice that)"
+    )
+    backoff: Duration = Field(
+        60.0, description="how long an address that failed auth or the PIN is refused"
     )
 
     @field_validator("rtcp_interval")

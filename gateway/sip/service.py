@@ -99,6 +99,12 @@ class SipService:
         if self.calls is not None:
             self.calls.on_request(message, raw, source)
 
+    def _audit(self, event: str, **fields: object) -> None:
+        """A SIP record in the site's audit log (when there is one): calls, PIN, auth."""
+        audit = getattr(self.gateway, "audit", None)
+        if audit is not None and hasattr(audit, "record"):
+            audit.record(event, **fields)
+
     @property
     def port(self) -> int:
         return self.transport.port
@@ -123,6 +129,7 @@ class SipService:
         self.calls = CallManager(
             self.config, self.transport, self.gateway.engine, timing, self.bank, address
         )
+        self.calls.audit = self._audit
         self._uninstall = install_tick_hooks(
             self.gateway, _guarded("receive", self.bank.receive), _guarded("send", self.bank.send)
         )

@@ -68,20 +68,34 @@ def _passwd_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stdin", action="store_true", help="read the password from standard input (scripts)"
     )
+    parser.add_argument(
+        "--sip", metavar="USER", help="a SIP caller's digest line for [sip.routes.N.users] instead"
+    )
+    parser.add_argument("--realm", default="borderlink", help="the [sip] realm (with --sip)")
 
 
-@command("passwd", "print a password hash for a console operator ([console.operators.NAME])",
-         _passwd_args)  # fmt: skip
+@command("passwd", "print a password hash for a console operator ([console.operators.NAME]) "
+         "or, with --sip USER, a SIP caller", _passwd_args)  # fmt: skip
 def passwd(args: argparse.Namespace) -> int:
+    who = f"SIP password for {args.sip}" if args.sip else "New console password"
     if args.stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass("New console password: ")
+        password = getpass.getpass(f"{who}: ")
         if getpass.getpass("Again: ") != password:
             print("the two passwords differ; nothing printed", file=sys.stderr)
             return 2
     if len(password) < MIN_LENGTH:
         print(f"password too short: use at least {MIN_LENGTH} characters", file=sys.stderr)
         return 2
+    if args.sip:  # digest needs MD5(user:realm:password), not scrypt: see gateway.sip.digest
+        from gateway.sip.digest import sip_user_line
+
+        try:
+            print(sip_user_line(args.sip, args.realm, password))
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        return 0
     print(f'password_hash = "{hash_password(password)}"')
     return 0

@@ -27,8 +27,12 @@ def phones(tmp_path: Path):
         codec: str = "PCMU",
         registrar_port: int | None = None,
         rtcp_mux: bool = False,
+        password: str = "",
+        registrar_host: str = "127.0.0.1",
     ) -> Phone:
-        phone = Phone(tmp_path, name, source, codec, registrar_port, rtcp_mux)
+        phone = Phone(
+            tmp_path, name, source, codec, registrar_port, rtcp_mux, password, registrar_host
+        )
         made.append(phone)
         return phone
 

@@ -52,21 +52,21 @@ async def until(condition: Callable[[], object], timeout: float, what: str) -> o
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def sip_ping(port: int, timeout: float = 0.3) -> bool:
-    """True when something answers a SIP OPTIONS on 127.0.0.1:port."""
+def sip_ping(port: int, timeout: float = 0.3, host: str = "127.0.0.1") -> bool:
+    """True when something answers a SIP OPTIONS on host:port (loopback)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         s.settimeout(timeout)
         me = s.getsockname()[1]
         s.sendto(
             (
-                f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+                f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
                 f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bKping{time.monotonic_ns()}\r\n"
                 "Max-Forwards: 70\r\nFrom: <sip:ping@127.0.0.1>;tag=p\r\n"
-                f"To: <sip:127.0.0.1:{port}>\r\nCall-ID: ping{time.monotonic_ns()}@127.0.0.1\r\n"
+                f"To: <sip:{host}:{port}>\r\nCall-ID: ping{time.monotonic_ns()}@127.0.0.1\r\n"
                 "CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
             ).encode(),
-            ("127.0.0.1", port),
+            (host, port),
         )
         try:
             return s.recv(4096).startswith(b"SIP/2.0")
@@ -94,13 +94,15 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 class Kamailio:
     """A registrar on 127.0.0.1 with digest auth (password ``PASSWORD`` for every user)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, host: str = "127.0.0.1") -> None:
         self.binary = require_binary("kamailio")
         self.directory = directory
+        self.host = host  # another loopback address (127.0.0.2) tells it apart from phones
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         cfg = (HERE / "kamailio.cfg.in").read_text()
         cfg = cfg.replace("@PORT@", str(self.port)).replace("@PASSWORD@", PASSWORD)
+        cfg = cfg.replace("127.0.0.1:", f"{host}:")
         self.cfg = directory / "kamailio.cfg"
         self.cfg.write_text(cfg)
 
@@ -125,7 +127,11 @@ class Kamailio:
             start_new_session=True,
         )
         log.close()
-        wait_for(lambda: sip_ping(self.port) or self.proc.poll() is not None, 15, "kamailio")
+        wait_for(
+            lambda: sip_ping(self.port, host=self.host) or self.proc.poll() is not None,
+            15,
+            "kamailio",
+        )
         if self.proc.poll() is not None:
             raise AssertionError(
                 f"kamailio exited: {(self.directory / 'kamailio.log').read_text()}"
@@ -162,6 +168,8 @@ class Phone:
         codec: str = "PCMU",
         registrar_port: int | None = None,
         rtcp_mux: bool = False,
+        password: str = "",
+        registrar_host: str = "127.0.0.1",
     ) -> None:
         self.binary = require_binary("baresip")
         self.name = name
@@ -199,9 +207,14 @@ class Phone:
                 ]
             )
         )
-        domain = f"127.0.0.1:{registrar_port}" if registrar_port else f"127.0.0.1:{self.port}"
+        domain = (
+            f"{registrar_host}:{registrar_port}" if registrar_port else f"127.0.0.1:{self.port}"
+        )
+        # auth_pass: what baresip answers a 401/407 challenge with (user = the AOR's user).
+        auth = f";auth_pass={password}" if password else ""
         (self.dir / "accounts").write_text(
-            f"<sip:{name}@{domain};transport=udp>;regint=0;audio_codecs={codec};answermode=auto\n"
+            f"<sip:{name}@{domain};transport=udp>{auth};regint=0;audio_codecs={codec};"
+            "answermode=auto\n"
         )
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "baresip.log"

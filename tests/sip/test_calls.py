@@ -7,12 +7,14 @@ right frequencies (and the absence of the wrong ones) in what the others hear.
 from __future__ import annotations
 
 import asyncio
+import re
 import wave
 from pathlib import Path
 
 import numpy as np
 from sip_peers import PASSWORD, band_db, dominant_hz, run, running_gateway, tone, until
 
+from gateway.sip.digest import ha1
 from tests.conftest import free_port
 
 RATE = 8000
@@ -37,6 +39,8 @@ keepalive = "1s"
         if registrar_port
         else ""
     )
+    # Routes say who may call; these tests mean open ones unless `route` says otherwise.
+    who = "" if re.search(r"^(auth|trusted|public)\b", route, re.M) else "public = true"
     return f"""
 [site]
 name = "sip-test"
@@ -72,10 +76,12 @@ rtp_ports = "20000-31999"
 {account}
 [sip.routes."6001"]
 talkgroup = "marine"
+{who}
 {route}
 
 [sip.routes."7001"]
 talkgroup = "quiet"
+public = true
 {extra}
 """
 
@@ -145,8 +151,11 @@ def test_phone_through_registrar_hears_radio_and_is_heard(kamailio, phones, tmp_
     assert band_db(talkgroup, 16000, 1000) > -20
 
 
-def test_unknown_number_404_and_disallowed_caller_403(phones, tmp_path):
-    allow = 'allow = ["dispatcher*"]'
+def test_unknown_number_404_and_caller_without_credentials_401(phones, tmp_path):
+    allow = (
+        'auth = "digest"\nallow = ["dispatcher*"]\n'
+        f'users = {{ dispatcher1 = "{ha1("dispatcher1", "borderlink", "right-password")}" }}'
+    )
 
     async def scenario() -> None:
         async with running_gateway(site(tmp_path, None, route=allow)) as gw:
@@ -157,12 +166,15 @@ def test_unknown_number_404_and_disallowed_caller_403(phones, tmp_path):
             nobody.start(dial=f"sip:9999@127.0.0.1:{port}", seconds=4)
             await until(
                 # The reason phrases: a bare "404" can be part of a port number in the log.
-                lambda: "403 Forbidden" in stranger.output() and "404 Not Found" in nobody.output(),
+                lambda: (
+                    "401 Unauthorized" in stranger.output() and "404 Not Found" in nobody.output()
+                ),
                 15,  # two baresip processes starting on a loaded CI machine
                 "both calls to be refused",
             )
             assert not legs(gw)
-            assert gw.sip.calls.rejected == {403: 1, 404: 1}
+            assert gw.sip.calls.rejected.get(404) == 1
+            assert gw.sip.calls.rejected.get(401, 0) >= 1
 
     run(scenario())
 
@@ -233,6 +245,7 @@ members = ["parrot"]
 
 [sip.routes."8001"]
 talkgroup = "echo"
+public = true
 vox_hang = "0s"
 """
     import parrot_port  # noqa: F401  (registers the test-only "parrot" port kind)

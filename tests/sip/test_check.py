@@ -22,9 +22,11 @@ listen = "127.0.0.1:5999"
 
 [sip.routes."6001"]
 talkgroup = "marine"
+public = true
 
 [sip.routes."6002"]
 talkgroup = "marne"
+public = true
 
 [sip.dial_out.duty]
 talkgroup = "harbour"

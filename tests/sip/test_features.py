@@ -218,7 +218,7 @@ def test_pin_gates_the_caller_and_a_reload_removing_the_talkgroup_hangs_up(phone
             leg = (await until(lambda: legs(gw), 5, "the call"))[0]
             await until(lambda: leg.stats()["packets_in"] > 50, 5, "a second of the caller")
             assert f"talk_start {leg.name}" not in talk, "heard before entering the PIN"
-            phone.key("12")
+            phone.key("12#")
             await until(lambda: f"talk_start {leg.name}" in talk, 5, "the PIN to let VOX through")
             from gateway.config import parse_config
 
@@ -226,7 +226,7 @@ def test_pin_gates_the_caller_and_a_reload_removing_the_talkgroup_hangs_up(phone
             # talkgroup is refused by the config check).
             without = (
                 toml.replace('[talkgroups.quiet]\nmembers = ["rec2"]\n', "")
-                .replace('[sip.routes."7001"]\ntalkgroup = "quiet"\n', "")
+                .replace('[sip.routes."7001"]\ntalkgroup = "quiet"\npublic = true\n', "")
                 .replace('pin = "12"', "")
             )
             assert gw.apply(parse_config(without)).ok

@@ -223,16 +223,21 @@ def test_sip_section_errors_name_the_key_and_the_fix():
     with pytest.raises(ConfigError) as error:
         parse_config(
             SITE + '[sip]\nlisten = "127.0.0.1:99999"\n[sip.routes."6001"]\ntalkgroup = "tg"\n'
-            "vox_hang = 800\n"
+            "public = true\nvox_hang = 800\n"
         )
     text = str(error.value)
     assert "sip.listen" in text and "host:port" in text
     assert "sip.routes.6001.vox_hang" in text and "800ms" in text
     with pytest.raises(ValidationError, match="routes twice"):
         SipConfig.model_validate(
-            {"routes": {"1": {"talkgroup": "a"}, "2": {"talkgroup": "a", "aliases": ["1"]}}}
+            {
+                "routes": {
+                    "1": {"talkgroup": "a", "public": True},
+                    "2": {"talkgroup": "a", "public": True, "aliases": ["1"]},
+                }
+            }
         )
-    config = SipConfig.model_validate({"routes": {"6001": {"talkgroup": "nope"}}})
+    config = SipConfig.model_validate({"routes": {"6001": {"talkgroup": "nope", "public": True}}})
     assert "talkgroup 'nope' is not configured" in config.check_talkgroups(["tg"])[0]
 
 
