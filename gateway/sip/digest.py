@@ -4,7 +4,7 @@ The gateway challenges an INVITE with ``401`` and ``WWW-Authenticate`` offering
 ``qop="auth"``; it accepts answers with ``qop=auth`` and without (RFC 2069 style,
 what many PBXs and pyVoIP send). Only MD5: it is what SIP phones speak.
 
-Nonces are stateless: ``time.hmac(key, time:source address)`` — nothing is stored
+Nonces are stateless: ``milliseconds.hmac(key, milliseconds:source address)`` — nothing is stored
 per challenge, so a stranger's INVITE flood allocates nothing here. A nonce expires
 after :data:`NONCE_LIFETIME` (an expired one earns a fresh challenge with
 ``stale=true``, as RFC 2617 says) and only works from the address it was given to.
@@ -76,7 +76,7 @@ class DigestAuth:
         return hmac.new(self._key, f"{stamp}:{host}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def nonce(self, host: str) -> str:
-        stamp = f"{self.now():.3f}"
+        stamp = str(int(self.now() * 1000))  # milliseconds
         return f"{stamp}.{self._mac(stamp, host)}"
 
     def _nonce_state(self, nonce: str, host: str) -> str:
@@ -85,7 +85,7 @@ class DigestAuth:
         if not mac or not hmac.compare_digest(mac, self._mac(stamp, host)):
             return "bad"
         try:
-            age = self.now() - float(stamp)
+            age = self.now() - int(stamp) / 1000
         except ValueError:
             return "bad"
         return "ok" if -1.0 <= age <= NONCE_LIFETIME else "stale"

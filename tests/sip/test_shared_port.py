@@ -17,7 +17,7 @@ import struct
 import numpy as np
 from gateway.codecs.g711 import ulaw_decode, ulaw_encode
 from sip_peers import band_db, run, running_gateway, until
-from test_calls import legs, site
+from test_calls import site
 
 RATE = 8000
 HEADER = struct.Struct("!BBHII")
