@@ -14,7 +14,10 @@ patch change, call and login becomes one JSON line in an append-only file:
 - ``seq`` numbers every line of a run, so a missing line shows.
 - Files rotate by size and at UTC midnight; ``keep`` rotated files are kept.
 - Only names the site config gives (ports, talkgroups, patches, agencies,
-  operators) are written: no audio, no caller numbers, no free text from outside.
+  operators) and identities that were proven are written — a SIP caller's digest
+  user, TLS certificate name or trusted proxy's asserted identity, with its
+  address: this log is where a call's caller is named, and the only place. No
+  audio, no name a caller wrote itself, no free text from outside.
 - Audio recording is separate (a ``recorder`` port in a talkgroup) and off
   unless configured; the first line of each run says, per talkgroup, which.
 
@@ -171,7 +174,8 @@ class AuditLog:
     # --- the public API for endpoints ------------------------------------------------
 
     def record(self, event: str, **fields: Any) -> None:
-        """Write one record now. Give only config-named identities (operator, port, account)."""
+        """Write one record now. Give only config-named or proven identities (operator,
+        port, account, authenticated caller)."""
         self.seq += 1
         entry = {"seq": self.seq, "ts": utc_iso(self.now()), "site": self.gateway.config.site.name}
         entry["event"] = event

@@ -18,7 +18,7 @@ Endpoints plug in without this module knowing them:
   values such as SIP registrations).
 
 Labels are bounded by the config: port, kind, talkgroup, patch, account, event kind.
-Never a caller number or free text.
+Never a caller number or free text (SIP legs are named after their route).
 """
 
 from __future__ import annotations
