@@ -42,7 +42,8 @@ from gateway.sip.transport import Source
 log = logging.getLogger(__name__)
 
 SOURCE_TABLE = 4096  # per-source entries kept (rate buckets, back-offs, log windows)
-REFUSAL_WINDOW = 60.0  # seconds: one log line per source per window, then a count
+REFUSAL_WINDOW = 60  # seconds: one log line per source per window, then a count
+NEW_SOURCES_PER_WINDOW = 20  # sources named in the log per window; the rest are counted
 SITE_FULL_RETRY = 10  # seconds to tell a caller when the site is full
 _PAI_URI = re.compile(r"<?sips?:([^@;>]+)@([^;>]+)")
 
@@ -84,32 +85,46 @@ class RefusalLog:
     """Refusals in the process log: the first from a source in a minute, then a count.
 
     A flood of refused INVITEs costs one WARNING line per source per minute, plus
-    "N more refusals from …" when the minute is over (written at the next refusal).
+    "N more refusals from …" once the minute is over (written at the next refusal).
+    Sources beyond :data:`NEW_SOURCES_PER_WINDOW` new ones a minute (a flood from
+    many addresses) share one summary line.
     """
 
     def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
         self.now = now
         self.windows: Bounded = Bounded()  # host → [window start, refusals not logged]
+        self.others = [0.0, 0]  # window start, refusals from sources not named
 
     def __call__(self, host: str, code: int, reason: str, why: str) -> None:
         now = self.now()
         self._flush(now)
         window = self.windows.get(host)
-        if window is not None and now - window[0] < REFUSAL_WINDOW:
+        if window is not None:
             window[1] += 1
+            return
+        if len(self.windows) >= NEW_SOURCES_PER_WINDOW:
+            if not self.others[1]:
+                self.others[0] = now
+            self.others[1] += 1
             return
         self.windows[host] = [now, 0]
         log.warning("call from %s refused with %d %s: %s", host, code, reason, why)
 
     def _flush(self, now: float) -> None:
-        for host, (start, count) in list(self.windows.items()):
+        windows = self.windows
+        while windows:  # oldest first: entries are in the order their windows began
+            host, (start, count) = next(iter(windows.items()))
             if now - start < REFUSAL_WINDOW:
-                break  # entries are in time order
-            del self.windows[host]
+                break
+            del windows[host]
             if count:
                 log.warning(
                     "%d more refusals from %s in the last %d s", count, host, REFUSAL_WINDOW
                 )
+        start, count = self.others
+        if count and now - start >= REFUSAL_WINDOW:
+            log.warning("%d refusals from other addresses in the last %d s", count, REFUSAL_WINDOW)
+            self.others = [now, 0]
 
 
 class Admission:

@@ -183,7 +183,7 @@ class SipConfig(Model):
     realm: str = Field(
         "borderlink", min_length=1, pattern=r'^[^"\\]+$', description="digest realm (in HA1)"
     )
-    max_calls: int = Field(500, ge=1, description="calls up at once, all sources")
+    max_calls: int = Field(1000, ge=1, description="calls up at once, all sources")
     max_calls_per_source: int = Field(
         10, ge=1, description="calls up at once from one address (trusted proxies: max_calls)"
     )

@@ -352,6 +352,23 @@ def test_refusals_are_logged_once_per_source_with_a_count(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert "12 more refusals from 192.0.2.7 in the last 60 s" in lines, lines
     assert len(lines) == 3, lines
+    # A flood from many addresses: 20 are named, the rest share one summary line.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway.sip"):
+        for k in range(1000):
+            refusals(f"198.51.100.{k % 250}", 404, "Not Found", "no route")
+        clock[0] = 122.0
+        refusals("192.0.2.9", 404, "Not Found", "no route")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) <= 20 + 20 + 2, lines
+    named = sum(1 for line in lines if line.startswith("call from 198.51.100."))
+    counted = sum(
+        int(line.split()[0])
+        for line in lines
+        if re.match(r"\d+ (more )?refusals from (198\.51\.100\.|other addresses)", line)
+    )
+    assert any("refusals from other addresses in the last 60 s" in line for line in lines)
+    assert named + counted == 1000, lines  # every refusal is told, in a line or a count
 
 
 def test_check_refuses_a_route_that_does_not_say_who_may_call(tmp_path: Path):
