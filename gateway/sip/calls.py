@@ -4,11 +4,11 @@ Routing is the config's ``[sip.routes]``: the Request-URI user (or the To user)
 picks the route; :mod:`gateway.sip.admission` decides who may call it (digest
 challenge 401, refusal 403, caps 503) and a PIN route's caller is gated by
 :mod:`gateway.sip.pin`; an unknown number is refused with 404, an offer without
-G.711 with 488 — never a silent hang. Leg names carry the route, never the caller
-(``sip-6001#3``); the audit log says who called. Calls
-are answered straight away with 200 OK (no ringing delay) and become a
-:class:`~gateway.sip.leg.SipLeg` attached to the engine; they end on BYE from
-either side, and the gateway sends BYE to every call when it stops.
+G.711 with 488 — never a silent hang. Calls are answered straight away with 200 OK
+(no ringing delay) and become a :class:`~gateway.sip.leg.SipLeg` attached to the
+engine; they end on BYE from either side, and the gateway sends BYE to every call
+when it stops. Leg names carry the route, never the caller (``sip-6001#3``): the
+audit log is where a caller is named.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from gateway.sip.admission import Admission, Refusal
 from gateway.sip.bank import LegBank, LegMedia
 from gateway.sip.config import DialOutConfig, RouteConfig, SipConfig
 from gateway.sip.leg import SipLeg, leg_config
-from gateway.sip.pin import PinGate
+from gateway.sip.pin import gate_call
 from gateway.sip.pyvoip import SIPMessage
 from gateway.sip.rtcp import RtcpState
 from gateway.sip.rtp import CODEC_NAMES
@@ -227,7 +227,7 @@ class CallManager:
         )
         dtmf = DTMF_TYPE if offer.dtmf_type is not None else None
         dtmf_in = offer.dtmf_type
-        pin = self._pin_gate(dialog, name, route) if route.pin else None
+        pin = gate_call(self, dialog, name, route) if route.pin else None
         leg = self._start_leg(
             f"sip-{name}", codec, dtmf_in, dtmf, offer, route.talkgroup, route.priority, route,
             on_pin=pin.press if pin else None,
@@ -245,39 +245,6 @@ class CallManager:
             caller=admitted.identity, auth=admitted.how, source=source.address[0],
             pin="required" if pin else None,
         )  # fmt: skip
-        if pin is not None:
-            asyncio.get_running_loop().call_later(route.pin_timeout, self._pin_expired, dialog, pin)
-
-    # --- PIN routes -------------------------------------------------------------------
-
-    def _pin_gate(self, dialog: Dialog, route_name: str, route: RouteConfig) -> PinGate:
-        """The PIN entry of a new call: audited, backed off and hung up as pin.py says."""
-
-        def accepted() -> None:
-            if dialog.leg is not None:
-                self.bank.muted[dialog.leg.row] = False
-                log.info("call %s: PIN accepted", dialog.leg.name)
-                self.audit("sip_pin_accepted", port=dialog.leg.name, route=route_name)
-
-        def failed(tries: int, final: bool) -> None:
-            port = dialog.leg.name if dialog.leg else None
-            self.audit("sip_pin_failed", port=port, route=route_name, tries=tries,
-                       source=dialog.peer.address[0], hangup=final)  # fmt: skip
-            self.admission.back_off(dialog.peer)
-            if final:
-                log.info("call %s: %d wrong PINs; hanging up", port, tries)
-                self._spawn(self.hangup(dialog))
-
-        return PinGate(route.pin, accepted, failed)
-
-    def _pin_expired(self, dialog: Dialog, pin: PinGate) -> None:
-        if dialog.ended.is_set() or not pin.expire():
-            return
-        port = dialog.leg.name if dialog.leg else None
-        log.info("call %s: no PIN in time; hanging up", port)
-        self.audit("sip_pin_timeout", port=port, source=dialog.peer.address[0])
-        self.admission.back_off(dialog.peer)
-        self._spawn(self.hangup(dialog))
 
     async def _resend_until_ack(self, dialog: Dialog, source: Source) -> None:
         interval = T1

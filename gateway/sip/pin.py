@@ -9,8 +9,17 @@ call. What the caller keys is never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.sip.calls import CallManager, Dialog
+    from gateway.sip.config import RouteConfig
+
+log = logging.getLogger(__name__)
 
 MAX_TRIES = 3
 MAX_DIGITS = 32  # keyed digits kept before '#': more can only be a wrong PIN
@@ -65,3 +74,40 @@ class PinGate:
             return False
         self.state = "closed"
         return True
+
+
+def gate_call(calls: CallManager, dialog: Dialog, route_name: str, route: RouteConfig) -> PinGate:
+    """The PIN gate of a new call on a PIN route, with its timer running.
+
+    Right PIN: the leg's row is unmuted. Each wrong one: audited, the caller's
+    address backed off; the last one, or no PIN within ``pin_timeout``: BYE.
+    """
+
+    def port() -> str | None:
+        return dialog.leg.name if dialog.leg is not None else None
+
+    def accepted() -> None:
+        if dialog.leg is not None:
+            calls.bank.muted[dialog.leg.row] = False
+            log.info("call %s: PIN accepted", port())
+            calls.audit("sip_pin_accepted", port=port(), route=route_name)
+
+    def failed(tries: int, final: bool) -> None:
+        calls.audit("sip_pin_failed", port=port(), route=route_name, tries=tries,
+                    source=dialog.peer.address[0], hangup=final)  # fmt: skip
+        calls.admission.back_off(dialog.peer)
+        if final:
+            log.info("call %s: %d wrong PINs; hanging up", port(), tries)
+            calls._spawn(calls.hangup(dialog))
+
+    def expired() -> None:
+        if dialog.ended.is_set() or not gate.expire():
+            return
+        log.info("call %s: no PIN in time; hanging up", port())
+        calls.audit("sip_pin_timeout", port=port(), route=route_name, source=dialog.peer.address[0])
+        calls.admission.back_off(dialog.peer)
+        calls._spawn(calls.hangup(dialog))
+
+    gate = PinGate(route.pin, accepted, failed)
+    asyncio.get_running_loop().call_later(route.pin_timeout, expired)
+    return gate
