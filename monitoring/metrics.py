@@ -148,6 +148,18 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
     "sip_calls_active": ("sip_calls_active", "gauge", "SIP calls up now", None),
     "sip_calls_total": ("sip_calls_total", "counter", "SIP calls answered or placed", None),
     "sip_calls_rejected": ("sip_calls_rejected_total", "counter", "SIP calls refused", None),
+    "sip_calls_refused": (
+        "sip_calls_refused_total",
+        "counter",
+        "SIP INVITEs answered with an error, by response code (401 challenges included)",
+        "code",
+    ),
+    "sip_sources_backed_off": (
+        "sip_sources_backed_off",
+        "gauge",
+        "Addresses refused for now after a wrong digest password or PIN",
+        None,
+    ),
     "sip_messages_malformed": (
         "sip_messages_malformed_total",
         "counter",

@@ -184,6 +184,11 @@ class Admission:
             return
         self.banned[source.address[0]] = self.now() + self.config.backoff
 
+    def backed_off(self) -> int:
+        """Addresses refused right now (for metrics)."""
+        now = self.now()
+        return sum(1 for until in self.banned.values() if until > now)
+
     # --- identity ---------------------------------------------------------------------
 
     def trusted_anywhere(self, source: Source) -> bool:

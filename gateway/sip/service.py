@@ -165,6 +165,8 @@ class SipService:
             "sip_calls_active": len(calls.dialogs) if calls else 0,
             "sip_calls_total": calls.calls_total if calls else 0,
             "sip_calls_rejected": sum(calls.rejected.values()) if calls else 0,
+            "sip_calls_refused": {str(c): n for c, n in calls.rejected.items()} if calls else {},
+            "sip_sources_backed_off": calls.admission.backed_off() if calls else 0,
             "sip_messages_malformed": self.transport.stats.malformed,
             # RTP/RTCP dropped, by kind (truncated, huge, version, layout, payload_type, ...)
             "sip_rtp_malformed": dict(self.bank.malformed) if self.bank else {},

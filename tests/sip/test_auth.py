@@ -178,6 +178,9 @@ def test_digest_route_challenges_refuses_wrong_and_replayed_answers_admits_right
             stolen = answer(challenge, "bob", f"{GOOD}-bob", uri, True)
             call_id, _ = third.invite(port, "6001", headers=(f"Authorization: {stolen}",))
             assert status(await third.final(call_id)) == 401
+            stats = gw.sip.stats()  # what /metrics shows
+            assert stats["sip_sources_backed_off"] == 2  # .11 (wrong password), .12 (mallory)
+            assert stats["sip_calls_refused"]["403"] == 2
             for u in (uac, other, third):
                 u.close()
 
@@ -319,6 +322,7 @@ def test_call_caps_and_invite_rate_answer_503_with_retry_after(tmp_path):
             full = await three.final(call_id)
             assert status(full) == 503 and int(header(full, "Retry-After")) > 0
             assert len(legs(gw)) == 4
+            assert gw.sip.stats()["sip_calls_refused"]["503"] == answers.count(503) + 3
             for u in (one, two, three, burst):
                 u.close()
 
