@@ -132,22 +132,33 @@ class Admission:
 
     def __init__(
         self,
-        config: SipConfig,
+        config: Callable[[], SipConfig],
         calls: Callable[[], int],
         calls_from: Callable[[str], int],
         now: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
+        self._config = config  # read at each use: a reload of [sip] applies to the next INVITE
         self.calls = calls
         self.calls_from = calls_from
         self.now = now
-        self.digest = DigestAuth(config.realm)
-        self.buckets: Bounded = Bounded()  # host → [tokens, last refill]
+        self.digest = DigestAuth(config().realm)
+        self.buckets: Bounded = Bounded()  # host → (tokens, last refill)
         self.banned: Bounded = Bounded()  # host → until (monotonic)
         self.refusals = RefusalLog(now)
-        self._trusted = [
-            trusted_entry(entry) for route in config.routes.values() for entry in route.trusted
-        ]
+        self._trusted: tuple[SipConfig | None, list] = (None, [])
+
+    @property
+    def config(self) -> SipConfig:
+        return self._config()
+
+    def _trusted_entries(self) -> list:
+        """Every route's trusted entries, parsed once per config."""
+        config = self.config
+        if self._trusted[0] is not config:
+            entries = [trusted_entry(e) for route in config.routes.values() for e in route.trusted]
+            self._trusted = (config, entries)
+            self.digest.realm = config.realm
+        return self._trusted[1]
 
     # --- source limits --------------------------------------------------------------
 
@@ -192,7 +203,7 @@ class Admission:
     # --- identity ---------------------------------------------------------------------
 
     def trusted_anywhere(self, source: Source) -> bool:
-        return _matches(self._trusted, source)
+        return _matches(self._trusted_entries(), source)
 
     def identify(
         self,

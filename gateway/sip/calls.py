@@ -107,7 +107,7 @@ class CallManager:
         self.calls_total = 0
         self._names = 0
         self._tasks: set[asyncio.Task] = set()
-        self.admission = Admission(config, lambda: len(self.dialogs), self._calls_from)
+        self.admission = Admission(lambda: self.config, lambda: len(self.dialogs), self._calls_from)
         # The site's audit log (set by the service): record(event, **fields).
         self.audit: Callable[..., Any] = lambda event, **fields: None
 
