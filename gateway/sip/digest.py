@@ -46,7 +46,7 @@ def parse_authorization(value: str) -> dict[str, str] | None:
         return None
     try:
         params = parse_keqv_list(parse_http_list(rest))
-    except ValueError:
+    except (ValueError, IndexError):  # an item without '=', or 'key=' with nothing after
         return None
     return {k.strip().lower(): v for k, v in params.items()}
 

@@ -128,9 +128,11 @@ def answer(challenge: str, user: str, password: str, uri: str, qop: bool) -> str
 
 def test_digest_route_challenges_refuses_wrong_and_replayed_answers_admits_right(tmp_path):
     route = f'auth = "digest"\n{users("alice", "bob")}'
+    # Many INVITEs from one address here: the rate limit is another test's subject.
+    toml = site(tmp_path, None, route=route).replace("[sip]\n", "[sip]\ninvite_rate = 100.0\n", 1)
 
     async def scenario() -> None:
-        async with running_gateway(site(tmp_path, None, route=route)) as gw:
+        async with running_gateway(toml) as gw:
             port = gw.sip.port
             uri = f"sip:6001@127.0.0.1:{port}"
             uac = Uac("127.0.0.11")
@@ -141,6 +143,10 @@ def test_digest_route_challenges_refuses_wrong_and_replayed_answers_admits_right
             challenge = header(challenged, "WWW-Authenticate")
             assert 'realm="borderlink"' in challenge and 'qop="auth"' in challenge
             assert not legs(gw)
+            # Broken credentials are no credentials: a challenge, never an exception.
+            for junk in ("Digest username=", "Digest =", "Digest ,,,", 'Digest realm="', "Basic x"):
+                call_id, _ = uac.invite(port, "6001", headers=(f"Authorization: {junk}",))
+                assert status(await uac.final(call_id)) == 401, junk
             # The right answer, with and without qop: two calls.
             for qop in (True, False):
                 call_id, _ = uac.invite(port, "6001")
@@ -406,3 +412,22 @@ def test_check_refuses_a_route_that_does_not_say_who_may_call(tmp_path: Path):
     assert made.returncode == 0, made.stderr
     expected = md5(f"alice:{REALM}:a long password")
     assert made.stdout.strip() == f'"alice" = "{expected}"'
+
+
+def test_an_expired_nonce_is_challenged_again_as_stale():
+    """RFC 2617: a right answer to an expired nonce earns a new challenge with stale=true
+    (the phone retries at once, without asking its user), never a refusal."""
+    from gateway.sip.digest import NONCE_LIFETIME, DigestAuth
+
+    clock = [1000.0]
+    auth = DigestAuth(REALM, now=lambda: clock[0])
+    table = {"alice": ha1("alice", REALM, "pw")}
+    challenge = auth.www_authenticate("192.0.2.1").split(": ", 1)[1]
+    good = answer(challenge, "alice", "pw", "sip:6001@gw", qop=True)
+    clock[0] += NONCE_LIFETIME + 1
+    late = auth.check(good, "INVITE", "192.0.2.1", "call-1", table)
+    assert late.challenge and late.stale and not late.user
+    assert "stale=true" in auth.www_authenticate("192.0.2.1", stale=True)
+    fresh = answer(auth.www_authenticate("192.0.2.1").split(": ", 1)[1], "alice", "pw",
+                   "sip:6001@gw", qop=False)  # fmt: skip
+    assert auth.check(fresh, "INVITE", "192.0.2.1", "call-1", table).user == "alice"
