@@ -147,7 +147,12 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
     ),
     "sip_calls_active": ("sip_calls_active", "gauge", "SIP calls up now", None),
     "sip_calls_total": ("sip_calls_total", "counter", "SIP calls answered or placed", None),
-    "sip_calls_rejected": ("sip_calls_rejected_total", "counter", "SIP calls refused", None),
+    "sip_calls_rejected": (
+        "sip_calls_rejected_total",
+        "counter",
+        "SIP calls refused (digest challenges not counted)",
+        None,
+    ),
     "sip_calls_refused": (
         "sip_calls_refused_total",
         "counter",

@@ -62,6 +62,8 @@ _HA1 = re.compile(r"^[0-9a-f]{32}$")
 def trusted_entry(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
     """A ``trusted`` entry: an address or CIDR network, or ``tls:NAME`` (a verified peer)."""
     if value.startswith("tls:"):
+        if len(value) == 4:
+            raise ValueError("tls: without a name")
         return value
     return ipaddress.ip_network(value, strict=False)
 

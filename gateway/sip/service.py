@@ -164,7 +164,10 @@ class SipService:
             },
             "sip_calls_active": len(calls.dialogs) if calls else 0,
             "sip_calls_total": calls.calls_total if calls else 0,
-            "sip_calls_rejected": sum(calls.rejected.values()) if calls else 0,
+            # A 401 is a challenge on the way to a call, not a refusal: counted by code only.
+            "sip_calls_rejected": (
+                sum(n for code, n in calls.rejected.items() if code != 401) if calls else 0
+            ),
             "sip_calls_refused": {str(c): n for c, n in calls.rejected.items()} if calls else {},
             "sip_sources_backed_off": calls.admission.backed_off() if calls else 0,
             "sip_messages_malformed": self.transport.stats.malformed,
