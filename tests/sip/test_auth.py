@@ -431,3 +431,25 @@ def test_an_expired_nonce_is_challenged_again_as_stale():
     fresh = answer(auth.www_authenticate("192.0.2.1").split(": ", 1)[1], "alice", "pw",
                    "sip:6001@gw", qop=False)  # fmt: skip
     assert auth.check(fresh, "INVITE", "192.0.2.1", "call-1", table).user == "alice"
+
+
+def test_a_tls_identity_is_trusted_by_name_and_a_header_never_stands_in_for_it():
+    """``trusted = ["tls:NAME"]`` matches only what a TLS transport proved (Source.identity,
+    set by the transport after the certificate verified), never an address or a header."""
+    from gateway.sip.admission import Admission, Admitted, Refusal
+    from gateway.sip.config import SipConfig
+    from gateway.sip.transport import Source
+
+    config = SipConfig.model_validate(
+        {"routes": {"6001": {"talkgroup": "tg", "trusted": ["tls:pbx.agency.example"]}}}
+    )
+    gate = Admission(lambda: config, lambda: 0, lambda host: 0)
+    route = config.routes["6001"]
+    proved = Source(("192.0.2.5", 5061), "tls", "pbx.agency.example")
+    claimed = Source(("192.0.2.5", 5061), "tcp")  # same address, nothing proved
+    pai = [("P-Asserted-Identity", "<sip:pbx.agency.example@192.0.2.5>")]
+    admitted = gate.identify("6001", route, proved, "INVITE", "c1", [])
+    assert admitted == Admitted("pbx.agency.example", "tls")
+    refused = gate.identify("6001", route, claimed, "INVITE", "c2", pai)
+    assert isinstance(refused, Refusal) and refused.code == 403
+    assert gate.limit(proved) is None  # a trusted peer is not rate-limited per address
