@@ -9,9 +9,10 @@ interface. Who does what, so nothing is counted twice:
   the last syllable is not clipped — never a second hang time.
 - **TX delay** (``tx_delay``) is the port's: PTT goes up at once and the audio
   starts that much later (it is held, not cut).
-- **Transmit TOT** (``tx_tot``) is the port's, on its own thread, independent of
-  the audio path. The common ``tot`` key is the engine's *talker* time-out (a
-  stuck receiver, a stuck microphone), a different thing.
+- **Transmit TOT** (``tx_tot``) is the port's, run by the PTT guardian process
+  (``hardware/guardian.py``), independent of the audio path and of the gateway's
+  own fate. The common ``tot`` key is the engine's *talker* time-out (a stuck
+  receiver, a stuck microphone), a different thing.
 - **Squelch hang** and **open delay** are the port's (``[…squelch]`` table);
   the common ``anti_kerchunk`` is the engine's. Use one of the two open delays,
   not both: the config refuses ``squelch.open_delay`` with ``anti_kerchunk``.

@@ -1,9 +1,10 @@
-"""Installer commands: ``borderlink devices`` and ``borderlink levels PORT``.
+"""Installer commands: ``borderlink devices``, ``borderlink levels PORT``, ``borderlink unkey``.
 
 Setting a radio's levels is done with a meter, not by ear: speech from the radio
 should peak around −12 dBFS on the input, and a test tone sent to the radio sets
 its transmit deviation. These commands open the real card and lines exactly as
-the gateway would.
+the gateway would. ``unkey`` is the last line of defence after the gateway has
+stopped, however it stopped (systemd's ``ExecStopPost=``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.cli import command
+from gateway.cli import _config_arg, command
 
 
 def _devices_args(parser: argparse.ArgumentParser) -> None:
@@ -130,3 +131,30 @@ def levels(args: argparse.Namespace) -> int:
         if not args.plain:
             print()
     return 0
+
+
+@command("unkey", "drive every PTT line the site names unkeyed, then exit (safe at any time)",
+         _config_arg)  # fmt: skip
+def unkey(args: argparse.Namespace) -> int:
+    """Open each radio's PTT line, drive it unkeyed and release it: run after the gateway
+    stops for any reason, since a CM108 latch, a GPIO pin or a serial line holds its last
+    level. Exit status 1 (and a line on stderr) for a line that could not be reached."""
+    from gateway.hardware.ptt import unkey as unkey_line
+    from gateway.radio import SoundcardConfig, build_keyer
+    from gateway.site import load_site
+
+    config = load_site(args.config)
+    failed = 0
+    for name, port in config.ports.items():
+        if not isinstance(port, SoundcardConfig) or port.ptt.type == "none":
+            continue
+        keyer = build_keyer(port.ptt)
+        try:
+            unkey_line(keyer)
+        except (OSError, ValueError) as exc:
+            failed += 1
+            print(f"{name}: PTT {keyer.description} could NOT be unkeyed: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        print(f"{name}: PTT {keyer.description} unkeyed")
+    return 1 if failed else 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import struct
 import threading
 from typing import Any
 
@@ -82,7 +83,9 @@ class SerialLines:
     """Modem control lines of a serial port (pyserial): RTS/DTR out, CTS/DSR/DCD/RI in.
 
     pyserial raises RTS and DTR when it opens a port, which would key a radio wired
-    to them; the lines are set to their idle level *before* the port is opened.
+    to them; the lines are set to their idle level *before* the port is opened. A port
+    opened for its inputs only (``idle`` empty: COR) keeps RTS and DTR where they are,
+    since the PTT guardian, another process, may be driving one of them on the same port.
     """
 
     def __init__(self, path: str, idle: dict[str, bool] | None = None) -> None:
@@ -97,13 +100,37 @@ class SerialLines:
         port.port = self.path
         port.rts = self.idle.get("rts", False)
         port.dtr = self.idle.get("dtr", False)
+        held = None
+        if not self.idle:
+            held, port.rts, port.dtr = self._outputs_now()
         try:
             port.open()
         except serial.SerialException as exc:
             inner = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
             why = _describe(self.path, OSError(inner, str(exc)))
             raise LineError(inner or errno.EIO, why) from exc
+        finally:
+            if held is not None:
+                os.close(held)
         return port
+
+    def _outputs_now(self) -> tuple[int | None, bool, bool]:
+        """RTS and DTR as they are, read through a descriptor held open until pyserial has
+        the port (closing the last one would drop them: HUPCL)."""
+        import termios
+
+        import serial.serialposix
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError:
+            return None, False, False  # pyserial's open will say why
+        try:
+            raw = serial.serialposix.fcntl.ioctl(fd, termios.TIOCMGET, struct.pack("I", 0))
+            (bits,) = struct.unpack("I", raw)
+        except OSError:
+            return fd, False, False
+        return fd, bool(bits & termios.TIOCM_RTS), bool(bits & termios.TIOCM_DTR)
 
     def open(self) -> None:
         if self.port is None:
@@ -163,12 +190,15 @@ class Cm108:
         self.inputs = 0
 
     def _open(self) -> int:
+        # O_APPEND means nothing to a hidraw node; a regular file standing in for one (the
+        # tests') then keeps every report in order, whichever process opened it when.
+        flags = os.O_NONBLOCK | os.O_APPEND
         try:
-            return os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+            return os.open(self.path, os.O_RDWR | flags)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM):
                 try:  # a stand-in or a write-only udev rule: output only
-                    return os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+                    return os.open(self.path, os.O_WRONLY | flags)
                 except OSError:
                     pass
             raise LineError(exc.errno or errno.EIO, _describe(self.path, exc)) from exc

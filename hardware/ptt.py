@@ -1,145 +1,239 @@
-"""PTT: keyers for each kind of line, and the controller that never leaves a transmitter up.
+"""PTT in the gateway: what the engine wants, handed to the PTT guardian process.
 
 The engine decides *when* a radio should transmit (its mix is audible, plus the
-port's ``ptt_hang_time``). This module decides whether the line may follow:
+port's ``ptt_hang_time``). The lines themselves are driven by the PTT guardian
+(:mod:`.guardian`), a tiny process of its own, so that a gateway that dies hard
+or hangs cannot leave a transmitter keyed. This module is the gateway's end:
 
-- the **transmit TOT** runs on its own thread, so a stalled event loop or a
-  wedged tick cannot hold a transmitter keyed past it;
-- a **watchdog** drops PTT when nobody has fed the transmitter audio for
-  ``stall`` seconds (the engine is hung, a thread died);
-- **release after drain**: an unkey waits only for the audio already queued in
-  the sound card to go out, so the tail of an over is not clipped — and no more;
-- a keyer whose device vanished is reopened with backoff and resumes;
+- each tick that feeds a transmitter (:meth:`PttController.fed`) tells the guardian
+  "still on" — the heartbeat; when the ticks stop (the engine is hung, the process is
+  stopped or dead), the guardian drops the line within its heartbeat timeout;
+- key/unkey, "release after the queued audio", inhibit (sound card lost) are
+  messages the guardian acknowledges, so :attr:`PttController.keyed` is what the
+  line really is; the transmit TOT, the device's loss and return are reported back;
+- if the guardian itself dies, every line is down (it unkeys as it goes, or its
+  lines were never keyed); a new one is started and the lines reopened;
 - an ``atexit`` hook (and SIGTERM turned into a normal exit when nobody else
-  handles it) unkeys every live transmitter as the last resort.
+  handles it) unkeys every live transmitter before the process ends, so an orderly
+  exit leaves the lines unkeyed at once, not a heartbeat timeout later.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
+import json
 import logging
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
+from pathlib import Path
+from typing import Any
 
-from .lines import Cm108, GpioLine, LineError, SerialLines
+from .guardian import (
+    HEARTBEAT_TIMEOUT_S,
+    Cm108Keyer,
+    GpioKeyer,
+    Keyer,
+    SerialKeyer,
+    keyer_from_spec,
+    unkey,
+)
+from .lines import LineError
 
 log = logging.getLogger(__name__)
 
-RETRY_FIRST_S = 0.5
-RETRY_MAX_S = 30.0
+GUARDIAN_SCRIPT = Path(__file__).with_name("guardian.py")
+START_TIMEOUT_S = 20.0  # a new Python process on a loaded machine
+ACK_TIMEOUT_S = 1.0  # the guardian answers in well under a millisecond when it runs
+RESTART_S = 0.5  # a guardian that died is replaced after this
 
 
-class Keyer:
-    """A radio keyed by its own VOX (``type = "none"``): nothing to drive."""
+class GuardianProcess:
+    """The gateway's end of one PTT guardian process, shared by every PTT line."""
 
-    description = "none (VOX-keyed radio)"
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = env  # the guardian's environment (None: the gateway's)
+        self.sock: socket.socket | None = None
+        self.proc: subprocess.Popen | None = None
+        self.hello: dict[str, Any] = {}
+        self.lines: dict[str, PttController] = {}
+        self.acked: dict[str, int] = {}
+        self.restarts = 0
+        self.closing = False
+        self._cond = threading.Condition()
+        self._start_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._seq = itertools.count(1)
 
-    def open(self) -> None:
-        """Acquire the line and set it to *unkeyed*."""
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
-    def set(self, on: bool) -> None:
-        """Drive the PTT line. Raises OSError when the device has gone."""
+    @property
+    def timeout(self) -> float:
+        """The guardian's heartbeat timeout, as it says itself."""
+        return float(self.hello.get("timeout", HEARTBEAT_TIMEOUT_S))
 
-    def close(self) -> None:
-        """Unkey (best effort) and release the device."""
-
-    def fail(self) -> None:
-        """Forget a dead device handle so :meth:`open` starts afresh."""
-        self.close()
-
-    def present(self) -> bool:
-        return True
-
-
-class SerialKeyer(Keyer):
-    """PTT on a serial port's RTS or DTR (a transistor or opto on the line)."""
-
-    def __init__(self, device: str, line: str = "rts", invert: bool = False) -> None:
-        self.line, self.invert = line, invert
-        self.lines = SerialLines(device, idle={line: invert})
-        self.description = f"serial {device} {line.upper()}{' inverted' if invert else ''}"
-
-    def open(self) -> None:
-        self.lines.open()
-        self.lines.set(self.line, self.invert)
-
-    def set(self, on: bool) -> None:
-        self.lines.set(self.line, on != self.invert)
-
-    def close(self) -> None:
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            if self.lines.port is not None:
-                self.lines.set(self.line, self.invert)
-        except OSError:
-            pass
-        self.lines.close()
-
-    def fail(self) -> None:
-        self.lines.fail()
-
-    def present(self) -> bool:
-        return self.lines.present()
-
-
-class Cm108Keyer(Keyer):
-    """PTT on a CM108/CM119 fob's GPIO pin (GPIO3 on most), through /dev/hidrawN."""
-
-    def __init__(self, device: str, gpio: int = 3, invert: bool = False) -> None:
-        Cm108.report(gpio, False)  # validates the pin number now, not at first key-up
-        self.gpio, self.invert = gpio, invert
-        self.hid = Cm108(device)
-        self.description = f"CM108 {device} GPIO{gpio}{' inverted' if invert else ''}"
-
-    def open(self) -> None:
-        self.hid.open()
-        self.hid.set(self.gpio, self.invert)
-
-    def set(self, on: bool) -> None:
-        self.hid.set(self.gpio, on != self.invert)
+            proc = subprocess.Popen(
+                [sys.executable, "-s", str(GUARDIAN_SCRIPT), "--fd", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], env=self.env, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's ^C is the gateway's to handle
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        ours.settimeout(START_TIMEOUT_S)
+        try:
+            hello = json.loads(ours.recv(65536) or b"{}")
+        except (OSError, ValueError):
+            hello = {}
+        if hello.get("op") != "hello":
+            proc.kill()
+            proc.wait()
+            ours.close()
+            raise RuntimeError(f"the PTT guardian ({GUARDIAN_SCRIPT}) did not start")
+        ours.settimeout(None)
+        log.info("PTT guardian running (pid %d, %s, heartbeat timeout %.0f ms)",
+                 proc.pid, hello.get("priority"), hello["timeout"] * 1000)  # fmt: skip
+        with self._cond:
+            self.sock, self.proc, self.hello = ours, proc, hello
+        threading.Thread(target=self._read, args=(ours, proc), name="ptt-guardian",
+                         daemon=True).start()  # fmt: skip
 
     def close(self) -> None:
+        """Stop the guardian (it unkeys whatever it still holds)."""
+        with self._cond:
+            self.closing = True
+            sock, proc = self.sock, self.proc
+            self.sock = None
+            self._cond.notify_all()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # --- lines ---
+
+    def add(self, controller: PttController) -> str:
+        with self._start_lock:
+            if self.sock is None and not self.closing:
+                self.start()
+        with self._cond:
+            key = str(next(self._ids))
+            self.lines[key] = controller
+        self.send(key, _open_message(controller), wait=True)
+        return key
+
+    def remove(self, key: str) -> None:
+        self.send(key, {"op": "close"}, wait=True)
+        with self._cond:
+            self.lines.pop(key, None)
+            self.acked.pop(key, None)
+
+    def send(self, key: str, msg: dict[str, Any], wait: bool = False) -> None:
+        """Send a message about line ``key``; ``wait``: until the guardian has applied it."""
+        with self._cond:
+            sock = self.sock
+            seq = next(self._seq) if wait else 0
+        if sock is None:
+            return
         try:
-            if self.hid.fd is not None:
-                self.hid.set(self.gpio, self.invert)
-        except OSError:
-            pass
-        self.hid.close()
+            sock.send(json.dumps({**msg, "id": key, "seq": seq}).encode(), socket.MSG_DONTWAIT)
+        except BlockingIOError:  # the guardian is not reading; its timers still run
+            return
+        except OSError:  # it died: the reader starts another
+            return
+        if wait:
+            with self._cond:
+                done = self._cond.wait_for(
+                    lambda: self.acked.get(key, 0) >= seq or self.sock is not sock, ACK_TIMEOUT_S
+                )
+            if not done:
+                log.warning("PTT guardian did not answer within %.1fs", ACK_TIMEOUT_S)
 
-    def fail(self) -> None:
-        self.hid.fail()
+    # --- inside ---
 
-    def present(self) -> bool:
-        return self.hid.present()
+    def _read(self, sock: socket.socket, proc: subprocess.Popen) -> None:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            msg = json.loads(data)
+            key = str(msg.get("id"))
+            with self._cond:
+                controller = self.lines.get(key)
+                if controller is not None and msg.get("op") == "state":
+                    controller._report(msg)
+                self.acked[key] = max(self.acked.get(key, 0), int(msg.get("ack") or 0))
+                self._cond.notify_all()
+        self._gone(sock, proc)
+
+    def _gone(self, sock: socket.socket, proc: subprocess.Popen) -> None:
+        """The guardian's end closed: every line it held is down; start another."""
+        with self._cond:
+            if self.sock is sock:
+                self.sock = None
+            for controller in self.lines.values():
+                controller._lost_guardian()
+            self._cond.notify_all()
+            if self.closing:
+                return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
+        log.error("PTT guardian (pid %d) exited (%s): its lines are unkeyed; starting another",
+                  proc.pid, proc.returncode)  # fmt: skip
+        while True:
+            time.sleep(RESTART_S)
+            with self._start_lock:
+                if self.closing:
+                    return
+                try:
+                    if self.sock is None:
+                        self.start()
+                except (OSError, RuntimeError) as exc:
+                    log.error("PTT guardian restart failed: %s", exc)
+                    continue
+            with self._cond:
+                self.restarts += 1
+                lines = list(self.lines.items())
+            for key, controller in lines:  # reopened as they were; keyed when the engine asks
+                self.send(key, _open_message(controller))
+            return
 
 
-class GpioKeyer(Keyer):
-    """PTT on a Linux GPIO line (``/dev/gpiochipN``, line offset), e.g. a Raspberry Pi pin."""
+def _open_message(controller: PttController) -> dict[str, Any]:
+    return {"op": "open", "name": controller.name, "keyer": controller.keyer.spec(),
+            "tot": controller.tot}  # fmt: skip
 
-    def __init__(self, chip: str, line: int, invert: bool = False) -> None:
-        self.invert = invert
-        self.gpio = GpioLine(chip, line, output=True, idle=invert)
-        self.description = f"GPIO {chip} line {line}{' inverted' if invert else ''}"
 
-    def open(self) -> None:
-        self.gpio.open()
-        self.gpio.set(self.invert)
+_SHARED: GuardianProcess | None = None
+_SHARED_LOCK = threading.Lock()
 
-    def set(self, on: bool) -> None:
-        self.gpio.set(on != self.invert)
 
-    def close(self) -> None:
-        try:
-            if self.gpio.request is not None:
-                self.gpio.set(self.invert)
-        except OSError:
-            pass
-        self.gpio.close()
-
-    def present(self) -> bool:
-        return self.gpio.present()
+def shared_guardian() -> GuardianProcess:
+    """The process's one guardian, started with the first PTT line."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = GuardianProcess()
+        return _SHARED
 
 
 _LIVE: weakref.WeakSet[PttController] = weakref.WeakSet()
@@ -173,116 +267,80 @@ def _install_last_resort() -> None:
 
 
 class PttController:
-    """One transmitter's PTT: what the engine wants, and what the line may do.
+    """One transmitter's PTT: what the engine wants, and what the guardian says the line is.
 
-    ``tot``: transmit time-out (0 = off); after it trips the line stays down until
-    the engine unkeys and keys again. ``stall``: watchdog, seconds without
-    :meth:`fed` after which a keyed line drops (0 = off).
+    ``tot``: transmit time-out (0 = off), run by the guardian; after it trips the line
+    stays down until the engine unkeys and keys again. ``guardian``: the process that
+    drives the line (default: the one shared by the whole gateway).
     """
 
-    def __init__(self, keyer: Keyer, name: str, tot: float = 0.0, stall: float = 1.0) -> None:
-        self.keyer, self.name, self.tot, self.stall = keyer, name, tot, stall
+    def __init__(self, keyer: Keyer, name: str, tot: float = 0.0,
+                 guardian: GuardianProcess | None = None) -> None:  # fmt: skip
+        self.keyer, self.name, self.tot = keyer, name, tot
+        self.guardian = guardian
+        self.key_id = ""
         self.wanted = False
-        self.line = False  # what we last drove the line to
+        self.inhibited = ""  # why the line must stay down (sound card lost), or ""
+        # What the guardian last reported of the line.
+        self.line = False
         self.device_up = False
         self.tot_tripped = False
-        self.inhibited = ""  # why the line must stay down (sound card lost), or ""
-        self.release_at: float | None = None
+        self.stuck = ""
         self.keyed_at = 0.0
-        self.last_fed = time.monotonic()
-        self.retry_at = 0.0
-        self.retry_wait = RETRY_FIRST_S
-        self.counts = {"ptt_keyups": 0, "tot_trips": 0, "watchdog_trips": 0, "device_errors": 0}
         self.tx_seconds = 0.0
-        self._cond = threading.Condition()
-        self._running = False
-        self._thread: threading.Thread | None = None
+        self.counts = {"ptt_keyups": 0, "tot_trips": 0, "watchdog_trips": 0, "device_errors": 0}
+        self._base = dict(self.counts)  # counted by guardians that have gone: counters only grow
+        self._tx_base = 0.0
 
     # --- life -----------------------------------------------------------------
 
     def open(self) -> None:
-        """Open the keyer (line set to unkeyed) and start the timer thread."""
+        """Hand the line to the guardian (which opens it unkeyed)."""
         _install_last_resort()
+        if self.guardian is None:
+            self.guardian = shared_guardian()
+        self.key_id = self.guardian.add(self)
         _LIVE.add(self)
-        with self._cond:
-            self._running = True
-            try:
-                self.keyer.open()
-                self.device_up = True
-            except OSError as exc:
-                self._lost(f"PTT device did not open: {exc}")
-        self._thread = threading.Thread(target=self._run, name=f"ptt-{self.name}", daemon=True)
-        self._thread.start()
 
     def close(self) -> None:
         """Unkey now and release the device; safe to call twice."""
-        with self._cond:
-            self.wanted = False
-            self._drive(False, "port closed")
-            self._running = False
-            self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2.0)
-        self._thread = None
-        with contextlib.suppress(OSError):
-            self.keyer.close()
-        self.device_up = False
+        self.wanted = False
+        if self.guardian is not None and self.key_id:
+            self.guardian.remove(self.key_id)
+        self.key_id = ""
+        self.line = self.device_up = False
         _LIVE.discard(self)
 
     # --- what the port calls -------------------------------------------------
 
     def key(self, on: bool, release_after: float = 0.0) -> None:
         """Engine says transmit / stop. An unkey waits ``release_after`` (queued audio)."""
-        with self._cond:
-            if on:
-                self.release_at = None
-                if not self.wanted:
-                    self.tot_tripped = False  # a new over
-                self.wanted = True
-                self.last_fed = time.monotonic()
-                if self._may_key():
-                    self._drive(True, "key")
-            else:
-                self.wanted = False
-                if self.line:
-                    if release_after > 0:
-                        self.release_at = time.monotonic() + release_after
-                    else:
-                        self._drive(False, "unkey")
-            self._cond.notify_all()
+        self.wanted = on
+        if on:
+            if not self.inhibited:
+                self._send({"op": "on"}, wait=True)
+        else:
+            self._send({"op": "off", "after": release_after}, wait=True)
 
     def fed(self) -> None:
-        """The engine handed this transmitter a frame: it is alive."""
-        self.last_fed = time.monotonic()
-        if self.wanted and not self.line and self.device_up and self._may_key():
-            with self._cond:  # back from a watchdog trip
-                if self.wanted and self._may_key():
-                    self._drive(True, "engine alive again")
+        """The engine handed this transmitter a frame: the heartbeat that keeps it keyed."""
+        if self.wanted and not self.inhibited:
+            self._send({"op": "on"})
 
     def inhibit(self, why: str) -> None:
         """Hold PTT down whatever the engine wants, until :meth:`allow` (no audio path)."""
-        with self._cond:
-            self.inhibited = why
-            self.release_at = None
-            self._drive(False, why)
-            self._cond.notify_all()
+        self.inhibited = why
+        self._send({"op": "off"}, wait=True)
 
     def allow(self) -> None:
         """Lift :meth:`inhibit`; keys again if the engine still wants to transmit."""
-        with self._cond:
-            self.inhibited = ""
-            if self.wanted and self._may_key():
-                self._drive(True, "inhibit lifted")
-
-    def _may_key(self) -> bool:
-        return not self.line and not self.tot_tripped and not self.inhibited
+        self.inhibited = ""
+        if self.wanted:
+            self._send({"op": "on"}, wait=True)
 
     def force_off(self, why: str) -> None:
-        """Drop PTT now, whatever the engine wants (sound card lost, exit)."""
-        with self._cond:
-            self.release_at = None
-            self._drive(False, why)
-            self._cond.notify_all()
+        """Drop PTT now, whatever the engine wants (exit)."""
+        self._send({"op": "off"}, wait=True)
 
     @property
     def keyed(self) -> bool:
@@ -290,101 +348,45 @@ class PttController:
 
     def stats(self) -> dict[str, float]:
         tx = self.tx_seconds + (time.monotonic() - self.keyed_at if self.line else 0.0)
-        return {**{k: float(v) for k, v in self.counts.items()}, "tx_seconds": tx}
+        return {**{k: float(v) for k, v in self.counts.items()}, "tx_seconds": tx,
+                "ptt_stuck": float(bool(self.stuck))}  # fmt: skip
 
     # --- inside --------------------------------------------------------------
 
-    def _drive(self, on: bool, why: str) -> None:
-        """Set the line (caller holds the lock). Device errors mark it down, never raise."""
-        if on == self.line and (on or not self.device_up):
-            return
-        if not self.device_up:
-            self.line = False
-            return
-        now = time.monotonic()
-        if self.line and not on:
-            self.tx_seconds += now - self.keyed_at
-        if on:
-            self.keyed_at = now
-            self.counts["ptt_keyups"] += 1
-        self.line = on
-        try:
-            self.keyer.set(on)
-            log.debug("%s: PTT %s (%s)", self.name, "on" if on else "off", why)
-        except OSError as exc:
-            self.line = False
-            self._lost(f"PTT {'key' if on else 'unkey'} failed: {exc}")
+    def _send(self, msg: dict[str, Any], wait: bool = False) -> None:
+        if self.guardian is not None and self.key_id:
+            self.guardian.send(self.key_id, msg, wait)
 
-    def _lost(self, reason: str) -> None:
-        if self.device_up or self.counts["device_errors"] == 0:
-            log.warning("%s: %s; retrying", self.name, reason)
+    def _report(self, state: dict[str, Any]) -> None:
+        """The guardian's word on the line (its reader thread)."""
+        self.line = bool(state.get("keyed", False))
+        self.device_up = bool(state.get("device_up", False))
+        self.tot_tripped = bool(state.get("tot_tripped", self.tot_tripped))
+        self.stuck = str(state.get("stuck", self.stuck))
+        self.keyed_at = float(state.get("keyed_at", self.keyed_at))
+        self.tx_seconds = self._tx_base + float(state.get("tx_seconds", 0.0))
+        for name, value in state.get("counts", {}).items():
+            self.counts[name] = self._base.get(name, 0) + value
+
+    def _lost_guardian(self) -> None:
+        """The guardian died: the line is down (it unkeyed it, or cannot have kept it up)."""
+        if self.line:
+            self.tx_seconds += time.monotonic() - self.keyed_at
+        self.line = self.device_up = False
         self.counts["device_errors"] += 1
-        self.device_up = False
-        self.line = False
-        with contextlib.suppress(OSError):
-            self.keyer.fail()
-        self.retry_at = time.monotonic() + self.retry_wait
-        self.retry_wait = min(RETRY_MAX_S, self.retry_wait * 2)
-
-    def _run(self) -> None:
-        with self._cond:
-            while self._running:
-                now = time.monotonic()
-                deadlines = []
-                if self.release_at is not None:
-                    if now >= self.release_at:
-                        self.release_at = None
-                        self._drive(False, "unkey after queued audio")
-                    else:
-                        deadlines.append(self.release_at)
-                if self.line and self.tot > 0:
-                    tot_at = self.keyed_at + self.tot
-                    if now >= tot_at:
-                        self.tot_tripped = True
-                        self.counts["tot_trips"] += 1
-                        log.warning("%s: transmit time-out (%.0fs): PTT dropped",
-                                    self.name, self.tot)  # fmt: skip
-                        self._drive(False, "transmit TOT")
-                    else:
-                        deadlines.append(tot_at)
-                if self.line and self.stall > 0:
-                    stall_at = self.last_fed + self.stall
-                    if now >= stall_at:
-                        self.counts["watchdog_trips"] += 1
-                        log.warning("%s: no audio from the engine for %.1fs: PTT dropped",
-                                    self.name, self.stall)  # fmt: skip
-                        self._drive(False, "watchdog")
-                    else:
-                        deadlines.append(stall_at)
-                if not self.device_up:
-                    if now >= self.retry_at:
-                        self._retry()
-                    deadlines.append(self.retry_at if not self.device_up else now + 0.05)
-                wait = min(deadlines) - time.monotonic() if deadlines else 1.0
-                self._cond.wait(timeout=max(0.001, min(wait, 1.0)))
-
-    def _retry(self) -> None:
-        if not self.keyer.present():
-            self.retry_at = time.monotonic() + min(self.retry_wait, 1.0)
-            return
-        try:
-            self.keyer.open()
-        except OSError as exc:
-            self._lost(f"PTT device reopen failed: {exc}")
-            return
-        log.warning("%s: PTT device is back", self.name)
-        self.device_up = True
-        self.retry_wait = RETRY_FIRST_S
-        if self.wanted and self._may_key():
-            self._drive(True, "device back")
+        self._base, self._tx_base = dict(self.counts), self.tx_seconds
 
 
 __all__ = [
     "Cm108Keyer",
     "GpioKeyer",
+    "GuardianProcess",
     "Keyer",
     "LineError",
     "PttController",
     "SerialKeyer",
+    "keyer_from_spec",
     "release_all",
+    "shared_guardian",
+    "unkey",
 ]

@@ -3,14 +3,19 @@
     python failsafe_site.py SITE.toml run      run on the real clock until a signal
     python failsafe_site.py SITE.toml raise    tick until radio_b is keyed, then die of an
                                                unhandled exception (only atexit is left)
+    python failsafe_site.py SITE.toml abort    tick until radio_b is keyed, then os.abort()
+                                               (no atexit, no cleanup: only the guardian)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
+
+from gateway.hardware.ptt import shared_guardian
 
 import gateway.site  # noqa: F401
 from gateway.app import Gateway
@@ -28,6 +33,9 @@ def status(gw: Gateway) -> None:
         "reopens": radio.card.counts["reopens"],
         "other_heard": other is not None and other.last_heard is not None,
         "up": {name: port.card.up for name, port in gw.ports.items() if hasattr(port, "card")},
+        "guardian": shared_guardian().pid,
+        "heartbeat_timeout": shared_guardian().timeout,
+        "pid": os.getpid(),
     }), flush=True)  # fmt: skip
 
 
@@ -56,6 +64,8 @@ def main() -> None:
         gw.engine.tick()
         time.sleep(0.02)
     status(gw)
+    if sys.argv[2] == "abort":
+        os.abort()
     raise RuntimeError("a bug nobody caught")
 
 

@@ -14,6 +14,7 @@ import pty
 import struct
 import sys
 import termios
+import threading
 import time
 import types
 
@@ -24,6 +25,7 @@ from gateway.hardware import ptt as ptt_mod
 from gateway.hardware import squelch as sq
 from gateway.hardware.lines import Cm108, LineError
 
+from tests.hardware.guarded import fake_env, rts, set_modem
 from tests.hardware.jackradio import hid_keyed, hid_reports, wait_for
 
 
@@ -122,6 +124,19 @@ def test_ptt_and_cor_share_one_serial_port(modem, tty):
     modem.bits |= termios.TIOCM_CTS
     assert cor.sample(None) is True, "closing the keyer closed the COR's port"
     cor.close()
+
+
+def test_cor_opened_beside_a_keyed_ptt_in_another_process_leaves_rts_alone(modem, tty):
+    """The PTT guardian holds RTS up on the same port (its own descriptor); the gateway's
+    COR opening the port must neither drop it nor pulse it."""
+    modem.bits |= termios.TIOCM_RTS | termios.TIOCM_DTR
+    cor = sq.SerialCor(tty, "cts")
+    cor.open()
+    try:
+        assert modem.has(termios.TIOCM_RTS) and modem.has(termios.TIOCM_DTR)
+        assert all(bits & termios.TIOCM_RTS for _, bits in modem.history), "RTS dropped on open"
+    finally:
+        cor.close()
 
 
 def test_cm108_keyer_writes_output_reports_to_hidraw(tmp_path):
@@ -246,60 +261,84 @@ def test_squelch_open_delay_and_hang():
     assert all(states[6:13]) and all(states[13:18]) and not any(states[18:])  # 100 ms hang
 
 
-def test_ptt_controller_transmit_tot_runs_without_the_audio_path(tmp_path):
+def feeding(controller, stop):
+    """The engine's ticks: the heartbeat that keeps a wanted line keyed."""
+    while not stop.is_set():
+        controller.fed()
+        time.sleep(0.02)
+
+
+def test_ptt_controller_transmit_tot_runs_in_the_guardian(tmp_path):
     hid = tmp_path / "hidraw0"
     hid.touch()
-    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(hid)), "r", tot=0.3, stall=0)
+    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(hid)), "r", tot=0.3)
     controller.open()
+    stop = threading.Event()
+    ticks = threading.Thread(target=feeding, args=(controller, stop))
     try:
         controller.key(True)
         assert hid_keyed(hid) is True
         start = time.monotonic()
-        wait_for(lambda: hid_keyed(hid) is False, 2, "the transmit TOT")
-        assert 0.28 < time.monotonic() - start < 0.5
-        assert controller.tot_tripped and controller.counts["tot_trips"] == 1
+        ticks.start()
+        wait_for(lambda: hid_keyed(hid) is False, 5, "the transmit TOT")
+        assert time.monotonic() - start > 0.28
+        wait_for(lambda: controller.tot_tripped, 2, "the guardian to report the trip")
+        assert controller.counts["tot_trips"] == 1 and controller.counts["watchdog_trips"] == 0
         controller.key(True)  # the engine still wants it: stays down until a new over
         assert hid_keyed(hid) is False
         controller.key(False)
         controller.key(True)
         assert hid_keyed(hid) is True
     finally:
+        stop.set()
+        if ticks.is_alive():
+            ticks.join()
         controller.close()
     assert hid_keyed(hid) is False
 
 
-def test_ptt_watchdog_drops_a_transmitter_nobody_feeds(tmp_path):
+def test_ptt_guardian_drops_a_transmitter_whose_heartbeat_stops(tmp_path):
+    """Nobody feeds the transmitter (the engine hung): the guardian drops it, and keys it
+    again when the engine asks again."""
     hid = tmp_path / "hidraw0"
     hid.touch()
-    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(hid)), "r", tot=0, stall=0.2)
+    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(hid)), "r", tot=0)
     controller.open()
     try:
         controller.key(True)
-        wait_for(lambda: hid_keyed(hid) is False, 2, "the PTT watchdog")
-        assert controller.counts["watchdog_trips"] == 1
-        controller.fed()  # the engine is back and still wants to transmit
         assert hid_keyed(hid) is True
+        wait_for(lambda: hid_keyed(hid) is False, 5, "the heartbeat timeout")
+        wait_for(lambda: controller.counts["watchdog_trips"] == 1, 2, "the trip reported")
+        assert not controller.keyed
+        controller.fed()  # the engine is back and still wants to transmit
+        wait_for(lambda: hid_keyed(hid) is True, 2, "PTT to key again")
     finally:
         controller.close()
+    assert hid_keyed(hid) is False
 
 
-def test_unplugged_serial_ptt_is_marked_down_and_resumes(modem, tty):
-    controller = ptt_mod.PttController(ptt_mod.SerialKeyer(tty, "rts"), "r", tot=0, stall=0)
+def test_unplugged_serial_ptt_is_marked_down_and_resumes(tmp_path, tty):
+    modem = tmp_path / "modem.json"
+    guardian = ptt_mod.GuardianProcess(env=fake_env(modem))
+    controller = ptt_mod.PttController(ptt_mod.SerialKeyer(tty, "rts"), "r", tot=0,
+                                       guardian=guardian)  # fmt: skip
     controller.open()
     try:
         controller.key(True)
-        assert modem.has(termios.TIOCM_RTS)
-        modem.unplugged = True
+        assert rts(modem)
+        set_modem(modem, unplugged=True)
         controller.key(False)
         controller.key(True)  # fails on the dead device
-        assert not controller.device_up and controller.counts["device_errors"] >= 1
-        modem.unplugged = False
-        modem.bits = 0  # a replugged adapter starts with its lines down
+        wait_for(lambda: not controller.device_up, 2, "the PTT to be marked down")
+        assert controller.counts["device_errors"] >= 1
+        set_modem(modem, unplugged=False, bits=0)  # a replugged adapter: its lines down
         wait_for(lambda: controller.device_up, 5, "the serial PTT to be reopened")
-        wait_for(lambda: modem.has(termios.TIOCM_RTS), 2, "PTT to resume (still wanted)")
+        controller.fed()  # the engine's next tick
+        wait_for(lambda: rts(modem), 2, "PTT to resume (still wanted)")
     finally:
         controller.close()
-    assert not modem.has(termios.TIOCM_RTS)
+        guardian.close()
+    assert not rts(modem)
 
 
 def test_missing_hidraw_is_a_clear_error(tmp_path):
@@ -350,7 +389,7 @@ class Fob:
 
 def test_unplugged_cm108_ptt_is_marked_down_and_resumes_when_plugged_back(tmp_path):
     fob = Fob(tmp_path / "hidraw_b")
-    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(fob.link), 3), "r", tot=0, stall=0)
+    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(fob.link), 3), "r", tot=0)
     controller.open()
     try:
         controller.key(True)
@@ -358,10 +397,12 @@ def test_unplugged_cm108_ptt_is_marked_down_and_resumes_when_plugged_back(tmp_pa
         fob.unplug()  # pulled out while transmitting
         controller.key(False)  # the unkey report fails on the dead device (EIO)
         controller.key(True)  # the engine still wants to transmit
-        assert not controller.device_up and controller.counts["device_errors"] >= 1
+        wait_for(lambda: not controller.device_up, 2, "the PTT to be marked down")
+        assert controller.counts["device_errors"] >= 1
         assert not controller.keyed
         fob.plug()  # a new device node behind the same name
         wait_for(lambda: controller.device_up, 5, "the fob's PTT to be reopened")
+        controller.fed()  # the engine's next tick
         wait_for(lambda: fob.keyed() is True, 2, "PTT to key again (still wanted)")
     finally:
         controller.close()
