@@ -18,9 +18,10 @@ lines live here instead, in a process that does nothing else:
 - it raises itself above the gateway's realtime priority and sets its
   ``oom_score_adj`` to -1000, where allowed, so it is the last thing standing.
 
-It is started by :mod:`.ptt` as ``python guardian.py --fd N`` (a script by path, so
-that neither NumPy nor the gateway package is imported: a few MB), and talks JSON
-messages over a ``SOCK_SEQPACKET`` socket pair.
+It is started by :mod:`.ptt` as ``python -S guardian.py --fd N`` (a script by path,
+without ``site``, so that neither NumPy nor the gateway package nor an install's
+import hooks are loaded), and talks JSON messages over a ``SOCK_SEQPACKET`` socket
+pair, one message per read or write.
 
 The keyer classes are here because this is the only process that drives a PTT line;
 ``borderlink unkey`` uses them directly.
@@ -30,21 +31,42 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import signal
-import socket
 import sys
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: importing typing costs the guardian half a MB
 
 try:
     from .lines import Cm108, GpioLine, SerialLines
 except ImportError:  # run as a script by path: the gateway package stays out of memory
     from lines import Cm108, GpioLine, SerialLines  # type: ignore[no-redef]
 
-log = logging.getLogger("gateway.hardware.guardian")
+if TYPE_CHECKING:  # (nor logging nor socket: the guardian stays small)
+    from typing import Any
+
+
+class _Log:
+    """The gateway's log format on stderr, without importing ``logging``."""
+
+    def _say(self, level: str, msg: str, *args: object) -> None:
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        line = f"{stamp},{int(now % 1 * 1000):03d} {level} gateway.hardware.guardian: "
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(line + (msg % args if args else msg) + "\n")
+            sys.stderr.flush()
+
+    def warning(self, msg: str, *args: object) -> None:
+        self._say("WARNING", msg, *args)
+
+    def error(self, msg: str, *args: object) -> None:
+        self._say("ERROR", msg, *args)
+
+
+log = _Log()
 
 HEARTBEAT_TIMEOUT_S = 0.25  # a keyed line with no word from the gateway this long drops
 RETRY_FIRST_S = 0.5
@@ -370,19 +392,19 @@ class Line:
 class Guardian:
     """The loop: read the gateway's messages, apply the timers, report changes."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, fd: int) -> None:
+        self.fd = fd  # a SOCK_SEQPACKET socket: one read or write is one message
         self.lines: dict[str, Line] = {}
         self.dirty: set[str] = set()
 
     def run(self) -> str:
         """Serve until the gateway goes; return why."""
-        self.sock.setblocking(False)
+        os.set_blocking(self.fd, False)
         wake = time.monotonic()
         while True:
             wait = max(0.0, wake - time.monotonic())
-            writable = [self.sock] if self.dirty else []
-            readable, _, _ = select.select([self.sock], writable, [], wait)
+            writable = [self.fd] if self.dirty else []
+            readable, _, _ = select.select([self.fd], writable, [], wait)
             if readable and not self._read():
                 return "the gateway closed its end (it exited or died)"
             now = time.monotonic()
@@ -395,7 +417,7 @@ class Guardian:
     def _read(self) -> bool:
         while True:
             try:
-                data = self.sock.recv(65536)
+                data = os.read(self.fd, 65536)
             except BlockingIOError:
                 return True
             except OSError:
@@ -438,7 +460,7 @@ class Guardian:
 
     def _send(self, msg: dict[str, Any]) -> bool:
         try:
-            self.sock.send(json.dumps(msg).encode())
+            os.write(self.fd, json.dumps(msg).encode())
         except BlockingIOError:  # the gateway is not reading (stopped): later
             return False
         except OSError:
@@ -488,19 +510,26 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(f"signal {signal.Signals(signum).name}")
 
 
+def _site_path() -> None:
+    """Run with ``python -S``: the gateway's path (pyserial, gpiod), and a site's
+    ``sitecustomize`` as ``site`` would have imported it."""
+    sys.path.extend(p for p in os.environ.get("BORDERLINK_GUARDIAN_PATH", "").split(os.pathsep)
+                    if p and p not in sys.path)  # fmt: skip
+    with contextlib.suppress(ImportError):
+        import sitecustomize  # noqa: F401
+
+
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    _site_path()
     fd = int(argv[argv.index("--fd") + 1])
-    sock = socket.socket(fileno=fd)
     for name in CAUGHT_SIGNALS:
         signal.signal(getattr(signal, name), _exit_on_signal)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    guardian = Guardian(sock)
+    guardian = Guardian(fd)
     why = "ended"
     try:
         got = raise_priority()
-        sock.send(json.dumps({"op": "hello", "pid": os.getpid(), "priority": got,
+        os.write(fd, json.dumps({"op": "hello", "pid": os.getpid(), "priority": got,
                               "timeout": HEARTBEAT_TIMEOUT_S}).encode())  # fmt: skip
         why = guardian.run()
     except SystemExit as exc:

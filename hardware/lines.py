@@ -16,7 +16,11 @@ import errno
 import os
 import struct
 import threading
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: importing typing costs the guardian half a MB
+
+if TYPE_CHECKING:  # the PTT guardian imports this module and stays small without typing
+    from typing import Any
 
 SERIAL_OUTPUTS = ("rts", "dtr")
 SERIAL_INPUTS = ("cts", "dsr", "dcd", "ri")
@@ -32,8 +36,10 @@ class LineError(OSError):
 
 def _describe(path: str, exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return (f"{path}: permission denied (add the gateway's user to the device's group, "
-                "or a udev rule)")
+        return (
+            f"{path}: permission denied (add the gateway's user to the device's group, "
+            "or a udev rule)"
+        )
     if exc.errno == errno.EBUSY:
         return f"{path}: busy (another program holds it)"
     if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
@@ -276,10 +282,13 @@ class GpioLine:
             import gpiod
             from gpiod.line import Direction, Value
         except ImportError as exc:
-            raise LineError(errno.ENOSYS, (
-                "GPIO PTT/COR needs the 'gpiod' package (libgpiod 2): "
-                "pip install 'borderlink[gpio]'"
-            )) from exc
+            raise LineError(
+                errno.ENOSYS,
+                (
+                    "GPIO PTT/COR needs the 'gpiod' package (libgpiod 2): "
+                    "pip install 'borderlink[gpio]'"
+                ),
+            ) from exc
         settings = gpiod.LineSettings(
             direction=Direction.OUTPUT if self.output else Direction.INPUT,
             output_value=Value.ACTIVE if self.idle else Value.INACTIVE,

@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -82,10 +83,16 @@ class GuardianProcess:
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # python -S: no site (an editable install's import hook alone costs 3 MB); the
+        # guardian finds pyserial and gpiod on the gateway's own path instead.
+        env = {
+            **(os.environ if self.env is None else self.env),
+            "BORDERLINK_GUARDIAN_PATH": os.pathsep.join(p for p in sys.path if p),
+        }
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-s", str(GUARDIAN_SCRIPT), "--fd", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], env=self.env, stdin=subprocess.DEVNULL,
+                [sys.executable, "-S", str(GUARDIAN_SCRIPT), "--fd", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's ^C is the gateway's to handle
             )  # fmt: skip
         finally:
@@ -101,6 +108,7 @@ class GuardianProcess:
             ours.close()
             raise RuntimeError(f"the PTT guardian ({GUARDIAN_SCRIPT}) did not start")
         ours.settimeout(None)
+        _stay_killable()
         log.info("PTT guardian running (pid %d, %s, heartbeat timeout %.0f ms)",
                  proc.pid, hello.get("priority"), hello["timeout"] * 1000)  # fmt: skip
         with self._cond:
@@ -216,6 +224,19 @@ class GuardianProcess:
             for key, controller in lines:  # reopened as they were; keyed when the engine asks
                 self.send(key, _open_message(controller))
             return
+
+
+def _stay_killable() -> None:
+    """A service's ``OOMScoreAdjust=-1000`` is there for the guardian (it inherits it): the
+    gateway itself goes back to 0, so the OOM killer takes it, never the guardian."""
+    path = "/proc/self/oom_score_adj"
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            if int(f.read()) > -1000:
+                return
+        with open(path, "w") as f:
+            f.write("0")
+        log.info("oom_score_adj -1000 left to the PTT guardian; the gateway's is back to 0")
 
 
 def _open_message(controller: PttController) -> dict[str, Any]:

@@ -98,7 +98,11 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
     "squelch_openings": ("radio_squelch_openings_total", "counter", "Times the squelch opened"),
     "ptt_keyups": ("radio_ptt_keyups_total", "counter", "Times the keyer keyed the radio"),
     "tot_trips": ("radio_transmit_tot_trips_total", "counter", "Keyer transmit TOT trips"),
-    "watchdog_trips": ("radio_ptt_watchdog_trips_total", "counter", "Keyer watchdog trips"),
+    "watchdog_trips": ("radio_ptt_watchdog_trips_total", "counter",
+                       "Times the PTT guardian unkeyed for a missed gateway heartbeat"),
+    "ptt_stuck": ("radio_ptt_stuck", "gauge",
+                  "1 while a PTT line could not be unkeyed (device gone): the transmitter may "
+                  "be stuck keyed"),
     "xruns": ("radio_xruns_total", "counter", "Sound card over/underruns seen by PortAudio"),
     "rx_underruns": ("radio_rx_underruns_total", "counter", "Ticks the card had no audio ready"),
     "tx_underruns": ("radio_tx_underruns_total", "counter", "Times the card ran out of TX audio"),
