@@ -198,7 +198,9 @@ class Cm108:
     def _open(self) -> int:
         # O_APPEND means nothing to a hidraw node; a regular file standing in for one (the
         # tests') then keeps every report in order, whichever process opened it when.
-        flags = os.O_NONBLOCK | os.O_APPEND
+        # O_NOCTTY: the PTT guardian leads a session of its own, and a tty it opened (a pty
+        # standing in) would become its terminal, whose hangup would end it.
+        flags = os.O_NONBLOCK | os.O_APPEND | os.O_NOCTTY
         try:
             return os.open(self.path, os.O_RDWR | flags)
         except OSError as exc:

@@ -408,3 +408,28 @@ def test_unplugged_cm108_ptt_is_marked_down_and_resumes_when_plugged_back(tmp_pa
         controller.close()
     assert fob.keyed() is False  # closing unkeys the replugged fob
     fob.unplug()
+
+
+def test_a_line_that_cannot_be_unkeyed_is_reported_loudly_until_it_is(tmp_path, capfd):
+    """The fob vanishes while keyed: the unkey cannot reach it. That is an ERROR in the log
+    and ``ptt_stuck`` in the port's stats (a metric) until the device is back and unkeyed."""
+    fob = Fob(tmp_path / "hidraw_b")
+    guardian = ptt_mod.GuardianProcess()  # its own, so its log is this test's stderr
+    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(fob.link), 3), "radio_b", tot=0,
+                                       guardian=guardian)  # fmt: skip
+    controller.open()
+    try:
+        controller.key(True)
+        assert fob.keyed() is True
+        fob.unplug()
+        controller.key(False)  # the unkey report fails on the dead device (EIO)
+        wait_for(lambda: controller.stats()["ptt_stuck"] == 1.0, 5, "the stuck line reported")
+        wait_for(lambda: "may be stuck keyed" in capfd.readouterr().err, 5, "an ERROR logged")
+        fob.plug()
+        wait_for(lambda: controller.device_up, 5, "the fob to be reopened")
+        wait_for(lambda: controller.stats()["ptt_stuck"] == 0.0, 5, "the stuck state cleared")
+        assert fob.keyed() is False
+    finally:
+        controller.close()
+        guardian.close()
+        fob.unplug()

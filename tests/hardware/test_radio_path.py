@@ -11,7 +11,6 @@ import pty
 
 import numpy as np
 import pytest
-import serial.serialposix
 
 from tests.hardware.gwrun import EventLog, build, drive
 from tests.hardware.jackradio import (
@@ -137,10 +136,13 @@ def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, rad
 def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, monkeypatch):
     import termios
 
-    from tests.hardware.test_radio_lines import FakeModem
+    from gateway.hardware import ptt as ptt_mod
 
-    modem = FakeModem(serial.serialposix.fcntl)
-    monkeypatch.setattr(serial.serialposix, "fcntl", modem)
+    from tests.hardware.guarded import fake_env, modem_state, rts
+
+    modem = tmp_path / "modem.json"  # RTS as the PTT guardian drives it (a pty has none)
+    guardian = ptt_mod.GuardianProcess(env=fake_env(modem))
+    monkeypatch.setattr(ptt_mod, "_SHARED", guardian)
     master, slave = pty.openpty()
     tty = os.ttyname(slave)
     serial_ptt = f'ptt = {{ type = "serial", device = "{tty}", line = "rts" }}'
@@ -156,16 +158,18 @@ def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, mon
     def scenario():
         wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
         start = sim.start(0, signal)
-        wait_for(lambda: modem.has(termios.TIOCM_RTS), 3, "radio B's PTT")
+        wait_for(lambda: rts(modem), 3, "radio B's PTT")
         wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 5, "the over to end")
         return start
 
     try:
         start = drive(gw, scenario)
     finally:
+        guardian.close()
         os.close(master)
         os.close(slave)
-    keyed_at = next(t for t, bits in modem.history if bits & termios.TIOCM_RTS)
+    history = modem_state(modem)["history"]
+    keyed_at = next(t for t, bits in history if bits & termios.TIOCM_RTS)
     heard_b = sim.recorded(1, since=start)
     heard_c = sim.recorded(2, since=start)
     on_b, on_c = onset(heard_b), onset(heard_c)

@@ -2,8 +2,9 @@
 ``borderlink unkey``): put this directory first on their PYTHONPATH.
 
 - ``FAKE_MODEM=path``: a serial port's TIOCM* ioctls read and write modem bits kept in
-  the JSON file ``path`` (``{"bits": int, "unplugged": bool}``): Linux ptys have no modem
-  lines. A fake of the OS call pyserial makes, not of our code.
+  the JSON file ``path`` (``{"bits": int, "unplugged": bool, "history": [[monotonic,
+  bits], ...]}``): Linux ptys have no modem lines. A fake of the OS call pyserial
+  makes, not of our code.
 - ``gpiod`` (the package beside this file): libgpiod's API over a file per chip.
 """
 
@@ -12,6 +13,7 @@ import json
 import os
 import struct
 import termios
+import time
 
 _PATH = os.environ.get("FAKE_MODEM")
 
@@ -38,6 +40,7 @@ class FileModem:
             state["bits"] &= ~value
         else:
             state["bits"] = value
+        state.setdefault("history", []).append([time.monotonic(), state["bits"]])
         with open(self.path + ".tmp", "w") as f:
             json.dump(state, f)
         os.replace(self.path + ".tmp", self.path)
