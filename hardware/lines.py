@@ -144,7 +144,7 @@ class SerialLines:
 
     def close(self) -> None:
         if self.port is not None:
-            _Shared.release(SerialLines, self.path, lambda p: p.close())
+            _Shared.release(SerialLines, self.path, self._close)
             self.port = None
 
     def fail(self) -> None:
@@ -154,6 +154,19 @@ class SerialLines:
 
     def present(self) -> bool:
         return os.path.exists(self.path)
+
+    def _close(self, port: Any) -> None:
+        """Close, leaving an output whose idle level is *asserted* (an inverted PTT) there:
+        by default the kernel drops RTS and DTR when a tty's last user closes it (HUPCL),
+        which would key such a radio as the gateway, its guardian or ``unkey`` ends."""
+        if any(self.idle.values()):
+            import termios
+
+            with contextlib.suppress(OSError, termios.error, ValueError):
+                attrs = termios.tcgetattr(port.fd)
+                attrs[2] &= ~termios.HUPCL
+                termios.tcsetattr(port.fd, termios.TCSANOW, attrs)
+        port.close()
 
     def set(self, line: str, level: bool) -> None:
         if line not in SERIAL_OUTPUTS:

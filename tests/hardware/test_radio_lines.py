@@ -99,6 +99,28 @@ def test_serial_dtr_inverted_keyer_idles_high(modem, tty):
     assert modem.has(termios.TIOCM_DTR), "close must leave the line unkeyed (high when inverted)"
 
 
+def test_closing_an_inverted_serial_keyer_does_not_let_the_kernel_drop_its_line(modem):
+    """HUPCL: the kernel lowers RTS and DTR at a tty's last close, which keys a radio wired
+    inverted (idle = asserted) after the gateway, its guardian or `unkey` has gone."""
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[2] |= termios.HUPCL  # a serial port's default
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    try:
+        keyer = ptt_mod.SerialKeyer(os.ttyname(slave), "rts", invert=True)
+        keyer.open()
+        keyer.close()
+        assert not termios.tcgetattr(slave)[2] & termios.HUPCL
+        plain = ptt_mod.SerialKeyer(os.ttyname(slave), "rts")
+        plain.open()
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        plain.close()  # idle low: nothing to keep; the setting is left as it was
+        assert termios.tcgetattr(slave)[2] & termios.HUPCL
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 @pytest.mark.parametrize("line, bit", [("cts", termios.TIOCM_CTS), ("dsr", termios.TIOCM_DSR),
                                        ("dcd", termios.TIOCM_CAR), ("ri", termios.TIOCM_RNG)])
 def test_serial_cor_reads_its_line(modem, tty, line, bit):
