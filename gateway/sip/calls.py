@@ -38,10 +38,10 @@ from gateway.sip.transport import (
     SipTransport,
     Source,
     as_source,
-    new_branch,
     new_call_id,
     new_tag,
     raw_headers,
+    uri_source,
 )
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,6 @@ _ANGLE = re.compile(r"<([^>]+)>")
 def uri_user(uri: str) -> str:
     match = _URI.match(uri.strip("<> "))
     return match["user"] or "" if match else ""
-
-
-def uri_address(uri: str) -> Address:
-    match = _URI.match(uri.strip("<> "))
-    if not match:
-        raise ValueError(f"not a SIP URI: {uri!r}")
-    return match["host"], int(match["port"] or 5060)
 
 
 def contact_uri(value: str) -> str:
@@ -114,9 +107,9 @@ class CallManager:
     def _calls_from(self, host: str) -> int:
         return sum(1 for d in self.dialogs.values() if d.incoming and d.peer.address[0] == host)
 
-    @property
-    def contact(self) -> str:
-        return f"<sip:{self.config.user}@{self.address}:{self.transport.port}>"
+    def contact_for(self, peer: Source, sips: bool = False) -> str:
+        """Our Contact in a dialog with ``peer``: over the transport the dialog uses."""
+        return self.transport.contact(self.config.user, self.address, peer, sips)
 
     # --- requests from the network ---------------------------------------------------
 
@@ -236,7 +229,13 @@ class CallManager:
         self.dialogs[call_id] = dialog
         body = describe(self.address, self.bank.port, [codec], dtmf_in, rtcp_mux=offer.rtcp_mux)
         dialog.answer = self.transport.respond(
-            raw, source, 200, "OK", to_tag=tag, headers=[f"Contact: {self.contact}"], body=body
+            raw,
+            source,
+            200,
+            "OK",
+            to_tag=tag,
+            headers=[f"Contact: {self.contact_for(source, request_uri.startswith('sips:'))}"],
+            body=body,
         )
         self._spawn(self._resend_until_ack(dialog, source))
         log.info("call %s answered: %s on %s", leg.name, CODEC_NAMES[codec], route.talkgroup)
@@ -347,13 +346,13 @@ class CallManager:
             cseq = dialog.cseq
         lines = [
             f"{method} {dialog.target} SIP/2.0",
-            f"Via: SIP/2.0/UDP {self.address}:{self.transport.port};branch={new_branch()};rport",
+            self.transport.via(dialog.peer, self.address),
             "Max-Forwards: 70",
             f"From: {dialog.local_uri};tag={dialog.local_tag}",
             f"To: {dialog.remote_uri};tag={dialog.remote_tag}",
             f"Call-ID: {dialog.call_id}",
             f"CSeq: {cseq} {method}",
-            f"Contact: {self.contact}",
+            f"Contact: {self.contact_for(dialog.peer, dialog.target.startswith('sips:'))}",
             "User-Agent: BorderLink",
             "Content-Length: 0",
         ]
@@ -376,7 +375,10 @@ class CallManager:
         self, uri: str, talkgroup: str, entry: DialOutConfig, proxy: Address | None = None
     ) -> Dialog | None:
         """Call out (a dial-out patch); the answered call's Dialog, or None."""
-        destination = as_source(proxy or uri_address(uri))
+        destination = as_source(proxy) if proxy else uri_source(uri)
+        if destination is None:
+            log.warning("dial-out to %s: not a URI the gateway can call", uri)
+            return None
         codecs = [NAMES[c] for c in self.config.codecs]
         body = describe(self.address, self.bank.port, codecs, DTMF_TYPE)
         call_id = new_call_id(self.address)
@@ -384,13 +386,13 @@ class CallManager:
         local_uri = f"<sip:{self.config.user}@{self.address}>"
         invite_lines = [
             f"INVITE {uri} SIP/2.0",
-            f"Via: SIP/2.0/UDP {self.address}:{self.transport.port};branch={new_branch()};rport",
+            self.transport.via(destination, self.address),
             "Max-Forwards: 70",
             f"From: {local_uri};tag={tag}",
             f"To: <{uri}>",
             f"Call-ID: {call_id}",
             "CSeq: 1 INVITE",
-            f"Contact: {self.contact}",
+            f"Contact: {self.contact_for(destination, uri.startswith('sips:'))}",
             "Content-Type: application/sdp",
             "User-Agent: BorderLink",
             f"Content-Length: {len(body)}",

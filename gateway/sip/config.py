@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gateway.config import Model, register_section
+from gateway.sip import tls
+from gateway.sip.transport import DEFAULT_PORTS, Source, uri_source
 from gateway.units import Duration
 
 _HOSTPORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
@@ -34,19 +37,56 @@ def _check_hostport(value: str, what: str) -> str:
     return value
 
 
-class AccountConfig(Model):
-    """One extension the gateway registers on a PBX/registrar (digest auth, UDP)."""
+def _registrar_uri(value: str) -> Source | None:
+    """A registrar written as a URI (``sips:host``, ``sip:host;transport=tcp``), parsed."""
+    return uri_source(value) if value.lower().startswith(("sip:", "sips:")) else None
 
-    registrar: str = Field(description="host:port of the registrar")
+
+class AccountConfig(Model):
+    """One extension the gateway registers on a PBX/registrar (digest auth; UDP, TCP or TLS)."""
+
+    registrar: str = Field(
+        description="host:port, or a URI: sips:host[:port], sip:host;transport=tcp"
+    )
     username: str = Field(min_length=1)
     password: str = ""
+    transport: Literal["udp", "tcp", "tls"] | None = Field(
+        None, description="default: what the registrar URI says, else udp"
+    )
     expires: Duration = 300.0
     keepalive: Duration = 30.0
 
     @field_validator("registrar")
     @classmethod
     def _registrar_hostport(cls, value: str) -> str:
+        if value.lower().startswith(("sip:", "sips:")):
+            if _registrar_uri(value) is None:
+                raise ValueError(
+                    "registrar must be 'host:port' or a URI such as 'sips:pbx.example.org:5061' "
+                    "or 'sip:pbx.example.org;transport=tcp' (transports: udp, tcp, tls)"
+                )
+            return value
         return _check_hostport(value, "registrar")
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> AccountConfig:
+        said = _registrar_uri(self.registrar)
+        if said is not None and self.transport is not None and said.transport != self.transport:
+            raise ValueError(
+                f"registrar {self.registrar!r} means {said.transport}, but transport is "
+                f"{self.transport!r}; say it once"
+            )
+        return self
+
+    @property
+    def next_hop(self) -> tuple[str, int, str]:
+        """(host, port, transport) of the registrar."""
+        said = _registrar_uri(self.registrar)
+        if said is not None:
+            return said.address[0], said.address[1], said.transport
+        kind = self.transport or "udp"
+        host, port = split_hostport(self.registrar, DEFAULT_PORTS[kind])
+        return host, port, kind
 
     @field_validator("expires")
     @classmethod
@@ -157,7 +197,10 @@ class DialOutConfig(Model):
     """A talkgroup that calls out (a dial-out patch), redialling with backoff when dropped."""
 
     talkgroup: str
-    uri: str = Field(pattern=r"^sips?:[^@\s]+@[^\s]+$", description="sip:user@host[:port]")
+    uri: str = Field(
+        pattern=r"^sips?:[^@\s]+@[^\s]+$",
+        description="sip:user@host[:port][;transport=tcp|tls] or sips:user@host[:port]",
+    )
     when: Literal["always", "active"] = "always"
     idle_hangup: Duration = 30.0
     retry_min: Duration = 1.0
@@ -167,10 +210,30 @@ class DialOutConfig(Model):
     vox_threshold_dbfs: float = Field(-40.0, ge=-90, le=0)
     vox_hang: Duration = 0.8
 
+    @field_validator("uri")
+    @classmethod
+    def _uri_transport_known(cls, value: str) -> str:
+        if uri_source(value) is None:
+            raise ValueError("uri names a transport the gateway does not speak (udp, tcp, tls)")
+        return value
+
 
 @register_section("sip")
 class SipConfig(Model):
     listen: str = "127.0.0.1:5060"
+    listen_tcp: str = Field("", description="host:port for SIP over TCP; empty: none")
+    listen_tls: str = Field("", description="host:port for SIP over TLS; empty: none")
+    tls_certificate: Path | None = Field(None, description="PEM: the site's certificate chain")
+    tls_key: Path | None = Field(None, description="PEM: its private key (unencrypted)")
+    tls_ca: Path | None = Field(None, description="PEM CA bundle that peers are verified against")
+    tls_pins: list[str] = Field([], description="sha256 fingerprints of servers trusted as such")
+    tls_handshake_timeout: Duration = 5.0
+    max_connections: int = Field(1000, ge=1, le=100_000)
+    max_connections_per_address: int = Field(20, ge=1, le=100_000)
+    max_message_bytes: int = Field(65536, ge=4096, le=1_048_576)
+    max_header_bytes: int = Field(16384, ge=1024, le=1_048_576)
+    connection_idle_timeout: Duration = 300.0
+    message_timeout: Duration = 10.0
     public_address: str = ""
     user: str = "borderlink"
     rtp_ports: str = Field("", pattern=r"^$|^\d{1,5}-\d{1,5}$")
@@ -207,6 +270,71 @@ class SipConfig(Model):
     @classmethod
     def _listen_hostport(cls, value: str) -> str:
         return _check_hostport(value, "listen")
+
+    @field_validator("listen_tcp", "listen_tls")
+    @classmethod
+    def _stream_hostport(cls, value: str, info: ValidationInfo) -> str:
+        return _check_hostport(value, str(info.field_name)) if value else value
+
+    @field_validator("tls_certificate")
+    @classmethod
+    def _certificate_usable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            tls.load_certificate(value)
+        return value
+
+    @field_validator("tls_key")
+    @classmethod
+    def _key_matches(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        certificate = info.data.get("tls_certificate")
+        if value is not None and certificate is not None:
+            tls.check_key_matches(value, tls.load_certificate(certificate), certificate)
+        return value
+
+    @field_validator("tls_ca")
+    @classmethod
+    def _ca_usable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            tls.load_ca(value)
+        return value
+
+    @field_validator("tls_pins")
+    @classmethod
+    def _pins_well_formed(cls, value: list[str]) -> list[str]:
+        return [tls.normalise_pin(pin) for pin in value]
+
+    @field_validator("tls_handshake_timeout", "connection_idle_timeout", "message_timeout")
+    @classmethod
+    def _stream_timer_sane(cls, value: float, info: ValidationInfo) -> float:
+        if not 0.1 <= value <= 86400:
+            raise ValueError(f"{info.field_name} must be between '100ms' and '24h'")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> SipConfig:
+        """Certificate and key go together; TLS and TCP uses need their listener."""
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ValueError("tls_certificate and tls_key go together: set both or neither")
+        if self.listen_tls and self.tls_certificate is None:
+            raise ValueError(
+                "listen_tls needs the site's certificate: set tls_certificate and tls_key"
+            )
+        listening = {"tcp": self.listen_tcp, "tls": self.listen_tls}
+        uses = [(f"[sip.accounts.{n}]", a.next_hop[2]) for n, a in self.accounts.items()]
+        uses += [(f"[sip.dial_out.{n}]", self._dial_transport(d)) for n, d in self.dial_out.items()]
+        for where, kind in uses:
+            if kind in listening and not listening[kind]:
+                raise ValueError(
+                    f"{where} uses {kind.upper()}, but listen_{kind} is not set: the far end "
+                    f"sends its requests to the gateway's Contact over {kind.upper()}; "
+                    f'add listen_{kind} = "host:port"'
+                )
+        return self
+
+    @staticmethod
+    def _dial_transport(entry: DialOutConfig) -> str:
+        source = uri_source(entry.uri)
+        return source.transport if source is not None else "udp"
 
     @model_validator(mode="after")
     def _numbers_unique(self) -> SipConfig:

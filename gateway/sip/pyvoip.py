@@ -23,7 +23,10 @@ Each pyVoIP shortcoming is worked around here or where noted:
 * Its parser knows only INVITE/ACK/BYE/CANCEL: OPTIONS is added to the list it
   accepts (keepalives from PBXs); other methods are answered 501 before parsing.
 * Call-IDs come from a per-client counter (two accounts collide): replaced.
-* Still missing and not worked around: TCP/TLS, digest ``qop=auth``, 407 proxy
+* Its REGISTER says ``SIP/2.0/UDP`` in Via and ``transport=UDP`` in Contact:
+  :class:`Dialect` rewrites both for the account's transport (the digest ``uri``
+  keeps pyVoIP's text: it is hashed as written, so the registrar still agrees).
+* Still missing and not worked around: digest ``qop=auth``, 407 proxy
   challenges, multiple headers of one name (only the first Contact/Record-Route
   is kept), IPv6.
 """
@@ -60,11 +63,13 @@ class Dialect(SIPClient):
         my_ip: str,
         my_port: int,
         expires: int,
+        transport: str = "udp",
     ) -> None:
         super().__init__(
             server, port, username, password, phone=_NoPhone(), myIP=my_ip, myPort=my_port
         )
         self.default_expires = expires
+        self.transport = transport
 
     def gen_call_id(self) -> str:
         """pyVoIP hashes a per-client counter, so two accounts send the same Call-ID and
@@ -72,11 +77,18 @@ class Dialect(SIPClient):
         return f"{secrets.token_hex(16)}@{self.myIP}:{self.myPort}"
 
     def first_register(self, deregister: bool = False) -> str:
-        return self.gen_first_response(deregister=deregister)
+        return self._over_transport(self.gen_first_response(deregister=deregister))
 
     def answer_challenge(self, challenge: SIPMessage, deregister: bool = False) -> str:
         """REGISTER with an Authorization built from a 401's WWW-Authenticate (MD5, no qop)."""
-        return self.gen_register(challenge, deregister=deregister)
+        return self._over_transport(self.gen_register(challenge, deregister=deregister))
+
+    def _over_transport(self, request: str) -> str:
+        """pyVoIP writes UDP into Via and Contact; say the transport the request goes over."""
+        if self.transport == "udp":
+            return request
+        request = request.replace("Via: SIP/2.0/UDP ", f"Via: SIP/2.0/{self.transport.upper()} ", 1)
+        return request.replace(";transport=UDP>", f";transport={self.transport}>", 1)
 
     def start(self) -> None:  # pragma: no cover - guard
         raise RuntimeError("Dialect is a message builder; the gateway owns the socket")

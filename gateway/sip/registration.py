@@ -15,9 +15,9 @@ import contextlib
 import logging
 import re
 
-from gateway.sip.config import AccountConfig, split_hostport
+from gateway.sip.config import AccountConfig
 from gateway.sip.pyvoip import Dialect, SIPMessage
-from gateway.sip.transport import SipTransport, new_branch, new_call_id, new_tag
+from gateway.sip.transport import SipTransport, Source, new_call_id, new_tag
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,18 @@ class Registration:
         self.transport = transport
         self.address = address
         self.timeout = timeout
-        self.registrar = split_hostport(account.registrar)
+        host, port, kind = account.next_hop
+        self.registrar = (host, port)
+        self.peer = Source(self.registrar, kind)  # REGISTER and OPTIONS go over its transport
         self.dialect = Dialect(
-            self.registrar[0],
-            self.registrar[1],
+            host,
+            port,
             account.username,
             account.password,
             address,
-            transport.port,
+            transport.port_for(kind),
             int(account.expires),
+            kind,
         )
         self.registered = asyncio.Event()
         self.registrations = 0  # successful REGISTER transactions (refreshes included)
@@ -124,7 +127,7 @@ class Registration:
         user = self.account.username
         lines = [
             f"OPTIONS sip:{host}:{port} SIP/2.0",
-            f"Via: SIP/2.0/UDP {self.address}:{self.transport.port};branch={new_branch()};rport",
+            self.transport.via(self.peer, self.address),
             "Max-Forwards: 70",
             f"From: <sip:{user}@{host}>;tag={new_tag()}",
             f"To: <sip:{host}:{port}>",
@@ -133,17 +136,17 @@ class Registration:
             "Content-Length: 0",
         ]
         response = await self.transport.request(
-            "\r\n".join(lines) + "\r\n\r\n", self.registrar, min(self.timeout, 4.0)
+            "\r\n".join(lines) + "\r\n\r\n", self.peer, min(self.timeout, 4.0)
         )
         return response is not None
 
     async def _register(self, deregister: bool = False) -> float | None:
         """One REGISTER transaction (with the digest round); the granted expiry, or None."""
         first = self.dialect.first_register(deregister=deregister)
-        response = await self.transport.request(first, self.registrar, self.timeout)
+        response = await self.transport.request(first, self.peer, self.timeout)
         if response is not None and int(response.status) == 401:
             answer = self.dialect.answer_challenge(response, deregister=deregister)
-            response = await self.transport.request(answer, self.registrar, self.timeout)
+            response = await self.transport.request(answer, self.peer, self.timeout)
             if response is not None and int(response.status) == 401:
                 self.last_error = "401 again: wrong username or password"
                 return None

@@ -19,6 +19,8 @@ from gateway.sip.calls import CallManager
 from gateway.sip.config import SipConfig, split_hostport
 from gateway.sip.dialout import DialOut
 from gateway.sip.registration import Registration
+from gateway.sip.stream import Limits, TlsFiles
+from gateway.sip.tls import expiry_days, load_certificate
 from gateway.sip.transport import SipTransport, Source
 
 if TYPE_CHECKING:
@@ -94,6 +96,7 @@ class SipService:
         self.dial_outs: dict[str, DialOut] = {}
         self._uninstall: Callable[[], None] | None = None
         self._blas_limit = None
+        self._certificate = None  # the site's TLS certificate, for its expiry metric
 
     def _on_request(self, message, raw, source: Source) -> None:  # noqa: ANN001 - pass-through
         if self.calls is not None:
@@ -116,6 +119,7 @@ class SipService:
         self._limit_blas()
         host, port = split_hostport(self.config.listen)
         await self.transport.open(host, port)
+        await self._open_streams()
         address = self.config.public_address or self.transport.host
         timing = self.gateway.config.timing
         self.bank = LegBank(
@@ -143,14 +147,39 @@ class SipService:
             dial_out = DialOut(name, entry, self.calls, self.gateway.engine)
             dial_out.start()
             self.dial_outs[name] = dial_out
+        streams = self.transport.streams.ports
         log.info(
-            "SIP on udp:%s:%s (%d accounts, %d routes, %d dial-outs)",
-            address,
-            self.port,
+            "SIP on %s (%d accounts, %d routes, %d dial-outs)",
+            ", ".join(
+                f"{kind}:{address}:{port}" for kind, port in (("udp", self.port), *streams.items())
+            ),
             len(self.registrations),
             len(self.config.routes),
             len(self.dial_outs),
         )
+
+    async def _open_streams(self) -> None:
+        """TCP/TLS listeners, with the caps on what strangers may open and send."""
+        config = self.config
+        limits = Limits(
+            max_message=config.max_message_bytes,
+            max_header=config.max_header_bytes,
+            idle_timeout=config.connection_idle_timeout,
+            message_timeout=config.message_timeout,
+            handshake_timeout=config.tls_handshake_timeout,
+            max_connections=config.max_connections,
+            max_per_address=config.max_connections_per_address,
+        )
+        files = TlsFiles(
+            config.tls_certificate, config.tls_key, config.tls_ca, frozenset(config.tls_pins)
+        )
+        if config.tls_certificate is not None:
+            self._certificate = load_certificate(config.tls_certificate)
+        listen = {}
+        for kind, where in (("tcp", config.listen_tcp), ("tls", config.listen_tls)):
+            if where:
+                listen[kind] = split_hostport(where)
+        await self.transport.open_streams(limits, files, listen)
 
     def stats(self) -> dict[str, object]:
         """For metrics: per-account registration state, and the signalling counters."""
@@ -171,6 +200,14 @@ class SipService:
             "sip_calls_refused": {str(c): n for c, n in calls.rejected.items()} if calls else {},
             "sip_sources_backed_off": calls.admission.backed_off() if calls else 0,
             "sip_messages_malformed": self.transport.stats.malformed,
+            "sip_connections": len(self.transport.streams.connections),
+            "sip_connections_refused": self.transport.streams.stats.connections_refused,
+            "sip_tls_handshake_failures": self.transport.streams.stats.handshake_failures,
+            **(
+                {"sip_tls_certificate_expiry_days": expiry_days(self._certificate)}
+                if self._certificate is not None
+                else {}
+            ),
             # RTP/RTCP dropped, by kind (truncated, huge, version, layout, payload_type, ...)
             "sip_rtp_malformed": dict(self.bank.malformed) if self.bank else {},
         }
@@ -196,5 +233,6 @@ class SipService:
             self._uninstall()
             self._uninstall = None
         self.transport.close()
+        await self.transport.streams.close()
         if self.bank is not None:
             self.bank.close()

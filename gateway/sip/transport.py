@@ -1,11 +1,17 @@
-"""SIP over UDP on the event loop: one socket, client transactions, responses per Via.
+"""SIP transports on the event loop: UDP here, TCP and TLS in :mod:`.stream`; client
+transactions and responses per Via, the same for all three.
 
-pyVoIP parses; this module owns the socket. Requests we send are retransmitted
-(RFC 3261 timers A/E: 500 ms doubling to 4 s) until a response arrives or the
-transaction times out; responses we send go back to the address the request
-came from (what ``rport`` asks for, and right for proxies), with the request's
-Via/From/To/Call-ID/CSeq copied verbatim. Anything that does not parse is
+pyVoIP parses; this module owns the sockets. Requests we send over UDP are
+retransmitted (RFC 3261 timers A/E: 500 ms doubling to 4 s) until a response
+arrives or the transaction times out; over TCP/TLS they are sent once (the
+stream is reliable). Responses we send go back the way the request came: over
+UDP to the address it came from (what ``rport`` asks for, and right for
+proxies), over a stream on the same connection; the request's
+Via/From/To/Call-ID/CSeq are copied verbatim. Anything that does not parse is
 counted and dropped — it never reaches the call logic and never raises.
+
+:class:`Source` is the contract with the call logic: which transport brought a
+message and what that transport proved about the peer.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.sip.pyvoip import PARSED_METHODS, SIPMessage, parse
+from gateway.sip.stream import Connection, Limits, Streams, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,13 @@ _CSEQ = re.compile(rb"^CSeq\s*:\s*(\d+)\s+([A-Za-z]+)\s*$", re.M | re.I)
 _COPIED = ("via", "from", "to", "call-id", "cseq", "v", "f", "t", "i")
 
 Address = tuple[str, int]
+TRANSPORTS = ("udp", "tcp", "tls")
+DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
+_SIP_URI = re.compile(
+    r"^(?P<scheme>sips?):(?:[^@;>?]*@)?(?P<host>[A-Za-z0-9.\-]+)(?::(?P<port>\d{1,5}))?"
+    r"(?P<params>;[^?>]*)?",
+    re.I,
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,26 @@ class Source:
 
 def as_source(where: Address | Source) -> Source:
     return where if isinstance(where, Source) else Source(where)
+
+
+def uri_source(uri: str) -> Source | None:
+    """Where a SIP URI says to send: ``sips:`` → TLS, else its ``;transport=`` (UDP when
+    absent), at its port or the transport's default (5060, TLS 5061). None when it is
+    not a SIP URI or names a transport we do not speak."""
+    match = _SIP_URI.match(uri.strip().strip("<>"))
+    if not match:
+        return None
+    params = {}
+    for param in (match["params"] or "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        params[name.strip().lower()] = value.strip().lower()
+    kind = params.get("transport", "udp")
+    if match["scheme"].lower() == "sips":
+        kind = "tls"  # sips over ";transport=tcp" is TLS over TCP, still TLS
+    if kind not in TRANSPORTS:
+        return None
+    port = int(match["port"]) if match["port"] else DEFAULT_PORTS[kind]
+    return Source((match["host"], port), kind)
 
 
 def new_tag() -> str:
@@ -98,10 +132,15 @@ class TransportStats:
     malformed: int = 0
     retransmissions: int = 0
     timeouts: int = 0
+    unsent: int = 0  # responses whose connection had gone
 
 
 class SipTransport(asyncio.DatagramProtocol):
-    """The gateway's SIP socket. ``on_request(message, raw, source)`` handles requests."""
+    """The gateway's SIP transports. ``on_request(message, raw, source)`` handles requests.
+
+    It is the UDP socket itself (``open``) and holds the TCP/TLS side in ``streams``
+    (``open_streams``); ``send``/``respond``/``request`` pick the one a Source names.
+    """
 
     def __init__(self, on_request: Callable[[SIPMessage, bytes, Source], None]) -> None:
         self.on_request = on_request
@@ -110,6 +149,8 @@ class SipTransport(asyncio.DatagramProtocol):
         self.stats = TransportStats()
         self.host = "127.0.0.1"
         self.port = 0
+        self.streams = Streams(Limits(), TlsFiles(), self._stream_message, self._stream_malformed)
+        self._tasks: set[asyncio.Task] = set()
 
     async def open(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -117,10 +158,49 @@ class SipTransport(asyncio.DatagramProtocol):
         assert self.transport is not None
         self.host, self.port = self.transport.get_extra_info("sockname")[:2]
 
+    async def open_streams(
+        self,
+        limits: Limits,
+        tls: TlsFiles,
+        listen: dict[str, tuple[str, int]],
+    ) -> None:
+        """TCP/TLS with these caps and certificates; listeners for ``{"tcp"|"tls": (host,
+        port)}`` (none: we only connect out, e.g. to a TLS registrar)."""
+        self.streams = Streams(limits, tls, self._stream_message, self._stream_malformed)
+        for kind, (host, port) in listen.items():
+            await self.streams.listen(kind, host, port)
+
+    def port_for(self, kind: str) -> int:
+        """The port we listen on for a transport (what Via and Contact say)."""
+        return self.streams.ports.get(kind, self.port) if kind != "udp" else self.port
+
+    def via(self, to: Address | Source, host: str) -> str:
+        """A Via header for a new request to ``to`` (its transport, our port for it)."""
+        kind = as_source(to).transport
+        return (
+            f"Via: SIP/2.0/{kind.upper()} {host}:{self.port_for(kind)};branch={new_branch()};rport"
+        )
+
+    def contact(self, user: str, host: str, to: Address | Source, sips: bool = False) -> str:
+        """Our Contact for a dialog with ``to``: reachable over the same transport.
+
+        Over TLS: ``sips:`` when the request was ``sips:`` (RFC 3261 §8.1.1.8), else
+        ``sip:…;transport=tls`` (what most phones expect)."""
+        kind = as_source(to).transport
+        port = self.port_for(kind)
+        if kind == "tls" and sips:
+            return f"<sips:{user}@{host}:{port}>"
+        if kind == "udp":
+            return f"<sip:{user}@{host}:{port}>"
+        return f"<sip:{user}@{host}:{port};transport={kind}>"
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+        for task in self._tasks:
+            task.cancel()
+        self.streams.shutdown()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -131,22 +211,58 @@ class SipTransport(asyncio.DatagramProtocol):
     def send(self, data: bytes | str, to: Address | Source) -> None:
         if isinstance(data, str):
             data = data.encode("utf-8")
-        if self.transport is not None:
-            self.transport.sendto(data, as_source(to).address)
+        source = as_source(to)
+        if source.transport == "udp":
+            if self.transport is not None:
+                self.transport.sendto(data, source.address)
+                self.stats.sent += 1
+            return
+        if self.streams.send(data, source.transport, source.address):
             self.stats.sent += 1
+        elif data.startswith(b"SIP/2.0 "):
+            # The connection it came on has gone: the peer will retransmit or give up.
+            # (Opening one to its Via would let a stranger make us connect anywhere.)
+            self.stats.unsent += 1
+        else:
+            self._spawn(self._send_connected(data, source))
+
+    async def _send_connected(self, data: bytes, source: Source) -> None:
+        connection = await self._connection(data, source, 8.0)
+        if connection is not None and connection.write(data):
+            self.stats.sent += 1
+        else:
+            self.stats.unsent += 1
+
+    def _spawn(self, coro) -> None:  # noqa: ANN001 - a coroutine
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- receive ---------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.received(data, Source(addr))
+
+    def _stream_message(self, data: bytes, connection: Connection) -> None:
+        self.received(data, Source(connection.address, connection.kind, connection.identity))
+
+    def _stream_malformed(self) -> None:
+        self.stats.malformed += 1
+
+    def received(self, data: bytes, source: Source) -> None:
+        """One whole message from any transport (a datagram, or one cut off a stream)."""
         self.stats.received += 1
         try:
-            self._dispatch(data, addr)
+            self._dispatch(data, source)
         except Exception:  # a message that confuses the call logic must not kill the socket
             self.stats.malformed += 1
-            log.exception("SIP message from %s:%s could not be handled", *addr)
+            log.exception("SIP message from %s could not be handled", source)
 
-    def _dispatch(self, data: bytes, addr: Address) -> None:
-        if len(data) > MAX_DATAGRAM or len(data) < 20 or b"\r\n\r\n" not in data:
+    def _dispatch(self, data: bytes, source: Source) -> None:
+        if len(data) > MAX_DATAGRAM and source.transport == "udp":
+            self.stats.malformed += 1
+            return
+        if len(data) < 20 or b"\r\n\r\n" not in data:
             if data.strip(b"\r\n\x00"):  # bare CRLF keepalives are fine, silently
                 self.stats.malformed += 1
             return
@@ -171,15 +287,15 @@ class SipTransport(asyncio.DatagramProtocol):
                 self.stats.malformed += 1
                 return
             if method != "ACK":
-                self.respond(data, Source(addr), 501, "Not Implemented")
+                self.respond(data, source, 501, "Not Implemented")
             return
         message = parse(data)
         if message is None:
             self.stats.malformed += 1
             if transaction_key(data) is not None and method != "ACK":
-                self.respond(data, Source(addr), 400, "Bad Request")
+                self.respond(data, source, 400, "Bad Request")
             return
-        self.on_request(message, data, Source(addr))
+        self.on_request(message, data, source)
 
     # --- responses ---------------------------------------------------------------------
 
@@ -236,36 +352,64 @@ class SipTransport(asyncio.DatagramProtocol):
 
     # --- client transactions ----------------------------------------------------------
 
+    async def _connection(self, raw: bytes, source: Source, timeout: float) -> Connection | None:
+        """The stream a request to ``source`` goes on: the open connection, else a new one.
+
+        A peer that connected to us did so from a port nobody listens on; once that
+        connection has gone, an in-dialog request goes where its Request-URI (the
+        peer's Contact) says, on the host the connection came from (RFC 3261 §8.1.2
+        without a route set; never another host a stranger could name).
+        """
+        kind, address = source.transport, source.address
+        if not self.streams.is_open(kind, address) and self.streams.was_inbound(kind, address):
+            uri = raw.split(b" ", 2)[1].decode("utf-8", "replace") if b" " in raw else ""
+            target = uri_source(uri)
+            if target is not None and target.address[0] == address[0]:
+                address = target.address
+            else:
+                address = (address[0], DEFAULT_PORTS[kind])
+        return await self.streams.connect(kind, address, timeout)
+
     async def request(
         self, data: str, address: Address | Source, timeout: float, ringing_timeout: float = 60.0
     ) -> SIPMessage | None:
         """Send a request; the final response, or None on timeout.
 
-        Retransmits until any response; after a provisional (1xx) it waits up to
-        ``ringing_timeout`` for the final one.
+        Retransmits over UDP until any response; after a provisional (1xx) it waits
+        up to ``ringing_timeout`` for the final one. Over TCP/TLS it is sent once, on
+        an open connection to that peer or a new one (a TLS server must verify).
         """
         raw = data.encode("utf-8")
         key = transaction_key(raw)
         assert key is not None, "request without Call-ID/CSeq"
-        queue: asyncio.Queue[SIPMessage] = asyncio.Queue()
-        self.pending[key] = queue
+        source = as_source(address)
+        reliable = source.transport != "udp"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        queue: asyncio.Queue[SIPMessage] = asyncio.Queue()
+        self.pending[key] = queue
         interval = T1
         provisional = False
         try:
-            self.send(raw, address)
+            if reliable:
+                connection = await self._connection(raw, source, timeout)
+                if connection is None or not connection.write(raw):
+                    self.stats.timeouts += 1
+                    return None
+                self.stats.sent += 1
+            else:
+                self.send(raw, source)
             while True:
                 now = loop.time()
                 if now >= deadline:
                     self.stats.timeouts += 1
                     return None
-                wait = deadline - now if provisional else min(interval, deadline - now)
+                wait = deadline - now if provisional or reliable else min(interval, deadline - now)
                 try:
                     message = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
-                    if not provisional:
-                        self.send(raw, address)
+                    if not provisional and not reliable:
+                        self.send(raw, source)
                         self.stats.retransmissions += 1
                         interval = min(interval * 2, T2)
                     continue
