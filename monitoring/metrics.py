@@ -175,6 +175,26 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "Malformed SIP messages dropped",
         None,
     ),
+    "sip_connections": ("sip_connections", "gauge", "SIP TCP/TLS connections open now", None),
+    "sip_connections_refused": (
+        "sip_connections_refused_total",
+        "counter",
+        "SIP TCP/TLS connections refused at a cap (in total or per source address)",
+        None,
+    ),
+    # No peer label: a stranger picks the address, and would pick the label set too.
+    "sip_tls_handshake_failures": (
+        "sip_tls_handshake_failures_total",
+        "counter",
+        "SIP TLS handshakes that failed (untrusted certificate, pin mismatch, garbage, timeout)",
+        None,
+    ),
+    "sip_tls_certificate_expiry_days": (
+        "sip_tls_certificate_expiry_days",
+        "gauge",
+        "Days until the site's SIP TLS certificate expires",
+        None,
+    ),
     "sip_rtp_malformed": (
         "sip_rtp_malformed_total",
         "counter",
