@@ -412,10 +412,11 @@ def _problems_from(
         else:
             message = error["msg"].removeprefix("Value error, ")
             value = error.get("input")
-            # A whole table is not echoed: it says nothing the key path does not, and may
-            # hold secrets (hashes).
-            if value is not None and kind != "model_type" and not isinstance(value, dict):
-                message += f" (got {error['input']!r})"
+            # Not for a whole table: it says nothing the key path does not, and may hold
+            # secrets (hashes); nor when the message already names the value.
+            shown = value is None or isinstance(value, dict) or str(value) in message
+            if not shown and kind != "model_type":
+                message += f" (got {value!r})"
         problems.append(_problem(loc, message, lines))
     return problems
 

@@ -146,7 +146,14 @@ class StreamStats:
 
 
 class Connection(asyncio.Protocol):
-    """One TCP or TLS connection, either way. The owner (:class:`Streams`) keeps the table."""
+    """One TCP or TLS connection, either way. The owner (:class:`Streams`) keeps the table.
+
+    TLS runs here over memory BIOs rather than asyncio's ``start_tls``: the caps are
+    checked on the bare TCP connection before any handshake work, a failed handshake
+    is seen (and counted) with its reason, and no byte can arrive before the peer's
+    identity is known (uvloop delivers data before a ``pause_reading()`` in
+    ``connection_made`` takes hold, which makes ``start_tls`` lose the ClientHello).
+    """
 
     def __init__(self, owner: Streams, kind: str, outgoing: Address | None = None) -> None:
         self.owner = owner
@@ -156,9 +163,14 @@ class Connection(asyncio.Protocol):
         self.address: Address = outgoing or ("", 0)
         self.identity = ""
         self.open = False  # handshake done and in the table
+        self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.framer = Framer(owner.limits.max_message, owner.limits.max_header)
-        self.last_activity = time.monotonic()
+        self.started = time.monotonic()
+        self.last_activity = self.started
         self.message_started: float | None = None
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
 
     @property
     def key(self) -> Key:
@@ -168,47 +180,101 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.outgoing is not None:
-            return  # Streams.connect() finishes the set-up once the handshake is checked
-        peer = transport.get_extra_info("peername")
-        self.address = (str(peer[0]), int(peer[1])) if peer else ("", 0)
-        if not self.owner.admit(self):
-            transport.abort()
-            return
-        if self.kind == "tls":
-            transport.pause_reading()  # nothing reaches us before the handshake
-            self.owner.spawn(self._handshake())
-        else:
-            self.owner.opened(self)
-
-    async def _handshake(self) -> None:
-        loop = asyncio.get_running_loop()
         owner = self.owner
+        if self.outgoing is None:
+            peer = transport.get_extra_info("peername")
+            self.address = (str(peer[0]), int(peer[1])) if peer else ("", 0)
+        if not owner.admit(self):
+            transport.abort()
+            self._settle(False)
+            return
+        if self.kind != "tls":
+            owner.opened(self)
+            self._settle(True)
+            return
         try:
-            tls_transport = await loop.start_tls(
-                self.transport,
-                self,
-                owner.server_tls,
-                server_side=True,
-                ssl_handshake_timeout=owner.limits.handshake_timeout,
-            )
-        except Exception as exc:  # a stranger's bad certificate, garbage, or a timeout
-            owner.handshake_failed(self.address[0], _reason(exc))
-            owner.forget(self)
-            if self.transport is not None:
-                self.transport.abort()
+            if self.outgoing is None:
+                context = owner.server_tls
+                self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+            else:
+                context = owner.client_tls
+                host = self.outgoing[0]
+                self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
+        except (ssl.SSLError, ValueError) as exc:
+            self._handshake_failed(str(exc))
             return
-        self.transport = tls_transport
-        identity = peer_identity(tls_transport.get_extra_info("ssl_object"), frozenset())
-        if identity is None:
-            owner.handshake_failed(self.address[0], "no TLS session")
-            tls_transport.abort()
-            owner.forget(self)
-            return
-        self.identity = identity
-        owner.opened(self)
+        self._handshake()
 
     def data_received(self, data: bytes) -> None:
+        if self._tls is None:
+            self._received(data)
+            return
+        self._incoming.write(data)
+        if not self.open:
+            self._handshake()
+            if not self.open:
+                return
+        chunks = []
+        ended = False
+        while True:
+            try:
+                chunk = self._tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                ended = True
+                break
+            except ssl.SSLError as exc:  # a corrupt record
+                self._flush()
+                self.owner.framing_error(self, f"TLS: {exc.reason or exc}")
+                return
+            if not chunk:  # the peer's close_notify: TLS is over on this connection
+                ended = True
+                break
+            chunks.append(chunk)
+        self._flush()
+        if chunks:
+            self._received(b"".join(chunks))
+        if ended:
+            self.close()
+
+    def _handshake(self) -> None:
+        assert self._tls is not None
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except ssl.SSLError as exc:  # a stranger's bad certificate, or not TLS at all
+            self._flush()
+            self._handshake_failed(_reason(exc))
+            return
+        self._flush()
+        pins = self.owner.tls.pins if self.outgoing is not None else frozenset()
+        identity = peer_identity(self._tls, pins)
+        if identity is None:
+            self._handshake_failed("certificate is not one of tls_pins")
+            return
+        self.identity = identity
+        self.owner.opened(self)
+        self._settle(True)
+
+    def _handshake_failed(self, reason: str) -> None:
+        self.owner.handshake_failed(self.address[0], reason)
+        self._settle(False)
+        self.close()
+
+    def _settle(self, ok: bool) -> None:
+        if not self.ready.done():
+            self.ready.set_result(ok)
+
+    def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _received(self, data: bytes) -> None:
+        """Plain SIP bytes (after TLS, if any): cut them into messages."""
         if not self.open:
             return
         now = time.monotonic()
@@ -219,6 +285,8 @@ class Connection(asyncio.Protocol):
             self.owner.framing_error(self, str(exc))
             return
         for message in messages:
+            if not self.open:
+                return
             if not message:
                 self.write(PONG)
             else:
@@ -233,37 +301,43 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
+        self._settle(False)
         self.owner.forget(self)
 
     # --- sending ---------------------------------------------------------------------
 
     def write(self, data: bytes) -> bool:
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if not self.open or transport is None or transport.is_closing():
             return False
         if transport.get_write_buffer_size() > 4 * self.owner.limits.max_message:
             # The peer stopped reading what we send: a stranger's way to eat our memory.
             self.owner.stats.framing_errors += 1
             self.close()
             return False
-        transport.write(data)
+        if self._tls is None:
+            transport.write(data)
+            return True
+        try:
+            self._tls.write(data)
+        except ssl.SSLError:
+            self.close()
+            return False
+        self._flush()
         return True
 
     def close(self) -> None:
         self.open = False
+        self._settle(False)
         if self.transport is not None:
             self.transport.abort()
         self.owner.forget(self)
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate not trusted ({exc.verify_message})"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "handshake timed out"
-    return str(exc) or type(exc).__name__
+    return exc.reason or str(exc)
 
 
 class Streams:
@@ -290,9 +364,7 @@ class Streams:
         self.pending: set[Connection] = set()  # accepted, handshake not yet done
         self.per_address: dict[str, int] = {}
         self.ports: dict[str, int] = {}  # transport → the port we listen on
-        self.hosts: dict[str, str] = {}
         self._servers: list[asyncio.base_events.Server] = []
-        self._tasks: set[asyncio.Task] = set()
         self._connecting: dict[Key, asyncio.Future[Connection | None]] = {}
         self._inbound: OrderedDict[Key, None] = OrderedDict()  # recent peers who called us
         self._server_tls: ssl.SSLContext | None = None
@@ -324,7 +396,7 @@ class Streams:
             lambda: Connection(self, kind), host, port, reuse_address=True, backlog=128
         )
         self._servers.append(server)
-        self.hosts[kind], self.ports[kind] = server.sockets[0].getsockname()[:2]
+        self.ports[kind] = server.sockets[0].getsockname()[1]
         self._start_sweeper()
 
     def _start_sweeper(self) -> None:
@@ -338,26 +410,25 @@ class Streams:
         self._servers.clear()
         for connection in [*self.connections.values(), *self.pending]:
             connection.close()
-        for task in [*self._tasks, *([self._sweeper] if self._sweeper else [])]:
-            task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     async def close(self) -> None:
-        tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]
+        sweeper = self._sweeper
         self.shutdown()
-        for task in tasks:
+        if sweeper is not None:
             with contextlib.suppress(BaseException):
-                await task
+                await sweeper
         self._sweeper = None
-
-    def spawn(self, coro) -> None:  # noqa: ANN001 - a coroutine
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # --- the table -------------------------------------------------------------------
 
     def admit(self, connection: Connection) -> bool:
-        """Caps on connections from outside, before anything else is spent on them."""
+        """Caps on connections from outside, before anything else is spent on them.
+        (Connections we open are not capped: config bounds them.)"""
+        if connection.outgoing is not None:
+            self.pending.add(connection)
+            return True
         host = connection.address[0]
         total = len(self.connections) + len(self.pending)
         if (
@@ -422,10 +493,14 @@ class Streams:
     async def _sweep(self) -> None:
         """Close idle connections and slow senders (one task for all connections)."""
         limits = self.limits
-        period = max(0.05, min(limits.message_timeout, limits.idle_timeout) / 4)
+        shortest = min(limits.message_timeout, limits.idle_timeout, limits.handshake_timeout)
+        period = max(0.05, shortest / 4)
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            for connection in list(self.pending):
+                if now - connection.started > limits.handshake_timeout:
+                    connection._handshake_failed("handshake timed out")
             for connection in list(self.connections.values()):
                 started = connection.message_started
                 if started is not None and now - started > limits.message_timeout:
@@ -467,35 +542,24 @@ class Streams:
     async def _connect(self, kind: str, address: Address, timeout: float) -> Connection | None:
         loop = asyncio.get_running_loop()
         host, port = address
-        context = self.client_tls if kind == "tls" else None
+        if kind == "tls":
+            self.client_tls  # noqa: B018 - a context that cannot be built fails here, not later
+        self._start_sweeper()  # it times out the handshake
         try:
             _, connection = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: Connection(self, kind, outgoing=address),
-                    host,
-                    port,
-                    ssl=context,
-                    server_hostname=host if context is not None else None,
-                    ssl_handshake_timeout=self.limits.handshake_timeout if context else None,
+                    lambda: Connection(self, kind, outgoing=address), host, port
                 ),
                 timeout,
             )
-        except (ssl.SSLError, ssl.CertificateError) as exc:
-            self.handshake_failed(host, _reason(exc))
-            return None
         except (OSError, TimeoutError) as exc:
             self.stats.connect_failures += 1
             log.debug("SIP %s connection to %s:%s failed: %s", kind, host, port, exc)
             return None
-        assert isinstance(connection, Connection) and connection.transport is not None
-        if kind == "tls":
-            ssl_object = connection.transport.get_extra_info("ssl_object")
-            identity = peer_identity(ssl_object, self.tls.pins)
-            if identity is None:
-                self.handshake_failed(host, "certificate is not one of tls_pins")
-                connection.transport.abort()
-                return None
-            connection.identity = identity
-        self.opened(connection)
-        self._start_sweeper()
-        return connection
+        assert isinstance(connection, Connection)
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(connection.ready), timeout)
+        except TimeoutError:
+            connection._handshake_failed("handshake timed out")
+            return None
+        return connection if ok else None

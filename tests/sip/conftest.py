@@ -29,9 +29,18 @@ def phones(tmp_path: Path):
         rtcp_mux: bool = False,
         password: str = "",
         registrar_host: str = "127.0.0.1",
+        **stream: object,  # transport, cafile, certificate: SIP over TCP/TLS
     ) -> Phone:
         phone = Phone(
-            tmp_path, name, source, codec, registrar_port, rtcp_mux, password, registrar_host
+            tmp_path,
+            name,
+            source,
+            codec,
+            registrar_port,
+            rtcp_mux,
+            password,
+            registrar_host,
+            **stream,
         )
         made.append(phone)
         return phone

@@ -92,17 +92,61 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 
 
 class Kamailio:
-    """A registrar on 127.0.0.1 with digest auth (password ``PASSWORD`` for every user)."""
+    """A registrar on 127.0.0.1 with digest auth (password ``PASSWORD`` for every user).
 
-    def __init__(self, directory: Path, host: str = "127.0.0.1") -> None:
+    With ``tls`` (its certificate, key and the CA it trusts) it also listens for SIP
+    over TLS on ``tls_port`` and connects out over TLS presenting that certificate,
+    verifying the far end against the CA.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        host: str = "127.0.0.1",
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.binary = require_binary("kamailio")
         self.directory = directory
         self.host = host  # another loopback address (127.0.0.2) tells it apart from phones
         self.port = free_port()
+        self.tls_port = 0
         self.proc: subprocess.Popen | None = None
         cfg = (HERE / "kamailio.cfg.in").read_text()
         cfg = cfg.replace("@PORT@", str(self.port)).replace("@PASSWORD@", PASSWORD)
         cfg = cfg.replace("127.0.0.1:", f"{host}:")
+        if tls is not None:
+            self.tls_port = free_port()
+            certificate, key, ca = tls
+            (directory / "kamailio-tls.cfg").write_text(
+                "\n".join(
+                    [
+                        "[server:default]",
+                        "method = TLSv1.2+",
+                        "verify_certificate = yes",
+                        "require_certificate = no",
+                        f"certificate = {certificate}",
+                        f"private_key = {key}",
+                        f"ca_list = {ca}",
+                        "[client:default]",
+                        "method = TLSv1.2+",
+                        "verify_certificate = yes",
+                        "require_certificate = yes",
+                        f"certificate = {certificate}",
+                        f"private_key = {key}",
+                        f"ca_list = {ca}",
+                        "",
+                    ]
+                )
+            )
+            cfg = cfg.replace(
+                "disable_tcp=yes",
+                f"enable_tls=yes\nlisten=tls:{host}:{self.tls_port}\n"
+                f'alias="{host}:{self.tls_port}"',
+            ).replace(
+                'loadmodule "tm.so"',
+                f'loadmodule "tls.so"\nmodparam("tls", "config", '
+                f'"{directory / "kamailio-tls.cfg"}")\nloadmodule "tm.so"',
+            )
         self.cfg = directory / "kamailio.cfg"
         self.cfg.write_text(cfg)
 
@@ -170,7 +214,12 @@ class Phone:
         rtcp_mux: bool = False,
         password: str = "",
         registrar_host: str = "127.0.0.1",
+        transport: str = "udp",
+        cafile: Path | None = None,
+        certificate: Path | None = None,
     ) -> None:
+        """``transport`` "tcp"/"tls" for SIP over a stream (TLS: ``cafile`` verifies the
+        far end, ``certificate`` is a PEM with the phone's certificate and key)."""
         self.binary = require_binary("baresip")
         self.name = name
         self.dir = directory / name
@@ -203,6 +252,8 @@ class Phone:
                     f"snd_path {self.records}",
                     "rtp_timeout 0",
                     f"rtcp_mux {'yes' if rtcp_mux else 'no'}",
+                    *([f"sip_cafile {cafile}"] if cafile else []),
+                    *([f"sip_certificate {certificate}"] if certificate else []),
                     "",
                 ]
             )
@@ -213,7 +264,7 @@ class Phone:
         # auth_pass: what baresip answers a 401/407 challenge with (user = the AOR's user).
         auth = f";auth_pass={password}" if password else ""
         (self.dir / "accounts").write_text(
-            f"<sip:{name}@{domain};transport=udp>{auth};regint=0;audio_codecs={codec};"
+            f"<sip:{name}@{domain};transport={transport}>{auth};regint=0;audio_codecs={codec};"
             "answermode=auto\n"
         )
         self.proc: subprocess.Popen | None = None

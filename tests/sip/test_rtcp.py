@@ -63,6 +63,7 @@ def rfc3550_jitter(packets: list[tuple[float, int]], rate: int = RATE) -> float:
         jitter += (d - jitter) / 16
     return jitter
 
+
 def test_report_round_trip_and_malformed_shapes():
     block = ReportBlock(7, 25, -3, 70000, 42, 0x12345678, 65536)
     packet = build_report(99, "gw@127.0.0.1", (ntp_now(), 160, 10, 1600), block)
