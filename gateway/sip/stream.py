@@ -143,6 +143,7 @@ class StreamStats:
     slow_closed: int = 0  # a message took longer than message_timeout
     framing_errors: int = 0
     connect_failures: int = 0  # connections we tried to open
+    connected: int = 0  # connections we opened
 
 
 class Connection(asyncio.Protocol):
@@ -557,6 +558,7 @@ class Streams:
             log.debug("SIP %s connection to %s:%s failed: %s", kind, host, port, exc)
             return None
         assert isinstance(connection, Connection)
+        self.stats.connected += 1
         try:
             ok = await asyncio.wait_for(asyncio.shield(connection.ready), timeout)
         except TimeoutError:
