@@ -107,9 +107,9 @@ class CallManager:
     def _calls_from(self, host: str) -> int:
         return sum(1 for d in self.dialogs.values() if d.incoming and d.peer.address[0] == host)
 
-    def contact_for(self, peer: Source, sips: bool = False) -> str:
+    def contact_for(self, peer: Source) -> str:
         """Our Contact in a dialog with ``peer``: over the transport the dialog uses."""
-        return self.transport.contact(self.config.user, self.address, peer, sips)
+        return self.transport.contact(self.config.user, self.address, peer)
 
     # --- requests from the network ---------------------------------------------------
 
@@ -234,7 +234,7 @@ class CallManager:
             200,
             "OK",
             to_tag=tag,
-            headers=[f"Contact: {self.contact_for(source, request_uri.startswith('sips:'))}"],
+            headers=[f"Contact: {self.contact_for(source)}"],
             body=body,
         )
         self._spawn(self._resend_until_ack(dialog, source))
@@ -352,7 +352,7 @@ class CallManager:
             f"To: {dialog.remote_uri};tag={dialog.remote_tag}",
             f"Call-ID: {dialog.call_id}",
             f"CSeq: {cseq} {method}",
-            f"Contact: {self.contact_for(dialog.peer, dialog.target.startswith('sips:'))}",
+            f"Contact: {self.contact_for(dialog.peer)}",
             "User-Agent: BorderLink",
             "Content-Length: 0",
         ]
@@ -392,7 +392,7 @@ class CallManager:
             f"To: <{uri}>",
             f"Call-ID: {call_id}",
             "CSeq: 1 INVITE",
-            f"Contact: {self.contact_for(destination, uri.startswith('sips:'))}",
+            f"Contact: {self.contact_for(destination)}",
             "Content-Type: application/sdp",
             "User-Agent: BorderLink",
             f"Content-Length: {len(body)}",

@@ -20,6 +20,9 @@ Each pyVoIP shortcoming is worked around here or where noted:
   sends ``Supported:``) raises, compact names (``i:``, ``v:``) and several Vias
   on one line are not understood. :func:`parse` rewrites the header block into
   that form first.
+* Its From/To parser knows only ``sip:``: a ``sips:`` URI (a TLS caller, or the
+  far end of a ``sips:`` dial-out) raised. :func:`normalise` hands it ``sip:``
+  there; the stack reads URIs it keeps from the message's own text.
 * Its parser knows only INVITE/ACK/BYE/CANCEL: OPTIONS is added to the list it
   accepts (keepalives from PBXs); other methods are answered 501 before parsing.
 * Call-IDs come from a per-client counter (two accounts collide): replaced.
@@ -33,6 +36,7 @@ Each pyVoIP shortcoming is worked around here or where noted:
 
 from __future__ import annotations
 
+import re
 import secrets
 
 import pyVoIP
@@ -106,6 +110,9 @@ _COMPACT = {
 }
 
 
+_SIPS = re.compile(rb"(^|<)sips:", re.I)
+
+
 def normalise(data: bytes) -> bytes | None:
     """Headers as pyVoIP can read them: ``Name: value``, full names, one Via per line."""
     head, separator, body = data.partition(b"\r\n\r\n")
@@ -121,6 +128,8 @@ def normalise(data: bytes) -> bytes | None:
         if not value:
             continue
         name = _COMPACT.get(name.lower(), name) if len(name) == 1 else name
+        if name.lower() in (b"from", b"to"):
+            value = _SIPS.sub(rb"\1sip:", value, count=1)
         if name.lower() == b"via":
             out.extend(b"Via: " + via.strip() for via in value.split(b","))
         else:

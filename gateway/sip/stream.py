@@ -202,7 +202,7 @@ class Connection(asyncio.Protocol):
                 host = self.outgoing[0]
                 self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
         except (ssl.SSLError, ValueError) as exc:
-            self._handshake_failed(str(exc))
+            self.fail_handshake(str(exc))
             return
         self._handshake()
 
@@ -248,19 +248,19 @@ class Connection(asyncio.Protocol):
             return
         except ssl.SSLError as exc:  # a stranger's bad certificate, or not TLS at all
             self._flush()
-            self._handshake_failed(_reason(exc))
+            self.fail_handshake(_reason(exc))
             return
         self._flush()
         pins = self.owner.tls.pins if self.outgoing is not None else frozenset()
         identity = peer_identity(self._tls, pins)
         if identity is None:
-            self._handshake_failed("certificate is not one of tls_pins")
+            self.fail_handshake("certificate is not one of tls_pins")
             return
         self.identity = identity
         self.owner.opened(self)
         self._settle(True)
 
-    def _handshake_failed(self, reason: str) -> None:
+    def fail_handshake(self, reason: str) -> None:
         self.owner.handshake_failed(self.address[0], reason)
         self._settle(False)
         self.close()
@@ -501,7 +501,7 @@ class Streams:
             now = time.monotonic()
             for connection in list(self.pending):
                 if now - connection.started > limits.handshake_timeout:
-                    connection._handshake_failed("handshake timed out")
+                    connection.fail_handshake("handshake timed out")
             for connection in list(self.connections.values()):
                 started = connection.message_started
                 if started is not None and now - started > limits.message_timeout:
@@ -562,6 +562,6 @@ class Streams:
         try:
             ok = await asyncio.wait_for(asyncio.shield(connection.ready), timeout)
         except TimeoutError:
-            connection._handshake_failed("handshake timed out")
+            connection.fail_handshake("handshake timed out")
             return None
         return connection if ok else None

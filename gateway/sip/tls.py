@@ -35,7 +35,6 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
 log = logging.getLogger(__name__)
 
@@ -204,18 +203,6 @@ def peer_identity(ssl_object: ssl.SSLObject | None, pins: frozenset[str]) -> str
         return ""
     verified = ssl_object.getpeercert()
     return (_name_of(verified) if verified else "") or fingerprint(der)
-
-
-def certificate_name(cert: x509.Certificate) -> str:
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = names.get_values_for_type(x509.DNSName)
-        if dns:
-            return dns[0]
-    except x509.ExtensionNotFound:
-        pass
-    common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(common[0].value) if common else ""
 
 
 # --- failed handshakes --------------------------------------------------------------------

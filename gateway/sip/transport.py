@@ -181,15 +181,14 @@ class SipTransport(asyncio.DatagramProtocol):
             f"Via: SIP/2.0/{kind.upper()} {host}:{self.port_for(kind)};branch={new_branch()};rport"
         )
 
-    def contact(self, user: str, host: str, to: Address | Source, sips: bool = False) -> str:
+    def contact(self, user: str, host: str, to: Address | Source) -> str:
         """Our Contact for a dialog with ``to``: reachable over the same transport.
 
-        Over TLS: ``sips:`` when the request was ``sips:`` (RFC 3261 §8.1.1.8), else
-        ``sip:…;transport=tls`` (what most phones expect)."""
+        Over TLS it is ``sip:…;transport=tls``, also in a ``sips:`` dialog (RFC 3261
+        asks for ``sips:`` there, but libre-based phones such as baresip then never
+        send their BYE; the transport, TLS, is the same)."""
         kind = as_source(to).transport
         port = self.port_for(kind)
-        if kind == "tls" and sips:
-            return f"<sips:{user}@{host}:{port}>"
         if kind == "udp":
             return f"<sip:{user}@{host}:{port}>"
         return f"<sip:{user}@{host}:{port};transport={kind}>"

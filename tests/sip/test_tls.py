@@ -242,3 +242,43 @@ password = "{PASSWORD}"
                 assert "127.0.0.1" in failed[0], failed
     finally:
         kamailio.stop()
+
+
+def test_dial_out_over_tls_to_a_phone_that_proves_its_name(phones, tmp_path):
+    """A ``sips:`` dial-out: the gateway connects over TLS, checks the phone's certificate
+    against the CA and the address it called, and the call carries the talkgroup."""
+    ca = Authority(tmp_path / "pki")
+    gateway_cert = ca.issue("gateway.test")
+    phone = phones(
+        "duty",
+        np.concatenate([np.zeros(RATE), tone(600, 9)]),
+        transport="tls",
+        cafile=ca.bundle,
+        certificate=both(ca.issue("duty.test")),
+    )
+    tls_port = phone.port + 1  # baresip listens for TLS on sip_listen + 1
+    sip = tls_keys(gateway_cert.certificate, gateway_cert.key, ca.bundle)
+    dial_out = f"""
+[sip.dial_out.duty]
+talkgroup = "marine"
+uri = "sips:duty@127.0.0.1:{tls_port}"
+retry_min = "1s"
+"""
+
+    async def scenario() -> None:
+        phone.start(seconds=15)
+        async with running_gateway(site(tmp_path, sip) + dial_out) as gw:
+            await until(lambda: legs(gw), 15, "the phone to answer the dial-out")
+            dialog = next(iter(gw.sip.calls.dialogs.values()))
+            assert dialog.peer.transport == "tls" and not dialog.incoming
+            connection = gw.sip.transport.streams.connections[("tls", ("127.0.0.1", tls_port))]
+            assert connection.identity == "duty.test"
+            leg = legs(gw)[0]
+            await until(lambda: leg.stats()["packets_in"] >= 200, 15, "4 s of the phone's audio")
+            # The phone hangs up: its BYE comes to our Contact, over a TLS connection of
+            # its own (it checks our certificate too).
+            phone.key("b")
+            await until(lambda: not legs(gw), 10, "the phone's BYE to end the leg")
+
+    run(scenario())
+    check_audio(phone, tmp_path)
