@@ -38,7 +38,8 @@ from cryptography.hazmat.primitives import serialization
 
 log = logging.getLogger(__name__)
 
-_PIN = re.compile(r"^sha256:((?:[0-9a-fA-F]{2}:?){31}[0-9a-fA-F]{2})$")
+# As people paste them: "sha256:ab…", "AB:CD:…", or openssl's "sha256 Fingerprint=AB:…".
+_PIN = re.compile(r"^(?:sha-?256(?::| fingerprint=))?([0-9a-f]{2}(?::?[0-9a-f]{2}){31})$")
 
 
 # --- the configured files --------------------------------------------------------------
@@ -118,12 +119,13 @@ def load_ca(path: Path) -> list[x509.Certificate]:
 
 
 def normalise_pin(pin: str) -> str:
-    """``sha256:AB:CD:...`` or ``sha256:abcd...`` → ``sha256:abcd...`` (lower case)."""
-    match = _PIN.match(pin.strip())
+    """A SHA-256 certificate fingerprint → ``sha256:<64 lower-case hex>`` (colons,
+    case and openssl's ``sha256 Fingerprint=`` prefix allowed), as the links' pins."""
+    match = _PIN.match(pin.strip().lower())
     if not match:
         raise ValueError(
-            f"pin {pin!r} is not 'sha256:' and 64 hex digits "
-            "(openssl x509 -noout -fingerprint -sha256 -in CERT shows it)"
+            f"pin {pin!r} is not a SHA-256 fingerprint: 64 hex digits, colons allowed "
+            "(openssl x509 -noout -fingerprint -sha256 -in CERT prints it)"
         )
     return "sha256:" + match.group(1).replace(":", "").lower()
 
