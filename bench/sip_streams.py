@@ -85,6 +85,7 @@ tls_key = "{key}"
 tls_ca = "{ca}"
 max_connections_per_address = 100000
 max_connections = 100000
+max_connection_rate_per_address = 100000
 
 [sip.routes."6001"]
 talkgroup = "marine"

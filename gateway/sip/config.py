@@ -230,6 +230,9 @@ class SipConfig(Model):
     tls_handshake_timeout: Duration = 5.0
     max_connections: int = Field(1000, ge=1, le=100_000)
     max_connections_per_address: int = Field(20, ge=1, le=100_000)
+    max_connection_rate_per_address: float = Field(
+        10.0, ge=0.1, le=100_000, description="new TCP/TLS connections a second from one address"
+    )
     max_message_bytes: int = Field(65536, ge=4096, le=1_048_576)
     max_header_bytes: int = Field(16384, ge=1024, le=1_048_576)
     connection_idle_timeout: Duration = 300.0

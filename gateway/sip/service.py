@@ -169,6 +169,7 @@ class SipService:
             handshake_timeout=config.tls_handshake_timeout,
             max_connections=config.max_connections,
             max_per_address=config.max_connections_per_address,
+            rate_per_address=config.max_connection_rate_per_address,
         )
         files = TlsFiles(
             config.tls_certificate, config.tls_key, config.tls_ca, frozenset(config.tls_pins)

@@ -5,8 +5,10 @@ its ``Content-Length`` (which a stream message must carry); several messages in 
 read and one message over many reads are both normal. Everything else here is about
 strangers, who can open connections for free:
 
-* caps on connections, in total and per source address, checked when the TCP
-  connection is accepted — before any TLS handshake is paid for;
+* caps on connections, in total and per source address, and on how many new ones
+  an address may open a second (a TLS handshake costs the gateway about a
+  millisecond of CPU), checked when the TCP connection is accepted — before any
+  handshake is paid for;
 * a handshake must finish within ``handshake_timeout``; a message, once started,
   within ``message_timeout`` (a slow sender holds no buffer for long); a
   connection with no traffic for ``idle_timeout`` is closed;
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 Key = tuple[str, Address]  # (transport, address): the connection a Source names
 INBOUND_REMEMBERED = 4096
+RATES_REMEMBERED = 4096  # addresses whose connection rate is tracked (oldest forgotten)
 PING = b"\r\n\r\n"
 PONG = b"\r\n"
 
@@ -56,6 +59,7 @@ class Limits:
     handshake_timeout: float = 5.0
     max_connections: int = 1000
     max_per_address: int = 20
+    rate_per_address: float = 10.0  # new connections a second (and as many at once)
 
 
 @dataclass(frozen=True)
@@ -368,6 +372,7 @@ class Streams:
         self._servers: list[asyncio.base_events.Server] = []
         self._connecting: dict[Key, asyncio.Future[Connection | None]] = {}
         self._inbound: OrderedDict[Key, None] = OrderedDict()  # recent peers who called us
+        self._rates: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
         self._server_tls: ssl.SSLContext | None = None
         self._client_tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.Task | None = None
@@ -435,12 +440,26 @@ class Streams:
         if (
             total >= self.limits.max_connections
             or self.per_address.get(host, 0) >= self.limits.max_per_address
+            or not self._within_rate(host)
         ):
             self.stats.connections_refused += 1
             return False
         self.per_address[host] = self.per_address.get(host, 0) + 1
         self.pending.add(connection)
         return True
+
+    def _within_rate(self, host: str) -> bool:
+        """A token bucket per source address: ``rate_per_address`` new connections a
+        second, as many in a burst. The table is bounded; a forgotten address starts full."""
+        rate = self.limits.rate_per_address
+        now = time.monotonic()
+        tokens, then = self._rates.pop(host, (rate, now))
+        tokens = min(rate, tokens + (now - then) * rate)
+        allowed = tokens >= 1.0
+        self._rates[host] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._rates) > RATES_REMEMBERED:
+            self._rates.popitem(last=False)
+        return allowed
 
     def opened(self, connection: Connection) -> None:
         self.pending.discard(connection)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from pathlib import Path
 
 from pki import Authority
@@ -234,6 +235,39 @@ def test_connection_caps_in_total_and_per_address():
             assert await served(c2, 5)
             for pair in (a2, a3, b1, b2, c1, c2):
                 pair[1].close()
+
+    run(scenario())
+
+
+def test_new_connections_per_second_per_address_are_capped():
+    """A stranger cannot make the gateway pay for handshake after handshake: each address
+    opens at most max_connection_rate_per_address new connections a second."""
+    sip = "max_connection_rate_per_address = 2"
+
+    async def scenario() -> None:
+        async with running_gateway(site(sip)) as gw:
+            port = gw.sip.transport.port_for("tcp")
+
+            async def attempt(source: str, cseq: int) -> bool:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=(source, 0)
+                )
+                writer.write(options(cseq))
+                try:
+                    return (await read_message(reader, 5)).startswith(b"SIP/2.0 200")
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    return False
+                finally:
+                    writer.close()
+
+            started = time.monotonic()
+            served = [await attempt("127.0.0.5", n) for n in range(10)]
+            elapsed = time.monotonic() - started
+            # A full bucket of 2, then 2 more a second: however slow this machine is.
+            assert served[:2] == [True, True]
+            assert 2 <= sum(served) <= 2 + int(2 * elapsed) + 1, (served, elapsed)
+            assert streams(gw).stats.connections_refused == served.count(False) > 0
+            assert await attempt("127.0.0.6", 99), "another address is not slowed down"
 
     run(scenario())
 
