@@ -30,8 +30,9 @@ from tests.conftest import free_port
 RATE = 8000
 
 
-def site(tmp: Path, sip: str = "", accounts: str = "") -> str:
-    """A radio sending 1000 Hz and a recorder in talkgroup ``marine``, number 6001."""
+def site(tmp: Path, sip: str = "", accounts: str = "", who: str = "public = true") -> str:
+    """A radio sending 1000 Hz and a recorder in talkgroup ``marine``, number 6001
+    (``who``: who may call it)."""
     return f"""
 [site]
 name = "sip-tls-test"
@@ -59,7 +60,7 @@ rtp_ports = "20000-31999"
 {accounts}
 [sip.routes."6001"]
 talkgroup = "marine"
-public = true
+{who}
 """
 
 
@@ -127,7 +128,9 @@ expires = "60s"
 """
 
     async def scenario() -> None:
-        async with running_gateway(site(tmp_path, sip, account)) as gw:
+        # Only calls relayed by the registrar, proved by its certificate, reach 6001.
+        trusted = 'trusted = ["tls:registrar.test"]'
+        async with running_gateway(site(tmp_path, sip, account, trusted)) as gw:
             registration = gw.sip.registrations["marine"]
             await asyncio.wait_for(registration.registered.wait(), 10)
             assert registration.peer.transport == "tls"
