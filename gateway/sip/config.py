@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from cryptography.hazmat.primitives import serialization
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gateway.config import Model, register_section
@@ -364,6 +365,37 @@ class SipConfig(Model):
             if number == name or number in route.aliases:
                 return name, route
         return None
+
+    def summary_lines(self) -> list[str]:
+        """What ``borderlink check`` prints: where SIP listens, the TLS certificate's
+        fingerprint (what a peer pins) and expiry, whom TLS trusts, each account's way."""
+        listening = [("udp", self.listen), ("tcp", self.listen_tcp), ("tls", self.listen_tls)]
+        lines = ["listens on " + ", ".join(f"{k}:{w}" for k, w in listening if w)]
+        if self.tls_certificate is not None:
+            try:
+                cert = tls.load_certificate(self.tls_certificate)
+            except ValueError as exc:  # changed on disk since it was checked
+                lines.append(f"TLS certificate: {exc}")
+            else:
+                der = cert.public_bytes(serialization.Encoding.DER)
+                pin = tls.fingerprint(der).removeprefix("sha256:").upper()
+                pairs = ":".join(pin[i : i + 2] for i in range(0, 64, 2))
+                lines.append(
+                    f"TLS certificate expires in {tls.expiry_days(cert):.0f} days, "
+                    f"SHA-256 {pairs} (what peers pin)"
+                )
+        if self.listen_tls or any(a.next_hop[2] == "tls" for a in self.accounts.values()):
+            servers = (
+                f"{len(self.tls_pins)} pinned certificates"
+                if self.tls_pins
+                else (f"CA {self.tls_ca}" if self.tls_ca else "the system's CAs")
+            )
+            callers = f"CA {self.tls_ca}" if self.tls_ca else "no client certificates asked"
+            lines.append(f"TLS servers verified by {servers}; callers: {callers}")
+        for name, account in self.accounts.items():
+            host, port, kind = account.next_hop
+            lines.append(f"account {name}: registers at {host}:{port} over {kind.upper()}")
+        return lines
 
     def talkgroup_references(self) -> list[tuple[tuple[str, ...], str]]:
         """Every talkgroup this section names, with its key path, for ``parse_config``.

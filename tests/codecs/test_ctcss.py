@@ -41,8 +41,10 @@ def test_opens_and_closes_in_radio_time(rate: int, freq: float) -> None:
     assert state[on[0] : on[-1] + 1].all()  # one clean opening, no gaps
 
 
-@pytest.mark.parametrize(("ours", "theirs"), [(100.0, 103.5), (103.5, 100.0), (67.0, 69.3),
-                                               (162.2, 159.8), (250.3, 254.1)])
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(100.0, 103.5), (103.5, 100.0), (67.0, 69.3), (162.2, 159.8), (250.3, 254.1)],
+)
 def test_never_opens_on_the_adjacent_tone(ours: float, theirs: float) -> None:
     rate = 8000
     voice = speech_like(rate, 4.0, seed=1, level_dbfs=-12.0)
@@ -53,8 +55,15 @@ def test_never_opens_on_the_adjacent_tone(ours: float, theirs: float) -> None:
 
 @pytest.mark.parametrize(
     ("rate", "freq"),
-    [(8000, 67.0), (8000, 123.0), (8000, 203.5), (16000, 100.0), (16000, 151.4),
-     (16000, 171.3), (16000, 241.8)],
+    [
+        (8000, 67.0),
+        (8000, 123.0),
+        (8000, 203.5),
+        (16000, 100.0),
+        (16000, 151.4),
+        (16000, 171.3),
+        (16000, 241.8),
+    ],
 )
 def test_voice_on_top_does_not_make_it_chatter(rate: int, freq: float) -> None:
     # A talker keys up (tone at -20 dBFS) and starts speaking 0.3 s later, loud (-12 dBFS).

@@ -27,14 +27,22 @@ def pad(x: np.ndarray, rate: int, lead_s: float = 0.05, tail_s: float = 0.2) -> 
     return np.concatenate((z(round(lead_s * rate)), x, z(round(tail_s * rate)))).astype(np.float32)
 
 
-def dual(key: str, rate: int, seconds: float, low_db: float = -13.0, high_db: float = -13.0,
-         detune: float = 1.0) -> np.ndarray:
+def dual(
+    key: str,
+    rate: int,
+    seconds: float,
+    low_db: float = -13.0,
+    high_db: float = -13.0,
+    detune: float = 1.0,
+) -> np.ndarray:
     """A key's two tones at independent levels (dBFS RMS each) and a common frequency error."""
     t = np.arange(round(seconds * rate)) / rate
     low, high = DTMF_FREQS[key]
     amp = lambda db: np.sqrt(2) * 10 ** (db / 20)  # noqa: E731
-    return (amp(low_db) * np.sin(2 * np.pi * low * detune * t)
-            + amp(high_db) * np.sin(2 * np.pi * high * detune * t)).astype(np.float32)
+    return (
+        amp(low_db) * np.sin(2 * np.pi * low * detune * t)
+        + amp(high_db) * np.sin(2 * np.pi * high * detune * t)
+    ).astype(np.float32)
 
 
 @pytest.mark.parametrize("rate", RATES)
@@ -146,7 +154,6 @@ def music_like(rate: int, seconds: float) -> np.ndarray:
 def test_no_talk_off_on_speech_like_or_music(rate: int) -> None:
     assert detect(speech_like(rate, 12.0, seed=9, level_dbfs=-12.0), rate) == ""
     assert detect(music_like(rate, 10.0), rate) == ""
-
 
 
 @pytest.mark.parametrize("rate", RATES)

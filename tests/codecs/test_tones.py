@@ -102,9 +102,7 @@ def test_courtesy_tone_rises_and_ends() -> None:
     x = tone.read(RATE // 4)
     assert tone.done
     assert _peaks(x[: int(0.06 * RATE)], RATE, 1) == [pytest.approx(800, abs=5)]
-    assert _peaks(x[int(0.06 * RATE) : int(0.12 * RATE)], RATE, 1) == [
-        pytest.approx(1200, abs=5)
-    ]
+    assert _peaks(x[int(0.06 * RATE) : int(0.12 * RATE)], RATE, 1) == [pytest.approx(1200, abs=5)]
     assert not np.any(x[int(0.12 * RATE) :])
 
 

@@ -36,5 +36,3 @@ def radio_sim(jack_server):
     yield make
     for sim in sims:
         sim.close()
-
-

@@ -1,10 +1,10 @@
 """A gateway process for fail-safe tests: runs a site and reports its radios' state as JSON lines.
 
-    python failsafe_site.py SITE.toml run      run on the real clock until a signal
-    python failsafe_site.py SITE.toml raise    tick until radio_b is keyed, then die of an
-                                               unhandled exception (only atexit is left)
-    python failsafe_site.py SITE.toml abort    tick until radio_b is keyed, then os.abort()
-                                               (no atexit, no cleanup: only the guardian)
+python failsafe_site.py SITE.toml run      run on the real clock until a signal
+python failsafe_site.py SITE.toml raise    tick until radio_b is keyed, then die of an
+                                           unhandled exception (only atexit is left)
+python failsafe_site.py SITE.toml abort    tick until radio_b is keyed, then os.abort()
+                                           (no atexit, no cleanup: only the guardian)
 """
 
 from __future__ import annotations

@@ -56,9 +56,25 @@ def start_jackd(name: str, rate: int = RATE, period: int = PERIOD) -> subprocess
     env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1"}
     for realtime in (["-R"], ["--no-realtime"]):
         proc = subprocess.Popen(
-            [jackd, "-n", name, *realtime, "-d", "dummy", "-r", str(rate), "-p", str(period),
-             "-C", str(SYSTEM_PORTS), "-P", str(SYSTEM_PORTS)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            [
+                jackd,
+                "-n",
+                name,
+                *realtime,
+                "-d",
+                "dummy",
+                "-r",
+                str(rate),
+                "-p",
+                str(period),
+                "-C",
+                str(SYSTEM_PORTS),
+                "-P",
+                str(SYSTEM_PORTS),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
         )
         lsp_env = {**os.environ, "JACK_DEFAULT_SERVER": name}
         deadline = time.monotonic() + 10
@@ -403,8 +419,6 @@ def hid_keyed(path: Path, gpio: int = 3) -> bool | None:
         return None
     bit = 1 << (gpio - 1)
     return bool(reports[-1][2] & bit)
-
-
 
 
 def tone(hz: float, seconds: float, dbfs: float, rate: int = RATE) -> np.ndarray:

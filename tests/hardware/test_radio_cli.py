@@ -32,13 +32,19 @@ def test_levels_meters_the_input_and_sends_a_test_tone(jack_server, radio_sim, t
     hid = tmp_path / "hidraw0"
     hid.touch()
     site = tmp_path / "site.toml"
-    site.write_text(site_toml({"radio": f'''
+    site.write_text(
+        site_toml(
+            {
+                "radio": f'''
 kind = "soundcard"
 device = "system"
 host_api = "JACK"
 ptt = {{ type = "cm108", device = "{hid}" }}
 squelch = {{ type = "vox", threshold_dbfs = -30 }}
-'''}))
+'''
+            }
+        )
+    )
     result: dict = {}
 
     def run_levels():

@@ -113,8 +113,11 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
     assert min(min(pair) for pair in lows) > 0.0
 
 
-@pytest.mark.parametrize("xrun, lost", [(True, True), (False, True), (True, False)],
-                         ids=["xrun-lost", "no-xrun", "xrun-caught-up"])
+@pytest.mark.parametrize(
+    "xrun, lost",
+    [(True, True), (False, True), (True, False)],
+    ids=["xrun-lost", "no-xrun", "xrun-caught-up"],
+)
 def test_an_underrun_the_audio_server_caused_does_not_widen_the_margin(xrun, lost):
     """The server stops calling back for 40 ms. With an xrun reported (as JACK and
     PortAudio do after a lost cycle) and those 40 ms of stream skipped, the underrun is the
@@ -171,7 +174,6 @@ def test_a_widened_margin_is_held_an_hour_then_melts():
     for _ in range(11 * 120):  # an hour and ten minutes since: ten minutes of melting
         control.relax(0.5)
     assert control.target == pytest.approx(0.004 - 10 * 0.0001)
-
 
 
 @pytest.mark.parametrize("period", [960, 256])

@@ -157,8 +157,10 @@ def test_unhandled_exception_unkeys_through_atexit(jack_server, tmp_path, hid):
 
 
 def card_site(tmp_path: Path, hid: Path) -> Path:
-    other = '\n[ports.other]\nkind = "simulated_radio"\ntalk_offset = "1h"\n' \
+    other = (
+        '\n[ports.other]\nkind = "simulated_radio"\ntalk_offset = "1h"\n'
         '[ports.beacon]\nkind = "tone"\n[talkgroups.elsewhere]\nmembers = ["beacon", "other"]\n'
+    )
     site = tmp_path / "site.toml"
     site.write_text(keyed_site(hid, other))
     return site

@@ -121,8 +121,15 @@ def test_closing_an_inverted_serial_keyer_does_not_let_the_kernel_drop_its_line(
         os.close(slave)
 
 
-@pytest.mark.parametrize("line, bit", [("cts", termios.TIOCM_CTS), ("dsr", termios.TIOCM_DSR),
-                                       ("dcd", termios.TIOCM_CAR), ("ri", termios.TIOCM_RNG)])
+@pytest.mark.parametrize(
+    "line, bit",
+    [
+        ("cts", termios.TIOCM_CTS),
+        ("dsr", termios.TIOCM_DSR),
+        ("dcd", termios.TIOCM_CAR),
+        ("ri", termios.TIOCM_RNG),
+    ],
+)
 def test_serial_cor_reads_its_line(modem, tty, line, bit):
     cor = sq.SerialCor(tty, line)
     cor.open()
@@ -238,8 +245,8 @@ def test_vox_opens_at_its_threshold():
 def test_ctcss_and_cor_combined():
     rate = 16000
     t = np.arange(rate * 2) / rate
-    with_tone = (0.1 * np.sin(2 * np.pi * 100.0 * t) + 0.3 * np.sin(2 * np.pi * 1000 * t))
-    other_tone = (0.1 * np.sin(2 * np.pi * 110.9 * t) + 0.3 * np.sin(2 * np.pi * 1000 * t))
+    with_tone = 0.1 * np.sin(2 * np.pi * 100.0 * t) + 0.3 * np.sin(2 * np.pi * 1000 * t)
+    other_tone = 0.1 * np.sin(2 * np.pi * 110.9 * t) + 0.3 * np.sin(2 * np.pi * 1000 * t)
 
     class Line(sq.Detector):
         state = True

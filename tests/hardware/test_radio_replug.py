@@ -44,8 +44,10 @@ host_api = "JACK"
 ptt_hang_time = "100ms"
 squelch = { type = "vox", threshold_dbfs = -45, hang = "100ms" }
 """
-    other = '\n[ports.other]\nkind = "simulated_radio"\ntalk_offset = "1h"\n' \
+    other = (
+        '\n[ports.other]\nkind = "simulated_radio"\ntalk_offset = "1h"\n'
         '[ports.beacon]\nkind = "tone"\n[talkgroups.elsewhere]\nmembers = ["beacon", "other"]\n'
+    )
     b = radio + f'ptt = {{ type = "cm108", device = "{hid}" }}\n'
     return site_toml({"radio_a": radio, "radio_b": b}) + other
 

@@ -64,6 +64,10 @@ def test_good_tls_files_pass(tmp_path, ca):
     site = ca.issue("gateway.test")
     result = check(tmp_path, tls(site.certificate, site.key, f'tls_ca = "{ca.bundle}"'))
     assert result.returncode == 0, result.stderr
+    # check prints what a peer pins, as openssl prints it, and when the certificate expires.
+    hexa = site.pin.removeprefix("sha256:").upper()
+    assert ":".join(hexa[i : i + 2] for i in range(0, 64, 2)) in result.stdout, result.stdout
+    assert "expires in 20 days" in result.stdout or "expires in 19 days" in result.stdout
 
 
 def test_expired_certificate_missing_ca_and_bad_pin_named_together(tmp_path, ca):

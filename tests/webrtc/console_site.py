@@ -116,14 +116,14 @@ disconnect_grace = "1s"
 {console}
 
 [console.operators.alice]
-password_hash = "{password_hash('alice')}"
+password_hash = "{password_hash("alice")}"
 agency = "USCG"
 display_name = "Alice (dispatch)"
 talk = ["*"]
 emergency = true
 
 [console.operators.bob]
-password_hash = "{password_hash('bob')}"
+password_hash = "{password_hash("bob")}"
 agency = "RCMP"
 monitor = ["marine"]
 
@@ -260,8 +260,7 @@ async def console_site(
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(
                 executable_path=chromium,
-                args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}",
-                      *browser_args],
+                args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}", *browser_args],
             )
             try:
                 yield Site(gateway, url, browser, tmp)

@@ -57,8 +57,10 @@ def test_login_sets_a_safe_cookie_and_wrong_password_is_refused(tmp_path):
                 assert "borderlink_session" not in bad.cookies
                 unknown = await login(http, base, "mallory", "x")
                 assert unknown.status == 401
-                good = await http.post(f"{base}/api/console/login",
-                                       json={"operator": "alice", "password": PASSWORDS["alice"]})
+                good = await http.post(
+                    f"{base}/api/console/login",
+                    json={"operator": "alice", "password": PASSWORDS["alice"]},
+                )
                 assert good.status == 200
                 cookie = good.headers["Set-Cookie"]
                 assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
@@ -69,8 +71,10 @@ def test_login_sets_a_safe_cookie_and_wrong_password_is_refused(tmp_path):
                 metrics = await (await http.get(f"{base}/metrics")).text()
                 counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
                           if "console_log" in line and not line.startswith("#")}  # fmt: skip
-                assert counts == {"borderlink_console_logins_total": 1.0,
-                                  "borderlink_console_login_failures_total": 2.0}, counts
+                assert counts == {
+                    "borderlink_console_logins_total": 1.0,
+                    "borderlink_console_login_failures_total": 2.0,
+                }, counts
                 out = await http.post(f"{base}/api/console/logout", json={})
                 assert out.status == 200
                 assert (await http.get(f"{base}/api/console/me")).status == 401
@@ -123,7 +127,10 @@ def test_failed_logins_are_rate_limited_and_audited(tmp_path):
 def test_passwd_prints_a_hash_that_verifies():
     out = subprocess.run(
         [BORDERLINK, "passwd", "--stdin"],
-        input="correct horse battery\n", capture_output=True, text=True, check=True,
+        input="correct horse battery\n",
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert out.startswith('password_hash = "scrypt$')
     stored = out.split('"')[1]

@@ -93,7 +93,8 @@ def test_console_hears_the_radio_and_sees_who_is_talking(tmp_path, direct_rtp):
             await site.wait_joined(page, "marine")
             radio.open_squelch(True)
             seen = await page.wait_for_function(
-                "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=5000)
+                "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=5000
+            )
             delay = (await seen.json_value()) / 1000 - radio.opened_at
             print(f"radio keyed → talker on the page: {delay * 1000:.0f} ms")
             assert delay < 0.200, f"who-is-talking took {delay * 1000:.0f} ms"
@@ -103,6 +104,7 @@ def test_console_hears_the_radio_and_sees_who_is_talking(tmp_path, direct_rtp):
             async def hears_radio():
                 m = await page.evaluate("borderlink.measure('marine')")
                 return m and abs(m["peakHz"] - RADIO_TONE_HZ) < 12 and m["rmsDbfs"] > -30 and m
+
             measured = await until(hears_radio, 8, "the page to hear the radio's 700 Hz")
             print(f"console hears {measured['peakHz']:.0f} Hz at {measured['rmsDbfs']:.1f} dBFS")
             port = site.console_port("alice", "marine")
@@ -118,6 +120,7 @@ def test_console_hears_the_radio_and_sees_who_is_talking(tmp_path, direct_rtp):
                     return out && out.reportsSent >= 2 && got
                         && {sent: out.packetsSent, received: got.packetsReceived};
                 }""")
+
             reports = await until(sender_reports, 6, "two RTCP sender reports at the browser")
             # The report's packet count is the stream's (0 would mean a report that
             # never saw our packets; counts a second apart differ by ≤ 50).
@@ -126,7 +129,8 @@ def test_console_hears_the_radio_and_sees_who_is_talking(tmp_path, direct_rtp):
             assert not png_is_blank(shot)
             radio.open_squelch(False)
             await page.wait_for_function(
-                "() => !window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=2000)
+                "() => !window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=2000
+            )
             assert (await tile.locator(".talker").inner_text()).strip() == "—"
 
     DOCS.mkdir(exist_ok=True)
@@ -142,16 +146,25 @@ def test_monitor_only_operator_cannot_take_the_floor(tmp_path):
             assert await page.locator('[data-talkgroup="land"]').count() == 0
             pressed = time.time()
             await hold_ptt(page, "marine")
-            await page.locator('[data-talkgroup="marine"] .state').filter(
-                has_text="PTT refused: monitor only").wait_for(timeout=3000)
+            await (
+                page.locator('[data-talkgroup="marine"] .state')
+                .filter(has_text="PTT refused: monitor only")
+                .wait_for(timeout=3000)
+            )
             port = site.console_port("bob", "marine")
             for _ in range(50):  # one second of ticks while the button is held
                 assert not port.talking and not port.ptt
                 await asyncio.sleep(0.02)
             await page.mouse.up()
             assert radio.audio_since(pressed).size == 0, "the radio heard a monitor-only console"
-            await until(lambda: any(r["event"] == "console_ptt_refused" and r["operator"] == "bob"
-                                    for r in site.audit_records()), 2, "the refusal audited")
+            await until(
+                lambda: any(
+                    r["event"] == "console_ptt_refused" and r["operator"] == "bob"
+                    for r in site.audit_records()
+                ),
+                2,
+                "the refusal audited",
+            )
 
     run(scenario())
 
@@ -174,16 +187,23 @@ def test_closing_the_tab_releases_the_floor_and_hangs_up(tmp_path):
             await until(lambda: site.console_port("alice", "marine") is None, 5,
                         "the console port to leave the engine")  # fmt: skip
             # Released by the page's pagehide handler or, failing that, by the socket closing.
-            await until(lambda: any(r["event"] == "console_ptt" and r.get("on") is False
-                                    and r["operator"] == "alice"
-                                    for r in site.audit_records()), 2, "the release audited")
+            await until(
+                lambda: any(
+                    r["event"] == "console_ptt"
+                    and r.get("on") is False
+                    and r["operator"] == "alice"
+                    for r in site.audit_records()
+                ),
+                2,
+                "the release audited",
+            )
 
     run(scenario())
 
 
 def test_single_floor_busy_then_emergency_preempts(tmp_path):
     async def scenario():
-        extra = 'priority = { uscg_vhf = 50 }'
+        extra = "priority = { uscg_vhf = 50 }"
         async with console_site(tmp_path, floor="single", extra=extra) as site:
             radio = site.radio()
             page = await site.console("alice")
@@ -197,8 +217,12 @@ def test_single_floor_busy_then_emergency_preempts(tmp_path):
 
             async def hears_busy_tone():
                 m = await page.evaluate("borderlink.measure('marine')")
-                return m and m["rmsDbfs"] > -40 and (abs(m["peakHz"] - 480) < 12
-                                                     or abs(m["peakHz"] - 620) < 12)
+                return (
+                    m
+                    and m["rmsDbfs"] > -40
+                    and (abs(m["peakHz"] - 480) < 12 or abs(m["peakHz"] - 620) < 12)
+                )
+
             await until(hears_busy_tone, 5, "the busy tone in the console")
             await page.mouse.up()
             events = talk_events(site.gateway, "uscg_vhf")
@@ -229,14 +253,18 @@ def test_denied_microphone_still_monitors_and_says_why(tmp_path):
             await page.fill("#operator", "alice")
             await page.fill("#password", "alice-secret-1")
             await page.click("#login button[type=submit]")
-            await page.locator("#banner").filter(has_text="Microphone access was denied").wait_for(
-                timeout=5000)
+            await (
+                page.locator("#banner")
+                .filter(has_text="Microphone access was denied")
+                .wait_for(timeout=5000)
+            )
             await site.wait_joined(page, "marine")
             site.radio().open_squelch(True)
 
             async def hears_radio():
                 m = await page.evaluate("borderlink.measure('marine')")
                 return m and abs(m["peakHz"] - RADIO_TONE_HZ) < 12 and m["rmsDbfs"] > -30
+
             await until(hears_radio, 8, "a console without microphone to still hear the radio")
             await hold_ptt(page, "marine")
             state = page.locator('[data-talkgroup="marine"] .state')
@@ -255,14 +283,18 @@ def test_lost_event_socket_is_shown_and_reconnected(tmp_path):
             hub = site.gateway.console
             for sock in list(hub.sockets):  # the network drops the socket
                 await sock.ws.close()
-            await page.locator("#banner").filter(has_text="Gateway unreachable").wait_for(
-                timeout=3000)
+            await (
+                page.locator("#banner")
+                .filter(has_text="Gateway unreachable")
+                .wait_for(timeout=3000)
+            )
             await until(lambda: hub.sockets, 5, "the page to reconnect its event socket")
             await link.filter(has_text="connected").wait_for(timeout=5000)
             await page.locator("#banner").wait_for(state="hidden", timeout=3000)
             site.radio().open_squelch(True)  # and who-is-talking flows again
             await page.wait_for_function(
-                "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=3000)
+                "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=3000
+            )
 
     run(scenario())
 
@@ -270,6 +302,7 @@ def test_lost_event_socket_is_shown_and_reconnected(tmp_path):
 def test_idle_talkgroup_pauses_the_stream_and_audio_resumes_at_once(tmp_path):
     """DTX: a silent talkgroup sends a console one packet per 400 ms, not 50 a second;
     the browser counts no loss, and the radio's next over is heard as before."""
+
     async def scenario():
         async with console_site(tmp_path) as site:
             radio = site.radio()
@@ -291,6 +324,7 @@ def test_idle_talkgroup_pauses_the_stream_and_audio_resumes_at_once(tmp_path):
             async def hears_radio():
                 m = await page.evaluate("borderlink.measure('marine')")
                 return m and abs(m["peakHz"] - RADIO_TONE_HZ) < 12 and m["rmsDbfs"] > -30
+
             await until(hears_radio, 5, "the page to hear the radio after the pause")
             busy = await rate(1.0)
             assert busy > 45, f"{busy:.1f} packets/s while the radio talks"

@@ -39,8 +39,11 @@ def test_reload_turns_a_talker_monitor_only_then_logs_her_out(tmp_path):
             marine = site.console_port("alice", "marine")
             stops: list[float] = []
             site.gateway.engine.listeners.append(
-                lambda e: stops.append(time.time())
-                if e.kind == "talk_stop" and e.port == marine.name else None
+                lambda e: (
+                    stops.append(time.time())
+                    if e.kind == "talk_stop" and e.port == marine.name
+                    else None
+                )
             )
             pressed = time.time()
             await page.locator('[data-talkgroup="marine"] .ptt').hover()
@@ -59,10 +62,14 @@ def test_reload_turns_a_talker_monitor_only_then_logs_her_out(tmp_path):
             assert not marine.can_talk and not marine.ptt
             assert site.console_port("alice", "land") is None, "land seat still attached"
             tile = page.locator('[data-talkgroup="marine"]')
-            await tile.locator(".state").filter(has_text="talk permission withdrawn").wait_for(
-                timeout=3000)
+            await (
+                tile.locator(".state")
+                .filter(has_text="talk permission withdrawn")
+                .wait_for(timeout=3000)
+            )
             await tile.locator('.ptt[aria-disabled="true"][title="monitor only"]').wait_for(
-                timeout=3000)
+                timeout=3000
+            )
             await page.locator('[data-talkgroup="land"]').wait_for(state="detached", timeout=3000)
             # Still holding the button: the gateway refuses PTT from now on.
             quiet = time.time()
@@ -77,9 +84,11 @@ def test_reload_turns_a_talker_monitor_only_then_logs_her_out(tmp_path):
 
             # Now alice is removed: logged out, every seat detached, cookie worthless.
             reload_with(site, without_alice)
-            await page.locator("#login-error").filter(
-                has_text="Logged out by the gateway: operator removed from config"
-            ).wait_for(timeout=3000)
+            await (
+                page.locator("#login-error")
+                .filter(has_text="Logged out by the gateway: operator removed from config")
+                .wait_for(timeout=3000)
+            )
             assert site.console_port("alice", "marine") is None
             assert not site.gateway.console.sessions.by_token
             me = await page.evaluate("fetch('/api/console/me').then(r => r.status)")
@@ -98,9 +107,10 @@ def test_reload_turns_a_talker_monitor_only_then_logs_her_out(tmp_path):
 
 def without_alice(text: str) -> str:
     """The site file with alice's account deleted."""
-    return text[: text.index("[console.operators.alice]")] + text[
-        text.index("[console.operators.bob]") :
-    ]
+    return (
+        text[: text.index("[console.operators.alice]")]
+        + text[text.index("[console.operators.bob]") :]
+    )
 
 
 def test_password_change_ends_sessions_and_new_rights_reach_open_pages(tmp_path):
@@ -108,11 +118,15 @@ def test_password_change_ends_sessions_and_new_rights_reach_open_pages(tmp_path)
         async with console_site(tmp_path, browser=False) as site:
             base = site.url.removesuffix("/console/")
             jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http, \
-                    aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+            async with (
+                aiohttp.ClientSession(cookie_jar=jar) as http,
+                aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other,
+            ):
                 for client, name in ((http, "bob"), (other, "alice")):
-                    r = await client.post(f"{base}/api/console/login",
-                                          json={"operator": name, "password": PASSWORDS[name]})
+                    r = await client.post(
+                        f"{base}/api/console/login",
+                        json={"operator": name, "password": PASSWORDS[name]},
+                    )
                     assert r.status == 200
                 ws = await http.ws_connect(f"{base}/api/console/events")
                 await ws.send_json({"type": "hello", "console": "bobconsole0001"})
@@ -126,18 +140,31 @@ def test_password_change_ends_sessions_and_new_rights_reach_open_pages(tmp_path)
                 tiles = [(t["name"], t["may_talk"]) for t in (await next_state(ws))["talkgroups"]]
                 assert tiles == [("marine", False)]
                 # bob is given talk on land: his open page gets the tile without reloading.
-                reload_with(site, lambda t: t.replace('monitor = ["marine"]',
-                                                      'monitor = ["marine"]\ntalk = ["land"]'))
+                reload_with(
+                    site,
+                    lambda t: t.replace(
+                        'monitor = ["marine"]', 'monitor = ["marine"]\ntalk = ["land"]'
+                    ),
+                )
+
                 async def sees_land():
                     state = await next_state(ws)
-                    return ("land", True) in [(t["name"], t["may_talk"])
-                                              for t in state["talkgroups"]]
+                    return ("land", True) in [
+                        (t["name"], t["may_talk"]) for t in state["talkgroups"]
+                    ]
+
                 await until(sees_land, 3, "bob's page to be offered land")
                 # bob's password changes: his session ends at once, alice's does not.
                 new_hash = hash_password("bob-new-password")
-                reload_with(site, lambda t: t.replace(
-                    t.split("[console.operators.bob]\npassword_hash = ", 1)[1].split("\n", 1)[0],
-                    f'"{new_hash}"'))
+                reload_with(
+                    site,
+                    lambda t: t.replace(
+                        t.split("[console.operators.bob]\npassword_hash = ", 1)[1].split("\n", 1)[
+                            0
+                        ],
+                        f'"{new_hash}"',
+                    ),
+                )
                 while True:
                     msg = await ws.receive(timeout=3)
                     if msg.type != aiohttp.WSMsgType.TEXT:
@@ -149,11 +176,15 @@ def test_password_change_ends_sessions_and_new_rights_reach_open_pages(tmp_path)
                 assert ws.close_code == 4001
                 assert (await http.get(f"{base}/api/console/me")).status == 401
                 assert (await other.get(f"{base}/api/console/me")).status == 200
-                old = await http.post(f"{base}/api/console/login",
-                                      json={"operator": "bob", "password": PASSWORDS["bob"]})
+                old = await http.post(
+                    f"{base}/api/console/login",
+                    json={"operator": "bob", "password": PASSWORDS["bob"]},
+                )
                 assert old.status == 401
-                new = await http.post(f"{base}/api/console/login",
-                                      json={"operator": "bob", "password": "bob-new-password"})
+                new = await http.post(
+                    f"{base}/api/console/login",
+                    json={"operator": "bob", "password": "bob-new-password"},
+                )
                 assert new.status == 200
             ended = [r for r in site.audit_records() if r["event"] == "console_session_ended"]
             assert [(r["operator"], r["reason"]) for r in ended] == [("bob", "password changed")]

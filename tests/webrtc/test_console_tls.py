@@ -77,8 +77,10 @@ def test_login_over_https_sets_a_secure_cookie(tmp_path):
             connector = aiohttp.TCPConnector(ssl=trust)
             jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP address host
             async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as http:
-                r = await http.post(f"{base}/api/console/login",
-                                    json={"operator": "alice", "password": PASSWORDS["alice"]})
+                r = await http.post(
+                    f"{base}/api/console/login",
+                    json={"operator": "alice", "password": PASSWORDS["alice"]},
+                )
                 assert r.status == 200
                 cookie = r.headers["Set-Cookie"]
                 attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
@@ -113,11 +115,13 @@ def test_chromium_uses_the_console_over_https(tmp_path):
             await page.locator("#link").filter(has_text="connected").wait_for(timeout=5000)
             site.radio().open_squelch(True)  # who-is-talking over wss:, audio over DTLS-SRTP
             await page.wait_for_function(
-                "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=5000)
+                "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=5000
+            )
 
             async def hears_radio():
                 m = await page.evaluate("borderlink.measure('marine')")
                 return m and abs(m["peakHz"] - RADIO_TONE_HZ) < 12 and m["rmsDbfs"] > -30
+
             await until(hears_radio, 8, "the page to hear the radio's 700 Hz over https")
 
     run(scenario())
