@@ -55,7 +55,9 @@ class AccountConfig(Model):
         None, description="default: what the registrar URI says, else udp"
     )
     expires: Duration = 300.0
-    keepalive: Duration = 30.0
+    keepalive: Duration = Field(
+        5.0, description="REGISTER this often: a registrar that restarted knows us again"
+    )
 
     @field_validator("registrar")
     @classmethod
@@ -94,6 +96,13 @@ class AccountConfig(Model):
     def _expires_sane(cls, value: float) -> float:
         if not 10 <= value <= 86400:
             raise ValueError("expires must be between '10s' and '24h'")
+        return value
+
+    @field_validator("keepalive")
+    @classmethod
+    def _keepalive_sane(cls, value: float) -> float:
+        if not 1 <= value <= 3600:
+            raise ValueError("keepalive must be between '1s' and '1h' ('5s' is usual)")
         return value
 
 

@@ -1,11 +1,19 @@
 """Keep one extension registered on a PBX, whatever the PBX does.
 
-REGISTER (pyVoIP builds it and answers the MD5 digest challenge), then refresh
-at half the granted expiry. Between refreshes an OPTIONS keepalive checks that
-the registrar is still there: a registrar that stopped answering and then
-answers again has probably restarted and forgotten us, so we register again at
-once instead of waiting for the refresh. Failures retry with backoff (1 s
-doubling to 60 s) forever — pyVoIP's own loop gives up after three.
+pyVoIP builds the REGISTER and answers the MD5 digest challenge. The binding is
+refreshed every ``keepalive`` (5 s by default, sooner if half the granted expiry
+is shorter), and that REGISTER is the keepalive. Why not an OPTIONS ping between
+rare refreshes: a registrar that restarts forgets its bindings, and a restart can
+be quicker than any ping interval (kamailio is back within a second), so a ping
+may never notice. A REGISTER both asks "do you know us?" and answers it: a
+restart, however short, is repaired at the next refresh, within ``keepalive`` of
+the registrar answering again. The cost is two small transactions per account
+per ``keepalive`` (the digest round included).
+
+A REGISTER that gets no answer (or a 5xx) is tried again after ``keepalive`` at
+most; one the registrar refuses (401 again: a wrong password, 403, 404) backs
+off from 1 s doubling to 60 s, so a wrong password does not hammer the PBX or
+trip its brute-force guard. Forever: pyVoIP's own loop gives up after three.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import re
 
 from gateway.sip.config import AccountConfig
 from gateway.sip.pyvoip import Dialect, SIPMessage
-from gateway.sip.transport import SipTransport, Source, new_call_id, new_tag
+from gateway.sip.transport import SipTransport, Source
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,7 @@ class Registration:
         self.timeout = timeout
         host, port, kind = account.next_hop
         self.registrar = (host, port)
-        self.peer = Source(self.registrar, kind)  # REGISTER and OPTIONS go over its transport
+        self.peer = Source(self.registrar, kind)  # REGISTER goes over its transport
         self.dialect = Dialect(
             host,
             port,
@@ -57,9 +65,8 @@ class Registration:
         self.registrations = 0  # successful REGISTER transactions (refreshes included)
         self.failures = 0
         self.last_error = ""
+        self.last_status: int | None = None  # of the last failed REGISTER; None: no answer
         self._task: asyncio.Task | None = None
-        self._options_call_id = new_call_id(address)
-        self._options_cseq = 0
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -73,72 +80,35 @@ class Registration:
             await self._register(deregister=True)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         backoff = RETRY_FIRST
+        failing_since: float | None = None
         while True:
             granted = await self._register()
             if granted is None:
                 self.registered.clear()
                 self.failures += 1
-                log.warning(
-                    "SIP account %s: registration failed (%s); retry in %.0fs",
-                    self.name,
-                    self.last_error,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
+                refused = self.last_status is not None and self.last_status < 500
+                delay = backoff if refused else min(backoff, self.account.keepalive)
+                if failing_since is None:  # once per outage: a dead PBX must not flood the log
+                    failing_since = loop.time()
+                    log.warning("SIP account %s: registration failed (%s); trying again %s",
+                                self.name, self.last_error,
+                                "with backoff to 60s" if refused
+                                else f"every {self.account.keepalive:.0f}s")  # fmt: skip
+                await asyncio.sleep(delay)
                 backoff = min(backoff * 2, RETRY_MAX)
                 continue
             backoff = RETRY_FIRST
             if not self.registered.is_set():
-                log.info(
-                    "SIP account %s registered at %s:%s for %.0fs",
-                    self.name,
-                    *self.registrar,
-                    granted,
-                )
+                log.info("SIP account %s registered at %s:%s for %.0fs%s", self.name,
+                         *self.registrar, granted,
+                         "" if failing_since is None
+                         else f" (after {loop.time() - failing_since:.1f}s failing)")  # fmt: skip
+            failing_since = None
             self.registered.set()
             self.registrations += 1
-            await self._hold(granted)
-
-    async def _hold(self, granted: float) -> None:
-        """Wait until the refresh is due, or until the registrar comes back from an outage."""
-        loop = asyncio.get_running_loop()
-        refresh_at = loop.time() + max(granted / 2, 1.0)
-        interval = min(self.account.keepalive, max(granted / 2, 1.0))
-        lost = False
-        while loop.time() < refresh_at:
-            await asyncio.sleep(min(interval, max(0.0, refresh_at - loop.time())))
-            if loop.time() >= refresh_at:
-                return
-            alive = await self._keepalive()
-            if not alive and not lost:
-                lost = True
-                self.registered.clear()
-                log.warning(
-                    "SIP account %s: registrar %s:%s stopped answering", self.name, *self.registrar
-                )
-            elif alive and lost:
-                log.info("SIP account %s: registrar is back; registering again", self.name)
-                return
-
-    async def _keepalive(self) -> bool:
-        self._options_cseq += 1
-        host, port = self.registrar
-        user = self.account.username
-        lines = [
-            f"OPTIONS sip:{host}:{port} SIP/2.0",
-            self.transport.via(self.peer, self.address),
-            "Max-Forwards: 70",
-            f"From: <sip:{user}@{host}>;tag={new_tag()}",
-            f"To: <sip:{host}:{port}>",
-            f"Call-ID: {self._options_call_id}",
-            f"CSeq: {self._options_cseq} OPTIONS",
-            "Content-Length: 0",
-        ]
-        response = await self.transport.request(
-            "\r\n".join(lines) + "\r\n\r\n", self.peer, min(self.timeout, 4.0)
-        )
-        return response is not None
+            await asyncio.sleep(min(self.account.keepalive, max(granted / 2, 1.0)))
 
     async def _register(self, deregister: bool = False) -> float | None:
         """One REGISTER transaction (with the digest round); the granted expiry, or None."""
@@ -148,13 +118,16 @@ class Registration:
             answer = self.dialect.answer_challenge(response, deregister=deregister)
             response = await self.transport.request(answer, self.peer, self.timeout)
             if response is not None and int(response.status) == 401:
+                self.last_status = 401
                 self.last_error = "401 again: wrong username or password"
                 return None
         if response is None:
+            self.last_status = None
             self.last_error = "no answer"
             return None
         status = int(response.status)
         if status != 200:
+            self.last_status = status
             self.last_error = f"{status} {response.status.phrase}"
             return None
         return self._granted(response)

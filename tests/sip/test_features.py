@@ -90,7 +90,7 @@ def test_registrar_restart_gateway_registers_again_by_itself(kamailio, phones, t
             await asyncio.wait_for(account.registered.wait(), 5)
             first = account.registrations
             kamailio.stop()
-            await until(lambda: not account.registered.is_set(), 10, "the outage to be noticed")
+            await until(lambda: not account.registered.is_set(), 15, "the outage to be noticed")
             kamailio.start()  # same port, empty location table
             await until(
                 lambda: account.registrations > first and account.registered.is_set(),
