@@ -11,12 +11,12 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from gateway.clock import MediaClock, PhaseLock
-from gateway.config import ConfigError, PortConfig, SiteConfig, load_config
+from gateway.config import ConfigError, PortConfig, SiteConfig, describe_changes, load_config
 from gateway.engine import Engine, Event
 from gateway.ports import Port, build_port
 
@@ -24,7 +24,18 @@ log = logging.getLogger(__name__)
 
 
 class Service(Protocol):
-    """Something that runs beside the engine: web console, SIP stack, MQTT, metrics."""
+    """Something that runs beside the engine: web console, SIP stack, MQTT, metrics.
+
+    A service whose section can change live also has (both optional, both called
+    on the event loop):
+
+    - ``refuse_reload(new: SiteConfig) -> str``: why ``new`` cannot be applied
+      without a restart, "" when it can. Asked before anything changes, so a
+      refused reload leaves the whole running config in force.
+    - ``reconfigure(new: SiteConfig) -> None``: make the service match ``new``;
+      called between two ticks, right after the engine took the new ports and
+      talkgroups. Must not block: slow work (BYE, REGISTER) goes in tasks.
+    """
 
     async def start(self) -> None: ...
 
@@ -55,6 +66,7 @@ def section_service(section: str, missing: str = "") -> Callable[[type], type]:
             if config is None:
                 if missing:
                     log.warning(missing)
+                gateway.sections_off.add(section)
                 return None
             service = cls(gateway, config)
             setattr(gateway, section, service)
@@ -69,10 +81,19 @@ def section_service(section: str, missing: str = "") -> Callable[[type], type]:
 @dataclass
 class ReloadResult:
     ok: bool
-    added: list[str]
+    added: list[str]  # ports
     removed: list[str]
     changed: list[str]
     error: str = ""
+    changes: list[str] = field(default_factory=list)  # the rest: "sip: routes +7001 -6001"
+
+    @property
+    def summary(self) -> str:
+        """``ports +d ~c; sip: routes +7001 -6001, accounts ~marine`` (the log line's)."""
+        ports = [f"+{n}" for n in self.added] + [f"-{n}" for n in self.removed]
+        ports += [f"~{n}" for n in self.changed]
+        parts = ([f"ports {' '.join(ports)}"] if ports else []) + self.changes
+        return "; ".join(parts) or "nothing changed"
 
 
 class Gateway:
@@ -86,6 +107,7 @@ class Gateway:
         self.services: list[Service] = []
         # Set by their services when the config has the section (see section_service).
         self.web = self.sip = self.mqtt = self.audit = None
+        self.sections_off: set[str] = set()  # sections absent at start: their service is off
         self._stop = asyncio.Event()
         self._reloading = asyncio.Lock()  # one live reload at a time
         self._reloads: set[asyncio.Task] = set()
@@ -155,6 +177,9 @@ class Gateway:
 
     def apply(self, new: SiteConfig) -> ReloadResult:
         """Apply an already validated config (blocking, like :meth:`reload`)."""
+        refusal = self._refusal(new)
+        if refusal is not None:
+            return refusal
         plan = self._plan(new)
         result, retired = self._swap(new, plan, self._open_ports(plan))
         _close_all(retired)
@@ -168,11 +193,25 @@ class Gateway:
         except ConfigError as exc:
             log.error("reload refused, the running config stays in force:\n%s", exc)
             return ReloadResult(False, [], [], [], str(exc))
+        return self._refusal(new) or new
+
+    def _refusal(self, new: SiteConfig) -> ReloadResult | None:
+        """The refusal (logged) of what cannot change live, or None."""
+        reasons = []
         if new.timing != self.config.timing:
-            message = f"{path}: timing (frame, rate) cannot change live; restart the gateway"
-            log.error("reload refused: %s", message)
-            return ReloadResult(False, [], [], [], message)
-        return new
+            reasons.append("timing (frame, rate) cannot change live")
+        for section in sorted(self.sections_off):
+            if new.section(section) is not None:
+                reasons.append(f"[{section}] was added; its service starts with the gateway")
+        for service in self.services:
+            refuse = getattr(service, "refuse_reload", None)
+            if refuse is not None and (reason := refuse(new)):
+                reasons.append(reason)
+        if not reasons:
+            return None
+        message = f"{new.source or 'config'}: {'; '.join(reasons)}; restart the gateway"
+        log.error("reload refused, the running config stays in force: %s", message)
+        return ReloadResult(False, [], [], [], message)
 
     def _plan(self, new: SiteConfig) -> _Plan:
         old = self.config.ports
@@ -205,10 +244,18 @@ class Gateway:
         dynamic = [p for p in dynamic if p.name in engine.attached]
         engine.configure([*ports.values(), *dynamic], new.talkgroups, new.patches)
         self.ports = ports
+        changes = describe_changes(self.config, new)
         self.config = new
-        log.info("config applied: %d added, %d removed, %d changed", len(plan.added),
-                 len(plan.removed), len(plan.changed))  # fmt: skip
-        return ReloadResult(True, plan.added, plan.removed, plan.changed), retired
+        for service in self.services:
+            reconfigure = getattr(service, "reconfigure", None)
+            if reconfigure is not None:
+                try:
+                    reconfigure(new)
+                except Exception:  # the rest of the site has changed: say so, loudly
+                    log.exception("%s did not take the new config", type(service).__name__)
+        result = ReloadResult(True, plan.added, plan.removed, plan.changed, changes=changes)
+        log.info("config applied: %s", result.summary)
+        return result, retired
 
     # --- run ------------------------------------------------------------------------
 

@@ -182,6 +182,40 @@ class SiteConfig:
         return None
 
 
+def describe_changes(old: SiteConfig, new: SiteConfig) -> list[str]:
+    """What a reload changes, beyond ports, in words for its log line and result.
+
+    ``["talkgroups +tg2", "sip: routes +7001 -6001 ~8001, accounts ~marine"]``: a
+    table of named entries says which names came, went or changed; any other key
+    just its name. Names only, never values: a new password shows as ``~marine``.
+    One function for every section, so a service need not report its own changes.
+    """
+    out = [f"{table} {words}" for table in ("talkgroups", "patches")
+           if (words := _named_changes(getattr(old, table), getattr(new, table)))]  # fmt: skip
+    for name in [*new.sections, *(n for n in old.sections if n not in new.sections)]:
+        before, after = old.section(name), new.section(name)
+        if before == after:
+            continue
+        if before is None or after is None:
+            out.append(f"{name}: {'added' if before is None else 'removed'}")
+            continue
+        keys = []
+        for key in type(after).model_fields:
+            a, b = getattr(before, key), getattr(after, key)
+            if a != b:
+                both_tables = isinstance(a, dict) and isinstance(b, dict)
+                keys.append(f"{key} {_named_changes(a, b)}" if both_tables else key)
+        out.append(f"{name}: {', '.join(keys)}")
+    return out
+
+
+def _named_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    words = [f"+{k}" for k in new if k not in old]
+    words += [f"-{k}" for k in old if k not in new]
+    words += [f"~{k}" for k in new if k in old and old[k] != new[k]]
+    return " ".join(words)
+
+
 @dataclass
 class Problem:
     path: str

@@ -70,6 +70,7 @@ class Dialog:
     target: str  # the peer's Contact: where in-dialog requests go (Request-URI)
     peer: Source  # the next hop (the proxy, or the phone itself), and over which transport
     incoming: bool
+    route: str = ""  # the [sip.routes] entry an incoming call was answered under
     leg: SipLeg | None = None
     cseq: int = 1
     answer: bytes = b""  # our 200 OK, resent on INVITE retransmissions until ACK
@@ -96,6 +97,7 @@ class CallManager:
         self.bank = bank
         self.address = address
         self.dialogs: dict[str, Dialog] = {}
+        self._loop = asyncio.get_running_loop()
         self.rejected: dict[int, int] = {}
         self.calls_total = 0
         self._names = 0
@@ -217,6 +219,7 @@ class CallManager:
             target=contact_uri(headers.get("Contact", "")) or request_uri,
             peer=source,
             incoming=True,
+            route=name,
         )
         dtmf = DTMF_TYPE if offer.dtmf_type is not None else None
         dtmf_in = offer.dtmf_type
@@ -318,11 +321,20 @@ class CallManager:
         return leg
 
     def _closed_by_site(self, leg: SipLeg) -> None:
-        """A reload removed the leg's talkgroup: say goodbye to the caller."""
+        """A reload removed the leg's talkgroup: say goodbye to the caller.
+
+        Called where the site closes its ports (a worker thread, on a live reload)."""
+        self._loop.call_soon_threadsafe(self._talkgroup_gone, leg)
+
+    def _talkgroup_gone(self, leg: SipLeg) -> None:
         for dialog in list(self.dialogs.values()):
             if dialog.leg is leg:
-                log.info("call %s: its talkgroup was removed; hanging up", leg.name)
-                self._spawn(self.hangup(dialog))
+                self.hang_up_soon(dialog, "its talkgroup was removed")
+
+    def hang_up_soon(self, dialog: Dialog, why: str) -> None:
+        """BYE in a task of ours (a reload cannot wait for the answer); logged with why."""
+        log.info("call %s: %s; hanging up", dialog.leg.name if dialog.leg else dialog.call_id, why)
+        self._spawn(self.hangup(dialog))
 
     def _end(self, dialog: Dialog) -> None:
         self.dialogs.pop(dialog.call_id, None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from cryptography.hazmat.primitives import serialization
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -128,6 +128,15 @@ class RouteConfig(Model):
     name the caller wrote in a header.
     """
 
+    # How a caller talks, not where or whether: a reload that changes only these keys
+    # leaves the route's calls up under the terms they were answered with. Any other
+    # change (talkgroup, who may call: allow, public, pin, and keys added for caller
+    # authentication) ends them: they were let in under rules that no longer hold.
+    KEEPS_CALLS: ClassVar[frozenset[str]] = frozenset(
+        {"aliases", "priority", "pin_timeout", "ptt", "vox_threshold_dbfs", "vox_hang",
+         "dtmf_talk", "dtmf_release", "tot"}
+    )  # fmt: skip
+
     talkgroup: str
     priority: int = 0
     aliases: list[str] = []
@@ -201,6 +210,12 @@ class RouteConfig(Model):
                 "allow mean nothing here: remove public, or remove them"
             )
         return self
+
+    def keeps_calls_of(self, old: RouteConfig) -> bool:
+        """Whether calls answered under ``old`` may stay up when it becomes this route."""
+        return self.model_dump(exclude=set(self.KEEPS_CALLS)) == old.model_dump(
+            exclude=set(self.KEEPS_CALLS)
+        )
 
 
 class DialOutConfig(Model):
@@ -368,6 +383,23 @@ class SipConfig(Model):
             return None
         low, high = (int(p) for p in self.rtp_ports.split("-"))
         return low, high
+
+    def listener_changes(self, new: SipConfig) -> list[str]:
+        """Keys of ``new`` that move the SIP sockets or what they announce: the listen
+        addresses, the TLS identity (certificate, key, CA, pins), media ports and public
+        address. Only a restart applies them (every call's dialog and media are bound
+        to the old ones). Matched by name (``listen_*``, ``tls_*`` but the timeouts), so
+        keys added to the group later are in it as they come."""
+        return [
+            key
+            for key in type(new).model_fields
+            if (
+                key in ("listen", "public_address", "rtp_ports")
+                or key.startswith("listen_")
+                or (key.startswith("tls_") and not key.endswith("_timeout"))
+            )
+            and getattr(self, key) != getattr(new, key)
+        ]
 
     def route_for(self, number: str) -> tuple[str, RouteConfig] | None:
         for name, route in self.routes.items():

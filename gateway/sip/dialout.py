@@ -59,6 +59,8 @@ class DialOut:
             self._task.cancel()
             with contextlib.suppress(BaseException):  # cancelled on purpose
                 await self._task
+        if self.dialog is not None:  # the patch is gone (reload, shutdown): so is its call
+            await self.calls.hangup(self.dialog)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

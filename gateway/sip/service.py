@@ -3,6 +3,14 @@
 It owns the pieces and wires them to the engine's clock: the leg bank receives
 every call's audio just before each tick and sends it just after, so SIP media
 runs on the engine's clock and nothing else paces it.
+
+A reload changes what SIP does, never where it listens: routes, accounts,
+dial-outs, limits and timers apply at once (:meth:`SipService.reconfigure`); a
+new listen address, TLS file, media port range or public address is refused
+with "restart the gateway" (:meth:`SipService.refuse_reload`), because every
+call's dialog and media are bound to the sockets it started on. A reload that
+deletes ``[sip]`` ends every call, registration and dial-out; the socket stays
+open (answering 404) until the next restart.
 """
 
 from __future__ import annotations
@@ -10,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.app import section_service
+from gateway.config import Model, SiteConfig
 from gateway.sip.bank import LegBank
 from gateway.sip.calls import CallManager
-from gateway.sip.config import SipConfig, split_hostport
+from gateway.sip.config import AccountConfig, SipConfig, split_hostport
 from gateway.sip.dialout import DialOut
 from gateway.sip.registration import Registration
 from gateway.sip.stream import Limits, TlsFiles
@@ -27,6 +36,14 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 log = logging.getLogger(__name__)
+
+
+class _Runner(Protocol):
+    """A registration or a dial-out: started once, stopped once."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> Awaitable[None]: ...
 
 
 def install_tick_hooks(
@@ -97,6 +114,7 @@ class SipService:
         self._uninstall: Callable[[], None] | None = None
         self._blas_limit = None
         self._certificate = None  # the site's TLS certificate, for its expiry metric
+        self._tasks: set[asyncio.Task] = set()  # reload work: unregister, redial, ...
 
     def _on_request(self, message, raw, source: Source) -> None:  # noqa: ANN001 - pass-through
         if self.calls is not None:
@@ -137,16 +155,13 @@ class SipService:
         self._uninstall = install_tick_hooks(
             self.gateway, _guarded("receive", self.bank.receive), _guarded("send", self.bank.send)
         )
+        self._address = address
         for name, account in self.config.accounts.items():
-            registration = Registration(
-                name, account, self.transport, address, self.config.transaction_timeout
-            )
-            registration.start()
-            self.registrations[name] = registration
+            self.registrations[name] = self._registration(name, account)
+            self.registrations[name].start()
         for name, entry in self.config.dial_out.items():
-            dial_out = DialOut(name, entry, self.calls, self.gateway.engine)
-            dial_out.start()
-            self.dial_outs[name] = dial_out
+            self.dial_outs[name] = DialOut(name, entry, self.calls, self.gateway.engine)
+            self.dial_outs[name].start()
         streams = self.transport.streams.ports
         log.info(
             "SIP on %s (%d accounts, %d routes, %d dial-outs)",
@@ -161,16 +176,7 @@ class SipService:
     async def _open_streams(self) -> None:
         """TCP/TLS listeners, with the caps on what strangers may open and send."""
         config = self.config
-        limits = Limits(
-            max_message=config.max_message_bytes,
-            max_header=config.max_header_bytes,
-            idle_timeout=config.connection_idle_timeout,
-            message_timeout=config.message_timeout,
-            handshake_timeout=config.tls_handshake_timeout,
-            max_connections=config.max_connections,
-            max_per_address=config.max_connections_per_address,
-            rate_per_address=config.max_connection_rate_per_address,
-        )
+        limits = _limits(config)
         files = TlsFiles(
             config.tls_certificate, config.tls_key, config.tls_ca, frozenset(config.tls_pins)
         )
@@ -181,6 +187,82 @@ class SipService:
             if where:
                 listen[kind] = split_hostport(where)
         await self.transport.open_streams(limits, files, listen)
+
+    def _registration(self, name: str, account: AccountConfig) -> Registration:
+        return Registration(
+            name, account, self.transport, self._address, self.config.transaction_timeout
+        )
+
+    # --- reload ------------------------------------------------------------------------
+
+    def refuse_reload(self, new: SiteConfig) -> str:
+        """Why ``new`` needs a restart ("" when it does not): the sockets stay as started."""
+        sip = new.section("sip")
+        moved = self.config.listener_changes(sip) if sip is not None else []
+        if moved:
+            return f"[sip] {', '.join(moved)} changed: SIP sockets move only at a restart"
+        return ""
+
+    def reconfigure(self, new: SiteConfig) -> None:
+        """Routes, accounts, dial-outs, limits and timers of ``new``, from now on.
+
+        Runs between two ticks, after the engine took the new talkgroups. New calls
+        are routed by the new config at once (the call manager reads it per call).
+        Calls on an unchanged route are not touched; on a removed route, or one whose
+        talkgroup or callers changed, they get BYE; calls on a route whose other
+        terms changed (VOX, PTT keys, priority, TOT) keep the terms they were answered
+        with. Accounts and dial-outs that are new start, removed ones stop
+        (unregister, BYE), changed ones restart.
+        """
+        old = self.config
+        sip = new.section("sip") or old.model_copy(
+            update={"routes": {}, "accounts": {}, "dial_out": {}}
+        )
+        if sip == old or self.calls is None or self.bank is None:
+            return
+        self.config = self.calls.config = sip
+        self.bank.rtcp_ticks = max(1, round(sip.rtcp_interval / self.bank.frame_seconds))
+        self.transport.streams.limits = _limits(sip)  # read per connection and per check
+        for registration in self.registrations.values():
+            registration.timeout = sip.transaction_timeout
+        for dialog in list(self.calls.dialogs.values()):
+            if not dialog.incoming:
+                continue  # a dial-out's call goes with its dial-out (below)
+            route, before = sip.routes.get(dialog.route), old.routes.get(dialog.route)
+            if route is None:
+                self.calls.hang_up_soon(dialog, f"route {dialog.route} was removed")
+            elif before is not None and not route.keeps_calls_of(before):
+                self.calls.hang_up_soon(
+                    dialog, f"route {dialog.route} changed its talkgroup or callers"
+                )
+        calls, engine = self.calls, self.gateway.engine
+        self._follow(old.accounts, sip.accounts, self.registrations, self._registration)
+        self._follow(old.dial_out, sip.dial_out, self.dial_outs,
+                     lambda name, entry: DialOut(name, entry, calls, engine))  # fmt: skip
+
+    def _follow(
+        self,
+        old: Mapping[str, Model],
+        new: Mapping[str, Model],
+        running: dict,
+        make: Callable[[str, Any], _Runner],
+    ) -> None:
+        """Start what is new, stop what is gone, restart what changed (old one stopped first:
+        an account re-registering must not have its new binding removed by the old one)."""
+        for name in [n for n in old if n not in new or new[n] != old[n]]:
+            runner = running.pop(name)
+            successor = None
+            if name in new:
+                successor = running[name] = make(name, new[name])
+            self._spawn(_replace(runner, successor))
+        for name in [n for n in new if n not in old]:
+            running[name] = make(name, new[name])
+            running[name].start()
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def stats(self) -> dict[str, object]:
         """For metrics: per-account registration state, and the signalling counters."""
@@ -223,6 +305,10 @@ class SipService:
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
 
     async def stop(self) -> None:
+        for task in list(self._tasks):  # a reload's restarts: what they started is below
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
         for dial_out in self.dial_outs.values():
             await dial_out.stop()
         if self.calls is not None:
@@ -237,3 +323,23 @@ class SipService:
         await self.transport.streams.close()
         if self.bank is not None:
             self.bank.close()
+
+
+async def _replace(old: _Runner, new: _Runner | None) -> None:
+    await old.stop()
+    if new is not None:
+        new.start()
+
+
+def _limits(config: SipConfig) -> Limits:
+    """The caps on TCP/TLS connections strangers may open and what they may send."""
+    return Limits(
+        max_message=config.max_message_bytes,
+        max_header=config.max_header_bytes,
+        idle_timeout=config.connection_idle_timeout,
+        message_timeout=config.message_timeout,
+        handshake_timeout=config.tls_handshake_timeout,
+        max_connections=config.max_connections,
+        max_per_address=config.max_connections_per_address,
+        rate_per_address=config.max_connection_rate_per_address,
+    )

@@ -142,7 +142,7 @@ def test_run_watch_applies_an_edited_file(tmp_path: Path) -> None:
     run = Running(config, "--watch")
     run.wait_for("ptt_on radio")
     config.write_text(SITE + '\n[ports.extra]\nkind = "simulated_radio"\n')
-    run.wait_for("config applied: 1 added, 0 removed, 0 changed")
+    run.wait_for("config applied: ports +extra")
     run.proc.send_signal(signal.SIGTERM)
     assert "closed 3 ports" in run.wait_for("shutdown:")
     assert run.proc.wait(timeout=10) == 0
