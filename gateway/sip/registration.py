@@ -78,6 +78,7 @@ class Registration:
                 await self._task
         if unregister and self.registered.is_set():
             await self._register(deregister=True)
+        self.registered.clear()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

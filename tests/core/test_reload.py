@@ -92,3 +92,23 @@ def test_bad_reload_is_refused_and_the_old_config_keeps_running(site: tuple[Gate
     for _ in range(3):
         gw.engine.tick()
     assert gw.ports["radio"].keyed
+
+
+def test_reload_summary_names_what_changed_in_every_section(site: tuple[Gateway, Path]) -> None:
+    """Not "0 changed" when a talkgroup or a console operator changed; names, never values."""
+    from gateway.webrtc.passwords import hash_password  # registers [console] too
+
+    gw, path = site
+    hashes = [hash_password(p) for p in ("first-secret", "second-secret", "bob-secret")]
+    console = '\n[console.operators.alice]\npassword_hash = "{}"\n'
+    path.write_text(SITE + console.format(hashes[0]))
+    assert gw.reload().summary == "console: added"
+    bob = f'\n[console.operators.bob]\npassword_hash = "{hashes[2]}"\n'
+    path.write_text(
+        SITE.replace('"a", "radio", "c"', '"a", "radio"') + console.format(hashes[1]) + bob
+    )
+    result = gw.reload()
+    assert result.ok and result.removed == []
+    assert result.changes == ["talkgroups ~tg", "console: operators +bob ~alice"]
+    assert result.summary == "talkgroups ~tg; console: operators +bob ~alice"
+    assert not any(h in result.summary for h in hashes)

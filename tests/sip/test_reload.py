@@ -125,3 +125,164 @@ def test_sighup_adds_and_removes_routes_and_a_call_on_a_kept_route_keeps_its_aud
     for when, first, last in (("before", tick - 75, tick - 5), ("after", tick + 5, tick + 150)):
         window = talkgroup[first * FRAME : last * FRAME]
         assert band_db(window, 16000, 600) > -30, f"the talkgroup did not hear the call {when}"
+
+
+def test_reload_registers_a_new_account_reregisters_a_changed_one_unregisters_a_removed_one(
+    kamailio, phones, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "site.toml"
+    before = site(tmp_path, kamailio.port)
+    land = f"""
+[sip.accounts.land]
+registrar = "127.0.0.1:{kamailio.port}"
+username = "6002"
+password = "s3cret"
+""" + NEW_ROUTE.format(number="6002", talkgroup="marine")
+    more = before.replace('expires = "60s"', 'expires = "120s"') + land
+    fewer = more.replace(more[more.index("[sip.accounts.marine]") :].split("\n\n")[0], "")
+    assert "[sip.accounts.marine]" not in fewer and "[sip.accounts.land]" in fewer
+    via_land = phones("vialand", tone(600, 6), registrar_port=kamailio.port)
+    via_marine = phones("viamarine", tone(600, 6), registrar_port=kamailio.port)
+
+    async def scenario() -> None:
+        async with running_site(path, before) as gw:
+            marine = gw.sip.registrations["marine"]
+            await asyncio.wait_for(marine.registered.wait(), 5)
+            line = await sighup(path, more, caplog)
+            assert line == "config applied: sip: accounts +land ~marine, routes +6002", line
+            land, remarine = gw.sip.registrations["land"], gw.sip.registrations["marine"]
+            assert remarine is not marine and remarine.account.expires == 120
+            await asyncio.wait_for(land.registered.wait(), 10)
+            await asyncio.wait_for(remarine.registered.wait(), 10)
+            via_land.start(dial=f"sip:6002@127.0.0.1:{kamailio.port}", seconds=3)
+            await until(lambda: legs(gw), 5, "a call to the new account's number")
+            await until(lambda: not legs(gw), 10, "that call to end")
+
+            line = await sighup(path, fewer, caplog)
+            assert line == "config applied: sip: accounts -marine", line
+            assert "marine" not in gw.sip.registrations
+            await until(lambda: not remarine.registered.is_set(), 10, "marine to unregister")
+            via_marine.start(dial=f"sip:6001@127.0.0.1:{kamailio.port}", seconds=3)
+            await until(
+                lambda: "404 Not Found" in via_marine.output(), 10, "the registrar to forget 6001"
+            )
+            assert land.registered.is_set() and not legs(gw)
+
+    run(scenario())
+
+
+def test_reload_refuses_a_new_listen_address_ends_calls_whose_route_changed_and_sip_removed(
+    phones, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "site.toml"
+    before = site(tmp_path, None)
+    moved = before.replace('listen = "127.0.0.1:', 'listen = "127.0.0.2:')
+    retargeted = before.replace(
+        '[sip.routes."6001"]\ntalkgroup = "marine"', '[sip.routes."6001"]\ntalkgroup = "quiet"'
+    )
+    head, sip_part = retargeted.split("[sip]\n")
+    no_sip = head + "".join(
+        part for part in sip_part.split("\n[") if not part.startswith(("sip", "listen"))
+    )
+    assert "[sip" not in no_sip
+    first = phones("first", tone(600, 14))
+    second = phones("second", tone(900, 14))
+    late = phones("late", tone(700, 6))
+
+    async def scenario() -> None:
+        async with running_site(path, before) as gw:
+            port = gw.sip.port
+            first.start(dial=f"sip:6001@127.0.0.1:{port}", seconds=12)
+            second.start(dial=f"sip:7001@127.0.0.1:{port}", seconds=12)
+            await until(lambda: len(legs(gw)) == 2, 10, "both calls")
+            calls = legs(gw)
+
+            path.write_text(moved)
+            result = await gw.reload_live()
+            assert not result.ok and "[sip] listen changed" in result.error, result.error
+            assert "restart the gateway" in result.error
+            assert legs(gw) == calls and gw.sip.config.listen.endswith(f":{port}")
+
+            path.write_text(retargeted)
+            result = await gw.reload_live()
+            assert result.ok and result.summary == "sip: routes ~6001", result.summary
+            await until(lambda: "Connection reset by peer" in first.output(), 5, "BYE to 6001")
+            assert [leg.name for leg in legs(gw)] == [calls[1].name], "7001's call must stay"
+
+            path.write_text(no_sip)
+            result = await gw.reload_live()
+            assert result.ok and result.summary == "sip: removed", result.summary
+            await until(lambda: "Connection reset by peer" in second.output(), 5, "BYE to 7001")
+            late.start(dial=f"sip:7001@127.0.0.1:{port}", seconds=4)
+            await until(lambda: "404 Not Found" in late.output(), 10, "7001 to be refused")
+            assert not legs(gw)
+
+    run(scenario())
+
+
+def test_reload_adding_sip_to_a_gateway_started_without_it_is_refused(tmp_path, caplog):
+    path = tmp_path / "site.toml"
+    with_sip = site(tmp_path, None)
+    without = with_sip.split("[sip]\n")[0]
+
+    async def scenario() -> None:
+        path.write_text(without)
+        gw = Gateway(load_config(path))
+        task = asyncio.ensure_future(gw.run())
+        try:
+            await until(lambda: task.done() or gw.engine.tick_count > 5, 5, "the gateway")
+            assert gw.sip is None
+            path.write_text(with_sip)
+            result = await gw.reload_live()
+            assert not result.ok and "[sip] was added" in result.error, result.error
+            assert "restart the gateway" in result.error and gw.config.section("sip") is None
+        finally:
+            gw.stop()
+            await asyncio.wait_for(task, 10)
+
+    run(scenario())
+
+
+def test_reload_starts_restarts_and_stops_a_dial_out(phones, tmp_path):
+    far = phones("duty", np.concatenate([np.zeros(RATE // 2), tone(700, 40)]))
+    far.start(seconds=40)  # answers whatever the gateway places
+    path = tmp_path / "site.toml"
+    before = site(tmp_path, None)
+    dial = f"""
+[sip.dial_out.duty_officer]
+talkgroup = "marine"
+uri = "{far.uri}"
+retry_min = "1s"
+retry_max = "2s"
+"""
+    calls_at_far = lambda: far.output().count("Call established")  # noqa: E731
+
+    async def scenario() -> None:
+        async with running_site(path, before) as gw:
+            path.write_text(before + dial)
+            result = await gw.reload_live()
+            assert result.summary == "sip: dial_out +duty_officer", result.summary
+            first = (await until(lambda: legs(gw), 8, "the dial-out call"))[0]
+            await until(lambda: first.stats()["packets_out"] > 150, 6, "3 s of the call")
+
+            path.write_text(before + dial.replace('retry_max = "2s"', 'retry_max = "3s"'))
+            result = await gw.reload_live()
+            assert result.summary == "sip: dial_out ~duty_officer", result.summary
+            dial_out = gw.sip.dial_outs["duty_officer"]
+            await until(lambda: dial_out.connects == 1, 10, "the changed dial-out to call again")
+            assert first not in legs(gw) and len(legs(gw)) == 1, "the old call must have ended"
+
+            path.write_text(before)
+            result = await gw.reload_live()
+            assert result.summary == "sip: dial_out -duty_officer", result.summary
+            await until(lambda: not legs(gw), 5, "the removed dial-out's call to end")
+            tick = gw.engine.tick_count
+            await until(lambda: gw.engine.tick_count > tick + 200, 10, "4 s")
+            assert not legs(gw) and not gw.sip.dial_outs, "a removed dial-out redialled"
+
+    run(scenario())
+    assert calls_at_far() == 2, far.output()[-2000:]
+    heard = far.heard(call=0)
+    assert abs(dominant_hz(heard[RATE : 2 * RATE], RATE) - 1000) < 15, "far end heard no radio"
