@@ -16,6 +16,7 @@ import logging
 from gateway.engine import Engine, Event
 from gateway.sip.calls import CallManager, Dialog
 from gateway.sip.config import DialOutConfig
+from gateway.sip.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,7 @@ class DialOut:
     async def stop(self) -> None:
         if self._on_event in self.engine.listeners:
             self.engine.listeners.remove(self._on_event)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):  # cancelled on purpose
-                await self._task
+        await cancel_and_wait(self._task)
         if self.dialog is not None:  # the patch is gone (reload, shutdown): so is its call
             await self.calls.hangup(self.dialog)
 

@@ -19,12 +19,12 @@ trip its brute-force guard. Forever: pyVoIP's own loop gives up after three.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 
 from gateway.sip.config import AccountConfig
 from gateway.sip.pyvoip import Dialect, SIPMessage
+from gateway.sip.tasks import cancel_and_wait
 from gateway.sip.transport import SipTransport, Source
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,7 @@ class Registration:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self, unregister: bool = True) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):  # cancelled on purpose
-                await self._task
+        await cancel_and_wait(self._task)
         if unregister and self.registered.is_set():
             await self._register(deregister=True)
         self.registered.clear()
