@@ -17,7 +17,9 @@ One tick of the bank, in the order it runs:
 3. :mod:`gateway.sip.bank_tx` — after the tick: resample, encode, build the RTP
    headers as columns and send every leg's packet with one ``sendmmsg``;
 4. :mod:`gateway.sip.bank_rtcp` — reports in (drained with the RTP) and out (after
-   the RTP), a few legs per tick.
+   the RTP), a few legs per tick;
+5. :mod:`gateway.sip.bank_srtp` — for calls with SRTP, at the edges of 1 and 3:
+   checked and decrypted right after the receive, protected right before the send.
 
 This module is what the three share: the rows (a call takes one, gives it back at
 hang-up), each row's codec and peer address, the sorted address table that finds a
@@ -44,6 +46,7 @@ from gateway.sip.bank_rx import (
     NO_PEER,
     ReceivePath,
 )
+from gateway.sip.bank_srtp import SrtpEdges
 from gateway.sip.bank_tx import ENCODE, SendPath
 from gateway.sip.columns import Columns
 from gateway.sip.jitter import JitterBank
@@ -51,6 +54,7 @@ from gateway.sip.mmsg import BatchReceiver, BatchSender, address_key, key_addres
 from gateway.sip.resample import BlockResampler
 from gateway.sip.rtcp import RtcpState
 from gateway.sip.rtp import PCMA, PCMU
+from gateway.sip.srtp import LegSrtp
 from gateway.sip.streams import StreamBank
 
 __all__ = ["DECODE", "ENCODE", "MALFORMED_KINDS", "LegBank", "LegMedia", "open_media_sockets"]
@@ -64,6 +68,7 @@ ROW_COLUMNS = (
     ("law", (), np.int64, 0),  # its row in DECODE/ENCODE
     ("dest", (), np.int64, NO_PEER),  # the peer's address key: where we send, whom we hear
     ("latched", (), bool, False),  # the peer has sent: `dest` is where it sends from
+    ("srtp", (), bool, False),  # SRTP agreed: packets protected and checked (bank_srtp)
 )
 
 
@@ -82,6 +87,7 @@ class LegMedia:
     event_ended: bool = True
     dtmf_out: list[str] = field(default_factory=list)
     dtmf_sending: tuple[str, int, int] | None = None  # digit, start ts, samples sent
+    srtp: LegSrtp | None = None  # the call's SRTP keys (SDES over TLS), else plain RTP
 
 
 def _open_udp(host: str, port: int) -> socket.socket:
@@ -124,7 +130,7 @@ def open_media_sockets(
     raise OSError(f"no free RTP/RTCP port pair in {where} on {host}; widen [sip] rtp_ports")
 
 
-class LegBank(ReceivePath, SendPath, RtcpReports, Columns, PortBank):
+class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
     """Rows of SIP media; the service calls :meth:`receive` before and :meth:`send` after a tick.
 
     The engine moves every leg's audio in and out with :meth:`read_frames` and
@@ -168,6 +174,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, Columns, PortBank):
         self.media: list[LegMedia | None] = []
         self.free: list[int] = []
         self.active = np.zeros(0, np.int64)  # rows in use, ascending
+        self.srtp_legs = 0  # legs with SRTP (bank_srtp runs only when there are some)
         self._keys = np.zeros(0, np.int64)  # peer address keys of the rows, sorted
         self._key_rows = np.zeros(0, np.int64)  # ... and their rows
         self.malformed = dict.fromkeys(MALFORMED_KINDS, 0)
@@ -205,6 +212,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, Columns, PortBank):
         self.streams.reset(row)
         self.payload_type[row] = media.payload_type
         self.law[row] = _LAWS[media.payload_type]
+        self.srtp[row] = media.srtp is not None
         self._tx_start(row)
         rtcp_remote = media.rtcp.remote
         if media.rtcp.mux:  # RFC 5761: reports travel with the RTP
@@ -224,6 +232,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, Columns, PortBank):
             return
         self.set_rtcp_remote(row, None)
         self.dest[row] = NO_PEER
+        self.srtp[row] = False
         self.media[row] = None
         self.free.append(row)
         self._update_tables()
@@ -240,6 +249,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, Columns, PortBank):
     def _update_tables(self) -> None:
         """Rows in use, and the sorted address table, after a leg came, went or latched."""
         self.active = np.array([i for i, m in enumerate(self.media) if m is not None], np.int64)
+        self.srtp_legs = int(self.srtp[self.active].sum())
         rows = self.active[self.dest[self.active] != NO_PEER]
         keys = self.dest[rows]
         order = np.argsort(keys, kind="stable")

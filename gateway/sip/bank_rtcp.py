@@ -6,6 +6,7 @@ packet format). They travel on the RTCP socket (RTP port + 1), or on the RTP por
 itself when the call agreed to ``a=rtcp-mux`` (RFC 5761; the receive path hands
 those over). Reports read off the RTCP port keep their kernel arrival time, so the
 round trip measured from the far end's LSR/DLSR echo does not include our tick.
+Calls with SRTP send and expect SRTCP (RFC 3711 §3.4), with the call's keys.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class RtcpReports:
     packets_out: np.ndarray
     payload_out: np.ndarray
     _k: int  # ticks since the bank started (spreads the legs' reports)
+    srtp: np.ndarray  # column: the leg is SRTP, its reports SRTCP (bank_srtp)
+    srtp_legs: int
 
     def _rtcp_open(self, sock: socket.socket, ticks: int, cname: str) -> None:
         """The RTCP socket (non-blocking, kernel timestamps); a report every ``ticks``."""
@@ -92,14 +95,22 @@ class RtcpReports:
 
     def _rtcp(self, data: bytes, key: int, row: int | None, arrival: float | None = None) -> None:
         """One compound RTCP packet from ``key`` (``row`` known when it came on the RTP port)."""
+        if row is None and self.srtp_legs:  # the RTCP port: an SRTP call's reports are SRTCP
+            data = self._srtcp_in(data, key)
+            if data is None:
+                return
         reports = parse_compound(data)
         if reports is None:
             self._count("rtcp", np.array([row]) if row is not None and row >= 0 else None)
             return
         if row is None or row < 0:
+            stray = row is not None  # came on the RTP port from nobody's address
             row = self._rtcp_row(key, reports[0].ssrc)
             if row < 0:
                 self._count("source")
+                return
+            if stray and self.srtp[row]:  # not checked with the call's key: not the call's
+                self._count("srtp_auth", np.array([row]))
                 return
         media = self.media[row]
         assert media is not None
@@ -110,6 +121,19 @@ class RtcpReports:
         now = time.time() if arrival is None else arrival
         for report in reports:
             state.heard(report, int(self.tx_ssrc[row]), now)
+
+    def _srtcp_in(self, data: bytes, key: int) -> bytes | None:
+        """A packet on the RTCP port, decrypted if it is for an SRTP call (None: dropped).
+
+        Its call is found as for plain RTCP (the SSRC is in the clear in SRTCP too)."""
+        row = self._rtcp_row(key, int.from_bytes(data[4:8], "big")) if len(data) >= 8 else -1
+        if row < 0 or not self.srtp[row]:
+            return data
+        media = self.media[row]
+        plain = media.srtp.unprotect_rtcp(data) if media and media.srtp else None
+        if plain is None:
+            self._count("srtp_auth", np.array([row]))
+        return plain
 
     def _rtcp_row(self, key: int, ssrc: int) -> int:
         """Which leg an RTCP packet on the RTCP port belongs to: by its source, else by SSRC."""
@@ -142,8 +166,12 @@ class RtcpReports:
             block = self._report_block(row, state.last_sr, state.dlsr(now))
             sender = (ntp, int(self.tx_ts[row]), int(self.packets_out[row]),
                       int(self.payload_out[row]))  # fmt: skip
-            packet = build_report(int(self.tx_ssrc[row]), self.cname, sender, block)
+            packet = self._protect_one(
+                row, build_report(int(self.tx_ssrc[row]), self.cname, sender, block), rtcp=True
+            )
             try:
+                if packet is None:
+                    raise OSError("SRTCP refused the report")
                 (self.sock if state.mux else self.rtcp_sock).sendto(packet, state.remote)
                 state.reports_out += 1
             except OSError:

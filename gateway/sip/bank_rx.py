@@ -5,6 +5,8 @@ Once per tick, before the engine mixes:
 * ``recvmmsg`` drains every queued datagram of the shared RTP port, up to 1024 per
   system call, each with the kernel's arrival time (``SO_TIMESTAMPNS``), so draining
   once per tick does not blur the jitter measurement;
+* packets of calls with SRTP are authenticated and decrypted in place first
+  (:mod:`gateway.sip.bank_srtp`);
 * the headers of the whole batch are read as NumPy columns: malformed packets are
   dropped and counted by kind, the sender is found by its source address (one
   sorted-table lookup for all), and the common packet — plain header, the agreed
@@ -56,6 +58,8 @@ MALFORMED_KINDS = (
     "event",  # a telephone-event that is not a DTMF key
     "source",  # from an address that is no call's peer (stray or spoofed)
     "rtcp",  # RTCP that does not parse (lengths past the end, not SR/RR first)
+    "srtp_auth",  # on an SRTP call: not authenticated by the call's key (forged, plain, cut)
+    "srtp_replay",  # on an SRTP call: a packet already received (replayed or duplicated)
 )
 
 # µ-law (row 0) and A-law (row 1) code → float sample: decoding is one gather.
@@ -85,6 +89,7 @@ class ReceivePath:
     receiver: BatchReceiver
     up: BlockResampler | None
     malformed: dict[str, int]  # dropped packets by kind (MALFORMED_KINDS)
+    srtp_legs: int  # legs with SRTP: their packets are checked first (bank_srtp)
     epoch_seconds: int
     _epoch_ns: int
     # Columns of this path (filled by the bank from _rx_columns).
@@ -178,6 +183,11 @@ class ReceivePath:
         """Check, demultiplex and account ``n`` received datagrams, all as columns."""
         length, truncated, source, arrival_ns = self.receiver.columns(n)
         data = self.receiver.data[:n]
+        if self.srtp_legs:  # SRTP calls' packets checked and decrypted in place (bank_srtp)
+            keep = self._unprotect_batch(data, length, truncated, source)
+            if keep is not None:  # the ones that failed are counted and gone
+                data, length, truncated = data[keep], length[keep], truncated[keep]
+                source, arrival_ns = source[keep], arrival_ns[keep]
         arrival = (arrival_ns - self._epoch_ns) * (CODEC_RATE * 1e-9)
         # One gather of the headers: the slots are 2 KiB apart, so every pass over a
         # column of `data` itself would miss the cache once per packet.

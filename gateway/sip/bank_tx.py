@@ -5,8 +5,9 @@ for a leg still ``muted`` waiting for its PIN).
 After the tick all legs are resampled to 8 kHz with one matrix product (each leg's
 resampling history sits just before its frame in ``tx_ext``: no joining copy),
 quantised and G.711-encoded with one table lookup, the RTP headers written as
-columns, and ``sendmmsg`` sends every leg's packet in one system call, to the
-address the phone sends from once it has sent (symmetric RTP).
+columns, SRTP calls' packets protected in place (:mod:`gateway.sip.bank_srtp`), and
+``sendmmsg`` sends every leg's packet in one system call, to the address the phone
+sends from once it has sent (symmetric RTP).
 
 A leg sending RFC 4733 DTMF toward its phone sends event packets instead of audio
 for those ticks, one at a time (rare). RTCP sender reports go out at the end of the
@@ -25,6 +26,7 @@ from gateway.sip.bank_rx import CODEC_RATE, HEADER_SIZE, NO_PEER
 from gateway.sip.columns import Column
 from gateway.sip.jitter import dense
 from gateway.sip.rtp import build_event, build_header
+from gateway.sip.srtp import TAG as SRTP_TAG
 
 if TYPE_CHECKING:
     import socket
@@ -58,6 +60,7 @@ class SendPath:
     sock: socket.socket
     sender: BatchSender
     down: BlockResampler | None
+    srtp_legs: int  # legs with SRTP: their packets are protected before the send (bank_srtp)
     # Columns of this path (filled by the bank from _tx_columns).
     tx_ext: np.ndarray
     tx: np.ndarray  # view: the frame part of tx_ext
@@ -129,12 +132,12 @@ class SendPath:
         n = self.codec_frame
         count = len(rows)
         size = HEADER_SIZE + n
-        packets = np.empty((count, size), np.uint8)
+        packets = np.empty((count, size + (SRTP_TAG if self.srtp_legs else 0)), np.uint8)
         laws = self.law[sel]
         if (laws == laws[0]).all():
-            packets[:, HEADER_SIZE:] = ENCODE[laws[0]].take(pcm.view(np.uint16))
+            packets[:, HEADER_SIZE:size] = ENCODE[laws[0]].take(pcm.view(np.uint16))
         else:
-            packets[:, HEADER_SIZE:] = ENCODE.reshape(-1).take(
+            packets[:, HEADER_SIZE:size] = ENCODE.reshape(-1).take(
                 pcm.view(np.uint16).astype(np.int64) + (laws * 65536)[:, None]
             )
         packets[:, 0] = 0x80
@@ -145,13 +148,21 @@ class SendPath:
         dest = self.dest[sel]
         busy = self.busy[sel]
         audio = (dest != NO_PEER) & ~busy
+        lengths = None
+        if self.srtp_legs:  # SRTP calls' packets protected in place (bank_srtp)
+            lengths = self._protect_batch(packets, rows, audio, size)
+            audio &= lengths > 0
         if audio.all():
-            ok = self.sender.send(packets, dest)
-            done = rows[ok]
+            ok = self.sender.send(packets, dest, lengths)
+            done, tried = rows[ok], rows
         else:
             pick = np.flatnonzero(audio)
-            ok = self.sender.send(np.ascontiguousarray(packets[pick]), dest[pick])
-            done = rows[pick[ok]]
+            ok = self.sender.send(
+                np.ascontiguousarray(packets[pick]),
+                dest[pick],
+                None if lengths is None else lengths[pick],
+            )
+            done, tried = rows[pick[ok]], rows[pick]
         if not ok.all():
             for row in rows[audio][~ok].tolist():
                 media = self.media[row]
@@ -161,7 +172,9 @@ class SendPath:
             media = self.media[row]
             if media is not None and media.remote is not None:
                 self._send_dtmf(row, media)
-        self.tx_seq[done] = (self.tx_seq[done] + 1) & 0xFFFF
+        # A packet the socket refused is lost on the way: its number is used (and SRTP
+        # must never protect two packets under one number).
+        self.tx_seq[tried] = (self.tx_seq[tried] + 1) & 0xFFFF
         self.tx_first[done] = False
         self.packets_out[done] += 1
         self.bytes_out[done] += size
@@ -196,13 +209,15 @@ class SendPath:
             header = build_header(
                 media.dtmf_type, sent == self.codec_frame, seq, start, int(self.tx_ssrc[row])
             )
-            packet = header + build_event(digit, end, sent)
+            packet = self._protect_one(row, header + build_event(digit, end, sent))
+            self.tx_seq[row] = (seq + 1) & 0xFFFF  # used even if lost (see _send)
             try:
+                if packet is None:
+                    raise OSError("SRTP refused the packet")
                 self.sock.sendto(packet, media.remote)
             except OSError:
                 media.send_errors += 1
                 continue
-            self.tx_seq[row] = (seq + 1) & 0xFFFF
             self.packets_out[row] += 1
             self.bytes_out[row] += len(packet)
             self.payload_out[row] += len(packet) - HEADER_SIZE

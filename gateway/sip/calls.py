@@ -4,11 +4,13 @@ Routing is the config's ``[sip.routes]``: the Request-URI user (or the To user)
 picks the route; :mod:`gateway.sip.admission` decides who may call it (digest
 challenge 401, refusal 403, caps 503) and a PIN route's caller is gated by
 :mod:`gateway.sip.pin`; an unknown number is refused with 404, an offer without
-G.711 with 488 — never a silent hang. Calls are answered straight away with 200 OK
-(no ringing delay) and become a :class:`~gateway.sip.leg.SipLeg` attached to the
-engine; they end on BYE from either side, and the gateway sends BYE to every call
-when it stops. Leg names carry the route, never the caller (``sip-6001#3``): the
-audit log is where a caller is named.
+G.711 with 488 — never a silent hang. SRTP (SDES keys in the SDP) is agreed only
+over TLS and as the route's ``srtp`` policy says; an offer the policy cannot take
+(plain under ``required``, keys over UDP) gets 488. Calls are answered straight
+away with 200 OK (no ringing delay) and become a :class:`~gateway.sip.leg.SipLeg`
+attached to the engine; they end on BYE from either side, and the gateway sends BYE
+to every call when it stops. Leg names carry the route, never the caller
+(``sip-6001#3``): the audit log is where a caller is named.
 """
 
 from __future__ import annotations
@@ -25,13 +27,30 @@ from gateway.config import Timing
 from gateway.engine import Engine
 from gateway.sip.admission import Admission, Refusal
 from gateway.sip.bank import LegBank, LegMedia
-from gateway.sip.config import DialOutConfig, RouteConfig, SipConfig
+from gateway.sip.config import (
+    DialOutConfig,
+    RouteConfig,
+    SipConfig,
+    SrtpPolicy,
+    split_hostport,
+    strictest,
+)
 from gateway.sip.leg import SipLeg, leg_config
 from gateway.sip.pin import gate_call
 from gateway.sip.pyvoip import SIPMessage
 from gateway.sip.rtcp import RtcpState
 from gateway.sip.rtp import CODEC_NAMES
-from gateway.sip.sdp import DTMF_TYPE, NAMES, MediaOffer, choose_codec, describe, read_offer
+from gateway.sip.sdp import (
+    AVP,
+    DTMF_TYPE,
+    NAMES,
+    SAVP,
+    MediaOffer,
+    choose_codec,
+    describe,
+    read_offer,
+)
+from gateway.sip.srtp import LegSrtp, accept_keys, new_crypto
 from gateway.sip.transport import (
     T1,
     Address,
@@ -199,6 +218,11 @@ class CallManager:
         if offer is None or codec is None:
             self._reject(raw, source, 488, "Not Acceptable Here", "no G.711 in the offer")
             return
+        policy = self._srtp_policy(route, request_uri, source)
+        peer_key, refusal = accept_keys(policy, source.transport, offer.savp, offer.crypto)
+        if refusal:
+            self._reject(raw, source, 488, "Not Acceptable Here", f"route {name}: {refusal}")
+            return
         if route.talkgroup not in self.engine.talkgroups:
             self._reject(
                 raw,
@@ -224,13 +248,23 @@ class CallManager:
         dtmf = DTMF_TYPE if offer.dtmf_type is not None else None
         dtmf_in = offer.dtmf_type
         pin = gate_call(self, dialog, name, route) if route.pin else None
+        ours = new_crypto(peer_key.tag) if peer_key else None
         leg = self._start_leg(
             f"sip-{name}", codec, dtmf_in, dtmf, offer, route.talkgroup, route.priority, route,
             on_pin=pin.press if pin else None,
+            srtp=LegSrtp(peer_key.key, ours.key) if peer_key and ours else None,
         )  # fmt: skip
         dialog.leg = leg
         self.dialogs[call_id] = dialog
-        body = describe(self.address, self.bank.port, [codec], dtmf_in, rtcp_mux=offer.rtcp_mux)
+        body = describe(
+            self.address,
+            self.bank.port,
+            [codec],
+            dtmf_in,
+            rtcp_mux=offer.rtcp_mux,
+            profile=offer.profile if ours else AVP,
+            crypto=ours,
+        )
         dialog.answer = self.transport.respond(
             raw,
             source,
@@ -241,12 +275,29 @@ class CallManager:
             body=body,
         )
         self._spawn(self._resend_until_ack(dialog, source))
-        log.info("call %s answered: %s on %s", leg.name, CODEC_NAMES[codec], route.talkgroup)
+        log.info(
+            "call %s answered: %s%s on %s",
+            leg.name,
+            CODEC_NAMES[codec],
+            " with SRTP" if ours else "",
+            route.talkgroup,
+        )
         self.audit(
             "sip_call", port=leg.name, route=name, talkgroup=route.talkgroup,
             caller=admitted.identity, auth=admitted.how, source=source.address[0],
-            pin="required" if pin else None,
+            pin="required" if pin else None, srtp=bool(ours),
         )  # fmt: skip
+
+    def _srtp_policy(self, route: RouteConfig, request_uri: str, source: Source) -> SrtpPolicy:
+        """The route's ``srtp``, with that of the account a call came through (the one whose
+        extension it was sent to, or whose registrar sent it): see :func:`strictest`."""
+        user = uri_user(request_uri)
+        accounts = [
+            account.srtp
+            for account in self.config.accounts.values()
+            if account.username == user or split_hostport(account.registrar) == source.address
+        ]
+        return strictest(route.srtp, *accounts)
 
     async def _resend_until_ack(self, dialog: Dialog, source: Source) -> None:
         interval = T1
@@ -270,6 +321,7 @@ class CallManager:
         priority: int,
         route: RouteConfig | DialOutConfig,
         on_pin: Callable[[str], None] | None = None,
+        srtp: LegSrtp | None = None,
     ) -> SipLeg:
         """Put a call's media in the bank and its Port on the engine (loop thread only).
 
@@ -284,6 +336,7 @@ class CallManager:
             dtmf_type=dtmf_in,
             remote=(offer.address, offer.port),
             rtcp=RtcpState((offer.address, rtcp_port), mux=offer.rtcp_mux),
+            srtp=srtp,
         )
         media.dtmf_type = dtmf_in if dtmf_in is not None else dtmf_out
         row = self.bank.add(media)
@@ -392,7 +445,20 @@ class CallManager:
             log.warning("dial-out to %s: not a URI the gateway can call", uri)
             return None
         codecs = [NAMES[c] for c in self.config.codecs]
-        body = describe(self.address, self.bank.port, codecs, DTMF_TYPE)
+        policy = getattr(entry, "srtp", "optional")
+        if policy == "required" and not destination.secure:
+            log.warning("dial-out to %s: SRTP required but the call would not go over TLS", uri)
+            return None
+        # Over TLS we offer SRTP (RTP/SAVP: the far end takes it or refuses the call).
+        ours = new_crypto() if destination.secure and policy != "off" else None
+        body = describe(
+            self.address,
+            self.bank.port,
+            codecs,
+            DTMF_TYPE,
+            profile=SAVP if ours else AVP,
+            crypto=ours,
+        )
         call_id = new_call_id(self.address)
         tag = new_tag()
         local_uri = f"<sip:{self.config.user}@{self.address}>"
@@ -442,6 +508,14 @@ class CallManager:
             log.warning("dial-out to %s: answer has no usable G.711; hanging up", uri)
             await self.hangup(dialog)
             return None
+        srtp = None
+        if ours is not None:  # the answer must carry its key under our offer's tag
+            peer_key = next((c for c in offer.crypto if c.tag == ours.tag), None)
+            if peer_key is None:
+                log.warning("dial-out to %s: answer has no SRTP key for our offer; hanging up", uri)
+                await self.hangup(dialog)
+                return None
+            srtp = LegSrtp(peer_key.key, ours.key)
         dialog.leg = self._start_leg(
             f"dialout-{talkgroup}",
             codec,
@@ -451,8 +525,9 @@ class CallManager:
             talkgroup,
             entry.priority,
             entry,
+            srtp,
         )
-        log.info("dial-out %s connected on %s", uri, talkgroup)
+        log.info("dial-out %s connected on %s%s", uri, talkgroup, " with SRTP" if srtp else "")
         return dialog
 
     def _ack(

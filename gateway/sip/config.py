@@ -21,6 +21,12 @@ from gateway.sip import tls
 from gateway.sip.transport import DEFAULT_PORTS, Source, uri_source
 from gateway.units import Duration
 
+SrtpPolicy = Literal["required", "optional", "off"]
+SRTP_DEFAULT: SrtpPolicy = "optional"  # why: config/README.md, [sip] "SRTP"
+_SRTP_FIELD = Field(
+    SRTP_DEFAULT,
+    description="SRTP with SDES keys, which travel only over TLS: required | optional | off",
+)
 _HOSTPORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 
 
@@ -58,6 +64,7 @@ class AccountConfig(Model):
     keepalive: Duration = Field(
         5.0, description="REGISTER this often: a registrar that restarted knows us again"
     )
+    srtp: SrtpPolicy = _SRTP_FIELD
 
     @field_validator("registrar")
     @classmethod
@@ -157,6 +164,7 @@ class RouteConfig(Model):
     dtmf_talk: str = Field("*", pattern=r"^[0-9*#A-D]$")
     dtmf_release: str = Field("#", pattern=r"^[0-9*#A-D]$")
     tot: Duration = 180.0
+    srtp: SrtpPolicy = _SRTP_FIELD
 
     @field_validator("users")
     @classmethod
@@ -234,6 +242,32 @@ class DialOutConfig(Model):
     ptt: Literal["vox", "dtmf"] = "vox"
     vox_threshold_dbfs: float = Field(-40.0, ge=-90, le=0)
     vox_hang: Duration = 0.8
+    srtp: SrtpPolicy = _SRTP_FIELD
+
+    @model_validator(mode="after")
+    def _srtp_needs_tls(self) -> DialOutConfig:
+        if self.srtp == "required" and not self.secure:
+            raise ValueError(
+                f"srtp = 'required' needs a TLS dial-out (SRTP keys travel in the SIP "
+                f"message): make the uri 'sips:{self.uri.split(':', 1)[1]}' or set "
+                "srtp = 'optional'"
+            )
+        return self
+
+    @property
+    def secure(self) -> bool:
+        """The URI asks for TLS all the way (``sips:``, or ``;transport=tls``)."""
+        return self.uri.lower().startswith("sips:") or ";transport=tls" in self.uri.lower()
+
+
+def strictest(*policies: SrtpPolicy) -> SrtpPolicy:
+    """The policy of a call that several entries speak for (a route, the account it came
+    through): ``required`` anywhere wins, then ``off`` (a deliberate choice for a device
+    that cannot do SRTP), else ``optional``."""
+    for policy in ("required", "off"):
+        if policy in policies:
+            return policy  # type: ignore[return-value]
+    return "optional"
 
     @field_validator("uri")
     @classmethod

@@ -183,8 +183,11 @@ class BatchSender:
         self.headers["iov"] = _address(self.iov) + np.arange(slots, dtype=np.uint64) * 16
         self.headers["iovlen"] = 1
 
-    def send(self, packets: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """Send ``packets[i]`` (C-contiguous uint8 rows) to address key ``keys[i]``.
+    def send(
+        self, packets: np.ndarray, keys: np.ndarray, lengths: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Send ``packets[i]`` (C-contiguous uint8 rows) to address key ``keys[i]``:
+        the whole row, or its first ``lengths[i]`` bytes.
 
         Returns which went out. The kernel stops a batch at the first failure; the
         failed datagram is skipped and the rest sent, so one unreachable phone
@@ -200,7 +203,7 @@ class BatchSender:
         self.names["port"][:count] = keys & 0xFFFF
         self.names["addr"][:count] = keys >> 16
         self.iov["base"][:count] = _address(packets) + np.arange(count, dtype=np.uint64) * size
-        self.iov["len"][:count] = size
+        self.iov["len"][:count] = size if lengths is None else lengths
         base = _address(self.headers)
         start = 0
         began = time.thread_time()

@@ -1,7 +1,8 @@
 """SDP offer/answer (RFC 3264) for one G.711 audio stream plus telephone-events.
 
 Only what a voice leg needs: pick the first codec of the offer we also speak,
-find the telephone-event payload type at 8 kHz, and describe our RTP socket.
+find the telephone-event payload type at 8 kHz, read the SDES keys of SRTP
+(``a=crypto``, RFC 4568, in the audio section), and describe our RTP socket.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 
 from gateway.sip.pyvoip import SIPMessage
 from gateway.sip.rtp import CODEC_NAMES, PCMA, PCMU
+from gateway.sip.srtp import Crypto, parse_crypto
 
 NAMES = {"pcmu": PCMU, "pcma": PCMA}
 DTMF_TYPE = 101
+AVP = "RTP/AVP"
+SAVP = "RTP/SAVP"  # SRTP (RFC 3711 §12): the answer must carry keys or the call fails
 _RTCP_PORT = re.compile(r"^a=rtcp:(\d{1,5})", re.M)
 _RTCP_MUX = re.compile(r"^a=rtcp-mux\s*$", re.M)
 
@@ -27,6 +31,13 @@ class MediaOffer:
     dtmf_type: int | None
     rtcp_port: int | None = None  # a=rtcp (RFC 3605); None: RTP port + 1
     rtcp_mux: bool = False  # a=rtcp-mux (RFC 5761): RTCP on the RTP port
+    profile: str = AVP  # the m= line's transport: RTP/AVP or RTP/SAVP
+    crypto: tuple[Crypto, ...] = ()  # a=crypto lines we can use, in the offerer's order
+    crypto_lines: int = 0  # a=crypto lines in all (usable or not)
+
+    @property
+    def savp(self) -> bool:
+        return self.profile.upper() == SAVP
 
 
 def read_offer(message: SIPMessage) -> MediaOffer | None:
@@ -54,6 +65,8 @@ def read_offer(message: SIPMessage) -> MediaOffer | None:
             payload_types.append(NAMES[name] if pt >= 96 else pt)
     text = bytes(getattr(message, "raw", b"")).split(b"\r\n\r\n", 1)[-1].decode("utf-8", "replace")
     rtcp = _RTCP_PORT.search(text)
+    profile, crypto_lines = _audio_section(text)
+    crypto = tuple(c for c in map(parse_crypto, crypto_lines) if c is not None)
     return MediaOffer(
         connections[0]["address"],
         int(audio["port"]),
@@ -61,7 +74,26 @@ def read_offer(message: SIPMessage) -> MediaOffer | None:
         dtmf,
         int(rtcp.group(1)) if rtcp else None,
         bool(_RTCP_MUX.search(text)),
+        profile,
+        crypto,
+        len(crypto_lines),
     )
+
+
+def _audio_section(text: str) -> tuple[str, list[str]]:
+    """The first audio m= line's transport and its ``a=crypto`` lines (media-level only)."""
+    profile, lines, inside = AVP, [], False
+    for line in text.splitlines():
+        if line.startswith("m="):
+            if inside:
+                break
+            fields = line[2:].split()
+            inside = len(fields) >= 3 and fields[0] == "audio"
+            if inside:
+                profile = fields[2]
+        elif inside and line[:9].lower() == "a=crypto:":
+            lines.append(line)
+    return profile, lines
 
 
 def choose_codec(offer: MediaOffer, ours: list[str]) -> int | None:
@@ -77,7 +109,10 @@ def describe(
     dtmf_type: int | None,
     session_id: int | None = None,
     rtcp_mux: bool = False,
+    profile: str = AVP,
+    crypto: Crypto | None = None,
 ) -> str:
+    """Our SDP: offer or answer. ``crypto``: our SDES key (only ever sent over TLS)."""
     session = session_id if session_id is not None else random.getrandbits(31)
     formats = [*payload_types, *([dtmf_type] if dtmf_type is not None else [])]
     lines = [
@@ -86,11 +121,13 @@ def describe(
         "s=BorderLink",
         f"c=IN IP4 {address}",
         "t=0 0",
-        f"m=audio {port} RTP/AVP {' '.join(str(f) for f in formats)}",
+        f"m=audio {port} {profile} {' '.join(str(f) for f in formats)}",
     ]
     lines += [f"a=rtpmap:{pt} {CODEC_NAMES[pt]}/8000" for pt in payload_types]
     if dtmf_type is not None:
         lines += [f"a=rtpmap:{dtmf_type} telephone-event/8000", f"a=fmtp:{dtmf_type} 0-15"]
+    if crypto is not None:
+        lines.append(crypto.attribute())
     lines += ["a=ptime:20", "a=sendrecv"]
     if rtcp_mux:  # only in an answer to an offer that asked for it
         lines.append("a=rtcp-mux")
