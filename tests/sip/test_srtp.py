@@ -1,0 +1,489 @@
+"""SRTP for SIP calls: SDES keys in SDP, only over TLS, per-route policy; the leg bank
+protects and checks every packet of an SRTP call, and drops (and counts) what fails.
+
+The far end here is a Python SRTP peer (pylibsrtp, the same C library but its own
+sessions and keys) on real sockets: it encrypts a tone into the real LegBank, decrypts
+what the bank sends, and keeps the bytes it saw on the wire to show they are not the
+G.711 of the tone. Policy is checked with real INVITEs over UDP from a raw socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+from gateway.codecs.g711 import ulaw_decode, ulaw_encode
+from pylibsrtp import Policy, Session
+from sip_peers import band_db, dominant_hz, run, running_gateway, until
+from test_calls import legs, site
+
+from gateway.config import ConfigError, parse_config
+from gateway.sip.bank import LegBank, LegMedia
+from gateway.sip.config import strictest
+from gateway.sip.pyvoip import parse
+from gateway.sip.rtcp import build_report, parse_compound
+from gateway.sip.sdp import read_offer
+from gateway.sip.srtp import SUITE, TAG, Crypto, LegSrtp, accept_keys, new_crypto, parse_crypto
+from gateway.sip.transport import Source
+
+RATE = 8000
+HEADER = struct.Struct("!BBHII")
+
+
+def ulaw_tone(hz: float, start: int, level: float = 0.3) -> bytes:
+    t = (start + np.arange(160)) / RATE
+    return ulaw_encode((level * 32767 * np.sin(2 * np.pi * hz * t)).astype(np.int16)).tobytes()
+
+
+def tone_share(x: np.ndarray, rate: int, hz: float) -> float:
+    """How much of the signal's power is the tone (dB): about 0 for the tone itself; for
+    the same bytes encrypted (noise over the whole band), the band's slice, about -17."""
+    return band_db(x, rate, hz) - 10 * float(np.log10(np.mean(x.astype(np.float64) ** 2)))
+
+
+def decode(payloads: list[bytes]) -> np.ndarray:
+    return ulaw_decode(np.frombuffer(b"".join(payloads), np.uint8)).astype(np.float32) / 32768
+
+
+class SrtpPeer:
+    """A phone's media end with its own SRTP sessions: sends a tone, keeps what it receives."""
+
+    def __init__(self, hz: float, srtp: bool = True) -> None:
+        self.hz = hz
+        self.rtp, self.rtcp = self._pair()
+        self.address = self.rtp.getsockname()
+        self.ours = new_crypto(1)  # the key this peer sends with (its SDP's a=crypto)
+        self.theirs: Crypto | None = None  # the gateway's key (its answer's a=crypto)
+        self.tx = Session(Policy(self.ours.key, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+        self.rx: Session | None = None
+        self.srtp = srtp
+        self.ssrc = secrets.randbits(32)
+        self.seq = secrets.randbits(16)
+        self.ts = secrets.randbits(32)
+        self.sent = 0
+        self.wire: list[bytes] = []  # every RTP datagram as it arrived
+        self.rtcp_wire: list[bytes] = []
+        self.history: list[bytes] = []  # packets we sent (for replays)
+
+    @staticmethod
+    def _pair() -> tuple[socket.socket, socket.socket]:
+        for _ in range(50):
+            rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            rtp.bind(("127.0.0.1", 0))
+            port = rtp.getsockname()[1]
+            if port % 2 == 0:
+                rtcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    rtcp.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    rtcp.close()
+                    rtp.close()
+                    continue
+                rtp.setblocking(False)
+                rtcp.setblocking(False)
+                return rtp, rtcp
+            rtp.close()
+        raise RuntimeError("no free RTP/RTCP port pair")
+
+    def keys(self, theirs: Crypto) -> None:
+        self.theirs = theirs
+        self.rx = Session(Policy(theirs.key, ssrc_type=Policy.SSRC_ANY_INBOUND))
+
+    def packet(self) -> bytes:
+        """The next 20 ms of tone as an RTP packet, SRTP-protected if this peer does SRTP."""
+        data = HEADER.pack(0x80, 0, self.seq & 0xFFFF, self.ts & 0xFFFFFFFF, self.ssrc)
+        data += ulaw_tone(self.hz, self.sent * 160)
+        self.seq += 1
+        self.ts += 160
+        self.sent += 1
+        return self.tx.protect(data) if self.srtp else data
+
+    def send(self, to: tuple[str, int]) -> None:
+        data = self.packet()
+        self.history.append(data)
+        self.rtp.sendto(data, to)
+
+    def drain(self) -> None:
+        for sock, into in ((self.rtp, self.wire), (self.rtcp, self.rtcp_wire)):
+            while True:
+                try:
+                    into.append(sock.recv(2048))
+                except BlockingIOError:
+                    break
+
+    def heard(self, last: int = 50) -> np.ndarray:
+        """What we received, decrypted with the gateway's key, decoded (the last packets)."""
+        assert self.rx is not None
+        return decode([self.rx.unprotect(p)[12:] for p in self.wire[-last:]])
+
+    def wire_audio(self, last: int = 50) -> np.ndarray:
+        """The bytes on the wire where G.711 would be, decoded as if they were."""
+        return decode([p[12 : 12 + 160] for p in self.wire[-last:]])
+
+    def close(self) -> None:
+        self.rtp.close()
+        self.rtcp.close()
+
+
+def paced_ticks(bank: LegBank, count: int, each) -> None:  # noqa: ANN001 - per-tick callback
+    """Run the bank's receive/send on an absolute 20 ms schedule (a media clock)."""
+    start = time.monotonic()
+    for k in range(count):
+        each(k, "before")
+        bank.receive()
+        each(k, "during")
+        bank.send()
+        each(k, "after")
+        time.sleep(max(0.0, start + (k + 1) * 0.02 - time.monotonic()))
+
+
+def tone16(hz: float, k: int, level: float = 0.3) -> np.ndarray:
+    t = (k * 320 + np.arange(320)) / 16000
+    return (level * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+# --- the media path, on the real bank ------------------------------------------------------
+
+
+def test_bank_protects_and_checks_srtp_beside_a_plain_call_and_drops_forgeries():
+    bank = LegBank(16000, 320, 0.02, capacity=4, rtcp_interval=0.5)
+    secure, plain = SrtpPeer(600), SrtpPeer(900, srtp=False)
+    gateway_key = new_crypto(1)
+    secure.keys(gateway_key)
+    row = bank.add(LegMedia(0, 101, secure.address, srtp=LegSrtp(secure.ours.key, gateway_key.key)))
+    plain_row = bank.add(LegMedia(0, 101, plain.address))
+    heard_by_gateway: list[np.ndarray] = []
+    to_bank = ("127.0.0.1", bank.port)
+
+    def tick(k: int, when: str) -> None:
+        if when == "before":
+            secure.send(to_bank)
+            plain.send(to_bank)
+            time.sleep(0.001)  # on the wire before the bank drains (loopback: microseconds)
+        elif when == "during":  # the engine's part: what each leg says, what it hears
+            heard_by_gateway.append(bank.rx[row].copy() if bank.talking[row] else np.zeros(320))
+            bank.tx[row] = tone16(1000, k)
+            bank.tx[plain_row] = tone16(1300, k)
+            bank.tx_has[[row, plain_row]] = True
+        else:
+            secure.drain()
+            plain.drain()
+
+    try:
+        paced_ticks(bank, 100, tick)
+        # The gateway heard the SRTP peer's 600 Hz at its level, decrypted.
+        said = np.concatenate(heard_by_gateway[-50:])
+        assert abs(dominant_hz(said, 16000) - 600) < 10
+        assert band_db(said, 16000, 600) > -17  # a 0.3 tone is -13.5 dB
+        # The SRTP peer hears 1000 Hz after decrypting with the gateway's key...
+        assert all(len(p) == 12 + 160 + TAG for p in secure.wire), "SRTP packets carry a tag"
+        heard = secure.heard()
+        assert abs(dominant_hz(heard, RATE) - 1000) < 10
+        clear = band_db(heard, RATE, 1000)
+        assert clear > -17
+        # ...and what crossed the wire is not the G.711 of that tone: decoded, it is noise.
+        assert tone_share(heard, RATE, 1000) > -1
+        assert tone_share(secure.wire_audio(), RATE, 1000) < -10, "the tone is on the wire"
+        # The plain call in the same batch is untouched: plain G.711 of its 1300 Hz.
+        assert all(len(p) == 172 for p in plain.wire)
+        plain_heard = decode([p[12:] for p in plain.wire[-50:]])
+        assert abs(dominant_hz(plain_heard, RATE) - 1300) < 10
+        # Reports are SRTCP: they open with the gateway's key and say what was sent.
+        reports = [parse_compound(secure.rx.unprotect_rtcp(p)) for p in secure.rtcp_wire]
+        assert reports and all(r and r[0].ssrc == int(bank.tx_ssrc[row]) for r in reports)
+        assert parse_compound(secure.rtcp_wire[-1]) is None, "a report readable without the key"
+
+        # Forgeries: a bad tag, a plain packet, a replay, junk: all dropped and counted.
+        before = dict(bank.malformed)
+        packets_before = int(bank.packets_in[row])
+        forged = bytearray(secure.packet())
+        forged[-1] ^= 0x01
+        secure.rtp.sendto(bytes(forged), to_bank)
+        secure.srtp = False
+        secure.rtp.sendto(secure.packet(), to_bank)  # plain RTP on an SRTP call
+        secure.srtp = True
+        secure.rtp.sendto(secure.history[-3], to_bank)  # replayed
+        secure.rtp.sendto(b"\x80\x00" + secrets.token_bytes(30), to_bank)
+        expected = {"srtp_auth": 3, "srtp_replay": 1}
+
+        def counted() -> dict[str, int]:
+            bank.receive()
+            return {k: v - before[k] for k, v in bank.malformed.items() if v != before[k]}
+
+        deadline = time.monotonic() + 5
+        while counted() != expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert counted() == expected
+        assert bank.media[row].malformed == 4
+        assert int(bank.packets_in[row]) == packets_before, "a forged packet was accepted"
+        assert bank.media[plain_row].malformed == 0
+        # SRTCP from the peer is read; a plain report on an SRTP call is not.
+        report = build_report(secure.ssrc, "peer@test", (0, 0, 1, 160), None)
+        secure.rtcp.sendto(secure.tx.protect_rtcp(report), ("127.0.0.1", bank.port + 1))
+        secure.rtcp.sendto(report, ("127.0.0.1", bank.port + 1))
+        deadline = time.monotonic() + 5
+        while bank.media[row].rtcp.reports_in < 1 and time.monotonic() < deadline:
+            bank.receive()
+            time.sleep(0.02)
+        assert bank.media[row].rtcp.reports_in == 1
+        assert bank.malformed["srtp_auth"] - before["srtp_auth"] == 4
+    finally:
+        bank.close()
+        secure.close()
+        plain.close()
+
+
+def test_a_phone_behind_nat_latches_an_srtp_call_only_with_its_key():
+    """A packet from another port of the phone's host moves the call's media only if it
+    authenticates: an attacker on that host without the key cannot take the audio."""
+    bank = LegBank(16000, 320, 0.02, capacity=4)
+    announced = SrtpPeer(600)  # the SDP's address; nothing is sent from it
+    phone, attacker = SrtpPeer(600), SrtpPeer(900)
+    gateway_key = new_crypto(1)
+    phone.ours = attacker.ours = announced.ours  # the phone's key is the SDP's...
+    phone.tx = Session(Policy(announced.ours.key, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+    attacker.tx = Session(Policy(new_crypto().key, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+    phone.keys(gateway_key)
+    row = bank.add(
+        LegMedia(0, 101, announced.address, srtp=LegSrtp(announced.ours.key, gateway_key.key))
+    )
+    to_bank = ("127.0.0.1", bank.port)
+    try:
+        for _ in range(3):
+            attacker.send(to_bank)  # ...the attacker's is not
+        deadline = time.monotonic() + 5
+        while bank.malformed["srtp_auth"] < 3 and time.monotonic() < deadline:
+            bank.receive()
+            time.sleep(0.02)
+        assert bank.malformed["srtp_auth"] == 3
+        assert not bank.latched[row] and bank.media[row].remote == announced.address
+        phone.send(to_bank)
+        deadline = time.monotonic() + 5
+        while not bank.latched[row] and time.monotonic() < deadline:
+            bank.receive()
+            time.sleep(0.02)
+        assert bank.latched[row] and bank.media[row].remote == phone.address
+    finally:
+        bank.close()
+        for peer in (announced, phone, attacker):
+            peer.close()
+
+
+# --- keys and policy ---------------------------------------------------------------------
+
+
+def test_crypto_lines_we_can_and_cannot_use():
+    key = secrets.token_bytes(30)
+    inline = __import__("base64").b64encode(key).decode()
+    good = parse_crypto(f"a=crypto:3 {SUITE} inline:{inline}")
+    assert good == Crypto(3, key)
+    assert parse_crypto(f"a=crypto:1 {SUITE} inline:{inline}|2^31") == Crypto(1, key)
+    assert parse_crypto(f"a=crypto:1 {SUITE} inline:{inline} WSH=64") == Crypto(1, key)
+    short = __import__("base64").b64encode(key[:20]).decode()
+    for bad in (
+        f"a=crypto:1 AES_CM_128_HMAC_SHA1_32 inline:{inline}",  # another suite
+        f"a=crypto:1 {SUITE} inline:{inline}|2^31|1:4",  # an MKI
+        f"a=crypto:1 {SUITE} inline:{inline};inline:{inline}",  # several keys
+        f"a=crypto:1 {SUITE} inline:{inline} UNENCRYPTED_SRTP",  # a downgrade
+        f"a=crypto:1 {SUITE} inline:{inline} KDR=10",
+        f"a=crypto:1 {SUITE} inline:{short}",  # too short
+        f"a=crypto:1 {SUITE} inline:{inline[:-2]}!!",  # not base64
+        f"a=crypto:x {SUITE} inline:{inline}",
+        "a=crypto:1",
+    ):
+        assert parse_crypto(bad) is None, bad
+    assert parse_crypto(good.attribute()) == good
+
+
+def test_policy_decides_by_transport_profile_and_keys():
+    key = (new_crypto(),)
+    cases = [
+        # policy, transport, SAVP, keys → SRTP?, refused?
+        ("required", "tls", True, key, True, False),
+        ("required", "tls", False, key, True, False),  # RTP/AVP with keys (best effort)
+        ("required", "tls", False, (), False, True),
+        ("required", "udp", True, key, False, True),
+        ("required", "tcp", False, (), False, True),
+        ("optional", "tls", True, key, True, False),
+        ("optional", "tls", True, (), False, True),  # SAVP without a usable key
+        ("optional", "tls", False, (), False, False),
+        ("optional", "udp", False, key, False, False),  # keys over UDP: ignored, plain
+        ("optional", "udp", True, key, False, True),  # SAVP over UDP cannot be answered
+        ("off", "tls", True, key, False, True),
+        ("off", "tls", False, key, False, False),
+    ]
+    for policy, transport, savp, offered, srtp, refused in cases:
+        chosen, reason = accept_keys(policy, transport, savp, offered)
+        assert (chosen is not None, bool(reason)) == (srtp, refused), (policy, transport, savp)
+    assert strictest("optional", "required", "off") == "required"
+    assert strictest("optional", "off") == "off"
+    assert strictest("optional") == "optional"
+
+
+def test_check_refuses_a_required_dial_out_without_tls():
+    toml = """
+[site]
+name = "x"
+country = "CA"
+
+[ports.radio1]
+kind = "simulated_radio"
+
+[talkgroups.marine]
+members = ["radio1"]
+
+[sip.dial_out.coast]
+talkgroup = "marine"
+uri = "sip:coast@192.0.2.7"
+srtp = "required"
+"""
+    with pytest.raises(ConfigError, match="sips:coast@192.0.2.7"):
+        parse_config(toml)
+    assert parse_config(toml.replace("sip:coast", "sips:coast"))
+
+
+# --- real INVITEs over UDP ----------------------------------------------------------------
+
+
+def invite_text(
+    port: int, me: int, number: str, media: int, profile: str, crypto: Crypto | None
+) -> bytes:
+    body = (
+        f"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        f"m=audio {media} {profile} 0 101\r\n"
+        "a=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+        + (f"{crypto.attribute()}\r\n" if crypto else "")
+        + "a=ptime:20\r\n"
+    )
+    tag = secrets.token_hex(4)
+    return (
+        f"INVITE sip:{number}@127.0.0.1:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{secrets.token_hex(6)}\r\n"
+        f"From: <sip:tester@127.0.0.1>;tag={tag}\r\nTo: <sip:{number}@127.0.0.1>\r\n"
+        f"Call-ID: {secrets.token_hex(8)}@127.0.0.1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
+        f"Contact: <sip:tester@127.0.0.1:{me}>\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+async def final_response(sock: socket.socket) -> str:
+    def final() -> str | None:
+        try:
+            text = sock.recv(65535).decode()
+        except BlockingIOError:
+            return None
+        return text if re.match(r"SIP/2\.0 [2-6]\d\d", text) else None
+
+    return await until(final, 5, "a final response")
+
+
+POLICY_ROUTES = """
+[sip.routes."6002"]
+talkgroup = "marine"
+public = true
+srtp = "optional"
+
+[sip.routes."6003"]
+talkgroup = "marine"
+public = true
+srtp = "off"
+"""
+
+
+def test_required_refuses_with_488_over_udp_optional_answers_plain(tmp_path):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    me = sock.getsockname()[1]
+    toml = site(tmp_path, None, route='public = true\nsrtp = "required"', extra=POLICY_ROUTES)
+
+    async def scenario() -> None:
+        async with running_gateway(toml) as gw:
+            port = gw.sip.port
+
+            async def ask(number: str, profile: str, crypto: Crypto | None) -> str:
+                sock.sendto(
+                    invite_text(port, me, number, 40000, profile, crypto), ("127.0.0.1", port)
+                )
+                return await final_response(sock)
+
+            key = new_crypto(1)
+            # required: nothing over UDP, keys or not.
+            for profile, crypto in (("RTP/AVP", None), ("RTP/AVP", key), ("RTP/SAVP", key)):
+                answer = await ask("6001", profile, crypto)
+                assert answer.startswith("SIP/2.0 488"), (profile, answer.splitlines()[0])
+            # optional: keys over UDP are not taken; a plain answer (no keys of ours either).
+            answer = await ask("6002", "RTP/AVP", key)
+            assert answer.startswith("SIP/2.0 200"), answer.splitlines()[0]
+            assert re.search(r"^m=audio \d+ RTP/AVP ", answer, re.M)
+            assert "a=crypto" not in answer
+            assert not gw.sip.bank.srtp[legs(gw)[0].row]
+            # optional, RTP/SAVP over UDP: cannot be answered plain, cannot take the keys.
+            assert (await ask("6002", "RTP/SAVP", key)).startswith("SIP/2.0 488")
+            # off: SAVP refused, plain answered.
+            assert (await ask("6003", "RTP/SAVP", key)).startswith("SIP/2.0 488")
+            assert (await ask("6003", "RTP/AVP", None)).startswith("SIP/2.0 200")
+            assert gw.sip.calls.rejected == {488: 5}
+
+    try:
+        run(scenario())
+    finally:
+        sock.close()
+
+
+def test_an_srtp_call_over_tls_signalling_hears_and_is_heard_through_the_gateway(tmp_path):
+    """The call decisions and media with the real gateway. Until the TLS transport lands,
+    the INVITE is handed to the call manager with the ``Source`` a TLS connection would
+    give (the answer still goes back over UDP); everything after that is the real path."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    me = sock.getsockname()[1]
+    peer = SrtpPeer(600)
+    toml = site(tmp_path, None, route='public = true\nsrtp = "required"')
+
+    async def scenario() -> None:
+        async with running_gateway(toml) as gw:
+            port = gw.sip.port
+            raw = invite_text(port, me, "6001", peer.address[1], "RTP/SAVP", peer.ours)
+            gw.sip.calls.on_request(parse(raw), raw, Source(("127.0.0.1", me), "tls"))
+            answer = await final_response(sock)
+            assert answer.startswith("SIP/2.0 200"), answer
+            offer = read_offer(parse(answer.encode()))
+            assert offer.savp and len(offer.crypto) == 1 and offer.crypto[0].tag == 1
+            assert offer.crypto[0].key != peer.ours.key, "the gateway sends with its own key"
+            peer.keys(offer.crypto[0])
+            leg = legs(gw)[0]
+            assert gw.sip.bank.srtp[leg.row]
+            media = ("127.0.0.1", offer.port)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for k in range(100):  # 2 s of the peer's tone, paced like a phone
+                peer.send(media)
+                peer.drain()
+                await asyncio.sleep(max(0.0, start + (k + 1) * 0.02 - loop.time()))
+            peer.drain()
+            assert leg.stats()["packets_in"] >= 90
+            assert gw.sip.bank.media[leg.row].malformed == 0
+
+    try:
+        run(scenario())
+    finally:
+        sock.close()
+        peer.close()
+    heard = peer.heard()
+    assert abs(dominant_hz(heard, RATE) - 1000) < 15, "the phone does not hear the radio"
+    clear = band_db(heard, RATE, 1000)
+    assert clear > -20  # the radio talks at -12 dBFS peak
+    assert tone_share(heard, RATE, 1000) > -1
+    assert tone_share(peer.wire_audio(), RATE, 1000) < -10, "the tone is readable on the wire"
+    from test_calls import recorded
+
+    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    assert band_db(talkgroup, 16000, 600) > -25, "the talkgroup does not hear the phone"
