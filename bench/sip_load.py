@@ -3,6 +3,7 @@
     .venv/bin/python bench/sip_load.py                 # the tables (about 2 minutes)
     .venv/bin/python bench/sip_load.py --legs 250 500  # other load sizes
     .venv/bin/python bench/sip_load.py --quick         # a smoke run
+    .venv/bin/python bench/sip_load.py --srtp off      # plain RTP only (default: both)
 
 The gateway runs in its own process (the real Gateway: media clock, engine, SIP
 service); this process is a bounded load generator on 127.0.0.1, like sipp with
@@ -20,7 +21,13 @@ Figures, per run:
   radio (plus its offset in the frame) minus when the packet reached the
   gateway's socket (its send time on loopback, plus the emulated network delay);
 * the same under emulated 30±10 ms jitter with 0/1/5 % loss, with the leg's own
-  jitter-buffer gauge (jitter_buffer_seconds) alongside.
+  jitter-buffer gauge (jitter_buffer_seconds) alongside;
+* SRTP's cost: the component and load tables run each size with plain RTP and with
+  SRTP (SDES, AES_CM_128_HMAC_SHA1_80) side by side. The load generator protects its
+  packets with its own pylibsrtp sessions (its CPU is not the gateway's). SDES keys
+  are only accepted over TLS; the generator's INVITEs come over UDP, so for the SRTP
+  rows the bench's gateway process hands them to the call manager as the TLS
+  transport would (``Source(..., "tls")``): what is measured is the media path.
 
 The machine is shared: numbers are what one run sees; rerun to compare.
 SIP_BENCH_PROFILE=FILE writes a CPU-time profile of the gateway over the last window.
@@ -37,9 +44,11 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from pylibsrtp import Policy, Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -88,8 +97,9 @@ vox_hang = "0s"
 # --- the gateway process ------------------------------------------------------------------
 
 
-def gateway_process(conn) -> None:  # noqa: ANN001 - a multiprocessing Connection
+def gateway_process(conn, srtp: bool = False) -> None:  # noqa: ANN001 - a Connection
     import asyncio
+    import dataclasses
 
     from gateway.app import Gateway
     from gateway.config import PortConfig, parse_config, register_port_kind
@@ -120,6 +130,11 @@ def gateway_process(conn) -> None:  # noqa: ANN001 - a multiprocessing Connectio
         task = asyncio.ensure_future(gateway.run())
         while getattr(gateway, "sip", None) is None or gateway.sip.calls is None:
             await asyncio.sleep(0.01)
+        if srtp:  # INVITEs as if over TLS (SDES keys are refused over UDP): see the docstring
+            calls = gateway.sip.calls
+            gateway.sip.transport.on_request = lambda message, raw, source: calls.on_request(
+                message, raw, dataclasses.replace(source, transport="tls")
+            )
         durations = np.zeros(100_000)
         count = [0]
         inner = gateway.clock.on_tick
@@ -217,7 +232,8 @@ def branch() -> str:
 class Caller:
     """A minimal UAC on one SIP socket: INVITE/ACK/BYE per leg, no retransmission (loopback)."""
 
-    def __init__(self, gateway_port: int) -> None:
+    def __init__(self, gateway_port: int, srtp: bool = False) -> None:
+        self.srtp = srtp  # offer RTP/SAVP with an SDES key (and protect what we send)
         self.gateway = ("127.0.0.1", gateway_port)
         self.sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sip.bind(("127.0.0.1", 0))
@@ -226,12 +242,17 @@ class Caller:
         self.calls: list[dict] = []
 
     def invite(self, number: str, rtp: socket.socket) -> dict:
+        from gateway.sip.srtp import new_crypto
+
         n = len(self.calls)
         call_id = f"bench{n}-{random.getrandbits(32)}@127.0.0.1"
         rtp_port = rtp.getsockname()[1]
+        key = new_crypto(1) if self.srtp and number == "6001" else None  # the probe: plain
         body = (
             f"v=0\r\no=bench {n} 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-            f"m=audio {rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\n"
+            f"m=audio {rtp_port} RTP/{'SAVP' if key else 'AVP'} 0\r\na=rtpmap:0 PCMU/8000\r\n"
+            + (f"{key.attribute()}\r\n" if key else "")
+            + "a=ptime:20\r\n"
         )
         head = (
             f"INVITE sip:{number}@127.0.0.1:{self.gateway[1]} SIP/2.0\r\n"
@@ -251,7 +272,12 @@ class Caller:
             raise RuntimeError(f"gateway refused leg {n}: {data.splitlines()[0]}")
         to = re.search(r"^To: (.+)$", data, re.M).group(1).strip()
         port = int(re.search(r"^m=audio (\d+)", data, re.M).group(1))
-        call = {"call_id": call_id, "to": to, "n": n, "port": port}
+        call = {"call_id": call_id, "to": to, "n": n, "port": port, "protect": None}
+        if key is not None:
+            if "a=crypto:1 " not in data:
+                raise RuntimeError(f"gateway answered leg {n} without SRTP keys")
+            policy = Policy(key.key, ssrc_type=Policy.SSRC_ANY_OUTBOUND)
+            call["protect"] = Session(policy).protect
         self._send_in_dialog("ACK", call, 1)
         self.calls.append(call)
         return call
@@ -292,7 +318,7 @@ def ulaw_frames() -> tuple[bytes, bytes, bytes]:
 
 def run_window(
     conn,
-    legs: list[tuple[socket.socket, tuple[str, int]]],
+    legs: list[tuple[socket.socket, tuple[str, int], Callable | None]],
     probe: tuple[socket.socket, tuple[str, int]] | None,
     seconds: float,
     jitter_ms: float = 0.0,
@@ -337,9 +363,9 @@ def run_window(
             next_probe = pending[0][0] - time.time() if pending else wait
             time.sleep(max(0.0, min(wait, next_probe, 0.002)))
         ts = (k * 160) & 0xFFFFFFFF
-        for i, (sock, address) in enumerate(legs):
+        for i, (sock, address, protect) in enumerate(legs):
             header.pack_into(packet, 0, 0x80, 0, (seqs[i] + k) & 0xFFFF, ts, ssrcs[i])
-            sock.sendto(packet, address)
+            sock.sendto(protect(bytes(packet)) if protect else packet, address)
     flush_until = time.time() + 0.3
     while pending and time.time() < flush_until:
         when, nominal, data = pending.pop(0)
@@ -363,14 +389,14 @@ def run_window(
 
 def open_legs(
     caller: Caller, number: str, count: int
-) -> list[tuple[socket.socket, tuple[str, int]]]:
+) -> list[tuple[socket.socket, tuple[str, int], Callable | None]]:
     legs = []
     for _ in range(count):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # we never read it back
         call = caller.invite(number, sock)
-        legs.append((sock, ("127.0.0.1", call["port"])))
+        legs.append((sock, ("127.0.0.1", call["port"]), call["protect"]))
     return legs
 
 
@@ -418,17 +444,19 @@ def jitter_buffer_alone(jitter_ms: float, loss: float, seconds: float = 60.0, se
     return waited, beyond, bank.packets_late[0], int(bank.concealed[0]), int(lost.sum())
 
 
-def components(count: int, frames: int = 250) -> dict[str, float]:
+def components(count: int, frames: int = 250, srtp: bool = False) -> dict[str, float]:
     """CPU µs per leg per frame of each SIP media step, in this process, real sockets.
 
     Packets are sent from here first (not timed), then each step of the bank is
     timed with the process CPU clock: reading (recvmmsg + checks + jitter bank writes),
     playout (jitter buffer + decode + 8→16 kHz + VOX), send (16→8 kHz + encode +
-    headers + sendmmsg). The engine's own per-port cost is in bench/run.py.
+    headers + sendmmsg). The engine's own per-port cost is in bench/run.py. ``srtp``:
+    every leg SRTP (the peers protect here, outside the timed steps).
     """
     from threadpoolctl import threadpool_limits
 
     from gateway.sip.bank import LegBank, LegMedia
+    from gateway.sip.srtp import LegSrtp, new_crypto
 
     threadpool_limits(limits=1, user_api="blas")  # as the SIP service does in the gateway
     bank = LegBank(16000, 320, FRAME_S, capacity=count)
@@ -437,8 +465,11 @@ def components(count: int, frames: int = 250) -> dict[str, float]:
         peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         peer.bind(("127.0.0.1", 0))
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        bank.add(LegMedia(payload_type=0, dtmf_type=101, remote=peer.getsockname()))
-        peers.append((peer, ("127.0.0.1", bank.port)))
+        theirs, ours = new_crypto(), new_crypto()
+        keys = LegSrtp(theirs.key, ours.key) if srtp else None
+        bank.add(LegMedia(payload_type=0, dtmf_type=101, remote=peer.getsockname(), srtp=keys))
+        policy = Policy(theirs.key, ssrc_type=Policy.SSRC_ANY_OUTBOUND)
+        peers.append((peer, ("127.0.0.1", bank.port), Session(policy).protect if srtp else None))
     tone, _, _ = ulaw_frames()
     header = struct.Struct("!BBHII")
     packet = bytearray(12 + 160)
@@ -446,9 +477,9 @@ def components(count: int, frames: int = 250) -> dict[str, float]:
     spent = {"read": 0.0, "playout": 0.0, "send": 0.0}
     start = time.monotonic()
     for k in range(frames):
-        for i, (peer, address) in enumerate(peers):
+        for i, (peer, address, protect) in enumerate(peers):
             header.pack_into(packet, 0, 0x80, 0, k & 0xFFFF, k * 160, i)
-            peer.sendto(packet, address)
+            peer.sendto(protect(bytes(packet)) if protect else packet, address)
         t0 = time.process_time()
         bank.drain()
         t1 = time.process_time()
@@ -465,8 +496,10 @@ def components(count: int, frames: int = 250) -> dict[str, float]:
             spent["send"] += t3 - t2
         next_tick = start + (k + 1) * FRAME_S
         time.sleep(max(0.0, next_tick - time.monotonic()))
+    if bank.malformed["srtp_auth"] or bank.malformed["srtp_replay"]:
+        raise RuntimeError(f"SRTP packets refused in the bench: {bank.malformed}")
     bank.close()
-    for peer, _ in peers:
+    for peer, *_ in peers:
         peer.close()
     return {name: value / ((frames - 20) * count) * 1e6 for name, value in spent.items()}
 
@@ -491,7 +524,14 @@ def main() -> int:
         help="which tables to print (default: all)",
     )
     parser.add_argument("--components", type=int, nargs="*", default=[100, 300, 750])
+    parser.add_argument(
+        "--srtp",
+        choices=["off", "on", "both"],
+        default="both",
+        help="component and load tables with plain RTP, SRTP, or both side by side",
+    )
     args = parser.parse_args()
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.srtp]
     if args.quick:
         args.legs, args.seconds, args.components = [100], 3.0, [100]
     ctx = mp.get_context("spawn")
@@ -505,20 +545,25 @@ def main() -> int:
             "\nSIP media steps alone, CPU µs per leg per frame (this process, real sockets; "
             "the engine's per-port cost is in bench/run.py)"
         )
-        print(f"{'legs':>6}{'read':>8}{'playout':>9}{'send':>8}{'total':>8}{'load avg':>10}")
+        print(
+            f"{'legs':>6}{'SRTP':>6}{'read':>8}{'playout':>9}{'send':>8}{'total':>8}"
+            f"{'load avg':>10}"
+        )
         for count in args.components:
-            cost = components(count)
-            print(
-                f"{count:>6}{cost['read']:>8.1f}{cost['playout']:>9.1f}{cost['send']:>8.1f}"
-                f"{sum(cost.values()):>8.1f}{os.getloadavg()[0]:>10.1f}"
-            )
+            for srtp in modes:
+                cost = components(count, srtp=srtp)
+                print(
+                    f"{count:>6}{'on' if srtp else 'off':>6}{cost['read']:>8.1f}"
+                    f"{cost['playout']:>9.1f}{cost['send']:>8.1f}"
+                    f"{sum(cost.values()):>8.1f}{os.getloadavg()[0]:>10.1f}"
+                )
 
     if "jitter" in args.parts:
         jitter_table()
     if "delay" in args.parts:
         delay_table(ctx, args.seconds)
     if "load" in args.parts:
-        load_table(ctx, args.legs, args.seconds, args.repeat)
+        load_table(ctx, args.legs, args.seconds, args.repeat, modes)
     return 0
 
 
@@ -586,7 +631,9 @@ def delay_table(ctx, seconds: float) -> None:  # noqa: ANN001 - a multiprocessin
         proc.join(10)
 
 
-def load_table(ctx, counts: list[int], seconds: float, repeat: int = 1) -> None:  # noqa: ANN001
+def load_table(  # noqa: ANN001 - a multiprocessing context
+    ctx, counts: list[int], seconds: float, repeat: int = 1, modes: list[bool] | None = None
+) -> None:
     print(
         "\nConcurrent legs, every leg sending G.711 into one conference talkgroup "
         "(goal: ≥ 750 legs per core, zero late ticks, ≤ 25 µs CPU per leg per frame)"
@@ -602,26 +649,28 @@ def load_table(ctx, counts: list[int], seconds: float, repeat: int = 1) -> None:
         " recvmmsg/sendmmsg — on loopback sendmmsg also delivers into the peer's socket)"
     )
     print(
-        f"{'legs':>6}{'CPU % core':>11}{'µs/leg/frame':>14}{'ticks run':>11}{'pkts in':>9}"
+        f"{'legs':>6}{'SRTP':>5}{'CPU % core':>11}{'µs/leg/frame':>14}{'ticks run':>11}"
+        f"{'pkts in':>9}"
         f"{'late':>6}{'tick p50 ms':>12}{'tick p99 ms':>12}{'probe p50 ms':>13}{'load avg':>9}"
         f"   {'rx':>5}{'engine':>7}{'tx':>5}{'other':>6}{'in syscalls':>12}"
     )
     for count in counts:
-        rows = [load_run(ctx, count, seconds) for _ in range(repeat)]
-        for row in rows:
-            print_load_row(count, row, "")
-        if repeat > 1:
-            median = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
-            print_load_row(count, median, "median")
+        for srtp in modes or [False]:
+            rows = [load_run(ctx, count, seconds, srtp) for _ in range(repeat)]
+            for row in rows:
+                print_load_row(count, row, "", srtp)
+            if repeat > 1:
+                median = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+                print_load_row(count, median, "median", srtp)
 
 
-def load_run(ctx, count: int, seconds: float) -> dict[str, float]:  # noqa: ANN001
+def load_run(ctx, count: int, seconds: float, srtp: bool = False) -> dict[str, float]:  # noqa: ANN001
     """One window at ``count`` legs in a fresh gateway process; the row's figures."""
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=gateway_process, args=(child,), daemon=True)
+    proc = ctx.Process(target=gateway_process, args=(child, srtp), daemon=True)
     proc.start()
     _, port = conn.recv()
-    caller = Caller(port)
+    caller = Caller(port, srtp)
     probe = open_legs(caller, "6002", 1)[0]
     legs = open_legs(caller, "6001", count)
     time.sleep(1.0)  # let the calls settle (answer retransmission timers, ACKs)
@@ -647,16 +696,17 @@ def load_run(ctx, count: int, seconds: float) -> dict[str, float]:  # noqa: ANN0
         "syscalls": (result["bank_cpu"]["recvmmsg"] + result["bank_cpu"]["sendmmsg"]) * per_tick,
     }
     caller.hangup_all()
-    for sock, _ in legs:
+    for sock, *_ in legs:
         sock.close()
     conn.send("quit")
     proc.join(10)
     return row
 
 
-def print_load_row(count: int, r: dict[str, float], label: str) -> None:
+def print_load_row(count: int, r: dict[str, float], label: str, srtp: bool = False) -> None:
     print(
-        f"{count:>6}{r['cpu_share']:>10.0f}%{r['per_leg']:>14.1f}{r['ticks_run']:>10.0f}%"
+        f"{count:>6}{'on' if srtp else 'off':>5}{r['cpu_share']:>10.0f}%{r['per_leg']:>14.1f}"
+        f"{r['ticks_run']:>10.0f}%"
         f"{r['packets']:>8.0f}%{r['late']:>6.0f}{r['tick_p50']:>12.2f}{r['tick_p99']:>12.2f}"
         f"{r['probe_p50']:>13.1f}{r['load']:>9.1f}"
         f"   {r['rx']:>5.1f}{r['engine']:>7.1f}{r['tx']:>5.1f}{r['other']:>6.1f}"

@@ -69,6 +69,8 @@ ROW_COLUMNS = (
     ("dest", (), np.int64, NO_PEER),  # the peer's address key: where we send, whom we hear
     ("latched", (), bool, False),  # the peer has sent: `dest` is where it sends from
     ("srtp", (), bool, False),  # SRTP agreed: packets protected and checked (bank_srtp)
+    ("srtp_rx", (), object, None),  # ... its libsrtp contexts: the peer's key, and ours
+    ("srtp_tx", (), object, None),  # (owned by LegMedia.srtp; cleared when the row goes)
 )
 
 
@@ -212,7 +214,9 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         self.streams.reset(row)
         self.payload_type[row] = media.payload_type
         self.law[row] = _LAWS[media.payload_type]
-        self.srtp[row] = media.srtp is not None
+        if media.srtp is not None:
+            self.srtp[row] = True
+            self.srtp_rx[row], self.srtp_tx[row] = media.srtp.rx, media.srtp.tx
         self._tx_start(row)
         rtcp_remote = media.rtcp.remote
         if media.rtcp.mux:  # RFC 5761: reports travel with the RTP
@@ -233,6 +237,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         self.set_rtcp_remote(row, None)
         self.dest[row] = NO_PEER
         self.srtp[row] = False
+        self.srtp_rx[row] = self.srtp_tx[row] = None
         self.media[row] = None
         self.free.append(row)
         self._update_tables()

@@ -37,6 +37,8 @@ class SrtpEdges:
     media: list[LegMedia | None]
     dest: np.ndarray
     srtp: np.ndarray  # column: the leg's media is SRTP
+    srtp_rx: np.ndarray  # column: its libsrtp context for what the peer sends (objects)
+    srtp_tx: np.ndarray  # column: its libsrtp context for what we send
     srtp_legs: int  # legs in use with SRTP (0: nothing here runs)
 
     def _unprotect_batch(
@@ -59,8 +61,7 @@ class SrtpEdges:
         owners = rows[idx]
         b1 = data[idx, 1]
         rtcp = (b1 >= _RTCP_FIRST) & (b1 <= _RTCP_LAST)  # multiplexed on the RTP port
-        contexts = [self.media[row].srtp.rx for row in owners.tolist()]  # type: ignore[union-attr]
-        status = unprotect_rows(data, idx, contexts, length, rtcp)
+        status = unprotect_rows(data, idx, self.srtp_rx[owners].tolist(), length, rtcp)
         bad = status != 0
         if not bad.any():
             return None
@@ -103,7 +104,7 @@ class SrtpEdges:
         which = np.flatnonzero(going & self.srtp[rows])
         if which.size:
             assert packets.shape[1] >= size + TAG
-            contexts = [self.media[row].srtp.tx for row in rows[which].tolist()]  # type: ignore[union-attr]
+            contexts = self.srtp_tx[rows[which]].tolist()
             lengths[which] = protect_rows(packets, which, contexts, size)
         return lengths
 

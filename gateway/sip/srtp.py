@@ -158,15 +158,14 @@ def protect_rows(packets: np.ndarray, which: np.ndarray, contexts: list, length:
     ``packets`` is C-contiguous uint8 with at least ``TAG`` spare bytes after
     ``length`` in every row; ``contexts[i]`` is the sending context of row ``which[i]``.
     """
-    out = np.zeros(len(which), np.int64)
     base = ffi.cast("char *", packets.ctypes.data)
     stride = packets.strides[0]
     protect, size = lib.srtp_protect, _INT
-    for i, (row, ctx) in enumerate(zip(which.tolist(), contexts, strict=True)):
+    out = []
+    for row, ctx in zip(which.tolist(), contexts, strict=True):
         size[0] = length
-        if protect(ctx, base + row * stride, size) == 0:
-            out[i] = size[0]
-    return out
+        out.append(0 if protect(ctx, base + row * stride, size) else size[0])
+    return np.array(out, np.int64)
 
 
 def unprotect_rows(
@@ -178,18 +177,20 @@ def unprotect_rows(
     of them are SRTCP (RTCP multiplexed on the RTP port). Returns libsrtp's status
     per packet (0: good; :data:`AUTH_FAIL`, :data:`REPLAY_FAIL`... otherwise).
     """
-    status = np.zeros(len(which), np.int64)
     base = ffi.cast("char *", data.ctypes.data)
     stride = data.strides[0]
     size = _INT
     calls = (lib.srtp_unprotect, lib.srtp_unprotect_rtcp)
+    sizes = length[which].tolist()
+    status = [0] * len(sizes)
     for i, (row, ctx, is_rtcp) in enumerate(
         zip(which.tolist(), contexts, rtcp.tolist(), strict=True)
     ):
-        size[0] = int(length[row])
+        size[0] = sizes[i]
         rc = calls[is_rtcp](ctx, base + row * stride, size)
-        if rc == 0:
-            length[row] = size[0]
-        else:
+        if rc:
             status[i] = rc
-    return status
+        else:
+            sizes[i] = size[0]
+    length[which] = sizes
+    return np.array(status, np.int64)
