@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from gateway.codecs.g711 import ulaw_decode, ulaw_encode
 from pylibsrtp import Policy, Session
-from sip_peers import band_db, dominant_hz, run, running_gateway, until
+from sip_peers import Phone, band_db, dominant_hz, run, running_gateway, tone, until
 from test_calls import legs, site
 
 from gateway.config import ConfigError, parse_config
@@ -487,3 +487,34 @@ def test_an_srtp_call_over_tls_signalling_hears_and_is_heard_through_the_gateway
 
     talkgroup = recorded(tmp_path / "talkgroup.wav")
     assert band_db(talkgroup, 16000, 600) > -25, "the talkgroup does not hear the phone"
+
+
+# --- a real SRTP phone (baresip's srtp module) ----------------------------------------------
+
+
+def encrypting(phone: Phone, mediaenc: str = "srtp-mand") -> Phone:
+    """The phone with baresip's SDES module loaded and its account asking for SRTP."""
+    config = phone.dir / "config"
+    text = config.read_text()  # before account.so, which looks the mediaenc name up
+    config.write_text(text.replace("module account.so", "module srtp.so\nmodule account.so"))
+    accounts = phone.dir / "accounts"
+    line = accounts.read_text().strip()
+    accounts.write_text(line.replace(";answermode=", f";mediaenc={mediaenc};answermode=") + "\n")
+    return phone
+
+
+def test_an_srtp_phone_over_udp_is_refused_and_never_gets_a_key(phones, tmp_path):
+    """baresip with mediaenc=srtp-mand over UDP offers RTP/SAVP with a key: on an optional
+    route that is 488 (the key crossed the network in clear text; it is not used)."""
+    phone = encrypting(phones("savp", tone(600, 6)))
+
+    async def scenario() -> None:
+        async with running_gateway(site(tmp_path, None, route="public = true")) as gw:
+            phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=4)
+            await until(
+                lambda: "488 Not Acceptable Here" in phone.output(), 10, "the phone to be refused"
+            )
+            assert gw.sip.calls.rejected == {488: 1}
+            assert not legs(gw)
+
+    run(scenario())
