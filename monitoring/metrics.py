@@ -169,6 +169,7 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "Addresses refused for now after a wrong digest password or PIN",
         None,
     ),
+    "sip_calls_srtp": ("sip_calls_srtp", "gauge", "SIP calls up now with SRTP media", None),
     "sip_messages_malformed": (
         "sip_messages_malformed_total",
         "counter",

@@ -282,6 +282,7 @@ class SipService:
             ),
             "sip_calls_refused": {str(c): n for c, n in calls.rejected.items()} if calls else {},
             "sip_sources_backed_off": calls.admission.backed_off() if calls else 0,
+            "sip_calls_srtp": self.bank.srtp_legs if self.bank else 0,
             "sip_messages_malformed": self.transport.stats.malformed,
             "sip_connections": len(self.transport.streams.connections),
             "sip_connections_refused": self.transport.streams.stats.connections_refused,

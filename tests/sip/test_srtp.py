@@ -461,6 +461,7 @@ def test_an_srtp_call_over_tls_signalling_hears_and_is_heard_through_the_gateway
             peer.keys(offer.crypto[0])
             leg = legs(gw)[0]
             assert gw.sip.bank.srtp[leg.row]
+            assert gw.sip.stats()["sip_calls_srtp"] == 1  # the metric's source
             media = ("127.0.0.1", offer.port)
             loop = asyncio.get_running_loop()
             start = loop.time()
