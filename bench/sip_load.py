@@ -23,11 +23,10 @@ Figures, per run:
 * the same under emulated 30±10 ms jitter with 0/1/5 % loss, with the leg's own
   jitter-buffer gauge (jitter_buffer_seconds) alongside;
 * SRTP's cost: the component and load tables run each size with plain RTP and with
-  SRTP (SDES, AES_CM_128_HMAC_SHA1_80) side by side. The load generator protects its
-  packets with its own pylibsrtp sessions (its CPU is not the gateway's). SDES keys
-  are only accepted over TLS; the generator's INVITEs come over UDP, so for the SRTP
-  rows the bench's gateway process hands them to the call manager as the TLS
-  transport would (``Source(..., "tls")``): what is measured is the media path.
+  SRTP (SDES, AES_CM_128_HMAC_SHA1_80) side by side. SDES keys are only accepted
+  over TLS, so for the SRTP rows the generator sets its calls up over a TLS
+  connection (a throwaway CA from tests/sip/pki.py) and protects its packets with
+  its own pylibsrtp sessions (its CPU is not the gateway's).
 
 The machine is shared: numbers are what one run sees; rerun to compare.
 SIP_BENCH_PROFILE=FILE writes a CPU-time profile of the gateway over the last window.
@@ -41,8 +40,10 @@ import os
 import random
 import re
 import socket
+import ssl
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,9 +98,9 @@ vox_hang = "0s"
 # --- the gateway process ------------------------------------------------------------------
 
 
-def gateway_process(conn, srtp: bool = False) -> None:  # noqa: ANN001 - a Connection
+def gateway_process(conn, tls: str = "") -> None:  # noqa: ANN001 - a Connection
+    """The gateway; ``tls``: [sip] keys for its TLS listener (certificate and key)."""
     import asyncio
-    import dataclasses
 
     from gateway.app import Gateway
     from gateway.config import PortConfig, parse_config, register_port_kind
@@ -124,17 +125,13 @@ def gateway_process(conn, srtp: bool = False) -> None:  # noqa: ANN001 - a Conne
                 if hot.size:
                     clicks.append(time.time() + hot[0] / self.rate)
 
-    gateway = Gateway(parse_config(SITE))
+    site = SITE.replace('listen = "127.0.0.1:0"\n', f'listen = "127.0.0.1:0"\n{tls}\n')
+    gateway = Gateway(parse_config(site))
 
     async def main() -> None:
         task = asyncio.ensure_future(gateway.run())
         while getattr(gateway, "sip", None) is None or gateway.sip.calls is None:
             await asyncio.sleep(0.01)
-        if srtp:  # INVITEs as if over TLS (SDES keys are refused over UDP): see the docstring
-            calls = gateway.sip.calls
-            gateway.sip.transport.on_request = lambda message, raw, source: calls.on_request(
-                message, raw, dataclasses.replace(source, transport="tls")
-            )
         durations = np.zeros(100_000)
         count = [0]
         inner = gateway.clock.on_tick
@@ -163,7 +160,7 @@ def gateway_process(conn, srtp: bool = False) -> None:  # noqa: ANN001 - a Conne
                 "sendmmsg": bank.sender.syscall_seconds,
             }
 
-        conn.send(("ready", gateway.sip.port))
+        conn.send(("ready", gateway.sip.port, gateway.sip.transport.port_for("tls")))
         marks = {}
         profiler = None
         while True:
@@ -230,16 +227,53 @@ def branch() -> str:
 
 
 class Caller:
-    """A minimal UAC on one SIP socket: INVITE/ACK/BYE per leg, no retransmission (loopback)."""
+    """A minimal UAC on one SIP socket: INVITE/ACK/BYE per leg, no retransmission (loopback).
 
-    def __init__(self, gateway_port: int, srtp: bool = False) -> None:
-        self.srtp = srtp  # offer RTP/SAVP with an SDES key (and protect what we send)
-        self.gateway = ("127.0.0.1", gateway_port)
-        self.sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sip.bind(("127.0.0.1", 0))
-        self.sip.settimeout(5)
+    With ``tls`` (the gateway's TLS port and the CA file) it calls over one TLS
+    connection and offers SRTP (RTP/SAVP with an SDES key) on the load route."""
+
+    def __init__(self, gateway_port: int, tls: tuple[int, str] | None = None) -> None:
+        self.srtp = tls is not None
+        self.transport = "TLS" if tls else "UDP"
+        self.gateway = ("127.0.0.1", tls[0] if tls else gateway_port)
+        if tls:
+            context = ssl.create_default_context(cafile=tls[1])
+            context.check_hostname = False  # the certificate is checked against the CA
+            raw = socket.create_connection(self.gateway, timeout=5)
+            self.sip = context.wrap_socket(raw)
+        else:
+            self.sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sip.bind(("127.0.0.1", 0))
+            self.sip.settimeout(5)
         self.port = self.sip.getsockname()[1]
+        self.buffer = b""
         self.calls: list[dict] = []
+
+    def _send(self, data: bytes) -> None:
+        if self.srtp:
+            self.sip.sendall(data)
+        else:
+            self.sip.sendto(data, self.gateway)
+
+    def _receive(self) -> str:
+        """One SIP message (over TLS: framed by its Content-Length)."""
+        if not self.srtp:
+            return self.sip.recv(65535).decode()
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._read()
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = re.search(rb"^Content-Length:\s*(\d+)", head, re.M | re.I)
+        size = int(length.group(1)) if length else 0
+        while len(rest) < size:
+            rest += self._read()
+        self.buffer = rest[size:]
+        return (head + b"\r\n\r\n" + rest[:size]).decode()
+
+    def _read(self) -> bytes:
+        data = self.sip.recv(65535)
+        if not data:
+            raise ConnectionError("the gateway closed the SIP connection")
+        return data
 
     def invite(self, number: str, rtp: socket.socket) -> dict:
         from gateway.sip.srtp import new_crypto
@@ -256,16 +290,17 @@ class Caller:
         )
         head = (
             f"INVITE sip:{number}@127.0.0.1:{self.gateway[1]} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch()}\r\n"
+            f"Via: SIP/2.0/{self.transport} 127.0.0.1:{self.port};branch={branch()}\r\n"
             f"From: <sip:load{n}@127.0.0.1>;tag=t{n}\r\nTo: <sip:{number}@127.0.0.1>\r\n"
             f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
-            f"Contact: <sip:load{n}@127.0.0.1:{self.port}>\r\nMax-Forwards: 70\r\n"
+            f"Contact: <sip:load{n}@127.0.0.1:{self.port};transport={self.transport.lower()}>"
+            "\r\nMax-Forwards: 70\r\n"
             f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n"
         )
-        self.sip.sendto((head + body).encode(), self.gateway)
+        self._send((head + body).encode())
         while True:
-            data = self.sip.recv(65535).decode()
-            if call_id in data and " INVITE" in data:
+            data = self._receive()
+            if call_id in data and " INVITE" in data and not data.startswith("SIP/2.0 1"):
                 break
         status = int(data.split(" ", 2)[1])
         if status != 200:
@@ -284,15 +319,14 @@ class Caller:
 
     def _send_in_dialog(self, method: str, call: dict, cseq: int) -> None:
         n = call["n"]
-        self.sip.sendto(
+        self._send(
             (
                 f"{method} sip:borderlink@127.0.0.1:{self.gateway[1]} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch()}\r\n"
+                f"Via: SIP/2.0/{self.transport} 127.0.0.1:{self.port};branch={branch()}\r\n"
                 f"From: <sip:load{n}@127.0.0.1>;tag=t{n}\r\nTo: {call['to']}\r\n"
                 f"Call-ID: {call['call_id']}\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\n"
                 "Content-Length: 0\r\n\r\n"
-            ).encode(),
-            self.gateway,
+            ).encode()
         )
 
     def hangup_all(self) -> None:
@@ -300,9 +334,25 @@ class Caller:
         for call in self.calls:
             self._send_in_dialog("BYE", call, 2)
         with __import__("contextlib").suppress(OSError):
-            while True:
-                self.sip.recv(65535)
+            while self.sip.recv(65535):
+                pass
         self.calls.clear()
+        if self.srtp:
+            self.sip.close()
+
+
+def tls_material(directory: Path) -> tuple[str, str]:
+    """[sip] keys for a TLS listener with a throwaway CA's certificate, and the CA file."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "sip"))
+    from pki import Authority  # the tests' throwaway CA
+
+    ca = Authority(directory)
+    issued = ca.issue("gateway.bench")
+    keys = (
+        'listen_tls = "127.0.0.1:0"\n'
+        f'tls_certificate = "{issued.certificate}"\ntls_key = "{issued.key}"'
+    )
+    return keys, str(ca.bundle)
 
 
 def ulaw_frames() -> tuple[bytes, bytes, bytes]:
@@ -615,7 +665,7 @@ def delay_table(ctx, seconds: float) -> None:  # noqa: ANN001 - a multiprocessin
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=gateway_process, args=(child,), daemon=True)
         proc.start()
-        _, port = conn.recv()
+        _, port, _ = conn.recv()
         caller = Caller(port)
         probe = open_legs(caller, "6002", 1)[0]
         result = run_window(conn, [], probe, max(seconds, 6.0), jitter, loss)
@@ -667,10 +717,20 @@ def load_table(  # noqa: ANN001 - a multiprocessing context
 def load_run(ctx, count: int, seconds: float, srtp: bool = False) -> dict[str, float]:  # noqa: ANN001
     """One window at ``count`` legs in a fresh gateway process; the row's figures."""
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=gateway_process, args=(child, srtp), daemon=True)
-    proc.start()
-    _, port = conn.recv()
-    caller = Caller(port, srtp)
+    with tempfile.TemporaryDirectory() as pki:
+        keys, cafile = tls_material(Path(pki)) if srtp else ("", "")
+        proc = ctx.Process(target=gateway_process, args=(child, keys), daemon=True)
+        proc.start()
+        _, port, tls_port = conn.recv()
+        caller = Caller(port, (tls_port, cafile) if srtp else None)
+        row = load_window(conn, caller, count, seconds)
+    conn.send("quit")
+    proc.join(10)
+    return row
+
+
+def load_window(conn, caller: Caller, count: int, seconds: float) -> dict[str, float]:  # noqa: ANN001
+    """Set ``count`` legs up, stream for ``seconds``, hang up; the row's figures."""
     probe = open_legs(caller, "6002", 1)[0]
     legs = open_legs(caller, "6001", count)
     time.sleep(1.0)  # let the calls settle (answer retransmission timers, ACKs)
@@ -698,8 +758,6 @@ def load_run(ctx, count: int, seconds: float, srtp: bool = False) -> dict[str, f
     caller.hangup_all()
     for sock, *_ in legs:
         sock.close()
-    conn.send("quit")
-    proc.join(10)
     return row
 
 

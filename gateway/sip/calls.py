@@ -32,7 +32,6 @@ from gateway.sip.config import (
     RouteConfig,
     SipConfig,
     SrtpPolicy,
-    split_hostport,
     strictest,
 )
 from gateway.sip.leg import SipLeg, leg_config
@@ -295,7 +294,7 @@ class CallManager:
         accounts = [
             account.srtp
             for account in self.config.accounts.values()
-            if account.username == user or split_hostport(account.registrar) == source.address
+            if account.username == user or account.next_hop[:2] == source.address
         ]
         return strictest(route.srtp, *accounts)
 

@@ -256,8 +256,9 @@ class DialOutConfig(Model):
 
     @property
     def secure(self) -> bool:
-        """The URI asks for TLS all the way (``sips:``, or ``;transport=tls``)."""
-        return self.uri.lower().startswith("sips:") or ";transport=tls" in self.uri.lower()
+        """The call goes over TLS (a ``sips:`` URI, or ``;transport=tls``)."""
+        source = uri_source(self.uri)
+        return source is not None and source.secure
 
 
 def strictest(*policies: SrtpPolicy) -> SrtpPolicy:
@@ -390,6 +391,25 @@ class SipConfig(Model):
                     f"{where} uses {kind.upper()}, but listen_{kind} is not set: the far end "
                     f"sends its requests to the gateway's Contact over {kind.upper()}; "
                     f'add listen_{kind} = "host:port"'
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _srtp_reachable(self) -> SipConfig:
+        """``srtp = "required"`` where no call can come over TLS would refuse every call."""
+        for name, route in self.routes.items():
+            if route.srtp == "required" and not self.listen_tls:
+                raise ValueError(
+                    f"[sip.routes.{name}] srtp = 'required' takes calls over TLS only (SDES keys "
+                    "travel in the SIP message), and listen_tls is not set: every call would "
+                    "be refused; set listen_tls, tls_certificate and tls_key, or srtp = 'optional'"
+                )
+        for name, account in self.accounts.items():
+            if account.srtp == "required" and account.next_hop[2] != "tls":
+                raise ValueError(
+                    f"[sip.accounts.{name}] srtp = 'required' takes calls over TLS only, and its "
+                    f"registrar is {account.next_hop[2].upper()}: every call through it would be "
+                    "refused; make the registrar 'sips:...' or set srtp = 'optional'"
                 )
         return self
 

@@ -13,15 +13,18 @@ import asyncio
 import re
 import secrets
 import socket
+import ssl
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from gateway.codecs.g711 import ulaw_decode, ulaw_encode
+from pki import Authority
 from pylibsrtp import Policy, Session
 from sip_peers import Phone, band_db, dominant_hz, run, running_gateway, tone, until
-from test_calls import legs, site
+from test_calls import legs, recorded
 
 from gateway.config import ConfigError, parse_config
 from gateway.sip.bank import LegBank, LegMedia
@@ -30,7 +33,7 @@ from gateway.sip.pyvoip import parse
 from gateway.sip.rtcp import build_report, parse_compound
 from gateway.sip.sdp import read_offer
 from gateway.sip.srtp import SUITE, TAG, Crypto, LegSrtp, accept_keys, new_crypto, parse_crypto
-from gateway.sip.transport import Source
+from tests.conftest import free_port
 
 RATE = 8000
 HEADER = struct.Struct("!BBHII")
@@ -141,6 +144,48 @@ def paced_ticks(bank: LegBank, count: int, each) -> None:  # noqa: ANN001 - per-
         bank.send()
         each(k, "after")
         time.sleep(max(0.0, start + (k + 1) * 0.02 - time.monotonic()))
+
+
+def srtp_site(tmp: Path, routes: str, ca: Authority | None = None) -> str:
+    """A radio sending 1000 Hz at -12 dBFS and a recorder in talkgroup ``marine``; SIP over
+    UDP and, given a CA, over TLS with a certificate it issues; ``routes`` as given."""
+    keys = ""
+    if ca is not None:
+        issued = ca.issue("gateway.test")
+        keys = (
+            f'listen_tls = "127.0.0.1:{free_port()}"\n'
+            f'tls_certificate = "{issued.certificate}"\ntls_key = "{issued.key}"'
+        )
+    return f"""
+[site]
+name = "srtp-test"
+country = "CA"
+
+[ports.radio1]
+kind = "simulated_radio"
+tone_hz = 1000.0
+talk_every = "0s"
+talk_for = "0s"
+level_dbfs = -12.0
+
+[ports.rec]
+kind = "recorder"
+path = "{tmp / "talkgroup.wav"}"
+continuous = true
+
+[talkgroups.marine]
+members = ["radio1", "rec"]
+
+[sip]
+listen = "127.0.0.1:{free_port()}"
+rtp_ports = "20000-31999"
+{keys}
+{routes}
+"""
+
+
+def route(number: str, srtp: str) -> str:
+    return f'[sip.routes."{number}"]\ntalkgroup = "marine"\npublic = true\nsrtp = "{srtp}"\n'
 
 
 def tone16(hz: float, k: int, level: float = 0.3) -> np.ndarray:
@@ -326,33 +371,31 @@ def test_policy_decides_by_transport_profile_and_keys():
     assert strictest("optional") == "optional"
 
 
-def test_check_refuses_a_required_dial_out_without_tls():
-    toml = """
-[site]
-name = "x"
-country = "CA"
-
-[ports.radio1]
-kind = "simulated_radio"
-
-[talkgroups.marine]
-members = ["radio1"]
-
-[sip.dial_out.coast]
-talkgroup = "marine"
-uri = "sip:coast@192.0.2.7"
-srtp = "required"
-"""
-    with pytest.raises(ConfigError, match="sips:coast@192.0.2.7"):
-        parse_config(toml)
-    assert parse_config(toml.replace("sip:coast", "sips:coast"))
+def test_check_refuses_required_srtp_where_no_call_can_come_over_tls(tmp_path):
+    dial_out = '[sip.dial_out.coast]\ntalkgroup = "marine"\nuri = "URI"\nsrtp = "required"\n'
+    ca = Authority(tmp_path / "pki")
+    with pytest.raises(ConfigError, match="make the uri 'sips:coast@192.0.2.7'"):
+        parse_config(srtp_site(tmp_path, dial_out.replace("URI", "sip:coast@192.0.2.7"), ca))
+    assert parse_config(srtp_site(tmp_path, dial_out.replace("URI", "sips:coast@192.0.2.7"), ca))
+    with pytest.raises(ConfigError, match=r"routes.6001\] srtp = 'required'.*listen_tls"):
+        parse_config(srtp_site(tmp_path, route("6001", "required")))
+    assert parse_config(srtp_site(tmp_path, route("6001", "required"), ca))
+    account = '[sip.accounts.pbx]\nregistrar = "127.0.0.1:5060"\nusername = "6001"\n'
+    with pytest.raises(ConfigError, match=r"accounts.pbx\] srtp = 'required'.*registrar is UDP"):
+        parse_config(srtp_site(tmp_path, account + 'srtp = "required"\n', ca))
 
 
 # --- real INVITEs over UDP ----------------------------------------------------------------
 
 
 def invite_text(
-    port: int, me: int, number: str, media: int, profile: str, crypto: Crypto | None
+    port: int,
+    me: int,
+    number: str,
+    media: int,
+    profile: str,
+    crypto: Crypto | None,
+    transport: str = "UDP",
 ) -> bytes:
     body = (
         f"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
@@ -364,12 +407,22 @@ def invite_text(
     tag = secrets.token_hex(4)
     return (
         f"INVITE sip:{number}@127.0.0.1:{port} SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{secrets.token_hex(6)}\r\n"
+        f"Via: SIP/2.0/{transport} 127.0.0.1:{me};branch=z9hG4bK{secrets.token_hex(6)}\r\n"
         f"From: <sip:tester@127.0.0.1>;tag={tag}\r\nTo: <sip:{number}@127.0.0.1>\r\n"
         f"Call-ID: {secrets.token_hex(8)}@127.0.0.1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
-        f"Contact: <sip:tester@127.0.0.1:{me}>\r\n"
+        f"Contact: <sip:tester@127.0.0.1:{me};transport={transport.lower()}>\r\n"
         f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}"
     ).encode()
+
+
+def ack_for(invite: bytes, answer: str) -> bytes:
+    """The ACK of a 2xx: the INVITE's dialog headers, the answer's To (with its tag)."""
+    head = invite.decode().split("\r\n\r\n")[0].split("\r\n")
+    keep = [h for h in head[1:] if h.split(":")[0] in ("Via", "From", "Call-ID", "Max-Forwards")]
+    to = re.search(r"^To: (.+)$", answer, re.M).group(1).strip()
+    uri = head[0].split(" ")[1]
+    lines = [f"ACK {uri} SIP/2.0", *keep, f"To: {to}", "CSeq: 1 ACK", "Content-Length: 0"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 async def final_response(sock: socket.socket) -> str:
@@ -383,25 +436,16 @@ async def final_response(sock: socket.socket) -> str:
     return await until(final, 5, "a final response")
 
 
-POLICY_ROUTES = """
-[sip.routes."6002"]
-talkgroup = "marine"
-public = true
-srtp = "optional"
-
-[sip.routes."6003"]
-talkgroup = "marine"
-public = true
-srtp = "off"
-"""
-
-
 def test_required_refuses_with_488_over_udp_optional_answers_plain(tmp_path):
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
     me = sock.getsockname()[1]
-    toml = site(tmp_path, None, route='public = true\nsrtp = "required"', extra=POLICY_ROUTES)
+    toml = srtp_site(
+        tmp_path,
+        route("6001", "required") + route("6002", "optional") + route("6003", "off"),
+        Authority(tmp_path / "pki"),
+    )
 
     async def scenario() -> None:
         async with running_gateway(toml) as gw:
@@ -437,27 +481,42 @@ def test_required_refuses_with_488_over_udp_optional_answers_plain(tmp_path):
         sock.close()
 
 
-def test_an_srtp_call_over_tls_signalling_hears_and_is_heard_through_the_gateway(tmp_path):
-    """The call decisions and media with the real gateway. Until the TLS transport lands,
-    the INVITE is handed to the call manager with the ``Source`` a TLS connection would
-    give (the answer still goes back over UDP); everything after that is the real path."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    me = sock.getsockname()[1]
+async def tls_request(writer, reader, data: bytes) -> str:  # noqa: ANN001 - asyncio streams
+    """Send one SIP request on a TLS connection; the final response (framed by Content-Length)."""
+    writer.write(data)
+    await writer.drain()
+    while True:
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+        length = re.search(r"^Content-Length:\s*(\d+)", head, re.M | re.I)
+        body = await reader.readexactly(int(length.group(1))) if length else b""
+        if not head.startswith("SIP/2.0 1"):
+            return head + body.decode()
+
+
+def test_an_srtp_call_over_tls_hears_and_is_heard_and_the_wire_is_noise(tmp_path):
+    """A raw SIP UA over a real TLS connection offers RTP/SAVP with its key on a required
+    route; its SRTP media peer hears the radio and is heard in the talkgroup."""
+    ca = Authority(tmp_path / "pki")
     peer = SrtpPeer(600)
-    toml = site(tmp_path, None, route='public = true\nsrtp = "required"')
+    toml = srtp_site(tmp_path, route("6001", "required"), ca)
 
     async def scenario() -> None:
         async with running_gateway(toml) as gw:
-            port = gw.sip.port
-            raw = invite_text(port, me, "6001", peer.address[1], "RTP/SAVP", peer.ours)
-            gw.sip.calls.on_request(parse(raw), raw, Source(("127.0.0.1", me), "tls"))
-            answer = await final_response(sock)
+            context = ssl.create_default_context(cafile=str(ca.bundle))
+            context.check_hostname = False  # the certificate is checked against the CA
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", gw.sip.transport.port_for("tls"), ssl=context
+            )
+            me = writer.get_extra_info("sockname")[1]
+            port = gw.sip.transport.port_for("tls")
+            invite = invite_text(port, me, "6001", peer.address[1], "RTP/SAVP", peer.ours, "TLS")
+            answer = await tls_request(writer, reader, invite)
             assert answer.startswith("SIP/2.0 200"), answer
             offer = read_offer(parse(answer.encode()))
             assert offer.savp and len(offer.crypto) == 1 and offer.crypto[0].tag == 1
             assert offer.crypto[0].key != peer.ours.key, "the gateway sends with its own key"
+            writer.write(ack_for(invite, answer))
+            await writer.drain()
             peer.keys(offer.crypto[0])
             leg = legs(gw)[0]
             assert gw.sip.bank.srtp[leg.row]
@@ -472,11 +531,11 @@ def test_an_srtp_call_over_tls_signalling_hears_and_is_heard_through_the_gateway
             peer.drain()
             assert leg.stats()["packets_in"] >= 90
             assert gw.sip.bank.media[leg.row].malformed == 0
+            writer.close()
 
     try:
         run(scenario())
     finally:
-        sock.close()
         peer.close()
     heard = peer.heard()
     assert abs(dominant_hz(heard, RATE) - 1000) < 15, "the phone does not hear the radio"
@@ -484,8 +543,6 @@ def test_an_srtp_call_over_tls_signalling_hears_and_is_heard_through_the_gateway
     assert clear > -20  # the radio talks at -12 dBFS peak
     assert tone_share(heard, RATE, 1000) > -1
     assert tone_share(peer.wire_audio(), RATE, 1000) < -10, "the tone is readable on the wire"
-    from test_calls import recorded
-
     talkgroup = recorded(tmp_path / "talkgroup.wav")
     assert band_db(talkgroup, 16000, 600) > -25, "the talkgroup does not hear the phone"
 
@@ -510,7 +567,7 @@ def test_an_srtp_phone_over_udp_is_refused_and_never_gets_a_key(phones, tmp_path
     phone = encrypting(phones("savp", tone(600, 6)))
 
     async def scenario() -> None:
-        async with running_gateway(site(tmp_path, None, route="public = true")) as gw:
+        async with running_gateway(srtp_site(tmp_path, route("6001", "optional"))) as gw:
             phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=4)
             await until(
                 lambda: "488 Not Acceptable Here" in phone.output(), 10, "the phone to be refused"
