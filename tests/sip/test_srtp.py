@@ -15,6 +15,7 @@ import secrets
 import socket
 import ssl
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -23,7 +24,16 @@ import pytest
 from gateway.codecs.g711 import ulaw_decode, ulaw_encode
 from pki import Authority
 from pylibsrtp import Policy, Session
-from sip_peers import Phone, band_db, dominant_hz, run, running_gateway, tone, until
+from sip_peers import (
+    Phone,
+    band_db,
+    dominant_hz,
+    run,
+    running_gateway,
+    stop_process,
+    tone,
+    until,
+)
 from test_calls import legs, recorded
 
 from gateway.config import ConfigError, parse_config
@@ -33,7 +43,7 @@ from gateway.sip.pyvoip import parse
 from gateway.sip.rtcp import build_report, parse_compound
 from gateway.sip.sdp import read_offer
 from gateway.sip.srtp import SUITE, TAG, Crypto, LegSrtp, accept_keys, new_crypto, parse_crypto
-from tests.conftest import free_port
+from tests.conftest import free_port, require_binary
 
 RATE = 8000
 HEADER = struct.Struct("!BBHII")
@@ -576,3 +586,117 @@ def test_an_srtp_phone_over_udp_is_refused_and_never_gets_a_key(phones, tmp_path
             assert not legs(gw)
 
     run(scenario())
+
+
+class Capture:
+    """tshark on loopback, filtered to one UDP port, stopped by its PID; the datagrams' bytes."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.binary = require_binary("tshark")
+        self.file = directory / "media.pcap"
+        self.log = directory / "tshark.log"
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "-i", "lo", "-f", f"udp port {self.port}", "-F", "pcap",
+                 "-w", str(self.file)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    def capturing(self) -> bool:
+        return "Capturing on" in self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def datagrams(self) -> list[tuple[int, int, bytes]]:
+        """(source port, destination port, payload) of every UDP datagram captured."""
+        fields = subprocess.run(
+            [self.binary, "-r", str(self.file), "-T", "fields",
+             "-e", "udp.srcport", "-e", "udp.dstport", "-e", "udp.payload"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+        out = []
+        for line in fields.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[2]:
+                out.append((int(parts[0]), int(parts[1]), bytes.fromhex(parts[2].replace(":", ""))))
+        return out
+
+
+def both(issued) -> Path:  # noqa: ANN001 - pki.Issued
+    """baresip wants its certificate and key in one PEM file."""
+    path = issued.certificate.with_suffix(".pem")
+    path.write_bytes(issued.certificate.read_bytes() + issued.key.read_bytes())
+    return path
+
+
+def test_baresip_over_tls_with_srtp_hears_and_is_heard_and_the_wire_is_noise(phones, tmp_path):
+    """baresip (mediaenc=srtp-mand, its srtp module) dials a required-SRTP talkgroup straight
+    over TLS: both ways the tone is heard at its level, and the RTP captured on loopback
+    does not decode to it."""
+    ca = Authority(tmp_path / "pki")
+    source = np.concatenate([np.zeros(RATE), tone(600, 9)])
+    phone = encrypting(
+        phones(
+            "secure",
+            source,
+            transport="tls",
+            cafile=ca.bundle,
+            certificate=both(ca.issue("phone.test")),
+        )
+    )
+    capture: Capture | None = None
+
+    async def scenario() -> None:
+        nonlocal capture
+        async with running_gateway(srtp_site(tmp_path, route("6001", "required"), ca)) as gw:
+            capture = Capture(tmp_path, gw.sip.bank.port)
+            capture.start()
+            await until(capture.capturing, 20, "tshark to capture")
+            tls_port = gw.sip.transport.port_for("tls")
+            phone.start(dial=f"sip:6001@127.0.0.1:{tls_port};transport=tls", seconds=5)
+            await until(lambda: legs(gw), 15, "the call to be answered")
+            leg = legs(gw)[0]
+            dialog = next(iter(gw.sip.calls.dialogs.values()))
+            assert dialog.peer.transport == "tls"
+            assert gw.sip.bank.srtp[leg.row], "the call is not SRTP"
+            await until(lambda: leg.stats().get("packets_in", 0) >= 100, 10, "the phone's SRTP")
+            # (baresip also sends an RTCP APP "PING" in clear before its SRTP starts: that one
+            # is dropped as srtp_auth on the RTCP port; none of its RTP is.)
+            assert leg.stats()["packets_malformed"] <= 2
+            await until(lambda: not phone.running(), 15, "the phone to hang up")
+            await until(lambda: not legs(gw), 10, "BYE to end the leg")
+
+    try:
+        run(scenario())
+    finally:
+        if capture is not None:
+            capture.stop()
+    assert "srtp" in phone.output().lower()
+    heard = phone.heard()
+    assert len(heard) > 2 * RATE, "the call was too short to judge"
+    middle = heard[RATE : len(heard) - RATE // 2]
+    assert abs(dominant_hz(middle, RATE) - 1000) < 15, "the phone does not hear the radio"
+    assert band_db(middle, RATE, 1000) > -20
+    assert band_db(middle, RATE, 600) < band_db(middle, RATE, 1000) - 30, "phone hears itself"
+    assert band_db(recorded(tmp_path / "talkgroup.wav"), 16000, 600) > -30, "phone not heard"
+    # On the wire: RTP with a 10-byte tag, and what would be G.711 is noise both ways.
+    assert capture is not None
+    bank_port = capture.port
+    rtp = [(s, d, p) for s, d, p in capture.datagrams() if len(p) >= 12 and p[1] & 0x7F == 0]
+    to_phone = [p for s, _, p in rtp if s == bank_port]
+    from_phone = [p for _, d, p in rtp if d == bank_port]
+    assert len(to_phone) > 100 and len(from_phone) > 100, (len(to_phone), len(from_phone))
+    assert {len(p) for p in to_phone} == {12 + 160 + TAG}
+    assert {len(p) for p in from_phone} == {12 + 160 + TAG}
+    wire_down = decode([p[12:172] for p in to_phone[-100:]])
+    wire_up = decode([p[12:172] for p in from_phone[-100:]])
+    assert tone_share(middle, RATE, 1000) > -1
+    assert tone_share(wire_down, RATE, 1000) < -10, "the radio's tone is readable on the wire"
+    assert tone_share(wire_up, RATE, 600) < -10, "the phone's tone is readable on the wire"
