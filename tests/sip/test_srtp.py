@@ -700,3 +700,46 @@ def test_baresip_over_tls_with_srtp_hears_and_is_heard_and_the_wire_is_noise(pho
     assert tone_share(middle, RATE, 1000) > -1
     assert tone_share(wire_down, RATE, 1000) < -10, "the radio's tone is readable on the wire"
     assert tone_share(wire_up, RATE, 600) < -10, "the phone's tone is readable on the wire"
+
+
+def test_a_sips_dial_out_offers_srtp_and_the_called_phone_hears_the_talkgroup(phones, tmp_path):
+    """A dial-out to a sips: URI offers RTP/SAVP with our key; baresip (srtp-mand, TLS on its
+    SIP port + 1) answers with its own; it hears the radio and is heard."""
+    ca = Authority(tmp_path / "pki")
+    source = np.concatenate([np.zeros(RATE), tone(600, 12)])
+    phone = encrypting(
+        phones(
+            "coast",
+            source,
+            transport="tls",
+            cafile=ca.bundle,
+            certificate=both(ca.issue("127.0.0.1")),
+        )
+    )
+    dial_out = f"""
+[sip.dial_out.coast]
+talkgroup = "marine"
+uri = "sips:coast@127.0.0.1:{phone.port + 1}"
+srtp = "required"
+"""
+    toml = srtp_site(tmp_path, route("6001", "optional") + dial_out, ca)
+    toml = toml.replace("[sip]\n", f'[sip]\ntls_ca = "{ca.bundle}"\n', 1)
+    phone.start(seconds=10)
+
+    async def scenario() -> None:
+        async with running_gateway(toml) as gw:
+            dialling = gw.sip.dial_outs["coast"]
+            await until(lambda: dialling.connects >= 1, 15, "the dial-out to be answered")
+            leg = legs(gw)[0]
+            assert gw.sip.bank.srtp[leg.row], "the dial-out is not SRTP"
+            await until(lambda: leg.stats().get("packets_in", 0) >= 150, 10, "the phone's SRTP")
+            assert leg.stats()["packets_malformed"] <= 2  # baresip's clear RTCP "PING"
+            await until(lambda: not phone.running(), 15, "the phone to finish")
+
+    run(scenario())
+    heard = phone.heard()
+    assert len(heard) > 3 * RATE, "the call was too short to judge"
+    middle = heard[RATE : len(heard) - RATE // 2]
+    assert abs(dominant_hz(middle, RATE) - 1000) < 15, "the phone does not hear the radio"
+    assert band_db(middle, RATE, 1000) > -20
+    assert band_db(recorded(tmp_path / "talkgroup.wav"), 16000, 600) > -30, "phone not heard"
