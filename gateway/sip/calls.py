@@ -436,9 +436,17 @@ class CallManager:
             await asyncio.gather(*(self.hangup(d, wait) for d in dialogs), return_exceptions=True)
 
     async def dial(
-        self, uri: str, talkgroup: str, entry: DialOutConfig, proxy: Address | None = None
+        self,
+        uri: str,
+        talkgroup: str,
+        entry: DialOutConfig,
+        proxy: Address | None = None,
+        offer_srtp: bool = True,
     ) -> Dialog | None:
-        """Call out (a dial-out patch); the answered call's Dialog, or None."""
+        """Call out (a dial-out patch); the answered call's Dialog, or None.
+
+        Over TLS the offer is SRTP (RTP/SAVP with our key) unless the policy is off; under
+        ``optional`` a far end that refuses it with 488 is called again with plain RTP."""
         destination = as_source(proxy) if proxy else uri_source(uri)
         if destination is None:
             log.warning("dial-out to %s: not a URI the gateway can call", uri)
@@ -448,8 +456,7 @@ class CallManager:
         if policy == "required" and not destination.secure:
             log.warning("dial-out to %s: SRTP required but the call would not go over TLS", uri)
             return None
-        # Over TLS we offer SRTP (RTP/SAVP: the far end takes it or refuses the call).
-        ours = new_crypto() if destination.secure and policy != "off" else None
+        ours = new_crypto() if destination.secure and policy != "off" and offer_srtp else None
         body = describe(
             self.address,
             self.bank.port,
@@ -481,6 +488,9 @@ class CallManager:
         if response is None or int(response.status) >= 300:
             if response is not None:
                 self._ack(response, uri, destination, call_id, tag, local_uri, invite_lines[1])
+                if int(response.status) == 488 and ours is not None and policy == "optional":
+                    log.info("dial-out to %s refused SRTP; calling again with plain RTP", uri)
+                    return await self.dial(uri, talkgroup, entry, proxy, offer_srtp=False)
             log.warning(
                 "dial-out to %s failed: %s",
                 uri,

@@ -743,3 +743,40 @@ srtp = "required"
     assert abs(dominant_hz(middle, RATE) - 1000) < 15, "the phone does not hear the radio"
     assert band_db(middle, RATE, 1000) > -20
     assert band_db(recorded(tmp_path / "talkgroup.wav"), 16000, 600) > -30, "phone not heard"
+
+
+def test_an_optional_dial_out_to_a_phone_without_srtp_calls_again_plain(phones, tmp_path, caplog):
+    """Under ``optional`` a sips: dial-out offers SRTP first; a phone that refuses it (488)
+    is called again with plain RTP, and the call carries the talkgroup."""
+    ca = Authority(tmp_path / "pki")
+    phone = phones(
+        "plain",
+        np.concatenate([np.zeros(RATE), tone(600, 12)]),
+        transport="tls",
+        cafile=ca.bundle,
+        certificate=both(ca.issue("127.0.0.1")),
+    )
+    dial_out = f"""
+[sip.dial_out.plain]
+talkgroup = "marine"
+uri = "sips:plain@127.0.0.1:{phone.port + 1}"
+"""
+    toml = srtp_site(tmp_path, route("6001", "optional") + dial_out, ca)
+    toml = toml.replace("[sip]\n", f'[sip]\ntls_ca = "{ca.bundle}"\n', 1)
+    phone.start(seconds=8)
+    caplog.set_level("INFO", "gateway.sip.calls")
+
+    async def scenario() -> None:
+        async with running_gateway(toml) as gw:
+            dialling = gw.sip.dial_outs["plain"]
+            await until(lambda: dialling.connects >= 1, 15, "the dial-out to be answered")
+            assert dialling.attempts == 1, "not called again at once"
+            leg = legs(gw)[0]
+            assert not gw.sip.bank.srtp[leg.row]
+            await until(lambda: leg.stats().get("packets_in", 0) >= 100, 10, "the phone's RTP")
+            await until(lambda: not phone.running(), 15, "the phone to finish")
+
+    run(scenario())
+    assert "refused SRTP; calling again with plain RTP" in caplog.text  # it did say 488
+    middle = phone.heard()[RATE : -RATE // 2]
+    assert abs(dominant_hz(middle, RATE) - 1000) < 15, "the phone does not hear the radio"
