@@ -1,10 +1,12 @@
 """SRTP for SIP calls: SDES keys in SDP, only over TLS, per-route policy; the leg bank
 protects and checks every packet of an SRTP call, and drops (and counts) what fails.
 
-The far end here is a Python SRTP peer (pylibsrtp, the same C library but its own
-sessions and keys) on real sockets: it encrypts a tone into the real LegBank, decrypts
-what the bank sends, and keeps the bytes it saw on the wire to show they are not the
-G.711 of the tone. Policy is checked with real INVITEs over UDP from a raw socket.
+On the bank and in the gateway the far end is a Python SRTP peer (pylibsrtp, the same C
+library but its own sessions and keys) on real sockets: it encrypts a tone in, decrypts
+what comes back, and keeps the bytes it saw on the wire to show they are not the G.711
+of the tone. Policy is checked with real INVITEs over UDP from a raw socket and over a
+real TLS connection; then baresip's SDES module (srtp-mand) calls over TLS and is
+called by a sips: dial-out, with the RTP captured on loopback by tshark.
 """
 
 from __future__ import annotations
