@@ -534,7 +534,7 @@ class CallManager:
             talkgroup,
             entry.priority,
             entry,
-            srtp,
+            srtp=srtp,
         )
         log.info("dial-out %s connected on %s%s", uri, talkgroup, " with SRTP" if srtp else "")
         return dialog

@@ -704,6 +704,15 @@ def test_baresip_over_tls_with_srtp_hears_and_is_heard_and_the_wire_is_noise(pho
     assert tone_share(wire_up, RATE, 600) < -10, "the phone's tone is readable on the wire"
 
 
+def listening(port: int) -> bool:
+    """Something accepts TCP connections on 127.0.0.1:port (a phone's TLS port, started)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
 def test_a_sips_dial_out_offers_srtp_and_the_called_phone_hears_the_talkgroup(phones, tmp_path):
     """A dial-out to a sips: URI offers RTP/SAVP with our key; baresip (srtp-mand, TLS on its
     SIP port + 1) answers with its own; it hears the radio and is heard."""
@@ -729,6 +738,7 @@ srtp = "required"
     phone.start(seconds=10)
 
     async def scenario() -> None:
+        await until(lambda: listening(phone.port + 1), 10, "the phone to listen for TLS")
         async with running_gateway(toml) as gw:
             dialling = gw.sip.dial_outs["coast"]
             await until(lambda: dialling.connects >= 1, 15, "the dial-out to be answered")
@@ -769,6 +779,7 @@ uri = "sips:plain@127.0.0.1:{phone.port + 1}"
     caplog.set_level("INFO", "gateway.sip.calls")
 
     async def scenario() -> None:
+        await until(lambda: listening(phone.port + 1), 10, "the phone to listen for TLS")
         async with running_gateway(toml) as gw:
             dialling = gw.sip.dial_outs["plain"]
             await until(lambda: dialling.connects >= 1, 15, "the dial-out to be answered")
