@@ -42,7 +42,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.sip.bank import LegBank, LegMedia
 from gateway.sip.config import strictest
 from gateway.sip.pyvoip import parse
-from gateway.sip.rtcp import build_report, parse_compound
+from gateway.sip.rtcp import RtcpState, build_report, parse_compound
 from gateway.sip.sdp import read_offer
 from gateway.sip.srtp import SUITE, TAG, Crypto, LegSrtp, accept_keys, new_crypto, parse_crypto
 from tests.conftest import free_port, require_binary
@@ -330,6 +330,43 @@ def test_a_phone_behind_nat_latches_an_srtp_call_only_with_its_key():
         bank.close()
         for peer in (announced, phone, attacker):
             peer.close()
+
+
+def test_srtcp_multiplexed_on_the_rtp_port_both_ways():
+    """With a=rtcp-mux the peer's SRTCP comes on the RTP port (decrypted with the RTP in the
+    batch) and our SRTCP reports go to its RTP address."""
+    bank = LegBank(16000, 320, 0.02, capacity=2, rtcp_interval=0.5)
+    peer = SrtpPeer(600)
+    gateway_key = new_crypto(1)
+    peer.keys(gateway_key)
+    media = LegMedia(
+        0, 101, peer.address, srtp=LegSrtp(peer.ours.key, gateway_key.key),
+        rtcp=RtcpState(peer.address, mux=True),
+    )  # fmt: skip
+    bank.add(media)
+    to_bank = ("127.0.0.1", bank.port)
+
+    def tick(k: int, when: str) -> None:
+        if when == "before":
+            peer.send(to_bank)
+            if k == 10:  # a receiver report, SRTCP, on the RTP port
+                report = build_report(peer.ssrc, "peer@test", None, None)
+                peer.rtp.sendto(peer.tx.protect_rtcp(report), to_bank)
+        elif when == "after":
+            peer.drain()
+
+    try:
+        paced_ticks(bank, 60, tick)
+        assert media.rtcp.reports_in == 1
+        assert bank.malformed["srtp_auth"] == 0 and media.malformed == 0
+        reports = [p for p in peer.wire if 192 <= p[1] <= 223]
+        assert reports, "no report on the RTP port"
+        assert all(parse_compound(peer.rx.unprotect_rtcp(p)) for p in reports)
+        audio = [p for p in peer.wire if p[1] & 0x7F == 0]
+        assert len(audio) >= 50 and all(peer.rx.unprotect(p) for p in audio[-5:])
+    finally:
+        bank.close()
+        peer.close()
 
 
 # --- keys and policy ---------------------------------------------------------------------
