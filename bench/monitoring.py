@@ -2,24 +2,34 @@
 
     .venv/bin/python bench/monitoring.py            # the table (about half a minute)
     .venv/bin/python bench/monitoring.py --quick    # fewer repeats
+    .venv/bin/python bench/monitoring.py --stall    # how late ticks run while scraped
 
-A scrape is split as the exporter runs it: the snapshot (on the loop thread, so
-it delays the media clock) and the rendering to text (in a worker thread).
+``--stall`` runs a live gateway (media clock, web server) with 1000 and 1250
+network-leg-like ports (each with a SIP leg's 16 ``stats()`` counters) and reads
+``/metrics`` over HTTP every half second; it prints how late the ticks ran during
+the scrapes, beside the same gateway not scraped.
+
+A scrape's work is shown in two parts, the snapshot (copying the engine's state) and
+the rendering to text; the exporter runs both on the loop thread between ticks, in
+slices, so neither delays a tick (``--stall`` shows it on a live gateway).
 Figures are medians of repeated runs; the machine is shared and noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 
+import numpy as np
 from gateway.monitoring.metrics import SiteMetrics
 
 import gateway.site  # noqa: F401  (registers port kinds and sections)
 from gateway.app import Gateway
-from gateway.config import parse_config
+from gateway.config import PortConfig, parse_config
 from gateway.engine import Event
+from gateway.ports import Port
 
 
 def site(ports: int) -> str:
@@ -105,10 +115,94 @@ def measure(ports: int, repeats: int, ticks: int) -> dict[str, float]:
     }
 
 
+class LegLike(Port):
+    """A call's port as metrics see it: silent, with a SIP leg's counters in stats()."""
+
+    kind = "sip"
+
+    def __init__(self, name: str, gw: Gateway, row: int, counters: np.ndarray) -> None:
+        super().__init__(name, PortConfig(kind="sip"), gw.config.timing)
+        self.row, self.counters = row, counters
+
+    def stats(self) -> dict[str, float]:  # as costly as gateway.sip.bank's: numpy scalars
+        c, r = self.counters, self.row
+        keys = ("packets_in", "packets_out", "bytes_in", "bytes_out", "packets_lost",
+                "packets_late", "packets_malformed", "concealed_samples", "rtcp_reports_in",
+                "rtcp_reports_out", "remote_packets_lost")  # fmt: skip
+        stats = {k: int(c[i, r]) for i, k in enumerate(keys)}
+        stats.update(jitter_seconds=float(c[0, r]) / 8000, jitter_buffer_seconds=0.04,
+                     remote_jitter_seconds=float(c[1, r]) / 8000, rtt_seconds=0.01)  # fmt: skip
+        return stats
+
+
+async def stall_run(legs: int, seconds: float, scrape_every: float | None) -> dict[str, float]:
+    """Tick lateness of a live gateway with ``legs`` call-like ports, scraped or not."""
+    import aiohttp
+
+    text = site(20) + '\n[web]\nhost = "127.0.0.1"\nport = 0\n'
+    gw = Gateway(parse_config(text))
+    counters = np.arange(11 * legs, dtype=np.int64).reshape(11, legs)
+    for i in range(legs):
+        gw.engine.attach(LegLike(f"call-{i}", gw, i, counters), f"tg{i % 2}")
+    task = asyncio.create_task(gw.run())
+    while gw.web is None or gw.web.port is None or gw.clock.ticks < 50:
+        await asyncio.sleep(0.05)
+    first, late_before = gw.clock.ticks, gw.clock.late_ticks
+    worst, scrapes, scrape_s, longest, frames = 0.0, 0, [], 0.0, []
+    url = f"http://127.0.0.1:{gw.web.port}/metrics"
+    end = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < end:
+            if scrape_every:
+                t0 = time.monotonic()
+                async with session.get(url) as response:
+                    await response.read()
+                scrape_s.append(time.monotonic() - t0)
+                metrics = gw.metrics  # type: ignore[attr-defined]
+                longest = max(longest, getattr(metrics, "longest_slice", 0.0))
+                frames.append(len(getattr(metrics, "slice_ticks", [])))
+                scrapes += 1
+            await asyncio.sleep(scrape_every or 0.5)
+            recent = gw.clock.lateness.recent()
+            worst = max(worst, float(recent.max()) if recent.size else 0.0)
+    ticks = gw.clock.ticks - first
+    recent = gw.clock.lateness.recent()[-ticks:]
+    late = gw.clock.late_ticks - late_before
+    gw.stop()
+    await task
+    return {"legs": legs, "scrapes": scrapes, "ticks": ticks, "late": late,
+            "p99_ms": float(np.percentile(recent, 99)) * 1e3, "max_ms": worst * 1e3,
+            "scrape_ms": statistics.median(scrape_s) * 1e3 if scrape_s else 0.0,
+            "slice_ms": longest * 1e3,
+            "slices": statistics.median(frames) if frames else 0}  # fmt: skip
+
+
+def stall_table(seconds: float) -> None:
+    print("Tick lateness while /metrics is read over HTTP every 0.5 s (live gateway, 20 ms ticks)")
+    print(f"{'legs':>6} {'scraped':>8} {'ticks':>6} {'late':>5} {'p99 ms':>7} {'max ms':>7} "
+          f"{'scrape ms':>10} {'slices':>7} {'longest slice ms':>17}")  # fmt: skip
+    for legs in (1000, 1250):
+        for every in (None, 0.5):
+            r = asyncio.run(stall_run(legs, seconds, every))
+            print(f"{legs:>6} {'yes' if every else 'no':>8} {r['ticks']:>6} {r['late']:>5} "
+                  f"{r['p99_ms']:>7.2f} {r['max_ms']:>7.2f} {r['scrape_ms']:>10.1f} "
+                  f"{r['slices']:>7.0f} {r['slice_ms']:>17.2f}")  # fmt: skip
+    print("late: ticks that started more than a frame after their deadline; max: the worst")
+    print("start lateness seen; scrape ms: one /metrics read, request to last byte (median);")
+    print("slices: frames a page was built over; longest slice: CPU time of the longest stretch")
+    print("of page work the loop ran without a break (a tick can wait that long, plus the")
+    print("machine's own stalls, which the unscraped rows show).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stall", action="store_true", help="tick lateness while scraped")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per --stall run")
     args = parser.parse_args()
+    if args.stall:
+        stall_table(args.seconds)
+        return
     repeats, ticks = (3, 100) if args.quick else (7, 250)
     hook_us, event_us = hook_costs(repeats)
     print("Monitoring cost (medians of repeated runs; a tick carries 20 ms of audio)")
@@ -123,8 +217,8 @@ def main() -> None:
         ratio = r["snapshot_ms"] * 1e3 / r["tick_us"]
         print(f"{ports:>6} {r['tick_us']:>9.0f} {r['snapshot_ms']:>12.2f} {r['render_ms']:>10.2f} "
               f"{per_port:>15.1f} {ratio:>13.1f}x {r['kib']:>9.0f}")  # fmt: skip
-    print("snapshot runs on the loop thread (it delays that tick); render runs in a worker")
-    print("thread. tick µs is a whole engine tick of that site, for scale.")
+    print("The exporter does both on the loop thread between ticks, in slices of at most a")
+    print("quarter frame (see --stall). tick µs is a whole engine tick of that site, for scale.")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Protocol
 
 from gateway.clock import MediaClock, PhaseLock
 from gateway.config import ConfigError, PortConfig, SiteConfig, describe_changes, load_config
-from gateway.engine import Engine, Event
-from gateway.ports import Port, build_port
+from gateway.engine import RETRY_FIRST_S, RETRY_MAX_S, Engine, Event
+from gateway.ports import DownPort, Port, build_port
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,18 @@ class Gateway:
         self._stop = asyncio.Event()
         self._reloading = asyncio.Lock()  # one live reload at a time
         self._reloads: set[asyncio.Task] = set()
+        self.reload_failures = 0  # borderlink_reload_failures_total
+        self.down: dict[str, _Retry] = {}  # ports that could not start, retried with backoff
         self.engine.listeners.append(_log_event)
         for name, port_config in config.ports.items():
             if port_config.enabled:
-                self.ports[name] = self._open_port(name, port_config)
+                self.ports[name] = self._start_port(name, port_config)
         self.engine.configure(self.ports.values(), config.talkgroups, config.patches)
+
+    def note(self, event: str, **fields: object) -> None:
+        """An audit record from the gateway or one of its ports (kept when [audit] is on)."""
+        if self.audit is not None:
+            self.audit.record(event, **fields)
 
     def _follow_card_phase(self) -> None:
         """Ticks fall mid-cycle of the first sound card that cares (``PhaseLock``): cards on
@@ -136,27 +144,85 @@ class Gateway:
         phase = next((p for p in (port.tick_phase() for port in ports) if p is not None), None)
         return None if phase is None else (phase, all(port.silent() for port in ports))
 
-    def _open_port(self, name: str, port_config: PortConfig) -> Port:
-        port = build_port(name, port_config, self.config.timing)
+    def _open_port(self, name: str, port_config: PortConfig, config: SiteConfig | None = None
+                   ) -> Port:  # fmt: skip
+        """Build and open one port; raises what stopped it (after closing what it held)."""
+        config = config or self.config
+        port = build_port(name, port_config, config.timing)
+        port.talkgroup = config.talkgroup_of(name) or ""
+        port.on_report = self.note
         try:
             port.open()
-        except Exception as exc:  # the engine isolates and retries it like any faulty port
-            log.error("port %s did not open: %s", name, exc)
+        except Exception as exc:
+            if port.recovers_itself:
+                log.error("port %s did not open (it keeps trying by itself): %s", name, exc)
+                return port
+            _close(port)
+            raise
         return port
+
+    def _start_port(self, name: str, port_config: PortConfig) -> Port:
+        """The port, or, when it cannot start, a DownPort in its place that is retried
+        with backoff: one missing file must not keep the rest of the site off the air."""
+        try:
+            return self._open_port(name, port_config)
+        except Exception as exc:
+            reason = _reason(exc)
+            self.down[name] = _Retry(port_config, reason, due=time.monotonic() + RETRY_FIRST_S)
+            log.error("port %s is down: %s; retried in %.0fs, the rest of the site runs",
+                      name, reason, RETRY_FIRST_S)  # fmt: skip
+            return DownPort(name, port_config, self.config.timing, reason)
+
+    async def _retry_down_ports(self) -> None:
+        """Try each down port again when its backoff is over (1 s, doubling to 30 s)."""
+        for name, retry in self.down.items():  # down since start: now the audit log is open
+            self.engine.emit(Event("port_down", name, detail=retry.reason))
+        while True:
+            await asyncio.sleep(0.25)
+            async with self._reloading:  # a reload may remove or replace a down port
+                for name in [n for n, r in self.down.items() if r.due <= time.monotonic()]:
+                    await self._retry_port(name, self.down[name])
+
+    async def _retry_port(self, name: str, retry: _Retry) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            port = await loop.run_in_executor(None, self._open_port, name, retry.config)
+        except Exception as exc:
+            wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2**retry.attempts)
+            retry.attempts += 1
+            retry.due = time.monotonic() + wait
+            reason = _reason(exc)
+            log.warning("port %s still down after %d attempts: %s; next try in %.0fs",
+                        name, retry.attempts, reason, wait)  # fmt: skip
+            if reason != retry.reason:
+                retry.reason = self.ports[name].down_reason = reason  # type: ignore[attr-defined]
+                self.engine.emit(Event("port_down", name, detail=reason))
+            return
+        del self.down[name]
+        stand_in, self.ports[name] = self.ports[name], port
+        engine = self.engine
+        dynamic = [p for p in engine.ports if p.name in engine.attached]
+        engine.configure([*self.ports.values(), *dynamic], engine.talkgroups, engine.patches,
+                         engine.active_patches)  # fmt: skip
+        _close(stand_in)
+        log.info("port %s is up, after %d attempts", name, retry.attempts + 1)
+        engine.emit(Event("port_up", name, detail=f"after {retry.attempts + 1} attempts"))
 
     # --- reload -------------------------------------------------------------------
 
-    def reload(self, path: str | Path | None = None) -> ReloadResult:
+    def reload(self, path: str | Path | None = None, by: str = "api") -> ReloadResult:
         """Re-read the config and apply the difference between two ticks.
 
-        A config that fails validation is refused and the running one stays. This
-        blocks while new ports open; the running gateway reloads with
-        :meth:`reload_live`, which does not.
+        A config that fails validation, or one with a port that cannot start, is
+        refused as a whole and the running one stays; either way the outcome is
+        logged and audited with ``by`` (who asked). This blocks while new ports
+        open; the running gateway reloads with :meth:`reload_live`, which does not.
         """
         new = self._read(path)
-        return new if isinstance(new, ReloadResult) else self.apply(new)
+        return self._done(new, by) if isinstance(new, ReloadResult) else self.apply(new, by)
 
-    async def reload_live(self, path: str | Path | None = None) -> ReloadResult:
+    async def reload_live(self, path: str | Path | None = None, by: str = "SIGHUP"
+                          ) -> ReloadResult:  # fmt: skip
         """:meth:`reload` without stalling the tick (SIGHUP, ``run --watch``).
 
         Opening a sound card takes its process about 0.2 s and closing one as long,
@@ -167,22 +233,43 @@ class Gateway:
         async with self._reloading:
             new = self._read(path)
             if isinstance(new, ReloadResult):
-                return new
+                return self._done(new, by)
             loop = asyncio.get_running_loop()
-            plan = self._plan(new)
-            opened = await loop.run_in_executor(None, self._open_ports, plan)
-            result, retired = self._swap(new, plan, opened)
+            try:
+                plan = self._plan(new)
+                opened = await loop.run_in_executor(None, self._open_ports, plan, new)
+                result, retired = self._swap_or_undo(new, plan, opened)
+            except Exception as exc:
+                return self._done(self._failed(new, exc), by)
             await loop.run_in_executor(None, _close_all, retired)
-            return result
+            return self._done(result, by)
 
-    def apply(self, new: SiteConfig) -> ReloadResult:
+    def apply(self, new: SiteConfig, by: str = "api") -> ReloadResult:
         """Apply an already validated config (blocking, like :meth:`reload`)."""
         refusal = self._refusal(new)
         if refusal is not None:
-            return refusal
-        plan = self._plan(new)
-        result, retired = self._swap(new, plan, self._open_ports(plan))
+            return self._done(refusal, by)
+        try:
+            plan = self._plan(new)
+            result, retired = self._swap_or_undo(new, plan, self._open_ports(plan, new))
+        except Exception as exc:
+            return self._done(self._failed(new, exc), by)
         _close_all(retired)
+        return self._done(result, by)
+
+    def _failed(self, new: SiteConfig, exc: Exception) -> ReloadResult:
+        message = f"{new.source or 'config'}: {_reason(exc)}"
+        log.error("reload refused, the running config stays in force: %s", message,
+                  exc_info=not isinstance(exc, PortStartError))  # fmt: skip
+        return ReloadResult(False, [], [], [], message)
+
+    def _done(self, result: ReloadResult, by: str) -> ReloadResult:
+        """Count and audit a reload, whatever came of it."""
+        if result.ok:
+            self.note("reload", by=by, ok=True, changes=result.summary)
+        else:
+            self.reload_failures += 1
+            self.note("reload", by=by, ok=False, error=result.error)
         return result
 
     def _read(self, path: str | Path | None) -> SiteConfig | ReloadResult:
@@ -223,15 +310,44 @@ class Gateway:
             added=[n for n in wanted if n not in self.ports],
         )
 
-    def _open_ports(self, plan: _Plan) -> dict[str, Port]:
-        """The changed and added ports, built and opened (not yet in the engine)."""
-        return {n: self._open_port(n, plan.wanted[n]) for n in plan.changed + plan.added}
+    def _open_ports(self, plan: _Plan, new: SiteConfig) -> dict[str, Port]:
+        """The changed and added ports, built and opened (not yet in the engine).
+
+        One that cannot start refuses the whole reload (the running port, if any,
+        keeps going): the ports opened so far are closed again.
+        """
+        opened: dict[str, Port] = {}
+        try:
+            for name in plan.changed + plan.added:
+                try:
+                    opened[name] = self._open_port(name, plan.wanted[name], new)
+                except Exception as exc:
+                    raise PortStartError(f"port {name} cannot start: {_reason(exc)}") from exc
+        except Exception:
+            _close_all(list(opened.values()))
+            raise
+        return opened
+
+    def _swap_or_undo(self, new: SiteConfig, plan: _Plan, opened: dict[str, Port]
+                      ) -> tuple[ReloadResult, list[Port]]:  # fmt: skip
+        """:meth:`_swap`, or, if it fails half-way, the engine as it was and the new ports
+        closed."""
+        engine = self.engine
+        before = (list(engine.ports), engine.talkgroups, engine.patches, engine.active_patches)
+        try:
+            return self._swap(new, plan, opened)
+        except Exception:
+            engine.configure(*before)
+            _close_all(list(opened.values()))
+            raise
 
     def _swap(self, new: SiteConfig, plan: _Plan, opened: dict[str, Port]
               ) -> tuple[ReloadResult, list[Port]]:  # fmt: skip
         """Put the new ports and talkgroups into the engine; returns the ports to close."""
         ports = dict(self.ports)
         retired = [ports.pop(n) for n in plan.removed + plan.changed]
+        for name in plan.removed + plan.changed:
+            self.down.pop(name, None)  # replaced or gone: no more retries
         ports.update(opened)
         ports = {n: ports[n] for n in plan.wanted}
         # Calls and consoles attached at run time stay, unless their talkgroup is gone.
@@ -242,7 +358,13 @@ class Gateway:
                 engine.attached.pop(port.name)
                 retired.append(port)
         dynamic = [p for p in dynamic if p.name in engine.attached]
+        patched = set(engine.active_patches)
         engine.configure([*ports.values(), *dynamic], new.talkgroups, new.patches)
+        flipped = sorted(patched ^ engine.active_patches)  # turned on or off by the file
+        for name in flipped:
+            on = name in engine.active_patches
+            engine.emit(Event("patch", detail=f"{name} {'on' if on else 'off'}",
+                              tick=engine.tick_count))  # fmt: skip
         self.ports = ports
         changes = describe_changes(self.config, new)
         self.config = new
@@ -276,6 +398,7 @@ class Gateway:
                     self.services.append(service)
             clock = asyncio.create_task(self.clock.run(), name="media-clock")
             tasks.append(clock)
+            tasks.append(asyncio.create_task(self._retry_down_ports(), name="port-retries"))
             if watch and self.config.source:
                 # Read the file's time now: an edit before the task first runs still counts.
                 since = self.config.source.stat().st_mtime_ns
@@ -297,7 +420,7 @@ class Gateway:
                 loop.remove_signal_handler(sig)
 
     def _reload_on_signal(self) -> None:
-        task = asyncio.ensure_future(self.reload_live())
+        task = asyncio.ensure_future(self.reload_live(by="SIGHUP"))
         self._reloads.add(task)  # kept until done, or the loop may drop it
         task.add_done_callback(self._reloads.discard)
 
@@ -320,7 +443,27 @@ class Gateway:
                 continue
             if now != last:
                 last = now
-                await self.reload_live(path)
+                await self.reload_live(path, by="--watch")
+
+
+class PortStartError(Exception):
+    """A port of a new config could not be built or opened."""
+
+
+@dataclass
+class _Retry:
+    """A port that could not start: its config, why, and when to try again."""
+
+    config: PortConfig
+    reason: str
+    attempts: int = 1
+    due: float = 0.0  # time.monotonic()
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one line a radio engineer can act on."""
+    text = str(exc).strip()
+    return text if text else type(exc).__name__
 
 
 @dataclass

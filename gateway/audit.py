@@ -16,8 +16,12 @@ patch change, call and login becomes one JSON line in an append-only file:
 - Only names the site config gives (ports, talkgroups, patches, agencies,
   operators) and identities that were proven are written — a SIP caller's digest
   user, TLS certificate name or trusted proxy's asserted identity, with its
-  address: this log is where a call's caller is named, and the only place. No
-  audio, no name a caller wrote itself, no free text from outside.
+  address: this log is where a call's caller is named, and the only place. Two
+  more things from outside are kept on purpose: a console client's address at
+  login (normal in an audit trail: it ties a login to a workstation) and an MQTT
+  command's ``id`` (the commander's reference, cut to 64 characters). No audio,
+  no name a caller wrote itself, no other free text. docs/audit.md lists every
+  event and its fields (a test holds the code to it).
 - Audio recording is separate (a ``recorder`` port in a talkgroup) and off
   unless configured; the first line of each run says, per talkgroup, which.
 
@@ -43,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from gateway.app import section_service
-from gateway.config import Model, register_section
+from gateway.config import Model, register_section, writable_problem
 from gateway.units import Duration
 
 if TYPE_CHECKING:
@@ -62,6 +66,14 @@ class AuditConfig(Model):
     rotate_daily: bool = True
     keep: int = Field(90, ge=1, description="rotated files kept; older ones are deleted")
     sync_every: Duration = 1.0
+
+    def file_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        problem = writable_problem(Path(self.path).parent)
+        return [(("path",), f"{problem}; nothing would be audited")] if problem else []
+
+    def summary_lines(self) -> list[str]:
+        daily = " and at UTC midnight" if self.rotate_daily else ""
+        return [f"{self.path}, rotated at {self.max_size_kb} KiB{daily}, {self.keep} kept"]
 
 
 def utc_iso(epoch: float) -> str:
@@ -246,7 +258,7 @@ class AuditLog:
                         talkgroups=list(patch_cfg.talkgroups) if patch_cfg else None)  # fmt: skip
         elif kind == "preempted":
             self.record(kind, **fields, by=event.detail.removeprefix("by "))
-        elif kind == "fault":
+        elif kind in ("fault", "port_down"):
             self.record(kind, **fields, reason=event.detail)
         elif kind == "joined":
             self._attached[port] = (now, event.detail or "port", event.talkgroup or "")

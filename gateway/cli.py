@@ -41,9 +41,11 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 
 @command("check", "validate a site config without starting anything", _config_arg)
 def check(args: argparse.Namespace) -> int:
-    from gateway.site import load_site, summary
+    from gateway.site import load_site, summary, verify
 
-    print(summary(load_site(args.config)))
+    config = load_site(args.config)
+    verify(config)
+    print(summary(config))
     return 0
 
 

@@ -10,6 +10,7 @@ WebRTC) add their own models without touching this module.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import tomllib
 import types
@@ -19,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.units import Duration
 
@@ -100,6 +108,22 @@ class TalkSchedule(Model):
     talk_for: Duration = 0.0
     talk_offset: Duration = 0.0
 
+    @property
+    def talks_always(self) -> bool:
+        return self.talk_every == 0 and self.talk_for == 0
+
+
+class ScheduledSource(PortConfig, TalkSchedule):
+    """A tone or file played on purpose. One with no schedule talks all the time, which is
+    what its author asked for: the 3-minute TOT (meant for a stuck microphone) would cut
+    it for good, so such a source has no TOT unless ``tot`` is written."""
+
+    @model_validator(mode="after")
+    def _no_tot_when_always_on(self) -> ScheduledSource:
+        if self.talks_always and "tot" not in self.model_fields_set:
+            object.__setattr__(self, "tot", 0.0)
+        return self
+
 
 @register_port_kind("simulated_radio")
 class SimulatedRadioConfig(PortConfig, TalkSchedule):
@@ -112,21 +136,38 @@ class SimulatedRadioConfig(PortConfig, TalkSchedule):
 
 
 @register_port_kind("tone")
-class ToneSourceConfig(PortConfig, TalkSchedule):
+class ToneSourceConfig(ScheduledSource):
     tone_hz: float = Field(1000.0, gt=0, le=20000)
     level_dbfs: float = Field(-12.0, le=0)
 
 
 @register_port_kind("file")
-class FileSourceConfig(PortConfig, TalkSchedule):
+class FileSourceConfig(ScheduledSource):
     path: Path
     loop: bool = True
 
 
 @register_port_kind("recorder")
 class RecorderConfig(PortConfig):
-    path: Path
-    continuous: bool = True
+    """Recordings go to new files in ``directory``, named after the talkgroup and the
+    UTC time they start; an existing file is never written over."""
+
+    directory: Path
+    split: Literal["over", "hour"] = "hour"
+    continuous: bool = True  # hour files: silence between overs too, so they keep real time
+    over_gap: Duration = 2.0  # split = "over": this much silence ends an over's file
+    keep_days: int = Field(0, ge=0)  # delete this talkgroup's recordings older; 0 keeps all
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_is_now_directory(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "path" in data:
+            raise ValueError(
+                "recorders no longer write one file (a restart wrote over it): write "
+                'directory = "<folder>" instead of path; each start, hour (or over, '
+                'split = "over") gets a new file named after the talkgroup and UTC time'
+            )
+        return data
 
 
 class TalkgroupConfig(Model):
@@ -239,6 +280,29 @@ class ConfigError(Exception):
         return "\n".join([head, *("  " + p.render(self.file) for p in self.problems)])
 
 
+def writable_problem(directory: Path) -> str:
+    """Why files could not be written in ``directory`` ("" if they can, or it can be made)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing}: this user may not write there (chown it, or pick another directory)"
+    return ""
+
+
+def readable_problem(path: Path) -> str:
+    """Why ``path`` could not be read ("" if it can)."""
+    try:
+        with open(path, "rb"):
+            return ""
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except OSError as exc:
+        return f"{path}: cannot read it ({exc.strerror or exc})"
+
+
 def load_config(path: str | Path) -> SiteConfig:
     """Read and validate a site file; raise ConfigError listing every problem."""
     path = Path(path)
@@ -260,7 +324,7 @@ def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
         raise ConfigError(
             filename, [Problem("", f"not valid TOML: {exc}. Check quotes and brackets.", line)]
         ) from exc
-    lines = _key_lines(text)
+    lines = key_lines(text)
     problems: list[Problem] = []
     known = ["site", "timing", "ports", "talkgroups", "patches", *SECTIONS]
     for key in raw:
@@ -517,7 +581,7 @@ def _split_key(key: str) -> tuple[str, ...]:
     return tuple(part.strip().strip("\"'") for part in key.split("."))
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map key paths to the line they are written on (tomllib does not keep lines)."""
     lines: dict[tuple[str, ...], int] = {}
     table: tuple[str, ...] = ()

@@ -565,6 +565,11 @@ class Engine:
         g = int(self.layout.group_of[i])
         return self.layout.groups[g].name if g < len(self.layout.groups) else None
 
+    def emit(self, event: Event) -> None:
+        """Tell every listener (log, audit, MQTT, metrics) of something outside the tick:
+        a port that could not start, a patch a reload turned on."""
+        self._emit(event)
+
     def _emit(self, event: Event) -> None:
         for listener in self.listeners:
             try:

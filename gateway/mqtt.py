@@ -18,8 +18,9 @@ Topics, under ``borderlink/<site_id>/``:
 Commands: ``{"id": "42", "action": "patch", "patch": "pursuit"}``, ``unpatch``
 (same), ``unkey`` / ``release`` with ``"port"`` (force a transmitter down and
 hold it down / let it key again), ``floor`` with ``"talkgroup"`` and
-``"mode": "mix" | "single"``. Every command gets a reply, ``{"id", "ok": true}``
-or ``{"id", "ok": false, "error": "<reason>"}``.
+``"mode": "mix" | "single"``, ``reload`` (re-read the site file, as SIGHUP does).
+Every command gets a reply, ``{"id", "ok": true}`` or ``{"id", "ok": false,
+"error": "<reason>"}``.
 
 The broker is optional and may come and go: the gateway never waits for it.
 While it is away, events are kept in a bounded buffer (``buffer``) and sent on
@@ -45,7 +46,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from gateway.app import section_service
-from gateway.config import Model, register_section
+from gateway.config import Model, readable_problem, register_section
 from gateway.units import Duration
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Action = Literal["patch", "unpatch", "unkey", "release", "floor"]
+Action = Literal["patch", "unpatch", "unkey", "release", "floor", "reload"]
 ACTIONS: tuple[str, ...] = Action.__args__  # type: ignore[attr-defined]
 MAX_COMMAND_BYTES = 4096
 STATE_POLL_S = 1.0  # state that changes without an event (a port recovers) is seen this fast
@@ -86,6 +87,23 @@ class MqttConfig(Model):
     buffer: int = Field(1000, ge=1, description="events kept while the broker is away")
     qos: Literal[0, 1, 2] = 1
     commanders: dict[str, list[Action]] = {}
+
+    def file_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        files = {k: getattr(self, k) for k in ("ca_file", "cert_file", "key_file", "password_file")}
+        return [((key,), problem) for key, path in files.items()
+                if path is not None and (problem := readable_problem(path))]  # fmt: skip
+
+    def summary_lines(self) -> list[str]:
+        """What ``borderlink check`` prints: the broker and who may command what."""
+        secure = "TLS" if self.tls else "plain TCP"
+        auth = f", user {self.username}" if self.username else ", no login"
+        lines = [f"broker {self.host}:{self.port} ({secure}{auth}), topics borderlink/"
+                 f"{self.site_id or '<site name>'}/"]  # fmt: skip
+        for sender, actions in self.commanders.items():
+            lines.append(f"commander {sender}: {', '.join(actions)}")
+        if not self.commanders:
+            lines.append("no commanders: state and events out only")
+        return lines
 
     @field_validator("site_id")
     @classmethod
@@ -456,13 +474,13 @@ class MqttService:
         async for message in client.messages:
             sender = message.topic.value.rsplit("/", 1)[-1]
             payload = message.payload if isinstance(message.payload, bytes) else b""
-            reply = self.handle_command(sender, payload)
+            reply = await self.handle_command(sender, payload)
             await client.publish(f"{self.prefix}/reply/{sender}",
                                  json.dumps(reply, separators=(",", ":")).encode(),
                                  qos=self.config.qos)  # fmt: skip
             self._wake.set()
 
-    def handle_command(self, sender: str, payload: bytes) -> dict[str, Any]:
+    async def handle_command(self, sender: str, payload: bytes) -> dict[str, Any]:
         """Authorise, check and carry out one command; the reply says what happened."""
         command_id: Any = None
         action: Any = None
@@ -470,22 +488,27 @@ class MqttService:
         try:
             command = self._parse(payload)
             command_id, action = command.get("id"), command.get("action")
+            if action not in ACTIONS:
+                raise CommandError(f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}")
             if allowed is None or action not in allowed:
                 if allowed is None:
                     why = f"sender {sender!r} is not in [mqtt.commanders]"
                 else:
                     why = f"sender {sender!r} may not {action!r} (allowed: {', '.join(allowed)})"
                 self.commands["unauthorised"] += 1
-                self._audit(sender, action, False, why)
+                self._audit(sender, action, command_id, False, reason=why)
                 return {"id": command_id, "ok": False, "action": action,
                         "error": f"not authorised: {why}"}  # fmt: skip
-            result = self._execute(action, command)
+            if action == "reload":
+                result, change = await self._reload(sender)
+            else:
+                result, change = self._execute(action, command)
         except CommandError as exc:
             self.commands["rejected"] += 1
-            self._audit(sender, action, False, str(exc))
+            self._audit(sender, action, command_id, False, reason=str(exc))
             return {"id": command_id, "ok": False, "action": action, "error": str(exc)}
         self.commands["accepted"] += 1
-        self._audit(sender, action, True, "")
+        self._audit(sender, action, command_id, True, **change)
         return {"id": command_id, "ok": True, "action": action, **result}
 
     @staticmethod
@@ -501,12 +524,13 @@ class MqttService:
             ) from None
         if not isinstance(command, dict):
             raise CommandError("a command must be a JSON object with an 'action'")
-        action = command.get("action")
-        if action not in ACTIONS:
-            raise CommandError(f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}")
         return command
 
-    def _execute(self, action: str, command: dict[str, Any]) -> dict[str, Any]:
+    def _execute(
+        self, action: str, command: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Carry out a command: (the reply's fields, the audit record's target and
+        old → new state). Names in either are config names, checked here."""
         engine = self.gateway.engine
 
         def field(name: str, choices: Any) -> str:
@@ -520,23 +544,41 @@ class MqttService:
         try:
             if action in ("patch", "unpatch"):
                 patch = field("patch", engine.patches)
+                old = "on" if patch in engine.active_patches else "off"
                 engine.set_patch(patch, action == "patch")
-                return {"patch": patch, "active": patch in engine.active_patches}
+                on = patch in engine.active_patches
+                return {"patch": patch, "active": on}, {"patch": patch, "old": old,
+                                                         "new": "on" if on else "off"}  # fmt: skip
             if action in ("unkey", "release"):
                 port = field("port", [p.name for p in engine.ports])
+                old = "inhibited" if port in engine.tx_inhibit else "allowed"
                 engine.set_tx_inhibit(port, action == "unkey")
-                return {"port": port, "tx_inhibit": port in engine.tx_inhibit}
+                held = port in engine.tx_inhibit
+                return {"port": port, "tx_inhibit": held}, {
+                    "port": port, "talkgroup": self._talkgroup(port), "old": old,
+                    "new": "inhibited" if held else "allowed"}  # fmt: skip
             talkgroup = field("talkgroup", engine.talkgroups)
             mode = field("mode", ("mix", "single"))
+            old = engine.talkgroups[talkgroup].floor
             engine.set_floor_mode(talkgroup, mode)
-            return {"talkgroup": talkgroup, "mode": mode}
+            return {"talkgroup": talkgroup, "mode": mode}, {"talkgroup": talkgroup, "old": old,
+                                                            "new": mode}  # fmt: skip
         except (KeyError, ValueError) as exc:  # the engine refused it
             raise CommandError(str(exc).strip("'\"")) from None
 
-    def _audit(self, sender: str, action: Any, ok: bool, reason: str) -> None:
+    async def _reload(self, sender: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Re-read the site file, as SIGHUP does; the reply says what changed or why not."""
+        outcome = await self.gateway.reload_live(by=f"mqtt:{sender}")
+        if not outcome.ok:
+            raise CommandError(f"reload refused, the running config stays: {outcome.error}")
+        return {"changes": outcome.summary}, {"changes": outcome.summary}
+
+    def _audit(self, sender: str, action: Any, command_id: Any, ok: bool, **fields: Any) -> None:
+        """One ``command`` record: who (sender), what (action, target, old → new), the
+        command's id (the commander's own reference, cut to 64 characters)."""
         audit = getattr(self.gateway, "audit", None)
         if audit is not None:
             what = str(action)[:32] if action else None
-            audit.record(
-                "command", via="mqtt", sender=sender[:64], action=what, ok=ok, reason=reason
-            )
+            ref = None if command_id is None else str(command_id)[:64]
+            audit.record("command", via="mqtt", sender=sender[:64], action=what, id=ref, ok=ok,
+                         **fields)  # fmt: skip

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.codecs.pcm import float_to_int16, int16_to_float
+from gateway.codecs.pcm import int16_to_float
 from gateway.codecs.resample import StreamResampler
 from gateway.codecs.tones import ToneGenerator, speech_like
 from gateway.config import (
     FileSourceConfig,
     PortConfig,
-    RecorderConfig,
     SimulatedRadioConfig,
     TalkSchedule,
     Timing,
@@ -78,6 +77,9 @@ class Port:
     can_talk = True
     can_transmit = True
     port_bank: PortBank | None = None  # set by endpoints that move audio in batches
+    # True when open() failing leaves a port that keeps trying by itself (a sound card);
+    # otherwise the gateway puts a DownPort in its place and retries it.
+    recovers_itself = False
 
     def __init__(self, name: str, config: PortConfig, timing: Timing) -> None:
         self.name = name
@@ -86,6 +88,15 @@ class Port:
         self.frame_samples = timing.frame_samples
         self.keyed = False
         self.talking = False
+        self.talkgroup = ""  # set by the gateway for configured ports (recordings are named so)
+        # Where the port's own records go (the gateway sends them to the audit log).
+        self.on_report: Callable[..., None] | None = None
+
+    def report(self, event: str, **fields: object) -> None:
+        """Something an auditor wants to know (a recording file opened or closed)."""
+        log.info("%s %s %s", event, self.name, " ".join(f"{k}={v}" for k, v in fields.items()))
+        if self.on_report is not None:
+            self.on_report(event, port=self.name, **fields)
 
     @property
     def half_duplex(self) -> bool:
@@ -149,6 +160,20 @@ def register_port_type(kind: str) -> Callable[[type[Port]], type[Port]]:
         return cls
 
     return add
+
+
+class DownPort(Port):
+    """Stands on the engine for a configured port that could not start (a missing file,
+    an unplugged sound card): silent, never keyed, reported down with ``down_reason``
+    while the gateway retries it."""
+
+    can_talk = False
+    can_transmit = False
+
+    def __init__(self, name: str, config: PortConfig, timing: Timing, reason: str) -> None:
+        super().__init__(name, config, timing)
+        self.kind = config.kind
+        self.down_reason = reason
 
 
 def build_port(name: str, config: PortConfig, timing: Timing) -> Port:
@@ -243,8 +268,12 @@ class FileSource(Port):
     def __init__(self, name: str, config: FileSourceConfig, timing: Timing) -> None:
         super().__init__(name, config, timing)
         self.schedule = Scheduler(config, self.rate)
-        self.audio = read_wav(config.path, self.rate)
+        self.audio = np.zeros(0, np.float32)
         self.position = 0
+
+    def open(self) -> None:
+        """Read the file now: a missing one makes this port down (and retried), not the site."""
+        self.audio = read_wav(self.config.path, self.rate)
 
     def read(self) -> Frame | None:
         on = self.schedule.advance(self.frame_samples)
@@ -264,46 +293,26 @@ class FileSource(Port):
         return frame
 
 
-@register_port_type("recorder")
-class Recorder(Port):
-    """Writes what the talkgroup carries to a 16-bit WAV file at the internal rate."""
-
-    can_talk = False
-
-    def __init__(self, name: str, config: RecorderConfig, timing: Timing) -> None:
-        super().__init__(name, config, timing)
-        self._wav: wave.Wave_write | None = None
-        self._silence = np.zeros(self.frame_samples, np.float32)
-
-    def open(self) -> None:
-        path = Path(self.config.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._wav = wave.open(str(path), "wb")  # noqa: SIM115  (held open while recording)
-        self._wav.setnchannels(1)
-        self._wav.setsampwidth(2)
-        self._wav.setframerate(self.rate)
-
-    def write(self, frame: Frame | None) -> None:
-        if self._wav is None:
-            return
-        if frame is None:
-            if not self.config.continuous:
-                return
-            frame = self._silence
-        self._wav.writeframes(float_to_int16(frame).astype("<i2").tobytes())
-
-    def close(self) -> None:
-        super().close()
-        if self._wav is not None:
-            self._wav.close()
-            self._wav = None
+def check_wav(path: str | Path) -> str:
+    """What is wrong with a file a ``file`` port would play ("" when it plays)."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            if wav.getsampwidth() != 2:
+                return f"{path}: {8 * wav.getsampwidth()}-bit audio; save it as 16-bit PCM WAV"
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except OSError as exc:
+        return f"{path}: cannot read it ({exc.strerror or exc})"
+    except (wave.Error, EOFError) as exc:
+        return f"{path}: not a PCM WAV file ({exc}); save it as 16-bit PCM WAV"
+    return ""
 
 
 def read_wav(path: str | Path, rate: int) -> np.ndarray:
     """Load a 16-bit PCM WAV as float32 mono at ``rate`` (first channel)."""
+    if problem := check_wav(path):
+        raise OSError(problem)
     with wave.open(str(path), "rb") as wav:
-        if wav.getsampwidth() != 2:
-            raise ValueError(f"{path}: only 16-bit PCM WAV is supported")
         channels = wav.getnchannels()
         source_rate = wav.getframerate()
         data = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")

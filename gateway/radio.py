@@ -193,6 +193,8 @@ def build_detector(cfg: SquelchConfig, rate: int) -> sq.Detector:
 class SoundcardPort(Port):
     """A radio: received audio gated by its squelch, transmit audio keyed by its PTT."""
 
+    recovers_itself = True  # a card or PTT line that did not open is retried in the background
+
     def __init__(self, name: str, config: SoundcardConfig, timing: Timing) -> None:
         super().__init__(name, config, timing)
         self.cfg = config

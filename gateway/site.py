@@ -15,18 +15,52 @@ import gateway.audit  # noqa: F401  ([audit]: the audit log of PTT, patches, cal
 import gateway.links  # noqa: F401  ([links]: cross-border links, checked by 'borderlink check')
 import gateway.monitoring.exporter  # noqa: F401  (/metrics, /healthz, /readyz on [web])
 import gateway.mqtt  # noqa: F401  ([mqtt]: state, events and commands for CAD systems)
-import gateway.ports  # noqa: F401  (simulated radio, tone, file, recorder)
+import gateway.ports  # noqa: F401  (simulated radio, tone, file)
 import gateway.radio  # noqa: F401  (soundcard radios; 'devices' and 'levels' commands)
+import gateway.recorder  # noqa: F401  (recorder ports: a talkgroup's audio to WAV files)
 import gateway.sip  # noqa: F401  ([sip]: phones and PBXs join talkgroups)
 import gateway.web  # noqa: F401  ([web]: the console and /metrics share it)
 import gateway.webrtc  # noqa: F401  ([console]: browser dispatcher console, passwd)
-from gateway.config import SiteConfig, load_config
+from gateway.config import (
+    ConfigError,
+    PortConfig,
+    Problem,
+    SiteConfig,
+    key_lines,
+    load_config,
+    writable_problem,
+)
+from gateway.ports import check_wav
 from gateway.talkgroups import plan_mix_groups
 from gateway.units import format_duration
 
 
 def load_site(path: str | Path) -> SiteConfig:
     return load_config(path)
+
+
+def verify(config: SiteConfig) -> None:
+    """What ``borderlink check`` sees beyond the file's own syntax: the files and
+    directories the ports and sections use (a section opts in with ``file_problems()``).
+    Raises ConfigError naming each problem and its fix (``run`` does not check: such a
+    port is down and retried while the rest of the site runs)."""
+    problems: list[tuple[tuple[str, ...], str]] = []
+    for name, port in config.ports.items():
+        if not port.enabled:
+            continue
+        if port.kind == "file" and (problem := check_wav(port.path)):
+            problems.append((("ports", name, "path"), f"{problem}; this port would be down"))
+        if port.kind == "recorder" and (problem := writable_problem(Path(port.directory))):
+            problems.append((("ports", name, "directory"), f"{problem}; nothing would be recorded"))
+    for name, section in config.sections.items():  # certificates, key and password files...
+        check = getattr(section, "file_problems", None)
+        if check is not None:
+            problems.extend(((name, *key), message) for key, message in check())
+    if problems:
+        file = str(config.source or "<config>")
+        lines = key_lines(config.source.read_text(encoding="utf-8")) if config.source else {}
+        raise ConfigError(file, [Problem(".".join(key), message, lines.get(key))
+                                 for key, message in problems])  # fmt: skip
 
 
 def summary(config: SiteConfig) -> str:
@@ -42,7 +76,7 @@ def summary(config: SiteConfig) -> str:
         agency = f" [{port.agency}]" if port.agency else ""
         off = "" if port.enabled else " DISABLED"
         lines.append(f"    {name:<20} {port.kind:<16} {'half' if port.half_duplex else 'full'}"
-                     f"-duplex → {tg}{agency}{off}")  # fmt: skip
+                     f"-duplex → {tg}{agency}{off}{_port_note(port)}")  # fmt: skip
     lines.append(f"  {len(config.talkgroups)} talkgroups:")
     for name, tg in config.talkgroups.items():
         lines.append(f"    {name:<20} floor={tg.floor:<6} members: {', '.join(tg.members)}")
@@ -59,6 +93,17 @@ def summary(config: SiteConfig) -> str:
         if describe is not None:  # a section may say more (links: peers, shares, fingerprint)
             lines.extend(f"    {line}" for line in describe())
     return "\n".join(lines)
+
+
+def _port_note(port: PortConfig) -> str:
+    """What a reader of the summary might not expect of a port."""
+    if getattr(port, "talks_always", False) and port.tot == 0:
+        return "  (talks all the time; no TOT)"
+    if port.kind == "recorder":
+        every = "over" if port.split == "over" else "UTC hour"
+        keep = f", kept {port.keep_days} days" if port.keep_days else ", kept for ever"
+        return f"  (a new file per start and {every} in {port.directory}{keep})"
+    return ""
 
 
 def single_thread_blas() -> None:

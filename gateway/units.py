@@ -16,7 +16,9 @@ _SCALE = {"ms": 0.001, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0
 
 
 def parse_duration(value: object) -> float:
-    """Return seconds for '800ms', '1.5s', '3min', '1h'; 0 is allowed bare."""
+    """Return seconds for '800ms', '1.5s', '3min', '1h'; 0 is allowed bare (0 or "0")."""
+    if isinstance(value, str) and value.strip() == "0":
+        value = 0  # "off" written either way means the same
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '800ms' or '1.5s', not true/false")
     if isinstance(value, int | float):

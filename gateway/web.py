@@ -31,6 +31,23 @@ class WebConfig(Model):
     tls_certificate: Path | None = None
     tls_key: Path | None = None
 
+    def file_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """The TLS certificate and key load together (as the server will load them)."""
+        if self.tls_certificate is None:
+            return []
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.tls_certificate, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            return [(("tls_certificate",), f"{self.tls_certificate} with key {self.tls_key}: "
+                     f"does not load ({why}); the web server would not start")]  # fmt: skip
+        return []
+
+    def summary_lines(self) -> list[str]:
+        scheme = "https" if self.tls_certificate else "http"
+        return [f"{scheme}://{self.host}:{self.port}/ (console, /metrics, /healthz, /readyz)"]
+
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 """The running Gateway, for route handlers: ``request.app[GATEWAY]``."""

@@ -1,8 +1,8 @@
 """/metrics, /healthz and /readyz on the gateway's one web server.
 
-- ``/metrics``: Prometheus text format. The engine state is copied on the loop
-  thread (cheap, consistent); turning it into text runs in a worker thread so a
-  scrape of a big site does not hold up the media clock.
+- ``/metrics``: Prometheus text format, built on the loop thread in slices that
+  each start right after a tick and last at most a quarter frame, so a scrape of a
+  big site never holds up the media clock (:meth:`SiteMetrics.page`).
 - ``/healthz``: liveness. 200 while the media clock is ticking; 503 when it has
   stalled (the process is alive but audio is not moving: restart it).
 - ``/readyz``: readiness. 200 when every configured port is up, else 503; the
@@ -13,7 +13,6 @@ Needs a ``[web]`` section (the same server carries the console).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -34,8 +33,7 @@ def install(app: web.Application, gateway: Gateway) -> None:
     metrics = SiteMetrics.of(gateway)
 
     async def scrape(request: web.Request) -> web.Response:
-        snapshot = metrics.snapshot()
-        body = await asyncio.get_running_loop().run_in_executor(None, metrics.render, snapshot)
+        body = await metrics.page()  # between ticks, in slices: never holds a tick up
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(request: web.Request) -> web.Response:
@@ -76,9 +74,12 @@ def readiness(gateway: Gateway) -> tuple[bool, dict[str, dict[str, object]]]:
             device_up = port.stats().get("device_up", 1) != 0
         except Exception:
             device_up = False
-        up = not isolated and device_up
+        not_started = getattr(port, "down_reason", "")
+        up = not isolated and device_up and not not_started
         entry: dict[str, object] = {"kind": port.kind, "up": up}
-        if isolated and health is not None:
+        if not_started:
+            entry["reason"] = f"cannot start: {not_started}"
+        elif isolated and health is not None:
             entry["reason"] = health.last_fault
         elif not device_up:
             entry["reason"] = "device down"

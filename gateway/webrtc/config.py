@@ -76,6 +76,19 @@ class ConsoleConfig(Model):
                 )
         return value
 
+    def summary_lines(self) -> list[str]:
+        """What ``borderlink check`` prints: each operator and what they may do."""
+        if not self.operators:
+            return ["no operators: nobody can log in (add [console.operators.NAME])"]
+        lines = []
+        for name, op in self.operators.items():
+            talk = ", ".join(op.talk) or "-"
+            monitor = ", ".join(op.monitor) or "-"
+            agency = f" [{op.agency}]" if op.agency else ""
+            extra = "  emergency" if op.emergency else ""
+            lines.append(f"operator {name:<14}{agency} talk: {talk}; monitor: {monitor}{extra}")
+        return lines
+
     def talkgroup_references(self) -> list[tuple[tuple[str, ...], str]]:
         """Every talkgroup an operator's permissions name ("*" aside), so ``borderlink
         check`` and a reload refuse a typo that would silently deny a dispatcher."""

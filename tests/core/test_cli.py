@@ -55,6 +55,25 @@ def test_check_prints_summary_or_every_error(tmp_path: Path) -> None:
     assert "ports.source.tone_hz" in result.stderr
 
 
+def test_check_names_a_missing_wav_and_a_recorder_directory_it_cannot_make(tmp_path: Path) -> None:
+    locked = tmp_path / "a-file"  # a recorder cannot make a directory inside a file
+    locked.write_text("")
+    site = tmp_path / "site.toml"
+    site.write_text(
+        SITE.replace('"source", "radio"', '"source", "radio", "news", "log"')
+        + f'\n[ports.news]\nkind = "file"\npath = "{tmp_path / "news.wav"}"\n'
+        + f'\n[ports.log]\nkind = "recorder"\ndirectory = "{locked / "rec"}"\n'
+    )
+    result = borderlink("check", str(site))
+    assert result.returncode == 2, result.stdout
+    assert "2 problems" in result.stderr
+    line = site.read_text().splitlines().index(f'path = "{tmp_path / "news.wav"}"') + 1
+    assert (
+        f"site.toml:{line}: ports.news.path: {tmp_path / 'news.wav'}: no such file" in result.stderr
+    )
+    assert f"ports.log.directory: {locked} is not a directory" in result.stderr
+
+
 class Running:
     """``borderlink run`` in a child process, read line by line; killed if a test fails."""
 
@@ -146,3 +165,38 @@ def test_run_watch_applies_an_edited_file(tmp_path: Path) -> None:
     run.proc.send_signal(signal.SIGTERM)
     assert "closed 3 ports" in run.wait_for("shutdown:")
     assert run.proc.wait(timeout=10) == 0
+
+
+def test_check_summarises_every_section_and_names_files_that_do_not_load(tmp_path: Path) -> None:
+    bad_cert = tmp_path / "web.pem"
+    bad_cert.write_text("not a certificate")
+    site = tmp_path / "site.toml"
+    sections = f"""
+[web]
+port = 8443
+tls_certificate = "{bad_cert}"
+tls_key = "{bad_cert}"
+
+[audit]
+path = "{tmp_path / "audit" / "audit.jsonl"}"
+
+[mqtt]
+host = "127.0.0.1"
+ca_file = "{tmp_path / "ca.pem"}"
+
+[mqtt.commanders]
+cad1 = ["patch", "unkey"]
+"""
+    site.write_text(SITE + sections)
+    result = borderlink("check", str(site))
+    assert result.returncode == 2 and "2 problems" in result.stderr, result.stderr
+    assert "web.tls_certificate: " in result.stderr and "does not load" in result.stderr
+    assert f"mqtt.ca_file: {tmp_path / 'ca.pem'}: no such file" in result.stderr
+    site.write_text(SITE + sections.replace("tls_", "# tls_").replace("ca_file", "# ca_file"))
+    result = borderlink("check", str(site))
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout
+    assert "http://127.0.0.1:8443/" in summary
+    assert f"{tmp_path / 'audit' / 'audit.jsonl'}, rotated at" in summary
+    assert "broker 127.0.0.1:1883" in summary and "commander cad1: patch, unkey" in summary
+    assert "source               tone" in summary and "(talks all the time; no TOT)" in summary

@@ -128,3 +128,32 @@ def test_sections_name_only_configured_talkgroups(monkeypatch: pytest.MonkeyPatc
     assert "routes.numbers.100" in only and "no talkgroup named 'tgg'" in only
     line = good.splitlines().index('numbers = { "100" = "tg" }') + 1
     assert "did you mean 'tg'" in only and only.startswith(f"site.toml:{line}:")
+
+
+@pytest.mark.parametrize("written", ["0", '"0"', '"0s"'])
+def test_tot_off_is_written_either_way(written: str) -> None:
+    config = parse_config(GOOD.replace('ptt_hang_time = "800ms"', f"tot = {written}"))
+    assert config.ports["a"].tot == 0
+
+
+def test_an_always_on_test_source_has_no_tot_unless_asked() -> None:
+    config = parse_config(
+        GOOD
+        + '\n[ports.sched]\nkind = "tone"\ntalk_every = "10s"\ntalk_for = "1s"\n'
+        + '\n[ports.capped]\nkind = "tone"\ntot = "1min"\n'
+    )
+    assert config.ports["b"].tot == 0  # talks all the time: the TOT would cut it for good
+    assert config.ports["sched"].tot == 180 and config.ports["capped"].tot == 60
+    assert "b                    tone" in summary(config)
+    assert "(talks all the time; no TOT)" in summary(config)
+
+
+def test_an_always_on_tone_is_still_heard_after_the_default_tot() -> None:
+    from gateway.app import Gateway
+
+    text = GOOD.replace('ptt_hang_time = "800ms"', 'talk_offset = "1h"')
+    gw = Gateway(parse_config(text))
+    radio = gw.ports["a"]
+    for _ in range(round(200 / gw.engine.frame_seconds)):  # past the 3-minute default
+        gw.engine.tick()
+    assert radio.keyed and radio.last_heard is not None

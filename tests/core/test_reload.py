@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from gateway.app import Gateway
+from gateway.audit import AuditConfig, AuditLog
 from gateway.config import load_config
+from gateway.engine import Event
 
 SITE = """
 [site]
@@ -112,3 +116,47 @@ def test_reload_summary_names_what_changed_in_every_section(site: tuple[Gateway,
     assert result.changes == ["talkgroups ~tg", "console: operators +bob ~alice"]
     assert result.summary == "talkgroups ~tg; console: operators +bob ~alice"
     assert not any(h in result.summary for h in hashes)
+
+
+def test_a_reload_whose_port_cannot_start_is_refused_whole_and_audited(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    path = tmp_path / "site.toml"
+    path.write_text(SITE)
+    gw = Gateway(load_config(path))
+    gw.audit = AuditLog(gw, AuditConfig(path=audit))
+    gw.audit.file.open()
+    ports_before = dict(gw.ports)
+    path.write_text(
+        SITE.replace('"a", "radio", "c"', '"a", "radio", "c", "news"').replace(
+            'ptt_hang_time = "1s"', 'ptt_hang_time = "1s"\ntot = "0"'
+        )
+        + f'\n[ports.news]\nkind = "file"\npath = "{tmp_path / "missing.wav"}"\n'
+    )
+    with caplog.at_level(logging.ERROR, logger="gateway.app"):
+        result = gw.reload(by="SIGHUP")
+    assert not result.ok and "port news cannot start" in result.error
+    assert "missing.wav: no such file" in result.error
+    assert any("reload refused" in r.message for r in caplog.records if r.levelname == "ERROR")
+    assert gw.ports == ports_before and gw.config.ports["radio"].tot == 180  # old config stays
+    assert gw.reload_failures == 1
+    (record,) = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert record["event"] == "reload" and record["ok"] is False and record["by"] == "SIGHUP"
+    assert "missing.wav" in record["error"]
+    for _ in range(3):
+        gw.engine.tick()
+    assert gw.ports["radio"].keyed
+
+
+def test_a_patch_turned_on_by_a_reload_is_an_event(site: tuple[Gateway, Path]) -> None:
+    gw, path = site
+    seen: list[Event] = []
+    gw.engine.listeners.append(seen.append)
+    two = SITE.replace('members = ["a", "radio", "c"]', 'members = ["a", "radio"]')
+    two += '\n[talkgroups.other]\nmembers = ["c"]\n'
+    path.write_text(two + '\n[patches.join]\ntalkgroups = ["tg", "other"]\nenabled = false\n')
+    assert gw.reload().ok and not [e for e in seen if e.kind == "patch"]
+    path.write_text(two + '\n[patches.join]\ntalkgroups = ["tg", "other"]\nenabled = true\n')
+    assert gw.reload().ok
+    assert [(e.kind, e.detail) for e in seen if e.kind == "patch"] == [("patch", "join on")]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from live_site import Probe, live_site, until
+from test_audit_docs import check_records
 
 from gateway.audit import AuditConfig, AuditFile
 from gateway.config import ConfigError, parse_config
@@ -75,7 +76,7 @@ def test_an_over_a_patch_and_a_call_are_audited_as_they_happen(tmp_path: Path) -
             )
             gw.engine.detach(probe)
             await until(lambda: has("left"), "the leave record")
-            gw.audit.record("login", operator="dispatcher1", console="console-7")
+            gw.audit.record("console_login", operator="dispatcher1", address="127.0.0.1")
             running = lines(audit)
         done = lines(audit)
         assert done[: len(running)] == running  # append-only
@@ -104,8 +105,9 @@ def test_an_over_a_patch_and_a_call_are_audited_as_they_happen(tmp_path: Path) -
             "port": "console-7", "kind": "probe", "talkgroup": "land",
         }  # fmt: skip
         assert by_event["left"]["duration_seconds"] >= 0
-        assert by_event["login"]["operator"] == "dispatcher1"
+        assert by_event["console_login"]["operator"] == "dispatcher1"
         assert gw.audit.stats() == {"audit_records": len(done), "audit_write_errors": 0}
+        check_records(done)  # as docs/audit.md lists them
 
     asyncio.run(scenario())
 
@@ -115,7 +117,7 @@ def test_recording_is_reported_only_where_configured(tmp_path: Path) -> None:
     extra = f"""
 [ports.marine_log]
 kind = "recorder"
-path = "{tmp_path / "marine.wav"}"
+directory = "{tmp_path / "recordings"}"
 """
     text = site(audit, extra).replace('members = ["boat", "shore"]',
                                       'members = ["boat", "shore", "marine_log"]')  # fmt: skip

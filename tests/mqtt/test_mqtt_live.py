@@ -265,20 +265,44 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
                 reply = sub.on(f"/reply/{sender}")[-1]
                 assert reply["ok"] is False, reply
                 assert reason in reply["error"], (reason, reply)
+                if payload.startswith(b'{"id"'):  # the commander's reference comes back
+                    assert reply["id"] == json.loads(payload)["id"], reply
             assert "pursuit" not in gw.engine.active_patches  # nothing refused was done
             # The command path still works after all that.
             await sub.publish(
                 f"{PREFIX}/command/cad1", b'{"id": 9, "action": "patch", "patch": "pursuit"}'
             )
             await until(lambda: "pursuit" in gw.engine.active_patches, "the valid patch command")
+            for body in ({"id": "u1", "action": "unkey", "port": "boat"},
+                         {"id": "r1", "action": "release", "port": "boat"},
+                         {"id": "f1", "action": "floor", "talkgroup": "land", "mode": "single"}):
+                before = len(sub.on("/reply/cad1"))
+                await sub.publish(f"{PREFIX}/command/cad1", json.dumps(body).encode())
+                await until(lambda b=before: len(sub.on("/reply/cad1")) > b, f"a reply to {body}")
+                assert sub.on("/reply/cad1")[-1]["ok"] is True
             text = (await http_get(gw, "/metrics"))[1]
             assert metric(text, "borderlink_mqtt_commands_total", result="rejected") == 8
             assert metric(text, "borderlink_mqtt_commands_total", result="unauthorised") == 2
-            assert metric(text, "borderlink_mqtt_commands_total", result="accepted") == 1
+            assert metric(text, "borderlink_mqtt_commands_total", result="accepted") == 4
         records = [json.loads(x) for x in audit.read_text().splitlines()]
         commands = [r for r in records if r["event"] == "command"]
-        assert len(commands) == 11 and [c["ok"] for c in commands].count(True) == 1
+        assert len(commands) == 14 and [c["ok"] for c in commands].count(True) == 4
         assert any(c["sender"] == "mallory" and not c["ok"] for c in commands)
+        assert commands[2]["id"] == "1" and commands[2]["action"] == "explode"
+        done = {c["id"]: c for c in commands if c["ok"]}
+        picked = ("sender", "action", "patch", "port", "talkgroup", "old", "new")
+
+        def fields(record: dict) -> dict:
+            return {k: v for k, v in record.items() if k in picked}
+
+        assert fields(done["9"]) == {"sender": "cad1", "action": "patch", "patch": "pursuit",
+                                     "old": "off", "new": "on"}  # fmt: skip
+        assert fields(done["u1"]) == {"sender": "cad1", "action": "unkey", "port": "boat",
+                                      "talkgroup": "marine", "old": "allowed", "new": "inhibited"}
+        assert fields(done["r1"]) == {"sender": "cad1", "action": "release", "port": "boat",
+                                      "talkgroup": "marine", "old": "inhibited", "new": "allowed"}
+        assert fields(done["f1"]) == {"sender": "cad1", "action": "floor", "talkgroup": "land",
+                                      "old": "mix", "new": "single"}  # fmt: skip
 
     asyncio.run(scenario())
 
@@ -389,3 +413,39 @@ def test_tone_checks_can_fail() -> None:
     t = np.arange(1600) / 16000
     assert dominant_hz(np.sin(2 * np.pi * 400 * t), 16000) == pytest.approx(400, abs=20)
     assert rms_dbfs(np.zeros(100)) < -100
+
+
+def test_a_reload_by_mqtt_turns_a_patch_on_with_an_event_and_audit_lines(
+    tmp_path: Path, broker: Broker
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    commanders = '[mqtt.commanders]\ncad1 = ["reload"]\n'
+    text = site(broker.port, PATCHABLE, commanders, audit=audit)
+
+    async def scenario() -> None:
+        async with (
+            Subscriber(broker.port, f"{PREFIX}/#") as sub,
+            live_site(tmp_path, text) as gw,
+        ):
+            assert gw.config.source is not None
+            gw.config.source.write_text(text.replace("enabled = false", "enabled = true"))
+            await sub.publish(f"{PREFIX}/command/cad1", b'{"id": "rl-1", "action": "reload"}')
+            await until(lambda: sub.on("/reply/cad1"), "the reply to reload")
+            reply = sub.on("/reply/cad1")[-1]
+            assert reply["ok"] is True and reply["id"] == "rl-1", reply
+            assert "pursuit" in gw.engine.active_patches
+            await until(lambda: sub.on("/event/patch"), "the patch event")
+            assert sub.on("/event/patch")[-1] | {"seq": 0, "ts": 0} == {
+                "seq": 0, "ts": 0, "event": "patch", "patch": "pursuit", "active": True
+            }  # fmt: skip
+
+    asyncio.run(scenario())
+    records = [json.loads(x) for x in audit.read_text().splitlines()]
+    kinds = [r["event"] for r in records]
+    patch = records[kinds.index("patch")]
+    assert (patch["patch"], patch["state"]) == ("pursuit", "on")
+    reload = records[kinds.index("reload")]
+    assert reload["by"] == "mqtt:cad1" and reload["ok"] is True
+    assert reload["changes"] == "patches ~pursuit"
+    command = records[kinds.index("command")]
+    assert (command["action"], command["id"], command["ok"]) == ("reload", "rl-1", True)

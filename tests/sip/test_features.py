@@ -44,7 +44,7 @@ def test_dtmf_ptt_star_talks_hash_releases_and_dtmf_is_sent_back(phones, tmp_pat
 
     run(scenario())
     start, stop = seen["talk_start"], seen["talk_stop"]
-    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    talkgroup = recorded(tmp_path / "talkgroup")
     during = talkgroup[(start + 5) * FRAME : (stop - 2) * FRAME]
     before = talkgroup[max(0, start - 60) * FRAME : (start - 5) * FRAME]
     after = talkgroup[(stop + 5) * FRAME : (stop + 45) * FRAME]
@@ -79,7 +79,7 @@ retry_max = "2s"
     heard = far.heard(call=0)
     middle = heard[RATE : 2 * RATE]
     assert abs(dominant_hz(middle, RATE) - 1000) < 15, "the far end does not hear the radio"
-    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    talkgroup = recorded(tmp_path / "talkgroup")
     assert band_db(talkgroup, 16000, 700) > -30, "the talkgroup does not hear the far end"
 
 
@@ -172,7 +172,7 @@ def test_malformed_sip_and_rtp_are_dropped_and_counted_call_goes_on(phones, tmp_
     heard = phone.heard()
     tail = heard[-2 * RATE : -RATE // 2]
     assert abs(dominant_hz(tail, RATE) - 1000) < 15, "the phone stopped hearing the radio"
-    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    talkgroup = recorded(tmp_path / "talkgroup")
     assert band_db(talkgroup[-3 * 16000 :], 16000, 600) > -30, "the talkgroup stopped hearing"
 
 
