@@ -261,7 +261,7 @@ def test_baresip_with_its_password_gets_in_hears_and_is_heard(phones, tmp_path):
     heard = good.heard()[RATE : -RATE // 2]
     assert abs(dominant_hz(heard, RATE) - 1000) < 15, "the phone does not hear the radio"
     assert band_db(heard, RATE, 1000) > -20
-    assert band_db(recorded(tmp_path / "talkgroup.wav"), 16000, 600) > -30, "phone not heard"
+    assert band_db(recorded(tmp_path / "talkgroup"), 16000, 600) > -30, "phone not heard"
 
 
 def test_route_trusted_to_the_proxy_takes_its_calls_and_refuses_the_same_call_direct(

@@ -67,7 +67,7 @@ def test_nothing_heard_either_way_until_the_exact_pin_then_both_ways(phones, tmp
     assert len(before) > 3 * RATE and len(after) > RATE
     assert band_db(before, RATE, 1000) < -60, "the caller heard the talkgroup before its PIN"
     assert band_db(after, RATE, 1000) > -20, "the caller does not hear the talkgroup after it"
-    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    talkgroup = recorded(tmp_path / "talkgroup")
     tick = marks["tick"]
     assert band_db(talkgroup[: (tick - 25) * FRAME], 16000, 600) < -60, "heard before the PIN"
     assert band_db(talkgroup[(tick + 25) * FRAME :], 16000, 600) > -30, "not heard after it"
