@@ -122,7 +122,7 @@ def test_sighup_adds_and_removes_routes_and_a_call_on_a_kept_route_keeps_its_aud
         assert abs(dominant_hz(chunk, RATE) - 1000) < 20, f"radio not heard at {start / RATE}s"
         assert band_db(chunk, RATE, 1000) > -25, f"radio faded at {start / RATE}s"
     # ...and the talkgroup heard the kept phone after the reload as before it.
-    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    talkgroup = recorded(tmp_path / "talkgroup")
     tick = timeline["tick"]
     for when, first, last in (("before", tick - 75, tick - 5), ("after", tick + 5, tick + 150)):
         window = talkgroup[first * FRAME : last * FRAME]

@@ -182,7 +182,7 @@ level_dbfs = -12.0
 
 [ports.rec]
 kind = "recorder"
-path = "{tmp / "talkgroup.wav"}"
+directory = "{tmp / "talkgroup"}"
 continuous = true
 
 [talkgroups.marine]
@@ -592,7 +592,7 @@ def test_an_srtp_call_over_tls_hears_and_is_heard_and_the_wire_is_noise(tmp_path
     assert clear > -20  # the radio talks at -12 dBFS peak
     assert tone_share(heard, RATE, 1000) > -1
     assert tone_share(peer.wire_audio(), RATE, 1000) < -10, "the tone is readable on the wire"
-    talkgroup = recorded(tmp_path / "talkgroup.wav")
+    talkgroup = recorded(tmp_path / "talkgroup")
     assert band_db(talkgroup, 16000, 600) > -25, "the talkgroup does not hear the phone"
 
 
@@ -724,7 +724,7 @@ def test_baresip_over_tls_with_srtp_hears_and_is_heard_and_the_wire_is_noise(pho
     assert abs(dominant_hz(middle, RATE) - 1000) < 15, "the phone does not hear the radio"
     assert band_db(middle, RATE, 1000) > -20
     assert band_db(middle, RATE, 600) < band_db(middle, RATE, 1000) - 30, "phone hears itself"
-    assert band_db(recorded(tmp_path / "talkgroup.wav"), 16000, 600) > -30, "phone not heard"
+    assert band_db(recorded(tmp_path / "talkgroup"), 16000, 600) > -30, "phone not heard"
     # On the wire: RTP with a 10-byte tag, and what would be G.711 is noise both ways.
     assert capture is not None
     bank_port = capture.port
@@ -791,7 +791,7 @@ srtp = "required"
     middle = heard[RATE : len(heard) - RATE // 2]
     assert abs(dominant_hz(middle, RATE) - 1000) < 15, "the phone does not hear the radio"
     assert band_db(middle, RATE, 1000) > -20
-    assert band_db(recorded(tmp_path / "talkgroup.wav"), 16000, 600) > -30, "phone not heard"
+    assert band_db(recorded(tmp_path / "talkgroup"), 16000, 600) > -30, "phone not heard"
 
 
 def test_an_optional_dial_out_to_a_phone_without_srtp_calls_again_plain(phones, tmp_path, caplog):
