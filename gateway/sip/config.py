@@ -440,18 +440,14 @@ class SipConfig(Model):
 
     def listener_changes(self, new: SipConfig) -> list[str]:
         """Keys of ``new`` that move the SIP sockets or what they announce: the listen
-        addresses, the TLS identity (certificate, key, CA, pins), media ports and public
-        address. Only a restart applies them (every call's dialog and media are bound
-        to the old ones). Matched by name (``listen_*``, ``tls_*`` but the timeouts), so
-        keys added to the group later are in it as they come."""
+        addresses, media ports and public address. Only a restart applies them (every
+        call's dialog and media are bound to the old ones). Matched by name
+        (``listen_*``), so keys added to the group later are in it as they come. TLS
+        files are not in it: a reload reads them again (renewed certificates)."""
         return [
             key
             for key in type(new).model_fields
-            if (
-                key in ("listen", "public_address", "rtp_ports")
-                or key.startswith("listen_")
-                or (key.startswith("tls_") and not key.endswith("_timeout"))
-            )
+            if (key in ("listen", "public_address", "rtp_ports") or key.startswith("listen_"))
             and getattr(self, key) != getattr(new, key)
         ]
 

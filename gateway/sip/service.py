@@ -5,10 +5,12 @@ every call's audio just before each tick and sends it just after, so SIP media
 runs on the engine's clock and nothing else paces it.
 
 A reload changes what SIP does, never where it listens: routes, accounts,
-dial-outs, limits and timers apply at once (:meth:`SipService.reconfigure`); a
-new listen address, TLS file, media port range or public address is refused
-with "restart the gateway" (:meth:`SipService.refuse_reload`), because every
-call's dialog and media are bound to the sockets it started on. A reload that
+dial-outs, limits, timers and the TLS certificate, key and trust apply at once
+(:meth:`SipService.reconfigure`; a certificate renewed in place is read again on
+every reload, and new TLS connections use it while open ones keep theirs); a
+new listen address, media port range or public address is refused with "restart
+the gateway" (:meth:`SipService.refuse_reload`), because every call's dialog and
+media are bound to the sockets it started on. A reload that
 deletes ``[sip]`` ends every call, registration and dial-out; the socket stays
 open (answering 404) until the next restart.
 """
@@ -177,9 +179,7 @@ class SipService:
         """TCP/TLS listeners, with the caps on what strangers may open and send."""
         config = self.config
         limits = _limits(config)
-        files = TlsFiles(
-            config.tls_certificate, config.tls_key, config.tls_ca, frozenset(config.tls_pins)
-        )
+        files = _tls_files(config)
         if config.tls_certificate is not None:
             self._certificate = load_certificate(config.tls_certificate)
         listen = {}
@@ -201,6 +201,11 @@ class SipService:
         moved = self.config.listener_changes(sip) if sip is not None else []
         if moved:
             return f"[sip] {', '.join(moved)} changed: SIP sockets move only at a restart"
+        if sip is not None:
+            try:  # the files may have changed on disk since the config was checked
+                _tls_files(sip).contexts()
+            except (OSError, ValueError) as exc:
+                return f"[sip] TLS files do not load: {exc}"
         return ""
 
     def reconfigure(self, new: SiteConfig) -> None:
@@ -215,6 +220,8 @@ class SipService:
         (unregister, BYE), changed ones restart.
         """
         old = self.config
+        if new.section("sip") is not None:
+            self._reload_tls(new.section("sip"))
         sip = new.section("sip") or old.model_copy(
             update={"routes": {}, "accounts": {}, "dial_out": {}}
         )
@@ -239,6 +246,17 @@ class SipService:
         self._follow(old.accounts, sip.accounts, self.registrations, self._registration)
         self._follow(old.dial_out, sip.dial_out, self.dial_outs,
                      lambda name, entry: DialOut(name, entry, calls, engine))  # fmt: skip
+
+    def _reload_tls(self, sip: SipConfig) -> None:
+        """Read the TLS certificate, key, CA and pins again (renewed in place or moved):
+        new connections use them, open ones keep what they were set up with."""
+        streams = self.transport.streams
+        files = _tls_files(sip)
+        if streams is None or (files == streams.tls and files.certificate is None):
+            return
+        streams.use_tls(files)
+        self._certificate = load_certificate(files.certificate) if files.certificate else None
+        log.info("SIP TLS certificate and trust read again; open connections keep theirs")
 
     def _follow(
         self,
@@ -343,4 +361,10 @@ def _limits(config: SipConfig) -> Limits:
         max_connections=config.max_connections,
         max_per_address=config.max_connections_per_address,
         rate_per_address=config.max_connection_rate_per_address,
+    )
+
+
+def _tls_files(config: SipConfig) -> TlsFiles:
+    return TlsFiles(
+        config.tls_certificate, config.tls_key, config.tls_ca, frozenset(config.tls_pins)
     )

@@ -69,6 +69,13 @@ class TlsFiles:
     ca: Path | None = None
     pins: frozenset[str] = frozenset()
 
+    def contexts(self) -> list[ssl.SSLContext]:
+        """Both TLS contexts built from the files now on disk (raises when they don't load)."""
+        made = [client_context(self.certificate, self.key, self.ca, pinned=bool(self.pins))]
+        if self.certificate is not None and self.key is not None:
+            made.append(server_context(self.certificate, self.key, self.ca))
+        return made
+
 
 def content_length(head: bytes) -> int:
     """The head's Content-Length (``l`` compact form too); FramingError when absent or bad."""
@@ -378,6 +385,11 @@ class Streams:
         self._sweeper: asyncio.Task | None = None
 
     # --- set-up ----------------------------------------------------------------------
+
+    def use_tls(self, tls: TlsFiles) -> None:
+        """New TLS files (a reload): the next handshake builds its context from them."""
+        self.tls = tls
+        self._server_tls = self._client_tls = None
 
     @property
     def server_tls(self) -> ssl.SSLContext:
