@@ -17,8 +17,11 @@ Endpoints plug in without this module knowing them:
   keys in :data:`SERVICE_STATS` (numbers, or ``{label: number}`` for per-account
   values such as SIP registrations).
 
-Labels are bounded by the config: port, kind, talkgroup, patch, account, event kind.
-Never a caller number or free text (SIP legs are named after their route).
+Labels are bounded by the config: port, kind, talkgroup, route, patch, account, event
+kind. Never a caller number or free text, and never one series per call: a port that
+exists for one call (``per_call = True`` on its class, as on a SIP leg) is counted
+under its ``route`` and talkgroup instead (:data:`CALL_KINDS`), so a stranger who calls
+cannot add series, and the series do not tell how many calls were made when.
 """
 
 from __future__ import annotations
@@ -254,6 +257,40 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
     ),
 }
 
+# Kinds of per-call ports (``per_call = True``), each exported per (route, talkgroup) as
+# ``<kind>_route_*``; its service reports the media figures as ``<kind>_routes`` in stats():
+# {(route, talkgroup): {key: number}}, counters summed over the route's calls (ended ones
+# included), gauges the largest among the calls up now.
+CALL_KINDS = ("sip",)
+ROUTE_LABELS = ["route", "talkgroup"]
+# port.stats() key (see PORT_STATS) → per-route gauge: the largest among the calls up now.
+ROUTE_GAUGES = ("jitter_seconds", "jitter_buffer_seconds", "remote_jitter_seconds", "rtt_seconds")
+# The per-call counters, summed per route (remote_packets_lost is a gauge per call, but
+# summed over calls, ended ones included, it only grows).
+ROUTE_COUNTERS = (
+    "packets_in",
+    "packets_out",
+    "bytes_in",
+    "bytes_out",
+    "packets_lost",
+    "packets_late",
+    "packets_malformed",
+    "concealed_samples",
+    "rtcp_reports_in",
+    "rtcp_reports_out",
+    "remote_packets_lost",
+)
+
+
+def route_family(kind: str, key: str) -> tuple[str, str, str]:
+    """(name without prefix, type, help) of a per-route media family, from PORT_STATS."""
+    name, _, doc = PORT_STATS[key]
+    base = name.removeprefix("leg_").removesuffix("_total")
+    if key in ROUTE_GAUGES:
+        return f"{kind}_route_{base}_max", "gauge", f"{doc}: the largest among the calls up now"
+    return f"{kind}_route_{base}_total", "counter", f"{doc}, summed over the route's calls"
+
+
 # Per-port series read from the snapshot: (name, type, help, Snapshot attribute).
 PORT_SERIES_UP = "1 when the port works (not isolated by the engine, device up)"
 PORT_SERIES: list[tuple[str, str, str, str]] = [
@@ -344,6 +381,41 @@ class Snapshot:
     service_stats: list[dict[str, Any]] = field(default_factory=list)
     reload_failures: int = 0
     port_label_text: list[str] = field(default_factory=list)  # built off the loop, at render
+    talkers: list[float] = field(default_factory=list)  # per talkgroup, calls included
+    # Per-call ports, per (kind, route, talkgroup): calls up, talking, keyed.
+    calls: dict[tuple[str, str, str], tuple[float, float, float]] = field(default_factory=dict)
+    # Per kind: {(route, talkgroup): {key: number}}, counters made monotonic.
+    routes: dict[str, dict[tuple[str, str], dict[str, float]]] = field(default_factory=dict)
+
+
+@dataclass
+class PortSplit:
+    """A layout's ports split into config ports (a series each) and per-call ports (counted
+    per route). Built when the layout changes (a call came or went), not per scrape."""
+
+    layout: Any
+    config_rows: np.ndarray  # engine rows of config ports
+    call_rows: np.ndarray  # engine rows of per-call ports
+    call_group: np.ndarray  # per call row: its index in ``groups``
+    groups: list[tuple[str, str, str]]  # (kind, route, talkgroup)
+    tg_of_row: np.ndarray  # per engine row: index in the engine's talkgroups, -1 for none
+    talkgroups: list[str]
+
+
+def split_ports(layout: Any, talkgroups: list[str]) -> PortSplit:
+    per_call = [bool(getattr(p, "per_call", False)) for p in layout.ports]
+    config_rows = np.array([i for i, c in enumerate(per_call) if not c], np.int64)
+    call_rows = np.array([i for i, c in enumerate(per_call) if c], np.int64)
+    group_ids: dict[tuple[str, str, str], int] = {}
+    call_group = []
+    for i in call_rows.tolist():
+        port = layout.ports[i]
+        key = (port.kind, str(getattr(port, "route", "")), layout.talkgroup[i] or "")
+        call_group.append(group_ids.setdefault(key, len(group_ids)))
+    tg_index = {tg: i for i, tg in enumerate(talkgroups)}
+    tg_of_row = np.array([tg_index.get(tg or "", -1) for tg in layout.talkgroup], np.int64)
+    return PortSplit(layout, config_rows, call_rows, np.array(call_group, np.int64),
+                     list(group_ids), tg_of_row, list(talkgroups))  # fmt: skip
 
 
 class SiteMetrics:
@@ -358,6 +430,11 @@ class SiteMetrics:
         self.preemptions: dict[str, int] = defaultdict(int)
         self.events: dict[str, int] = defaultdict(int)
         self._reported: dict[tuple[str, str], float] = {}
+        self._split: PortSplit | None = None
+        # Per-route counters: the last value reported and what to add so it never goes back
+        # (a bank that started over, a route whose last call ended mid-report).
+        self._route_last: dict[tuple[str, str, str, str], float] = {}
+        self._route_offset: dict[tuple[str, str, str, str], float] = defaultdict(float)
         self._ticked: list[asyncio.Future[None]] = []  # scrapes waiting for the next tick
         self.slice_ticks: list[int] = []  # tick_count at each slice of the last page
         self.longest_slice = 0.0  # CPU seconds of the longest slice of the last page (bench)
@@ -433,7 +510,7 @@ class SiteMetrics:
         for _ in range(3):  # a call that joins or leaves meanwhile: take them again
             layout = self.gateway.engine.layout
             port_stats: list[dict[str, float]] = []
-            for port in layout.ports:
+            for port in self._config_ports(layout):
                 port_stats.append(_stats_of(port))
                 if time.perf_counter() > until:
                     until = await self._slice(budget)
@@ -441,7 +518,7 @@ class SiteMetrics:
                 break
         else:
             layout = self.gateway.engine.layout
-            port_stats = [_stats_of(port) for port in layout.ports]
+            port_stats = [_stats_of(port) for port in self._config_ports(layout)]
         until = await self._slice(budget)  # the snapshot and the labels: a few ms in one go
         snap = self.snapshot(port_stats)
         parts = []
@@ -475,21 +552,34 @@ class SiteMetrics:
             took = time.thread_time() - self._slice_started
             self.longest_slice = max(self.longest_slice, took)
 
+    def split(self, layout: Any) -> PortSplit:
+        """The layout's config and per-call ports (kept until the layout changes)."""
+        talkgroups = list(self.gateway.engine.talkgroups)
+        split = self._split
+        if split is None or split.layout is not layout or split.talkgroups != talkgroups:
+            split = self._split = split_ports(layout, talkgroups)
+        return split
+
+    def _config_ports(self, layout: Any) -> list:
+        return [layout.ports[i] for i in self.split(layout).config_rows.tolist()]
+
     def snapshot(self, port_stats: list[dict[str, float]] | None = None) -> Snapshot:
         """Copy the engine's state; call on the loop thread (the engine's thread).
-        ``port_stats``: the ports' ``stats()``, taken already for this layout."""
+        ``port_stats``: the config ports' ``stats()``, taken already for this layout."""
         from gateway import __version__
 
         gw = self.gateway
         engine, clock = gw.engine, gw.clock
         layout = engine.layout
-        ports = layout.ports
+        split = self.split(layout)
+        rows = split.config_rows
+        ports = [layout.ports[i] for i in rows.tolist()]
         tick = engine.tick_count
         frame = engine.frame_seconds
         names = [p.name for p in ports]
         port_labels = [
-            (name, p.kind, tg or "")
-            for name, p, tg in zip(names, ports, layout.talkgroup, strict=True)
+            (name, p.kind, layout.talkgroup[i] or "")
+            for name, p, i in zip(names, ports, rows.tolist(), strict=True)
         ]
         if port_stats is None:
             port_stats = [_stats_of(port) for port in ports]
@@ -506,10 +596,11 @@ class SiteMetrics:
             ],
             np.float64,
         )
-        keyed = engine.keying.keyed.copy()
-        admitted = engine.admitted.copy()
-        keyed_seconds = np.where(keyed, (tick - engine.key_since) * frame, 0.0)
-        talking_seconds = np.where(admitted, (tick - engine.talk_since) * frame, 0.0)
+        all_keyed = engine.keying.keyed.copy()
+        all_admitted = engine.admitted.copy()
+        keyed, admitted = all_keyed[rows], all_admitted[rows]
+        keyed_seconds = np.where(keyed, (tick - engine.key_since[rows]) * frame, 0.0)
+        talking_seconds = np.where(admitted, (tick - engine.talk_since[rows]) * frame, 0.0)
         talk_total = self._monotonic("talk", names, self.talk_seconds, talking_seconds)
         tx_total = self._monotonic("tx", names, self.tx_seconds, keyed_seconds)
         self._forget_gone(set(names))
@@ -518,6 +609,8 @@ class SiteMetrics:
         lateness = clock.lateness
         buckets = self.tick_histogram.buckets()
         services = service_reports(gw)
+        talking_rows = split.tg_of_row[all_admitted & (split.tg_of_row >= 0)]
+        talkers = np.bincount(talking_rows, minlength=len(tg_names)).astype(np.float64)
         return Snapshot(
             site=gw.config.site.name,
             country=gw.config.site.country,
@@ -528,8 +621,8 @@ class SiteMetrics:
             admitted=admitted,
             keyed=keyed,
             squelch=squelch,
-            rx_dbfs=engine.rx_dbfs.copy(),
-            tx_dbfs=engine.tx_dbfs.copy(),
+            rx_dbfs=engine.rx_dbfs[rows],
+            tx_dbfs=engine.tx_dbfs[rows],
             keyed_seconds=keyed_seconds,
             tot_seconds=np.array([p.config.tot for p in ports], np.float64),
             talk_total=talk_total,
@@ -561,7 +654,48 @@ class SiteMetrics:
             events=dict(self.events),
             service_stats=services,
             reload_failures=getattr(gw, "reload_failures", 0),
+            talkers=talkers.tolist(),
+            calls=self._calls(split, all_admitted, all_keyed),
+            routes=self._routes(services),
         )
+
+    @staticmethod
+    def _calls(
+        split: PortSplit, admitted: np.ndarray, keyed: np.ndarray
+    ) -> dict[tuple[str, str, str], tuple[float, float, float]]:
+        """Per (kind, route, talkgroup): calls up, heard in the mix, sent audio (NumPy)."""
+        n = len(split.groups)
+        if not n:
+            return {}
+        groups, rows = split.call_group, split.call_rows
+        up = np.bincount(groups, minlength=n).tolist()
+        talking = np.bincount(groups, weights=admitted[rows], minlength=n).tolist()
+        sending = np.bincount(groups, weights=keyed[rows], minlength=n).tolist()
+        return {g: (up[i], talking[i], sending[i]) for i, g in enumerate(split.groups)}
+
+    def _routes(
+        self, services: list[dict[str, Any]]
+    ) -> dict[str, dict[tuple[str, str], dict[str, float]]]:
+        """The services' per-route media figures, counters kept from ever going back."""
+        routes: dict[str, dict[tuple[str, str], dict[str, float]]] = {}
+        for kind in CALL_KINDS:
+            merged: dict[tuple[str, str], dict[str, float]] = {}
+            for report in services:
+                for group, figures in dict(report.get(f"{kind}_routes", {})).items():
+                    merged[(str(group[0]), str(group[1]))] = dict(figures)
+            for (route, tg), figures in merged.items():
+                for key in ROUTE_COUNTERS:
+                    if key not in figures:
+                        continue
+                    which = (kind, route, tg, key)
+                    total = float(figures[key]) + self._route_offset[which]
+                    last = self._route_last.get(which, 0.0)
+                    if total < last:
+                        self._route_offset[which] += last - total
+                        total = last
+                    figures[key] = self._route_last[which] = total
+            routes[kind] = merged
+        return routes
 
     def _monotonic(
         self, what: str, names: list[str], done: dict[str, float], ongoing: np.ndarray
@@ -767,16 +901,13 @@ def families(snap: Snapshot) -> Iterator[Family]:
         family = (_counter if kind == "counter" else _gauge)(name, doc, PORT_LABELS)
         yield _per_port(family, snap, getattr(snap, attribute))
     yield from _port_stats(snap)
+    yield from _route_stats(snap)
 
     # --- talkgroups and patches ---
-    talkers = np.zeros(len(snap.talkgroups))
-    tg_index = {tg: i for i, tg in enumerate(snap.talkgroups)}
-    for (_, _, tg), on in zip(snap.ports, snap.admitted.tolist(), strict=True):
-        if on and tg in tg_index:
-            talkers[tg_index[tg]] += 1
+    talkers = snap.talkers or [0.0] * len(snap.talkgroups)
     tg_metrics = [
-        (_gauge("talkgroup_talkers", "Ports heard in the talkgroup right now", ["talkgroup"]),
-         talkers.tolist()),
+        (_gauge("talkgroup_talkers", "Ports and calls heard in the talkgroup right now",
+                ["talkgroup"]), talkers),
         (_gauge("talkgroup_patched", "1 while the talkgroup is patched to another", ["talkgroup"]),
          [float(x) for x in snap.tg_patched]),
         (_gauge("talkgroup_floor_single",
@@ -862,6 +993,33 @@ def _port_stats(snap: Snapshot) -> Iterator[Family]:
             [snap.port_stats[i][key] for i in rows],
         )
         yield family
+
+
+def _route_stats(snap: Snapshot) -> Iterator[Family]:
+    """Per-call ports, per (route, talkgroup): how many calls, and their media summed."""
+    for kind in CALL_KINDS:
+        figures = snap.routes.get(kind, {})
+        calls = {(r, tg): v for (k, r, tg), v in snap.calls.items() if k == kind}
+        groups = sorted(set(figures) | set(calls))
+        for i, (name, doc) in enumerate((
+            ("route_calls", "Calls up now"),
+            ("route_calls_talking", "Calls heard in their talkgroup's mix now"),
+            ("route_calls_keyed", "Calls the gateway sends talkgroup audio to now"),
+        )):  # fmt: skip
+            family = _gauge(f"{kind}_{name}", doc, ROUTE_LABELS)
+            for group in groups:
+                family.add_metric(group, calls.get(group, (0.0, 0.0, 0.0))[i])
+            yield family
+        for key in (*ROUTE_COUNTERS, *ROUTE_GAUGES):
+            name, kind_of, doc = route_family(kind, key)
+            family = (_counter if kind_of == "counter" else _gauge)(
+                name.removesuffix("_total"), doc, ROUTE_LABELS
+            )
+            for group in groups:
+                value = figures.get(group, {}).get(key)
+                if value is not None:
+                    family.add_metric(group, value)
+            yield family
 
 
 def _service_stats(snap: Snapshot) -> Iterator[Family]:

@@ -29,6 +29,7 @@ clock.
 
 from __future__ import annotations
 
+import math
 import random
 import socket
 import time
@@ -57,7 +58,16 @@ from gateway.sip.rtp import PCMA, PCMU
 from gateway.sip.srtp import LegSrtp
 from gateway.sip.streams import StreamBank
 
-__all__ = ["DECODE", "ENCODE", "MALFORMED_KINDS", "LegBank", "LegMedia", "open_media_sockets"]
+__all__ = [
+    "DECODE",
+    "ENCODE",
+    "MALFORMED_KINDS",
+    "ROUTE_COUNTERS",
+    "ROUTE_GAUGES",
+    "LegBank",
+    "LegMedia",
+    "open_media_sockets",
+]
 
 RECEIVE_BUFFER = 4 << 20  # a tick (or two late ones) of 1000 legs' packets, with headroom
 _LAWS = {PCMU: 0, PCMA: 1}  # payload type → row of the G.711 tables
@@ -71,7 +81,26 @@ ROW_COLUMNS = (
     ("srtp", (), bool, False),  # SRTP agreed: packets protected and checked (bank_srtp)
     ("srtp_rx", (), object, None),  # ... its libsrtp contexts: the peer's key, and ours
     ("srtp_tx", (), object, None),  # (owned by LegMedia.srtp; cleared when the row goes)
+    ("group", (), np.int64, -1),  # the (route, talkgroup) the call came in on: route_stats()
 )
+
+# What metrics export per route (never per call: a caller must not make label sets).
+# Counters are summed over the route's calls, the ended ones included, so they never go
+# back; gauges are the worst (largest) among the calls up now.
+ROUTE_COUNTERS = (
+    "packets_in",
+    "packets_out",
+    "bytes_in",
+    "bytes_out",
+    "packets_lost",
+    "packets_late",
+    "packets_malformed",
+    "concealed_samples",
+    "rtcp_reports_in",
+    "rtcp_reports_out",
+    "remote_packets_lost",
+)
+ROUTE_GAUGES = ("jitter_seconds", "jitter_buffer_seconds", "remote_jitter_seconds", "rtt_seconds")
 
 
 @dataclass
@@ -90,6 +119,7 @@ class LegMedia:
     dtmf_out: list[str] = field(default_factory=list)
     dtmf_sending: tuple[str, int, int] | None = None  # digit, start ts, samples sent
     srtp: LegSrtp | None = None  # the call's SRTP keys (SDES over TLS), else plain RTP
+    group: tuple[str, str] = ("", "")  # (route, talkgroup) its figures are counted under
 
 
 def _open_udp(host: str, port: int) -> socket.socket:
@@ -180,6 +210,10 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         self._keys = np.zeros(0, np.int64)  # peer address keys of the rows, sorted
         self._key_rows = np.zeros(0, np.int64)  # ... and their rows
         self.malformed = dict.fromkeys(MALFORMED_KINDS, 0)
+        # Per (route, talkgroup): what ended calls had counted (rows of ROUTE_COUNTERS).
+        self.groups: list[tuple[str, str]] = []
+        self._group_ids: dict[tuple[str, str], int] = {}
+        self.ended = np.zeros((0, len(ROUTE_COUNTERS)), np.float64)
         self.cpu_seconds = {"receive": 0.0, "send": 0.0}  # media CPU (this thread), for benches
         self.epoch_seconds = int(time.time())  # whole seconds: arrivals keep ns precision
         self._epoch_ns = self.epoch_seconds * 1_000_000_000
@@ -213,6 +247,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         self.jitter.reset(row)
         self.streams.reset(row)
         self.payload_type[row] = media.payload_type
+        self.group[row] = self._group_id(media.group)
         self.law[row] = _LAWS[media.payload_type]
         if media.srtp is not None:
             self.srtp[row] = True
@@ -234,6 +269,8 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         media = self.media[row]
         if media is None:
             return
+        rows = np.array([row])
+        self.ended[self.group[row]] += self._row_counters(rows)[0]
         self.set_rtcp_remote(row, None)
         self.dest[row] = NO_PEER
         self.srtp[row] = False
@@ -355,6 +392,69 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         elif audible.any():
             self.tx[legs[audible]] = out[rows[audible]]
         self.tx_has[legs] = audible
+
+    # --- per route (metrics) ------------------------------------------------------------
+
+    def _group_id(self, group: tuple[str, str]) -> int:
+        """The row of ``ended`` that a (route, talkgroup) counts into (made on first use)."""
+        found = self._group_ids.get(group)
+        if found is None:
+            found = self._group_ids[group] = len(self.groups)
+            self.groups.append(group)
+            self.ended = np.vstack([self.ended, np.zeros((1, len(ROUTE_COUNTERS)))])
+        return found
+
+    def _row_counters(self, rows: np.ndarray) -> np.ndarray:
+        """ROUTE_COUNTERS of some legs, one row each. The RTCP figures and the malformed
+        count live in each leg's LegMedia (they change a few times a minute)."""
+        streams, jitter = self.streams, self.jitter
+        media = [self.media[r] for r in rows.tolist()]
+        columns = [
+            self.packets_in[rows],
+            self.packets_out[rows],
+            self.bytes_in[rows],
+            self.bytes_out[rows],
+            streams.lost_of(rows) + streams.lost_before[rows],
+            jitter.packets_late[rows],
+            [m.malformed for m in media],
+            jitter.concealed[rows] * self.factor,
+            [m.rtcp.reports_in for m in media],
+            [m.rtcp.reports_out for m in media],
+            [max(0, m.rtcp.remote_lost) for m in media],
+        ]
+        return np.array(columns, np.float64).reshape(len(columns), len(rows)).T
+
+    def _row_gauges(self, rows: np.ndarray) -> np.ndarray:
+        """ROUTE_GAUGES of some legs (NaN: not known yet, e.g. no round trip measured)."""
+        media = [self.media[r] for r in rows.tolist()]
+        columns = [
+            self.streams.jitter[rows] / CODEC_RATE,
+            np.maximum(0.0, self.jitter.delay[rows]) / CODEC_RATE,
+            [m.rtcp.remote_jitter / CODEC_RATE for m in media],
+            [math.nan if m.rtcp.rtt is None else m.rtcp.rtt for m in media],
+        ]
+        return np.array(columns, np.float64).reshape(len(columns), len(rows)).T
+
+    def route_stats(self) -> dict[tuple[str, str], dict[str, float]]:
+        """Per (route, talkgroup): ROUTE_COUNTERS summed over its calls, ended ones included,
+        and ROUTE_GAUGES as the largest among its calls up now (absent with no call up).
+
+        Every (route, talkgroup) that ever had a call is here, so counters never vanish."""
+        rows = self.active
+        ids = self.group[rows]
+        totals = self.ended.copy()
+        worst = np.full((len(self.groups), len(ROUTE_GAUGES)), -np.inf)
+        if rows.size:
+            np.add.at(totals, ids, self._row_counters(rows))
+            np.fmax.at(worst, ids, self._row_gauges(rows))
+        report: dict[tuple[str, str], dict[str, float]] = {}
+        for i, group in enumerate(self.groups):
+            figures = dict(zip(ROUTE_COUNTERS, totals[i].tolist(), strict=True))
+            for key, value in zip(ROUTE_GAUGES, worst[i].tolist(), strict=True):
+                if math.isfinite(value):
+                    figures[key] = value
+            report[group] = figures
+        return report
 
     # --- per leg ---------------------------------------------------------------------
 

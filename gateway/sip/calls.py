@@ -329,6 +329,7 @@ class CallManager:
         self._names += 1
         self.calls_total += 1
         name = f"{base}#{self._names}"
+        route_name = base.removeprefix("sip-")  # what metrics count the call under
         rtcp_port = offer.rtcp_port if offer.rtcp_port is not None else offer.port + 1
         media = LegMedia(
             payload_type=codec,
@@ -336,6 +337,7 @@ class CallManager:
             remote=(offer.address, offer.port),
             rtcp=RtcpState((offer.address, rtcp_port), mux=offer.rtcp_mux),
             srtp=srtp,
+            group=(route_name, talkgroup),
         )
         media.dtmf_type = dtmf_in if dtmf_in is not None else dtmf_out
         row = self.bank.add(media)
@@ -367,6 +369,7 @@ class CallManager:
             self.timing,
             bank,
             row,
+            route=route_name,
         )
         leg.on_close = self._closed_by_site
         self.engine.attach(leg, talkgroup, priority)

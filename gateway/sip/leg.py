@@ -31,11 +31,21 @@ class SipLeg(Port):
     """One call (incoming or dial-out). ``keyed`` just means there is audio for the phone."""
 
     kind = "sip"
+    # One port per call: metrics count it under its route, never as a series of its own
+    # (a caller would pick how many series there are, and they would tell call volume).
+    per_call = True
 
     def __init__(
-        self, name: str, config: PortConfig, timing: Timing, bank: LegBank, row: int
+        self,
+        name: str,
+        config: PortConfig,
+        timing: Timing,
+        bank: LegBank,
+        row: int,
+        route: str = "",
     ) -> None:
         super().__init__(name, config, timing)
+        self.route = route  # the [sip.routes] name (or dialout-<talkgroup>): a metrics label
         self.bank = bank
         self.port_bank = bank  # the engine moves every leg's audio in one step (PortBank)
         self.row = row

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.app import section_service
 from gateway.config import Model, SiteConfig
-from gateway.sip.bank import LegBank
+from gateway.sip.bank import ROUTE_COUNTERS, LegBank
 from gateway.sip.calls import CallManager
 from gateway.sip.config import AccountConfig, SipConfig, split_hostport
 from gateway.sip.dialout import DialOut
@@ -312,7 +312,19 @@ class SipService:
             ),
             # RTP/RTCP dropped, by kind (truncated, huge, version, layout, payload_type, ...)
             "sip_rtp_malformed": dict(self.bank.malformed) if self.bank else {},
+            "sip_routes": self.route_stats(),
         }
+
+    def route_stats(self) -> dict[tuple[str, str], dict[str, float]]:
+        """Media figures per (route, talkgroup), for metrics: every configured route and
+        dial-out (zeros before its first call), and any that had calls before a reload."""
+        report = self.bank.route_stats() if self.bank else {}
+        configured = [(name, r.talkgroup) for name, r in self.config.routes.items()]
+        configured += [(f"dialout-{d.talkgroup}", d.talkgroup)
+                       for d in self.config.dial_out.values()]  # fmt: skip
+        for group in configured:
+            report.setdefault(group, dict.fromkeys(ROUTE_COUNTERS, 0.0))
+        return report
 
     def _limit_blas(self) -> None:
         """One BLAS thread: the bank's matrix products are small, and a 2-core box running
