@@ -892,7 +892,9 @@ def families(snap: Snapshot) -> Iterator[Family]:
     by_kind: dict[tuple[str, str], int] = defaultdict(int)
     for (_, kind, _), up in zip(snap.ports, snap.up.tolist(), strict=True):
         by_kind[(kind, "up" if up else "down")] += 1
-    ports = _gauge("ports", "Ports on the engine by kind and state", ["kind", "state"])
+    ports = _gauge(
+        "ports", "Ports on the engine by kind and state (calls: per route)", ["kind", "state"]
+    )
     for kind in sorted({k for k, _ in by_kind}):
         for state in ("up", "down"):
             ports.add_metric([kind, state], by_kind.get((kind, state), 0))

@@ -10,7 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from gateway.monitoring.metrics import PORT_STATS, SERVICE_STATS
+from gateway.monitoring.metrics import (
+    CALL_KINDS,
+    PORT_STATS,
+    ROUTE_COUNTERS,
+    ROUTE_GAUGES,
+    SERVICE_STATS,
+    route_family,
+)
 from live_site import http_get, live_site, require_binary
 
 from gateway.config import PortConfig
@@ -76,6 +83,11 @@ def exported_names(tmp_path: Path) -> set[str]:
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
     # Service families appear when their service runs (MQTT, SIP, console): by contract.
     names |= {PREFIX_NAME(name) for name, *_ in SERVICE_STATS.values()}
+    # So do the per-route families of calls (SIP: with a [sip] section).
+    for kind in CALL_KINDS:
+        names |= {PREFIX_NAME(f"{kind}_{n}") for n in ("route_calls", "route_calls_talking",
+                                                      "route_calls_keyed")}  # fmt: skip
+        names |= {PREFIX_NAME(route_family(kind, k)[0]) for k in (*ROUTE_COUNTERS, *ROUTE_GAUGES)}
     return names
 
 
