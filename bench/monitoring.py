@@ -5,9 +5,11 @@
     .venv/bin/python bench/monitoring.py --stall    # how late ticks run while scraped
 
 ``--stall`` runs a live gateway (media clock, web server) with 1000 and 1250
-network-leg-like ports (each with a SIP leg's 16 ``stats()`` counters) and reads
-``/metrics`` over HTTP every half second; it prints how late the ticks ran during
-the scrapes, beside the same gateway not scraped.
+network-leg-like ports and reads ``/metrics`` over HTTP every half second; it prints
+how late the ticks ran during the scrapes, beside the same gateway not scraped. The
+legs are either ports with series of their own (as console positions are: each with a
+SIP leg's 16 ``stats()`` counters) or per-call ports (as SIP calls are: counted per
+route, their ``stats()`` not read).
 
 A scrape's work is shown in two parts, the snapshot (copying the engine's state) and
 the rendering to text; the exporter runs both on the loop thread between ticks, in
@@ -116,13 +118,17 @@ def measure(ports: int, repeats: int, ticks: int) -> dict[str, float]:
 
 
 class LegLike(Port):
-    """A call's port as metrics see it: silent, with a SIP leg's counters in stats()."""
+    """A network leg as metrics see it: silent, with a SIP leg's counters in stats();
+    ``per_call``: counted per route (as SIP calls are), else a series of its own."""
 
     kind = "sip"
 
-    def __init__(self, name: str, gw: Gateway, row: int, counters: np.ndarray) -> None:
+    def __init__(
+        self, name: str, gw: Gateway, row: int, counters: np.ndarray, per_call: bool = False
+    ) -> None:
         super().__init__(name, PortConfig(kind="sip"), gw.config.timing)
         self.row, self.counters = row, counters
+        self.per_call, self.route = per_call, f"{6000 + row % 4}"
 
     def stats(self) -> dict[str, float]:  # as costly as gateway.sip.bank's: numpy scalars
         c, r = self.counters, self.row
@@ -135,7 +141,9 @@ class LegLike(Port):
         return stats
 
 
-async def stall_run(legs: int, seconds: float, scrape_every: float | None) -> dict[str, float]:
+async def stall_run(
+    legs: int, seconds: float, scrape_every: float | None, per_call: bool = False
+) -> dict[str, float]:
     """Tick lateness of a live gateway with ``legs`` call-like ports, scraped or not."""
     import aiohttp
 
@@ -143,7 +151,7 @@ async def stall_run(legs: int, seconds: float, scrape_every: float | None) -> di
     gw = Gateway(parse_config(text))
     counters = np.arange(11 * legs, dtype=np.int64).reshape(11, legs)
     for i in range(legs):
-        gw.engine.attach(LegLike(f"call-{i}", gw, i, counters), f"tg{i % 2}")
+        gw.engine.attach(LegLike(f"call-{i}", gw, i, counters, per_call), f"tg{i % 2}")
     task = asyncio.create_task(gw.run())
     while gw.web is None or gw.web.port is None or gw.clock.ticks < 50:
         await asyncio.sleep(0.05)
@@ -179,14 +187,18 @@ async def stall_run(legs: int, seconds: float, scrape_every: float | None) -> di
 
 def stall_table(seconds: float) -> None:
     print("Tick lateness while /metrics is read over HTTP every 0.5 s (live gateway, 20 ms ticks)")
-    print(f"{'legs':>6} {'scraped':>8} {'ticks':>6} {'late':>5} {'p99 ms':>7} {'max ms':>7} "
-          f"{'scrape ms':>10} {'slices':>7} {'longest slice ms':>17}")  # fmt: skip
-    for legs in (1000, 1250):
-        for every in (None, 0.5):
-            r = asyncio.run(stall_run(legs, seconds, every))
-            print(f"{legs:>6} {'yes' if every else 'no':>8} {r['ticks']:>6} {r['late']:>5} "
-                  f"{r['p99_ms']:>7.2f} {r['max_ms']:>7.2f} {r['scrape_ms']:>10.1f} "
-                  f"{r['slices']:>7.0f} {r['slice_ms']:>17.2f}")  # fmt: skip
+    print(f"{'legs':>6} {'series':>9} {'scraped':>8} {'ticks':>6} {'late':>5} {'p99 ms':>7} "
+          f"{'max ms':>7} {'scrape ms':>10} {'slices':>7} {'longest slice ms':>17}")  # fmt: skip
+    for per_call in (False, True):
+        for legs in (1000, 1250):
+            for every in (None, 0.5):
+                r = asyncio.run(stall_run(legs, seconds, every, per_call))
+                print(f"{legs:>6} {'per route' if per_call else 'per leg':>9} "
+                      f"{'yes' if every else 'no':>8} {r['ticks']:>6} {r['late']:>5} "
+                      f"{r['p99_ms']:>7.2f} {r['max_ms']:>7.2f} {r['scrape_ms']:>10.1f} "
+                      f"{r['slices']:>7.0f} {r['slice_ms']:>17.2f}")  # fmt: skip
+    print("series: per leg = a series set per leg (console positions); per route = legs")
+    print("counted per route (SIP calls).")
     print("late: ticks that started more than a frame after their deadline; max: the worst")
     print("start lateness seen; scrape ms: one /metrics read, request to last byte (median);")
     print("slices: frames a page was built over; longest slice: CPU time of the longest stretch")

@@ -121,10 +121,15 @@ def test_calls_are_counted_per_route_with_no_series_of_their_own(tmp_path: Path)
             await asyncio.gather(calls[0].send_rtp(25), calls[1].send_rtp(25))
 
             async def packets_counted() -> bool:
-                await scrape()
+                nonlocal text
+                text = await scrape()
                 return seen[-1] == 50
 
             await until(packets_counted, "the route to count both calls' 50 packets")
+            # Gauges are the worst call's, and only for routes with calls up.
+            jitter = "borderlink_sip_route_jitter_seconds_max"
+            assert value(text, jitter, **ROUTE) is not None
+            assert value(text, jitter, route="7001", talkgroup="quiet") is None
             calls[0].hang_up()
             await until(lambda: len(legs(gw)) == 2, "the first call to end")
             text = await scrape()
