@@ -205,6 +205,18 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "Days until the site's SIP TLS certificate expires",
         None,
     ),
+    "sip_calls_timed_out": (
+        "sip_calls_timed_out_total",
+        "counter",
+        "SIP calls ended by a timer: never ACKed (ack) or no RTP/RTCP (media)",
+        "reason",
+    ),
+    "sip_messages_failed": (
+        "sip_messages_failed_total",
+        "counter",
+        "SIP requests the gateway failed on and answered 500 (each one is a bug)",
+        None,
+    ),
     "sip_rtp_malformed": (
         "sip_rtp_malformed_total",
         "counter",

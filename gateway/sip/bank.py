@@ -6,7 +6,21 @@ that and drift off the engine's clock, and so does one socket per call with one
 ``recvmsg``/``sendto`` per packet from Python. Here every call is a row in shared
 NumPy columns, and all calls share **one RTP socket** (every SDP gives the same media
 port, as session border controllers do); packets are demultiplexed by source
-address, which symmetric RTP makes the peer's identity.
+address, which symmetric RTP makes the peer's identity, and SSRC: another BorderLink
+(or any peer that sends several calls from one port) announces each call's SSRC in
+its SDP (``a=ssrc``), and a call whose peer announced none locks on the SSRC of its
+first packet.
+
+Who a packet belongs to, in order: the sorted table of (address, SSRC) keys finds
+the call whose peer sends from that address with that SSRC (one search for the whole
+batch); a call that has not heard its peer yet matches any SSRC from its address and
+locks on the first one. A packet from a call's address with another SSRC is not
+mixed in: it is dropped (counted ``ssrc``) unless the call's peer announced no SSRC
+and the locked one has been silent for :data:`SSRC_HANDOVER` — RFC 3550 §8.2 makes a
+new SSRC from the same address a new source, not the old one's continuation, and
+§6.3.5 lets a source go only when it has stopped sending; a phone's voice stream is
+50 packets a second, so one second of silence says it stopped (a peer that restarts
+its stream, e.g. after a transfer, is heard again after that second).
 
 One tick of the bank, in the order it runs:
 
@@ -22,9 +36,10 @@ One tick of the bank, in the order it runs:
    checked and decrypted right after the receive, protected right before the send.
 
 This module is what the three share: the rows (a call takes one, gives it back at
-hang-up), each row's codec and peer address, the sorted address table that finds a
-packet's leg, latching to where a phone behind NAT really sends from, and the tick
-clock.
+hang-up), each row's codec, peer address and SSRCs, the sorted (address, SSRC) table
+that finds a packet's leg, latching to where a phone behind NAT really sends from,
+whether a row may send yet (not before the caller's ACK) and when it last heard its
+peer (the call manager's media timeout), and the tick clock.
 """
 
 from __future__ import annotations
@@ -41,10 +56,15 @@ import numpy as np
 from gateway.ports import PortBank
 from gateway.sip.bank_rtcp import RTCP_INTERVAL, RtcpReports
 from gateway.sip.bank_rx import (
+    ADDRESS_ONLY,
+    ANY_SSRC,
     CODEC_RATE,
     DECODE,
+    EXACT,
     MALFORMED_KINDS,
     NO_PEER,
+    SSRC_HANDOVER,
+    UNKNOWN,
     ReceivePath,
 )
 from gateway.sip.bank_srtp import SrtpEdges
@@ -56,7 +76,7 @@ from gateway.sip.resample import BlockResampler
 from gateway.sip.rtcp import RtcpState
 from gateway.sip.rtp import PCMA, PCMU
 from gateway.sip.srtp import LegSrtp
-from gateway.sip.streams import StreamBank
+from gateway.sip.streams import NO_SSRC, StreamBank
 
 __all__ = [
     "DECODE",
@@ -82,6 +102,10 @@ ROW_COLUMNS = (
     ("srtp_rx", (), object, None),  # ... its libsrtp contexts: the peer's key, and ours
     ("srtp_tx", (), object, None),  # (owned by LegMedia.srtp; cleared when the row goes)
     ("group", (), np.int64, -1),  # the (route, talkgroup) the call came in on: route_stats()
+    ("rx_ssrc", (), np.int64, NO_SSRC),  # the SSRC the call hears (locked on its first packet)
+    ("sending", (), bool, False),  # RTP may go out (an answered call: after the ACK)
+    ("rtp_at", (), np.float64, 0.0),  # wall time the peer's RTP was last accepted
+    ("rtcp_at", (), np.float64, 0.0),  # ... and its RTCP
 )
 
 # What metrics export per route (never per call: a caller must not make label sets).
@@ -110,6 +134,9 @@ class LegMedia:
     payload_type: int
     dtmf_type: int | None
     remote: tuple[str, int] | None  # where the SDP says the peer's RTP is
+    ssrc: int | None = None  # our SSRC for this call (announced in our SDP); None: pick one
+    announced: tuple[int, ...] = ()  # the SSRCs the peer's SDP announced (a=ssrc)
+    offered: tuple[str, int] | None = None  # the SDP's address, kept when `remote` latches
     on_dtmf: Callable[[str, bool], None] | None = None
     rtcp: RtcpState = field(default_factory=lambda: RtcpState(None))
     malformed: int = 0
@@ -207,8 +234,11 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         self.free: list[int] = []
         self.active = np.zeros(0, np.int64)  # rows in use, ascending
         self.srtp_legs = 0  # legs with SRTP (bank_srtp runs only when there are some)
-        self._keys = np.zeros(0, np.int64)  # peer address keys of the rows, sorted
+        self._addresses = np.zeros(0, np.int64)  # distinct peer address keys, sorted
+        self._keys = np.zeros(0, np.int64)  # (address rank, SSRC + 1) keys, sorted (0: any)
         self._key_rows = np.zeros(0, np.int64)  # ... and their rows
+        self._sole = np.zeros(0, np.int64)  # per address: its one unannounced row, else -1
+        self.now = time.time()  # wall time of this tick's receive step
         self.malformed = dict.fromkeys(MALFORMED_KINDS, 0)
         # Per (route, talkgroup): what ended calls had counted (rows of ROUTE_COUNTERS).
         self.groups: list[tuple[str, str]] = []
@@ -253,6 +283,12 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
             self.srtp[row] = True
             self.srtp_rx[row], self.srtp_tx[row] = media.srtp.rx, media.srtp.tx
         self._tx_start(row)
+        if media.ssrc is not None:
+            self.tx_ssrc[row] = media.ssrc
+        media.ssrc = int(self.tx_ssrc[row])
+        self.rtp_at[row] = self.rtcp_at[row] = time.time()  # the media timeout starts now
+        if media.offered is None:
+            media.offered = media.remote
         rtcp_remote = media.rtcp.remote
         if media.rtcp.mux:  # RFC 5761: reports travel with the RTP
             rtcp_remote = media.remote
@@ -265,6 +301,71 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         self._update_tables()
         return row
 
+    def new_ssrc(self) -> int:
+        """An SSRC for a call about to be described in SDP, unlike every other call's."""
+        used = set(self.tx_ssrc[self.active].tolist())
+        while True:
+            ssrc = random.getrandbits(32)
+            if ssrc not in used:
+                return ssrc
+
+    def start_sending(self, row: int) -> None:
+        """The call is confirmed (ACK): its RTP and RTCP may go out."""
+        self.sending[row] = True
+
+    def move(
+        self,
+        row: int,
+        media: LegMedia,
+        remote: tuple[str, int],
+        rtcp: RtcpState,
+        payload_type: int,
+        dtmf_type: int | None,
+        announced: tuple[int, ...],
+    ) -> None:
+        """A re-INVITE moved the call's media: all of it changes in this one step.
+
+        The stream starts again (latching, SSRC lock, statistics, jitter buffer); our
+        own SSRC, sequence and timestamp go on (RFC 3264 §8: same stream, new place)."""
+        self.set_rtcp_remote(row, None)
+        media.payload_type = payload_type
+        media.dtmf_type = dtmf_type
+        media.remote = media.offered = remote
+        media.announced = announced
+        media.rtcp = rtcp
+        self.payload_type[row] = payload_type
+        self.law[row] = _LAWS[payload_type]
+        self.dest[row] = address_key(*remote)
+        self.latched[row] = False
+        self.rx_ssrc[row] = NO_SSRC
+        self.rtp_at[row] = self.rtcp_at[row] = time.time()
+        self.jitter.reset(row)
+        self.streams.reset(row)
+        rtcp_remote = rtcp.remote
+        if rtcp.mux:
+            rtcp_remote = remote
+        elif rtcp_remote is None:
+            rtcp_remote = (remote[0], remote[1] + 1)
+        rtcp.remote = None
+        self.set_rtcp_remote(row, rtcp_remote)
+        self._update_tables()
+
+    def silent_rows(self, timeout: float) -> np.ndarray:
+        """Rows whose peer has sent neither RTP nor RTCP for ``timeout`` seconds."""
+        rows = self.active
+        last = np.maximum(self.rtp_at[rows], self.rtcp_at[rows])
+        return rows[time.time() - last >= timeout]
+
+    def rows_using(self, address: tuple[str, int]) -> list[int]:
+        """Calls whose peer sends from, or whose SDP named, this RTP address."""
+        key = address_key(*address)
+        return [
+            row
+            for row in self.active.tolist()
+            if self.dest[row] == key
+            or ((media := self.media[row]) is not None and media.offered == address)
+        ]
+
     def remove(self, row: int) -> None:
         media = self.media[row]
         if media is None:
@@ -275,6 +376,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         self.dest[row] = NO_PEER
         self.srtp[row] = False
         self.srtp_rx[row] = self.srtp_tx[row] = None
+        self.sending[row] = False
         self.media[row] = None
         self.free.append(row)
         self._update_tables()
@@ -289,25 +391,104 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
     # --- peer addresses ---------------------------------------------------------------
 
     def _update_tables(self) -> None:
-        """Rows in use, and the sorted address table, after a leg came, went or latched."""
+        """Rows in use, and the sorted (address, SSRC) table, after a leg came, went,
+        latched, locked its SSRC or moved.
+
+        Each row is one key per SSRC its peer announced, else one key for its locked
+        SSRC, else one key that takes any SSRC (0). An address is stored as its rank
+        among the distinct addresses, so (rank, SSRC + 1) fits one int64 and one
+        ``searchsorted`` finds a whole batch's rows."""
         self.active = np.array([i for i, m in enumerate(self.media) if m is not None], np.int64)
         self.srtp_legs = int(self.srtp[self.active].sum())
         rows = self.active[self.dest[self.active] != NO_PEER]
-        keys = self.dest[rows]
+        addresses = self.dest[rows]
+        ssrcs = self.rx_ssrc[rows] + 1  # NO_SSRC (-1) becomes 0: any SSRC
+        announced = [i for i, row in enumerate(rows.tolist()) if self.media[row].announced]
+        if announced:
+            extra_rows, extra_ssrcs = [], []
+            for i in announced:
+                for ssrc in self.media[rows[i]].announced:
+                    extra_rows.append(rows[i])
+                    extra_ssrcs.append(ssrc + 1)
+            keep = np.ones(len(rows), bool)
+            keep[announced] = False
+            rows = np.concatenate([rows[keep], np.array(extra_rows, np.int64)])
+            ssrcs = np.concatenate([ssrcs[keep], np.array(extra_ssrcs, np.int64)])
+            addresses = self.dest[rows]
+        self._addresses = np.unique(addresses)
+        rank = np.searchsorted(self._addresses, addresses)
+        keys = (rank << 33) | ssrcs
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
         self._key_rows = rows[order]
+        # The one row at an address whose SSRC may be handed over (no announcement, alone).
+        self._sole = np.full(len(self._addresses), -1, np.int64)
+        counts = np.bincount(rank, minlength=len(self._addresses))
+        for r in np.flatnonzero(counts == 1).tolist():
+            row = int(rows[rank == r][0])
+            if not self.media[row].announced:
+                self._sole[r] = row
 
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """The row whose peer sends from each address key (-1: nobody's), one search for all."""
-        rows = np.full(len(keys), -1, np.int64)
-        if self._keys.size:
-            at = np.searchsorted(self._keys, keys)
+    def lookup(
+        self, keys: np.ndarray, ssrcs: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The row each packet belongs to by (source address key, SSRC), one search for all.
+
+        Returns (rows, match): ``match`` is EXACT (address and SSRC), ANY_SSRC (a row
+        not locked yet; ``rows`` is it), ADDRESS_ONLY (a known address with another SSRC;
+        ``rows`` is the row that may take it over under RFC 3550, else -1) or UNKNOWN.
+        Without ``ssrcs``: the row for the address alone (the first, when several)."""
+        n = len(keys)
+        rows = np.full(n, -1, np.int64)
+        match = np.full(n, UNKNOWN, np.int64)
+        if not self._addresses.size:
+            return rows, match
+        rank = np.searchsorted(self._addresses, keys)
+        inside = rank < self._addresses.size
+        known = inside.copy()
+        known[inside] = self._addresses[rank[inside]] == keys[inside]
+        if not known.any():
+            return rows, match
+        base = rank << 33
+        if ssrcs is None:
+            at = np.searchsorted(self._keys, base[known])
+            rows[known] = self._key_rows[at]
+            match[known] = EXACT
+            return rows, match
+        match[known] = ADDRESS_ONLY
+        rows[known] = self._sole[rank[known]]
+        for kind, wanted in ((ANY_SSRC, base), (EXACT, base | (ssrcs + 1))):
+            at = np.searchsorted(self._keys, wanted[known])
             at_ok = at < self._keys.size
-            found = at_ok.copy()
-            found[at_ok] = self._keys[at[at_ok]] == keys[at_ok]
-            rows[found] = self._key_rows[at[found]]
-        return rows
+            hit = np.zeros(len(at), bool)
+            hit[at_ok] = self._keys[at[at_ok]] == wanted[known][at_ok]
+            where = np.flatnonzero(known)[hit]
+            rows[where] = self._key_rows[at[hit]]
+            match[where] = kind
+        return rows, match
+
+    def rows_at(self, key: int) -> list[int]:
+        """Every row whose peer's RTP address is ``key``."""
+        rank = int(np.searchsorted(self._addresses, key))
+        if rank >= self._addresses.size or self._addresses[rank] != key:
+            return []
+        lo, hi = np.searchsorted(self._keys, [rank << 33, (rank + 1) << 33])
+        return sorted(set(self._key_rows[lo:hi].tolist()))
+
+    def lock(self, row: int, ssrc: int) -> None:
+        """The call hears only ``ssrc`` from now on (its first packet's, or a handover)."""
+        self.rx_ssrc[row] = ssrc
+        self._update_tables()
+
+    def may_hand_over(self, row: int) -> bool:
+        """RFC 3550 §6.3.5/§8.2: the locked SSRC stopped (silent SSRC_HANDOVER), so the
+        new one from the same address is the peer's new stream, not an injection."""
+        media = self.media[row]
+        return (
+            media is not None
+            and not media.announced
+            and self.now - float(self.rtp_at[row]) >= SSRC_HANDOVER
+        )
 
     def _waiting_rows(self) -> np.ndarray:
         """Legs whose phone has not sent yet: a packet from another port of its host may
@@ -315,11 +496,13 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         n = len(self.media)
         return np.flatnonzero((self.dest[:n] != NO_PEER) & ~self.latched[:n])
 
-    def _latch(self, row: int, key: int) -> None:
+    def _latch(self, row: int, key: int, ssrc: int = NO_SSRC) -> None:
         """Symmetric RTP (RFC 4961): answer where the phone really sends from."""
         media = self.media[row]
         assert media is not None
         self.dest[row] = key
+        if ssrc != NO_SSRC and not media.announced:
+            self.rx_ssrc[row] = ssrc
         self.latched[row] = True
         media.remote = key_address(key)
         if media.rtcp.mux:

@@ -34,13 +34,16 @@ class RtcpReports:
     """Mixin of :class:`gateway.sip.bank.LegBank`: every leg's RTCP.
 
     Its own state is set by :meth:`_rtcp_open`; per leg it lives in ``LegMedia.rtcp``.
-    Of the rest of the bank it uses the attributes declared below and ``lookup(keys)``
-    (RTP address → row), ``_count()`` (dropped packets) from the receive path."""
+    Of the rest of the bank it uses the attributes declared below and ``rows_at(key)``
+    (RTP address → rows), ``_count()`` (dropped packets) from the receive path."""
 
     # The bank's rows and addresses, and the parts it composes (see gateway.sip.bank).
     media: list[LegMedia | None]
     active: np.ndarray
     dest: np.ndarray
+    rx_ssrc: np.ndarray
+    rtcp_at: np.ndarray
+    sending: np.ndarray
     streams: StreamBank
     sock: socket.socket
     tx_ssrc: np.ndarray
@@ -58,7 +61,7 @@ class RtcpReports:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.rtcp_ticks = ticks
         self.cname = cname
-        self.rtcp_source: dict[int, int] = {}  # peer RTCP address key → row
+        self.rtcp_source: dict[int, list[int]] = {}  # peer RTCP address key → its rows
 
     def set_rtcp_remote(self, row: int, address: tuple[str, int] | None) -> None:
         """Where the leg's reports go (and whose reports are the leg's)."""
@@ -66,10 +69,14 @@ class RtcpReports:
         assert media is not None
         old = media.rtcp.remote
         if old is not None:
-            self.rtcp_source.pop(address_key(*old), None)
+            rows = self.rtcp_source.get(address_key(*old), [])
+            if row in rows:
+                rows.remove(row)
+            if not rows:
+                self.rtcp_source.pop(address_key(*old), None)
         media.rtcp.remote = address
         if address is not None:
-            self.rtcp_source[address_key(*address)] = row
+            self.rtcp_source.setdefault(address_key(*address), []).append(row)
 
     # --- in ---------------------------------------------------------------------------
 
@@ -107,13 +114,13 @@ class RtcpReports:
             stray = row is not None  # came on the RTP port from nobody's address
             row = self._rtcp_row(key, reports[0].ssrc)
             if row < 0:
-                self._count("source")
                 return
             if stray and self.srtp[row]:  # not checked with the call's key: not the call's
                 self._count("srtp_auth", np.array([row]))
                 return
         media = self.media[row]
         assert media is not None
+        self.rtcp_at[row] = time.time()
         state = media.rtcp
         if not state.mux and not state.latched:  # symmetric RTCP: answer where it came from
             self.set_rtcp_remote(row, key_address(key))
@@ -136,15 +143,41 @@ class RtcpReports:
         return plain
 
     def _rtcp_row(self, key: int, ssrc: int) -> int:
-        """Which leg an RTCP packet on the RTCP port belongs to: by its source, else by SSRC."""
-        row = self.rtcp_source.get(key, -1)
-        if row < 0:
-            row = int(self.lookup(np.array([key - 1]))[0])  # RTP port + 1, the usual pairing
-        if row >= 0:
-            return row
-        rows = self.active[self.streams.ssrc[self.active] == ssrc]
-        hosts = [r for r in rows.tolist() if int(self.dest[r]) >> 16 == key >> 16]
-        return hosts[0] if len(hosts) == 1 else -1
+        """Which leg an RTCP packet belongs to, by its source and its sender's SSRC (-1:
+        nobody's, counted).
+
+        The calls whose reports come from that address (their RTCP address, RTP port
+        + 1, or the RTP port itself with rtcp-mux), told apart by SSRC as RTP is: the
+        peer's announced or locked SSRC, or the one call there that has not locked yet.
+        A report from an address no call uses is matched by SSRC on the same host (a
+        phone behind NAT)."""
+        candidates = set(self.rtcp_source.get(key, ()))
+        candidates.update(self.rows_at(key - 1), self.rows_at(key))
+        if candidates:
+            mine = [r for r in candidates if self._hears(r, ssrc)]
+            if len(mine) == 1:
+                return mine[0]
+            open_rows = [r for r in candidates if self._hears(r, None)]
+            if not mine and len(candidates) == 1 and open_rows:
+                return open_rows[0]
+            self._count("ssrc")
+            return -1
+        host = [r for r in self.active.tolist() if int(self.dest[r]) >> 16 == key >> 16]
+        rows = [r for r in host if self._hears(r, ssrc)]
+        if len(rows) == 1:
+            return rows[0]
+        self._count("source")
+        return -1
+
+    def _hears(self, row: int, ssrc: int | None) -> bool:
+        """Whether the leg takes reports from ``ssrc`` (None: from an SSRC not yet known)."""
+        media = self.media[row]
+        if media is None:
+            return False
+        if media.announced:
+            return ssrc in media.announced
+        locked = int(self.rx_ssrc[row])
+        return locked == NO_SSRC if ssrc is None else locked == ssrc
 
     # --- out --------------------------------------------------------------------------
 
@@ -158,7 +191,7 @@ class RtcpReports:
         ntp = ntp_now(now)
         for row in due.tolist():
             media = self.media[row]
-            if media is None or self.packets_out[row] == 0:
+            if media is None or self.packets_out[row] == 0 or not self.sending[row]:
                 continue
             state = media.rtcp
             if state.remote is None:  # with rtcp-mux, the leg's RTP address

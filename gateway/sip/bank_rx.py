@@ -8,21 +8,24 @@ Once per tick, before the engine mixes:
 * packets of calls with SRTP are authenticated and decrypted in place first
   (:mod:`gateway.sip.bank_srtp`);
 * the headers of the whole batch are read as NumPy columns: malformed packets are
-  dropped and counted by kind, the sender is found by its source address (one
-  sorted-table lookup for all), and the common packet — plain header, the agreed
-  codec, from a known peer — goes into the receive statistics and the jitter buffers
-  in rounds of distinct rows (a leg with two packets queued takes two rounds);
+  dropped and counted by kind, the sender is found by its source address and SSRC
+  (one sorted-table lookup for all; see :mod:`gateway.sip.bank` for the rules), and
+  the common packet — plain header, the agreed codec, from a known peer with its
+  call's SSRC — goes into the receive statistics and the jitter buffers in rounds of
+  distinct rows (a leg with two packets queued takes two rounds);
 * then the jitter buffers play one frame per leg, one table lookup decodes G.711
   for all legs, one matrix product resamples them to the engine rate, and VOX
   (or DTMF PTT, or a PIN not yet entered) decides who is talking, as one vector step.
 
 Per-packet Python runs only for the rare packets: RFC 4733 events, comfort noise,
-RTCP multiplexed on the RTP port, RTP with header extensions/CSRCs/padding, and the
-first packet from a phone behind NAT (latching, RFC 4961 symmetric RTP).
+RTCP multiplexed on the RTP port, RTP with header extensions/CSRCs/padding, the
+first packet of a call (its SSRC is locked) and the first packet from a phone
+behind NAT (latching, RFC 4961 symmetric RTP).
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +35,7 @@ from gateway.sip.columns import Column
 from gateway.sip.jitter import dense
 from gateway.sip.rtcp import is_rtcp
 from gateway.sip.rtp import parse_event, parse_rtp
+from gateway.sip.streams import NO_SSRC
 
 if TYPE_CHECKING:
     from gateway.sip.bank import LegMedia
@@ -47,6 +51,8 @@ MAX_PACKET = 1500
 COMFORT_NOISE = 13  # RFC 3389: accepted and ignored, not counted as malformed
 SILENCE_DB = -120.0
 NO_PEER = -1  # address key of a leg whose peer address is not known
+SSRC_HANDOVER = 1.0  # seconds a locked SSRC must be silent before another one replaces it
+UNKNOWN, ADDRESS_ONLY, ANY_SSRC, EXACT = -1, 0, 1, 2  # how LegBank.lookup matched a packet
 
 # Why a packet was dropped (bank-wide counters, and per leg when the sender is known).
 MALFORMED_KINDS = (
@@ -57,6 +63,7 @@ MALFORMED_KINDS = (
     "payload_type",  # a payload type the call did not agree on
     "event",  # a telephone-event that is not a DTMF key
     "source",  # from an address that is no call's peer (stray or spoofed)
+    "ssrc",  # from a call's address with an SSRC that is not the call's (injected)
     "rtcp",  # RTCP that does not parse (lengths past the end, not SR/RR first)
     "srtp_auth",  # on an SRTP call: not authenticated by the call's key (forged, plain, cut)
     "srtp_replay",  # on an SRTP call: a packet already received (replayed or duplicated)
@@ -72,8 +79,9 @@ class ReceivePath:
 
     Its per-leg columns are :meth:`_rx_columns`. Of the rest of the bank it uses the
     attributes declared below and, from the bank, ``_tick_time()`` (this tick's ideal
-    time), ``lookup(keys)`` (address → row), ``_waiting_rows()`` (legs whose phone has
-    not sent yet) and ``_latch(row, key)``; from the RTCP part, ``drain_rtcp()`` and
+    time), ``lookup(keys, ssrcs)`` ((address, SSRC) → row), ``lock(row, ssrc)``,
+    ``may_hand_over(row)``, ``_waiting_rows()`` (legs whose phone has not sent yet)
+    and ``_latch(row, key, ssrc)``; from the RTCP part, ``drain_rtcp()`` and
     ``_rtcp()`` for reports multiplexed on the RTP port."""
 
     # The bank's rows and addresses, and the parts it composes (see gateway.sip.bank).
@@ -81,6 +89,9 @@ class ReceivePath:
     active: np.ndarray
     dest: np.ndarray
     latched: np.ndarray
+    rx_ssrc: np.ndarray
+    rtp_at: np.ndarray
+    now: float
     payload_type: np.ndarray
     law: np.ndarray
     frame: int
@@ -128,6 +139,7 @@ class ReceivePath:
     def _receive(self) -> None:
         """Before the tick: every leg's frame into ``rx`` and its talking flag set."""
         now = self._tick_time()
+        self.now = time.time()
         self.drain()
         self.drain_rtcp()
         rows = self.active
@@ -198,16 +210,18 @@ class ReceivePath:
         short = (length < HEADER_SIZE) & ~huge
         wrong_version = ((b0 >> 6) != 2) & ~huge & ~short
         good = ~(huge | short | wrong_version)
-        rows = self.lookup(source)  # which leg: the row whose peer address is the source
+        h = head[:, 8:12].astype(np.int64)
+        ssrc = (h[:, 0] << 24) | (h[:, 1] << 16) | (h[:, 2] << 8) | h[:, 3]
+        rows, match = self.lookup(source, ssrc)  # which leg: by source address and SSRC
         known = rows >= 0
         for kind, mask in (("huge", huge), ("truncated", short), ("version", wrong_version)):
             if mask.any():
                 self._count(kind, rows[mask & known], int(mask.sum()))
-        # The common packet: plain header, the agreed codec, from a known peer.
+        # The common packet: plain header, the agreed codec, from a known peer and SSRC.
         pt = (b1 & 0x7F).astype(np.int64)
         fast = (
             good
-            & known
+            & (match == EXACT)
             & (b0 == 0x80)
             & (length > HEADER_SIZE)
             & (length <= HEADER_SIZE + MAX_PAYLOAD)
@@ -216,16 +230,27 @@ class ReceivePath:
         if fast.any():
             self._audio(np.flatnonzero(fast), rows, length, arrival, data, head)
         rest = good & ~fast
-        stray = rest & ~known
+        rtcp = (b1 >= 192) & (b1 <= 223)  # RTCP on the RTP port: checked below
+        stray = rest & (match == UNKNOWN)
         if stray.any():  # from nobody's address: only a host with a call waiting may latch
             waiting_hosts = self.dest[self._waiting_rows()] >> 16
-            hopeless = stray & ~np.isin(source >> 16, waiting_hosts)
-            hopeless &= ~((b1 >= 192) & (b1 <= 223))  # RTCP on the RTP port: checked below
+            hopeless = stray & ~np.isin(source >> 16, waiting_hosts) & ~rtcp
             if hopeless.any():
                 self._count("source", None, int(hopeless.sum()))
                 rest &= ~hopeless
+        # A call's address with another SSRC: an injection unless the call may hand over.
+        foreign = rest & (match == ADDRESS_ONLY) & ~rtcp
+        if foreign.any():
+            sole = rows[foreign]
+            may = sole >= 0
+            may[may] = self.now - self.rtp_at[sole[may]] >= SSRC_HANDOVER
+            refused = np.flatnonzero(foreign)[~may]
+            if refused.size:
+                self._count("ssrc", None, int(refused.size))
+                rest[refused] = False
         for i in np.flatnonzero(rest).tolist():
-            self._packet(int(rows[i]), int(source[i]), bytes(data[i, : length[i]]), arrival[i])
+            row = int(rows[i]) if match[i] != ADDRESS_ONLY else -1
+            self._packet(row, int(source[i]), bytes(data[i, : length[i]]), arrival[i])
 
     def _audio(
         self,
@@ -239,6 +264,7 @@ class ReceivePath:
         """Audio packets ``idx`` of a batch into their rows, in rounds of distinct rows."""
         rows = rows_of[idx]
         self.latched[rows] = True  # from the SDP address: symmetric RTP already holds
+        self.rtp_at[rows] = self.now
         np.add.at(self.packets_in, rows, 1)
         np.add.at(self.bytes_in, rows, length[idx])
         header = head[idx].astype(np.int64)
@@ -292,20 +318,30 @@ class ReceivePath:
 
     def _packet(self, row: int, key: int, data: bytes, arrival: float) -> None:
         """A packet off the common path: checked in full by the one-packet parser."""
-        if is_rtcp(data[1]):  # RTCP multiplexed on the RTP port (RFC 5761)
-            self._rtcp(data, key, row, self.epoch_seconds + arrival / CODEC_RATE)
+        if is_rtcp(data[1]):  # RTCP multiplexed on the RTP port (RFC 5761): by its sender SSRC
+            self._rtcp(data, key, None, self.epoch_seconds + arrival / CODEC_RATE)
             return
         packet = parse_rtp(data)
         if packet is None:
             self._drop("layout", row)
             return
         if row < 0:
-            row = self._match_unlatched(key)
+            row = self._claim(key, packet.ssrc)
             if row < 0:
-                self._drop("source", -1)
                 return
         media = self.media[row]
         assert media is not None
+        locked = int(self.rx_ssrc[row])
+        if not media.announced and locked != packet.ssrc:
+            if locked == NO_SSRC:  # the call's first packet: its SSRC from now on
+                self.lock(row, packet.ssrc)
+            else:  # a second SSRC in the same batch as the first: not this call's
+                self._drop("ssrc", -1)
+                return
+        elif media.announced and packet.ssrc not in media.announced:
+            self._drop("ssrc", -1)
+            return
+        self.rtp_at[row] = self.now
         pt = packet.payload_type
         if pt == media.payload_type:
             if len(packet.payload) > MAX_PAYLOAD:
@@ -332,18 +368,32 @@ class ReceivePath:
         self.packets_in[row] += 1
         self.bytes_in[row] += len(data)
 
-    def _match_unlatched(self, key: int) -> int:
-        """A packet from an address no leg knows: the one unlatched leg expecting its host.
+    def _claim(self, key: int, ssrc: int) -> int:
+        """The row of a packet that matched no (address, SSRC) key, or -1 (counted).
 
-        A phone behind NAT sends from another port than its SDP says; if exactly one
-        call from that host has not latched yet, the packet is that call's.
+        From a call's address: the call's new SSRC if the old one stopped (RFC 3550
+        handover, :meth:`may_hand_over`). From an address no leg knows: the one
+        unlatched leg expecting its host, whose peer announced this SSRC or none — a
+        phone behind NAT sends from another port than its SDP says.
         """
-        waiting = self._waiting_rows()
-        rows = waiting[(self.dest[waiting] >> 16) == key >> 16]
-        if len(rows) != 1:
+        at = self.rows_at(key)
+        if at:
+            if len(at) == 1 and self.may_hand_over(at[0]):
+                self.lock(at[0], ssrc)
+                return at[0]
+            self._drop("ssrc", -1)
             return -1
-        row = int(rows[0])
-        self._latch(row, key)
+        waiting = self._waiting_rows()
+        rows = [
+            row
+            for row in waiting[(self.dest[waiting] >> 16) == key >> 16].tolist()
+            if not self.media[row].announced or ssrc in self.media[row].announced
+        ]
+        if len(rows) != 1:
+            self._drop("source", -1)
+            return -1
+        row = rows[0]
+        self._latch(row, key, ssrc)
         return row
 
     @staticmethod

@@ -7,7 +7,10 @@ resampling history sits just before its frame in ``tx_ext``: no joining copy),
 quantised and G.711-encoded with one table lookup, the RTP headers written as
 columns, SRTP calls' packets protected in place (:mod:`gateway.sip.bank_srtp`), and
 ``sendmmsg`` sends every leg's packet in one system call, to the address the phone
-sends from once it has sent (symmetric RTP).
+sends from once it has sent (symmetric RTP). A row that may
+not send yet (an answered call before its ACK: the SDP's address is a stranger's
+word until the dialog is confirmed, and a never-confirmed call must not reflect
+traffic at it) is encoded with the rest and not sent.
 
 A leg sending RFC 4733 DTMF toward its phone sends event packets instead of audio
 for those ticks, one at a time (rare). RTCP sender reports go out at the end of the
@@ -53,6 +56,7 @@ class SendPath:
     media: list[LegMedia | None]
     active: np.ndarray
     dest: np.ndarray
+    sending: np.ndarray
     payload_type: np.ndarray
     law: np.ndarray
     frame: int
@@ -146,8 +150,9 @@ class SendPath:
         packets[:, 4:8] = self.tx_ts[sel].astype(">u4").view(np.uint8).reshape(count, 4)
         packets[:, 8:12] = self.tx_ssrc[sel].astype(">u4").view(np.uint8).reshape(count, 4)
         dest = self.dest[sel]
-        busy = self.busy[sel]
-        audio = (dest != NO_PEER) & ~busy
+        sending = self.sending[sel]
+        busy = self.busy[sel] & sending
+        audio = (dest != NO_PEER) & ~busy & sending
         lengths = None
         if self.srtp_legs:  # SRTP calls' packets protected in place (bank_srtp)
             lengths = self._protect_batch(packets, rows, audio, size)

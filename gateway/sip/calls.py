@@ -11,6 +11,21 @@ away with 200 OK (no ringing delay) and become a :class:`~gateway.sip.leg.SipLeg
 attached to the engine; they end on BYE from either side, and the gateway sends BYE
 to every call when it stops. Leg names carry the route, never the caller
 (``sip-6001#3``): the audit log is where a caller is named.
+
+Every dialog has a timer that ends it, because a stranger can open one: an
+answered call sends no RTP until its ACK, and one never ACKed is ended with BYE
+after ``ack_timeout`` (RFC 3261 §13.3.1.4, Timer H = 64·T1 = 32 s); a call whose
+peer sends neither RTP nor RTCP for ``media_timeout`` is ended with BYE. One
+periodic sweep on the event loop checks both for every call.
+
+A call's media address is the peer's word, so it is checked before anything is
+sent to it: an IPv4 address and a real port, not the gateway's own media port,
+and not a media address another call already uses (that would double our stream
+to that caller and later hand its packets to the newcomer) unless both calls
+announced SSRCs that tell them apart (``a=ssrc``, which BorderLink itself does:
+all its calls leave from one port). Such an offer is refused with 488. A
+re-INVITE moves the media (address, port, codec) in one step once all of that is
+checked, or is refused with 488 and the call goes on as it was.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -49,9 +65,10 @@ from gateway.sip.sdp import (
     describe,
     read_offer,
 )
-from gateway.sip.srtp import LegSrtp, accept_keys, new_crypto
+from gateway.sip.srtp import Crypto, LegSrtp, accept_keys, new_crypto
 from gateway.sip.transport import (
     T1,
+    T2,
     Address,
     SipTransport,
     Source,
@@ -91,9 +108,18 @@ class Dialog:
     route: str = ""  # the [sip.routes] entry an incoming call was answered under
     leg: SipLeg | None = None
     cseq: int = 1
-    answer: bytes = b""  # our 200 OK, resent on INVITE retransmissions until ACK
+    answer: bytes = b""  # our final answer to the peer's last INVITE, resent on retransmissions
     acked: bool = False
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    created: float = 0.0  # event-loop time the dialog began (Timer H counts from here)
+    remote_cseq: int = 0  # CSeq of the peer's last INVITE: a retransmission or a re-INVITE
+    acked_cseq: int = 0  # CSeq of the last INVITE the peer ACKed
+    offer: MediaOffer | None = None  # the peer's media as it stands
+    body: str = ""  # our SDP as it stands
+    session: int = 0  # SDP o= session id and version (RFC 3264 §8: +1 on each change)
+    version: int = 0
+    profile: str = AVP  # our m= line's profile, and our SDES key on an SRTP call
+    crypto: Crypto | None = None
 
 
 class CallManager:
@@ -117,12 +143,15 @@ class CallManager:
         self.dialogs: dict[str, Dialog] = {}
         self._loop = asyncio.get_running_loop()
         self.rejected: dict[int, int] = {}
+        self.timed_out = {"ack": 0, "media": 0}  # calls ended by Timer H / media timeout
         self.calls_total = 0
         self._names = 0
         self._tasks: set[asyncio.Task] = set()
         self.admission = Admission(lambda: self.config, lambda: len(self.dialogs), self._calls_from)
         # The site's audit log (set by the service): record(event, **fields).
         self.audit: Callable[..., Any] = lambda event, **fields: None
+        self._sweep_every = min(1.0, config.ack_timeout / 4, config.media_timeout / 4)
+        self._sweeper = asyncio.get_event_loop().call_later(self._sweep_every, self._sweep)
 
     def _calls_from(self, host: str) -> int:
         return sum(1 for d in self.dialogs.values() if d.incoming and d.peer.address[0] == host)
@@ -139,11 +168,11 @@ class CallManager:
             self._invite(message, raw, source)
         elif method == "ACK":
             dialog = self.dialogs.get(message.headers["Call-ID"])
-            if dialog is not None:
-                dialog.acked = True
+            if dialog is not None and self._from_peer(dialog, message):
+                self._acked(dialog, int(message.headers["CSeq"]["check"]))
         elif method == "BYE":
             dialog = self.dialogs.get(message.headers["Call-ID"])
-            if dialog is None:
+            if dialog is None or not self._from_peer(dialog, message):
                 self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
                 return
             self.transport.respond(raw, source, 200, "OK")
@@ -170,6 +199,80 @@ class CallManager:
                 ],
             )
 
+    @staticmethod
+    def _from_peer(dialog: Dialog, message: SIPMessage) -> bool:
+        """An in-dialog request carries the dialog's tags (RFC 3261 §12.2.2)."""
+        return (
+            message.headers["From"].get("tag") == dialog.remote_tag
+            and message.headers["To"].get("tag") == dialog.local_tag
+        )
+
+    def _acked(self, dialog: Dialog, cseq: int) -> None:
+        """The peer confirmed our answer to its INVITE ``cseq``: the call may send now."""
+        dialog.acked_cseq = max(dialog.acked_cseq, cseq)
+        if not dialog.acked:
+            dialog.acked = True
+            if dialog.leg is not None:
+                self.bank.start_sending(dialog.leg.row)
+
+    # --- timers -----------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Once a second: end calls never ACKed (Timer H) and calls whose media stopped."""
+        loop = asyncio.get_event_loop()
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+        now = loop.time()
+        for dialog in list(self.dialogs.values()):
+            if (
+                dialog.incoming
+                and not dialog.acked
+                and now - dialog.created >= (self.config.ack_timeout)
+            ):
+                self.timed_out["ack"] += 1
+                log.info("call %s never confirmed (no ACK); hanging up", self._name(dialog))
+                self._spawn(self.hangup(dialog))
+        silent = set(self.bank.silent_rows(self.config.media_timeout).tolist())
+        if silent:
+            for dialog in list(self.dialogs.values()):
+                if dialog.leg is not None and dialog.leg.row in silent:
+                    self.timed_out["media"] += 1
+                    log.info(
+                        "call %s: no RTP or RTCP for %gs; hanging up",
+                        self._name(dialog),
+                        self.config.media_timeout,
+                    )
+                    self._spawn(self.hangup(dialog))
+
+    @staticmethod
+    def _name(dialog: Dialog) -> str:
+        return dialog.leg.name if dialog.leg else dialog.call_id
+
+    # --- media checks -----------------------------------------------------------------
+
+    def _media_refused(self, offer: MediaOffer | None, codec: int | None, row: int = -1) -> str:
+        """Why an offer's media cannot be taken ("" when it can); ``row``: the call itself."""
+        if offer is None or codec is None:
+            return "no G.711 in the offer"
+        if not offer.usable:
+            return f"media address {offer.address}:{offer.port} is not an IPv4 address and port"
+        where = (offer.address, offer.port)
+        if offer.port in (self.bank.port, self.bank.port + 1) and offer.address in (
+            self.bank.host,
+            self.address,
+        ):
+            return "the offer names the gateway's own media port"
+        others = [r for r in self.bank.rows_using(where) if r != row]
+        ours = set(offer.ssrcs)
+        for other in others:
+            media = self.bank.media[other]
+            theirs = set(media.announced) if media is not None else set()
+            if not ours or not theirs or ours & theirs:
+                return (
+                    f"media address {offer.address}:{offer.port} is in use by another call "
+                    "and no announced SSRCs tell them apart"
+                )
+        return ""
+
     def _reject(
         self,
         raw: bytes,
@@ -191,9 +294,8 @@ class CallManager:
     def _invite(self, message: SIPMessage, raw: bytes, source: Source) -> None:
         call_id = message.headers["Call-ID"]
         existing = self.dialogs.get(call_id)
-        if existing is not None:  # retransmission or re-INVITE: same answer (no media change)
-            if existing.answer:
-                self.transport.send(existing.answer, source)
+        if existing is not None:  # a retransmission or a re-INVITE
+            self._reinvite(existing, message, raw, source)
             return
         limited = self.admission.limit(source)
         if limited is not None:
@@ -214,14 +316,16 @@ class CallManager:
             return
         offer = read_offer(message)
         codec = choose_codec(offer, self.config.codecs) if offer else None
-        if offer is None or codec is None:
-            self._reject(raw, source, 488, "Not Acceptable Here", "no G.711 in the offer")
+        why = self._media_refused(offer, codec)
+        if why:
+            self._reject(raw, source, 488, "Not Acceptable Here", why)
             return
         policy = self._srtp_policy(route, request_uri, source)
         peer_key, refusal = accept_keys(policy, source.transport, offer.savp, offer.crypto)
         if refusal:
             self._reject(raw, source, 488, "Not Acceptable Here", f"route {name}: {refusal}")
             return
+        assert offer is not None and codec is not None
         if route.talkgroup not in self.engine.talkgroups:
             self._reject(
                 raw,
@@ -243,7 +347,12 @@ class CallManager:
             peer=source,
             incoming=True,
             route=name,
+            created=asyncio.get_event_loop().time(),
+            remote_cseq=int(message.headers["CSeq"]["check"]),
+            offer=offer,
+            session=random.getrandbits(31),
         )
+        dialog.version = dialog.session
         dtmf = DTMF_TYPE if offer.dtmf_type is not None else None
         dtmf_in = offer.dtmf_type
         pin = gate_call(self, dialog, name, route) if route.pin else None
@@ -255,25 +364,10 @@ class CallManager:
         )  # fmt: skip
         dialog.leg = leg
         self.dialogs[call_id] = dialog
-        body = describe(
-            self.address,
-            self.bank.port,
-            [codec],
-            dtmf_in,
-            rtcp_mux=offer.rtcp_mux,
-            profile=offer.profile if ours else AVP,
-            crypto=ours,
-        )
-        dialog.answer = self.transport.respond(
-            raw,
-            source,
-            200,
-            "OK",
-            to_tag=tag,
-            headers=[f"Contact: {self.contact_for(source)}"],
-            body=body,
-        )
-        self._spawn(self._resend_until_ack(dialog, source))
+        dialog.profile = offer.profile if ours else AVP
+        dialog.crypto = ours
+        dialog.body = self._describe(dialog, codec, dtmf_in, offer.rtcp_mux)
+        self._answer(dialog, raw, source)
         log.info(
             "call %s answered: %s%s on %s",
             leg.name,
@@ -298,14 +392,107 @@ class CallManager:
         ]
         return strictest(route.srtp, *accounts)
 
-    async def _resend_until_ack(self, dialog: Dialog, source: Source) -> None:
+    def _describe(self, dialog: Dialog, codec: int, dtmf: int | None, mux: bool) -> str:
+        assert dialog.leg is not None
+        return describe(
+            self.address,
+            self.bank.port,
+            [codec],
+            dtmf,
+            session_id=dialog.session,
+            version=dialog.version,
+            rtcp_mux=mux,
+            ssrc=int(self.bank.tx_ssrc[dialog.leg.row]),
+            cname=self.bank.cname,
+            profile=dialog.profile,
+            crypto=dialog.crypto,
+        )
+
+    def _answer(self, dialog: Dialog, raw: bytes, source: Source) -> None:
+        """200 OK with our SDP to the peer's INVITE, resent until the peer ACKs it."""
+        dialog.answer = self.transport.respond(
+            raw,
+            source,
+            200,
+            "OK",
+            to_tag=dialog.local_tag,
+            headers=[f"Contact: {self.contact_for(source)}"],
+            body=dialog.body,
+        )
+        self._spawn(self._resend_until_ack(dialog, source, dialog.remote_cseq))
+
+    async def _resend_until_ack(self, dialog: Dialog, source: Source, cseq: int) -> None:
+        """RFC 3261 §13.3.1.4: the 2xx is resent, T1 doubling to T2, until ACK or Timer H."""
+        loop = asyncio.get_event_loop()
+        give_up = loop.time() + self.config.ack_timeout
+        answer = dialog.answer
         interval = T1
-        for _ in range(7):
+        while loop.time() + interval < give_up:
             await asyncio.sleep(interval)
-            if dialog.acked or dialog.ended.is_set():
+            if dialog.acked_cseq >= cseq or dialog.ended.is_set() or dialog.answer is not answer:
                 return
+            self.transport.send(answer, source)
+            interval = min(interval * 2, T2)
+
+    def _reinvite(self, dialog: Dialog, message: SIPMessage, raw: bytes, source: Source) -> None:
+        """An INVITE inside a dialog: a retransmission gets the same answer; a re-INVITE
+        moves the media in one step, or is refused (488) and the call stays as it was."""
+        cseq = int(message.headers["CSeq"]["check"])
+        if cseq == dialog.remote_cseq and dialog.answer:  # retransmission
             self.transport.send(dialog.answer, source)
-            interval = min(interval * 2, 4.0)
+            return
+        if not self._from_peer(dialog, message):
+            self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
+            return
+        if cseq < dialog.remote_cseq:  # RFC 3261 §12.2.2
+            self.transport.respond(raw, source, 500, "Server Internal Error")
+            return
+        dialog.remote_cseq = cseq
+        leg = dialog.leg
+        if leg is None or dialog.offer is None:
+            self.transport.respond(raw, source, 491, "Request Pending")
+            return
+        if not message.body:  # no offer: ours again (the ACK would carry the answer)
+            self._answer(dialog, raw, source)
+            return
+        offer = read_offer(message)
+        codec = choose_codec(offer, self.config.codecs) if offer else None
+        why = self._media_refused(offer, codec, leg.row)
+        if why:
+            self.rejected[488] = self.rejected.get(488, 0) + 1
+            log.info("re-INVITE of call %s refused (the call goes on as it was): %s", leg.name, why)
+            dialog.answer = self.transport.respond(raw, source, 488, "Not Acceptable Here")
+            return
+        assert offer is not None and codec is not None
+        if offer != dialog.offer and (dialog.crypto or offer.savp or offer.crypto):
+            # New keys would have to be agreed with the move: not done, so refused whole.
+            self.rejected[488] = self.rejected.get(488, 0) + 1
+            log.info("re-INVITE of SRTP call %s refused (media and keys stay)", leg.name)
+            dialog.answer = self.transport.respond(raw, source, 488, "Not Acceptable Here")
+            return
+        if offer != dialog.offer:
+            rtcp_port = offer.rtcp_port if offer.rtcp_port is not None else offer.port + 1
+            mux = offer.rtcp_mux if dialog.incoming else False
+            self.bank.move(
+                leg.row,
+                self.bank.media[leg.row],
+                (offer.address, offer.port),
+                RtcpState((offer.address, rtcp_port), mux=mux),
+                codec,
+                offer.dtmf_type if offer.dtmf_type is not None or dialog.incoming else DTMF_TYPE,
+                offer.ssrcs,
+            )
+            dialog.offer = offer
+            dialog.version += 1
+            dialog.body = self._describe(dialog, codec, offer.dtmf_type, mux)
+            log.info(
+                "call %s: media moved to %s:%d (%s)",
+                leg.name,
+                offer.address,
+                offer.port,
+                CODEC_NAMES[codec],
+            )
+        self._answer(dialog, raw, source)
 
     # --- legs -------------------------------------------------------------------------
 
@@ -321,11 +508,13 @@ class CallManager:
         route: RouteConfig | DialOutConfig,
         on_pin: Callable[[str], None] | None = None,
         srtp: LegSrtp | None = None,
+        ssrc: int | None = None,
     ) -> SipLeg:
         """Put a call's media in the bank and its Port on the engine (loop thread only).
 
         With ``on_pin`` the leg starts muted both ways (the bank's ``muted`` column)
-        and its key presses go to ``on_pin`` until that unmutes it."""
+        and its key presses go to ``on_pin`` until that unmutes it. ``ssrc``: ours,
+        when an offer already announced it (dial-out)."""
         self._names += 1
         self.calls_total += 1
         name = f"{base}#{self._names}"
@@ -338,6 +527,8 @@ class CallManager:
             rtcp=RtcpState((offer.address, rtcp_port), mux=offer.rtcp_mux),
             srtp=srtp,
             group=(route_name, talkgroup),
+            ssrc=ssrc,
+            announced=offer.ssrcs,
         )
         media.dtmf_type = dtmf_in if dtmf_in is not None else dtmf_out
         row = self.bank.add(media)
@@ -460,6 +651,8 @@ class CallManager:
             log.warning("dial-out to %s: SRTP required but the call would not go over TLS", uri)
             return None
         ours = new_crypto() if destination.secure and policy != "off" and offer_srtp else None
+        ssrc = self.bank.new_ssrc()
+        session = random.getrandbits(31)
         body = describe(
             self.address,
             self.bank.port,
@@ -467,6 +660,9 @@ class CallManager:
             DTMF_TYPE,
             profile=SAVP if ours else AVP,
             crypto=ours,
+            session_id=session,
+            ssrc=ssrc,
+            cname=self.bank.cname,
         )
         call_id = new_call_id(self.address)
         tag = new_tag()
@@ -512,12 +708,20 @@ class CallManager:
             target=contact_uri(headers.get("Contact", "")) or uri,
             peer=destination,
             incoming=False,
+            created=asyncio.get_event_loop().time(),
+            offer=offer,
+            body=body,
+            session=session,
+            version=session,
+            profile=SAVP if ours else AVP,
+            crypto=ours,
         )
         self.dialogs[call_id] = dialog
         self.transport.send(self._in_dialog(dialog, "ACK", cseq=1), destination)
         dialog.acked = True
-        if offer is None or codec is None:
-            log.warning("dial-out to %s: answer has no usable G.711; hanging up", uri)
+        why = self._media_refused(offer, codec)
+        if why:
+            log.warning("dial-out to %s: %s; hanging up", uri, why)
             await self.hangup(dialog)
             return None
         srtp = None
@@ -528,6 +732,7 @@ class CallManager:
                 await self.hangup(dialog)
                 return None
             srtp = LegSrtp(peer_key.key, ours.key)
+        assert offer is not None and codec is not None
         dialog.leg = self._start_leg(
             f"dialout-{talkgroup}",
             codec,
@@ -538,7 +743,9 @@ class CallManager:
             entry.priority,
             entry,
             srtp=srtp,
+            ssrc=ssrc,
         )
+        self.bank.start_sending(dialog.leg.row)
         log.info("dial-out %s connected on %s%s", uri, talkgroup, " with SRTP" if srtp else "")
         return dialog
 
@@ -567,6 +774,7 @@ class CallManager:
         self.transport.send("\r\n".join(lines) + "\r\n\r\n", destination)
 
     async def close(self) -> None:
+        self._sweeper.cancel()
         await self.hangup_all()
         for task in list(self._tasks):
             task.cancel()

@@ -321,6 +321,29 @@ class SipConfig(Model):
     backoff: Duration = Field(
         60.0, description="how long an address that failed auth or the PIN is refused"
     )
+    ack_timeout: Duration = Field(
+        32.0, description="an answered call not confirmed by ACK this long is ended (Timer H)"
+    )
+    media_timeout: Duration = Field(
+        60.0, description="a call that sends neither RTP nor RTCP this long is ended with BYE"
+    )
+
+    @field_validator("ack_timeout")
+    @classmethod
+    def _ack_timeout_sane(cls, value: float) -> float:
+        if not 1 <= value <= 64:
+            raise ValueError("ack_timeout must be between '1s' and '64s' (RFC 3261 Timer H: 32s)")
+        return value
+
+    @field_validator("media_timeout")
+    @classmethod
+    def _media_timeout_sane(cls, value: float) -> float:
+        if not 1 <= value <= 3600:
+            raise ValueError(
+                "media_timeout must be between '1s' and '1h' (60s is usual; longer than "
+                "rtcp_interval, so a phone on hold that only sends RTCP stays up)"
+            )
+        return value
 
     @field_validator("rtcp_interval")
     @classmethod
@@ -417,6 +440,15 @@ class SipConfig(Model):
     def _dial_transport(entry: DialOutConfig) -> str:
         source = uri_source(entry.uri)
         return source.transport if source is not None else "udp"
+
+    @model_validator(mode="after")
+    def _media_timeout_above_rtcp(self) -> SipConfig:
+        if self.media_timeout <= self.rtcp_interval:
+            raise ValueError(
+                f"media_timeout ({self.media_timeout:g}s) must be longer than rtcp_interval "
+                f"({self.rtcp_interval:g}s): a call on hold sends only RTCP"
+            )
+        return self
 
     @model_validator(mode="after")
     def _numbers_unique(self) -> SipConfig:

@@ -18,8 +18,13 @@ Each pyVoIP shortcoming is worked around here or where noted:
   used: calls are answered at once and media is :mod:`gateway.sip.bank`.
 * Its parser needs every header as ``Name: value``: an empty header (baresip
   sends ``Supported:``) raises, compact names (``i:``, ``v:``) and several Vias
-  on one line are not understood. :func:`parse` rewrites the header block into
-  that form first.
+  on one line are not understood, and it compares header names and the
+  Content-Type case-sensitively (``APPLICATION/SDP`` left the body unparsed and
+  a TypeError further on), although RFC 3261 §7.3.1 and RFC 2045 make both
+  case-insensitive. :func:`parse` rewrites the header block into that form
+  first: canonical names, the media type in lower case, one Via per line.
+* It takes any Content-Length: :func:`parse` refuses a negative one or one
+  longer than the datagram's body (RFC 3261 §18.3) and cuts the body at a shorter one.
 * Its From/To parser knows only ``sip:``: a ``sips:`` URI (a TLS caller, or the
   far end of a ``sips:`` dial-out) raised. :func:`normalise` hands it ``sip:``
   there; the stack reads URIs it keeps from the message's own text.
@@ -98,7 +103,7 @@ class Dialect(SIPClient):
         raise RuntimeError("Dialect is a message builder; the gateway owns the socket")
 
 
-_COMPACT = {
+_COMPACT = {  # RFC 3261 §7.3.3 (and RFC 3515/3841/4028 for the rest)
     b"i": b"Call-ID",
     b"f": b"From",
     b"t": b"To",
@@ -107,33 +112,69 @@ _COMPACT = {
     b"l": b"Content-Length",
     b"c": b"Content-Type",
     b"k": b"Supported",
+    b"e": b"Content-Encoding",
+    b"s": b"Subject",
+    b"o": b"Event",
+    b"r": b"Refer-To",
+    b"u": b"Allow-Events",
+    b"x": b"Session-Expires",
 }
+# The names pyVoIP (or the gateway) looks up, spelled as they look them up.
+_CANONICAL = {
+    name.lower(): name
+    for name in (
+        b"Via", b"From", b"To", b"Call-ID", b"CSeq", b"Contact", b"Content-Length",
+        b"Content-Type", b"Content-Encoding", b"Max-Forwards", b"Allow", b"Supported",
+        b"WWW-Authenticate", b"Authorization", b"Proxy-Authenticate",
+        b"Proxy-Authorization", b"Record-Route", b"Route", b"Expires", b"User-Agent",
+    )
+}  # fmt: skip
+MAX_HEADERS = 100  # a header flood is refused, not parsed
 
 
 _SIPS = re.compile(rb"(^|<)sips:", re.I)
 
 
 def normalise(data: bytes) -> bytes | None:
-    """Headers as pyVoIP can read them: ``Name: value``, full names, one Via per line."""
+    """Headers as pyVoIP can read them: ``Name: value``, canonical full names, one Via per
+    line, the Content-Type's media type in lower case and the body cut at Content-Length.
+
+    None when the message cannot be a SIP message (no header end, a line without a
+    name, too many headers, a Content-Length that is negative or longer than the body).
+    """
     head, separator, body = data.partition(b"\r\n\r\n")
     if not separator:
         return None
     lines = head.split(b"\r\n")
+    if len(lines) > MAX_HEADERS:
+        return None
     out = [lines[0]]
+    length: int | None = None
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         name, value = name.strip(), value.strip()
-        if not colon or not name:
+        if not colon or not name or b" " in name:
             return None
         if not value:
             continue
-        name = _COMPACT.get(name.lower(), name) if len(name) == 1 else name
-        if name.lower() in (b"from", b"to"):
+        low = name.lower()
+        name = _COMPACT.get(low, name) if len(name) == 1 else _CANONICAL.get(low, name)
+        if name in (b"From", b"To"):
             value = _SIPS.sub(rb"\1sip:", value, count=1)
-        if name.lower() == b"via":
-            out.extend(b"Via: " + via.strip() for via in value.split(b","))
-        else:
-            out.append(name + b": " + value)
+        if name == b"Via":
+            out.extend(b"Via: " + via.strip() for via in value.split(b",") if via.strip())
+            continue
+        if name == b"Content-Type":  # type/subtype are case-insensitive (RFC 2045 §5.1)
+            media_type, _, _parameters = value.partition(b";")
+            value = media_type.strip().lower()
+        elif name == b"Content-Length":
+            if not value.isdigit() or length is not None:
+                return None
+            length = int(value)
+            if length > len(body):
+                return None
+            body = body[:length]
+        out.append(name + b": " + value)
     return b"\r\n".join(out) + b"\r\n\r\n" + body
 
 
@@ -146,9 +187,14 @@ def parse(data: bytes) -> SIPMessage | None:
         message = SIPMessage(clean)
     except Exception:
         return None
+    headers = message.headers
     needed = ("Call-ID", "CSeq", "From", "To")
-    if any(name not in message.headers for name in needed) or not message.headers["Via"]:
+    if any(name not in headers for name in needed) or not headers["Via"]:
         return None
+    if not all(isinstance(headers[name], dict) for name in ("CSeq", "From", "To")):
+        return None
+    if not str(headers["CSeq"]["check"]).isdigit() or int(headers["CSeq"]["check"]) >= 1 << 31:
+        return None  # RFC 3261 §8.1.1.5: a 32-bit unsigned integer below 2**31
     return message
 
 

@@ -3,6 +3,10 @@
 Only what a voice leg needs: pick the first codec of the offer we also speak,
 find the telephone-event payload type at 8 kHz, read the SDES keys of SRTP
 (``a=crypto``, RFC 4568, in the audio section), and describe our RTP socket.
+Every call of the gateway leaves from the same RTP port, so each description
+names the call's own SSRC (``a=ssrc``, RFC 5576): a peer that reads it, such as
+another BorderLink, tells our calls apart by SSRC; one that announces its own
+SSRCs is told apart the same way here.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ AVP = "RTP/AVP"
 SAVP = "RTP/SAVP"  # SRTP (RFC 3711 §12): the answer must carry keys or the call fails
 _RTCP_PORT = re.compile(r"^a=rtcp:(\d{1,5})", re.M)
 _RTCP_MUX = re.compile(r"^a=rtcp-mux\s*$", re.M)
+_SSRC = re.compile(r"^a=ssrc:(\d{1,10})(?:\s|$)", re.M)
+_IPV4 = re.compile(r"^(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)$")
 
 
 @dataclass(frozen=True)
@@ -39,16 +45,40 @@ class MediaOffer:
     def savp(self) -> bool:
         return self.profile.upper() == SAVP
 
+    ssrcs: tuple[int, ...] = ()  # a=ssrc (RFC 5576): the SSRCs the peer says it sends
+
+    @property
+    def usable(self) -> bool:
+        """An IPv4 literal and a real port: something RTP can be sent to (no hold, no names)."""
+        return (
+            bool(_IPV4.match(self.address))
+            and self.address != "0.0.0.0"
+            and 0 < self.port < 65535
+            and (self.rtcp_port is None or 0 < self.rtcp_port <= 65535)
+        )
+
 
 def read_offer(message: SIPMessage) -> MediaOffer | None:
-    """The audio stream of an SDP body parsed by pyVoIP, or None when there is none."""
-    body = message.body
+    """The audio stream of an SDP body parsed by pyVoIP, or None when there is none.
+
+    Never raises: a body that is not SDP, or SDP pyVoIP left half-parsed, is no offer."""
     try:
-        audio = next(m for m in body.get("m", []) if m["type"] == "audio")
-    except StopIteration:
+        return _read_offer(message)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return None
+
+
+def _read_offer(message: SIPMessage) -> MediaOffer | None:
+    if message.headers.get("Content-Type") != "application/sdp":
+        return None
+    body = message.body
+    audio = next(
+        (m for m in body.get("m", []) if isinstance(m, dict) and m.get("type") == "audio"), None
+    )
+    if audio is None:
         return None
     connections = body.get("c") or []
-    if not connections:
+    if not connections or not isinstance(connections, list):
         return None
     payload_types: list[int] = []
     dtmf = None
@@ -67,6 +97,7 @@ def read_offer(message: SIPMessage) -> MediaOffer | None:
     rtcp = _RTCP_PORT.search(text)
     profile, crypto_lines = _audio_section(text)
     crypto = tuple(c for c in map(parse_crypto, crypto_lines) if c is not None)
+    ssrcs = tuple(dict.fromkeys(int(m) for m in _SSRC.findall(text) if int(m) < 1 << 32))
     return MediaOffer(
         connections[0]["address"],
         int(audio["port"]),
@@ -77,6 +108,7 @@ def read_offer(message: SIPMessage) -> MediaOffer | None:
         profile,
         crypto,
         len(crypto_lines),
+        ssrcs,
     )
 
 
@@ -111,13 +143,18 @@ def describe(
     rtcp_mux: bool = False,
     profile: str = AVP,
     crypto: Crypto | None = None,
+    ssrc: int | None = None,
+    cname: str = "",
+    version: int | None = None,
 ) -> str:
-    """Our SDP: offer or answer. ``crypto``: our SDES key (only ever sent over TLS)."""
+    """Our SDP: offer or answer. ``crypto``: our SDES key (only ever sent over TLS);
+    ``ssrc``/``cname``: the SSRC the call's RTP carries (RFC 5576)."""
     session = session_id if session_id is not None else random.getrandbits(31)
+    version = session if version is None else version
     formats = [*payload_types, *([dtmf_type] if dtmf_type is not None else [])]
     lines = [
         "v=0",
-        f"o=borderlink {session} {session} IN IP4 {address}",
+        f"o=borderlink {session} {version} IN IP4 {address}",
         "s=BorderLink",
         f"c=IN IP4 {address}",
         "t=0 0",
@@ -131,4 +168,6 @@ def describe(
     lines += ["a=ptime:20", "a=sendrecv"]
     if rtcp_mux:  # only in an answer to an offer that asked for it
         lines.append("a=rtcp-mux")
+    if ssrc is not None:
+        lines.append(f"a=ssrc:{ssrc} cname:{cname or 'borderlink'}")
     return "\r\n".join(lines) + "\r\n"

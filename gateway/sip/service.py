@@ -310,6 +310,8 @@ class SipService:
                 if self._certificate is not None
                 else {}
             ),
+            "sip_calls_timed_out": dict(calls.timed_out) if calls else {},
+            "sip_messages_failed": self.transport.stats.errors,
             # RTP/RTCP dropped, by kind (truncated, huge, version, layout, payload_type, ...)
             "sip_rtp_malformed": dict(self.bank.malformed) if self.bank else {},
             "sip_routes": self.route_stats(),

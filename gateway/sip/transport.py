@@ -20,6 +20,7 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 T1 = 0.5
 T2 = 4.0
+ERROR_LOG_SECONDS = 60.0
 MAX_DATAGRAM = 16384  # a SIP request bigger than this over UDP is not one we want
 _CALL_ID = re.compile(rb"^(?:Call-ID|i)\s*:\s*(.+?)\s*$", re.M | re.I)
 _CSEQ = re.compile(rb"^CSeq\s*:\s*(\d+)\s+([A-Za-z]+)\s*$", re.M | re.I)
@@ -133,6 +135,7 @@ class TransportStats:
     retransmissions: int = 0
     timeouts: int = 0
     unsent: int = 0  # responses whose connection had gone
+    errors: int = 0  # messages the call logic failed on (answered 500): each one is a bug
 
 
 class SipTransport(asyncio.DatagramProtocol):
@@ -151,6 +154,7 @@ class SipTransport(asyncio.DatagramProtocol):
         self.port = 0
         self.streams = Streams(Limits(), TlsFiles(), self._stream_message, self._stream_malformed)
         self._tasks: set[asyncio.Task] = set()
+        self._error_logged = -ERROR_LOG_SECONDS
 
     async def open(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -254,8 +258,26 @@ class SipTransport(asyncio.DatagramProtocol):
         try:
             self._dispatch(data, source)
         except Exception:  # a message that confuses the call logic must not kill the socket
-            self.stats.malformed += 1
-            log.exception("SIP message from %s could not be handled", source)
+            self.stats.errors += 1
+            now = time.monotonic()
+            if now - self._error_logged >= ERROR_LOG_SECONDS:  # a flood is one line a minute
+                self._error_logged = now
+                log.exception(
+                    "SIP message from %s could not be handled (%d so far); answered 500",
+                    source,
+                    self.stats.errors,
+                )
+            self._server_error(data, source)
+
+    def _server_error(self, data: bytes, source: Source) -> None:
+        """RFC 3261 §21.5.1: the request still gets a final answer, 500."""
+        first = data.split(b"\r\n", 1)[0]
+        if first.startswith((b"SIP/2.0", b"ACK ")) or transaction_key(data) is None:
+            return
+        try:
+            self.respond(data, source, 500, "Server Internal Error")
+        except Exception:  # noqa: BLE001 - the 500 is a courtesy; the socket must live
+            log.debug("no 500 for a message from %s", source)
 
     def _dispatch(self, data: bytes, source: Source) -> None:
         if len(data) > MAX_DATAGRAM and source.transport == "udp":

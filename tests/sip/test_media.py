@@ -188,7 +188,7 @@ BARESIP_INVITE = (
     b"Contact: <sip:phone1@127.0.0.1:5070>\r\nMax-Forwards: 70\r\n"
     b"To: <sip:6001@127.0.0.1:5080>\r\nFrom: <sip:phone1@127.0.0.1>;tag=abc\r\n"
     b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nSupported:\r\nContent-Type: application/sdp\r\n"
-    b"Content-Length: 140\r\n\r\n"
+    b"Content-Length: 183\r\n\r\n"
     b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
     b"m=audio 17160 RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n"
     b"a=rtpmap:101 telephone-event/8000\r\na=ptime:20"
