@@ -172,6 +172,8 @@ class Engine:
         talkgroup, _ = self.attached.pop(port.name, (None, 0))
         since = self._joined_at.pop(port.name, self.tick_count)
         self._set_layout([p for p in self.ports if p is not port], self.layout.groups)
+        self.health.pop(port.name, None)  # a call's name never comes back: keep no record
+        self.isolated.pop(port.name, None)
         self._emit(Event("left", port.name, group, detail=port.kind, tick=self.tick_count,
                          seconds=(self.tick_count - since) * self.frame_seconds,
                          talkgroup=talkgroup))  # fmt: skip
