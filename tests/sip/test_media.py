@@ -239,6 +239,12 @@ def test_sip_section_errors_name_the_key_and_the_fix():
         )
     config = SipConfig.model_validate({"routes": {"6001": {"talkgroup": "nope", "public": True}}})
     assert "talkgroup 'nope' is not configured" in config.check_talkgroups(["tg"])[0]
+    with pytest.raises(ConfigError) as error:
+        parse_config(SITE + '[sip]\nack_timeout = "5min"\n')
+    assert "sip.ack_timeout" in str(error.value) and "Timer H" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        parse_config(SITE + '[sip]\nmedia_timeout = "2s"\n')
+    assert "media_timeout" in str(error.value) and "rtcp_interval" in str(error.value)
 
 
 def test_stream_bank_columns_agree_with_the_one_stream_reference():
