@@ -429,15 +429,12 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
             if not self.media[row].announced:
                 self._sole[r] = row
 
-    def lookup(
-        self, keys: np.ndarray, ssrcs: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, keys: np.ndarray, ssrcs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The row each packet belongs to by (source address key, SSRC), one search for all.
 
         Returns (rows, match): ``match`` is EXACT (address and SSRC), ANY_SSRC (a row
         not locked yet; ``rows`` is it), ADDRESS_ONLY (a known address with another SSRC;
-        ``rows`` is the row that may take it over under RFC 3550, else -1) or UNKNOWN.
-        Without ``ssrcs``: the row for the address alone (the first, when several)."""
+        ``rows`` is the row that may take it over under RFC 3550, else -1) or UNKNOWN."""
         n = len(keys)
         rows = np.full(n, -1, np.int64)
         match = np.full(n, UNKNOWN, np.int64)
@@ -449,14 +446,9 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         known[inside] = self._addresses[rank[inside]] == keys[inside]
         if not known.any():
             return rows, match
-        base = rank << 33
-        if ssrcs is None:
-            at = np.searchsorted(self._keys, base[known])
-            rows[known] = self._key_rows[at]
-            match[known] = EXACT
-            return rows, match
         match[known] = ADDRESS_ONLY
         rows[known] = self._sole[rank[known]]
+        base = rank << 33
         for kind, wanted in ((ANY_SSRC, base), (EXACT, base | (ssrcs + 1))):
             at = np.searchsorted(self._keys, wanted[known])
             at_ok = at < self._keys.size
