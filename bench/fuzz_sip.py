@@ -544,6 +544,8 @@ def main() -> int:
         weights = [8, 4, 3, 3, 4, 2, 1, 1, 6, 3, 3, 3, 3]
         sent: Counter[str] = Counter()
         peak = [calls_before]
+        samples: list[tuple[int, float, int]] = []  # (datagrams sent, calls up, RSS kB)
+        every = max(1, args.count // 10)
 
         def fuzz(count: int) -> None:
             started = time.monotonic()
@@ -563,6 +565,10 @@ def main() -> int:
                         polled = time.monotonic()
                         active = metrics(web).get("borderlink_sip_calls_active", 0)
                         peak[0] = max(peak[0], active)
+                    total = sum(sent.values())
+                    if total // every > len(samples) - 1:
+                        active = metrics(web).get("borderlink_sip_calls_active", 0)
+                        samples.append((total, active, rss_kb(proc.pid)))
 
         def settle() -> bool:
             """The timers end what the fuzzer left: wait for the calls to come back."""
@@ -594,7 +600,7 @@ def main() -> int:
         rss_after = rss_kb(proc.pid) if not crashed else 0
         report(args, sent, fuzz_seconds, crashed, log_path, baseline, final, calls_before,
                back, (rss_before, rss_warm, rss_after), peak[0], live, witness,
-               (before, during, after))  # fmt: skip
+               (before, during, after), samples)  # fmt: skip
     finally:
         if pacer is not None:
             pacer.stopping.set()
@@ -627,7 +633,7 @@ def _rtp_port(log_path: Path, web: int) -> int:
 
 
 def report(args, sent, seconds, crashed, log_path, baseline, final, calls_before, back,
-           rss, peak, live, witness, windows) -> None:  # noqa: ANN001  # fmt: skip
+           rss, peak, live, witness, windows, samples) -> None:  # noqa: ANN001  # fmt: skip
     log_text = log_path.read_text(errors="replace")
     tracebacks = log_text.count("Traceback (most recent call last)")
     print(f"\nfuzz_sip: {sum(sent.values()):,} datagrams in {seconds:.1f} s "
@@ -662,6 +668,10 @@ def report(args, sent, seconds, crashed, log_path, baseline, final, calls_before
     ]  # fmt: skip
     for label, value in rows:
         print(f"  {label:<44}{value}")
+    print("\nRSS over the run (calls up at that moment: the fuzzer's INVITEs until the timers)")
+    print("  " + "  ".join(f"{n // 1000:>5}k" for n, _, _ in samples))
+    print("  " + "  ".join(f"{c:>6.0f}" for _, c, _ in samples) + "   calls")
+    print("  " + "  ".join(f"{r / 1024:>6.1f}" for _, _, r in samples) + "   MB")
     print("\nlive call: what it hears (radio 1000 Hz at -12 dBFS, witness 900 Hz; injected"
           " 1400 Hz must be absent)")  # fmt: skip
     print(f"  {'window':<10}{'dominant':>10}{'1000 Hz':>10}{'900 Hz':>10}{'1400 Hz':>10}"
