@@ -6,7 +6,8 @@
 The gateway runs in its own process (``borderlink run`` on a generated site: a
 simulated radio at 1 kHz in talkgroup ``live``, and short ``ack_timeout`` and
 ``media_timeout`` so the calls a fuzzer leaves behind are seen to go away within the
-run). Two well-behaved callers in this process (raw SIP/RTP endpoints, G.711 µ-law,
+run; the per-source caps are opened so the fuzzer's INVITEs do make calls). Two
+well-behaved callers in this process (raw SIP/RTP endpoints, G.711 µ-law,
 each with its own tone) call into ``live`` and stream for the whole run, paced on a
 20 ms schedule by a thread of their own. Then ``--count`` datagrams, a mix of kinds,
 go at ``--rate`` per second, all to 127.0.0.1:
@@ -89,6 +90,11 @@ rtp_ports = "20000-31999"
 ack_timeout = "{ack}s"
 media_timeout = "{media}s"
 rtcp_interval = "1s"
+# Caps high enough that the fuzzer's INVITEs (all from 127.0.0.1) make calls for the
+# timers to end; the caps themselves are tested in tests/sip (test_auth).
+max_calls = 1000
+max_calls_per_source = 1000
+invite_rate = 1000.0
 
 [sip.routes."6001"]
 talkgroup = "live"

@@ -51,9 +51,17 @@ class Uac:
         self.sock.bind((host, 0))
         self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
-        self.rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.rtp.bind((host, 0))
-        self.rtp.setblocking(False)
+        # One media port per call, as phones do: a second call naming a media address
+        # another call already uses is refused (488).
+        self.media: dict[str, socket.socket] = {}
+
+    def rtp_for(self, call_id: str) -> socket.socket:
+        if call_id not in self.media:
+            rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            rtp.bind((self.host, 0))
+            rtp.setblocking(False)
+            self.media[call_id] = rtp
+        return self.media[call_id]
 
     def invite(
         self,
@@ -68,7 +76,7 @@ class Uac:
         call_id = call_id or f"{secrets.token_hex(8)}@{self.host}"
         body = (
             f"v=0\r\no=- 1 1 IN IP4 {self.host}\r\ns=-\r\nc=IN IP4 {self.host}\r\nt=0 0\r\n"
-            f"m=audio {self.rtp.getsockname()[1]} RTP/AVP 0 101\r\n"
+            f"m=audio {self.rtp_for(call_id).getsockname()[1]} RTP/AVP 0 101\r\n"
             "a=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
         )
         text = (
@@ -99,7 +107,8 @@ class Uac:
 
     def close(self) -> None:
         self.sock.close()
-        self.rtp.close()
+        for rtp in self.media.values():
+            rtp.close()
 
 
 def status(response: str) -> int:
