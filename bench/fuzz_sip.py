@@ -30,9 +30,11 @@ is still right: what the live caller hears (the radio's 1 kHz and the other call
 tone, frequency and level) before, during and after the run, and that the injected
 tone was never heard.
 
-TCP/TLS streams (split and merged messages, huge Content-Length, slow senders) are
-the next kind to add, once the gateway listens on a stream transport: see
-:func:`stream_cases` (the SIP over TCP/TLS work is on branch ``sip-tls``).
+* SIP over TCP (the stream framing TLS shares): messages split over many writes,
+  several merged in one, a Content-Length far larger than what follows, mutated
+  messages, junk, header floods, and slow senders (a byte every 100 ms, on a thread,
+  a few connections at a time) that ``message_timeout`` must cut off. TLS is the same
+  framer behind a handshake (its own bench: bench/sip_streams.py).
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ port = {web}
 
 [sip]
 listen = "127.0.0.1:{sip}"
+listen_tcp = "127.0.0.1:{tcp}"
+message_timeout = "2s"
+max_connections_per_address = 200
+max_connection_rate_per_address = 500
 rtp_ports = "20000-31999"
 ack_timeout = "{ack}s"
 media_timeout = "{media}s"
@@ -467,12 +473,82 @@ class Fuzzer:
             self.rng.choice(self.sockets).sendto(data, where)
 
 
-def stream_cases() -> list[str]:
-    """The TCP/TLS stream kinds (split and merged messages, Content-Length larger than
-    what follows, one byte a second). Hook: empty until the gateway listens on a stream
-    transport ([sip] TCP/TLS, branch sip-tls); each case will open a connection, send its
-    bytes (slow senders paced by a thread), and count the connection's outcome."""
-    return []
+class Streams:
+    """SIP over TCP to the gateway's stream listener: one short connection per case."""
+
+    def __init__(self, port: int, fuzzer: Fuzzer) -> None:
+        self.address = ("127.0.0.1", port)
+        self.fuzzer = fuzzer
+        self.rng = fuzzer.rng
+        self.refused = 0  # connections the gateway refused or reset (caps, framing errors)
+        self.slow: list[threading.Thread] = []
+
+    def options(self) -> bytes:
+        return request("OPTIONS", self.fuzzer.me)
+
+    def case(self, kind: str) -> None:
+        rng = self.rng
+        if kind == "tcp_slow":
+            self.slow = [t for t in self.slow if t.is_alive()]
+            if len(self.slow) < 4:  # a few at a time: each holds a connection for seconds
+                thread = threading.Thread(target=self._slow, daemon=True)
+                thread.start()
+                self.slow.append(thread)
+            return
+        if kind == "tcp_split":
+            data = self.options()
+            cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(1, 8))))
+            chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        elif kind == "tcp_merged":
+            chunks = [b"".join(self.options() for _ in range(rng.randint(2, 6)))]
+        elif kind == "tcp_huge_length":
+            head = self.options().split(b"\r\n\r\n")[0]
+            value = rng.choice([b"999999999", b"-5", b"65537", b"1" * 30])
+            chunks = [re.sub(rb"Content-Length: \d+", b"Content-Length: " + value, head)
+                      + b"\r\n\r\n" + rng.randbytes(rng.randint(0, 500))]  # fmt: skip
+        elif kind == "tcp_mutated":
+            chunks = [self.fuzzer.mutate(rng.choice(self.fuzzer.templates))]
+        elif kind == "tcp_header_flood":
+            chunks = [b"OPTIONS sip:6001@127.0.0.1 SIP/2.0\r\n" + b"X-Junk: j\r\n" * 3000]
+        else:  # tcp_junk
+            chunks = [rng.randbytes(rng.randint(1, 2000))]
+        try:
+            with socket.create_connection(self.address, timeout=2) as sock:
+                for chunk in chunks:
+                    sock.sendall(chunk)
+        except OSError:
+            self.refused += 1
+
+    def _slow(self) -> None:
+        """One byte every 100 ms until the gateway cuts the connection (or 6 s pass)."""
+        data = self.options()
+        try:
+            with socket.create_connection(self.address, timeout=2) as sock:
+                for k in range(60):
+                    sock.sendall(data[k : k + 1])
+                    time.sleep(0.1)
+        except OSError:
+            self.refused += 1
+
+    def framing_check(self) -> str:
+        """Three OPTIONS in one write and one split in three: four answers on the stream."""
+        merged = b"".join(self.options() for _ in range(3))
+        split = self.options()
+        answers = b""
+        with socket.create_connection(self.address, timeout=3) as sock:
+            sock.sendall(merged)
+            for part in (split[:7], split[7:60], split[60:]):
+                sock.sendall(part)
+                time.sleep(0.05)
+            deadline = time.monotonic() + 3
+            while answers.count(b"SIP/2.0 200") < 4 and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    answers += sock.recv(65535)
+        return f"{answers.count(b'SIP/2.0 200')}/4 answered"
+
+
+STREAM_KINDS = {"tcp_split": 1, "tcp_merged": 1, "tcp_huge_length": 1, "tcp_mutated": 1,
+                "tcp_header_flood": 1, "tcp_junk": 1, "tcp_slow": 0.2}  # fmt: skip
 
 
 # --- the gateway process -------------------------------------------------------------------
@@ -514,10 +590,12 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="fuzz_sip."))
-    sip_port, web = free_port(), free_port()
+    sip_port, tcp_port, web = free_port(), free_port(), free_port()
     config = work / "site.toml"
     config.write_text(
-        SITE.format(sip=sip_port, web=web, ack=args.ack_timeout, media=args.media_timeout)
+        SITE.format(
+            sip=sip_port, tcp=tcp_port, web=web, ack=args.ack_timeout, media=args.media_timeout
+        )
     )
     log_path = work / "gateway.log"
     borderlink = Path(sys.executable).with_name("borderlink")
@@ -546,8 +624,9 @@ def main() -> int:
         before = (time.monotonic() - 2.0, time.monotonic())
 
         fuzzer = Fuzzer(sip_port, rtp_port, live, rng)
-        names = list(fuzzer.kinds)
-        weights = [8, 4, 3, 3, 4, 2, 1, 1, 6, 3, 3, 3, 3]
+        streams = Streams(tcp_port, fuzzer)
+        names = [*fuzzer.kinds, *STREAM_KINDS]
+        weights = [8, 4, 3, 3, 4, 2, 1, 1, 6, 3, 3, 3, 3, *STREAM_KINDS.values()]
         sent: Counter[str] = Counter()
         peak = [calls_before]
         samples: list[tuple[int, float, int]] = []  # (datagrams sent, calls up, RSS kB)
@@ -558,7 +637,10 @@ def main() -> int:
             polled = started
             for i in range(count):
                 kind = rng.choices(names, weights)[0]
-                fuzzer.send(kind)
+                if kind in STREAM_KINDS:
+                    streams.case(kind)
+                else:
+                    fuzzer.send(kind)
                 sent[kind] += 1
                 if i % 200 == 0:
                     fuzzer.answer_acks()
@@ -604,9 +686,10 @@ def main() -> int:
         after = (time.monotonic() - 2.0, time.monotonic())
         final = metrics(web) if not crashed else {}
         rss_after = rss_kb(proc.pid) if not crashed else 0
+        framing = streams.framing_check() if not crashed else "gateway gone"
         report(args, sent, fuzz_seconds, crashed, log_path, baseline, final, calls_before,
                back, (rss_before, rss_warm, rss_after), peak[0], live, witness,
-               (before, during, after), samples)  # fmt: skip
+               (before, during, after), samples, (framing, streams.refused))  # fmt: skip
     finally:
         if pacer is not None:
             pacer.stopping.set()
@@ -639,7 +722,7 @@ def _rtp_port(log_path: Path, web: int) -> int:
 
 
 def report(args, sent, seconds, crashed, log_path, baseline, final, calls_before, back,
-           rss, peak, live, witness, windows, samples) -> None:  # noqa: ANN001  # fmt: skip
+           rss, peak, live, witness, windows, samples, stream) -> None:  # noqa: ANN001  # fmt: skip
     log_text = log_path.read_text(errors="replace")
     tracebacks = log_text.count("Traceback (most recent call last)")
     print(f"\nfuzz_sip: {sum(sent.values()):,} datagrams in {seconds:.1f} s "
@@ -647,13 +730,15 @@ def report(args, sent, seconds, crashed, log_path, baseline, final, calls_before
     print(f"{'kind':<22}{'sent':>10}")
     for kind, n in sorted(sent.items()):
         print(f"{kind:<22}{n:>10,}")
-    print(f"{'TCP/TLS streams':<22}{'—':>10}   (hook: stream_cases(); no stream transport yet)")
+    print(f"\nTCP: {stream[1]:,} connections refused or reset by the gateway; after the run,"
+          f" 3 merged + 1 split OPTIONS on one connection: {stream[0]}")  # fmt: skip
 
     def delta(name: str) -> float:
         return final.get(name, 0) - baseline.get(name, 0)
 
     print("\ngateway counters over the run")
-    counted = ("malformed", "rejected", "failed", "timed_out", "calls_total")
+    counted = ("malformed", "rejected", "refused", "failed", "timed_out", "calls_total",
+               "connections")  # fmt: skip
     for name in sorted(set(final) | set(baseline)):
         if any(k in name for k in counted) and delta(name):
             print(f"  {name.removeprefix('borderlink_'):<58}{delta(name):>10,.0f}")
