@@ -1,7 +1,7 @@
 """Fuzz the SIP edge of a live gateway on loopback: malformed SIP, RTP and RTCP with a call up.
 
-    .venv/bin/python bench/fuzz_sip.py                     # 100,000 datagrams, about a minute
-    .venv/bin/python bench/fuzz_sip.py --count 1000000     # the full run (about 5 minutes)
+    .venv/bin/python bench/fuzz_sip.py                     # 100,000 messages, about 2 minutes
+    .venv/bin/python bench/fuzz_sip.py --count 1000000     # the full run (about 15 minutes)
 
 The gateway runs in its own process (``borderlink run`` on a generated site: a
 simulated radio at 1 kHz in talkgroup ``live``, and short ``ack_timeout`` and
@@ -9,7 +9,7 @@ simulated radio at 1 kHz in talkgroup ``live``, and short ``ack_timeout`` and
 run; the per-source caps are opened so the fuzzer's INVITEs do make calls). Two
 well-behaved callers in this process (raw SIP/RTP endpoints, G.711 µ-law,
 each with its own tone) call into ``live`` and stream for the whole run, paced on a
-20 ms schedule by a thread of their own. Then ``--count`` datagrams, a mix of kinds,
+20 ms schedule by a thread of their own. Then ``--count`` messages, a mix of kinds,
 go at ``--rate`` per second, all to 127.0.0.1:
 
 * SIP: mutations of real INVITE/BYE/OPTIONS/ACK/200 (cut short, bytes flipped or
@@ -582,8 +582,8 @@ def wait_for(condition, timeout: float) -> bool:  # noqa: ANN001
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=100_000, help="datagrams (all kinds)")
-    parser.add_argument("--rate", type=float, default=4000.0, help="datagrams per second")
+    parser.add_argument("--count", type=int, default=100_000, help="messages (all kinds)")
+    parser.add_argument("--rate", type=float, default=4000.0, help="messages a second, at most")
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--ack-timeout", type=float, default=4.0, help="the gateway's Timer H")
     parser.add_argument("--media-timeout", type=float, default=5.0)
@@ -629,7 +629,7 @@ def main() -> int:
         weights = [8, 4, 3, 3, 4, 2, 1, 1, 6, 3, 3, 3, 3, *STREAM_KINDS.values()]
         sent: Counter[str] = Counter()
         peak = [calls_before]
-        samples: list[tuple[int, float, int]] = []  # (datagrams sent, calls up, RSS kB)
+        samples: list[tuple[int, float, int]] = []  # (messages sent, calls up, RSS kB)
         every = max(1, args.count // 10)
 
         def fuzz(count: int) -> None:
@@ -725,7 +725,7 @@ def report(args, sent, seconds, crashed, log_path, baseline, final, calls_before
            rss, peak, live, witness, windows, samples, stream) -> None:  # noqa: ANN001  # fmt: skip
     log_text = log_path.read_text(errors="replace")
     tracebacks = log_text.count("Traceback (most recent call last)")
-    print(f"\nfuzz_sip: {sum(sent.values()):,} datagrams in {seconds:.1f} s "
+    print(f"\nfuzz_sip: {sum(sent.values()):,} messages in {seconds:.1f} s "
           f"({sum(sent.values()) / seconds:,.0f}/s), seed {args.seed}\n")  # fmt: skip
     print(f"{'kind':<22}{'sent':>10}")
     for kind, n in sorted(sent.items()):
