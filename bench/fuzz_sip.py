@@ -78,6 +78,7 @@ tone_hz = 1000
 talk_every = "0s"
 talk_for = "0s"
 level_dbfs = -12.0
+tot = "0s"  # it talks for the whole run: no time-out timer (3 min by default)
 
 [talkgroups.live]
 members = ["radio"]
@@ -106,6 +107,7 @@ invite_rate = 1000.0
 talkgroup = "live"
 public = true
 vox_threshold_dbfs = -50.0
+tot = "0s"  # the callers talk for the whole run too
 """
 
 
