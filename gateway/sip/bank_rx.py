@@ -210,7 +210,8 @@ class ReceivePath:
         short = (length < HEADER_SIZE) & ~huge
         wrong_version = ((b0 >> 6) != 2) & ~huge & ~short
         good = ~(huge | short | wrong_version)
-        h = head[:, 8:12].astype(np.int64)
+        rtcp = (b1 >= 192) & (b1 <= 223)  # RTCP on the RTP port: its sender SSRC is at 4
+        h = np.where(rtcp[:, None], head[:, 4:8], head[:, 8:12]).astype(np.int64)
         ssrc = (h[:, 0] << 24) | (h[:, 1] << 16) | (h[:, 2] << 8) | h[:, 3]
         rows, match = self.lookup(source, ssrc)  # which leg: by source address and SSRC
         known = rows >= 0
@@ -230,7 +231,6 @@ class ReceivePath:
         if fast.any():
             self._audio(np.flatnonzero(fast), rows, length, arrival, data, head)
         rest = good & ~fast
-        rtcp = (b1 >= 192) & (b1 <= 223)  # RTCP on the RTP port: checked below
         stray = rest & (match == UNKNOWN)
         if stray.any():  # from nobody's address: only a host with a call waiting may latch
             waiting_hosts = self.dest[self._waiting_rows()] >> 16
@@ -319,7 +319,7 @@ class ReceivePath:
     def _packet(self, row: int, key: int, data: bytes, arrival: float) -> None:
         """A packet off the common path: checked in full by the one-packet parser."""
         if is_rtcp(data[1]):  # RTCP multiplexed on the RTP port (RFC 5761): by its sender SSRC
-            self._rtcp(data, key, None, self.epoch_seconds + arrival / CODEC_RATE)
+            self._rtcp(data, key, row, self.epoch_seconds + arrival / CODEC_RATE)
             return
         packet = parse_rtp(data)
         if packet is None:

@@ -31,7 +31,7 @@ _RTCP_FIRST, _RTCP_LAST = 192, 223  # second octet of RTCP (RFC 5761 §4): in th
 class SrtpEdges:
     """Mixin of :class:`gateway.sip.bank.LegBank`: protect and unprotect as batch edges.
 
-    Uses the bank's ``media``, ``dest``, the ``srtp`` column, ``lookup(keys)``,
+    Uses the bank's ``media``, ``dest``, the ``srtp`` column, ``lookup(keys, ssrcs)``,
     ``_waiting_rows()`` and the receive path's ``_count()``."""
 
     media: list[LegMedia | None]
@@ -47,7 +47,12 @@ class SrtpEdges:
         """Check and decrypt the SRTP packets of a received batch in place (``length`` too).
 
         Returns the indexes of the packets to keep, or None when all are kept."""
-        rows = self.lookup(source)
+        head = data[: len(source), :12].astype(np.int64)
+        b1 = head[:, 1]
+        at = np.where(((b1 >= _RTCP_FIRST) & (b1 <= _RTCP_LAST))[:, None], 4, 8)  # sender SSRC
+        word = np.take_along_axis(head, at + np.arange(4), axis=1)
+        ssrc = (word[:, 0] << 24) | (word[:, 1] << 16) | (word[:, 2] << 8) | word[:, 3]
+        rows, _ = self.lookup(source, ssrc)  # whose key: by address and SSRC, as for RTP
         stray = rows < 0
         if stray.any():
             rows = rows.copy()

@@ -215,6 +215,8 @@ def test_bank_protects_and_checks_srtp_beside_a_plain_call_and_drops_forgeries()
     secure.keys(gateway_key)
     row = bank.add(LegMedia(0, 101, secure.address, srtp=LegSrtp(secure.ours.key, gateway_key.key)))
     plain_row = bank.add(LegMedia(0, 101, plain.address))
+    for confirmed in (row, plain_row):  # the dialogs' ACKs: the rows may send
+        bank.start_sending(confirmed)
     heard_by_gateway: list[np.ndarray] = []
     to_bank = ("127.0.0.1", bank.port)
 
@@ -343,7 +345,7 @@ def test_srtcp_multiplexed_on_the_rtp_port_both_ways():
         0, 101, peer.address, srtp=LegSrtp(peer.ours.key, gateway_key.key),
         rtcp=RtcpState(peer.address, mux=True),
     )  # fmt: skip
-    bank.add(media)
+    bank.start_sending(bank.add(media))  # confirmed (ACKed): it may send
     to_bank = ("127.0.0.1", bank.port)
 
     def tick(k: int, when: str) -> None:
@@ -500,9 +502,12 @@ def test_required_refuses_with_488_over_udp_optional_answers_plain(tmp_path):
         async with running_gateway(toml) as gw:
             port = gw.sip.port
 
+            media = iter(range(40000, 40200, 2))  # a media port per call (one in use: 488)
+
             async def ask(number: str, profile: str, crypto: Crypto | None) -> str:
                 sock.sendto(
-                    invite_text(port, me, number, 40000, profile, crypto), ("127.0.0.1", port)
+                    invite_text(port, me, number, next(media), profile, crypto),
+                    ("127.0.0.1", port),
                 )
                 return await final_response(sock)
 
