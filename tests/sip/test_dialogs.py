@@ -313,7 +313,7 @@ members = ["radio{k}"]
         b.append(f"""
 [ports.rec{k}]
 kind = "recorder"
-path = "{tmp_path / f"tg{k}.wav"}"
+directory = "{tmp_path / f"tg{k}"}"
 continuous = true
 
 [talkgroups.tg{k}]
@@ -348,7 +348,7 @@ def test_dialogs_between_two_gateways_each_carry_only_their_own_talkgroup(tmp_pa
 
     run(scenario())
     for k, hz in enumerate(tones, 1):
-        heard = recorded(tmp_path / f"tg{k}.wav")[-16000:]
+        heard = recorded(tmp_path / f"tg{k}")[-16000:]
         own = band_db(heard, 16000, hz)
         assert abs(dominant_hz(heard, 16000) - hz) < 20, f"tg{k} carries the wrong tone"
         assert own == pytest.approx(-12, abs=2.5), f"tg{k}: its own tone at {own:.1f} dBFS"
