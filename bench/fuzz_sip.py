@@ -191,17 +191,20 @@ class Caller:
         return packet + ulaw_encode(pcm).tobytes()
 
     def tick(self) -> None:
-        self.rtp.sendto(self.frame(), self.remote)
+        with contextlib.suppress(OSError):  # an ICMP error queued on the socket: go on
+            self.rtp.sendto(self.frame(), self.remote)
         now = time.monotonic()
         while True:
             try:
                 data = self.rtp.recv(2048)
             except BlockingIOError:
                 break
+            except OSError:  # ICMP port unreachable reported on this socket: not fatal
+                continue
             if len(data) > 12 and data[1] & 0x7F == 0:
                 with self.lock:
                     self.heard.append((now, data[12:]))
-        with contextlib.suppress(BlockingIOError):  # answer the gateway's SIP, if any
+        with contextlib.suppress(OSError):  # read the gateway's SIP, if any
             while True:
                 self.sip.recv(65535)
 
