@@ -60,7 +60,7 @@ class Call:
         """PCMU silence, paced at 20 ms (the pace a phone sends at, not a wait for sync)."""
         for _ in range(packets):
             head = struct.pack("!BBHII", 0x80, 0, self.seq & 0xFFFF, self.ts, self.ssrc)
-            self.uac.rtp.sendto(head + b"\xff" * 160, ("127.0.0.1", self.media))
+            self.uac.rtp_for(self.call_id).sendto(head + b"\xff" * 160, ("127.0.0.1", self.media))
             self.seq, self.ts = self.seq + 1, self.ts + 160
             await asyncio.sleep(0.02)
 
