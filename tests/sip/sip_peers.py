@@ -190,6 +190,14 @@ class Kamailio:
 # --- baresip -----------------------------------------------------------------------------
 
 
+def _readable_wav(path: Path) -> bool:
+    try:
+        with wave.open(str(path), "rb"):
+            return True
+    except (wave.Error, EOFError):
+        return False
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
     with wave.open(str(path), "rb") as w:
         data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
@@ -313,6 +321,9 @@ class Phone:
         """What the phone received in a call (baresip's sndfile '-dec' recording)."""
         files = sorted(self.records.glob("*dec*.wav"))
         assert files, f"{self.name} recorded nothing: {self.output()[-2000:]}"
+        # baresip finishes the WAV when the call is torn down, a moment after the BYE
+        # shows in its output: wait until the header reads.
+        wait_for(lambda: _readable_wav(files[call]), 5, f"{self.name}'s recording to close")
         return read_wav(files[call])[0]
 
     def sent(self) -> np.ndarray:

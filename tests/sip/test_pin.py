@@ -116,4 +116,7 @@ def test_no_pin_in_time_ends_the_call(phones, tmp_path):
             assert not audit_lines(tmp_path, "sip_pin_accepted")
 
     run(scenario())
-    assert band_db(phone.heard(), RATE, 1000) < -60, "the caller heard the talkgroup"
+    phone.stop()  # baresip closes its recording on the way out
+    heard = phone.heard()
+    assert len(heard) > RATE, "the phone recorded less than a second of the call"
+    assert band_db(heard, RATE, 1000) < -60, "the caller heard the talkgroup"
