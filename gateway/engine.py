@@ -47,6 +47,12 @@ class Event:
     talkgroup: str | None = None  # joined/left: the talkgroup, which a left port no longer has
 
 
+def _links(ports: list[Port]) -> np.ndarray | None:
+    """Which ports are link legs (they hear no other link), None when none is."""
+    link = np.array([p.kind == "link" for p in ports], bool)
+    return link if link.any() else None
+
+
 @dataclass
 class PortHealth:
     faults: int = 0
@@ -76,6 +82,7 @@ class Layout:
     tot_ticks: np.ndarray
     hang_ticks: np.ndarray
     talkgroup: list[str | None] = field(default_factory=list)
+    link: np.ndarray | None = None  # per port: a cross-border link leg (None: no link here)
 
 
 class Engine:
@@ -264,6 +271,7 @@ class Engine:
             tot_ticks=ticks(c.tot for c in cfgs),
             hang_ticks=ticks(c.ptt_hang_time for c in cfgs),
             talkgroup=talkgroup,
+            link=_links(ports),
         )
         self.mixer.resize(n, keep)
         self.floor.resize(n, len(groups), keep, group_of)
@@ -338,7 +346,7 @@ class Engine:
             lay.priority, lay.kerchunk_ticks, lay.tot_ticks,
         )  # fmt: skip
         weights = np.where(decision.admitted, lay.rx_gain, np.float32(0.0)).astype(np.float32)
-        mix = self.mixer.mix(frames, weights, lay.group_of, len(lay.groups), lay.tx_gain)
+        mix = self.mixer.mix(frames, weights, lay.group_of, len(lay.groups), lay.tx_gain, lay.link)
         receiving = lay.half & decision.talk
         # A full-duplex port asking for a floor it cannot have hears the busy tone instead.
         busy = decision.denied & ~lay.half & lay.can_transmit

@@ -1,7 +1,11 @@
 """The N-1 mix: one vectorised step per tick over every mix group at once.
 
 Each listener hears the sum of its group's admitted talkers minus its own
-signal. Work is done on (ports × samples) arrays so the cost grows with the
+signal. A *link* listener (a cross-border trunk leg) hears the sum minus every
+link talker, not only itself: a link carries only audio that originated on its
+own side, so three sites in a chain or a mesh hear each other exactly once.
+
+Work is done on (ports × samples) arrays so the cost grows with the
 number of samples actually mixed, not with Python work per sample; the only
 per-port Python work in a tick is the engine calling each port's read/write.
 """
@@ -108,6 +112,7 @@ class Mixer:
         groups: np.ndarray,
         n_groups: int,
         out_gain: np.ndarray,
+        link: np.ndarray | None = None,
     ) -> MixResult:
         """Mix one tick.
 
@@ -115,6 +120,7 @@ class Mixer:
         weights:  (P,) float32 input gain of admitted talkers, 0 for everyone else
         groups:   (P,) int mix group of each port; ``n_groups`` means "in none"
         out_gain: (P,) float32 gain applied to what each port hears
+        link:     (P,) bool, or None when no port is a link: these hear no link talker
         """
         talker_rows = np.flatnonzero(weights)
         talker_groups = groups[talker_rows]
@@ -124,6 +130,15 @@ class Mixer:
         group_sum[n_groups] = 0.0
         is_talker = weights != 0
         audible = (talkers[groups] - is_talker) > 0
+        links = None
+        if link is not None and link.any():
+            # Sum the link talkers of each group too; link listeners hear the rest only.
+            link_rows = talker_rows[link[talker_rows]]
+            link_groups = groups[link_rows]
+            link_talkers = np.bincount(link_groups, minlength=n_groups + 1)
+            link_talkers[n_groups] = 0
+            links = np.flatnonzero(link)
+            audible[links] = (talkers - link_talkers)[groups[links]] > 0
 
         out = self._out
         rows = np.flatnonzero(audible)
@@ -131,7 +146,15 @@ class Mixer:
             np.take(group_sum, groups, axis=0, out=out)
         else:
             out[rows] = group_sum[groups[rows]]
-        own = talker_rows[audible[talker_rows]]  # N-1: never hear yourself
+        if links is not None:
+            heard = links[audible[links]]
+            if heard.size and link_rows.size:
+                link_sum = self._group_sums(frames, weights, link_rows, link_groups, n_groups + 1)
+                out[heard] -= link_sum[groups[heard]]  # a link talker's own row is in it too
+            own_ok = audible[talker_rows] & ~link[talker_rows]
+        else:
+            own_ok = audible[talker_rows]
+        own = talker_rows[own_ok]  # N-1: never hear yourself
         if own.size == len(out) and (weights == 1.0).all():
             out -= frames
         elif own.size:

@@ -111,6 +111,7 @@ class Dialog:
     answer: bytes = b""  # our final answer to the peer's last INVITE, resent on retransmissions
     acked: bool = False
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    far_end_reason: str = ""  # the Reason header of the far end's BYE (RFC 3326), if any
     created: float = 0.0  # event-loop time the dialog began (Timer H counts from here)
     remote_cseq: int = 0  # CSeq of the peer's last INVITE: a retransmission or a re-INVITE
     acked_cseq: int = 0  # CSeq of the last INVITE the peer ACKed
@@ -120,6 +121,7 @@ class Dialog:
     version: int = 0
     profile: str = AVP  # our m= line's profile, and our SDES key on an SRTP call
     crypto: Crypto | None = None
+    direction: str = "sendrecv"  # our SDP direction (a link's share), kept on re-INVITEs
 
 
 class CallManager:
@@ -150,6 +152,9 @@ class CallManager:
         self.admission = Admission(lambda: self.config, lambda: len(self.dialogs), self._calls_from)
         # The site's audit log (set by the service): record(event, **fields).
         self.audit: Callable[..., Any] = lambda event, **fields: None
+        # Cross-border links (set by the links service): offered every new INVITE that came
+        # over TLS from a verified peer, before routes; True when it took (answered) it.
+        self.links: Callable[[SIPMessage, bytes, Source], bool] | None = None
         self._sweep_every = min(1.0, config.ack_timeout / 4, config.media_timeout / 4)
         self._sweeper = asyncio.get_event_loop().call_later(self._sweep_every, self._sweep)
 
@@ -176,6 +181,8 @@ class CallManager:
                 self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
                 return
             self.transport.respond(raw, source, 200, "OK")
+            found = [v for k, v in raw_headers(raw) if k.lower() == "reason"]
+            dialog.far_end_reason = found[0][:200] if found else ""
             log.info(
                 "call %s ended by the far end", dialog.leg.name if dialog.leg else dialog.call_id
             )
@@ -198,6 +205,18 @@ class CallManager:
                     "Accept: application/sdp",
                 ],
             )
+
+    def reject(
+        self,
+        raw: bytes,
+        source: Source,
+        code: int,
+        reason: str,
+        why: str,
+        headers: tuple[str, ...] = (),
+    ) -> None:
+        """Refuse an INVITE (counted, logged at most once a minute per source)."""
+        self._reject(raw, source, code, reason, why, headers)
 
     @staticmethod
     def _from_peer(dialog: Dialog, message: SIPMessage) -> bool:
@@ -297,6 +316,9 @@ class CallManager:
         if existing is not None:  # a retransmission or a re-INVITE
             self._reinvite(existing, message, raw, source)
             return
+        linked = self.links is not None and source.secure and bool(source.identity)
+        if linked and self.links(message, raw, source):  # type: ignore[misc]
+            return
         limited = self.admission.limit(source)
         if limited is not None:
             self._refuse(raw, source, limited)
@@ -392,6 +414,64 @@ class CallManager:
         ]
         return strictest(route.srtp, *accounts)
 
+    def answer(
+        self,
+        message: SIPMessage,
+        raw: bytes,
+        source: Source,
+        *,
+        base: str,
+        talkgroup: str,
+        settings: DialOutConfig,
+        direction: str = "sendrecv",
+        make_port: Callable[..., SipLeg] = SipLeg,
+    ) -> Dialog | None:
+        """Answer an INVITE someone else admitted (a link): a leg on ``talkgroup`` built by
+        ``make_port``, our SDP saying ``direction``, SRTP as ``settings.srtp`` says. None
+        (and a 488) without G.711 or without the SRTP the settings require."""
+        offer = read_offer(message)
+        codec = choose_codec(offer, self.config.codecs) if offer else None
+        why = self._media_refused(offer, codec)
+        if why:
+            self._reject(raw, source, 488, "Not Acceptable Here", why)
+            return None
+        assert offer is not None and codec is not None
+        peer_key, refusal = accept_keys(settings.srtp, source.transport, offer.savp, offer.crypto)
+        if refusal:
+            self._reject(raw, source, 488, "Not Acceptable Here", f"{base}: {refusal}")
+            return None
+        ours = new_crypto(peer_key.tag) if peer_key else None
+        headers = dict(raw_headers(raw))
+        request_uri = message.heading.split(b" ")[1].decode("utf-8", "replace")
+        tag = new_tag()
+        dialog = Dialog(
+            call_id=message.headers["Call-ID"],
+            local_tag=tag,
+            remote_tag=message.headers["From"]["tag"],
+            local_uri=headers.get("To", ""),
+            remote_uri=headers.get("From", "").split(";tag=")[0],
+            target=contact_uri(headers.get("Contact", "")) or request_uri,
+            peer=source,
+            incoming=True,
+            created=asyncio.get_event_loop().time(),
+            remote_cseq=int(message.headers["CSeq"]["check"]),
+            offer=offer,
+            session=random.getrandbits(31),
+            direction=direction,
+        )
+        dialog.version = dialog.session
+        dialog.leg = self._start_leg(
+            base, codec, offer.dtmf_type, None, offer, talkgroup, settings.priority, settings,
+            srtp=LegSrtp(peer_key.key, ours.key) if peer_key and ours else None,
+            make_port=make_port,
+        )  # fmt: skip
+        self.dialogs[dialog.call_id] = dialog
+        dialog.profile = offer.profile if ours else AVP
+        dialog.crypto = ours
+        dialog.body = self._describe(dialog, codec, None, offer.rtcp_mux)
+        self._answer(dialog, raw, source)
+        return dialog
+
     def _describe(self, dialog: Dialog, codec: int, dtmf: int | None, mux: bool) -> str:
         assert dialog.leg is not None
         return describe(
@@ -406,6 +486,7 @@ class CallManager:
             cname=self.bank.cname,
             profile=dialog.profile,
             crypto=dialog.crypto,
+            direction=dialog.direction,
         )
 
     def _answer(self, dialog: Dialog, raw: bytes, source: Source) -> None:
@@ -509,6 +590,7 @@ class CallManager:
         on_pin: Callable[[str], None] | None = None,
         srtp: LegSrtp | None = None,
         ssrc: int | None = None,
+        make_port: Callable[..., SipLeg] = SipLeg,
     ) -> SipLeg:
         """Put a call's media in the bank and its Port on the engine (loop thread only).
 
@@ -554,7 +636,7 @@ class CallManager:
                     bank.ptt[row] = False
 
         media.on_dtmf = on_dtmf
-        leg = SipLeg(
+        leg = make_port(
             name,
             leg_config(getattr(route, "tot", 180.0), f"SIP call on {talkgroup}"),
             self.timing,
@@ -597,7 +679,9 @@ class CallManager:
 
     # --- requests we send -------------------------------------------------------------
 
-    def _in_dialog(self, dialog: Dialog, method: str, cseq: int | None = None) -> str:
+    def _in_dialog(
+        self, dialog: Dialog, method: str, cseq: int | None = None, extra: tuple[str, ...] = ()
+    ) -> str:
         """An in-dialog request; a new CSeq unless given (an ACK to 2xx reuses the INVITE's)."""
         if cseq is None:
             dialog.cseq += 1
@@ -612,15 +696,24 @@ class CallManager:
             f"CSeq: {cseq} {method}",
             f"Contact: {self.contact_for(dialog.peer)}",
             "User-Agent: BorderLink",
+            *extra,
             "Content-Length: 0",
         ]
         return "\r\n".join(lines) + "\r\n\r\n"
 
-    async def hangup(self, dialog: Dialog, wait: float = 2.0) -> None:
-        """Send BYE and end the leg now (the media stops even if the BYE gets no answer)."""
+    async def options(self, dialog: Dialog, timeout: float) -> SIPMessage | None:
+        """An in-dialog OPTIONS (a keepalive over the dialog's own connection): the answer."""
+        if dialog.call_id not in self.dialogs:
+            return None
+        return await self.transport.request(self._in_dialog(dialog, "OPTIONS"), dialog.peer,
+                                            timeout)  # fmt: skip
+
+    async def hangup(self, dialog: Dialog, wait: float = 2.0, reason: str = "") -> None:
+        """Send BYE and end the leg now (the media stops even if the BYE gets no answer).
+        ``reason`` is an RFC 3326 Reason header value (a link cut says why it ended)."""
         if dialog.call_id not in self.dialogs:
             return
-        bye = self._in_dialog(dialog, "BYE")
+        bye = self._in_dialog(dialog, "BYE", extra=(f"Reason: {reason}",) if reason else ())
         self._end(dialog)
         await self.transport.request(bye, dialog.peer, wait)
 
@@ -634,18 +727,28 @@ class CallManager:
         uri: str,
         talkgroup: str,
         entry: DialOutConfig,
-        proxy: Address | None = None,
+        proxy: Address | Source | None = None,
         offer_srtp: bool = True,
+        *,
+        from_user: str = "",
+        codecs: list[str] | None = None,
+        direction: str = "sendrecv",
+        make_port: Callable[..., SipLeg] = SipLeg,
+        accept: Callable[[Dialog, MediaOffer], bool] | None = None,
+        refused: Callable[[int, str], None] | None = None,
     ) -> Dialog | None:
-        """Call out (a dial-out patch); the answered call's Dialog, or None.
+        """Call out (a dial-out patch, a link); the answered call's Dialog, or None.
 
         Over TLS the offer is SRTP (RTP/SAVP with our key) unless the policy is off; under
-        ``optional`` a far end that refuses it with 488 is called again with plain RTP."""
+        ``optional`` a far end that refuses it with 488 is called again with plain RTP.
+        A link says who it is (``from_user``), which codecs and SDP ``direction`` it
+        offers, builds its own port, may turn down the answer (``accept``) and hears
+        why it was refused (``refused(code, Reason header)``)."""
         destination = as_source(proxy) if proxy else uri_source(uri)
         if destination is None:
             log.warning("dial-out to %s: not a URI the gateway can call", uri)
             return None
-        codecs = [NAMES[c] for c in self.config.codecs]
+        codecs = [NAMES[c] for c in (codecs or self.config.codecs)]
         policy = getattr(entry, "srtp", "optional")
         if policy == "required" and not destination.secure:
             log.warning("dial-out to %s: SRTP required but the call would not go over TLS", uri)
@@ -660,13 +763,15 @@ class CallManager:
             DTMF_TYPE,
             profile=SAVP if ours else AVP,
             crypto=ours,
+            direction=direction,
             session_id=session,
             ssrc=ssrc,
             cname=self.bank.cname,
         )
         call_id = new_call_id(self.address)
         tag = new_tag()
-        local_uri = f"<sip:{self.config.user}@{self.address}>"
+        scheme = "sips" if destination.secure else "sip"
+        local_uri = f"<{scheme}:{from_user or self.config.user}@{self.address}>"
         invite_lines = [
             f"INVITE {uri} SIP/2.0",
             self.transport.via(destination, self.address),
@@ -689,7 +794,14 @@ class CallManager:
                 self._ack(response, uri, destination, call_id, tag, local_uri, invite_lines[1])
                 if int(response.status) == 488 and ours is not None and policy == "optional":
                     log.info("dial-out to %s refused SRTP; calling again with plain RTP", uri)
-                    return await self.dial(uri, talkgroup, entry, proxy, offer_srtp=False)
+                    return await self.dial(
+                        uri, talkgroup, entry, proxy, False, from_user=from_user,
+                        codecs=codecs, direction=direction, make_port=make_port, accept=accept,
+                        refused=refused,
+                    )  # fmt: skip
+                if refused is not None:
+                    found = dict((k.lower(), v) for k, v in raw_headers(response.raw))
+                    refused(int(response.status), found.get("reason", ""))
             log.warning(
                 "dial-out to %s failed: %s",
                 uri,
@@ -733,6 +845,9 @@ class CallManager:
                 return None
             srtp = LegSrtp(peer_key.key, ours.key)
         assert offer is not None and codec is not None
+        if accept is not None and not accept(dialog, offer):
+            await self.hangup(dialog)
+            return None
         dialog.leg = self._start_leg(
             f"dialout-{talkgroup}",
             codec,
@@ -744,6 +859,7 @@ class CallManager:
             entry,
             srtp=srtp,
             ssrc=ssrc,
+            make_port=make_port,
         )
         self.bank.start_sending(dialog.leg.row)
         log.info("dial-out %s connected on %s%s", uri, talkgroup, " with SRTP" if srtp else "")

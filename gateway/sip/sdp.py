@@ -25,6 +25,7 @@ AVP = "RTP/AVP"
 SAVP = "RTP/SAVP"  # SRTP (RFC 3711 §12): the answer must carry keys or the call fails
 _RTCP_PORT = re.compile(r"^a=rtcp:(\d{1,5})", re.M)
 _RTCP_MUX = re.compile(r"^a=rtcp-mux\s*$", re.M)
+_DIRECTION = re.compile(r"^a=(sendrecv|sendonly|recvonly|inactive)\s*$", re.M | re.I)
 _SSRC = re.compile(r"^a=ssrc:(\d{1,10})(?:\s|$)", re.M)
 _IPV4 = re.compile(r"^(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)$")
 
@@ -56,6 +57,8 @@ class MediaOffer:
             and 0 < self.port < 65535
             and (self.rtcp_port is None or 0 < self.rtcp_port <= 65535)
         )
+
+    direction: str = "sendrecv"  # a=sendrecv|sendonly|recvonly|inactive (RFC 3264), writer's view
 
 
 def read_offer(message: SIPMessage) -> MediaOffer | None:
@@ -97,6 +100,7 @@ def _read_offer(message: SIPMessage) -> MediaOffer | None:
     rtcp = _RTCP_PORT.search(text)
     profile, crypto_lines = _audio_section(text)
     crypto = tuple(c for c in map(parse_crypto, crypto_lines) if c is not None)
+    directions = _DIRECTION.findall(text)  # the last one (media level) wins over the session's
     ssrcs = tuple(dict.fromkeys(int(m) for m in _SSRC.findall(text) if int(m) < 1 << 32))
     return MediaOffer(
         connections[0]["address"],
@@ -109,6 +113,7 @@ def _read_offer(message: SIPMessage) -> MediaOffer | None:
         crypto,
         len(crypto_lines),
         ssrcs,
+        direction=directions[-1].lower() if directions else "sendrecv",
     )
 
 
@@ -143,6 +148,7 @@ def describe(
     rtcp_mux: bool = False,
     profile: str = AVP,
     crypto: Crypto | None = None,
+    direction: str = "sendrecv",
     ssrc: int | None = None,
     cname: str = "",
     version: int | None = None,
@@ -165,7 +171,7 @@ def describe(
         lines += [f"a=rtpmap:{dtmf_type} telephone-event/8000", f"a=fmtp:{dtmf_type} 0-15"]
     if crypto is not None:
         lines.append(crypto.attribute())
-    lines += ["a=ptime:20", "a=sendrecv"]
+    lines += ["a=ptime:20", f"a={direction}"]
     if rtcp_mux:  # only in an answer to an offer that asked for it
         lines.append("a=rtcp-mux")
     if ssrc is not None:

@@ -77,6 +77,16 @@ class TlsFiles:
         return made
 
 
+@dataclass(frozen=True)
+class PeerTls:
+    """How one peer we connect to is verified, instead of ``[sip]``'s files (a link peer:
+    its agency's CA and the name its certificate must carry, or pinned fingerprints)."""
+
+    context: ssl.SSLContext
+    server_name: str
+    pins: frozenset[str] = frozenset()
+
+
 def content_length(head: bytes) -> int:
     """The head's Content-Length (``l`` compact form too); FramingError when absent or bad."""
     found: int | None = None
@@ -174,6 +184,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.address: Address = outgoing or ("", 0)
         self.identity = ""
+        self.certificate = b""  # the peer's verified TLS certificate (DER), else b""
         self.open = False  # handshake done and in the table
         self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.framer = Framer(owner.limits.max_message, owner.limits.max_header)
@@ -209,8 +220,9 @@ class Connection(asyncio.Protocol):
                 context = owner.server_tls
                 self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
             else:
-                context = owner.client_tls
-                host = self.outgoing[0]
+                peer = owner.peer_tls.get(self.outgoing)
+                context = peer.context if peer else owner.client_tls
+                host = peer.server_name if peer else self.outgoing[0]
                 self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
         except (ssl.SSLError, ValueError) as exc:
             self.fail_handshake(str(exc))
@@ -262,12 +274,16 @@ class Connection(asyncio.Protocol):
             self.fail_handshake(_reason(exc))
             return
         self._flush()
-        pins = self.owner.tls.pins if self.outgoing is not None else frozenset()
+        pins = frozenset()
+        if self.outgoing is not None:
+            peer = self.owner.peer_tls.get(self.outgoing)
+            pins = peer.pins if peer else self.owner.tls.pins
         identity = peer_identity(self._tls, pins)
         if identity is None:
             self.fail_handshake("certificate is not one of tls_pins")
             return
         self.identity = identity
+        self.certificate = self._tls.getpeercert(binary_form=True) or b""
         self.owner.opened(self)
         self._settle(True)
 
@@ -382,6 +398,9 @@ class Streams:
         self._rates: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
         self._server_tls: ssl.SSLContext | None = None
         self._client_tls: ssl.SSLContext | None = None
+        # Peers verified by their own rules (links), by the address we connect to.
+        self.peer_tls: dict[Address, PeerTls] = {}
+        self.client_cas: tuple[Path, ...] = ()  # more CAs whose certificates identify callers
         self._sweeper: asyncio.Task | None = None
 
     # --- set-up ----------------------------------------------------------------------
@@ -395,8 +414,17 @@ class Streams:
     def server_tls(self) -> ssl.SSLContext:
         if self._server_tls is None:
             assert self.tls.certificate is not None and self.tls.key is not None
-            self._server_tls = server_context(self.tls.certificate, self.tls.key, self.tls.ca)
+            self._server_tls = server_context(
+                self.tls.certificate, self.tls.key, self.tls.ca, self.client_cas
+            )
         return self._server_tls
+
+    def trust_callers(self, cas: tuple[Path, ...]) -> None:
+        """Also accept callers' certificates issued by these CAs (the links' peer CAs);
+        connections accepted from now on use them."""
+        if cas != self.client_cas:
+            self.client_cas = cas
+            self._server_tls = None
 
     @property
     def client_tls(self) -> ssl.SSLContext:

@@ -148,14 +148,18 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
-def server_context(certificate: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
+def server_context(
+    certificate: Path, key: Path, ca: Path | None, more_cas: tuple[Path, ...] = ()
+) -> ssl.SSLContext:
     """For callers: our certificate; a client certificate is asked for only when there is
-    a CA to check it against, and it is optional (phones rarely have one)."""
+    a CA to check it against (``tls_ca``, and the links' peer CAs in ``more_cas``), and it
+    is optional (phones rarely have one)."""
     context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     context.load_cert_chain(certificate, key)
-    if ca is not None:
-        context.load_verify_locations(cafile=str(ca))
-        context.verify_mode = ssl.CERT_OPTIONAL
+    for path in (ca, *more_cas):
+        if path is not None:
+            context.load_verify_locations(cafile=str(path))
+            context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 

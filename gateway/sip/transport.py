@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.sip.pyvoip import PARSED_METHODS, SIPMessage, parse
 from gateway.sip.stream import Connection, Limits, Streams, TlsFiles
@@ -59,6 +59,8 @@ class Source:
     address: Address
     transport: str = "udp"  # "udp" | "tcp" | "tls"
     identity: str = ""  # verified TLS peer identity (certificate name or pin), else ""
+    # The verified TLS certificate itself (DER), for a caller with its own trust rules (links).
+    certificate: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def secure(self) -> bool:
@@ -247,7 +249,8 @@ class SipTransport(asyncio.DatagramProtocol):
         self.received(data, Source(addr))
 
     def _stream_message(self, data: bytes, connection: Connection) -> None:
-        self.received(data, Source(connection.address, connection.kind, connection.identity))
+        c = connection
+        self.received(data, Source(c.address, c.kind, c.identity, c.certificate))
 
     def _stream_malformed(self) -> None:
         self.stats.malformed += 1
