@@ -107,7 +107,7 @@ class Gateway:
         self.ports: dict[str, Port] = {}
         self.services: list[Service] = []
         # Set by their services when the config has the section (see section_service).
-        self.web = self.sip = self.mqtt = self.audit = None
+        self.web = self.sip = self.mqtt = self.audit = self.links = None
         self.sections_off: set[str] = set()  # sections absent at start: their service is off
         self._stop = asyncio.Event()
         self._reloading = asyncio.Lock()  # one live reload at a time

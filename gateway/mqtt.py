@@ -18,9 +18,11 @@ Topics, under ``borderlink/<site_id>/``:
 Commands: ``{"id": "42", "action": "patch", "patch": "pursuit"}``, ``unpatch``
 (same), ``unkey`` / ``release`` with ``"port"`` (force a transmitter down and
 hold it down / let it key again), ``floor`` with ``"talkgroup"`` and
-``"mode": "mix" | "single"``, ``reload`` (re-read the site file, as SIGHUP does).
-Every command gets a reply, ``{"id", "ok": true}`` or ``{"id", "ok": false,
-"error": "<reason>"}``.
+``"mode": "mix" | "single"``, ``reload`` (re-read the site file, as SIGHUP does),
+``link_cut`` with ``"link"`` (and optionally ``"share"`` and ``"reason"``) /
+``link_restore`` (a sovereign cut of a cross-border link; audited with the sender
+as who). Every command gets a reply, ``{"id", "ok": true}`` or ``{"id", "ok":
+false, "error": "<reason>"}``.
 
 The broker is optional and may come and go: the gateway never waits for it.
 While it is away, events are kept in a bounded buffer (``buffer``) and sent on
@@ -57,7 +59,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Action = Literal["patch", "unpatch", "unkey", "release", "floor", "reload"]
+Action = Literal[
+    "patch", "unpatch", "unkey", "release", "floor", "reload", "link_cut", "link_restore"
+]
 ACTIONS: tuple[str, ...] = Action.__args__  # type: ignore[attr-defined]
 MAX_COMMAND_BYTES = 4096
 STATE_POLL_S = 1.0  # state that changes without an event (a port recovers) is seen this fast
@@ -158,6 +162,7 @@ class MqttService:
         self.published_events = 0
         self.dropped = 0
         self.commands = {"accepted": 0, "rejected": 0, "unauthorised": 0}
+        self._sender = ""  # the commander whose command runs now (a link cut audits it)
         self._published: dict[str, bytes] = {}  # retained topic → what the broker holds
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -499,6 +504,7 @@ class MqttService:
                 self._audit(sender, action, command_id, False, reason=why)
                 return {"id": command_id, "ok": False, "action": action,
                         "error": f"not authorised: {why}"}  # fmt: skip
+            self._sender = sender[:64]
             if action == "reload":
                 result, change = await self._reload(sender)
             else:
@@ -557,6 +563,8 @@ class MqttService:
                 return {"port": port, "tx_inhibit": held}, {
                     "port": port, "talkgroup": self._talkgroup(port), "old": old,
                     "new": "inhibited" if held else "allowed"}  # fmt: skip
+            if action in ("link_cut", "link_restore"):
+                return self._link(action, command)
             talkgroup = field("talkgroup", engine.talkgroups)
             mode = field("mode", ("mix", "single"))
             old = engine.talkgroups[talkgroup].floor
@@ -572,6 +580,25 @@ class MqttService:
         if not outcome.ok:
             raise CommandError(f"reload refused, the running config stays: {outcome.error}")
         return {"changes": outcome.summary}, {"changes": outcome.summary}
+
+    def _link(self, action: str, command: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        from gateway.links.service import LinkError
+
+        links = getattr(self.gateway, "links", None)
+        if links is None:
+            raise CommandError("this site has no [links]")
+        link, share, reason = command.get("link"), command.get("share"), command.get("reason")
+        if not isinstance(link, str) or (share is not None and not isinstance(share, str)):
+            raise CommandError(f"{action!r} needs 'link' (and optionally 'share') as strings")
+        who = f"mqtt:{self._sender}"
+        try:
+            if action == "link_cut":
+                done = links.cut(link, share, who, str(reason or "")[:200], "mqtt")
+            else:
+                done = links.restore(link, share, who, "mqtt")
+        except LinkError as exc:
+            raise CommandError(str(exc)) from None
+        return done, {"link": link, "share": share, "new": done["state"]}
 
     def _audit(self, sender: str, action: Any, command_id: Any, ok: bool, **fields: Any) -> None:
         """One ``command`` record: who (sender), what (action, target, old → new), the

@@ -107,21 +107,32 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
     "squelch_openings": ("radio_squelch_openings_total", "counter", "Times the squelch opened"),
     "ptt_keyups": ("radio_ptt_keyups_total", "counter", "Times the keyer keyed the radio"),
     "tot_trips": ("radio_transmit_tot_trips_total", "counter", "Keyer transmit TOT trips"),
-    "watchdog_trips": ("radio_ptt_watchdog_trips_total", "counter",
-                       "Times the PTT guardian unkeyed for a missed gateway heartbeat"),
-    "ptt_stuck": ("radio_ptt_stuck", "gauge",
-                  "1 while a PTT line could not be unkeyed (device gone): the transmitter may "
-                  "be stuck keyed"),
+    "watchdog_trips": (
+        "radio_ptt_watchdog_trips_total",
+        "counter",
+        "Times the PTT guardian unkeyed for a missed gateway heartbeat",
+    ),
+    "ptt_stuck": (
+        "radio_ptt_stuck",
+        "gauge",
+        "1 while a PTT line could not be unkeyed (device gone): the transmitter may be stuck keyed",
+    ),
     "xruns": ("radio_xruns_total", "counter", "Sound card over/underruns seen by PortAudio"),
     "rx_underruns": ("radio_rx_underruns_total", "counter", "Ticks the card had no audio ready"),
     "tx_underruns": ("radio_tx_underruns_total", "counter", "Times the card ran out of TX audio"),
-    "underruns_after_xruns": ("radio_underruns_after_xruns_total", "counter",
-                              "Underruns (either way) within 0.5 s of an xrun that "
-                              "skipped stream time: audio the audio server lost, not a "
-                              "margin too small"),
-    "margin_widenings": ("radio_margin_widenings_total", "counter",
-                         "Times a FIFO's jitter margin widened, for a dip of its level or an "
-                         "underrun not next to an xrun"),
+    "underruns_after_xruns": (
+        "radio_underruns_after_xruns_total",
+        "counter",
+        "Underruns (either way) within 0.5 s of an xrun that "
+        "skipped stream time: audio the audio server lost, not a "
+        "margin too small",
+    ),
+    "margin_widenings": (
+        "radio_margin_widenings_total",
+        "counter",
+        "Times a FIFO's jitter margin widened, for a dip of its level or an "
+        "underrun not next to an xrun",
+    ),
     "dropped_samples": (
         "radio_dropped_samples_total",
         "counter",
@@ -132,16 +143,28 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
     "tx_ratio_ppm": ("radio_tx_drift_ppm", "gauge", "Transmit resampling correction (card drift)"),
     "rx_buffer_seconds": ("radio_rx_buffer_seconds", "gauge", "Audio waiting in the receive FIFO"),
     "tx_buffer_seconds": ("radio_tx_buffer_seconds", "gauge", "Audio waiting in the transmit FIFO"),
-    "rx_low_water_seconds": ("radio_rx_low_water_seconds", "gauge",
-                             "Least audio the receive FIFO held over its last half second: "
-                             "what was left between the card and running dry"),
-    "tx_low_water_seconds": ("radio_tx_low_water_seconds", "gauge",
-                             "Least audio the transmit FIFO held over its last half second: "
-                             "what was left between the media tick and running dry"),
-    "rx_margin_seconds": ("radio_rx_margin_seconds", "gauge",
-                          "Jitter margin the receive FIFO is steered to keep (learnt)"),
-    "tx_margin_seconds": ("radio_tx_margin_seconds", "gauge",
-                          "Jitter margin the transmit FIFO is steered to keep (learnt)"),
+    "rx_low_water_seconds": (
+        "radio_rx_low_water_seconds",
+        "gauge",
+        "Least audio the receive FIFO held over its last half second: "
+        "what was left between the card and running dry",
+    ),
+    "tx_low_water_seconds": (
+        "radio_tx_low_water_seconds",
+        "gauge",
+        "Least audio the transmit FIFO held over its last half second: "
+        "what was left between the media tick and running dry",
+    ),
+    "rx_margin_seconds": (
+        "radio_rx_margin_seconds",
+        "gauge",
+        "Jitter margin the receive FIFO is steered to keep (learnt)",
+    ),
+    "tx_margin_seconds": (
+        "radio_tx_margin_seconds",
+        "gauge",
+        "Jitter margin the transmit FIFO is steered to keep (learnt)",
+    ),
 }
 
 # service.stats() key → (metric name without prefix, type, help, label or None).
@@ -222,6 +245,32 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "counter",
         "RTP/RTCP packets dropped on the shared media port, by kind",
         "kind",
+    ),
+    # Links: labels are config names (link, shared name) and a fixed set of states.
+    "link_state": (
+        "link_state",
+        "gauge",
+        "1 for the link's state now (up, down, cut here, cut_by_peer)",
+        "link,state",
+    ),
+    "link_share_state": (
+        "link_share_state",
+        "gauge",
+        "1 for each shared name's state now (up, down, cut, cut_by_peer)",
+        "link,share,state",
+    ),
+    "link_rtt_seconds": (
+        "link_rtt_seconds",
+        "gauge",
+        "Round trip of the link's SIP keepalive (OPTIONS over its TLS connection)",
+        "link",
+    ),
+    "link_up_seconds": ("link_up_seconds", "gauge", "Seconds the link has been up", "link"),
+    "link_invites_refused": (
+        "link_invites_refused_total",
+        "counter",
+        "INVITEs from the link's peer refused (a name not shared, or cut here)",
+        "link",
     ),
     "console_sessions": ("console_sessions", "gauge", "Open dispatcher console sessions", None),
     "console_seats": ("console_seats", "gauge", "Console positions joined to talkgroups", None),
@@ -1042,11 +1091,13 @@ def _service_stats(snap: Snapshot) -> Iterator[Family]:
         if not reports and key not in ALWAYS_SERVICE_KEYS:
             continue
         make = _counter if kind == "counter" else _gauge
-        family = make(name.removesuffix("_total"), doc, [label] if label else None)
+        labels = label.split(",") if label else None  # "link,state": keys are tuples
+        family = make(name.removesuffix("_total"), doc, labels)
         for value in reports:
             if label:
                 for label_value, v in dict(value).items():
-                    family.add_metric([str(label_value)], float(v))
+                    values = label_value if isinstance(label_value, tuple) else (label_value,)
+                    family.add_metric([str(x) for x in values], float(v))
             else:
                 family.add_metric([], float(value))
         yield family

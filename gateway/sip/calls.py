@@ -35,7 +35,7 @@ import contextlib
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -711,11 +711,20 @@ class CallManager:
     async def hangup(self, dialog: Dialog, wait: float = 2.0, reason: str = "") -> None:
         """Send BYE and end the leg now (the media stops even if the BYE gets no answer).
         ``reason`` is an RFC 3326 Reason header value (a link cut says why it ended)."""
+        sending = self.end(dialog, wait, reason)
+        if sending is not None:
+            await sending
+
+    def end(
+        self, dialog: Dialog, wait: float = 2.0, reason: str = ""
+    ) -> Coroutine[Any, Any, SIPMessage | None] | None:
+        """End the leg in this very call (no tick passes with its audio); the BYE still to
+        be sent is returned (None: the dialog had already ended)."""
         if dialog.call_id not in self.dialogs:
-            return
+            return None
         bye = self._in_dialog(dialog, "BYE", extra=(f"Reason: {reason}",) if reason else ())
         self._end(dialog)
-        await self.transport.request(bye, dialog.peer, wait)
+        return self.transport.request(bye, dialog.peer, wait)
 
     async def hangup_all(self, wait: float = 0.4) -> None:
         dialogs = list(self.dialogs.values())

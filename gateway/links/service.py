@@ -1,0 +1,186 @@
+"""The ``[links]`` service: a trunk per configured link, on the site's SIP stack.
+
+It runs on ``[sip]``: the trunks' dialogs are ordinary SIP dialogs of the
+:class:`~gateway.sip.calls.CallManager`, over the TLS listener ``[sip]
+listen_tls`` (whose certificate is what the peer verifies when it dials us), and
+their legs are rows of the same leg bank. What the service adds:
+
+* the trust: each link's peer address is verified by the link's own rules (its
+  ``peer_ca`` and ``peer_name``, or ``peer_fingerprints``), with the link's
+  certificate as our client certificate; callers' certificates from the links'
+  CAs are accepted on the TLS listener;
+* the hook: a new INVITE from a TLS peer that one of the links recognises goes to
+  that link (:meth:`Trunk.on_invite`) before any route sees it;
+* cuts and restores (:meth:`cut`, :meth:`restore`) from the CLI's control socket
+  (:mod:`gateway.links.control`) and MQTT, audited and remembered
+  (:mod:`gateway.links.cuts`);
+* metrics (:meth:`stats`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway.app import section_service
+from gateway.links.config import LinksConfig, site_id
+from gateway.links.control import ControlServer, control_path
+from gateway.links.cuts import CutStore, state_path
+from gateway.links.trunk import STATES, Trunk
+from gateway.sip.config import split_hostport
+from gateway.sip.stream import PeerTls
+from gateway.sip.tls import client_context
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(Exception):
+    """A cut or restore that cannot be done; the message says why (sent back to the caller)."""
+
+
+@section_service("links")
+class LinksService:
+    def __init__(self, gateway: Gateway, config: LinksConfig) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.trunks: dict[str, Trunk] = {}
+        source = gateway.config.source
+        self.cuts = CutStore(state_path(Path(source) if source else None))
+        self.control: ControlServer | None = None
+        self._byes: set = set()
+
+    async def start(self) -> None:
+        sip = self.gateway.sip
+        if sip is None or sip.calls is None or not sip.config.listen_tls:
+            raise ValueError(
+                "[links] runs over SIP TLS: add [sip] with listen_tls, tls_certificate and "
+                "tls_key (the peer verifies that certificate when it dials this side)"
+            )
+        me = site_id(self.gateway.config)
+        streams = sip.transport.streams
+        cas: list[Path] = []
+        for name, link in self.config.links.items():
+            if not link.enabled:
+                continue
+            pins = frozenset(f"sha256:{p}" for p in link.peer_fingerprints)
+            context = client_context(link.certificate, link.key, link.peer_ca, link.peer_ca is None)
+            for address in link.addresses:
+                streams.peer_tls[address] = PeerTls(context, link.expected_peer_name, pins)
+            if link.peer_ca is not None:
+                cas.append(link.peer_ca)
+            self.trunks[name] = Trunk(
+                name, link, me, sip.calls, self.gateway.engine, self._audit,
+                lambda name=name: self.cuts.of(name),
+            )  # fmt: skip
+        streams.trust_callers(tuple(dict.fromkeys(cas)))
+        sip.calls.links = self._on_invite
+        path = control_path(self.gateway.config.source)
+        if path is not None:
+            self.control = ControlServer(path, self)
+            await self.control.start()
+        for trunk in self.trunks.values():
+            trunk.start()
+        host, port = split_hostport(sip.config.listen_tls)
+        log.info("links: %s as site %s over TLS %s:%s", ", ".join(self.trunks) or "none", me,
+                 host, streams.ports.get("tls", port))  # fmt: skip
+
+    async def stop(self) -> None:
+        sip = self.gateway.sip
+        if sip is not None and sip.calls is not None and sip.calls.links == self._on_invite:
+            sip.calls.links = None
+        if self.control is not None:
+            await self.control.stop()
+        for trunk in self.trunks.values():
+            await trunk.stop()
+
+    def _on_invite(self, message, raw: bytes, source) -> bool:  # noqa: ANN001 - pass-through
+        for trunk in self.trunks.values():
+            if trunk.recognises(source):
+                trunk.on_invite(message, raw, source)
+                return True
+        return False
+
+    def _audit(self, event: str, **fields: object) -> None:
+        audit = getattr(self.gateway, "audit", None)
+        if audit is not None and hasattr(audit, "record"):
+            audit.record(event, **fields)
+
+    # --- the sovereign cut -----------------------------------------------------------------
+
+    def _trunk(self, link: str, share: str | None) -> Trunk:
+        trunk = self.trunks.get(link)
+        if trunk is None:
+            raise LinkError(f"no link named {link!r}; configured: {', '.join(self.trunks)}")
+        if share is not None and share not in trunk.names:
+            raise LinkError(
+                f"link {link!r} shares no name {share!r}; shared: {', '.join(trunk.names)}"
+            )
+        return trunk
+
+    def cut(self, link: str, share: str | None, who: str, reason: str, via: str) -> dict[str, Any]:
+        """Cut a link (or one shared name on it) now: audio stops before the next tick."""
+        trunk = self._trunk(link, share)
+        cut = self.cuts.cut(link, share, who, reason)
+        for bye in trunk.cut(None if share is None else frozenset([share])):
+            self._send(bye)
+        self._audit("link_cut", link=link, share=share, who=cut.who, via=via, reason=cut.reason)
+        log.warning("link %s%s cut by %s via %s: %s", link, f" ({share})" if share else "",
+                    cut.who, via, cut.reason or "no reason given")  # fmt: skip
+        return {"link": link, "share": share, "state": trunk.state()}
+
+    def restore(self, link: str, share: str | None, who: str, via: str) -> dict[str, Any]:
+        trunk = self._trunk(link, share)
+        if not self.cuts.restore(link, share):
+            raise LinkError(f"link {link!r}{f' ({share})' if share else ''} is not cut here")
+        trunk.changed()
+        self._audit("link_restore", link=link, share=share, who=who[:64], via=via)
+        log.warning("link %s%s restored by %s via %s", link, f" ({share})" if share else "",
+                    who, via)  # fmt: skip
+        return {"link": link, "share": share, "state": trunk.state()}
+
+    def _send(self, bye) -> None:  # noqa: ANN001 - a coroutine
+        import asyncio
+
+        task = asyncio.ensure_future(bye)
+        self._byes.add(task)
+        task.add_done_callback(self._byes.discard)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            name: {
+                "state": trunk.state(),
+                "shares": {n: st.state for n, st in trunk.names.items()},
+                "cut": {n: vars(c) for n, c in self.cuts.cuts.get(name, {}).items()},
+            }
+            for name, trunk in self.trunks.items()
+        }
+
+    # --- metrics -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        state: dict[tuple[str, str], float] = {}
+        shares: dict[tuple[str, str, str], float] = {}
+        rtt: dict[str, float] = {}
+        up: dict[str, float] = {}
+        for name, trunk in self.trunks.items():
+            now = trunk.state()
+            for s in STATES:
+                state[(name, s)] = float(now == s)
+            for shared, st in trunk.names.items():
+                for s in STATES:
+                    shares[(name, shared, s)] = float(st.state == s)
+            measured = trunk.rtt()
+            if measured is not None:
+                rtt[name] = measured
+            up[name] = trunk.up_seconds()
+        return {
+            "link_state": state,
+            "link_share_state": shares,
+            "link_rtt_seconds": rtt,
+            "link_up_seconds": up,
+            "link_invites_refused": {n: float(t.refused_invites) for n, t in self.trunks.items()},
+        }

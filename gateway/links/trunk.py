@@ -1,0 +1,405 @@
+"""The trunk: one SIP dialog per agreed shared name between two gateways, kept up.
+
+Both sides dial every name they share (``sips:NAME@peer``, From
+``sips:SITE_ID@…``, G.711 µ-law, SDP direction from the share) whenever no
+dialog carries it, and both answer. When two dialogs for one name meet (glare:
+both dialled at once), the one **placed by the lower site ID wins** on both
+sides — each side knows both IDs (ours from config, the peer's from the From of
+its INVITE), so both keep the same dialog and hang up the other. Exactly one
+dialog per shared name, whoever calls first, and no side depends on the other
+to bring the link back.
+
+An INVITE reaches a trunk only from a TLS peer whose certificate proved it is
+this link's peer (:meth:`Trunk.recognises`). It is answered with
+:meth:`Shares.answer`: a name we do not share gets 403 whether a talkgroup of
+that name exists here or not.
+
+Each dialog is kept alive by an in-dialog OPTIONS every :data:`KEEPALIVE`
+seconds over its own TLS connection; no answer within :data:`KEEPALIVE_TIMEOUT`
+ends it (BYE), which detaches the leg at once (a radio keyed across the link
+is unkeyed). Redials back off from :data:`BACKOFF_MIN` doubling to
+:data:`BACKOFF_MAX`, trying the peer then the backup address.
+
+**Cut**: this side ends the link (or one shared name) alone. Dialogs end now with
+``Reason: SIP;cause=403;text="cut"``; the leg leaves the talkgroup in the same
+call, before the next tick; the peer's redials get 403 with that Reason, so it
+shows ``cut_by_peer`` and keeps backing off until this side restores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from gateway.config import Timing
+from gateway.engine import Engine
+from gateway.links.config import LinkConfig, load_certificates
+from gateway.links.consent import Flow, Refused, Shares, from_sdp, to_sdp
+from gateway.ports import PortConfig
+from gateway.sip.bank import LegBank
+from gateway.sip.calls import CallManager, Dialog, uri_user
+from gateway.sip.config import DialOutConfig
+from gateway.sip.leg import SipLeg
+from gateway.sip.pyvoip import SIPMessage
+from gateway.sip.sdp import MediaOffer, read_offer
+from gateway.sip.transport import Source
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE = 0.5  # seconds between OPTIONS on each dialog
+KEEPALIVE_TIMEOUT = 1.2  # no answer by then: the link is dead (noticed within 2 s)
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
+STABLE = 10.0  # a dialog up this long resets the backoff
+CUT_REASON = 'SIP;cause=403;text="cut"'
+_SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+STATES = ("up", "down", "cut", "cut_by_peer")
+
+
+class LinkLeg(SipLeg):
+    """A trunk leg: a SIP leg of kind ``link`` (the mixer gives it no other link's audio),
+    which talks only if the peer's audio may come in and hears only if ours may go out."""
+
+    kind = "link"
+
+    def __init__(
+        self,
+        name: str,
+        config: PortConfig,
+        timing: Timing,
+        bank: LegBank,
+        row: int,
+        flow: Flow,
+    ) -> None:
+        super().__init__(name, config, timing, bank, row)
+        self.flow = flow
+        self.can_talk = flow.receive
+        self.can_transmit = flow.send
+
+
+@dataclass
+class NameState:
+    """One shared name on the link, as this side sees it."""
+
+    name: str
+    dialog: Dialog | None = None
+    dialling: bool = False
+    state: str = "down"
+    since: float = field(default_factory=time.monotonic)
+    cut_by_peer: bool = False
+    rtt: float | None = None
+    refusals: int = 0
+
+
+class Trunk:
+    """One link: its dialogs, one per shared name, and the loops that keep them up."""
+
+    def __init__(
+        self,
+        name: str,
+        config: LinkConfig,
+        site_id: str,
+        calls: CallManager,
+        engine: Engine,
+        audit: Callable[..., None],
+        cut: Callable[[], tuple[bool, frozenset[str]]],
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.site_id = site_id
+        self.calls = calls
+        self.engine = engine
+        self.audit = audit
+        self._cut = cut  # () → (the whole link is cut, shared names cut), from the cut store
+        self.peer_site: str | None = None
+        self.names = {n: NameState(n) for n in config.shares().names}
+        self.refused_invites = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._keepalives: dict[str, asyncio.Task] = {}
+        self._cas = load_certificates(config.peer_ca, "peer CA bundle") if config.peer_ca else []
+        self._pins = frozenset(config.peer_fingerprints)
+
+    # --- who the peer is ---------------------------------------------------------------
+
+    def recognises(self, source: Source) -> bool:
+        """The TLS peer proved it is this link's peer: a pinned certificate, or one issued
+        by the peer's CA that carries the peer's name (verified in the handshake)."""
+        if not (source.secure and source.certificate):
+            return False
+        if hashlib.sha256(source.certificate).hexdigest() in self._pins:
+            return True
+        if not self._cas or source.identity != self.config.expected_peer_name:
+            return False
+        try:
+            leaf = x509.load_der_x509_certificate(source.certificate)
+        except ValueError:
+            return False
+        for ca in self._cas:
+            with contextlib.suppress(Exception):  # wrong issuer, bad signature, other key type
+                leaf.verify_directly_issued_by(ca)
+                return True
+        return False
+
+    # --- what crosses -------------------------------------------------------------------
+
+    def shares(self) -> Shares:
+        """What we offer now: the config's shares less what is cut."""
+        whole, names = self._cut()
+        shares = self.config.shares()
+        return shares.without(shares.names) if whole else shares.without(names)
+
+    def is_cut(self, name: str) -> bool:
+        whole, names = self._cut()
+        return whole or name in names
+
+    # --- running -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for name in self.names:
+            self._tasks.append(asyncio.ensure_future(self._keep(name)))
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._keepalives.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._keepalives.values()]:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        self._keepalives.clear()
+
+    def changed(self) -> None:
+        """A cut or restore: the keep loops look again now (no waiting out a backoff)."""
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def _wait(self, seconds: float | None, dialog: Dialog | None = None) -> None:
+        """Sleep until ``seconds`` pass, ``dialog`` ends or a cut/restore happens."""
+        waits = [asyncio.ensure_future(self._wake.wait())]
+        if dialog is not None:
+            waits.append(asyncio.ensure_future(dialog.ended.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    def _set(self, st: NameState, state: str) -> None:
+        if st.state != state:
+            log.info("link %s %s: %s → %s", self.name, st.name, st.state, state)
+            self.audit("link_state", link=self.name, share=st.name, state=state, was=st.state)
+            st.state = state
+            st.since = time.monotonic()
+
+    async def _keep(self, name: str) -> None:
+        """Keep one dialog up for ``name`` while it is shared and not cut."""
+        st = self.names[name]
+        backoff = BACKOFF_MIN
+        while True:
+            if self.is_cut(name):
+                self._set(st, "cut")
+                await self._wait(None)
+                continue
+            if st.dialog is not None:
+                started = time.monotonic()
+                await self._wait(None, st.dialog)
+                if time.monotonic() - started >= STABLE:
+                    backoff = BACKOFF_MIN
+                continue
+            if st.state in ("up", "cut"):
+                self._set(st, "down")
+            dialog = await self._dial(st)
+            if dialog is None and st.dialog is None:
+                if st.cut_by_peer:
+                    self._set(st, "cut_by_peer")
+                await self._wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _dial(self, st: NameState) -> Dialog | None:
+        """Dial ``st.name`` at the peer, then the backup; the dialog that came up, or None."""
+        shares = self.shares()
+        share = shares._entries.get(st.name)  # noqa: SLF001 - the local talkgroup and direction
+        if share is None:
+            return None
+        talkgroup, mine = share
+        st.dialling = True
+        try:
+            for host, port in self.config.addresses:
+                peer = Source((host, port), "tls")
+                uri = f"sips:{st.name}@{host}:{port}"
+                flows: list[Flow] = []
+
+                def accept(
+                    dialog: Dialog, offer: MediaOffer, name: str = st.name, flows: list = flows
+                ) -> bool:
+                    flow = self.shares().answer(name, from_sdp(offer.direction))
+                    if isinstance(flow, Refused):
+                        log.warning("link %s %s: the peer's answer does not meet our share (%s)",
+                                    self.name, name, flow.reason)  # fmt: skip
+                        return False
+                    flows.append(flow)
+                    return True
+
+                refusal: list[tuple[int, str]] = []
+                dialog = await self.calls.dial(
+                    uri, talkgroup, _settings(talkgroup, uri), peer,
+                    from_user=self.site_id, codecs=["pcmu"], direction=to_sdp(mine),
+                    make_port=lambda *a, f=flows: LinkLeg(*a, flow=f[0]), accept=accept,
+                    refused=lambda code, reason, r=refusal: r.append((code, reason)),
+                )  # fmt: skip
+                if dialog is not None:
+                    st.cut_by_peer = False
+                    self._established(st, dialog)
+                    return dialog
+                if refusal:  # the peer answered: no use trying the backup
+                    code, reason = refusal[0]
+                    st.cut_by_peer = code == 403 and "cut" in reason.lower()
+                    return None
+            return None
+        finally:
+            st.dialling = False
+
+    # --- answering ------------------------------------------------------------------------
+
+    def on_invite(self, message: SIPMessage, raw: bytes, source: Source) -> None:
+        """An INVITE from this link's (verified) peer for one shared name."""
+        request_uri = message.heading.split(b" ")[1].decode("utf-8", "replace")
+        name = uri_user(request_uri)
+        caller = uri_user(_from_uri(raw))
+        if _SITE.match(caller):
+            self.peer_site = caller
+        if name in self.names and self.is_cut(name):
+            self.refused_invites += 1
+            self.calls.reject(raw, source, 403, "Forbidden", f"link {self.name} is cut here",
+                              (f"Reason: {CUT_REASON}",))  # fmt: skip
+            return
+        offer = read_offer(message)
+        theirs = from_sdp(offer.direction) if offer else None
+        flow = self.shares().answer(name, theirs)
+        if isinstance(flow, Refused):  # unshared, unknown or garbage: the same answer
+            self.refused_invites += 1
+            self.calls.reject(raw, source, 403, "Forbidden", f"link {self.name}: not shared")
+            return
+        st = self.names[name]
+        old = st.dialog
+        ours = (old is not None and not old.incoming) or st.dialling
+        if ours and self._we_win():  # our dialog (placed or in flight) is the one to keep
+            self.calls.reject(raw, source, 491, "Request Pending", "link glare: ours wins")
+            return
+        settings = _settings(flow.talkgroup, request_uri)
+        dialog = self.calls.answer(
+            message, raw, source, base=f"link-{self.name}-{name}", talkgroup=flow.talkgroup,
+            settings=settings, direction=flow.sdp,
+            make_port=lambda *a: LinkLeg(*a, flow=flow),
+        )  # fmt: skip
+        if dialog is not None:
+            st.cut_by_peer = False
+            self._established(st, dialog)
+
+    def _we_win(self) -> bool:
+        """Glare: the dialog placed by the lower site ID is kept (on both sides)."""
+        return self.peer_site is None or self.site_id < self.peer_site
+
+    def _established(self, st: NameState, dialog: Dialog) -> None:
+        """A dialog for ``st.name`` came up; if another is up too, keep one by the rule."""
+        old = st.dialog
+        keep, drop = dialog, old
+        if old is not None and not old.ended.is_set() and old.incoming != dialog.incoming:
+            ours = dialog if not dialog.incoming else old
+            theirs = old if ours is dialog else dialog
+            keep, drop = (ours, theirs) if self._we_win() else (theirs, ours)
+        st.dialog = keep
+        if drop is not None and drop is not keep:
+            asyncio.ensure_future(self.calls.hangup(drop, 1.0))
+        if keep is dialog:
+            self._set(st, "up")
+            self.changed()  # a keep loop waiting on the old dialog looks again
+            task = self._keepalives.pop(st.name, None)
+            if task is not None:
+                task.cancel()
+            self._keepalives[st.name] = asyncio.ensure_future(self._keepalive(st, dialog))
+
+    async def _keepalive(self, st: NameState, dialog: Dialog) -> None:
+        """OPTIONS in the dialog; no answer in time → the link is dead: end the dialog."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not dialog.ended.is_set():
+                sent = loop.time()
+                answer = await self.calls.options(dialog, KEEPALIVE_TIMEOUT)
+                if dialog.ended.is_set():
+                    break
+                if answer is None:
+                    log.warning("link %s %s: no answer to keepalive; dropping the dialog",
+                                self.name, st.name)  # fmt: skip
+                    await self.calls.hangup(dialog, 0.2)
+                    break
+                st.rtt = loop.time() - sent
+                await self._wait(KEEPALIVE, dialog)
+        finally:
+            if st.dialog is dialog:
+                st.dialog = None
+                if "cut" in dialog.far_end_reason.lower():
+                    st.cut_by_peer = True
+                    self._set(st, "cut_by_peer")
+                elif not self.is_cut(st.name):
+                    self._set(st, "down")
+                self.changed()
+
+    def cut(self, names: frozenset[str] | None) -> list:
+        """End the dialogs of ``names`` (None: all) in this very call, saying why; the BYEs
+        to send are returned. The keep loops then see the cut and wait for a restore."""
+        byes = []
+        for st in self.names.values():
+            if (names is None or st.name in names) and st.dialog is not None:
+                dialog, st.dialog = st.dialog, None
+                bye = self.calls.end(dialog, 1.0, reason=CUT_REASON)
+                if bye is not None:
+                    byes.append(bye)
+                self._set(st, "cut")
+        self.changed()
+        return byes
+
+    # --- reports -------------------------------------------------------------------------
+
+    def state(self) -> str:
+        """The link as a whole: up if any name is up, else cut, cut_by_peer or down."""
+        whole, _ = self._cut()
+        states = {st.state for st in self.names.values()}
+        if whole:
+            return "cut"
+        for state in ("up", "cut_by_peer", "cut"):
+            if state in states:
+                return state
+        return "down"
+
+    def up_seconds(self) -> float:
+        ups = [time.monotonic() - st.since for st in self.names.values() if st.state == "up"]
+        return max(ups, default=0.0)
+
+    def rtt(self) -> float | None:
+        rtts = [st.rtt for st in self.names.values() if st.state == "up" and st.rtt is not None]
+        return min(rtts) if rtts else None
+
+
+def _settings(talkgroup: str, uri: str) -> DialOutConfig:
+    """The leg's keying: by voice activity until talker IDs travel on the wire."""
+    return DialOutConfig(talkgroup=talkgroup, uri=uri if "@" in uri else f"sips:x@{uri}")
+
+
+def _from_uri(raw: bytes) -> str:
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("from", "f"):
+            match = re.search(r"<([^>]+)>", value)
+            return match.group(1) if match else value.split(";")[0].strip()
+    return ""

@@ -1,0 +1,177 @@
+"""Gateways joined by links on loopback, for the trunk tests: PKI, site files, test radios.
+
+Each site is a real Gateway (engine, clock, SIP over TLS, the links service) built
+from a TOML file on disk (so the CLI's control socket and the cut state file sit
+next to it), with radios the test keys and listens to by hand:
+``test_link_radio`` speaks its tone while ``speaking`` is set and keeps what it
+heard (full duplex, so a radio that talks would hear its own voice come back
+round a loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sip"))
+
+from pki import Authority, Issued  # noqa: E402
+from sip_peers import band_db, dominant_hz, until  # noqa: E402,F401  (re-exported)
+
+from gateway.codecs.tones import ToneGenerator  # noqa: E402
+from gateway.config import PortConfig, load_config, register_port_kind  # noqa: E402
+from gateway.ports import Frame, Port, register_port_type  # noqa: E402
+
+from tests.conftest import free_port  # noqa: E402
+
+RATE = 16000
+
+
+@register_port_kind("test_link_radio")
+class LinkRadioConfig(PortConfig):
+    tone_hz: float = Field(1000.0, gt=0, le=4000)
+    level_dbfs: float = -20.0
+
+
+@register_port_type("test_link_radio")
+class LinkRadio(Port):
+    def __init__(self, name: str, config: LinkRadioConfig, timing) -> None:  # noqa: ANN001
+        super().__init__(name, config, timing)
+        self.tone = ToneGenerator([config.tone_hz], timing.rate, config.level_dbfs)
+        self.speaking = False
+        self.heard: collections.deque[np.ndarray] = collections.deque(maxlen=200)  # 4 s
+
+    def read(self) -> Frame | None:
+        self.talking = self.speaking
+        return self.tone.read(self.frame_samples) if self.speaking else None
+
+    def write(self, frame: Frame | None) -> None:
+        self.heard.append(np.zeros(self.frame_samples, np.float32) if frame is None else frame)
+
+    def recent(self, seconds: float) -> np.ndarray:
+        frames = list(self.heard)[-round(seconds / 0.02) :]
+        return np.concatenate(frames) if frames else np.zeros(0, np.float32)
+
+    def level(self, hz: float, seconds: float = 1.0) -> float:
+        return band_db(self.recent(seconds), RATE, hz)
+
+
+@dataclass
+class Pki:
+    """One CA per country (its agency's), and each site's certificate from its own CA."""
+
+    cas: dict[str, Authority]
+    certs: dict[str, Issued]
+
+
+def make_pki(folder: Path, sites: tuple[str, ...]) -> Pki:
+    cas = {s: Authority(folder / f"ca-{s}", f"{s.upper()} Agency CA") for s in sites}
+    certs = {s: cas[s].issue(f"{s}.link.test") for s in sites}
+    return Pki(cas, certs)
+
+
+@dataclass
+class LinkSpec:
+    name: str  # the link's name on this side
+    peer: str  # the peer site's name
+    share: dict[str, str] = field(default_factory=dict)  # local talkgroup → 'as' or table
+
+
+@dataclass
+class SiteSpec:
+    name: str
+    tones: dict[str, float]  # talkgroup → the tone its radio speaks
+    links: list[LinkSpec]
+    tls_port: int = field(default_factory=free_port)
+    sip_port: int = field(default_factory=free_port)
+
+
+def site_toml(folder: Path, spec: SiteSpec, ports: dict[str, int], pki: Pki) -> Path:
+    cert = pki.certs[spec.name]
+    text = f"""
+[site]
+name = "{spec.name}"
+country = "CA"
+
+[timing]
+rate = {RATE}
+
+[audit]
+path = "{folder / f"{spec.name}-audit.jsonl"}"
+
+[sip]
+listen = "127.0.0.1:{spec.sip_port}"
+listen_tls = "127.0.0.1:{spec.tls_port}"
+tls_certificate = "{cert.certificate}"
+tls_key = "{cert.key}"
+
+[links]
+site_id = "{spec.name}"
+"""
+    for tg, hz in spec.tones.items():
+        text += f"""
+[ports.{tg}-radio]
+kind = "test_link_radio"
+tone_hz = {hz}
+
+[talkgroups.{tg}]
+members = ["{tg}-radio"]
+"""
+    for link in spec.links:
+        text += f"""
+[links.{link.name}]
+peer = "127.0.0.1:{ports[link.peer]}"
+peer_name = "{link.peer}.link.test"
+certificate = "{cert.certificate}"
+key = "{cert.key}"
+peer_ca = "{pki.cas[link.peer].bundle}"
+
+[links.{link.name}.share]
+"""
+        for tg, shared in link.share.items():
+            text += f"{tg} = {shared}\n" if shared.startswith("{") else f'{tg} = "{shared}"\n'
+    path = folder / f"{spec.name}.toml"
+    path.write_text(text)
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running(path: Path) -> AsyncIterator:
+    """A Gateway from ``path`` on this loop, until the block ends."""
+    from gateway.app import Gateway
+
+    gateway = Gateway(load_config(path))
+    task = asyncio.ensure_future(gateway.run())
+    try:
+        await until(lambda: task.done() or _started(gateway), 10, "the links service to start")
+        if task.done():
+            task.result()
+        yield gateway
+    finally:
+        gateway.stop()
+        await asyncio.wait_for(task, 10)
+
+
+def _started(gateway) -> bool:  # noqa: ANN001
+    links = gateway.links
+    return links is not None and all(t._tasks for t in links.trunks.values())  # noqa: SLF001
+
+
+def radio(gateway, talkgroup: str) -> LinkRadio:  # noqa: ANN001
+    return gateway.ports[f"{talkgroup}-radio"]
+
+
+def share_state(gateway, link: str, shared: str) -> str:  # noqa: ANN001
+    return gateway.links.trunks[link].names[shared].state
+
+
+def link_legs(gateway) -> list[str]:  # noqa: ANN001
+    return [p.name for p in gateway.engine.ports if p.kind == "link"]
