@@ -740,6 +740,7 @@ class CallManager:
         offer_srtp: bool = True,
         *,
         from_user: str = "",
+        base: str = "",
         codecs: list[str] | None = None,
         direction: str = "sendrecv",
         make_port: Callable[..., SipLeg] = SipLeg,
@@ -858,7 +859,7 @@ class CallManager:
             await self.hangup(dialog)
             return None
         dialog.leg = self._start_leg(
-            f"dialout-{talkgroup}",
+            base or f"dialout-{talkgroup}",
             codec,
             offer.dtmf_type,
             DTMF_TYPE,

@@ -36,13 +36,20 @@ def two_sites(tmp: Path, ca_share: dict[str, str], us_share: dict[str, str]):
     return site_toml(tmp, ca, ports, pki), site_toml(tmp, us, ports, pki)
 
 
+async def both_up(ca, us, name: str) -> None:  # noqa: ANN001
+    await until(
+        lambda: share_state(ca, "us", name) == "up" and share_state(us, "ca", name) == "up",
+        15,
+        f"{name} up on both sides",
+    )
+
+
 def test_shared_talkgroup_carries_audio_both_ways_and_nothing_else(tmp_path: Path) -> None:
     ca_path, us_path = two_sites(tmp_path, {"marine": "shiprider"}, {"harbor": "shiprider"})
 
     async def main() -> None:
         async with running(ca_path) as ca, running(us_path) as us:
-            await until(lambda: share_state(ca, "us", "shiprider") == "up"
-                        and share_state(us, "ca", "shiprider") == "up", 15, "the link up")  # fmt: skip
+            await both_up(ca, us, "shiprider")
             assert len(link_legs(ca)) == 1 and len(link_legs(us)) == 1, "one dialog per name"
             radio(ca, "marine").speaking = True
             radio(ca, "police").speaking = True  # unshared: must never cross

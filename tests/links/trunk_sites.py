@@ -23,13 +23,12 @@ from pydantic import Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sip"))
 
+from gateway.codecs.tones import ToneGenerator  # noqa: E402
 from pki import Authority, Issued  # noqa: E402
 from sip_peers import band_db, dominant_hz, until  # noqa: E402,F401  (re-exported)
 
-from gateway.codecs.tones import ToneGenerator  # noqa: E402
 from gateway.config import PortConfig, load_config, register_port_kind  # noqa: E402
 from gateway.ports import Frame, Port, register_port_type  # noqa: E402
-
 from tests.conftest import free_port  # noqa: E402
 
 RATE = 16000
