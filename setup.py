@@ -7,7 +7,10 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("gateway.hardware._callback", ["hardware/_callback.c"],
-                  extra_compile_args=["-O2", "-Wall", "-Wextra"]),  # fmt: skip
+        Extension(
+            "gateway.hardware._callback",
+            ["hardware/_callback.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),  # fmt: skip
     ],
 )

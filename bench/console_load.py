@@ -216,8 +216,9 @@ class Client:
 
 
 async def login(base: str) -> aiohttp.ClientSession:
-    http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
-                                 connector=aiohttp.TCPConnector(limit=0))  # a socket per console
+    http = aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True), connector=aiohttp.TCPConnector(limit=0)
+    )  # a socket per console
     r = await http.post(f"{base}/api/console/login",
                         json={"operator": "bench", "password": PASSWORD})  # fmt: skip
     r.raise_for_status()
@@ -228,8 +229,11 @@ async def packets_sent(http: aiohttp.ClientSession, base: str) -> tuple[float, i
     """Packets the gateway says it sent to consoles (its /metrics, per-leg counters),
     and how many console legs it has."""
     text = await (await http.get(f"{base}/metrics")).text()
-    legs = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("borderlink_leg_packets_out_total") and "@tg0/" in line]
+    legs = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("borderlink_leg_packets_out_total") and "@tg0/" in line
+    ]
     return sum(legs), len(legs)
 
 
@@ -451,8 +455,12 @@ async def latency(runs: int) -> None:
         await asyncio.wait_for(run, 10)
 
     def ms(values: list[float]) -> str:
-        return f"{statistics.median(values) * 1000:6.1f} ms (min {min(values) * 1000:.1f}, " \
-               f"max {max(values) * 1000:.1f}, n={len(values)})" if values else "no data"
+        return (
+            f"{statistics.median(values) * 1000:6.1f} ms (min {min(values) * 1000:.1f}, "
+            f"max {max(values) * 1000:.1f}, n={len(values)})"
+            if values
+            else "no data"
+        )
 
     print("\nMouth-to-ear through the gateway, 20 ms frames, aiortc client on loopback")
     print(f"  console → radio (client encode, gateway jitter buffer, decode, tick): {ms(up)}")
@@ -465,10 +473,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, one latency run")
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50, 100],
-                        help="listener counts for the CPU table")
-    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
-                        help="send paths for the CPU table (default: all three)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[1, 10, 50, 100],
+        help="listener counts for the CPU table",
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=list(PATHS),
+        default=list(PATHS),
+        help="send paths for the CPU table (default: all three)",
+    )
     args = parser.parse_args()
     if not shutil.which(BORDERLINK) and not Path(BORDERLINK).exists():
         sys.exit(f"{BORDERLINK} not found: run 'bash .ci/bootstrap setup' first")

@@ -127,8 +127,14 @@ def baseline(server: str, bursts: int) -> list[float]:
 
 
 def through_gateway(
-    server: str, bursts: int, drift_seconds: float, tmp: Path, frame: str = "20ms",
-    margin: str = "1ms", overs: bool = False, card_ppm: float = 0.0,
+    server: str,
+    bursts: int,
+    drift_seconds: float,
+    tmp: Path,
+    frame: str = "20ms",
+    margin: str = "1ms",
+    overs: bool = False,
+    card_ppm: float = 0.0,
 ) -> dict:
     import gateway.site  # noqa: F401
     from gateway.app import Gateway
@@ -278,8 +284,7 @@ def floor_ms(frame: str, period: int) -> float:
     return (seconds + phase + 2 * ZERO_CROSSINGS / 16000) * 1000
 
 
-def slices(samples: list[tuple], underruns: list, stalls: Stalls | None,
-           width: float) -> str:
+def slices(samples: list[tuple], underruns: list, stalls: Stalls | None, width: float) -> str:
     """One row per ``width`` seconds of the drift run: underruns by cause, the margins and
     buffers at its end, the control's median ratio, and the machine's stalls in it. A run
     whose margins stop widening and whose buffers stay put row after row neither underruns
@@ -288,8 +293,10 @@ def slices(samples: list[tuple], underruns: list, stalls: Stalls | None,
         return "  (no samples)"
     s = np.array(samples)
     t0 = s[0, 6] - 1.0
-    lines = [f"{'minutes':>11} {'margin':>6} {'xrun':>4} {'start':>5} {'rx/tx margin ms':>15} "
-             f"{'rx/tx low-water ms':>21} {'rx/tx ppm':>11} {'stalls ≥5 ms':>12}"]
+    lines = [
+        f"{'minutes':>11} {'margin':>6} {'xrun':>4} {'start':>5} {'rx/tx margin ms':>15} "
+        f"{'rx/tx low-water ms':>21} {'rx/tx ppm':>11} {'stalls ≥5 ms':>12}"
+    ]
     lo = t0
     while lo < s[-1, 6]:
         hi = lo + width
@@ -302,12 +309,15 @@ def slices(samples: list[tuple], underruns: list, stalls: Stalls | None,
                 f"{causes.count('xrun'):>4} {causes.count('start'):>5} "
                 f"{row[-1, 4] * 1000:>7.1f}/{row[-1, 5] * 1000:<7.1f} "
                 f"{np.median(row[:, 2]) * 1000:>10.1f}/{np.median(row[:, 3]) * 1000:<10.1f} "
-                f"{np.median(row[:, 0]):>5.0f}/{np.median(row[:, 1]):<5.0f} {late:>12}")
+                f"{np.median(row[:, 0]):>5.0f}/{np.median(row[:, 1]):<5.0f} {late:>12}"
+            )
         lo = hi
-    lines.append("  underruns (all four FIFOs) by cause: 'margin' = the margin was short (it then "
-                 "widens), 'xrun' = next to the audio server's own xrun, 'start' = a stream's "
-                 "first 3 s; margins: A's rx and B's tx at the row's end; low-water: their "
-                 "median over the row, the level the control holds at the margin.")
+    lines.append(
+        "  underruns (all four FIFOs) by cause: 'margin' = the margin was short (it then "
+        "widens), 'xrun' = next to the audio server's own xrun, 'start' = a stream's "
+        "first 3 s; margins: A's rx and B's tx at the row's end; low-water: their "
+        "median over the row, the level the control holds at the margin."
+    )
     return "\n".join(lines)
 
 
@@ -317,16 +327,30 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, default=20)
     parser.add_argument("--drift-minutes", type=float, default=10.0)
     parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
-    parser.add_argument("--overs", action="store_true",
-                        help="drift run as a conversation (4 s overs, 2 s pauses), not one over")
-    parser.add_argument("--card-ppm", type=float, default=0.0,
-                        help="the cards run this many ppm fast against the engine (negative: "
-                             "slow), as a cheap card's crystal does (±100 ppm); JACK's dummy "
-                             "server cannot drift, so the engine's ticks are slowed instead")
-    parser.add_argument("--slice-minutes", type=float, default=10.0,
-                        help="the drift run's time table: one row per this many minutes")
-    parser.add_argument("--margin", default="1ms",
-                        help="the radios' buffer_margin (the base the learnt margin grows from)")
+    parser.add_argument(
+        "--overs",
+        action="store_true",
+        help="drift run as a conversation (4 s overs, 2 s pauses), not one over",
+    )
+    parser.add_argument(
+        "--card-ppm",
+        type=float,
+        default=0.0,
+        help="the cards run this many ppm fast against the engine (negative: "
+        "slow), as a cheap card's crystal does (±100 ppm); JACK's dummy "
+        "server cannot drift, so the engine's ticks are slowed instead",
+    )
+    parser.add_argument(
+        "--slice-minutes",
+        type=float,
+        default=10.0,
+        help="the drift run's time table: one row per this many minutes",
+    )
+    parser.add_argument(
+        "--margin",
+        default="1ms",
+        help="the radios' buffer_margin (the base the learnt margin grows from)",
+    )
     parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
                         help="run the gateway at SCHED_FIFO priority PRIO (default 3: above "
                              "every normal task, below the audio server (10) and its clients' "
@@ -359,8 +383,11 @@ def main() -> int:
                      pct(res["squelch"], 50), pct(res["squelch"], 99), len(res["delay"]),
                      res["bad"], res["stats_a"]["xruns"] + res["stats_b"]["xruns"],
                      res["stats_a"]["rx_underruns"] + res["stats_b"]["tx_underruns"]))  # fmt: skip
-        print(f"period {period}: baseline {b * 1000:.1f} ms, delays (ms) "
-              f"{[round(d * 1000, 1) for d in res['delay']]}", flush=True)
+        print(
+            f"period {period}: baseline {b * 1000:.1f} ms, delays (ms) "
+            f"{[round(d * 1000, 1) for d in res['delay']]}",
+            flush=True,
+        )
         if "drift" in res:
             d = res["drift"]
             s = np.array(d["samples"]) if d["samples"] else np.zeros((1, 7))
@@ -371,57 +398,82 @@ def main() -> int:
                                (d["first"] or (float("nan"),))[0] * 1000,
                                (d["last"] or (float("nan"),))[0] * 1000,
                                *d["during"]))  # fmt: skip
-            print(f"period {period}: ticks moved to mid-cycle of the cards' period "
-                  f"{d['phase_moves']} times, {d['phase_moved'] * 1000:+.1f} ms in all", flush=True)
-            print(f"period {period}: engine ticks in the drift run: {d['late_ticks']} more than a "
-                  f"frame late, the latest {d['worst_tick'] * 1000:.1f} ms; the simulator's "
-                  f"own underruns: {d['sim_underruns']}", flush=True)
-            print(f"period {period}: xruns in the drift run at seconds {d['xrun_times'][:30]}; "
-                  f"margins widened at seconds {d['widen_times'][:30]}; margins at "
-                  f"the end: A rx {d['margins'][0] * 1000:.1f} ms, B tx "
-                  f"{d['margins'][1] * 1000:.1f} ms", flush=True)
+            print(
+                f"period {period}: ticks moved to mid-cycle of the cards' period "
+                f"{d['phase_moves']} times, {d['phase_moved'] * 1000:+.1f} ms in all",
+                flush=True,
+            )
+            print(
+                f"period {period}: engine ticks in the drift run: {d['late_ticks']} more than a "
+                f"frame late, the latest {d['worst_tick'] * 1000:.1f} ms; the simulator's "
+                f"own underruns: {d['sim_underruns']}",
+                flush=True,
+            )
+            print(
+                f"period {period}: xruns in the drift run at seconds {d['xrun_times'][:30]}; "
+                f"margins widened at seconds {d['widen_times'][:30]}; margins at "
+                f"the end: A rx {d['margins'][0] * 1000:.1f} ms, B tx "
+                f"{d['margins'][1] * 1000:.1f} ms",
+                flush=True,
+            )
             stall_reports.append((period, d["stalls"], d["underruns"]))
             slice_reports.append((period, d["samples"], d["underruns"], d["stalls"]))
     priority = f"SCHED_FIFO {args.realtime}" if args.realtime else "normal priority"
     print(f"\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine {args.frame} frames, "
           f"16 kHz; {priority}; load average {load_before:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after)")  # fmt: skip
-    print(f"{'period':>6} {'server ms':>9} {'total p50':>9} {'added p50':>9} {'added p99':>9} "
-          f"{'floor':>6} {'sq→audio p50':>12} {'p99':>6} {'bursts':>6} {'bad':>4} {'xruns':>5} "
-          f"{'underruns':>9}")
+    print(
+        f"{'period':>6} {'server ms':>9} {'total p50':>9} {'added p50':>9} {'added p99':>9} "
+        f"{'floor':>6} {'sq→audio p50':>12} {'p99':>6} {'bursts':>6} {'bad':>4} {'xruns':>5} "
+        f"{'underruns':>9}"
+    )
     for r in rows:
-        print(f"{r[0]:>6} {r[1]:>9.1f} {r[2]:>9.1f} {r[3]:>9.1f} {r[4]:>9.1f} {r[5]:>6.1f} "
-              f"{r[6]:>12.1f} {r[7]:>6.1f} {r[8]:>6} {r[9]:>4} {r[10]:>5.0f} {r[11]:>9.0f}")
+        print(
+            f"{r[0]:>6} {r[1]:>9.1f} {r[2]:>9.1f} {r[3]:>9.1f} {r[4]:>9.1f} {r[5]:>6.1f} "
+            f"{r[6]:>12.1f} {r[7]:>6.1f} {r[8]:>6} {r[9]:>4} {r[10]:>5.0f} {r[11]:>9.0f}"
+        )
     print("  added = total − server baseline (a PortAudio pass-through on the same server);")
-    print("  floor = engine frame + card period (none when it is the frame) + both rate "
-          "converters' half-kernels;")
+    print(
+        "  floor = engine frame + card period (none when it is the frame) + both rate "
+        "converters' half-kernels;"
+    )
     print("  sq→audio = onset delay of a burst after a shut squelch, beyond the steady delay.")
     if drift_rows:
         what = "4 s overs, 2 s pauses" if args.overs else "steady tone"
-        print(f"\nClock drift ({what} through A→B; the cards {args.card_ppm:+.0f} ppm against "
-              "the engine)")
-        print(f"{'period':>6} {'minutes':>7} {'rx ppm min/med/max':>20} {'tx ppm min/med/max':>20} "
-              f"{'rx low ms':>11} {'tx low ms':>11} {'delay start':>11} {'delay end':>9} "
-              f"{'dropped':>8} {'rx under':>8} {'tx under':>8} {'xruns':>5} {'all under':>9} "
-              f"{'by xrun':>7} {'widened':>7}")
+        print(
+            f"\nClock drift ({what} through A→B; the cards {args.card_ppm:+.0f} ppm against "
+            "the engine)"
+        )
+        print(
+            f"{'period':>6} {'minutes':>7} {'rx ppm min/med/max':>20} {'tx ppm min/med/max':>20} "
+            f"{'rx low ms':>11} {'tx low ms':>11} {'delay start':>11} {'delay end':>9} "
+            f"{'dropped':>8} {'rx under':>8} {'tx under':>8} {'xruns':>5} {'all under':>9} "
+            f"{'by xrun':>7} {'widened':>7}"
+        )
         for r in drift_rows:
-            print(f"{r[0]:>6} {r[1]:>7.1f} {r[2]:>6.0f}/{r[3]:>5.0f}/{r[4]:<6.0f} "
-                  f"{r[5]:>6.0f}/{r[6]:>5.0f}/{r[7]:<6.0f} {r[8]:>5.1f}–{r[9]:<5.1f} "
-                  f"{r[10]:>5.1f}–{r[11]:<5.1f} {r[12]:>11.1f} {r[13]:>9.1f} {r[14]:>8.0f} "
-                  f"{r[15]:>8.0f} {r[16]:>8.0f} {r[17]:>5.0f} {r[18]:>9.0f} {r[19]:>7.0f} "
-                  f"{r[20]:>7.0f}")
-        print("  ppm = drift-control ratio (1 s samples); low = the FIFO's low-water mark (its "
-              "least level over a half-second window, which the control holds at the margin), "
-              "min–max over the run; "
-              "dropped, underruns and xruns count the drift run only (the latency table's "
-              "columns count from the start); xruns add both cards' (one server xrun counts "
-              "2); 'all under' = underruns in all four FIFOs (both ways on both cards), 'by "
-              "xrun' = those within 0.5 s of an xrun that skipped stream time, the audio "
-              "server's loss; 'widened' = "
-              "times a margin widened (all four FIFOs), for a dip or an underrun.")
+            print(
+                f"{r[0]:>6} {r[1]:>7.1f} {r[2]:>6.0f}/{r[3]:>5.0f}/{r[4]:<6.0f} "
+                f"{r[5]:>6.0f}/{r[6]:>5.0f}/{r[7]:<6.0f} {r[8]:>5.1f}–{r[9]:<5.1f} "
+                f"{r[10]:>5.1f}–{r[11]:<5.1f} {r[12]:>11.1f} {r[13]:>9.1f} {r[14]:>8.0f} "
+                f"{r[15]:>8.0f} {r[16]:>8.0f} {r[17]:>5.0f} {r[18]:>9.0f} {r[19]:>7.0f} "
+                f"{r[20]:>7.0f}"
+            )
+        print(
+            "  ppm = drift-control ratio (1 s samples); low = the FIFO's low-water mark (its "
+            "least level over a half-second window, which the control holds at the margin), "
+            "min–max over the run; "
+            "dropped, underruns and xruns count the drift run only (the latency table's "
+            "columns count from the start); xruns add both cards' (one server xrun counts "
+            "2); 'all under' = underruns in all four FIFOs (both ways on both cards), 'by "
+            "xrun' = those within 0.5 s of an xrun that skipped stream time, the audio "
+            "server's loss; 'widened' = "
+            "times a margin widened (all four FIFOs), for a dip or an underrun."
+        )
     for period, samples, underruns, stalls in slice_reports:
-        print(f"\nThe drift run slice by slice (period {period}): does anything underrun or "
-              "grow as the hours pass?")
+        print(
+            f"\nThe drift run slice by slice (period {period}): does anything underrun or "
+            "grow as the hours pass?"
+        )
         print(slices(samples, underruns, stalls, args.slice_minutes * 60))
     for period, stalls, underruns in stall_reports:
         print(f"\nThe machine's stalls in the drift run (period {period})")
@@ -430,22 +482,28 @@ def main() -> int:
             continue
         print(table(stalls))
         ours = [u for u in underruns if u.cause == "margin"]
-        print(f"underruns blamed on the margin (not an xrun, not the first 3 s): {len(ours)} "
-              f"(rx {sum(u.way == 'rx' for u in ours)}, tx {sum(u.way == 'tx' for u in ours)}) "
-              f"of {len(underruns)}; each underrun (both cards): second, way, blamed on, how "
-              "late its feeder came (rx: the card, tx: the media tick), stream time the "
-              "server lost around it, the machine's worst stall just before")
+        print(
+            f"underruns blamed on the margin (not an xrun, not the first 3 s): {len(ours)} "
+            f"(rx {sum(u.way == 'rx' for u in ours)}, tx {sum(u.way == 'tx' for u in ours)}) "
+            f"of {len(underruns)}; each underrun (both cards): second, way, blamed on, how "
+            "late its feeder came (rx: the card, tx: the media tick), stream time the "
+            "server lost around it, the machine's worst stall just before"
+        )
         for u in underruns:
-            print(f"  {u.when - stalls.started:6.1f} s  {u.way}  "
-                  f"{u.cause:<6}  late {u.late * 1000:5.1f} ms  "
-                  f"lost {u.lost * 1000:5.1f} ms  stall {stalls.worst_near(u.when) * 1000:5.1f} ms")
+            print(
+                f"  {u.when - stalls.started:6.1f} s  {u.way}  "
+                f"{u.cause:<6}  late {u.late * 1000:5.1f} ms  "
+                f"lost {u.lost * 1000:5.1f} ms  stall {stalls.worst_near(u.when) * 1000:5.1f} ms"
+            )
         print(f"{'stall ≥':>8} {'underruns just after one':>24} {'by chance':>9}")
         for ms in (2, 5, 10):
             hit = sum(stalls.explains(u.when, ms / 1000) for u in ours)
             print(f"{ms:>5} ms {hit:>24} {stalls.cover(ms / 1000) * len(ours):>9.1f}")
-        print(f"  'just after' = a realtime wake-up that late ended {BEFORE_S * 1000:.0f} ms "
-              f"before the underrun or {AFTER_S * 1000:.0f} ms after; 'by chance' = how many "
-              "would, if underruns fell at random times (the share of the run so covered).")
+        print(
+            f"  'just after' = a realtime wake-up that late ended {BEFORE_S * 1000:.0f} ms "
+            f"before the underrun or {AFTER_S * 1000:.0f} ms after; 'by chance' = how many "
+            "would, if underruns fell at random times (the share of the run so covered)."
+        )
     return 0
 
 

@@ -77,8 +77,16 @@ def record(seconds: float) -> np.ndarray:
                     seq = int(s[STAMP])
                     stamp, frame = float(a.block.clock[0]), int(s[STAMP_FRAME])
                     if seq % 2 == 0 and seq == int(s[STAMP]):  # not torn by a callback
-                        rows.append((time.monotonic(), stamp, frame, int(s[XRUNS]),
-                                     a.stats()["rx_underruns"], b.stats()["tx_underruns"]))
+                        rows.append(
+                            (
+                                time.monotonic(),
+                                stamp,
+                                frame,
+                                int(s[XRUNS]),
+                                a.stats()["rx_underruns"],
+                                b.stats()["tx_underruns"],
+                            )
+                        )
                     time.sleep(SAMPLE_S)
 
             try:
@@ -106,8 +114,8 @@ def main() -> int:
     # Time lost: the stream stays a period or more further behind than a second before.
     lost_at = []
     for i in np.nonzero(np.diff(behind) >= PERIOD)[0] + 1:
-        later = behind[i:i + 40]  # the next 0.2 s
-        if np.median(later) - np.median(behind[max(0, i - 200):i]) >= PERIOD * 0.9:
+        later = behind[i : i + 40]  # the next 0.2 s
+        if np.median(later) - np.median(behind[max(0, i - 200) : i]) >= PERIOD * 0.9:
             lost_at.append(t[i])
     xrun_at = t[np.nonzero(np.diff(rows[:, 3]))[0] + 1]
     under_at = t[np.nonzero(np.diff(rows[:, 4] + rows[:, 5]))[0] + 1]
@@ -119,13 +127,19 @@ def main() -> int:
     near = sum(1 for u in under_at if nearest(u) <= 0.5)
     print(f"\nAudio server losses (JACK dummy, period {PERIOD}, 48 kHz, {args.seconds:.0f} s, "
           f"tone A→B; load average {os.getloadavg()[0]:.2f})")  # fmt: skip
-    print(f"{'xruns':>6} {'that lost time':>14} {'time losses':>11} {'of them no xrun':>15} "
-          f"{'underruns':>9} {'≤0.5 s from xrun':>16} {'behind at end ms':>16}")
+    print(
+        f"{'xruns':>6} {'that lost time':>14} {'time losses':>11} {'of them no xrun':>15} "
+        f"{'underruns':>9} {'≤0.5 s from xrun':>16} {'behind at end ms':>16}"
+    )
     unreported = sum(1 for lost in lost_at if not any(abs(x - lost) <= 0.05 for x in xrun_at))
-    print(f"{len(xrun_at):>6} {losing:>14} {len(lost_at):>11} {unreported:>15} "
-          f"{len(under_at):>9} {near:>16} {behind[-1] / RATE * 1000:>16.1f}")
-    print("  xruns = changes of card A's xrun count; time losses = steps of a period or more in "
-          "how far the stream is behind the wall clock; underruns = card A rx + card B tx.")
+    print(
+        f"{len(xrun_at):>6} {losing:>14} {len(lost_at):>11} {unreported:>15} "
+        f"{len(under_at):>9} {near:>16} {behind[-1] / RATE * 1000:>16.1f}"
+    )
+    print(
+        "  xruns = changes of card A's xrun count; time losses = steps of a period or more in "
+        "how far the stream is behind the wall clock; underruns = card A rx + card B tx."
+    )
     for u in under_at:
         print(f"  underrun at {u:7.2f} s, nearest xrun {nearest(u):.2f} s away")
     return 0

@@ -166,8 +166,15 @@ if (ctypes.sizeof(_Stream), ctypes.sizeof(Lane)) != (_callback.STREAM_SIZE, _cal
     raise ImportError("gateway.hardware._callback was built from another _callback.c; "
                       "reinstall BorderLink (pip install -e .) to rebuild it")  # fmt: skip
 
-_CALL = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong,
-                         ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p)(_callback.CALLBACK)
+_CALL = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+)(_callback.CALLBACK)
 
 
 class StreamCallback:

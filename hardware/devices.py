@@ -40,8 +40,14 @@ def sound_cards() -> list[Card]:
 
     apis = sd.query_hostapis()
     return [
-        Card(d["index"], d["name"], apis[d["hostapi"]]["name"], d["max_input_channels"],
-             d["max_output_channels"], d["default_samplerate"])  # fmt: skip
+        Card(
+            d["index"],
+            d["name"],
+            apis[d["hostapi"]]["name"],
+            d["max_input_channels"],
+            d["max_output_channels"],
+            d["default_samplerate"],
+        )  # fmt: skip
         for d in sd.query_devices()
     ]
 
@@ -50,8 +56,10 @@ def find_card(device: str | int, host_api: str | None = None, inputs: int = 1,
               outputs: int = 1, cards: list[Card] | None = None) -> Card:  # fmt: skip
     """The one card matching ``device`` (index, or case-insensitive name substring)."""
     cards = sound_cards() if cards is None else cards
-    listing = "\n".join("  " + c.line() for c in cards) or "  (none: is the card plugged in, "\
-        "and for JACK is the server running?)"
+    listing = (
+        "\n".join("  " + c.line() for c in cards)
+        or "  (none: is the card plugged in, and for JACK is the server running?)"
+    )
     if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
         index = int(device)
         match = [c for c in cards if c.index == index]
@@ -119,8 +127,9 @@ def control_devices(dev: str = "/dev", sys: str = "/sys") -> list[ControlDevice]
         kind = "cm108" if vendor == "0d8c" else "hidraw"
         found.append(ControlDevice(kind, path, info.get("HID_NAME", hid_id)))
     for path in sorted(glob.glob(f"{dev}/gpiochip*")):
-        label = _sysfs(f"{sys}/bus/gpio/devices/{os.path.basename(path)}/label") or \
-            _sysfs(f"{sys}/class/gpio/{os.path.basename(path)}/label")
+        label = _sysfs(f"{sys}/bus/gpio/devices/{os.path.basename(path)}/label") or _sysfs(
+            f"{sys}/class/gpio/{os.path.basename(path)}/label"
+        )
         found.append(ControlDevice("gpio", path, label))
     return found
 

@@ -264,7 +264,8 @@ class SoundCard:
         # (tick time, last callback's time, its first frame), one a tick: where the ticks
         # fall in the card's cycle, and the stream against the wall clock
         self.stamps: deque[tuple[float, float, int]] = deque(
-            maxlen=max(PHASE_TICKS, round(LAG_KEPT_S / self.frame_seconds)))
+            maxlen=max(PHASE_TICKS, round(LAG_KEPT_S / self.frame_seconds))
+        )
         self.rx_low_water = self.tx_low_water = 0.0  # the last window's marks (seconds)
         self.rx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)  # the last windows' marks
         self.tx_lows: deque[float] = deque(maxlen=USUAL_WINDOWS + 2)
@@ -396,8 +397,10 @@ class SoundCard:
                 waiting.append(alarm)
                 continue
             lost = self.stream_lost(alarm.when)
-            if self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S and \
-                    lost >= self.half_period:
+            if (
+                self.last_xrun >= alarm.when - alarm.span - XRUN_SHADOW_S
+                and lost >= self.half_period
+            ):
                 cause = "xrun"
             elif alarm.when - self.started_at < START_GRACE_S:
                 cause = "start"
@@ -590,8 +593,7 @@ class SoundCard:
         else:
             # Frames bunched up after an engine stall would sit in the ring as latency for
             # seconds: anything 30 ms beyond target + one period is dropped now.
-            limit = round((self.tx_control.target + self.tx_extra + STALE_TX_S) * dev) \
-                + self.period
+            limit = round((self.tx_control.target + self.tx_extra + STALE_TX_S) * dev) + self.period
             if self.tx.queued > limit:
                 self._skip_tx(self.tx.queued - limit)
         step = (self.rate / dev) / self.tx_control.ratio
@@ -627,8 +629,9 @@ class SoundCard:
             low = self.rx_low_water = self.rx_low / self.rate
             excess = low - self.rx_control.target
             cut = round(excess * self.rate)
-            if excess > TRIM_S or (excess > TRIM_QUIET_S
-                                   and float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET):
+            if excess > TRIM_S or (
+                excess > TRIM_QUIET_S and float(np.max(np.abs(self.rx_buf[:cut]))) < QUIET
+            ):
                 self.rx_buf = self.rx_buf[cut:]  # a stall, or silence: cut at once
                 self.counts["dropped_samples"] += cut
             elif excess < -TRIM_QUIET_S and lost:
@@ -644,8 +647,11 @@ class SoundCard:
         s = self.status
         window = int(s[WINDOW])
         s[WINDOW] = window + 1
-        if s[TX_LOW_WINDOW] == window and self.tx_primed and s[TX_UNDERRUNS] == \
-                self.tx_underruns_seen:
+        if (
+            s[TX_LOW_WINDOW] == window
+            and self.tx_primed
+            and s[TX_UNDERRUNS] == self.tx_underruns_seen
+        ):
             low = self.tx_low_water = int(s[TX_LOW]) / self.device_rate - self.tx_extra
             excess = low - self.tx_control.target
             quiet = self._tx_quiet()
@@ -653,8 +659,7 @@ class SoundCard:
                 self._skip_tx(round(excess * self.device_rate))
             elif excess > TRIM_QUIET_S and not self.tx_extra and lost:
                 self._skip_tx(round(min(excess, lost) * self.device_rate))
-            elif self._short(self.tx_control, self.tx_lows, low) and not self.tx_extra \
-                    and quiet:
+            elif self._short(self.tx_control, self.tx_lows, low) and not self.tx_extra and quiet:
                 self._watch(self.tx_control, self.tx_lows, low, dt)
                 self._pad_tx(round(-excess * self.device_rate))
             else:

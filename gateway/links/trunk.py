@@ -252,7 +252,8 @@ class Trunk:
                 refusal: list[tuple[int, str]] = []
                 dialog = await self.calls.dial(
                     uri, talkgroup, _settings(talkgroup, uri), peer,
-                    from_user=self.site_id, base=f"link-{self.name}-{st.name}", codecs=["pcmu"], direction=to_sdp(mine),
+                    from_user=self.site_id, base=f"link-{self.name}-{st.name}", codecs=["pcmu"],
+                    direction=to_sdp(mine),
                     make_port=lambda *a, f=flows: LinkLeg(*a, flow=f[0]), accept=accept,
                     refused=lambda code, reason, r=refusal: r.append((code, reason)),
                 )  # fmt: skip
