@@ -8,6 +8,8 @@ radios on the other side hear is measured in that tone's band (band_db).
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from pathlib import Path
 
 from trunk_sites import (
@@ -65,5 +67,106 @@ def test_shared_talkgroup_carries_audio_both_ways_and_nothing_else(tmp_path: Pat
             assert radio(ca, "police").level(1500.0) < SILENT
             # Still exactly one dialog per shared name after both sides dialled.
             assert len(link_legs(ca)) == 1 and len(link_legs(us)) == 1
+
+    run(main())
+
+
+def test_a_share_only_one_side_offers_carries_nothing(tmp_path: Path) -> None:
+    # CA offers marine as "shiprider"; US offers harbor under another name only.
+    ca_path, us_path = two_sites(tmp_path, {"marine": "shiprider"}, {"harbor": "fishery"})
+
+    async def main() -> None:
+        async with running(ca_path) as ca, running(us_path) as us:
+            radio(ca, "marine").speaking = radio(us, "harbor").speaking = True
+            # Each side dials its own name and is refused (403, as for a name that
+            # exists nowhere): count the refusals instead of waiting on a clock.
+            await until(lambda: ca.links.trunks["us"].refused_invites >= 1
+                        and us.links.trunks["ca"].refused_invites >= 1, 15,
+                        "each side to refuse the other's unshared name")  # fmt: skip
+            await asyncio.sleep(0.5)
+            assert link_legs(ca) == [] and link_legs(us) == []
+            assert radio(us, "harbor").level(1000.0) < SILENT
+            assert radio(ca, "marine").level(1500.0) < SILENT
+            assert share_state(ca, "us", "shiprider") == "down"
+
+    run(main())
+
+
+async def cli(config: Path, *args: str) -> dict:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "link", *args, "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, (out + err).decode()
+    return json.loads(out)
+
+
+def records(path: Path, event: str) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in lines if r.get("event") == event]
+
+
+def test_a_cut_from_either_side_stops_audio_both_ways_until_that_side_restores(
+    tmp_path: Path,
+) -> None:
+    ca_path, us_path = two_sites(tmp_path, {"marine": "shiprider"}, {"harbor": "shiprider"})
+
+    async def cut_and_restore(ca, us, cutter, other, cutter_path: Path, link: str,
+                              other_link: str) -> None:  # noqa: ANN001  # fmt: skip
+        await both_up(ca, us, "shiprider")
+        radio(ca, "marine").speaking = radio(us, "harbor").speaking = True
+        await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD
+                    and radio(ca, "marine").level(1500.0, 0.3) > HEARD, 10,
+                    "audio both ways")  # fmt: skip
+        reply = await cli(cutter_path, "cut", link, "--reason", "incident over")
+        assert reply["state"] == "cut"
+        assert link_legs(cutter) == [], "the leg left in the same call"
+        await until(lambda: share_state(other, other_link, "shiprider") == "cut_by_peer",
+                    5, "the peer to show cut_by_peer")  # fmt: skip
+        await asyncio.sleep(1.0)
+        assert radio(us, "harbor").level(1000.0, 0.8) < SILENT
+        assert radio(ca, "marine").level(1500.0, 0.8) < SILENT
+        # The peer keeps trying (with backoff) and is refused.
+        refused = cutter.links.trunks[link].refused_invites
+        await until(lambda: cutter.links.trunks[link].refused_invites > refused, 10,
+                    "the peer's redial to be refused")  # fmt: skip
+        assert link_legs(other) == [] and link_legs(cutter) == []
+        cuts = records(tmp_path / f"{cutter.config.site.name}-audit.jsonl", "link_cut")
+        assert cuts and cuts[-1]["reason"] == "incident over"
+        assert cuts[-1]["who"].startswith("local:")
+        await cli(cutter_path, "restore", link)
+        await both_up(ca, us, "shiprider")
+        await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD
+                    and radio(ca, "marine").level(1500.0, 0.3) > HEARD, 10,
+                    "audio both ways again")  # fmt: skip
+        radio(ca, "marine").speaking = radio(us, "harbor").speaking = False
+
+    async def main() -> None:
+        async with running(ca_path) as ca, running(us_path) as us:
+            await cut_and_restore(ca, us, us, ca, us_path, "ca", "us")  # US cuts
+            await cut_and_restore(ca, us, ca, us, ca_path, "us", "ca")  # then CA
+
+    run(main())
+
+
+def test_a_cut_survives_a_restart(tmp_path: Path) -> None:
+    ca_path, us_path = two_sites(tmp_path, {"marine": "shiprider"}, {"harbor": "shiprider"})
+
+    async def main() -> None:
+        async with running(us_path) as us:
+            async with running(ca_path) as ca:
+                await both_up(ca, us, "shiprider")
+                await cli(ca_path, "cut", "us", "--share", "shiprider")
+            async with running(ca_path) as ca:
+                refused = ca.links.trunks["us"].refused_invites
+                await until(lambda: ca.links.trunks["us"].refused_invites > refused, 15,
+                            "US's redial to be refused after CA's restart")  # fmt: skip
+                assert share_state(ca, "us", "shiprider") == "cut"
+                assert link_legs(ca) == [] and link_legs(us) == []
+                await cli(ca_path, "restore", "us", "--share", "shiprider")
+                await both_up(ca, us, "shiprider")
 
     run(main())
