@@ -1,0 +1,130 @@
+"""A link that goes dark is noticed within 2 s (the legs leave, keyed radios unkey) and
+comes back by itself; three sites in a mesh hear each other exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from relay import TcpRelay
+from trunk_sites import (
+    LinkSpec,
+    SiteSpec,
+    link_legs,
+    make_pki,
+    radio,
+    running,
+    share_state,
+    site_toml,
+    until,
+)
+
+from tests.sip.sip_peers import run
+
+HEARD = -40.0
+SILENT = -70.0
+
+
+def test_a_blacked_out_link_drops_within_two_seconds_and_comes_back(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path, ("ca", "us"))
+    ca = SiteSpec("ca", {"marine": 1000.0}, [LinkSpec("us", "us", {"marine": "shiprider"})])
+    us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "shiprider"})])
+
+    async def main() -> None:
+        # Each side reaches the other through its own relay: whoever's dialog wins, its
+        # signalling crosses a relay that the test can black out.
+        async with TcpRelay(("127.0.0.1", us.tls_port)) as to_us, \
+                TcpRelay(("127.0.0.1", ca.tls_port)) as to_ca:  # fmt: skip
+            ca_path = site_toml(tmp_path, ca, {"us": to_us.port}, pki)
+            us_path = site_toml(tmp_path, us, {"ca": to_ca.port}, pki)
+            async with running(ca_path) as ca_gw, running(us_path) as us_gw:
+
+                def up() -> bool:
+                    return (share_state(ca_gw, "us", "shiprider") == "up"
+                            and share_state(us_gw, "ca", "shiprider") == "up")  # fmt: skip
+
+                await until(up, 15, "the link up")
+                radio(ca_gw, "marine").speaking = True
+                await until(lambda: radio(us_gw, "harbor").level(1000.0, 0.3) > HEARD, 10,
+                            "CA heard at US")  # fmt: skip
+                keyed = us_gw.engine.ports.index(radio(us_gw, "harbor"))
+                assert us_gw.engine.keying.keyed[keyed], "US's radio transmits what CA says"
+                to_us.blackout()
+                to_ca.blackout()
+                dark = time.monotonic()
+                await until(lambda: not link_legs(ca_gw) and not link_legs(us_gw), 5,
+                            "both legs to leave")  # fmt: skip
+                noticed = time.monotonic() - dark
+                assert noticed < 2.0 + 0.5, f"the dead link was noticed after {noticed:.2f}s"
+                await until(
+                    lambda: (
+                        not us_gw.engine.keying.keyed[
+                            us_gw.engine.ports.index(radio(us_gw, "harbor"))
+                        ]
+                    ),
+                    2,
+                    "US's radio to unkey",
+                )
+                await asyncio.sleep(0.5)
+                assert radio(us_gw, "harbor").level(1000.0, 0.4) < SILENT
+                to_us.resume()
+                to_ca.resume()
+                await until(up, 30, "the link to come back by itself")
+                await until(lambda: radio(us_gw, "harbor").level(1000.0, 0.3) > HEARD, 10,
+                            "CA heard at US again")  # fmt: skip
+                assert len(link_legs(ca_gw)) == 1 and len(link_legs(us_gw)) == 1
+
+    run(main())
+
+
+def test_three_sites_in_a_mesh_hear_each_other_exactly_once(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path, ("a", "b", "c"))
+    specs = {
+        "a": SiteSpec("a", {"net": 1000.0}, [LinkSpec("b", "b", {"net": "mesh"}),
+                                             LinkSpec("c", "c", {"net": "mesh"})]),
+        "b": SiteSpec("b", {"net": 1500.0}, [LinkSpec("a", "a", {"net": "mesh"}),
+                                             LinkSpec("c", "c", {"net": "mesh"})]),
+        "c": SiteSpec("c", {"net": 700.0}, [LinkSpec("a", "a", {"net": "mesh"}),
+                                            LinkSpec("b", "b", {"net": "mesh"})]),
+    }  # fmt: skip
+    ports = {name: spec.tls_port for name, spec in specs.items()}
+    paths = {name: site_toml(tmp_path, spec, ports, pki) for name, spec in specs.items()}
+
+    async def main() -> None:
+        async with running(paths["a"]) as a, running(paths["b"]) as b, \
+                running(paths["c"]) as c:  # fmt: skip
+            sites = {"a": a, "b": b, "c": c}
+
+            def all_up() -> bool:
+                return all(
+                    share_state(gw, peer, "mesh") == "up"
+                    for name, gw in sites.items()
+                    for peer in sites
+                    if peer != name
+                )
+
+            await until(all_up, 20, "all three links up")
+            assert all(len(link_legs(gw)) == 2 for gw in sites.values()), "one dialog per link"
+            radio(a, "net").speaking = True
+            await until(
+                lambda: (
+                    radio(c, "net").level(1000.0, 0.3) > HEARD
+                    and radio(b, "net").level(1000.0, 0.3) > HEARD
+                ),
+                10,
+                "A at B and C",
+            )
+            await asyncio.sleep(1.0)
+            at_b, at_c = radio(b, "net").level(1000.0), radio(c, "net").level(1000.0)
+            # Once: C hears A directly at the level B does (a second copy via B would add
+            # up to 6 dB, or comb-filter the tone); A never hears its own tone come back.
+            assert abs(at_b - at_c) < 2.0, (at_b, at_c)
+            assert radio(a, "net").level(1000.0) < SILENT, "A's own tone came back round"
+            # Proof that B forwards nothing: with A–C cut, C hears nothing of A.
+            a.links.cut("c", None, "test", "", "test")
+            await asyncio.sleep(1.0)
+            assert radio(c, "net").level(1000.0, 0.8) < SILENT, "B forwarded A's audio to C"
+            assert radio(b, "net").level(1000.0, 0.8) > HEARD
+
+    run(main())
