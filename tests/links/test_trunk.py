@@ -170,3 +170,28 @@ def test_a_cut_survives_a_restart(tmp_path: Path) -> None:
                 await both_up(ca, us, "shiprider")
 
     run(main())
+
+
+def test_two_shared_names_each_carry_their_own_talkgroup(tmp_path: Path) -> None:
+    """Two dialogs between the same two gateways (one RTP port each side): each shared
+    name's audio lands in its own talkgroup (issue #15: A's 500 Hz reached B's tgx)."""
+    ca_path, us_path = two_sites(
+        tmp_path,
+        {"marine": "shiprider", "police": "lawnet"},
+        {"harbor": "shiprider", "sheriff": "lawnet"},
+    )
+
+    async def main() -> None:
+        async with running(ca_path) as ca, running(us_path) as us:
+            await both_up(ca, us, "shiprider")
+            await both_up(ca, us, "lawnet")
+            assert len(link_legs(ca)) == 2 and len(link_legs(us)) == 2
+            radio(ca, "marine").speaking = radio(ca, "police").speaking = True
+            await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD
+                        and radio(us, "sheriff").level(700.0, 0.3) > HEARD, 10,
+                        "each name heard")  # fmt: skip
+            await asyncio.sleep(1.0)
+            assert radio(us, "harbor").level(700.0) < SILENT, "lawnet leaked into shiprider"
+            assert radio(us, "sheriff").level(1000.0) < SILENT, "shiprider leaked into lawnet"
+
+    run(main())
