@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+from gateway.monitoring.metrics import SiteMetrics
 from trunk_sites import (
     LinkSpec,
     SiteSpec,
@@ -24,6 +26,7 @@ from trunk_sites import (
     until,
 )
 
+from gateway.sip.bank import LegBank
 from tests.sip.sip_peers import run
 
 HEARD = -40.0  # a tone at -20 dBFS arrives around -20..-26 dB through G.711
@@ -126,6 +129,14 @@ def test_a_cut_from_either_side_stops_audio_both_ways_until_that_side_restores(
         assert link_legs(cutter) == [], "the leg left in the same call"
         await until(lambda: share_state(other, other_link, "shiprider") == "cut_by_peer",
                     5, "the peer to show cut_by_peer")  # fmt: skip
+        text = SiteMetrics.of(other).render().decode()
+        assert f'borderlink_link_state{{link="{other_link}",state="cut_by_peer"}} 1.0' in text
+        assert (
+            f'borderlink_link_share_state{{link="{other_link}",share="shiprider",state="up"}} 0.0'
+            in text
+        )
+        mine = SiteMetrics.of(cutter).render().decode()
+        assert f'borderlink_link_state{{link="{link}",state="cut"}} 1.0' in mine
         await asyncio.sleep(1.0)
         assert radio(us, "harbor").level(1000.0, 0.8) < SILENT
         assert radio(ca, "marine").level(1500.0, 0.8) < SILENT
@@ -172,6 +183,12 @@ def test_a_cut_survives_a_restart(tmp_path: Path) -> None:
     run(main())
 
 
+@pytest.mark.xfail(
+    not hasattr(LegBank, "rows_using"),
+    reason="needs RTP demultiplexed by SSRC (branch sip-dialogs); main tells calls apart "
+    "by address only, so two dialogs between two gateways mix",
+    strict=True,
+)
 def test_two_shared_names_each_carry_their_own_talkgroup(tmp_path: Path) -> None:
     """Two dialogs between the same two gateways (one RTP port each side): each shared
     name's audio lands in its own talkgroup (issue #15: A's 500 Hz reached B's tgx)."""

@@ -89,8 +89,21 @@ class SiteSpec:
     name: str
     tones: dict[str, float]  # talkgroup → the tone its radio speaks
     links: list[LinkSpec]
-    tls_port: int = field(default_factory=free_port)
-    sip_port: int = field(default_factory=free_port)
+    tls_port: int = field(default_factory=lambda: _unused_port())
+
+
+_handed_out: set[int] = set()
+
+
+def _unused_port() -> int:
+    """A free port not given to another site of this test run (free_port alone may give
+    the same one twice before either is bound)."""
+    for _ in range(50):
+        port = free_port()
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no unused port")
 
 
 def site_toml(folder: Path, spec: SiteSpec, ports: dict[str, int], pki: Pki) -> Path:
@@ -107,7 +120,7 @@ rate = {RATE}
 path = "{folder / f"{spec.name}-audit.jsonl"}"
 
 [sip]
-listen = "127.0.0.1:{spec.sip_port}"
+listen = "127.0.0.1:0"
 listen_tls = "127.0.0.1:{spec.tls_port}"
 tls_certificate = "{cert.certificate}"
 tls_key = "{cert.key}"

@@ -148,6 +148,7 @@ def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
         "BorderlinkLateTicks",
         "BorderlinkPacketLoss",
         "BorderlinkKeyedWithoutAudio",
+        "BorderlinkLinkDown",
     } <= listed
     tested = (ALERTS / "borderlink.rules_test.yml").read_text()
     for name in listed:
