@@ -131,3 +131,32 @@ def test_level_meters_read_rms_dbfs_and_fall_back_slowly() -> None:
     a.talk = False
     run(engine, 25)  # half a second: the meter has fallen 10 dB, not to nothing
     assert engine.rx_dbfs[0] == pytest.approx(rms_db - 10, abs=0.5)
+
+
+def test_a_link_listener_hears_no_link_talker_only_its_own_sides_audio() -> None:
+    """Cross-border links: a link carries only audio that originated on its own side, so a
+    site between two links never forwards one link's audio to the other (no loops)."""
+
+    class LinkPort(ScriptedPort):
+        kind = "link"
+
+    radio, phone = ScriptedPort("radio", 500), ScriptedPort("phone", 700)
+    to_us, to_mx = LinkPort("link-us", 900), LinkPort("link-mx", 1100)
+    engine = site([radio, phone, to_us, to_mx], {"tg": ["radio", "phone", "link-us", "link-mx"]})
+    for p in (radio, phone, to_us, to_mx):
+        p.talk = True
+    run(engine, 25)
+    for link, other in ((to_us, 1100), (to_mx, 900)):
+        heard = link.recent_audio(20)
+        assert tone_level(heard, other) < 1e-4, f"{link.name} hears the other link"
+        assert tone_level(heard, 900 if link is to_us else 1100) < 1e-4, "hears itself"
+        for hz in (500, 700):  # the local side, as loud as any listener hears it
+            assert db(tone_level(heard, hz)) == pytest.approx(db(0.25), abs=0.5)
+    heard = radio.recent_audio(20)  # local ports hear both links and each other
+    for hz in (700, 900, 1100):
+        assert db(tone_level(heard, hz)) == pytest.approx(db(0.25), abs=0.5)
+    # Only link talkers: the links hear nothing at all (and are not keyed for it).
+    radio.talk = phone.talk = False
+    run(engine, 60)  # past the hang time
+    assert tone_level(to_us.recent_audio(20), 1100) < 1e-4
+    assert not engine.keying.keyed[engine.ports.index(to_us)]
