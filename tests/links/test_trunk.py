@@ -27,18 +27,19 @@ from trunk_sites import (
 )
 
 from gateway.sip.bank import LegBank
+from tests.mqtt.mqtt_support import Broker, Subscriber
 from tests.sip.sip_peers import run
 
 HEARD = -40.0  # a tone at -20 dBFS arrives around -20..-26 dB through G.711
 SILENT = -70.0
 
 
-def two_sites(tmp: Path, ca_share: dict[str, str], us_share: dict[str, str]):
+def two_sites(tmp: Path, ca_share: dict[str, str], us_share: dict[str, str], ca_extra: str = ""):
     pki = make_pki(tmp, ("ca", "us"))
     ca = SiteSpec("ca", {"marine": 1000.0, "police": 700.0}, [LinkSpec("us", "us", ca_share)])
     us = SiteSpec("us", {"harbor": 1500.0, "sheriff": 500.0}, [LinkSpec("ca", "ca", us_share)])
     ports = {"ca": ca.tls_port, "us": us.tls_port}
-    return site_toml(tmp, ca, ports, pki), site_toml(tmp, us, ports, pki)
+    return site_toml(tmp, ca, ports, pki, ca_extra), site_toml(tmp, us, ports, pki)
 
 
 async def both_up(ca, us, name: str) -> None:  # noqa: ANN001
@@ -212,3 +213,45 @@ def test_two_shared_names_each_carry_their_own_talkgroup(tmp_path: Path) -> None
             assert radio(us, "sheriff").level(1000.0) < SILENT, "shiprider leaked into lawnet"
 
     run(main())
+
+
+def test_an_mqtt_command_cuts_and_restores_a_link(tmp_path: Path) -> None:
+    broker = Broker(tmp_path)
+    broker.start()
+    mqtt = f"""
+[mqtt]
+port = {broker.port}
+site_id = "ca"
+reconnect_min = "200ms"
+
+[mqtt.commanders]
+cad = ["link_cut", "link_restore"]
+viewer = ["floor"]
+"""
+    ca_path, us_path = two_sites(tmp_path, {"marine": "shiprider"}, {"harbor": "shiprider"}, mqtt)
+
+    async def main() -> None:
+        async with running(ca_path) as ca, running(us_path) as us, \
+                Subscriber(broker.port, "borderlink/ca/reply/#") as sub:  # fmt: skip
+            await both_up(ca, us, "shiprider")
+            await until(lambda: ca.mqtt.connected, 10, "the gateway on the broker")
+            command = {"id": 1, "action": "link_cut", "link": "us", "reason": "drill"}
+            await sub.publish("borderlink/ca/command/viewer", json.dumps(command))
+            await until(lambda: sub.on("/reply/viewer"), 10, "the viewer's refusal")
+            assert not sub.on("/reply/viewer")[0]["ok"]
+            assert share_state(ca, "us", "shiprider") == "up"
+            await sub.publish("borderlink/ca/command/cad", json.dumps(command))
+            await until(lambda: sub.on("/reply/cad"), 10, "the reply")
+            assert sub.on("/reply/cad")[0]["ok"], sub.on("/reply/cad")
+            await until(lambda: share_state(us, "ca", "shiprider") == "cut_by_peer", 5,
+                        "US to see the cut")  # fmt: skip
+            cut = records(tmp_path / "ca-audit.jsonl", "link_cut")[-1]
+            assert cut["who"] == "mqtt:cad" and cut["reason"] == "drill" and cut["via"] == "mqtt"
+            restore = {"id": 2, "action": "link_restore", "link": "us"}
+            await sub.publish("borderlink/ca/command/cad", json.dumps(restore))
+            await both_up(ca, us, "shiprider")
+
+    try:
+        run(main())
+    finally:
+        broker.stop()

@@ -106,7 +106,9 @@ def _unused_port() -> int:
     raise RuntimeError("no unused port")
 
 
-def site_toml(folder: Path, spec: SiteSpec, ports: dict[str, int], pki: Pki) -> Path:
+def site_toml(
+    folder: Path, spec: SiteSpec, ports: dict[str, int], pki: Pki, extra: str = ""
+) -> Path:
     cert = pki.certs[spec.name]
     text = f"""
 [site]
@@ -151,7 +153,7 @@ peer_ca = "{pki.cas[link.peer].bundle}"
         for tg, shared in link.share.items():
             text += f"{tg} = {shared}\n" if shared.startswith("{") else f'{tg} = "{shared}"\n'
     path = folder / f"{spec.name}.toml"
-    path.write_text(text)
+    path.write_text(text + extra)
     return path
 
 
