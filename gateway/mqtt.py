@@ -142,6 +142,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "site"
 
 
+def topic_level(name: str) -> str:
+    """A name as one topic level: calls and links are named ``sip-6001#3``, and ``#``/``+``
+    are MQTT wildcards (a publish to such a topic is refused, which ended the session)."""
+    return re.sub(r"[#+/\x00]", "-", name)
+
+
 class CommandError(Exception):
     """A command that is refused; the message is the reason sent back."""
 
@@ -298,7 +304,7 @@ class MqttService:
             health = engine.health.get(port.name)
             up = not (health is not None and health.down_until_tick > tick)
             talking, keyed = bool(engine.admitted[i]), bool(engine.keying.keyed[i])
-            out[f"state/ports/{port.name}"] = {
+            out[f"state/ports/{topic_level(port.name)}"] = {
                 "kind": port.kind, "talkgroup": tg, "agency": getattr(port.config, "agency", ""),
                 "up": up, "talking": talking, "keyed": keyed,
                 "tx_inhibit": port.name in engine.tx_inhibit,

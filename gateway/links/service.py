@@ -97,6 +97,12 @@ class LinksService:
         for trunk in self.trunks.values():
             await trunk.stop()
 
+    def refuse_reload(self, new) -> str:  # noqa: ANN001 - a SiteConfig
+        """Links change only with a restart (for now); cuts are not config and stay."""
+        if new.section("links") != self.config:
+            return "[links] changed (links, shares, certificates apply at a restart; cuts stay)"
+        return ""
+
     def _on_invite(self, message, raw: bytes, source) -> bool:  # noqa: ANN001 - pass-through
         for trunk in self.trunks.values():
             if trunk.recognises(source):
