@@ -132,13 +132,16 @@ class Trunk:
     # --- who the peer is ---------------------------------------------------------------
 
     def recognises(self, source: Source) -> bool:
-        """The TLS peer proved it is this link's peer: a pinned certificate, or one issued
-        by the peer's CA that carries the peer's name (verified in the handshake)."""
+        """The TLS peer proved it is this link's peer: its certificate was issued by the
+        peer's CA and carries the peer's name, and/or is pinned (with both, both hold).
+        The handshake already verified it against the CAs the listener trusts."""
         if not (source.secure and source.certificate):
             return False
-        if hashlib.sha256(source.certificate).hexdigest() in self._pins:
-            return True
-        if not self._cas or source.identity != self.config.expected_peer_name:
+        if self._pins and hashlib.sha256(source.certificate).hexdigest() not in self._pins:
+            return False
+        if not self._cas:
+            return bool(self._pins)  # pinned, and the pin matched
+        if source.identity != self.config.expected_peer_name:
             return False
         try:
             leaf = x509.load_der_x509_certificate(source.certificate)

@@ -56,3 +56,18 @@ def test_the_peer_is_recognised_by_its_ca_and_name_or_by_its_pin(tmp_path: Path)
     link = trunk(pinned)
     assert link.recognises(tls(elsewhere.der, "us.link.test"))
     assert not link.recognises(tls(peer.der, "us.link.test"))
+
+
+def test_with_a_ca_and_pins_both_must_hold(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path, ("ca", "us"))
+    mine, peer = pki.certs["ca"], pki.certs["us"]
+    renewed = pki.cas["us"].issue("us.link.test")  # same CA and name, not pinned
+    config = LinkConfig.model_validate({
+        "peer": "127.0.0.1:5061", "peer_name": "us.link.test",
+        "certificate": str(mine.certificate), "key": str(mine.key),
+        "peer_ca": str(pki.cas["us"].bundle),
+        "peer_fingerprints": [hashlib.sha256(peer.der).hexdigest()],
+    })  # fmt: skip
+    link = trunk(config)
+    assert link.recognises(tls(peer.der, "us.link.test"))
+    assert not link.recognises(tls(renewed.der, "us.link.test"))
