@@ -476,6 +476,11 @@ def _section_references(
     """
     problems: list[Problem] = []
     for section_name, model in sections.items():
+        # A section that needs another one (links run on [sip] TLS) says what is missing.
+        needs = getattr(model, "section_problems", None)
+        if model is not None and needs is not None:
+            for path, message in needs(sections):
+                problems.append(_problem((section_name, *path), message, lines))
         references = getattr(model, "talkgroup_references", None)
         if model is None or references is None:
             continue

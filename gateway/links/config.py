@@ -303,6 +303,22 @@ class LinksConfig(Model):
             lines.append(f"  our certificate SHA-256 {pairs} (the peer pins this)")
         return lines
 
+    def section_problems(self, sections: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+        """Links run on the SIP stack's TLS listener: say so before the gateway starts."""
+        if not any(link.enabled for link in self.links.values()):
+            return []
+        sip = sections.get("sip")
+        if sip is None or not sip.listen_tls or sip.tls_certificate is None:
+            return [
+                (
+                    (),
+                    'links run over SIP TLS: add [sip] with listen_tls = "0.0.0.0:5061", '
+                    "tls_certificate and tls_key (the certificate the peer verifies when "
+                    "it dials this side; the link's own certificate is a good choice)",
+                )
+            ]
+        return []
+
     def talkgroup_references(self) -> list[tuple[tuple[str, ...], str]]:
         """Every local talkgroup a link shares, for the config loader to check.
 

@@ -63,7 +63,13 @@ def site(pki: dict[str, Identity], link: str = "", **keys: str) -> str:
     body = "\n".join(f"{k} = {v}" for k, v in values.items() if v)
     share = link or 'shiprider = { as = "marine", direction = "both" }\nharbour = "port-ops"'
     links = f'[links]\nsite_id = "ca-bc"\n\n[links.us]\n{body}\n\n[links.us.share]\n{share}\n'
-    return f"{HEAD}\n{links}"
+    return f"{HEAD}\n{links}\n{sip_tls(pki)}"
+
+
+def sip_tls(pki: dict[str, Identity]) -> str:
+    """Links run on the SIP stack's TLS listener."""
+    return (f'[sip]\nlisten_tls = "127.0.0.1:5061"\ntls_certificate = "{pki["mine"].certificate}"'
+            f'\ntls_key = "{pki["mine"].key}"\n')  # fmt: skip
 
 
 def problems(text: str) -> list[str]:
@@ -226,3 +232,9 @@ def test_borderlink_check_names_the_problems_and_passes_once_fixed(
     pin = certificate_fingerprint(pki["mine"].cert).upper()
     assert f"SHA-256 {':'.join(pin[i : i + 2] for i in range(0, 64, 2))}" in result.stdout
     assert "shares shiprider as 'marine' (both)" in result.stdout
+
+
+def test_a_link_needs_the_sip_tls_listener(pki: dict[str, Identity]) -> None:
+    text = site(pki).replace(sip_tls(pki), "")
+    found = problems(text)
+    assert any("links run over SIP TLS: add [sip] with listen_tls" in p for p in found), found
