@@ -185,6 +185,10 @@ class Shares:
         entry = self._entries.get(name)
         return entry[0] if entry else None
 
+    def entry(self, name: str) -> tuple[str, Direction] | None:
+        """(local talkgroup, our direction) behind a shared name; None when not shared."""
+        return self._entries.get(name)
+
     def without(self, names: Iterable[str]) -> Shares:
         """These shares with some names withdrawn (a sovereign cut of one talkgroup)."""
         gone = set(names)

@@ -229,8 +229,7 @@ class Trunk:
 
     async def _dial(self, st: NameState) -> Dialog | None:
         """Dial ``st.name`` at the peer, then the backup; the dialog that came up, or None."""
-        shares = self.shares()
-        share = shares._entries.get(st.name)  # noqa: SLF001 - the local talkgroup and direction
+        share = self.shares().entry(st.name)
         if share is None:
             return None
         talkgroup, mine = share
