@@ -172,6 +172,9 @@ def test_a_cut_survives_a_restart(tmp_path: Path) -> None:
             async with running(ca_path) as ca:
                 await both_up(ca, us, "shiprider")
                 await cli(ca_path, "cut", "us", "--share", "shiprider")
+                status = (await cli(ca_path, "status"))["links"]["us"]
+                assert status["shares"] == {"shiprider": "cut"}
+                assert status["cut"]["shiprider"]["who"].startswith("local:")
             async with running(ca_path) as ca:
                 refused = ca.links.trunks["us"].refused_invites
                 await until(lambda: ca.links.trunks["us"].refused_invites > refused, 15,
