@@ -17,6 +17,7 @@ from gateway.monitoring.metrics import SiteMetrics
 from trunk_sites import (
     LinkSpec,
     SiteSpec,
+    free_port,
     link_legs,
     make_pki,
     radio,
@@ -264,3 +265,41 @@ viewer = ["floor"]
         run(main())
     finally:
         broker.stop()
+
+
+def test_directions_meet_a_send_only_share_is_heard_but_does_not_hear(tmp_path: Path) -> None:
+    ca_path, us_path = two_sites(
+        tmp_path, {"marine": '{ as = "shiprider", direction = "send" }'}, {"harbor": "shiprider"}
+    )
+
+    async def main() -> None:
+        async with running(ca_path) as ca, running(us_path) as us:
+            await both_up(ca, us, "shiprider")
+            radio(ca, "marine").speaking = radio(us, "harbor").speaking = True
+            await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD, 10, "CA at US")
+            await asyncio.sleep(1.0)
+            assert radio(ca, "marine").level(1500.0) < SILENT, "a send-only share heard the peer"
+
+    run(main())
+
+
+def test_the_backup_address_is_tried_when_the_peer_does_not_answer(tmp_path: Path) -> None:
+    ca_path, us_path = two_sites(tmp_path, {"marine": "shiprider"}, {"harbor": "shiprider"})
+    text = ca_path.read_text()
+    real = text.split('[links.us]\npeer = "')[1].split('"')[0]
+    dead = f"127.0.0.1:{free_port()}"  # nobody listens there
+    ca_path.write_text(text.replace(f'peer = "{real}"', f'peer = "{dead}"\nbackup = "{real}"'))
+    # US cannot reach CA at all: only CA's dial, through its backup, can bring the link up.
+    text = us_path.read_text()
+    to_ca = text.split('[links.ca]\npeer = "')[1].split('"')[0]
+    us_path.write_text(text.replace(f'peer = "{to_ca}"', f'peer = "127.0.0.1:{free_port()}"'))
+
+    async def main() -> None:
+        async with running(ca_path) as ca, running(us_path) as us:
+            await both_up(ca, us, "shiprider")
+            dialog = ca.links.trunks["us"].names["shiprider"].dialog
+            assert dialog is not None and not dialog.incoming, "CA's own dial (to the backup)"
+            radio(ca, "marine").speaking = True
+            await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD, 10, "CA at US")
+
+    run(main())
