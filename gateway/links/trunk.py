@@ -1,7 +1,8 @@
 """The trunk: one SIP dialog per agreed shared name between two gateways, kept up.
 
 Both sides dial every name they share (``sips:NAME@peer``, From
-``sips:SITE_ID@…``, G.711 µ-law, SDP direction from the share) whenever no
+``sips:SITE_ID@…``, G.711 µ-law, SRTP required — SDES keys over the link's TLS —
+SDP direction from the share) whenever no
 dialog carries it, and both answer. When two dialogs for one name meet (glare:
 both dialled at once), the one **placed by the lower site ID wins** on both
 sides — each side knows both IDs (ours from config, the peer's from the From of
@@ -394,8 +395,9 @@ class Trunk:
 
 
 def _settings(talkgroup: str, uri: str) -> DialOutConfig:
-    """The leg's keying: by voice activity until talker IDs travel on the wire."""
-    return DialOutConfig(talkgroup=talkgroup, uri=uri if "@" in uri else f"sips:x@{uri}")
+    """The leg's terms: SRTP required (SDES keys over the link's TLS), keyed by voice
+    activity until talker IDs travel on the wire."""
+    return DialOutConfig(talkgroup=talkgroup, uri=uri, srtp="required")
 
 
 def _from_uri(raw: bytes) -> str:

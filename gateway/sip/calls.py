@@ -805,7 +805,7 @@ class CallManager:
                 if int(response.status) == 488 and ours is not None and policy == "optional":
                     log.info("dial-out to %s refused SRTP; calling again with plain RTP", uri)
                     return await self.dial(
-                        uri, talkgroup, entry, proxy, False, from_user=from_user,
+                        uri, talkgroup, entry, proxy, False, from_user=from_user, base=base,
                         codecs=codecs, direction=direction, make_port=make_port, accept=accept,
                         refused=refused,
                     )  # fmt: skip

@@ -24,6 +24,7 @@ from trunk_sites import (
     running,
     share_state,
     site_toml,
+    srtp_legs,
     until,
 )
 
@@ -58,6 +59,7 @@ def test_shared_talkgroup_carries_audio_both_ways_and_nothing_else(tmp_path: Pat
         async with running(ca_path) as ca, running(us_path) as us:
             await both_up(ca, us, "shiprider")
             assert len(link_legs(ca)) == 1 and len(link_legs(us)) == 1, "one dialog per name"
+            assert srtp_legs(ca) == [True] and srtp_legs(us) == [True], "link media is SRTP"
             radio(ca, "marine").speaking = True
             radio(ca, "police").speaking = True  # unshared: must never cross
             await until(lambda: radio(us, "harbor").level(1000.0, 0.5) > HEARD, 5, "CA at US")

@@ -189,3 +189,8 @@ def share_state(gateway, link: str, shared: str) -> str:  # noqa: ANN001
 
 def link_legs(gateway) -> list[str]:  # noqa: ANN001
     return [p.name for p in gateway.engine.ports if p.kind == "link"]
+
+
+def srtp_legs(gateway) -> list[bool]:  # noqa: ANN001
+    """For each link leg: is its media SRTP (keys agreed over the link's TLS)?"""
+    return [bool(p.bank.srtp[p.row]) for p in gateway.engine.ports if p.kind == "link"]
