@@ -233,8 +233,8 @@ class SipService:
         for registration in self.registrations.values():
             registration.timeout = sip.transaction_timeout
         for dialog in list(self.calls.dialogs.values()):
-            if not dialog.incoming:
-                continue  # a dial-out's call goes with its dial-out (below)
+            if not dialog.incoming or not dialog.route:
+                continue  # a dial-out's call goes with its dial-out (below), a link's with it
             route, before = sip.routes.get(dialog.route), old.routes.get(dialog.route)
             if route is None:
                 self.calls.hang_up_soon(dialog, f"route {dialog.route} was removed")

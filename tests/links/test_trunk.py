@@ -305,3 +305,32 @@ def test_the_backup_address_is_tried_when_the_peer_does_not_answer(tmp_path: Pat
             await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD, 10, "CA at US")
 
     run(main())
+
+
+def test_a_reload_of_sip_keeps_the_link_and_its_cut(tmp_path: Path) -> None:
+    ca_path, us_path = two_sites(tmp_path, {"marine": "shiprider"}, {"harbor": "shiprider"})
+
+    async def main() -> None:
+        async with running(ca_path) as ca, running(us_path) as us:
+            await both_up(ca, us, "shiprider")
+            legs = (link_legs(ca), link_legs(us))
+            for site, path in ((ca, ca_path), (us, us_path)):
+                tg = "marine" if site is ca else "harbor"
+                path.write_text(
+                    path.read_text()
+                    + f"""
+[sip.routes.7001]
+talkgroup = "{tg}"
+public = true
+"""
+                )
+                assert (await site.reload_live()).ok
+            await asyncio.sleep(1.5)  # a BYE would have been sent at once
+            assert (link_legs(ca), link_legs(us)) == legs, "a [sip] reload dropped the link"
+            await cli(ca_path, "cut", "us")
+            us_path.write_text(us_path.read_text() + "\n[sip.routes.7002]\ntalkgroup = "
+                               '"sheriff"\npublic = true\n')  # fmt: skip
+            assert (await ca.reload_live()).ok and (await us.reload_live()).ok
+            assert share_state(ca, "us", "shiprider") == "cut", "a reload lifted the cut"
+
+    run(main())
