@@ -758,7 +758,7 @@ class CallManager:
         if destination is None:
             log.warning("dial-out to %s: not a URI the gateway can call", uri)
             return None
-        codecs = [NAMES[c] for c in (codecs or self.config.codecs)]
+        offered = [NAMES[c] for c in (codecs or self.config.codecs)]
         policy = getattr(entry, "srtp", "optional")
         if policy == "required" and not destination.secure:
             log.warning("dial-out to %s: SRTP required but the call would not go over TLS", uri)
@@ -769,7 +769,7 @@ class CallManager:
         body = describe(
             self.address,
             self.bank.port,
-            codecs,
+            offered,
             DTMF_TYPE,
             profile=SAVP if ours else AVP,
             crypto=ours,
@@ -780,8 +780,8 @@ class CallManager:
         )
         call_id = new_call_id(self.address)
         tag = new_tag()
-        scheme = "sips" if destination.secure else "sip"
-        local_uri = f"<{scheme}:{from_user or self.config.user}@{self.address}>"
+        # sip: even over TLS (as our Contact): libre-based phones hang up on a sips: From.
+        local_uri = f"<sip:{from_user or self.config.user}@{self.address}>"
         invite_lines = [
             f"INVITE {uri} SIP/2.0",
             self.transport.via(destination, self.address),
