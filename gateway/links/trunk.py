@@ -79,9 +79,11 @@ class LinkLeg(SipLeg):
         timing: Timing,
         bank: LegBank,
         row: int,
+        route: str = "",
+        *,
         flow: Flow,
     ) -> None:
-        super().__init__(name, config, timing, bank, row)
+        super().__init__(name, config, timing, bank, row, route)
         self.flow = flow
         self.can_talk = flow.receive
         self.can_transmit = flow.send
@@ -257,7 +259,7 @@ class Trunk:
                     uri, talkgroup, _settings(talkgroup, uri), peer,
                     from_user=self.site_id, base=f"link-{self.name}-{st.name}", codecs=["pcmu"],
                     direction=to_sdp(mine),
-                    make_port=lambda *a, f=flows: LinkLeg(*a, flow=f[0]), accept=accept,
+                    make_port=lambda *a, f=flows, **k: LinkLeg(*a, **k, flow=f[0]), accept=accept,
                     refused=lambda code, reason, r=refusal: r.append((code, reason)),
                 )  # fmt: skip
                 if dialog is not None:
@@ -303,7 +305,7 @@ class Trunk:
         dialog = self.calls.answer(
             message, raw, source, base=f"link-{self.name}-{name}", talkgroup=flow.talkgroup,
             settings=settings, direction=flow.sdp,
-            make_port=lambda *a: LinkLeg(*a, flow=flow),
+            make_port=lambda *a, **k: LinkLeg(*a, **k, flow=flow),
         )  # fmt: skip
         if dialog is not None:
             st.cut_by_peer = False

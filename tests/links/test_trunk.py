@@ -60,6 +60,10 @@ def test_shared_talkgroup_carries_audio_both_ways_and_nothing_else(tmp_path: Pat
             await both_up(ca, us, "shiprider")
             assert len(link_legs(ca)) == 1 and len(link_legs(us)) == 1, "one dialog per name"
             assert srtp_legs(ca) == [True] and srtp_legs(us) == [True], "link media is SRTP"
+            series = [line.split(" ")[0] for line in
+                      SiteMetrics.of(ca).render().decode().splitlines()
+                      if not line.startswith("#")]  # fmt: skip
+            assert not [s for s in series if "#" in s], "a metrics series per dialog"
             radio(ca, "marine").speaking = True
             radio(ca, "police").speaking = True  # unshared: must never cross
             await until(lambda: radio(us, "harbor").level(1000.0, 0.5) > HEARD, 5, "CA at US")

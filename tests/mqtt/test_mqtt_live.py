@@ -273,9 +273,11 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
                 f"{PREFIX}/command/cad1", b'{"id": 9, "action": "patch", "patch": "pursuit"}'
             )
             await until(lambda: "pursuit" in gw.engine.active_patches, "the valid patch command")
-            for body in ({"id": "u1", "action": "unkey", "port": "boat"},
-                         {"id": "r1", "action": "release", "port": "boat"},
-                         {"id": "f1", "action": "floor", "talkgroup": "land", "mode": "single"}):
+            for body in (
+                {"id": "u1", "action": "unkey", "port": "boat"},
+                {"id": "r1", "action": "release", "port": "boat"},
+                {"id": "f1", "action": "floor", "talkgroup": "land", "mode": "single"},
+            ):
                 before = len(sub.on("/reply/cad1"))
                 await sub.publish(f"{PREFIX}/command/cad1", json.dumps(body).encode())
                 await until(lambda b=before: len(sub.on("/reply/cad1")) > b, f"a reply to {body}")
@@ -297,10 +299,22 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
 
         assert fields(done["9"]) == {"sender": "cad1", "action": "patch", "patch": "pursuit",
                                      "old": "off", "new": "on"}  # fmt: skip
-        assert fields(done["u1"]) == {"sender": "cad1", "action": "unkey", "port": "boat",
-                                      "talkgroup": "marine", "old": "allowed", "new": "inhibited"}
-        assert fields(done["r1"]) == {"sender": "cad1", "action": "release", "port": "boat",
-                                      "talkgroup": "marine", "old": "inhibited", "new": "allowed"}
+        assert fields(done["u1"]) == {
+            "sender": "cad1",
+            "action": "unkey",
+            "port": "boat",
+            "talkgroup": "marine",
+            "old": "allowed",
+            "new": "inhibited",
+        }
+        assert fields(done["r1"]) == {
+            "sender": "cad1",
+            "action": "release",
+            "port": "boat",
+            "talkgroup": "marine",
+            "old": "inhibited",
+            "new": "allowed",
+        }
         assert fields(done["f1"]) == {"sender": "cad1", "action": "floor", "talkgroup": "land",
                                       "old": "mix", "new": "single"}  # fmt: skip
 
