@@ -837,6 +837,7 @@ class CallManager:
             version=session,
             profile=SAVP if ours else AVP,
             crypto=ours,
+            direction=direction,
         )
         self.dialogs[call_id] = dialog
         self.transport.send(self._in_dialog(dialog, "ACK", cseq=1), destination)

@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 from gateway.monitoring.metrics import SiteMetrics
 from trunk_sites import (
     LinkSpec,
@@ -28,7 +27,6 @@ from trunk_sites import (
     until,
 )
 
-from gateway.sip.bank import LegBank
 from tests.mqtt.mqtt_support import Broker, Subscriber
 from tests.sip.sip_peers import run
 
@@ -194,15 +192,10 @@ def test_a_cut_survives_a_restart(tmp_path: Path) -> None:
     run(main())
 
 
-@pytest.mark.xfail(
-    not hasattr(LegBank, "rows_using"),
-    reason="needs RTP demultiplexed by SSRC (branch sip-dialogs); main tells calls apart "
-    "by address only, so two dialogs between two gateways mix",
-    strict=True,
-)
 def test_two_shared_names_each_carry_their_own_talkgroup(tmp_path: Path) -> None:
-    """Two dialogs between the same two gateways (one RTP port each side): each shared
-    name's audio lands in its own talkgroup (issue #15: A's 500 Hz reached B's tgx)."""
+    """Two dialogs between the same two gateways (one RTP port each side, told apart by
+    SSRC): each shared name's audio lands in its own talkgroup (issue #15: A's 500 Hz
+    reached B's tgx)."""
     ca_path, us_path = two_sites(
         tmp_path,
         {"marine": "shiprider", "police": "lawnet"},
