@@ -357,24 +357,7 @@ class CallManager:
                 f"talkgroup {route.talkgroup!r} is not running",
             )
             return
-        headers = dict(raw_headers(raw))
-        tag = new_tag()
-        dialog = Dialog(
-            call_id=call_id,
-            local_tag=tag,
-            remote_tag=message.headers["From"]["tag"],
-            local_uri=headers.get("To", ""),
-            remote_uri=headers.get("From", "").split(";tag=")[0],
-            target=contact_uri(headers.get("Contact", "")) or request_uri,
-            peer=source,
-            incoming=True,
-            route=name,
-            created=asyncio.get_event_loop().time(),
-            remote_cseq=int(message.headers["CSeq"]["check"]),
-            offer=offer,
-            session=random.getrandbits(31),
-        )
-        dialog.version = dialog.session
+        dialog = self._incoming_dialog(message, raw, source, offer, route=name)
         dtmf = DTMF_TYPE if offer.dtmf_type is not None else None
         dtmf_in = offer.dtmf_type
         pin = gate_call(self, dialog, name, route) if route.pin else None
@@ -414,6 +397,30 @@ class CallManager:
         ]
         return strictest(route.srtp, *accounts)
 
+    def _incoming_dialog(
+        self, message: SIPMessage, raw: bytes, source: Source, offer: MediaOffer, **extra: Any
+    ) -> Dialog:
+        """The dialog an INVITE we answer opens (a route's call or a link's)."""
+        headers = dict(raw_headers(raw))
+        request_uri = message.heading.split(b" ")[1].decode("utf-8", "replace")
+        dialog = Dialog(
+            call_id=message.headers["Call-ID"],
+            local_tag=new_tag(),
+            remote_tag=message.headers["From"]["tag"],
+            local_uri=headers.get("To", ""),
+            remote_uri=headers.get("From", "").split(";tag=")[0],
+            target=contact_uri(headers.get("Contact", "")) or request_uri,
+            peer=source,
+            incoming=True,
+            created=asyncio.get_event_loop().time(),
+            remote_cseq=int(message.headers["CSeq"]["check"]),
+            offer=offer,
+            session=random.getrandbits(31),
+            **extra,
+        )
+        dialog.version = dialog.session
+        return dialog
+
     def answer(
         self,
         message: SIPMessage,
@@ -441,25 +448,7 @@ class CallManager:
             self._reject(raw, source, 488, "Not Acceptable Here", f"{base}: {refusal}")
             return None
         ours = new_crypto(peer_key.tag) if peer_key else None
-        headers = dict(raw_headers(raw))
-        request_uri = message.heading.split(b" ")[1].decode("utf-8", "replace")
-        tag = new_tag()
-        dialog = Dialog(
-            call_id=message.headers["Call-ID"],
-            local_tag=tag,
-            remote_tag=message.headers["From"]["tag"],
-            local_uri=headers.get("To", ""),
-            remote_uri=headers.get("From", "").split(";tag=")[0],
-            target=contact_uri(headers.get("Contact", "")) or request_uri,
-            peer=source,
-            incoming=True,
-            created=asyncio.get_event_loop().time(),
-            remote_cseq=int(message.headers["CSeq"]["check"]),
-            offer=offer,
-            session=random.getrandbits(31),
-            direction=direction,
-        )
-        dialog.version = dialog.session
+        dialog = self._incoming_dialog(message, raw, source, offer, direction=direction)
         dialog.leg = self._start_leg(
             base, codec, offer.dtmf_type, None, offer, talkgroup, settings.priority, settings,
             srtp=LegSrtp(peer_key.key, ours.key) if peer_key and ours else None,
