@@ -8,6 +8,7 @@ every radio, call and console with it: radio B's transmitter would carry a gap.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -49,10 +50,12 @@ def test_a_live_reload_adding_and_removing_radios_leaves_no_gap_in_an_over(
         # radio_old goes, radio_new comes: one card process closed, one started
         text = (tmp_path / "site.toml").read_text().replace("radio_old", "radio_new")
         (tmp_path / "site.toml").write_text(text)
+        began = time.monotonic()
         result = asyncio.run_coroutine_threadsafe(gw.reload_live(), loop["loop"]).result(20)
+        reload_seconds = time.monotonic() - began
         assert result.ok and result.added == ["radio_new"] and result.removed == ["radio_old"]
         wait_for(lambda: sim.frame > start + len(over) + RATE // 2, 10, "the over to end")
-        return start, gw.ports["radio_new"].card.up
+        return start, gw.ports["radio_new"].card.up, reload_seconds
 
     original = gw.run
 
@@ -61,11 +64,17 @@ def test_a_live_reload_adding_and_removing_radios_leaves_no_gap_in_an_over(
         await original(seconds, watch)
 
     gw.run = run
-    start, new_card_up = drive(gw, scenario)
+    start, new_card_up, reload_seconds = drive(gw, scenario)
     assert new_card_up, "radio_new's card opened"
     heard = sim.recorded(1, since=start)
     first = onset(heard)
     assert first is not None, "B never carried the over"
     # The over as B carried it, less the ends (squelch attack, hang): no gap within.
     body = heard[first + RATE // 10 : first + len(over) - RATE // 10]
-    assert longest_gap(body) < 0.05, f"a {longest_gap(body) * 1000:.0f} ms gap in B's over"
+    # Done on the loop, the reload's card work would silence B for about as long as the
+    # reload took (0.2 s idle, longer on a loaded machine); a loaded machine alone stalls
+    # the tick for tens of ms. So the bound scales with what the reload took.
+    gap = longest_gap(body)
+    assert gap < max(0.1, reload_seconds / 2), (
+        f"a {gap * 1000:.0f} ms gap in B's over (the reload took {reload_seconds * 1000:.0f} ms)"
+    )
