@@ -39,13 +39,23 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plain", action="store_true", help="log lines instead of a live screen")
 
 
-@command("check", "validate a site config without starting anything", _config_arg)
+def _check_args(parser: argparse.ArgumentParser) -> None:
+    _config_arg(parser)
+    parser.add_argument(
+        "--no-hardware",
+        action="store_true",
+        help="do not look for the radios' sound cards, PTT and squelch lines (for checking "
+        "a config on another machine than the gateway's)",
+    )
+
+
+@command("check", "validate a site config without starting anything", _check_args)
 def check(args: argparse.Namespace) -> int:
     from gateway.site import load_site, summary, verify
 
     config = load_site(args.config)
-    verify(config)
-    print(summary(config))
+    verify(config, devices=not args.no_hardware)
+    print(summary(config, devices=not args.no_hardware))
     return 0
 
 

@@ -155,6 +155,29 @@ class SoundcardConfig(PortConfig):
             )
         return self
 
+    def device_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """What ``borderlink check`` finds missing on this machine: the card, the PTT
+        line and the squelch line, each with the key that names it."""
+        from gateway.hardware.devices import card_problem, line_problem
+
+        problems = []
+        card = card_problem(self.device, self.host_api, self.input_channel, self.output_channel)
+        if card:
+            problems.append((("device",), card))
+        lines: list[tuple[tuple[str, ...], str | None]] = []
+        if isinstance(self.ptt, SerialPtt | Cm108Ptt):
+            lines.append((("ptt", "device"), self.ptt.device))
+        elif isinstance(self.ptt, GpioPtt):
+            lines.append((("ptt", "chip"), self.ptt.chip))
+        if self.squelch.type in ("serial", "cm108"):
+            lines.append((("squelch", "device"), self.squelch.device))
+        elif self.squelch.type == "gpio":
+            lines.append((("squelch", "chip"), self.squelch.chip))
+        for key, path in lines:
+            if path and (problem := line_problem(path)):
+                problems.append((key, problem))
+        return problems
+
     @property
     def latency_setting(self) -> float | str:
         return self.latency if self.latency in ("low", "high") else parse_duration(self.latency)

@@ -34,14 +34,19 @@ from gateway.ports import check_wav
 from gateway.talkgroups import plan_mix_groups
 from gateway.units import format_duration
 
+HARDWARE_ELSEWHERE = "the radio would be down until it appears (on another machine? --no-hardware)"
+
 
 def load_site(path: str | Path) -> SiteConfig:
     return load_config(path)
 
 
-def verify(config: SiteConfig) -> None:
+def verify(config: SiteConfig, devices: bool = True) -> None:
     """What ``borderlink check`` sees beyond the file's own syntax: the files and
-    directories the ports and sections use (a section opts in with ``file_problems()``).
+    directories the ports and sections use (a section opts in with ``file_problems()``)
+    and, with ``devices``, the sound cards, PTT and squelch lines the radios name (a port
+    kind opts in with ``device_problems()``): on the gateway's own machine a typo in a
+    device name is found before the radio is needed; elsewhere ``--no-hardware`` skips it.
     Raises ConfigError naming each problem and its fix (``run`` does not check: such a
     port is down and retried while the rest of the site runs)."""
     problems: list[tuple[tuple[str, ...], str]] = []
@@ -52,6 +57,10 @@ def verify(config: SiteConfig) -> None:
             problems.append((("ports", name, "path"), f"{problem}; this port would be down"))
         if port.kind == "recorder" and (problem := writable_problem(Path(port.directory))):
             problems.append((("ports", name, "directory"), f"{problem}; nothing would be recorded"))
+        hardware = getattr(port, "device_problems", None)
+        if devices and hardware is not None:
+            problems.extend((("ports", name, *key), f"{message}; {HARDWARE_ELSEWHERE}")
+                            for key, message in hardware())  # fmt: skip
     for name, section in config.sections.items():  # certificates, key and password files...
         check = getattr(section, "file_problems", None)
         if check is not None:
@@ -59,12 +68,22 @@ def verify(config: SiteConfig) -> None:
     if problems:
         file = str(config.source or "<config>")
         lines = key_lines(config.source.read_text(encoding="utf-8")) if config.source else {}
-        raise ConfigError(file, [Problem(".".join(key), message, lines.get(key))
+        raise ConfigError(file, [Problem(".".join(key), message, _line(lines, key))
                                  for key, message in problems])  # fmt: skip
 
 
-def summary(config: SiteConfig) -> str:
-    """What ``borderlink check`` prints: enough to see the site is what was meant."""
+def _line(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | None:
+    """The line of ``key``, or of the table holding it (``ptt = { device = … }`` is one line)."""
+    while key and key not in lines:
+        key = key[:-1]
+    return lines.get(key)
+
+
+def summary(config: SiteConfig, devices: bool | None = None) -> str:
+    """What ``borderlink check`` prints: enough to see the site is what was meant.
+    ``devices``: whether the radios' devices were found on this machine (True), not
+    looked for (False), or not asked about (None)."""
+    radios = [p for p in config.ports.values() if p.enabled and hasattr(p, "device_problems")]
     lines = [
         f"site {config.site.name!r} ({config.site.country}): config OK",
         f"  timing: {format_duration(config.timing.frame)} frames at {config.timing.rate} Hz "
@@ -77,6 +96,9 @@ def summary(config: SiteConfig) -> str:
         off = "" if port.enabled else " DISABLED"
         lines.append(f"    {name:<20} {port.kind:<16} {'half' if port.half_duplex else 'full'}"
                      f"-duplex → {tg}{agency}{off}{_port_note(port)}")  # fmt: skip
+    if radios and devices is not None:
+        found = "found on this machine" if devices else "not checked (--no-hardware)"
+        lines.append(f"  radio devices: {found}")
     lines.append(f"  {len(config.talkgroups)} talkgroups:")
     for name, tg in config.talkgroups.items():
         lines.append(f"    {name:<20} floor={tg.floor:<6} members: {', '.join(tg.members)}")

@@ -140,3 +140,35 @@ UDEV_HINT = (
     "in /etc/udev/rules.d/90-borderlink-cm108.rules (then 'udevadm trigger') gives it to the\n"
     "audio group. Serial ports need the dialout group; GPIO chips the gpio group."
 )
+
+
+def card_problem(device: str | int, host_api: str | None, inputs: int, outputs: int) -> str:
+    """Why the radio's card would not be found here ("" when exactly one card matches)."""
+    try:
+        find_card(device, host_api, inputs, outputs)
+    except DeviceNotFound as exc:
+        return str(exc)
+    except OSError as exc:  # PortAudio itself is missing
+        return f"cannot list sound cards ({exc}); install libportaudio2"
+    return ""
+
+
+def line_problem(path: str) -> str:
+    """Why a PTT or squelch device could not be used here ("" when it could).
+
+    Looked up, never opened: opening a serial port raises RTS and DTR, which keys
+    some radios, and a running gateway may hold the device."""
+    if not os.path.exists(path):
+        kinds = ", ".join(d.path for d in control_devices()) or "none"
+        return (f"{path}: no such device (unplugged, or the wrong name; lines here: {kinds}; "
+                "'borderlink devices' lists them)")  # fmt: skip
+    if not os.access(path, os.R_OK | os.W_OK):
+        try:
+            import grp
+
+            group = f"group {grp.getgrgid(os.stat(path).st_gid).gr_name!r}"
+        except (KeyError, OSError):
+            group = "its group"
+        return (f"{path}: this user may not read and write it (add the gateway's user to "
+                f"{group}, or a udev rule: 'borderlink devices' shows one)")  # fmt: skip
+    return ""
