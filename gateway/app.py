@@ -221,28 +221,29 @@ class Gateway:
         new = self._read(path)
         return self._done(new, by) if isinstance(new, ReloadResult) else self.apply(new, by)
 
-    async def reload_live(self, path: str | Path | None = None, by: str = "SIGHUP"
-                          ) -> ReloadResult:  # fmt: skip
+    async def reload_live(self, path: str | Path | None = None, by: str = "SIGHUP",
+                          ref: str | None = None) -> ReloadResult:  # fmt: skip
         """:meth:`reload` without stalling the tick (SIGHUP, ``run --watch``).
 
         Opening a sound card takes its process about 0.2 s and closing one as long,
         which on the event loop would stall every call, console and radio that long.
         So ports open and close on a worker thread while the tick goes on, and only
-        the swap into the engine runs on the loop, between two ticks.
+        the swap into the engine runs on the loop, between two ticks. ``ref`` is the
+        id of the command that asked (MQTT), for the audit log.
         """
         async with self._reloading:
             new = self._read(path)
             if isinstance(new, ReloadResult):
-                return self._done(new, by)
+                return self._done(new, by, ref)
             loop = asyncio.get_running_loop()
             try:
                 plan = self._plan(new)
                 opened = await loop.run_in_executor(None, self._open_ports, plan, new)
-                result, retired = self._swap_or_undo(new, plan, opened)
+                result, retired = self._swap_or_undo(new, plan, opened, by, ref)
             except Exception as exc:
-                return self._done(self._failed(new, exc), by)
+                return self._done(self._failed(new, exc), by, ref)
             await loop.run_in_executor(None, _close_all, retired)
-            return self._done(result, by)
+            return self._done(result, by, ref)
 
     def apply(self, new: SiteConfig, by: str = "api") -> ReloadResult:
         """Apply an already validated config (blocking, like :meth:`reload`)."""
@@ -251,7 +252,7 @@ class Gateway:
             return self._done(refusal, by)
         try:
             plan = self._plan(new)
-            result, retired = self._swap_or_undo(new, plan, self._open_ports(plan, new))
+            result, retired = self._swap_or_undo(new, plan, self._open_ports(plan, new), by)
         except Exception as exc:
             return self._done(self._failed(new, exc), by)
         _close_all(retired)
@@ -263,13 +264,13 @@ class Gateway:
                   exc_info=not isinstance(exc, PortStartError))  # fmt: skip
         return ReloadResult(False, [], [], [], message)
 
-    def _done(self, result: ReloadResult, by: str) -> ReloadResult:
+    def _done(self, result: ReloadResult, by: str, ref: str | None = None) -> ReloadResult:
         """Count and audit a reload, whatever came of it."""
         if result.ok:
-            self.note("reload", by=by, ok=True, changes=result.summary)
+            self.note("reload", by=by, id=ref, ok=True, changes=result.summary)
         else:
             self.reload_failures += 1
-            self.note("reload", by=by, ok=False, error=result.error)
+            self.note("reload", by=by, id=ref, ok=False, error=result.error)
         return result
 
     def _read(self, path: str | Path | None) -> SiteConfig | ReloadResult:
@@ -328,21 +329,21 @@ class Gateway:
             raise
         return opened
 
-    def _swap_or_undo(self, new: SiteConfig, plan: _Plan, opened: dict[str, Port]
-                      ) -> tuple[ReloadResult, list[Port]]:  # fmt: skip
+    def _swap_or_undo(self, new: SiteConfig, plan: _Plan, opened: dict[str, Port], by: str,
+                      ref: str | None = None) -> tuple[ReloadResult, list[Port]]:  # fmt: skip
         """:meth:`_swap`, or, if it fails half-way, the engine as it was and the new ports
         closed."""
         engine = self.engine
         before = (list(engine.ports), engine.talkgroups, engine.patches, engine.active_patches)
         try:
-            return self._swap(new, plan, opened)
+            return self._swap(new, plan, opened, by, ref)
         except Exception:
             engine.configure(*before)
             _close_all(list(opened.values()))
             raise
 
-    def _swap(self, new: SiteConfig, plan: _Plan, opened: dict[str, Port]
-              ) -> tuple[ReloadResult, list[Port]]:  # fmt: skip
+    def _swap(self, new: SiteConfig, plan: _Plan, opened: dict[str, Port], by: str,
+              ref: str | None = None) -> tuple[ReloadResult, list[Port]]:  # fmt: skip
         """Put the new ports and talkgroups into the engine; returns the ports to close."""
         ports = dict(self.ports)
         retired = [ports.pop(n) for n in plan.removed + plan.changed]
@@ -364,7 +365,7 @@ class Gateway:
         for name in flipped:
             on = name in engine.active_patches
             engine.emit(Event("patch", detail=f"{name} {'on' if on else 'off'}",
-                              tick=engine.tick_count))  # fmt: skip
+                              tick=engine.tick_count, by=f"reload:{by}", ref=ref))  # fmt: skip
         self.ports = ports
         changes = describe_changes(self.config, new)
         self.config = new

@@ -254,8 +254,9 @@ class AuditLog:
         elif kind == "patch":
             patch, _, state = event.detail.partition(" ")
             patch_cfg = self.gateway.engine.patches.get(patch)
-            self.record("patch", patch=patch, state=state,
-                        talkgroups=list(patch_cfg.talkgroups) if patch_cfg else None)  # fmt: skip
+            self.record("patch", patch=patch, old="off" if state == "on" else "on", state=state,
+                        talkgroups=list(patch_cfg.talkgroups) if patch_cfg else None,
+                        by=event.by, id=event.ref)  # fmt: skip
         elif kind == "preempted":
             self.record(kind, **fields, by=event.detail.removeprefix("by "))
         elif kind in ("fault", "port_down"):

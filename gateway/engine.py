@@ -45,6 +45,8 @@ class Event:
     seconds: float = 0.0  # duration, for *_stop / ptt_off / left
     tick: int = 0
     talkgroup: str | None = None  # joined/left: the talkgroup, which a left port no longer has
+    by: str = ""  # patch: who asked (mqtt:SENDER, reload:SIGHUP, ...), for the audit log
+    ref: str | None = None  # patch: the id of the command that asked, if one did
 
 
 def _links(ports: list[Port]) -> np.ndarray | None:
@@ -142,8 +144,9 @@ class Engine:
         groups = plan_mix_groups(self.talkgroups, self.patches, self.active_patches)
         self._set_layout(list(ports), groups)
 
-    def set_patch(self, name: str, active: bool) -> None:
-        """Join (or split) a configured patch live."""
+    def set_patch(self, name: str, active: bool, by: str = "", ref: str | None = None) -> None:
+        """Join (or split) a configured patch live; ``by`` and ``ref`` say who asked, and
+        with which command, for the audit log."""
         if name not in self.patches:
             raise KeyError(f"no patch named {name!r}; configured: {', '.join(self.patches)}")
         if (name in self.active_patches) == active:
@@ -152,9 +155,8 @@ class Engine:
             (self.active_patches | {name}) if active else (self.active_patches - {name})
         )
         self.configure(self.ports, self.talkgroups, self.patches, self.active_patches)
-        self._emit(
-            Event("patch", detail=f"{name} {'on' if active else 'off'}", tick=self.tick_count)
-        )
+        self._emit(Event("patch", detail=f"{name} {'on' if active else 'off'}",
+                         tick=self.tick_count, by=by, ref=ref))  # fmt: skip
 
     def attach(self, port: Port, talkgroup: str, priority: int = 0) -> None:
         """Add a port that is not in the config file (a SIP call, a console) to a talkgroup."""

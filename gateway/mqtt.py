@@ -512,7 +512,7 @@ class MqttService:
                         "error": f"not authorised: {why}"}  # fmt: skip
             self._sender = sender[:64]
             if action == "reload":
-                result, change = await self._reload(sender)
+                result, change = await self._reload(sender, _ref(command_id))
             else:
                 result, change = self._execute(action, command)
         except CommandError as exc:
@@ -557,7 +557,8 @@ class MqttService:
             if action in ("patch", "unpatch"):
                 patch = field("patch", engine.patches)
                 old = "on" if patch in engine.active_patches else "off"
-                engine.set_patch(patch, action == "patch")
+                engine.set_patch(patch, action == "patch", by=f"mqtt:{self._sender}",
+                                 ref=_ref(command.get("id")))  # fmt: skip
                 on = patch in engine.active_patches
                 return {"patch": patch, "active": on}, {"patch": patch, "old": old,
                                                          "new": "on" if on else "off"}  # fmt: skip
@@ -580,9 +581,9 @@ class MqttService:
         except (KeyError, ValueError) as exc:  # the engine refused it
             raise CommandError(str(exc).strip("'\"")) from None
 
-    async def _reload(self, sender: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def _reload(self, sender: str, ref: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Re-read the site file, as SIGHUP does; the reply says what changed or why not."""
-        outcome = await self.gateway.reload_live(by=f"mqtt:{sender}")
+        outcome = await self.gateway.reload_live(by=f"mqtt:{sender[:64]}", ref=ref)
         if not outcome.ok:
             raise CommandError(f"reload refused, the running config stays: {outcome.error}")
         return {"changes": outcome.summary}, {"changes": outcome.summary}
@@ -612,6 +613,10 @@ class MqttService:
         audit = getattr(self.gateway, "audit", None)
         if audit is not None:
             what = str(action)[:32] if action else None
-            ref = None if command_id is None else str(command_id)[:64]
-            audit.record("command", via="mqtt", sender=sender[:64], action=what, id=ref, ok=ok,
-                         **fields)  # fmt: skip
+            audit.record("command", via="mqtt", sender=sender[:64], action=what,
+                         id=_ref(command_id), ok=ok, **fields)  # fmt: skip
+
+
+def _ref(command_id: Any) -> str | None:
+    """A command's id as the audit log keeps it: the commander's reference, cut to 64."""
+    return None if command_id is None else str(command_id)[:64]

@@ -299,6 +299,11 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
 
         assert fields(done["9"]) == {"sender": "cad1", "action": "patch", "patch": "pursuit",
                                      "old": "off", "new": "on"}  # fmt: skip
+        # The patch's own record says who asked, with which command, and old → new.
+        patch = next(r for r in records if r["event"] == "patch")
+        assert {k: patch[k] for k in ("patch", "old", "state", "by", "id")} == {
+            "patch": "pursuit", "old": "off", "state": "on", "by": "mqtt:cad1", "id": "9"
+        }  # fmt: skip
         assert fields(done["u1"]) == {
             "sender": "cad1",
             "action": "unkey",
@@ -457,9 +462,10 @@ def test_a_reload_by_mqtt_turns_a_patch_on_with_an_event_and_audit_lines(
     records = [json.loads(x) for x in audit.read_text().splitlines()]
     kinds = [r["event"] for r in records]
     patch = records[kinds.index("patch")]
-    assert (patch["patch"], patch["state"]) == ("pursuit", "on")
+    assert (patch["patch"], patch["old"], patch["state"]) == ("pursuit", "off", "on")
+    assert (patch["by"], patch["id"]) == ("reload:mqtt:cad1", "rl-1")  # who asked, how
     reload = records[kinds.index("reload")]
-    assert reload["by"] == "mqtt:cad1" and reload["ok"] is True
+    assert reload["by"] == "mqtt:cad1" and reload["ok"] is True and reload["id"] == "rl-1"
     assert reload["changes"] == "patches ~pursuit"
     command = records[kinds.index("command")]
     assert (command["action"], command["id"], command["ok"]) == ("reload", "rl-1", True)
