@@ -4,6 +4,8 @@
     .venv/bin/python bench/sip_load.py --legs 250 500  # other load sizes
     .venv/bin/python bench/sip_load.py --quick         # a smoke run
     .venv/bin/python bench/sip_load.py --srtp off      # plain RTP only (default: both)
+    .venv/bin/python bench/sip_load.py --parts scrape --legs 1250 --srtp off
+                                                       # late ticks while /metrics is read
 
 The gateway runs in its own process (the real Gateway: media clock, engine, SIP
 service); this process is a bounded load generator on 127.0.0.1, like sipp with
@@ -22,6 +24,10 @@ Figures, per run:
   gateway's socket (its send time on loopback, plus the emulated network delay);
 * the same under emulated 30±10 ms jitter with 0/1/5 % loss, with the leg's own
   jitter-buffer gauge (jitter_buffer_seconds) alongside;
+* what a Prometheus scrape costs the media clock (``--parts scrape``): the same load
+  with /metrics read over HTTP every ``--scrape-every`` seconds (5 s, a usual
+  scrape interval) beside a run not scraped; late ticks during a page's build are
+  counted apart from the machine's own;
 * SRTP's cost: the component and load tables run each size with plain RTP and with
   SRTP (SDES, AES_CM_128_HMAC_SHA1_80) side by side. SDES keys are only accepted
   over TLS, so for the SRTP rows the generator sets its calls up over a TLS
@@ -44,7 +50,9 @@ import ssl
 import struct
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,8 +106,9 @@ vox_hang = "0s"
 # --- the gateway process ------------------------------------------------------------------
 
 
-def gateway_process(conn, tls: str = "") -> None:  # noqa: ANN001 - a Connection
-    """The gateway; ``tls``: [sip] keys for its TLS listener (certificate and key)."""
+def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: ANN001
+    """The gateway; ``tls``: [sip] keys for its TLS listener (certificate and key);
+    ``web``: serve /metrics (on a free loopback port)."""
     import asyncio
 
     from gateway.app import Gateway
@@ -126,6 +135,8 @@ def gateway_process(conn, tls: str = "") -> None:  # noqa: ANN001 - a Connection
                     clicks.append(time.time() + hot[0] / self.rate)
 
     site = SITE.replace('listen = "127.0.0.1:0"\n', f'listen = "127.0.0.1:0"\n{tls}\n')
+    if web:
+        site += '\n[web]\nhost = "127.0.0.1"\nport = 0\n'
     gateway = Gateway(parse_config(site))
 
     async def main() -> None:
@@ -133,17 +144,40 @@ def gateway_process(conn, tls: str = "") -> None:  # noqa: ANN001 - a Connection
         while getattr(gateway, "sip", None) is None or gateway.sip.calls is None:
             await asyncio.sleep(0.01)
         durations = np.zeros(100_000)
+        lateness = np.zeros(100_000)  # each tick's start after its deadline
         count = [0]
         inner = gateway.clock.on_tick
 
         tick_cpu = [0.0]
+        building = [0, 0]  # /metrics pages being built now; late ticks seen meanwhile
+        late_seen = [gateway.clock.late_ticks]
+        if web:
+            while getattr(gateway, "metrics", None) is None:
+                await asyncio.sleep(0.01)
+            metrics = gateway.metrics
+            build = metrics.page
+
+            async def counted_page() -> bytes:
+                building[0] += 1
+                try:
+                    return await build()
+                finally:
+                    building[0] -= 1
+
+            metrics.page = counted_page
 
         def timed_tick() -> None:
             started = time.perf_counter()
             cpu = time.thread_time()
+            if gateway.clock.late_ticks != late_seen[0]:  # this tick started late
+                if building[0]:
+                    building[1] += gateway.clock.late_ticks - late_seen[0]
+                late_seen[0] = gateway.clock.late_ticks
             inner()
             tick_cpu[0] += time.thread_time() - cpu
             durations[count[0] % len(durations)] = time.perf_counter() - started
+            log = gateway.clock.lateness
+            lateness[count[0] % len(lateness)] = log.values[(log.count - 1) % len(log.values)]
             count[0] += 1
 
         gateway.clock.on_tick = timed_tick
@@ -160,7 +194,10 @@ def gateway_process(conn, tls: str = "") -> None:  # noqa: ANN001 - a Connection
                 "sendmmsg": bank.sender.syscall_seconds,
             }
 
-        conn.send(("ready", gateway.sip.port, gateway.sip.transport.port_for("tls")))
+        while web and (gateway.web is None or not gateway.web.port):
+            await asyncio.sleep(0.01)
+        web_port = gateway.web.port if web else 0
+        conn.send(("ready", gateway.sip.port, gateway.sip.transport.port_for("tls"), web_port))
         marks = {}
         profiler = None
         while True:
@@ -182,6 +219,7 @@ def gateway_process(conn, tls: str = "") -> None:  # noqa: ANN001 - a Connection
                     "tick_cpu": tick_cpu[0],
                     "bank_cpu": bank_cpu(),
                     "late": gateway.clock.late_ticks,
+                    "late_building": building[1],
                     "ticks": gateway.clock.ticks,
                     "n": count[0],
                 }
@@ -204,6 +242,12 @@ def gateway_process(conn, tls: str = "") -> None:  # noqa: ANN001 - a Connection
                         "skipped": gateway.clock.skipped_ticks - marks["skipped"],
                         "ticks": ticks,
                         "late": gateway.clock.late_ticks - marks["late"],
+                        "late_building": building[1] - marks["late_building"],
+                        "late_max": float(
+                            lateness[marks["n"] % len(lateness) : count[0] % len(lateness)].max(
+                                initial=0.0
+                            )
+                        ),
                         "tick_p50": float(np.median(window)) if window.size else 0.0,
                         "tick_p99": float(np.percentile(window, 99)) if window.size else 0.0,
                         "legs": len(legs),
@@ -374,8 +418,10 @@ def run_window(
     jitter_ms: float = 0.0,
     loss: float = 0.0,
     seed: int = 1,
+    scrape: tuple[int, float] | None = None,
 ) -> dict:
-    """Stream for ``seconds``; returns the gateway's figures and the probe's click delays."""
+    """Stream for ``seconds``; returns the gateway's figures and the probe's click delays.
+    ``scrape``: (web port, seconds) to read /metrics that often meanwhile, as Prometheus."""
     tone, silence, click = ulaw_frames()
     rng = np.random.default_rng(seed)
     header = struct.Struct("!BBHII")
@@ -397,6 +443,7 @@ def run_window(
             protected[i] = frames
     conn.send("start")
     assert conn.recv() == "started"
+    scraper = Scraper(*scrape) if scrape else None
     start = time.time() + 0.05
     pending: list[tuple[float, float, bytes]] = []  # (due, nominal, packet) for the probe
     arrivals: dict[float, float] = {}  # click nominal time → when it reached the gateway
@@ -438,8 +485,12 @@ def run_window(
         if nominal >= 0:
             arrivals[nominal] = time.time()
     time.sleep(0.3)  # the last clicks leave the jitter buffer
+    if scraper is not None:
+        scraper.stop()
     conn.send("stop")
     result = conn.recv()
+    result["scrapes"] = len(scraper.took) if scraper else 0
+    result["scrape_ms"] = float(np.median(scraper.took)) * 1e3 if scraper and scraper.took else 0.0
     delays = []
     sent = sorted(arrivals.values())
     for heard in result["clicks"]:
@@ -449,6 +500,28 @@ def run_window(
     result["delays_ms"] = np.array(delays) * 1000
     result["clicks_sent"] = len(sent)
     return result
+
+
+class Scraper(threading.Thread):
+    """Reads /metrics every ``every`` seconds, as Prometheus does, until stopped."""
+
+    def __init__(self, port: int, every: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.every = f"http://127.0.0.1:{port}/metrics", every
+        self.took: list[float] = []
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            started = time.monotonic()
+            with urllib.request.urlopen(self.url, timeout=10) as response:
+                response.read()
+            self.took.append(time.monotonic() - started)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(15)
 
 
 def open_legs(
@@ -583,9 +656,12 @@ def main() -> int:
     parser.add_argument(
         "--parts",
         nargs="*",
-        choices=["components", "jitter", "delay", "load"],
+        choices=["components", "jitter", "delay", "load", "scrape"],
         default=["components", "jitter", "delay", "load"],
-        help="which tables to print (default: all)",
+        help="which tables to print (default: all but scrape)",
+    )
+    parser.add_argument(
+        "--scrape-every", type=float, default=5.0, help="scrape table: seconds between reads"
     )
     parser.add_argument("--components", type=int, nargs="*", default=[100, 300, 750])
     parser.add_argument(
@@ -628,6 +704,8 @@ def main() -> int:
         delay_table(ctx, args.seconds)
     if "load" in args.parts:
         load_table(ctx, args.legs, args.seconds, args.repeat, modes)
+    if "scrape" in args.parts:
+        scrape_table(ctx, args.legs, args.seconds, args.scrape_every, args.repeat)
     return 0
 
 
@@ -679,7 +757,7 @@ def delay_table(ctx, seconds: float) -> None:  # noqa: ANN001 - a multiprocessin
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=gateway_process, args=(child,), daemon=True)
         proc.start()
-        _, port, _ = conn.recv()
+        _, port, _, _ = conn.recv()
         caller = Caller(port)
         probe = open_legs(caller, "6002", 1)[0]
         result = run_window(conn, [], probe, max(seconds, 6.0), jitter, loss)
@@ -728,27 +806,61 @@ def load_table(  # noqa: ANN001 - a multiprocessing context
                 print_load_row(count, median, "median", srtp)
 
 
-def load_run(ctx, count: int, seconds: float, srtp: bool = False) -> dict[str, float]:  # noqa: ANN001
-    """One window at ``count`` legs in a fresh gateway process; the row's figures."""
+def scrape_table(ctx, counts: list[int], seconds: float, every: float, repeat: int) -> None:  # noqa: ANN001
+    print(
+        f"\nLate ticks while Prometheus reads /metrics every {every:g} s (plain RTP, every leg "
+        "sending G.711 into one talkgroup; goal: no tick late because of a scrape)"
+    )
+    print(
+        f"{'legs':>6}{'scraped':>9}{'scrapes':>8}{'scrape ms':>10}{'ticks':>7}{'late':>6}"
+        f"{'late in a scrape':>17}{'worst late ms':>14}{'tick p99 ms':>12}{'CPU % core':>11}"
+        f"{'load avg':>9}"
+    )
+    for count in counts:
+        for _ in range(repeat):
+            for scraped in (False, True):
+                r = load_run(ctx, count, seconds, scrape=every if scraped else None)
+                print(
+                    f"{count:>6}{'yes' if scraped else 'no':>9}{r['scrapes']:>8.0f}"
+                    f"{r['scrape_ms']:>10.1f}{r['ticks']:>7.0f}{r['late']:>6.0f}"
+                    f"{r['late_building']:>17.0f}{r['late_max']:>14.1f}{r['tick_p99']:>12.2f}"
+                    f"{r['cpu_share']:>10.0f}%{r['load']:>9.1f}"
+                )
+    print(
+        "late: ticks that started more than a frame after their deadline; late in a scrape:"
+        " those while a /metrics page was being built; worst late: the latest tick start;"
+        " scrape ms: one read, request to last byte (median). Late ticks of the unscraped"
+        " row are the machine's own (it is shared): compare the two rows."
+    )
+
+
+def load_run(  # noqa: ANN001 - a multiprocessing context
+    ctx, count: int, seconds: float, srtp: bool = False, scrape: float | None = None
+) -> dict[str, float]:
+    """One window at ``count`` legs in a fresh gateway process; the row's figures.
+    ``scrape``: read /metrics every that many seconds meanwhile."""
     conn, child = ctx.Pipe()
     with tempfile.TemporaryDirectory() as pki:
         keys, cafile = tls_material(Path(pki)) if srtp else ("", "")
-        proc = ctx.Process(target=gateway_process, args=(child, keys), daemon=True)
+        proc = ctx.Process(target=gateway_process, args=(child, keys, bool(scrape)), daemon=True)
         proc.start()
-        _, port, tls_port = conn.recv()
+        _, port, tls_port, web_port = conn.recv()
         caller = Caller(port, (tls_port, cafile) if srtp else None)
-        row = load_window(conn, caller, count, seconds)
+        every = (web_port, scrape) if scrape else None
+        row = load_window(conn, caller, count, seconds, every)
     conn.send("quit")
     proc.join(10)
     return row
 
 
-def load_window(conn, caller: Caller, count: int, seconds: float) -> dict[str, float]:  # noqa: ANN001
+def load_window(  # noqa: ANN001 - a Connection
+    conn, caller: Caller, count: int, seconds: float, scrape: tuple[int, float] | None = None
+) -> dict[str, float]:
     """Set ``count`` legs up, stream for ``seconds``, hang up; the row's figures."""
     probe = open_legs(caller, "6002", 1)[0]
     legs = open_legs(caller, "6001", count)
     time.sleep(1.0)  # let the calls settle (answer retransmission timers, ACKs)
-    result = run_window(conn, legs, probe, seconds)
+    result = run_window(conn, legs, probe, seconds, scrape=scrape)
     expected = result["wall"] / FRAME_S
     per_tick = 1e6 / max(result["ticks"] * (count + 1), 1)
     rx, tx = (result["bank_cpu"][k] * per_tick for k in ("receive", "send"))
@@ -759,6 +871,11 @@ def load_window(conn, caller: Caller, count: int, seconds: float) -> dict[str, f
         "ticks_run": result["ticks"] / expected * 100,
         "packets": result["packets"] / (expected * (count + 1)) * 100,
         "late": result["late"],
+        "ticks": result["ticks"],
+        "late_building": result["late_building"],
+        "late_max": result["late_max"] * 1e3,
+        "scrapes": result["scrapes"],
+        "scrape_ms": result["scrape_ms"],
         "tick_p50": result["tick_p50"] * 1e3,
         "tick_p99": result["tick_p99"] * 1e3,
         "probe_p50": float(np.percentile(d, 50)) if len(d) else float("nan"),
