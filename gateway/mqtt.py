@@ -598,6 +598,10 @@ class MqttService:
         if not isinstance(link, str) or (share is not None and not isinstance(share, str)):
             raise CommandError(f"{action!r} needs 'link' (and optionally 'share') as strings")
         who = f"mqtt:{self._sender}"
+        trunk = links.trunks.get(link)
+        old = None  # the state before, for the audit: the link's, or the shared name's
+        if trunk is not None:
+            old = trunk.names[share].state if share in trunk.names else trunk.state()
         try:
             if action == "link_cut":
                 done = links.cut(link, share, who, str(reason or "")[:200], "mqtt")
@@ -605,7 +609,8 @@ class MqttService:
                 done = links.restore(link, share, who, "mqtt")
         except LinkError as exc:
             raise CommandError(str(exc)) from None
-        return done, {"link": link, "share": share, "new": done["state"]}
+        new = trunk.names[share].state if trunk is not None and share in trunk.names else None
+        return done, {"link": link, "share": share, "old": old, "new": new or done["state"]}
 
     def _audit(self, sender: str, action: Any, command_id: Any, ok: bool, **fields: Any) -> None:
         """One ``command`` record: who (sender), what (action, target, old → new), the

@@ -256,6 +256,8 @@ viewer = ["floor"]
                         "US to see the cut")  # fmt: skip
             cut = records(tmp_path / "ca-audit.jsonl", "link_cut")[-1]
             assert cut["who"] == "mqtt:cad" and cut["reason"] == "drill" and cut["via"] == "mqtt"
+            done = [c for c in records(tmp_path / "ca-audit.jsonl", "command") if c["ok"]][-1]
+            assert (done["id"], done["link"], done["old"], done["new"]) == ("1", "us", "up", "cut")
             restore = {"id": 2, "action": "link_restore", "link": "us"}
             assert (await ask(sub, "cad", restore))["ok"]
             await both_up(ca, us, "shiprider")
