@@ -198,7 +198,7 @@ def test_a_gateway_prometheus_cannot_scrape_alerts(tmp_path: Path) -> None:
                     before[:] = [got] if got and got.get("up") == 1 else []
                     return bool(before)
 
-                await until(scraped, "Prometheus to scrape the running gateway", timeout=30)
+                await until(scraped, "Prometheus to scrape the running gateway", timeout=60)
             after: list[Scrape] = []
 
             async def down() -> bool:
@@ -206,13 +206,13 @@ def test_a_gateway_prometheus_cannot_scrape_alerts(tmp_path: Path) -> None:
                 after[:] = [got] if got and got.get("up") == 0 else []
                 return bool(after)
 
-            await until(down, "Prometheus to see the stopped gateway down", timeout=30)
+            await until(down, "Prometheus to see the stopped gateway down", timeout=60)
 
             async def pending() -> bool:
                 alerts = (await get("alerts")).get("data", {}).get("alerts", [])
                 return any(a["labels"]["alertname"] == "BorderlinkGatewayDown" for a in alerts)
 
-            await until(pending, "the rule to go pending in Prometheus", timeout=30)
+            await until(pending, "the rule to go pending in Prometheus", timeout=60)
             alerts = fired("BorderlinkGatewayDown", before[0], after[0], tmp_path)
             assert [a["job"] for a in alerts] == ["borderlink"], alerts
         finally:
@@ -286,7 +286,7 @@ def test_a_lost_registration_and_lossy_calls_alert(tmp_path: Path) -> None:
                 async def losses_counted() -> bool:
                     return (await scrape(gw)).get(lost, **route) >= 40
 
-                await until(losses_counted, "the route to count the lost packets")
+                await until(losses_counted, "the route to count the lost packets", timeout=20)
                 lossy = await scrape(gw)
                 assert [a["route"] for a in fired("BorderlinkPacketLoss", before, lossy,
                                                   tmp_path)] == ["6001"]  # fmt: skip
@@ -298,7 +298,7 @@ def test_a_lost_registration_and_lossy_calls_alert(tmp_path: Path) -> None:
                 async def shows_lost() -> bool:
                     return (await scrape(gw)).get(registered, account="marine") == 0
 
-                await until(shows_lost, "the account to show unregistered", timeout=40)
+                await until(shows_lost, "the account to show unregistered", timeout=60)
                 after = await scrape(gw)
                 alerts = fired("BorderlinkSipRegistrationLost", before, after, tmp_path)
                 assert [a["account"] for a in alerts] == ["marine"], alerts
