@@ -490,6 +490,7 @@ def run_window(
     conn.send("stop")
     result = conn.recv()
     result["scrapes"] = len(scraper.took) if scraper else 0
+    result["scrapes_failed"] = scraper.failed if scraper else 0
     result["scrape_ms"] = float(np.median(scraper.took)) * 1e3 if scraper and scraper.took else 0.0
     delays = []
     sent = sorted(arrivals.values())
@@ -509,14 +510,19 @@ class Scraper(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.every = f"http://127.0.0.1:{port}/metrics", every
         self.took: list[float] = []
+        self.failed = 0  # reads that got no page within Prometheus's usual 10 s timeout
         self.done = threading.Event()
         self.start()
 
     def run(self) -> None:
         while not self.done.wait(self.every):
             started = time.monotonic()
-            with urllib.request.urlopen(self.url, timeout=10) as response:
-                response.read()
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    response.read()
+            except OSError:  # timed out or refused: a scrape Prometheus would count as failed
+                self.failed += 1
+                continue
             self.took.append(time.monotonic() - started)
 
     def stop(self) -> None:
@@ -812,7 +818,8 @@ def scrape_table(ctx, counts: list[int], seconds: float, every: float, repeat: i
         "sending G.711 into one talkgroup; goal: no tick late because of a scrape)"
     )
     print(
-        f"{'legs':>6}{'scraped':>9}{'scrapes':>8}{'scrape ms':>10}{'ticks':>7}{'late':>6}"
+        f"{'legs':>6}{'scraped':>9}{'scrapes':>8}{'failed':>7}{'scrape ms':>10}{'ticks':>7}"
+        f"{'late':>6}"
         f"{'late in a scrape':>17}{'worst late ms':>14}{'tick p99 ms':>12}{'CPU % core':>11}"
         f"{'load avg':>9}"
     )
@@ -822,13 +829,15 @@ def scrape_table(ctx, counts: list[int], seconds: float, every: float, repeat: i
                 r = load_run(ctx, count, seconds, scrape=every if scraped else None)
                 print(
                     f"{count:>6}{'yes' if scraped else 'no':>9}{r['scrapes']:>8.0f}"
-                    f"{r['scrape_ms']:>10.1f}{r['ticks']:>7.0f}{r['late']:>6.0f}"
+                    f"{r['scrapes_failed']:>7.0f}{r['scrape_ms']:>10.1f}{r['ticks']:>7.0f}"
+                    f"{r['late']:>6.0f}"
                     f"{r['late_building']:>17.0f}{r['late_max']:>14.1f}{r['tick_p99']:>12.2f}"
                     f"{r['cpu_share']:>10.0f}%{r['load']:>9.1f}"
                 )
     print(
         "late: ticks that started more than a frame after their deadline; late in a scrape:"
         " those while a /metrics page was being built; worst late: the latest tick start;"
+        " failed: reads with no page within 10 s;"
         " scrape ms: one read, request to last byte (median). Late ticks of the unscraped"
         " row are the machine's own (it is shared): compare the two rows."
     )
@@ -875,6 +884,7 @@ def load_window(  # noqa: ANN001 - a Connection
         "late_building": result["late_building"],
         "late_max": result["late_max"] * 1e3,
         "scrapes": result["scrapes"],
+        "scrapes_failed": result["scrapes_failed"],
         "scrape_ms": result["scrape_ms"],
         "tick_p50": result["tick_p50"] * 1e3,
         "tick_p99": result["tick_p99"] * 1e3,
