@@ -150,6 +150,7 @@ def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: AN
 
         tick_cpu = [0.0]
         building = [0, 0]  # /metrics pages being built now; late ticks seen meanwhile
+        longest = [0.0]  # CPU seconds of the longest stretch of page work, between ticks
         late_seen = [gateway.clock.late_ticks]
         if web:
             while getattr(gateway, "metrics", None) is None:
@@ -163,6 +164,7 @@ def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: AN
                     return await build()
                 finally:
                     building[0] -= 1
+                    longest[0] = max(longest[0], metrics.longest_slice)
 
             metrics.page = counted_page
 
@@ -211,6 +213,7 @@ def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: AN
                     profiler = cProfile.Profile(time.process_time)
                     profiler.enable()
                 clicks.clear()
+                longest[0] = 0.0
                 marks = {
                     "packets": packets_in(),
                     "wall": time.monotonic(),
@@ -243,6 +246,7 @@ def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: AN
                         "ticks": ticks,
                         "late": gateway.clock.late_ticks - marks["late"],
                         "late_building": building[1] - marks["late_building"],
+                        "longest_slice": longest[0],
                         "late_max": float(
                             lateness[marks["n"] % len(lateness) : count[0] % len(lateness)].max(
                                 initial=0.0
@@ -820,8 +824,8 @@ def scrape_table(ctx, counts: list[int], seconds: float, every: float, repeat: i
     print(
         f"{'legs':>6}{'scraped':>9}{'scrapes':>8}{'failed':>7}{'scrape ms':>10}{'ticks':>7}"
         f"{'late':>6}"
-        f"{'late in a scrape':>17}{'worst late ms':>14}{'tick p99 ms':>12}{'CPU % core':>11}"
-        f"{'load avg':>9}"
+        f"{'late in a scrape':>17}{'worst late ms':>14}{'tick p99 ms':>12}{'longest slice ms':>17}"
+        f"{'CPU % core':>11}{'load avg':>9}"
     )
     for count in counts:
         for _ in range(repeat):
@@ -832,12 +836,16 @@ def scrape_table(ctx, counts: list[int], seconds: float, every: float, repeat: i
                     f"{r['scrapes_failed']:>7.0f}{r['scrape_ms']:>10.1f}{r['ticks']:>7.0f}"
                     f"{r['late']:>6.0f}"
                     f"{r['late_building']:>17.0f}{r['late_max']:>14.1f}{r['tick_p99']:>12.2f}"
+                    f"{r['longest_slice']:>17.2f}"
                     f"{r['cpu_share']:>10.0f}%{r['load']:>9.1f}"
                 )
     print(
         "late: ticks that started more than a frame after their deadline; late in a scrape:"
         " those while a /metrics page was being built; worst late: the latest tick start;"
-        " failed: reads with no page within 10 s;"
+        " failed: reads with no page within 10 s; longest slice: CPU time of the longest"
+        " stretch of page work the loop ran without a break (each starts right after a tick"
+        " and stops a quarter frame, 5 ms, before the next: it cannot make a tick late"
+        " unless it runs over);"
         " scrape ms: one read, request to last byte (median). Late ticks of the unscraped"
         " row are the machine's own (it is shared): compare the two rows."
     )
@@ -885,6 +893,7 @@ def load_window(  # noqa: ANN001 - a Connection
         "late_max": result["late_max"] * 1e3,
         "scrapes": result["scrapes"],
         "scrapes_failed": result["scrapes_failed"],
+        "longest_slice": result["longest_slice"] * 1e3,
         "scrape_ms": result["scrape_ms"],
         "tick_p50": result["tick_p50"] * 1e3,
         "tick_p99": result["tick_p99"] * 1e3,
