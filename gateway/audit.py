@@ -243,6 +243,8 @@ class AuditLog:
         fields: dict[str, Any] = {}
         if port is not None:
             fields = {"port": port, "agency": self._agency(port)}
+            if event.label and event.label != port:
+                fields["label"] = event.label
             fields["talkgroup"] = self._talkgroup(port)
         if event.group and event.group != fields.get("talkgroup"):
             fields["mix_group"] = event.group
@@ -263,7 +265,8 @@ class AuditLog:
             self.record(kind, **fields, reason=event.detail)
         elif kind == "joined":
             self._attached[port] = (now, event.detail or "port", event.talkgroup or "")
-            self.record("joined", port=port, kind=event.detail, talkgroup=event.talkgroup)
+            self.record("joined", port=port, kind=event.detail, talkgroup=event.talkgroup,
+                        label=fields.get("label"))  # fmt: skip
         elif kind == "left":
             self._left(port)
         else:  # talk_start, ptt_on, floor_granted, tot, and endpoint events

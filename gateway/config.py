@@ -72,6 +72,7 @@ class PortConfig(Model):
 
     kind: str
     agency: str = ""
+    label: str = Field("", max_length=40)  # the unit name people see ("USCG 45612")
     description: str = ""
     enabled: bool = True
     rx_gain_db: float = Field(0.0, ge=-60, le=40)

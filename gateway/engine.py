@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -47,6 +47,7 @@ class Event:
     talkgroup: str | None = None  # joined/left: the talkgroup, which a left port no longer has
     by: str = ""  # patch: who asked (mqtt:SENDER, reload:SIGHUP, ...), for the audit log
     ref: str | None = None  # patch: the id of the command that asked, if one did
+    label: str = ""  # the port's unit name (config ``label``, a console's operator name)
 
 
 def _links(ports: list[Port]) -> np.ndarray | None:
@@ -110,6 +111,10 @@ class Engine:
         self.attached: dict[str, tuple[str, int]] = {}  # dynamic port → (talkgroup, priority)
         self._joined_at: dict[str, int] = {}  # dynamic port → tick it joined
         self.tx_inhibit: set[str] = set()
+        # Ports making an emergency call: while one holds a talkgroup's floor, the others
+        # asking for it hear the emergency traffic instead of the busy tone.
+        self.emergency: set[str] = set()
+        self._labels: dict[str, str] = {}
         self.isolated: dict[str, int] = {}  # port → tick its retry is due
         self.last_tick_seconds = 0.0
         self._set_layout([], [])
@@ -183,9 +188,10 @@ class Engine:
         self._set_layout([p for p in self.ports if p is not port], self.layout.groups)
         self.health.pop(port.name, None)  # a call's name never comes back: keep no record
         self.isolated.pop(port.name, None)
+        self.emergency.discard(port.name)
         self._emit(Event("left", port.name, group, detail=port.kind, tick=self.tick_count,
                          seconds=(self.tick_count - since) * self.frame_seconds,
-                         talkgroup=talkgroup))  # fmt: skip
+                         talkgroup=talkgroup, label=getattr(port, "label", "")))  # fmt: skip
 
     def set_priority(self, name: str, priority: int) -> None:
         """Change an attached port's floor priority live (a console's emergency call).
@@ -227,6 +233,7 @@ class Engine:
         raise KeyError(f"no port named {name!r}")
 
     def _set_layout(self, ports: list[Port], groups: list[MixGroup]) -> None:
+        self._labels = {p.name: getattr(p, "label", "") for p in ports}
         old = getattr(self, "layout", None)
         old_index = {id(p): i for i, p in enumerate(old.ports)} if old else {}
         keep = np.array([old_index.get(id(p), -1) for p in ports], np.int64)
@@ -352,6 +359,8 @@ class Engine:
         receiving = lay.half & decision.talk
         # A full-duplex port asking for a floor it cannot have hears the busy tone instead.
         busy = decision.denied & ~lay.half & lay.can_transmit
+        if self.emergency and busy.any():
+            busy &= ~self._emergency_groups(decision.admitted)
         busy_frame = self.busy.read(self.frame_samples) if busy.any() else None
         has_audio = (mix.audible & lay.can_transmit & ~receiving) | busy
         if self.group_tones or self.port_tones:
@@ -419,6 +428,12 @@ class Engine:
             except Exception as exc:
                 for i in rows.tolist():
                     self._fault(i, f"bank write failed: {exc!r}")
+
+    def _emergency_groups(self, admitted: np.ndarray) -> np.ndarray:
+        """Per port: True when an emergency caller is heard in its mix group."""
+        lay = self.layout
+        calling = np.array([p.name in self.emergency for p in lay.ports], bool) & admitted
+        return np.isin(lay.group_of, lay.group_of[calling])
 
     def _add_tones(self, out: np.ndarray, has_audio: np.ndarray, may_hear: np.ndarray) -> None:
         """Courtesy and talk-permit tones, added on top of what each listener hears."""
@@ -583,6 +598,10 @@ class Engine:
         self._emit(event)
 
     def _emit(self, event: Event) -> None:
+        if event.port is not None and not event.label:
+            label = self._labels.get(event.port, "")
+            if label and label != event.port:
+                event = replace(event, label=label)
         for listener in self.listeners:
             try:
                 listener(event)

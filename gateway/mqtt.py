@@ -232,6 +232,8 @@ class MqttService:
         if event.port is not None:
             message["port"] = event.port
             message["talkgroup"] = self._talkgroup(event.port)
+            if event.label and event.label != event.port:
+                message["label"] = event.label
         if event.group:
             message["mix_group"] = event.group
         if event.kind in ("talk_start", "talk_stop"):
@@ -306,6 +308,7 @@ class MqttService:
             talking, keyed = bool(engine.admitted[i]), bool(engine.keying.keyed[i])
             out[f"state/ports/{topic_level(port.name)}"] = {
                 "kind": port.kind, "talkgroup": tg, "agency": getattr(port.config, "agency", ""),
+                "label": getattr(port, "label", port.name),
                 "up": up, "talking": talking, "keyed": keyed,
                 "tx_inhibit": port.name in engine.tx_inhibit,
             }  # fmt: skip

@@ -99,6 +99,12 @@ class Port:
             self.on_report(event, port=self.name, **fields)
 
     @property
+    def label(self) -> str:
+        """The unit name people see (consoles, audit, MQTT): the config's ``label``, or the
+        port's config key when none is given."""
+        return getattr(self.config, "label", "") or self.name
+
+    @property
     def half_duplex(self) -> bool:
         return self.config.half_duplex
 
