@@ -7,6 +7,7 @@ cannot read it) and SameSite=Strict (another site cannot ride on it).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -22,6 +23,9 @@ COOKIE = "borderlink_session"
 log = logging.getLogger(__name__)
 
 _dummy_hash = ""
+MAX_THROTTLE_KEYS = 10000  # failure counters kept; a name spray cannot grow memory
+LOCKED_AUDIT_SECONDS = 5.0  # a locked-out key's tries: one audit record this often, counted
+ADDRESS_FACTOR = 4  # an address may fail this many times login_attempts over all names
 
 
 def _dummy() -> str:
@@ -44,7 +48,10 @@ class Session:
 
 
 class LoginThrottle:
-    """At most ``attempts`` failures per ``window`` per user and per address."""
+    """At most ``attempts`` failures per ``window`` per key, then the key is refused for
+    ``lockout`` seconds. The console keys it per (operator, address): a colleague's typos
+    or an attacker guessing one operator's password lock out that operator at that
+    workstation only, never the whole dispatch room behind one address."""
 
     def __init__(self, attempts: int, window: float, lockout: float) -> None:
         self.attempts = attempts
@@ -55,25 +62,60 @@ class LoginThrottle:
 
     def retry_after(self, keys: list[str], now: float) -> float:
         """Seconds until these keys may try again (0: now)."""
+        for key in [k for k in keys if self.locked_until.get(k, now) <= now]:
+            self.locked_until.pop(key, None)  # expired locks do not pile up
         return max((self.locked_until.get(k, 0.0) - now for k in keys), default=0.0)
 
-    def failed(self, keys: list[str], now: float) -> bool:
-        """Count a failure; True when this failure locked a key out."""
+    def failed(self, keys: list[tuple[str, int]], now: float) -> bool:
+        """Count a failure against each (key, allowed failures); True when one locked."""
         locked = False
-        for key in keys:
+        for key, attempts in keys:
             times = self.failures[key]
             times.append(now)
             while times and times[0] < now - self.window:
                 times.popleft()
-            if len(times) >= self.attempts:
+            if len(times) >= attempts:
                 self.locked_until[key] = now + self.lockout
-                times.clear()
+                del self.failures[key]
                 locked = True
+        if len(self.failures) > MAX_THROTTLE_KEYS:  # a spray of names: forget the oldest
+            for key in list(self.failures)[: len(self.failures) - MAX_THROTTLE_KEYS]:
+                del self.failures[key]
         return locked
 
     def succeeded(self, keys: list[str]) -> None:
         for key in keys:
             self.failures.pop(key, None)
+
+
+class LockedAudit:
+    """Every try refused during a lock-out is audited: the first at once, the rest
+    summed into one record per key every ``every`` seconds (``tries``), so an
+    attacker hammering a locked account cannot flood the log and no try goes uncounted."""
+
+    def __init__(self, write: Callable[[str, str, int], None], every: float) -> None:
+        self.write = write  # (operator, address, tries)
+        self.every = every
+        self.pending: dict[tuple[str, str], list[int]] = {}  # key → [tries not yet written]
+
+    def tried(self, operator: str, address: str) -> None:
+        key = (operator, address)
+        if key in self.pending:
+            self.pending[key][0] += 1
+            return
+        self.write(operator, address, 1)
+        if len(self.pending) < MAX_THROTTLE_KEYS:
+            self.pending[key] = [0]
+            asyncio.get_event_loop().call_later(self.every, self._flush, key)
+
+    def _flush(self, key: tuple[str, str]) -> None:
+        tries = self.pending[key][0]
+        if not tries:
+            del self.pending[key]
+            return
+        self.write(*key, tries)
+        self.pending[key][0] = 0
+        asyncio.get_event_loop().call_later(self.every, self._flush, key)
 
 
 class ConsoleAudit:
@@ -107,6 +149,7 @@ class Sessions:
         self.by_token: dict[str, Session] = {}
         first = config()
         self.throttle = LoginThrottle(first.login_attempts, first.login_window, first.login_lockout)
+        self.locked_audit = LockedAudit(self._write_locked, LOCKED_AUDIT_SECONDS)
 
     @property
     def config(self) -> ConsoleConfig:
@@ -115,22 +158,28 @@ class Sessions:
     def login(self, operator: str, password: str, address: str) -> tuple[Session | None, float]:
         """(session, 0) on success; (None, retry_after_seconds) when refused."""
         now = time.monotonic()
-        keys = [f"user:{operator.lower()}", f"addr:{address}"]
+        pair = f"pair:{operator.lower()}|{address}"
+        spray = f"addr:{address}"
+        keys = [pair, spray]
         wait = self.throttle.retry_after(keys, now)
         if wait > 0:
             self.failures += 1
-            self.audit("console_login_locked", warn=True, operator=self._known(operator),
-                       address=address)  # fmt: skip
+            self.locked_audit.tried(self._known(operator), address)
             return None, wait
         account = self.config.operators.get(operator)
         ok = verify_password(password, account.password_hash if account else _dummy())
         if not (ok and account):
             self.failures += 1
-            locked = self.throttle.failed(keys, now)
+            attempts = self.throttle.attempts
+            # The address as a whole is limited too, but far above one operator's
+            # allowance: it stops a spray of names without a colleague's typos
+            # locking the room out.
+            locked = self.throttle.failed([(pair, attempts), (spray, attempts * ADDRESS_FACTOR)],
+                                          now)  # fmt: skip
             self.audit("console_login_failed", warn=True, operator=self._known(operator),
                        address=address, locked_out=locked)  # fmt: skip
             return None, self.throttle.retry_after(keys, now) if locked else 0.0
-        self.throttle.succeeded(keys)
+        self.throttle.succeeded([pair])
         self.logins += 1
         session = Session(secrets.token_urlsafe(32), operator, account, address,
                           now + self.config.session_lifetime)  # fmt: skip
@@ -172,6 +221,10 @@ class Sessions:
             self.audit("console_session_ended", warn=True, operator=session.operator,
                        reason=reason)  # fmt: skip
         return session
+
+    def _write_locked(self, operator: str, address: str, tries: int) -> None:
+        self.audit("console_login_locked", warn=True, operator=operator, address=address,
+                   tries=tries)  # fmt: skip
 
     def _known(self, operator: str) -> str:
         return operator if operator in self.config.operators else "(unknown)"

@@ -74,6 +74,9 @@ class ConsolePort(Port):
 
     kind = "console"
     can_transmit = True
+    # One per (page, talkgroup): no per-port metric series (they would grow with every
+    # session and name operators); /metrics counts positions per talkgroup instead.
+    per_call = True
 
     def __init__(
         self,
@@ -94,6 +97,7 @@ class ConsolePort(Port):
         dtx: bool = True,
     ) -> None:
         config = PortConfig(kind="console", agency=agency, duplex="full", ptt_hang_time=0.0,
+                            label=display[:40],  # who-is-talking, audit and MQTT show it
                             description=f"dispatcher console of {operator}")  # fmt: skip
         super().__init__(name, config, timing)
         self.operator = operator

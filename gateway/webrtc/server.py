@@ -50,6 +50,23 @@ HUB: web.AppKey[ConsoleHub] = web.AppKey("console", "ConsoleHub")
 STATE_INTERVAL = 0.1  # level meters: ten updates a second
 RECEIVE_PREFETCH = 1  # packets aiortc holds before decoding (its default is 4)
 PUSH_EVENTS = {"talk_start", "talk_stop", "floor_granted", "preempted", "tot", "patch", "fault"}
+PTT_BURST = 20  # PTT presses a page may send at once…
+PTT_RATE = 5.0  # …and per second after that; releases always pass (the safe direction)
+REFUSAL_AUDIT_SECONDS = 5.0  # rate-limited presses: one audit record this often, counted
+MAX_ALARMS = 50  # unacknowledged emergency alarms kept (oldest dropped, audited)
+MAX_JSON_DEPTH = 32  # deeper JSON from a client is refused with 400, never a RecursionError
+# What the console's own pages may load and where they may connect: their own origin only,
+# never framed by another site (clickjacking a PTT button), no inline script.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; media-src 'self' blob:; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 @dataclass
@@ -64,6 +81,18 @@ class Console:
     grace: asyncio.TimerHandle | None = None
 
 
+@dataclass
+class Alarm:
+    """An emergency call: raised on every console that monitors the talkgroup until an
+    operator acknowledges it (a dispatcher must not miss one because it was short)."""
+
+    id: int
+    talkgroup: str
+    who: str
+    operator: str
+    started: float
+
+
 class Socket:
     """A WebSocket with a coalescing sender: a slow page gets the latest state, not a backlog."""
 
@@ -75,7 +104,21 @@ class Socket:
         self.state: str | None = None
         self.wake = asyncio.Event()
         self.closing: tuple[int, str] | None = None
+        self.tokens = float(PTT_BURST)
+        self.refill = time.monotonic()
+        self.limited = 0  # presses refused by the rate limit, not yet audited
+        self.limited_audit = -1e18
         self.task = asyncio.ensure_future(self._send())
+
+    def may_press(self) -> bool:
+        """Token bucket for PTT presses: PTT_BURST at once, PTT_RATE a second after."""
+        now = time.monotonic()
+        self.tokens = min(float(PTT_BURST), self.tokens + (now - self.refill) * PTT_RATE)
+        self.refill = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
     def send(self, message: dict[str, Any]) -> None:
         self.control.append(json.dumps(message))
@@ -167,6 +210,10 @@ class ConsoleHub:
         self.bank = ConsoleBank(self.encoders, self.silence, self.engine)
         self._push_pending = False
         self._seats = itertools.count(1)
+        self.alarms: dict[int, Alarm] = {}
+        self._alarm_ids = itertools.count(1)
+        self.ptt_rate_limited = 0
+        self.foreign_refused = 0
         self._last_common = ""
         self._loop_task: asyncio.Task | None = None
         # A reload swaps the [console] model; the next tick notices and applies it.
@@ -195,7 +242,24 @@ class ConsoleHub:
             "console_seats": float(seats),
             "console_shared_encodes": float(self.encoders.encodes),
             "console_shared_reuses": float(self.encoders.shares),
+            "console_ptt_rate_limited": float(self.ptt_rate_limited),
+            "console_foreign_origin": float(self.foreign_refused),
+            "console_alarms": float(len(self.alarms)),
+            "console_talkgroup_seats": self.seats_by_talkgroup(),
         }
+
+    def seats_by_talkgroup(self) -> dict[tuple[str, str], float]:
+        """(talkgroup, listening|talking) → positions: bounded by the config, not by
+        how many sessions came and went, and without operator names (those are in
+        the audit log, where a supervisor looks up who sat where)."""
+        counts = {(tg, state): 0.0 for tg in self.engine.talkgroups
+                  for state in ("listening", "talking")}  # fmt: skip
+        for console in self.consoles.values():
+            for tg, port in console.ports.items():
+                key = (tg, "talking" if port.talking else "listening")
+                if key in counts:
+                    counts[key] += 1
+        return counts
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -286,7 +350,7 @@ class ConsoleHub:
             port.can_talk = may_talk
             port.set_ptt(port.ptt)  # PTT held without the right to talk is dropped now
         if port.emergency and not (op.emergency and may_talk):
-            port.emergency = False
+            self._set_emergency(port, False, op)
         wanted = op.emergency_priority if port.emergency else op.priority
         if port.priority != wanted:
             self._set_priority(port, wanted)
@@ -328,7 +392,7 @@ class ConsoleHub:
         common = self.common_state()
         denied = self.engine.denied
         busy = np.flatnonzero(denied).tolist() if len(denied) == len(self.engine.ports) else []
-        digest = json.dumps([common["talkgroups"], busy])
+        digest = json.dumps([common["talkgroups"], busy, list(self.alarms)])
         if only_if_changed and digest == self._last_common:
             return
         self._last_common = digest
@@ -344,9 +408,11 @@ class ConsoleHub:
         for i in np.flatnonzero(admitted).tolist():
             g = int(lay.group_of[i])
             port = lay.ports[i]
+            label = port.label
             talkers[g].append({
                 "port": port.name,
-                "who": getattr(port, "display", port.name),
+                "who": label,
+                "label": label,
                 "agency": port.config.agency,
                 "kind": port.kind,
                 "talkgroup": lay.talkgroup[i],
@@ -394,11 +460,17 @@ class ConsoleHub:
             may_talk = op.may_talk(name)
             tiles.append({**tile, "may_talk": may_talk,
                           "may_emergency": op.emergency and may_talk, "me": me})  # fmt: skip
+        alarms = [
+            {"id": a.id, "talkgroup": a.talkgroup, "who": a.who, "started": a.started}
+            for a in self.alarms.values()
+            if op.may_monitor(a.talkgroup)
+        ]
         return {
             "type": "state",
             "site": self.gateway.config.site.name,
             "server_time": time.time(),
             "talkgroups": tiles,
+            "alarms": alarms,
         }
 
     # --- consoles, ports and peer connections ------------------------------------
@@ -531,14 +603,59 @@ class ConsoleHub:
             emergency = False
         want_emergency = on and emergency
         if want_emergency != port.emergency:
-            port.emergency = want_emergency
-            self._set_priority(port, op.emergency_priority if want_emergency else op.priority)
+            self._set_emergency(port, want_emergency, op)
             self.audit("console_emergency", warn=True, operator=sock.session.operator,
                        talkgroup=talkgroup, on=want_emergency)  # fmt: skip
+            if want_emergency:
+                self.raise_alarm(talkgroup, port)
         if on != port.ptt:
             self.audit("console_ptt", operator=sock.session.operator, talkgroup=talkgroup,
                        port=port.name, on=on)  # fmt: skip
         port.set_ptt(on)
+
+    def rate_limited(self, sock: Socket, talkgroup: str) -> None:
+        """A PTT press over the page's allowance: refused, counted, audited in batches."""
+        self.ptt_rate_limited += 1
+        sock.limited += 1
+        sock.send({"type": "refused", "talkgroup": talkgroup, "reason": "too many PTT presses"})
+        now = time.monotonic()
+        if now - sock.limited_audit >= REFUSAL_AUDIT_SECONDS:
+            self.audit("console_ptt_rate_limited", warn=True, operator=sock.session.operator,
+                       talkgroup=talkgroup, refused=sock.limited)  # fmt: skip
+            sock.limited, sock.limited_audit = 0, now
+
+    def _set_emergency(self, port: ConsolePort, on: bool, op: OperatorConfig) -> None:
+        """An emergency call pre-empts the floor (priority), and the consoles it pre-empts
+        hear it instead of the busy tone (the engine's emergency set)."""
+        port.emergency = on
+        self._set_priority(port, op.emergency_priority if on else op.priority)
+        if on:
+            self.engine.emergency.add(port.name)
+        else:
+            self.engine.emergency.discard(port.name)
+
+    def raise_alarm(self, talkgroup: str, port: ConsolePort) -> None:
+        alarm = Alarm(next(self._alarm_ids), talkgroup, port.display, port.operator, time.time())
+        self.alarms[alarm.id] = alarm
+        while len(self.alarms) > MAX_ALARMS:
+            oldest = self.alarms.pop(next(iter(self.alarms)))
+            self.audit("console_alarm_dropped", warn=True, alarm=oldest.id,
+                       talkgroup=oldest.talkgroup)  # fmt: skip
+        self.audit("console_alarm", warn=True, alarm=alarm.id, talkgroup=talkgroup,
+                   operator=port.operator)  # fmt: skip
+
+    def acknowledge(self, sock: Socket, alarm_id: Any) -> None:
+        """An operator who monitors the alarm's talkgroup silences it for every console."""
+        alarm = self.alarms.get(alarm_id) if isinstance(alarm_id, int) else None
+        op = sock.session.config
+        if alarm is None or not op.may_monitor(alarm.talkgroup):
+            sock.send({"type": "error", "message": "no such alarm"})
+            return
+        del self.alarms[alarm.id]
+        self.audit("console_alarm_ack", warn=True, alarm=alarm.id, talkgroup=alarm.talkgroup,
+                   operator=sock.session.operator,
+                   seconds=round(time.time() - alarm.started, 1))  # fmt: skip
+        self.push_state()
 
     def _set_priority(self, port: ConsolePort, priority: int) -> None:
         """Emergency pre-emption: raise a console's floor priority live, keeping the
@@ -555,8 +672,7 @@ class ConsoleHub:
                            talkgroup=talkgroup, port=port.name, reason=reason)  # fmt: skip
             port.set_ptt(False)
             if port.emergency:
-                port.emergency = False
-                self._set_priority(port, console.session.config.priority)
+                self._set_emergency(port, False, console.session.config)
         if console.sockets:
             return
         if console.grace:
@@ -585,10 +701,63 @@ def _session(request: web.Request) -> Session:
     return session
 
 
+def foreign_origin(request: web.Request) -> bool:
+    """True when a browser says the request comes from a page of another site.
+
+    Browsers send ``Origin`` on every WebSocket handshake and POST; a page on another
+    site could otherwise open the event socket or log in with the dispatcher's cookie
+    behind their back (cross-site WebSocket hijacking). A client without ``Origin`` is
+    not a browser and carries no victim's cookie, so it is judged by its session alone.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    return origin != f"{request.scheme}://{request.host}"
+
+
+def refuse_foreign(request: web.Request) -> None:
+    if foreign_origin(request):
+        hub: ConsoleHub = request.app[HUB]
+        hub.foreign_refused += 1
+        raise web.HTTPForbidden(text="this console only answers its own pages (Origin)")
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep the containers nest (iterative: a hostile body cannot blow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json(text: str) -> Any:
+    """json.loads that answers ValueError, never RecursionError, for absurd nesting."""
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # cheap pre-check
+        try:
+            value = json.loads(text)
+        except RecursionError as exc:
+            raise ValueError("JSON nested too deeply") from exc
+        if json_depth(value) > MAX_JSON_DEPTH:
+            raise ValueError("JSON nested too deeply")
+        return value
+    return json.loads(text)
+
+
 async def _json(request: web.Request) -> dict[str, Any]:
+    refuse_foreign(request)
+    if request.content_type != "application/json":
+        # A form or text/plain POST is what another site's page can send without a
+        # CORS preflight; the console's own page always sends JSON.
+        raise web.HTTPUnsupportedMediaType(text="send Content-Type: application/json")
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = parse_json(await request.text())
+    except (ValueError, UnicodeDecodeError) as exc:
         raise web.HTTPBadRequest(text=f"expected a JSON body: {exc}") from exc
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text="expected a JSON object")
@@ -683,6 +852,7 @@ async def leave(request: web.Request) -> web.Response:
 
 async def events(request: web.Request) -> web.WebSocketResponse:
     hub: ConsoleHub = request.app[HUB]
+    refuse_foreign(request)  # 403 before the upgrade: no cross-site WebSocket hijacking
     session = _session(request)  # 401 before the upgrade
     # No permessage-deflate: state messages are small, and deflating each one for
     # every console costs more CPU than the bytes it saves on a LAN.
@@ -695,7 +865,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             if msg.type != WSMsgType.TEXT:
                 continue
             try:
-                data = json.loads(msg.data)
+                data = parse_json(msg.data)
                 kind = data["type"]
             except (ValueError, KeyError, TypeError):
                 sock.send({"type": "error", "message": "messages are JSON objects with a 'type'"})
@@ -703,7 +873,9 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             if hub.sessions.get(session.token) is None:
                 sock.send({"type": "error", "message": "session ended; log in again"})
                 break
-            if kind == "hello":
+            if kind == "ping":  # the page's heartbeat: a frozen gateway shows within 3 s
+                sock.send({"type": "pong"})
+            elif kind == "hello":
                 try:
                     console = hub.console_for(session, _console_id(data))
                 except web.HTTPException as exc:
@@ -718,8 +890,13 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                 hub.push_state()
             elif kind == "ptt" and isinstance(data.get("talkgroup"), str):
                 on, emergency = bool(data.get("on")), bool(data.get("emergency"))
+                if on and not sock.may_press():
+                    hub.rate_limited(sock, data["talkgroup"])
+                    continue
                 hub.set_ptt(sock, data["talkgroup"], on, emergency)
                 hub.push_state()
+            elif kind == "ack":
+                hub.acknowledge(sock, data.get("alarm"))
             else:
                 sock.send({"type": "error", "message": f"unknown message {kind!r}"})
     finally:
@@ -731,10 +908,17 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every console response says: load only from here, never inside another site's frame."""
+    if request.path.startswith(("/console", "/api/console")) and not response.prepared:
+        response.headers.update(SECURITY_HEADERS)
+
+
 def install(app: web.Application, gateway: Gateway) -> None:
     """Serve the console (the site has a ``[console]`` section)."""
     hub = ConsoleHub(gateway)
     app[HUB] = hub
+    app.on_response_prepare.append(security_headers)
     gateway.console = hub  # type: ignore[attr-defined]
     app.on_startup.append(hub.on_startup)
     app.on_shutdown.append(hub.on_shutdown)
