@@ -30,7 +30,7 @@ from tests.conftest import require_binary, write_wav
 
 CONSOLE_TONE_HZ = 1200.0  # what the fake microphone says
 RADIO_TONE_HZ = 700.0  # what the test radio says
-PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22"}
+PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22", "carol": "carol-secret-3"}
 CHROMIUM_FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -93,7 +93,7 @@ def write_tone_wav(path: Path, hz: float, seconds: float = 20.0, rate: int = 480
 
 def site_toml(
     floor: str = "mix", extra: str = "", audit: Path | None = None, console: str = "",
-    web: str = "",
+    web: str = "", alice_name: str = "Alice (dispatch)", radio: str = "",
 ) -> str:  # fmt: skip
     audit_section = f'[audit]\npath = "{audit}"\nsync_every = "100ms"' if audit else ""
     return f"""
@@ -118,7 +118,7 @@ disconnect_grace = "1s"
 [console.operators.alice]
 password_hash = "{password_hash("alice")}"
 agency = "USCG"
-display_name = "Alice (dispatch)"
+display_name = "{alice_name}"
 talk = ["*"]
 emergency = true
 
@@ -127,10 +127,17 @@ password_hash = "{password_hash("bob")}"
 agency = "RCMP"
 monitor = ["marine"]
 
+[console.operators.carol]
+password_hash = "{password_hash("carol")}"
+agency = "CBSA"
+display_name = "Carol"
+talk = ["marine"]
+
 [ports.uscg_vhf]
 kind = "console_test_radio"
 agency = "USCG"
 ptt_hang_time = "0ms"
+{radio}
 
 [ports.cbsa_land]
 kind = "console_test_radio"
@@ -195,6 +202,25 @@ class Site:
     browser: Any
     tmp: Path
     pages: list[Any] = field(default_factory=list)
+    task: Any = None
+
+    async def restart(self) -> None:
+        """Stop the gateway and start it again on the same port (sessions are lost)."""
+        from gateway.app import Gateway
+        from gateway.site import load_site
+
+        port = self.gateway.web.port
+        self.gateway.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self.task, 10)
+        path = self.tmp / "site.toml"
+        path.write_text(path.read_text().replace("port = 0", f"port = {port}", 1))
+        self.gateway = Gateway(load_site(path))
+        self.task = asyncio.ensure_future(self.gateway.run())
+        await until(lambda: getattr(getattr(self.gateway, "web", None), "port", None)
+                    or self.task.done(), 10, "the web server to listen again")  # fmt: skip
+        if self.task.done():
+            self.task.result()
 
     def audit_records(self, prefix: str = "console_") -> list[dict[str, Any]]:
         """The site's real audit file, console records only."""
@@ -233,7 +259,8 @@ class Site:
 @contextlib.asynccontextmanager
 async def console_site(
     tmp: Path, floor: str = "mix", extra: str = "", browser: bool = True, console: str = "",
-    web: str = "", browser_args: tuple[str, ...] = (),
+    web: str = "", browser_args: tuple[str, ...] = (), alice_name: str = "Alice (dispatch)",
+    radio: str = "",
 ) -> AsyncIterator[Site]:  # fmt: skip
     from playwright.async_api import async_playwright
 
@@ -243,10 +270,11 @@ async def console_site(
     chromium = require_binary("chromium") if browser else ""
     config_path = tmp / "site.toml"
     config_path.write_text(site_toml(floor, extra, audit=tmp / "audit.jsonl", console=console,
-                                     web=web))  # fmt: skip
+                                     web=web, alice_name=alice_name, radio=radio))  # fmt: skip
     wav = write_tone_wav(tmp / "mic.wav", CONSOLE_TONE_HZ)
     gateway = Gateway(load_site(config_path))
     run = asyncio.ensure_future(gateway.run())
+    site: Site | None = None
     try:
         await until(lambda: getattr(getattr(gateway, "web", None), "port", None) or run.done(),
                     10, "the web server to listen")  # fmt: skip
@@ -255,7 +283,8 @@ async def console_site(
         scheme = "https" if "tls_certificate" in web else "http"
         url = f"{scheme}://127.0.0.1:{gateway.web.port}/console/"
         if not browser:
-            yield Site(gateway, url, None, tmp)
+            site = Site(gateway, url, None, tmp, task=run)
+            yield site
             return
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(
@@ -263,10 +292,13 @@ async def console_site(
                 args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}", *browser_args],
             )
             try:
-                yield Site(gateway, url, browser, tmp)
+                site = Site(gateway, url, browser, tmp, task=run)
+                yield site
             finally:
                 await browser.close()
     finally:
+        if site is not None:  # a restart replaced the gateway
+            gateway, run = site.gateway, site.task
         gateway.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(run, 10)

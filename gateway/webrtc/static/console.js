@@ -8,18 +8,28 @@ const consoleId = Array.from(crypto.getRandomValues(new Uint8Array(8)), b => b.t
 const ui = {
   site: $("#site"), who: $("#who"), link: $("#link"), banner: $("#banner"), logout: $("#logout"),
   login: $("#login"), loginError: $("#login-error"), main: $("#console"), tiles: $("#tiles"),
+  alarm: $("#alarm"), alarmText: $("#alarm-text"), alarmAck: $("#alarm-ack"),
 };
+const HEARTBEAT_MS = 1000;      // the page pings the gateway this often…
+const SILENCE_MS = 2000;        // …and calls it unreachable after this long without a word
+const EMERGENCY_HOLD_MS = 1000; // EMERG must be held this long: no emergency by a slip
 
-const tiles = new Map();        // talkgroup → {el, pc, sender, gain, analyser, audio, monitor, info}
+const tiles = new Map();        // talkgroup → {el, pc, sender, source, analyser, audio, monitor, info}
 let ws = null, wsBackoff = 500, me = null, mic = null, micError = "", audioCtx = null;
-let selected = null, pttHeld = null, running = false;
+let selected = null, pttHeld = null, running = false, lastHeard = 0, lastPing = 0, alarms = [], alarmTone = null;
+let arming = null;  // {tg, timer}: EMERG held, not yet long enough
 
 // Diagnostics for tests and field troubleshooting (no secrets here).
 const diag = { log: [], talkerSeen: {}, consoleId };
 window.borderlink = diag;
 
-function banner(text) { ui.banner.textContent = text || ""; ui.banner.hidden = !text; }
-function setLink(text, cls) { ui.link.textContent = text; ui.link.className = "link " + (cls || ""); }
+// The banner's line is always there (empty when quiet): showing a message never moves a
+// PTT button from under a pressed pointer.
+function banner(text) { ui.banner.textContent = text || ""; ui.banner.classList.toggle("on", !!text); }
+function setLink(text, cls) {
+  if (ui.link.textContent !== text) diag.log.push({ t: Date.now(), link: text });
+  ui.link.textContent = text; ui.link.className = "link " + (cls || "");
+}
 
 async function api(path, body) {
   const opts = body === undefined ? {} : {
@@ -58,7 +68,14 @@ ui.logout.addEventListener("click", async () => {
 });
 
 function showLogin(message) {
+  // Nothing of the previous operator's page stays above the form: their name, their
+  // tiles and calls, an old "unreachable" banner or alarm.
   running = false;
+  pttRelease(false);
+  for (const [name, t] of tiles) dropTile(name, t);
+  me = null; alarms = []; showAlarms();
+  ui.who.textContent = ""; ui.site.textContent = "";
+  banner("");
   ui.main.hidden = true; ui.logout.hidden = true; ui.login.hidden = false;
   ui.loginError.textContent = message || "";
   setLink("logged out", "");
@@ -122,18 +139,35 @@ async function openMic() {
 function connect() {
   if (!running) return;
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  setLink("connecting…", "");
+  if (!ui.link.classList.contains("down")) setLink("connecting…", "");
   const sock = new WebSocket(`${proto}//${location.host}/api/console/events`);
   ws = sock;
   let opened = false;
   sock.onopen = () => {
-    opened = true; wsBackoff = 500;
+    opened = true; wsBackoff = 500; lastHeard = Date.now();
     setLink("connected", "up");
     if (!micError) banner("");
     sock.send(JSON.stringify({ type: "hello", console: consoleId }));
   };
-  sock.onmessage = (e) => onMessage(JSON.parse(e.data));
-  sock.onclose = async () => {
+  sock.onmessage = (e) => { lastHeard = Date.now(); onMessage(JSON.parse(e.data)); };
+  sock.onclose = () => lost(sock, opened);
+}
+
+// Heartbeat: a gateway that stops answering (frozen, cable pulled, half-open TCP) is
+// shown as unreachable within SILENCE_MS + one check, not when TCP finally gives up.
+setInterval(() => {
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  if (Date.now() - lastHeard > SILENCE_MS) {
+    const sock = ws;
+    sock.onclose = null;
+    try { sock.close(); } catch { /* already closing */ }
+    lost(sock, true, "unreachable");
+    return;
+  }
+  if (Date.now() - lastPing >= HEARTBEAT_MS) { lastPing = Date.now(); send({ type: "ping" }); }
+}, HEARTBEAT_MS / 4);
+
+async function lost(sock, opened, why = "reconnecting…") {
     if (ws !== sock) return;
     ws = null;
     pttRelease(false);
@@ -144,16 +178,16 @@ function connect() {
         if (r.status === 401) { showLogin("Your session ended; log in again."); return; }
       } catch { /* unreachable: retry below */ }
     }
-    setLink("reconnecting…", "down");
+    setLink(why, "down");
     banner("Gateway unreachable — reconnecting…");
-    setTimeout(connect, wsBackoff);
+    setTimeout(connect, why === "unreachable" ? 0 : wsBackoff);
     wsBackoff = Math.min(wsBackoff * 2, 5000);
-  };
 }
 
 function send(msg) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(msg)); }
 
 function onMessage(msg) {
+  if (msg.type === "pong") return;
   if (msg.type === "state") { render(msg); return; }
   if (msg.type === "hello") {
     // After a reconnect the gateway may have lost our calls (restart): join again.
@@ -199,24 +233,31 @@ function tileFor(info) {
   el.dataset.talkgroup = info.name;
   $(".name", el).textContent = info.name;
   el.title = info.description || info.name;
-  t = { el, pc: null, sender: null, gain: null, analyser: null, audio: null, monitor: true, info };
+  t = { el, pc: null, sender: null, source: null, analyser: null, audio: null, monitor: true, info };
   tiles.set(info.name, t);
   ui.tiles.appendChild(el);
   const ptt = $(".ptt", el), emer = $(".emergency", el);
-  const down = (emergency) => (e) => { e.preventDefault(); select(info.name); pttPress(info.name, emergency); };
-  const up = (e) => { e.preventDefault(); pttRelease(); };
-  for (const [btn, em] of [[ptt, false], [emer, true]]) {
-    btn.addEventListener("pointerdown", down(em));
+  // The pointer is captured while held: PTT ends when the button is let go (or the
+  // browser takes the pointer away), never because something moved under it.
+  const hold = (btn, press) => {
+    btn.addEventListener("pointerdown", (e) => {
+      e.preventDefault(); select(info.name);
+      try { btn.setPointerCapture(e.pointerId); } catch { /* synthetic pointer */ }
+      press();
+    });
+    const up = (e) => { e.preventDefault(); disarm(); pttRelease(); };
     btn.addEventListener("pointerup", up);
     btn.addEventListener("pointercancel", up);
-    btn.addEventListener("pointerleave", (e) => { if (pttHeld) up(e); });
+    btn.addEventListener("lostpointercapture", up);
     btn.addEventListener("keydown", (e) => { if (e.key === "Enter") e.preventDefault(); });
-  }
+  };
+  hold(ptt, () => pttPress(info.name, false));
+  hold(emer, () => arm(info.name));
   el.addEventListener("focus", () => select(info.name));
   el.addEventListener("click", () => select(info.name));
   $(".monitor-toggle", el).checked = true;
   $(".monitor-toggle", el).addEventListener("change", (e) => setMonitor(info.name, e.target.checked));
-  $(".volume-slider", el).addEventListener("input", (e) => { if (t.gain) t.gain.gain.value = Number(e.target.value); });
+  $(".volume-slider", el).addEventListener("input", () => applyVolume(t));
   if (!selected) select(info.name);
   join(info.name);
   return t;
@@ -224,6 +265,8 @@ function tileFor(info) {
 
 function render(state) {
   diag.lastState = state;
+  alarms = state.alarms || [];
+  showAlarms();
   const now = Date.now();
   // A talkgroup no longer permitted (or removed by a reload) loses its tile.
   const shown = new Set(state.talkgroups.map(x => x.name));
@@ -242,7 +285,7 @@ function render(state) {
       : "—";
     const talker = $(".talker", el);
     if (talker.textContent !== text) {
-      talker.textContent = text;
+      talker.textContent = text; talker.title = text;
       diag.log.push({ t: now, talkgroup: info.name, talkers: talkers.map(x => x.port) });
     }
     for (const x of talkers) {
@@ -258,11 +301,16 @@ function render(state) {
     $(".level", el).value = Math.max(-60, info.level_dbfs);
     const ptt = $(".ptt", el);
     ptt.setAttribute("aria-disabled", String(!info.may_talk || !mic));
-    ptt.title = !info.may_talk ? "monitor only" : (!mic ? "no microphone" : "hold to talk");
-    ptt.classList.toggle("busy", info.me === "busy");
+    ptt.classList.toggle("monitor-only", !info.may_talk);
+    ptt.textContent = info.may_talk ? "PTT" : "MONITOR ONLY";
+    ptt.title = !info.may_talk ? "monitor only: you may not talk here" : (!mic ? "no microphone" : "hold to talk");
+    ptt.setAttribute("aria-label", `Push to talk on ${info.name}` + (info.may_talk ? "" : " (monitor only)"));
+    const emergencyHeard = talkers.some(x => x.emergency);
+    ptt.classList.toggle("busy", info.me === "busy" && !emergencyHeard);
     $(".emergency", el).hidden = !info.may_emergency;
     const words = { off: t.monitor ? "connecting…" : "not monitoring", listening: "monitoring",
-                    talking: "TRANSMITTING", busy: "BUSY — floor held by another talker",
+                    talking: "TRANSMITTING",
+                    busy: emergencyHeard ? "EMERGENCY on the floor — you hear it" : "BUSY — floor held by another talker",
                     requesting: "requesting floor…" };
     const stateEl = $(".state", el);
     if (!stateEl.textContent.startsWith("PTT refused") || info.me === "talking")
@@ -313,20 +361,26 @@ function iceGathered(pc) {
 }
 
 function attachAudio(t, stream) {
-  // Chromium only feeds a remote WebRTC stream into Web Audio while a media element plays it.
-  t.audio = new Audio(); t.audio.muted = true; t.audio.srcObject = stream; t.audio.play().catch(() => {});
+  // The media element itself plays the talkgroup: WebRTC then renders the track, so its
+  // getStats audioLevel is what the dispatcher hears (played through Web Audio behind a
+  // muted element, a working console would read as silent). Web Audio only measures.
+  t.audio = new Audio(); t.audio.srcObject = stream; applyVolume(t); t.audio.play().catch(() => {});
   const source = audioCtx.createMediaStreamSource(stream);
   t.analyser = audioCtx.createAnalyser(); t.analyser.fftSize = 8192; t.analyser.smoothingTimeConstant = 0;
-  t.gain = audioCtx.createGain(); t.gain.gain.value = Number($(".volume-slider", t.el).value);
-  source.connect(t.analyser); source.connect(t.gain); t.gain.connect(audioCtx.destination);
+  source.connect(t.analyser);
+  t.source = source;
+}
+
+function applyVolume(t) {
+  if (t.audio) t.audio.volume = Math.min(1, Math.max(0, Number($(".volume-slider", t.el).value)));
 }
 
 function hangUp(t) {
   if (pttHeld && tiles.get(pttHeld.tg) === t) pttRelease();
   if (t.pc) t.pc.close();
   if (t.audio) t.audio.srcObject = null;
-  if (t.gain) t.gain.disconnect();
-  t.pc = t.sender = t.gain = t.analyser = t.audio = null;
+  if (t.source) t.source.disconnect();
+  t.pc = t.sender = t.source = t.analyser = t.audio = null;
 }
 
 async function setMonitor(tg, on) {
@@ -338,6 +392,53 @@ async function setMonitor(tg, on) {
 }
 
 // --- PTT ---------------------------------------------------------------------------------
+
+// EMERG is guarded: it only calls after being held EMERGENCY_HOLD_MS (the button fills up
+// meanwhile); let go earlier and nothing is sent.
+function arm(tg) {
+  const t = tiles.get(tg);
+  if (!t || pttHeld || arming) return;
+  const btn = $(".emergency", t.el);
+  btn.classList.add("arming");
+  arming = { tg, timer: setTimeout(() => { arming = null; btn.classList.remove("arming"); pttPress(tg, true); },
+                                   EMERGENCY_HOLD_MS) };
+}
+
+function disarm() {
+  if (!arming) return;
+  clearTimeout(arming.timer);
+  const t = tiles.get(arming.tg);
+  if (t) $(".emergency", t.el).classList.remove("arming");
+  arming = null;
+}
+
+// Emergency alarms: a banner (and a tone) until someone acknowledges.
+function showAlarms() {
+  const first = alarms[0];
+  ui.alarm.classList.toggle("on", !!first);
+  ui.alarmText.textContent = first
+    ? `⚠ EMERGENCY on ${first.talkgroup} — ${first.who}` + (alarms.length > 1 ? ` (+${alarms.length - 1} more)` : "")
+    : "";
+  ui.alarmAck.disabled = !first;
+  ui.alarmAck.dataset.alarm = first ? String(first.id) : "";
+  if (first && !alarmTone && audioCtx) alarmTone = startAlarmTone();
+  if (!first && alarmTone) { alarmTone(); alarmTone = null; }
+  diag.alarms = alarms;
+}
+
+function startAlarmTone() {
+  // Two-tone warble, quiet enough to talk over; stops when acknowledged.
+  const osc = audioCtx.createOscillator(), gain = audioCtx.createGain();
+  gain.gain.value = 0.08; osc.frequency.value = 1000;
+  osc.connect(gain); gain.connect(audioCtx.destination); osc.start();
+  const warble = setInterval(() => { osc.frequency.value = osc.frequency.value === 1000 ? 1400 : 1000; }, 250);
+  return () => { clearInterval(warble); osc.stop(); gain.disconnect(); };
+}
+
+ui.alarmAck.addEventListener("click", () => {
+  const id = Number(ui.alarmAck.dataset.alarm);
+  if (id) send({ type: "ack", alarm: id });
+});
 
 function pttPress(tg, emergency = false) {
   const t = tiles.get(tg);
