@@ -27,6 +27,7 @@ class OperatorConfig(Model):
     priority: int = 10  # floor priority when talking (radios default to 0)
     emergency: bool = False  # may press the emergency button (pre-empts the floor)
     emergency_priority: int = 100
+    patch: bool = False  # may patch (and unpatch) talkgroups that are all in their `talk`
 
     @field_validator("password_hash")
     @classmethod
@@ -85,7 +86,7 @@ class ConsoleConfig(Model):
             talk = ", ".join(op.talk) or "-"
             monitor = ", ".join(op.monitor) or "-"
             agency = f" [{op.agency}]" if op.agency else ""
-            extra = "  emergency" if op.emergency else ""
+            extra = ("  emergency" if op.emergency else "") + ("  patch" if op.patch else "")
             lines.append(f"operator {name:<14}{agency} talk: {talk}; monitor: {monitor}{extra}")
         return lines
 

@@ -32,6 +32,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcrtpsender import RTCRtpSender
 
+from gateway.config import PatchConfig
 from gateway.engine import Event
 from gateway.webrtc.audio import SharedEncoders, silence_packet
 from gateway.webrtc.auth import COOKIE, ConsoleAudit, Session, Sessions
@@ -54,6 +55,9 @@ PTT_BURST = 20  # PTT presses a page may send at once…
 PTT_RATE = 5.0  # …and per second after that; releases always pass (the safe direction)
 REFUSAL_AUDIT_SECONDS = 5.0  # rate-limited presses: one audit record this often, counted
 MAX_ALARMS = 50  # unacknowledged emergency alarms kept (oldest dropped, audited)
+MAX_CONSOLE_PATCHES = 20  # patches made from consoles at once (each is a mix group)
+MAX_PATCH_TALKGROUPS = 8
+HISTORY_OVERS = 20  # per talkgroup: the last overs shown on its tile
 MAX_JSON_DEPTH = 32  # deeper JSON from a client is refused with 400, never a RecursionError
 # What the console's own pages may load and where they may connect: their own origin only,
 # never framed by another site (clickjacking a PTT button), no inline script.
@@ -213,6 +217,9 @@ class ConsoleHub:
         self.alarms: dict[int, Alarm] = {}
         self._alarm_ids = itertools.count(1)
         self.ptt_rate_limited = 0
+        self.history: dict[str, deque[dict[str, Any]]] = {}
+        self.console_patches: dict[str, str] = {}  # patch name → operator who made it
+        self._patch_ids = itertools.count(1)
         self.foreign_refused = 0
         self._last_common = ""
         self._loop_task: asyncio.Task | None = None
@@ -300,6 +307,8 @@ class ConsoleHub:
         self._apply_pending = False
         self._applied = self.gateway.config.section("console")
         cfg = self.config
+        for name in [n for n in self.console_patches if n not in self.engine.patches]:
+            del self.console_patches[name]  # a reload keeps only the file's patches
         for token, session in list(self.sessions.by_token.items()):
             consoles = [c for c in self.consoles.values() if c.session.token == token]
             reason = self.sessions.invalid_reason(session)
@@ -368,10 +377,29 @@ class ConsoleHub:
     # --- state to the pages ----------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
+        if event.kind == "talk_stop" and event.port is not None:
+            self._remember_over(event)
         if event.kind in PUSH_EVENTS and not self._push_pending and self.sockets:
             self._push_pending = True
             # After the tick finishes, so engine.admitted is this tick's.
             asyncio.get_event_loop().call_soon(self._push_now)
+
+    def _remember_over(self, event: Event) -> None:
+        """Talk history: the over goes on the tile of every talkgroup that heard it."""
+        heard = next((g.talkgroups for g in self.engine.layout.groups if g.name == event.group),
+                     ())  # fmt: skip
+        port = next((p for p in self.engine.ports if p.name == event.port), None)
+        over = {
+            "who": event.label or event.port,
+            "agency": port.config.agency if port is not None else "",
+            "start": round(time.time() - event.seconds, 1),
+            "seconds": round(event.seconds, 1),
+            "emergency": bool(getattr(port, "emergency", False)),
+        }
+        for talkgroup in heard:
+            if talkgroup in self.engine.talkgroups:
+                overs = self.history.setdefault(talkgroup, deque(maxlen=HISTORY_OVERS))
+                overs.appendleft(over)
 
     def _push_now(self) -> None:
         self._push_pending = False
@@ -432,6 +460,7 @@ class ConsoleHub:
                 "patched_with": [t for t in group.talkgroups if t != name] if group else [],
                 "patches": list(group.patches) if group else [],
                 "talkers": talkers.get(gi, []) if gi is not None else [],
+                "history": list(self.history.get(name, ())),
                 "level_dbfs": round(level.get(gi, -120.0), 1) if gi is not None else -120.0,
             }
         return {"talkgroups": out, "index": {id(p): i for i, p in enumerate(lay.ports)}}
@@ -458,7 +487,7 @@ class ConsoleHub:
                 else:
                     me = "listening"
             may_talk = op.may_talk(name)
-            tiles.append({**tile, "may_talk": may_talk,
+            tiles.append({**tile, "may_talk": may_talk, "may_patch": op.patch and may_talk,
                           "may_emergency": op.emergency and may_talk, "me": me})  # fmt: skip
         alarms = [
             {"id": a.id, "talkgroup": a.talkgroup, "who": a.who, "started": a.started}
@@ -612,6 +641,58 @@ class ConsoleHub:
             self.audit("console_ptt", operator=sock.session.operator, talkgroup=talkgroup,
                        port=port.name, on=on)  # fmt: skip
         port.set_ptt(on)
+
+    # --- patching from the console ---------------------------------------------------
+
+    def patch(self, sock: Socket, talkgroups: Any) -> None:
+        """Join talkgroups the operator may all talk on into one mix group, for everyone."""
+        operator, op = sock.session.operator, sock.session.config
+        problem = ""
+        if not op.patch:
+            problem = "patching not permitted for this operator"
+        elif (not isinstance(talkgroups, list) or not 2 <= len(talkgroups) <= MAX_PATCH_TALKGROUPS
+              or not all(isinstance(t, str) for t in talkgroups)
+              or len(set(talkgroups)) != len(talkgroups)):  # fmt: skip
+            problem = f"select 2 to {MAX_PATCH_TALKGROUPS} different talkgroups"
+        elif any(t not in self.engine.talkgroups or not op.may_talk(t) for t in talkgroups):
+            problem = "you may only patch talkgroups you may talk on"
+        elif len(self.console_patches) >= MAX_CONSOLE_PATCHES:
+            problem = f"at most {MAX_CONSOLE_PATCHES} console patches at once"
+        if problem:
+            self.audit("console_patch_refused", warn=True, operator=operator,
+                       talkgroups=talkgroups if isinstance(talkgroups, list) else None,
+                       reason=problem)  # fmt: skip
+            sock.send({"type": "patch_refused", "reason": problem})
+            return
+        name = f"console-{next(self._patch_ids)}"
+        self.engine.patches[name] = PatchConfig(
+            talkgroups=talkgroups, description=f"made at the console by {operator}"
+        )
+        self.console_patches[name] = operator
+        self.audit("console_patch", operator=operator, patch=name, talkgroups=talkgroups, on=True)
+        self.engine.set_patch(name, True)  # the engine's event: audit 'patch', MQTT, pages
+
+    def unpatch(self, sock: Socket, name: Any) -> None:
+        """Break an active patch whose talkgroups the operator may all talk on."""
+        operator, op = sock.session.operator, sock.session.config
+        patch = self.engine.patches.get(name) if isinstance(name, str) else None
+        problem = ""
+        if not op.patch:
+            problem = "patching not permitted for this operator"
+        elif patch is None or name not in self.engine.active_patches:
+            problem = "no such patch"
+        elif not all(op.may_talk(t) for t in patch.talkgroups):
+            problem = "you may only unpatch talkgroups you may talk on"
+        if problem:
+            self.audit("console_patch_refused", warn=True, operator=operator,
+                       patch=name if patch is not None else None, reason=problem)  # fmt: skip
+            sock.send({"type": "patch_refused", "reason": problem})
+            return
+        self.audit("console_patch", operator=operator, patch=name,
+                   talkgroups=list(patch.talkgroups), on=False)  # fmt: skip
+        self.engine.set_patch(name, False)
+        if self.console_patches.pop(name, None) is not None:
+            self.engine.patches.pop(name, None)  # made here: gone once broken
 
     def rate_limited(self, sock: Socket, talkgroup: str) -> None:
         """A PTT press over the page's allowance: refused, counted, audited in batches."""
@@ -897,6 +978,10 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                 hub.push_state()
             elif kind == "ack":
                 hub.acknowledge(sock, data.get("alarm"))
+            elif kind == "patch":
+                hub.patch(sock, data.get("talkgroups"))
+            elif kind == "unpatch":
+                hub.unpatch(sock, data.get("patch"))
             else:
                 sock.send({"type": "error", "message": f"unknown message {kind!r}"})
     finally:

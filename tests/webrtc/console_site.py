@@ -121,6 +121,7 @@ agency = "USCG"
 display_name = "{alice_name}"
 talk = ["*"]
 emergency = true
+patch = true
 
 [console.operators.bob]
 password_hash = "{password_hash("bob")}"
@@ -132,6 +133,7 @@ password_hash = "{password_hash("carol")}"
 agency = "CBSA"
 display_name = "Carol"
 talk = ["marine"]
+patch = true
 
 [ports.uscg_vhf]
 kind = "console_test_radio"

@@ -198,7 +198,10 @@ function onMessage(msg) {
     const t = tiles.get(msg.talkgroup);
     if (t) $(".state", t.el).textContent = `PTT refused: ${msg.reason}`;
     diag.log.push({ t: Date.now(), refused: msg.talkgroup, reason: msg.reason });
-    if (pttHeld && pttHeld.tg === msg.talkgroup) pttRelease(false);
+    if (pttHeld && pttHeld.tgs.includes(msg.talkgroup)) {
+      if (pttHeld.tgs.length === 1) pttRelease(false);
+      else { pttHeld.refused[msg.talkgroup] = msg.reason; showAllCall(); }
+    }
     return;
   }
   if (msg.type === "left") {
@@ -212,6 +215,11 @@ function onMessage(msg) {
     pttRelease(false);
     for (const [name, t] of tiles) dropTile(name, t);
     showLogin(`Logged out by the gateway: ${msg.reason}.`);
+    return;
+  }
+  if (msg.type === "patch_refused") {
+    $("#allcall-status").textContent = `Patch refused: ${msg.reason}`;
+    diag.log.push({ t: Date.now(), patchRefused: msg.reason });
     return;
   }
   if (msg.type === "error") banner(msg.message);
@@ -256,6 +264,11 @@ function tileFor(info) {
   el.addEventListener("focus", () => select(info.name));
   el.addEventListener("click", () => select(info.name));
   $(".monitor-toggle", el).checked = true;
+  $(".pick-toggle", el).addEventListener("change", showToolbar);
+  $(".unpatch", el).addEventListener("click", (e) => {
+    e.stopPropagation();
+    if (e.target.dataset.patch) send({ type: "unpatch", patch: e.target.dataset.patch });
+  });
   $(".monitor-toggle", el).addEventListener("change", (e) => setMonitor(info.name, e.target.checked));
   $(".volume-slider", el).addEventListener("input", () => applyVolume(t));
   if (!selected) select(info.name);
@@ -276,9 +289,11 @@ function render(state) {
     t.info = info;
     const el = t.el;
     $(".floor", el).textContent = info.floor === "single" ? "single floor" : "mix";
-    const patch = $(".patch", el);
-    patch.hidden = info.patched_with.length === 0;
-    patch.textContent = `patched: ${info.patched_with.join(", ")}`;
+    const patch = $(".patch", el), unpatch = $(".unpatch", el);
+    patch.textContent = info.patched_with.length ? `patched: ${info.patched_with.join(", ")}` : "";
+    unpatch.hidden = !(info.may_patch && info.patches.length);
+    unpatch.dataset.patch = info.patches[0] || "";
+    renderHistory(t, info.history || []);
     const talkers = info.talkers;
     const text = talkers.length
       ? talkers.map(x => `${x.emergency ? "⚠ " : ""}${x.who}${x.agency ? " (" + x.agency + ")" : ""}`).join(", ")
@@ -297,6 +312,7 @@ function render(state) {
       if (tg === info.name && !talkers.some(x => x.port === port)) delete diag.talkerSeen[key];
     }
     el.classList.toggle("active", talkers.length > 0);
+    if (pttHeld && pttHeld.tgs.includes(info.name)) showAllCall();
     el.classList.toggle("emergency-on", talkers.some(x => x.emergency));
     $(".level", el).value = Math.max(-60, info.level_dbfs);
     const ptt = $(".ptt", el);
@@ -316,12 +332,59 @@ function render(state) {
     if (!stateEl.textContent.startsWith("PTT refused") || info.me === "talking")
       stateEl.textContent = (info.may_talk ? "" : "monitor only · ") + (words[info.me] || info.me);
   }
+  showToolbar();
 }
 
 function select(tg) {
   selected = tg;
-  for (const [name, t] of tiles) t.el.classList.toggle("selected", name === tg);
+  for (const [name, t] of tiles) { t.el.classList.toggle("selected", name === tg); applyVolume(t); }
 }
+
+// --- talk history, selection, all-call, patching, audio routing ----------------------------
+
+function renderHistory(t, overs) {
+  const key = JSON.stringify(overs);
+  if (t.historyKey === key) return;
+  t.historyKey = key;
+  const list = $(".history", t.el);
+  list.replaceChildren(...overs.map((o) => {
+    const li = document.createElement("li");
+    const at = new Date(o.start * 1000).toLocaleTimeString([], { hour12: false });
+    li.textContent = `${at} ${o.emergency ? "⚠ " : ""}${o.who}${o.agency ? " (" + o.agency + ")" : ""} · ${o.seconds.toFixed(1)} s`;
+    if (o.emergency) li.className = "emergency-over";
+    return li;
+  }));
+}
+
+function picked() { return [...tiles].filter(([, t]) => $(".pick-toggle", t.el).checked).map(([n]) => n); }
+
+function showToolbar() {
+  const names = picked();
+  const patchable = names.filter(n => tiles.get(n).info.may_patch);
+  $("#patch-selected").hidden = !(patchable.length >= 2 && patchable.length === names.length);
+  $("#allcall").disabled = names.length === 0;
+}
+
+(() => {
+  const allcall = $("#allcall");
+  allcall.addEventListener("pointerdown", (e) => {
+    e.preventDefault();
+    try { allcall.setPointerCapture(e.pointerId); } catch { /* synthetic pointer */ }
+    const names = picked();
+    if (!names.length) { $("#allcall-status").textContent = "Select talkgroups first"; return; }
+    allcall.setAttribute("aria-pressed", "true");
+    pttPressAll(names);
+  });
+  const up = (e) => { e.preventDefault(); allcall.setAttribute("aria-pressed", "false"); pttRelease(); };
+  for (const kind of ["pointerup", "pointercancel", "lostpointercapture"]) allcall.addEventListener(kind, up);
+  $("#patch-selected").addEventListener("click", () => send({ type: "patch", talkgroups: picked() }));
+  $("#mute-all").addEventListener("click", (e) => {
+    const on = e.target.getAttribute("aria-pressed") !== "true";
+    e.target.setAttribute("aria-pressed", String(on));
+    for (const t of tiles.values()) applyVolume(t);
+  });
+  $("#louder").addEventListener("change", () => { for (const t of tiles.values()) applyVolume(t); });
+})();
 
 // --- audio: one peer connection per monitored talkgroup ------------------------------------
 
@@ -371,12 +434,18 @@ function attachAudio(t, stream) {
   t.source = source;
 }
 
+// Each tile's own volume; "Mute all" silences every tile; "Selected louder" drops the
+// others by 8 dB so the selected talkgroup stands out (as dispatch consoles do).
 function applyVolume(t) {
-  if (t.audio) t.audio.volume = Math.min(1, Math.max(0, Number($(".volume-slider", t.el).value)));
+  if (!t.audio) return;
+  const own = Math.min(1, Math.max(0, Number($(".volume-slider", t.el).value)));
+  const muted = $("#mute-all").getAttribute("aria-pressed") === "true";
+  const duck = $("#louder").checked && t.el.dataset.talkgroup !== selected ? 0.4 : 1;
+  t.audio.volume = muted ? 0 : own * duck;
 }
 
 function hangUp(t) {
-  if (pttHeld && tiles.get(pttHeld.tg) === t) pttRelease();
+  if (pttHeld && pttHeld.tgs.some(tg => tiles.get(tg) === t)) pttRelease();
   if (t.pc) t.pc.close();
   if (t.audio) t.audio.srcObject = null;
   if (t.source) t.source.disconnect();
@@ -440,28 +509,61 @@ ui.alarmAck.addEventListener("click", () => {
   if (id) send({ type: "ack", alarm: id });
 });
 
-function pttPress(tg, emergency = false) {
-  const t = tiles.get(tg);
-  if (!t || pttHeld) return;
-  if (!mic) { $(".state", t.el).textContent = micError || "no microphone"; return; }
-  if (!t.pc) { $(".state", t.el).textContent = "turn Monitor on to talk here"; return; }
-  pttHeld = { tg, emergency };
-  diag.log.push({ t: Date.now(), ptt: tg, on: true, emergency });
-  $(".ptt", t.el).setAttribute("aria-pressed", "true");
-  if (t.sender) t.sender.replaceTrack(mic);
-  send({ type: "ptt", talkgroup: tg, on: true, emergency });
+// PTT on one talkgroup, or on several at once (all-call): each talkgroup's floor
+// decides on its own, and the page says where the floor was refused.
+function pttPress(tg, emergency = false) { pttPressAll([tg], emergency); }
+
+function pttPressAll(names, emergency = false) {
+  if (pttHeld || !names.length) return;
+  const first = tiles.get(names[0]);
+  if (!mic) { if (first) $(".state", first.el).textContent = micError || "no microphone"; return; }
+  const ready = names.filter(tg => tiles.get(tg) && tiles.get(tg).pc);
+  for (const tg of names.filter(n => !ready.includes(n)))
+    if (tiles.get(tg)) $(".state", tiles.get(tg).el).textContent = "turn Monitor on to talk here";
+  if (!ready.length) return;
+  pttHeld = { tg: ready[0], tgs: ready, emergency, refused: {} };
+  for (const tg of ready) {
+    const t = tiles.get(tg);
+    diag.log.push({ t: Date.now(), ptt: tg, on: true, emergency });
+    $(".ptt", t.el).setAttribute("aria-pressed", "true");
+    if (t.sender) t.sender.replaceTrack(mic);
+    send({ type: "ptt", talkgroup: tg, on: true, emergency });
+  }
+  showAllCall();
 }
 
-function pttRelease(notify = true) {
-  if (!pttHeld) return;
-  const { tg } = pttHeld;
-  pttHeld = null;
+function pttReleaseOne(tg, notify) {
   diag.log.push({ t: Date.now(), ptt: tg, on: false });
   if (notify) send({ type: "ptt", talkgroup: tg, on: false });
   const t = tiles.get(tg);
   if (!t) return;
   $(".ptt", t.el).setAttribute("aria-pressed", "false");
   if (t.sender) t.sender.replaceTrack(null);
+}
+
+function pttRelease(notify = true) {
+  if (!pttHeld) return;
+  const { tgs } = pttHeld;
+  pttHeld = null;
+  for (const tg of tgs) pttReleaseOne(tg, notify);
+  showAllCall();
+}
+
+// The all-call line: where the floor was refused (busy, monitor only…) while held.
+function showAllCall() {
+  const line = $("#allcall-status");
+  if (!pttHeld || pttHeld.tgs.length < 2) {
+    if (!pttHeld) line.textContent = line.textContent.startsWith("All-call") ? "" : line.textContent;
+    return;
+  }
+  const refused = Object.entries(pttHeld.refused).map(([tg, why]) => `${tg} (${why})`);
+  for (const tg of pttHeld.tgs) {
+    const t = tiles.get(tg);
+    if (t && t.info.me === "busy" && !(tg in pttHeld.refused)) refused.push(`${tg} (busy)`);
+  }
+  line.textContent = `All-call on ${pttHeld.tgs.join(", ")}` +
+    (refused.length ? ` — floor refused on ${refused.join(", ")}` : " — floor granted everywhere");
+  diag.allcall = { tgs: pttHeld.tgs, refused };
 }
 
 const typing = (e) => e.target instanceof HTMLInputElement && e.target.type !== "checkbox" && e.target.type !== "range";

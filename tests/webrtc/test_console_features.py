@@ -1,0 +1,157 @@
+"""Dispatch-console features in Chromium: patching from the console, talk history,
+all-call (multi-select PTT) with per-talkgroup floors, and audio routing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from console_site import CONSOLE_TONE_HZ, console_site, fft_peak_hz, png_is_blank, run, until
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+RATE_HZ = 16000  # the test site's engine rate
+
+
+async def pick(page, *talkgroups: str) -> None:
+    for tg in talkgroups:
+        await page.locator(f'[data-talkgroup="{tg}"] .pick-toggle').check()
+
+
+def group_of(site, talkgroup: str):
+    return next(g for g in site.gateway.engine.layout.groups if talkgroup in g.talkgroups)
+
+
+def test_patch_from_the_console_shows_everywhere_and_is_audited(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            alice, bob, carol = [await site.console(n) for n in ("alice", "bob", "carol")]
+            for page in (alice, bob, carol):
+                await site.wait_joined(page, "marine")
+            # Carol may patch, but not talk on land: refused, and nothing changes.
+            await pick(carol, "marine")
+            await carol.evaluate("""() => {
+                const ws = new WebSocket(`ws://${location.host}/api/console/events`);
+                ws.onopen = () => ws.send(JSON.stringify(
+                    {type: 'patch', talkgroups: ['marine', 'land']})); }""")
+            await until(
+                lambda: any(r["event"] == "console_patch_refused" for r in site.audit_records()),
+                5,
+                "carol's patch refused and audited",
+            )
+            assert not group_of(site, "marine").patched
+            # Alice selects both tiles and patches them.
+            await pick(alice, "marine", "land")
+            await alice.locator("#patch-selected").click()
+            await until(lambda: group_of(site, "marine").patched, 5, "marine and land patched")
+            for page in (alice, bob, carol):  # every console shows it at once
+                await (
+                    page.locator('[data-talkgroup="marine"] .patch')
+                    .filter(has_text="patched: land")
+                    .wait_for(timeout=3000)
+                )
+            # The land radio is now heard at the marine radio.
+            site.radio("cbsa_land").open_squelch(True)
+            since = time.time()
+            await until(lambda: len(site.radio().audio_since(since)) >= RATE_HZ, 5,
+                        "land's radio heard on marine")  # fmt: skip
+            assert abs(fft_peak_hz(site.radio().audio_since(since)[-RATE_HZ:], RATE_HZ) - 500) < 10
+            site.radio("cbsa_land").open_squelch(False)
+            DOCS.mkdir(exist_ok=True)
+            shot = await alice.screenshot(path=str(DOCS / "console-patch.png"))
+            assert not png_is_blank(shot)
+            await alice.locator('[data-talkgroup="marine"] .unpatch').click()
+            await until(lambda: not group_of(site, "marine").patched, 5, "the patch broken")
+            await (
+                bob.locator('[data-talkgroup="marine"] .patch')
+                .filter(has_text="patched")
+                .wait_for(state="hidden", timeout=3000)
+            )
+            records = site.audit_records(prefix="")
+            made = [r for r in records if r["event"] == "console_patch"]
+            assert [(r["operator"], r["on"]) for r in made] == [("alice", True), ("alice", False)]
+            assert made[0]["talkgroups"] == ["marine", "land"]
+            engine_side = [r["state"] for r in records if r["event"] == "patch"]
+            assert engine_side == ["on", "off"]  # the same record MQTT and the logs get
+
+    run(scenario())
+
+
+def test_talk_history_lists_the_last_overs(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path, radio='label = "USCG 45612"') as site:
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            radio = site.radio()
+            for _ in range(2):
+                radio.open_squelch(True)
+                await page.wait_for_function(
+                    "() => window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=3000
+                )
+                await asyncio.sleep(0.5)  # the over's length, not a wait for anything
+                radio.open_squelch(False)
+                await page.wait_for_function(
+                    "() => !window.borderlink.talkerSeen['marine|uscg_vhf']", timeout=3000
+                )
+            items = page.locator('[data-talkgroup="marine"] .history li')
+            await until(lambda: items.count(), 5, "history entries")
+            await until(lambda: _count_is(items, 2), 5, "two overs in the history")
+            text = await items.first.inner_text()
+            assert "USCG 45612 (USCG)" in text and " s" in text
+
+    run(scenario())
+
+
+async def _count_is(locator, n: int) -> bool:
+    return await locator.count() == n
+
+
+def test_all_call_keys_each_floor_and_says_where_it_was_refused(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path, floor="single") as site:
+            carol, alice = await site.console("carol"), await site.console("alice")
+            await site.wait_joined(carol, "marine")
+            await site.wait_joined(alice, "marine")
+            await site.wait_joined(alice, "land")
+            await carol.locator('[data-talkgroup="marine"] .ptt').hover()
+            await carol.mouse.down()  # carol holds marine's single floor (same priority)
+            mine = await until(lambda: site.console_port("carol", "marine"), 5, "carol's seat")
+            await until(lambda: mine.talking, 5, "carol keyed")
+            await pick(alice, "marine", "land")
+            since = time.time()
+            await alice.locator("#allcall").hover()
+            await alice.mouse.down()
+            land = site.radio("cbsa_land")
+            await until(lambda: len(land.audio_since(since)) >= RATE_HZ, 8,
+                        "alice's all-call heard on land")  # fmt: skip
+            peak = fft_peak_hz(land.audio_since(since)[-RATE_HZ:], RATE_HZ)
+            assert abs(peak - CONSOLE_TONE_HZ) < 10, peak
+            status = alice.locator("#allcall-status")
+            await status.filter(has_text="floor refused on marine").wait_for(timeout=3000)
+            assert "land (" not in await status.inner_text()
+            await alice.mouse.up()
+            await until(lambda: not site.console_port("alice", "land").ptt, 3, "all-call released")
+            assert not site.console_port("alice", "marine").ptt
+
+    run(scenario())
+
+
+def test_mute_all_and_selected_louder(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            await site.wait_joined(page, "land")
+            volumes = """() => ({m: borderlink.tiles.get('marine').audio.volume,
+                                 l: borderlink.tiles.get('land').audio.volume})"""
+            assert await page.evaluate(volumes) == {"m": 1, "l": 1}
+            await page.locator('[data-talkgroup="marine"] .name').click()  # select marine
+            await page.locator("#louder").check()
+            v = await page.evaluate(volumes)
+            assert v["m"] == 1 and abs(v["l"] - 0.4) < 1e-6
+            await page.locator("#mute-all").click()
+            assert await page.evaluate(volumes) == {"m": 0, "l": 0}
+            await page.locator("#mute-all").click()
+            assert (await page.evaluate(volumes))["m"] == 1
+
+    run(scenario())
