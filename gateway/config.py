@@ -177,7 +177,17 @@ class TalkgroupConfig(Model):
     priority: dict[str, int] = {}
     courtesy_tone: bool = False
     talk_permit_tone: bool = False
+    # Keep the last overs this long in memory for consoles to replay (0: off, as privacy
+    # asks by default); at most 1 h.
+    instant_recall: Duration = 0.0
     description: str = ""
+
+    @field_validator("instant_recall")
+    @classmethod
+    def _recall_bounded(cls, value: float) -> float:
+        if not 0 <= value <= 3600:
+            raise ValueError('instant_recall must be between 0 (off) and 1h, e.g. "10min"')
+        return value
 
 
 class PatchConfig(Model):

@@ -39,6 +39,7 @@ from gateway.webrtc.auth import COOKIE, ConsoleAudit, Session, Sessions
 from gateway.webrtc.bank import ConsoleBank
 from gateway.webrtc.config import ConsoleConfig, OperatorConfig
 from gateway.webrtc.port import ConsolePort
+from gateway.webrtc.recall import RecallPort
 from gateway.webrtc.rtp import RtpOut
 
 if TYPE_CHECKING:
@@ -220,6 +221,8 @@ class ConsoleHub:
         self.history: dict[str, deque[dict[str, Any]]] = {}
         self.console_patches: dict[str, str] = {}  # patch name → operator who made it
         self._patch_ids = itertools.count(1)
+        self.recall: dict[str, RecallPort] = {}  # talkgroups with instant_recall
+        self.sync_recall()
         self.foreign_refused = 0
         self._last_common = ""
         self._loop_task: asyncio.Task | None = None
@@ -309,6 +312,7 @@ class ConsoleHub:
         cfg = self.config
         for name in [n for n in self.console_patches if n not in self.engine.patches]:
             del self.console_patches[name]  # a reload keeps only the file's patches
+        self.sync_recall()
         for token, session in list(self.sessions.by_token.items()):
             consoles = [c for c in self.consoles.values() if c.session.token == token]
             reason = self.sessions.invalid_reason(session)
@@ -325,6 +329,23 @@ class ConsoleHub:
                 for talkgroup, port in list(console.ports.items()):
                     self._apply_seat(console, session.operator, op, talkgroup, port)
         self.push_state()
+
+    def sync_recall(self) -> None:
+        """One recall port per talkgroup whose config asks for instant recall."""
+        engine = self.engine
+        for talkgroup in list(self.recall):
+            port = self.recall[talkgroup]
+            cfg = engine.talkgroups.get(talkgroup)
+            if cfg is None or cfg.instant_recall <= 0 or port.name not in engine.attached:
+                engine.detach(port)  # off, or the talkgroup is gone: its clips go too
+                del self.recall[talkgroup]
+            else:
+                port.keep = cfg.instant_recall
+        for talkgroup, cfg in engine.talkgroups.items():
+            if cfg.instant_recall > 0 and talkgroup not in self.recall:
+                port = RecallPort(talkgroup, cfg.instant_recall, self.gateway.config.timing)
+                self.recall[talkgroup] = port
+                engine.attach(port, talkgroup)
 
     def _apply_seat(
         self, console: Console, operator: str, op: OperatorConfig, talkgroup: str,
@@ -461,6 +482,7 @@ class ConsoleHub:
                 "patches": list(group.patches) if group else [],
                 "talkers": talkers.get(gi, []) if gi is not None else [],
                 "history": list(self.history.get(name, ())),
+                "recall": self.recall[name].listing() if name in self.recall else None,
                 "level_dbfs": round(level.get(gi, -120.0), 1) if gi is not None else -120.0,
             }
         return {"talkgroups": out, "index": {id(p): i for i, p in enumerate(lay.ports)}}
@@ -911,6 +933,29 @@ async def state(request: web.Request) -> web.Response:
     return web.json_response(hub.personal_state(hub.common_state(), session, None))
 
 
+async def recall(request: web.Request) -> web.Response:
+    """One instant-recall clip as WAV, for an operator who may monitor the talkgroup."""
+    hub: ConsoleHub = request.app[HUB]
+    session = _session(request)
+    refuse_foreign(request)
+    talkgroup = request.query.get("talkgroup", "")
+    try:
+        clip = int(request.query.get("clip", ""))
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text="'clip' must be a clip number") from exc
+    if not session.config.may_monitor(talkgroup):
+        raise web.HTTPForbidden(text=f"operator {session.operator} may not use {talkgroup}")
+    port = hub.recall.get(talkgroup)
+    found = port.wav(clip) if port is not None else None
+    if found is None:
+        raise web.HTTPNotFound(text="no such clip (instant recall keeps overs a short while)")
+    data, seconds = found
+    hub.audit("console_recall", operator=session.operator, talkgroup=talkgroup, clip=clip,
+              seconds=round(seconds, 1))  # fmt: skip
+    return web.Response(body=data, content_type="audio/wav",
+                        headers={"Cache-Control": "no-store"})  # fmt: skip
+
+
 async def join(request: web.Request) -> web.Response:
     hub: ConsoleHub = request.app[HUB]
     session = _session(request)
@@ -1017,6 +1062,7 @@ def install(app: web.Application, gateway: Gateway) -> None:
     app.router.add_post("/api/console/join", join)
     app.router.add_post("/api/console/leave", leave)
     app.router.add_get("/api/console/events", events)
+    app.router.add_get("/api/console/recall", recall)
 
 
 def new_console_id() -> str:

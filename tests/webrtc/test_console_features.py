@@ -4,10 +4,22 @@ all-call (multi-select PTT) with per-talkgroup floors, and audio routing."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import time
+import wave
 from pathlib import Path
 
-from console_site import CONSOLE_TONE_HZ, console_site, fft_peak_hz, png_is_blank, run, until
+import numpy as np
+from console_site import (
+    CONSOLE_TONE_HZ,
+    RADIO_TONE_HZ,
+    console_site,
+    fft_peak_hz,
+    png_is_blank,
+    run,
+    until,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 RATE_HZ = 16000  # the test site's engine rate
@@ -153,5 +165,54 @@ def test_mute_all_and_selected_louder(tmp_path):
             assert await page.evaluate(volumes) == {"m": 0, "l": 0}
             await page.locator("#mute-all").click()
             assert (await page.evaluate(volumes))["m"] == 1
+
+    run(scenario())
+
+
+FETCH_CLIP = """async (url) => {
+    const r = await fetch(url);
+    if (!r.ok) return r.status;
+    const bytes = new Uint8Array(await r.arrayBuffer());
+    let text = '';
+    for (let i = 0; i < bytes.length; i += 4096)
+        text += String.fromCharCode(...bytes.subarray(i, i + 4096));
+    return btoa(text); }"""
+
+
+def test_instant_recall_replays_the_last_over_then_forgets_it(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path, extra='instant_recall = "15s"') as site:
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            radio = site.radio()
+            radio.open_squelch(True)
+            await asyncio.sleep(1.0)  # the over's length, not a wait for anything
+            radio.open_squelch(False)
+            replay = page.locator('[data-talkgroup="marine"] .history .replay')
+            await replay.first.wait_for(timeout=5000)
+            assert await page.locator('[data-talkgroup="land"] .history .replay').count() == 0
+            await replay.first.click()
+            await page.wait_for_function(
+                "() => borderlink.log.some(e => e.recall === 'marine' && e.bytes > 10000)",
+                timeout=5000,
+            )
+            clip = (await page.evaluate("borderlink.lastState"))["talkgroups"][0]["recall"][0]
+            url = f"/api/console/recall?talkgroup=marine&clip={clip['id']}"
+            data = base64.b64decode(await page.evaluate(FETCH_CLIP, url))
+            with wave.open(io.BytesIO(data)) as w:
+                audio = np.frombuffer(w.readframes(w.getnframes()), np.int16) / 32768.0
+                assert w.getframerate() == RATE_HZ
+            assert 0.8 <= len(audio) / RATE_HZ <= 1.6, len(audio) / RATE_HZ
+            assert abs(fft_peak_hz(audio, RATE_HZ) - RADIO_TONE_HZ) < 10
+            bob = await site.console("bob")  # monitor-only on marine: may replay it
+            await site.wait_joined(bob, "marine")
+            assert isinstance(await bob.evaluate(FETCH_CLIP, url), str)
+            land = "/api/console/recall?talkgroup=land&clip=1"
+            assert await bob.evaluate(FETCH_CLIP, land) == 403
+            replays = [r for r in site.audit_records() if r["event"] == "console_recall"]
+            assert [r["operator"] for r in replays] == ["alice", "alice", "bob"]
+            # Memory only, and only as long as the talkgroup says: then it is gone.
+            await replay.first.wait_for(state="detached", timeout=30000)
+            assert await page.evaluate(FETCH_CLIP, url) == 404
 
     run(scenario())

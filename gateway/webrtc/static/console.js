@@ -293,7 +293,7 @@ function render(state) {
     patch.textContent = info.patched_with.length ? `patched: ${info.patched_with.join(", ")}` : "";
     unpatch.hidden = !(info.may_patch && info.patches.length);
     unpatch.dataset.patch = info.patches[0] || "";
-    renderHistory(t, info.history || []);
+    renderHistory(t, info.history || [], info.recall || []);
     const talkers = info.talkers;
     const text = talkers.length
       ? talkers.map(x => `${x.emergency ? "⚠ " : ""}${x.who}${x.agency ? " (" + x.agency + ")" : ""}`).join(", ")
@@ -342,18 +342,39 @@ function select(tg) {
 
 // --- talk history, selection, all-call, patching, audio routing ----------------------------
 
-function renderHistory(t, overs) {
-  const key = JSON.stringify(overs);
+// The last overs; where the talkgroup keeps instant recall, each over's clip has ▶.
+function renderHistory(t, overs, recall) {
+  const key = JSON.stringify([overs, recall]);
   if (t.historyKey === key) return;
   t.historyKey = key;
+  const tg = t.el.dataset.talkgroup;
   const list = $(".history", t.el);
   list.replaceChildren(...overs.map((o) => {
     const li = document.createElement("li");
     const at = new Date(o.start * 1000).toLocaleTimeString([], { hour12: false });
-    li.textContent = `${at} ${o.emergency ? "⚠ " : ""}${o.who}${o.agency ? " (" + o.agency + ")" : ""} · ${o.seconds.toFixed(1)} s`;
+    li.textContent = `${at} ${o.emergency ? "⚠ " : ""}${o.who}${o.agency ? " (" + o.agency + ")" : ""} · ${o.seconds.toFixed(1)} s `;
     if (o.emergency) li.className = "emergency-over";
+    const clip = recall.find(c => Math.abs(c.start - o.start) < 1.5);
+    if (clip) {
+      const play = document.createElement("button");
+      play.type = "button"; play.className = "replay"; play.textContent = "▶";
+      play.setAttribute("aria-label", `Replay the over of ${o.who} at ${at}`);
+      play.addEventListener("click", (e) => { e.stopPropagation(); replay(tg, clip.id); });
+      li.appendChild(play);
+    }
     return li;
   }));
+}
+
+async function replay(tg, clip) {
+  const r = await fetch(`/api/console/recall?talkgroup=${encodeURIComponent(tg)}&clip=${clip}`,
+                        { credentials: "same-origin" });
+  if (!r.ok) { $(".state", tiles.get(tg).el).textContent = "that over is no longer kept"; return; }
+  const blob = await r.blob();
+  diag.log.push({ t: Date.now(), recall: tg, clip, bytes: blob.size });
+  const player = new Audio(URL.createObjectURL(blob));
+  player.onended = () => URL.revokeObjectURL(player.src);
+  player.play().catch(() => {});
 }
 
 function picked() { return [...tiles].filter(([, t]) => $(".pick-toggle", t.el).checked).map(([n]) => n); }
