@@ -216,3 +216,36 @@ def test_instant_recall_replays_the_last_over_then_forgets_it(tmp_path):
             assert await page.evaluate(FETCH_CLIP, url) == 404
 
     run(scenario())
+
+
+def test_keyboard_ptt_and_every_control_named_for_a_screen_reader(tmp_path):
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            page = await site.console("alice")
+            await site.wait_joined(page, "marine")
+            for role, name in [
+                ("button", "Push to talk on marine"),
+                ("button", "Emergency call on marine: hold for one second"),
+                ("checkbox", "Monitor marine"),
+                ("checkbox", "Select marine"),
+                ("slider", "Volume of marine"),
+                ("group", "Talkgroup marine"),
+                ("button", "ALL-CALL"),
+            ]:
+                assert await page.get_by_role(role, name=name).count() == 1, (role, name)
+            # Space on the selected tile talks; arrow keys move the selection.
+            await page.locator('[data-talkgroup="marine"]').focus()
+            await page.keyboard.down("Space")
+            port = site.console_port("alice", "marine")
+            await until(lambda: port.ptt, 5, "PTT by the space bar")
+            await page.keyboard.up("Space")
+            await until(lambda: not port.ptt, 5, "released with the space bar")
+            await page.keyboard.press("ArrowRight")
+            selected = page.locator(".tile.selected")
+            assert await selected.get_attribute("data-talkgroup") == "land"
+            # Phone width: one column, nothing cut off, EMERG still away from PTT.
+            await page.set_viewport_size({"width": 390, "height": 800})
+            width = await page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"the page is {width} px wide at phone width"
+
+    run(scenario())

@@ -240,6 +240,14 @@ function tileFor(info) {
   const el = $("#tile").content.firstElementChild.cloneNode(true);
   el.dataset.talkgroup = info.name;
   $(".name", el).textContent = info.name;
+  // A screen reader names each control with its talkgroup ("Monitor marine", …).
+  el.setAttribute("aria-label", `Talkgroup ${info.name}`);
+  $(".monitor-toggle", el).setAttribute("aria-label", `Monitor ${info.name}`);
+  $(".pick-toggle", el).setAttribute("aria-label", `Select ${info.name}`);
+  $(".volume-slider", el).setAttribute("aria-label", `Volume of ${info.name}`);
+  $(".emergency", el).setAttribute("aria-label", `Emergency call on ${info.name}: hold for one second`);
+  $(".unpatch", el).setAttribute("aria-label", `Unpatch ${info.name}`);
+  $(".level", el).setAttribute("aria-label", `Level on ${info.name}`);
   el.title = info.description || info.name;
   t = { el, pc: null, sender: null, source: null, analyser: null, audio: null, monitor: true, info };
   tiles.set(info.name, t);
