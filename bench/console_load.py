@@ -226,15 +226,17 @@ async def login(base: str) -> aiohttp.ClientSession:
 
 
 async def packets_sent(http: aiohttp.ClientSession, base: str) -> tuple[float, int]:
-    """Packets the gateway says it sent to consoles (its /metrics, per-leg counters),
-    and how many console legs it has."""
+    """Packets the gateway says it sent to consoles on tg0 (its /metrics, a counter per
+    talkgroup), and how many console legs it has there."""
     text = await (await http.get(f"{base}/metrics")).text()
-    legs = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("borderlink_leg_packets_out_total") and "@tg0/" in line
-    ]
-    return sum(legs), len(legs)
+    sent, legs = 0.0, 0
+    for line in text.splitlines():
+        value = line.rsplit(" ", 1)[-1]
+        if line.startswith('borderlink_console_packets_out_total{talkgroup="tg0"}'):
+            sent = float(value)
+        elif line.startswith('borderlink_console_talkgroup_seats{talkgroup="tg0"'):
+            legs += int(float(value))
+    return sent, legs
 
 
 def cpu_seconds(pid: int) -> float:

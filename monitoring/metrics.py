@@ -292,6 +292,12 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "Console positions joined to the talkgroup (talking: heard in its mix now)",
         "talkgroup,state",
     ),
+    "console_packets_out": (
+        "console_packets_out_total",
+        "counter",
+        "RTP packets sent to the consoles joined to the talkgroup (those that left included)",
+        "talkgroup",
+    ),
     "console_ptt_rate_limited": (
         "console_ptt_rate_limited_total",
         "counter",

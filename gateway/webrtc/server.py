@@ -222,6 +222,7 @@ class ConsoleHub:
         self.console_patches: dict[str, str] = {}  # patch name → operator who made it
         self._patch_ids = itertools.count(1)
         self.recall: dict[str, RecallPort] = {}  # talkgroups with instant_recall
+        self._packets_gone: dict[str, float] = defaultdict(float)  # of seats that left
         self.sync_recall()
         self.foreign_refused = 0
         self._last_common = ""
@@ -256,7 +257,17 @@ class ConsoleHub:
             "console_foreign_origin": float(self.foreign_refused),
             "console_alarms": float(len(self.alarms)),
             "console_talkgroup_seats": self.seats_by_talkgroup(),
+            "console_packets_out": self.packets_by_talkgroup(),
         }
+
+    def packets_by_talkgroup(self) -> dict[str, float]:
+        """RTP packets sent to consoles per talkgroup, seats that left included (a counter)."""
+        sent = {tg: self._packets_gone.get(tg, 0.0) for tg in self.engine.talkgroups}
+        for console in self.consoles.values():
+            for tg, port in console.ports.items():
+                if tg in sent:
+                    sent[tg] += port.stats()["packets_out"]
+        return sent
 
     def seats_by_talkgroup(self) -> dict[tuple[str, str], float]:
         """(talkgroup, listening|talking) → positions: bounded by the config, not by
@@ -620,6 +631,7 @@ class ConsoleHub:
         port = console.ports.pop(talkgroup, None)
         pc = console.pcs.pop(talkgroup, None)
         if port is not None:
+            self._packets_gone[talkgroup] += port.stats()["packets_out"]
             self.engine.detach(port)
             port.close()
             self.audit("console_leave", operator=port.operator, talkgroup=talkgroup,
