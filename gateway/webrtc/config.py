@@ -28,6 +28,7 @@ class OperatorConfig(Model):
     emergency: bool = False  # may press the emergency button (pre-empts the floor)
     emergency_priority: int = 100
     patch: bool = False  # may patch (and unpatch) talkgroups that are all in their `talk`
+    links: bool = False  # may cut and restore cross-border links ([links]) from the console
 
     @field_validator("password_hash")
     @classmethod
@@ -87,6 +88,7 @@ class ConsoleConfig(Model):
             monitor = ", ".join(op.monitor) or "-"
             agency = f" [{op.agency}]" if op.agency else ""
             extra = ("  emergency" if op.emergency else "") + ("  patch" if op.patch else "")
+            extra += "  links" if op.links else ""
             lines.append(f"operator {name:<14}{agency} talk: {talk}; monitor: {monitor}{extra}")
         return lines
 

@@ -452,7 +452,7 @@ class ConsoleHub:
         common = self.common_state()
         denied = self.engine.denied
         busy = np.flatnonzero(denied).tolist() if len(denied) == len(self.engine.ports) else []
-        digest = json.dumps([common["talkgroups"], busy, list(self.alarms)])
+        digest = json.dumps([common["talkgroups"], busy, list(self.alarms), common["links"]])
         if only_if_changed and digest == self._last_common:
             return
         self._last_common = digest
@@ -496,7 +496,28 @@ class ConsoleHub:
                 "recall": self.recall[name].listing() if name in self.recall else None,
                 "level_dbfs": round(level.get(gi, -120.0), 1) if gi is not None else -120.0,
             }
-        return {"talkgroups": out, "index": {id(p): i for i, p in enumerate(lay.ports)}}
+        return {"talkgroups": out, "links": self.links_state(),
+                "index": {id(p): i for i, p in enumerate(lay.ports)}}  # fmt: skip
+
+    def links_state(self) -> list[dict[str, Any]]:
+        """Each cross-border link: its state, round trip and shared talkgroups."""
+        service = getattr(self.gateway, "links", None)
+        if service is None:
+            return []
+        out = []
+        for name, trunk in service.trunks.items():
+            rtt = trunk.rtt()
+            shares = [
+                {"talkgroup": tg, "as": entry.shared, "state": trunk.names[entry.shared].state}
+                for tg, entry in trunk.config.share.items()
+                if entry.shared in trunk.names
+            ]
+            out.append({
+                "name": name, "state": trunk.state(), "shares": shares,
+                "rtt_ms": None if rtt is None else round(rtt * 1000),
+                "cut_here": bool(service.cuts.cuts.get(name)),
+            })  # fmt: skip
+        return out
 
     def personal_state(
         self, common: dict[str, Any], session: Session, console: Console | None
@@ -527,12 +548,18 @@ class ConsoleHub:
             for a in self.alarms.values()
             if op.may_monitor(a.talkgroup)
         ]
+        links = [
+            {**link, "may_cut": op.links}
+            for link in common["links"]
+            if op.links or any(op.may_monitor(s["talkgroup"]) for s in link["shares"])
+        ]
         return {
             "type": "state",
             "site": self.gateway.config.site.name,
             "server_time": time.time(),
             "talkgroups": tiles,
             "alarms": alarms,
+            "links": links,
         }
 
     # --- consoles, ports and peer connections ------------------------------------
@@ -727,6 +754,33 @@ class ConsoleHub:
         self.engine.set_patch(name, False)
         if self.console_patches.pop(name, None) is not None:
             self.engine.patches.pop(name, None)  # made here: gone once broken
+
+    def cut_link(self, sock: Socket, link: Any, cut: bool) -> None:
+        """A sovereign cut (or its restore) of a cross-border link, by an operator with
+        the ``links`` permission; the links service audits it (``via`` console)."""
+        from gateway.links.service import LinkError
+
+        operator = sock.session.operator
+        service = getattr(self.gateway, "links", None)
+        problem = ""
+        if not sock.session.config.links:
+            problem = "cutting links is not permitted for this operator"
+        elif service is None or not isinstance(link, str):
+            problem = "no such link"
+        else:
+            try:
+                if cut:
+                    service.cut(link, None, f"console:{operator}", "cut at the console", "console")
+                else:
+                    service.restore(link, None, f"console:{operator}", "console")
+            except LinkError as exc:
+                problem = str(exc)
+        if problem:
+            self.audit("console_link_refused", warn=True, operator=operator,
+                       link=link if isinstance(link, str) else None, cut=cut,
+                       reason=problem)  # fmt: skip
+            sock.send({"type": "link_refused", "reason": problem})
+        self.push_state()
 
     def rate_limited(self, sock: Socket, talkgroup: str) -> None:
         """A PTT press over the page's allowance: refused, counted, audited in batches."""
@@ -1039,6 +1093,8 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                 hub.patch(sock, data.get("talkgroups"))
             elif kind == "unpatch":
                 hub.unpatch(sock, data.get("patch"))
+            elif kind in ("link_cut", "link_restore"):
+                hub.cut_link(sock, data.get("link"), kind == "link_cut")
             else:
                 sock.send({"type": "error", "message": f"unknown message {kind!r}"})
     finally:

@@ -217,6 +217,11 @@ function onMessage(msg) {
     showLogin(`Logged out by the gateway: ${msg.reason}.`);
     return;
   }
+  if (msg.type === "link_refused") {
+    banner(`Link: ${msg.reason}`);
+    diag.log.push({ t: Date.now(), linkRefused: msg.reason });
+    return;
+  }
   if (msg.type === "patch_refused") {
     $("#allcall-status").textContent = `Patch refused: ${msg.reason}`;
     diag.log.push({ t: Date.now(), patchRefused: msg.reason });
@@ -288,6 +293,7 @@ function render(state) {
   diag.lastState = state;
   alarms = state.alarms || [];
   showAlarms();
+  renderLinks(state.links || []);
   const now = Date.now();
   // A talkgroup no longer permitted (or removed by a reload) loses its tile.
   const shown = new Set(state.talkgroups.map(x => x.name));
@@ -346,6 +352,45 @@ function render(state) {
 function select(tg) {
   selected = tg;
   for (const [name, t] of tiles) { t.el.classList.toggle("selected", name === tg); applyVolume(t); }
+}
+
+// Cross-border links: state, round trip, what is shared; Cut / Restore with `links`.
+function renderLinks(links) {
+  const key = JSON.stringify(links);
+  if (renderLinks.key === key) return;
+  renderLinks.key = key;
+  const box = $("#links");
+  box.replaceChildren(...links.map((l) => {
+    const el = document.createElement("article");
+    el.className = `link-tile ${l.state}`; el.dataset.link = l.name;
+    el.setAttribute("role", "group"); el.setAttribute("aria-label", `Link ${l.name}`);
+    const h = document.createElement("h2");
+    const state = document.createElement("span");
+    state.className = "link-state"; state.textContent = l.state.replace(/_/g, " ");
+    h.append(`Link ${l.name}`, state);
+    const info = document.createElement("p");
+    info.className = "link-rtt"; info.textContent = l.rtt_ms === null ? "RTT —" : `RTT ${l.rtt_ms} ms`;
+    const list = document.createElement("ul");
+    list.replaceChildren(...l.shares.map((x) => {
+      const li = document.createElement("li");
+      li.textContent = `${x.talkgroup} as “${x.as}”: ${x.state.replace(/_/g, " ")}`;
+      return li;
+    }));
+    el.append(h, info, list);
+    if (l.may_cut) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = l.cut_here ? "restore-button" : "cut-button";
+      b.textContent = l.cut_here ? "Restore" : "Cut";
+      b.setAttribute("aria-label", `${b.textContent} link ${l.name}`);
+      b.addEventListener("click", () => {
+        if (!l.cut_here && !confirm(`Cut link ${l.name}? No audio crosses until it is restored.`)) return;
+        send({ type: l.cut_here ? "link_restore" : "link_cut", link: l.name });
+      });
+      el.append(b);
+    }
+    return el;
+  }));
 }
 
 // --- talk history, selection, all-call, patching, audio routing ----------------------------
