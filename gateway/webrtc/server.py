@@ -1108,7 +1108,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Every console response says: load only from here, never inside another site's frame."""
-    if request.path.startswith(("/console", "/api/console")) and not response.prepared:
+    if request.path.startswith(("/console", "/api/console")):
         response.headers.update(SECURITY_HEADERS)
 
 

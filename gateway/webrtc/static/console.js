@@ -333,7 +333,7 @@ function render(state) {
     ptt.setAttribute("aria-disabled", String(!info.may_talk || !mic));
     ptt.classList.toggle("monitor-only", !info.may_talk);
     ptt.textContent = info.may_talk ? "PTT" : "MONITOR ONLY";
-    ptt.title = !info.may_talk ? "monitor only: you may not talk here" : (!mic ? "no microphone" : "hold to talk");
+    ptt.title = !info.may_talk ? "monitor only" : (!mic ? "no microphone" : "hold to talk");
     ptt.setAttribute("aria-label", `Push to talk on ${info.name}` + (info.may_talk ? "" : " (monitor only)"));
     const emergencyHeard = talkers.some(x => x.emergency);
     ptt.classList.toggle("busy", info.me === "busy" && !emergencyHeard);
