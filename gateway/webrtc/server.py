@@ -223,6 +223,7 @@ class ConsoleHub:
         self._patch_ids = itertools.count(1)
         self.recall: dict[str, RecallPort] = {}  # talkgroups with instant_recall
         self._packets_gone: dict[str, float] = defaultdict(float)  # of seats that left
+        self._emergency_overs: set[str] = set()  # ports whose current over is an emergency
         self.sync_recall()
         self.foreign_refused = 0
         self._last_common = ""
@@ -411,6 +412,8 @@ class ConsoleHub:
     def _on_event(self, event: Event) -> None:
         if event.kind == "talk_stop" and event.port is not None:
             self._remember_over(event)
+        elif event.kind == "talk_start" and event.port not in self.engine.emergency:
+            self._emergency_overs.discard(event.port)  # an ordinary over starts
         if event.kind in PUSH_EVENTS and not self._push_pending and self.sockets:
             self._push_pending = True
             # After the tick finishes, so engine.admitted is this tick's.
@@ -426,8 +429,9 @@ class ConsoleHub:
             "agency": port.config.agency if port is not None else "",
             "start": round(time.time() - event.seconds, 1),
             "seconds": round(event.seconds, 1),
-            "emergency": bool(getattr(port, "emergency", False)),
+            "emergency": event.port in self._emergency_overs,
         }
+        self._emergency_overs.discard(event.port)
         for talkgroup in heard:
             if talkgroup in self.engine.talkgroups:
                 overs = self.history.setdefault(talkgroup, deque(maxlen=HISTORY_OVERS))
@@ -800,6 +804,7 @@ class ConsoleHub:
         self._set_priority(port, op.emergency_priority if on else op.priority)
         if on:
             self.engine.emergency.add(port.name)
+            self._emergency_overs.add(port.name)  # the over stays marked after release
         else:
             self.engine.emergency.discard(port.name)
 

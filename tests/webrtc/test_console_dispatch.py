@@ -168,6 +168,8 @@ def test_emergency_is_guarded_and_away_from_ptt(tmp_path):
             assert [r["operator"] for r in acks] == ["bob"] and acks[0]["talkgroup"] == "marine"
             raised = [r for r in records if r["event"] == "console_emergency" and r["on"]]
             assert len(raised) == 1  # the slip raised nothing
+            over = page.locator('[data-talkgroup="marine"] .history li.emergency-over')
+            assert "⚠ Alice (dispatch)" in await over.first.inner_text()  # marked in the history
 
     run(scenario())
 
