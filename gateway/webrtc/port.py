@@ -97,7 +97,6 @@ class ConsolePort(Port):
         dtx: bool = True,
     ) -> None:
         config = PortConfig(kind="console", agency=agency, duplex="full", ptt_hang_time=0.0,
-                            label=display[:40],  # who-is-talking, audit and MQTT show it
                             description=f"dispatcher console of {operator}")  # fmt: skip
         super().__init__(name, config, timing)
         self.operator = operator
@@ -199,6 +198,11 @@ class ConsolePort(Port):
             self.direct.close()
         if self.reader is not None:
             self.reader.cancel()
+
+    @property
+    def label(self) -> str:
+        """Who-is-talking, the audit log and MQTT show the operator's display name."""
+        return self.display
 
     def stats(self) -> dict[str, float]:
         out = self.direct or self.track
