@@ -9,8 +9,16 @@
  * touches no Python object, so it runs with the GIL held by anyone.
  *
  * Layouts are the Python side's: a ring is ring.py's SharedRing (four int64
- * counters, then float32 samples), the counters are card_process.py's. The structs
- * below are built by card_process.py (ctypes) and passed as PortAudio's userData.
+ * counters, then float32 samples), the counters are card_main.py's. The structs
+ * below are built by card_main.py (ctypes) and passed as PortAudio's userData.
+ *
+ * The rings are shared between processes and CPUs, so every counter another side
+ * reads is a C11 atomic: a writer stores its samples, then the counter with release
+ * order; a reader loads the counter with acquire order, then the samples. x86-64
+ * would keep that order anyway; arm64 (a Raspberry Pi-class site box) does not, and
+ * a reader could see the counter before the samples. The gateway's side of the rings
+ * goes through the same functions (ring_push / ring_pop below, from ring.py), so both
+ * ends keep the order on every CPU.
  *
  * A stream carries one or more lanes: a lane takes one input channel into its
  * capture ring and plays its playback ring into one output channel. A radio's card
@@ -54,13 +62,19 @@ typedef struct {
 
 static inline int64_t load(int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void store(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+/* a counter only this side writes: no order needed, but still one untorn access */
+static inline int64_t own(int64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+
+/* Where the callback's stack is (the address of one of its locals, from its last call):
+ * the card's process locks those pages in memory (card_main.py). */
+static void *callback_stack;
 
 /* Append every stride-th sample of src (n of them) as far as they fit; returns how
  * many did not. The counter moves after the samples, so the reader never sees one
  * not yet written. */
 static int64_t ring_push(ring_t *r, const float *src, int stride, int64_t n)
 {
-    int64_t written = r->counters[WRITTEN];
+    int64_t written = own(&r->counters[WRITTEN]);
     int64_t room = r->capacity - (written - load(&r->counters[READ]));
     int64_t take = n < room ? n : room;
     int64_t at = written % r->capacity;
@@ -78,13 +92,14 @@ static int64_t ring_push(ring_t *r, const float *src, int stride, int64_t n)
 static int64_t ring_pop(ring_t *r, float *dst, int stride, int64_t n)
 {
     int64_t *c = r->counters;
-    int64_t read = c[READ];
+    int64_t read = own(&c[READ]);
     int64_t written = load(&c[WRITTEN]);
     int64_t asked = load(&c[SKIP_ASKED]);
-    if (asked != c[SKIP_DONE]) {
-        int64_t skip = asked - c[SKIP_DONE];
+    int64_t done = own(&c[SKIP_DONE]);
+    if (asked != done) {
+        int64_t skip = asked - done;
         read += skip < written - read ? skip : written - read;
-        c[SKIP_DONE] = asked;
+        store(&c[SKIP_DONE], asked);
     }
     int64_t got = written - read < n ? written - read : n;
     int64_t at = read % r->capacity;
@@ -116,8 +131,8 @@ static void serve_lane(lane_t *lane, const float *in, int in_channels, float *ou
         return;
     }
     lane->serving = 1;
-    int64_t level = load(&lane->tx.counters[WRITTEN]) - lane->tx.counters[READ];
-    int64_t window = s[WINDOW];
+    int64_t level = load(&lane->tx.counters[WRITTEN]) - own(&lane->tx.counters[READ]);
+    int64_t window = __atomic_load_n(&s[WINDOW], __ATOMIC_RELAXED);  /* the tick's */
     lane->low = (window != lane->window || level < lane->low) ? level : lane->low;
     lane->window = window;
     s[TX_LOW] = lane->low;
@@ -130,16 +145,19 @@ static int stream_callback(const void *input, void *output, unsigned long frames
 {
     (void)time_info;
     stream_t *st = user_data;
+    callback_stack = &st;
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     /* The time and the frame it belongs to change together: STAMP is odd while they are
      * written, so a reader that saw it even and unchanged around its reads has a pair. */
     int64_t *s = st->status;
-    __atomic_store_n(&s[STAMP], s[STAMP] + 1, __ATOMIC_RELAXED);
+    double when = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+    int64_t seq = own(&s[STAMP]);
+    __atomic_store_n(&s[STAMP], seq + 1, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    st->clock[0] = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
-    s[STAMP_FRAME] = s[TOTAL];
-    store(&s[STAMP], s[STAMP] + 1);
+    __atomic_store(&st->clock[0], &when, __ATOMIC_RELAXED);
+    __atomic_store_n(&s[STAMP_FRAME], own(&s[TOTAL]), __ATOMIC_RELAXED);
+    store(&s[STAMP], seq + 2);
     st->status[FRAMES] = (int64_t)frames;
     if (status_flags)
         st->status[XRUNS] += 1;
@@ -148,15 +166,132 @@ static int stream_callback(const void *input, void *output, unsigned long frames
     for (int i = 0; i < st->lanes; i++)
         serve_lane(&st->lane[i], input, st->input_channels, output, st->output_channels,
                    (int64_t)frames);
-    store(&st->status[TOTAL], st->status[TOTAL] + (int64_t)frames);
+    store(&st->status[TOTAL], own(&st->status[TOTAL]) + (int64_t)frames);
     return 0; /* paContinue */
 }
+
+/* --- the gateway's side of the rings (ring.py) ---------------------------------
+ *
+ * Called from Python with a ring's whole memory (its counters, then its samples) as
+ * one writable buffer, and the samples as a float32 buffer. */
+
+static int ring_of(Py_buffer *memory, ring_t *r)
+{
+    if (memory->len < (Py_ssize_t)(4 * sizeof(int64_t) + sizeof(float))
+        || (uintptr_t)memory->buf % sizeof(int64_t) != 0) {
+        PyErr_SetString(PyExc_ValueError, "not a ring: too short or not 8-byte aligned");
+        return -1;
+    }
+    r->counters = memory->buf;
+    r->samples = (float *)(r->counters + 4);
+    r->capacity = (memory->len - 4 * (Py_ssize_t)sizeof(int64_t)) / (Py_ssize_t)sizeof(float);
+    return 0;
+}
+
+static PyObject *py_ring_push(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer memory, samples;
+    if (!PyArg_ParseTuple(args, "w*y*:ring_push", &memory, &samples))
+        return NULL;
+    ring_t r;
+    int64_t left = -1;
+    if (ring_of(&memory, &r) == 0)
+        left = ring_push(&r, samples.buf, 1, samples.len / (Py_ssize_t)sizeof(float));
+    PyBuffer_Release(&memory);
+    PyBuffer_Release(&samples);
+    return left < 0 ? NULL : PyLong_FromLongLong(left);
+}
+
+static PyObject *py_ring_pop(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer memory, out;
+    if (!PyArg_ParseTuple(args, "w*w*:ring_pop", &memory, &out))
+        return NULL;
+    ring_t r;
+    int64_t got = -1;
+    if (ring_of(&memory, &r) == 0)
+        got = ring_pop(&r, out.buf, 1, out.len / (Py_ssize_t)sizeof(float));
+    PyBuffer_Release(&memory);
+    PyBuffer_Release(&out);
+    return got < 0 ? NULL : PyLong_FromLongLong(got);
+}
+
+static PyObject *py_ring_ask_skip(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer memory;
+    long long n;
+    if (!PyArg_ParseTuple(args, "w*L:ring_ask_skip", &memory, &n))
+        return NULL;
+    ring_t r;
+    int ok = ring_of(&memory, &r) == 0;
+    if (ok) /* only the writer moves it: a plain add, published with release order */
+        store(&r.counters[SKIP_ASKED], own(&r.counters[SKIP_ASKED]) + n);
+    PyBuffer_Release(&memory);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* The last callback's (first frame, time) as one pair: the callback writes them between
+ * two steps of STAMP (odd while writing), so a pair read between two equal, even
+ * loads of STAMP is whole. */
+static PyObject *py_stamp(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer status, clock;
+    if (!PyArg_ParseTuple(args, "w*w*:stamp", &status, &clock))
+        return NULL;
+    if (status.len < (Py_ssize_t)((TX_MISSING + 1) * sizeof(int64_t))
+        || clock.len < (Py_ssize_t)sizeof(double)) {
+        PyBuffer_Release(&status);
+        PyBuffer_Release(&clock);
+        PyErr_SetString(PyExc_ValueError, "stamp: status or clock too short");
+        return NULL;
+    }
+    int64_t *s = status.buf;
+    int64_t seq, frame;
+    double when;
+    do {
+        seq = load(&s[STAMP]);
+        frame = __atomic_load_n(&s[STAMP_FRAME], __ATOMIC_RELAXED);
+        __atomic_load((double *)clock.buf, &when, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    } while ((seq & 1) || own(&s[STAMP]) != seq);
+    PyBuffer_Release(&status);
+    PyBuffer_Release(&clock);
+    return Py_BuildValue("Ld", (long long)frame, when);
+}
+
+static PyObject *py_callback_stack(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyLong_FromVoidPtr(__atomic_load_n(&callback_stack, __ATOMIC_RELAXED));
+}
+
+static PyMethodDef methods[] = {
+    {"ring_push", py_ring_push, METH_VARARGS,
+     "ring_push(ring, samples) -> how many did not fit (the writer's side)"},
+    {"ring_pop", py_ring_pop, METH_VARARGS,
+     "ring_pop(ring, out) -> how many were there, after any skip asked for (the reader's)"},
+    {"ring_ask_skip", py_ring_ask_skip, METH_VARARGS,
+     "ring_ask_skip(ring, n): ask the reader to drop the n oldest samples (the writer's)"},
+    {"stamp", py_stamp, METH_VARARGS, "stamp(status, clock) -> (first frame, monotonic time)"},
+    {"callback_stack", py_callback_stack, METH_NOARGS,
+     "an address on the callback's stack at its last call (0: not called yet)"},
+    {NULL, NULL, 0, NULL},
+};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_callback",
-    .m_doc = "The sound card's stream callback in C; CALLBACK is its address.",
+    .m_doc = "The sound card's stream callback in C (CALLBACK is its address), and the "
+             "rings' operations with the memory order both sides need.",
     .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__callback(void)
@@ -169,7 +304,8 @@ PyMODINIT_FUNC PyInit__callback(void)
     int failed = address == NULL || PyModule_AddObjectRef(m, "CALLBACK", address) < 0;
     Py_XDECREF(address);
     if (failed || PyModule_AddIntConstant(m, "STREAM_SIZE", sizeof(stream_t)) < 0
-        || PyModule_AddIntConstant(m, "LANE_SIZE", sizeof(lane_t)) < 0) {
+        || PyModule_AddIntConstant(m, "LANE_SIZE", sizeof(lane_t)) < 0
+        || PyModule_AddIntConstant(m, "RING_HEADER_BYTES", 4 * sizeof(int64_t)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

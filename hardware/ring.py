@@ -11,24 +11,29 @@ Only the reader may move the read counter, so a writer that wants the oldest sam
 gone (the tick trimming latency out of the playback FIFO) *asks* the reader to skip
 them, and the reader does at its next read.
 
-Ordering: this relies on a store to the counter becoming visible after the stores to
-the samples before it, which x86-64 guarantees. On a weakly ordered CPU (ARM) a
-reader could in principle see a counter a few samples ahead of the data: at worst
-a stale sample from one ring length ago, never a crash.
+Ordering: "after" must hold on every CPU, not only on x86-64 (which keeps stores in
+order by itself): on arm64 a reader could see the counter move before the samples
+and read a stale one. So pushing, popping and asking for a skip are the C helper's
+(``_callback.c``), with C11 acquire/release atomics — the same functions the card's
+callback uses on the other side. ``level`` and ``queued`` only read counters (one
+aligned 64-bit load each, never torn), so NumPy reads them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import _callback
+
 _WRITTEN, _READ, _SKIP_ASKED, _SKIP_DONE = range(4)
-HEADER_BYTES = 4 * 8
+HEADER_BYTES = _callback.RING_HEADER_BYTES  # four int64 counters, then the samples
 
 
 class SharedRing:
     """Single-writer, single-reader float32 FIFO over ``buffer`` (e.g. a SharedMemory's)."""
 
     def __init__(self, buffer: memoryview, capacity: int, offset: int = 0) -> None:
+        self.memory = memoryview(buffer)[offset : offset + self.nbytes(capacity)]
         self.counters = np.ndarray(4, np.int64, buffer, offset)
         self.buf = np.ndarray(capacity, np.float32, buffer, offset + HEADER_BYTES)
         self.capacity = capacity
@@ -36,6 +41,11 @@ class SharedRing:
     @staticmethod
     def nbytes(capacity: int) -> int:
         return HEADER_BYTES + 4 * capacity
+
+    @property
+    def address(self) -> int:
+        """Where the ring starts in this process (for the C callback)."""
+        return self.counters.ctypes.data
 
     def reset(self) -> None:
         """Empty it; only while no other process uses it."""
@@ -57,39 +67,20 @@ class SharedRing:
 
     def push(self, x: np.ndarray) -> int:
         """Append as much of ``x`` as fits; returns how many (newest) samples did not."""
-        c, cap = self.counters, self.capacity
-        written = int(c[_WRITTEN])
-        room = cap - (written - int(c[_READ]))
-        n = min(len(x), room)
-        start = written % cap
-        first = min(n, cap - start)
-        self.buf[start : start + first] = x[:first]
-        self.buf[: n - first] = x[first:n]
-        c[_WRITTEN] = written + n  # after the samples: the reader may take them now
-        return len(x) - n
+        return _callback.ring_push(self.memory, np.ascontiguousarray(x, np.float32))
 
     def ask_skip(self, n: int) -> None:
         """Ask the reader to drop the ``n`` oldest samples before it reads again."""
         if n > 0:
-            self.counters[_SKIP_ASKED] += n
+            _callback.ring_ask_skip(self.memory, int(n))
 
     # --- the reader's side ---------------------------------------------------------
 
     def pop_into(self, out: np.ndarray) -> int:
         """Fill ``out`` from the front (after any skip asked for); returns how many were there."""
-        c, cap = self.counters, self.capacity
-        read = int(c[_READ])
-        asked = int(c[_SKIP_ASKED])
-        if asked != c[_SKIP_DONE]:
-            read += min(asked - int(c[_SKIP_DONE]), int(c[_WRITTEN]) - read)
-            c[_SKIP_DONE] = asked
-        n = min(len(out), int(c[_WRITTEN]) - read)
-        start = read % cap
-        first = min(n, cap - start)
-        out[:first] = self.buf[start : start + first]
-        out[first:n] = self.buf[: n - first]
-        c[_READ] = read + n  # after the copy: the writer may reuse the room now
-        return n
+        if out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise TypeError("pop_into needs a contiguous float32 array")
+        return _callback.ring_pop(self.memory, out)
 
     def pop_all(self) -> np.ndarray:
         out = np.empty(self.level, np.float32)
