@@ -172,48 +172,51 @@ static int stream_callback(const void *input, void *output, unsigned long frames
 
 /* --- the gateway's side of the rings (ring.py) ---------------------------------
  *
- * Called from Python with a ring's whole memory (its counters, then its samples) as
- * one writable buffer, and the samples as a float32 buffer. */
+ * Called from Python with a ring's counters (four int64) and its samples (float32) as
+ * two writable buffers, and the caller's samples as a float32 buffer. */
 
-static int ring_of(Py_buffer *memory, ring_t *r)
+static int ring_of(Py_buffer *counters, Py_buffer *samples, ring_t *r)
 {
-    if (memory->len < (Py_ssize_t)(4 * sizeof(int64_t) + sizeof(float))
-        || (uintptr_t)memory->buf % sizeof(int64_t) != 0) {
-        PyErr_SetString(PyExc_ValueError, "not a ring: too short or not 8-byte aligned");
+    if (counters->len < (Py_ssize_t)(4 * sizeof(int64_t))
+        || (uintptr_t)counters->buf % sizeof(int64_t) != 0
+        || samples->len < (Py_ssize_t)sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "not a ring: 4 aligned int64 counters, then samples");
         return -1;
     }
-    r->counters = memory->buf;
-    r->samples = (float *)(r->counters + 4);
-    r->capacity = (memory->len - 4 * (Py_ssize_t)sizeof(int64_t)) / (Py_ssize_t)sizeof(float);
+    r->counters = counters->buf;
+    r->samples = samples->buf;
+    r->capacity = samples->len / (Py_ssize_t)sizeof(float);
     return 0;
 }
 
 static PyObject *py_ring_push(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer memory, samples;
-    if (!PyArg_ParseTuple(args, "w*y*:ring_push", &memory, &samples))
+    Py_buffer counters, samples, src;
+    if (!PyArg_ParseTuple(args, "w*w*y*:ring_push", &counters, &samples, &src))
         return NULL;
     ring_t r;
     int64_t left = -1;
-    if (ring_of(&memory, &r) == 0)
-        left = ring_push(&r, samples.buf, 1, samples.len / (Py_ssize_t)sizeof(float));
-    PyBuffer_Release(&memory);
+    if (ring_of(&counters, &samples, &r) == 0)
+        left = ring_push(&r, src.buf, 1, src.len / (Py_ssize_t)sizeof(float));
+    PyBuffer_Release(&counters);
     PyBuffer_Release(&samples);
+    PyBuffer_Release(&src);
     return left < 0 ? NULL : PyLong_FromLongLong(left);
 }
 
 static PyObject *py_ring_pop(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer memory, out;
-    if (!PyArg_ParseTuple(args, "w*w*:ring_pop", &memory, &out))
+    Py_buffer counters, samples, out;
+    if (!PyArg_ParseTuple(args, "w*w*w*:ring_pop", &counters, &samples, &out))
         return NULL;
     ring_t r;
     int64_t got = -1;
-    if (ring_of(&memory, &r) == 0)
+    if (ring_of(&counters, &samples, &r) == 0)
         got = ring_pop(&r, out.buf, 1, out.len / (Py_ssize_t)sizeof(float));
-    PyBuffer_Release(&memory);
+    PyBuffer_Release(&counters);
+    PyBuffer_Release(&samples);
     PyBuffer_Release(&out);
     return got < 0 ? NULL : PyLong_FromLongLong(got);
 }
@@ -221,17 +224,21 @@ static PyObject *py_ring_pop(PyObject *self, PyObject *args)
 static PyObject *py_ring_ask_skip(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer memory;
+    Py_buffer counters;
     long long n;
-    if (!PyArg_ParseTuple(args, "w*L:ring_ask_skip", &memory, &n))
+    if (!PyArg_ParseTuple(args, "w*L:ring_ask_skip", &counters, &n))
         return NULL;
-    ring_t r;
-    int ok = ring_of(&memory, &r) == 0;
-    if (ok) /* only the writer moves it: a plain add, published with release order */
-        store(&r.counters[SKIP_ASKED], own(&r.counters[SKIP_ASKED]) + n);
-    PyBuffer_Release(&memory);
-    if (!ok)
+    int ok = counters.len >= (Py_ssize_t)(4 * sizeof(int64_t))
+             && (uintptr_t)counters.buf % sizeof(int64_t) == 0;
+    if (ok) { /* only the writer moves it: a plain add, published with release order */
+        int64_t *c = counters.buf;
+        store(&c[SKIP_ASKED], own(&c[SKIP_ASKED]) + n);
+    }
+    PyBuffer_Release(&counters);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "not a ring's counters: 4 aligned int64");
         return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -274,11 +281,11 @@ static PyObject *py_callback_stack(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"ring_push", py_ring_push, METH_VARARGS,
-     "ring_push(ring, samples) -> how many did not fit (the writer's side)"},
+     "ring_push(counters, samples, x) -> how many of x did not fit (the writer's side)"},
     {"ring_pop", py_ring_pop, METH_VARARGS,
-     "ring_pop(ring, out) -> how many were there, after any skip asked for (the reader's)"},
+     "ring_pop(counters, samples, out) -> how many it got, after any skip (the reader's)"},
     {"ring_ask_skip", py_ring_ask_skip, METH_VARARGS,
-     "ring_ask_skip(ring, n): ask the reader to drop the n oldest samples (the writer's)"},
+     "ring_ask_skip(counters, n): ask the reader to drop the n oldest (the writer's)"},
     {"stamp", py_stamp, METH_VARARGS, "stamp(status, clock) -> (first frame, monotonic time)"},
     {"callback_stack", py_callback_stack, METH_NOARGS,
      "an address on the callback's stack at its last call (0: not called yet)"},

@@ -33,7 +33,6 @@ class SharedRing:
     """Single-writer, single-reader float32 FIFO over ``buffer`` (e.g. a SharedMemory's)."""
 
     def __init__(self, buffer: memoryview, capacity: int, offset: int = 0) -> None:
-        self.memory = memoryview(buffer)[offset : offset + self.nbytes(capacity)]
         self.counters = np.ndarray(4, np.int64, buffer, offset)
         self.buf = np.ndarray(capacity, np.float32, buffer, offset + HEADER_BYTES)
         self.capacity = capacity
@@ -67,12 +66,12 @@ class SharedRing:
 
     def push(self, x: np.ndarray) -> int:
         """Append as much of ``x`` as fits; returns how many (newest) samples did not."""
-        return _callback.ring_push(self.memory, np.ascontiguousarray(x, np.float32))
+        return _callback.ring_push(self.counters, self.buf, np.ascontiguousarray(x, np.float32))
 
     def ask_skip(self, n: int) -> None:
         """Ask the reader to drop the ``n`` oldest samples before it reads again."""
         if n > 0:
-            _callback.ring_ask_skip(self.memory, int(n))
+            _callback.ring_ask_skip(self.counters, int(n))
 
     # --- the reader's side ---------------------------------------------------------
 
@@ -80,7 +79,7 @@ class SharedRing:
         """Fill ``out`` from the front (after any skip asked for); returns how many were there."""
         if out.dtype != np.float32 or not out.flags.c_contiguous:
             raise TypeError("pop_into needs a contiguous float32 array")
-        return _callback.ring_pop(self.memory, out)
+        return _callback.ring_pop(self.counters, self.buf, out)
 
     def pop_all(self) -> np.ndarray:
         out = np.empty(self.level, np.float32)
