@@ -234,7 +234,7 @@ def table(title: str, rows: list[tuple[Sample, float]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--idle", type=float, default=10.0, help="CPU window, seconds")
-    parser.add_argument("--settle", type=float, default=3.0, help="wait before measuring")
+    parser.add_argument("--settle", type=float, default=15.0, help="wait before measuring")
     parser.add_argument("--radios", type=int, default=4, help="sound cards on the JACK site")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-jack", action="store_true")
