@@ -107,8 +107,9 @@ def _unused_port() -> int:
 
 
 def site_toml(
-    folder: Path, spec: SiteSpec, ports: dict[str, int], pki: Pki, extra: str = ""
+    folder: Path, spec: SiteSpec, ports: dict[str, int], pki: Pki, extra: str = "", sip: str = ""
 ) -> Path:
+    """The site's TOML file; ``sip`` adds keys to ``[sip]``, ``extra`` adds tables at the end."""
     cert = pki.certs[spec.name]
     text = f"""
 [site]
@@ -126,7 +127,7 @@ listen = "127.0.0.1:0"
 listen_tls = "127.0.0.1:{spec.tls_port}"
 tls_certificate = "{cert.certificate}"
 tls_key = "{cert.key}"
-
+{sip}
 [links]
 site_id = "{spec.name}"
 """
