@@ -90,6 +90,7 @@ class SiteSpec:
     tones: dict[str, float]  # talkgroup → the tone its radio speaks
     links: list[LinkSpec]
     tls_port: int = field(default_factory=lambda: _unused_port())
+    sip_port: int = 0  # UDP; 0: any (a proxy in front needs to know it)
 
 
 _handed_out: set[int] = set()
@@ -123,7 +124,7 @@ rate = {RATE}
 path = "{folder / f"{spec.name}-audit.jsonl"}"
 
 [sip]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{spec.sip_port}"
 listen_tls = "127.0.0.1:{spec.tls_port}"
 tls_certificate = "{cert.certificate}"
 tls_key = "{cert.key}"

@@ -104,15 +104,21 @@ class Kamailio:
         directory: Path,
         host: str = "127.0.0.1",
         tls: tuple[Path, Path, Path] | None = None,
+        template: Path = HERE / "kamailio.cfg.in",
+        values: dict[str, str] | None = None,
     ) -> None:
+        """``template`` is another cfg (e.g. a dispatcher in front of gateways); ``values``
+        fills its ``@NAME@`` placeholders besides ``@PORT@`` and ``@PASSWORD@``."""
         self.binary = require_binary("kamailio")
         self.directory = directory
         self.host = host  # another loopback address (127.0.0.2) tells it apart from phones
         self.port = free_port()
         self.tls_port = 0
         self.proc: subprocess.Popen | None = None
-        cfg = (HERE / "kamailio.cfg.in").read_text()
+        cfg = template.read_text()
         cfg = cfg.replace("@PORT@", str(self.port)).replace("@PASSWORD@", PASSWORD)
+        for name, value in (values or {}).items():
+            cfg = cfg.replace(f"@{name}@", value)
         cfg = cfg.replace("127.0.0.1:", f"{host}:")
         if tls is not None:
             self.tls_port = free_port()

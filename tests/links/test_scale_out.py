@@ -1,0 +1,160 @@
+"""More than one gateway: a site spread over two gateways behind kamailio's dispatcher, and
+three sites in a chain.
+
+Scale-out is the link mechanism: each gateway owns its radios, the gateways share the
+site's talkgroups over a link, and kamailio (``dispatcher``, round robin) spreads the
+phones' calls over them — a phone on one gateway hears a radio on the other. In a chain
+A–B–C a link carries only its own side's audio (DESIGN: no forwarding from one link to
+another), so B hears both ends, A and C hear B but not each other, and nobody hears
+anything twice or their own voice come back. Audio is judged by content (tones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+from trunk_sites import (
+    LinkSpec,
+    SiteSpec,
+    free_port,
+    link_legs,
+    make_pki,
+    radio,
+    running,
+    site_toml,
+    until,
+)
+
+from tests.sip.sip_peers import PASSWORD, Kamailio, Phone, band_db, run, tone
+
+HERE = Path(__file__).parent
+HEARD = -40.0
+SILENT = -70.0
+PHONE_RATE = 8000
+PROXY = "127.0.0.2"  # the gateways tell the proxy from the phones by address
+
+
+def sip_legs(gateway) -> list:  # noqa: ANN001
+    return [p for p in gateway.engine.ports if p.kind == "sip"]
+
+
+def test_two_gateways_of_one_site_behind_kamailio_dispatcher(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path, ("gw1", "gw2"))
+    gw1 = SiteSpec("gw1", {"ops": 1000.0}, [LinkSpec("gw2", "gw2", {"ops": "ops"})],
+                   sip_port=free_port())  # fmt: skip
+    gw2 = SiteSpec("gw2", {"ops": 1500.0}, [LinkSpec("gw1", "gw1", {"ops": "ops"})],
+                   sip_port=free_port())  # fmt: skip
+    ports = {"gw1": gw1.tls_port, "gw2": gw2.tls_port}
+    route = f'\n[sip.routes.ops]\ntalkgroup = "ops"\ntrusted = ["{PROXY}"]\n'
+    paths = [site_toml(tmp_path, spec, ports, pki, extra=route) for spec in (gw1, gw2)]
+    gateways = tmp_path / "dispatcher.list"
+    gateways.write_text(f"1 sip:127.0.0.1:{gw1.sip_port}\n1 sip:127.0.0.1:{gw2.sip_port}\n")
+    proxy = Kamailio(tmp_path, host=PROXY, template=HERE / "kamailio-dispatcher.cfg.in",
+                     values={"HOST": PROXY, "LIST": str(gateways)})  # fmt: skip
+    talk = {"alice": 600.0, "bob": 800.0}
+    phones = {
+        name: Phone(tmp_path, name, np.concatenate([np.zeros(PHONE_RATE), tone(hz, 13)]),
+                    registrar_port=proxy.port, registrar_host=PROXY, password=PASSWORD)
+        for name, hz in talk.items()
+    }  # fmt: skip
+
+    async def main() -> None:
+        async with running(paths[0]) as one, running(paths[1]) as two:
+            await until(lambda: len(link_legs(one)) == 1 and len(link_legs(two)) == 1, 20,
+                        "the two gateways linked")  # fmt: skip
+            radio(one, "ops").speaking = True
+            radio(two, "ops").speaking = True
+            dial = f"sip:ops@{PROXY}:{proxy.port}"
+            phones["alice"].start(dial=dial, seconds=12)
+            await until(lambda: len(sip_legs(one)) + len(sip_legs(two)) == 1, 15,
+                        "alice's call through the dispatcher")  # fmt: skip
+            phones["bob"].start(dial=dial, seconds=12)
+            await until(lambda: len(sip_legs(one)) + len(sip_legs(two)) == 2, 15,
+                        "bob's call through the dispatcher")  # fmt: skip
+            assert len(sip_legs(one)) == 1 and len(sip_legs(two)) == 1, "calls not spread"
+            for gw in (one, two):
+                dialog = next(d for d in gw.sip.calls.dialogs.values() if not d.peer.secure)
+                assert dialog.peer.address[0] == PROXY, "a call that did not come via kamailio"
+
+            def everyone_at(gw) -> bool:  # noqa: ANN001
+                heard = radio(gw, "ops")
+                return all(heard.level(hz, 0.5) > HEARD for hz in talk.values())
+
+            # Each radio hears both phones: one on its own gateway, one across the link.
+            await until(lambda: everyone_at(one) and everyone_at(two), 15,
+                        "both phones heard at both gateways' radios")  # fmt: skip
+            assert radio(one, "ops").level(1500.0, 0.5) > HEARD, "gw2's radio not heard at gw1"
+            assert radio(two, "ops").level(1000.0, 0.5) > HEARD, "gw1's radio not heard at gw2"
+            assert len(link_legs(one)) == 1 and len(link_legs(two)) == 1
+            await until(lambda: not any(p.running() for p in phones.values()), 25,
+                        "the phones to hang up")  # fmt: skip
+
+    proxy.start()
+    try:
+        run(main())
+    finally:
+        for phone in phones.values():
+            phone.stop()
+        proxy.stop()
+    # Each phone heard both radios (its own gateway's and the other's) and the other phone.
+    for name, phone in phones.items():
+        heard = phone.heard()[PHONE_RATE * 2 : -PHONE_RATE]
+        other = talk["bob" if name == "alice" else "alice"]
+        for hz in (1000.0, 1500.0, other):
+            assert band_db(heard, PHONE_RATE, hz) > -40, f"{name} does not hear {hz:g} Hz"
+
+
+def test_three_sites_in_a_chain_no_relay_no_loop_no_doubled_audio(tmp_path: Path) -> None:
+    """A–B–C: B hears A and C; A and C hear B only (B forwards nothing from one link to
+    the other); nobody hears its own tone come back."""
+    pki = make_pki(tmp_path, ("a", "b", "c"))
+    specs = {
+        "a": SiteSpec("a", {"net": 1000.0}, [LinkSpec("b", "b", {"net": "chain"})]),
+        "b": SiteSpec("b", {"net": 1500.0}, [LinkSpec("a", "a", {"net": "chain"}),
+                                             LinkSpec("c", "c", {"net": "chain"})]),
+        "c": SiteSpec("c", {"net": 700.0}, [LinkSpec("b", "b", {"net": "chain"})]),
+    }  # fmt: skip
+    ports = {name: spec.tls_port for name, spec in specs.items()}
+    paths = {name: site_toml(tmp_path, spec, ports, pki) for name, spec in specs.items()}
+    tones = {name: next(iter(spec.tones.values())) for name, spec in specs.items()}
+
+    async def main() -> None:
+        async with running(paths["a"]) as a, running(paths["b"]) as b, \
+                running(paths["c"]) as c:  # fmt: skip
+            sites = {"a": a, "b": b, "c": c}
+            await until(
+                lambda: [len(link_legs(gw)) for gw in sites.values()] == [1, 2, 1],
+                20,
+                "both links of the chain up",
+            )
+            for gw in sites.values():
+                radio(gw, "net").speaking = True
+            await until(
+                lambda: (
+                    radio(b, "net").level(tones["a"], 0.5) > HEARD
+                    and radio(b, "net").level(tones["c"], 0.5) > HEARD
+                    and radio(a, "net").level(tones["b"], 0.5) > HEARD
+                    and radio(c, "net").level(tones["b"], 0.5) > HEARD
+                ),
+                15,
+                "each site to hear its neighbours",
+            )
+            await asyncio.sleep(1.0)  # a second of steady audio to measure
+            heard = {
+                name: {of: radio(gw, "net").level(hz, 1.0) for of, hz in tones.items()}
+                for name, gw in sites.items()
+            }
+            # No relay: the ends do not hear each other through B.
+            assert heard["a"]["c"] < SILENT, f"C reached A through B: {heard}"
+            assert heard["c"]["a"] < SILENT, f"A reached C through B: {heard}"
+            # No loop: nobody's own tone comes back round.
+            for name in sites:
+                assert heard[name][name] < SILENT, f"{name} hears itself: {heard}"
+            # No doubling: B's tone arrives at A and C at the same level (one copy each),
+            # and B hears each end at the level the other end's link gives it.
+            assert abs(heard["a"]["b"] - heard["c"]["b"]) < 2.0, heard
+            assert abs(heard["b"]["a"] - heard["b"]["c"]) < 2.0, heard
+
+    run(main())
