@@ -272,6 +272,12 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "INVITEs from the link's peer refused (a name not shared, or cut here)",
         "link",
     ),
+    "link_keepalive_timeouts": (
+        "link_keepalive_timeouts_total",
+        "counter",
+        "Link dialogs dropped because the peer stopped answering the keepalive (dead link)",
+        "link",
+    ),
     "console_sessions": ("console_sessions", "gauge", "Open dispatcher console sessions", None),
     "console_seats": ("console_seats", "gauge", "Console positions joined to talkgroups", None),
     "console_shared_encodes": (

@@ -189,4 +189,7 @@ class LinksService:
             "link_rtt_seconds": rtt,
             "link_up_seconds": up,
             "link_invites_refused": {n: float(t.refused_invites) for n, t in self.trunks.items()},
+            "link_keepalive_timeouts": {
+                n: float(t.keepalive_timeouts) for n, t in self.trunks.items()
+            },
         }

@@ -126,6 +126,7 @@ class Trunk:
         self.peer_site: str | None = None
         self.names = {n: NameState(n) for n in config.shares().names}
         self.refused_invites = 0
+        self.keepalive_timeouts = 0  # dialogs ended because the peer stopped answering
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._keepalives: dict[str, asyncio.Task] = {}
@@ -344,6 +345,7 @@ class Trunk:
                 if dialog.ended.is_set():
                     break
                 if answer is None:
+                    self.keepalive_timeouts += 1
                     log.warning("link %s %s: no answer to keepalive; dropping the dialog",
                                 self.name, st.name)  # fmt: skip
                     await self.calls.hangup(dialog, 0.2)
