@@ -1,0 +1,423 @@
+"""Cross-border link figures: mouth-to-ear over a link, cut → silence, dead link, CPU.
+
+    .venv/bin/python bench/links.py            # every table (about four minutes)
+    .venv/bin/python bench/links.py --quick    # fewer bursts and repeats (about a minute)
+
+Two real gateways (engine, clock, SIP over TLS, SRTP, the links service) on this loop,
+linked as in tests/links, with bench radios that play tone bursts and record what they
+hear with the time of each frame. Their link's media goes through the impairment relay
+(tests/links/relay.py): the CA side's leg is pointed at the relay and the US side's leg
+latches onto it, as to a peer behind NAT. Times are read where the engine hands a frame
+over: a frame read at *t* was spoken over the 20 ms before *t*, a frame written at *t*
+is played from *t* — what a sound card with no buffering of its own would do.
+
+1. *mouth-to-ear*: radio(CA) → radio(US) onset of each burst, at 0 ms and 40 ± 10 ms
+   one way with 2 % loss; "added" is the measured delay minus the network's mean one-way
+   delay (p50, p99). Bursts are 200 ms every 1.2 s: longer than the receiving leg's VOX
+   hang, so every burst is a new over and its VOX attack is in the figure. The tone's
+   signal-to-noise ratio during a steady tone with the loss says whether concealment
+   is audible (a click or a gap spreads energy out of the tone's band);
+2. *cut → silence*: CA cuts the link (``LinksService.cut``, what the CLI and MQTT call)
+   while its radio talks; the time until the US radio hears nothing any more;
+3. *dead link*: both relays black out (signalling and media); the time until each side
+   dropped the dialog (keepalive: ≤ 2 s by design) and the US radio was unkeyed;
+4. *CPU*: two ``borderlink run`` processes sharing 100 talkgroups over one link, 10 of
+   them talking on the CA side: each process's CPU over 20 s, in % of one core.
+
+Figures on a shared 2-core machine are noisy: the load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "links"))
+
+from gateway.codecs.tones import ToneGenerator  # noqa: E402
+from pydantic import Field  # noqa: E402
+from relay import Impairment, TcpRelay, UdpRelay  # noqa: E402
+from trunk_sites import (  # noqa: E402
+    RATE,
+    LinkSpec,
+    SiteSpec,
+    make_pki,
+    running,
+    share_state,
+    site_toml,
+    until,
+)
+
+from gateway.config import PortConfig, register_port_kind  # noqa: E402
+from gateway.ports import Frame, Port, register_port_type  # noqa: E402
+from gateway.site import run_async  # noqa: E402
+
+FRAME = 0.02
+BURST_FRAMES = 10  # 200 ms of tone
+GAP_FRAMES = 50  # 1 s of silence: longer than the receiving leg's VOX hang (0.8 s)
+LEVEL_DBFS = -20.0
+ONSET = 0.25 * 10 ** (LEVEL_DBFS / 20) * 2**0.5  # a quarter of the tone's peak
+SILENCE = 10 ** (-50 / 20)  # a frame whose peak is below -50 dBFS is silent
+
+
+@register_port_kind("bench_link_radio")
+class BenchRadioConfig(PortConfig):
+    tone_hz: float = Field(1000.0, gt=0, le=4000)
+
+
+@register_port_type("bench_link_radio")
+class BenchRadio(Port):
+    """Speaks steadily, in bursts, or not at all; keeps (time, frame) of what it hears."""
+
+    def __init__(self, name: str, config: BenchRadioConfig, timing) -> None:  # noqa: ANN001
+        super().__init__(name, config, timing)
+        self.tone = ToneGenerator([config.tone_hz], timing.rate, LEVEL_DBFS)
+        self.mode = "quiet"  # "steady" | "bursts"
+        self.onsets: list[float] = []  # when each burst began (mouth)
+        self.heard: collections.deque[tuple[float, np.ndarray]] = collections.deque(maxlen=5000)
+        self._tick = 0
+
+    def read(self) -> Frame | None:
+        now = time.monotonic()
+        speak = self.mode == "steady"
+        if self.mode == "bursts":
+            phase = self._tick % (BURST_FRAMES + GAP_FRAMES)
+            self._tick += 1
+            if phase == 0:
+                self.onsets.append(now - FRAME)  # the frame was spoken over the last 20 ms
+            speak = phase < BURST_FRAMES
+        self.talking = speak
+        return self.tone.read(self.frame_samples) if speak else None
+
+    def write(self, frame: Frame | None) -> None:
+        silent = np.zeros(self.frame_samples, np.float32)
+        self.heard.append((time.monotonic(), silent if frame is None else frame.copy()))
+
+    def burst(self) -> None:
+        self.mode, self._tick = "bursts", 0
+
+    def heard_since(self, since: float) -> list[tuple[float, np.ndarray]]:
+        return [(t, f) for t, f in self.heard if t >= since]
+
+
+# --- finding things in what a radio heard --------------------------------------------
+
+
+def onset_after(heard: list[tuple[float, np.ndarray]], start: float, within: float) -> float | None:
+    """When the first sample above ONSET was played, in (start, start + within)."""
+    for t, frame in heard:
+        if t < start - FRAME or t > start + within:
+            continue
+        loud = np.flatnonzero(np.abs(frame) > ONSET)
+        if len(loud) and t + loud[0] / RATE > start:
+            return t + loud[0] / RATE
+    return None
+
+
+def last_sound(heard: list[tuple[float, np.ndarray]]) -> float | None:
+    """When the last sample above SILENCE was played."""
+    for t, frame in reversed(heard):
+        loud = np.flatnonzero(np.abs(frame) > SILENCE)
+        if len(loud):
+            return t + (loud[-1] + 1) / RATE
+    return None
+
+
+def tone_snr_db(heard: list[tuple[float, np.ndarray]], hz: float) -> float:
+    """Energy in ±50 Hz of the tone against everything else (clicks, gaps, noise)."""
+    x = np.concatenate([f for _, f in heard])
+    power = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
+    freqs = np.fft.rfftfreq(len(x), 1 / RATE)
+    band = (freqs > hz - 50) & (freqs < hz + 50)
+    return float(10 * np.log10(power[band].sum() / max(power[~band].sum(), 1e-20)))
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# --- two gateways, their link's media through the relay ------------------------------
+
+
+class Pair:
+    """CA and US, each reaching the other's TLS port through a TCP relay (signalling) and
+    CA's link media through a UDP relay (both ways)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.pki = make_pki(folder, ("ca", "us"))
+        self.ca = SiteSpec("ca", {"marine": 1000.0}, [LinkSpec("us", "us", {"marine": "ship"})])
+        self.us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "ship"})])
+
+    def toml(self, spec: SiteSpec, ports: dict[str, int]) -> Path:
+        path = site_toml(self.folder, spec, ports, self.pki)
+        path.write_text(path.read_text().replace('"test_link_radio"', '"bench_link_radio"'))
+        return path
+
+
+def link_leg(gateway):  # noqa: ANN001, ANN201
+    legs = [p for p in gateway.engine.ports if p.kind == "link"]
+    return legs[0] if len(legs) == 1 else None
+
+
+def through(leg, address: tuple[str, int], latch: bool) -> None:  # noqa: ANN001
+    """Send the leg's RTP to ``address`` from now on (what a re-INVITE moving the media
+    does); with ``latch``, listen for whoever answers from its host (a peer behind NAT),
+    else only to ``address``. Its RTCP stays where it was."""
+    bank, row = leg.bank, leg.row
+    media = bank.media[row]
+    rtcp = media.rtcp.remote
+    bank.move(row, media, address, media.rtcp, media.payload_type, media.dtmf_type,
+              media.announced)  # fmt: skip
+    bank.set_rtcp_remote(row, rtcp)
+    bank.latched[row] = not latch
+
+
+async def linked(ca, us, media: UdpRelay) -> None:  # noqa: ANN001
+    """Wait for the link; put its media through ``media`` (again after every redial)."""
+    await until(lambda: share_state(ca, "us", "ship") == "up"
+                and share_state(us, "ca", "ship") == "up"
+                and link_leg(ca) is not None and link_leg(us) is not None, 60,
+                "the link up")  # fmt: skip
+    ca_leg, us_leg = link_leg(ca), link_leg(us)
+    media.target = us_leg.bank.sock.getsockname()[:2]
+    up, down = media.up.forwarded, media.down.forwarded
+    through(ca_leg, ("127.0.0.1", media.port), latch=False)
+    # CA's packets sent straight to US before the move must be drained first, or US's leg
+    # would settle on CA's own address again instead of the relay's.
+    await asyncio.sleep(0.2)
+    through(us_leg, us_leg.bank.media[us_leg.row].remote, latch=True)
+    await until(lambda: media.up.forwarded > up + 50 and media.down.forwarded > down + 50, 10,
+                "media through the relay both ways")  # fmt: skip
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> list[str]:
+    pair = Pair(folder)
+    rows = []
+    async with TcpRelay(("127.0.0.1", pair.us.tls_port), lifetime=3600) as to_us, \
+            TcpRelay(("127.0.0.1", pair.ca.tls_port), lifetime=3600) as to_ca, \
+            UdpRelay(("127.0.0.1", 9), lifetime=3600) as media:  # fmt: skip
+        ca_path = pair.toml(pair.ca, {"us": to_us.port})
+        us_path = pair.toml(pair.us, {"ca": to_ca.port})
+        async with running(ca_path) as ca, running(us_path) as us:
+            mouth, ear = ca.ports["marine-radio"], us.ports["harbor-radio"]
+            await linked(ca, us, media)
+
+            # 1. mouth-to-ear, per network condition
+            for label, wan in (
+                ("0 ms", Impairment()),
+                ("40±10 ms, 2% loss", Impairment(delay=0.040, jitter=0.010, loss=0.02)),
+            ):
+                media.impair = wan
+                media.back = Impairment(delay=wan.delay, jitter=wan.jitter)
+                mouth.mode = "steady"
+                await asyncio.sleep(3.0)  # the jitter buffer settles on the new WAN
+                since = time.monotonic()
+                await asyncio.sleep(8.0)
+                snr = tone_snr_db(ear.heard_since(since), 1000.0)
+                mouth.mode = "quiet"
+                await asyncio.sleep(1.0)
+                mouth.onsets.clear()
+                mouth.burst()
+                buffered: list[float] = []  # the US leg's jitter-buffer delay, while talked to
+
+                def sample(buffered: list[float] = buffered) -> bool:
+                    leg = link_leg(us)
+                    if leg is not None and leg.talking:
+                        buffered.append(leg.stats().get("jitter_buffer_seconds", 0.0))
+                    return len(mouth.onsets) > bursts
+
+                await until(sample, bursts * 1.5 + 30, "bursts")
+                mouth.mode = "quiet"
+                await asyncio.sleep(0.6)
+                heard = list(ear.heard)
+                delays = [
+                    found - onset
+                    for onset in mouth.onsets[:bursts]
+                    if (found := onset_after(heard, onset, 0.5)) is not None
+                ]
+                added = [d - wan.delay for d in delays]
+                rows.append(
+                    f"| mouth-to-ear, {label} | {len(delays)}/{bursts} | "
+                    f"{1000 * percentile(added, 50):.1f} | {1000 * percentile(added, 99):.1f} | "
+                    f"jitter buffer {1000 * percentile(buffered, 50):.0f} ms (p50); "
+                    f"tone SNR {snr:.0f} dB (steady tone, 8 s) |"
+                )
+
+            # 2. cut → silence on the far side, at 40±10 ms
+            silences = []
+            for _ in range(cuts):
+                mouth.mode = "steady"
+                await until(lambda: ear.heard and np.abs(ear.heard[-1][1]).max() > ONSET, 10,
+                            "the tone at US")  # fmt: skip
+                await asyncio.sleep(1.0)
+                cut_at = time.monotonic()
+                ca.links.cut("us", None, "bench", "bench", "bench")
+                await asyncio.sleep(1.0)
+                end = last_sound(ear.heard_since(cut_at - 0.5))
+                silences.append((end or cut_at) - cut_at)
+                mouth.mode = "quiet"
+                ca.links.restore("us", None, "bench", "bench")
+                await linked(ca, us, media)
+            rows.append(
+                f"| `link cut` → silence at US, 40±10 ms | {len(silences)} | "
+                f"{1000 * percentile(silences, 50):.1f} | {1000 * percentile(silences, 99):.1f} "
+                f"| goal ≤ 20 ms + RTT/2 = 60 ms |"
+            )
+
+            # 3. a dead link: every relay goes dark
+            noticed, unkeyed = [], []
+            ear_index = us.engine.ports.index(ear)
+            for _ in range(deaths):
+                mouth.mode = "steady"
+                await until(lambda: us.engine.keying.keyed[ear_index], 10, "US keyed")
+                dark = time.monotonic()
+                for relay in (to_us, to_ca, media):
+                    relay.blackout()
+                await until(lambda: not us.engine.keying.keyed[ear_index], 20, "US unkeyed")
+                unkeyed.append(time.monotonic() - dark)
+                await until(lambda: link_leg(ca) is None and link_leg(us) is None, 20,
+                            "both legs gone")  # fmt: skip
+                noticed.append(time.monotonic() - dark)
+                mouth.mode = "quiet"
+                for relay in (to_us, to_ca, media):
+                    relay.resume()
+                await linked(ca, us, media)
+            rows.append(
+                f"| dead link → US radio unkeyed | {len(unkeyed)} | "
+                f"{1000 * percentile(unkeyed, 50):.0f} | {1000 * max(unkeyed):.0f} (max) | |"
+            )
+            rows.append(
+                f"| dead link → dialog dropped (keepalive) | {len(noticed)} | "
+                f"{1000 * percentile(noticed, 50):.0f} | {1000 * max(noticed):.0f} (max) "
+                f"| goal ≤ 2000 ms |"
+            )
+    return rows
+
+
+# --- CPU: 100 shared talkgroups over one link ------------------------------------------
+
+
+def cpu_site(folder: Path, spec: SiteSpec, ports: dict[str, int], pki, talking: int) -> Path:  # noqa: ANN001
+    """A site file with simulated radios (built in: ``borderlink run`` needs no test code)."""
+    path = site_toml(folder, spec, ports, pki)
+    text = path.read_text()
+    for i, tg in enumerate(spec.tones):
+        always = i < talking
+        radio = (
+            f'kind = "simulated_radio"\ntone_hz = {spec.tones[tg]}\n'
+            + ('talk_every = "0s"\ntalk_for = "0s"\n' if always
+               else 'talk_every = "24h"\ntalk_for = "1s"\ntalk_offset = "23h"\n')
+        )  # fmt: skip
+        text = text.replace(
+            f'[ports.{tg}-radio]\nkind = "test_link_radio"\ntone_hz = {spec.tones[tg]}\n',
+            f"[ports.{tg}-radio]\n{radio}",
+        )
+    path.write_text(text)
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def link_status(path: Path) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "link", "status", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        return json.loads(done.stdout)
+    except ValueError:
+        return {}
+
+
+def cpu(folder: Path, talkgroups: int, talking: int, seconds: float) -> list[str]:
+    pki = make_pki(folder, ("ca", "us"))
+    names = [f"tg{i:03d}" for i in range(talkgroups)]
+    ca = SiteSpec("ca", {n: 300.0 + 25 * (i % 100) for i, n in enumerate(names)},
+                  [LinkSpec("us", "us", {n: n for n in names})])  # fmt: skip
+    us = SiteSpec("us", {n: 3000.0 for n in names}, [LinkSpec("ca", "ca", {n: n for n in names})])
+    ports = {"ca": ca.tls_port, "us": us.tls_port}
+    paths = {"ca": cpu_site(folder, ca, ports, pki, talking),
+             "us": cpu_site(folder, us, ports, pki, 0)}  # fmt: skip
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "run", str(path)], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=open(folder / f"{name}.log", "wb"),  # noqa: SIM115
+            start_new_session=True,
+        )
+        for name, path in paths.items()
+    }  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        up = 0
+        while time.monotonic() < deadline:
+            status = link_status(paths["ca"]).get("links", {}).get("us", {}).get("shares", {})
+            up = sum(state == "up" for state in status.values())
+            if up == talkgroups:
+                break
+            time.sleep(2)
+        time.sleep(3)
+        before = {n: cpu_seconds(p.pid) for n, p in procs.items()}
+        started = time.monotonic()
+        time.sleep(seconds)
+        wall = time.monotonic() - started
+        used = {n: (cpu_seconds(p.pid) - before[n]) / wall for n, p in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return [
+        f"| CPU, {talkgroups} shared talkgroups ({up} up), {talking} talking: CA (sends) | "
+        f"{seconds:.0f} s | {100 * used['ca']:.1f} % | | goal ≤ 25 % of a core |",
+        f"| CPU, same: US (receives, 100 radios listening) | {seconds:.0f} s | "
+        f"{100 * used['us']:.1f} % | | |",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer bursts and repeats")
+    args = parser.parse_args()
+    bursts, cuts, deaths, seconds = (10, 3, 2, 10.0) if args.quick else (40, 8, 4, 20.0)
+    rows: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-links-") as folder:
+        print(f"# cross-border link, {load()}", flush=True)
+        run_async(_collect(Path(folder) / "pair", bursts, cuts, deaths, rows))
+        rows += cpu(Path(folder), 100, 10, seconds)
+    print("| figure | n | p50 (ms) / value | p99 (ms) | note |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(row)
+    print(f"({load()} after)")
+
+
+async def _collect(folder: Path, bursts: int, cuts: int, deaths: int, rows: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows += await latency_and_cut(folder, bursts, cuts, deaths)
+
+
+if __name__ == "__main__":
+    main()
