@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.app import section_service
-from gateway.links.config import LinksConfig, site_id
+from gateway.links.config import LinkConfig, LinksConfig, site_id
 from gateway.links.control import ControlServer, control_path
 from gateway.links.cuts import CutStore, state_path
 from gateway.links.trunk import STATES, Trunk
@@ -52,6 +52,7 @@ class LinksService:
         self.cuts = CutStore(state_path(Path(source) if source else None))
         self.control: ControlServer | None = None
         self._byes: set = set()
+        self._addresses: set[tuple[str, int]] = set()  # the peers' addresses we dial
 
     async def start(self) -> None:
         sip = self.gateway.sip
@@ -62,21 +63,10 @@ class LinksService:
             )
         me = site_id(self.gateway.config)
         streams = sip.transport.streams
-        cas: list[Path] = []
         for name, link in self.config.links.items():
-            if not link.enabled:
-                continue
-            pins = frozenset(f"sha256:{p}" for p in link.peer_fingerprints)
-            context = client_context(link.certificate, link.key, link.peer_ca, link.peer_ca is None)
-            for address in link.addresses:
-                streams.peer_tls[address] = PeerTls(context, link.expected_peer_name, pins)
-            if link.peer_ca is not None:
-                cas.append(link.peer_ca)
-            self.trunks[name] = Trunk(
-                name, link, me, sip.calls, self.gateway.engine, self._audit,
-                lambda name=name: self.cuts.of(name),
-            )  # fmt: skip
-        streams.trust_callers(tuple(dict.fromkeys(cas)))
+            if link.enabled:
+                self.trunks[name] = self._trunk_for(name, link)
+        self._trust()
         sip.calls.links = self._on_invite
         path = control_path(self.gateway.config.source)
         if path is not None:
@@ -98,10 +88,68 @@ class LinksService:
             await trunk.stop()
 
     def refuse_reload(self, new) -> str:  # noqa: ANN001 - a SiteConfig
-        """Links change only with a restart (for now); cuts are not config and stay."""
-        if new.section("links") != self.config:
-            return "[links] changed (links, shares, certificates apply at a restart; cuts stay)"
+        """Only this site's ID needs a restart (the peers' glare and floor rules use it)."""
+        if site_id(new) != site_id(self.gateway.config):
+            return "[links] site_id changed (the peers know us by it)"
         return ""
+
+    def reconfigure(self, new) -> None:  # noqa: ANN001 - a SiteConfig
+        """Make the links match a reloaded config, between two ticks, without waiting.
+
+        A link removed (or ``enabled = false``) ends its dialogs now; a link whose
+        address, identity or trust changed is rebuilt (its dialogs end and are redialled
+        under the new terms); a link whose shares alone changed keeps the dialogs of the
+        names that did not (:meth:`Trunk.reshare`). Cuts are not config and stay.
+        """
+        config = new.section("links") or LinksConfig()
+        wanted = {name: link for name, link in config.links.items() if link.enabled}
+        for name in [n for n in self.trunks if n not in wanted]:
+            for bye in self.trunks.pop(name).retire():
+                self._send(bye)
+            log.warning("link %s removed by a reload: its dialogs ended", name)
+        for name, link in wanted.items():
+            trunk = self.trunks.get(name)
+            if trunk is not None and trunk.config == link:
+                continue
+            if trunk is not None and _same_peer(trunk.config, link):
+                for bye in trunk.reshare(link):
+                    self._send(bye)
+                log.info("link %s: shares reloaded", name)
+                continue
+            if trunk is not None:
+                for bye in trunk.retire():
+                    self._send(bye)
+            self.trunks[name] = self._trunk_for(name, link)
+            self.trunks[name].start()
+            log.info("link %s %s by a reload", name, "rebuilt" if trunk else "added")
+        self.config = config
+        self._trust()
+
+    def _trunk_for(self, name: str, link: LinkConfig) -> Trunk:
+        sip = self.gateway.sip
+        return Trunk(
+            name, link, site_id(self.gateway.config), sip.calls, self.gateway.engine,
+            self._audit, lambda name=name: self.cuts.of(name),
+        )  # fmt: skip
+
+    def _trust(self) -> None:
+        """TLS for every link: our client certificate and the peer's checks per address,
+        and the peers' CAs on the listener for callers."""
+        streams = self.gateway.sip.transport.streams
+        for address in self._addresses:
+            streams.peer_tls.pop(address, None)
+        self._addresses = set()
+        cas: list[Path] = []
+        for trunk in self.trunks.values():
+            link = trunk.config
+            pins = frozenset(f"sha256:{p}" for p in link.peer_fingerprints)
+            context = client_context(link.certificate, link.key, link.peer_ca, link.peer_ca is None)
+            for address in link.addresses:
+                streams.peer_tls[address] = PeerTls(context, link.expected_peer_name, pins)
+                self._addresses.add(address)
+            if link.peer_ca is not None:
+                cas.append(link.peer_ca)
+        streams.trust_callers(tuple(dict.fromkeys(cas)))
 
     def _on_invite(self, message, raw: bytes, source) -> bool:  # noqa: ANN001 - pass-through
         for trunk in self.trunks.values():
@@ -193,3 +241,9 @@ class LinksService:
                 n: float(t.keepalive_timeouts) for n, t in self.trunks.items()
             },
         }
+
+
+def _same_peer(old: LinkConfig, new: LinkConfig) -> bool:
+    """Whether two versions of a link differ at most in what they share (and describe)."""
+    keep = {"share", "description"}
+    return old.model_dump(exclude=keep) == new.model_dump(exclude=keep)

@@ -128,7 +128,7 @@ class Trunk:
         self.refused_invites = 0
         self.keepalive_timeouts = 0  # dialogs ended because the peer stopped answering
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: dict[str, asyncio.Task] = {}  # shared name → its keep loop
         self._keepalives: dict[str, asyncio.Task] = {}
         self._cas = load_certificates(config.peer_ca, "peer CA bundle") if config.peer_ca else []
         self._pins = frozenset(config.peer_fingerprints)
@@ -173,16 +173,62 @@ class Trunk:
 
     def start(self) -> None:
         for name in self.names:
-            self._tasks.append(asyncio.ensure_future(self._keep(name)))
+            self._tasks[name] = asyncio.ensure_future(self._keep(name))
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._keepalives.values()]:
+        tasks = [*self._tasks.values(), *self._keepalives.values()]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._keepalives.values()]:
+        for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
         self._keepalives.clear()
+
+    def retire(self) -> list:
+        """The link was removed or changed who it is by a reload: every dialog ends now
+        (a plain BYE: the peer redials and is refused, or finds the new link) and the
+        loops stop. The BYEs to send are returned."""
+        byes = [self._end(st) for st in self.names.values() if st.dialog is not None]
+        for task in [*self._tasks.values(), *self._keepalives.values()]:
+            task.cancel()
+        self._tasks.clear()
+        self._keepalives.clear()
+        return [bye for bye in byes if bye is not None]
+
+    def reshare(self, config: LinkConfig) -> list:
+        """A reload changed only what the link shares: a name no longer offered, or now
+        offered from another talkgroup or in another direction, ends its dialog now
+        (redialled under the new terms if still shared); a new name starts its loop;
+        the others' dialogs are left alone. The BYEs to send are returned."""
+        old, new = self.config.shares(), config.shares()
+        self.config = config
+        byes = []
+        for name in list(self.names):
+            if old.entry(name) == new.entry(name):
+                continue
+            st = self.names[name]
+            if st.dialog is not None:
+                byes.append(self._end(st))
+            if name not in new.names:
+                del self.names[name]
+                task = self._tasks.pop(name, None)
+                if task is not None:
+                    task.cancel()
+            else:
+                self._set(st, "down")
+        for name in sorted(new.names - set(self.names)):
+            self.names[name] = NameState(name)
+            self._tasks[name] = asyncio.ensure_future(self._keep(name))
+        self.changed()
+        return [bye for bye in byes if bye is not None]
+
+    def _end(self, st: NameState):  # noqa: ANN202 - the BYE coroutine, or None
+        dialog, st.dialog = st.dialog, None
+        task = self._keepalives.pop(st.name, None)
+        if task is not None:
+            task.cancel()
+        return self.calls.end(dialog, 1.0)
 
     def changed(self) -> None:
         """A cut or restore: the keep loops look again now (no waiting out a backoff)."""
