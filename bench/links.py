@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/links.py            # every table (about four minutes)
     .venv/bin/python bench/links.py --quick    # fewer bursts and repeats (about a minute)
+    .venv/bin/python bench/links.py --realtime # the gateways at SCHED_FIFO 3, as in production
 
 Two real gateways (engine, clock, SIP over TLS, SRTP, the links service) on this loop,
 linked as in tests/links, with bench radios that play tone bursts and record what they
@@ -25,6 +26,10 @@ is played from *t* — what a sound card with no buffering of its own would do.
    them talking on the CA side: each process's CPU over 20 s, in % of one core.
 
 Figures on a shared 2-core machine are noisy: the load average is printed with them.
+Under load, late ticks look like network jitter to the receiving jitter buffer, which
+grows to cover them; ``--realtime [PRIO]`` runs the two gateways (this process) at
+SCHED_FIFO, as a production gateway runs (systemd ``CPUSchedulingPolicy=fifo``), which
+takes most of that out. The CPU processes run at normal priority.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ from gateway.ports import Frame, Port, register_port_type  # noqa: E402
 from gateway.site import run_async  # noqa: E402
 
 FRAME = 0.02
+# Not a multiple of 50 Hz: a frame repeated to conceal a loss does not continue the tone's
+# phase (a 1 kHz tone is exactly 20 cycles a frame, and would hide every concealment).
+TONE = 1033.0
 BURST_FRAMES = 10  # 200 ms of tone
 GAP_FRAMES = 50  # 1 s of silence: longer than the receiving leg's VOX hang (0.8 s)
 LEVEL_DBFS = -20.0
@@ -158,7 +166,7 @@ class Pair:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.pki = make_pki(folder, ("ca", "us"))
-        self.ca = SiteSpec("ca", {"marine": 1000.0}, [LinkSpec("us", "us", {"marine": "ship"})])
+        self.ca = SiteSpec("ca", {"marine": TONE}, [LinkSpec("us", "us", {"marine": "ship"})])
         self.us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "ship"})])
 
     def toml(self, spec: SiteSpec, ports: dict[str, int]) -> Path:
@@ -228,18 +236,19 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
                 media.back = Impairment(delay=wan.delay, jitter=wan.jitter)
                 mouth.mode = "steady"
                 await asyncio.sleep(3.0)  # the jitter buffer settles on the new WAN
-                since = time.monotonic()
+                since, lost = time.monotonic(), media.up.lost
                 await asyncio.sleep(8.0)
-                snr = tone_snr_db(ear.heard_since(since), 1000.0)
+                lost = media.up.lost - lost
+                snr = tone_snr_db(ear.heard_since(since), TONE)
                 mouth.mode = "quiet"
                 await asyncio.sleep(1.0)
                 mouth.onsets.clear()
                 mouth.burst()
-                buffered: list[float] = []  # the US leg's jitter-buffer delay, while talked to
+                buffered: list[float] = []  # the US leg's jitter-buffer delay
 
                 def sample(buffered: list[float] = buffered) -> bool:
                     leg = link_leg(us)
-                    if leg is not None and leg.talking:
+                    if leg is not None:
                         buffered.append(leg.stats().get("jitter_buffer_seconds", 0.0))
                     return len(mouth.onsets) > bursts
 
@@ -257,7 +266,7 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
                     f"| mouth-to-ear, {label} | {len(delays)}/{bursts} | "
                     f"{1000 * percentile(added, 50):.1f} | {1000 * percentile(added, 99):.1f} | "
                     f"jitter buffer {1000 * percentile(buffered, 50):.0f} ms (p50); "
-                    f"tone SNR {snr:.0f} dB (steady tone, 8 s) |"
+                    f"tone SNR {snr:.0f} dB (8 s of steady tone, {lost} packets lost) |"
                 )
 
             # 2. cut → silence on the far side, at 40±10 ms
@@ -400,12 +409,19 @@ def cpu(folder: Path, talkgroups: int, talking: int, seconds: float) -> list[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer bursts and repeats")
+    parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
+                        help="run the linked pair at SCHED_FIFO PRIO (default 3)")  # fmt: skip
     args = parser.parse_args()
     bursts, cuts, deaths, seconds = (10, 3, 2, 10.0) if args.quick else (40, 8, 4, 20.0)
     rows: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-links-") as folder:
-        print(f"# cross-border link, {load()}", flush=True)
+        priority = f"SCHED_FIFO {args.realtime}" if args.realtime else "normal priority"
+        print(f"# cross-border link, the pair at {priority}, {load()}", flush=True)
+        if args.realtime:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime))
         run_async(_collect(Path(folder) / "pair", bursts, cuts, deaths, rows))
+        if args.realtime:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         rows += cpu(Path(folder), 100, 10, seconds)
     print("| figure | n | p50 (ms) / value | p99 (ms) | note |")
     print("|---|---|---|---|---|")
