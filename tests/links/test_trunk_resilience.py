@@ -4,6 +4,10 @@ comes back by itself; three sites in a mesh hear each other exactly once."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from relay import TcpRelay
@@ -19,7 +23,7 @@ from trunk_sites import (
     until,
 )
 
-from tests.sip.sip_peers import run
+from tests.sip.sip_peers import run, stop_process
 
 HEARD = -40.0
 SILENT = -70.0
@@ -128,5 +132,53 @@ def test_three_sites_in_a_mesh_hear_each_other_exactly_once(tmp_path: Path) -> N
             await asyncio.sleep(1.0)
             assert radio(c, "net").level(1000.0, 0.8) < SILENT, "B forwarded A's audio to C"
             assert radio(b, "net").level(1000.0, 0.8) > HEARD
+
+    run(main())
+
+
+def test_a_peer_process_killed_is_dropped_unkeyed_and_rejoined_when_it_restarts(
+    tmp_path: Path,
+) -> None:
+    """US runs as its own ``borderlink run`` process and is killed (SIGKILL: no BYE, its
+    sockets just vanish). CA drops the dialog, unkeys the radio US was keying, and the
+    link comes back by itself when US is started again."""
+    pki = make_pki(tmp_path, ("ca", "us"))
+    ca = SiteSpec("ca", {"marine": 1000.0}, [LinkSpec("us", "us", {"marine": "shiprider"})])
+    us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "shiprider"})])
+    ports = {"ca": ca.tls_port, "us": us.tls_port}
+    ca_path = site_toml(tmp_path, ca, ports, pki)
+    us_path = site_toml(tmp_path, us, ports, pki)
+    # A built-in radio that talks all the time: the US process needs no test code.
+    us_path.write_text(us_path.read_text().replace(
+        'kind = "test_link_radio"\n', 'kind = "simulated_radio"\ntalk_every = "0s"\n'
+        'talk_for = "0s"\nlevel_dbfs = -20.0\n'))  # fmt: skip
+
+    def start_us() -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "run", str(us_path)],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "us.log", "ab"),  # noqa: SIM115
+            start_new_session=True,
+        )  # fmt: skip
+
+    async def main() -> None:
+        async with running(ca_path) as ca_gw:
+            marine = radio(ca_gw, "marine")
+            keyed = ca_gw.engine.ports.index(marine)
+            us_proc = start_us()
+            try:
+                await until(lambda: marine.level(1500.0, 0.3) > HEARD, 30, "US heard at CA")
+                assert ca_gw.engine.keying.keyed[keyed], "CA's radio transmits what US says"
+                os.killpg(us_proc.pid, signal.SIGKILL)
+                us_proc.wait(10)
+                await until(lambda: not link_legs(ca_gw), 20, "CA to drop the dead dialog")
+                await until(lambda: not ca_gw.engine.keying.keyed[keyed], 10, "CA to unkey")
+                assert share_state(ca_gw, "us", "shiprider") == "down"
+                us_proc = start_us()
+                await until(lambda: share_state(ca_gw, "us", "shiprider") == "up", 60,
+                            "the link back once US runs again")  # fmt: skip
+                await until(lambda: marine.level(1500.0, 0.3) > HEARD, 15, "US heard again")
+                assert len(link_legs(ca_gw)) == 1
+            finally:
+                stop_process(us_proc)
 
     run(main())
