@@ -14,6 +14,7 @@ their legs are rows of the same leg bank. What the service adds:
 * cuts and restores (:meth:`cut`, :meth:`restore`) from the CLI's control socket
   (:mod:`gateway.links.control`) and MQTT, audited and remembered
   (:mod:`gateway.links.cuts`);
+* a live reload (:meth:`reconfigure`): shares and links change without a restart;
 * metrics (:meth:`stats`).
 """
 

@@ -32,6 +32,11 @@ from tests.sip.sip_peers import run
 
 HEARD = -40.0  # a tone at -20 dBFS arrives around -20..-26 dB through G.711
 SILENT = -70.0
+# Beside a tone that is heard: a leak arrives at about its level (issue #15's: -31 dB),
+# while G.711 puts products of a tone in other bands (µ-law's error on 700 Hz repeats
+# every 10 ms: energy at every multiple of 100 Hz, 1000 Hz included, seen at -55 dB) and
+# concealed late packets click into every band. A leak is above this, those below.
+NO_LEAK = -45.0
 
 
 def two_sites(tmp: Path, ca_share: dict[str, str], us_share: dict[str, str], ca_extra: str = ""):
@@ -67,7 +72,7 @@ def test_shared_talkgroup_carries_audio_both_ways_and_nothing_else(tmp_path: Pat
             await until(lambda: radio(us, "harbor").level(1000.0, 0.5) > HEARD, 5, "CA at US")
             await asyncio.sleep(1.0)
             assert radio(us, "harbor").level(1000.0) > HEARD
-            assert radio(us, "harbor").level(700.0) < SILENT, "an unshared talkgroup crossed"
+            assert radio(us, "harbor").level(700.0) < NO_LEAK, "an unshared talkgroup crossed"
             assert radio(us, "sheriff").level(1000.0) < SILENT
             assert radio(us, "sheriff").level(700.0) < SILENT
             radio(ca, "marine").speaking = radio(ca, "police").speaking = False
@@ -212,8 +217,8 @@ def test_two_shared_names_each_carry_their_own_talkgroup(tmp_path: Path) -> None
                         and radio(us, "sheriff").level(700.0, 0.3) > HEARD, 10,
                         "each name heard")  # fmt: skip
             await asyncio.sleep(1.0)
-            assert radio(us, "harbor").level(700.0) < SILENT, "lawnet leaked into shiprider"
-            assert radio(us, "sheriff").level(1000.0) < SILENT, "shiprider leaked into lawnet"
+            assert radio(us, "harbor").level(700.0) < NO_LEAK, "lawnet leaked into shiprider"
+            assert radio(us, "sheriff").level(1000.0) < NO_LEAK, "shiprider leaked into lawnet"
 
     run(main())
 
