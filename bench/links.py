@@ -58,7 +58,9 @@ from trunk_sites import (  # noqa: E402
     RATE,
     LinkSpec,
     SiteSpec,
+    link_leg,
     make_pki,
+    media_through,
     running,
     share_state,
     site_toml,
@@ -175,40 +177,13 @@ class Pair:
         return path
 
 
-def link_leg(gateway):  # noqa: ANN001, ANN201
-    legs = [p for p in gateway.engine.ports if p.kind == "link"]
-    return legs[0] if len(legs) == 1 else None
-
-
-def through(leg, address: tuple[str, int], latch: bool) -> None:  # noqa: ANN001
-    """Send the leg's RTP to ``address`` from now on (what a re-INVITE moving the media
-    does); with ``latch``, listen for whoever answers from its host (a peer behind NAT),
-    else only to ``address``. Its RTCP stays where it was."""
-    bank, row = leg.bank, leg.row
-    media = bank.media[row]
-    rtcp = media.rtcp.remote
-    bank.move(row, media, address, media.rtcp, media.payload_type, media.dtmf_type,
-              media.announced)  # fmt: skip
-    bank.set_rtcp_remote(row, rtcp)
-    bank.latched[row] = not latch
-
-
 async def linked(ca, us, media: UdpRelay) -> None:  # noqa: ANN001
     """Wait for the link; put its media through ``media`` (again after every redial)."""
     await until(lambda: share_state(ca, "us", "ship") == "up"
                 and share_state(us, "ca", "ship") == "up"
                 and link_leg(ca) is not None and link_leg(us) is not None, 60,
                 "the link up")  # fmt: skip
-    ca_leg, us_leg = link_leg(ca), link_leg(us)
-    media.target = us_leg.bank.sock.getsockname()[:2]
-    up, down = media.up.forwarded, media.down.forwarded
-    through(ca_leg, ("127.0.0.1", media.port), latch=False)
-    # CA's packets sent straight to US before the move must be drained first, or US's leg
-    # would settle on CA's own address again instead of the relay's.
-    await asyncio.sleep(0.2)
-    through(us_leg, us_leg.bank.media[us_leg.row].remote, latch=True)
-    await until(lambda: media.up.forwarded > up + 50 and media.down.forwarded > down + 50, 10,
-                "media through the relay both ways")  # fmt: skip
+    await media_through(link_leg(ca), link_leg(us), media)
 
 
 def load() -> str:

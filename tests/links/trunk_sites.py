@@ -196,3 +196,37 @@ def link_legs(gateway) -> list[str]:  # noqa: ANN001
 def srtp_legs(gateway) -> list[bool]:  # noqa: ANN001
     """For each link leg: is its media SRTP (keys agreed over the link's TLS)?"""
     return [bool(p.bank.srtp[p.row]) for p in gateway.engine.ports if p.kind == "link"]
+
+
+def link_leg(gateway):  # noqa: ANN001, ANN201
+    """The gateway's one link leg, or None (none, or several)."""
+    legs = [p for p in gateway.engine.ports if p.kind == "link"]
+    return legs[0] if len(legs) == 1 else None
+
+
+def _point(leg, address: tuple[str, int], latch: bool) -> None:  # noqa: ANN001
+    """Send the leg's RTP to ``address`` from now on (what a re-INVITE moving the media
+    does); with ``latch``, listen for whoever answers from its host (a peer behind NAT),
+    else only to ``address``. Its RTCP stays where it was."""
+    bank, row = leg.bank, leg.row
+    media = bank.media[row]
+    rtcp = media.rtcp.remote
+    bank.move(row, media, address, media.rtcp, media.payload_type, media.dtmf_type,
+              media.announced)  # fmt: skip
+    bank.set_rtcp_remote(row, rtcp)
+    bank.latched[row] = not latch
+
+
+async def media_through(ours, theirs, relay) -> None:  # noqa: ANN001
+    """Put one link dialog's media (legs ``ours`` and ``theirs``, one each side) through a
+    UDP impairment relay: ours sends to the relay, theirs latches onto the relay's
+    address as onto a peer behind NAT. Again after every redial (new legs)."""
+    relay.target = theirs.bank.sock.getsockname()[:2]
+    up, down = relay.up.forwarded, relay.down.forwarded
+    _point(ours, ("127.0.0.1", relay.port), latch=False)
+    # Ours' packets sent straight across before the move must be drained first, or theirs
+    # would settle on our own address again instead of the relay's.
+    await asyncio.sleep(0.2)
+    _point(theirs, theirs.bank.media[theirs.row].remote, latch=True)
+    await until(lambda: relay.up.forwarded > up + 50 and relay.down.forwarded > down + 50, 15,
+                "media through the relay both ways")  # fmt: skip

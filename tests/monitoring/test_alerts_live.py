@@ -357,6 +357,98 @@ def test_a_certificate_near_expiry_and_a_link_down_alert(tmp_path: Path) -> None
     asyncio.run(scenario())
 
 
+def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Path) -> None:
+    """CA and US reach each other through the impairment relay (tests/links/relay.py):
+    200 ms each way on the signalling makes the keepalive's round trip slow; ±150 ms on
+    the media, jitter; a blackout drops the dialog (keepalive); then US cuts the link."""
+    sys.path[:0] = [str(ROOT / "tests" / "links")]
+    from relay import Impairment, TcpRelay, UdpRelay
+    from trunk_sites import (
+        LinkSpec,
+        SiteSpec,
+        link_leg,
+        make_pki,
+        media_through,
+        running,
+        share_state,
+        site_toml,
+    )
+
+    pki = make_pki(tmp_path, ("ca", "us"))
+    ca = SiteSpec("ca", {"marine": 1000.0}, [LinkSpec("us", "us", {"marine": "ship"})])
+    us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "ship"})])
+    web = "\n[web]\nport = 0\n"
+
+    async def scenario() -> None:
+        async with TcpRelay(("127.0.0.1", us.tls_port)) as to_us, \
+                TcpRelay(("127.0.0.1", ca.tls_port)) as to_ca, \
+                UdpRelay(("127.0.0.1", 9)) as media:  # fmt: skip
+            ca_path = site_toml(tmp_path, ca, {"us": to_us.port}, pki, web)
+            us_path = site_toml(tmp_path, us, {"ca": to_ca.port}, pki)
+            async with running(ca_path) as ca_gw, running(us_path) as us_gw:
+
+                def up() -> bool:
+                    return (share_state(ca_gw, "us", "ship") == "up"
+                            and share_state(us_gw, "ca", "ship") == "up"
+                            and link_leg(ca_gw) is not None
+                            and link_leg(us_gw) is not None)  # fmt: skip
+
+                await until(lambda: bool(ca_gw.web and ca_gw.web.port) and up(), "the link up",
+                            timeout=30)  # fmt: skip
+                await until(lambda: ca_gw.links.trunks["us"].rtt() is not None, "a round trip")
+                before = await scrape(ca_gw)
+                ca_gw.ports["marine-radio"].speaking = True
+                us_gw.ports["harbor-radio"].speaking = True
+                await media_through(link_leg(ca_gw), link_leg(us_gw), media)
+                media.impair = Impairment(jitter=0.15)
+                for relay in (to_us, to_ca):
+                    relay.impair = Impairment(delay=0.2)
+
+                def jitter() -> float:
+                    return max(link_leg(gw).stats().get("jitter_seconds", 0.0)
+                               for gw in (ca_gw, us_gw))  # fmt: skip
+
+                await until(lambda: up() and jitter() > 0.06
+                            and (ca_gw.links.trunks["us"].rtt() or 0) > 0.35,
+                            "a slow, jittery link", timeout=60)  # fmt: skip
+                after = await scrape(ca_gw)
+                assert fired("BorderlinkLinkSlow", before, after, tmp_path) == [
+                    {"alertname": "BorderlinkLinkSlow", "severity": "warning", "link": "us"}
+                ]
+                routes = [a["route"] for a in fired("BorderlinkLinkJitter", before, after,
+                                                    tmp_path)]  # fmt: skip
+                assert routes == ["link-us-ship"], routes
+
+                for relay in (to_us, to_ca, media):
+                    relay.impair = Impairment()
+                before = await scrape(ca_gw)
+                timeouts = ca_gw.links.trunks["us"].keepalive_timeouts
+                for relay in (to_us, to_ca, media):
+                    relay.blackout()
+                await until(lambda: ca_gw.links.trunks["us"].keepalive_timeouts > timeouts,
+                            "the keepalive to drop the dark link", timeout=30)  # fmt: skip
+                for relay in (to_us, to_ca, media):
+                    relay.resume()
+                await until(up, "the link back", timeout=60)
+                after = await scrape(ca_gw)
+                assert fired("BorderlinkLinkUnstable", before, after, tmp_path) == [
+                    {"alertname": "BorderlinkLinkUnstable", "severity": "warning", "link": "us"}
+                ]
+
+                before = after
+                us_gw.links.cut("ca", None, "local:test", "exercise", "cli")
+                await until(lambda: share_state(ca_gw, "us", "ship") == "cut_by_peer",
+                            "CA to see the cut", timeout=30)  # fmt: skip
+                after = await scrape(ca_gw)
+                assert fired("BorderlinkLinkCutByPeer", before, after, tmp_path) == [
+                    {"alertname": "BorderlinkLinkCutByPeer", "severity": "warning",
+                     "link": "us", "state": "cut_by_peer"}
+                ]  # fmt: skip
+                assert firing("BorderlinkLinkDown", after, after, tmp_path) == []
+
+    asyncio.run(scenario())
+
+
 def test_every_alert_rule_has_a_live_test_here() -> None:
     """A rule added to the rules file needs a test above that causes it."""
     rules = {name for name, _ in alert_exprs()}
