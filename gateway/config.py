@@ -134,6 +134,7 @@ class SimulatedRadioConfig(PortConfig, TalkSchedule):
     audio: Literal["tone", "speech"] = "tone"
     tone_hz: float = Field(1000.0, gt=0, le=4000)
     level_dbfs: float = Field(-12.0, le=0)
+    voice: Path | None = None  # a 16-bit WAV said from its start at every talk burst
 
 
 @register_port_kind("tone")

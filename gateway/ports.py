@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import soxr
 
 from gateway.codecs.pcm import int16_to_float
-from gateway.codecs.resample import StreamResampler
 from gateway.codecs.tones import ToneGenerator, speech_like
 from gateway.config import (
     FileSourceConfig,
@@ -229,8 +229,10 @@ class ToneSource(Port):
 
 @register_port_type("simulated_radio")
 class SimulatedRadio(Port):
-    """A radio with no hardware: a tone or speech-like voice on a schedule.
+    """A radio with no hardware: a tone, speech-like audio or a recorded voice on a schedule.
 
+    A ``voice`` WAV is said from its start at every talk burst (an over is one
+    message, as an officer's would be); the squelch stays open to the burst's end.
     Like a real half-duplex set it cannot hear while it talks, and what the gateway
     transmits to it is kept so a demo or test can show it (``last_heard``).
     """
@@ -238,28 +240,44 @@ class SimulatedRadio(Port):
     def __init__(self, name: str, config: SimulatedRadioConfig, timing: Timing) -> None:
         super().__init__(name, config, timing)
         self.schedule = Scheduler(config, self.rate)
-        if config.audio == "speech":
-            seed = zlib.crc32(name.encode())
-            self.voice: np.ndarray | None = speech_like(self.rate, 8.0, seed=seed)
-            peak = float(np.max(np.abs(self.voice))) or 1.0
-            self.voice *= 10 ** (config.level_dbfs / 20) / peak
-            self.tone = None
-        else:
-            self.voice = None
+        self.voice: np.ndarray | None = None
+        self.tone: ToneGenerator | None = None
+        if config.voice is None and config.audio == "speech":
+            self.voice = self._at_level(speech_like(self.rate, 8.0, seed=zlib.crc32(name.encode())))
+        elif config.voice is None:
             self.tone = ToneGenerator([config.tone_hz], self.rate, config.level_dbfs)
         self.voice_pos = 0
         self.last_heard: Frame | None = None
 
+    def open(self) -> None:
+        """Read the voice file now: a missing one makes this port down (and retried)."""
+        if self.config.voice is not None:
+            self.voice = self._at_level(read_wav(self.config.voice, self.rate))
+
+    def _at_level(self, audio: np.ndarray) -> np.ndarray:
+        peak = float(np.max(np.abs(audio), initial=0.0)) or 1.0
+        return (audio * (10 ** (self.config.level_dbfs / 20) / peak)).astype(np.float32)
+
     def read(self) -> Frame | None:
+        starting = not self.talking
         self.talking = self.schedule.advance(self.frame_samples)
         if not self.talking:
             return None
         if self.tone is not None:
             return self.tone.read(self.frame_samples)
         assert self.voice is not None
-        idx = (self.voice_pos + np.arange(self.frame_samples)) % len(self.voice)
-        self.voice_pos = int(idx[-1]) + 1
-        return self.voice[idx]
+        n = self.frame_samples
+        if self.config.voice is None:  # synthetic speech runs on from burst to burst
+            idx = (self.voice_pos + np.arange(n)) % len(self.voice)
+            self.voice_pos = int(idx[-1]) + 1
+            return self.voice[idx]
+        if starting:
+            self.voice_pos = 0
+        frame = np.zeros(n, np.float32)
+        chunk = self.voice[self.voice_pos : self.voice_pos + n]
+        frame[: len(chunk)] = chunk
+        self.voice_pos += n
+        return frame
 
     def write(self, frame: Frame | None) -> None:
         self.last_heard = None if frame is None else frame.copy()
@@ -323,7 +341,6 @@ def read_wav(path: str | Path, rate: int) -> np.ndarray:
         source_rate = wav.getframerate()
         data = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
     audio = int16_to_float(data[::channels])
-    if source_rate != rate:
-        resampler = StreamResampler(source_rate, rate)
-        audio = np.concatenate([resampler.process(audio), resampler.flush()])
+    if source_rate != rate:  # a whole file at once: no stream state to carry
+        audio = soxr.resample(audio, source_rate, rate)
     return audio.astype(np.float32)

@@ -55,6 +55,9 @@ def verify(config: SiteConfig, devices: bool = True) -> None:
             continue
         if port.kind == "file" and (problem := check_wav(port.path)):
             problems.append((("ports", name, "path"), f"{problem}; this port would be down"))
+        voice = getattr(port, "voice", None) if port.kind == "simulated_radio" else None
+        if voice is not None and (problem := check_wav(voice)):
+            problems.append((("ports", name, "voice"), f"{problem}; this port would be down"))
         if port.kind == "recorder" and (problem := writable_problem(Path(port.directory))):
             problems.append((("ports", name, "directory"), f"{problem}; nothing would be recorded"))
         hardware = getattr(port, "device_problems", None)
