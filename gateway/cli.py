@@ -35,7 +35,6 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, help="stop after this many seconds")
-    parser.add_argument("--config", type=Path, help="another demo site file")
     parser.add_argument("--plain", action="store_true", help="log lines instead of a live screen")
 
 
@@ -73,11 +72,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("demo", "run a built-in site of simulated radios (no hardware needed)", _demo_args)
+@command("demo", "two linked sites (CA, US) of simulated radios with consoles; no hardware",
+         _demo_args)  # fmt: skip
 def demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(args.config, args.seconds, plain=args.plain)
+    return run_demo(args.seconds, plain=args.plain)
 
 
 def build_parser() -> argparse.ArgumentParser:
