@@ -44,7 +44,7 @@ def test_version_and_help() -> None:
 
 
 def test_check_prints_summary_or_every_error(tmp_path: Path) -> None:
-    good = borderlink("check", str(REPO / "config" / "demo.toml"))
+    good = borderlink("check", str(REPO / "config" / "example-site.toml"))
     assert good.returncode == 0 and "config OK" in good.stdout and "shiprider" in good.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text(SITE.replace('talk_offset = "1h"', 'talk_ofset = "1h"').replace("700", '"x"'))
@@ -110,9 +110,7 @@ def _no_orphans():
             proc.wait(timeout=10)
 
 
-@pytest.mark.parametrize(
-    "command", [["check"], ["run"], ["levels", "__FILE__", "radio"], ["demo", "--config"]]
-)
+@pytest.mark.parametrize("command", [["check"], ["run"], ["levels", "__FILE__", "radio"]])
 def test_every_command_reading_a_site_reports_its_errors_the_same_way(
     tmp_path: Path, command: list[str]
 ) -> None:
