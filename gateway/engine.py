@@ -509,11 +509,19 @@ class Engine:
                                  tick=self.tick_count))  # fmt: skip
 
     def _unkey(self, i: int) -> None:
+        """Drop a PTT outside the tick's keying (stop, a fault, a call leaving): the
+        ``ptt_off`` is reported as the tick's would be, so every key-up the audit log
+        holds has its release and length."""
+        was_keyed = bool(self.keying.keyed[i])
         self.keying.keyed[i] = False
         try:
             self.ports[i].key(False)
         except Exception:
             log.exception("port %s: unkey failed", self.ports[i].name)
+        if was_keyed:
+            held = (self.tick_count - self.key_since[i]) * self.frame_seconds
+            self._emit(Event("ptt_off", self.ports[i].name, self._group_name(i), seconds=held,
+                             tick=self.tick_count))  # fmt: skip
 
     def _fault(self, i: int, reason: str) -> None:
         port = self.ports[i]

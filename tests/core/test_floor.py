@@ -252,3 +252,23 @@ def test_no_tones_unless_configured() -> None:
     talker.talk = False
     run(engine, 10)
     assert all(f is None for f in other.heard[-10:])
+
+
+def test_every_key_up_is_released_in_the_events_on_stop_and_when_a_call_leaves() -> None:
+    """The audit log's `transmit` record comes from ptt_off: a transmitter dropped by a stop
+    or by its call leaving must report it too, or the log shows a PTT never released."""
+    talker = ScriptedPort("talker", 500)
+    radio = ScriptedPort("radio", 800)
+    engine, events = site([talker, radio])
+    call = ScriptedPort("call")
+    engine.attach(call, "tg")
+    talker.talk = True
+    run(engine, 10)
+    assert radio.keyed and call.keyed
+    engine.detach(call)
+    engine.unkey_all()
+    offs = {e.port: e.seconds for e in events if e.kind == "ptt_off"}
+    assert set(offs) == {"radio", "call"}
+    assert offs["radio"] == offs["call"] == 10 * TICK
+    engine.unkey_all()  # nothing keyed now: no second release
+    assert sum(e.kind == "ptt_off" for e in events) == 2
