@@ -112,10 +112,12 @@ async def _main(ca: Site, us: Site, password: str, voices: str, seconds: float |
         for site in (ca, us):
             exit_code = site.stop()
             if site.process is not None:
-                verdict = "stopped cleanly" if exit_code == 0 else f"exit code {exit_code}"
+                keyed, unkeyed, closed = site.keyups()
+                clean = exit_code == 0 and closed and keyed == unkeyed
+                verdict = "stopped cleanly" if clean else f"did not stop cleanly (exit {exit_code})"
                 print(f"{site.key.upper()} gateway (pid {site.process.pid}): {verdict}; "
-                      "its radios unkeyed", flush=True)  # fmt: skip
-                if exit_code != 0:
+                      f"PTT keyed {keyed} times, released {unkeyed}", flush=True)  # fmt: skip
+                if not clean:
                     code = 1
                     print(site.log_tail(), file=sys.stderr)
     return code

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -180,6 +181,23 @@ class Site:
                 self.process.kill()
                 self.process.wait(5)
         return self.process.returncode
+
+    def keyups(self) -> tuple[int, int, bool]:
+        """From the site's audit log: transmitters keyed, unkeyed, and whether the log was
+        closed by a clean stop (``audit_stop``) — how the demo knows every PTT was released."""
+        keyed = unkeyed = 0
+        closed = False
+        try:
+            lines = (self.folder / f"{self.key}-audit.jsonl").read_text(encoding="utf-8")
+        except OSError:
+            return 0, 0, False
+        for line in lines.splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line).get("event")
+                keyed += event == "ptt_on"
+                unkeyed += event == "transmit"
+                closed = closed or event == "audit_stop"
+        return keyed, unkeyed, closed
 
     def log_tail(self, lines: int = 15) -> str:
         try:
