@@ -119,26 +119,28 @@ class Ear:
 
 
 async def one_over(session, us_url: str, ca_url: str, on_air, on_first=None):  # noqa: ANN001
-    """Poll both sites until ``on_air(us, ca)`` has held and ended (one over): the spans
-    between two polls that both saw it, when it was certainly on air throughout."""
-    spans: list[tuple[float, float]] = []
-    seen_until: float | None = None  # end of the last poll that saw it
+    """Poll both sites until ``on_air(us, ca)`` has held and ended (one over). An over is
+    one stretch of time, so it certainly ran from the end of the first poll that saw it to
+    the start of the last one (a poll's answer is from some instant while it ran)."""
+    first_end = last_start = None
+    side_tasks = []  # on_first runs beside the polls, which must go on meanwhile
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         start = time.monotonic()
         us, ca = await asyncio.gather(status(session, us_url), status(session, ca_url))
         if on_air(us, ca):
-            if seen_until is None and on_first is not None:
-                await on_first()
-            elif seen_until is not None:
-                spans.append((seen_until, start))
-            seen_until = time.monotonic()
-        elif spans:
-            return spans
-        else:
-            seen_until = None
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"no whole over seen on air (spans so far: {spans})")
+            if first_end is None:
+                first_end = time.monotonic()
+                if on_first is not None:
+                    side_tasks.append(asyncio.ensure_future(on_first()))
+            last_start = start
+        elif first_end is not None:
+            if last_start > first_end:
+                await asyncio.gather(*side_tasks)
+                return [(first_end, last_start)]
+            first_end = None  # seen by one poll only: too short to judge; wait for more
+        await asyncio.sleep(0.1)
+    raise AssertionError("no over seen on air from start to end")
 
 
 def talking(st: Status, port: str) -> bool:
@@ -158,15 +160,8 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
         ca_url = demo.find(r"CA .* console (http://127\.0\.0\.1:\d+)/console/").group(1)
         us_url = demo.find(r"US .* console (http://127\.0\.0\.1:\d+)/console/").group(1)
         operator = demo.find(r"operator: (\S+)").group(1)
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-            async_playwright() as pw,
-        ):
-            browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-            ca_page = await login(browser, ca_url, operator, password)
-            ear = Ear(ca_page)
-            us_page = await login(browser, us_url, operator, password)
 
+        async def hear_and_cut(session, ca_page, us_page, ear: Ear) -> None:  # noqa: ANN001
             # 1. The U.S. cutter talks (and no Canadian marine radio): Canada hears its voice.
             async def photograph_ca() -> None:
                 await asyncio.sleep(1.0)  # a syllable or two on the meters
@@ -212,7 +207,19 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
             loudest = max(m["rmsDbfs"] for m in heard)
             print(f"CA console while the link is cut: loudest {loudest:.1f} dBFS")
             assert loudest < SILENT_DBFS, f"the cut link still carried {loudest:.1f} dBFS"
-            ear.task.cancel()
+
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            async_playwright() as pw,
+        ):
+            browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            ca_page = await login(browser, ca_url, operator, password)
+            ear = Ear(ca_page)  # listening from the first moment
+            try:
+                us_page = await login(browser, us_url, operator, password)
+                await hear_and_cut(session, ca_page, us_page, ear)
+            finally:
+                ear.task.cancel()
             await browser.close()
 
     try:
