@@ -32,7 +32,7 @@ import aiohttp
 from gateway.demo.pki import make_site_pki
 from gateway.demo.scenario import LINES, Scenario
 from gateway.demo.screen import link_line, render
-from gateway.demo.sites import Site, make_sites
+from gateway.demo.sites import TEMPLATES, Site, make_sites
 from gateway.demo.voices import make_voices
 
 OPERATOR = "demo"
@@ -41,6 +41,10 @@ START_TIMEOUT = 60.0  # both gateways answering /metrics (a loaded 2-core machin
 
 def run_demo(seconds: float | None, plain: bool = False) -> int:
     live = sys.stdout.isatty() and not plain
+    if not (TEMPLATES / "ca.toml").exists():
+        print(f"the demo's site files are not at {TEMPLATES}: run the demo from a BorderLink "
+              "source tree (bash .ci/bootstrap demo)", file=sys.stderr)  # fmt: skip
+        return 2
     with tempfile.TemporaryDirectory(prefix="borderlink-demo-") as tmp:
         folder = Path(tmp)
         print("Setting up: certificates for each country, radio voices, two site files…",
@@ -84,7 +88,7 @@ async def _main(ca: Site, us: Site, password: str, voices: str, seconds: float |
             site.start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             if not await _wait_started(session, (ca, us), stop):
-                return 1
+                return 0 if stop.is_set() else 1  # Ctrl-C while starting is no failure
             print("\n".join(header), flush=True)
             scenario = Scenario(sites, say)
             links = {key: "" for key in sites}

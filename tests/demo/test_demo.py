@@ -84,7 +84,7 @@ async def status(session: aiohttp.ClientSession, url: str) -> Status:
 
 
 async def login(browser, url: str, operator: str, password: str):  # noqa: ANN001
-    context = await browser.new_context(viewport={"width": 1100, "height": 720})
+    context = await browser.new_context(viewport={"width": 860, "height": 390})
     page = await context.new_page()
     await page.goto(f"{url}/console/")
     await page.fill("#operator", operator)
