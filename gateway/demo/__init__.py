@@ -146,8 +146,10 @@ async def _wait_started(session: aiohttp.ClientSession, sites: tuple[Site, ...],
 
 
 def _labels(site: Site) -> dict[str, str]:
-    """What the view calls each port (its description), and '' → the site's name."""
+    """What the view calls each port (its label, else its description), and '' → the
+    site's name."""
     config = tomllib.loads(site.config.read_text(encoding="utf-8"))
-    labels = {name: port.get("description", name) for name, port in config["ports"].items()}
+    labels = {name: port.get("label") or port.get("description", name)
+              for name, port in config["ports"].items()}  # fmt: skip
     labels[""] = config["site"]["name"]
     return labels

@@ -84,7 +84,7 @@ async def status(session: aiohttp.ClientSession, url: str) -> Status:
 
 
 async def login(browser, url: str, operator: str, password: str):  # noqa: ANN001
-    context = await browser.new_context(viewport={"width": 860, "height": 390})
+    context = await browser.new_context(viewport={"width": 1000, "height": 700})
     page = await context.new_page()
     await page.goto(f"{url}/console/")
     await page.fill("#operator", operator)
@@ -165,7 +165,7 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
             # 1. The U.S. cutter talks (and no Canadian marine radio): Canada hears its voice.
             async def photograph_ca() -> None:
                 await asyncio.sleep(1.0)  # a syllable or two on the meters
-                shot = await ca_page.screenshot(path=str(DOCS / "demo-ca.png"))
+                shot = await ca_page.screenshot(path=str(DOCS / "demo-ca.png"), full_page=True)
                 assert not png_is_blank(shot)
 
             spans = await one_over(session, us_url, ca_url, lambda us, ca: (
@@ -192,7 +192,7 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
 
             await until(emergency_heard_in_the_us, 60, "the emergency heard across the patch")
             await asyncio.sleep(1.0)  # a syllable or two on the meters
-            shot = await us_page.screenshot(path=str(DOCS / "demo-us.png"))
+            shot = await us_page.screenshot(path=str(DOCS / "demo-us.png"), full_page=True)
             assert not png_is_blank(shot)
 
             # 3. The U.S. cuts the link; Canada sees "cut by peer" and hears nothing of the
