@@ -14,6 +14,7 @@ their legs are rows of the same leg bank. What the service adds:
 * cuts and restores (:meth:`cut`, :meth:`restore`) from the CLI's control socket
   (:mod:`gateway.links.control`) and MQTT, audited and remembered
   (:mod:`gateway.links.cuts`);
+* the engine's shared floors and talker announcements (:mod:`gateway.links.arbiter`);
 * metrics (:meth:`stats`).
 """
 
@@ -24,9 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.app import section_service
+from gateway.links.arbiter import Arbiter
 from gateway.links.config import LinksConfig, site_id
 from gateway.links.control import ControlServer, control_path
 from gateway.links.cuts import CutStore, state_path
+from gateway.links.talker import REASONS, Talker
 from gateway.links.trunk import STATES, Trunk
 from gateway.sip.config import split_hostport
 from gateway.sip.stream import PeerTls
@@ -77,6 +80,7 @@ class LinksService:
                 lambda name=name: self.cuts.of(name),
             )  # fmt: skip
         streams.trust_callers(tuple(dict.fromkeys(cas)))
+        self.gateway.engine.shared_floors = Arbiter(me, self.gateway.config.site.name)
         sip.calls.links = self._on_invite
         path = control_path(self.gateway.config.source)
         if path is not None:
@@ -96,6 +100,7 @@ class LinksService:
             await self.control.stop()
         for trunk in self.trunks.values():
             await trunk.stop()
+        self.gateway.engine.shared_floors = None
 
     def refuse_reload(self, new) -> str:  # noqa: ANN001 - a SiteConfig
         """Links change only with a restart (for now); cuts are not config and stay."""
@@ -172,7 +177,16 @@ class LinksService:
         shares: dict[tuple[str, str, str], float] = {}
         rtt: dict[str, float] = {}
         up: dict[str, float] = {}
+        rejected: dict[tuple[str, str], float] = {}
+        talking: dict[tuple[str, str], float] = {}
+        emergency: dict[tuple[str, str], float] = {}
         for name, trunk in self.trunks.items():
+            for reason in REASONS:
+                rejected[(name, reason)] = float(trunk.talker_rejected[reason])
+            for shared, st in trunk.names.items():
+                heard = _heard(st)
+                talking[(name, shared)] = float(heard is not None and heard.keyed)
+                emergency[(name, shared)] = float(heard is not None and heard.emergency)
             now = trunk.state()
             for s in STATES:
                 state[(name, s)] = float(now == s)
@@ -189,4 +203,15 @@ class LinksService:
             "link_rtt_seconds": rtt,
             "link_up_seconds": up,
             "link_invites_refused": {n: float(t.refused_invites) for n, t in self.trunks.items()},
+            "link_talker_rejected": rejected,
+            "link_peer_talking": talking,
+            "link_peer_emergency": emergency,
         }
+
+
+def _heard(st) -> Talker | None:  # noqa: ANN001 - a NameState
+    """What the peer last said of its talker on this shared name's dialog (None: nothing)."""
+    onair = getattr(st.dialog.leg, "onair", None) if st.dialog is not None else None
+    if onair is None or onair.heard is None or not onair.heard.keyed:
+        return None
+    return onair.heard
