@@ -291,7 +291,8 @@ class MqttService:
         if group not in names or len(admitted) != len(layout.ports):
             return []
         rows = np.flatnonzero(admitted & (layout.group_of == names.index(group)))
-        return [layout.ports[i].name for i in rows.tolist()]
+        engine = self.gateway.engine
+        return [engine.talker_of(i) or layout.ports[i].name for i in rows.tolist()]
 
     # --- state ---------------------------------------------------------------------------
 

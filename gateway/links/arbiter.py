@@ -69,6 +69,7 @@ class Arbiter:
         self._layout: object = None
         self._legs: list[tuple[int, Port]] = []  # (engine row, link leg) of this layout
         self._voice: dict[str, int] = {}  # voice_since of this tick
+        self._labels: dict[str, str] = {}  # our port → its label (per layout)
 
     def _talker_id(self) -> int:
         self._next_talker = self._next_talker % 255 + 1
@@ -80,6 +81,7 @@ class Arbiter:
         if self._layout is not lay:
             self._layout = lay
             self._legs = [(i, p) for i, p in enumerate(lay.ports) if lay.link[i]]
+            self._labels = {}  # our port → its label, for this layout
         now = time.time()
         now_ms = int(now * 1000)
         asking = decision.admitted | decision.denied
@@ -121,7 +123,9 @@ class Arbiter:
             squelch = False
             if best is not None:
                 port = lay.ports[rows[best.talker]]
-                label = talker_label(port, self.site_name)
+                label = self._labels.get(port.name) or self._labels.setdefault(
+                    port.name, talker_label(port, self.site_name)
+                )
                 squelch = port.half_duplex
             for i in legs:
                 onair = getattr(lay.ports[i], "onair", None)
