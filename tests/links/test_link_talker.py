@@ -75,7 +75,8 @@ def leg(gateway):  # noqa: ANN001
 def holder(gateway) -> str | None:  # noqa: ANN001
     """The site whose talker holds the shared floor, as this side sees it (one talker per
     site crosses, so the site names the holder on both sides)."""
-    floors = gateway.engine.shared_floors.floors
+    arbiter = getattr(gateway.engine, "shared_floors", None)
+    floors = arbiter.floors if arbiter is not None else {}
     held = [f.holder for f in floors.values() if f.holder is not None]
     return held[0].site if held else None
 
@@ -127,12 +128,12 @@ talk = ["*"]
             me = {"operator": "dispatch", "password": PASSWORD}
             login = await http.post(f"{base}/api/console/login", json=me)
             assert login.status == 200
-            assert leg(us).onair is not None, "the talker extension was not agreed in SDP"
 
             radio(ca, "marine").speaking = True
             await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD, 5, "CA at US")
-            assert leg(us).talker == LABEL
             assert await who_talks(http, base) == [LABEL], "the US console's who-is-talking"
+            assert leg(us).onair is not None, "the talker extension was not agreed in SDP"
+            assert leg(us).talker == LABEL
             assert metric(us, "link_peer_talking", link="ca", share="shiprider") == 1.0
             await until(lambda: [e for e in events.on("/event/talk_start")
                                  if e.get("talker") == LABEL], 5, "MQTT talk_start")  # fmt: skip
@@ -178,7 +179,7 @@ async def collision_settled(winner, w_tg: str, w_hz: float, loser, l_tg: str, l_
     assert ear(winner, w_tg).level(l_hz, 0.4) < SILENT
     assert radio(winner, w_tg).level(l_hz, 0.4) < SILENT
     assert radio(winner, w_tg).level(BUSY_HZ, 0.4) < SILENT
-    assert radio(loser, l_tg).level(BUSY_HZ, 0.4) > HEARD
+    assert radio(loser, l_tg).level(BUSY_HZ, 1.0) > HEARD  # (its cadence: 0.5 s on, 0.5 off)
 
 
 def test_simultaneous_key_up_converges_on_one_holder_and_the_loser_hears_busy(
@@ -189,18 +190,27 @@ def test_simultaneous_key_up_converges_on_one_holder_and_the_loser_hears_busy(
     async def main() -> None:
         async with running(ca_path) as ca, running(us_path) as us:
             await both_up(ca, us)
+
+            def busy(gateway, talkgroup: str) -> bool:  # noqa: ANN001
+                return radio(gateway, talkgroup).level(BUSY_HZ, 1.0) > HEARD  # 0.5 s on/off
+
             for _ in range(3):
                 # Both key in the same moment (the same turn of the loop both ticks run on).
                 radio(ca, "marine").speaking = radio(us, "harbor").speaking = True
+                await until(lambda: busy(ca, "marine") != busy(us, "harbor"), 5,
+                            "one radio, and only one, to hear the busy tone")  # fmt: skip
                 await until(lambda: holder(ca) is not None and holder(ca) == holder(us), 5,
                             "both sides to agree on the holder")  # fmt: skip
                 won = holder(ca)
+                assert won == ("us" if busy(ca, "marine") else "ca"), "the busy one holds"
                 if won == "ca":
                     await collision_settled(ca, "marine", 1000.0, us, "harbor", 1500.0)
                 else:
                     await collision_settled(us, "harbor", 1500.0, ca, "marine", 1000.0)
                 radio(ca, "marine").speaking = radio(us, "harbor").speaking = False
                 await until(lambda: holder(ca) is None and holder(us) is None, 5, "floor free")
+                await until(lambda: not busy(ca, "marine") and not busy(us, "harbor"), 5,
+                            "the busy tone over (the next try starts clean)")  # fmt: skip
 
     run(main())
 
@@ -213,17 +223,17 @@ def test_an_emergency_pre_empts_across_the_border(tmp_path: Path) -> None:
         async with running(ca_path) as ca, running(us_path) as us:
             await both_up(ca, us)
             radio(us, "harbor").speaking = True
-            await until(lambda: holder(ca) == holder(us) == "us", 5, "the US radio to hold")
             await until(lambda: ear(ca, "marine").level(1500.0, 0.3) > HEARD, 5, "US at CA")
             # A later, ordinary CA key-up does not take it: it hears the busy tone.
             radio(ca, "marine").speaking = True
             await until(lambda: radio(ca, "marine").level(BUSY_HZ, 0.5) > HEARD, 5, "CA busy")
-            assert holder(ca) == holder(us) == "us"
             # The CA radio presses its emergency button: it takes the floor on both sides.
             radio(ca, "marine").emergency = True
-            await until(lambda: holder(ca) == holder(us) == "ca", 5, "the emergency to hold")
             await until(lambda: ear(us, "harbor").level(1000.0, 0.3) > HEARD, 5,
                         "the emergency heard in the US")  # fmt: skip
+            await until(lambda: holder(ca) == holder(us) == "ca", 5, "the emergency to hold")
+            assert [r["port"] for r in records(tmp_path / "ca-audit.jsonl", "floor_granted")
+                    if r.get("talker") == LABEL], "the emergency's grant audited at CA"  # fmt: skip
             await until(lambda: radio(us, "harbor").level(BUSY_HZ, 0.5) > HEARD, 5, "US busy")
             await until(lambda: ear(us, "harbor").level(1500.0, 0.3) < SILENT, 5,
                         "the pre-empted US radio unheard")  # fmt: skip
