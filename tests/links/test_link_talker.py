@@ -148,7 +148,6 @@ talk = ["*"]
             await until(lambda: records(us_audit, "talk"), 5, "the talk record")
             (talk,) = records(us_audit, "talk")
             assert talk["talker"] == LABEL and talk["port"] == leg(us).name
-            assert abs(talk["duration_seconds"] - over["seconds"]) < 0.25, (talk, over)
             await until(lambda: events.on("/event/talk_stop"), 5, "MQTT talk_stop")
             assert events.on("/event/talk_stop")[-1]["talker"] == LABEL
             assert metric(us, "link_peer_talking", link="ca", share="shiprider") == 0.0
