@@ -8,8 +8,9 @@ talker, not "the link". A peer without it (plain BSI-Core 1.1) still works: its
 packets carry no extension and it is keyed by voice activity.
 
 On the wire (RFC 8285 header extension, negotiated in SDP as
-``a=extmap:1 urn:borderlink:talker`` with ``a=extmap-allow-mixed``): one element,
-two-byte form (profile ``0x1000``), ID 1 unless SDP says otherwise::
+``a=extmap:1 urn:borderlink:talker site=SITE_ID`` with ``a=extmap-allow-mixed``,
+see :mod:`gateway.links.onair`): one element, two-byte form (profile ``0x1000``),
+ID 1 unless SDP says otherwise::
 
     byte 0    vv k s e ppp   version (0), keyed, squelch open, emergency, priority 0-7
     byte 1    talker ID      one per over, 1-255 cycling (0: nobody yet)
