@@ -178,12 +178,15 @@ class Arbiter:
     def _report(
         self, leg: Port, peer: str, asking: bool, priority: int, now_ms: int
     ) -> Candidate | None:
-        """A link leg's peer candidate: from its talker extension, else from its voice."""
+        """A link leg's peer candidate: from its talker extension, else from its voice.
+
+        None unless the leg asks here: a peer's talker our time-out timer locked out (a
+        stuck transmitter across the border) holds no floor on this side."""
+        if not asking:
+            return None
         onair = getattr(leg, "onair", None)
         if onair is not None:
             return onair.report(peer, now_ms)
-        if not asking:
-            return None
         since = self._voice[leg.name] = self.voice_since.get(leg.name, now_ms)
         return Candidate(peer, 0, since, wire_priority(priority))
 
