@@ -112,9 +112,10 @@ class Arbiter:
                 over = self.overs.get(port.name) or (self._talker_id(), now_ms)
                 overs[port.name] = over
                 rows[over[0]] = i
+                emergency = port.name in engine.emergency or bool(getattr(port, "emergency", 0))
                 candidates.append(
                     Candidate(self.site, over[0], over[1], wire_priority(int(lay.priority[i])),
-                              bool(getattr(port, "emergency", False)))
+                              emergency)
                 )  # fmt: skip
             best = choose(candidates)
             if lay.shared is not None and lay.shared[g]:
