@@ -248,6 +248,8 @@ class AuditLog:
             fields["talkgroup"] = self._talkgroup(port)
         if event.group and event.group != fields.get("talkgroup"):
             fields["mix_group"] = event.group
+        if event.talker:  # a link leg: the far side's talker label, as its gateway sent it
+            fields["talker"] = event.talker
         kind = event.kind
         if kind in ("talk_stop", "ptt_off"):
             name = "talk" if kind == "talk_stop" else "transmit"

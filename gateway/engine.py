@@ -12,12 +12,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
 from gateway.codecs.tones import busy_tone, courtesy_tone, talk_permit_tone
 from gateway.config import PatchConfig, TalkgroupConfig, Timing
-from gateway.floor import FloorControl, FloorEvents, Keying
+from gateway.floor import FloorControl, FloorDecision, FloorEvents, Keying
 from gateway.mixer import Mixer
 from gateway.ports import Port, PortBank
 from gateway.talkgroups import MixGroup, plan_mix_groups
@@ -48,12 +49,23 @@ class Event:
     by: str = ""  # patch: who asked (mqtt:SENDER, reload:SIGHUP, ...), for the audit log
     ref: str | None = None  # patch: the id of the command that asked, if one did
     label: str = ""  # the port's unit name (config ``label``, a console's operator name)
+    # talk/floor events: who talks through the port when the endpoint knows (a link leg:
+    # the far side's talker label, e.g. "RCMP · Marine 7"); empty: the port itself
+    talker: str = ""
 
 
 def _links(ports: list[Port]) -> np.ndarray | None:
     """Which ports are link legs (they hear no other link), None when none is."""
     link = np.array([p.kind == "link" for p in ports], bool)
     return link if link.any() else None
+
+
+class SharedFloors(Protocol):
+    """Cross-border links (:mod:`gateway.links.arbiter`): single-floor groups that hold a
+    link leg are decided by one rule on every side, and each link leg is told who of
+    this side it carries. Called once a tick, after the local floor."""
+
+    def decide(self, engine: Engine, decision: FloorDecision) -> None: ...
 
 
 @dataclass
@@ -86,6 +98,7 @@ class Layout:
     hang_ticks: np.ndarray
     talkgroup: list[str | None] = field(default_factory=list)
     link: np.ndarray | None = None  # per port: a cross-border link leg (None: no link here)
+    shared: np.ndarray | None = None  # per group: a single floor the links decide (SharedFloors)
 
 
 class Engine:
@@ -117,6 +130,7 @@ class Engine:
         self._labels: dict[str, str] = {}
         self.isolated: dict[str, int] = {}  # port → tick its retry is due
         self.last_tick_seconds = 0.0
+        self.shared_floors: SharedFloors | None = None  # set by the links service
         self._set_layout([], [])
 
     # --- layout -------------------------------------------------------------
@@ -257,11 +271,18 @@ class Engine:
             return np.array([round(s / self.frame_seconds) for s in seconds], np.int64)
 
         cfgs = [p.config for p in ports]
+        link = _links(ports)
+        single = np.array([g.floor == "single" for g in groups], bool)
+        shared = None
+        if link is not None and self.shared_floors is not None:
+            shared = np.zeros(len(groups) + 1, bool)
+            shared[group_of[link]] = True
+            shared = shared[: len(groups)] & single
         self.layout = Layout(
             ports=ports,
             groups=groups,
             group_of=group_of,
-            single=np.array([g.floor == "single" for g in groups], bool),
+            single=single,
             courtesy=np.array(
                 [any(self.talkgroups[t].courtesy_tone for t in g.talkgroups) for g in groups], bool
             ),
@@ -280,7 +301,8 @@ class Engine:
             tot_ticks=ticks(c.tot for c in cfgs),
             hang_ticks=ticks(c.ptt_hang_time for c in cfgs),
             talkgroup=talkgroup,
-            link=_links(ports),
+            link=link,
+            shared=shared,
         )
         self.mixer.resize(n, keep)
         self.floor.resize(n, len(groups), keep, group_of)
@@ -350,10 +372,14 @@ class Engine:
         self._check_frames(has_frame, raw_talk)
         raw_talk &= lay.can_talk
 
+        shared = lay.shared
         decision = self.floor.update(
-            raw_talk, self.keying.keyed, lay.half, lay.group_of, lay.single,
+            raw_talk, self.keying.keyed, lay.half, lay.group_of,
+            lay.single if shared is None else lay.single & ~shared,
             lay.priority, lay.kerchunk_ticks, lay.tot_ticks,
         )  # fmt: skip
+        if lay.link is not None and self.shared_floors is not None:
+            self.shared_floors.decide(self, decision)
         weights = np.where(decision.admitted, lay.rx_gain, np.float32(0.0)).astype(np.float32)
         mix = self.mixer.mix(frames, weights, lay.group_of, len(lay.groups), lay.tx_gain, lay.link)
         receiving = lay.half & decision.talk
@@ -361,6 +387,8 @@ class Engine:
         busy = decision.denied & ~lay.half & lay.can_transmit
         if self.emergency and busy.any():
             busy &= ~self._emergency_groups(decision.admitted)
+        if lay.link is not None:  # the far side plays its own busy tone, not ours
+            busy &= ~lay.link
         busy_frame = self.busy.read(self.frame_samples) if busy.any() else None
         has_audio = (mix.audible & lay.can_transmit & ~receiving) | busy
         if self.group_tones or self.port_tones:
@@ -573,13 +601,15 @@ class Engine:
                 self.talk_since[i] = self.tick_count
                 if self.layout.talk_permit[i] and not self.layout.half[i]:
                     self.port_tones[i] = talk_permit_tone(self.rate)
-                self._emit(Event("talk_start", name, group, tick=self.tick_count))
+                self._emit(Event("talk_start", name, group, tick=self.tick_count,
+                                 talker=self.talker_of(i)))  # fmt: skip
             else:
                 held = (self.tick_count - self.talk_since[i]) * self.frame_seconds
                 others = admitted & (self.layout.group_of == g)
                 if g < len(self.layout.groups) and self.layout.courtesy[g] and not others.any():
                     self.group_tones[g] = courtesy_tone(self.rate)
-                self._emit(Event("talk_stop", name, group, seconds=held, tick=self.tick_count))
+                self._emit(Event("talk_stop", name, group, seconds=held, tick=self.tick_count,
+                                 talker=self.talker_of(i)))  # fmt: skip
         self.admitted = admitted
 
     def _floor_events(self, events: FloorEvents) -> None:
@@ -595,6 +625,11 @@ class Engine:
             self._emit(
                 Event("tot", self.ports[port].name, self._group_name(port), tick=self.tick_count)
             )
+
+    def talker_of(self, i: int) -> str:
+        """Who talks through port ``i`` when its endpoint knows (a link leg's far-side
+        talker), else ""."""
+        return getattr(self.ports[i], "talker", "") or ""
 
     def _group_name(self, i: int) -> str | None:
         g = int(self.layout.group_of[i])

@@ -237,7 +237,9 @@ class MqttService:
         if event.group:
             message["mix_group"] = event.group
         if event.kind in ("talk_start", "talk_stop"):
-            message["talker"] = event.port
+            message["talker"] = event.talker or event.port  # a link: the far side's label
+        if event.talker and event.kind in ("floor_granted", "preempted"):
+            message["talker"] = event.talker
         if event.kind == "ptt_on":
             # Who is heard is settled later in the same tick: fill it in right after,
             # before the publisher wakes.
@@ -289,7 +291,8 @@ class MqttService:
         if group not in names or len(admitted) != len(layout.ports):
             return []
         rows = np.flatnonzero(admitted & (layout.group_of == names.index(group)))
-        return [layout.ports[i].name for i in rows.tolist()]
+        engine = self.gateway.engine
+        return [engine.talker_of(i) or layout.ports[i].name for i in rows.tolist()]
 
     # --- state ---------------------------------------------------------------------------
 

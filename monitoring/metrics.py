@@ -278,6 +278,26 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "Link dialogs dropped because the peer stopped answering the keepalive (dead link)",
         "link",
     ),
+    # The peer's talker labels are never label values here (the peer would choose the
+    # series): the audit log and MQTT name talkers; metrics count and flag them.
+    "link_talker_rejected": (
+        "link_talker_rejected_total",
+        "counter",
+        "Talker header extensions from the peer not believed, by reason (malformed, label)",
+        "link,reason",
+    ),
+    "link_peer_talking": (
+        "link_peer_talking",
+        "gauge",
+        "1 while the peer says a talker of its side is keyed on this shared name",
+        "link,share",
+    ),
+    "link_peer_emergency": (
+        "link_peer_emergency",
+        "gauge",
+        "1 while the peer's keyed talker on this shared name declares an emergency",
+        "link,share",
+    ),
     "console_sessions": ("console_sessions", "gauge", "Open dispatcher console sessions", None),
     "console_seats": ("console_seats", "gauge", "Console positions joined to talkgroups", None),
     "console_shared_encodes": (

@@ -29,7 +29,7 @@ the sides disagree.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -123,6 +123,18 @@ class SharedFloor:
             self.remote.pop(peer, None)
         else:
             self.remote[peer] = replace(report, site=peer)
+        return self._decide()
+
+    def update(
+        self, local: Iterable[Candidate], remote: Mapping[str, Candidate | None]
+    ) -> FloorChange | None:
+        """All the facts of one moment at once (the engine's tick): our own candidates
+        now, and each peer's latest report (a peer not named has none: its link is
+        gone); one decision, one change at most."""
+        if self.site in remote:
+            raise ValueError(f"a peer has this side's site ID {self.site!r}; site IDs must differ")
+        self.local = {c.talker: replace(c, site=self.site) for c in local}
+        self.remote = {p: replace(r, site=p) for p, r in remote.items() if r is not None}
         return self._decide()
 
     def report(self) -> Candidate | None:

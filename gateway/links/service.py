@@ -15,6 +15,7 @@ their legs are rows of the same leg bank. What the service adds:
   (:mod:`gateway.links.control`) and MQTT, audited and remembered
   (:mod:`gateway.links.cuts`);
 * a live reload (:meth:`reconfigure`): shares and links change without a restart;
+* the engine's shared floors and talker announcements (:mod:`gateway.links.arbiter`);
 * metrics (:meth:`stats`).
 """
 
@@ -25,9 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.app import section_service
+from gateway.links.arbiter import Arbiter
 from gateway.links.config import LinkConfig, LinksConfig, site_id
 from gateway.links.control import ControlServer, control_path
 from gateway.links.cuts import CutStore, state_path
+from gateway.links.talker import REASONS, Talker
 from gateway.links.trunk import STATES, Trunk
 from gateway.sip.config import split_hostport
 from gateway.sip.stream import PeerTls
@@ -68,6 +71,7 @@ class LinksService:
             if link.enabled:
                 self.trunks[name] = self._trunk_for(name, link)
         self._trust()
+        self.gateway.engine.shared_floors = Arbiter(me, self.gateway.config.site.name)
         sip.calls.links = self._on_invite
         path = control_path(self.gateway.config.source)
         if path is not None:
@@ -87,6 +91,7 @@ class LinksService:
             await self.control.stop()
         for trunk in self.trunks.values():
             await trunk.stop()
+        self.gateway.engine.shared_floors = None
 
     def refuse_reload(self, new) -> str:  # noqa: ANN001 - a SiteConfig
         """Only this site's ID needs a restart (the peers' glare and floor rules use it)."""
@@ -221,7 +226,16 @@ class LinksService:
         shares: dict[tuple[str, str, str], float] = {}
         rtt: dict[str, float] = {}
         up: dict[str, float] = {}
+        rejected: dict[tuple[str, str], float] = {}
+        talking: dict[tuple[str, str], float] = {}
+        emergency: dict[tuple[str, str], float] = {}
         for name, trunk in self.trunks.items():
+            for reason in REASONS:
+                rejected[(name, reason)] = float(trunk.talker_rejected[reason])
+            for shared, st in trunk.names.items():
+                heard = _heard(st)
+                talking[(name, shared)] = float(heard is not None and heard.keyed)
+                emergency[(name, shared)] = float(heard is not None and heard.emergency)
             now = trunk.state()
             for s in STATES:
                 state[(name, s)] = float(now == s)
@@ -241,6 +255,9 @@ class LinksService:
             "link_keepalive_timeouts": {
                 n: float(t.keepalive_timeouts) for n, t in self.trunks.items()
             },
+            "link_talker_rejected": rejected,
+            "link_peer_talking": talking,
+            "link_peer_emergency": emergency,
         }
 
 
@@ -248,3 +265,11 @@ def _same_peer(old: LinkConfig, new: LinkConfig) -> bool:
     """Whether two versions of a link differ at most in what they share (and describe)."""
     keep = {"share", "description"}
     return old.model_dump(exclude=keep) == new.model_dump(exclude=keep)
+
+
+def _heard(st) -> Talker | None:  # noqa: ANN001 - a NameState
+    """What the peer last said of its talker on this shared name's dialog (None: nothing)."""
+    onair = getattr(st.dialog.leg, "onair", None) if st.dialog is not None else None
+    if onair is None or onair.heard is None or not onair.heard.keyed:
+        return None
+    return onair.heard

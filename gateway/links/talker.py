@@ -8,8 +8,9 @@ talker, not "the link". A peer without it (plain BSI-Core 1.1) still works: its
 packets carry no extension and it is keyed by voice activity.
 
 On the wire (RFC 8285 header extension, negotiated in SDP as
-``a=extmap:1 urn:borderlink:talker`` with ``a=extmap-allow-mixed``): one element,
-two-byte form (profile ``0x1000``), ID 1 unless SDP says otherwise::
+``a=extmap:1 urn:borderlink:talker site=SITE_ID`` with ``a=extmap-allow-mixed``,
+see :mod:`gateway.links.onair`): one element, two-byte form (profile ``0x1000``),
+ID 1 unless SDP says otherwise::
 
     byte 0    vv k s e ppp   version (0), keyed, squelch open, emergency, priority 0-7
     byte 1    talker ID      one per over, 1-255 cycling (0: nobody yet)
@@ -35,7 +36,7 @@ from __future__ import annotations
 import struct
 import unicodedata
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 URI = "urn:borderlink:talker"
 DEFAULT_ID = 1
@@ -62,6 +63,7 @@ Reason = Literal[
     "label_text",  # label not UTF-8, or with control characters
     "rtp",  # not an RTP version 2 packet
 ]
+REASONS: tuple[Reason, ...] = get_args(Reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,12 +278,22 @@ class Announcer:
         priority: int = 0,
         emergency: bool = False,
         squelch: bool = False,
+        keyed_at: int | None = None,
     ) -> Talker:
-        """What the next packet says (``priority`` already 0-7: see :func:`wire_priority`)."""
+        """What the next packet says (``priority`` already 0-7: see :func:`wire_priority`).
+
+        ``keyed_at``: the talker's own key-up time (UTC ms), which the shared floor
+        compares on both sides; a different one starts a new over. Default: now, at
+        the first keyed packet."""
         label = fit_label(label)
-        if keyed and (not self._keyed or label != self._label):
+        wire_at = None if keyed_at is None else keyed_at & 0xFFFFFFFF
+        if keyed and (
+            not self._keyed
+            or label != self._label
+            or (wire_at is not None and wire_at != self.keyed_at)
+        ):
             self.talker_id = self.talker_id % 255 + 1
-            self.keyed_at = now_ms & 0xFFFFFFFF
+            self.keyed_at = (now_ms if wire_at is None else wire_at) & 0xFFFFFFFF
             self._label = label
             self._packets = 0
         self._keyed = keyed

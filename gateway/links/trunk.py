@@ -30,6 +30,7 @@ shows ``cut_by_peer`` and keeps backing off until this side restores.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -44,6 +45,8 @@ from gateway.config import Timing
 from gateway.engine import Engine
 from gateway.links.config import LinkConfig, load_certificates
 from gateway.links.consent import Flow, Refused, Shares, from_sdp, to_sdp
+from gateway.links.onair import OnAir, agreed
+from gateway.links.onair import offer as talker_extmap
 from gateway.ports import PortConfig
 from gateway.sip.bank import LegBank
 from gateway.sip.calls import CallManager, Dialog, uri_user
@@ -68,7 +71,11 @@ STATES = ("up", "down", "cut", "cut_by_peer")
 
 class LinkLeg(SipLeg):
     """A trunk leg: a SIP leg of kind ``link`` (the mixer gives it no other link's audio),
-    which talks only if the peer's audio may come in and hears only if ours may go out."""
+    which talks only if the peer's audio may come in and hears only if ours may go out.
+
+    With the talker extension agreed (``onair``) it is keyed by what the peer says and
+    carries who talks here; ``talker`` is the far side's current talker label, which the
+    engine's events, the console, audit and MQTT show instead of the leg's name."""
 
     kind = "link"
 
@@ -82,11 +89,40 @@ class LinkLeg(SipLeg):
         route: str = "",
         *,
         flow: Flow,
+        peer_site: str = "",
+        talker: TalkerTerms | None = None,
     ) -> None:
         super().__init__(name, config, timing, bank, row, route)
         self.flow = flow
         self.can_talk = flow.receive
         self.can_transmit = flow.send
+        self.peer_site = peer_site  # the shared floor's name for the far side
+        self.onair: OnAir | None = None
+        if talker is not None:
+            self.peer_site = talker.peer_site
+            self.onair = OnAir(bank, row, talker.ext_id, talker.rejected, talker.audit,
+                               link=talker.link, share=talker.share)  # fmt: skip
+
+    @property
+    def talker(self) -> str:
+        return self.onair.label if self.onair is not None else ""
+
+    @property
+    def emergency(self) -> bool:
+        heard = self.onair.heard if self.onair is not None else None
+        return bool(heard is not None and heard.keyed and heard.emergency)
+
+
+@dataclass(frozen=True)
+class TalkerTerms:
+    """What a link leg needs for the talker extension the two sides agreed in SDP."""
+
+    ext_id: int
+    peer_site: str
+    link: str
+    share: str
+    rejected: collections.Counter
+    audit: Callable[..., None]
 
 
 @dataclass
@@ -127,6 +163,7 @@ class Trunk:
         self.names = {n: NameState(n) for n in config.shares().names}
         self.refused_invites = 0
         self.keepalive_timeouts = 0  # dialogs ended because the peer stopped answering
+        self.talker_rejected: collections.Counter[str] = collections.Counter()  # by reason
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}  # shared name → its keep loop
         self._keepalives: dict[str, asyncio.Task] = {}
@@ -288,7 +325,7 @@ class Trunk:
             for host, port in self.config.addresses:
                 peer = Source((host, port), "tls")
                 uri = f"sips:{st.name}@{host}:{port}"
-                flows: list[Flow] = []
+                flows: list[tuple[Flow, TalkerTerms | None]] = []
 
                 def accept(
                     dialog: Dialog, offer: MediaOffer, name: str = st.name, flows: list = flows
@@ -298,7 +335,10 @@ class Trunk:
                         log.warning("link %s %s: the peer's answer does not meet our share (%s)",
                                     self.name, name, flow.reason)  # fmt: skip
                         return False
-                    flows.append(flow)
+                    terms = self._talker_terms(offer, name)
+                    if terms is None:
+                        dialog.extmap = None  # not agreed: none in our re-INVITE answers either
+                    flows.append((flow, terms))
                     return True
 
                 refusal: list[tuple[int, str]] = []
@@ -306,8 +346,11 @@ class Trunk:
                     uri, talkgroup, _settings(talkgroup, uri), peer,
                     from_user=self.site_id, base=f"link-{self.name}-{st.name}", codecs=["pcmu"],
                     direction=to_sdp(mine),
-                    make_port=lambda *a, f=flows, **k: LinkLeg(*a, **k, flow=f[0]), accept=accept,
+                    make_port=lambda *a, f=flows, **k: LinkLeg(
+                        *a, **k, flow=f[0][0], talker=f[0][1], peer_site=self.peer_site or ""),
+                    accept=accept,
                     refused=lambda code, reason, r=refusal: r.append((code, reason)),
+                    extmap=talker_extmap(self.site_id),
                 )  # fmt: skip
                 if dialog is not None:
                     st.cut_by_peer = False
@@ -349,14 +392,25 @@ class Trunk:
             self.calls.reject(raw, source, 491, "Request Pending", "link glare: ours wins")
             return
         settings = _settings(flow.talkgroup, request_uri)
+        terms = self._talker_terms(offer, name)
         dialog = self.calls.answer(
             message, raw, source, base=f"link-{self.name}-{name}", talkgroup=flow.talkgroup,
             settings=settings, direction=flow.sdp,
-            make_port=lambda *a, **k: LinkLeg(*a, **k, flow=flow),
+            make_port=lambda *a, **k: LinkLeg(*a, **k, flow=flow, talker=terms,
+                                              peer_site=self.peer_site or ""),
+            extmap=(terms.ext_id, talker_extmap(self.site_id)[1]) if terms else None,
         )  # fmt: skip
         if dialog is not None:
             st.cut_by_peer = False
             self._established(st, dialog)
+
+    def _talker_terms(self, offer: MediaOffer | None, share: str) -> TalkerTerms | None:
+        """The talker extension, when the peer's SDP agrees to it (else: keyed by voice)."""
+        found = agreed(offer, self.site_id)
+        if found is None:
+            return None
+        ext_id, peer_site = found
+        return TalkerTerms(ext_id, peer_site, self.name, share, self.talker_rejected, self.audit)
 
     def _we_win(self) -> bool:
         """Glare: the dialog placed by the lower site ID is kept (on both sides)."""
@@ -399,6 +453,9 @@ class Trunk:
                 st.rtt = loop.time() - sent
                 await self._wait(KEEPALIVE, dialog)
         finally:
+            onair = getattr(dialog.leg, "onair", None)
+            if onair is not None:
+                onair.close()  # an over still keyed ends with the dialog (audited)
             if st.dialog is dialog:
                 st.dialog = None
                 if "cut" in dialog.far_end_reason.lower():
@@ -445,8 +502,8 @@ class Trunk:
 
 
 def _settings(talkgroup: str, uri: str) -> DialOutConfig:
-    """The leg's terms: SRTP required (SDES keys over the link's TLS), keyed by voice
-    activity until talker IDs travel on the wire."""
+    """The leg's terms: SRTP required (SDES keys over the link's TLS); keyed by voice
+    activity unless the talker extension is agreed (then by what the peer says)."""
     return DialOutConfig(talkgroup=talkgroup, uri=uri, srtp="required")
 
 

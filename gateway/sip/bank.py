@@ -33,7 +33,10 @@ One tick of the bank, in the order it runs:
 4. :mod:`gateway.sip.bank_rtcp` — reports in (drained with the RTP) and out (after
    the RTP), a few legs per tick;
 5. :mod:`gateway.sip.bank_srtp` — for calls with SRTP, at the edges of 1 and 3:
-   checked and decrypted right after the receive, protected right before the send.
+   checked and decrypted right after the receive, protected right before the send;
+6. :mod:`gateway.sip.bank_ext` — for legs with an RTP header extension (a link's
+   talker): its block handed over and taken out after 5 on receive, put in before 5
+   on send.
 
 This module is what the three share: the rows (a call takes one, gives it back at
 hang-up), each row's codec, peer address and SSRCs, the sorted (address, SSRC) table
@@ -54,6 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gateway.ports import PortBank
+from gateway.sip.bank_ext import ExtensionEdges
 from gateway.sip.bank_rtcp import RTCP_INTERVAL, RtcpReports
 from gateway.sip.bank_rx import (
     ADDRESS_ONLY,
@@ -147,6 +151,7 @@ class LegMedia:
     dtmf_sending: tuple[str, int, int] | None = None  # digit, start ts, samples sent
     srtp: LegSrtp | None = None  # the call's SRTP keys (SDES over TLS), else plain RTP
     group: tuple[str, str] = ("", "")  # (route, talkgroup) its figures are counted under
+    on_extension: Callable[[bytes], None] | None = None  # a received header extension block
 
 
 def _open_udp(host: str, port: int) -> socket.socket:
@@ -189,7 +194,7 @@ def open_media_sockets(
     raise OSError(f"no free RTP/RTCP port pair in {where} on {host}; widen [sip] rtp_ports")
 
 
-class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
+class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Columns, PortBank):
     """Rows of SIP media; the service calls :meth:`receive` before and :meth:`send` after a tick.
 
     The engine moves every leg's audio in and out with :meth:`read_frames` and
@@ -251,7 +256,12 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, Columns, PortBank):
         self._k = 0
         self._members: tuple[list, np.ndarray] | None = None  # the engine's port list → rows
         # The column table depends on the frame sizes, so it is this bank's, not the class's.
-        self.COLUMNS = (*ROW_COLUMNS, *self._rx_columns(), *self._tx_columns())
+        self.COLUMNS = (
+            *ROW_COLUMNS,
+            *self._rx_columns(),
+            *self._tx_columns(),
+            *self._ext_columns(),
+        )
         self.grow(capacity)
 
     def grow(self, capacity: int) -> None:

@@ -109,6 +109,7 @@ class ReceivePath:
     talking: np.ndarray
     vox: np.ndarray
     ptt: np.ndarray
+    peer_keyed: np.ndarray
     muted: np.ndarray
     vox_threshold: np.ndarray
     vox_hang: np.ndarray
@@ -116,6 +117,7 @@ class ReceivePath:
     level_db: np.ndarray
     packets_in: np.ndarray
     bytes_in: np.ndarray
+    ext_in: np.ndarray  # (bank_ext) the leg's owner reads header extensions
 
     def _rx_columns(self) -> tuple[Column, ...]:
         hist_up = self.up.history_length if self.up else 0
@@ -125,6 +127,7 @@ class ReceivePath:
             ("talking", (), bool, False),
             ("vox", (), bool, True),  # VOX keying (False: DTMF PTT)
             ("ptt", (), bool, False),  # DTMF PTT pressed
+            ("peer_keyed", (), bool, False),  # the peer says so (a link: talker extension)
             ("muted", (), bool, False),  # PIN not yet entered
             ("vox_threshold", (), np.float32, -40.0),
             ("vox_hang", (), np.int64, 0),
@@ -153,7 +156,8 @@ class ReceivePath:
         voice = level > self.vox_threshold[sel]
         hold = np.where(voice, self.vox_hang[sel] + 1, np.maximum(self.vox_hold[sel] - 1, 0))
         self.vox_hold[sel] = hold
-        talking = np.where(self.vox[sel], hold > 0, self.ptt[sel]) & ~self.muted[sel]
+        talking = np.where(self.vox[sel], hold > 0, self.ptt[sel]) | self.peer_keyed[sel]
+        talking &= ~self.muted[sel]
         self.talking[sel] = talking
         if self.up is not None:
             out, self.up_hist[sel] = self.up.process(pcm, self.up_hist[sel])
@@ -214,6 +218,8 @@ class ReceivePath:
         h = np.where(rtcp[:, None], head[:, 4:8], head[:, 8:12]).astype(np.int64)
         ssrc = (h[:, 0] << 24) | (h[:, 1] << 16) | (h[:, 2] << 8) | h[:, 3]
         rows, match = self.lookup(source, ssrc)  # which leg: by source address and SSRC
+        if self.ext_in[rows[rows >= 0]].any():  # header extensions (a link's talker): bank_ext
+            self._take_extensions(data, length, head, rows, match)
         known = rows >= 0
         for kind, mask in (("huge", huge), ("truncated", short), ("version", wrong_version)):
             if mask.any():
@@ -342,6 +348,8 @@ class ReceivePath:
             self._drop("ssrc", -1)
             return
         self.rtp_at[row] = self.now
+        if self.ext_in[row]:
+            self._one_extension(row, data)
         pt = packet.payload_type
         if pt == media.payload_type:
             if len(packet.payload) > MAX_PAYLOAD:

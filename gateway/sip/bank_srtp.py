@@ -99,18 +99,20 @@ class SrtpEdges:
         return found
 
     def _protect_batch(
-        self, packets: np.ndarray, rows: np.ndarray, going: np.ndarray, size: int
+        self, packets: np.ndarray, rows: np.ndarray, going: np.ndarray, size: int | np.ndarray
     ) -> np.ndarray:
         """Protect in place the packets of ``rows`` (``going`` out) that are SRTP legs'.
 
-        ``packets`` has ``TAG`` spare bytes per row. Returns every row's length on the
-        wire (0: libsrtp refused it, e.g. a key at the end of its life: not sent)."""
-        lengths = np.full(len(rows), size, np.int64)
+        ``size``: the plain packets' length (one for all, or per row); ``packets`` has
+        ``TAG`` spare bytes after it. Returns every row's length on the wire (0: libsrtp
+        refused it, e.g. a key at the end of its life: not sent)."""
+        lengths = np.zeros(len(rows), np.int64)
+        lengths[:] = size
         which = np.flatnonzero(going & self.srtp[rows])
         if which.size:
-            assert packets.shape[1] >= size + TAG
+            assert packets.shape[1] >= int(lengths.max()) + TAG
             contexts = self.srtp_tx[rows[which]].tolist()
-            lengths[which] = protect_rows(packets, which, contexts, size)
+            lengths[which] = protect_rows(packets, which, contexts, lengths[which])
         return lengths
 
     def _protect_one(self, row: int, packet: bytes, rtcp: bool = False) -> bytes | None:

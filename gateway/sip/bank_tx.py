@@ -149,13 +149,14 @@ class SendPath:
         packets[:, 2:4] = self.tx_seq[sel].astype(">u2").view(np.uint8).reshape(count, 2)
         packets[:, 4:8] = self.tx_ts[sel].astype(">u4").view(np.uint8).reshape(count, 4)
         packets[:, 8:12] = self.tx_ssrc[sel].astype(">u4").view(np.uint8).reshape(count, 4)
+        packets, sizes = self._attach_extensions(packets, sel, size)  # a link's talker
         dest = self.dest[sel]
         sending = self.sending[sel]
         busy = self.busy[sel] & sending
         audio = (dest != NO_PEER) & ~busy & sending
-        lengths = None
+        lengths = sizes
         if self.srtp_legs:  # SRTP calls' packets protected in place (bank_srtp)
-            lengths = self._protect_batch(packets, rows, audio, size)
+            lengths = self._protect_batch(packets, rows, audio, size if sizes is None else sizes)
             audio &= lengths > 0
         if audio.all():
             ok = self.sender.send(packets, dest, lengths)

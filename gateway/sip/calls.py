@@ -122,6 +122,7 @@ class Dialog:
     profile: str = AVP  # our m= line's profile, and our SDES key on an SRTP call
     crypto: Crypto | None = None
     direction: str = "sendrecv"  # our SDP direction (a link's share), kept on re-INVITEs
+    extmap: tuple[int, str] | None = None  # an RTP header extension we agreed (a link's talker)
 
 
 class CallManager:
@@ -432,10 +433,12 @@ class CallManager:
         settings: DialOutConfig,
         direction: str = "sendrecv",
         make_port: Callable[..., SipLeg] = SipLeg,
+        extmap: tuple[int, str] | None = None,
     ) -> Dialog | None:
         """Answer an INVITE someone else admitted (a link): a leg on ``talkgroup`` built by
-        ``make_port``, our SDP saying ``direction``, SRTP as ``settings.srtp`` says. None
-        (and a 488) without G.711 or without the SRTP the settings require."""
+        ``make_port``, our SDP saying ``direction`` (and ``extmap``, an RTP header extension
+        the offer asked for), SRTP as ``settings.srtp`` says. None (and a 488) without
+        G.711 or without the SRTP the settings require."""
         offer = read_offer(message)
         codec = choose_codec(offer, self.config.codecs) if offer else None
         why = self._media_refused(offer, codec)
@@ -448,7 +451,9 @@ class CallManager:
             self._reject(raw, source, 488, "Not Acceptable Here", f"{base}: {refusal}")
             return None
         ours = new_crypto(peer_key.tag) if peer_key else None
-        dialog = self._incoming_dialog(message, raw, source, offer, direction=direction)
+        dialog = self._incoming_dialog(
+            message, raw, source, offer, direction=direction, extmap=extmap
+        )
         dialog.leg = self._start_leg(
             base, codec, offer.dtmf_type, None, offer, talkgroup, settings.priority, settings,
             srtp=LegSrtp(peer_key.key, ours.key) if peer_key and ours else None,
@@ -476,6 +481,7 @@ class CallManager:
             profile=dialog.profile,
             crypto=dialog.crypto,
             direction=dialog.direction,
+            extmap=dialog.extmap,
         )
 
     def _answer(self, dialog: Dialog, raw: bytes, source: Source) -> None:
@@ -735,14 +741,15 @@ class CallManager:
         make_port: Callable[..., SipLeg] = SipLeg,
         accept: Callable[[Dialog, MediaOffer], bool] | None = None,
         refused: Callable[[int, str], None] | None = None,
+        extmap: tuple[int, str] | None = None,
     ) -> Dialog | None:
         """Call out (a dial-out patch, a link); the answered call's Dialog, or None.
 
         Over TLS the offer is SRTP (RTP/SAVP with our key) unless the policy is off; under
         ``optional`` a far end that refuses it with 488 is called again with plain RTP.
         A link says who it is (``from_user``), which codecs and SDP ``direction`` it
-        offers, builds its own port, may turn down the answer (``accept``) and hears
-        why it was refused (``refused(code, Reason header)``)."""
+        offers (and an RTP header ``extmap``), builds its own port, may turn down the
+        answer (``accept``) and hears why it was refused (``refused(code, Reason header)``)."""
         destination = as_source(proxy) if proxy else uri_source(uri)
         if destination is None:
             log.warning("dial-out to %s: not a URI the gateway can call", uri)
@@ -766,6 +773,7 @@ class CallManager:
             session_id=session,
             ssrc=ssrc,
             cname=self.bank.cname,
+            extmap=extmap,
         )
         call_id = new_call_id(self.address)
         tag = new_tag()
@@ -796,7 +804,7 @@ class CallManager:
                     return await self.dial(
                         uri, talkgroup, entry, proxy, False, from_user=from_user, base=base,
                         codecs=codecs, direction=direction, make_port=make_port, accept=accept,
-                        refused=refused,
+                        refused=refused, extmap=extmap,
                     )  # fmt: skip
                 if refused is not None:
                     found = dict((k.lower(), v) for k, v in raw_headers(response.raw))
@@ -827,6 +835,7 @@ class CallManager:
             profile=SAVP if ours else AVP,
             crypto=ours,
             direction=direction,
+            extmap=extmap,
         )
         self.dialogs[call_id] = dialog
         self.transport.send(self._in_dialog(dialog, "ACK", cseq=1), destination)

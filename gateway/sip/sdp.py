@@ -27,6 +27,7 @@ _RTCP_PORT = re.compile(r"^a=rtcp:(\d{1,5})", re.M)
 _RTCP_MUX = re.compile(r"^a=rtcp-mux\s*$", re.M)
 _DIRECTION = re.compile(r"^a=(sendrecv|sendonly|recvonly|inactive)\s*$", re.M | re.I)
 _SSRC = re.compile(r"^a=ssrc:(\d{1,10})(?:\s|$)", re.M)
+_EXTMAP = re.compile(r"^a=extmap:(\d{1,3})(?:/\w+)?[ \t]+(\S{1,200})[ \t]*([^\r\n]{0,200})", re.M)
 _IPV4 = re.compile(r"^(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)$")
 
 
@@ -59,6 +60,12 @@ class MediaOffer:
         )
 
     direction: str = "sendrecv"  # a=sendrecv|sendonly|recvonly|inactive (RFC 3264), writer's view
+    # a=extmap (RFC 8285): (ID 1-255, URI, the extension's attributes after the URI)
+    extmaps: tuple[tuple[int, str, str], ...] = ()
+
+    def extension(self, uri: str) -> tuple[int, str] | None:
+        """(ID, attributes) the writer gave the RTP header extension ``uri``; None: not in it."""
+        return next(((n, attrs) for n, name, attrs in self.extmaps if name == uri), None)
 
 
 def read_offer(message: SIPMessage) -> MediaOffer | None:
@@ -102,6 +109,11 @@ def _read_offer(message: SIPMessage) -> MediaOffer | None:
     crypto = tuple(c for c in map(parse_crypto, crypto_lines) if c is not None)
     directions = _DIRECTION.findall(text)  # the last one (media level) wins over the session's
     ssrcs = tuple(dict.fromkeys(int(m) for m in _SSRC.findall(text) if int(m) < 1 << 32))
+    extmaps = tuple(
+        (int(n), uri, attrs.strip())
+        for n, uri, attrs in _EXTMAP.findall(text)
+        if 1 <= int(n) <= 255
+    )
     return MediaOffer(
         connections[0]["address"],
         int(audio["port"]),
@@ -114,6 +126,7 @@ def _read_offer(message: SIPMessage) -> MediaOffer | None:
         len(crypto_lines),
         ssrcs,
         direction=directions[-1].lower() if directions else "sendrecv",
+        extmaps=extmaps[:16],
     )
 
 
@@ -152,9 +165,12 @@ def describe(
     ssrc: int | None = None,
     cname: str = "",
     version: int | None = None,
+    extmap: tuple[int, str] | None = None,
 ) -> str:
     """Our SDP: offer or answer. ``crypto``: our SDES key (only ever sent over TLS);
-    ``ssrc``/``cname``: the SSRC the call's RTP carries (RFC 5576)."""
+    ``ssrc``/``cname``: the SSRC the call's RTP carries (RFC 5576); ``extmap``: an RTP
+    header extension (ID, "URI [attributes]") in the two-byte form (RFC 8285
+    ``a=extmap-allow-mixed``)."""
     session = session_id if session_id is not None else random.getrandbits(31)
     version = session if version is None else version
     formats = [*payload_types, *([dtmf_type] if dtmf_type is not None else [])]
@@ -172,6 +188,8 @@ def describe(
     if crypto is not None:
         lines.append(crypto.attribute())
     lines += ["a=ptime:20", f"a={direction}"]
+    if extmap is not None:
+        lines += [f"a=extmap:{extmap[0]} {extmap[1]}", "a=extmap-allow-mixed"]
     if rtcp_mux:  # only in an answer to an offer that asked for it
         lines.append("a=rtcp-mux")
     if ssrc is not None:

@@ -152,18 +152,22 @@ class LegSrtp:
 _INT = ffi.new("int *")
 
 
-def protect_rows(packets: np.ndarray, which: np.ndarray, contexts: list, length: int) -> np.ndarray:
+def protect_rows(
+    packets: np.ndarray, which: np.ndarray, contexts: list, length: int | np.ndarray
+) -> np.ndarray:
     """SRTP-protect rows ``which`` of ``packets`` in place; their new lengths (0: refused).
 
     ``packets`` is C-contiguous uint8 with at least ``TAG`` spare bytes after
-    ``length`` in every row; ``contexts[i]`` is the sending context of row ``which[i]``.
+    ``length`` (one for all, or one per row of ``which``) in every row;
+    ``contexts[i]`` is the sending context of row ``which[i]``.
     """
     base = ffi.cast("char *", packets.ctypes.data)
     stride = packets.strides[0]
     protect, size = lib.srtp_protect, _INT
+    lengths = np.broadcast_to(np.asarray(length, np.int64), which.shape).tolist()
     out = []
-    for row, ctx in zip(which.tolist(), contexts, strict=True):
-        size[0] = length
+    for row, ctx, plain in zip(which.tolist(), contexts, lengths, strict=True):
+        size[0] = plain
         out.append(0 if protect(ctx, base + row * stride, size) else size[0])
     return np.array(out, np.int64)
 

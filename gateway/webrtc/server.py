@@ -425,7 +425,7 @@ class ConsoleHub:
                      ())  # fmt: skip
         port = next((p for p in self.engine.ports if p.name == event.port), None)
         over = {
-            "who": event.label or event.port,
+            "who": event.talker or event.label or event.port,  # a link: the far side's talker
             "agency": port.config.agency if port is not None else "",
             "start": round(time.time() - event.seconds, 1),
             "seconds": round(event.seconds, 1),
@@ -475,8 +475,9 @@ class ConsoleHub:
             label = port.label
             talkers[g].append({
                 "port": port.name,
-                "who": label,
-                "label": label,
+                # A link leg's talker is the far side's (its label, e.g. "RCMP · Marine 7").
+                "who": getattr(port, "talker", "") or label,
+                "label": getattr(port, "talker", "") or label,
                 "agency": port.config.agency,
                 "kind": port.kind,
                 "talkgroup": lay.talkgroup[i],

@@ -46,6 +46,7 @@ class LinkRadio(Port):
         super().__init__(name, config, timing)
         self.tone = ToneGenerator([config.tone_hz], timing.rate, config.level_dbfs)
         self.speaking = False
+        self.emergency = False  # the radio's emergency button (the floor reads it)
         self.heard: collections.deque[np.ndarray] = collections.deque(maxlen=200)  # 4 s
 
     def read(self) -> Frame | None:
@@ -91,6 +92,10 @@ class SiteSpec:
     links: list[LinkSpec]
     tls_port: int = field(default_factory=lambda: _unused_port())
     sip_port: int = 0  # UDP; 0: any (a proxy in front needs to know it)
+    floor: str = "mix"  # every talkgroup's floor
+    agency: str = ""  # every radio's agency
+    labels: dict[str, str] = field(default_factory=dict)  # talkgroup → its radio's label
+    listeners: tuple[str, ...] = ()  # talkgroups with a second radio "<tg>-ear" that listens
 
 
 _handed_out: set[int] = set()
@@ -133,14 +138,20 @@ tls_key = "{cert.key}"
 site_id = "{spec.name}"
 """
     for tg, hz in spec.tones.items():
-        text += f"""
-[ports.{tg}-radio]
+        members = [f"{tg}-radio", *([f"{tg}-ear"] if tg in spec.listeners else [])]
+        for member in members:
+            text += f"""
+[ports.{member}]
 kind = "test_link_radio"
 tone_hz = {hz}
-
-[talkgroups.{tg}]
-members = ["{tg}-radio"]
+agency = "{spec.agency}"
+label = "{spec.labels.get(tg, "") if member.endswith("-radio") else ""}"
 """
+        text += f"""
+[talkgroups.{tg}]
+members = {members!r}
+floor = "{spec.floor}"
+""".replace("'", '"')
     for link in spec.links:
         text += f"""
 [links.{link.name}]
@@ -183,6 +194,11 @@ def _started(gateway) -> bool:  # noqa: ANN001
 
 def radio(gateway, talkgroup: str) -> LinkRadio:  # noqa: ANN001
     return gateway.ports[f"{talkgroup}-radio"]
+
+
+def ear(gateway, talkgroup: str) -> LinkRadio:  # noqa: ANN001
+    """The talkgroup's second radio, which only listens (SiteSpec.listeners)."""
+    return gateway.ports[f"{talkgroup}-ear"]
 
 
 def share_state(gateway, link: str, shared: str) -> str:  # noqa: ANN001

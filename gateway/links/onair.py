@@ -1,0 +1,188 @@
+"""One link leg's talker extension, both ways: what this side says, and what the peer said.
+
+Both ends of a link dialog agree the extension in SDP (``a=extmap:1
+urn:borderlink:talker site=SITE_ID``, see :func:`offer` and :func:`agreed`): its
+ID, and each side's site ID, which the shared floor needs for its last tie-break.
+A peer whose SDP does not name it (plain BSI-Core 1.1) gets no extension and is
+keyed by voice activity.
+
+Receive: each packet's block comes from the leg bank (``LegMedia.on_extension``),
+is read by a :class:`~gateway.links.talker.Listener` (one bytes comparison when
+it did not change), and the peer's keyed state goes to the bank's ``peer_keyed``
+column, which keys the leg like PTT (voice activity only plays out the last
+:data:`TAIL` of an over still in the jitter buffer). A block we will not believe (malformed, a
+label too long or with control characters) changes nothing and is counted by its
+reason (``borderlink_link_talker_rejected_total``). A peer that stops sending is
+no longer believed keyed after :data:`STALE`, long before the keepalive ends the
+dialog: no stuck talker across the border.
+
+Send: the arbiter (:mod:`gateway.links.arbiter`) tells each leg once a tick who
+of this side it carries; an :class:`~gateway.links.talker.Announcer` numbers the
+overs and repeats the label, and the block changes in the bank only when the
+words do.
+
+Each over heard from the peer is audited when it ends (``link_talker``: talker
+ID, label, priority, emergency, key-up and length), so each side keeps its own
+record of who spoke to it from across the border.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from gateway.links.floor import Candidate
+from gateway.links.talker import (
+    URI,
+    Announcer,
+    Listener,
+    Reason,
+    Rejected,
+    Talker,
+    encode,
+    unwrap_ms,
+)
+
+if TYPE_CHECKING:
+    from gateway.sip.bank import LegBank
+    from gateway.sip.sdp import MediaOffer
+
+STALE = 0.3  # seconds without a packet from the peer: its talker is no longer keyed
+TAIL = 0.1  # after the peer unkeys, its voice still in the jitter buffer keeps the leg talking
+EXTENSION_ID = 1  # the ID we offer (an answer takes the offer's)
+_SITE = re.compile(r"(?:^|\s)site=([A-Za-z0-9][A-Za-z0-9_.-]{0,31})(?:\s|$)")
+
+
+def offer(site_id: str, ext_id: int = EXTENSION_ID) -> tuple[int, str]:
+    """Our ``a=extmap`` (ID, "URI site=ID"): the talker extension, and who we are."""
+    return ext_id, f"{URI} site={site_id}"
+
+
+def agreed(media: MediaOffer | None, site_id: str) -> tuple[int, str] | None:
+    """(extension ID, the peer's site ID) when the peer's SDP names the talker extension
+    with a usable site ID other than ours; None: no extension on this dialog."""
+    found = media.extension(URI) if media is not None else None
+    if found is None:
+        return None
+    ext_id, attributes = found
+    site = _SITE.search(attributes)
+    if site is None or site.group(1) == site_id:
+        return None
+    return ext_id, site.group(1)
+
+
+class OnAir:
+    """The talker extension of one link leg (a row of the leg bank)."""
+
+    def __init__(
+        self,
+        bank: LegBank,
+        row: int,
+        ext_id: int,
+        rejected: collections.Counter[Reason],
+        audit: Callable[..., None],
+        **where: str,
+    ) -> None:
+        self.bank = bank
+        self.row = row
+        self.ext_id = ext_id
+        self.rejected = rejected  # the trunk's counts by reason (metrics)
+        self.audit = audit
+        self.where = where  # link and share: for the audit
+        self.announcer = Announcer()
+        self.listener = Listener(ext_id)
+        self.heard: Talker | None = None  # the peer's latest words, label filled in
+        self.keyed_sent = False
+        self._sent: Talker | None = None
+        self._over_began = 0.0  # wall time the peer's current over was first heard
+        media = bank.media[row]
+        assert media is not None
+        media.on_extension = self.on_extension
+        bank.hear_extensions(row)
+        bank.vox_hang[row] = max(1, round(TAIL / bank.frame_seconds))  # keyed by its words
+        self.say(Talker(keyed=False))
+
+    # --- what the peer says --------------------------------------------------------------
+
+    def on_extension(self, block: bytes) -> None:
+        result = self.listener.read(block)
+        if isinstance(result, Rejected):
+            self.rejected[result.reason] += 1
+            return
+        self._hear(result)
+
+    def _hear(self, talker: Talker) -> None:
+        old = self.heard
+        same_over = old is not None and (old.talker_id, old.keyed_at) == (
+            talker.talker_id,
+            talker.keyed_at,
+        )
+        if old is not None and old.keyed and (not talker.keyed or not same_over):
+            self._over_ended(old)
+        if talker.keyed and not (same_over and old is not None and old.keyed):
+            self._over_began = time.time()
+        self.heard = talker
+        self.bank.peer_keyed[self.row] = talker.keyed
+
+    def _over_ended(self, talker: Talker) -> None:
+        now = time.time()
+        self.audit(
+            "link_talker", **self.where, talker_id=talker.talker_id, label=talker.label or "",
+            priority=talker.priority, emergency=talker.emergency,
+            keyed_at_ms=unwrap_ms(talker.keyed_at, int(now * 1000)),
+            seconds=round(now - self._over_began, 3),
+        )  # fmt: skip
+
+    def check_stale(self, now: float) -> None:
+        """The peer fell silent while keyed: it is unkeyed here (called once a tick)."""
+        heard = self.heard
+        if heard is not None and heard.keyed and now - float(self.bank.rtp_at[self.row]) > STALE:
+            self._hear(replace(heard, keyed=False))
+            self.listener.talker = self.heard
+
+    def close(self) -> None:
+        """The dialog ended: an over still keyed ends with it (audited)."""
+        if self.heard is not None and self.heard.keyed:
+            self._over_ended(self.heard)
+            self.heard = replace(self.heard, keyed=False)
+
+    @property
+    def label(self) -> str:
+        return (self.heard.label or "") if self.heard is not None else ""
+
+    def report(self, site: str, now_ms: int) -> Candidate | None:
+        """The peer's best candidate for a shared floor (None: nobody keyed there)."""
+        if self.heard is None:
+            return None
+        return Candidate.from_talker(site, self.heard, now_ms)
+
+    # --- what we say ------------------------------------------------------------------------
+
+    def announce(
+        self,
+        now_ms: int,
+        candidate: Candidate | None = None,
+        label: str = "",
+        squelch: bool = False,
+    ) -> None:
+        """Who of this side the leg carries now (None: nobody asks here)."""
+        if candidate is None:
+            if not self.keyed_sent:
+                return
+            talker = self.announcer.stamp(False, now_ms)
+        else:
+            talker = self.announcer.stamp(
+                True, now_ms, label, candidate.priority, candidate.emergency, squelch,
+                keyed_at=candidate.keyed_at_ms,
+            )  # fmt: skip
+        self.keyed_sent = talker.keyed
+        self.say(talker)
+
+    def say(self, talker: Talker) -> None:
+        if talker != self._sent:
+            self._sent = talker
+            self.bank.set_extension(self.row, encode(talker, self.ext_id))

@@ -1,0 +1,132 @@
+"""The leg bank's RTP header extension (RFC 8285): one block per leg, at the batch edges.
+
+A cross-border link says on every packet who is talking on its side (keyed,
+priority, emergency, talker ID and label: :mod:`gateway.links.talker`). The bank
+does not read those words; it only moves the block, so a leg's owner decides what
+it means:
+
+* send: a leg whose owner set a block (:meth:`ExtensionEdges.set_extension`) has it
+  put between the RTP header and the payload of each packet it sends, X bit set;
+  the other legs' packets are built exactly as before;
+* receive: from a leg whose owner asked for them (:meth:`ExtensionEdges.hear_extensions`),
+  each packet's block is handed to the owner (``LegMedia.on_extension``) and taken
+  out of the packet in place, so the packet goes the common path (jitter buffer,
+  decode) like any other. A block that runs into the payload or past the end
+  leaves the packet to the one-packet parser, which drops and counts it (``layout``).
+
+Per-packet Python runs only for packets that carry a block (a link leg's 50 a
+second); the owner compares the bytes with the last block before decoding anything.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gateway.sip.columns import Column
+
+if TYPE_CHECKING:
+    from gateway.sip.bank import LegMedia
+
+MAX_EXTENSION = 80  # bytes of header extension we send (a talker block is at most 76)
+_PLAIN_WITH_EXTENSION = 0x90  # V=2, no padding, X, no CSRCs
+_EXACT = 2  # LegBank.lookup: address and SSRC match (bank_rx.EXACT)
+_HEADER = 12
+
+
+class ExtensionEdges:
+    """Mixin of :class:`gateway.sip.bank.LegBank`: header extensions out and in."""
+
+    media: list[LegMedia | None]
+    ext_len: np.ndarray
+    ext_block: np.ndarray
+    ext_in: np.ndarray
+
+    def _ext_columns(self) -> tuple[Column, ...]:
+        return (
+            ("ext_len", (), np.int64, 0),  # bytes of header extension on each packet we send
+            ("ext_block", (MAX_EXTENSION,), np.uint8, 0),  # ... and the bytes
+            ("ext_in", (), bool, False),  # the leg's owner reads the peer's extensions
+        )
+
+    def set_extension(self, row: int, block: bytes) -> None:
+        """The header extension block (profile, length, elements) on ``row``'s next packets;
+        empty: none."""
+        if len(block) > MAX_EXTENSION or len(block) % 4:
+            raise ValueError(f"a header extension block is 4-byte words up to {MAX_EXTENSION}")
+        self.ext_block[row, : len(block)] = np.frombuffer(block, np.uint8)
+        self.ext_len[row] = len(block)
+
+    def hear_extensions(self, row: int) -> None:
+        """Hand ``row``'s received header extensions to its ``LegMedia.on_extension``."""
+        self.ext_in[row] = True
+
+    # --- receive --------------------------------------------------------------------------
+
+    def _take_extensions(
+        self,
+        data: np.ndarray,
+        length: np.ndarray,
+        head: np.ndarray,
+        rows: np.ndarray,
+        match: np.ndarray,
+    ) -> None:
+        """Hand over and strip the extension blocks of a received batch, in place.
+
+        ``head`` (the gathered headers) and ``length`` are updated with ``data``."""
+        candidate = (head[:, 0] == _PLAIN_WITH_EXTENSION) & (match == _EXACT)
+        if not candidate.any():
+            return
+        candidate[candidate] = self.ext_in[rows[candidate]]
+        idx = np.flatnonzero(candidate)
+        if idx.size == 0:
+            return
+        words = (data[idx, _HEADER + 2].astype(np.int64) << 8) | data[idx, _HEADER + 3]
+        size = 4 + 4 * words
+        fits = _HEADER + size < length[idx]  # and a payload after it
+        idx, size = idx[fits], size[fits]
+        for i, s in zip(idx.tolist(), size.tolist(), strict=True):
+            media = self.media[int(rows[i])]
+            if media is not None and media.on_extension is not None:
+                media.on_extension(bytes(data[i, _HEADER : _HEADER + s]))
+        for s in np.unique(size).tolist():
+            pick = idx[size == s]
+            end = int(length[pick].max())
+            data[pick, _HEADER : end - s] = data[pick, _HEADER + s : end]
+            length[pick] -= s
+            head[pick, 0] = 0x80
+
+    def _one_extension(self, row: int, packet: bytes) -> None:
+        """A packet off the common path (CSRCs, padding): its block to the owner, if any."""
+        media = self.media[row]
+        if not (packet[0] & 0x10 and self.ext_in[row]) or media is None:
+            return
+        start = _HEADER + 4 * (packet[0] & 0x0F)
+        if len(packet) < start + 4:
+            return
+        end = start + 4 + 4 * int.from_bytes(packet[start + 2 : start + 4], "big")
+        if end <= len(packet) and media.on_extension is not None:
+            media.on_extension(packet[start:end])
+
+    # --- send -----------------------------------------------------------------------------
+
+    def _attach_extensions(
+        self, packets: np.ndarray, sel: slice | np.ndarray, size: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``packets`` (header and payload in ``size`` bytes a row) with each row's block
+        put after its header; (the packets, every row's length), or (packets, None) when
+        no row has a block."""
+        ext = self.ext_len[sel]
+        if not ext.any():
+            return packets, None
+        count, width = packets.shape
+        wider = np.zeros((count, width + int(ext.max())), np.uint8)
+        wider[:, :width] = packets
+        blocks = self.ext_block[sel]
+        for s in np.unique(ext[ext > 0]).tolist():
+            pick = np.flatnonzero(ext == s)
+            wider[pick, _HEADER + s : size + s] = packets[pick, _HEADER:size]
+            wider[pick, _HEADER : _HEADER + s] = blocks[pick, :s]
+            wider[pick, 0] |= 0x10
+        return wider, size + ext
