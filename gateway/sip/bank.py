@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gateway.monitoring.metrics import ROUTE_COUNTERS, ROUTE_GAUGES
 from gateway.ports import PortBank
 from gateway.sip.bank_ext import ExtensionEdges
 from gateway.sip.bank_rtcp import RTCP_INTERVAL, RtcpReports
@@ -112,23 +113,10 @@ ROW_COLUMNS = (
     ("rtcp_at", (), np.float64, 0.0),  # ... and its RTCP
 )
 
-# What metrics export per route (never per call: a caller must not make label sets).
-# Counters are summed over the route's calls, the ended ones included, so they never go
+# What metrics export per route (never per call: a caller must not make label sets),
+# ROUTE_COUNTERS and ROUTE_GAUGES, are listed once, in gateway.monitoring.metrics:
+# counters are summed over the route's calls, the ended ones included, so they never go
 # back; gauges are the worst (largest) among the calls up now.
-ROUTE_COUNTERS = (
-    "packets_in",
-    "packets_out",
-    "bytes_in",
-    "bytes_out",
-    "packets_lost",
-    "packets_late",
-    "packets_malformed",
-    "concealed_samples",
-    "rtcp_reports_in",
-    "rtcp_reports_out",
-    "remote_packets_lost",
-)
-ROUTE_GAUGES = ("jitter_seconds", "jitter_buffer_seconds", "remote_jitter_seconds", "rtt_seconds")
 
 
 @dataclass
