@@ -87,13 +87,15 @@ public = true
 
 
 def recorded(directory: Path) -> np.ndarray:
-    """The audio of a recorder's one file (a run shorter than an hour makes one)."""
-    (path,) = directory.glob("*.wav")
-    with wave.open(str(path), "rb") as w:
-        rate = w.getframerate()
-        data = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
-    assert rate == 16000
-    return data
+    """A recorder's audio: its files in time order (a new one starts on each UTC hour,
+    so a test running across one finds two)."""
+    parts = []
+    for path in sorted(directory.glob("*.wav")):  # named by the UTC time of their start
+        with wave.open(str(path), "rb") as w:
+            assert w.getframerate() == 16000
+            parts.append(np.frombuffer(w.readframes(w.getnframes()), "<i2"))
+    assert parts, f"no recording in {directory}"
+    return np.concatenate(parts).astype(np.float32) / 32768
 
 
 def legs(gateway) -> list:

@@ -9,7 +9,6 @@ TLS, another calls the gateway straight over TCP; audio is checked by content
 from __future__ import annotations
 
 import asyncio
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from sip_peers import (
     tone,
     until,
 )
+from test_calls import legs, recorded
 
 from tests.conftest import free_port
 
@@ -73,17 +73,6 @@ def tls_keys(cert: Path, key: Path, ca: Path | None = None) -> str:
     if ca is not None:
         lines.append(f'tls_ca = "{ca}"')
     return "\n".join(lines)
-
-
-def recorded(directory: Path) -> np.ndarray:
-    """The audio of a recorder's one file (a run shorter than an hour makes one)."""
-    (path,) = directory.glob("*.wav")
-    with wave.open(str(path), "rb") as w:
-        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
-
-
-def legs(gateway) -> list:
-    return [d.leg for d in gateway.sip.calls.dialogs.values() if d.leg is not None]
 
 
 def check_audio(phone, tmp_path: Path) -> None:
