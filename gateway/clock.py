@@ -59,6 +59,7 @@ class MediaClock:
         self.skipped_ticks = 0
         self.lateness = LatenessLog()
         self.start: float | None = None
+        self.due = 0.0  # the running tick's deadline (after any skip)
         self._running = False
 
     def deadline(self, k: int) -> float:
@@ -81,6 +82,7 @@ class MediaClock:
                 self.skipped_ticks += behind
                 k += behind
                 late -= behind * self.period
+            self.due = self.deadline(k)
             self.lateness.add(late)
             if late > self.period:
                 self.late_ticks += 1
@@ -90,6 +92,14 @@ class MediaClock:
             k += 1
             if wait <= 0:
                 await asyncio.sleep(0)  # let sockets and timers run even when behind
+
+    def late_by(self) -> float:
+        """How long after its deadline the running tick is now (0 before the clock runs).
+
+        What a jitter buffer needs to place its playout point at the tick's ideal time:
+        the wall clock minus this, whether the tick woke late or is one of a catch-up
+        burst after a stall."""
+        return max(0.0, self.now() - self.due) if self.start is not None else 0.0
 
     def _log_late(self, late: float) -> None:
         """Say so when ticks run late, at most every LATE_LOG_EVERY_S (a stall is many)."""

@@ -198,7 +198,10 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
         host: str = "127.0.0.1",
         port_range: tuple[int, int] | None = None,
         rtcp_interval: float = RTCP_INTERVAL,
+        late_by: Callable[[], float] | None = None,
     ) -> None:
+        """``late_by``: how late the running tick is on its schedule (the media clock's
+        :meth:`~gateway.clock.MediaClock.late_by`); None: the tick is taken as on time."""
         if rate % CODEC_RATE:
             raise ValueError(f"SIP needs an engine rate that is a multiple of 8000 Hz, not {rate}")
         self.rate = rate
@@ -240,8 +243,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
         self.cpu_seconds = {"receive": 0.0, "send": 0.0}  # media CPU (this thread), for benches
         self.epoch_seconds = int(time.time())  # whole seconds: arrivals keep ns precision
         self._epoch_ns = self.epoch_seconds * 1_000_000_000
-        self._t0: float | None = None
-        self._k = 0
+        self.late_by = late_by or (lambda: 0.0)
         self._members: tuple[list, np.ndarray] | None = None  # the engine's port list → rows
         # The column table depends on the frame sizes, so it is this bank's, not the class's.
         self.COLUMNS = (
@@ -520,18 +522,15 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
     # --- clock --------------------------------------------------------------------
 
     def _tick_time(self) -> float:
-        """This tick's ideal time, in codec samples since the bank's epoch.
+        """This tick's ideal time (its deadline on the media clock), in codec samples
+        since the bank's epoch.
 
-        Ticks run on an absolute schedule; using the schedule (not the moment
-        the loop woke up) keeps timer lateness out of the playout point.
+        The schedule, not the moment the loop woke up, keeps timer lateness out of the
+        playout point; and it is the clock's own schedule, never a guess ahead of it: a
+        playout point placed ahead of real time plays what has not arrived (every
+        packet late, the call silent) until something moves it back.
         """
-        now = time.time()
-        period = self.frame_seconds
-        if self._t0 is None or abs(now - (self._t0 + self._k * period)) > 3 * period:
-            self._t0 = now - self._k * period
-        ideal = self._t0 + self._k * period
-        self._k += 1
-        return (ideal - self.epoch_seconds) * CODEC_RATE
+        return (time.time() - self.late_by() - self.epoch_seconds) * CODEC_RATE
 
     # --- the engine's side (during the tick) ------------------------------------------
 

@@ -149,6 +149,7 @@ class SipService:
             host=self.transport.host,
             port_range=self.config.rtp_range,
             rtcp_interval=self.config.rtcp_interval,
+            late_by=self.gateway.clock.late_by,
         )
         self.calls = CallManager(
             self.config, self.transport, self.gateway.engine, timing, self.bank, address

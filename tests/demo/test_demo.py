@@ -143,6 +143,14 @@ async def one_over(session, us_url: str, ca_url: str, on_air, on_first=None):  #
     raise AssertionError("no over seen on air from start to end")
 
 
+async def link_figures(session: aiohttp.ClientSession, url: str) -> str:
+    """The site's link and link-leg series from /metrics (packets, late, concealed…)."""
+    async with session.get(f"{url}/metrics") as reply:
+        text = await reply.text()
+    return "\n".join(line for line in text.splitlines()
+                     if line.startswith(("borderlink_link_", "borderlink_sip_route_")))  # fmt: skip
+
+
 def talking(st: Status, port: str) -> bool:
     return bool(st.ports.get(port, {}).get("talking"))
 
@@ -177,6 +185,9 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
             print(f"CA console while the cutter talks: {len(loud)}/{len(heard)} samples "
                   f"above {SPEECH_DBFS} dBFS, loudest {loudest:.1f}")  # fmt: skip
             assert len(heard) >= 10, f"too little of the over was seen: {spans}"
+            if len(loud) < len(heard) // 4:  # what each side's link leg did, to find out why
+                for url in (ca_url, us_url):
+                    print(url, await link_figures(session, url))
             assert len(loud) >= len(heard) // 4, "the Canadian console did not hear the cutter"
             voiced = [m["peakHz"] for m in loud]
             assert all(80 <= hz <= 4000 for hz in voiced), f"not a voice band: {voiced}"
