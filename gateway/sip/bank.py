@@ -244,6 +244,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
         self.epoch_seconds = int(time.time())  # whole seconds: arrivals keep ns precision
         self._epoch_ns = self.epoch_seconds * 1_000_000_000
         self.late_by = late_by or (lambda: 0.0)
+        self._k = 0  # ticks since the bank started (RTCP reports are spread over them)
         self._members: tuple[list, np.ndarray] | None = None  # the engine's port list → rows
         # The column table depends on the frame sizes, so it is this bank's, not the class's.
         self.COLUMNS = (

@@ -103,6 +103,7 @@ class ReceivePath:
     srtp_legs: int  # legs with SRTP: their packets are checked first (bank_srtp)
     epoch_seconds: int
     _epoch_ns: int
+    _k: int  # ticks since the bank started
     # Columns of this path (filled by the bank from _rx_columns).
     rx: np.ndarray
     up_hist: np.ndarray
@@ -142,6 +143,7 @@ class ReceivePath:
     def _receive(self) -> None:
         """Before the tick: every leg's frame into ``rx`` and its talking flag set."""
         now = self._tick_time()
+        self._k += 1
         self.now = time.time()
         self.drain()
         self.drain_rtcp()
