@@ -151,11 +151,6 @@ class CtcssDetector:
     def present(self) -> bool:
         return self._present
 
-    @property
-    def step_ms(self) -> float:
-        """Decisions are taken once per sub-block."""
-        return 1000.0 * self._ph.sub_s
-
     def feed(self, frame: np.ndarray) -> bool:
         """Consume a frame; return the (debounced) tone-present state after it."""
         new = self._ph.feed(frame)

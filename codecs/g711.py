@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .pcm import float_to_int16, int16_to_float
-
 _ULAW_SEG_END = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])
 _ALAW_SEG_END = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
 _ULAW_BIAS = 0x84
@@ -96,23 +94,3 @@ def alaw_encode(x: np.ndarray) -> np.ndarray:
 def alaw_decode(codes: np.ndarray | bytes) -> np.ndarray:
     """Decode A-law codes (uint8 array or bytes) to int16 PCM."""
     return _ALAW_DEC[_as_codes(codes)]
-
-
-def ulaw_encode_float(x: np.ndarray) -> np.ndarray:
-    """Encode internal float32 audio to µ-law, saturating overshoot (see :mod:`.pcm`)."""
-    return ulaw_encode(float_to_int16(x))
-
-
-def ulaw_decode_float(codes: np.ndarray | bytes) -> np.ndarray:
-    """Decode µ-law straight to the internal float32 format."""
-    return int16_to_float(ulaw_decode(codes))
-
-
-def alaw_encode_float(x: np.ndarray) -> np.ndarray:
-    """Encode internal float32 audio to A-law, saturating overshoot (see :mod:`.pcm`)."""
-    return alaw_encode(float_to_int16(x))
-
-
-def alaw_decode_float(codes: np.ndarray | bytes) -> np.ndarray:
-    """Decode A-law straight to the internal float32 format."""
-    return int16_to_float(alaw_decode(codes))

@@ -22,7 +22,7 @@ from fractions import Fraction
 import numpy as np
 import soxr
 
-from .interp import RationalInterpolator, SincInterpolator
+from .interp import RationalInterpolator
 
 SOXR_QUALITIES = ("VHQ", "HQ", "MQ", "LQ", "QQ")
 LOW_LATENCY = "LL"
@@ -108,28 +108,3 @@ class StreamResampler:
         self._fifo = fifo[target:]
         self._emitted += target
         return fifo[:target]
-
-
-class DriftResampler:
-    """Same-rate fine-ratio resampler that absorbs a sound card's crystal drift.
-
-    A sound card runs on its own clock; the radio port measures its buffer level
-    and nudges ``ratio`` (output samples per input sample) every tick. The
-    fractional read position is carried between calls, so ratio changes are
-    phase-continuous. Latency: ``delay_samples`` (24 samples, 1.5 ms at 16 kHz).
-    """
-
-    def __init__(self, rate: int, max_ppm: float = 2000.0) -> None:
-        if max_ppm <= 0 or max_ppm >= 1e5:
-            raise ValueError("max_ppm must be in (0, 100000)")
-        self.rate = int(rate)
-        self.max_ppm = float(max_ppm)
-        cutoff, half_width = _sinc_design(1.0)
-        self._sinc = SincInterpolator(cutoff, half_width)
-        self.delay_samples = float(half_width)
-
-    def process(self, x: np.ndarray, ratio: float = 1.0) -> np.ndarray:
-        """Resample ``x`` by ``ratio`` (e.g. 1.0005 = 500 ppm more output than input)."""
-        if not abs(ratio - 1.0) * 1e6 <= self.max_ppm:
-            raise ValueError(f"ratio {ratio!r} outside ±{self.max_ppm:g} ppm")
-        return self._sinc.process(x, 1.0 / ratio)

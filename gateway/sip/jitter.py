@@ -9,7 +9,7 @@ gathered, decoded and concealed in a handful of NumPy calls.
 Packets arrive in batches (one ``recvmmsg`` per tick for every leg): a batch
 whose rows are all different is put in one pass of array operations —
 timestamp unwrapping, lateness, the transit sample and the ring write — so no
-Python runs per packet. :meth:`JitterBank.put` is the one-packet form of it.
+Python runs per packet.
 
 How the delay adapts: every packet's transit (arrival, on the local clock, minus
 the time its last sample was captured, on the sender's clock) goes into a short
@@ -129,19 +129,6 @@ class JitterBank(Columns):
         return self._blocks(buffer, width)[rows, starts]
 
     # --- per packet batch ---------------------------------------------------------
-
-    def put(
-        self, row: int, timestamp: int, payload: memoryview | bytes, arrival: float,
-        marker: bool = False,
-    ) -> bool:  # fmt: skip
-        """One packet (``arrival`` in local codec samples); False when it came too late."""
-        codes = np.frombuffer(payload, np.uint8).reshape(1, -1)
-        return bool(
-            self.put_batch(
-                np.array([row]), np.array([timestamp], np.int64), codes,
-                np.array([arrival], np.float64), np.array([marker]),
-            )[0]
-        )  # fmt: skip
 
     def put_batch(
         self,

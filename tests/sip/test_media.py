@@ -100,8 +100,13 @@ def simulate(
             p = order[i]
             i += 1
             if not lost[p]:
-                payload = memoryview(codes[p * F : (p + 1) * F].tobytes())
-                bank.put(0, (4_000_000_000 + p * F) & 0xFFFFFFFF, payload, float(arrival[p]))
+                bank.put_batch(
+                    np.array([0]),
+                    np.array([(4_000_000_000 + p * F) & 0xFFFFFFFF]),
+                    codes[p * F : (p + 1) * F].reshape(1, -1),
+                    np.array([float(arrival[p])]),
+                    np.array([False]),
+                )  # one packet, as the leg bank puts a batch whose rows are all different
         frame = bank.playout(
             np.array([0]), float(now), np.array([True]), DECODE, np.zeros(2, np.int64)
         )

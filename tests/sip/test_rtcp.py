@@ -217,7 +217,9 @@ def test_baresip_reads_our_reports_and_its_reports_give_us_a_round_trip(phones, 
             if mux:  # nothing of this call on the RTCP port: ours went to its RTP port
                 assert leg.bank.media[leg.row].rtcp.remote == leg.bank.media[leg.row].remote
             # Our BYE: baresip prints its RTCP summary when a call is closed (not on exit).
-            await gw.sip.calls.hangup(gw.sip.calls.by_leg()[leg.name])
+            await gw.sip.calls.hangup(
+                next(d for d in gw.sip.calls.dialogs.values() if d.leg is leg)
+            )
             await until(lambda: "EX=BareSip" in phone.output(), 5, "baresip's RTCP summary")
 
     run(scenario())
