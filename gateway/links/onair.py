@@ -18,8 +18,10 @@ dialog: no stuck talker across the border.
 
 Send: the arbiter (:mod:`gateway.links.arbiter`) tells each leg once a tick who
 of this side it carries; an :class:`~gateway.links.talker.Announcer` numbers the
-overs and repeats the label, and the block changes in the bank only when the
-words do.
+overs, and the block changes in the bank only when the words do. The label of
+each new over goes once to the peer in the dialog (``tell``, set by the trunk:
+:mod:`gateway.links.labels`), never in the RTP; the peer's labels come back the
+same way (:meth:`OnAir.named`) and name its overs by talker ID and key-up time.
 
 Each over heard from the peer is audited when it ends (``link_talker``: talker
 ID, label, priority, emergency, key-up and length), so each side keeps its own
@@ -36,6 +38,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from gateway.links.floor import Candidate
+from gateway.links.labels import Named
 from gateway.links.talker import (
     URI,
     Announcer,
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
 
 STALE = 0.3  # seconds without a packet from the peer: its talker is no longer keyed
 TAIL = 0.1  # after the peer unkeys, its voice still in the jitter buffer keeps the leg talking
+NAMES_KEPT = 8  # the peer's latest over labels: the current over's, and a few it sent ahead
 EXTENSION_ID = 1  # the ID we offer (an answer takes the offer's)
 _SITE = re.compile(r"(?:^|\s)site=([A-Za-z0-9][A-Za-z0-9_.-]{0,31})(?:\s|$)")
 
@@ -95,9 +99,12 @@ class OnAir:
         self.where = where  # link and share: for the audit
         self.announcer = Announcer()
         self.listener = Listener(ext_id)
-        self.heard: Talker | None = None  # the peer's latest words, label filled in
+        self.heard: Talker | None = None  # the peer's latest words
+        self.names: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
         self.keyed_sent = False
+        self.tell: Callable[[Named], bool] | None = None  # our label to the peer (the trunk)
         self._sent: Talker | None = None
+        self._told = 0  # the talker ID of ours whose label the peer has been sent
         self._over_began = 0.0  # wall time the peer's current over was first heard
         media = bank.media[row]
         assert media is not None
@@ -131,7 +138,7 @@ class OnAir:
     def _over_ended(self, talker: Talker) -> None:
         now = time.time()
         self.audit(
-            "link_talker", **self.where, talker_id=talker.talker_id, label=talker.label or "",
+            "link_talker", **self.where, talker_id=talker.talker_id, label=self._name(talker),
             priority=talker.priority, emergency=talker.emergency,
             keyed_at_ms=unwrap_ms(talker.keyed_at, int(now * 1000)),
             seconds=round(now - self._over_began, 3),
@@ -142,7 +149,6 @@ class OnAir:
         heard = self.heard
         if heard is not None and heard.keyed and now - float(self.bank.rtp_at[self.row]) > STALE:
             self._hear(replace(heard, keyed=False))
-            self.listener.talker = self.heard
 
     def close(self) -> None:
         """The dialog ended: an over still keyed ends with it (audited)."""
@@ -150,9 +156,20 @@ class OnAir:
             self._over_ended(self.heard)
             self.heard = replace(self.heard, keyed=False)
 
+    def named(self, named: Named) -> None:
+        """The peer's label for one of its overs (it may come before the over's packets)."""
+        self.names[(named.talker_id, named.keyed_at)] = named.label
+        self.names.move_to_end((named.talker_id, named.keyed_at))
+        while len(self.names) > NAMES_KEPT:
+            self.names.popitem(last=False)
+
+    def _name(self, talker: Talker) -> str:
+        return self.names.get((talker.talker_id, talker.keyed_at), "")
+
     @property
     def label(self) -> str:
-        return (self.heard.label or "") if self.heard is not None else ""
+        """The label of the peer's latest over; "" until the peer named it."""
+        return self._name(self.heard) if self.heard is not None else ""
 
     def report(self, site: str, now_ms: int) -> Candidate | None:
         """The peer's best candidate for a shared floor (None: nobody keyed there)."""
@@ -180,6 +197,10 @@ class OnAir:
                 keyed_at=candidate.keyed_at_ms,
             )  # fmt: skip
         self.keyed_sent = talker.keyed
+        if talker.keyed and talker.talker_id != self._told and self.tell is not None:
+            named = Named(talker.talker_id, talker.keyed_at, self.announcer.label)
+            if not named.label or self.tell(named):  # else: again next tick
+                self._told = talker.talker_id
         self.say(talker)
 
     def say(self, talker: Talker) -> None:

@@ -15,17 +15,14 @@ ID 1 unless SDP says otherwise::
     byte 0    vv k s e ppp   version (0), keyed, squelch open, emergency, priority 0-7
     byte 1    talker ID      one per over, 1-255 cycling (0: nobody yet)
     bytes 2-5 key-up time    sender's UTC milliseconds mod 2^32, for "earliest key-up"
-    bytes 6-  label          UTF-8, 0-64 bytes, e.g. "RCMP · Marine 7"
 
-Why the label rides in the same element: it needs no second negotiated ID, no
-reassembly of chunks and no second stream (RTCP) to keep in step with the audio;
-the sender puts it on the first :data:`LABEL_REPEATS` packets of each over and on
-every :data:`LABEL_EVERY`-th after, so losing a few packets, or joining mid-over,
-costs at most a second without the name. The two-byte form is what lets a
-64-byte label fit in one element (the one-byte form stops at 16 bytes); the
-decoder reads both forms. Under SRTP the extension is authenticated but not
-encrypted (RFC 3711): an on-path observer can read labels until the SRTP library
-offers header encryption (cryptex, RFC 9335).
+No label: under SRTP a header extension is authenticated but not encrypted (RFC
+3711), and pylibsrtp offers neither RFC 6904 header encryption nor cryptex (RFC
+9335), so anyone on the path between the gateways would read which units of which
+agency talk, and when. Only what the shared floor needs on every packet travels
+here; the label (``RCMP · Marine 7``) goes once per over, keyed by talker ID and
+key-up time, in the link dialog over its TLS connection
+(:mod:`gateway.links.labels`). The element is exactly :data:`SIZE` bytes.
 
 Everything received is hostile: :func:`decode` and :func:`read` return a
 :class:`Rejected` with a reason from a fixed set (a metrics label) and never raise.
@@ -35,33 +32,36 @@ from __future__ import annotations
 
 import struct
 import unicodedata
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 URI = "urn:borderlink:talker"
 DEFAULT_ID = 1
 ONE_BYTE = 0xBEDE  # RFC 8285 §4.2 profile of the one-byte form
 TWO_BYTE = 0x1000  # RFC 8285 §4.3: 0x100 and four "appbits" (we send 0)
-MAX_LABEL_BYTES = 64
-LABEL_REPEATS = 3  # the first packets of an over that carry the label
-LABEL_EVERY = 50  # then once a second at 20 ms packets
+MAX_LABEL_BYTES = 64  # a talker label (sent in the dialog, never in RTP)
 VERSION = 0
 
 _HEADER = struct.Struct("!HH")  # profile, length in 32-bit words
 _FIXED = struct.Struct("!BBI")  # flags, talker ID, key-up ms
+SIZE = _FIXED.size
 _RTP = struct.Struct("!BBHII")
 
 Reason = Literal[
     "truncated",  # shorter than its own header or length says
     "profile",  # not an RFC 8285 header extension
-    "element",  # an element runs past the end of the extension
+    "element",  # an element runs past the end of the extension, or is not SIZE bytes
     "absent",  # an extension with no elements at all
     "unknown_id",  # elements, but none with our negotiated ID
     "duplicate_id",  # our ID twice in one packet: which one to believe?
     "version",  # a talker element of a version we do not read
+    "rtp",  # not an RTP version 2 packet
+    # a label in the link dialog (gateway.links.labels):
     "label_too_long",  # label over MAX_LABEL_BYTES
     "label_text",  # label not UTF-8, or with control characters
-    "rtp",  # not an RTP version 2 packet
+    "info",  # a label message without a talker ID and key-up time, or not ours
+    "stranger",  # a label message from anyone but the link's verified peer
+    "flood",  # more label messages than a peer may send (labels.RATE)
 ]
 REASONS: tuple[Reason, ...] = get_args(Reason)
 
@@ -76,7 +76,6 @@ class Talker:
     priority: int = 0  # 0-7, higher pre-empts in a single floor
     emergency: bool = False
     squelch: bool = False  # a receiver's squelch (COR) is open: radio audio
-    label: str | None = None  # unit and agency, on some packets of each over
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= 7:
@@ -128,8 +127,7 @@ def encode(talker: Talker, ext_id: int = DEFAULT_ID) -> bytes:
         | talker.emergency << 3
         | talker.priority
     )
-    label = fit_label(talker.label).encode("utf-8") if talker.label else b""
-    data = _FIXED.pack(flags, talker.talker_id, talker.keyed_at & 0xFFFFFFFF) + label
+    data = _FIXED.pack(flags, talker.talker_id, talker.keyed_at & 0xFFFFFFFF)
     element = bytes((ext_id, len(data))) + data
     element += bytes(-len(element) % 4)
     return _HEADER.pack(TWO_BYTE, len(element) // 4) + element
@@ -191,20 +189,11 @@ def _two_byte_elements(data: memoryview) -> list[tuple[int, memoryview]] | Rejec
 
 
 def _talker(data: bytes) -> Talker | Rejected:
-    if len(data) < _FIXED.size:
+    if len(data) != SIZE:
         return Rejected("element")
     flags, talker_id, keyed_at = _FIXED.unpack_from(data)
     if flags >> 6 != VERSION:
         return Rejected("version")
-    raw = data[_FIXED.size :]
-    if len(raw) > MAX_LABEL_BYTES:
-        return Rejected("label_too_long")
-    try:
-        label = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return Rejected("label_text")
-    if any(unicodedata.category(c).startswith("C") for c in label):
-        return Rejected("label_text")
     return Talker(
         keyed=bool(flags & 0x20),
         talker_id=talker_id,
@@ -212,7 +201,6 @@ def _talker(data: bytes) -> Talker | Rejected:
         priority=flags & 0x07,
         emergency=bool(flags & 0x08),
         squelch=bool(flags & 0x10),
-        label=label or None,
     )
 
 
@@ -254,21 +242,19 @@ def attach(packet: bytes, block: bytes) -> bytes:
 
 
 class Announcer:
-    """The sending side of one link dialog: numbers overs and decides when to send labels.
+    """The sending side of one link dialog: numbers overs.
 
     A new over starts at key-up, or when the talker changes without a gap (the
     label differs); priority and emergency may change inside an over (an
-    emergency button pressed while talking).
+    emergency button pressed while talking). ``label`` is the current over's, for
+    the one message that names it in the dialog.
     """
 
-    def __init__(self, repeats: int = LABEL_REPEATS, every: int = LABEL_EVERY) -> None:
-        self.repeats = repeats
-        self.every = every
+    def __init__(self) -> None:
         self.talker_id = 0
         self.keyed_at = 0
+        self.label = ""
         self._keyed = False
-        self._label = ""
-        self._packets = 0
 
     def stamp(
         self,
@@ -289,16 +275,13 @@ class Announcer:
         wire_at = None if keyed_at is None else keyed_at & 0xFFFFFFFF
         if keyed and (
             not self._keyed
-            or label != self._label
+            or label != self.label
             or (wire_at is not None and wire_at != self.keyed_at)
         ):
             self.talker_id = self.talker_id % 255 + 1
             self.keyed_at = (now_ms if wire_at is None else wire_at) & 0xFFFFFFFF
-            self._label = label
-            self._packets = 0
+            self.label = label
         self._keyed = keyed
-        send_label = keyed and (self._packets < self.repeats or self._packets % self.every == 0)
-        self._packets += 1
         return Talker(
             keyed=keyed,
             talker_id=self.talker_id,
@@ -306,40 +289,25 @@ class Announcer:
             priority=priority,
             emergency=emergency,
             squelch=squelch,
-            label=(label or None) if send_label else None,
         )
 
 
 class Listener:
-    """The receiving side of one link dialog: the current over and its label, once known."""
+    """The receiving side of one link dialog: reads each packet's block."""
 
     def __init__(self, ext_id: int = DEFAULT_ID) -> None:
         self.ext_id = ext_id
-        self.talker: Talker | None = None
         self._last: tuple[bytes, Talker | Rejected] | None = None
 
     def read(self, block: bytes) -> Talker | Rejected:
-        """:func:`decode` and :meth:`heard` for one packet's extension block.
+        """:func:`decode` for one packet's extension block.
 
-        Within an over the sender repeats the same bytes on every packet but the few
-        that carry the label, so an unchanged block costs one comparison, not a
-        decode (about 10 µs in Python; 100 talking dialogs send 5000 packets/s).
+        The sender repeats the same bytes on every packet of an over, so an
+        unchanged block costs one comparison, not a decode (about 10 µs in Python;
+        100 talking dialogs send 5000 packets/s).
         """
         if self._last is not None and self._last[0] == block:
             return self._last[1]
         result = decode(block, self.ext_id)
-        if isinstance(result, Talker):
-            result = self.heard(result)
         self._last = (block, result)
         return result
-
-    def heard(self, talker: Talker) -> Talker:
-        """Account one packet's talker; returns it with the over's label filled in."""
-        current = self.talker
-        same_over = current is not None and (current.talker_id, current.keyed_at) == (
-            talker.talker_id,
-            talker.keyed_at,
-        )
-        label = talker.label or (current.label if same_over and current else None)
-        self.talker = replace(talker, label=label)
-        return self.talker

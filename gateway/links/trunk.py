@@ -15,6 +15,10 @@ this link's peer (:meth:`Trunk.recognises`). It is answered with
 :meth:`Shares.answer`: a name we do not share gets 403 whether a talkgroup of
 that name exists here or not.
 
+Who talks is named in the dialog, not in the RTP: the label of each over goes to
+the peer as one INFO (:mod:`gateway.links.labels`); an INFO is believed only from
+this link's verified peer, within :data:`~gateway.links.labels.RATE`.
+
 Each dialog is kept alive by an in-dialog OPTIONS every :data:`KEEPALIVE`
 seconds over its own TLS connection; no answer within :data:`KEEPALIVE_TIMEOUT`
 ends it (BYE), which detaches the leg at once (a radio keyed across the link
@@ -43,10 +47,12 @@ from cryptography import x509
 
 from gateway.config import Timing
 from gateway.engine import Engine
+from gateway.links import labels
 from gateway.links.config import LinkConfig, load_certificates
 from gateway.links.consent import Flow, Refused, Shares, from_sdp, to_sdp
 from gateway.links.onair import OnAir, agreed
 from gateway.links.onair import offer as talker_extmap
+from gateway.links.talker import Rejected
 from gateway.ports import PortConfig
 from gateway.sip.bank import LegBank
 from gateway.sip.calls import CallManager, Dialog, uri_user
@@ -60,6 +66,7 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE = 0.5  # seconds between OPTIONS on each dialog
 KEEPALIVE_TIMEOUT = 1.2  # no answer by then: the link is dead (noticed within 2 s)
+LABEL_TIMEOUT = 2.0  # an INFO with a talker label unanswered by then: logged
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 STABLE = 10.0  # a dialog up this long resets the backoff
@@ -164,6 +171,8 @@ class Trunk:
         self.refused_invites = 0
         self.keepalive_timeouts = 0  # dialogs ended because the peer stopped answering
         self.talker_rejected: collections.Counter[str] = collections.Counter()  # by reason
+        self.labels_unanswered = 0  # our label INFOs the peer did not accept
+        self._label_budget = labels.Budget()  # the peer's label INFOs
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}  # shared name → its keep loop
         self._keepalives: dict[str, asyncio.Task] = {}
@@ -418,6 +427,10 @@ class Trunk:
 
     def _established(self, st: NameState, dialog: Dialog) -> None:
         """A dialog for ``st.name`` came up; if another is up too, keep one by the rule."""
+        dialog.on_info = lambda message, raw, source: self._on_info(dialog, message, raw, source)
+        onair = getattr(dialog.leg, "onair", None)
+        if onair is not None:
+            onair.tell = lambda named: self._tell(dialog, named)
         old = st.dialog
         keep, drop = dialog, old
         if old is not None and not old.ended.is_set() and old.incoming != dialog.incoming:
@@ -464,6 +477,47 @@ class Trunk:
                 elif not self.is_cut(st.name):
                     self._set(st, "down")
                 self.changed()
+
+    # --- talker labels, in the dialog ----------------------------------------------------
+
+    def _tell(self, dialog: Dialog, named: labels.Named) -> bool:
+        """Our label for a new over, to the peer; False: not yet (an answered dialog the peer
+        has not ACKed may not be in its table yet)."""
+        if not dialog.acked:
+            return False
+        answer = self.calls.info(dialog, labels.CONTENT_TYPE, labels.body(named), LABEL_TIMEOUT)
+        if answer is not None:
+            answer.add_done_callback(self._label_answered)
+        return True
+
+    def _label_answered(self, answer: asyncio.Future) -> None:
+        response = None if answer.cancelled() or answer.exception() else answer.result()
+        if response is None or int(response.status) >= 300:
+            self.labels_unanswered += 1
+            log.debug("link %s: a talker label was not accepted (%s)", self.name,
+                      "no answer" if response is None else response.status)  # fmt: skip
+
+    def _on_info(
+        self, dialog: Dialog, message: SIPMessage, raw: bytes, source: Source
+    ) -> tuple[int, str]:
+        """The peer names one of its overs. Believed only from this link's verified peer
+        (the dialog's tags are not a secret worth trusting alone), within its budget."""
+        if not self.recognises(source):
+            self.talker_rejected["stranger"] += 1
+            return 403, "Forbidden"
+        if not self._label_budget.take():
+            self.talker_rejected["flood"] += 1
+            return 503, "Service Unavailable"
+        onair = getattr(dialog.leg, "onair", None)
+        length = message.headers.get("Content-Length")
+        data = raw.partition(b"\r\n\r\n")[2]
+        named = labels.read(message.headers.get("Content-Type", ""),
+                            data[:length] if isinstance(length, int) else data)  # fmt: skip
+        if isinstance(named, Rejected) or onair is None:  # no talker extension: no labels
+            self.talker_rejected[named.reason if isinstance(named, Rejected) else "info"] += 1
+            return 400, "Bad Request"
+        onair.named(named)
+        return 200, "OK"
 
     def cut(self, names: frozenset[str] | None) -> list:
         """End the dialogs of ``names`` (None: all) in this very call, saying why; the BYEs

@@ -123,6 +123,8 @@ class Dialog:
     crypto: Crypto | None = None
     direction: str = "sendrecv"  # our SDP direction (a link's share), kept on re-INVITEs
     extmap: tuple[int, str] | None = None  # an RTP header extension we agreed (a link's talker)
+    # Who answers the peer's INFO in this dialog (a link's talker labels): (code, reason).
+    on_info: Callable[[SIPMessage, bytes, Source], tuple[int, str]] | None = None
 
 
 class CallManager:
@@ -195,6 +197,15 @@ class CallManager:
                 self.transport.respond(raw, source, 200, "OK")
             else:
                 self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
+        elif method == "INFO":
+            dialog = self.dialogs.get(message.headers["Call-ID"])
+            if dialog is None or not self._from_peer(dialog, message):
+                self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
+            elif dialog.on_info is None:  # a phone's INFO (DTMF relay...): as before, unknown
+                self.transport.respond(raw, source, 501, "Not Implemented")
+            else:
+                code, reason = dialog.on_info(message, raw, source)
+                self.transport.respond(raw, source, code, reason)
         elif method == "OPTIONS":
             self.transport.respond(
                 raw,
@@ -202,7 +213,7 @@ class CallManager:
                 200,
                 "OK",
                 headers=[
-                    "Allow: INVITE, ACK, BYE, CANCEL, OPTIONS",
+                    "Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, INFO",
                     "Accept: application/sdp",
                 ],
             )
@@ -675,9 +686,15 @@ class CallManager:
     # --- requests we send -------------------------------------------------------------
 
     def _in_dialog(
-        self, dialog: Dialog, method: str, cseq: int | None = None, extra: tuple[str, ...] = ()
+        self,
+        dialog: Dialog,
+        method: str,
+        cseq: int | None = None,
+        extra: tuple[str, ...] = (),
+        body: tuple[str, str] | None = None,
     ) -> str:
-        """An in-dialog request; a new CSeq unless given (an ACK to 2xx reuses the INVITE's)."""
+        """An in-dialog request; a new CSeq unless given (an ACK to 2xx reuses the INVITE's);
+        ``body``: (content type, text)."""
         if cseq is None:
             dialog.cseq += 1
             cseq = dialog.cseq
@@ -692,9 +709,12 @@ class CallManager:
             f"Contact: {self.contact_for(dialog.peer)}",
             "User-Agent: BorderLink",
             *extra,
-            "Content-Length: 0",
         ]
-        return "\r\n".join(lines) + "\r\n\r\n"
+        kind, text = body or ("", "")
+        if kind:
+            lines.append(f"Content-Type: {kind}")
+        lines.append(f"Content-Length: {len(text.encode())}")
+        return "\r\n".join(lines) + "\r\n\r\n" + text
 
     async def options(self, dialog: Dialog, timeout: float) -> SIPMessage | None:
         """An in-dialog OPTIONS (a keepalive over the dialog's own connection): the answer."""
@@ -702,6 +722,17 @@ class CallManager:
             return None
         return await self.transport.request(self._in_dialog(dialog, "OPTIONS"), dialog.peer,
                                             timeout)  # fmt: skip
+
+    def info(
+        self, dialog: Dialog, content_type: str, text: str, timeout: float
+    ) -> asyncio.Future[SIPMessage | None] | None:
+        """An in-dialog INFO, written in this very call when the dialog's connection is open
+        (a link's talker label leaves before the RTP it names); the answer to come. None:
+        the dialog has ended."""
+        if dialog.call_id not in self.dialogs:
+            return None
+        request = self._in_dialog(dialog, "INFO", body=(content_type, text))
+        return self.transport.request_now(request, dialog.peer, timeout)
 
     async def hangup(self, dialog: Dialog, wait: float = 2.0, reason: str = "") -> None:
         """Send BYE and end the leg now (the media stops even if the BYE gets no answer).

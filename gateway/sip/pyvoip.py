@@ -28,8 +28,10 @@ Each pyVoIP shortcoming is worked around here or where noted:
 * Its From/To parser knows only ``sip:``: a ``sips:`` URI (a TLS caller, or the
   far end of a ``sips:`` dial-out) raised. :func:`normalise` hands it ``sip:``
   there; the stack reads URIs it keeps from the message's own text.
-* Its parser knows only INVITE/ACK/BYE/CANCEL: OPTIONS is added to the list it
-  accepts (keepalives from PBXs); other methods are answered 501 before parsing.
+* Its parser knows only INVITE/ACK/BYE/CANCEL: OPTIONS (keepalives from PBXs) and
+  INFO (a link's talker labels) are added to the list it accepts; other methods
+  are answered 501 before parsing. It reads any body as ``key=value`` lines
+  (keeping only SDP's): a line without ``=`` or not UTF-8 makes a message unparsed.
 * Call-IDs come from a per-client counter (two accounts collide): replaced.
 * Its REGISTER says ``SIP/2.0/UDP`` in Via and ``transport=UDP`` in Contact:
   :class:`Dialect` rewrites both for the account's transport (the digest ``uri``
@@ -48,8 +50,9 @@ import pyVoIP
 import pyVoIP.VoIP  # noqa: F401  (must come before pyVoIP.SIP: circular import in 1.6.8)
 from pyVoIP.SIP import SIPClient, SIPMessage, SIPMessageType
 
-if "OPTIONS" not in pyVoIP.SIPCompatibleMethods:
-    pyVoIP.SIPCompatibleMethods.append("OPTIONS")
+for _method in ("OPTIONS", "INFO"):
+    if _method not in pyVoIP.SIPCompatibleMethods:
+        pyVoIP.SIPCompatibleMethods.append(_method)
 
 PARSED_METHODS = frozenset(pyVoIP.SIPCompatibleMethods)
 

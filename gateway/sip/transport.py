@@ -394,6 +394,41 @@ class SipTransport(asyncio.DatagramProtocol):
                 address = (address[0], DEFAULT_PORTS[kind])
         return await self.streams.connect(kind, address, timeout)
 
+    def request_now(
+        self, data: str, to: Source, timeout: float
+    ) -> asyncio.Future[SIPMessage | None]:
+        """:meth:`request`, but written in this very call when a stream to ``to`` is open
+        (not at the loop's next turn, after the tick's RTP); the final response to come."""
+        raw = data.encode("utf-8")
+        key = transaction_key(raw)
+        assert key is not None, "request without Call-ID/CSeq"
+        queue: asyncio.Queue[SIPMessage] = asyncio.Queue()
+        self.pending[key] = queue
+        if to.transport == "udp" or not self.streams.send(raw, to.transport, to.address):
+            self.pending.pop(key, None)
+            return asyncio.ensure_future(self.request(data, to, timeout))
+        self.stats.sent += 1
+        return asyncio.ensure_future(self._final(key, queue, timeout))
+
+    async def _final(
+        self, key: tuple[str, int, str], queue: asyncio.Queue[SIPMessage], timeout: float
+    ) -> SIPMessage | None:
+        """The final response to a request sent once on a stream (None: none in time)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while (wait := deadline - loop.time()) > 0:
+                try:
+                    message = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    break
+                if int(message.status) >= 200:
+                    return message
+            self.stats.timeouts += 1
+            return None
+        finally:
+            self.pending.pop(key, None)
+
     async def request(
         self, data: str, address: Address | Source, timeout: float, ringing_timeout: float = 60.0
     ) -> SIPMessage | None:

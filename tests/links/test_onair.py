@@ -23,7 +23,8 @@ from gateway.codecs.g711 import ulaw_decode, ulaw_encode
 from pylibsrtp import Policy, Session
 
 from gateway.links.floor import Candidate
-from gateway.links.onair import OnAir, agreed, offer
+from gateway.links.labels import Named
+from gateway.links.onair import NAMES_KEPT, OnAir, agreed, offer
 from gateway.links.talker import Talker, encode, read
 from gateway.sip.bank import LegBank, LegMedia
 from gateway.sip.pyvoip import parse
@@ -42,8 +43,6 @@ def two_byte(data: bytes, profile: int = 0x1000, ext_id: int = 1) -> bytes:
 
 
 BAD = {
-    "label_too_long": two_byte(KEYED + b"R" * 65),
-    "label_text": two_byte(KEYED + "RCMP\u202eenir".encode()),
     "profile": two_byte(KEYED, profile=0xABCD),
     "element": struct.pack("!HH", 0x1000, 1) + bytes((1, 40, 0x20, 9)),
     "unknown_id": two_byte(KEYED, ext_id=7),
@@ -116,8 +115,12 @@ def test_blocks_in_are_read_or_counted_and_the_audio_passes(srtp: bool) -> None:
                   link="us", share="shiprider")  # fmt: skip
     heard: list[np.ndarray] = []
     try:
-        good = encode(Talker(keyed=True, talker_id=4, keyed_at=77, priority=3, label=LABEL))
-        ticks(bank, peer, 25, good, heard)
+        good = encode(Talker(keyed=True, talker_id=4, keyed_at=77, priority=3))
+        ticks(bank, peer, 5, good, heard)
+        assert onair.label == "" and bank.peer_keyed[row]  # keyed; not named yet
+        onair.named(Named(4, 78, "CBSA · Patrol 3"))  # another over's (key-up differs)
+        onair.named(Named(4, 77, LABEL))  # the peer names its over in the dialog
+        ticks(bank, peer, 20, good, heard)
         assert onair.label == LABEL and bank.peer_keyed[row] and bank.talking[row]
         assert onair.report("us", 1000) == Candidate("us", 4, 77, 3)
         said = np.concatenate(heard[-15:])
@@ -130,6 +133,9 @@ def test_blocks_in_are_read_or_counted_and_the_audio_passes(srtp: bool) -> None:
             assert onair.heard is not None and onair.heard.talker_id == 4, "a bad block believed"
             said = np.concatenate(heard[-5:])  # (a late tick may conceal a frame or two)
             assert band_db(said, 16000, 600) > -30, f"{reason}: the audio was lost"
+        before = rejected["element"]  # an old-style block with the label: not believed
+        ticks(bank, peer, 5, two_byte(KEYED + LABEL.encode()), heard)
+        assert rejected["element"] >= before + 4 and onair.heard.talker_id == 4
         if not srtp:  # (SRTP will not protect such a packet: libsrtp parses the header)
             # A block whose length runs past the packet: the packet is malformed, dropped.
             before = bank.packets_in[row]
@@ -141,13 +147,16 @@ def test_blocks_in_are_read_or_counted_and_the_audio_passes(srtp: bool) -> None:
         ((event, fields),) = audit
         assert event == "link_talker" and fields["label"] == LABEL and fields["talker_id"] == 4
         assert fields["priority"] == 3 and fields["link"] == "us" and fields["seconds"] > 0.5
+        for talker_id in range(10, 10 + NAMES_KEPT):  # labels sent ahead: the table is capped
+            onair.named(Named(talker_id, 1, "x"))
+        assert len(onair.names) == NAMES_KEPT and onair.label == ""
     finally:
         bank.close()
         peer.sock.close()
 
 
 @pytest.mark.parametrize("srtp", [False, True], ids=["rtp", "srtp"])
-def test_our_words_go_out_in_every_packet_before_the_audio(srtp: bool) -> None:
+def test_our_words_go_out_in_every_packet_and_the_label_once_beside(srtp: bool) -> None:
     bank = LegBank(16000, 320, 0.02, capacity=4)
     peer = Peer(srtp)
     keys = LegSrtp(peer.ours.key, peer.theirs.key) if srtp else None
@@ -157,6 +166,13 @@ def test_our_words_go_out_in_every_packet_before_the_audio(srtp: bool) -> None:
     bank.start_sending(row)
     bank.start_sending(other)
     onair = OnAir(bank, row, 5, collections.Counter(), lambda *a, **k: None)
+    told: list[Named] = []
+
+    def tell(named: Named) -> bool:  # the first try cannot go (not ACKed): again next tick
+        told.append(named)
+        return len(told) > 1
+
+    onair.tell = tell
     try:
         me = Candidate("ca", 1, keyed_at_ms=123456, priority=2, emergency=True)
         start = time.monotonic()
@@ -177,7 +193,9 @@ def test_our_words_go_out_in_every_packet_before_the_audio(srtp: bool) -> None:
         said = [read(p, 5) for p in peer.received]
         assert all(isinstance(t, Talker) and t.keyed and t.emergency and t.priority == 2
                    and t.keyed_at == 123456 and t.squelch for t in said)  # fmt: skip
-        assert [t.label for t in said[:3]] == [LABEL] * 3 and said[3].label is None
+        assert all(LABEL.encode() not in p for p in peer.received), "the label in the RTP"
+        # Told once in the dialog (the first try could not go: again on the next tick).
+        assert told == [Named(said[0].talker_id, 123456, LABEL)] * 2
         audio = []
         for packet in peer.received:
             block_words = int.from_bytes(packet[14:16], "big")

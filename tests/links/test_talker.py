@@ -1,4 +1,5 @@
-"""The talker header extension: exact bytes, every rejection counted, never an exception."""
+"""The talker header extension: exact bytes, every rejection counted, never an exception;
+and the label message that names an over in the link dialog (gateway.links.labels)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.links import labels
+from gateway.links.labels import CONTENT_TYPE, Budget, Named
 from gateway.links.talker import (
-    LABEL_EVERY,
-    LABEL_REPEATS,
     MAX_LABEL_BYTES,
     Announcer,
     Listener,
@@ -28,7 +29,7 @@ from gateway.links.talker import (
 from gateway.sip.rtp import build_header, parse_rtp
 
 MARINE_7 = Talker(keyed=True, talker_id=7, keyed_at=0x01020304, priority=5, emergency=True,
-                  squelch=False, label="RCMP · Marine 7")  # fmt: skip
+                  squelch=False)  # fmt: skip
 
 
 def two_byte(*elements: tuple[int, bytes], profile: int = 0x1000) -> bytes:
@@ -44,9 +45,8 @@ def one_byte(*elements: tuple[int, bytes]) -> bytes:
 
 
 def test_the_bytes_are_as_documented() -> None:
-    label = "RCMP · Marine 7".encode()
-    # keyed (0x20) | emergency (0x08) | priority 5; talker 7; key-up 0x01020304; label
-    assert encode(MARINE_7) == two_byte((1, bytes((0x2D, 7, 1, 2, 3, 4)) + label))
+    # keyed (0x20) | emergency (0x08) | priority 5; talker 7; key-up 0x01020304; no label
+    assert encode(MARINE_7) == two_byte((1, bytes((0x2D, 7, 1, 2, 3, 4))))
     assert decode(encode(MARINE_7)) == MARINE_7
     quiet = Talker(keyed=False, talker_id=7, keyed_at=5, squelch=True)
     assert encode(quiet, ext_id=9) == two_byte((9, bytes((0x10, 7, 0, 0, 0, 5))))
@@ -74,11 +74,8 @@ def test_the_one_byte_form_is_read_too_and_other_elements_are_skipped() -> None:
         (one_byte((15, bytes(6)), (1, bytes(6))), "absent"),  # ID 15: stop reading
         (two_byte((1, bytes(6)), (1, bytes(6))), "duplicate_id"),
         (two_byte((1, bytes(5))), "element"),  # shorter than the fixed part
+        (two_byte((1, bytes(6) + b"RCMP")), "element"),  # longer: a label has no place here
         (two_byte((1, bytes((0x40, 1, 0, 0, 0, 0)))), "version"),
-        (two_byte((1, bytes(6) + b"a" * (MAX_LABEL_BYTES + 1))), "label_too_long"),
-        (two_byte((1, bytes(6) + b"\xff\xfe")), "label_text"),
-        (two_byte((1, bytes(6) + b"Marine\x1b[2J")), "label_text"),  # terminal escape
-        (two_byte((1, bytes(6) + "RCMP\u202eenir".encode())), "label_text"),  # bidi override
     ],
 )
 def test_bad_extensions_are_rejected_with_a_reason(block: bytes, reason: str) -> None:
@@ -116,7 +113,6 @@ def test_labels_are_fitted_on_the_way_out() -> None:
     long = "Ω" * 40  # 80 bytes of UTF-8
     fitted = fit_label(long)
     assert fitted == "Ω" * 32 and len(fitted.encode()) == MAX_LABEL_BYTES
-    assert decode(encode(Talker(keyed=True, label=long))).label == fitted  # type: ignore[union-attr]
     assert wire_priority(100) == 7 and wire_priority(-3) == 0 and wire_priority(4) == 4
     with pytest.raises(ValueError):
         Talker(keyed=True, priority=8)
@@ -131,18 +127,18 @@ def test_key_up_times_unwrap_across_the_32_bit_edge() -> None:
     assert unwrap_ms(now & 0xFFFFFFFF, now + 1000) == now
 
 
-def test_the_announcer_numbers_overs_and_repeats_the_label() -> None:
+def test_the_announcer_numbers_overs() -> None:
     announcer = Announcer()
     first = [announcer.stamp(True, 1000 + 20 * i, "RCMP · Marine 7") for i in range(120)]
     assert {t.talker_id for t in first} == {1} and {t.keyed_at for t in first} == {1000}
-    with_label = [i for i, t in enumerate(first) if t.label]
-    assert with_label == [*range(LABEL_REPEATS), LABEL_EVERY, 2 * LABEL_EVERY]
+    assert len({encode(t) for t in first}) == 1  # the same block all over long
+    assert announcer.label == "RCMP · Marine 7"
     released = announcer.stamp(False, 4000, "RCMP · Marine 7")
-    assert (released.keyed, released.talker_id, released.label) == (False, 1, None)
+    assert (released.keyed, released.talker_id) == (False, 1)
     again = announcer.stamp(True, 5000, "RCMP · Marine 7", priority=2)
-    assert (again.talker_id, again.keyed_at, again.label) == (2, 5000, "RCMP · Marine 7")
+    assert (again.talker_id, again.keyed_at) == (2, 5000)
     handed = announcer.stamp(True, 5020, "CBSA · Patrol 3", priority=2)  # no gap between
-    assert (handed.talker_id, handed.keyed_at, handed.label) == (3, 5020, "CBSA · Patrol 3")
+    assert (handed.talker_id, handed.keyed_at, announcer.label) == (3, 5020, "CBSA · Patrol 3")
     urgent = announcer.stamp(True, 5040, "CBSA · Patrol 3", priority=7, emergency=True)
     assert (urgent.talker_id, urgent.emergency, urgent.priority) == (3, True, 7)
     announcer.talker_id = 255
@@ -150,31 +146,69 @@ def test_the_announcer_numbers_overs_and_repeats_the_label() -> None:
     assert announcer.stamp(True, 6020, "x").talker_id == 1  # 255 wraps to 1, never 0
 
 
-def test_the_listener_knows_the_label_of_the_current_over_only() -> None:
-    announcer, listener = Announcer(), Listener()
-    heard = [listener.heard(decode(encode(announcer.stamp(True, 20 * i, "RCMP · Marine 7"))))
-             for i in range(10)]  # fmt: skip
-    assert all(t.label == "RCMP · Marine 7" for t in heard)  # incl. packets without it
-    announcer.stamp(False, 400)
-    first_of_next = announcer.stamp(True, 420, "CBSA · Patrol 3")
-    # The next over's first packets are lost: its talker is known, its label not yet.
-    lost = [announcer.stamp(True, 440 + 20 * i, "CBSA · Patrol 3") for i in range(2)]
-    assert all(t.label for t in [first_of_next, *lost])
-    later = listener.heard(announcer.stamp(True, 480, "CBSA · Patrol 3"))
-    assert later.talker_id == 2 and later.label is None
-
-
 def test_the_listener_decodes_only_when_the_bytes_change() -> None:
     announcer, listener = Announcer(), Listener(ext_id=3)
     blocks = [encode(announcer.stamp(True, 20 * i, "RCMP · Marine 7"), 3) for i in range(6)]
-    assert blocks[3] == blocks[4] == blocks[5] != blocks[2]  # label only on the first three
     heard = [listener.read(block) for block in blocks]
-    assert all(isinstance(t, Talker) and t.label == "RCMP · Marine 7" for t in heard)
+    assert all(isinstance(t, Talker) and t.keyed and t.talker_id == 1 for t in heard)
     assert heard[4] is heard[3]  # reused, not decoded again
-    bad = two_byte((3, bytes(6) + b"\xff"))
-    assert listener.read(bad) == listener.read(bad) == Rejected("label_text")  # counted twice
+    bad = two_byte((3, bytes(5)))
+    assert listener.read(bad) == listener.read(bad) == Rejected("element")  # counted twice
     released = listener.read(encode(announcer.stamp(False, 200), 3))
     assert isinstance(released, Talker) and not released.keyed
+
+
+# --- the label, in the dialog ------------------------------------------------------------
+
+
+def test_a_label_message_reads_back() -> None:
+    named = Named(7, 0x01020304, "RCMP · Marine 7")
+    text = labels.body(named)
+    assert text == "talker-id=7\r\nkey-up=16909060\r\nlabel=RCMP · Marine 7\r\n"
+    assert labels.read(CONTENT_TYPE, text.encode()) == named
+    assert labels.read("Application/BorderLink-Talker; x=1", text.encode()) == named
+    assert labels.read(CONTENT_TYPE, b"key-up=1\r\nlabel=a=b\r\ntalker-id=255") == Named(
+        255, 1, "a=b"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data", "reason"),
+    [
+        ("application/sdp", b"talker-id=7\r\nkey-up=1\r\nlabel=x", "info"),
+        (CONTENT_TYPE, b"talker-id=0\r\nkey-up=1\r\nlabel=x", "info"),  # IDs are 1-255
+        (CONTENT_TYPE, b"talker-id=256\r\nkey-up=1\r\nlabel=x", "info"),
+        (CONTENT_TYPE, b"talker-id=7\r\nkey-up=4294967296\r\nlabel=x", "info"),  # 2^32
+        (CONTENT_TYPE, b"talker-id=7\r\nlabel=x", "info"),  # no key-up
+        (CONTENT_TYPE, b"talker-id=-7\r\nkey-up=1\r\nlabel=x", "info"),
+        (CONTENT_TYPE, b"talker-id=7\r\ntalker-id=8\r\nkey-up=1\r\nlabel=x", "info"),
+        (CONTENT_TYPE, b"talker-id=7\r\nkey-up=1\r\nnonsense\r\nlabel=x", "info"),
+        (CONTENT_TYPE, b"talker-id=7\r\nkey-up=1\r\nlabel=" + b"x" * 300, "info"),  # body cap
+        (CONTENT_TYPE, b"talker-id=7\r\nkey-up=1\r\nlabel=" + b"R" * 65, "label_too_long"),
+        (CONTENT_TYPE, b"talker-id=7\r\nkey-up=1\r\nlabel=Mar\x1b[2Jine", "label_text"),
+        (CONTENT_TYPE, "talker-id=7\r\nkey-up=1\r\nlabel=RCMP\u202eenir".encode(), "label_text"),
+        (CONTENT_TYPE, b"talker-id=7\r\nkey-up=1\r\nlabel=\xff\xfe", "label_text"),
+        (CONTENT_TYPE, b"talker-id=7\r\nkey-up=1\r\nlabel=", "label_text"),  # empty
+    ],
+)
+def test_bad_label_messages_are_rejected_with_a_reason(
+    content_type: str, data: bytes, reason: str
+) -> None:
+    assert labels.read(content_type, data) == Rejected(reason)  # type: ignore[arg-type]
+
+
+def test_the_label_budget_lets_a_burst_through_then_the_rate() -> None:
+    budget = Budget(rate=0.001, burst=5)  # (practically) no refill during the test
+    assert [budget.take() for _ in range(8)] == [True] * 5 + [False] * 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(content_type=st.sampled_from([CONTENT_TYPE, "text/plain"]), data=st.binary(max_size=300))
+def test_property_label_messages_never_raise(content_type: str, data: bytes) -> None:
+    result = labels.read(content_type, data)
+    assert isinstance(result, Named | Rejected)
+    if isinstance(result, Named):
+        assert 1 <= result.talker_id <= 255 and len(result.label.encode()) <= MAX_LABEL_BYTES
 
 
 talkers = st.builds(
@@ -185,7 +219,6 @@ talkers = st.builds(
     priority=st.integers(0, 7),
     emergency=st.booleans(),
     squelch=st.booleans(),
-    label=st.none() | st.text(max_size=80).map(fit_label).map(lambda s: s or None),
 )
 
 
@@ -214,7 +247,4 @@ def test_property_well_framed_garbage_elements_never_raise(
     elements: list[tuple[int, bytes]], profile: int
 ) -> None:
     block = two_byte(*elements, profile=profile)
-    result = decode(block)
-    assert isinstance(result, Talker | Rejected)
-    if isinstance(result, Talker) and result.label:
-        assert len(result.label.encode()) <= MAX_LABEL_BYTES
+    assert isinstance(decode(block), Talker | Rejected)
