@@ -82,7 +82,8 @@ class LinkLeg(SipLeg):
 
     With the talker extension agreed (``onair``) it is keyed by what the peer says and
     carries who talks here; ``talker`` is the far side's current talker label, which the
-    engine's events, the console, audit and MQTT show instead of the leg's name."""
+    engine's events, the console, audit and MQTT show instead of the leg's name — the
+    peer's site ID until the peer has named the over (its label comes in the dialog)."""
 
     kind = "link"
 
@@ -112,7 +113,7 @@ class LinkLeg(SipLeg):
 
     @property
     def talker(self) -> str:
-        return self.onair.label if self.onair is not None else ""
+        return (self.onair.label or self.peer_site) if self.onair is not None else ""
 
     @property
     def emergency(self) -> bool:
