@@ -157,11 +157,18 @@ class OnAir:
             self.heard = replace(self.heard, keyed=False)
 
     def named(self, named: Named) -> None:
-        """The peer's label for one of its overs (it may come before the over's packets)."""
+        """The peer's label for one of its overs (it may come before the over's packets).
+        The oldest go first, but never the label of the over on the air."""
         self.names[(named.talker_id, named.keyed_at)] = named.label
         self.names.move_to_end((named.talker_id, named.keyed_at))
+        heard = self.heard
+        on_air = (heard.talker_id, heard.keyed_at) if heard is not None else None
         while len(self.names) > NAMES_KEPT:
-            self.names.popitem(last=False)
+            oldest = next(iter(self.names))
+            if oldest == on_air:
+                self.names.move_to_end(oldest)
+            else:
+                del self.names[oldest]
 
     def _name(self, talker: Talker) -> str:
         return self.names.get((talker.talker_id, talker.keyed_at), "")
