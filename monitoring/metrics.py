@@ -283,7 +283,8 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
     "link_talker_rejected": (
         "link_talker_rejected_total",
         "counter",
-        "Talker header extensions from the peer not believed, by reason (malformed, label)",
+        "Talker words from the peer not believed, by reason (a malformed header extension; "
+        "a talker label INFO malformed, not from the peer, or over the cap)",
         "link,reason",
     ),
     "link_peer_talking": (

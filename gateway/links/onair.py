@@ -10,8 +10,8 @@ Receive: each packet's block comes from the leg bank (``LegMedia.on_extension``)
 is read by a :class:`~gateway.links.talker.Listener` (one bytes comparison when
 it did not change), and the peer's keyed state goes to the bank's ``peer_keyed``
 column, which keys the leg like PTT (voice activity only plays out the last
-:data:`TAIL` of an over still in the jitter buffer). A block we will not believe (malformed, a
-label too long or with control characters) changes nothing and is counted by its
+:data:`TAIL` of an over still in the jitter buffer). A block we will not believe
+(malformed, or a label where none belongs) changes nothing and is counted by its
 reason (``borderlink_link_talker_rejected_total``). A peer that stops sending is
 no longer believed keyed after :data:`STALE`, long before the keepalive ends the
 dialog: no stuck talker across the border.
