@@ -10,7 +10,9 @@ over TLS and as the route's ``srtp`` policy says; an offer the policy cannot tak
 away with 200 OK (no ringing delay) and become a :class:`~gateway.sip.leg.SipLeg`
 attached to the engine; they end on BYE from either side, and the gateway sends BYE
 to every call when it stops. Leg names carry the route, never the caller
-(``sip-6001#3``): the audit log is where a caller is named.
+(``sip-6001#3``): the audit log is where a caller is named. An INFO in a dialog
+goes to whoever owns it (``Dialog.on_info``: a link's talker labels); a phone's
+INFO gets 501 as before.
 
 Every dialog has a timer that ends it, because a stranger can open one: an
 answered call sends no RTP until its ACK, and one never ACKed is ended with BYE

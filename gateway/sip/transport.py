@@ -406,9 +406,13 @@ class SipTransport(asyncio.DatagramProtocol):
         self.pending[key] = queue
         if to.transport == "udp" or not self.streams.send(raw, to.transport, to.address):
             self.pending.pop(key, None)
-            return asyncio.ensure_future(self.request(data, to, timeout))
-        self.stats.sent += 1
-        return asyncio.ensure_future(self._final(key, queue, timeout))
+            answer = asyncio.ensure_future(self.request(data, to, timeout))
+        else:
+            self.stats.sent += 1
+            answer = asyncio.ensure_future(self._final(key, queue, timeout))
+        self._tasks.add(answer)  # (cancelled when the transport closes)
+        answer.add_done_callback(self._tasks.discard)
+        return answer
 
     async def _final(
         self, key: tuple[str, int, str], queue: asyncio.Queue[SIPMessage], timeout: float
