@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from pathlib import Path
 
 from relay import UdpRelay
@@ -184,7 +185,7 @@ def test_a_label_is_believed_only_from_the_peer_checked_and_capped(tmp_path: Pat
             theirs = ca.links.trunks["us"].names["shiprider"].dialog
 
             async def say(body: str) -> int:
-                answer = await calls.info(theirs, labels.CONTENT_TYPE, body, 5.0)
+                answer = await calls.info(theirs, labels.CONTENT_TYPE, body, 20.0)
                 assert answer is not None
                 return int(answer.status)
 
@@ -195,11 +196,15 @@ def test_a_label_is_believed_only_from_the_peer_checked_and_capped(tmp_path: Pat
             assert await say("talker-id=200\r\nkey-up=5\r\nlabel=Ghost\r\n") == 200
             assert rejected["label_text"] == rejected["label_too_long"] == 1
             assert rejected["info"] == 1 and leg(us).talker == LABEL
+            # (a slow budget, so that the bound holds however slow this machine is today)
+            us.links.trunks["ca"]._label_budget = labels.Budget(rate=1.0, burst=10)  # noqa: SLF001
+            started = time.monotonic()
             statuses = await asyncio.gather(
                 *(say(f"talker-id={200 + i % 50}\r\nkey-up=5\r\nlabel=x\r\n") for i in range(300))
             )
-            assert statuses.count(503) >= 300 - 2 * labels.BURST, statuses.count(503)
-            assert set(statuses) <= {200, 503} and rejected["flood"] == statuses.count(503)
+            accepted = statuses.count(200)
+            assert accepted <= 10 + 1.0 * (time.monotonic() - started) + 1, accepted
+            assert set(statuses) <= {200, 503} and rejected["flood"] == statuses.count(503) > 0
             assert metric(us, "link_talker_rejected_total", link="ca", reason="flood") > 0
             assert leg(us).talker == LABEL and share_state(us, "ca", "shiprider") == "up"
             assert radio(us, "harbor").level(1000.0, 0.3) > HEARD, "the audio went on"
