@@ -175,8 +175,13 @@ def test_a_label_is_believed_only_from_the_peer_checked_and_capped(tmp_path: Pat
             udp_port = us.sip.transport.port
             udp.sendto(forged(2, "UDP", udp_port), ("127.0.0.1", udp_port))
             answer = await asyncio.wait_for(answers.get(), 5)
-            udp.close()
             assert answer.split(b"\r\n", 1)[0] == b"SIP/2.0 403 Forbidden"
+            # (without the dialog's Call-ID and tags it is no dialog at all)
+            guess = forged(3, "UDP", udp_port).replace(dialog.call_id.encode(), b"guess@x")
+            udp.sendto(guess, ("127.0.0.1", udp_port))
+            answer = await asyncio.wait_for(answers.get(), 5)
+            udp.close()
+            assert answer.split(b"\r\n", 1)[0] == b"SIP/2.0 481 Call/Transaction Does Not Exist"
             assert rejected["stranger"] == 2 and leg(us).talker == LABEL
 
             # 3. The peer itself, over the link's TLS: bad labels refused and counted; a
