@@ -7,7 +7,6 @@ transmitter is unkeyed and every port closed on the way out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -22,6 +21,7 @@ from gateway.engine import RETRY_FIRST_S, RETRY_MAX_S, Engine, Event
 from gateway.ports import DownPort, Port, build_port
 
 log = logging.getLogger(__name__)
+SERVICE_STOP_SECONDS = 2.0  # each service's stop at shutdown (BYEs, unregistering, closing)
 
 
 class Service(Protocol):
@@ -415,8 +415,7 @@ class Gateway:
             for task in tasks:
                 task.cancel()
             for service in reversed(self.services):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(service.stop(), timeout=0.5)
+                await _stop_within(service, SERVICE_STOP_SECONDS)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
@@ -445,6 +444,22 @@ class Gateway:
             if now != last:
                 last = now
                 await self.reload_live(path, by="--watch")
+
+
+async def _stop_within(service, seconds: float) -> None:  # noqa: ANN001 - any service
+    """Stop ``service``, waiting at most ``seconds``: a stop that hangs (a BYE to a peer
+    that is itself going away, a TLS close the far end never answers) must not keep the
+    gateway from exiting. (``wait_for`` would wait on past its timeout for a stop that
+    swallows the cancellation.)"""
+    stopping = asyncio.ensure_future(service.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=seconds)
+    if not done:
+        stopping.cancel()
+        log.warning("%s did not stop within %.1f s; the gateway stops without it",
+                    type(service).__name__, seconds)  # fmt: skip
+    elif not stopping.cancelled() and stopping.exception() is not None:
+        log.warning("%s failed to stop cleanly: %s", type(service).__name__,
+                    stopping.exception())  # fmt: skip
 
 
 class PortStartError(Exception):

@@ -177,6 +177,7 @@ class Trunk:
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}  # shared name → its keep loop
         self._keepalives: dict[str, asyncio.Task] = {}
+        self._stopped = False  # stopped or retired: no dialog may come up any more
         self._cas = load_certificates(config.peer_ca, "peer CA bundle") if config.peer_ca else []
         self._pins = frozenset(config.peer_fingerprints)
 
@@ -223,6 +224,7 @@ class Trunk:
             self._tasks[name] = asyncio.ensure_future(self._keep(name))
 
     async def stop(self) -> None:
+        self._stopped = True
         tasks = [*self._tasks.values(), *self._keepalives.values()]
         for task in tasks:
             task.cancel()
@@ -236,6 +238,7 @@ class Trunk:
         """The link was removed or changed who it is by a reload: every dialog ends now
         (a plain BYE: the peer redials and is refused, or finds the new link) and the
         loops stop. The BYEs to send are returned."""
+        self._stopped = True
         byes = [self._end(st) for st in self.names.values() if st.dialog is not None]
         for task in [*self._tasks.values(), *self._keepalives.values()]:
             task.cancel()
@@ -383,6 +386,9 @@ class Trunk:
         caller = uri_user(_from_uri(raw))
         if _SITE.match(caller):
             self.peer_site = caller
+        if self._stopped:  # shutting down or retired by a reload: the peer will redial
+            self.calls.reject(raw, source, 503, "Service Unavailable", "link stopping")
+            return
         if name in self.names and self.is_cut(name):
             self.refused_invites += 1
             self.calls.reject(raw, source, 403, "Forbidden", f"link {self.name} is cut here",
@@ -427,7 +433,13 @@ class Trunk:
         return self.peer_site is None or self.site_id < self.peer_site
 
     def _established(self, st: NameState, dialog: Dialog) -> None:
-        """A dialog for ``st.name`` came up; if another is up too, keep one by the rule."""
+        """A dialog for ``st.name`` came up; if another is up too, keep one by the rule.
+
+        One that comes up after the trunk stopped (a dial answered while the gateway was
+        shutting down) is hung up at once: nothing would keep it alive or end it."""
+        if self._stopped:
+            asyncio.ensure_future(self.calls.hangup(dialog, 1.0))
+            return
         dialog.on_info = lambda message, raw, source: self._on_info(dialog, message, raw, source)
         onair = getattr(dialog.leg, "onair", None)
         if onair is not None:

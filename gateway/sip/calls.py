@@ -938,6 +938,3 @@ class CallManager:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-
-    def by_leg(self) -> dict[str, Dialog]:
-        return {d.leg.name: d for d in self.dialogs.values() if d.leg is not None}
