@@ -23,17 +23,25 @@ from gateway.codecs.resample import LOW_LATENCY, StreamResampler
 
 OPUS_RATE = 48000
 OPUS_TIME_BASE = Fraction(1, OPUS_RATE)
+SIDES = ("both", "left", "right")  # where a console hears a talkgroup
 
 
 class OpusStream:
-    """One Opus encoder fed with engine frames; returns the packets they complete."""
+    """One Opus encoder fed with engine frames; returns the packets they complete.
 
-    def __init__(self, rate: int, frame_seconds: float, bitrate: int = 32000) -> None:
+    ``side`` "both" encodes mono (heard in both ears); "left" or "right" encodes
+    stereo with the audio in that channel only."""
+
+    def __init__(
+        self, rate: int, frame_seconds: float, bitrate: int = 32000, side: str = "both"
+    ) -> None:
         self.resampler = StreamResampler(rate, OPUS_RATE, LOW_LATENCY)
         self.samples = round(OPUS_RATE * frame_seconds)
+        self.channel = SIDES.index(side) - 1  # -1 mono, 0 left, 1 right
+        self.layout = "mono" if self.channel < 0 else "stereo"
         codec = av.CodecContext.create("libopus", "w")
         codec.sample_rate = OPUS_RATE
-        codec.layout = "mono"
+        codec.layout = self.layout
         codec.format = "s16"
         codec.bit_rate = bitrate
         codec.time_base = OPUS_TIME_BASE
@@ -51,9 +59,14 @@ class OpusStream:
         packets: list[bytes] = []
         start = 0
         while len(audio) - start >= self.samples:
-            chunk = float_to_int16(audio[start : start + self.samples]).reshape(1, -1)
+            chunk = float_to_int16(audio[start : start + self.samples])
             start += self.samples
-            av_frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+            if self.channel >= 0:  # interleaved L R L R…, the other ear silent
+                both = np.zeros((self.samples, 2), np.int16)
+                both[:, self.channel] = chunk
+                chunk = both
+            av_frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16",
+                                                  layout=self.layout)  # fmt: skip
             av_frame.sample_rate = OPUS_RATE
             av_frame.pts = self.pts
             self.pts += self.samples
@@ -74,7 +87,7 @@ def silence_packet(frame_seconds: float) -> bytes:
 
 
 class SharedEncoders:
-    """One Opus stream per talkgroup mix, encoded at most once per engine tick.
+    """One Opus stream per talkgroup mix (and side), encoded at most once per tick.
 
     A listener's frame is shared only if it is bit-identical to the frame encoded
     for this tick (same mix, same gain, same limiter state); otherwise the caller
@@ -89,12 +102,14 @@ class SharedEncoders:
         self.encodes = 0
         self.shares = 0
 
-    def encode(self, key: str, tick: int, frame: np.ndarray, listeners: int = 1) -> list[bytes]:
+    def encode(
+        self, key: str, tick: int, frame: np.ndarray, listeners: int = 1, side: str = "both"
+    ) -> list[bytes]:
         """This tick's packets of ``key``'s mix, encoded on the first call of the tick.
 
         The caller has checked that ``listeners`` consoles hear exactly ``frame``.
         """
-        shared = self._stream(key)
+        shared = self._stream(key, side)
         if shared.tick != tick:
             shared.tick = tick
             shared.frame = frame.tobytes()
@@ -104,25 +119,25 @@ class SharedEncoders:
         self.shares += listeners
         return shared.packets
 
-    def packets(self, key: str, tick: int, frame: np.ndarray) -> list[bytes] | None:
+    def packets(
+        self, key: str, tick: int, frame: np.ndarray, side: str = "both"
+    ) -> list[bytes] | None:
         """One console's share of this tick's encode, or None if its frame differs."""
-        shared = self._stream(key)
+        shared = self._stream(key, side)
         if shared.tick != tick:
-            return self.encode(key, tick, frame)
+            return self.encode(key, tick, frame, side=side)
         if frame.tobytes() == shared.frame:  # a memcmp: cheaper than np.array_equal
             self.shares += 1
             return shared.packets
         return None
 
-    def _stream(self, key: str) -> _Shared:
-        shared = self.streams.get(key)
+    def _stream(self, key: str, side: str) -> _Shared:
+        name = key if side == "both" else f"{key}|{side}"
+        shared = self.streams.get(name)
         if shared is None:
-            stream = OpusStream(self.rate, self.frame_seconds, self.bitrate)
-            shared = self.streams[key] = _Shared(stream)
+            stream = OpusStream(self.rate, self.frame_seconds, self.bitrate, side)
+            shared = self.streams[name] = _Shared(stream)
         return shared
-
-    def forget(self, key: str) -> None:
-        self.streams.pop(key, None)
 
 
 class _Shared:

@@ -51,11 +51,11 @@ class _Plan:
         self.quiet = np.array([quiet.get(id(p), 0) for p in ports], np.int64)
         self.dtx = np.array([p.dtx and p.direct is not None for p in ports], bool)
         self.phase = np.arange(len(ports), dtype=np.int64)  # spreads keep-alives over ticks
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str, str], list[int]] = {}  # (talkgroup, side) → rows
         for k, port in enumerate(ports):
             if port.shared_encode:
-                groups.setdefault(port.talkgroup, []).append(k)
-        self.groups = [(tg, np.array(ks, np.int64)) for tg, ks in groups.items()]
+                groups.setdefault((port.talkgroup, port.side), []).append(k)
+        self.groups = [(tg, side, np.array(ks, np.int64)) for (tg, side), ks in groups.items()]
 
 
 class ConsoleBank(PortBank):
@@ -66,6 +66,7 @@ class ConsoleBank(PortBank):
         self.silence = silence
         self.engine = engine
         self._plan: _Plan | None = None
+        self._replan = False
         self._talking = np.zeros(0, bool)
         self._was_talking: list[ConsolePort] = []
         # Each console's RTCP sender report once a second, spread over the ticks.
@@ -74,9 +75,15 @@ class ConsoleBank(PortBank):
 
     def _plan_for(self, ports: list[Port]) -> _Plan:
         plan = self._plan
-        if plan is None or plan.ports is not ports:  # the engine keeps the list per layout
+        # The engine keeps the list per layout: a new list is a new layout.
+        if plan is None or plan.ports is not ports or self._replan:
             plan = self._plan = _Plan(ports, plan)  # type: ignore[arg-type]
+            self._replan = False
         return plan
+
+    def replan(self) -> None:
+        """A seat changed side: group the rows again on the next tick."""
+        self._replan = True
 
     def read_frames(
         self, ports: list[Port], frames: np.ndarray, rows: np.ndarray
@@ -106,13 +113,14 @@ class ConsoleBank(PortBank):
         talking = self._talking if len(self._talking) == len(ports) else np.zeros(len(ports), bool)
         tick = self.engine.tick_count
         done = ~audible  # silent consoles get the silence packet below
-        for talkgroup, members in plan.groups:
+        for talkgroup, side, members in plan.groups:
             listening = members[audible[members] & ~talking[members]]
             if not listening.size:
                 continue
             block = out[rows[listening]]
             same = (block == block[0]).all(axis=1)
-            packets = self.encoders.encode(talkgroup, tick, block[0], int(np.count_nonzero(same)))
+            packets = self.encoders.encode(talkgroup, tick, block[0],
+                                           int(np.count_nonzero(same)), side)  # fmt: skip
             sharing = listening[same]
             done[sharing] = True
             cons: list[ConsolePort] = [ports[k] for k in sharing.tolist()]  # type: ignore[misc]

@@ -22,7 +22,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from gateway.config import PortConfig, Timing
 from gateway.ports import Frame, Port, PortBank
-from gateway.webrtc.audio import OPUS_TIME_BASE, Inbound, OpusStream, SharedEncoders
+from gateway.webrtc.audio import OPUS_TIME_BASE, SIDES, Inbound, OpusStream, SharedEncoders
 from gateway.webrtc.rtp import RtpOut
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ class ConsolePort(Port):
         self.inbound = Inbound(self.rate, self.frame_samples)
         self.track = OutboundTrack(round(48000 * timing.frame))
         self.own: OpusStream | None = None
+        self.stereo = False  # the page decodes stereo (stereo=1 in its offer)
+        self.side = "both"  # both ears, or only "left" / "right" (needs stereo)
         self.direct: RtpOut | None = None  # set by use_direct() once the call is answered
         self.emit: Callable[[bytes], None] = self.track.push  # one Opus packet to the browser
         self.port_bank = bank  # the bank moves every console's audio in one step per tick
@@ -122,6 +124,17 @@ class ConsolePort(Port):
         self.frames_in = 0
         self.stale_frames = 0
         self.own_encodes = 0
+
+    def set_side(self, side: str) -> bool:
+        """Route this talkgroup to one ear or both; False if the page cannot (mono)."""
+        if side not in SIDES or (side != "both" and not self.stereo):
+            return False
+        if side != self.side:
+            self.side = side
+            self.own = None  # its own encoder (N-1 mix, busy tone) follows the side too
+            if self.port_bank is not None:
+                self.port_bank.replan()  # type: ignore[attr-defined]
+        return True
 
     def use_direct(self, rtp: RtpOut | None) -> None:
         """Send through ``rtp`` (our own RTP/SRTP path) instead of aiortc's sender."""
@@ -174,7 +187,7 @@ class ConsolePort(Port):
             return
         packets = None
         if self.shared_encode and not self.talking:
-            packets = self.encoders.packets(self.talkgroup, self.tick(), frame)
+            packets = self.encoders.packets(self.talkgroup, self.tick(), frame, self.side)
         if packets is None:
             self.write_own(frame)
             return
@@ -184,7 +197,8 @@ class ConsolePort(Port):
     def write_own(self, frame: Frame) -> None:
         """Encode a frame only this console hears (its N-1 mix, the busy tone)."""
         if self.own is None:
-            self.own = OpusStream(self.rate, self.frame_seconds, self.encoders.bitrate)
+            self.own = OpusStream(self.rate, self.frame_seconds, self.encoders.bitrate,
+                                  self.side)  # fmt: skip
         self.own_encodes += 1
         for payload in self.own.encode(frame):
             self.emit(payload)

@@ -154,6 +154,15 @@ class Socket:
                     await self.ws.send_str(text)
 
 
+def offers_stereo(sdp: str) -> bool:
+    """True when the page asks for stereo Opus (``stereo=1``): it can be routed to one ear."""
+    opus = re.search(r"^a=rtpmap:(\d+) opus/48000/2\s*$", sdp, re.M | re.I)
+    if opus is None:
+        return False
+    fmtp = re.search(rf"^a=fmtp:{opus.group(1)} (.*)$", sdp, re.M)
+    return fmtp is not None and "stereo=1" in fmtp.group(1).replace(" ", "").split(";")
+
+
 def _loopback_only(addresses: list[str]) -> bool:
     try:
         return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
@@ -645,6 +654,8 @@ class ConsoleHub:
             raise web.HTTPForbidden(text=f"operator {session.operator} may no longer use "
                                          f"{talkgroup}")  # fmt: skip
         port.can_talk, port.priority = op.may_talk(talkgroup), op.priority
+        port.stereo = offers_stereo(offer["sdp"])
+        port.set_side(offer.get("side", "both"))
         console.ports[talkgroup] = port
         console.pcs[talkgroup] = pc
         self.engine.attach(port, talkgroup, op.priority)
@@ -707,6 +718,13 @@ class ConsoleHub:
             self.audit("console_ptt", operator=sock.session.operator, talkgroup=talkgroup,
                        port=port.name, on=on)  # fmt: skip
         port.set_ptt(on)
+
+    def set_side(self, sock: Socket, talkgroup: str, side: Any) -> None:
+        """Route a talkgroup this page hears to the left ear, the right or both."""
+        port = sock.console.ports.get(talkgroup) if sock.console else None
+        if port is None or not port.set_side(side):
+            reason = "not joined" if port is None else "the page cannot take stereo"
+            sock.send({"type": "error", "message": f"cannot route {talkgroup}: {reason}"})
 
     # --- patching from the console ---------------------------------------------------
 
@@ -1093,6 +1111,8 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                     continue
                 hub.set_ptt(sock, data["talkgroup"], on, emergency)
                 hub.push_state()
+            elif kind == "side" and isinstance(data.get("talkgroup"), str):
+                hub.set_side(sock, data["talkgroup"], data.get("side"))
             elif kind == "ack":
                 hub.acknowledge(sock, data.get("alarm"))
             elif kind == "patch":

@@ -10,7 +10,7 @@ from console_site import fft_peak_hz, rms_dbfs
 from gateway.codecs.tones import ToneGenerator
 
 from gateway.webrtc.audio import Inbound, OpusStream, SharedEncoders, silence_packet
-from gateway.webrtc.server import filter_remote_candidates
+from gateway.webrtc.server import filter_remote_candidates, offers_stereo
 
 RATE, FRAME = 16000, 320
 
@@ -50,6 +50,43 @@ def test_shared_encode_is_reused_only_for_the_identical_frame():
     assert shared.packets("marine", 1, frame * 0.5) is None  # different mix: own encoder
     assert shared.packets("marine", 2, frame) is not first  # next tick: encoded again
     assert (shared.encodes, shared.shares) == (2, 1)
+
+
+def decode_stereo(packets: list[bytes]) -> np.ndarray:
+    """(samples, 2): what a browser that asked for stereo (stereo=1) decodes."""
+    codec = av.CodecContext.create("libopus", "r")
+    codec.sample_rate, codec.layout = 48000, "stereo"
+    out = []
+    for i, payload in enumerate(packets):
+        packet = av.Packet(payload)
+        packet.pts, packet.time_base = i * 960, Fraction(1, 48000)
+        for frame in codec.decode(packet):
+            data = frame.to_ndarray()
+            both = data.T if frame.format.is_planar else data.reshape(-1, 2)
+            out.append(both.astype(np.float32) / (32768.0 if both.dtype == np.int16 else 1.0))
+    return np.concatenate(out)
+
+
+def test_a_side_puts_the_talkgroup_in_one_ear_and_both_is_mono():
+    tone = ToneGenerator([700.0], RATE, -12.0)
+    frames = [tone.read(FRAME) for _ in range(50)]
+    for side, loud in (("left", 0), ("right", 1)):
+        stream = OpusStream(RATE, 0.020, side=side)
+        ears = decode_stereo([p for f in frames for p in stream.encode(f)])[4800:]
+        assert abs(rms_dbfs(ears[:, loud]) - (-12.0)) < 1.5, side
+        assert rms_dbfs(ears[:, 1 - loud]) < -50, side  # the other ear stays silent
+    shared = SharedEncoders(RATE, 0.020, 32000)  # one encode per talkgroup and side
+    both = shared.packets("marine", 1, frames[0])
+    assert shared.packets("marine", 1, frames[0], "left") is not both
+    assert shared.packets("marine", 1, frames[0], "left") is not None
+    assert (shared.encodes, shared.shares) == (2, 1)
+
+
+def test_offers_stereo_reads_the_opus_fmtp():
+    sdp = "v=0\r\na=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;stereo=1;useinbandfec=1\r\n"
+    assert offers_stereo(sdp)
+    assert not offers_stereo(sdp.replace("stereo=1;", ""))
+    assert not offers_stereo(sdp.replace("a=fmtp:111", "a=fmtp:112"))
 
 
 def test_silence_packet_decodes_to_silence():

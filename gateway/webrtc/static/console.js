@@ -253,6 +253,8 @@ function tileFor(info) {
   $(".emergency", el).setAttribute("aria-label", `Emergency call on ${info.name}: hold for one second`);
   $(".unpatch", el).setAttribute("aria-label", `Unpatch ${info.name}`);
   $(".level", el).setAttribute("aria-label", `Level on ${info.name}`);
+  $(".side", el).setAttribute("aria-label", `Ear for ${info.name}`);
+  for (const r of el.querySelectorAll(".side input")) r.name = `side-${info.name}`;
   el.title = info.description || info.name;
   t = { el, pc: null, sender: null, source: null, analyser: null, audio: null, monitor: true, info };
   tiles.set(info.name, t);
@@ -283,7 +285,14 @@ function tileFor(info) {
     if (e.target.dataset.patch) send({ type: "unpatch", patch: e.target.dataset.patch });
   });
   $(".monitor-toggle", el).addEventListener("change", (e) => setMonitor(info.name, e.target.checked));
-  $(".volume-slider", el).addEventListener("input", () => applyVolume(t));
+  const saved = tileSettings()[info.name] || {};
+  if (typeof saved.volume === "number") $(".volume-slider", el).value = String(saved.volume);
+  if (["left", "right", "both"].includes(saved.side)) $(`.side input[value="${saved.side}"]`, el).checked = true;
+  $(".volume-slider", el).addEventListener("input", () => { applyVolume(t); saveTile(info.name); });
+  for (const r of el.querySelectorAll(".side input")) r.addEventListener("change", () => {
+    saveTile(info.name);
+    send({ type: "side", talkgroup: info.name, side: sideOf(t) });
+  });
   if (!selected) select(info.name);
   join(info.name);
   return t;
@@ -460,6 +469,35 @@ function showToolbar() {
   $("#louder").addEventListener("change", () => { for (const t of tiles.values()) applyVolume(t); });
 })();
 
+// Per-tile settings (volume, ear) are kept per operator in this browser: the next
+// shift at this position gets its own, the same operator gets theirs back.
+function tileSettings() {
+  try { return JSON.parse(localStorage.getItem(`borderlink.tiles.${me && me.operator}`)) || {}; }
+  catch { return {}; }
+}
+
+function saveTile(tg) {
+  const t = tiles.get(tg);
+  if (!t || !me) return;
+  const all = tileSettings();
+  all[tg] = { volume: Number($(".volume-slider", t.el).value), side: sideOf(t) };
+  try { localStorage.setItem(`borderlink.tiles.${me.operator}`, JSON.stringify(all)); } catch { /* private mode */ }
+}
+
+function sideOf(t) { const r = $(".side input:checked", t.el); return r ? r.value : "both"; }
+
+// Left / right routing happens at the gateway: the page asks for stereo Opus
+// (stereo=1) and a talkgroup routed to one ear arrives with the other channel silent.
+// The media element plays it as it is, so getStats audioLevel stays what is heard.
+function withStereo(sdp) {
+  const pt = (sdp.match(/^a=rtpmap:(\d+) opus\/48000\/2/mi) || [])[1];
+  if (!pt) return sdp;
+  if (!new RegExp(`^a=fmtp:${pt} `, "m").test(sdp))
+    return sdp.replace(new RegExp(`^(a=rtpmap:${pt} .*\r?\n)`, "mi"), `$1a=fmtp:${pt} stereo=1;sprop-stereo=1\r\n`);
+  return sdp.replace(new RegExp(`^(a=fmtp:${pt} .*?)(;stereo=1;sprop-stereo=1)?\r?$`, "m"),
+                     `$1;stereo=1;sprop-stereo=1\r`);
+}
+
 // --- audio: one peer connection per monitored talkgroup ------------------------------------
 
 async function join(tg) {
@@ -475,12 +513,14 @@ async function join(tg) {
     if (pc.connectionState === "failed") { hangUp(t); if (t.monitor) rejoin(tg); }
   };
   try {
-    await pc.setLocalDescription(await pc.createOffer());
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription({ type: "offer", sdp: withStereo(offer.sdp) });
     await iceGathered(pc);
-    const r = await api("/api/console/join", { console: consoleId, talkgroup: tg, type: "offer", sdp: pc.localDescription.sdp });
+    const r = await api("/api/console/join", { console: consoleId, talkgroup: tg, type: "offer",
+                                               sdp: pc.localDescription.sdp, side: sideOf(t) });
     if (!r.ok) throw new Error((r.data && r.data.error) || `join refused (${r.status})`);
     if (t.pc !== pc) return;
-    await pc.setRemoteDescription(r.data);
+    await pc.setRemoteDescription({ type: r.data.type, sdp: withStereo(r.data.sdp) });
   } catch (err) {
     if (t.pc === pc) { hangUp(t); $(".state", t.el).textContent = `cannot join: ${err.message}`; if (t.monitor) rejoin(tg, 3000); }
   }
