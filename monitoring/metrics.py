@@ -345,6 +345,12 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
     ),
     "console_logins": ("console_logins_total", "counter", "Console logins accepted", None),
     "console_login_failures": ("console_login_failures_total", "counter", "Logins refused", None),
+    "console_login_busy": (
+        "console_login_busy_total",
+        "counter",
+        "Logins answered 503: every password-hash thread busy and the queue full",
+        None,
+    ),
     "mqtt_connected": ("mqtt_connected", "gauge", "1 while connected to the MQTT broker", None),
     "mqtt_reconnects": (
         "mqtt_reconnects_total",

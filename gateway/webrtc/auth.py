@@ -8,8 +8,12 @@ cannot read it) and SameSite=Strict (another site cannot ride on it).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
+import os
 import secrets
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -26,6 +30,8 @@ _dummy_hash = ""
 MAX_THROTTLE_KEYS = 10000  # failure counters kept; a name spray cannot grow memory
 LOCKED_AUDIT_SECONDS = 5.0  # a locked-out key's tries: one audit record this often, counted
 ADDRESS_FACTOR = 4  # an address may fail this many times login_attempts over all names
+HASH_THREADS = 2  # scrypt checks running at once (each ≈ 0.1 s of one core, 16 MB)
+HASH_WAITING = 6  # logins queued for a hash thread; more are answered 503 at once
 
 
 def _dummy() -> str:
@@ -35,6 +41,59 @@ def _dummy() -> str:
     if not _dummy_hash:
         _dummy_hash = hash_password(secrets.token_hex(8))
     return _dummy_hash
+
+
+def _check(password: str, stored: str | None) -> bool:
+    """In a hash thread: the password against the operator's hash (or the dummy)."""
+    return verify_password(password, stored if stored is not None else _dummy())
+
+
+def _lowest_priority() -> None:
+    """A hash thread yields the CPU to everything else (Linux nice is per thread): on a
+    busy machine two scrypt threads at normal priority still starve the media clock."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class LoginBusy(Exception):
+    """Every hash thread is busy and the queue is full: the caller answers 503."""
+
+
+class Hasher:
+    """Password checks in worker threads, a bounded number at once.
+
+    scrypt costs ≈ 0.1 s of CPU on purpose. On the event loop each login would
+    stall the media clock that long (a gap in every talkgroup, a late tick per
+    login); a stranger's flood of logins would silence the site. hashlib releases
+    the GIL while it hashes, and the threads run at the lowest CPU priority, so
+    hashing waits for the clock rather than the clock for hashing. At most
+    ``threads`` hashes run and ``waiting`` more queue (a coroutine each, no thread);
+    beyond that a login is refused at once, so a flood costs bounded CPU, memory
+    and threads."""
+
+    def __init__(self, threads: int = HASH_THREADS, waiting: int = HASH_WAITING) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            threads, "console-scrypt", initializer=_lowest_priority
+        )
+        self.limit = threads + waiting
+        self.in_flight = 0  # running or queued; freed when the hash ends, not the request
+        self.refused = 0
+
+    async def verify(self, password: str, stored: str | None) -> bool:
+        if self.in_flight >= self.limit:
+            self.refused += 1
+            raise LoginBusy
+        self.in_flight += 1
+        done = asyncio.wrap_future(self.pool.submit(_check, password, stored))
+        done.add_done_callback(self._finished)
+        # A client that hangs up does not free the slot early: the hash still runs.
+        return await asyncio.shield(done)
+
+    def _finished(self, _: asyncio.Future) -> None:
+        self.in_flight -= 1
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -150,13 +209,18 @@ class Sessions:
         first = config()
         self.throttle = LoginThrottle(first.login_attempts, first.login_window, first.login_lockout)
         self.locked_audit = LockedAudit(self._write_locked, LOCKED_AUDIT_SECONDS)
+        self.hasher = Hasher()
 
     @property
     def config(self) -> ConsoleConfig:
         return self._config()
 
-    def login(self, operator: str, password: str, address: str) -> tuple[Session | None, float]:
-        """(session, 0) on success; (None, retry_after_seconds) when refused."""
+    async def login(
+        self, operator: str, password: str, address: str
+    ) -> tuple[Session | None, float]:
+        """(session, 0) on success; (None, retry_after_seconds) when refused.
+
+        Raises :class:`LoginBusy` when too many logins are being checked already."""
         now = time.monotonic()
         pair = f"pair:{operator.lower()}|{address}"
         spray = f"addr:{address}"
@@ -167,7 +231,11 @@ class Sessions:
             self.locked_audit.tried(self._known(operator), address)
             return None, wait
         account = self.config.operators.get(operator)
-        ok = verify_password(password, account.password_hash if account else _dummy())
+        ok = await self.hasher.verify(password, account.password_hash if account else None)
+        now = time.monotonic()
+        # A reload during the hash may have removed the operator or changed the password.
+        if account is not None and self.config.operators.get(operator) is not account:
+            ok = False
         if not (ok and account):
             self.failures += 1
             attempts = self.throttle.attempts

@@ -19,6 +19,7 @@ from gateway.cli import command
 SCHEME = "scrypt"
 N, R, P = 2**14, 8, 1
 MIN_LENGTH = 8
+MAX_MEMORY = 256 * 1024 * 1024  # scrypt's own limit (32 MB) refuses N ≥ 2^15 with r = 8
 
 
 def _b64(data: bytes) -> str:
@@ -32,7 +33,8 @@ def _unb64(text: str) -> bytes:
 def hash_password(password: str, *, n: int = N, r: int = R, p: int = P) -> str:
     """A self-describing scrypt hash with a random salt."""
     salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
+                            maxmem=MAX_MEMORY, dklen=32)  # fmt: skip
     return f"{SCHEME}${n}${r}${p}${_b64(salt)}${_b64(digest)}"
 
 
@@ -59,7 +61,7 @@ def verify_password(password: str, stored: str) -> bool:
     expected = _unb64(digest)
     actual = hashlib.scrypt(
         password.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p),
-        maxmem=256 * 1024 * 1024, dklen=len(expected),
+        maxmem=MAX_MEMORY, dklen=len(expected),
     )  # fmt: skip
     return hmac.compare_digest(actual, expected)
 

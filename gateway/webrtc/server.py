@@ -35,7 +35,7 @@ from aiortc.rtcrtpsender import RTCRtpSender
 from gateway.config import PatchConfig
 from gateway.engine import Event
 from gateway.webrtc.audio import SharedEncoders, silence_packet
-from gateway.webrtc.auth import COOKIE, ConsoleAudit, Session, Sessions
+from gateway.webrtc.auth import COOKIE, ConsoleAudit, LoginBusy, Session, Sessions
 from gateway.webrtc.bank import ConsoleBank
 from gateway.webrtc.config import ConsoleConfig, OperatorConfig
 from gateway.webrtc.port import ConsolePort
@@ -260,6 +260,7 @@ class ConsoleHub:
             "console_sessions": float(len(self.sessions.by_token)),
             "console_logins": float(self.sessions.logins),
             "console_login_failures": float(self.sessions.failures),
+            "console_login_busy": float(self.sessions.hasher.refused),
             "console_seats": float(seats),
             "console_shared_encodes": float(self.encoders.encodes),
             "console_shared_reuses": float(self.encoders.shares),
@@ -300,6 +301,7 @@ class ConsoleHub:
     async def on_shutdown(self, app: web.Application) -> None:
         if self._loop_task:
             self._loop_task.cancel()
+        self.sessions.hasher.close()
         for console in list(self.consoles.values()):
             await self.close_console(console, "gateway stopping")
         for sock in list(self.sockets):
@@ -978,7 +980,13 @@ async def login(request: web.Request) -> web.Response:
     operator, password = body.get("operator"), body.get("password")
     if not isinstance(operator, str) or not isinstance(password, str):
         raise web.HTTPBadRequest(text='expected {"operator": "...", "password": "..."}')
-    session, retry = hub.sessions.login(operator, password, request.remote or "?")
+    try:
+        session, retry = await hub.sessions.login(operator, password, request.remote or "?")
+    except LoginBusy:
+        return web.json_response(
+            {"error": "the gateway is busy checking other logins; try again in a second"},
+            status=503, headers={"Retry-After": "1"},
+        )  # fmt: skip
     if session is None:
         if retry > 0:
             return web.json_response(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -162,3 +163,62 @@ def test_plain_password_in_config_is_refused_with_the_fix():
     message = str(err.value)
     assert "console.operators.alice.password_hash" in message
     assert "borderlink passwd" in message
+
+
+SLOW_N = 2**16  # ≈ 0.4 s per hash here: a stall of the loop would be ≈ 20 ticks
+
+
+def test_a_login_flood_never_stalls_the_media_clock(tmp_path):
+    """40 wrong-password logins at once while a radio talks. scrypt runs in two worker
+    threads, so no media tick waits for a hash (on the event loop, each hash stalled the
+    clock for its whole length); logins beyond the threads and their queue get 503 at
+    once, and the hash threads stay two."""
+    import re
+    import threading
+    import time
+
+    slow = hash_password("dave-secret-44", n=SLOW_N)
+    dave = f'[console.operators.dave]\npassword_hash = "{slow}"\nmonitor = ["marine"]\n'
+
+    async def scenario():
+        async with console_site(tmp_path, browser=False, console=dave) as site:
+            base = site.url.removesuffix("/console/")
+            site.radio().open_squelch(True)  # the media clock has work on every tick
+            clock = site.gateway.clock
+            await until(lambda: clock.ticks > 50, 10, "the clock running")
+            # One hash's length on this machine, under its load now (in a thread, as the
+            # gateway runs them), to bound what the flood may cost the clock.
+            started = time.monotonic()
+            await asyncio.to_thread(verify_password, "wrong", slow)
+            hash_s = time.monotonic() - started
+            before = (clock.late_ticks, clock.skipped_ticks)
+            async with aiohttp.ClientSession() as http:
+
+                async def attempt(k: int) -> int:
+                    r = await login(http, base, "dave", f"guess-{k}")
+                    if r.status == 503:
+                        assert r.headers["Retry-After"] == "1"
+                    return r.status
+
+                statuses = await asyncio.gather(*(attempt(k) for k in range(40)))
+                metrics = await (await http.get(f"{base}/metrics")).text()
+            late = clock.late_ticks - before[0]
+            skipped = clock.skipped_ticks - before[1]
+            hashed = statuses.count(401)  # each 401 cost one hash; 429 and 503 none
+            counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+            print(f"hash {hash_s * 1000:.0f} ms; answers {counts}; "
+                  f"clock: {late} late, {skipped} skipped ticks")  # fmt: skip
+            # Hashed on the loop, each hash stalls the clock ≈ hash_s: ≈ hash_s / period
+            # ticks skipped or late per hash. Off the loop the clock keeps time; a busy
+            # machine may still make a few ticks late, far below a quarter of that.
+            stall_ticks = hashed * hash_s / clock.period
+            assert late + skipped < stall_ticks / 4, (late, skipped, stall_ticks)
+            assert set(statuses) <= {401, 429, 503}, counts
+            assert 503 in statuses and hashed >= 2, counts
+            names = [t.name for t in threading.enumerate() if "scrypt" in t.name]
+            assert len(names) <= 2, names
+            assert site.gateway.console.sessions.hasher.in_flight <= 8
+            busy = re.search(r"^borderlink_console_login_busy_total (\S+)$", metrics, re.M)
+            assert busy and float(busy.group(1)) == counts[503], busy
+
+    run(scenario())
