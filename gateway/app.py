@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.clock import MediaClock, PhaseLock
-from gateway.config import ConfigError, PortConfig, SiteConfig, describe_changes, load_config
+from gateway.config import (
+    ConfigError,
+    PatchConfig,
+    PortConfig,
+    SiteConfig,
+    describe_changes,
+    load_config,
+)
 from gateway.engine import RETRY_FIRST_S, RETRY_MAX_S, Engine, Event
 from gateway.ports import DownPort, Port, build_port
 
@@ -335,10 +342,12 @@ class Gateway:
         closed."""
         engine = self.engine
         before = (list(engine.ports), engine.talkgroups, engine.patches, engine.active_patches)
+        runtime = set(engine.runtime_patches)
         try:
             return self._swap(new, plan, opened, by, ref)
         except Exception:
             engine.configure(*before)
+            engine.runtime_patches = runtime
             _close_all(list(opened.values()))
             raise
 
@@ -360,7 +369,12 @@ class Gateway:
                 retired.append(port)
         dynamic = [p for p in dynamic if p.name in engine.attached]
         patched = set(engine.active_patches)
-        engine.configure([*ports.values(), *dynamic], new.talkgroups, new.patches)
+        kept = self._kept_runtime_patches(new)
+        active = [n for n, p in new.patches.items() if p.enabled]
+        active += [n for n in kept if n in patched]
+        engine.runtime_patches = set(kept)
+        engine.configure([*ports.values(), *dynamic], new.talkgroups, {**new.patches, **kept},
+                         active)  # fmt: skip
         flipped = sorted(patched ^ engine.active_patches)  # turned on or off by the file
         for name in flipped:
             on = name in engine.active_patches
@@ -379,6 +393,18 @@ class Gateway:
         result = ReloadResult(True, plan.added, plan.removed, plan.changed, changes=changes)
         log.info("config applied: %s", result.summary)
         return result, retired
+
+    def _kept_runtime_patches(self, new: SiteConfig) -> dict[str, PatchConfig]:
+        """Patches made at run time that survive ``new``: each of their talkgroups still
+        exists and the file does not now use the name. The rest turn off (a ``patch off``
+        event, audited with ``reload:...``)."""
+        engine = self.engine
+        return {
+            name: engine.patches[name]
+            for name in sorted(engine.runtime_patches)
+            if name in engine.patches and name not in new.patches
+            and all(tg in new.talkgroups for tg in engine.patches[name].talkgroups)
+        }  # fmt: skip
 
     # --- run ------------------------------------------------------------------------
 

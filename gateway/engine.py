@@ -121,6 +121,9 @@ class Engine:
         self.talkgroups: dict[str, TalkgroupConfig] = {}
         self.patches: dict[str, PatchConfig] = {}
         self.active_patches: set[str] = set()
+        # Patches made at run time (a dispatcher at the console), not in the file: a
+        # reload keeps them while their talkgroups exist (see Gateway._swap).
+        self.runtime_patches: set[str] = set()
         self.attached: dict[str, tuple[str, int]] = {}  # dynamic port → (talkgroup, priority)
         self._joined_at: dict[str, int] = {}  # dynamic port → tick it joined
         self.tx_inhibit: set[str] = set()

@@ -333,8 +333,12 @@ class ConsoleHub:
         self._apply_pending = False
         self._applied = self.gateway.config.section("console")
         cfg = self.config
-        for name in [n for n in self.console_patches if n not in self.engine.patches]:
-            del self.console_patches[name]  # a reload keeps only the file's patches
+        # A reload keeps console patches while both talkgroups exist (the engine keeps
+        # them as run-time patches); one that lost a talkgroup is gone: say so.
+        for name in [n for n in self.console_patches if n not in self.engine.runtime_patches]:
+            operator = self.console_patches.pop(name)
+            self.audit("console_patch_dropped", warn=True, operator=operator, patch=name,
+                       reason="a talkgroup it joined was removed by a reload")  # fmt: skip
         self.sync_recall()
         for token, session in list(self.sessions.by_token.items()):
             consoles = [c for c in self.consoles.values() if c.session.token == token]
@@ -751,10 +755,13 @@ class ConsoleHub:
             sock.send({"type": "patch_refused", "reason": problem})
             return
         name = f"console-{next(self._patch_ids)}"
+        while name in self.engine.patches:  # the file may use the name
+            name = f"console-{next(self._patch_ids)}"
         self.engine.patches[name] = PatchConfig(
             talkgroups=talkgroups, description=f"made at the console by {operator}"
         )
         self.console_patches[name] = operator
+        self.engine.runtime_patches.add(name)
         self.audit("console_patch", operator=operator, patch=name, talkgroups=talkgroups, on=True)
         self.engine.set_patch(name, True)  # the engine's event: audit 'patch', MQTT, pages
 
@@ -779,6 +786,7 @@ class ConsoleHub:
         self.engine.set_patch(name, False)
         if self.console_patches.pop(name, None) is not None:
             self.engine.patches.pop(name, None)  # made here: gone once broken
+            self.engine.runtime_patches.discard(name)
 
     def cut_link(self, sock: Socket, link: Any, cut: bool) -> None:
         """A sovereign cut (or its restore) of a cross-border link, by an operator with

@@ -190,3 +190,66 @@ def test_password_change_ends_sessions_and_new_rights_reach_open_pages(tmp_path)
             assert [(r["operator"], r["reason"]) for r in ended] == [("bob", "password changed")]
 
     run(scenario())
+
+
+def test_console_patches_survive_a_reload_until_a_talkgroup_goes(tmp_path):
+    """A patch made at the console outlives a SIGHUP reload that keeps both talkgroups
+    (audio still crosses it); a reload that removes one drops it, audited."""
+    import os
+    import signal
+
+    def group_of(talkgroup):
+        return next(g for g in site.gateway.engine.layout.groups if talkgroup in g.talkgroups)
+
+    async def sighup(edit) -> None:
+        path = site.tmp / "site.toml"
+        text = path.read_text()
+        path.write_text(edit(text))
+        applied = len(site.audit_records("reload"))
+        os.kill(os.getpid(), signal.SIGHUP)  # the gateway's own handler: Gateway.reload_live
+        await until(lambda: len(site.audit_records("reload")) > applied, 10, "the reload done")
+        assert site.audit_records("reload")[-1].get("ok", True), site.audit_records("reload")
+
+    async def land_heard_on_marine() -> bool:
+        site.radio("cbsa_land").open_squelch(True)
+        since = time.time()
+        try:
+            await until(lambda: len(site.radio().audio_since(since)) >= RATE, 5, "audio at marine")
+            return abs(fft_peak_hz(site.radio().audio_since(since)[-RATE:], RATE) - 500) < 10
+        finally:
+            site.radio("cbsa_land").open_squelch(False)
+
+    site = None
+
+    async def scenario():
+        nonlocal site
+        async with console_site(tmp_path, browser=False) as site:
+            base = site.url.removesuffix("/console/")
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                login = {"operator": "alice", "password": PASSWORDS["alice"]}
+                r = await http.post(f"{base}/api/console/login", json=login)
+                assert r.status == 200
+                ws = await http.ws_connect(f"{base}/api/console/events")
+                await ws.send_json({"type": "hello", "console": "0123456789abcdef"})
+                await ws.send_json({"type": "patch", "talkgroups": ["marine", "land"]})
+                await until(lambda: group_of("marine").patched, 5, "marine and land patched")
+                assert await land_heard_on_marine()
+                # A reload that keeps both talkgroups keeps the patch, and its audio.
+                await sighup(lambda t: t.replace("Shiprider working channel", "Shiprider ch 2"))
+                assert site.gateway.engine.talkgroups["marine"].description == "Shiprider ch 2"
+                assert group_of("marine").patched and "land" in group_of("marine").talkgroups
+                assert await land_heard_on_marine()
+                assert not any(r["event"] == "console_patch_dropped" for r in site.audit_records())
+                # Removing land drops it, with an audit record saying why.
+                await sighup(lambda t: t[: t.index("[talkgroups.land]")])
+                assert "land" not in site.gateway.engine.talkgroups
+                assert not group_of("marine").patched
+                dropped = await until(lambda: [r for r in site.audit_records()
+                                               if r["event"] == "console_patch_dropped"],
+                                      5, "the dropped patch audited")  # fmt: skip
+                assert dropped[0]["operator"] == "alice" and dropped[0]["patch"] == "console-1"
+                off = [r for r in site.audit_records("patch") if r["state"] == "off"]
+                assert off[-1]["by"] == "reload:SIGHUP", off
+                await ws.close()
+
+    run(scenario())
