@@ -75,6 +75,7 @@ def test_login_sets_a_safe_cookie_and_wrong_password_is_refused(tmp_path):
                 assert counts == {
                     "borderlink_console_logins_total": 1.0,
                     "borderlink_console_login_failures_total": 2.0,
+                    "borderlink_console_login_busy_total": 0.0,
                 }, counts
                 out = await http.post(f"{base}/api/console/logout", json={})
                 assert out.status == 200
