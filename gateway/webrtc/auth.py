@@ -32,6 +32,7 @@ LOCKED_AUDIT_SECONDS = 5.0  # a locked-out key's tries: one audit record this of
 ADDRESS_FACTOR = 4  # an address may fail this many times login_attempts over all names
 HASH_THREADS = 2  # scrypt checks running at once (each ≈ 0.1 s of one core, 16 MB)
 HASH_WAITING = 6  # logins queued for a hash thread; more are answered 503 at once
+HASH_NICE = 10  # the hash threads' CPU priority (0 normal, 19 lowest)
 
 
 def _dummy() -> str:
@@ -48,11 +49,13 @@ def _check(password: str, stored: str | None) -> bool:
     return verify_password(password, stored if stored is not None else _dummy())
 
 
-def _lowest_priority() -> None:
-    """A hash thread yields the CPU to everything else (Linux nice is per thread): on a
-    busy machine two scrypt threads at normal priority still starve the media clock."""
+def _low_priority() -> None:
+    """A hash thread yields the CPU to the media clock (Linux nice is per thread): on a
+    busy machine two scrypt threads at normal priority still starve the clock. Nice 10
+    (a tenth of a normal thread's share), not 19: on a saturated machine a login then
+    takes about a second, not ten."""
     with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)
 
 
 class LoginBusy(Exception):
@@ -65,7 +68,7 @@ class Hasher:
     scrypt costs ≈ 0.1 s of CPU on purpose. On the event loop each login would
     stall the media clock that long (a gap in every talkgroup, a late tick per
     login); a stranger's flood of logins would silence the site. hashlib releases
-    the GIL while it hashes, and the threads run at the lowest CPU priority, so
+    the GIL while it hashes, and the threads run at a low CPU priority, so
     hashing waits for the clock rather than the clock for hashing. At most
     ``threads`` hashes run and ``waiting`` more queue (a coroutine each, no thread);
     beyond that a login is refused at once, so a flood costs bounded CPU, memory
@@ -73,7 +76,7 @@ class Hasher:
 
     def __init__(self, threads: int = HASH_THREADS, waiting: int = HASH_WAITING) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            threads, "console-scrypt", initializer=_lowest_priority
+            threads, "console-scrypt", initializer=_low_priority
         )
         self.limit = threads + waiting
         self.in_flight = 0  # running or queued; freed when the hash ends, not the request

@@ -166,14 +166,14 @@ def test_plain_password_in_config_is_refused_with_the_fix():
     assert "borderlink passwd" in message
 
 
-SLOW_N = 2**16  # ≈ 0.4 s per hash here: a stall of the loop would be ≈ 20 ticks
+SLOW_N = 2**16  # ≈ 0.4 s per hash on an idle machine: on the loop, ≈ 20 ticks lost each
 
 
 def test_a_login_flood_never_stalls_the_media_clock(tmp_path):
     """40 wrong-password logins at once while a radio talks. scrypt runs in two worker
-    threads, so no media tick waits for a hash (on the event loop, each hash stalled the
-    clock for its whole length); logins beyond the threads and their queue get 503 at
-    once, and the hash threads stay two."""
+    threads, so the event loop (and with it the media clock) never waits for a hash (on
+    the loop, each hash stalled the clock for its whole length); logins beyond the
+    threads and their queue get 503 at once, and the hash threads stay two."""
     import re
     import threading
     import time
@@ -193,6 +193,17 @@ def test_a_login_flood_never_stalls_the_media_clock(tmp_path):
             await asyncio.to_thread(verify_password, "wrong", slow)
             hash_s = time.monotonic() - started
             before = (clock.late_ticks, clock.skipped_ticks)
+            gaps = [0.0]  # the longest the event loop was away, seen from a 5 ms timer
+
+            async def probe() -> None:
+                last = time.monotonic()
+                while True:
+                    await asyncio.sleep(0.005)
+                    now = time.monotonic()
+                    gaps[0] = max(gaps[0], now - last)
+                    last = now
+
+            watching = asyncio.ensure_future(probe())
             async with aiohttp.ClientSession() as http:
 
                 async def attempt(k: int) -> int:
@@ -203,17 +214,18 @@ def test_a_login_flood_never_stalls_the_media_clock(tmp_path):
 
                 statuses = await asyncio.gather(*(attempt(k) for k in range(40)))
                 metrics = await (await http.get(f"{base}/metrics")).text()
+            watching.cancel()
             late = clock.late_ticks - before[0]
             skipped = clock.skipped_ticks - before[1]
             hashed = statuses.count(401)  # each 401 cost one hash; 429 and 503 none
             counts = {s: statuses.count(s) for s in sorted(set(statuses))}
-            print(f"hash {hash_s * 1000:.0f} ms; answers {counts}; "
-                  f"clock: {late} late, {skipped} skipped ticks")  # fmt: skip
-            # Hashed on the loop, each hash stalls the clock ≈ hash_s: ≈ hash_s / period
-            # ticks skipped or late per hash. Off the loop the clock keeps time; a busy
-            # machine may still make a few ticks late, far below a quarter of that.
-            stall_ticks = hashed * hash_s / clock.period
-            assert late + skipped < stall_ticks / 4, (late, skipped, stall_ticks)
+            print(f"hash {hash_s * 1000:.0f} ms; answers {counts}; longest loop gap "
+                  f"{gaps[0] * 1000:.0f} ms; clock: {late} late, {skipped} skipped")  # fmt: skip
+            # Hashed on the loop, each hash holds the loop (and the clock) for ≈ hash_s.
+            # Off the loop nothing does; a busy machine still delays it now and then, far
+            # less. (How many ticks run late depends on the machine's load as much as on
+            # the flood: bench/login_flood.py prints them, on and off the loop.)
+            assert gaps[0] < hash_s / 2, (gaps[0], hash_s)
             assert set(statuses) <= {401, 429, 503}, counts
             assert 503 in statuses and hashed >= 2, counts
             names = [t.name for t in threading.enumerate() if "scrypt" in t.name]
