@@ -236,9 +236,11 @@ class Sessions:
         account = self.config.operators.get(operator)
         ok = await self.hasher.verify(password, account.password_hash if account else None)
         now = time.monotonic()
-        # A reload during the hash may have removed the operator or changed the password.
-        if account is not None and self.config.operators.get(operator) is not account:
-            ok = False
+        if account is not None:  # a reload during the hash: the account as it is now
+            current = self.config.operators.get(operator)
+            if current is None or current.password_hash != account.password_hash:
+                ok = False  # removed, or its password changed: the old one no longer opens
+            account = current
         if not (ok and account):
             self.failures += 1
             attempts = self.throttle.attempts
