@@ -11,7 +11,16 @@ import asyncio
 import time
 from pathlib import Path
 
-from console_site import CONSOLE_TONE_HZ, RADIO_TONE_HZ, console_site, png_is_blank, run, until
+from console_site import (
+    CONSOLE_TONE_HZ,
+    PASSWORDS,
+    RADIO_TONE_HZ,
+    console_site,
+    fft_peak_hz,
+    png_is_blank,
+    run,
+    until,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 LONG_NAME = "Alice Marie-Josephine Fitzgerald-Montgomery, Coast Guard Sector Puget Sound"
@@ -331,5 +340,42 @@ def test_metrics_have_no_operator_names_and_no_series_per_session(tmp_path):
             second = await series()
             port_series = {s for s in second - first if "port" in s.split("{")[0]}
             assert not port_series, port_series
+
+    run(scenario())
+
+
+def test_ptt_by_touch_on_a_phone_holds_and_talks(tmp_path):
+    """A finger held on PTT at phone width (Chromium's own touch input, not a mouse):
+    keyed for as long as it is held, the console's tone reaches the radio, and lifting
+    the finger frees the floor."""
+
+    async def scenario():
+        async with console_site(tmp_path) as site:
+            context = await site.browser.new_context(
+                viewport={"width": 390, "height": 800}, has_touch=True, is_mobile=True
+            )
+            page = await context.new_page()
+            await page.goto(site.url)
+            await page.fill("#operator", "alice")
+            await page.fill("#password", PASSWORDS["alice"])
+            await page.locator("#login button[type=submit]").tap()
+            await site.wait_joined(page, "marine")
+            ptt = await box(page, '[data-talkgroup="marine"] .ptt')
+            finger = [{"x": ptt["x"] + ptt["width"] / 2, "y": ptt["y"] + ptt["height"] / 2}]
+            touch = await context.new_cdp_session(page)
+            await touch.send("Input.dispatchTouchEvent",
+                             {"type": "touchStart", "touchPoints": finger})  # fmt: skip
+            port = site.console_port("alice", "marine")
+            await until(lambda: port.ptt, 5, "PTT keyed by the finger")
+            pressed = time.time()
+            rate = site.gateway.config.timing.rate
+            await until(lambda: len(site.radio().audio_since(pressed)) >= 2 * rate, 10,
+                        "2 s of the console's audio at the radio")  # fmt: skip
+            assert port.ptt, "PTT dropped while the finger was held"
+            peak = fft_peak_hz(site.radio().audio_since(pressed)[-rate:], rate)
+            assert abs(peak - CONSOLE_TONE_HZ) < 10, peak
+            await touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+            await until(lambda: not port.ptt, 3, "PTT released with the finger")
+            await context.close()
 
     run(scenario())

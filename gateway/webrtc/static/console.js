@@ -273,6 +273,8 @@ function tileFor(info) {
     btn.addEventListener("pointercancel", up);
     btn.addEventListener("lostpointercapture", up);
     btn.addEventListener("keydown", (e) => { if (e.key === "Enter") e.preventDefault(); });
+    // A finger held on a tablet is a long press: no context menu over a held PTT.
+    btn.addEventListener("contextmenu", (e) => e.preventDefault());
   };
   hold(ptt, () => pttPress(info.name, false));
   hold(emer, () => arm(info.name));
@@ -460,6 +462,7 @@ function showToolbar() {
   });
   const up = (e) => { e.preventDefault(); allcall.setAttribute("aria-pressed", "false"); pttRelease(); };
   for (const kind of ["pointerup", "pointercancel", "lostpointercapture"]) allcall.addEventListener(kind, up);
+  allcall.addEventListener("contextmenu", (e) => e.preventDefault());
   $("#patch-selected").addEventListener("click", () => send({ type: "patch", talkgroups: picked() }));
   $("#mute-all").addEventListener("click", (e) => {
     const on = e.target.getAttribute("aria-pressed") !== "true";
