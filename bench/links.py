@@ -3,6 +3,7 @@
     .venv/bin/python bench/links.py            # every table (about four minutes)
     .venv/bin/python bench/links.py --quick    # fewer bursts and repeats (about a minute)
     .venv/bin/python bench/links.py --realtime # the gateways at SCHED_FIFO 3, as in production
+    .venv/bin/python bench/links.py --codecs 3 # Opus against G.711: 3 interleaved rounds
 
 Two real gateways (engine, clock, SIP over TLS, SRTP, the links service) on this loop,
 linked as in tests/links, with bench radios that play tone bursts and record what they
@@ -25,6 +26,11 @@ is played from *t* — what a sound card with no buffering of its own would do.
 4. *CPU*: two ``borderlink run`` processes sharing 100 talkgroups over one link, 10 of
    them talking on the CA side: each process's CPU over 20 s, in % of one core.
 
+``--codecs N`` compares the link's two codecs instead (both sides' ``codecs`` set to
+``["opus", "pcmu"]`` or ``["pcmu"]``): N rounds, each running 1 (40 ± 10 ms, 2 % loss
+only) and 4 for G.711 then Opus, so the machine's load falls on both alike; the table
+gives the median over the rounds of each figure.
+
 Figures on a shared 2-core machine are noisy: the load average is printed with them.
 Under load, late ticks look like network jitter to the receiving jitter buffer, which
 grows to cover them; ``--realtime [PRIO]`` runs the two gateways (this process) at
@@ -43,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -171,10 +178,20 @@ class Pair:
         self.ca = SiteSpec("ca", {"marine": TONE}, [LinkSpec("us", "us", {"marine": "ship"})])
         self.us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "ship"})])
 
-    def toml(self, spec: SiteSpec, ports: dict[str, int]) -> Path:
+    def toml(self, spec: SiteSpec, ports: dict[str, int], codecs: str = "") -> Path:
         path = site_toml(self.folder, spec, ports, self.pki)
-        path.write_text(path.read_text().replace('"test_link_radio"', '"bench_link_radio"'))
+        path.write_text(with_codecs(path.read_text(), codecs).replace(
+            '"test_link_radio"', '"bench_link_radio"'))  # fmt: skip
         return path
+
+
+def with_codecs(text: str, codecs: str) -> str:
+    """A site file whose links offer ``codecs`` (a TOML list; "": the default)."""
+    if not codecs:
+        return text
+    lines = [f"{line}\ncodecs = {codecs}" if line.startswith("peer_name = ") else line
+             for line in text.split("\n")]  # fmt: skip
+    return "\n".join(lines)
 
 
 async def linked(ca, us, media: UdpRelay) -> None:  # noqa: ANN001
@@ -190,6 +207,53 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+LOSSY = Impairment(delay=0.040, jitter=0.010, loss=0.02)
+
+
+@dataclass
+class MouthToEar:
+    added: list[float]  # each burst's delay beyond the network's mean one-way delay
+    buffered: float  # the US leg's jitter-buffer delay, p50
+    snr: float  # the steady tone's SNR at US, dB
+    lost: int  # packets the relay dropped during the steady tone
+
+
+async def mouth_to_ear(ca, us, media: UdpRelay, wan: Impairment, bursts: int) -> MouthToEar:  # noqa: ANN001
+    """Radio(CA) → radio(US) over the link with the relay at ``wan``: a steady tone's SNR,
+    then the onset delay of ``bursts`` bursts."""
+    mouth, ear = ca.ports["marine-radio"], us.ports["harbor-radio"]
+    media.impair = wan
+    media.back = Impairment(delay=wan.delay, jitter=wan.jitter)
+    mouth.mode = "steady"
+    await asyncio.sleep(3.0)  # the jitter buffer settles on the new WAN
+    since, lost = time.monotonic(), media.up.lost
+    await asyncio.sleep(8.0)
+    lost = media.up.lost - lost
+    snr = tone_snr_db(ear.heard_since(since), TONE)
+    mouth.mode = "quiet"
+    await asyncio.sleep(1.0)
+    mouth.onsets.clear()
+    mouth.burst()
+    buffered: list[float] = []  # the US leg's jitter-buffer delay
+
+    def sample() -> bool:
+        leg = link_leg(us)
+        if leg is not None:
+            buffered.append(leg.stats().get("jitter_buffer_seconds", 0.0))
+        return len(mouth.onsets) > bursts
+
+    await until(sample, bursts * 1.5 + 30, "bursts")
+    mouth.mode = "quiet"
+    await asyncio.sleep(0.6)
+    heard = list(ear.heard)
+    delays = [
+        found - onset
+        for onset in mouth.onsets[:bursts]
+        if (found := onset_after(heard, onset, 0.5)) is not None
+    ]
+    return MouthToEar([d - wan.delay for d in delays], percentile(buffered, 50), snr, lost)
+
+
 async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> list[str]:
     pair = Pair(folder)
     rows = []
@@ -203,45 +267,14 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
             await linked(ca, us, media)
 
             # 1. mouth-to-ear, per network condition
-            for label, wan in (
-                ("0 ms", Impairment()),
-                ("40±10 ms, 2% loss", Impairment(delay=0.040, jitter=0.010, loss=0.02)),
-            ):
-                media.impair = wan
-                media.back = Impairment(delay=wan.delay, jitter=wan.jitter)
-                mouth.mode = "steady"
-                await asyncio.sleep(3.0)  # the jitter buffer settles on the new WAN
-                since, lost = time.monotonic(), media.up.lost
-                await asyncio.sleep(8.0)
-                lost = media.up.lost - lost
-                snr = tone_snr_db(ear.heard_since(since), TONE)
-                mouth.mode = "quiet"
-                await asyncio.sleep(1.0)
-                mouth.onsets.clear()
-                mouth.burst()
-                buffered: list[float] = []  # the US leg's jitter-buffer delay
-
-                def sample(buffered: list[float] = buffered) -> bool:
-                    leg = link_leg(us)
-                    if leg is not None:
-                        buffered.append(leg.stats().get("jitter_buffer_seconds", 0.0))
-                    return len(mouth.onsets) > bursts
-
-                await until(sample, bursts * 1.5 + 30, "bursts")
-                mouth.mode = "quiet"
-                await asyncio.sleep(0.6)
-                heard = list(ear.heard)
-                delays = [
-                    found - onset
-                    for onset in mouth.onsets[:bursts]
-                    if (found := onset_after(heard, onset, 0.5)) is not None
-                ]
-                added = [d - wan.delay for d in delays]
+            for label, wan in (("0 ms", Impairment()), ("40±10 ms, 2% loss", LOSSY)):
+                m = await mouth_to_ear(ca, us, media, wan, bursts)
                 rows.append(
-                    f"| mouth-to-ear, {label} | {len(delays)}/{bursts} | "
-                    f"{1000 * percentile(added, 50):.1f} | {1000 * percentile(added, 99):.1f} | "
-                    f"jitter buffer {1000 * percentile(buffered, 50):.0f} ms (p50); "
-                    f"tone SNR {snr:.0f} dB (8 s of steady tone, {lost} packets lost) |"
+                    f"| mouth-to-ear, {label} | {len(m.added)}/{bursts} | "
+                    f"{1000 * percentile(m.added, 50):.1f} | "
+                    f"{1000 * percentile(m.added, 99):.1f} | "
+                    f"jitter buffer {1000 * m.buffered:.0f} ms (p50); "
+                    f"tone SNR {m.snr:.0f} dB (8 s of steady tone, {m.lost} packets lost) |"
                 )
 
             # 2. cut → silence on the far side, at 40±10 ms
@@ -298,10 +331,11 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
 # --- CPU: 100 shared talkgroups over one link ------------------------------------------
 
 
-def cpu_site(folder: Path, spec: SiteSpec, ports: dict[str, int], pki, talking: int) -> Path:  # noqa: ANN001
+def cpu_site(folder: Path, spec: SiteSpec, ports: dict[str, int], pki, talking: int,  # noqa: ANN001
+             codecs: str = "") -> Path:  # fmt: skip
     """A site file with simulated radios (built in: ``borderlink run`` needs no test code)."""
     path = site_toml(folder, spec, ports, pki)
-    text = path.read_text()
+    text = with_codecs(path.read_text(), codecs)
     for i, tg in enumerate(spec.tones):
         always = i < talking
         radio = (
@@ -334,14 +368,28 @@ def link_status(path: Path) -> dict:
 
 
 def cpu(folder: Path, talkgroups: int, talking: int, seconds: float) -> list[str]:
+    used, up = cpu_use(folder, talkgroups, talking, seconds)
+    return [
+        f"| CPU, {talkgroups} shared talkgroups ({up} up), {talking} talking: CA (sends) | "
+        f"{seconds:.0f} s | {100 * used['ca']:.1f} % | | goal ≤ 25 % of a core |",
+        f"| CPU, same: US (receives, 100 radios listening) | {seconds:.0f} s | "
+        f"{100 * used['us']:.1f} % | | |",
+    ]
+
+
+def cpu_use(
+    folder: Path, talkgroups: int, talking: int, seconds: float, codecs: str = ""
+) -> tuple[dict[str, float], int]:
+    """Each process's CPU (share of a core) and how many shared names were up."""
+    folder.mkdir(parents=True, exist_ok=True)
     pki = make_pki(folder, ("ca", "us"))
     names = [f"tg{i:03d}" for i in range(talkgroups)]
     ca = SiteSpec("ca", {n: 300.0 + 25 * (i % 100) for i, n in enumerate(names)},
                   [LinkSpec("us", "us", {n: n for n in names})])  # fmt: skip
     us = SiteSpec("us", {n: 3000.0 for n in names}, [LinkSpec("ca", "ca", {n: n for n in names})])
     ports = {"ca": ca.tls_port, "us": us.tls_port}
-    paths = {"ca": cpu_site(folder, ca, ports, pki, talking),
-             "us": cpu_site(folder, us, ports, pki, 0)}  # fmt: skip
+    paths = {"ca": cpu_site(folder, ca, ports, pki, talking, codecs),
+             "us": cpu_site(folder, us, ports, pki, 0, codecs)}  # fmt: skip
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", str(path)], cwd=ROOT,
@@ -373,12 +421,58 @@ def cpu(folder: Path, talkgroups: int, talking: int, seconds: float) -> list[str
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return [
-        f"| CPU, {talkgroups} shared talkgroups ({up} up), {talking} talking: CA (sends) | "
-        f"{seconds:.0f} s | {100 * used['ca']:.1f} % | | goal ≤ 25 % of a core |",
-        f"| CPU, same: US (receives, 100 radios listening) | {seconds:.0f} s | "
-        f"{100 * used['us']:.1f} % | | |",
-    ]
+    return used, up
+
+
+# --- Opus against G.711, interleaved --------------------------------------------------
+
+CODECS = {"G.711 µ-law": '["pcmu"]', "Opus": '["opus", "pcmu"]'}
+
+
+async def codec_round(folder: Path, codecs: str, bursts: int) -> MouthToEar:
+    """Mouth-to-ear at 40 ± 10 ms, 2 % loss, with both sides' links offering ``codecs``."""
+    pair = Pair(folder)
+    async with UdpRelay(("127.0.0.1", 9), lifetime=3600) as media:
+        ports = {"ca": pair.ca.tls_port, "us": pair.us.tls_port}
+        ca_path, us_path = pair.toml(pair.ca, ports, codecs), pair.toml(pair.us, ports, codecs)
+        async with running(ca_path) as ca, running(us_path) as us:
+            await linked(ca, us, media)
+            return await mouth_to_ear(ca, us, media, LOSSY, bursts)
+
+
+def compare(folder: Path, rounds: int, bursts: int, seconds: float, realtime: int) -> list[str]:
+    """Each figure per codec, the median of ``rounds`` rounds run G.711, Opus, G.711, ...
+    (the linked pair at SCHED_FIFO ``realtime`` if not 0; the CPU processes never)."""
+    got: dict[str, list] = {name: [] for name in CODECS}
+    for r in range(rounds):
+        for name, codecs in CODECS.items():
+            where = folder / f"{r}-{len(got[name])}-{codecs.count(',')}"
+            if realtime:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime))
+            m = run_async(codec_round(where / "pair", codecs, bursts))
+            if realtime:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            used, up = cpu_use(where / "cpu", 100, 10, seconds, codecs)
+            got[name].append((m, used, up))
+            print(f"round {r + 1} {name}: added p50 {1000 * percentile(m.added, 50):.1f} ms, "
+                  f"CPU CA {100 * used['ca']:.1f} % US {100 * used['us']:.1f} % ({up} up), "
+                  f"{load()}", flush=True)  # fmt: skip
+    rows = []
+    for name, runs in got.items():
+        med = lambda values: float(np.median(values))  # noqa: E731
+        rows += [
+            f"| {name}: mouth-to-ear added, 40±10 ms, 2% loss | {rounds}×{bursts} | "
+            f"{1000 * med([percentile(m.added, 50) for m, _, _ in runs]):.1f} | "
+            f"{1000 * med([percentile(m.added, 99) for m, _, _ in runs]):.1f} | "
+            f"jitter buffer {1000 * med([m.buffered for m, _, _ in runs]):.0f} ms; tone SNR "
+            f"{med([m.snr for m, _, _ in runs]):.0f} dB ({sum(m.lost for m, _, _ in runs)} "
+            f"packets lost in all) |",
+            f"| {name}: CPU, 100 shared talkgroups, 10 talking: CA / US | {rounds}×"
+            f"{seconds:.0f} s | {100 * med([u['ca'] for _, u, _ in runs]):.1f} % / "
+            f"{100 * med([u['us'] for _, u, _ in runs]):.1f} % | | "
+            f"{min(up for _, _, up in runs)} of 100 up; goal ≤ 25 % |",
+        ]
+    return rows
 
 
 def main() -> None:
@@ -386,9 +480,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer bursts and repeats")
     parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
                         help="run the linked pair at SCHED_FIFO PRIO (default 3)")  # fmt: skip
+    parser.add_argument("--codecs", type=int, default=0, metavar="N",
+                        help="compare Opus with G.711 over N interleaved rounds")  # fmt: skip
     args = parser.parse_args()
     bursts, cuts, deaths, seconds = (10, 3, 2, 10.0) if args.quick else (40, 8, 4, 20.0)
     rows: list[str] = []
+    if args.codecs:
+        with tempfile.TemporaryDirectory(prefix="bench-links-") as folder:
+            print(f"# Opus against G.711 on a link, {args.codecs} rounds, {load()}", flush=True)
+            rows = compare(Path(folder), args.codecs, bursts, seconds, args.realtime)
+        print("| figure | n | p50 (ms) / value | p99 (ms) | note |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            print(row)
+        print(f"({load()} after)")
+        return
     with tempfile.TemporaryDirectory(prefix="bench-links-") as folder:
         priority = f"SCHED_FIFO {args.realtime}" if args.realtime else "normal priority"
         print(f"# cross-border link, the pair at {priority}, {load()}", flush=True)

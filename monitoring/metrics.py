@@ -81,6 +81,11 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
         "counter",
         "Samples made up by loss concealment",
     ),
+    "fec_recovered": (
+        "leg_fec_recovered_total",
+        "counter",
+        "Frames decoded from the next packet's in-band FEC instead of concealed (Opus links)",
+    ),
     "jitter_buffer_seconds": ("leg_jitter_buffer_seconds", "gauge", "Current jitter-buffer delay"),
     # RTCP: what the far end says of the audio we send it, and the round trip
     "rtcp_reports_in": ("leg_rtcp_reports_in_total", "counter", "RTCP reports received"),
@@ -400,6 +405,7 @@ ROUTE_COUNTERS = (
     "packets_late",
     "packets_malformed",
     "concealed_samples",
+    "fec_recovered",
     "rtcp_reports_in",
     "rtcp_reports_out",
     "remote_packets_lost",

@@ -154,6 +154,10 @@ class LinkConfig(Model):
     share: dict[str, ShareConfig] = {}
     enabled: bool = True
     description: str = ""
+    codecs: list[str] = Field(
+        ["opus", "pcmu"],
+        description="codecs offered and accepted on the link, preferred first",
+    )
 
     @field_validator("peer", "backup")
     @classmethod
@@ -194,6 +198,21 @@ class LinkConfig(Model):
                     f"this key does not belong to the certificate {str(certificate_path)!r}; "
                     "give the key the certificate was issued for"
                 )
+        return value
+
+    @field_validator("codecs")
+    @classmethod
+    def _codecs(cls, value: list[str]) -> list[str]:
+        unknown = [c for c in value if c not in ("opus", "pcmu")]
+        if unknown:
+            raise ValueError(f"unknown codec {unknown[0]!r}; a link speaks 'opus' and 'pcmu'")
+        if "pcmu" not in value:
+            raise ValueError(
+                "'pcmu' (G.711 µ-law) is always offered, so any peer can join; "
+                'write codecs = ["opus", "pcmu"] or ["pcmu"]'
+            )
+        if len(set(value)) != len(value):
+            raise ValueError("a codec is named twice; name each once, preferred first")
         return value
 
     @field_validator("peer_ca")

@@ -58,6 +58,7 @@ from gateway.sip.bank import LegBank
 from gateway.sip.calls import CallManager, Dialog, uri_user
 from gateway.sip.config import DialOutConfig
 from gateway.sip.leg import SipLeg
+from gateway.sip.opus import available as opus_available
 from gateway.sip.pyvoip import SIPMessage
 from gateway.sip.sdp import MediaOffer, read_offer
 from gateway.sip.transport import Source
@@ -357,7 +358,8 @@ class Trunk:
                 refusal: list[tuple[int, str]] = []
                 dialog = await self.calls.dial(
                     uri, talkgroup, _settings(talkgroup, uri), peer,
-                    from_user=self.site_id, base=f"link-{self.name}-{st.name}", codecs=["pcmu"],
+                    from_user=self.site_id, base=f"link-{self.name}-{st.name}",
+                    codecs=self.codecs(),
                     direction=to_sdp(mine),
                     make_port=lambda *a, f=flows, **k: LinkLeg(
                         *a, **k, flow=f[0][0], talker=f[0][1], peer_site=self.peer_site or ""),
@@ -415,10 +417,17 @@ class Trunk:
             make_port=lambda *a, **k: LinkLeg(*a, **k, flow=flow, talker=terms,
                                               peer_site=self.peer_site or ""),
             extmap=(terms.ext_id, talker_extmap(self.site_id)[1]) if terms else None,
+            codecs=self.codecs(),
         )  # fmt: skip
         if dialog is not None:
             st.cut_by_peer = False
             self._established(st, dialog)
+
+    def codecs(self) -> list[str]:
+        """What the link's dialogs offer and accept, preferred first: the configured list
+        (Opus, then G.711 µ-law), without Opus where libopus cannot run at the engine rate."""
+        rate = self.calls.bank.rate
+        return [c for c in self.config.codecs if c != "opus" or opus_available(rate)]
 
     def _talker_terms(self, offer: MediaOffer | None, share: str) -> TalkerTerms | None:
         """The talker extension, when the peer's SDP agrees to it (else: keyed by voice)."""

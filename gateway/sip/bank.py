@@ -36,7 +36,10 @@ One tick of the bank, in the order it runs:
    checked and decrypted right after the receive, protected right before the send;
 6. :mod:`gateway.sip.bank_ext` — for legs with an RTP header extension (a link's
    talker): its block handed over and taken out after 5 on receive, put in before 5
-   on send.
+   on send;
+7. :mod:`gateway.sip.bank_opus` — for legs whose codec is Opus (links between
+   BorderLinks): decoded per leg when the jitter bank plays them in 1, encoded per
+   leg and sent in their own batch in 3.
 
 This module is what the three share: the rows (a call takes one, gives it back at
 hang-up), each row's codec, peer address and SSRCs, the sorted (address, SSRC) table
@@ -59,6 +62,7 @@ import numpy as np
 from gateway.monitoring.metrics import ROUTE_COUNTERS, ROUTE_GAUGES
 from gateway.ports import PortBank
 from gateway.sip.bank_ext import ExtensionEdges
+from gateway.sip.bank_opus import OpusEdges
 from gateway.sip.bank_rtcp import RTCP_INTERVAL, RtcpReports
 from gateway.sip.bank_rx import (
     ADDRESS_ONLY,
@@ -79,7 +83,7 @@ from gateway.sip.jitter import JitterBank
 from gateway.sip.mmsg import BatchReceiver, BatchSender, address_key, key_address
 from gateway.sip.resample import BlockResampler
 from gateway.sip.rtcp import RtcpState
-from gateway.sip.rtp import PCMA, PCMU
+from gateway.sip.rtp import OPUS, PCMA, PCMU
 from gateway.sip.srtp import LegSrtp
 from gateway.sip.streams import NO_SSRC, StreamBank
 
@@ -95,7 +99,7 @@ __all__ = [
 ]
 
 RECEIVE_BUFFER = 4 << 20  # a tick (or two late ones) of 1000 legs' packets, with headroom
-_LAWS = {PCMU: 0, PCMA: 1}  # payload type → row of the G.711 tables
+_LAWS = {PCMU: 0, PCMA: 1, OPUS: 0}  # payload type → row of the G.711 tables (Opus: unused)
 
 # Per leg, what the receive and send paths share (each path adds its own columns).
 ROW_COLUMNS = (
@@ -182,7 +186,9 @@ def open_media_sockets(
     raise OSError(f"no free RTP/RTCP port pair in {where} on {host}; widen [sip] rtp_ports")
 
 
-class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Columns, PortBank):
+class LegBank(
+    ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, OpusEdges, Columns, PortBank
+):
     """Rows of SIP media; the service calls :meth:`receive` before and :meth:`send` after a tick.
 
     The engine moves every leg's audio in and out with :meth:`read_frames` and
@@ -230,6 +236,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
         self.free: list[int] = []
         self.active = np.zeros(0, np.int64)  # rows in use, ascending
         self.srtp_legs = 0  # legs with SRTP (bank_srtp runs only when there are some)
+        self.opus_legs = 0  # legs with Opus (bank_opus runs only when there are some)
         self._addresses = np.zeros(0, np.int64)  # distinct peer address keys, sorted
         self._keys = np.zeros(0, np.int64)  # (address rank, SSRC + 1) keys, sorted (0: any)
         self._key_rows = np.zeros(0, np.int64)  # ... and their rows
@@ -252,6 +259,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
             *self._rx_columns(),
             *self._tx_columns(),
             *self._ext_columns(),
+            *self._opus_columns(),
         )
         self.grow(capacity)
 
@@ -277,9 +285,8 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
         self.reset(row)
         self.jitter.reset(row)
         self.streams.reset(row)
-        self.payload_type[row] = media.payload_type
         self.group[row] = self._group_id(media.group)
-        self.law[row] = _LAWS[media.payload_type]
+        self._set_codec(row, media.payload_type)
         if media.srtp is not None:
             self.srtp[row] = True
             self.srtp_rx[row], self.srtp_tx[row] = media.srtp.rx, media.srtp.tx
@@ -334,13 +341,13 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
         media.remote = media.offered = remote
         media.announced = announced
         media.rtcp = rtcp
-        self.payload_type[row] = payload_type
-        self.law[row] = _LAWS[payload_type]
+        self._set_codec(row, payload_type)
         self.dest[row] = address_key(*remote)
         self.latched[row] = False
         self.rx_ssrc[row] = NO_SSRC
         self.rtp_at[row] = self.rtcp_at[row] = time.time()
         self.jitter.reset(row)
+        self.jitter.whole[row] = self.opus[row]
         self.streams.reset(row)
         rtcp_remote = rtcp.remote
         if rtcp.mux:
@@ -350,6 +357,13 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
         rtcp.remote = None
         self.set_rtcp_remote(row, rtcp_remote)
         self._update_tables()
+
+    def _set_codec(self, row: int, payload_type: int) -> None:
+        """The leg's codec: G.711 (a row of the tables) or Opus (its own encoder/decoder)."""
+        self.payload_type[row] = payload_type
+        self.law[row] = _LAWS[payload_type]
+        if (payload_type == OPUS) != bool(self.opus[row]) or payload_type == OPUS:
+            self._opus_start(row, payload_type == OPUS)
 
     def silent_rows(self, timeout: float) -> np.ndarray:
         """Rows whose peer has sent neither RTP nor RTCP for ``timeout`` seconds."""
@@ -377,6 +391,8 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
         self.dest[row] = NO_PEER
         self.srtp[row] = False
         self.srtp_rx[row] = self.srtp_tx[row] = None
+        if self.opus[row]:
+            self._opus_start(row, False)
         self.sending[row] = False
         self.media[row] = None
         self.free.append(row)
@@ -401,6 +417,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
         ``searchsorted`` finds a whole batch's rows."""
         self.active = np.array([i for i, m in enumerate(self.media) if m is not None], np.int64)
         self.srtp_legs = int(self.srtp[self.active].sum())
+        self.opus_legs = self.jitter.whole_rows = int(self.opus[self.active].sum())
         rows = self.active[self.dest[self.active] != NO_PEER]
         addresses = self.dest[rows]
         ssrcs = self.rx_ssrc[rows] + 1  # NO_SSRC (-1) becomes 0: any SSRC
@@ -591,6 +608,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
             jitter.packets_late[rows],
             [m.malformed for m in media],
             jitter.concealed[rows] * self.factor,
+            [self.fec_recovered(r) for r in rows.tolist()],
             [m.rtcp.reports_in for m in media],
             [m.rtcp.reports_out for m in media],
             [max(0, m.rtcp.remote_lost) for m in media],
@@ -646,6 +664,7 @@ class LegBank(ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, Col
             "packets_malformed": media.malformed,
             "jitter_seconds": float(streams.jitter[row]) / CODEC_RATE,
             "concealed_samples": int(self.jitter.concealed[row]) * self.factor,
+            "fec_recovered": self.fec_recovered(row),
             "jitter_buffer_seconds": max(0.0, float(self.jitter.delay[row]) / CODEC_RATE),
             "rtcp_reports_in": media.rtcp.reports_in,
             "rtcp_reports_out": media.rtcp.reports_out,

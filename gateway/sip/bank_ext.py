@@ -112,11 +112,11 @@ class ExtensionEdges:
     # --- send -----------------------------------------------------------------------------
 
     def _attach_extensions(
-        self, packets: np.ndarray, sel: slice | np.ndarray, size: int
+        self, packets: np.ndarray, sel: slice | np.ndarray, size: int | np.ndarray
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``packets`` (header and payload in ``size`` bytes a row) with each row's block
-        put after its header; (the packets, every row's length), or (packets, None) when
-        no row has a block."""
+        """``packets`` (header and payload in ``size`` bytes a row, or each row's own
+        ``size``) with each row's block put after its header; (the packets, every row's
+        length), or (packets, None) when no row has a block."""
         ext = self.ext_len[sel]
         if not ext.any():
             return packets, None
@@ -124,9 +124,10 @@ class ExtensionEdges:
         wider = np.zeros((count, width + int(ext.max())), np.uint8)
         wider[:, :width] = packets
         blocks = self.ext_block[sel]
+        end = size if isinstance(size, int) else width  # sizes of their own: move it all
         for s in np.unique(ext[ext > 0]).tolist():
             pick = np.flatnonzero(ext == s)
-            wider[pick, _HEADER + s : size + s] = packets[pick, _HEADER:size]
+            wider[pick, _HEADER + s : end + s] = packets[pick, _HEADER:end]
             wider[pick, _HEADER : _HEADER + s] = blocks[pick, :s]
             wider[pick, 0] |= 0x10
         return wider, size + ext

@@ -67,6 +67,7 @@ MALFORMED_KINDS = (
     "rtcp",  # RTCP that does not parse (lengths past the end, not SR/RR first)
     "srtp_auth",  # on an SRTP call: not authenticated by the call's key (forged, plain, cut)
     "srtp_replay",  # on an SRTP call: a packet already received (replayed or duplicated)
+    "opus",  # on an Opus call: not a 20 ms Opus packet, or one libopus cannot decode
 )
 
 # µ-law (row 0) and A-law (row 1) code → float sample: decoding is one gather.
@@ -101,6 +102,8 @@ class ReceivePath:
     up: BlockResampler | None
     malformed: dict[str, int]  # dropped packets by kind (MALFORMED_KINDS)
     srtp_legs: int  # legs with SRTP: their packets are checked first (bank_srtp)
+    opus_legs: int  # legs with Opus: decoded one by one at playout (bank_opus)
+    opus: np.ndarray  # column: the leg's codec is Opus
     epoch_seconds: int
     _epoch_ns: int
     _k: int  # ticks since the bank started
@@ -151,9 +154,15 @@ class ReceivePath:
         if rows.size == 0:
             return
         sel = dense(rows)
+        wide = None
+        if self.opus_legs:  # Opus legs: the jitter bank times them, bank_opus decodes
+            wide = np.flatnonzero(self.opus[rows])
+            concealed = self.jitter.concealed[rows[wide]]
         pcm = self.jitter.playout(rows, now, self.talking[sel], DECODE, self.law)
         rms = np.sqrt(np.einsum("ij,ij->i", pcm, pcm) / pcm.shape[1])
         level = 20.0 * np.log10(np.maximum(rms, 1e-6))
+        if wide is not None and wide.size:
+            frames, level[wide] = self._opus_playout(rows[wide], concealed, now)
         self.level_db[sel] = level
         voice = level > self.vox_threshold[sel]
         hold = np.where(voice, self.vox_hang[sel] + 1, np.maximum(self.vox_hold[sel] - 1, 0))
@@ -166,6 +175,8 @@ class ReceivePath:
             self.rx[sel] = out
         else:
             self.rx[sel] = pcm
+        if wide is not None and wide.size:
+            self.rx[rows[wide]] = frames
 
     def drain(self) -> None:
         """Read the queued datagrams on the shared socket (never waits).
@@ -307,9 +318,33 @@ class ReceivePath:
         size: np.ndarray,
     ) -> None:
         """One packet for each of ``rows`` (distinct): receive stats, then the jitter bank."""
+        wide = None
+        if self.opus_legs:  # Opus packets: checked, their time in 8 kHz units (bank_opus)
+            wide = self.opus[rows]
+            if wide.any():
+                good, ts8 = self._opus_arrivals(rows[wide], ts[wide], data, idx[wide], size[wide])
+                ts = ts.copy()
+                ts[np.flatnonzero(wide)[good]] = ts8
+                keep = ~wide
+                keep[np.flatnonzero(wide)[good]] = True
+                rows, ssrc, seq, ts, arrival, marker, idx, size, wide = (
+                    a[keep] for a in (rows, ssrc, seq, ts, arrival, marker, idx, size, wide)
+                )
+            else:
+                wide = None
         changed = self.streams.update(rows, ssrc, seq, ts, arrival)
         if changed.size:
             self.jitter.resync(changed)
+            if self.opus_legs:
+                self._opus_resync(changed)
+        if wide is not None:
+            w = wide
+            self._opus_put(rows[w], ts[w], arrival[w], marker[w], data, idx[w], size[w])
+            rows, ts, arrival, marker, idx, size = (
+                a[~w] for a in (rows, ts, arrival, marker, idx, size)
+            )
+            if rows.size == 0:
+                return
         n = int(size[0])
         if (size == n).all():
             self.jitter.put_batch(

@@ -65,6 +65,8 @@ class SendPath:
     sender: BatchSender
     down: BlockResampler | None
     srtp_legs: int  # legs with SRTP: their packets are protected before the send (bank_srtp)
+    opus_legs: int  # legs with Opus: encoded and sent apart (bank_opus)
+    opus: np.ndarray  # column: the leg's codec is Opus
     # Columns of this path (filled by the bank from _tx_columns).
     tx_ext: np.ndarray
     tx: np.ndarray  # view: the frame part of tx_ext
@@ -113,7 +115,13 @@ class SendPath:
     def _send(self) -> None:
         """After the tick: encode every leg's frame; headers as columns; one ``sendmmsg``."""
         rows = self.active
+        if self.opus_legs:  # Opus legs: encoded one by one, sent in their own batch
+            wide = self.opus[rows]
+            if wide.any():
+                self._send_opus(rows[wide])
+                rows = rows[~wide]
         if rows.size == 0:
+            self._send_reports()
             return
         sel = dense(rows)
         has = self.tx_has[sel] & ~self.muted[sel]  # a PIN not yet entered hears nothing
@@ -144,11 +152,7 @@ class SendPath:
             packets[:, HEADER_SIZE:size] = ENCODE.reshape(-1).take(
                 pcm.view(np.uint16).astype(np.int64) + (laws * 65536)[:, None]
             )
-        packets[:, 0] = 0x80
-        packets[:, 1] = self.payload_type[sel] | (self.tx_first[sel].astype(np.uint8) << 7)
-        packets[:, 2:4] = self.tx_seq[sel].astype(">u2").view(np.uint8).reshape(count, 2)
-        packets[:, 4:8] = self.tx_ts[sel].astype(">u4").view(np.uint8).reshape(count, 4)
-        packets[:, 8:12] = self.tx_ssrc[sel].astype(">u4").view(np.uint8).reshape(count, 4)
+        self._headers(packets, sel)
         packets, sizes = self._attach_extensions(packets, sel, size)  # a link's talker
         dest = self.dest[sel]
         sending = self.sending[sel]
@@ -187,6 +191,15 @@ class SendPath:
         self.payload_out[done] += n
         self.tx_ts[rows] = (self.tx_ts[rows] + n) & 0xFFFFFFFF
         self._send_reports()
+
+    def _headers(self, packets: np.ndarray, sel: slice | np.ndarray) -> None:
+        """The RTP headers of one packet per row of ``sel``, written as columns."""
+        count = len(packets)
+        packets[:, 0] = 0x80
+        packets[:, 1] = self.payload_type[sel] | (self.tx_first[sel].astype(np.uint8) << 7)
+        packets[:, 2:4] = self.tx_seq[sel].astype(">u2").view(np.uint8).reshape(count, 2)
+        packets[:, 4:8] = self.tx_ts[sel].astype(">u4").view(np.uint8).reshape(count, 4)
+        packets[:, 8:12] = self.tx_ssrc[sel].astype(">u4").view(np.uint8).reshape(count, 4)
 
     # --- DTMF toward the phone (RFC 4733) ---------------------------------------------
 

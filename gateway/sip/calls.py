@@ -447,13 +447,15 @@ class CallManager:
         direction: str = "sendrecv",
         make_port: Callable[..., SipLeg] = SipLeg,
         extmap: tuple[int, str] | None = None,
+        codecs: list[str] | None = None,
     ) -> Dialog | None:
         """Answer an INVITE someone else admitted (a link): a leg on ``talkgroup`` built by
         ``make_port``, our SDP saying ``direction`` (and ``extmap``, an RTP header extension
-        the offer asked for), SRTP as ``settings.srtp`` says. None (and a 488) without
-        G.711 or without the SRTP the settings require."""
+        the offer asked for), SRTP as ``settings.srtp`` says, the first of the offer's
+        codecs that ``codecs`` (default: the site's) allows. None (and a 488) without such
+        a codec or without the SRTP the settings require."""
         offer = read_offer(message)
-        codec = choose_codec(offer, self.config.codecs) if offer else None
+        codec = choose_codec(offer, codecs or self.config.codecs) if offer else None
         why = self._media_refused(offer, codec)
         if why:
             self._reject(raw, source, 488, "Not Acceptable Here", why)
@@ -850,7 +852,7 @@ class CallManager:
             return None
         headers = dict(raw_headers(response.raw))
         offer = read_offer(response)
-        codec = choose_codec(offer, self.config.codecs) if offer else None
+        codec = choose_codec(offer, codecs or self.config.codecs) if offer else None
         dialog = Dialog(
             call_id=call_id,
             local_tag=tag,

@@ -32,6 +32,9 @@ RING = 4096  # codec samples per leg (512 ms at 8 kHz): the most a buffer can ho
 HISTORY = 64  # transits remembered per leg (≈1.3 s at 20 ms packets)
 MARGIN = 16  # samples (2 ms) kept in hand beyond the slowest recent packet
 CREEP_TALKING = 16  # samples the playout point may jump forward per frame mid-speech
+# A row of whole packets (Opus: a packet cannot be cut) creeps forward mid-speech by
+# skipping a packet at most once in this many (16 samples a frame is 1 in 10, too).
+WHOLE_CREEP_EVERY = 10
 FORWARD_HYSTERESIS = 24  # do not chase less excess delay than this (3 ms)
 PLC_FADE = 0.6  # each further lost frame is repeated at this gain
 LATE_RESYNC = 12  # this many late packets in a row: the sender's clock jumped, resync
@@ -71,12 +74,14 @@ class JitterBank(Columns):
         ("align", (), np.int64, 0),  # where packets end, modulo their size
         ("last_arrival", (), np.float64, -1e18),
         ("packets_late", (), np.int64, 0),
+        ("whole", (), bool, False),  # packets cannot be cut (Opus): play moves in whole ones
     )
 
     def __init__(self, capacity: int, frame: int, rate: int = 8000) -> None:
         self.frame = frame
         self._last = np.zeros((0, frame), np.float32)  # last tick's frames
         self.rate = rate
+        self.whole_rows = 0  # rows whose ``whole`` is set (the bank keeps this count)
         self._arange = np.arange(frame, dtype=np.int32)  # int32 indices: half the memory traffic
         self._views: dict[tuple[int, int], np.ndarray] = {}
         self.grow(capacity)
@@ -230,12 +235,17 @@ class JitterBank(Columns):
         # packets, so round down to where a packet ends.
         ready = np.floor(local - slowest - MARGIN).astype(np.int64)
         ready -= (ready - self.align[sel]) % self.packet[sel]
+        if self.whole_rows:  # Opus: one packet more in hand, so a lost one's FEC is there
+            ready -= self.whole[sel] * self.packet[sel]
         target = ready - frame
         fresh = self.fresh[sel]
         play = np.where(fresh, target, self.play[sel])
         diff = target - play
         back = diff < 0
         creep = np.where(talking[live], CREEP_TALKING, frame)
+        if self.whole_rows:  # mid-speech, whole packets: skip one in WHOLE_CREEP_EVERY
+            w = self.whole[sel] & talking[live]
+            creep[w] = np.where(self.count[sel][w] % WHOLE_CREEP_EVERY == 0, frame, 0)
         forward = (diff > FORWARD_HYSTERESIS) & ~back
         step = np.where(back, diff, np.where(forward, np.minimum(diff, creep), 0))
         play_mod = play & (RING - 1)  # positions in the ring, before stepping

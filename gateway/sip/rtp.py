@@ -19,7 +19,8 @@ MAX_PAYLOAD_SAMPLES = 1200  # 150 ms of G.711 (maxptime we advertise)
 
 PCMU = 0
 PCMA = 8
-CODEC_NAMES = {PCMU: "PCMU", PCMA: "PCMA"}
+OPUS = 111  # links between BorderLinks (gateway.sip.opus)
+CODEC_NAMES = {PCMU: "PCMU", PCMA: "PCMA", OPUS: "opus"}
 DTMF_EVENTS = "0123456789*#ABCD"
 
 

@@ -1,4 +1,5 @@
-"""SDP offer/answer (RFC 3264) for one G.711 audio stream plus telephone-events.
+"""SDP offer/answer (RFC 3264) for one audio stream (G.711, or Opus on links) plus
+telephone-events.
 
 Only what a voice leg needs: pick the first codec of the offer we also speak,
 find the telephone-event payload type at 8 kHz, read the SDES keys of SRTP
@@ -7,6 +8,11 @@ Every call of the gateway leaves from the same RTP port, so each description
 names the call's own SSRC (``a=ssrc``, RFC 5576): a peer that reads it, such as
 another BorderLink, tells our calls apart by SSRC; one that announces its own
 SSRCs is told apart the same way here.
+
+Opus (RFC 7587) is offered only by links, as ``opus/48000/2`` at payload type
+:data:`~gateway.sip.opus.OPUS` with in-band FEC and a 16 kHz playback rate (the
+engine's); an offer's Opus is recognised only at that payload type (the one every
+BorderLink uses), so the answer can name it the same way.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import random
 import re
 from dataclasses import dataclass
 
+from gateway.sip.opus import FMTP
 from gateway.sip.pyvoip import SIPMessage
-from gateway.sip.rtp import CODEC_NAMES, PCMA, PCMU
+from gateway.sip.rtp import CODEC_NAMES, OPUS, PCMA, PCMU
 from gateway.sip.srtp import Crypto, parse_crypto
 
-NAMES = {"pcmu": PCMU, "pcma": PCMA}
+NAMES = {"pcmu": PCMU, "pcma": PCMA, "opus": OPUS}
 DTMF_TYPE = 101
 AVP = "RTP/AVP"
 SAVP = "RTP/SAVP"  # SRTP (RFC 3711 §12): the answer must carry keys or the call fails
@@ -101,6 +108,9 @@ def _read_offer(message: SIPMessage) -> MediaOffer | None:
         name = rtpmap["name"].lower() if rtpmap else CODEC_NAMES.get(pt, "").lower()
         if name == "telephone-event" and (not rtpmap or rtpmap["frequency"] == "8000"):
             dtmf = pt
+        elif name == "opus":
+            if pt == OPUS and rtpmap and rtpmap["frequency"] == "48000":
+                payload_types.append(OPUS)
         elif name in NAMES and (pt < 96 or rtpmap):
             payload_types.append(NAMES[name] if pt >= 96 else pt)
     text = bytes(getattr(message, "raw", b"")).split(b"\r\n\r\n", 1)[-1].decode("utf-8", "replace")
@@ -182,7 +192,11 @@ def describe(
         "t=0 0",
         f"m=audio {port} {profile} {' '.join(str(f) for f in formats)}",
     ]
-    lines += [f"a=rtpmap:{pt} {CODEC_NAMES[pt]}/8000" for pt in payload_types]
+    for pt in payload_types:
+        if pt == OPUS:
+            lines += [f"a=rtpmap:{pt} opus/48000/2", f"a=fmtp:{pt} {FMTP}"]
+        else:
+            lines.append(f"a=rtpmap:{pt} {CODEC_NAMES[pt]}/8000")
     if dtmf_type is not None:
         lines += [f"a=rtpmap:{dtmf_type} telephone-event/8000", f"a=fmtp:{dtmf_type} 0-15"]
     if crypto is not None:

@@ -36,7 +36,7 @@ RATE = 16000
 
 @register_port_kind("test_link_radio")
 class LinkRadioConfig(PortConfig):
-    tone_hz: float = Field(1000.0, gt=0, le=4000)
+    tone_hz: float = Field(1000.0, gt=0, lt=RATE / 2)
     level_dbfs: float = -20.0
 
 

@@ -1,0 +1,195 @@
+"""The leg bank's Opus legs: rows like any other, whose codec work is per leg.
+
+For the engine an Opus leg is a row of the bank (its ``rx``/``tx`` frames at the
+engine rate, keyed, mixed, metered like every call). What differs is only what
+happens at the two edges of the batch (:mod:`gateway.sip.opus` holds each leg's
+codec):
+
+* receive: the packets go the common path (SRTP, header extension, demultiplexing,
+  receive statistics) and into the jitter bank, which times them like G.711 —
+  addressed by RTP time, in 8 kHz units (Opus's 48 kHz clock divided by six, unwrapped
+  per leg so the division never meets the 32-bit wrap) — but with a placeholder in its
+  ring, while the packet itself waits in the leg's :class:`~gateway.sip.opus.OpusLeg`.
+  When the jitter bank plays a slot, the leg decodes that packet into the row's
+  frame; a missing one is decoded from the next packet's in-band FEC if that has
+  arrived, else concealed by libopus. A packet that is not a 20 ms Opus packet is
+  dropped and counted (``opus``). Opus packets cannot be cut, so an Opus row's playout
+  point moves in whole packets (:class:`~gateway.sip.jitter.JitterBank` ``whole``);
+* send: each leg's ``tx`` frame is encoded by its own encoder (a silent one is not:
+  :data:`~gateway.sip.opus.SILENCE`), and the packets, of varying length, get their
+  headers, talker extension and SRTP as columns and leave in one ``sendmmsg``.
+
+A bank with no Opus leg never runs any of this: the G.711 batch is as it was.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gateway.sip.bank_rx import HEADER_SIZE, NO_PEER, SILENCE_DB
+from gateway.sip.columns import Column
+from gateway.sip.opus import CLOCK, PACKET_MS, OpusLeg, packet_samples
+from gateway.sip.srtp import TAG as SRTP_TAG
+
+if TYPE_CHECKING:
+    from gateway.sip.bank import LegMedia
+    from gateway.sip.jitter import JitterBank
+    from gateway.sip.mmsg import BatchSender
+
+_PACKET = CLOCK * PACKET_MS // 1000  # 960: RTP time of one packet
+_PLACEHOLDER = 0xFF  # µ-law silence in the jitter ring (never decoded for an Opus row)
+
+
+class OpusEdges:
+    """Mixin of :class:`gateway.sip.bank.LegBank`: Opus in at playout, out after the tick."""
+
+    media: list[LegMedia | None]
+    rate: int
+    frame: int
+    codec_frame: int
+    jitter: JitterBank
+    sender: BatchSender
+    srtp_legs: int
+    opus_legs: int  # legs with Opus (0: nothing here runs)
+    # Columns of this part.
+    opus: np.ndarray
+    opus_codec: np.ndarray
+    opus_time: np.ndarray
+    opus_started: np.ndarray
+
+    def _opus_columns(self) -> tuple[Column, ...]:
+        return (
+            ("opus", (), bool, False),  # the leg's codec is Opus
+            ("opus_codec", (), object, None),  # ... its OpusLeg
+            ("opus_time", (), np.int64, 0),  # the peer's RTP time, 48 kHz, unwrapped
+            ("opus_started", (), bool, False),  # ... known (a packet came)
+        )
+
+    def _opus_start(self, row: int, on: bool) -> None:
+        """Make ``row`` an Opus leg (a new encoder and decoder) or a G.711 one."""
+        self.opus[row] = on
+        self.opus_codec[row] = OpusLeg(self.rate, self.frame) if on else None
+        self.opus_started[row] = False
+        self.jitter.whole[row] = on
+
+    # --- receive --------------------------------------------------------------------------
+
+    def _opus_arrivals(
+        self, rows: np.ndarray, ts: np.ndarray, data: np.ndarray, idx: np.ndarray, size: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """For the Opus packets of a round (rows distinct): which are 20 ms Opus packets
+        (the others are counted ``opus``) and their RTP time in 8 kHz units."""
+        good = np.ones(len(rows), bool)
+        for i, (j, n) in enumerate(zip(idx.tolist(), size.tolist(), strict=True)):
+            payload = bytes(data[j, HEADER_SIZE : HEADER_SIZE + n])
+            good[i] = len(payload) == 1 or packet_samples(payload) == _PACKET
+        if not good.all():
+            self._count("opus", rows[~good], int((~good).sum()))
+        rows, ts = rows[good], ts[good]
+        last = self.opus_time[rows]
+        step = ((ts - last + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+        now = np.where(self.opus_started[rows], last + step, ts)
+        self.opus_time[rows] = np.where(self.opus_started[rows], np.maximum(last, now), now)
+        self.opus_started[rows] = True
+        scale = CLOCK // 8000
+        return good, (now // scale) & 0xFFFFFFFF
+
+    def _opus_put(
+        self,
+        rows: np.ndarray,
+        ts8: np.ndarray,
+        arrival: np.ndarray,
+        marker: np.ndarray,
+        data: np.ndarray,
+        idx: np.ndarray,
+        size: np.ndarray,
+    ) -> None:
+        """Time the packets in the jitter bank (a placeholder in its ring); hold the kept."""
+        holder = np.full((len(rows), self.codec_frame), _PLACEHOLDER, np.uint8)
+        kept = self.jitter.put_batch(rows, ts8, holder, arrival, marker)
+        for row, slot, j, n in zip(
+            rows[kept].tolist(), ts8[kept].tolist(), idx[kept].tolist(), size[kept].tolist(),
+            strict=True,
+        ):  # fmt: skip
+            self.opus_codec[row].hold(slot, bytes(data[j, HEADER_SIZE : HEADER_SIZE + n]))
+
+    def _opus_resync(self, rows: np.ndarray) -> None:
+        for row in rows[self.opus[rows]].tolist():
+            self.opus_codec[row].reset()
+
+    def _opus_playout(
+        self, rows: np.ndarray, concealed_before: np.ndarray, now: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """After the jitter bank played: each Opus row's frame at the engine rate and level.
+
+        ``concealed_before``: the rows' concealed count before the jitter bank played
+        (it counted a placeholder's gap; only what libopus really made up counts)."""
+        jitter = self.jitter
+        frames = np.zeros((len(rows), self.frame), np.float32)
+        slot = (jitter.play[rows] - jitter.frame) & 0xFFFFFFFF  # the slot just played
+        recent = (now - jitter.last_arrival[rows]) < 10 * jitter.frame
+        started = jitter.started[rows]
+        concealed = concealed_before.copy()
+        for i, row in enumerate(rows.tolist()):
+            if not started[i]:
+                continue
+            leg: OpusLeg = self.opus_codec[row]
+            pcm, what = leg.play(int(slot[i]), jitter.frame, bool(recent[i]))
+            if pcm is not None:
+                frames[i] = pcm
+            if what in ("plc", "bad"):
+                concealed[i] += jitter.frame
+            if what == "bad":
+                self._count("opus", np.array([row]))
+        jitter.concealed[rows] = concealed
+        rms = np.sqrt(np.einsum("ij,ij->i", frames, frames) / self.frame)
+        level = np.where(rms > 0, 20.0 * np.log10(np.maximum(rms, 1e-6)), SILENCE_DB)
+        return frames, level
+
+    def fec_recovered(self, row: int) -> int:
+        codec = self.opus_codec[row]
+        return 0 if codec is None else codec.fec_recovered
+
+    # --- send -----------------------------------------------------------------------------
+
+    def _send_opus(self, rows: np.ndarray) -> None:
+        """Encode each Opus leg's frame and send all their packets in one ``sendmmsg``."""
+        has = self.tx_has[rows] & ~self.muted[rows]
+        self.tx_has[rows] = False
+        frames = self.tx[rows]
+        frames[~has] = 0.0
+        payloads = [
+            self.opus_codec[row].encode(frame)
+            for row, frame in zip(rows.tolist(), frames, strict=True)
+        ]
+        count = len(rows)
+        sizes = np.array([len(p) for p in payloads], np.int64) + HEADER_SIZE
+        width = int(sizes.max()) + (SRTP_TAG if self.srtp_legs else 0)
+        packets = np.zeros((count, width), np.uint8)
+        for i, payload in enumerate(payloads):
+            packets[i, HEADER_SIZE : HEADER_SIZE + len(payload)] = np.frombuffer(payload, np.uint8)
+        self._headers(packets, rows)
+        packets, with_ext = self._attach_extensions(packets, rows, sizes)
+        plain = sizes if with_ext is None else with_ext
+        dest = self.dest[rows]
+        going = (dest != NO_PEER) & self.sending[rows]
+        lengths = plain
+        if self.srtp_legs:
+            lengths = self._protect_batch(packets, rows, going, plain)
+            going &= lengths > 0
+        pick = np.flatnonzero(going)
+        ok = self.sender.send(np.ascontiguousarray(packets[pick]), dest[pick], lengths[pick])
+        for row in rows[pick[~ok]].tolist():
+            media = self.media[row]
+            if media is not None:
+                media.send_errors += 1
+        done = pick[ok]
+        tried = rows[pick]
+        self.tx_seq[tried] = (self.tx_seq[tried] + 1) & 0xFFFF
+        self.tx_first[rows[done]] = False
+        self.packets_out[rows[done]] += 1
+        self.bytes_out[rows[done]] += sizes[done]
+        self.payload_out[rows[done]] += sizes[done] - HEADER_SIZE
+        self.tx_ts[rows] = (self.tx_ts[rows] + _PACKET) & 0xFFFFFFFF
