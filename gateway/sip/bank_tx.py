@@ -115,14 +115,16 @@ class SendPath:
     def _send(self) -> None:
         """After the tick: encode every leg's frame; headers as columns; one ``sendmmsg``."""
         rows = self.active
+        if rows.size == 0:
+            return
         if self.opus_legs:  # Opus legs: encoded one by one, sent in their own batch
             wide = self.opus[rows]
             if wide.any():
                 self._send_opus(rows[wide])
                 rows = rows[~wide]
-        if rows.size == 0:
-            self._send_reports()
-            return
+                if rows.size == 0:
+                    self._send_reports()
+                    return
         sel = dense(rows)
         has = self.tx_has[sel] & ~self.muted[sel]  # a PIN not yet entered hears nothing
         if not has.all():  # no audio for these: silence (and silence in their history)
