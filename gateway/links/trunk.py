@@ -425,9 +425,11 @@ class Trunk:
 
     def codecs(self) -> list[str]:
         """What the link's dialogs offer and accept, preferred first: the configured list
-        (Opus, then G.711 µ-law), without Opus where libopus cannot run at the engine rate."""
-        rate = self.calls.bank.rate
-        return [c for c in self.config.codecs if c != "opus" or opus_available(rate)]
+        (Opus, then G.711 µ-law), without Opus where libopus cannot run with this engine
+        (no libopus, 32 kHz, 10 ms frames)."""
+        bank = self.calls.bank
+        usable = opus_available(bank.rate, bank.frame_seconds)
+        return [c for c in self.config.codecs if c != "opus" or usable]
 
     def _talker_terms(self, offer: MediaOffer | None, share: str) -> TalkerTerms | None:
         """The talker extension, when the peer's SDP agrees to it (else: keyed by voice)."""

@@ -51,9 +51,10 @@ if _libopus is not None:
     _libopus.opus_packet_get_nb_samples.restype = ctypes.c_int
 
 
-def available(rate: int) -> bool:
-    """Opus can run at this engine rate on this machine (libopus found, a rate it takes)."""
-    return opuslib_next is not None and rate in RATES
+def available(rate: int, frame_seconds: float) -> bool:
+    """Opus can run with this engine on this machine: libopus found, a rate it takes, and
+    20 ms frames (one packet a tick)."""
+    return opuslib_next is not None and rate in RATES and round(frame_seconds * 1000) == PACKET_MS
 
 
 def packet_samples(payload: bytes) -> int:

@@ -151,6 +151,18 @@ def test_a_link_is_never_unauthenticated(pki: dict[str, Identity]) -> None:
     assert "never unauthenticated" in only and "peer_ca" in only and "peer_fingerprints" in only
 
 
+def test_codecs_default_to_opus_then_pcmu_and_must_keep_pcmu(pki: dict[str, Identity]) -> None:
+    assert parse_config(site(pki)).section("links").links["us"].codecs == ["opus", "pcmu"]
+    text = site(pki, codecs='["pcmu"]')
+    assert parse_config(text).section("links").links["us"].codecs == ["pcmu"]
+    text = site(pki, codecs='["opus"]')
+    (only,) = problems(text)
+    assert only.startswith(f"site.toml:{line_of(text, 'codecs =')}: links.us.codecs:")
+    assert "always offered" in only and '["opus", "pcmu"]' in only
+    (only,) = problems(site(pki, codecs='["opus", "g722", "pcmu"]'))
+    assert "unknown codec 'g722'" in only
+
+
 def test_bad_fingerprint_and_address_say_how_to_write_them(pki: dict[str, Identity]) -> None:
     text = site(pki, peer='"gw.example.us"', peer_fingerprints='["sha256:abcd"]')
     found = problems(text)
