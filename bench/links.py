@@ -449,7 +449,15 @@ def compare(folder: Path, rounds: int, bursts: int, seconds: float, realtime: in
             where = folder / f"{r}-{len(got[name])}-{codecs.count(',')}"
             if realtime:
                 os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime))
-            m = run_async(codec_round(where / "pair", codecs, bursts))
+            got_one: list[MouthToEar] = []
+
+            async def one(
+                folder: Path = where / "pair", codecs: str = codecs, into: list = got_one
+            ) -> None:
+                into.append(await codec_round(folder, codecs, bursts))
+
+            run_async(one())
+            m = got_one[0]
             if realtime:
                 os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             used, up = cpu_use(where / "cpu", 100, 10, seconds, codecs)
