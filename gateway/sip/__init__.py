@@ -6,7 +6,8 @@ Signalling goes through pyVoIP's parser and REGISTER/digest builders
 :mod:`.tls`); calls (:mod:`.calls`) become ports (:mod:`.leg`) whose
 media — RTP (:mod:`.rtp`), jitter buffers (:mod:`.jitter`), G.711 and
 resampling — is handled for all legs at once by the leg bank (:mod:`.bank`) on
-the engine's clock. Importing this package registers the ``[sip]`` section and
+the engine's clock; a link's Opus (:mod:`.opus`) is coded per leg at the bank's
+edges (:mod:`.bank_opus`). Importing this package registers the ``[sip]`` section and
 the service.
 """
 
