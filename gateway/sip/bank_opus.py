@@ -90,11 +90,12 @@ class OpusEdges:
         rows, ts = rows[good], ts[good]
         last = self.opus_time[rows]
         step = ((ts - last + 0x80000000) & 0xFFFFFFFF) - 0x80000000
-        now = np.where(self.opus_started[rows], last + step, ts)
-        self.opus_time[rows] = np.where(self.opus_started[rows], np.maximum(last, now), now)
+        extended = np.where(self.opus_started[rows], last + step, ts)
+        self.opus_time[rows] = np.where(
+            self.opus_started[rows], np.maximum(last, extended), extended
+        )
         self.opus_started[rows] = True
-        scale = CLOCK // 8000
-        return good, (now // scale) & 0xFFFFFFFF
+        return good, (extended // (CLOCK // 8000)) & 0xFFFFFFFF
 
     def _opus_put(
         self,
