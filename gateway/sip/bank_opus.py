@@ -30,7 +30,7 @@ import numpy as np
 
 from gateway.sip.bank_rx import HEADER_SIZE, NO_PEER, SILENCE_DB
 from gateway.sip.columns import Column
-from gateway.sip.opus import CLOCK, PACKET_MS, OpusLeg, packet_samples
+from gateway.sip.opus import CLOCK, PACKET_MS, SILENCE, OpusLeg, packet_samples
 from gateway.sip.srtp import TAG as SRTP_TAG
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class OpusEdges:
     opus_codec: np.ndarray
     opus_time: np.ndarray
     opus_started: np.ndarray
+    opus_quiet: np.ndarray
 
     def _opus_columns(self) -> tuple[Column, ...]:
         return (
@@ -65,6 +66,7 @@ class OpusEdges:
             ("opus_codec", (), object, None),  # ... its OpusLeg
             ("opus_time", (), np.int64, 0),  # the peer's RTP time, 48 kHz, unwrapped
             ("opus_started", (), bool, False),  # ... known (a packet came)
+            ("opus_quiet", (), bool, True),  # our last frame went as SILENCE
         )
 
     def _opus_start(self, row: int, on: bool) -> None:
@@ -72,6 +74,7 @@ class OpusEdges:
         self.opus[row] = on
         self.opus_codec[row] = OpusLeg(self.rate, self.frame) if on else None
         self.opus_started[row] = False
+        self.opus_quiet[row] = True
         self.jitter.whole[row] = on
 
     # --- receive --------------------------------------------------------------------------
@@ -81,10 +84,10 @@ class OpusEdges:
     ) -> tuple[np.ndarray, np.ndarray]:
         """For the Opus packets of a round (rows distinct): which are 20 ms Opus packets
         (the others are counted ``opus``) and their RTP time in 8 kHz units."""
-        good = np.ones(len(rows), bool)
-        for i, (j, n) in enumerate(zip(idx.tolist(), size.tolist(), strict=True)):
-            payload = bytes(data[j, HEADER_SIZE : HEADER_SIZE + n])
-            good[i] = len(payload) == 1 or packet_samples(payload) == _PACKET
+        good = size == 1  # the peer's silence (DTX): nothing to check
+        for i in np.flatnonzero(~good).tolist():
+            payload = bytes(data[idx[i], HEADER_SIZE : HEADER_SIZE + size[i]])
+            good[i] = packet_samples(payload) == _PACKET
         if not good.all():
             self._count("opus", rows[~good], int((~good).sum()))
         rows, ts = rows[good], ts[good]
@@ -114,7 +117,8 @@ class OpusEdges:
             rows[kept].tolist(), ts8[kept].tolist(), idx[kept].tolist(), size[kept].tolist(),
             strict=True,
         ):  # fmt: skip
-            self.opus_codec[row].hold(slot, bytes(data[j, HEADER_SIZE : HEADER_SIZE + n]))
+            payload = SILENCE if n == 1 else bytes(data[j, HEADER_SIZE : HEADER_SIZE + n])
+            self.opus_codec[row].hold(slot, payload)
 
     def _opus_resync(self, rows: np.ndarray) -> None:
         for row in rows[self.opus[rows]].tolist():
@@ -160,16 +164,22 @@ class OpusEdges:
         has = self.tx_has[rows] & ~self.muted[rows]
         self.tx_has[rows] = False
         frames = self.tx[rows]
-        frames[~has] = 0.0
-        payloads = [
-            self.opus_codec[row].encode(frame)
-            for row, frame in zip(rows.tolist(), frames, strict=True)
-        ]
+        loud = has & frames.any(axis=1)  # the rest go as SILENCE, no encoder called
+        payloads = [SILENCE] * len(rows)
+        for i in np.flatnonzero(loud).tolist():
+            payloads[i] = self.opus_codec[rows[i]].encode(frames[i])
+        if not loud.all():
+            for row in rows[~loud & ~self.opus_quiet[rows]].tolist():  # a pause begins
+                self.opus_codec[row].quiet_out = True
+        self.opus_quiet[rows] = ~loud
         count = len(rows)
-        sizes = np.array([len(p) for p in payloads], np.int64) + HEADER_SIZE
+        sizes = np.full(count, HEADER_SIZE + len(SILENCE), np.int64)
+        sizes[loud] = [HEADER_SIZE + len(payloads[i]) for i in np.flatnonzero(loud).tolist()]
         width = int(sizes.max()) + (SRTP_TAG if self.srtp_legs else 0)
         packets = np.zeros((count, width), np.uint8)
-        for i, payload in enumerate(payloads):
+        packets[:, HEADER_SIZE] = SILENCE[0]
+        for i in np.flatnonzero(loud).tolist():
+            payload = payloads[i]
             packets[i, HEADER_SIZE : HEADER_SIZE + len(payload)] = np.frombuffer(payload, np.uint8)
         self._headers(packets, rows)
         packets, with_ext = self._attach_extensions(packets, rows, sizes)
