@@ -223,9 +223,21 @@ def test_three_sites_in_a_chain_no_relay_no_loop_no_doubled_audio(tmp_path: Path
             # No loop: nobody's own tone comes back round.
             for name in sites:
                 assert heard[name][name] < NOT_THERE, f"{name} hears itself: {heard}"
+
             # No doubling: B's tone arrives at A and C at the same level (one copy each),
-            # and B hears each end at the level the other end's link gives it.
-            assert abs(heard["a"]["b"] - heard["c"]["b"]) < 2.0, heard
-            assert abs(heard["b"]["a"] - heard["b"]["c"]) < 2.0, heard
+            # and B hears each end at the level the other end's link gives it. A doubled
+            # copy stays 6 dB up; a busy machine's concealed frames only dip a second's
+            # level now and then: polled, not sampled once.
+            def level(at: str, of: str) -> float:
+                return radio(sites[at], "net").level(tones[of], 1.0)
+
+            await until(
+                lambda: (
+                    abs(level("a", "b") - level("c", "b")) < 2.0
+                    and abs(level("b", "a") - level("b", "c")) < 2.0
+                ),
+                15,
+                f"one copy of each tone at every site (first second: {heard})",
+            )
 
     run(main())
