@@ -362,7 +362,7 @@ class LegBank(
         """The leg's codec: G.711 (a row of the tables) or Opus (its own encoder/decoder)."""
         self.payload_type[row] = payload_type
         self.law[row] = _LAWS[payload_type]
-        if (payload_type == OPUS) != bool(self.opus[row]) or payload_type == OPUS:
+        if payload_type == OPUS or self.opus[row]:  # a new encoder/decoder, or none
             self._opus_start(row, payload_type == OPUS)
 
     def silent_rows(self, timeout: float) -> np.ndarray:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from gateway.sip.bank import LegMedia
     from gateway.sip.jitter import JitterBank
     from gateway.sip.mmsg import BatchSender
+    from gateway.sip.streams import StreamBank
 
 _PACKET = CLOCK * PACKET_MS // 1000  # 960: RTP time of one packet
 _PLACEHOLDER = 0xFF  # µ-law silence in the jitter ring (never decoded for an Opus row)
@@ -46,6 +47,7 @@ class OpusEdges:
     """Mixin of :class:`gateway.sip.bank.LegBank`: Opus in at playout, out after the tick."""
 
     media: list[LegMedia | None]
+    streams: StreamBank
     rate: int
     frame: int
     codec_frame: int
@@ -78,6 +80,33 @@ class OpusEdges:
         self.jitter.whole[row] = on
 
     # --- receive --------------------------------------------------------------------------
+
+    def _opus_packets(
+        self,
+        rows: np.ndarray,
+        ssrc: np.ndarray,
+        seq: np.ndarray,
+        ts: np.ndarray,
+        arrival: np.ndarray,
+        marker: np.ndarray,
+        data: np.ndarray,
+        idx: np.ndarray,
+        size: np.ndarray,
+    ) -> None:
+        """One packet for each of ``rows`` (distinct Opus legs): checked, then receive
+        statistics and the jitter bank with their RTP time in 8 kHz units."""
+        good, ts8 = self._opus_arrivals(rows, ts, data, idx, size)
+        rows, ssrc, seq, arrival, marker, idx, size = (
+            a[good] for a in (rows, ssrc, seq, arrival, marker, idx, size)
+        )
+        if rows.size == 0:
+            return
+        changed = self.streams.update(rows, ssrc, seq, ts8, arrival)
+        if changed.size:
+            self.jitter.resync(changed)
+            for row in changed.tolist():
+                self.opus_codec[row].reset()
+        self._opus_put(rows, ts8, arrival, marker, data, idx, size)
 
     def _opus_arrivals(
         self, rows: np.ndarray, ts: np.ndarray, data: np.ndarray, idx: np.ndarray, size: np.ndarray
@@ -119,10 +148,6 @@ class OpusEdges:
         ):  # fmt: skip
             payload = SILENCE if n == 1 else bytes(data[j, HEADER_SIZE : HEADER_SIZE + n])
             self.opus_codec[row].hold(slot, payload)
-
-    def _opus_resync(self, rows: np.ndarray) -> None:
-        for row in rows[self.opus[rows]].tolist():
-            self.opus_codec[row].reset()
 
     def _opus_playout(
         self, rows: np.ndarray, concealed_before: np.ndarray, now: float

@@ -318,33 +318,21 @@ class ReceivePath:
         size: np.ndarray,
     ) -> None:
         """One packet for each of ``rows`` (distinct): receive stats, then the jitter bank."""
-        wide = None
-        if self.opus_legs:  # Opus packets: checked, their time in 8 kHz units (bank_opus)
+        if self.opus_legs:  # Opus legs' packets go their own way (bank_opus)
             wide = self.opus[rows]
             if wide.any():
-                good, ts8 = self._opus_arrivals(rows[wide], ts[wide], data, idx[wide], size[wide])
-                ts = ts.copy()
-                ts[np.flatnonzero(wide)[good]] = ts8
-                keep = ~wide
-                keep[np.flatnonzero(wide)[good]] = True
-                rows, ssrc, seq, ts, arrival, marker, idx, size, wide = (
-                    a[keep] for a in (rows, ssrc, seq, ts, arrival, marker, idx, size, wide)
+                w = np.flatnonzero(wide)
+                self._opus_packets(rows[w], ssrc[w], seq[w], ts[w], arrival[w], marker[w],
+                                   data, idx[w], size[w])  # fmt: skip
+                g = np.flatnonzero(~wide)
+                if g.size == 0:
+                    return
+                rows, ssrc, seq, ts, arrival, marker, idx, size = (
+                    a[g] for a in (rows, ssrc, seq, ts, arrival, marker, idx, size)
                 )
-            else:
-                wide = None
         changed = self.streams.update(rows, ssrc, seq, ts, arrival)
         if changed.size:
             self.jitter.resync(changed)
-            if self.opus_legs:
-                self._opus_resync(changed)
-        if wide is not None:
-            w = wide
-            self._opus_put(rows[w], ts[w], arrival[w], marker[w], data, idx[w], size[w])
-            rows, ts, arrival, marker, idx, size = (
-                a[~w] for a in (rows, ts, arrival, marker, idx, size)
-            )
-            if rows.size == 0:
-                return
         n = int(size[0])
         if (size == n).all():
             self.jitter.put_batch(
