@@ -147,9 +147,13 @@ class SrtpPeer:
 
 
 def paced_ticks(bank: LegBank, count: int, each) -> None:  # noqa: ANN001 - per-tick callback
-    """Run the bank's receive/send on an absolute 20 ms schedule (a media clock)."""
+    """Run the bank's receive/send on an absolute 20 ms schedule (a media clock), telling
+    the bank how late each tick is, as the gateway's clock does."""
     start = time.monotonic()
+    due = [start]
+    bank.late_by = lambda: max(0.0, time.monotonic() - due[0])
     for k in range(count):
+        due[0] = start + k * 0.02
         each(k, "before")
         bank.receive()
         each(k, "during")
