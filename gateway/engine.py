@@ -388,8 +388,8 @@ class Engine:
         receiving = lay.half & decision.talk
         # A full-duplex port asking for a floor it cannot have hears the busy tone instead.
         busy = decision.denied & ~lay.half & lay.can_transmit
-        if self.emergency and busy.any():
-            busy &= ~self._emergency_groups(decision.admitted)
+        if busy.any():
+            busy &= ~self._emergency_groups(decision.admitted, busy)
         if lay.link is not None:  # the far side plays its own busy tone, not ours
             busy &= ~lay.link
         busy_frame = self.busy.read(self.frame_samples) if busy.any() else None
@@ -460,11 +460,22 @@ class Engine:
                 for i in rows.tolist():
                     self._fault(i, f"bank write failed: {exc!r}")
 
-    def _emergency_groups(self, admitted: np.ndarray) -> np.ndarray:
-        """Per port: True when an emergency caller is heard in its mix group."""
+    def _emergency_groups(self, admitted: np.ndarray, busy: np.ndarray) -> np.ndarray:
+        """Per port: True when an emergency caller is heard in its mix group.
+
+        An emergency caller is a port in :attr:`emergency` (a console's or a phone's
+        emergency call) or one whose ``emergency`` says so: a radio's emergency button,
+        or a link leg carrying the far side's emergency (the links' shared floor admits
+        it). Only the talkers heard in groups where someone would get the busy tone are
+        looked at."""
         lay = self.layout
-        calling = np.array([p.name in self.emergency for p in lay.ports], bool) & admitted
-        return np.isin(lay.group_of, lay.group_of[calling])
+        heard = np.flatnonzero(admitted & np.isin(lay.group_of, lay.group_of[busy]))
+        calling = [
+            int(lay.group_of[i])
+            for i in heard.tolist()
+            if lay.ports[i].name in self.emergency or getattr(lay.ports[i], "emergency", False)
+        ]
+        return np.isin(lay.group_of, calling)
 
     def _add_tones(self, out: np.ndarray, has_audio: np.ndarray, may_hear: np.ndarray) -> None:
         """Courtesy and talk-permit tones, added on top of what each listener hears."""

@@ -237,9 +237,15 @@ def test_an_emergency_pre_empts_across_the_border(tmp_path: Path) -> None:
             await until(lambda: holder(ca) == holder(us) == "ca", 5, "the emergency to hold")
             assert [r["port"] for r in records(tmp_path / "ca-audit.jsonl", "floor_granted")
                     if r.get("talker") == LABEL], "the emergency's grant audited at CA"  # fmt: skip
-            await until(lambda: radio(us, "harbor").level(BUSY_HZ, 0.5) > HEARD, 5, "US busy")
             await until(lambda: ear(us, "harbor").level(1500.0, 0.3) < SILENT, 5,
                         "the pre-empted US radio unheard")  # fmt: skip
+            # The pre-empted US radio, still keyed, hears the emergency, not the busy tone
+            # (as it would a local emergency): the busy tone's cadence is 0.5 s on, 0.5 off.
+            await until(lambda: radio(us, "harbor").level(1000.0, 0.5) > HEARD, 5,
+                        "the emergency heard by the radio it pre-empted")  # fmt: skip
+            await asyncio.sleep(0.5)
+            assert radio(us, "harbor").level(BUSY_HZ, 1.0) < SILENT, "the busy tone, not the SOS"
+            assert radio(us, "harbor").level(1000.0, 1.0) > HEARD
             assert leg(us).emergency and metric(us, "link_peer_emergency", link="ca",
                                                 share="shiprider") == 1.0  # fmt: skip
             await until(lambda: records(us_audit, "preempted"), 5, "the pre-emption audited")
