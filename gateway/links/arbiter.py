@@ -158,8 +158,11 @@ class Arbiter:
             if peer == self.site:
                 continue  # misconfigured: the peer claims our site ID (refused at set-up)
             via[peer] = i
-            remote[peer] = self._report(leg, peer, bool(decision.admitted[i] or decision.denied[i]),
-                                        int(lay.priority[i]), now_ms)  # fmt: skip
+            # A leg whose share brings no audio in (ours ``send``, or theirs ``receive``)
+            # never asks here, yet its peer's talker holds the floor on both sides all
+            # the same: one floor, whichever way the audio goes.
+            asking = bool(decision.admitted[i] or decision.denied[i]) or not leg.can_talk
+            remote[peer] = self._report(leg, peer, asking, int(lay.priority[i]), now_ms)
         old = floor.holder
         change = floor.update(candidates, remote)
         holder = floor.holder
@@ -171,7 +174,7 @@ class Arbiter:
         if holder is not None:
             winner = rows.get(holder.talker, -1) if holder.site == self.site else via[holder.site]
         asking = decision.admitted[members] | decision.denied[members]
-        decision.admitted[members] = members == winner
+        decision.admitted[members] = (members == winner) & asking  # a holder we cannot hear
         decision.denied[members] = asking & (members != winner)
         if change is not None:
             self._events(engine, name, change, old, winner, rows, via)
