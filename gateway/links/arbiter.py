@@ -158,11 +158,9 @@ class Arbiter:
             if peer == self.site:
                 continue  # misconfigured: the peer claims our site ID (refused at set-up)
             via[peer] = i
-            # A leg whose share brings no audio in (ours ``send``, or theirs ``receive``)
-            # never asks here, yet its peer's talker holds the floor on both sides all
-            # the same: one floor, whichever way the audio goes.
-            asking = bool(decision.admitted[i] or decision.denied[i]) or not leg.can_talk
-            remote[peer] = self._report(leg, peer, asking, int(lay.priority[i]), now_ms)
+            asking = bool(decision.admitted[i] or decision.denied[i])
+            locked = bool(engine.floor.locked[i])
+            remote[peer] = self._report(leg, peer, asking, locked, int(lay.priority[i]), now_ms)
         old = floor.holder
         change = floor.update(candidates, remote)
         holder = floor.holder
@@ -180,17 +178,23 @@ class Arbiter:
             self._events(engine, name, change, old, winner, rows, via)
 
     def _report(
-        self, leg: Port, peer: str, asking: bool, priority: int, now_ms: int
+        self, leg: Port, peer: str, asking: bool, locked: bool, priority: int, now_ms: int
     ) -> Candidate | None:
         """A link leg's peer candidate: from its talker extension, else from its voice.
 
-        None unless the leg asks here: a peer's talker our time-out timer locked out (a
-        stuck transmitter across the border) holds no floor on this side."""
-        if not asking:
-            return None
+        With the extension it is the peer's word, not whether the leg asks here: the
+        peer's talker holds the floor on this side too whichever way the share carries
+        audio (a leg whose share brings none in, ours ``send`` or theirs ``receive``,
+        never asks), through a short gap in its packets (:meth:`OnAir.report`), and
+        without our anti-kerchunk (it passed its own side's). Only our time-out timer
+        takes it off the floor here: a far talker it ``locked`` out (a stuck transmitter
+        across the border) holds nothing on this side. Without the extension the leg is
+        a candidate while its voice asks."""
         onair = getattr(leg, "onair", None)
         if onair is not None:
-            return onair.report(peer, now_ms)
+            return None if locked else onair.report(peer, now_ms)
+        if not asking:
+            return None
         since = self._voice[leg.name] = self.voice_since.get(leg.name, now_ms)
         return Candidate(peer, 0, since, wire_priority(priority))
 

@@ -14,7 +14,10 @@ column, which keys the leg like PTT (voice activity only plays out the last
 (malformed, or a label where none belongs) changes nothing and is counted by its
 reason (``borderlink_link_talker_rejected_total``). A peer that stops sending is
 no longer believed keyed after :data:`STALE`, long before the keepalive ends the
-dialog: no stuck talker across the border.
+dialog: no stuck talker across the border. A shared floor keeps its talker a little
+longer (:data:`FLOOR_HOLD`, :meth:`OnAir.report`): a sender stalled for a moment (a
+busy machine skipping ticks) must not make this side hand the floor to someone else
+while every other side still gives it to that talker.
 
 Send: the arbiter (:mod:`gateway.links.arbiter`) tells each leg once a tick who
 of this side it carries; an :class:`~gateway.links.talker.Announcer` numbers the
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
     from gateway.sip.sdp import MediaOffer
 
 STALE = 0.3  # seconds without a packet from the peer: its talker is no longer keyed
+FLOOR_HOLD = 1.0  # seconds without a packet: its talker no longer holds a shared floor
 TAIL = 0.1  # after the peer unkeys, its voice still in the jitter buffer keeps the leg talking
 NAMES_KEPT = 8  # the peer's latest over labels: the current over's, and a few it sent ahead
 EXTENSION_ID = 1  # the ID we offer (an answer takes the offer's)
@@ -103,6 +107,7 @@ class OnAir:
         self.names: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
         self.keyed_sent = False
         self.tell: Callable[[Named], bool] | None = None  # our label to the peer (the trunk)
+        self._gap: Talker | None = None  # the peer's talker when its packets stopped
         self._sent: Talker | None = None
         self._told = 0  # the talker ID of ours whose label the peer has been sent
         self._over_began = 0.0  # wall time the peer's current over was first heard
@@ -120,6 +125,7 @@ class OnAir:
         if isinstance(result, Rejected):
             self.rejected[result.reason] += 1
             return
+        self._gap = None
         self._hear(result)
 
     def _hear(self, talker: Talker) -> None:
@@ -148,6 +154,7 @@ class OnAir:
         """The peer fell silent while keyed: it is unkeyed here (called once a tick)."""
         heard = self.heard
         if heard is not None and heard.keyed and now - float(self.bank.rtp_at[self.row]) > STALE:
+            self._gap = heard
             self._hear(replace(heard, keyed=False))
 
     def close(self) -> None:
@@ -179,10 +186,21 @@ class OnAir:
         return self._name(self.heard) if self.heard is not None else ""
 
     def report(self, site: str, now_ms: int) -> Candidate | None:
-        """The peer's best candidate for a shared floor (None: nobody keyed there)."""
-        if self.heard is None:
+        """The peer's best candidate for a shared floor (None: nobody keyed there).
+
+        What the peer said last: a talker whose packets stopped (:data:`STALE`: no
+        longer keyed, so no longer heard here) still holds the floor until
+        :data:`FLOOR_HOLD` after its last packet, or the peer says otherwise, or the
+        dialog ends (the keepalive ends a dead one within 1.7 s)."""
+        heard = self.heard
+        if heard is None:
             return None
-        return Candidate.from_talker(site, self.heard, now_ms)
+        if self._gap is not None and not heard.keyed:
+            if now_ms / 1000 - float(self.bank.rtp_at[self.row]) <= FLOOR_HOLD:
+                heard = self._gap
+            else:
+                self._gap = None
+        return Candidate.from_talker(site, heard, now_ms)
 
     # --- what we say ------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from pylibsrtp import Policy, Session
 
 from gateway.links.floor import Candidate
 from gateway.links.labels import Named
-from gateway.links.onair import NAMES_KEPT, OnAir, agreed, offer
+from gateway.links.onair import FLOOR_HOLD, NAMES_KEPT, STALE, OnAir, agreed, offer
 from gateway.links.talker import Talker, encode, read
 from gateway.sip.bank import LegBank, LegMedia
 from gateway.sip.pyvoip import parse
@@ -236,3 +236,38 @@ def test_the_extension_is_agreed_in_sdp_with_each_sides_site_id() -> None:
     nameless = ours.replace(" site=ca", "")
     assert agreed(sdp(nameless), "us") is None
     assert agreed(sdp(ours.replace("extmap:1 ", "extmap:12/sendrecv ")), "us") == (12, "ca")
+
+
+def test_a_peer_that_stalls_keeps_a_shared_floor_for_a_moment() -> None:
+    """Its packets stop: after STALE its talker is no longer keyed here (no stuck
+    transmitter), but it keeps the floor until FLOOR_HOLD, so a sender stalled for a
+    moment does not make this side hand the floor to someone else while the other sides
+    still give it to that talker (a three-gateway mesh under load did). When its packets
+    come back in the same over, it is keyed again; past FLOOR_HOLD it holds nothing."""
+    bank = LegBank(16000, 320, 0.02, capacity=4)
+    peer = Peer(srtp=False)
+    row = bank.add(LegMedia(0, None, peer.address, announced=(peer.ssrc,)))
+    bank.start_sending(row)
+    onair = OnAir(bank, row, 1, collections.Counter(), lambda event, **f: None,
+                  link="us", share="shiprider")  # fmt: skip
+    heard: list[np.ndarray] = []
+    over = encode(Talker(keyed=True, talker_id=4, keyed_at=77, emergency=True))
+    try:
+        ticks(bank, peer, 10, over, heard)
+        last = float(bank.rtp_at[row])
+        now_ms = int(last * 1000)
+        first = onair.report("us", now_ms)
+        assert first is not None and (first.talker, first.emergency) == (4, True)
+        onair.check_stale(last + STALE + 0.05)  # silent past STALE
+        assert not bank.peer_keyed[row] and not onair.heard.keyed
+        held = onair.report("us", int((last + STALE + 0.05) * 1000))
+        assert held == first, "a stalled peer lost the floor at once"
+        assert onair.report("us", int((last + FLOOR_HOLD - 0.05) * 1000)) == held
+        ticks(bank, peer, 3, over, heard)  # back, in the same over
+        assert bank.peer_keyed[row] and onair.report("us", now_ms) == held
+        last = float(bank.rtp_at[row])
+        onair.check_stale(last + STALE + 0.05)
+        assert onair.report("us", int((last + FLOOR_HOLD + 0.05) * 1000)) is None
+    finally:
+        bank.close()
+        peer.sock.close()
