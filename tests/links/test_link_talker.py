@@ -244,7 +244,9 @@ def test_an_emergency_pre_empts_across_the_border(tmp_path: Path) -> None:
             await until(lambda: radio(us, "harbor").level(1000.0, 0.5) > HEARD, 5,
                         "the emergency heard by the radio it pre-empted")  # fmt: skip
             await asyncio.sleep(0.5)
-            assert radio(us, "harbor").level(BUSY_HZ, 1.0) < SILENT, "the busy tone, not the SOS"
+            # (the busy tone, when it plays, is at -24 dB over its cadence; late packets of
+            # the far tone under load leave artefacts near -50 dB in its band)
+            assert radio(us, "harbor").level(BUSY_HZ, 1.0) < -40, "the busy tone, not the SOS"
             assert radio(us, "harbor").level(1000.0, 1.0) > HEARD
             assert leg(us).emergency and metric(us, "link_peer_emergency", link="ca",
                                                 share="shiprider") == 1.0  # fmt: skip
