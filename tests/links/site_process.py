@@ -12,7 +12,7 @@ One JSON object a line in, one a line out (the answer, in order):
 - ``{"op": "state"}``: each link's shared names and their state, the holder of each
   shared floor (site, talker ID, key-up ms, emergency), our asking ports' overs
   (talker ID, key-up ms, emergency), and floor events since the start (kind, port,
-  talker, detail);
+  talker, detail, wall time);
 - ``{"op": "levels", "port": P, "hz": [...], "seconds": S}``: what radio P heard in
   the last S seconds, in dB per frequency (±10 Hz);
 - ``{"op": "key", "port": P, "on": bool, "emergency": bool, "at": T}``: radio P
@@ -36,6 +36,7 @@ from trunk_sites import RATE, band_db  # noqa: E402  (registers test_link_radio)
 import gateway.site  # noqa: E402,F401  (every config section)
 from gateway.app import Gateway  # noqa: E402
 from gateway.config import load_config  # noqa: E402
+from gateway.engine import Event  # noqa: E402
 from gateway.site import run_async  # noqa: E402
 
 FLOOR_EVENTS = ("floor_granted", "preempted", "talk_start")
@@ -76,21 +77,14 @@ def key(gateway: Gateway, port: str, on: bool, emergency: bool) -> None:
 async def serve(path: Path) -> None:
     gateway = Gateway(load_config(path))
     events: list[dict] = []
-    gateway.engine.listeners.append(
-        lambda e: (
-            events.append(
-                {
-                    "kind": e.kind,
-                    "port": e.port,
-                    "talker": e.talker,
-                    "group": e.group,
-                    "detail": e.detail,
-                }
-            )  # fmt: skip
-            if e.kind in FLOOR_EVENTS
-            else None
-        )
-    )
+
+    def record(event: Event) -> None:
+        if event.kind in FLOOR_EVENTS:
+            events.append({"kind": event.kind, "port": event.port, "talker": event.talker,
+                           "group": event.group, "detail": event.detail,
+                           "at": time.time()})  # fmt: skip
+
+    gateway.engine.listeners.append(record)
     task = asyncio.ensure_future(gateway.run())
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
