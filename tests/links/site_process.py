@@ -39,7 +39,7 @@ from gateway.config import load_config  # noqa: E402
 from gateway.engine import Event  # noqa: E402
 from gateway.site import run_async  # noqa: E402
 
-FLOOR_EVENTS = ("floor_granted", "preempted", "talk_start")
+FLOOR_EVENTS = ("floor_granted", "preempted")
 
 
 def state(gateway: Gateway, events: list[dict]) -> dict:

@@ -111,7 +111,7 @@ def mesh(tmp: Path) -> dict[str, Path]:
             agency=AGENCY[site],
             labels={"net": UNIT[site]},
             listeners=("net",),
-        )  # fmt: skip
+        )
         for site, hz in TONES.items()
     }
     ports = {site: spec.tls_port for site, spec in specs.items()}
@@ -119,6 +119,8 @@ def mesh(tmp: Path) -> dict[str, Path]:
 
 
 class Mesh:
+    """The three site processes, and what the test asks of all of them at once."""
+
     def __init__(self, sites: dict[str, SiteProcess]) -> None:
         self.sites = sites
         self.candidates: list[Candidate] = []  # the last ones the rule was given
@@ -171,7 +173,10 @@ class Mesh:
                 and next(iter(held))[:3] == (best.site, best.talker, best.keyed_at_ms)
             )
 
-        await until(one_holder, f"all three sites to name the rule's holder (last: {last})")
+        try:
+            await until(one_holder, "all three sites to name the rule's holder")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last (holders, the rule's, candidates): {last}") from None
         (held,) = last[0]
         # ... and it holds: no site changes its holder again (not even for a tick).
         counts = {n: len((await s.ask(op="state"))["events"]) for n, s in self.sites.items()}
@@ -196,7 +201,7 @@ class Mesh:
                 all(seen[f"{n}-ear {TONES[winner]:.0f}"] > HEARD for n in self.sites)
                 and all(
                     seen[f"{n}-ear {TONES[x]:.0f}"] < SILENT for n in self.sites for x in losers
-                )  # fmt: skip
+                )
                 and all(seen[f"{x}-radio {BUSY_HZ:.0f}"] > HEARD for x in losers)
             )
 
