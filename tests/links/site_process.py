@@ -10,7 +10,8 @@ way three countries' gateways do, not in one event loop's lockstep.
 One JSON object a line in, one a line out (the answer, in order):
 
 - ``{"op": "state"}``: each link's shared names and their state, the holder of each
-  shared floor (site, talker ID, key-up ms, emergency), our asking ports' overs
+  shared floor (site, talker ID, key-up ms, emergency) and its label as this site
+  knows it, our asking ports' overs
   (talker ID, key-up ms, emergency), and floor events since the start (kind, port,
   talker, detail, wall time);
 - ``{"op": "levels", "port": P, "hz": [...], "seconds": S}``: what radio P heard in
@@ -37,6 +38,8 @@ import gateway.site  # noqa: E402,F401  (every config section)
 from gateway.app import Gateway  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.engine import Event  # noqa: E402
+from gateway.links.arbiter import Arbiter, talker_label  # noqa: E402
+from gateway.links.floor import Candidate  # noqa: E402
 from gateway.site import run_async  # noqa: E402
 
 FLOOR_EVENTS = ("floor_granted", "preempted")
@@ -50,15 +53,28 @@ def state(gateway: Gateway, events: list[dict]) -> dict:
     }
     arbiter = gateway.engine.shared_floors
     holders = {}
+    labels = {}
     overs = {}
     if arbiter is not None:
         for group, floor in arbiter.floors.items():
             h = floor.holder
             holders[group] = None if h is None else [h.site, h.talker, h.keyed_at_ms, h.emergency]
+            labels[group] = None if h is None else holder_label(gateway, arbiter, h)
         for port, (talker, keyed_at) in arbiter.overs.items():
             emergency = bool(getattr(gateway.ports.get(port), "emergency", False))
             overs[port] = [talker, keyed_at, emergency]
-    return {"shares": shares, "holders": holders, "overs": overs, "events": events}
+    return {"shares": shares, "holders": holders, "labels": labels, "overs": overs,
+            "events": events}  # fmt: skip
+
+
+def holder_label(gateway: Gateway, arbiter: Arbiter, holder: Candidate) -> str:
+    """How this site names the holder: ours by its port, a peer's by the label it sent
+    (empty until the label has arrived)."""
+    if holder.site == arbiter.site:
+        port = next(p for p, over in arbiter.overs.items() if over[0] == holder.talker)
+        return talker_label(gateway.ports[port], arbiter.site_name)
+    legs = [p for p in gateway.engine.ports if getattr(p, "peer_site", "") == holder.site]
+    return legs[0].talker if legs else ""
 
 
 def levels(gateway: Gateway, port: str, hz: list[float], seconds: float) -> list[float]:

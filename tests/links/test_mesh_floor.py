@@ -237,22 +237,35 @@ class Mesh:
             raise AssertionError(f"{exc}; last levels (dB): {levels}; events: {events}") from None
 
     async def events_name(self, kind: str, port_of: dict[str, str], talker: str,
-                          detail: str = "") -> None:  # fmt: skip
-        """Every site's latest ``kind`` floor event is for ``port_of[site]`` (the radio
-        there, or the link leg its voice comes through) and names ``talker``."""
+                          holder: str, by: str = "") -> None:  # fmt: skip
+        """Every site names the holder (site ``holder``) by its label, and its latest
+        ``kind`` floor event is for ``port_of[site]`` (the radio there, or the link leg
+        the talker's voice comes through) and names site ``talker`` (and for a
+        pre-emption, ``by`` whom). An event a site emitted in the moment before the
+        talker's label (sent once per over in the dialog) arrived names its site ID."""
+
+        def names(site: str) -> tuple[str, str]:
+            return label(site), site
 
         async def named() -> bool:
             for name, site in self.sites.items():
-                events = [e for e in (await site.ask(op="state"))["events"] if e["kind"] == kind]
-                if not events or events[-1]["talker"] != talker:
+                state = await site.ask(op="state")
+                if state["labels"].get("net") != label(holder):
+                    return False
+                events = [e for e in state["events"] if e["kind"] == kind]
+                if not events or events[-1]["talker"] not in names(talker):
                     return False
                 if not events[-1]["port"].startswith(port_of[name]):
                     return False
-                if detail and detail not in events[-1].get("detail", ""):
+                if by and not any(events[-1]["detail"].startswith(f"by {n}") for n in names(by)):
                     return False
             return True
 
-        await until(named, f"a {kind} event naming {talker} at every site")
+        try:
+            await until(named, f"every site to name {label(holder)}, and a {kind} event")
+        except AssertionError as exc:
+            events = {n: (await s.ask(op="state"))["events"][-4:] for n, s in self.sites.items()}
+            raise AssertionError(f"{exc}; last events: {events}") from None
 
     async def released(self, names: str) -> None:
         await self.key(names, on=False)
@@ -291,14 +304,14 @@ def test_three_gateways_in_a_mesh_hold_one_floor(tmp_path: Path) -> None:
                 winner, _ = await m.converged("ab")
                 loser = "b" if winner == "a" else "a"
                 await m.heard_only(winner, loser)
-                await m.events_name("floor_granted", port_of(winner), label(winner))
+                await m.events_name("floor_granted", port_of(winner), winner, winner)
                 await m.released("ab")
 
             # (b) All three in one moment.
             await m.key("abc")
             winner, _ = await m.converged("abc")
             await m.heard_only(winner, "abc".replace(winner, ""))
-            await m.events_name("floor_granted", port_of(winner), label(winner))
+            await m.events_name("floor_granted", port_of(winner), winner, winner)
             await m.released("abc")
 
             # (c) A holds, B is busy; C's emergency key-up takes the floor on all three.
@@ -310,8 +323,8 @@ def test_three_gateways_in_a_mesh_hold_one_floor(tmp_path: Path) -> None:
             await m.key("c", emergency=True)
             held, holder = await m.converged("abc")
             assert held == "c" and holder[3], f"the emergency does not hold: {holder}"
-            await m.events_name("preempted", port_of("a"), label("a"), detail=label("c"))
-            await m.events_name("floor_granted", port_of("c"), label("c"))
+            await m.events_name("preempted", port_of("a"), "a", "c", by="c")
+            await m.events_name("floor_granted", port_of("c"), "c", "c")
 
             seen: dict[str, float] = {}
 
