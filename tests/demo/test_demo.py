@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -192,7 +193,9 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
                     print(url, await link_figures(session, url))
             assert len(loud) >= len(heard) // 4, "the Canadian console did not hear the cutter"
             voiced = [m["peakHz"] for m in loud]
-            assert all(80 <= hz <= 4000 for hz in voiced), f"not a voice band: {voiced}"
+            # Speech: its loudest partials mostly where voices have them (fricatives reach
+            # 5 kHz: the link speaks wideband Opus and the engine runs at 16 kHz).
+            assert 80 <= statistics.median(voiced) <= 1500, f"not a voice: {voiced}"
 
             # 2. During the cross-border patch the emergency pre-empts CBSA (still keyed,
             #    no longer heard) and is heard in the U.S.; seen from the U.S. console.
