@@ -236,7 +236,7 @@ async def ask(sub: Subscriber, sender: str, command: dict) -> dict:
     """Publish a command and wait for its reply."""
     before = len(sub.on(f"/reply/{sender}"))
     await sub.publish(f"borderlink/ca/command/{sender}", json.dumps(command))
-    await until(lambda: len(sub.on(f"/reply/{sender}")) > before, 10, f"a reply to {sender}")
+    await until(lambda: len(sub.on(f"/reply/{sender}")) > before, 30, f"a reply to {sender}")
     return sub.on(f"/reply/{sender}")[-1]
 
 
