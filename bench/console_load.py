@@ -351,7 +351,6 @@ async def cpu_tables(quick: bool, sizes: list[int], labels: list[str]) -> None:
 
 
 async def latency(runs: int) -> None:
-    import gateway.site  # noqa: F401
     from gateway.app import Gateway
     from gateway.config import parse_config
     from gateway.ports import Port

@@ -45,7 +45,6 @@ sys.path[:0] = [str(ROOT / "tests" / "links"), str(ROOT)]
 
 from trunk_sites import LinkSpec, SiteSpec, make_pki, radio, running, share_state, site_toml  # noqa: E402
 
-import gateway.site  # noqa: E402,F401  (every section: [audit], [sip], [links]...)
 from gateway.site import run_async  # noqa: E402
 from tests.sip.sip_peers import until  # noqa: E402
 

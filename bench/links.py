@@ -74,8 +74,9 @@ from trunk_sites import (  # noqa: E402
     until,
 )
 
-from gateway.config import PortConfig, register_port_kind  # noqa: E402
-from gateway.ports import Frame, Port, register_port_type  # noqa: E402
+from gateway.config import PortConfig  # noqa: E402
+from gateway.endpoints import ENDPOINTS, Endpoint  # noqa: E402
+from gateway.ports import Frame, Port  # noqa: E402
 from gateway.site import run_async  # noqa: E402
 
 FRAME = 0.02
@@ -89,12 +90,10 @@ ONSET = 0.25 * 10 ** (LEVEL_DBFS / 20) * 2**0.5  # a quarter of the tone's peak
 SILENCE = 10 ** (-50 / 20)  # a frame whose peak is below -50 dBFS is silent
 
 
-@register_port_kind("bench_link_radio")
 class BenchRadioConfig(PortConfig):
     tone_hz: float = Field(1000.0, gt=0, le=4000)
 
 
-@register_port_type("bench_link_radio")
 class BenchRadio(Port):
     """Speaks steadily, in bursts, or not at all; keeps (time, frame) of what it hears."""
 
@@ -127,6 +126,12 @@ class BenchRadio(Port):
 
     def heard_since(self, since: float) -> list[tuple[float, np.ndarray]]:
         return [(t, f) for t, f in self.heard if t >= since]
+
+
+BENCH_ENDPOINTS = (
+    *ENDPOINTS,
+    Endpoint("bench radio", ports={"bench_link_radio": (BenchRadioConfig, BenchRadio)}),
+)
 
 
 # --- finding things in what a radio heard --------------------------------------------
@@ -262,7 +267,7 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
             UdpRelay(("127.0.0.1", 9), lifetime=3600) as media:  # fmt: skip
         ca_path = pair.toml(pair.ca, {"us": to_us.port})
         us_path = pair.toml(pair.us, {"ca": to_ca.port})
-        async with running(ca_path) as ca, running(us_path) as us:
+        async with running(ca_path, BENCH_ENDPOINTS) as ca, running(us_path, BENCH_ENDPOINTS) as us:
             mouth, ear = ca.ports["marine-radio"], us.ports["harbor-radio"]
             await linked(ca, us, media)
 

@@ -27,7 +27,6 @@ import time
 import numpy as np
 from gateway.monitoring.metrics import SiteMetrics
 
-import gateway.site  # noqa: F401  (registers port kinds and sections)
 from gateway.app import Gateway
 from gateway.config import PortConfig, parse_config
 from gateway.engine import Event

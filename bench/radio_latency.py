@@ -136,7 +136,6 @@ def through_gateway(
     overs: bool = False,
     card_ppm: float = 0.0,
 ) -> dict:
-    import gateway.site  # noqa: F401
     from gateway.app import Gateway
     from gateway.config import load_config
 

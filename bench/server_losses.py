@@ -49,7 +49,6 @@ def record(seconds: float) -> np.ndarray:
     """Rows of (time, stamp time, stamp frame, xruns, A rx underruns, B tx underruns)."""
     from gateway.hardware.card_process import STAMP, STAMP_FRAME, XRUNS
 
-    import gateway.site  # noqa: F401
     from gateway.app import Gateway
     from gateway.config import load_config
 

@@ -112,17 +112,16 @@ def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: AN
     import asyncio
 
     from gateway.app import Gateway
-    from gateway.config import PortConfig, parse_config, register_port_kind
-    from gateway.ports import Port, register_port_type
+    from gateway.config import PortConfig, parse_config
+    from gateway.endpoints import ENDPOINTS, Endpoint
+    from gateway.ports import Port
     from gateway.site import run_async
 
     clicks: list[float] = []
 
-    @register_port_kind("bench_tap")
     class TapConfig(PortConfig):
         pass
 
-    @register_port_type("bench_tap")
     class Tap(Port):
         """A radio that notes when a click reaches it (wall time of its first sample)."""
 
@@ -137,7 +136,8 @@ def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: AN
     site = SITE.replace('listen = "127.0.0.1:0"\n', f'listen = "127.0.0.1:0"\n{tls}\n')
     if web:
         site += '\n[web]\nhost = "127.0.0.1"\nport = 0\n'
-    gateway = Gateway(parse_config(site))
+    tap = Endpoint("tap", ports={"bench_tap": (TapConfig, Tap)})
+    gateway = Gateway(parse_config(site, endpoints=(*ENDPOINTS, tap)))
 
     async def main() -> None:
         task = asyncio.ensure_future(gateway.run())

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +23,7 @@ from gateway.config import (
     describe_changes,
     load_config,
 )
+from gateway.endpoints import Endpoint, load
 from gateway.engine import RETRY_FIRST_S, RETRY_MAX_S, Engine, Event
 from gateway.ports import DownPort, Port, build_port
 
@@ -48,42 +48,6 @@ class Service(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
-
-
-ServiceFactory = Callable[["Gateway"], "Service | None"]
-SERVICES: list[ServiceFactory] = []
-
-
-def register_service(factory: ServiceFactory) -> ServiceFactory:
-    """Add a service builder; it returns None when the site config does not ask for it."""
-    SERVICES.append(factory)
-    return factory
-
-
-def section_service(section: str, missing: str = "") -> Callable[[type], type]:
-    """Class decorator: run ``cls(gateway, config)`` when the site has a ``[section]``.
-
-    The service is kept as ``gateway.<section>`` (None when the section is absent),
-    so other parts find the web server, SIP stack, MQTT client or audit log there.
-    ``missing`` is logged when the section is absent and that deserves a warning.
-    """
-
-    def add(cls: type) -> type:
-        def factory(gateway: Gateway) -> Service | None:
-            config = gateway.config.section(section)
-            if config is None:
-                if missing:
-                    log.warning(missing)
-                gateway.sections_off.add(section)
-                return None
-            service = cls(gateway, config)
-            setattr(gateway, section, service)
-            return service
-
-        register_service(factory)
-        return cls
-
-    return add
 
 
 @dataclass
@@ -113,7 +77,7 @@ class Gateway:
         self.engine.before_tick.append(self._follow_card_phase)
         self.ports: dict[str, Port] = {}
         self.services: list[Service] = []
-        # Set by their services when the config has the section (see section_service).
+        # Set to their services when the config has the section (see _build_service).
         self.web = self.sip = self.mqtt = self.audit = self.links = None
         self.sections_off: set[str] = set()  # sections absent at start: their service is off
         self._stop = asyncio.Event()
@@ -155,7 +119,7 @@ class Gateway:
                    ) -> Port:  # fmt: skip
         """Build and open one port; raises what stopped it (after closing what it held)."""
         config = config or self.config
-        port = build_port(name, port_config, config.timing)
+        port = build_port(name, port_config, config.timing, config.endpoints)
         port.talkgroup = config.talkgroup_of(name) or ""
         port.on_report = self.note
         try:
@@ -284,7 +248,7 @@ class Gateway:
         """The new config, or the refusal (logged) that keeps the running one."""
         path = path or self.config.source
         try:
-            new = load_config(path)
+            new = load_config(path, self.config.endpoints)
         except ConfigError as exc:
             log.error("reload refused, the running config stays in force:\n%s", exc)
             return ReloadResult(False, [], [], [], str(exc))
@@ -418,8 +382,8 @@ class Gateway:
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         tasks: list[asyncio.Task] = []
         try:
-            for factory in SERVICES:
-                service = factory(self)
+            for endpoint in self.config.endpoints:
+                service = self._build_service(endpoint)
                 if service is not None:
                     await service.start()
                     self.services.append(service)
@@ -444,6 +408,22 @@ class Gateway:
                 await _stop_within(service, SERVICE_STOP_SECONDS)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    def _build_service(self, endpoint: Endpoint) -> Service | None:
+        """The endpoint's service when the site has its section, kept as
+        ``gateway.<section>`` so other parts find the web server, SIP stack, MQTT client
+        or audit log there; None otherwise (``endpoint.missing`` logged, if it says why)."""
+        if endpoint.service is None:
+            return None
+        config = self.config.section(endpoint.section)
+        if config is None:
+            if endpoint.missing:
+                log.warning(endpoint.missing)
+            self.sections_off.add(endpoint.section)
+            return None
+        service = load(endpoint.service)(self, config)
+        setattr(self, endpoint.section, service)
+        return service
 
     def _reload_on_signal(self) -> None:
         task = asyncio.ensure_future(self.reload_live(by="SIGHUP"))

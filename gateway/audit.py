@@ -46,8 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from gateway.app import section_service
-from gateway.config import Model, register_section, writable_problem
+from gateway.config import Model, writable_problem
 from gateway.units import Duration
 
 if TYPE_CHECKING:
@@ -57,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@register_section("audit")
 class AuditConfig(Model):
     """``[audit]``: where the audit log goes and how it rotates."""
 
@@ -168,9 +166,6 @@ class AuditFile:
         return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d")
 
 
-@section_service(
-    "audit", missing="no [audit] section: PTT, patch, call and login records are not kept"
-)
 class AuditLog:
     """The service: engine events and run-time ports → audit records."""
 

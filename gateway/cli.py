@@ -1,26 +1,19 @@
-"""Command line: argument parsing only; the work is in gateway.app and friends."""
+"""Command line: argument parsing only; the work is in gateway.app and friends.
+
+The entry point. Its own commands are below; each endpoint's (``devices``, ``link``,
+``passwd``...) are named in :mod:`gateway.endpoints`, imported when the parser is built
+and run, so ``--version`` and ``--help`` load no NumPy, aiortc or cryptography.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from gateway import __version__
-
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
-
-
-def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register a subcommand; later modules add theirs (devices, levels, passwd)."""
-
-    def add(handler: Callable[[argparse.Namespace], int]) -> Callable:
-        COMMANDS[name] = (help, arguments, handler)
-        return handler
-
-    return add
+from gateway.endpoints import ENDPOINTS, Command, commands, load
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +41,6 @@ def _check_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@command("check", "validate a site config without starting anything", _check_args)
 def check(args: argparse.Namespace) -> int:
     from gateway.site import load_site, summary, verify
 
@@ -58,7 +50,6 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("run", "run the gateway for a site config (SIGHUP reloads it)", _run_args)
 def run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
     from gateway.site import load_site, run_async
@@ -72,17 +63,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("demo", "two linked sites (CA, US) of simulated radios with consoles; no hardware",
-         _demo_args)  # fmt: skip
 def demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     return run_demo(args.seconds, plain=args.plain)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import gateway.site  # noqa: F401  (registers every port kind and command)
+COMMANDS = [
+    Command("check", "validate a site config without starting anything", _check_args, check),
+    Command("run", "run the gateway for a site config (SIGHUP reloads it)", _run_args, run),
+    Command(
+        "demo",
+        "two linked sites (CA, US) of simulated radios with consoles; no hardware",
+        _demo_args,
+        demo,
+    ),
+    *commands(ENDPOINTS),
+]
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="borderlink",
         description="BorderLink: join radios, SIP phones and browser consoles in talkgroups.",
@@ -91,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"borderlink {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, arguments, handler) in COMMANDS.items():
-        child = sub.add_parser(name, help=help_text, description=help_text)
-        arguments(child)
-        child.set_defaults(handler=handler)
+    for command in COMMANDS:
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        load(command.arguments)(child)
+        child.set_defaults(handler=command.handler)
     return parser
 
 
@@ -111,15 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.config import ConfigError
 
     try:
-        return args.handler(args)
+        return load(args.handler)(args)
     except ConfigError as exc:  # any command reading a site file reports it the same way
         print(exc, file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    # Run as ``python -m gateway.cli``: this file is then __main__, while other modules
-    # register their commands on ``gateway.cli``; use that one.
-    from gateway.cli import main as registered_main
-
-    sys.exit(registered_main())
+    sys.exit(main())

@@ -3,8 +3,9 @@
 A dispatcher edits this file under pressure, so every problem is reported at once,
 each with the file, the key path, the line where it can be found, and the fix.
 Unknown keys are errors: a misspelt ``hangtime`` must not silently fall back to a
-default. Port kinds are a registry so that later endpoint types (sound cards, SIP,
-WebRTC) add their own models without touching this module.
+default. The port kinds and sections a file may use, and their models, come from
+the endpoint table (:mod:`gateway.endpoints`), so an endpoint adds its own models
+without touching this module.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.endpoints import ENDPOINTS, Endpoint, load, port_kinds, sections
 from gateway.units import Duration
 
 FloorMode = Literal["mix", "single"]
@@ -68,7 +69,7 @@ class Timing(Model):
 
 
 class PortConfig(Model):
-    """What every port has, whatever its kind. Kinds subclass and register."""
+    """What every port has, whatever its kind. Kinds subclass it (see gateway.endpoints)."""
 
     kind: str
     agency: str = ""
@@ -87,19 +88,6 @@ class PortConfig(Model):
     @property
     def half_duplex(self) -> bool:
         return (self.duplex or self.default_duplex) == "half"
-
-
-PORT_KINDS: dict[str, type[PortConfig]] = {}
-
-
-def register_port_kind(kind: str) -> Callable[[type[PortConfig]], type[PortConfig]]:
-    """Class decorator: make ``kind = "<kind>"`` in a config file build this model."""
-
-    def add(cls: type[PortConfig]) -> type[PortConfig]:
-        PORT_KINDS[kind] = cls
-        return cls
-
-    return add
 
 
 class TalkSchedule(Model):
@@ -126,7 +114,6 @@ class ScheduledSource(PortConfig, TalkSchedule):
         return self
 
 
-@register_port_kind("simulated_radio")
 class SimulatedRadioConfig(PortConfig, TalkSchedule):
     """A radio that needs no hardware: talks on a schedule, half duplex like a real one."""
 
@@ -137,19 +124,16 @@ class SimulatedRadioConfig(PortConfig, TalkSchedule):
     voice: Path | None = None  # a 16-bit WAV said from its start at every talk burst
 
 
-@register_port_kind("tone")
 class ToneSourceConfig(ScheduledSource):
     tone_hz: float = Field(1000.0, gt=0, le=20000)
     level_dbfs: float = Field(-12.0, le=0)
 
 
-@register_port_kind("file")
 class FileSourceConfig(ScheduledSource):
     path: Path
     loop: bool = True
 
 
-@register_port_kind("recorder")
 class RecorderConfig(PortConfig):
     """Recordings go to new files in ``directory``, named after the talkgroup and the
     UTC time they start; an existing file is never written over."""
@@ -198,22 +182,6 @@ class PatchConfig(Model):
     description: str = ""
 
 
-SECTIONS: dict[str, type[Model]] = {}
-
-
-def register_section(name: str) -> Callable[[type[Model]], type[Model]]:
-    """Class decorator: validate the optional top-level ``[name]`` table with this model.
-
-    Endpoints and services (web console, SIP, MQTT) own their sections this way.
-    """
-
-    def add(cls: type[Model]) -> type[Model]:
-        SECTIONS[name] = cls
-        return cls
-
-    return add
-
-
 @dataclass(frozen=True)
 class SiteConfig:
     site: SiteInfo
@@ -223,9 +191,11 @@ class SiteConfig:
     patches: dict[str, PatchConfig]
     sections: dict[str, Model] = field(default_factory=dict)
     source: Path | None = None
+    # What the file was read with; the Gateway builds its ports and services from it.
+    endpoints: tuple[Endpoint, ...] = field(default=ENDPOINTS, compare=False, repr=False)
 
     def section(self, name: str) -> Any:
-        """A registered optional section's model, or None when the file has none."""
+        """An optional section's model (``[sip]``...), or None when the file has none."""
         return self.sections.get(name)
 
     def talkgroup_of(self, port: str) -> str | None:
@@ -315,7 +285,7 @@ def readable_problem(path: Path) -> str:
         return f"{path}: cannot read it ({exc.strerror or exc})"
 
 
-def load_config(path: str | Path) -> SiteConfig:
+def load_config(path: str | Path, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> SiteConfig:
     """Read and validate a site file; raise ConfigError listing every problem."""
     path = Path(path)
     try:
@@ -324,11 +294,14 @@ def load_config(path: str | Path) -> SiteConfig:
         raise ConfigError(
             str(path), [Problem("", f"cannot read the file: {exc.strerror}")]
         ) from exc
-    config = parse_config(text, str(path))
+    config = parse_config(text, str(path), endpoints)
     return SiteConfig(**{**config.__dict__, "source": path})
 
 
-def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
+def parse_config(
+    text: str, filename: str = "<config>", endpoints: tuple[Endpoint, ...] = ENDPOINTS
+) -> SiteConfig:
+    """Validate a site file's text against the port kinds and sections of ``endpoints``."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -338,7 +311,8 @@ def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
         ) from exc
     lines = key_lines(text)
     problems: list[Problem] = []
-    known = ["site", "timing", "ports", "talkgroups", "patches", *SECTIONS]
+    models = sections(endpoints)
+    known = ["site", "timing", "ports", "talkgroups", "patches", *models]
     for key in raw:
         if key not in known:
             hint = _did_you_mean(key, known) or f" (top-level tables: {', '.join(known)})"
@@ -358,10 +332,10 @@ def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
         )
     site = check(SiteInfo, raw.get("site", {}), ("site",))
     timing = check(Timing, raw.get("timing", {}), ("timing",))
-    sections = {}
-    for name, model in SECTIONS.items():
+    found = {}
+    for name, model in models.items():
         if name in raw:
-            sections[name] = check(model, raw[name], (name,))
+            found[name] = check(load(model), raw[name], (name,))
     tables = {}
     for table in ("ports", "talkgroups", "patches"):
         value = raw.get(table, {})
@@ -370,8 +344,9 @@ def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
             value = {}
         tables[table] = value
     ports: dict[str, PortConfig] = {}
+    kinds = {kind: model for kind, (model, _) in port_kinds(endpoints).items()}
     for name, table in tables["ports"].items():
-        port = _validate_port(name, table, lines, problems)
+        port = _validate_port(name, table, kinds, lines, problems)
         if port is not None:
             ports[name] = port
     talkgroups = {
@@ -386,25 +361,29 @@ def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
         ports,
         lines,
     ))  # fmt: skip
-    problems.extend(_section_references(sections, set(tables["talkgroups"]), lines))
+    problems.extend(_section_references(found, set(tables["talkgroups"]), lines))
     if problems:
         raise ConfigError(filename, problems)
-    return SiteConfig(site, timing, ports, talkgroups, patches, sections)
+    return SiteConfig(site, timing, ports, talkgroups, patches, found, endpoints=endpoints)
 
 
 def _validate_port(
-    name: str, table: Any, lines: dict[tuple[str, ...], int], problems: list[Problem]
+    name: str,
+    table: Any,
+    kinds: dict[str, Any],
+    lines: dict[tuple[str, ...], int],
+    problems: list[Problem],
 ) -> PortConfig | None:
     where = ("ports", name)
     if not isinstance(table, dict):
         problems.append(_problem(where, "must be a table: [ports.NAME]", lines))
         return None
     kind = table.get("kind")
-    model = PORT_KINDS.get(kind) if isinstance(kind, str) else None
+    model = load(kinds[kind]) if isinstance(kind, str) and kind in kinds else None
     if model is None:
-        known = ", ".join(sorted(PORT_KINDS))
+        known = ", ".join(sorted(kinds))
         what = "missing" if kind is None else f"unknown port kind {kind!r}"
-        hint = _did_you_mean(kind, PORT_KINDS) if isinstance(kind, str) else ""
+        hint = _did_you_mean(kind, kinds) if isinstance(kind, str) else ""
         problems.append(_problem((*where, "kind"), f"{what}; known kinds: {known}{hint}", lines))
         return None
     try:

@@ -47,8 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from gateway.app import section_service
-from gateway.config import Model, readable_problem, register_section
+from gateway.config import Model, readable_problem
 from gateway.units import Duration
 
 if TYPE_CHECKING:
@@ -70,7 +69,6 @@ CONNECT_GRACE_S = 0.4  # a stop lets a connect in progress finish (the gateway a
 TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-@register_section("mqtt")
 class MqttConfig(Model):
     """``[mqtt]``: the broker, credentials, topics and who may command the gateway."""
 
@@ -152,7 +150,6 @@ class CommandError(Exception):
     """A command that is refused; the message is the reason sent back."""
 
 
-@section_service("mqtt")
 class MqttService:
     def __init__(self, gateway: Gateway, config: MqttConfig) -> None:
         self.gateway = gateway

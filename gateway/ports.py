@@ -31,6 +31,7 @@ from gateway.config import (
     Timing,
     ToneSourceConfig,
 )
+from gateway.endpoints import ENDPOINTS, Endpoint, load, port_kinds
 
 log = logging.getLogger(__name__)
 
@@ -153,21 +154,6 @@ class Port:
         return f"<{type(self).__name__} {self.name}>"
 
 
-PortFactory = Callable[[str, PortConfig, Timing], Port]
-PORT_TYPES: dict[str, PortFactory] = {}
-
-
-def register_port_type(kind: str) -> Callable[[type[Port]], type[Port]]:
-    """Class decorator: build this Port for ``kind = "<kind>"`` ports."""
-
-    def add(cls: type[Port]) -> type[Port]:
-        PORT_TYPES[kind] = cls
-        cls.kind = kind
-        return cls
-
-    return add
-
-
 class DownPort(Port):
     """Stands on the engine for a configured port that could not start (a missing file,
     an unplugged sound card): silent, never keyed, reported down with ``down_reason``
@@ -182,12 +168,17 @@ class DownPort(Port):
         self.down_reason = reason
 
 
-def build_port(name: str, config: PortConfig, timing: Timing) -> Port:
+def build_port(
+    name: str, config: PortConfig, timing: Timing, endpoints: tuple[Endpoint, ...] = ENDPOINTS
+) -> Port:
+    """The Port the endpoint table names for ``config.kind`` (imported now, if not yet)."""
     try:
-        factory = PORT_TYPES[config.kind]
+        _, factory = port_kinds(endpoints)[config.kind]
     except KeyError:
         raise ValueError(f"port {name!r}: no implementation for kind {config.kind!r}") from None
-    return factory(name, config, timing)
+    port = load(factory)(name, config, timing)
+    port.kind = config.kind
+    return port
 
 
 class Scheduler:
@@ -211,7 +202,6 @@ class Scheduler:
         return phase < self.length
 
 
-@register_port_type("tone")
 class ToneSource(Port):
     """A test tone that talks on a schedule (or always)."""
 
@@ -227,7 +217,6 @@ class ToneSource(Port):
         return self.tone.read(self.frame_samples) if self.talking else None
 
 
-@register_port_type("simulated_radio")
 class SimulatedRadio(Port):
     """A radio with no hardware: a tone, speech-like audio or a recorded voice on a schedule.
 
@@ -283,7 +272,6 @@ class SimulatedRadio(Port):
         self.last_heard = None if frame is None else frame.copy()
 
 
-@register_port_type("file")
 class FileSource(Port):
     """A WAV file played into the talkgroup (announcements, test recordings)."""
 

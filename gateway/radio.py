@@ -29,12 +29,12 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from gateway.config import Model, PortConfig, Timing, register_port_kind
+from gateway.config import Model, PortConfig, Timing
 from gateway.hardware import ptt as ptt_mod
 from gateway.hardware import squelch as sq
 from gateway.hardware.ctcss import make_filter
 from gateway.hardware.soundcard import CardSpec, SoundCard
-from gateway.ports import Frame, Port, register_port_type
+from gateway.ports import Frame, Port
 from gateway.units import Duration, parse_duration
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,6 @@ class SquelchConfig(Model):
         return self
 
 
-@register_port_kind("soundcard")
 class SoundcardConfig(PortConfig):
     """A radio on a sound card: audio in/out, PTT line, squelch (COR) detection."""
 
@@ -212,7 +211,6 @@ def build_detector(cfg: SquelchConfig, rate: int) -> sq.Detector:
     return base
 
 
-@register_port_type("soundcard")
 class SoundcardPort(Port):
     """A radio: received audio gated by its squelch, transmit audio keyed by its PTT."""
 
@@ -367,5 +365,3 @@ def rms_dbfs(frame: np.ndarray | None) -> float:
         return -120.0
     return float(max(-120.0, 20 * np.log10(max(float(np.sqrt(np.mean(frame * frame))), 1e-6))))
 
-
-from gateway import radio_cli  # noqa: E402, F401  (its commands: borderlink devices, levels)

@@ -14,17 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
-from gateway.cli import _config_arg, command
+def config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="the site's TOML file")
 
 
-def _devices_args(parser: argparse.ArgumentParser) -> None:
+def devices_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dev", default="/dev", help=argparse.SUPPRESS)
 
 
-@command("devices", "list sound cards and the serial/HID/GPIO lines that could key a radio",
-         _devices_args)  # fmt: skip
 def devices(args: argparse.Namespace) -> int:
     from gateway.hardware.devices import UDEV_HINT, control_devices, sound_cards
 
@@ -49,8 +47,8 @@ def devices(args: argparse.Namespace) -> int:
     return 0
 
 
-def _levels_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="the site's TOML file")
+def levels_arguments(parser: argparse.ArgumentParser) -> None:
+    config_argument(parser)
     parser.add_argument("port", help="the soundcard port to meter")
     parser.add_argument(
         "--tone",
@@ -71,14 +69,12 @@ def _levels_args(parser: argparse.ArgumentParser) -> None:
 
 def meter(db: float, width: int = 30) -> str:
     """A bar from −60 to 0 dBFS, marked at the −12 dBFS speech target."""
-    filled = int(np.clip((db + 60) / 60, 0, 1) * width)
+    filled = int(min(max((db + 60) / 60, 0), 1) * width)
     bar = ["#" if i < filled else "." for i in range(width)]
     bar[int(48 / 60 * width)] = "|"
     return "".join(bar)
 
 
-@command("levels", "live input/output meters and squelch/PTT state of one radio port",
-         _levels_args)  # fmt: skip
 def levels(args: argparse.Namespace) -> int:
     from gateway.codecs.pcm import dbfs, peak_dbfs
     from gateway.codecs.tones import ToneGenerator
@@ -133,8 +129,6 @@ def levels(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("unkey", "drive every PTT line the site names unkeyed, then exit (safe at any time)",
-         _config_arg)  # fmt: skip
 def unkey(args: argparse.Namespace) -> int:
     """Open each radio's PTT line, drive it unkeyed and release it: run after the gateway
     stops for any reason, since a CM108 latch, a GPIO pin or a serial line holds its last

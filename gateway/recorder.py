@@ -31,7 +31,7 @@ import numpy as np
 
 from gateway.codecs.pcm import float_to_int16
 from gateway.config import RecorderConfig, Timing
-from gateway.ports import Frame, Port, register_port_type
+from gateway.ports import Frame, Port
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ def file_prefix(talkgroup: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", talkgroup) or "recording"
 
 
-@register_port_type("recorder")
 class Recorder(Port):
     """Writes what the talkgroup carries to 16-bit WAV files at the internal rate."""
 

@@ -1,7 +1,7 @@
-"""Everything a site can use, registered in one place, and the site summary.
+"""A site file as ``borderlink check`` sees it: loaded, verified, summarised.
 
-Importing this module registers every port kind, config section, service and
-CLI command, so a config file can name any of them.
+What a site can use (port kinds, sections, services) is the table in
+:mod:`gateway.endpoints`; nothing needs importing first for a file to name any of it.
 """
 
 from __future__ import annotations
@@ -11,16 +11,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import gateway.audit  # noqa: F401  ([audit]: the audit log of PTT, patches, calls, logins)
-import gateway.links  # noqa: F401  ([links]: cross-border links, checked by 'borderlink check')
-import gateway.monitoring.exporter  # noqa: F401  (/metrics, /healthz, /readyz on [web])
-import gateway.mqtt  # noqa: F401  ([mqtt]: state, events and commands for CAD systems)
-import gateway.ports  # noqa: F401  (simulated radio, tone, file)
-import gateway.radio  # noqa: F401  (soundcard radios; 'devices' and 'levels' commands)
-import gateway.recorder  # noqa: F401  (recorder ports: a talkgroup's audio to WAV files)
-import gateway.sip  # noqa: F401  ([sip]: phones and PBXs join talkgroups)
-import gateway.web  # noqa: F401  ([web]: the console and /metrics share it)
-import gateway.webrtc  # noqa: F401  ([console]: browser dispatcher console, passwd)
 from gateway.config import (
     ConfigError,
     PortConfig,

@@ -1,7 +1,8 @@
 """The gateway's one web server (aiohttp): console, APIs, /metrics, /healthz.
 
-Endpoints register their routes here, so the console and the metrics exporter
-share one listening socket, one TLS set-up and one access log.
+Endpoints add their routes here (``routes`` in :mod:`gateway.endpoints`), so the
+console and the metrics exporter share one listening socket, one TLS set-up and
+one access log.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from pydantic import Field
 
-from gateway.app import section_service
-from gateway.config import Model, register_section
+from gateway.config import Model
+from gateway.endpoints import load
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@register_section("web")
 class WebConfig(Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -53,24 +53,19 @@ GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 """The running Gateway, for route handlers: ``request.app[GATEWAY]``."""
 
 RouteInstaller = Callable[[web.Application, "Gateway"], None]
-ROUTES: list[RouteInstaller] = []
+"""Adds an endpoint's routes to the gateway's web app (once, when the server starts)."""
 
 
-def register_routes(installer: RouteInstaller) -> RouteInstaller:
-    """Add routes to the gateway's web app (called once when the server starts)."""
-    ROUTES.append(installer)
-    return installer
-
-
-@section_service("web")
 class WebServer:
     def __init__(self, gateway: Gateway, config: WebConfig) -> None:
         self.gateway = gateway
         self.config = config
         self.app = web.Application()
         self.app[GATEWAY] = gateway
-        for installer in ROUTES:
-            installer(self.app, gateway)
+        for endpoint in gateway.config.endpoints:  # a section's routes only when it is there
+            if not endpoint.section or gateway.config.section(endpoint.section) is not None:
+                for installer in endpoint.routes:
+                    load(installer)(self.app, gateway)
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
 

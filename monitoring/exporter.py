@@ -20,15 +20,12 @@ from aiohttp import web
 from gateway.monitoring.metrics import SiteMetrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway.web import register_routes
-
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 STALLED_AFTER_S = 1.0  # the clock is this far behind its schedule: not alive
 
 
-@register_routes
 def install(app: web.Application, gateway: Gateway) -> None:
     metrics = SiteMetrics.of(gateway)
 

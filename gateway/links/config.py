@@ -46,7 +46,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.config import Model, SiteConfig, register_section
+from gateway.config import Model, SiteConfig
 from gateway.links.consent import SHARED_NAME, Direction, Shares
 
 _HOSTPORT = re.compile(
@@ -266,7 +266,6 @@ class LinkConfig(Model):
         return Shares({e.shared: (tg, e.direction) for tg, e in self.share.items() if e.enabled})
 
 
-@register_section("links")
 class LinksConfig(Model):
     """``[links]``: this site's ID for the floor tie-break, and one ``[links.NAME]`` per peer."""
 

@@ -135,7 +135,7 @@ def request(config: Path, message: dict[str, Any], timeout: float = 5.0) -> dict
 # --- the command line ----------------------------------------------------------------------
 
 
-def _arguments(parser: Any) -> None:
+def link_arguments(parser: Any) -> None:
     parser.add_argument("action", choices=("cut", "restore", "status"))
     parser.add_argument("link", nargs="?", help="the link's name ([links.NAME])")
     parser.add_argument("--share", help="only this shared name on the link")
@@ -146,25 +146,18 @@ def _arguments(parser: Any) -> None:
     )  # fmt: skip
 
 
-def _register() -> None:
-    from gateway.cli import command
-
-    @command("link", "cut, restore or show a cross-border link of the running gateway", _arguments)
-    def link(args: Any) -> int:
-        if args.config is None:
-            print("which gateway? give --config SITE.toml (or set BORDERLINK_CONFIG)")
-            return 2
-        if args.action != "status" and not args.link:
-            print(f"link {args.action} needs the link's name")
-            return 2
-        message = {"action": args.action, "link": args.link, "share": args.share,
-                   "reason": args.reason}  # fmt: skip
-        reply = request(args.config, message)
-        if not reply.get("ok"):
-            print(f"refused: {reply.get('error')}")
-            return 1
-        print(json.dumps({k: v for k, v in reply.items() if k != "ok"}, indent=1))
-        return 0
-
-
-_register()
+def link(args: Any) -> int:
+    if args.config is None:
+        print("which gateway? give --config SITE.toml (or set BORDERLINK_CONFIG)")
+        return 2
+    if args.action != "status" and not args.link:
+        print(f"link {args.action} needs the link's name")
+        return 2
+    message = {"action": args.action, "link": args.link, "share": args.share,
+               "reason": args.reason}  # fmt: skip
+    reply = request(args.config, message)
+    if not reply.get("ok"):
+        print(f"refused: {reply.get('error')}")
+        return 1
+    print(json.dumps({k: v for k, v in reply.items() if k != "ok"}, indent=1))
+    return 0

@@ -25,7 +25,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.app import section_service
 from gateway.links.arbiter import Arbiter
 from gateway.links.config import LinkConfig, LinksConfig, site_id
 from gateway.links.control import ControlServer, control_path
@@ -46,7 +45,6 @@ class LinkError(Exception):
     """A cut or restore that cannot be done; the message says why (sent back to the caller)."""
 
 
-@section_service("links")
 class LinksService:
     def __init__(self, gateway: Gateway, config: LinksConfig) -> None:
         self.gateway = gateway

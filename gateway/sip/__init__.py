@@ -7,9 +7,6 @@ Signalling goes through pyVoIP's parser and REGISTER/digest builders
 media — RTP (:mod:`.rtp`), jitter buffers (:mod:`.jitter`), G.711 and
 resampling — is handled for all legs at once by the leg bank (:mod:`.bank`) on
 the engine's clock; a link's Opus (:mod:`.opus`) is coded per leg at the bank's
-edges (:mod:`.bank_opus`). Importing this package registers the ``[sip]`` section and
-the service.
+edges (:mod:`.bank_opus`). The ``[sip]`` section and the service are named in
+:mod:`gateway.endpoints`.
 """
-
-from gateway.sip import config as config  # noqa: F401  ([sip] section)
-from gateway.sip import service as service  # noqa: F401  (the SIP stack starts with the gateway)

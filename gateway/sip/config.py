@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from cryptography.hazmat.primitives import serialization
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from gateway.config import Model, register_section
+from gateway.config import Model
 from gateway.sip import tls
 from gateway.sip.transport import DEFAULT_PORTS, Source, uri_source
 from gateway.units import Duration
@@ -278,7 +278,6 @@ def strictest(*policies: SrtpPolicy) -> SrtpPolicy:
         return value
 
 
-@register_section("sip")
 class SipConfig(Model):
     listen: str = "127.0.0.1:5060"
     listen_tcp: str = Field("", description="host:port for SIP over TCP; empty: none")

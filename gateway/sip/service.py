@@ -23,7 +23,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.app import section_service
 from gateway.config import Model, SiteConfig
 from gateway.sip.bank import ROUTE_COUNTERS, LegBank
 from gateway.sip.calls import CallManager
@@ -103,7 +102,6 @@ def _guarded(name: str, step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-@section_service("sip")
 class SipService:
     def __init__(self, gateway: Gateway, config: SipConfig) -> None:
         self.gateway = gateway

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from gateway.config import Model, register_section
+from gateway.config import Model
 from gateway.units import Duration
 from gateway.webrtc.passwords import SCHEME, check_hash_format
 
@@ -48,7 +48,6 @@ class OperatorConfig(Model):
         return self.may_talk(talkgroup) or ALL in self.monitor or talkgroup in self.monitor
 
 
-@register_section("console")
 class ConsoleConfig(Model):
     """The browser dispatcher console (served on the ``[web]`` server)."""
 

@@ -14,8 +14,6 @@ import hmac
 import os
 import sys
 
-from gateway.cli import command
-
 SCHEME = "scrypt"
 N, R, P = 2**14, 8, 1
 MIN_LENGTH = 8
@@ -66,7 +64,7 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
-def _passwd_args(parser: argparse.ArgumentParser) -> None:
+def passwd_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stdin", action="store_true", help="read the password from standard input (scripts)"
     )
@@ -76,8 +74,6 @@ def _passwd_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realm", default="borderlink", help="the [sip] realm (with --sip)")
 
 
-@command("passwd", "print a password hash for a console operator ([console.operators.NAME]) "
-         "or, with --sip USER, a SIP caller", _passwd_args)  # fmt: skip
 def passwd(args: argparse.Namespace) -> int:
     who = f"SIP password for {args.sip}" if args.sip else "New console password"
     if args.stdin:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_config, parse_config
+from gateway.endpoints import ENDPOINTS, Endpoint
 from gateway.site import summary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,9 +47,9 @@ def test_shipped_configs_are_valid(name: str) -> None:
     assert "config OK" in text
 
 
-def problems(text: str) -> list[str]:
+def problems(text: str, endpoints: tuple = ENDPOINTS) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        parse_config(text, "site.toml")
+        parse_config(text, "site.toml", endpoints)
     return [p.render("site.toml") for p in info.value.problems]
 
 
@@ -61,7 +62,6 @@ def test_misspelt_key_is_an_error_with_line_and_suggestion() -> None:
 
 def test_misspelt_key_inside_a_named_table_gets_a_suggestion() -> None:
     """Keys of [sip.routes."NUMBER"] and [console.operators.NAME] tables, not only ports'."""
-    import gateway.site  # noqa: F401  (registers [sip] and [console])
 
     text = GOOD + '\n[sip.routes."6001"]\ntalkgroup = "tg"\ntalkgrop = "tg"\n'
     (only,) = problems(text)
@@ -111,9 +111,9 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml")
 
 
-def test_sections_name_only_configured_talkgroups(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sections_name_only_configured_talkgroups() -> None:
     """A section's talkgroup names are checked like patches', with line and suggestion."""
-    from gateway.config import SECTIONS, Model
+    from gateway.config import Model
 
     class Routes(Model):
         numbers: dict[str, str] = {}
@@ -121,10 +121,10 @@ def test_sections_name_only_configured_talkgroups(monkeypatch: pytest.MonkeyPatc
         def talkgroup_references(self) -> list[tuple[tuple[str, ...], str]]:
             return [(("numbers", number), tg) for number, tg in self.numbers.items()]
 
-    monkeypatch.setitem(SECTIONS, "routes", Routes)
+    endpoints = (*ENDPOINTS, Endpoint("routes", section="routes", config=Routes))
     good = GOOD + '\n[routes]\nnumbers = { "100" = "tg" }\n'
-    assert parse_config(good).section("routes").numbers == {"100": "tg"}
-    (only,) = problems(good.replace('"100" = "tg"', '"100" = "tgg"'))
+    assert parse_config(good, endpoints=endpoints).section("routes").numbers == {"100": "tg"}
+    (only,) = problems(good.replace('"100" = "tg"', '"100" = "tgg"'), endpoints)
     assert "routes.numbers.100" in only and "no talkgroup named 'tgg'" in only
     line = good.splitlines().index('numbers = { "100" = "tg" }') + 1
     assert "did you mean 'tg'" in only and only.startswith(f"site.toml:{line}:")

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from helpers import tone_level
 
-import gateway.site  # noqa: F401  (registers the recorder kind)
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from tests.monitoring.live_site import until

@@ -17,7 +17,6 @@ import time
 
 from gateway.hardware.ptt import shared_guardian
 
-import gateway.site  # noqa: F401
 from gateway.app import Gateway
 from gateway.config import load_config
 

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import gateway.site  # noqa: F401  (registers the soundcard kind)
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.engine import Event

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from gateway.hardware.devices import DeviceNotFound, find_card
 
-import gateway.site  # noqa: F401
 from gateway.config import ConfigError, Timing, parse_config
 from gateway.radio import SoundcardConfig, SoundcardPort
 from tests.hardware.jackradio import site_toml

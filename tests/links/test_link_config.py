@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from certs import Identity, make_identity
 
-import gateway.site  # noqa: F401  (registers [links] as the CLI does)
 from gateway.config import ConfigError, parse_config
 from gateway.links.config import (
     LinkConfig,

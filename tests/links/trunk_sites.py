@@ -27,20 +27,19 @@ from gateway.codecs.tones import ToneGenerator  # noqa: E402
 from pki import Authority, Issued  # noqa: E402
 from sip_peers import band_db, dominant_hz, until  # noqa: E402,F401  (re-exported)
 
-from gateway.config import PortConfig, load_config, register_port_kind  # noqa: E402
-from gateway.ports import Frame, Port, register_port_type  # noqa: E402
+from gateway.config import PortConfig, load_config  # noqa: E402
+from gateway.endpoints import ENDPOINTS, Endpoint  # noqa: E402
+from gateway.ports import Frame, Port  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 RATE = 16000
 
 
-@register_port_kind("test_link_radio")
 class LinkRadioConfig(PortConfig):
     tone_hz: float = Field(1000.0, gt=0, lt=RATE / 2)
     level_dbfs: float = -20.0
 
 
-@register_port_type("test_link_radio")
 class LinkRadio(Port):
     def __init__(self, name: str, config: LinkRadioConfig, timing) -> None:  # noqa: ANN001
         super().__init__(name, config, timing)
@@ -62,6 +61,12 @@ class LinkRadio(Port):
 
     def level(self, hz: float, seconds: float = 1.0) -> float:
         return band_db(self.recent(seconds), RATE, hz)
+
+
+TEST_ENDPOINTS = (
+    *ENDPOINTS,
+    Endpoint("test radio", ports={"test_link_radio": (LinkRadioConfig, LinkRadio)}),
+)
 
 
 @dataclass
@@ -171,11 +176,12 @@ peer_ca = "{pki.cas[link.peer].bundle}"
 
 
 @contextlib.asynccontextmanager
-async def running(path: Path) -> AsyncIterator:
-    """A Gateway from ``path`` on this loop, until the block ends."""
+async def running(path: Path, endpoints: tuple = ()) -> AsyncIterator:
+    """A Gateway from ``path`` on this loop, until the block ends (``endpoints``: the
+    table its file is read with; by default the built-in one and the test radio)."""
     from gateway.app import Gateway
 
-    gateway = Gateway(load_config(path))
+    gateway = Gateway(load_config(path, endpoints or TEST_ENDPOINTS))
     task = asyncio.ensure_future(gateway.run())
     try:
         await until(lambda: task.done() or _started(gateway), 10, "the links service to start")

@@ -18,7 +18,6 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-import gateway.site  # noqa: F401  (registers every kind, section, service)
 from gateway.app import Gateway
 from gateway.config import PortConfig, Timing, load_config
 from gateway.ports import Port

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.config import PortConfig, register_port_kind
-from gateway.ports import Frame, Port, register_port_type
+from gateway.config import PortConfig
+from gateway.endpoints import ENDPOINTS, Endpoint
+from gateway.ports import Frame, Port
 
 
-@register_port_kind("test_parrot")
 class ParrotConfig(PortConfig):
     pass
 
 
-@register_port_type("test_parrot")
 class Parrot(Port):
     def __init__(self, name: str, config: ParrotConfig, timing) -> None:  # noqa: ANN001
         super().__init__(name, config, timing)
@@ -31,3 +30,9 @@ class Parrot(Port):
 
     def write(self, frame: Frame | None) -> None:
         self.held = None if frame is None else frame.copy()
+
+
+ENDPOINTS_WITH_PARROT = (
+    *ENDPOINTS,
+    Endpoint("parrot", ports={"test_parrot": (ParrotConfig, Parrot)}),
+)

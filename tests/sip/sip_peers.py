@@ -23,6 +23,7 @@ from gateway.codecs.pcm import int16_to_float
 
 from gateway.app import Gateway
 from gateway.config import parse_config
+from gateway.endpoints import ENDPOINTS
 from tests.conftest import free_port, require_binary, write_wav
 
 HERE = Path(__file__).parent
@@ -349,9 +350,9 @@ class Phone:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(toml: str) -> AsyncIterator[Gateway]:
+async def running_gateway(toml: str, endpoints: tuple = ENDPOINTS) -> AsyncIterator[Gateway]:
     """The real Gateway (engine, clock, SIP service) on this event loop."""
-    gateway = Gateway(parse_config(toml))
+    gateway = Gateway(parse_config(toml, endpoints=endpoints))
     task = asyncio.ensure_future(gateway.run())
     try:
 

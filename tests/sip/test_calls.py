@@ -247,10 +247,10 @@ talkgroup = "echo"
 public = true
 vox_hang = "0s"
 """
-    import parrot_port  # noqa: F401  (registers the test-only "parrot" port kind)
+    from parrot_port import ENDPOINTS_WITH_PARROT  # the test-only "parrot" port kind
 
     async def scenario() -> None:
-        async with running_gateway(site(tmp_path, None, extra=parrot)) as gw:
+        async with running_gateway(site(tmp_path, None, extra=parrot), ENDPOINTS_WITH_PARROT) as gw:
             phone.start(dial=f"sip:8001@127.0.0.1:{gw.sip.port}", seconds=8)
             await until(lambda: not phone.running(), 12, "the phone to finish")
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from pki import Authority
 
-import gateway.site  # noqa: F401  (registers the [sip] section)
 from gateway.app import Gateway
 from gateway.config import load_config
 

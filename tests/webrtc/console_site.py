@@ -23,8 +23,9 @@ import numpy as np
 from gateway.codecs.tones import ToneGenerator
 from pydantic import Field
 
-from gateway.config import PortConfig, register_port_kind
-from gateway.ports import Port, register_port_type
+from gateway.config import PortConfig
+from gateway.endpoints import ENDPOINTS, Endpoint
+from gateway.ports import Port
 from gateway.webrtc.passwords import hash_password
 from tests.conftest import require_binary, write_wav
 
@@ -48,14 +49,12 @@ def password_hash(operator: str) -> str:
     return _HASHES[operator]
 
 
-@register_port_kind("console_test_radio")
 class TestRadioConfig(PortConfig):
     default_duplex: ClassVar[str] = "half"
     tone_hz: float = Field(RADIO_TONE_HZ, gt=0)
     level_dbfs: float = -12.0
 
 
-@register_port_type("console_test_radio")
 class TestRadio(Port):
     """A radio the test keys by hand; records what the gateway transmits to it."""
 
@@ -83,6 +82,12 @@ class TestRadio(Port):
     def audio_since(self, t: float) -> np.ndarray:
         frames = [f for when, f in self.heard if when >= t]
         return np.concatenate(frames) if frames else np.zeros(0, np.float32)
+
+
+TEST_ENDPOINTS = (
+    *ENDPOINTS,
+    Endpoint("test radio", ports={"console_test_radio": (TestRadioConfig, TestRadio)}),
+)
 
 
 def write_tone_wav(path: Path, hz: float, seconds: float = 20.0, rate: int = 48000) -> Path:
@@ -209,7 +214,7 @@ class Site:
     async def restart(self) -> None:
         """Stop the gateway and start it again on the same port (sessions are lost)."""
         from gateway.app import Gateway
-        from gateway.site import load_site
+        from gateway.config import load_config
 
         port = self.gateway.web.port
         self.gateway.stop()
@@ -217,7 +222,7 @@ class Site:
             await asyncio.wait_for(self.task, 10)
         path = self.tmp / "site.toml"
         path.write_text(path.read_text().replace("port = 0", f"port = {port}", 1))
-        self.gateway = Gateway(load_site(path))
+        self.gateway = Gateway(load_config(path, TEST_ENDPOINTS))
         self.task = asyncio.ensure_future(self.gateway.run())
         await until(lambda: getattr(getattr(self.gateway, "web", None), "port", None)
                     or self.task.done(), 10, "the web server to listen again")  # fmt: skip
@@ -267,14 +272,14 @@ async def console_site(
     from playwright.async_api import async_playwright
 
     from gateway.app import Gateway
-    from gateway.site import load_site
+    from gateway.config import load_config
 
     chromium = require_binary("chromium") if browser else ""
     config_path = tmp / "site.toml"
     config_path.write_text(site_toml(floor, extra, audit=tmp / "audit.jsonl", console=console,
                                      web=web, alice_name=alice_name, radio=radio))  # fmt: skip
     wav = write_tone_wav(tmp / "mic.wav", CONSOLE_TONE_HZ)
-    gateway = Gateway(load_site(config_path))
+    gateway = Gateway(load_config(config_path, TEST_ENDPOINTS))
     run = asyncio.ensure_future(gateway.run())
     site: Site | None = None
     try:

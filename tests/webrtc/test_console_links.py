@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "links"))
 
 from trunk_sites import LinkSpec, SiteSpec, make_pki, running, share_state, site_toml  # noqa: E402
 
-import gateway.site  # noqa: E402,F401  (registers [sip], [links], [audit]…)
 from tests.conftest import require_binary  # noqa: E402
 
 
