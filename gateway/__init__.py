@@ -1,8 +1,5 @@
 """BorderLink: a cross-border radio interoperability gateway."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("borderlink")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+unknown"
+# The one place the version is written: pyproject.toml reads it from here, and
+# ``borderlink --version`` does not pay for an installed-metadata lookup.
+__version__ = "0.1.0"

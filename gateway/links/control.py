@@ -9,7 +9,6 @@ line. The gateway listens only while ``[links]`` is configured.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import asyncio  # imported where the server runs: 'borderlink link' and --help need none
+
     from gateway.links.service import LinksService
 
 MAX_REQUEST = 4096
@@ -50,6 +51,8 @@ class ControlServer:
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
+        import asyncio
+
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # left by a gateway that died
         old = os.umask(0o177)
@@ -59,6 +62,8 @@ class ControlServer:
             os.umask(old)
 
     async def stop(self) -> None:
+        import asyncio
+
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
@@ -67,6 +72,8 @@ class ControlServer:
             self.path.unlink()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
         try:
             line = await asyncio.wait_for(reader.readline(), 5.0)
             reply = self.handle(line[:MAX_REQUEST], _who(writer))
