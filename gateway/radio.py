@@ -364,4 +364,3 @@ def rms_dbfs(frame: np.ndarray | None) -> float:
     if frame is None or not len(frame):
         return -120.0
     return float(max(-120.0, 20 * np.log10(max(float(np.sqrt(np.mean(frame * frame))), 1e-6))))
-

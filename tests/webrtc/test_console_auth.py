@@ -155,7 +155,6 @@ def test_passwd_prints_a_hash_that_verifies():
 
 
 def test_plain_password_in_config_is_refused_with_the_fix():
-
     text = site_toml().replace(hash_password(PASSWORDS["alice"])[:0] + "password_hash = \"scrypt",
                                'password_hash = "hunter2" # "scrypt', 1)  # fmt: skip
     with pytest.raises(ConfigError) as err:
