@@ -1,4 +1,4 @@
-"""How long ``borderlink --version`` and ``--help`` take, and what they import.
+"""How long ``borderlink --version``, ``--help`` and ``check`` take; what --version imports.
 
     .venv/bin/python bench/startup.py                  # this tree, idle machine
     .venv/bin/python bench/startup.py --stress         # with `stress-ng --cpu 2` beside it
@@ -88,6 +88,8 @@ def main() -> None:
         print(row("python -c pass", [py, "-c", "pass"], tree))
         print(row("borderlink --version", [py, "-m", "gateway.cli", "--version"], tree))
         print(row("borderlink --help", [py, "-m", "gateway.cli", "--help"], tree))
+        check = [py, "-m", "gateway.cli", "check", "--no-hardware", "config/example-site.toml"]
+        print(row("borderlink check (example)", check, tree))
     loaded = subprocess.run([py, "-c", LOADED], cwd=tree, capture_output=True, text=True)
     heavy = loaded.stdout.split("heavy:")[-1].split()
     print(f"--version imports, of {', '.join(HEAVY)}: {', '.join(heavy) or 'none'}")
