@@ -12,7 +12,7 @@ is ``--version`` at most 0.2 s on an idle machine.
 Measured 6 Dec 2026 on the shared 2-core machine (load average 4-8 from other
 work), median of 5, wall / CPU seconds:
 
-    --version                 registries (main 1c16324)   composition root
+    --version                 registries (main c132653)   composition root
     as it was                 1.03 / 0.94                 0.07-0.21 / 0.07-0.12
     stress-ng --cpu 2 beside  5.31 / 1.15                 0.32 / 0.08
     check (example site)      1.54 / 1.10                 0.82 / 0.49
