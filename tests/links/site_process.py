@@ -32,9 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
-from trunk_sites import RATE, band_db  # noqa: E402  (registers test_link_radio)
+from trunk_sites import RATE, TEST_ENDPOINTS, band_db  # noqa: E402
 
-import gateway.site  # noqa: E402,F401  (every config section)
 from gateway.app import Gateway  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.engine import Event  # noqa: E402
@@ -91,7 +90,7 @@ def key(gateway: Gateway, port: str, on: bool, emergency: bool) -> None:
 
 
 async def serve(path: Path) -> None:
-    gateway = Gateway(load_config(path))
+    gateway = Gateway(load_config(path, TEST_ENDPOINTS))  # with the test_link_radio kind
     events: list[dict] = []
 
     def record(event: Event) -> None:
