@@ -57,9 +57,11 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def site(port: int, shared: bool, direct: bool = True, talkgroups: int = 1,
-         silent: bool = False) -> str:  # fmt: skip
-    tgs = "\n".join(f"""
+def site(
+    port: int, shared: bool, direct: bool = True, talkgroups: int = 1, silent: bool = False
+) -> str:
+    tgs = "\n".join(
+        f"""
 [ports.tone{i}]
 kind = "tone"
 tone_hz = {500 + 100 * i}
@@ -67,7 +69,9 @@ enabled = {str(not silent).lower()}
 
 [talkgroups.tg{i}]
 members = ["tone{i}"]
-""" for i in range(talkgroups))  # fmt: skip
+"""
+        for i in range(talkgroups)
+    )
     return f"""
 [site]
 name = "console bench"
@@ -112,8 +116,9 @@ class PacedTone(MediaStreamTrack):
         samples = self.level * np.sin(2 * np.pi * self.hz * t) if self.on else np.zeros(960)
         if self.on and self.first_on_sent is None:
             self.first_on_sent = time.time()
-        frame = av.AudioFrame.from_ndarray((samples * 32767).astype(np.int16).reshape(1, -1),
-                                           format="s16", layout="mono")  # fmt: skip
+        frame = av.AudioFrame.from_ndarray(
+            (samples * 32767).astype(np.int16).reshape(1, -1), format="s16", layout="mono"
+        )
         frame.sample_rate = 48000
         frame.pts = self.n * 960
         frame.time_base = fractions.Fraction(1, 48000)
@@ -157,9 +162,11 @@ class Client:
                 connected.set_result(True)
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        r = await self.http.post(f"{self.base}/api/console/join", json={
-            "console": self.console, "talkgroup": talkgroup, **self._sdp()},
-            timeout=aiohttp.ClientTimeout(total=30))  # fmt: skip
+        r = await self.http.post(
+            f"{self.base}/api/console/join",
+            json={"console": self.console, "talkgroup": talkgroup, **self._sdp()},
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
         r.raise_for_status()
         await self.pc.setRemoteDescription(RTCSessionDescription(**await r.json()))
         await asyncio.wait_for(connected, 20)
@@ -219,8 +226,9 @@ async def login(base: str) -> aiohttp.ClientSession:
     http = aiohttp.ClientSession(
         cookie_jar=aiohttp.CookieJar(unsafe=True), connector=aiohttp.TCPConnector(limit=0)
     )  # a socket per console
-    r = await http.post(f"{base}/api/console/login",
-                        json={"operator": "bench", "password": PASSWORD})  # fmt: skip
+    r = await http.post(
+        f"{base}/api/console/login", json={"operator": "bench", "password": PASSWORD}
+    )
     r.raise_for_status()
     return http
 
@@ -244,16 +252,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-async def measure_gateway(listeners: int, talkers: int, shared: bool, window: float,
-                          workdir: Path, direct: bool = True,
-                          silent: bool = False) -> tuple[float, float]:  # fmt: skip
+async def measure_gateway(
+    listeners: int,
+    talkers: int,
+    shared: bool,
+    window: float,
+    workdir: Path,
+    direct: bool = True,
+    silent: bool = False,
+) -> tuple[float, float]:
     """Gateway CPU (% of one core) with this many consoles on one talkgroup, and the
     share of the packets due that it really sent (a starved machine skips ticks)."""
     port = free_tcp_port()
     config = workdir / f"site-{port}.toml"
     config.write_text(site(port, shared, direct, silent=silent))
-    proc = subprocess.Popen([BORDERLINK, "run", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [BORDERLINK, "run", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     base = f"http://127.0.0.1:{port}"
     clients: list[Client] = []
     http = None
@@ -318,8 +333,10 @@ async def cpu_tables(quick: bool, sizes: list[int], labels: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         idle, _ = await measure_gateway(0, 0, True, window, workdir)
-        print(f"\nGateway CPU with N consoles listening to one talkgroup where a tone talks "
-              f"({window:g} s windows; idle site {idle:.1f} % of a core)")  # fmt: skip
+        print(
+            f"\nGateway CPU with N consoles listening to one talkgroup where a tone talks "
+            f"({window:g} s windows; idle site {idle:.1f} % of a core)"
+        )
         print("  direct+shared: one encode per tick for the talkgroup, RTP sent directly (default)")
         print("  aiortc+shared: one encode per tick, each packet through aiortc's sender task")
         print("  aiortc+own:    an encoder per console through aiortc (a plain aiortc app)")
@@ -338,13 +355,17 @@ async def cpu_tables(quick: bool, sizes: list[int], labels: list[str]) -> None:
             print(f"{n:>5} {''.join(cells)}")
         listen, _ = await measure_gateway(1, 0, True, window, workdir)
         talk, _ = await measure_gateway(0, 1, True, window, workdir)
-        print(f"\nOne console (default paths): listening {listen - idle:.2f} % of a core, "
-              f"talking (PTT held, tone sent) {talk - idle:.2f} %")  # fmt: skip
+        print(
+            f"\nOne console (default paths): listening {listen - idle:.2f} % of a core, "
+            f"talking (PTT held, tone sent) {talk - idle:.2f} %"
+        )
         n = max(sizes)
         quiet, _ = await measure_gateway(n, 0, True, window, workdir, silent=True)
-        print(f"{n} consoles on a silent talkgroup (DTX: a packet per 400 ms): {quiet:.1f} % "
-              f"of a core, {(quiet - idle) / 100 / (n * 50) * 1e6:.0f} µs per console per "
-              "20 ms frame")  # fmt: skip
+        print(
+            f"{n} consoles on a silent talkgroup (DTX: a packet per 400 ms): {quiet:.1f} % "
+            f"of a core, {(quiet - idle) / 100 / (n * 50) * 1e6:.0f} µs per console per "
+            "20 ms frame"
+        )
 
 
 # --- latency (in-process) ----------------------------------------------------------------

@@ -266,8 +266,14 @@ def sdp(port: int) -> str:
     )
 
 
-def request(method: str, me: int, body: str = "", call_id: str | None = None,
-            to_tag: str = "", cseq: int = 1) -> bytes:  # fmt: skip
+def request(
+    method: str,
+    me: int,
+    body: str = "",
+    call_id: str | None = None,
+    to_tag: str = "",
+    cseq: int = 1,
+) -> bytes:
     lines = [
         f"{method} sip:6001@127.0.0.1 SIP/2.0",
         f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{secrets.token_hex(5)};rport",
@@ -352,20 +358,39 @@ class Fuzzer:
 
     def sip_content_length(self):
         value = self.rng.choice(
-            ["-1", "-999999", "99999999999999999999", "4294967296", "1e3", "0x10", "", " 5 5",
-             str(self.rng.randrange(10**6))]
-        )  # fmt: skip
-        data = re.sub(rb"Content-Length: \d+", f"Content-Length: {value}".encode(),
-                      self.templates[0])  # fmt: skip
+            [
+                "-1",
+                "-999999",
+                "99999999999999999999",
+                "4294967296",
+                "1e3",
+                "0x10",
+                "",
+                " 5 5",
+                str(self.rng.randrange(10**6)),
+            ]
+        )
+        data = re.sub(
+            rb"Content-Length: \d+", f"Content-Length: {value}".encode(), self.templates[0]
+        )
         return self.sip_address, data
 
     def sip_start_line(self):
         line = self.rng.choice(
-            [b"INVITE", b"INVITE sip:6001@127.0.0.1", b"INVITE  SIP/2.0", b"FOO bar SIP/2.0",
-             b"INVITE sip:6001@127.0.0.1 SIP/3.0", b"SIP/2.0 99999 X", b"SIP/2.0", b"\xff\xfe",
-             b"REGISTER sip:127.0.0.1 SIP/2.0", b"INFO sip:6001@127.0.0.1 SIP/2.0",
-             b"INVITE " + b"a" * 5000 + b" SIP/2.0"]
-        )  # fmt: skip
+            [
+                b"INVITE",
+                b"INVITE sip:6001@127.0.0.1",
+                b"INVITE  SIP/2.0",
+                b"FOO bar SIP/2.0",
+                b"INVITE sip:6001@127.0.0.1 SIP/3.0",
+                b"SIP/2.0 99999 X",
+                b"SIP/2.0",
+                b"\xff\xfe",
+                b"REGISTER sip:127.0.0.1 SIP/2.0",
+                b"INFO sip:6001@127.0.0.1 SIP/2.0",
+                b"INVITE " + b"a" * 5000 + b" SIP/2.0",
+            ]
+        )
         data = self.rng.choice(self.templates)
         return self.sip_address, line + data[data.index(b"\r\n") :]
 
@@ -376,9 +401,13 @@ class Fuzzer:
         data = self.rng.choice(self.templates)
         head, body = data.split(b"\r\n\r\n", 1)
         line = self.rng.choice(
-            [b"Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKx", b"X-Junk: " + b"j" * 50,
-             b"Contact: <sip:a@127.0.0.1>", b"Route: <sip:127.0.0.1;lr>"]
-        )  # fmt: skip
+            [
+                b"Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKx",
+                b"X-Junk: " + b"j" * 50,
+                b"Contact: <sip:a@127.0.0.1>",
+                b"Route: <sip:127.0.0.1;lr>",
+            ]
+        )
         flood = b"\r\n".join([line] * self.rng.randint(50, 400))
         return self.sip_address, head + b"\r\n" + flood + b"\r\n\r\n" + body
 
@@ -426,20 +455,28 @@ class Fuzzer:
         if rng.random() < 0.5:
             data = rng.randbytes(rng.randint(0, 300))
         else:
-            data = HEADER.pack(0x80, 0, rng.randrange(65536), rng.randrange(1 << 32),
-                               rng.randrange(1 << 32)) + bytes(160)  # fmt: skip
+            data = HEADER.pack(
+                0x80, 0, rng.randrange(65536), rng.randrange(1 << 32), rng.randrange(1 << 32)
+            ) + bytes(160)
         return self.rtp_address, data
 
     def rtp_live_malformed(self):
         rng = self.rng
         good = HEADER.pack(0x80, 0, rng.randrange(65536), 0, self.live.ssrc)
         data = rng.choice(
-            [bytes([0x80, 99]) + good[2:] + bytes(160), bytes([0x40]) + good[1:] + bytes(160),
-             good[: rng.randrange(12)], bytes([0xA0]) + good[1:] + bytes([0, 0, 0, 200]),
-             bytes([0x8F]) + good[1:] + bytes(8), bytes([0x90]) + good[1:] + bytes([0, 0, 0, 50]),
-             good + bytes(1600), good, bytes([0x80, 101]) + good[2:] + bytes([99, 0, 0]),
-             good + rng.randbytes(rng.randint(1, 300))]
-        )  # fmt: skip
+            [
+                bytes([0x80, 99]) + good[2:] + bytes(160),
+                bytes([0x40]) + good[1:] + bytes(160),
+                good[: rng.randrange(12)],
+                bytes([0xA0]) + good[1:] + bytes([0, 0, 0, 200]),
+                bytes([0x8F]) + good[1:] + bytes(8),
+                bytes([0x90]) + good[1:] + bytes([0, 0, 0, 50]),
+                good + bytes(1600),
+                good,
+                bytes([0x80, 101]) + good[2:] + bytes([99, 0, 0]),
+                good + rng.randbytes(rng.randint(1, 300)),
+            ]
+        )
         return ("live", self.rtp_address), data
 
     def rtp_live_injected(self):
@@ -509,8 +546,11 @@ class Streams:
         elif kind == "tcp_huge_length":
             head = self.options().split(b"\r\n\r\n")[0]
             value = rng.choice([b"999999999", b"-5", b"65537", b"1" * 30])
-            chunks = [re.sub(rb"Content-Length: \d+", b"Content-Length: " + value, head)
-                      + b"\r\n\r\n" + rng.randbytes(rng.randint(0, 500))]  # fmt: skip
+            chunks = [
+                re.sub(rb"Content-Length: \d+", b"Content-Length: " + value, head)
+                + b"\r\n\r\n"
+                + rng.randbytes(rng.randint(0, 500))
+            ]
         elif kind == "tcp_mutated":
             chunks = [self.fuzzer.mutate(rng.choice(self.fuzzer.templates))]
         elif kind == "tcp_header_flood":
@@ -552,8 +592,15 @@ class Streams:
         return f"{answers.count(b'SIP/2.0 200')}/4 answered"
 
 
-STREAM_KINDS = {"tcp_split": 1, "tcp_merged": 1, "tcp_huge_length": 1, "tcp_mutated": 1,
-                "tcp_header_flood": 1, "tcp_junk": 1, "tcp_slow": 0.2}  # fmt: skip
+STREAM_KINDS = {
+    "tcp_split": 1,
+    "tcp_merged": 1,
+    "tcp_huge_length": 1,
+    "tcp_mutated": 1,
+    "tcp_header_flood": 1,
+    "tcp_junk": 1,
+    "tcp_slow": 0.2,
+}
 
 
 # --- the gateway process -------------------------------------------------------------------
@@ -692,9 +739,24 @@ def main() -> int:
         final = metrics(web) if not crashed else {}
         rss_after = rss_kb(proc.pid) if not crashed else 0
         framing = streams.framing_check() if not crashed else "gateway gone"
-        report(args, sent, fuzz_seconds, crashed, log_path, baseline, final, calls_before,
-               back, (rss_before, rss_warm, rss_after), peak[0], live, witness,
-               (before, during, after), samples, (framing, streams.refused))  # fmt: skip
+        report(
+            args,
+            sent,
+            fuzz_seconds,
+            crashed,
+            log_path,
+            baseline,
+            final,
+            calls_before,
+            back,
+            (rss_before, rss_warm, rss_after),
+            peak[0],
+            live,
+            witness,
+            (before, during, after),
+            samples,
+            (framing, streams.refused),
+        )
     finally:
         if pacer is not None:
             pacer.stopping.set()
@@ -718,32 +780,60 @@ def _answers(web: int) -> bool:
 def _rtp_port(log_path: Path, web: int) -> int:
     """The gateway's media port: from a probe call's SDP answer."""
     probe = Caller("probe", 400)
-    sip = int(re.search(r'listen = "127.0.0.1:(\d+)"', (log_path.parent / "site.toml")
-                        .read_text())[1])  # fmt: skip
+    sip = int(
+        re.search(r'listen = "127.0.0.1:(\d+)"', (log_path.parent / "site.toml").read_text())[1]
+    )
     probe.call(("127.0.0.1", sip), "6001")
     port = probe.remote[1]
     probe.rtp.close()  # gone: the media timeout ends this call during the run
     return port
 
 
-def report(args, sent, seconds, crashed, log_path, baseline, final, calls_before, back,
-           rss, peak, live, witness, windows, samples, stream) -> None:  # noqa: ANN001  # fmt: skip
+def report(
+    args,
+    sent,
+    seconds,
+    crashed,
+    log_path,
+    baseline,
+    final,
+    calls_before,
+    back,
+    rss,
+    peak,
+    live,
+    witness,
+    windows,
+    samples,
+    stream,
+) -> None:  # noqa: ANN001
     log_text = log_path.read_text(errors="replace")
     tracebacks = log_text.count("Traceback (most recent call last)")
-    print(f"\nfuzz_sip: {sum(sent.values()):,} messages in {seconds:.1f} s "
-          f"({sum(sent.values()) / seconds:,.0f}/s), seed {args.seed}\n")  # fmt: skip
+    print(
+        f"\nfuzz_sip: {sum(sent.values()):,} messages in {seconds:.1f} s "
+        f"({sum(sent.values()) / seconds:,.0f}/s), seed {args.seed}\n"
+    )
     print(f"{'kind':<22}{'sent':>10}")
     for kind, n in sorted(sent.items()):
         print(f"{kind:<22}{n:>10,}")
-    print(f"\nTCP: {stream[1]:,} connections refused or reset by the gateway; after the run,"
-          f" 3 merged + 1 split OPTIONS on one connection: {stream[0]}")  # fmt: skip
+    print(
+        f"\nTCP: {stream[1]:,} connections refused or reset by the gateway; after the run,"
+        f" 3 merged + 1 split OPTIONS on one connection: {stream[0]}"
+    )
 
     def delta(name: str) -> float:
         return final.get(name, 0) - baseline.get(name, 0)
 
     print("\ngateway counters over the run")
-    counted = ("malformed", "rejected", "refused", "failed", "timed_out", "calls_total",
-               "connections")  # fmt: skip
+    counted = (
+        "malformed",
+        "rejected",
+        "refused",
+        "failed",
+        "timed_out",
+        "calls_total",
+        "connections",
+    )
     for name in sorted(set(final) | set(baseline)):
         if any(k in name for k in counted) and delta(name):
             print(f"  {name.removeprefix('borderlink_'):<58}{delta(name):>10,.0f}")
@@ -753,35 +843,47 @@ def report(args, sent, seconds, crashed, log_path, baseline, final, calls_before
         ("crashes (gateway died)", "yes" if crashed else "0"),
         ("unhandled exceptions (tracebacks in log)", f"{tracebacks}"),
         ("requests answered 500", f"{delta('borderlink_sip_messages_failed_total'):.0f}"),
-        ("calls before / after (timers ran)", f"{calls_before:.0f} / {calls_after:.0f}"
-         f"  (left over: {max(0, calls_after - calls_before):.0f})"
-         + ("" if back else "  NOT BACK TO THE BASELINE")),
+        (
+            "calls before / after (timers ran)",
+            f"{calls_before:.0f} / {calls_after:.0f}"
+            f"  (left over: {max(0, calls_after - calls_before):.0f})"
+            + ("" if back else "  NOT BACK TO THE BASELINE"),
+        ),
         ("peak concurrent calls (fuzzer's INVITEs)", f"{peak:.0f}"),
         ("RSS start / after warm-up / end", " / ".join(f"{r / 1024:.1f}" for r in rss) + " MB"),
         ("RSS growth after the warm-up (goal < 5 MB)", f"{(rss[2] - rss[1]) / 1024:+.1f} MB"),
-        ("RSS growth over the whole run", f"{(rss[2] - rss[0]) / 1024:+.1f} MB (columns sized "
-         "for the peak of calls stay allocated)"),
-    ]  # fmt: skip
+        (
+            "RSS growth over the whole run",
+            f"{(rss[2] - rss[0]) / 1024:+.1f} MB (columns sized "
+            "for the peak of calls stay allocated)",
+        ),
+    ]
     for label, value in rows:
         print(f"  {label:<44}{value}")
     print("\nRSS over the run (calls up at that moment: the fuzzer's INVITEs until the timers)")
     print("  " + "  ".join(f"{n // 1000:>5}k" for n, _, _ in samples))
     print("  " + "  ".join(f"{c:>6.0f}" for _, c, _ in samples) + "   calls")
     print("  " + "  ".join(f"{r / 1024:>6.1f}" for _, _, r in samples) + "   MB")
-    print("\nthe calls' audio, dBFS: the live caller hears the radio (1000 Hz, sent at -12) and"
-          " the witness (900 Hz);\nthe witness hears the live caller (600 Hz) and must not hear"
-          " the tone injected from the live\ncaller's address under another SSRC (1400 Hz);"
-          " 1700 Hz is nobody's: the floor of loss concealment")  # fmt: skip
-    print(f"  {'window':<10}{'live: dominant':>15}{'1000':>8}{'900':>8}"
-          f"{'witness: 600':>15}{'1400':>8}{'1700':>8}")  # fmt: skip
+    print(
+        "\nthe calls' audio, dBFS: the live caller hears the radio (1000 Hz, sent at -12) and"
+        " the witness (900 Hz);\nthe witness hears the live caller (600 Hz) and must not hear"
+        " the tone injected from the live\ncaller's address under another SSRC (1400 Hz);"
+        " 1700 Hz is nobody's: the floor of loss concealment"
+    )
+    print(
+        f"  {'window':<10}{'live: dominant':>15}{'1000':>8}{'900':>8}"
+        f"{'witness: 600':>15}{'1400':>8}{'1700':>8}"
+    )
     ok = True
     for name, (start, end) in zip(("before", "during", "after"), windows, strict=True):
         heard = live.audio(start, end)
         other = witness.audio(start, end)
         radio, mate = band_db(heard, 1000), band_db(heard, 900)
         own, injected, floor = (band_db(other, hz) for hz in (600, 1400, 1700))
-        print(f"  {name:<10}{dominant_hz(heard):>15.0f}{radio:>8.1f}{mate:>8.1f}"
-              f"{own:>15.1f}{injected:>8.1f}{floor:>8.1f}")  # fmt: skip
+        print(
+            f"  {name:<10}{dominant_hz(heard):>15.0f}{radio:>8.1f}{mate:>8.1f}"
+            f"{own:>15.1f}{injected:>8.1f}{floor:>8.1f}"
+        )
         ok &= abs(radio + 12) < 3 and mate > -25 and own > -25 and injected < own - 30
     print(f"\naudio still right: {'yes' if ok else 'NO'}; gateway log: {log_path}")
 

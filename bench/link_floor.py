@@ -75,12 +75,16 @@ def site_files(folder: Path, names: list[str]) -> dict[str, Path]:
 def report(settle: list[float], disagree: int, wins: dict, sites: int, count: int) -> None:
     settle.sort()
     p90 = settle[min(len(settle) - 1, int(0.9 * len(settle)))]
-    print(f"gateways: {sites}   collisions: {count}   sides disagreed at the end: {disagree}"
-          f"   won: {wins}")  # fmt: skip
+    print(
+        f"gateways: {sites}   collisions: {count}   sides disagreed at the end: {disagree}"
+        f"   won: {wins}"
+    )
     print("| settled after key-up (ms) | median | p90 | max |")
     print("|---|---|---|---|")
-    print(f"| every side, last holder change | {statistics.median(settle):.1f} | {p90:.1f} "
-          f"| {settle[-1]:.1f} |")  # fmt: skip
+    print(
+        f"| every side, last holder change | {statistics.median(settle):.1f} | {p90:.1f} "
+        f"| {settle[-1]:.1f} |"
+    )
 
 
 async def rounds(folder: Path, count: int, sites: int) -> None:
@@ -90,16 +94,20 @@ async def rounds(folder: Path, count: int, sites: int) -> None:
         gws = {n: await stack.enter_async_context(running(paths[n])) for n in names}
 
         def all_up() -> bool:
-            return all(share_state(gws[n], p, "shiprider") == "up"
-                       for n in names for p in names if p != n)  # fmt: skip
+            return all(
+                share_state(gws[n], p, "shiprider") == "up" for n in names for p in names if p != n
+            )
 
         await until(all_up, 30, "the links up")
         changes: dict[str, list[float]] = {n: [] for n in names}
         for site, gateway in gws.items():
             gateway.engine.listeners.append(
-                lambda e, s=site: changes[s].append(time.monotonic())
-                if e.kind in ("floor_granted", "preempted") else None
-            )  # fmt: skip
+                lambda e, s=site: (
+                    changes[s].append(time.monotonic())
+                    if e.kind in ("floor_granted", "preempted")
+                    else None
+                )
+            )
         settle, disagree, wins = [], 0, dict.fromkeys(names, 0)
 
         def radios(on: bool) -> None:

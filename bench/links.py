@@ -185,8 +185,9 @@ class Pair:
 
     def toml(self, spec: SiteSpec, ports: dict[str, int], codecs: str = "") -> Path:
         path = site_toml(self.folder, spec, ports, self.pki)
-        path.write_text(with_codecs(path.read_text(), codecs).replace(
-            '"test_link_radio"', '"bench_link_radio"'))  # fmt: skip
+        path.write_text(
+            with_codecs(path.read_text(), codecs).replace('"test_link_radio"', '"bench_link_radio"')
+        )
         return path
 
 
@@ -194,17 +195,25 @@ def with_codecs(text: str, codecs: str) -> str:
     """A site file whose links offer ``codecs`` (a TOML list; "": the default)."""
     if not codecs:
         return text
-    lines = [f"{line}\ncodecs = {codecs}" if line.startswith("peer_name = ") else line
-             for line in text.split("\n")]  # fmt: skip
+    lines = [
+        f"{line}\ncodecs = {codecs}" if line.startswith("peer_name = ") else line
+        for line in text.split("\n")
+    ]
     return "\n".join(lines)
 
 
 async def linked(ca, us, media: UdpRelay) -> None:  # noqa: ANN001
     """Wait for the link; put its media through ``media`` (again after every redial)."""
-    await until(lambda: share_state(ca, "us", "ship") == "up"
-                and share_state(us, "ca", "ship") == "up"
-                and link_leg(ca) is not None and link_leg(us) is not None, 60,
-                "the link up")  # fmt: skip
+    await until(
+        lambda: (
+            share_state(ca, "us", "ship") == "up"
+            and share_state(us, "ca", "ship") == "up"
+            and link_leg(ca) is not None
+            and link_leg(us) is not None
+        ),
+        60,
+        "the link up",
+    )
     await media_through(link_leg(ca), link_leg(us), media)
 
 
@@ -262,9 +271,11 @@ async def mouth_to_ear(ca, us, media: UdpRelay, wan: Impairment, bursts: int) ->
 async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> list[str]:
     pair = Pair(folder)
     rows = []
-    async with TcpRelay(("127.0.0.1", pair.us.tls_port), lifetime=3600) as to_us, \
-            TcpRelay(("127.0.0.1", pair.ca.tls_port), lifetime=3600) as to_ca, \
-            UdpRelay(("127.0.0.1", 9), lifetime=3600) as media:  # fmt: skip
+    async with (
+        TcpRelay(("127.0.0.1", pair.us.tls_port), lifetime=3600) as to_us,
+        TcpRelay(("127.0.0.1", pair.ca.tls_port), lifetime=3600) as to_ca,
+        UdpRelay(("127.0.0.1", 9), lifetime=3600) as media,
+    ):
         ca_path = pair.toml(pair.ca, {"us": to_us.port})
         us_path = pair.toml(pair.us, {"ca": to_ca.port})
         async with running(ca_path, BENCH_ENDPOINTS) as ca, running(us_path, BENCH_ENDPOINTS) as us:
@@ -286,8 +297,11 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
             silences = []
             for _ in range(cuts):
                 mouth.mode = "steady"
-                await until(lambda: ear.heard and np.abs(ear.heard[-1][1]).max() > ONSET, 10,
-                            "the tone at US")  # fmt: skip
+                await until(
+                    lambda: ear.heard and np.abs(ear.heard[-1][1]).max() > ONSET,
+                    10,
+                    "the tone at US",
+                )
                 await asyncio.sleep(1.0)
                 cut_at = time.monotonic()
                 ca.links.cut("us", None, "bench", "bench", "bench")
@@ -314,8 +328,9 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
                     relay.blackout()
                 await until(lambda: not us.engine.keying.keyed[ear_index], 20, "US unkeyed")
                 unkeyed.append(time.monotonic() - dark)
-                await until(lambda: link_leg(ca) is None and link_leg(us) is None, 20,
-                            "both legs gone")  # fmt: skip
+                await until(
+                    lambda: link_leg(ca) is None and link_leg(us) is None, 20, "both legs gone"
+                )
                 noticed.append(time.monotonic() - dark)
                 mouth.mode = "quiet"
                 for relay in (to_us, to_ca, media):
@@ -336,18 +351,24 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
 # --- CPU: 100 shared talkgroups over one link ------------------------------------------
 
 
-def cpu_site(folder: Path, spec: SiteSpec, ports: dict[str, int], pki, talking: int,  # noqa: ANN001
-             codecs: str = "") -> Path:  # fmt: skip
+def cpu_site(
+    folder: Path,
+    spec: SiteSpec,
+    ports: dict[str, int],
+    pki,
+    talking: int,  # noqa: ANN001
+    codecs: str = "",
+) -> Path:
     """A site file with simulated radios (built in: ``borderlink run`` needs no test code)."""
     path = site_toml(folder, spec, ports, pki)
     text = with_codecs(path.read_text(), codecs)
     for i, tg in enumerate(spec.tones):
         always = i < talking
-        radio = (
-            f'kind = "simulated_radio"\ntone_hz = {spec.tones[tg]}\n'
-            + ('talk_every = "0s"\ntalk_for = "0s"\n' if always
-               else 'talk_every = "24h"\ntalk_for = "1s"\ntalk_offset = "23h"\n')
-        )  # fmt: skip
+        radio = f'kind = "simulated_radio"\ntone_hz = {spec.tones[tg]}\n' + (
+            'talk_every = "0s"\ntalk_for = "0s"\n'
+            if always
+            else 'talk_every = "24h"\ntalk_for = "1s"\ntalk_offset = "23h"\n'
+        )
         text = text.replace(
             f'[ports.{tg}-radio]\nkind = "test_link_radio"\ntone_hz = {spec.tones[tg]}\n',
             f"[ports.{tg}-radio]\n{radio}",
@@ -364,8 +385,11 @@ def cpu_seconds(pid: int) -> float:
 def link_status(path: Path) -> dict:
     done = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "link", "status", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     try:
         return json.loads(done.stdout)
     except ValueError:
@@ -389,20 +413,27 @@ def cpu_use(
     folder.mkdir(parents=True, exist_ok=True)
     pki = make_pki(folder, ("ca", "us"))
     names = [f"tg{i:03d}" for i in range(talkgroups)]
-    ca = SiteSpec("ca", {n: 300.0 + 25 * (i % 100) for i, n in enumerate(names)},
-                  [LinkSpec("us", "us", {n: n for n in names})])  # fmt: skip
+    ca = SiteSpec(
+        "ca",
+        {n: 300.0 + 25 * (i % 100) for i, n in enumerate(names)},
+        [LinkSpec("us", "us", {n: n for n in names})],
+    )
     us = SiteSpec("us", {n: 3000.0 for n in names}, [LinkSpec("ca", "ca", {n: n for n in names})])
     ports = {"ca": ca.tls_port, "us": us.tls_port}
-    paths = {"ca": cpu_site(folder, ca, ports, pki, talking, codecs),
-             "us": cpu_site(folder, us, ports, pki, 0, codecs)}  # fmt: skip
+    paths = {
+        "ca": cpu_site(folder, ca, ports, pki, talking, codecs),
+        "us": cpu_site(folder, us, ports, pki, 0, codecs),
+    }
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", str(path)], cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=open(folder / f"{name}.log", "wb"),  # noqa: SIM115
+            [sys.executable, "-m", "gateway.cli", "run", str(path)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(folder / f"{name}.log", "wb"),  # noqa: SIM115
             start_new_session=True,
         )
         for name, path in paths.items()
-    }  # fmt: skip
+    }
     try:
         deadline = time.monotonic() + 180
         up = 0
@@ -467,9 +498,12 @@ def compare(folder: Path, rounds: int, bursts: int, seconds: float, realtime: in
                 os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             used, up = cpu_use(where / "cpu", 100, 10, seconds, codecs)
             got[name].append((m, used, up))
-            print(f"round {r + 1} {name}: added p50 {1000 * percentile(m.added, 50):.1f} ms, "
-                  f"CPU CA {100 * used['ca']:.1f} % US {100 * used['us']:.1f} % ({up} up), "
-                  f"{load()}", flush=True)  # fmt: skip
+            print(
+                f"round {r + 1} {name}: added p50 {1000 * percentile(m.added, 50):.1f} ms, "
+                f"CPU CA {100 * used['ca']:.1f} % US {100 * used['us']:.1f} % ({up} up), "
+                f"{load()}",
+                flush=True,
+            )
     rows = []
     for name, runs in got.items():
         med = lambda values: float(np.median(values))  # noqa: E731
@@ -491,10 +525,22 @@ def compare(folder: Path, rounds: int, bursts: int, seconds: float, realtime: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer bursts and repeats")
-    parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
-                        help="run the linked pair at SCHED_FIFO PRIO (default 3)")  # fmt: skip
-    parser.add_argument("--codecs", type=int, default=0, metavar="N",
-                        help="compare Opus with G.711 over N interleaved rounds")  # fmt: skip
+    parser.add_argument(
+        "--realtime",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="PRIO",
+        help="run the linked pair at SCHED_FIFO PRIO (default 3)",
+    )
+    parser.add_argument(
+        "--codecs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compare Opus with G.711 over N interleaved rounds",
+    )
     args = parser.parse_args()
     bursts, cuts, deaths, seconds = (10, 3, 2, 10.0) if args.quick else (40, 8, 4, 20.0)
     rows: list[str] = []

@@ -103,11 +103,14 @@ async def flood(logins: int, inline: bool) -> dict[str, float]:
             seconds = time.monotonic() - started
             watching.cancel()
             return {
-                "401": statuses.count(401), "429": statuses.count(429),
-                "503": statuses.count(503), "seconds": seconds,
-                "late": clock.late_ticks - late0, "skipped": clock.skipped_ticks - skipped0,
+                "401": statuses.count(401),
+                "429": statuses.count(429),
+                "503": statuses.count(503),
+                "seconds": seconds,
+                "late": clock.late_ticks - late0,
+                "skipped": clock.skipped_ticks - skipped0,
                 "gap_ms": gap[0] * 1000,
-            }  # fmt: skip
+            }
         finally:
             gateway.stop()
             await asyncio.wait_for(run, 10)
@@ -126,8 +129,10 @@ def main() -> None:
         for inline in (True, False):
             r = asyncio.run(flood(args.logins, inline))
             mode = "on the loop" if inline else "2 threads, nice 10"
-            print(f"| {mode} | {r['401']} / {r['429']} / {r['503']} | {r['seconds']:.2f} | "
-                  f"{r['late']} | {r['skipped']} | {r['gap_ms']:.0f} ms |")  # fmt: skip
+            print(
+                f"| {mode} | {r['401']} / {r['429']} / {r['503']} | {r['seconds']:.2f} | "
+                f"{r['late']} | {r['skipped']} | {r['gap_ms']:.0f} ms |"
+            )
 
 
 if __name__ == "__main__":

@@ -131,12 +131,26 @@ class LegLike(Port):
 
     def stats(self) -> dict[str, float]:  # as costly as gateway.sip.bank's: numpy scalars
         c, r = self.counters, self.row
-        keys = ("packets_in", "packets_out", "bytes_in", "bytes_out", "packets_lost",
-                "packets_late", "packets_malformed", "concealed_samples", "rtcp_reports_in",
-                "rtcp_reports_out", "remote_packets_lost")  # fmt: skip
+        keys = (
+            "packets_in",
+            "packets_out",
+            "bytes_in",
+            "bytes_out",
+            "packets_lost",
+            "packets_late",
+            "packets_malformed",
+            "concealed_samples",
+            "rtcp_reports_in",
+            "rtcp_reports_out",
+            "remote_packets_lost",
+        )
         stats = {k: int(c[i, r]) for i, k in enumerate(keys)}
-        stats.update(jitter_seconds=float(c[0, r]) / 8000, jitter_buffer_seconds=0.04,
-                     remote_jitter_seconds=float(c[1, r]) / 8000, rtt_seconds=0.01)  # fmt: skip
+        stats.update(
+            jitter_seconds=float(c[0, r]) / 8000,
+            jitter_buffer_seconds=0.04,
+            remote_jitter_seconds=float(c[1, r]) / 8000,
+            rtt_seconds=0.01,
+        )
         return stats
 
 
@@ -177,25 +191,35 @@ async def stall_run(
     late = gw.clock.late_ticks - late_before
     gw.stop()
     await task
-    return {"legs": legs, "scrapes": scrapes, "ticks": ticks, "late": late,
-            "p99_ms": float(np.percentile(recent, 99)) * 1e3, "max_ms": worst * 1e3,
-            "scrape_ms": statistics.median(scrape_s) * 1e3 if scrape_s else 0.0,
-            "slice_ms": longest * 1e3,
-            "slices": statistics.median(frames) if frames else 0}  # fmt: skip
+    return {
+        "legs": legs,
+        "scrapes": scrapes,
+        "ticks": ticks,
+        "late": late,
+        "p99_ms": float(np.percentile(recent, 99)) * 1e3,
+        "max_ms": worst * 1e3,
+        "scrape_ms": statistics.median(scrape_s) * 1e3 if scrape_s else 0.0,
+        "slice_ms": longest * 1e3,
+        "slices": statistics.median(frames) if frames else 0,
+    }
 
 
 def stall_table(seconds: float) -> None:
     print("Tick lateness while /metrics is read over HTTP every 0.5 s (live gateway, 20 ms ticks)")
-    print(f"{'legs':>6} {'series':>9} {'scraped':>8} {'ticks':>6} {'late':>5} {'p99 ms':>7} "
-          f"{'max ms':>7} {'scrape ms':>10} {'slices':>7} {'longest slice ms':>17}")  # fmt: skip
+    print(
+        f"{'legs':>6} {'series':>9} {'scraped':>8} {'ticks':>6} {'late':>5} {'p99 ms':>7} "
+        f"{'max ms':>7} {'scrape ms':>10} {'slices':>7} {'longest slice ms':>17}"
+    )
     for per_call in (False, True):
         for legs in (1000, 1250):
             for every in (None, 0.5):
                 r = asyncio.run(stall_run(legs, seconds, every, per_call))
-                print(f"{legs:>6} {'per route' if per_call else 'per leg':>9} "
-                      f"{'yes' if every else 'no':>8} {r['ticks']:>6} {r['late']:>5} "
-                      f"{r['p99_ms']:>7.2f} {r['max_ms']:>7.2f} {r['scrape_ms']:>10.1f} "
-                      f"{r['slices']:>7.0f} {r['slice_ms']:>17.2f}")  # fmt: skip
+                print(
+                    f"{legs:>6} {'per route' if per_call else 'per leg':>9} "
+                    f"{'yes' if every else 'no':>8} {r['ticks']:>6} {r['late']:>5} "
+                    f"{r['p99_ms']:>7.2f} {r['max_ms']:>7.2f} {r['scrape_ms']:>10.1f} "
+                    f"{r['slices']:>7.0f} {r['slice_ms']:>17.2f}"
+                )
     print("series: per leg = a series set per leg (console positions); per route = legs")
     print("counted per route (SIP calls).")
     print("late: ticks that started more than a frame after their deadline; max: the worst")
@@ -220,14 +244,18 @@ def main() -> None:
     print(f"  per tick: tick-duration histogram hook {hook_us:.2f} µs")
     print(f"  per engine event (PTT, talk, floor…): counters {event_us:.2f} µs")
     print()
-    print(f"{'ports':>6} {'tick µs':>9} {'snapshot ms':>12} {'render ms':>10} "
-          f"{'scrape/port µs':>15} {'snapshot/tick':>14} {'text KiB':>9}")  # fmt: skip
+    print(
+        f"{'ports':>6} {'tick µs':>9} {'snapshot ms':>12} {'render ms':>10} "
+        f"{'scrape/port µs':>15} {'snapshot/tick':>14} {'text KiB':>9}"
+    )
     for ports in (10, 100, 1000):
         r = measure(ports, repeats, ticks)
         per_port = (r["snapshot_ms"] + r["render_ms"]) * 1e3 / ports
         ratio = r["snapshot_ms"] * 1e3 / r["tick_us"]
-        print(f"{ports:>6} {r['tick_us']:>9.0f} {r['snapshot_ms']:>12.2f} {r['render_ms']:>10.2f} "
-              f"{per_port:>15.1f} {ratio:>13.1f}x {r['kib']:>9.0f}")  # fmt: skip
+        print(
+            f"{ports:>6} {r['tick_us']:>9.0f} {r['snapshot_ms']:>12.2f} {r['render_ms']:>10.2f} "
+            f"{per_port:>15.1f} {ratio:>13.1f}x {r['kib']:>9.0f}"
+        )
     print("The exporter does both on the loop thread between ticks, in slices of at most a")
     print("quarter frame (see --stall). tick µs is a whole engine tick of that site, for scale.")
 

@@ -171,18 +171,27 @@ def main() -> int:
             fob.close()
 
     name = {os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_OTHER: "SCHED_OTHER"}.get(policy, str(policy))
-    print(f"\nPTT guardian, {args.lines} CM108 lines fed every 20 ms, stand-in gateway "
-          f"holding {args.ballast_mb} MB; guardian at {name} {prio}")  # fmt: skip
+    print(
+        f"\nPTT guardian, {args.lines} CM108 lines fed every 20 ms, stand-in gateway "
+        f"holding {args.ballast_mb} MB; guardian at {name} {prio}"
+    )
     print(f"{'event':<34} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    rows = [("SIGKILL -> unkey report", kills), ("SIGSTOP -> unkey report", stops),
-            ("SIGCONT -> key report again", rekeys)]  # fmt: skip
+    rows = [
+        ("SIGKILL -> unkey report", kills),
+        ("SIGSTOP -> unkey report", stops),
+        ("SIGCONT -> key report again", rekeys),
+    ]
     for label, values in rows:
         if values:
-            print(f"{label:<34} {len(values):>4} {pct(values, 50) * 1000:>8.1f} "
-                  f"{pct(values, 99) * 1000:>8.1f} {max(values) * 1000:>8.1f}")  # fmt: skip
-    print(f"guardian resident memory: {rss / 1024:.1f} MB ({anon / 1024:.1f} MB its own, the "
-          f"rest shared libraries: libpython, libc); "
-          f"CPU {cpu * 100:.2f} % of one core")  # fmt: skip
+            print(
+                f"{label:<34} {len(values):>4} {pct(values, 50) * 1000:>8.1f} "
+                f"{pct(values, 99) * 1000:>8.1f} {max(values) * 1000:>8.1f}"
+            )
+    print(
+        f"guardian resident memory: {rss / 1024:.1f} MB ({anon / 1024:.1f} MB its own, the "
+        f"rest shared libraries: libpython, libc); "
+        f"CPU {cpu * 100:.2f} % of one core"
+    )
     return 0
 
 

@@ -159,11 +159,15 @@ def through_gateway(
         """So far: samples dropped, rx underruns (A), tx underruns (B), xruns (both cards),
         underruns in all four FIFOs, those of them next to an xrun, and margin widenings."""
         a, b = gw.ports["radio_a"].card.stats(), gw.ports["radio_b"].card.stats()
-        return (a["dropped_samples"] + b["dropped_samples"], a["rx_underruns"],
-                b["tx_underruns"], a["xruns"] + b["xruns"],
-                sum(c["rx_underruns"] + c["tx_underruns"] for c in (a, b)),
-                a["underruns_after_xruns"] + b["underruns_after_xruns"],
-                a["margin_widenings"] + b["margin_widenings"])  # fmt: skip
+        return (
+            a["dropped_samples"] + b["dropped_samples"],
+            a["rx_underruns"],
+            b["tx_underruns"],
+            a["xruns"] + b["xruns"],
+            sum(c["rx_underruns"] + c["tx_underruns"] for c in (a, b)),
+            a["underruns_after_xruns"] + b["underruns_after_xruns"],
+            a["margin_widenings"] + b["margin_widenings"],
+        )
 
     def measure_burst() -> tuple[float, float] | None:
         at = sim.start(0, burst)
@@ -193,8 +197,7 @@ def through_gateway(
             first = measure_burst()
             start = time.monotonic()
             if overs:  # a conversation: 4 s overs, 2 s pauses (squelch and PTT drop)
-                sim.start(0, np.concatenate([tone(1000, 4.0, -12), np.zeros(2 * RATE)]),
-                          loop=True)  # fmt: skip
+                sim.start(0, np.concatenate([tone(1000, 4.0, -12), np.zeros(2 * RATE)]), loop=True)
             else:
                 sim.start(0, tone(1000, 1.0, -12), loop=True)
             samples = []
@@ -205,9 +208,17 @@ def through_gateway(
             while time.monotonic() - start < drift_seconds:
                 time.sleep(1.0)
                 a, b = gw.ports["radio_a"].card.stats(), gw.ports["radio_b"].card.stats()
-                samples.append((a["rx_ratio_ppm"], b["tx_ratio_ppm"], a["rx_low_water_seconds"],
-                                b["tx_low_water_seconds"], a["rx_margin_seconds"],
-                                b["tx_margin_seconds"], time.monotonic()))  # fmt: skip
+                samples.append(
+                    (
+                        a["rx_ratio_ppm"],
+                        b["tx_ratio_ppm"],
+                        a["rx_low_water_seconds"],
+                        b["tx_low_water_seconds"],
+                        a["rx_margin_seconds"],
+                        b["tx_margin_seconds"],
+                        time.monotonic(),
+                    )
+                )
                 now, second = events(), round(time.monotonic() - start)
                 if now[3] > seen[3]:
                     xrun_times.append(second)
@@ -218,23 +229,35 @@ def through_gateway(
             during = [now - was for now, was in zip(events(), before, strict=True)]
             if stalls:
                 stalls.stop()
-            underruns = [u for p in ("radio_a", "radio_b") for u in gw.ports[p].card.underruns
-                         if u.when >= start]  # fmt: skip
+            underruns = [
+                u
+                for p in ("radio_a", "radio_b")
+                for u in gw.ports[p].card.underruns
+                if u.when >= start
+            ]
             sim.silence(0)
             time.sleep(0.5)
             last = measure_burst()
-            out["drift"] = {"seconds": time.monotonic() - start, "samples": samples,
-                            "first": first, "last": last, "during": during,
-                            "xrun_times": xrun_times,
-                            "widen_times": widen_times,
-                            "worst_tick": worst_tick,
-                            "margins": (gw.ports["radio_a"].card.rx_control.target,
-                                        gw.ports["radio_b"].card.tx_control.target),
-                            "late_ticks": gw.clock.late_ticks - late_before,
-                            "stalls": stalls, "underruns": underruns,
-                            "phase_moves": gw.phase_lock.moves,
-                            "phase_moved": gw.phase_lock.moved,
-                            "sim_underruns": sim.underruns}  # fmt: skip
+            out["drift"] = {
+                "seconds": time.monotonic() - start,
+                "samples": samples,
+                "first": first,
+                "last": last,
+                "during": during,
+                "xrun_times": xrun_times,
+                "widen_times": widen_times,
+                "worst_tick": worst_tick,
+                "margins": (
+                    gw.ports["radio_a"].card.rx_control.target,
+                    gw.ports["radio_b"].card.tx_control.target,
+                ),
+                "late_ticks": gw.clock.late_ticks - late_before,
+                "stalls": stalls,
+                "underruns": underruns,
+                "phase_moves": gw.phase_lock.moves,
+                "phase_moved": gw.phase_lock.moved,
+                "sim_underruns": sim.underruns,
+            }
         out["stats_a"] = gw.ports["radio_a"].card.stats()
         out["stats_b"] = gw.ports["radio_b"].card.stats()
 
@@ -350,10 +373,17 @@ def main() -> int:
         default="1ms",
         help="the radios' buffer_margin (the base the learnt margin grows from)",
     )
-    parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
-                        help="run the gateway at SCHED_FIFO priority PRIO (default 3: above "
-                             "every normal task, below the audio server (10) and its clients' "
-                             "process threads (5); needs root or CAP_SYS_NICE)")  # fmt: skip
+    parser.add_argument(
+        "--realtime",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="PRIO",
+        help="run the gateway at SCHED_FIFO priority PRIO (default 3: above "
+        "every normal task, below the audio server (10) and its clients' "
+        "process threads (5); needs root or CAP_SYS_NICE)",
+    )
     args = parser.parse_args()
     if args.realtime:
         go_realtime(args.realtime)
@@ -369,19 +399,37 @@ def main() -> int:
             portaudio_on(server)
             base = baseline(server, args.bursts)
             with tempfile.TemporaryDirectory() as tmp:
-                res = through_gateway(server, args.bursts, args.drift_minutes * 60, Path(tmp),
-                                      args.frame, args.margin, args.overs,
-                                      args.card_ppm)  # fmt: skip
+                res = through_gateway(
+                    server,
+                    args.bursts,
+                    args.drift_minutes * 60,
+                    Path(tmp),
+                    args.frame,
+                    args.margin,
+                    args.overs,
+                    args.card_ppm,
+                )
         finally:
             portaudio_off()
             stop_jackd(jackd)
         b = statistics.median(base) if base else float("nan")
         added = [d - b for d in res["delay"]]
-        rows.append((period, b * 1000, pct(res["delay"], 50), pct(added, 50), pct(added, 99),
-                     floor_ms(args.frame, period),
-                     pct(res["squelch"], 50), pct(res["squelch"], 99), len(res["delay"]),
-                     res["bad"], res["stats_a"]["xruns"] + res["stats_b"]["xruns"],
-                     res["stats_a"]["rx_underruns"] + res["stats_b"]["tx_underruns"]))  # fmt: skip
+        rows.append(
+            (
+                period,
+                b * 1000,
+                pct(res["delay"], 50),
+                pct(added, 50),
+                pct(added, 99),
+                floor_ms(args.frame, period),
+                pct(res["squelch"], 50),
+                pct(res["squelch"], 99),
+                len(res["delay"]),
+                res["bad"],
+                res["stats_a"]["xruns"] + res["stats_b"]["xruns"],
+                res["stats_a"]["rx_underruns"] + res["stats_b"]["tx_underruns"],
+            )
+        )
         print(
             f"period {period}: baseline {b * 1000:.1f} ms, delays (ms) "
             f"{[round(d * 1000, 1) for d in res['delay']]}",
@@ -390,13 +438,25 @@ def main() -> int:
         if "drift" in res:
             d = res["drift"]
             s = np.array(d["samples"]) if d["samples"] else np.zeros((1, 7))
-            drift_rows.append((period, d["seconds"] / 60, s[:, 0].min(), np.median(s[:, 0]),
-                               s[:, 0].max(), s[:, 1].min(), np.median(s[:, 1]), s[:, 1].max(),
-                               s[:, 2].min() * 1000, s[:, 2].max() * 1000, s[:, 3].min() * 1000,
-                               s[:, 3].max() * 1000,
-                               (d["first"] or (float("nan"),))[0] * 1000,
-                               (d["last"] or (float("nan"),))[0] * 1000,
-                               *d["during"]))  # fmt: skip
+            drift_rows.append(
+                (
+                    period,
+                    d["seconds"] / 60,
+                    s[:, 0].min(),
+                    np.median(s[:, 0]),
+                    s[:, 0].max(),
+                    s[:, 1].min(),
+                    np.median(s[:, 1]),
+                    s[:, 1].max(),
+                    s[:, 2].min() * 1000,
+                    s[:, 2].max() * 1000,
+                    s[:, 3].min() * 1000,
+                    s[:, 3].max() * 1000,
+                    (d["first"] or (float("nan"),))[0] * 1000,
+                    (d["last"] or (float("nan"),))[0] * 1000,
+                    *d["during"],
+                )
+            )
             print(
                 f"period {period}: ticks moved to mid-cycle of the cards' period "
                 f"{d['phase_moves']} times, {d['phase_moved'] * 1000:+.1f} ms in all",
@@ -418,9 +478,11 @@ def main() -> int:
             stall_reports.append((period, d["stalls"], d["underruns"]))
             slice_reports.append((period, d["samples"], d["underruns"], d["stalls"]))
     priority = f"SCHED_FIFO {args.realtime}" if args.realtime else "normal priority"
-    print(f"\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine {args.frame} frames, "
-          f"16 kHz; {priority}; load average {load_before:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after)")  # fmt: skip
+    print(
+        f"\nRadio → radio through the gateway (JACK dummy, 48 kHz; engine {args.frame} frames, "
+        f"16 kHz; {priority}; load average {load_before:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after)"
+    )
     print(
         f"{'period':>6} {'server ms':>9} {'total p50':>9} {'added p50':>9} {'added p99':>9} "
         f"{'floor':>6} {'sq→audio p50':>12} {'p99':>6} {'bursts':>6} {'bad':>4} {'xruns':>5} "

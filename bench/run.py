@@ -139,8 +139,10 @@ def main() -> None:
     ticks, repeats = (20, 3) if args.quick else (100, 7)
 
     print("Mixing step (Mixer.mix): 10 % of ports talking, and every port talking (worst case)")
-    print(f"{'ports':>6} {'groups':>6} | {'µs/tick':>9} {'µs/port':>8} {'% of 20ms':>9} "
-          f"| {'µs/tick':>9} {'µs/port':>8} {'% of 20ms':>9}")  # fmt: skip
+    print(
+        f"{'ports':>6} {'groups':>6} | {'µs/tick':>9} {'µs/port':>8} {'% of 20ms':>9} "
+        f"| {'µs/tick':>9} {'µs/port':>8} {'% of 20ms':>9}"
+    )
     for ports in (10, 100, 1000, 2000):
         for groups in (1, 10, 100):
             if groups > ports:
@@ -148,8 +150,7 @@ def main() -> None:
             row = f"{ports:>6} {groups:>6}"
             for talking in (0.1, 1.0):
                 s = bench_mix(ports, groups, talking, ticks, repeats)
-                row += (f" | {s * 1e6:>9.1f} {s * 1e6 / ports:>8.3f} "
-                        f"{s / TIMING.frame * 100:>8.2f}%")  # fmt: skip
+                row += f" | {s * 1e6:>9.1f} {s * 1e6 / ports:>8.3f} {s / TIMING.frame * 100:>8.2f}%"
             print(row)
 
     print("\nWhole engine tick (read, floor, mix, PTT, write, meters), 10 % of ports talking")
@@ -159,8 +160,10 @@ def main() -> None:
             if groups > ports:
                 continue
             s = bench_tick(ports, groups, 0.1, ticks, repeats)
-            print(f"{ports:>6} {groups:>6} {s * 1e6:>10.1f} {s * 1e6 / ports:>9.3f} "
-                  f"{s / TIMING.frame * 100:>9.2f}%")  # fmt: skip
+            print(
+                f"{ports:>6} {groups:>6} {s * 1e6:>10.1f} {s * 1e6 / ports:>9.3f} "
+                f"{s / TIMING.frame * 100:>9.2f}%"
+            )
 
     print("\nWhole tick, one conference with every port talking (N-1 for each, limiter on)")
     print(f"{'ports':>6} {'read/write':>11} {'µs/tick':>10} {'µs/port':>9} {'% of 20 ms':>10}")
@@ -168,15 +171,19 @@ def main() -> None:
         for banked in (False, True):
             s = bench_conference(ports, banked, ticks, repeats)
             how = "bank" if banked else "per port"
-            print(f"{ports:>6} {how:>11} {s * 1e6:>10.1f} {s * 1e6 / ports:>9.3f} "
-                  f"{s / TIMING.frame * 100:>9.2f}%")  # fmt: skip
+            print(
+                f"{ports:>6} {how:>11} {s * 1e6:>10.1f} {s * 1e6 / ports:>9.3f} "
+                f"{s / TIMING.frame * 100:>9.2f}%"
+            )
 
     print(f"\nMedia clock lateness over {args.clock_ticks} ticks of 20 ms (idle engine)")
     print(f"{'loop':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'late':>5} {'last tick ms':>13}")
     for name, use_uvloop in (("asyncio", False), ("uvloop", True)):
         r = bench_clock(args.clock_ticks, use_uvloop)
-        print(f"{name:>8} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['max']:>8.3f} {r['late']:>5} "
-              f"{r['last']:>13.3f}")  # fmt: skip
+        print(
+            f"{name:>8} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['max']:>8.3f} {r['late']:>5} "
+            f"{r['last']:>13.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -101,9 +101,15 @@ def record(seconds: float) -> np.ndarray:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=120.0)
-    parser.add_argument("--realtime", type=int, nargs="?", const=3, default=0, metavar="PRIO",
-                        help="run the gateway at SCHED_FIFO PRIO (default 3), as the radio "
-                             "bench does")  # fmt: skip
+    parser.add_argument(
+        "--realtime",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="PRIO",
+        help="run the gateway at SCHED_FIFO PRIO (default 3), as the radio bench does",
+    )
     args = parser.parse_args()
     if args.realtime:
         go_realtime(args.realtime)
@@ -124,8 +130,10 @@ def main() -> int:
 
     losing = sum(1 for x in xrun_at if any(abs(x - lost) <= 0.05 for lost in lost_at))
     near = sum(1 for u in under_at if nearest(u) <= 0.5)
-    print(f"\nAudio server losses (JACK dummy, period {PERIOD}, 48 kHz, {args.seconds:.0f} s, "
-          f"tone A→B; load average {os.getloadavg()[0]:.2f})")  # fmt: skip
+    print(
+        f"\nAudio server losses (JACK dummy, period {PERIOD}, 48 kHz, {args.seconds:.0f} s, "
+        f"tone A→B; load average {os.getloadavg()[0]:.2f})"
+    )
     print(
         f"{'xruns':>6} {'that lost time':>14} {'time losses':>11} {'of them no xrun':>15} "
         f"{'underruns':>9} {'≤0.5 s from xrun':>16} {'behind at end ms':>16}"

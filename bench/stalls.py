@@ -63,10 +63,26 @@ class Stalls:
         self._steal0 = steal_seconds()
         self.started = time.monotonic()
         self._proc = subprocess.Popen(
-            [exe, "-m", "-p", "95", "-i", "1000", "-a", "-t", "-q",
-             "-D", f"{int(self.seconds) + 1}", f"--spike={self.spike_us}",
-             "--spike-nodes=1000000", f"--json={self._json}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            [
+                exe,
+                "-m",
+                "-p",
+                "95",
+                "-i",
+                "1000",
+                "-a",
+                "-t",
+                "-q",
+                "-D",
+                f"{int(self.seconds) + 1}",
+                f"--spike={self.spike_us}",
+                "--spike-nodes=1000000",
+                f"--json={self._json}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         return self
 
     def stop(self) -> Stalls:
@@ -95,8 +111,9 @@ class Stalls:
 
     def worst_near(self, when: float) -> float:
         """The latest realtime wake-up in the window just before ``when`` (0 if none)."""
-        return max((late for t, late in self.spikes if when - BEFORE_S <= t <= when + AFTER_S),
-                   default=0.0)  # fmt: skip
+        return max(
+            (late for t, late in self.spikes if when - BEFORE_S <= t <= when + AFTER_S), default=0.0
+        )
 
     def cover(self, least: float) -> float:
         """The share of the run within a stall's window: the chance an underrun with no
@@ -110,10 +127,12 @@ class Stalls:
 
 
 def table(stalls: Stalls, thresholds_ms: tuple[float, ...] = (2, 5, 10, 20)) -> str:
-    lines = [f"realtime wake-ups (cyclictest, 1 ms, SCHED_FIFO 95, each CPU): {stalls.wakeups}, "
-             f"the latest {stalls.worst * 1000:.1f} ms late; hypervisor steal "
-             f"{stalls.steal:.2f} s in {stalls.ran:.0f} s",
-             f"{'late by ≥':>10} {'wake-ups':>9} {'per minute':>10}"]  # fmt: skip
+    lines = [
+        f"realtime wake-ups (cyclictest, 1 ms, SCHED_FIFO 95, each CPU): {stalls.wakeups}, "
+        f"the latest {stalls.worst * 1000:.1f} ms late; hypervisor steal "
+        f"{stalls.steal:.2f} s in {stalls.ran:.0f} s",
+        f"{'late by ≥':>10} {'wake-ups':>9} {'per minute':>10}",
+    ]
     for ms in thresholds_ms:
         if ms * 1000 >= stalls.spike_us:
             n = len(stalls.late(ms / 1000))

@@ -83,8 +83,12 @@ def stress(on: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1],
-                        help="the work tree to time (run with its .venv)")  # fmt: skip
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        default=Path(__file__).resolve().parents[1],
+        help="the work tree to time (run with its .venv)",
+    )
     parser.add_argument("--stress", action="store_true", help="run stress-ng --cpu 2 beside")
     args = parser.parse_args()
     tree = args.tree.resolve()

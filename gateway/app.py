@@ -105,8 +105,10 @@ class Gateway:
             for port in self.ports.values():
                 port.ticks_moved(moved)
             if abs(moved) > self.phase_lock.step:  # a jump between overs, not a slew
-                log.info("media ticks moved %+.1f ms, to the middle of the sound card's cycle",
-                         moved * 1000)  # fmt: skip
+                log.info(
+                    "media ticks moved %+.1f ms, to the middle of the sound card's cycle",
+                    moved * 1000,
+                )
 
     def _card_phase(self) -> tuple[float, bool] | None:
         """Where the ticks fall in the first caring card's cycle, and whether every port's
@@ -115,8 +117,9 @@ class Gateway:
         phase = next((p for p in (port.tick_phase() for port in ports) if p is not None), None)
         return None if phase is None else (phase, all(port.silent() for port in ports))
 
-    def _open_port(self, name: str, port_config: PortConfig, config: SiteConfig | None = None
-                   ) -> Port:  # fmt: skip
+    def _open_port(
+        self, name: str, port_config: PortConfig, config: SiteConfig | None = None
+    ) -> Port:
         """Build and open one port; raises what stopped it (after closing what it held)."""
         config = config or self.config
         port = build_port(name, port_config, config.timing, config.endpoints)
@@ -140,8 +143,12 @@ class Gateway:
         except Exception as exc:
             reason = _reason(exc)
             self.down[name] = _Retry(port_config, reason, due=time.monotonic() + RETRY_FIRST_S)
-            log.error("port %s is down: %s; retried in %.0fs, the rest of the site runs",
-                      name, reason, RETRY_FIRST_S)  # fmt: skip
+            log.error(
+                "port %s is down: %s; retried in %.0fs, the rest of the site runs",
+                name,
+                reason,
+                RETRY_FIRST_S,
+            )
             return DownPort(name, port_config, self.config.timing, reason)
 
     async def _retry_down_ports(self) -> None:
@@ -163,8 +170,13 @@ class Gateway:
             retry.attempts += 1
             retry.due = time.monotonic() + wait
             reason = _reason(exc)
-            log.warning("port %s still down after %d attempts: %s; next try in %.0fs",
-                        name, retry.attempts, reason, wait)  # fmt: skip
+            log.warning(
+                "port %s still down after %d attempts: %s; next try in %.0fs",
+                name,
+                retry.attempts,
+                reason,
+                wait,
+            )
             if reason != retry.reason:
                 retry.reason = self.ports[name].down_reason = reason  # type: ignore[attr-defined]
                 self.engine.emit(Event("port_down", name, detail=reason))
@@ -173,8 +185,12 @@ class Gateway:
         stand_in, self.ports[name] = self.ports[name], port
         engine = self.engine
         dynamic = [p for p in engine.ports if p.name in engine.attached]
-        engine.configure([*self.ports.values(), *dynamic], engine.talkgroups, engine.patches,
-                         engine.active_patches)  # fmt: skip
+        engine.configure(
+            [*self.ports.values(), *dynamic],
+            engine.talkgroups,
+            engine.patches,
+            engine.active_patches,
+        )
         _close(stand_in)
         log.info("port %s is up, after %d attempts", name, retry.attempts + 1)
         engine.emit(Event("port_up", name, detail=f"after {retry.attempts + 1} attempts"))
@@ -192,8 +208,9 @@ class Gateway:
         new = self._read(path)
         return self._done(new, by) if isinstance(new, ReloadResult) else self.apply(new, by)
 
-    async def reload_live(self, path: str | Path | None = None, by: str = "SIGHUP",
-                          ref: str | None = None) -> ReloadResult:  # fmt: skip
+    async def reload_live(
+        self, path: str | Path | None = None, by: str = "SIGHUP", ref: str | None = None
+    ) -> ReloadResult:
         """:meth:`reload` without stalling the tick (SIGHUP, ``run --watch``).
 
         Opening a sound card takes its process about 0.2 s and closing one as long,
@@ -231,8 +248,11 @@ class Gateway:
 
     def _failed(self, new: SiteConfig, exc: Exception) -> ReloadResult:
         message = f"{new.source or 'config'}: {_reason(exc)}"
-        log.error("reload refused, the running config stays in force: %s", message,
-                  exc_info=not isinstance(exc, PortStartError))  # fmt: skip
+        log.error(
+            "reload refused, the running config stays in force: %s",
+            message,
+            exc_info=not isinstance(exc, PortStartError),
+        )
         return ReloadResult(False, [], [], [], message)
 
     def _done(self, result: ReloadResult, by: str, ref: str | None = None) -> ReloadResult:
@@ -300,8 +320,9 @@ class Gateway:
             raise
         return opened
 
-    def _swap_or_undo(self, new: SiteConfig, plan: _Plan, opened: dict[str, Port], by: str,
-                      ref: str | None = None) -> tuple[ReloadResult, list[Port]]:  # fmt: skip
+    def _swap_or_undo(
+        self, new: SiteConfig, plan: _Plan, opened: dict[str, Port], by: str, ref: str | None = None
+    ) -> tuple[ReloadResult, list[Port]]:
         """:meth:`_swap`, or, if it fails half-way, the engine as it was and the new ports
         closed."""
         engine = self.engine
@@ -315,8 +336,9 @@ class Gateway:
             _close_all(list(opened.values()))
             raise
 
-    def _swap(self, new: SiteConfig, plan: _Plan, opened: dict[str, Port], by: str,
-              ref: str | None = None) -> tuple[ReloadResult, list[Port]]:  # fmt: skip
+    def _swap(
+        self, new: SiteConfig, plan: _Plan, opened: dict[str, Port], by: str, ref: str | None = None
+    ) -> tuple[ReloadResult, list[Port]]:
         """Put the new ports and talkgroups into the engine; returns the ports to close."""
         ports = dict(self.ports)
         retired = [ports.pop(n) for n in plan.removed + plan.changed]
@@ -337,13 +359,21 @@ class Gateway:
         active = [n for n, p in new.patches.items() if p.enabled]
         active += [n for n in kept if n in patched]
         engine.runtime_patches = set(kept)
-        engine.configure([*ports.values(), *dynamic], new.talkgroups, {**new.patches, **kept},
-                         active)  # fmt: skip
+        engine.configure(
+            [*ports.values(), *dynamic], new.talkgroups, {**new.patches, **kept}, active
+        )
         flipped = sorted(patched ^ engine.active_patches)  # turned on or off by the file
         for name in flipped:
             on = name in engine.active_patches
-            engine.emit(Event("patch", detail=f"{name} {'on' if on else 'off'}",
-                              tick=engine.tick_count, by=f"reload:{by}", ref=ref))  # fmt: skip
+            engine.emit(
+                Event(
+                    "patch",
+                    detail=f"{name} {'on' if on else 'off'}",
+                    tick=engine.tick_count,
+                    by=f"reload:{by}",
+                    ref=ref,
+                )
+            )
         self.ports = ports
         changes = describe_changes(self.config, new)
         self.config = new
@@ -366,9 +396,10 @@ class Gateway:
         return {
             name: engine.patches[name]
             for name in sorted(engine.runtime_patches)
-            if name in engine.patches and name not in new.patches
+            if name in engine.patches
+            and name not in new.patches
             and all(tg in new.talkgroups for tg in engine.patches[name].talkgroups)
-        }  # fmt: skip
+        }
 
     # --- run ------------------------------------------------------------------------
 
@@ -436,8 +467,11 @@ class Gateway:
         self.engine.unkey_all()
         for port in self.engine.ports:
             _close(port)
-        log.info("shutdown: unkeyed %s; closed %d ports", ", ".join(keyed) or "nothing",
-                 len(self.engine.ports))  # fmt: skip
+        log.info(
+            "shutdown: unkeyed %s; closed %d ports",
+            ", ".join(keyed) or "nothing",
+            len(self.engine.ports),
+        )
 
     async def _watch(self, path: Path, last: int, interval: float = 1.0) -> None:
         """``run --watch``: reload when the file's modification time changes."""
@@ -461,11 +495,13 @@ async def _stop_within(service, seconds: float) -> None:  # noqa: ANN001 - any s
     done, _ = await asyncio.wait({stopping}, timeout=seconds)
     if not done:
         stopping.cancel()
-        log.warning("%s did not stop within %.1f s; the gateway stops without it",
-                    type(service).__name__, seconds)  # fmt: skip
+        log.warning(
+            "%s did not stop within %.1f s; the gateway stops without it",
+            type(service).__name__,
+            seconds,
+        )
     elif not stopping.cancelled() and stopping.exception() is not None:
-        log.warning("%s failed to stop cleanly: %s", type(service).__name__,
-                    stopping.exception())  # fmt: skip
+        log.warning("%s failed to stop cleanly: %s", type(service).__name__, stopping.exception())
 
 
 class PortStartError(Exception):

@@ -224,9 +224,13 @@ class AuditLog:
         config = self.gateway.config
         policy = {}
         for name, tg in config.talkgroups.items():
-            recorders = [m for m in tg.members
-                         if m in config.ports and config.ports[m].kind == "recorder"
-                         and config.ports[m].enabled]  # fmt: skip
+            recorders = [
+                m
+                for m in tg.members
+                if m in config.ports
+                and config.ports[m].kind == "recorder"
+                and config.ports[m].enabled
+            ]
             policy[name] = f"on: {', '.join(recorders)}" if recorders else "off"
         return policy
 
@@ -248,22 +252,37 @@ class AuditLog:
         kind = event.kind
         if kind in ("talk_stop", "ptt_off"):
             name = "talk" if kind == "talk_stop" else "transmit"
-            self.record(name, **fields, start=utc_iso(now - event.seconds),
-                        duration_seconds=round(event.seconds, 3))  # fmt: skip
+            self.record(
+                name,
+                **fields,
+                start=utc_iso(now - event.seconds),
+                duration_seconds=round(event.seconds, 3),
+            )
         elif kind == "patch":
             patch, _, state = event.detail.partition(" ")
             patch_cfg = self.gateway.engine.patches.get(patch)
-            self.record("patch", patch=patch, old="off" if state == "on" else "on", state=state,
-                        talkgroups=list(patch_cfg.talkgroups) if patch_cfg else None,
-                        by=event.by, id=event.ref)  # fmt: skip
+            self.record(
+                "patch",
+                patch=patch,
+                old="off" if state == "on" else "on",
+                state=state,
+                talkgroups=list(patch_cfg.talkgroups) if patch_cfg else None,
+                by=event.by,
+                id=event.ref,
+            )
         elif kind == "preempted":
             self.record(kind, **fields, by=event.detail.removeprefix("by "))
         elif kind in ("fault", "port_down"):
             self.record(kind, **fields, reason=event.detail)
         elif kind == "joined":
             self._attached[port] = (now, event.detail or "port", event.talkgroup or "")
-            self.record("joined", port=port, kind=event.detail, talkgroup=event.talkgroup,
-                        label=fields.get("label"))  # fmt: skip
+            self.record(
+                "joined",
+                port=port,
+                kind=event.detail,
+                talkgroup=event.talkgroup,
+                label=fields.get("label"),
+            )
         elif kind == "left":
             self._left(port)
         else:  # talk_start, ptt_on, floor_granted, tot, and endpoint events
@@ -283,8 +302,14 @@ class AuditLog:
 
     def _left(self, name: str) -> None:
         since, kind, tg = self._attached.pop(name, (self.now(), "port", ""))
-        self.record("left", port=name, kind=kind, talkgroup=tg, start=utc_iso(since),
-                    duration_seconds=round(self.now() - since, 3))  # fmt: skip
+        self.record(
+            "left",
+            port=name,
+            kind=kind,
+            talkgroup=tg,
+            start=utc_iso(since),
+            duration_seconds=round(self.now() - since, 3),
+        )
 
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -108,8 +108,10 @@ class MediaClock:
             self._last_late_log = now
             log.warning(
                 "media tick %.1f ms late (%d late, %d skipped so far); the machine is overloaded",
-                late * 1000, self.late_ticks, self.skipped_ticks,
-            )  # fmt: skip
+                late * 1000,
+                self.late_ticks,
+                self.skipped_ticks,
+            )
 
     def shift(self, seconds: float) -> None:
         """Move every later tick by ``seconds`` (negative: earlier); see ``PhaseLock``."""
@@ -134,8 +136,9 @@ class PhaseLock:
     legs' jitter buffers take as any far clock.
     """
 
-    def __init__(self, clock: MediaClock, every: int = 25, step: float = 0.0002,
-                 deadband: float = 0.001) -> None:  # fmt: skip
+    def __init__(
+        self, clock: MediaClock, every: int = 25, step: float = 0.0002, deadband: float = 0.001
+    ) -> None:
         self.clock, self.every, self.step, self.deadband = clock, every, step, deadband
         self.ticks = 0
         self.moves = 0

@@ -213,8 +213,11 @@ def describe_changes(old: SiteConfig, new: SiteConfig) -> list[str]:
     just its name. Names only, never values: a new password shows as ``~marine``.
     One function for every section, so a service need not report its own changes.
     """
-    out = [f"{table} {words}" for table in ("talkgroups", "patches")
-           if (words := _named_changes(getattr(old, table), getattr(new, table)))]  # fmt: skip
+    out = [
+        f"{table} {words}"
+        for table in ("talkgroups", "patches")
+        if (words := _named_changes(getattr(old, table), getattr(new, table)))
+    ]
     for name in [*new.sections, *(n for n in old.sections if n not in new.sections)]:
         before, after = old.section(name), new.section(name)
         if before == after:
@@ -353,14 +356,16 @@ def parse_config(
         n: check(TalkgroupConfig, t, ("talkgroups", n)) for n, t in tables["talkgroups"].items()
     }
     patches = {n: check(PatchConfig, p, ("patches", n)) for n, p in tables["patches"].items()}
-    problems.extend(_cross_check(
-        set(tables["ports"]),
-        {n: t for n, t in talkgroups.items() if t is not None},
-        set(tables["talkgroups"]),
-        {n: p for n, p in patches.items() if p is not None},
-        ports,
-        lines,
-    ))  # fmt: skip
+    problems.extend(
+        _cross_check(
+            set(tables["ports"]),
+            {n: t for n, t in talkgroups.items() if t is not None},
+            set(tables["talkgroups"]),
+            {n: p for n, p in patches.items() if p is not None},
+            ports,
+            lines,
+        )
+    )
     problems.extend(_section_references(found, set(tables["talkgroups"]), lines))
     if problems:
         raise ConfigError(filename, problems)

@@ -177,8 +177,15 @@ class Engine:
             (self.active_patches | {name}) if active else (self.active_patches - {name})
         )
         self.configure(self.ports, self.talkgroups, self.patches, self.active_patches)
-        self._emit(Event("patch", detail=f"{name} {'on' if active else 'off'}",
-                         tick=self.tick_count, by=by, ref=ref))  # fmt: skip
+        self._emit(
+            Event(
+                "patch",
+                detail=f"{name} {'on' if active else 'off'}",
+                tick=self.tick_count,
+                by=by,
+                ref=ref,
+            )
+        )
 
     def attach(self, port: Port, talkgroup: str, priority: int = 0) -> None:
         """Add a port that is not in the config file (a SIP call, a console) to a talkgroup."""
@@ -189,8 +196,16 @@ class Engine:
         self.attached[port.name] = (talkgroup, priority)
         self._joined_at[port.name] = self.tick_count
         self._set_layout([*self.ports, port], self.layout.groups)
-        self._emit(Event("joined", port.name, self._group_name(len(self.ports) - 1),
-                         detail=port.kind, tick=self.tick_count, talkgroup=talkgroup))  # fmt: skip
+        self._emit(
+            Event(
+                "joined",
+                port.name,
+                self._group_name(len(self.ports) - 1),
+                detail=port.kind,
+                tick=self.tick_count,
+                talkgroup=talkgroup,
+            )
+        )
 
     def detach(self, port: Port) -> None:
         """Remove an attached port (call ended); it is unkeyed first."""
@@ -206,9 +221,18 @@ class Engine:
         self.health.pop(port.name, None)  # a call's name never comes back: keep no record
         self.isolated.pop(port.name, None)
         self.emergency.discard(port.name)
-        self._emit(Event("left", port.name, group, detail=port.kind, tick=self.tick_count,
-                         seconds=(self.tick_count - since) * self.frame_seconds,
-                         talkgroup=talkgroup, label=getattr(port, "label", "")))  # fmt: skip
+        self._emit(
+            Event(
+                "left",
+                port.name,
+                group,
+                detail=port.kind,
+                tick=self.tick_count,
+                seconds=(self.tick_count - since) * self.frame_seconds,
+                talkgroup=talkgroup,
+                label=getattr(port, "label", ""),
+            )
+        )
 
     def set_priority(self, name: str, priority: int) -> None:
         """Change an attached port's floor priority live (a console's emergency call).
@@ -217,8 +241,10 @@ class Engine:
         priority talker pre-empts it on the next tick (a ``preempted`` event).
         """
         if name not in self.attached:
-            raise KeyError(f"{name!r} is not an attached port; configured ports take priority "
-                           "from their talkgroup's config")  # fmt: skip
+            raise KeyError(
+                f"{name!r} is not an attached port; configured ports take priority "
+                "from their talkgroup's config"
+            )
         talkgroup, _ = self.attached[name]
         self.attached[name] = (talkgroup, priority)
         i = self._index_of(name)
@@ -329,8 +355,9 @@ class Engine:
                 entry = members.setdefault(id(port.port_bank), (port.port_bank, [], []))
                 entry[1].append(i)
                 entry[2].append(port)
-        self._banks = [(bank, np.array(rows, np.int64), group)
-                       for bank, rows, group in members.values()]  # fmt: skip
+        self._banks = [
+            (bank, np.array(rows, np.int64), group) for bank, rows, group in members.values()
+        ]
 
     @staticmethod
     def _carry(
@@ -377,10 +404,15 @@ class Engine:
 
         shared = lay.shared
         decision = self.floor.update(
-            raw_talk, self.keying.keyed, lay.half, lay.group_of,
+            raw_talk,
+            self.keying.keyed,
+            lay.half,
+            lay.group_of,
             lay.single if shared is None else lay.single & ~shared,
-            lay.priority, lay.kerchunk_ticks, lay.tot_ticks,
-        )  # fmt: skip
+            lay.priority,
+            lay.kerchunk_ticks,
+            lay.tot_ticks,
+        )
         if lay.link is not None and self.shared_floors is not None:
             self.shared_floors.decide(self, decision)
         weights = np.where(decision.admitted, lay.rx_gain, np.float32(0.0)).astype(np.float32)
@@ -547,8 +579,15 @@ class Engine:
                 self._emit(Event("ptt_on", port.name, self._group_name(i), tick=self.tick_count))
             else:
                 held = (self.tick_count - self.key_since[i]) * self.frame_seconds
-                self._emit(Event("ptt_off", port.name, self._group_name(i), seconds=held,
-                                 tick=self.tick_count))  # fmt: skip
+                self._emit(
+                    Event(
+                        "ptt_off",
+                        port.name,
+                        self._group_name(i),
+                        seconds=held,
+                        tick=self.tick_count,
+                    )
+                )
 
     def _unkey(self, i: int) -> None:
         """Drop a PTT outside the tick's keying (stop, a fault, a call leaving): the
@@ -562,8 +601,15 @@ class Engine:
             log.exception("port %s: unkey failed", self.ports[i].name)
         if was_keyed:
             held = (self.tick_count - self.key_since[i]) * self.frame_seconds
-            self._emit(Event("ptt_off", self.ports[i].name, self._group_name(i), seconds=held,
-                             tick=self.tick_count))  # fmt: skip
+            self._emit(
+                Event(
+                    "ptt_off",
+                    self.ports[i].name,
+                    self._group_name(i),
+                    seconds=held,
+                    tick=self.tick_count,
+                )
+            )
 
     def _fault(self, i: int, reason: str) -> None:
         port = self.ports[i]
@@ -592,8 +638,10 @@ class Engine:
         pause between two syllables.
         """
         fall = METER_FALL_DB_PER_S * self.frame_seconds
-        for rows, source, meter in ((np.flatnonzero(has_frame), frames, self.rx_dbfs),
-                                    (np.flatnonzero(tx), out, self.tx_dbfs)):  # fmt: skip
+        for rows, source, meter in (
+            (np.flatnonzero(has_frame), frames, self.rx_dbfs),
+            (np.flatnonzero(tx), out, self.tx_dbfs),
+        ):
             np.maximum(meter - fall, SILENCE_DB, out=meter)
             if rows.size == 0:
                 continue
@@ -615,26 +663,41 @@ class Engine:
                 self.talk_since[i] = self.tick_count
                 if self.layout.talk_permit[i] and not self.layout.half[i]:
                     self.port_tones[i] = talk_permit_tone(self.rate)
-                self._emit(Event("talk_start", name, group, tick=self.tick_count,
-                                 talker=self.talker_of(i)))  # fmt: skip
+                self._emit(
+                    Event("talk_start", name, group, tick=self.tick_count, talker=self.talker_of(i))
+                )
             else:
                 held = (self.tick_count - self.talk_since[i]) * self.frame_seconds
                 others = admitted & (self.layout.group_of == g)
                 if g < len(self.layout.groups) and self.layout.courtesy[g] and not others.any():
                     self.group_tones[g] = courtesy_tone(self.rate)
-                self._emit(Event("talk_stop", name, group, seconds=held, tick=self.tick_count,
-                                 talker=self.talker_of(i)))  # fmt: skip
+                self._emit(
+                    Event(
+                        "talk_stop",
+                        name,
+                        group,
+                        seconds=held,
+                        tick=self.tick_count,
+                        talker=self.talker_of(i),
+                    )
+                )
         self.admitted = admitted
 
     def _floor_events(self, events: FloorEvents) -> None:
         groups = self.layout.groups
         for group, port in events.granted:
-            self._emit(Event("floor_granted", self.ports[port].name, groups[group].name,
-                             tick=self.tick_count))  # fmt: skip
+            self._emit(
+                Event(
+                    "floor_granted", self.ports[port].name, groups[group].name, tick=self.tick_count
+                )
+            )
         for group, old, new in events.preempted:
             by = f"by {self.ports[new].name}"
-            self._emit(Event("preempted", self.ports[old].name, groups[group].name, by,
-                             tick=self.tick_count))  # fmt: skip
+            self._emit(
+                Event(
+                    "preempted", self.ports[old].name, groups[group].name, by, tick=self.tick_count
+                )
+            )
         for port in events.tot_trips:
             self._emit(
                 Event("tot", self.ports[port].name, self._group_name(port), tick=self.tick_count)

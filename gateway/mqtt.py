@@ -92,15 +92,20 @@ class MqttConfig(Model):
 
     def file_problems(self) -> list[tuple[tuple[str, ...], str]]:
         files = {k: getattr(self, k) for k in ("ca_file", "cert_file", "key_file", "password_file")}
-        return [((key,), problem) for key, path in files.items()
-                if path is not None and (problem := readable_problem(path))]  # fmt: skip
+        return [
+            ((key,), problem)
+            for key, path in files.items()
+            if path is not None and (problem := readable_problem(path))
+        ]
 
     def summary_lines(self) -> list[str]:
         """What ``borderlink check`` prints: the broker and who may command what."""
         secure = "TLS" if self.tls else "plain TCP"
         auth = f", user {self.username}" if self.username else ", no login"
-        lines = [f"broker {self.host}:{self.port} ({secure}{auth}), topics borderlink/"
-                 f"{self.site_id or '<site name>'}/"]  # fmt: skip
+        lines = [
+            f"broker {self.host}:{self.port} ({secure}{auth}), topics borderlink/"
+            f"{self.site_id or '<site name>'}/"
+        ]
         for sender, actions in self.commanders.items():
             lines.append(f"commander {sender}: {', '.join(actions)}")
         if not self.commanders:
@@ -189,8 +194,9 @@ class MqttService:
             self.gateway.engine.listeners.remove(self.on_event)
         if self._client is not None and self.connected:
             with contextlib.suppress(Exception):
-                await self._client.publish(f"{self.prefix}/status", b"offline", qos=1, retain=True,
-                                           timeout=0.3)  # fmt: skip
+                await self._client.publish(
+                    f"{self.prefix}/status", b"offline", qos=1, retain=True, timeout=0.3
+                )
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -264,8 +270,11 @@ class MqttService:
         if len(self.events) == self.events.maxlen:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("MQTT event buffer full (%d): %d events dropped so far",
-                            self.events.maxlen, self.dropped)  # fmt: skip
+                log.warning(
+                    "MQTT event buffer full (%d): %d events dropped so far",
+                    self.events.maxlen,
+                    self.dropped,
+                )
         self.events.append(message)
         if wake:
             self._wake.set()
@@ -307,11 +316,15 @@ class MqttService:
             up = not (health is not None and health.down_until_tick > tick)
             talking, keyed = bool(engine.admitted[i]), bool(engine.keying.keyed[i])
             out[f"state/ports/{topic_level(port.name)}"] = {
-                "kind": port.kind, "talkgroup": tg, "agency": getattr(port.config, "agency", ""),
+                "kind": port.kind,
+                "talkgroup": tg,
+                "agency": getattr(port.config, "agency", ""),
                 "label": getattr(port, "label", port.name),
-                "up": up, "talking": talking, "keyed": keyed,
+                "up": up,
+                "talking": talking,
+                "keyed": keyed,
                 "tx_inhibit": port.name in engine.tx_inhibit,
-            }  # fmt: skip
+            }
             if tg is not None:
                 members.setdefault(tg, []).append(port.name)
                 if talking:
@@ -328,8 +341,9 @@ class MqttService:
             }
         for name, patch in engine.patches.items():
             out[f"state/patches/{name}"] = {
-                "talkgroups": list(patch.talkgroups), "active": name in engine.active_patches,
-            }  # fmt: skip
+                "talkgroups": list(patch.talkgroups),
+                "active": name in engine.active_patches,
+            }
         return out
 
     async def _publish_state(self, client: aiomqtt.Client) -> None:
@@ -361,11 +375,16 @@ class MqttService:
                 keyfile=str(cfg.key_file) if cfg.key_file else None,
             )
         return aiomqtt.Client(
-            cfg.host, cfg.port, username=cfg.username, password=self._password,
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=self._password,
             identifier=cfg.client_id or f"borderlink-{self.site_id}",
-            keepalive=max(5, round(cfg.keepalive)), tls_params=tls, timeout=5,
+            keepalive=max(5, round(cfg.keepalive)),
+            tls_params=tls,
+            timeout=5,
             will=aiomqtt.Will(f"{self.prefix}/status", b"offline", qos=1, retain=True),
-        )  # fmt: skip
+        )
 
     async def _run(self) -> None:
         import aiomqtt
@@ -386,8 +405,13 @@ class MqttService:
                 if self.connected:
                     log.warning("MQTT connection lost: %s", exc)
                 else:
-                    log.warning("MQTT broker %s:%d unreachable: %s (retry in %.1fs)",
-                                self.config.host, self.config.port, exc, backoff)  # fmt: skip
+                    log.warning(
+                        "MQTT broker %s:%d unreachable: %s (retry in %.1fs)",
+                        self.config.host,
+                        self.config.port,
+                        exc,
+                        backoff,
+                    )
             finally:
                 self.connected = False
                 self._client = None
@@ -489,9 +513,11 @@ class MqttService:
             sender = message.topic.value.rsplit("/", 1)[-1]
             payload = message.payload if isinstance(message.payload, bytes) else b""
             reply = await self.handle_command(sender, payload)
-            await client.publish(f"{self.prefix}/reply/{sender}",
-                                 json.dumps(reply, separators=(",", ":")).encode(),
-                                 qos=self.config.qos)  # fmt: skip
+            await client.publish(
+                f"{self.prefix}/reply/{sender}",
+                json.dumps(reply, separators=(",", ":")).encode(),
+                qos=self.config.qos,
+            )
             self._wake.set()
 
     async def handle_command(self, sender: str, payload: bytes) -> dict[str, Any]:
@@ -511,8 +537,12 @@ class MqttService:
                     why = f"sender {sender!r} may not {action!r} (allowed: {', '.join(allowed)})"
                 self.commands["unauthorised"] += 1
                 self._audit(sender, action, command_id, False, reason=why)
-                return {"id": command_id, "ok": False, "action": action,
-                        "error": f"not authorised: {why}"}  # fmt: skip
+                return {
+                    "id": command_id,
+                    "ok": False,
+                    "action": action,
+                    "error": f"not authorised: {why}",
+                }
             self._sender = sender[:64]
             if action == "reload":
                 result, change = await self._reload(sender, _ref(command_id))
@@ -560,27 +590,37 @@ class MqttService:
             if action in ("patch", "unpatch"):
                 patch = field("patch", engine.patches)
                 old = "on" if patch in engine.active_patches else "off"
-                engine.set_patch(patch, action == "patch", by=f"mqtt:{self._sender}",
-                                 ref=_ref(command.get("id")))  # fmt: skip
+                engine.set_patch(
+                    patch, action == "patch", by=f"mqtt:{self._sender}", ref=_ref(command.get("id"))
+                )
                 on = patch in engine.active_patches
-                return {"patch": patch, "active": on}, {"patch": patch, "old": old,
-                                                         "new": "on" if on else "off"}  # fmt: skip
+                return {"patch": patch, "active": on}, {
+                    "patch": patch,
+                    "old": old,
+                    "new": "on" if on else "off",
+                }
             if action in ("unkey", "release"):
                 port = field("port", [p.name for p in engine.ports])
                 old = "inhibited" if port in engine.tx_inhibit else "allowed"
                 engine.set_tx_inhibit(port, action == "unkey")
                 held = port in engine.tx_inhibit
                 return {"port": port, "tx_inhibit": held}, {
-                    "port": port, "talkgroup": self._talkgroup(port), "old": old,
-                    "new": "inhibited" if held else "allowed"}  # fmt: skip
+                    "port": port,
+                    "talkgroup": self._talkgroup(port),
+                    "old": old,
+                    "new": "inhibited" if held else "allowed",
+                }
             if action in ("link_cut", "link_restore"):
                 return self._link(action, command)
             talkgroup = field("talkgroup", engine.talkgroups)
             mode = field("mode", ("mix", "single"))
             old = engine.talkgroups[talkgroup].floor
             engine.set_floor_mode(talkgroup, mode)
-            return {"talkgroup": talkgroup, "mode": mode}, {"talkgroup": talkgroup, "old": old,
-                                                            "new": mode}  # fmt: skip
+            return {"talkgroup": talkgroup, "mode": mode}, {
+                "talkgroup": talkgroup,
+                "old": old,
+                "new": mode,
+            }
         except (KeyError, ValueError) as exc:  # the engine refused it
             raise CommandError(str(exc).strip("'\"")) from None
 
@@ -621,8 +661,15 @@ class MqttService:
         audit = getattr(self.gateway, "audit", None)
         if audit is not None:
             what = str(action)[:32] if action else None
-            audit.record("command", via="mqtt", sender=sender[:64], action=what,
-                         id=_ref(command_id), ok=ok, **fields)  # fmt: skip
+            audit.record(
+                "command",
+                via="mqtt",
+                sender=sender[:64],
+                action=what,
+                id=_ref(command_id),
+                ok=ok,
+                **fields,
+            )
 
 
 def _ref(command_id: Any) -> str | None:

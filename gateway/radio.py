@@ -143,11 +143,15 @@ class SoundcardConfig(PortConfig):
     @model_validator(mode="after")
     def _timing_is_possible(self) -> SoundcardConfig:
         if self.tx_tot and self.tx_delay >= self.tx_tot:
-            raise ValueError("tx_delay must be shorter than tx_tot: the transmitter would time out "
-                             "before any audio went out")  # fmt: skip
+            raise ValueError(
+                "tx_delay must be shorter than tx_tot: the transmitter would time out "
+                "before any audio went out"
+            )
         if self.squelch.open_delay and self.anti_kerchunk:
-            raise ValueError("set squelch.open_delay or anti_kerchunk, not both: each delays the "
-                             "squelch opening and together they add up")  # fmt: skip
+            raise ValueError(
+                "set squelch.open_delay or anti_kerchunk, not both: each delays the "
+                "squelch opening and together they add up"
+            )
         if self.buffer_margin > 0.05:
             raise ValueError(
                 "buffer_margin above 50ms defeats the low-latency design; 1ms–5ms is usual"

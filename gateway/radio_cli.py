@@ -85,8 +85,11 @@ def levels(args: argparse.Namespace) -> int:
     port_cfg = config.ports.get(args.port)
     if not isinstance(port_cfg, SoundcardConfig):
         radios = [n for n, p in config.ports.items() if isinstance(p, SoundcardConfig)]
-        print(f"{args.port!r} is not a soundcard port in {args.config}; radios: "
-              f"{', '.join(radios) or 'none'}", file=sys.stderr)  # fmt: skip
+        print(
+            f"{args.port!r} is not a soundcard port in {args.config}; radios: "
+            f"{', '.join(radios) or 'none'}",
+            file=sys.stderr,
+        )
         return 2
     try:
         port = SoundcardPort(args.port, port_cfg, config.timing)
@@ -115,9 +118,11 @@ def levels(args: argparse.Namespace) -> int:
                 continue
             shown = time.monotonic()
             level_out = dbfs(out) if out is not None else -120.0
-            line = (f"in {level_in:6.1f} dBFS peak {peak_in:6.1f} [{meter(peak_in)}]  "
-                    f"out {level_out:6.1f} dBFS  squelch {'OPEN ' if port.talking else 'shut '}"
-                    f"PTT {'ON ' if port.ptt.keyed else 'off'}")  # fmt: skip
+            line = (
+                f"in {level_in:6.1f} dBFS peak {peak_in:6.1f} [{meter(peak_in)}]  "
+                f"out {level_out:6.1f} dBFS  squelch {'OPEN ' if port.talking else 'shut '}"
+                f"PTT {'ON ' if port.ptt.keyed else 'off'}"
+            )
             print(line if args.plain else "\r" + line, end="\n" if args.plain else "", flush=True)
     except KeyboardInterrupt:
         pass
@@ -147,8 +152,7 @@ def unkey(args: argparse.Namespace) -> int:
             unkey_line(keyer)
         except (OSError, ValueError) as exc:
             failed += 1
-            print(f"{name}: PTT {keyer.description} could NOT be unkeyed: {exc}",
-                  file=sys.stderr)  # fmt: skip
+            print(f"{name}: PTT {keyer.description} could NOT be unkeyed: {exc}", file=sys.stderr)
             continue
         print(f"{name}: PTT {keyer.description} unkeyed")
     return 1 if failed else 0

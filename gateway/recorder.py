@@ -141,8 +141,12 @@ class Recorder(Port):
             wav.close()
         finally:
             file.close()
-        self.report("recording_stop", talkgroup=self.talkgroup, file=str(path),
-                    duration_seconds=round(self._frames / self.rate, 3))  # fmt: skip
+        self.report(
+            "recording_stop",
+            talkgroup=self.talkgroup,
+            file=str(path),
+            duration_seconds=round(self._frames / self.rate, 3),
+        )
 
     def _prune(self, now: float) -> None:
         """Delete this talkgroup's recordings older than ``keep_days`` (a worker thread)."""

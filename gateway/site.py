@@ -52,8 +52,10 @@ def verify(config: SiteConfig, devices: bool = True) -> None:
             problems.append((("ports", name, "directory"), f"{problem}; nothing would be recorded"))
         hardware = getattr(port, "device_problems", None)
         if devices and hardware is not None:
-            problems.extend((("ports", name, *key), f"{message}; {HARDWARE_ELSEWHERE}")
-                            for key, message in hardware())  # fmt: skip
+            problems.extend(
+                (("ports", name, *key), f"{message}; {HARDWARE_ELSEWHERE}")
+                for key, message in hardware()
+            )
     for name, section in config.sections.items():  # certificates, key and password files...
         check = getattr(section, "file_problems", None)
         if check is not None:
@@ -61,8 +63,9 @@ def verify(config: SiteConfig, devices: bool = True) -> None:
     if problems:
         file = str(config.source or "<config>")
         lines = key_lines(config.source.read_text(encoding="utf-8")) if config.source else {}
-        raise ConfigError(file, [Problem(".".join(key), message, _line(lines, key))
-                                 for key, message in problems])  # fmt: skip
+        raise ConfigError(
+            file, [Problem(".".join(key), message, _line(lines, key)) for key, message in problems]
+        )
 
 
 def _line(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | None:
@@ -87,8 +90,10 @@ def summary(config: SiteConfig, devices: bool | None = None) -> str:
         tg = config.talkgroup_of(name) or "(no talkgroup)"
         agency = f" [{port.agency}]" if port.agency else ""
         off = "" if port.enabled else " DISABLED"
-        lines.append(f"    {name:<20} {port.kind:<16} {'half' if port.half_duplex else 'full'}"
-                     f"-duplex → {tg}{agency}{off}{_port_note(port)}")  # fmt: skip
+        lines.append(
+            f"    {name:<20} {port.kind:<16} {'half' if port.half_duplex else 'full'}"
+            f"-duplex → {tg}{agency}{off}{_port_note(port)}"
+        )
     if radios and devices is not None:
         found = "found on this machine" if devices else "not checked (--no-hardware)"
         lines.append(f"  radio devices: {found}")

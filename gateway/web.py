@@ -40,8 +40,13 @@ class WebConfig(Model):
             context.load_cert_chain(self.tls_certificate, self.tls_key)
         except (OSError, ssl.SSLError) as exc:
             why = getattr(exc, "strerror", None) or str(exc)
-            return [(("tls_certificate",), f"{self.tls_certificate} with key {self.tls_key}: "
-                     f"does not load ({why}); the web server would not start")]  # fmt: skip
+            return [
+                (
+                    ("tls_certificate",),
+                    f"{self.tls_certificate} with key {self.tls_key}: "
+                    f"does not load ({why}); the web server would not start",
+                )
+            ]
         return []
 
     def summary_lines(self) -> list[str]:

@@ -30,8 +30,10 @@ class Card:
     default_rate: float
 
     def line(self) -> str:
-        return (f"{self.index:>3}  {self.name:<40} {self.host_api:<28} in {self.inputs:>2}  "
-                f"out {self.outputs:>2}  {self.default_rate:>7.0f} Hz")  # fmt: skip
+        return (
+            f"{self.index:>3}  {self.name:<40} {self.host_api:<28} in {self.inputs:>2}  "
+            f"out {self.outputs:>2}  {self.default_rate:>7.0f} Hz"
+        )
 
 
 def sound_cards() -> list[Card]:
@@ -47,13 +49,18 @@ def sound_cards() -> list[Card]:
             d["max_input_channels"],
             d["max_output_channels"],
             d["default_samplerate"],
-        )  # fmt: skip
+        )
         for d in sd.query_devices()
     ]
 
 
-def find_card(device: str | int, host_api: str | None = None, inputs: int = 1,
-              outputs: int = 1, cards: list[Card] | None = None) -> Card:  # fmt: skip
+def find_card(
+    device: str | int,
+    host_api: str | None = None,
+    inputs: int = 1,
+    outputs: int = 1,
+    cards: list[Card] | None = None,
+) -> Card:
     """The one card matching ``device`` (index, or case-insensitive name substring)."""
     cards = sound_cards() if cards is None else cards
     listing = (
@@ -112,8 +119,9 @@ def control_devices(dev: str = "/dev", sys: str = "/sys") -> list[ControlDevice]
     """Serial ports, HID raw devices (CM108/CM119 marked) and GPIO chips that could key a radio."""
     found: list[ControlDevice] = []
     by_id = {os.path.realpath(p): p for p in glob.glob(f"{dev}/serial/by-id/*")}
-    for path in sorted(glob.glob(f"{dev}/ttyUSB*") + glob.glob(f"{dev}/ttyACM*")
-                       + glob.glob(f"{dev}/ttyS[0-9]*")):  # fmt: skip
+    for path in sorted(
+        glob.glob(f"{dev}/ttyUSB*") + glob.glob(f"{dev}/ttyACM*") + glob.glob(f"{dev}/ttyS[0-9]*")
+    ):
         name = os.path.basename(path)
         if name.startswith("ttyS") and not os.path.exists(f"{sys}/class/tty/{name}/device/driver"):
             continue
@@ -160,8 +168,10 @@ def line_problem(path: str) -> str:
     some radios, and a running gateway may hold the device."""
     if not os.path.exists(path):
         kinds = ", ".join(d.path for d in control_devices()) or "none"
-        return (f"{path}: no such device (unplugged, or the wrong name; lines here: {kinds}; "
-                "'borderlink devices' lists them)")  # fmt: skip
+        return (
+            f"{path}: no such device (unplugged, or the wrong name; lines here: {kinds}; "
+            "'borderlink devices' lists them)"
+        )
     if not os.access(path, os.R_OK | os.W_OK):
         try:
             import grp
@@ -169,6 +179,8 @@ def line_problem(path: str) -> str:
             group = f"group {grp.getgrgid(os.stat(path).st_gid).gr_name!r}"
         except (KeyError, OSError):
             group = "its group"
-        return (f"{path}: this user may not read and write it (add the gateway's user to "
-                f"{group}, or a udev rule: 'borderlink devices' shows one)")  # fmt: skip
+        return (
+            f"{path}: this user may not read and write it (add the gateway's user to "
+            f"{group}, or a udev rule: 'borderlink devices' shows one)"
+        )
     return ""

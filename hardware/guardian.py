@@ -258,10 +258,17 @@ class Line:
 
     def state(self) -> dict[str, Any]:
         return {
-            "op": "state", "ack": self.ack, "keyed": self.keyed, "device_up": self.device_up,
-            "tot_tripped": self.tot_tripped, "stuck": self.stuck, "keyed_at": self.keyed_at,
-            "tx_seconds": self.tx_seconds, "counts": self.counts, "error": self.error,
-        }  # fmt: skip
+            "op": "state",
+            "ack": self.ack,
+            "keyed": self.keyed,
+            "device_up": self.device_up,
+            "tot_tripped": self.tot_tripped,
+            "stuck": self.stuck,
+            "keyed_at": self.keyed_at,
+            "tx_seconds": self.tx_seconds,
+            "counts": self.counts,
+            "error": self.error,
+        }
 
     # --- the gateway's words ---
 
@@ -310,8 +317,11 @@ class Line:
             if now >= self.last_beat + HEARTBEAT_TIMEOUT_S:
                 self.counts["watchdog_trips"] += 1
                 self.missed = True
-                log.warning("%s: no heartbeat from the gateway for %.0f ms: PTT dropped",
-                            self.name, (now - self.last_beat) * 1000)  # fmt: skip
+                log.warning(
+                    "%s: no heartbeat from the gateway for %.0f ms: PTT dropped",
+                    self.name,
+                    (now - self.last_beat) * 1000,
+                )
                 self._drive(False)
             else:
                 due.append(self.last_beat + HEARTBEAT_TIMEOUT_S)
@@ -327,8 +337,12 @@ class Line:
         if self.device_up:
             self._drive(False, always=True)
         elif self.keyed or self.stuck:
-            log.error("%s: PTT could not be unkeyed (%s): %s — the transmitter may be stuck "
-                      "keyed", self.name, why, self.stuck or "device down")  # fmt: skip
+            log.error(
+                "%s: PTT could not be unkeyed (%s): %s — the transmitter may be stuck keyed",
+                self.name,
+                why,
+                self.stuck or "device down",
+            )
         with contextlib.suppress(OSError):
             self.keyer.close()
 
@@ -471,8 +485,11 @@ class Guardian:
         for line in self.lines.values():
             line.release(why)
         if self.lines:
-            log.warning("PTT guardian: %s: every PTT line unkeyed (%s)", why,
-                        ", ".join(line.name for line in self.lines.values()))  # fmt: skip
+            log.warning(
+                "PTT guardian: %s: every PTT line unkeyed (%s)",
+                why,
+                ", ".join(line.name for line in self.lines.values()),
+            )
 
 
 def _changed(line: Line) -> bool:
@@ -494,15 +511,20 @@ def raise_priority() -> str:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(want))
         got.append(f"SCHED_FIFO {want}")
     except OSError as exc:
-        log.warning("PTT guardian: no realtime priority (%s); grant it LimitRTPRIO= "
-                    "(packaging/systemd/borderlink.service)", exc.strerror)  # fmt: skip
+        log.warning(
+            "PTT guardian: no realtime priority (%s); grant it LimitRTPRIO= "
+            "(packaging/systemd/borderlink.service)",
+            exc.strerror,
+        )
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("-1000")
         got.append("oom_score_adj -1000")
     except OSError as exc:
-        log.warning("PTT guardian: oom_score_adj -1000 refused (%s); the unit's "
-                    "OOMScoreAdjust= allows it", exc.strerror)  # fmt: skip
+        log.warning(
+            "PTT guardian: oom_score_adj -1000 refused (%s); the unit's OOMScoreAdjust= allows it",
+            exc.strerror,
+        )
     return ", ".join(got) or "normal priority"
 
 
@@ -513,8 +535,11 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 def _site_path() -> None:
     """Run with ``python -S``: the gateway's path (pyserial, gpiod), and a site's
     ``sitecustomize`` as ``site`` would have imported it."""
-    sys.path.extend(p for p in os.environ.get("BORDERLINK_GUARDIAN_PATH", "").split(os.pathsep)
-                    if p and p not in sys.path)  # fmt: skip
+    sys.path.extend(
+        p
+        for p in os.environ.get("BORDERLINK_GUARDIAN_PATH", "").split(os.pathsep)
+        if p and p not in sys.path
+    )
     with contextlib.suppress(ImportError):
         import sitecustomize  # noqa: F401
 
@@ -529,8 +554,12 @@ def main(argv: list[str]) -> int:
     why = "ended"
     try:
         got = raise_priority()
-        os.write(fd, json.dumps({"op": "hello", "pid": os.getpid(), "priority": got,
-                              "timeout": HEARTBEAT_TIMEOUT_S}).encode())  # fmt: skip
+        os.write(
+            fd,
+            json.dumps(
+                {"op": "hello", "pid": os.getpid(), "priority": got, "timeout": HEARTBEAT_TIMEOUT_S}
+            ).encode(),
+        )
         why = guardian.run()
     except SystemExit as exc:
         why = str(exc.code)

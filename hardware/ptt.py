@@ -92,9 +92,11 @@ class GuardianProcess:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-S", str(GUARDIAN_SCRIPT), "--fd", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+                pass_fds=[theirs.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's ^C is the gateway's to handle
-            )  # fmt: skip
+            )
         finally:
             theirs.close()
         ours.settimeout(START_TIMEOUT_S)
@@ -109,12 +111,17 @@ class GuardianProcess:
             raise RuntimeError(f"the PTT guardian ({GUARDIAN_SCRIPT}) did not start")
         ours.settimeout(None)
         _stay_killable()
-        log.info("PTT guardian running (pid %d, %s, heartbeat timeout %.0f ms)",
-                 proc.pid, hello.get("priority"), hello["timeout"] * 1000)  # fmt: skip
+        log.info(
+            "PTT guardian running (pid %d, %s, heartbeat timeout %.0f ms)",
+            proc.pid,
+            hello.get("priority"),
+            hello["timeout"] * 1000,
+        )
         with self._cond:
             self.sock, self.proc, self.hello = ours, proc, hello
-        threading.Thread(target=self._read, args=(ours, proc), name="ptt-guardian",
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=self._read, args=(ours, proc), name="ptt-guardian", daemon=True
+        ).start()
 
     def close(self) -> None:
         """Stop the guardian (it unkeys whatever it still holds)."""
@@ -205,8 +212,11 @@ class GuardianProcess:
                 return
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=2)
-        log.error("PTT guardian (pid %d) exited (%s): its lines are unkeyed; starting another",
-                  proc.pid, proc.returncode)  # fmt: skip
+        log.error(
+            "PTT guardian (pid %d) exited (%s): its lines are unkeyed; starting another",
+            proc.pid,
+            proc.returncode,
+        )
         while True:
             time.sleep(RESTART_S)
             with self._start_lock:
@@ -240,8 +250,12 @@ def _stay_killable() -> None:
 
 
 def _open_message(controller: PttController) -> dict[str, Any]:
-    return {"op": "open", "name": controller.name, "keyer": controller.keyer.spec(),
-            "tot": controller.tot}  # fmt: skip
+    return {
+        "op": "open",
+        "name": controller.name,
+        "keyer": controller.keyer.spec(),
+        "tot": controller.tot,
+    }
 
 
 _SHARED: GuardianProcess | None = None
@@ -295,8 +309,9 @@ class PttController:
     drives the line (default: the one shared by the whole gateway).
     """
 
-    def __init__(self, keyer: Keyer, name: str, tot: float = 0.0,
-                 guardian: GuardianProcess | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, keyer: Keyer, name: str, tot: float = 0.0, guardian: GuardianProcess | None = None
+    ) -> None:
         self.keyer, self.name, self.tot = keyer, name, tot
         self.guardian = guardian
         self.key_id = ""
@@ -369,8 +384,11 @@ class PttController:
 
     def stats(self) -> dict[str, float]:
         tx = self.tx_seconds + (time.monotonic() - self.keyed_at if self.line else 0.0)
-        return {**{k: float(v) for k, v in self.counts.items()}, "tx_seconds": tx,
-                "ptt_stuck": float(bool(self.stuck))}  # fmt: skip
+        return {
+            **{k: float(v) for k, v in self.counts.items()},
+            "tx_seconds": tx,
+            "ptt_stuck": float(bool(self.stuck)),
+        }
 
     # --- inside --------------------------------------------------------------
 

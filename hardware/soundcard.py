@@ -199,8 +199,11 @@ class DriftControl:
         # ignores a level up to the deadband above the target, which is jitter, not drift
         # (every change of ratio bends the audio's timing a little), but never one below
         # it: that is the margin being eaten, and the next late callback runs it dry.
-        self.integral = float(np.clip(self.integral + error * dt / self.ti, -self.limit * self.tau,
-                                      self.limit * self.tau))  # fmt: skip
+        self.integral = float(
+            np.clip(
+                self.integral + error * dt / self.ti, -self.limit * self.tau, self.limit * self.tau
+            )
+        )
         if error > 0:
             error = max(0.0, error - DEADBAND_S)
         step = float(np.clip((error + self.integral) / self.tau, -self.limit, self.limit))
@@ -229,9 +232,18 @@ class CardSpec:
     max_ppm: float = 500.0
 
     def request(self, port: str) -> OpenRequest:
-        return OpenRequest(self.device, self.host_api, self.input_channels, self.output_channels,
-                           self.input_channel, self.output_channel, self.sample_rate,
-                           self.blocksize, self.latency, jack_client_name(port))  # fmt: skip
+        return OpenRequest(
+            self.device,
+            self.host_api,
+            self.input_channels,
+            self.output_channels,
+            self.input_channel,
+            self.output_channel,
+            self.sample_rate,
+            self.blocksize,
+            self.latency,
+            jack_client_name(port),
+        )
 
 
 class SoundCard:
@@ -275,9 +287,16 @@ class SoundCard:
         self.window_ticks = max(1, round(WINDOW_S / self.frame_seconds))
         self.ticks = 0
         # Counts of streams past (the callback's own counters restart with each process).
-        self.counts = {"rx_underruns": 0, "tx_underruns": 0, "underruns_after_xruns": 0,
-                       "margin_widenings": 0, "dropped_samples": 0, "xruns": 0,
-                       "device_errors": 0, "reopens": 0}  # fmt: skip
+        self.counts = {
+            "rx_underruns": 0,
+            "tx_underruns": 0,
+            "underruns_after_xruns": 0,
+            "margin_widenings": 0,
+            "dropped_samples": 0,
+            "xruns": 0,
+            "device_errors": 0,
+            "reopens": 0,
+        }
         self._lock = threading.Lock()
         self._retry: threading.Thread | None = None
         self._closing = threading.Event()
@@ -421,9 +440,14 @@ class SoundCard:
             self.underruns.append(Underrun(alarm.when, way, cause, alarm.late, lost))
             if cause == "margin":
                 late = "the card's callback" if way == "rx" else "the media tick"
-                log.info("%s: %s underrun, %s came %.1f ms late; margin now %.1f ms",
-                         self.name, way, late, alarm.late * 1000,
-                         alarm.control.target * 1000)  # fmt: skip
+                log.info(
+                    "%s: %s underrun, %s came %.1f ms late; margin now %.1f ms",
+                    self.name,
+                    way,
+                    late,
+                    alarm.late * 1000,
+                    alarm.control.target * 1000,
+                )
         self.alarms = waiting
 
     def stream_lost(self, when: float) -> float:
@@ -697,8 +721,9 @@ class SoundCard:
         if self.on_state:
             self.on_state(False, reason)
         if self._retry is None or not self._retry.is_alive():
-            self._retry = threading.Thread(target=self._reopen, daemon=True,
-                                           name=f"reopen-{self.name}")  # fmt: skip
+            self._retry = threading.Thread(
+                target=self._reopen, daemon=True, name=f"reopen-{self.name}"
+            )
             self._retry.start()
 
     def _reopen(self) -> None:

@@ -424,22 +424,34 @@ def route_family(kind: str, key: str) -> tuple[str, str, str]:
 # Per-port series read from the snapshot: (name, type, help, Snapshot attribute).
 PORT_SERIES_UP = "1 when the port works (not isolated by the engine, device up)"
 PORT_SERIES: list[tuple[str, str, str, str]] = [
-    ("port_receive_level_dbfs", "gauge",
-     "Receive level meter (RMS dBFS, falls back 20 dB/s; -120 = nothing)", "rx_dbfs"),
-    ("port_transmit_level_dbfs", "gauge",
-     "Transmit level meter (RMS dBFS, falls back 20 dB/s; -120 = nothing)", "tx_dbfs"),
+    (
+        "port_receive_level_dbfs",
+        "gauge",
+        "Receive level meter (RMS dBFS, falls back 20 dB/s; -120 = nothing)",
+        "rx_dbfs",
+    ),
+    (
+        "port_transmit_level_dbfs",
+        "gauge",
+        "Transmit level meter (RMS dBFS, falls back 20 dB/s; -120 = nothing)",
+        "tx_dbfs",
+    ),
     ("port_squelch_open", "gauge", "1 while the port has audio in (COR/VOX/PTT)", "squelch"),
     ("port_talking", "gauge", "1 while the port is heard in its talkgroup's mix", "admitted"),
     ("port_ptt_keyed", "gauge", "1 while the gateway keys this port's transmitter", "keyed"),
-    ("port_ptt_keyed_seconds", "gauge", "How long the current transmission has lasted",
-     "keyed_seconds"),
+    (
+        "port_ptt_keyed_seconds",
+        "gauge",
+        "How long the current transmission has lasted",
+        "keyed_seconds",
+    ),
     ("port_tot_seconds", "gauge", "The port's time-out timer (0 = off)", "tot_seconds"),
     ("port_talk_seconds", "counter", "Seconds the port was heard in its mix", "talk_total"),
     ("port_transmit_seconds", "counter", "Seconds the port's transmitter was keyed", "tx_total"),
     ("port_tot_trips", "counter", "Talkers cut off by the time-out timer", "tot_trips"),
     ("port_faults", "counter", "Times the engine isolated the port (errors, bad audio)", "faults"),
     ("port_bad_frames", "counter", "Frames dropped as NaN/Inf or out of range", "bad_frames"),
-]  # fmt: skip
+]
 
 # Families that are always present (with no samples when nothing reports them),
 # so dashboards and alert rules always find their names.
@@ -544,8 +556,15 @@ def split_ports(layout: Any, talkgroups: list[str]) -> PortSplit:
         call_group.append(group_ids.setdefault(key, len(group_ids)))
     tg_index = {tg: i for i, tg in enumerate(talkgroups)}
     tg_of_row = np.array([tg_index.get(tg or "", -1) for tg in layout.talkgroup], np.int64)
-    return PortSplit(layout, config_rows, call_rows, np.array(call_group, np.int64),
-                     list(group_ids), tg_of_row, list(talkgroups))  # fmt: skip
+    return PortSplit(
+        layout,
+        config_rows,
+        call_rows,
+        np.array(call_group, np.int64),
+        list(group_ids),
+        tg_of_row,
+        list(talkgroups),
+    )
 
 
 class SiteMetrics:
@@ -716,9 +735,12 @@ class SiteMetrics:
         health = [engine.health.get(name) for name in names]
         down = np.array([h is not None and h.down_until_tick > tick for h in health], bool)
         device_down = np.array(
-            [s.get("device_up", 1) == 0 or bool(getattr(p, "down_reason", ""))
-             for s, p in zip(port_stats, ports, strict=True)], bool
-        )  # fmt: skip
+            [
+                s.get("device_up", 1) == 0 or bool(getattr(p, "down_reason", ""))
+                for s, p in zip(port_stats, ports, strict=True)
+            ],
+            bool,
+        )
         squelch = np.array(
             [
                 float(s.get("squelch_open", p.talking))
@@ -930,8 +952,9 @@ class Family:
 
     def to_metric(self) -> Metric:
         if self.kind == "histogram":
-            return HistogramMetricFamily(self.name, self.doc, buckets=self.buckets,
-                                         sum_value=self.sum_value)  # fmt: skip
+            return HistogramMetricFamily(
+                self.name, self.doc, buckets=self.buckets, sum_value=self.sum_value
+            )
         cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
         metric = cls(self.name, self.doc, labels=self.labels)
         for values, value in zip(self.label_values, self.values, strict=True):
@@ -947,8 +970,10 @@ class Family:
             count = self.buckets[-1][1] if self.buckets else 0.0
             lines += [f"{name}_count {number(count)}", f"{name}_sum {number(self.sum_value)}"]
         else:
-            lines = [f"{name}{{{t}}} {number(v)}" if t else f"{name} {number(v)}"
-                     for t, v in zip(self.texts, self.values, strict=True)]  # fmt: skip
+            lines = [
+                f"{name}{{{t}}} {number(v)}" if t else f"{name} {number(v)}"
+                for t, v in zip(self.texts, self.values, strict=True)
+            ]
         return head + "".join(line + "\n" for line in lines)
 
 
@@ -1038,18 +1063,41 @@ def families(snap: Snapshot) -> Iterator[Family]:
     # --- talkgroups and patches ---
     talkers = snap.talkers or [0.0] * len(snap.talkgroups)
     tg_metrics = [
-        (_gauge("talkgroup_talkers", "Ports and calls heard in the talkgroup right now",
-                ["talkgroup"]), talkers),
-        (_gauge("talkgroup_patched", "1 while the talkgroup is patched to another", ["talkgroup"]),
-         [float(x) for x in snap.tg_patched]),
-        (_gauge("talkgroup_floor_single",
-                "1 when one talker holds the floor (single), 0 for a full mix", ["talkgroup"]),
-         [float(x) for x in snap.tg_single]),
-        (_counter("talkgroup_floor_grants", "Floor grants in single-floor mode", ["talkgroup"]),
-         [snap.floor_grants.get(tg, 0) for tg in snap.talkgroups]),
-        (_counter("talkgroup_preemptions", "Floor holders pre-empted by a higher priority",
-                  ["talkgroup"]), [snap.preemptions.get(tg, 0) for tg in snap.talkgroups]),
-    ]  # fmt: skip
+        (
+            _gauge(
+                "talkgroup_talkers",
+                "Ports and calls heard in the talkgroup right now",
+                ["talkgroup"],
+            ),
+            talkers,
+        ),
+        (
+            _gauge(
+                "talkgroup_patched", "1 while the talkgroup is patched to another", ["talkgroup"]
+            ),
+            [float(x) for x in snap.tg_patched],
+        ),
+        (
+            _gauge(
+                "talkgroup_floor_single",
+                "1 when one talker holds the floor (single), 0 for a full mix",
+                ["talkgroup"],
+            ),
+            [float(x) for x in snap.tg_single],
+        ),
+        (
+            _counter("talkgroup_floor_grants", "Floor grants in single-floor mode", ["talkgroup"]),
+            [snap.floor_grants.get(tg, 0) for tg in snap.talkgroups],
+        ),
+        (
+            _counter(
+                "talkgroup_preemptions",
+                "Floor holders pre-empted by a higher priority",
+                ["talkgroup"],
+            ),
+            [snap.preemptions.get(tg, 0) for tg in snap.talkgroups],
+        ),
+    ]
     for family, values in tg_metrics:
         for tg, value in zip(snap.talkgroups, values, strict=True):
             family.add_metric([tg], float(value))
@@ -1069,8 +1117,11 @@ def families(snap: Snapshot) -> Iterator[Family]:
     yield mix
 
     # --- engine ---
-    ticks = Family("histogram", PREFIX + "engine_tick_duration_seconds",
-                   "CPU time of one engine tick (read, mix, write)")  # fmt: skip
+    ticks = Family(
+        "histogram",
+        PREFIX + "engine_tick_duration_seconds",
+        "CPU time of one engine tick (read, mix, write)",
+    )
     ticks.buckets, ticks.sum_value = snap.tick_buckets, snap.tick_sum
     yield ticks
     for name, doc, value in (
@@ -1089,8 +1140,9 @@ def families(snap: Snapshot) -> Iterator[Family]:
         family = _counter(name, doc)
         family.add_metric([], value)
         yield family
-    late = _gauge("engine_tick_lateness_seconds", "Recent tick start lateness, by percentile",
-                  ["percentile"])  # fmt: skip
+    late = _gauge(
+        "engine_tick_lateness_seconds", "Recent tick start lateness, by percentile", ["percentile"]
+    )
     late.add_metric(["50"], snap.lateness_p50)
     late.add_metric(["99"], snap.lateness_p99)
     yield late
@@ -1103,8 +1155,11 @@ def families(snap: Snapshot) -> Iterator[Family]:
     for kind in sorted(snap.events):
         events.add_metric([kind], snap.events[kind])
     yield events
-    reloads = _counter("reload_failures", "Config reloads refused (bad file, a port that cannot "
-                       "start, an error while applying): the running config stayed")  # fmt: skip
+    reloads = _counter(
+        "reload_failures",
+        "Config reloads refused (bad file, a port that cannot "
+        "start, an error while applying): the running config stayed",
+    )
     reloads.add_metric([], snap.reload_failures)
     yield reloads
     yield from _service_stats(snap)
@@ -1133,11 +1188,13 @@ def _route_stats(snap: Snapshot) -> Iterator[Family]:
         figures = snap.routes.get(kind, {})
         calls = {(r, tg): v for (k, r, tg), v in snap.calls.items() if k == kind}
         groups = sorted(set(figures) | set(calls))
-        for i, (name, doc) in enumerate((
-            ("route_calls", "Calls up now"),
-            ("route_calls_talking", "Calls heard in their talkgroup's mix now"),
-            ("route_calls_keyed", "Calls the gateway sends talkgroup audio to now"),
-        )):  # fmt: skip
+        for i, (name, doc) in enumerate(
+            (
+                ("route_calls", "Calls up now"),
+                ("route_calls_talking", "Calls heard in their talkgroup's mix now"),
+                ("route_calls_keyed", "Calls the gateway sends talkgroup audio to now"),
+            )
+        ):
             family = _gauge(f"{kind}_{name}", doc, ROUTE_LABELS)
             for group in groups:
                 family.add_metric(group, calls.get(group, (0.0, 0.0, 0.0))[i])

@@ -42,13 +42,17 @@ START_TIMEOUT = 60.0  # both gateways answering /metrics (a loaded 2-core machin
 def run_demo(seconds: float | None, plain: bool = False) -> int:
     live = sys.stdout.isatty() and not plain
     if not (TEMPLATES / "ca.toml").exists():
-        print(f"the demo's site files are not at {TEMPLATES}: run the demo from a BorderLink "
-              "source tree (bash .ci/bootstrap demo)", file=sys.stderr)  # fmt: skip
+        print(
+            f"the demo's site files are not at {TEMPLATES}: run the demo from a BorderLink "
+            "source tree (bash .ci/bootstrap demo)",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.TemporaryDirectory(prefix="borderlink-demo-") as tmp:
         folder = Path(tmp)
-        print("Setting up: certificates for each country, radio voices, two site files…",
-              flush=True)  # fmt: skip
+        print(
+            "Setting up: certificates for each country, radio voices, two site files…", flush=True
+        )
         make_site_pki(folder / "certs", "ca", "Canada Demo Agency CA", "ca.demo.borderlink")
         make_site_pki(folder / "certs", "us", "U.S. Demo Agency CA", "us.demo.borderlink")
         voices = make_voices(folder / "voices", LINES)
@@ -59,8 +63,9 @@ def run_demo(seconds: float | None, plain: bool = False) -> int:
         return asyncio.run(_main(ca, us, password, voices, seconds, live))
 
 
-async def _main(ca: Site, us: Site, password: str, voices: str, seconds: float | None,
-                live: bool) -> int:  # fmt: skip
+async def _main(
+    ca: Site, us: Site, password: str, voices: str, seconds: float | None, live: bool
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -119,22 +124,28 @@ async def _main(ca: Site, us: Site, password: str, voices: str, seconds: float |
                 keyed, unkeyed, closed = site.keyups()
                 clean = exit_code == 0 and closed and keyed == unkeyed
                 verdict = "stopped cleanly" if clean else f"did not stop cleanly (exit {exit_code})"
-                print(f"{site.key.upper()} gateway (pid {site.process.pid}): {verdict}; "
-                      f"PTT keyed {keyed} times, released {unkeyed}", flush=True)  # fmt: skip
+                print(
+                    f"{site.key.upper()} gateway (pid {site.process.pid}): {verdict}; "
+                    f"PTT keyed {keyed} times, released {unkeyed}",
+                    flush=True,
+                )
                 if not clean:
                     code = 1
                     print(site.log_tail(), file=sys.stderr)
     return code
 
 
-async def _wait_started(session: aiohttp.ClientSession, sites: tuple[Site, ...],
-                        stop: asyncio.Event) -> bool:  # fmt: skip
+async def _wait_started(
+    session: aiohttp.ClientSession, sites: tuple[Site, ...], stop: asyncio.Event
+) -> bool:
     deadline = time.monotonic() + START_TIMEOUT
     while not stop.is_set():
         for site in sites:
             if site.exited() is not None:
-                print(f"the {site.key.upper()} gateway stopped at start-up:\n{site.log_tail()}",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"the {site.key.upper()} gateway stopped at start-up:\n{site.log_tail()}",
+                    file=sys.stderr,
+                )
                 return False
         if all([await site.scrape(session) and site.started for site in sites]):
             return True
@@ -149,7 +160,9 @@ def _labels(site: Site) -> dict[str, str]:
     """What the view calls each port (its label, else its description), and '' → the
     site's name."""
     config = tomllib.loads(site.config.read_text(encoding="utf-8"))
-    labels = {name: port.get("label") or port.get("description", name)
-              for name, port in config["ports"].items()}  # fmt: skip
+    labels = {
+        name: port.get("label") or port.get("description", name)
+        for name, port in config["ports"].items()
+    }
     labels[""] = config["site"]["name"]
     return labels

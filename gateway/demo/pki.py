@@ -28,9 +28,13 @@ def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey |
     if key is not None:
         key_path = path.with_suffix(".key")
         key_path.touch(mode=0o600)
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))  # fmt: skip
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
 
 
 def make_site_pki(folder: Path, site: str, agency_ca: str, dns_name: str) -> None:
@@ -61,7 +65,7 @@ def make_site_pki(folder: Path, site: str, agency_ca: str, dns_name: str) -> Non
                 decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -82,10 +86,10 @@ def make_site_pki(folder: Path, site: str, agency_ca: str, dns_name: str) -> Non
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
             ),
             False,
-        )  # fmt: skip
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )  # fmt: skip
+        )
         .sign(ca_key, hashes.SHA256())
     )
     _write(folder / f"{site}-ca.pem", ca, None)  # the CA's key is never written anywhere

@@ -20,17 +20,28 @@ CYCLE = 120.0
 
 # What each radio says: (espeak-ng voice, text). Canadian units speak en-GB, U.S. en-US.
 LINES = {
-    "rcmp_marine": ("en-gb", "Coast Guard, R C M P Marine seven. "
-                             "Suspect vessel southbound off White Rock."),
-    "cbsa_land": ("en-gb-scotland", "C B S A Pacific Highway. We see the car in lane three, "
-                                    "stopping it now."),
-    "rcmp_dispatch": ("en-gb+f3", "Emergency traffic! All units, R C M P dispatch. "
-                                  "Shots fired at the Pacific Highway crossing."),
-    "uscg_cutter": ("en-us", "Marine seven, Coast Guard four five six one two. "
-                             "We have him on radar, closing in."),
-    "cbp_land": ("en-us+m3", "All units, C B P Blaine. "
-                             "Suspect car northbound on Peace Portal Drive."),
-}  # fmt: skip
+    "rcmp_marine": (
+        "en-gb",
+        "Coast Guard, R C M P Marine seven. Suspect vessel southbound off White Rock.",
+    ),
+    "cbsa_land": (
+        "en-gb-scotland",
+        "C B S A Pacific Highway. We see the car in lane three, stopping it now.",
+    ),
+    "rcmp_dispatch": (
+        "en-gb+f3",
+        "Emergency traffic! All units, R C M P dispatch. "
+        "Shots fired at the Pacific Highway crossing.",
+    ),
+    "uscg_cutter": (
+        "en-us",
+        "Marine seven, Coast Guard four five six one two. We have him on radar, closing in.",
+    ),
+    "cbp_land": (
+        "en-us+m3",
+        "All units, C B P Blaine. Suspect car northbound on Peace Portal Drive.",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,7 @@ STEPS = (
         "ca",
         "Cross-border patch: each side patches its land talkgroup into the shared channel",
         "patch",
-    ),  # fmt: skip
+    ),
     Step(18, "us", "", "patch"),
     Step(20, "us", "CBP Blaine (US land) talks: CBSA hears it in Canada through the patch"),
     Step(28, "ca", "CBSA Pacific Highway (CA land) talks: heard in Blaine"),
@@ -62,7 +73,7 @@ STEPS = (
         "cutter",
         "{cutter} cuts the link alone (sovereign cut): {other} sees 'cut by peer'",
         "cut",
-    ),  # fmt: skip
+    ),
     Step(50, "us", "USCG 45612 talks: nothing crosses while the link is cut"),
     Step(60, "cutter", "{cutter} restores the link: it comes back up by itself", "restore"),
     Step(80, "us", "CBP Blaine talks on U.S. land: it stays in the U.S. (land is not shared)"),
@@ -123,8 +134,11 @@ class Scenario:
     async def _link(self, site: Site, action: str, cycle: int) -> None:
         from gateway.links.control import request  # the client `borderlink link` uses
 
-        message = {"action": action, "link": site.link,
-                   "reason": f"demo cycle {cycle + 1}: {site.country} acts alone"}  # fmt: skip
+        message = {
+            "action": action,
+            "link": site.link,
+            "reason": f"demo cycle {cycle + 1}: {site.country} acts alone",
+        }
         reply = await asyncio.to_thread(request, site.config, message)
         if not reply.get("ok"):
             self.say("     ", f"{site.key.upper()}: link {action} refused: {reply.get('error')}")

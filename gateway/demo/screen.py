@@ -44,8 +44,15 @@ def column(site: Site, labels: dict[str, str], now: float) -> list[str]:
         for name, port in ports:
             if port["kind"] == "console" and not port.get("talking"):
                 continue  # a browser listening: shown only while it talks
-            state = ("TALK" if port.get("talking") else "BUSY" if port.get("squelch_open")
-                     else "TX  " if port.get("ptt_keyed") else "    ")  # fmt: skip
+            state = (
+                "TALK"
+                if port.get("talking")
+                else "BUSY"
+                if port.get("squelch_open")
+                else "TX  "
+                if port.get("ptt_keyed")
+                else "    "
+            )
             label = labels.get(name, name)
             db = port.get("receive_level_dbfs", -120.0)
             lines.append(f" {state} {label[:28]:<28} {_bar(db)}")
@@ -54,8 +61,13 @@ def column(site: Site, labels: dict[str, str], now: float) -> list[str]:
     return lines
 
 
-def render(sites: Iterable[Site], labels: dict[str, dict[str, str]], header: list[str],
-           narration: list[str], now: float) -> str:  # fmt: skip
+def render(
+    sites: Iterable[Site],
+    labels: dict[str, dict[str, str]],
+    header: list[str],
+    narration: list[str],
+    now: float,
+) -> str:
     a, b = (column(site, labels.get(site.key, {}), now) for site in sites)
     rows = [f"{left:<{WIDTH}}│ {right}" for left, right in _zip(a, b)]
     return "\n".join([*header, "", *rows, "", "─" * (2 * WIDTH), *narration])

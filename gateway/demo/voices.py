@@ -36,8 +36,12 @@ def make_voices(folder: Path, lines: dict[str, tuple[str, str]], seconds: float 
 
 def _speak(espeak: str, voice: str, text: str, path: Path) -> bool:
     try:
-        subprocess.run([espeak, "-v", voice, "-s", "180", "-w", str(path), text],
-                       check=True, capture_output=True, timeout=30)  # fmt: skip
+        subprocess.run(
+            [espeak, "-v", voice, "-s", "180", "-w", str(path), text],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return path.exists() and path.stat().st_size > 1000

@@ -114,9 +114,10 @@ class Arbiter:
                 rows[over[0]] = i
                 emergency = port.name in engine.emergency or bool(getattr(port, "emergency", 0))
                 candidates.append(
-                    Candidate(self.site, over[0], over[1], wire_priority(int(lay.priority[i])),
-                              emergency)
-                )  # fmt: skip
+                    Candidate(
+                        self.site, over[0], over[1], wire_priority(int(lay.priority[i])), emergency
+                    )
+                )
             best = choose(candidates)
             if lay.shared is not None and lay.shared[g]:
                 self._shared_floor(engine, decision, g, members, legs, candidates, rows, now_ms)
@@ -225,14 +226,19 @@ class Arbiter:
 
         tick = engine.tick_count
         if change.kind == "granted" and winner >= 0:
-            engine.emit(Event("floor_granted", lay.ports[winner].name, group, tick=tick,
-                              talker=who(winner)))  # fmt: skip
+            engine.emit(
+                Event("floor_granted", lay.ports[winner].name, group, tick=tick, talker=who(winner))
+            )
         elif change.kind in ("preempted", "resolved") and winner >= 0:
             loser = row_of(old)
             how = "" if change.kind == "preempted" else " (earlier key-up)"
             if loser >= 0:
                 by = f"by {who(winner)}{how}"
-                engine.emit(Event("preempted", lay.ports[loser].name, group, by, tick=tick,
-                                  talker=who(loser)))  # fmt: skip
-            engine.emit(Event("floor_granted", lay.ports[winner].name, group, tick=tick,
-                              talker=who(winner)))  # fmt: skip
+                engine.emit(
+                    Event(
+                        "preempted", lay.ports[loser].name, group, by, tick=tick, talker=who(loser)
+                    )
+                )
+            engine.emit(
+                Event("floor_granted", lay.ports[winner].name, group, tick=tick, talker=who(winner))
+            )

@@ -148,9 +148,12 @@ def link_arguments(parser: Any) -> None:
     parser.add_argument("--share", help="only this shared name on the link")
     parser.add_argument("--reason", default="", help="why (written to the audit log)")
     parser.add_argument(
-        "-c", "--config", type=Path, default=os.environ.get("BORDERLINK_CONFIG"),
+        "-c",
+        "--config",
+        type=Path,
+        default=os.environ.get("BORDERLINK_CONFIG"),
         help="the running site's TOML file (default: $BORDERLINK_CONFIG)",
-    )  # fmt: skip
+    )
 
 
 def link(args: Any) -> int:
@@ -160,8 +163,7 @@ def link(args: Any) -> int:
     if args.action != "status" and not args.link:
         print(f"link {args.action} needs the link's name")
         return 2
-    message = {"action": args.action, "link": args.link, "share": args.share,
-               "reason": args.reason}  # fmt: skip
+    message = {"action": args.action, "link": args.link, "share": args.share, "reason": args.reason}
     reply = request(args.config, message)
     if not reply.get("ok"):
         print(f"refused: {reply.get('error')}")

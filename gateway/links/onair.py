@@ -144,11 +144,15 @@ class OnAir:
     def _over_ended(self, talker: Talker) -> None:
         now = time.time()
         self.audit(
-            "link_talker", **self.where, talker_id=talker.talker_id, label=self._name(talker),
-            priority=talker.priority, emergency=talker.emergency,
+            "link_talker",
+            **self.where,
+            talker_id=talker.talker_id,
+            label=self._name(talker),
+            priority=talker.priority,
+            emergency=talker.emergency,
             keyed_at_ms=unwrap_ms(talker.keyed_at, int(now * 1000)),
             seconds=round(now - self._over_began, 3),
-        )  # fmt: skip
+        )
 
     def check_stale(self, now: float) -> None:
         """The peer fell silent while keyed: it is unkeyed here (called once a tick)."""
@@ -218,9 +222,14 @@ class OnAir:
             talker = self.announcer.stamp(False, now_ms)
         else:
             talker = self.announcer.stamp(
-                True, now_ms, label, candidate.priority, candidate.emergency, squelch,
+                True,
+                now_ms,
+                label,
+                candidate.priority,
+                candidate.emergency,
+                squelch,
                 keyed_at=candidate.keyed_at_ms,
-            )  # fmt: skip
+            )
         self.keyed_sent = talker.keyed
         if talker.keyed and talker.talker_id != self._told and self.tell is not None:
             named = Named(talker.talker_id, talker.keyed_at, self.announcer.label)

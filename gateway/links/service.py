@@ -78,8 +78,13 @@ class LinksService:
         for trunk in self.trunks.values():
             trunk.start()
         host, port = split_hostport(sip.config.listen_tls)
-        log.info("links: %s as site %s over TLS %s:%s", ", ".join(self.trunks) or "none", me,
-                 host, streams.ports.get("tls", port))  # fmt: skip
+        log.info(
+            "links: %s as site %s over TLS %s:%s",
+            ", ".join(self.trunks) or "none",
+            me,
+            host,
+            streams.ports.get("tls", port),
+        )
 
     async def stop(self) -> None:
         sip = self.gateway.sip
@@ -132,9 +137,14 @@ class LinksService:
     def _trunk_for(self, name: str, link: LinkConfig) -> Trunk:
         sip = self.gateway.sip
         return Trunk(
-            name, link, site_id(self.gateway.config), sip.calls, self.gateway.engine,
-            self._audit, lambda name=name: self.cuts.of(name),
-        )  # fmt: skip
+            name,
+            link,
+            site_id(self.gateway.config),
+            sip.calls,
+            self.gateway.engine,
+            self._audit,
+            lambda name=name: self.cuts.of(name),
+        )
 
     def _trust(self) -> None:
         """TLS for every link: our client certificate and the peer's checks per address,
@@ -186,8 +196,14 @@ class LinksService:
         for bye in trunk.cut(None if share is None else frozenset([share])):
             self._send(bye)
         self._audit("link_cut", link=link, share=share, who=cut.who, via=via, reason=cut.reason)
-        log.warning("link %s%s cut by %s via %s: %s", link, f" ({share})" if share else "",
-                    cut.who, via, cut.reason or "no reason given")  # fmt: skip
+        log.warning(
+            "link %s%s cut by %s via %s: %s",
+            link,
+            f" ({share})" if share else "",
+            cut.who,
+            via,
+            cut.reason or "no reason given",
+        )
         return {"link": link, "share": share, "state": trunk.state()}
 
     def restore(self, link: str, share: str | None, who: str, via: str) -> dict[str, Any]:
@@ -196,8 +212,9 @@ class LinksService:
             raise LinkError(f"link {link!r}{f' ({share})' if share else ''} is not cut here")
         trunk.changed()
         self._audit("link_restore", link=link, share=share, who=who[:64], via=via)
-        log.warning("link %s%s restored by %s via %s", link, f" ({share})" if share else "",
-                    who, via)  # fmt: skip
+        log.warning(
+            "link %s%s restored by %s via %s", link, f" ({share})" if share else "", who, via
+        )
         return {"link": link, "share": share, "state": trunk.state()}
 
     def _send(self, bye) -> None:  # noqa: ANN001 - a coroutine

@@ -109,8 +109,15 @@ class LinkLeg(SipLeg):
         self.onair: OnAir | None = None
         if talker is not None:
             self.peer_site = talker.peer_site
-            self.onair = OnAir(bank, row, talker.ext_id, talker.rejected, talker.audit,
-                               link=talker.link, share=talker.share)  # fmt: skip
+            self.onair = OnAir(
+                bank,
+                row,
+                talker.ext_id,
+                talker.rejected,
+                talker.audit,
+                link=talker.link,
+                share=talker.share,
+            )
 
     @property
     def talker(self) -> str:
@@ -346,8 +353,12 @@ class Trunk:
                 ) -> bool:
                     flow = self.shares().answer(name, from_sdp(offer.direction))
                     if isinstance(flow, Refused):
-                        log.warning("link %s %s: the peer's answer does not meet our share (%s)",
-                                    self.name, name, flow.reason)  # fmt: skip
+                        log.warning(
+                            "link %s %s: the peer's answer does not meet our share (%s)",
+                            self.name,
+                            name,
+                            flow.reason,
+                        )
                         return False
                     terms = self._talker_terms(offer, name)
                     if terms is None:
@@ -357,16 +368,21 @@ class Trunk:
 
                 refusal: list[tuple[int, str]] = []
                 dialog = await self.calls.dial(
-                    uri, talkgroup, _settings(talkgroup, uri), peer,
-                    from_user=self.site_id, base=f"link-{self.name}-{st.name}",
+                    uri,
+                    talkgroup,
+                    _settings(talkgroup, uri),
+                    peer,
+                    from_user=self.site_id,
+                    base=f"link-{self.name}-{st.name}",
                     codecs=self.codecs(),
                     direction=to_sdp(mine),
                     make_port=lambda *a, f=flows, **k: LinkLeg(
-                        *a, **k, flow=f[0][0], talker=f[0][1], peer_site=self.peer_site or ""),
+                        *a, **k, flow=f[0][0], talker=f[0][1], peer_site=self.peer_site or ""
+                    ),
                     accept=accept,
                     refused=lambda code, reason, r=refusal: r.append((code, reason)),
                     extmap=talker_extmap(self.site_id),
-                )  # fmt: skip
+                )
                 if dialog is not None:
                     st.cut_by_peer = False
                     self._established(st, dialog)
@@ -393,8 +409,14 @@ class Trunk:
             return
         if name in self.names and self.is_cut(name):
             self.refused_invites += 1
-            self.calls.reject(raw, source, 403, "Forbidden", f"link {self.name} is cut here",
-                              (f"Reason: {CUT_REASON}",))  # fmt: skip
+            self.calls.reject(
+                raw,
+                source,
+                403,
+                "Forbidden",
+                f"link {self.name} is cut here",
+                (f"Reason: {CUT_REASON}",),
+            )
             return
         offer = read_offer(message)
         theirs = from_sdp(offer.direction) if offer else None
@@ -412,13 +434,19 @@ class Trunk:
         settings = _settings(flow.talkgroup, request_uri)
         terms = self._talker_terms(offer, name)
         dialog = self.calls.answer(
-            message, raw, source, base=f"link-{self.name}-{name}", talkgroup=flow.talkgroup,
-            settings=settings, direction=flow.sdp,
-            make_port=lambda *a, **k: LinkLeg(*a, **k, flow=flow, talker=terms,
-                                              peer_site=self.peer_site or ""),
+            message,
+            raw,
+            source,
+            base=f"link-{self.name}-{name}",
+            talkgroup=flow.talkgroup,
+            settings=settings,
+            direction=flow.sdp,
+            make_port=lambda *a, **k: LinkLeg(
+                *a, **k, flow=flow, talker=terms, peer_site=self.peer_site or ""
+            ),
             extmap=(terms.ext_id, talker_extmap(self.site_id)[1]) if terms else None,
             codecs=self.codecs(),
-        )  # fmt: skip
+        )
         if dialog is not None:
             st.cut_by_peer = False
             self._established(st, dialog)
@@ -483,8 +511,11 @@ class Trunk:
                     break
                 if answer is None:
                     self.keepalive_timeouts += 1
-                    log.warning("link %s %s: no answer to keepalive; dropping the dialog",
-                                self.name, st.name)  # fmt: skip
+                    log.warning(
+                        "link %s %s: no answer to keepalive; dropping the dialog",
+                        self.name,
+                        st.name,
+                    )
                     await self.calls.hangup(dialog, 0.2)
                     break
                 st.rtt = loop.time() - sent
@@ -518,8 +549,11 @@ class Trunk:
         response = None if answer.cancelled() or answer.exception() else answer.result()
         if response is None or int(response.status) >= 300:
             self.labels_unanswered += 1
-            log.debug("link %s: a talker label was not accepted (%s)", self.name,
-                      "no answer" if response is None else response.status)  # fmt: skip
+            log.debug(
+                "link %s: a talker label was not accepted (%s)",
+                self.name,
+                "no answer" if response is None else response.status,
+            )
 
     def _on_info(
         self, dialog: Dialog, message: SIPMessage, raw: bytes, source: Source
@@ -535,8 +569,10 @@ class Trunk:
         onair = getattr(dialog.leg, "onair", None)
         length = message.headers.get("Content-Length")
         data = raw.partition(b"\r\n\r\n")[2]
-        named = labels.read(message.headers.get("Content-Type", ""),
-                            data[:length] if isinstance(length, int) else data)  # fmt: skip
+        named = labels.read(
+            message.headers.get("Content-Type", ""),
+            data[:length] if isinstance(length, int) else data,
+        )
         if isinstance(named, Rejected) or onair is None:  # no talker extension: no labels
             self.talker_rejected[named.reason if isinstance(named, Rejected) else "info"] += 1
             return 400, "Bad Request"

@@ -232,9 +232,11 @@ class Admission:
             if verdict.failed:
                 self.back_off(source)
                 return Refusal(
-                    403, "Forbidden", f"digest on route {route_name}: {verdict.failed}",
+                    403,
+                    "Forbidden",
+                    f"digest on route {route_name}: {verdict.failed}",
                     audit="sip_auth_failed",
-                )  # fmt: skip
+                )
             if verdict.challenge:
                 challenge = self.digest.www_authenticate(source.address[0], verdict.stale)
                 return Refusal(
@@ -249,9 +251,11 @@ class Admission:
             return Refusal(403, "Forbidden", f"not from a source route {route_name} trusts")
         if route.allow and not _allowed(admitted.identity, route.allow):
             return Refusal(
-                403, "Forbidden", f"caller's identity not on route {route_name}'s allow list",
+                403,
+                "Forbidden",
+                f"caller's identity not on route {route_name}'s allow list",
                 audit="sip_call_refused",
-            )  # fmt: skip
+            )
         return admitted
 
 

@@ -143,9 +143,12 @@ class OpusEdges:
         holder = np.full((len(rows), self.codec_frame), _PLACEHOLDER, np.uint8)
         kept = self.jitter.put_batch(rows, ts8, holder, arrival, marker)
         for row, slot, j, n in zip(
-            rows[kept].tolist(), ts8[kept].tolist(), idx[kept].tolist(), size[kept].tolist(),
+            rows[kept].tolist(),
+            ts8[kept].tolist(),
+            idx[kept].tolist(),
+            size[kept].tolist(),
             strict=True,
-        ):  # fmt: skip
+        ):
             payload = SILENCE if n == 1 else bytes(data[j, HEADER_SIZE : HEADER_SIZE + n])
             self.opus_codec[row].hold(slot, payload)
 

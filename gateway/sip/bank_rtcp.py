@@ -197,8 +197,12 @@ class RtcpReports:
             if state.remote is None:  # with rtcp-mux, the leg's RTP address
                 continue
             block = self._report_block(row, state.last_sr, state.dlsr(now))
-            sender = (ntp, int(self.tx_ts[row]), int(self.packets_out[row]),
-                      int(self.payload_out[row]))  # fmt: skip
+            sender = (
+                ntp,
+                int(self.tx_ts[row]),
+                int(self.packets_out[row]),
+                int(self.payload_out[row]),
+            )
             packet = self._protect_one(
                 row, build_report(int(self.tx_ssrc[row]), self.cname, sender, block), rtcp=True
             )

@@ -301,9 +301,16 @@ class ReceivePath:
         for k in range(rounds):
             pick = np.flatnonzero(rank == k) if rounds > 1 else np.arange(len(idx))
             self._put(
-                rows[pick], ssrc[pick], seq[pick], ts[pick], arrival[idx[pick]],
-                marker[pick], data, idx[pick], size[pick],
-            )  # fmt: skip
+                rows[pick],
+                ssrc[pick],
+                seq[pick],
+                ts[pick],
+                arrival[idx[pick]],
+                marker[pick],
+                data,
+                idx[pick],
+                size[pick],
+            )
 
     def _put(
         self,
@@ -322,8 +329,9 @@ class ReceivePath:
             wide = self.opus[rows]
             if wide.any():
                 w = np.flatnonzero(wide)
-                self._opus_packets(rows[w], ssrc[w], seq[w], ts[w], arrival[w], marker[w],
-                                   data, idx[w], size[w])  # fmt: skip
+                self._opus_packets(
+                    rows[w], ssrc[w], seq[w], ts[w], arrival[w], marker[w], data, idx[w], size[w]
+                )
                 g = np.flatnonzero(~wide)
                 if g.size == 0:
                     return
@@ -384,11 +392,16 @@ class ReceivePath:
                 self._latch(row, key)
             self.latched[row] = True
             self._put(
-                np.array([row]), np.array([packet.ssrc]), np.array([packet.sequence]),
-                np.array([packet.timestamp]), np.array([arrival]), np.array([packet.marker]),
+                np.array([row]),
+                np.array([packet.ssrc]),
+                np.array([packet.sequence]),
+                np.array([packet.timestamp]),
+                np.array([arrival]),
+                np.array([packet.marker]),
                 np.frombuffer(bytes(12) + bytes(packet.payload), np.uint8).reshape(1, -1),
-                np.array([0]), np.array([len(packet.payload)]),
-            )  # fmt: skip
+                np.array([0]),
+                np.array([len(packet.payload)]),
+            )
         elif pt == media.dtmf_type:
             event = parse_event(packet.payload)
             if event is None:

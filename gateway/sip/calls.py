@@ -377,10 +377,17 @@ class CallManager:
         pin = gate_call(self, dialog, name, route) if route.pin else None
         ours = new_crypto(peer_key.tag) if peer_key else None
         leg = self._start_leg(
-            f"sip-{name}", codec, dtmf_in, dtmf, offer, route.talkgroup, route.priority, route,
+            f"sip-{name}",
+            codec,
+            dtmf_in,
+            dtmf,
+            offer,
+            route.talkgroup,
+            route.priority,
+            route,
             on_pin=pin.press if pin else None,
             srtp=LegSrtp(peer_key.key, ours.key) if peer_key and ours else None,
-        )  # fmt: skip
+        )
         dialog.leg = leg
         self.dialogs[call_id] = dialog
         dialog.profile = offer.profile if ours else AVP
@@ -395,10 +402,16 @@ class CallManager:
             route.talkgroup,
         )
         self.audit(
-            "sip_call", port=leg.name, route=name, talkgroup=route.talkgroup,
-            caller=admitted.identity, auth=admitted.how, source=source.address[0],
-            pin="required" if pin else None, srtp=bool(ours),
-        )  # fmt: skip
+            "sip_call",
+            port=leg.name,
+            route=name,
+            talkgroup=route.talkgroup,
+            caller=admitted.identity,
+            auth=admitted.how,
+            source=source.address[0],
+            pin="required" if pin else None,
+            srtp=bool(ours),
+        )
 
     def _srtp_policy(self, route: RouteConfig, request_uri: str, source: Source) -> SrtpPolicy:
         """The route's ``srtp``, with that of the account a call came through (the one whose
@@ -470,10 +483,17 @@ class CallManager:
             message, raw, source, offer, direction=direction, extmap=extmap
         )
         dialog.leg = self._start_leg(
-            base, codec, offer.dtmf_type, None, offer, talkgroup, settings.priority, settings,
+            base,
+            codec,
+            offer.dtmf_type,
+            None,
+            offer,
+            talkgroup,
+            settings.priority,
+            settings,
             srtp=LegSrtp(peer_key.key, ours.key) if peer_key and ours else None,
             make_port=make_port,
-        )  # fmt: skip
+        )
         self.dialogs[dialog.call_id] = dialog
         dialog.profile = offer.profile if ours else AVP
         dialog.crypto = ours
@@ -724,8 +744,9 @@ class CallManager:
         """An in-dialog OPTIONS (a keepalive over the dialog's own connection): the answer."""
         if dialog.call_id not in self.dialogs:
             return None
-        return await self.transport.request(self._in_dialog(dialog, "OPTIONS"), dialog.peer,
-                                            timeout)  # fmt: skip
+        return await self.transport.request(
+            self._in_dialog(dialog, "OPTIONS"), dialog.peer, timeout
+        )
 
     def info(
         self, dialog: Dialog, content_type: str, text: str, timeout: float
@@ -837,10 +858,20 @@ class CallManager:
                 if int(response.status) == 488 and ours is not None and policy == "optional":
                     log.info("dial-out to %s refused SRTP; calling again with plain RTP", uri)
                     return await self.dial(
-                        uri, talkgroup, entry, proxy, False, from_user=from_user, base=base,
-                        codecs=codecs, direction=direction, make_port=make_port, accept=accept,
-                        refused=refused, extmap=extmap,
-                    )  # fmt: skip
+                        uri,
+                        talkgroup,
+                        entry,
+                        proxy,
+                        False,
+                        from_user=from_user,
+                        base=base,
+                        codecs=codecs,
+                        direction=direction,
+                        make_port=make_port,
+                        accept=accept,
+                        refused=refused,
+                        extmap=extmap,
+                    )
                 if refused is not None:
                     found = dict((k.lower(), v) for k, v in raw_headers(response.raw))
                     refused(int(response.status), found.get("reason", ""))

@@ -140,9 +140,18 @@ class RouteConfig(Model):
     # change (talkgroup, who may call: allow, public, pin, and keys added for caller
     # authentication) ends them: they were let in under rules that no longer hold.
     KEEPS_CALLS: ClassVar[frozenset[str]] = frozenset(
-        {"aliases", "priority", "pin_timeout", "ptt", "vox_threshold_dbfs", "vox_hang",
-         "dtmf_talk", "dtmf_release", "tot"}
-    )  # fmt: skip
+        {
+            "aliases",
+            "priority",
+            "pin_timeout",
+            "ptt",
+            "vox_threshold_dbfs",
+            "vox_hang",
+            "dtmf_talk",
+            "dtmf_release",
+            "tot",
+        }
+    )
 
     talkgroup: str
     priority: int = 0

@@ -50,9 +50,14 @@ SOCKADDR_IN = np.dtype(
     [("family", np.uint16), ("port", ">u2"), ("addr", ">u4"), ("zero", np.uint64)]
 )
 TIMESTAMP_CMSG = np.dtype(
-    [("len", np.uint64), ("level", np.int32), ("type", np.int32), ("sec", np.int64),
-     ("nsec", np.int64)]
-)  # fmt: skip
+    [
+        ("len", np.uint64),
+        ("level", np.int32),
+        ("type", np.int32),
+        ("sec", np.int64),
+        ("nsec", np.int64),
+    ]
+)
 
 
 def _libc():
@@ -65,8 +70,12 @@ def _libc():
         fn = getattr(libc, name)
         fn.restype = ctypes.c_int
     libc.recvmmsg.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p
-    ]  # fmt: skip
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_uint,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    ]
     libc.sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
     return libc
 

@@ -93,8 +93,14 @@ def gate_call(calls: CallManager, dialog: Dialog, route_name: str, route: RouteC
             calls.audit("sip_pin_accepted", port=port(), route=route_name)
 
     def failed(tries: int, final: bool) -> None:
-        calls.audit("sip_pin_failed", port=port(), route=route_name, tries=tries,
-                    source=dialog.peer.address[0], hangup=final)  # fmt: skip
+        calls.audit(
+            "sip_pin_failed",
+            port=port(),
+            route=route_name,
+            tries=tries,
+            source=dialog.peer.address[0],
+            hangup=final,
+        )
         calls.admission.back_off(dialog.peer)
         if final:
             log.info("call %s: %d wrong PINs; hanging up", port(), tries)

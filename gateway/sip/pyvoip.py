@@ -126,12 +126,28 @@ _COMPACT = {  # RFC 3261 §7.3.3 (and RFC 3515/3841/4028 for the rest)
 _CANONICAL = {
     name.lower(): name
     for name in (
-        b"Via", b"From", b"To", b"Call-ID", b"CSeq", b"Contact", b"Content-Length",
-        b"Content-Type", b"Content-Encoding", b"Max-Forwards", b"Allow", b"Supported",
-        b"WWW-Authenticate", b"Authorization", b"Proxy-Authenticate",
-        b"Proxy-Authorization", b"Record-Route", b"Route", b"Expires", b"User-Agent",
+        b"Via",
+        b"From",
+        b"To",
+        b"Call-ID",
+        b"CSeq",
+        b"Contact",
+        b"Content-Length",
+        b"Content-Type",
+        b"Content-Encoding",
+        b"Max-Forwards",
+        b"Allow",
+        b"Supported",
+        b"WWW-Authenticate",
+        b"Authorization",
+        b"Proxy-Authenticate",
+        b"Proxy-Authorization",
+        b"Record-Route",
+        b"Route",
+        b"Expires",
+        b"User-Agent",
     )
-}  # fmt: skip
+}
 MAX_HEADERS = 100  # a header flood is refused, not parsed
 
 

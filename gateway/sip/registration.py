@@ -90,19 +90,28 @@ class Registration:
                 delay = backoff if refused else min(backoff, self.account.keepalive)
                 if failing_since is None:  # once per outage: a dead PBX must not flood the log
                     failing_since = loop.time()
-                    log.warning("SIP account %s: registration failed (%s); trying again %s",
-                                self.name, self.last_error,
-                                "with backoff to 60s" if refused
-                                else f"every {self.account.keepalive:.0f}s")  # fmt: skip
+                    log.warning(
+                        "SIP account %s: registration failed (%s); trying again %s",
+                        self.name,
+                        self.last_error,
+                        "with backoff to 60s"
+                        if refused
+                        else f"every {self.account.keepalive:.0f}s",
+                    )
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, RETRY_MAX)
                 continue
             backoff = RETRY_FIRST
             if not self.registered.is_set():
-                log.info("SIP account %s registered at %s:%s for %.0fs%s", self.name,
-                         *self.registrar, granted,
-                         "" if failing_since is None
-                         else f" (after {loop.time() - failing_since:.1f}s failing)")  # fmt: skip
+                log.info(
+                    "SIP account %s registered at %s:%s for %.0fs%s",
+                    self.name,
+                    *self.registrar,
+                    granted,
+                    ""
+                    if failing_since is None
+                    else f" (after {loop.time() - failing_since:.1f}s failing)",
+                )
             failing_since = None
             self.registered.set()
             self.registrations += 1

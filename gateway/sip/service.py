@@ -243,8 +243,12 @@ class SipService:
                 )
         calls, engine = self.calls, self.gateway.engine
         self._follow(old.accounts, sip.accounts, self.registrations, self._registration)
-        self._follow(old.dial_out, sip.dial_out, self.dial_outs,
-                     lambda name, entry: DialOut(name, entry, calls, engine))  # fmt: skip
+        self._follow(
+            old.dial_out,
+            sip.dial_out,
+            self.dial_outs,
+            lambda name, entry: DialOut(name, entry, calls, engine),
+        )
 
     def _reload_tls(self, sip: SipConfig) -> None:
         """Read the TLS certificate, key, CA and pins again (renewed in place or moved):
@@ -321,8 +325,9 @@ class SipService:
         dial-out (zeros before its first call), and any that had calls before a reload."""
         report = self.bank.route_stats() if self.bank else {}
         configured = [(name, r.talkgroup) for name, r in self.config.routes.items()]
-        configured += [(f"dialout-{d.talkgroup}", d.talkgroup)
-                       for d in self.config.dial_out.values()]  # fmt: skip
+        configured += [
+            (f"dialout-{d.talkgroup}", d.talkgroup) for d in self.config.dial_out.values()
+        ]
         for group in configured:
             report.setdefault(group, dict.fromkeys(ROUTE_COUNTERS, 0.0))
         return report

@@ -543,8 +543,9 @@ class Streams:
     def framing_error(self, connection: Connection, reason: str) -> None:
         self.stats.framing_errors += 1
         self.on_malformed()
-        log.debug("SIP %s stream from %s:%s closed: %s", connection.kind, *connection.address,
-                  reason)  # fmt: skip
+        log.debug(
+            "SIP %s stream from %s:%s closed: %s", connection.kind, *connection.address, reason
+        )
         connection.close()
 
     def deliver(self, message: bytes, connection: Connection) -> None:

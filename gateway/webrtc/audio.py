@@ -65,8 +65,9 @@ class OpusStream:
                 both = np.zeros((self.samples, 2), np.int16)
                 both[:, self.channel] = chunk
                 chunk = both
-            av_frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16",
-                                                  layout=self.layout)  # fmt: skip
+            av_frame = av.AudioFrame.from_ndarray(
+                chunk.reshape(1, -1), format="s16", layout=self.layout
+            )
             av_frame.sample_rate = OPUS_RATE
             av_frame.pts = self.pts
             self.pts += self.samples

@@ -247,15 +247,26 @@ class Sessions:
             # The address as a whole is limited too, but far above one operator's
             # allowance: it stops a spray of names without a colleague's typos
             # locking the room out.
-            locked = self.throttle.failed([(pair, attempts), (spray, attempts * ADDRESS_FACTOR)],
-                                          now)  # fmt: skip
-            self.audit("console_login_failed", warn=True, operator=self._known(operator),
-                       address=address, locked_out=locked)  # fmt: skip
+            locked = self.throttle.failed(
+                [(pair, attempts), (spray, attempts * ADDRESS_FACTOR)], now
+            )
+            self.audit(
+                "console_login_failed",
+                warn=True,
+                operator=self._known(operator),
+                address=address,
+                locked_out=locked,
+            )
             return None, self.throttle.retry_after(keys, now) if locked else 0.0
         self.throttle.succeeded([pair])
         self.logins += 1
-        session = Session(secrets.token_urlsafe(32), operator, account, address,
-                          now + self.config.session_lifetime)  # fmt: skip
+        session = Session(
+            secrets.token_urlsafe(32),
+            operator,
+            account,
+            address,
+            now + self.config.session_lifetime,
+        )
         self.by_token[session.token] = session
         self.audit("console_login", operator=operator, address=address)
         return session, 0.0
@@ -291,13 +302,13 @@ class Sessions:
         """End a session for a reason other than logout (audited)."""
         session = self.by_token.pop(token, None)
         if session:
-            self.audit("console_session_ended", warn=True, operator=session.operator,
-                       reason=reason)  # fmt: skip
+            self.audit("console_session_ended", warn=True, operator=session.operator, reason=reason)
         return session
 
     def _write_locked(self, operator: str, address: str, tries: int) -> None:
-        self.audit("console_login_locked", warn=True, operator=operator, address=address,
-                   tries=tries)  # fmt: skip
+        self.audit(
+            "console_login_locked", warn=True, operator=operator, address=address, tries=tries
+        )
 
     def _known(self, operator: str) -> str:
         return operator if operator in self.config.operators else "(unknown)"

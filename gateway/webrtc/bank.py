@@ -119,8 +119,9 @@ class ConsoleBank(PortBank):
                 continue
             block = out[rows[listening]]
             same = (block == block[0]).all(axis=1)
-            packets = self.encoders.encode(talkgroup, tick, block[0],
-                                           int(np.count_nonzero(same)), side)  # fmt: skip
+            packets = self.encoders.encode(
+                talkgroup, tick, block[0], int(np.count_nonzero(same)), side
+            )
             sharing = listening[same]
             done[sharing] = True
             cons: list[ConsolePort] = [ports[k] for k in sharing.tolist()]  # type: ignore[misc]

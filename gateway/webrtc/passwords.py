@@ -31,8 +31,9 @@ def _unb64(text: str) -> bytes:
 def hash_password(password: str, *, n: int = N, r: int = R, p: int = P) -> str:
     """A self-describing scrypt hash with a random salt."""
     salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
-                            maxmem=MAX_MEMORY, dklen=32)  # fmt: skip
+    digest = hashlib.scrypt(
+        password.encode(), salt=salt, n=n, r=r, p=p, maxmem=MAX_MEMORY, dklen=32
+    )
     return f"{SCHEME}${n}${r}${p}${_b64(salt)}${_b64(digest)}"
 
 
@@ -58,9 +59,14 @@ def verify_password(password: str, stored: str) -> bool:
     _, n, r, p, salt, digest = stored.split("$")
     expected = _unb64(digest)
     actual = hashlib.scrypt(
-        password.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p),
-        maxmem=MAX_MEMORY, dklen=len(expected),
-    )  # fmt: skip
+        password.encode(),
+        salt=_unb64(salt),
+        n=int(n),
+        r=int(r),
+        p=int(p),
+        maxmem=MAX_MEMORY,
+        dklen=len(expected),
+    )
     return hmac.compare_digest(actual, expected)
 
 

@@ -96,8 +96,13 @@ class ConsolePort(Port):
         bank: PortBank | None = None,
         dtx: bool = True,
     ) -> None:
-        config = PortConfig(kind="console", agency=agency, duplex="full", ptt_hang_time=0.0,
-                            description=f"dispatcher console of {operator}")  # fmt: skip
+        config = PortConfig(
+            kind="console",
+            agency=agency,
+            duplex="full",
+            ptt_hang_time=0.0,
+            description=f"dispatcher console of {operator}",
+        )
         super().__init__(name, config, timing)
         self.operator = operator
         self.display = display
@@ -159,8 +164,11 @@ class ConsolePort(Port):
                 # The page stops sending between overs; the first packet of the next
                 # over releases the previous over's tail from aiortc's jitter buffer.
                 # That tail (contiguous timestamps after a long silence) is stale.
-                stale = (last_pts is not None and frame.pts == last_pts + frame.samples
-                         and now - last_arrival > STALE_GAP_S)  # fmt: skip
+                stale = (
+                    last_pts is not None
+                    and frame.pts == last_pts + frame.samples
+                    and now - last_arrival > STALE_GAP_S
+                )
                 last_pts, last_arrival = frame.pts, now
                 if stale:
                     self.stale_frames += 1
@@ -197,8 +205,7 @@ class ConsolePort(Port):
     def write_own(self, frame: Frame) -> None:
         """Encode a frame only this console hears (its N-1 mix, the busy tone)."""
         if self.own is None:
-            self.own = OpusStream(self.rate, self.frame_seconds, self.encoders.bitrate,
-                                  self.side)  # fmt: skip
+            self.own = OpusStream(self.rate, self.frame_seconds, self.encoders.bitrate, self.side)
         self.own_encodes += 1
         for payload in self.own.encode(frame):
             self.emit(payload)

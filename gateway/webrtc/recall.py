@@ -47,8 +47,12 @@ class RecallPort(Port):
     per_call = True  # not a radio: no metric series of its own
 
     def __init__(self, talkgroup: str, keep: float, timing: Timing) -> None:
-        config = PortConfig(kind="recall", label="instant recall", ptt_hang_time=0.0,
-                            description=f"instant recall of {talkgroup}")  # fmt: skip
+        config = PortConfig(
+            kind="recall",
+            label="instant recall",
+            ptt_hang_time=0.0,
+            description=f"instant recall of {talkgroup}",
+        )
         super().__init__(f"recall@{talkgroup}", config, timing)
         self.talkgroup = talkgroup
         self.keep = keep
@@ -86,8 +90,10 @@ class RecallPort(Port):
 
     def listing(self) -> list[dict[str, float]]:
         """What the tile shows: each clip's id, start time and length."""
-        return [{"id": c.id, "start": round(c.start, 1), "seconds": round(c.seconds(self.rate), 1)}
-                for c in self.clips]  # fmt: skip
+        return [
+            {"id": c.id, "start": round(c.start, 1), "seconds": round(c.seconds(self.rate), 1)}
+            for c in self.clips
+        ]
 
     def wav(self, clip_id: int) -> tuple[bytes, float] | None:
         """One clip as a 16-bit mono WAV at the engine rate (None: gone or never was)."""

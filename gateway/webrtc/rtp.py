@@ -145,8 +145,13 @@ class RtpOut:
         """
         task = getattr(self.sender, "_RTCRtpSender__rtcp_task", None)
         started = getattr(self.sender, "_RTCRtpSender__rtcp_started", None)
-        if (task is None or task.done() or not hasattr(self.sender, "_send_rtcp")
-                or not isinstance(started, asyncio.Event) or not started.is_set()):  # fmt: skip
+        if (
+            task is None
+            or task.done()
+            or not hasattr(self.sender, "_send_rtcp")
+            or not isinstance(started, asyncio.Event)
+            or not started.is_set()
+        ):
             return False
         sender = self.sender
 
@@ -174,8 +179,15 @@ class RtpOut:
         size = 12 + len(payload)
         if inplace is not None and size <= MAX_PACKET:
             buffer, length = inplace.buffer, inplace.length
-            HEADER.pack_into(buffer, 0, 0x80, self._marker | self.payload_type, self.sequence,
-                             self.timestamp, self.ssrc)  # fmt: skip
+            HEADER.pack_into(
+                buffer,
+                0,
+                0x80,
+                self._marker | self.payload_type,
+                self.sequence,
+                self.timestamp,
+                self.ssrc,
+            )
             buffer[12:size] = payload
             length[0] = size
             if _lib.srtp_protect(inplace.ctx, inplace.cdata, length) != 0:
@@ -184,9 +196,11 @@ class RtpOut:
             data: Any = inplace.view[: length[0]]
         else:
             data = self._protect(
-                HEADER.pack(0x80, self._marker | self.payload_type, self.sequence,
-                            self.timestamp, self.ssrc) + payload
-            )  # fmt: skip
+                HEADER.pack(
+                    0x80, self._marker | self.payload_type, self.sequence, self.timestamp, self.ssrc
+                )
+                + payload
+            )
         self.sequence = (self.sequence + 1) & 0xFFFF
         self.timestamp = (self.timestamp + self.samples) & 0xFFFFFFFF
         self._marker = 0
@@ -217,10 +231,15 @@ class RtpOut:
             self._reports = self._take_over_reports()  # aiortc reports until then
             return
         report = SENDER_REPORT.pack(
-            0x80, 200, 6, self.ssrc, current_ntp_time(),
+            0x80,
+            200,
+            6,
+            self.ssrc,
+            current_ntp_time(),
             (self.timestamp - self.samples) & 0xFFFFFFFF,
-            self.packets & 0xFFFFFFFF, self.bytes & 0xFFFFFFFF,
-        )  # fmt: skip
+            self.packets & 0xFFFFFFFF,
+            self.bytes & 0xFFFFFFFF,
+        )
         self._send_rtcp(report + self._sdes)
         self.reports += 1
 

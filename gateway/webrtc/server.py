@@ -284,8 +284,9 @@ class ConsoleHub:
         """(talkgroup, listening|talking) → positions: bounded by the config, not by
         how many sessions came and went, and without operator names (those are in
         the audit log, where a supervisor looks up who sat where)."""
-        counts = {(tg, state): 0.0 for tg in self.engine.talkgroups
-                  for state in ("listening", "talking")}  # fmt: skip
+        counts = {
+            (tg, state): 0.0 for tg in self.engine.talkgroups for state in ("listening", "talking")
+        }
         for console in self.consoles.values():
             for tg, port in console.ports.items():
                 key = (tg, "talking" if port.talking else "listening")
@@ -337,8 +338,13 @@ class ConsoleHub:
         # them as run-time patches); one that lost a talkgroup is gone: say so.
         for name in [n for n in self.console_patches if n not in self.engine.runtime_patches]:
             operator = self.console_patches.pop(name)
-            self.audit("console_patch_dropped", warn=True, operator=operator, patch=name,
-                       reason="a talkgroup it joined was removed by a reload")  # fmt: skip
+            self.audit(
+                "console_patch_dropped",
+                warn=True,
+                operator=operator,
+                patch=name,
+                reason="a talkgroup it joined was removed by a reload",
+            )
         self.sync_recall()
         for token, session in list(self.sessions.by_token.items()):
             consoles = [c for c in self.consoles.values() if c.session.token == token]
@@ -375,9 +381,13 @@ class ConsoleHub:
                 engine.attach(port, talkgroup)
 
     def _apply_seat(
-        self, console: Console, operator: str, op: OperatorConfig, talkgroup: str,
+        self,
+        console: Console,
+        operator: str,
+        op: OperatorConfig,
+        talkgroup: str,
         port: ConsolePort,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if port.name not in self.engine.attached:  # the reload removed the talkgroup
             reason = "talkgroup removed from config"
         elif not op.may_monitor(talkgroup):
@@ -385,8 +395,14 @@ class ConsoleHub:
         else:
             reason = ""
         if reason:
-            self.audit("console_permission_changed", warn=True, operator=operator,
-                       talkgroup=talkgroup, port=port.name, mode="none")  # fmt: skip
+            self.audit(
+                "console_permission_changed",
+                warn=True,
+                operator=operator,
+                talkgroup=talkgroup,
+                port=port.name,
+                mode="none",
+            )
             pc = self._drop(console, talkgroup, reason)
             if pc is not None:
                 asyncio.ensure_future(pc.close())
@@ -395,15 +411,31 @@ class ConsoleHub:
             return
         may_talk = op.may_talk(talkgroup)
         if may_talk != port.can_talk:
-            self.audit("console_permission_changed", warn=not may_talk, operator=operator,
-                       talkgroup=talkgroup, port=port.name,
-                       mode="talk" if may_talk else "monitor")  # fmt: skip
+            self.audit(
+                "console_permission_changed",
+                warn=not may_talk,
+                operator=operator,
+                talkgroup=talkgroup,
+                port=port.name,
+                mode="talk" if may_talk else "monitor",
+            )
             if not may_talk and port.ptt:
-                self.audit("console_ptt", operator=operator, talkgroup=talkgroup, on=False,
-                           port=port.name, reason="talk permission withdrawn")  # fmt: skip
+                self.audit(
+                    "console_ptt",
+                    operator=operator,
+                    talkgroup=talkgroup,
+                    on=False,
+                    port=port.name,
+                    reason="talk permission withdrawn",
+                )
                 for sock in console.sockets:
-                    sock.send({"type": "refused", "talkgroup": talkgroup,
-                               "reason": "talk permission withdrawn"})  # fmt: skip
+                    sock.send(
+                        {
+                            "type": "refused",
+                            "talkgroup": talkgroup,
+                            "reason": "talk permission withdrawn",
+                        }
+                    )
             port.can_talk = may_talk
             port.set_ptt(port.ptt)  # PTT held without the right to talk is dropped now
         if port.emergency and not (op.emergency and may_talk):
@@ -436,8 +468,7 @@ class ConsoleHub:
 
     def _remember_over(self, event: Event) -> None:
         """Talk history: the over goes on the tile of every talkgroup that heard it."""
-        heard = next((g.talkgroups for g in self.engine.layout.groups if g.name == event.group),
-                     ())  # fmt: skip
+        heard = next((g.talkgroups for g in self.engine.layout.groups if g.name == event.group), ())
         port = next((p for p in self.engine.ports if p.name == event.port), None)
         over = {
             "who": event.talker or event.label or event.port,  # a link: the far side's talker
@@ -488,16 +519,18 @@ class ConsoleHub:
             g = int(lay.group_of[i])
             port = lay.ports[i]
             label = port.label
-            talkers[g].append({
-                "port": port.name,
-                # A link leg's talker is the far side's (its label, e.g. "RCMP · Marine 7").
-                "who": getattr(port, "talker", "") or label,
-                "label": getattr(port, "talker", "") or label,
-                "agency": port.config.agency,
-                "kind": port.kind,
-                "talkgroup": lay.talkgroup[i],
-                "emergency": bool(getattr(port, "emergency", False)),
-            })  # fmt: skip
+            talkers[g].append(
+                {
+                    "port": port.name,
+                    # A link leg's talker is the far side's (its label, e.g. "RCMP · Marine 7").
+                    "who": getattr(port, "talker", "") or label,
+                    "label": getattr(port, "talker", "") or label,
+                    "agency": port.config.agency,
+                    "kind": port.kind,
+                    "talkgroup": lay.talkgroup[i],
+                    "emergency": bool(getattr(port, "emergency", False)),
+                }
+            )
             level[g] = max(level.get(g, -120.0), float(eng.rx_dbfs[i]))
         groups = lay.groups
         tg_group = {tg: gi for gi, g in enumerate(groups) for tg in g.talkgroups}
@@ -516,8 +549,11 @@ class ConsoleHub:
                 "recall": self.recall[name].listing() if name in self.recall else None,
                 "level_dbfs": round(level.get(gi, -120.0), 1) if gi is not None else -120.0,
             }
-        return {"talkgroups": out, "links": self.links_state(),
-                "index": {id(p): i for i, p in enumerate(lay.ports)}}  # fmt: skip
+        return {
+            "talkgroups": out,
+            "links": self.links_state(),
+            "index": {id(p): i for i, p in enumerate(lay.ports)},
+        }
 
     def links_state(self) -> list[dict[str, Any]]:
         """Each cross-border link: its state, round trip and shared talkgroups."""
@@ -532,11 +568,15 @@ class ConsoleHub:
                 for tg, entry in trunk.config.share.items()
                 if entry.shared in trunk.names
             ]
-            out.append({
-                "name": name, "state": trunk.state(), "shares": shares,
-                "rtt_ms": None if rtt is None else round(rtt * 1000),
-                "cut_here": bool(service.cuts.cuts.get(name)),
-            })  # fmt: skip
+            out.append(
+                {
+                    "name": name,
+                    "state": trunk.state(),
+                    "shares": shares,
+                    "rtt_ms": None if rtt is None else round(rtt * 1000),
+                    "cut_here": bool(service.cuts.cuts.get(name)),
+                }
+            )
         return out
 
     def personal_state(
@@ -561,8 +601,15 @@ class ConsoleHub:
                 else:
                     me = "listening"
             may_talk = op.may_talk(name)
-            tiles.append({**tile, "may_talk": may_talk, "may_patch": op.patch and may_talk,
-                          "may_emergency": op.emergency and may_talk, "me": me})  # fmt: skip
+            tiles.append(
+                {
+                    **tile,
+                    "may_talk": may_talk,
+                    "may_patch": op.patch and may_talk,
+                    "may_emergency": op.emergency and may_talk,
+                    "me": me,
+                }
+            )
         alarms = [
             {"id": a.id, "talkgroup": a.talkgroup, "who": a.who, "started": a.started}
             for a in self.alarms.values()
@@ -597,8 +644,13 @@ class ConsoleHub:
         if talkgroup not in self.engine.talkgroups:
             raise web.HTTPNotFound(text=f"no talkgroup named {talkgroup!r}")
         if not op.may_monitor(talkgroup):
-            self.audit("console_join_refused", warn=True, operator=session.operator,
-                       talkgroup=talkgroup, reason="no permission")  # fmt: skip
+            self.audit(
+                "console_join_refused",
+                warn=True,
+                operator=session.operator,
+                talkgroup=talkgroup,
+                reason="no permission",
+            )
             raise web.HTTPForbidden(text=f"operator {session.operator} may not use {talkgroup}")
         if offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
             raise web.HTTPBadRequest(text='expected {"type": "offer", "sdp": "..."}')
@@ -609,13 +661,21 @@ class ConsoleHub:
         cfg = self.config
         timing = self.gateway.config.timing
         port = ConsolePort(
-            name, timing, operator=session.operator,
-            display=op.display_name or session.operator, agency=op.agency,
-            talkgroup=talkgroup, may_talk=op.may_talk(talkgroup), priority=op.priority,
-            encoders=self.encoders, silence=self.silence,
-            tick=lambda: self.engine.tick_count, shared_encode=cfg.shared_encode,
-            bank=self.bank, dtx=cfg.dtx,
-        )  # fmt: skip
+            name,
+            timing,
+            operator=session.operator,
+            display=op.display_name or session.operator,
+            agency=op.agency,
+            talkgroup=talkgroup,
+            may_talk=op.may_talk(talkgroup),
+            priority=op.priority,
+            encoders=self.encoders,
+            silence=self.silence,
+            tick=lambda: self.engine.tick_count,
+            shared_encode=cfg.shared_encode,
+            bank=self.bank,
+            dtx=cfg.dtx,
+        )
         servers = [RTCIceServer(urls=u) for u in cfg.ice_servers]
         pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
 
@@ -657,16 +717,22 @@ class ConsoleHub:
         ):
             port.close()
             await pc.close()
-            raise web.HTTPForbidden(text=f"operator {session.operator} may no longer use "
-                                         f"{talkgroup}")  # fmt: skip
+            raise web.HTTPForbidden(
+                text=f"operator {session.operator} may no longer use {talkgroup}"
+            )
         port.can_talk, port.priority = op.may_talk(talkgroup), op.priority
         port.stereo = offers_stereo(offer["sdp"])
         port.set_side(offer.get("side", "both"))
         console.ports[talkgroup] = port
         console.pcs[talkgroup] = pc
         self.engine.attach(port, talkgroup, op.priority)
-        self.audit("console_join", operator=session.operator, talkgroup=talkgroup,
-                   port=port.name, mode="talk" if port.can_talk else "monitor")  # fmt: skip
+        self.audit(
+            "console_join",
+            operator=session.operator,
+            talkgroup=talkgroup,
+            port=port.name,
+            mode="talk" if port.can_talk else "monitor",
+        )
         self.push_state()
         return {"type": pc.localDescription.type, "sdp": pc.localDescription.sdp}
 
@@ -683,8 +749,13 @@ class ConsoleHub:
             self._packets_gone[talkgroup] += port.stats()["packets_out"]
             self.engine.detach(port)
             port.close()
-            self.audit("console_leave", operator=port.operator, talkgroup=talkgroup,
-                       port=port.name, reason=reason)  # fmt: skip
+            self.audit(
+                "console_leave",
+                operator=port.operator,
+                talkgroup=talkgroup,
+                port=port.name,
+                reason=reason,
+            )
             self.push_state()
         return pc
 
@@ -703,26 +774,50 @@ class ConsoleHub:
             sock.send({"type": "refused", "talkgroup": talkgroup, "reason": "not joined"})
             return
         if on and not port.can_talk:
-            self.audit("console_ptt_refused", warn=True, operator=sock.session.operator,
-                       talkgroup=talkgroup, reason="monitor only")  # fmt: skip
+            self.audit(
+                "console_ptt_refused",
+                warn=True,
+                operator=sock.session.operator,
+                talkgroup=talkgroup,
+                reason="monitor only",
+            )
             sock.send({"type": "refused", "talkgroup": talkgroup, "reason": "monitor only"})
             return
         if on and emergency and not op.emergency:
-            self.audit("console_emergency_refused", warn=True, operator=sock.session.operator,
-                       talkgroup=talkgroup)  # fmt: skip
-            sock.send({"type": "refused", "talkgroup": talkgroup,
-                       "reason": "emergency not permitted for this operator"})  # fmt: skip
+            self.audit(
+                "console_emergency_refused",
+                warn=True,
+                operator=sock.session.operator,
+                talkgroup=talkgroup,
+            )
+            sock.send(
+                {
+                    "type": "refused",
+                    "talkgroup": talkgroup,
+                    "reason": "emergency not permitted for this operator",
+                }
+            )
             emergency = False
         want_emergency = on and emergency
         if want_emergency != port.emergency:
             self._set_emergency(port, want_emergency, op)
-            self.audit("console_emergency", warn=True, operator=sock.session.operator,
-                       talkgroup=talkgroup, on=want_emergency)  # fmt: skip
+            self.audit(
+                "console_emergency",
+                warn=True,
+                operator=sock.session.operator,
+                talkgroup=talkgroup,
+                on=want_emergency,
+            )
             if want_emergency:
                 self.raise_alarm(talkgroup, port)
         if on != port.ptt:
-            self.audit("console_ptt", operator=sock.session.operator, talkgroup=talkgroup,
-                       port=port.name, on=on)  # fmt: skip
+            self.audit(
+                "console_ptt",
+                operator=sock.session.operator,
+                talkgroup=talkgroup,
+                port=port.name,
+                on=on,
+            )
         port.set_ptt(on)
 
     def set_side(self, sock: Socket, talkgroup: str, side: Any) -> None:
@@ -740,18 +835,25 @@ class ConsoleHub:
         problem = ""
         if not op.patch:
             problem = "patching not permitted for this operator"
-        elif (not isinstance(talkgroups, list) or not 2 <= len(talkgroups) <= MAX_PATCH_TALKGROUPS
-              or not all(isinstance(t, str) for t in talkgroups)
-              or len(set(talkgroups)) != len(talkgroups)):  # fmt: skip
+        elif (
+            not isinstance(talkgroups, list)
+            or not 2 <= len(talkgroups) <= MAX_PATCH_TALKGROUPS
+            or not all(isinstance(t, str) for t in talkgroups)
+            or len(set(talkgroups)) != len(talkgroups)
+        ):
             problem = f"select 2 to {MAX_PATCH_TALKGROUPS} different talkgroups"
         elif any(t not in self.engine.talkgroups or not op.may_talk(t) for t in talkgroups):
             problem = "you may only patch talkgroups you may talk on"
         elif len(self.console_patches) >= MAX_CONSOLE_PATCHES:
             problem = f"at most {MAX_CONSOLE_PATCHES} console patches at once"
         if problem:
-            self.audit("console_patch_refused", warn=True, operator=operator,
-                       talkgroups=talkgroups if isinstance(talkgroups, list) else None,
-                       reason=problem)  # fmt: skip
+            self.audit(
+                "console_patch_refused",
+                warn=True,
+                operator=operator,
+                talkgroups=talkgroups if isinstance(talkgroups, list) else None,
+                reason=problem,
+            )
             sock.send({"type": "patch_refused", "reason": problem})
             return
         name = f"console-{next(self._patch_ids)}"
@@ -777,12 +879,22 @@ class ConsoleHub:
         elif not all(op.may_talk(t) for t in patch.talkgroups):
             problem = "you may only unpatch talkgroups you may talk on"
         if problem:
-            self.audit("console_patch_refused", warn=True, operator=operator,
-                       patch=name if patch is not None else None, reason=problem)  # fmt: skip
+            self.audit(
+                "console_patch_refused",
+                warn=True,
+                operator=operator,
+                patch=name if patch is not None else None,
+                reason=problem,
+            )
             sock.send({"type": "patch_refused", "reason": problem})
             return
-        self.audit("console_patch", operator=operator, patch=name,
-                   talkgroups=list(patch.talkgroups), on=False)  # fmt: skip
+        self.audit(
+            "console_patch",
+            operator=operator,
+            patch=name,
+            talkgroups=list(patch.talkgroups),
+            on=False,
+        )
         self.engine.set_patch(name, False)
         if self.console_patches.pop(name, None) is not None:
             self.engine.patches.pop(name, None)  # made here: gone once broken
@@ -809,9 +921,14 @@ class ConsoleHub:
             except LinkError as exc:
                 problem = str(exc)
         if problem:
-            self.audit("console_link_refused", warn=True, operator=operator,
-                       link=link if isinstance(link, str) else None, cut=cut,
-                       reason=problem)  # fmt: skip
+            self.audit(
+                "console_link_refused",
+                warn=True,
+                operator=operator,
+                link=link if isinstance(link, str) else None,
+                cut=cut,
+                reason=problem,
+            )
             sock.send({"type": "link_refused", "reason": problem})
         self.push_state()
 
@@ -822,8 +939,13 @@ class ConsoleHub:
         sock.send({"type": "refused", "talkgroup": talkgroup, "reason": "too many PTT presses"})
         now = time.monotonic()
         if now - sock.limited_audit >= REFUSAL_AUDIT_SECONDS:
-            self.audit("console_ptt_rate_limited", warn=True, operator=sock.session.operator,
-                       talkgroup=talkgroup, refused=sock.limited)  # fmt: skip
+            self.audit(
+                "console_ptt_rate_limited",
+                warn=True,
+                operator=sock.session.operator,
+                talkgroup=talkgroup,
+                refused=sock.limited,
+            )
             sock.limited, sock.limited_audit = 0, now
 
     def _set_emergency(self, port: ConsolePort, on: bool, op: OperatorConfig) -> None:
@@ -842,10 +964,12 @@ class ConsoleHub:
         self.alarms[alarm.id] = alarm
         while len(self.alarms) > MAX_ALARMS:
             oldest = self.alarms.pop(next(iter(self.alarms)))
-            self.audit("console_alarm_dropped", warn=True, alarm=oldest.id,
-                       talkgroup=oldest.talkgroup)  # fmt: skip
-        self.audit("console_alarm", warn=True, alarm=alarm.id, talkgroup=talkgroup,
-                   operator=port.operator)  # fmt: skip
+            self.audit(
+                "console_alarm_dropped", warn=True, alarm=oldest.id, talkgroup=oldest.talkgroup
+            )
+        self.audit(
+            "console_alarm", warn=True, alarm=alarm.id, talkgroup=talkgroup, operator=port.operator
+        )
 
     def acknowledge(self, sock: Socket, alarm_id: Any) -> None:
         """An operator who monitors the alarm's talkgroup silences it for every console."""
@@ -855,9 +979,14 @@ class ConsoleHub:
             sock.send({"type": "error", "message": "no such alarm"})
             return
         del self.alarms[alarm.id]
-        self.audit("console_alarm_ack", warn=True, alarm=alarm.id, talkgroup=alarm.talkgroup,
-                   operator=sock.session.operator,
-                   seconds=round(time.time() - alarm.started, 1))  # fmt: skip
+        self.audit(
+            "console_alarm_ack",
+            warn=True,
+            alarm=alarm.id,
+            talkgroup=alarm.talkgroup,
+            operator=sock.session.operator,
+            seconds=round(time.time() - alarm.started, 1),
+        )
         self.push_state()
 
     def _set_priority(self, port: ConsolePort, priority: int) -> None:
@@ -871,8 +1000,14 @@ class ConsoleHub:
         """The page went away: drop its PTT now, hang up its audio after a grace period."""
         for talkgroup, port in console.ports.items():
             if port.ptt or port.emergency:
-                self.audit("console_ptt", operator=console.session.operator, on=False,
-                           talkgroup=talkgroup, port=port.name, reason=reason)  # fmt: skip
+                self.audit(
+                    "console_ptt",
+                    operator=console.session.operator,
+                    on=False,
+                    talkgroup=talkgroup,
+                    port=port.name,
+                    reason=reason,
+                )
             port.set_ptt(False)
             if port.emergency:
                 self._set_emergency(port, False, console.session.config)
@@ -993,19 +1128,27 @@ async def login(request: web.Request) -> web.Response:
     except LoginBusy:
         return web.json_response(
             {"error": "the gateway is busy checking other logins; try again in a second"},
-            status=503, headers={"Retry-After": "1"},
-        )  # fmt: skip
+            status=503,
+            headers={"Retry-After": "1"},
+        )
     if session is None:
         if retry > 0:
             return web.json_response(
                 {"error": f"too many failed logins; try again in {retry:.0f} s"},
-                status=429, headers={"Retry-After": str(int(retry) + 1)},
-            )  # fmt: skip
+                status=429,
+                headers={"Retry-After": str(int(retry) + 1)},
+            )
         return web.json_response({"error": "wrong operator name or password"}, status=401)
     response = web.json_response({"operator": session.operator})
-    response.set_cookie(COOKIE, session.token, httponly=True, samesite="Strict",
-                        secure=request.secure, path="/",
-                        max_age=int(hub.config.session_lifetime))  # fmt: skip
+    response.set_cookie(
+        COOKIE,
+        session.token,
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+        path="/",
+        max_age=int(hub.config.session_lifetime),
+    )
     return response
 
 
@@ -1024,13 +1167,15 @@ async def me(request: web.Request) -> web.Response:
     hub: ConsoleHub = request.app[HUB]
     session = _session(request)
     op = session.config
-    return web.json_response({
-        "operator": session.operator,
-        "display": op.display_name or session.operator,
-        "agency": op.agency,
-        "site": hub.gateway.config.site.name,
-        "emergency": op.emergency,
-    })  # fmt: skip
+    return web.json_response(
+        {
+            "operator": session.operator,
+            "display": op.display_name or session.operator,
+            "agency": op.agency,
+            "site": hub.gateway.config.site.name,
+            "emergency": op.emergency,
+        }
+    )
 
 
 async def state(request: web.Request) -> web.Response:
@@ -1056,10 +1201,14 @@ async def recall(request: web.Request) -> web.Response:
     if found is None:
         raise web.HTTPNotFound(text="no such clip (instant recall keeps overs a short while)")
     data, seconds = found
-    hub.audit("console_recall", operator=session.operator, talkgroup=talkgroup, clip=clip,
-              seconds=round(seconds, 1))  # fmt: skip
-    return web.Response(body=data, content_type="audio/wav",
-                        headers={"Cache-Control": "no-store"})  # fmt: skip
+    hub.audit(
+        "console_recall",
+        operator=session.operator,
+        talkgroup=talkgroup,
+        clip=clip,
+        seconds=round(seconds, 1),
+    )
+    return web.Response(body=data, content_type="audio/wav", headers={"Cache-Control": "no-store"})
 
 
 async def join(request: web.Request) -> web.Response:

@@ -192,9 +192,11 @@ def test_joining_and_leaving_ports_are_events_with_talkgroup_and_time() -> None:
     engine.detach(call)  # a second detach is a no-op, not a second event
     moves = [(e.kind, e.port, e.talkgroup, e.group) for e in events if e.kind in ("joined", "left")]
     assert moves == [
-        ("joined", "call", "tg", "tg"), ("joined", "console", "tg", "tg"),
-        ("left", "call", "tg", "tg"), ("left", "console", "tg", "tg"),
-    ]  # fmt: skip
+        ("joined", "call", "tg", "tg"),
+        ("joined", "console", "tg", "tg"),
+        ("left", "call", "tg", "tg"),
+        ("left", "console", "tg", "tg"),
+    ]
     left = {e.port: e.seconds for e in events if e.kind == "left"}
     assert left["call"] == 30 * TICK and left["console"] == 5 * TICK
     assert all(p.name == "radio" for p in engine.ports) and not engine.attached

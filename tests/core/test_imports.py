@@ -178,8 +178,14 @@ def test_version_loads_no_heavy_library() -> None:
         "    pass\n"
         "print('loaded:', *sorted({m.split('.')[0] for m in sys.modules}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert out.startswith("borderlink ")
     loaded = set(out.split("loaded:")[1].split())
     assert "gateway" in loaded

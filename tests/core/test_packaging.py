@@ -25,14 +25,29 @@ def test_editable_install_maps_sibling_folders_under_gateway() -> None:
 
 def test_wheel_contains_every_package_under_gateway(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)],
-        check=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("borderlink-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("gateway/engine.py", "gateway/codecs/g711.py", "gateway/hardware/__init__.py",
-                   "gateway/monitoring/__init__.py"):  # fmt: skip
+    for module in (
+        "gateway/engine.py",
+        "gateway/codecs/g711.py",
+        "gateway/hardware/__init__.py",
+        "gateway/monitoring/__init__.py",
+    ):
         assert module in names, f"{module} missing from the wheel"
     assert not any(n.startswith(("codecs/", "hardware/", "monitoring/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

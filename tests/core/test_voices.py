@@ -34,8 +34,9 @@ def test_a_file_at_another_rate_plays_at_its_own_pitch_and_length(tmp_path: Path
 def test_a_radio_says_its_message_from_the_start_of_every_burst(tmp_path: Path) -> None:
     message = np.concatenate([tone(500, 0.2, 16000), tone(1500, 0.2, 16000)])
     wav = write_wav(tmp_path / "voice.wav", message, 16000)
-    config = SimulatedRadioConfig(kind="simulated_radio", voice=wav, talk_every="2s",
-                                  talk_for="1s", level_dbfs=-6)  # fmt: skip
+    config = SimulatedRadioConfig(
+        kind="simulated_radio", voice=wav, talk_every="2s", talk_for="1s", level_dbfs=-6
+    )
     radio = SimulatedRadio("r", config, TIMING)
     radio.open()
     for burst in range(2):

@@ -42,8 +42,11 @@ class Demo:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "demo", "--seconds", str(SECONDS), "--plain"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -94,8 +97,9 @@ async def login(browser, url: str, operator: str, password: str):  # noqa: ANN00
     await page.wait_for_function(
         """tg => { const t = window.borderlink && window.borderlink.tiles.get(tg);
                    return t && t.pc && t.pc.connectionState === 'connected' && t.analyser; }""",
-        arg="marine", timeout=30_000,
-    )  # fmt: skip
+        arg="marine",
+        timeout=30_000,
+    )
     return page
 
 
@@ -115,8 +119,9 @@ class Ear:
 
     def during(self, intervals: list[tuple[float, float]], delay: float = 0.2) -> list[dict]:
         """Samples inside the intervals, shifted by the path's delay to the browser."""
-        return [m for t, m in self.samples if any(a + delay <= t <= b + delay
-                                                 for a, b in intervals)]  # fmt: skip
+        return [
+            m for t, m in self.samples if any(a + delay <= t <= b + delay for a, b in intervals)
+        ]
 
 
 async def one_over(session, us_url: str, ca_url: str, on_air, on_first=None):  # noqa: ANN001
@@ -148,8 +153,11 @@ async def link_figures(session: aiohttp.ClientSession, url: str) -> str:
     """The site's link and link-leg series from /metrics (packets, late, concealed…)."""
     async with session.get(f"{url}/metrics") as reply:
         text = await reply.text()
-    return "\n".join(line for line in text.splitlines()
-                     if line.startswith(("borderlink_link_", "borderlink_sip_route_")))  # fmt: skip
+    return "\n".join(
+        line
+        for line in text.splitlines()
+        if line.startswith(("borderlink_link_", "borderlink_sip_route_"))
+    )
 
 
 def talking(st: Status, port: str) -> bool:
@@ -179,14 +187,24 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
                 shot = await ca_page.screenshot(path=str(DOCS / "demo-ca.png"), full_page=True)
                 assert not png_is_blank(shot)
 
-            spans = await one_over(session, us_url, ca_url, lambda us, ca: (
-                talking(us, "uscg_cutter") and ca.link_state == "up"
-                and not talking(ca, "rcmp_marine")), photograph_ca)  # fmt: skip
+            spans = await one_over(
+                session,
+                us_url,
+                ca_url,
+                lambda us, ca: (
+                    talking(us, "uscg_cutter")
+                    and ca.link_state == "up"
+                    and not talking(ca, "rcmp_marine")
+                ),
+                photograph_ca,
+            )
             heard = ear.during(spans)
             loud = [m for m in heard if m["rmsDbfs"] > SPEECH_DBFS]
             loudest = max((m["rmsDbfs"] for m in heard), default=-200.0)
-            print(f"CA console while the cutter talks: {len(loud)}/{len(heard)} samples "
-                  f"above {SPEECH_DBFS} dBFS, loudest {loudest:.1f}")  # fmt: skip
+            print(
+                f"CA console while the cutter talks: {len(loud)}/{len(heard)} samples "
+                f"above {SPEECH_DBFS} dBFS, loudest {loudest:.1f}"
+            )
             assert len(heard) >= 10, f"too little of the over was seen: {spans}"
             if len(loud) < len(heard) // 4:  # what each side's link leg did, to find out why
                 for url in (ca_url, us_url):
@@ -225,8 +243,11 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
             # 3. The U.S. cuts the link; Canada sees "cut by peer" and hears nothing of the
             #    cutter's next over.
             def cutter_talks_while_cut(us: Status, ca: Status) -> bool:
-                return (talking(us, "uscg_cutter") and us.link_state == "cut"
-                        and ca.link_state == "cut_by_peer")  # fmt: skip
+                return (
+                    talking(us, "uscg_cutter")
+                    and us.link_state == "cut"
+                    and ca.link_state == "cut_by_peer"
+                )
 
             spans = await one_over(session, us_url, ca_url, cutter_talks_while_cut)
             heard = ear.during(spans)
@@ -241,8 +262,10 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
         us_login = asyncio.ensure_future(login(browser, us_url, operator, password))
         try:
             ca_page = await login(browser, ca_url, operator, password)
-            print(f"CA console listening {time.monotonic() - printed_at:.1f} s after the "
-                  "demo printed its credentials")  # fmt: skip
+            print(
+                f"CA console listening {time.monotonic() - printed_at:.1f} s after the "
+                "demo printed its credentials"
+            )
             ear = Ear(ca_page)  # listening from the first moment
             try:
                 await hear_and_cut(session, ca_page, us_login, ear)

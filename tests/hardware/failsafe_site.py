@@ -24,18 +24,25 @@ from gateway.config import load_config
 def status(gw: Gateway) -> None:
     radio = gw.ports["radio_b"]
     other = gw.ports.get("other")
-    print(json.dumps({
-        "tick": gw.engine.tick_count,
-        "keyed": radio.ptt.keyed,
-        "device_up": radio.card.up,
-        "device_errors": radio.stats()["device_errors"],
-        "reopens": radio.card.counts["reopens"],
-        "other_heard": other is not None and other.last_heard is not None,
-        "up": {name: port.card.up for name, port in gw.ports.items() if hasattr(port, "card")},
-        "guardian": shared_guardian().pid,
-        "heartbeat_timeout": shared_guardian().timeout,
-        "pid": os.getpid(),
-    }), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "tick": gw.engine.tick_count,
+                "keyed": radio.ptt.keyed,
+                "device_up": radio.card.up,
+                "device_errors": radio.stats()["device_errors"],
+                "reopens": radio.card.counts["reopens"],
+                "other_heard": other is not None and other.last_heard is not None,
+                "up": {
+                    name: port.card.up for name, port in gw.ports.items() if hasattr(port, "card")
+                },
+                "guardian": shared_guardian().pid,
+                "heartbeat_timeout": shared_guardian().timeout,
+                "pid": os.getpid(),
+            }
+        ),
+        flush=True,
+    )
 
 
 async def report(gw: Gateway) -> None:

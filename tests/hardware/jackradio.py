@@ -162,8 +162,9 @@ class RadioSim:
         self._record.fill(0.0)  # every page mapped now
         ctx = multiprocessing.get_context("spawn")
         self._pipe, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_sim_main, args=(server, radios, size, self._shm.name,
-                                                         child), daemon=True)  # fmt: skip
+        self._proc = ctx.Process(
+            target=_sim_main, args=(server, radios, size, self._shm.name, child), daemon=True
+        )
         self._proc.start()
         child.close()
         if not self._pipe.poll(20):
@@ -258,8 +259,10 @@ class _SimStream:
         self.rx = [SharedRing(view, 1 << 16, 2 * i * ring_bytes) for i in range(radios)]
         self.tx = [SharedRing(view, 1 << 16, (2 * i + 1) * ring_bytes) for i in range(radios)]
         self.lane_status = np.zeros((radios, cp.COUNTERS), np.int64)
-        lanes = [cp.Lane.between(self.rx[i], self.tx[i], self.lane_status[i], i, i)
-                 for i in range(radios)]  # fmt: skip
+        lanes = [
+            cp.Lane.between(self.rx[i], self.tx[i], self.lane_status[i], i, i)
+            for i in range(radios)
+        ]
         self.callback = cp.StreamCallback(self.status, self.clock, radios, radios, lanes)
         self.rate = self.control.samplerate
         self.blocksize = self.control.blocksize
@@ -271,8 +274,9 @@ class _SimStream:
         self.running = True
         for ring in self.tx:  # primed with silence: ring position == stream frame from here on
             ring.push(np.zeros(LEAD_PERIODS * self.blocksize, np.float32))
-        self.stream = cp.open_stream(sd, card.index, self.rate, radios, radios, 0, "low",
-                                     self.callback, lambda: None)  # fmt: skip
+        self.stream = cp.open_stream(
+            sd, card.index, self.rate, radios, radios, 0, "low", self.callback, lambda: None
+        )
         self.feeder = threading.Thread(target=self._feed, daemon=True, name="sim feeder")
         self.feeder.start()
 
@@ -298,8 +302,11 @@ class _SimStream:
             self.counter[1] = int(self.lane_status[:, TX_UNDERRUNS].sum())
             self.counter[0] = min(recorded)  # after the samples: never unwritten audio
             frame, when = stamp(self.status, self.clock)
-            if when and (not self.stamps or self.stamps[-1][0] != frame) and \
-                    len(self.stamps) < 200000:  # fmt: skip
+            if (
+                when
+                and (not self.stamps or self.stamps[-1][0] != frame)
+                and len(self.stamps) < 200000
+            ):
                 self.stamps.append((frame, when))
             time.sleep(FEED_S)
 
@@ -340,8 +347,10 @@ class _SimStream:
 
     def start(self, radio: int, signal: np.ndarray, delay: float, loop: bool) -> int:
         with self.lock:  # the feeder renders from frame tx.written on: start no sooner
-            at = max(int(self.tx[radio].counters[0]),
-                     self.frame_now() + int(delay * self.rate) + 2 * self.blocksize)  # fmt: skip
+            at = max(
+                int(self.tx[radio].counters[0]),
+                self.frame_now() + int(delay * self.rate) + 2 * self.blocksize,
+            )
             self.play[radio], self.play_at[radio], self.loop[radio] = signal, at, loop
         return at
 
@@ -468,5 +477,11 @@ def delay_of(reference: np.ndarray, recording: np.ndarray) -> tuple[int, float]:
 def steady_db(x: np.ndarray, step: int = RATE // 100) -> float:
     """Median 10 ms RMS level: the level of a steady tone, not fooled by a rare dropout."""
     blocks = x[: len(x) - len(x) % step].reshape(-1, step)
-    return float(np.median(20 * np.log10(np.maximum(np.sqrt(np.mean(np.square(
-        blocks, dtype=np.float64), axis=1)), 1e-9))))  # fmt: skip
+    return float(
+        np.median(
+            20
+            * np.log10(
+                np.maximum(np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1)), 1e-9)
+            )
+        )
+    )

@@ -30,8 +30,17 @@ def main() -> None:
     guardian = ptt.shared_guardian()
     while True:
         controller.fed()
-        print(json.dumps({"keyed": controller.keyed, "pid": os.getpid(), "guardian": guardian.pid,
-                          "heartbeat_timeout": guardian.timeout}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "keyed": controller.keyed,
+                    "pid": os.getpid(),
+                    "guardian": guardian.pid,
+                    "heartbeat_timeout": guardian.timeout,
+                }
+            ),
+            flush=True,
+        )
         if mode == "segv" and controller.keyed:
             ctypes.string_at(0)
         time.sleep(0.02)

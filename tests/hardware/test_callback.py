@@ -44,8 +44,10 @@ class TwoLanes:
         self.rx = [ring(capacity), ring(capacity)]
         self.tx = [ring(capacity), ring(capacity)]
         self.lane_status = [np.zeros(COUNTERS, np.int64) for _ in range(2)]
-        lanes = [Lane.between(self.rx[0], self.tx[0], self.lane_status[0], 2, 0),
-                 Lane.between(self.rx[1], self.tx[1], self.lane_status[1], 0, 2)]  # fmt: skip
+        lanes = [
+            Lane.between(self.rx[0], self.tx[0], self.lane_status[0], 2, 0),
+            Lane.between(self.rx[1], self.tx[1], self.lane_status[1], 0, 2),
+        ]
         self.callback = StreamCallback(self.status, self.clock, CHANNELS, CHANNELS, lanes)
         self.out = np.full((PERIOD, CHANNELS), 9.0, np.float32)  # garbage the callback must clear
 

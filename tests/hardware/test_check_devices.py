@@ -30,11 +30,18 @@ def test_check_finds_the_card_and_lines_that_exist(jack_server, tmp_path: Path, 
         hidraw = tmp_path / "hidraw0"  # the tests' stand-in for a CM108's /dev/hidrawN
         hidraw.write_bytes(b"")
         site = tmp_path / "site.toml"
-        site.write_text(site_toml({
-            "boat": radio("system", f'{{ type = "serial", device = "{tty}" }}',
-                          f'{{ type = "serial", device = "{tty}", line = "cts" }}'),
-            "shore": radio("system", f'{{ type = "cm108", device = "{hidraw}" }}', "{}"),
-        }))  # fmt: skip
+        site.write_text(
+            site_toml(
+                {
+                    "boat": radio(
+                        "system",
+                        f'{{ type = "serial", device = "{tty}" }}',
+                        f'{{ type = "serial", device = "{tty}", line = "cts" }}',
+                    ),
+                    "shore": radio("system", f'{{ type = "cm108", device = "{hidraw}" }}', "{}"),
+                }
+            )
+        )
         assert main(["check", str(site)]) == 0
         out = capsys.readouterr().out
         assert "config OK" in out and "radio devices: found on this machine" in out
@@ -48,12 +55,22 @@ def test_check_names_every_missing_device_and_can_skip_them(
 ) -> None:
     site = tmp_path / "site.toml"
     gone = tmp_path / "ttyUSB7"
-    site.write_text(site_toml({
-        "boat": radio("Nonexistent USB fob", f'{{ type = "serial", device = "{gone}" }}',
-                      '{ type = "gpio", chip = "/dev/gpiochip99", line = 4 }'),
-        "shore": radio("system", f'{{ type = "cm108", device = "{tmp_path / "hidraw9"}" }}',
-                       f'{{ type = "cm108", device = "{tmp_path / "hidraw9"}" }}'),
-    }))  # fmt: skip
+    site.write_text(
+        site_toml(
+            {
+                "boat": radio(
+                    "Nonexistent USB fob",
+                    f'{{ type = "serial", device = "{gone}" }}',
+                    '{ type = "gpio", chip = "/dev/gpiochip99", line = 4 }',
+                ),
+                "shore": radio(
+                    "system",
+                    f'{{ type = "cm108", device = "{tmp_path / "hidraw9"}" }}',
+                    f'{{ type = "cm108", device = "{tmp_path / "hidraw9"}" }}',
+                ),
+            }
+        )
+    )
     assert main(["check", str(site)]) == 2
     err = capsys.readouterr().err
     assert "5 problems" in err, err

@@ -136,8 +136,7 @@ def test_abort_in_the_gateway_unkeys(jack_server, tmp_path, hid):
 
 
 @pytest_jack
-def test_the_guardian_killed_by_sigterm_unkeys_and_another_takes_over(jack_server, tmp_path,
-                                                                       hid):  # fmt: skip
+def test_the_guardian_killed_by_sigterm_unkeys_and_another_takes_over(jack_server, tmp_path, hid):
     site = tmp_path / "site.toml"
     site.write_text(keyed_site(hid))
     proc = gateway_process(jack_server, site, "run")
@@ -183,9 +182,14 @@ def line(request, tmp_path):
 
 
 def client(kind: str, device: str, env: dict, mode: str = "run") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HERE / "ptt_client.py"), kind, device, mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=ROOT)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "ptt_client.py"), kind, device, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def first_keyed(proc: subprocess.Popen) -> dict:

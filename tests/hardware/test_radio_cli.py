@@ -48,8 +48,20 @@ squelch = {{ type = "vox", threshold_dbfs = -30 }}
     result: dict = {}
 
     def run_levels():
-        result["code"] = main(["levels", str(site), "radio", "--seconds", "4", "--plain",
-                               "--tone", "1000", "--tone-level", "-12"])  # fmt: skip
+        result["code"] = main(
+            [
+                "levels",
+                str(site),
+                "radio",
+                "--seconds",
+                "4",
+                "--plain",
+                "--tone",
+                "1000",
+                "--tone-level",
+                "-12",
+            ]
+        )
 
     worker = threading.Thread(target=run_levels)
     worker.start()

@@ -48,8 +48,10 @@ class InThisProcess:
         pass
 
 
-def card_in_simulated_time(period: int = PERIOD, margin: float = 0.002,
-                           ) -> tuple[SoundCard, StreamCallback, list[float]]:  # fmt: skip
+def card_in_simulated_time(
+    period: int = PERIOD,
+    margin: float = 0.002,
+) -> tuple[SoundCard, StreamCallback, list[float]]:
     """A card with a 2 ms margin whose process is played here: the test calls its C
     callback, and its clock reads the test's simulated time, ``now[0]``."""
     card = SoundCard(CardSpec(device=0, sample_rate=DEV, margin=margin), 16000, N, "sim")

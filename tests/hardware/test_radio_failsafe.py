@@ -105,9 +105,14 @@ def test_reload_that_removes_or_changes_the_port_unkeys_it(jack_server, tmp_path
 
 def gateway_process(jack_server: str, site: Path, mode: str) -> subprocess.Popen:
     env = {**os.environ, "JACK_DEFAULT_SERVER": jack_server, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(HERE / "failsafe_site.py"), str(site), mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "failsafe_site.py"), str(site), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def statuses(proc: subprocess.Popen, until, timeout: float = 20.0) -> dict:

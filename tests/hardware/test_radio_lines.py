@@ -176,8 +176,12 @@ def test_cm108_keyer_writes_output_reports_to_hidraw(tmp_path):
     keyer.set(True)
     keyer.set(False)
     keyer.close()
-    assert hid_reports(hid) == [bytes([0, 0, 0, 4, 0]), bytes([0, 0, 4, 4, 0]),
-                                bytes([0, 0, 0, 4, 0]), bytes([0, 0, 0, 4, 0])]  # fmt: skip
+    assert hid_reports(hid) == [
+        bytes([0, 0, 0, 4, 0]),
+        bytes([0, 0, 4, 4, 0]),
+        bytes([0, 0, 0, 4, 0]),
+        bytes([0, 0, 0, 4, 0]),
+    ]
 
 
 def test_cm108_gpio_numbers_are_checked():
@@ -217,8 +221,9 @@ def test_gpio_keyer_through_gpiod(monkeypatch, tmp_path):
             values["released"] = True
 
     value = types.SimpleNamespace(ACTIVE="active", INACTIVE="inactive")
-    line_mod = types.SimpleNamespace(Direction=types.SimpleNamespace(OUTPUT="out", INPUT="in"),
-                                     Value=value)  # fmt: skip
+    line_mod = types.SimpleNamespace(
+        Direction=types.SimpleNamespace(OUTPUT="out", INPUT="in"), Value=value
+    )
     gpiod = types.ModuleType("gpiod")
     gpiod.LineSettings = lambda **kw: kw
     gpiod.request_lines = lambda path, consumer, config: Request()
@@ -349,8 +354,9 @@ def test_ptt_guardian_drops_a_transmitter_whose_heartbeat_stops(tmp_path):
 def test_unplugged_serial_ptt_is_marked_down_and_resumes(tmp_path, tty):
     modem = tmp_path / "modem.json"
     guardian = ptt_mod.GuardianProcess(env=fake_env(modem))
-    controller = ptt_mod.PttController(ptt_mod.SerialKeyer(tty, "rts"), "r", tot=0,
-                                       guardian=guardian)  # fmt: skip
+    controller = ptt_mod.PttController(
+        ptt_mod.SerialKeyer(tty, "rts"), "r", tot=0, guardian=guardian
+    )
     controller.open()
     try:
         controller.key(True)
@@ -444,8 +450,9 @@ def test_a_line_that_cannot_be_unkeyed_is_reported_loudly_until_it_is(tmp_path, 
     and ``ptt_stuck`` in the port's stats (a metric) until the device is back and unkeyed."""
     fob = Fob(tmp_path / "hidraw_b")
     guardian = ptt_mod.GuardianProcess()  # its own, so its log is this test's stderr
-    controller = ptt_mod.PttController(ptt_mod.Cm108Keyer(str(fob.link), 3), "radio_b", tot=0,
-                                       guardian=guardian)  # fmt: skip
+    controller = ptt_mod.PttController(
+        ptt_mod.Cm108Keyer(str(fob.link), 3), "radio_b", tot=0, guardian=guardian
+    )
     controller.open()
     try:
         controller.key(True)

@@ -64,8 +64,14 @@ def test_tone_and_chirp_cross_from_a_to_b(jack_server, radio_sim, tmp_path):
     signal = np.concatenate([tone(1000, 1.5, level), probe, np.zeros(RATE // 2, np.float32)])
 
     def scenario():
-        wait_for(lambda: gw.ports["radio_a"].card.stats()["rx_buffer_seconds"] > 0 or
-                 gw.engine.tick_count > 25, 5, "the gateway to tick")  # fmt: skip
+        wait_for(
+            lambda: (
+                gw.ports["radio_a"].card.stats()["rx_buffer_seconds"] > 0
+                or gw.engine.tick_count > 25
+            ),
+            5,
+            "the gateway to tick",
+        )
         start = sim.start(0, signal)
         wait_for(lambda: hid_keyed(hid_b) is True, 3, "radio B's PTT to key")
         wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 10, "the over to end")
@@ -146,11 +152,16 @@ def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, mon
     master, slave = pty.openpty()
     tty = os.ttyname(slave)
     serial_ptt = f'ptt = {{ type = "serial", device = "{tty}", line = "rts" }}'
-    gw = build(tmp_path, site_toml({
-        "radio_a": radio(),
-        "radio_b": radio(extra=f'tx_delay = "200ms"\n{serial_ptt}'),
-        "radio_c": radio(),
-    }))  # fmt: skip
+    gw = build(
+        tmp_path,
+        site_toml(
+            {
+                "radio_a": radio(),
+                "radio_b": radio(extra=f'tx_delay = "200ms"\n{serial_ptt}'),
+                "radio_c": radio(),
+            }
+        ),
+    )
     sim = radio_sim(3)
     connect(sim, 3)
     signal = tone(1000, 0.6, -12)
@@ -186,8 +197,9 @@ def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, mon
     assert abs(audible_seconds(heard_b) - audible_seconds(heard_c)) < 0.06
 
 
-def test_half_duplex_radio_never_hears_itself_or_talks_while_keyed(jack_server, radio_sim,
-                                                                    tmp_path):  # fmt: skip
+def test_half_duplex_radio_never_hears_itself_or_talks_while_keyed(
+    jack_server, radio_sim, tmp_path
+):
     gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio()}))
     sim = radio_sim(2)
     connect(sim, 2)
@@ -209,8 +221,9 @@ def test_half_duplex_radio_never_hears_itself_or_talks_while_keyed(jack_server, 
     assert band_db(to_a, 700) < -60, "radio B's receiver was passed on while it was transmitting"
 
 
-def test_transmit_tot_drops_ptt_and_audio_while_the_talker_goes_on(jack_server, radio_sim,
-                                                                   tmp_path):  # fmt: skip
+def test_transmit_tot_drops_ptt_and_audio_while_the_talker_goes_on(
+    jack_server, radio_sim, tmp_path
+):
     hid = tmp_path / "hidraw_b"
     hid.touch()
     b = radio(str(hid), 'tx_tot = "1s"')
@@ -254,8 +267,11 @@ def test_ticks_settle_mid_cycle_when_the_card_calls_back_once_a_frame(jack_serve
             return all(p is not None and abs(p) < 0.0025 for p in phases())
 
         def scenario() -> tuple[float, float]:
-            wait_for(lambda: gw.engine.tick_count > 50 and mid_cycle(), 20,
-                     "the ticks to settle mid-cycle")  # fmt: skip
+            wait_for(
+                lambda: gw.engine.tick_count > 50 and mid_cycle(),
+                20,
+                "the ticks to settle mid-cycle",
+            )
             knock = 0.009 - phases()[0]
             moved = gw.phase_lock.moved
             gw.clock.shift(knock)  # to 1 ms before a callback

@@ -23,8 +23,11 @@ pytestmark = pytest.mark.jack
 def longest_gap(x: np.ndarray, threshold_db: float = -40.0, step: int = RATE // 100) -> float:
     """Seconds of the longest run of 10 ms blocks below ``threshold_db``."""
     blocks = x[: len(x) - len(x) % step].reshape(-1, step)
-    quiet = 20 * np.log10(np.maximum(np.sqrt(np.mean(np.square(blocks, dtype=np.float64),
-                                                     axis=1)), 1e-9)) < threshold_db  # fmt: skip
+    quiet = (
+        20
+        * np.log10(np.maximum(np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1)), 1e-9))
+        < threshold_db
+    )
     longest = run = 0
     for q in quiet:
         run = run + 1 if q else 0
@@ -35,8 +38,7 @@ def longest_gap(x: np.ndarray, threshold_db: float = -40.0, step: int = RATE // 
 def test_a_live_reload_adding_and_removing_radios_leaves_no_gap_in_an_over(
     jack_server, radio_sim, tmp_path
 ):
-    gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio(),
-                                    "radio_old": radio()}))  # fmt: skip
+    gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": radio(), "radio_old": radio()}))
     sim = radio_sim(2)
     sim.connect(0, card_client("radio_a"))
     sim.connect(1, card_client("radio_b"))

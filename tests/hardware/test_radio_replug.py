@@ -156,8 +156,9 @@ ptt = {{ type = "cm108", device = "{hid}" }}
     assert hid_keyed(hid) is False
 
 
-def test_a_card_process_killed_mid_over_drops_ptt_and_comes_back_alone(jack_server, radio_sim,
-                                                                        tmp_path):  # fmt: skip
+def test_a_card_process_killed_mid_over_drops_ptt_and_comes_back_alone(
+    jack_server, radio_sim, tmp_path
+):
     """Each card streams in a process of its own: if radio B's dies (a crash in the audio
     driver), B's PTT drops at once, a new process opens the card, and B carries the next
     over — while radio A's process is never touched."""

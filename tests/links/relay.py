@@ -359,9 +359,10 @@ class TcpRelay(_Relay):
             to_target = self._pipe(True, self._writer_send(up_writer), stream=True)
             to_client = self._pipe(False, self._writer_send(writer), stream=True)
             await asyncio.gather(
-                self._pump(reader, to_target), self._pump(up_reader, to_client),
+                self._pump(reader, to_target),
+                self._pump(up_reader, to_client),
                 return_exceptions=True,
-            )  # fmt: skip
+            )
             self.connections.discard(pair)
         finally:
             if task is not None:

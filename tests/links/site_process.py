@@ -62,8 +62,13 @@ def state(gateway: Gateway, events: list[dict]) -> dict:
         for port, (talker, keyed_at) in arbiter.overs.items():
             emergency = bool(getattr(gateway.ports.get(port), "emergency", False))
             overs[port] = [talker, keyed_at, emergency]
-    return {"shares": shares, "holders": holders, "labels": labels, "overs": overs,
-            "events": events}  # fmt: skip
+    return {
+        "shares": shares,
+        "holders": holders,
+        "labels": labels,
+        "overs": overs,
+        "events": events,
+    }
 
 
 def holder_label(gateway: Gateway, arbiter: Arbiter, holder: Candidate) -> str:
@@ -95,9 +100,16 @@ async def serve(path: Path) -> None:
 
     def record(event: Event) -> None:
         if event.kind in FLOOR_EVENTS:
-            events.append({"kind": event.kind, "port": event.port, "talker": event.talker,
-                           "group": event.group, "detail": event.detail,
-                           "at": time.time()})  # fmt: skip
+            events.append(
+                {
+                    "kind": event.kind,
+                    "port": event.port,
+                    "talker": event.talker,
+                    "group": event.group,
+                    "detail": event.detail,
+                    "at": time.time(),
+                }
+            )
 
     gateway.engine.listeners.append(record)
     task = asyncio.ensure_future(gateway.run())
@@ -114,8 +126,7 @@ async def serve(path: Path) -> None:
             if op == "state":
                 answer = state(gateway, events)
             elif op == "levels":
-                answer = {"db": levels(gateway, command["port"], command["hz"],
-                                       command["seconds"])}  # fmt: skip
+                answer = {"db": levels(gateway, command["port"], command["hz"], command["seconds"])}
             elif op == "key":
                 args = (gateway, command["port"], command["on"], command.get("emergency", False))
                 delay = command.get("at", 0.0) - time.time()

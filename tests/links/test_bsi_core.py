@@ -61,13 +61,19 @@ allow = ["bridge"]
             tcp = us_gw.sip.transport.port_for("tcp")
             phone.start(dial=f"sip:shiprider@127.0.0.1:{tcp};transport=tcp", seconds=10)
             calls = us_gw.sip.calls
-            await until(lambda: any(p.kind == "sip" for p in us_gw.engine.ports), 15,
-                        "the phone's call answered")  # fmt: skip
+            await until(
+                lambda: any(p.kind == "sip" for p in us_gw.engine.ports),
+                15,
+                "the phone's call answered",
+            )
             assert calls.rejected.get(401, 0) >= 1, "the phone was let in without a challenge"
             dialog = next(d for d in calls.dialogs.values() if d.peer.transport == "tcp")
             assert dialog.peer.identity == "", "no TLS identity: digest let it in"
-            await until(lambda: radio(ca_gw, "marine").level(600.0, 0.5) > HEARD, 15,
-                        "the phone heard on CA's radio across the link")  # fmt: skip
+            await until(
+                lambda: radio(ca_gw, "marine").level(600.0, 0.5) > HEARD,
+                15,
+                "the phone heard on CA's radio across the link",
+            )
             assert radio(us_gw, "harbor").level(600.0, 0.5) > HEARD
             # Still one link dialog each side: the phone is a caller, not a second link.
             assert len(link_legs(ca_gw)) == 1 and len(link_legs(us_gw)) == 1

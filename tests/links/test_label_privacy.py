@@ -42,10 +42,20 @@ def sites(tmp: Path) -> tuple[Path, Path, Pki]:
     """CA (RCMP · Marine 7, 1000 Hz) and US (USCG · Cutter 41, 1500 Hz) sharing
     ``shiprider`` (as in test_link_talker), and their PKI."""
     pki = make_pki(tmp, ("ca", "us"))
-    ca = SiteSpec("ca", {"marine": 1000.0}, [LinkSpec("us", "us", {"marine": "shiprider"})],
-                  agency="RCMP", labels={"marine": "Marine 7"})  # fmt: skip
-    us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "shiprider"})],
-                  agency="USCG", labels={"harbor": "Cutter 41"})  # fmt: skip
+    ca = SiteSpec(
+        "ca",
+        {"marine": 1000.0},
+        [LinkSpec("us", "us", {"marine": "shiprider"})],
+        agency="RCMP",
+        labels={"marine": "Marine 7"},
+    )
+    us = SiteSpec(
+        "us",
+        {"harbor": 1500.0},
+        [LinkSpec("ca", "ca", {"harbor": "shiprider"})],
+        agency="USCG",
+        labels={"harbor": "Cutter 41"},
+    )
     ports = {"ca": ca.tls_port, "us": us.tls_port}
     return site_toml(tmp, ca, ports, pki), site_toml(tmp, us, ports, pki), pki
 
@@ -80,16 +90,20 @@ def test_labels_never_cross_in_the_rtp_yet_the_far_side_names_the_talker(
     us_audit = tmp_path / "us-audit.jsonl"
 
     async def main() -> None:
-        async with Observer(("127.0.0.1", 9)) as wire, running(ca_path) as ca, \
-                running(us_path) as us:  # fmt: skip
+        async with (
+            Observer(("127.0.0.1", 9)) as wire,
+            running(ca_path) as ca,
+            running(us_path) as us,
+        ):
             await both_up(ca, us)
             await media_through(leg(ca), leg(us), wire)
             wire.seen.clear()
             # CA talks for over a second (the old block repeated the label on the first
             # three packets of an over and every 50th after), then US answers.
             radio(ca, "marine").speaking = True
-            await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD, 5,
-                        "CA heard in the US")  # fmt: skip
+            await until(
+                lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD, 5, "CA heard in the US"
+            )
             await until(lambda: leg(us).talker == LABEL, 5, "the CA label at US")
             assert metric(us, "link_peer_talking", link="ca", share="shiprider") == 1.0
             await until(lambda: len(keyed_packets(wire.seen)) > 60, 10, "60 keyed packets")
@@ -102,8 +116,7 @@ def test_labels_never_cross_in_the_rtp_yet_the_far_side_names_the_talker(
             await until(lambda: records(us_audit, "link_talker"), 5, "the over audited")
             radio(us, "harbor").speaking = True
             await until(lambda: leg(ca).talker == US_LABEL, 5, "the US label at CA")
-            await until(lambda: radio(ca, "marine").level(1500.0, 0.3) > HEARD, 5,
-                        "US heard in CA")  # fmt: skip
+            await until(lambda: radio(ca, "marine").level(1500.0, 0.3) > HEARD, 5, "US heard in CA")
             radio(us, "harbor").speaking = False
 
             # What the observer saw: the talker words in the clear, never a name.

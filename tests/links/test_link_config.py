@@ -47,8 +47,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Identity]:
     expired, _ = make_identity(folder, "expired", starts_in_days=-10, days=5)
     future, _ = make_identity(folder, "future", starts_in_days=3)
     locked, _ = make_identity(folder, "locked", passphrase=b"secret")
-    return {"ca": ca, "mine": mine, "peer": peer, "expired": expired, "future": future,
-            "locked": locked}  # fmt: skip
+    return {
+        "ca": ca,
+        "mine": mine,
+        "peer": peer,
+        "expired": expired,
+        "future": future,
+        "locked": locked,
+    }
 
 
 def site(pki: dict[str, Identity], link: str = "", **keys: str) -> str:
@@ -67,8 +73,10 @@ def site(pki: dict[str, Identity], link: str = "", **keys: str) -> str:
 
 def sip_tls(pki: dict[str, Identity]) -> str:
     """Links run on the SIP stack's TLS listener."""
-    return (f'[sip]\nlisten_tls = "127.0.0.1:5061"\ntls_certificate = "{pki["mine"].certificate}"'
-            f'\ntls_key = "{pki["mine"].key}"\n')  # fmt: skip
+    return (
+        f'[sip]\nlisten_tls = "127.0.0.1:5061"\ntls_certificate = "{pki["mine"].certificate}"'
+        f'\ntls_key = "{pki["mine"].key}"\n'
+    )
 
 
 def problems(text: str) -> list[str]:
@@ -138,8 +146,10 @@ def test_shared_names_and_directions_are_checked(pki: dict[str, Identity]) -> No
 def test_misspelt_keys_get_a_suggestion_inside_a_link(pki: dict[str, Identity]) -> None:
     text = site(pki, 'shiprider = { ass = "marine" }', peer_fingerprnts='["00"]')
     found = problems(text)
-    assert any("links.us.peer_fingerprnts: unknown key; did you mean 'peer_fingerprints'" in p
-               for p in found)  # fmt: skip
+    assert any(
+        "links.us.peer_fingerprnts: unknown key; did you mean 'peer_fingerprints'" in p
+        for p in found
+    )
     assert any("links.us.share.shiprider.ass: unknown key; did you mean 'as'" in p for p in found)
 
 
@@ -166,15 +176,20 @@ def test_bad_fingerprint_and_address_say_how_to_write_them(pki: dict[str, Identi
     text = site(pki, peer='"gw.example.us"', peer_fingerprints='["sha256:abcd"]')
     found = problems(text)
     assert any("links.us.peer: write the address as 'host:port'" in p for p in found)
-    assert any("links.us.peer_fingerprints.0: not a SHA-256 fingerprint" in p and "openssl" in p
-               for p in found)  # fmt: skip
+    assert any(
+        "links.us.peer_fingerprints.0: not a SHA-256 fingerprint" in p and "openssl" in p
+        for p in found
+    )
 
 
 @pytest.mark.parametrize(
     ("keys", "where", "says"),
     [
-        ({"certificate": '"/nonexistent/link.pem"'}, "certificate",
-         "cannot read the certificate: No such file or directory"),
+        (
+            {"certificate": '"/nonexistent/link.pem"'},
+            "certificate",
+            "cannot read the certificate: No such file or directory",
+        ),
         ({"certificate": "KEY"}, "certificate", "no PEM certificate in the file"),
         ({"certificate": "EXPIRED", "key": "EXPIRED_KEY"}, "certificate", "expired on"),
         ({"certificate": "FUTURE", "key": "FUTURE_KEY"}, "certificate", "is not valid before"),
@@ -184,17 +199,22 @@ def test_bad_fingerprint_and_address_say_how_to_write_them(pki: dict[str, Identi
         ({"key": "LOCKED_KEY", "certificate": "LOCKED"}, "key", "protected by a passphrase"),
         ({"peer_ca": "EXPIRED"}, "peer_ca", "the peer CA bundle (CN=expired) expired on"),
     ],
-)  # fmt: skip
+)
 def test_tls_files_that_do_not_load_are_named(
     pki: dict[str, Identity], tmp_path: Path, keys: dict[str, str], where: str, says: str
 ) -> None:
     files = {
-        "KEY": pki["mine"].key, "CERT": pki["mine"].certificate, "DIR": tmp_path,
-        "EXPIRED": pki["expired"].certificate, "EXPIRED_KEY": pki["expired"].key,
-        "FUTURE": pki["future"].certificate, "FUTURE_KEY": pki["future"].key,
-        "PEER_KEY": pki["peer"].key, "LOCKED": pki["locked"].certificate,
+        "KEY": pki["mine"].key,
+        "CERT": pki["mine"].certificate,
+        "DIR": tmp_path,
+        "EXPIRED": pki["expired"].certificate,
+        "EXPIRED_KEY": pki["expired"].key,
+        "FUTURE": pki["future"].certificate,
+        "FUTURE_KEY": pki["future"].key,
+        "PEER_KEY": pki["peer"].key,
+        "LOCKED": pki["locked"].certificate,
         "LOCKED_KEY": pki["locked"].key,
-    }  # fmt: skip
+    }
     values = {k: f'"{files[v]}"' if v in files else v for k, v in keys.items()}
     text = site(pki, **values)
     (only,) = problems(text)

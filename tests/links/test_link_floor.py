@@ -63,8 +63,9 @@ class Mesh:
             action()
 
     def holders(self) -> set[tuple[str, int] | None]:
-        return {(f.holder.site, f.holder.talker) if f.holder else None
-                for f in self.floors.values()}  # fmt: skip
+        return {
+            (f.holder.site, f.holder.talker) if f.holder else None for f in self.floors.values()
+        }
 
     def converged_at(self) -> int:
         return max((changes[-1][0] for changes in self.changes.values() if changes), default=0)
@@ -161,8 +162,9 @@ def test_a_peers_talker_dropping_out_frees_the_floor() -> None:
     assert mesh.holders() == {("ca", 9)}
     assert mesh.floors["ca"].may_talk(9)
     assert mesh.changes["ca"][-1] == (
-        1025, FloorChange("granted", Candidate("us", 4, 0), Candidate("ca", 9, 100))
-    )  # fmt: skip
+        1025,
+        FloorChange("granted", Candidate("us", 4, 0), Candidate("ca", 9, 100)),
+    )
     mesh.let_go(2000, "ca", 9)
     mesh.run()
     assert mesh.holders() == {None}

@@ -31,10 +31,20 @@ def one_way_sites(tmp: Path, ca_direction: str, us_direction: str) -> tuple[Path
     pki = make_pki(tmp, ("ca", "us"))
     ca_share = f'{{ as = "shiprider", direction = "{ca_direction}" }}'
     us_share = f'{{ as = "shiprider", direction = "{us_direction}" }}'
-    ca = SiteSpec("ca", {"marine": 1000.0}, [LinkSpec("us", "us", {"marine": ca_share})],
-                  floor="single", listeners=("marine",))  # fmt: skip
-    us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": us_share})],
-                  floor="single", listeners=("harbor",))  # fmt: skip
+    ca = SiteSpec(
+        "ca",
+        {"marine": 1000.0},
+        [LinkSpec("us", "us", {"marine": ca_share})],
+        floor="single",
+        listeners=("marine",),
+    )
+    us = SiteSpec(
+        "us",
+        {"harbor": 1500.0},
+        [LinkSpec("ca", "ca", {"harbor": us_share})],
+        floor="single",
+        listeners=("harbor",),
+    )
     ports = {"ca": ca.tls_port, "us": us.tls_port}
     return site_toml(tmp, ca, ports, pki), site_toml(tmp, us, ports, pki)
 
@@ -54,8 +64,14 @@ def test_a_one_way_share_still_has_one_floor(
 
     async def main() -> None:
         async with running(ca_path) as ca, running(us_path) as us:
-            await until(lambda: share_state(ca, "us", "shiprider") == "up"
-                        and share_state(us, "ca", "shiprider") == "up", 15, "up")  # fmt: skip
+            await until(
+                lambda: (
+                    share_state(ca, "us", "shiprider") == "up"
+                    and share_state(us, "ca", "shiprider") == "up"
+                ),
+                15,
+                "up",
+            )
             flow = ca.links.trunks["us"].names["shiprider"]
             assert flow.state == "up"
             # The US keys first. Canada does not hear it (the audio goes CA → US only),
@@ -64,11 +80,19 @@ def test_a_one_way_share_still_has_one_floor(
             await until(lambda: holder(ca) == "us", 10, "Canada to count the US talker")
             radio(ca, "marine").speaking = True
             await agreed(ca, us, "us")
-            await until(lambda: radio(ca, "marine").level(BUSY_HZ, 1.0) > HEARD, 5,
-                        "the later Canadian to hear the busy tone")  # fmt: skip
-            await until(lambda: ear(ca, "marine").level(1000.0, 0.4) < SILENT
-                        and ear(us, "harbor").level(1000.0, 0.4) < SILENT, 5,
-                        "the Canadian, who does not hold the floor, heard nowhere")  # fmt: skip
+            await until(
+                lambda: radio(ca, "marine").level(BUSY_HZ, 1.0) > HEARD,
+                5,
+                "the later Canadian to hear the busy tone",
+            )
+            await until(
+                lambda: (
+                    ear(ca, "marine").level(1000.0, 0.4) < SILENT
+                    and ear(us, "harbor").level(1000.0, 0.4) < SILENT
+                ),
+                5,
+                "the Canadian, who does not hold the floor, heard nowhere",
+            )
             assert ear(ca, "marine").level(1500.0, 0.4) < SILENT, "US audio crossed a send share"
             assert ear(us, "harbor").level(1500.0, 0.4) > HEARD, "the US holder heard at home"
             assert radio(us, "harbor").level(BUSY_HZ, 1.0) < SILENT
@@ -82,11 +106,19 @@ def test_a_one_way_share_still_has_one_floor(
             await until(lambda: holder(us) == "ca", 10, "the US to count the Canadian")
             radio(us, "harbor").speaking = True
             await agreed(ca, us, "ca")
-            await until(lambda: radio(us, "harbor").level(BUSY_HZ, 1.0) > HEARD, 5,
-                        "the later US radio to hear the busy tone")  # fmt: skip
-            await until(lambda: ear(us, "harbor").level(1000.0, 0.4) > HEARD
-                        and ear(us, "harbor").level(1500.0, 0.4) < SILENT, 5,
-                        "the Canadian heard in the US, the US radio not")  # fmt: skip
+            await until(
+                lambda: radio(us, "harbor").level(BUSY_HZ, 1.0) > HEARD,
+                5,
+                "the later US radio to hear the busy tone",
+            )
+            await until(
+                lambda: (
+                    ear(us, "harbor").level(1000.0, 0.4) > HEARD
+                    and ear(us, "harbor").level(1500.0, 0.4) < SILENT
+                ),
+                5,
+                "the Canadian heard in the US, the US radio not",
+            )
             assert ear(ca, "marine").level(1000.0, 0.4) > HEARD
             assert radio(ca, "marine").level(BUSY_HZ, 1.0) < SILENT
 

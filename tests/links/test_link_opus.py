@@ -51,10 +51,16 @@ def sites(tmp: Path, tone: float, ca_codecs: str = "") -> tuple[Path, Path]:
 
 
 async def linked(ca, us) -> None:  # noqa: ANN001
-    await until(lambda: share_state(ca, "us", "ship") == "up"
-                and share_state(us, "ca", "ship") == "up"
-                and link_leg(ca) is not None and link_leg(us) is not None, 20,
-                "the link up on both sides")  # fmt: skip
+    await until(
+        lambda: (
+            share_state(ca, "us", "ship") == "up"
+            and share_state(us, "ca", "ship") == "up"
+            and link_leg(ca) is not None
+            and link_leg(us) is not None
+        ),
+        20,
+        "the link up on both sides",
+    )
 
 
 def codec(gateway) -> int:  # noqa: ANN001
@@ -167,8 +173,11 @@ def test_a_garbage_opus_payload_is_counted_not_fatal(tmp_path: Path) -> None:
                 bank.tx_seq[row] = (bank.tx_seq[row] + 1) & 0xFFFF
                 bank.tx_ts[row] = (bank.tx_ts[row] + 960) & 0xFFFFFFFF
             receiver = link_leg(us)
-            await until(lambda: receiver.stats()["packets_malformed"] >= len(garbage), 10,
-                        "each garbage payload counted")  # fmt: skip
+            await until(
+                lambda: receiver.stats()["packets_malformed"] >= len(garbage),
+                10,
+                "each garbage payload counted",
+            )
             assert us.sip.bank.malformed["opus"] >= 2
             await asyncio.sleep(1.0)
             assert link_leg(us) is receiver, "the dialog goes on"

@@ -45,19 +45,37 @@ def sites(tmp: Path, floor: str = "mix", us_extra: str = "", listeners: bool = F
     """CA (RCMP, talkgroup marine at 1000 Hz) and US (USCG, harbor at 1500 Hz), sharing
     them as ``shiprider``; each with a second radio that only listens if asked."""
     pki = make_pki(tmp, ("ca", "us"))
-    ca = SiteSpec("ca", {"marine": 1000.0}, [LinkSpec("us", "us", {"marine": "shiprider"})],
-                  floor=floor, agency="RCMP", labels={"marine": "Marine 7"},
-                  listeners=("marine",) if listeners else ())  # fmt: skip
-    us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "shiprider"})],
-                  floor=floor, agency="USCG", labels={"harbor": "Cutter 41"},
-                  listeners=("harbor",) if listeners else ())  # fmt: skip
+    ca = SiteSpec(
+        "ca",
+        {"marine": 1000.0},
+        [LinkSpec("us", "us", {"marine": "shiprider"})],
+        floor=floor,
+        agency="RCMP",
+        labels={"marine": "Marine 7"},
+        listeners=("marine",) if listeners else (),
+    )
+    us = SiteSpec(
+        "us",
+        {"harbor": 1500.0},
+        [LinkSpec("ca", "ca", {"harbor": "shiprider"})],
+        floor=floor,
+        agency="USCG",
+        labels={"harbor": "Cutter 41"},
+        listeners=("harbor",) if listeners else (),
+    )
     ports = {"ca": ca.tls_port, "us": us.tls_port}
     return site_toml(tmp, ca, ports, pki), site_toml(tmp, us, ports, pki, us_extra)
 
 
 async def both_up(ca, us) -> None:  # noqa: ANN001
-    await until(lambda: share_state(ca, "us", "shiprider") == "up"
-                and share_state(us, "ca", "shiprider") == "up", 15, "shiprider up")  # fmt: skip
+    await until(
+        lambda: (
+            share_state(ca, "us", "shiprider") == "up"
+            and share_state(us, "ca", "shiprider") == "up"
+        ),
+        15,
+        "shiprider up",
+    )
 
 
 def records(path: Path, event: str) -> list[dict]:
@@ -119,9 +137,12 @@ talk = ["*"]
 
     async def main() -> None:
         jar = aiohttp.CookieJar(unsafe=True)
-        async with running(ca_path) as ca, running(us_path) as us, \
-                Subscriber(broker.port, "borderlink/us/event/#") as events, \
-                aiohttp.ClientSession(cookie_jar=jar) as http:  # fmt: skip
+        async with (
+            running(ca_path) as ca,
+            running(us_path) as us,
+            Subscriber(broker.port, "borderlink/us/event/#") as events,
+            aiohttp.ClientSession(cookie_jar=jar) as http,
+        ):
             await both_up(ca, us)
             await until(lambda: us.mqtt.connected, 10, "the US gateway on the broker")
             base = f"http://127.0.0.1:{us.web.port}"
@@ -139,8 +160,11 @@ talk = ["*"]
             # the far side names the peer's site (both gateways share one loop here, so a US
             # tick can read CA's first packet before the loop reads CA's INFO).
             named = (LABEL, "ca")
-            await until(lambda: [e for e in events.on("/event/talk_start")
-                                 if e.get("talker") in named], 5, "MQTT talk_start")  # fmt: skip
+            await until(
+                lambda: [e for e in events.on("/event/talk_start") if e.get("talker") in named],
+                5,
+                "MQTT talk_start",
+            )
             starts = records(us_audit, "talk_start")
             assert [r["talker"] in named for r in starts if r["port"] == leg(us).name] == [True]
 
@@ -172,8 +196,9 @@ async def collision_settled(winner, w_tg: str, w_hz: float, loser, l_tg: str, l_
     listening radio); once the sides agree (a round trip: until then each side heard its
     own), the loser is heard nowhere, and that holds."""
     await until(lambda: radio(loser, l_tg).level(BUSY_HZ, 0.5) > HEARD, 5, "the loser busy")
-    await until(lambda: ear(loser, l_tg).level(w_hz, 0.3) > HEARD, 5,
-                "the holder heard across the border")  # fmt: skip
+    await until(
+        lambda: ear(loser, l_tg).level(w_hz, 0.3) > HEARD, 5, "the holder heard across the border"
+    )
     await until(lambda: ear(winner, w_tg).level(l_hz, 0.3) < SILENT, 5, "the loser unheard")
     won = holder(winner)
     for _ in range(10):  # the sides do not flap
@@ -200,10 +225,16 @@ def test_simultaneous_key_up_converges_on_one_holder_and_the_loser_hears_busy(
             for _ in range(3):
                 # Both key in the same moment (the same turn of the loop both ticks run on).
                 radio(ca, "marine").speaking = radio(us, "harbor").speaking = True
-                await until(lambda: busy(ca, "marine") != busy(us, "harbor"), 5,
-                            "one radio, and only one, to hear the busy tone")  # fmt: skip
-                await until(lambda: holder(ca) is not None and holder(ca) == holder(us), 5,
-                            "both sides to agree on the holder")  # fmt: skip
+                await until(
+                    lambda: busy(ca, "marine") != busy(us, "harbor"),
+                    5,
+                    "one radio, and only one, to hear the busy tone",
+                )
+                await until(
+                    lambda: holder(ca) is not None and holder(ca) == holder(us),
+                    5,
+                    "both sides to agree on the holder",
+                )
                 won = holder(ca)
                 assert won == ("us" if busy(ca, "marine") else "ca"), "the busy one holds"
                 if won == "ca":
@@ -212,8 +243,11 @@ def test_simultaneous_key_up_converges_on_one_holder_and_the_loser_hears_busy(
                     await collision_settled(us, "harbor", 1500.0, ca, "marine", 1000.0)
                 radio(ca, "marine").speaking = radio(us, "harbor").speaking = False
                 await until(lambda: holder(ca) is None and holder(us) is None, 5, "floor free")
-                await until(lambda: not busy(ca, "marine") and not busy(us, "harbor"), 5,
-                            "the busy tone over (the next try starts clean)")  # fmt: skip
+                await until(
+                    lambda: not busy(ca, "marine") and not busy(us, "harbor"),
+                    5,
+                    "the busy tone over (the next try starts clean)",
+                )
 
     run(main())
 
@@ -232,24 +266,38 @@ def test_an_emergency_pre_empts_across_the_border(tmp_path: Path) -> None:
             await until(lambda: radio(ca, "marine").level(BUSY_HZ, 0.5) > HEARD, 5, "CA busy")
             # The CA radio presses its emergency button: it takes the floor on both sides.
             radio(ca, "marine").emergency = True
-            await until(lambda: ear(us, "harbor").level(1000.0, 0.3) > HEARD, 5,
-                        "the emergency heard in the US")  # fmt: skip
+            await until(
+                lambda: ear(us, "harbor").level(1000.0, 0.3) > HEARD,
+                5,
+                "the emergency heard in the US",
+            )
             await until(lambda: holder(ca) == holder(us) == "ca", 5, "the emergency to hold")
-            assert [r["port"] for r in records(tmp_path / "ca-audit.jsonl", "floor_granted")
-                    if r.get("talker") == LABEL], "the emergency's grant audited at CA"  # fmt: skip
-            await until(lambda: ear(us, "harbor").level(1500.0, 0.3) < SILENT, 5,
-                        "the pre-empted US radio unheard")  # fmt: skip
+            assert [
+                r["port"]
+                for r in records(tmp_path / "ca-audit.jsonl", "floor_granted")
+                if r.get("talker") == LABEL
+            ], "the emergency's grant audited at CA"
+            await until(
+                lambda: ear(us, "harbor").level(1500.0, 0.3) < SILENT,
+                5,
+                "the pre-empted US radio unheard",
+            )
             # The pre-empted US radio, still keyed, hears the emergency, not the busy tone
             # (as it would a local emergency): the busy tone's cadence is 0.5 s on, 0.5 off.
-            await until(lambda: radio(us, "harbor").level(1000.0, 0.5) > HEARD, 5,
-                        "the emergency heard by the radio it pre-empted")  # fmt: skip
+            await until(
+                lambda: radio(us, "harbor").level(1000.0, 0.5) > HEARD,
+                5,
+                "the emergency heard by the radio it pre-empted",
+            )
             await asyncio.sleep(0.5)
             # (the busy tone, when it plays, is at -24 dB over its cadence; late packets of
             # the far tone under load leave artefacts near -50 dB in its band)
             assert radio(us, "harbor").level(BUSY_HZ, 1.0) < -40, "the busy tone, not the SOS"
             assert radio(us, "harbor").level(1000.0, 1.0) > HEARD
-            assert leg(us).emergency and metric(us, "link_peer_emergency", link="ca",
-                                                share="shiprider") == 1.0  # fmt: skip
+            assert (
+                leg(us).emergency
+                and metric(us, "link_peer_emergency", link="ca", share="shiprider") == 1.0
+            )
             await until(lambda: records(us_audit, "preempted"), 5, "the pre-emption audited")
             pre = records(us_audit, "preempted")[-1]
             assert pre["port"] == "harbor-radio" and pre["by"] == LABEL, pre
@@ -293,8 +341,11 @@ def test_a_peers_extension_we_will_not_believe_is_dropped_and_counted(tmp_path: 
                     hostile.row, b
                 )  # every packet from now on carries it
                 hostile.bank.set_extension(hostile.row, block)
-                await until(lambda r=reason: us.links.trunks["ca"].talker_rejected[r] > 10, 5,
-                            f"{reason} counted")  # fmt: skip
+                await until(
+                    lambda r=reason: us.links.trunks["ca"].talker_rejected[r] > 10,
+                    5,
+                    f"{reason} counted",
+                )
                 heard = leg(us).onair.heard
                 assert not (heard and heard.keyed), "a bad block believed"
                 assert radio(us, "harbor").level(1000.0, 0.3) > HEARD, "the audio was dropped"

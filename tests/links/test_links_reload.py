@@ -31,10 +31,14 @@ SILENT = -70.0
 
 def test_shares_added_and_withdrawn_by_a_reload_apply_at_once(tmp_path: Path) -> None:
     pki = make_pki(tmp_path, ("ca", "us"))
-    ca = SiteSpec("ca", {"marine": 1000.0, "police": 700.0},
-                  [LinkSpec("us", "us", {"marine": "shiprider"})])  # fmt: skip
-    us = SiteSpec("us", {"harbor": 1500.0, "sheriff": 500.0},
-                  [LinkSpec("ca", "ca", {"harbor": "shiprider", "sheriff": "patrol"})])  # fmt: skip
+    ca = SiteSpec(
+        "ca", {"marine": 1000.0, "police": 700.0}, [LinkSpec("us", "us", {"marine": "shiprider"})]
+    )
+    us = SiteSpec(
+        "us",
+        {"harbor": 1500.0, "sheriff": 500.0},
+        [LinkSpec("ca", "ca", {"harbor": "shiprider", "sheriff": "patrol"})],
+    )
     ports = {"ca": ca.tls_port, "us": us.tls_port}
     ca_path, us_path = site_toml(tmp_path, ca, ports, pki), site_toml(tmp_path, us, ports, pki)
 
@@ -43,8 +47,9 @@ def test_shares_added_and_withdrawn_by_a_reload_apply_at_once(tmp_path: Path) ->
             await until(lambda: share_state(ca_gw, "us", "shiprider") == "up", 20, "shiprider up")
             kept = ca_gw.links.trunks["us"].names["shiprider"].dialog
             radio(ca_gw, "marine").speaking = radio(ca_gw, "police").speaking = True
-            await until(lambda: radio(us_gw, "harbor").level(1000.0, 0.5) > HEARD, 10,
-                        "marine at US")  # fmt: skip
+            await until(
+                lambda: radio(us_gw, "harbor").level(1000.0, 0.5) > HEARD, 10, "marine at US"
+            )
             assert radio(us_gw, "sheriff").level(700.0) < SILENT, "police crossed unshared"
 
             # CA now shares police as "patrol" too: it crosses, shiprider is not dropped.
@@ -52,8 +57,11 @@ def test_shares_added_and_withdrawn_by_a_reload_apply_at_once(tmp_path: Path) ->
             site_toml(tmp_path, ca, ports, pki)
             result = await ca_gw.reload_live()
             assert result.ok, result.error
-            await until(lambda: radio(us_gw, "sheriff").level(700.0, 0.5) > HEARD, 20,
-                        "police at US's sheriff after the reload")  # fmt: skip
+            await until(
+                lambda: radio(us_gw, "sheriff").level(700.0, 0.5) > HEARD,
+                20,
+                "police at US's sheriff after the reload",
+            )
             assert ca_gw.links.trunks["us"].names["shiprider"].dialog is kept, "shiprider dropped"
             assert len(link_legs(ca_gw)) == 2
 
@@ -67,8 +75,11 @@ def test_shares_added_and_withdrawn_by_a_reload_apply_at_once(tmp_path: Path) ->
             assert result.ok, result.error
             assert "shiprider" not in ca_gw.links.trunks["us"].names
             assert ca_gw.links.trunks["us"].is_cut("patrol"), "the cut did not survive"
-            await until(lambda: ca_gw.links.trunks["us"].refused_invites > refused, 20,
-                        "US's redial of shiprider refused")  # fmt: skip
+            await until(
+                lambda: ca_gw.links.trunks["us"].refused_invites > refused,
+                20,
+                "US's redial of shiprider refused",
+            )
             await asyncio.sleep(0.5)
             assert radio(us_gw, "harbor").level(1000.0, 0.4) < SILENT, "marine still crosses"
             assert radio(us_gw, "sheriff").level(700.0, 0.4) < SILENT, "the cut share crosses"
@@ -88,8 +99,9 @@ def test_a_link_removed_by_a_reload_ends_its_dialogs(tmp_path: Path) -> None:
         async with running(ca_path) as ca_gw, running(us_path) as us_gw:
             await until(lambda: share_state(us_gw, "ca", "shiprider") == "up", 20, "link up")
             radio(ca_gw, "marine").speaking = True
-            await until(lambda: radio(us_gw, "harbor").level(1000.0, 0.5) > HEARD, 10,
-                        "marine at US")  # fmt: skip
+            await until(
+                lambda: radio(us_gw, "harbor").level(1000.0, 0.5) > HEARD, 10, "marine at US"
+            )
             ca.links = []
             site_toml(tmp_path, ca, ports, pki)
             result = await ca_gw.reload_live()

@@ -55,11 +55,14 @@ class SiteProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(HERE / "site_process.py"), str(self.path),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            str(HERE / "site_process.py"),
+            str(self.path),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             stderr=open(self.log, "ab"),  # noqa: SIM115  (the child keeps it)
             start_new_session=True,
-        )  # fmt: skip
+        )
 
     async def ask(self, **command: object) -> dict:
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
@@ -136,8 +139,9 @@ class Mesh:
         """These sites' radios key (or let go) in one moment: the same wall-clock instant."""
         at = time.time() + 0.3
         for name in names:
-            await self.sites[name].ask(op="key", port="net-radio", on=on, emergency=emergency,
-                                       at=at)  # fmt: skip
+            await self.sites[name].ask(
+                op="key", port="net-radio", on=on, emergency=emergency, at=at
+            )
         await asyncio.sleep(max(0.0, at - time.time()) + 0.05)  # done by now (a site late
         # to run it only holds up its own part, which the callers poll for)
 
@@ -205,8 +209,7 @@ class Mesh:
                 and all(seen[f"{x}-radio {BUSY_HZ:.0f}"] > HEARD for x in losers)
             )
 
-        await self.until_heard(settled, f"{winner}'s tone alone at every site, {losers} busy",
-                               seen)  # fmt: skip
+        await self.until_heard(settled, f"{winner}'s tone alone at every site, {losers} busy", seen)
         await asyncio.sleep(0.5)
         for name, site in self.sites.items():
             assert await site.level("net-ear", TONES[winner], 1.0) > HEARD, name
@@ -236,8 +239,9 @@ class Mesh:
             levels = {k: round(v) for k, v in seen.items()}
             raise AssertionError(f"{exc}; last levels (dB): {levels}; events: {events}") from None
 
-    async def events_name(self, kind: str, port_of: dict[str, str], talker: str,
-                          holder: str, by: str = "") -> None:  # fmt: skip
+    async def events_name(
+        self, kind: str, port_of: dict[str, str], talker: str, holder: str, by: str = ""
+    ) -> None:
         """Every site names the holder (site ``holder``) by its label, and its latest
         ``kind`` floor event is for ``port_of[site]`` (the radio there, or the link leg
         the talker's voice comes through) and names site ``talker`` (and for a
@@ -339,8 +343,9 @@ def test_three_gateways_in_a_mesh_hold_one_floor(tmp_path: Path) -> None:
                     and all(seen[f"{p}-radio {BUSY_HZ:.0f}"] < SILENT for p in "ab")
                 )
 
-            await m.until_heard(emergency_heard, "the emergency heard everywhere, no busy tone",
-                                seen)  # fmt: skip
+            await m.until_heard(
+                emergency_heard, "the emergency heard everywhere, no busy tone", seen
+            )
             # The emergency lets go: A, keyed first and still keyed, holds again everywhere.
             await m.key("c", on=False)
             held, _ = await m.converged("ab")

@@ -111,8 +111,15 @@ def test_blocks_in_are_read_or_counted_and_the_audio_passes(srtp: bool) -> None:
     bank.start_sending(row)
     rejected: collections.Counter = collections.Counter()
     audit: list[tuple[str, dict]] = []
-    onair = OnAir(bank, row, 1, rejected, lambda event, **f: audit.append((event, f)),
-                  link="us", share="shiprider")  # fmt: skip
+    onair = OnAir(
+        bank,
+        row,
+        1,
+        rejected,
+        lambda event, **f: audit.append((event, f)),
+        link="us",
+        share="shiprider",
+    )
     heard: list[np.ndarray] = []
     try:
         good = encode(Talker(keyed=True, talker_id=4, keyed_at=77, priority=3))
@@ -191,8 +198,15 @@ def test_our_words_go_out_in_every_packet_and_the_label_once_beside(srtp: bool) 
         plain_peer.drain()
         assert len(peer.received) == 10
         said = [read(p, 5) for p in peer.received]
-        assert all(isinstance(t, Talker) and t.keyed and t.emergency and t.priority == 2
-                   and t.keyed_at == 123456 and t.squelch for t in said)  # fmt: skip
+        assert all(
+            isinstance(t, Talker)
+            and t.keyed
+            and t.emergency
+            and t.priority == 2
+            and t.keyed_at == 123456
+            and t.squelch
+            for t in said
+        )
         assert all(LABEL.encode() not in p for p in peer.received), "the label in the RTP"
         # Told once in the dialog (the first try could not go: again on the next tick).
         assert told == [Named(said[0].talker_id, 123456, LABEL)] * 2
@@ -248,8 +262,9 @@ def test_a_peer_that_stalls_keeps_a_shared_floor_for_a_moment() -> None:
     peer = Peer(srtp=False)
     row = bank.add(LegMedia(0, None, peer.address, announced=(peer.ssrc,)))
     bank.start_sending(row)
-    onair = OnAir(bank, row, 1, collections.Counter(), lambda event, **f: None,
-                  link="us", share="shiprider")  # fmt: skip
+    onair = OnAir(
+        bank, row, 1, collections.Counter(), lambda event, **f: None, link="us", share="shiprider"
+    )
     heard: list[np.ndarray] = []
     over = encode(Talker(keyed=True, talker_id=4, keyed_at=77, emergency=True))
     try:

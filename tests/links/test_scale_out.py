@@ -71,23 +71,35 @@ class DispatchedSite:
 
 def dispatched_site(tmp_path: Path) -> DispatchedSite:
     pki = make_pki(tmp_path, ("gw1", "gw2"))
-    gw1 = SiteSpec("gw1", {"ops": 1000.0}, [LinkSpec("gw2", "gw2", {"ops": "ops"})],
-                   sip_port=free_port())  # fmt: skip
-    gw2 = SiteSpec("gw2", {"ops": 1500.0}, [LinkSpec("gw1", "gw1", {"ops": "ops"})],
-                   sip_port=free_port())  # fmt: skip
+    gw1 = SiteSpec(
+        "gw1", {"ops": 1000.0}, [LinkSpec("gw2", "gw2", {"ops": "ops"})], sip_port=free_port()
+    )
+    gw2 = SiteSpec(
+        "gw2", {"ops": 1500.0}, [LinkSpec("gw1", "gw1", {"ops": "ops"})], sip_port=free_port()
+    )
     ports = {"gw1": gw1.tls_port, "gw2": gw2.tls_port}
     route = f'\n[sip.routes.ops]\ntalkgroup = "ops"\ntrusted = ["{PROXY}"]\n'
     paths = [site_toml(tmp_path, spec, ports, pki, extra=route) for spec in (gw1, gw2)]
     gateways = tmp_path / "dispatcher.list"
     gateways.write_text(f"1 sip:127.0.0.1:{gw1.sip_port}\n1 sip:127.0.0.1:{gw2.sip_port}\n")
-    proxy = Kamailio(tmp_path, host=PROXY, template=HERE / "kamailio-dispatcher.cfg.in",
-                     values={"HOST": PROXY, "LIST": str(gateways)})  # fmt: skip
+    proxy = Kamailio(
+        tmp_path,
+        host=PROXY,
+        template=HERE / "kamailio-dispatcher.cfg.in",
+        values={"HOST": PROXY, "LIST": str(gateways)},
+    )
     talk = {"alice": 600.0, "bob": 800.0}
     phones = {
-        name: Phone(tmp_path, name, np.concatenate([np.zeros(PHONE_RATE), tone(hz, 13)]),
-                    registrar_port=proxy.port, registrar_host=PROXY, password=PASSWORD)
+        name: Phone(
+            tmp_path,
+            name,
+            np.concatenate([np.zeros(PHONE_RATE), tone(hz, 13)]),
+            registrar_port=proxy.port,
+            registrar_host=PROXY,
+            password=PASSWORD,
+        )
         for name, hz in talk.items()
-    }  # fmt: skip
+    }
     return DispatchedSite(paths, proxy, phones, talk)
 
 
@@ -97,17 +109,26 @@ def test_two_gateways_of_one_site_behind_kamailio_dispatcher(tmp_path: Path) -> 
 
     async def main() -> None:
         async with running(paths[0]) as one, running(paths[1]) as two:
-            await until(lambda: len(link_legs(one)) == 1 and len(link_legs(two)) == 1, 20,
-                        "the two gateways linked")  # fmt: skip
+            await until(
+                lambda: len(link_legs(one)) == 1 and len(link_legs(two)) == 1,
+                20,
+                "the two gateways linked",
+            )
             await site.start_proxy()
             radio(one, "ops").speaking = True
             radio(two, "ops").speaking = True
             phones["alice"].start(dial=dial, seconds=12)
-            await until(lambda: len(sip_legs(one)) + len(sip_legs(two)) == 1, 15,
-                        "alice's call through the dispatcher")  # fmt: skip
+            await until(
+                lambda: len(sip_legs(one)) + len(sip_legs(two)) == 1,
+                15,
+                "alice's call through the dispatcher",
+            )
             phones["bob"].start(dial=dial, seconds=12)
-            await until(lambda: len(sip_legs(one)) + len(sip_legs(two)) == 2, 15,
-                        "bob's call through the dispatcher")  # fmt: skip
+            await until(
+                lambda: len(sip_legs(one)) + len(sip_legs(two)) == 2,
+                15,
+                "bob's call through the dispatcher",
+            )
             assert len(sip_legs(one)) == 1 and len(sip_legs(two)) == 1, "calls not spread"
             for gw in (one, two):
                 dialog = next(d for d in gw.sip.calls.dialogs.values() if not d.peer.secure)
@@ -118,13 +139,17 @@ def test_two_gateways_of_one_site_behind_kamailio_dispatcher(tmp_path: Path) -> 
                 return all(heard.level(hz, 0.5) > HEARD for hz in talk.values())
 
             # Each radio hears both phones: one on its own gateway, one across the link.
-            await until(lambda: everyone_at(one) and everyone_at(two), 15,
-                        "both phones heard at both gateways' radios")  # fmt: skip
+            await until(
+                lambda: everyone_at(one) and everyone_at(two),
+                15,
+                "both phones heard at both gateways' radios",
+            )
             assert radio(one, "ops").level(1500.0, 0.5) > HEARD, "gw2's radio not heard at gw1"
             assert radio(two, "ops").level(1000.0, 0.5) > HEARD, "gw1's radio not heard at gw2"
             assert len(link_legs(one)) == 1 and len(link_legs(two)) == 1
-            await until(lambda: not any(p.running() for p in phones.values()), 25,
-                        "the phones to hang up")  # fmt: skip
+            await until(
+                lambda: not any(p.running() for p in phones.values()), 25, "the phones to hang up"
+            )
 
     try:
         run(main())
@@ -152,13 +177,20 @@ def test_a_gateway_down_behind_the_dispatcher_leaves_every_call_to_the_other(
             radio(one, "ops").speaking = True
             for count, name in enumerate(site.phones, 1):
                 site.phones[name].start(dial=site.dial, seconds=10)
-                await until(lambda n=count: len(sip_legs(one)) == n, 30,
-                            f"{name}'s call on gw1")  # fmt: skip
-            await until(lambda: radio(one, "ops").level(600.0, 0.5) > HEARD
-                        and radio(one, "ops").level(800.0, 0.5) > HEARD, 15,
-                        "both phones heard at gw1")  # fmt: skip
-            await until(lambda: not any(p.running() for p in site.phones.values()), 25,
-                        "the phones to hang up")  # fmt: skip
+                await until(lambda n=count: len(sip_legs(one)) == n, 30, f"{name}'s call on gw1")
+            await until(
+                lambda: (
+                    radio(one, "ops").level(600.0, 0.5) > HEARD
+                    and radio(one, "ops").level(800.0, 0.5) > HEARD
+                ),
+                15,
+                "both phones heard at gw1",
+            )
+            await until(
+                lambda: not any(p.running() for p in site.phones.values()),
+                25,
+                "the phones to hang up",
+            )
 
     try:
         run(main())
@@ -175,10 +207,13 @@ def test_three_sites_in_a_chain_no_relay_no_loop_no_doubled_audio(tmp_path: Path
     pki = make_pki(tmp_path, ("a", "b", "c"))
     specs = {
         "a": SiteSpec("a", {"net": 1000.0}, [LinkSpec("b", "b", {"net": "chain"})]),
-        "b": SiteSpec("b", {"net": 1500.0}, [LinkSpec("a", "a", {"net": "chain"}),
-                                             LinkSpec("c", "c", {"net": "chain"})]),
+        "b": SiteSpec(
+            "b",
+            {"net": 1500.0},
+            [LinkSpec("a", "a", {"net": "chain"}), LinkSpec("c", "c", {"net": "chain"})],
+        ),
         "c": SiteSpec("c", {"net": 600.0}, [LinkSpec("b", "b", {"net": "chain"})]),
-    }  # fmt: skip
+    }
     # Tones apart from each other's G.711 products: µ-law's error on a tone is periodic,
     # landing on multiples of 8000 / (samples per period) Hz — of 100 Hz for 700 Hz, which
     # put a -53 dB trace of C's tone in B's own 1500 Hz band, too close to NOT_THERE.
@@ -187,8 +222,7 @@ def test_three_sites_in_a_chain_no_relay_no_loop_no_doubled_audio(tmp_path: Path
     tones = {name: next(iter(spec.tones.values())) for name, spec in specs.items()}
 
     async def main() -> None:
-        async with running(paths["a"]) as a, running(paths["b"]) as b, \
-                running(paths["c"]) as c:  # fmt: skip
+        async with running(paths["a"]) as a, running(paths["b"]) as b, running(paths["c"]) as c:
             sites = {"a": a, "b": b, "c": c}
             await until(
                 lambda: [len(link_legs(gw)) for gw in sites.values()] == [1, 2, 1],

@@ -28,8 +28,9 @@ from gateway.links.talker import (
 )
 from gateway.sip.rtp import build_header, parse_rtp
 
-MARINE_7 = Talker(keyed=True, talker_id=7, keyed_at=0x01020304, priority=5, emergency=True,
-                  squelch=False)  # fmt: skip
+MARINE_7 = Talker(
+    keyed=True, talker_id=7, keyed_at=0x01020304, priority=5, emergency=True, squelch=False
+)
 
 
 def two_byte(*elements: tuple[int, bytes], profile: int = 0x1000) -> bytes:

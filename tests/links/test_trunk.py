@@ -72,9 +72,11 @@ def test_shared_talkgroup_carries_audio_both_ways_and_nothing_else(tmp_path: Pat
             await both_up(ca, us, "shiprider")
             assert len(link_legs(ca)) == 1 and len(link_legs(us)) == 1, "one dialog per name"
             assert srtp_legs(ca) == [True] and srtp_legs(us) == [True], "link media is SRTP"
-            series = [line.split(" ")[0] for line in
-                      SiteMetrics.of(ca).render().decode().splitlines()
-                      if not line.startswith("#")]  # fmt: skip
+            series = [
+                line.split(" ")[0]
+                for line in SiteMetrics.of(ca).render().decode().splitlines()
+                if not line.startswith("#")
+            ]
             assert not [s for s in series if "#" in s], "a metrics series per dialog"
             radio(ca, "marine").speaking = True
             radio(ca, "police").speaking = True  # unshared: must never cross
@@ -103,9 +105,14 @@ def test_a_share_only_one_side_offers_carries_nothing(tmp_path: Path) -> None:
             radio(ca, "marine").speaking = radio(us, "harbor").speaking = True
             # Each side dials its own name and is refused (403, as for a name that
             # exists nowhere): count the refusals instead of waiting on a clock.
-            await until(lambda: ca.links.trunks["us"].refused_invites >= 1
-                        and us.links.trunks["ca"].refused_invites >= 1, 15,
-                        "each side to refuse the other's unshared name")  # fmt: skip
+            await until(
+                lambda: (
+                    ca.links.trunks["us"].refused_invites >= 1
+                    and us.links.trunks["ca"].refused_invites >= 1
+                ),
+                15,
+                "each side to refuse the other's unshared name",
+            )
             await asyncio.sleep(0.5)
             assert link_legs(ca) == [] and link_legs(us) == []
             assert radio(us, "harbor").level(1000.0) < SILENT
@@ -117,9 +124,16 @@ def test_a_share_only_one_side_offers_carries_nothing(tmp_path: Path) -> None:
 
 async def cli(config: Path, *args: str) -> dict:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "link", *args, "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "link",
+        *args,
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, (out + err).decode()
     return json.loads(out)
@@ -137,18 +151,27 @@ def test_a_cut_from_either_side_stops_audio_both_ways_until_that_side_restores(
 ) -> None:
     ca_path, us_path = two_sites(tmp_path, {"marine": "shiprider"}, {"harbor": "shiprider"})
 
-    async def cut_and_restore(ca, us, cutter, other, cutter_path: Path, link: str,
-                              other_link: str) -> None:  # noqa: ANN001  # fmt: skip
+    async def cut_and_restore(
+        ca, us, cutter, other, cutter_path: Path, link: str, other_link: str
+    ) -> None:  # noqa: ANN001
         await both_up(ca, us, "shiprider")
         radio(ca, "marine").speaking = radio(us, "harbor").speaking = True
-        await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD
-                    and radio(ca, "marine").level(1500.0, 0.3) > HEARD, 10,
-                    "audio both ways")  # fmt: skip
+        await until(
+            lambda: (
+                radio(us, "harbor").level(1000.0, 0.3) > HEARD
+                and radio(ca, "marine").level(1500.0, 0.3) > HEARD
+            ),
+            10,
+            "audio both ways",
+        )
         reply = await cli(cutter_path, "cut", link, "--reason", "incident over")
         assert reply["state"] == "cut"
         assert link_legs(cutter) == [], "the leg left in the same call"
-        await until(lambda: share_state(other, other_link, "shiprider") == "cut_by_peer",
-                    5, "the peer to show cut_by_peer")  # fmt: skip
+        await until(
+            lambda: share_state(other, other_link, "shiprider") == "cut_by_peer",
+            5,
+            "the peer to show cut_by_peer",
+        )
         text = SiteMetrics.of(other).render().decode()
         assert f'borderlink_link_state{{link="{other_link}",state="cut_by_peer"}} 1.0' in text
         assert (
@@ -162,17 +185,25 @@ def test_a_cut_from_either_side_stops_audio_both_ways_until_that_side_restores(
         assert radio(ca, "marine").level(1500.0, 0.8) < SILENT
         # The peer keeps trying (with backoff) and is refused.
         refused = cutter.links.trunks[link].refused_invites
-        await until(lambda: cutter.links.trunks[link].refused_invites > refused, 10,
-                    "the peer's redial to be refused")  # fmt: skip
+        await until(
+            lambda: cutter.links.trunks[link].refused_invites > refused,
+            10,
+            "the peer's redial to be refused",
+        )
         assert link_legs(other) == [] and link_legs(cutter) == []
         cuts = records(tmp_path / f"{cutter.config.site.name}-audit.jsonl", "link_cut")
         assert cuts and cuts[-1]["reason"] == "incident over"
         assert cuts[-1]["who"].startswith("local:")
         await cli(cutter_path, "restore", link)
         await both_up(ca, us, "shiprider")
-        await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD
-                    and radio(ca, "marine").level(1500.0, 0.3) > HEARD, 10,
-                    "audio both ways again")  # fmt: skip
+        await until(
+            lambda: (
+                radio(us, "harbor").level(1000.0, 0.3) > HEARD
+                and radio(ca, "marine").level(1500.0, 0.3) > HEARD
+            ),
+            10,
+            "audio both ways again",
+        )
         radio(ca, "marine").speaking = radio(us, "harbor").speaking = False
 
     async def main() -> None:
@@ -196,8 +227,11 @@ def test_a_cut_survives_a_restart(tmp_path: Path) -> None:
                 assert status["cut"]["shiprider"]["who"].startswith("local:")
             async with running(ca_path) as ca:
                 refused = ca.links.trunks["us"].refused_invites
-                await until(lambda: ca.links.trunks["us"].refused_invites > refused, 15,
-                            "US's redial to be refused after CA's restart")  # fmt: skip
+                await until(
+                    lambda: ca.links.trunks["us"].refused_invites > refused,
+                    15,
+                    "US's redial to be refused after CA's restart",
+                )
                 assert share_state(ca, "us", "shiprider") == "cut"
                 assert link_legs(ca) == [] and link_legs(us) == []
                 await cli(ca_path, "restore", "us", "--share", "shiprider")
@@ -222,9 +256,14 @@ def test_two_shared_names_each_carry_their_own_talkgroup(tmp_path: Path) -> None
             await both_up(ca, us, "lawnet")
             assert len(link_legs(ca)) == 2 and len(link_legs(us)) == 2
             radio(ca, "marine").speaking = radio(ca, "police").speaking = True
-            await until(lambda: radio(us, "harbor").level(1000.0, 0.3) > HEARD
-                        and radio(us, "sheriff").level(700.0, 0.3) > HEARD, 10,
-                        "each name heard")  # fmt: skip
+            await until(
+                lambda: (
+                    radio(us, "harbor").level(1000.0, 0.3) > HEARD
+                    and radio(us, "sheriff").level(700.0, 0.3) > HEARD
+                ),
+                10,
+                "each name heard",
+            )
             await asyncio.sleep(1.0)
             assert not leaked(radio(us, "harbor"), 700.0), "lawnet leaked into shiprider"
             assert not leaked(radio(us, "sheriff"), 1000.0), "shiprider leaked into lawnet"
@@ -256,8 +295,11 @@ viewer = ["floor"]
     ca_path, us_path = two_sites(tmp_path, {"marine": "shiprider"}, {"harbor": "shiprider"}, mqtt)
 
     async def main() -> None:
-        async with running(ca_path) as ca, running(us_path) as us, \
-                Subscriber(broker.port, "borderlink/ca/reply/#") as sub:  # fmt: skip
+        async with (
+            running(ca_path) as ca,
+            running(us_path) as us,
+            Subscriber(broker.port, "borderlink/ca/reply/#") as sub,
+        ):
             await both_up(ca, us, "shiprider")
             await until(lambda: ca.mqtt.connected, 10, "the gateway on the broker")
             command = {"id": 1, "action": "link_cut", "link": "us", "reason": "drill"}
@@ -266,8 +308,9 @@ viewer = ["floor"]
             assert share_state(ca, "us", "shiprider") == "up"
             reply = await ask(sub, "cad", command)
             assert reply["ok"], reply
-            await until(lambda: share_state(us, "ca", "shiprider") == "cut_by_peer", 5,
-                        "US to see the cut")  # fmt: skip
+            await until(
+                lambda: share_state(us, "ca", "shiprider") == "cut_by_peer", 5, "US to see the cut"
+            )
             cut = records(tmp_path / "ca-audit.jsonl", "link_cut")[-1]
             assert cut["who"] == "mqtt:cad" and cut["reason"] == "drill" and cut["via"] == "mqtt"
             done = [c for c in records(tmp_path / "ca-audit.jsonl", "command") if c["ok"]][-1]
@@ -341,8 +384,9 @@ public = true
             await asyncio.sleep(1.5)  # a BYE would have been sent at once
             assert (link_legs(ca), link_legs(us)) == legs, "a [sip] reload dropped the link"
             await cli(ca_path, "cut", "us")
-            us_path.write_text(us_path.read_text() + "\n[sip.routes.7002]\ntalkgroup = "
-                               '"sheriff"\npublic = true\n')  # fmt: skip
+            us_path.write_text(
+                us_path.read_text() + '\n[sip.routes.7002]\ntalkgroup = "sheriff"\npublic = true\n'
+            )
             assert (await ca.reload_live()).ok and (await us.reload_live()).ok
             assert share_state(ca, "us", "shiprider") == "cut", "a reload lifted the cut"
 

@@ -37,20 +37,25 @@ def test_a_blacked_out_link_drops_within_two_seconds_and_comes_back(tmp_path: Pa
     async def main() -> None:
         # Each side reaches the other through its own relay: whoever's dialog wins, its
         # signalling crosses a relay that the test can black out.
-        async with TcpRelay(("127.0.0.1", us.tls_port)) as to_us, \
-                TcpRelay(("127.0.0.1", ca.tls_port)) as to_ca:  # fmt: skip
+        async with (
+            TcpRelay(("127.0.0.1", us.tls_port)) as to_us,
+            TcpRelay(("127.0.0.1", ca.tls_port)) as to_ca,
+        ):
             ca_path = site_toml(tmp_path, ca, {"us": to_us.port}, pki)
             us_path = site_toml(tmp_path, us, {"ca": to_ca.port}, pki)
             async with running(ca_path) as ca_gw, running(us_path) as us_gw:
 
                 def up() -> bool:
-                    return (share_state(ca_gw, "us", "shiprider") == "up"
-                            and share_state(us_gw, "ca", "shiprider") == "up")  # fmt: skip
+                    return (
+                        share_state(ca_gw, "us", "shiprider") == "up"
+                        and share_state(us_gw, "ca", "shiprider") == "up"
+                    )
 
                 await until(up, 15, "the link up")
                 radio(ca_gw, "marine").speaking = True
-                await until(lambda: radio(us_gw, "harbor").level(1000.0, 0.3) > HEARD, 10,
-                            "CA heard at US")  # fmt: skip
+                await until(
+                    lambda: radio(us_gw, "harbor").level(1000.0, 0.3) > HEARD, 10, "CA heard at US"
+                )
                 keyed = us_gw.engine.ports.index(radio(us_gw, "harbor"))
                 assert us_gw.engine.keying.keyed[keyed], "US's radio transmits what CA says"
                 to_us.blackout()
@@ -58,10 +63,13 @@ def test_a_blacked_out_link_drops_within_two_seconds_and_comes_back(tmp_path: Pa
                 # Noticed by the keepalive (0.5 s OPTIONS, 1.2 s answer timeout: ≤ 2 s by
                 # design; bench/links.py measures it). Here: the mechanism, not the clock,
                 # which a busy machine stretches.
-                await until(lambda: not link_legs(ca_gw) and not link_legs(us_gw), 20,
-                            "both legs to leave")  # fmt: skip
-                timeouts = [ca_gw.links.trunks["us"].keepalive_timeouts,
-                            us_gw.links.trunks["ca"].keepalive_timeouts]  # fmt: skip
+                await until(
+                    lambda: not link_legs(ca_gw) and not link_legs(us_gw), 20, "both legs to leave"
+                )
+                timeouts = [
+                    ca_gw.links.trunks["us"].keepalive_timeouts,
+                    us_gw.links.trunks["ca"].keepalive_timeouts,
+                ]
                 assert max(timeouts) >= 1, f"not dropped by the keepalive: {timeouts}"
                 await until(
                     lambda: (
@@ -77,8 +85,11 @@ def test_a_blacked_out_link_drops_within_two_seconds_and_comes_back(tmp_path: Pa
                 to_us.resume()
                 to_ca.resume()
                 await until(up, 30, "the link to come back by itself")
-                await until(lambda: radio(us_gw, "harbor").level(1000.0, 0.3) > HEARD, 10,
-                            "CA heard at US again")  # fmt: skip
+                await until(
+                    lambda: radio(us_gw, "harbor").level(1000.0, 0.3) > HEARD,
+                    10,
+                    "CA heard at US again",
+                )
                 assert len(link_legs(ca_gw)) == 1 and len(link_legs(us_gw)) == 1
 
     run(main())
@@ -87,19 +98,27 @@ def test_a_blacked_out_link_drops_within_two_seconds_and_comes_back(tmp_path: Pa
 def test_three_sites_in_a_mesh_hear_each_other_exactly_once(tmp_path: Path) -> None:
     pki = make_pki(tmp_path, ("a", "b", "c"))
     specs = {
-        "a": SiteSpec("a", {"net": 1000.0}, [LinkSpec("b", "b", {"net": "mesh"}),
-                                             LinkSpec("c", "c", {"net": "mesh"})]),
-        "b": SiteSpec("b", {"net": 1500.0}, [LinkSpec("a", "a", {"net": "mesh"}),
-                                             LinkSpec("c", "c", {"net": "mesh"})]),
-        "c": SiteSpec("c", {"net": 700.0}, [LinkSpec("a", "a", {"net": "mesh"}),
-                                            LinkSpec("b", "b", {"net": "mesh"})]),
-    }  # fmt: skip
+        "a": SiteSpec(
+            "a",
+            {"net": 1000.0},
+            [LinkSpec("b", "b", {"net": "mesh"}), LinkSpec("c", "c", {"net": "mesh"})],
+        ),
+        "b": SiteSpec(
+            "b",
+            {"net": 1500.0},
+            [LinkSpec("a", "a", {"net": "mesh"}), LinkSpec("c", "c", {"net": "mesh"})],
+        ),
+        "c": SiteSpec(
+            "c",
+            {"net": 700.0},
+            [LinkSpec("a", "a", {"net": "mesh"}), LinkSpec("b", "b", {"net": "mesh"})],
+        ),
+    }
     ports = {name: spec.tls_port for name, spec in specs.items()}
     paths = {name: site_toml(tmp_path, spec, ports, pki) for name, spec in specs.items()}
 
     async def main() -> None:
-        async with running(paths["a"]) as a, running(paths["b"]) as b, \
-                running(paths["c"]) as c:  # fmt: skip
+        async with running(paths["a"]) as a, running(paths["b"]) as b, running(paths["c"]) as c:
             sites = {"a": a, "b": b, "c": c}
 
             def all_up() -> bool:
@@ -131,8 +150,11 @@ def test_three_sites_in_a_mesh_hear_each_other_exactly_once(tmp_path: Path) -> N
             # What was in flight and in C's jitter buffer plays out first (longer on a busy
             # machine): poll until it has; B forwarding would keep it there for good.
             a.links.cut("c", None, "test", "", "test")
-            await until(lambda: radio(c, "net").level(1000.0, 0.8) < SILENT, 15,
-                        "C to stop hearing A (B forwarded A's audio to C)")  # fmt: skip
+            await until(
+                lambda: radio(c, "net").level(1000.0, 0.8) < SILENT,
+                15,
+                "C to stop hearing A (B forwarded A's audio to C)",
+            )
             assert radio(b, "net").level(1000.0, 0.8) > HEARD
 
     run(main())
@@ -151,16 +173,20 @@ def test_a_peer_process_killed_is_dropped_unkeyed_and_rejoined_when_it_restarts(
     ca_path = site_toml(tmp_path, ca, ports, pki)
     us_path = site_toml(tmp_path, us, ports, pki)
     # A built-in radio that talks all the time: the US process needs no test code.
-    us_path.write_text(us_path.read_text().replace(
-        'kind = "test_link_radio"\n', 'kind = "simulated_radio"\ntalk_every = "0s"\n'
-        'talk_for = "0s"\nlevel_dbfs = -20.0\n'))  # fmt: skip
+    us_path.write_text(
+        us_path.read_text().replace(
+            'kind = "test_link_radio"\n',
+            'kind = "simulated_radio"\ntalk_every = "0s"\ntalk_for = "0s"\nlevel_dbfs = -20.0\n',
+        )
+    )
 
     def start_us() -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", str(us_path)],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "us.log", "ab"),  # noqa: SIM115
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "us.log", "ab"),  # noqa: SIM115
             start_new_session=True,
-        )  # fmt: skip
+        )
 
     async def main() -> None:
         async with running(ca_path) as ca_gw:
@@ -176,8 +202,11 @@ def test_a_peer_process_killed_is_dropped_unkeyed_and_rejoined_when_it_restarts(
                 await until(lambda: not ca_gw.engine.keying.keyed[keyed], 10, "CA to unkey")
                 assert share_state(ca_gw, "us", "shiprider") == "down"
                 us_proc = start_us()
-                await until(lambda: share_state(ca_gw, "us", "shiprider") == "up", 60,
-                            "the link back once US runs again")  # fmt: skip
+                await until(
+                    lambda: share_state(ca_gw, "us", "shiprider") == "up",
+                    60,
+                    "the link back once US runs again",
+                )
                 await until(lambda: marine.level(1500.0, 0.3) > HEARD, 15, "US heard again")
                 assert len(link_legs(ca_gw)) == 1
             finally:

@@ -233,8 +233,7 @@ def _point(leg, address: tuple[str, int], latch: bool) -> None:  # noqa: ANN001
     bank, row = leg.bank, leg.row
     media = bank.media[row]
     rtcp = media.rtcp.remote
-    bank.move(row, media, address, media.rtcp, media.payload_type, media.dtmf_type,
-              media.announced)  # fmt: skip
+    bank.move(row, media, address, media.rtcp, media.payload_type, media.dtmf_type, media.announced)
     bank.set_rtcp_remote(row, rtcp)
     bank.latched[row] = not latch
 
@@ -250,5 +249,8 @@ async def media_through(ours, theirs, relay) -> None:  # noqa: ANN001
     # would settle on our own address again instead of the relay's.
     await asyncio.sleep(0.2)
     _point(theirs, theirs.bank.media[theirs.row].remote, latch=True)
-    await until(lambda: relay.up.forwarded > up + 50 and relay.down.forwarded > down + 50, 15,
-                "media through the relay both ways")  # fmt: skip
+    await until(
+        lambda: relay.up.forwarded > up + 50 and relay.down.forwarded > down + 50,
+        15,
+        "media through the relay both ways",
+    )

@@ -103,8 +103,9 @@ def firing(alert: str, before: Scrape, after: Scrape, folder: Path) -> list[dict
         f"    alert_rule_test:\n      - eval_time: {eval_s}s\n        alertname: {alert}\n"
         "        exp_alerts: []\n"
     )
-    run = subprocess.run([promtool, "test", "rules", str(test)], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [promtool, "test", "rules", str(test)], capture_output=True, text=True, timeout=60
+    )
     if run.returncode == 0:
         return []
     out = run.stdout + run.stderr

@@ -125,9 +125,14 @@ def test_a_port_that_cannot_start_and_a_refused_reload_alert(tmp_path: Path) -> 
             down = await scrape(gw)
             assert down.get("borderlink_port_up", port="announce") == 0
             assert firing("BorderlinkPortDown", down, down, tmp_path) == [
-                {"alertname": "BorderlinkPortDown", "severity": "warning", "port": "announce",
-                 "kind": "file", "talkgroup": "notices"}
-            ]  # fmt: skip
+                {
+                    "alertname": "BorderlinkPortDown",
+                    "severity": "warning",
+                    "port": "announce",
+                    "kind": "file",
+                    "talkgroup": "notices",
+                }
+            ]
             tone = 0.25 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
             write_wav(tmp_path / "new.wav", tone.astype(np.float32), 16000)
             (tmp_path / "new.wav").rename(tmp_path / "announce.wav")
@@ -185,11 +190,16 @@ def test_a_gateway_prometheus_cannot_scrape_alerts(tmp_path: Path) -> None:
                     f"      - targets: ['127.0.0.1:{gw.web.port}']\n"
                 )
                 proc = subprocess.Popen(
-                    [prometheus, f"--config.file={config}",
-                     f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                     f"--web.listen-address=127.0.0.1:{listen}", "--log.level=warn"],
-                    stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
-                )  # fmt: skip
+                    [
+                        prometheus,
+                        f"--config.file={config}",
+                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                        f"--web.listen-address=127.0.0.1:{listen}",
+                        "--log.level=warn",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=(tmp_path / "prometheus.log").open("w"),
+                )
                 before: list[Scrape] = []
 
                 async def scraped() -> bool:
@@ -288,8 +298,9 @@ def test_a_lost_registration_and_lossy_calls_alert(tmp_path: Path) -> None:
 
                 await until(losses_counted, "the route to count the lost packets", timeout=20)
                 lossy = await scrape(gw)
-                assert [a["route"] for a in fired("BorderlinkPacketLoss", before, lossy,
-                                                  tmp_path)] == ["6001"]  # fmt: skip
+                assert [
+                    a["route"] for a in fired("BorderlinkPacketLoss", before, lossy, tmp_path)
+                ] == ["6001"]
                 call.hang_up()
                 uac.close()
 
@@ -321,10 +332,10 @@ def test_a_certificate_near_expiry_and_a_link_down_alert(tmp_path: Path) -> None
     text = path.read_text()
     cert = pki.certs["ca"]
     path.write_text(
-        text.replace(f'tls_certificate = "{cert.certificate}"',
-                     f'tls_certificate = "{sip_cert.certificate}"')
-        .replace(f'tls_key = "{cert.key}"', f'tls_key = "{sip_cert.key}"')
-    )  # fmt: skip
+        text.replace(
+            f'tls_certificate = "{cert.certificate}"', f'tls_certificate = "{sip_cert.certificate}"'
+        ).replace(f'tls_key = "{cert.key}"', f'tls_key = "{sip_cert.key}"')
+    )
 
     async def scenario() -> None:
         async with running(path) as gw:
@@ -335,9 +346,13 @@ def test_a_certificate_near_expiry_and_a_link_down_alert(tmp_path: Path) -> None
             assert 59 < before.get(days) < 61
             assert before.get("borderlink_link_state", link="us", state="down") == 1
             assert firing("BorderlinkLinkDown", before, before, tmp_path) == [
-                {"alertname": "BorderlinkLinkDown", "severity": "critical", "link": "us",
-                 "state": "down"}
-            ]  # fmt: skip
+                {
+                    "alertname": "BorderlinkLinkDown",
+                    "severity": "critical",
+                    "link": "us",
+                    "state": "down",
+                }
+            ]
             assert firing("BorderlinkSipCertificateExpiring", before, before, tmp_path) == []
 
             pki.cas["ca"].issue("sip.ca.test", days=10)  # renewed in place, badly
@@ -380,21 +395,26 @@ def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Pa
     web = "\n[web]\nport = 0\n"
 
     async def scenario() -> None:
-        async with TcpRelay(("127.0.0.1", us.tls_port)) as to_us, \
-                TcpRelay(("127.0.0.1", ca.tls_port)) as to_ca, \
-                UdpRelay(("127.0.0.1", 9)) as media:  # fmt: skip
+        async with (
+            TcpRelay(("127.0.0.1", us.tls_port)) as to_us,
+            TcpRelay(("127.0.0.1", ca.tls_port)) as to_ca,
+            UdpRelay(("127.0.0.1", 9)) as media,
+        ):
             ca_path = site_toml(tmp_path, ca, {"us": to_us.port}, pki, web)
             us_path = site_toml(tmp_path, us, {"ca": to_ca.port}, pki)
             async with running(ca_path) as ca_gw, running(us_path) as us_gw:
 
                 def up() -> bool:
-                    return (share_state(ca_gw, "us", "ship") == "up"
-                            and share_state(us_gw, "ca", "ship") == "up"
-                            and link_leg(ca_gw) is not None
-                            and link_leg(us_gw) is not None)  # fmt: skip
+                    return (
+                        share_state(ca_gw, "us", "ship") == "up"
+                        and share_state(us_gw, "ca", "ship") == "up"
+                        and link_leg(ca_gw) is not None
+                        and link_leg(us_gw) is not None
+                    )
 
-                await until(lambda: bool(ca_gw.web and ca_gw.web.port) and up(), "the link up",
-                            timeout=30)  # fmt: skip
+                await until(
+                    lambda: bool(ca_gw.web and ca_gw.web.port) and up(), "the link up", timeout=30
+                )
                 await until(lambda: ca_gw.links.trunks["us"].rtt() is not None, "a round trip")
                 before = await scrape(ca_gw)
                 ca_gw.ports["marine-radio"].speaking = True
@@ -407,15 +427,20 @@ def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Pa
                 def jitter() -> float:  # CA's, whose /metrics the rules are evaluated on
                     return link_leg(ca_gw).stats().get("jitter_seconds", 0.0)
 
-                await until(lambda: up() and jitter() > 0.06
-                            and (ca_gw.links.trunks["us"].rtt() or 0) > 0.35,
-                            "a slow, jittery link", timeout=60)  # fmt: skip
+                await until(
+                    lambda: (
+                        up() and jitter() > 0.06 and (ca_gw.links.trunks["us"].rtt() or 0) > 0.35
+                    ),
+                    "a slow, jittery link",
+                    timeout=60,
+                )
                 after = await scrape(ca_gw)
                 assert fired("BorderlinkLinkSlow", before, after, tmp_path) == [
                     {"alertname": "BorderlinkLinkSlow", "severity": "warning", "link": "us"}
                 ]
-                routes = [a["route"] for a in fired("BorderlinkLinkJitter", before, after,
-                                                    tmp_path)]  # fmt: skip
+                routes = [
+                    a["route"] for a in fired("BorderlinkLinkJitter", before, after, tmp_path)
+                ]
                 assert routes == ["link-us-ship"], routes
 
                 for relay in (to_us, to_ca, media):
@@ -424,8 +449,11 @@ def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Pa
                 timeouts = ca_gw.links.trunks["us"].keepalive_timeouts
                 for relay in (to_us, to_ca, media):
                     relay.blackout()
-                await until(lambda: ca_gw.links.trunks["us"].keepalive_timeouts > timeouts,
-                            "the keepalive to drop the dark link", timeout=30)  # fmt: skip
+                await until(
+                    lambda: ca_gw.links.trunks["us"].keepalive_timeouts > timeouts,
+                    "the keepalive to drop the dark link",
+                    timeout=30,
+                )
                 for relay in (to_us, to_ca, media):
                     relay.resume()
                 await until(up, "the link back", timeout=60)
@@ -436,13 +464,20 @@ def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Pa
 
                 before = after
                 us_gw.links.cut("ca", None, "local:test", "exercise", "cli")
-                await until(lambda: share_state(ca_gw, "us", "ship") == "cut_by_peer",
-                            "CA to see the cut", timeout=30)  # fmt: skip
+                await until(
+                    lambda: share_state(ca_gw, "us", "ship") == "cut_by_peer",
+                    "CA to see the cut",
+                    timeout=30,
+                )
                 after = await scrape(ca_gw)
                 assert fired("BorderlinkLinkCutByPeer", before, after, tmp_path) == [
-                    {"alertname": "BorderlinkLinkCutByPeer", "severity": "warning",
-                     "link": "us", "state": "cut_by_peer"}
-                ]  # fmt: skip
+                    {
+                        "alertname": "BorderlinkLinkCutByPeer",
+                        "severity": "warning",
+                        "link": "us",
+                        "state": "cut_by_peer",
+                    }
+                ]
                 assert firing("BorderlinkLinkDown", after, after, tmp_path) == []
 
     asyncio.run(scenario())

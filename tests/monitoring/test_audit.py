@@ -98,12 +98,19 @@ def test_an_over_a_patch_and_a_call_are_audited_as_they_happen(tmp_path: Path) -
         started = {(r["event"], r["port"]) for r in done if r["event"] in ("talk_start", "ptt_on")}
         assert {("talk_start", "boat"), ("ptt_on", "shore")} <= started
         assert by_event["patch"] == by_event["patch"] | {
-            "patch": "pursuit", "state": "on", "talkgroups": ["marine", "land"],
-        }  # fmt: skip
+            "patch": "pursuit",
+            "state": "on",
+            "talkgroups": ["marine", "land"],
+        }
         assert by_event["joined"] | {"seq": 0, "ts": ""} == {
-            "seq": 0, "ts": "", "site": "Audit test", "event": "joined",
-            "port": "console-7", "kind": "probe", "talkgroup": "land",
-        }  # fmt: skip
+            "seq": 0,
+            "ts": "",
+            "site": "Audit test",
+            "event": "joined",
+            "port": "console-7",
+            "kind": "probe",
+            "talkgroup": "land",
+        }
         assert by_event["left"]["duration_seconds"] >= 0
         assert by_event["console_login"]["operator"] == "dispatcher1"
         assert gw.audit.stats() == {"audit_records": len(done), "audit_write_errors": 0}
@@ -119,8 +126,9 @@ def test_recording_is_reported_only_where_configured(tmp_path: Path) -> None:
 kind = "recorder"
 directory = "{tmp_path / "recordings"}"
 """
-    text = site(audit, extra).replace('members = ["boat", "shore"]',
-                                      'members = ["boat", "shore", "marine_log"]')  # fmt: skip
+    text = site(audit, extra).replace(
+        'members = ["boat", "shore"]', 'members = ["boat", "shore", "marine_log"]'
+    )
 
     async def scenario() -> None:
         async with live_site(tmp_path, text):

@@ -110,8 +110,13 @@ def test_calls_are_counted_per_route_with_no_series_of_their_own(tmp_path: Path)
             text = await scrape()
             assert value(text, "borderlink_sip_route_calls", **ROUTE) == 3
             assert value(text, "borderlink_sip_route_calls", route="7001", talkgroup="quiet") == 0
-            check = subprocess.run([promtool, "check", "metrics"], input=text,
-                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+            check = subprocess.run(
+                [promtool, "check", "metrics"],
+                input=text,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), (
                 check.stdout + check.stderr
             )

@@ -63,8 +63,11 @@ talk = ["marine"]
 
             await until(lambda: "console_login" in logged(), "the login in the audit log")
             assert "console_login_failed" in logged()
-            record = next(json.loads(x) for x in audit.read_text().splitlines()
-                          if json.loads(x)["event"] == "console_login")  # fmt: skip
+            record = next(
+                json.loads(x)
+                for x in audit.read_text().splitlines()
+                if json.loads(x)["event"] == "console_login"
+            )
             assert record["operator"] == "disp1" and record["site"] == "Console metrics"
             assert "harbour-7" not in audit.read_text()  # never the password
 

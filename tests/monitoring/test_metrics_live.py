@@ -170,10 +170,16 @@ def test_a_real_prometheus_scrapes_the_gateway(tmp_path: Path) -> None:
                 f"      - targets: ['127.0.0.1:{gw.web.port}']\n"
             )
             proc = subprocess.Popen(
-                [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{listen}", "--log.level=warn"],
-                stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
-            )  # fmt: skip
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{listen}",
+                    "--log.level=warn",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=(tmp_path / "prometheus.log").open("w"),
+            )
             try:
                 query = 'borderlink_port_receive_level_dbfs{port="beacon",job="borderlink"}'
                 url = f"http://127.0.0.1:{listen}/api/v1/query?" + urllib.parse.urlencode(

@@ -54,10 +54,32 @@ talkgroups = ["tg", "tg2"]
 
 # PromQL words that are not metric names.
 PROMQL_WORDS = {
-    "sum", "min", "max", "avg", "count", "rate", "increase", "irate", "histogram_quantile",
-    "min_over_time", "max_over_time", "avg_over_time", "label_values", "by", "without", "on",
-    "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset", "le",
-}  # fmt: skip
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "rate",
+    "increase",
+    "irate",
+    "histogram_quantile",
+    "min_over_time",
+    "max_over_time",
+    "avg_over_time",
+    "label_values",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "le",
+}
 
 
 class LegPort(Port):
@@ -77,16 +99,19 @@ def exported_names(tmp_path: Path) -> set[str]:
 
     text = asyncio.run(scrape())
     promtool = require_binary("promtool")
-    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                           text=True, timeout=60)  # fmt: skip
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stderr
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
     # Service families appear when their service runs (MQTT, SIP, console): by contract.
     names |= {PREFIX_NAME(name) for name, *_ in SERVICE_STATS.values()}
     # So do the per-route families of calls (SIP: with a [sip] section).
     for kind in CALL_KINDS:
-        names |= {PREFIX_NAME(f"{kind}_{n}") for n in ("route_calls", "route_calls_talking",
-                                                      "route_calls_keyed")}  # fmt: skip
+        names |= {
+            PREFIX_NAME(f"{kind}_{n}")
+            for n in ("route_calls", "route_calls_talking", "route_calls_keyed")
+        }
         names |= {PREFIX_NAME(route_family(kind, k)[0]) for k in (*ROUTE_COUNTERS, *ROUTE_GAUGES)}
     return names
 
@@ -134,8 +159,10 @@ def alert_exprs() -> list[tuple[str, str]]:
 
 def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
     promtool = require_binary("promtool")
-    for args in (["check", "rules", "borderlink.rules.yml"],
-                 ["test", "rules", "borderlink.rules_test.yml"]):  # fmt: skip
+    for args in (
+        ["check", "rules", "borderlink.rules.yml"],
+        ["test", "rules", "borderlink.rules_test.yml"],
+    ):
         done = subprocess.run(
             [promtool, *args], cwd=ALERTS, capture_output=True, text=True, timeout=60
         )
@@ -157,8 +184,13 @@ def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
 
 def test_example_prometheus_config_is_valid() -> None:
     promtool = require_binary("promtool")
-    done = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=MONITORING,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [promtool, "check", "config", "prometheus.yml"],
+        cwd=MONITORING,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -195,8 +227,9 @@ def test_dashboard_expressions_are_valid_promql(tmp_path: Path) -> None:
         lines += [f"      - record: dashboard:panel_{i}", f"        expr: {json.dumps(filled)}"]
     rules = tmp_path / "dashboard.rules.yml"
     rules.write_text("\n".join(lines) + "\n")
-    done = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

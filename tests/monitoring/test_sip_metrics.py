@@ -55,15 +55,20 @@ password = "not-the-password"
                 async def scraped(line: str) -> bool:
                     return line in (await http_get(gw, "/metrics"))[1].splitlines()
 
-                await until(lambda: scraped('borderlink_sip_registered{account="marine"} 1.0'),
-                            "the marine account to show registered")  # fmt: skip
-                await until(lambda: scraped('borderlink_sip_registered{account="wrong"} 0.0'),
-                            "the wrong-password account to show unregistered")  # fmt: skip
+                await until(
+                    lambda: scraped('borderlink_sip_registered{account="marine"} 1.0'),
+                    "the marine account to show registered",
+                )
+                await until(
+                    lambda: scraped('borderlink_sip_registered{account="wrong"} 0.0'),
+                    "the wrong-password account to show unregistered",
+                )
                 text = (await http_get(gw, "/metrics"))[1]
                 failures = [
-                    float(x.rsplit(" ", 1)[1]) for x in text.splitlines()
+                    float(x.rsplit(" ", 1)[1])
+                    for x in text.splitlines()
                     if x.startswith('borderlink_sip_registration_failures_total{account="wrong"}')
-                ]  # fmt: skip
+                ]
                 assert failures and failures[0] >= 1
                 assert 'borderlink_sip_registration_failures_total{account="marine"} 0.0' in text
 

@@ -30,8 +30,16 @@ from live_site import (  # noqa: E402  (shared with tests/monitoring, re-exporte
     until,
 )
 
-__all__ = ["Broker", "Probe", "Subscriber", "dominant_hz", "http_get", "live_site", "rms_dbfs",
-           "until"]  # fmt: skip
+__all__ = [
+    "Broker",
+    "Probe",
+    "Subscriber",
+    "dominant_hz",
+    "http_get",
+    "live_site",
+    "rms_dbfs",
+    "until",
+]
 
 
 class Broker:
@@ -51,8 +59,9 @@ class Broker:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("a"),
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("a"),
+        )
         deadline = time.monotonic() + 10
         while True:
             assert self.proc.poll() is None, f"mosquitto exited: {self.log.read_text()}"

@@ -99,8 +99,10 @@ def test_a_keying_radio_shows_in_metrics_mqtt_and_the_audit_log(
             Subscriber(broker.port, f"{PREFIX}/#") as sub,
             live_site(tmp_path, site(broker.port, RADIOS, audit=audit)) as gw,
         ):
-            await until(lambda: sub.on("/event/ptt_on") and sub.on("/event/talk_start"),
-                        "MQTT ptt_on and talk_start events")  # fmt: skip
+            await until(
+                lambda: sub.on("/event/ptt_on") and sub.on("/event/talk_start"),
+                "MQTT ptt_on and talk_start events",
+            )
             ptt = sub.on("/event/ptt_on")[0]
             assert (ptt["port"], ptt["talkgroup"], ptt["talkers"]) == ("shore", "marine", ["boat"])
             talk = sub.on("/event/talk_start")[0]
@@ -109,8 +111,10 @@ def test_a_keying_radio_shows_in_metrics_mqtt_and_the_audit_log(
             text = (await http_get(gw, "/metrics"))[1]
             assert metric(text, "borderlink_port_talking", port="boat") == 1
             # Retained port state followed the over.
-            await until(lambda: any(p and p["talking"] for p in sub.on("/state/ports/boat")),
-                        "retained state showing boat talking")  # fmt: skip
+            await until(
+                lambda: any(p and p["talking"] for p in sub.on("/state/ports/boat")),
+                "retained state showing boat talking",
+            )
             await until(lambda: sub.on("/event/ptt_off"), "the ptt_off event")
             off = sub.on("/event/ptt_off")[0]
             assert off["port"] == "shore" and off["seconds"] == pytest.approx(1.0, abs=0.021)
@@ -193,8 +197,10 @@ def test_patch_commands_change_what_the_other_talkgroup_hears(
             heard = probe.recent(25)
             assert dominant_hz(heard, gw.engine.rate) == pytest.approx(1000, abs=20)
             assert rms_dbfs(heard) == pytest.approx(-12, abs=1.0)
-            await until(lambda: any(p and p["active"] for p in sub.on("/state/patches/pursuit")),
-                        "retained patch state")  # fmt: skip
+            await until(
+                lambda: any(p and p["active"] for p in sub.on("/state/patches/pursuit")),
+                "retained patch state",
+            )
             assert sub.on("/event/patch")[-1]["patch"] == "pursuit"
 
             # Force-unkey the listener: it is sent nothing until released.
@@ -223,10 +229,14 @@ def test_patch_commands_change_what_the_other_talkgroup_hears(
             joined = [e for e in sub.on("/event/joined") if e["port"] == "land-listener"]
             assert joined and joined[0]["kind"] == "probe" and joined[0]["talkgroup"] == "land"
             gw.engine.detach(probe)
-            await until(lambda: any(e["port"] == "land-listener" for e in sub.on("/event/left")),
-                        "the left event")  # fmt: skip
-            await until(lambda: sub.on("/state/ports/land-listener")[-1] is None,
-                        "the retained state of the departed port to be cleared")  # fmt: skip
+            await until(
+                lambda: any(e["port"] == "land-listener" for e in sub.on("/event/left")),
+                "the left event",
+            )
+            await until(
+                lambda: sub.on("/state/ports/land-listener")[-1] is None,
+                "the retained state of the departed port to be cleared",
+            )
 
     asyncio.run(scenario())
 
@@ -240,17 +250,29 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
         ("cad1", b"[1, 2]", "must be a JSON object"),
         ("cad1", b'{"id": 1, "action": "explode"}', "unknown action 'explode'; use one of: patch"),
         ("cad1", b'{"id": 2, "action": "patch"}', "'patch' needs 'patch' (one of: pursuit)"),
-        ("cad1", b'{"id": 3, "action": "patch", "patch": "invasion"}',
-         "no patch named 'invasion'; configured: pursuit"),
+        (
+            "cad1",
+            b'{"id": 3, "action": "patch", "patch": "invasion"}',
+            "no patch named 'invasion'; configured: pursuit",
+        ),
         ("cad1", b'{"id": 4, "action": "unkey", "port": "nobody"}', "no port named 'nobody'"),
-        ("cad1", b'{"id": 5, "action": "floor", "talkgroup": "land", "mode": "loud"}',
-         "no mode named 'loud'; configured: mix, single"),
+        (
+            "cad1",
+            b'{"id": 5, "action": "floor", "talkgroup": "land", "mode": "loud"}',
+            "no mode named 'loud'; configured: mix, single",
+        ),
         ("cad1", b"x" * 5000, "the limit is 4096"),
-        ("mallory", b'{"id": 6, "action": "patch", "patch": "pursuit"}',
-         "not authorised: sender 'mallory' is not in [mqtt.commanders]"),
-        ("viewer", b'{"id": 7, "action": "patch", "patch": "pursuit"}',
-         "not authorised: sender 'viewer' may not 'patch' (allowed: floor)"),
-    ]  # fmt: skip
+        (
+            "mallory",
+            b'{"id": 6, "action": "patch", "patch": "pursuit"}',
+            "not authorised: sender 'mallory' is not in [mqtt.commanders]",
+        ),
+        (
+            "viewer",
+            b'{"id": 7, "action": "patch", "patch": "pursuit"}',
+            "not authorised: sender 'viewer' may not 'patch' (allowed: floor)",
+        ),
+    ]
 
     async def scenario() -> None:
         async with (
@@ -260,8 +282,10 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
             for sender, payload, reason in cases:
                 before = len(sub.on(f"/reply/{sender}"))
                 await sub.publish(f"{PREFIX}/command/{sender}", payload)
-                await until(lambda s=sender, b=before: len(sub.on(f"/reply/{s}")) > b,
-                            f"a reply to {payload[:40]!r}")  # fmt: skip
+                await until(
+                    lambda s=sender, b=before: len(sub.on(f"/reply/{s}")) > b,
+                    f"a reply to {payload[:40]!r}",
+                )
                 reply = sub.on(f"/reply/{sender}")[-1]
                 assert reply["ok"] is False, reply
                 assert reason in reply["error"], (reason, reply)
@@ -297,13 +321,22 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
         def fields(record: dict) -> dict:
             return {k: v for k, v in record.items() if k in picked}
 
-        assert fields(done["9"]) == {"sender": "cad1", "action": "patch", "patch": "pursuit",
-                                     "old": "off", "new": "on"}  # fmt: skip
+        assert fields(done["9"]) == {
+            "sender": "cad1",
+            "action": "patch",
+            "patch": "pursuit",
+            "old": "off",
+            "new": "on",
+        }
         # The patch's own record says who asked, with which command, and old → new.
         patch = next(r for r in records if r["event"] == "patch")
         assert {k: patch[k] for k in ("patch", "old", "state", "by", "id")} == {
-            "patch": "pursuit", "old": "off", "state": "on", "by": "mqtt:cad1", "id": "9"
-        }  # fmt: skip
+            "patch": "pursuit",
+            "old": "off",
+            "state": "on",
+            "by": "mqtt:cad1",
+            "id": "9",
+        }
         assert fields(done["u1"]) == {
             "sender": "cad1",
             "action": "unkey",
@@ -320,8 +353,13 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
             "old": "inhibited",
             "new": "allowed",
         }
-        assert fields(done["f1"]) == {"sender": "cad1", "action": "floor", "talkgroup": "land",
-                                      "old": "mix", "new": "single"}  # fmt: skip
+        assert fields(done["f1"]) == {
+            "sender": "cad1",
+            "action": "floor",
+            "talkgroup": "land",
+            "old": "mix",
+            "new": "single",
+        }
 
     asyncio.run(scenario())
 
@@ -455,8 +493,12 @@ def test_a_reload_by_mqtt_turns_a_patch_on_with_an_event_and_audit_lines(
             assert "pursuit" in gw.engine.active_patches
             await until(lambda: sub.on("/event/patch"), "the patch event")
             assert sub.on("/event/patch")[-1] | {"seq": 0, "ts": 0} == {
-                "seq": 0, "ts": 0, "event": "patch", "patch": "pursuit", "active": True
-            }  # fmt: skip
+                "seq": 0,
+                "ts": 0,
+                "event": "patch",
+                "patch": "pursuit",
+                "active": True,
+            }
 
     asyncio.run(scenario())
     records = [json.loads(x) for x in audit.read_text().splitlines()]

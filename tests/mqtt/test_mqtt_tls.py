@@ -39,13 +39,51 @@ def make_pki(directory: Path) -> tuple[Path, Path, Path]:
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True, timeout=60)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "1", "-subj", "/CN=borderlink-test-ca")  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=127.0.0.1")  # fmt: skip
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=borderlink-test-ca",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
     (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.cnf")  # fmt: skip
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+    )
     return directory / "ca.pem", directory / "server.pem", directory / "server.key"
 
 
@@ -53,8 +91,12 @@ def tls_broker(tmp_path: Path) -> Broker:
     ca, cert, key = make_pki(tmp_path)
     passwd = tmp_path / "mosquitto.passwd"
     tool = require_binary("mosquitto_passwd")
-    subprocess.run([tool, "-b", "-c", str(passwd), "gateway", "s3cret"],
-                   check=True, capture_output=True, timeout=30)  # fmt: skip
+    subprocess.run(
+        [tool, "-b", "-c", str(passwd), "gateway", "s3cret"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     broker = Broker(tmp_path)
     broker.conf.write_text(
         f"listener {broker.port} 127.0.0.1\nuser root\npersistence false\nlog_dest stderr\n"
@@ -75,8 +117,9 @@ def test_tls_and_password_connect_and_a_wrong_password_is_reported(tmp_path: Pat
 
     async def scenario() -> None:
         site = SITE.format(port=broker.port, ca=ca, password_file=good)
-        subscriber = Subscriber(broker.port, "borderlink/tls/#", tls_params=tls,
-                                username="gateway", password="s3cret")  # fmt: skip
+        subscriber = Subscriber(
+            broker.port, "borderlink/tls/#", tls_params=tls, username="gateway", password="s3cret"
+        )
         async with subscriber as sub, live_site(tmp_path, site) as gw:
             await until(lambda: gw.mqtt.connected, "a TLS connection with the password")
             await until(lambda: sub.on("/state/ports/a"), "retained state over TLS")

@@ -222,16 +222,28 @@ allow = ["alice@*"]
             call_id, _ = bob.invite(port, "6001", caller="alice")
             challenge = header(await bob.final(call_id), "WWW-Authenticate")
             auth = answer(challenge, "bob", f"{GOOD}-bob", uri, True)
-            bob.invite(port, "6001", caller="alice", call_id=call_id, cseq=2,
-                       headers=(f"Authorization: {auth}",))  # fmt: skip
+            bob.invite(
+                port,
+                "6001",
+                caller="alice",
+                call_id=call_id,
+                cseq=2,
+                headers=(f"Authorization: {auth}",),
+            )
             assert status(await bob.final(call_id)) == 403
             # Alice proves she is alice (From says bob: it does not matter).
             alice = Uac("127.0.0.22")
             call_id, _ = alice.invite(port, "6001", caller="bob")
             challenge = header(await alice.final(call_id), "WWW-Authenticate")
             auth = answer(challenge, "alice", f"{GOOD}-alice", uri, False)
-            alice.invite(port, "6001", caller="bob", call_id=call_id, cseq=2,
-                         headers=(f"Authorization: {auth}",))  # fmt: skip
+            alice.invite(
+                port,
+                "6001",
+                caller="bob",
+                call_id=call_id,
+                cseq=2,
+                headers=(f"Authorization: {auth}",),
+            )
             assert status(await alice.final(call_id)) == 200
             # Straight to the trusted-only route with a forged asserted identity: refused.
             forger = Uac("127.0.0.23")
@@ -280,8 +292,9 @@ def test_route_trusted_to_the_proxy_takes_its_calls_and_refuses_the_same_call_di
     proxy.start()
     route = 'trusted = ["127.0.0.2"]'
     try:
-        relayed = phones("viaproxy", tone(600, 8), registrar_port=proxy.port,
-                         registrar_host="127.0.0.2")  # fmt: skip
+        relayed = phones(
+            "viaproxy", tone(600, 8), registrar_port=proxy.port, registrar_host="127.0.0.2"
+        )
         direct = phones("direct", tone(600, 8))
         toml = site(tmp_path, proxy.port, route=route).replace(
             'registrar = "127.0.0.1:', 'registrar = "127.0.0.2:'
@@ -399,8 +412,10 @@ def test_check_refuses_a_route_that_does_not_say_who_may_call(tmp_path: Path):
     )
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "check", str(bad)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "sip.routes.6001" in result.stderr
     for fix in ('auth = "digest"', "trusted", "public = true", "borderlink passwd --sip"):
@@ -410,14 +425,19 @@ def test_check_refuses_a_route_that_does_not_say_who_may_call(tmp_path: Path):
     bad.write_text(plain)
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "check", str(bad)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "borderlink passwd --sip alice" in result.stderr
     assert "s3cret" not in result.stderr, "the check echoed a password"
     made = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "passwd", "--sip", "alice", "--stdin"],
-        input="a long password\n", capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        input="a long password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert made.returncode == 0, made.stderr
     expected = md5(f"alice:{REALM}:a long password")
     assert made.stdout.strip() == f'"alice" = "{expected}"'
@@ -437,8 +457,13 @@ def test_an_expired_nonce_is_challenged_again_as_stale():
     late = auth.check(good, "INVITE", "192.0.2.1", "call-1", table)
     assert late.challenge and late.stale and not late.user
     assert "stale=true" in auth.www_authenticate("192.0.2.1", stale=True)
-    fresh = answer(auth.www_authenticate("192.0.2.1").split(": ", 1)[1], "alice", "pw",
-                   "sip:6001@gw", qop=False)  # fmt: skip
+    fresh = answer(
+        auth.www_authenticate("192.0.2.1").split(": ", 1)[1],
+        "alice",
+        "pw",
+        "sip:6001@gw",
+        qop=False,
+    )
     assert auth.check(fresh, "INVITE", "192.0.2.1", "call-1", table).user == "alice"
 
 

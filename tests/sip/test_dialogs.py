@@ -53,11 +53,24 @@ class Caller(RawPhone):
         ]
         return "\r\n".join(lines) + "\r\n"
 
-    def _request(self, method: str, body: str = "", content_type: str = "application/sdp",
-                 names: dict[str, str] | None = None) -> None:  # fmt: skip
-        n = {"via": "Via", "from": "From", "to": "To", "call-id": "Call-ID", "cseq": "CSeq",
-             "contact": "Contact", "content-type": "Content-Type",
-             "content-length": "Content-Length", **(names or {})}  # fmt: skip
+    def _request(
+        self,
+        method: str,
+        body: str = "",
+        content_type: str = "application/sdp",
+        names: dict[str, str] | None = None,
+    ) -> None:
+        n = {
+            "via": "Via",
+            "from": "From",
+            "to": "To",
+            "call-id": "Call-ID",
+            "cseq": "CSeq",
+            "contact": "Contact",
+            "content-type": "Content-Type",
+            "content-length": "Content-Length",
+            **(names or {}),
+        }
         me = self.sip.getsockname()[1]
         assert self.gateway is not None
         lines = [
@@ -97,8 +110,9 @@ class Caller(RawPhone):
 
         return await until(find, timeout, what)
 
-    async def invite(self, gateway_port: int, number: str, body: str | None = None,
-                     ack: bool = True, **request) -> str:  # fmt: skip
+    async def invite(
+        self, gateway_port: int, number: str, body: str | None = None, ack: bool = True, **request
+    ) -> str:
         self.gateway = ("127.0.0.1", gateway_port)
         self.number = number
         self._request("INVITE", self.sdp() if body is None else body, **request)
@@ -362,8 +376,15 @@ def test_dialogs_between_two_gateways_each_carry_only_their_own_talkgroup(tmp_pa
 
 def test_upper_case_content_type_and_header_names_are_answered(tmp_path):
     caller = Caller("shouty", 600)
-    shouted = {"call-id": "CALL-ID", "cseq": "cseq", "from": "FROM", "to": "tO", "via": "v",
-               "content-type": "CONTENT-TYPE", "content-length": "l"}  # fmt: skip
+    shouted = {
+        "call-id": "CALL-ID",
+        "cseq": "cseq",
+        "from": "FROM",
+        "to": "tO",
+        "via": "v",
+        "content-type": "CONTENT-TYPE",
+        "content-length": "l",
+    }
 
     async def scenario() -> None:
         async with running_gateway(site(tmp_path, None)) as gw:

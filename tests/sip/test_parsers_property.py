@@ -31,14 +31,18 @@ HEAD = (
     "Contact: <sip:alice@127.0.0.1:5070>\r\n"
 )
 MESSAGES = [
-    (HEAD.format(method="INVITE") + "Content-Type: application/sdp\r\n"
-     f"Content-Length: {len(BODY)}\r\n\r\n{BODY}").encode(),
+    (
+        HEAD.format(method="INVITE") + "Content-Type: application/sdp\r\n"
+        f"Content-Length: {len(BODY)}\r\n\r\n{BODY}"
+    ).encode(),
     (HEAD.format(method="BYE") + "Content-Length: 0\r\n\r\n").encode(),
-    (HEAD.format(method="OPTIONS") + "Accept: application/sdp\r\nContent-Length: 0\r\n\r\n")
-    .encode(),
-    b"SIP/2.0 200 OK\r\n" + HEAD.format(method="INVITE").split("\r\n", 1)[1].encode()
+    (
+        HEAD.format(method="OPTIONS") + "Accept: application/sdp\r\nContent-Length: 0\r\n\r\n"
+    ).encode(),
+    b"SIP/2.0 200 OK\r\n"
+    + HEAD.format(method="INVITE").split("\r\n", 1)[1].encode()
     + b"Content-Length: 0\r\n\r\n",
-]  # fmt: skip
+]
 
 SETTINGS = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True

@@ -86,8 +86,10 @@ def test_a_late_first_tick_does_not_leave_the_playout_point_ahead_of_the_audio()
         spectrum = np.abs(np.fft.rfft(audio * np.hanning(len(audio))))
         peak_hz = np.argmax(spectrum) * 16000 / len(audio)
         late = int(bank.jitter.packets_late[row])
-        print(f"{carried.mean():.0%} of frames carry the tone; {late} packets late; "
-              f"peak {peak_hz:.0f} Hz")  # fmt: skip
+        print(
+            f"{carried.mean():.0%} of frames carry the tone; {late} packets late; "
+            f"peak {peak_hz:.0f} Hz"
+        )
         assert carried.mean() >= 0.8, f"the call went silent: levels {np.round(levels)}"
         assert abs(peak_hz - TONE_HZ) < 10
         assert late <= len(frames) // 10, f"{late} of {len(frames)} packets came too late"

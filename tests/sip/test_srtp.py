@@ -346,9 +346,12 @@ def test_srtcp_multiplexed_on_the_rtp_port_both_ways():
     gateway_key = new_crypto(1)
     peer.keys(gateway_key)
     media = LegMedia(
-        0, 101, peer.address, srtp=LegSrtp(peer.ours.key, gateway_key.key),
+        0,
+        101,
+        peer.address,
+        srtp=LegSrtp(peer.ours.key, gateway_key.key),
         rtcp=RtcpState(peer.address, mux=True),
-    )  # fmt: skip
+    )
     bank.start_sending(bank.add(media))  # confirmed (ACKed): it may send
     to_bank = ("127.0.0.1", bank.port)
 
@@ -649,10 +652,21 @@ class Capture:
     def start(self) -> None:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [self.binary, "-i", "lo", "-f", f"udp port {self.port}", "-F", "pcap",
-                 "-w", str(self.file)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+                [
+                    self.binary,
+                    "-i",
+                    "lo",
+                    "-f",
+                    f"udp port {self.port}",
+                    "-F",
+                    "pcap",
+                    "-w",
+                    str(self.file),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def capturing(self) -> bool:
         return "Capturing on" in self.log.read_text(errors="replace")
@@ -665,10 +679,24 @@ class Capture:
     def datagrams(self) -> list[tuple[int, int, bytes]]:
         """(source port, destination port, payload) of every UDP datagram captured."""
         fields = subprocess.run(
-            [self.binary, "-r", str(self.file), "-T", "fields",
-             "-e", "udp.srcport", "-e", "udp.dstport", "-e", "udp.payload"],
-            capture_output=True, text=True, check=True, timeout=60,
-        ).stdout  # fmt: skip
+            [
+                self.binary,
+                "-r",
+                str(self.file),
+                "-T",
+                "fields",
+                "-e",
+                "udp.srcport",
+                "-e",
+                "udp.dstport",
+                "-e",
+                "udp.payload",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
         out = []
         for line in fields.splitlines():
             parts = line.split("\t")

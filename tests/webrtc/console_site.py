@@ -33,12 +33,19 @@ CONSOLE_TONE_HZ = 1200.0  # what the fake microphone says
 RADIO_TONE_HZ = 700.0  # what the test radio says
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22", "carol": "carol-secret-3"}
 CHROMIUM_FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
     "--autoplay-policy=no-user-gesture-required",
-]  # fmt: skip
+]
 
 _HASHES: dict[str, str] = {}
 
@@ -97,9 +104,14 @@ def write_tone_wav(path: Path, hz: float, seconds: float = 20.0, rate: int = 480
 
 
 def site_toml(
-    floor: str = "mix", extra: str = "", audit: Path | None = None, console: str = "",
-    web: str = "", alice_name: str = "Alice (dispatch)", radio: str = "",
-) -> str:  # fmt: skip
+    floor: str = "mix",
+    extra: str = "",
+    audit: Path | None = None,
+    console: str = "",
+    web: str = "",
+    alice_name: str = "Alice (dispatch)",
+    radio: str = "",
+) -> str:
     audit_section = f'[audit]\npath = "{audit}"\nsync_every = "100ms"' if audit else ""
     return f"""
 [site]
@@ -224,8 +236,11 @@ class Site:
         path.write_text(path.read_text().replace("port = 0", f"port = {port}", 1))
         self.gateway = Gateway(load_config(path, TEST_ENDPOINTS))
         self.task = asyncio.ensure_future(self.gateway.run())
-        await until(lambda: getattr(getattr(self.gateway, "web", None), "port", None)
-                    or self.task.done(), 10, "the web server to listen again")  # fmt: skip
+        await until(
+            lambda: getattr(getattr(self.gateway, "web", None), "port", None) or self.task.done(),
+            10,
+            "the web server to listen again",
+        )
         if self.task.done():
             self.task.result()
 
@@ -255,8 +270,9 @@ class Site:
         await page.wait_for_function(
             """tg => { const t = window.borderlink && window.borderlink.tiles.get(tg);
                        return t && t.pc && t.pc.connectionState === 'connected' && t.analyser; }""",
-            arg=talkgroup, timeout=timeout * 1000,
-        )  # fmt: skip
+            arg=talkgroup,
+            timeout=timeout * 1000,
+        )
 
     def console_port(self, operator: str, talkgroup: str) -> Any:
         prefix = f"{operator}@{talkgroup}/"
@@ -265,10 +281,16 @@ class Site:
 
 @contextlib.asynccontextmanager
 async def console_site(
-    tmp: Path, floor: str = "mix", extra: str = "", browser: bool = True, console: str = "",
-    web: str = "", browser_args: tuple[str, ...] = (), alice_name: str = "Alice (dispatch)",
+    tmp: Path,
+    floor: str = "mix",
+    extra: str = "",
+    browser: bool = True,
+    console: str = "",
+    web: str = "",
+    browser_args: tuple[str, ...] = (),
+    alice_name: str = "Alice (dispatch)",
     radio: str = "",
-) -> AsyncIterator[Site]:  # fmt: skip
+) -> AsyncIterator[Site]:
     from playwright.async_api import async_playwright
 
     from gateway.app import Gateway
@@ -276,15 +298,27 @@ async def console_site(
 
     chromium = require_binary("chromium") if browser else ""
     config_path = tmp / "site.toml"
-    config_path.write_text(site_toml(floor, extra, audit=tmp / "audit.jsonl", console=console,
-                                     web=web, alice_name=alice_name, radio=radio))  # fmt: skip
+    config_path.write_text(
+        site_toml(
+            floor,
+            extra,
+            audit=tmp / "audit.jsonl",
+            console=console,
+            web=web,
+            alice_name=alice_name,
+            radio=radio,
+        )
+    )
     wav = write_tone_wav(tmp / "mic.wav", CONSOLE_TONE_HZ)
     gateway = Gateway(load_config(config_path, TEST_ENDPOINTS))
     run = asyncio.ensure_future(gateway.run())
     site: Site | None = None
     try:
-        await until(lambda: getattr(getattr(gateway, "web", None), "port", None) or run.done(),
-                    10, "the web server to listen")  # fmt: skip
+        await until(
+            lambda: getattr(getattr(gateway, "web", None), "port", None) or run.done(),
+            10,
+            "the web server to listen",
+        )
         if run.done():
             run.result()
         scheme = "https" if "tls_certificate" in web else "http"

@@ -114,13 +114,15 @@ def test_inbound_resamples_and_never_builds_up_delay():
 
 
 def test_loopback_site_drops_candidates_it_must_not_probe():
-    sdp = "\r\n".join([
-        "v=0",
-        "a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host",
-        "a=candidate:2 1 udp 2122194687 10.1.2.3 50001 typ host",
-        "a=candidate:3 1 udp 2122129151 4f2a.local 50002 typ host",
-        "a=end-of-candidates",
-    ])  # fmt: skip
+    sdp = "\r\n".join(
+        [
+            "v=0",
+            "a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host",
+            "a=candidate:2 1 udp 2122194687 10.1.2.3 50001 typ host",
+            "a=candidate:3 1 udp 2122129151 4f2a.local 50002 typ host",
+            "a=end-of-candidates",
+        ]
+    )
     kept = filter_remote_candidates(sdp, loopback_only=True)
     assert "127.0.0.1" in kept and "10.1.2.3" not in kept and ".local" not in kept
     assert filter_remote_candidates(sdp, loopback_only=False) == sdp
@@ -164,11 +166,22 @@ def test_bank_shares_one_encode_only_with_listeners_hearing_the_same_mix():
     encoders = SharedEncoders(RATE, 0.020, 32000)
     bank = ConsoleBank(encoders, silence_packet(0.020), engine)
     seats = [
-        ConsolePort(f"op{k}@tg/{k}", timing, operator=f"op{k}", display="", agency="",
-                    talkgroup="tg", may_talk=True, priority=10, encoders=encoders,
-                    silence=bank.silence, tick=lambda: engine.tick_count, bank=bank)
+        ConsolePort(
+            f"op{k}@tg/{k}",
+            timing,
+            operator=f"op{k}",
+            display="",
+            agency="",
+            talkgroup="tg",
+            may_talk=True,
+            priority=10,
+            encoders=encoders,
+            silence=bank.silence,
+            tick=lambda: engine.tick_count,
+            bank=bank,
+        )
         for k in range(5)
-    ]  # fmt: skip
+    ]
     sent: list[list[bytes]] = [[] for _ in seats]
     for seat, out in zip(seats, sent, strict=True):
         seat.emit = out.append

@@ -19,8 +19,9 @@ OFFER = {"console": "0123456789abcdef", "talkgroup": "marine", "type": "offer", 
 
 
 async def login(http: aiohttp.ClientSession, base: str, operator: str, password: str):
-    return await http.post(f"{base}/api/console/login",
-                           json={"operator": operator, "password": password})  # fmt: skip
+    return await http.post(
+        f"{base}/api/console/login", json={"operator": operator, "password": password}
+    )
 
 
 # The installed console script, as operators run it.
@@ -34,9 +35,13 @@ def test_every_console_api_needs_a_session(tmp_path):
             async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
                 page = await http.get(f"{base}/console/")
                 assert page.status == 200 and "PTT" in await page.text()  # the page is public
-                for method, path in [("GET", "/api/console/me"), ("GET", "/api/console/state"),
-                                     ("POST", "/api/console/join"), ("POST", "/api/console/leave"),
-                                     ("GET", "/api/console/events")]:  # fmt: skip
+                for method, path in [
+                    ("GET", "/api/console/me"),
+                    ("GET", "/api/console/state"),
+                    ("POST", "/api/console/join"),
+                    ("POST", "/api/console/leave"),
+                    ("GET", "/api/console/events"),
+                ]:
                     r = await http.request(method, base + path, json=OFFER)
                     assert r.status == 401, (path, r.status)
                 with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
@@ -51,8 +56,9 @@ def test_login_sets_a_safe_cookie_and_wrong_password_is_refused(tmp_path):
         async with console_site(tmp_path, browser=False) as site:
             base = site.url.removesuffix("/console/")
             async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-                bad = await http.post(f"{base}/api/console/login",
-                                      json={"operator": "alice", "password": "wrong"})  # fmt: skip
+                bad = await http.post(
+                    f"{base}/api/console/login", json={"operator": "alice", "password": "wrong"}
+                )
                 assert bad.status == 401
                 assert "wrong operator name or password" in (await bad.json())["error"]
                 assert "borderlink_session" not in bad.cookies
@@ -70,8 +76,11 @@ def test_login_sets_a_safe_cookie_and_wrong_password_is_refused(tmp_path):
                 state = await (await http.get(f"{base}/api/console/state")).json()
                 assert {t["name"] for t in state["talkgroups"]} == {"marine", "land"}
                 metrics = await (await http.get(f"{base}/metrics")).text()
-                counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-                          if "console_log" in line and not line.startswith("#")}  # fmt: skip
+                counts = {
+                    line.split()[0]: float(line.split()[1])
+                    for line in metrics.splitlines()
+                    if "console_log" in line and not line.startswith("#")
+                }
                 assert counts == {
                     "borderlink_console_logins_total": 1.0,
                     "borderlink_console_login_failures_total": 2.0,
@@ -89,8 +98,10 @@ def test_monitor_only_operator_sees_only_permitted_talkgroups(tmp_path):
         async with console_site(tmp_path, browser=False) as site:
             base = site.url.removesuffix("/console/")
             async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-                await http.post(f"{base}/api/console/login",
-                                json={"operator": "bob", "password": PASSWORDS["bob"]})  # fmt: skip
+                await http.post(
+                    f"{base}/api/console/login",
+                    json={"operator": "bob", "password": PASSWORDS["bob"]},
+                )
                 state = await (await http.get(f"{base}/api/console/state")).json()
                 tiles = [(t["name"], t["may_talk"]) for t in state["talkgroups"]]
                 assert tiles == [("marine", False)]
@@ -149,14 +160,18 @@ def test_passwd_prints_a_hash_that_verifies():
     stored = out.split('"')[1]
     assert verify_password("correct horse battery", stored)
     assert not verify_password("correct horse batterY", stored)
-    short = subprocess.run([BORDERLINK, "passwd", "--stdin"],
-                           input="short\n", capture_output=True, text=True)  # fmt: skip
+    short = subprocess.run(
+        [BORDERLINK, "passwd", "--stdin"], input="short\n", capture_output=True, text=True
+    )
     assert short.returncode == 2 and "at least 8" in short.stderr
 
 
 def test_plain_password_in_config_is_refused_with_the_fix():
-    text = site_toml().replace(hash_password(PASSWORDS["alice"])[:0] + "password_hash = \"scrypt",
-                               'password_hash = "hunter2" # "scrypt', 1)  # fmt: skip
+    text = site_toml().replace(
+        hash_password(PASSWORDS["alice"])[:0] + 'password_hash = "scrypt',
+        'password_hash = "hunter2" # "scrypt',
+        1,
+    )
     with pytest.raises(ConfigError) as err:
         parse_config(text, "site.toml")
     message = str(err.value)
@@ -217,8 +232,10 @@ def test_a_login_flood_never_stalls_the_media_clock(tmp_path):
             skipped = clock.skipped_ticks - before[1]
             hashed = statuses.count(401)  # each 401 cost one hash; 429 and 503 none
             counts = {s: statuses.count(s) for s in sorted(set(statuses))}
-            print(f"hash {hash_s * 1000:.0f} ms; answers {counts}; longest loop gap "
-                  f"{gaps[0] * 1000:.0f} ms; clock: {late} late, {skipped} skipped")  # fmt: skip
+            print(
+                f"hash {hash_s * 1000:.0f} ms; answers {counts}; longest loop gap "
+                f"{gaps[0] * 1000:.0f} ms; clock: {late} late, {skipped} skipped"
+            )
             # Hashed on the loop, each hash holds the loop (and the clock) for ≈ hash_s.
             # Off the loop nothing does; a busy machine still delays it now and then, far
             # less. (How many ticks run late depends on the machine's load as much as on

@@ -65,8 +65,11 @@ def test_console_ptt_reaches_the_radio_with_its_tone(tmp_path):
             events = talk_events(site.gateway, site.console_port("alice", "marine").name)
             pressed = time.time()
             await hold_ptt(page, "marine")
-            await until(lambda: len(radio.audio_since(pressed)) >= RATE * 1.5, 10,
-                        "1.5 s of console audio at the radio")  # fmt: skip
+            await until(
+                lambda: len(radio.audio_since(pressed)) >= RATE * 1.5,
+                10,
+                "1.5 s of console audio at the radio",
+            )
             await page.mouse.up()
             heard = radio.audio_since(pressed)[-RATE:]  # the last second of the over
             peak = fft_peak_hz(heard, RATE)
@@ -180,15 +183,21 @@ def test_closing_the_tab_releases_the_floor_and_hangs_up(tmp_path):
             await site.wait_joined(page, "marine")
             pressed = time.time()
             await hold_ptt(page, "marine")
-            await until(lambda: len(radio.audio_since(pressed)) >= RATE // 2, 10,
-                        "the console's audio at the radio")  # fmt: skip
+            await until(
+                lambda: len(radio.audio_since(pressed)) >= RATE // 2,
+                10,
+                "the console's audio at the radio",
+            )
             port = site.console_port("alice", "marine")
             closed = time.time()
             await page.close()  # PTT still held down
             await until(lambda: not port.talking, 2, "the floor to be released")
             print(f"tab closed → floor free: {(time.time() - closed) * 1000:.0f} ms")
-            await until(lambda: site.console_port("alice", "marine") is None, 5,
-                        "the console port to leave the engine")  # fmt: skip
+            await until(
+                lambda: site.console_port("alice", "marine") is None,
+                5,
+                "the console port to leave the engine",
+            )
             # Released by the page's pagehide handler or, failing that, by the socket closing.
             await until(
                 lambda: any(
@@ -232,14 +241,20 @@ def test_single_floor_busy_then_emergency_preempts(tmp_path):
             emergency = tile.locator(".emergency")
             await emergency.hover()
             await page.mouse.down()
-            await until(lambda: any(k == "preempted" for _, k in events), 3,
-                        "the emergency call to pre-empt the radio")  # fmt: skip
+            await until(
+                lambda: any(k == "preempted" for _, k in events),
+                3,
+                "the emergency call to pre-empt the radio",
+            )
             talker = tile.locator(".talker").filter(has_text="⚠ Alice (dispatch)")
             await talker.wait_for(timeout=2000)
             assert site.console_port("alice", "marine").emergency
             await page.mouse.up()
-            await until(lambda: not site.console_port("alice", "marine").emergency, 2,
-                        "emergency priority to end with the PTT")  # fmt: skip
+            await until(
+                lambda: not site.console_port("alice", "marine").emergency,
+                2,
+                "emergency priority to end with the PTT",
+            )
 
     run(scenario())
 

@@ -17,8 +17,9 @@ def cli_site() -> str:
 
 
 def check(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([BORDERLINK, "check", str(path)], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    return subprocess.run(
+        [BORDERLINK, "check", str(path)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_check_refuses_an_operator_naming_a_missing_talkgroup(tmp_path):

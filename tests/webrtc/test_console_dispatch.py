@@ -201,8 +201,9 @@ def test_console_preempted_by_an_emergency_hears_it_not_the_busy_tone(tmp_path):
             await until(lambda: heard(site, mine), 5, "carol to hold the floor")
             await press(alice, '[data-talkgroup="marine"] .emergency')
             them = site.console_port("alice", "marine")
-            await until(lambda: heard(site, them) and not heard(site, mine), 5,
-                        "alice to pre-empt carol")  # fmt: skip
+            await until(
+                lambda: heard(site, them) and not heard(site, mine), 5, "alice to pre-empt carol"
+            )
             assert mine.ptt  # carol still holds her PTT down
 
             async def hears_alice():
@@ -234,16 +235,26 @@ def test_radios_are_shown_by_their_label(tmp_path):
             who = state["talkgroups"][0]["talkers"][0]
             assert who["port"] == "uscg_vhf" and who["label"] == "USCG 45612"
             site.radio().open_squelch(False)
-            await until(lambda: any(r["event"] == "talk" and r.get("label") == "USCG 45612"
-                                    for r in site.audit_records(prefix="")), 5,
-                        "the over in the audit log with the radio's label")  # fmt: skip
+            await until(
+                lambda: any(
+                    r["event"] == "talk" and r.get("label") == "USCG 45612"
+                    for r in site.audit_records(prefix="")
+                ),
+                5,
+                "the over in the audit log with the radio's label",
+            )
             # A console's over carries the operator's display name.
             await press(page, '[data-talkgroup="marine"] .ptt')
             await until(lambda: site.console_port("alice", "marine").talking, 5, "alice talks")
             await page.mouse.up()
-            await until(lambda: any(r["event"] == "talk" and r.get("label") == "Alice (dispatch)"
-                                    for r in site.audit_records(prefix="")), 5,
-                        "alice's over audited with her display name")  # fmt: skip
+            await until(
+                lambda: any(
+                    r["event"] == "talk" and r.get("label") == "Alice (dispatch)"
+                    for r in site.audit_records(prefix="")
+                ),
+                5,
+                "alice's over audited with her display name",
+            )
 
     run(scenario())
 
@@ -324,8 +335,11 @@ def test_metrics_have_no_operator_names_and_no_series_per_session(tmp_path):
                 async with aiohttp.ClientSession() as http:
                     text = await (await http.get(f"{base}/metrics")).text()
                 assert "alice" not in text.lower() and "Alice" not in text
-                return {x.rsplit(" ", 1)[0] for x in text.splitlines() if not x.startswith("#")
-                        and "_seconds" not in x}  # fmt: skip
+                return {
+                    x.rsplit(" ", 1)[0]
+                    for x in text.splitlines()
+                    if not x.startswith("#") and "_seconds" not in x
+                }
 
             page = await site.console("alice")
             await site.wait_joined(page, "marine")
@@ -363,14 +377,18 @@ def test_ptt_by_touch_on_a_phone_holds_and_talks(tmp_path):
             ptt = await box(page, '[data-talkgroup="marine"] .ptt')
             finger = [{"x": ptt["x"] + ptt["width"] / 2, "y": ptt["y"] + ptt["height"] / 2}]
             touch = await context.new_cdp_session(page)
-            await touch.send("Input.dispatchTouchEvent",
-                             {"type": "touchStart", "touchPoints": finger})  # fmt: skip
+            await touch.send(
+                "Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": finger}
+            )
             port = site.console_port("alice", "marine")
             await until(lambda: port.ptt, 5, "PTT keyed by the finger")
             pressed = time.time()
             rate = site.gateway.config.timing.rate
-            await until(lambda: len(site.radio().audio_since(pressed)) >= 2 * rate, 10,
-                        "2 s of the console's audio at the radio")  # fmt: skip
+            await until(
+                lambda: len(site.radio().audio_since(pressed)) >= 2 * rate,
+                10,
+                "2 s of the console's audio at the radio",
+            )
             assert port.ptt, "PTT dropped while the finger was held"
             peak = fft_peak_hz(site.radio().audio_since(pressed)[-rate:], rate)
             assert abs(peak - CONSOLE_TONE_HZ) < 10, peak

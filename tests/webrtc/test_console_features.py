@@ -65,8 +65,11 @@ def test_patch_from_the_console_shows_everywhere_and_is_audited(tmp_path):
             # The land radio is now heard at the marine radio.
             site.radio("cbsa_land").open_squelch(True)
             since = time.time()
-            await until(lambda: len(site.radio().audio_since(since)) >= RATE_HZ, 5,
-                        "land's radio heard on marine")  # fmt: skip
+            await until(
+                lambda: len(site.radio().audio_since(since)) >= RATE_HZ,
+                5,
+                "land's radio heard on marine",
+            )
             assert abs(fft_peak_hz(site.radio().audio_since(since)[-RATE_HZ:], RATE_HZ) - 500) < 10
             site.radio("cbsa_land").open_squelch(False)
             DOCS.mkdir(exist_ok=True)
@@ -134,8 +137,9 @@ def test_all_call_keys_each_floor_and_says_where_it_was_refused(tmp_path):
             await alice.locator("#allcall").hover()
             await alice.mouse.down()
             land = site.radio("cbsa_land")
-            await until(lambda: len(land.audio_since(since)) >= RATE_HZ, 8,
-                        "alice's all-call heard on land")  # fmt: skip
+            await until(
+                lambda: len(land.audio_since(since)) >= RATE_HZ, 8, "alice's all-call heard on land"
+            )
             peak = fft_peak_hz(land.audio_since(since)[-RATE_HZ:], RATE_HZ)
             assert abs(peak - CONSOLE_TONE_HZ) < 10, peak
             status = alice.locator("#allcall-status")
@@ -330,7 +334,8 @@ def test_left_right_routing_puts_each_talkgroup_in_its_ear(tmp_path):
             for tg in ("marine", "land"):
                 await site.wait_joined(page, tg)
             assert await page.locator(
-                '[data-talkgroup="marine"] .side input[value="left"]').is_checked()  # fmt: skip
+                '[data-talkgroup="marine"] .side input[value="left"]'
+            ).is_checked()
             await ears_hear(page, {MARINE_HZ}, {LAND_HZ})
             await page.locator('[data-talkgroup="marine"] .side input[value="both"]').check()
             await ears_hear(page, {MARINE_HZ}, {MARINE_HZ, LAND_HZ})

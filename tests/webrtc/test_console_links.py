@@ -76,16 +76,22 @@ def test_link_tile_shows_state_and_cuts_and_restores(tmp_path: Path) -> None:
                     await bob.locator('[data-link="us"]').wait_for(timeout=10000)
                     assert await bob.locator('[data-link="us"] button').count() == 0
                     await alice.get_by_role("button", name="Cut link us").click()
-                    await until(lambda: share_state(gw_us, "ca", "shiprider") != "up", 10,
-                                "the far side to see the cut")  # fmt: skip
+                    await until(
+                        lambda: share_state(gw_us, "ca", "shiprider") != "up",
+                        10,
+                        "the far side to see the cut",
+                    )
                     await (
                         tile.filter(has_text="cut")
                         .locator(".restore-button")
                         .wait_for(timeout=5000)
                     )
                     await alice.get_by_role("button", name="Restore link us").click()
-                    await until(lambda: share_state(gw_ca, "us", "shiprider") == "up", 30,
-                                "the link up again")  # fmt: skip
+                    await until(
+                        lambda: share_state(gw_ca, "us", "shiprider") == "up",
+                        30,
+                        "the link up again",
+                    )
                 finally:
                     await browser.close()
         audit = [json.loads(x) for x in (tmp_path / "ca-audit.jsonl").read_text().splitlines()]

@@ -48,8 +48,11 @@ def test_reload_turns_a_talker_monitor_only_then_logs_her_out(tmp_path):
             pressed = time.time()
             await page.locator('[data-talkgroup="marine"] .ptt').hover()
             await page.mouse.down()
-            await until(lambda: len(radio.audio_since(pressed)) >= RATE, 10,
-                        "a second of the console's audio at the radio")  # fmt: skip
+            await until(
+                lambda: len(radio.audio_since(pressed)) >= RATE,
+                10,
+                "a second of the console's audio at the radio",
+            )
             heard = radio.audio_since(pressed)[-RATE // 2 :]
             assert abs(fft_peak_hz(heard, RATE) - CONSOLE_TONE_HZ) < 10
 
@@ -94,11 +97,16 @@ def test_reload_turns_a_talker_monitor_only_then_logs_her_out(tmp_path):
             me = await page.evaluate("fetch('/api/console/me').then(r => r.status)")
             assert me == 401
             records = site.audit_records()
-            changes = {(r["talkgroup"], r["mode"]) for r in records
-                       if r["event"] == "console_permission_changed"}  # fmt: skip
+            changes = {
+                (r["talkgroup"], r["mode"])
+                for r in records
+                if r["event"] == "console_permission_changed"
+            }
             assert changes == {("marine", "monitor"), ("land", "none")}, changes
-            assert any(r["event"] == "console_ptt" and r.get("reason") ==
-                       "talk permission withdrawn" for r in records)  # fmt: skip
+            assert any(
+                r["event"] == "console_ptt" and r.get("reason") == "talk permission withdrawn"
+                for r in records
+            )
             ended = [r for r in records if r["event"] == "console_session_ended"]
             assert [r["reason"] for r in ended] == ["operator removed from config"]
 
@@ -244,9 +252,13 @@ def test_console_patches_survive_a_reload_until_a_talkgroup_goes(tmp_path):
                 await sighup(lambda t: t[: t.index("[talkgroups.land]")])
                 assert "land" not in site.gateway.engine.talkgroups
                 assert not group_of("marine").patched
-                dropped = await until(lambda: [r for r in site.audit_records()
-                                               if r["event"] == "console_patch_dropped"],
-                                      5, "the dropped patch audited")  # fmt: skip
+                dropped = await until(
+                    lambda: [
+                        r for r in site.audit_records() if r["event"] == "console_patch_dropped"
+                    ],
+                    5,
+                    "the dropped patch audited",
+                )
                 assert dropped[0]["operator"] == "alice" and dropped[0]["patch"] == "console-1"
                 off = [r for r in site.audit_records("patch") if r["state"] == "off"]
                 assert off[-1]["by"] == "reload:SIGHUP", off

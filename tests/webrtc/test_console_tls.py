@@ -47,10 +47,13 @@ def make_certificate(directory: Path) -> tuple[Path, Path, str]:
     )
     cert_path, key_path = directory / "gateway.crt", directory / "gateway.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))  # fmt: skip
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     key_path.chmod(0o600)
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -102,9 +105,10 @@ def test_chromium_uses_the_console_over_https(tmp_path):
 
     async def scenario():
         async with console_site(
-            tmp_path, web=web_tls(cert, key),
+            tmp_path,
+            web=web_tls(cert, key),
             browser_args=(f"--ignore-certificate-errors-spki-list={spki}",),
-        ) as site:  # fmt: skip
+        ) as site:
             page = await site.console("alice")
             await site.wait_joined(page, "marine")
             assert await page.evaluate("window.isSecureContext && location.protocol") == "https:"

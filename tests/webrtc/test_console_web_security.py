@@ -14,8 +14,9 @@ EVIL = "http://evil.example"
 
 async def logged_in(base: str) -> aiohttp.ClientSession:
     http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
-    r = await http.post(f"{base}/api/console/login",
-                        json={"operator": "alice", "password": PASSWORDS["alice"]})  # fmt: skip
+    r = await http.post(
+        f"{base}/api/console/login", json={"operator": "alice", "password": PASSWORDS["alice"]}
+    )
     assert r.status == 200
     return http
 
@@ -49,16 +50,19 @@ def test_login_takes_only_json_from_its_own_origin(tmp_path):
             url = f"{base}/api/console/login"
             async with aiohttp.ClientSession() as http:
                 # What a form on another site can send without a CORS preflight.
-                r = await http.post(url, data=body, headers={"Content-Type": "text/plain",
-                                                             "Origin": EVIL})  # fmt: skip
+                r = await http.post(
+                    url, data=body, headers={"Content-Type": "text/plain", "Origin": EVIL}
+                )
                 assert r.status in (403, 415) and "Set-Cookie" not in r.headers
                 r = await http.post(url, data=body, headers={"Content-Type": "text/plain"})
                 assert r.status == 415 and "Set-Cookie" not in r.headers
-                r = await http.post(url, data=body, headers={"Content-Type": "application/json",
-                                                             "Origin": EVIL})  # fmt: skip
+                r = await http.post(
+                    url, data=body, headers={"Content-Type": "application/json", "Origin": EVIL}
+                )
                 assert r.status == 403 and "Set-Cookie" not in r.headers
-                r = await http.post(url, data=body, headers={"Content-Type": "application/json",
-                                                             "Origin": base})  # fmt: skip
+                r = await http.post(
+                    url, data=body, headers={"Content-Type": "application/json", "Origin": base}
+                )
                 assert r.status == 200
 
     run(scenario())
@@ -92,8 +96,7 @@ def test_lockout_is_per_operator_and_address_not_the_whole_room(tmp_path):
                     codes.append(r.status)
                 assert codes[:2] == [401, 401] and set(codes[2:]) == {429}
                 # Alice, at the same workstation address, still logs in.
-                r = await http.post(url, json={"operator": "alice",
-                                               "password": PASSWORDS["alice"]})  # fmt: skip
+                r = await http.post(url, json={"operator": "alice", "password": PASSWORDS["alice"]})
                 assert r.status == 200
 
     run(scenario())
@@ -106,8 +109,11 @@ def test_deeply_nested_json_is_a_400_not_a_500(tmp_path):
             bomb = "[" * 200000 + "]" * 200000
             async with aiohttp.ClientSession() as http:
                 for text in (bomb, '{"operator": ' + "[" * 100 + "]" * 100 + "}"):
-                    r = await http.post(f"{base}/api/console/login", data=text,
-                                        headers={"Content-Type": "application/json"})  # fmt: skip
+                    r = await http.post(
+                        f"{base}/api/console/login",
+                        data=text,
+                        headers={"Content-Type": "application/json"},
+                    )
                     assert r.status == 400, r.status
             http = await logged_in(base)
             try:
