@@ -471,7 +471,7 @@ async def codec_round(folder: Path, codecs: str, bursts: int) -> MouthToEar:
     async with UdpRelay(("127.0.0.1", 9), lifetime=3600) as media:
         ports = {"ca": pair.ca.tls_port, "us": pair.us.tls_port}
         ca_path, us_path = pair.toml(pair.ca, ports, codecs), pair.toml(pair.us, ports, codecs)
-        async with running(ca_path) as ca, running(us_path) as us:
+        async with running(ca_path, BENCH_ENDPOINTS) as ca, running(us_path, BENCH_ENDPOINTS) as us:
             await linked(ca, us, media)
             return await mouth_to_ear(ca, us, media, LOSSY, bursts)
 
