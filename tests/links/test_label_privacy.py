@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 from relay import UdpRelay
-from test_link_talker import LABEL, both_up, leg, metric, records
+from test_link_talker import LABEL, leg, metric, records
 from trunk_sites import (
     LinkSpec,
     Pki,
     SiteSpec,
+    both_up,
     make_pki,
     media_through,
     radio,

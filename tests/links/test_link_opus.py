@@ -18,13 +18,13 @@ from trunk_sites import (
     LinkSpec,
     SiteSpec,
     band_db,
+    both_up,
     dominant_hz,
     link_leg,
     make_pki,
     media_through,
     radio,
     running,
-    share_state,
     site_toml,
     until,
 )
@@ -50,19 +50,6 @@ def sites(tmp: Path, tone: float, ca_codecs: str = "") -> tuple[Path, Path]:
     return ca_path, us_path
 
 
-async def linked(ca, us) -> None:  # noqa: ANN001
-    await until(
-        lambda: (
-            share_state(ca, "us", "ship") == "up"
-            and share_state(us, "ca", "ship") == "up"
-            and link_leg(ca) is not None
-            and link_leg(us) is not None
-        ),
-        20,
-        "the link up on both sides",
-    )
-
-
 def codec(gateway) -> int:  # noqa: ANN001
     leg = link_leg(gateway)
     return int(leg.bank.payload_type[leg.row])
@@ -73,7 +60,7 @@ def test_borderlinks_agree_opus_and_a_wideband_tone_crosses(tmp_path: Path) -> N
 
     async def main() -> None:
         async with running(ca_path) as ca, running(us_path) as us:
-            await linked(ca, us)
+            await both_up(ca, us, "ship")
             assert codec(ca) == OPUS and codec(us) == OPUS, "BorderLinks prefer Opus"
             dialog = next(iter(us.sip.calls.dialogs.values()))
             assert "opus/48000/2" in dialog.body and "useinbandfec=1" in dialog.body
@@ -95,7 +82,7 @@ def test_a_link_set_to_g711_carries_no_wideband(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with running(ca_path) as ca, running(us_path) as us:
-            await linked(ca, us)
+            await both_up(ca, us, "ship")
             assert codec(ca) == PCMU and codec(us) == PCMU
             radio(ca, "marine").speaking = True
             await until(lambda: link_leg(us).stats()["packets_in"] > 100, 10, "CA's audio")
@@ -114,7 +101,7 @@ def test_fec_recovers_most_losses_on_a_lossy_link(tmp_path: Path) -> None:
             running(ca_path) as ca,
             running(us_path) as us,
         ):
-            await linked(ca, us)
+            await both_up(ca, us, "ship")
             await media_through(link_leg(ca), link_leg(us), relay)
             assert codec(us) == OPUS
             mouth, ear = radio(ca, "marine"), radio(us, "harbor")
@@ -153,7 +140,7 @@ def test_a_garbage_opus_payload_is_counted_not_fatal(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with running(ca_path) as ca, running(us_path) as us:
-            await linked(ca, us)
+            await both_up(ca, us, "ship")
             mouth, ear = radio(ca, "marine"), radio(us, "harbor")
             mouth.speaking = True
             await until(lambda: ear.level(TONE_HZ, 0.5) > HEARD, 10, "the tone at US")

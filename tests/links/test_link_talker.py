@@ -20,6 +20,7 @@ from gateway.monitoring.metrics import SiteMetrics
 from trunk_sites import (
     LinkSpec,
     SiteSpec,
+    both_up,
     ear,
     link_legs,
     make_pki,
@@ -65,17 +66,6 @@ def sites(tmp: Path, floor: str = "mix", us_extra: str = "", listeners: bool = F
     )
     ports = {"ca": ca.tls_port, "us": us.tls_port}
     return site_toml(tmp, ca, ports, pki), site_toml(tmp, us, ports, pki, us_extra)
-
-
-async def both_up(ca, us) -> None:  # noqa: ANN001
-    await until(
-        lambda: (
-            share_state(ca, "us", "shiprider") == "up"
-            and share_state(us, "ca", "shiprider") == "up"
-        ),
-        15,
-        "shiprider up",
-    )
 
 
 def records(path: Path, event: str) -> list[dict]:

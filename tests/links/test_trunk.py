@@ -16,6 +16,7 @@ from gateway.monitoring.metrics import SiteMetrics
 from trunk_sites import (
     LinkSpec,
     SiteSpec,
+    both_up,
     free_port,
     link_legs,
     make_pki,
@@ -54,14 +55,6 @@ def two_sites(tmp: Path, ca_share: dict[str, str], us_share: dict[str, str], ca_
     us = SiteSpec("us", {"harbor": 1500.0, "sheriff": 500.0}, [LinkSpec("ca", "ca", us_share)])
     ports = {"ca": ca.tls_port, "us": us.tls_port}
     return site_toml(tmp, ca, ports, pki, ca_extra), site_toml(tmp, us, ports, pki)
-
-
-async def both_up(ca, us, name: str) -> None:  # noqa: ANN001
-    await until(
-        lambda: share_state(ca, "us", name) == "up" and share_state(us, "ca", name) == "up",
-        15,
-        f"{name} up on both sides",
-    )
 
 
 def test_shared_talkgroup_carries_audio_both_ways_and_nothing_else(tmp_path: Path) -> None:

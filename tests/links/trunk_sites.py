@@ -254,3 +254,12 @@ async def media_through(ours, theirs, relay) -> None:  # noqa: ANN001
         15,
         "media through the relay both ways",
     )
+
+
+async def both_up(ca, us, name: str = "shiprider", timeout: float = 20) -> None:  # noqa: ANN001
+    """Wait until the shared ``name`` is up on both sides (CA's link "us", US's "ca")."""
+    await until(
+        lambda: share_state(ca, "us", name) == "up" and share_state(us, "ca", name) == "up",
+        timeout,
+        f"{name} up on both sides",
+    )
