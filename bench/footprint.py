@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.hardware.jackradio import site_toml, start_jackd, stop_jackd  # noqa: E402
+from tests.waiting import wait_for  # noqa: E402
 
 BORDERLINK = Path(sys.executable).with_name("borderlink")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -128,14 +129,6 @@ def measure(gateway: subprocess.Popen, idle: float) -> list[tuple[Sample, float]
     ]
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
@@ -178,7 +171,9 @@ def jack_site(radios: int, idle: float, settle: float, tmp: Path) -> list[tuple[
             ports = subprocess.run(["jack_lsp"], env=env, capture_output=True, text=True).stdout
             return all(f"borderlink-{name}:in_0" in ports for name in names)
 
-        wait_until(all_cards_on_the_server, 60, f"{radios} cards on JACK server {server}")
+        wait_for(
+            all_cards_on_the_server, 60, f"{radios} cards on JACK server {server}", interval=0.2
+        )
         time.sleep(settle)
         return measure(gateway, idle)
     finally:

@@ -64,6 +64,8 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.codecs.g711 import ulaw_decode, ulaw_encode  # noqa: E402
 
+from tests.waiting import wait_for  # noqa: E402
+
 RATE = 8000
 HEADER = struct.Struct("!BBHII")
 
@@ -623,15 +625,6 @@ def metrics(web: int) -> dict[str, float]:
     return out
 
 
-def wait_for(condition, timeout: float) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=100_000, help="messages (all kinds)")
@@ -660,9 +653,11 @@ def main() -> int:
         )
     pacer: Pacer | None = None
     try:
-        if not wait_for(lambda: _answers(web), 20):
+        try:
+            wait_for(lambda: _answers(web), 20, "the gateway to answer", interval=0.1)
+        except AssertionError:
             print(log_path.read_text()[-3000:])
-            raise SystemExit("the gateway did not start")
+            raise SystemExit("the gateway did not start") from None
         rtp_port = _rtp_port(log_path, web)
         live, witness = Caller("live", 600), Caller("witness", 900)
         for caller in (live, witness):
@@ -712,13 +707,21 @@ def main() -> int:
 
         def settle() -> bool:
             """The timers end what the fuzzer left: wait for the calls to come back."""
-            return proc.poll() is None and wait_for(
-                lambda: (
-                    (fuzzer.answer_acks() or True)
-                    and metrics(web).get("borderlink_sip_calls_active", 0) <= calls_before
-                ),
-                args.ack_timeout + args.media_timeout + 10,
-            )
+            if proc.poll() is not None:
+                return False
+            try:
+                wait_for(
+                    lambda: (
+                        (fuzzer.answer_acks() or True)
+                        and metrics(web).get("borderlink_sip_calls_active", 0) <= calls_before
+                    ),
+                    args.ack_timeout + args.media_timeout + 10,
+                    "the calls to come back",
+                    interval=0.1,
+                )
+            except AssertionError:
+                return False
+            return True
 
         # A warm-up first, longer than the timers: the bank's columns grow to the peak of
         # concurrent calls the fuzzer's INVITEs reach (and stay that size); growth after

@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT / "tests" / "links"), str(ROOT)]
 from trunk_sites import LinkSpec, SiteSpec, make_pki, radio, running, share_state, site_toml  # noqa: E402
 
 from gateway.site import run_async  # noqa: E402
-from tests.sip.sip_peers import until  # noqa: E402
+from tests.waiting import until  # noqa: E402
 
 SITES = {"ca": ("marine", 1000.0), "us": ("harbor", 1500.0), "mx": ("costa", 2200.0)}
 

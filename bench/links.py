@@ -71,13 +71,13 @@ from trunk_sites import (  # noqa: E402
     running,
     share_state,
     site_toml,
-    until,
 )
 
 from gateway.config import PortConfig  # noqa: E402
 from gateway.endpoints import ENDPOINTS, Endpoint  # noqa: E402
 from gateway.ports import Frame, Port  # noqa: E402
 from gateway.site import run_async  # noqa: E402
+from tests.waiting import until  # noqa: E402
 
 FRAME = 0.02
 # Not a multiple of 50 Hz: a frame repeated to conceal a loss does not continue the tone's

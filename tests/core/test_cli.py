@@ -87,7 +87,7 @@ class Running:
         Running.started.append(self.proc)
         self.lines: list[str] = []
 
-    def wait_for(self, text: str, timeout: float = 90.0) -> str:
+    def read_until(self, text: str, timeout: float = 90.0) -> str:
         assert self.proc.stderr is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -129,9 +129,9 @@ def test_sigterm_unkeys_and_exits_cleanly(tmp_path: Path) -> None:
     config = tmp_path / "site.toml"
     config.write_text(SITE)
     run = Running(config)
-    run.wait_for("ptt_on radio")
+    run.read_until("ptt_on radio")
     run.proc.send_signal(signal.SIGTERM)
-    line = run.wait_for("shutdown:")
+    line = run.read_until("shutdown:")
     assert "unkeyed radio" in line and "closed 2 ports" in line
     assert run.proc.wait(timeout=10) == 0
 
@@ -140,16 +140,16 @@ def test_sighup_reload_refuses_bad_config_and_keeps_running(tmp_path: Path) -> N
     config = tmp_path / "site.toml"
     config.write_text(SITE)
     run = Running(config)
-    run.wait_for("ptt_on radio")
+    run.read_until("ptt_on radio")
     config.write_text(SITE.replace("[talkgroups.tg]", "[talkgroups.tg]\nflor = 'mix'"))
     run.proc.send_signal(signal.SIGHUP)
-    run.wait_for("reload refused")
-    run.wait_for("talkgroups.tg.flor: unknown key; did you mean 'floor'?")
+    run.read_until("reload refused")
+    run.read_until("talkgroups.tg.flor: unknown key; did you mean 'floor'?")
     config.write_text(SITE.replace('"source", "radio"', '"source"'))
     run.proc.send_signal(signal.SIGHUP)
-    run.wait_for("config applied")
+    run.read_until("config applied")
     run.proc.send_signal(signal.SIGINT)
-    run.wait_for("shutdown:")
+    run.read_until("shutdown:")
     assert run.proc.wait(timeout=10) == 0
 
 
@@ -157,11 +157,11 @@ def test_run_watch_applies_an_edited_file(tmp_path: Path) -> None:
     config = tmp_path / "site.toml"
     config.write_text(SITE)
     run = Running(config, "--watch")
-    run.wait_for("ptt_on radio")
+    run.read_until("ptt_on radio")
     config.write_text(SITE + '\n[ports.extra]\nkind = "simulated_radio"\n')
-    run.wait_for("config applied: ports +extra")
+    run.read_until("config applied: ports +extra")
     run.proc.send_signal(signal.SIGTERM)
-    assert "closed 3 ports" in run.wait_for("shutdown:")
+    assert "closed 3 ports" in run.read_until("shutdown:")
     assert run.proc.wait(timeout=10) == 0
 
 

@@ -14,7 +14,7 @@ from helpers import tone_level
 
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
-from tests.monitoring.live_site import until
+from tests.waiting import until
 
 SITE = """
 [site]
@@ -132,8 +132,8 @@ def test_old_recordings_are_deleted_and_every_file_is_audited(tmp_path: Path) ->
     async def scenario() -> None:
         gw = Gateway(load_config(path))
         task = asyncio.create_task(gw.run())
-        await until(lambda: not stale.exists() and gw.clock.ticks > 10, "the stale file to go")
-        await until(lambda: "recording_deleted" in audit.read_text(), "the deletion audited")
+        await until(lambda: not stale.exists() and gw.clock.ticks > 10, 10, "the stale file to go")
+        await until(lambda: "recording_deleted" in audit.read_text(), 10, "the deletion audited")
         gw.stop()
         await asyncio.wait_for(task, 10)
 

@@ -29,6 +29,7 @@ from console_site import CHROMIUM_FLAGS, png_is_blank  # noqa: E402
 
 from gateway.demo.sites import Status, parse_metrics  # noqa: E402
 from tests.conftest import require_binary  # noqa: E402
+from tests.waiting import until
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 SECONDS = 68  # startup, then the scenario to the restore at 60 s (config/demo/*.toml)
@@ -63,19 +64,6 @@ class Demo:
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(30)
-
-
-async def until(predicate, timeout: float, what: str, step: float = 0.2):  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for: {what}")
-        await asyncio.sleep(step)
 
 
 async def status(session: aiohttp.ClientSession, url: str) -> Status:
@@ -233,7 +221,9 @@ def test_demo_two_sites_a_console_hears_across_the_border_and_the_cut_silences_i
 
             us_page = await us_login
             try:
-                await until(emergency_heard_in_the_us, 60, "the emergency across the patch")
+                await until(
+                    emergency_heard_in_the_us, 60, "the emergency across the patch", interval=0.2
+                )
             except AssertionError as timeout:
                 raise AssertionError(f"{timeout}; seen: {seen}") from None
             await asyncio.sleep(1.0)  # a syllable or two on the meters

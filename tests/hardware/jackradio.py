@@ -25,6 +25,7 @@ from gateway.hardware.card_process import lock_memory
 from gateway.hardware.ring import SharedRing
 
 from tests.conftest import require_binary
+from tests.waiting import wait_for
 
 RATE = 48000
 PERIOD = 256
@@ -37,18 +38,6 @@ def card_client(port: str) -> str:
     from gateway.hardware.card_process import jack_client_name
 
     return jack_client_name(port)
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.01):
-    """Poll ``condition`` until it is truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def start_jackd(name: str, rate: int = RATE, period: int = PERIOD) -> subprocess.Popen:
@@ -329,11 +318,11 @@ class _SimStream:
         c = self.control
         mic, speaker = f"{client}:in_0", f"{client}:out_0"
         ours_out, ours_in = f"{self.name}:out_{radio}", f"{self.name}:in_{radio}"
-        deadline = time.monotonic() + timeout
-        while not (c.get_ports(f"^{client}:in_0$") and c.get_ports(f"^{client}:out_0$")):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no JACK client {client} after {timeout}s")
-            time.sleep(0.02)
+        wait_for(
+            lambda: c.get_ports(f"^{client}:in_0$") and c.get_ports(f"^{client}:out_0$"),
+            timeout,
+            f"JACK client {client}",
+        )
         for port in c.get_all_connections(mic):
             c.disconnect(port, mic)
         for port in c.get_all_connections(speaker):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gateway.hardware.card_process import CardBlock, CardProcess, OpenRequest
 
-from tests.hardware.jackradio import wait_for
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.jack
 MB = 1024 * 1024

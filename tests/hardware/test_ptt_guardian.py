@@ -25,8 +25,9 @@ from gateway.hardware.guardian import HEARTBEAT_TIMEOUT_S
 from gateway.hardware.lines import Cm108
 
 from tests.hardware.guarded import HERE, ROOT, fake_env, gpio_level, rts
-from tests.hardware.jackradio import hid_keyed, hid_reports, wait_for
+from tests.hardware.jackradio import hid_keyed, hid_reports
 from tests.hardware.test_radio_failsafe import gateway_process, keyed_site, statuses
+from tests.waiting import wait_for
 
 GENEROUS_S = 10.0  # the overall limit on a busy 2-core machine; the guardian needs ≤ 0.25 s
 

@@ -31,8 +31,8 @@ from tests.hardware.jackradio import (
     site_toml,
     steady_db,
     tone,
-    wait_for,
 )
+from tests.waiting import wait_for
 
 DEV = 48000
 PERIOD = 256

@@ -17,13 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.hardware.gwrun import build, drive
-from tests.hardware.jackradio import (
-    hid_keyed,
-    site_toml,
-    start_jackd,
-    stop_jackd,
-    wait_for,
-)
+from tests.hardware.jackradio import hid_keyed, site_toml, start_jackd, stop_jackd
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.jack
 HERE = Path(__file__).parent

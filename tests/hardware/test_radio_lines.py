@@ -26,7 +26,8 @@ from gateway.hardware import squelch as sq
 from gateway.hardware.lines import Cm108, LineError
 
 from tests.hardware.guarded import fake_env, rts, set_modem
-from tests.hardware.jackradio import hid_keyed, hid_reports, wait_for
+from tests.hardware.jackradio import hid_keyed, hid_reports
+from tests.waiting import wait_for
 
 
 class FakeModem:

@@ -26,8 +26,8 @@ from tests.hardware.jackradio import (
     site_toml,
     steady_db,
     tone,
-    wait_for,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.jack
 

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from tests.hardware.gwrun import build, drive
-from tests.hardware.jackradio import RATE, card_client, site_toml, tone, wait_for
+from tests.hardware.jackradio import RATE, card_client, site_toml, tone
 from tests.hardware.test_radio_path import onset, radio
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.jack
 

@@ -28,9 +28,9 @@ from tests.hardware.jackradio import (
     steady_db,
     stop_jackd,
     tone,
-    wait_for,
 )
 from tests.hardware.test_radio_failsafe import gateway_process, statuses
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.jack
 LEVEL = -12.0

@@ -15,10 +15,11 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-from trunk_sites import LinkSpec, SiteSpec, link_legs, make_pki, radio, running, site_toml, until
+from trunk_sites import LinkSpec, SiteSpec, link_legs, make_pki, radio, running, site_toml
 
 from tests.conftest import free_port
 from tests.sip.sip_peers import Phone, band_db, dominant_hz, run, tone
+from tests.waiting import until
 
 HEARD = -40.0
 PHONE_RATE = 8000

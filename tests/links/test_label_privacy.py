@@ -27,12 +27,12 @@ from trunk_sites import (
     running,
     share_state,
     site_toml,
-    until,
 )
 
 from gateway.links import labels
 from gateway.links.talker import Talker, read
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 HEARD = -40.0
 US_LABEL = "USCG · Cutter 41"

@@ -19,7 +19,8 @@ import pytest
 from test_link_talker import BUSY_HZ, holder
 from trunk_sites import LinkSpec, SiteSpec, ear, make_pki, radio, running, share_state, site_toml
 
-from tests.sip.sip_peers import run, until
+from tests.sip.sip_peers import run
+from tests.waiting import until
 
 # A tone heard is at -20 dB (the busy tone -24 over its 0.5 s on / 0.5 s off cadence); a
 # loaded machine's late packets leave artefacts near -50 dB in other bands. Between.

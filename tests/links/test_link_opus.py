@@ -26,11 +26,11 @@ from trunk_sites import (
     radio,
     running,
     site_toml,
-    until,
 )
 
 from gateway.sip.srtp import TAG
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 OPUS, PCMU = 111, 0  # payload types: ours for opus/48000/2, and G.711 µ-law's
 WIDE_HZ = 6000.0  # above G.711's 4 kHz: only a wideband codec carries it

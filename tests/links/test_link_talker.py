@@ -28,12 +28,12 @@ from trunk_sites import (
     running,
     share_state,
     site_toml,
-    until,
 )
 
 from gateway.webrtc.passwords import hash_password
 from tests.mqtt.mqtt_support import Broker, Subscriber
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 HEARD = -40.0
 SILENT = -70.0

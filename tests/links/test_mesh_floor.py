@@ -27,6 +27,7 @@ from trunk_sites import LinkSpec, SiteSpec, make_pki, site_toml
 
 from gateway.links.floor import Candidate, choose
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 HERE = Path(__file__).parent
 # A tone that is there is at -20 dB (-24 for the busy tone's cadence). One that is not:
@@ -91,16 +92,6 @@ class SiteProcess:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
-
-
-async def until(check, what: str, timeout: float = WAIT) -> None:  # noqa: ANN001
-    """Poll an async condition (the sites are other processes) until it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def mesh(tmp: Path) -> dict[str, Path]:
@@ -178,7 +169,7 @@ class Mesh:
             )
 
         try:
-            await until(one_holder, "all three sites to name the rule's holder")
+            await until(one_holder, WAIT, "all three sites to name the rule's holder")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last (holders, the rule's, candidates): {last}") from None
         (held,) = last[0]
@@ -233,7 +224,7 @@ class Mesh:
 
     async def until_heard(self, check, what: str, seen: dict) -> None:  # noqa: ANN001
         try:
-            await until(check, what)
+            await until(check, WAIT, what)
         except AssertionError as exc:
             events = {n: (await s.ask(op="state"))["events"][-6:] for n, s in self.sites.items()}
             levels = {k: round(v) for k, v in seen.items()}
@@ -266,16 +257,16 @@ class Mesh:
             return True
 
         try:
-            await until(named, f"every site to name {label(holder)}, and a {kind} event")
+            await until(named, WAIT, f"every site to name {label(holder)}, and a {kind} event")
         except AssertionError as exc:
             events = {n: (await s.ask(op="state"))["events"][-4:] for n, s in self.sites.items()}
             raise AssertionError(f"{exc}; last events: {events}") from None
 
     async def released(self, names: str) -> None:
         await self.key(names, on=False)
-        await until(lambda: self._all_free(), "the floor free everywhere")
+        await until(lambda: self._all_free(), WAIT, "the floor free everywhere")
         for name in names:  # the busy tone's cadence (0.5 s on, 0.5 off) out of the ears
-            await until(lambda n=name: self._quiet(n), f"{name}'s radio to hear nothing")
+            await until(lambda n=name: self._quiet(n), WAIT, f"{name}'s radio to hear nothing")
 
     async def _all_free(self) -> bool:
         return set((await self.holders()).values()) == {None}
@@ -300,7 +291,7 @@ def test_three_gateways_in_a_mesh_hold_one_floor(tmp_path: Path) -> None:
             for site in sites.values():
                 await site.start()
             m = Mesh(sites)
-            await until(m.all_up, "all three links up", 60)
+            await until(m.all_up, 60, "all three links up")
 
             # (a) Two sites key in one moment: one holder everywhere, the third hears it.
             for _ in range(2):

@@ -31,6 +31,7 @@ from gateway.sip.pyvoip import parse
 from gateway.sip.sdp import describe, read_offer
 from gateway.sip.srtp import LegSrtp, new_crypto
 from tests.sip.sip_peers import band_db, dominant_hz
+from tests.waiting import wait_for
 
 LABEL = "RCMP · Marine 7"
 KEYED = bytes((0x20, 9, 0, 0, 0, 1))  # keyed, talker 9, key-up 1
@@ -190,11 +191,13 @@ def test_our_words_go_out_in_every_packet_and_the_label_once_beside(srtp: bool) 
             bank.tx_has[[row, other]] = True
             bank.send()
             time.sleep(max(0.0, start + (k + 1) * 0.02 - time.monotonic()))
-        deadline = time.monotonic() + 2
-        while len(peer.received) < 10 and time.monotonic() < deadline:
+
+        def ten_arrived() -> bool:
             peer.drain()
             plain_peer.drain()
-            time.sleep(0.01)
+            return len(peer.received) >= 10
+
+        wait_for(ten_arrived, 2, "ten packets at the SRTP peer")
         plain_peer.drain()
         assert len(peer.received) == 10
         said = [read(p, 5) for p in peer.received]

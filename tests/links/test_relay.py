@@ -11,22 +11,15 @@ import asyncio
 import socket
 import struct
 import time
-from collections.abc import Callable
 
 import pytest
 from relay import Impairment, TcpRelay, UdpRelay
 
+from tests.waiting import until
+
 PACKET = struct.Struct("!Id")  # sequence, send time (monotonic)
 SLACK = 0.002  # the event loop may run a timer this much early
 CEILING = 0.5  # a delay this much over the configured one means the relay is broken
-
-
-async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Sink(asyncio.DatagramProtocol):

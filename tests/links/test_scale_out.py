@@ -25,10 +25,10 @@ from trunk_sites import (
     radio,
     running,
     site_toml,
-    until,
 )
 
 from tests.sip.sip_peers import PASSWORD, Kamailio, Phone, band_db, run, tone
+from tests.waiting import until
 
 HERE = Path(__file__).parent
 HEARD = -40.0

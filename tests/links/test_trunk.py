@@ -25,11 +25,11 @@ from trunk_sites import (
     share_state,
     site_toml,
     srtp_legs,
-    until,
 )
 
 from tests.mqtt.mqtt_support import Broker, Subscriber
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 HEARD = -40.0  # a tone at -20 dBFS arrives around -20..-26 dB through G.711
 SILENT = -70.0

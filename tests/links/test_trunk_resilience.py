@@ -20,10 +20,10 @@ from trunk_sites import (
     running,
     share_state,
     site_toml,
-    until,
 )
 
 from tests.sip.sip_peers import run, stop_process
+from tests.waiting import until
 
 HEARD = -40.0
 SILENT = -70.0

@@ -11,8 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,22 +21,7 @@ from gateway.app import Gateway
 from gateway.config import PortConfig, Timing, load_config
 from gateway.ports import Port
 from tests.conftest import free_port, require_binary  # noqa: F401  (re-exported)
-
-
-async def until(
-    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 10.0
-) -> None:
-    """Poll ``condition`` every 20 ms until true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.02)
+from tests.waiting import until
 
 
 @contextlib.asynccontextmanager
@@ -48,11 +32,13 @@ async def live_site(tmp_path: Path, toml: str) -> AsyncIterator[Gateway]:
     gw = Gateway(load_config(path))
     task = asyncio.create_task(gw.run())
     try:
-        await until(lambda: gw.clock.ticks > 2 or task.done(), "the media clock to tick")
+        await until(lambda: gw.clock.ticks > 2 or task.done(), 10, "the media clock to tick")
         if task.done():
             task.result()
         if gw.config.section("web") is not None:
-            await until(lambda: bool(getattr(gw, "web", None) and gw.web.port), "the web server")
+            await until(
+                lambda: bool(getattr(gw, "web", None) and gw.web.port), 10, "the web server"
+            )
         yield gw
     finally:
         gw.stop()

@@ -20,11 +20,12 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 from alert_eval import RULES, Scrape, firing, scrape
-from live_site import free_tcp_port, live_site, require_binary, stop_process, until
+from live_site import free_tcp_port, live_site, require_binary, stop_process
 from test_monitoring_files import alert_exprs
 from test_port_down import site as port_down_site
 
 from tests.conftest import write_wav
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +86,7 @@ def test_a_stuck_transmitter_a_dead_carrier_and_late_ticks_alert(tmp_path: Path)
     async def scenario() -> None:
         async with live_site(tmp_path, RADIOS) as gw:
             # loud is keyed by a -20 dBFS beacon: audio, and well within its 3 min TOT.
-            await until(lambda: gw.ports["loud"].keyed, "the beacon to key loud")
+            await until(lambda: gw.ports["loud"].keyed, 10, "the beacon to key loud")
             before = await scrape(gw)
             assert before.get("borderlink_port_ptt_keyed", port="dead") == 0
             gw.engine.set_patch("carrier", True)  # the hum now keys dead, for good
@@ -96,7 +97,7 @@ def test_a_stuck_transmitter_a_dead_carrier_and_late_ticks_alert(tmp_path: Path)
                 after = await scrape(gw)
                 return after.get("borderlink_port_ptt_keyed_seconds", port="dead") > 2.5
 
-            await until(keyed_past_tot, "dead to stay keyed past its 2 s TOT")
+            await until(keyed_past_tot, 10, "dead to stay keyed past its 2 s TOT")
             assert after.get("borderlink_port_ptt_keyed", port="dead") == 1
             assert after.get("borderlink_port_tot_seconds", port="dead") == 2
             assert after.get("borderlink_port_transmit_level_dbfs", port="dead") < -60
@@ -136,7 +137,7 @@ def test_a_port_that_cannot_start_and_a_refused_reload_alert(tmp_path: Path) -> 
             tone = 0.25 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
             write_wav(tmp_path / "new.wav", tone.astype(np.float32), 16000)
             (tmp_path / "new.wav").rename(tmp_path / "announce.wav")
-            await until(lambda: not gw.down, "the retry to bring the port up", timeout=20)
+            await until(lambda: not gw.down, 20, "the retry to bring the port up")
             up = await scrape(gw)
             assert up.get("borderlink_port_up", port="announce") == 1
             assert firing("BorderlinkPortDown", up, up, tmp_path) == []
@@ -208,7 +209,7 @@ def test_a_gateway_prometheus_cannot_scrape_alerts(tmp_path: Path) -> None:
                     before[:] = [got] if got and got.get("up") == 1 else []
                     return bool(before)
 
-                await until(scraped, "Prometheus to scrape the running gateway", timeout=60)
+                await until(scraped, 60, "Prometheus to scrape the running gateway")
             after: list[Scrape] = []
 
             async def down() -> bool:
@@ -216,13 +217,13 @@ def test_a_gateway_prometheus_cannot_scrape_alerts(tmp_path: Path) -> None:
                 after[:] = [got] if got and got.get("up") == 0 else []
                 return bool(after)
 
-            await until(down, "Prometheus to see the stopped gateway down", timeout=60)
+            await until(down, 60, "Prometheus to see the stopped gateway down")
 
             async def pending() -> bool:
                 alerts = (await get("alerts")).get("data", {}).get("alerts", [])
                 return any(a["labels"]["alertname"] == "BorderlinkGatewayDown" for a in alerts)
 
-            await until(pending, "the rule to go pending in Prometheus", timeout=60)
+            await until(pending, 60, "the rule to go pending in Prometheus")
             alerts = fired("BorderlinkGatewayDown", before[0], after[0], tmp_path)
             assert [a["job"] for a in alerts] == ["borderlink"], alerts
         finally:
@@ -243,11 +244,11 @@ def test_a_lost_mqtt_broker_alerts(tmp_path: Path) -> None:
 
         async def scenario() -> None:
             async with live_site(tmp_path, toml) as gw:
-                await until(lambda: gw.mqtt.connected, "the gateway to connect to the broker")
+                await until(lambda: gw.mqtt.connected, 10, "the gateway to connect to the broker")
                 before = await scrape(gw)
                 assert before.get("borderlink_mqtt_connected") == 1
                 broker.kill()
-                await until(lambda: not gw.mqtt.connected, "the gateway to lose the broker")
+                await until(lambda: not gw.mqtt.connected, 10, "the gateway to lose the broker")
                 after = await scrape(gw)
                 assert after.get("borderlink_mqtt_connected") == 0
                 assert fired("BorderlinkMqttDisconnected", before, after, tmp_path) == [
@@ -278,11 +279,11 @@ def test_a_lost_registration_and_lossy_calls_alert(tmp_path: Path) -> None:
                 async def shows_registered() -> bool:
                     return (await scrape(gw)).get(registered, account="marine") == 1
 
-                await until(shows_registered, "the account to register", timeout=30)
+                await until(shows_registered, 30, "the account to register")
                 uac = Uac("127.0.0.42")
                 call = Call(uac, gw.sip.port)
                 await call.dial("6001")
-                await until(lambda: len(legs(gw)) == 1, "the call to be up")
+                await until(lambda: len(legs(gw)) == 1, 10, "the call to be up")
                 await call.send_rtp(25)  # every packet arrives
                 before = await scrape(gw)
                 route = {"route": "6001", "talkgroup": "marine"}
@@ -296,7 +297,7 @@ def test_a_lost_registration_and_lossy_calls_alert(tmp_path: Path) -> None:
                 async def losses_counted() -> bool:
                     return (await scrape(gw)).get(lost, **route) >= 40
 
-                await until(losses_counted, "the route to count the lost packets", timeout=20)
+                await until(losses_counted, 20, "the route to count the lost packets")
                 lossy = await scrape(gw)
                 assert [
                     a["route"] for a in fired("BorderlinkPacketLoss", before, lossy, tmp_path)
@@ -309,7 +310,7 @@ def test_a_lost_registration_and_lossy_calls_alert(tmp_path: Path) -> None:
                 async def shows_lost() -> bool:
                     return (await scrape(gw)).get(registered, account="marine") == 0
 
-                await until(shows_lost, "the account to show unregistered", timeout=60)
+                await until(shows_lost, 60, "the account to show unregistered")
                 after = await scrape(gw)
                 alerts = fired("BorderlinkSipRegistrationLost", before, after, tmp_path)
                 assert [a["account"] for a in alerts] == ["marine"], alerts
@@ -339,8 +340,8 @@ def test_a_certificate_near_expiry_and_a_link_down_alert(tmp_path: Path) -> None
 
     async def scenario() -> None:
         async with running(path) as gw:
-            await until(lambda: bool(getattr(gw, "web", None) and gw.web.port), "the web")
-            await until(lambda: share_state(gw, "us", "marine") == "down", "the link down")
+            await until(lambda: bool(getattr(gw, "web", None) and gw.web.port), 10, "the web")
+            await until(lambda: share_state(gw, "us", "marine") == "down", 10, "the link down")
             before = await scrape(gw)
             days = "borderlink_sip_tls_certificate_expiry_days"
             assert 59 < before.get(days) < 61
@@ -359,7 +360,7 @@ def test_a_certificate_near_expiry_and_a_link_down_alert(tmp_path: Path) -> None
             result = await gw.reload_live(by="SIGHUP")
             assert result.ok, result.error
             gw.links.cut("us", None, "local:test", "exercise", "cli")
-            await until(lambda: share_state(gw, "us", "marine") == "cut", "the cut")
+            await until(lambda: share_state(gw, "us", "marine") == "cut", 10, "the cut")
             after = await scrape(gw)
             assert 9 < after.get(days) < 11
             assert after.get("borderlink_link_state", link="us", state="down") == 0
@@ -412,10 +413,8 @@ def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Pa
                         and link_leg(us_gw) is not None
                     )
 
-                await until(
-                    lambda: bool(ca_gw.web and ca_gw.web.port) and up(), "the link up", timeout=30
-                )
-                await until(lambda: ca_gw.links.trunks["us"].rtt() is not None, "a round trip")
+                await until(lambda: bool(ca_gw.web and ca_gw.web.port) and up(), 30, "the link up")
+                await until(lambda: ca_gw.links.trunks["us"].rtt() is not None, 10, "a round trip")
                 before = await scrape(ca_gw)
                 ca_gw.ports["marine-radio"].speaking = True
                 us_gw.ports["harbor-radio"].speaking = True
@@ -431,8 +430,8 @@ def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Pa
                     lambda: (
                         up() and jitter() > 0.06 and (ca_gw.links.trunks["us"].rtt() or 0) > 0.35
                     ),
+                    60,
                     "a slow, jittery link",
-                    timeout=60,
                 )
                 after = await scrape(ca_gw)
                 assert fired("BorderlinkLinkSlow", before, after, tmp_path) == [
@@ -451,12 +450,12 @@ def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Pa
                     relay.blackout()
                 await until(
                     lambda: ca_gw.links.trunks["us"].keepalive_timeouts > timeouts,
+                    30,
                     "the keepalive to drop the dark link",
-                    timeout=30,
                 )
                 for relay in (to_us, to_ca, media):
                     relay.resume()
-                await until(up, "the link back", timeout=60)
+                await until(up, 60, "the link back")
                 after = await scrape(ca_gw)
                 assert fired("BorderlinkLinkUnstable", before, after, tmp_path) == [
                     {"alertname": "BorderlinkLinkUnstable", "severity": "warning", "link": "us"}
@@ -466,8 +465,8 @@ def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Pa
                 us_gw.links.cut("ca", None, "local:test", "exercise", "cli")
                 await until(
                     lambda: share_state(ca_gw, "us", "ship") == "cut_by_peer",
+                    30,
                     "CA to see the cut",
-                    timeout=30,
                 )
                 after = await scrape(ca_gw)
                 assert fired("BorderlinkLinkCutByPeer", before, after, tmp_path) == [

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from live_site import Probe, live_site, until
+from live_site import Probe, live_site
 from test_audit_docs import check_records
 
 from gateway.audit import AuditConfig, AuditFile
 from gateway.config import ConfigError, parse_config
+from tests.waiting import until
 
 
 def site(audit_path: Path, extra: str = "") -> str:
@@ -67,15 +68,15 @@ def test_an_over_a_patch_and_a_call_are_audited_as_they_happen(tmp_path: Path) -
             def has(event: str) -> bool:
                 return audit.exists() and any(r["event"] == event for r in lines(audit))
 
-            await until(lambda: has("transmit"), "the shore transmitter's record")
+            await until(lambda: has("transmit"), 10, "the shore transmitter's record")
             gw.engine.set_patch("pursuit", True)
             probe = Probe("console-7", gw.config.timing)
             gw.engine.attach(probe, "land")
             await until(
-                lambda: any(r["event"] == "joined" for r in lines(audit)), "the join record"
+                lambda: any(r["event"] == "joined" for r in lines(audit)), 10, "the join record"
             )
             gw.engine.detach(probe)
-            await until(lambda: has("left"), "the leave record")
+            await until(lambda: has("left"), 10, "the leave record")
             gw.audit.record("console_login", operator="dispatcher1", address="127.0.0.1")
             running = lines(audit)
         done = lines(audit)

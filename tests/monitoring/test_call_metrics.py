@@ -16,8 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from live_site import http_get, live_site, require_binary, until
+from live_site import http_get, live_site, require_binary
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests" / "sip"), str(ROOT)]  # as under `python -m pytest`
@@ -87,7 +89,7 @@ def test_calls_are_counted_per_route_with_no_series_of_their_own(tmp_path: Path)
             calls = [Call(uac, gw.sip.port) for _ in range(3)]
             for call in calls:
                 await call.dial("6001")
-            await until(lambda: len(legs(gw)) == 3, "three calls up")
+            await until(lambda: len(legs(gw)) == 3, 10, "three calls up")
             seen: list[float] = []  # the route's packets_in, scrape after scrape
 
             async def scrape() -> str:
@@ -130,25 +132,25 @@ def test_calls_are_counted_per_route_with_no_series_of_their_own(tmp_path: Path)
                 text = await scrape()
                 return seen[-1] == 50
 
-            await until(packets_counted, "the route to count both calls' 50 packets")
+            await until(packets_counted, 10, "the route to count both calls' 50 packets")
             # Gauges are the worst call's, and only for routes with calls up.
             jitter = "borderlink_sip_route_jitter_seconds_max"
             assert value(text, jitter, **ROUTE) is not None
             assert value(text, jitter, route="7001", talkgroup="quiet") is None
             calls[0].hang_up()
-            await until(lambda: len(legs(gw)) == 2, "the first call to end")
+            await until(lambda: len(legs(gw)) == 2, 10, "the first call to end")
             text = await scrape()
             assert seen[-1] == 50
             assert value(text, "borderlink_sip_route_calls", **ROUTE) == 2
             calls[1].hang_up()
-            await until(lambda: len(legs(gw)) == 1, "the second call to end")
+            await until(lambda: len(legs(gw)) == 1, 10, "the second call to end")
             text = await scrape()
             assert seen[-1] == 50, seen
             assert value(text, "borderlink_sip_route_calls", **ROUTE) == 1
             out = value(text, "borderlink_sip_route_packets_out_total", **ROUTE)
             assert out is not None and out > 0  # the gateway sent the calls the talkgroup
             calls[2].hang_up()
-            await until(lambda: not legs(gw), "the last call to end")
+            await until(lambda: not legs(gw), 10, "the last call to end")
             text = await scrape()
             assert value(text, "borderlink_sip_route_calls", **ROUTE) == 0
             assert seen[-1] == 50 and seen == sorted(seen)

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import aiohttp
-from live_site import http_get, live_site, until
+from live_site import http_get, live_site
 
 from gateway.webrtc.passwords import hash_password
+from tests.waiting import until
 
 
 def test_console_sessions_are_counted_and_logins_audited(tmp_path: Path) -> None:
@@ -61,7 +62,7 @@ talk = ["marine"]
             def logged() -> list[str]:
                 return [json.loads(x)["event"] for x in audit.read_text().splitlines()]
 
-            await until(lambda: "console_login" in logged(), "the login in the audit log")
+            await until(lambda: "console_login" in logged(), 10, "the login in the audit log")
             assert "console_login_failed" in logged()
             record = next(
                 json.loads(x)

@@ -11,16 +11,11 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 from gateway.monitoring.metrics import SiteMetrics
-from live_site import (
-    free_tcp_port,
-    http_get,
-    live_site,
-    require_binary,
-    stop_process,
-    until,
-)
+from live_site import free_tcp_port, http_get, live_site, require_binary, stop_process
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.waiting import until
 
 SITE = """
 [site]
@@ -94,7 +89,7 @@ def test_live_metrics_pass_promtool_and_follow_a_keying_radio(tmp_path: Path) ->
                 text = (await http_get(gw, "/metrics"))[1]
                 return value(text, "borderlink_port_ptt_keyed", port="shore") == 1
 
-            await until(shore_keyed, "the shore radio to be keyed by the boat's over")
+            await until(shore_keyed, 10, "the shore radio to be keyed by the boat's over")
             during = (await http_get(gw, "/metrics"))[1]
             assert value(during, "borderlink_port_talking", port="boat") == 1
             assert value(during, "borderlink_port_squelch_open", port="boat") == 1
@@ -109,7 +104,7 @@ def test_live_metrics_pass_promtool_and_follow_a_keying_radio(tmp_path: Path) ->
                     value(text, "borderlink_port_ptt_keyed", port="shore") == 0
                 )
 
-            await until(over_done, "the over to end and the shore transmitter to drop")
+            await until(over_done, 10, "the over to end and the shore transmitter to drop")
             after = (await http_get(gw, "/metrics"))[1]
             talk = value(after, "borderlink_port_talk_seconds_total", port="boat")
             sent = value(after, "borderlink_port_transmit_seconds_total", port="shore")
@@ -142,7 +137,9 @@ def test_health_and_readiness_name_the_broken_port(tmp_path: Path) -> None:
                 return np.full(gw.engine.frame_samples, np.nan, np.float32)
 
             gw.ports["shore"].read = broken  # type: ignore[method-assign]
-            await until(lambda: gw.engine.health["shore"].faults > 0, "the engine to isolate shore")
+            await until(
+                lambda: gw.engine.health["shore"].faults > 0, 10, "the engine to isolate shore"
+            )
             status, body = await http_get(gw, "/readyz")
             report = json.loads(body)
             assert status == 503 and report["ready"] is False
@@ -197,7 +194,7 @@ def test_a_real_prometheus_scrapes_the_gateway(tmp_path: Path) -> None:
                     result[:] = body.get("data", {}).get("result", [])
                     return bool(result)
 
-                await until(answered, "Prometheus to scrape the gateway and answer", timeout=30)
+                await until(answered, 30, "Prometheus to scrape the gateway and answer")
                 # What Prometheus stored is the beacon's real level: a -20 dBFS tone.
                 assert abs(float(result[0]["value"][1]) + 20) < 0.5, result
                 assert result[0]["metric"]["talkgroup"] == "land"
@@ -216,7 +213,7 @@ def test_fast_text_matches_prometheus_client_rendering(tmp_path: Path) -> None:
             SITE.replace('name = "Monitoring test"', 'name = "Quote \\" and \\\\ test"'),
         ) as gw:
             metrics = SiteMetrics.of(gw)
-            await until(lambda: gw.engine.keying.keyed.any(), "a keyed port")
+            await until(lambda: gw.engine.keying.keyed.any(), 10, "a keyed port")
             snap = metrics.snapshot()
             ours = metrics.render(snap).decode()
             registry = CollectorRegistry(auto_describe=False)

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from live_site import Probe, dominant_hz, free_tcp_port, http_get, live_site, rms_dbfs, until
+from live_site import Probe, dominant_hz, free_tcp_port, http_get, live_site, rms_dbfs
 from test_metrics_live import value
 
 from tests.conftest import write_wav
+from tests.waiting import until
 
 
 def site(tmp_path: Path) -> str:
@@ -52,7 +53,7 @@ def test_a_missing_wav_is_down_with_its_reason_and_comes_back(tmp_path: Path) ->
             gw.engine.attach(marine, "marine")
             gw.engine.attach(notices, "notices")
             # The rest of the site runs: the beacon is heard in its talkgroup.
-            await until(lambda: len(marine.heard) > 25, "the beacon's talkgroup to carry audio")
+            await until(lambda: len(marine.heard) > 25, 10, "the beacon's talkgroup to carry audio")
             assert dominant_hz(marine.recent(25), 16000) == 700
             status, body = await http_get(gw, "/readyz")
             report = json.loads(body)
@@ -63,13 +64,13 @@ def test_a_missing_wav_is_down_with_its_reason_and_comes_back(tmp_path: Path) ->
             metrics = (await http_get(gw, "/metrics"))[1]
             assert value(metrics, "borderlink_port_up", port="announce") == 0
             assert value(metrics, "borderlink_ports", kind="file", state="down") == 1
-            await until(lambda: "port_down" in audit.read_text(), "the audit record")
+            await until(lambda: "port_down" in audit.read_text(), 10, "the audit record")
 
             tone = 0.25 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
             write_wav(tmp_path / "new.wav", tone.astype(np.float32), 16000)
             (tmp_path / "new.wav").rename(tmp_path / "announce.wav")  # appears whole
-            await until(lambda: not gw.down, "the retry to bring the port up", timeout=20)
-            await until(lambda: rms_dbfs(notices.recent(25)) > -20, "the announcement to play")
+            await until(lambda: not gw.down, 20, "the retry to bring the port up")
+            await until(lambda: rms_dbfs(notices.recent(25)) > -20, 10, "the announcement to play")
             assert dominant_hz(notices.recent(25), 16000) == 440
             status, _ = await http_get(gw, "/readyz")
             assert status == 200

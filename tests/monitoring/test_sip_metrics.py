@@ -6,7 +6,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-from live_site import http_get, live_site, until
+from live_site import http_get, live_site
+
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests" / "sip"), str(ROOT)]  # as under `python -m pytest`
@@ -57,10 +59,12 @@ password = "not-the-password"
 
                 await until(
                     lambda: scraped('borderlink_sip_registered{account="marine"} 1.0'),
+                    10,
                     "the marine account to show registered",
                 )
                 await until(
                     lambda: scraped('borderlink_sip_registered{account="wrong"} 0.0'),
+                    10,
                     "the wrong-password account to show unregistered",
                 )
                 text = (await http_get(gw, "/metrics"))[1]

@@ -18,7 +18,7 @@ import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "monitoring"))
 
-from live_site import (  # noqa: E402  (shared with tests/monitoring, re-exported)
+from live_site import (
     Probe,
     dominant_hz,
     free_tcp_port,
@@ -27,8 +27,9 @@ from live_site import (  # noqa: E402  (shared with tests/monitoring, re-exporte
     require_binary,
     rms_dbfs,
     stop_process,
-    until,
 )
+
+from tests.waiting import until
 
 __all__ = [
     "Broker",

@@ -9,19 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gateway.monitoring.metrics import SERVICE_STATS
-from mqtt_support import (
-    Broker,
-    Probe,
-    Subscriber,
-    dominant_hz,
-    http_get,
-    live_site,
-    rms_dbfs,
-    until,
-)
+from mqtt_support import Broker, Probe, Subscriber, dominant_hz, http_get, live_site, rms_dbfs
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ConfigError, parse_config
+from tests.waiting import until
 
 PREFIX = "borderlink/test-site"
 
@@ -101,6 +93,7 @@ def test_a_keying_radio_shows_in_metrics_mqtt_and_the_audit_log(
         ):
             await until(
                 lambda: sub.on("/event/ptt_on") and sub.on("/event/talk_start"),
+                10,
                 "MQTT ptt_on and talk_start events",
             )
             ptt = sub.on("/event/ptt_on")[0]
@@ -113,9 +106,10 @@ def test_a_keying_radio_shows_in_metrics_mqtt_and_the_audit_log(
             # Retained port state followed the over.
             await until(
                 lambda: any(p and p["talking"] for p in sub.on("/state/ports/boat")),
+                10,
                 "retained state showing boat talking",
             )
-            await until(lambda: sub.on("/event/ptt_off"), "the ptt_off event")
+            await until(lambda: sub.on("/event/ptt_off"), 10, "the ptt_off event")
             off = sub.on("/event/ptt_off")[0]
             assert off["port"] == "shore" and off["seconds"] == pytest.approx(1.0, abs=0.021)
             text = (await http_get(gw, "/metrics"))[1]
@@ -175,13 +169,15 @@ def test_patch_commands_change_what_the_other_talkgroup_hears(
         ):
             probe = Probe("land-listener", gw.config.timing)
             gw.engine.attach(probe, "land")
-            await until(lambda: len(probe.heard) >= 25, "half a second of land audio")
+            await until(lambda: len(probe.heard) >= 25, 10, "half a second of land audio")
             assert rms_dbfs(probe.recent(25)) < -100  # unpatched: land hears nothing
 
             async def command(body: dict, sender: str = "cad1") -> dict:
                 before = len(sub.on(f"/reply/{sender}"))
                 await sub.publish(f"{PREFIX}/command/{sender}", json.dumps(body))
-                await until(lambda: len(sub.on(f"/reply/{sender}")) > before, f"a reply to {body}")
+                await until(
+                    lambda: len(sub.on(f"/reply/{sender}")) > before, 10, f"a reply to {body}"
+                )
                 return sub.on(f"/reply/{sender}")[-1]
 
             reply = await command({"id": "p1", "action": "patch", "patch": "pursuit"})
@@ -193,12 +189,13 @@ def test_patch_commands_change_what_the_other_talkgroup_hears(
                 "active": True,
             }
             mark = len(probe.heard)
-            await until(lambda: len(probe.heard) >= mark + 25, "land audio after the patch")
+            await until(lambda: len(probe.heard) >= mark + 25, 10, "land audio after the patch")
             heard = probe.recent(25)
             assert dominant_hz(heard, gw.engine.rate) == pytest.approx(1000, abs=20)
             assert rms_dbfs(heard) == pytest.approx(-12, abs=1.0)
             await until(
                 lambda: any(p and p["active"] for p in sub.on("/state/patches/pursuit")),
+                10,
                 "retained patch state",
             )
             assert sub.on("/event/patch")[-1]["patch"] == "pursuit"
@@ -207,11 +204,11 @@ def test_patch_commands_change_what_the_other_talkgroup_hears(
             reply = await command({"id": 2, "action": "unkey", "port": "land-listener"})
             assert reply["ok"] and reply["tx_inhibit"] is True
             mark = len(probe.heard)
-            await until(lambda: len(probe.heard) >= mark + 10, "audio after the unkey")
+            await until(lambda: len(probe.heard) >= mark + 10, 10, "audio after the unkey")
             assert rms_dbfs(probe.recent(10)) < -100
             assert (await command({"id": 3, "action": "release", "port": "land-listener"}))["ok"]
             mark = len(probe.heard)
-            await until(lambda: len(probe.heard) >= mark + 10, "audio after the release")
+            await until(lambda: len(probe.heard) >= mark + 10, 10, "audio after the release")
             assert dominant_hz(probe.recent(10), gw.engine.rate) == pytest.approx(1000, abs=20)
 
             reply = await command(
@@ -222,7 +219,7 @@ def test_patch_commands_change_what_the_other_talkgroup_hears(
             reply = await command({"id": "p5", "action": "unpatch", "patch": "pursuit"})
             assert reply["ok"] and reply["active"] is False
             mark = len(probe.heard)
-            await until(lambda: len(probe.heard) >= mark + 25, "land audio after the unpatch")
+            await until(lambda: len(probe.heard) >= mark + 25, 10, "land audio after the unpatch")
             assert rms_dbfs(probe.recent(25)) < -100
 
             # A run-time port (a call, a console) joining and leaving is published too.
@@ -231,10 +228,12 @@ def test_patch_commands_change_what_the_other_talkgroup_hears(
             gw.engine.detach(probe)
             await until(
                 lambda: any(e["port"] == "land-listener" for e in sub.on("/event/left")),
+                10,
                 "the left event",
             )
             await until(
                 lambda: sub.on("/state/ports/land-listener")[-1] is None,
+                10,
                 "the retained state of the departed port to be cleared",
             )
 
@@ -284,6 +283,7 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
                 await sub.publish(f"{PREFIX}/command/{sender}", payload)
                 await until(
                     lambda s=sender, b=before: len(sub.on(f"/reply/{s}")) > b,
+                    10,
                     f"a reply to {payload[:40]!r}",
                 )
                 reply = sub.on(f"/reply/{sender}")[-1]
@@ -296,7 +296,9 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
             await sub.publish(
                 f"{PREFIX}/command/cad1", b'{"id": 9, "action": "patch", "patch": "pursuit"}'
             )
-            await until(lambda: "pursuit" in gw.engine.active_patches, "the valid patch command")
+            await until(
+                lambda: "pursuit" in gw.engine.active_patches, 10, "the valid patch command"
+            )
             for body in (
                 {"id": "u1", "action": "unkey", "port": "boat"},
                 {"id": "r1", "action": "release", "port": "boat"},
@@ -304,7 +306,9 @@ def test_malformed_and_unauthorised_commands_are_refused_with_a_reason(
             ):
                 before = len(sub.on("/reply/cad1"))
                 await sub.publish(f"{PREFIX}/command/cad1", json.dumps(body).encode())
-                await until(lambda b=before: len(sub.on("/reply/cad1")) > b, f"a reply to {body}")
+                await until(
+                    lambda b=before: len(sub.on("/reply/cad1")) > b, 10, f"a reply to {body}"
+                )
                 assert sub.on("/reply/cad1")[-1]["ok"] is True
             text = (await http_get(gw, "/metrics"))[1]
             assert metric(text, "borderlink_mqtt_commands_total", result="rejected") == 8
@@ -396,9 +400,9 @@ def test_broker_restart_reconnects_republishes_and_delivers_the_bounded_buffer(
     async def scenario() -> None:
         async with live_site(tmp_path, body) as gw:
             mqtt = gw.mqtt
-            await until(lambda: mqtt.connected and not mqtt.events, "the first connection")
+            await until(lambda: mqtt.connected and not mqtt.events, 10, "the first connection")
             broker.kill()
-            await until(lambda: not mqtt.connected, "the gateway to notice the broker is gone")
+            await until(lambda: not mqtt.connected, 10, "the gateway to notice the broker is gone")
             status, _ = await http_get(gw, "/healthz")
             assert status == 200  # audio goes on without the broker
             for on in (True, False, True, False, True, True):
@@ -410,14 +414,14 @@ def test_broker_restart_reconnects_republishes_and_delivers_the_bounded_buffer(
             broker.start()  # a fresh broker: no retained messages, no sessions
             async with Subscriber(broker.port, f"{PREFIX}/#") as sub:
                 assert not mqtt.connected
-                await until(lambda: mqtt.connected, "the gateway to reconnect", timeout=15)
-                await until(lambda: len(sub.on("/event/patch")) == 4, "the 4 buffered events")
+                await until(lambda: mqtt.connected, 15, "the gateway to reconnect")
+                await until(lambda: len(sub.on("/event/patch")) == 4, 10, "the 4 buffered events")
                 patches = sub.on("/event/patch")
                 seqs = [p["seq"] for p in patches]
                 assert seqs == list(range(seqs[0], seqs[0] + 4))  # the newest four, in order
                 assert [p["active"] for p in patches] == [False, True, False, True]
                 # Retained state goes out ports, talkgroups, patches: the patch comes last.
-                await until(lambda: sub.on("/state/patches/pursuit"), "republished state")
+                await until(lambda: sub.on("/state/patches/pursuit"), 10, "republished state")
                 land = sub.on("/state/talkgroups/land")[-1]
                 assert land["patched"] is True and land["mix_group"] == "marine+land"
                 assert sub.on("/state/ports/b")[-1]["tx_inhibit"] is True
@@ -439,14 +443,14 @@ def test_the_gateway_runs_with_the_broker_down_and_connects_when_it_appears(
     async def scenario() -> None:
         async with live_site(tmp_path, site(broker.port, TONES_ONLY)) as gw:
             ticks = gw.clock.ticks
-            await until(lambda: gw.clock.ticks > ticks + 25, "the media clock to keep ticking")
+            await until(lambda: gw.clock.ticks > ticks + 25, 10, "the media clock to keep ticking")
             text = (await http_get(gw, "/metrics"))[1]
             assert metric(text, "borderlink_mqtt_connected") == 0
             broker.start()
             try:
                 async with Subscriber(broker.port, f"{PREFIX}/status") as sub:
                     await until(
-                        lambda: "online" in sub.on("/status"), "the gateway's online status"
+                        lambda: "online" in sub.on("/status"), 10, "the gateway's online status"
                     )
             finally:
                 broker.kill()
@@ -487,11 +491,11 @@ def test_a_reload_by_mqtt_turns_a_patch_on_with_an_event_and_audit_lines(
             assert gw.config.source is not None
             gw.config.source.write_text(text.replace("enabled = false", "enabled = true"))
             await sub.publish(f"{PREFIX}/command/cad1", b'{"id": "rl-1", "action": "reload"}')
-            await until(lambda: sub.on("/reply/cad1"), "the reply to reload")
+            await until(lambda: sub.on("/reply/cad1"), 10, "the reply to reload")
             reply = sub.on("/reply/cad1")[-1]
             assert reply["ok"] is True and reply["id"] == "rl-1", reply
             assert "pursuit" in gw.engine.active_patches
-            await until(lambda: sub.on("/event/patch"), "the patch event")
+            await until(lambda: sub.on("/event/patch"), 10, "the patch event")
             assert sub.on("/event/patch")[-1] | {"seq": 0, "ts": 0} == {
                 "seq": 0,
                 "ts": 0,

@@ -22,11 +22,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from mqtt_support import Broker, Subscriber, live_site, until
+from mqtt_support import Broker, Subscriber, live_site
 from test_mqtt_live import PREFIX, TONES_ONLY, site
 from test_mqtt_tls import make_pki
 
 from tests.conftest import free_port
+from tests.waiting import until
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 
@@ -69,7 +70,7 @@ def test_stop_while_the_broker_refuses_connections(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with live_site(tmp_path, site(port, TONES_ONLY)) as gw:
-            await until(lambda: gw.mqtt.attempts >= 3, "three refused attempts")
+            await until(lambda: gw.mqtt.attempts >= 3, 10, "three refused attempts")
             assert not gw.mqtt.connected
             assert gw.mqtt.last_error
 
@@ -90,8 +91,8 @@ def test_stop_while_waiting_for_the_brokers_answer(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with live_site(tmp_path, site(port, TONES_ONLY)) as gw:
-            await until(accept, "the gateway to open a TCP connection")
-            await until(lambda: connections_to(port) == 1, "the gateway's side of it")
+            await until(accept, 10, "the gateway to open a TCP connection")
+            await until(lambda: connections_to(port) == 1, 10, "the gateway's side of it")
             assert not gw.mqtt.connected
 
     try:
@@ -135,7 +136,7 @@ def test_stop_while_the_tls_handshake_is_still_in_progress(tmp_path: Path) -> No
 
     async def scenario() -> None:
         async with live_site(tmp_path, config) as gw:
-            await until(accepted.is_set, "the gateway to open a TCP connection")
+            await until(accepted.is_set, 10, "the gateway to open a TCP connection")
             service = gw.mqtt
             stop = service.stop
 
@@ -162,7 +163,9 @@ def test_stop_while_connected_and_after_the_broker_vanished(tmp_path: Path) -> N
     async def scenario() -> None:
         async with live_site(tmp_path, site(broker.port, TONES_ONLY)):
             async with Subscriber(broker.port, f"{PREFIX}/status") as sub:
-                await until(lambda: "online" in sub.on("/status"), "the gateway's online status")
+                await until(
+                    lambda: "online" in sub.on("/status"), 10, "the gateway's online status"
+                )
             assert connections_to(broker.port) == 1  # the subscriber's own is closed
             broker.kill()  # and the gateway stops before (or as) it notices
 
@@ -179,9 +182,9 @@ def test_stop_while_connected_says_offline(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Subscriber(broker.port, f"{PREFIX}/status") as sub:
             async with live_site(tmp_path, site(broker.port, TONES_ONLY)) as gw:
-                await until(lambda: gw.mqtt.connected, "the connection")
-                await until(lambda: "online" in sub.on("/status"), "the online status")
-            await until(lambda: sub.on("/status")[-1] == "offline", "the offline status")
+                await until(lambda: gw.mqtt.connected, 10, "the connection")
+                await until(lambda: "online" in sub.on("/status"), 10, "the online status")
+            await until(lambda: sub.on("/status")[-1] == "offline", 10, "the offline status")
             assert connections_to(broker.port) == 1  # only the subscriber's
 
     try:

@@ -7,7 +7,9 @@ import subprocess
 from pathlib import Path
 
 import aiomqtt
-from mqtt_support import Broker, Subscriber, live_site, require_binary, until
+from mqtt_support import Broker, Subscriber, live_site, require_binary
+
+from tests.waiting import until
 
 SITE = """
 [site]
@@ -121,12 +123,12 @@ def test_tls_and_password_connect_and_a_wrong_password_is_reported(tmp_path: Pat
             broker.port, "borderlink/tls/#", tls_params=tls, username="gateway", password="s3cret"
         )
         async with subscriber as sub, live_site(tmp_path, site) as gw:
-            await until(lambda: gw.mqtt.connected, "a TLS connection with the password")
-            await until(lambda: sub.on("/state/ports/a"), "retained state over TLS")
+            await until(lambda: gw.mqtt.connected, 10, "a TLS connection with the password")
+            await until(lambda: sub.on("/state/ports/a"), 10, "retained state over TLS")
             assert sub.on("/state/ports/a")[-1]["talking"] is True
         site = SITE.format(port=broker.port, ca=ca, password_file=bad)
         async with live_site(tmp_path, site) as gw:
-            await until(lambda: gw.mqtt.attempts >= 2, "two refused attempts")
+            await until(lambda: gw.mqtt.attempts >= 2, 10, "two refused attempts")
             assert gw.mqtt.connections == 0 and not gw.mqtt.connected
             assert "not authori" in gw.mqtt.last_error.lower(), gw.mqtt.last_error
             assert gw.clock.ticks > 0  # audio runs regardless

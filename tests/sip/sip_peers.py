@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 import wave
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -25,32 +25,13 @@ from gateway.app import Gateway
 from gateway.config import parse_config
 from gateway.endpoints import ENDPOINTS
 from tests.conftest import free_port, require_binary, write_wav
+from tests.waiting import until, wait_for
 
 HERE = Path(__file__).parent
 PASSWORD = "s3cret"
 
 
 # --- waiting without sleeps-as-synchronisation ---------------------------------------
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-async def until(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def sip_ping(port: int, timeout: float = 0.3, host: str = "127.0.0.1") -> bool:

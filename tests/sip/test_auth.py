@@ -21,8 +21,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sip_peers import Kamailio, band_db, dominant_hz, run, running_gateway, tone, until
+from sip_peers import Kamailio, band_db, dominant_hz, run, running_gateway, tone
 from test_calls import RATE, legs, recorded, site
+
+from tests.waiting import until
 
 REALM = "borderlink"
 GOOD = "correct-horse-battery"

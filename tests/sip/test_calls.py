@@ -13,9 +13,10 @@ from hashlib import md5
 from pathlib import Path
 
 import numpy as np
-from sip_peers import PASSWORD, band_db, dominant_hz, run, running_gateway, tone, until
+from sip_peers import PASSWORD, band_db, dominant_hz, run, running_gateway, tone
 
 from tests.conftest import free_port
+from tests.waiting import until
 
 RATE = 8000
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gateway.codecs.g711 import ulaw_decode, ulaw_encode
-from sip_peers import band_db, dominant_hz, run, running_gateway, until
+from sip_peers import band_db, dominant_hz, run, running_gateway
 from test_calls import legs, recorded, site
 from test_shared_port import HEADER, RATE, RawPhone, stream
 
 from tests.conftest import free_port
+from tests.waiting import until
 
 
 class Caller(RawPhone):

@@ -6,8 +6,10 @@ import asyncio
 import socket
 
 import numpy as np
-from sip_peers import band_db, dominant_hz, run, running_gateway, tone, until
+from sip_peers import band_db, dominant_hz, run, running_gateway, tone
 from test_calls import RATE, legs, recorded, site
+
+from tests.waiting import until
 
 FRAME = 320  # engine samples per tick at 16 kHz / 20 ms
 

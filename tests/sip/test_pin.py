@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sip_peers import band_db, run, running_gateway, tone, until
+from sip_peers import band_db, run, running_gateway, tone
 from test_auth import Uac, status
 from test_calls import RATE, legs, recorded, site
+
+from tests.waiting import until
 
 FRAME = 320  # engine samples per tick (16 kHz, 20 ms)
 CODEC_FRAME = 160  # what the phone gets per packet (8 kHz, 20 ms)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from sip_peers import run, running_gateway, tone, until
+from sip_peers import run, running_gateway, tone
 from test_calls import legs, site
+
+from tests.waiting import until
 
 OUTAGE_LONG = 10.0  # the outage the issue found unnoticed (keepalive 30 s then)
 OUTAGE_SHORT = 1.0  # a quick restart: shorter than any ping interval worth having

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from sip_peers import run, running_gateway, tone, until
+from sip_peers import run, running_gateway, tone
 from test_calls import RATE, legs, site
 from test_shared_port import RawPhone
 
@@ -25,6 +25,7 @@ from gateway.sip.rtcp import (
     ntp_now,
     parse_compound,
 )
+from tests.waiting import until
 
 NTP_OFFSET = 2208988800
 

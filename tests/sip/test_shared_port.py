@@ -16,8 +16,10 @@ import struct
 
 import numpy as np
 from gateway.codecs.g711 import ulaw_decode, ulaw_encode
-from sip_peers import band_db, run, running_gateway, until
+from sip_peers import band_db, run, running_gateway
 from test_calls import site
+
+from tests.waiting import until
 
 RATE = 8000
 HEADER = struct.Struct("!BBHII")

@@ -17,11 +17,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
-from sip_peers import band_db, dominant_hz, run, tone, until
+from sip_peers import band_db, dominant_hz, run, tone
 from test_calls import RATE, legs, recorded, site
 
 from gateway.app import Gateway
 from gateway.config import load_config
+from tests.waiting import until
 
 # A route for the new configs below: open to anyone, as a test route may be.
 NEW_ROUTE = """

@@ -19,6 +19,7 @@ import ssl
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +27,7 @@ import pytest
 from gateway.codecs.g711 import ulaw_decode, ulaw_encode
 from pki import Authority
 from pylibsrtp import Policy, Session
-from sip_peers import (
-    Phone,
-    band_db,
-    dominant_hz,
-    run,
-    running_gateway,
-    stop_process,
-    tone,
-    until,
-)
+from sip_peers import Phone, band_db, dominant_hz, run, running_gateway, stop_process, tone
 from test_calls import legs, recorded
 
 from gateway.config import ConfigError, parse_config
@@ -46,6 +38,7 @@ from gateway.sip.rtcp import RtcpState, build_report, parse_compound
 from gateway.sip.sdp import read_offer
 from gateway.sip.srtp import SUITE, TAG, Crypto, LegSrtp, accept_keys, new_crypto, parse_crypto
 from tests.conftest import free_port, require_binary
+from tests.waiting import until, wait_for
 
 RATE = 8000
 HEADER = struct.Struct("!BBHII")
@@ -279,10 +272,7 @@ def test_bank_protects_and_checks_srtp_beside_a_plain_call_and_drops_forgeries()
             bank.receive()
             return {k: v - before[k] for k, v in bank.malformed.items() if v != before[k]}
 
-        deadline = time.monotonic() + 5
-        while counted() != expected and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert counted() == expected
+        wait_for(lambda: counted() == expected, 5, f"the bank to count {expected}")
         assert bank.media[row].malformed == 4
         assert int(bank.packets_in[row]) == packets_before, "a forged packet was accepted"
         assert bank.media[plain_row].malformed == 0
@@ -290,16 +280,23 @@ def test_bank_protects_and_checks_srtp_beside_a_plain_call_and_drops_forgeries()
         report = build_report(secure.ssrc, "peer@test", (0, 0, 1, 160), None)
         secure.rtcp.sendto(secure.tx.protect_rtcp(report), ("127.0.0.1", bank.port + 1))
         secure.rtcp.sendto(report, ("127.0.0.1", bank.port + 1))
-        deadline = time.monotonic() + 5
-        while bank.media[row].rtcp.reports_in < 1 and time.monotonic() < deadline:
-            bank.receive()
-            time.sleep(0.02)
+        wait_for(receiving(bank, lambda: bank.media[row].rtcp.reports_in), 5, "the SRTCP report")
         assert bank.media[row].rtcp.reports_in == 1
         assert bank.malformed["srtp_auth"] - before["srtp_auth"] == 4
     finally:
         bank.close()
         secure.close()
         plain.close()
+
+
+def receiving(bank: LegBank, check: Callable[[], object]) -> Callable[[], object]:
+    """``check`` after reading what the bank's sockets hold (no media clock runs here)."""
+
+    def look() -> object:
+        bank.receive()
+        return check()
+
+    return look
 
 
 def test_a_phone_behind_nat_latches_an_srtp_call_only_with_its_key():
@@ -320,18 +317,14 @@ def test_a_phone_behind_nat_latches_an_srtp_call_only_with_its_key():
     try:
         for _ in range(3):
             attacker.send(to_bank)  # ...the attacker's is not
-        deadline = time.monotonic() + 5
-        while bank.malformed["srtp_auth"] < 3 and time.monotonic() < deadline:
-            bank.receive()
-            time.sleep(0.02)
+        wait_for(
+            receiving(bank, lambda: bank.malformed["srtp_auth"] >= 3), 5, "3 failed SRTP checks"
+        )
         assert bank.malformed["srtp_auth"] == 3
         assert not bank.latched[row] and bank.media[row].remote == announced.address
         phone.send(to_bank)
-        deadline = time.monotonic() + 5
-        while not bank.latched[row] and time.monotonic() < deadline:
-            bank.receive()
-            time.sleep(0.02)
-        assert bank.latched[row] and bank.media[row].remote == phone.address
+        wait_for(receiving(bank, lambda: bank.latched[row]), 5, "the call to latch to the phone")
+        assert bank.media[row].remote == phone.address
     finally:
         bank.close()
         for peer in (announced, phone, attacker):

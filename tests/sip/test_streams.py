@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 from pki import Authority
-from sip_peers import run, running_gateway, until
+from sip_peers import run, running_gateway
 
 from tests.conftest import free_port
+from tests.waiting import until
 
 
 def site(sip: str) -> str:

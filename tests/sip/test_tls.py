@@ -13,19 +13,11 @@ from pathlib import Path
 
 import numpy as np
 from pki import Authority
-from sip_peers import (
-    PASSWORD,
-    Kamailio,
-    band_db,
-    dominant_hz,
-    run,
-    running_gateway,
-    tone,
-    until,
-)
+from sip_peers import PASSWORD, Kamailio, band_db, dominant_hz, run, running_gateway, tone
 from test_calls import legs, recorded
 
 from tests.conftest import free_port
+from tests.waiting import until
 
 RATE = 8000
 

@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +28,7 @@ from gateway.endpoints import ENDPOINTS, Endpoint
 from gateway.ports import Port
 from gateway.webrtc.passwords import hash_password
 from tests.conftest import require_binary, write_wav
+from tests.waiting import until
 
 CONSOLE_TONE_HZ = 1200.0  # what the fake microphone says
 RADIO_TONE_HZ = 700.0  # what the test radio says
@@ -198,20 +199,6 @@ def png_is_blank(png: bytes) -> bool:
 
 def rms_dbfs(x: np.ndarray) -> float:
     return 20 * float(np.log10(max(float(np.sqrt(np.mean(np.square(x)))), 1e-9)))
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.01) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy, or fail saying what did not happen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for: {what}")
-        await asyncio.sleep(step)
 
 
 @dataclass

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from console_site import PASSWORDS, console_site, run, site_toml, until
+from console_site import PASSWORDS, console_site, run, site_toml
 
 from gateway.config import ConfigError, parse_config
 from gateway.webrtc.passwords import hash_password, verify_password
+from tests.waiting import until
 
 OFFER = {"console": "0123456789abcdef", "talkgroup": "marine", "type": "offer", "sdp": "v=0"}
 

@@ -20,8 +20,9 @@ from console_site import (
     png_is_blank,
     rms_dbfs,
     run,
-    until,
 )
+
+from tests.waiting import until
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 RATE = 16000

@@ -19,8 +19,9 @@ from console_site import (
     fft_peak_hz,
     png_is_blank,
     run,
-    until,
 )
+
+from tests.waiting import until
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 LONG_NAME = "Alice Marie-Josephine Fitzgerald-Montgomery, Coast Guard Sector Puget Sound"

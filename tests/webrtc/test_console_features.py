@@ -18,8 +18,9 @@ from console_site import (
     fft_peak_hz,
     png_is_blank,
     run,
-    until,
 )
+
+from tests.waiting import until
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 RATE_HZ = 16000  # the test site's engine rate
@@ -310,7 +311,7 @@ def test_left_right_routing_puts_each_talkgroup_in_its_ear(tmp_path):
             return levels
 
         try:
-            return await until(heard, 10, f"left ear {left}, right ear {right}", step=0.2)
+            return await until(heard, 10, f"left ear {left}, right ear {right}", interval=0.2)
         finally:
             await page.evaluate("() => window.ears.ctx.close()")
 

@@ -8,13 +8,14 @@ import json
 import sys
 from pathlib import Path
 
-from console_site import CHROMIUM_FLAGS, PASSWORDS, password_hash, until
+from console_site import CHROMIUM_FLAGS, PASSWORDS, password_hash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "links"))
 
 from trunk_sites import LinkSpec, SiteSpec, make_pki, running, share_state, site_toml  # noqa: E402
 
 from tests.conftest import require_binary  # noqa: E402
+from tests.waiting import until
 
 
 def console_section() -> str:

@@ -11,9 +11,10 @@ import json
 import time
 
 import aiohttp
-from console_site import CONSOLE_TONE_HZ, PASSWORDS, console_site, fft_peak_hz, run, until
+from console_site import CONSOLE_TONE_HZ, PASSWORDS, console_site, fft_peak_hz, run
 
 from gateway.webrtc.passwords import hash_password
+from tests.waiting import until
 
 RATE = 16000
 ALICE_TALKS = 'talk = ["*"]\nemergency = true'

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from console_site import PASSWORDS, RADIO_TONE_HZ, console_site, run, until
+from console_site import PASSWORDS, RADIO_TONE_HZ, console_site, run
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.waiting import until
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path, str]:
