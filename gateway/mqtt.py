@@ -632,7 +632,7 @@ class MqttService:
         return {"changes": outcome.summary}, {"changes": outcome.summary}
 
     def _link(self, action: str, command: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        from gateway.links.service import LinkError
+        from gateway.links.errors import LinkError
 
         links = getattr(self.gateway, "links", None)
         if links is None:

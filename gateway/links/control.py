@@ -18,6 +18,8 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.links.errors import LinkError
+
 if TYPE_CHECKING:
     import asyncio  # imported where the server runs: 'borderlink link' and --help need none
 
@@ -85,8 +87,6 @@ class ControlServer:
             writer.close()
 
     def handle(self, line: bytes, who: str) -> dict[str, Any]:
-        from gateway.links.service import LinkError
-
         try:
             request = json.loads(line)
             if not isinstance(request, dict):

@@ -29,6 +29,7 @@ from gateway.links.arbiter import Arbiter
 from gateway.links.config import LinkConfig, LinksConfig, site_id
 from gateway.links.control import ControlServer, control_path
 from gateway.links.cuts import CutStore, state_path
+from gateway.links.errors import LinkError
 from gateway.links.talker import REASONS, Talker
 from gateway.links.trunk import STATES, Trunk
 from gateway.sip.config import split_hostport
@@ -39,10 +40,6 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 log = logging.getLogger(__name__)
-
-
-class LinkError(Exception):
-    """A cut or restore that cannot be done; the message says why (sent back to the caller)."""
 
 
 class LinksService:

@@ -903,7 +903,7 @@ class ConsoleHub:
     def cut_link(self, sock: Socket, link: Any, cut: bool) -> None:
         """A sovereign cut (or its restore) of a cross-border link, by an operator with
         the ``links`` permission; the links service audits it (``via`` console)."""
-        from gateway.links.service import LinkError
+        from gateway.links.errors import LinkError
 
         operator = sock.session.operator
         service = getattr(self.gateway, "links", None)

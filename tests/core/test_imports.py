@@ -21,9 +21,6 @@ from gateway.endpoints import ENDPOINTS, load
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY_POINT = "gateway.cli"
-# Imported inside functions both ways (the control socket and the links service it
-# drives); harmless at import time, but a knot for the links' owner to untie.
-KNOWN_LAZY_CYCLES = [{"gateway.links.control", "gateway.links.service"}]
 
 
 def package_dirs() -> dict[str, Path]:
@@ -158,7 +155,7 @@ def test_no_import_cycles() -> None:
 
 def test_no_cycles_through_imports_inside_functions_either() -> None:
     """Lazy imports keep start-up light; they must not tie layers into knots."""
-    assert [c for c in cycles(import_graph(lazy=True)) if c not in KNOWN_LAZY_CYCLES] == []
+    assert cycles(import_graph(lazy=True)) == []
 
 
 def test_only_the_entry_point_imports_the_cli() -> None:
