@@ -31,7 +31,7 @@ Figures, per run:
 * SRTP's cost: the component and load tables run each size with plain RTP and with
   SRTP (SDES, AES_CM_128_HMAC_SHA1_80) side by side. SDES keys are only accepted
   over TLS, so for the SRTP rows the generator sets its calls up over a TLS
-  connection (a throwaway CA from tests/sip/pki.py) and protects its packets with
+  connection (a throwaway CA from gateway/demo/pki.py) and protects its packets with
   its own pylibsrtp sessions (its CPU is not the gateway's).
 
 The machine is shared: numbers are what one run sees; rerun to compare.
@@ -391,8 +391,7 @@ class Caller:
 
 def tls_material(directory: Path) -> tuple[str, str]:
     """[sip] keys for a TLS listener with a throwaway CA's certificate, and the CA file."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "sip"))
-    from pki import Authority  # the tests' throwaway CA
+    from gateway.demo.pki import Authority  # the throwaway CA
 
     ca = Authority(directory)
     issued = ca.issue("gateway.bench")

@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests" / "sip"), str(ROOT)]
+sys.path.insert(0, str(ROOT))
 
-from pki import Authority  # noqa: E402  (the tests' throwaway CA)
-
+from gateway.demo.pki import Authority  # noqa: E402  (the throwaway CA)
 from gateway.sip.stream import Framer  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 

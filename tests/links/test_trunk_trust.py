@@ -10,10 +10,10 @@ from pathlib import Path
 
 from trunk_sites import make_pki
 
+from gateway.demo.pki import Authority
 from gateway.links.config import LinkConfig
 from gateway.links.trunk import Trunk
 from gateway.sip.transport import Source
-from tests.sip.pki import Authority
 
 
 def trunk(config: LinkConfig) -> Trunk:

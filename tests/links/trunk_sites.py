@@ -24,10 +24,10 @@ from pydantic import Field
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sip"))
 
 from gateway.codecs.tones import ToneGenerator  # noqa: E402
-from pki import Authority, Issued  # noqa: E402
 from sip_peers import band_db, dominant_hz  # noqa: E402,F401  (re-exported)
 
 from gateway.config import PortConfig, load_config  # noqa: E402
+from gateway.demo.pki import Authority, Issued  # noqa: E402
 from gateway.endpoints import ENDPOINTS, Endpoint  # noqa: E402
 from gateway.ports import Frame, Port  # noqa: E402
 from tests.conftest import free_port  # noqa: E402

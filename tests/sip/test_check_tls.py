@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from pki import Authority
 
 from gateway.app import Gateway
 from gateway.config import load_config
+from gateway.demo.pki import Authority
 
 SITE = """
 [site]

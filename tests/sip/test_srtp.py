@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gateway.codecs.g711 import ulaw_decode, ulaw_encode
-from pki import Authority
 from pylibsrtp import Policy, Session
 from sip_peers import Phone, band_db, dominant_hz, run, running_gateway, stop_process, tone
 from test_calls import legs, recorded
 
 from gateway.config import ConfigError, parse_config
+from gateway.demo.pki import Authority
 from gateway.sip.bank import LegBank, LegMedia
 from gateway.sip.config import strictest
 from gateway.sip.pyvoip import parse

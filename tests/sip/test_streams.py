@@ -14,9 +14,9 @@ import ssl
 import time
 from pathlib import Path
 
-from pki import Authority
 from sip_peers import run, running_gateway
 
+from gateway.demo.pki import Authority
 from tests.conftest import free_port
 from tests.waiting import until
 

@@ -12,10 +12,10 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
-from pki import Authority
 from sip_peers import PASSWORD, Kamailio, band_db, dominant_hz, run, running_gateway, tone
 from test_calls import legs, recorded
 
+from gateway.demo.pki import Authority
 from tests.conftest import free_port
 from tests.waiting import until
 

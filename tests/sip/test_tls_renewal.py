@@ -12,10 +12,11 @@ import asyncio
 import ssl
 from pathlib import Path
 
-from pki import Authority
 from sip_peers import run
 from test_sip_reload import running_site
 from test_streams import client_context, options, read_message, tls_site
+
+from gateway.demo.pki import Authority
 
 
 def test_reload_takes_a_renewed_certificate_and_refuses_a_broken_one(tmp_path):
