@@ -21,21 +21,20 @@ shared name, in which direction::
     harbour = "port-ops"                   # short for { as = "port-ops", direction = "both" }
 
 Keys of ``share`` are *local* talkgroup names (they never leave this site); ``as``
-is the name the other side sees. Certificates are loaded here, so ``borderlink
-check`` and a reload refuse a missing file, a key that does not match, or an
-expired certificate with the file and line, before a link is ever dialled.
+is the name the other side sees. Certificates are loaded here (by
+:mod:`gateway.sip.tls`, as ``[sip]``'s are), so ``borderlink check`` and a reload
+refuse a missing file, a key that does not match, or an expired certificate with the
+file and line, before a link is ever dialled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from pydantic import (
     AfterValidator,
@@ -48,12 +47,18 @@ from pydantic import (
 
 from gateway.config import Model, SiteConfig
 from gateway.links.consent import SHARED_NAME, Direction, Shares
+from gateway.sip.tls import (
+    check_key_matches,
+    load_certificate,
+    load_certificates,
+    load_key,
+    normalise_pin,
+)
 
 _HOSTPORT = re.compile(
     r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})$"
 )
 _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_FINGERPRINT = re.compile(r"^(?:sha-?256(?::| fingerprint=))?([0-9a-f]{2}(?::?[0-9a-f]{2}){31})$")
 
 
 def split_address(value: str) -> tuple[str, int]:
@@ -68,54 +73,12 @@ def split_address(value: str) -> tuple[str, int]:
 
 def normalise_fingerprint(value: str) -> str:
     """A SHA-256 fingerprint as lower-case hex without colons; ValueError says the fix."""
-    match = _FINGERPRINT.match(value.strip().lower())
-    if not match:
-        raise ValueError(
-            "not a SHA-256 fingerprint: 64 hex digits, colons allowed "
-            "(print one with 'openssl x509 -in peer.pem -noout -fingerprint -sha256')"
-        )
-    return match[1].replace(":", "")
+    return normalise_pin(value).removeprefix("sha256:")
 
 
 def certificate_fingerprint(certificate: x509.Certificate) -> str:
     """The SHA-256 of a certificate's DER form, as pinned in ``peer_fingerprints``."""
     return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def load_certificates(path: Path, what: str) -> list[x509.Certificate]:
-    """Every certificate in a PEM file, each in its validity period; ValueError says why not."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read the {what}: {exc.strerror}") from exc
-    try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise ValueError(
-            f"no PEM certificate in the file ('-----BEGIN CERTIFICATE-----'); "
-            f"give the {what} in PEM form"
-        ) from exc
-    now = datetime.now(UTC)
-    for certificate in certificates:
-        subject = certificate.subject.rfc4514_string() or "(no subject)"
-        if certificate.not_valid_after_utc < now:
-            raise ValueError(
-                f"the {what} ({subject}) expired on "
-                f"{certificate.not_valid_after_utc:%Y-%m-%d}; renew it"
-            )
-        if certificate.not_valid_before_utc > now:
-            raise ValueError(
-                f"the {what} ({subject}) is not valid before "
-                f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this "
-                "machine's clock or the certificate"
-            )
-    return certificates
-
-
-def _public_der(key: Any) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 Fingerprint = Annotated[str, AfterValidator(normalise_fingerprint)]
@@ -169,35 +132,17 @@ class LinkConfig(Model):
     @field_validator("certificate")
     @classmethod
     def _certificate_loads(cls, value: Path) -> Path:
-        load_certificates(value, "certificate")
+        load_certificate(value)
         return value
 
     @field_validator("key")
     @classmethod
     def _key_loads_and_matches(cls, value: Path, info: ValidationInfo) -> Path:
-        try:
-            data = value.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"cannot read the key: {exc.strerror}") from exc
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except TypeError as exc:  # the key is encrypted
-            raise ValueError(
-                "the key is protected by a passphrase; the gateway starts "
-                "unattended: store it unencrypted, readable only by the gateway's user"
-            ) from exc
-        except (ValueError, UnsupportedAlgorithm) as exc:
-            raise ValueError(
-                "no PEM private key in the file ('-----BEGIN ... PRIVATE KEY-----')"
-            ) from exc
-        certificate_path = info.data.get("certificate")
-        if certificate_path is not None:  # else its own problem is already reported
-            leaf = load_certificates(certificate_path, "certificate")[0]
-            if _public_der(leaf.public_key()) != _public_der(key.public_key()):
-                raise ValueError(
-                    f"this key does not belong to the certificate {str(certificate_path)!r}; "
-                    "give the key the certificate was issued for"
-                )
+        certificate = info.data.get("certificate")
+        if certificate is None:  # its own problem is already reported
+            load_key(value)
+        else:
+            check_key_matches(value, load_certificate(certificate), certificate)
         return value
 
     @field_validator("codecs")
@@ -312,7 +257,7 @@ class LinksConfig(Model):
                 off = "" if entry.enabled else " (not offered: enabled = false)"
                 lines.append(f"  shares {talkgroup} as {entry.shared!r} ({entry.direction}){off}")
             try:
-                leaf = load_certificates(link.certificate, "certificate")[0]
+                leaf = load_certificate(link.certificate)
             except ValueError as exc:  # changed on disk since it was checked
                 lines.append(f"  our certificate: {exc}")
                 continue

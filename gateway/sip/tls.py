@@ -2,8 +2,9 @@
 
 Three questions, answered here and nowhere else:
 
-* **Is the configured certificate usable?** :func:`load_certificate`,
-  :func:`check_key_matches` and :func:`load_ca` read the PEM files and say what is
+* **Is the configured certificate usable?** :func:`load_certificates` (and
+  :func:`load_certificate`, :func:`load_ca`), :func:`load_key` and
+  :func:`check_key_matches` read the PEM files, ``[sip]``'s and the links', and say what is
   wrong in words (missing, unreadable, not PEM, expired, the key belongs to another
   certificate), so ``borderlink check`` and a reload refuse a site that would fail
   its first handshake.
@@ -34,7 +35,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 log = logging.getLogger(__name__)
 
@@ -56,46 +59,61 @@ def _read(path: Path, what: str) -> bytes:
         raise ValueError(f"{what} {str(path)!r} cannot be read: {exc.strerror}") from None
 
 
-def load_certificate(path: Path, now: dt.datetime | None = None) -> x509.Certificate:
-    """The site's certificate (the first in the PEM file), refused when not valid now."""
-    data = _read(path, "certificate")
+def load_certificates(
+    path: Path, what: str = "certificate", now: dt.datetime | None = None, dated: bool = True
+) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, each valid now unless not ``dated`` (a CA bundle may
+    carry an expired root beside good ones). The links' files are read here too."""
+    data = _read(path, what)
     try:
-        cert = x509.load_pem_x509_certificates(data)[0]
+        certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
         raise ValueError(
-            f"certificate {str(path)!r} holds no PEM certificate "
+            f"{what} {str(path)!r} holds no PEM certificate "
             "('-----BEGIN CERTIFICATE-----' expected)"
         ) from None
     now = now or dt.datetime.now(dt.UTC)
-    if cert.not_valid_after_utc <= now:
-        raise ValueError(
-            f"certificate {str(path)!r} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
-            "renew it"
-        )
-    if cert.not_valid_before_utc > now:
-        raise ValueError(
-            f"certificate {str(path)!r} is not valid before "
-            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check the host's clock)"
-        )
-    return cert
+    for cert in certificates if dated else ():
+        named = f"{what} {str(path)!r} ({cert.subject.rfc4514_string() or 'no subject'})"
+        if cert.not_valid_after_utc <= now:
+            raise ValueError(
+                f"{named} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
+            )
+        if cert.not_valid_before_utc > now:
+            raise ValueError(
+                f"{named} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+                "(check the host's clock)"
+            )
+    return certificates
 
 
-def check_key_matches(path: Path, cert: x509.Certificate, cert_path: Path) -> None:
-    """The private key must be readable, unencrypted PEM, and the certificate's own."""
+def load_certificate(path: Path, now: dt.datetime | None = None) -> x509.Certificate:
+    """The site's certificate (the first in the PEM file), refused when not valid now."""
+    return load_certificates(path, "certificate", now)[0]
+
+
+def load_key(path: Path) -> PrivateKeyTypes:
+    """The private key: readable, unencrypted PEM (the gateway starts unattended)."""
     data = _read(path, "key")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        return serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise ValueError(
-            f"key {str(path)!r} is encrypted; give the gateway an unencrypted key "
-            "readable only by its user"
+            f"key {str(path)!r} is protected by a passphrase; the gateway starts unattended: "
+            "store it unencrypted, readable only by the gateway's user"
         ) from None
-    except (ValueError, serialization.UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm):
         raise ValueError(
             f"key {str(path)!r} holds no PEM private key ('-----BEGIN PRIVATE KEY-----' expected)"
         ) from None
-    mine = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+
+
+def check_key_matches(path: Path, cert: x509.Certificate, cert_path: Path) -> None:
+    """The private key must load (:func:`load_key`) and be the certificate's own."""
+    mine = (
+        load_key(path)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     theirs = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -108,14 +126,7 @@ def check_key_matches(path: Path, cert: x509.Certificate, cert_path: Path) -> No
 
 
 def load_ca(path: Path) -> list[x509.Certificate]:
-    data = _read(path, "CA bundle")
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise ValueError(
-            f"CA bundle {str(path)!r} holds no PEM certificate "
-            "('-----BEGIN CERTIFICATE-----' expected)"
-        ) from None
+    return load_certificates(path, "CA bundle", dated=False)
 
 
 def normalise_pin(pin: str) -> str:
@@ -124,7 +135,7 @@ def normalise_pin(pin: str) -> str:
     match = _PIN.match(pin.strip().lower())
     if not match:
         raise ValueError(
-            f"pin {pin!r} is not a SHA-256 fingerprint: 64 hex digits, colons allowed "
+            f"{pin!r} is not a SHA-256 fingerprint: 64 hex digits, colons allowed "
             "(openssl x509 -noout -fingerprint -sha256 -in CERT prints it)"
         )
     return "sha256:" + match.group(1).replace(":", "").lower()

@@ -110,6 +110,10 @@ def test_certificate_not_yet_valid_and_files_that_are_not_pem(tmp_path, ca):
     assert result.returncode == 2
     assert "sip.tls_key" in result.stderr and "is a directory" in result.stderr
 
+    result = check(tmp_path, tls(site.certificate, site.certificate))  # PEM, but not a key
+    assert result.returncode == 2, result.stderr
+    assert "sip.tls_key" in result.stderr and "holds no PEM private key" in result.stderr
+
 
 def test_tls_used_without_what_it_needs(tmp_path, ca):
     result = check(tmp_path, 'listen_tls = "127.0.0.1:5998"')
