@@ -65,11 +65,11 @@ from trunk_sites import (  # noqa: E402
     RATE,
     LinkSpec,
     SiteSpec,
+    both_up,
     link_leg,
     make_pki,
     media_through,
     running,
-    share_state,
     site_toml,
 )
 
@@ -204,16 +204,7 @@ def with_codecs(text: str, codecs: str) -> str:
 
 async def linked(ca, us, media: UdpRelay) -> None:  # noqa: ANN001
     """Wait for the link; put its media through ``media`` (again after every redial)."""
-    await until(
-        lambda: (
-            share_state(ca, "us", "ship") == "up"
-            and share_state(us, "ca", "ship") == "up"
-            and link_leg(ca) is not None
-            and link_leg(us) is not None
-        ),
-        60,
-        "the link up",
-    )
+    await both_up(ca, us, "ship", 60)
     await media_through(link_leg(ca), link_leg(us), media)
 
 

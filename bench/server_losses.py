@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from radio_latency import RADIO, go_realtime, run_beside  # noqa: E402
+from radio_latency import RADIO, go_realtime  # noqa: E402
 
+from tests.hardware.gwrun import build, drive  # noqa: E402
 from tests.hardware.jackradio import (  # noqa: E402
     RATE,
     RadioSim,
@@ -40,6 +41,7 @@ from tests.hardware.jackradio import (  # noqa: E402
     stop_jackd,
     tone,
 )
+from tests.waiting import wait_for  # noqa: E402
 
 PERIOD = 256
 SAMPLE_S = 0.005
@@ -49,25 +51,19 @@ def record(seconds: float) -> np.ndarray:
     """Rows of (time, stamp time, stamp frame, xruns, A rx underruns, B tx underruns)."""
     from gateway.hardware.card_process import STAMP, STAMP_FRAME, XRUNS
 
-    from gateway.app import Gateway
-    from gateway.config import load_config
-
     server = f"bllosses{os.getpid()}"
     jackd = start_jackd(server, period=PERIOD)
     rows: list[tuple[float, ...]] = []
     try:
         portaudio_on(server)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "site.toml"
-            path.write_text(site_toml({"radio_a": RADIO, "radio_b": RADIO}))
-            gw = Gateway(load_config(path))
+            gw = build(Path(tmp), site_toml({"radio_a": RADIO, "radio_b": RADIO}))
             sim = RadioSim(server, 2, seconds=seconds + 30)
             sim.connect(0, card_client("radio_a"))
             sim.connect(1, card_client("radio_b"))
 
             def sample() -> None:
-                while gw.engine.tick_count < 100:
-                    time.sleep(0.05)
+                wait_for(lambda: gw.engine.tick_count >= 100, 60, "the media clock's first 2 s")
                 a, b = gw.ports["radio_a"].card, gw.ports["radio_b"].card
                 sim.start(0, tone(1000, 1.0, -12), loop=True)
                 end = time.monotonic() + seconds
@@ -89,7 +85,7 @@ def record(seconds: float) -> np.ndarray:
                     time.sleep(SAMPLE_S)
 
             try:
-                run_beside(gw, sample)
+                drive(gw, sample, timeout=seconds + 120)
             finally:
                 sim.close()
     finally:
