@@ -24,8 +24,8 @@ import numpy as np
 from gateway.hardware.card_process import lock_memory
 from gateway.hardware.ring import SharedRing
 
+from tests import waiting
 from tests.conftest import require_binary
-from tests.waiting import wait_for
 
 RATE = 48000
 PERIOD = 256
@@ -318,7 +318,7 @@ class _SimStream:
         c = self.control
         mic, speaker = f"{client}:in_0", f"{client}:out_0"
         ours_out, ours_in = f"{self.name}:out_{radio}", f"{self.name}:in_{radio}"
-        wait_for(
+        waiting.wait_for(
             lambda: c.get_ports(f"^{client}:in_0$") and c.get_ports(f"^{client}:out_0$"),
             timeout,
             f"JACK client {client}",

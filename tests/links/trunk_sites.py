@@ -30,8 +30,8 @@ from gateway.config import PortConfig, load_config  # noqa: E402
 from gateway.demo.pki import Authority, Issued  # noqa: E402
 from gateway.endpoints import ENDPOINTS, Endpoint  # noqa: E402
 from gateway.ports import Frame, Port  # noqa: E402
+from tests import waiting
 from tests.conftest import free_port  # noqa: E402
-from tests.waiting import until
 
 RATE = 16000
 
@@ -185,7 +185,9 @@ async def running(path: Path, endpoints: tuple = ()) -> AsyncIterator:
     gateway = Gateway(load_config(path, endpoints or TEST_ENDPOINTS))
     task = asyncio.ensure_future(gateway.run())
     try:
-        await until(lambda: task.done() or _started(gateway), 10, "the links service to start")
+        await waiting.until(
+            lambda: task.done() or _started(gateway), 10, "the links service to start"
+        )
         if task.done():
             task.result()
         yield gateway
@@ -250,7 +252,7 @@ async def media_through(ours, theirs, relay) -> None:  # noqa: ANN001
     # would settle on our own address again instead of the relay's.
     await asyncio.sleep(0.2)
     _point(theirs, theirs.bank.media[theirs.row].remote, latch=True)
-    await until(
+    await waiting.until(
         lambda: relay.up.forwarded > up + 50 and relay.down.forwarded > down + 50,
         15,
         "media through the relay both ways",
@@ -259,7 +261,7 @@ async def media_through(ours, theirs, relay) -> None:  # noqa: ANN001
 
 async def both_up(ca, us, name: str = "shiprider", timeout: float = 20) -> None:  # noqa: ANN001
     """Wait until the shared ``name`` is up on both sides (CA's link "us", US's "ca")."""
-    await until(
+    await waiting.until(
         lambda: share_state(ca, "us", name) == "up" and share_state(us, "ca", name) == "up",
         timeout,
         f"{name} up on both sides",

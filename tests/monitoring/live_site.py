@@ -20,8 +20,8 @@ import numpy as np
 from gateway.app import Gateway
 from gateway.config import PortConfig, Timing, load_config
 from gateway.ports import Port
+from tests import waiting
 from tests.conftest import free_port, require_binary  # noqa: F401  (re-exported)
-from tests.waiting import until
 
 
 @contextlib.asynccontextmanager
@@ -32,11 +32,13 @@ async def live_site(tmp_path: Path, toml: str) -> AsyncIterator[Gateway]:
     gw = Gateway(load_config(path))
     task = asyncio.create_task(gw.run())
     try:
-        await until(lambda: gw.clock.ticks > 2 or task.done(), 10, "the media clock to tick")
+        await waiting.until(
+            lambda: gw.clock.ticks > 2 or task.done(), 10, "the media clock to tick"
+        )
         if task.done():
             task.result()
         if gw.config.section("web") is not None:
-            await until(
+            await waiting.until(
                 lambda: bool(getattr(gw, "web", None) and gw.web.port), 10, "the web server"
             )
         yield gw

@@ -29,8 +29,6 @@ from live_site import (
     stop_process,
 )
 
-from tests.waiting import until
-
 __all__ = [
     "Broker",
     "Probe",
@@ -39,7 +37,6 @@ __all__ = [
     "http_get",
     "live_site",
     "rms_dbfs",
-    "until",
 ]
 
 

@@ -24,8 +24,8 @@ from gateway.codecs.pcm import int16_to_float
 from gateway.app import Gateway
 from gateway.config import parse_config
 from gateway.endpoints import ENDPOINTS
+from tests import waiting
 from tests.conftest import free_port, require_binary, write_wav
-from tests.waiting import until, wait_for
 
 HERE = Path(__file__).parent
 PASSWORD = "s3cret"
@@ -159,7 +159,7 @@ class Kamailio:
             start_new_session=True,
         )
         log.close()
-        wait_for(
+        waiting.wait_for(
             lambda: sip_ping(self.port, host=self.host) or self.proc.poll() is not None,
             15,
             "kamailio",
@@ -311,7 +311,7 @@ class Phone:
         assert files, f"{self.name} recorded nothing: {self.output()[-2000:]}"
         # baresip finishes the WAV when the call is torn down, a moment after the BYE
         # shows in its output: wait until the header reads.
-        wait_for(lambda: _readable_wav(files[call]), 5, f"{self.name}'s recording to close")
+        waiting.wait_for(lambda: _readable_wav(files[call]), 5, f"{self.name}'s recording to close")
         return read_wav(files[call])[0]
 
     def sent(self) -> np.ndarray:
@@ -341,7 +341,7 @@ async def running_gateway(toml: str, endpoints: tuple = ENDPOINTS) -> AsyncItera
             sip = getattr(gateway, "sip", None)
             return task.done() or (sip is not None and sip.calls is not None)
 
-        await until(started, 5, "the SIP service to start")
+        await waiting.until(started, 5, "the SIP service to start")
         if task.done():
             task.result()
         yield gateway

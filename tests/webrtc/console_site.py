@@ -27,8 +27,8 @@ from gateway.config import PortConfig
 from gateway.endpoints import ENDPOINTS, Endpoint
 from gateway.ports import Port
 from gateway.webrtc.passwords import hash_password
+from tests import waiting
 from tests.conftest import require_binary, write_wav
-from tests.waiting import until
 
 CONSOLE_TONE_HZ = 1200.0  # what the fake microphone says
 RADIO_TONE_HZ = 700.0  # what the test radio says
@@ -223,7 +223,7 @@ class Site:
         path.write_text(path.read_text().replace("port = 0", f"port = {port}", 1))
         self.gateway = Gateway(load_config(path, TEST_ENDPOINTS))
         self.task = asyncio.ensure_future(self.gateway.run())
-        await until(
+        await waiting.until(
             lambda: getattr(getattr(self.gateway, "web", None), "port", None) or self.task.done(),
             10,
             "the web server to listen again",
@@ -301,7 +301,7 @@ async def console_site(
     run = asyncio.ensure_future(gateway.run())
     site: Site | None = None
     try:
-        await until(
+        await waiting.until(
             lambda: getattr(getattr(gateway, "web", None), "port", None) or run.done(),
             10,
             "the web server to listen",
