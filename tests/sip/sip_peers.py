@@ -31,9 +31,6 @@ HERE = Path(__file__).parent
 PASSWORD = "s3cret"
 
 
-# --- waiting without sleeps-as-synchronisation ---------------------------------------
-
-
 def sip_ping(port: int, timeout: float = 0.3, host: str = "127.0.0.1") -> bool:
     """True when something answers a SIP OPTIONS on host:port (loopback)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
