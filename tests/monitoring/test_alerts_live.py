@@ -444,6 +444,10 @@ def test_a_slow_jittery_unstable_link_and_one_cut_by_the_peer_alert(tmp_path: Pa
 
                 for relay in (to_us, to_ca, media):
                     relay.impair = Impairment()
+                # On a loaded machine the slow link's keepalive may already have dropped the
+                # dialog (while the alerts above were read): a link that is redialling has
+                # no keepalive for the blackout to time out.
+                await until(up, 60, "the link up before the blackout")
                 before = await scrape(ca_gw)
                 timeouts = ca_gw.links.trunks["us"].keepalive_timeouts
                 for relay in (to_us, to_ca, media):
