@@ -55,7 +55,8 @@ class Event:
 
 
 def _links(ports: list[Port]) -> np.ndarray | None:
-    """Which ports are link legs (they hear no other link), None when none is."""
+    """Which ports are link legs (they hear no other link, unless their site relays the
+    talkgroup: :meth:`SharedFloors.link_mask`), None when none is."""
     link = np.array([p.kind == "link" for p in ports], bool)
     return link if link.any() else None
 
@@ -66,6 +67,11 @@ class SharedFloors(Protocol):
     this side it carries. Called once a tick, after the local floor."""
 
     def decide(self, engine: Engine, decision: FloorDecision) -> None: ...
+
+    def link_mask(self, layout: Layout) -> np.ndarray | None:
+        """The mixer's ``link`` this tick: the link legs that hear no other link (all of
+        them, but those of a talkgroup this site relays between its links)."""
+        ...
 
 
 @dataclass
@@ -413,10 +419,12 @@ class Engine:
             lay.kerchunk_ticks,
             lay.tot_ticks,
         )
-        if lay.link is not None and self.shared_floors is not None:
+        link = lay.link
+        if link is not None and self.shared_floors is not None:
             self.shared_floors.decide(self, decision)
+            link = self.shared_floors.link_mask(lay)
         weights = np.where(decision.admitted, lay.rx_gain, np.float32(0.0)).astype(np.float32)
-        mix = self.mixer.mix(frames, weights, lay.group_of, len(lay.groups), lay.tx_gain, lay.link)
+        mix = self.mixer.mix(frames, weights, lay.group_of, len(lay.groups), lay.tx_gain, link)
         receiving = lay.half & decision.talk
         # A full-duplex port asking for a floor it cannot have hears the busy tone instead.
         busy = decision.denied & ~lay.half & lay.can_transmit

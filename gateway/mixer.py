@@ -3,7 +3,9 @@
 Each listener hears the sum of its group's admitted talkers minus its own
 signal. A *link* listener (a cross-border trunk leg) hears the sum minus every
 link talker, not only itself: a link carries only audio that originated on its
-own side, so three sites in a chain or a mesh hear each other exactly once.
+own side, so three sites in a chain or a mesh hear each other exactly once. A
+leg of a talkgroup its site *relays* (``gateway.links.topology``) is left out of
+the ``link`` mask by the engine, so it hears the ordinary N-1.
 
 Work is done on (ports × samples) arrays so the cost grows with the
 number of samples actually mixed, not with Python work per sample; the only

@@ -304,6 +304,20 @@ SERVICE_STATS: dict[str, tuple[str, str, str, str | None]] = {
         "1 while the peer's keyed talker on this shared name declares an emergency",
         "link,share",
     ),
+    "link_relaying": (
+        "link_relaying",
+        "gauge",
+        "Per talkgroup this site relays between its links: 1 relaying, 0 held back (a peer "
+        "relays too, refuses onward, links directly to another, or has not said)",
+        "talkgroup",
+    ),
+    "link_relay_held_back": (
+        "link_relay_held_back_total",
+        "counter",
+        "Times the relay of a talkgroup was held back by the loop-free rule (see the log and "
+        "the link_relay audit record for why)",
+        "talkgroup",
+    ),
     "console_sessions": ("console_sessions", "gauge", "Open dispatcher console sessions", None),
     "console_seats": ("console_seats", "gauge", "Console positions joined to talkgroups", None),
     "console_shared_encodes": (

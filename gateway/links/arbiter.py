@@ -22,22 +22,37 @@ leg and has something going on:
 
 In a ``mix`` group everyone is heard; only step 3 runs, so the far side still
 knows who talks.
+
+**Relay** (``[links] relay``, :mod:`gateway.links.topology`): in a talkgroup this site
+relays, while the rule there lets it, each link leg hears the others (the mixer's
+ordinary N-1, :meth:`Arbiter.link_mask`), and in step 3 a leg is told the best of our
+candidates *and of the other legs' peers'*, with the origin's site, talker ID, key-up,
+priority, emergency and label — so the far end's floor, console and audit name the
+origin's talker and every site of a chain ranks the same candidates. Each leg is told
+how this side links in its talkgroup (relay, onward, its other peers) whenever that
+changes.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gateway.links.floor import Candidate, FloorChange, SharedFloor, choose
 from gateway.links.talker import fit_label, wire_priority
+from gateway.links.topology import Topology, held_back
 
 if TYPE_CHECKING:
-    from gateway.engine import Engine
+    from gateway.engine import Engine, Layout
     from gateway.floor import FloorDecision
     from gateway.ports import Port
+
+log = logging.getLogger(__name__)
 
 
 def talker_label(port: Port, site_name: str) -> str:
@@ -59,9 +74,24 @@ def talker_label(port: Port, site_name: str) -> str:
 class Arbiter:
     """Shared floors and talker announcements for one site (the engine's ``shared_floors``)."""
 
-    def __init__(self, site_id: str, site_name: str) -> None:
+    def __init__(
+        self,
+        site_id: str,
+        site_name: str,
+        relay: frozenset[str] = frozenset(),
+        audit: Callable[..., None] | None = None,
+    ) -> None:
         self.site = site_id
         self.site_name = site_name
+        self.relay = relay  # local talkgroups this site relays between its links
+        self.audit = audit
+        # Relay talkgroup's mix group name → "" relaying, else why it is held back now
+        self.relaying: dict[str, str] = {}
+        self.held_back_total: dict[str, int] = {}  # mix group → times the relay held back
+        self._relay_groups: list[tuple[int, str, list[int]]] = []  # (group, name, legs)
+        self._unsaid: list[Port] = []  # legs whose topology the peer has not been told
+        self._mask: np.ndarray | None = None  # the mixer's "hears no link" per port
+        self._relay_now: frozenset[int] = frozenset()  # groups relaying this tick
         self.floors: dict[str, SharedFloor] = {}  # mix group name → its shared floor
         self.overs: dict[str, tuple[int, int]] = {}  # our asking port → (talker ID, key-up ms)
         self.voice_since: dict[str, int] = {}  # link leg without extension → voice began, ms
@@ -75,13 +105,92 @@ class Arbiter:
         self._next_talker = self._next_talker % 255 + 1
         return self._next_talker
 
+    def set_relay(self, relay: frozenset[str]) -> None:
+        """A reload changed ``[links] relay``: applied at the next tick's layout check."""
+        if relay != self.relay:
+            self.relay = relay
+            self._layout = None
+
+    def link_mask(self, layout: Layout) -> np.ndarray | None:
+        """Which ports hear no link talker this tick (the mixer's ``link``): every link
+        leg, but those of a talkgroup this site relays now."""
+        return self._mask if self._layout is layout else layout.link
+
+    def _new_layout(self, lay: Layout) -> None:
+        """Legs came or went: what each says of this side's links, and the relay groups."""
+        assert lay.link is not None
+        self._layout = lay
+        self._legs = [(i, p) for i, p in enumerate(lay.ports) if lay.link[i]]
+        self._labels = {}  # our port → its label, for this layout
+        by_group: dict[int, list[int]] = {}
+        for i, _ in self._legs:
+            by_group.setdefault(int(lay.group_of[i]), []).append(i)
+        self._relay_groups = []
+        self._unsaid = []
+        n_groups = len(lay.groups)
+        for g, legs in by_group.items():
+            if g >= n_groups:
+                continue
+            relay = any(tg in self.relay for tg in lay.groups[g].talkgroups)
+            if relay:
+                self._relay_groups.append((g, lay.groups[g].name, legs))
+            peers = {i: _peer(lay.ports[i]) for i in legs}
+            for i in legs:
+                onair = getattr(lay.ports[i], "onair", None)
+                if onair is None:
+                    continue
+                others = frozenset(p for j, p in peers.items() if j != i and p != peers[i])
+                onair.topology = Topology(relay, getattr(lay.ports[i], "onward", True), others)
+                self._unsaid.append(lay.ports[i])
+        names = {name for _, name, _ in self._relay_groups}
+        for name in [n for n in self.relaying if n not in names]:
+            self._relay_state(name, None)
+        self._relay_now = frozenset()
+        self._mask = lay.link
+
+    def _relay_check(self, lay: Layout) -> None:
+        """Which relay talkgroups may forward now (the rule of :func:`held_back`)."""
+        if self._unsaid:
+            self._unsaid = [leg for leg in self._unsaid if not leg.onair.say_topology()]
+        if not self._relay_groups:
+            return
+        now = set()
+        for g, name, legs in self._relay_groups:
+            peers = {}
+            for i in legs:
+                onair = getattr(lay.ports[i], "onair", None)
+                peers[_peer(lay.ports[i])] = onair.peer_topology if onair is not None else None
+            reason = held_back(peers)
+            if self.relaying.get(name) != reason:
+                self._relay_state(name, reason)
+            if not reason and len(legs) > 1:
+                now.add(g)
+        if now != self._relay_now:
+            assert lay.link is not None
+            self._relay_now = frozenset(now)
+            self._mask = lay.link & ~np.isin(lay.group_of, list(now))
+
+    def _relay_state(self, group: str, reason: str | None) -> None:
+        """The relay of one talkgroup starts, is held back (why), or is gone: logged, audited."""
+        if reason is None:
+            self.relaying.pop(group, None)
+            return
+        was = self.relaying.get(group)
+        self.relaying[group] = reason
+        if reason:
+            self.held_back_total[group] = self.held_back_total.get(group, 0) + 1
+            log.warning("links: relay of %s held back: %s", group, reason)
+        else:
+            log.info("links: relaying %s between its links", group)
+        if self.audit is not None and was != reason:
+            self.audit("link_relay", talkgroup=group, relaying=not reason, reason=reason)
+
     def decide(self, engine: Engine, decision: FloorDecision) -> None:
         lay = engine.layout
         assert lay.link is not None
         if self._layout is not lay:
-            self._layout = lay
-            self._legs = [(i, p) for i, p in enumerate(lay.ports) if lay.link[i]]
-            self._labels = {}  # our port → its label, for this layout
+            self._new_layout(lay)
+        self._relay_check(lay)
         now = time.time()
         now_ms = int(now * 1000)
         asking = decision.admitted | decision.denied
@@ -118,21 +227,45 @@ class Arbiter:
                         self.site, over[0], over[1], wire_priority(int(lay.priority[i])), emergency
                     )
                 )
+            relaying = g in self._relay_now
+            shared = lay.shared is not None and bool(lay.shared[g])
+            reports: dict[int, Candidate | None] = {}
+            if shared or relaying:
+                for i in legs:
+                    leg = lay.ports[i]
+                    peer = _peer(leg)
+                    if peer == self.site:
+                        continue  # misconfigured: the peer claims our site ID (refused at set-up)
+                    asking = bool(decision.admitted[i] or decision.denied[i])
+                    locked = bool(engine.floor.locked[i])
+                    report = self._report(leg, peer, asking, locked, int(lay.priority[i]), now_ms)
+                    if report is not None and report.site == self.site:
+                        report = replace(report, site=peer)  # ours never comes back: the peer's
+                    reports[i] = report
+            if shared:
+                self._shared_floor(engine, decision, g, members, reports, candidates, rows)
             best = choose(candidates)
-            if lay.shared is not None and lay.shared[g]:
-                self._shared_floor(engine, decision, g, members, legs, candidates, rows, now_ms)
-            label = ""
-            squelch = False
-            if best is not None:
-                port = lay.ports[rows[best.talker]]
-                label = self._labels.get(port.name) or self._labels.setdefault(
-                    port.name, talker_label(port, self.site_name)
-                )
-                squelch = port.half_duplex
             for i in legs:
                 onair = getattr(lay.ports[i], "onair", None)
-                if onair is not None:
-                    onair.announce(now_ms, best, label, squelch)
+                if onair is None:
+                    continue
+                said = best
+                if relaying:  # the best of ours and of the other legs' peers
+                    said = choose([*candidates, *(r for j, r in reports.items() if j != i and r)])
+                if said is None:
+                    onair.announce(now_ms)
+                elif said.site == self.site:
+                    port = lay.ports[rows[said.talker]]
+                    label = self._labels.get(port.name) or self._labels.setdefault(
+                        port.name, talker_label(port, self.site_name)
+                    )
+                    onair.announce(now_ms, said, label, port.half_duplex)
+                else:  # relayed: the origin's over, named as the leg it came in on names it
+                    j = next(j for j, r in reports.items() if r == said)
+                    came = lay.ports[j]
+                    heard = getattr(came, "onair", None)
+                    squelch = bool(heard and heard.heard and heard.heard.squelch)
+                    onair.announce(now_ms, said, engine.talker_of(j), squelch, origin=said.site)
         self.overs = overs
         self.voice_since = self._voice
 
@@ -142,26 +275,18 @@ class Arbiter:
         decision: FloorDecision,
         g: int,
         members: np.ndarray,
-        legs: list[int],
+        reports: dict[int, Candidate | None],
         candidates: list[Candidate],
         rows: dict[int, int],
-        now_ms: int,
     ) -> None:
         """One shared single floor: every side picks the same holder; admit it alone."""
         lay = engine.layout
         name = lay.groups[g].name
         floor = self.floors.get(name) or SharedFloor(self.site)
-        via: dict[str, int] = {}  # peer site → the link leg its talker is heard through
-        remote: dict[str, Candidate | None] = {}
-        for i in legs:
-            leg = lay.ports[i]
-            peer = getattr(leg, "peer_site", "") or leg.name
-            if peer == self.site:
-                continue  # misconfigured: the peer claims our site ID (refused at set-up)
-            via[peer] = i
-            asking = bool(decision.admitted[i] or decision.denied[i])
-            locked = bool(engine.floor.locked[i])
-            remote[peer] = self._report(leg, peer, asking, locked, int(lay.priority[i]), now_ms)
+        # (site, talker ID) → the link leg that talker is heard through (its peer's, or
+        # one a relay passes on from further away)
+        via = {(r.site, r.talker): i for i, r in reports.items() if r is not None}
+        remote = {_peer(lay.ports[i]): r for i, r in reports.items()}
         old = floor.holder
         change = floor.update(candidates, remote)
         holder = floor.holder
@@ -171,7 +296,10 @@ class Arbiter:
             self.floors[name] = floor
         winner = -1
         if holder is not None:
-            winner = rows.get(holder.talker, -1) if holder.site == self.site else via[holder.site]
+            if holder.site == self.site:
+                winner = rows.get(holder.talker, -1)
+            else:
+                winner = via.get((holder.site, holder.talker), -1)
         asking = decision.admitted[members] | decision.denied[members]
         decision.admitted[members] = (members == winner) & asking  # a holder we cannot hear
         decision.denied[members] = asking & (members != winner)
@@ -207,7 +335,7 @@ class Arbiter:
         old: Candidate | None,
         winner: int,
         rows: dict[int, int],
-        via: dict[str, int],
+        via: dict[tuple[str, int], int],
     ) -> None:
         from gateway.engine import Event
 
@@ -216,7 +344,9 @@ class Arbiter:
         def row_of(c: Candidate | None) -> int:
             if c is None:
                 return -1
-            return rows.get(c.talker, -1) if c.site == self.site else via.get(c.site, -1)
+            if c.site == self.site:
+                return rows.get(c.talker, -1)
+            return via.get((c.site, c.talker), -1)
 
         def who(i: int) -> str:
             port = lay.ports[i]
@@ -242,3 +372,8 @@ class Arbiter:
             engine.emit(
                 Event("floor_granted", lay.ports[winner].name, group, tick=tick, talker=who(winner))
             )
+
+
+def _peer(leg: Port) -> str:
+    """The site a link leg goes to (its name, for a peer without the talker extension)."""
+    return getattr(leg, "peer_site", "") or leg.name

@@ -90,6 +90,11 @@ class ShareConfig(Model):
     shared: str = Field(alias="as", description="the name the other side sees")
     direction: Direction = "both"
     enabled: bool = True
+    onward: bool = Field(
+        True,
+        description="a site that relays this talkgroup may pass what we send on to its "
+        "other links; false: the peer's relay of this talkgroup holds back",
+    )
 
     @field_validator("shared")
     @classmethod
@@ -220,6 +225,10 @@ class LinksConfig(Model):
     site_id: str | None = Field(
         None, description="this site on every link (floor tie-break); default: the site name"
     )
+    relay: list[str] = Field(
+        default_factory=list,
+        description="local talkgroups this site relays between its links (a chain's middle)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -229,7 +238,7 @@ class LinksConfig(Model):
             for key, item in value.items():
                 if key not in cls.model_fields and not isinstance(item, dict):
                     raise ValueError(
-                        f"{key!r} is neither 'site_id' nor a link: a link is a table, "
+                        f"{key!r} is neither 'site_id', 'relay' nor a link: a link is a table, "
                         f"[links.{key}] with peer, certificate, key, ..."
                     )
         return value
@@ -241,6 +250,22 @@ class LinksConfig(Model):
             raise ValueError("site_id is 1-32 letters, digits, '_', '.' or '-'")
         return value
 
+    @model_validator(mode="after")
+    def _relay_between_links(self) -> LinksConfig:
+        """A relayed talkgroup must be shared on two links or more (else nothing to relay)."""
+        for talkgroup in self.relay:
+            if self.relay.count(talkgroup) > 1:
+                raise ValueError(f"relay names {talkgroup!r} twice; name each talkgroup once")
+            sharing = [n for n, link in self.links.items() if talkgroup in link.share]
+            if len(sharing) < 2:
+                on = f"only link {sharing[0]!r} shares it" if sharing else "no link shares it"
+                raise ValueError(
+                    f"relay names talkgroup {talkgroup!r} but {on}: a relay passes a "
+                    "talkgroup between two or more links; share it on each "
+                    "([links.NAME.share]) or remove it from relay"
+                )
+        return self
+
     @property
     def links(self) -> dict[str, LinkConfig]:
         return dict(self.model_extra or {})
@@ -248,13 +273,14 @@ class LinksConfig(Model):
     def summary_lines(self) -> list[str]:
         """What ``borderlink check`` prints: each peer, what we share, and the fingerprint
         of our certificate — what the other side pins."""
-        lines = []
+        lines = [f"relays {tg} between its links" for tg in self.relay]
         for name, link in self.links.items():
             backup = f" (backup {link.backup})" if link.backup else ""
             state = "" if link.enabled else " CUT (enabled = false)"
             lines.append(f"{name:<12} peer {link.peer}{backup}{state}")
             for talkgroup, entry in link.share.items():
                 off = "" if entry.enabled else " (not offered: enabled = false)"
+                off += "" if entry.onward else " (not to be relayed onward)"
                 lines.append(f"  shares {talkgroup} as {entry.shared!r} ({entry.direction}){off}")
             try:
                 leaf = load_certificate(link.certificate)
@@ -293,7 +319,7 @@ class LinksConfig(Model):
             ((name, "share", talkgroup), talkgroup)
             for name, link in self.links.items()
             for talkgroup in link.share
-        ]
+        ] + [(("relay", str(i)), talkgroup) for i, talkgroup in enumerate(self.relay)]
 
 
 def site_id(config: SiteConfig) -> str:

@@ -130,11 +130,20 @@ class SharedFloor:
     ) -> FloorChange | None:
         """All the facts of one moment at once (the engine's tick): our own candidates
         now, and each peer's latest report (a peer not named has none: its link is
-        gone); one decision, one change at most."""
+        gone); one decision, one change at most.
+
+        A report keeps the site it names: the peer's own, or — from a relay — the site
+        of the talker it passes on (:mod:`gateway.links.topology`), so every side ranks
+        that talker alike. One naming our own site is the peer's (a talker of ours never
+        comes back through a relay)."""
         if self.site in remote:
             raise ValueError(f"a peer has this side's site ID {self.site!r}; site IDs must differ")
         self.local = {c.talker: replace(c, site=self.site) for c in local}
-        self.remote = {p: replace(r, site=p) for p, r in remote.items() if r is not None}
+        self.remote = {
+            p: r if r.site != self.site else replace(r, site=p)
+            for p, r in remote.items()
+            if r is not None
+        }
         return self._decide()
 
     def report(self) -> Candidate | None:
@@ -165,5 +174,6 @@ class SharedFloor:
     def _still_asking(self, candidate: Candidate) -> bool:
         if candidate.site == self.site:
             return self.local.get(candidate.talker) is not None
-        reported = self.remote.get(candidate.site)
-        return reported is not None and reported.talker == candidate.talker
+        return any(
+            (r.site, r.talker) == (candidate.site, candidate.talker) for r in self.remote.values()
+        )

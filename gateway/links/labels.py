@@ -13,6 +13,11 @@ legacy usage: no Info Package) over the dialog's TLS connection::
     talker-id=7
     key-up=16909060
     label=RCMP · Marine 7
+    site=ca-bc
+
+``site`` (optional) is the site the talker is on when it is not the sender's own: a
+relay (:mod:`gateway.links.topology`) passes on the origin's over, and the far side's
+shared floor ranks it as the origin's (the last tie-break is the site ID).
 
 ``key-up`` is the over's key-up time as the RTP block carries it (UTC ms mod
 2^32): with the talker ID it names one over, so a talker ID reused 255 overs later
@@ -29,6 +34,7 @@ the loop).
 
 from __future__ import annotations
 
+import re
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -39,6 +45,7 @@ CONTENT_TYPE = "application/borderlink-talker"
 MAX_BODY = 256  # bytes: three short lines
 RATE = 20.0  # labels a second a peer may send on one link (an over each, on every shared name)
 BURST = 50  # ... and at once (many shared names keyed together)
+_SITE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +55,12 @@ class Named:
     talker_id: int  # 1-255
     keyed_at: int  # UTC ms mod 2^32, as on the RTP packets of that over
     label: str
+    site: str = ""  # the talker's site when a relay passes it on ("": the sender's own)
 
 
 def body(named: Named) -> str:
-    return f"talker-id={named.talker_id}\r\nkey-up={named.keyed_at}\r\nlabel={named.label}\r\n"
+    text = f"talker-id={named.talker_id}\r\nkey-up={named.keyed_at}\r\nlabel={named.label}\r\n"
+    return text + (f"site={named.site}\r\n" if named.site else "")
 
 
 def read(content_type: str, data: bytes) -> Named | Rejected:
@@ -80,7 +89,10 @@ def read(content_type: str, data: bytes) -> Named | Rejected:
         return Rejected("label_text")
     if not label or any(unicodedata.category(c).startswith("C") for c in label):
         return Rejected("label_text")  # control characters: terminal escapes, bidi overrides
-    return Named(int(talker_id), int(keyed_at), label)
+    site = fields.get(b"site", b"")
+    if site and not _SITE.match(site):
+        return Rejected("info")
+    return Named(int(talker_id), int(keyed_at), label, site.decode())
 
 
 class Budget:

@@ -52,6 +52,7 @@ from gateway.links.talker import (
     encode,
     unwrap_ms,
 )
+from gateway.links.topology import Topology
 
 if TYPE_CHECKING:
     from gateway.sip.bank import LegBank
@@ -104,12 +105,17 @@ class OnAir:
         self.announcer = Announcer()
         self.listener = Listener(ext_id)
         self.heard: Talker | None = None  # the peer's latest words
-        self.names: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
+        self.names: collections.OrderedDict[tuple[int, int], Named] = collections.OrderedDict()
         self.keyed_sent = False
         self.tell: Callable[[Named], bool] | None = None  # our label to the peer (the trunk)
+        # How each side links in this talkgroup (gateway.links.topology), in the dialog:
+        self.tell_topology: Callable[[Topology], bool] | None = None  # set by the trunk
+        self.peer_topology: Topology | None = None  # what the peer said (None: nothing yet)
+        self.topology: Topology | None = None  # what we say; sent when it changes
+        self._topology_told: Topology | None = None
         self._gap: Talker | None = None  # the peer's talker when its packets stopped
         self._sent: Talker | None = None
-        self._told = 0  # the talker ID of ours whose label the peer has been sent
+        self._told: tuple[int, int, str] = (0, 0, "")  # the over (and label) the peer was told
         self._over_began = 0.0  # wall time the peer's current over was first heard
         media = bank.media[row]
         assert media is not None
@@ -170,7 +176,7 @@ class OnAir:
     def named(self, named: Named) -> None:
         """The peer's label for one of its overs (it may come before the over's packets).
         The oldest go first, but never the label of the over on the air."""
-        self.names[(named.talker_id, named.keyed_at)] = named.label
+        self.names[(named.talker_id, named.keyed_at)] = named
         self.names.move_to_end((named.talker_id, named.keyed_at))
         heard = self.heard
         on_air = (heard.talker_id, heard.keyed_at) if heard is not None else None
@@ -182,7 +188,13 @@ class OnAir:
                 del self.names[oldest]
 
     def _name(self, talker: Talker) -> str:
-        return self.names.get((talker.talker_id, talker.keyed_at), "")
+        named = self.names.get((talker.talker_id, talker.keyed_at))
+        return named.label if named is not None else ""
+
+    def origin(self, talker: Talker) -> str:
+        """The site of the peer's talker when the peer relays it from another ("": its own)."""
+        named = self.names.get((talker.talker_id, talker.keyed_at))
+        return named.site if named is not None else ""
 
     @property
     def label(self) -> str:
@@ -204,7 +216,7 @@ class OnAir:
                 heard = self._gap
             else:
                 self._gap = None
-        return Candidate.from_talker(site, heard, now_ms)
+        return Candidate.from_talker(self.origin(heard) or site, heard, now_ms)
 
     # --- what we say ------------------------------------------------------------------------
 
@@ -214,8 +226,10 @@ class OnAir:
         candidate: Candidate | None = None,
         label: str = "",
         squelch: bool = False,
+        origin: str = "",
     ) -> None:
-        """Who of this side the leg carries now (None: nobody asks here)."""
+        """Who of this side the leg carries now (None: nobody asks here). ``origin``: the
+        site of a talker this side relays from another link (its talker ID passes on)."""
         if candidate is None:
             if not self.keyed_sent:
                 return
@@ -229,13 +243,25 @@ class OnAir:
                 candidate.emergency,
                 squelch,
                 keyed_at=candidate.keyed_at_ms,
+                talker_id=candidate.talker if origin else None,
             )
         self.keyed_sent = talker.keyed
-        if talker.keyed and talker.talker_id != self._told and self.tell is not None:
-            named = Named(talker.talker_id, talker.keyed_at, self.announcer.label)
+        over = (talker.talker_id, talker.keyed_at, self.announcer.label)
+        if talker.keyed and over != self._told and self.tell is not None:
+            named = Named(talker.talker_id, talker.keyed_at, self.announcer.label, origin)
             if not named.label or self.tell(named):  # else: again next tick
-                self._told = talker.talker_id
+                self._told = over
         self.say(talker)
+
+    def say_topology(self) -> bool:
+        """Tell the peer how this side links (:attr:`topology`) if it changed; False: the
+        dialog cannot carry it yet (try again next tick)."""
+        if self.topology is None or self.topology == self._topology_told:
+            return True
+        if self.tell_topology is None or not self.tell_topology(self.topology):
+            return False
+        self._topology_told = self.topology
+        return True
 
     def say(self, talker: Talker) -> None:
         if talker != self._sent:

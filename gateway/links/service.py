@@ -52,6 +52,7 @@ class LinksService:
         self.control: ControlServer | None = None
         self._byes: set = set()
         self._addresses: set[tuple[str, int]] = set()  # the peers' addresses we dial
+        self.arbiter: Arbiter | None = None
 
     async def start(self) -> None:
         sip = self.gateway.sip
@@ -66,7 +67,10 @@ class LinksService:
             if link.enabled:
                 self.trunks[name] = self._trunk_for(name, link)
         self._trust()
-        self.gateway.engine.shared_floors = Arbiter(me, self.gateway.config.site.name)
+        self.arbiter = Arbiter(
+            me, self.gateway.config.site.name, frozenset(self.config.relay), self._audit
+        )
+        self.gateway.engine.shared_floors = self.arbiter
         sip.calls.links = self._on_invite
         path = control_path(self.gateway.config.source)
         if path is not None:
@@ -129,6 +133,8 @@ class LinksService:
             self.trunks[name].start()
             log.info("link %s %s by a reload", name, "rebuilt" if trunk else "added")
         self.config = config
+        if self.arbiter is not None:
+            self.arbiter.set_relay(frozenset(config.relay))
         self._trust()
 
     def _trunk_for(self, name: str, link: LinkConfig) -> Trunk:
@@ -234,6 +240,7 @@ class LinksService:
     # --- metrics -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
+        arbiter = self.arbiter or Arbiter("", "")
         state: dict[tuple[str, str], float] = {}
         shares: dict[tuple[str, str, str], float] = {}
         rtt: dict[str, float] = {}
@@ -270,6 +277,8 @@ class LinksService:
             "link_talker_rejected": rejected,
             "link_peer_talking": talking,
             "link_peer_emergency": emergency,
+            "link_relaying": {g: float(not why) for g, why in arbiter.relaying.items()},
+            "link_relay_held_back": {g: float(n) for g, n in arbiter.held_back_total.items()},
         }
 
 

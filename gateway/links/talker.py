@@ -265,20 +265,23 @@ class Announcer:
         emergency: bool = False,
         squelch: bool = False,
         keyed_at: int | None = None,
+        talker_id: int | None = None,
     ) -> Talker:
         """What the next packet says (``priority`` already 0-7: see :func:`wire_priority`).
 
         ``keyed_at``: the talker's own key-up time (UTC ms), which the shared floor
         compares on both sides; a different one starts a new over. Default: now, at
-        the first keyed packet."""
+        the first keyed packet. ``talker_id``: a relay passes on the origin's (default:
+        this side numbers its overs)."""
         label = fit_label(label)
         wire_at = None if keyed_at is None else keyed_at & 0xFFFFFFFF
         if keyed and (
             not self._keyed
             or label != self.label
             or (wire_at is not None and wire_at != self.keyed_at)
+            or (talker_id is not None and talker_id != self.talker_id)
         ):
-            self.talker_id = self.talker_id % 255 + 1
+            self.talker_id = talker_id or self.talker_id % 255 + 1
             self.keyed_at = (now_ms if wire_at is None else wire_at) & 0xFFFFFFFF
             self.label = label
         self._keyed = keyed

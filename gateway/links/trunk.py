@@ -47,7 +47,7 @@ from cryptography import x509
 
 from gateway.config import Timing
 from gateway.engine import Engine
-from gateway.links import labels
+from gateway.links import labels, topology
 from gateway.links.config import LinkConfig, load_certificates
 from gateway.links.consent import Flow, Refused, Shares, from_sdp, to_sdp
 from gateway.links.onair import OnAir, agreed
@@ -107,8 +107,10 @@ class LinkLeg(SipLeg):
         self.can_transmit = flow.send
         self.peer_site = peer_site  # the shared floor's name for the far side
         self.onair: OnAir | None = None
+        self.onward = True  # this side lets a relay pass on what it sends here
         if talker is not None:
             self.peer_site = talker.peer_site
+            self.onward = talker.onward
             self.onair = OnAir(
                 bank,
                 row,
@@ -139,6 +141,7 @@ class TalkerTerms:
     share: str
     rejected: collections.Counter
     audit: Callable[..., None]
+    onward: bool = True  # the share's ``onward``: a relay may pass our audio on
 
 
 @dataclass
@@ -465,7 +468,10 @@ class Trunk:
         if found is None:
             return None
         ext_id, peer_site = found
-        return TalkerTerms(ext_id, peer_site, self.name, share, self.talker_rejected, self.audit)
+        onward = all(e.onward for e in self.config.share.values() if e.shared == share)
+        return TalkerTerms(
+            ext_id, peer_site, self.name, share, self.talker_rejected, self.audit, onward
+        )
 
     def _we_win(self) -> bool:
         """Glare: the dialog placed by the lower site ID is kept (on both sides)."""
@@ -483,6 +489,7 @@ class Trunk:
         onair = getattr(dialog.leg, "onair", None)
         if onair is not None:
             onair.tell = lambda named: self._tell(dialog, named)
+            onair.tell_topology = lambda said: self._tell_topology(dialog, said)
         old = st.dialog
         keep, drop = dialog, old
         if old is not None and not old.ended.is_set() and old.incoming != dialog.incoming:
@@ -545,6 +552,17 @@ class Trunk:
             answer.add_done_callback(self._label_answered)
         return True
 
+    def _tell_topology(self, dialog: Dialog, said: topology.Topology) -> bool:
+        """How this side links in the shared name's talkgroup, to the peer (a relay's rule
+        needs it); False: not yet."""
+        if not dialog.acked or dialog.ended.is_set():
+            return False
+        body = topology.body(said)
+        answer = self.calls.info(dialog, topology.CONTENT_TYPE, body, LABEL_TIMEOUT)
+        if answer is not None:
+            answer.add_done_callback(self._label_answered)
+        return True
+
     def _label_answered(self, answer: asyncio.Future) -> None:
         response = None if answer.cancelled() or answer.exception() else answer.result()
         if response is None or int(response.status) >= 300:
@@ -569,10 +587,16 @@ class Trunk:
         onair = getattr(dialog.leg, "onair", None)
         length = message.headers.get("Content-Length")
         data = raw.partition(b"\r\n\r\n")[2]
-        named = labels.read(
-            message.headers.get("Content-Type", ""),
-            data[:length] if isinstance(length, int) else data,
-        )
+        data = data[:length] if isinstance(length, int) else data
+        content_type = message.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() == topology.CONTENT_TYPE:
+            said = topology.read(content_type, data)
+            if isinstance(said, Rejected) or onair is None:
+                self.talker_rejected[said.reason if isinstance(said, Rejected) else "info"] += 1
+                return 400, "Bad Request"
+            onair.peer_topology = said
+            return 200, "OK"
+        named = labels.read(content_type, data)
         if isinstance(named, Rejected) or onair is None:  # no talker extension: no labels
             self.talker_rejected[named.reason if isinstance(named, Rejected) else "info"] += 1
             return 400, "Bad Request"

@@ -18,12 +18,16 @@ One JSON object a line in, one a line out (the answer, in order):
   the last S seconds, in dB per frequency (±10 Hz);
 - ``{"op": "key", "port": P, "on": bool, "emergency": bool, "at": T}``: radio P
   talks (or not), with its emergency button, at wall time T (now if absent): two
-  processes told the same T key in the same moment.
+  processes told the same T key in the same moment;
+- ``{"op": "audio", "port": P, "seconds": S, "sent": bool}``: the last S seconds radio P
+  heard (or sent), float32 in base64;
+- ``{"op": "cut", "link": L, "share": N}``: cut link L (or one shared name on it) here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 import time
@@ -68,6 +72,7 @@ def state(gateway: Gateway, events: list[dict]) -> dict:
         "labels": labels,
         "overs": overs,
         "events": events,
+        "relaying": dict(arbiter.relaying) if arbiter is not None else {},
     }
 
 
@@ -78,6 +83,11 @@ def holder_label(gateway: Gateway, arbiter: Arbiter, holder: Candidate) -> str:
         port = next(p for p, over in arbiter.overs.items() if over[0] == holder.talker)
         return talker_label(gateway.ports[port], arbiter.site_name)
     legs = [p for p in gateway.engine.ports if getattr(p, "peer_site", "") == holder.site]
+    for leg in gateway.engine.ports:  # a talker a relay passes on names its own site
+        onair = getattr(leg, "onair", None)
+        heard = onair.heard if onair is not None else None
+        if heard is not None and onair.origin(heard) == holder.site:
+            legs.append(leg)
     return legs[0].talker if legs else ""
 
 
@@ -127,6 +137,13 @@ async def serve(path: Path) -> None:
                 answer = state(gateway, events)
             elif op == "levels":
                 answer = {"db": levels(gateway, command["port"], command["hz"], command["seconds"])}
+            elif op == "audio":
+                radio = gateway.ports[command["port"]]
+                audio = radio.recent(command["seconds"], command.get("sent", False))
+                answer = {"audio": base64.b64encode(audio.astype("<f4").tobytes()).decode()}
+            elif op == "cut":
+                gateway.links.cut(command["link"], command.get("share"), "test", "test", "test")
+                answer = {"ok": True}
             elif op == "key":
                 args = (gateway, command["port"], command["on"], command.get("emergency", False))
                 delay = command.get("at", 0.0) - time.time()

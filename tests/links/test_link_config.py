@@ -225,7 +225,7 @@ def test_tls_files_that_do_not_load_are_named(
 
 def test_a_plain_key_under_links_is_a_typo(pki: dict[str, Identity]) -> None:
     (only,) = problems(site(pki).replace('site_id = "ca-bc"', 'siteid = "ca-bc"'))
-    assert "links:" in only and "'siteid' is neither 'site_id' nor a link" in only
+    assert "links:" in only and "'siteid' is neither 'site_id', 'relay' nor a link" in only
 
 
 def test_address_and_fingerprint_helpers() -> None:

@@ -63,6 +63,7 @@ class SiteProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=open(self.log, "ab"),  # noqa: SIM115  (the child keeps it)
             start_new_session=True,
+            limit=1 << 22,  # an answer may carry seconds of audio (op "audio")
         )
 
     async def ask(self, **command: object) -> dict:

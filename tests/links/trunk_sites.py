@@ -39,6 +39,27 @@ RATE = 16000
 class LinkRadioConfig(PortConfig):
     tone_hz: float = Field(1000.0, gt=0, lt=RATE / 2)
     level_dbfs: float = -20.0
+    # A seeded noise (300-3400 Hz) under the tone, so a listener's audio can be
+    # cross-correlated with what this radio sent: each copy of it is one peak at its
+    # delay, with its level (0: none)
+    signature: int = 0
+    signature_dbfs: float = -32.0
+
+
+SIGNATURE_SECONDS = 8  # the noise repeats after this: far longer than any delay looked for
+
+
+def signature_noise(seed: int, level_dbfs: float) -> np.ndarray:
+    """The radio's noise signature: white noise band-passed to 300-3400 Hz (through G.711)."""
+    n = SIGNATURE_SECONDS * RATE
+    spectrum = np.fft.rfft(np.random.default_rng(seed).standard_normal(n))
+    hz = np.fft.rfftfreq(n, 1 / RATE)
+    spectrum[(hz < 300) | (hz > 3400)] = 0
+    for tone in (1000.0, 1500.0, 2200.0, 480.0, 620.0):  # the tests' tones stay clean
+        spectrum[np.abs(hz - tone) < 50] = 0
+    noise = np.fft.irfft(spectrum, n)
+    noise *= 10 ** (level_dbfs / 20) / np.sqrt(np.mean(noise**2))
+    return noise.astype(np.float32)
 
 
 class LinkRadio(Port):
@@ -48,16 +69,30 @@ class LinkRadio(Port):
         self.speaking = False
         self.emergency = False  # the radio's emergency button (the floor reads it)
         self.heard: collections.deque[np.ndarray] = collections.deque(maxlen=200)  # 4 s
+        self.sent: collections.deque[np.ndarray] = collections.deque(maxlen=200)  # 4 s
+        self.noise = (
+            signature_noise(config.signature, config.signature_dbfs) if config.signature else None
+        )
+        self._at = 0
 
     def read(self) -> Frame | None:
         self.talking = self.speaking
-        return self.tone.read(self.frame_samples) if self.speaking else None
+        n = self.frame_samples
+        frame = self.tone.read(n) if self.speaking else None
+        if frame is not None and self.noise is not None:
+            frame = frame + self.noise[self._at : self._at + n]
+            self._at = (self._at + n) % len(self.noise)
+        self.sent.append(np.zeros(n, np.float32) if frame is None else frame)
+        return frame
 
     def write(self, frame: Frame | None) -> None:
-        self.heard.append(np.zeros(self.frame_samples, np.float32) if frame is None else frame)
+        # a copy: the engine hands out a view of its mix buffer, refilled every tick
+        self.heard.append(
+            np.zeros(self.frame_samples, np.float32) if frame is None else frame.copy()
+        )
 
-    def recent(self, seconds: float) -> np.ndarray:
-        frames = list(self.heard)[-round(seconds / 0.02) :]
+    def recent(self, seconds: float, sent: bool = False) -> np.ndarray:
+        frames = list(self.sent if sent else self.heard)[-round(seconds / 0.02) :]
         return np.concatenate(frames) if frames else np.zeros(0, np.float32)
 
     def level(self, hz: float, seconds: float = 1.0) -> float:
@@ -102,6 +137,9 @@ class SiteSpec:
     agency: str = ""  # every radio's agency
     labels: dict[str, str] = field(default_factory=dict)  # talkgroup → its radio's label
     listeners: tuple[str, ...] = ()  # talkgroups with a second radio "<tg>-ear" that listens
+    relay: tuple[str, ...] = ()  # [links] relay: talkgroups relayed between the links
+    codecs: tuple[str, ...] = ()  # every link's codecs (default: the link's default)
+    signature: int = 0  # each talking radio's noise signature seed (LinkRadioConfig)
 
 
 _handed_out: set[int] = set()
@@ -142,7 +180,8 @@ tls_key = "{cert.key}"
 {sip}
 [links]
 site_id = "{spec.name}"
-"""
+relay = {list(spec.relay)!r}
+""".replace("'", '"')
     for tg, hz in spec.tones.items():
         members = [f"{tg}-radio", *([f"{tg}-ear"] if tg in spec.listeners else [])]
         for member in members:
@@ -150,6 +189,7 @@ site_id = "{spec.name}"
 [ports.{member}]
 kind = "test_link_radio"
 tone_hz = {hz}
+signature = {spec.signature if member.endswith("-radio") else 0}
 agency = "{spec.agency}"
 label = "{spec.labels.get(tg, "") if member.endswith("-radio") else ""}"
 """
@@ -166,6 +206,7 @@ peer_name = "{link.peer}.link.test"
 certificate = "{cert.certificate}"
 key = "{cert.key}"
 peer_ca = "{pki.cas[link.peer].bundle}"
+{f"codecs = {list(spec.codecs)!r}".replace("'", '"') if spec.codecs else ""}
 
 [links.{link.name}.share]
 """
