@@ -19,7 +19,11 @@ peer. Each side then holds the same facts one one-way delay after the last
 key-up or let-go, and picks the same holder: within one round trip, as the issue
 asks. The best of the union of everyone's bests is the best of all candidates,
 so reporting one per side is enough; and a peer speaks only for its own site
-(:meth:`SharedFloor.heard` stamps its reports with its site ID).
+(:meth:`SharedFloor.heard` stamps its reports with its site ID) — or, when it relays
+(:mod:`gateway.links.topology`), for the site of the talker it passes on, which it
+names, so every side of a chain ranks that talker alike. A peer could lie about the
+origin to win a tie in one millisecond, as it could about its key-up time: the rule
+trusts each side's word about its talkers, and a site cut off for lying is cut.
 
 Key-up times are the originating side's UTC milliseconds, carried in the talker
 extension (``gateway.links.talker``): both sides compare the same numbers, so
