@@ -50,6 +50,7 @@ from gateway.links.topology import Topology, held_back
 if TYPE_CHECKING:
     from gateway.engine import Engine, Layout
     from gateway.floor import FloorDecision
+    from gateway.links.onair import OnAir
     from gateway.ports import Port
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,8 @@ class Arbiter:
 
     def _relay_check(self, lay: Layout) -> None:
         """Which relay talkgroups may forward now (the rule of :func:`held_back`)."""
-        if self._unsaid:
-            self._unsaid = [leg for leg in self._unsaid if not leg.onair.say_topology()]
+        if self._unsaid:  # only a relay needs to know: said by one, and to one
+            self._unsaid = [leg for leg in self._unsaid if not _say_topology(leg.onair)]
         if not self._relay_groups:
             return
         now = set()
@@ -377,3 +378,11 @@ class Arbiter:
 def _peer(leg: Port) -> str:
     """The site a link leg goes to (its name, for a peer without the talker extension)."""
     return getattr(leg, "peer_site", "") or leg.name
+
+
+def _say_topology(onair: OnAir) -> bool:
+    """Tell the peer how we link, if either side relays (True: done, or nothing to do)."""
+    theirs = onair.peer_topology
+    if not (onair.topology and onair.topology.relay) and not (theirs and theirs.relay):
+        return False  # not yet: the peer may say it relays later
+    return onair.say_topology()

@@ -14,7 +14,9 @@ name, in the link dialog over its TLS (an INFO, like the talker labels)::
     onward=1
     links=ca-bc,us-wa
 
-``relay``: this side relays the talkgroup behind that shared name; ``links``: the site
+It is said only where a relay needs it: a relaying side says it to each peer, and a
+side says it to each peer that said it relays (two sides that relay nothing exchange
+nothing new). ``relay``: this side relays the talkgroup behind that shared name; ``links``: the site
 IDs of its other peers in that talkgroup (direct links); ``onward=0``: this side
 refuses that what it sends on this share be passed on to any other site (its
 ``share`` entry's ``onward = false``).

@@ -270,3 +270,27 @@ def test_a_link_needs_the_sip_tls_listener(pki: dict[str, Identity]) -> None:
     text = site(pki).replace(sip_tls(pki), "")
     found = problems(text)
     assert any("links run over SIP TLS: add [sip] with listen_tls" in p for p in found), found
+
+
+def test_relay_names_a_talkgroup_shared_on_two_links(pki: dict[str, Identity]) -> None:
+    """``relay`` lists local talkgroups: one that does not exist gets a did-you-mean, one
+    shared on fewer than two links says why and the fix; on two links it parses."""
+    one = site(pki).replace('site_id = "ca-bc"', 'site_id = "ca-bc"\nrelay = ["shiprider"]')
+    (only,) = problems(one)
+    assert "relay names talkgroup 'shiprider' but only link 'us' shares it" in only
+    assert "share it on each" in only
+    typo = site(pki).replace('site_id = "ca-bc"', 'site_id = "ca-bc"\nrelay = ["shiprdier"]')
+    assert any("shiprdier" in p for p in problems(typo))
+    second = one.replace(
+        "[sip]",
+        '[links.mx]\npeer = "127.0.0.1:5071"\n'
+        f'certificate = "{pki["mine"].certificate}"\nkey = "{pki["mine"].key}"\n'
+        f'peer_ca = "{pki["ca"].certificate}"\n\n[links.mx.share]\n'
+        'shiprider = { as = "marine", onward = false }\n\n[sip]',
+        1,
+    )
+    links: LinksConfig = parse_config(second).section("links")
+    assert links.relay == ["shiprider"]
+    assert links.links["mx"].share["shiprider"].onward is False
+    assert links.links["us"].share["shiprider"].onward is True
+    assert "relays shiprider between its links" in links.summary_lines()[0]

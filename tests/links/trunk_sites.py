@@ -182,6 +182,7 @@ tls_key = "{cert.key}"
 site_id = "{spec.name}"
 relay = {list(spec.relay)!r}
 """.replace("'", '"')
+    signature = f"signature = {spec.signature}\n" if spec.signature else ""
     for tg, hz in spec.tones.items():
         members = [f"{tg}-radio", *([f"{tg}-ear"] if tg in spec.listeners else [])]
         for member in members:
@@ -189,8 +190,7 @@ relay = {list(spec.relay)!r}
 [ports.{member}]
 kind = "test_link_radio"
 tone_hz = {hz}
-signature = {spec.signature if member.endswith("-radio") else 0}
-agency = "{spec.agency}"
+{signature if member.endswith("-radio") else ""}agency = "{spec.agency}"
 label = "{spec.labels.get(tg, "") if member.endswith("-radio") else ""}"
 """
         text += f"""
