@@ -50,7 +50,6 @@ from gateway.links.topology import Topology, held_back
 if TYPE_CHECKING:
     from gateway.engine import Engine, Layout
     from gateway.floor import FloorDecision
-    from gateway.links.onair import OnAir
     from gateway.ports import Port
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,9 @@ class Arbiter:
         self.relaying: dict[str, str] = {}
         self.held_back_total: dict[str, int] = {}  # mix group → times the relay held back
         self._relay_groups: list[tuple[int, str, list[int]]] = []  # (group, name, legs)
-        self._unsaid: list[Port] = []  # legs whose topology the peer has not been told
+        # Legs whose peer must still be told how we link: said by a relay and to a relay
+        # (a peer that says it relays later is answered at once: OnAir.heard_topology)
+        self._unsaid: list[Port] = []
         self._mask: np.ndarray | None = None  # the mixer's "hears no link" per port
         self._relay_now: frozenset[int] = frozenset()  # groups relaying this tick
         self.floors: dict[str, SharedFloor] = {}  # mix group name → its shared floor
@@ -142,7 +143,9 @@ class Arbiter:
                     continue
                 others = frozenset(p for j, p in peers.items() if j != i and p != peers[i])
                 onair.topology = Topology(relay, getattr(lay.ports[i], "onward", True), others)
-                self._unsaid.append(lay.ports[i])
+                theirs = onair.peer_topology
+                if relay or (theirs is not None and theirs.relay):  # only a relay needs it
+                    self._unsaid.append(lay.ports[i])
         names = {name for _, name, _ in self._relay_groups}
         for name in [n for n in self.relaying if n not in names]:
             self._relay_state(name, None)
@@ -151,8 +154,8 @@ class Arbiter:
 
     def _relay_check(self, lay: Layout) -> None:
         """Which relay talkgroups may forward now (the rule of :func:`held_back`)."""
-        if self._unsaid:  # only a relay needs to know: said by one, and to one
-            self._unsaid = [leg for leg in self._unsaid if not _say_topology(leg.onair)]
+        if self._unsaid:
+            self._unsaid = [leg for leg in self._unsaid if not leg.onair.say_topology()]
         if not self._relay_groups:
             return
         now = set()
@@ -378,11 +381,3 @@ class Arbiter:
 def _peer(leg: Port) -> str:
     """The site a link leg goes to (its name, for a peer without the talker extension)."""
     return getattr(leg, "peer_site", "") or leg.name
-
-
-def _say_topology(onair: OnAir) -> bool:
-    """Tell the peer how we link, if either side relays (True: done, or nothing to do)."""
-    theirs = onair.peer_topology
-    if not (onair.topology and onair.topology.relay) and not (theirs and theirs.relay):
-        return False  # not yet: the peer may say it relays later
-    return onair.say_topology()

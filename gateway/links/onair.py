@@ -253,6 +253,12 @@ class OnAir:
                 self._told = over
         self.say(talker)
 
+    def heard_topology(self, said: Topology) -> None:
+        """The peer said how it links; a peer that relays is told how we do (it needs it)."""
+        self.peer_topology = said
+        if said.relay:
+            self.say_topology()
+
     def say_topology(self) -> bool:
         """Tell the peer how this side links (:attr:`topology`) if it changed; False: the
         dialog cannot carry it yet (try again next tick)."""

@@ -594,7 +594,7 @@ class Trunk:
             if isinstance(said, Rejected) or onair is None:
                 self.talker_rejected[said.reason if isinstance(said, Rejected) else "info"] += 1
                 return 400, "Bad Request"
-            onair.peer_topology = said
+            onair.heard_topology(said)
             return 200, "OK"
         named = labels.read(content_type, data)
         if isinstance(named, Rejected) or onair is None:  # no talker extension: no labels
