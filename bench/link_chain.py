@@ -37,7 +37,7 @@ import trunk_sites  # noqa: E402
 from trunk_sites import RATE, LinkSpec, SiteSpec, make_pki, running, site_toml  # noqa: E402
 
 from gateway.site import run_async  # noqa: E402
-from tests.sip.sip_peers import until  # noqa: E402
+from tests.waiting import until  # noqa: E402
 
 TONES = {"a": 1000.0, "b": 1500.0, "c": 2200.0}
 LINKS = {"a": ["b"], "b": ["a", "c"], "c": ["b"]}

@@ -21,10 +21,11 @@ import base64
 from pathlib import Path
 
 import numpy as np
-from test_mesh_floor import AGENCY, TONES, UNIT, Mesh, SiteProcess, until
+from test_mesh_floor import AGENCY, TONES, UNIT, Mesh, SiteProcess
 from trunk_sites import RATE, LinkSpec, SiteSpec, band_db, make_pki, site_toml
 
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 SIGNATURE = {"a": 1, "b": 2, "c": 3}
 WINDOW = 0.6  # seconds of a listener's audio per look
@@ -159,7 +160,7 @@ async def exactly(sites: Sites, expect: dict[tuple[str, str], set[str]], what: s
         return not wrong
 
     try:
-        await until(holds, what, 60)
+        await until(holds, 60, what)
     except AssertionError as exc:
         raise AssertionError(
             f"{exc}; last (listener, talker): (best, second copy dB, tone dBFS): {last}"
@@ -181,7 +182,7 @@ async def started(paths: dict[str, Path], tmp: Path, links: dict[str, list[str]]
     sites = Sites(processes, links)
     for site in processes.values():
         await site.start()
-    await until(sites.all_up, "every link up", 60)
+    await until(sites.all_up, 60, "every link up")
     return sites
 
 
@@ -195,7 +196,7 @@ def test_a_relay_in_the_middle_of_a_chain_lets_both_ends_hear_each_other_once(
     async def main() -> None:
         sites = await started(paths, tmp_path, CHAIN)
         try:
-            await until(lambda: _is(sites.relaying(), ""), "B relaying net", 30)
+            await until(lambda: _is(sites.relaying(), ""), 30, "B relaying net")
             await sites.key("abc")
             everyone = {s: {"a", "b", "c"} for s in "abc"}
             await exactly(sites, everyone_but_own(CHAIN, everyone), "everyone heard once")
@@ -237,7 +238,7 @@ def test_a_relay_in_a_triangle_holds_back_so_nobody_is_heard_twice(tmp_path: Pat
         sites = await started(paths, tmp_path, TRIANGLE)
         try:
             await until(
-                lambda: _contains(sites.relaying(), "directly"), "B to hold its relay back", 30
+                lambda: _contains(sites.relaying(), "directly"), 30, "B to hold its relay back"
             )
             await sites.key("abc")
             everyone = {s: {"a", "b", "c"} for s in "abc"}
@@ -270,7 +271,7 @@ def test_one_floor_holds_across_a_relayed_chain(tmp_path: Path) -> None:
         sites = await started(paths, tmp_path, CHAIN)
         m = sites
         try:
-            await until(lambda: _is(sites.relaying(), ""), "B relaying net", 30)
+            await until(lambda: _is(sites.relaying(), ""), 30, "B relaying net")
             for _ in range(2):
                 await m.key("ac")
                 winner, _ = await m.converged("ac")
