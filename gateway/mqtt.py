@@ -8,7 +8,7 @@ Topics, under ``borderlink/<site_id>/``:
   (a restarted broker has forgotten it). A port that leaves (a call ends) has its
   retained state cleared.
 - ``event/<kind>``: one JSON message per engine event (talk_start/stop with the
-  talker, ptt_on/off, floor_granted, preempted, tot, fault, patch) and for ports
+  talker, ptt_on/off, floor_granted, preempted, talker_named, tot, fault, patch) and for ports
   that join or leave at run time (calls, console sessions).
 - ``command/<sender>``: JSON commands; the reply goes to ``reply/<sender>``.
   ``sender`` must be in ``[mqtt.commanders]`` with the action allowed. Pair it
@@ -241,7 +241,7 @@ class MqttService:
             message["mix_group"] = event.group
         if event.kind in ("talk_start", "talk_stop"):
             message["talker"] = event.talker or event.port  # a link: the far side's label
-        if event.talker and event.kind in ("floor_granted", "preempted"):
+        if event.talker and event.kind in ("floor_granted", "preempted", "talker_named"):
             message["talker"] = event.talker
         if event.kind == "ptt_on":
             # Who is heard is settled later in the same tick: fill it in right after,

@@ -24,7 +24,8 @@ shared floor ranks it as the origin's (the last tie-break is the site ID).
 never shows an old name. The INFO is written to the connection in the tick that
 starts the over, before that tick's RTP leaves, so the far side normally knows the
 name by the over's first packet; until it does (one round trip at most), it shows
-the peer's site ID, as for a peer without labels.
+the peer's site ID, as for a peer without labels, and a label that comes after the
+over was named that way is followed by a ``talker_named`` event (the trunk's).
 
 Everything received is hostile: :func:`read` returns a :class:`Rejected` (a
 metrics reason) for a body that is not ours or a label we will not show, and a

@@ -17,7 +17,9 @@ that name exists here or not.
 
 Who talks is named in the dialog, not in the RTP: the label of each over goes to
 the peer as one INFO (:mod:`gateway.links.labels`); an INFO is believed only from
-this link's verified peer, within :data:`~gateway.links.labels.RATE`.
+this link's verified peer, within :data:`~gateway.links.labels.RATE`. A label that
+comes after the engine named the over by the peer's site ID is followed by a
+``talker_named`` event for that over (:meth:`Trunk._renamed`).
 
 Each dialog is kept alive by an in-dialog OPTIONS every :data:`KEEPALIVE`
 seconds over its own TLS connection; no answer within :data:`KEEPALIVE_TIMEOUT`
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from gateway.config import Timing
-from gateway.engine import Engine
+from gateway.engine import Engine, Event
 from gateway.links import labels, topology
 from gateway.links.config import LinkConfig, load_certificates
 from gateway.links.consent import Flow, Refused, Shares, from_sdp, to_sdp
@@ -600,8 +602,28 @@ class Trunk:
         if isinstance(named, Rejected) or onair is None:  # no talker extension: no labels
             self.talker_rejected[named.reason if isinstance(named, Rejected) else "info"] += 1
             return 400, "Bad Request"
+        leg = dialog.leg
+        before = leg.talker if isinstance(leg, LinkLeg) else ""
         onair.named(named)
+        if isinstance(leg, LinkLeg) and leg.talker != before:
+            self._renamed(leg)
         return 200, "OK"
+
+    def _renamed(self, leg: LinkLeg) -> None:
+        """The label of the over on the air came after the engine had already named it by
+        the peer's site ID (talk_start, a floor grant): one ``talker_named`` event for the
+        same over names the real talker to the audit, MQTT and the console's history.
+        (Holding the first event until the label would make every far-side over's event a
+        round trip late, and still need a fallback for a label that never comes.)"""
+        engine = self.engine
+        i = next((k for k, port in enumerate(engine.ports) if port is leg), -1)
+        if not 0 <= i < len(engine.admitted) or not engine.admitted[i]:
+            return  # not heard yet: the engine's own events will carry the label
+        groups, g = engine.layout.groups, int(engine.layout.group_of[i])
+        group = groups[g].name if g < len(groups) else None
+        engine.emit(
+            Event("talker_named", leg.name, group, tick=engine.tick_count, talker=leg.talker)
+        )
 
     def cut(self, names: frozenset[str] | None) -> list:
         """End the dialogs of ``names`` (None: all) in this very call, saying why; the BYEs
