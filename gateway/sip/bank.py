@@ -621,7 +621,7 @@ class LegBank(
         columns = [
             self.streams.jitter[rows] / CODEC_RATE,
             np.maximum(0.0, self.jitter.delay[rows]) / CODEC_RATE,
-            [m.rtcp.remote_jitter / CODEC_RATE for m in media],
+            np.array([m.rtcp.remote_jitter for m in media], np.float64) / self.rtp_clock(rows),
             [math.nan if m.rtcp.rtt is None else m.rtcp.rtt for m in media],
         ]
         return np.array(columns, np.float64).reshape(len(columns), len(rows)).T
@@ -670,6 +670,6 @@ class LegBank(
             "rtcp_reports_out": media.rtcp.reports_out,
             # What the far end reports of our stream, and the round trip (once it echoed an SR).
             "remote_packets_lost": media.rtcp.remote_lost,
-            "remote_jitter_seconds": media.rtcp.remote_jitter / CODEC_RATE,
+            "remote_jitter_seconds": media.rtcp.remote_jitter / int(self.rtp_clock(row)),
             **({"rtt_seconds": media.rtcp.rtt} if media.rtcp.rtt is not None else {}),
         }

@@ -7,6 +7,12 @@ itself when the call agreed to ``a=rtcp-mux`` (RFC 5761; the receive path hands
 those over). Reports read off the RTCP port keep their kernel arrival time, so the
 round trip measured from the far end's LSR/DLSR echo does not include our tick.
 Calls with SRTP send and expect SRTCP (RFC 3711 §3.4), with the call's keys.
+
+Interarrival jitter travels in the units of the stream's RTP clock (RFC 3550
+§6.4.1): 8 kHz for G.711, 48 kHz for Opus (RFC 7587 §4.1), whatever rate we decode
+at. The receive statistics keep every leg's time in 8 kHz units, so an Opus leg's
+jitter is scaled up on the way out, and the peer's figure about our stream is
+read in the leg's own clock (:meth:`RtcpReports.rtp_clock`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gateway.sip.bank_rx import CODEC_RATE
 from gateway.sip.mmsg import SO_TIMESTAMPNS, address_key, key_address
+from gateway.sip.opus import CLOCK as OPUS_CLOCK
 from gateway.sip.rtcp import ReportBlock, build_report, ntp_now, parse_compound
 from gateway.sip.streams import NO_SSRC
 
@@ -53,6 +61,12 @@ class RtcpReports:
     _k: int  # ticks since the bank started (spreads the legs' reports)
     srtp: np.ndarray  # column: the leg is SRTP, its reports SRTCP (bank_srtp)
     srtp_legs: int
+    opus: np.ndarray  # column: the leg speaks Opus (bank_opus)
+
+    def rtp_clock(self, rows: np.ndarray | int) -> np.ndarray:
+        """Each leg's RTP clock rate in Hz: its timestamps, and the jitter in its reports,
+        count in it."""
+        return np.where(self.opus[rows], OPUS_CLOCK, CODEC_RATE)
 
     def _rtcp_open(self, sock: socket.socket, ticks: int, cname: str) -> None:
         """The RTCP socket (non-blocking, kernel timestamps); a report every ``ticks``."""
@@ -235,7 +249,7 @@ class RtcpReports:
             fraction_lost=min(fraction, 255),
             cumulative_lost=expected - received,
             highest_seq=streams.extended_max(row),
-            jitter=int(streams.jitter[row]),
+            jitter=int(streams.jitter[row] * self.rtp_clock(row) / CODEC_RATE),
             lsr=lsr,
             dlsr=dlsr,
         )
