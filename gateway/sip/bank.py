@@ -99,7 +99,7 @@ __all__ = [
 ]
 
 RECEIVE_BUFFER = 4 << 20  # a tick (or two late ones) of 1000 legs' packets, with headroom
-_LAWS = {PCMU: 0, PCMA: 1, OPUS: 0}  # payload type → row of the G.711 tables (Opus: unused)
+_LAWS = {PCMU: 0, PCMA: 1, OPUS: 0}  # codec → row of the G.711 tables (Opus: unused)
 
 # Per leg, what the receive and send paths share (each path adds its own columns).
 ROW_COLUMNS = (
@@ -127,7 +127,7 @@ ROW_COLUMNS = (
 class LegMedia:
     """One leg's RTP state that is not a per-tick array: addresses, DTMF, rare counters."""
 
-    payload_type: int
+    payload_type: int  # the agreed codec's number on the wire (Opus: a dynamic one)
     dtmf_type: int | None
     remote: tuple[str, int] | None  # where the SDP says the peer's RTP is
     ssrc: int | None = None  # our SSRC for this call (announced in our SDP); None: pick one
@@ -144,6 +144,7 @@ class LegMedia:
     srtp: LegSrtp | None = None  # the call's SRTP keys (SDES over TLS), else plain RTP
     group: tuple[str, str] = ("", "")  # (route, talkgroup) its figures are counted under
     on_extension: Callable[[bytes], None] | None = None  # a received header extension block
+    codec: int | None = None  # PCMU, PCMA or OPUS (gateway.sip.rtp); None: payload_type's own
 
 
 def _open_udp(host: str, port: int) -> socket.socket:
@@ -286,7 +287,7 @@ class LegBank(
         self.jitter.reset(row)
         self.streams.reset(row)
         self.group[row] = self._group_id(media.group)
-        self._set_codec(row, media.payload_type)
+        self._set_codec(row, media)
         if media.srtp is not None:
             self.srtp[row] = True
             self.srtp_rx[row], self.srtp_tx[row] = media.srtp.rx, media.srtp.tx
@@ -330,6 +331,7 @@ class LegBank(
         payload_type: int,
         dtmf_type: int | None,
         announced: tuple[int, ...],
+        codec: int | None = None,
     ) -> None:
         """A re-INVITE moved the call's media: all of it changes in this one step.
 
@@ -337,11 +339,12 @@ class LegBank(
         own SSRC, sequence and timestamp go on (RFC 3264 §8: same stream, new place)."""
         self.set_rtcp_remote(row, None)
         media.payload_type = payload_type
+        media.codec = codec
         media.dtmf_type = dtmf_type
         media.remote = media.offered = remote
         media.announced = announced
         media.rtcp = rtcp
-        self._set_codec(row, payload_type)
+        self._set_codec(row, media)
         self.dest[row] = address_key(*remote)
         self.latched[row] = False
         self.rx_ssrc[row] = NO_SSRC
@@ -358,12 +361,14 @@ class LegBank(
         self.set_rtcp_remote(row, rtcp_remote)
         self._update_tables()
 
-    def _set_codec(self, row: int, payload_type: int) -> None:
-        """The leg's codec: G.711 (a row of the tables) or Opus (its own encoder/decoder)."""
-        self.payload_type[row] = payload_type
-        self.law[row] = _LAWS[payload_type]
-        if payload_type == OPUS or self.opus[row]:  # a new encoder/decoder, or none
-            self._opus_start(row, payload_type == OPUS)
+    def _set_codec(self, row: int, media: LegMedia) -> None:
+        """The leg's codec: G.711 (a row of the tables) or Opus (its own encoder/decoder),
+        sent and expected under the payload type the call agreed."""
+        codec = media.payload_type if media.codec is None else media.codec
+        self.payload_type[row] = media.payload_type
+        self.law[row] = _LAWS[codec]
+        if codec == OPUS or self.opus[row]:  # a new encoder/decoder, or none
+            self._opus_start(row, codec == OPUS)
 
     def silent_rows(self, timeout: float) -> np.ndarray:
         """Rows whose peer has sent neither RTP nor RTCP for ``timeout`` seconds."""

@@ -27,7 +27,8 @@ to that caller and later hand its packets to the newcomer) unless both calls
 announced SSRCs that tell them apart (``a=ssrc``, which BorderLink itself does:
 all its calls leave from one port). Such an offer is refused with 488. A
 re-INVITE moves the media (address, port, codec) in one step once all of that is
-checked, or is refused with 488 and the call goes on as it was.
+checked, or is refused with 488 and the call goes on as it was; its codec comes from
+the list the call was set up with (a link's own ``codecs``, not the site's).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from gateway.sip.leg import SipLeg, leg_config
 from gateway.sip.pin import gate_call
 from gateway.sip.pyvoip import SIPMessage
 from gateway.sip.rtcp import RtcpState
-from gateway.sip.rtp import CODEC_NAMES
+from gateway.sip.rtp import CODEC_NAMES, OPUS
 from gateway.sip.sdp import (
     AVP,
     DTMF_TYPE,
@@ -65,6 +66,7 @@ from gateway.sip.sdp import (
     MediaOffer,
     choose_codec,
     describe,
+    payload_type,
     read_offer,
 )
 from gateway.sip.srtp import Crypto, LegSrtp, accept_keys, new_crypto
@@ -125,6 +127,7 @@ class Dialog:
     crypto: Crypto | None = None
     direction: str = "sendrecv"  # our SDP direction (a link's share), kept on re-INVITEs
     extmap: tuple[int, str] | None = None  # an RTP header extension we agreed (a link's talker)
+    codecs: list[str] | None = None  # what it may use, re-INVITEs too (a link's); None: the site's
     # Who answers the peer's INFO in this dialog (a link's talker labels): (code, reason).
     on_info: Callable[[SIPMessage, bytes, Source], tuple[int, str]] | None = None
 
@@ -480,7 +483,7 @@ class CallManager:
             return None
         ours = new_crypto(peer_key.tag) if peer_key else None
         dialog = self._incoming_dialog(
-            message, raw, source, offer, direction=direction, extmap=extmap
+            message, raw, source, offer, direction=direction, extmap=extmap, codecs=codecs
         )
         dialog.leg = self._start_leg(
             base,
@@ -517,6 +520,7 @@ class CallManager:
             crypto=dialog.crypto,
             direction=dialog.direction,
             extmap=dialog.extmap,
+            opus_type=dialog.offer.opus_type if dialog.offer else OPUS,
         )
 
     def _answer(self, dialog: Dialog, raw: bytes, source: Source) -> None:
@@ -567,7 +571,7 @@ class CallManager:
             self._answer(dialog, raw, source)
             return
         offer = read_offer(message)
-        codec = choose_codec(offer, self.config.codecs) if offer else None
+        codec = choose_codec(offer, dialog.codecs or self.config.codecs) if offer else None
         why = self._media_refused(offer, codec, leg.row)
         if why:
             self.rejected[488] = self.rejected.get(488, 0) + 1
@@ -589,9 +593,10 @@ class CallManager:
                 self.bank.media[leg.row],
                 (offer.address, offer.port),
                 RtcpState((offer.address, rtcp_port), mux=mux),
-                codec,
+                payload_type(offer, codec),
                 offer.dtmf_type if offer.dtmf_type is not None or dialog.incoming else DTMF_TYPE,
                 offer.ssrcs,
+                codec,
             )
             dialog.offer = offer
             dialog.version += 1
@@ -633,7 +638,8 @@ class CallManager:
         route_name = base.removeprefix("sip-")  # what metrics count the call under
         rtcp_port = offer.rtcp_port if offer.rtcp_port is not None else offer.port + 1
         media = LegMedia(
-            payload_type=codec,
+            payload_type=payload_type(offer, codec),
+            codec=codec,
             dtmf_type=dtmf_in,
             remote=(offer.address, offer.port),
             rtcp=RtcpState((offer.address, rtcp_port), mux=offer.rtcp_mux),
@@ -902,6 +908,7 @@ class CallManager:
             crypto=ours,
             direction=direction,
             extmap=extmap,
+            codecs=codecs,
         )
         self.dialogs[call_id] = dialog
         self.transport.send(self._in_dialog(dialog, "ACK", cseq=1), destination)

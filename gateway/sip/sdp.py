@@ -11,8 +11,11 @@ SSRCs is told apart the same way here.
 
 Opus (RFC 7587) is offered only by links, as ``opus/48000/2`` at payload type
 :data:`~gateway.sip.opus.OPUS` with in-band FEC and a 16 kHz playback rate (the
-engine's); an offer's Opus is recognised only at that payload type (the one every
-BorderLink uses), so the answer can name it the same way.
+engine's). Opus has no static payload type: a peer may give it any dynamic one
+(96-127), and RFC 3264 §6.1 has the answer use the offer's number, so an offer's
+Opus is recognised at any of them and :attr:`MediaOffer.opus_type` keeps the number
+the call sends and expects (:func:`payload_type`). Elsewhere a codec is named by
+its static number (:data:`NAMES`; Opus by ours, 111).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class MediaOffer:
     direction: str = "sendrecv"  # a=sendrecv|sendonly|recvonly|inactive (RFC 3264), writer's view
     # a=extmap (RFC 8285): (ID 1-255, URI, the extension's attributes after the URI)
     extmaps: tuple[tuple[int, str, str], ...] = ()
+    opus_type: int = OPUS  # the dynamic payload type the writer gave opus/48000/2
 
     def extension(self, uri: str) -> tuple[int, str] | None:
         """(ID, attributes) the writer gave the RTP header extension ``uri``; None: not in it."""
@@ -99,6 +103,7 @@ def _read_offer(message: SIPMessage) -> MediaOffer | None:
         return None
     payload_types: list[int] = []
     dtmf = None
+    opus_type = OPUS
     for pt_text in audio["methods"]:
         try:
             pt = int(pt_text)
@@ -109,8 +114,10 @@ def _read_offer(message: SIPMessage) -> MediaOffer | None:
         if name == "telephone-event" and (not rtpmap or rtpmap["frequency"] == "8000"):
             dtmf = pt
         elif name == "opus":
-            if pt == OPUS and rtpmap and rtpmap["frequency"] == "48000":
+            dynamic = 96 <= pt <= 127 and bool(rtpmap) and rtpmap["frequency"] == "48000"
+            if dynamic and OPUS not in payload_types:  # the first Opus the writer lists
                 payload_types.append(OPUS)
+                opus_type = pt
         elif name in NAMES and (pt < 96 or rtpmap):
             payload_types.append(NAMES[name] if pt >= 96 else pt)
     text = bytes(getattr(message, "raw", b"")).split(b"\r\n\r\n", 1)[-1].decode("utf-8", "replace")
@@ -137,6 +144,7 @@ def _read_offer(message: SIPMessage) -> MediaOffer | None:
         ssrcs,
         direction=directions[-1].lower() if directions else "sendrecv",
         extmaps=extmaps[:16],
+        opus_type=opus_type,
     )
 
 
@@ -162,6 +170,12 @@ def choose_codec(offer: MediaOffer, ours: list[str]) -> int | None:
     return next((pt for pt in offer.payload_types if pt in allowed), None)
 
 
+def payload_type(offer: MediaOffer, codec: int) -> int:
+    """The number ``codec`` goes by on the wire in a call agreed on ``offer`` (the writer's
+    dynamic one for Opus, RFC 3264 §6.1; a static one is its own)."""
+    return offer.opus_type if codec == OPUS else codec
+
+
 def describe(
     address: str,
     port: int,
@@ -176,14 +190,17 @@ def describe(
     cname: str = "",
     version: int | None = None,
     extmap: tuple[int, str] | None = None,
+    opus_type: int = OPUS,
 ) -> str:
-    """Our SDP: offer or answer. ``crypto``: our SDES key (only ever sent over TLS);
+    """Our SDP: offer or answer. ``opus_type``: the payload type Opus goes by (in an
+    answer, the offer's); ``crypto``: our SDES key (only ever sent over TLS);
     ``ssrc``/``cname``: the SSRC the call's RTP carries (RFC 5576); ``extmap``: an RTP
     header extension (ID, "URI [attributes]") in the two-byte form (RFC 8285
     ``a=extmap-allow-mixed``)."""
     session = session_id if session_id is not None else random.getrandbits(31)
     version = session if version is None else version
-    formats = [*payload_types, *([dtmf_type] if dtmf_type is not None else [])]
+    numbers = [opus_type if pt == OPUS else pt for pt in payload_types]
+    formats = [*numbers, *([dtmf_type] if dtmf_type is not None else [])]
     lines = [
         "v=0",
         f"o=borderlink {session} {version} IN IP4 {address}",
@@ -194,7 +211,8 @@ def describe(
     ]
     for pt in payload_types:
         if pt == OPUS:
-            lines += [f"a=rtpmap:{pt} opus/48000/2", f"a=fmtp:{pt} {FMTP}"]
+            n = opus_type
+            lines += [f"a=rtpmap:{n} opus/48000/2", f"a=fmtp:{n} {FMTP}"]
         else:
             lines.append(f"a=rtpmap:{pt} {CODEC_NAMES[pt]}/8000")
     if dtmf_type is not None:

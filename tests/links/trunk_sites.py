@@ -277,7 +277,16 @@ def _point(leg, address: tuple[str, int], latch: bool) -> None:  # noqa: ANN001
     bank, row = leg.bank, leg.row
     media = bank.media[row]
     rtcp = media.rtcp.remote
-    bank.move(row, media, address, media.rtcp, media.payload_type, media.dtmf_type, media.announced)
+    bank.move(
+        row,
+        media,
+        address,
+        media.rtcp,
+        media.payload_type,
+        media.dtmf_type,
+        media.announced,
+        media.codec,
+    )
     bank.set_rtcp_remote(row, rtcp)
     bank.latched[row] = not latch
 
