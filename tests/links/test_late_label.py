@@ -5,7 +5,7 @@ RTP: on a WAN the RTP can win, and the far side's talk_start then names only the
 peer's site ID. When the label comes, a ``talker_named`` event for the same over
 names the real talker in the audit log and on MQTT, and the console's who-is-talking
 shows it. The signalling is made slow honestly: each side reaches the other's SIP over
-TLS through a TCP relay that delays it; the RTP goes straight.
+TLS through a TCP relay that delays what CA sends; the RTP goes straight.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tests.sip.sip_peers import run
 
 LABEL = "RCMP · Marine 7"
 PASSWORD = "dispatch-secret-7"
-SIGNALLING_DELAY = 0.15  # seconds each way: the label INFO comes this long after the RTP
+SIGNALLING_DELAY = 0.4  # seconds, CA's SIP to US: the label INFO comes this long after the RTP
 
 
 def records(path: Path, event: str) -> list[dict]:
@@ -79,12 +79,14 @@ talk = ["*"]
 
     async def main() -> None:
         jar = aiohttp.CookieJar(unsafe=True)
-        slow = Impairment(delay=SIGNALLING_DELAY)
+        slow, fast = Impairment(delay=SIGNALLING_DELAY), Impairment()
         async with (
-            TcpRelay(("127.0.0.1", us.tls_port), slow) as to_us,
-            TcpRelay(("127.0.0.1", ca.tls_port), slow) as to_ca,
+            TcpRelay(("127.0.0.1", us.tls_port), slow, back=fast) as to_us,
+            TcpRelay(("127.0.0.1", ca.tls_port), fast, back=slow) as to_ca,
         ):
-            # Each side reaches the other's SIP through a relay, whichever dialog is kept.
+            # Each side reaches the other's SIP through a relay, and whichever dialog is
+            # kept, what CA says in it is slow (a round trip stays well under the keepalive's
+            # 1.2 s).
             ca_path = site_toml(tmp_path, ca, {"us": to_us.port}, pki)
             us_path = site_toml(tmp_path, us, {"ca": to_ca.port}, pki, us_extra)
             async with (
