@@ -30,9 +30,11 @@ from tests.sip.sip_peers import run
 
 JITTER = 0.015  # ± seconds, uniform, on every datagram through the relay
 # RFC 3550's estimate is the mean |difference of two transits|: 2/3 of JITTER (10 ms)
-# on a quiet machine; late ticks of a busy one add to it. Generous bounds that still
-# tell a six-fold unit error from the truth either way.
-LOW, HIGH = 0.003, 0.045
+# on a quiet machine. Late ticks of a busy one only add to it (50-70 ms seen beside
+# stress-ng), so the relay's setting gives a floor, not a ceiling: a figure six times
+# too small falls under it, and one six times too large (or small) is told by
+# comparing the report with the receiver's own figure, which load moves alike.
+LOW = 0.003
 CLOCKS = {"pcmu": 8000, "opus": 48000}
 
 
@@ -67,9 +69,9 @@ def test_jitter_is_reported_in_the_codecs_clock(tmp_path, codec: str) -> None:  
             await until(lambda: media.rtcp.reports_in > reports, 15, "a report after that")
             here = receiver.stats()["jitter_seconds"]  # US's own figure, now
             reported = media.rtcp.remote_jitter  # what US's report said, in RTP units
-            assert LOW < here < HIGH, here
-            assert LOW < reported / CLOCKS[codec] < HIGH, (reported, here)
+            assert here > LOW, here
+            assert reported / CLOCKS[codec] > LOW, (reported, here)
             assert 0.4 < reported / CLOCKS[codec] / here < 2.5, (reported, here)
-            assert LOW < sender.stats()["remote_jitter_seconds"] < HIGH
+            assert 0.4 < sender.stats()["remote_jitter_seconds"] / here < 2.5
 
     run(main())
