@@ -24,12 +24,12 @@ from trunk_sites import (
     radio,
     running,
     site_toml,
-    until,
 )
 
 from gateway.webrtc.passwords import hash_password
 from tests.mqtt.mqtt_support import Broker, Subscriber
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 LABEL = "RCMP · Marine 7"
 PASSWORD = "dispatch-secret-7"

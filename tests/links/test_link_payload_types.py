@@ -29,10 +29,10 @@ from trunk_sites import (
     running,
     share_state,
     site_toml,
-    until,
 )
 
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 OPUS_TYPE = 96  # the peer's number for Opus (BorderLink's own is 111)
 PEER_HZ = 6000.0  # the hand-written peer's tone

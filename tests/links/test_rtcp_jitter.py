@@ -23,10 +23,10 @@ from trunk_sites import (
     radio,
     running,
     site_toml,
-    until,
 )
 
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 JITTER = 0.015  # ± seconds, uniform, on every datagram through the relay
 # RFC 3550's estimate is the mean |difference of two transits|: 2/3 of JITTER (10 ms)
