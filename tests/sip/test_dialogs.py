@@ -371,8 +371,13 @@ def test_dialogs_between_two_gateways_each_carry_only_their_own_talkgroup(tmp_pa
             if other != hz:
                 leak = band_db(heard, 16000, other)
                 # (the bug put the wrong talkgroup 19 dB below full scale; G.711's own
-                # harmonics, aliased, land about 40 dB below a tone: tones are chosen apart)
-                assert leak < own - 35, f"tg{k} hears {other} Hz at {leak:.1f} dBFS"
+                # harmonics, aliased, land about 40 dB below a tone: tones are chosen apart).
+                # A frame concealed on a loaded machine splatters the own tone over the
+                # neighbourhood: a leak is a tone that stands out of it, not broadband noise.
+                floor = max(band_db(heard, 16000, other + d) for d in (-120, 120))
+                assert leak < own - 35 or leak < floor + 10, (
+                    f"tg{k} hears {other} Hz at {leak:.1f} dBFS (beside it {floor:.1f})"
+                )
 
 
 def test_upper_case_content_type_and_header_names_are_answered(tmp_path):
