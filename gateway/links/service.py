@@ -33,6 +33,7 @@ from gateway.links.errors import LinkError
 from gateway.links.talker import REASONS, Talker
 from gateway.links.trunk import STATES, Trunk
 from gateway.sip.config import split_hostport
+from gateway.sip.message import SipMessage
 from gateway.sip.stream import PeerTls
 from gateway.sip.tls import client_context
 
@@ -168,10 +169,10 @@ class LinksService:
                 cas.append(link.peer_ca)
         streams.trust_callers(tuple(dict.fromkeys(cas)))
 
-    def _on_invite(self, message, raw: bytes, source) -> bool:  # noqa: ANN001 - pass-through
+    def _on_invite(self, message: SipMessage) -> bool:
         for trunk in self.trunks.values():
-            if trunk.recognises(source):
-                trunk.on_invite(message, raw, source)
+            if trunk.recognises(message.source):
+                trunk.on_invite(message)
                 return True
         return False
 

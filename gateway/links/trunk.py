@@ -60,10 +60,9 @@ from gateway.sip.bank import LegBank
 from gateway.sip.calls import CallManager, Dialog, uri_user
 from gateway.sip.config import DialOutConfig
 from gateway.sip.leg import SipLeg
+from gateway.sip.message import SipMessage, Source
 from gateway.sip.opus import available as opus_available
-from gateway.sip.pyvoip import SIPMessage
 from gateway.sip.sdp import MediaOffer, read_offer
-from gateway.sip.transport import Source
 
 log = logging.getLogger(__name__)
 
@@ -402,21 +401,20 @@ class Trunk:
 
     # --- answering ------------------------------------------------------------------------
 
-    def on_invite(self, message: SIPMessage, raw: bytes, source: Source) -> None:
+    def on_invite(self, message: SipMessage) -> None:
         """An INVITE from this link's (verified) peer for one shared name."""
-        request_uri = message.heading.split(b" ")[1].decode("utf-8", "replace")
+        request_uri = message.uri
         name = uri_user(request_uri)
-        caller = uri_user(_from_uri(raw))
+        caller = uri_user(message.sender.uri)
         if _SITE.match(caller):
             self.peer_site = caller
         if self._stopped:  # shutting down or retired by a reload: the peer will redial
-            self.calls.reject(raw, source, 503, "Service Unavailable", "link stopping")
+            self.calls.reject(message, 503, "Service Unavailable", "link stopping")
             return
         if name in self.names and self.is_cut(name):
             self.refused_invites += 1
             self.calls.reject(
-                raw,
-                source,
+                message,
                 403,
                 "Forbidden",
                 f"link {self.name} is cut here",
@@ -428,20 +426,18 @@ class Trunk:
         flow = self.shares().answer(name, theirs)
         if isinstance(flow, Refused):  # unshared, unknown or garbage: the same answer
             self.refused_invites += 1
-            self.calls.reject(raw, source, 403, "Forbidden", f"link {self.name}: not shared")
+            self.calls.reject(message, 403, "Forbidden", f"link {self.name}: not shared")
             return
         st = self.names[name]
         old = st.dialog
         ours = (old is not None and not old.incoming) or st.dialling
         if ours and self._we_win():  # our dialog (placed or in flight) is the one to keep
-            self.calls.reject(raw, source, 491, "Request Pending", "link glare: ours wins")
+            self.calls.reject(message, 491, "Request Pending", "link glare: ours wins")
             return
         settings = _settings(flow.talkgroup, request_uri)
         terms = self._talker_terms(offer, name)
         dialog = self.calls.answer(
             message,
-            raw,
-            source,
             base=f"link-{self.name}-{name}",
             talkgroup=flow.talkgroup,
             settings=settings,
@@ -487,7 +483,7 @@ class Trunk:
         if self._stopped:
             asyncio.ensure_future(self.calls.hangup(dialog, 1.0))
             return
-        dialog.on_info = lambda message, raw, source: self._on_info(dialog, message, raw, source)
+        dialog.on_info = lambda message: self._on_info(dialog, message)
         onair = getattr(dialog.leg, "onair", None)
         if onair is not None:
             onair.tell = lambda named: self._tell(dialog, named)
@@ -567,7 +563,7 @@ class Trunk:
 
     def _label_answered(self, answer: asyncio.Future) -> None:
         response = None if answer.cancelled() or answer.exception() else answer.result()
-        if response is None or int(response.status) >= 300:
+        if response is None or response.status >= 300:
             self.labels_unanswered += 1
             log.debug(
                 "link %s: a talker label was not accepted (%s)",
@@ -575,23 +571,18 @@ class Trunk:
                 "no answer" if response is None else response.status,
             )
 
-    def _on_info(
-        self, dialog: Dialog, message: SIPMessage, raw: bytes, source: Source
-    ) -> tuple[int, str]:
+    def _on_info(self, dialog: Dialog, message: SipMessage) -> tuple[int, str]:
         """The peer names one of its overs. Believed only from this link's verified peer
         (the dialog's tags are not a secret worth trusting alone), within its budget."""
-        if not self.recognises(source):
+        if not self.recognises(message.source):
             self.talker_rejected["stranger"] += 1
             return 403, "Forbidden"
         if not self._label_budget.take():
             self.talker_rejected["flood"] += 1
             return 503, "Service Unavailable"
         onair = getattr(dialog.leg, "onair", None)
-        length = message.headers.get("Content-Length")
-        data = raw.partition(b"\r\n\r\n")[2]
-        data = data[:length] if isinstance(length, int) else data
-        content_type = message.headers.get("Content-Type", "")
-        if content_type.split(";")[0].strip().lower() == topology.CONTENT_TYPE:
+        content_type, data = message.content_type, message.body
+        if content_type == topology.CONTENT_TYPE:
             said = topology.read(content_type, data)
             if isinstance(said, Rejected) or onair is None:
                 self.talker_rejected[said.reason if isinstance(said, Rejected) else "info"] += 1
@@ -665,13 +656,3 @@ def _settings(talkgroup: str, uri: str) -> DialOutConfig:
     """The leg's terms: SRTP required (SDES keys over the link's TLS); keyed by voice
     activity unless the talker extension is agreed (then by what the peer says)."""
     return DialOutConfig(talkgroup=talkgroup, uri=uri, srtp="required")
-
-
-def _from_uri(raw: bytes) -> str:
-    head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-    for line in head.split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() in ("from", "f"):
-            match = re.search(r"<([^>]+)>", value)
-            return match.group(1) if match else value.split(";")[0].strip()
-    return ""

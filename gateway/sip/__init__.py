@@ -1,7 +1,8 @@
 """SIP: phones and PBXs join talkgroups.
 
-Signalling goes through pyVoIP's parser and REGISTER/digest builders
-(:mod:`.pyvoip`, the one seam) over the gateway's own transports: UDP
+Each message is read once into a :class:`~.message.SipMessage` (:mod:`.message`);
+pyVoIP builds the REGISTER and its digest (:mod:`.pyvoip`, its one seam). Both go
+over the gateway's own transports: UDP
 (:mod:`.transport`), TCP and TLS (:mod:`.stream`, certificates and trust in
 :mod:`.tls`); calls (:mod:`.calls`) become ports (:mod:`.leg`) whose
 media — RTP (:mod:`.rtp`), jitter buffers (:mod:`.jitter`), G.711 and

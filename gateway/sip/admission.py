@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from gateway.sip.config import RouteConfig, SipConfig, trusted_entry
 from gateway.sip.digest import DigestAuth
-from gateway.sip.transport import Source
+from gateway.sip.message import Headers, Source
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class Admission:
         source: Source,
         method: str,
         call_id: str,
-        headers: list[tuple[str, str]],
+        headers: Headers,
     ) -> Admitted | Refusal:
         """Who is calling, as far as it was proven; or the refusal (401/403)."""
         entries = [trusted_entry(entry) for entry in route.trusted]
@@ -225,7 +225,7 @@ class Admission:
             else:
                 admitted = Admitted(asserted, "trusted")
         elif route.auth == "digest":
-            authorization = _header(headers, "authorization")
+            authorization = headers.get("authorization") or None
             verdict = self.digest.check(
                 authorization, method, source.address[0], call_id, route.users
             )
@@ -277,16 +277,9 @@ def _matches(entries: list, source: Source) -> bool:
     return False
 
 
-def _header(headers: list[tuple[str, str]], name: str) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
-
-
-def _asserted_identity(headers: list[tuple[str, str]]) -> str:
+def _asserted_identity(headers: Headers) -> str:
     """``user@host`` of the first sip: P-Asserted-Identity (RFC 3325), or ""."""
-    value = _header(headers, "p-asserted-identity")
+    value = headers.get("p-asserted-identity")
     if not value:
         return ""
     match = _PAI_URI.search(value)

@@ -54,8 +54,8 @@ from gateway.sip.config import (
     strictest,
 )
 from gateway.sip.leg import SipLeg, leg_config
+from gateway.sip.message import SipMessage
 from gateway.sip.pin import gate_call
-from gateway.sip.pyvoip import SIPMessage
 from gateway.sip.rtcp import RtcpState
 from gateway.sip.rtp import CODEC_NAMES, OPUS
 from gateway.sip.sdp import (
@@ -79,24 +79,17 @@ from gateway.sip.transport import (
     as_source,
     new_call_id,
     new_tag,
-    raw_headers,
     uri_source,
 )
 
 log = logging.getLogger(__name__)
 
 _URI = re.compile(r"^sips?:(?:(?P<user>[^@;>]+)@)?(?P<host>[^:;>]+)(?::(?P<port>\d+))?")
-_ANGLE = re.compile(r"<([^>]+)>")
 
 
 def uri_user(uri: str) -> str:
     match = _URI.match(uri.strip("<> "))
     return match["user"] or "" if match else ""
-
-
-def contact_uri(value: str) -> str:
-    match = _ANGLE.search(value)
-    return (match.group(1) if match else value.split(";")[0]).strip()
 
 
 @dataclass
@@ -129,7 +122,7 @@ class Dialog:
     extmap: tuple[int, str] | None = None  # an RTP header extension we agreed (a link's talker)
     codecs: list[str] | None = None  # what it may use, re-INVITEs too (a link's); None: the site's
     # Who answers the peer's INFO in this dialog (a link's talker labels): (code, reason).
-    on_info: Callable[[SIPMessage, bytes, Source], tuple[int, str]] | None = None
+    on_info: Callable[[SipMessage], tuple[int, str]] | None = None
 
 
 class CallManager:
@@ -162,7 +155,7 @@ class CallManager:
         self.audit: Callable[..., Any] = lambda event, **fields: None
         # Cross-border links (set by the links service): offered every new INVITE that came
         # over TLS from a verified peer, before routes; True when it took (answered) it.
-        self.links: Callable[[SIPMessage, bytes, Source], bool] | None = None
+        self.links: Callable[[SipMessage], bool] | None = None
         self._sweep_every = min(1.0, config.ack_timeout / 4, config.media_timeout / 4)
         self._sweeper = asyncio.get_event_loop().call_later(self._sweep_every, self._sweep)
 
@@ -175,46 +168,44 @@ class CallManager:
 
     # --- requests from the network ---------------------------------------------------
 
-    def on_request(self, message: SIPMessage, raw: bytes, source: Source) -> None:
+    def on_request(self, message: SipMessage) -> None:
         method = message.method
+        respond = self.transport.respond
         if method == "INVITE":
-            self._invite(message, raw, source)
+            self._invite(message)
         elif method == "ACK":
-            dialog = self.dialogs.get(message.headers["Call-ID"])
+            dialog = self.dialogs.get(message.call_id)
             if dialog is not None and self._from_peer(dialog, message):
-                self._acked(dialog, int(message.headers["CSeq"]["check"]))
+                self._acked(dialog, message.cseq)
         elif method == "BYE":
-            dialog = self.dialogs.get(message.headers["Call-ID"])
+            dialog = self.dialogs.get(message.call_id)
             if dialog is None or not self._from_peer(dialog, message):
-                self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
+                respond(message, 481, "Call/Transaction Does Not Exist")
                 return
-            self.transport.respond(raw, source, 200, "OK")
-            found = [v for k, v in raw_headers(raw) if k.lower() == "reason"]
-            dialog.far_end_reason = found[0][:200] if found else ""
+            respond(message, 200, "OK")
+            dialog.far_end_reason = message.headers.get("reason")[:200]
             log.info(
                 "call %s ended by the far end", dialog.leg.name if dialog.leg else dialog.call_id
             )
             self._end(dialog)
         elif method == "CANCEL":
             # We answer INVITEs at once, so there is never a pending one to cancel.
-            known = message.headers["Call-ID"] in self.dialogs
-            if known:
-                self.transport.respond(raw, source, 200, "OK")
+            if message.call_id in self.dialogs:
+                respond(message, 200, "OK")
             else:
-                self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
+                respond(message, 481, "Call/Transaction Does Not Exist")
         elif method == "INFO":
-            dialog = self.dialogs.get(message.headers["Call-ID"])
+            dialog = self.dialogs.get(message.call_id)
             if dialog is None or not self._from_peer(dialog, message):
-                self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
+                respond(message, 481, "Call/Transaction Does Not Exist")
             elif dialog.on_info is None:  # a phone's INFO (DTMF relay...): as before, unknown
-                self.transport.respond(raw, source, 501, "Not Implemented")
+                respond(message, 501, "Not Implemented")
             else:
-                code, reason = dialog.on_info(message, raw, source)
-                self.transport.respond(raw, source, code, reason)
+                code, reason = dialog.on_info(message)
+                respond(message, code, reason)
         elif method == "OPTIONS":
-            self.transport.respond(
-                raw,
-                source,
+            respond(
+                message,
                 200,
                 "OK",
                 headers=[
@@ -225,23 +216,19 @@ class CallManager:
 
     def reject(
         self,
-        raw: bytes,
-        source: Source,
+        request: SipMessage,
         code: int,
         reason: str,
         why: str,
         headers: tuple[str, ...] = (),
     ) -> None:
         """Refuse an INVITE (counted, logged at most once a minute per source)."""
-        self._reject(raw, source, code, reason, why, headers)
+        self._reject(request, code, reason, why, headers)
 
     @staticmethod
-    def _from_peer(dialog: Dialog, message: SIPMessage) -> bool:
+    def _from_peer(dialog: Dialog, message: SipMessage) -> bool:
         """An in-dialog request carries the dialog's tags (RFC 3261 §12.2.2)."""
-        return (
-            message.headers["From"].get("tag") == dialog.remote_tag
-            and message.headers["To"].get("tag") == dialog.local_tag
-        )
+        return message.sender.tag == dialog.remote_tag and message.recipient.tag == dialog.local_tag
 
     def _acked(self, dialog: Dialog, cseq: int) -> None:
         """The peer confirmed our answer to its INVITE ``cseq``: the call may send now."""
@@ -311,70 +298,69 @@ class CallManager:
 
     def _reject(
         self,
-        raw: bytes,
-        source: Source,
+        request: SipMessage,
         code: int,
         reason: str,
         why: str,
         headers: tuple[str, ...] = (),
     ) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
-        self.admission.refusals(source.address[0], code, reason, why)
-        self.transport.respond(raw, source, code, reason, to_tag=new_tag(), headers=[*headers])
+        self.admission.refusals(request.source.address[0], code, reason, why)
+        self.transport.respond(request, code, reason, to_tag=new_tag(), headers=[*headers])
 
-    def _refuse(self, raw: bytes, source: Source, refusal: Refusal, route: str = "") -> None:
+    def _refuse(self, request: SipMessage, refusal: Refusal, route: str = "") -> None:
         if refusal.audit:
-            self.audit(refusal.audit, route=route, source=source.address[0], reason=refusal.why)
-        self._reject(raw, source, refusal.code, refusal.reason, refusal.why, refusal.headers)
+            where = request.source.address[0]
+            self.audit(refusal.audit, route=route, source=where, reason=refusal.why)
+        self._reject(request, refusal.code, refusal.reason, refusal.why, refusal.headers)
 
-    def _invite(self, message: SIPMessage, raw: bytes, source: Source) -> None:
-        call_id = message.headers["Call-ID"]
+    def _invite(self, message: SipMessage) -> None:
+        call_id, source = message.call_id, message.source
         existing = self.dialogs.get(call_id)
         if existing is not None:  # a retransmission or a re-INVITE
-            self._reinvite(existing, message, raw, source)
+            self._reinvite(existing, message)
             return
         linked = self.links is not None and source.secure and bool(source.identity)
-        if linked and self.links(message, raw, source):  # type: ignore[misc]
+        if linked and self.links(message):  # type: ignore[misc]
             return
         limited = self.admission.limit(source)
         if limited is not None:
-            self._refuse(raw, source, limited)
+            self._refuse(message, limited)
             return
-        request_uri = message.heading.split(b" ")[1].decode("utf-8", "replace")
-        number = uri_user(request_uri) or (message.headers["To"].get("number") or "")
+        request_uri = message.uri
+        number = uri_user(request_uri) or message.recipient.user
         found = self.config.route_for(number)
-        if found is None and message.headers["To"].get("number"):
-            found = self.config.route_for(message.headers["To"]["number"])
+        if found is None and message.recipient.user:
+            found = self.config.route_for(message.recipient.user)
         if found is None:
-            self._reject(raw, source, 404, "Not Found", f"no route for number {number!r}")
+            self._reject(message, 404, "Not Found", f"no route for number {number!r}")
             return
         name, route = found
-        admitted = self.admission.identify(name, route, source, "INVITE", call_id, raw_headers(raw))
+        admitted = self.admission.identify(name, route, source, "INVITE", call_id, message.headers)
         if isinstance(admitted, Refusal):
-            self._refuse(raw, source, admitted, name)
+            self._refuse(message, admitted, name)
             return
         offer = read_offer(message)
         codec = choose_codec(offer, self.config.codecs) if offer else None
         why = self._media_refused(offer, codec)
         if why:
-            self._reject(raw, source, 488, "Not Acceptable Here", why)
+            self._reject(message, 488, "Not Acceptable Here", why)
             return
         policy = self._srtp_policy(route, request_uri, source)
         peer_key, refusal = accept_keys(policy, source.transport, offer.savp, offer.crypto)
         if refusal:
-            self._reject(raw, source, 488, "Not Acceptable Here", f"route {name}: {refusal}")
+            self._reject(message, 488, "Not Acceptable Here", f"route {name}: {refusal}")
             return
         assert offer is not None and codec is not None
         if route.talkgroup not in self.engine.talkgroups:
             self._reject(
-                raw,
-                source,
+                message,
                 480,
                 "Temporarily Unavailable",
                 f"talkgroup {route.talkgroup!r} is not running",
             )
             return
-        dialog = self._incoming_dialog(message, raw, source, offer, route=name)
+        dialog = self._incoming_dialog(message, offer, route=name)
         dtmf = DTMF_TYPE if offer.dtmf_type is not None else None
         dtmf_in = offer.dtmf_type
         pin = gate_call(self, dialog, name, route) if route.pin else None
@@ -396,7 +382,7 @@ class CallManager:
         dialog.profile = offer.profile if ours else AVP
         dialog.crypto = ours
         dialog.body = self._describe(dialog, codec, dtmf_in, offer.rtcp_mux)
-        self._answer(dialog, raw, source)
+        self._answer(dialog, message)
         log.info(
             "call %s answered: %s%s on %s",
             leg.name,
@@ -427,23 +413,19 @@ class CallManager:
         ]
         return strictest(route.srtp, *accounts)
 
-    def _incoming_dialog(
-        self, message: SIPMessage, raw: bytes, source: Source, offer: MediaOffer, **extra: Any
-    ) -> Dialog:
+    def _incoming_dialog(self, message: SipMessage, offer: MediaOffer, **extra: Any) -> Dialog:
         """The dialog an INVITE we answer opens (a route's call or a link's)."""
-        headers = dict(raw_headers(raw))
-        request_uri = message.heading.split(b" ")[1].decode("utf-8", "replace")
         dialog = Dialog(
-            call_id=message.headers["Call-ID"],
+            call_id=message.call_id,
             local_tag=new_tag(),
-            remote_tag=message.headers["From"]["tag"],
-            local_uri=headers.get("To", ""),
-            remote_uri=headers.get("From", "").split(";tag=")[0],
-            target=contact_uri(headers.get("Contact", "")) or request_uri,
-            peer=source,
+            remote_tag=message.sender.tag,
+            local_uri=message.recipient.text,
+            remote_uri=message.sender.text,
+            target=message.contact or message.uri,
+            peer=message.source,
             incoming=True,
             created=asyncio.get_event_loop().time(),
-            remote_cseq=int(message.headers["CSeq"]["check"]),
+            remote_cseq=message.cseq,
             offer=offer,
             session=random.getrandbits(31),
             **extra,
@@ -453,9 +435,7 @@ class CallManager:
 
     def answer(
         self,
-        message: SIPMessage,
-        raw: bytes,
-        source: Source,
+        message: SipMessage,
         *,
         base: str,
         talkgroup: str,
@@ -474,16 +454,17 @@ class CallManager:
         codec = choose_codec(offer, codecs or self.config.codecs) if offer else None
         why = self._media_refused(offer, codec)
         if why:
-            self._reject(raw, source, 488, "Not Acceptable Here", why)
+            self._reject(message, 488, "Not Acceptable Here", why)
             return None
         assert offer is not None and codec is not None
-        peer_key, refusal = accept_keys(settings.srtp, source.transport, offer.savp, offer.crypto)
+        transport = message.source.transport
+        peer_key, refusal = accept_keys(settings.srtp, transport, offer.savp, offer.crypto)
         if refusal:
-            self._reject(raw, source, 488, "Not Acceptable Here", f"{base}: {refusal}")
+            self._reject(message, 488, "Not Acceptable Here", f"{base}: {refusal}")
             return None
         ours = new_crypto(peer_key.tag) if peer_key else None
         dialog = self._incoming_dialog(
-            message, raw, source, offer, direction=direction, extmap=extmap, codecs=codecs
+            message, offer, direction=direction, extmap=extmap, codecs=codecs
         )
         dialog.leg = self._start_leg(
             base,
@@ -501,7 +482,7 @@ class CallManager:
         dialog.profile = offer.profile if ours else AVP
         dialog.crypto = ours
         dialog.body = self._describe(dialog, codec, None, offer.rtcp_mux)
-        self._answer(dialog, raw, source)
+        self._answer(dialog, message)
         return dialog
 
     def _describe(self, dialog: Dialog, codec: int, dtmf: int | None, mux: bool) -> str:
@@ -523,18 +504,17 @@ class CallManager:
             opus_type=dialog.offer.opus_type if dialog.offer else OPUS,
         )
 
-    def _answer(self, dialog: Dialog, raw: bytes, source: Source) -> None:
+    def _answer(self, dialog: Dialog, invite: SipMessage) -> None:
         """200 OK with our SDP to the peer's INVITE, resent until the peer ACKs it."""
         dialog.answer = self.transport.respond(
-            raw,
-            source,
+            invite,
             200,
             "OK",
             to_tag=dialog.local_tag,
-            headers=[f"Contact: {self.contact_for(source)}"],
+            headers=[f"Contact: {self.contact_for(invite.source)}"],
             body=dialog.body,
         )
-        self._spawn(self._resend_until_ack(dialog, source, dialog.remote_cseq))
+        self._spawn(self._resend_until_ack(dialog, invite.source, dialog.remote_cseq))
 
     async def _resend_until_ack(self, dialog: Dialog, source: Source, cseq: int) -> None:
         """RFC 3261 §13.3.1.4: the 2xx is resent, T1 doubling to T2, until ACK or Timer H."""
@@ -549,26 +529,27 @@ class CallManager:
             self.transport.send(answer, source)
             interval = min(interval * 2, T2)
 
-    def _reinvite(self, dialog: Dialog, message: SIPMessage, raw: bytes, source: Source) -> None:
+    def _reinvite(self, dialog: Dialog, message: SipMessage) -> None:
         """An INVITE inside a dialog: a retransmission gets the same answer; a re-INVITE
         moves the media in one step, or is refused (488) and the call stays as it was."""
-        cseq = int(message.headers["CSeq"]["check"])
+        cseq = message.cseq
+        respond = self.transport.respond
         if cseq == dialog.remote_cseq and dialog.answer:  # retransmission
-            self.transport.send(dialog.answer, source)
+            self.transport.send(dialog.answer, message.source)
             return
         if not self._from_peer(dialog, message):
-            self.transport.respond(raw, source, 481, "Call/Transaction Does Not Exist")
+            respond(message, 481, "Call/Transaction Does Not Exist")
             return
         if cseq < dialog.remote_cseq:  # RFC 3261 §12.2.2
-            self.transport.respond(raw, source, 500, "Server Internal Error")
+            respond(message, 500, "Server Internal Error")
             return
         dialog.remote_cseq = cseq
         leg = dialog.leg
         if leg is None or dialog.offer is None:
-            self.transport.respond(raw, source, 491, "Request Pending")
+            respond(message, 491, "Request Pending")
             return
         if not message.body:  # no offer: ours again (the ACK would carry the answer)
-            self._answer(dialog, raw, source)
+            self._answer(dialog, message)
             return
         offer = read_offer(message)
         codec = choose_codec(offer, dialog.codecs or self.config.codecs) if offer else None
@@ -576,14 +557,14 @@ class CallManager:
         if why:
             self.rejected[488] = self.rejected.get(488, 0) + 1
             log.info("re-INVITE of call %s refused (the call goes on as it was): %s", leg.name, why)
-            dialog.answer = self.transport.respond(raw, source, 488, "Not Acceptable Here")
+            dialog.answer = respond(message, 488, "Not Acceptable Here")
             return
         assert offer is not None and codec is not None
         if offer != dialog.offer and (dialog.crypto or offer.savp or offer.crypto):
             # New keys would have to be agreed with the move: not done, so refused whole.
             self.rejected[488] = self.rejected.get(488, 0) + 1
             log.info("re-INVITE of SRTP call %s refused (media and keys stay)", leg.name)
-            dialog.answer = self.transport.respond(raw, source, 488, "Not Acceptable Here")
+            dialog.answer = respond(message, 488, "Not Acceptable Here")
             return
         if offer != dialog.offer:
             rtcp_port = offer.rtcp_port if offer.rtcp_port is not None else offer.port + 1
@@ -608,7 +589,7 @@ class CallManager:
                 offer.port,
                 CODEC_NAMES[codec],
             )
-        self._answer(dialog, raw, source)
+        self._answer(dialog, message)
 
     # --- legs -------------------------------------------------------------------------
 
@@ -746,7 +727,7 @@ class CallManager:
         lines.append(f"Content-Length: {len(text.encode())}")
         return "\r\n".join(lines) + "\r\n\r\n" + text
 
-    async def options(self, dialog: Dialog, timeout: float) -> SIPMessage | None:
+    async def options(self, dialog: Dialog, timeout: float) -> SipMessage | None:
         """An in-dialog OPTIONS (a keepalive over the dialog's own connection): the answer."""
         if dialog.call_id not in self.dialogs:
             return None
@@ -756,7 +737,7 @@ class CallManager:
 
     def info(
         self, dialog: Dialog, content_type: str, text: str, timeout: float
-    ) -> asyncio.Future[SIPMessage | None] | None:
+    ) -> asyncio.Future[SipMessage | None] | None:
         """An in-dialog INFO, written in this very call when the dialog's connection is open
         (a link's talker label leaves before the RTP it names); the answer to come. None:
         the dialog has ended."""
@@ -774,7 +755,7 @@ class CallManager:
 
     def end(
         self, dialog: Dialog, wait: float = 2.0, reason: str = ""
-    ) -> Coroutine[Any, Any, SIPMessage | None] | None:
+    ) -> Coroutine[Any, Any, SipMessage | None] | None:
         """End the leg in this very call (no tick passes with its audio); the BYE still to
         be sent is returned (None: the dialog had already ended)."""
         if dialog.call_id not in self.dialogs:
@@ -858,10 +839,10 @@ class CallManager:
         response = await self.transport.request(
             invite, destination, self.config.transaction_timeout
         )
-        if response is None or int(response.status) >= 300:
+        if response is None or response.status >= 300:
             if response is not None:
                 self._ack(response, uri, destination, call_id, tag, local_uri, invite_lines[1])
-                if int(response.status) == 488 and ours is not None and policy == "optional":
+                if response.status == 488 and ours is not None and policy == "optional":
                     log.info("dial-out to %s refused SRTP; calling again with plain RTP", uri)
                     return await self.dial(
                         uri,
@@ -879,24 +860,22 @@ class CallManager:
                         extmap=extmap,
                     )
                 if refused is not None:
-                    found = dict((k.lower(), v) for k, v in raw_headers(response.raw))
-                    refused(int(response.status), found.get("reason", ""))
+                    refused(response.status, response.headers.get("reason"))
             log.warning(
                 "dial-out to %s failed: %s",
                 uri,
-                "no answer" if response is None else f"{int(response.status)}",
+                "no answer" if response is None else f"{response.status}",
             )
             return None
-        headers = dict(raw_headers(response.raw))
         offer = read_offer(response)
         codec = choose_codec(offer, codecs or self.config.codecs) if offer else None
         dialog = Dialog(
             call_id=call_id,
             local_tag=tag,
-            remote_tag=response.headers["To"]["tag"],
+            remote_tag=response.recipient.tag,
             local_uri=local_uri,
             remote_uri=f"<{uri}>",
-            target=contact_uri(headers.get("Contact", "")) or uri,
+            target=response.contact or uri,
             peer=destination,
             incoming=False,
             created=asyncio.get_event_loop().time(),
@@ -949,7 +928,7 @@ class CallManager:
 
     def _ack(
         self,
-        response: SIPMessage,
+        response: SipMessage,
         uri: str,
         destination: Source,
         call_id: str,
@@ -958,7 +937,7 @@ class CallManager:
         via: str,
     ) -> None:
         """ACK a failed INVITE (same branch: it belongs to the INVITE transaction)."""
-        to = dict(raw_headers(response.raw)).get("To", f"<{uri}>")
+        to = response.headers.get("To", f"<{uri}>")
         lines = [
             f"ACK {uri} SIP/2.0",
             via,

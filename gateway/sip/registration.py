@@ -23,7 +23,8 @@ import logging
 import re
 
 from gateway.sip.config import AccountConfig
-from gateway.sip.pyvoip import Dialect, SIPMessage
+from gateway.sip.message import SipMessage
+from gateway.sip.pyvoip import Dialect
 from gateway.sip.tasks import cancel_and_wait
 from gateway.sip.transport import SipTransport, Source
 
@@ -121,10 +122,10 @@ class Registration:
         """One REGISTER transaction (with the digest round); the granted expiry, or None."""
         first = self.dialect.first_register(deregister=deregister)
         response = await self.transport.request(first, self.peer, self.timeout)
-        if response is not None and int(response.status) == 401:
+        if response is not None and response.status == 401:
             answer = self.dialect.answer_challenge(response, deregister=deregister)
             response = await self.transport.request(answer, self.peer, self.timeout)
-            if response is not None and int(response.status) == 401:
+            if response is not None and response.status == 401:
                 self.last_status = 401
                 self.last_error = "401 again: wrong username or password"
                 return None
@@ -132,20 +133,19 @@ class Registration:
             self.last_status = None
             self.last_error = "no answer"
             return None
-        status = int(response.status)
+        status = response.status
         if status != 200:
             self.last_status = status
-            self.last_error = f"{status} {response.status.phrase}"
+            self.last_error = f"{status} {response.reason}"
             return None
         return self._granted(response)
 
-    def _granted(self, response: SIPMessage) -> float:
-        contact = response.headers.get("Contact", "")
-        match = _EXPIRES.search(contact if isinstance(contact, str) else "")
+    def _granted(self, response: SipMessage) -> float:
+        match = _EXPIRES.search(response.headers.get("contact"))
         if match:
             return float(match.group(1))
-        expires = response.headers.get("Expires")
+        expires = response.headers.get("expires")
         try:
-            return float(expires) if expires is not None else float(self.account.expires)
+            return float(expires) if expires else float(self.account.expires)
         except ValueError:
             return float(self.account.expires)

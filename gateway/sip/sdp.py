@@ -24,8 +24,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from gateway.sip.message import SipMessage
 from gateway.sip.opus import FMTP
-from gateway.sip.pyvoip import SIPMessage
 from gateway.sip.rtp import CODEC_NAMES, OPUS, PCMA, PCMU
 from gateway.sip.srtp import Crypto, parse_crypto
 
@@ -38,6 +38,11 @@ _RTCP_MUX = re.compile(r"^a=rtcp-mux\s*$", re.M)
 _DIRECTION = re.compile(r"^a=(sendrecv|sendonly|recvonly|inactive)\s*$", re.M | re.I)
 _SSRC = re.compile(r"^a=ssrc:(\d{1,10})(?:\s|$)", re.M)
 _EXTMAP = re.compile(r"^a=extmap:(\d{1,3})(?:/\w+)?[ \t]+(\S{1,200})[ \t]*([^\r\n]{0,200})", re.M)
+# The first audio stream (m=audio PORT[/COUNT] PROTO FORMATS), the first address (c=) and
+# the payload types' names and clock rates (a=rtpmap): all a leg needs of SDP (RFC 4566).
+_AUDIO = re.compile(r"^m=audio[ \t]+(?P<port>\d{1,5})(?:/\d+)?[ \t]+\S+(?P<formats>[ \t\d]*)", re.M)
+_CONNECTION = re.compile(r"^c=IN[ \t]+IP[46][ \t]+(?P<address>[^/\s]+)", re.M)
+_RTPMAP = re.compile(r"^a=rtpmap:(\d{1,3})[ \t]+([^/\s]+)/(\d+)", re.M)
 _IPV4 = re.compile(r"^(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)$")
 
 
@@ -79,48 +84,37 @@ class MediaOffer:
         return next(((n, attrs) for n, name, attrs in self.extmaps if name == uri), None)
 
 
-def read_offer(message: SIPMessage) -> MediaOffer | None:
-    """The audio stream of an SDP body parsed by pyVoIP, or None when there is none.
+def read_offer(message: SipMessage) -> MediaOffer | None:
+    """The audio stream of a message's SDP body, or None when there is none.
 
-    Never raises: a body that is not SDP, or SDP pyVoIP left half-parsed, is no offer."""
-    try:
-        return _read_offer(message)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+    Never raises: a body that is not SDP, or SDP without an audio stream and an
+    address to send it to, is no offer."""
+    if message.content_type != "application/sdp":
         return None
-
-
-def _read_offer(message: SIPMessage) -> MediaOffer | None:
-    if message.headers.get("Content-Type") != "application/sdp":
+    text = message.text()
+    audio = _AUDIO.search(text)
+    address = _CONNECTION.search(text)
+    if audio is None or address is None:
         return None
-    body = message.body
-    audio = next(
-        (m for m in body.get("m", []) if isinstance(m, dict) and m.get("type") == "audio"), None
-    )
-    if audio is None:
-        return None
-    connections = body.get("c") or []
-    if not connections or not isinstance(connections, list):
-        return None
+    rtpmaps = {pt: (name.lower(), rate) for pt, name, rate in _RTPMAP.findall(text)}
     payload_types: list[int] = []
     dtmf = None
     opus_type = OPUS
-    for pt_text in audio["methods"]:
-        try:
-            pt = int(pt_text)
-        except ValueError:
+    for pt_text in audio["formats"].split():
+        if not pt_text.isdigit() or len(pt_text) > 3:
             continue
-        rtpmap = audio["attributes"].get(pt_text, {}).get("rtpmap")
-        name = rtpmap["name"].lower() if rtpmap else CODEC_NAMES.get(pt, "").lower()
-        if name == "telephone-event" and (not rtpmap or rtpmap["frequency"] == "8000"):
+        pt = int(pt_text)
+        rtpmap = rtpmaps.get(pt_text)
+        name, rate = rtpmap or (CODEC_NAMES.get(pt, "").lower(), "")
+        if name == "telephone-event" and (not rtpmap or rate == "8000"):
             dtmf = pt
         elif name == "opus":
-            dynamic = 96 <= pt <= 127 and bool(rtpmap) and rtpmap["frequency"] == "48000"
+            dynamic = 96 <= pt <= 127 and bool(rtpmap) and rate == "48000"
             if dynamic and OPUS not in payload_types:  # the first Opus the writer lists
                 payload_types.append(OPUS)
                 opus_type = pt
         elif name in NAMES and (pt < 96 or rtpmap):
             payload_types.append(NAMES[name] if pt >= 96 else pt)
-    text = bytes(getattr(message, "raw", b"")).split(b"\r\n\r\n", 1)[-1].decode("utf-8", "replace")
     rtcp = _RTCP_PORT.search(text)
     profile, crypto_lines = _audio_section(text)
     crypto = tuple(c for c in map(parse_crypto, crypto_lines) if c is not None)
@@ -132,7 +126,7 @@ def _read_offer(message: SIPMessage) -> MediaOffer | None:
         if 1 <= int(n) <= 255
     )
     return MediaOffer(
-        connections[0]["address"],
+        address["address"],
         int(audio["port"]),
         payload_types,
         dtmf,

@@ -28,10 +28,11 @@ from gateway.sip.bank import ROUTE_COUNTERS, LegBank
 from gateway.sip.calls import CallManager
 from gateway.sip.config import AccountConfig, SipConfig, split_hostport
 from gateway.sip.dialout import DialOut
+from gateway.sip.message import SipMessage
 from gateway.sip.registration import Registration
 from gateway.sip.stream import Limits, TlsFiles
 from gateway.sip.tls import expiry_days, load_certificate
-from gateway.sip.transport import SipTransport, Source
+from gateway.sip.transport import SipTransport
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -116,9 +117,9 @@ class SipService:
         self._certificate = None  # the site's TLS certificate, for its expiry metric
         self._tasks: set[asyncio.Task] = set()  # reload work: unregister, redial, ...
 
-    def _on_request(self, message, raw, source: Source) -> None:  # noqa: ANN001 - pass-through
+    def _on_request(self, message: SipMessage) -> None:
         if self.calls is not None:
-            self.calls.on_request(message, raw, source)
+            self.calls.on_request(message)
 
     def _audit(self, event: str, **fields: object) -> None:
         """A SIP record in the site's audit log (when there is one): calls, PIN, auth."""

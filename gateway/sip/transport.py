@@ -1,14 +1,15 @@
 """SIP transports on the event loop: UDP here, TCP and TLS in :mod:`.stream`; client
 transactions and responses per Via, the same for all three.
 
-pyVoIP parses; this module owns the sockets. Requests we send over UDP are
-retransmitted (RFC 3261 timers A/E: 500 ms doubling to 4 s) until a response
+:mod:`.message` parses (once per message); this module owns the sockets. Requests we
+send over UDP are retransmitted (RFC 3261 timers A/E: 500 ms doubling to 4 s) until a response
 arrives or the transaction times out; over TCP/TLS they are sent once (the
 stream is reliable). Responses we send go back the way the request came: over
 UDP to the address it came from (what ``rport`` asks for, and right for
 proxies), over a stream on the same connection; the request's
 Via/From/To/Call-ID/CSeq are copied verbatim. Anything that does not parse is
-counted and dropped — it never reaches the call logic and never raises.
+counted and dropped (a request that names its transaction is answered 400) — it
+never reaches the call logic and never raises.
 
 :class:`Source` is the contract with the call logic: which transport brought a
 message and what that transport proved about the peer.
@@ -22,9 +23,17 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gateway.sip.pyvoip import PARSED_METHODS, SIPMessage, parse
+from gateway.sip.message import (
+    METHODS,
+    Address,
+    Headers,
+    MessageError,
+    SipMessage,
+    Source,
+    parse,
+)
 from gateway.sip.stream import Connection, Limits, Streams, TlsFiles
 
 log = logging.getLogger(__name__)
@@ -33,11 +42,6 @@ T1 = 0.5
 T2 = 4.0
 ERROR_LOG_SECONDS = 60.0
 MAX_DATAGRAM = 16384  # a SIP request bigger than this over UDP is not one we want
-_CALL_ID = re.compile(rb"^(?:Call-ID|i)\s*:\s*(.+?)\s*$", re.M | re.I)
-_CSEQ = re.compile(rb"^CSeq\s*:\s*(\d+)\s+([A-Za-z]+)\s*$", re.M | re.I)
-_COPIED = ("via", "from", "to", "call-id", "cseq", "v", "f", "t", "i")
-
-Address = tuple[str, int]
 TRANSPORTS = ("udp", "tcp", "tls")
 DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
 _SIP_URI = re.compile(
@@ -45,29 +49,6 @@ _SIP_URI = re.compile(
     r"(?P<params>;[^?>]*)?",
     re.I,
 )
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a SIP message came from (or goes to), and what its transport proved.
-
-    ``identity`` is set only by a transport that authenticated the peer (a TLS
-    certificate that verified); nothing the peer wrote in a header ever lands here.
-    Responses go back over the same transport, to ``address``.
-    """
-
-    address: Address
-    transport: str = "udp"  # "udp" | "tcp" | "tls"
-    identity: str = ""  # verified TLS peer identity (certificate name or pin), else ""
-    # The verified TLS certificate itself (DER), for a caller with its own trust rules (links).
-    certificate: bytes = field(default=b"", compare=False, repr=False)
-
-    @property
-    def secure(self) -> bool:
-        return self.transport == "tls"
-
-    def __str__(self) -> str:
-        return f"{self.transport}:{self.address[0]}:{self.address[1]}"
 
 
 def as_source(where: Address | Source) -> Source:
@@ -106,29 +87,6 @@ def new_call_id(host: str) -> str:
     return f"{secrets.token_hex(12)}@{host}"
 
 
-def raw_headers(data: bytes) -> list[tuple[str, str]]:
-    """Header lines as (name, value), in order, repeated names kept (pyVoIP keeps one)."""
-    head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-    out = []
-    for line in head.split("\r\n")[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            out.append((name.strip(), value.strip()))
-    return out
-
-
-def transaction_key(data: bytes) -> tuple[str, int, str] | None:
-    call_id = _CALL_ID.search(data)
-    cseq = _CSEQ.search(data)
-    if not call_id or not cseq:
-        return None
-    return (
-        call_id.group(1).decode("utf-8", "replace"),
-        int(cseq.group(1)),
-        cseq.group(2).decode().upper(),
-    )
-
-
 @dataclass
 class TransportStats:
     received: int = 0
@@ -141,16 +99,16 @@ class TransportStats:
 
 
 class SipTransport(asyncio.DatagramProtocol):
-    """The gateway's SIP transports. ``on_request(message, raw, source)`` handles requests.
+    """The gateway's SIP transports. ``on_request(message)`` handles requests.
 
     It is the UDP socket itself (``open``) and holds the TCP/TLS side in ``streams``
     (``open_streams``); ``send``/``respond``/``request`` pick the one a Source names.
     """
 
-    def __init__(self, on_request: Callable[[SIPMessage, bytes, Source], None]) -> None:
+    def __init__(self, on_request: Callable[[SipMessage], None]) -> None:
         self.on_request = on_request
         self.transport: asyncio.DatagramTransport | None = None
-        self.pending: dict[tuple[str, int, str], asyncio.Queue[SIPMessage]] = {}
+        self.pending: dict[tuple[str, int, str], asyncio.Queue[SipMessage]] = {}
         self.stats = TransportStats()
         self.host = "127.0.0.1"
         self.port = 0
@@ -258,8 +216,11 @@ class SipTransport(asyncio.DatagramProtocol):
     def received(self, data: bytes, source: Source) -> None:
         """One whole message from any transport (a datagram, or one cut off a stream)."""
         self.stats.received += 1
+        message = None
         try:
-            self._dispatch(data, source)
+            message = self._read(data, source)
+            if message is not None:
+                self._dispatch(message)
         except Exception:  # a message that confuses the call logic must not kill the socket
             self.stats.errors += 1
             now = time.monotonic()
@@ -270,109 +231,77 @@ class SipTransport(asyncio.DatagramProtocol):
                     source,
                     self.stats.errors,
                 )
-            self._server_error(data, source)
+            if message is not None:
+                self._server_error(message)
 
-    def _server_error(self, data: bytes, source: Source) -> None:
+    def _server_error(self, message: SipMessage) -> None:
         """RFC 3261 §21.5.1: the request still gets a final answer, 500."""
-        first = data.split(b"\r\n", 1)[0]
-        if first.startswith((b"SIP/2.0", b"ACK ")) or transaction_key(data) is None:
+        if message.is_response or message.method == "ACK":
             return
         try:
-            self.respond(data, source, 500, "Server Internal Error")
+            self.respond(message, 500, "Server Internal Error")
         except Exception:  # noqa: BLE001 - the 500 is a courtesy; the socket must live
-            log.debug("no 500 for a message from %s", source)
+            log.debug("no 500 for a message from %s", message.source)
 
-    def _dispatch(self, data: bytes, source: Source) -> None:
+    def _read(self, data: bytes, source: Source) -> SipMessage | None:
+        """The message, parsed once; None when it was dropped or answered 400 (counted)."""
         if len(data) > MAX_DATAGRAM and source.transport == "udp":
             self.stats.malformed += 1
-            return
+            return None
         if len(data) < 20 or b"\r\n\r\n" not in data:
             if data.strip(b"\r\n\x00"):  # bare CRLF keepalives are fine, silently
                 self.stats.malformed += 1
-            return
-        first = data.split(b"\r\n", 1)[0]
-        if first.startswith(b"SIP/2.0 "):
-            message = parse(data)
-            key = transaction_key(data)
-            if message is None or key is None:
-                self.stats.malformed += 1
-                return
-            queue = self.pending.get(key)
+            return None
+        try:
+            return parse(data, source)
+        except MessageError as error:
+            self.stats.malformed += 1
+            log.debug("malformed SIP message from %s: %s", source, error)
+            answerable = error.request and error.headers.transaction() is not None
+            if answerable and not data.startswith(b"ACK "):
+                self._send_response(error.headers, source, 400, "Bad Request")
+            return None
+
+    def _dispatch(self, message: SipMessage) -> None:
+        if message.is_response:
+            queue = self.pending.get(message.transaction)
             if queue is not None:
                 queue.put_nowait(message)
-            return
-        parts = first.split(b" ")
-        if len(parts) != 3 or parts[2] != b"SIP/2.0" or not parts[0].isalpha():
-            self.stats.malformed += 1
-            return
-        method = parts[0].decode()
-        if method not in PARSED_METHODS:
-            if transaction_key(data) is None:
-                self.stats.malformed += 1
-                return
-            if method != "ACK":
-                self.respond(data, source, 501, "Not Implemented")
-            return
-        message = parse(data)
-        if message is None:
-            self.stats.malformed += 1
-            if transaction_key(data) is not None and method != "ACK":
-                self.respond(data, source, 400, "Bad Request")
-            return
-        self.on_request(message, data, source)
+        elif message.method not in METHODS:
+            if message.method != "ACK":
+                self.respond(message, 501, "Not Implemented")
+        else:
+            self.on_request(message)
 
     # --- responses ---------------------------------------------------------------------
 
     def response(
         self,
-        request: bytes,
-        source: Source,
+        request: SipMessage,
         code: int,
         reason: str,
         to_tag: str = "",
         headers: list[str] | None = None,
         body: str = "",
     ) -> bytes:
-        host, port = source.address
-        lines = [f"SIP/2.0 {code} {reason}"]
-        top_via = True
-        for name, value in raw_headers(request):
-            low = name.lower()
-            if low not in _COPIED:
-                continue
-            if low in ("via", "v"):
-                for via in value.split(","):
-                    via = via.strip()
-                    if top_via:  # RFC 3581: say where it really came from
-                        via = re.sub(r";rport(?=;|$)", f";rport={port}", via)
-                        if ";received=" not in via:
-                            via += f";received={host}"
-                        top_via = False
-                    lines.append(f"Via: {via}")
-            elif low in ("to", "t") and to_tag and ";tag=" not in value:
-                lines.append(f"To: {value};tag={to_tag}")
-            else:
-                lines.append(f"{name}: {value}")
-        lines += headers or []
-        lines.append("User-Agent: BorderLink")
-        if body:
-            lines.append("Content-Type: application/sdp")
-        lines.append(f"Content-Length: {len(body.encode())}")
-        return ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8")
+        """Our response to ``request``, to go back where it came from."""
+        return _response(request.headers, request.source, code, reason, to_tag, headers, body)
 
     def respond(
         self,
-        request: bytes,
-        source: Source,
+        request: SipMessage,
         code: int,
         reason: str,
         to_tag: str = "",
         headers: list[str] | None = None,
         body: str = "",
     ) -> bytes:
-        data = self.response(request, source, code, reason, to_tag, headers, body)
-        self.send(data, source)
+        data = self.response(request, code, reason, to_tag, headers, body)
+        self.send(data, request.source)
         return data
+
+    def _send_response(self, request: Headers, source: Source, code: int, reason: str) -> None:
+        self.send(_response(request, source, code, reason), source)
 
     # --- client transactions ----------------------------------------------------------
 
@@ -396,13 +325,12 @@ class SipTransport(asyncio.DatagramProtocol):
 
     def request_now(
         self, data: str, to: Source, timeout: float
-    ) -> asyncio.Future[SIPMessage | None]:
+    ) -> asyncio.Future[SipMessage | None]:
         """:meth:`request`, but written in this very call when a stream to ``to`` is open
         (not at the loop's next turn, after the tick's RTP); the final response to come."""
         raw = data.encode("utf-8")
-        key = transaction_key(raw)
-        assert key is not None, "request without Call-ID/CSeq"
-        queue: asyncio.Queue[SIPMessage] = asyncio.Queue()
+        key = parse(raw, to).transaction
+        queue: asyncio.Queue[SipMessage] = asyncio.Queue()
         self.pending[key] = queue
         if to.transport == "udp" or not self.streams.send(raw, to.transport, to.address):
             self.pending.pop(key, None)
@@ -415,8 +343,8 @@ class SipTransport(asyncio.DatagramProtocol):
         return answer
 
     async def _final(
-        self, key: tuple[str, int, str], queue: asyncio.Queue[SIPMessage], timeout: float
-    ) -> SIPMessage | None:
+        self, key: tuple[str, int, str], queue: asyncio.Queue[SipMessage], timeout: float
+    ) -> SipMessage | None:
         """The final response to a request sent once on a stream (None: none in time)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -426,7 +354,7 @@ class SipTransport(asyncio.DatagramProtocol):
                     message = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
                     break
-                if int(message.status) >= 200:
+                if message.status >= 200:
                     return message
             self.stats.timeouts += 1
             return None
@@ -435,7 +363,7 @@ class SipTransport(asyncio.DatagramProtocol):
 
     async def request(
         self, data: str, address: Address | Source, timeout: float, ringing_timeout: float = 60.0
-    ) -> SIPMessage | None:
+    ) -> SipMessage | None:
         """Send a request; the final response, or None on timeout.
 
         Retransmits over UDP until any response; after a provisional (1xx) it waits
@@ -443,13 +371,12 @@ class SipTransport(asyncio.DatagramProtocol):
         an open connection to that peer or a new one (a TLS server must verify).
         """
         raw = data.encode("utf-8")
-        key = transaction_key(raw)
-        assert key is not None, "request without Call-ID/CSeq"
         source = as_source(address)
+        key = parse(raw, source).transaction
         reliable = source.transport != "udp"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        queue: asyncio.Queue[SIPMessage] = asyncio.Queue()
+        queue: asyncio.Queue[SipMessage] = asyncio.Queue()
         self.pending[key] = queue
         interval = T1
         provisional = False
@@ -476,10 +403,42 @@ class SipTransport(asyncio.DatagramProtocol):
                         self.stats.retransmissions += 1
                         interval = min(interval * 2, T2)
                     continue
-                if int(message.status) >= 200:
+                if message.status >= 200:
                     return message
                 if not provisional:
                     provisional = True
                     deadline = loop.time() + ringing_timeout
         finally:
             self.pending.pop(key, None)
+
+
+def _response(
+    request: Headers,
+    source: Source,
+    code: int,
+    reason: str,
+    to_tag: str = "",
+    headers: list[str] | None = None,
+    body: str = "",
+) -> bytes:
+    """A response to a request with these headers, which came from ``source``: its
+    Via/From/To/Call-ID/CSeq copied, the top Via saying where it really came from."""
+    host, port = source.address
+    lines = [f"SIP/2.0 {code} {reason}"]
+    top_via = True
+    for name, value in request.copied():
+        if name == "Via":
+            if top_via:  # RFC 3581: say where it really came from
+                value = re.sub(r";rport(?=;|$)", f";rport={port}", value)
+                if ";received=" not in value:
+                    value += f";received={host}"
+                top_via = False
+        elif name == "To" and to_tag and ";tag=" not in value:
+            value = f"{value};tag={to_tag}"
+        lines.append(f"{name}: {value}")
+    lines += headers or []
+    lines.append("User-Agent: BorderLink")
+    if body:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"Content-Length: {len(body.encode())}")
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8")

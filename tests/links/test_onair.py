@@ -27,7 +27,7 @@ from gateway.links.labels import Named
 from gateway.links.onair import FLOOR_HOLD, NAMES_KEPT, STALE, OnAir, agreed, offer
 from gateway.links.talker import Talker, encode, read
 from gateway.sip.bank import LegBank, LegMedia
-from gateway.sip.pyvoip import parse
+from gateway.sip.message import Source, parse
 from gateway.sip.sdp import describe, read_offer
 from gateway.sip.srtp import LegSrtp, new_crypto
 from tests.sip.sip_peers import band_db, dominant_hz
@@ -237,7 +237,7 @@ def sdp(text: str):  # noqa: ANN201
         "To: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n"
         f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}"
     )
-    return read_offer(parse(raw.encode()))
+    return read_offer(parse(raw.encode(), Source(("127.0.0.1", 5060))))
 
 
 def test_the_extension_is_agreed_in_sdp_with_each_sides_site_id() -> None:

@@ -474,7 +474,7 @@ def test_a_tls_identity_is_trusted_by_name_and_a_header_never_stands_in_for_it()
     set by the transport after the certificate verified), never an address or a header."""
     from gateway.sip.admission import Admission, Admitted, Refusal
     from gateway.sip.config import SipConfig
-    from gateway.sip.transport import Source
+    from gateway.sip.message import Headers, Source
 
     config = SipConfig.model_validate(
         {"routes": {"6001": {"talkgroup": "tg", "trusted": ["tls:pbx.agency.example"]}}}
@@ -483,8 +483,8 @@ def test_a_tls_identity_is_trusted_by_name_and_a_header_never_stands_in_for_it()
     route = config.routes["6001"]
     proved = Source(("192.0.2.5", 5061), "tls", "pbx.agency.example")
     claimed = Source(("192.0.2.5", 5061), "tcp")  # same address, nothing proved
-    pai = [("P-Asserted-Identity", "<sip:pbx.agency.example@192.0.2.5>")]
-    admitted = gate.identify("6001", route, proved, "INVITE", "c1", [])
+    pai = Headers.of(("P-Asserted-Identity", "<sip:pbx.agency.example@192.0.2.5>"))
+    admitted = gate.identify("6001", route, proved, "INVITE", "c1", Headers())
     assert admitted == Admitted("pbx.agency.example", "tls")
     refused = gate.identify("6001", route, claimed, "INVITE", "c2", pai)
     assert isinstance(refused, Refusal) and refused.code == 403

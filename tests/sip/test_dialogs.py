@@ -464,3 +464,30 @@ def test_re_invite_moves_media_or_is_refused_never_half_applied(tmp_path):
         phone.close()
         other.close()
         new_rtp.close()
+
+
+def test_a_caller_using_compact_header_names_gets_a_bye_that_names_its_dialog(tmp_path):
+    """``f:``/``t:``/``m:`` are From/To/Contact (RFC 3261 §7.3.3): the dialog keeps the
+    caller's URI and Contact, so the gateway's BYE goes to the Contact with the caller's
+    URI and tag in To (it once wrote ``To: ;tag=…`` to the Request-URI's user)."""
+    caller = Caller("terse", 600)
+    compact = {"from": "f", "to": "t", "contact": "m", "call-id": "i", "via": "v"}
+
+    async def scenario() -> None:
+        async with running_gateway(site(tmp_path, None)) as gw:
+            answer = await caller.invite(gw.sip.port, "6001", names=compact)
+            assert answer.startswith("SIP/2.0 200"), answer
+            dialog = gw.sip.calls.dialogs[caller.call_id]
+            await gw.sip.calls.hangup(dialog, wait=0.5)
+            await until(caller.bye_received, 5, "the gateway's BYE")
+            bye = next(text for text in caller.inbox if text.startswith("BYE "))
+            me = caller.sip.getsockname()[1]
+            assert bye.startswith(f"BYE sip:terse@127.0.0.1:{me} SIP/2.0"), bye
+            assert re.search(r"^To: <sip:terse@127.0.0.1>;tag=terse\r?$", bye, re.M), bye
+            assert re.search(r"^From: <sip:6001@127.0.0.1>;tag=\w+\r?$", bye, re.M), bye
+            assert gw.sip.transport.stats.errors == 0
+
+    try:
+        run(scenario())
+    finally:
+        caller.close()

@@ -14,7 +14,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.sip.bank import DECODE, ENCODE
 from gateway.sip.config import SipConfig
 from gateway.sip.jitter import JitterBank
-from gateway.sip.pyvoip import normalise, parse
+from gateway.sip.message import Source, parse
 from gateway.sip.resample import BlockResampler
 from gateway.sip.rtp import ReceiveStats, build_event, build_header, parse_event, parse_rtp
 from gateway.sip.sdp import choose_codec, read_offer
@@ -200,15 +200,12 @@ BARESIP_INVITE = (
 )
 
 
-def test_an_empty_header_does_not_break_pyvoip_and_the_offer_is_read():
-    assert parse(BARESIP_INVITE) is not None  # pyVoIP alone raises on "Supported:"
-    offer = read_offer(parse(BARESIP_INVITE))
+def test_an_empty_header_is_skipped_and_the_offer_is_read():
+    offer = read_offer(parse(BARESIP_INVITE, Source(("127.0.0.1", 5070))))  # "Supported:"
     assert offer.address == "127.0.0.1" and offer.port == 17160
     assert offer.payload_types == [8, 0] and offer.dtmf_type == 101
     assert choose_codec(offer, ["pcmu", "pcma"]) == 8  # the offerer's preference
     assert choose_codec(offer, ["pcmu"]) == 0
-    compact = normalise(b"OPTIONS sip:a SIP/2.0\r\ni: x\r\nv: SIP/2.0/UDP a, SIP/2.0/UDP b\r\n\r\n")
-    assert b"Call-ID: x" in compact and compact.count(b"Via: ") == 2
 
 
 # --- config ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.demo.pki import Authority
 from gateway.sip.bank import LegBank, LegMedia
 from gateway.sip.config import strictest
-from gateway.sip.pyvoip import parse
+from gateway.sip.message import Source, parse
 from gateway.sip.rtcp import RtcpState, build_report, parse_compound
 from gateway.sip.sdp import read_offer
 from gateway.sip.srtp import SUITE, TAG, Crypto, LegSrtp, accept_keys, new_crypto, parse_crypto
@@ -566,7 +566,7 @@ def test_an_srtp_call_over_tls_hears_and_is_heard_and_the_wire_is_noise(tmp_path
             invite = invite_text(port, me, "6001", peer.address[1], "RTP/SAVP", peer.ours, "TLS")
             answer = await tls_request(writer, reader, invite)
             assert answer.startswith("SIP/2.0 200"), answer
-            offer = read_offer(parse(answer.encode()))
+            offer = read_offer(parse(answer.encode(), Source(("127.0.0.1", 5060))))
             assert offer.savp and len(offer.crypto) == 1 and offer.crypto[0].tag == 1
             assert offer.crypto[0].key != peer.ours.key, "the gateway sends with its own key"
             writer.write(ack_for(invite, answer))
