@@ -86,10 +86,11 @@ class Headers:
     """Header lines in order, names in lower case with compact forms spelt out, one Via
     per entry; repeated names kept."""
 
-    __slots__ = ("lines",)
+    __slots__ = ("first", "lines")
 
     def __init__(self, lines: tuple[tuple[str, str], ...] = ()) -> None:
         self.lines = lines  # names already as :func:`_name` spells them
+        self.first = dict(reversed(lines))  # each name's first value
 
     @classmethod
     def of(cls, *pairs: tuple[str, str]) -> Headers:
@@ -98,16 +99,14 @@ class Headers:
 
     def get(self, name: str, default: str = "") -> str:
         """The first value of ``name`` (any case, full or compact form)."""
-        name = _name(name)
-        return next((v for n, v in self.lines if n == name), default)
+        return self.first.get(_name(name), default)
 
     def all(self, name: str) -> list[str]:
         name = _name(name)
         return [v for n, v in self.lines if n == name]
 
     def __contains__(self, name: str) -> bool:
-        name = _name(name)
-        return any(n == name for n, _ in self.lines)
+        return _name(name) in self.first
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self.lines)
@@ -118,9 +117,9 @@ class Headers:
     def transaction(self) -> tuple[str, int, str] | None:
         """(Call-ID, CSeq number, CSeq method): what a response must match; None when a
         request carries no such pair and no Via (nothing can be answered)."""
-        call_id = self.get("call-id")
-        cseq = _CSEQ.match(self.get("cseq"))
-        if not call_id or cseq is None or "via" not in self:
+        call_id = self.first.get("call-id")
+        cseq = _CSEQ.match(self.first.get("cseq", ""))
+        if not call_id or cseq is None or "via" not in self.first:
             return None
         return call_id, int(cseq[1]), cseq[2].upper()
 
@@ -143,7 +142,7 @@ class NameAddr:
 
     uri: str
     tag: str
-    text: str  # the value as written, ``;tag=`` removed (what a dialog keeps)
+    text: str  # the value as written, its ``;tag=`` taken out (what a dialog keeps)
 
     @property
     def user(self) -> str:
@@ -273,18 +272,19 @@ def _message(first: str, headers: Headers, body: bytes, source: Source, raw: byt
         if line is None:
             raise MessageError(f"bad request line: {first[:40]!r}")
         method, uri = line  # methods are case-sensitive (RFC 3261 §7.1)
-    call_id = headers.get("call-id")
+    first = headers.first
+    call_id = first.get("call-id")
     if not call_id:
         raise MessageError("no Call-ID")
-    cseq = _CSEQ.match(headers.get("cseq"))
+    cseq = _CSEQ.match(first.get("cseq", ""))
     if cseq is None or int(cseq[1]) >= 1 << 31:
         raise MessageError("CSeq is not a number below 2**31 and a method")
     vias = tuple(headers.all("via"))
     if not vias or any(len(via.split(None, 1)) < 2 for via in vias):
         raise MessageError("no Via with a transport and an address")
-    if "content-encoding" in headers and body:
+    if "content-encoding" in first and body:
         raise MessageError("encoded bodies are not read")
-    content_type = headers.get("content-type").split(";")[0].strip().lower()
+    content_type = first.get("content-type", "").split(";")[0].strip().lower()
     return SipMessage(
         method=method,
         uri=uri,
@@ -293,10 +293,10 @@ def _message(first: str, headers: Headers, body: bytes, source: Source, raw: byt
         call_id=call_id,
         cseq=int(cseq[1]),
         cseq_method=cseq[2].upper(),
-        sender=_name_addr(headers.get("from"), "From"),
-        recipient=_name_addr(headers.get("to"), "To"),
+        sender=_name_addr(first.get("from", ""), "From"),
+        recipient=_name_addr(first.get("to", ""), "To"),
         vias=vias,
-        contact=contact_uri(headers.get("contact")),
+        contact=contact_uri(first.get("contact", "")),
         content_type=content_type,
         body=body,
         headers=headers,
@@ -319,12 +319,12 @@ def _name_addr(value: str, name: str) -> NameAddr:
     uri = contact_uri(value)
     if not _SIP_URI.match(uri):
         raise MessageError(f"{name} has no SIP URI")
-    params = value[value.find(">") + 1 :] if "<" in value else value[len(value.split(";")[0]) :]
-    tag = ""
-    for param in params.split(";")[1:]:
-        key, _, val = param.partition("=")
-        if key.strip().lower() == "tag":
-            tag = val.strip()
-            break
-    text = re.sub(r";\s*tag=[^;]*", "", value, count=1, flags=re.I) if tag else value
-    return NameAddr(uri, tag, text)
+    close = value.find(">")
+    params = value[close + 1 :] if close >= 0 else value[value.find(uri) + len(uri) :]
+    at = params.lower().find(";tag=")
+    if at < 0:
+        return NameAddr(uri, "", value)
+    end = params.find(";", at + 5)
+    tag = params[at + 5 : end if end >= 0 else None].strip()
+    kept = value[: len(value) - len(params) + at] + (params[end:] if end >= 0 else "")
+    return NameAddr(uri, tag, kept)
