@@ -8,8 +8,9 @@ Figures:
   segments (the framer alone);
 * the real gateway in its own process (media clock, engine, SIP service), this
   process a client: the gateway's CPU (all threads, from /proc) per TLS handshake
-  (ECDSA P-256, TLS 1.3, no client certificate, and with one) and per OPTIONS
-  answered over UDP, TCP and TLS on one open connection, one request at a time.
+  (ECDSA P-256, TLS 1.3, no client certificate, and with one), per OPTIONS
+  answered over UDP, TCP and TLS on one open connection, one request at a time, and
+  per INVITE over UDP read whole and refused (route found, SDP without G.711: 488).
   The gateway's idle cost (the media clock ticking) is measured first and taken off.
 
 The machine is shared: numbers are what one run sees; rerun to compare.
@@ -44,6 +45,24 @@ def options(cseq: int, transport: str) -> bytes:
         "Max-Forwards: 70\r\nFrom: <sip:bench@127.0.0.1>;tag=b\r\n"
         f"To: <sip:6001@127.0.0.1>\r\nCall-ID: bench@127.0.0.1\r\nCSeq: {cseq} OPTIONS\r\n"
         "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def invite(cseq: int) -> bytes:
+    """An INVITE to the public route offering only G.722: read whole (route, SDP) and
+    refused 488, so each one costs the parse and the call logic but leaves no call."""
+    body = (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        "m=audio 4000 RTP/AVP 9 101\r\na=rtpmap:9 G722/8000\r\n"
+        "a=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\n"
+    )
+    return (
+        "INVITE sip:6001@127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKinv{cseq};rport\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:bench@127.0.0.1>;tag=b\r\n"
+        f"To: <sip:6001@127.0.0.1>\r\nCall-ID: inv{cseq}@127.0.0.1\r\nCSeq: 1 INVITE\r\n"
+        "Contact: <sip:bench@127.0.0.1:5999>\r\nContent-Type: application/sdp\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
     ).encode()
 
 
@@ -161,6 +180,18 @@ def measure(pid: int, ports: dict[str, int], ca: Authority, client, args) -> Non
                 read_response(tls)
         return args.handshakes
 
+    def invites() -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(("127.0.0.1", ports["udp"]))
+        codes: dict[bytes, int] = {}
+        with sock:
+            for n in range(args.requests):
+                sock.sendall(invite(n + 1))
+                code = sock.recv(4096)[8:11]
+                codes[code] = codes.get(code, 0) + 1
+        assert set(codes) == {b"488"}, f"INVITEs answered {codes}, not all 488"
+        return args.requests
+
     def requests(kind: str) -> int:
         if kind == "udp":
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -181,6 +212,7 @@ def measure(pid: int, ports: dict[str, int], ca: Authority, client, args) -> Non
         ("TLS handshake + 1 OPTIONS, no client cert", lambda: handshakes(plain)),
         ("TLS handshake + 1 OPTIONS, client cert", lambda: handshakes(with_cert)),
         ("OPTIONS answered over UDP", lambda: requests("udp")),
+        ("INVITE refused 488 over UDP (route, SDP)", invites),
         ("OPTIONS answered over TCP (one connection)", lambda: requests("tcp")),
         ("OPTIONS answered over TLS (one connection)", lambda: requests("tls")),
     ]
