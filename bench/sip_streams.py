@@ -104,6 +104,7 @@ tls_ca = "{ca}"
 max_connections_per_address = 100000
 max_connections = 100000
 max_connection_rate_per_address = 100000
+invite_rate = 100000.0
 
 [sip.routes."6001"]
 talkgroup = "marine"
