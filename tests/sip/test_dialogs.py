@@ -433,6 +433,10 @@ def test_re_invite_moves_media_or_is_refused_never_half_applied(tmp_path):
             phone.heard.clear()
             await stream([phone, other], 0.6)
             assert abs(dominant_hz(phone.audio(0.4), RATE) - 1000) < 20
+            # Every packet the phone sent from its old port taken in first (a busy media
+            # thread could still read one after the move and latch the call back there).
+            leg = gw.sip.calls.dialogs[phone.call_id].leg
+            await until(lambda: leg.stats()["packets_in"] >= 30, 10, "the phone's RTP taken in")
             # A new port: the radio's tone goes there, and nothing to the old one.
             moved = await phone.reinvite(phone.sdp(port=new_rtp.getsockname()[1]))
             assert moved.startswith("SIP/2.0 200")
