@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from gateway.sip.pyvoip import parse
+from gateway.sip.message import Source, parse
 from gateway.sip.rtp import OPUS, PCMU
 from gateway.sip.sdp import choose_codec, describe, payload_type, read_offer
+
+PEER = Source(("127.0.0.1", 5))
 
 
 def offer(m_line: str, *attributes: str) -> bytes:
@@ -31,7 +33,8 @@ def test_opus_is_recognised_at_any_dynamic_payload_type_and_answered_under_it():
                     f"m=audio 4000 RTP/AVP {number} 0",
                     f"a=rtpmap:{number} opus/48000/2",
                     "a=rtpmap:0 PCMU/8000",
-                )
+                ),
+                PEER,
             )
         )
         assert found is not None and found.payload_types == [OPUS, PCMU]
@@ -52,7 +55,8 @@ def test_opus_at_a_static_number_or_another_clock_is_not_opus():
                 "a=rtpmap:97 opus/16000/1",  # not RFC 7587's clock
                 "a=rtpmap:98 opus/48000/2",  # the first good one
                 "a=rtpmap:0 PCMU/8000",
-            )
+            ),
+            PEER,
         )
     )
     assert found is not None and found.payload_types == [OPUS, PCMU] and found.opus_type == 98
