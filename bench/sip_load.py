@@ -601,7 +601,8 @@ def components(count: int, frames: int = 250, srtp: bool = False) -> dict[str, f
     """
     from threadpoolctl import threadpool_limits
 
-    from gateway.sip.bank import LegBank, LegMedia
+    from gateway.sip.bank import LegBank
+    from gateway.sip.legmedia import LegMedia
     from gateway.sip.srtp import LegSrtp, new_crypto
 
     threadpool_limits(limits=1, user_api="blas")  # as the SIP service does in the gateway

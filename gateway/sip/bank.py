@@ -55,7 +55,6 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -80,11 +79,11 @@ from gateway.sip.bank_srtp import SrtpEdges
 from gateway.sip.bank_tx import ENCODE, SendPath
 from gateway.sip.columns import Columns
 from gateway.sip.jitter import JitterBank
+from gateway.sip.legmedia import LegMedia
 from gateway.sip.mmsg import BatchReceiver, BatchSender, address_key, key_address
 from gateway.sip.resample import BlockResampler
 from gateway.sip.rtcp import RtcpState
 from gateway.sip.rtp import OPUS, PCMA, PCMU
-from gateway.sip.srtp import LegSrtp
 from gateway.sip.streams import NO_SSRC, StreamBank
 
 __all__ = [
@@ -94,7 +93,6 @@ __all__ = [
     "ROUTE_COUNTERS",
     "ROUTE_GAUGES",
     "LegBank",
-    "LegMedia",
     "open_media_sockets",
 ]
 
@@ -121,30 +119,6 @@ ROW_COLUMNS = (
 # ROUTE_COUNTERS and ROUTE_GAUGES, are listed once, in gateway.monitoring.metrics:
 # counters are summed over the route's calls, the ended ones included, so they never go
 # back; gauges are the worst (largest) among the calls up now.
-
-
-@dataclass
-class LegMedia:
-    """One leg's RTP state that is not a per-tick array: addresses, DTMF, rare counters."""
-
-    payload_type: int  # the agreed codec's number on the wire (Opus: a dynamic one)
-    dtmf_type: int | None
-    remote: tuple[str, int] | None  # where the SDP says the peer's RTP is
-    ssrc: int | None = None  # our SSRC for this call (announced in our SDP); None: pick one
-    announced: tuple[int, ...] = ()  # the SSRCs the peer's SDP announced (a=ssrc)
-    offered: tuple[str, int] | None = None  # the SDP's address, kept when `remote` latches
-    on_dtmf: Callable[[str, bool], None] | None = None
-    rtcp: RtcpState = field(default_factory=lambda: RtcpState(None))
-    malformed: int = 0
-    send_errors: int = 0
-    event_ts: int | None = None  # RTP timestamp of the DTMF event being received
-    event_ended: bool = True
-    dtmf_out: list[str] = field(default_factory=list)
-    dtmf_sending: tuple[str, int, int] | None = None  # digit, start ts, samples sent
-    srtp: LegSrtp | None = None  # the call's SRTP keys (SDES over TLS), else plain RTP
-    group: tuple[str, str] = ("", "")  # (route, talkgroup) its figures are counted under
-    on_extension: Callable[[bytes], None] | None = None  # a received header extension block
-    codec: int | None = None  # PCMU, PCMA or OPUS (gateway.sip.rtp); None: payload_type's own
 
 
 def _open_udp(host: str, port: int) -> socket.socket:

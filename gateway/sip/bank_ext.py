@@ -20,14 +20,10 @@ second); the owner compares the bytes with the last block before decoding anythi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from gateway.sip.columns import Column
-
-if TYPE_CHECKING:
-    from gateway.sip.bank import LegMedia
+from gateway.sip.legmedia import LegMedia
 
 MAX_EXTENSION = 80  # bytes of header extension we send (a talker block is at most 76)
 _PLAIN_WITH_EXTENSION = 0x90  # V=2, no padding, X, no CSRCs

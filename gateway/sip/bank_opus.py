@@ -24,20 +24,16 @@ A bank with no Opus leg never runs any of this: the G.711 batch is as it was.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from gateway.sip.bank_rx import HEADER_SIZE, NO_PEER, SILENCE_DB
 from gateway.sip.columns import Column
+from gateway.sip.jitter import JitterBank
+from gateway.sip.legmedia import LegMedia
+from gateway.sip.mmsg import BatchSender
 from gateway.sip.opus import CLOCK, PACKET_MS, SILENCE, OpusLeg, packet_samples
 from gateway.sip.srtp import TAG as SRTP_TAG
-
-if TYPE_CHECKING:
-    from gateway.sip.bank import LegMedia
-    from gateway.sip.jitter import JitterBank
-    from gateway.sip.mmsg import BatchSender
-    from gateway.sip.streams import StreamBank
+from gateway.sip.streams import StreamBank
 
 _PACKET = CLOCK * PACKET_MS // 1000  # 960: RTP time of one packet
 _PLACEHOLDER = 0xFF  # µ-law silence in the jitter ring (never decoded for an Opus row)

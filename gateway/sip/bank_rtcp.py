@@ -20,19 +20,15 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gateway.sip.bank_rx import CODEC_RATE
+from gateway.sip.legmedia import LegMedia
 from gateway.sip.mmsg import SO_TIMESTAMPNS, address_key, key_address
 from gateway.sip.opus import CLOCK as OPUS_CLOCK
 from gateway.sip.rtcp import ReportBlock, build_report, ntp_now, parse_compound
-from gateway.sip.streams import NO_SSRC
-
-if TYPE_CHECKING:
-    from gateway.sip.bank import LegMedia
-    from gateway.sip.streams import StreamBank
+from gateway.sip.streams import NO_SSRC, StreamBank
 
 RTCP_INTERVAL = 5.0  # seconds between one leg's reports (RFC 3550 §6.2: 5 s minimum)
 _STAMP_SPACE = socket.CMSG_SPACE(16)

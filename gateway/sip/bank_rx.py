@@ -26,23 +26,18 @@ behind NAT (latching, RFC 4961 symmetric RTP).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gateway.codecs.g711 import alaw_decode, ulaw_decode
 from gateway.sip.columns import Column
-from gateway.sip.jitter import dense
+from gateway.sip.jitter import JitterBank, dense
+from gateway.sip.legmedia import LegMedia
+from gateway.sip.mmsg import BatchReceiver
+from gateway.sip.resample import BlockResampler
 from gateway.sip.rtcp import is_rtcp
 from gateway.sip.rtp import parse_event, parse_rtp
-from gateway.sip.streams import NO_SSRC
-
-if TYPE_CHECKING:
-    from gateway.sip.bank import LegMedia
-    from gateway.sip.jitter import JitterBank
-    from gateway.sip.mmsg import BatchReceiver
-    from gateway.sip.resample import BlockResampler
-    from gateway.sip.streams import StreamBank
+from gateway.sip.streams import NO_SSRC, StreamBank
 
 CODEC_RATE = 8000
 HEADER_SIZE = 12

@@ -16,14 +16,10 @@ first, so nobody without the key can steer the leg's audio to themselves.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from gateway.sip.legmedia import LegMedia
 from gateway.sip.srtp import REPLAY_FAIL, REPLAY_OLD, TAG, protect_rows, unprotect_rows
-
-if TYPE_CHECKING:
-    from gateway.sip.bank import LegMedia
 
 _RTCP_FIRST, _RTCP_LAST = 192, 223  # second octet of RTCP (RFC 5761 §4): in the clear in SRTCP
 

@@ -20,7 +20,7 @@ same step (:mod:`gateway.sip.bank_rtcp`).
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+import socket
 
 import numpy as np
 
@@ -28,15 +28,11 @@ from gateway.codecs.g711 import alaw_encode, ulaw_encode
 from gateway.sip.bank_rx import CODEC_RATE, HEADER_SIZE, NO_PEER
 from gateway.sip.columns import Column
 from gateway.sip.jitter import dense
+from gateway.sip.legmedia import LegMedia
+from gateway.sip.mmsg import BatchSender
+from gateway.sip.resample import BlockResampler
 from gateway.sip.rtp import build_event, build_header
 from gateway.sip.srtp import TAG as SRTP_TAG
-
-if TYPE_CHECKING:
-    import socket
-
-    from gateway.sip.bank import LegMedia
-    from gateway.sip.mmsg import BatchSender
-    from gateway.sip.resample import BlockResampler
 
 DTMF_SEND_SECONDS = 0.1
 DTMF_DIGITS = "0123456789*#ABCD"

@@ -45,7 +45,7 @@ from typing import Any
 from gateway.config import Timing
 from gateway.engine import Engine
 from gateway.sip.admission import Admission, Refusal
-from gateway.sip.bank import LegBank, LegMedia
+from gateway.sip.bank import LegBank
 from gateway.sip.config import (
     DialOutConfig,
     RouteConfig,
@@ -54,6 +54,7 @@ from gateway.sip.config import (
     strictest,
 )
 from gateway.sip.leg import SipLeg, leg_config
+from gateway.sip.legmedia import LegMedia
 from gateway.sip.message import SipMessage
 from gateway.sip.pin import gate_call
 from gateway.sip.rtcp import RtcpState

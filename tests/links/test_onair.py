@@ -26,7 +26,8 @@ from gateway.links.floor import Candidate
 from gateway.links.labels import Named
 from gateway.links.onair import FLOOR_HOLD, NAMES_KEPT, STALE, OnAir, agreed, offer
 from gateway.links.talker import Talker, encode, read
-from gateway.sip.bank import LegBank, LegMedia
+from gateway.sip.bank import LegBank
+from gateway.sip.legmedia import LegMedia
 from gateway.sip.message import Source, parse
 from gateway.sip.sdp import describe, read_offer
 from gateway.sip.srtp import LegSrtp, new_crypto

@@ -24,7 +24,8 @@ import numpy as np
 from gateway.codecs.g711 import ulaw_encode
 
 from gateway.clock import MediaClock
-from gateway.sip.bank import LegBank, LegMedia
+from gateway.sip.bank import LegBank
+from gateway.sip.legmedia import LegMedia
 
 FRAME_S = 0.02
 TONE_HZ = 500.0

@@ -31,8 +31,9 @@ from test_calls import legs, recorded
 
 from gateway.config import ConfigError, parse_config
 from gateway.demo.pki import Authority
-from gateway.sip.bank import LegBank, LegMedia
+from gateway.sip.bank import LegBank
 from gateway.sip.config import strictest
+from gateway.sip.legmedia import LegMedia
 from gateway.sip.message import Source, parse
 from gateway.sip.rtcp import RtcpState, build_report, parse_compound
 from gateway.sip.sdp import read_offer
