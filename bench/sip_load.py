@@ -186,7 +186,7 @@ def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: AN
 
         def packets_in() -> int:
             bank = gateway.sip.bank
-            return int(bank.packets_in[bank.active].sum())
+            return int(bank.table.packets_in[bank.table.active].sum())
 
         def bank_cpu() -> dict[str, float]:
             bank = gateway.sip.bank
@@ -628,11 +628,11 @@ def components(count: int, frames: int = 250, srtp: bool = False) -> dict[str, f
             header.pack_into(packet, 0, 0x80, 0, k & 0xFFFF, k * 160, i)
             peer.sendto(protect(bytes(packet)) if protect else packet, address)
         t0 = time.process_time()
-        bank.drain()
+        bank.receive_path.drain()
         t1 = time.process_time()
         bank.receive()
-        bank.tx[bank.active] = 0.1
-        bank.tx_has[bank.active] = True
+        bank.table.tx[bank.table.active] = 0.1
+        bank.table.tx_has[bank.table.active] = True
         t2 = time.process_time()
         bank.send()
         t3 = time.process_time()
@@ -642,8 +642,8 @@ def components(count: int, frames: int = 250, srtp: bool = False) -> dict[str, f
             spent["send"] += t3 - t2
         next_tick = start + (k + 1) * FRAME_S
         time.sleep(max(0.0, next_tick - time.monotonic()))
-    if bank.malformed["srtp_auth"] or bank.malformed["srtp_replay"]:
-        raise RuntimeError(f"SRTP packets refused in the bench: {bank.malformed}")
+    if bank.table.malformed["srtp_auth"] or bank.table.malformed["srtp_replay"]:
+        raise RuntimeError(f"SRTP packets refused in the bench: {bank.table.malformed}")
     bank.close()
     for peer, *_ in peers:
         peer.close()

@@ -117,11 +117,11 @@ class OnAir:
         self._sent: Talker | None = None
         self._told: tuple[int, int, str] = (0, 0, "")  # the over (and label) the peer was told
         self._over_began = 0.0  # wall time the peer's current over was first heard
-        media = bank.media[row]
+        media = bank.table.media[row]
         assert media is not None
         media.on_extension = self.on_extension
-        bank.hear_extensions(row)
-        bank.vox_hang[row] = max(1, round(TAIL / bank.frame_seconds))  # keyed by its words
+        bank.extensions.hear_extensions(row)
+        bank.table.vox_hang[row] = max(1, round(TAIL / bank.frame_seconds))  # keyed by its words
         self.say(Talker(keyed=False))
 
     # --- what the peer says --------------------------------------------------------------
@@ -145,7 +145,7 @@ class OnAir:
         if talker.keyed and not (same_over and old is not None and old.keyed):
             self._over_began = time.time()
         self.heard = talker
-        self.bank.peer_keyed[self.row] = talker.keyed
+        self.bank.table.peer_keyed[self.row] = talker.keyed
 
     def _over_ended(self, talker: Talker) -> None:
         now = time.time()
@@ -163,7 +163,11 @@ class OnAir:
     def check_stale(self, now: float) -> None:
         """The peer fell silent while keyed: it is unkeyed here (called once a tick)."""
         heard = self.heard
-        if heard is not None and heard.keyed and now - float(self.bank.rtp_at[self.row]) > STALE:
+        if (
+            heard is not None
+            and heard.keyed
+            and now - float(self.bank.table.rtp_at[self.row]) > STALE
+        ):
             self._gap = heard
             self._hear(replace(heard, keyed=False))
 
@@ -212,7 +216,7 @@ class OnAir:
         if heard is None:
             return None
         if self._gap is not None and not heard.keyed:
-            if now_ms / 1000 - float(self.bank.rtp_at[self.row]) <= FLOOR_HOLD:
+            if now_ms / 1000 - float(self.bank.table.rtp_at[self.row]) <= FLOOR_HOLD:
                 heard = self._gap
             else:
                 self._gap = None
@@ -272,4 +276,4 @@ class OnAir:
     def say(self, talker: Talker) -> None:
         if talker != self._sent:
             self._sent = talker
-            self.bank.set_extension(self.row, encode(talker, self.ext_id))
+            self.bank.extensions.set_extension(self.row, encode(talker, self.ext_id))

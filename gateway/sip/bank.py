@@ -41,11 +41,14 @@ One tick of the bank, in the order it runs:
    BorderLinks): decoded per leg when the jitter bank plays them in 1, encoded per
    leg and sent in their own batch in 3.
 
-This module is what the three share: the rows (a call takes one, gives it back at
-hang-up), each row's codec, peer address and SSRCs, the sorted (address, SSRC) table
-that finds a packet's leg, latching to where a phone behind NAT really sends from,
-whether a row may send yet (not before the caller's ACK) and when it last heard its
-peer (the call manager's media timeout), and the tick clock.
+The bank owns one :class:`~gateway.sip.legtable.LegTable`: every leg's row (a call
+takes one, gives it back at hang-up) with every part's columns, the rows' media, and
+the sorted (address, SSRC) index that finds a packet's leg. Each part above is an
+object given that table and the parts it hands packets to, built here in that order
+(SRTP and extensions, RTCP, Opus, send, receive); none of them knows the bank. This
+module adds what only the call manager asks: rows given and taken back, a re-INVITE's
+move, whether a row may send yet (not before the caller's ACK), when it last heard its
+peer (the media timeout), and the figures per leg and per route.
 """
 
 from __future__ import annotations
@@ -63,24 +66,13 @@ from gateway.ports import PortBank
 from gateway.sip.bank_ext import ExtensionEdges
 from gateway.sip.bank_opus import OpusEdges
 from gateway.sip.bank_rtcp import RTCP_INTERVAL, RtcpReports
-from gateway.sip.bank_rx import (
-    ADDRESS_ONLY,
-    ANY_SSRC,
-    CODEC_RATE,
-    DECODE,
-    EXACT,
-    MALFORMED_KINDS,
-    NO_PEER,
-    SSRC_HANDOVER,
-    UNKNOWN,
-    ReceivePath,
-)
+from gateway.sip.bank_rx import DECODE, ReceivePath
 from gateway.sip.bank_srtp import SrtpEdges
 from gateway.sip.bank_tx import ENCODE, SendPath
-from gateway.sip.columns import Columns
 from gateway.sip.jitter import JitterBank
 from gateway.sip.legmedia import LegMedia
-from gateway.sip.mmsg import BatchReceiver, BatchSender, address_key, key_address
+from gateway.sip.legtable import CODEC_RATE, MALFORMED_KINDS, NO_PEER, LegTable
+from gateway.sip.mmsg import BatchReceiver, BatchSender, address_key
 from gateway.sip.resample import BlockResampler
 from gateway.sip.rtcp import RtcpState
 from gateway.sip.rtp import OPUS, PCMA, PCMU
@@ -98,22 +90,6 @@ __all__ = [
 
 RECEIVE_BUFFER = 4 << 20  # a tick (or two late ones) of 1000 legs' packets, with headroom
 _LAWS = {PCMU: 0, PCMA: 1, OPUS: 0}  # codec → row of the G.711 tables (Opus: unused)
-
-# Per leg, what the receive and send paths share (each path adds its own columns).
-ROW_COLUMNS = (
-    ("payload_type", (), np.int64, -1),  # the agreed codec: checked on receive, sent
-    ("law", (), np.int64, 0),  # its row in DECODE/ENCODE
-    ("dest", (), np.int64, NO_PEER),  # the peer's address key: where we send, whom we hear
-    ("latched", (), bool, False),  # the peer has sent: `dest` is where it sends from
-    ("srtp", (), bool, False),  # SRTP agreed: packets protected and checked (bank_srtp)
-    ("srtp_rx", (), object, None),  # ... its libsrtp contexts: the peer's key, and ours
-    ("srtp_tx", (), object, None),  # (owned by LegMedia.srtp; cleared when the row goes)
-    ("group", (), np.int64, -1),  # the (route, talkgroup) the call came in on: route_stats()
-    ("rx_ssrc", (), np.int64, NO_SSRC),  # the SSRC the call hears (locked on its first packet)
-    ("sending", (), bool, False),  # RTP may go out (an answered call: after the ACK)
-    ("rtp_at", (), np.float64, 0.0),  # wall time the peer's RTP was last accepted
-    ("rtcp_at", (), np.float64, 0.0),  # ... and its RTCP
-)
 
 # What metrics export per route (never per call: a caller must not make label sets),
 # ROUTE_COUNTERS and ROUTE_GAUGES, are listed once, in gateway.monitoring.metrics:
@@ -161,13 +137,14 @@ def open_media_sockets(
     raise OSError(f"no free RTP/RTCP port pair in {where} on {host}; widen [sip] rtp_ports")
 
 
-class LegBank(
-    ReceivePath, SendPath, RtcpReports, SrtpEdges, ExtensionEdges, OpusEdges, Columns, PortBank
-):
+class LegBank(PortBank):
     """Rows of SIP media; the service calls :meth:`receive` before and :meth:`send` after a tick.
 
-    The engine moves every leg's audio in and out with :meth:`read_frames` and
-    :meth:`write_frames` (one NumPy step for all legs, no per-leg Python).
+    One :class:`~gateway.sip.legtable.LegTable` (``table``) holds every leg's row; the
+    parts that work on it are ``receive_path``, ``send_path``, ``rtcp``, ``srtp_edges``,
+    ``extensions`` and ``opus_edges``, each given the table and the parts it hands
+    packets to. The engine moves every leg's audio in and out with :meth:`read_frames`
+    and :meth:`write_frames` (one NumPy step for all legs, no per-leg Python).
     """
 
     def __init__(
@@ -204,72 +181,95 @@ class LegBank(
         self.port = self.sock.getsockname()[1]
         self.receiver = BatchReceiver(self.sock)
         self.sender = BatchSender(self.sock)
-        self._rtcp_open(
-            rtcp_sock, max(1, round(rtcp_interval / frame_seconds)), f"borderlink@{host}"
+        # The column table depends on the frame sizes, so it is this bank's, not the class's.
+        columns = (
+            *ReceivePath.columns(frame_samples, self.up),
+            *SendPath.columns(frame_samples, self.down),
+            *ExtensionEdges.columns(),
+            *OpusEdges.columns(),
         )
-        self.media: list[LegMedia | None] = []
-        self.free: list[int] = []
-        self.active = np.zeros(0, np.int64)  # rows in use, ascending
-        self.srtp_legs = 0  # legs with SRTP (bank_srtp runs only when there are some)
-        self.opus_legs = 0  # legs with Opus (bank_opus runs only when there are some)
-        self._addresses = np.zeros(0, np.int64)  # distinct peer address keys, sorted
-        self._keys = np.zeros(0, np.int64)  # (address rank, SSRC + 1) keys, sorted (0: any)
-        self._key_rows = np.zeros(0, np.int64)  # ... and their rows
-        self._sole = np.zeros(0, np.int64)  # per address: its one unannounced row, else -1
-        self.now = time.time()  # wall time of this tick's receive step
-        self.malformed = dict.fromkeys(MALFORMED_KINDS, 0)
+        self.table = table = LegTable(columns, capacity)  # and the columns every part shares
+        self.srtp_edges = SrtpEdges(table)
+        self.extensions = ExtensionEdges(table)
+        ticks = max(1, round(rtcp_interval / frame_seconds))
+        self.rtcp = RtcpReports(
+            table, self.streams, self.srtp_edges, self.sock, rtcp_sock, ticks, f"borderlink@{host}"
+        )
+        self.opus_edges = OpusEdges(
+            table,
+            self.jitter,
+            self.streams,
+            self.sender,
+            self.srtp_edges,
+            self.extensions,
+            rate,
+            frame_samples,
+            self.codec_frame,
+        )
+        self.send_path = SendPath(
+            table,
+            self.sock,
+            self.sender,
+            self.down,
+            self.srtp_edges,
+            self.extensions,
+            self.opus_edges,
+            self.rtcp,
+            self.codec_frame,
+        )
+        self.receive_path = ReceivePath(
+            table,
+            self.jitter,
+            self.streams,
+            self.receiver,
+            self.up,
+            self.srtp_edges,
+            self.extensions,
+            self.opus_edges,
+            self.rtcp,
+            late_by or (lambda: 0.0),
+        )
         # Per (route, talkgroup): what ended calls had counted (rows of ROUTE_COUNTERS).
         self.groups: list[tuple[str, str]] = []
         self._group_ids: dict[tuple[str, str], int] = {}
         self.ended = np.zeros((0, len(ROUTE_COUNTERS)), np.float64)
         self.cpu_seconds = {"receive": 0.0, "send": 0.0}  # media CPU (this thread), for benches
-        self.epoch_seconds = int(time.time())  # whole seconds: arrivals keep ns precision
-        self._epoch_ns = self.epoch_seconds * 1_000_000_000
-        self.late_by = late_by or (lambda: 0.0)
-        self._k = 0  # ticks since the bank started (RTCP reports are spread over them)
         self._members: tuple[list, np.ndarray] | None = None  # the engine's port list → rows
-        # The column table depends on the frame sizes, so it is this bank's, not the class's.
-        self.COLUMNS = (
-            *ROW_COLUMNS,
-            *self._rx_columns(),
-            *self._tx_columns(),
-            *self._ext_columns(),
-            *self._opus_columns(),
-        )
         self.grow(capacity)
 
     def grow(self, capacity: int) -> None:
         """Room for ``capacity`` legs in every column, the helpers' included."""
-        super().grow(capacity)
+        self.table.grow(capacity)
         self.jitter.grow(capacity)
         self.streams.grow(capacity)
-        self._tx_view()
+        self.send_path.view()
 
     # --- rows -------------------------------------------------------------------------
 
     def add(self, media: LegMedia) -> int:
         """Give a leg a row; its packets are recognised by the SDP address until it latches."""
-        if self.free:
-            row = self.free.pop()
-            self.media[row] = media
+        t = self.table
+        if t.free:
+            row = t.free.pop()
+            t.media[row] = media
         else:
-            row = len(self.media)
-            self.media.append(media)
-            if row >= self.capacity:
-                self.grow(self.capacity * 2)
-        self.reset(row)
+            row = len(t.media)
+            t.media.append(media)
+            if row >= t.capacity:
+                self.grow(t.capacity * 2)
+        t.reset(row)
         self.jitter.reset(row)
         self.streams.reset(row)
-        self.group[row] = self._group_id(media.group)
+        t.group[row] = self._group_id(media.group)
         self._set_codec(row, media)
         if media.srtp is not None:
-            self.srtp[row] = True
-            self.srtp_rx[row], self.srtp_tx[row] = media.srtp.rx, media.srtp.tx
-        self._tx_start(row)
+            t.srtp[row] = True
+            t.srtp_rx[row], t.srtp_tx[row] = media.srtp.rx, media.srtp.tx
+        self.send_path.start(row)
         if media.ssrc is not None:
-            self.tx_ssrc[row] = media.ssrc
-        media.ssrc = int(self.tx_ssrc[row])
-        self.rtp_at[row] = self.rtcp_at[row] = time.time()  # the media timeout starts now
+            t.tx_ssrc[row] = media.ssrc
+        media.ssrc = int(t.tx_ssrc[row])
+        t.rtp_at[row] = t.rtcp_at[row] = time.time()  # the media timeout starts now
         if media.offered is None:
             media.offered = media.remote
         rtcp_remote = media.rtcp.remote
@@ -278,15 +278,16 @@ class LegBank(
         elif rtcp_remote is None and media.remote is not None:  # RFC 3550: RTP port + 1
             rtcp_remote = (media.remote[0], media.remote[1] + 1)
         media.rtcp.remote = None
-        self.set_rtcp_remote(row, rtcp_remote)
+        self.rtcp.set_remote(row, rtcp_remote)
         if media.remote is not None:
-            self.dest[row] = address_key(*media.remote)
-        self._update_tables()
+            t.dest[row] = address_key(*media.remote)
+        self._rows_changed()
         return row
 
     def new_ssrc(self) -> int:
         """An SSRC for a call about to be described in SDP, unlike every other call's."""
-        used = set(self.tx_ssrc[self.active].tolist())
+        t = self.table
+        used = set(t.tx_ssrc[t.active].tolist())
         while True:
             ssrc = random.getrandbits(32)
             if ssrc not in used:
@@ -294,7 +295,7 @@ class LegBank(
 
     def start_sending(self, row: int) -> None:
         """The call is confirmed (ACK): its RTP and RTCP may go out."""
-        self.sending[row] = True
+        self.table.sending[row] = True
 
     def move(
         self,
@@ -311,7 +312,8 @@ class LegBank(
 
         The stream starts again (latching, SSRC lock, statistics, jitter buffer); our
         own SSRC, sequence and timestamp go on (RFC 3264 §8: same stream, new place)."""
-        self.set_rtcp_remote(row, None)
+        t = self.table
+        self.rtcp.set_remote(row, None)
         media.payload_type = payload_type
         media.codec = codec
         media.dtmf_type = dtmf_type
@@ -319,12 +321,12 @@ class LegBank(
         media.announced = announced
         media.rtcp = rtcp
         self._set_codec(row, media)
-        self.dest[row] = address_key(*remote)
-        self.latched[row] = False
-        self.rx_ssrc[row] = NO_SSRC
-        self.rtp_at[row] = self.rtcp_at[row] = time.time()
+        t.dest[row] = address_key(*remote)
+        t.latched[row] = False
+        t.rx_ssrc[row] = NO_SSRC
+        t.rtp_at[row] = t.rtcp_at[row] = time.time()
         self.jitter.reset(row)
-        self.jitter.whole[row] = self.opus[row]
+        self.jitter.whole[row] = t.opus[row]
         self.streams.reset(row)
         rtcp_remote = rtcp.remote
         if rtcp.mux:
@@ -332,181 +334,78 @@ class LegBank(
         elif rtcp_remote is None:
             rtcp_remote = (remote[0], remote[1] + 1)
         rtcp.remote = None
-        self.set_rtcp_remote(row, rtcp_remote)
-        self._update_tables()
+        self.rtcp.set_remote(row, rtcp_remote)
+        self._rows_changed()
 
     def _set_codec(self, row: int, media: LegMedia) -> None:
         """The leg's codec: G.711 (a row of the tables) or Opus (its own encoder/decoder),
         sent and expected under the payload type the call agreed."""
+        t = self.table
         codec = media.payload_type if media.codec is None else media.codec
-        self.payload_type[row] = media.payload_type
-        self.law[row] = _LAWS[codec]
-        if codec == OPUS or self.opus[row]:  # a new encoder/decoder, or none
-            self._opus_start(row, codec == OPUS)
+        t.payload_type[row] = media.payload_type
+        t.law[row] = _LAWS[codec]
+        if codec == OPUS or t.opus[row]:  # a new encoder/decoder, or none
+            self.opus_edges.start(row, codec == OPUS)
+
+    def _rows_changed(self) -> None:
+        """A leg came, went, moved or changed codec: the table's index, and the jitter
+        bank's count of rows it plays whole (Opus)."""
+        t = self.table
+        t.update()
+        self.jitter.whole_rows = t.opus_legs
 
     def silent_rows(self, timeout: float) -> np.ndarray:
         """Rows whose peer has sent neither RTP nor RTCP for ``timeout`` seconds."""
-        rows = self.active
-        last = np.maximum(self.rtp_at[rows], self.rtcp_at[rows])
+        t = self.table
+        rows = t.active
+        last = np.maximum(t.rtp_at[rows], t.rtcp_at[rows])
         return rows[time.time() - last >= timeout]
 
     def rows_using(self, address: tuple[str, int]) -> list[int]:
         """Calls whose peer sends from, or whose SDP named, this RTP address."""
+        t = self.table
         key = address_key(*address)
         return [
             row
-            for row in self.active.tolist()
-            if self.dest[row] == key
-            or ((media := self.media[row]) is not None and media.offered == address)
+            for row in t.active.tolist()
+            if t.dest[row] == key
+            or ((media := t.media[row]) is not None and media.offered == address)
         ]
 
     def remove(self, row: int) -> None:
-        media = self.media[row]
+        t = self.table
+        media = t.media[row]
         if media is None:
             return
         rows = np.array([row])
-        self.ended[self.group[row]] += self._row_counters(rows)[0]
-        self.set_rtcp_remote(row, None)
-        self.dest[row] = NO_PEER
-        self.srtp[row] = False
-        self.srtp_rx[row] = self.srtp_tx[row] = None
-        if self.opus[row]:
-            self._opus_start(row, False)
-        self.sending[row] = False
-        self.media[row] = None
-        self.free.append(row)
-        self._update_tables()
+        self.ended[t.group[row]] += self._row_counters(rows)[0]
+        self.rtcp.set_remote(row, None)
+        t.dest[row] = NO_PEER
+        t.srtp[row] = False
+        t.srtp_rx[row] = t.srtp_tx[row] = None
+        if t.opus[row]:
+            self.opus_edges.start(row, False)
+        t.sending[row] = False
+        t.media[row] = None
+        t.free.append(row)
+        self._rows_changed()
 
     def close(self) -> None:
-        for row, media in enumerate(self.media):
+        for row, media in enumerate(self.table.media):
             if media is not None:
                 self.remove(row)
         self.sock.close()
-        self.rtcp_sock.close()
-
-    # --- peer addresses ---------------------------------------------------------------
-
-    def _update_tables(self) -> None:
-        """Rows in use, and the sorted (address, SSRC) table, after a leg came, went,
-        latched, locked its SSRC or moved.
-
-        Each row is one key per SSRC its peer announced, else one key for its locked
-        SSRC, else one key that takes any SSRC (0). An address is stored as its rank
-        among the distinct addresses, so (rank, SSRC + 1) fits one int64 and one
-        ``searchsorted`` finds a whole batch's rows."""
-        self.active = np.array([i for i, m in enumerate(self.media) if m is not None], np.int64)
-        self.srtp_legs = int(self.srtp[self.active].sum())
-        self.opus_legs = self.jitter.whole_rows = int(self.opus[self.active].sum())
-        rows = self.active[self.dest[self.active] != NO_PEER]
-        addresses = self.dest[rows]
-        ssrcs = self.rx_ssrc[rows] + 1  # NO_SSRC (-1) becomes 0: any SSRC
-        announced = [i for i, row in enumerate(rows.tolist()) if self.media[row].announced]
-        if announced:
-            extra_rows, extra_ssrcs = [], []
-            for i in announced:
-                for ssrc in self.media[rows[i]].announced:
-                    extra_rows.append(rows[i])
-                    extra_ssrcs.append(ssrc + 1)
-            keep = np.ones(len(rows), bool)
-            keep[announced] = False
-            rows = np.concatenate([rows[keep], np.array(extra_rows, np.int64)])
-            ssrcs = np.concatenate([ssrcs[keep], np.array(extra_ssrcs, np.int64)])
-            addresses = self.dest[rows]
-        self._addresses = np.unique(addresses)
-        rank = np.searchsorted(self._addresses, addresses)
-        keys = (rank << 33) | ssrcs
-        order = np.argsort(keys, kind="stable")
-        self._keys = keys[order]
-        self._key_rows = rows[order]
-        # The one row at an address whose SSRC may be handed over (no announcement, alone).
-        self._sole = np.full(len(self._addresses), -1, np.int64)
-        counts = np.bincount(rank, minlength=len(self._addresses))
-        for r in np.flatnonzero(counts == 1).tolist():
-            row = int(rows[rank == r][0])
-            if not self.media[row].announced:
-                self._sole[r] = row
-
-    def lookup(self, keys: np.ndarray, ssrcs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The row each packet belongs to by (source address key, SSRC), one search for all.
-
-        Returns (rows, match): ``match`` is EXACT (address and SSRC), ANY_SSRC (a row
-        not locked yet; ``rows`` is it), ADDRESS_ONLY (a known address with another SSRC;
-        ``rows`` is the row that may take it over under RFC 3550, else -1) or UNKNOWN."""
-        n = len(keys)
-        rows = np.full(n, -1, np.int64)
-        match = np.full(n, UNKNOWN, np.int64)
-        if not self._addresses.size:
-            return rows, match
-        rank = np.searchsorted(self._addresses, keys)
-        inside = rank < self._addresses.size
-        known = inside.copy()
-        known[inside] = self._addresses[rank[inside]] == keys[inside]
-        if not known.any():
-            return rows, match
-        match[known] = ADDRESS_ONLY
-        rows[known] = self._sole[rank[known]]
-        base = rank << 33
-        for kind, wanted in ((ANY_SSRC, base), (EXACT, base | (ssrcs + 1))):
-            at = np.searchsorted(self._keys, wanted[known])
-            at_ok = at < self._keys.size
-            hit = np.zeros(len(at), bool)
-            hit[at_ok] = self._keys[at[at_ok]] == wanted[known][at_ok]
-            where = np.flatnonzero(known)[hit]
-            rows[where] = self._key_rows[at[hit]]
-            match[where] = kind
-        return rows, match
-
-    def rows_at(self, key: int) -> list[int]:
-        """Every row whose peer's RTP address is ``key``."""
-        rank = int(np.searchsorted(self._addresses, key))
-        if rank >= self._addresses.size or self._addresses[rank] != key:
-            return []
-        lo, hi = np.searchsorted(self._keys, [rank << 33, (rank + 1) << 33])
-        return sorted(set(self._key_rows[lo:hi].tolist()))
-
-    def lock(self, row: int, ssrc: int) -> None:
-        """The call hears only ``ssrc`` from now on (its first packet's, or a handover)."""
-        self.rx_ssrc[row] = ssrc
-        self._update_tables()
-
-    def may_hand_over(self, row: int) -> bool:
-        """RFC 3550 §6.3.5/§8.2: the locked SSRC stopped (silent SSRC_HANDOVER), so the
-        new one from the same address is the peer's new stream, not an injection."""
-        media = self.media[row]
-        return (
-            media is not None
-            and not media.announced
-            and self.now - float(self.rtp_at[row]) >= SSRC_HANDOVER
-        )
-
-    def _waiting_rows(self) -> np.ndarray:
-        """Legs whose phone has not sent yet: a packet from another port of its host may
-        be its own, from behind NAT."""
-        n = len(self.media)
-        return np.flatnonzero((self.dest[:n] != NO_PEER) & ~self.latched[:n])
-
-    def _latch(self, row: int, key: int, ssrc: int = NO_SSRC) -> None:
-        """Symmetric RTP (RFC 4961): answer where the phone really sends from."""
-        media = self.media[row]
-        assert media is not None
-        self.dest[row] = key
-        if ssrc != NO_SSRC and not media.announced:
-            self.rx_ssrc[row] = ssrc
-        self.latched[row] = True
-        media.remote = key_address(key)
-        if media.rtcp.mux:
-            self.set_rtcp_remote(row, media.remote)
-        self._update_tables()
+        self.rtcp.rtcp_sock.close()
 
     # --- the tick ---------------------------------------------------------------------
 
     def receive(self) -> None:
         """Before the tick: every leg's frame and talking flag (:mod:`gateway.sip.bank_rx`)."""
-        self._timed("receive", self._receive)
+        self._timed("receive", self.receive_path.receive)
 
     def send(self) -> None:
         """After the tick: every leg's packet out, reports due (:mod:`gateway.sip.bank_tx`)."""
-        self._timed("send", self._send)
+        self._timed("send", self.send_path.send)
 
     def _timed(self, step: str, work: Callable[[], None]) -> None:
         """Run one step, adding the media thread's CPU time to ``cpu_seconds`` (benches)."""
@@ -515,19 +414,6 @@ class LegBank(
             work()
         finally:
             self.cpu_seconds[step] += time.thread_time() - started
-
-    # --- clock --------------------------------------------------------------------
-
-    def _tick_time(self) -> float:
-        """This tick's ideal time (its deadline on the media clock), in codec samples
-        since the bank's epoch.
-
-        The schedule, not the moment the loop woke up, keeps timer lateness out of the
-        playout point; and it is the clock's own schedule, never a guess ahead of it: a
-        playout point placed ahead of real time plays what has not arrived (every
-        packet late, the call silent) until something moves it back.
-        """
-        return (time.time() - self.late_by() - self.epoch_seconds) * CODEC_RATE
 
     # --- the engine's side (during the tick) ------------------------------------------
 
@@ -543,24 +429,26 @@ class LegBank(
         self, ports: list, frames: np.ndarray, rows: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Every talking leg's frame into the engine's matrix; (has_frame, talking)."""
+        t = self.table
         legs = self._rows_of(ports)
-        talking = self.talking[legs]
+        talking = t.talking[legs]
         if talking.all():
-            frames[rows] = self.rx[legs]
+            frames[rows] = t.rx[legs]
         elif talking.any():
-            frames[rows[talking]] = self.rx[legs[talking]]
+            frames[rows[talking]] = t.rx[legs[talking]]
         return talking, talking.copy()
 
     def write_frames(
         self, ports: list, out: np.ndarray, rows: np.ndarray, audible: np.ndarray
     ) -> None:
         """What each leg hears, copied for :meth:`send` after the tick (silence if not audible)."""
+        t = self.table
         legs = self._rows_of(ports)
         if audible.all():
-            self.tx[legs] = out[rows]
+            t.tx[legs] = out[rows]
         elif audible.any():
-            self.tx[legs[audible]] = out[rows[audible]]
-        self.tx_has[legs] = audible
+            t.tx[legs[audible]] = out[rows[audible]]
+        t.tx_has[legs] = audible
 
     # --- per route (metrics) ------------------------------------------------------------
 
@@ -576,18 +464,19 @@ class LegBank(
     def _row_counters(self, rows: np.ndarray) -> np.ndarray:
         """ROUTE_COUNTERS of some legs, one row each. The RTCP figures and the malformed
         count live in each leg's LegMedia (they change a few times a minute)."""
+        t = self.table
         streams, jitter = self.streams, self.jitter
-        media = [self.media[r] for r in rows.tolist()]
+        media = [t.media[r] for r in rows.tolist()]
         columns = [
-            self.packets_in[rows],
-            self.packets_out[rows],
-            self.bytes_in[rows],
-            self.bytes_out[rows],
+            t.packets_in[rows],
+            t.packets_out[rows],
+            t.bytes_in[rows],
+            t.bytes_out[rows],
             streams.lost_of(rows) + streams.lost_before[rows],
             jitter.packets_late[rows],
             [m.malformed for m in media],
             jitter.concealed[rows] * self.factor,
-            [self.fec_recovered(r) for r in rows.tolist()],
+            [self.opus_edges.fec_recovered(r) for r in rows.tolist()],
             [m.rtcp.reports_in for m in media],
             [m.rtcp.reports_out for m in media],
             [max(0, m.rtcp.remote_lost) for m in media],
@@ -596,11 +485,11 @@ class LegBank(
 
     def _row_gauges(self, rows: np.ndarray) -> np.ndarray:
         """ROUTE_GAUGES of some legs (NaN: not known yet, e.g. no round trip measured)."""
-        media = [self.media[r] for r in rows.tolist()]
+        media = [self.table.media[r] for r in rows.tolist()]
         columns = [
             self.streams.jitter[rows] / CODEC_RATE,
             np.maximum(0.0, self.jitter.delay[rows]) / CODEC_RATE,
-            np.array([m.rtcp.remote_jitter for m in media], np.float64) / self.rtp_clock(rows),
+            np.array([m.rtcp.remote_jitter for m in media], np.float64) / self.rtcp.rtp_clock(rows),
             [math.nan if m.rtcp.rtt is None else m.rtcp.rtt for m in media],
         ]
         return np.array(columns, np.float64).reshape(len(columns), len(rows)).T
@@ -610,8 +499,9 @@ class LegBank(
         and ROUTE_GAUGES as the largest among its calls up now (absent with no call up).
 
         Every (route, talkgroup) that ever had a call is here, so counters never vanish."""
-        rows = self.active
-        ids = self.group[rows]
+        t = self.table
+        rows = t.active
+        ids = t.group[rows]
         totals = self.ended.copy()
         worst = np.full((len(self.groups), len(ROUTE_GAUGES)), -np.inf)
         if rows.size:
@@ -629,26 +519,27 @@ class LegBank(
     # --- per leg ---------------------------------------------------------------------
 
     def stats(self, row: int) -> dict[str, float]:
-        media = self.media[row]
+        t = self.table
+        media = t.media[row]
         if media is None:
             return {}
         streams = self.streams
         return {
-            "packets_in": int(self.packets_in[row]),
-            "packets_out": int(self.packets_out[row]),
-            "bytes_in": int(self.bytes_in[row]),
-            "bytes_out": int(self.bytes_out[row]),
+            "packets_in": int(t.packets_in[row]),
+            "packets_out": int(t.packets_out[row]),
+            "bytes_in": int(t.bytes_in[row]),
+            "bytes_out": int(t.bytes_out[row]),
             "packets_lost": int(streams.lost_of(row) + streams.lost_before[row]),
             "packets_late": int(self.jitter.packets_late[row]),
             "packets_malformed": media.malformed,
             "jitter_seconds": float(streams.jitter[row]) / CODEC_RATE,
             "concealed_samples": int(self.jitter.concealed[row]) * self.factor,
-            "fec_recovered": self.fec_recovered(row),
+            "fec_recovered": self.opus_edges.fec_recovered(row),
             "jitter_buffer_seconds": max(0.0, float(self.jitter.delay[row]) / CODEC_RATE),
             "rtcp_reports_in": media.rtcp.reports_in,
             "rtcp_reports_out": media.rtcp.reports_out,
             # What the far end reports of our stream, and the round trip (once it echoed an SR).
             "remote_packets_lost": media.rtcp.remote_lost,
-            "remote_jitter_seconds": media.rtcp.remote_jitter / int(self.rtp_clock(row)),
+            "remote_jitter_seconds": media.rtcp.remote_jitter / int(self.rtcp.rtp_clock(row)),
             **({"rtt_seconds": media.rtcp.rtt} if media.rtcp.rtt is not None else {}),
         }

@@ -23,23 +23,22 @@ from __future__ import annotations
 import numpy as np
 
 from gateway.sip.columns import Column
-from gateway.sip.legmedia import LegMedia
+from gateway.sip.legtable import EXACT, LegTable
 
 MAX_EXTENSION = 80  # bytes of header extension we send (a talker block is at most 76)
 _PLAIN_WITH_EXTENSION = 0x90  # V=2, no padding, X, no CSRCs
-_EXACT = 2  # LegBank.lookup: address and SSRC match (bank_rx.EXACT)
 _HEADER = 12
 
 
 class ExtensionEdges:
-    """Mixin of :class:`gateway.sip.bank.LegBank`: header extensions out and in."""
+    """Part of :class:`gateway.sip.bank.LegBank`: header extensions out and in (its columns:
+    :meth:`columns`; the rows' ``media`` hear what came in)."""
 
-    media: list[LegMedia | None]
-    ext_len: np.ndarray
-    ext_block: np.ndarray
-    ext_in: np.ndarray
+    def __init__(self, table: LegTable) -> None:
+        self.table = table
 
-    def _ext_columns(self) -> tuple[Column, ...]:
+    @staticmethod
+    def columns() -> tuple[Column, ...]:
         return (
             ("ext_len", (), np.int64, 0),  # bytes of header extension on each packet we send
             ("ext_block", (MAX_EXTENSION,), np.uint8, 0),  # ... and the bytes
@@ -49,18 +48,19 @@ class ExtensionEdges:
     def set_extension(self, row: int, block: bytes) -> None:
         """The header extension block (profile, length, elements) on ``row``'s next packets;
         empty: none."""
+        t = self.table
         if len(block) > MAX_EXTENSION or len(block) % 4:
             raise ValueError(f"a header extension block is 4-byte words up to {MAX_EXTENSION}")
-        self.ext_block[row, : len(block)] = np.frombuffer(block, np.uint8)
-        self.ext_len[row] = len(block)
+        t.ext_block[row, : len(block)] = np.frombuffer(block, np.uint8)
+        t.ext_len[row] = len(block)
 
     def hear_extensions(self, row: int) -> None:
         """Hand ``row``'s received header extensions to its ``LegMedia.on_extension``."""
-        self.ext_in[row] = True
+        self.table.ext_in[row] = True
 
     # --- receive --------------------------------------------------------------------------
 
-    def _take_extensions(
+    def take(
         self,
         data: np.ndarray,
         length: np.ndarray,
@@ -71,10 +71,11 @@ class ExtensionEdges:
         """Hand over and strip the extension blocks of a received batch, in place.
 
         ``head`` (the gathered headers) and ``length`` are updated with ``data``."""
-        candidate = (head[:, 0] == _PLAIN_WITH_EXTENSION) & (match == _EXACT)
+        t = self.table
+        candidate = (head[:, 0] == _PLAIN_WITH_EXTENSION) & (match == EXACT)
         if not candidate.any():
             return
-        candidate[candidate] = self.ext_in[rows[candidate]]
+        candidate[candidate] = t.ext_in[rows[candidate]]
         idx = np.flatnonzero(candidate)
         if idx.size == 0:
             return
@@ -83,7 +84,7 @@ class ExtensionEdges:
         fits = _HEADER + size < length[idx]  # and a payload after it
         idx, size = idx[fits], size[fits]
         for i, s in zip(idx.tolist(), size.tolist(), strict=True):
-            media = self.media[int(rows[i])]
+            media = t.media[int(rows[i])]
             if media is not None and media.on_extension is not None:
                 media.on_extension(bytes(data[i, _HEADER : _HEADER + s]))
         for s in np.unique(size).tolist():
@@ -93,10 +94,11 @@ class ExtensionEdges:
             length[pick] -= s
             head[pick, 0] = 0x80
 
-    def _one_extension(self, row: int, packet: bytes) -> None:
+    def one(self, row: int, packet: bytes) -> None:
         """A packet off the common path (CSRCs, padding): its block to the owner, if any."""
-        media = self.media[row]
-        if not (packet[0] & 0x10 and self.ext_in[row]) or media is None:
+        t = self.table
+        media = t.media[row]
+        if not (packet[0] & 0x10 and t.ext_in[row]) or media is None:
             return
         start = _HEADER + 4 * (packet[0] & 0x0F)
         if len(packet) < start + 4:
@@ -107,19 +109,20 @@ class ExtensionEdges:
 
     # --- send -----------------------------------------------------------------------------
 
-    def _attach_extensions(
+    def attach(
         self, packets: np.ndarray, sel: slice | np.ndarray, size: int | np.ndarray
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """``packets`` (header and payload in ``size`` bytes a row, or each row's own
         ``size``) with each row's block put after its header; (the packets, every row's
         length), or (packets, None) when no row has a block."""
-        ext = self.ext_len[sel]
+        t = self.table
+        ext = t.ext_len[sel]
         if not ext.any():
             return packets, None
         count, width = packets.shape
         wider = np.zeros((count, width + int(ext.max())), np.uint8)
         wider[:, :width] = packets
-        blocks = self.ext_block[sel]
+        blocks = t.ext_block[sel]
         end = size if isinstance(size, int) else width  # sizes of their own: move it all
         for s in np.unique(ext[ext > 0]).tolist():
             pick = np.flatnonzero(ext == s)

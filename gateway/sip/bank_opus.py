@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.sip.bank_rx import HEADER_SIZE, NO_PEER, SILENCE_DB
+from gateway.sip.bank_ext import ExtensionEdges
+from gateway.sip.bank_srtp import SrtpEdges
 from gateway.sip.columns import Column
 from gateway.sip.jitter import JitterBank
-from gateway.sip.legmedia import LegMedia
+from gateway.sip.legtable import HEADER_SIZE, NO_PEER, SILENCE_DB, LegTable
 from gateway.sip.mmsg import BatchSender
 from gateway.sip.opus import CLOCK, PACKET_MS, SILENCE, OpusLeg, packet_samples
+from gateway.sip.rtp import write_headers
 from gateway.sip.srtp import TAG as SRTP_TAG
 from gateway.sip.streams import StreamBank
 
@@ -40,44 +42,55 @@ _PLACEHOLDER = 0xFF  # µ-law silence in the jitter ring (never decoded for an O
 
 
 class OpusEdges:
-    """Mixin of :class:`gateway.sip.bank.LegBank`: Opus in at playout, out after the tick."""
+    """Part of :class:`gateway.sip.bank.LegBank`: Opus in at playout, out after the tick.
 
-    media: list[LegMedia | None]
-    streams: StreamBank
-    rate: int
-    frame: int
-    codec_frame: int
-    jitter: JitterBank
-    sender: BatchSender
-    srtp_legs: int
-    opus_legs: int  # legs with Opus (0: nothing here runs)
-    # Columns of this part.
-    opus: np.ndarray
-    opus_codec: np.ndarray
-    opus_time: np.ndarray
-    opus_started: np.ndarray
-    opus_quiet: np.ndarray
+    Its columns are :meth:`columns`; it times packets in the ``jitter`` bank, keeps
+    receive statistics in ``streams``, and sends its own batch with ``sender`` (SRTP
+    and header extensions at that batch's edges, as for G.711)."""
 
-    def _opus_columns(self) -> tuple[Column, ...]:
+    def __init__(
+        self,
+        table: LegTable,
+        jitter: JitterBank,
+        streams: StreamBank,
+        sender: BatchSender,
+        srtp_edges: SrtpEdges,
+        extensions: ExtensionEdges,
+        rate: int,
+        frame: int,
+        codec_frame: int,
+    ) -> None:
+        self.table = table
+        self.jitter = jitter
+        self.streams = streams
+        self.sender = sender
+        self.srtp_edges = srtp_edges
+        self.extensions = extensions
+        self.rate = rate
+        self.frame = frame
+        self.codec_frame = codec_frame
+
+    @staticmethod
+    def columns() -> tuple[Column, ...]:
         return (
-            ("opus", (), bool, False),  # the leg's codec is Opus
-            ("opus_codec", (), object, None),  # ... its OpusLeg
+            ("opus_codec", (), object, None),  # an Opus leg's OpusLeg (the table's `opus` marks it)
             ("opus_time", (), np.int64, 0),  # the peer's RTP time, 48 kHz, unwrapped
             ("opus_started", (), bool, False),  # ... known (a packet came)
             ("opus_quiet", (), bool, True),  # our last frame went as SILENCE
         )
 
-    def _opus_start(self, row: int, on: bool) -> None:
+    def start(self, row: int, on: bool) -> None:
         """Make ``row`` an Opus leg (a new encoder and decoder) or a G.711 one."""
-        self.opus[row] = on
-        self.opus_codec[row] = OpusLeg(self.rate, self.frame) if on else None
-        self.opus_started[row] = False
-        self.opus_quiet[row] = True
+        t = self.table
+        t.opus[row] = on
+        t.opus_codec[row] = OpusLeg(self.rate, self.frame) if on else None
+        t.opus_started[row] = False
+        t.opus_quiet[row] = True
         self.jitter.whole[row] = on
 
     # --- receive --------------------------------------------------------------------------
 
-    def _opus_packets(
+    def packets(
         self,
         rows: np.ndarray,
         ssrc: np.ndarray,
@@ -91,7 +104,7 @@ class OpusEdges:
     ) -> None:
         """One packet for each of ``rows`` (distinct Opus legs): checked, then receive
         statistics and the jitter bank with their RTP time in 8 kHz units."""
-        good, ts8 = self._opus_arrivals(rows, ts, data, idx, size)
+        good, ts8 = self._arrivals(rows, ts, data, idx, size)
         rows, ssrc, seq, arrival, marker, idx, size = (
             a[good] for a in (rows, ssrc, seq, arrival, marker, idx, size)
         )
@@ -101,31 +114,30 @@ class OpusEdges:
         if changed.size:
             self.jitter.resync(changed)
             for row in changed.tolist():
-                self.opus_codec[row].reset()
-        self._opus_put(rows, ts8, arrival, marker, data, idx, size)
+                self.table.opus_codec[row].reset()
+        self._put(rows, ts8, arrival, marker, data, idx, size)
 
-    def _opus_arrivals(
+    def _arrivals(
         self, rows: np.ndarray, ts: np.ndarray, data: np.ndarray, idx: np.ndarray, size: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """For the Opus packets of a round (rows distinct): which are 20 ms Opus packets
         (the others are counted ``opus``) and their RTP time in 8 kHz units."""
+        t = self.table
         good = size == 1  # the peer's silence (DTX): nothing to check
         for i in np.flatnonzero(~good).tolist():
             payload = bytes(data[idx[i], HEADER_SIZE : HEADER_SIZE + size[i]])
             good[i] = packet_samples(payload) == _PACKET
         if not good.all():
-            self._count("opus", rows[~good], int((~good).sum()))
+            t.count("opus", rows[~good], int((~good).sum()))
         rows, ts = rows[good], ts[good]
-        last = self.opus_time[rows]
+        last = t.opus_time[rows]
         step = ((ts - last + 0x80000000) & 0xFFFFFFFF) - 0x80000000
-        extended = np.where(self.opus_started[rows], last + step, ts)
-        self.opus_time[rows] = np.where(
-            self.opus_started[rows], np.maximum(last, extended), extended
-        )
-        self.opus_started[rows] = True
+        extended = np.where(t.opus_started[rows], last + step, ts)
+        t.opus_time[rows] = np.where(t.opus_started[rows], np.maximum(last, extended), extended)
+        t.opus_started[rows] = True
         return good, (extended // (CLOCK // 8000)) & 0xFFFFFFFF
 
-    def _opus_put(
+    def _put(
         self,
         rows: np.ndarray,
         ts8: np.ndarray,
@@ -146,15 +158,16 @@ class OpusEdges:
             strict=True,
         ):
             payload = SILENCE if n == 1 else bytes(data[j, HEADER_SIZE : HEADER_SIZE + n])
-            self.opus_codec[row].hold(slot, payload)
+            self.table.opus_codec[row].hold(slot, payload)
 
-    def _opus_playout(
+    def playout(
         self, rows: np.ndarray, concealed_before: np.ndarray, now: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """After the jitter bank played: each Opus row's frame at the engine rate and level.
 
         ``concealed_before``: the rows' concealed count before the jitter bank played
         (it counted a placeholder's gap; only what libopus really made up counts)."""
+        t = self.table
         jitter = self.jitter
         frames = np.zeros((len(rows), self.frame), np.float32)
         slot = (jitter.play[rows] - jitter.frame) & 0xFFFFFFFF  # the slot just played
@@ -164,67 +177,75 @@ class OpusEdges:
         for i, row in enumerate(rows.tolist()):
             if not started[i]:
                 continue
-            leg: OpusLeg = self.opus_codec[row]
+            leg: OpusLeg = t.opus_codec[row]
             pcm, what = leg.play(int(slot[i]), jitter.frame, bool(recent[i]))
             if pcm is not None:
                 frames[i] = pcm
             if what in ("plc", "bad"):
                 concealed[i] += jitter.frame
             if what == "bad":
-                self._count("opus", np.array([row]))
+                t.count("opus", np.array([row]))
         jitter.concealed[rows] = concealed
         rms = np.sqrt(np.einsum("ij,ij->i", frames, frames) / self.frame)
         level = np.where(rms > 0, 20.0 * np.log10(np.maximum(rms, 1e-6)), SILENCE_DB)
         return frames, level
 
     def fec_recovered(self, row: int) -> int:
-        codec = self.opus_codec[row]
+        codec = self.table.opus_codec[row]
         return 0 if codec is None else codec.fec_recovered
 
     # --- send -----------------------------------------------------------------------------
 
-    def _send_opus(self, rows: np.ndarray) -> None:
+    def send(self, rows: np.ndarray) -> None:
         """Encode each Opus leg's frame and send all their packets in one ``sendmmsg``."""
-        has = self.tx_has[rows] & ~self.muted[rows]
-        self.tx_has[rows] = False
-        frames = self.tx[rows]
+        t = self.table
+        has = t.tx_has[rows] & ~t.muted[rows]
+        t.tx_has[rows] = False
+        frames = t.tx[rows]
         loud = has & frames.any(axis=1)  # the rest go as SILENCE, no encoder called
         payloads = [SILENCE] * len(rows)
         for i in np.flatnonzero(loud).tolist():
-            payloads[i] = self.opus_codec[rows[i]].encode(frames[i])
+            payloads[i] = t.opus_codec[rows[i]].encode(frames[i])
         if not loud.all():
-            for row in rows[~loud & ~self.opus_quiet[rows]].tolist():  # a pause begins
-                self.opus_codec[row].quiet_out = True
-        self.opus_quiet[rows] = ~loud
+            for row in rows[~loud & ~t.opus_quiet[rows]].tolist():  # a pause begins
+                t.opus_codec[row].quiet_out = True
+        t.opus_quiet[rows] = ~loud
         count = len(rows)
         sizes = np.full(count, HEADER_SIZE + len(SILENCE), np.int64)
         sizes[loud] = [HEADER_SIZE + len(payloads[i]) for i in np.flatnonzero(loud).tolist()]
-        width = int(sizes.max()) + (SRTP_TAG if self.srtp_legs else 0)
+        width = int(sizes.max()) + (SRTP_TAG if t.srtp_legs else 0)
         packets = np.zeros((count, width), np.uint8)
         packets[:, HEADER_SIZE] = SILENCE[0]
         for i in np.flatnonzero(loud).tolist():
             payload = payloads[i]
             packets[i, HEADER_SIZE : HEADER_SIZE + len(payload)] = np.frombuffer(payload, np.uint8)
-        self._headers(packets, rows)
-        packets, with_ext = self._attach_extensions(packets, rows, sizes)
+        write_headers(
+            packets,
+            t.payload_type[rows],
+            t.tx_first[rows],
+            t.tx_seq[rows],
+            t.tx_ts[rows],
+            t.tx_ssrc[rows],
+        )
+        packets, with_ext = self.extensions.attach(packets, rows, sizes)
         plain = sizes if with_ext is None else with_ext
-        dest = self.dest[rows]
-        going = (dest != NO_PEER) & self.sending[rows]
+        dest = t.dest[rows]
+        going = (dest != NO_PEER) & t.sending[rows]
         lengths = plain
-        if self.srtp_legs:
-            lengths = self._protect_batch(packets, rows, going, plain)
+        if t.srtp_legs:
+            lengths = self.srtp_edges.protect_batch(packets, rows, going, plain)
             going &= lengths > 0
         pick = np.flatnonzero(going)
         ok = self.sender.send(np.ascontiguousarray(packets[pick]), dest[pick], lengths[pick])
         for row in rows[pick[~ok]].tolist():
-            media = self.media[row]
+            media = t.media[row]
             if media is not None:
                 media.send_errors += 1
         done = pick[ok]
         tried = rows[pick]
-        self.tx_seq[tried] = (self.tx_seq[tried] + 1) & 0xFFFF
-        self.tx_first[rows[done]] = False
-        self.packets_out[rows[done]] += 1
-        self.bytes_out[rows[done]] += sizes[done]
-        self.payload_out[rows[done]] += sizes[done] - HEADER_SIZE
-        self.tx_ts[rows] = (self.tx_ts[rows] + _PACKET) & 0xFFFFFFFF
+        t.tx_seq[tried] = (t.tx_seq[tried] + 1) & 0xFFFF
+        t.tx_first[rows[done]] = False
+        t.packets_out[rows[done]] += 1
+        t.bytes_out[rows[done]] += sizes[done]
+        t.payload_out[rows[done]] += sizes[done] - HEADER_SIZE
+        t.tx_ts[rows] = (t.tx_ts[rows] + _PACKET) & 0xFFFFFFFF

@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 
-from gateway.sip.bank_rx import CODEC_RATE
-from gateway.sip.legmedia import LegMedia
+from gateway.sip.bank_srtp import SrtpEdges
+from gateway.sip.legtable import CODEC_RATE, LegTable
 from gateway.sip.mmsg import SO_TIMESTAMPNS, address_key, key_address
 from gateway.sip.opus import CLOCK as OPUS_CLOCK
 from gateway.sip.rtcp import ReportBlock, build_report, ntp_now, parse_compound
@@ -35,37 +35,29 @@ _STAMP_SPACE = socket.CMSG_SPACE(16)
 
 
 class RtcpReports:
-    """Mixin of :class:`gateway.sip.bank.LegBank`: every leg's RTCP.
+    """Part of :class:`gateway.sip.bank.LegBank`: every leg's RTCP.
 
-    Its own state is set by :meth:`_rtcp_open`; per leg it lives in ``LegMedia.rtcp``.
-    Of the rest of the bank it uses the attributes declared below and ``rows_at(key)``
-    (RTP address → rows), ``_count()`` (dropped packets) from the receive path."""
+    Per leg it lives in ``LegMedia.rtcp``; of the table it reads the rows' addresses,
+    SSRCs and send counters and its index (``rows_at``), and counts what it drops.
+    Reports multiplexed on the RTP port arrive through :meth:`received` from the
+    receive part; an SRTP call's reports are SRTCP (``srtp_edges``)."""
 
-    # The bank's rows and addresses, and the parts it composes (see gateway.sip.bank).
-    media: list[LegMedia | None]
-    active: np.ndarray
-    dest: np.ndarray
-    rx_ssrc: np.ndarray
-    rtcp_at: np.ndarray
-    sending: np.ndarray
-    streams: StreamBank
-    sock: socket.socket
-    tx_ssrc: np.ndarray
-    tx_ts: np.ndarray
-    packets_out: np.ndarray
-    payload_out: np.ndarray
-    _k: int  # ticks since the bank started (spreads the legs' reports)
-    srtp: np.ndarray  # column: the leg is SRTP, its reports SRTCP (bank_srtp)
-    srtp_legs: int
-    opus: np.ndarray  # column: the leg speaks Opus (bank_opus)
-
-    def rtp_clock(self, rows: np.ndarray | int) -> np.ndarray:
-        """Each leg's RTP clock rate in Hz: its timestamps, and the jitter in its reports,
-        count in it."""
-        return np.where(self.opus[rows], OPUS_CLOCK, CODEC_RATE)
-
-    def _rtcp_open(self, sock: socket.socket, ticks: int, cname: str) -> None:
-        """The RTCP socket (non-blocking, kernel timestamps); a report every ``ticks``."""
+    def __init__(
+        self,
+        table: LegTable,
+        streams: StreamBank,
+        srtp_edges: SrtpEdges,
+        rtp_sock: socket.socket,
+        sock: socket.socket,
+        ticks: int,
+        cname: str,
+    ) -> None:
+        """``sock``: the RTCP socket (made non-blocking, kernel timestamps); a report every
+        ``ticks``; ``rtp_sock`` carries the reports of calls with rtcp-mux."""
+        self.table = table
+        self.streams = streams
+        self.srtp_edges = srtp_edges
+        self.rtp_sock = rtp_sock
         self.rtcp_sock = sock
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -73,9 +65,14 @@ class RtcpReports:
         self.cname = cname
         self.rtcp_source: dict[int, list[int]] = {}  # peer RTCP address key → its rows
 
-    def set_rtcp_remote(self, row: int, address: tuple[str, int] | None) -> None:
+    def rtp_clock(self, rows: np.ndarray | int) -> np.ndarray:
+        """Each leg's RTP clock rate in Hz: its timestamps, and the jitter in its reports,
+        count in it."""
+        return np.where(self.table.opus[rows], OPUS_CLOCK, CODEC_RATE)
+
+    def set_remote(self, row: int, address: tuple[str, int] | None) -> None:
         """Where the leg's reports go (and whose reports are the leg's)."""
-        media = self.media[row]
+        media = self.table.media[row]
         assert media is not None
         old = media.rtcp.remote
         if old is not None:
@@ -90,13 +87,13 @@ class RtcpReports:
 
     # --- in ---------------------------------------------------------------------------
 
-    def drain_rtcp(self) -> None:
+    def drain(self) -> None:
         """Reports on the RTCP port: a few per second per hundred legs, read one by one,
         each with its kernel arrival time (the round trip must not include our tick).
 
         At most a few per call per tick: a flood on this port waits in (and overflows)
         the socket buffer instead of stretching the tick."""
-        for _ in range(64 + 2 * len(self.active)):
+        for _ in range(64 + 2 * len(self.table.active)):
             try:
                 data, ancillary, _, source = self.rtcp_sock.recvmsg(2048, _STAMP_SPACE)
             except (BlockingIOError, InterruptedError):
@@ -108,48 +105,52 @@ class RtcpReports:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(blob) >= 16:
                     sec, nsec = struct.unpack_from("@qq", blob)
                     arrival = sec + nsec * 1e-9
-            self._rtcp(data, address_key(*source[:2]), None, arrival)
+            self.received(data, address_key(*source[:2]), None, arrival)
 
-    def _rtcp(self, data: bytes, key: int, row: int | None, arrival: float | None = None) -> None:
+    def received(
+        self, data: bytes, key: int, row: int | None, arrival: float | None = None
+    ) -> None:
         """One compound RTCP packet from ``key`` (``row`` known when it came on the RTP port)."""
-        if row is None and self.srtp_legs:  # the RTCP port: an SRTP call's reports are SRTCP
+        t = self.table
+        if row is None and t.srtp_legs:  # the RTCP port: an SRTP call's reports are SRTCP
             data = self._srtcp_in(data, key)
             if data is None:
                 return
         reports = parse_compound(data)
         if reports is None:
-            self._count("rtcp", np.array([row]) if row is not None and row >= 0 else None)
+            t.count("rtcp", np.array([row]) if row is not None and row >= 0 else None)
             return
         if row is None or row < 0:
             stray = row is not None  # came on the RTP port from nobody's address
             row = self._rtcp_row(key, reports[0].ssrc)
             if row < 0:
                 return
-            if stray and self.srtp[row]:  # not checked with the call's key: not the call's
-                self._count("srtp_auth", np.array([row]))
+            if stray and t.srtp[row]:  # not checked with the call's key: not the call's
+                t.count("srtp_auth", np.array([row]))
                 return
-        media = self.media[row]
+        media = t.media[row]
         assert media is not None
-        self.rtcp_at[row] = time.time()
+        t.rtcp_at[row] = time.time()
         state = media.rtcp
         if not state.mux and not state.latched:  # symmetric RTCP: answer where it came from
-            self.set_rtcp_remote(row, key_address(key))
+            self.set_remote(row, key_address(key))
             state.latched = True
         now = time.time() if arrival is None else arrival
         for report in reports:
-            state.heard(report, int(self.tx_ssrc[row]), now)
+            state.heard(report, int(t.tx_ssrc[row]), now)
 
     def _srtcp_in(self, data: bytes, key: int) -> bytes | None:
         """A packet on the RTCP port, decrypted if it is for an SRTP call (None: dropped).
 
         Its call is found as for plain RTCP (the SSRC is in the clear in SRTCP too)."""
+        t = self.table
         row = self._rtcp_row(key, int.from_bytes(data[4:8], "big")) if len(data) >= 8 else -1
-        if row < 0 or not self.srtp[row]:
+        if row < 0 or not t.srtp[row]:
             return data
-        media = self.media[row]
+        media = t.media[row]
         plain = media.srtp.unprotect_rtcp(data) if media and media.srtp else None
         if plain is None:
-            self._count("srtp_auth", np.array([row]))
+            t.count("srtp_auth", np.array([row]))
         return plain
 
     def _rtcp_row(self, key: int, ssrc: int) -> int:
@@ -161,8 +162,9 @@ class RtcpReports:
         peer's announced or locked SSRC, or the one call there that has not locked yet.
         A report from an address no call uses is matched by SSRC on the same host (a
         phone behind NAT)."""
+        t = self.table
         candidates = set(self.rtcp_source.get(key, ()))
-        candidates.update(self.rows_at(key - 1), self.rows_at(key))
+        candidates.update(t.rows_at(key - 1), t.rows_at(key))
         if candidates:
             mine = [r for r in candidates if self._hears(r, ssrc)]
             if len(mine) == 1:
@@ -170,38 +172,40 @@ class RtcpReports:
             open_rows = [r for r in candidates if self._hears(r, None)]
             if not mine and len(candidates) == 1 and open_rows:
                 return open_rows[0]
-            self._count("ssrc")
+            t.count("ssrc")
             return -1
-        host = [r for r in self.active.tolist() if int(self.dest[r]) >> 16 == key >> 16]
+        host = [r for r in t.active.tolist() if int(t.dest[r]) >> 16 == key >> 16]
         rows = [r for r in host if self._hears(r, ssrc)]
         if len(rows) == 1:
             return rows[0]
-        self._count("source")
+        t.count("source")
         return -1
 
     def _hears(self, row: int, ssrc: int | None) -> bool:
         """Whether the leg takes reports from ``ssrc`` (None: from an SSRC not yet known)."""
-        media = self.media[row]
+        t = self.table
+        media = t.media[row]
         if media is None:
             return False
         if media.announced:
             return ssrc in media.announced
-        locked = int(self.rx_ssrc[row])
+        locked = int(t.rx_ssrc[row])
         return locked == NO_SSRC if ssrc is None else locked == ssrc
 
     # --- out --------------------------------------------------------------------------
 
-    def _send_reports(self) -> None:
+    def send_reports(self) -> None:
         """SR (we always send) per leg every ``rtcp_ticks``, spread evenly over the ticks."""
-        rows = self.active
-        due = rows[(rows + self._k) % self.rtcp_ticks == 0]
+        t = self.table
+        rows = t.active
+        due = rows[(rows + t.ticks) % self.rtcp_ticks == 0]
         if due.size == 0:
             return
         now = time.time()
         ntp = ntp_now(now)
         for row in due.tolist():
-            media = self.media[row]
-            if media is None or self.packets_out[row] == 0 or not self.sending[row]:
+            media = t.media[row]
+            if media is None or t.packets_out[row] == 0 or not t.sending[row]:
                 continue
             state = media.rtcp
             if state.remote is None:  # with rtcp-mux, the leg's RTP address
@@ -209,17 +213,17 @@ class RtcpReports:
             block = self._report_block(row, state.last_sr, state.dlsr(now))
             sender = (
                 ntp,
-                int(self.tx_ts[row]),
-                int(self.packets_out[row]),
-                int(self.payload_out[row]),
+                int(t.tx_ts[row]),
+                int(t.packets_out[row]),
+                int(t.payload_out[row]),
             )
-            packet = self._protect_one(
-                row, build_report(int(self.tx_ssrc[row]), self.cname, sender, block), rtcp=True
+            packet = self.srtp_edges.protect_one(
+                row, build_report(int(t.tx_ssrc[row]), self.cname, sender, block), rtcp=True
             )
             try:
                 if packet is None:
                     raise OSError("SRTCP refused the report")
-                (self.sock if state.mux else self.rtcp_sock).sendto(packet, state.remote)
+                (self.rtp_sock if state.mux else self.rtcp_sock).sendto(packet, state.remote)
                 state.reports_out += 1
             except OSError:
                 media.send_errors += 1

@@ -26,44 +26,37 @@ behind NAT (latching, RFC 4961 symmetric RTP).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from gateway.codecs.g711 import alaw_decode, ulaw_decode
+from gateway.sip.bank_ext import ExtensionEdges
+from gateway.sip.bank_opus import OpusEdges
+from gateway.sip.bank_rtcp import RtcpReports
+from gateway.sip.bank_srtp import SrtpEdges
 from gateway.sip.columns import Column
 from gateway.sip.jitter import JitterBank, dense
 from gateway.sip.legmedia import LegMedia
-from gateway.sip.mmsg import BatchReceiver
+from gateway.sip.legtable import (
+    ADDRESS_ONLY,
+    CODEC_RATE,
+    EXACT,
+    HEADER_SIZE,
+    SILENCE_DB,
+    SSRC_HANDOVER,
+    UNKNOWN,
+    LegTable,
+)
+from gateway.sip.mmsg import BatchReceiver, key_address
 from gateway.sip.resample import BlockResampler
 from gateway.sip.rtcp import is_rtcp
 from gateway.sip.rtp import parse_event, parse_rtp
 from gateway.sip.streams import NO_SSRC, StreamBank
 
-CODEC_RATE = 8000
-HEADER_SIZE = 12
 MAX_PAYLOAD = 1200  # 150 ms of G.711, our a=maxptime
 MAX_PACKET = 1500
 COMFORT_NOISE = 13  # RFC 3389: accepted and ignored, not counted as malformed
-SILENCE_DB = -120.0
-NO_PEER = -1  # address key of a leg whose peer address is not known
-SSRC_HANDOVER = 1.0  # seconds a locked SSRC must be silent before another one replaces it
-UNKNOWN, ADDRESS_ONLY, ANY_SSRC, EXACT = -1, 0, 1, 2  # how LegBank.lookup matched a packet
-
-# Why a packet was dropped (bank-wide counters, and per leg when the sender is known).
-MALFORMED_KINDS = (
-    "truncated",  # shorter than an RTP header
-    "huge",  # longer than any voice packet we agreed to
-    "version",  # not RTP version 2 (garbage usually lands here)
-    "layout",  # CSRC list, extension or padding pointing past the end; no payload
-    "payload_type",  # a payload type the call did not agree on
-    "event",  # a telephone-event that is not a DTMF key
-    "source",  # from an address that is no call's peer (stray or spoofed)
-    "ssrc",  # from a call's address with an SSRC that is not the call's (injected)
-    "rtcp",  # RTCP that does not parse (lengths past the end, not SR/RR first)
-    "srtp_auth",  # on an SRTP call: not authenticated by the call's key (forged, plain, cut)
-    "srtp_replay",  # on an SRTP call: a packet already received (replayed or duplicated)
-    "opus",  # on an Opus call: not a 20 ms Opus packet, or one libopus cannot decode
-)
 
 # µ-law (row 0) and A-law (row 1) code → float sample: decoding is one gather.
 _CODES = np.arange(256, dtype=np.uint8)
@@ -71,57 +64,46 @@ DECODE = np.stack([ulaw_decode(_CODES), alaw_decode(_CODES)]).astype(np.float32)
 
 
 class ReceivePath:
-    """Mixin of :class:`gateway.sip.bank.LegBank`: the receive half of every leg.
+    """Part of :class:`gateway.sip.bank.LegBank`: the receive half of every leg.
 
-    Its per-leg columns are :meth:`_rx_columns`. Of the rest of the bank it uses the
-    attributes declared below and, from the bank, ``_tick_time()`` (this tick's ideal
-    time), ``lookup(keys, ssrcs)`` ((address, SSRC) → row), ``lock(row, ssrc)``,
-    ``may_hand_over(row)``, ``_waiting_rows()`` (legs whose phone has not sent yet)
-    and ``_latch(row, key, ssrc)``; from the RTCP part, ``drain_rtcp()`` and
-    ``_rtcp()`` for reports multiplexed on the RTP port."""
+    Its columns are :meth:`columns`. Each tick it drains the shared socket
+    (``receiver``), finds each packet's row with the table's index, and hands the
+    batch's edges to the other parts: SRTP checked first (``srtp_edges``), header
+    extensions taken out (``extensions``), Opus legs timed and decoded apart
+    (``opus_edges``), RTCP on the RTP port and the RTCP port to ``rtcp``. ``late_by``:
+    how late the running tick is on the media clock's schedule."""
 
-    # The bank's rows and addresses, and the parts it composes (see gateway.sip.bank).
-    media: list[LegMedia | None]
-    active: np.ndarray
-    dest: np.ndarray
-    latched: np.ndarray
-    rx_ssrc: np.ndarray
-    rtp_at: np.ndarray
-    now: float
-    payload_type: np.ndarray
-    law: np.ndarray
-    frame: int
-    jitter: JitterBank
-    streams: StreamBank
-    receiver: BatchReceiver
-    up: BlockResampler | None
-    malformed: dict[str, int]  # dropped packets by kind (MALFORMED_KINDS)
-    srtp_legs: int  # legs with SRTP: their packets are checked first (bank_srtp)
-    opus_legs: int  # legs with Opus: decoded one by one at playout (bank_opus)
-    opus: np.ndarray  # column: the leg's codec is Opus
-    epoch_seconds: int
-    _epoch_ns: int
-    _k: int  # ticks since the bank started
-    # Columns of this path (filled by the bank from _rx_columns).
-    rx: np.ndarray
-    up_hist: np.ndarray
-    talking: np.ndarray
-    vox: np.ndarray
-    ptt: np.ndarray
-    peer_keyed: np.ndarray
-    muted: np.ndarray
-    vox_threshold: np.ndarray
-    vox_hang: np.ndarray
-    vox_hold: np.ndarray
-    level_db: np.ndarray
-    packets_in: np.ndarray
-    bytes_in: np.ndarray
-    ext_in: np.ndarray  # (bank_ext) the leg's owner reads header extensions
+    def __init__(
+        self,
+        table: LegTable,
+        jitter: JitterBank,
+        streams: StreamBank,
+        receiver: BatchReceiver,
+        up: BlockResampler | None,
+        srtp_edges: SrtpEdges,
+        extensions: ExtensionEdges,
+        opus_edges: OpusEdges,
+        rtcp: RtcpReports,
+        late_by: Callable[[], float],
+    ) -> None:
+        self.table = table
+        self.jitter = jitter
+        self.streams = streams
+        self.receiver = receiver
+        self.up = up
+        self.srtp_edges = srtp_edges
+        self.extensions = extensions
+        self.opus_edges = opus_edges
+        self.rtcp = rtcp
+        self.late_by = late_by
+        self.epoch_seconds = int(time.time())  # whole seconds: arrivals keep ns precision
+        self._epoch_ns = self.epoch_seconds * 1_000_000_000
 
-    def _rx_columns(self) -> tuple[Column, ...]:
-        hist_up = self.up.history_length if self.up else 0
+    @staticmethod
+    def columns(frame: int, up: BlockResampler | None) -> tuple[Column, ...]:
+        hist_up = up.history_length if up else 0
         return (
-            ("rx", (self.frame,), np.float32, 0.0),  # what each leg says, at the engine rate
+            ("rx", (frame,), np.float32, 0.0),  # what each leg says, at the engine rate
             ("up_hist", (hist_up,), np.float32, 0.0),  # resampler history
             ("talking", (), bool, False),
             ("vox", (), bool, True),  # VOX keying (False: DTMF PTT)
@@ -138,40 +120,41 @@ class ReceivePath:
 
     # --- the tick ---------------------------------------------------------------------
 
-    def _receive(self) -> None:
+    def receive(self) -> None:
         """Before the tick: every leg's frame into ``rx`` and its talking flag set."""
-        now = self._tick_time()
-        self._k += 1
-        self.now = time.time()
+        t = self.table
+        now = self.tick_time()
+        t.ticks += 1
+        t.now = time.time()
         self.drain()
-        self.drain_rtcp()
-        rows = self.active
+        self.rtcp.drain()
+        rows = t.active
         if rows.size == 0:
             return
         sel = dense(rows)
         wide = None
-        if self.opus_legs:  # Opus legs: the jitter bank times them, bank_opus decodes
-            wide = np.flatnonzero(self.opus[rows])
+        if t.opus_legs:  # Opus legs: the jitter bank times them, bank_opus decodes
+            wide = np.flatnonzero(t.opus[rows])
             concealed = self.jitter.concealed[rows[wide]]
-        pcm = self.jitter.playout(rows, now, self.talking[sel], DECODE, self.law)
+        pcm = self.jitter.playout(rows, now, t.talking[sel], DECODE, t.law)
         rms = np.sqrt(np.einsum("ij,ij->i", pcm, pcm) / pcm.shape[1])
         level = 20.0 * np.log10(np.maximum(rms, 1e-6))
         if wide is not None and wide.size:
-            frames, level[wide] = self._opus_playout(rows[wide], concealed, now)
-        self.level_db[sel] = level
-        voice = level > self.vox_threshold[sel]
-        hold = np.where(voice, self.vox_hang[sel] + 1, np.maximum(self.vox_hold[sel] - 1, 0))
-        self.vox_hold[sel] = hold
-        talking = np.where(self.vox[sel], hold > 0, self.ptt[sel]) | self.peer_keyed[sel]
-        talking &= ~self.muted[sel]
-        self.talking[sel] = talking
+            frames, level[wide] = self.opus_edges.playout(rows[wide], concealed, now)
+        t.level_db[sel] = level
+        voice = level > t.vox_threshold[sel]
+        hold = np.where(voice, t.vox_hang[sel] + 1, np.maximum(t.vox_hold[sel] - 1, 0))
+        t.vox_hold[sel] = hold
+        talking = np.where(t.vox[sel], hold > 0, t.ptt[sel]) | t.peer_keyed[sel]
+        talking &= ~t.muted[sel]
+        t.talking[sel] = talking
         if self.up is not None:
-            out, self.up_hist[sel] = self.up.process(pcm, self.up_hist[sel])
-            self.rx[sel] = out
+            out, t.up_hist[sel] = self.up.process(pcm, t.up_hist[sel])
+            t.rx[sel] = out
         else:
-            self.rx[sel] = pcm
+            t.rx[sel] = pcm
         if wide is not None and wide.size:
-            self.rx[rows[wide]] = frames
+            t.rx[rows[wide]] = frames
 
     def drain(self) -> None:
         """Read the queued datagrams on the shared socket (never waits).
@@ -179,36 +162,22 @@ class ReceivePath:
         At most a few ticks' worth for the calls up: a flood waits in (and overflows)
         the socket buffer instead of stretching this tick without end."""
         receiver = self.receiver
-        for _ in range(2 + 4 * len(self.active) // receiver.slots):
+        for _ in range(2 + 4 * len(self.table.active) // receiver.slots):
             n = receiver.receive()
             if n:
                 self._batch(n)
             if n < receiver.slots:
                 return
 
-    # --- dropped packets --------------------------------------------------------------
-
-    def _count(self, kind: str, rows: np.ndarray | None = None, amount: int = 1) -> None:
-        """``amount`` packets dropped as ``kind``; ``rows``: the legs they came from."""
-        self.malformed[kind] += amount
-        if rows is not None:
-            for row in rows.tolist():
-                media = self.media[row]
-                if media is not None:
-                    media.malformed += 1
-
-    def _drop(self, kind: str, row: int) -> None:
-        """One packet dropped as ``kind``, from leg ``row`` (or from nobody's address: -1)."""
-        self._count(kind, np.array([row]) if row >= 0 else None)
-
     # --- one batch, as columns --------------------------------------------------------
 
     def _batch(self, n: int) -> None:
         """Check, demultiplex and account ``n`` received datagrams, all as columns."""
+        t = self.table
         length, truncated, source, arrival_ns = self.receiver.columns(n)
         data = self.receiver.data[:n]
-        if self.srtp_legs:  # SRTP calls' packets checked and decrypted in place (bank_srtp)
-            keep = self._unprotect_batch(data, length, truncated, source)
+        if t.srtp_legs:  # SRTP calls' packets checked and decrypted in place (bank_srtp)
+            keep = self.srtp_edges.unprotect_batch(data, length, truncated, source)
             if keep is not None:  # the ones that failed are counted and gone
                 data, length, truncated = data[keep], length[keep], truncated[keep]
                 source, arrival_ns = source[keep], arrival_ns[keep]
@@ -225,13 +194,13 @@ class ReceivePath:
         rtcp = (b1 >= 192) & (b1 <= 223)  # RTCP on the RTP port: its sender SSRC is at 4
         h = np.where(rtcp[:, None], head[:, 4:8], head[:, 8:12]).astype(np.int64)
         ssrc = (h[:, 0] << 24) | (h[:, 1] << 16) | (h[:, 2] << 8) | h[:, 3]
-        rows, match = self.lookup(source, ssrc)  # which leg: by source address and SSRC
-        if self.ext_in[rows[rows >= 0]].any():  # header extensions (a link's talker): bank_ext
-            self._take_extensions(data, length, head, rows, match)
+        rows, match = t.lookup(source, ssrc)  # which leg: by source address and SSRC
+        if t.ext_in[rows[rows >= 0]].any():  # header extensions (a link's talker): bank_ext
+            self.extensions.take(data, length, head, rows, match)
         known = rows >= 0
         for kind, mask in (("huge", huge), ("truncated", short), ("version", wrong_version)):
             if mask.any():
-                self._count(kind, rows[mask & known], int(mask.sum()))
+                t.count(kind, rows[mask & known], int(mask.sum()))
         # The common packet: plain header, the agreed codec, from a known peer and SSRC.
         pt = (b1 & 0x7F).astype(np.int64)
         fast = (
@@ -240,27 +209,27 @@ class ReceivePath:
             & (b0 == 0x80)
             & (length > HEADER_SIZE)
             & (length <= HEADER_SIZE + MAX_PAYLOAD)
-            & (pt == self.payload_type[rows])
+            & (pt == t.payload_type[rows])
         )
         if fast.any():
             self._audio(np.flatnonzero(fast), rows, length, arrival, data, head)
         rest = good & ~fast
         stray = rest & (match == UNKNOWN)
         if stray.any():  # from nobody's address: only a host with a call waiting may latch
-            waiting_hosts = self.dest[self._waiting_rows()] >> 16
+            waiting_hosts = t.dest[t.waiting_rows()] >> 16
             hopeless = stray & ~np.isin(source >> 16, waiting_hosts) & ~rtcp
             if hopeless.any():
-                self._count("source", None, int(hopeless.sum()))
+                t.count("source", None, int(hopeless.sum()))
                 rest &= ~hopeless
         # A call's address with another SSRC: an injection unless the call may hand over.
         foreign = rest & (match == ADDRESS_ONLY) & ~rtcp
         if foreign.any():
             sole = rows[foreign]
             may = sole >= 0
-            may[may] = self.now - self.rtp_at[sole[may]] >= SSRC_HANDOVER
+            may[may] = t.now - t.rtp_at[sole[may]] >= SSRC_HANDOVER
             refused = np.flatnonzero(foreign)[~may]
             if refused.size:
-                self._count("ssrc", None, int(refused.size))
+                t.count("ssrc", None, int(refused.size))
                 rest[refused] = False
         for i in np.flatnonzero(rest).tolist():
             row = int(rows[i]) if match[i] != ADDRESS_ONLY else -1
@@ -276,11 +245,12 @@ class ReceivePath:
         head: np.ndarray,
     ) -> None:
         """Audio packets ``idx`` of a batch into their rows, in rounds of distinct rows."""
+        t = self.table
         rows = rows_of[idx]
-        self.latched[rows] = True  # from the SDP address: symmetric RTP already holds
-        self.rtp_at[rows] = self.now
-        np.add.at(self.packets_in, rows, 1)
-        np.add.at(self.bytes_in, rows, length[idx])
+        t.latched[rows] = True  # from the SDP address: symmetric RTP already holds
+        t.rtp_at[rows] = t.now
+        np.add.at(t.packets_in, rows, 1)
+        np.add.at(t.bytes_in, rows, length[idx])
         header = head[idx].astype(np.int64)
         seq = (header[:, 2] << 8) | header[:, 3]
         ts = (header[:, 4] << 24) | (header[:, 5] << 16) | (header[:, 6] << 8) | header[:, 7]
@@ -320,11 +290,12 @@ class ReceivePath:
         size: np.ndarray,
     ) -> None:
         """One packet for each of ``rows`` (distinct): receive stats, then the jitter bank."""
-        if self.opus_legs:  # Opus legs' packets go their own way (bank_opus)
-            wide = self.opus[rows]
+        t = self.table
+        if t.opus_legs:  # Opus legs' packets go their own way (bank_opus)
+            wide = t.opus[rows]
             if wide.any():
                 w = np.flatnonzero(wide)
-                self._opus_packets(
+                self.opus_edges.packets(
                     rows[w], ssrc[w], seq[w], ts[w], arrival[w], marker[w], data, idx[w], size[w]
                 )
                 g = np.flatnonzero(~wide)
@@ -352,40 +323,41 @@ class ReceivePath:
 
     def _packet(self, row: int, key: int, data: bytes, arrival: float) -> None:
         """A packet off the common path: checked in full by the one-packet parser."""
+        t = self.table
         if is_rtcp(data[1]):  # RTCP multiplexed on the RTP port (RFC 5761): by its sender SSRC
-            self._rtcp(data, key, row, self.epoch_seconds + arrival / CODEC_RATE)
+            self.rtcp.received(data, key, row, self.epoch_seconds + arrival / CODEC_RATE)
             return
         packet = parse_rtp(data)
         if packet is None:
-            self._drop("layout", row)
+            t.drop("layout", row)
             return
         if row < 0:
             row = self._claim(key, packet.ssrc)
             if row < 0:
                 return
-        media = self.media[row]
+        media = t.media[row]
         assert media is not None
-        locked = int(self.rx_ssrc[row])
+        locked = int(t.rx_ssrc[row])
         if not media.announced and locked != packet.ssrc:
             if locked == NO_SSRC:  # the call's first packet: its SSRC from now on
-                self.lock(row, packet.ssrc)
+                t.lock(row, packet.ssrc)
             else:  # a second SSRC in the same batch as the first: not this call's
-                self._drop("ssrc", -1)
+                t.drop("ssrc", -1)
                 return
         elif media.announced and packet.ssrc not in media.announced:
-            self._drop("ssrc", -1)
+            t.drop("ssrc", -1)
             return
-        self.rtp_at[row] = self.now
-        if self.ext_in[row]:
-            self._one_extension(row, data)
+        t.rtp_at[row] = t.now
+        if t.ext_in[row]:
+            self.extensions.one(row, data)
         pt = packet.payload_type
         if pt == media.payload_type:
             if len(packet.payload) > MAX_PAYLOAD:
-                self._drop("huge", row)
+                t.drop("huge", row)
                 return
-            if key != self.dest[row]:
-                self._latch(row, key)
-            self.latched[row] = True
+            if key != t.dest[row]:
+                self.latch(row, key)
+            t.latched[row] = True
             self._put(
                 np.array([row]),
                 np.array([packet.ssrc]),
@@ -400,14 +372,14 @@ class ReceivePath:
         elif pt == media.dtmf_type:
             event = parse_event(packet.payload)
             if event is None:
-                self._drop("event", row)
+                t.drop("event", row)
                 return
             self._dtmf(media, packet.timestamp, event.digit, event.end)
         elif pt != COMFORT_NOISE:
-            self._drop("payload_type", row)
+            t.drop("payload_type", row)
             return
-        self.packets_in[row] += 1
-        self.bytes_in[row] += len(data)
+        t.packets_in[row] += 1
+        t.bytes_in[row] += len(data)
 
     def _claim(self, key: int, ssrc: int) -> int:
         """The row of a packet that matched no (address, SSRC) key, or -1 (counted).
@@ -417,25 +389,51 @@ class ReceivePath:
         unlatched leg expecting its host, whose peer announced this SSRC or none — a
         phone behind NAT sends from another port than its SDP says.
         """
-        at = self.rows_at(key)
+        t = self.table
+        at = t.rows_at(key)
         if at:
-            if len(at) == 1 and self.may_hand_over(at[0]):
-                self.lock(at[0], ssrc)
+            if len(at) == 1 and t.may_hand_over(at[0]):
+                t.lock(at[0], ssrc)
                 return at[0]
-            self._drop("ssrc", -1)
+            t.drop("ssrc", -1)
             return -1
-        waiting = self._waiting_rows()
+        waiting = t.waiting_rows()
         rows = [
             row
-            for row in waiting[(self.dest[waiting] >> 16) == key >> 16].tolist()
-            if not self.media[row].announced or ssrc in self.media[row].announced
+            for row in waiting[(t.dest[waiting] >> 16) == key >> 16].tolist()
+            if not t.media[row].announced or ssrc in t.media[row].announced
         ]
         if len(rows) != 1:
-            self._drop("source", -1)
+            t.drop("source", -1)
             return -1
         row = rows[0]
-        self._latch(row, key, ssrc)
+        self.latch(row, key, ssrc)
         return row
+
+    def latch(self, row: int, key: int, ssrc: int = NO_SSRC) -> None:
+        """Symmetric RTP (RFC 4961): answer where the phone really sends from."""
+        table = self.table
+        media = table.media[row]
+        assert media is not None
+        table.dest[row] = key
+        if ssrc != NO_SSRC and not media.announced:
+            table.rx_ssrc[row] = ssrc
+        table.latched[row] = True
+        media.remote = key_address(key)
+        if media.rtcp.mux:
+            self.rtcp.set_remote(row, media.remote)
+        table.update()
+
+    def tick_time(self) -> float:
+        """This tick's ideal time (its deadline on the media clock), in codec samples
+        since the epoch.
+
+        The schedule, not the moment the loop woke up, keeps timer lateness out of the
+        playout point; and it is the clock's own schedule, never a guess ahead of it: a
+        playout point placed ahead of real time plays what has not arrived (every
+        packet late, the call silent) until something moves it back.
+        """
+        return (time.time() - self.late_by() - self.epoch_seconds) * CODEC_RATE
 
     @staticmethod
     def _dtmf(media: LegMedia, timestamp: int, digit: str, end: bool) -> None:

@@ -18,43 +18,40 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.sip.legmedia import LegMedia
+from gateway.sip.legtable import LegTable
 from gateway.sip.srtp import REPLAY_FAIL, REPLAY_OLD, TAG, protect_rows, unprotect_rows
 
 _RTCP_FIRST, _RTCP_LAST = 192, 223  # second octet of RTCP (RFC 5761 §4): in the clear in SRTCP
 
 
 class SrtpEdges:
-    """Mixin of :class:`gateway.sip.bank.LegBank`: protect and unprotect as batch edges.
+    """Part of :class:`gateway.sip.bank.LegBank`: protect and unprotect as batch edges.
 
-    Uses the bank's ``media``, ``dest``, the ``srtp`` column, ``lookup(keys, ssrcs)``,
-    ``_waiting_rows()`` and the receive path's ``_count()``."""
+    Reads the table's ``media``, ``dest``, ``srtp``/``srtp_rx``/``srtp_tx`` columns and
+    its index (``lookup``, ``waiting_rows``); counts what it drops there."""
 
-    media: list[LegMedia | None]
-    dest: np.ndarray
-    srtp: np.ndarray  # column: the leg's media is SRTP
-    srtp_rx: np.ndarray  # column: its libsrtp context for what the peer sends (objects)
-    srtp_tx: np.ndarray  # column: its libsrtp context for what we send
-    srtp_legs: int  # legs in use with SRTP (0: nothing here runs)
+    def __init__(self, table: LegTable) -> None:
+        self.table = table
 
-    def _unprotect_batch(
+    def unprotect_batch(
         self, data: np.ndarray, length: np.ndarray, truncated: np.ndarray, source: np.ndarray
     ) -> np.ndarray | None:
         """Check and decrypt the SRTP packets of a received batch in place (``length`` too).
 
         Returns the indexes of the packets to keep, or None when all are kept."""
+        t = self.table
         head = data[: len(source), :12].astype(np.int64)
         b1 = head[:, 1]
         at = np.where(((b1 >= _RTCP_FIRST) & (b1 <= _RTCP_LAST))[:, None], 4, 8)  # sender SSRC
         word = np.take_along_axis(head, at + np.arange(4), axis=1)
         ssrc = (word[:, 0] << 24) | (word[:, 1] << 16) | (word[:, 2] << 8) | word[:, 3]
-        rows, _ = self.lookup(source, ssrc)  # whose key: by address and SSRC, as for RTP
+        rows, _ = t.lookup(source, ssrc)  # whose key: by address and SSRC, as for RTP
         stray = rows < 0
         if stray.any():
             rows = rows.copy()
-            rows[stray] = self._srtp_candidates(source[stray], data[stray, 1])
+            rows[stray] = self._candidates(source[stray], data[stray, 1])
         secure = rows >= 0
-        secure[secure] = self.srtp[rows[secure]]
+        secure[secure] = t.srtp[rows[secure]]
         secure &= ~truncated & (length <= data.shape[1])  # the too-big are dropped after
         if not secure.any():
             return None
@@ -62,27 +59,28 @@ class SrtpEdges:
         owners = rows[idx]
         b1 = data[idx, 1]
         rtcp = (b1 >= _RTCP_FIRST) & (b1 <= _RTCP_LAST)  # multiplexed on the RTP port
-        status = unprotect_rows(data, idx, self.srtp_rx[owners].tolist(), length, rtcp)
+        status = unprotect_rows(data, idx, t.srtp_rx[owners].tolist(), length, rtcp)
         bad = status != 0
         if not bad.any():
             return None
         replay = (status == REPLAY_FAIL) | (status == REPLAY_OLD)
         for kind, mask in (("srtp_replay", bad & replay), ("srtp_auth", bad & ~replay)):
             if mask.any():
-                self._count(kind, owners[mask], int(mask.sum()))
+                t.count(kind, owners[mask], int(mask.sum()))
         keep = np.ones(len(length), bool)
         keep[idx[bad]] = False
         return np.flatnonzero(keep)
 
-    def _srtp_candidates(self, source: np.ndarray, b1: np.ndarray) -> np.ndarray:
+    def _candidates(self, source: np.ndarray, b1: np.ndarray) -> np.ndarray:
         """For packets from nobody's address: the waiting SRTP leg each may belong to (-1:
         none) — the only waiting leg on the sender's host, as the NAT latch will pick."""
-        waiting = self._waiting_rows()
+        t = self.table
+        waiting = t.waiting_rows()
         found = np.full(len(source), -1, np.int64)
         if waiting.size == 0:
             return found
         hosts, first, counts = np.unique(
-            self.dest[waiting] >> 16, return_index=True, return_counts=True
+            t.dest[waiting] >> 16, return_index=True, return_counts=True
         )
         alone = counts == 1
         hosts, owner = hosts[alone], waiting[first[alone]]
@@ -91,10 +89,10 @@ class SrtpEdges:
         at = np.minimum(np.searchsorted(hosts, source >> 16), hosts.size - 1)
         match = (hosts[at] == source >> 16) & ((b1 < _RTCP_FIRST) | (b1 > _RTCP_LAST))
         found[match] = owner[at[match]]
-        found[found >= 0] = np.where(self.srtp[found[found >= 0]], found[found >= 0], -1)
+        found[found >= 0] = np.where(t.srtp[found[found >= 0]], found[found >= 0], -1)
         return found
 
-    def _protect_batch(
+    def protect_batch(
         self, packets: np.ndarray, rows: np.ndarray, going: np.ndarray, size: int | np.ndarray
     ) -> np.ndarray:
         """Protect in place the packets of ``rows`` (``going`` out) that are SRTP legs'.
@@ -102,18 +100,19 @@ class SrtpEdges:
         ``size``: the plain packets' length (one for all, or per row); ``packets`` has
         ``TAG`` spare bytes after it. Returns every row's length on the wire (0: libsrtp
         refused it, e.g. a key at the end of its life: not sent)."""
+        t = self.table
         lengths = np.zeros(len(rows), np.int64)
         lengths[:] = size
-        which = np.flatnonzero(going & self.srtp[rows])
+        which = np.flatnonzero(going & t.srtp[rows])
         if which.size:
             assert packets.shape[1] >= int(lengths.max()) + TAG
-            contexts = self.srtp_tx[rows[which]].tolist()
+            contexts = t.srtp_tx[rows[which]].tolist()
             lengths[which] = protect_rows(packets, which, contexts, lengths[which])
         return lengths
 
-    def _protect_one(self, row: int, packet: bytes, rtcp: bool = False) -> bytes | None:
+    def protect_one(self, row: int, packet: bytes, rtcp: bool = False) -> bytes | None:
         """A packet sent off the batch (DTMF event, RTCP report), protected if the leg is SRTP."""
-        media = self.media[row]
+        media = self.table.media[row]
         if media is None or media.srtp is None:
             return packet
         return media.srtp.protect(packet, rtcp)

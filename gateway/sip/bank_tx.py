@@ -25,13 +25,17 @@ import socket
 import numpy as np
 
 from gateway.codecs.g711 import alaw_encode, ulaw_encode
-from gateway.sip.bank_rx import CODEC_RATE, HEADER_SIZE, NO_PEER
+from gateway.sip.bank_ext import ExtensionEdges
+from gateway.sip.bank_opus import OpusEdges
+from gateway.sip.bank_rtcp import RtcpReports
+from gateway.sip.bank_srtp import SrtpEdges
 from gateway.sip.columns import Column
 from gateway.sip.jitter import dense
 from gateway.sip.legmedia import LegMedia
+from gateway.sip.legtable import CODEC_RATE, HEADER_SIZE, NO_PEER, LegTable
 from gateway.sip.mmsg import BatchSender
 from gateway.sip.resample import BlockResampler
-from gateway.sip.rtp import build_event, build_header
+from gateway.sip.rtp import build_event, build_header, write_headers
 from gateway.sip.srtp import TAG as SRTP_TAG
 
 DTMF_SEND_SECONDS = 0.1
@@ -43,44 +47,41 @@ ENCODE = np.stack([ulaw_encode(_PCM), alaw_encode(_PCM)])
 
 
 class SendPath:
-    """Mixin of :class:`gateway.sip.bank.LegBank`: the send half of every leg.
+    """Part of :class:`gateway.sip.bank.LegBank`: the send half of every leg.
 
-    Its per-leg columns are :meth:`_tx_columns`. Of the rest of the bank it uses the
-    attributes declared below and, from the RTCP part, ``_send_reports()``."""
+    Its columns are :meth:`columns`; at the batch's edges it hands the Opus legs to
+    ``opus_edges``, puts in header extensions (``extensions``), protects SRTP legs'
+    packets (``srtp_edges``), and after the RTP lets ``rtcp`` send the reports due."""
 
-    # The bank's rows and addresses, and the parts it composes (see gateway.sip.bank).
-    media: list[LegMedia | None]
-    active: np.ndarray
-    dest: np.ndarray
-    sending: np.ndarray
-    payload_type: np.ndarray
-    law: np.ndarray
-    frame: int
-    codec_frame: int
-    sock: socket.socket
-    sender: BatchSender
-    down: BlockResampler | None
-    srtp_legs: int  # legs with SRTP: their packets are protected before the send (bank_srtp)
-    opus_legs: int  # legs with Opus: encoded and sent apart (bank_opus)
-    opus: np.ndarray  # column: the leg's codec is Opus
-    # Columns of this path (filled by the bank from _tx_columns).
-    tx_ext: np.ndarray
-    tx: np.ndarray  # view: the frame part of tx_ext
-    tx_has: np.ndarray
-    muted: np.ndarray  # PIN not yet entered (a receive-path column): send silence
-    busy: np.ndarray
-    tx_seq: np.ndarray
-    tx_ts: np.ndarray
-    tx_ssrc: np.ndarray
-    tx_first: np.ndarray
-    packets_out: np.ndarray
-    bytes_out: np.ndarray
-    payload_out: np.ndarray
+    def __init__(
+        self,
+        table: LegTable,
+        sock: socket.socket,
+        sender: BatchSender,
+        down: BlockResampler | None,
+        srtp_edges: SrtpEdges,
+        extensions: ExtensionEdges,
+        opus_edges: OpusEdges,
+        rtcp: RtcpReports,
+        codec_frame: int,
+    ) -> None:
+        self.table = table
+        self.sock = sock
+        self.sender = sender
+        self.down = down
+        self.srtp_edges = srtp_edges
+        self.extensions = extensions
+        self.opus_edges = opus_edges
+        self.rtcp = rtcp
+        self.codec_frame = codec_frame
+        self.view()
 
-    def _tx_columns(self) -> tuple[Column, ...]:
+    @staticmethod
+    def columns(frame: int, down: BlockResampler | None) -> tuple[Column, ...]:
+        history = down.history_length if down else 0
         return (
             # What each leg hears, just after its resampling history (one buffer: no copy).
-            ("tx_ext", (self._tx_history() + self.frame,), np.float32, 0.0),
+            ("tx_ext", (history + frame,), np.float32, 0.0),
             ("tx_has", (), bool, False),  # the engine left a frame this tick
             ("busy", (), bool, False),  # sending RFC 4733 events instead of audio
             # RTP header fields and counters, updated in batches.
@@ -93,72 +94,82 @@ class SendPath:
             ("payload_out", (), np.int64, 0),  # octets of payload (RTCP SR)
         )
 
-    def _tx_history(self) -> int:
-        return self.down.history_length if self.down else 0
+    def view(self) -> None:
+        """The table's ``tx``: the frame part of ``tx_ext`` (again after the table grows)."""
+        t = self.table
+        history = self.down.history_length if self.down else 0
+        t.tx = t.tx_ext[:, history:]
 
-    def _tx_view(self) -> None:
-        """``tx``: the frame part of ``tx_ext`` (again after the columns grow)."""
-        self.tx = self.tx_ext[:, self._tx_history() :]
-
-    def _tx_start(self, row: int) -> None:
+    def start(self, row: int) -> None:
         """A new leg's stream: random sequence number, timestamp and SSRC (RFC 3550 §5.1)."""
-        self.tx_seq[row] = random.getrandbits(16)
-        self.tx_ts[row] = random.getrandbits(32)
-        self.tx_ssrc[row] = random.getrandbits(32)
+        t = self.table
+        t.tx_seq[row] = random.getrandbits(16)
+        t.tx_ts[row] = random.getrandbits(32)
+        t.tx_ssrc[row] = random.getrandbits(32)
 
     # --- the tick ---------------------------------------------------------------------
 
-    def _send(self) -> None:
+    def send(self) -> None:
         """After the tick: encode every leg's frame; headers as columns; one ``sendmmsg``."""
-        rows = self.active
+        t = self.table
+        rows = t.active
         if rows.size == 0:
             return
-        if self.opus_legs:  # Opus legs: encoded one by one, sent in their own batch
-            wide = self.opus[rows]
+        if t.opus_legs:  # Opus legs: encoded one by one, sent in their own batch
+            wide = t.opus[rows]
             if wide.any():
-                self._send_opus(rows[wide])
+                self.opus_edges.send(rows[wide])
                 rows = rows[~wide]
                 if rows.size == 0:
-                    self._send_reports()
+                    self.rtcp.send_reports()
                     return
         sel = dense(rows)
-        has = self.tx_has[sel] & ~self.muted[sel]  # a PIN not yet entered hears nothing
+        has = t.tx_has[sel] & ~t.muted[sel]  # a PIN not yet entered hears nothing
         if not has.all():  # no audio for these: silence (and silence in their history)
-            self.tx[rows[~has]] = 0.0
-        self.tx_has[sel] = False
+            t.tx[rows[~has]] = 0.0
+        t.tx_has[sel] = False
         if self.down is not None:
-            ext = self.tx_ext[sel]  # a view when the rows are dense
+            ext = t.tx_ext[sel]  # a view when the rows are dense
             frames = self.down.process_ext(ext)
             h = self.down.history_length
             if isinstance(sel, slice):
-                self.tx_ext[sel, :h] = self.tx_ext[sel, -h:]
+                t.tx_ext[sel, :h] = t.tx_ext[sel, -h:]
             else:
-                self.tx_ext[rows, :h] = ext[:, -h:]
+                t.tx_ext[rows, :h] = ext[:, -h:]
         else:
-            frames = self.tx[sel]
+            frames = t.tx[sel]
         # To 16-bit (truncating: G.711's coarsest step hides the half-LSB) in place.
         scaled = np.multiply(frames, np.float32(32768.0), dtype=np.float32)
         pcm = np.clip(scaled, -32768, 32767, out=scaled).astype(np.int16)
         n = self.codec_frame
         count = len(rows)
         size = HEADER_SIZE + n
-        packets = np.empty((count, size + (SRTP_TAG if self.srtp_legs else 0)), np.uint8)
-        laws = self.law[sel]
+        packets = np.empty((count, size + (SRTP_TAG if t.srtp_legs else 0)), np.uint8)
+        laws = t.law[sel]
         if (laws == laws[0]).all():
             packets[:, HEADER_SIZE:size] = ENCODE[laws[0]].take(pcm.view(np.uint16))
         else:
             packets[:, HEADER_SIZE:size] = ENCODE.reshape(-1).take(
                 pcm.view(np.uint16).astype(np.int64) + (laws * 65536)[:, None]
             )
-        self._headers(packets, sel)
-        packets, sizes = self._attach_extensions(packets, sel, size)  # a link's talker
-        dest = self.dest[sel]
-        sending = self.sending[sel]
-        busy = self.busy[sel] & sending
+        write_headers(
+            packets,
+            t.payload_type[sel],
+            t.tx_first[sel],
+            t.tx_seq[sel],
+            t.tx_ts[sel],
+            t.tx_ssrc[sel],
+        )
+        packets, sizes = self.extensions.attach(packets, sel, size)  # a link's talker
+        dest = t.dest[sel]
+        sending = t.sending[sel]
+        busy = t.busy[sel] & sending
         audio = (dest != NO_PEER) & ~busy & sending
         lengths = sizes
-        if self.srtp_legs:  # SRTP calls' packets protected in place (bank_srtp)
-            lengths = self._protect_batch(packets, rows, audio, size if sizes is None else sizes)
+        if t.srtp_legs:  # SRTP calls' packets protected in place (bank_srtp)
+            lengths = self.srtp_edges.protect_batch(
+                packets, rows, audio, size if sizes is None else sizes
+            )
             audio &= lengths > 0
         if audio.all():
             ok = self.sender.send(packets, dest, lengths)
@@ -173,61 +184,54 @@ class SendPath:
             done, tried = rows[pick[ok]], rows[pick]
         if not ok.all():
             for row in rows[audio][~ok].tolist():
-                media = self.media[row]
+                media = t.media[row]
                 if media is not None:
                     media.send_errors += 1
         for row in rows[busy].tolist():
-            media = self.media[row]
+            media = t.media[row]
             if media is not None and media.remote is not None:
                 self._send_dtmf(row, media)
         # A packet the socket refused is lost on the way: its number is used (and SRTP
         # must never protect two packets under one number).
-        self.tx_seq[tried] = (self.tx_seq[tried] + 1) & 0xFFFF
-        self.tx_first[done] = False
-        self.packets_out[done] += 1
-        self.bytes_out[done] += size
-        self.payload_out[done] += n
-        self.tx_ts[rows] = (self.tx_ts[rows] + n) & 0xFFFFFFFF
-        self._send_reports()
-
-    def _headers(self, packets: np.ndarray, sel: slice | np.ndarray) -> None:
-        """The RTP headers of one packet per row of ``sel``, written as columns."""
-        count = len(packets)
-        packets[:, 0] = 0x80
-        packets[:, 1] = self.payload_type[sel] | (self.tx_first[sel].astype(np.uint8) << 7)
-        packets[:, 2:4] = self.tx_seq[sel].astype(">u2").view(np.uint8).reshape(count, 2)
-        packets[:, 4:8] = self.tx_ts[sel].astype(">u4").view(np.uint8).reshape(count, 4)
-        packets[:, 8:12] = self.tx_ssrc[sel].astype(">u4").view(np.uint8).reshape(count, 4)
+        t.tx_seq[tried] = (t.tx_seq[tried] + 1) & 0xFFFF
+        t.tx_first[done] = False
+        t.packets_out[done] += 1
+        t.bytes_out[done] += size
+        t.payload_out[done] += n
+        t.tx_ts[rows] = (t.tx_ts[rows] + n) & 0xFFFFFFFF
+        self.rtcp.send_reports()
 
     # --- DTMF toward the phone (RFC 4733) ---------------------------------------------
 
     def queue_dtmf(self, row: int, digits: str) -> None:
         """RFC 4733 digits toward the phone; sent instead of audio on the next ticks."""
-        media = self.media[row]
+        t = self.table
+        media = t.media[row]
         if media is None:
             return
         media.dtmf_out.extend(d for d in digits if d in DTMF_DIGITS)
-        self.busy[row] = bool(media.dtmf_out or media.dtmf_sending)
+        t.busy[row] = bool(media.dtmf_out or media.dtmf_sending)
 
     def _send_dtmf(self, row: int, media: LegMedia) -> None:
         """RFC 4733 send: one event per digit, 100 ms, then three end packets."""
+        t = self.table
         if media.dtmf_type is None or media.remote is None:
             media.dtmf_out.clear()
             media.dtmf_sending = None
-            self.busy[row] = False
+            t.busy[row] = False
             return
         if media.dtmf_sending is None:
-            media.dtmf_sending = (media.dtmf_out.pop(0), int(self.tx_ts[row]), 0)
+            media.dtmf_sending = (media.dtmf_out.pop(0), int(t.tx_ts[row]), 0)
         digit, start, sent = media.dtmf_sending
         sent += self.codec_frame
         end = sent >= DTMF_SEND_SECONDS * CODEC_RATE
         for _ in range(3 if end else 1):
-            seq = int(self.tx_seq[row])
+            seq = int(t.tx_seq[row])
             header = build_header(
-                media.dtmf_type, sent == self.codec_frame, seq, start, int(self.tx_ssrc[row])
+                media.dtmf_type, sent == self.codec_frame, seq, start, int(t.tx_ssrc[row])
             )
-            packet = self._protect_one(row, header + build_event(digit, end, sent))
-            self.tx_seq[row] = (seq + 1) & 0xFFFF  # used even if lost (see _send)
+            packet = self.srtp_edges.protect_one(row, header + build_event(digit, end, sent))
+            t.tx_seq[row] = (seq + 1) & 0xFFFF  # used even if lost (see _send)
             try:
                 if packet is None:
                     raise OSError("SRTP refused the packet")
@@ -235,8 +239,8 @@ class SendPath:
             except OSError:
                 media.send_errors += 1
                 continue
-            self.packets_out[row] += 1
-            self.bytes_out[row] += len(packet)
-            self.payload_out[row] += len(packet) - HEADER_SIZE
+            t.packets_out[row] += 1
+            t.bytes_out[row] += len(packet)
+            t.payload_out[row] += len(packet) - HEADER_SIZE
         media.dtmf_sending = None if end else (digit, start, sent)
-        self.busy[row] = bool(media.dtmf_out or media.dtmf_sending)
+        t.busy[row] = bool(media.dtmf_out or media.dtmf_sending)

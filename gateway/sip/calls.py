@@ -288,7 +288,7 @@ class CallManager:
         others = [r for r in self.bank.rows_using(where) if r != row]
         ours = set(offer.ssrcs)
         for other in others:
-            media = self.bank.media[other]
+            media = self.bank.table.media[other]
             theirs = set(media.announced) if media is not None else set()
             if not ours or not theirs or ours & theirs:
                 return (
@@ -496,8 +496,8 @@ class CallManager:
             session_id=dialog.session,
             version=dialog.version,
             rtcp_mux=mux,
-            ssrc=int(self.bank.tx_ssrc[dialog.leg.row]),
-            cname=self.bank.cname,
+            ssrc=int(self.bank.table.tx_ssrc[dialog.leg.row]),
+            cname=self.bank.rtcp.cname,
             profile=dialog.profile,
             crypto=dialog.crypto,
             direction=dialog.direction,
@@ -572,7 +572,7 @@ class CallManager:
             mux = offer.rtcp_mux if dialog.incoming else False
             self.bank.move(
                 leg.row,
-                self.bank.media[leg.row],
+                self.bank.table.media[leg.row],
                 (offer.address, offer.port),
                 RtcpState((offer.address, rtcp_port), mux=mux),
                 payload_type(offer, codec),
@@ -633,25 +633,25 @@ class CallManager:
         media.dtmf_type = dtmf_in if dtmf_in is not None else dtmf_out
         row = self.bank.add(media)
         bank = self.bank
-        bank.vox[row] = route.ptt == "vox"
-        bank.vox_threshold[row] = route.vox_threshold_dbfs
-        bank.vox_hang[row] = round(route.vox_hang / self.timing.frame)
-        bank.muted[row] = on_pin is not None
+        bank.table.vox[row] = route.ptt == "vox"
+        bank.table.vox_threshold[row] = route.vox_threshold_dbfs
+        bank.table.vox_hang[row] = round(route.vox_hang / self.timing.frame)
+        bank.table.muted[row] = on_pin is not None
         talk_key = getattr(route, "dtmf_talk", "*")
         release_key = getattr(route, "dtmf_release", "#")
 
         def on_dtmf(digit: str, pressed: bool) -> None:
             if not pressed:
                 return
-            if bank.muted[row]:
+            if bank.table.muted[row]:
                 if on_pin is not None:
                     on_pin(digit)
                 return
             if route.ptt == "dtmf":
                 if digit == talk_key:
-                    bank.ptt[row] = True
+                    bank.table.ptt[row] = True
                 elif digit == release_key:
-                    bank.ptt[row] = False
+                    bank.table.ptt[row] = False
 
         media.on_dtmf = on_dtmf
         leg = make_port(
@@ -816,7 +816,7 @@ class CallManager:
             direction=direction,
             session_id=session,
             ssrc=ssrc,
-            cname=self.bank.cname,
+            cname=self.bank.rtcp.cname,
             extmap=extmap,
         )
         call_id = new_call_id(self.address)

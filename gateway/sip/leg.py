@@ -60,18 +60,18 @@ class SipLeg(Port):
 
     def read(self) -> Frame | None:  # one port at a time (an engine without port banks)
         row = self.row
-        talking = bool(self.bank.talking[row])
+        talking = bool(self.bank.table.talking[row])
         self.talking = talking
-        return self.bank.rx[row] if talking else None
+        return self.bank.table.rx[row] if talking else None
 
     def write(self, frame: Frame | None) -> None:
         if frame is not None:
-            self.bank.tx[self.row] = frame
-            self.bank.tx_has[self.row] = True
+            self.bank.table.tx[self.row] = frame
+            self.bank.table.tx_has[self.row] = True
 
     def send_dtmf(self, digits: str) -> None:
         """Queue RFC 4733 digits toward the phone (sent on the next ticks)."""
-        self.bank.queue_dtmf(self.row, digits)
+        self.bank.send_path.queue_dtmf(self.row, digits)
 
     def stats(self) -> dict[str, float]:
         return self.bank.stats(self.row)

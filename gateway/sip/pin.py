@@ -88,7 +88,7 @@ def gate_call(calls: CallManager, dialog: Dialog, route_name: str, route: RouteC
 
     def accepted() -> None:
         if dialog.leg is not None:
-            calls.bank.muted[dialog.leg.row] = False
+            calls.bank.table.muted[dialog.leg.row] = False
             log.info("call %s: PIN accepted", port())
             calls.audit("sip_pin_accepted", port=port(), route=route_name)
 

@@ -228,7 +228,7 @@ class SipService:
         if sip == old or self.calls is None or self.bank is None:
             return
         self.config = self.calls.config = sip
-        self.bank.rtcp_ticks = max(1, round(sip.rtcp_interval / self.bank.frame_seconds))
+        self.bank.rtcp.rtcp_ticks = max(1, round(sip.rtcp_interval / self.bank.frame_seconds))
         self.transport.streams.limits = _limits(sip)  # read per connection and per check
         for registration in self.registrations.values():
             registration.timeout = sip.transaction_timeout
@@ -304,7 +304,7 @@ class SipService:
             ),
             "sip_calls_refused": {str(c): n for c, n in calls.rejected.items()} if calls else {},
             "sip_sources_backed_off": calls.admission.backed_off() if calls else 0,
-            "sip_calls_srtp": self.bank.srtp_legs if self.bank else 0,
+            "sip_calls_srtp": self.bank.table.srtp_legs if self.bank else 0,
             "sip_messages_malformed": self.transport.stats.malformed,
             "sip_connections": len(self.transport.streams.connections),
             "sip_connections_refused": self.transport.streams.stats.connections_refused,
@@ -317,7 +317,7 @@ class SipService:
             "sip_calls_timed_out": dict(calls.timed_out) if calls else {},
             "sip_messages_failed": self.transport.stats.errors,
             # RTP/RTCP dropped, by kind (truncated, huge, version, layout, payload_type, ...)
-            "sip_rtp_malformed": dict(self.bank.malformed) if self.bank else {},
+            "sip_rtp_malformed": dict(self.bank.table.malformed) if self.bank else {},
             "sip_routes": self.route_stats(),
         }
 

@@ -52,7 +52,7 @@ def sites(tmp: Path, tone: float, ca_codecs: str = "") -> tuple[Path, Path]:
 
 def codec(gateway) -> int:  # noqa: ANN001
     leg = link_leg(gateway)
-    return int(leg.bank.payload_type[leg.row])
+    return int(leg.bank.table.payload_type[leg.row])
 
 
 def test_borderlinks_agree_opus_and_a_wideband_tone_crosses(tmp_path: Path) -> None:
@@ -147,25 +147,25 @@ def test_a_garbage_opus_payload_is_counted_not_fatal(tmp_path: Path) -> None:
             # CA's own leg sends them, authenticated with its SRTP key: only the payload lies.
             sender = link_leg(ca)
             bank, row = sender.bank, sender.row
-            media = bank.media[row]
+            media = bank.table.media[row]
             for payload in garbage:
-                header = bytes([0x80, int(bank.payload_type[row])]) + int(
-                    bank.tx_seq[row]
+                header = bytes([0x80, int(bank.table.payload_type[row])]) + int(
+                    bank.table.tx_seq[row]
                 ).to_bytes(2, "big")
-                header += int(bank.tx_ts[row]).to_bytes(4, "big")
-                header += int(bank.tx_ssrc[row]).to_bytes(4, "big")
+                header += int(bank.table.tx_ts[row]).to_bytes(4, "big")
+                header += int(bank.table.tx_ssrc[row]).to_bytes(4, "big")
                 packet = media.srtp.protect(header + payload)
                 assert packet is not None and len(packet) == 12 + len(payload) + TAG
                 bank.sock.sendto(packet, media.remote)
-                bank.tx_seq[row] = (bank.tx_seq[row] + 1) & 0xFFFF
-                bank.tx_ts[row] = (bank.tx_ts[row] + 960) & 0xFFFFFFFF
+                bank.table.tx_seq[row] = (bank.table.tx_seq[row] + 1) & 0xFFFF
+                bank.table.tx_ts[row] = (bank.table.tx_ts[row] + 960) & 0xFFFFFFFF
             receiver = link_leg(us)
             await until(
                 lambda: receiver.stats()["packets_malformed"] >= len(garbage),
                 10,
                 "each garbage payload counted",
             )
-            assert us.sip.bank.malformed["opus"] >= 2
+            assert us.sip.bank.table.malformed["opus"] >= 2
             await asyncio.sleep(1.0)
             assert link_leg(us) is receiver, "the dialog goes on"
             heard = ear.recent(0.5)

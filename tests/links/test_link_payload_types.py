@@ -89,7 +89,10 @@ def test_opus_at_the_peers_payload_type_crosses_both_ways(tmp_path: Path) -> Non
                 assert f"a=rtpmap:{OPUS_TYPE} opus/48000/2" in answer
                 await until(lambda: share_state(gateway, "ca", "ship") == "up", 5, "link up")
                 leg = link_leg(gateway)
-                assert leg.bank.opus[leg.row] and leg.bank.payload_type[leg.row] == OPUS_TYPE
+                assert (
+                    leg.bank.table.opus[leg.row]
+                    and leg.bank.table.payload_type[leg.row] == OPUS_TYPE
+                )
                 radio(gateway, "harbor").speaking = True
                 since = asyncio.get_running_loop().time()
                 peer.start_media()
@@ -120,8 +123,8 @@ def test_a_reinvite_on_a_link_keeps_the_links_codec(tmp_path: Path) -> None:
                 assert status == 200, "a link's re-INVITE is answered from the link's codecs"
                 assert numbers(again) == [str(OPUS_TYPE)]
                 assert f"a=rtpmap:{OPUS_TYPE} opus/48000/2" in again
-                assert link_leg(gateway) is leg and leg.bank.opus[leg.row]
-                assert leg.bank.payload_type[leg.row] == OPUS_TYPE
+                assert link_leg(gateway) is leg and leg.bank.table.opus[leg.row]
+                assert leg.bank.table.payload_type[leg.row] == OPUS_TYPE
                 await both_ways(gateway, peer, asyncio.get_running_loop().time())
                 assert share_state(gateway, "ca", "ship") == "up"
             finally:

@@ -327,10 +327,10 @@ def test_a_peers_extension_we_will_not_believe_is_dropped_and_counted(tmp_path: 
             radio(ca, "marine").speaking = True
             for reason, block in BAD_BLOCKS.items():
                 assert len(block) % 4 == 0, reason
-                hostile.onair.say = lambda talker, b=block: hostile.bank.set_extension(
+                hostile.onair.say = lambda talker, b=block: hostile.bank.extensions.set_extension(
                     hostile.row, b
                 )  # every packet from now on carries it
-                hostile.bank.set_extension(hostile.row, block)
+                hostile.bank.extensions.set_extension(hostile.row, block)
                 await until(
                     lambda r=reason: us.links.trunks["ca"].talker_rejected[r] > 10,
                     5,

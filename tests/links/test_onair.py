@@ -95,9 +95,11 @@ def ticks(bank: LegBank, peer: Peer, count: int, block: bytes | None, heard: lis
         peer.send(to, block)
         time.sleep(0.002)  # on the wire before the bank drains (loopback: microseconds)
         bank.receive()
-        heard.append(bank.rx[0].copy() if bank.talking[0] else np.zeros(bank.frame, np.float32))
-        bank.tx[0] = 0.0
-        bank.tx_has[0] = True
+        heard.append(
+            bank.table.rx[0].copy() if bank.table.talking[0] else np.zeros(bank.frame, np.float32)
+        )
+        bank.table.tx[0] = 0.0
+        bank.table.tx_has[0] = True
         bank.send()
         peer.drain()
         time.sleep(max(0.0, start + (k + 1) * 0.02 - time.monotonic()))
@@ -126,16 +128,16 @@ def test_blocks_in_are_read_or_counted_and_the_audio_passes(srtp: bool) -> None:
     try:
         good = encode(Talker(keyed=True, talker_id=4, keyed_at=77, priority=3))
         ticks(bank, peer, 5, good, heard)
-        assert onair.label == "" and bank.peer_keyed[row]  # keyed; not named yet
+        assert onair.label == "" and bank.table.peer_keyed[row]  # keyed; not named yet
         onair.named(Named(4, 78, "CBSA · Patrol 3"))  # another over's (key-up differs)
         onair.named(Named(4, 77, LABEL))  # the peer names its over in the dialog
         ticks(bank, peer, 20, good, heard)
-        assert onair.label == LABEL and bank.peer_keyed[row] and bank.talking[row]
+        assert onair.label == LABEL and bank.table.peer_keyed[row] and bank.table.talking[row]
         assert onair.report("us", 1000) == Candidate("us", 4, 77, 3)
         said = np.concatenate(heard[-15:])
         # (concealment may bend a late tick on a loaded machine: the band, not the bin)
         assert abs(dominant_hz(said, 16000) - 600) < 25 and band_db(said, 16000, 600) > -17
-        assert sum(bank.malformed.values()) == 0 and bank.packets_in[row] >= 24
+        assert sum(bank.table.malformed.values()) == 0 and bank.table.packets_in[row] >= 24
         for reason, block in BAD.items():
             ticks(bank, peer, 5, block, heard)
             assert rejected[reason] >= 4, (reason, rejected)  # (the 5th may be on the wire)
@@ -147,12 +149,12 @@ def test_blocks_in_are_read_or_counted_and_the_audio_passes(srtp: bool) -> None:
         assert rejected["element"] >= before + 4 and onair.heard.talker_id == 4
         if not srtp:  # (SRTP will not protect such a packet: libsrtp parses the header)
             # A block whose length runs past the packet: the packet is malformed, dropped.
-            before = bank.packets_in[row]
+            before = bank.table.packets_in[row]
             ticks(bank, peer, 5, struct.pack("!HH", 0x1000, 60) + bytes(8), heard)
-            assert bank.malformed["layout"] >= 4 and bank.packets_in[row] <= before + 1
+            assert bank.table.malformed["layout"] >= 4 and bank.table.packets_in[row] <= before + 1
         # The over ends: the peer unkeys, and the over is audited with its label.
         ticks(bank, peer, 5, encode(Talker(keyed=False, talker_id=4, keyed_at=77)), heard)
-        assert not bank.peer_keyed[row] and onair.label == LABEL
+        assert not bank.table.peer_keyed[row] and onair.label == LABEL
         ((event, fields),) = audit
         assert event == "link_talker" and fields["label"] == LABEL and fields["talker_id"] == 4
         assert fields["priority"] == 3 and fields["link"] == "us" and fields["seconds"] > 0.5
@@ -188,8 +190,8 @@ def test_our_words_go_out_in_every_packet_and_the_label_once_beside(srtp: bool) 
         for k in range(10):
             onair.announce(1000 + 20 * k, me, LABEL, squelch=True)
             t = (k * 320 + np.arange(320)) / 16000
-            bank.tx[[row, other]] = (0.3 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
-            bank.tx_has[[row, other]] = True
+            bank.table.tx[[row, other]] = (0.3 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+            bank.table.tx_has[[row, other]] = True
             bank.send()
             time.sleep(max(0.0, start + (k + 1) * 0.02 - time.monotonic()))
 
@@ -273,18 +275,18 @@ def test_a_peer_that_stalls_keeps_a_shared_floor_for_a_moment() -> None:
     over = encode(Talker(keyed=True, talker_id=4, keyed_at=77, emergency=True))
     try:
         ticks(bank, peer, 10, over, heard)
-        last = float(bank.rtp_at[row])
+        last = float(bank.table.rtp_at[row])
         now_ms = int(last * 1000)
         first = onair.report("us", now_ms)
         assert first is not None and (first.talker, first.emergency) == (4, True)
         onair.check_stale(last + STALE + 0.05)  # silent past STALE
-        assert not bank.peer_keyed[row] and not onair.heard.keyed
+        assert not bank.table.peer_keyed[row] and not onair.heard.keyed
         held = onair.report("us", int((last + STALE + 0.05) * 1000))
         assert held == first, "a stalled peer lost the floor at once"
         assert onair.report("us", int((last + FLOOR_HOLD - 0.05) * 1000)) == held
         ticks(bank, peer, 3, over, heard)  # back, in the same over
-        assert bank.peer_keyed[row] and onair.report("us", now_ms) == held
-        last = float(bank.rtp_at[row])
+        assert bank.table.peer_keyed[row] and onair.report("us", now_ms) == held
+        last = float(bank.table.rtp_at[row])
         onair.check_stale(last + STALE + 0.05)
         assert onair.report("us", int((last + FLOOR_HOLD + 0.05) * 1000)) is None
     finally:

@@ -57,11 +57,11 @@ def test_jitter_is_reported_in_the_codecs_clock(tmp_path, codec: str) -> None:  
         ):
             await both_up(ca_gw, us_gw, "ship")
             sender, receiver = link_leg(ca_gw), link_leg(us_gw)
-            assert sender.bank.opus[sender.row] == (codec == "opus")
+            assert sender.bank.table.opus[sender.row] == (codec == "opus")
             await media_through(sender, receiver, relay)
             radio(ca_gw, "marine").speaking = True
             relay.impair = Impairment(jitter=JITTER)  # both ways
-            media = sender.bank.media[sender.row]
+            media = sender.bank.table.media[sender.row]
             # The estimate settles within a second (gain 1/16 a packet); then a report of
             # US's, made after that, must reach CA (one every 5 s per leg).
             await until(lambda: relay.up.forwarded > 2000 // 20 + 50, 15, "2 s of jitter")

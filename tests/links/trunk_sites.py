@@ -261,7 +261,7 @@ def link_legs(gateway) -> list[str]:  # noqa: ANN001
 
 def srtp_legs(gateway) -> list[bool]:  # noqa: ANN001
     """For each link leg: is its media SRTP (keys agreed over the link's TLS)?"""
-    return [bool(p.bank.srtp[p.row]) for p in gateway.engine.ports if p.kind == "link"]
+    return [bool(p.bank.table.srtp[p.row]) for p in gateway.engine.ports if p.kind == "link"]
 
 
 def link_leg(gateway):  # noqa: ANN001, ANN201
@@ -275,7 +275,7 @@ def _point(leg, address: tuple[str, int], latch: bool) -> None:  # noqa: ANN001
     does); with ``latch``, listen for whoever answers from its host (a peer behind NAT),
     else only to ``address``. Its RTCP stays where it was."""
     bank, row = leg.bank, leg.row
-    media = bank.media[row]
+    media = bank.table.media[row]
     rtcp = media.rtcp.remote
     bank.move(
         row,
@@ -287,8 +287,8 @@ def _point(leg, address: tuple[str, int], latch: bool) -> None:  # noqa: ANN001
         media.announced,
         media.codec,
     )
-    bank.set_rtcp_remote(row, rtcp)
-    bank.latched[row] = not latch
+    bank.rtcp.set_remote(row, rtcp)
+    bank.table.latched[row] = not latch
 
 
 async def media_through(ours, theirs, relay) -> None:  # noqa: ANN001
@@ -301,7 +301,7 @@ async def media_through(ours, theirs, relay) -> None:  # noqa: ANN001
     # Ours' packets sent straight across before the move must be drained first, or theirs
     # would settle on our own address again instead of the relay's.
     await asyncio.sleep(0.2)
-    _point(theirs, theirs.bank.media[theirs.row].remote, latch=True)
+    _point(theirs, theirs.bank.table.media[theirs.row].remote, latch=True)
     await waiting.until(
         lambda: relay.up.forwarded > up + 50 and relay.down.forwarded > down + 50,
         15,

@@ -212,7 +212,7 @@ def test_pcma_call_is_a_law_both_ways(phones, tmp_path):
             phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=4)
             await until(lambda: legs(gw), 5, "the call")
             leg = legs(gw)[0]
-            assert leg.bank.media[leg.row].payload_type == 8
+            assert leg.bank.table.media[leg.row].payload_type == 8
             await until(lambda: not phone.running(), 10, "the phone to finish")
 
     run(scenario())

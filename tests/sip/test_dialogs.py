@@ -276,7 +276,7 @@ def test_packets_with_another_ssrc_from_a_callers_address_are_not_heard(tmp_path
                 await caller.invite(gw.sip.port, "7001")
             await stream([alpha, bravo], 0.5)  # alpha's SSRC is locked on its first packet
             bank = gw.sip.bank
-            before = bank.malformed.get("ssrc", 0)
+            before = bank.table.malformed.get("ssrc", 0)
             injected = secrets.randbits(32)
             loop = asyncio.get_running_loop()
             start = loop.time()
@@ -292,7 +292,7 @@ def test_packets_with_another_ssrc_from_a_callers_address_are_not_heard(tmp_path
             heard = bravo.audio(1.0)
             assert band_db(heard, RATE, 600) > -20, "alpha's own voice lost"
             assert band_db(heard, RATE, 1400) < band_db(heard, RATE, 600) - 35, "injected"
-            assert bank.malformed["ssrc"] - before >= 70
+            assert bank.table.malformed["ssrc"] - before >= 70
             # RFC 3550: once alpha's SSRC has been silent a while, a new one is alpha's.
             await asyncio.sleep(1.2)  # alpha says nothing for longer than SSRC_HANDOVER
             alpha.ssrc = injected ^ 0xFFFF
@@ -353,13 +353,13 @@ def test_dialogs_between_two_gateways_each_carry_only_their_own_talkgroup(tmp_pa
         async with running_gateway(toml_b) as b, running_gateway(toml_a):
             await until(lambda: len(legs(b)) == dialogs, 10, "every dial-out answered")
             # Each side sends every call from its one RTP port: B hears all from one address.
-            assert len({int(b.sip.bank.dest[leg.row]) for leg in legs(b)}) == 1
+            assert len({int(b.sip.bank.table.dest[leg.row]) for leg in legs(b)}) == 1
             await until(
                 lambda: sum(leg.stats()["packets_in"] for leg in legs(b)) >= 150 * dialogs,
                 15,
                 "3 s of audio per call",
             )
-            assert b.sip.bank.malformed.get("ssrc", 0) == 0
+            assert b.sip.bank.table.malformed.get("ssrc", 0) == 0
 
     run(scenario())
     for k, hz in enumerate(tones, 1):

@@ -135,7 +135,7 @@ def test_malformed_sip_and_rtp_are_dropped_and_counted_call_goes_on(phones, tmp_
             bank = leg.bank
             rtp_port = bank.port  # every call's media shares the gateway's one RTP port
             before_sip = gw.sip.transport.stats.malformed
-            before_rtp = dict(bank.malformed)
+            before_rtp = dict(bank.table.malformed)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 for packet in junk_sip:
                     s.sendto(packet, ("127.0.0.1", gw.sip.port))
@@ -144,7 +144,9 @@ def test_malformed_sip_and_rtp_are_dropped_and_counted_call_goes_on(phones, tmp_
 
             def rtp_counted() -> dict[str, int]:
                 return {
-                    k: v - before_rtp[k] for k, v in bank.malformed.items() if v > before_rtp[k]
+                    k: v - before_rtp[k]
+                    for k, v in bank.table.malformed.items()
+                    if v > before_rtp[k]
                 }
 
             await until(

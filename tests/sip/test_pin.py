@@ -45,10 +45,12 @@ def test_nothing_heard_either_way_until_the_exact_pin_then_both_ways(phones, tmp
             phone.key("94321#")
             await until(lambda: audit_lines(tmp_path, "sip_pin_failed"), 5, "the wrong PIN")
             assert f"talk_start {leg.name}" not in talk, "the caller was heard before its PIN"
-            assert leg.bank.muted[leg.row]
+            assert leg.bank.table.muted[leg.row]
             await until(lambda: leg.stats()["packets_out"] > marks["wrong"] + 50, 3, "1 s more")
             phone.key("4321#")
-            await until(lambda: not leg.bank.muted[leg.row], 5, "the right PIN to open the call")
+            await until(
+                lambda: not leg.bank.table.muted[leg.row], 5, "the right PIN to open the call"
+            )
             marks["open"] = leg.stats()["packets_out"]
             marks["tick"] = gw.engine.tick_count
             await until(lambda: f"talk_start {leg.name}" in talk, 5, "the caller to be heard")

@@ -64,7 +64,7 @@ def test_a_late_first_tick_does_not_leave_the_playout_point_ahead_of_the_audio()
             if clock.ticks == 0:
                 time.sleep(FIRST_TICK_LATE)  # the first wake-up of a busy machine
             bank.receive()
-            frames.append(bank.rx[row].copy())
+            frames.append(bank.table.rx[row].copy())
             if clock.ticks * FRAME_S >= SECONDS:
                 clock.stop()
 

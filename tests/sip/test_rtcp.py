@@ -147,7 +147,7 @@ def test_reports_tell_the_phone_its_loss_and_we_measure_the_round_trip(tmp_path)
             # times is what the gateway must report (a shared machine makes it non-zero).
             expected = rfc3550_jitter(sent)
             assert abs(ours["jitter"] - expected) <= 8 + 0.25 * expected, (ours["jitter"], expected)
-            assert ours["packets"] >= 100 and ours["ssrc"] == int(leg.bank.tx_ssrc[leg.row])
+            assert ours["packets"] >= 100 and ours["ssrc"] == int(leg.bank.table.tx_ssrc[leg.row])
             assert leg.stats()["packets_lost"] == 15
             # The phone's SR: our next report echoes its time (LSR) and how long we held it.
             phone_ntp = ntp_now()
@@ -182,9 +182,9 @@ def test_reports_tell_the_phone_its_loss_and_we_measure_the_round_trip(tmp_path)
             assert leg.stats()["rtcp_reports_in"] == 2
             # Junk on the RTCP port is counted, and the call goes on.
             bank = leg.bank
-            before = bank.malformed["rtcp"]
+            before = bank.table.malformed["rtcp"]
             phone.rtcp.sendto(b"\x81\xc9\x00\x07" + bytes(8), ("127.0.0.1", bank.port + 1))
-            await until(lambda: bank.malformed["rtcp"] == before + 1, 2, "junk RTCP counted")
+            await until(lambda: bank.table.malformed["rtcp"] == before + 1, 2, "junk RTCP counted")
             assert legs(gw)
 
     try:
@@ -204,7 +204,7 @@ def test_baresip_reads_our_reports_and_its_reports_give_us_a_round_trip(phones, 
         async with running_gateway(fast_reports(tmp_path)) as gw:
             phone.start(dial=f"sip:6001@127.0.0.1:{gw.sip.port}", seconds=25)
             leg = (await until(lambda: legs(gw), 5, "the call"))[0]
-            assert leg.bank.media[leg.row].rtcp.mux is mux
+            assert leg.bank.table.media[leg.row].rtcp.mux is mux
             # baresip reports every ~5 s (randomised); the first one that echoes our SR
             # can take three or four of its intervals on a busy machine (the phone runs 25 s).
             try:
@@ -216,7 +216,10 @@ def test_baresip_reads_our_reports_and_its_reports_give_us_a_round_trip(phones, 
             await until(lambda: leg.stats()["rtcp_reports_out"] >= 3, 5, "our reports")
             stats.update(leg.stats())
             if mux:  # nothing of this call on the RTCP port: ours went to its RTP port
-                assert leg.bank.media[leg.row].rtcp.remote == leg.bank.media[leg.row].remote
+                assert (
+                    leg.bank.table.media[leg.row].rtcp.remote
+                    == leg.bank.table.media[leg.row].remote
+                )
             # Our BYE: baresip prints its RTCP summary when a call is closed (not on exit).
             await gw.sip.calls.hangup(
                 next(d for d in gw.sip.calls.dialogs.values() if d.leg is leg)

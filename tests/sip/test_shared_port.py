@@ -182,7 +182,7 @@ def test_calls_share_one_port_are_told_apart_latched_and_junk_lands_on_its_call(
                         assert level > -25, f"{phone.name} does not hear {other.name}"
                         assert own < level - 20, f"{phone.name} hears itself ({own:.1f} dBFS)"
             # Junk from alpha's own address is alpha's: counted on its leg, by kind.
-            before = dict(bank.malformed)
+            before = dict(bank.table.malformed)
             good = HEADER.pack(0x80, 0, 1, 160, alpha.ssrc)
             for junk in (
                 bytes([0x80, 99]) + good[2:] + bytes(160),  # a payload type never agreed
@@ -194,7 +194,7 @@ def test_calls_share_one_port_are_told_apart_latched_and_junk_lands_on_its_call(
             await until(
                 lambda: by_name["alpha"].stats()["packets_malformed"] == 4, 3, "junk counted"
             )
-            counted = {k: v - before[k] for k, v in bank.malformed.items() if v != before[k]}
+            counted = {k: v - before[k] for k, v in bank.table.malformed.items() if v != before[k]}
             assert counted == {"payload_type": 1, "version": 1, "truncated": 1, "layout": 1}
             assert by_name["bravo"].stats()["packets_malformed"] == 0
             # alpha restarts its stream with a new SSRC and sequence: followed once the old

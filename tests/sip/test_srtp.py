@@ -145,7 +145,7 @@ def paced_ticks(bank: LegBank, count: int, each) -> None:  # noqa: ANN001 - per-
     the bank how late each tick is, as the gateway's clock does."""
     start = time.monotonic()
     due = [start]
-    bank.late_by = lambda: max(0.0, time.monotonic() - due[0])
+    bank.receive_path.late_by = lambda: max(0.0, time.monotonic() - due[0])
     for k in range(count):
         due[0] = start + k * 0.02
         each(k, "before")
@@ -224,10 +224,12 @@ def test_bank_protects_and_checks_srtp_beside_a_plain_call_and_drops_forgeries()
             plain.send(to_bank)
             time.sleep(0.001)  # on the wire before the bank drains (loopback: microseconds)
         elif when == "during":  # the engine's part: what each leg says, what it hears
-            heard_by_gateway.append(bank.rx[row].copy() if bank.talking[row] else np.zeros(320))
-            bank.tx[row] = tone16(1000, k)
-            bank.tx[plain_row] = tone16(1300, k)
-            bank.tx_has[[row, plain_row]] = True
+            heard_by_gateway.append(
+                bank.table.rx[row].copy() if bank.table.talking[row] else np.zeros(320)
+            )
+            bank.table.tx[row] = tone16(1000, k)
+            bank.table.tx[plain_row] = tone16(1300, k)
+            bank.table.tx_has[[row, plain_row]] = True
         else:
             secure.drain()
             plain.drain()
@@ -253,12 +255,12 @@ def test_bank_protects_and_checks_srtp_beside_a_plain_call_and_drops_forgeries()
         assert abs(dominant_hz(plain_heard, RATE) - 1300) < 10
         # Reports are SRTCP: they open with the gateway's key and say what was sent.
         reports = [parse_compound(secure.rx.unprotect_rtcp(p)) for p in secure.rtcp_wire]
-        assert reports and all(r and r[0].ssrc == int(bank.tx_ssrc[row]) for r in reports)
+        assert reports and all(r and r[0].ssrc == int(bank.table.tx_ssrc[row]) for r in reports)
         assert parse_compound(secure.rtcp_wire[-1]) is None, "a report readable without the key"
 
         # Forgeries: a bad tag, a plain packet, a replay, junk: all dropped and counted.
-        before = dict(bank.malformed)
-        packets_before = int(bank.packets_in[row])
+        before = dict(bank.table.malformed)
+        packets_before = int(bank.table.packets_in[row])
         forged = bytearray(secure.packet())
         forged[-1] ^= 0x01
         secure.rtp.sendto(bytes(forged), to_bank)
@@ -271,19 +273,21 @@ def test_bank_protects_and_checks_srtp_beside_a_plain_call_and_drops_forgeries()
 
         def counted() -> dict[str, int]:
             bank.receive()
-            return {k: v - before[k] for k, v in bank.malformed.items() if v != before[k]}
+            return {k: v - before[k] for k, v in bank.table.malformed.items() if v != before[k]}
 
         wait_for(lambda: counted() == expected, 5, f"the bank to count {expected}")
-        assert bank.media[row].malformed == 4
-        assert int(bank.packets_in[row]) == packets_before, "a forged packet was accepted"
-        assert bank.media[plain_row].malformed == 0
+        assert bank.table.media[row].malformed == 4
+        assert int(bank.table.packets_in[row]) == packets_before, "a forged packet was accepted"
+        assert bank.table.media[plain_row].malformed == 0
         # SRTCP from the peer is read; a plain report on an SRTP call is not.
         report = build_report(secure.ssrc, "peer@test", (0, 0, 1, 160), None)
         secure.rtcp.sendto(secure.tx.protect_rtcp(report), ("127.0.0.1", bank.port + 1))
         secure.rtcp.sendto(report, ("127.0.0.1", bank.port + 1))
-        wait_for(receiving(bank, lambda: bank.media[row].rtcp.reports_in), 5, "the SRTCP report")
-        assert bank.media[row].rtcp.reports_in == 1
-        assert bank.malformed["srtp_auth"] - before["srtp_auth"] == 4
+        wait_for(
+            receiving(bank, lambda: bank.table.media[row].rtcp.reports_in), 5, "the SRTCP report"
+        )
+        assert bank.table.media[row].rtcp.reports_in == 1
+        assert bank.table.malformed["srtp_auth"] - before["srtp_auth"] == 4
     finally:
         bank.close()
         secure.close()
@@ -319,13 +323,17 @@ def test_a_phone_behind_nat_latches_an_srtp_call_only_with_its_key():
         for _ in range(3):
             attacker.send(to_bank)  # ...the attacker's is not
         wait_for(
-            receiving(bank, lambda: bank.malformed["srtp_auth"] >= 3), 5, "3 failed SRTP checks"
+            receiving(bank, lambda: bank.table.malformed["srtp_auth"] >= 3),
+            5,
+            "3 failed SRTP checks",
         )
-        assert bank.malformed["srtp_auth"] == 3
-        assert not bank.latched[row] and bank.media[row].remote == announced.address
+        assert bank.table.malformed["srtp_auth"] == 3
+        assert not bank.table.latched[row] and bank.table.media[row].remote == announced.address
         phone.send(to_bank)
-        wait_for(receiving(bank, lambda: bank.latched[row]), 5, "the call to latch to the phone")
-        assert bank.media[row].remote == phone.address
+        wait_for(
+            receiving(bank, lambda: bank.table.latched[row]), 5, "the call to latch to the phone"
+        )
+        assert bank.table.media[row].remote == phone.address
     finally:
         bank.close()
         for peer in (announced, phone, attacker):
@@ -361,7 +369,7 @@ def test_srtcp_multiplexed_on_the_rtp_port_both_ways():
     try:
         paced_ticks(bank, 60, tick)
         assert media.rtcp.reports_in == 1
-        assert bank.malformed["srtp_auth"] == 0 and media.malformed == 0
+        assert bank.table.malformed["srtp_auth"] == 0 and media.malformed == 0
         reports = [p for p in peer.wire if 192 <= p[1] <= 223]
         assert reports, "no report on the RTP port"
         assert all(parse_compound(peer.rx.unprotect_rtcp(p)) for p in reports)
@@ -522,7 +530,7 @@ def test_required_refuses_with_488_over_udp_optional_answers_plain(tmp_path):
             assert answer.startswith("SIP/2.0 200"), answer.splitlines()[0]
             assert re.search(r"^m=audio \d+ RTP/AVP ", answer, re.M)
             assert "a=crypto" not in answer
-            assert not gw.sip.bank.srtp[legs(gw)[0].row]
+            assert not gw.sip.bank.table.srtp[legs(gw)[0].row]
             # optional, RTP/SAVP over UDP: cannot be answered plain, cannot take the keys.
             assert (await ask("6002", "RTP/SAVP", key)).startswith("SIP/2.0 488")
             # off: SAVP refused, plain answered.
@@ -574,7 +582,7 @@ def test_an_srtp_call_over_tls_hears_and_is_heard_and_the_wire_is_noise(tmp_path
             await writer.drain()
             peer.keys(offer.crypto[0])
             leg = legs(gw)[0]
-            assert gw.sip.bank.srtp[leg.row]
+            assert gw.sip.bank.table.srtp[leg.row]
             assert gw.sip.stats()["sip_calls_srtp"] == 1  # the metric's source
             media = ("127.0.0.1", offer.port)
             loop = asyncio.get_running_loop()
@@ -585,7 +593,7 @@ def test_an_srtp_call_over_tls_hears_and_is_heard_and_the_wire_is_noise(tmp_path
                 await asyncio.sleep(max(0.0, start + (k + 1) * 0.02 - loop.time()))
             peer.drain()
             assert leg.stats()["packets_in"] >= 90
-            assert gw.sip.bank.media[leg.row].malformed == 0
+            assert gw.sip.bank.table.media[leg.row].malformed == 0
             writer.close()
 
     try:
@@ -735,7 +743,7 @@ def test_baresip_over_tls_with_srtp_hears_and_is_heard_and_the_wire_is_noise(pho
             leg = legs(gw)[0]
             dialog = next(iter(gw.sip.calls.dialogs.values()))
             assert dialog.peer.transport == "tls"
-            assert gw.sip.bank.srtp[leg.row], "the call is not SRTP"
+            assert gw.sip.bank.table.srtp[leg.row], "the call is not SRTP"
             await until(lambda: leg.stats().get("packets_in", 0) >= 100, 10, "the phone's SRTP")
             # (baresip also sends an RTCP APP "PING" in clear before its SRTP starts: that one
             # is dropped as srtp_auth on the RTCP port; none of its RTP is.)
@@ -811,7 +819,7 @@ srtp = "required"
             dialling = gw.sip.dial_outs["coast"]
             await until(lambda: dialling.connects >= 1, 15, "the dial-out to be answered")
             leg = legs(gw)[0]
-            assert gw.sip.bank.srtp[leg.row], "the dial-out is not SRTP"
+            assert gw.sip.bank.table.srtp[leg.row], "the dial-out is not SRTP"
             await until(lambda: leg.stats().get("packets_in", 0) >= 150, 10, "the phone's SRTP")
             assert leg.stats()["packets_malformed"] <= 2  # baresip's clear RTCP "PING"
             await until(lambda: not phone.running(), 15, "the phone to finish")
@@ -853,7 +861,7 @@ uri = "sips:plain@127.0.0.1:{phone.port + 1}"
             await until(lambda: dialling.connects >= 1, 15, "the dial-out to be answered")
             assert dialling.attempts == 1, "not called again at once"
             leg = legs(gw)[0]
-            assert not gw.sip.bank.srtp[leg.row]
+            assert not gw.sip.bank.table.srtp[leg.row]
             await until(lambda: leg.stats().get("packets_in", 0) >= 100, 10, "the phone's RTP")
             await until(lambda: not phone.running(), 15, "the phone to finish")
 
