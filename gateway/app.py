@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from gateway.clock import MediaClock, PhaseLock
+from gateway.clock import MediaClock
 from gateway.config import (
     ConfigError,
     PatchConfig,
@@ -72,9 +72,7 @@ class Gateway:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.engine = Engine(config.timing)
-        self.clock = MediaClock(config.timing.frame, self.engine.tick)
-        self.phase_lock = PhaseLock(self.clock)
-        self.engine.before_tick.append(self._follow_card_phase)
+        self.clock = MediaClock(config.timing.frame, lambda: self.engine.tick(self.clock.due))
         self.ports: dict[str, Port] = {}
         self.services: list[Service] = []
         # Set to their services when the config has the section (see _build_service).
@@ -95,27 +93,6 @@ class Gateway:
         """An audit record from the gateway or one of its ports (kept when [audit] is on)."""
         if self.audit is not None:
             self.audit.record(event, **fields)
-
-    def _follow_card_phase(self) -> None:
-        """Ticks fall mid-cycle of the first sound card that cares (``PhaseLock``): cards on
-        one audio server share its cycle; a card on its own crystal drifts through the
-        others' cycles whatever the ticks do, and its margin learns that."""
-        moved = self.phase_lock.update(self._card_phase)
-        if moved:
-            for port in self.ports.values():
-                port.ticks_moved(moved)
-            if abs(moved) > self.phase_lock.step:  # a jump between overs, not a slew
-                log.info(
-                    "media ticks moved %+.1f ms, to the middle of the sound card's cycle",
-                    moved * 1000,
-                )
-
-    def _card_phase(self) -> tuple[float, bool] | None:
-        """Where the ticks fall in the first caring card's cycle, and whether every port's
-        audio is silence (then the ticks may jump: every card tops up its FIFOs)."""
-        ports = self.ports.values()
-        phase = next((p for p in (port.tick_phase() for port in ports) if p is not None), None)
-        return None if phase is None else (phase, all(port.silent() for port in ports))
 
     def _open_port(
         self, name: str, port_config: PortConfig, config: SiteConfig | None = None

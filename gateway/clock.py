@@ -59,7 +59,7 @@ class MediaClock:
         self.skipped_ticks = 0
         self.lateness = LatenessLog()
         self.start: float | None = None
-        self.due = 0.0  # the running tick's deadline (after any skip)
+        self.due = 0.0  # the running tick's deadline (after skips): when its audio belongs
         self._running = False
 
     def deadline(self, k: int) -> float:
@@ -113,50 +113,5 @@ class MediaClock:
                 self.skipped_ticks,
             )
 
-    def shift(self, seconds: float) -> None:
-        """Move every later tick by ``seconds`` (negative: earlier); see ``PhaseLock``."""
-        if self.start is not None:
-            self.start += seconds
-
     def stop(self) -> None:
         self._running = False
-
-
-class PhaseLock:
-    """Moves the ticks to where a sound card's cycle wants them: its middle.
-
-    A card whose period divides the frame sees every tick at the same point of its cycle
-    (``SoundCard.tick_phase``). Every ``every`` ticks this moves the ticks toward the
-    middle: at once while all audio is silence (between overs, and at start; each card
-    tops its FIFOs up with silence for the move: ``Port.ticks_moved``), else by
-    at most ``step`` (0.2 ms a half second at 20 ms frames, 400 ppm: inside what the
-    FIFOs' drift control follows). Not within ``deadband`` (1 ms: a tenth of the half period it
-    buys at period 960), so it does not hunt on jitter. Once there it
-    follows the card's crystal: the engine then runs on the card's clock, which network
-    legs' jitter buffers take as any far clock.
-    """
-
-    def __init__(
-        self, clock: MediaClock, every: int = 25, step: float = 0.0002, deadband: float = 0.001
-    ) -> None:
-        self.clock, self.every, self.step, self.deadband = clock, every, step, deadband
-        self.ticks = 0
-        self.moves = 0
-        self.moved = 0.0  # seconds the ticks were moved in all, for the logs and tests
-
-    def update(self, phase: Callable[[], tuple[float, bool] | None]) -> float:
-        """Once a tick; every ``every`` ticks asks ``phase()`` how far past the middle of
-        the card's cycle the ticks fall and whether its audio is silence (None: no card
-        cares). Returns how far the ticks were moved (seconds later; 0: not moved)."""
-        self.ticks += 1
-        if self.ticks % self.every:
-            return 0.0
-        where = phase()
-        if where is None or abs(where[0]) <= self.deadband:
-            return 0.0
-        past, quiet = where
-        move = -past if quiet else -max(-self.step, min(self.step, past))
-        self.clock.shift(move)
-        self.moves += 1
-        self.moved += move
-        return move

@@ -377,8 +377,11 @@ class Engine:
 
     # --- the tick -------------------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self, due: float | None = None) -> None:
+        """One frame through every port; ``due`` is the tick's deadline on the media clock
+        (``time.monotonic()``; now, when ticked without one)."""
         started = time.perf_counter()
+        due = time.monotonic() if due is None else due
         self._run_hooks(self.before_tick)
         lay = self.layout
         tick = self.tick_count
@@ -450,6 +453,7 @@ class Engine:
                 port.write(busy_frame if busy_list[i] else rows[i] if audio_list[i] else None)
             except Exception as exc:
                 self._fault(i, f"write failed: {exc!r}")
+        self._end_of_tick(due, isolated)
         if self._banks:
             self._write_banks(mix.out, has_audio, busy, busy_frame, isolated)
 
@@ -460,6 +464,15 @@ class Engine:
         self._run_hooks(self.after_tick)
         self.tick_count += 1
         self.last_tick_seconds = time.perf_counter() - started
+
+    def _end_of_tick(self, due: float, isolated: Mapping) -> None:
+        for i, port in self._solo:
+            if isolated and port.name in isolated:
+                continue
+            try:
+                port.end_of_tick(due)
+            except Exception as exc:
+                self._fault(i, f"end of tick failed: {exc!r}")
 
     def _read_banks(
         self, frames: np.ndarray, has_frame: np.ndarray, talk: np.ndarray, isolated: Mapping

@@ -127,18 +127,9 @@ class Port:
         """Key or unkey the transmitter (PTT)."""
         self.keyed = on
 
-    def tick_phase(self) -> float | None:
-        """For a port on its own clock (a sound card), if it cares: how far past the middle
-        of its cycle the ticks fall, in seconds (``gateway.clock.PhaseLock``)."""
-        return None
-
-    def silent(self) -> bool:
-        """Is the audio this port holds silence, so the ticks may jump? (A network leg's
-        jitter buffer takes a jump as any jitter.)"""
-        return True
-
-    def ticks_moved(self, seconds: float) -> None:
-        """The ticks now fall ``seconds`` later (negative: earlier) than they did."""
+    def end_of_tick(self, due: float) -> None:
+        """After this tick's read and write; ``due`` is its deadline (``time.monotonic()``).
+        A port on a clock of its own (a sound card) measures its FIFOs against it."""
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges for metrics, by well-known key (all optional):

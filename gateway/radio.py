@@ -260,7 +260,7 @@ class SoundcardPort(Port):
         try:
             self.card.open()
         except (OSError, LookupError) as exc:
-            self.card._lost(f"did not open: {exc}")  # keep retrying in the background
+            self.card.lost_because(f"did not open: {exc}")  # keep retrying in the background
             raise
 
     def close(self) -> None:
@@ -294,15 +294,6 @@ class SoundcardPort(Port):
             self.ptt.inhibit(f"sound card lost: {reason}")
 
     # --- the tick ----------------------------------------------------------------
-
-    def tick_phase(self) -> float | None:
-        return self.card.tick_phase() if self.card.up else None
-
-    def silent(self) -> bool:
-        return not self.card.up or self.card.quiet()
-
-    def ticks_moved(self, seconds: float) -> None:
-        self.card.ticks_moved(seconds)
 
     def read(self) -> Frame | None:
         frame = self.card.read()
@@ -338,6 +329,9 @@ class SoundcardPort(Port):
             self.card.release_tx()
         self.card.write(frame)
         self.last_tx = frame
+
+    def end_of_tick(self, due: float) -> None:
+        self.card.end_of_tick(due)
 
     def key(self, on: bool) -> None:
         self.keyed = on

@@ -111,6 +111,7 @@ def levels(args: argparse.Namespace) -> int:
             port.read()
             out = tone.read(port.frame_samples) if tone is not None else None
             port.write(out)
+            port.end_of_tick(next_tick)
             rx = port.last_rx
             level_in = dbfs(rx) if rx is not None else -120.0
             peak_in = max(peak_in - 0.5, peak_dbfs(rx) if rx is not None else -120.0)

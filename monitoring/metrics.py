@@ -125,50 +125,40 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
     "xruns": ("radio_xruns_total", "counter", "Sound card over/underruns seen by PortAudio"),
     "rx_underruns": ("radio_rx_underruns_total", "counter", "Ticks the card had no audio ready"),
     "tx_underruns": ("radio_tx_underruns_total", "counter", "Times the card ran out of TX audio"),
-    "underruns_after_xruns": (
-        "radio_underruns_after_xruns_total",
-        "counter",
-        "Underruns (either way) within 0.5 s of an xrun that "
-        "skipped stream time: audio the audio server lost, not a "
-        "margin too small",
-    ),
     "margin_widenings": (
         "radio_margin_widenings_total",
         "counter",
-        "Times a FIFO's jitter margin widened, for a dip of its level or an "
-        "underrun not next to an xrun",
+        "Times a FIFO's jitter margin widened (1 ms per underrun, up to +20 ms)",
     ),
     "dropped_samples": (
         "radio_dropped_samples_total",
         "counter",
-        "Samples dropped by drift control",
+        "Samples dropped: audio piled up behind a stall, or a full ring",
     ),
     "reopens": ("radio_device_reopens_total", "counter", "Times a lost sound card came back"),
     "rx_ratio_ppm": ("radio_rx_drift_ppm", "gauge", "Receive resampling correction (card drift)"),
     "tx_ratio_ppm": ("radio_tx_drift_ppm", "gauge", "Transmit resampling correction (card drift)"),
     "rx_buffer_seconds": ("radio_rx_buffer_seconds", "gauge", "Audio waiting in the receive FIFO"),
     "tx_buffer_seconds": ("radio_tx_buffer_seconds", "gauge", "Audio waiting in the transmit FIFO"),
-    "rx_low_water_seconds": (
-        "radio_rx_low_water_seconds",
+    "rx_level_seconds": (
+        "radio_rx_level_seconds",
         "gauge",
-        "Least audio the receive FIFO held over its last half second: "
-        "what was left between the card and running dry",
+        "Receive FIFO level at the tick's instant, held at one card period plus the margin",
     ),
-    "tx_low_water_seconds": (
-        "radio_tx_low_water_seconds",
+    "tx_level_seconds": (
+        "radio_tx_level_seconds",
         "gauge",
-        "Least audio the transmit FIFO held over its last half second: "
-        "what was left between the media tick and running dry",
+        "Transmit FIFO level at the tick's instant, held at one card period plus the margin",
     ),
     "rx_margin_seconds": (
         "radio_rx_margin_seconds",
         "gauge",
-        "Jitter margin the receive FIFO is steered to keep (learnt)",
+        "Jitter margin the receive FIFO keeps beyond a card period",
     ),
     "tx_margin_seconds": (
         "radio_tx_margin_seconds",
         "gauge",
-        "Jitter margin the transmit FIFO is steered to keep (learnt)",
+        "Jitter margin the transmit FIFO keeps beyond a card period",
     ),
 }
 

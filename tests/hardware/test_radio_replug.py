@@ -169,20 +169,20 @@ def test_a_card_process_killed_mid_over_drops_ptt_and_comes_back_alone(
     sim.connect(0, card_client("radio_a"))
     sim.connect(1, card_client("radio_b"))
     card_a, card_b = gw.ports["radio_a"].card, gw.ports["radio_b"].card
-    pid_a = card_a.process.process.pid
+    pid_a = card_a.stream.process.process.pid
 
     def scenario():
         wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
         first = sim.start(0, tone(1000, 3.0, LEVEL))
         wait_for(lambda: hid_keyed(hid) is True, 3, "radio B's PTT to key")
-        os.kill(card_b.process.process.pid, signal.SIGKILL)
+        os.kill(card_b.stream.process.process.pid, signal.SIGKILL)
         wait_for(lambda: hid_keyed(hid) is False, 1, "radio B's PTT to drop with its card")
         wait_for(lambda: card_b.up and card_b.counts["reopens"] == 1, 10, "radio B's card back")
         sim.connect(1, card_client("radio_b"))  # a new JACK client: wire the radio again
         wait_for(lambda: sim.frame > first + int(3.5 * RATE), 5, "the first over to end")
         start = sim.start(0, tone(1000, 1.5, LEVEL))
         wait_for(lambda: sim.frame > start + int(1.75 * RATE), 5, "the second over to end")
-        return start, card_a.process.process.pid
+        return start, card_a.stream.process.process.pid
 
     start, pid_a_after = drive(gw, scenario)
     check_tone(sim.recorded(1, since=start))

@@ -1,0 +1,133 @@
+"""One direction of a sound card's audio: an elastic FIFO between the card and the tick.
+
+The card runs on its own crystal, the engine on its own clock. Between them each
+direction holds a small FIFO, and its *level at the tick's instant* (computed by the card
+stream from its callback's timestamps: see ``soundcard``) is held at a fixed target,
+one card period plus a margin, by one PI loop that bends a fine resampling ratio
+(± ``max_ppm``). That is zalsa's scheme (zita-ajbridge): the level is measured as if the
+card moved its audio continuously, so it does not saw-tooth with the card's periods or
+the engine's frames, and needs no low-water windows.
+
+Gross errors are corrected at once, and counted: a FIFO that ran dry is refilled with
+silence to the target (and its margin widened once, by ``WIDEN_S``); one far above the
+target (the engine stalled) is trimmed back to it. At a stream's start the level goes
+straight to the target, either way.
+
+The same class serves both ways: receive (card → engine: the store is a buffer in the
+gateway) and transmit (engine → card: the store is the card's playback ring).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+from gateway.codecs.interp import SincInterpolator
+
+# Rate conversion kernel: 8 zero crossings of the narrower band, pass band to 75 % of its
+# Nyquist (flat to 4 kHz at 16 kHz; ≥ 72 dB alias rejection), 0.5 ms each way. soxr's
+# variable-rate mode holds back 12.5 ms at 48 → 16 kHz (measured), a radio hop's budget.
+ZERO_CROSSINGS = 8
+PASSBAND = 0.75
+TAU_S = 8.0  # proportional: a 1 ms error is corrected at 125 ppm
+TI_S = 15.0  # integral: learns the crystal's steady drift
+SMOOTH_S = 1.0  # the level's jitter (callbacks, ticks) is averaged over about this long
+TRIM_S = 0.010  # a level this far above target is cut at once (the engine stalled)
+WIDEN_S = 0.001  # what one underrun adds to the margin
+WIDEN_MAX_S = 0.020  # …up to this much above the configured margin
+
+
+class Store(Protocol):
+    """Where a FIFO's audio waits: a buffer (receive) or the card's playback ring (transmit)."""
+
+    def push(self, samples: np.ndarray) -> None: ...
+
+    def cut(self, count: int) -> int:
+        """Drop up to ``count`` of the oldest samples; returns how many there were."""
+
+    def pad(self, count: int) -> None:
+        """Silence where the audio continues next."""
+
+
+class ElasticFifo:
+    """A resampler into ``store`` whose ratio holds the level at the tick at the target."""
+
+    def __init__(
+        self, store: Store, in_rate: int, out_rate: int, margin: float, max_ppm: float
+    ) -> None:
+        self.store, self.in_rate, self.out_rate = store, in_rate, out_rate
+        self.margin = self.base_margin = margin
+        self.limit = max_ppm * 1e-6
+        self.resampler = _resampler(in_rate, out_rate)
+        self.ratio = 1.0  # < 1: fewer samples out than the nominal rates give
+        self.error = 0.0  # the level's smoothed error (seconds)
+        self.integral = 0.0
+        self.level = 0.0  # at the last tick (seconds)
+        self.dry = True  # to be filled to the target at the next tick (start, underrun)
+        self.underruns = self.widenings = self.dropped = 0
+
+    def put(self, samples: np.ndarray) -> None:
+        """Audio in: resampled at the current ratio into the store."""
+        if len(samples):
+            step = self.in_rate / self.out_rate / self.ratio
+            self.store.push(self.resampler.process(samples, step))
+
+    def ran_dry(self) -> None:
+        """The store ran out: count it, widen the margin once, refill at the next tick."""
+        self.underruns += 1
+        self.dry = True
+        if self.margin < self.base_margin + WIDEN_MAX_S:
+            self.margin += WIDEN_S
+            self.widenings += 1
+
+    def end_of_tick(self, level: float, period: float, dt: float, on_time: bool = True) -> None:
+        """The level at this tick's instant (seconds), the card's period and the tick's
+        length: one step of the PI loop, or a correction at once. A FIFO that ran dry
+        (or is starting) goes straight to its target once the card is ``on_time`` again
+        (the audio a late card still owes would otherwise be latency)."""
+        target = period + self.margin
+        self.level = level
+        if self.dry:
+            if on_time:
+                self._jump(target - level)
+                self.dry = False
+        elif level > target + TRIM_S:
+            self._jump(target - level)
+        else:
+            self._steer(level - target, dt)
+
+    def _jump(self, seconds: float) -> None:
+        """Silence in (``seconds`` > 0) or the oldest audio out, at once."""
+        count = round(abs(seconds) * self.out_rate)
+        if seconds > 0:
+            self.store.pad(count)
+        else:
+            self.dropped += self.store.cut(count)
+        self.level += seconds
+
+    def _steer(self, error: float, dt: float) -> None:
+        self.error += (error - self.error) * min(1.0, dt / SMOOTH_S)
+        bound = self.limit * TAU_S
+        self.integral = float(np.clip(self.integral + self.error * dt / TI_S, -bound, bound))
+        step = float(np.clip((self.error + self.integral) / TAU_S, -self.limit, self.limit))
+        self.ratio = 1.0 - step
+
+    @property
+    def ppm(self) -> float:
+        return (self.ratio - 1.0) * 1e6
+
+    def restart(self, in_rate: int, out_rate: int) -> None:
+        """A new stream (at these rates): keep the learnt ratio and margin, refill at the
+        next tick."""
+        if (in_rate, out_rate) != (self.in_rate, self.out_rate):
+            self.in_rate, self.out_rate = in_rate, out_rate
+            self.resampler = _resampler(in_rate, out_rate)
+        self.dry = True
+        self.error = 0.0
+
+
+def _resampler(in_rate: int, out_rate: int) -> SincInterpolator:
+    """One windowed-sinc stage: rate conversion and drift correction together."""
+    band = min(1.0, out_rate / in_rate)
+    return SincInterpolator(PASSBAND * band, math.ceil(ZERO_CROSSINGS / band))
