@@ -212,7 +212,11 @@ class CardStream:
             if done and len(audio[-1]) == 0 and stamp(s, clock) == (frame, when):
                 break
         self.origins.append(when - frame / self.rate)
-        return Moment(min(self.origins) + frame / self.rate, when, np.concatenate(audio))
+        # (never more than a period before its stamp: a stream whose clock runs far off
+        # the wall clock, as an audio server starved of CPU does, moves its cycle faster
+        # than the envelope follows)
+        at = max(min(self.origins) + frame / self.rate, when - self.period)
+        return Moment(at, when, np.concatenate(audio))
 
     def resync(self) -> None:
         """Forget the cycle learnt so far: the audio server lost cycles, or the card came
