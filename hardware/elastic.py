@@ -9,7 +9,10 @@ card moved its audio continuously, so it does not saw-tooth with the card's peri
 the engine's frames, and needs no low-water windows.
 
 Gross errors are corrected at once, and counted: a FIFO that ran dry is refilled with
-silence to the target (and its margin widened once, by ``WIDEN_S``); one far above the
+silence to the target, and its margin widened once to ride what ran it dry: by how late
+the tick (or the card) was beyond the margin it had, at least ``WIDEN_S``, at most
+``WIDEN_STEP_S``, never above ``WIDEN_MAX_S`` over the configured margin. A 1 ms step
+against a 25 ms stall would take a dozen underruns to learn; one far above the
 target (the engine stalled) is trimmed back to it. At a stream's start the level goes
 straight to the target, either way.
 
@@ -34,7 +37,8 @@ TAU_S = 8.0  # proportional: a 1 ms error is corrected at 125 ppm
 TI_S = 15.0  # integral: learns the crystal's steady drift
 SMOOTH_S = 1.0  # the level's jitter (callbacks, ticks) is averaged over about this long
 TRIM_S = 0.010  # a level this far above target is cut at once (the engine stalled)
-WIDEN_S = 0.001  # what one underrun adds to the margin
+WIDEN_S = 0.001  # the least one underrun adds to the margin
+WIDEN_STEP_S = 0.010  # the most one underrun adds (a single freak stall buys no more)
 WIDEN_MAX_S = 0.020  # …up to this much above the configured margin
 
 
@@ -73,12 +77,16 @@ class ElasticFifo:
             step = self.in_rate / self.out_rate / self.ratio
             self.store.push(self.resampler.process(samples, step))
 
-    def ran_dry(self) -> None:
-        """The store ran out: count it, widen the margin once, refill at the next tick."""
+    def ran_dry(self, late: float = 0.0) -> None:
+        """The store ran out, ``late`` seconds after its audio was due (the tick's or the
+        card's lateness): count it, widen the margin once to cover that lateness
+        (bounded), refill at the next tick."""
         self.underruns += 1
         self.dry = True
-        if self.margin < self.base_margin + WIDEN_MAX_S:
-            self.margin += WIDEN_S
+        ceiling = self.base_margin + WIDEN_MAX_S
+        if self.margin < ceiling:
+            step = min(max(late - self.margin, WIDEN_S), WIDEN_STEP_S)
+            self.margin = min(self.margin + step, ceiling)
             self.widenings += 1
 
     def end_of_tick(self, level: float, period: float, dt: float, on_time: bool = True) -> None:

@@ -141,9 +141,9 @@ class SoundCard:
         self.rx.put(self.stream.rx.pop_all())
         frame = self.received.take(self.n)
         if len(frame) < self.n:
-            self.rx.ran_dry()
-            self.ran_dry = True
             late = self.stream.now() - float(self.stream.block.clock[0]) - self.stream.period
+            self.rx.ran_dry(max(0.0, late))
+            self.ran_dry = True
             log.info(
                 "%s: rx underrun, the card's last callback %.1f ms overdue; margin now %.1f ms",
                 self.name,
@@ -173,12 +173,13 @@ class SoundCard:
         underruns = stream.tx_underruns
         if underruns > self.tx_underruns_seen:
             self.tx_underruns_seen = underruns
-            self.tx.ran_dry()
+            late = max(0.0, stream.now() - due)
+            self.tx.ran_dry(late)
             self.ran_dry = True
             log.info(
                 "%s: tx underrun, the tick that found it %.1f ms late; margin now %.1f ms",
                 self.name,
-                (stream.now() - due) * 1000,
+                late * 1000,
                 self.tx.margin * 1000,
             )
         on_time = due - moment.at < 1.5 * period  # (the card owes no callback)
