@@ -131,14 +131,24 @@ def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, rad
 
     start = drive(gw, scenario)
     (stop,) = events.of("talk_stop", "radio_a")
-    # Open for the burst plus the hang time (one frame of detection either side).
-    assert 1.3 - 0.1 <= stop.seconds <= 1.3 + 0.1, f"squelch open {stop.seconds:.3f}s"
+    # What the design guarantees: the squelch opens on the burst's first frame (attack:
+    # one frame) and holds for its hang time; audio is lost or stretched only where a
+    # FIFO ran dry or was trimmed, and each such event is counted. A loaded machine may
+    # have some: each is allowed one stall-sized gap, the most a refill moves the audio
+    # (a period plus the widest margin) plus a frame. Nothing else is luck.
+    frame = gw.engine.frame_seconds
+    a, b = gw.ports["radio_a"].card.stats(), gw.ports["radio_b"].card.stats()
+    events_lost = a["rx_underruns"] + b["tx_underruns"] + (a["dropped_samples"] > 0)
+    stall = 256 / 48000 + a["rx_margin_seconds"] + frame
+    slack = events_lost * stall
+    assert 1.3 - frame - slack <= stop.seconds <= 1.3 + frame + slack, (stop.seconds, a, b)
     heard = sim.recorded(1, since=start)
     first = onset(heard)
     assert first is not None and first < 0.2 * RATE, "radio B never got the burst"
-    # The whole burst went through — the squelch opened on its first frame, so no
-    # syllable was lost — and during the hang the gateway passed what A heard (silence).
-    assert 0.95 < audible_seconds(heard) < 1.03
+    # The whole burst went through — no syllable lost to the squelch's attack beyond a
+    # frame — and during the hang the gateway passed what A heard (silence).
+    heard_s = audible_seconds(heard)
+    assert 1.0 - frame - slack <= heard_s <= 1.0 + 0.03, (heard_s, a, b)
 
 
 def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, monkeypatch):
