@@ -10,7 +10,7 @@ the engine's frames, and needs no low-water windows.
 
 Gross errors are corrected at once, and counted: a FIFO that ran dry is refilled with
 silence to the target, and its margin widened once to ride what ran it dry: by how late
-the tick (or the card) was beyond the margin it had, at least ``WIDEN_S``, at most
+the tick (or the card) was, at least ``WIDEN_S``, at most
 ``WIDEN_STEP_S``, never above ``WIDEN_MAX_S`` over the configured margin. A 1 ms step
 against a 25 ms stall would take a dozen underruns to learn; one far above the
 target (the engine stalled) is trimmed back to it. At a stream's start the level goes
@@ -79,13 +79,15 @@ class ElasticFifo:
 
     def ran_dry(self, late: float = 0.0) -> None:
         """The store ran out, ``late`` seconds after its audio was due (the tick's or the
-        card's lateness): count it, widen the margin once to cover that lateness
-        (bounded), refill at the next tick."""
+        card's lateness): count it, widen the margin once by that lateness (bounded),
+        refill at the next tick. What beat a margin was late by about the margin, so this
+        about doubles it: the tail of a loaded machine's lateness is learnt in a few
+        underruns, not one per millisecond."""
         self.underruns += 1
         self.dry = True
         ceiling = self.base_margin + WIDEN_MAX_S
         if self.margin < ceiling:
-            step = min(max(late - self.margin, WIDEN_S), WIDEN_STEP_S)
+            step = min(max(late, WIDEN_S), WIDEN_STEP_S)
             self.margin = min(self.margin + step, ceiling)
             self.widenings += 1
 
