@@ -33,8 +33,7 @@
 /* ring.py's counters */
 enum { WRITTEN, READ, SKIP_ASKED, SKIP_DONE };
 /* card_process.py's counters */
-enum { XRUNS, TX_UNDERRUNS, RX_DROPPED, WINDOW, TX_LOW, TX_LOW_WINDOW, FINISHED, FRAMES, TOTAL,
-       STAMP, STAMP_FRAME, TX_MISSING };
+enum { XRUNS, TX_UNDERRUNS, RX_DROPPED, FINISHED, FRAMES, TOTAL, STAMP, STAMP_FRAME, COUNTERS };
 
 typedef struct {
     int64_t *counters;
@@ -44,11 +43,10 @@ typedef struct {
 
 typedef struct {
     ring_t rx, tx;
-    int64_t *status;          /* this lane's counts: TX_UNDERRUNS, TX_MISSING, TX_LOW… */
+    int64_t *status;          /* this lane's counts: TX_UNDERRUNS, RX_DROPPED */
     int32_t input_channel, output_channel;
     int32_t serving;          /* played a whole period since it last ran dry */
     int32_t unused;
-    int64_t window, low;      /* the least playback level over the tick's window */
 } lane_t;
 
 typedef struct {
@@ -121,22 +119,10 @@ static void serve_lane(lane_t *lane, const float *in, int in_channels, float *ou
     if (out == NULL)
         return;
     int64_t got = ring_pop(&lane->tx, out + lane->output_channel, out_channels, frames);
-    if (got < frames) {
-        /* an underrun is counted once per run dry, not again until a whole period played;
-         * the frames it lacked are all counted: how far the FIFO fell short */
-        if (lane->serving)
-            s[TX_UNDERRUNS] += 1;
-        s[TX_MISSING] += frames - got;
-        lane->serving = 0;
-        return;
-    }
-    lane->serving = 1;
-    int64_t level = load(&lane->tx.counters[WRITTEN]) - own(&lane->tx.counters[READ]);
-    int64_t window = __atomic_load_n(&s[WINDOW], __ATOMIC_RELAXED);  /* the tick's */
-    lane->low = (window != lane->window || level < lane->low) ? level : lane->low;
-    lane->window = window;
-    s[TX_LOW] = lane->low;
-    s[TX_LOW_WINDOW] = window;
+    /* an underrun is counted once per run dry, not again until a whole period played */
+    if (got < frames && lane->serving)
+        s[TX_UNDERRUNS] += 1;
+    lane->serving = got == frames;
 }
 
 /* PortAudio's PaStreamCallback, for interleaved float32 buffers. */
@@ -251,7 +237,7 @@ static PyObject *py_stamp(PyObject *self, PyObject *args)
     Py_buffer status, clock;
     if (!PyArg_ParseTuple(args, "w*w*:stamp", &status, &clock))
         return NULL;
-    if (status.len < (Py_ssize_t)((TX_MISSING + 1) * sizeof(int64_t))
+    if (status.len < (Py_ssize_t)(COUNTERS * sizeof(int64_t))
         || clock.len < (Py_ssize_t)sizeof(double)) {
         PyBuffer_Release(&status);
         PyBuffer_Release(&clock);

@@ -54,21 +54,8 @@ RING_SAMPLES = 1 << 18  # 5.4 s at 48 kHz, 1.4 s at 192 kHz: room for any stall 
 RING_BYTES = _callback.RING_HEADER_BYTES + 4 * RING_SAMPLES
 
 # The callback's counters (int64), shared with the tick; _callback.c has the same list.
-(
-    XRUNS,
-    TX_UNDERRUNS,
-    RX_DROPPED,
-    WINDOW,
-    TX_LOW,
-    TX_LOW_WINDOW,
-    FINISHED,
-    FRAMES,
-    TOTAL,
-    STAMP,
-    STAMP_FRAME,
-    TX_MISSING,
-) = range(12)
-COUNTERS = 12
+XRUNS, TX_UNDERRUNS, RX_DROPPED, FINISHED, FRAMES, TOTAL, STAMP, STAMP_FRAME = range(8)
+COUNTERS = 8
 STATUS_BYTES = COUNTERS * 8 + 8  # the counters, then the last callback's time (float64)
 BLOCK_BYTES = STATUS_BYTES + 2 * RING_BYTES  # status, capture ring, playback ring
 
@@ -110,8 +97,6 @@ class Lane(ctypes.Structure):
         ("output_channel", ctypes.c_int32),
         ("serving", ctypes.c_int32),
         ("unused", ctypes.c_int32),
-        ("window", ctypes.c_int64),
-        ("low", ctypes.c_int64),
     ]
 
     @classmethod
@@ -139,8 +124,6 @@ class Lane(ctypes.Structure):
             input_channel,
             output_channel,
             0,
-            0,
-            -1,
             0,
         )
 

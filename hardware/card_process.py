@@ -49,11 +49,7 @@ from .card_main import (  # noqa: F401  (the card's layout and request, for the 
     STAMP_FRAME,
     STATUS_BYTES,
     TOTAL,
-    TX_LOW,
-    TX_LOW_WINDOW,
-    TX_MISSING,
     TX_UNDERRUNS,
-    WINDOW,
     XRUNS,
     OpenRequest,
     name_jack_client,
@@ -167,8 +163,8 @@ class StreamCallback:
 
     The callback itself is C (``_callback.c``): it copies each lane's input channel into
     its capture ring and its playback ring into its output channel, and keeps the counts
-    the tick needs (xruns, underruns once per run dry, the least playback level over the
-    tick's window, frames per call and in all). A card's own process builds its stream
+    the tick needs (xruns, underruns once per run dry, frames per call and in all, the
+    last call's time). A card's own process builds its stream
     from addresses (``card_main``); this builds one over NumPy arrays, for a stream in a
     process that has them. It must outlive the stream.
     """
