@@ -12,6 +12,7 @@ from contextlib import closing
 
 import numpy as np
 import pytest
+from gateway.hardware.guardian import HEARTBEAT_TIMEOUT_S
 
 from tests.hardware.gwrun import EventLog, build, drive
 from tests.hardware.jackradio import (
@@ -104,10 +105,24 @@ def onset(x: np.ndarray, threshold_db: float = -30.0, step: int = RATE // 200) -
     return None
 
 
-def audible_seconds(x: np.ndarray, threshold_db: float = -30.0, step: int = RATE // 200) -> float:
-    blocks = x[: len(x) - len(x) % step].reshape(-1, step)
+STEP = RATE // 200  # audio is judged in 5 ms blocks
+
+
+def loud(x: np.ndarray, threshold_db: float = -30.0) -> np.ndarray:
+    """Which 5 ms blocks of ``x`` are above the threshold."""
+    blocks = x[: len(x) - len(x) % STEP].reshape(-1, STEP)
     rms = np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=1))
-    return float(np.sum(20 * np.log10(np.maximum(rms, 1e-9)) > threshold_db) * step / RATE)
+    return 20 * np.log10(np.maximum(rms, 1e-9)) > threshold_db
+
+
+def audible_seconds(x: np.ndarray) -> float:
+    return float(np.sum(loud(x)) * STEP / RATE)
+
+
+def audible_until(x: np.ndarray) -> float:
+    """Where the last audible block ends (seconds into ``x``; 0: none)."""
+    blocks = np.flatnonzero(loud(x))
+    return (int(blocks[-1]) + 1) * STEP / RATE if blocks.size else 0.0
 
 
 def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, radio_sim, tmp_path):
@@ -236,30 +251,35 @@ def test_half_duplex_radio_never_hears_itself_or_talks_while_keyed(
 def test_transmit_tot_drops_ptt_and_audio_while_the_talker_goes_on(
     jack_server, radio_sim, tmp_path
 ):
+    """Bounds from what the design guarantees, not from when this thread looked: the
+    guardian trips at the TOT and never before (later only by how late it is woken), and
+    the port mutes from the tick that hears of the trip."""
     hid = tmp_path / "hidraw_b"
     hid.touch()
     b = radio(str(hid), 'tx_tot = "1s"')
     gw = build(tmp_path, site_toml({"radio_a": radio(), "radio_b": b}))
     sim = radio_sim(2)
     connect(sim, 2)
-    signal = tone(1000, 2.5, -12)
+    signal = tone(1000, 4.0, -12)  # the talker goes on 3 s past the TOT
 
     def scenario():
         wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
         start = sim.start(0, signal)
         wait_for(lambda: hid_keyed(hid) is True, 3, "radio B's PTT")
-        wait_for(lambda: hid_keyed(hid) is False, 3, "the transmit TOT")
-        assert sim.frame < start + len(signal), "PTT dropped only when the talker stopped"
-        wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 5, "the over to end")
+        wait_for(lambda: hid_keyed(hid) is False, 5, "the transmit TOT")
+        wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 10, "the over to end")
         return start
 
     start = drive(gw, scenario)
     stats = gw.ports["radio_b"].stats()
     assert stats["tot_trips"] == 1
-    assert abs(stats["tx_seconds"] - 1.0) < 0.05
+    assert stats["tx_seconds"] >= 1.0 - 1e-6, "the TOT tripped early"
     heard = sim.recorded(1, since=start)
-    # Keyed at t, audio through the card a few ms later, muted at the trip: about 1 s.
-    assert 0.8 < audible_seconds(heard) < 1.05, "audio went on after the TOT"
+    # B went quiet while A still talked: read on the simulator's sample clock.
+    assert audible_until(heard) < len(signal) / RATE - 1.0, "audio went on after the TOT"
+    # Audio no longer than PTT was up, plus the time the gateway may take to hear of the
+    # trip (the guardian's heartbeat budget) and the card's queue to play out.
+    assert 0.5 < audible_seconds(heard) < stats["tx_seconds"] + HEARTBEAT_TIMEOUT_S
 
 
 def test_a_tone_crosses_when_the_card_calls_back_once_a_frame(jack_server, tmp_path):
