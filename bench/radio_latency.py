@@ -3,8 +3,10 @@
     .venv/bin/python bench/radio_latency.py                          # period 256, 60 s tone
     .venv/bin/python bench/radio_latency.py --load 1                 # stress-ng --cpu 1 beside
     .venv/bin/python bench/radio_latency.py --periods 256 960 --frame 10ms --realtime
+    .venv/bin/python bench/radio_latency.py --server mine                # jackd -n minep256
 
-For each JACK dummy period (48 kHz) this starts its own uniquely named jackd, then:
+For each JACK dummy period (48 kHz) this starts its own jackd (``--server`` names it,
+default unique to the run; the period is appended), then:
 
 1. *server baseline*: a PortAudio pass-through stream (input copied to output in the
    callback): the audio server's own buffering;
@@ -18,7 +20,9 @@ For each JACK dummy period (48 kHz) this starts its own uniquely named jackd, th
    below the tone's level is a *gap*; a step of the tone's phase between blocks of more
    than 0.5 rad is a *jump* (the audio skipped or repeated). Gaps and jumps within 20 ms
    of each other are one *glitch*. Also the pitch error (median, and the worst second)
-   and the gateway's own counts: underruns, xruns, samples dropped, margin widenings.
+   and the gateway's own counts: underruns, xruns, samples dropped, margin widenings;
+   and the CPU the gateway's process and its card processes used over the tone (% of
+   one core; the radio simulator, jackd and stress-ng are not counted).
 
 ``--load N`` runs ``stress-ng --cpu N`` beside the whole run (it stops by itself).
 Figures on a shared 2-core machine are noisy: the load average is printed with them.
@@ -206,9 +210,10 @@ def through_gateway(
         if tone_seconds:
             start = sim.start(0, tone(TONE_HZ, 1.0, TONE_DBFS), loop=True)
             time.sleep(2.0)  # squelch open, PTT up, B playing
-            before, since = counts(), sim.frame
+            before, since, cpu = counts(), sim.frame, cpu_seconds()
             time.sleep(tone_seconds)
             during = {k: v - before[k] for k, v in counts().items()}
+            used = [(b - a) / tone_seconds * 100 for a, b in zip(cpu, cpu_seconds(), strict=True)]
             heard = sim.recorded(1, since=max(since, start))
             sim.silence(0)
             out["tone"] = {
@@ -216,6 +221,8 @@ def through_gateway(
                 **during,
                 "seconds": len(heard) / RATE,
                 "late_ticks": gw.clock.late_ticks,
+                "cpu_gateway": used[0],
+                "cpu_cards": used[1],
             }
 
     try:
@@ -223,6 +230,22 @@ def through_gateway(
     finally:
         sim.close()
     return out
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time so far of this process (the gateway) and of its card processes (children
+    started as ``python -I -S -c``: ``card_process.card_command``), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    me, cards = str(os.getpid()), 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        if fields[1] == me and command[1:4] == [b"-I", b"-S", b"-c"]:
+            cards += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return time.process_time(), cards
 
 
 def run_beside(gw, work: Callable[[], None]) -> None:
@@ -265,6 +288,7 @@ def main() -> int:
     parser.add_argument("--periods", type=int, nargs="+", default=[256])
     parser.add_argument("--bursts", type=int, default=20)
     parser.add_argument("--tone-seconds", type=float, default=60.0)
+    parser.add_argument("--server", default=f"blbench{os.getpid()}", help="jackd -n prefix")
     parser.add_argument("--frame", default="20ms", help="engine frame: 20ms or 10ms")
     parser.add_argument("--margin", default=None, help="the radios' buffer_margin")
     parser.add_argument(
@@ -309,7 +333,7 @@ def main() -> int:
     rows, tones = [], []
     try:
         for period in args.periods:
-            server = f"blbench{os.getpid()}p{period}"
+            server = f"{args.server}p{period}"
             jackd = start_jackd(server, period=period)
             try:
                 portaudio_on(server)
@@ -373,7 +397,7 @@ def main() -> int:
         print(
             f"{'period':>6} {'seconds':>7} {'glitches':>8} {'gaps':>5} {'jumps':>5} "
             f"{'pitch ppm':>9} {'worst s':>7} {'rx/tx under':>11} {'xruns':>5} "
-            f"{'dropped':>7} {'widened':>7} {'late ticks':>10}"
+            f"{'dropped':>7} {'widened':>7} {'late ticks':>10} {'CPU gw %':>8} {'cards %':>7}"
         )
         for period, t in tones:
             print(
@@ -381,12 +405,13 @@ def main() -> int:
                 f"{t['jumps']:>5} {t['pitch_ppm']:>+9.1f} {t['worst_second_ppm']:>7.0f} "
                 f"{t['rx_underruns']:>5.0f}/{t['tx_underruns']:<5.0f} {t['xruns']:>5.0f} "
                 f"{t['dropped_samples']:>7.0f} {t['margin_widenings']:>7.0f} "
-                f"{t['late_ticks']:>10}"
+                f"{t['late_ticks']:>10} {t['cpu_gateway']:>8.1f} {t['cpu_cards']:>7.1f}"
             )
         print(
             f"  gaps = 1 ms blocks {GAP_DB:.0f} dB or more below the tone; jumps = steps of "
             f"its phase over {JUMP_RAD} rad; glitches = gaps and jumps, {GLITCH_JOIN} ms "
-            "apart or more counted apart; counts are both cards' over the tone"
+            "apart or more counted apart; counts are both cards' over the tone; CPU in % of "
+            "one core: the gateway's process, and both card processes together"
         )
     return 0
 
