@@ -210,7 +210,7 @@ def through_gateway(
         if tone_seconds:
             start = sim.start(0, tone(TONE_HZ, 1.0, TONE_DBFS), loop=True)
             time.sleep(2.0)  # squelch open, PTT up, B playing
-            before, since, cpu = counts(), sim.frame, cpu_seconds()
+            before, since, cpu, late = counts(), sim.frame, cpu_seconds(), gw.clock.late_ticks
             time.sleep(tone_seconds)
             during = {k: v - before[k] for k, v in counts().items()}
             used = [(b - a) / tone_seconds * 100 for a, b in zip(cpu, cpu_seconds(), strict=True)]
@@ -220,7 +220,7 @@ def through_gateway(
                 **glitches(heard),
                 **during,
                 "seconds": len(heard) / RATE,
-                "late_ticks": gw.clock.late_ticks,
+                "late_ticks": gw.clock.late_ticks - late,
                 "cpu_gateway": used[0],
                 "cpu_cards": used[1],
             }
