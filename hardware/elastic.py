@@ -58,9 +58,16 @@ class ElasticFifo:
     """A resampler into ``store`` whose ratio holds the level at the tick at the target."""
 
     def __init__(
-        self, store: Store, in_rate: int, out_rate: int, margin: float, max_ppm: float
+        self,
+        store: Store,
+        in_rate: int,
+        out_rate: int,
+        margin: float,
+        max_ppm: float,
+        periods: int = 1,
     ) -> None:
         self.store, self.in_rate, self.out_rate = store, in_rate, out_rate
+        self.periods = periods  # card periods in the target, before the margin
         self.margin = self.base_margin = margin
         self.limit = max_ppm * 1e-6
         self.resampler = _resampler(in_rate, out_rate)
@@ -96,7 +103,7 @@ class ElasticFifo:
         length: one step of the PI loop, or a correction at once. A FIFO that ran dry
         (or is starting) goes straight to its target once the card is ``on_time`` again
         (the audio a late card still owes would otherwise be latency)."""
-        target = period + self.margin
+        target = self.periods * period + self.margin
         self.level = level
         if self.dry:
             if on_time:

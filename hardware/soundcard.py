@@ -79,7 +79,11 @@ class SoundCard:
         self.stream = CardStream(spec, name)
         self.received = Received()
         self.rx = ElasticFifo(self.received, self.stream.rate, rate, spec.margin, spec.max_ppm)
-        self.tx = ElasticFifo(Playback(self), rate, self.stream.rate, spec.margin, spec.max_ppm)
+        # Transmit rides a late tick, which is common (receive rides a late callback, rare):
+        # it starts a card period deeper.
+        self.tx = ElasticFifo(
+            Playback(self), rate, self.stream.rate, spec.margin, spec.max_ppm, periods=2
+        )
         self.generation = 0  # of the stream our side was last started for
         self.tx_underruns_seen = 0
         self.ran_dry = False  # a FIFO ran dry: its refill places the card's cycle afresh
