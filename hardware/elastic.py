@@ -3,7 +3,7 @@
 The card runs on its own crystal, the engine on its own clock. Between them each
 direction holds a small FIFO, and its *level at the tick's instant* (computed by the card
 stream from its callback's timestamps: see ``soundcard``) is held at a fixed target,
-one card period plus a margin, by one PI loop that bends a fine resampling ratio
+one card period (transmit: two) plus a margin, by one PI loop that bends a fine resampling ratio
 (± ``max_ppm``). That is zalsa's scheme (zita-ajbridge): the level is measured as if the
 card moved its audio continuously, so it does not saw-tooth with the card's periods or
 the engine's frames, and needs no low-water windows.

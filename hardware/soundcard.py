@@ -10,7 +10,10 @@ or minus (transmit) how far the card had gone into its period by then. So measur
 level neither saw-tooths with the card's periods nor jumps with a late tick. Its target
 is one card period plus a margin, whatever the tick's phase against the card's cycle
 (the receive FIFO must ride a tick just before a callback, the transmit FIFO one just
-after): nothing follows the card's phase, and the engine keeps its own clock.
+after): nothing follows the card's phase, and the engine keeps its own clock. Transmit
+holds one period more: it must ride a late tick, which a loaded machine has every few
+seconds (measured: ``bench/radio_latency.py --load 1``), where receive rides a late
+callback, which is rare.
 """
 
 from __future__ import annotations

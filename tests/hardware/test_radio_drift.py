@@ -36,6 +36,8 @@ DEV = 48000
 PERIOD = 256
 N = 320  # 20 ms at 16 kHz
 FRAME_S = 0.02
+RX_TARGET = PERIOD / DEV + 0.002  # a period plus the simulated card's 2 ms margin
+TX_TARGET = 2 * PERIOD / DEV + 0.002  # transmit starts a period deeper (it rides late ticks)
 TONE = 0.25 * np.sin(2 * np.pi * 1000 * np.arange(48000) / DEV)  # a whole number of cycles
 
 
@@ -105,7 +107,7 @@ def engine_tone(tick: int) -> np.ndarray:
 def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
     """Three minutes of one long over, the card 300 ppm off the engine: after a minute to
     learn the drift, nothing runs dry or is dropped, the ratios are the drift, and the
-    levels stay at one period plus the margin from minute 1 to minute 3."""
+    levels stay at their targets from minute 1 to minute 3."""
     sim = SimulatedCard(ppm)
     levels, ratios = [], []
     for tick in range(3 * 60 * 50):
@@ -123,8 +125,7 @@ def test_fifos_neither_underrun_nor_grow_when_the_card_drifts(ppm):
     rx_ppm, tx_ppm = np.mean(ratios, axis=0)
     assert abs(-rx_ppm - ppm) < 30, rx_ppm
     assert abs(tx_ppm - ppm) < 30, tx_ppm
-    target = PERIOD / DEV + 0.002
-    for level in np.array(levels).T:
+    for level, target in zip(np.array(levels).T, (RX_TARGET, TX_TARGET), strict=True):
         first, last = np.mean(level[:1500]), np.mean(level[-1500:])
         assert abs(first - target) < 0.0005 and abs(last - target) < 0.0005, (first, last)
 
@@ -169,8 +170,8 @@ def test_an_underrun_is_refilled_at_once_and_widens_the_margin_once(lost):
     assert stats["rx_underruns"] == 1 and stats["tx_underruns"] == 0, stats
     margin = 0.002 + (WIDEN_STEP_S if lost else WIDEN_S)
     assert sim.card.rx.margin == pytest.approx(margin) and stats["margin_widenings"] == 1
-    assert stats["rx_level_seconds"] == pytest.approx(PERIOD / DEV + margin, abs=0.0005)
-    assert stats["tx_level_seconds"] == pytest.approx(PERIOD / DEV + 0.002, abs=0.0005)
+    assert stats["rx_level_seconds"] == pytest.approx(RX_TARGET - 0.002 + margin, abs=0.0005)
+    assert stats["tx_level_seconds"] == pytest.approx(TX_TARGET, abs=0.0005)
 
 
 def test_a_late_tick_runs_transmit_dry_once_and_it_is_refilled():
@@ -186,7 +187,7 @@ def test_a_late_tick_runs_transmit_dry_once_and_it_is_refilled():
     assert stats["tx_underruns"] == 1 and stats["rx_underruns"] == 0, stats
     margin = 0.002 + min(0.015, WIDEN_STEP_S)
     assert sim.card.tx.margin == pytest.approx(margin) and stats["margin_widenings"] == 1
-    assert stats["tx_level_seconds"] == pytest.approx(PERIOD / DEV + margin, abs=0.0005)
+    assert stats["tx_level_seconds"] == pytest.approx(TX_TARGET - 0.002 + margin, abs=0.0005)
 
 
 def test_audio_piled_up_behind_an_engine_stall_is_cut_at_once():
@@ -202,7 +203,7 @@ def test_audio_piled_up_behind_an_engine_stall_is_cut_at_once():
         tick += 11 if tick == 20 * 50 else 1
     stats = sim.stats()
     assert stats["dropped_samples"] > 0.15 * 16000
-    assert max(delays[-200:]) < PERIOD / DEV + 0.002 + 0.002, max(delays[-200:])
+    assert max(delays[-200:]) < RX_TARGET + 0.002, max(delays[-200:])
     assert stats["rx_underruns"] == 0  # (transmit ran dry in the stall, and was refilled)
 
 
@@ -239,7 +240,9 @@ squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
                 excess, start = [], gw.engine.tick_count
                 for tick in range(start + 50, start + 40 * 50, 10):
                     wait_for(lambda t=tick: gw.engine.tick_count >= t, 10, "ticks")
-                    excess.append((over_target(a.stats(), "rx"), over_target(b.stats(), "tx")))
+                    excess.append(
+                        (over_target(a.stats(), "rx", 1), over_target(b.stats(), "tx", 2))
+                    )
                 return excess, sim.frame
 
             excess, end = drive(gw, scenario, timeout=90)
@@ -249,6 +252,6 @@ squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
     assert abs(steady_db(heard) - steady_db(tone(1000, 1.0, -12))) < 1.0
 
 
-def over_target(stats: dict[str, float], way: str) -> float:
-    """How far a FIFO's level is above its target (a period plus its margin)."""
-    return stats[f"{way}_level_seconds"] - 256 / 48000 - stats[f"{way}_margin_seconds"]
+def over_target(stats: dict[str, float], way: str, periods: int) -> float:
+    """How far a FIFO's level is above its target (``periods`` card periods plus its margin)."""
+    return stats[f"{way}_level_seconds"] - periods * 256 / 48000 - stats[f"{way}_margin_seconds"]
