@@ -40,6 +40,12 @@ def card_client(port: str) -> str:
     return jack_client_name(port)
 
 
+# No condition is given up on sooner: on a shared 2-core machine at load 15 (stress-ng
+# beside eight test suites) a gateway takes over 5 s to tick and a Python process over
+# 20 s to start and report. A wait is a bound on a hang, never on speed.
+LEAST_WAIT_S = 30.0
+
+
 def start_jackd(name: str, rate: int = RATE, period: int = PERIOD) -> subprocess.Popen:
     jackd = require_binary("jackd")
     env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1"}
@@ -184,7 +190,7 @@ class RadioSim:
         """Times a radio's playback ring ran dry: the simulator's own fault, never expected."""
         return int(self._counter[1])
 
-    def connect(self, radio: int, client: str, timeout: float = 15.0) -> None:
+    def connect(self, radio: int, client: str, timeout: float = LEAST_WAIT_S) -> None:
         """Wire radio ``radio`` to a sound card's JACK ``client`` (in_0 / out_0), once it
         shows up (a card's process may still be starting)."""
         self._ask("connect", radio, client, timeout, timeout=timeout + 5)

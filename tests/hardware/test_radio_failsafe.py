@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.hardware.gwrun import build, drive
-from tests.hardware.jackradio import hid_keyed, site_toml, start_jackd, stop_jackd
+from tests.hardware.jackradio import LEAST_WAIT_S, hid_keyed, site_toml, start_jackd, stop_jackd
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.jack
@@ -110,8 +110,10 @@ def gateway_process(jack_server: str, site: Path, mode: str) -> subprocess.Popen
     )
 
 
-def statuses(proc: subprocess.Popen, until, timeout: float = 20.0) -> dict:
-    """Read the JSON status lines until ``until(status)``; fail after ``timeout``."""
+def statuses(proc: subprocess.Popen, until, timeout: float = LEAST_WAIT_S) -> dict:
+    """Read the JSON status lines until ``until(status)``; fail after ``timeout`` (at least
+    ``LEAST_WAIT_S``: a gateway process starting on a loaded machine takes that long)."""
+    timeout = max(timeout, LEAST_WAIT_S)
     found: dict = {}
 
     def read():
