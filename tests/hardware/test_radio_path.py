@@ -212,11 +212,13 @@ def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, mon
     heard_c = sim.recorded(2, since=start)
     on_b, on_c = onset(heard_b), onset(heard_c)
     assert on_b is not None and on_c is not None, "the over did not reach both radios"
-    # PTT up, then the first audio into B's transmitter no sooner than the TX delay
-    # (one JACK period of timing resolution); later by the path's own buffering only.
+    # PTT up, then the first audio into B's transmitter. The audio is held the TX delay
+    # from the gateway's request (checked against radio C below, on the sample clock);
+    # the line rises when the guardian process runs, later by its own scheduling on a
+    # loaded machine (194.5 ms PTT→audio seen at load 10), so against the line the design
+    # guarantees only that the audio does not come first, and not much later.
     ptt_to_audio = sim.monotonic_at(start + on_b) - keyed_at
-    period = sim.blocksize / RATE
-    assert 0.2 - period <= ptt_to_audio < 0.2 + 0.15, f"PTT→audio {ptt_to_audio * 1000:.0f} ms"
+    assert 0 < ptt_to_audio < 0.2 + 0.15, f"PTT→audio {ptt_to_audio * 1000:.0f} ms"
     # Radio C has no TX delay: it gets the over about 200 ms sooner.
     extra = (on_b - on_c) / RATE
     assert 0.15 < extra < 0.25, f"TX delay measured {extra * 1000:.1f} ms, set 200 ms"
