@@ -21,13 +21,21 @@ from gateway.app import Gateway
 from gateway.config import load_config
 
 
+def losses(gw: Gateway) -> int:
+    """Every loss a radio's audio can show as a gap: FIFO underruns and audio-server xruns."""
+    cards = [port.card.stats() for port in gw.ports.values() if hasattr(port, "card")]
+    return int(sum(c["rx_underruns"] + c["tx_underruns"] + c["xruns"] for c in cards))
+
+
 def status(gw: Gateway) -> None:
     radio = gw.ports["radio_b"]
     other = gw.ports.get("other")
     print(
         json.dumps(
             {
+                "now": time.monotonic(),  # system-wide: a test compares it with its own
                 "tick": gw.engine.tick_count,
+                "losses": losses(gw),
                 "keyed": radio.ptt.keyed,
                 "device_up": radio.card.up,
                 "device_errors": radio.stats()["device_errors"],
