@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from gateway.hardware.card_process import CardBlock, CardProcess, OpenRequest
 
+from tests.hardware.jackradio import LEAST_WAIT_S
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.jack
@@ -64,7 +65,9 @@ def test_the_card_process_locks_its_rings_and_callback_code_and_little_else(card
         return [m for m in mappings(pid) if "lo" in m["flags"]]
 
     # the block is locked before the stream's first callbacks; the code once it has run
-    wait_for(lambda: any("_callback" in m["path"] for m in locked()), 10, "the code locked")
+    wait_for(
+        lambda: any("_callback" in m["path"] for m in locked()), LEAST_WAIT_S, "the code locked"
+    )
     paths = [m["path"] for m in locked()]
     assert f"/dev/shm/{block.name}" in paths, "the rings are not locked"
     assert any("libportaudio" in p for p in paths), "PortAudio's code is not locked"

@@ -22,6 +22,7 @@ from gateway.hardware.soundcard import CardSpec, SoundCard
 from tests.hardware import failsafe_site
 from tests.hardware.gwrun import build, drive
 from tests.hardware.jackradio import (
+    LEAST_WAIT_S,
     RATE,
     RadioSim,
     card_client,
@@ -235,17 +236,17 @@ squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
             a, b = (gw.ports[name].card for name in ("radio_a", "radio_b"))
 
             def scenario() -> tuple[list[tuple[float, float]], int, int]:
-                wait_for(lambda: gw.engine.tick_count > 25, 10, "the gateway to tick")
+                wait_for(lambda: gw.engine.tick_count > 25, LEAST_WAIT_S, "the gateway to tick")
                 sim.start(0, tone(1000, 1.0, -12), loop=True)
                 excess, start = [], gw.engine.tick_count
                 for tick in range(start + 50, start + 40 * 50, 10):
-                    wait_for(lambda t=tick: gw.engine.tick_count >= t, 10, "ticks")
+                    wait_for(lambda t=tick: gw.engine.tick_count >= t, LEAST_WAIT_S, "ticks")
                     excess.append(
                         (over_target(a.stats(), "rx", 1), over_target(b.stats(), "tx", 2))
                     )
                 before = failsafe_site.losses(gw)
                 since = sim.frame + RATE // 5  # (what B plays lags the count by the path)
-                wait_for(lambda: sim.frame > since + 3 * RATE, 10, "three seconds more")
+                wait_for(lambda: sim.frame > since + 3 * RATE, LEAST_WAIT_S, "three seconds more")
                 return excess, since, failsafe_site.losses(gw) - before
 
             excess, since, lost = drive(gw, scenario, timeout=90)

@@ -49,7 +49,7 @@ def test_normal_stop_unkeys(jack_server, tmp_path, hid):
     gw = build(tmp_path, keyed_site(hid))
 
     def scenario():
-        wait_for(lambda: hid_keyed(hid) is True, 5, "radio B keyed by the tone")
+        wait_for(lambda: hid_keyed(hid) is True, LEAST_WAIT_S, "radio B keyed by the tone")
 
     drive(gw, scenario)
     assert hid_keyed(hid) is False
@@ -61,7 +61,7 @@ def test_reload_that_removes_or_changes_the_port_unkeys_it(jack_server, tmp_path
     old_port = gw.ports["radio_b"]
 
     def scenario():
-        wait_for(lambda: hid_keyed(hid) is True, 5, "radio B keyed by the tone")
+        wait_for(lambda: hid_keyed(hid) is True, LEAST_WAIT_S, "radio B keyed by the tone")
         text = (tmp_path / "site.toml").read_text()
         if change == "removed":
             text = text.replace('"radio_b"', '"source"').replace("[ports.radio_b]", "[ports.old_b]")
@@ -82,7 +82,7 @@ def test_reload_that_removes_or_changes_the_port_unkeys_it(jack_server, tmp_path
         assert result["r"].ok, result["r"].error
         assert not old_port.ptt.keyed
         if change == "changed":  # the new port for the same radio keys again
-            wait_for(lambda: gw.ports["radio_b"].ptt.keyed, 5, "the new port to key")
+            wait_for(lambda: gw.ports["radio_b"].ptt.keyed, LEAST_WAIT_S, "the new port to key")
 
     gw_loop: dict = {}
     original = gw.run
@@ -178,7 +178,7 @@ def test_stalled_sound_card_unkeys_is_marked_down_and_resumes(tmp_path, hid):
         jackd.send_signal(signal.SIGSTOP)  # no more callbacks: the card is gone
         down = statuses(proc, lambda s: not s.get("device_up", True))
         assert down["device_errors"] >= 1
-        wait_for(lambda: hid_keyed(hid) is False, 3, "PTT to drop with the card")
+        wait_for(lambda: hid_keyed(hid) is False, LEAST_WAIT_S, "PTT to drop with the card")
         later = statuses(proc, lambda s: s.get("tick", 0) > down["tick"] + 25)
         assert later["other_heard"], "the other talkgroup stopped when the card went"
         jackd.send_signal(signal.SIGCONT)  # back
@@ -202,7 +202,7 @@ def test_vanished_audio_server_unkeys_and_does_not_hang_the_gateway(tmp_path, hi
         statuses(proc, lambda s: s.get("keyed"))
         stop_jackd(jackd)
         down = statuses(proc, lambda s: not s.get("device_up", True))
-        wait_for(lambda: hid_keyed(hid) is False, 3, "PTT to drop with the card")
+        wait_for(lambda: hid_keyed(hid) is False, LEAST_WAIT_S, "PTT to drop with the card")
         later = statuses(proc, lambda s: s.get("tick", 0) > down["tick"] + 25)
         assert later["other_heard"], "the other talkgroup stopped when the card went"
     finally:

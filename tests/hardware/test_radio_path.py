@@ -17,6 +17,7 @@ from gateway.hardware.guardian import HEARTBEAT_TIMEOUT_S
 from tests.hardware import failsafe_site
 from tests.hardware.gwrun import EventLog, build, drive
 from tests.hardware.jackradio import (
+    LEAST_WAIT_S,
     RATE,
     RadioSim,
     band_db,
@@ -72,14 +73,18 @@ def test_tone_and_chirp_cross_from_a_to_b(jack_server, radio_sim, tmp_path):
                 gw.ports["radio_a"].card.stats()["rx_buffer_seconds"] > 0
                 or gw.engine.tick_count > 25
             ),
-            5,
+            LEAST_WAIT_S,
             "the gateway to tick",
         )
         before = failsafe_site.losses(gw)
         start = sim.start(0, signal)
-        wait_for(lambda: hid_keyed(hid_b) is True, 3, "radio B's PTT to key")
-        wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 10, "the over to end")
-        wait_for(lambda: hid_keyed(hid_b) is False, 3, "radio B's PTT to drop after the over")
+        wait_for(lambda: hid_keyed(hid_b) is True, LEAST_WAIT_S, "radio B's PTT to key")
+        wait_for(
+            lambda: sim.frame > start + len(signal) + RATE // 2, LEAST_WAIT_S, "the over to end"
+        )
+        wait_for(
+            lambda: hid_keyed(hid_b) is False, LEAST_WAIT_S, "radio B's PTT to drop after the over"
+        )
         return start, failsafe_site.losses(gw) - before
 
     start, lost = drive(gw, scenario)
@@ -141,12 +146,14 @@ def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, rad
     burst = tone(1000, 1.0, -12)
 
     def scenario():
-        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        wait_for(lambda: gw.engine.tick_count > 25, LEAST_WAIT_S, "the gateway to tick")
         at = sim.start(0, quiet)
-        wait_for(lambda: sim.frame > at + len(quiet) + RATE // 4, 5, "the quiet tone")
+        wait_for(lambda: sim.frame > at + len(quiet) + RATE // 4, LEAST_WAIT_S, "the quiet tone")
         assert not events.of("talk_start", "radio_a"), "VOX opened below its threshold"
         start = sim.start(0, burst)
-        wait_for(lambda: events.of("talk_stop", "radio_a"), 5, "radio A's squelch to close")
+        wait_for(
+            lambda: events.of("talk_stop", "radio_a"), LEAST_WAIT_S, "radio A's squelch to close"
+        )
         return start
 
     start = drive(gw, scenario)
@@ -199,10 +206,12 @@ def test_tx_delay_holds_audio_after_key_up(jack_server, radio_sim, tmp_path, mon
     signal = tone(1000, 0.6, -12)
 
     def scenario():
-        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        wait_for(lambda: gw.engine.tick_count > 25, LEAST_WAIT_S, "the gateway to tick")
         start = sim.start(0, signal)
-        wait_for(lambda: rts(modem), 3, "radio B's PTT")
-        wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 5, "the over to end")
+        wait_for(lambda: rts(modem), LEAST_WAIT_S, "radio B's PTT")
+        wait_for(
+            lambda: sim.frame > start + len(signal) + RATE // 2, LEAST_WAIT_S, "the over to end"
+        )
         return start
 
     try:
@@ -247,11 +256,11 @@ def test_half_duplex_radio_never_hears_itself_or_talks_while_keyed(
     connect(sim, 2)
 
     def scenario():
-        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        wait_for(lambda: gw.engine.tick_count > 25, LEAST_WAIT_S, "the gateway to tick")
         start = sim.start(0, tone(1000, 2.0, -12))
-        wait_for(lambda: gw.ports["radio_b"].keyed, 3, "radio B to be keyed")
+        wait_for(lambda: gw.ports["radio_b"].keyed, LEAST_WAIT_S, "radio B to be keyed")
         sim.start(1, tone(700, 1.0, -12))  # B's receiver hears something while it transmits
-        wait_for(lambda: sim.frame > start + int(2.5 * RATE), 5, "the over to end")
+        wait_for(lambda: sim.frame > start + int(2.5 * RATE), LEAST_WAIT_S, "the over to end")
         return start
 
     start = drive(gw, scenario)
@@ -278,11 +287,13 @@ def test_transmit_tot_drops_ptt_and_audio_while_the_talker_goes_on(
     signal = tone(1000, 4.0, -12)  # the talker goes on 3 s past the TOT
 
     def scenario():
-        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        wait_for(lambda: gw.engine.tick_count > 25, LEAST_WAIT_S, "the gateway to tick")
         start = sim.start(0, signal)
-        wait_for(lambda: hid_keyed(hid) is True, 3, "radio B's PTT")
-        wait_for(lambda: hid_keyed(hid) is False, 5, "the transmit TOT")
-        wait_for(lambda: sim.frame > start + len(signal) + RATE // 2, 10, "the over to end")
+        wait_for(lambda: hid_keyed(hid) is True, LEAST_WAIT_S, "radio B's PTT")
+        wait_for(lambda: hid_keyed(hid) is False, LEAST_WAIT_S, "the transmit TOT")
+        wait_for(
+            lambda: sim.frame > start + len(signal) + RATE // 2, LEAST_WAIT_S, "the over to end"
+        )
         return start
 
     start = drive(gw, scenario)
@@ -310,12 +321,14 @@ def test_a_tone_crosses_when_the_card_calls_back_once_a_frame(jack_server, tmp_p
             connect(sim, 2)
 
             def scenario() -> tuple[int, int]:
-                wait_for(lambda: gw.engine.tick_count > 25, 10, "the gateway to tick")
+                wait_for(lambda: gw.engine.tick_count > 25, LEAST_WAIT_S, "the gateway to tick")
                 start = sim.start(0, tone(1000, 1.0, level), loop=True)
-                wait_for(lambda: sim.frame > start + 3 * RATE, 20, "three seconds of tone")
+                wait_for(
+                    lambda: sim.frame > start + 3 * RATE, LEAST_WAIT_S, "three seconds of tone"
+                )
                 before = failsafe_site.losses(gw)
                 since = sim.frame + RATE // 5  # (what B plays lags the count by the path)
-                wait_for(lambda: sim.frame > since + 3 * RATE, 20, "three seconds more")
+                wait_for(lambda: sim.frame > since + 3 * RATE, LEAST_WAIT_S, "three seconds more")
                 return since, failsafe_site.losses(gw) - before
 
             since, lost = drive(gw, scenario)

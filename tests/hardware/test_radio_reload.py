@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.hardware.gwrun import build, drive
-from tests.hardware.jackradio import RATE, card_client, site_toml, tone
+from tests.hardware.jackradio import LEAST_WAIT_S, RATE, card_client, site_toml, tone
 from tests.hardware.test_radio_path import onset, radio
 from tests.waiting import wait_for
 
@@ -47,9 +47,9 @@ def test_a_live_reload_adding_and_removing_radios_leaves_no_gap_in_an_over(
     loop: dict = {}
 
     def scenario():
-        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        wait_for(lambda: gw.engine.tick_count > 25, LEAST_WAIT_S, "the gateway to tick")
         start = sim.start(0, over)
-        wait_for(lambda: sim.frame > start + RATE, 5, "a second of the over")
+        wait_for(lambda: sim.frame > start + RATE, LEAST_WAIT_S, "a second of the over")
         # radio_old goes, radio_new comes: one card process closed, one started
         text = (tmp_path / "site.toml").read_text().replace("radio_old", "radio_new")
         (tmp_path / "site.toml").write_text(text)
@@ -57,7 +57,7 @@ def test_a_live_reload_adding_and_removing_radios_leaves_no_gap_in_an_over(
         result = asyncio.run_coroutine_threadsafe(gw.reload_live(), loop["loop"]).result(20)
         reload_seconds = time.monotonic() - began
         assert result.ok and result.added == ["radio_new"] and result.removed == ["radio_old"]
-        wait_for(lambda: sim.frame > start + len(over) + RATE // 2, 10, "the over to end")
+        wait_for(lambda: sim.frame > start + len(over) + RATE // 2, LEAST_WAIT_S, "the over to end")
         return start, gw.ports["radio_new"].card.up, reload_seconds
 
     original = gw.run

@@ -23,6 +23,7 @@ import pytest
 from tests.hardware import failsafe_site
 from tests.hardware.gwrun import build, drive
 from tests.hardware.jackradio import (
+    LEAST_WAIT_S,
     RATE,
     RadioSim,
     card_client,
@@ -69,8 +70,10 @@ def over_a_to_b(server: str, hid, gateway: subprocess.Popen) -> tuple[np.ndarray
         sim.connect(1, card_client("radio_b"))
         signal_a = tone(1000, OVER_S, LEVEL)
         start = sim.start(0, signal_a)
-        wait_for(lambda: hid_keyed(hid) is True, 5, "radio B's PTT to key")
-        wait_for(lambda: sim.frame > start + len(signal_a) + RATE // 4, 5, "the over to end")
+        wait_for(lambda: hid_keyed(hid) is True, LEAST_WAIT_S, "radio B's PTT to key")
+        wait_for(
+            lambda: sim.frame > start + len(signal_a) + RATE // 4, LEAST_WAIT_S, "the over to end"
+        )
         heard = sim.recorded(1, since=start)
     finally:
         sim.close()
@@ -101,7 +104,9 @@ def test_killed_and_restarted_audio_server_resumes_audio_and_ptt(tmp_path, monke
     try:
         statuses(proc, lambda s: all(s.get("up", {"-": False}).values()))
         check_tone(*over_a_to_b(server, hid, proc))  # the path works before the crash
-        wait_for(lambda: hid_keyed(hid) is False, 3, "radio B's PTT to drop after the over")
+        wait_for(
+            lambda: hid_keyed(hid) is False, LEAST_WAIT_S, "radio B's PTT to drop after the over"
+        )
 
         jackd.kill()  # the audio server crashes: no goodbye to its clients
         jackd.wait()
@@ -149,13 +154,13 @@ ptt = {{ type = "cm108", device = "{hid}" }}
         assert hid_keyed(hid) is not True, "keyed a radio whose card is not there"
         jackd = start_jackd(server)
         statuses(proc, lambda s: s.get("up") == {"radio_b": True}, 40)
-        wait_for(lambda: hid_keyed(hid) is True, 5, "radio B's PTT once its card is up")
+        wait_for(lambda: hid_keyed(hid) is True, LEAST_WAIT_S, "radio B's PTT once its card is up")
         before = counted_since(proc, time.monotonic())
         sim = RadioSim(server, 1, seconds=5)
         try:
             sim.connect(0, card_client("radio_b"))
             at = sim.frame
-            wait_for(lambda: sim.frame > at + OVER_S * RATE, 5, "B's transmit audio")
+            wait_for(lambda: sim.frame > at + OVER_S * RATE, LEAST_WAIT_S, "B's transmit audio")
             heard = sim.recorded(0, since=at + RATE // 4)
         finally:
             sim.close()
@@ -187,17 +192,25 @@ def test_a_card_process_killed_mid_over_drops_ptt_and_comes_back_alone(
     pid_a = card_a.stream.process.process.pid
 
     def scenario():
-        wait_for(lambda: gw.engine.tick_count > 25, 5, "the gateway to tick")
+        wait_for(lambda: gw.engine.tick_count > 25, LEAST_WAIT_S, "the gateway to tick")
         first = sim.start(0, tone(1000, 3.0, LEVEL))
-        wait_for(lambda: hid_keyed(hid) is True, 3, "radio B's PTT to key")
+        wait_for(lambda: hid_keyed(hid) is True, LEAST_WAIT_S, "radio B's PTT to key")
         os.kill(card_b.stream.process.process.pid, signal.SIGKILL)
-        wait_for(lambda: hid_keyed(hid) is False, 1, "radio B's PTT to drop with its card")
-        wait_for(lambda: card_b.up and card_b.counts["reopens"] == 1, 10, "radio B's card back")
+        wait_for(
+            lambda: hid_keyed(hid) is False, LEAST_WAIT_S, "radio B's PTT to drop with its card"
+        )
+        wait_for(
+            lambda: card_b.up and card_b.counts["reopens"] == 1, LEAST_WAIT_S, "radio B's card back"
+        )
         sim.connect(1, card_client("radio_b"))  # a new JACK client: wire the radio again
-        wait_for(lambda: sim.frame > first + int(3.5 * RATE), 5, "the first over to end")
+        wait_for(lambda: sim.frame > first + int(3.5 * RATE), LEAST_WAIT_S, "the first over to end")
         before = failsafe_site.losses(gw)
         start = sim.start(0, tone(1000, OVER_S, LEVEL))
-        wait_for(lambda: sim.frame > start + (OVER_S + 0.25) * RATE, 5, "the second over to end")
+        wait_for(
+            lambda: sim.frame > start + (OVER_S + 0.25) * RATE,
+            LEAST_WAIT_S,
+            "the second over to end",
+        )
         return start, failsafe_site.losses(gw) - before, card_a.stream.process.process.pid
 
     start, lost, pid_a_after = drive(gw, scenario)
