@@ -12,9 +12,13 @@ codec):
   ring, while the packet itself waits in the leg's :class:`~gateway.sip.opus.OpusLeg`.
   When the jitter bank plays a slot, the leg decodes that packet into the row's
   frame; a missing one is decoded from the next packet's in-band FEC if that has
-  arrived, else concealed by libopus. A packet that is not a 20 ms Opus packet is
-  dropped and counted (``opus``). Opus packets cannot be cut, so an Opus row's playout
-  point moves in whole packets (:class:`~gateway.sip.jitter.JitterBank` ``whole``);
+  arrived (and carries FEC), else concealed by libopus. No packet is held back in case
+  its successor's FEC is needed, as in WebRTC's NetEq: that would cost every link a
+  packet time of delay, while on a WAN with jitter the buffer usually holds the next
+  packet already (on a clean link a rare loss is concealed). A packet that is not a
+  20 ms Opus packet is dropped and counted (``opus``). Opus packets cannot be cut, so
+  an Opus row's playout point moves in whole packets
+  (:class:`~gateway.sip.jitter.JitterBank` ``whole``);
 * send: each leg's ``tx`` frame is encoded by its own encoder (a silent one is not:
   :data:`~gateway.sip.opus.SILENCE`), and the packets, of varying length, get their
   headers, talker extension and SRTP as columns and leave in one ``sendmmsg``.

@@ -235,8 +235,6 @@ class JitterBank(Columns):
         # packets, so round down to where a packet ends.
         ready = np.floor(local - slowest - MARGIN).astype(np.int64)
         ready -= (ready - self.align[sel]) % self.packet[sel]
-        if self.whole_rows:  # Opus: one packet more in hand, so a lost one's FEC is there
-            ready -= self.whole[sel] * self.packet[sel]
         target = ready - frame
         fresh = self.fresh[sel]
         play = np.where(fresh, target, self.play[sel])

@@ -5,8 +5,9 @@ Why per leg, when G.711 is one table lookup for every leg at once: Opus is state
 decoder, run once per tick by the leg bank (:mod:`gateway.sip.bank_opus`). Only links
 between BorderLinks use it: wideband speech (the engine's 16 kHz, where G.711 stops
 at 4 kHz) and in-band FEC, a low-rate copy of packet *n* carried in packet *n + 1*,
-so a single lost packet on a lossy WAN is decoded from its successor instead of
-made up.
+so a lost packet whose successor is already in hand is decoded from it instead of
+made up. (SILK sends FEC only for frames its voice detector finds active: speech, not
+a steady test tone, which it soon takes for background noise.)
 
 The binding is ``opuslib_next`` (ctypes over the system's libopus): PyAV's Opus
 decoder, used by the console, cannot ask libopus for a packet's FEC data
@@ -43,6 +44,7 @@ RATES = (8000, 12000, 16000, 24000, 48000)  # engine rates libopus encodes and d
 BITRATE = 32000  # wideband speech with FEC's share on top
 LOSS_PERCENT = 10  # what the encoder plans for: FEC kicks in at this expected loss
 COMPLEXITY = 3  # CPU per encode against quality: see docs/links.md, figures
+REPLAY_SPAN = 4096  # a slot this close behind the last one played is played again (8 kHz)
 SILENCE = bytes([9 << 3])  # TOC: SILK wideband 20 ms, mono, one frame of zero bytes (DTX)
 FMTP = "useinbandfec=1;maxplaybackrate=16000;sprop-maxcapturerate=16000;stereo=0"
 
@@ -55,6 +57,24 @@ def available(rate: int, frame_seconds: float) -> bool:
     """Opus can run with this engine on this machine: libopus found, a rate it takes, and
     20 ms frames (one packet a tick)."""
     return opuslib_next is not None and rate in RATES and round(frame_seconds * 1000) == PACKET_MS
+
+
+def has_fec(payload: bytes) -> bool:
+    """Whether an Opus packet carries in-band FEC (SILK's LBRR data) for the packet before it.
+
+    A packet after a pause, or from an encoder that chose not to, carries none: decoding
+    its "FEC" would be libopus concealing, and must not be counted as a recovery. The
+    flag is the second bit of the frame (RFC 6716 §4.2.3: the VAD flag, then the LBRR
+    flag, each the first binary symbols of the range coder, so plain bits — libopus
+    1.5's ``opus_packet_has_lbrr`` reads it so; Debian 12's libopus 1.3 lacks it). Read
+    for what a BorderLink sends — one 20 ms mono SILK or hybrid frame (TOC code 0);
+    any other packet is taken as carrying none."""
+    if len(payload) < 2:
+        return False
+    toc = payload[0]
+    if toc >> 3 >= 16 or toc & 0x07:  # CELT only (no LBRR), stereo, or several frames
+        return False
+    return bool(payload[1] & 0x40)
 
 
 def packet_samples(payload: bytes) -> int:
@@ -83,6 +103,7 @@ class OpusLeg:
         self.waiting: dict[int, bytes] = {}
         self.quiet_out = True  # the last frame we sent was silence: restart the encoder
         self.quiet_in = True  # the last frame we played was the peer's silence
+        self.played: int | None = None  # the last slot played (its packet is gone)
         self.fec_recovered = 0  # frames decoded from the next packet's FEC data
         self.undecodable = 0  # packets libopus refused (counted malformed by the bank)
 
@@ -116,11 +137,16 @@ class OpusLeg:
         libopus extrapolates), "bad" (a packet libopus refused, concealed instead)."""
         payload = self.waiting.pop(slot, None)
         self._forget_before(slot)
+        # The jitter bank stepped back (it grew to cover more jitter): this slot was played
+        # already, so the gap is made up (concealed), not a lost packet rebuilt.
+        again = self.played is not None and ((self.played - slot) & 0xFFFFFFFF) < REPLAY_SPAN
+        if not again:
+            self.played = slot
         if payload is None:
             if self.quiet_in or not recent:
                 return None, "silence"
             following = self.waiting.get((slot + step) & 0xFFFFFFFF)
-            if following is not None and len(following) > 1:
+            if following is not None and has_fec(following) and not again:
                 try:
                     pcm = self.decoder.decode_float(following, self.frame, decode_fec=True)
                 except OpusError:
@@ -162,3 +188,4 @@ class OpusLeg:
         """The peer's stream started again (new SSRC, a jump in time)."""
         self.waiting.clear()
         self.quiet_in = True
+        self.played = None

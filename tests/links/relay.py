@@ -19,7 +19,8 @@ ways, applying an :class:`Impairment` that a test may change while traffic flows
 Bounded: only loopback addresses, a cap on clients, connections and queued data,
 and the relay stops by itself after ``lifetime`` seconds. Random choices come
 from a seeded generator, so a test's drop pattern is the same on every run;
-counters (:class:`Counts`, per direction) let tests check by counts, not timing.
+counters (:class:`Counts`, per direction) let tests check by counts, not timing,
+and a direction's ``trace`` (off by default) tells which datagram met which fate.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import ipaddress
 import itertools
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_QUEUED_DATAGRAMS = 10_000
 MAX_QUEUED_BYTES = 4 * 1024 * 1024
 MAX_CLIENTS = 32
+MAX_TRACE = 100_000  # datagrams a trace keeps
 LIFETIME_S = 120.0
 
 
@@ -57,6 +59,9 @@ class Counts:
     blacked_out: int = 0  # dropped during a blackout (UDP)
     reordered: int = 0  # held back by ``reorder``
     overflow: int = 0  # dropped: the queue was full
+    # Set to a list to keep each UDP datagram's fate: (its first 12 bytes — an RTP
+    # header, in clear even with SRTP —, "lost" | "held" | "sent" | ..., seconds held).
+    trace: list[tuple[bytes, str, float]] | None = field(default=None, repr=False)
 
 
 def _loopback(host: str) -> str:
@@ -95,17 +100,24 @@ class _Pipe:
         if not self.stream:
             if self.relay.blacked_out:
                 self.counts.blacked_out += 1
+                self._trace(data, "blacked_out", 0.0)
                 return
             if rng.random() < impair.loss:
                 self.counts.lost += 1
+                self._trace(data, "lost", 0.0)
                 return
             if len(self.queue) >= MAX_QUEUED_DATAGRAMS:
                 self.counts.overflow += 1
+                self._trace(data, "overflow", 0.0)
                 return
         wait = max(0.0, impair.delay + rng.uniform(-impair.jitter, impair.jitter))
+        fate = "sent"
         if not self.stream and impair.reorder and rng.random() < impair.reorder:
             wait += impair.reorder_by
             self.counts.reordered += 1
+            fate = "held"
+        if not self.stream:
+            self._trace(data, fate, wait)
         due = loop.time() + wait
         if self.stream:
             due = max(due, self.last_due)
@@ -113,6 +125,11 @@ class _Pipe:
             self.queued_bytes += len(data or b"")
         heapq.heappush(self.queue, (due, next(self.seq), data))
         self._schedule()
+
+    def _trace(self, data: bytes | None, fate: str, wait: float) -> None:
+        trace = self.counts.trace
+        if trace is not None and data is not None and len(trace) < MAX_TRACE:
+            trace.append((data[:12], fate, wait))
 
     def _schedule(self) -> None:
         if self.timer is not None:

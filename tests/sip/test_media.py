@@ -77,10 +77,14 @@ def simulate(
     seed: int = 1,
     burst: tuple[int, int, float] | None = None,
     reorder: bool = False,
+    whole: bool = False,
 ):
-    """Play a 1 kHz µ-law stream through one row: returns audio, delays (ms), the bank."""
+    """Play a 1 kHz µ-law stream through one row: returns audio, delays (ms), the bank.
+    ``whole``: the row's packets cannot be cut (an Opus leg's row)."""
     rng = np.random.default_rng(seed)
     bank = JitterBank(2, F)
+    bank.whole[0] = whole
+    bank.whole_rows = int(whole)
     n = int(seconds * 50)
     t = np.arange(n * F)
     codes = ulaw_encode((0.3 * np.sin(2 * np.pi * 1000 * t / 8000) * 32767).astype(np.int16))
@@ -122,6 +126,15 @@ def test_no_jitter_adds_less_than_one_packet_and_conceals_nothing():
     assert np.median(delays[50:]) < 22.0
     spectrum = np.abs(np.fft.rfft(audio[8000:]))
     assert np.argmax(spectrum) * 8000 / len(audio[8000:]) == pytest.approx(1000, abs=2)
+
+
+def test_whole_packets_are_played_in_the_first_tick_after_they_arrive():
+    # An Opus row: no packet is held back a frame in case the next one's FEC is needed
+    # (the bank uses FEC only when the next packet is already in hand).
+    _, delays, bank, _ = simulate(whole=True)
+    assert bank.packets_late[0] == 0
+    assert bank.concealed[0] <= F
+    assert np.median(delays[50:]) < 20.0, "a packet held a frame longer than needed"
 
 
 @pytest.mark.parametrize("loss", [0.0, 0.01, 0.05])
