@@ -16,7 +16,11 @@ is played from *t* — what a sound card with no buffering of its own would do.
 1. *mouth-to-ear*: radio(CA) → radio(US) onset of each burst, at 0 ms and 40 ± 10 ms
    one way with 2 % loss; "added" is the measured delay minus the network's mean one-way
    delay (p50, p99). Bursts are 200 ms every 1.2 s: longer than the receiving leg's VOX
-   hang, so every burst is a new over and its VOX attack is in the figure. The tone's
+   hang, so every burst is a new over and its VOX attack is in the figure. Two gateways'
+   ticks have no common phase, and the wait for the receiving side's next tick (0-20 ms)
+   is part of every delay: so that one run's figure is not one phase's luck, US's clock
+   is moved on by 0.618 of a frame in the silence after each burst (the bursts sample
+   the phases evenly; a run once gave 34 ms, the next 39 ms, before). The tone's
    signal-to-noise ratio during a steady tone with the loss says whether concealment
    is audible (a click or a gap spreads energy out of the tone's band);
 2. *cut → silence*: CA cuts the link (``LinksService.cut``, what the CLI and MQTT call)
@@ -49,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +90,7 @@ FRAME = 0.02
 TONE = 1033.0
 BURST_FRAMES = 10  # 200 ms of tone
 GAP_FRAMES = 50  # 1 s of silence: longer than the receiving leg's VOX hang (0.8 s)
+PHASE_STEP = FRAME * (5**0.5 - 1) / 2  # US's ticks moved on after each burst (golden ratio)
 LEVEL_DBFS = -20.0
 ONSET = 0.25 * 10 ** (LEVEL_DBFS / 20) * 2**0.5  # a quarter of the tone's peak
 SILENCE = 10 ** (-50 / 20)  # a frame whose peak is below -50 dBFS is silent
@@ -103,6 +109,7 @@ class BenchRadio(Port):
         self.mode = "quiet"  # "steady" | "bursts"
         self.onsets: list[float] = []  # when each burst began (mouth)
         self.heard: collections.deque[tuple[float, np.ndarray]] = collections.deque(maxlen=5000)
+        self.in_gap: Callable[[], None] | None = None  # called once in each burst's silence
         self._tick = 0
 
     def read(self) -> Frame | None:
@@ -113,6 +120,8 @@ class BenchRadio(Port):
             self._tick += 1
             if phase == 0:
                 self.onsets.append(now - FRAME)  # the frame was spoken over the last 20 ms
+            if phase == BURST_FRAMES + GAP_FRAMES // 2 and self.in_gap is not None:
+                self.in_gap()
             speak = phase < BURST_FRAMES
         self.talking = speak
         return self.tone.read(self.frame_samples) if speak else None
@@ -238,6 +247,7 @@ async def mouth_to_ear(ca, us, media: UdpRelay, wan: Impairment, bursts: int) ->
     mouth.mode = "quiet"
     await asyncio.sleep(1.0)
     mouth.onsets.clear()
+    mouth.in_gap = lambda: us.clock.shift(PHASE_STEP)
     mouth.burst()
     buffered: list[float] = []  # the US leg's jitter-buffer delay
 
@@ -248,7 +258,7 @@ async def mouth_to_ear(ca, us, media: UdpRelay, wan: Impairment, bursts: int) ->
         return len(mouth.onsets) > bursts
 
     await until(sample, bursts * 1.5 + 30, "bursts")
-    mouth.mode = "quiet"
+    mouth.mode, mouth.in_gap = "quiet", None
     await asyncio.sleep(0.6)
     heard = list(ear.heard)
     delays = [

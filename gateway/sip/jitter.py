@@ -13,12 +13,22 @@ Python runs per packet.
 
 How the delay adapts: every packet's transit (arrival, on the local clock, minus
 the time its last sample was captured, on the sender's clock) goes into a short
-per-leg history. The playout point is placed just behind the slowest recent
-transit (plus a small margin), so a frame is only played once its packets have
-arrived. When jitter grows, the playout point steps back at once (the gap is
-concealed); when a burst has left the history, it creeps forward again (a few
-samples per frame while the caller talks, at once in silence), so a burst
-leaves no lasting delay. Times are in codec samples (8 kHz for G.711).
+per-leg history (the last 64 packets, 1.3 s). **The rule**: each tick plays the
+newest whole packets that arrived by the tick's ideal time if transit never exceeded
+the 4th slowest of that history (its 95th percentile); a packet slower than that is
+late, dropped and concealed as if lost — as WebRTC's NetEq does, a few stragglers
+in a second are not worth the delay it would take to wait for all of them (the
+slowest of 64, the rule before, kept one late tick or WAN spike in every packet's
+delay for 1.3 s). When jitter grows, the playout point steps back at once (the gap
+is concealed); when it shrinks, it creeps forward again (a few samples per frame
+while the caller talks, at once in silence), so a burst leaves no lasting delay.
+Times are in codec samples (8 kHz for G.711).
+
+What a listener waits for beyond the network's own delay, then: the packet time
+(a packet leaves when its 20 ms are captured), that percentile's excess over the
+mean transit, and the wait for the next tick (0-20 ms: the two sides' ticks have no
+common phase). Nothing else is held: an Opus row (``whole``) uses the next packet's
+FEC only when it is already in hand (:mod:`gateway.sip.bank_opus`).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from gateway.sip.columns import Columns
 
 RING = 4096  # codec samples per leg (512 ms at 8 kHz): the most a buffer can hold
 HISTORY = 64  # transits remembered per leg (≈1.3 s at 20 ms packets)
-MARGIN = 16  # samples (2 ms) kept in hand beyond the slowest recent packet
+TARGET_RANK = 4  # playout waits for the 4th slowest of HISTORY transits (p95); later: late
 CREEP_TALKING = 16  # samples the playout point may jump forward per frame mid-speech
 # A row of whole packets (Opus: a packet cannot be cut) creeps forward mid-speech by
 # skipping a packet at most once in this many (16 samples a frame is 1 in 10, too).
@@ -227,13 +237,13 @@ class JitterBank(Columns):
             return out
         r = rows[live]
         sel = dense(r)  # sorted, distinct rows: 0..n-1 means a slice does
-        history = self.transit[sel]
-        slowest = history.max(axis=1)
-        fastest = history.min(axis=1)
+        ordered = np.sort(self.transit[sel], axis=1)  # one sort: the target and the fastest
+        slowest = ordered[:, -TARGET_RANK]
+        fastest = ordered[:, 0]
         local = now - self.base[sel]
-        # Everything up to `ready` has surely arrived by now; a frame may only use whole
-        # packets, so round down to where a packet ends.
-        ready = np.floor(local - slowest - MARGIN).astype(np.int64)
+        # Everything up to `ready` has arrived by now, but for packets slower than the
+        # target; a frame may only use whole packets, so round down to where one ends.
+        ready = np.floor(local - slowest).astype(np.int64)
         ready -= (ready - self.align[sel]) % self.packet[sel]
         target = ready - frame
         fresh = self.fresh[sel]
