@@ -39,7 +39,8 @@ Figures on a shared 2-core machine are noisy: the load average is printed with t
 Under load, late ticks look like network jitter to the receiving jitter buffer, which
 grows to cover them; ``--realtime [PRIO]`` runs the two gateways (this process) at
 SCHED_FIFO, as a production gateway runs (systemd ``CPUSchedulingPolicy=fifo``), which
-takes most of that out. The CPU processes run at normal priority.
+takes most of that out; the CPU processes too (at normal priority on a loaded machine
+they are starved, skip ticks and do less work: the table says how many they skipped).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import asyncio
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -397,20 +399,23 @@ def link_status(path: Path) -> dict:
         return {}
 
 
-def cpu(folder: Path, talkgroups: int, talking: int, seconds: float) -> list[str]:
-    used, up = cpu_use(folder, talkgroups, talking, seconds)
+def cpu(folder: Path, talkgroups: int, talking: int, seconds: float, realtime: int) -> list[str]:
+    used, up = cpu_use(folder, talkgroups, talking, seconds, realtime=realtime)
     return [
         f"| CPU, {talkgroups} shared talkgroups ({up} up), {talking} talking: CA (sends) | "
-        f"{seconds:.0f} s | {100 * used['ca']:.1f} % | | goal ≤ 25 % of a core |",
+        f"{seconds:.0f} s | {100 * used['ca']:.1f} % | | goal ≤ 25 % of a core; "
+        f"{used['ca_skipped']:.0f} ticks skipped |",
         f"| CPU, same: US (receives, 100 radios listening) | {seconds:.0f} s | "
-        f"{100 * used['us']:.1f} % | | |",
+        f"{100 * used['us']:.1f} % | | {used['us_skipped']:.0f} ticks skipped |",
     ]
 
 
 def cpu_use(
-    folder: Path, talkgroups: int, talking: int, seconds: float, codecs: str = ""
+    folder: Path, talkgroups: int, talking: int, seconds: float, codecs: str = "", realtime: int = 0
 ) -> tuple[dict[str, float], int]:
-    """Each process's CPU (share of a core) and how many shared names were up."""
+    """Each process's CPU (share of a core), the ticks each skipped in all (a process
+    starved of CPU skips ticks, and so does less work: its figure is then too low), and
+    how many shared names were up. ``realtime``: the processes at SCHED_FIFO."""
     folder.mkdir(parents=True, exist_ok=True)
     pki = make_pki(folder, ("ca", "us"))
     names = [f"tg{i:03d}" for i in range(talkgroups)]
@@ -432,6 +437,11 @@ def cpu_use(
             stdout=subprocess.DEVNULL,
             stderr=open(folder / f"{name}.log", "wb"),  # noqa: SIM115
             start_new_session=True,
+            preexec_fn=(
+                (lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime)))
+                if realtime
+                else None
+            ),
         )
         for name, path in paths.items()
     }
@@ -458,6 +468,9 @@ def cpu_use(
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    for name in procs:
+        said = re.findall(r"(\d+) skipped so far", (folder / f"{name}.log").read_text())
+        used[f"{name}_skipped"] = float(said[-1]) if said else 0.0
     return used, up
 
 
@@ -479,7 +492,7 @@ async def codec_round(folder: Path, codecs: str, bursts: int) -> MouthToEar:
 
 def compare(folder: Path, rounds: int, bursts: int, seconds: float, realtime: int) -> list[str]:
     """Each figure per codec, the median of ``rounds`` rounds run G.711, Opus, G.711, ...
-    (the linked pair at SCHED_FIFO ``realtime`` if not 0; the CPU processes never)."""
+    (the linked pair and the CPU processes at SCHED_FIFO ``realtime`` if not 0)."""
     got: dict[str, list] = {name: [] for name in CODECS}
     for r in range(rounds):
         for name, codecs in CODECS.items():
@@ -497,7 +510,7 @@ def compare(folder: Path, rounds: int, bursts: int, seconds: float, realtime: in
             m = got_one[0]
             if realtime:
                 os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            used, up = cpu_use(where / "cpu", 100, 10, seconds, codecs)
+            used, up = cpu_use(where / "cpu", 100, 10, seconds, codecs, realtime)
             got[name].append((m, used, up))
             print(
                 f"round {r + 1} {name}: added p50 {1000 * percentile(m.added, 50):.1f} ms, "
@@ -563,7 +576,7 @@ def main() -> None:
         run_async(_collect(Path(folder) / "pair", bursts, cuts, deaths, rows))
         if args.realtime:
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-        rows += cpu(Path(folder), 100, 10, seconds)
+        rows += cpu(Path(folder), 100, 10, seconds, args.realtime)
     print("| figure | n | p50 (ms) / value | p99 (ms) | note |")
     print("|---|---|---|---|---|")
     for row in rows:
