@@ -21,11 +21,13 @@ this link's verified peer, within :data:`~gateway.links.labels.RATE`. A label th
 comes after the engine named the over by the peer's site ID is followed by a
 ``talker_named`` event for that over (:meth:`Trunk._renamed`).
 
-Each dialog is kept alive by an in-dialog OPTIONS every :data:`KEEPALIVE`
-seconds over its own TLS connection; no answer within :data:`KEEPALIVE_TIMEOUT`
-ends it (BYE), which detaches the leg at once (a radio keyed across the link
-is unkeyed). Redials back off from :data:`BACKOFF_MIN` doubling to
-:data:`BACKOFF_MAX`, trying the peer then the backup address.
+The dialogs are kept alive by an in-dialog OPTIONS every :data:`KEEPALIVE`
+seconds; no answer within :data:`KEEPALIVE_TIMEOUT` ends them (BYE), which detaches
+each leg at once (a radio keyed across the link is unkeyed). One OPTIONS a round
+answers for all the link's dialogs (they go to one peer): a hundred shared names
+cost two OPTIONS a second, not two hundred, and are noticed dead just as soon.
+Redials back off from :data:`BACKOFF_MIN` doubling to :data:`BACKOFF_MAX`, trying
+the peer then the backup address.
 
 **Cut**: this side ends the link (or one shared name) alone. Dialogs end now with
 ``Reason: SIP;cause=403;text="cut"``; the leg leaves the talkgroup in the same
@@ -66,7 +68,7 @@ from gateway.sip.sdp import MediaOffer, read_offer
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE = 0.5  # seconds between OPTIONS on each dialog
+KEEPALIVE = 0.5  # seconds between OPTIONS on the link (in one of its dialogs)
 KEEPALIVE_TIMEOUT = 1.2  # no answer by then: the link is dead (noticed within 2 s)
 LABEL_TIMEOUT = 2.0  # an INFO with a talker label unanswered by then: logged
 BACKOFF_MIN = 0.5
@@ -189,6 +191,8 @@ class Trunk:
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}  # shared name → its keep loop
         self._keepalives: dict[str, asyncio.Task] = {}
+        self._probe: asyncio.Future | None = None  # the link's keepalive round: rtt or None
+        self._probe_sent = -KEEPALIVE
         self._stopped = False  # stopped or retired: no dialog may come up any more
         self._cas = load_certificates(config.peer_ca, "peer CA bundle") if config.peer_ca else []
         self._pins = frozenset(config.peer_fingerprints)
@@ -245,6 +249,8 @@ class Trunk:
                 await task
         self._tasks.clear()
         self._keepalives.clear()
+        if self._probe is not None:
+            self._probe.cancel()
 
     def retire(self) -> list:
         """The link was removed or changed who it is by a reload: every dialog ends now
@@ -256,6 +262,8 @@ class Trunk:
             task.cancel()
         self._tasks.clear()
         self._keepalives.clear()
+        if self._probe is not None:
+            self._probe.cancel()
         return [bye for bye in byes if bye is not None]
 
     def reshare(self, config: LinkConfig) -> list:
@@ -506,15 +514,16 @@ class Trunk:
             self._keepalives[st.name] = asyncio.ensure_future(self._keepalive(st, dialog))
 
     async def _keepalive(self, st: NameState, dialog: Dialog) -> None:
-        """OPTIONS in the dialog; no answer in time → the link is dead: end the dialog."""
-        loop = asyncio.get_running_loop()
+        """The link's keepalive, for this dialog: no answer in time → the link is dead:
+        end the dialog."""
         try:
             while not dialog.ended.is_set():
-                sent = loop.time()
-                answer = await self.calls.options(dialog, KEEPALIVE_TIMEOUT)
+                rtt = await self._peer_answers(dialog)
                 if dialog.ended.is_set():
                     break
-                if answer is None:
+                if rtt is ...:  # the round's dialog ended under it: ask again
+                    continue
+                if rtt is None:
                     self.keepalive_timeouts += 1
                     log.warning(
                         "link %s %s: no answer to keepalive; dropping the dialog",
@@ -523,7 +532,7 @@ class Trunk:
                     )
                     await self.calls.hangup(dialog, 0.2)
                     break
-                st.rtt = loop.time() - sent
+                st.rtt = rtt
                 await self._wait(KEEPALIVE, dialog)
         finally:
             onair = getattr(dialog.leg, "onair", None)
@@ -537,6 +546,29 @@ class Trunk:
                 elif not self.is_cut(st.name):
                     self._set(st, "down")
                 self.changed()
+
+    async def _peer_answers(self, dialog: Dialog):  # noqa: ANN202 - rtt, None or Ellipsis
+        """The round trip of the link's latest keepalive round, None if the peer did not
+        answer it, ``...`` if it could not tell (its dialog ended). A round older than
+        :data:`KEEPALIVE` starts a new one, an OPTIONS in ``dialog``; meanwhile every
+        dialog that asks waits for it."""
+        loop = asyncio.get_running_loop()
+        probe = self._probe
+        if probe is None or (probe.done() and loop.time() - self._probe_sent >= KEEPALIVE):
+            self._probe_sent = loop.time()
+            probe = self._probe = asyncio.ensure_future(self._options(dialog))
+        rtt = await asyncio.shield(probe)
+        if rtt is ... and self._probe is probe:
+            self._probe = None
+        return rtt
+
+    async def _options(self, dialog: Dialog):  # noqa: ANN202
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        answer = await self.calls.options(dialog, KEEPALIVE_TIMEOUT)
+        if dialog.ended.is_set():
+            return ...
+        return None if answer is None else loop.time() - sent
 
     # --- talker labels, in the dialog ----------------------------------------------------
 
