@@ -14,14 +14,17 @@ Python runs per packet.
 How the delay adapts: every packet's transit (arrival, on the local clock, minus
 the time its last sample was captured, on the sender's clock) goes into a short
 per-leg history (the last 64 packets, 1.3 s). **The rule**: each tick plays the
-newest whole packets that arrived by the tick's ideal time if transit never exceeded
-the 4th slowest of that history (its 95th percentile); a packet slower than that is
-late, dropped and concealed as if lost — as WebRTC's NetEq does, a few stragglers
-in a second are not worth the delay it would take to wait for all of them (the
-slowest of 64, the rule before, kept one late tick or WAN spike in every packet's
-delay for 1.3 s). When jitter grows, the playout point steps back at once (the gap
-is concealed); when it shrinks, it creeps forward again (a few samples per frame
-while the caller talks, at once in silence), so a burst leaves no lasting delay.
+newest whole packets that would have arrived by the tick's ideal time with a transit
+of the 4th slowest of that history (its 95th percentile) plus 2 ms; a packet slower
+than that is late, dropped and concealed as if lost — as WebRTC's NetEq does, a few
+stragglers in a second are not worth the delay it would take to wait for all of them
+(the slowest of 64, the rule before, kept one late tick or WAN spike in every
+packet's delay for 1.3 s). The 2 ms keep a clean link's own tick jitter (a
+millisecond or two, where the percentile and the slowest differ) from making
+packets late when they happen to arrive just as the tick falls. When jitter grows,
+the playout point steps back at once (the gap is concealed); when it shrinks, it
+creeps forward again (a few samples per frame while the caller talks, at once in
+silence), so a burst leaves no lasting delay.
 Times are in codec samples (8 kHz for G.711).
 
 What a listener waits for beyond the network's own delay, then: the packet time
@@ -41,6 +44,7 @@ from gateway.sip.columns import Columns
 RING = 4096  # codec samples per leg (512 ms at 8 kHz): the most a buffer can hold
 HISTORY = 64  # transits remembered per leg (≈1.3 s at 20 ms packets)
 TARGET_RANK = 4  # playout waits for the 4th slowest of HISTORY transits (p95); later: late
+MARGIN = 16  # samples (2 ms) beyond it: a clean link's tick jitter never makes a packet late
 CREEP_TALKING = 16  # samples the playout point may jump forward per frame mid-speech
 # A row of whole packets (Opus: a packet cannot be cut) creeps forward mid-speech by
 # skipping a packet at most once in this many (16 samples a frame is 1 in 10, too).
@@ -243,7 +247,7 @@ class JitterBank(Columns):
         local = now - self.base[sel]
         # Everything up to `ready` has arrived by now, but for packets slower than the
         # target; a frame may only use whole packets, so round down to where one ends.
-        ready = np.floor(local - slowest).astype(np.int64)
+        ready = np.floor(local - slowest - MARGIN).astype(np.int64)
         ready -= (ready - self.align[sel]) % self.packet[sel]
         target = ready - frame
         fresh = self.fresh[sel]
