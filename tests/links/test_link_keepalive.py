@@ -16,11 +16,11 @@ from trunk_sites import (
     running,
     share_state,
     site_toml,
-    until,
 )
 
 from gateway.links.trunk import KEEPALIVE
 from tests.sip.sip_peers import run
+from tests.waiting import until
 
 NAMES = ("a", "b", "c", "d", "e", "f")
 WINDOW = 3.0  # seconds of counting
