@@ -214,9 +214,23 @@ def with_codecs(text: str, codecs: str) -> str:
 
 
 async def linked(ca, us, media: UdpRelay) -> None:  # noqa: ANN001
-    """Wait for the link; put its media through ``media`` (again after every redial)."""
-    await both_up(ca, us, "ship", 60)
-    await media_through(link_leg(ca), link_leg(us), media)
+    """Wait for the link; put its media through ``media`` (again after every redial).
+
+    Both legs are taken in one look: just after a redial a side may briefly hold two
+    (the glare loser not yet gone) or none, and a leg replaced meanwhile is tried again."""
+    for attempt in range(3):
+        await both_up(ca, us, "ship", 60)
+
+        def legs():  # noqa: ANN202
+            ours, theirs = link_leg(ca), link_leg(us)
+            return (ours, theirs) if ours is not None and theirs is not None else None
+
+        try:
+            await media_through(*await until(legs, 30, "one leg on each side"), media)
+            return
+        except (AttributeError, AssertionError, TimeoutError):
+            if attempt == 2:
+                raise
 
 
 def load() -> str:
