@@ -248,6 +248,13 @@ class MouthToEar:
     lost: int  # packets the relay dropped during the steady tone
 
 
+def shift_ticks(clock, seconds: float) -> None:  # noqa: ANN001
+    """Move every later tick of ``clock`` by ``seconds``: the bench samples every phase
+    between the two sides' ticks (the gateway itself never moves its clock)."""
+    if clock.start is not None:
+        clock.start += seconds
+
+
 async def mouth_to_ear(ca, us, media: UdpRelay, wan: Impairment, bursts: int) -> MouthToEar:  # noqa: ANN001
     """Radio(CA) → radio(US) over the link with the relay at ``wan``: a steady tone's SNR,
     then the onset delay of ``bursts`` bursts."""
@@ -263,7 +270,7 @@ async def mouth_to_ear(ca, us, media: UdpRelay, wan: Impairment, bursts: int) ->
     mouth.mode = "quiet"
     await asyncio.sleep(1.0)
     mouth.onsets.clear()
-    mouth.in_gap = lambda: us.clock.shift(PHASE_STEP)
+    mouth.in_gap = lambda: shift_ticks(us.clock, PHASE_STEP)
     mouth.burst()
     buffered: list[float] = []  # the US leg's jitter-buffer delay
 
