@@ -46,7 +46,7 @@ CONTENT_TYPE = "application/borderlink-talker"
 MAX_BODY = 256  # bytes: three short lines
 RATE = 20.0  # labels a second a peer may send on one link (an over each, on every shared name)
 BURST = 50  # ... and at once (many shared names keyed together)
-_SITE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+SITE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,18 +64,30 @@ def body(named: Named) -> str:
     return text + (f"site={named.site}\r\n" if named.site else "")
 
 
-def read(content_type: str, data: bytes) -> Named | Rejected:
-    """The label an INFO body names (``content_type`` as the message says it)."""
-    if content_type.split(";")[0].strip().lower() != CONTENT_TYPE or len(data) > MAX_BODY:
-        return Rejected("info")
+def info_fields(
+    content_type: str, data: bytes, expected: str, max_body: int, names: tuple[bytes, ...] = ()
+) -> dict[bytes, bytes] | None:
+    """The ``name=value`` lines of one of our INFO bodies (``content_type`` as the message
+    says it); None unless the body is exactly ours: the expected type, not too long, each
+    line a pair, no name twice, and only ``names`` when given. Labels and topology alike."""
+    if content_type.split(";")[0].strip().lower() != expected or len(data) > max_body:
+        return None
     fields: dict[bytes, bytes] = {}
     for line in data.split(b"\r\n"):
         if not line:
             continue
         name, equals, value = line.partition(b"=")
-        if not equals or name in fields:
-            return Rejected("info")
+        if not equals or name in fields or (names and name not in names):
+            return None
         fields[name] = value
+    return fields
+
+
+def read(content_type: str, data: bytes) -> Named | Rejected:
+    """The label an INFO body names (``content_type`` as the message says it)."""
+    fields = info_fields(content_type, data, CONTENT_TYPE, MAX_BODY)
+    if fields is None:
+        return Rejected("info")
     talker_id, keyed_at = fields.get(b"talker-id", b""), fields.get(b"key-up", b"")
     if not (talker_id.isdigit() and keyed_at.isdigit() and len(keyed_at) <= 10):
         return Rejected("info")
@@ -91,7 +103,7 @@ def read(content_type: str, data: bytes) -> Named | Rejected:
     if not label or any(unicodedata.category(c).startswith("C") for c in label):
         return Rejected("label_text")  # control characters: terminal escapes, bidi overrides
     site = fields.get(b"site", b"")
-    if site and not _SITE.match(site):
+    if site and not SITE.match(site):
         return Rejected("info")
     return Named(int(talker_id), int(keyed_at), label, site.decode())
 

@@ -31,16 +31,16 @@ raises.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway.links.labels import SITE, info_fields
 from gateway.links.talker import Rejected
 
 CONTENT_TYPE = "application/borderlink-topology"
 MAX_BODY = 512
+FIELDS = (b"relay", b"onward", b"links")
 MAX_LINKS = 16  # peers named in one message
-_SITE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,21 +61,14 @@ def body(topology: Topology) -> str:
 
 def read(content_type: str, data: bytes) -> Topology | Rejected:
     """The topology an INFO body names; a body that is not exactly ours is ``info``."""
-    if content_type.split(";")[0].strip().lower() != CONTENT_TYPE or len(data) > MAX_BODY:
+    fields = info_fields(content_type, data, CONTENT_TYPE, MAX_BODY, FIELDS)
+    if fields is None:
         return Rejected("info")
-    fields: dict[bytes, bytes] = {}
-    for line in data.split(b"\r\n"):
-        if not line:
-            continue
-        name, equals, value = line.partition(b"=")
-        if not equals or name in fields or name not in (b"relay", b"onward", b"links"):
-            return Rejected("info")
-        fields[name] = value
     relay, onward = fields.get(b"relay"), fields.get(b"onward", b"1")
     if relay not in (b"0", b"1") or onward not in (b"0", b"1"):
         return Rejected("info")
     sites = [s for s in fields.get(b"links", b"").split(b",") if s]
-    if len(sites) > MAX_LINKS or not all(_SITE.match(s) for s in sites):
+    if len(sites) > MAX_LINKS or not all(SITE.match(s) for s in sites):
         return Rejected("info")
     return Topology(relay == b"1", onward == b"1", frozenset(s.decode() for s in sites))
 
