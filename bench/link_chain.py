@@ -34,12 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "links"), str(ROOT)]
 
 import trunk_sites  # noqa: E402
+from test_chain_relay import copy_gains  # noqa: E402
+from test_mesh_floor import TONES  # noqa: E402
 from trunk_sites import RATE, LinkSpec, SiteSpec, make_pki, running, site_toml  # noqa: E402
 
 from gateway.site import run_async  # noqa: E402
 from tests.waiting import until  # noqa: E402
 
-TONES = {"a": 1000.0, "b": 1500.0, "c": 2200.0}
 LINKS = {"a": ["b"], "b": ["a", "c"], "c": ["b"]}
 # A look counts when the copy is found whole (a frame skipped inside the 0.6 s window
 # splits it into two weaker peaks, and its lag is then half right). Opus keeps how the
@@ -66,16 +67,11 @@ def timestamped() -> None:
 
 def lag(heard: np.ndarray, sent: np.ndarray) -> tuple[int, float]:
     """(lag in samples, level in dB) of the strongest copy of ``sent`` in ``heard``."""
-    n = len(sent) + len(heard)
-    hz = np.fft.rfftfreq(n, 1 / RATE)
-    band = (hz >= 300) & (hz <= 3400)
-    for tone in TONES.values():
-        band &= np.abs(hz - tone) > 40
-    spectrum = np.fft.rfft(sent, n) * band
-    r = np.fft.irfft(np.conj(np.fft.rfft(heard, n)) * spectrum, n)[: len(sent) - len(heard) + 1]
-    energy = np.mean(np.fft.irfft(spectrum, n)[: len(sent)] ** 2) * len(heard)
-    k = int(np.argmax(np.abs(r)))
-    return k, float(20 * np.log10(max(abs(r[k]) / energy, 1e-5)))
+    gain = copy_gains(heard, sent)
+    if gain is None:
+        return 0, -99.0
+    k = int(np.argmax(gain))
+    return k, float(20 * np.log10(max(gain[k], 1e-5)))
 
 
 async def measure(folder: Path, codec: str, count: int) -> None:

@@ -111,15 +111,14 @@ class Sites(Mesh):
         }
 
 
-def copies(heard: np.ndarray, sent: np.ndarray) -> tuple[float, float]:
-    """The strongest and the second copy of ``sent`` in ``heard``, in dB of its level.
+def copy_gains(heard: np.ndarray, sent: np.ndarray) -> np.ndarray | None:
+    """The level of ``sent`` in ``heard`` at every lag of ``heard`` inside ``sent`` (1: a
+    copy at the talker's level), None when there is nothing to compare.
 
-    Cross-correlation over every lag of ``heard`` inside ``sent`` (FFT), of the signature
-    band only (300-3400 Hz, each site's tone ±40 Hz notched out), divided by the energy
-    of ``sent`` over one window: a copy at the talker's level is 1 (0 dB). The second
-    copy is the best peak more than 5 ms from the first."""
+    Cross-correlation by FFT of the signature band only (300-3400 Hz, each site's tone
+    ±40 Hz notched out), divided by the energy of ``sent`` over one window."""
     if len(heard) == 0 or len(sent) <= len(heard):
-        return -99.0, -99.0
+        return None
     n = len(sent) + len(heard)
     hz = np.fft.rfftfreq(n, 1 / RATE)
     band = (hz >= 300) & (hz <= 3400)
@@ -128,9 +127,15 @@ def copies(heard: np.ndarray, sent: np.ndarray) -> tuple[float, float]:
     spectrum = np.fft.rfft(sent, n) * band
     r = np.fft.irfft(np.conj(np.fft.rfft(heard, n)) * spectrum, n)[: len(sent) - len(heard) + 1]
     energy = np.mean(np.fft.irfft(spectrum, n)[: len(sent)] ** 2) * len(heard)
-    if energy <= 0:
+    return np.abs(r) / energy if energy > 0 else None
+
+
+def copies(heard: np.ndarray, sent: np.ndarray) -> tuple[float, float]:
+    """The strongest and the second copy of ``sent`` in ``heard``, in dB of its level
+    (:func:`copy_gains`). The second copy is the best peak more than 5 ms from the first."""
+    gain = copy_gains(heard, sent)
+    if gain is None:
         return -99.0, -99.0
-    gain = np.abs(r) / energy
     first = int(np.argmax(gain))
     rest = gain.copy()
     guard = int(0.005 * RATE)
