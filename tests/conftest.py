@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import shutil
@@ -43,12 +44,21 @@ def missing(name: str) -> None:
 TEST_PORTS = range(3000, 10000)
 
 
+# Ports handed out lately: a test picks all its ports before it starts anything, so
+# "free right now" alone could give two of its servers the same one.
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=2000)
+
+
 def free_port(pair: bool = False) -> int:
     """A port on 127.0.0.1 free right now for both UDP and TCP (and its neighbour, with
-    ``pair``: baresip binds sip_listen + 1 too)."""
+    ``pair``: baresip binds sip_listen + 1 too), and not handed out lately."""
     for _ in range(200):
         port = random.choice(TEST_PORTS[:-1])
-        if all(_bindable(p) for p in ((port, port + 1) if pair else (port,))):
+        ports = (port, port + 1) if pair else (port,)
+        if any(p in _HANDED_OUT for p in ports):
+            continue
+        if all(_bindable(p) for p in ports):
+            _HANDED_OUT.extend(ports)
             return port
     raise RuntimeError(f"no free port in {TEST_PORTS}")
 

@@ -4,14 +4,16 @@ three sites in a chain.
 Scale-out is the link mechanism: each gateway owns its radios, the gateways share the
 site's talkgroups over a link, and kamailio (``dispatcher``, round robin) spreads the
 phones' calls over them — a phone on one gateway hears a radio on the other. In a chain
-A–B–C a link carries only its own side's audio (DESIGN: no forwarding from one link to
-another), so B hears both ends, A and C hear B but not each other, and nobody hears
-anything twice or their own voice come back. Audio is judged by content (tones).
+A–B–C where B is not a relay (``[links] relay``; tests/links/test_chain_relay.py) a link
+carries only its own side's audio, so B hears both ends, A and C hear B but not each
+other, and nobody hears anything twice or their own voice come back. Audio is judged by
+content (tones).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,23 @@ class DispatchedSite:
             phone.stop()
         self.proxy.stop()
 
+    async def call_arrives(self, gateways: list, count: int, name: str) -> None:
+        """Wait for ``name``'s call to make ``count`` SIP legs; if it never does, fail with
+        what kamailio and the phone said (a 503 from the dispatcher, a 408, a phone that
+        never started)."""
+        try:
+            await until(
+                lambda: sum(len(sip_legs(gw)) for gw in gateways) == count,
+                30,
+                f"{name}'s call through the dispatcher",
+            )
+        except AssertionError as error:
+            said = re.sub(r"\[[\d:]+\] audio=\S+ \(bit/s\)\s*", "", self.phones[name].output())
+            phone = "\n".join(line for line in said.splitlines() if line.strip())[-1500:]
+            raise AssertionError(
+                f"{error}\n--- kamailio ---\n{self.proxy.log_tail()}\n--- {name} ---\n{phone}"
+            ) from None
+
 
 def dispatched_site(tmp_path: Path) -> DispatchedSite:
     pki = make_pki(tmp_path, ("gw1", "gw2"))
@@ -118,17 +137,9 @@ def test_two_gateways_of_one_site_behind_kamailio_dispatcher(tmp_path: Path) -> 
             radio(one, "ops").speaking = True
             radio(two, "ops").speaking = True
             phones["alice"].start(dial=dial, seconds=12)
-            await until(
-                lambda: len(sip_legs(one)) + len(sip_legs(two)) == 1,
-                15,
-                "alice's call through the dispatcher",
-            )
+            await site.call_arrives([one, two], 1, "alice")
             phones["bob"].start(dial=dial, seconds=12)
-            await until(
-                lambda: len(sip_legs(one)) + len(sip_legs(two)) == 2,
-                15,
-                "bob's call through the dispatcher",
-            )
+            await site.call_arrives([one, two], 2, "bob")
             assert len(sip_legs(one)) == 1 and len(sip_legs(two)) == 1, "calls not spread"
             for gw in (one, two):
                 dialog = next(d for d in gw.sip.calls.dialogs.values() if not d.peer.secure)
@@ -177,7 +188,7 @@ def test_a_gateway_down_behind_the_dispatcher_leaves_every_call_to_the_other(
             radio(one, "ops").speaking = True
             for count, name in enumerate(site.phones, 1):
                 site.phones[name].start(dial=site.dial, seconds=10)
-                await until(lambda n=count: len(sip_legs(one)) == n, 30, f"{name}'s call on gw1")
+                await site.call_arrives([one], count, name)
             await until(
                 lambda: (
                     radio(one, "ops").level(600.0, 0.5) > HEARD

@@ -171,6 +171,11 @@ class Kamailio:
             stop_process(self.proc)
             self.proc = None
 
+    def log_tail(self, size: int = 2000) -> str:
+        """The end of kamailio's log, for a test's failure message."""
+        log = self.directory / "kamailio.log"
+        return log.read_text(errors="replace")[-size:] if log.exists() else "(no log)"
+
 
 # --- baresip -----------------------------------------------------------------------------
 
