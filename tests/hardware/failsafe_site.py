@@ -22,9 +22,11 @@ from gateway.config import load_config
 
 
 def losses(gw: Gateway) -> int:
-    """Every loss a radio's audio can show as a gap: FIFO underruns and audio-server xruns."""
+    """Every loss a radio's audio can show as a gap: FIFO underruns, audio-server xruns
+    and ticks the media clock skipped (a starved gateway says so: the stall is counted)."""
     cards = [port.card.stats() for port in gw.ports.values() if hasattr(port, "card")]
-    return int(sum(c["rx_underruns"] + c["tx_underruns"] + c["xruns"] for c in cards))
+    counted = sum(c["rx_underruns"] + c["tx_underruns"] + c["xruns"] for c in cards)
+    return int(counted + gw.clock.skipped_ticks)
 
 
 def status(gw: Gateway) -> None:

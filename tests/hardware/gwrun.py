@@ -10,6 +10,9 @@ from typing import TypeVar
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.engine import Event
+from tests.hardware.failsafe_site import losses
+from tests.hardware.jackradio import LEAST_WAIT_S
+from tests.waiting import wait_for
 
 T = TypeVar("T")
 
@@ -42,3 +45,12 @@ class EventLog:
 
     def of(self, kind: str, port: str | None = None) -> list[Event]:
         return [e for e in self.events if e.kind == kind and (port is None or e.port == port)]
+
+
+def losses_seen(gw: Gateway, ticks: int = 3) -> int:
+    """Every loss counted so far (``failsafe_site.losses``), once the engine has ticked
+    ``ticks`` more times (call it from a scenario's thread): a card's underrun is counted
+    at the tick after it, so a gap at the very end of a window is counted only then."""
+    seen = gw.engine.tick_count
+    wait_for(lambda: gw.engine.tick_count >= seen + ticks, LEAST_WAIT_S, "the gateway to tick")
+    return losses(gw)

@@ -20,7 +20,7 @@ from gateway.hardware.elastic import TRIM_S, WIDEN_S, WIDEN_STEP_S
 from gateway.hardware.soundcard import CardSpec, SoundCard
 
 from tests.hardware import failsafe_site
-from tests.hardware.gwrun import build, drive
+from tests.hardware.gwrun import build, drive, losses_seen
 from tests.hardware.jackradio import (
     LEAST_WAIT_S,
     RATE,
@@ -247,7 +247,7 @@ squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
                 before = failsafe_site.losses(gw)
                 since = sim.frame + RATE // 5  # (what B plays lags the count by the path)
                 wait_for(lambda: sim.frame > since + 3 * RATE, LEAST_WAIT_S, "three seconds more")
-                return excess, since, failsafe_site.losses(gw) - before
+                return excess, since, losses_seen(gw) - before
 
             excess, since, lost = drive(gw, scenario, timeout=90)
             heard = sim.recorded(1, since=since)[: 3 * RATE]  # (not after the stop)

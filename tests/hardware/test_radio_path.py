@@ -15,7 +15,7 @@ import pytest
 from gateway.hardware.guardian import HEARTBEAT_TIMEOUT_S
 
 from tests.hardware import failsafe_site
-from tests.hardware.gwrun import EventLog, build, drive
+from tests.hardware.gwrun import EventLog, build, drive, losses_seen
 from tests.hardware.jackradio import (
     LEAST_WAIT_S,
     RATE,
@@ -85,7 +85,7 @@ def test_tone_and_chirp_cross_from_a_to_b(jack_server, radio_sim, tmp_path):
         wait_for(
             lambda: hid_keyed(hid_b) is False, LEAST_WAIT_S, "radio B's PTT to drop after the over"
         )
-        return start, failsafe_site.losses(gw) - before
+        return start, losses_seen(gw) - before
 
     start, lost = drive(gw, scenario)
     heard = sim.recorded(1, since=start)
@@ -160,18 +160,23 @@ def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, rad
     (stop,) = events.of("talk_stop", "radio_a")
     # What the design guarantees: the squelch opens on the burst's first frame (attack:
     # one frame) and holds for its hang time; audio is lost or stretched only where a
-    # FIFO ran dry or was trimmed, and each such event is counted. A loaded machine may
-    # have some: each is allowed one stall-sized gap, the most a refill moves the audio
-    # (a period plus the widest margin) plus a frame. Nothing else is luck.
+    # FIFO ran dry or was trimmed, or the media clock skipped ticks (a starved gateway),
+    # and each such event is counted. A loaded machine may have some: each is allowed one
+    # stall-sized gap, the most a refill moves the audio (a period plus the widest
+    # margin) plus a frame, and each skipped tick a frame. Nothing else is luck.
     frame = gw.engine.frame_seconds
     a, b = gw.ports["radio_a"].card.stats(), gw.ports["radio_b"].card.stats()
     events_lost = a["rx_underruns"] + b["tx_underruns"] + (a["dropped_samples"] > 0)
     stall = 256 / 48000 + a["rx_margin_seconds"] + frame
-    slack = events_lost * stall
+    slack = events_lost * stall + gw.clock.skipped_ticks * frame
     assert 1.3 - frame - slack <= stop.seconds <= 1.3 + frame + slack, (stop.seconds, a, b)
     heard = sim.recorded(1, since=start)
     first = onset(heard)
-    assert first is not None and first < 0.2 * RATE, "radio B never got the burst"
+    assert first is not None and first < (0.2 + slack) * RATE, (
+        f"radio B never got the burst (onset {first}; skipped ticks {gw.clock.skipped_ticks})",
+        a,
+        b,
+    )
     # The whole burst went through — no syllable lost to the squelch's attack beyond a
     # frame — and during the hang the gateway passed what A heard (silence).
     heard_s = audible_seconds(heard)
@@ -329,7 +334,7 @@ def test_a_tone_crosses_when_the_card_calls_back_once_a_frame(jack_server, tmp_p
                 before = failsafe_site.losses(gw)
                 since = sim.frame + RATE // 5  # (what B plays lags the count by the path)
                 wait_for(lambda: sim.frame > since + 3 * RATE, LEAST_WAIT_S, "three seconds more")
-                return since, failsafe_site.losses(gw) - before
+                return since, losses_seen(gw) - before
 
             since, lost = drive(gw, scenario)
             heard = sim.recorded(1, since=since)[: 3 * RATE]  # (not after the stop)

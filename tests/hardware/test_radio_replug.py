@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.hardware import failsafe_site
-from tests.hardware.gwrun import build, drive
+from tests.hardware.gwrun import build, drive, losses_seen
 from tests.hardware.jackradio import (
     LEAST_WAIT_S,
     RATE,
@@ -211,7 +211,7 @@ def test_a_card_process_killed_mid_over_drops_ptt_and_comes_back_alone(
             LEAST_WAIT_S,
             "the second over to end",
         )
-        return start, failsafe_site.losses(gw) - before, card_a.stream.process.process.pid
+        return start, losses_seen(gw) - before, card_a.stream.process.process.pid
 
     start, lost, pid_a_after = drive(gw, scenario)
     check_tone(sim.recorded(1, since=start), lost)
