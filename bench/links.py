@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,16 +83,18 @@ from trunk_sites import (  # noqa: E402
 from gateway.config import PortConfig  # noqa: E402
 from gateway.endpoints import ENDPOINTS, Endpoint  # noqa: E402
 from gateway.ports import Frame, Port  # noqa: E402
+from gateway.sip.jitter import MARGIN  # noqa: E402
 from gateway.site import run_async  # noqa: E402
 from tests.waiting import until  # noqa: E402
 
 FRAME = 0.02
+JITTER_RATE = 8000  # the jitter bank's units (codec samples)
 # Not a multiple of 50 Hz: a frame repeated to conceal a loss does not continue the tone's
 # phase (a 1 kHz tone is exactly 20 cycles a frame, and would hide every concealment).
 TONE = 1033.0
-BURST_FRAMES = 10  # 200 ms of tone
-GAP_FRAMES = 50  # 1 s of silence: longer than the receiving leg's VOX hang (0.8 s)
-PHASE_STEP = FRAME * (5**0.5 - 1) / 2  # US's ticks moved on after each burst (golden ratio)
+BURST = 0.2  # seconds of tone
+GAP = 1.0  # seconds of silence: longer than the receiving leg's VOX hang (0.8 s)
+PHASE_STEP = (5**0.5 - 1) / 2  # frames US's ticks move on after each burst (golden ratio)
 LEVEL_DBFS = -20.0
 ONSET = 0.25 * 10 ** (LEVEL_DBFS / 20) * 2**0.5  # a quarter of the tone's peak
 SILENCE = 10 ** (-50 / 20)  # a frame whose peak is below -50 dBFS is silent
@@ -118,13 +120,15 @@ class BenchRadio(Port):
         now = time.monotonic()
         speak = self.mode == "steady"
         if self.mode == "bursts":
-            phase = self._tick % (BURST_FRAMES + GAP_FRAMES)
+            frame = self.frame_samples / RATE
+            burst, gap = round(BURST / frame), round(GAP / frame)
+            phase = self._tick % (burst + gap)
             self._tick += 1
             if phase == 0:
-                self.onsets.append(now - FRAME)  # the frame was spoken over the last 20 ms
-            if phase == BURST_FRAMES + GAP_FRAMES // 2 and self.in_gap is not None:
+                self.onsets.append(now - frame)  # the frame was spoken over the last frame
+            if phase == burst + gap // 2 and self.in_gap is not None:
                 self.in_gap()
-            speak = phase < BURST_FRAMES
+            speak = phase < burst
         self.talking = speak
         return self.tone.read(self.frame_samples) if speak else None
 
@@ -188,17 +192,19 @@ class Pair:
     """CA and US, each reaching the other's TLS port through a TCP relay (signalling) and
     CA's link media through a UDP relay (both ways)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, frame: str = "") -> None:
         self.folder = folder
+        self.frame = frame  # both engines' frame ("10ms"; "": the default)
         self.pki = make_pki(folder, ("ca", "us"))
         self.ca = SiteSpec("ca", {"marine": TONE}, [LinkSpec("us", "us", {"marine": "ship"})])
         self.us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "ship"})])
 
     def toml(self, spec: SiteSpec, ports: dict[str, int], codecs: str = "") -> Path:
         path = site_toml(self.folder, spec, ports, self.pki)
-        path.write_text(
-            with_codecs(path.read_text(), codecs).replace('"test_link_radio"', '"bench_link_radio"')
-        )
+        text = with_codecs(path.read_text(), codecs)
+        if self.frame:
+            text = text.replace("[timing]\n", f'[timing]\nframe = "{self.frame}"\n')
+        path.write_text(text.replace('"test_link_radio"', '"bench_link_radio"'))
         return path
 
 
@@ -246,6 +252,7 @@ class MouthToEar:
     buffered: float  # the US leg's jitter-buffer delay, p50
     snr: float  # the steady tone's SNR at US, dB
     lost: int  # packets the relay dropped during the steady tone
+    steps: list[dict[str, float]] = field(default_factory=list)  # --trace: each burst's STEPS
 
 
 def shift_ticks(clock, seconds: float) -> None:  # noqa: ANN001
@@ -255,9 +262,107 @@ def shift_ticks(clock, seconds: float) -> None:  # noqa: ANN001
         clock.start += seconds
 
 
-async def mouth_to_ear(ca, us, media: UdpRelay, wan: Impairment, bursts: int) -> MouthToEar:  # noqa: ANN001
+# --- where the milliseconds go (--trace) ----------------------------------------------
+
+STEPS = (
+    ("frame", "sender's frame: the onset is read 20 ms after it was spoken"),
+    ("send", "CA's tick: read → its packet sent (mix, encode, SRTP, sendmmsg)"),
+    ("network", "sent → kernel arrival at US (relay; minus the WAN's mean delay)"),
+    ("rule", "arrival → playable by the jitter rule (p95 transit + 2 ms, over this packet's)"),
+    ("phase", "playable → US's next tick (its deadline: the clocks have no common phase)"),
+    ("late", "US's tick deadline → the jitter bank plays (timer lateness, drain)"),
+    ("decode", "played → frame written to the radio (decode, VOX, mix)"),
+    ("codec", "start of that frame → the onset sample in it (codec delay: Opus look-ahead)"),
+)
+
+
+class Trace:
+    """Timestamps of each packet through the path, read where the code hands it over:
+    CA's sends (with their RTP time), US's kernel arrivals and transits into the jitter
+    bank, and US's playouts (tick deadline, when it ran, the slot played, the rule's
+    slowest transit). Installed on the two live gateways by wrapping those calls."""
+
+    def __init__(self, ca, us) -> None:  # noqa: ANN001
+        self.offset = time.time() - time.monotonic()  # wall → monotonic
+        self.sends: list[tuple[float, int]] = []  # (monotonic, RTP time of CA's link row)
+        self.arrivals: dict[int, tuple[float, float]] = {}  # slot → (monotonic, transit s)
+        self.plays: list[tuple[float, float, int, float]] = []  # (deadline, ran, slot, slowest)
+        self.ca_leg, self.us_leg = link_leg(ca), link_leg(us)
+        self.frame = ca.clock.period
+        self.opus = bool(self.us_leg.bank.table.opus[self.us_leg.row])
+        self._wrap_send(self.ca_leg.bank)
+        self._wrap_receive(self.us_leg.bank)
+
+    def _wrap_send(self, bank) -> None:  # noqa: ANN001
+        sender, row, send = bank.sender, self.ca_leg.row, bank.sender.send
+
+        def traced(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            ts = int(bank.table.tx_ts[row])
+            done = send(*args, **kwargs)
+            self.sends.append((time.monotonic(), ts))
+            return done
+
+        sender.send = traced
+
+    def _wrap_receive(self, bank) -> None:  # noqa: ANN001
+        jitter, row, rate = bank.jitter, self.us_leg.row, bank.jitter.rate
+        epoch = bank.receive_path.epoch_seconds
+        put, playout = jitter.put_batch, jitter.playout
+
+        def traced_put(rows, timestamps, codes, arrival, marker):  # noqa: ANN001, ANN202
+            kept = put(rows, timestamps, codes, arrival, marker)
+            for i in np.flatnonzero(rows == row).tolist():
+                at = epoch + float(arrival[i]) / rate - self.offset
+                slot = int(timestamps[i])
+                transit = jitter.transit[row, (jitter.count[row] - 1) % jitter.transit.shape[1]]
+                self.arrivals[slot] = (at, float(transit) / rate)
+            return kept
+
+        def traced_playout(rows, now, *args):  # noqa: ANN001, ANN002, ANN202
+            ran = time.monotonic()
+            pcm = playout(rows, now, *args)
+            if jitter.started[row]:
+                slowest = np.sort(jitter.transit[row])[-4] / rate
+                slot = int(jitter.play[row] - jitter.frame) & 0xFFFFFFFF
+                self.plays.append((epoch + now / rate - self.offset, ran, slot, slowest))
+            return pcm
+
+        jitter.put_batch, jitter.playout = traced_put, traced_playout
+
+    def steps(self, onset: float, found: float, heard: list, wan: float) -> dict[str, float] | None:
+        """One burst's delay (``found - onset``) in the STEPS, or None if not traced."""
+        written = max((t for t, _ in heard if t <= found), default=None)
+        play = max((p for p in self.plays if p[1] <= (written or 0)), default=None)
+        if written is None or play is None:
+            return None
+        deadline, ran, slot, slowest = play
+        if slot not in self.arrivals:
+            return None
+        arrived, transit = self.arrivals[slot]
+        scale = 6 if self.opus else 1  # US keeps Opus's RTP time in 8 kHz units
+        near = lambda ts: abs((ts - slot * scale + 2**31) % 2**32 - 2**31) < scale  # noqa: E731
+        sent = [t for t, ts in self.sends if near(ts)]
+        if not sent:
+            return None
+        read = onset + self.frame
+        playable = arrived + slowest + MARGIN / JITTER_RATE - transit
+        return {
+            "frame": read - onset,
+            "send": sent[0] - read,
+            "network": arrived - sent[0] - wan,
+            "rule": playable - arrived,
+            "phase": deadline - playable,
+            "late": ran - deadline,
+            "decode": written - ran,
+            "codec": found - written,
+        }
+
+
+async def mouth_to_ear(  # noqa: ANN001
+    ca, us, media: UdpRelay, wan: Impairment, bursts: int, trace: bool = False
+) -> MouthToEar:
     """Radio(CA) → radio(US) over the link with the relay at ``wan``: a steady tone's SNR,
-    then the onset delay of ``bursts`` bursts."""
+    then the onset delay of ``bursts`` bursts (``trace``: each split into :data:`STEPS`)."""
     mouth, ear = ca.ports["marine-radio"], us.ports["harbor-radio"]
     media.impair = wan
     media.back = Impairment(delay=wan.delay, jitter=wan.jitter)
@@ -270,7 +375,8 @@ async def mouth_to_ear(ca, us, media: UdpRelay, wan: Impairment, bursts: int) ->
     mouth.mode = "quiet"
     await asyncio.sleep(1.0)
     mouth.onsets.clear()
-    mouth.in_gap = lambda: shift_ticks(us.clock, PHASE_STEP)
+    mouth.in_gap = lambda: shift_ticks(us.clock, PHASE_STEP * us.clock.period)
+    tracer = Trace(ca, us) if trace else None
     mouth.burst()
     buffered: list[float] = []  # the US leg's jitter-buffer delay
 
@@ -284,16 +390,48 @@ async def mouth_to_ear(ca, us, media: UdpRelay, wan: Impairment, bursts: int) ->
     mouth.mode, mouth.in_gap = "quiet", None
     await asyncio.sleep(0.6)
     heard = list(ear.heard)
-    delays = [
-        found - onset
-        for onset in mouth.onsets[:bursts]
-        if (found := onset_after(heard, onset, 0.5)) is not None
-    ]
-    return MouthToEar([d - wan.delay for d in delays], percentile(buffered, 50), snr, lost)
+    found = [(onset, onset_after(heard, onset, 0.5)) for onset in mouth.onsets[:bursts]]
+    found = [(onset, at) for onset, at in found if at is not None]
+    steps = [tracer.steps(onset, at, heard, wan.delay) for onset, at in found] if tracer else []
+    return MouthToEar(
+        [at - onset - wan.delay for onset, at in found],
+        percentile(buffered, 50),
+        snr,
+        lost,
+        [s for s in steps if s is not None],
+    )
 
 
-async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> list[str]:
-    pair = Pair(folder)
+def budget_rows(label: str, m: MouthToEar) -> list[str]:
+    """The traced bursts' delay step by step: mean and p50 of each (the means add up)."""
+    if not m.steps:
+        return [f"| {label}: no burst traced | | | |"]
+    rows = []
+    for name, what in STEPS:
+        values = [1000 * s[name] for s in m.steps]
+        rows.append(
+            f"| {label}: {name} | {np.mean(values):.1f} | {np.median(values):.1f} | {what} |"
+        )
+    total = [1000 * sum(s.values()) for s in m.steps]
+    rows.append(
+        f"| {label}: added, in all | {np.mean(total):.1f} | {np.median(total):.1f} | "
+        f"{len(m.steps)} bursts traced |"
+    )
+    return rows
+
+
+async def latency_and_cut(
+    folder: Path,
+    bursts: int,
+    cuts: int,
+    deaths: int,
+    trace: bool = False,
+    frame: str = "",
+    budget: list[str] | None = None,
+) -> list[str]:
+    """The mouth-to-ear rows, then (``cuts``, ``deaths``) cut → silence and dead link;
+    ``trace``: each condition's step-by-step budget into ``budget``."""
+    pair = Pair(folder, frame)
     rows = []
     async with (
         TcpRelay(("127.0.0.1", pair.us.tls_port), lifetime=3600) as to_us,
@@ -308,7 +446,9 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
 
             # 1. mouth-to-ear, per network condition
             for label, wan in (("0 ms", Impairment()), ("40±10 ms, 2% loss", LOSSY)):
-                m = await mouth_to_ear(ca, us, media, wan, bursts)
+                m = await mouth_to_ear(ca, us, media, wan, bursts, trace)
+                if budget is not None:
+                    budget += budget_rows(label, m)
                 rows.append(
                     f"| mouth-to-ear, {label} | {len(m.added)}/{bursts} | "
                     f"{1000 * percentile(m.added, 50):.1f} | "
@@ -317,6 +457,8 @@ async def latency_and_cut(folder: Path, bursts: int, cuts: int, deaths: int) -> 
                     f"tone SNR {m.snr:.0f} dB (8 s of steady tone, {m.lost} packets lost) |"
                 )
 
+            if not cuts and not deaths:
+                return rows
             # 2. cut → silence on the far side, at 40±10 ms
             silences = []
             for _ in range(cuts):
@@ -576,8 +718,17 @@ def main() -> None:
         metavar="N",
         help="compare Opus with G.711 over N interleaved rounds",
     )
+    parser.add_argument(
+        "--delay",
+        action="store_true",
+        help="mouth-to-ear only, each burst traced step by step (where the milliseconds go)",
+    )
+    parser.add_argument("--frame", default="", help='both engines\' frame ("10ms" or "20ms")')
     args = parser.parse_args()
     bursts, cuts, deaths, seconds = (10, 3, 2, 10.0) if args.quick else (40, 8, 4, 20.0)
+    if args.delay:
+        delay_only(bursts, args.frame, args.realtime)
+        return
     rows: list[str] = []
     if args.codecs:
         with tempfile.TemporaryDirectory(prefix="bench-links-") as folder:
@@ -605,9 +756,40 @@ def main() -> None:
     print(f"({load()} after)")
 
 
-async def _collect(folder: Path, bursts: int, cuts: int, deaths: int, rows: list[str]) -> None:
+async def _collect(
+    folder: Path,
+    bursts: int,
+    cuts: int,
+    deaths: int,
+    rows: list[str],
+    frame: str = "",
+    budget: list[str] | None = None,
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    rows += await latency_and_cut(folder, bursts, cuts, deaths)
+    rows += await latency_and_cut(folder, bursts, cuts, deaths, budget is not None, frame, budget)
+
+
+def delay_only(bursts: int, frame: str, realtime: int) -> None:
+    """``--delay``: the mouth-to-ear rows, and each condition's traced budget."""
+    rows: list[str] = []
+    budget: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-links-") as folder:
+        priority = f"SCHED_FIFO {realtime}" if realtime else "normal priority"
+        print(f"# link delay, frame {frame or '20ms'}, {priority}, {load()}", flush=True)
+        if realtime:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime))
+        run_async(_collect(Path(folder) / "pair", bursts, 0, 0, rows, frame, budget))
+        if realtime:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    print("| figure | n | p50 (ms) / value | p99 (ms) | note |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(row)
+    print("\n| step | mean (ms) | p50 (ms) | what |")
+    print("|---|---|---|---|")
+    for row in budget:
+        print(row)
+    print(f"({load()} after)")
 
 
 if __name__ == "__main__":
