@@ -265,7 +265,7 @@ def shift_ticks(clock, seconds: float) -> None:  # noqa: ANN001
 # --- where the milliseconds go (--trace) ----------------------------------------------
 
 STEPS = (
-    ("frame", "sender's frame: the onset is read 20 ms after it was spoken"),
+    ("frame", "sender's frame: the onset is read a frame after it was spoken"),
     ("send", "CA's tick: read → its packet sent (mix, encode, SRTP, sendmmsg)"),
     ("network", "sent → kernel arrival at US (relay; minus the WAN's mean delay)"),
     ("rule", "arrival → playable by the jitter rule (p95 transit + 2 ms, over this packet's)"),

@@ -15,12 +15,13 @@ codec):
   arrived (and carries FEC), else concealed by libopus. No packet is held back in case
   its successor's FEC is needed, as in WebRTC's NetEq: that would cost every link a
   packet time of delay, while on a WAN with jitter the buffer usually holds the next
-  packet already (on a clean link a rare loss is concealed). A packet that is not a
-  20 ms Opus packet is dropped and counted (``opus``). Opus packets cannot be cut, so
-  an Opus row's playout point moves in whole packets
+  packet already (on a clean link a rare loss is concealed). A packet is one engine
+  frame (10 or 20 ms; the SDP agreed on it): any other is dropped and counted
+  (``opus``). Opus packets cannot be cut, so an Opus row's playout point moves in whole
+  packets
   (:class:`~gateway.sip.jitter.JitterBank` ``whole``);
 * send: each leg's ``tx`` frame is encoded by its own encoder (a silent one is not:
-  :data:`~gateway.sip.opus.SILENCE`), and the packets, of varying length, get their
+  :func:`~gateway.sip.opus.silence`), and the packets, of varying length, get their
   headers, talker extension and SRTP as columns and leave in one ``sendmmsg``.
 
 A bank with no Opus leg never runs any of this: the G.711 batch is as it was.
@@ -36,12 +37,11 @@ from gateway.sip.columns import Column
 from gateway.sip.jitter import JitterBank
 from gateway.sip.legtable import HEADER_SIZE, NO_PEER, SILENCE_DB, LegTable
 from gateway.sip.mmsg import BatchSender
-from gateway.sip.opus import CLOCK, PACKET_MS, SILENCE, OpusLeg, packet_samples
+from gateway.sip.opus import CLOCK, OpusLeg, packet_samples, silence
 from gateway.sip.rtp import write_headers
 from gateway.sip.srtp import TAG as SRTP_TAG
 from gateway.sip.streams import StreamBank
 
-_PACKET = CLOCK * PACKET_MS // 1000  # 960: RTP time of one packet
 _PLACEHOLDER = 0xFF  # µ-law silence in the jitter ring (never decoded for an Opus row)
 
 
@@ -73,6 +73,8 @@ class OpusEdges:
         self.rate = rate
         self.frame = frame
         self.codec_frame = codec_frame
+        self.packet = CLOCK * codec_frame // 8000  # RTP time of one packet (960 at 20 ms)
+        self.silence = silence(codec_frame // 8)
 
     @staticmethod
     def columns() -> tuple[Column, ...]:
@@ -80,7 +82,7 @@ class OpusEdges:
             ("opus_codec", (), object, None),  # an Opus leg's OpusLeg (the table's `opus` marks it)
             ("opus_time", (), np.int64, 0),  # the peer's RTP time, 48 kHz, unwrapped
             ("opus_started", (), bool, False),  # ... known (a packet came)
-            ("opus_quiet", (), bool, True),  # our last frame went as SILENCE
+            ("opus_quiet", (), bool, True),  # our last frame went as silence (DTX)
             # The peer is silent and nothing waits: its SILENCE packets change nothing, so
             # an idle shared talkgroup costs no Python per packet or per tick here.
             ("opus_idle", (), bool, True),
@@ -129,13 +131,13 @@ class OpusEdges:
     def _arrivals(
         self, rows: np.ndarray, ts: np.ndarray, data: np.ndarray, idx: np.ndarray, size: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """For the Opus packets of a round (rows distinct): which are 20 ms Opus packets
+        """For the Opus packets of a round (rows distinct): which are Opus packets of a frame
         (the others are counted ``opus``) and their RTP time in 8 kHz units."""
         t = self.table
         good = size == 1  # the peer's silence (DTX): nothing to check
         for i in np.flatnonzero(~good).tolist():
             payload = bytes(data[idx[i], HEADER_SIZE : HEADER_SIZE + size[i]])
-            good[i] = packet_samples(payload) == _PACKET
+            good[i] = packet_samples(payload) == self.packet
         if not good.all():
             t.count("opus", rows[~good], int((~good).sum()))
         rows, ts = rows[good], ts[good]
@@ -169,7 +171,7 @@ class OpusEdges:
             size[kept].tolist(),
             strict=True,
         ):
-            payload = SILENCE if n == 1 else bytes(data[j, HEADER_SIZE : HEADER_SIZE + n])
+            payload = self.silence if n == 1 else bytes(data[j, HEADER_SIZE : HEADER_SIZE + n])
             self.table.opus_codec[row].hold(slot, payload)
 
     def playout(
@@ -214,7 +216,7 @@ class OpusEdges:
         t.tx_has[rows] = False
         frames = t.tx[rows]
         loud = has & frames.any(axis=1)  # the rest go as SILENCE, no encoder called
-        payloads = [SILENCE] * len(rows)
+        payloads = [self.silence] * len(rows)
         for i in np.flatnonzero(loud).tolist():
             payloads[i] = t.opus_codec[rows[i]].encode(frames[i])
         if not loud.all():
@@ -222,11 +224,11 @@ class OpusEdges:
                 t.opus_codec[row].quiet_out = True
         t.opus_quiet[rows] = ~loud
         count = len(rows)
-        sizes = np.full(count, HEADER_SIZE + len(SILENCE), np.int64)
+        sizes = np.full(count, HEADER_SIZE + len(self.silence), np.int64)
         sizes[loud] = [HEADER_SIZE + len(payloads[i]) for i in np.flatnonzero(loud).tolist()]
         width = int(sizes.max()) + (SRTP_TAG if t.srtp_legs else 0)
         packets = np.zeros((count, width), np.uint8)
-        packets[:, HEADER_SIZE] = SILENCE[0]
+        packets[:, HEADER_SIZE] = self.silence[0]
         for i in np.flatnonzero(loud).tolist():
             payload = payloads[i]
             packets[i, HEADER_SIZE : HEADER_SIZE + len(payload)] = np.frombuffer(payload, np.uint8)
@@ -259,4 +261,4 @@ class OpusEdges:
         t.packets_out[rows[done]] += 1
         t.bytes_out[rows[done]] += sizes[done]
         t.payload_out[rows[done]] += sizes[done] - HEADER_SIZE
-        t.tx_ts[rows] = (t.tx_ts[rows] + _PACKET) & 0xFFFFFFFF
+        t.tx_ts[rows] = (t.tx_ts[rows] + self.packet) & 0xFFFFFFFF

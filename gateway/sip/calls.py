@@ -342,7 +342,7 @@ class CallManager:
             self._refuse(message, admitted, name)
             return
         offer = read_offer(message)
-        codec = choose_codec(offer, self.config.codecs) if offer else None
+        codec = choose_codec(offer, self.config.codecs, self._ptime) if offer else None
         why = self._media_refused(offer, codec)
         if why:
             self._reject(message, 488, "Not Acceptable Here", why)
@@ -452,7 +452,7 @@ class CallManager:
         codecs that ``codecs`` (default: the site's) allows. None (and a 488) without such
         a codec or without the SRTP the settings require."""
         offer = read_offer(message)
-        codec = choose_codec(offer, codecs or self.config.codecs) if offer else None
+        codec = choose_codec(offer, codecs or self.config.codecs, self._ptime) if offer else None
         why = self._media_refused(offer, codec)
         if why:
             self._reject(message, 488, "Not Acceptable Here", why)
@@ -503,7 +503,13 @@ class CallManager:
             direction=dialog.direction,
             extmap=dialog.extmap,
             opus_type=dialog.offer.opus_type if dialog.offer else OPUS,
+            ptime=self._ptime,
         )
+
+    @property
+    def _ptime(self) -> int:
+        """Our packet time in ms: one packet a tick, the engine's frame."""
+        return round(1000 * self.bank.frame_seconds)
 
     def _answer(self, dialog: Dialog, invite: SipMessage) -> None:
         """200 OK with our SDP to the peer's INVITE, resent until the peer ACKs it."""
@@ -553,7 +559,9 @@ class CallManager:
             self._answer(dialog, message)
             return
         offer = read_offer(message)
-        codec = choose_codec(offer, dialog.codecs or self.config.codecs) if offer else None
+        codec = (
+            choose_codec(offer, dialog.codecs or self.config.codecs, self._ptime) if offer else None
+        )
         why = self._media_refused(offer, codec, leg.row)
         if why:
             self.rejected[488] = self.rejected.get(488, 0) + 1
@@ -818,6 +826,7 @@ class CallManager:
             ssrc=ssrc,
             cname=self.bank.rtcp.cname,
             extmap=extmap,
+            ptime=self._ptime,
         )
         call_id = new_call_id(self.address)
         tag = new_tag()
@@ -869,7 +878,7 @@ class CallManager:
             )
             return None
         offer = read_offer(response)
-        codec = choose_codec(offer, codecs or self.config.codecs) if offer else None
+        codec = choose_codec(offer, codecs or self.config.codecs, self._ptime) if offer else None
         dialog = Dialog(
             call_id=call_id,
             local_tag=tag,

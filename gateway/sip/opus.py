@@ -39,13 +39,16 @@ except Exception:  # noqa: BLE001 - no libopus on this machine: links stay on G.
 
 
 CLOCK = 48000  # RFC 7587: the RTP clock of Opus is always 48 kHz
-PACKET_MS = 20  # the only packet time we send or accept (a=ptime:20)
+# Packet times (ms): one packet a tick, so the engine's frame; a=ptime says which, and a
+# link agrees on Opus only with a peer whose ptime is ours (sdp.choose_codec).
+PACKET_MS = (10, 20)
 RATES = (8000, 12000, 16000, 24000, 48000)  # engine rates libopus encodes and decodes at
 BITRATE = 32000  # wideband speech with FEC's share on top
 LOSS_PERCENT = 10  # what the encoder plans for: FEC kicks in at this expected loss
 COMPLEXITY = 3  # CPU per encode against quality: see docs/links.md, figures
 REPLAY_SPAN = 4096  # a slot this close behind the last one played is played again (8 kHz)
 SILENCE = bytes([9 << 3])  # TOC: SILK wideband 20 ms, mono, one frame of zero bytes (DTX)
+SILENCE_10MS = bytes([8 << 3])  # the same at 10 ms (RFC 6716 §3.1: configurations 8 and 9)
 FMTP = "useinbandfec=1;maxplaybackrate=16000;sprop-maxcapturerate=16000;stereo=0"
 
 if _libopus is not None:
@@ -55,8 +58,14 @@ if _libopus is not None:
 
 def available(rate: int, frame_seconds: float) -> bool:
     """Opus can run with this engine on this machine: libopus found, a rate it takes, and
-    20 ms frames (one packet a tick)."""
-    return opuslib_next is not None and rate in RATES and round(frame_seconds * 1000) == PACKET_MS
+    10 or 20 ms frames (one packet a tick)."""
+    ms = round(frame_seconds * 1000)
+    return opuslib_next is not None and rate in RATES and ms in PACKET_MS
+
+
+def silence(packet_ms: int) -> bytes:
+    """The one-byte DTX packet for this packet time."""
+    return SILENCE_10MS if packet_ms == 10 else SILENCE
 
 
 def has_fec(payload: bytes) -> bool:
@@ -92,7 +101,8 @@ class OpusLeg:
 
     def __init__(self, rate: int, frame: int) -> None:
         self.rate = rate
-        self.frame = frame  # samples per 20 ms at the engine rate
+        self.frame = frame  # samples per packet (the engine's frame) at the engine rate
+        self.silence = silence(round(1000 * frame / rate))
         self.encoder = opuslib_next.Encoder(rate, 1, "voip")
         self.encoder.bitrate = BITRATE
         self.encoder.inband_fec = 1
@@ -110,10 +120,10 @@ class OpusLeg:
     # --- send -----------------------------------------------------------------------------
 
     def encode(self, frame: np.ndarray) -> bytes:
-        """One 20 ms frame (float32 at the engine rate) as an Opus packet."""
+        """One frame (float32 at the engine rate) as an Opus packet."""
         if not frame.any():
             self.quiet_out = True
-            return SILENCE
+            return self.silence
         if self.quiet_out:
             self.encoder.reset_state()
             self.quiet_out = False

@@ -30,6 +30,7 @@ from gateway.sip.rtp import CODEC_NAMES, OPUS, PCMA, PCMU
 from gateway.sip.srtp import Crypto, parse_crypto
 
 NAMES = {"pcmu": PCMU, "pcma": PCMA, "opus": OPUS}
+PTIME = 20  # ms: a=ptime when a description has none (RFC 7587's and most phones' packet time)
 DTMF_TYPE = 101
 AVP = "RTP/AVP"
 SAVP = "RTP/SAVP"  # SRTP (RFC 3711 §12): the answer must carry keys or the call fails
@@ -37,6 +38,7 @@ _RTCP_PORT = re.compile(r"^a=rtcp:(\d{1,5})", re.M)
 _RTCP_MUX = re.compile(r"^a=rtcp-mux\s*$", re.M)
 _DIRECTION = re.compile(r"^a=(sendrecv|sendonly|recvonly|inactive)\s*$", re.M | re.I)
 _SSRC = re.compile(r"^a=ssrc:(\d{1,10})(?:\s|$)", re.M)
+_PTIME = re.compile(r"^a=ptime:(\d{1,4})\s*$", re.M)
 _EXTMAP = re.compile(r"^a=extmap:(\d{1,3})(?:/\w+)?[ \t]+(\S{1,200})[ \t]*([^\r\n]{0,200})", re.M)
 # The first audio stream (m=audio PORT[/COUNT] PROTO FORMATS), the first address (c=) and
 # the payload types' names and clock rates (a=rtpmap): all a leg needs of SDP (RFC 4566).
@@ -78,6 +80,7 @@ class MediaOffer:
     # a=extmap (RFC 8285): (ID 1-255, URI, the extension's attributes after the URI)
     extmaps: tuple[tuple[int, str, str], ...] = ()
     opus_type: int = OPUS  # the dynamic payload type the writer gave opus/48000/2
+    ptime: int = PTIME  # a=ptime (ms): the packet time the writer sends (RFC 4566; default 20)
 
     def extension(self, uri: str) -> tuple[int, str] | None:
         """(ID, attributes) the writer gave the RTP header extension ``uri``; None: not in it."""
@@ -116,6 +119,7 @@ def read_offer(message: SipMessage) -> MediaOffer | None:
         elif name in NAMES and (pt < 96 or rtpmap):
             payload_types.append(NAMES[name] if pt >= 96 else pt)
     rtcp = _RTCP_PORT.search(text)
+    ptime = _PTIME.search(text)
     profile, crypto_lines = _audio_section(text)
     crypto = tuple(c for c in map(parse_crypto, crypto_lines) if c is not None)
     directions = _DIRECTION.findall(text)  # the last one (media level) wins over the session's
@@ -139,6 +143,7 @@ def read_offer(message: SipMessage) -> MediaOffer | None:
         direction=directions[-1].lower() if directions else "sendrecv",
         extmaps=extmaps[:16],
         opus_type=opus_type,
+        ptime=int(ptime.group(1)) if ptime else PTIME,
     )
 
 
@@ -158,9 +163,15 @@ def _audio_section(text: str) -> tuple[str, list[str]]:
     return profile, lines
 
 
-def choose_codec(offer: MediaOffer, ours: list[str]) -> int | None:
-    """The first codec of the offer that the site allows (the offerer's preference wins)."""
+def choose_codec(offer: MediaOffer, ours: list[str], ptime: int = PTIME) -> int | None:
+    """The first codec of the offer that the site allows (the offerer's preference wins).
+
+    Opus only when the peer's packet time is ours (``ptime``, the engine's frame): each
+    side sends one packet a tick and plays one a tick, so a 10 ms gateway and a 20 ms one
+    agree on G.711 instead (its receiver takes packets of any length)."""
     allowed = {NAMES[c] for c in ours}
+    if offer.ptime != ptime:
+        allowed.discard(OPUS)
     return next((pt for pt in offer.payload_types if pt in allowed), None)
 
 
@@ -185,9 +196,11 @@ def describe(
     version: int | None = None,
     extmap: tuple[int, str] | None = None,
     opus_type: int = OPUS,
+    ptime: int = PTIME,
 ) -> str:
     """Our SDP: offer or answer. ``opus_type``: the payload type Opus goes by (in an
-    answer, the offer's); ``crypto``: our SDES key (only ever sent over TLS);
+    answer, the offer's); ``ptime``: our packet time in ms (the engine's frame);
+    ``crypto``: our SDES key (only ever sent over TLS);
     ``ssrc``/``cname``: the SSRC the call's RTP carries (RFC 5576); ``extmap``: an RTP
     header extension (ID, "URI [attributes]") in the two-byte form (RFC 8285
     ``a=extmap-allow-mixed``)."""
@@ -213,7 +226,7 @@ def describe(
         lines += [f"a=rtpmap:{dtmf_type} telephone-event/8000", f"a=fmtp:{dtmf_type} 0-15"]
     if crypto is not None:
         lines.append(crypto.attribute())
-    lines += ["a=ptime:20", f"a={direction}"]
+    lines += [f"a=ptime:{ptime}", f"a={direction}"]
     if extmap is not None:
         lines += [f"a=extmap:{extmap[0]} {extmap[1]}", "a=extmap-allow-mixed"]
     if rtcp_mux:  # only in an answer to an offer that asked for it

@@ -12,6 +12,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 from relay import Impairment, UdpRelay
 from trunk_sites import (
     RATE,
@@ -54,7 +55,10 @@ class Warble:
         return (0.1 * np.sin(phase)).astype(np.float32)
 
 
-def sites(tmp: Path, tone: float, ca_codecs: str = "") -> tuple[Path, Path]:
+def sites(
+    tmp: Path, tone: float, ca_codecs: str = "", frames: tuple[str, str] = ("", "")
+) -> tuple[Path, Path]:
+    """CA's and US's site files; ``frames``: each engine's frame ("10ms"; "": the default)."""
     pki = make_pki(tmp, ("ca", "us"))
     ca = SiteSpec("ca", {"marine": tone}, [LinkSpec("us", "us", {"marine": "ship"})])
     us = SiteSpec("us", {"harbor": 1500.0}, [LinkSpec("ca", "ca", {"harbor": "ship"})])
@@ -63,6 +67,11 @@ def sites(tmp: Path, tone: float, ca_codecs: str = "") -> tuple[Path, Path]:
     if ca_codecs:
         name = 'peer_name = "us.link.test"\n'
         ca_path.write_text(ca_path.read_text().replace(name, f"{name}codecs = {ca_codecs}\n"))
+    for path, frame in zip((ca_path, us_path), frames, strict=True):
+        if frame:
+            path.write_text(
+                path.read_text().replace("[timing]\n", f'[timing]\nframe = "{frame}"\n')
+            )
     return ca_path, us_path
 
 
@@ -71,8 +80,10 @@ def codec(gateway) -> int:  # noqa: ANN001
     return int(leg.bank.table.payload_type[leg.row])
 
 
-def test_borderlinks_agree_opus_and_a_wideband_tone_crosses(tmp_path: Path) -> None:
-    ca_path, us_path = sites(tmp_path, WIDE_HZ)
+@pytest.mark.parametrize("frame", ["20ms", "10ms"])
+def test_borderlinks_agree_opus_and_a_wideband_tone_crosses(tmp_path: Path, frame: str) -> None:
+    # At 10 ms frames too (10 ms packets, one a tick): the link's delay is halved there.
+    ca_path, us_path = sites(tmp_path, WIDE_HZ, frames=(frame, frame))
 
     async def main() -> None:
         async with running(ca_path) as ca, running(us_path) as us:
@@ -80,6 +91,7 @@ def test_borderlinks_agree_opus_and_a_wideband_tone_crosses(tmp_path: Path) -> N
             assert codec(ca) == OPUS and codec(us) == OPUS, "BorderLinks prefer Opus"
             dialog = next(iter(us.sip.calls.dialogs.values()))
             assert "opus/48000/2" in dialog.body and "useinbandfec=1" in dialog.body
+            assert f"a=ptime:{frame[:2]}" in dialog.body
             radio(ca, "marine").speaking = True
             ear = radio(us, "harbor")
             await until(lambda: ear.level(WIDE_HZ, 0.5) > HEARD, 10, "6 kHz at US")
@@ -87,6 +99,24 @@ def test_borderlinks_agree_opus_and_a_wideband_tone_crosses(tmp_path: Path) -> N
             heard = ear.recent(1.0)
             assert abs(dominant_hz(heard, RATE) - WIDE_HZ) < 30
             assert -26.0 < band_db(heard, RATE, WIDE_HZ) < -14.0, "about the level spoken"
+            assert link_leg(us).stats()["packets_malformed"] == 0
+
+    run(main())
+
+
+def test_a_10ms_and_a_20ms_gateway_agree_g711_and_the_tone_crosses(tmp_path: Path) -> None:
+    # Each side sends one packet a tick and plays one a tick: Opus needs the same packet
+    # time on both sides; with different frames the link falls back to G.711 and works.
+    ca_path, us_path = sites(tmp_path, TONE_HZ, frames=("10ms", "20ms"))
+
+    async def main() -> None:
+        async with running(ca_path) as ca, running(us_path) as us:
+            await both_up(ca, us, "ship")
+            assert codec(ca) == PCMU and codec(us) == PCMU
+            radio(ca, "marine").speaking = True
+            ear = radio(us, "harbor")
+            await until(lambda: ear.level(TONE_HZ, 0.5) > HEARD, 10, "the tone at US")
+            assert abs(dominant_hz(ear.recent(0.5), RATE) - TONE_HZ) < 30
             assert link_leg(us).stats()["packets_malformed"] == 0
 
     run(main())

@@ -60,3 +60,19 @@ def test_opus_at_a_static_number_or_another_clock_is_not_opus():
         )
     )
     assert found is not None and found.payload_types == [OPUS, PCMU] and found.opus_type == 98
+
+
+def test_opus_is_agreed_only_with_a_peer_whose_packet_time_is_ours():
+    # One packet a tick each way: a 10 ms gateway and a 20 ms one fall back to G.711
+    # (any packet length plays), never to Opus packets the other side cannot play.
+    def ptime_offer(*ptime: str):  # noqa: ANN202
+        lines = ("a=rtpmap:111 opus/48000/2", "a=rtpmap:0 PCMU/8000", *ptime)
+        return read_offer(parse(offer("m=audio 4000 RTP/AVP 111 0", *lines), PEER))
+
+    assert choose_codec(ptime_offer(), ["opus", "pcmu"]) == OPUS  # no a=ptime: 20 ms
+    assert choose_codec(ptime_offer(), ["opus", "pcmu"], ptime=10) == PCMU
+    assert choose_codec(ptime_offer("a=ptime:10"), ["opus", "pcmu"], ptime=10) == OPUS
+    assert choose_codec(ptime_offer("a=ptime:10"), ["opus", "pcmu"]) == PCMU
+    assert choose_codec(ptime_offer("a=ptime:10"), ["opus"]) is None
+    assert "a=ptime:10\r\n" in describe("127.0.0.1", 5000, [OPUS], None, ptime=10)
+    assert "a=ptime:20\r\n" in describe("127.0.0.1", 5000, [PCMU], None)
