@@ -562,8 +562,10 @@ def link_status(path: Path) -> dict:
         return {}
 
 
-def cpu(folder: Path, talkgroups: int, talking: int, seconds: float, realtime: int) -> list[str]:
-    used, up = cpu_use(folder, talkgroups, talking, seconds, realtime=realtime)
+def cpu(
+    folder: Path, talkgroups: int, talking: int, seconds: float, realtime: int, frame: str = ""
+) -> list[str]:
+    used, up = cpu_use(folder, talkgroups, talking, seconds, realtime=realtime, frame=frame)
     return [
         f"| CPU, {talkgroups} shared talkgroups ({up} up), {talking} talking: CA (sends) | "
         f"{seconds:.0f} s | {100 * used['ca']:.1f} % | | goal ≤ 25 % of a core; "
@@ -574,11 +576,18 @@ def cpu(folder: Path, talkgroups: int, talking: int, seconds: float, realtime: i
 
 
 def cpu_use(
-    folder: Path, talkgroups: int, talking: int, seconds: float, codecs: str = "", realtime: int = 0
+    folder: Path,
+    talkgroups: int,
+    talking: int,
+    seconds: float,
+    codecs: str = "",
+    realtime: int = 0,
+    frame: str = "",
 ) -> tuple[dict[str, float], int]:
     """Each process's CPU (share of a core), the ticks each skipped in all (a process
     starved of CPU skips ticks, and so does less work: its figure is then too low), and
-    how many shared names were up. ``realtime``: the processes at SCHED_FIFO."""
+    how many shared names were up. ``realtime``: the processes at SCHED_FIFO; ``frame``:
+    their engines' frame ("10ms"; "": the default)."""
     folder.mkdir(parents=True, exist_ok=True)
     pki = make_pki(folder, ("ca", "us"))
     names = [f"tg{i:03d}" for i in range(talkgroups)]
@@ -593,6 +602,10 @@ def cpu_use(
         "ca": cpu_site(folder, ca, ports, pki, talking, codecs),
         "us": cpu_site(folder, us, ports, pki, 0, codecs),
     }
+    for path in paths.values():
+        if frame:
+            text = path.read_text().replace("[timing]\n", f'[timing]\nframe = "{frame}"\n')
+            path.write_text(text)
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", str(path)],
@@ -742,13 +755,16 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="bench-links-") as folder:
         priority = f"SCHED_FIFO {args.realtime}" if args.realtime else "normal priority"
-        print(f"# cross-border link, the pair at {priority}, {load()}", flush=True)
+        print(
+            f"# cross-border link, frame {args.frame or '20ms'}, the pair at {priority}, {load()}",
+            flush=True,
+        )
         if args.realtime:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime))
-        run_async(_collect(Path(folder) / "pair", bursts, cuts, deaths, rows))
+        run_async(_collect(Path(folder) / "pair", bursts, cuts, deaths, rows, args.frame))
         if args.realtime:
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-        rows += cpu(Path(folder), 100, 10, seconds, args.realtime)
+        rows += cpu(Path(folder), 100, 10, seconds, args.realtime, args.frame)
     print("| figure | n | p50 (ms) / value | p99 (ms) | note |")
     print("|---|---|---|---|---|")
     for row in rows:
