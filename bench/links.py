@@ -266,7 +266,8 @@ def shift_ticks(clock, seconds: float) -> None:  # noqa: ANN001
 
 STEPS = (
     ("frame", "sender's frame: the onset is read a frame after it was spoken"),
-    ("send", "CA's tick: read → its packet sent (mix, encode, SRTP, sendmmsg)"),
+    ("mix", "CA's tick: read → the tick's work done (mix, metering, events)"),
+    ("send", "CA's tick done → its packet sent (encode, header extension, SRTP, sendmmsg)"),
     ("network", "sent → kernel arrival at US (relay; minus the WAN's mean delay)"),
     ("rule", "arrival → playable by the jitter rule (p95 transit + 2 ms, over this packet's)"),
     ("phase", "playable → US's next tick (its deadline: the clocks have no common phase)"),
@@ -285,12 +286,14 @@ class Trace:
     def __init__(self, ca, us) -> None:  # noqa: ANN001
         self.offset = time.time() - time.monotonic()  # wall → monotonic
         self.sends: list[tuple[float, int]] = []  # (monotonic, RTP time of CA's link row)
+        self.ends: list[float] = []  # CA's ticks' work done (its after-tick hooks begin)
         self.arrivals: dict[int, tuple[float, float]] = {}  # slot → (monotonic, transit s)
         self.plays: list[tuple[float, float, int, float]] = []  # (deadline, ran, slot, slowest)
         self.ca_leg, self.us_leg = link_leg(ca), link_leg(us)
         self.frame = ca.clock.period
         self.opus = bool(self.us_leg.bank.table.opus[self.us_leg.row])
         self._wrap_send(self.ca_leg.bank)
+        ca.engine.after_tick.insert(0, lambda: self.ends.append(time.monotonic()))
         self._wrap_receive(self.us_leg.bank)
 
     def _wrap_send(self, bank) -> None:  # noqa: ANN001
@@ -345,10 +348,12 @@ class Trace:
         if not sent:
             return None
         read = onset + self.frame
+        done = max((t for t in self.ends if t <= sent[0]), default=read)
         playable = arrived + slowest + MARGIN / JITTER_RATE - transit
         return {
             "frame": read - onset,
-            "send": sent[0] - read,
+            "mix": done - read,
+            "send": sent[0] - done,
             "network": arrived - sent[0] - wan,
             "rule": playable - arrived,
             "phase": deadline - playable,
@@ -428,9 +433,11 @@ async def latency_and_cut(
     trace: bool = False,
     frame: str = "",
     budget: list[str] | None = None,
+    codecs: str = "",
 ) -> list[str]:
     """The mouth-to-ear rows, then (``cuts``, ``deaths``) cut → silence and dead link;
-    ``trace``: each condition's step-by-step budget into ``budget``."""
+    ``trace``: each condition's step-by-step budget into ``budget``; ``codecs``: what
+    both sides' links offer (a TOML list; "": the default)."""
     pair = Pair(folder, frame)
     rows = []
     async with (
@@ -438,8 +445,8 @@ async def latency_and_cut(
         TcpRelay(("127.0.0.1", pair.ca.tls_port), lifetime=3600) as to_ca,
         UdpRelay(("127.0.0.1", 9), lifetime=3600) as media,
     ):
-        ca_path = pair.toml(pair.ca, {"us": to_us.port})
-        us_path = pair.toml(pair.us, {"ca": to_ca.port})
+        ca_path = pair.toml(pair.ca, {"us": to_us.port}, codecs)
+        us_path = pair.toml(pair.us, {"ca": to_ca.port}, codecs)
         async with running(ca_path, BENCH_ENDPOINTS) as ca, running(us_path, BENCH_ENDPOINTS) as us:
             mouth, ear = ca.ports["marine-radio"], us.ports["harbor-radio"]
             await linked(ca, us, media)
@@ -737,10 +744,11 @@ def main() -> None:
         help="mouth-to-ear only, each burst traced step by step (where the milliseconds go)",
     )
     parser.add_argument("--frame", default="", help='both engines\' frame ("10ms" or "20ms")')
+    parser.add_argument("--g711", action="store_true", help="with --delay: the link on G.711")
     args = parser.parse_args()
     bursts, cuts, deaths, seconds = (10, 3, 2, 10.0) if args.quick else (40, 8, 4, 20.0)
     if args.delay:
-        delay_only(bursts, args.frame, args.realtime)
+        delay_only(bursts, args.frame, args.realtime, CODECS["G.711 µ-law"] if args.g711 else "")
         return
     rows: list[str] = []
     if args.codecs:
@@ -780,21 +788,24 @@ async def _collect(
     rows: list[str],
     frame: str = "",
     budget: list[str] | None = None,
+    codecs: str = "",
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    rows += await latency_and_cut(folder, bursts, cuts, deaths, budget is not None, frame, budget)
+    trace = budget is not None
+    rows += await latency_and_cut(folder, bursts, cuts, deaths, trace, frame, budget, codecs)
 
 
-def delay_only(bursts: int, frame: str, realtime: int) -> None:
+def delay_only(bursts: int, frame: str, realtime: int, codecs: str = "") -> None:
     """``--delay``: the mouth-to-ear rows, and each condition's traced budget."""
     rows: list[str] = []
     budget: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-links-") as folder:
         priority = f"SCHED_FIFO {realtime}" if realtime else "normal priority"
-        print(f"# link delay, frame {frame or '20ms'}, {priority}, {load()}", flush=True)
+        what = f"frame {frame or '20ms'}, codecs {codecs or 'default'}, {priority}"
+        print(f"# link delay, {what}, {load()}", flush=True)
         if realtime:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(realtime))
-        run_async(_collect(Path(folder) / "pair", bursts, 0, 0, rows, frame, budget))
+        run_async(_collect(Path(folder) / "pair", bursts, 0, 0, rows, frame, budget, codecs))
         if realtime:
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     print("| figure | n | p50 (ms) / value | p99 (ms) | note |")
