@@ -460,7 +460,7 @@ async def latency_and_cut(
                     f"| mouth-to-ear, {label} | {len(m.added)}/{bursts} | "
                     f"{1000 * percentile(m.added, 50):.1f} | "
                     f"{1000 * percentile(m.added, 99):.1f} | "
-                    f"jitter buffer {1000 * m.buffered:.0f} ms (p50); "
+                    f"jitter buffer {1000 * m.buffered:.0f} ms (p50, the tick's phase in it); "
                     f"tone SNR {m.snr:.0f} dB (8 s of steady tone, {m.lost} packets lost) |"
                 )
 

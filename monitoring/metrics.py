@@ -86,7 +86,11 @@ PORT_STATS: dict[str, tuple[str, str, str]] = {
         "counter",
         "Frames decoded from the next packet's in-band FEC instead of concealed (Opus links)",
     ),
-    "jitter_buffer_seconds": ("leg_jitter_buffer_seconds", "gauge", "Current jitter-buffer delay"),
+    "jitter_buffer_seconds": (
+        "leg_jitter_buffer_seconds",
+        "gauge",
+        "Current jitter-buffer delay (arrival to playout, with the wait for the next tick)",
+    ),
     # RTCP: what the far end says of the audio we send it, and the round trip
     "rtcp_reports_in": ("leg_rtcp_reports_in_total", "counter", "RTCP reports received"),
     "rtcp_reports_out": ("leg_rtcp_reports_out_total", "counter", "RTCP reports sent"),

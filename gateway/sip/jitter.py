@@ -77,7 +77,7 @@ class JitterBank(Columns):
         ("transit", (HISTORY,), np.float64, 0.0),
         ("last_pos", (), np.int64, -1),  # row's place in the last tick's frames
         ("fade", (), np.float32, 1.0),
-        ("delay", (), np.float64, 0.0),
+        ("delay", (), np.float64, 0.0),  # fastest arrival → playout, the tick's phase included
         ("concealed", (), np.int64, 0),
         ("started", (), bool, False),
         ("fresh", (), bool, False),  # started, not yet played: place the playout
