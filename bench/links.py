@@ -252,6 +252,8 @@ class MouthToEar:
     buffered: float  # the US leg's jitter-buffer delay, p50
     snr: float  # the steady tone's SNR at US, dB
     lost: int  # packets the relay dropped during the steady tone
+    late: int = 0  # ... and the US leg's jitter buffer found late
+    concealed: float = 0.0  # seconds the US leg concealed meanwhile
     steps: list[dict[str, float]] = field(default_factory=list)  # --trace: each burst's STEPS
 
 
@@ -273,7 +275,7 @@ STEPS = (
     ("phase", "playable → US's next tick (its deadline: the clocks have no common phase)"),
     ("late", "US's tick deadline → the jitter bank plays (timer lateness, drain)"),
     ("decode", "played → frame written to the radio (decode, VOX, mix)"),
-    ("codec", "start of that frame → the onset sample in it (codec delay: Opus look-ahead)"),
+    ("codec", "start of that frame → the onset sample in it (Opus look-ahead; G.711: resamplers)"),
 )
 
 
@@ -374,8 +376,12 @@ async def mouth_to_ear(  # noqa: ANN001
     mouth.mode = "steady"
     await asyncio.sleep(3.0)  # the jitter buffer settles on the new WAN
     since, lost = time.monotonic(), media.up.lost
+    before = link_leg(us).stats()
     await asyncio.sleep(8.0)
     lost = media.up.lost - lost
+    after = link_leg(us).stats()
+    late = after["packets_late"] - before["packets_late"]
+    concealed = (after["concealed_samples"] - before["concealed_samples"]) / RATE
     snr = tone_snr_db(ear.heard_since(since), TONE)
     mouth.mode = "quiet"
     await asyncio.sleep(1.0)
@@ -403,6 +409,8 @@ async def mouth_to_ear(  # noqa: ANN001
         percentile(buffered, 50),
         snr,
         lost,
+        late,
+        concealed,
         [s for s in steps if s is not None],
     )
 
@@ -461,7 +469,8 @@ async def latency_and_cut(
                     f"{1000 * percentile(m.added, 50):.1f} | "
                     f"{1000 * percentile(m.added, 99):.1f} | "
                     f"jitter buffer {1000 * m.buffered:.0f} ms (p50, the tick's phase in it); "
-                    f"tone SNR {m.snr:.0f} dB (8 s of steady tone, {m.lost} packets lost) |"
+                    f"tone SNR {m.snr:.0f} dB (8 s of steady tone, {m.lost} packets lost, "
+                    f"{m.late} late, {1000 * m.concealed:.0f} ms concealed) |"
                 )
 
             if not cuts and not deaths:

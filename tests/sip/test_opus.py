@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gateway.sip.opus import OpusLeg, available, has_fec
+from gateway.sip.opus import OpusLeg, available, has_fec, packet_samples
 from tests.conftest import missing
 
 
@@ -95,3 +95,22 @@ def test_a_slot_played_again_when_the_buffer_grows_is_concealed_not_counted_as_f
     what = [leg.play(k * STEP, STEP, recent=True)[1] for k in (0, 1, 2, 3, 4, 5, 5, 6, 7)]
     assert what == ["packet"] * 6 + ["plc", "packet", "packet"]
     assert leg.fec_recovered == 0
+
+
+def test_at_10ms_frames_packets_are_10ms_and_a_loss_is_rebuilt_from_fec():
+    # A 10 ms engine sends one 10 ms packet a tick (TOC configuration 8, SILK wideband
+    # 10 ms), its silence too, and rebuilds a loss from the next packet's FEC as at 20 ms.
+    frame, step = FRAME // 2, STEP // 2
+    sender, receiver = OpusLeg(RATE, frame), OpusLeg(RATE, frame)
+    t = np.arange(12 * frame) / RATE
+    tone = (0.1 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
+    sent = [sender.encode(tone[k * frame : (k + 1) * frame]) for k in range(12)]
+    assert all(p[0] >> 3 == 8 and packet_samples(p) == 480 for p in sent)
+    assert sender.encode(np.zeros(frame, np.float32)) == bytes([8 << 3])
+    for k, payload in enumerate(sent):
+        if k != 6:
+            receiver.hold(k * step, payload)
+    what = [receiver.play(k * step, step, recent=True) for k in range(12)]
+    assert [w for _, w in what].count("packet") == 11 and what[6][1] == "fec"
+    assert all(len(pcm) == frame for pcm, _ in what)
+    assert available(RATE, 0.01) and not available(RATE, 0.03)
