@@ -76,7 +76,7 @@ def has_fec(payload: bytes) -> bool:
     flag is the second bit of the frame (RFC 6716 §4.2.3: the VAD flag, then the LBRR
     flag, each the first binary symbols of the range coder, so plain bits — libopus
     1.5's ``opus_packet_has_lbrr`` reads it so; Debian 12's libopus 1.3 lacks it). Read
-    for what a BorderLink sends — one 20 ms mono SILK or hybrid frame (TOC code 0);
+    for what a BorderLink sends — one 10 or 20 ms mono SILK or hybrid frame (TOC code 0);
     any other packet is taken as carrying none."""
     if len(payload) < 2:
         return False
@@ -176,7 +176,7 @@ class OpusLeg:
             self.undecodable += 1
             return self._conceal(), "bad"
         samples = np.frombuffer(pcm, np.float32)
-        if len(samples) != self.frame:  # not 20 ms after all: not ours to play
+        if len(samples) != self.frame:  # not one of our frames after all: not ours to play
             self.undecodable += 1
             return self._conceal(), "bad"
         return samples, "packet"
