@@ -4,6 +4,8 @@
     .venv/bin/python bench/links.py --quick    # fewer bursts and repeats (about a minute)
     .venv/bin/python bench/links.py --realtime # the gateways at SCHED_FIFO 3, as in production
     .venv/bin/python bench/links.py --codecs 3 # Opus against G.711: 3 interleaved rounds
+    .venv/bin/python bench/links.py --delay    # mouth-to-ear only, each step of it timed
+    .venv/bin/python bench/links.py --frame 10ms [--delay [--g711]]  # both engines at 10 ms
 
 Two real gateways (engine, clock, SIP over TLS, SRTP, the links service) on this loop,
 linked as in tests/links, with bench radios that play tone bursts and record what they
@@ -29,6 +31,11 @@ is played from *t* — what a sound card with no buffering of its own would do.
    dropped the dialog (keepalive: ≤ 2 s by design) and the US radio was unkeyed;
 4. *CPU*: two ``borderlink run`` processes sharing 100 talkgroups over one link, 10 of
    them talking on the CA side: each process's CPU over 20 s, in % of one core.
+
+``--delay`` runs only 1, and times each burst's first packet where the code hands it
+over (:class:`Trace`): the table that follows splits the added delay into the sender's
+frame, its tick, the network, the jitter rule, the wait for the receiver's tick, that
+tick's lateness and work, and the codec's delay (docs/links.md, "Delay budget").
 
 ``--codecs N`` compares the link's two codecs instead (both sides' ``codecs`` set to
 ``["opus", "pcmu"]`` or ``["pcmu"]``): N rounds, each running 1 (40 ± 10 ms, 2 % loss
