@@ -227,7 +227,10 @@ def test_baresip_reads_our_reports_and_its_reports_give_us_a_round_trip(phones, 
             await until(lambda: "EX=BareSip" in phone.output(), 5, "baresip's RTCP summary")
 
     run(scenario())
-    assert 0.0 <= stats["rtt_seconds"] < 0.05, "loopback round trip"
+    # A loopback round trip is what the two processes' scheduling adds (74 ms seen beside
+    # stress-ng): the bound only catches wrong arithmetic (units of 1/65536 s read as
+    # seconds, LSR/DLSR mixed up), which is off by orders of magnitude or negative.
+    assert 0.0 <= stats["rtt_seconds"] < 0.5, "loopback round trip"
     assert stats["remote_packets_lost"] == 0  # baresip lost nothing of ours on loopback
     # baresip's rtcpsummary line at hang-up: PL=rx,tx;JI=rx,tx — "tx" is what our
     # reports told it about its own stream.
