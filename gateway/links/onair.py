@@ -6,11 +6,12 @@ ID, and each side's site ID, which the shared floor needs for its last tie-break
 A peer whose SDP does not name it (plain BSI-Core 1.1) gets no extension and is
 keyed by voice activity.
 
-Receive: each packet's block comes from the leg bank (``LegMedia.on_extension``),
-is read by a :class:`~gateway.links.talker.Listener` (one bytes comparison when
-it did not change), and the peer's keyed state goes to the bank's ``peer_keyed``
-column, which keys the leg like PTT (voice activity only plays out the last
-:data:`TAIL` of an over still in the jitter buffer). A block we will not believe
+Receive: the leg bank hands over the peer's block when it changes
+(``LegMedia.on_extension``; the same words on every packet of an over cost no
+Python here), a :class:`~gateway.links.talker.Listener` reads it, and the peer's
+keyed state goes to the bank's ``peer_keyed`` column, which keys the leg like PTT
+(voice activity only plays out the last :data:`TAIL` of an over still in the
+jitter buffer). A block we will not believe
 (malformed, or a label where none belongs) changes nothing and is counted by its
 reason (``borderlink_link_talker_rejected_total``). A peer that stops sending is
 no longer believed keyed after :data:`STALE`, long before the keepalive ends the
@@ -130,6 +131,7 @@ class OnAir:
         result = self.listener.read(block)
         if isinstance(result, Rejected):
             self.rejected[result.reason] += 1
+            self.bank.extensions.forget(self.row)  # counted on every packet that carries it
             return
         self._gap = None
         self._hear(result)
@@ -170,6 +172,7 @@ class OnAir:
         ):
             self._gap = heard
             self._hear(replace(heard, keyed=False))
+            self.bank.extensions.forget(self.row)  # its next packet, the same words, re-keys it
 
     def close(self) -> None:
         """The dialog ended: an over still keyed ends with it (audited)."""
@@ -274,6 +277,10 @@ class OnAir:
         return True
 
     def say(self, talker: Talker) -> None:
+        """Our words on the leg's next packets. While nobody is keyed the leg may rest
+        (an Opus leg sends its silence as DTX, :mod:`gateway.sip.bank_opus`); a keyed
+        talker's packets never pause, or the peer would take the talker as gone (STALE)."""
         if talker != self._sent:
             self._sent = talker
             self.bank.extensions.set_extension(self.row, encode(talker, self.ext_id))
+            self.bank.opus_edges.may_rest(self.row, not talker.keyed)
