@@ -50,7 +50,9 @@ from gateway.links.topology import Topology, held_back
 if TYPE_CHECKING:
     from gateway.engine import Engine, Layout
     from gateway.floor import FloorDecision
+    from gateway.links.onair import OnAir
     from gateway.ports import Port
+    from gateway.sip.bank import LegBank
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,10 @@ class Arbiter:
         self._next_talker = 0
         self._layout: object = None
         self._legs: list[tuple[int, Port]] = []  # (engine row, link leg) of this layout
+        # Legs with the talker extension, by leg bank: (bank, their rows there, (engine
+        # row, OnAir) of each) — which the peer keys is one look at the bank's column.
+        self._talkers: list[tuple[LegBank, np.ndarray, list[tuple[int, OnAir]]]] = []
+        self._keyed_sent: list[tuple[int, OnAir]] = []  # legs that said "keyed" last tick
         self._voice: dict[str, int] = {}  # voice_since of this tick
         self._labels: dict[str, str] = {}  # our port → its label (per layout)
 
@@ -123,6 +129,15 @@ class Arbiter:
         assert lay.link is not None
         self._layout = lay
         self._legs = [(i, p) for i, p in enumerate(lay.ports) if lay.link[i]]
+        banks: dict[int, tuple[LegBank, list[int], list[tuple[int, OnAir]]]] = {}
+        for i, leg in self._legs:
+            onair = getattr(leg, "onair", None)
+            if onair is not None:
+                _, rows, which = banks.setdefault(id(onair.bank), (onair.bank, [], []))
+                rows.append(onair.row)
+                which.append((i, onair))
+        self._talkers = [(b, np.array(rows, np.int64), which) for b, rows, which in banks.values()]
+        self._keyed_sent = [pair for _, _, which in self._talkers for pair in which]
         self._labels = {}  # our port → its label, for this layout
         by_group: dict[int, list[int]] = {}
         for i, _ in self._legs:
@@ -200,13 +215,18 @@ class Arbiter:
         asking = decision.admitted | decision.denied
         n_groups = len(lay.groups)
         # Groups with something going on: someone asks, a floor is held, a leg is keyed.
+        # Idle legs cost no Python here: the peer's keyed state is a column of the leg
+        # bank, and a leg that said "keyed" is in a live group, so it was announced (and
+        # noted) last tick.
         live: set[int] = set()
-        for i, leg in self._legs:
-            onair = getattr(leg, "onair", None)
-            if onair is not None:
+        for bank, rows, which in self._talkers:
+            for k in np.flatnonzero(bank.table.peer_keyed[rows]).tolist():
+                i, onair = which[k]
                 onair.check_stale(now)
-                if onair.keyed_sent or (onair.heard is not None and onair.heard.keyed):
+                if onair.heard is not None and onair.heard.keyed:
                     live.add(int(lay.group_of[i]))
+        live.update(int(lay.group_of[i]) for i, onair in self._keyed_sent if onair.keyed_sent)
+        keyed_sent: list[tuple[int, OnAir]] = []
         ours = asking & ~lay.link
         live.update(lay.group_of[asking].tolist())
         live.update(g for g, group in enumerate(lay.groups) if group.name in self.floors)
@@ -270,6 +290,9 @@ class Arbiter:
                     heard = getattr(came, "onair", None)
                     squelch = bool(heard and heard.heard and heard.heard.squelch)
                     onair.announce(now_ms, said, engine.talker_of(j), squelch, origin=said.site)
+                if onair.keyed_sent:
+                    keyed_sent.append((i, onair))
+        self._keyed_sent = keyed_sent
         self.overs = overs
         self.voice_since = self._voice
 
