@@ -1,4 +1,5 @@
-"""The one compiled part: the sound card's stream callback (see hardware/_callback.c).
+"""The compiled parts: the sound card's stream callback (see hardware/_callback.c) and the
+variable-ratio resampler's inner loop (codecs/_sinc.c).
 
 Everything else is in pyproject.toml; setuptools reads both.
 """
@@ -11,6 +12,11 @@ setup(
             "gateway.hardware._callback",
             ["hardware/_callback.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
-        ),  # fmt: skip
+        ),
+        Extension(
+            "gateway.codecs._sinc",
+            ["codecs/_sinc.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
     ],
 )
