@@ -126,9 +126,8 @@ class ElasticFifo:
     def _steer(self, error: float, dt: float) -> None:
         self.error += (error - self.error) * min(1.0, dt / SMOOTH_S)
         bound = self.limit * TAU_S
-        self.integral = float(np.clip(self.integral + self.error * dt / TI_S, -bound, bound))
-        step = float(np.clip((self.error + self.integral) / TAU_S, -self.limit, self.limit))
-        self.ratio = 1.0 - step
+        self.integral = _clip(self.integral + self.error * dt / TI_S, bound)
+        self.ratio = 1.0 - _clip((self.error + self.integral) / TAU_S, self.limit)
 
     @property
     def ppm(self) -> float:
@@ -142,6 +141,11 @@ class ElasticFifo:
             self.resampler = _resampler(in_rate, out_rate)
         self.dry = True
         self.error = 0.0
+
+
+def _clip(x: float, bound: float) -> float:
+    """``x`` within ±``bound`` (plain floats: NumPy's clip costs 10 µs on a scalar)."""
+    return min(max(x, -bound), bound)
 
 
 def _resampler(in_rate: int, out_rate: int) -> SincInterpolator:
