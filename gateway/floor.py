@@ -88,6 +88,8 @@ class FloorControl:
         kerchunk_ticks: np.ndarray,
         tot_ticks: np.ndarray,
     ) -> FloorDecision:
+        if not self.run.any() and not raw_talk.any():
+            return self._quiet(len(raw_talk))
         events = FloorEvents()
         # A half-duplex radio that we are transmitting on cannot be receiving.
         talk = raw_talk & ~(half_duplex & keyed)
@@ -109,6 +111,14 @@ class FloorControl:
             self._arbitrate(contested, groups, priority, admitted, events)
         denied = requesting & ~admitted
         return FloorDecision(talk, admitted, denied, events)
+
+    def _quiet(self, ports: int) -> FloorDecision:
+        """Nobody talks, nor did last tick (most ticks of a site): nobody is admitted,
+        locked or holds a floor, without the arithmetic."""
+        self.locked[:] = False
+        self.holder[:] = -1
+        talk, admitted, denied = (np.zeros(ports, bool) for _ in range(3))  # links edit them
+        return FloorDecision(talk, admitted, denied, FloorEvents())
 
     def _arbitrate(
         self,

@@ -125,6 +125,13 @@ class Mixer:
         link:     (P,) bool, or None when no port is a link: these hear no link talker
         """
         talker_rows = np.flatnonzero(weights)
+        if talker_rows.size == 0:  # nobody talks (most ticks of a site): nobody hears anything
+            return MixResult(
+                self._out,
+                np.zeros(len(weights), bool),
+                np.zeros((n_groups, self.frame_samples), np.float32),
+                np.zeros(n_groups, np.int64),
+            )
         talker_groups = groups[talker_rows]
         talkers = np.bincount(talker_groups, minlength=n_groups + 1)
         talkers[n_groups] = 0
