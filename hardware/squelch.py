@@ -19,7 +19,7 @@ the other for kerchunks, not both (the config refuses both at once).
 from __future__ import annotations
 
 import numpy as np
-from gateway.codecs.pcm import dbfs
+from gateway.codecs.pcm import SILENCE_DBFS
 
 from .ctcss import make_detector
 from .lines import Cm108, GpioLine, SerialLines
@@ -132,9 +132,15 @@ class Vox(Detector):
     def __init__(self, threshold_dbfs: float) -> None:
         self.threshold = threshold_dbfs
         self.description = f"VOX at {threshold_dbfs:g} dBFS"
+        # the threshold as mean square (one dot product a frame, no logarithm)
+        self.power = 10 ** (threshold_dbfs / 10) if threshold_dbfs > SILENCE_DBFS else -1.0
 
     def sample(self, frame: np.ndarray | None) -> bool:
-        return frame is not None and dbfs(frame) >= self.threshold
+        if frame is None:
+            return False
+        if not len(frame):
+            return self.power < 0
+        return float(np.dot(frame, frame)) >= self.power * len(frame)
 
 
 class Ctcss(Detector):
