@@ -6,7 +6,8 @@ hard (SIGKILL, the OOM killer, a segfault in a C extension) or hangs (SIGSTOP, a
 wedged tick), a transmitter left keyed blocks the channel for everyone on it. So the
 lines live here instead, in a process that does nothing else:
 
-- the gateway asks for a line with ``on`` messages, one per media tick (a heartbeat);
+- the gateway asks for a line with ``on`` messages, from its media ticks, at least
+  every :data:`HEARTBEAT_TIMEOUT_S` / 5 (a heartbeat);
   a keyed line whose heartbeat stops for :data:`HEARTBEAT_TIMEOUT_S` is unkeyed, and
   keyed again only when the gateway asks again;
 - the **transmit TOT** runs here, so it holds even when the gateway is stopped;

@@ -5,9 +5,11 @@ port's ``ptt_hang_time``). The lines themselves are driven by the PTT guardian
 (:mod:`.guardian`), a tiny process of its own, so that a gateway that dies hard
 or hangs cannot leave a transmitter keyed. This module is the gateway's end:
 
-- each tick that feeds a transmitter (:meth:`PttController.fed`) tells the guardian
-  "still on" — the heartbeat; when the ticks stop (the engine is hung, the process is
-  stopped or dead), the guardian drops the line within its heartbeat timeout;
+- the ticks that feed a transmitter (:meth:`PttController.fed`) tell the guardian
+  "still on" — the heartbeat, every :data:`HEARTBEAT_EVERY_S` (not every tick: each
+  message wakes the guardian, and four can go missing before it acts); when the ticks
+  stop (the engine is hung, the process is stopped or dead), the guardian drops the
+  line within its heartbeat timeout;
 - key/unkey, "release after the queued audio", inhibit (sound card lost) are
   messages the guardian acknowledges, so :attr:`PttController.keyed` is what the
   line really is; the transmit TOT, the device's loss and return are reported back;
@@ -53,6 +55,7 @@ GUARDIAN_SCRIPT = Path(__file__).with_name("guardian.py")
 START_TIMEOUT_S = 20.0  # a new Python process on a loaded machine
 ACK_TIMEOUT_S = 1.0  # the guardian answers in well under a millisecond when it runs
 RESTART_S = 0.5  # a guardian that died is replaced after this
+HEARTBEAT_EVERY_S = HEARTBEAT_TIMEOUT_S / 5  # 50 ms: about every third tick
 
 
 class GuardianProcess:
@@ -316,6 +319,7 @@ class PttController:
         self.guardian = guardian
         self.key_id = ""
         self.wanted = False
+        self.beat_at = -HEARTBEAT_EVERY_S  # time.monotonic() of the last heartbeat sent
         self.inhibited = ""  # why the line must stay down (sound card lost), or ""
         # What the guardian last reported of the line.
         self.line = False
@@ -361,7 +365,10 @@ class PttController:
     def fed(self) -> None:
         """The engine handed this transmitter a frame: the heartbeat that keeps it keyed."""
         if self.wanted and not self.inhibited:
-            self._send({"op": "on"})
+            now = time.monotonic()
+            if now - self.beat_at >= HEARTBEAT_EVERY_S:
+                self.beat_at = now
+                self._send({"op": "on"})
 
     def inhibit(self, why: str) -> None:
         """Hold PTT down whatever the engine wants, until :meth:`allow` (no audio path)."""
