@@ -128,7 +128,7 @@ class SincInterpolator:
         y = np.empty(n, np.float32)
         _sinc.interpolate(buf, self._table, self._slope, self._pos, step, _PHASES, self._taps, y)
         next_pos = self._pos + n * step
-        keep_from = int(np.floor(next_pos)) - (h.half_width - 1)
+        keep_from = math.floor(next_pos) - (h.half_width - 1)
         h.drop_before(keep_from)
         self._pos = next_pos - keep_from
         return y
