@@ -338,6 +338,9 @@ def main() -> int:
             try:
                 portaudio_on(server)
                 base = baseline(server, args.bursts)
+                # PortAudio's JACK client runs a thread on every period in this process,
+                # which is the gateway's below: a real gateway opens no stream itself.
+                portaudio_off()
                 with tempfile.TemporaryDirectory() as tmp:
                     res = through_gateway(
                         server,

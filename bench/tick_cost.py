@@ -40,8 +40,6 @@ from bench.radio_latency import RADIO, cpu_seconds, run_beside  # noqa: E402
 from tests.hardware.jackradio import (  # noqa: E402
     RadioSim,
     card_client,
-    portaudio_off,
-    portaudio_on,
     site_toml,
     start_jackd,
     stop_jackd,
@@ -89,6 +87,24 @@ def time_parts(totals: dict[str, float]) -> None:
         setattr(owner, name, timed)
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of each of this process's threads, by Python name (else ``comm``)."""
+    import threading
+
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    used: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        name = names.get(int(task.name)) or stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
 def phase(gw, seconds: float, profile: int, totals: dict[str, float] | None = None) -> dict:
     """CPU and tick times over ``seconds`` of the running gateway."""
     engine = gw.engine
@@ -104,12 +120,14 @@ def phase(gw, seconds: float, profile: int, totals: dict[str, float] | None = No
     engine.tick = timed
     if totals is not None:
         totals.clear()
+    threads = thread_cpu()
     before, ticks, wall = cpu_seconds(), engine.tick_count, time.monotonic()
     if profiler:
         gw.profiler = profiler  # enabled on the loop's thread by the clock task (see main)
     time.sleep(seconds)
     gw.profiler = None
     after, wall = cpu_seconds(), time.monotonic() - wall
+    by_thread = {k: (v - threads.get(k, 0.0)) / wall * 100 for k, v in thread_cpu().items()}
     engine.tick = tick
     used = [(b - a) / wall * 100 for a, b in zip(before, after, strict=True)]
     out = {
@@ -119,6 +137,7 @@ def phase(gw, seconds: float, profile: int, totals: dict[str, float] | None = No
         "tick_mean_us": float(np.mean(times)) * 1e6 if times else 0.0,
         "tick_p99_us": float(np.percentile(times, 99)) * 1e6 if times else 0.0,
         "late_ticks": gw.clock.late_ticks,
+        "threads": {k: v for k, v in by_thread.items() if v > 0},
     }
     if totals:
         out["parts"] = {k: v / max(1, out["ticks"]) * 1e6 for k, v in totals.items()}
@@ -195,11 +214,13 @@ def main() -> int:
     args = parser.parse_args()
     load = os.getloadavg()[0]
     jackd = start_jackd(args.server)
+    # The card processes find the server by this; PortAudio is not started here: its JACK
+    # client would run a thread on every period in the gateway's process, as a real
+    # gateway's (which opens no stream itself) does not.
+    os.environ["JACK_DEFAULT_SERVER"] = args.server
     try:
-        portaudio_on(args.server)
         results = run(args.server, args.seconds, args.frame, args.profile, args.parts)
     finally:
-        portaudio_off()
         stop_jackd(jackd)
     print(
         f"\nTwo JACK radios (dummy, 48 kHz, 256 frames), engine {args.frame} frames; "
@@ -216,6 +237,9 @@ def main() -> int:
             f"{r['tick_p99_us']:>7.0f}"
         )
     print("  CPU in % of one core; tick: Engine.tick's own time (the loop's is the rest)")
+    for name, r in results:
+        threads = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["threads"].items()))
+        print(f"  {name:<11} threads (CPU %): {threads}")
     for name, r in results:
         for part, us in r.get("parts", {}).items():
             print(f"  {name:<11} {part:<52} {us:>7.1f} µs/tick")
