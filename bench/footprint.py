@@ -4,6 +4,7 @@
     .venv/bin/python bench/footprint.py --idle 30    # a longer CPU window
     .venv/bin/python bench/footprint.py --radios 2   # a smaller JACK site
     .venv/bin/python bench/footprint.py --skip-demo --frame 10ms   # the JACK site's CPU at 10 ms
+    .venv/bin/python bench/footprint.py --server mine   # the JACK site on jackd -n mine
 
 Each site runs as ``borderlink`` in a process of its own: the demo site (simulated
 radios, no card) and a site of ``--radios`` sound-card radios on a JACK dummy server of
@@ -154,9 +155,13 @@ def demo_site(idle: float, settle: float) -> list[tuple[Sample, float]]:
 
 
 def jack_site(
-    radios: int, idle: float, settle: float, tmp: Path, frame: str | None = None
+    radios: int,
+    idle: float,
+    settle: float,
+    tmp: Path,
+    frame: str | None = None,
+    server: str = f"footprint{os.getpid()}",
 ) -> list[tuple[Sample, float]]:
-    server = f"footprint{os.getpid()}"
     jackd = start_jackd(server)
     env = {**os.environ, "JACK_DEFAULT_SERVER": server}
     names = [f"radio_{i + 1}" for i in range(radios)]
@@ -238,6 +243,7 @@ def main() -> int:
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-jack", action="store_true")
     parser.add_argument("--frame", help="the JACK site's engine frame (default: the site default)")
+    parser.add_argument("--server", default=f"footprint{os.getpid()}", help="jackd -n NAME")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")
     print(f"borderlink --version: {version_time() * 1000:.0f} ms (median of 5)")
@@ -245,7 +251,9 @@ def main() -> int:
         print(table("demo site (simulated radios)", demo_site(args.idle, args.settle)))
     if not args.skip_jack:
         with tempfile.TemporaryDirectory(prefix="footprint") as tmp:
-            rows = jack_site(args.radios, args.idle, args.settle, Path(tmp), args.frame)
+            rows = jack_site(
+                args.radios, args.idle, args.settle, Path(tmp), args.frame, args.server
+            )
         frame = f", {args.frame} frames" if args.frame else ""
         print(table(f"{args.radios}-radio JACK site (dummy, 48 kHz, 256 frames{frame})", rows))
     return 0
