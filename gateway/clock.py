@@ -61,6 +61,7 @@ class MediaClock:
         self.start: float | None = None
         self.due = 0.0  # the running tick's deadline (after skips): when its audio belongs
         self._running = False
+        self._timer: asyncio.TimerHandle | None = None  # the next tick's (event loop's clock)
 
     def deadline(self, k: int) -> float:
         assert self.start is not None
@@ -70,28 +71,75 @@ class MediaClock:
         """Tick until :meth:`stop` (or ``ticks`` ticks). Tick errors propagate."""
         self._running = True
         self.start = self.now()
+        if self.sleep is asyncio.sleep:
+            await self._run_on_timers(ticks)
+        else:  # simulated time (tests): its sleep is the only way to wait
+            await self._run_sleeping(ticks)
+
+    async def _run_on_timers(self, ticks: int | None) -> None:
+        """Each tick runs from the event loop's timer for its deadline, and sets the next
+        one: one loop pass a tick. (A task sleeping between ticks costs a future, a
+        second pass and a task step each tick: 180 µs of CPU a tick against 120 µs, on
+        a small virtual machine where the wake-up alone costs 55 µs.) A deadline already
+        past runs at the loop's next pass, after its sockets: a clock that is behind
+        still lets them run."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        offset = loop.time() - self.now()  # our deadlines on the loop's clock
+
+        def fire(k: int) -> None:
+            if not self._running:  # stopped between two ticks
+                done.set_result(None)
+                return
+            try:
+                k = self._begin(k)
+                self.on_tick()
+            except Exception as exc:
+                done.set_exception(exc)
+                return
+            self.ticks += 1
+            if ticks is not None and self.ticks >= ticks:
+                done.set_result(None)
+                return
+            self._timer = loop.call_at(self.deadline(k + 1) + offset, fire, k + 1)
+
+        if ticks is not None and ticks <= 0:
+            return
+        self._timer = loop.call_at(self.deadline(0) + offset, fire, 0)
+        try:
+            await done
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()  # (run's task cancelled: no tick after it)
+
+    async def _run_sleeping(self, ticks: int | None) -> None:
         k = 0
         while self._running and (ticks is None or self.ticks < ticks):
-            due = self.deadline(k)
-            wait = due - self.now()
+            wait = self.deadline(k) - self.now()
             if wait > 0:
                 await self.sleep(wait)
-            late = self.now() - due
-            if late > self.max_catch_up * self.period:
-                behind = int(late // self.period)
-                self.skipped_ticks += behind
-                k += behind
-                late -= behind * self.period
-            self.due = self.deadline(k)
-            self.lateness.add(late)
-            if late > self.period:
-                self.late_ticks += 1
-                self._log_late(late)
+            k = self._begin(k)
             self.on_tick()
             self.ticks += 1
             k += 1
             if wait <= 0:
                 await asyncio.sleep(0)  # let sockets and timers run even when behind
+
+    def _begin(self, k: int) -> int:
+        """Tick ``k`` starts now: its lateness, and the ticks skipped when it is far behind
+        (returns the tick it is after skipping)."""
+        late = self.now() - self.deadline(k)
+        if late > self.max_catch_up * self.period:
+            behind = int(late // self.period)
+            self.skipped_ticks += behind
+            k += behind
+            late -= behind * self.period
+        self.due = self.deadline(k)
+        self.lateness.add(late)
+        if late > self.period:
+            self.late_ticks += 1
+            self._log_late(late)
+        return k
 
     def late_by(self) -> float:
         """How long after its deadline the running tick is now (0 before the clock runs).

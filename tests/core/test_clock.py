@@ -59,3 +59,61 @@ def test_long_stall_skips_ahead_instead_of_bursting() -> None:
     asyncio.run(clock.run(ticks=100))
     assert 45 <= clock.skipped_ticks <= 50
     assert clock.lateness.recent()[-1] < 0.001
+
+
+# --- on the event loop's own timers (the clock a site runs) -------------------------------
+
+
+def test_on_timers_runs_the_ticks_asked_on_the_deadline_grid() -> None:
+    dues: list[float] = []
+    clock = MediaClock(0.005, lambda: dues.append(clock.due))
+    asyncio.run(clock.run(ticks=20))
+    assert clock.ticks == 20 and len(dues) == 20
+    steps = [b - a for a, b in zip(dues, dues[1:], strict=False)]
+    # each tick's deadline is a whole number of periods on (skips only after a stall)
+    assert all(abs(s / 0.005 - round(s / 0.005)) < 1e-6 and s > 0 for s in steps)
+
+
+def test_on_timers_a_tick_error_propagates_and_no_tick_follows() -> None:
+    ticked: list[int] = []
+
+    def tick() -> None:
+        ticked.append(clock.ticks)
+        if clock.ticks == 3:
+            raise RuntimeError("broken tick")
+
+    clock = MediaClock(0.005, tick)
+
+    async def main() -> None:
+        try:
+            await clock.run()
+        except RuntimeError as exc:
+            await asyncio.sleep(0.05)  # ten periods: a tick scheduled anyway would have run
+            raise exc
+
+    try:
+        asyncio.run(main())
+    except RuntimeError as exc:
+        assert str(exc) == "broken tick"
+    else:
+        raise AssertionError("the tick's error did not propagate")
+    assert ticked == [0, 1, 2, 3]
+
+
+def test_on_timers_stop_and_cancel_end_the_ticks() -> None:
+    async def main() -> tuple[int, int]:
+        stopping = MediaClock(0.005, lambda: stopping.ticks == 4 and stopping.stop())
+        await stopping.run()  # returns: stopped from a tick
+        cancelled = MediaClock(0.005, lambda: None)
+        task = asyncio.create_task(cancelled.run())
+        while cancelled.ticks < 3:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        at_cancel = cancelled.ticks
+        await asyncio.sleep(0.05)
+        return stopping.ticks, cancelled.ticks - at_cancel
+
+    stopped_at, after_cancel = asyncio.run(main())
+    assert stopped_at == 5  # the tick that asked to stop ran to its end
+    assert after_cancel == 0
