@@ -92,6 +92,7 @@ class SoundCard:
         self.ran_dry = False  # a FIFO ran dry: its refill places the card's cycle afresh
         self.tx_extra = 0.0  # TX delay held in the ring while keyed (seconds)
         self.dropped = 0  # transmit samples that did not fit the ring
+        self.silence = np.zeros(frame_samples, np.float32)  # written when the engine sends none
 
     # --- the stream's life, as the port sees it ----------------------------------
 
@@ -164,7 +165,7 @@ class SoundCard:
         """One engine frame to transmit (None: silence). Call once per tick, after read.
         Until the stream's first callback has set the FIFO's level, nothing is queued."""
         if self.up and self.generation == self.stream.generation and not self.tx.dry:
-            self.tx.put(np.zeros(self.n, np.float32) if frame is None else frame)
+            self.tx.put(self.silence if frame is None else frame)
 
     def end_of_tick(self, due: float) -> None:
         """After read and write: both FIFOs' levels at the tick's instant ``due`` (its
