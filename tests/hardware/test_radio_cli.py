@@ -55,7 +55,7 @@ squelch = {{ type = "vox", threshold_dbfs = -30 }}
                 str(site),
                 "radio",
                 "--seconds",
-                "4",
+                "8",
                 "--plain",
                 "--tone",
                 "1000",
@@ -68,8 +68,10 @@ squelch = {{ type = "vox", threshold_dbfs = -30 }}
     worker.start()
     try:
         sim = radio_sim(1)
-        sim.connect(0, card_client("radio"))  # once the levels command's card is up
-        start = sim.start(0, tone(440, 10.0, -20))
+        # once the levels command's card is up: on a loaded machine that can be seconds
+        # into its eight, and its last meter line must be all tone
+        sim.connect(0, card_client("radio"))
+        start = sim.start(0, tone(440, 14.0, -20))
     finally:
         worker.join(30)
     out = capsys.readouterr().out
@@ -81,7 +83,7 @@ squelch = {{ type = "vox", threshold_dbfs = -30 }}
     assert "squelch OPEN" in lines[-1] and "PTT ON" in lines[-1]
     assert "out  -12.0 dBFS" in lines[-1]
     # The command's tone, judged where it was sending: on a loaded machine the simulated
-    # radio may connect late in the command's four seconds, so the recording can end in
+    # radio may connect late in the command's seconds, so the recording can end in
     # silence. At least half a second of it, at its level and its pitch.
     sent = sim.recorded(0, since=start)
     db = block_db(sent)
