@@ -26,7 +26,7 @@ codec):
   A leg whose owner lets it rest (:meth:`OpusEdges.may_rest`: a link leg carrying
   nobody keyed) sends its silence as Opus DTX does (RFC 7587 §3.3, WebRTC): after
   :data:`NEWS_PACKETS` silent packets in a row it sends one every
-  :data:`REST_PACKETS` only — the RTP time runs on, the sequence number does not, so
+  :data:`REST_MS` only — the RTP time runs on, the sequence number does not, so
   the receiver counts no loss and plays silence in between. Ninety idle shared
   talkgroups then send 225 packets a second, not 4500, and neither side protects,
   sends, checks or demultiplexes the rest. Anything new (speech, the owner's new
@@ -54,10 +54,11 @@ from gateway.sip.streams import StreamBank
 # A resting leg: after this many silent packets in a row (the news of a pause or of new
 # header-extension words, repeated against a loss) ...
 NEWS_PACKETS = 3
-# ... one silent packet in this many ticks (400 ms at 20 ms frames: Opus DTX's interval,
-# RFC 7587 §3.3): the peer keeps hearing from the leg (its address, SSRC and RTCP figures
-# stay alive).
-REST_PACKETS = 20
+# ... one silent packet every 400 ms (Opus DTX's interval, RFC 7587 §3.3): the peer keeps
+# hearing from the leg (its address, SSRC and RTCP figures stay alive). A time, not a count
+# of ticks: at 10 ms frames a count of 20 sent twice the packets, and each costs both sides
+# a protect, a send, a check and a demultiplexing (#15: the 10 ms CPU figure).
+REST_MS = 400
 _PLACEHOLDER = 0xFF  # µ-law silence in the jitter ring (never decoded for an Opus row)
 
 
@@ -91,6 +92,7 @@ class OpusEdges:
         self.codec_frame = codec_frame
         self.packet = CLOCK * codec_frame // 8000  # RTP time of one packet (960 at 20 ms)
         self.silence = silence(codec_frame // 8)
+        self.rest_packets = max(1, REST_MS * 8 // codec_frame)  # 20 at 20 ms, 40 at 10 ms
 
     @staticmethod
     def columns() -> tuple[Column, ...]:
@@ -302,7 +304,7 @@ class OpusEdges:
         t = self.table
         news = t.opus_news[rows]
         since = t.opus_since[rows]
-        due = loud | ~t.opus_rest[rows] | (news > 0) | (since + 1 >= REST_PACKETS)
+        due = loud | ~t.opus_rest[rows] | (news > 0) | (since + 1 >= self.rest_packets)
         t.opus_since[rows] = np.where(due, 0, since + 1)
         t.opus_news[rows] = np.where(due & ~loud, np.maximum(news - 1, 0), news)
         return due

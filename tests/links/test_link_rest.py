@@ -16,12 +16,13 @@ import struct
 import time
 
 import numpy as np
+import pytest
 
 from gateway.links.floor import Candidate
 from gateway.links.onair import OnAir
 from gateway.links.talker import Talker, encode, read
 from gateway.sip.bank import LegBank
-from gateway.sip.bank_opus import NEWS_PACKETS, REST_PACKETS
+from gateway.sip.bank_opus import NEWS_PACKETS, REST_MS
 from gateway.sip.legmedia import LegMedia
 from gateway.sip.opus import available
 from gateway.sip.rtp import OPUS
@@ -44,13 +45,14 @@ def send_ticks(
 ) -> None:
     """``count`` paced ticks of the bank's send step; ``me``: the talker we carry."""
     start = time.monotonic()
+    frame = bank.frame
     for k in range(count):
         onair.announce(int(time.time() * 1000), me, "CBSA · Patrol 3" if me else "")
-        t = (k * 320 + np.arange(320)) / 16000
+        t = (k * frame + np.arange(frame)) / 16000
         bank.table.tx[row] = (0.3 * np.sin(2 * np.pi * 700 * t)).astype(np.float32) * loud
         bank.table.tx_has[row] = True
         bank.send()
-        time.sleep(max(0.0, start + (k + 1) * 0.02 - time.monotonic()))
+        time.sleep(max(0.0, start + (k + 1) * frame / 16000 - time.monotonic()))
 
 
 def header(packet: bytes) -> tuple[int, int, Talker, int]:
@@ -62,9 +64,13 @@ def header(packet: bytes) -> tuple[int, int, Talker, int]:
     return seq, ts, said, payload
 
 
-def test_an_idle_opus_leg_rests_and_news_goes_across_at_once() -> None:
+@pytest.mark.parametrize("frame_ms", [20, 10])
+def test_an_idle_opus_leg_rests_and_news_goes_across_at_once(frame_ms: int) -> None:
+    """The rest is 400 ms whatever the frame: at 10 ms a rest counted in packets sent
+    twice the idle packets (#15, the 10 ms CPU figure)."""
     opus_bank()
-    bank = LegBank(16000, 320, 0.02, capacity=4)
+    bank = LegBank(16000, 16 * frame_ms, frame_ms / 1000, capacity=4)
+    rest_packets = REST_MS // frame_ms
     peer = Peer(srtp=False)
     row = bank.add(LegMedia(OPUS_PT, None, peer.address, codec=OPUS))
     bank.start_sending(row)
@@ -84,7 +90,7 @@ def test_an_idle_opus_leg_rests_and_news_goes_across_at_once() -> None:
 
     try:
         # Nobody keyed, nothing said: the news of the start, then one packet a rest.
-        send_ticks(bank, row, 3 * REST_PACKETS, False, onair)
+        send_ticks(bank, row, 3 * rest_packets, False, onair)
         idle = arrived(NEWS_PACKETS + 2)
         assert len(idle) <= NEWS_PACKETS + 3, f"{len(idle)} packets from an idle leg"
         assert all(size == 1 for _, _, _, size in idle)  # DTX silence
@@ -92,7 +98,7 @@ def test_an_idle_opus_leg_rests_and_news_goes_across_at_once() -> None:
         assert seqs == [(seqs[0] + i) & 0xFFFF for i in range(len(idle))], "a gap in sequence"
         rests = zip(idle[NEWS_PACKETS - 1 :], idle[NEWS_PACKETS:], strict=False)
         steps = {(b[1] - a[1]) & 0xFFFFFFFF for a, b in rests}
-        assert steps == {960 * REST_PACKETS}, f"RTP time between rests: {steps}"
+        assert steps == {48 * REST_MS}, f"RTP time between rests: {steps}"
         assert not any(t.keyed for _, _, t, _ in idle)
         # A key-up with nothing said yet: at once, and every tick while keyed.
         me = Candidate("ca", 1, keyed_at_ms=123456, priority=2)
@@ -104,7 +110,7 @@ def test_an_idle_opus_leg_rests_and_news_goes_across_at_once() -> None:
         speech = arrived(10)
         assert len(speech) == 10 and all(t.keyed and size > 20 for _, _, t, size in speech)
         # The unkey: at once and repeated, then the leg rests again.
-        send_ticks(bank, row, 2 * REST_PACKETS, False, onair)
+        send_ticks(bank, row, 2 * rest_packets, False, onair)
         after = arrived(NEWS_PACKETS + 1)
         assert not any(t.keyed for _, _, t, _ in after)
         assert NEWS_PACKETS <= len(after) <= NEWS_PACKETS + 2, f"{len(after)} after the unkey"
