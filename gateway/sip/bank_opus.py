@@ -242,31 +242,48 @@ class OpusEdges:
     # --- send -----------------------------------------------------------------------------
 
     def send(self, rows: np.ndarray) -> None:
-        """Encode each Opus leg's frame and send all their packets in one ``sendmmsg``."""
+        """Encode each Opus leg's frame and send all their packets in one ``sendmmsg``.
+
+        Packets are built (header, talker extension, SRTP) only for the legs that send
+        this tick: most idle legs rest (:data:`REST_MS`), and at 10 ms frames building
+        and then dropping their packets every tick was a fixed cost 100 times a second."""
         t = self.table
         has = t.tx_has[rows] & ~t.muted[rows]
         t.tx_has[rows] = False
-        frames = t.tx[rows]
-        loud = has & frames.any(axis=1)  # the rest go as SILENCE, no encoder called
-        payloads = [self.silence] * len(rows)
+        loud = np.zeros(len(rows), bool)  # the rest go as SILENCE, no encoder called
+        heard = np.flatnonzero(has)
+        if heard.size:
+            loud[heard] = t.tx[rows[heard]].any(axis=1)
+        payloads: dict[int, bytes] = {}
         for i in np.flatnonzero(loud).tolist():
-            payloads[i] = t.opus_codec[rows[i]].encode(frames[i])
-        if not loud.all():
+            payloads[i] = t.opus_codec[rows[i]].encode(t.tx[rows[i]])
+        if len(payloads) < len(rows):
             pause = rows[~loud & ~t.opus_quiet[rows]]
             for row in pause.tolist():  # a pause begins
                 t.opus_codec[row].quiet_out = True
             t.opus_news[pause] = NEWS_PACKETS
         t.opus_quiet[rows] = ~loud
         due = self._due(rows, loud)
+        dest = t.dest[rows]
+        going = np.flatnonzero((dest != NO_PEER) & t.sending[rows] & due)
+        if going.size:
+            self._send(rows[going], dest[going], [payloads.get(i) for i in going.tolist()])
+        t.tx_ts[rows] = (t.tx_ts[rows] + self.packet) & 0xFFFFFFFF
+
+    def _send(self, rows: np.ndarray, dest: np.ndarray, payloads: list[bytes | None]) -> None:
+        """The packets of the legs that send this tick (``None``: the silence)."""
+        t = self.table
         count = len(rows)
-        sizes = np.full(count, HEADER_SIZE + len(self.silence), np.int64)
-        sizes[loud] = [HEADER_SIZE + len(payloads[i]) for i in np.flatnonzero(loud).tolist()]
+        silent = HEADER_SIZE + len(self.silence)
+        sizes = np.array([silent if p is None else HEADER_SIZE + len(p) for p in payloads])
         width = int(sizes.max()) + (SRTP_TAG if t.srtp_legs else 0)
         packets = np.zeros((count, width), np.uint8)
         packets[:, HEADER_SIZE] = self.silence[0]
-        for i in np.flatnonzero(loud).tolist():
-            payload = payloads[i]
-            packets[i, HEADER_SIZE : HEADER_SIZE + len(payload)] = np.frombuffer(payload, np.uint8)
+        for i, payload in enumerate(payloads):
+            if payload is not None:
+                packets[i, HEADER_SIZE : HEADER_SIZE + len(payload)] = np.frombuffer(
+                    payload, np.uint8
+                )
         write_headers(
             packets,
             t.payload_type[rows],
@@ -276,27 +293,25 @@ class OpusEdges:
             t.tx_ssrc[rows],
         )
         packets, with_ext = self.extensions.attach(packets, rows, sizes)
-        plain = sizes if with_ext is None else with_ext
-        dest = t.dest[rows]
-        going = (dest != NO_PEER) & t.sending[rows] & due
-        lengths = plain
+        lengths = sizes if with_ext is None else with_ext
         if t.srtp_legs:
-            lengths = self.srtp_edges.protect_batch(packets, rows, going, plain)
-            going &= lengths > 0
-        pick = np.flatnonzero(going)
-        ok = self.sender.send(np.ascontiguousarray(packets[pick]), dest[pick], lengths[pick])
-        for row in rows[pick[~ok]].tolist():
+            lengths = self.srtp_edges.protect_batch(packets, rows, np.ones(count, bool), lengths)
+            refused = lengths <= 0
+            if refused.any():  # not sent, and its sequence number not used
+                keep = ~refused
+                rows, dest, packets = rows[keep], dest[keep], packets[keep]
+                lengths, sizes = lengths[keep], sizes[keep]
+        ok = self.sender.send(np.ascontiguousarray(packets), dest, lengths)
+        for row in rows[~ok].tolist():
             media = t.media[row]
             if media is not None:
                 media.send_errors += 1
-        done = pick[ok]
-        tried = rows[pick]
-        t.tx_seq[tried] = (t.tx_seq[tried] + 1) & 0xFFFF
-        t.tx_first[rows[done]] = False
-        t.packets_out[rows[done]] += 1
-        t.bytes_out[rows[done]] += sizes[done]
-        t.payload_out[rows[done]] += sizes[done] - HEADER_SIZE
-        t.tx_ts[rows] = (t.tx_ts[rows] + self.packet) & 0xFFFFFFFF
+        t.tx_seq[rows] = (t.tx_seq[rows] + 1) & 0xFFFF
+        done = rows[ok]
+        t.tx_first[done] = False
+        t.packets_out[done] += 1
+        t.bytes_out[done] += sizes[ok]
+        t.payload_out[done] += sizes[ok] - HEADER_SIZE
 
     def _due(self, rows: np.ndarray, loud: np.ndarray) -> np.ndarray:
         """Which of ``rows`` send a packet this tick: all but a resting leg's silence
