@@ -176,25 +176,30 @@ class ReceivePath:
         t = self.table
         length, truncated, source, arrival_ns = self.receiver.columns(n)
         data = self.receiver.data[:n]
+        # One gather of the headers: the slots are 2 KiB apart, so every pass over a
+        # column of `data` itself would miss the cache once per packet. The SSRC (for
+        # RTCP on the RTP port, its sender's at 4) is in the clear in SRTP and SRTCP, so
+        # one search finds each packet's leg for the SRTP key and the demultiplexing both.
+        head = np.ascontiguousarray(data[:, :HEADER_SIZE])
+        b1 = head[:, 1]
+        rtcp = (b1 >= 192) & (b1 <= 223)
+        h = np.where(rtcp[:, None], head[:, 4:8], head[:, 8:12]).astype(np.int64)
+        ssrc = (h[:, 0] << 24) | (h[:, 1] << 16) | (h[:, 2] << 8) | h[:, 3]
+        rows, match = t.lookup(source, ssrc)  # which leg: by source address and SSRC
         if t.srtp_legs:  # SRTP calls' packets checked and decrypted in place (bank_srtp)
-            keep = self.srtp_edges.unprotect_batch(data, length, truncated, source)
+            keep = self.srtp_edges.unprotect_batch(data, length, truncated, source, rows)
             if keep is not None:  # the ones that failed are counted and gone
                 data, length, truncated = data[keep], length[keep], truncated[keep]
                 source, arrival_ns = source[keep], arrival_ns[keep]
+                rows, match, rtcp = rows[keep], match[keep], rtcp[keep]
+            head = np.ascontiguousarray(data[:, :HEADER_SIZE])  # decrypted (SRTCP past 8)
         arrival = (arrival_ns - self._epoch_ns) * (CODEC_RATE * 1e-9)
-        # One gather of the headers: the slots are 2 KiB apart, so every pass over a
-        # column of `data` itself would miss the cache once per packet.
-        head = np.ascontiguousarray(data[:, :HEADER_SIZE])
         b0 = head[:, 0]
         b1 = head[:, 1]
         huge = truncated | (length > MAX_PACKET)
         short = (length < HEADER_SIZE) & ~huge
         wrong_version = ((b0 >> 6) != 2) & ~huge & ~short
         good = ~(huge | short | wrong_version)
-        rtcp = (b1 >= 192) & (b1 <= 223)  # RTCP on the RTP port: its sender SSRC is at 4
-        h = np.where(rtcp[:, None], head[:, 4:8], head[:, 8:12]).astype(np.int64)
-        ssrc = (h[:, 0] << 24) | (h[:, 1] << 16) | (h[:, 2] << 8) | h[:, 3]
-        rows, match = t.lookup(source, ssrc)  # which leg: by source address and SSRC
         if t.ext_in[rows[rows >= 0]].any():  # header extensions (a link's talker): bank_ext
             self.extensions.take(data, length, head, rows, match)
         known = rows >= 0

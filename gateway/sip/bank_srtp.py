@@ -34,18 +34,20 @@ class SrtpEdges:
         self.table = table
 
     def unprotect_batch(
-        self, data: np.ndarray, length: np.ndarray, truncated: np.ndarray, source: np.ndarray
+        self,
+        data: np.ndarray,
+        length: np.ndarray,
+        truncated: np.ndarray,
+        source: np.ndarray,
+        rows: np.ndarray,
     ) -> np.ndarray | None:
         """Check and decrypt the SRTP packets of a received batch in place (``length`` too).
 
+        ``rows``: each packet's leg by address and SSRC (``LegTable.lookup``, -1: none),
+        the receive path's one search of the batch — the SSRC (RTP's, or RTCP's sender)
+        is in the clear, so the key's owner is the leg the packet is demultiplexed to.
         Returns the indexes of the packets to keep, or None when all are kept."""
         t = self.table
-        head = data[: len(source), :12].astype(np.int64)
-        b1 = head[:, 1]
-        at = np.where(((b1 >= _RTCP_FIRST) & (b1 <= _RTCP_LAST))[:, None], 4, 8)  # sender SSRC
-        word = np.take_along_axis(head, at + np.arange(4), axis=1)
-        ssrc = (word[:, 0] << 24) | (word[:, 1] << 16) | (word[:, 2] << 8) | word[:, 3]
-        rows, _ = t.lookup(source, ssrc)  # whose key: by address and SSRC, as for RTP
         stray = rows < 0
         if stray.any():
             rows = rows.copy()
