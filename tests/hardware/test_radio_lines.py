@@ -315,10 +315,13 @@ def test_ptt_controller_transmit_tot_runs_in_the_guardian(tmp_path):
         assert hid_keyed(hid) is True
         start = time.monotonic()
         ticks.start()
-        wait_for(lambda: hid_keyed(hid) is False, 5, "the transmit TOT")
+        # (A feeding thread starved past the heartbeat timeout on a loaded machine also
+        # drops the line for a moment — counted as a watchdog trip, tested on its own
+        # below — and the engine keys it again: the TOT still trips once, in the guardian.)
+        wait_for(lambda: controller.tot_tripped, 5, "the guardian to report the TOT")
+        assert hid_keyed(hid) is False
         assert time.monotonic() - start > 0.28
-        wait_for(lambda: controller.tot_tripped, 2, "the guardian to report the trip")
-        assert controller.counts["tot_trips"] == 1 and controller.counts["watchdog_trips"] == 0
+        assert controller.counts["tot_trips"] == 1
         controller.key(True)  # the engine still wants it: stays down until a new over
         assert hid_keyed(hid) is False
         controller.key(False)
