@@ -42,8 +42,9 @@ _COMPACT = {  # RFC 3261 §7.3.3 (and RFC 3515/3841/4028 for the rest)
     "u": "allow-events",
     "x": "session-expires",
 }
-# How the headers the gateway copies into responses are spelt there.
-_SPELLING = {
+# How the headers the gateway copies into responses are spelt there (and a test peer
+# writing raw requests spells them, unless it asks for other spellings).
+SPELLING = {
     "via": "Via",
     "from": "From",
     "to": "To",
@@ -125,7 +126,7 @@ class Headers:
 
     def copied(self) -> list[tuple[str, str]]:
         """Via, From, To, Call-ID and CSeq as a response copies them (RFC 3261 §8.2.6.2)."""
-        return [(_SPELLING[n], v) for n, v in self.lines if n in _COPIED]
+        return [(SPELLING[n], v) for n, v in self.lines if n in _COPIED]
 
 
 _COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})

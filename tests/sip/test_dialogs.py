@@ -22,6 +22,7 @@ from sip_peers import band_db, dominant_hz, run, running_gateway
 from test_calls import legs, recorded, site
 from test_shared_port import HEADER, RATE, RawPhone, stream
 
+from gateway.sip.message import SPELLING
 from tests.conftest import free_port
 from tests.waiting import until
 
@@ -61,17 +62,7 @@ class Caller(RawPhone):
         content_type: str = "application/sdp",
         names: dict[str, str] | None = None,
     ) -> None:
-        n = {
-            "via": "Via",
-            "from": "From",
-            "to": "To",
-            "call-id": "Call-ID",
-            "cseq": "CSeq",
-            "contact": "Contact",
-            "content-type": "Content-Type",
-            "content-length": "Content-Length",
-            **(names or {}),
-        }
+        n = {**SPELLING, **(names or {})}
         me = self.sip.getsockname()[1]
         assert self.gateway is not None
         lines = [
