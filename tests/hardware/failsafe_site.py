@@ -21,12 +21,14 @@ from gateway.app import Gateway
 from gateway.config import load_config
 
 
-def losses(gw: Gateway) -> int:
+def losses(gw: Gateway, sim=None) -> int:
     """Every loss a radio's audio can show as a gap: FIFO underruns, audio-server xruns
-    and ticks the media clock skipped (a starved gateway says so: the stall is counted)."""
+    and ticks the media clock skipped (a starved gateway says so: the stall is counted).
+    Given the radio simulator (``tests.hardware.jackradio.RadioSim``), also the times its
+    own playback ran dry: a starved test harness, whose radio sent silence for a while."""
     cards = [port.card.stats() for port in gw.ports.values() if hasattr(port, "card")]
     counted = sum(c["rx_underruns"] + c["tx_underruns"] + c["xruns"] for c in cards)
-    return int(counted + gw.clock.skipped_ticks)
+    return int(counted + gw.clock.skipped_ticks + (sim.underruns if sim is not None else 0))
 
 
 def status(gw: Gateway) -> None:

@@ -47,10 +47,10 @@ class EventLog:
         return [e for e in self.events if e.kind == kind and (port is None or e.port == port)]
 
 
-def losses_seen(gw: Gateway, ticks: int = 3) -> int:
+def losses_seen(gw: Gateway, sim=None, ticks: int = 3) -> int:
     """Every loss counted so far (``failsafe_site.losses``), once the engine has ticked
     ``ticks`` more times (call it from a scenario's thread): a card's underrun is counted
     at the tick after it, so a gap at the very end of a window is counted only then."""
     seen = gw.engine.tick_count
     wait_for(lambda: gw.engine.tick_count >= seen + ticks, LEAST_WAIT_S, "the gateway to tick")
-    return losses(gw)
+    return losses(gw, sim)

@@ -187,7 +187,8 @@ class RadioSim:
 
     @property
     def underruns(self) -> int:
-        """Times a radio's playback ring ran dry: the simulator's own fault, never expected."""
+        """Times a radio's playback ring ran dry (its feeder starved): the harness's loss,
+        silence for a while where the signal was due; the rest of the signal stays on time."""
         return int(self._counter[1])
 
     def connect(self, radio: int, client: str, timeout: float = LEAST_WAIT_S) -> None:
@@ -201,6 +202,15 @@ class RadioSim:
 
     def silence(self, radio: int) -> None:
         self._ask("silence", radio)
+
+    def stall(self, seconds: float) -> None:
+        """Hold the feeder thread for ``seconds``, as a starved machine would (tests of the
+        simulator itself)."""
+        self._ask("stall", seconds)
+
+    def loop_back(self, radio: int) -> None:
+        """Wire the radio's speaker to its own mic (tests of the simulator itself)."""
+        self._ask("loop_back", radio)
 
     def monotonic_at(self, frame: int) -> float:
         """When (time.monotonic) the stream's cycle holding ``frame`` was processed."""
@@ -264,9 +274,14 @@ class _SimStream:
         self.play = [np.zeros(0, np.float32) for _ in range(radios)]
         self.play_at = [0] * radios
         self.loop = [False] * radios
+        # Stream frames each radio's playback ring ran dry for (played as silence): ring
+        # position + dry == stream frame, so a starved feeder loses those frames of the
+        # signal but never shifts the rest of it against the frame count tests use as time.
+        self.dry = [0] * radios
         self.stamps: list[tuple[int, float]] = []  # (first frame of a cycle, monotonic time)
         self.lock = threading.Lock()
         self.running = True
+        self.held_until = 0.0  # monotonic time the feeder is held till (stall)
         for ring in self.tx:  # primed with silence: ring position == stream frame from here on
             ring.push(np.zeros(LEAD_PERIODS * self.blocksize, np.float32))
         self.stream = cp.open_stream(
@@ -281,11 +296,19 @@ class _SimStream:
 
         lead = LEAD_PERIODS * self.blocksize
         while self.running:
+            if time.monotonic() < self.held_until:
+                time.sleep(FEED_S)
+                continue
             with self.lock:
+                # The stream's frame count first: a ring read after it is no older. The
+                # callback moves a ring's read position before the count, so mid-call this
+                # under-reads the dry frames (never over): the largest value seen is right.
+                total = self.frame_now()
                 for i, ring in enumerate(self.tx):
+                    self.dry[i] = max(self.dry[i], total - int(ring.counters[1]))
                     want = lead - ring.level
-                    if want > 0:  # ring position == stream frame: render from what was fed
-                        ring.push(self._render(i, int(ring.counters[0]), want))
+                    if want > 0:  # ring position + dry == stream frame: render from there
+                        ring.push(self._render(i, int(ring.counters[0]) + self.dry[i], want))
             recorded = []
             for i, ring in enumerate(self.rx):
                 at = int(ring.counters[1])
@@ -343,11 +366,22 @@ class _SimStream:
     def start(self, radio: int, signal: np.ndarray, delay: float, loop: bool) -> int:
         with self.lock:  # the feeder renders from frame tx.written on: start no sooner
             at = max(
-                int(self.tx[radio].counters[0]),
+                int(self.tx[radio].counters[0]) + self.dry[radio],
                 self.frame_now() + int(delay * self.rate) + 2 * self.blocksize,
             )
             self.play[radio], self.play_at[radio], self.loop[radio] = signal, at, loop
         return at
+
+    def stall(self, seconds: float) -> None:
+        self.held_until = time.monotonic() + seconds
+
+    def loop_back(self, radio: int) -> None:
+        ours_out, ours_in = f"{self.name}:out_{radio}", f"{self.name}:in_{radio}"
+        for port in self.control.get_all_connections(ours_out):
+            self.control.disconnect(ours_out, port)
+        for port in self.control.get_all_connections(ours_in):
+            self.control.disconnect(port, ours_in)
+        self.control.connect(ours_out, ours_in)
 
     def frame_now(self) -> int:
         from gateway.hardware.card_process import TOTAL

@@ -250,10 +250,10 @@ squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
                     if now == seen:
                         excess.append(levels)
                     seen = now
-                before = failsafe_site.losses(gw)
+                before = failsafe_site.losses(gw, sim)
                 since = sim.frame + RATE // 5  # (what B plays lags the count by the path)
                 wait_for(lambda: sim.frame > since + 3 * RATE, LEAST_WAIT_S, "three seconds more")
-                return excess, since, losses_seen(gw) - before
+                return excess, since, losses_seen(gw, sim) - before
 
             excess, since, lost = drive(gw, scenario, timeout=90)
             heard = sim.recorded(1, since=since)[: 3 * RATE]  # (not after the stop)

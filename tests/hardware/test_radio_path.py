@@ -76,7 +76,7 @@ def test_tone_and_chirp_cross_from_a_to_b(jack_server, radio_sim, tmp_path):
             LEAST_WAIT_S,
             "the gateway to tick",
         )
-        before = failsafe_site.losses(gw)
+        before = failsafe_site.losses(gw, sim)
         start = sim.start(0, signal)
         wait_for(lambda: hid_keyed(hid_b) is True, LEAST_WAIT_S, "radio B's PTT to key")
         wait_for(
@@ -85,7 +85,7 @@ def test_tone_and_chirp_cross_from_a_to_b(jack_server, radio_sim, tmp_path):
         wait_for(
             lambda: hid_keyed(hid_b) is False, LEAST_WAIT_S, "radio B's PTT to drop after the over"
         )
-        return start, losses_seen(gw) - before
+        return start, losses_seen(gw, sim) - before
 
     start, lost = drive(gw, scenario)
     heard = sim.recorded(1, since=start)
@@ -331,10 +331,10 @@ def test_a_tone_crosses_when_the_card_calls_back_once_a_frame(jack_server, tmp_p
                 wait_for(
                     lambda: sim.frame > start + 3 * RATE, LEAST_WAIT_S, "three seconds of tone"
                 )
-                before = failsafe_site.losses(gw)
+                before = failsafe_site.losses(gw, sim)
                 since = sim.frame + RATE // 5  # (what B plays lags the count by the path)
                 wait_for(lambda: sim.frame > since + 3 * RATE, LEAST_WAIT_S, "three seconds more")
-                return since, losses_seen(gw) - before
+                return since, losses_seen(gw, sim) - before
 
             since, lost = drive(gw, scenario)
             heard = sim.recorded(1, since=since)[: 3 * RATE]  # (not after the stop)

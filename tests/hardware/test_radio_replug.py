@@ -204,14 +204,14 @@ def test_a_card_process_killed_mid_over_drops_ptt_and_comes_back_alone(
         )
         sim.connect(1, card_client("radio_b"))  # a new JACK client: wire the radio again
         wait_for(lambda: sim.frame > first + int(3.5 * RATE), LEAST_WAIT_S, "the first over to end")
-        before = failsafe_site.losses(gw)
+        before = failsafe_site.losses(gw, sim)
         start = sim.start(0, tone(1000, OVER_S, LEVEL))
         wait_for(
             lambda: sim.frame > start + (OVER_S + 0.25) * RATE,
             LEAST_WAIT_S,
             "the second over to end",
         )
-        return start, losses_seen(gw) - before, card_a.stream.process.process.pid
+        return start, losses_seen(gw, sim) - before, card_a.stream.process.process.pid
 
     start, lost, pid_a_after = drive(gw, scenario)
     check_tone(sim.recorded(1, since=start), lost)
