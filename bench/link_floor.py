@@ -5,6 +5,7 @@
     .venv/bin/python bench/link_floor.py --load       # with stress-ng --cpu 2 beside
     .venv/bin/python bench/link_floor.py --processes  # each gateway its own process
     .venv/bin/python bench/link_floor.py --count 50
+    .venv/bin/python bench/link_floor.py --frame 10ms # every engine at 10 ms frames
 
 Two (or three, each linked to the others) real gateways in this process, linked
 over TLS and SRTP on loopback, share a ``single`` talkgroup. Each round keys a
@@ -56,8 +57,9 @@ def holder(gateway) -> str | None:  # noqa: ANN001
     return held[0].site if held else None
 
 
-def site_files(folder: Path, names: list[str]) -> dict[str, Path]:
-    """Each site's TOML: its radio's talkgroup shared as "shiprider" with every other."""
+def site_files(folder: Path, names: list[str], frame: str = "") -> dict[str, Path]:
+    """Each site's TOML: its radio's talkgroup shared as "shiprider" with every other;
+    ``frame`` sets every engine's ``[timing] frame`` ("": the default)."""
     pki = make_pki(folder, tuple(names))
     specs = {
         n: SiteSpec(
@@ -69,7 +71,12 @@ def site_files(folder: Path, names: list[str]) -> dict[str, Path]:
         for n in names
     }
     ports = {n: spec.tls_port for n, spec in specs.items()}
-    return {n: site_toml(folder, spec, ports, pki) for n, spec in specs.items()}
+    paths = {n: site_toml(folder, spec, ports, pki) for n, spec in specs.items()}
+    if frame:
+        for path in paths.values():
+            text = path.read_text().replace("[timing]\n", f'[timing]\nframe = "{frame}"\n')
+            path.write_text(text)
+    return paths
 
 
 def report(settle: list[float], disagree: int, wins: dict, sites: int, count: int) -> None:
@@ -87,9 +94,9 @@ def report(settle: list[float], disagree: int, wins: dict, sites: int, count: in
     )
 
 
-async def rounds(folder: Path, count: int, sites: int) -> None:
+async def rounds(folder: Path, count: int, sites: int, frame: str = "") -> None:
     names = list(SITES)[:sites]
-    paths = site_files(folder, names)
+    paths = site_files(folder, names, frame)
     async with contextlib.AsyncExitStack() as stack:
         gws = {n: await stack.enter_async_context(running(paths[n])) for n in names}
 
@@ -138,12 +145,12 @@ def holder_of(state: dict) -> tuple:
     return tuple(next(iter(state["holders"].values()), None) or ())
 
 
-async def process_rounds(folder: Path, count: int, sites: int) -> None:
+async def process_rounds(folder: Path, count: int, sites: int, frame: str = "") -> None:
     """The same rounds with each gateway in its own process (``--processes``)."""
     from test_mesh_floor import SiteProcess
 
     names = list(SITES)[:sites]
-    paths = site_files(folder, names)
+    paths = site_files(folder, names, frame)
     procs = {n: SiteProcess(n, paths[n], folder / f"{n}.log") for n in names}
 
     async def states() -> dict[str, dict]:
@@ -213,10 +220,11 @@ def main() -> None:
     parser.add_argument("--sites", type=int, choices=(2, 3), default=2)
     parser.add_argument("--load", action="store_true", help="stress-ng --cpu 2 beside")
     parser.add_argument("--processes", action="store_true", help="each gateway its own")
+    parser.add_argument("--frame", default="", help='every engine\'s frame: "20ms" or "10ms"')
     args = parser.parse_args()
     work = process_rounds if args.processes else rounds
     with tempfile.TemporaryDirectory() as folder, load(args.load):
-        run_async(work(Path(folder), args.count, args.sites))
+        run_async(work(Path(folder), args.count, args.sites, args.frame))
 
 
 if __name__ == "__main__":
