@@ -73,7 +73,7 @@ def test_shared_talkgroup_carries_audio_both_ways_and_nothing_else(tmp_path: Pat
             assert not [s for s in series if "#" in s], "a metrics series per dialog"
             radio(ca, "marine").speaking = True
             radio(ca, "police").speaking = True  # unshared: must never cross
-            await until(lambda: radio(us, "harbor").level(1000.0, 0.5) > HEARD, 5, "CA at US")
+            await until(lambda: radio(us, "harbor").level(1000.0, 0.5) > HEARD, 15, "CA at US")
             await asyncio.sleep(1.0)
             assert radio(us, "harbor").level(1000.0) > HEARD
             assert not leaked(radio(us, "harbor"), 700.0), "an unshared talkgroup crossed"
@@ -81,7 +81,7 @@ def test_shared_talkgroup_carries_audio_both_ways_and_nothing_else(tmp_path: Pat
             assert radio(us, "sheriff").level(700.0) < SILENT
             radio(ca, "marine").speaking = radio(ca, "police").speaking = False
             radio(us, "harbor").speaking = True
-            await until(lambda: radio(ca, "marine").level(1500.0, 0.5) > HEARD, 5, "US at CA")
+            await until(lambda: radio(ca, "marine").level(1500.0, 0.5) > HEARD, 15, "US at CA")
             assert radio(ca, "police").level(1500.0) < SILENT
             # Still exactly one dialog per shared name after both sides dialled.
             assert len(link_legs(ca)) == 1 and len(link_legs(us)) == 1
@@ -302,7 +302,7 @@ viewer = ["floor"]
             reply = await ask(sub, "cad", command)
             assert reply["ok"], reply
             await until(
-                lambda: share_state(us, "ca", "shiprider") == "cut_by_peer", 5, "US to see the cut"
+                lambda: share_state(us, "ca", "shiprider") == "cut_by_peer", 15, "US to see the cut"
             )
             cut = records(tmp_path / "ca-audit.jsonl", "link_cut")[-1]
             assert cut["who"] == "mqtt:cad" and cut["reason"] == "drill" and cut["via"] == "mqtt"
