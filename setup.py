@@ -1,5 +1,6 @@
-"""The compiled parts: the sound card's stream callback (see hardware/_callback.c) and the
-variable-ratio resampler's inner loop (codecs/_sinc.c).
+"""The compiled parts: the sound card's stream callback (hardware/_callback.c) and the
+elastic FIFOs' audio path (hardware/_elastic.c: the variable-ratio resampler and its moves
+between the card's rings and the tick). Both use the rings' two ends, hardware/ring.h.
 
 Everything else is in pyproject.toml; setuptools reads both.
 """
@@ -11,11 +12,13 @@ setup(
         Extension(
             "gateway.hardware._callback",
             ["hardware/_callback.c"],
+            depends=["hardware/ring.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
         Extension(
-            "gateway.codecs._sinc",
-            ["codecs/_sinc.c"],
+            "gateway.hardware._elastic",
+            ["hardware/_elastic.c"],
+            depends=["hardware/ring.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
     ],

@@ -7,23 +7,19 @@ few milliseconds. Two flavours share the kernel:
 
 * :class:`RationalInterpolator` — fixed ratio L/M, exact integer positions,
   one precomputed kernel row per phase (at most L rows);
-* :class:`SincInterpolator` — step changeable on every call (clock-drift
-  correction), kernel rows interpolated from a 512-phase table.
+* :func:`sinc_table` — for a step changeable on every call (clock-drift
+  correction): kernel rows interpolated from a 512-phase table (the sound card's
+  resampler, ``hardware/_elastic.c``, runs it).
 
 Per call all output positions are computed at once and applied with one
-gather and one row-wise dot (the variable ratio's loop is in C, ``_sinc.c``: NumPy's
-gathers cost a radio 0.5 ms a tick); no Python loop runs over samples. Output *k*
+gather and one row-wise dot; no Python loop runs over samples. Output *k*
 represents input time ``k·step − half_width``, so the latency is exactly
 ``half_width`` input samples.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-
-from . import _sinc
 
 _PHASES = 512
 
@@ -105,30 +101,12 @@ class RationalInterpolator:
         return y
 
 
-class SincInterpolator:
-    """Variable-ratio resampler; ``step`` (input samples per output) may change every call."""
+def sinc_table(cutoff: float, half_width: int, beta: float = 7.0) -> tuple[np.ndarray, np.ndarray]:
+    """A variable-ratio resampler's kernel: ``_PHASES`` rows of ``2·half_width`` taps, and
+    each row's slope to the next, for blending rows at any fraction (float32 both).
 
-    def __init__(self, cutoff: float, half_width: int, beta: float = 7.0) -> None:
-        self._hist = _History(half_width)
-        table = kaiser_sinc(np.arange(_PHASES + 1) / _PHASES, cutoff, half_width, beta)
-        table = table.astype(np.float32)
-        self._table = np.ascontiguousarray(table[:-1])
-        self._slope = np.diff(table, axis=0)
-        self._taps = table.shape[1]
-        self._pos = float(self._hist.half_width - 1)
-
-    def process(self, x: np.ndarray, step: float) -> np.ndarray:
-        """Consume ``x``; emit every output whose kernel is now covered by input."""
-        h = self._hist
-        buf = h.extend(x)
-        limit = len(buf) - h.half_width  # positions below this have the full lookahead
-        n = max(0, math.ceil((limit - self._pos) / step))
-        if n and self._pos + (n - 1) * step >= limit:
-            n -= 1  # ceil() may overshoot by one in floating point
-        y = np.empty(n, np.float32)
-        _sinc.interpolate(buf, self._table, self._slope, self._pos, step, _PHASES, self._taps, y)
-        next_pos = self._pos + n * step
-        keep_from = math.floor(next_pos) - (h.half_width - 1)
-        h.drop_before(keep_from)
-        self._pos = next_pos - keep_from
-        return y
+    The resampler itself is the sound card's (``hardware/_elastic.c``): its loop over
+    output samples runs with the card's rings, once per move."""
+    table = kaiser_sinc(np.arange(_PHASES + 1) / _PHASES, cutoff, half_width, beta)
+    table = table.astype(np.float32)
+    return np.ascontiguousarray(table[:-1]), np.diff(table, axis=0)

@@ -30,16 +30,10 @@
 #include <string.h>
 #include <time.h>
 
-/* ring.py's counters */
-enum { WRITTEN, READ, SKIP_ASKED, SKIP_DONE };
+#include "ring.h"
+
 /* card_process.py's counters */
 enum { XRUNS, TX_UNDERRUNS, RX_DROPPED, FINISHED, FRAMES, TOTAL, STAMP, STAMP_FRAME, COUNTERS };
-
-typedef struct {
-    int64_t *counters;
-    float *samples;
-    int64_t capacity;
-} ring_t;
 
 typedef struct {
     ring_t rx, tx;
@@ -58,57 +52,9 @@ typedef struct {
     lane_t *lane;
 } stream_t;
 
-static inline int64_t load(int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-static inline void store(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-/* a counter only this side writes: no order needed, but still one untorn access */
-static inline int64_t own(int64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-
 /* Where the callback's stack is (the address of one of its locals, from its last call):
  * the card's process locks those pages in memory (card_main.py). */
 static void *callback_stack;
-
-/* Append every stride-th sample of src (n of them) as far as they fit; returns how
- * many did not. The counter moves after the samples, so the reader never sees one
- * not yet written. */
-static int64_t ring_push(ring_t *r, const float *src, int stride, int64_t n)
-{
-    int64_t written = own(&r->counters[WRITTEN]);
-    int64_t room = r->capacity - (written - load(&r->counters[READ]));
-    int64_t take = n < room ? n : room;
-    int64_t at = written % r->capacity;
-    for (int64_t i = 0; i < take; i++) {
-        r->samples[at] = src[i * stride];
-        if (++at == r->capacity)
-            at = 0;
-    }
-    store(&r->counters[WRITTEN], written + take);
-    return n - take;
-}
-
-/* Fill every stride-th sample of dst (n of them) from the front, after any skip the
- * writer asked for; returns how many were there. */
-static int64_t ring_pop(ring_t *r, float *dst, int stride, int64_t n)
-{
-    int64_t *c = r->counters;
-    int64_t read = own(&c[READ]);
-    int64_t written = load(&c[WRITTEN]);
-    int64_t asked = load(&c[SKIP_ASKED]);
-    int64_t done = own(&c[SKIP_DONE]);
-    if (asked != done) {
-        int64_t skip = asked - done;
-        read += skip < written - read ? skip : written - read;
-        store(&c[SKIP_DONE], asked);
-    }
-    int64_t got = written - read < n ? written - read : n;
-    int64_t at = read % r->capacity;
-    for (int64_t i = 0; i < got; i++) {
-        dst[i * stride] = r->samples[at];
-        if (++at == r->capacity)
-            at = 0;
-    }
-    store(&c[READ], read + got);
-    return got;
-}
 
 static void serve_lane(lane_t *lane, const float *in, int in_channels, float *out,
                        int out_channels, int64_t frames)
@@ -160,20 +106,6 @@ static int stream_callback(const void *input, void *output, unsigned long frames
  *
  * Called from Python with a ring's counters (four int64) and its samples (float32) as
  * two writable buffers, and the caller's samples as a float32 buffer. */
-
-static int ring_of(Py_buffer *counters, Py_buffer *samples, ring_t *r)
-{
-    if (counters->len < (Py_ssize_t)(4 * sizeof(int64_t))
-        || (uintptr_t)counters->buf % sizeof(int64_t) != 0
-        || samples->len < (Py_ssize_t)sizeof(float)) {
-        PyErr_SetString(PyExc_ValueError, "not a ring: 4 aligned int64 counters, then samples");
-        return -1;
-    }
-    r->counters = counters->buf;
-    r->samples = samples->buf;
-    r->capacity = samples->len / (Py_ssize_t)sizeof(float);
-    return 0;
-}
 
 static PyObject *py_ring_push(PyObject *self, PyObject *args)
 {

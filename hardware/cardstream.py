@@ -51,16 +51,6 @@ CYCLE_TICKS = 50
 SETTLE_S = 0.25  # a new stream's first callbacks only place its cycle (and are dropped)
 
 
-@dataclass(frozen=True)
-class Moment:
-    """The card's last callback: when it was due on the card's cycle (``at``), when it
-    ran (``stamp``; later if it came late), and the audio it and those before captured."""
-
-    at: float
-    stamp: float
-    captured: np.ndarray
-
-
 @dataclass
 class CardSpec:
     """Which device and how to open it; the card's process finds it afresh at each (re)open."""
@@ -199,24 +189,25 @@ class CardStream:
         """Has this stream called back long enough for its cycle to be known?"""
         return int(self.status[TOTAL]) >= SETTLE_S * self.rate
 
-    def moment(self) -> Moment:
-        """The last finished callback's times, and all captured audio up to it (and no
-        further), read as one consistent set: a callback that ran between the reads
-        is waited out, so the audio and the times belong together."""
-        s, clock = self.status, self.block.clock
-        audio = [self.rx.pop_all()]
+    def moment(self, pull: Callable[[SharedRing], int]) -> tuple[float, float]:
+        """The last finished callback's times: when it was due on the card's cycle, and
+        when it ran (later if it came late); all captured audio up to it (and no further)
+        is handed to ``pull`` (which returns how much the ring held), read as one
+        consistent set: a callback that ran between the reads is waited out, so the
+        audio and the times belong together."""
+        s, clock, ring = self.status, self.block.clock, self.rx
+        pull(ring)
         for _ in range(MOMENT_TRIES):
             frame, when = stamp(s, clock)
             done = int(s[TOTAL]) == frame + int(s[FRAMES])
-            audio.append(self.rx.pop_all())
-            if done and len(audio[-1]) == 0 and stamp(s, clock) == (frame, when):
+            if not pull(ring) and done and stamp(s, clock) == (frame, when):
                 break
         self.origins.append(when - frame / self.rate)
         # (never more than a period before its stamp: a stream whose clock runs far off
         # the wall clock, as an audio server starved of CPU does, moves its cycle faster
         # than the envelope follows)
         at = max(min(self.origins) + frame / self.rate, when - self.period)
-        return Moment(at, when, np.concatenate(audio))
+        return at, when
 
     def resync(self) -> None:
         """Forget the cycle learnt so far: the audio server lost cycles, or the card came

@@ -16,8 +16,10 @@ against a 25 ms stall would take a dozen underruns to learn; one far above the
 target (the engine stalled) is trimmed back to it. At a stream's start the level goes
 straight to the target, either way.
 
-The same class serves both ways: receive (card → engine: the store is a buffer in the
-gateway) and transmit (engine → card: the store is the card's playback ring).
+The same class serves both ways: receive (card → engine: the resampled audio waits in the
+resampler's store, in the gateway, until the tick takes it) and transmit (engine → card:
+the store is the card's playback ring). Moving audio is C (``_elastic.c``: one call per
+move, ring and resampler together); the control, once a tick, is here.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ import math
 from typing import Protocol
 
 import numpy as np
-from gateway.codecs.interp import SincInterpolator
+from gateway.codecs.interp import sinc_table
+
+from ._elastic import Resampler
+from .ring import SharedRing
 
 # Rate conversion kernel: 8 zero crossings of the narrower band, pass band to 75 % of its
 # Nyquist (flat to 4 kHz at 16 kHz; ≥ 72 dB alias rejection), 0.5 ms each way. soxr's
@@ -43,9 +48,8 @@ WIDEN_MAX_S = 0.020  # …up to this much above the configured margin
 
 
 class Store(Protocol):
-    """Where a FIFO's audio waits: a buffer (receive) or the card's playback ring (transmit)."""
-
-    def push(self, samples: np.ndarray) -> None: ...
+    """Where a FIFO's audio waits, for corrections at once: the resampler's own store
+    (receive) or the card's playback ring (transmit)."""
 
     def cut(self, count: int) -> int:
         """Drop up to ``count`` of the oldest samples; returns how many there were."""
@@ -55,34 +59,60 @@ class Store(Protocol):
 
 
 class ElasticFifo:
-    """A resampler into ``store`` whose ratio holds the level at the tick at the target."""
+    """A resampler whose ratio holds the level at the tick at the target. ``store``: the
+    transmit FIFO's (the card's playback ring); None for receive, whose audio waits in the
+    resampler until :meth:`take`."""
 
     def __init__(
         self,
-        store: Store,
+        store: Store | None,
         in_rate: int,
         out_rate: int,
         margin: float,
         max_ppm: float,
         periods: int = 1,
     ) -> None:
-        self.store, self.in_rate, self.out_rate = store, in_rate, out_rate
+        self.ring_store, self.in_rate, self.out_rate = store, in_rate, out_rate
         self.periods = periods  # card periods in the target, before the margin
         self.margin = self.base_margin = margin
         self.limit = max_ppm * 1e-6
         self.resampler = _resampler(in_rate, out_rate)
         self.ratio = 1.0  # < 1: fewer samples out than the nominal rates give
+        self.step = in_rate / out_rate  # input samples per output, at this ratio
         self.error = 0.0  # the level's smoothed error (seconds)
         self.integral = 0.0
         self.level = 0.0  # at the last tick (seconds)
         self.dry = True  # to be filled to the target at the next tick (start, underrun)
         self.underruns = self.widenings = self.dropped = 0
 
-    def put(self, samples: np.ndarray) -> None:
-        """Audio in: resampled at the current ratio into the store."""
-        if len(samples):
-            step = self.in_rate / self.out_rate / self.ratio
-            self.store.push(self.resampler.process(samples, step))
+    @property
+    def store(self) -> Store:
+        return self.ring_store or self.resampler
+
+    # --- receive: card's ring → resampler's store → tick -------------------------
+
+    def pull(self, ring: SharedRing) -> int:
+        """All the card's capture ring holds, resampled at the current ratio into the
+        store; returns how many samples the ring held."""
+        return self.resampler.pull(ring.counters, ring.buf, self.step)
+
+    def take(self, out: np.ndarray) -> int:
+        """The oldest waiting audio into ``out`` (float32); returns how much there was."""
+        return self.resampler.take(out)
+
+    @property
+    def waiting(self) -> int:
+        """Resampled samples waiting for the tick (receive)."""
+        return self.resampler.stored
+
+    # --- transmit: tick → resampler → card's ring ---------------------------------
+
+    def push(self, samples: np.ndarray, ring: SharedRing) -> int:
+        """A frame resampled at the current ratio into the card's playback ring; returns
+        how many resampled samples did not fit."""
+        return self.resampler.push(samples, ring.counters, ring.buf, self.step)
+
+    # --- control, once a tick ---------------------------------------------------------
 
     def ran_dry(self, late: float = 0.0) -> None:
         """The store ran out, ``late`` seconds after its audio was due (the tick's or the
@@ -124,31 +154,33 @@ class ElasticFifo:
         self.level += seconds
 
     def _steer(self, error: float, dt: float) -> None:
+        # (plain floats clipped by min/max: NumPy's clip costs 10 µs on a scalar)
         self.error += (error - self.error) * min(1.0, dt / SMOOTH_S)
         bound = self.limit * TAU_S
-        self.integral = _clip(self.integral + self.error * dt / TI_S, bound)
-        self.ratio = 1.0 - _clip((self.error + self.integral) / TAU_S, self.limit)
+        self.integral = min(max(self.integral + self.error * dt / TI_S, -bound), bound)
+        ratio = (self.error + self.integral) / TAU_S
+        self.ratio = 1.0 - min(max(ratio, -self.limit), self.limit)
+        self.step = self.in_rate / self.out_rate / self.ratio
 
     @property
     def ppm(self) -> float:
         return (self.ratio - 1.0) * 1e6
 
     def restart(self, in_rate: int, out_rate: int) -> None:
-        """A new stream (at these rates): keep the learnt ratio and margin, refill at the
-        next tick."""
+        """A new stream (at these rates): keep the learnt ratio and margin, drop what
+        waits for the old one, refill at the next tick."""
         if (in_rate, out_rate) != (self.in_rate, self.out_rate):
             self.in_rate, self.out_rate = in_rate, out_rate
             self.resampler = _resampler(in_rate, out_rate)
+        self.resampler.cut(self.resampler.stored)
+        self.step = in_rate / out_rate / self.ratio
         self.dry = True
         self.error = 0.0
 
 
-def _clip(x: float, bound: float) -> float:
-    """``x`` within ±``bound`` (plain floats: NumPy's clip costs 10 µs on a scalar)."""
-    return min(max(x, -bound), bound)
-
-
-def _resampler(in_rate: int, out_rate: int) -> SincInterpolator:
+def _resampler(in_rate: int, out_rate: int) -> Resampler:
     """One windowed-sinc stage: rate conversion and drift correction together."""
     band = min(1.0, out_rate / in_rate)
-    return SincInterpolator(PASSBAND * band, math.ceil(ZERO_CROSSINGS / band))
+    half_width = math.ceil(ZERO_CROSSINGS / band)
+    table, slope = sinc_table(PASSBAND * band, half_width)
+    return Resampler(table, slope, 2 * half_width)

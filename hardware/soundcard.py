@@ -31,37 +31,11 @@ __all__ = ["CardSpec", "SoundCard", "ZERO_CROSSINGS"]
 log = logging.getLogger(__name__)
 
 
-class Received:
-    """The receive FIFO's store: resampled audio waiting for the tick, in the gateway."""
-
-    def __init__(self) -> None:
-        self.samples = np.zeros(0, np.float32)
-
-    def push(self, samples: np.ndarray) -> None:
-        self.samples = np.concatenate((self.samples, samples))
-
-    def cut(self, count: int) -> int:
-        count = min(count, len(self.samples))
-        self.samples = self.samples[count:]
-        return count
-
-    def pad(self, count: int) -> None:
-        """Silence ahead of what is waiting: the gap is now, where the audio ran out."""
-        self.samples = np.concatenate((np.zeros(count, np.float32), self.samples))
-
-    def take(self, count: int) -> np.ndarray:
-        taken, self.samples = self.samples[:count], self.samples[count:]
-        return taken
-
-
 class Playback:
     """The transmit FIFO's store: the card's playback ring (only the card reads it)."""
 
     def __init__(self, card: SoundCard) -> None:
         self.card = card
-
-    def push(self, samples: np.ndarray) -> None:
-        self.card.dropped += self.card.stream.tx.push(samples)
 
     def cut(self, count: int) -> int:
         tx = self.card.stream.tx
@@ -70,7 +44,7 @@ class Playback:
         return count
 
     def pad(self, count: int) -> None:
-        self.push(np.zeros(count, np.float32))
+        self.card.dropped += self.card.stream.tx.push(np.zeros(count, np.float32))
 
 
 class SoundCard:
@@ -80,8 +54,7 @@ class SoundCard:
         self.spec, self.rate, self.n, self.name = spec, rate, frame_samples, name
         self.frame_seconds = frame_samples / rate
         self.stream = CardStream(spec, name)
-        self.received = Received()
-        self.rx = ElasticFifo(self.received, self.stream.rate, rate, spec.margin, spec.max_ppm)
+        self.rx = ElasticFifo(None, self.stream.rate, rate, spec.margin, spec.max_ppm)
         # Transmit rides a late tick, which is common (receive rides a late callback, rare):
         # it starts a card period deeper.
         self.tx = ElasticFifo(
@@ -130,7 +103,6 @@ class SoundCard:
         """A new stream (fresh, empty rings): our side starts afresh too."""
         self.generation = self.stream.generation
         device = self.stream.rate
-        self.received.samples = np.zeros(0, np.float32)
         self.rx.restart(device, self.rate)
         self.tx.restart(self.rate, device)
         self.tx_underruns_seen = 0
@@ -146,9 +118,11 @@ class SoundCard:
             self._follow_stream()
         if self.rx.dry:
             return None  # filled at the end of this tick
-        self.rx.put(self.stream.rx.pop_all())
-        frame = self.received.take(self.n)
-        if len(frame) < self.n:
+        self.rx.pull(self.stream.rx)
+        frame = np.empty(self.n, np.float32)
+        got = self.rx.take(frame)
+        if got < self.n:
+            frame[got:] = 0.0
             late = self.stream.now() - float(self.stream.block.clock[0]) - self.stream.period
             self.rx.ran_dry(max(0.0, late))
             self.ran_dry = True
@@ -158,14 +132,14 @@ class SoundCard:
                 max(0.0, late) * 1000,
                 self.rx.margin * 1000,
             )
-            frame = np.concatenate((frame, np.zeros(self.n - len(frame), np.float32)))
         return frame
 
     def write(self, frame: np.ndarray | None) -> None:
         """One engine frame to transmit (None: silence). Call once per tick, after read.
         Until the stream's first callback has set the FIFO's level, nothing is queued."""
         if self.up and self.generation == self.stream.generation and not self.tx.dry:
-            self.tx.put(self.silence if frame is None else frame)
+            sent = self.silence if frame is None else frame
+            self.dropped += self.tx.push(sent, self.stream.tx)
 
     def end_of_tick(self, due: float) -> None:
         """After read and write: both FIFOs' levels at the tick's instant ``due`` (its
@@ -173,10 +147,9 @@ class SoundCard:
         stream = self.stream
         if not stream.up or self.generation != stream.generation or not stream.status[TOTAL]:
             return
-        moment = stream.moment()
+        at, stamp = stream.moment(self.rx.pull)  # (captured audio pulled into the FIFO)
         if not stream.settled:
             return  # the first callbacks only place the card's cycle
-        self.rx.put(moment.captured)
         period = stream.period
         underruns = stream.tx_underruns
         if underruns > self.tx_underruns_seen:
@@ -190,13 +163,12 @@ class SoundCard:
                 late * 1000,
                 self.tx.margin * 1000,
             )
-        on_time = due - moment.at < 1.5 * period  # (the card owes no callback)
-        at = moment.at
+        on_time = due - at < 1.5 * period  # (the card owes no callback)
         if on_time and self.ran_dry:  # the server may have lost cycles: the cycle as it runs now
             stream.resync()
-            at, self.ran_dry = moment.stamp, False
+            at, self.ran_dry = stamp, False
         phase = due - at  # how far into its period the card was at ``due``
-        received = len(self.received.samples) / self.rate
+        received = self.rx.waiting / self.rate
         queued = stream.tx.queued / stream.rate - self.tx_extra
         dt = self.frame_seconds
         self.rx.end_of_tick(received + phase, period, dt, on_time)
@@ -239,7 +211,7 @@ class SoundCard:
             "margin_widenings": float(self.rx.widenings + self.tx.widenings),
             "rx_ratio_ppm": self.rx.ppm,
             "tx_ratio_ppm": self.tx.ppm,
-            "rx_buffer_seconds": len(self.received.samples) / self.rate,
+            "rx_buffer_seconds": self.rx.waiting / self.rate,
             "tx_buffer_seconds": self.stream.tx.queued / self.stream.rate if open_ else 0.0,
             "rx_level_seconds": self.rx.level,
             "tx_level_seconds": self.tx.level,
