@@ -1,6 +1,7 @@
 """The compiled parts: the sound card's stream callback (hardware/_callback.c) and the
 elastic FIFOs' audio path (hardware/_elastic.c: the variable-ratio resampler and its moves
-between the card's rings and the tick). Both use the rings' two ends, hardware/ring.h.
+between the card's rings and the tick). Both use hardware/shared.h: the
+rings' two ends and the callback's stamp.
 
 Everything else is in pyproject.toml; setuptools reads both.
 """
@@ -12,13 +13,13 @@ setup(
         Extension(
             "gateway.hardware._callback",
             ["hardware/_callback.c"],
-            depends=["hardware/ring.h"],
+            depends=["hardware/shared.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
         Extension(
             "gateway.hardware._elastic",
             ["hardware/_elastic.c"],
-            depends=["hardware/ring.h"],
+            depends=["hardware/shared.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
     ],

@@ -17,8 +17,8 @@
  * order; a reader loads the counter with acquire order, then the samples. x86-64
  * would keep that order anyway; arm64 (a Raspberry Pi-class site box) does not, and
  * a reader could see the counter before the samples. The gateway's side of the rings
- * goes through the same functions (ring_push / ring_pop below, from ring.py), so both
- * ends keep the order on every CPU.
+ * goes through the same functions (shared.h: ring_push / ring_pop, from ring.py and
+ * _elastic.c), so both ends keep the order on every CPU.
  *
  * A stream carries one or more lanes: a lane takes one input channel into its
  * capture ring and plays its playback ring into one output channel. A radio's card
@@ -30,10 +30,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "ring.h"
-
-/* card_process.py's counters */
-enum { XRUNS, TX_UNDERRUNS, RX_DROPPED, FINISHED, FRAMES, TOTAL, STAMP, STAMP_FRAME, COUNTERS };
+#include "shared.h"
 
 typedef struct {
     ring_t rx, tx;
@@ -160,9 +157,7 @@ static PyObject *py_ring_ask_skip(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* The last callback's (first frame, time) as one pair: the callback writes them between
- * two steps of STAMP (odd while writing), so a pair read between two equal, even
- * loads of STAMP is whole. */
+/* The last callback's (first frame, time) as one pair (see shared.h). */
 static PyObject *py_stamp(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -176,15 +171,9 @@ static PyObject *py_stamp(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "stamp: status or clock too short");
         return NULL;
     }
-    int64_t *s = status.buf;
-    int64_t seq, frame;
+    int64_t frame;
     double when;
-    do {
-        seq = load(&s[STAMP]);
-        frame = __atomic_load_n(&s[STAMP_FRAME], __ATOMIC_RELAXED);
-        __atomic_load((double *)clock.buf, &when, __ATOMIC_RELAXED);
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    } while ((seq & 1) || own(&s[STAMP]) != seq);
+    read_stamp(status.buf, clock.buf, &frame, &when);
     PyBuffer_Release(&status);
     PyBuffer_Release(&clock);
     return Py_BuildValue("Ld", (long long)frame, when);

@@ -26,10 +26,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "ring.h"
+#include "shared.h"
 
 #define CHUNK 4096          /* input resampled per pass (a 20 ms frame at 192 kHz fits) */
 #define STORE (1 << 16)     /* output waiting: 4 s at 16 kHz, beyond any trim's threshold */
+#define TRIES 100           /* a callback takes microseconds: a consistent read needs one or two */
 
 typedef struct {
     PyObject_HEAD
@@ -174,8 +175,23 @@ static void Resampler_dealloc(Resampler *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* pull(counters, samples, step) -> how many the ring held: all of it, resampled into
- * the store (as far as the store has room; the rest waits in the ring). */
+/* All the ring holds, resampled into the store (as far as the store has room; the rest
+ * waits in the ring); returns how many samples that was. */
+static int64_t pull_all(Resampler *self, ring_t *ring, double step)
+{
+    int64_t got = 0;
+    for (;;) {
+        Py_ssize_t fit = room(self, step);
+        int64_t n = fit > 0 ? ring_pop(ring, self->carried + self->carried_len, 1, fit) : 0;
+        if (n == 0)
+            return got;
+        self->carried_len += n;
+        got += n;
+        resample(self, step);
+    }
+}
+
+/* pull(counters, samples, step) -> how many the ring held: all of it, into the store. */
 static PyObject *Resampler_pull(Resampler *self, PyObject *args)
 {
     Py_buffer counters, samples;
@@ -184,21 +200,52 @@ static PyObject *Resampler_pull(Resampler *self, PyObject *args)
         return NULL;
     ring_t ring;
     int64_t got = -1;
-    if (check_step(step) == 0 && ring_of(&counters, &samples, &ring) == 0) {
-        got = 0;
-        for (;;) {
-            Py_ssize_t fit = room(self, step);
-            int64_t n = fit > 0 ? ring_pop(&ring, self->carried + self->carried_len, 1, fit) : 0;
-            if (n == 0)
-                break;
-            self->carried_len += n;
-            got += n;
-            resample(self, step);
+    if (check_step(step) == 0 && ring_of(&counters, &samples, &ring) == 0)
+        got = pull_all(self, &ring, step);
+    PyBuffer_Release(&counters);
+    PyBuffer_Release(&samples);
+    return got < 0 ? NULL : PyLong_FromLongLong(got);
+}
+
+/* capture(counters, samples, step, status, clock) -> (frame, when): the card's last
+ * finished callback's stamp (shared.h), and all the audio captured up to it (and no
+ * further) pulled into the store, read as one consistent set: a callback that ran
+ * between the reads is waited out, so the audio and the stamp belong together. */
+static PyObject *Resampler_capture(Resampler *self, PyObject *args)
+{
+    Py_buffer counters, samples, status, clock;
+    double step, when = 0.0;
+    int64_t frame = 0;
+    if (!PyArg_ParseTuple(args, "w*w*dw*w*:capture", &counters, &samples, &step, &status, &clock))
+        return NULL;
+    ring_t ring;
+    int ok = check_step(step) == 0 && ring_of(&counters, &samples, &ring) == 0;
+    if (ok && (status.len < (Py_ssize_t)(COUNTERS * sizeof(int64_t))
+               || clock.len < (Py_ssize_t)sizeof(double))) {
+        PyErr_SetString(PyExc_ValueError, "capture: status or clock too short");
+        ok = 0;
+    }
+    if (ok) {
+        int64_t *s = status.buf;
+        pull_all(self, &ring, step);
+        for (int i = 0; i < TRIES; i++) {
+            read_stamp(s, clock.buf, &frame, &when);
+            /* the callback has finished (its audio is in the ring) */
+            int done = load(&s[TOTAL]) == frame + __atomic_load_n(&s[FRAMES], __ATOMIC_RELAXED);
+            int64_t again = frame;
+            double then = when;
+            if (pull_all(self, &ring, step) == 0 && done) {
+                read_stamp(s, clock.buf, &again, &then);
+                if (again == frame && then == when)
+                    break;
+            }
         }
     }
     PyBuffer_Release(&counters);
     PyBuffer_Release(&samples);
-    return got < 0 ? NULL : PyLong_FromLongLong(got);
+    PyBuffer_Release(&status);
+    PyBuffer_Release(&clock);
+    return ok ? Py_BuildValue("Ld", (long long)frame, when) : NULL;
 }
 
 /* push(x, counters, samples, step) -> how many resampled samples did not fit the ring. */
@@ -285,6 +332,9 @@ static PyObject *Resampler_get_stored(Resampler *self, void *closure)
 static PyMethodDef Resampler_methods[] = {
     {"pull", (PyCFunction)Resampler_pull, METH_VARARGS,
      "pull(counters, samples, step) -> n: all a ring holds, resampled into the store"},
+    {"capture", (PyCFunction)Resampler_capture, METH_VARARGS,
+     "capture(counters, samples, step, status, clock) -> (frame, when): the last finished "
+     "callback's stamp, and all audio captured up to it pulled into the store"},
     {"push", (PyCFunction)Resampler_push, METH_VARARGS,
      "push(x, counters, samples, step) -> n: x resampled into a ring; n did not fit"},
     {"take", (PyCFunction)Resampler_take, METH_VARARGS,

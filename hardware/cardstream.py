@@ -32,7 +32,6 @@ from .card_process import (
     Opened,
     OpenRequest,
     jack_client_name,
-    stamp,
 )
 from .ring import SharedRing
 
@@ -43,7 +42,6 @@ RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0  # a vanished device is looked for at least this often
 DEFAULT_RATE = 48000  # until the card has told its own
 DEFAULT_PERIOD = 256  # until the card has called back
-MOMENT_TRIES = 100  # a callback takes microseconds: a consistent read needs one or two
 # The card's cycle is the lower envelope of its callbacks' stamps over this many ticks
 # (a callback can come late, never early): one punctual callback in the last second
 # places it. A crystal 500 ppm off moves it 0.5 ms in that second.
@@ -189,25 +187,15 @@ class CardStream:
         """Has this stream called back long enough for its cycle to be known?"""
         return int(self.status[TOTAL]) >= SETTLE_S * self.rate
 
-    def moment(self, pull: Callable[[SharedRing], int]) -> tuple[float, float]:
-        """The last finished callback's times: when it was due on the card's cycle, and
-        when it ran (later if it came late); all captured audio up to it (and no further)
-        is handed to ``pull`` (which returns how much the ring held), read as one
-        consistent set: a callback that ran between the reads is waited out, so the
-        audio and the times belong together."""
-        s, clock, ring = self.status, self.block.clock, self.rx
-        pull(ring)
-        for _ in range(MOMENT_TRIES):
-            frame, when = stamp(s, clock)
-            done = int(s[TOTAL]) == frame + int(s[FRAMES])
-            if not pull(ring) and done and stamp(s, clock) == (frame, when):
-                break
-        self.origins.append(when - frame / self.rate)
-        # (never more than a period before its stamp: a stream whose clock runs far off
-        # the wall clock, as an audio server starved of CPU does, moves its cycle faster
-        # than the envelope follows)
-        at = max(min(self.origins) + frame / self.rate, when - self.period)
-        return at, when
+    def place(self, frame: int, when: float) -> float:
+        """When the callback stamped (``frame``, ``when``) was due on the card's cycle:
+        the lower envelope of the stamps over the last ticks (a callback can be late,
+        never early), and never more than a period before its stamp (a stream whose clock
+        runs far off the wall clock, as an audio server starved of CPU does, moves its
+        cycle faster than the envelope follows)."""
+        start = frame / self.rate
+        self.origins.append(when - start)
+        return max(min(self.origins) + start, when - self.period)
 
     def resync(self) -> None:
         """Forget the cycle learnt so far: the audio server lost cycles, or the card came

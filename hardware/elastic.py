@@ -96,6 +96,12 @@ class ElasticFifo:
         store; returns how many samples the ring held."""
         return self.resampler.pull(ring.counters, ring.buf, self.step)
 
+    def capture(self, ring: SharedRing, status: np.ndarray, clock: np.ndarray) -> tuple[int, float]:
+        """At the end of the tick: the card's last finished callback's stamp (its first
+        frame, its ``time.monotonic()``), and all the card captured up to it (and no
+        further) pulled in as by :meth:`pull`, read as one consistent set."""
+        return self.resampler.capture(ring.counters, ring.buf, self.step, status, clock)
+
     def take(self, out: np.ndarray) -> int:
         """The oldest waiting audio into ``out`` (float32); returns how much there was."""
         return self.resampler.take(out)

@@ -147,7 +147,8 @@ class SoundCard:
         stream = self.stream
         if not stream.up or self.generation != stream.generation or not stream.status[TOTAL]:
             return
-        at, stamp = stream.moment(self.rx.pull)  # (captured audio pulled into the FIFO)
+        frame, stamp = self.rx.capture(stream.rx, stream.status, stream.block.clock)
+        at = stream.place(frame, stamp)
         if not stream.settled:
             return  # the first callbacks only place the card's cycle
         period = stream.period

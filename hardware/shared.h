@@ -1,4 +1,5 @@
-/* The shared rings' two ends (ring.py's SharedRing), with the memory order both sides need.
+/* The card's shared block as C sees it from both ends: the rings (ring.py's SharedRing)
+ * and the stream's status counters (card_main.py), with the memory order both sides need.
  *
  * A ring is four int64 counters (samples written, samples read, skips asked, skips done)
  * then float32 samples. Each side owns one counter and moves it only after it has touched
@@ -6,15 +7,17 @@
  * loads the counter with acquire order, then the samples. x86-64 would keep that order
  * anyway; arm64 (a Raspberry Pi-class site box) does not. Included by the card's callback
  * (_callback.c) and by the gateway's side of the FIFOs (_elastic.c), so both ends of a
- * ring are these same functions.
+ * ring, and of the callback's stamp, are these same functions.
  */
-#ifndef BORDERLINK_RING_H
-#define BORDERLINK_RING_H
+#ifndef BORDERLINK_SHARED_H
+#define BORDERLINK_SHARED_H
 
 #include <stdint.h>
 
 /* ring.py's counters */
 enum { WRITTEN, READ, SKIP_ASKED, SKIP_DONE };
+/* card_main.py's counters (the stream's status) */
+enum { XRUNS, TX_UNDERRUNS, RX_DROPPED, FINISHED, FRAMES, TOTAL, STAMP, STAMP_FRAME, COUNTERS };
 typedef struct {
     int64_t *counters;
     float *samples;
@@ -67,6 +70,20 @@ static inline int64_t ring_pop(ring_t *r, float *dst, int stride, int64_t n)
     }
     store(&c[READ], read + got);
     return got;
+}
+
+/* The last callback's (first frame, time) as one pair: the callback writes them between
+ * two steps of STAMP (odd while writing), so a pair read between two equal, even
+ * loads of STAMP is whole. */
+static inline void read_stamp(int64_t *status, double *clock, int64_t *frame, double *when)
+{
+    int64_t seq;
+    do {
+        seq = load(&status[STAMP]);
+        *frame = __atomic_load_n(&status[STAMP_FRAME], __ATOMIC_RELAXED);
+        __atomic_load(clock, when, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    } while ((seq & 1) || own(&status[STAMP]) != seq);
 }
 
 #ifdef Py_PYTHON_H
