@@ -17,8 +17,10 @@
  * next call, so the stream has no seams and a fixed latency of half the kernel.
  *
  * The resampled audio waits in the resampler's store: the receive FIFO's audio until the
- * tick takes it (Resampler.take), the transmit FIFO's only until it is pushed into the
- * playback ring in the same call (Resampler.push).
+ * tick takes it (Resampler.take, which first pulls all the capture ring holds; at the end
+ * of the tick Resampler.capture pulls up to the card's last callback, with its stamp),
+ * the transmit FIFO's only until it is pushed into the playback ring in the same call
+ * (Resampler.push).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,6 +43,7 @@ typedef struct {
     Py_ssize_t carried_len, carried_cap;
     float *store;           /* output waiting */
     Py_ssize_t stored;
+    long long overflowed;   /* outputs the store lost to a stall's backlog */
 } Resampler;
 
 /* Four floats in one vector register (SSE on x86-64, NEON on arm64; GCC and clang).
@@ -82,6 +85,15 @@ static void interpolate(const Resampler *r, const float *x, double pos, double s
     }
 }
 
+/* Is all of x silence? Then so is every output made from it, without the kernel. */
+static int silent(const float *x, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (x[i] != 0.0f)
+            return 0;
+    return 1;
+}
+
 /* Every output whose kernel the carried input now covers, into the store (as far as it
  * has room); then drop the input no later output needs. */
 static void resample(Resampler *r, double step)
@@ -96,7 +108,10 @@ static void resample(Resampler *r, double step)
     }
     if (n > STORE - r->stored)
         n = STORE - r->stored;
-    interpolate(r, r->carried, r->pos, step, r->store + r->stored, n);
+    if (silent(r->carried, r->carried_len)) /* (an idle radio transmits silence every tick) */
+        memset(r->store + r->stored, 0, (size_t)n * sizeof(float));
+    else
+        interpolate(r, r->carried, r->pos, step, r->store + r->stored, n);
     r->stored += n;
     double next = r->pos + (double)n * step;
     Py_ssize_t keep_from = (Py_ssize_t)floor(next) - (half - 1);
@@ -153,6 +168,7 @@ static int Resampler_init(Resampler *self, PyObject *args, PyObject *kwds)
         self->carried_len = taps - 1; /* silence before the first input */
         self->pos = taps / 2 - 1;
         self->stored = 0;
+        self->overflowed = 0;
     }
     PyBuffer_Release(&table);
     PyBuffer_Release(&slope);
@@ -175,13 +191,22 @@ static void Resampler_dealloc(Resampler *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* All the ring holds, resampled into the store (as far as the store has room; the rest
- * waits in the ring); returns how many samples that was. */
+/* All the ring holds, resampled into the store; returns how many samples that was. A
+ * store that fills (the tick stalled for seconds) loses its older half, counted: the
+ * trim would cut it at the end of the tick anyway, and the ring is always emptied, so
+ * what was pulled is all the card captured (capture's stamp depends on it). */
 static int64_t pull_all(Resampler *self, ring_t *ring, double step)
 {
     int64_t got = 0;
     for (;;) {
         Py_ssize_t fit = room(self, step);
+        if (fit < 1 && self->stored > 0) {
+            Py_ssize_t old = self->stored - self->stored / 2;
+            self->stored -= old;
+            memmove(self->store, self->store + old, (size_t)self->stored * sizeof(float));
+            self->overflowed += old;
+            continue;
+        }
         int64_t n = fit > 0 ? ring_pop(ring, self->carried + self->carried_len, 1, fit) : 0;
         if (n == 0)
             return got;
@@ -189,22 +214,6 @@ static int64_t pull_all(Resampler *self, ring_t *ring, double step)
         got += n;
         resample(self, step);
     }
-}
-
-/* pull(counters, samples, step) -> how many the ring held: all of it, into the store. */
-static PyObject *Resampler_pull(Resampler *self, PyObject *args)
-{
-    Py_buffer counters, samples;
-    double step;
-    if (!PyArg_ParseTuple(args, "w*w*d:pull", &counters, &samples, &step))
-        return NULL;
-    ring_t ring;
-    int64_t got = -1;
-    if (check_step(step) == 0 && ring_of(&counters, &samples, &ring) == 0)
-        got = pull_all(self, &ring, step);
-    PyBuffer_Release(&counters);
-    PyBuffer_Release(&samples);
-    return got < 0 ? NULL : PyLong_FromLongLong(got);
 }
 
 /* capture(counters, samples, step, status, clock) -> (frame, when): the card's last
@@ -282,19 +291,28 @@ static PyObject *Resampler_push(Resampler *self, PyObject *args)
     return dropped < 0 ? NULL : PyLong_FromLongLong(dropped);
 }
 
-/* take(out) -> how many: the oldest waiting output into out. */
+/* take(counters, samples, step, out) -> how many: all the ring holds pulled into the
+ * store, then the oldest waiting output into out. */
 static PyObject *Resampler_take(Resampler *self, PyObject *args)
 {
-    Py_buffer out;
-    if (!PyArg_ParseTuple(args, "w*:take", &out))
+    Py_buffer counters, samples, out;
+    double step;
+    if (!PyArg_ParseTuple(args, "w*w*dw*:take", &counters, &samples, &step, &out))
         return NULL;
-    Py_ssize_t want = out.len / (Py_ssize_t)sizeof(float);
-    Py_ssize_t n = want < self->stored ? want : self->stored;
-    memcpy(out.buf, self->store, (size_t)n * sizeof(float));
-    self->stored -= n;
-    memmove(self->store, self->store + n, (size_t)self->stored * sizeof(float));
+    ring_t ring;
+    Py_ssize_t n = -1;
+    if (check_step(step) == 0 && ring_of(&counters, &samples, &ring) == 0) {
+        pull_all(self, &ring, step);
+        Py_ssize_t want = out.len / (Py_ssize_t)sizeof(float);
+        n = want < self->stored ? want : self->stored;
+        memcpy(out.buf, self->store, (size_t)n * sizeof(float));
+        self->stored -= n;
+        memmove(self->store, self->store + n, (size_t)self->stored * sizeof(float));
+    }
+    PyBuffer_Release(&counters);
+    PyBuffer_Release(&samples);
     PyBuffer_Release(&out);
-    return PyLong_FromSsize_t(n);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
 /* cut(n) -> how many: drop up to n of the oldest waiting outputs. */
@@ -330,22 +348,29 @@ static PyObject *Resampler_get_stored(Resampler *self, void *closure)
 }
 
 static PyMethodDef Resampler_methods[] = {
-    {"pull", (PyCFunction)Resampler_pull, METH_VARARGS,
-     "pull(counters, samples, step) -> n: all a ring holds, resampled into the store"},
     {"capture", (PyCFunction)Resampler_capture, METH_VARARGS,
      "capture(counters, samples, step, status, clock) -> (frame, when): the last finished "
      "callback's stamp, and all audio captured up to it pulled into the store"},
     {"push", (PyCFunction)Resampler_push, METH_VARARGS,
      "push(x, counters, samples, step) -> n: x resampled into a ring; n did not fit"},
     {"take", (PyCFunction)Resampler_take, METH_VARARGS,
-     "take(out) -> n: the oldest n outputs waiting in the store, into out"},
+     "take(counters, samples, step, out) -> n: all a ring holds pulled into the store, "
+     "then the oldest n outputs waiting there into out"},
     {"cut", (PyCFunction)Resampler_cut, METH_O, "cut(n) -> how many of the oldest were dropped"},
     {"pad", (PyCFunction)Resampler_pad, METH_O, "pad(n): silence ahead of what waits"},
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *Resampler_get_overflowed(Resampler *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLongLong(self->overflowed);
+}
+
 static PyGetSetDef Resampler_getset[] = {
     {"stored", (getter)Resampler_get_stored, NULL, "outputs waiting in the store", NULL},
+    {"overflowed", (getter)Resampler_get_overflowed, NULL,
+     "outputs the store lost to a stall's backlog (their older half, when it filled)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -61,7 +61,7 @@ class Store(Protocol):
 class ElasticFifo:
     """A resampler whose ratio holds the level at the tick at the target. ``store``: the
     transmit FIFO's (the card's playback ring); None for receive, whose audio waits in the
-    resampler until :meth:`take`."""
+    resampler until the tick takes it."""
 
     def __init__(
         self,
@@ -91,20 +91,17 @@ class ElasticFifo:
 
     # --- receive: card's ring → resampler's store → tick -------------------------
 
-    def pull(self, ring: SharedRing) -> int:
-        """All the card's capture ring holds, resampled at the current ratio into the
-        store; returns how many samples the ring held."""
-        return self.resampler.pull(ring.counters, ring.buf, self.step)
-
     def capture(self, ring: SharedRing, status: np.ndarray, clock: np.ndarray) -> tuple[int, float]:
         """At the end of the tick: the card's last finished callback's stamp (its first
         frame, its ``time.monotonic()``), and all the card captured up to it (and no
-        further) pulled in as by :meth:`pull`, read as one consistent set."""
+        further) resampled into the store, read as one consistent set."""
         return self.resampler.capture(ring.counters, ring.buf, self.step, status, clock)
 
-    def take(self, out: np.ndarray) -> int:
-        """The oldest waiting audio into ``out`` (float32); returns how much there was."""
-        return self.resampler.take(out)
+    def take(self, ring: SharedRing, out: np.ndarray) -> int:
+        """All the card's capture ring holds, resampled at the current ratio into the
+        store, then the oldest waiting audio into ``out`` (float32); returns how much
+        there was."""
+        return self.resampler.take(ring.counters, ring.buf, self.step, out)
 
     @property
     def waiting(self) -> int:

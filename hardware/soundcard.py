@@ -118,9 +118,8 @@ class SoundCard:
             self._follow_stream()
         if self.rx.dry:
             return None  # filled at the end of this tick
-        self.rx.pull(self.stream.rx)
         frame = np.empty(self.n, np.float32)
-        got = self.rx.take(frame)
+        got = self.rx.take(self.stream.rx, frame)
         if got < self.n:
             frame[got:] = 0.0
             late = self.stream.now() - float(self.stream.block.clock[0]) - self.stream.period
@@ -205,6 +204,7 @@ class SoundCard:
             "dropped_samples": stream["dropped_samples"]
             + self.dropped
             + self.rx.dropped
+            + self.rx.resampler.overflowed
             + self.tx.dropped,
             "device_up": float(self.up),
             "rx_underruns": float(self.rx.underruns),
