@@ -13,10 +13,11 @@ them, and the reader does at its next read.
 
 Ordering: "after" must hold on every CPU, not only on x86-64 (which keeps stores in
 order by itself): on arm64 a reader could see the counter move before the samples
-and read a stale one. So pushing, popping and asking for a skip are the C helper's
-(``_callback.c``), with C11 acquire/release atomics — the same functions the card's
-callback uses on the other side. ``level`` and ``queued`` only read counters (one
-aligned 64-bit load each, never torn), so NumPy reads them.
+and read a stale one. So pushing, popping and asking for a skip are C (``shared.h``,
+through ``_callback.c`` here and ``_elastic.c`` for the FIFOs' moves), with C11
+acquire/release atomics — the same functions the card's callback uses on the other
+side. ``level`` and ``queued`` only read counters (one aligned 64-bit load each, never
+torn), so NumPy reads them.
 """
 
 from __future__ import annotations
