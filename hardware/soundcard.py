@@ -148,8 +148,9 @@ class SoundCard:
             return
         frame, stamp = self.rx.capture(stream.rx, stream.status, stream.block.clock)
         at = stream.place(frame, stamp)
-        if not stream.settled:
-            return  # the first callbacks only place the card's cycle
+        if not stream.settled:  # the first callbacks only place the card's cycle
+            self.rx.store.cut(self.rx.waiting)  # (and their audio goes, uncounted)
+            return
         period = stream.period
         underruns = stream.tx_underruns
         if underruns > self.tx_underruns_seen:
