@@ -141,46 +141,55 @@ static int check_step(double step)
 
 /* --- the type ------------------------------------------------------------------------ */
 
-static int Resampler_init(Resampler *self, PyObject *args, PyObject *kwds)
+/* Does the table make a kernel: phases rows of taps (even) float32, a slope as large? */
+static int kernel_shape(const Py_buffer *table, const Py_buffer *slope, int taps)
 {
-    (void)kwds;
-    Py_buffer table, slope;
-    int taps;
-    if (!PyArg_ParseTuple(args, "y*y*i:Resampler", &table, &slope, &taps))
-        return -1;
-    int ok = taps >= 2 && taps % 2 == 0 && table.len == slope.len
-             && table.len % (Py_ssize_t)(taps * sizeof(float)) == 0 && table.len > 0;
-    if (ok) {
-        PyMem_Free(self->table);
-        PyMem_Free(self->carried);
-        PyMem_Free(self->store);
-        self->phases = (int)(table.len / (Py_ssize_t)(taps * sizeof(float)));
-        self->taps = taps;
-        self->table = PyMem_Malloc((size_t)(2 * table.len));
-        self->slope = self->table ? self->table + table.len / (Py_ssize_t)sizeof(float) : NULL;
-        self->carried_cap = taps + CHUNK;
-        self->carried = PyMem_Calloc((size_t)self->carried_cap, sizeof(float));
-        self->store = PyMem_Malloc(STORE * sizeof(float));
-    }
-    if (ok && self->table && self->carried && self->store) {
-        memcpy(self->table, table.buf, (size_t)table.len);
-        memcpy(self->slope, slope.buf, (size_t)slope.len);
-        self->carried_len = taps - 1; /* silence before the first input */
-        self->pos = taps / 2 - 1;
-        self->stored = 0;
-        self->overflowed = 0;
-    }
-    PyBuffer_Release(&table);
-    PyBuffer_Release(&slope);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "Resampler: table and slope need phases x taps float32");
-        return -1;
-    }
+    Py_ssize_t row = (Py_ssize_t)taps * (Py_ssize_t)sizeof(float);
+    if (taps < 2 || taps % 2 != 0 || table->len != slope->len)
+        return 0;
+    return table->len > 0 && table->len % row == 0;
+}
+
+/* The kernel copied in, the carried input (silence before the first) and an empty store. */
+static int setup(Resampler *self, const Py_buffer *table, const Py_buffer *slope, int taps)
+{
+    PyMem_Free(self->table);
+    PyMem_Free(self->carried);
+    PyMem_Free(self->store);
+    self->phases = (int)(table->len / ((Py_ssize_t)taps * (Py_ssize_t)sizeof(float)));
+    self->taps = taps;
+    self->carried_cap = taps + CHUNK;
+    self->table = PyMem_Malloc((size_t)(2 * table->len));
+    self->carried = PyMem_Calloc((size_t)self->carried_cap, sizeof(float));
+    self->store = PyMem_Malloc(STORE * sizeof(float));
     if (!self->table || !self->carried || !self->store) {
         PyErr_NoMemory();
         return -1;
     }
+    self->slope = self->table + table->len / (Py_ssize_t)sizeof(float);
+    memcpy(self->table, table->buf, (size_t)table->len);
+    memcpy(self->slope, slope->buf, (size_t)slope->len);
+    self->carried_len = taps - 1;
+    self->pos = taps / 2 - 1;
+    self->stored = 0;
+    self->overflowed = 0;
     return 0;
+}
+
+static int Resampler_init(Resampler *self, PyObject *args, PyObject *kwds)
+{
+    (void)kwds;
+    Py_buffer table, slope;
+    int taps, done = -1;
+    if (!PyArg_ParseTuple(args, "y*y*i:Resampler", &table, &slope, &taps))
+        return -1;
+    if (!kernel_shape(&table, &slope, taps))
+        PyErr_SetString(PyExc_ValueError, "Resampler: table and slope need phases x taps float32");
+    else
+        done = setup(self, &table, &slope, taps);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&slope);
+    return done;
 }
 
 static void Resampler_dealloc(Resampler *self)
@@ -216,6 +225,29 @@ static int64_t pull_all(Resampler *self, ring_t *ring, double step)
     }
 }
 
+/* The last finished callback's stamp, with all the audio up to it pulled in (see
+ * capture). After TRIES the last stamp read stands: a callback pre-empted half-way
+ * (stamped, its audio not yet in the ring) leaves the level a period short for this
+ * tick, which the PI loop's smoothing rides. */
+static void pull_to_stamp(Resampler *self, ring_t *ring, double step, int64_t *status,
+                          double *clock, int64_t *frame, double *when)
+{
+    pull_all(self, ring, step);
+    for (int i = 0; i < TRIES; i++) {
+        read_stamp(status, clock, frame, when);
+        /* the callback has finished (its audio is in the ring) */
+        int done = load(&status[TOTAL])
+                   == *frame + __atomic_load_n(&status[FRAMES], __ATOMIC_RELAXED);
+        if (pull_all(self, ring, step) != 0 || !done)
+            continue;
+        int64_t again;
+        double then;
+        read_stamp(status, clock, &again, &then);
+        if (again == *frame && then == *when)
+            return;
+    }
+}
+
 /* capture(counters, samples, step, status, clock) -> (frame, when): the card's last
  * finished callback's stamp (shared.h), and all the audio captured up to it (and no
  * further) pulled into the store, read as one consistent set: a callback that ran
@@ -229,32 +261,17 @@ static PyObject *Resampler_capture(Resampler *self, PyObject *args)
         return NULL;
     ring_t ring;
     int ok = check_step(step) == 0 && ring_of(&counters, &samples, &ring) == 0;
-    if (ok && (status.len < (Py_ssize_t)(COUNTERS * sizeof(int64_t))
-               || clock.len < (Py_ssize_t)sizeof(double))) {
+    int sized = status.len >= (Py_ssize_t)(COUNTERS * sizeof(int64_t))
+                && clock.len >= (Py_ssize_t)sizeof(double);
+    if (ok && !sized)
         PyErr_SetString(PyExc_ValueError, "capture: status or clock too short");
-        ok = 0;
-    }
-    if (ok) {
-        int64_t *s = status.buf;
-        pull_all(self, &ring, step);
-        for (int i = 0; i < TRIES; i++) {
-            read_stamp(s, clock.buf, &frame, &when);
-            /* the callback has finished (its audio is in the ring) */
-            int done = load(&s[TOTAL]) == frame + __atomic_load_n(&s[FRAMES], __ATOMIC_RELAXED);
-            int64_t again = frame;
-            double then = when;
-            if (pull_all(self, &ring, step) == 0 && done) {
-                read_stamp(s, clock.buf, &again, &then);
-                if (again == frame && then == when)
-                    break;
-            }
-        }
-    }
+    if (ok && sized)
+        pull_to_stamp(self, &ring, step, status.buf, clock.buf, &frame, &when);
     PyBuffer_Release(&counters);
     PyBuffer_Release(&samples);
     PyBuffer_Release(&status);
     PyBuffer_Release(&clock);
-    return ok ? Py_BuildValue("Ld", (long long)frame, when) : NULL;
+    return ok && sized ? Py_BuildValue("Ld", (long long)frame, when) : NULL;
 }
 
 /* push(x, counters, samples, step) -> how many resampled samples did not fit the ring. */
