@@ -104,6 +104,20 @@ def test_pushed_into_a_ring_the_output_is_the_windowed_sinc_at_each_position(in_
         formula.check(chunk, playback.pop_all(), step)
 
 
+def test_silence_skips_the_kernel_only_where_the_kernel_sees_nothing_but_silence():
+    """An idle radio transmits silence every tick, which skips the kernel: around the
+    edges of an over (silence → audio → silence, in frames) the output is still the
+    formula's, the tail of the audio included."""
+    resampler, playback, formula = _resampler(16000, 48000), ring(), Formula(16000, 48000)
+    over = (0.3 * np.random.default_rng(9).standard_normal(3 * 320)).astype(np.float32)
+    frames = [np.zeros(320, np.float32)] * 3 + list(over.reshape(3, 320))
+    for frame in frames + [np.zeros(320, np.float32)] * 3:
+        resampler.push(frame, playback.counters, playback.buf, 1 / 3)
+        y = playback.pop_all()
+        formula.check(frame, y, 1 / 3)
+    assert np.all(y == 0.0)  # (the over's tail has left the kernel by then)
+
+
 def test_a_backlog_beyond_one_pass_comes_out_whole():
     """A stalled tick finds seconds of capture waiting: it is resampled in several passes,
     with no seam between them."""
