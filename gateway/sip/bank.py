@@ -348,11 +348,8 @@ class LegBank(PortBank):
             self.opus_edges.start(row, codec == OPUS)
 
     def _rows_changed(self) -> None:
-        """A leg came, went, moved or changed codec: the table's index, and the jitter
-        bank's count of rows it plays whole (Opus)."""
-        t = self.table
-        t.update()
-        self.jitter.whole_rows = t.opus_legs
+        """A leg came, went, moved or changed codec: the table's index."""
+        self.table.update()
 
     def silent_rows(self, timeout: float) -> np.ndarray:
         """Rows whose peer has sent neither RTP nor RTCP for ``timeout`` seconds."""

@@ -9,12 +9,13 @@ it means:
   put between the RTP header and the payload of each packet it sends, X bit set;
   the other legs' packets are built exactly as before;
 * receive: from a leg whose owner asked for them (:meth:`ExtensionEdges.hear_extensions`),
-  each packet's block is taken out of the packet in place, so the packet goes the
-  common path (jitter buffer, decode) like any other, and a block is handed to the
-  owner (``LegMedia.on_extension``) when it differs from the last one handed over.
-  A talker's block is the same on every packet of an over, so the batch compares
-  them all with the rows' last blocks in one NumPy step and the owner's Python runs
-  once per change, not 50 times a second per leg. An owner that wants the next block
+  each packet's block is taken out of the packet in place (by the receive path's
+  ``_rtpbatch.classify``), so the packet goes the common path (jitter buffer, decode)
+  like any other, and a block is handed to the owner (``LegMedia.on_extension``) when
+  it differs from the last one handed over. A talker's block is the same on every
+  packet of an over, so the batch compares them all with the rows' last blocks in one
+  C loop (:meth:`ExtensionEdges.news`) and the owner's Python runs once per change,
+  not 50 times a second per leg. An owner that wants the next block
   even if it is the same (it rejected the last, or stopped believing it) says so
   with :meth:`ExtensionEdges.forget`. A block that runs into the payload or past the
   end leaves the packet to the one-packet parser, which drops and counts it (``layout``).
@@ -24,11 +25,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from gateway.sip import _rtpbatch
 from gateway.sip.columns import Column
-from gateway.sip.legtable import EXACT, LegTable
+from gateway.sip.legtable import LegTable
 
-MAX_EXTENSION = 80  # bytes of header extension we send (a talker block is at most 76)
-_PLAIN_WITH_EXTENSION = 0x90  # V=2, no padding, X, no CSRCs
+MAX_EXTENSION = 80  # bytes of header extension we send (a talker block is at most 76);
+# _rtpbatch.c keeps the last received block of each leg in as many (its MAX_EXTENSION)
 _HEADER = 12
 
 
@@ -68,64 +70,39 @@ class ExtensionEdges:
 
     # --- receive --------------------------------------------------------------------------
 
-    def take(
-        self,
-        data: np.ndarray,
-        length: np.ndarray,
-        head: np.ndarray,
-        rows: np.ndarray,
-        match: np.ndarray,
-    ) -> None:
-        """Hand over and strip the extension blocks of a received batch, in place.
-
-        ``head`` (the gathered headers) and ``length`` are updated with ``data``."""
-        t = self.table
-        candidate = (head[:, 0] == _PLAIN_WITH_EXTENSION) & (match == EXACT)
-        if not candidate.any():
-            return
-        candidate[candidate] = t.ext_in[rows[candidate]]
-        idx = np.flatnonzero(candidate)
-        if idx.size == 0:
-            return
-        words = (data[idx, _HEADER + 2].astype(np.int64) << 8) | data[idx, _HEADER + 3]
-        size = 4 + 4 * words
-        fits = _HEADER + size < length[idx]  # and a payload after it
-        idx, size = idx[fits], size[fits]
-        if idx.size == 0:  # (blocks past their packet: the one-packet parser drops those)
-            return
-        news = self._news(data, idx, size, rows[idx])
-        for i, s in zip(idx[news].tolist(), size[news].tolist(), strict=True):
-            media = t.media[int(rows[i])]
-            if media is not None and media.on_extension is not None:
-                media.on_extension(bytes(data[i, _HEADER : _HEADER + s]))
-        for s in np.unique(size).tolist():
-            pick = idx[size == s]
-            end = int(length[pick].max())
-            data[pick, _HEADER : end - s] = data[pick, _HEADER + s : end]
-            length[pick] -= s
-            head[pick, 0] = 0x80
-
-    def _news(
-        self, data: np.ndarray, idx: np.ndarray, size: np.ndarray, rows: np.ndarray
+    def news(
+        self, data: np.ndarray, length: np.ndarray, rows: np.ndarray, match: np.ndarray
     ) -> np.ndarray:
-        """Which blocks (packets ``idx`` of ``data``, of leg ``rows``) differ from the
-        block before them from the same leg: in this batch, else the last one handed
-        over. Each leg's last block is kept as the one handed over."""
+        """Hand the owners the received batch's blocks that are news; each packet's block
+        size, for the receive path to take out (0: none to take).
+
+        One C loop (``_rtpbatch.ext_news``) finds the blocks — a plain header with the X
+        bit, from a leg that hears extensions at its exact address and SSRC, with a
+        payload after the block — and compares each with the block before it from the
+        same leg (in this batch, else the last one handed over); the owners' Python runs
+        for the news only, in arrival order."""
         t = self.table
-        order = np.argsort(rows, kind="stable")  # per leg, in arrival order
-        legs, sizes = rows[order], size[order]
-        blocks = data[idx[order], _HEADER : _HEADER + MAX_EXTENSION].copy()
-        blocks[np.arange(MAX_EXTENSION) >= sizes[:, None]] = 0
-        first = np.r_[True, legs[1:] != legs[:-1]]
-        before = np.where(first[:, None], t.ext_heard[legs], np.roll(blocks, 1, axis=0))
-        before_size = np.where(first, t.ext_heard_len[legs], np.roll(sizes, 1))
-        same = (sizes == before_size) & (sizes <= MAX_EXTENSION) & (blocks == before).all(1)
-        last = np.r_[legs[1:] != legs[:-1], True]
-        t.ext_heard[legs[last]] = blocks[last]
-        t.ext_heard_len[legs[last]] = np.where(sizes[last] <= MAX_EXTENSION, sizes[last], 0)
-        news = np.empty(len(rows), bool)
-        news[order] = ~same
-        return news
+        n = len(length)
+        size = np.empty(n, np.int64)
+        news = np.empty(n, bool)
+        count = _rtpbatch.ext_news(
+            data,
+            data.shape[1],
+            length,
+            rows,
+            match,
+            t.ext_in,
+            t.ext_heard,
+            t.ext_heard_len,
+            size,
+            news,
+        )
+        if count:
+            for i in np.flatnonzero(news).tolist():
+                media = t.media[int(rows[i])]
+                if media is not None and media.on_extension is not None:
+                    media.on_extension(bytes(data[i, _HEADER : _HEADER + int(size[i])]))
+        return size
 
     def one(self, row: int, packet: bytes) -> None:
         """A packet off the common path (CSRCs, padding): its block to the owner, if any."""

@@ -31,6 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 from gateway.codecs.g711 import alaw_decode, ulaw_decode
+from gateway.sip import _rtpbatch
 from gateway.sip.bank_ext import ExtensionEdges
 from gateway.sip.bank_opus import OpusEdges
 from gateway.sip.bank_rtcp import RtcpReports
@@ -41,7 +42,6 @@ from gateway.sip.legmedia import LegMedia
 from gateway.sip.legtable import (
     ADDRESS_ONLY,
     CODEC_RATE,
-    EXACT,
     HEADER_SIZE,
     SILENCE_DB,
     SSRC_HANDOVER,
@@ -57,6 +57,9 @@ from gateway.sip.streams import NO_SSRC, StreamBank
 MAX_PAYLOAD = 1200  # 150 ms of G.711, our a=maxptime
 MAX_PACKET = 1500
 COMFORT_NOISE = 13  # RFC 3389: accepted and ignored, not counted as malformed
+# What _rtpbatch.classify makes of a packet: the common path, dropped (counted as
+# "huge", "truncated", "version"), or the one-packet parser's.
+FAST, HUGE, SHORT, VERSION, REST = range(5)
 
 # µ-law (row 0) and A-law (row 1) code → float sample: decoding is one gather.
 _CODES = np.arange(256, dtype=np.uint8)
@@ -172,53 +175,76 @@ class ReceivePath:
     # --- one batch, as columns --------------------------------------------------------
 
     def _batch(self, n: int) -> None:
-        """Check, demultiplex and account ``n`` received datagrams, all as columns."""
+        """Check, demultiplex and account ``n`` received datagrams.
+
+        The per-packet work is three C loops over the batch (``_rtpbatch``): which leg
+        (by source address and SSRC, read in the clear in SRTP and SRTCP, so one search
+        finds each packet's leg for the SRTP key and the demultiplexing both), which
+        talker blocks are news, and each packet's class and header fields. Python runs
+        per batch, and per packet only for the rare ones."""
         t = self.table
         length, truncated, source, arrival_ns = self.receiver.columns(n)
         data = self.receiver.data[:n]
-        # One gather of the headers: the slots are 2 KiB apart, so every pass over a
-        # column of `data` itself would miss the cache once per packet. The SSRC (for
-        # RTCP on the RTP port, its sender's at 4) is in the clear in SRTP and SRTCP, so
-        # one search finds each packet's leg for the SRTP key and the demultiplexing both.
-        head = np.ascontiguousarray(data[:, :HEADER_SIZE])
-        b1 = head[:, 1]
-        rtcp = (b1 >= 192) & (b1 <= 223)
-        h = np.where(rtcp[:, None], head[:, 4:8], head[:, 8:12]).astype(np.int64)
-        ssrc = (h[:, 0] << 24) | (h[:, 1] << 16) | (h[:, 2] << 8) | h[:, 3]
-        rows, match = t.lookup(source, ssrc)  # which leg: by source address and SSRC
+        rows, match = t.lookup(source, data)  # which leg: by source address and SSRC
         if t.srtp_legs:  # SRTP calls' packets checked and decrypted in place (bank_srtp)
             keep = self.srtp_edges.unprotect_batch(data, length, truncated, source, rows)
             if keep is not None:  # the ones that failed are counted and gone
                 data, length, truncated = data[keep], length[keep], truncated[keep]
                 source, arrival_ns = source[keep], arrival_ns[keep]
-                rows, match, rtcp = rows[keep], match[keep], rtcp[keep]
-            head = np.ascontiguousarray(data[:, :HEADER_SIZE])  # decrypted (SRTCP past 8)
+                rows, match = rows[keep], match[keep]
+                n = len(keep)
         arrival = (arrival_ns - self._epoch_ns) * (CODEC_RATE * 1e-9)
-        b0 = head[:, 0]
-        b1 = head[:, 1]
-        huge = truncated | (length > MAX_PACKET)
-        short = (length < HEADER_SIZE) & ~huge
-        wrong_version = ((b0 >> 6) != 2) & ~huge & ~short
-        good = ~(huge | short | wrong_version)
-        if t.ext_in[rows[rows >= 0]].any():  # header extensions (a link's talker): bank_ext
-            self.extensions.take(data, length, head, rows, match)
-        known = rows >= 0
-        for kind, mask in (("huge", huge), ("truncated", short), ("version", wrong_version)):
-            if mask.any():
-                t.count(kind, rows[mask & known], int(mask.sum()))
-        # The common packet: plain header, the agreed codec, from a known peer and SSRC.
-        pt = (b1 & 0x7F).astype(np.int64)
-        fast = (
-            good
-            & (match == EXACT)
-            & (b0 == 0x80)
-            & (length > HEADER_SIZE)
-            & (length <= HEADER_SIZE + MAX_PAYLOAD)
-            & (pt == t.payload_type[rows])
+        ext_size = self.extensions.news(data, length, rows, match)  # a link's talker: bank_ext
+        kind = np.empty(n, np.int64)
+        seq, ts, ssrc, rank = (np.empty(n, np.int64) for _ in range(4))
+        marker = np.empty(n, bool)
+        rounds = _rtpbatch.classify(
+            data,
+            data.shape[1],
+            length,
+            truncated,
+            rows,
+            match,
+            ext_size,
+            t.payload_type,
+            MAX_PACKET,
+            MAX_PAYLOAD,
+            kind,
+            seq,
+            ts,
+            ssrc,
+            marker,
+            rank,
         )
-        if fast.any():
-            self._audio(np.flatnonzero(fast), rows, length, arrival, data, head)
-        rest = good & ~fast
+        fast = np.flatnonzero(kind == FAST) if rounds else np.zeros(0, np.int64)
+        if fast.size:
+            self._audio(fast, rows, length, arrival, data, seq, ts, ssrc, marker, rank, rounds)
+        if fast.size < n:
+            self._rest(kind, rows, match, source, length, data, arrival)
+
+    def _rest(
+        self,
+        kind: np.ndarray,
+        rows: np.ndarray,
+        match: np.ndarray,
+        source: np.ndarray,
+        length: np.ndarray,
+        data: np.ndarray,
+        arrival: np.ndarray,
+    ) -> None:
+        """The packets of a batch off the common path: the malformed counted, the strays
+        and injections refused, the others to the one-packet parser."""
+        t = self.table
+        known = rows >= 0
+        for code, name in ((HUGE, "huge"), (SHORT, "truncated"), (VERSION, "version")):
+            mask = kind == code
+            if mask.any():
+                t.count(name, rows[mask & known], int(mask.sum()))
+        rest = kind == REST
+        if not rest.any():
+            return
+        b1 = data[:, 1]
+        rtcp = (b1 >= 192) & (b1 <= 223)
         stray = rest & (match == UNKNOWN)
         if stray.any():  # from nobody's address: only a host with a call waiting may latch
             waiting_hosts = t.dest[t.waiting_rows()] >> 16
@@ -247,39 +273,31 @@ class ReceivePath:
         length: np.ndarray,
         arrival: np.ndarray,
         data: np.ndarray,
-        head: np.ndarray,
+        seq: np.ndarray,
+        ts: np.ndarray,
+        ssrc: np.ndarray,
+        marker: np.ndarray,
+        rank: np.ndarray,
+        rounds: int,
     ) -> None:
-        """Audio packets ``idx`` of a batch into their rows, in rounds of distinct rows."""
+        """Audio packets ``idx`` of a batch into their rows, in rounds of distinct rows
+        (``rank``: the packets of the same row before each; ``rounds``: the most)."""
         t = self.table
         rows = rows_of[idx]
         t.latched[rows] = True  # from the SDP address: symmetric RTP already holds
         t.rtp_at[rows] = t.now
-        np.add.at(t.packets_in, rows, 1)
-        np.add.at(t.bytes_in, rows, length[idx])
-        header = head[idx].astype(np.int64)
-        seq = (header[:, 2] << 8) | header[:, 3]
-        ts = (header[:, 4] << 24) | (header[:, 5] << 16) | (header[:, 6] << 8) | header[:, 7]
-        ssrc = (header[:, 8] << 24) | (header[:, 9] << 16) | (header[:, 10] << 8) | header[:, 11]
-        marker = (header[:, 1] & 0x80) != 0
-        order = np.argsort(rows, kind="stable")  # per row, arrival order is kept
-        sorted_rows = rows[order]
-        first = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
-        rank = np.empty(len(idx), np.int64)
-        rank[order] = np.arange(len(idx)) - np.repeat(first, np.diff(np.r_[first, len(idx)]))
+        if rounds == 1:  # distinct rows
+            t.packets_in[rows] += 1
+            t.bytes_in[rows] += length[idx]
+        else:
+            np.add.at(t.packets_in, rows, 1)
+            np.add.at(t.bytes_in, rows, length[idx])
         size = length[idx] - HEADER_SIZE
-        rounds = int(rank.max()) + 1
         for k in range(rounds):
-            pick = np.flatnonzero(rank == k) if rounds > 1 else np.arange(len(idx))
+            pick = np.flatnonzero(rank[idx] == k) if rounds > 1 else np.arange(len(idx))
+            at = idx[pick]
             self._put(
-                rows[pick],
-                ssrc[pick],
-                seq[pick],
-                ts[pick],
-                arrival[idx[pick]],
-                marker[pick],
-                data,
-                idx[pick],
-                size[pick],
+                rows[pick], ssrc[at], seq[at], ts[at], arrival[at], marker[at], data, at, size[pick]
             )
 
     def _put(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gateway.sip import _rtpbatch
 from gateway.sip.columns import Column, Columns
 from gateway.sip.legmedia import LegMedia
 from gateway.sip.streams import NO_SSRC
@@ -134,34 +135,29 @@ class LegTable(Columns):
             if not self.media[row].announced:
                 self._sole[r] = row
 
-    def lookup(self, keys: np.ndarray, ssrcs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The row each packet belongs to by (source address key, SSRC), one search for all.
+    def lookup(self, source: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The row each received packet belongs to by (source address key, SSRC): one C
+        loop over the batch (``_rtpbatch.lookup``), a binary search of the index each.
 
-        Returns (rows, match): ``match`` is EXACT (address and SSRC), ANY_SSRC (a row
-        not locked yet; ``rows`` is it), ADDRESS_ONLY (a known address with another SSRC;
-        ``rows`` is the row that may take it over under RFC 3550, else -1) or UNKNOWN."""
-        n = len(keys)
-        rows = np.full(n, -1, np.int64)
-        match = np.full(n, UNKNOWN, np.int64)
-        if not self._addresses.size:
-            return rows, match
-        rank = np.searchsorted(self._addresses, keys)
-        inside = rank < self._addresses.size
-        known = inside.copy()
-        known[inside] = self._addresses[rank[inside]] == keys[inside]
-        if not known.any():
-            return rows, match
-        match[known] = ADDRESS_ONLY
-        rows[known] = self._sole[rank[known]]
-        base = rank << 33
-        for kind, wanted in ((ANY_SSRC, base), (EXACT, base | (ssrcs + 1))):
-            at = np.searchsorted(self._keys, wanted[known])
-            at_ok = at < self._keys.size
-            hit = np.zeros(len(at), bool)
-            hit[at_ok] = self._keys[at[at_ok]] == wanted[known][at_ok]
-            where = np.flatnonzero(known)[hit]
-            rows[where] = self._key_rows[at[hit]]
-            match[where] = kind
+        ``data``: the packets, one per row (the SSRC is read from its header: RTCP's
+        sender's at byte 4). Returns (rows, match): ``match`` is EXACT (address and SSRC),
+        ANY_SSRC (a row not locked yet; ``rows`` is it), ADDRESS_ONLY (a known address
+        with another SSRC; ``rows`` is the row that may take it over under RFC 3550, else
+        -1) or UNKNOWN."""
+        n = len(source)
+        rows = np.empty(n, np.int64)
+        match = np.empty(n, np.int64)
+        _rtpbatch.lookup(
+            data,
+            data.shape[1],
+            np.ascontiguousarray(source, np.int64),
+            self._addresses,
+            self._keys,
+            self._key_rows,
+            self._sole,
+            rows,
+            match,
+        )
         return rows, match
 
     def rows_at(self, key: int) -> list[int]:

@@ -85,7 +85,6 @@ def simulate(
     rng = np.random.default_rng(seed)
     bank = JitterBank(2, F)
     bank.whole[0] = whole
-    bank.whole_rows = int(whole)
     n = int(seconds * 50)
     t = np.arange(n * F)
     codes = ulaw_encode((0.3 * np.sin(2 * np.pi * 1000 * t / 8000) * 32767).astype(np.int16))
