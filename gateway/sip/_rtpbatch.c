@@ -296,6 +296,113 @@ static PyObject *py_classify(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(rounds);
 }
 
+/* --- the send batch ------------------------------------------------------------------ */
+
+/* build(packets, width, payloads, size, rows, payload_type, first, seq, ts, ssrc, ext_len,
+ *       ext_block, length)
+ *
+ * One packet per row of `packets` (`width` bytes apart) for leg rows[i]: its RTP header
+ * (V=2, the leg's payload type, the marker on its `first` packet, sequence number,
+ * timestamp and SSRC), the leg's header extension block if it has one (`ext_len` bytes of
+ * `ext_block`, X bit set), then the payload: `payloads[i]` (bytes; None: `silence`), or,
+ * when `payloads` is None, the `size[i]` bytes already at byte 12 (moved behind the
+ * block). Writes each packet's `length`; refuses a packet that would not fit its row. */
+static PyObject *py_build(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer packets, size, rows, pt, first, seq, ts, ssrc, ext_len, ext_block, length;
+    Py_ssize_t width;
+    PyObject *payloads, *silence;
+    if (!PyArg_ParseTuple(args, "w*nOOy*y*y*y*y*y*y*y*y*w*:build", &packets, &width, &payloads,
+                          &silence, &size, &rows, &pt, &first, &seq, &ts, &ssrc, &ext_len,
+                          &ext_block, &length))
+        return NULL;
+    Py_ssize_t n = rows.len / 8, cap = pt.len / 8;
+    int ok = wide_enough(width, HEADER, "build") && sized(&packets, n, width, "build: packets") &&
+             sized(&size, n, 8, "build: size") && sized(&first, cap, 1, "build: first") &&
+             sized(&seq, cap, 8, "build: seq") && sized(&ts, cap, 8, "build: ts") &&
+             sized(&ssrc, cap, 8, "build: ssrc") && sized(&ext_len, cap, 8, "build: ext_len") &&
+             sized(&ext_block, cap, MAX_EXTENSION, "build: ext_block") &&
+             sized(&length, n, 8, "build: length");
+    PyObject *list = NULL;
+    if (ok && payloads != Py_None) {
+        list = PySequence_Fast(payloads, "build: payloads must be a list");
+        if (list == NULL)
+            ok = 0;
+        else if (PySequence_Fast_GET_SIZE(list) != n) {
+            PyErr_SetString(PyExc_ValueError, "build: one payload per packet");
+            ok = 0;
+        }
+    }
+    char *quiet = NULL;
+    Py_ssize_t quiet_len = 0;
+    if (ok && list != NULL && PyBytes_AsStringAndSize(silence, &quiet, &quiet_len) < 0)
+        ok = 0;
+    uint8_t *d = packets.buf;
+    const int64_t *sz = size.buf, *r = rows.buf, *p = pt.buf, *sq = seq.buf, *t = ts.buf;
+    const int64_t *ss = ssrc.buf, *el = ext_len.buf;
+    const uint8_t *fi = first.buf, *eb = ext_block.buf;
+    int64_t *len = length.buf;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        int64_t row = r[i];
+        if (row < 0 || row >= cap) {
+            PyErr_SetString(PyExc_ValueError, "build: a row out of range");
+            ok = 0;
+            break;
+        }
+        int64_t ext = el[row];
+        const char *payload = NULL;
+        Py_ssize_t bytes = sz[i];
+        if (list != NULL) {
+            PyObject *item = PySequence_Fast_GET_ITEM(list, i);
+            if (item == Py_None) {
+                payload = quiet;
+                bytes = quiet_len;
+            } else if (PyBytes_AsStringAndSize(item, (char **)&payload, &bytes) < 0) {
+                ok = 0;
+                break;
+            }
+        }
+        if (ext < 0 || ext > MAX_EXTENSION || ext % 4 || bytes < 0 ||
+            HEADER + ext + bytes > width) {
+            PyErr_SetString(PyExc_ValueError, "build: a packet does not fit its row");
+            ok = 0;
+            break;
+        }
+        uint8_t *q = d + i * width;
+        if (payload != NULL)
+            memcpy(q + HEADER + ext, payload, (size_t)bytes);
+        else if (ext)
+            memmove(q + HEADER + ext, q + HEADER, (size_t)bytes);
+        if (ext)
+            memcpy(q + HEADER, eb + row * MAX_EXTENSION, (size_t)ext);
+        q[0] = ext ? PLAIN_WITH_EXTENSION : PLAIN;
+        q[1] = (uint8_t)((p[row] & 0x7F) | (fi[row] ? 0x80 : 0));
+        q[2] = (uint8_t)(sq[row] >> 8);
+        q[3] = (uint8_t)sq[row];
+        for (int k = 0; k < 4; k++) {
+            q[4 + k] = (uint8_t)(t[row] >> (24 - 8 * k));
+            q[8 + k] = (uint8_t)(ss[row] >> (24 - 8 * k));
+        }
+        len[i] = HEADER + ext + bytes;
+    }
+    Py_XDECREF(list);
+    PyBuffer_Release(&packets);
+    PyBuffer_Release(&size);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&pt);
+    PyBuffer_Release(&first);
+    PyBuffer_Release(&seq);
+    PyBuffer_Release(&ts);
+    PyBuffer_Release(&ssrc);
+    PyBuffer_Release(&ext_len);
+    PyBuffer_Release(&ext_block);
+    PyBuffer_Release(&length);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* --- the jitter bank's playout (jitter.py) ------------------------------------------ */
 
 /* A buffer argument of at least `need` bytes, writable if asked. */
@@ -545,6 +652,10 @@ static PyMethodDef methods[] = {
      "classify(data, width, length, truncated, rows, match, ext_size, payload_type, "
      "max_packet, max_payload, kind, seq, ts, ssrc, marker, rank): drop classes and header "
      "fields, blocks taken out in place; returns the rounds of FAST packets"},
+    {"build", py_build, METH_VARARGS,
+     "build(packets, width, payloads, silence, size, rows, payload_type, first, seq, ts, "
+     "ssrc, ext_len, ext_block, length): the send batch's packets, headers and extension "
+     "blocks in"},
     {"playout", py_playout, METH_VARARGS,
      "playout(columns, rows, talking, table, law, last, out, now, frame, constants): the "
      "jitter bank's frame for each row, concealment included"},

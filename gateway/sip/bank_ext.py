@@ -6,8 +6,9 @@ does not read those words; it only moves the block, so a leg's owner decides wha
 it means:
 
 * send: a leg whose owner set a block (:meth:`ExtensionEdges.set_extension`) has it
-  put between the RTP header and the payload of each packet it sends, X bit set;
-  the other legs' packets are built exactly as before;
+  put between the RTP header and the payload of each packet it sends, X bit set, as
+  the send batch builds its packets (``_rtpbatch.build``, from the ``ext_len`` and
+  ``ext_block`` columns); the other legs' packets have none;
 * receive: from a leg whose owner asked for them (:meth:`ExtensionEdges.hear_extensions`),
   each packet's block is taken out of the packet in place (by the receive path's
   ``_rtpbatch.classify``), so the packet goes the common path (jitter buffer, decode)
@@ -116,27 +117,3 @@ class ExtensionEdges:
         end = start + 4 + 4 * int.from_bytes(packet[start + 2 : start + 4], "big")
         if end <= len(packet) and media.on_extension is not None:
             media.on_extension(packet[start:end])
-
-    # --- send -----------------------------------------------------------------------------
-
-    def attach(
-        self, packets: np.ndarray, sel: slice | np.ndarray, size: int | np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``packets`` (header and payload in ``size`` bytes a row, or each row's own
-        ``size``) with each row's block put after its header; (the packets, every row's
-        length), or (packets, None) when no row has a block."""
-        t = self.table
-        ext = t.ext_len[sel]
-        if not ext.any():
-            return packets, None
-        count, width = packets.shape
-        wider = np.zeros((count, width + int(ext.max())), np.uint8)
-        wider[:, :width] = packets
-        blocks = t.ext_block[sel]
-        end = size if isinstance(size, int) else width  # sizes of their own: move it all
-        for s in np.unique(ext[ext > 0]).tolist():
-            pick = np.flatnonzero(ext == s)
-            wider[pick, _HEADER + s : end + s] = packets[pick, _HEADER:end]
-            wider[pick, _HEADER : _HEADER + s] = blocks[pick, :s]
-            wider[pick, 0] |= 0x10
-        return wider, size + ext

@@ -21,8 +21,9 @@ codec):
   packets
   (:class:`~gateway.sip.jitter.JitterBank` ``whole``);
 * send: each leg's ``tx`` frame is encoded by its own encoder (a silent one is not:
-  :func:`~gateway.sip.opus.silence`), and the packets, of varying length, get their
-  headers, talker extension and SRTP as columns and leave in one ``sendmmsg``.
+  :func:`~gateway.sip.opus.silence`), and the packets, of varying length, are built
+  with their headers and talker extension by one C loop (``_rtpbatch.build``), get
+  SRTP, and leave in one ``sendmmsg``.
   A leg whose owner lets it rest (:meth:`OpusEdges.may_rest`: a link leg carrying
   nobody keyed) sends its silence as Opus DTX does (RFC 7587 §3.3, WebRTC): after
   :data:`NEWS_PACKETS` silent packets in a row it sends one every
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gateway.sip import _rtpbatch
 from gateway.sip.bank_ext import ExtensionEdges
 from gateway.sip.bank_srtp import SrtpEdges
 from gateway.sip.columns import Column
@@ -47,7 +49,6 @@ from gateway.sip.jitter import JitterBank
 from gateway.sip.legtable import HEADER_SIZE, NO_PEER, SILENCE_DB, LegTable
 from gateway.sip.mmsg import BatchSender
 from gateway.sip.opus import CLOCK, OpusLeg, packet_samples, silence
-from gateway.sip.rtp import write_headers
 from gateway.sip.srtp import TAG as SRTP_TAG
 from gateway.sip.streams import StreamBank
 
@@ -274,26 +275,27 @@ class OpusEdges:
         """The packets of the legs that send this tick (``None``: the silence)."""
         t = self.table
         count = len(rows)
-        silent = HEADER_SIZE + len(self.silence)
-        sizes = np.array([silent if p is None else HEADER_SIZE + len(p) for p in payloads])
-        width = int(sizes.max()) + (SRTP_TAG if t.srtp_legs else 0)
-        packets = np.zeros((count, width), np.uint8)
-        packets[:, HEADER_SIZE] = self.silence[0]
-        for i, payload in enumerate(payloads):
-            if payload is not None:
-                packets[i, HEADER_SIZE : HEADER_SIZE + len(payload)] = np.frombuffer(
-                    payload, np.uint8
-                )
-        write_headers(
+        sizes = np.array([len(self.silence if p is None else p) for p in payloads]) + HEADER_SIZE
+        block = int(t.ext_len[rows].max())  # the talker extension, put after the header
+        width = int(sizes.max()) + block + (SRTP_TAG if t.srtp_legs else 0)
+        packets = np.empty((count, width), np.uint8)
+        lengths = np.empty(count, np.int64)
+        _rtpbatch.build(
             packets,
-            t.payload_type[rows],
-            t.tx_first[rows],
-            t.tx_seq[rows],
-            t.tx_ts[rows],
-            t.tx_ssrc[rows],
+            width,
+            payloads,
+            self.silence,
+            sizes - HEADER_SIZE,
+            rows,
+            t.payload_type,
+            t.tx_first,
+            t.tx_seq,
+            t.tx_ts,
+            t.tx_ssrc,
+            t.ext_len,
+            t.ext_block,
+            lengths,
         )
-        packets, with_ext = self.extensions.attach(packets, rows, sizes)
-        lengths = sizes if with_ext is None else with_ext
         if t.srtp_legs:
             lengths = self.srtp_edges.protect_batch(packets, rows, np.ones(count, bool), lengths)
             refused = lengths <= 0

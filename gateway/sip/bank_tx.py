@@ -4,8 +4,9 @@ The engine leaves each leg's frame in ``tx`` (silence where nothing is audible, 
 for a leg still ``muted`` waiting for its PIN).
 After the tick all legs are resampled to 8 kHz with one matrix product (each leg's
 resampling history sits just before its frame in ``tx_ext``: no joining copy),
-quantised and G.711-encoded with one table lookup, the RTP headers written as
-columns, SRTP calls' packets protected in place (:mod:`gateway.sip.bank_srtp`), and
+quantised and G.711-encoded with one table lookup, the RTP headers (and a link's
+talker extension) written by one C loop (``_rtpbatch.build``), SRTP calls' packets
+protected in place (:mod:`gateway.sip.bank_srtp`), and
 ``sendmmsg`` sends every leg's packet in one system call, to the address the phone
 sends from once it has sent (symmetric RTP). A row that may
 not send yet (an answered call before its ACK: the SDP's address is a stranger's
@@ -25,6 +26,7 @@ import socket
 import numpy as np
 
 from gateway.codecs.g711 import alaw_encode, ulaw_encode
+from gateway.sip import _rtpbatch
 from gateway.sip.bank_ext import ExtensionEdges
 from gateway.sip.bank_opus import OpusEdges
 from gateway.sip.bank_rtcp import RtcpReports
@@ -35,7 +37,7 @@ from gateway.sip.legmedia import LegMedia
 from gateway.sip.legtable import CODEC_RATE, HEADER_SIZE, NO_PEER, LegTable
 from gateway.sip.mmsg import BatchSender
 from gateway.sip.resample import BlockResampler
-from gateway.sip.rtp import build_event, build_header, write_headers
+from gateway.sip.rtp import build_event, build_header
 from gateway.sip.srtp import TAG as SRTP_TAG
 
 DTMF_SEND_SECONDS = 0.1
@@ -110,7 +112,7 @@ class SendPath:
     # --- the tick ---------------------------------------------------------------------
 
     def send(self) -> None:
-        """After the tick: encode every leg's frame; headers as columns; one ``sendmmsg``."""
+        """After the tick: encode every leg's frame; headers in one C loop; one ``sendmmsg``."""
         t = self.table
         rows = t.active
         if rows.size == 0:
@@ -144,7 +146,9 @@ class SendPath:
         n = self.codec_frame
         count = len(rows)
         size = HEADER_SIZE + n
-        packets = np.empty((count, size + (SRTP_TAG if t.srtp_legs else 0)), np.uint8)
+        block = int(t.ext_len[sel].max())  # a link's talker extension, put after the header
+        width = size + block + (SRTP_TAG if t.srtp_legs else 0)
+        packets = np.empty((count, width), np.uint8)
         laws = t.law[sel]
         if (laws == laws[0]).all():
             packets[:, HEADER_SIZE:size] = ENCODE[laws[0]].take(pcm.view(np.uint16))
@@ -152,35 +156,36 @@ class SendPath:
             packets[:, HEADER_SIZE:size] = ENCODE.reshape(-1).take(
                 pcm.view(np.uint16).astype(np.int64) + (laws * 65536)[:, None]
             )
-        write_headers(
+        lengths = np.empty(count, np.int64)
+        _rtpbatch.build(
             packets,
-            t.payload_type[sel],
-            t.tx_first[sel],
-            t.tx_seq[sel],
-            t.tx_ts[sel],
-            t.tx_ssrc[sel],
+            width,
+            None,
+            None,
+            np.full(count, n, np.int64),
+            rows,
+            t.payload_type,
+            t.tx_first,
+            t.tx_seq,
+            t.tx_ts,
+            t.tx_ssrc,
+            t.ext_len,
+            t.ext_block,
+            lengths,
         )
-        packets, sizes = self.extensions.attach(packets, sel, size)  # a link's talker
         dest = t.dest[sel]
         sending = t.sending[sel]
         busy = t.busy[sel] & sending
         audio = (dest != NO_PEER) & ~busy & sending
-        lengths = sizes
         if t.srtp_legs:  # SRTP calls' packets protected in place (bank_srtp)
-            lengths = self.srtp_edges.protect_batch(
-                packets, rows, audio, size if sizes is None else sizes
-            )
+            lengths = self.srtp_edges.protect_batch(packets, rows, audio, lengths)
             audio &= lengths > 0
         if audio.all():
             ok = self.sender.send(packets, dest, lengths)
             done, tried = rows[ok], rows
         else:
             pick = np.flatnonzero(audio)
-            ok = self.sender.send(
-                np.ascontiguousarray(packets[pick]),
-                dest[pick],
-                None if lengths is None else lengths[pick],
-            )
+            ok = self.sender.send(np.ascontiguousarray(packets[pick]), dest[pick], lengths[pick])
             done, tried = rows[pick[ok]], rows[pick]
         if not ok.all():
             for row in rows[audio][~ok].tolist():

@@ -11,8 +11,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import numpy as np
-
 RTP_VERSION = 2
 HEADER = struct.Struct("!BBHII")  # V/P/X/CC, M/PT, sequence, timestamp, SSRC
 EVENT = struct.Struct("!BBH")  # event, E/R/volume, duration (RFC 4733 §2.3)
@@ -78,24 +76,6 @@ class DtmfEvent:
     digit: str
     end: bool
     duration: int  # in timestamp units
-
-
-def write_headers(
-    packets: np.ndarray,
-    payload_type: np.ndarray,
-    first: np.ndarray,
-    seq: np.ndarray,
-    ts: np.ndarray,
-    ssrc: np.ndarray,
-) -> None:
-    """The 12-byte RTP headers of a batch, one packet per row, written as columns
-    (``first``: the marker bit, on a stream's first packet)."""
-    count = len(packets)
-    packets[:, 0] = 0x80
-    packets[:, 1] = payload_type | (first.astype(np.uint8) << 7)
-    packets[:, 2:4] = seq.astype(">u2").view(np.uint8).reshape(count, 2)
-    packets[:, 4:8] = ts.astype(">u4").view(np.uint8).reshape(count, 4)
-    packets[:, 8:12] = ssrc.astype(">u4").view(np.uint8).reshape(count, 4)
 
 
 def parse_event(payload: memoryview) -> DtmfEvent | None:

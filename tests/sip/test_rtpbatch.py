@@ -3,7 +3,8 @@
 The NumPy code that demultiplexed, compared talker blocks and classified a received batch,
 and played the jitter buffers out, until #15 (10 ms frames) is kept here, verbatim but
 for names, as the oracle. The playout is fed jitter, loss, reordering and restarts, and
-must give the same frames and state each tick. For the batch, hypothesis
+must give the same frames and state each tick; the send batch's packets must be the same
+bytes the NumPy headers and extension attachment made. For the receive batch, hypothesis
 builds hostile batches (garbage, short and truncated datagrams, RTCP, strangers' addresses
 and SSRCs, header extensions whose length runs into the payload or past the end, stale
 bytes after every packet in the receive buffer) against a real LegTable, and each C loop
@@ -30,6 +31,7 @@ from gateway.sip.bank_rx import (
     SHORT,
     VERSION,
 )
+from gateway.sip.bank_tx import SendPath
 from gateway.sip.jitter import (
     CREEP_TALKING,
     FORWARD_HYSTERESIS,
@@ -467,3 +469,102 @@ def test_the_c_playout_plays_what_the_numpy_did(seed: int) -> None:
         for name in PLAYED:
             assert getattr(banks[1], name).tolist() == getattr(banks[0], name).tolist(), name
     assert banks[1].concealed.sum() > 0 and banks[1].packets_late.sum() >= 0
+
+
+# --- the send batch -----------------------------------------------------------------------
+
+
+def old_write_headers(packets, payload_type, first, seq, ts, ssrc) -> None:  # noqa: ANN001
+    count = len(packets)
+    packets[:, 0] = 0x80
+    packets[:, 1] = payload_type | (first.astype(np.uint8) << 7)
+    packets[:, 2:4] = seq.astype(">u2").view(np.uint8).reshape(count, 2)
+    packets[:, 4:8] = ts.astype(">u4").view(np.uint8).reshape(count, 4)
+    packets[:, 8:12] = ssrc.astype(">u4").view(np.uint8).reshape(count, 4)
+
+
+def old_attach(t, packets, sel, size):  # noqa: ANN001, ANN201
+    ext = t.ext_len[sel]
+    if not ext.any():
+        return packets, None
+    count, width = packets.shape
+    wider = np.zeros((count, width + int(ext.max())), np.uint8)
+    wider[:, :width] = packets
+    blocks = t.ext_block[sel]
+    end = size if isinstance(size, int) else width
+    for s in np.unique(ext[ext > 0]).tolist():
+        pick = np.flatnonzero(ext == s)
+        wider[pick, 12 + s : end + s] = packets[pick, 12:end]
+        wider[pick, 12 : 12 + s] = blocks[pick, :s]
+        wider[pick, 0] |= 0x10
+    return wider, size + ext
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("opus", [False, True])
+def test_the_c_build_sends_what_the_numpy_built(seed: int, opus: bool) -> None:
+    """Legs with and without a talker block, first packets, wrapping counters: the same
+    bytes on the wire; G.711 (the payload already in place) and Opus (payloads of their
+    own length, None for the silence)."""
+    rng = np.random.default_rng(seed)
+    t = LegTable(ExtensionEdges.columns() + SendPath.columns(160, None), 12)
+    ext = ExtensionEdges(t)
+    for row in range(12):
+        t.payload_type[row] = int(rng.choice([0, 8, 96, 111]))
+        t.tx_first[row] = rng.random() < 0.3
+        t.tx_seq[row] = int(rng.choice([0, 0xFFFF, rng.integers(0, 0x10000)]))
+        t.tx_ts[row] = int(rng.choice([0, 0xFFFFFFFF, rng.integers(0, 2**32)]))
+        t.tx_ssrc[row] = int(rng.integers(0, 2**32))
+        if rng.random() < 0.5:
+            ext.set_extension(row, rng.bytes(4 * int(rng.integers(1, 21))))
+    rows = np.sort(rng.choice(12, int(rng.integers(1, 13)), replace=False)).astype(np.int64)
+    count = len(rows)
+    silence = b"\xf8"
+    if opus:
+        payloads = [
+            None if rng.random() < 0.4 else rng.bytes(int(rng.integers(2, 90)))
+            for _ in range(count)
+        ]
+        sizes = np.array([12 + len(silence if p is None else p) for p in payloads])
+        plain = np.zeros((count, int(sizes.max())), np.uint8)
+        plain[:, 12] = silence[0]
+        for i, p in enumerate(payloads):
+            if p is not None:
+                plain[i, 12 : 12 + len(p)] = np.frombuffer(p, np.uint8)
+        old_size = sizes
+    else:
+        payloads = None
+        plain = np.zeros((count, 12 + 80), np.uint8)
+        plain[:, 12:] = rng.integers(0, 256, (count, 80))
+        sizes = np.full(count, 92)
+        old_size = 92
+    old_write_headers(
+        plain, t.payload_type[rows], t.tx_first[rows], t.tx_seq[rows], t.tx_ts[rows],
+        t.tx_ssrc[rows],
+    )  # fmt: skip
+    old, with_ext = old_attach(t, plain, rows, old_size)
+    old_lengths = np.broadcast_to(sizes if with_ext is None else with_ext, (count,))
+    width = int(sizes.max()) + 80 + 10
+    packets = np.zeros((count, width), np.uint8)
+    if not opus:
+        packets[:, 12:92] = plain[:, 12:92]
+    lengths = np.empty(count, np.int64)
+    _rtpbatch.build(
+        packets, width, payloads, silence, sizes - 12, rows, t.payload_type, t.tx_first,
+        t.tx_seq, t.tx_ts, t.tx_ssrc, t.ext_len, t.ext_block, lengths,
+    )  # fmt: skip
+    assert lengths.tolist() == old_lengths.tolist()
+    for i in range(count):
+        assert bytes(packets[i, : lengths[i]]) == bytes(old[i, : lengths[i]]), f"packet {i}"
+
+
+def test_the_c_build_refuses_a_packet_wider_than_its_row() -> None:
+    t = LegTable(ExtensionEdges.columns() + SendPath.columns(160, None), 2)
+    ExtensionEdges(t).set_extension(0, bytes(80))
+    packets = np.zeros((1, 100), np.uint8)
+    with pytest.raises(ValueError):
+        _rtpbatch.build(
+            packets, 100, [bytes(20)], b"\xf8", np.zeros(1, np.int64), np.zeros(1, np.int64),
+            t.payload_type, t.tx_first, t.tx_seq, t.tx_ts, t.tx_ssrc, t.ext_len, t.ext_block,
+            np.empty(1, np.int64),
+        )  # fmt: skip
