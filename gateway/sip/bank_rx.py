@@ -135,15 +135,18 @@ class ReceivePath:
         if rows.size == 0:
             return
         sel = dense(rows)
-        wide = None
+        narrow = None  # the G.711 rows among `rows` (None: all of them)
         if t.opus_legs:  # Opus legs: the jitter bank times them, bank_opus decodes
             wide = np.flatnonzero(t.opus[rows])
+            narrow = np.flatnonzero(~t.opus[rows])
             concealed = self.jitter.concealed[rows[wide]]
         pcm = self.jitter.playout(rows, now, t.talking[sel], DECODE, t.law)
-        rms = np.sqrt(np.einsum("ij,ij->i", pcm, pcm) / pcm.shape[1])
-        level = 20.0 * np.log10(np.maximum(rms, 1e-6))
-        if wide is not None and wide.size:
+        if narrow is None:
+            level = self._level(pcm)
+        else:
+            level = np.empty(len(rows), np.float32)
             frames, level[wide] = self.opus_edges.playout(rows[wide], concealed, now)
+            level[narrow] = self._level(pcm[narrow])
         t.level_db[sel] = level
         voice = level > t.vox_threshold[sel]
         hold = np.where(voice, t.vox_hang[sel] + 1, np.maximum(t.vox_hold[sel] - 1, 0))
@@ -151,13 +154,24 @@ class ReceivePath:
         talking = np.where(t.vox[sel], hold > 0, t.ptt[sel]) | t.peer_keyed[sel]
         talking &= ~t.muted[sel]
         t.talking[sel] = talking
-        if self.up is not None:
-            out, t.up_hist[sel] = self.up.process(pcm, t.up_hist[sel])
-            t.rx[sel] = out
-        else:
-            t.rx[sel] = pcm
-        if wide is not None and wide.size:
-            t.rx[rows[wide]] = frames
+        if narrow is None:
+            t.rx[sel] = self._up(pcm, sel)
+            return
+        if narrow.size:  # G.711 beside Opus: only its rows are resampled
+            t.rx[rows[narrow]] = self._up(pcm[narrow], rows[narrow])
+        t.rx[rows[wide]] = frames
+
+    def _up(self, pcm: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+        """G.711 frames (8 kHz) of ``rows`` at the engine rate (their history kept)."""
+        if self.up is None:
+            return pcm
+        out, self.table.up_hist[rows] = self.up.process(pcm, self.table.up_hist[rows])
+        return out
+
+    @staticmethod
+    def _level(pcm: np.ndarray) -> np.ndarray:
+        rms = np.sqrt(np.einsum("ij,ij->i", pcm, pcm) / pcm.shape[1])
+        return 20.0 * np.log10(np.maximum(rms, 1e-6))
 
     def drain(self) -> None:
         """Read the queued datagrams on the shared socket (never waits).
