@@ -403,6 +403,62 @@ static PyObject *py_build(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* --- SRTP in place -------------------------------------------------------------------- */
+
+/* libsrtp's srtp_protect, srtp_unprotect, srtp_unprotect_rtcp...: (context, packet, length) */
+typedef int (*srtp_call)(void *context, void *packet, int *length);
+
+/* srtp_rows(calls, pick, data, width, which, contexts, length, status, room)
+ *
+ * libsrtp on rows `which` of `data` (`width` bytes apart), in place: packet i with
+ * calls[pick[i]] (function addresses, from pylibsrtp's own library) and the context at
+ * address contexts[i]. `length[i]` in and out (unchanged when the call fails); `status[i]`
+ * libsrtp's (0: good). `room`: bytes the call may add after the packet (the tag), which
+ * must fit its row. One C loop instead of a Python call per packet. */
+static PyObject *py_srtp_rows(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long first_call, second_call;
+    Py_buffer pick, data, which, contexts, length, status;
+    Py_ssize_t width, room;
+    if (!PyArg_ParseTuple(args, "(KK)y*w*ny*y*w*w*n:srtp_rows", &first_call, &second_call, &pick,
+                          &data, &width, &which, &contexts, &length, &status, &room))
+        return NULL;
+    Py_ssize_t n = which.len / 8, rows = width > 0 ? data.len / width : 0;
+    int ok = wide_enough(width, HEADER, "srtp_rows") && sized(&pick, n, 1, "srtp_rows: pick") &&
+             sized(&contexts, n, 8, "srtp_rows: contexts") &&
+             sized(&length, n, 8, "srtp_rows: length") && sized(&status, n, 8, "srtp_rows: status");
+    if (ok && (first_call == 0 || second_call == 0 || room < 0)) {
+        PyErr_SetString(PyExc_ValueError, "srtp_rows: no function");
+        ok = 0;
+    }
+    uint8_t *d = data.buf;
+    const uint8_t *pk = pick.buf;
+    const int64_t *w = which.buf, *ctx = contexts.buf;
+    int64_t *len = length.buf, *st = status.buf;
+    srtp_call calls[2] = {(srtp_call)(uintptr_t)first_call, (srtp_call)(uintptr_t)second_call};
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        if (w[i] < 0 || w[i] >= rows || len[i] < 0 || len[i] + room > width || ctx[i] == 0) {
+            PyErr_SetString(PyExc_ValueError, "srtp_rows: a packet outside its row, or no key");
+            ok = 0;
+            break;
+        }
+        int size = (int)len[i];
+        st[i] = calls[pk[i] != 0]((void *)(uintptr_t)ctx[i], d + w[i] * width, &size);
+        if (st[i] == 0)
+            len[i] = size;
+    }
+    PyBuffer_Release(&pick);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&which);
+    PyBuffer_Release(&contexts);
+    PyBuffer_Release(&length);
+    PyBuffer_Release(&status);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* --- the jitter bank's playout (jitter.py) ------------------------------------------ */
 
 /* A buffer argument of at least `need` bytes, writable if asked. */
@@ -656,6 +712,9 @@ static PyMethodDef methods[] = {
      "build(packets, width, payloads, silence, size, rows, payload_type, first, seq, ts, "
      "ssrc, ext_len, ext_block, length): the send batch's packets, headers and extension "
      "blocks in"},
+    {"srtp_rows", py_srtp_rows, METH_VARARGS,
+     "srtp_rows(calls, pick, data, width, which, contexts, length, status, room): libsrtp "
+     "on rows of a packet buffer, in place"},
     {"playout", py_playout, METH_VARARGS,
      "playout(columns, rows, talking, table, law, last, out, now, frame, constants): the "
      "jitter bank's frame for each row, concealment included"},

@@ -264,7 +264,7 @@ class LegBank(PortBank):
         self._set_codec(row, media)
         if media.srtp is not None:
             t.srtp[row] = True
-            t.srtp_rx[row], t.srtp_tx[row] = media.srtp.rx, media.srtp.tx
+            t.srtp_rx[row], t.srtp_tx[row] = media.srtp.rx_address, media.srtp.tx_address
         self.send_path.start(row)
         if media.ssrc is not None:
             t.tx_ssrc[row] = media.ssrc
@@ -379,7 +379,7 @@ class LegBank(PortBank):
         self.rtcp.set_remote(row, None)
         t.dest[row] = NO_PEER
         t.srtp[row] = False
-        t.srtp_rx[row] = t.srtp_tx[row] = None
+        t.srtp_rx[row] = t.srtp_tx[row] = 0
         if t.opus[row]:
             self.opus_edges.start(row, False)
         t.sending[row] = False

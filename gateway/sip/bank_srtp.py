@@ -61,7 +61,7 @@ class SrtpEdges:
         owners = rows[idx]
         b1 = data[idx, 1]
         rtcp = (b1 >= _RTCP_FIRST) & (b1 <= _RTCP_LAST)  # multiplexed on the RTP port
-        status = unprotect_rows(data, idx, t.srtp_rx[owners].tolist(), length, rtcp)
+        status = unprotect_rows(data, idx, t.srtp_rx[owners], length, rtcp)
         bad = status != 0
         if not bad.any():
             return None
@@ -108,8 +108,7 @@ class SrtpEdges:
         which = np.flatnonzero(going & t.srtp[rows])
         if which.size:
             assert packets.shape[1] >= int(lengths.max()) + TAG
-            contexts = t.srtp_tx[rows[which]].tolist()
-            lengths[which] = protect_rows(packets, which, contexts, lengths[which])
+            lengths[which] = protect_rows(packets, which, t.srtp_tx[rows[which]], lengths[which])
         return lengths
 
     def protect_one(self, row: int, packet: bytes, rtcp: bool = False) -> bytes | None:

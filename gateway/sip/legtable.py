@@ -48,8 +48,8 @@ ROW_COLUMNS = (
     ("dest", (), np.int64, NO_PEER),  # the peer's address key: where we send, whom we hear
     ("latched", (), bool, False),  # the peer has sent: `dest` is where it sends from
     ("srtp", (), bool, False),  # SRTP agreed: packets protected and checked (bank_srtp)
-    ("srtp_rx", (), object, None),  # ... its libsrtp contexts: the peer's key, and ours
-    ("srtp_tx", (), object, None),  # (owned by LegMedia.srtp; cleared when the row goes)
+    ("srtp_rx", (), np.int64, 0),  # ... its libsrtp contexts' addresses: the peer's key,
+    ("srtp_tx", (), np.int64, 0),  # and ours (owned by LegMedia.srtp; 0 when the row goes)
     ("group", (), np.int64, -1),  # the (route, talkgroup) the call came in on: route_stats()
     ("rx_ssrc", (), np.int64, NO_SSRC),  # the SSRC the call hears (locked on its first packet)
     ("sending", (), bool, False),  # RTP may go out (an answered call: after the ACK)

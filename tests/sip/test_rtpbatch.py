@@ -45,6 +45,16 @@ from gateway.sip.jitter import (
 )
 from gateway.sip.legmedia import LegMedia
 from gateway.sip.legtable import ADDRESS_ONLY, ANY_SSRC, EXACT, UNKNOWN, LegTable
+from gateway.sip.rtp import build_header
+from gateway.sip.srtp import (
+    AUTH_FAIL,
+    REPLAY_FAIL,
+    TAG,
+    LegSrtp,
+    new_crypto,
+    protect_rows,
+    unprotect_rows,
+)
 from gateway.sip.streams import NO_SSRC
 
 WIDTH = 2048  # the receive buffer's slot (mmsg.BatchReceiver)
@@ -568,3 +578,38 @@ def test_the_c_build_refuses_a_packet_wider_than_its_row() -> None:
             t.payload_type, t.tx_first, t.tx_seq, t.tx_ts, t.tx_ssrc, t.ext_len, t.ext_block,
             np.empty(1, np.int64),
         )  # fmt: skip
+
+
+# --- SRTP in place --------------------------------------------------------------------------
+
+
+def test_srtp_rows_protect_and_check_in_place_and_report_forgeries_and_replays() -> None:
+    """Protected by the C loop, checked by it with the peer's key: the same packets back;
+    a packet seen before fails the replay check, a flipped bit fails authentication, and
+    neither is changed or raises."""
+    ours, theirs = new_crypto().key, new_crypto().key
+    sender, receiver = LegSrtp(theirs, ours), LegSrtp(ours, theirs)
+    plain = [
+        build_header(111, i == 0, 100 + i, 960 * i, 0xCAFE) + bytes([i]) * 40 for i in range(5)
+    ]
+    packets = np.zeros((5, 120), np.uint8)
+    for i, packet in enumerate(plain):
+        packets[i, : len(packet)] = np.frombuffer(packet, np.uint8)
+    contexts = np.full(5, sender.tx_address, np.int64)
+    lengths = protect_rows(packets, np.arange(5), contexts, 52)
+    assert lengths.tolist() == [52 + TAG] * 5
+    wire = [bytes(packets[i, : lengths[i]]) for i in range(5)]
+    data = np.zeros((6, 2048), np.uint8)
+    for i, packet in enumerate([*wire[:4], wire[1], wire[4]]):
+        data[i, : len(packet)] = np.frombuffer(packet, np.uint8)
+    data[5, 30] ^= 1  # packet 4, forged
+    length = np.full(6, 52 + TAG, np.int64)
+    status = unprotect_rows(
+        data, np.arange(6), np.full(6, receiver.rx_address, np.int64), length, np.zeros(6, bool)
+    )
+    assert status.tolist() == [0, 0, 0, 0, REPLAY_FAIL, AUTH_FAIL]
+    assert length.tolist() == [52] * 4 + [52 + TAG] * 2
+    for i in range(4):
+        assert bytes(data[i, :52]) == plain[i]
+    with pytest.raises(ValueError):  # no room for the tag: refused, nothing written past
+        protect_rows(packets, np.arange(1), contexts[:1], 115)
