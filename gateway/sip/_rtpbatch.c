@@ -482,6 +482,156 @@ enum {
     J_ROWS, J_TALKING, J_TABLE, J_LAW, J_LAST, J_OUT, J_COUNT_OF
 };
 
+enum {
+    P_RING, P_HAVE, P_PLAY, P_STARTED, P_FRESH, P_BASE, P_TRANSIT, P_COUNT, P_LAST_ARRIVAL,
+    P_PACKET, P_ALIGN, P_PACKETS_LATE, P_LATE_RUN, P_COLUMNS,
+    P_ROWS = P_COLUMNS, P_TIMESTAMPS, P_CODES, P_ARRIVAL, P_MARKER, P_KEEP, P_COUNT_OF
+};
+
+/* put(columns, rows, timestamps, codes, arrival, marker, keep, frame, constants)
+ *
+ * jitter.JitterBank.put_batch's loop: one packet (`codes`, rows x n) for each of `rows`
+ * (all distinct), at RTP time `timestamps`, arrived at `arrival`, with its `marker`.
+ * `columns` is the bank's (ring, have, play, started, fresh, base, transit, count,
+ * last_arrival, packet, align, packets_late, late_run); `keep[i]`: the packet was kept
+ * (not too late). `constants`: (RING, TAIL, HISTORY, LATE_RESYNC). */
+static PyObject *py_put(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *columns, *objects[P_COUNT_OF - P_COLUMNS];
+    Py_ssize_t frame, ring_size, tail, history, late_resync;
+    if (!PyArg_ParseTuple(args, "O!OOOOOOn(nnnn):put", &PyTuple_Type, &columns, &objects[0],
+                          &objects[1], &objects[2], &objects[3], &objects[4], &objects[5], &frame,
+                          &ring_size, &tail, &history, &late_resync))
+        return NULL;
+    if (PyTuple_GET_SIZE(columns) != P_COLUMNS || tail > ring_size ||
+        (ring_size & (ring_size - 1)) || history < 1 || frame < 1) {
+        PyErr_SetString(PyExc_ValueError, "put: 13 columns; TAIL <= RING, a power of 2");
+        return NULL;
+    }
+    Py_buffer probe;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(columns, P_STARTED), &probe, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t cap = probe.len;
+    PyBuffer_Release(&probe);
+    if (PyObject_GetBuffer(objects[0], &probe, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t k = probe.len / 8;
+    PyBuffer_Release(&probe);
+    if (PyObject_GetBuffer(objects[2], &probe, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t n = k > 0 ? probe.len / k : 0;
+    PyBuffer_Release(&probe);
+    Py_ssize_t width = ring_size + tail;
+    const struct { int writable; Py_ssize_t need; const char *what; } spec[P_COUNT_OF] = {
+        [P_RING] = {1, cap * width, "ring"},
+        [P_HAVE] = {1, cap * width, "have"},
+        [P_PLAY] = {1, cap * 8, "play"},
+        [P_STARTED] = {1, cap, "started"},
+        [P_FRESH] = {1, cap, "fresh"},
+        [P_BASE] = {1, cap * 8, "base"},
+        [P_TRANSIT] = {1, cap * history * 8, "transit"},
+        [P_COUNT] = {1, cap * 8, "count"},
+        [P_LAST_ARRIVAL] = {1, cap * 8, "last_arrival"},
+        [P_PACKET] = {1, cap * 8, "packet"},
+        [P_ALIGN] = {1, cap * 8, "align"},
+        [P_PACKETS_LATE] = {1, cap * 8, "packets_late"},
+        [P_LATE_RUN] = {1, cap * 8, "late_run"},
+        [P_ROWS] = {0, k * 8, "rows"},
+        [P_TIMESTAMPS] = {0, k * 8, "timestamps"},
+        [P_CODES] = {0, k * n, "codes"},
+        [P_ARRIVAL] = {0, k * 8, "arrival"},
+        [P_MARKER] = {0, k, "marker"},
+        [P_KEEP] = {1, k, "keep"},
+    };
+    Py_buffer b[P_COUNT_OF];
+    int got = 0, ok = 1;
+    for (; got < P_COUNT_OF && ok; got++) {
+        PyObject *obj = got < P_COLUMNS ? PyTuple_GET_ITEM(columns, got) : objects[got - P_COLUMNS];
+        ok = take_buffer(obj, &b[got], spec[got].writable, spec[got].need, spec[got].what);
+    }
+    if (!ok)
+        got--;
+    if (ok && (n < 1 || n > ring_size - frame)) {
+        PyErr_SetString(PyExc_ValueError, "put: packets of 1 .. RING - frame samples");
+        ok = 0;
+    }
+    if (ok) {
+        uint8_t *ring = b[P_RING].buf, *have = b[P_HAVE].buf, *started = b[P_STARTED].buf;
+        uint8_t *fresh = b[P_FRESH].buf, *keep = b[P_KEEP].buf;
+        int64_t *play = b[P_PLAY].buf, *count = b[P_COUNT].buf, *packet = b[P_PACKET].buf;
+        int64_t *align = b[P_ALIGN].buf, *late = b[P_PACKETS_LATE].buf;
+        int64_t *late_run = b[P_LATE_RUN].buf;
+        double *base = b[P_BASE].buf, *transit = b[P_TRANSIT].buf;
+        double *last_arrival = b[P_LAST_ARRIVAL].buf;
+        const int64_t *rows = b[P_ROWS].buf, *timestamps = b[P_TIMESTAMPS].buf;
+        const uint8_t *codes = b[P_CODES].buf, *marker = b[P_MARKER].buf;
+        const double *arrival = b[P_ARRIVAL].buf;
+        int64_t mask = ring_size - 1;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            if (rows[i] < 0 || rows[i] >= cap) {
+                PyErr_SetString(PyExc_ValueError, "put: a row out of range");
+                ok = 0;
+                break;
+            }
+        }
+        for (Py_ssize_t i = 0; ok && i < k; i++) {
+            int64_t row = rows[i], ts = timestamps[i];
+            uint8_t *row_ring = ring + row * width, *row_have = have + row * width;
+            int64_t now_play = play[row];
+            /* the timestamp unwrapped next to the playout point */
+            int64_t ext = now_play + ((ts - now_play + 0x80000000LL) & 0xFFFFFFFFLL) - 0x80000000LL;
+            int64_t skip = fresh[row] ? 0 : now_play - ext;
+            int restart = !started[row] || ext + n > now_play + ring_size - frame ||
+                          (skip >= n && marker[i]);
+            if (restart) { /* the first packet, a clock jump, a late talkspurt: a new reference */
+                if (started[row])
+                    memset(row_have, 0, (size_t)width);
+                started[row] = fresh[row] = 1;
+                base[row] = arrival[i] - (double)(ts + n);
+                play[row] = ts;
+                memset(transit + row * history, 0, (size_t)history * sizeof(double));
+                count[row] = 0;
+                ext = ts;
+                skip = 0;
+            }
+            int64_t end = ext + n;
+            transit[row * history + count[row] % history] = arrival[i] - base[row] - (double)end;
+            count[row] += 1;
+            last_arrival[row] = arrival[i];
+            packet[row] = n;
+            align[row] = ((end % n) + n) % n;
+            if (skip >= n) { /* too late to be played: counted, and dropped */
+                late[row] += 1;
+                late_run[row] += 1;
+                if (late_run[row] >= late_resync) { /* the sender's clock jumped: resync */
+                    started[row] = 0;
+                    memset(row_have, 0, (size_t)width);
+                }
+                keep[i] = 0;
+                continue;
+            }
+            keep[i] = 1;
+            late_run[row] = 0;
+            const uint8_t *c = codes + i * n;
+            for (Py_ssize_t j = skip > 0 ? skip : 0; j < n; j++) { /* partly late: the rest */
+                int64_t q = (ext + j) & mask;
+                row_ring[q] = c[j];
+                row_have[q] = 1;
+                if (q < tail) {
+                    row_ring[q + ring_size] = c[j];
+                    row_have[q + ring_size] = 1;
+                }
+            }
+        }
+    }
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(&b[i]);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* playout(columns, rows, talking, table, law, last, out, now, frame, constants)
  *
  * jitter.JitterBank.playout's loop: `columns` is the bank's (ring, have, started,
@@ -715,6 +865,9 @@ static PyMethodDef methods[] = {
     {"srtp_rows", py_srtp_rows, METH_VARARGS,
      "srtp_rows(calls, pick, data, width, which, contexts, length, status, room): libsrtp "
      "on rows of a packet buffer, in place"},
+    {"put", py_put, METH_VARARGS,
+     "put(columns, rows, timestamps, codes, arrival, marker, keep, frame, constants): one "
+     "packet per row into the jitter bank"},
     {"playout", py_playout, METH_VARARGS,
      "playout(columns, rows, talking, table, law, last, out, now, frame, constants): the "
      "jitter bank's frame for each row, concealment included"},

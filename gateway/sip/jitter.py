@@ -4,12 +4,13 @@ Why one object for every leg: at hundreds of calls the per-leg Python work is
 the budget to watch, so each leg is a *row* in shared arrays. A packet is
 written into its row's ring (codec bytes addressed by RTP timestamp, so reordering
 and duplicates need no bookkeeping); once per tick every leg's next frame is
-gathered, decoded and concealed in a handful of NumPy calls.
+gathered, decoded and concealed by one C loop over the rows (``_rtpbatch.playout``).
 
 Packets arrive in batches (one ``recvmmsg`` per tick for every leg): a batch
-whose rows are all different is put in one pass of array operations —
+whose rows are all different is put by one C loop too (``_rtpbatch.put``) —
 timestamp unwrapping, lateness, the transit sample and the ring write — so no
-Python runs per packet.
+Python runs per packet. As NumPy both were some sixty small steps a tick, each a
+fixed cost whatever the number of calls: at 10 ms frames (#15), too many.
 
 How the delay adapts: every packet's transit (arrival, on the local clock, minus
 the time its last sample was captured, on the sender's clock) goes into a short
@@ -37,7 +38,6 @@ FEC only when it is already in hand (:mod:`gateway.sip.bank_opus`).
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from gateway.sip import _rtpbatch
 from gateway.sip.columns import Columns
@@ -54,8 +54,8 @@ FORWARD_HYSTERESIS = 24  # do not chase less excess delay than this (3 ms)
 PLC_FADE = 0.6  # each further lost frame is repeated at this gain
 LATE_RESYNC = 12  # this many late packets in a row: the sender's clock jumped, resync
 # Each ring row carries a copy of its first TAIL samples after its end, so any block of
-# up to TAIL samples starting anywhere in the ring is contiguous in memory: packets
-# and frames move as whole blocks (one strided copy per row), not sample by sample.
+# up to TAIL samples starting anywhere in the ring is contiguous in memory: a frame is
+# read as one run, wherever it starts.
 TAIL = 320
 # The playout's loop in C (_rtpbatch.playout) is handed these, and these columns, in order.
 _CONSTANTS = (
@@ -68,6 +68,22 @@ _CONSTANTS = (
     WHOLE_CREEP_EVERY,
     FORWARD_HYSTERESIS,
     PLC_FADE,
+)
+# ... and the put's (_rtpbatch.put).
+_PUT_COLUMNS = (
+    "ring",
+    "have",
+    "play",
+    "started",
+    "fresh",
+    "base",
+    "transit",
+    "count",
+    "last_arrival",
+    "packet",
+    "align",
+    "packets_late",
+    "late_run",
 )
 _PLAYOUT_COLUMNS = (
     "ring",
@@ -126,56 +142,17 @@ class JitterBank(Columns):
         self.frame = frame
         self._last = np.zeros((0, frame), np.float32)  # last tick's frames (rows at last_pos)
         self.rate = rate
-        self._views: dict[tuple[int, int], np.ndarray] = {}
         self.grow(capacity)
 
     def grow(self, capacity: int) -> None:
-        if capacity > self.capacity:
-            self._views = {}  # block views of the old rings must not outlive them
         super().grow(capacity)
         self._columns = tuple(getattr(self, name) for name in _PLAYOUT_COLUMNS)
+        self._put_columns = tuple(getattr(self, name) for name in _PUT_COLUMNS)
 
     def resync(self, rows: int | np.ndarray) -> None:
         """New SSRC or a timestamp jump: take the next packet as the new reference."""
         self.started[rows] = False
         self.have[rows] = False
-
-    # --- blocks of the rings ------------------------------------------------------
-
-    def _blocks(self, buffer: np.ndarray, width: int) -> np.ndarray:
-        """View (rows, start, width) of a ring buffer: ``view[r, s]`` is samples s..s+width.
-
-        Kept per buffer and width (``as_strided`` costs more than the copy it enables
-        when only a few calls are up); ``grow`` makes new buffers, so new views."""
-        key = (id(buffer), width)  # the cached view holds the buffer: its id stays unique
-        view = self._views.get(key)
-        if view is None:
-            rows, length = buffer.shape
-            step_row, step = buffer.strides
-            view = as_strided(buffer, (rows, length - width + 1, width), (step_row, step, step))
-            self._views[key] = view
-        return view
-
-    def _write(self, buffer: np.ndarray, rows: np.ndarray, starts: np.ndarray, values) -> None:
-        """Write blocks (width ≤ TAIL) at ring positions ``starts`` of ``rows`` (distinct),
-        keeping each row's tail copy of its head."""
-        width = values.shape[1] if isinstance(values, np.ndarray) and values.ndim == 2 else None
-        if width is None:
-            raise ValueError("values must be (rows, width)")
-        self._blocks(buffer, width)[rows, starts] = values
-        wrapped = starts > RING - width
-        head = starts < TAIL
-        if wrapped.any() or head.any():
-            tail = self._blocks(buffer, TAIL)
-            if wrapped.any():  # the block ran past the end: its logical place is the head
-                w = rows[wrapped]
-                tail[w, 0] = tail[w, RING]
-            if head.any():
-                h = rows[head]
-                tail[h, RING] = tail[h, 0]
-
-    def _read(self, buffer: np.ndarray, rows: np.ndarray, starts: np.ndarray, width: int):
-        return self._blocks(buffer, width)[rows, starts]
 
     # --- per packet batch ---------------------------------------------------------
 
@@ -191,66 +168,22 @@ class JitterBank(Columns):
 
         Returns which were kept; a packet too late to be played is counted. A late
         packet with the marker bit is a talkspurt restarting the sender's clock:
-        the row resyncs to it. So does one far ahead of the playout point.
+        the row resyncs to it. So does one far ahead of the playout point. One C loop
+        (``_rtpbatch.put``): the timestamp unwrapped by the playout point, the transit
+        sample, lateness, and the codes into the ring (and its tail copy).
         """
-        k, n = codes.shape
-        frame = self.frame
-        play = self.play[rows]
-        ext = play + ((timestamps - play + 0x80000000) & 0xFFFFFFFF) - 0x80000000
-        started = self.started[rows]
-        fresh = self.fresh[rows]
-        skip = np.where(fresh, 0, play - ext)
-        restart = (
-            ~started
-            | (ext + n > play + RING - frame)  # far ahead: the sender's clock jumped
-            | ((skip >= n) & marker)
+        keep = np.empty(len(rows), bool)
+        _rtpbatch.put(
+            self._put_columns,
+            np.ascontiguousarray(rows, np.int64),
+            np.ascontiguousarray(timestamps, np.int64),
+            np.ascontiguousarray(codes, np.uint8),
+            np.ascontiguousarray(arrival, np.float64),
+            np.ascontiguousarray(marker, bool),
+            keep,
+            self.frame,
+            (RING, TAIL, HISTORY, LATE_RESYNC),
         )
-        if restart.any():
-            r = rows[restart]
-            again = r[self.started[r]]
-            if again.size:
-                self.have[again] = False
-            ts = timestamps[restart]
-            self.started[r] = self.fresh[r] = True
-            self.base[r] = arrival[restart] - (ts + n)
-            self.play[r] = ts
-            self.transit[r] = 0.0
-            self.count[r] = 0
-            ext = np.where(restart, timestamps, ext)
-            skip = np.where(restart, 0, skip)
-        count = self.count[rows]
-        end = ext + n
-        self.transit[rows, count % HISTORY] = arrival - self.base[rows] - end
-        self.count[rows] = count + 1
-        self.last_arrival[rows] = arrival
-        self.packet[rows] = n
-        self.align[rows] = end % n
-        late = skip >= n
-        if late.any():
-            r = rows[late]
-            self.packets_late[r] += 1
-            self.late_run[r] += 1
-            gone = r[self.late_run[r] >= LATE_RESYNC]
-            if gone.size:
-                self.resync(gone)
-            keep = ~late
-            rows, ext, codes, skip = rows[keep], ext[keep], codes[keep], skip[keep]
-        else:
-            keep = np.ones(k, bool)
-        self.late_run[rows] = 0
-        starts = ext & (RING - 1)
-        if (skip > 0).any():  # partly late: keep what was there before the playout point
-            old = self._read(self.ring, rows, starts, n)
-            ahead = np.arange(n) >= skip[:, None]
-            codes = np.where(ahead, codes, old)
-            present = ahead | self._read(self.have, rows, starts, n)
-        else:
-            present = np.ones((len(rows), n), bool)
-        for offset in range(0, n, TAIL):  # packets longer than TAIL go in TAIL-sized pieces
-            piece = slice(offset, min(n, offset + TAIL))
-            at = (starts + offset) & (RING - 1)
-            self._write(self.ring, rows, at, np.ascontiguousarray(codes[:, piece]))
-            self._write(self.have, rows, at, np.ascontiguousarray(present[:, piece]))
         return keep
 
     # --- per tick, all rows -------------------------------------------------------------

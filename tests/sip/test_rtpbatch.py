@@ -1,15 +1,16 @@
 """The leg bank's C loops (gateway/sip/_rtpbatch.c) against the NumPy they replaced.
 
-The NumPy code that demultiplexed, compared talker blocks and classified a received batch,
-and played the jitter buffers out, until #15 (10 ms frames) is kept here, verbatim but
-for names, as the oracle. The playout is fed jitter, loss, reordering and restarts, and
-must give the same frames and state each tick; the send batch's packets must be the same
-bytes the NumPy headers and extension attachment made. For the receive batch, hypothesis
-builds hostile batches (garbage, short and truncated datagrams, RTCP, strangers' addresses
-and SSRCs, header extensions whose length runs into the payload or past the end, stale
-bytes after every packet in the receive buffer) against a real LegTable, and each C loop
-must give what the NumPy gave — the same leg, the same drop class, the same header
-fields, the same blocks handed over and taken out.
+The NumPy code that demultiplexed, compared talker blocks and classified a received
+batch, and put packets into the jitter buffers and played them out, until #15 (10 ms
+frames) is kept here, verbatim but for names, as the oracle. The jitter bank is fed
+jitter, loss, duplicates, reordering and restarts, and must give the same frames and
+state each tick; the send batch's packets must be the same bytes the NumPy headers and
+extension attachment made. For the receive batch, hypothesis builds hostile batches
+(garbage, short and truncated datagrams, RTCP, strangers' addresses and SSRCs, header
+extensions whose length runs into the payload or past the end, stale bytes after every
+packet in the receive buffer) against a real LegTable, and each C loop must give what
+the NumPy gave — the same leg, the same drop class, the same header fields, the same
+blocks handed over and taken out.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numpy.lib.stride_tricks import as_strided
 
 from gateway.sip import _rtpbatch
 from gateway.sip.bank_ext import MAX_EXTENSION, ExtensionEdges
@@ -35,9 +37,12 @@ from gateway.sip.bank_tx import SendPath
 from gateway.sip.jitter import (
     CREEP_TALKING,
     FORWARD_HYSTERESIS,
+    HISTORY,
+    LATE_RESYNC,
     MARGIN,
     PLC_FADE,
     RING,
+    TAIL,
     TARGET_RANK,
     WHOLE_CREEP_EVERY,
     JitterBank,
@@ -357,9 +362,131 @@ def test_the_c_loops_refuse_buffers_too_small() -> None:
 # --- the jitter bank's playout ------------------------------------------------------------
 
 
-def old_playout(self: JitterBank, rows, now, talking, table, law):  # noqa: ANN001, ANN201
-    """JitterBank.playout as NumPy, until #15 (``self._last`` and ``last_pos`` as it kept
-    them: the live rows' frames only)."""
+class OldJitterBank(JitterBank):
+    """JitterBank with its put and playout as NumPy, as until #15 (the playout's
+    ``self._last`` and ``last_pos`` as it kept them: the live rows' frames only)."""
+
+    def __init__(self, capacity: int, frame: int) -> None:
+        self._views: dict = {}
+        super().__init__(capacity, frame)
+
+    def _blocks(self, buffer: np.ndarray, width: int) -> np.ndarray:
+        """View (rows, start, width) of a ring buffer: ``view[r, s]`` is samples s..s+width.
+
+        Kept per buffer and width (``as_strided`` costs more than the copy it enables
+        when only a few calls are up); ``grow`` makes new buffers, so new views."""
+        key = (id(buffer), width)  # the cached view holds the buffer: its id stays unique
+        view = self._views.get(key)
+        if view is None:
+            rows, length = buffer.shape
+            step_row, step = buffer.strides
+            view = as_strided(buffer, (rows, length - width + 1, width), (step_row, step, step))
+            self._views[key] = view
+        return view
+
+    def _write(self, buffer: np.ndarray, rows: np.ndarray, starts: np.ndarray, values) -> None:
+        """Write blocks (width ≤ TAIL) at ring positions ``starts`` of ``rows`` (distinct),
+        keeping each row's tail copy of its head."""
+        width = values.shape[1] if isinstance(values, np.ndarray) and values.ndim == 2 else None
+        if width is None:
+            raise ValueError("values must be (rows, width)")
+        self._blocks(buffer, width)[rows, starts] = values
+        wrapped = starts > RING - width
+        head = starts < TAIL
+        if wrapped.any() or head.any():
+            tail = self._blocks(buffer, TAIL)
+            if wrapped.any():  # the block ran past the end: its logical place is the head
+                w = rows[wrapped]
+                tail[w, 0] = tail[w, RING]
+            if head.any():
+                h = rows[head]
+                tail[h, RING] = tail[h, 0]
+
+    def _read(self, buffer: np.ndarray, rows: np.ndarray, starts: np.ndarray, width: int):
+        return self._blocks(buffer, width)[rows, starts]
+
+    # put ---------------------------------------------------------
+
+    def put_batch(
+        self,
+        rows: np.ndarray,
+        timestamps: np.ndarray,
+        codes: np.ndarray,
+        arrival: np.ndarray,
+        marker: np.ndarray,
+    ) -> np.ndarray:
+        """Put one packet per row (rows all distinct, every payload ``codes.shape[1]`` long).
+
+        Returns which were kept; a packet too late to be played is counted. A late
+        packet with the marker bit is a talkspurt restarting the sender's clock:
+        the row resyncs to it. So does one far ahead of the playout point.
+        """
+        k, n = codes.shape
+        frame = self.frame
+        play = self.play[rows]
+        ext = play + ((timestamps - play + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+        started = self.started[rows]
+        fresh = self.fresh[rows]
+        skip = np.where(fresh, 0, play - ext)
+        restart = (
+            ~started
+            | (ext + n > play + RING - frame)  # far ahead: the sender's clock jumped
+            | ((skip >= n) & marker)
+        )
+        if restart.any():
+            r = rows[restart]
+            again = r[self.started[r]]
+            if again.size:
+                self.have[again] = False
+            ts = timestamps[restart]
+            self.started[r] = self.fresh[r] = True
+            self.base[r] = arrival[restart] - (ts + n)
+            self.play[r] = ts
+            self.transit[r] = 0.0
+            self.count[r] = 0
+            ext = np.where(restart, timestamps, ext)
+            skip = np.where(restart, 0, skip)
+        count = self.count[rows]
+        end = ext + n
+        self.transit[rows, count % HISTORY] = arrival - self.base[rows] - end
+        self.count[rows] = count + 1
+        self.last_arrival[rows] = arrival
+        self.packet[rows] = n
+        self.align[rows] = end % n
+        late = skip >= n
+        if late.any():
+            r = rows[late]
+            self.packets_late[r] += 1
+            self.late_run[r] += 1
+            gone = r[self.late_run[r] >= LATE_RESYNC]
+            if gone.size:
+                self.resync(gone)
+            keep = ~late
+            rows, ext, codes, skip = rows[keep], ext[keep], codes[keep], skip[keep]
+        else:
+            keep = np.ones(k, bool)
+        self.late_run[rows] = 0
+        starts = ext & (RING - 1)
+        if (skip > 0).any():  # partly late: keep what was there before the playout point
+            old = self._read(self.ring, rows, starts, n)
+            ahead = np.arange(n) >= skip[:, None]
+            codes = np.where(ahead, codes, old)
+            present = ahead | self._read(self.have, rows, starts, n)
+        else:
+            present = np.ones((len(rows), n), bool)
+        for offset in range(0, n, TAIL):  # packets longer than TAIL go in TAIL-sized pieces
+            piece = slice(offset, min(n, offset + TAIL))
+            at = (starts + offset) & (RING - 1)
+            self._write(self.ring, rows, at, np.ascontiguousarray(codes[:, piece]))
+            self._write(self.have, rows, at, np.ascontiguousarray(present[:, piece]))
+        return keep
+
+    def playout(self, rows, now, talking, table, law):  # noqa: ANN001, ANN201
+        return old_playout(self, rows, now, talking, table, law)
+
+
+def old_playout(self: OldJitterBank, rows, now, talking, table, law):  # noqa: ANN001, ANN201
+    """JitterBank.playout as NumPy, until #15."""
     frame = self.frame
     out = np.zeros((len(rows), frame), np.float32)
     live = self.started[rows]
@@ -425,7 +552,11 @@ def old_playout(self: JitterBank, rows, now, talking, table, law):  # noqa: ANN0
     return out
 
 
-PLAYED = ("have", "fresh", "play", "fade", "concealed", "delay")
+PLAYED = (
+    *("ring", "have", "play", "started", "fresh", "base", "transit", "count"),
+    *("last_arrival", "packet", "align", "packets_late", "late_run"),
+    *("fade", "concealed", "delay"),
+)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -436,7 +567,7 @@ def test_the_c_playout_plays_what_the_numpy_did(seed: int) -> None:
     state (the concealment of a gap repeats the same previous frame)."""
     rng = np.random.default_rng(seed)
     frame = int(rng.choice([80, 160]))
-    banks = [JitterBank(8, frame), JitterBank(8, frame)]
+    banks = [OldJitterBank(8, frame), JitterBank(8, frame)]
     law = np.array([0, 1, 0, 1, 0, 0, 0, 0], np.int64)
     rows = np.array([0, 1, 2, 3, 5, 6], np.int64)
     for bank in banks:
@@ -473,7 +604,7 @@ def test_the_c_playout_plays_what_the_numpy_did(seed: int) -> None:
                     np.array([marker]),
                 )  # fmt: skip
         talking = rng.random(len(rows)) < 0.5
-        old = old_playout(banks[0], rows, now, talking, DECODE, law)
+        old = banks[0].playout(rows, now, talking, DECODE, law)
         new = banks[1].playout(rows, now, talking, DECODE, law)
         assert new.tolist() == old.tolist(), f"tick {tick}"
         for name in PLAYED:
