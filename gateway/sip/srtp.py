@@ -156,10 +156,25 @@ class LegSrtp:
 
 
 # libsrtp's calls as addresses, for the C loop over a batch (_rtpbatch.srtp_rows): the
-# library is pylibsrtp's own, already loaded; the contexts are LegSrtp's.
-_PROTECT = int(ffi.cast("uintptr_t", ffi.addressof(lib, "srtp_protect")))
-_UNPROTECT = int(ffi.cast("uintptr_t", ffi.addressof(lib, "srtp_unprotect")))
-_UNPROTECT_RTCP = int(ffi.cast("uintptr_t", ffi.addressof(lib, "srtp_unprotect_rtcp")))
+# library is pylibsrtp's own, already loaded; the contexts are LegSrtp's. The C loop
+# calls them as libsrtp 2 declares them; libsrtp 3 changed these calls, so a pylibsrtp
+# built on another signature is refused here rather than called wrongly.
+_SIGNATURE = "srtp_err_status_t(*)(struct srtp_ctx_t_ *, void *, int *)"
+
+
+def _address(name: str) -> int:
+    call = ffi.addressof(lib, name)
+    if ffi.typeof(call).cname != _SIGNATURE:
+        raise ImportError(
+            f"pylibsrtp's {name} is {ffi.typeof(call).cname}, not libsrtp 2's {_SIGNATURE}:"
+            " install a pylibsrtp built on libsrtp 2 (pyproject.toml pins pylibsrtp<2)"
+        )
+    return int(ffi.cast("uintptr_t", call))
+
+
+_PROTECT = _address("srtp_protect")
+_UNPROTECT = _address("srtp_unprotect")
+_UNPROTECT_RTCP = _address("srtp_unprotect_rtcp")
 
 
 def protect_rows(

@@ -56,6 +56,7 @@ from gateway.sip.srtp import (
     REPLAY_FAIL,
     TAG,
     LegSrtp,
+    _address,
     new_crypto,
     protect_rows,
     unprotect_rows,
@@ -744,3 +745,11 @@ def test_srtp_rows_protect_and_check_in_place_and_report_forgeries_and_replays()
         assert bytes(data[i, :52]) == plain[i]
     with pytest.raises(ValueError):  # no room for the tag: refused, nothing written past
         protect_rows(packets, np.arange(1), contexts[:1], 115)
+
+
+def test_a_libsrtp_call_of_another_signature_is_refused_not_called() -> None:
+    """The batch calls libsrtp by address as libsrtp 2 declares it; a pylibsrtp on another
+    signature (libsrtp 3 changed these calls) must stop the import, not corrupt packets."""
+    assert _address("srtp_protect") > 0
+    with pytest.raises(ImportError, match="srtp_dealloc is .* not libsrtp 2's"):
+        _address("srtp_dealloc")  # (srtp_t): one argument, not three
