@@ -6,6 +6,7 @@
     .venv/bin/python bench/links.py --codecs 3 # Opus against G.711: 3 interleaved rounds
     .venv/bin/python bench/links.py --delay    # mouth-to-ear only, each step of it timed
     .venv/bin/python bench/links.py --frame 10ms [--delay [--g711]]  # both engines at 10 ms
+    .venv/bin/python bench/links.py --cpu 3 --realtime --frame 10ms  # the CPU case alone, 3 rounds
 
 Two real gateways (engine, clock, SIP over TLS, SRTP, the links service) on this loop,
 linked as in tests/links, with bench radios that play tone bursts and record what they
@@ -58,6 +59,7 @@ import collections
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -598,6 +600,25 @@ def cpu(
     ]
 
 
+def cpu_rounds(rounds: int, realtime: int, frame: str) -> None:
+    """The CPU case alone, ``rounds`` times: each round's figures, then the medians."""
+    print(f"# CPU, 100 shared talkgroups, 10 talking, frame {frame or '20ms'}, {load()}")
+    print("| round | CA (sends) | US (receives) | ticks skipped CA / US | load |")
+    print("|---|---|---|---|---|")
+    ca, us = [], []
+    for n in range(1, rounds + 1):
+        with tempfile.TemporaryDirectory(prefix="bench-links-cpu-") as folder:
+            used, _ = cpu_use(Path(folder), 100, 10, 10.0, realtime=realtime, frame=frame)
+        ca.append(100 * used["ca"])
+        us.append(100 * used["us"])
+        print(
+            f"| {n} | {ca[-1]:.1f} % | {us[-1]:.1f} % | {used['ca_skipped']:.0f} / "
+            f"{used['us_skipped']:.0f} | {os.getloadavg()[0]:.2f} |",
+            flush=True,
+        )
+    print(f"| median | {statistics.median(ca):.1f} % | {statistics.median(us):.1f} % | | |")
+
+
 def cpu_use(
     folder: Path,
     talkgroups: int,
@@ -761,8 +782,14 @@ def main() -> None:
     )
     parser.add_argument("--frame", default="", help='both engines\' frame ("10ms" or "20ms")')
     parser.add_argument("--g711", action="store_true", help="with --delay: the link on G.711")
+    parser.add_argument(
+        "--cpu", type=int, default=0, metavar="N", help="the CPU case alone, N rounds of 10 s"
+    )
     args = parser.parse_args()
     bursts, cuts, deaths, seconds = (10, 3, 2, 10.0) if args.quick else (40, 8, 4, 20.0)
+    if args.cpu:
+        cpu_rounds(args.cpu, args.realtime, args.frame)
+        return
     if args.delay:
         delay_only(bursts, args.frame, args.realtime, CODECS["G.711 µ-law"] if args.g711 else "")
         return
