@@ -44,7 +44,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "links"), str(ROOT)]
 
-from trunk_sites import LinkSpec, SiteSpec, make_pki, radio, running, share_state, site_toml  # noqa: E402
+from trunk_sites import (  # noqa: E402
+    LinkSpec,
+    SiteSpec,
+    make_pki,
+    radio,
+    running,
+    share_state,
+    site_toml,
+    with_frame,
+)
 
 from gateway.site import run_async  # noqa: E402
 from tests.waiting import until  # noqa: E402
@@ -72,10 +81,8 @@ def site_files(folder: Path, names: list[str], frame: str = "") -> dict[str, Pat
     }
     ports = {n: spec.tls_port for n, spec in specs.items()}
     paths = {n: site_toml(folder, spec, ports, pki) for n, spec in specs.items()}
-    if frame:
-        for path in paths.values():
-            text = path.read_text().replace("[timing]\n", f'[timing]\nframe = "{frame}"\n')
-            path.write_text(text)
+    for path in paths.values():
+        path.write_text(with_frame(path.read_text(), frame))
     return paths
 
 

@@ -87,6 +87,7 @@ from trunk_sites import (  # noqa: E402
     media_through,
     running,
     site_toml,
+    with_frame,
 )
 
 from gateway.config import PortConfig  # noqa: E402
@@ -210,9 +211,7 @@ class Pair:
 
     def toml(self, spec: SiteSpec, ports: dict[str, int], codecs: str = "") -> Path:
         path = site_toml(self.folder, spec, ports, self.pki)
-        text = with_codecs(path.read_text(), codecs)
-        if self.frame:
-            text = text.replace("[timing]\n", f'[timing]\nframe = "{self.frame}"\n')
+        text = with_frame(with_codecs(path.read_text(), codecs), self.frame)
         path.write_text(text.replace('"test_link_radio"', '"bench_link_radio"'))
         return path
 
@@ -647,9 +646,7 @@ def cpu_use(
         "us": cpu_site(folder, us, ports, pki, 0, codecs),
     }
     for path in paths.values():
-        if frame:
-            text = path.read_text().replace("[timing]\n", f'[timing]\nframe = "{frame}"\n')
-            path.write_text(text)
+        path.write_text(with_frame(path.read_text(), frame))
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", str(path)],

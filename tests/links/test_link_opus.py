@@ -27,6 +27,7 @@ from trunk_sites import (
     radio,
     running,
     site_toml,
+    with_frame,
 )
 
 from gateway.sip.srtp import TAG
@@ -68,10 +69,7 @@ def sites(
         name = 'peer_name = "us.link.test"\n'
         ca_path.write_text(ca_path.read_text().replace(name, f"{name}codecs = {ca_codecs}\n"))
     for path, frame in zip((ca_path, us_path), frames, strict=True):
-        if frame:
-            path.write_text(
-                path.read_text().replace("[timing]\n", f'[timing]\nframe = "{frame}"\n')
-            )
+        path.write_text(with_frame(path.read_text(), frame))
     return ca_path, us_path
 
 

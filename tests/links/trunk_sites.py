@@ -156,6 +156,11 @@ def _unused_port() -> int:
     raise RuntimeError("no unused port")
 
 
+def with_frame(text: str, frame: str) -> str:
+    """A site file whose engine runs at ``frame`` ("10ms"; "": the default)."""
+    return text.replace("[timing]\n", f'[timing]\nframe = "{frame}"\n') if frame else text
+
+
 def site_toml(
     folder: Path, spec: SiteSpec, ports: dict[str, int], pki: Pki, extra: str = "", sip: str = ""
 ) -> Path:
