@@ -88,6 +88,8 @@ class MediaClock:
         offset = loop.time() - self.now()  # our deadlines on the loop's clock
 
         def fire(k: int) -> None:
+            if done.done():  # run's task cancelled while this timer was already due
+                return
             if not self._running:  # stopped between two ticks
                 done.set_result(None)
                 return

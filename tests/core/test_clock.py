@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 from gateway.clock import MediaClock
 
@@ -117,3 +118,31 @@ def test_on_timers_stop_and_cancel_end_the_ticks() -> None:
     stopped_at, after_cancel = asyncio.run(main())
     assert stopped_at == 5  # the tick that asked to stop ran to its end
     assert after_cancel == 0
+
+
+def test_on_timers_a_tick_due_as_the_run_is_cancelled_does_not_raise() -> None:
+    """The gateway stops the clock and cancels its task in one go; the next tick's timer
+    may already be due, ahead of the task's wake-up, and must then do nothing (it raised
+    InvalidStateError into the loop's exception handler)."""
+
+    async def main() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        errors: list[dict] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        clock = MediaClock(0.01, lambda: None)
+        task = asyncio.create_task(clock.run())
+        while clock.ticks < 2:
+            await asyncio.sleep(0.001)
+
+        def stop_and_cancel() -> None:
+            clock.stop()
+            task.cancel()
+
+        loop.call_at(clock.deadline(clock.ticks) - 0.002, stop_and_cancel)
+        time.sleep(0.03)  # hold the loop: both fall due, stop_and_cancel's first
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.03)
+        return errors
+
+    errors = asyncio.run(main())
+    assert errors == [], errors[0].get("exception")
