@@ -106,9 +106,10 @@ vox_hang = "0s"
 # --- the gateway process ------------------------------------------------------------------
 
 
-def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: ANN001
+def gateway_process(conn, tls: str = "", web: bool = False, frame: str = "") -> None:  # noqa: ANN001
     """The gateway; ``tls``: [sip] keys for its TLS listener (certificate and key);
-    ``web``: serve /metrics (on a free loopback port)."""
+    ``web``: serve /metrics (on a free loopback port); ``frame``: its engine frame, if not
+    the default (the callers send 20 ms packets either way)."""
     import asyncio
 
     from gateway.app import Gateway
@@ -136,6 +137,8 @@ def gateway_process(conn, tls: str = "", web: bool = False) -> None:  # noqa: AN
     site = SITE.replace('listen = "127.0.0.1:0"\n', f'listen = "127.0.0.1:0"\n{tls}\n')
     if web:
         site += '\n[web]\nhost = "127.0.0.1"\nport = 0\n'
+    if frame:
+        site += f'\n[timing]\nframe = "{frame}"\n'
     tap = Endpoint("tap", ports={"bench_tap": (TapConfig, Tap)})
     gateway = Gateway(parse_config(site, endpoints=(*ENDPOINTS, tap)))
 
@@ -851,33 +854,48 @@ def scrape_table(ctx, counts: list[int], seconds: float, every: float, repeat: i
 
 
 def load_run(  # noqa: ANN001 - a multiprocessing context
-    ctx, count: int, seconds: float, srtp: bool = False, scrape: float | None = None
+    ctx,
+    count: int,
+    seconds: float,
+    srtp: bool = False,
+    scrape: float | None = None,
+    frame: str = "",
 ) -> dict[str, float]:
     """One window at ``count`` legs in a fresh gateway process; the row's figures.
-    ``scrape``: read /metrics every that many seconds meanwhile."""
+    ``scrape``: read /metrics every that many seconds meanwhile; ``frame``: the gateway's
+    engine frame ("10ms"), if not the default."""
     conn, child = ctx.Pipe()
     with tempfile.TemporaryDirectory() as pki:
         keys, cafile = tls_material(Path(pki)) if srtp else ("", "")
-        proc = ctx.Process(target=gateway_process, args=(child, keys, bool(scrape)), daemon=True)
+        proc = ctx.Process(
+            target=gateway_process, args=(child, keys, bool(scrape), frame), daemon=True
+        )
         proc.start()
         _, port, tls_port, web_port = conn.recv()
         caller = Caller(port, (tls_port, cafile) if srtp else None)
         every = (web_port, scrape) if scrape else None
-        row = load_window(conn, caller, count, seconds, every)
+        tick = 0.010 if frame == "10ms" else FRAME_S
+        row = load_window(conn, caller, count, seconds, every, tick)
     conn.send("quit")
     proc.join(10)
     return row
 
 
 def load_window(  # noqa: ANN001 - a Connection
-    conn, caller: Caller, count: int, seconds: float, scrape: tuple[int, float] | None = None
+    conn,
+    caller: Caller,
+    count: int,
+    seconds: float,
+    scrape: tuple[int, float] | None = None,
+    tick: float = FRAME_S,
 ) -> dict[str, float]:
-    """Set ``count`` legs up, stream for ``seconds``, hang up; the row's figures."""
+    """Set ``count`` legs up, stream for ``seconds``, hang up; the row's figures
+    (``tick``: the gateway's engine frame, seconds)."""
     probe = open_legs(caller, "6002", 1)[0]
     legs = open_legs(caller, "6001", count)
     time.sleep(1.0)  # let the calls settle (answer retransmission timers, ACKs)
     result = run_window(conn, legs, probe, seconds, scrape=scrape)
-    expected = result["wall"] / FRAME_S
+    expected = result["wall"] / tick
     per_tick = 1e6 / max(result["ticks"] * (count + 1), 1)
     rx, tx = (result["bank_cpu"][k] * per_tick for k in ("receive", "send"))
     d = result["delays_ms"]
@@ -885,7 +903,7 @@ def load_window(  # noqa: ANN001 - a Connection
         "cpu_share": result["cpu"] / result["wall"] * 100,
         "per_leg": result["cpu"] / max(result["packets"], 1) * 1e6,
         "ticks_run": result["ticks"] / expected * 100,
-        "packets": result["packets"] / (expected * (count + 1)) * 100,
+        "packets": result["packets"] / (result["wall"] / FRAME_S * (count + 1)) * 100,
         "late": result["late"],
         "ticks": result["ticks"],
         "late_building": result["late_building"],
