@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -46,31 +47,39 @@ def card_client(port: str) -> str:
 LEAST_WAIT_S = 30.0
 
 
+def jackd_log(name: str) -> Path:
+    """Where ``start_jackd(name)`` keeps the server's messages (its xrun reports name
+    the client that was late): a file, since a pipe nobody reads fills and then blocks
+    the server's message thread."""
+    return Path(tempfile.gettempdir()) / f"borderlink-jackd-{name}.log"
+
+
 def start_jackd(name: str, rate: int = RATE, period: int = PERIOD) -> subprocess.Popen:
     jackd = require_binary("jackd")
     env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1"}
     for realtime in (["-R"], ["--no-realtime"]):
-        proc = subprocess.Popen(
-            [
-                jackd,
-                "-n",
-                name,
-                *realtime,
-                "-d",
-                "dummy",
-                "-r",
-                str(rate),
-                "-p",
-                str(period),
-                "-C",
-                str(SYSTEM_PORTS),
-                "-P",
-                str(SYSTEM_PORTS),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+        with jackd_log(name).open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    jackd,
+                    "-n",
+                    name,
+                    *realtime,
+                    "-d",
+                    "dummy",
+                    "-r",
+                    str(rate),
+                    "-p",
+                    str(period),
+                    "-C",
+                    str(SYSTEM_PORTS),
+                    "-P",
+                    str(SYSTEM_PORTS),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+            )
         lsp_env = {**os.environ, "JACK_DEFAULT_SERVER": name}
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.poll() is None:
@@ -78,8 +87,8 @@ def start_jackd(name: str, rate: int = RATE, period: int = PERIOD) -> subprocess
             if "system:playback_1" in out.stdout:
                 return proc
             time.sleep(0.05)
-        errors = proc.stderr.read().decode(errors="replace")[-600:] if proc.stderr else ""
         stop_jackd(proc)
+        errors = jackd_log(name).read_text(errors="replace")[-600:]
     raise RuntimeError(f"jackd -n {name} did not start: {errors}")
 
 
