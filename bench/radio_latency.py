@@ -33,7 +33,8 @@ The floor by construction is printed too: one engine frame (a frame must be whol
 the tick can mix it), plus one card period (the tick's phase against the card's callbacks
 is arbitrary, so the capture FIFO or the playback FIFO must hold up to a period), plus the
 two rate converters' half-kernels (0.5 ms each). When the period is the frame (960 at
-20 ms) the period term goes. The FIFOs' margins and transmit's second period come on top.
+20 ms) the period term goes. The FIFOs' margins, the other FIFO's period and transmit's
+late-tick allowance (``LATE_TICK_S``) come on top.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The card runs on its own crystal, the engine on its own clock. Between them each
 direction holds a small FIFO, and its *level at the tick's instant* (computed by the card
 stream from its callback's timestamps: see ``soundcard``) is held at a fixed target,
-one card period (transmit: two) plus a margin, by one PI loop that bends a fine resampling ratio
+one card period plus a margin (transmit: plus a late tick's allowance too), by one PI
+loop that bends a fine resampling ratio
 (± ``max_ppm``). That is zalsa's scheme (zita-ajbridge): the level is measured as if the
 card moved its audio continuously, so it does not saw-tooth with the card's periods or
 the engine's frames, and needs no low-water windows.
@@ -70,10 +71,10 @@ class ElasticFifo:
         out_rate: int,
         margin: float,
         max_ppm: float,
-        periods: int = 1,
+        late_tick: float = 0.0,
     ) -> None:
         self.ring_store, self.in_rate, self.out_rate = store, in_rate, out_rate
-        self.periods = periods  # card periods in the target, before the margin
+        self.late_tick = late_tick  # seconds in the target for a late tick (transmit)
         self.margin = self.base_margin = margin
         self.limit = max_ppm * 1e-6
         self.resampler = _resampler(in_rate, out_rate)
@@ -136,7 +137,7 @@ class ElasticFifo:
         length: one step of the PI loop, or a correction at once. A FIFO that ran dry
         (or is starting) goes straight to its target once the card is ``on_time`` again
         (the audio a late card still owes would otherwise be latency)."""
-        target = self.periods * period + self.margin
+        target = period + self.late_tick + self.margin
         self.level = level
         if self.dry:
             if on_time:

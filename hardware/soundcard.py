@@ -11,8 +11,8 @@ level neither saw-tooths with the card's periods nor jumps with a late tick. Its
 is one card period plus a margin, whatever the tick's phase against the card's cycle
 (the receive FIFO must ride a tick just before a callback, the transmit FIFO one just
 after): nothing follows the card's phase, and the engine keeps its own clock. Transmit
-holds one period more: it must ride a late tick, which a loaded machine has every few
-seconds (measured: ``bench/radio_latency.py --load 1``), where receive rides a late
+holds ``LATE_TICK_S`` more: it must ride a late tick, which a loaded machine has every
+few seconds (measured: ``bench/radio_latency.py --load 1``), where receive rides a late
 callback, which is rare.
 """
 
@@ -29,6 +29,12 @@ from .elastic import ZERO_CROSSINGS, ElasticFifo
 
 __all__ = ["CardSpec", "SoundCard", "ZERO_CROSSINGS"]
 log = logging.getLogger(__name__)
+
+# How late a tick transmit rides without running dry. At normal priority with a CPU hog
+# beside (stress-ng --cpu 1), ticks come 5-9 ms late a few times a minute on a 2-core
+# machine (a bare asyncio loop as much); one card period more (5.3 ms at 256) was too
+# little, and a period is the wrong unit: a tick's lateness has nothing to do with it.
+LATE_TICK_S = 0.010
 
 
 class Playback:
@@ -55,10 +61,9 @@ class SoundCard:
         self.frame_seconds = frame_samples / rate
         self.stream = CardStream(spec, name)
         self.rx = ElasticFifo(None, self.stream.rate, rate, spec.margin, spec.max_ppm)
-        # Transmit rides a late tick, which is common (receive rides a late callback, rare):
-        # it starts a card period deeper.
+        # Transmit rides a late tick, which is common (receive rides a late callback, rare).
         self.tx = ElasticFifo(
-            Playback(self), rate, self.stream.rate, spec.margin, spec.max_ppm, periods=2
+            Playback(self), rate, self.stream.rate, spec.margin, spec.max_ppm, LATE_TICK_S
         )
         self.generation = 0  # of the stream our side was last started for
         self.tx_underruns_seen = 0

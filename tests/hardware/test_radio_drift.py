@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from gateway.hardware.card_process import Opened, OpenRequest, StreamCallback
 from gateway.hardware.elastic import TRIM_S, WIDEN_S, WIDEN_STEP_S
-from gateway.hardware.soundcard import CardSpec, SoundCard
+from gateway.hardware.soundcard import LATE_TICK_S, CardSpec, SoundCard
 
 from tests.hardware import failsafe_site
 from tests.hardware.gwrun import build, drive, losses_seen
@@ -38,7 +38,7 @@ PERIOD = 256
 N = 320  # 20 ms at 16 kHz
 FRAME_S = 0.02
 RX_TARGET = PERIOD / DEV + 0.002  # a period plus the simulated card's 2 ms margin
-TX_TARGET = 2 * PERIOD / DEV + 0.002  # transmit starts a period deeper (it rides late ticks)
+TX_TARGET = PERIOD / DEV + LATE_TICK_S + 0.002  # transmit rides late ticks too
 TONE = 0.25 * np.sin(2 * np.pi * 1000 * np.arange(48000) / DEV)  # a whole number of cycles
 
 
@@ -176,17 +176,18 @@ def test_an_underrun_is_refilled_at_once_and_widens_the_margin_once(lost):
 
 
 def test_a_late_tick_runs_transmit_dry_once_and_it_is_refilled():
-    """Twice, the media tick comes 15 ms late: the card runs out of transmit audio once.
+    """Twice, the media tick comes 20 ms late (past LATE_TICK_S and the margin): the card
+    runs out of transmit audio once.
     The FIFO is refilled and the margin widens once, by that lateness (bounded
     by WIDEN_STEP_S), not by a token 1 ms that the next such tick would beat
     again: the second late tick is ridden."""
     sim = SimulatedCard()
     for tick in range(40 * 50):
-        late = 0.015 if tick in (20 * 50, 30 * 50) else 0.0  # the second one is ridden
+        late = 0.020 if tick in (20 * 50, 30 * 50) else 0.0  # the second one is ridden
         sim.tick(tick * FRAME_S, late=late, frame=engine_tone(tick))
     stats = sim.stats()
     assert stats["tx_underruns"] == 1 and stats["rx_underruns"] == 0, stats
-    margin = 0.002 + min(0.015, WIDEN_STEP_S)
+    margin = 0.002 + min(0.020, WIDEN_STEP_S)
     assert sim.card.tx.margin == pytest.approx(margin) and stats["margin_widenings"] == 1
     assert stats["tx_level_seconds"] == pytest.approx(TX_TARGET - 0.002 + margin, abs=0.0005)
 
@@ -245,7 +246,8 @@ squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
                     # A counted loss (a stalled gateway's skipped ticks, an underrun)
                     # refills a FIFO once the card is on time again: until then its level
                     # is whatever the stall left. It is judged again from the next sample.
-                    levels = (over_target(a.stats(), "rx", 1), over_target(b.stats(), "tx", 2))
+                    rx, tx = over_target(a.stats(), "rx"), over_target(b.stats(), "tx", LATE_TICK_S)
+                    levels = (rx, tx)
                     now = failsafe_site.losses(gw)
                     if now == seen:
                         excess.append(levels)
@@ -262,9 +264,11 @@ squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }
     tone_gaps(heard, 1000, -12, lost)
 
 
-def over_target(stats: dict[str, float], way: str, periods: int) -> float:
-    """How far a FIFO's level is above its target (``periods`` card periods plus its margin)."""
-    return stats[f"{way}_level_seconds"] - periods * 256 / 48000 - stats[f"{way}_margin_seconds"]
+def over_target(stats: dict[str, float], way: str, late_tick: float = 0.0) -> float:
+    """How far a FIFO's level is above its target (a card period, ``late_tick`` and its
+    margin)."""
+    target = 256 / 48000 + late_tick + stats[f"{way}_margin_seconds"]
+    return stats[f"{way}_level_seconds"] - target
 
 
 def test_a_start_drops_no_more_than_a_tick_of_audio():
