@@ -348,6 +348,7 @@ class Engine:
         self.key_since = self._carry(getattr(self, "key_since", None), keep, np.int64)
         self.rx_dbfs = self._carry(getattr(self, "rx_dbfs", None), keep, np.float32, SILENCE_DB)
         self.tx_dbfs = self._carry(getattr(self, "tx_dbfs", None), keep, np.float32, SILENCE_DB)
+        self._meters_down = False  # every meter at SILENCE_DB (found by the next fall)
         self.denied = np.zeros(n, bool)
         self.group_tones: dict[int, object] = {}  # group → courtesy tone playing
         self.port_tones: dict[int, object] = {}  # port → talk-permit tone playing
@@ -383,34 +384,78 @@ class Engine:
         started = time.perf_counter()
         due = time.monotonic() if due is None else due
         self._run_hooks(self.before_tick)
-        lay = self.layout
-        tick = self.tick_count
-        frames = self.frames
-        frames.fill(0.0)
-        isolated = self._expire_isolation(tick)
-        n = len(lay.ports)
-        talk_list = [False] * len(self._solo)
-        has_frame = np.zeros(n, bool)
+        isolated = self._expire_isolation(self.tick_count)
+        heard = self._read_ports(isolated)
+        if heard is None and self._at_rest():
+            self._quiet_tick(due, isolated)
+        else:
+            n = len(self.ports)
+            has_frame, raw_talk = heard or (np.zeros(n, bool), np.zeros(n, bool))
+            self._full_tick(due, has_frame, raw_talk, isolated)
+        self._run_hooks(self.after_tick)
+        self.tick_count += 1
+        self.last_tick_seconds = time.perf_counter() - started
+
+    def _read_ports(self, isolated: Mapping) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every port's frame into its row of ``frames`` (silence where it has none), and
+        per port whether it handed a frame and whether it may talk and says it does; None
+        when no port handed a frame or talks (most ticks of a site), which needs no array."""
+        frames = self.frames  # all silence: nothing was read into it since the last full tick
+        solo = len(self._solo)
+        talk, got = [False] * solo, [False] * solo
         for k, (i, port) in enumerate(self._solo):
             if isolated and port.name in isolated:
                 continue
             try:
                 frame = port.read()
-                talk_list[k] = port.talking
+                talk[k] = port.talking
                 if frame is not None:
                     frames[i] = frame
-                    has_frame[i] = True
+                    got[k] = True
             except Exception as exc:  # one port's bug must not stop the site
                 self._fault(i, f"read failed: {exc!r}")
-                talk_list[k] = False
+                talk[k] = got[k] = False
                 frames[i] = 0.0
-        raw_talk = np.zeros(n, bool)
-        raw_talk[self._solo_rows] = talk_list
+        if not (self._banks or any(talk) or any(got)):
+            return None
+        n = len(self.ports)
+        has_frame, raw_talk = np.zeros(n, bool), np.zeros(n, bool)
+        has_frame[self._solo_rows] = got
+        raw_talk[self._solo_rows] = talk
         if self._banks:
             self._read_banks(frames, has_frame, raw_talk, isolated)
         self._check_frames(has_frame, raw_talk)
-        raw_talk &= lay.can_talk
+        raw_talk &= self.layout.can_talk
+        return has_frame, raw_talk
 
+    def _at_rest(self) -> bool:
+        """Nothing carries over from the ticks before: nobody talked last tick (so nobody
+        is admitted, timed out or holds a floor), no transmitter is keyed (its hang time
+        is over), no tone is playing, and no link has a shared floor to decide."""
+        return (
+            self.layout.link is None
+            and not self.group_tones
+            and not self.port_tones
+            and self.floor.at_rest
+            and self.keying.at_rest
+        )
+
+    def _quiet_tick(self, due: float, isolated: Mapping) -> None:
+        """Nothing heard, nothing carried over (:meth:`_at_rest`): the floor would admit
+        nobody, the mix give nobody anything and the keying leave every transmitter down,
+        so each port is written silence without that arithmetic and without one NumPy
+        call (on a machine that sleeps between ticks each costs 5-8 µs from cold caches).
+        ``tests/core/test_quiet_tick.py`` holds the two paths to the same result."""
+        self._write_ports(None, isolated)
+        self._end_of_tick(due, isolated)
+        self._meter_fall()
+
+    def _full_tick(
+        self, due: float, has_frame: np.ndarray, raw_talk: np.ndarray, isolated: Mapping
+    ) -> None:
+        """Floor, mix, keying, every port's audio, meters and events."""
+        lay = self.layout
+        frames = self.frames
         shared = lay.shared
         decision = self.floor.update(
             raw_talk,
@@ -446,24 +491,30 @@ class Engine:
 
         rows = list(mix.out)  # row views made in one C loop, not one index per port
         audio_list, busy_list = has_audio.tolist(), busy.tolist()
-        for i, port in self._solo:
-            if isolated and port.name in isolated:
-                continue
-            try:
-                port.write(busy_frame if busy_list[i] else rows[i] if audio_list[i] else None)
-            except Exception as exc:
-                self._fault(i, f"write failed: {exc!r}")
+        sends = [
+            busy_frame if busy_list[i] else rows[i] if audio_list[i] else None
+            for i, _ in self._solo
+        ]
+        self._write_ports(sends, isolated)
         self._end_of_tick(due, isolated)
         if self._banks:
             self._write_banks(mix.out, has_audio, busy, busy_frame, isolated)
 
         self._meter(frames, has_frame, mix.out, has_audio & ~busy)  # out rows hold mixes only
+        frames.fill(0.0)  # silence where the next tick's ports hand no frame
         self._talk_events(decision.admitted)
         if decision.events:
             self._floor_events(decision.events)
-        self._run_hooks(self.after_tick)
-        self.tick_count += 1
-        self.last_tick_seconds = time.perf_counter() - started
+
+    def _write_ports(self, sends: list[np.ndarray | None] | None, isolated: Mapping) -> None:
+        """Each solo port's frame, in ``_solo`` order (None: silence for every one)."""
+        for k, (i, port) in enumerate(self._solo):
+            if isolated and port.name in isolated:
+                continue
+            try:
+                port.write(sends[k] if sends else None)
+            except Exception as exc:
+                self._fault(i, f"write failed: {exc!r}")
 
     def _end_of_tick(self, due: float, isolated: Mapping) -> None:
         for i, port in self._solo:
@@ -658,12 +709,11 @@ class Engine:
         refreshed a few times a second or a scrape every 15 s sees speech, not the
         pause between two syllables.
         """
-        fall = METER_FALL_DB_PER_S * self.frame_seconds
+        self._meter_fall()
         for rows, source, meter in (
             (np.flatnonzero(has_frame), frames, self.rx_dbfs),
             (np.flatnonzero(tx), out, self.tx_dbfs),
         ):
-            np.maximum(meter - fall, SILENCE_DB, out=meter)
             if rows.size == 0:
                 continue
             # Energy per row without temporaries; skip the gather when most rows count.
@@ -674,6 +724,17 @@ class Engine:
                 energy = np.einsum("ij,ij->i", block, block)
             level = 10 * np.log10(np.maximum(energy / source.shape[1], 1e-12))
             meter[rows] = np.maximum(meter[rows], level)
+            self._meters_down = False
+
+    def _meter_fall(self) -> None:
+        """Every meter falls METER_FALL_DB_PER_S, down to SILENCE_DB (after which a quiet
+        site's ticks leave them alone)."""
+        if self._meters_down:
+            return
+        fall = METER_FALL_DB_PER_S * self.frame_seconds
+        for meter in (self.rx_dbfs, self.tx_dbfs):
+            np.maximum(meter - fall, SILENCE_DB, out=meter)
+        self._meters_down = bool(max(self.rx_dbfs.max(), self.tx_dbfs.max()) <= SILENCE_DB)
 
     def _talk_events(self, admitted: np.ndarray) -> None:
         changed = np.flatnonzero(admitted != self.admitted)

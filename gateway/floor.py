@@ -70,6 +70,10 @@ class FloorControl:
             self.run[has_old] = old_run[keep[has_old]]
             self.locked[has_old] = old_locked[keep[has_old]]
         self.holder = np.full(groups, -1, np.int64)
+        # Nobody talked last tick (``run`` all zero), so nobody is admitted, locked out or
+        # holds a floor (each of those talks): with nobody talking, :meth:`update` decides
+        # nothing. A plain bool, kept here with ``run``, so an idle tick asks no array.
+        self.at_rest = not self.run.any()
         if keep is not None and group_of is not None:
             new_index = {int(old): new for new, old in enumerate(keep.tolist()) if old >= 0}
             for old in old_holder[old_holder >= 0].tolist():
@@ -88,12 +92,13 @@ class FloorControl:
         kerchunk_ticks: np.ndarray,
         tot_ticks: np.ndarray,
     ) -> FloorDecision:
-        if not self.run.any() and not raw_talk.any():
+        if self.at_rest and not raw_talk.any():
             return self._quiet(len(raw_talk))
         events = FloorEvents()
         # A half-duplex radio that we are transmitting on cannot be receiving.
         talk = raw_talk & ~(half_duplex & keyed)
         self.run = np.where(talk, self.run + 1, 0)
+        self.at_rest = not talk.any()
         past_kerchunk = self.run > kerchunk_ticks
         timed_out = talk & (tot_ticks > 0) & (self.run - kerchunk_ticks > tot_ticks) & ~self.locked
         if timed_out.any():
@@ -163,6 +168,11 @@ class Keying:
             has_old = keep >= 0
             self.keyed[has_old] = old_keyed[keep[has_old]]
             self.quiet_ticks[has_old] = old_quiet[keep[has_old]]
+        # Nothing is keyed: a tick with no audio for anyone keys nothing, and needs no
+        # :meth:`update` (``quiet_ticks`` matter only to a keyed port, and audio, which
+        # alone keys a port, restarts them). A plain bool, kept with ``keyed``: code that
+        # unkeys a port elsewhere may leave it False, nothing else may key one.
+        self.at_rest = not self.keyed.any()
 
     def update(
         self, has_audio: np.ndarray, blocked: np.ndarray, hang_ticks: np.ndarray
@@ -171,4 +181,5 @@ class Keying:
         self.quiet_ticks = np.where(has_audio, 0, self.quiet_ticks + 1)
         hanging = self.keyed & (self.quiet_ticks <= hang_ticks)
         self.keyed = (has_audio | hanging) & ~blocked
+        self.at_rest = not self.keyed.any()
         return self.keyed

@@ -25,6 +25,7 @@ class ScriptedPort(Port):
         self.key_calls: list[bool] = []
         self.fail_reads = 0
         self.next_frame: np.ndarray | None = None
+        self.gaps = 0  # ticks to come that it talks but hands no frame (a late packet)
 
     def read(self) -> np.ndarray | None:
         if self.fail_reads:
@@ -37,6 +38,9 @@ class ScriptedPort(Port):
             frame, self.next_frame = self.next_frame, None
             return frame
         if not self.talk:
+            return None
+        if self.gaps:
+            self.gaps -= 1
             return None
         return (self.level * np.sin(2 * np.pi * self.tone_hz * t)).astype(np.float32)
 
