@@ -170,7 +170,8 @@ class CardStream:
         back too, and is asked after only once the callbacks have stopped."""
         if not self.up:
             return False
-        if self.now() - float(self.block.clock[0]) > STALL_S or self.status[FINISHED]:
+        block = self.block
+        if self.now() - float(block.clock[0]) > STALL_S or block.status[FINISHED]:
             self.lost_because(self._why())
             return False
         return True
@@ -187,15 +188,15 @@ class CardStream:
         """Has this stream called back long enough for its cycle to be known?"""
         return int(self.status[TOTAL]) >= SETTLE_S * self.rate
 
-    def place(self, frame: int, when: float) -> float:
+    def place(self, frame: int, when: float, period: float) -> float:
         """When the callback stamped (``frame``, ``when``) was due on the card's cycle:
         the lower envelope of the stamps over the last ticks (a callback can be late,
-        never early), and never more than a period before its stamp (a stream whose clock
-        runs far off the wall clock, as an audio server starved of CPU does, moves its
-        cycle faster than the envelope follows)."""
+        never early), and never more than one ``period`` (seconds) before its stamp (a
+        stream whose clock runs far off the wall clock, as an audio server starved of CPU
+        does, moves its cycle faster than the envelope follows)."""
         start = frame / self.rate
         self.origins.append(when - start)
-        return max(min(self.origins) + start, when - self.period)
+        return max(min(self.origins) + start, when - period)
 
     def resync(self) -> None:
         """Forget the cycle learnt so far: the audio server lost cycles, or the card came

@@ -77,6 +77,7 @@ class ElasticFifo:
         self.late_tick = late_tick  # seconds in the target for a late tick (transmit)
         self.margin = self.base_margin = margin
         self.limit = max_ppm * 1e-6
+        self.bound = self.limit * TAU_S  # the integral's: it alone may pull the ratio to the limit
         self.resampler = _resampler(in_rate, out_rate)
         self.ratio = 1.0  # < 1: fewer samples out than the nominal rates give
         self.step = in_rate / out_rate  # input samples per output, at this ratio
@@ -160,10 +161,11 @@ class ElasticFifo:
     def _steer(self, error: float, dt: float) -> None:
         # (plain floats clipped by min/max: NumPy's clip costs 10 µs on a scalar)
         self.error += (error - self.error) * min(1.0, dt / SMOOTH_S)
-        bound = self.limit * TAU_S
+        bound = self.bound
         self.integral = min(max(self.integral + self.error * dt / TI_S, -bound), bound)
         ratio = (self.error + self.integral) / TAU_S
-        self.ratio = 1.0 - min(max(ratio, -self.limit), self.limit)
+        limit = self.limit
+        self.ratio = 1.0 - min(max(ratio, -limit), limit)
         self.step = self.in_rate / self.out_rate / self.ratio
 
     @property

@@ -124,7 +124,7 @@ class SoundCard:
         if self.rx.dry:
             return None  # filled at the end of this tick
         frame = np.empty(self.n, np.float32)
-        got = self.rx.take(self.stream.rx, frame)
+        got = self.rx.take(self.stream.block.rx, frame)
         if got < self.n:
             frame[got:] = 0.0
             late = self.stream.now() - float(self.stream.block.clock[0]) - self.stream.period
@@ -141,22 +141,26 @@ class SoundCard:
     def write(self, frame: np.ndarray | None) -> None:
         """One engine frame to transmit (None: silence). Call once per tick, after read.
         Until the stream's first callback has set the FIFO's level, nothing is queued."""
-        if self.up and self.generation == self.stream.generation and not self.tx.dry:
+        stream = self.stream
+        if stream.up and self.generation == stream.generation and not self.tx.dry:
             sent = self.silence if frame is None else frame
-            self.dropped += self.tx.push(sent, self.stream.tx)
+            self.dropped += self.tx.push(sent, stream.block.tx)
 
     def end_of_tick(self, due: float) -> None:
         """After read and write: both FIFOs' levels at the tick's instant ``due`` (its
         deadline, ``time.monotonic()``), and one step of each one's control."""
         stream = self.stream
-        if not stream.up or self.generation != stream.generation or not stream.status[TOTAL]:
+        if not stream.up or self.generation != stream.generation:
             return
-        frame, stamp = self.rx.capture(stream.rx, stream.status, stream.block.clock)
-        at = stream.place(frame, stamp)
+        block = stream.block  # (its views at hand: each of the stream's properties is a call)
+        if not block.status[TOTAL]:
+            return
+        frame, stamp = self.rx.capture(block.rx, block.status, block.clock)
+        period = stream.period
+        at = stream.place(frame, stamp, period)
         if not stream.settled:  # the first callbacks only place the card's cycle
             self.rx.store.cut(self.rx.waiting)  # (and their audio goes, uncounted)
             return
-        period = stream.period
         underruns = stream.tx_underruns
         if underruns > self.tx_underruns_seen:
             self.tx_underruns_seen = underruns
@@ -175,7 +179,7 @@ class SoundCard:
             at, self.ran_dry = stamp, False
         phase = due - at  # how far into its period the card was at ``due``
         received = self.rx.waiting / self.rate
-        queued = stream.tx.queued / stream.rate - self.tx_extra
+        queued = block.tx.queued / stream.rate - self.tx_extra
         dt = self.frame_seconds
         self.rx.end_of_tick(received + phase, period, dt, on_time)
         self.tx.end_of_tick(queued - dt + period - phase, period, dt, on_time)

@@ -140,7 +140,8 @@ class Vox(Detector):
             return False
         if not len(frame):
             return self.power < 0
-        return float(np.dot(frame, frame)) >= self.power * len(frame)
+        # (the array's own dot: np.dot's dispatch is a Python call more, each tick, per radio)
+        return float(frame.dot(frame)) >= self.power * len(frame)
 
 
 class Ctcss(Detector):
