@@ -448,7 +448,7 @@ class Engine:
         ``tests/core/test_quiet_tick.py`` holds the two paths to the same result."""
         self._write_ports(None, isolated)
         self._end_of_tick(due, isolated)
-        self._meter_fall()
+        self._quiet_meters()
 
     def _full_tick(
         self, due: float, has_frame: np.ndarray, raw_talk: np.ndarray, isolated: Mapping
@@ -727,14 +727,17 @@ class Engine:
             self._meters_down = False
 
     def _meter_fall(self) -> None:
-        """Every meter falls METER_FALL_DB_PER_S, down to SILENCE_DB (after which a quiet
-        site's ticks leave them alone)."""
-        if self._meters_down:
-            return
+        """Every meter falls METER_FALL_DB_PER_S, down to SILENCE_DB."""
         fall = METER_FALL_DB_PER_S * self.frame_seconds
         for meter in (self.rx_dbfs, self.tx_dbfs):
             np.maximum(meter - fall, SILENCE_DB, out=meter)
-        self._meters_down = bool(max(self.rx_dbfs.max(), self.tx_dbfs.max()) <= SILENCE_DB)
+
+    def _quiet_meters(self) -> None:
+        """A quiet tick's meters: they fall until every one is at SILENCE_DB, after which
+        quiet ticks leave them alone (until a full tick meters a level)."""
+        if not self._meters_down:
+            self._meter_fall()
+            self._meters_down = bool(max(self.rx_dbfs.max(), self.tx_dbfs.max()) <= SILENCE_DB)
 
     def _talk_events(self, admitted: np.ndarray) -> None:
         changed = np.flatnonzero(admitted != self.admitted)
