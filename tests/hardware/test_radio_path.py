@@ -140,6 +140,13 @@ def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, rad
     a = radio().replace('squelch = { type = "vox", threshold_dbfs = -45, hang = "200ms" }', squelch)
     gw = build(tmp_path, site_toml({"radio_a": a, "radio_b": radio()}))
     events = EventLog(gw)
+    squelch_open: list[int] = []  # the tick in which radio A's port first says it talks
+
+    def note_squelch() -> None:
+        if gw.ports["radio_a"].talking and not squelch_open:
+            squelch_open.append(gw.engine.tick_count)
+
+    gw.engine.after_tick.append(note_squelch)
     sim = radio_sim(2)
     connect(sim, 2)
     quiet = tone(1000, 0.6, -50)  # under the threshold: squelch stays shut
@@ -158,6 +165,10 @@ def test_vox_squelch_opens_on_audio_and_holds_for_its_hang_time(jack_server, rad
 
     start = drive(gw, scenario)
     (stop,) = events.of("talk_stop", "radio_a")
+    # On a site idle until then (its ticks quiet ones), A is heard and B keyed in the very
+    # tick A's squelch opens.
+    (opened,) = events.of("talk_start", "radio_a")
+    assert squelch_open[0] == opened.tick == events.of("ptt_on", "radio_b")[0].tick
     # What the design guarantees: the squelch opens on the burst's first frame (attack:
     # one frame) and holds for its hang time; audio is lost or stretched only where a
     # FIFO ran dry or was trimmed, or the media clock skipped ticks (a starved gateway),
