@@ -41,12 +41,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.sip import _rtpbatch
 from gateway.sip.bank_ext import ExtensionEdges
 from gateway.sip.bank_srtp import SrtpEdges
 from gateway.sip.columns import Column
 from gateway.sip.jitter import JitterBank
-from gateway.sip.legtable import HEADER_SIZE, NO_PEER, SILENCE_DB, LegTable
+from gateway.sip.legtable import HEADER_SIZE, NO_PEER, SILENCE_DB, LegTable, write_packets
 from gateway.sip.mmsg import BatchSender
 from gateway.sip.opus import CLOCK, OpusLeg, packet_samples, silence
 from gateway.sip.srtp import TAG as SRTP_TAG
@@ -279,23 +278,7 @@ class OpusEdges:
         block = int(t.ext_len[rows].max())  # the talker extension, put after the header
         width = int(sizes.max()) + block + (SRTP_TAG if t.srtp_legs else 0)
         packets = np.empty((count, width), np.uint8)
-        lengths = np.empty(count, np.int64)
-        _rtpbatch.build(
-            packets,
-            width,
-            payloads,
-            self.silence,
-            sizes - HEADER_SIZE,
-            rows,
-            t.payload_type,
-            t.tx_first,
-            t.tx_seq,
-            t.tx_ts,
-            t.tx_ssrc,
-            t.ext_len,
-            t.ext_block,
-            lengths,
-        )
+        lengths = write_packets(t, packets, payloads, self.silence, sizes - HEADER_SIZE, rows)
         if t.srtp_legs:
             lengths = self.srtp_edges.protect_batch(packets, rows, np.ones(count, bool), lengths)
             refused = lengths <= 0

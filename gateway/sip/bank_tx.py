@@ -26,7 +26,6 @@ import socket
 import numpy as np
 
 from gateway.codecs.g711 import alaw_encode, ulaw_encode
-from gateway.sip import _rtpbatch
 from gateway.sip.bank_ext import ExtensionEdges
 from gateway.sip.bank_opus import OpusEdges
 from gateway.sip.bank_rtcp import RtcpReports
@@ -34,7 +33,7 @@ from gateway.sip.bank_srtp import SrtpEdges
 from gateway.sip.columns import Column
 from gateway.sip.jitter import dense
 from gateway.sip.legmedia import LegMedia
-from gateway.sip.legtable import CODEC_RATE, HEADER_SIZE, NO_PEER, LegTable
+from gateway.sip.legtable import CODEC_RATE, HEADER_SIZE, NO_PEER, LegTable, write_packets
 from gateway.sip.mmsg import BatchSender
 from gateway.sip.resample import BlockResampler
 from gateway.sip.rtp import build_event, build_header
@@ -156,23 +155,7 @@ class SendPath:
             packets[:, HEADER_SIZE:size] = ENCODE.reshape(-1).take(
                 pcm.view(np.uint16).astype(np.int64) + (laws * 65536)[:, None]
             )
-        lengths = np.empty(count, np.int64)
-        _rtpbatch.build(
-            packets,
-            width,
-            None,
-            None,
-            np.full(count, n, np.int64),
-            rows,
-            t.payload_type,
-            t.tx_first,
-            t.tx_seq,
-            t.tx_ts,
-            t.tx_ssrc,
-            t.ext_len,
-            t.ext_block,
-            lengths,
-        )
+        lengths = write_packets(t, packets, None, None, np.full(count, n, np.int64), rows)
         dest = t.dest[sel]
         sending = t.sending[sel]
         busy = t.busy[sel] & sending

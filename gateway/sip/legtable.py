@@ -188,3 +188,35 @@ class LegTable(Columns):
         be its own, from behind NAT."""
         n = len(self.media)
         return np.flatnonzero((self.dest[:n] != NO_PEER) & ~self.latched[:n])
+
+
+def write_packets(
+    t: LegTable,
+    packets: np.ndarray,
+    payloads: list | None,
+    silence: bytes | None,
+    payload_sizes: np.ndarray,
+    rows: np.ndarray,
+) -> np.ndarray:
+    """The next RTP packet of each of ``rows`` into a row of ``packets`` (one C call,
+    ``_rtpbatch.build``): its header from the send columns, its talker block, then its
+    payload (``payloads[i]``, or ``silence``; None: already in place after the header).
+    Returns each packet's length."""
+    lengths = np.empty(len(rows), np.int64)
+    _rtpbatch.build(
+        packets,
+        packets.shape[1],
+        payloads,
+        silence,
+        payload_sizes,
+        rows,
+        t.payload_type,
+        t.tx_first,
+        t.tx_seq,
+        t.tx_ts,
+        t.tx_ssrc,
+        t.ext_len,
+        t.ext_block,
+        lengths,
+    )
+    return lengths
