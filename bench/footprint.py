@@ -94,10 +94,12 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime
 
 
-def children(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """The process's children, theirs, and so on (the demo's gateways have their own)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
     return found
 
 
@@ -109,13 +111,15 @@ def role(pid: int) -> str:
         return "card" if loaded else "spare card"  # the spare loads PortAudio when asked
     if "guardian" in command:
         return "ptt guardian"
+    if "gateway.cli" in command:
+        return "demo site"  # one of the demo's two gateways (the first row: the demo)
     if "resource_tracker" in command:
         return "shm tracker"  # multiprocessing's, for the gateway's SharedMemory blocks
     return "other"
 
 
 def sample(gateway: int) -> list[Sample]:
-    pids = [(gateway, "gateway")] + [(c, role(c)) for c in children(gateway)]
+    pids = [(gateway, "gateway")] + [(c, role(c)) for c in descendants(gateway)]
     return [Sample(pid, name, *memory(pid), _cpu_ticks(pid)) for pid, name in pids]
 
 

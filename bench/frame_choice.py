@@ -68,30 +68,9 @@ def demo_cpu(frame: str, idle: float, settle: float) -> float:
             time.sleep(settle)
             if demo.poll() is not None:
                 raise RuntimeError(f"the demo at {frame} stopped by itself")
-            return total(demo.pid, idle)
+            return sum(cpu for _, cpu in footprint.measure(demo, idle))
         finally:
             footprint.stop(demo)
-
-
-def total(root: int, idle: float) -> float:
-    """CPU of ``root`` and all its descendants over ``idle`` seconds, % of one core."""
-
-    def tree(pid: int) -> list[int]:
-        found = [pid]
-        for child in footprint.children(pid):
-            found += tree(child)
-        return found
-
-    def ticks(pids: list[int]) -> dict[int, int]:
-        return {pid: footprint._cpu_ticks(pid) for pid in pids}
-
-    first = ticks(tree(root))
-    start = time.monotonic()
-    time.sleep(idle)
-    last = ticks(tree(root))
-    elapsed = time.monotonic() - start
-    used = sum(t - first.get(pid, t) for pid, t in last.items())
-    return 100 * used / footprint.TICKS / elapsed
 
 
 def jack_cpu(frame: str, radios: int, idle: float, settle: float, server: str) -> float:
