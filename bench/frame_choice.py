@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import footprint  # noqa: E402
 import sip_load  # noqa: E402
 
+from gateway.units import parse_duration  # noqa: E402
+
 FRAMES = ("20ms", "10ms")
 
 # The demo with its two site files' [timing] frame (20 ms) rewritten: the same scenario, the
@@ -57,7 +59,7 @@ def demo_cpu(frame: str, idle: float, settle: float) -> float:
             text = (ROOT / "config" / "demo" / f"{site}.toml").read_text(encoding="utf-8")
             text = text.replace('frame = "20ms"', f'frame = "{frame}"')
             (Path(folder) / f"{site}.toml").write_text(text, encoding="utf-8")
-        seconds = int(frame.removesuffix("ms")) / 1000
+        seconds = parse_duration(frame)
         demo = subprocess.Popen(
             [sys.executable, "-c", DEMO, folder, str(seconds)],
             cwd=ROOT,

@@ -61,6 +61,8 @@ from pylibsrtp import Policy, Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.units import parse_duration  # noqa: E402
+
 CLICK_EVERY = 25  # packets (500 ms)
 FRAME_S = 0.020
 
@@ -874,7 +876,7 @@ def load_run(  # noqa: ANN001 - a multiprocessing context
         _, port, tls_port, web_port = conn.recv()
         caller = Caller(port, (tls_port, cafile) if srtp else None)
         every = (web_port, scrape) if scrape else None
-        tick = 0.010 if frame == "10ms" else FRAME_S
+        tick = parse_duration(frame) if frame else FRAME_S
         row = load_window(conn, caller, count, seconds, every, tick)
     conn.send("quit")
     proc.join(10)
